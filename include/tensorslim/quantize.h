@@ -1,0 +1,45 @@
+// Integer quantization of a 2-D tensor, row by row, in groups along the last dim.
+//
+// Reference semantics (every path matches bit for bit):
+//   symmetric:  scale = amax / qmax (1 if amax == 0);  q = clamp(rne(x / scale), qmin, qmax)
+//   asymmetric: lo = min(min x, 0), hi = max(max x, 0); scale = (hi - lo) / (qmax - qmin)
+//               (1 if 0); zp = clamp(rne(-lo / scale), qmin, qmax);
+//               q = clamp(rne(x / scale) + zp, qmin, qmax)
+//   dequantize: x' = float(q - zp) * scale
+// rne is round-half-to-even; all arithmetic is IEEE fp32 without contraction.
+#pragma once
+
+#include <cstdint>
+
+#include "tensorslim/formats.h"
+#include "tensorslim/tensor_view.h"
+
+namespace tensorslim {
+
+// group_size: 0 = one scale for the whole tensor, cols = one per row (per channel /
+// per token), otherwise a divisor of cols (per group).
+// x: [rows, cols] f32/bf16/f16, any strides.  q: [rows, packed_row_bytes] int8/uint8.
+// scales: [rows, cols/group] f32 ([1, 1] per tensor).  zero_points: same shape, uint8,
+// only for formats with a zero point (else nullptr).
+void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorView& q,
+              const TensorView& scales, const TensorView* zero_points);
+
+// out: [rows, cols] f32/bf16/f16 contiguous rows.
+void dequantize(const TensorView& q, const TensorView& scales, const TensorView* zero_points,
+                Format fmt, int64_t group_size, const TensorView& out);
+
+// Validates shapes, dtypes and the group size; returns the number of groups per row.
+int64_t check_quant_args(const TensorView& x_or_out, Format fmt, int64_t group_size,
+                         const TensorView& q, const TensorView& scales,
+                         const TensorView* zero_points);
+
+namespace cpu {
+
+enum class Isa : int32_t { kScalar = 0, kAVX2 = 1, kAVX512 = 2 };
+const char* isa_name(Isa isa);
+Isa best_isa();                // what this CPU supports
+Isa active_isa();              // what kernels use now (best, or a forced lower one)
+void set_isa(Isa isa);         // force a path (tests compare each one with the reference)
+
+}  // namespace cpu
+}  // namespace tensorslim

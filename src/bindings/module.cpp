@@ -1,0 +1,25 @@
+// The extension module tensorslim._C. It knows nothing of torch: tensors arrive as
+// views (see views.h); C++ errors become ValueError / TypeError / RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include "../cpu/parallel.h"
+#include "views.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "tensorslim native core";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const tensorslim::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const tensorslim::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+  m.def("num_threads", &tensorslim::cpu::num_threads);
+  m.def("set_num_threads", &tensorslim::cpu::set_num_threads);
+  tensorslim::bindings::register_quantize(m);
+  tensorslim::bindings::register_cuda(m);
+}

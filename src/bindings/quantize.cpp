@@ -1,0 +1,89 @@
+// CPU quantize / dequantize / weight-only linear, and the format table.
+#include <pybind11/stl.h>
+
+#include "tensorslim/formats.h"
+#include "tensorslim/gemm.h"
+#include "tensorslim/quantize.h"
+#include "views.h"
+
+namespace py = pybind11;
+
+namespace tensorslim {
+namespace bindings {
+namespace {
+
+Format to_format(int id) {
+  TS_CHECK_VALUE(id >= 0 && id < kNumFormats, "unknown format id " + std::to_string(id));
+  return static_cast<Format>(id);
+}
+
+py::list table() {
+  py::list rows;
+  for (int i = 0; i < kNumFormats; ++i) {
+    const FormatInfo& f = format_table()[i];
+    py::dict d;
+    d["id"] = static_cast<int>(f.format);
+    d["name"] = f.name;
+    d["bits"] = f.bits;
+    d["has_zero_point"] = f.has_zero_point;
+    d["qmin"] = f.qmin;
+    d["qmax"] = f.qmax;
+    d["scale_divisor"] = f.scale_divisor;
+    d["block_size"] = f.block_size;
+    d["scale_format"] = "float32";
+    rows.append(d);
+  }
+  return rows;
+}
+
+}  // namespace
+
+void register_quantize(py::module_& m) {
+  m.def("format_table", &table, "Rows of the C++ format table.");
+  m.def("format_encode", [](int id, float x, float scale, int zp) {
+    return format_info(to_format(id)).encode(x, scale, zp);
+  }, "Reference encoding of one value.");
+  m.def("format_decode", [](int id, int code, float scale, int zp) {
+    return format_info(to_format(id)).decode(code, scale, zp);
+  }, "Reference decoding of one code.");
+  m.def("bytes_per_block", [](int id, int64_t group) {
+    return bytes_per_block(format_info(to_format(id)), group);
+  });
+
+  m.def("quantize", [](py::handle x, int fmt, int64_t group, py::handle q, py::handle scales,
+                       py::handle zps) {
+    TensorView xv = to_view(x, "x"), qv = to_view(q, "q"), sv = to_view(scales, "scales");
+    OptionalView zv = to_optional_view(zps, "zero_points");
+    py::gil_scoped_release release;
+    quantize(xv, to_format(fmt), group, qv, sv, zv.get());
+  });
+  m.def("dequantize", [](py::handle q, py::handle scales, py::handle zps, int fmt, int64_t group,
+                         py::handle out) {
+    TensorView qv = to_view(q, "q"), sv = to_view(scales, "scales"), ov = to_view(out, "out");
+    OptionalView zv = to_optional_view(zps, "zero_points");
+    py::gil_scoped_release release;
+    dequantize(qv, sv, zv.get(), to_format(fmt), group, ov);
+  });
+  m.def("linear_weight_only", [](py::handle x, py::handle qw, py::handle scales, py::handle zps,
+                                 py::handle bias, int fmt, int64_t group, py::handle out,
+                                 int backend) {
+    TensorView xv = to_view(x, "x"), wv = to_view(qw, "qweight"), sv = to_view(scales, "scales"),
+               ov = to_view(out, "out");
+    OptionalView zv = to_optional_view(zps, "zero_points"), bv = to_optional_view(bias, "bias");
+    TS_CHECK_VALUE(backend >= 0 && backend <= 3, "unknown backend id " + std::to_string(backend));
+    py::gil_scoped_release release;
+    linear_weight_only(xv, wv, sv, zv.get(), bv.get(), to_format(fmt), group, ov,
+                       static_cast<GemmBackend>(backend));
+  });
+
+  m.def("best_isa", [] { return cpu::isa_name(cpu::best_isa()); });
+  m.def("active_isa", [] { return cpu::isa_name(cpu::active_isa()); });
+  m.def("set_isa", [](const std::string& name) {
+    for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAVX2, cpu::Isa::kAVX512})
+      if (name == cpu::isa_name(isa)) return cpu::set_isa(isa);
+    throw ValueError("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
+  });
+}
+
+}  // namespace bindings
+}  // namespace tensorslim

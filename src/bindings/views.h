@@ -1,0 +1,26 @@
+// Python-side tensors arrive as plain tuples built by tensorslim/_views.py:
+// (data_ptr, dtype code, shape, strides, device type, device index, stream).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include "tensorslim/tensor_view.h"
+
+namespace tensorslim {
+namespace bindings {
+
+TensorView to_view(const pybind11::handle& obj, const char* what);
+
+// A view, or none for a Python None (optional tensors such as bias).
+struct OptionalView {
+  TensorView view;
+  bool present = false;
+  const TensorView* get() const { return present ? &view : nullptr; }
+};
+OptionalView to_optional_view(const pybind11::handle& obj, const char* what);
+
+void register_quantize(pybind11::module_& m);
+void register_cuda(pybind11::module_& m);
+
+}  // namespace bindings
+}  // namespace tensorslim

@@ -1,0 +1,139 @@
+// linear_weight_only on the CPU: argument checks, backend choice and the scalar
+// reference that the native and oneDNN paths are tested against.
+#include "tensorslim/gemm.h"
+
+#include <string>
+#include <vector>
+
+#include "half.h"
+#include "parallel.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace {
+
+constexpr int64_t kNativeMaxRows = 8;  // above this oneDNN's blocked GEMM is faster
+
+float load_act(const TensorView& x, int64_t m, int64_t k) {
+  const int64_t off = m * x.strides[0] + k;
+  return x.dtype == DType::kFloat32 ? x.ptr<float>()[off]
+                                    : cpu::bf16_to_float(x.ptr<uint16_t>()[off]);
+}
+
+}  // namespace
+
+int64_t check_linear_args(const TensorView& x, const TensorView& qweight, const TensorView& scales,
+                          const TensorView* zero_points, const TensorView* bias, Format fmt,
+                          int64_t group_size, const TensorView& out) {
+  const FormatInfo& info = format_info(fmt);
+  check_ndim(x, 2, "x");
+  check_ndim(qweight, 2, "qweight");
+  check_ndim(scales, 2, "scales");
+  const int64_t M = x.shape[0], K = x.shape[1], N = qweight.shape[0];
+  TS_CHECK_TYPE(x.dtype == DType::kFloat32 || x.dtype == DType::kBFloat16 ||
+                    (x.device == DeviceType::kCUDA && x.dtype == DType::kFloat16),
+                std::string("x: unsupported activation dtype ") + dtype_name(x.dtype));
+  TS_CHECK_VALUE(x.strides[1] == 1 || K <= 1, "x: rows must be contiguous");
+  TS_CHECK_VALUE(group_size != -1, "linear_weight_only: per-tensor weight scales are not supported");
+  // The weight is a [N, K] matrix quantized row by row: reuse the quantize checks with
+  // a stand-in [N, K] float view.
+  TensorView w = x;
+  w.shape[0] = N;
+  w.shape[1] = K;
+  w.strides[0] = K;
+  w.strides[1] = 1;
+  check_quant_args(w, fmt, group_size, qweight, scales, zero_points);
+  check_dtype(out, x.dtype, "out");
+  check_shape2(out, M, N, "out");
+  TS_CHECK_VALUE(out.strides[1] == 1 || N <= 1, "out: rows must be contiguous");
+  if (bias) {
+    check_dtype(*bias, DType::kFloat32, "bias");
+    TS_CHECK_VALUE(bias->ndim == 1 && bias->shape[0] == N,
+                   "bias: expected shape [" + std::to_string(N) + "], got " + shape_str(*bias));
+    check_contiguous(*bias, "bias");
+  }
+  for (const TensorView* t : {&qweight, &scales, &out})
+    check_same_device(x, *t, "linear_weight_only");
+  (void)info;
+  return K;
+}
+
+namespace cpu {
+
+void linear_weight_only_reference(const TensorView& x, const TensorView& qweight,
+                                  const TensorView& scales, const TensorView* zero_points,
+                                  const TensorView* bias, Format fmt, int64_t group_size,
+                                  const TensorView& out) {
+  const int64_t M = x.shape[0], K = x.shape[1], N = qweight.shape[0];
+  // Dequantize row by row with the reference kernels, accumulate in double.
+  parallel_for(N, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> wrow(K);
+    for (int64_t n = b; n < e; ++n) {
+      TensorView q1 = qweight, s1 = scales, z1, o1;
+      q1.data = qweight.ptr<uint8_t>() + n * qweight.strides[0];
+      q1.shape[0] = 1;
+      s1.data = scales.ptr<float>() + n * scales.shape[1];
+      s1.shape[0] = 1;
+      if (zero_points) {
+        z1 = *zero_points;
+        z1.data = zero_points->ptr<uint8_t>() + n * zero_points->shape[1];
+        z1.shape[0] = 1;
+      }
+      o1.data = wrow.data();
+      o1.dtype = DType::kFloat32;
+      o1.ndim = 2;
+      o1.shape[0] = 1;
+      o1.shape[1] = K;
+      o1.strides[0] = K;
+      o1.strides[1] = 1;
+      dequantize(q1, s1, zero_points ? &z1 : nullptr, fmt, group_size, o1);
+      for (int64_t m = 0; m < M; ++m) {
+        double acc = bias ? bias->ptr<float>()[n] : 0.0;
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(load_act(x, m, k)) * wrow[k];
+        const int64_t off = m * out.strides[0] + n;
+        if (out.dtype == DType::kFloat32)
+          out.ptr<float>()[off] = static_cast<float>(acc);
+        else
+          out.ptr<uint16_t>()[off] = float_to_bf16(static_cast<float>(acc));
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+
+void linear_weight_only(const TensorView& x, const TensorView& qweight, const TensorView& scales,
+                        const TensorView* zero_points, const TensorView* bias, Format fmt,
+                        int64_t group_size, const TensorView& out, GemmBackend backend) {
+  TS_CHECK_VALUE(x.device == DeviceType::kCPU, "linear_weight_only: x is not on the CPU");
+  check_linear_args(x, qweight, scales, zero_points, bias, fmt, group_size, out);
+  if (x.shape[0] == 0 || out.shape[1] == 0) return;
+  switch (backend) {
+    case GemmBackend::kReference:
+      return cpu::linear_weight_only_reference(x, qweight, scales, zero_points, bias, fmt,
+                                               group_size, out);
+    case GemmBackend::kNative:
+      TS_CHECK_VALUE(cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt,
+                                                    group_size, out),
+                     "linear_weight_only: no native kernel fits this shape/ISA (needs AVX-512, "
+                     "K and the group size multiples of 32)");
+      return;
+    case GemmBackend::kOneDNN:
+      TS_CHECK_VALUE(cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt,
+                                                    group_size, out),
+                     "linear_weight_only: oneDNN has no implementation for this format/shape");
+      return;
+    case GemmBackend::kAuto:
+      if (x.shape[0] <= kNativeMaxRows &&
+          cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size,
+                                         out))
+        return;
+      if (cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt, group_size,
+                                         out))
+        return;
+      return cpu::linear_weight_only_reference(x, qweight, scales, zero_points, bias, fmt,
+                                               group_size, out);
+  }
+}
+
+}  // namespace tensorslim

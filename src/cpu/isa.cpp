@@ -1,0 +1,68 @@
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+Isa detect() {
+#if defined(__x86_64__) || defined(_M_X64)
+#ifdef TENSORSLIM_HAVE_AVX512
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAVX512;
+#endif
+#ifdef TENSORSLIM_HAVE_AVX2
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAVX2;
+#endif
+#endif
+  return Isa::kScalar;
+}
+
+// TENSORSLIM_ISA=scalar|avx2|avx512 caps the path, e.g. to compare paths by hand.
+Isa initial() {
+  Isa best = detect();
+  if (const char* env = std::getenv("TENSORSLIM_ISA")) {
+    Isa want = best;
+    if (!std::strcmp(env, "scalar")) want = Isa::kScalar;
+    if (!std::strcmp(env, "avx2")) want = Isa::kAVX2;
+    if (static_cast<int>(want) < static_cast<int>(best)) return want;
+  }
+  return best;
+}
+
+std::atomic<int>& active() {
+  static std::atomic<int> a{static_cast<int>(initial())};
+  return a;
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAVX2: return "avx2";
+    case Isa::kAVX512: return "avx512";
+  }
+  return "unknown";
+}
+
+Isa best_isa() {
+  static const Isa best = detect();
+  return best;
+}
+
+Isa active_isa() { return static_cast<Isa>(active().load()); }
+
+void set_isa(Isa isa) {
+  TS_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()),
+                 std::string("set_isa: this CPU (or build) does not support ") + isa_name(isa) +
+                     "; the best available is " + isa_name(best_isa()));
+  active().store(static_cast<int>(isa));
+}
+
+}  // namespace cpu
+}  // namespace tensorslim

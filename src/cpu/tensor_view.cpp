@@ -1,0 +1,62 @@
+#include "tensorslim/tensor_view.h"
+
+#include <sstream>
+
+namespace tensorslim {
+
+const char* dtype_name(DType dt) {
+  switch (dt) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kInt8: return "int8";
+    case DType::kUInt8: return "uint8";
+    case DType::kInt32: return "int32";
+  }
+  return "unknown";
+}
+
+int dtype_size(DType dt) {
+  switch (dt) {
+    case DType::kFloat32: case DType::kInt32: return 4;
+    case DType::kFloat16: case DType::kBFloat16: return 2;
+    case DType::kInt8: case DType::kUInt8: return 1;
+  }
+  return 0;
+}
+
+std::string shape_str(const TensorView& t) {
+  std::ostringstream os;
+  os << "[";
+  for (int i = 0; i < t.ndim; ++i) os << (i ? ", " : "") << t.shape[i];
+  os << "]";
+  return os.str();
+}
+
+void check_dtype(const TensorView& t, DType dt, const char* what) {
+  TS_CHECK_TYPE(t.dtype == dt, std::string(what) + ": expected dtype " + dtype_name(dt) +
+                                   ", got " + dtype_name(t.dtype));
+}
+
+void check_ndim(const TensorView& t, int ndim, const char* what) {
+  TS_CHECK_VALUE(t.ndim == ndim, std::string(what) + ": expected a " + std::to_string(ndim) +
+                                     "-D tensor, got shape " + shape_str(t));
+}
+
+void check_shape2(const TensorView& t, int64_t rows, int64_t cols, const char* what) {
+  check_ndim(t, 2, what);
+  TS_CHECK_VALUE(t.shape[0] == rows && t.shape[1] == cols,
+                 std::string(what) + ": expected shape [" + std::to_string(rows) + ", " +
+                     std::to_string(cols) + "], got " + shape_str(t));
+}
+
+void check_contiguous(const TensorView& t, const char* what) {
+  TS_CHECK_VALUE(t.is_contiguous(), std::string(what) + ": expected a contiguous tensor");
+}
+
+void check_same_device(const TensorView& a, const TensorView& b, const char* what) {
+  TS_CHECK_VALUE(a.device == b.device && a.device_index == b.device_index,
+                 std::string(what) + ": tensors are on different devices");
+}
+
+}  // namespace tensorslim
