@@ -1,0 +1,271 @@
+"""Every native kernel, exposed once as a torch.library custom op.
+
+Each op has a fake (meta) implementation, so torch.compile and meta tensors work, a
+CPU and a CUDA kernel from the native core, and a plain-PyTorch reference that
+follows the same specification bit for bit (backend="reference").
+
+Conventions: a tensor is quantized row by row along its last dimension in groups of
+`group_size` values; group_size == PER_TENSOR (-1) uses one scale for the whole
+tensor, group_size == the row length one per row (per channel / per token).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _views
+from ._native import _C
+from .formats import PER_TENSOR, FormatSpec, get_format
+
+BACKENDS = {"auto": 0, "reference": 1, "native": 2, "onednn": 3}
+
+
+def _groups(spec: FormatSpec, rows: int, cols: int, group_size: int) -> Tuple[int, int]:
+    """(scale rows, scale cols) for a [rows, cols] tensor; validates the group size."""
+    if group_size == PER_TENSOR:
+        return 1, 1
+    if group_size == cols:
+        return rows, 1
+    if group_size <= 0 or cols % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide the row length {cols} "
+            f"(use {PER_TENSOR} for per-tensor, {cols} for per-row, or a divisor)"
+        )
+    if spec.bits == 4 and group_size % 2:
+        raise ValueError(f"group_size must be even for the packed format {spec.name}")
+    return rows, cols // group_size
+
+
+def _check_float(x: torch.Tensor, what: str) -> None:
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{what}: expected float32, bfloat16 or float16, got {x.dtype}")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(BACKENDS)}")
+
+
+# ---------------------------------------------------------------- quantize
+
+
+@torch.library.custom_op("tensorslim::quantize", mutates_args=(), device_types="cpu")
+def _quantize(x: torch.Tensor, fmt: str, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = get_format(fmt)
+    q, scales, zps = _quantize_outputs(x, spec, group_size)
+    _C.quantize(_views.view(x, "x"), spec.id, group_size, _views.view(q, "q"),
+                _views.view(scales, "scales"), _views.view(zps, "zero_points") if spec.has_zero_point else None)
+    return q, scales, zps
+
+
+@_quantize.register_kernel("cuda")
+def _quantize_cuda(x, fmt, group_size):
+    spec = get_format(fmt)
+    q, scales, zps = _quantize_outputs(x, spec, group_size)
+    _C.cuda_quantize(_views.view(x, "x"), spec.id, group_size, _views.view(q, "q"),
+                     _views.view(scales, "scales"), _views.view(zps, "zero_points") if spec.has_zero_point else None)
+    return q, scales, zps
+
+
+@_quantize.register_fake
+def _quantize_fake(x, fmt, group_size):
+    return _quantize_outputs(x, get_format(fmt), group_size)
+
+
+def _quantize_outputs(x: torch.Tensor, spec: FormatSpec, group_size: int):
+    rows, cols = x.shape
+    srows, scols = _groups(spec, rows, cols, group_size)
+    q = torch.empty(rows, spec.packed_cols(cols), dtype=spec.code_dtype, device=x.device)
+    scales = torch.empty(srows, scols, dtype=torch.float32, device=x.device)
+    zps = torch.empty((srows, scols) if spec.has_zero_point else (0,), dtype=torch.uint8, device=x.device)
+    return q, scales, zps
+
+
+def quantize(x: torch.Tensor, fmt: str, group_size: int = PER_TENSOR, backend: str = "auto"):
+    """Quantize a 2-D float tensor row by row. Returns (q, scales, zero_points or None).
+
+    q is [rows, packed cols] (INT4: two codes per byte, low nibble first), scales fp32
+    [rows, cols / group_size] ([1, 1] per tensor), zero points uint8 of the same shape
+    for the asymmetric formats.
+    """
+    spec = get_format(fmt)
+    _check_float(x, "x")
+    _check_backend(backend)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    _groups(spec, x.shape[0], x.shape[1], group_size)
+    if backend == "reference":
+        q, scales, zps = quantize_reference(x, spec, group_size)
+    else:
+        q, scales, zps = _quantize(x, fmt, group_size)
+    return q, scales, (zps if spec.has_zero_point else None)
+
+
+def quantize_reference(x: torch.Tensor, spec: FormatSpec, group_size: int):
+    """The specification in plain PyTorch (IEEE fp32, round half to even)."""
+    rows, cols = x.shape
+    xf = x.float()
+    bad = ~torch.isfinite(xf)
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"quantize: x contains NaN or Inf (row {row}); quantization needs finite values")
+    srows, scols = _groups(spec, rows, cols, group_size)
+    if group_size == PER_TENSOR:
+        grouped = xf.reshape(1, 1, -1)
+    else:
+        grouped = xf.reshape(rows, scols, cols // scols if scols else 0)
+    zero = torch.zeros((), device=x.device)
+    if grouped.numel():
+        lo = torch.minimum(grouped.amin(-1), zero)
+        hi = torch.maximum(grouped.amax(-1), zero)
+    else:
+        lo = hi = torch.zeros(srows, scols, device=x.device)
+    lo, hi = lo.reshape(srows, scols), hi.reshape(srows, scols)
+    span = (hi - lo) if spec.has_zero_point else torch.maximum(-lo, hi)
+    scales = span / spec.scale_divisor
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    if spec.has_zero_point:
+        zp = torch.round(-lo / scales).clamp(spec.qmin, spec.qmax)
+    else:
+        zp = torch.zeros_like(scales)
+    expand = (lambda t: t.expand(rows, cols)) if group_size == PER_TENSOR else (
+        lambda t: t.repeat_interleave(cols // scols, dim=1) if scols else t[:, :0])
+    codes = (torch.round(xf / expand(scales)) + expand(zp)).clamp(spec.qmin, spec.qmax).to(torch.int32)
+    if spec.bits == 4:
+        q = pack_int4(codes)
+    else:
+        q = codes.to(spec.code_dtype)
+    zps = zp.to(torch.uint8) if spec.has_zero_point else torch.empty(0, dtype=torch.uint8, device=x.device)
+    return q, scales, zps
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] int codes -> [rows, ceil(cols/2)] bytes, low nibble first."""
+    rows, cols = codes.shape
+    if cols % 2:
+        codes = F.pad(codes, (0, 1))
+    nib = (codes & 0xF).to(torch.uint8)
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
+def unpack_int4(q: torch.Tensor, cols: int, signed: bool) -> torch.Tensor:
+    """Inverse of pack_int4: [rows, bytes] -> [rows, cols] int32 codes."""
+    lo = (q & 0xF).to(torch.int32)
+    hi = (q >> 4).to(torch.int32)
+    codes = torch.stack([lo, hi], dim=-1).reshape(q.shape[0], -1)[:, :cols]
+    return (codes ^ 8) - 8 if signed else codes
+
+
+# ---------------------------------------------------------------- dequantize
+
+
+@torch.library.custom_op("tensorslim::dequantize", mutates_args=(), device_types="cpu")
+def _dequantize(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, fmt: str,
+                group_size: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    spec = get_format(fmt)
+    out = torch.empty(q.shape[0], cols, dtype=dtype, device=q.device)
+    _C.dequantize(_views.view(q, "q"), _views.view(scales, "scales"),
+                  _views.view(zero_points, "zero_points") if spec.has_zero_point else None,
+                  spec.id, group_size, _views.view(out, "out"))
+    return out
+
+
+@_dequantize.register_kernel("cuda")
+def _dequantize_cuda(q, scales, zero_points, fmt, group_size, cols, dtype):
+    spec = get_format(fmt)
+    out = torch.empty(q.shape[0], cols, dtype=dtype, device=q.device)
+    _C.cuda_dequantize(_views.view(q, "q"), _views.view(scales, "scales"),
+                       _views.view(zero_points, "zero_points") if spec.has_zero_point else None,
+                       spec.id, group_size, _views.view(out, "out"))
+    return out
+
+
+@_dequantize.register_fake
+def _dequantize_fake(q, scales, zero_points, fmt, group_size, cols, dtype):
+    return torch.empty(q.shape[0], cols, dtype=dtype, device=q.device)
+
+
+def dequantize(q, scales, zero_points, fmt: str, group_size: int, cols: int,
+               dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """(q - zero_point) * scale, back to a [rows, cols] float tensor."""
+    spec = get_format(fmt)
+    _check_backend(backend)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dequantize: dtype must be a float type, got {dtype}")
+    if spec.has_zero_point and zero_points is None:
+        raise ValueError(f"format {fmt} needs zero_points")
+    if backend == "reference":
+        return dequantize_reference(q, scales, zero_points, spec, group_size, cols).to(dtype)
+    zps = zero_points if spec.has_zero_point else torch.empty(0, dtype=torch.uint8, device=q.device)
+    return _dequantize(q, scales, zps, fmt, group_size, cols, dtype)
+
+
+def dequantize_reference(q, scales, zero_points, spec: FormatSpec, group_size: int, cols: int):
+    rows = q.shape[0]
+    if spec.bits == 4:
+        codes = unpack_int4(q, cols, signed=not spec.has_zero_point)
+    else:
+        codes = q.to(torch.int32)
+    zp = zero_points.to(torch.int32) if spec.has_zero_point else torch.zeros_like(scales, dtype=torch.int32)
+    if group_size == PER_TENSOR:
+        s, z = scales.expand(rows, cols), zp.expand(rows, cols)
+    else:
+        rep = cols // scales.shape[1] if scales.shape[1] else 0
+        s, z = scales.repeat_interleave(rep, dim=1), zp.repeat_interleave(rep, dim=1)
+    return (codes - z).float() * s
+
+
+# ---------------------------------------------------------------- weight-only linear
+
+
+@torch.library.custom_op("tensorslim::linear_weight_only", mutates_args=(), device_types="cpu")
+def _linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
+                        group_size: int, backend: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+    _C.linear_weight_only(_views.view(x, "x"), _views.view(qweight, "qweight"), _views.view(scales, "scales"),
+                          _views.optional_view(zero_points, "zero_points"), _views.optional_view(bias, "bias"),
+                          get_format(fmt).id, group_size, _views.view(out, "out"), backend)
+    return out
+
+
+@_linear_weight_only.register_kernel("cuda")
+def _linear_weight_only_cuda(x, qweight, scales, zero_points, bias, fmt, group_size, backend):
+    M, K = x.shape
+    N = qweight.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    workspace = torch.empty(N, K, dtype=torch.float16, device=x.device) if M > 8 else None
+    _C.cuda_linear_weight_only(_views.view(x, "x"), _views.view(qweight, "qweight"), _views.view(scales, "scales"),
+                               _views.optional_view(zero_points, "zero_points"), _views.optional_view(bias, "bias"),
+                               get_format(fmt).id, group_size, _views.view(out, "out"),
+                               _views.optional_view(workspace, "workspace"))
+    return out
+
+
+@_linear_weight_only.register_fake
+def _linear_weight_only_fake(x, qweight, scales, zero_points, bias, fmt, group_size, backend):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
+                       group_size: int, in_features: int, backend: str = "auto") -> torch.Tensor:
+    """y = x @ dequantize(qweight).T + bias for x of shape [..., in_features]."""
+    spec = get_format(fmt)
+    _check_backend(backend)
+    _check_float(x, "x")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: expected last dimension {in_features}, got shape {tuple(x.shape)}")
+    if spec.has_zero_point and zero_points is None:
+        raise ValueError(f"format {fmt} needs zero_points")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if backend == "reference":
+        w = dequantize_reference(qweight, scales, zero_points, spec, group_size, in_features)
+        y = F.linear(x2.float(), w, bias).to(x.dtype)
+    else:
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = _linear_weight_only(x2, qweight, scales, zero_points if spec.has_zero_point else None,
+                                bias, fmt, group_size, BACKENDS[backend])
+    return y.reshape(*lead, qweight.shape[0])

@@ -1,0 +1,34 @@
+"""Weight-only INT8 / INT4 quantization of nn.Linear layers (round to nearest)."""
+from typing import Optional
+
+from torch import nn
+
+from ..config import Int4WeightOnly, Int8WeightOnly
+from ..formats import integer_format
+from ..nn import WeightOnlyLinear
+from ..transforms import replace_modules
+
+
+def _check(cfg, name: str, mod: nn.Linear) -> Optional[str]:
+    if cfg.group_size and mod.in_features % cfg.group_size:
+        return f"in_features {mod.in_features} is not a multiple of group_size {cfg.group_size}"
+    if not mod.weight.dtype.is_floating_point:
+        return f"weight dtype {mod.weight.dtype} is not a float type"
+    if mod.weight.device.type == "meta":
+        return "weight is on the meta device (no data to quantize)"
+    return None
+
+
+def apply_weight_only(model: nn.Module, cfg, progress: bool = True):
+    spec = integer_format(cfg.bits, cfg.symmetric)
+
+    def convert(name, mod):
+        new = WeightOnlyLinear.from_linear(mod, spec.name, cfg.group_size, cfg.backend)
+        group = f"g{cfg.group_size}" if cfg.group_size else "per-channel"
+        return new, f"{spec.name} {group}"
+
+    return replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check(cfg, n, m),
+                           progress, desc=f"{spec.name} weight-only")
+
+
+TRANSFORMS = {Int8WeightOnly: apply_weight_only, Int4WeightOnly: apply_weight_only}

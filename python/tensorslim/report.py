@@ -1,0 +1,90 @@
+"""What a transform changed and what it skipped, and `ts.summary(model)`."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from torch import nn
+
+_REPORT_ATTR = "_tensorslim_skipped"
+
+
+@dataclass
+class LayerChange:
+    name: str
+    module_type: str
+    action: str  # "quantized" or "skipped"
+    format: Optional[str] = None
+    bytes_before: int = 0
+    bytes_after: int = 0
+    reason: str = ""
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: List[LayerChange]) -> List[str]:
+    lines = [f"{'layer':<48} {'type':<18} {'format':<22} {'before':>11} {'after':>11}  note"]
+    for r in rows:
+        fmt = r.format or "-"
+        after = _fmt_bytes(r.bytes_after) if r.action != "skipped" else "-"
+        lines.append(f"{r.name:<48} {r.module_type:<18} {fmt:<22} {_fmt_bytes(r.bytes_before):>11} "
+                     f"{after:>11}  {r.reason}")
+    return lines
+
+
+@dataclass
+class Report:
+    """Returned by every transform: one row per layer it considered."""
+
+    changes: List[LayerChange] = field(default_factory=list)
+
+    @property
+    def changed(self) -> List[LayerChange]:
+        return [c for c in self.changes if c.action != "skipped"]
+
+    @property
+    def skipped(self) -> List[LayerChange]:
+        return [c for c in self.changes if c.action == "skipped"]
+
+    def __str__(self) -> str:
+        before = sum(c.bytes_before for c in self.changed)
+        after = sum(c.bytes_after for c in self.changed)
+        head = (f"{len(self.changed)} layers changed ({_fmt_bytes(before)} -> {_fmt_bytes(after)}), "
+                f"{len(self.skipped)} skipped")
+        return "\n".join([head] + _table(self.changes))
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own parameters and buffers (its state_dict)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def remember_skipped(model: nn.Module, report: Report) -> None:
+    kept = {c.name: c for c in getattr(model, _REPORT_ATTR, [])}
+    for c in report.skipped:
+        kept[c.name] = c
+    for c in report.changed:
+        kept.pop(c.name, None)
+    object.__setattr__(model, _REPORT_ATTR, list(kept.values()))
+
+
+def summary(model: nn.Module) -> Report:
+    """Every compressed layer (format, bytes before -> after) and every skipped one, with why."""
+    from .nn import COMPRESSED_MODULES
+
+    kinds = tuple(COMPRESSED_MODULES.values())
+    rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, kinds):
+            fp32 = 4 * mod.in_features * mod.out_features + (4 * mod.out_features if mod.bias is not None else 0)
+            fmt = f"{mod.fmt} g{mod.group_size}" if mod.group_size != mod.in_features else f"{mod.fmt} per-channel"
+            rows.append(LayerChange(name, type(mod).__name__, "quantized", fmt, fp32, module_bytes(mod)))
+    names = dict(model.named_modules())
+    for c in getattr(model, _REPORT_ATTR, []):
+        if c.name in names and not isinstance(names[c.name], kinds):
+            rows.append(c)
+    return Report(rows)

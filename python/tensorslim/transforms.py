@@ -1,0 +1,89 @@
+"""The shared mechanics of every module transform: pick layers, build the
+replacements first, then swap them in, so a failure leaves the model as it was."""
+import fnmatch
+from typing import Callable, Dict, List, Optional, Tuple
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import LayerFilter
+from .report import LayerChange, Report, module_bytes, remember_skipped
+
+# Last name components that users mean by "the output head".
+OUTPUT_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "head", "output_head", "pooler"}
+
+
+def _tied_to_embedding(model: nn.Module) -> set:
+    """ids of parameters shared with an nn.Embedding (tied output heads)."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def filter_reason(name: str, module: nn.Module, flt: LayerFilter, tied: set) -> Optional[str]:
+    """Why the filter leaves this layer alone, or None to transform it."""
+    if flt.include and not any(fnmatch.fnmatchcase(name, p) for p in flt.include):
+        return "not matched by include"
+    for p in flt.exclude:
+        if fnmatch.fnmatchcase(name, p):
+            return f"excluded by pattern {p!r}"
+    if flt.skip_output_head:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in OUTPUT_HEAD_NAMES or id(getattr(module, "weight", None)) in tied:
+            return "output head (skip_output_head=True)"
+    if flt.filter_fn is not None and not flt.filter_fn(name, module):
+        return "rejected by filter_fn"
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace_modules(
+    model: nn.Module,
+    flt: LayerFilter,
+    supported: Tuple[type, ...],
+    convert: Callable[[str, nn.Module], Tuple[nn.Module, str]],
+    check: Callable[[str, nn.Module], Optional[str]],
+    progress: bool = True,
+    desc: str = "tensorslim",
+) -> Report:
+    """Replace every supported, selected layer by convert(name, module) -> (new, format).
+
+    check(name, module) returns a reason to skip a layer the technique cannot handle
+    (e.g. a shape the group size does not divide). Leaf modules with weights of other
+    types are reported as skipped, so nothing stays uncompressed silently.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    tied = _tied_to_embedding(model)
+    todo: List[Tuple[str, nn.Module]] = []
+    report = Report()
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if type(mod) in supported:
+            reason = filter_reason(name, mod, flt, tied) or check(name, mod)
+            if reason:
+                report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
+                                                  bytes_before=module_bytes(mod), reason=reason))
+            else:
+                todo.append((name, mod))
+        elif isinstance(getattr(mod, "weight", None), nn.Parameter) and not list(mod.children()):
+            report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
+                                              bytes_before=module_bytes(mod),
+                                              reason=f"{type(mod).__name__} layers are not supported by this technique"))
+    new_modules: Dict[str, nn.Module] = {}
+    for name, mod in tqdm(todo, desc=desc, disable=not progress or len(todo) < 2, leave=False):
+        try:
+            new, fmt = convert(name, mod)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"layer '{name}' ({type(mod).__name__}): {e}") from e
+        new_modules[name] = new
+        report.changes.append(LayerChange(name, type(mod).__name__, "quantized", fmt,
+                                          module_bytes(mod), module_bytes(new)))
+    for name, new in new_modules.items():  # nothing above touched the model
+        _set_submodule(model, name, new)
+    remember_skipped(model, report)
+    return report
