@@ -81,8 +81,8 @@ def summary(model: nn.Module) -> Report:
     for name, mod in model.named_modules():
         if isinstance(mod, kinds):
             fp32 = 4 * mod.in_features * mod.out_features + (4 * mod.out_features if mod.bias is not None else 0)
-            fmt = f"{mod.fmt} g{mod.group_size}" if mod.group_size != mod.in_features else f"{mod.fmt} per-channel"
-            rows.append(LayerChange(name, type(mod).__name__, "quantized", fmt, fp32, module_bytes(mod)))
+            rows.append(LayerChange(name, type(mod).__name__, "quantized", mod.describe(), fp32,
+                                    module_bytes(mod)))
     names = dict(model.named_modules())
     for c in getattr(model, _REPORT_ATTR, []):
         if c.name in names and not isinstance(names[c.name], kinds):

@@ -69,6 +69,11 @@ class WeightOnlyLinear(nn.Module):
         return ops.dequantize(self.qweight, self.scales, self.zero_points, self.fmt, self.group_size,
                               self.in_features, dtype)
 
+    def describe(self) -> str:
+        """The format as summaries print it, e.g. 'int4 g128' or 'int8 per-channel'."""
+        group = "per-channel" if self.group_size == self.in_features else f"g{self.group_size}"
+        return f"{self.fmt} {group}"
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.fmt}, group_size={self.group_size}, bias={self.bias is not None}")

@@ -24,8 +24,7 @@ def apply_weight_only(model: nn.Module, cfg, progress: bool = True):
 
     def convert(name, mod):
         new = WeightOnlyLinear.from_linear(mod, spec.name, cfg.group_size, cfg.backend)
-        group = f"g{cfg.group_size}" if cfg.group_size else "per-channel"
-        return new, f"{spec.name} {group}"
+        return new, new.describe()
 
     return replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check(cfg, n, m),
                            progress, desc=f"{spec.name} weight-only")

@@ -1,0 +1,7 @@
+"""Evaluation helpers on real models and text that ship inside packages (no hub needed).
+
+    from tensorslim.eval import load_minilm, pydoc_sentences, embed, embedding_cosine
+"""
+from .embeddings import embed, embedding_cosine, load_minilm, pydoc_sentences
+
+__all__ = ["pydoc_sentences", "load_minilm", "embed", "embedding_cosine"]
