@@ -2,12 +2,12 @@
 // and stores, and the IEEE fp32 operations the bit-exact encodings rely on.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "tensorslim/status.h"
 #include "tensorslim/tensor_view.h"
@@ -29,7 +29,11 @@ namespace detail {
   } while (0)
 
 // After a <<<>>> launch: configuration errors surface here, not at the next sync.
-#define TS_CUDA_CHECK_LAUNCH(name) TS_CUDA_CHECK(cudaGetLastError())
+#define TS_CUDA_CHECK_LAUNCH(name)                                                \
+  do {                                                                            \
+    cudaError_t ts_err_ = cudaGetLastError();                                     \
+    if (ts_err_ != cudaSuccess) ::tensorslim::cuda::detail::throw_cuda(ts_err_, "launch of " name); \
+  } while (0)
 
 // Makes `device` current for the scope: the caller's thread may have another one
 // selected, and launches go to the current device.
@@ -59,7 +63,8 @@ inline int sm_count(int device) {
 }
 
 // Every tensor of a call must be a CUDA tensor on the first one's device.
-inline void check_cuda_views(const char* op, std::initializer_list<std::pair<const TensorView*, const char*>> views) {
+using NamedView = std::pair<const TensorView*, const char*>;
+inline void check_cuda_views(const char* op, std::initializer_list<NamedView> views) {
   const TensorView* first = nullptr;
   for (const auto& v : views) {
     if (!v.first) continue;
@@ -136,6 +141,8 @@ struct F16 {
   }
   __device__ __forceinline__ static float load(const uint16_t* p) { return to_f32(*p); }
   __device__ __forceinline__ static uint16_t from_f32(float v) {
+    const uint32_t u = __float_as_uint(v);  // NaN as the CPU's float_to_f16 writes it
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(((u >> 16) & 0x8000u) | 0x7e00u);
     uint16_t h;  // round to nearest even, fp16 subnormals kept
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;

@@ -49,73 +49,112 @@ inline void int4_block(const uint8_t* w, __m512i zp, __m512& lo, __m512& hi) {
   hi = _mm512_cvtepi32_ps(h);
 }
 
-// acc[m] (16 lanes) += sum over the row's groups of scale_g * sum_k w_k * x[m, k].
-template <int MB, int kBits, bool kSigned>
-void row_dot(const uint8_t* wrow, const float* sc, const uint8_t* zrow, int64_t K, int64_t gsize,
-             const float* xp, __m512 acc[MB]) {
+// acc[r][m] (16 lanes) = sum over groups of scale[r][g] * sum_k w[r][k] * x[m][k] for R
+// weight rows at once: R * MB independent FMA chains hide the FMA latency, and R
+// weight streams keep more memory requests in flight.
+template <int R, int MB, int kBits, bool kSigned>
+void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t* const* zrow,
+              int64_t K, int64_t gsize, const float* xp, __m512 acc[R][MB]) {
   const int64_t groups = K / gsize;
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 part[MB];
-    for (int m = 0; m < MB; ++m) part[m] = _mm512_setzero_ps();
-    const __m512i zp = _mm512_set1_epi32(zrow ? zrow[g] : 0);
+    __m512 part[R][MB];
+    __m512i zp[R];
+    for (int r = 0; r < R; ++r) {
+      zp[r] = _mm512_set1_epi32(zrow[r] ? zrow[r][g] : 0);
+      for (int m = 0; m < MB; ++m) part[r][m] = _mm512_setzero_ps();
+    }
     const int64_t k0 = g * gsize;
     if (kBits == 4) {
       for (int64_t k = k0; k < k0 + gsize; k += 32) {
-        __m512 lo, hi;
-        int4_block<kSigned>(wrow + k / 2, zp, lo, hi);
-        for (int m = 0; m < MB; ++m) {
-          part[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + m * K + k), part[m]);
-          part[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + m * K + k + 16), part[m]);
+        for (int r = 0; r < R; ++r) {
+          __m512 lo, hi;
+          int4_block<kSigned>(wrow[r] + k / 2, zp[r], lo, hi);
+          for (int m = 0; m < MB; ++m) {
+            part[r][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + m * K + k), part[r][m]);
+            part[r][m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + m * K + k + 16), part[r][m]);
+          }
         }
       }
     } else {
       for (int64_t k = k0; k < k0 + gsize; k += 16) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k));
-        const __m512i wi = kSigned ? _mm512_cvtepi8_epi32(b)
-                                   : _mm512_sub_epi32(_mm512_cvtepu8_epi32(b), zp);
-        const __m512 w = _mm512_cvtepi32_ps(wi);
-        for (int m = 0; m < MB; ++m)
-          part[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + m * K + k), part[m]);
+        for (int r = 0; r < R; ++r) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow[r] + k));
+          const __m512i wi = kSigned ? _mm512_cvtepi8_epi32(b)
+                                     : _mm512_sub_epi32(_mm512_cvtepu8_epi32(b), zp[r]);
+          const __m512 w = _mm512_cvtepi32_ps(wi);
+          for (int m = 0; m < MB; ++m)
+            part[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + m * K + k), part[r][m]);
+        }
       }
     }
-    const __m512 s = _mm512_set1_ps(sc[g]);
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(sc[r][g]);
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(part[r][m], s, acc[r][m]);
+    }
   }
 }
 
-template <int kBits, bool kSigned>
-void run(const TensorView& qweight, const TensorView& scales, const TensorView* zero_points,
-         const TensorView* bias, int64_t group_size, const float* xp, int64_t M, int64_t K,
-         const TensorView& out) {
-  const int64_t N = qweight.shape[0], groups = scales.shape[1];
-  const int64_t gsize = group_size == K ? K : group_size;
-  parallel_for(N, 8, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) {
-      const uint8_t* wrow = qweight.ptr<uint8_t>() + n * qweight.strides[0];
-      const float* sc = scales.ptr<float>() + n * groups;
-      const uint8_t* zrow = zero_points ? zero_points->ptr<uint8_t>() + n * groups : nullptr;
-      const float bn = bias ? bias->ptr<float>()[n] : 0.0f;
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxBlock) {
-        const int mb = static_cast<int>(std::min<int64_t>(kMaxBlock, M - m0));
-        __m512 acc[kMaxBlock];
-        const float* xm = xp + m0 * K;
-        switch (mb) {
-          case 1: row_dot<1, kBits, kSigned>(wrow, sc, zrow, K, gsize, xm, acc); break;
-          case 2: row_dot<2, kBits, kSigned>(wrow, sc, zrow, K, gsize, xm, acc); break;
-          case 3: row_dot<3, kBits, kSigned>(wrow, sc, zrow, K, gsize, xm, acc); break;
-          default: row_dot<4, kBits, kSigned>(wrow, sc, zrow, K, gsize, xm, acc); break;
-        }
-        for (int m = 0; m < mb; ++m) {
-          const float y = _mm512_reduce_add_ps(acc[m]) + bn;
-          const int64_t off = (m0 + m) * out.strides[0] + n;
-          if (out.dtype == DType::kFloat32)
-            out.ptr<float>()[off] = y;
-          else
-            out.ptr<uint16_t>()[off] = float_to_bf16(y);
-        }
-      }
+struct Problem {
+  const TensorView& qweight;
+  const TensorView& scales;
+  const TensorView* zero_points;
+  const TensorView* bias;
+  const TensorView& out;
+  int64_t K, gsize, groups;
+  const float* xp;
+};
+
+// Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1.
+template <int R, int MB, int kBits, bool kSigned>
+void tile(const Problem& p, int64_t n, int64_t m0) {
+  const uint8_t* wrow[R];
+  const float* sc[R];
+  const uint8_t* zrow[R];
+  for (int r = 0; r < R; ++r) {
+    wrow[r] = p.qweight.ptr<uint8_t>() + (n + r) * p.qweight.strides[0];
+    sc[r] = p.scales.ptr<float>() + (n + r) * p.groups;
+    zrow[r] = p.zero_points ? p.zero_points->ptr<uint8_t>() + (n + r) * p.groups : nullptr;
+  }
+  __m512 acc[R][MB];
+  rows_dot<R, MB, kBits, kSigned>(wrow, sc, zrow, p.K, p.gsize, p.xp + m0 * p.K, acc);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      const float y = _mm512_reduce_add_ps(acc[r][m]) + (p.bias ? p.bias->ptr<float>()[n + r] : 0.0f);
+      const int64_t off = (m0 + m) * p.out.strides[0] + n + r;
+      if (p.out.dtype == DType::kFloat32)
+        p.out.ptr<float>()[off] = y;
+      else
+        p.out.ptr<uint16_t>()[off] = float_to_bf16(y);
     }
+}
+
+// Output rows n .. n+R-1 for every activation row, kMaxBlock activation rows per pass
+// (the weight rows stay in L1 between passes).
+template <int R, int kBits, bool kSigned>
+void rows_all_m(const Problem& p, int64_t n, int64_t M) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxBlock) {
+    switch (std::min<int64_t>(kMaxBlock, M - m0)) {
+      case 1: tile<R, 1, kBits, kSigned>(p, n, m0); break;
+      case 2: tile<R, 2, kBits, kSigned>(p, n, m0); break;
+      case 3: tile<R, 3, kBits, kSigned>(p, n, m0); break;
+      default: tile<R, 4, kBits, kSigned>(p, n, m0); break;
+    }
+  }
+}
+
+// Four weight rows per step for one activation row, two otherwise (register budget).
+template <int kBits, bool kSigned>
+void run(const Problem& p, int64_t M) {
+  const int64_t N = p.qweight.shape[0];
+  parallel_for(N, 8, [&](int64_t b, int64_t e) {
+    int64_t n = b;
+    if (M == 1)
+      for (; n + 4 <= e; n += 4) rows_all_m<4, kBits, kSigned>(p, n, M);
+    else
+      for (; n + 2 <= e; n += 2) rows_all_m<2, kBits, kSigned>(p, n, M);
+    for (; n < e; ++n) rows_all_m<1, kBits, kSigned>(p, n, M);
   });
 }
 
@@ -132,11 +171,13 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
   if (K % step != 0 || (group_size != K && group_size % step != 0)) return false;
   thread_local std::vector<float> xp;
   pack_activations(x, info.bits == 4, xp);
+  const int64_t gsize = group_size == K ? K : group_size;
+  const Problem p{qweight, scales, zero_points, bias, out, K, gsize, K / gsize, xp.data()};
   switch (fmt) {
-    case Format::kInt8: run<8, true>(qweight, scales, zero_points, bias, group_size, xp.data(), M, K, out); break;
-    case Format::kUInt8: run<8, false>(qweight, scales, zero_points, bias, group_size, xp.data(), M, K, out); break;
-    case Format::kInt4: run<4, true>(qweight, scales, zero_points, bias, group_size, xp.data(), M, K, out); break;
-    case Format::kUInt4: run<4, false>(qweight, scales, zero_points, bias, group_size, xp.data(), M, K, out); break;
+    case Format::kInt8: run<8, true>(p, M); break;
+    case Format::kUInt8: run<8, false>(p, M); break;
+    case Format::kInt4: run<4, true>(p, M); break;
+    case Format::kUInt4: run<4, false>(p, M); break;
   }
   return true;
 }
