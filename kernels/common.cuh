@@ -121,6 +121,21 @@ __device__ __forceinline__ float rint_exact(float a) {
   asm("cvt.rni.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
   return r;
 }
+// Index division: 32-bit hardware-friendly when both fit (64-bit division is a long
+// software routine on the GPU).
+__device__ __forceinline__ int64_t div_index(int64_t a, int64_t b) {
+  if (((a | b) >> 31) == 0) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
+
+// Sign flip and "> 0" on the bits, so FTZ builds cannot flush a subnormal.
+__device__ __forceinline__ float neg_exact(float v) {
+  return __uint_as_float(__float_as_uint(v) ^ 0x80000000u);
+}
+__device__ __forceinline__ bool positive_exact(float v) {  // 0 < v <= +inf
+  return __float_as_uint(v) - 1u < 0x7f800000u;
+}
+
 __device__ __forceinline__ bool is_finite_bits(float v) {
   return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
 }

@@ -65,13 +65,13 @@ __device__ __forceinline__ void group_params(const FormatParams& f, float lo, fl
   hi = fmax_exact(hi, 0.0f);
   if (f.has_zp) {
     float s = div_rn(sub_rn(hi, lo), f.divisor);
-    s = s > 0.0f ? s : 1.0f;
-    float z = rint_exact(div_rn(-lo, s));
+    s = positive_exact(s) ? s : 1.0f;
+    float z = rint_exact(div_rn(neg_exact(lo), s));
     *zp = fmin_exact(fmax_exact(z, f.qmin), f.qmax);
     *scale = s;
   } else {
-    const float s = div_rn(fmax_exact(-lo, hi), f.divisor);
-    *scale = s > 0.0f ? s : 1.0f;
+    const float s = div_rn(fmax_exact(neg_exact(lo), hi), f.divisor);
+    *scale = positive_exact(s) ? s : 1.0f;
     *zp = 0.0f;
   }
 }
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantArgs a) {
   for (int64_t base = warp * teams_per_warp; base < total; base += nwarps * teams_per_warp) {
     const int64_t gi = base + lane / team;
     const bool valid = gi < total;
-    const int64_t r = valid ? gi / a.groups : 0;
+    const int64_t r = valid ? div_index(gi, a.groups) : 0;
     const int64_t g = valid ? gi - r * a.groups : 0;
     const T* xg = x + r * a.xs0 + g * a.gsize * a.xs1;
     float scale = fixed_scale, zp = fixed_zp;
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantArgs a) {
         atomicMin(&a.scratch->bad_row, static_cast<unsigned long long>(r));
       if (MODE == kRange) {
         if (valid) {
-          run_neg_lo = fmax_exact(run_neg_lo, -lo);
+          run_neg_lo = fmax_exact(run_neg_lo, neg_exact(lo));
           run_hi = fmax_exact(run_hi, hi);
         }
         continue;
@@ -249,7 +249,8 @@ __global__ void init_scratch_kernel(Scratch* s) {
 __global__ void tensor_params_kernel(const Scratch* s, FormatParams f, float* scales,
                                      uint8_t* zps) {
   float scale, zp;
-  group_params(f, -__uint_as_float(s->neg_lo_bits), __uint_as_float(s->hi_bits), &scale, &zp);
+  group_params(f, neg_exact(__uint_as_float(s->neg_lo_bits)), __uint_as_float(s->hi_bits), &scale,
+               &zp);
   scales[0] = scale;
   if (zps) zps[0] = static_cast<uint8_t>(static_cast<int>(zp));
 }
@@ -327,7 +328,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(DequantArgs a) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
-    const int64_t r = idx / ppr;
+    const int64_t r = div_index(idx, ppr);
     const int64_t k0 = (idx - r * ppr) * kDeqPacket;
     const uint8_t* qr = a.q + r * a.qs0;
     T* orow = out + r * a.os0;
@@ -348,7 +349,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(DequantArgs a) {
           c[i] = a.is_signed ? static_cast<int>(nib ^ 8u) - 8 : static_cast<int>(nib);
         }
       }
-      const int64_t gi = a.per_tensor ? 0 : r * a.groups + k0 / a.gsize;
+      const int64_t gi = a.per_tensor ? 0 : r * a.groups + div_index(k0, a.gsize);
       const float scale = a.scales[gi];
       const int zp = a.zps ? a.zps[gi] : 0;
       float v[kDeqPacket];
@@ -379,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(DequantArgs a) {
           const uint32_t nib = (k & 1) ? byte >> 4 : byte & 0xfu;
           code = a.is_signed ? static_cast<int>(nib ^ 8u) - 8 : static_cast<int>(nib);
         }
-        const int64_t gi = a.per_tensor ? 0 : r * a.groups + k / a.gsize;
+        const int64_t gi = a.per_tensor ? 0 : r * a.groups + div_index(k, a.gsize);
         const int zp = a.zps ? a.zps[gi] : 0;
         orow[k] = Tag::from_f32(mul_rn(static_cast<float>(code - zp), a.scales[gi]));
       }
