@@ -234,7 +234,8 @@ def _linear_weight_only_cuda(x, qweight, scales, zero_points, bias, fmt, group_s
     M, K = x.shape
     N = qweight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    workspace = torch.empty(N, K, dtype=torch.float16, device=x.device) if M > 8 else None
+    # Above the fused GEMV's batch limit the weight is dequantized here (in x's dtype) for cuBLAS.
+    workspace = torch.empty(N, K, dtype=x.dtype, device=x.device) if M > 8 else None
     _C.cuda_linear_weight_only(_views.view(x, "x"), _views.view(qweight, "qweight"), _views.view(scales, "scales"),
                                _views.optional_view(zero_points, "zero_points"), _views.optional_view(bias, "bias"),
                                get_format(fmt).id, group_size, _views.view(out, "out"),

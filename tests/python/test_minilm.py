@@ -15,10 +15,14 @@ from tensorslim.report import module_bytes  # noqa: E402
 
 N_SENTENCES = 96
 
+# name -> (config, floor on mean embedding cosine vs fp32, ceiling on quantized/fp32 layer bytes).
+# INT4 floors are what round-to-nearest can reach on this model: measured 0.9368 (symmetric)
+# and 0.9546 (asymmetric) on these 96 sentences, the same as a plain-PyTorch RTN
+# (test_int4_matches_plain_pytorch_rtn), so the loss is the method's, not the kernels'.
 RECIPES = {
     "int8": (lambda: ts.Int8WeightOnly(), 0.999, 0.26),
-    "int4_g128": (lambda: ts.Int4WeightOnly(group_size=128), 0.99, 0.15),
-    "int4_g128_asym": (lambda: ts.Int4WeightOnly(group_size=128, symmetric=False), 0.99, 0.15),
+    "int4_g128": (lambda: ts.Int4WeightOnly(group_size=128), 0.92, 0.15),
+    "int4_g128_asym": (lambda: ts.Int4WeightOnly(group_size=128, symmetric=False), 0.94, 0.15),
 }
 
 
@@ -60,6 +64,34 @@ def test_embedding_cosine(fp32, quantized, name):
     ref = fp32[3]
     cos = embedding_cosine(quantized[name][2], ref)
     assert cos >= RECIPES[name][1], f"{name}: mean cosine vs fp32 {cos:.5f}"
+
+
+def _rtn_int4(w: torch.Tensor, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Round-to-nearest INT4 fake quantization in plain PyTorch (the documented format)."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / 7
+        deq = torch.round(g / scale).clamp(-8, 7) * scale
+    else:
+        scale = (hi - lo) / 15
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        deq = ((torch.round(g / scale) + zero).clamp(0, 15) - zero) * scale
+    return deq.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("name,symmetric", [("int4_g128", True), ("int4_g128_asym", False)])
+def test_int4_matches_plain_pytorch_rtn(fp32, quantized, name, symmetric):
+    model, tokenizer, sentences, _ = fp32
+    q, _, emb = quantized[name]
+    fake = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, m in q.named_modules():
+            if isinstance(m, ts.WeightOnlyLinear):
+                lin = fake.get_submodule(n)
+                lin.weight.copy_(_rtn_int4(lin.weight, 128, symmetric))
+    assert embedding_cosine(emb, embed(fake, tokenizer, sentences)) >= 0.9999
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
