@@ -26,8 +26,8 @@ def filter_reason(name: str, module: nn.Module, flt: LayerFilter, tied: set) -> 
         if fnmatch.fnmatchcase(name, p):
             return f"excluded by pattern {p!r}"
     if flt.skip_output_head:
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in OUTPUT_HEAD_NAMES or id(getattr(module, "weight", None)) in tied:
+        # The head itself (lm_head) or a layer inside one (pooler.dense).
+        if OUTPUT_HEAD_NAMES & set(name.split(".")) or id(getattr(module, "weight", None)) in tied:
             return "output head (skip_output_head=True)"
     if flt.filter_fn is not None and not flt.filter_fn(name, module):
         return "rejected by filter_fn"
