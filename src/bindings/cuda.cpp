@@ -10,15 +10,6 @@ namespace py = pybind11;
 
 namespace tensorslim {
 namespace bindings {
-namespace {
-
-Format to_format(int id) {
-  TS_CHECK_VALUE(id >= 0 && id < kNumFormats, "unknown format id " + std::to_string(id));
-  return static_cast<Format>(id);
-}
-
-}  // namespace
-
 void register_cuda(py::module_& m) {
   m.attr("has_cuda") = true;
 

@@ -12,11 +12,6 @@ namespace tensorslim {
 namespace bindings {
 namespace {
 
-Format to_format(int id) {
-  TS_CHECK_VALUE(id >= 0 && id < kNumFormats, "unknown format id " + std::to_string(id));
-  return static_cast<Format>(id);
-}
-
 py::list table() {
   py::list rows;
   for (int i = 0; i < kNumFormats; ++i) {

@@ -32,6 +32,11 @@ TensorView to_view(const py::handle& obj, const char* what) {
   return v;
 }
 
+Format to_format(int id) {
+  TS_CHECK_VALUE(id >= 0 && id < kNumFormats, "unknown format id " + std::to_string(id));
+  return static_cast<Format>(id);
+}
+
 OptionalView to_optional_view(const py::handle& obj, const char* what) {
   OptionalView o;
   if (!obj.is_none()) {

@@ -4,6 +4,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include "tensorslim/formats.h"
 #include "tensorslim/tensor_view.h"
 
 namespace tensorslim {
@@ -18,6 +19,9 @@ struct OptionalView {
   const TensorView* get() const { return present ? &view : nullptr; }
 };
 OptionalView to_optional_view(const pybind11::handle& obj, const char* what);
+
+// A format id from Python, checked against the table.
+Format to_format(int id);
 
 void register_quantize(pybind11::module_& m);
 void register_cuda(pybind11::module_& m);

@@ -25,7 +25,6 @@ float load_act(const TensorView& x, int64_t m, int64_t k) {
 int64_t check_linear_args(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                           const TensorView* zero_points, const TensorView* bias, Format fmt,
                           int64_t group_size, const TensorView& out) {
-  const FormatInfo& info = format_info(fmt);
   check_ndim(x, 2, "x");
   check_ndim(qweight, 2, "qweight");
   check_ndim(scales, 2, "scales");
@@ -54,7 +53,6 @@ int64_t check_linear_args(const TensorView& x, const TensorView& qweight, const 
   }
   for (const TensorView* t : {&qweight, &scales, &out})
     check_same_device(x, *t, "linear_weight_only");
-  (void)info;
   return K;
 }
 
