@@ -5,9 +5,9 @@ from torch import nn
 
 from ..config import resolve_config
 from ..report import Report
-from .weight_only import TRANSFORMS as _WEIGHT_ONLY
-
-_TRANSFORMS = {**_WEIGHT_ONLY}
+from . import weight_only  # noqa: F401  (each technique module registers its transforms)
+from .calibrate import make_forward_loop
+from .registry import TRANSFORMS
 
 
 def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
@@ -15,16 +15,17 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
              progress: bool = True) -> Report:
     """Quantize `model` in place with `config` (a config object or a preset name).
 
-    calib_data / forward_loop feed calibration for techniques that need it; weight-only
-    round-to-nearest does not. Returns a Report of what changed and what was skipped.
+    calib_data (an iterable of model inputs: tensors, tuples or dicts) or forward_loop
+    (a callable run as forward_loop(model)) feed calibration for techniques that need it;
+    weight-only round-to-nearest does not. Returns a Report of what changed and what was
+    skipped.
     """
     cfg = resolve_config(config)
-    transform = _TRANSFORMS.get(type(cfg))
+    transform = TRANSFORMS.get(type(cfg))
     if transform is None:
         raise TypeError(f"{type(cfg).__name__} is not a quantization config")
-    if calib_data is not None and forward_loop is not None:
-        raise ValueError("pass calib_data or forward_loop, not both")
-    return transform(model, cfg, progress=progress)
+    loop = make_forward_loop(calib_data, forward_loop, progress)
+    return transform(model, cfg, forward_loop=loop, progress=progress)
 
 
 __all__ = ["quantize"]

@@ -7,6 +7,7 @@ from ..config import Int4WeightOnly, Int8WeightOnly
 from ..formats import integer_format
 from ..nn import WeightOnlyLinear
 from ..transforms import replace_modules
+from .registry import register_transform
 
 
 def _check(cfg, name: str, mod: nn.Linear) -> Optional[str]:
@@ -19,7 +20,8 @@ def _check(cfg, name: str, mod: nn.Linear) -> Optional[str]:
     return None
 
 
-def apply_weight_only(model: nn.Module, cfg, progress: bool = True):
+@register_transform(Int8WeightOnly, Int4WeightOnly)
+def apply_weight_only(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
     spec = integer_format(cfg.bits, cfg.symmetric)
 
     def convert(name, mod):
@@ -29,5 +31,3 @@ def apply_weight_only(model: nn.Module, cfg, progress: bool = True):
     return replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check(cfg, n, m),
                            progress, desc=f"{spec.name} weight-only")
 
-
-TRANSFORMS = {Int8WeightOnly: apply_weight_only, Int4WeightOnly: apply_weight_only}

@@ -1,8 +1,4 @@
-"""Every native kernel, exposed once as a torch.library custom op.
-
-Each op has a fake (meta) implementation, so torch.compile and meta tensors work, a
-CPU and a CUDA kernel from the native core, and a plain-PyTorch reference that
-follows the same specification bit for bit (backend="reference").
+"""Integer quantize / dequantize and the weight-only (dequant-fused) linear.
 
 Conventions: a tensor is quantized row by row along its last dimension in groups of
 `group_size` values; group_size == PER_TENSOR (-1) uses one scale for the whole
@@ -13,9 +9,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _views
-from ._native import _C
-from .formats import PER_TENSOR, FormatSpec, get_format
+from .. import _views
+from .._native import _C
+from ..formats import PER_TENSOR, FormatSpec, get_format
 
 BACKENDS = {"auto": 0, "reference": 1, "native": 2, "onednn": 3}
 
