@@ -74,7 +74,8 @@ class Config(LayerFilter):
 
 
 _GROUP_SIZES = (32, 64, 128, 256)
-_ALGORITHMS = ("rtn",)
+# Weight-only rounding algorithms; calibrating ones (awq, gptq) register themselves on import.
+WEIGHT_ONLY_ALGORITHMS = {"rtn": "round to nearest"}
 _BACKENDS = ("auto", "native", "onednn", "reference")
 
 
@@ -114,10 +115,38 @@ class Int4WeightOnly(Config):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_common("Int4WeightOnly", self.group_size, self.backend)
-        if self.algorithm not in _ALGORITHMS:
-            raise ValueError(f"Int4WeightOnly: algorithm {self.algorithm!r} is not available; "
-                             f"supported: {_ALGORITHMS} (round to nearest)")
+        _check_common(type(self).__name__, self.group_size, self.backend)
+        _check_algorithm(type(self).__name__, self.algorithm)
+
+
+def _check_algorithm(name: str, algorithm: str) -> None:
+    if algorithm not in WEIGHT_ONLY_ALGORITHMS:
+        raise ValueError(f"{name}: algorithm {algorithm!r} is not available; supported: "
+                         f"{sorted(WEIGHT_ONLY_ALGORITHMS)}")
+
+
+@register_config
+@dataclass
+class IntWeightOnly(Config):
+    """N-bit integer weights (2..8 bits, as the format table provides) in groups along the
+    input dimension, float activations. Int8WeightOnly / Int4WeightOnly are the common cases."""
+
+    bits: int = 4
+    group_size: Optional[int] = 128
+    symmetric: bool = True
+    algorithm: str = "rtn"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_common("IntWeightOnly", self.group_size, self.backend)
+        _check_algorithm("IntWeightOnly", self.algorithm)
+        from .formats import integer_format  # the table lives in the native core
+
+        try:
+            integer_format(self.bits, self.symmetric)
+        except ValueError as e:
+            raise ValueError(f"IntWeightOnly: {e}") from None
 
 
 PRESETS: Dict[str, Callable[[], Config]] = {

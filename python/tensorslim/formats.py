@@ -49,10 +49,9 @@ def get_format(name: str) -> FormatSpec:
 
 
 def integer_format(bits: int, symmetric: bool) -> FormatSpec:
-    """The table row for INT8/INT4, symmetric (signed) or with a zero point (unsigned)."""
-    name = {(8, True): "int8", (8, False): "uint8", (4, True): "int4", (4, False): "uint4"}.get(
-        (bits, symmetric)
-    )
-    if name is None:
-        raise ValueError(f"no integer format with {bits} bits (supported: 8, 4)")
+    """The table row for N-bit integers: symmetric "int<N>" (signed) or "uint<N>" (zero point)."""
+    name = f"{'int' if symmetric else 'uint'}{bits}"
+    if name not in FORMATS:
+        have = sorted({s.bits for s in FORMATS.values() if s.name.startswith(("int", "uint"))})
+        raise ValueError(f"no integer format with {bits} bits (supported: {have})")
     return FORMATS[name]

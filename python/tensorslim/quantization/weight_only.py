@@ -1,9 +1,13 @@
-"""Weight-only INT8 / INT4 quantization of nn.Linear layers (round to nearest)."""
-from typing import Optional
+"""Weight-only integer quantization of nn.Linear layers.
+
+Round to nearest here; calibrating algorithms (AWQ, GPTQ) register in ALGORITHMS and
+produce the same packed WeightOnlyLinear layers.
+"""
+from typing import Callable, Dict, Optional
 
 from torch import nn
 
-from ..config import Int4WeightOnly, Int8WeightOnly
+from ..config import Int4WeightOnly, Int8WeightOnly, IntWeightOnly, WEIGHT_ONLY_ALGORITHMS
 from ..formats import integer_format
 from ..nn import WeightOnlyLinear
 from ..transforms import replace_modules
@@ -20,8 +24,29 @@ def _check(cfg, name: str, mod: nn.Linear) -> Optional[str]:
     return None
 
 
-@register_transform(Int8WeightOnly, Int4WeightOnly)
+# algorithm name -> fn(model, cfg, forward_loop, progress) -> Report
+ALGORITHMS: Dict[str, Callable] = {}
+
+
+def register_algorithm(name: str, description: str):
+    def wrap(fn):
+        ALGORITHMS[name] = fn
+        WEIGHT_ONLY_ALGORITHMS[name] = description
+        return fn
+
+    return wrap
+
+
+def check_linear(cfg, name: str, mod: nn.Linear) -> Optional[str]:
+    """Why a weight-only algorithm cannot quantize this layer (None if it can)."""
+    return _check(cfg, name, mod)
+
+
+@register_transform(Int8WeightOnly, Int4WeightOnly, IntWeightOnly)
 def apply_weight_only(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
+    algorithm = getattr(cfg, "algorithm", "rtn")
+    if algorithm != "rtn":
+        return ALGORITHMS[algorithm](model, cfg, forward_loop=forward_loop, progress=progress)
     spec = integer_format(cfg.bits, cfg.symmetric)
 
     def convert(name, mod):
