@@ -34,6 +34,13 @@ def filter_reason(name: str, module: nn.Module, flt: LayerFilter, tied: set) -> 
     return None
 
 
+def _is_weight_matrix_layer(mod: nn.Module) -> bool:
+    """A leaf holding a weight matrix (conv, embedding, custom GEMM), which users would expect
+    a weight technique to consider; norms' 1-D scales are not such candidates."""
+    weight = getattr(mod, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() >= 2 and not list(mod.children())
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -52,8 +59,9 @@ def replace_modules(
     """Replace every supported, selected layer by convert(name, module) -> (new, format).
 
     check(name, module) returns a reason to skip a layer the technique cannot handle
-    (e.g. a shape the group size does not divide). Leaf modules with weights of other
-    types are reported as skipped, so nothing stays uncompressed silently.
+    (e.g. a shape the group size does not divide). Leaf modules of other types holding a
+    weight matrix (convs, embeddings, ...) are reported as skipped, so nothing stays
+    uncompressed silently.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -70,7 +78,7 @@ def replace_modules(
                                                   bytes_before=module_bytes(mod), reason=reason))
             else:
                 todo.append((name, mod))
-        elif isinstance(getattr(mod, "weight", None), nn.Parameter) and not list(mod.children()):
+        elif _is_weight_matrix_layer(mod):
             report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
                                               bytes_before=module_bytes(mod),
                                               reason=f"{type(mod).__name__} layers are not supported by this technique"))

@@ -59,6 +59,7 @@ def test_filters_and_skip_reasons():
     model.embed = nn.Embedding(100, 64)
     model.body = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 96), nn.Linear(96, 64))
     model.conv = nn.Conv1d(4, 4, 3)
+    model.norm = nn.LayerNorm(64)  # 1-D scales: not a candidate, so not reported either
     model.lm_head = nn.Linear(64, 100, bias=False)
     model.tied = nn.Linear(64, 100, bias=False)
     model.tied.weight = model.embed.weight
@@ -69,6 +70,7 @@ def test_filters_and_skip_reasons():
     assert reasons["lm_head"].startswith("output head")
     assert reasons["tied"].startswith("output head")
     assert "Conv1d" in reasons["conv"] and "Embedding" in reasons["embed"]
+    assert "norm" not in reasons
     assert [c.name for c in report.changed] == ["body.1"]
     assert isinstance(model.body[1], ts.WeightOnlyLinear) and type(model.body[0]) is nn.Linear
     text = str(ts.summary(model))

@@ -1,0 +1,77 @@
+"""The `tensorslim` command: what this install can do, and what a saved file holds.
+
+    tensorslim info                 version, CPU paths, threads, CUDA, formats
+    tensorslim inspect FILE         the layers of a file written by ts.save
+"""
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _info(_args) -> int:
+    import torch
+
+    import tensorslim as ts
+    from tensorslim._native import _C
+
+    cuda = "not built"
+    if _C.has_cuda:
+        cuda = f"built, {_C.cuda_device_count()} device(s) visible"
+    print(f"tensorslim {ts.__version__} (torch {torch.__version__})")
+    print(f"CPU kernels: best ISA {_C.best_isa()}, active {_C.active_isa()}, {_C.num_threads()} threads")
+    print(f"CUDA kernels: {cuda}")
+    print("formats: " + ", ".join(sorted(ts.FORMATS)))
+    return 0
+
+
+def _inspect(args) -> int:
+    from safetensors import safe_open
+
+    from tensorslim.io import read_header
+
+    header = read_header(args.file)
+    with safe_open(str(args.file), framework="pt") as f:
+        sizes = {k: f.get_slice(k) for k in f.keys()}
+        total = 0
+        for k, s in sizes.items():
+            n = 1
+            for d in s.get_shape():
+                n *= d
+            total += n * _dtype_bytes(s.get_dtype())
+    print(f"{args.file}: tensorslim format v{header['version']}, written by tensorslim "
+          f"{header['written_by']}, {len(sizes)} tensors, {total / 2**20:.2f} MiB")
+    print(f"{'layer':<48} {'kind':<22} {'format':<14} {'group':>6} {'shape [out, in]':>16}")
+    for name, spec in sorted(header["layers"].items()):
+        shape = f"[{spec.get('out_features')}, {spec.get('in_features')}]"
+        print(f"{name:<48} {spec.get('kind', '?'):<22} {str(spec.get('format', '-')):<14} "
+              f"{str(spec.get('group_size', '-')):>6} {shape:>16}")
+    if header["aliases"]:
+        print(f"tied tensors stored once: {len(header['aliases'])}")
+    return 0
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+                "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _dtype_bytes(name: str) -> int:
+    return _DTYPE_BYTES.get(name, 1)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tensorslim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, CPU/CUDA kernels, formats").set_defaults(run=_info)
+    p = sub.add_parser("inspect", help="layers of a file written by ts.save")
+    p.add_argument("file")
+    p.set_defaults(run=_inspect)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as e:
+        print(f"tensorslim {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

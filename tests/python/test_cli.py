@@ -1,0 +1,36 @@
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.cli import main
+
+
+def test_info_lists_kernels_and_formats(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"tensorslim {ts.__version__}" in out
+    assert "int4" in out and "best ISA" in out and "CUDA kernels" in out
+
+
+def test_inspect_shows_saved_layers(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 128))
+    ts.quantize(model, ts.Int4WeightOnly(group_size=64), progress=False)
+    path = tmp_path / "m.safetensors"
+    ts.save(model, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert lines["0"][1:5] == ["weight_only_linear", "int4", "64", "[64,"]
+    assert lines["2"][1:5] == ["weight_only_linear", "int4", "64", "[128,"]
+    expected = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert f"{expected / 2**20:.2f} MiB" in out.splitlines()[0]
+
+
+def test_inspect_rejects_foreign_file(tmp_path, capsys):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    assert main(["inspect", str(path)]) == 2
+    assert "not a tensorslim file" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
