@@ -20,6 +20,10 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("num_threads", &tensorslim::cpu::num_threads);
   m.def("set_num_threads", &tensorslim::cpu::set_num_threads);
+  m.def("use_host_openmp", [](const std::string& path) {
+    return tensorslim::cpu::use_host_openmp(path.c_str());
+  }, "Run parallel regions on the host's already-loaded OpenMP runtime ('' = own pool).");
+  m.def("threading_backend", &tensorslim::cpu::threading_backend);
   tensorslim::bindings::register_quantize(m);
   tensorslim::bindings::register_cuda(m);
 }

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <dlfcn.h>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -113,15 +114,79 @@ Pool& pool() {
 
 thread_local bool in_parallel = false;
 
+// The libgomp ABI (also exported by LLVM's and Intel's OpenMP runtimes).
+struct HostOpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
+  int (*thread_num)() = nullptr;
+  int (*team_size)() = nullptr;
+  int (*max_threads)() = nullptr;
+};
+std::atomic<const HostOpenMP*> host_omp{nullptr};
+
+struct OmpRegion {
+  const std::function<void(int64_t, int64_t)>* fn;
+  const HostOpenMP* omp;
+  int64_t n;
+  std::mutex mu;
+  std::exception_ptr error;
+};
+
+void omp_trampoline(void* data) {
+  auto* r = static_cast<OmpRegion*>(data);
+  const int64_t parts = r->omp->team_size();
+  const int64_t part = r->omp->thread_num();
+  const int64_t chunk = (r->n + parts - 1) / parts;
+  const int64_t b = std::min(r->n, part * chunk), e = std::min(r->n, b + chunk);
+  if (b >= e) return;
+  in_parallel = true;
+  try {
+    (*r->fn)(b, e);
+  } catch (...) {  // an exception must not cross the OpenMP runtime
+    std::lock_guard<std::mutex> lock(r->mu);
+    if (!r->error) r->error = std::current_exception();
+  }
+  in_parallel = false;
+}
+
 }  // namespace
 
-int num_threads() { return pool().size(); }
+int num_threads() {
+  const HostOpenMP* omp = host_omp.load();
+  return omp ? std::max(1, omp->max_threads()) : pool().size();
+}
 void set_num_threads(int n) { pool().resize(std::max(1, n)); }
+
+bool use_host_openmp(const char* library_path) {
+  if (!library_path || !*library_path) {
+    host_omp.store(nullptr);
+    return true;
+  }
+  void* lib = dlopen(library_path, RTLD_NOW | RTLD_NOLOAD);
+  if (!lib) return false;
+  static HostOpenMP omp;  // set once; the host's runtime stays loaded for the process
+  HostOpenMP found;
+  found.parallel = reinterpret_cast<decltype(found.parallel)>(dlsym(lib, "GOMP_parallel"));
+  found.thread_num = reinterpret_cast<int (*)()>(dlsym(lib, "omp_get_thread_num"));
+  found.team_size = reinterpret_cast<int (*)()>(dlsym(lib, "omp_get_num_threads"));
+  found.max_threads = reinterpret_cast<int (*)()>(dlsym(lib, "omp_get_max_threads"));
+  if (!found.parallel || !found.thread_num || !found.team_size || !found.max_threads) return false;
+  if (!host_omp.load()) omp = found;
+  host_omp.store(&omp);
+  return true;
+}
+
+const char* threading_backend() { return host_omp.load() ? "host openmp" : "own pool"; }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   if (in_parallel || n <= grain || num_threads() == 1) {
     fn(0, n);
+    return;
+  }
+  if (const HostOpenMP* omp = host_omp.load()) {
+    OmpRegion region{&fn, omp, n, {}, nullptr};
+    omp->parallel(omp_trampoline, &region, 0, 0);  // 0: the host's current thread count
+    if (region.error) std::rethrow_exception(region.error);
     return;
   }
   pool().run(n, [&](int64_t b, int64_t e) {
