@@ -78,6 +78,14 @@ inline void check_cuda_views(const char* op, std::initializer_list<NamedView> vi
   }
 }
 
+// The integer code at column k of a packed row (8-bit, or 4-bit low nibble first).
+__device__ __forceinline__ int unpack_code(const uint8_t* row, int64_t k, int bits, bool is_signed) {
+  if (bits == 8) return is_signed ? static_cast<int>(static_cast<int8_t>(row[k])) : row[k];
+  const uint32_t byte = row[k >> 1];
+  const uint32_t nib = (k & 1) ? byte >> 4 : byte & 0xfu;
+  return is_signed ? static_cast<int>(nib ^ 8u) - 8 : static_cast<int>(nib);
+}
+
 inline bool aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }

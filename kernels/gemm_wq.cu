@@ -55,14 +55,7 @@ struct WqArgs {
 // Reference dequantization of weight (n, k): float(code - zp) * scale.
 __device__ __forceinline__ float dequant_one(const WqArgs& a, int64_t n, int64_t k) {
   const uint8_t* qr = a.qw + n * a.qs0;
-  int code;
-  if (a.bits == 8) {
-    code = a.is_signed ? static_cast<int>(static_cast<int8_t>(qr[k])) : qr[k];
-  } else {
-    const uint32_t byte = qr[k >> 1];
-    const uint32_t nib = (k & 1) ? byte >> 4 : byte & 0xfu;
-    code = a.is_signed ? static_cast<int>(nib ^ 8u) - 8 : static_cast<int>(nib);
-  }
+  const int code = unpack_code(qr, k, a.bits, a.is_signed);
   const int64_t gi = n * a.G + (a.gshift >= 0 ? k >> a.gshift : div_index(k, a.gsize));
   const int zp = a.zps ? a.zps[gi] : 0;
   return static_cast<float>(code - zp) * a.scales[gi];

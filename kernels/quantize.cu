@@ -372,14 +372,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(DequantArgs a) {
       for (int i = 0; i < kDeqPacket; ++i) {
         const int64_t k = k0 + i;
         if (k >= a.cols) break;
-        int code;
-        if (a.bits == 8) {
-          code = a.is_signed ? static_cast<int>(static_cast<int8_t>(qr[k])) : qr[k];
-        } else {
-          const uint32_t byte = qr[k >> 1];
-          const uint32_t nib = (k & 1) ? byte >> 4 : byte & 0xfu;
-          code = a.is_signed ? static_cast<int>(nib ^ 8u) - 8 : static_cast<int>(nib);
-        }
+        const int code = unpack_code(qr, k, a.bits, a.is_signed);
         const int64_t gi = a.per_tensor ? 0 : r * a.groups + div_index(k, a.gsize);
         const int zp = a.zps ? a.zps[gi] : 0;
         orow[k] = Tag::from_f32(mul_rn(static_cast<float>(code - zp), a.scales[gi]));

@@ -45,22 +45,23 @@ def _check_backend(backend: str) -> None:
 # ---------------------------------------------------------------- quantize
 
 
-@torch.library.custom_op("tensorslim::quantize", mutates_args=(), device_types="cpu")
-def _quantize(x: torch.Tensor, fmt: str, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _native_quantize(native_fn, x: torch.Tensor, fmt: str, group_size: int):
+    """Outputs allocated here, filled by a native kernel (_C.quantize or _C.cuda_quantize)."""
     spec = get_format(fmt)
     q, scales, zps = _quantize_outputs(x, spec, group_size)
-    _C.quantize(_views.view(x, "x"), spec.id, group_size, _views.view(q, "q"),
-                _views.view(scales, "scales"), _views.view(zps, "zero_points") if spec.has_zero_point else None)
+    native_fn(_views.view(x, "x"), spec.id, group_size, _views.view(q, "q"), _views.view(scales, "scales"),
+              _views.view(zps, "zero_points") if spec.has_zero_point else None)
     return q, scales, zps
+
+
+@torch.library.custom_op("tensorslim::quantize", mutates_args=(), device_types="cpu")
+def _quantize(x: torch.Tensor, fmt: str, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _native_quantize(_C.quantize, x, fmt, group_size)
 
 
 @_quantize.register_kernel("cuda")
 def _quantize_cuda(x, fmt, group_size):
-    spec = get_format(fmt)
-    q, scales, zps = _quantize_outputs(x, spec, group_size)
-    _C.cuda_quantize(_views.view(x, "x"), spec.id, group_size, _views.view(q, "q"),
-                     _views.view(scales, "scales"), _views.view(zps, "zero_points") if spec.has_zero_point else None)
-    return q, scales, zps
+    return _native_quantize(_C.cuda_quantize, x, fmt, group_size)
 
 
 @_quantize.register_fake
@@ -155,25 +156,24 @@ def unpack_int4(q: torch.Tensor, cols: int, signed: bool) -> torch.Tensor:
 # ---------------------------------------------------------------- dequantize
 
 
+def _native_dequantize(native_fn, q, scales, zero_points, fmt, group_size, cols, dtype):
+    spec = get_format(fmt)
+    out = torch.empty(q.shape[0], cols, dtype=dtype, device=q.device)
+    native_fn(_views.view(q, "q"), _views.view(scales, "scales"),
+              _views.view(zero_points, "zero_points") if spec.has_zero_point else None,
+              spec.id, group_size, _views.view(out, "out"))
+    return out
+
+
 @torch.library.custom_op("tensorslim::dequantize", mutates_args=(), device_types="cpu")
 def _dequantize(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, fmt: str,
                 group_size: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    spec = get_format(fmt)
-    out = torch.empty(q.shape[0], cols, dtype=dtype, device=q.device)
-    _C.dequantize(_views.view(q, "q"), _views.view(scales, "scales"),
-                  _views.view(zero_points, "zero_points") if spec.has_zero_point else None,
-                  spec.id, group_size, _views.view(out, "out"))
-    return out
+    return _native_dequantize(_C.dequantize, q, scales, zero_points, fmt, group_size, cols, dtype)
 
 
 @_dequantize.register_kernel("cuda")
 def _dequantize_cuda(q, scales, zero_points, fmt, group_size, cols, dtype):
-    spec = get_format(fmt)
-    out = torch.empty(q.shape[0], cols, dtype=dtype, device=q.device)
-    _C.cuda_dequantize(_views.view(q, "q"), _views.view(scales, "scales"),
-                       _views.view(zero_points, "zero_points") if spec.has_zero_point else None,
-                       spec.id, group_size, _views.view(out, "out"))
-    return out
+    return _native_dequantize(_C.cuda_dequantize, q, scales, zero_points, fmt, group_size, cols, dtype)
 
 
 @_dequantize.register_fake
