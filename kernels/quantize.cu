@@ -408,7 +408,7 @@ void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorV
   a.xs1 = x.strides[1];
   a.rows = rows;
   a.groups = groups;
-  a.gsize = per_tensor ? cols : cols / groups;
+  a.gsize = per_tensor || groups == 0 ? cols : cols / groups;  // [rows, 0] has no groups
   a.q = q.ptr<uint8_t>();
   a.qs0 = q.strides[0];
   a.scales = scales.ptr<float>();
@@ -461,7 +461,7 @@ void dequantize(const TensorView& q, const TensorView& scales, const TensorView*
   a.cols = cols;
   a.groups = groups;
   a.per_tensor = group_size == -1;
-  a.gsize = a.per_tensor ? cols : cols / groups;
+  a.gsize = a.per_tensor || groups == 0 ? cols : cols / groups;
   a.is_signed = !info.has_zero_point;
   a.bits = info.bits;
   a.out = out.data;

@@ -16,7 +16,7 @@
 
 namespace tensorslim {
 
-// group_size: 0 = one scale for the whole tensor, cols = one per row (per channel /
+// group_size: -1 = one scale for the whole tensor, cols = one per row (per channel /
 // per token), otherwise a divisor of cols (per group).
 // x: [rows, cols] f32/bf16/f16, any strides.  q: [rows, packed_row_bytes] int8/uint8.
 // scales: [rows, cols/group] f32 ([1, 1] per tensor).  zero_points: same shape, uint8,

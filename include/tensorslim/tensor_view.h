@@ -35,6 +35,7 @@ struct TensorView {
   int64_t size(int d) const { return shape[d < 0 ? d + ndim : d]; }
   int64_t stride(int d) const { return strides[d < 0 ? d + ndim : d]; }
   bool is_contiguous() const {
+    if (numel() == 0) return true;  // torch gives empty tensors arbitrary strides
     int64_t expect = 1;
     for (int i = ndim - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expect) return false;

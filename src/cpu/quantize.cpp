@@ -135,7 +135,7 @@ void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorV
   const cpu::QuantKernels& k = cpu::active_quant_kernels();
   const int64_t rows = x.shape[0], cols = x.shape[1];
   const bool per_tensor = group_size == -1;
-  const int64_t gsize = per_tensor ? cols : cols / groups;
+  const int64_t gsize = per_tensor || groups == 0 ? cols : cols / groups;  // [rows, 0] has no groups
   float* scale_out = scales.ptr<float>();
   uint8_t* zp_out = zero_points ? zero_points->ptr<uint8_t>() : nullptr;
 
@@ -190,7 +190,7 @@ void dequantize(const TensorView& q, const TensorView& scales, const TensorView*
   const cpu::QuantKernels& k = cpu::active_quant_kernels();
   const int64_t rows = out.shape[0], cols = out.shape[1];
   const bool per_tensor = group_size == -1;
-  const int64_t gsize = per_tensor ? cols : cols / groups;
+  const int64_t gsize = per_tensor || groups == 0 ? cols : cols / groups;  // [rows, 0] has no groups
   const float* sc = scales.ptr<float>();
   const uint8_t* zp = zero_points ? zero_points->ptr<uint8_t>() : nullptr;
   const bool is_signed = !info.has_zero_point;

@@ -207,6 +207,17 @@ TEST(Quantize, EmptyTensors) {
   EXPECT_EQ(s[0], 1.0f);  // an empty tensor has the neutral scale
   quantize(view2(nullptr, DType::kFloat32, 0, 64), Format::kInt8, 32,
            view2(&q, DType::kInt8, 0, 64), view2(s.data(), DType::kFloat32, 0, 2), nullptr);
+  // Rows of length 0 with a group size have no groups (once a division by zero).
+  uint8_t zp = 0;
+  for (Format f : {Format::kInt8, Format::kUInt4}) {
+    const bool asym = format_info(f).has_zero_point;
+    const DType code = asym ? DType::kUInt8 : DType::kInt8;
+    TensorView zv = view2(&zp, DType::kUInt8, 3, 0);
+    quantize(view2(nullptr, DType::kFloat32, 3, 0), f, 32, view2(&q, code, 3, 0),
+             view2(s.data(), DType::kFloat32, 3, 0), asym ? &zv : nullptr);
+    dequantize(view2(&q, code, 3, 0), view2(s.data(), DType::kFloat32, 3, 0), asym ? &zv : nullptr,
+               f, 32, view2(nullptr, DType::kFloat32, 3, 0));
+  }
 }
 
 TEST(Quantize, HalfInputsMatchFloatInputs) {

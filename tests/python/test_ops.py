@@ -98,6 +98,11 @@ def test_empty_tensors(backend):
     assert q.shape == (0, 64) and s.tolist() == [[1.0]]
     q, s, _ = ops.quantize(torch.empty(3, 0), "int8", 0, backend=backend)
     assert q.shape == (3, 0) and s.tolist() == [[1.0]] * 3
+    # Rows of length 0 with a group size: no groups (this once divided by zero in the core).
+    for fmt in ("int8", "uint4", "int4"):
+        q, s, z = ops.quantize(torch.empty(3, 0), fmt, 32, backend=backend)
+        assert q.shape == (3, 0) and s.shape == (3, 0)
+        assert ops.dequantize(q, s, z, fmt, 32, 0, backend=backend).shape == (3, 0)
 
 
 def test_bad_arguments_raise_clear_errors():
