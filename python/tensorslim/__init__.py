@@ -15,8 +15,19 @@ from .io import load, save
 from .nn import WeightOnlyLinear
 from .quantization import quantize
 from .report import Report, summary
+from .config import Binary, Ternary  # noqa: E402
+from .nn import BinaryLinear, TernaryLinear  # noqa: E402
+from .qat import QATLinear, convert, prepare_qat  # noqa: E402
 
 __all__ = [
     "Config", "Int4WeightOnly", "Int8WeightOnly", "IntWeightOnly", "PRESETS", "FORMATS", "PER_TENSOR",
     "WeightOnlyLinear", "quantize", "summary", "Report", "save", "load", "ops",
 ]
+__all__ += ["Binary", "Ternary", "BinaryLinear", "TernaryLinear", "prepare_qat", "convert", "QATLinear"]
+from .config import FP8WeightOnly, MXFP4, NVFP4  # noqa: E402
+from .nn import LowBitLinear  # noqa: E402
+__all__ += ["FP8WeightOnly", "NVFP4", "MXFP4", "LowBitLinear"]
+from .config import Int8Dynamic, W8A8  # noqa: E402
+from .nn import Int8Linear  # noqa: E402
+__all__ += ["W8A8", "Int8Dynamic", "Int8Linear"]
+from . import eval  # noqa: F401,E402  (ts.eval.perplexity, ts.eval.load_minilm, ...)

@@ -149,6 +149,35 @@ class IntWeightOnly(Config):
             raise ValueError(f"IntWeightOnly: {e}") from None
 
 
+@register_config
+@dataclass
+class Binary(Config):
+    """1-bit weights: sign(w) x mean |w| per output channel (XNOR-Net), bit-packed.
+    activations=True binarizes the activations too (per row, sign x mean |x|) and runs the
+    XNOR/popcount kernel. Skips the output head by default, like every config."""
+
+    activations: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backend not in ("auto", "native", "reference"):
+            raise ValueError(f"Binary: backend must be auto, native or reference, got {self.backend!r}")
+
+
+@register_config
+@dataclass
+class Ternary(Config):
+    """Ternary weights {-1, 0, +1} x one scale per output channel (TWN thresholds), 2 bits each."""
+
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backend not in ("auto", "native", "reference"):
+            raise ValueError(f"Ternary: backend must be auto, native or reference, got {self.backend!r}")
+
+
 PRESETS: Dict[str, Callable[[], Config]] = {
     "int8": Int8WeightOnly,
     "int8_weight_only": Int8WeightOnly,
@@ -156,6 +185,9 @@ PRESETS: Dict[str, Callable[[], Config]] = {
     "int4": Int4WeightOnly,
     "int4_weight_only": Int4WeightOnly,
     "w4a16": Int4WeightOnly,
+    "binary": Binary,
+    "ternary": Ternary,
+    "xnor": lambda: Binary(activations=True),
 }
 
 
@@ -168,3 +200,152 @@ def resolve_config(config) -> Config:
             raise ValueError(f"unknown preset {config!r}; presets: {sorted(PRESETS)}")
         return make()
     raise TypeError(f"expected a tensorslim config or a preset name, got {type(config).__name__}")
+
+
+# ---------------------------------------------------------------- low-bit float weights
+
+_LOWBIT_BACKENDS = ("auto", "native", "scalar", "reference")
+
+
+def _check_lowbit_backend(name: str, backend: str) -> None:
+    if backend not in _LOWBIT_BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {_LOWBIT_BACKENDS}, got {backend!r}")
+
+
+@register_config
+@dataclass
+class FP8WeightOnly(Config):
+    """FP8 weights (E4M3 or E5M2) with an fp32 scale per output channel (group_size None)
+    or per group, chosen so each group's max maps to the format's max; float activations."""
+
+    fmt: str = "e4m3"
+    group_size: Optional[int] = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fmt not in ("e4m3", "e5m2"):
+            raise ValueError(f"FP8WeightOnly: fmt must be 'e4m3' or 'e5m2', got {self.fmt!r}")
+        if self.group_size is not None and self.group_size not in _GROUP_SIZES:
+            raise ValueError(f"FP8WeightOnly: group_size must be None (per channel) or one of "
+                             f"{_GROUP_SIZES}, got {self.group_size}")
+        _check_lowbit_backend("FP8WeightOnly", self.backend)
+
+    @property
+    def format_name(self) -> str:
+        return f"fp8_{self.fmt}"
+
+
+@register_config
+@dataclass
+class NVFP4(Config):
+    """NVFP4 weights: E2M1 in blocks of 16 with an E4M3 block scale and one fp32 tensor scale."""
+
+    backend: str = "auto"
+    format_name: ClassVar[str] = "nvfp4"
+    group_size: ClassVar[int] = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_lowbit_backend("NVFP4", self.backend)
+
+
+@register_config
+@dataclass
+class MXFP4(Config):
+    """MXFP4 weights (OCP MX v1.0): E2M1 in blocks of 32 with an E8M0 power-of-two scale."""
+
+    backend: str = "auto"
+    format_name: ClassVar[str] = "mxfp4"
+    group_size: ClassVar[int] = 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_lowbit_backend("MXFP4", self.backend)
+
+
+PRESETS.update({
+    "fp8": FP8WeightOnly,
+    "fp8_e4m3": FP8WeightOnly,
+    "fp8_e5m2": lambda: FP8WeightOnly(fmt="e5m2"),
+    "nvfp4": NVFP4,
+    "mxfp4": MXFP4,
+})
+
+
+_OBSERVER_METHODS = ("max", "percentile", "mse", "kl")
+_INT8_BACKENDS = ("auto", "onednn", "reference")
+
+
+def _check_smoothquant(name: str, cfg) -> None:
+    a = cfg.smoothquant_alpha
+    if isinstance(a, str):
+        if a != "auto":
+            raise ValueError(f"{name}: smoothquant_alpha must be a number in [0, 1] or 'auto', got {a!r}")
+    elif isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
+        raise ValueError(f"{name}: smoothquant_alpha must be a number in [0, 1] or 'auto', got {a!r}")
+    step = cfg.alpha_grid_step
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 0.5 or \
+            abs(1 / step - round(1 / step)) > 1e-6:
+        raise ValueError(f"{name}: alpha_grid_step must divide 1 (e.g. 0.05, 0.1, 0.25), got {step!r}")
+    if not isinstance(cfg.search_rows, int) or cfg.search_rows < 16:
+        raise ValueError(f"{name}: search_rows must be an int >= 16, got {cfg.search_rows!r}")
+    if cfg.backend not in _INT8_BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {_INT8_BACKENDS}, got {cfg.backend!r}")
+
+
+@register_config
+@dataclass
+class W8A8(Config):
+    """INT8 weights (per output channel) and INT8 activations with calibrated (static) scales,
+    optionally smoothed with SmoothQuant. Needs calibration data.
+
+    smoothquant_alpha: migration strength in [0, 1], or "auto" for a per-layer grid search
+        (steps of alpha_grid_step, on up to search_rows sampled calibration rows per layer).
+    observer: how the static activation range is chosen: max, percentile, mse or kl.
+    act_symmetric: int8 activations with zero point 0 instead of uint8 with a zero point.
+    fold: fold smoothing into the preceding norm / linear layer where that is exact.
+    """
+
+    smoothquant: bool = True
+    smoothquant_alpha: object = 0.5
+    observer: str = "max"
+    percentile: float = 99.99
+    act_symmetric: bool = False
+    fold: bool = True
+    search_rows: int = 512
+    alpha_grid_step: float = 0.05
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_smoothquant("W8A8", self)
+        if self.observer not in _OBSERVER_METHODS:
+            raise ValueError(f"W8A8: observer must be one of {_OBSERVER_METHODS}, got {self.observer!r}")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"W8A8: percentile must be in (0, 100], got {self.percentile}")
+
+
+@register_config
+@dataclass
+class Int8Dynamic(Config):
+    """INT8 weights (per output channel), activations quantized per token at run time (as
+    torch.ao's dynamic quantization). No calibration unless smoothquant=True."""
+
+    smoothquant: bool = False
+    smoothquant_alpha: object = 0.5
+    fold: bool = True
+    search_rows: int = 512
+    alpha_grid_step: float = 0.05
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_smoothquant("Int8Dynamic", self)
+
+
+PRESETS.update({
+    "w8a8": W8A8,
+    "w8a8_smoothquant": W8A8,
+    "int8_dynamic": Int8Dynamic,
+})

@@ -26,4 +26,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("threading_backend", &tensorslim::cpu::threading_backend);
   tensorslim::bindings::register_quantize(m);
   tensorslim::bindings::register_cuda(m);
+  tensorslim::bindings::register_lowbit(m);
+  tensorslim::bindings::register_calibration(m);
+  tensorslim::bindings::register_binary(m);
+  tensorslim::bindings::register_int8(m);
 }

@@ -25,6 +25,10 @@ Format to_format(int id);
 
 void register_quantize(pybind11::module_& m);
 void register_cuda(pybind11::module_& m);
+void register_lowbit(pybind11::module_& m);
+void register_calibration(pybind11::module_& m);
+void register_binary(pybind11::module_& m);
+void register_int8(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace tensorslim

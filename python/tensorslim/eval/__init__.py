@@ -3,5 +3,6 @@
     from tensorslim.eval import load_minilm, pydoc_sentences, embed, embedding_cosine
 """
 from .embeddings import embed, embedding_cosine, load_minilm, pydoc_sentences
+from .perplexity import perplexity
 
-__all__ = ["pydoc_sentences", "load_minilm", "embed", "embedding_cosine"]
+__all__ = ["pydoc_sentences", "load_minilm", "embed", "embedding_cosine", "perplexity"]

@@ -1,0 +1,77 @@
+// INT8 activations x INT8 weights (W8A8): activation quantization and the s32-accumulating
+// GEMM with a fused rescale.
+//
+// Specification (the scalar reference implements it literally, in fp32):
+//   x' = x * inv_smooth[k]                     (inv_smooth optional: SmoothQuant's 1/s)
+//   per token (s8):  scale[m] = max_k |x'[m,k]| / 127 (1 where that is 0)
+//                    q = clamp(rne(x' / scale[m]), -127, 127)   (u8 output: q + 128, zero point 128)
+//   static (u8/s8):  q = clamp(rne(x' / scale) + zero_point, qmin, qmax) of the code dtype
+//   GEMM:            acc[m,n] = sum_k (q[m,k] - zero_point) * w[n,k]     (exact, int32)
+//                    out[m,n] = float(acc) * (act_scale[m or 0] * w_scale[n]) + bias[n]
+// oneDNN's fused epilogue may round the rescale in another order: it is tested against the
+// reference to a few ulp, the integer part is exact.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "tensorslim/gemm.h"
+#include "tensorslim/tensor_view.h"
+
+namespace tensorslim {
+
+// x: [M, K] f32, rows contiguous.  inv_smooth: [K] f32 or nullptr.  q: [M, K] s8, or u8 for
+// the same codes shifted by 128 (use zero point 128 in linear_int8: one oneDNN layout for all).
+// scales: [M] f32.  backend: kReference or kAuto/kNative (AVX-512 where available).
+void quantize_per_token(const TensorView& x, const TensorView* inv_smooth, const TensorView& q,
+                        const TensorView& scales, GemmBackend backend);
+
+// x: [M, K] f32.  q: [M, K] u8 (asymmetric, zero_point in 0..255) or s8 (zero_point 0).
+void quantize_static(const TensorView& x, const TensorView* inv_smooth, float scale,
+                     int32_t zero_point, const TensorView& q, GemmBackend backend);
+
+// qx: [M, K] u8 or s8.  act_scales: [1] (static) or [M] (per token) f32.  qweight: [N, K] s8.
+// w_scales: [N] f32.  bias: [N] f32 or nullptr.  out: [M, N] f32.
+// backend: kReference (scalar int32), kOneDNN, kAuto (oneDNN, reference when it has nothing).
+// packed: nullptr, or qweight in oneDNN's blocked layout (linear_int8_pack); used by oneDNN
+// with u8 activations, which reads it instead of re-blocking qweight on every call.
+void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                 const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
+                 const TensorView& out, GemmBackend backend, const TensorView* packed = nullptr);
+
+// Bytes of qweight [N, K] in oneDNN's blocked layout for u8 activations (0: no packing here).
+int64_t linear_int8_packed_bytes(int64_t K, int64_t N);
+// Writes that layout into packed (uint8, contiguous, linear_int8_packed_bytes(K, N) bytes).
+void linear_int8_pack(const TensorView& qweight, const TensorView& packed);
+
+namespace cpu {
+void quantize_per_token_reference(const TensorView& x, const TensorView* inv_smooth,
+                                  const TensorView& q, const TensorView& scales);
+void quantize_static_reference(const TensorView& x, const TensorView* inv_smooth, float scale,
+                               int32_t zero_point, const TensorView& q);
+// AVX-512 versions, bit-exact with the references; false when the CPU lacks AVX-512.
+bool quantize_per_token_avx512(const TensorView& x, const TensorView* inv_smooth,
+                               const TensorView& q, const TensorView& scales);
+bool quantize_static_avx512(const TensorView& x, const TensorView* inv_smooth, float scale,
+                            int32_t zero_point, const TensorView& q);
+
+void linear_int8_reference(const TensorView& qx, const TensorView& act_scales,
+                           int32_t act_zero_point, const TensorView& qweight,
+                           const TensorView& w_scales, const TensorView* bias,
+                           const TensorView& out);
+// Returns false when oneDNN has no implementation for this combination.
+bool linear_int8_onednn(const TensorView& qx, const TensorView& act_scales,
+                        int32_t act_zero_point, const TensorView& qweight,
+                        const TensorView& w_scales, const TensorView* bias, const TensorView& out,
+                        const TensorView* packed = nullptr);
+// The oneDNN implementation name for these arguments (e.g. "brg_matmul:avx512_core_vnni"),
+// or "" when there is none: lets tests check that an optimized kernel, not ref, runs.
+std::string linear_int8_onednn_impl(const TensorView& qx, const TensorView& act_scales,
+                                    int32_t act_zero_point, const TensorView& qweight,
+                                    const TensorView& w_scales, const TensorView* bias,
+                                    const TensorView& out, const TensorView* packed = nullptr);
+int64_t linear_int8_packed_bytes_onednn(int64_t K, int64_t N);
+void linear_int8_pack_onednn(const TensorView& qweight, const TensorView& packed);
+}  // namespace cpu
+
+}  // namespace tensorslim

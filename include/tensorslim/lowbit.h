@@ -1,0 +1,104 @@
+// Quantize / dequantize / weight-only linear for every row of the format table:
+// N-bit integers (2..8), FP8 E4M3 / E5M2, NVFP4, MXFP4, binary and ternary.
+// (quantize.h keeps the original int8/int4 API; for those rows both give the same bytes.)
+//
+// Reference semantics, per group of values g (all arithmetic IEEE fp32 unless noted):
+//   int<N>/uint<N>: as quantize.h (scale = amax/qmax, or (hi-lo)/(qmax-qmin) with a zero point).
+//   fp8:     scale = amax / fmax (1 if amax == 0); code = fp8_encode(x / scale) (RNE, saturating);
+//            x' = fp8_decode(code) * scale.
+//   nvfp4:   per tensor ts = amax_tensor / (6 * 448) (1 if 0); per block of 16
+//            bs = e4m3_encode(amax_block / 6 / ts); s = e4m3_decode(bs) * ts;
+//            code = s > 0 ? e2m1_encode(x / s) : 0;  x' = (e2m1_decode(code) * e4m3_decode(bs)) * ts.
+//   mxfp4:   per block of 32, e = floor(log2 amax_block) - 2 (E2M1's emax is 2), clamped to
+//            [-127, 127], -127 for an all-zero block; byte = e + 127; s = 2^e;
+//            code = e2m1_encode(x / s) (saturates at +-6);  x' = e2m1_decode(code) * s.
+//   binary:  scale = mean|x| (summed in float64, then rounded to fp32); bit = x >= 0 (zero -> +1);
+//            x' = bit ? scale : -scale.
+//   ternary: m = mean|x| (float64 sum, rounded to fp32); t = 0.7f * m; q = |x| > t ? sign(x) : 0;
+//            scale = mean of |x| over the entries with q != 0 (float64 sum), 0 when there are
+//            none (which happens only for an all-zero group); x' = q * scale.
+// Codes are packed as described in formats.h.
+#pragma once
+
+#include <cstdint>
+
+#include "tensorslim/formats.h"
+#include "tensorslim/gemm.h"
+#include "tensorslim/tensor_view.h"
+
+namespace tensorslim {
+
+// group_size: -1 = one scale for the whole tensor, cols = one per row, otherwise a divisor
+// of cols with group_size * bits % 8 == 0. NVFP4 / MXFP4 need group_size == 16 / 32.
+// x: [rows, cols] f32/bf16/f16, any strides.  q: [rows, packed_row_bytes] (int8 for the int8
+// row, uint8 otherwise).  scales: [rows, cols/group] ([1, 1] per tensor), f32, or uint8
+// E4M3 / E8M0 codes for NVFP4 / MXFP4.  zero_points: uint8, same shape, only for uint<N>.
+// tensor_scale: [1] f32, only for NVFP4 (written by quantize, read by the others).
+void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const TensorView& q,
+                     const TensorView& scales, const TensorView* zero_points,
+                     const TensorView* tensor_scale);
+
+// out: [rows, cols] f32/bf16/f16 with contiguous rows.
+void dequantize_lowbit(const TensorView& q, const TensorView& scales,
+                       const TensorView* zero_points, const TensorView* tensor_scale, Format fmt,
+                       int64_t group_size, const TensorView& out);
+
+// Values one scale covers: the row for -1 (per tensor) or the row length, else group_size
+// (also when a row is empty and has no groups).
+inline int64_t values_per_group(int64_t cols, int64_t group_size) {
+  return group_size == -1 || group_size == cols ? cols : group_size;
+}
+
+// Validates shapes, dtypes and the group size; returns the number of scale groups per row.
+int64_t check_lowbit_args(const TensorView& x_or_out, Format fmt, int64_t group_size,
+                          const TensorView& q, const TensorView& scales,
+                          const TensorView* zero_points, const TensorView* tensor_scale);
+
+// out[M, N] = x[M, K] @ dequantize_lowbit(qweight)[N, K]^T + bias, x / out f32 with
+// contiguous rows, bias [N] f32 or nullptr, group_size != -1. workspace: nullptr or a
+// [W, K] f32 buffer (1 <= W <= N); when given and M > kLowbitGemvMaxRows, the weight is
+// decoded W rows at a time into it and each tile multiplied with oneDNN's sgemm. Backends: kReference (scalar, float64
+// accumulation), kNative (AVX-512 fused decode), kAuto (native when it fits). kOneDNN is
+// not a separate backend here (ValueError).
+constexpr int64_t kLowbitGemvMaxRows = 8;
+void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
+                   const TensorView* zero_points, const TensorView* tensor_scale,
+                   const TensorView* bias, Format fmt, int64_t group_size, const TensorView& out,
+                   const TensorView* workspace, GemmBackend backend);
+
+namespace cpu {
+
+// The unpacked form of one weight row's codes (value i at bit offset i*bits).
+void unpack_codes(const uint8_t* packed, int64_t n, int bits, bool sign_extend, int32_t* codes);
+void pack_codes(const int32_t* codes, int64_t n, int bits, uint8_t* packed);
+
+// Scalar reference dequantization of one weight row (the specification the kernels match).
+struct LowbitWeight {
+  const FormatInfo* info;
+  const uint8_t* q;  // [N, row_bytes]
+  int64_t q_stride;
+  const void* scales;  // [N, groups] f32 or uint8 (E4M3 / E8M0)
+  const uint8_t* zero_points;  // same layout, uint<N> only
+  float tensor_scale;          // NVFP4 only
+  int64_t groups, group;       // groups per row, values per group
+  int64_t scale_stride;        // scales per row: groups, or 0 for one per tensor
+};
+void dequantize_row_reference(const LowbitWeight& w, int64_t n, int64_t K, float* out);
+
+// AVX-512 fused decode GEMV: out rows [0, M) for weight rows [n0, n1). Returns false when
+// no native kernel fits (ISA, K or group not a multiple of 16).
+bool linear_lowbit_native_fits(const FormatInfo& info, int64_t K, int64_t group);
+void linear_lowbit_avx512(const float* x, int64_t ldx, int64_t M, const LowbitWeight& w,
+                          int64_t K, const float* bias, float* out, int64_t ldo, int64_t n0,
+                          int64_t n1);
+// AVX-512 pieces of quantize_lowbit, bit-exact with the scalar ones: lo = min(min x, 0),
+// hi = max(max x, 0) (false if any value is NaN/Inf), and the codes of one group (false
+// when the format has no vector encoder).
+bool lowbit_min_max_avx512(const float* x, int64_t n, float* lo, float* hi);
+bool lowbit_encode_avx512(const FormatInfo& info, float scale, int32_t zero_point, float threshold,
+                          const float* x, int64_t n, int32_t* codes);
+// AVX-512 decode of one weight row (bit-exact with dequantize_row_reference).
+void dequantize_row_avx512(const LowbitWeight& w, int64_t n, int64_t K, float* out);
+
+}  // namespace cpu
+}  // namespace tensorslim

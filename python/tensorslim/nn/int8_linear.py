@@ -1,0 +1,118 @@
+"""nn.Linear with INT8 weights and INT8 activations (W8A8), run by a real INT8 GEMM.
+
+Static mode: one calibrated activation scale (and uint8 zero point) per layer.
+Dynamic mode: one scale per token, computed at run time.
+SmoothQuant's factors s are either folded into the preceding layer (then the module just
+sees smoothed inputs) or kept here as `inv_smooth` = 1/s, fused into activation quantization.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+
+MODES = ("static", "dynamic")
+
+
+class Int8Linear(nn.Module):
+    """y = dequant(quant(x * inv_smooth) @ qweight.T) + bias.
+
+    Buffers (the whole state): qweight int8 [out, in], w_scales fp32 [out] (symmetric, per
+    output channel), bias fp32 [out] (if the layer had one), inv_smooth fp32 [in] (only
+    when smoothing is applied here), act_scale fp32 [1] and act_zero_point int32 [1]
+    (static mode only).
+    """
+
+    kind = "int8_linear"
+
+    def __init__(self, in_features: int, out_features: int, mode: str = "static", bias: bool = True,
+                 has_inv_smooth: bool = False, act_signed: bool = False, smooth: str = "none",
+                 backend: str = "auto", device=None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"Int8Linear: mode must be one of {MODES}, got {mode!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.mode, self.act_signed, self.smooth, self.backend = mode, act_signed, smooth, backend
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("w_scales", torch.ones(out_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("inv_smooth", torch.ones(in_features, device=device) if has_inv_smooth else None)
+        static = mode == "static"
+        self.register_buffer("act_scale", torch.ones(1, device=device) if static else None)
+        self.register_buffer("act_zero_point",
+                             torch.zeros(1, dtype=torch.int32, device=device) if static else None)
+        self._packed = None  # qweight in oneDNN's blocked layout: derived, never saved
+        self._packed_key = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str,
+                   inv_smooth: Optional[torch.Tensor] = None, act_scale: Optional[float] = None,
+                   act_zero_point: int = 0, act_signed: bool = False, smooth: str = "none",
+                   backend: str = "auto") -> "Int8Linear":
+        """Quantize a (possibly already smoothed) float weight [out, in] per output channel."""
+        out_features, in_features = weight.shape
+        if mode == "static" and act_scale is None:
+            raise ValueError("static W8A8 needs a calibrated act_scale")
+        mod = cls(in_features, out_features, mode, bias is not None, inv_smooth is not None, act_signed,
+                  smooth, backend, device=weight.device)
+        with torch.no_grad():
+            q, scales, _ = ops.quantize(weight.detach().float().contiguous(), "int8", in_features)
+            mod.qweight.copy_(q)
+            mod.w_scales.copy_(scales.reshape(-1))
+            if bias is not None:
+                mod.bias.copy_(bias.detach().float())
+            if inv_smooth is not None:
+                mod.inv_smooth.copy_(inv_smooth.float())
+            if mode == "static":
+                mod.act_scale.fill_(float(act_scale))
+                mod.act_zero_point.fill_(int(act_zero_point))
+        return mod
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "Int8Linear":
+        """An empty module of the shape a saved file describes (see io.load)."""
+        return cls(spec["in_features"], spec["out_features"], spec["mode"], spec["bias"],
+                   spec["inv_smooth"], spec["act_signed"], spec["smooth"], device=device)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "format": "w8a8" if self.mode == "static" else "int8_dynamic",
+                "mode": self.mode, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "inv_smooth": self.inv_smooth is not None,
+                "act_signed": self.act_signed, "smooth": self.smooth}
+
+    def packed_weight(self) -> Optional[torch.Tensor]:
+        """qweight packed for the GEMM, rebuilt when qweight changes (load_state_dict, to())."""
+        if self.backend == "reference" or self.qweight.device.type != "cpu":
+            return None
+        key = (self.qweight.data_ptr(), self.qweight._version)
+        if key != self._packed_key:
+            self._packed = ops.int8.pack_int8_weight(self.qweight)
+            self._packed_key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed_weight()
+        if self.mode == "static":
+            return ops.linear_w8a8(x, self.qweight, self.w_scales, self.bias, self.inv_smooth,
+                                   float(self.act_scale), int(self.act_zero_point),
+                                   torch.int8 if self.act_signed else torch.uint8, self.backend, packed)
+        return ops.linear_w8a8(x, self.qweight, self.w_scales, self.bias, self.inv_smooth,
+                               backend=self.backend, packed=packed)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective float weight, smoothing undone: W ≈ dequant(qweight) * inv_smooth."""
+        w = self.qweight.float() * self.w_scales[:, None]
+        return w * self.inv_smooth[None, :] if self.inv_smooth is not None else w
+
+    def describe(self) -> str:
+        """As summaries print it, e.g. 'w8a8 u8 smooth:input' or 'int8 dyn smooth:none'."""
+        if self.mode == "static":
+            head = f"w8a8 {'s8' if self.act_signed else 'u8'}"
+        else:
+            head = "int8 dyn/token"
+        return f"{head} smooth:{self.smooth}"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
+                f"bias={self.bias is not None}, smooth={self.smooth}")

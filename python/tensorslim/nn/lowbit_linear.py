@@ -1,0 +1,88 @@
+"""nn.Linear with FP8 / NVFP4 / MXFP4 (or any other table format) weights: packed codes,
+block scales (fp32, or one E4M3 / E8M0 byte per block), NVFP4's tensor scale and bias."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..formats import get_format
+
+
+class LowBitLinear(nn.Module):
+    """y = x @ dequantize_lowbit(qweight).T + bias, computed by a decode-fused kernel.
+
+    Buffers (the whole state): qweight uint8 [out, packed in], scales [out, in / group]
+    (fp32, or uint8 E4M3 / E8M0 codes), zero_points uint8 (uint<N> only), tensor_scale
+    fp32 [1] (NVFP4 only), bias fp32 (if the layer had one).
+    """
+
+    kind = "lowbit_linear"
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, group_size: Optional[int] = None,
+                 bias: bool = True, backend: str = "auto", device=None):
+        super().__init__()
+        spec = get_format(fmt)
+        group = group_size or spec.block_size or in_features
+        ops.lowbit.scale_shape(spec, out_features, in_features, group)  # validates, names the problem
+        if group == -1:
+            raise ValueError("LowBitLinear: per-tensor weight scales are not supported (use a group size)")
+        if backend not in ("auto", "native", "scalar", "reference"):
+            raise ValueError(f"LowBitLinear: backend must be auto, native, scalar or reference, got {backend!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.group_size, self.backend = fmt, group, backend
+        groups = in_features // group
+        self.register_buffer("qweight", torch.zeros(out_features, spec.packed_cols(in_features),
+                                                    dtype=spec.code_dtype, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=spec.scale_dtype, device=device))
+        zps = torch.zeros(out_features, groups, dtype=torch.uint8, device=device) if spec.has_zero_point else None
+        self.register_buffer("zero_points", zps)
+        ts = torch.ones(1, dtype=torch.float32, device=device) if spec.has_tensor_scale else None
+        self.register_buffer("tensor_scale", ts)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, group_size: Optional[int] = None,
+                    backend: str = "auto") -> "LowBitLinear":
+        """Quantize a trained nn.Linear; group_size None: the format's block size, else per channel."""
+        mod = cls(linear.in_features, linear.out_features, fmt, group_size, linear.bias is not None,
+                  backend, device=linear.weight.device)
+        with torch.no_grad():
+            q, scales, zps, ts = ops.quantize_lowbit(linear.weight.detach(), fmt, mod.group_size)
+            mod.qweight.copy_(q)
+            mod.scales.copy_(scales)
+            if zps is not None:
+                mod.zero_points.copy_(zps)
+            if ts is not None:
+                mod.tensor_scale.copy_(ts)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach().float())
+        return mod
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "LowBitLinear":
+        """An empty module of the shape a saved file describes (see io.load)."""
+        return cls(spec["in_features"], spec["out_features"], spec["format"], spec["group_size"],
+                   spec["bias"], device=device)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "format": self.fmt, "group_size": self.group_size,
+                "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear_lowbit(x, self.qweight, self.scales, self.zero_points, self.tensor_scale,
+                                 self.bias, self.fmt, self.group_size, self.in_features, self.backend)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return ops.dequantize_lowbit(self.qweight, self.scales, self.zero_points, self.tensor_scale,
+                                     self.fmt, self.group_size, self.in_features, dtype)
+
+    def describe(self) -> str:
+        """The format as summaries print it, e.g. 'nvfp4 g16' or 'fp8_e4m3 per-channel'."""
+        group = "per-channel" if self.group_size == self.in_features else f"g{self.group_size}"
+        return f"{self.fmt} {group}"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.fmt}, group_size={self.group_size}, bias={self.bias is not None}")

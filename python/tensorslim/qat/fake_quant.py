@@ -1,0 +1,213 @@
+"""Weight (and activation) fake quantizers with straight-through estimators.
+
+Each quantizer's forward returns exactly the weight the packed kernel will use after
+ts.convert (same codes, same scales, same fp32 arithmetic as the ops' references), and
+export() returns those codes and scales. Gradients (Bengio et al. 2013; BinaryConnect,
+Courbariaux et al. 2015; XNOR-Net, Rastegari et al. 2016):
+  integers: round() passes the gradient straight through; clamp() zeroes it outside
+            [qmin, qmax]  (d w_q / d w = 1 inside the range, 0 outside)
+  binary / ternary: d w_q / d w = scale where |w| <= 1, else 0 (BinaryConnect clipping)
+  float formats (FP8 / NVFP4 / MXFP4): identity
+Scales come from the weights (the same rule as post-training quantization) unless
+`learnable=True`, where they are LSQ parameters initialized from that rule.
+"""
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..formats import FormatSpec
+from ..ops.binary import _row_mean, binary_scales, ternary_codes_scales
+from .lsq import effective_scale, lsq_gradient_scale
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ClippedSTE(torch.autograd.Function):
+    """Forward: the given discrete values; backward: the gradient where |x| <= 1, else 0."""
+
+    @staticmethod
+    def forward(ctx, x, values):
+        ctx.save_for_backward(x)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype), None
+
+
+class _ReplaceSTE(torch.autograd.Function):
+    """Forward: `values` exactly; backward: identity to x."""
+
+    @staticmethod
+    def forward(ctx, x, values):
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """+1 where x >= 0, -1 elsewhere (the packing rule), clipped straight-through gradient."""
+    return _ClippedSTE.apply(x, torch.where(x >= 0, 1.0, -1.0).to(x.dtype))
+
+
+class WeightFakeQuant(nn.Module):
+    """Base: forward(w) -> fake-quantized w; export(w) -> what convert() packs."""
+
+    format_name = ""
+    learnable = False
+
+    def export(self, w: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"format={self.format_name}, learnable_scales={self.learnable}"
+
+
+class IntFakeQuant(WeightFakeQuant):
+    """N-bit integers in groups along the input dim, the rule of ops.quantize_reference:
+    symmetric scale = amax / qmax-ish divisor; asymmetric (hi - lo) / (qmax - qmin) with a
+    zero point; codes = clamp(round(w / scale) + zp, qmin, qmax)."""
+
+    def __init__(self, spec: FormatSpec, group_size: int, weight: torch.Tensor, learnable: bool = False):
+        super().__init__()
+        out_features, in_features = weight.shape
+        if group_size <= 0 or in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        self.spec, self.group_size, self.learnable = spec, group_size, learnable
+        self.format_name = spec.name
+        scale, zp = self._minmax(weight.detach())
+        self.register_buffer("zero_point", zp)  # fixed (LSQ learns the scale only)
+        if learnable:
+            self.scale = nn.Parameter(scale)
+            self.g = lsq_gradient_scale(group_size, spec.qmax)
+
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        return w.float().reshape(w.shape[0], -1, self.group_size)
+
+    def _minmax(self, w: torch.Tensor):
+        g = self._grouped(w)
+        zero = torch.zeros((), device=w.device)
+        lo, hi = torch.minimum(g.amin(-1), zero), torch.maximum(g.amax(-1), zero)
+        span = (hi - lo) if self.spec.has_zero_point else torch.maximum(-lo, hi)
+        scale = span / self.spec.scale_divisor
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if self.spec.has_zero_point:
+            zp = torch.round(-lo / scale).clamp(self.spec.qmin, self.spec.qmax)
+        else:
+            zp = torch.zeros_like(scale)
+        return scale, zp
+
+    def _scale_zp(self, w: torch.Tensor):
+        if self.learnable:
+            return effective_scale(self.scale, self.g), self.zero_point
+        scale, zp = self._minmax(w.detach())
+        return scale, zp
+
+    def _codes(self, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        v = _RoundSTE.apply(self._grouped(w) / scale[..., None]) + zp[..., None]
+        return v.clamp(self.spec.qmin, self.spec.qmax)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        scale, zp = self._scale_zp(w)
+        q = self._codes(w, scale, zp)
+        return ((q - zp[..., None]) * scale[..., None]).reshape(w.shape).to(w.dtype)
+
+    @torch.no_grad()
+    def export(self, w: torch.Tensor) -> Dict[str, torch.Tensor]:
+        scale, zp = self._scale_zp(w)
+        codes = self._codes(w, scale, zp).reshape(w.shape).to(torch.int32)
+        return {"codes": codes, "scales": scale.detach().clone(),
+                "zero_points": zp.to(torch.uint8) if self.spec.has_zero_point else None}
+
+
+class BinaryFakeQuant(WeightFakeQuant):
+    """sign(w) x one scale per row: mean |w| (XNOR-Net) or a learned LSQ scale."""
+
+    format_name = "binary"
+
+    def __init__(self, weight: torch.Tensor, learnable: bool = False):
+        super().__init__()
+        self.learnable = learnable
+        if learnable:
+            self.scale = nn.Parameter(binary_scales(weight))
+            self.g = lsq_gradient_scale(weight.shape[1], 1)
+
+    def _scale(self, w):
+        return effective_scale(self.scale, self.g) if self.learnable else binary_scales(w)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return (sign_ste(w.float()) * self._scale(w)[:, None]).to(w.dtype)
+
+    @torch.no_grad()
+    def export(self, w: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"positive": w >= 0, "scales": self._scale(w).detach().clone()}
+
+
+class TernaryFakeQuant(WeightFakeQuant):
+    """TWN codes {-1, 0, +1} (threshold 0.7 mean |w|) x one scale per row."""
+
+    format_name = "ternary"
+
+    def __init__(self, weight: torch.Tensor, learnable: bool = False):
+        super().__init__()
+        self.learnable = learnable
+        if learnable:
+            self.scale = nn.Parameter(ternary_codes_scales(weight)[1])
+            self.g = lsq_gradient_scale(weight.shape[1], 1)
+
+    def _codes_scale(self, w):
+        codes, scale = ternary_codes_scales(w)
+        return codes, (effective_scale(self.scale, self.g) if self.learnable else scale)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        codes, scale = self._codes_scale(w)
+        wf = w.float()
+        return (_ClippedSTE.apply(wf, codes.to(wf.dtype)) * scale[:, None]).to(w.dtype)
+
+    @torch.no_grad()
+    def export(self, w: torch.Tensor) -> Dict[str, torch.Tensor]:
+        codes, scale = self._codes_scale(w)
+        return {"codes": codes, "scales": scale.detach().clone()}
+
+
+class FloatFakeQuant(WeightFakeQuant):
+    """FP8 / NVFP4 / MXFP4 through the format helper's reference quantizer (identity STE).
+    Their scales are encoded (E4M3 / E8M0 / per-tensor), so they are not learnable here."""
+
+    def __init__(self, spec: FormatSpec, group_size: int):
+        super().__init__()
+        from ..ops import lowbit  # present whenever the float formats are
+
+        self.spec, self.group_size, self.format_name = spec, group_size, spec.name
+        self._lowbit = lowbit
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        lb = self._lowbit
+        with torch.no_grad():
+            q, scales, zps, ts = lb.quantize_lowbit_reference(w.detach().float(), self.spec, self.group_size)
+            deq = lb.dequantize_lowbit_reference(q, scales, zps, ts, self.spec, self.group_size, w.shape[1])
+        return _ReplaceSTE.apply(w, deq.to(w.dtype))
+
+    def export(self, w: torch.Tensor) -> None:
+        return None  # convert() keeps the PTQ module's own encoding, which is this one
+
+
+class ActivationSignQuant(nn.Module):
+    """XNOR-Net activations: sign(x) x mean |x| over the last dim, as linear_xnor computes them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        a_scale = _row_mean(x2.abs())[:, None]  # the kernel's mean: float64, in index order
+        return (sign_ste(x2) * a_scale).reshape(x.shape).to(x.dtype)

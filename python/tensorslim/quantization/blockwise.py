@@ -1,0 +1,322 @@
+"""Block-by-block calibration: the pipeline AWQ and GPTQ run on.
+
+The model is split into blocks (its transformer layers: the longest nn.ModuleList holding
+Linear layers; otherwise the children of an nn.Sequential; otherwise the whole model as
+one block). The calibration data runs through the model once, up to the first block,
+whose inputs (positional and keyword: attention masks, position embeddings, ...) are
+captured. Then each block in turn is calibrated on its inputs, quantized, and run to
+produce the next block's inputs, so at any time the working set is one block plus its
+activations, and the model is never copied.
+
+A failure anywhere puts back every module and parameter the pipeline replaced, so the
+model is left as it was.
+"""
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats import FORMATS
+from ..nn import WeightOnlyLinear
+from ..report import LayerChange, Report, module_bytes, remember_skipped
+from ..transforms import _tied_to_embedding, filter_reason
+from .calibrate import ForwardLoop, require_forward_loop
+
+Inputs = List[Tuple[tuple, dict]]  # one (args, kwargs) per calibration batch
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to skip the rest of the model."""
+
+
+# ---------------------------------------------------------------- finding blocks
+
+
+def find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of the blocks calibrated one after another."""
+    best: Optional[Tuple[str, nn.ModuleList]] = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and \
+                any(isinstance(m, nn.Linear) for m in mod.modules()):
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is not None:
+        return [(f"{best[0]}.{i}", m) for i, m in enumerate(best[1])]
+    if isinstance(model, nn.Sequential) and len(model) > 0:
+        return [(name, m) for name, m in model.named_children()]
+    return [("", model)]
+
+
+# ---------------------------------------------------------------- capturing inputs
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detach(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: ForwardLoop) -> Inputs:
+    """Run the calibration data up to `block` and return its inputs, one entry per batch."""
+    captured: Inputs = []
+    original_forward = model.forward
+
+    if block is model:
+        def forward(*args, **kwargs):  # the whole model is the block: record its own inputs
+            captured.append((_detach(args), _detach(kwargs)))
+            return None
+        hook = None
+    else:
+        def pre_hook(mod, args, kwargs):
+            captured.append((_detach(args), _detach(kwargs)))
+            raise _StopForward
+
+        def forward(*args, **kwargs):
+            try:
+                return original_forward(*args, **kwargs)
+            except _StopForward:
+                return None
+        hook = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.forward = forward  # instance attribute: nn.Module.__call__ finds it first
+    try:
+        if use_cache:
+            config.use_cache = False  # a KV cache would grow every time a block is re-run
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        del model.forward
+        if hook is not None:
+            hook.remove()
+        if use_cache:
+            config.use_cache = use_cache
+    if not captured:
+        raise ValueError("calibration: the forward loop never reached the first block "
+                         "(is the calibration data empty?)")
+    return captured
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a block returns (HF layers may return a tuple)."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"calibration: a block returned {type(out).__name__}; expected a tensor "
+                        f"(or a tuple starting with one)")
+    return out
+
+
+def run_block(block: nn.Module, inp: Tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = inp
+    with torch.no_grad():
+        return block_output(block(*args, **kwargs))
+
+
+def next_inputs(inp: Tuple[tuple, dict], out: torch.Tensor) -> Tuple[tuple, dict]:
+    """The next block gets this block's output in place of its hidden states."""
+    args, kwargs = inp
+    if args:
+        return (out,) + tuple(args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": out}
+    raise ValueError("calibration: cannot tell which block input is the hidden state "
+                     "(no positional argument and no 'hidden_states' keyword)")
+
+
+# ---------------------------------------------------------------- undoable edits
+
+
+class Edits:
+    """setattr with memory: every replacement can be undone, newest first."""
+
+    def __init__(self):
+        self._log: List[Tuple[nn.Module, str, Any]] = []
+
+    def set(self, owner: nn.Module, name: str, value: Any) -> None:
+        self._log.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def restore(self, owners) -> None:
+        """Put back the original attributes of `owners` (modules leaving the model) now, so
+        their edited copies are freed; their entries leave the log."""
+        ids = {id(o) for o in owners}
+        kept = []
+        for owner, name, old in reversed(self._log):
+            if id(owner) in ids:
+                setattr(owner, name, old)  # newest first: the oldest value is set last
+            else:
+                kept.append((owner, name, old))
+        self._log = kept[::-1]
+
+    def mark(self) -> int:
+        return len(self._log)
+
+    def undo(self, to: int = 0) -> None:
+        while len(self._log) > to:
+            owner, name, old = self._log.pop()
+            setattr(owner, name, old)
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module, edits: Edits) -> None:
+    if not name:
+        raise ValueError("calibration: cannot replace the model itself; wrap the layer in a module")
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    edits.set(parent, child, new)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class WeightSpec:
+    """What the weights become: bits, symmetry, group size (None: per channel), format name."""
+
+    bits: int
+    symmetric: bool
+    group_size: Optional[int]
+    backend: str = "auto"
+    simulate: bool = False  # keep float nn.Linear layers with quantized-dequantized weights
+
+    @property
+    def fmt(self) -> str:
+        return f"{'int' if self.symmetric else 'uint'}{self.bits}"
+
+    def group_for(self, in_features: int) -> int:
+        return self.group_size or in_features
+
+    def describe(self, in_features: int) -> str:
+        group = "per-channel" if not self.group_size or self.group_size == in_features else f"g{self.group_size}"
+        return f"{self.fmt} {group}"
+
+
+def make_layer(linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
+               zero_points: torch.Tensor, spec: WeightSpec) -> nn.Module:
+    """The packed WeightOnlyLinear for chosen codes, or (simulate) a float Linear holding
+    exactly the weights those codes dequantize to."""
+    group = spec.group_for(linear.in_features)
+    device = linear.weight.device
+    if spec.simulate or spec.fmt not in FORMATS:
+        if not spec.simulate:
+            raise ValueError(f"format {spec.fmt} is not in the format table; "
+                             f"known: {sorted(FORMATS)}")
+        rows, cols = codes.shape
+        c = codes.reshape(rows, cols // group, group).float()
+        w = ((c - zero_points.float()[..., None]) * scales[..., None]).reshape(rows, cols)
+        new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                        device=device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+        return new
+    zps = zero_points.to(device) if not spec.symmetric else None
+    return WeightOnlyLinear.from_codes(codes.to(device), scales.to(device), zps, spec.fmt, group,
+                                       linear.bias, spec.backend)
+
+
+# quantize_block(block, targets {local name: Linear}, inputs, edits) -> {local name: (new, note)}
+BlockFn = Callable[[nn.Module, Dict[str, nn.Linear], Inputs, Edits], Dict[str, Tuple[nn.Module, str]]]
+
+
+def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, nn.Linear]], Dict[str, nn.Linear]]:
+    """Which Linear layers each block quantizes, the ones outside every block, and the skips."""
+    tied = _tied_to_embedding(model)
+    report = Report()
+    per_block: List[Dict[str, nn.Linear]] = [dict() for _ in blocks]
+    outside: Dict[str, nn.Linear] = {}
+    prefixes = [(i, name + "." if name else "") for i, (name, _) in enumerate(blocks)]
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if type(mod) is nn.Linear:
+            reason = filter_reason(name, mod, cfg, tied) or check(cfg, name, mod)
+            if reason:
+                report.changes.append(LayerChange(name, "Linear", "skipped",
+                                                  bytes_before=module_bytes(mod), reason=reason))
+                continue
+            for i, prefix in prefixes:
+                if name.startswith(prefix) or name == blocks[i][0]:  # inside the block, or the block
+                    per_block[i][name[len(prefix):] if name != blocks[i][0] else ""] = mod
+                    break
+            else:
+                outside[name] = mod
+        elif isinstance(getattr(mod, "weight", None), nn.Parameter) and not list(mod.children()):
+            report.changes.append(LayerChange(
+                name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod),
+                reason=f"{type(mod).__name__} layers are not supported by this technique"))
+    return report, per_block, outside
+
+
+def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoop], spec: WeightSpec,
+                        quantize_block: BlockFn, check: Callable, name: str,
+                        feed_quantized: bool, progress: bool = True) -> Report:
+    """Quantize every selected Linear of `model` block by block with `quantize_block`.
+
+    feed_quantized: the next block sees the quantized block's outputs (GPTQ, so later blocks
+    correct earlier errors) or the float block's (AWQ, as the paper does).
+    Linear layers outside every block are quantized with round-to-nearest (noted in the report).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    forward_loop = require_forward_loop(forward_loop, name.upper())
+    blocks = find_blocks(model)
+    report, per_block, outside = _plan(model, cfg, blocks, check)
+    first = next((i for i, t in enumerate(per_block) if t), None)
+    edits = Edits()
+    changes: List[LayerChange] = []
+    try:
+        if first is not None:
+            inputs = capture_block_inputs(model, blocks[first][1], forward_loop)
+            bar = tqdm(blocks[first:], desc=f"{name} blocks", disable=not progress, leave=False)
+            for bi, (bname, block) in enumerate(bar, start=first):
+                targets = per_block[bi]
+                last = bi == len(blocks) - 1 or not any(per_block[bi + 1:])
+                outs = None
+                if not feed_quantized and not last:
+                    outs = [run_block(block, inp) for inp in inputs]
+                before = {n: module_bytes(m) for n, m in targets.items()}
+                new = quantize_block(block, targets, inputs, edits) if targets else {}
+                for local, (mod, note) in new.items():
+                    full = ".".join(p for p in (bname, local) if p)
+                    set_submodule(model, full, mod, edits)
+                    changes.append(LayerChange(full, "Linear", "quantized", note, before[local],
+                                               module_bytes(mod)))
+                block = model.get_submodule(bname) if bname else model  # it may have been replaced
+                if last:
+                    break
+                if outs is None:
+                    outs = [run_block(block, inp) for inp in inputs]
+                inputs = [next_inputs(inp, out) for inp, out in zip(inputs, outs)]
+        for full, lin in outside.items():
+            from ..ops import calibration as C
+
+            codes, scales, zps = C.quantize_codes_reference(lin.weight.detach(), spec.bits, spec.symmetric,
+                                                            spec.group_for(lin.in_features))
+            mod = make_layer(lin, codes, scales, zps, spec)
+            set_submodule(model, full, mod, edits)
+            changes.append(LayerChange(full, "Linear", "quantized",
+                                       f"{spec.describe(lin.in_features)} rtn (outside the calibrated blocks)",
+                                       module_bytes(lin), module_bytes(mod)))
+    except BaseException as e:
+        edits.undo()
+        if isinstance(e, (ValueError, TypeError)):
+            raise type(e)(f"{name}: {e}") from e
+        raise
+    report.changes.extend(changes)
+    remember_skipped(model, report)
+    return report
+
+
+def warn_damping(layer: str, asked: float, used: float) -> None:
+    warnings.warn(f"GPTQ {layer}: H + {asked:g} x mean(diag H) was not positive definite; "
+                  f"damping raised to {used:g}", RuntimeWarning, stacklevel=3)

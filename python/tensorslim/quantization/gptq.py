@@ -1,0 +1,86 @@
+"""GPTQ weight-only quantization (Frantar et al., 2022), block by block.
+
+For each Linear layer of a block, H = 2/n * sum x x^T is accumulated (float64) over the
+block's calibration inputs; the C++ core (ops.calibration.gptq_quantize) then chooses the
+integer codes column by column, compensating each rounding error on the columns still to
+come. The next block is calibrated on the quantized block's outputs.
+
+    ts.quantize(model, ts.Int4WeightOnly(algorithm="gptq"), calib_data=batches)
+"""
+from types import SimpleNamespace
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ..ops import calibration as C
+from .blockwise import Edits, Inputs, WeightSpec, calibrate_blockwise, make_layer, run_block, warn_damping
+from .weight_only import check_linear, register_algorithm
+
+DAMP = 0.01        # fraction of mean(diag H) added to the diagonal
+BLOCK_SIZE = 128   # lazy-update block
+
+
+def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Dict[str, torch.Tensor]:
+    """H = 2/n * sum over the block's calibration tokens of x x^T, per target layer (float64)."""
+    sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+            for n, m in targets.items()}
+    counts = dict.fromkeys(targets, 0)
+
+    def hook(name):
+        def fn(mod, args, out):
+            x = args[0].detach().reshape(-1, mod.in_features).double()
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    try:
+        for inp in inputs:
+            run_block(block, inp)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, s in sums.items():
+        if counts[n] == 0:
+            raise ValueError(f"layer '{n}' never ran on the calibration data, so it has no Hessian")
+        s.mul_(2.0 / counts[n])  # in place: H is in_features^2, the largest object here
+    return sums
+
+
+def gptq_block(spec: WeightSpec, act_order: bool = False, damp: float = DAMP, block_size: int = BLOCK_SIZE):
+    """The per-block step of the pipeline for these settings."""
+
+    def quantize_block(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, edits: Edits):
+        hessians = accumulate_hessians(block, targets, inputs)
+        new = {}
+        for name, lin in targets.items():
+            res = C.gptq_quantize(lin.weight.detach(), hessians.pop(name), spec.bits, spec.symmetric,
+                                  spec.group_for(lin.in_features), block_size, act_order, damp)
+            if res.damp_used > damp:
+                warn_damping(name, damp, res.damp_used)
+            order = " act-order" if act_order else ""
+            new[name] = (make_layer(lin, res.codes, res.scales, res.zero_points, spec),
+                         f"{spec.describe(lin.in_features)} gptq{order}")
+        return new
+
+    return quantize_block
+
+
+def quantize_gptq(model: nn.Module, spec: WeightSpec, forward_loop, cfg=None, act_order: bool = False,
+                  damp: float = DAMP, block_size: int = BLOCK_SIZE, progress: bool = True):
+    """GPTQ with explicit settings (also used to simulate bit widths the format table lacks)."""
+    from ..config import LayerFilter
+
+    cfg = cfg if cfg is not None else LayerFilter()
+    return calibrate_blockwise(model, cfg, forward_loop, spec, gptq_block(spec, act_order, damp, block_size),
+                               lambda c, n, m: check_linear(SimpleNamespace(group_size=spec.group_size), n, m),
+                               "gptq",
+                               feed_quantized=True, progress=progress)
+
+
+@register_algorithm("gptq", "second-order error compensation (GPTQ)")
+def apply_gptq(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
+    spec = WeightSpec(cfg.bits, cfg.symmetric, cfg.group_size, cfg.backend)
+    return quantize_gptq(model, spec, forward_loop, cfg, act_order=getattr(cfg, "act_order", False),
+                         damp=getattr(cfg, "damp", DAMP), progress=progress)

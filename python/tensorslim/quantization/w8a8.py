@@ -1,0 +1,228 @@
+"""W8A8 (static, calibrated activation scales) and Int8Dynamic (per-token scales at run time),
+with optional SmoothQuant. Every nn.Linear the filter selects becomes an Int8Linear.
+
+Steps (nothing in the model changes before the last one):
+ 1. calibration pass: per-channel min/max of each layer's input, a bounded row sample for
+    the alpha search, and (first batch) which module produced each input;
+ 2. smoothing factors per group of layers sharing an input (q/k/v share s), alpha fixed
+    or searched; each group's s folded into its producer when fold_is_exact proves it,
+    else kept as the Int8Linear's inv_smooth (fused into activation quantization);
+ 3. static only, observers other than max: a second pass observing the smoothed inputs;
+ 4. build every Int8Linear, then swap them in and write the folded producers' weights.
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..config import Int8Dynamic, W8A8
+from ..nn import Int8Linear
+from ..transforms import _tied_to_embedding, filter_reason, replace_modules
+from .calibrate import require_forward_loop
+from .observers import Observer, qparams_from_range
+from .registry import register_transform
+from .smoothquant import ProducerTrace, _run, fold_is_exact, foldable_kind, search_alpha, smooth_factors
+
+
+def _check(name: str, mod: nn.Linear) -> Optional[str]:
+    if not mod.weight.dtype.is_floating_point:
+        return f"weight dtype {mod.weight.dtype} is not a float type"
+    if mod.weight.device.type != "cpu":
+        return f"weight is on {mod.weight.device}; the INT8 GEMM runs on the CPU"
+    return None
+
+
+def _targets(model: nn.Module, cfg) -> Dict[str, nn.Linear]:
+    tied = _tied_to_embedding(model)
+    return {n: m for n, m in model.named_modules()
+            if n and type(m) is nn.Linear and not (filter_reason(n, m, cfg, tied) or _check(n, m))}
+
+
+class _InputStats:
+    """Per-channel min/max of a layer's input over the calibration data, plus a bounded
+    random row sample (for the alpha search)."""
+
+    def __init__(self, name: str, in_features: int, sample_rows: int, seed: int):
+        self.name, self.K, self.cap = name, in_features, sample_rows
+        self.min = self.max = None
+        self.sample: List[torch.Tensor] = []
+        self.kept = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"layer '{self.name}': expected a float input tensor, got "
+                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        if x.shape[-1] != self.K:
+            raise ValueError(f"layer '{self.name}': input has {x.shape[-1]} features, expected {self.K}")
+        rows = x.detach().float().reshape(-1, self.K)
+        if rows.shape[0] == 0:
+            return
+        if not torch.isfinite(rows).all():
+            raise ValueError(f"layer '{self.name}': calibration input contains NaN or Inf")
+        lo, hi = rows.amin(0), rows.amax(0)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+        if self.cap and self.kept < self.cap:
+            take = min(self.cap - self.kept, max(1, rows.shape[0] // 4))
+            idx = torch.randperm(rows.shape[0], generator=self.gen)[:take]
+            self.sample.append(rows[idx].clone())
+            self.kept += take
+
+
+def _calibrate(model, targets, loop, sample_rows: int, trace_structure: bool):
+    stats = {n: _InputStats(n, m.in_features, sample_rows, i) for i, (n, m) in enumerate(targets.items())}
+    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.update(args[0]))
+               for n, m in targets.items()]
+    trace = ProducerTrace(model, targets) if trace_structure else None
+    try:
+        if trace is not None:
+            with trace:
+                loop(model)
+        else:
+            loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, s in stats.items():
+        if s.min is None:
+            raise ValueError(f"layer '{n}': the calibration data never reached this layer; "
+                             f"exclude it or use data that exercises it")
+    return stats, trace
+
+
+def _observe_smoothed(model, targets, loop, inv: Dict[str, Optional[torch.Tensor]], cfg) -> Dict[str, Observer]:
+    obs = {n: Observer(cfg.observer, "tensor", percentile=cfg.percentile, symmetric=cfg.act_symmetric)
+           for n in targets}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach().float()
+            obs[name].update(x * inv[name] if inv[name] is not None else x)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    try:
+        loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return obs
+
+
+@register_transform(W8A8, Int8Dynamic)
+def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    static = isinstance(cfg, W8A8)
+    mode = "static" if static else "dynamic"
+    technique = "W8A8" if static else "Int8Dynamic with smoothquant=True"
+    targets = _targets(model, cfg)
+    weights = {n: m.weight.detach().float().clone() for n, m in targets.items()}
+    biases = {n: m.bias for n, m in targets.items()}
+    inv: Dict[str, Optional[torch.Tensor]] = {n: None for n in targets}  # kept in the module
+    seen: Dict[str, Optional[torch.Tensor]] = {n: None for n in targets}  # 1/s, folded or not
+    smooth_desc = {n: "none" for n in targets}
+    norm_updates: Dict[str, Dict[str, torch.Tensor]] = {}  # producer name -> new weight / bias
+    stats = None
+    if targets and (static or cfg.smoothquant):
+        loop = require_forward_loop(forward_loop, technique)
+        search = cfg.smoothquant and cfg.smoothquant_alpha == "auto"
+        stats, trace = _calibrate(model, targets, loop, cfg.search_rows if search else 0,
+                                  cfg.smoothquant and cfg.fold)
+        if cfg.smoothquant:
+            _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates,
+                    mode, search)
+
+    act = {}
+    if static and targets:
+        if cfg.observer == "max":  # exact from the per-channel statistics: min_j(x_j / s_j) etc.
+            for n in targets:
+                lo, hi = stats[n].min, stats[n].max
+                if seen[n] is not None:  # the input the quantized layer will see: x / s
+                    lo, hi = lo * seen[n], hi * seen[n]
+                act[n] = tuple(int(v) if i else float(v) for i, v in enumerate(
+                    qparams_from_range(lo.min(), hi.max(), cfg.act_symmetric)))
+        else:
+            obs = _observe_smoothed(model, targets, loop, seen, cfg)
+            act = {n: obs[n].qparams() for n in targets}
+
+    built = {}
+    for n, m in targets.items():
+        scale, zp = act.get(n, (None, 0))
+        built[n] = Int8Linear.from_float(weights[n], biases[n], mode, inv[n], scale, zp,
+                                         act_signed=static and cfg.act_symmetric,
+                                         smooth=smooth_desc[n], backend=cfg.backend)
+
+    def convert(name, mod):
+        new = built[name]
+        return new, new.describe()
+
+    report = replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check(n, m), progress,
+                             desc="w8a8" if static else "int8 dynamic")
+    with torch.no_grad():  # the swap succeeded: now the folded producers take their share of s
+        modules = dict(model.named_modules())
+        for pname, upd in norm_updates.items():
+            for attr, value in upd.items():
+                getattr(modules[pname], attr).copy_(value)
+    return report
+
+
+def _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates, mode,
+            search):
+    """Fills inv / smooth_desc / norm_updates and scales `weights` (working copies) by s."""
+    if trace is not None and trace.groups():
+        groups = trace.groups()
+    else:
+        groups = [([n], None) for n in targets]
+    grouped = {n for names, _ in groups for n in names}
+    groups += [([n], None) for n in targets if n not in grouped]
+    modules = dict(model.named_modules())
+    reference = _run(model, trace.batch) if trace is not None and trace.batch is not None else None
+    for names, producer in groups:
+        x_min = torch.stack([stats[n].min for n in names]).amin(0)
+        x_max = torch.stack([stats[n].max for n in names]).amax(0)
+        ws = [weights[n] for n in names]
+        if search:
+            sample = torch.cat([t for n in names for t in stats[n].sample])[: cfg.search_rows]
+            n_steps = int(round(1 / cfg.alpha_grid_step))
+            grid = [round(i / n_steps, 4) for i in range(n_steps + 1)]
+            alpha, _ = search_alpha(sample, ws, x_min, x_max, mode,
+                                    symmetric=getattr(cfg, "act_symmetric", False), grid=grid)
+        else:
+            alpha = float(cfg.smoothquant_alpha)
+        w_absmax = torch.stack([w.abs().amax(dim=0) for w in ws]).amax(dim=0)
+        s = smooth_factors(torch.maximum(-x_min, x_max), w_absmax, alpha)
+        for n in names:
+            weights[n] = weights[n] * s[None, :]
+        where = _try_fold(model, modules, producer, names, s, weights, biases, trace, reference,
+                          norm_updates)
+        for n in names:
+            seen[n] = (1.0 / s).float()
+            if where is None:
+                inv[n] = (1.0 / s).float()
+                smooth_desc[n] = f"input,a={alpha:.2f}"
+            else:
+                smooth_desc[n] = f"folded({where}),a={alpha:.2f}"
+
+
+def _try_fold(model, modules, producer, names, s, weights, biases, trace, reference, norm_updates) -> Optional[str]:
+    """Fold 1/s into the producer when that is exact; returns the producer's name or None."""
+    if producer is None or trace is None or trace.batch is None or reference is None:
+        return None
+    pmod = modules.get(producer)
+    kind = foldable_kind(pmod, s.shape[0]) if pmod is not None else None
+    if kind is None or producer in norm_updates or producer in names:
+        return None
+    if not fold_is_exact(model, trace.batch, pmod, kind, [modules[n] for n in names], reference):
+        return None
+    if kind == "linear" and producer in weights:  # a quantized producer: scale its working rows
+        weights[producer] = weights[producer] / s[:, None]
+        if biases[producer] is not None:
+            biases[producer] = biases[producer].detach().float() / s
+        return producer
+    upd = {"weight": (pmod.weight.detach().float() / (s[:, None] if kind == "linear" else s)).to(pmod.weight.dtype)}
+    if getattr(pmod, "bias", None) is not None:
+        upd["bias"] = (pmod.bias.detach().float() / s).to(pmod.bias.dtype)
+    norm_updates[producer] = upd
+    return producer

@@ -1,0 +1,65 @@
+// W8A8: activation quantizers and the INT8 GEMM (see include/tensorslim/gemm_int8.h).
+#include "tensorslim/gemm_int8.h"
+#include "views.h"
+
+namespace py = pybind11;
+
+namespace tensorslim {
+namespace bindings {
+namespace {
+
+GemmBackend to_backend(int backend) {
+  TS_CHECK_VALUE(backend >= 0 && backend <= 3, "unknown backend id " + std::to_string(backend));
+  return static_cast<GemmBackend>(backend);
+}
+
+}  // namespace
+
+void register_int8(py::module_& m) {
+  m.def("quantize_per_token", [](py::handle x, py::handle inv_smooth, py::handle q,
+                                 py::handle scales, int backend) {
+    TensorView xv = to_view(x, "x"), qv = to_view(q, "q"), sv = to_view(scales, "scales");
+    OptionalView iv = to_optional_view(inv_smooth, "inv_smooth");
+    const GemmBackend b = to_backend(backend);
+    py::gil_scoped_release release;
+    quantize_per_token(xv, iv.get(), qv, sv, b);
+  });
+  m.def("quantize_static", [](py::handle x, py::handle inv_smooth, float scale, int32_t zp,
+                              py::handle q, int backend) {
+    TensorView xv = to_view(x, "x"), qv = to_view(q, "q");
+    OptionalView iv = to_optional_view(inv_smooth, "inv_smooth");
+    const GemmBackend b = to_backend(backend);
+    py::gil_scoped_release release;
+    quantize_static(xv, iv.get(), scale, zp, qv, b);
+  });
+  m.def("linear_int8", [](py::handle qx, py::handle act_scales, int32_t zp, py::handle qweight,
+                          py::handle w_scales, py::handle bias, py::handle out, int backend,
+                          py::handle packed) {
+    TensorView xv = to_view(qx, "qx"), av = to_view(act_scales, "act_scales"),
+               wv = to_view(qweight, "qweight"), sv = to_view(w_scales, "w_scales"),
+               ov = to_view(out, "out");
+    OptionalView bv = to_optional_view(bias, "bias"), pv = to_optional_view(packed, "packed");
+    const GemmBackend b = to_backend(backend);
+    py::gil_scoped_release release;
+    linear_int8(xv, av, zp, wv, sv, bv.get(), ov, b, pv.get());
+  });
+  m.def("linear_int8_packed_bytes", &linear_int8_packed_bytes,
+        "Bytes of [N, K] int8 weights in oneDNN's blocked layout (0: none).");
+  m.def("linear_int8_pack", [](py::handle qweight, py::handle packed) {
+    TensorView wv = to_view(qweight, "qweight"), pv = to_view(packed, "packed");
+    py::gil_scoped_release release;
+    linear_int8_pack(wv, pv);
+  });
+  m.def("linear_int8_onednn_impl", [](py::handle qx, py::handle act_scales, int32_t zp,
+                                      py::handle qweight, py::handle w_scales, py::handle bias,
+                                      py::handle out, py::handle packed) {
+    TensorView xv = to_view(qx, "qx"), av = to_view(act_scales, "act_scales"),
+               wv = to_view(qweight, "qweight"), sv = to_view(w_scales, "w_scales"),
+               ov = to_view(out, "out");
+    OptionalView bv = to_optional_view(bias, "bias"), pv = to_optional_view(packed, "packed");
+    return cpu::linear_int8_onednn_impl(xv, av, zp, wv, sv, bv.get(), ov, pv.get());
+  }, "The oneDNN implementation linear_int8 would run for these arguments ('' if none).");
+}
+
+}  // namespace bindings
+}  // namespace tensorslim

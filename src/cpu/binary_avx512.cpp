@@ -1,0 +1,400 @@
+// AVX-512 binary / ternary / XNOR linears. No float weight is ever materialized: the sign
+// bits become k-masks that select which activations are added, and the XNOR path counts
+// matching bits 512 at a time (VPOPCNTDQ where the CPU has it, else a VPSHUFB nibble table).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "parallel.h"
+#include "tensorslim/binary.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+// The fixed-size loops over a tile's rows carry `#pragma GCC unroll` so the accumulators
+// stay in registers (-O2 would otherwise keep them on the stack).
+constexpr int kRows = 4;   // weight rows per tile: 4 x 4 accumulators fit the 32 zmm registers
+constexpr int kBlock = 4;  // activation rows per tile
+
+inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// Up to `max_bytes` bytes from p as a little-endian integer (never reads past them).
+inline uint32_t load_le(const uint8_t* p, int64_t max_bytes, int want) {
+  uint32_t v = 0;
+  const int n = static_cast<int>(std::min<int64_t>(max_bytes, want));
+  std::memcpy(&v, p, n);
+  return v;
+}
+
+struct Linear {
+  const TensorView& x;
+  const TensorView& w;
+  const TensorView& scales;
+  const TensorView* bias;
+  const TensorView& out;
+  int64_t K;
+};
+
+// ------------------------------------------------------------------- binary weights
+// sum_k x * (+-1) = 2 * P - S with P = sum of x where the bit is 1 and S = sum of x:
+// one masked add per 16 weights and activation row.
+
+template <int R, int MB>
+void binary_tile(const Linear& p, int64_t n, int64_t m0, const float* rowsum) {
+  const int64_t K = p.K, wbytes = p.w.shape[1];
+  const uint8_t* w[R];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) w[r] = p.w.ptr<uint8_t>() + (n + r) * p.w.strides[0];
+  const float* x[MB];
+  #pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) x[m] = p.x.ptr<float>() + (m0 + m) * p.x.strides[0];
+  __m512 acc[R][MB];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv[MB];
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x[m] + k);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      uint16_t b;
+      std::memcpy(&b, w[r] + k / 8, 2);
+      const __mmask16 mk = b;
+      #pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_mask_add_ps(acc[r][m], mk, acc[r][m], xv[m]);
+    }
+  }
+  if (k < K) {  // padding bits beyond K are masked off
+    const __mmask16 valid = lanes(K - k);
+    __m512 xv[MB];
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(valid, x[m] + k);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __mmask16 mk = static_cast<__mmask16>(load_le(w[r] + k / 8, wbytes - k / 8, 2)) & valid;
+      #pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_mask_add_ps(acc[r][m], mk, acc[r][m], xv[m]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const float s = p.scales.ptr<float>()[n + r];
+    const float b = p.bias ? p.bias->ptr<float>()[n + r] : 0.0f;
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      const float pos = _mm512_reduce_add_ps(acc[r][m]);
+      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] = (2.0f * pos - rowsum[m0 + m]) * s + b;
+    }
+  }
+}
+
+// ------------------------------------------------------------------- ternary weights
+// 16 two-bit codes (4 bytes) per step: PEXT gathers the low bits ("non-zero") and the high
+// bits ("negative") of the 16 codes into two 16-bit k-masks; +1 lanes are added, -1 lanes
+// subtracted. (Every AVX-512 CPU has BMI2 with a fast PEXT.)
+
+__attribute__((target("bmi2"))) inline void trit_masks(uint32_t codes, __mmask16 valid, __mmask16& pos,
+                                                       __mmask16& neg) {
+  const uint32_t nz = _pext_u32(codes, 0x55555555u) & valid;
+  const uint32_t hi = _pext_u32(codes, 0xAAAAAAAAu);
+  pos = static_cast<__mmask16>(nz & ~hi);  // 0b01
+  neg = static_cast<__mmask16>(nz & hi);   // 0b11 (0b10 is not a valid code and counts as 0)
+}
+
+template <int R, int MB, bool kTail>
+__attribute__((always_inline, target("bmi2"))) inline void ternary_step(
+    const uint8_t* const* w, const float* const* x, int64_t k, __mmask16 valid, int64_t wbytes,
+    __m512 (&acc)[R][MB]) {
+  __m512 xv[MB];
+  #pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m)
+    xv[m] = kTail ? _mm512_maskz_loadu_ps(valid, x[m] + k) : _mm512_loadu_ps(x[m] + k);
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    uint32_t codes;
+    if (kTail)
+      codes = load_le(w[r] + k / 4, wbytes - k / 4, 4);
+    else
+      std::memcpy(&codes, w[r] + k / 4, 4);
+    __mmask16 pos, neg;
+    trit_masks(codes, valid, pos, neg);
+    if constexpr (MB >= 3) {
+      // Decode the 16 trits once into a +1 / 0 / -1 register and FMA it with every
+      // activation row (2 + MB instructions instead of 2 * MB; x * t is exact, so the
+      // result rounds exactly as the add/sub form does).
+      const __m512 t = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(pos, _mm512_set1_ps(1.0f)), neg,
+                                          _mm512_set1_ps(-1.0f));
+      #pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(t, xv[m], acc[r][m]);
+    } else {
+      #pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) {
+        acc[r][m] = _mm512_mask_add_ps(acc[r][m], pos, acc[r][m], xv[m]);
+        acc[r][m] = _mm512_mask_sub_ps(acc[r][m], neg, acc[r][m], xv[m]);
+      }
+    }
+  }
+}
+
+template <int R, int MB>
+__attribute__((target("bmi2"))) void ternary_tile(const Linear& p, int64_t n, int64_t m0) {
+  const int64_t K = p.K, wbytes = p.w.shape[1];
+  const uint8_t* w[R];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) w[r] = p.w.ptr<uint8_t>() + (n + r) * p.w.strides[0];
+  const float* x[MB];
+  #pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) x[m] = p.x.ptr<float>() + (m0 + m) * p.x.strides[0];
+  __m512 acc[R][MB];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) ternary_step<R, MB, false>(w, x, k, 0xFFFF, wbytes, acc);
+  if (k < K) ternary_step<R, MB, true>(w, x, k, lanes(K - k), wbytes, acc);
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const float s = p.scales.ptr<float>()[n + r];
+    const float b = p.bias ? p.bias->ptr<float>()[n + r] : 0.0f;
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m)
+      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] = _mm512_reduce_add_ps(acc[r][m]) * s + b;
+  }
+}
+
+// ------------------------------------------------------------------- driver
+
+template <template <int, int> class Tile, class... Extra>
+void run_tiles(const Linear& p, Extra... extra) {
+  const int64_t M = p.x.shape[0], N = p.w.shape[0];
+  parallel_for((N + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
+    for (int64_t nb = b; nb < e; ++nb) {
+      const int64_t n = nb * kRows;
+      const int64_t rows = std::min<int64_t>(kRows, N - n);
+      for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+        const int64_t mb = std::min<int64_t>(kBlock, M - m0);
+        if (rows == kRows) {
+          switch (mb) {
+            case 1: Tile<kRows, 1>::run(p, n, m0, extra...); break;
+            case 2: Tile<kRows, 2>::run(p, n, m0, extra...); break;
+            case 3: Tile<kRows, 3>::run(p, n, m0, extra...); break;
+            default: Tile<kRows, 4>::run(p, n, m0, extra...); break;
+          }
+        } else {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t m = m0; m < m0 + mb; ++m) Tile<1, 1>::run(p, n + r, m, extra...);
+        }
+      }
+    }
+  });
+}
+
+template <int R, int MB>
+struct BinaryTile {
+  static void run(const Linear& p, int64_t n, int64_t m0, const float* rowsum) {
+    binary_tile<R, MB>(p, n, m0, rowsum);
+  }
+};
+
+template <int R, int MB>
+struct TernaryTile {
+  static void run(const Linear& p, int64_t n, int64_t m0) { ternary_tile<R, MB>(p, n, m0); }
+};
+
+// ------------------------------------------------------------------- XNOR popcount
+// a_bits / w_bits rows hold at least ceil(K/8) bytes; only the first K bits count. Whole
+// bytes go through 64-byte vectors (masked loads for the last one), the last partial
+// byte is counted with its bits masked.
+
+struct Xnor {
+  const TensorView& a;
+  const TensorView& w;
+  const TensorView& dots;
+  int64_t K;
+};
+
+inline __m512i popcnt_lut(__m512i v) {
+  alignas(64) static const uint8_t kCounts[64] = {
+      0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+      0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+  const __m512i table = _mm512_load_si512(kCounts);  // bit count of each nibble, per 128-bit lane
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low));
+  const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+  // per-byte counts summed into the eight 64-bit lanes
+  return _mm512_sad_epu8(_mm512_add_epi8(lo, hi), _mm512_setzero_si512());
+}
+
+inline int last_byte_mismatches(const uint8_t* a, const uint8_t* w, int64_t K) {
+  const int rem = static_cast<int>(K & 7);
+  if (!rem) return 0;
+  const int64_t i = K >> 3;
+  return __builtin_popcount(static_cast<unsigned>((a[i] ^ w[i]) & ((1u << rem) - 1u)));
+}
+
+// The two tiles below differ only in how a 64-byte chunk's bits are counted; they are
+// written out twice because the VPOPCNTDQ intrinsic may only appear inside a function
+// compiled for that extension.
+#define TS_XNOR_TILE_BODY(POPCOUNT)                                                         \
+  const int64_t full = p.K >> 3; /* bytes whose 8 bits all count */                         \
+  const uint8_t* w[R];                                                                      \
+  _Pragma("GCC unroll 16")                                                                  \
+  for (int r = 0; r < R; ++r) w[r] = p.w.ptr<uint8_t>() + (n + r) * p.w.strides[0];         \
+  const uint8_t* a[MB];                                                                     \
+  _Pragma("GCC unroll 16")                                                                  \
+  for (int m = 0; m < MB; ++m) a[m] = p.a.ptr<uint8_t>() + (m0 + m) * p.a.strides[0];       \
+  __m512i acc[R][MB];                                                                       \
+  _Pragma("GCC unroll 16")                                                                  \
+  for (int r = 0; r < R; ++r)                                                               \
+    _Pragma("GCC unroll 16")                                                                \
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_si512();                        \
+  for (int64_t i = 0; i < full; i += 64) {                                                  \
+    const __mmask64 valid = full - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (full - i)) - 1; \
+    __m512i av[MB];                                                                         \
+    _Pragma("GCC unroll 16")                                                                \
+    for (int m = 0; m < MB; ++m) av[m] = _mm512_maskz_loadu_epi8(valid, a[m] + i);          \
+    _Pragma("GCC unroll 16")                                                                \
+    for (int r = 0; r < R; ++r) {                                                           \
+      const __m512i wv = _mm512_maskz_loadu_epi8(valid, w[r] + i);                          \
+      _Pragma("GCC unroll 16")                                                              \
+      for (int m = 0; m < MB; ++m)                                                          \
+        acc[r][m] = _mm512_add_epi64(acc[r][m], POPCOUNT(_mm512_xor_si512(av[m], wv)));     \
+    }                                                                                       \
+  }                                                                                         \
+  int64_t mism[R][MB];                                                                      \
+  _Pragma("GCC unroll 16")                                                                  \
+  for (int r = 0; r < R; ++r)                                                               \
+    _Pragma("GCC unroll 16")                                                                \
+    for (int m = 0; m < MB; ++m) mism[r][m] = sum_lanes(acc[r][m]);                         \
+  xnor_store<R, MB>(p, n, m0, mism)
+
+// (_mm512_reduce_add_epi64 draws a false -Wuninitialized from GCC 12 under target().)
+inline int64_t sum_lanes(__m512i v) {
+  int64_t l[8];
+  _mm512_storeu_si512(l, v);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+template <int R, int MB>
+void xnor_store(const Xnor& p, int64_t n, int64_t m0, int64_t mism[R][MB]) {
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      const uint8_t* wr = p.w.ptr<uint8_t>() + (n + r) * p.w.strides[0];
+      const uint8_t* ar = p.a.ptr<uint8_t>() + (m0 + m) * p.a.strides[0];
+      const int64_t diff = mism[r][m] + last_byte_mismatches(ar, wr, p.K);
+      p.dots.ptr<int32_t>()[(m0 + m) * p.dots.strides[0] + n + r] = static_cast<int32_t>(p.K - 2 * diff);
+    }
+}
+
+template <int R, int MB>
+void xnor_tile_lut(const Xnor& p, int64_t n, int64_t m0) {
+  TS_XNOR_TILE_BODY(popcnt_lut);
+}
+
+template <int R, int MB>
+__attribute__((target("avx512vpopcntdq"))) void xnor_tile_vpop(const Xnor& p, int64_t n, int64_t m0) {
+  TS_XNOR_TILE_BODY(_mm512_popcnt_epi64);
+}
+
+#undef TS_XNOR_TILE_BODY
+
+template <bool kVpop, int R, int MB>
+inline void xnor_tile(const Xnor& p, int64_t n, int64_t m0) {
+  if constexpr (kVpop)
+    xnor_tile_vpop<R, MB>(p, n, m0);
+  else
+    xnor_tile_lut<R, MB>(p, n, m0);
+}
+
+template <bool kVpop>
+void xnor_run(const Xnor& p) {
+  const int64_t M = p.a.shape[0], N = p.w.shape[0];
+  parallel_for((N + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
+    for (int64_t nb = b; nb < e; ++nb) {
+      const int64_t n = nb * kRows;
+      const int64_t rows = std::min<int64_t>(kRows, N - n);
+      for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
+        const int64_t mb = std::min<int64_t>(kBlock, M - m0);
+        if (rows == kRows) {
+          switch (mb) {
+            case 1: xnor_tile<kVpop, kRows, 1>(p, n, m0); break;
+            case 2: xnor_tile<kVpop, kRows, 2>(p, n, m0); break;
+            case 3: xnor_tile<kVpop, kRows, 3>(p, n, m0); break;
+            default: xnor_tile<kVpop, kRows, 4>(p, n, m0); break;
+          }
+        } else {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t m = m0; m < m0 + mb; ++m) xnor_tile<kVpop, 1, 1>(p, n + r, m);
+        }
+      }
+    }
+  });
+}
+
+std::atomic<bool>& vpop_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+}  // namespace
+
+bool has_vpopcntdq() {
+  static const bool cpu_has = __builtin_cpu_supports("avx512vpopcntdq");
+  return cpu_has && vpop_enabled().load();
+}
+
+void set_vpopcntdq_enabled(bool enabled) { vpop_enabled().store(enabled); }
+
+bool linear_binary_native(const TensorView& x, const TensorView& bits, const TensorView& scales,
+                          const TensorView* bias, const TensorView& out) {
+  if (active_isa() != Isa::kAVX512) return false;
+  const int64_t M = x.shape[0], K = x.shape[1];
+  // Row sums of x (the "S" of 2P - S), in the same 16-lane order as the tiles.
+  thread_local std::vector<float> rowsum;
+  rowsum.resize(M);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x.ptr<float>() + m * x.strides[0];
+    __m512 s = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(xr + k));
+    if (k < K) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(lanes(K - k), xr + k));
+    rowsum[m] = _mm512_reduce_add_ps(s);
+  }
+  const Linear p{x, bits, scales, bias, out, K};
+  run_tiles<BinaryTile>(p, static_cast<const float*>(rowsum.data()));
+  return true;
+}
+
+bool linear_ternary_native(const TensorView& x, const TensorView& codes,
+                           const TensorView& scales, const TensorView* bias,
+                           const TensorView& out) {
+  static const bool has_bmi2 = __builtin_cpu_supports("bmi2");
+  if (active_isa() != Isa::kAVX512 || !has_bmi2) return false;
+  const Linear p{x, codes, scales, bias, out, x.shape[1]};
+  run_tiles<TernaryTile>(p);
+  return true;
+}
+
+bool xnor_dots_native(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
+                      const TensorView& dots) {
+  if (active_isa() != Isa::kAVX512) return false;
+  const Xnor p{a_bits, w_bits, dots, K};
+  if (has_vpopcntdq())
+    xnor_run<true>(p);
+  else
+    xnor_run<false>(p);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace tensorslim

@@ -1,0 +1,252 @@
+// W8A8 on the CPU: argument checks, backend choice, and the scalar references that the
+// AVX-512 quantizers and the oneDNN GEMM are tested against (see gemm_int8.h).
+#include "tensorslim/gemm_int8.h"
+
+#include <cmath>
+#include <string>
+
+#include "parallel.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace {
+
+void check_act(const TensorView& x, const TensorView* inv_smooth, const TensorView& q,
+               const char* op) {
+  const std::string o(op);
+  check_ndim(x, 2, "x");
+  check_dtype(x, DType::kFloat32, "x");
+  check_contiguous(x, "x");
+  check_shape2(q, x.shape[0], x.shape[1], "q");
+  check_contiguous(q, "q");
+  check_same_device(x, q, op);
+  TS_CHECK_VALUE(x.device == DeviceType::kCPU, o + ": x is not on the CPU");
+  if (inv_smooth) {
+    check_dtype(*inv_smooth, DType::kFloat32, "inv_smooth");
+    TS_CHECK_VALUE(inv_smooth->ndim == 1 && inv_smooth->shape[0] == x.shape[1],
+                   "inv_smooth: expected shape [" + std::to_string(x.shape[1]) + "], got " +
+                       shape_str(*inv_smooth));
+    check_contiguous(*inv_smooth, "inv_smooth");
+  }
+}
+
+[[noreturn]] void throw_not_finite(int64_t row) {
+  throw ValueError("x contains NaN or Inf (row " + std::to_string(row) +
+                   "); activation quantization needs finite values");
+}
+
+bool use_avx512(GemmBackend backend) {
+  return backend != GemmBackend::kReference && cpu::active_isa() == cpu::Isa::kAVX512;
+}
+
+}  // namespace
+
+namespace cpu {
+
+void quantize_per_token_reference(const TensorView& x, const TensorView* inv_smooth,
+                                  const TensorView& q, const TensorView& scales) {
+  const int64_t M = x.shape[0], K = x.shape[1];
+  const float* inv = inv_smooth ? inv_smooth->ptr<float>() : nullptr;
+  const bool is_u8 = q.dtype == DType::kUInt8;
+  parallel_for(M, 4, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* xr = x.ptr<float>() + m * K;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = inv ? xr[k] * inv[k] : xr[k];
+        if (!std::isfinite(v)) throw_not_finite(m);
+        amax = std::fmax(amax, std::fabs(v));
+      }
+      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      scales.ptr<float>()[m] = scale;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = inv ? xr[k] * inv[k] : xr[k];
+        const float r = std::fmin(std::fmax(std::nearbyint(v / scale), -127.0f), 127.0f);
+        if (is_u8)
+          q.ptr<uint8_t>()[m * K + k] = static_cast<uint8_t>(static_cast<int>(r) + 128);
+        else
+          q.ptr<int8_t>()[m * K + k] = static_cast<int8_t>(r);
+      }
+    }
+  });
+}
+
+void quantize_static_reference(const TensorView& x, const TensorView* inv_smooth, float scale,
+                               int32_t zero_point, const TensorView& q) {
+  const int64_t M = x.shape[0], K = x.shape[1];
+  const float* inv = inv_smooth ? inv_smooth->ptr<float>() : nullptr;
+  const bool is_u8 = q.dtype == DType::kUInt8;
+  const float qmin = is_u8 ? 0.0f : -128.0f, qmax = is_u8 ? 255.0f : 127.0f;
+  const float zp = static_cast<float>(zero_point);
+  parallel_for(M, 4, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float* xr = x.ptr<float>() + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = inv ? xr[k] * inv[k] : xr[k];
+        if (!std::isfinite(v)) throw_not_finite(m);
+        const float r = std::fmin(std::fmax(std::nearbyint(v / scale) + zp, qmin), qmax);
+        if (is_u8)
+          q.ptr<uint8_t>()[m * K + k] = static_cast<uint8_t>(r);
+        else
+          q.ptr<int8_t>()[m * K + k] = static_cast<int8_t>(r);
+      }
+    }
+  });
+}
+
+void linear_int8_reference(const TensorView& qx, const TensorView& act_scales,
+                           int32_t act_zero_point, const TensorView& qweight,
+                           const TensorView& w_scales, const TensorView* bias,
+                           const TensorView& out) {
+  const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
+  const bool per_token = act_scales.shape[0] == M && M != 1;
+  const bool is_u8 = qx.dtype == DType::kUInt8;
+  parallel_for(M, 1, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float a_s = act_scales.ptr<float>()[per_token ? m : 0];
+      for (int64_t n = 0; n < N; ++n) {
+        const int8_t* w = qweight.ptr<int8_t>() + n * K;
+        int32_t acc = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t a = is_u8 ? qx.ptr<uint8_t>()[m * K + k] : qx.ptr<int8_t>()[m * K + k];
+          acc += (a - act_zero_point) * static_cast<int32_t>(w[k]);
+        }
+        float y = static_cast<float>(acc) * (a_s * w_scales.ptr<float>()[n]);
+        if (bias) y += bias->ptr<float>()[n];
+        out.ptr<float>()[m * N + n] = y;
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+
+void quantize_per_token(const TensorView& x, const TensorView* inv_smooth, const TensorView& q,
+                        const TensorView& scales, GemmBackend backend) {
+  check_act(x, inv_smooth, q, "quantize_per_token");
+  TS_CHECK_TYPE(q.dtype == DType::kUInt8 || q.dtype == DType::kInt8,
+                std::string("q: expected dtype int8 (or uint8 for codes + 128), got ") +
+                    dtype_name(q.dtype));
+  check_dtype(scales, DType::kFloat32, "scales");
+  TS_CHECK_VALUE(scales.ndim == 1 && scales.shape[0] == x.shape[0],
+                 "scales: expected shape [" + std::to_string(x.shape[0]) + "], got " +
+                     shape_str(scales));
+  check_contiguous(scales, "scales");
+  if (x.numel() == 0) {
+    for (int64_t m = 0; m < scales.shape[0]; ++m) scales.ptr<float>()[m] = 1.0f;
+    return;
+  }
+  if (use_avx512(backend) && cpu::quantize_per_token_avx512(x, inv_smooth, q, scales)) return;
+  cpu::quantize_per_token_reference(x, inv_smooth, q, scales);
+}
+
+void quantize_static(const TensorView& x, const TensorView* inv_smooth, float scale,
+                     int32_t zero_point, const TensorView& q, GemmBackend backend) {
+  check_act(x, inv_smooth, q, "quantize_static");
+  TS_CHECK_TYPE(q.dtype == DType::kUInt8 || q.dtype == DType::kInt8,
+                std::string("q: expected dtype uint8 or int8, got ") + dtype_name(q.dtype));
+  TS_CHECK_VALUE(std::isfinite(scale) && scale > 0.0f,
+                 "quantize_static: scale must be finite and > 0, got " + std::to_string(scale));
+  if (q.dtype == DType::kUInt8)
+    TS_CHECK_VALUE(zero_point >= 0 && zero_point <= 255,
+                   "quantize_static: a uint8 zero point must be in 0..255, got " +
+                       std::to_string(zero_point));
+  else
+    TS_CHECK_VALUE(zero_point == 0, "quantize_static: int8 activations are symmetric (zero "
+                                    "point 0), got " + std::to_string(zero_point));
+  if (x.numel() == 0) return;
+  if (use_avx512(backend) && cpu::quantize_static_avx512(x, inv_smooth, scale, zero_point, q))
+    return;
+  cpu::quantize_static_reference(x, inv_smooth, scale, zero_point, q);
+}
+
+int64_t linear_int8_packed_bytes(int64_t K, int64_t N) {
+  TS_CHECK_VALUE(K > 0 && N > 0, "linear_int8_packed_bytes: K and N must be positive");
+  return cpu::linear_int8_packed_bytes_onednn(K, N);
+}
+
+void linear_int8_pack(const TensorView& qweight, const TensorView& packed) {
+  check_ndim(qweight, 2, "qweight");
+  check_dtype(qweight, DType::kInt8, "qweight");
+  check_contiguous(qweight, "qweight");
+  check_dtype(packed, DType::kUInt8, "packed");
+  check_contiguous(packed, "packed");
+  const int64_t need = linear_int8_packed_bytes(qweight.shape[1], qweight.shape[0]);
+  TS_CHECK_VALUE(need > 0, "linear_int8_pack: oneDNN has no packed layout for this shape");
+  TS_CHECK_VALUE(packed.numel() == need, "packed: expected " + std::to_string(need) +
+                                             " bytes, got " + std::to_string(packed.numel()));
+  cpu::linear_int8_pack_onednn(qweight, packed);
+}
+
+void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                 const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
+                 const TensorView& out, GemmBackend backend, const TensorView* packed) {
+  check_ndim(qx, 2, "qx");
+  TS_CHECK_TYPE(qx.dtype == DType::kUInt8 || qx.dtype == DType::kInt8,
+                std::string("qx: expected dtype uint8 or int8, got ") + dtype_name(qx.dtype));
+  TS_CHECK_VALUE(qx.device == DeviceType::kCPU, "linear_int8: qx is not on the CPU");
+  check_contiguous(qx, "qx");
+  const int64_t M = qx.shape[0], K = qx.shape[1];
+  check_ndim(qweight, 2, "qweight");
+  check_dtype(qweight, DType::kInt8, "qweight");
+  check_contiguous(qweight, "qweight");
+  TS_CHECK_VALUE(qweight.shape[1] == K, "qweight: expected " + std::to_string(K) +
+                                            " columns (in_features), got shape " +
+                                            shape_str(qweight));
+  const int64_t N = qweight.shape[0];
+  check_dtype(act_scales, DType::kFloat32, "act_scales");
+  TS_CHECK_VALUE(act_scales.ndim == 1 && (act_scales.shape[0] == 1 || act_scales.shape[0] == M),
+                 "act_scales: expected shape [1] or [" + std::to_string(M) + "], got " +
+                     shape_str(act_scales));
+  check_contiguous(act_scales, "act_scales");
+  if (qx.dtype == DType::kInt8)
+    TS_CHECK_VALUE(act_zero_point == 0, "linear_int8: int8 activations are symmetric (zero "
+                                        "point 0), got " + std::to_string(act_zero_point));
+  else
+    TS_CHECK_VALUE(act_zero_point >= 0 && act_zero_point <= 255,
+                   "linear_int8: a uint8 zero point must be in 0..255, got " +
+                       std::to_string(act_zero_point));
+  check_dtype(w_scales, DType::kFloat32, "w_scales");
+  TS_CHECK_VALUE(w_scales.ndim == 1 && w_scales.shape[0] == N,
+                 "w_scales: expected shape [" + std::to_string(N) + "], got " + shape_str(w_scales));
+  check_contiguous(w_scales, "w_scales");
+  if (bias) {
+    check_dtype(*bias, DType::kFloat32, "bias");
+    TS_CHECK_VALUE(bias->ndim == 1 && bias->shape[0] == N,
+                   "bias: expected shape [" + std::to_string(N) + "], got " + shape_str(*bias));
+    check_contiguous(*bias, "bias");
+  }
+  check_dtype(out, DType::kFloat32, "out");
+  check_shape2(out, M, N, "out");
+  check_contiguous(out, "out");
+  for (const TensorView* t : {&act_scales, &qweight, &w_scales, &out})
+    check_same_device(qx, *t, "linear_int8");
+  if (packed) {
+    check_dtype(*packed, DType::kUInt8, "packed");
+    check_contiguous(*packed, "packed");
+    TS_CHECK_VALUE(packed->numel() == linear_int8_packed_bytes(K, N),
+                   "packed: expected " + std::to_string(linear_int8_packed_bytes(K, N)) +
+                       " bytes (linear_int8_pack of this qweight), got " +
+                       std::to_string(packed->numel()));
+  }
+  if (M == 0 || N == 0) return;
+  switch (backend) {
+    case GemmBackend::kReference:
+      return cpu::linear_int8_reference(qx, act_scales, act_zero_point, qweight, w_scales, bias,
+                                        out);
+    case GemmBackend::kOneDNN:
+      TS_CHECK_VALUE(cpu::linear_int8_onednn(qx, act_scales, act_zero_point, qweight, w_scales,
+                                             bias, out, packed),
+                     "linear_int8: oneDNN has no implementation for this shape");
+      return;
+    case GemmBackend::kNative:
+    case GemmBackend::kAuto:
+      if (cpu::linear_int8_onednn(qx, act_scales, act_zero_point, qweight, w_scales, bias, out,
+                                  packed))
+        return;
+      return cpu::linear_int8_reference(qx, act_scales, act_zero_point, qweight, w_scales, bias,
+                                        out);
+  }
+}
+
+}  // namespace tensorslim

@@ -1,0 +1,165 @@
+// linear_lowbit on the CPU: argument checks, the scalar reference, and the choice
+// between the fused AVX-512 decode GEMV (small batch) and decode-once + oneDNN sgemm.
+#include <oneapi/dnnl/dnnl.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "parallel.h"
+#include "tensorslim/lowbit.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace {
+
+int64_t check_linear_lowbit_args(const TensorView& x, const TensorView& qweight,
+                                 const TensorView& scales, const TensorView* zero_points,
+                                 const TensorView* tensor_scale, const TensorView* bias,
+                                 Format fmt, int64_t group_size, const TensorView& out,
+                                 const TensorView* workspace) {
+  for (const TensorView* t : {&x, &qweight, &scales, &out})
+    TS_CHECK_VALUE(t->device == DeviceType::kCPU, "linear_lowbit: tensors are not on the CPU");
+  check_ndim(x, 2, "x");
+  check_ndim(qweight, 2, "qweight");
+  check_dtype(x, DType::kFloat32, "x");
+  const int64_t M = x.shape[0], K = x.shape[1], N = qweight.shape[0];
+  TS_CHECK_VALUE(x.strides[1] == 1 || K <= 1, "x: rows must be contiguous");
+  TS_CHECK_VALUE(group_size != -1, "linear_lowbit: per-tensor weight scales are not supported");
+  // The weight is a [N, K] matrix quantized row by row: reuse the quantize checks.
+  TensorView w = x;
+  w.shape[0] = N;
+  w.shape[1] = K;
+  w.strides[0] = K;
+  w.strides[1] = 1;
+  const int64_t groups =
+      check_lowbit_args(w, fmt, group_size, qweight, scales, zero_points, tensor_scale);
+  check_dtype(out, DType::kFloat32, "out");
+  check_shape2(out, M, N, "out");
+  TS_CHECK_VALUE(out.strides[1] == 1 || N <= 1, "out: rows must be contiguous");
+  if (bias) {
+    check_dtype(*bias, DType::kFloat32, "bias");
+    TS_CHECK_VALUE(bias->ndim == 1 && bias->shape[0] == N,
+                   "bias: expected shape [" + std::to_string(N) + "], got " + shape_str(*bias));
+    check_contiguous(*bias, "bias");
+  }
+  if (workspace) {
+    check_dtype(*workspace, DType::kFloat32, "workspace");
+    check_ndim(*workspace, 2, "workspace");
+    TS_CHECK_VALUE(workspace->shape[1] == K && workspace->shape[0] >= 1 &&
+                       (workspace->shape[0] <= N || N == 0),
+                   "workspace: expected [rows, " + std::to_string(K) + "] with 1 <= rows <= " +
+                       std::to_string(N) + ", got " + shape_str(*workspace));
+    check_contiguous(*workspace, "workspace");
+  }
+  return groups;
+}
+
+void reference(const float* x, int64_t ldx, int64_t M, const cpu::LowbitWeight& w, int64_t K,
+               int64_t N, const float* bias, float* out, int64_t ldo) {
+  cpu::parallel_for(N, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> wrow(K);
+    for (int64_t n = b; n < e; ++n) {
+      cpu::dequantize_row_reference(w, n, K, wrow.data());
+      for (int64_t m = 0; m < M; ++m) {
+        double acc = bias ? bias[n] : 0.0;
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(x[m * ldx + k]) * wrow[k];
+        out[m * ldo + n] = static_cast<float>(acc);
+      }
+    }
+  });
+}
+
+// Larger batches: decode `rows_per_tile` weight rows at a time into `ws` (once per call,
+// not once per activation row) and multiply each tile with oneDNN's sgemm.
+void decode_then_sgemm(const float* x, int64_t ldx, int64_t M, const cpu::LowbitWeight& w,
+                       int64_t K, int64_t N, const float* bias, float* out, int64_t ldo,
+                       float* ws, int64_t rows_per_tile, bool native) {
+  for (int64_t n0 = 0; n0 < N; n0 += rows_per_tile) {
+    const int64_t rows = std::min(rows_per_tile, N - n0);
+    cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+#ifdef TENSORSLIM_HAVE_AVX512
+        if (native) {
+          cpu::dequantize_row_avx512(w, n0 + j, K, ws + j * K);
+          continue;
+        }
+#endif
+        (void)native;
+        cpu::dequantize_row_reference(w, n0 + j, K, ws + j * K);
+      }
+    });
+    const dnnl_status_t st =
+        dnnl_sgemm('N', 'T', M, rows, K, 1.0f, x, ldx, ws, K, 0.0f, out + n0, ldo);
+    if (st != dnnl_success) throw RuntimeError("linear_lowbit: oneDNN sgemm failed");
+  }
+  if (bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) out[m * ldo + n] += bias[n];
+}
+
+}  // namespace
+
+namespace cpu {
+
+bool linear_lowbit_native_fits(const FormatInfo& info, int64_t K, int64_t group) {
+#ifdef TENSORSLIM_HAVE_AVX512
+  (void)info;
+  return best_isa() == Isa::kAVX512 && K % 16 == 0 && group % 16 == 0;
+#else
+  (void)info, (void)K, (void)group;
+  return false;
+#endif
+}
+
+}  // namespace cpu
+
+void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
+                   const TensorView* zero_points, const TensorView* tensor_scale,
+                   const TensorView* bias, Format fmt, int64_t group_size, const TensorView& out,
+                   const TensorView* workspace, GemmBackend backend) {
+  const int64_t groups = check_linear_lowbit_args(x, qweight, scales, zero_points, tensor_scale,
+                                                  bias, fmt, group_size, out, workspace);
+  TS_CHECK_VALUE(backend == GemmBackend::kAuto || backend == GemmBackend::kReference ||
+                     backend == GemmBackend::kNative,
+                 "linear_lowbit: backend must be auto, reference or native");
+  const FormatInfo& info = format_info(fmt);
+  const int64_t M = x.shape[0], K = x.shape[1], N = qweight.shape[0];
+  const cpu::LowbitWeight w{&info,
+                            qweight.ptr<uint8_t>(),
+                            qweight.strides[0],
+                            scales.data,
+                            zero_points ? zero_points->ptr<uint8_t>() : nullptr,
+                            tensor_scale ? tensor_scale->ptr<float>()[0] : 1.0f,
+                            groups,
+                            values_per_group(K, group_size),
+                            groups};
+  const bool native = cpu::active_isa() == cpu::Isa::kAVX512 &&
+                      cpu::linear_lowbit_native_fits(info, K, w.group);
+  TS_CHECK_VALUE(backend != GemmBackend::kNative || native,
+                 std::string("linear_lowbit: no native kernel for ") + info.name + " with K=" +
+                     std::to_string(K) + ", group " + std::to_string(w.group) +
+                     " (needs AVX-512 and multiples of 16)");
+  const float* xp = x.ptr<float>();
+  float* op = out.ptr<float>();
+  const float* bp = bias ? bias->ptr<float>() : nullptr;
+  if (M == 0 || N == 0) return;
+  if (backend == GemmBackend::kReference) {
+    reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
+  } else if (workspace && M > kLowbitGemvMaxRows) {
+    decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
+                      workspace->ptr<float>(), workspace->shape[0], native);
+  } else if (native) {
+#ifdef TENSORSLIM_HAVE_AVX512
+    const int64_t blocks = (N + 3) / 4;  // the GEMV decodes four weight rows at a time
+    cpu::parallel_for(blocks, 1, [&](int64_t b, int64_t e) {
+      cpu::linear_lowbit_avx512(xp, x.strides[0], M, w, K, bp, op, out.strides[0], b * 4,
+                                std::min(N, e * 4));
+    });
+#endif
+  } else {
+    reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
+  }
+}
+
+}  // namespace tensorslim

@@ -1,0 +1,211 @@
+// GPTQ on the CPU with Eigen: Cholesky of the damped inverse Hessian, then rows processed
+// in parallel (rows are independent given H), each column quantized in turn with its error
+// spread over the rest of its block, and the block's errors applied to the later columns
+// as one matrix product (the paper's lazy batch update).
+#include "tensorslim/gptq.h"
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "parallel.h"
+#include "tensorslim/status.h"
+
+namespace tensorslim {
+namespace {
+
+using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+struct GroupParam {
+  float scale;
+  int32_t zp;
+};
+
+GroupParam find_params(const double* v, int64_t n, const IntGrid& grid, bool symmetric) {
+  double lo = 0.0, hi = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, v[i]);
+    hi = std::max(hi, v[i]);
+  }
+  const double span = symmetric ? std::max(-lo, hi) : hi - lo;
+  float scale = static_cast<float>(span / grid.divisor);
+  if (!(scale > 0.0f)) scale = 1.0f;
+  int32_t zp = 0;
+  if (!symmetric) {
+    const double z = std::nearbyint(-lo / static_cast<double>(scale));
+    zp = static_cast<int32_t>(std::min<double>(std::max<double>(z, grid.qmin), grid.qmax));
+  }
+  return {scale, zp};
+}
+
+void check_args(const TensorView& w, const TensorView& h, const GptqOptions& opt,
+                const TensorView& codes, const TensorView& scales, const TensorView& zps) {
+  for (const TensorView* t : {&w, &h, &codes, &scales, &zps})
+    TS_CHECK_TYPE(t->device == DeviceType::kCPU, "gptq_quantize: CPU tensors expected");
+  check_dtype(w, DType::kFloat32, "w");
+  check_ndim(w, 2, "w");
+  const int64_t rows = w.size(0), cols = w.size(1);
+  TS_CHECK_VALUE(rows > 0 && cols > 0, "gptq_quantize: w is empty " + shape_str(w));
+  check_dtype(h, DType::kFloat32, "h");
+  check_shape2(h, cols, cols, "h");
+  TS_CHECK_VALUE(opt.bits >= 2 && opt.bits <= 8,
+                 "gptq_quantize: bits must be in 2..8, got " + std::to_string(opt.bits));
+  TS_CHECK_VALUE(opt.group_size > 0 && cols % opt.group_size == 0,
+                 "gptq_quantize: group_size " + std::to_string(opt.group_size) +
+                     " does not divide cols " + std::to_string(cols));
+  TS_CHECK_VALUE(opt.block_size > 0, "gptq_quantize: block_size must be positive");
+  TS_CHECK_VALUE(opt.damp >= 0.0 && std::isfinite(opt.damp), "gptq_quantize: damp must be >= 0");
+  const int64_t groups = cols / opt.group_size;
+  check_dtype(codes, DType::kInt32, "codes");
+  check_shape2(codes, rows, cols, "codes");
+  check_dtype(scales, DType::kFloat32, "scales");
+  check_shape2(scales, rows, groups, "scales");
+  check_dtype(zps, DType::kUInt8, "zero_points");
+  check_shape2(zps, rows, groups, "zero_points");
+}
+
+// Lower Cholesky factor L of (H + frac * mean(diag H) * I)^-1, so that U = L^T is the upper
+// factor GPTQ uses (column j of L is row j of U, contiguous). frac is raised x10 until both
+// factorizations succeed; returns the fraction used. Works in place: besides H (kept for
+// retries) and the result it needs one n x n scratch matrix.
+double inverse_cholesky(const Eigen::MatrixXd& H, double frac, Eigen::MatrixXd* L) {
+  const int64_t n = H.rows();
+  const double mean_diag = H.diagonal().mean();
+  Eigen::MatrixXd scratch(n, n);
+  for (int attempt = 0; attempt < 12; ++attempt) {
+    *L = H;
+    L->diagonal().array() += frac * mean_diag;
+    Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(*L);  // in place: *L holds the factor
+    if (llt.info() == Eigen::Success) {
+      scratch.setIdentity();
+      llt.matrixL().solveInPlace(scratch);                                  // C^-1
+      L->noalias() = scratch.transpose() * scratch;                        // (H + damp)^-1
+      L->triangularView<Eigen::StrictlyUpper>() = L->transpose();          // exact symmetry
+      Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt_inv(*L);
+      if (llt_inv.info() == Eigen::Success) {
+        L->triangularView<Eigen::StrictlyUpper>().setZero();
+        return frac;
+      }
+    }
+    frac = frac > 0.0 ? frac * 10.0 : 1e-6;
+  }
+  throw ValueError("gptq_quantize: H is not positive definite even with damping " +
+                   std::to_string(frac) + " x mean(diag H); check the calibration data");
+}
+
+}  // namespace
+
+IntGrid int_grid(int bits, bool symmetric) {
+  TS_CHECK_VALUE(bits >= 2 && bits <= 8, "bits must be in 2..8, got " + std::to_string(bits));
+  if (symmetric) {
+    const int32_t qmax = (1 << (bits - 1)) - 1;
+    return {-qmax - 1, qmax, qmax};
+  }
+  const int32_t qmax = (1 << bits) - 1;
+  return {0, qmax, qmax};
+}
+
+GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOptions& opt,
+                         const TensorView& codes, const TensorView& scales,
+                         const TensorView& zps) {
+  check_args(w, h, opt, codes, scales, zps);
+  const int64_t rows = w.size(0), cols = w.size(1), g = opt.group_size, groups = cols / g;
+  const IntGrid grid = int_grid(opt.bits, opt.symmetric);
+
+  RowMat W(rows, cols);
+  const float* wp = w.ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) W(r, c) = wp[r * w.stride(0) + c * w.stride(1)];
+  Eigen::MatrixXd H(cols, cols);
+  const float* hp = h.ptr<float>();
+  for (int64_t r = 0; r < cols; ++r)
+    for (int64_t c = 0; c < cols; ++c) H(r, c) = hp[r * h.stride(0) + c * h.stride(1)];
+  TS_CHECK_VALUE(W.allFinite(), "gptq_quantize: w contains NaN or Inf");
+  TS_CHECK_VALUE(H.allFinite(), "gptq_quantize: h contains NaN or Inf");
+
+  // Inputs that never fire carry no information: quantize those weights to zero.
+  for (int64_t c = 0; c < cols; ++c) {
+    if (H(c, c) == 0.0) {
+      H(c, c) = 1.0;
+      W.col(c).setZero();
+    }
+  }
+
+  std::vector<int64_t> perm(cols);
+  std::iota(perm.begin(), perm.end(), 0);
+  if (opt.act_order)
+    std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return H(a, a) > H(b, b); });
+
+  const bool static_groups = opt.act_order || g == cols;
+  std::vector<GroupParam> params(rows * groups);
+  if (static_groups) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < groups; ++k)
+        params[r * groups + k] = find_params(&W(r, k * g), g, grid, opt.symmetric);
+  }
+  if (opt.act_order) {
+    RowMat Wp(rows, cols);
+    Eigen::MatrixXd Hp(cols, cols);
+    for (int64_t j = 0; j < cols; ++j) Wp.col(j) = W.col(perm[j]);
+    for (int64_t i = 0; i < cols; ++i)
+      for (int64_t j = 0; j < cols; ++j) Hp(i, j) = H(perm[i], perm[j]);
+    W.swap(Wp);
+    H.swap(Hp);
+  }
+
+  Eigen::MatrixXd L;  // U = L^T: U(i, j) = L(j, i), row i of U is column i of L
+  const double damp_used = inverse_cholesky(H, opt.damp, &L);
+  H.resize(0, 0);
+
+  // Dynamic groups are measured when they start, so a block must hold whole groups.
+  const int64_t block = static_groups ? opt.block_size : (opt.block_size + g - 1) / g * g;
+  std::vector<double> row_loss(rows, 0.0);
+  int32_t* cp = codes.ptr<int32_t>();
+
+  cpu::parallel_for(rows, 8, [&](int64_t r0, int64_t r1) {
+    const int64_t nr = r1 - r0;
+    RowMat err(nr, block);
+    for (int64_t i1 = 0; i1 < cols; i1 += block) {
+      const int64_t i2 = std::min(i1 + block, cols), nb = i2 - i1;
+      for (int64_t i = i1; i < i2; ++i) {
+        const double d = L(i, i);
+        const double* urow = L.col(i).data();
+        const int64_t orig = perm[i], k = orig / g;
+        for (int64_t r = r0; r < r1; ++r) {
+          double* row = &W(r, 0);
+          GroupParam& p = params[r * groups + k];
+          if (!static_groups && i % g == 0) p = find_params(row + i, g, grid, opt.symmetric);
+          const double wv = row[i];
+          const double scale = p.scale;
+          double c = std::nearbyint(wv / scale) + p.zp;
+          c = std::min<double>(std::max<double>(c, grid.qmin), grid.qmax);
+          const double q = (c - p.zp) * scale;
+          cp[r * codes.stride(0) + orig * codes.stride(1)] = static_cast<int32_t>(c);
+          const double e = (wv - q) / d;
+          row_loss[r] += e * e / 2.0;
+          for (int64_t j = i + 1; j < i2; ++j) row[j] -= e * urow[j];
+          err(r - r0, i - i1) = e;
+        }
+      }
+      if (i2 < cols)
+        W.block(r0, i2, nr, cols - i2).noalias() -=
+            err.leftCols(nb) * L.block(i2, i1, cols - i2, nb).transpose();
+    }
+  });
+
+  float* sp = scales.ptr<float>();
+  uint8_t* zp = zps.ptr<uint8_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < groups; ++k) {
+      sp[r * scales.stride(0) + k * scales.stride(1)] = params[r * groups + k].scale;
+      zp[r * zps.stride(0) + k * zps.stride(1)] = static_cast<uint8_t>(params[r * groups + k].zp);
+    }
+  double loss = 0.0;
+  for (double l : row_loss) loss += l;
+  return {damp_used, loss};
+}
+
+}  // namespace tensorslim

@@ -1,0 +1,234 @@
+// W8A8: AVX-512 activation quantizers bit-exact against the scalar references, the scalar
+// INT8 GEMM against a float64 product of the decoded values, and oneDNN against the reference.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "tensorslim/gemm_int8.h"
+#include "tensorslim/quantize.h"
+#include "test_helpers.h"
+
+namespace tensorslim {
+namespace {
+
+using testing::random_weights;
+using testing::view1;
+using testing::view2;
+
+std::vector<float> smooth_factors(int64_t K, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> u(0.05f, 4.0f);
+  std::vector<float> v(K);
+  for (auto& x : v) x = u(gen);
+  return v;
+}
+
+bool have_avx512() { return cpu::best_isa() == cpu::Isa::kAVX512; }
+
+TEST(GemmInt8, PerTokenAvx512MatchesReferenceBitForBit) {
+  if (!have_avx512()) GTEST_SKIP() << "no AVX-512";
+  for (int64_t K : {1, 15, 16, 33, 384, 1000}) {
+    for (bool smooth : {false, true}) {
+      const int64_t M = 7;
+      std::vector<float> x = random_weights(M * K, 11 + K), inv = smooth_factors(K, 5);
+      for (int64_t k = 0; k < K; ++k) x[3 * K + k] = 0.0f;  // an all-zero token: scale 1
+      std::vector<int8_t> qa(M * K), qb(M * K);
+      std::vector<float> sa(M), sb(M);
+      TensorView xv = view2(x.data(), DType::kFloat32, M, K), iv = view1(inv.data(), DType::kFloat32, K);
+      const TensorView* ip = smooth ? &iv : nullptr;
+      cpu::quantize_per_token_reference(xv, ip, view2(qa.data(), DType::kInt8, M, K),
+                                        view1(sa.data(), DType::kFloat32, M));
+      ASSERT_TRUE(cpu::quantize_per_token_avx512(xv, ip, view2(qb.data(), DType::kInt8, M, K),
+                                                 view1(sb.data(), DType::kFloat32, M)));
+      EXPECT_EQ(qa, qb) << "K=" << K;
+      EXPECT_EQ(sa, sb) << "K=" << K;
+      // uint8 output: the same codes + 128, on both paths.
+      std::vector<uint8_t> ua(M * K), ub(M * K);
+      cpu::quantize_per_token_reference(xv, ip, view2(ua.data(), DType::kUInt8, M, K),
+                                        view1(sa.data(), DType::kFloat32, M));
+      ASSERT_TRUE(cpu::quantize_per_token_avx512(xv, ip, view2(ub.data(), DType::kUInt8, M, K),
+                                                 view1(sb.data(), DType::kFloat32, M)));
+      EXPECT_EQ(ua, ub);
+      for (int64_t i = 0; i < M * K; ++i) ASSERT_EQ(int(ua[i]), int(qa[i]) + 128);
+      EXPECT_EQ(sa[3], 1.0f);
+      // The largest |value| of each token maps to +-127.
+      for (int64_t m = 0; m < M; ++m) {
+        if (m == 3) continue;
+        int mx = 0;
+        for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::abs(int(qa[m * K + k])));
+        EXPECT_EQ(mx, 127);
+      }
+    }
+  }
+}
+
+TEST(GemmInt8, StaticAvx512MatchesReferenceBitForBit) {
+  if (!have_avx512()) GTEST_SKIP() << "no AVX-512";
+  const int64_t M = 5, K = 77;
+  std::vector<float> x = random_weights(M * K, 3), inv = smooth_factors(K, 9);
+  for (bool is_u8 : {true, false}) {
+    for (bool smooth : {false, true}) {
+      const DType qdt = is_u8 ? DType::kUInt8 : DType::kInt8;
+      const int32_t zp = is_u8 ? 131 : 0;
+      std::vector<uint8_t> qa(M * K), qb(M * K);
+      TensorView xv = view2(x.data(), DType::kFloat32, M, K), iv = view1(inv.data(), DType::kFloat32, K);
+      const TensorView* ip = smooth ? &iv : nullptr;
+      // A scale small enough that the clamp is exercised on the outliers.
+      cpu::quantize_static_reference(xv, ip, 0.03f, zp, view2(qa.data(), qdt, M, K));
+      ASSERT_TRUE(cpu::quantize_static_avx512(xv, ip, 0.03f, zp, view2(qb.data(), qdt, M, K)));
+      EXPECT_EQ(qa, qb);
+      int clamped = 0;
+      for (uint8_t c : qa) clamped += is_u8 ? (c == 0 || c == 255) : (c == 0x80 || c == 0x7f);
+      EXPECT_GT(clamped, 0);
+    }
+  }
+}
+
+TEST(GemmInt8, QuantizeRejectsNonFiniteAndBadArguments) {
+  const int64_t M = 3, K = 20;
+  std::vector<float> x(M * K, 1.0f), s(M);
+  std::vector<int8_t> q(M * K);
+  x[2 * K + 4] = NAN;
+  TensorView xv = view2(x.data(), DType::kFloat32, M, K), qv = view2(q.data(), DType::kInt8, M, K);
+  for (GemmBackend b : {GemmBackend::kReference, GemmBackend::kAuto}) {
+    EXPECT_THROW(quantize_per_token(xv, nullptr, qv, view1(s.data(), DType::kFloat32, M), b), ValueError);
+    EXPECT_THROW(quantize_static(xv, nullptr, 0.1f, 0, qv, b), ValueError);
+  }
+  x[2 * K + 4] = 0.0f;
+  EXPECT_THROW(quantize_static(xv, nullptr, 0.0f, 0, qv, GemmBackend::kAuto), ValueError);
+  EXPECT_THROW(quantize_static(xv, nullptr, 0.1f, 3, qv, GemmBackend::kAuto), ValueError);  // s8 zp
+  EXPECT_THROW(quantize_per_token(xv, nullptr, qv, view1(s.data(), DType::kFloat32, M - 1),
+                                  GemmBackend::kAuto), ValueError);
+  EXPECT_THROW(quantize_per_token(xv, nullptr, view2(q.data(), DType::kFloat32, M, K),
+                                  view1(s.data(), DType::kFloat32, M), GemmBackend::kAuto), TypeError);
+}
+
+struct Problem {
+  int64_t M, K, N;
+  bool is_u8, per_token, bias;
+};
+
+struct Data {
+  std::vector<uint8_t> qx;
+  std::vector<int8_t> w;
+  std::vector<float> a_s, w_s, bias;
+  int32_t zp;
+  TensorView qxv, asv, wv, wsv, bv;
+};
+
+Data make_data(const Problem& p, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> code(0, 255), wcode(-127, 127);
+  std::uniform_real_distribution<float> pos(0.001f, 0.02f), nrm(-1.0f, 1.0f);
+  Data d;
+  d.qx.resize(p.M * p.K);
+  for (auto& c : d.qx) c = static_cast<uint8_t>(p.is_u8 ? code(gen) : static_cast<uint8_t>(wcode(gen)));
+  d.w.resize(p.N * p.K);
+  for (auto& c : d.w) c = static_cast<int8_t>(wcode(gen));
+  d.a_s.resize(p.per_token ? p.M : 1);
+  for (auto& s : d.a_s) s = pos(gen);
+  d.w_s.resize(p.N);
+  for (auto& s : d.w_s) s = pos(gen);
+  d.bias.resize(p.N);
+  for (auto& b : d.bias) b = nrm(gen);
+  d.zp = p.is_u8 ? 117 : 0;
+  const DType xdt = p.is_u8 ? DType::kUInt8 : DType::kInt8;
+  d.qxv = view2(d.qx.data(), xdt, p.M, p.K);
+  d.asv = view1(d.a_s.data(), DType::kFloat32, static_cast<int64_t>(d.a_s.size()));
+  d.wv = view2(d.w.data(), DType::kInt8, p.N, p.K);
+  d.wsv = view1(d.w_s.data(), DType::kFloat32, p.N);
+  d.bv = view1(d.bias.data(), DType::kFloat32, p.N);
+  return d;
+}
+
+const Problem kProblems[] = {
+    {1, 64, 48, true, false, true},    {5, 384, 1152, true, false, false},
+    {33, 100, 70, true, false, true},  {1, 256, 96, false, true, true},
+    {17, 384, 384, false, true, true}, {64, 1536, 384, false, true, false},
+    {9, 96, 40, false, false, true},   {12, 384, 200, true, true, true},  // u8 per token (zp 128)
+};
+
+TEST(GemmInt8, ReferenceMatchesFloat64Product) {
+  for (const Problem& p : kProblems) {
+    Data d = make_data(p, 1);
+    std::vector<float> out(p.M * p.N);
+    linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, p.bias ? &d.bv : nullptr,
+                view2(out.data(), DType::kFloat32, p.M, p.N), GemmBackend::kReference);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t n = 0; n < p.N; ++n) {
+        double acc = 0;
+        for (int64_t k = 0; k < p.K; ++k) {
+          const int a = p.is_u8 ? int(d.qx[m * p.K + k]) : int(static_cast<int8_t>(d.qx[m * p.K + k]));
+          acc += double(a - d.zp) * d.w[n * p.K + k];
+        }
+        const double ref = acc * d.a_s[p.per_token ? m : 0] * d.w_s[n] + (p.bias ? d.bias[n] : 0.0);
+        ASSERT_NEAR(out[m * p.N + n], ref, 1e-5 * (1.0 + std::fabs(ref))) << m << "," << n;
+      }
+  }
+}
+
+TEST(GemmInt8, OneDnnMatchesReferenceAndIsOptimized) {
+  for (const Problem& p : kProblems) {
+    Data d = make_data(p, 2);
+    std::vector<float> ref(p.M * p.N), got(p.M * p.N, -1.0f);
+    const TensorView* b = p.bias ? &d.bv : nullptr;
+    linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, p.M, p.N),
+                GemmBackend::kReference);
+    const TensorView gv = view2(got.data(), DType::kFloat32, p.M, p.N);
+    linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, GemmBackend::kOneDNN);
+    for (int64_t i = 0; i < p.M * p.N; ++i)
+      ASSERT_NEAR(got[i], ref[i], 2e-6 * (1.0 + std::fabs(ref[i]))) << "M=" << p.M << " i=" << i;
+    const std::string impl = cpu::linear_int8_onednn_impl(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv);
+    EXPECT_EQ(impl.find("ref"), std::string::npos) << impl;
+    if (have_avx512() && __builtin_cpu_supports("avx512vnni"))
+      EXPECT_NE(impl.find("vnni"), std::string::npos) << impl;
+  }
+}
+
+TEST(GemmInt8, PackedWeightsMatchReference) {
+  for (const Problem& p : kProblems) {
+    if (!p.is_u8) continue;  // packed weights serve uint8 activations
+    Data d = make_data(p, 4);
+    const int64_t bytes = linear_int8_packed_bytes(p.K, p.N);
+    ASSERT_GE(bytes, p.K * p.N);
+    std::vector<uint8_t> packed(bytes);
+    const TensorView pv = view1(packed.data(), DType::kUInt8, bytes);
+    linear_int8_pack(d.wv, pv);
+    std::vector<float> ref(p.M * p.N), got(p.M * p.N, -1.0f);
+    const TensorView* b = p.bias ? &d.bv : nullptr;
+    linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, p.M, p.N),
+                GemmBackend::kReference);
+    const TensorView gv = view2(got.data(), DType::kFloat32, p.M, p.N);
+    linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, GemmBackend::kOneDNN, &pv);
+    for (int64_t i = 0; i < p.M * p.N; ++i)
+      ASSERT_NEAR(got[i], ref[i], 2e-6 * (1.0 + std::fabs(ref[i]))) << "M=" << p.M << " i=" << i;
+    const std::string impl =
+        cpu::linear_int8_onednn_impl(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, &pv);
+    EXPECT_NE(impl.find("packed"), std::string::npos) << impl;
+    EXPECT_EQ(impl.find("ref"), std::string::npos) << impl;
+  }
+  Data d = make_data({4, 64, 32, true, false, false}, 5);
+  std::vector<uint8_t> small(10);
+  EXPECT_THROW(linear_int8_pack(d.wv, view1(small.data(), DType::kUInt8, 10)), ValueError);
+}
+
+TEST(GemmInt8, LinearRejectsBadArguments) {
+  Problem p{4, 32, 8, true, false, true};
+  Data d = make_data(p, 3);
+  std::vector<float> out(p.M * p.N), bad_scales(3);
+  const TensorView ov = view2(out.data(), DType::kFloat32, p.M, p.N);
+  EXPECT_THROW(linear_int8(d.qxv, d.asv, 300, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto), ValueError);
+  EXPECT_THROW(linear_int8(d.qxv, view1(bad_scales.data(), DType::kFloat32, 3), d.zp, d.wv, d.wsv,
+                           &d.bv, ov, GemmBackend::kAuto), ValueError);
+  TensorView short_w = view2(d.w.data(), DType::kInt8, p.N, p.K - 1);
+  EXPECT_THROW(linear_int8(d.qxv, d.asv, d.zp, short_w, d.wsv, &d.bv, ov, GemmBackend::kAuto), ValueError);
+  TensorView u8_w = view2(d.w.data(), DType::kUInt8, p.N, p.K);
+  EXPECT_THROW(linear_int8(d.qxv, d.asv, d.zp, u8_w, d.wsv, &d.bv, ov, GemmBackend::kAuto), TypeError);
+  TensorView s8_x = d.qxv;
+  s8_x.dtype = DType::kInt8;
+  EXPECT_THROW(linear_int8(s8_x, d.asv, 5, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto), ValueError);
+}
+
+}  // namespace
+}  // namespace tensorslim

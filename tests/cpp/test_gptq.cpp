@@ -1,0 +1,193 @@
+// GPTQ and AWQ cores: GPTQ with nothing to compensate (diagonal H) is exactly the
+// round-to-nearest spec of gptq.h; with correlated inputs it beats round to nearest on the
+// layer's output error; damping escalates when H is singular; bad arguments are ValueErrors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "tensorslim/awq.h"
+#include "tensorslim/gptq.h"
+#include "test_helpers.h"
+
+namespace tensorslim {
+namespace {
+
+using testing::random_weights;
+using testing::view1;
+using testing::view2;
+
+struct Out {
+  std::vector<int32_t> codes;
+  std::vector<float> scales;
+  std::vector<uint8_t> zps;
+  GptqResult result;
+};
+
+Out run_gptq(std::vector<float>& w, std::vector<float>& h, int64_t rows, int64_t cols,
+             const GptqOptions& opt) {
+  const int64_t groups = cols / opt.group_size;
+  Out o;
+  o.codes.assign(rows * cols, 0);
+  o.scales.assign(rows * groups, 0.0f);
+  o.zps.assign(rows * groups, 0);
+  o.result = gptq_quantize(view2(w.data(), DType::kFloat32, rows, cols),
+                           view2(h.data(), DType::kFloat32, cols, cols), opt,
+                           view2(o.codes.data(), DType::kInt32, rows, cols),
+                           view2(o.scales.data(), DType::kFloat32, rows, groups),
+                           view2(o.zps.data(), DType::kUInt8, rows, groups));
+  return o;
+}
+
+// Round to nearest as gptq.h specifies it, in double with fp32 scales.
+void rtn(const std::vector<float>& w, int64_t rows, int64_t cols, int64_t g, int bits, bool sym,
+         std::vector<int32_t>* codes, std::vector<double>* deq) {
+  const IntGrid grid = int_grid(bits, sym);
+  codes->assign(rows * cols, 0);
+  deq->assign(rows * cols, 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c0 = 0; c0 < cols; c0 += g) {
+      double lo = 0, hi = 0;
+      for (int64_t c = c0; c < c0 + g; ++c) {
+        lo = std::min(lo, double(w[r * cols + c]));
+        hi = std::max(hi, double(w[r * cols + c]));
+      }
+      float scale = static_cast<float>((sym ? std::max(-lo, hi) : hi - lo) / grid.divisor);
+      if (!(scale > 0)) scale = 1;
+      const double zp = sym ? 0 : std::min<double>(std::max<double>(std::nearbyint(-lo / scale), grid.qmin), grid.qmax);
+      for (int64_t c = c0; c < c0 + g; ++c) {
+        double q = std::nearbyint(w[r * cols + c] / double(scale)) + zp;
+        q = std::min<double>(std::max<double>(q, grid.qmin), grid.qmax);
+        (*codes)[r * cols + c] = static_cast<int32_t>(q);
+        (*deq)[r * cols + c] = (q - zp) * scale;
+      }
+    }
+}
+
+TEST(GptqCore, DiagonalHessianIsRoundToNearest) {
+  const int64_t rows = 37, cols = 256;
+  std::vector<float> w = random_weights(rows * cols, 1);
+  std::vector<float> h(cols * cols, 0.0f);
+  std::mt19937 gen(2);
+  std::uniform_real_distribution<float> u(0.5f, 2.0f);
+  for (int64_t i = 0; i < cols; ++i) h[i * cols + i] = u(gen);
+  for (bool sym : {true, false})
+    for (int bits : {2, 3, 4, 8})
+      for (bool act_order : {false, true}) {
+        GptqOptions opt;
+        opt.bits = bits;
+        opt.symmetric = sym;
+        opt.group_size = 64;
+        opt.act_order = act_order;
+        Out o = run_gptq(w, h, rows, cols, opt);
+        std::vector<int32_t> codes;
+        std::vector<double> deq;
+        rtn(w, rows, cols, 64, bits, sym, &codes, &deq);
+        EXPECT_EQ(o.codes, codes) << "bits " << bits << " sym " << sym << " act_order " << act_order;
+        EXPECT_EQ(o.result.damp_used, 0.01);
+      }
+}
+
+TEST(GptqCore, BeatsRoundToNearestOnCorrelatedInputs) {
+  const int64_t rows = 64, cols = 256, n = 1024;
+  std::vector<float> w = random_weights(rows * cols, 3);
+  // Correlated inputs: a shared latent factor plus noise, a few loud channels.
+  std::mt19937 gen(4);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> x(n * cols);
+  for (int64_t t = 0; t < n; ++t) {
+    const double z = normal(gen);
+    for (int64_t c = 0; c < cols; ++c) x[t * cols + c] = (0.8 * z + 0.6 * normal(gen)) * (c % 31 == 0 ? 8 : 1);
+  }
+  std::vector<float> h(cols * cols);
+  for (int64_t i = 0; i < cols; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      double s = 0;
+      for (int64_t t = 0; t < n; ++t) s += x[t * cols + i] * x[t * cols + j];
+      h[i * cols + j] = static_cast<float>(2.0 * s / n);
+    }
+  auto output_error = [&](const std::vector<double>& deq) {
+    double e = 0;
+    for (int64_t t = 0; t < n; t += 4)
+      for (int64_t r = 0; r < rows; ++r) {
+        double y = 0;
+        for (int64_t c = 0; c < cols; ++c) y += x[t * cols + c] * (w[r * cols + c] - deq[r * cols + c]);
+        e += y * y;
+      }
+    return e;
+  };
+  for (int bits : {4, 3}) {
+    GptqOptions opt;
+    opt.bits = bits;
+    opt.group_size = 128;
+    Out o = run_gptq(w, h, rows, cols, opt);
+    std::vector<double> deq(rows * cols);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        deq[r * cols + c] = (o.codes[r * cols + c] - o.zps[r * 2 + c / 128]) * double(o.scales[r * 2 + c / 128]);
+    std::vector<int32_t> codes;
+    std::vector<double> rtn_deq;
+    rtn(w, rows, cols, 128, bits, true, &codes, &rtn_deq);
+    const double e_gptq = output_error(deq), e_rtn = output_error(rtn_deq);
+    EXPECT_LT(e_gptq, 0.7 * e_rtn) << "bits " << bits;
+  }
+}
+
+TEST(GptqCore, DampingRisesWhenHIsSingular) {
+  const int64_t rows = 4, cols = 64;
+  std::vector<float> w = random_weights(rows * cols, 5);
+  std::vector<float> h(cols * cols, 1.0f);  // rank one: not invertible without damping
+  GptqOptions opt;
+  opt.group_size = 64;
+  opt.damp = 0.0;
+  Out o = run_gptq(w, h, rows, cols, opt);
+  EXPECT_GT(o.result.damp_used, 0.0);
+  for (int32_t c : o.codes) EXPECT_TRUE(c >= -8 && c <= 7);
+}
+
+TEST(GptqCore, BadArgumentsAreValueErrors) {
+  const int64_t rows = 4, cols = 64;
+  std::vector<float> w = random_weights(rows * cols, 6);
+  std::vector<float> h(cols * cols, 0.0f);
+  for (int64_t i = 0; i < cols; ++i) h[i * cols + i] = -1.0f;  // negative definite: hopeless
+  GptqOptions opt;
+  opt.group_size = 64;
+  EXPECT_THROW(run_gptq(w, h, rows, cols, opt), ValueError);
+  for (int64_t i = 0; i < cols; ++i) h[i * cols + i] = 1.0f;
+  opt.group_size = 48;  // does not divide 64
+  EXPECT_THROW(run_gptq(w, h, rows, cols, opt), ValueError);
+  opt.group_size = 64;
+  opt.bits = 9;
+  EXPECT_THROW(run_gptq(w, h, rows, cols, opt), ValueError);
+  opt.bits = 4;
+  w[3] = std::nanf("");
+  EXPECT_THROW(run_gptq(w, h, rows, cols, opt), ValueError);
+}
+
+TEST(AwqCore, ScaleSearchAlphaZeroIsRoundToNearestError) {
+  // alpha = 0 means s = 1: the loss must be the plain round-to-nearest output error.
+  const int64_t rows = 8, cols = 128;
+  std::vector<float> w = random_weights(rows * cols, 7);
+  std::vector<float> g(cols * cols, 0.0f), act(cols, 1.0f);
+  for (int64_t i = 0; i < cols; ++i) g[i * cols + i] = 1.0f;  // identity Gram: loss = |d|^2
+  for (int64_t i = 0; i < cols; ++i) act[i] = 0.1f + 0.05f * (i % 9);
+  std::vector<float> losses(20);
+  AwqQuant q{4, true, 64};
+  const int64_t best = awq_search_scale(view2(w.data(), DType::kFloat32, rows, cols),
+                                        view2(g.data(), DType::kFloat32, cols, cols),
+                                        view1(act.data(), DType::kFloat32, cols), q, 20,
+                                        view1(losses.data(), DType::kFloat32, 20));
+  std::vector<int32_t> codes;
+  std::vector<double> deq;
+  rtn(w, rows, cols, 64, 4, true, &codes, &deq);
+  double e = 0;
+  for (int64_t i = 0; i < rows * cols; ++i) e += (w[i] - deq[i]) * (w[i] - deq[i]);
+  EXPECT_NEAR(losses[0], e / rows, 1e-4 * e / rows);
+  EXPECT_GE(best, 0);
+  EXPECT_LT(best, 20);
+  for (float l : losses) EXPECT_GE(l, losses[best]);
+}
+
+}  // namespace
+}  // namespace tensorslim

