@@ -110,7 +110,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="does not divide"):
         ops.quantize(x, "int4", 64)
     with pytest.raises(ValueError, match="unknown format"):
-        ops.quantize(x, "int5", 32)
+        ops.quantize(x, "int9", 32)
+    with pytest.raises(ValueError, match="use ops.quantize_lowbit"):
+        ops.quantize(x, "fp8_e4m3", 32)
     with pytest.raises(TypeError, match="float32"):
         ops.quantize(x.to(torch.int32), "int8", 32)
     with pytest.raises(ValueError, match="2-D"):

@@ -37,6 +37,19 @@ def _check_float(x: torch.Tensor, what: str) -> None:
         raise TypeError(f"{what}: expected float32, bfloat16 or float16, got {x.dtype}")
 
 
+# The formats these ops (and the kernels behind them) handle; the others go through
+# ops.quantize_lowbit / dequantize_lowbit / linear_lowbit.
+INTEGER_FORMATS = ("int8", "uint8", "int4", "uint4")
+
+
+def _integer_format(fmt: str) -> FormatSpec:
+    spec = get_format(fmt)
+    if fmt not in INTEGER_FORMATS:
+        raise ValueError(f"format {fmt!r} is not one of {INTEGER_FORMATS}; use ops.quantize_lowbit / "
+                         f"dequantize_lowbit / linear_lowbit for it")
+    return spec
+
+
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(BACKENDS)}")
@@ -85,7 +98,7 @@ def quantize(x: torch.Tensor, fmt: str, group_size: int = PER_TENSOR, backend: s
     [rows, cols / group_size] ([1, 1] per tensor), zero points uint8 of the same shape
     for the asymmetric formats.
     """
-    spec = get_format(fmt)
+    spec = _integer_format(fmt)
     _check_float(x, "x")
     _check_backend(backend)
     if x.dim() != 2:
@@ -184,7 +197,7 @@ def _dequantize_fake(q, scales, zero_points, fmt, group_size, cols, dtype):
 def dequantize(q, scales, zero_points, fmt: str, group_size: int, cols: int,
                dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
     """(q - zero_point) * scale, back to a [rows, cols] float tensor."""
-    spec = get_format(fmt)
+    spec = _integer_format(fmt)
     _check_backend(backend)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dequantize: dtype must be a float type, got {dtype}")
@@ -248,7 +261,7 @@ def linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
                        group_size: int, in_features: int, backend: str = "auto") -> torch.Tensor:
     """y = x @ dequantize(qweight).T + bias for x of shape [..., in_features]."""
-    spec = get_format(fmt)
+    spec = _integer_format(fmt)
     _check_backend(backend)
     _check_float(x, "x")
     if x.shape[-1] != in_features:
