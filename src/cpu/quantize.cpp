@@ -7,46 +7,12 @@
 #include <string>
 #include <vector>
 
-#include "half.h"
+#include "float_rows.h"
 #include "parallel.h"
 #include "quant_kernels.h"
 
 namespace tensorslim {
 namespace {
-
-bool is_float(DType dt) {
-  return dt == DType::kFloat32 || dt == DType::kBFloat16 || dt == DType::kFloat16;
-}
-
-// Row r of a 2-D float view as contiguous fp32: the row itself when it already is,
-// otherwise converted into buf.
-const float* row_as_f32(const TensorView& x, int64_t r, std::vector<float>& buf) {
-  const int64_t cols = x.shape[1], s0 = x.strides[0], s1 = x.strides[1];
-  if (x.dtype == DType::kFloat32 && s1 == 1) return x.ptr<float>() + r * s0;
-  buf.resize(cols);
-  for (int64_t c = 0; c < cols; ++c) {
-    const int64_t off = r * s0 + c * s1;
-    switch (x.dtype) {
-      case DType::kFloat32: buf[c] = x.ptr<float>()[off]; break;
-      case DType::kBFloat16: buf[c] = cpu::bf16_to_float(x.ptr<uint16_t>()[off]); break;
-      default: buf[c] = cpu::f16_to_float(x.ptr<uint16_t>()[off]); break;
-    }
-  }
-  return buf.data();
-}
-
-void store_row(const float* src, const TensorView& out, int64_t r) {
-  const int64_t cols = out.shape[1];
-  char* base = static_cast<char*>(out.data) + r * out.strides[0] * dtype_size(out.dtype);
-  if (out.dtype == DType::kFloat32) {
-    std::copy(src, src + cols, reinterpret_cast<float*>(base));
-  } else {
-    uint16_t* dst = reinterpret_cast<uint16_t*>(base);
-    const bool bf16 = out.dtype == DType::kBFloat16;
-    for (int64_t c = 0; c < cols; ++c)
-      dst[c] = bf16 ? cpu::float_to_bf16(src[c]) : cpu::float_to_f16(src[c]);
-  }
-}
 
 struct GroupParams {
   float scale;
@@ -89,7 +55,7 @@ int64_t check_quant_args(const TensorView& x, Format fmt, int64_t group_size, co
                          const TensorView& scales, const TensorView* zero_points) {
   const FormatInfo& info = format_info(fmt);
   check_ndim(x, 2, "x");
-  TS_CHECK_TYPE(is_float(x.dtype), std::string("x: expected float32, bfloat16 or float16, got ") +
+  TS_CHECK_TYPE(cpu::is_float_dtype(x.dtype), std::string("x: expected float32, bfloat16 or float16, got ") +
                                        dtype_name(x.dtype));
   const int64_t rows = x.shape[0], cols = x.shape[1];
   int64_t groups;
@@ -145,7 +111,7 @@ void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorV
     cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
       std::vector<float> buf;
       for (int64_t r = b; r < e; ++r)
-        if (cols && !k.min_max(row_as_f32(x, r, buf), cols, &lo[r], &hi[r])) throw_nonfinite(r);
+        if (cols && !k.min_max(cpu::row_as_f32(x, r, buf), cols, &lo[r], &hi[r])) throw_nonfinite(r);
     });
     float l = 0.0f, h = 0.0f;
     for (int64_t r = 0; r < rows; ++r) l = std::fmin(l, lo[r]), h = std::fmax(h, hi[r]);
@@ -159,7 +125,7 @@ void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorV
     std::vector<float> buf;
     std::vector<uint8_t> codes(info.bits == 4 ? cols : 0);
     for (int64_t r = b; r < e; ++r) {
-      const float* row = row_as_f32(x, r, buf);
+      const float* row = cpu::row_as_f32(x, r, buf);
       uint8_t* qrow = q.ptr<uint8_t>() + r * q.strides[0];
       uint8_t* dst = info.bits == 4 ? codes.data() : qrow;
       for (int64_t g = 0; g < groups; ++g) {
@@ -218,7 +184,7 @@ void dequantize(const TensorView& q, const TensorView& scales, const TensorView*
         else
           k.decode_u8(c + g * gsize, gsize, sc[idx], z, row.data() + g * gsize);
       }
-      store_row(row.data(), out, r);
+      cpu::store_row(row.data(), out, r);
     }
   });
 }

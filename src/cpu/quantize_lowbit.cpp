@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "half.h"
+#include "float_rows.h"
 #include "parallel.h"
 #include "tensorslim/lowbit.h"
 #include "tensorslim/quantize.h"
@@ -15,40 +15,7 @@
 namespace tensorslim {
 namespace {
 
-bool is_float_dtype(DType dt) {
-  return dt == DType::kFloat32 || dt == DType::kBFloat16 || dt == DType::kFloat16;
-}
-
 bool is_integer_row(const FormatInfo& f) { return !f.is_float && f.code_values == nullptr; }
-
-// Row r of a 2-D float view as contiguous fp32 (the row itself, or converted into buf).
-const float* row_as_f32(const TensorView& x, int64_t r, std::vector<float>& buf) {
-  const int64_t cols = x.shape[1], s0 = x.strides[0], s1 = x.strides[1];
-  if (x.dtype == DType::kFloat32 && s1 == 1) return x.ptr<float>() + r * s0;
-  buf.resize(cols);
-  for (int64_t c = 0; c < cols; ++c) {
-    const int64_t off = r * s0 + c * s1;
-    switch (x.dtype) {
-      case DType::kFloat32: buf[c] = x.ptr<float>()[off]; break;
-      case DType::kBFloat16: buf[c] = cpu::bf16_to_float(x.ptr<uint16_t>()[off]); break;
-      default: buf[c] = cpu::f16_to_float(x.ptr<uint16_t>()[off]); break;
-    }
-  }
-  return buf.data();
-}
-
-void store_row(const float* src, const TensorView& out, int64_t r) {
-  const int64_t cols = out.shape[1];
-  char* base = static_cast<char*>(out.data) + r * out.strides[0] * dtype_size(out.dtype);
-  if (out.dtype == DType::kFloat32) {
-    std::copy(src, src + cols, reinterpret_cast<float*>(base));
-  } else {
-    uint16_t* dst = reinterpret_cast<uint16_t*>(base);
-    const bool bf16 = out.dtype == DType::kBFloat16;
-    for (int64_t c = 0; c < cols; ++c)
-      dst[c] = bf16 ? cpu::float_to_bf16(src[c]) : cpu::float_to_f16(src[c]);
-  }
-}
 
 // Statistics of a run of values; false if any is NaN or Inf.
 struct Stats {
@@ -228,7 +195,7 @@ int64_t check_lowbit_args(const TensorView& x, Format fmt, int64_t group_size,
   const FormatInfo& info = format_info(fmt);
   const std::string fname = info.name;
   check_ndim(x, 2, "x");
-  TS_CHECK_TYPE(is_float_dtype(x.dtype),
+  TS_CHECK_TYPE(cpu::is_float_dtype(x.dtype),
                 std::string("x: expected float32, bfloat16 or float16, got ") + dtype_name(x.dtype));
   const int64_t rows = x.shape[0], cols = x.shape[1];
   if (info.block_size) {
@@ -316,7 +283,7 @@ void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const 
     cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
       std::vector<float> buf;
       for (int64_t r = b; r < e; ++r)
-        if (!stats_of(row_as_f32(x, r, buf), cols, &row_stats[r], need_sum, avx512))
+        if (!stats_of(cpu::row_as_f32(x, r, buf), cols, &row_stats[r], need_sum, avx512))
           throw_nonfinite(info, r);
     });
     Stats all;
@@ -334,7 +301,7 @@ void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const 
         std::vector<float> buf;
         for (int64_t r = 0; r < rows; ++r) {  // per-row sums, then their sum (as for Stats)
           double row_sum = 0.0;
-          above_threshold(row_as_f32(x, r, buf), cols, tensor_params.threshold, &row_sum, &count);
+          above_threshold(cpu::row_as_f32(x, r, buf), cols, tensor_params.threshold, &row_sum, &count);
           sum += row_sum;
         }
         tensor_params.scale = count ? static_cast<float>(sum / count) : 0.0f;
@@ -348,7 +315,7 @@ void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const 
     std::vector<float> buf;
     std::vector<int32_t> codes(cols);
     for (int64_t r = b; r < e; ++r) {
-      const float* row = row_as_f32(x, r, buf);
+      const float* row = cpu::row_as_f32(x, r, buf);
       for (int64_t g = 0; g < groups; ++g) {
         const float* xg = row + g * gsize;
         GroupParams p = tensor_params;
@@ -395,7 +362,7 @@ void dequantize_lowbit(const TensorView& q, const TensorView& scales,
       else
 #endif
         cpu::dequantize_row_reference(w, r, cols, row.data());
-      store_row(row.data(), out, r);
+      cpu::store_row(row.data(), out, r);
     }
   });
 }
