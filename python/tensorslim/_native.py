@@ -1,8 +1,10 @@
 """Loads the native core tensorslim._C.
 
-Threads: the core runs its parallel regions on torch's OpenMP team when torch loaded one
-(found in /proc/self/maps), so our kernels and torch's ops do not fight over cores.
-TENSORSLIM_THREADS=own keeps the core's own pool instead.
+Threads: the core runs its parallel regions on its own small pool (blocking waits).
+TENSORSLIM_THREADS=openmp runs them on torch's OpenMP team instead (found in
+/proc/self/maps), so kernels and torch ops share one set of threads; measured in
+docs/benchmarks.md: it only pays on an otherwise idle machine, because libgomp's
+busy-waiting barrier collapses (0.5 ms -> 8 ms per call) when cores are oversubscribed.
 
 oneDNN's CPU engine in the pip wheel runs on the SYCL runtime, which finds its
 OpenCL CPU device through the ICD loader; point the loader at the wheel's
@@ -56,13 +58,15 @@ def loaded_openmp_runtime() -> str:
 
 
 def _configure_threads() -> None:
-    choice = os.environ.get("TENSORSLIM_THREADS", "auto").lower()
-    if choice not in ("auto", "own"):
-        raise ValueError(f"TENSORSLIM_THREADS must be 'auto' or 'own', got {choice!r}")
-    if choice == "auto":
+    choice = os.environ.get("TENSORSLIM_THREADS", "own").lower()
+    if choice not in ("own", "openmp"):
+        raise ValueError(f"TENSORSLIM_THREADS must be 'own' or 'openmp', got {choice!r}")
+    if choice == "openmp":
         path = loaded_openmp_runtime()
-        if path:
-            _C.use_host_openmp(path)
+        if not path:
+            raise ValueError("TENSORSLIM_THREADS=openmp: no OpenMP runtime is loaded in this process")
+        if not _C.use_host_openmp(path):
+            raise ValueError(f"TENSORSLIM_THREADS=openmp: {path} lacks the GOMP entry points")
 
 
 _configure_threads()

@@ -1,8 +1,8 @@
-// Threads for the CPU kernels. By default a small persistent pool of our own (we never
-// load an OpenMP runtime ourselves). When the host process already runs one (torch's
-// libgomp), use_host_openmp() makes our parallel regions run on its team instead, so
-// our kernels and torch's ops share one set of threads rather than fighting over cores
-// (an idle OpenMP worker busy-waits for a while after each torch op).
+// Threads for the CPU kernels. By default a small persistent pool of our own with
+// blocking waits (we never load an OpenMP runtime ourselves). use_host_openmp() can make
+// our parallel regions run on the host's OpenMP team (torch's libgomp) instead, so kernels
+// and torch ops share one set of threads; that only pays on an idle machine, since the
+// runtime's busy-waiting barrier degrades badly when cores are oversubscribed.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-"""The core's threads: torch's OpenMP team when torch has one, else our own pool."""
+"""The core's threads: its own pool, or torch's OpenMP team with TENSORSLIM_THREADS=openmp."""
 import os
 import subprocess
 import sys
@@ -29,27 +29,39 @@ def _run(tmp_path, threads: str):
     return res.stdout.strip().splitlines()[-1], torch.load(out)
 
 
-def test_torch_openmp_is_shared_when_loaded():
-    if not loaded_openmp_runtime():
+def test_own_pool_by_default():
+    if os.environ.get("TENSORSLIM_THREADS", "own") == "own":
         assert _C.threading_backend() == "own pool"
-        return
-    assert _C.threading_backend() == "host openmp"
-    before = torch.get_num_threads()
-    try:  # torch's thread setting now governs our kernels too
-        torch.set_num_threads(1)
-        assert _C.num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-    assert _C.num_threads() == before
 
 
+@pytest.mark.skipif(not loaded_openmp_runtime(), reason="torch loaded no OpenMP runtime")
+def test_torch_thread_setting_governs_the_shared_team(tmp_path):
+    script = ("import torch, tensorslim as ts; torch.set_num_threads(1); "
+              "print(ts._C.threading_backend(), ts._C.num_threads())")
+    env = dict(os.environ, TENSORSLIM_THREADS="openmp")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.split() == ["host", "openmp", "1"]
+
+
+@pytest.mark.skipif(not loaded_openmp_runtime(), reason="torch loaded no OpenMP runtime")
 def test_both_thread_backends_give_identical_results(tmp_path):
     own_name, own = _run(tmp_path, "own")
-    auto_name, auto = _run(tmp_path, "auto")
-    assert own_name == "own pool"
-    assert auto_name == ("host openmp" if loaded_openmp_runtime() else "own pool")
-    for a, b in zip(own, auto):
+    omp_name, omp = _run(tmp_path, "openmp")
+    assert (own_name, omp_name) == ("own pool", "host openmp")
+    for a, b in zip(own, omp):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not loaded_openmp_runtime(), reason="torch loaded no OpenMP runtime")
+def test_errors_cross_the_openmp_region(tmp_path):
+    script = ("import torch, tensorslim as ts\nx = torch.randn(4096, 256)\nx[3000, 7] = float('nan')\n"
+              "try:\n    ts.ops.quantize(x, 'int8', 256, backend='native')\n"
+              "except ValueError as e:\n    print('ValueError', e)\n")
+    env = dict(os.environ, TENSORSLIM_THREADS="openmp")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.startswith("ValueError") and "row 3000" in res.stdout
 
 
 def test_errors_cross_the_parallel_region():
@@ -63,4 +75,4 @@ def test_bad_threads_setting_is_rejected():
     env = dict(os.environ, TENSORSLIM_THREADS="fast")
     res = subprocess.run([sys.executable, "-c", "import tensorslim"], env=env, capture_output=True,
                          text=True)
-    assert res.returncode != 0 and "TENSORSLIM_THREADS must be 'auto' or 'own'" in res.stderr
+    assert res.returncode != 0 and "TENSORSLIM_THREADS must be 'own' or 'openmp'" in res.stderr
