@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
-SOURCES := $(shell find include src kernels python -type f 2>/dev/null) CMakeLists.txt pyproject.toml
+SOURCES := $(shell find include src kernels python tests/cpp tests/cuda benchmarks -type f -not -name "*.pyc" 2>/dev/null) CMakeLists.txt pyproject.toml
 
 .PHONY: all deps build test test-cpp test-python demo bench clean
 

@@ -1,6 +1,8 @@
 """Calibrated low-bit weights: perplexity and calibration time per method, and the peak
 memory of the block-by-block pipeline against the model's size, measured in one run.
 
+0. Cores: the C++ GPTQ loop and AWQ searches against their plain-PyTorch references on
+   one weight matrix (3 * width x width), time and speed-up.
 1. Quality: the tiny byte-level LLaMA trained on pydoc text (tests/data), held-out
    perplexity for fp32, round to nearest, AWQ and GPTQ at INT4 g128 and INT3 g128
    (symmetric), with calibration wall time and the increase over fp32 relative to round
@@ -101,6 +103,37 @@ def quality(eval_tokens: int, n_calib: int, seq: int = 128):
         print(f"{method:<6} {label:<22} {ppl:>10.4f} {inc:>+9.4f} {ratio:>7} {elapsed:>8.1f}")
 
 
+# ---------------------------------------------------------------- core speed
+
+
+def core_speed(rows: int, cols: int, tokens: int = 2048):
+    """The C++ cores against their plain-PyTorch references (same algorithm, same results)."""
+    from tensorslim.ops import calibration as C
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, cols, generator=gen) @ (torch.eye(cols) + 0.1 * torch.randn(cols, cols, generator=gen))
+    w = torch.randn(rows, cols, generator=gen)
+    g = (x.double().T @ x.double() / tokens).float()
+    act = x.abs().mean(0)
+    cases = [
+        ("gptq int4 g128", lambda b: C.gptq_quantize(w, 2 * g, 4, True, 128, backend=b)),
+        ("awq scale search (20 alphas)", lambda b: C.awq_search_scale(w, g, act, 4, True, 128, backend=b)),
+        ("awq clip search (10 ratios)", lambda b: C.awq_search_clip(w, g, 4, True, 128, backend=b)),
+    ]
+    print(f"\nCalibration cores, weight {rows} x {cols}, torch threads {torch.get_num_threads()}, "
+          f"native threads {__import__('tensorslim')._C.num_threads()}")
+    print(f"{'core':<30} {'pytorch ref s':>13} {'C++ s':>8} {'speed-up':>9}")
+    for name, fn in cases:
+        t = time.perf_counter()
+        fn("reference")
+        ref = time.perf_counter() - t
+        fn("auto")  # warm-up
+        t = time.perf_counter()
+        fn("auto")
+        ours = time.perf_counter() - t
+        print(f"{name:<30} {ref:>13.2f} {ours:>8.2f} {ref / ours:>8.1f}x")
+
+
 # ---------------------------------------------------------------- memory table
 
 
@@ -168,6 +201,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-cores", action="store_true")
     ap.add_argument("--memory-child", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,6 +210,8 @@ def main():
         return
     if not args.skip_quality:
         quality(args.eval_tokens, args.calib, args.seq)
+    if not args.skip_cores:
+        core_speed(3 * args.width, args.width)
     if not args.skip_memory:
         memory(args.layers, args.width, args.calib, args.seq)
 

@@ -1,9 +1,11 @@
-"""Compress a real sentence-embedding model (all-MiniLM-L6-v2) with INT8 / INT4 weights.
+"""Compress a real sentence-embedding model (all-MiniLM-L6-v2) with every recipe tensorslim has.
 
 For each recipe: size of the linear layers and of the whole model, latency of embedding
 sentences at batch 32 and batch 1, and accuracy against fp32 (mean cosine of the sentence
-embeddings, and how often each sentence's nearest neighbour stays the same).
+embeddings, and how often each sentence's nearest neighbour stays the same). Calibrated
+recipes (GPTQ, AWQ, W8A8) see pydoc sentences other than the evaluated ones.
 Then saves the INT4 model, loads it into a fresh fp32 model and checks the outputs.
+(Binary / ternary weights need quantization-aware training: see examples/qat_digits.py.)
 
     python examples/compress_minilm.py [--sentences 256] [--repeats 5]
 """
@@ -23,15 +25,25 @@ from torch import nn  # noqa: E402
 
 import tensorslim as ts  # noqa: E402
 from tensorslim.eval import embed, embedding_cosine, load_minilm, pydoc_sentences  # noqa: E402
+from tensorslim.nn import COMPRESSED_MODULES  # noqa: E402
 from tensorslim.report import module_bytes  # noqa: E402
 
+# name, config, needs calibration data
 RECIPES = [
-    ("fp32", None),
-    ("int8 per-channel", ts.Int8WeightOnly()),
-    ("int4 g128 sym", ts.Int4WeightOnly(group_size=128)),
-    ("int4 g128 asym", ts.Int4WeightOnly(group_size=128, symmetric=False)),
-    ("int4 g32 sym", ts.Int4WeightOnly(group_size=32)),
+    ("fp32", None, False),
+    ("int8 per-channel", ts.Int8WeightOnly(), False),
+    ("int4 g128 sym", ts.Int4WeightOnly(group_size=128), False),
+    ("int4 g128 asym", ts.Int4WeightOnly(group_size=128, symmetric=False), False),
+    ("int4 g128 awq", ts.Int4WeightOnly(group_size=128, algorithm="awq"), True),
+    ("int4 g128 gptq", ts.Int4WeightOnly(group_size=128, symmetric=False, algorithm="gptq"), True),
+    ("int3 g128 gptq", ts.IntWeightOnly(bits=3, group_size=128, symmetric=False, algorithm="gptq"), True),
+    ("fp8 e4m3", "fp8", False),
+    ("nvfp4", "nvfp4", False),
+    ("mxfp4", "mxfp4", False),
+    ("w8a8 smoothquant", ts.W8A8(smoothquant_alpha="auto"), True),
+    ("int8 dynamic", ts.Int8Dynamic(), False),
 ]
+N_CALIB = 64
 MiB = 1024 * 1024
 
 
@@ -46,8 +58,9 @@ def cpu_name() -> str:
 
 
 def linear_bytes(model: nn.Module) -> int:
-    """Bytes of every (fp32 or quantized) linear layer's state."""
-    return sum(module_bytes(m) for m in model.modules() if isinstance(m, (nn.Linear, ts.WeightOnlyLinear)))
+    """Bytes of every (fp32 or compressed) linear layer's state."""
+    kinds = (nn.Linear,) + tuple(COMPRESSED_MODULES.values())
+    return sum(module_bytes(m) for m in model.modules() if isinstance(m, kinds))
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -84,7 +97,10 @@ def main() -> None:
     print(f"machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"tensorslim {ts.__version__}")
     model, tokenizer = load_minilm()
-    sentences = pydoc_sentences(args.sentences)
+    pool = pydoc_sentences(args.sentences + N_CALIB)
+    sentences, calib_text = pool[:args.sentences], pool[args.sentences:]
+    calib = [dict(tokenizer(calib_text[i:i + 16], padding=True, truncation=True, max_length=128,
+                            return_tensors="pt")) for i in range(0, N_CALIB, 16)]
     batch32, singles = sentences[:32], sentences[:4]
     ref = embed(model, tokenizer, sentences)
     ref_nn = nearest_neighbours(ref)
@@ -92,10 +108,10 @@ def main() -> None:
           f"latency: median of {args.repeats} runs after warm-up\n")
 
     rows, models = [], {}
-    for name, cfg in RECIPES:
+    for name, cfg, calibrated in RECIPES:
         q = copy.deepcopy(model)
         if cfg is not None:
-            ts.quantize(q, cfg, progress=False)
+            ts.quantize(q, cfg, calib_data=calib if calibrated else None, progress=False)
         models[name] = q
         emb = embed(q, tokenizer, sentences)
         rows.append(dict(name=name, lin=linear_bytes(q), total=state_bytes(q), t32=[], t1=[],

@@ -31,3 +31,5 @@ from .config import Int8Dynamic, W8A8  # noqa: E402
 from .nn import Int8Linear  # noqa: E402
 __all__ += ["W8A8", "Int8Dynamic", "Int8Linear"]
 from . import eval  # noqa: F401,E402  (ts.eval.perplexity, ts.eval.load_minilm, ...)
+from .config import AWQ, GPTQ  # noqa: E402
+__all__ += ["AWQ", "GPTQ"]

@@ -273,6 +273,8 @@ PRESETS.update({
 })
 
 
+from typing import Union  # noqa: E402  (W8A8's alpha: a number or "auto")
+
 _OBSERVER_METHODS = ("max", "percentile", "mse", "kl")
 _INT8_BACKENDS = ("auto", "onednn", "reference")
 
@@ -308,7 +310,7 @@ class W8A8(Config):
     """
 
     smoothquant: bool = True
-    smoothquant_alpha: object = 0.5
+    smoothquant_alpha: Union[float, str] = 0.5  # or "auto"
     observer: str = "max"
     percentile: float = 99.99
     act_symmetric: bool = False
@@ -333,7 +335,7 @@ class Int8Dynamic(Config):
     torch.ao's dynamic quantization). No calibration unless smoothquant=True."""
 
     smoothquant: bool = False
-    smoothquant_alpha: object = 0.5
+    smoothquant_alpha: Union[float, str] = 0.5  # or "auto"
     fold: bool = True
     search_rows: int = 512
     alpha_grid_step: float = 0.05
@@ -349,3 +351,47 @@ PRESETS.update({
     "w8a8_smoothquant": W8A8,
     "int8_dynamic": Int8Dynamic,
 })
+
+
+@register_config
+@dataclass
+class GPTQ(IntWeightOnly):
+    """IntWeightOnly(algorithm="gptq") with GPTQ's own settings: act_order visits columns by
+    decreasing Hessian diagonal; damp is the fraction of mean(diag H) added to H's diagonal
+    (raised automatically, with a warning, if H is still singular); block_size is the
+    lazy-update block. Needs calibration data."""
+
+    algorithm: str = "gptq"
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algorithm != "gptq":
+            raise ValueError(f"GPTQ: algorithm must be 'gptq', got {self.algorithm!r}")
+        if not (0.0 <= float(self.damp) < 10.0):
+            raise ValueError(f"GPTQ: damp must be in [0, 10), got {self.damp}")
+        if int(self.block_size) <= 0:
+            raise ValueError(f"GPTQ: block_size must be positive, got {self.block_size}")
+
+
+@register_config
+@dataclass
+class AWQ(IntWeightOnly):
+    """IntWeightOnly(algorithm="awq") with AWQ's search settings: n_grid scale exponents
+    alpha = k / n_grid, and clip ratios 1 - k / n_grid down to 1 - max_shrink. Needs
+    calibration data."""
+
+    algorithm: str = "awq"
+    n_grid: int = 20
+    max_shrink: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algorithm != "awq":
+            raise ValueError(f"AWQ: algorithm must be 'awq', got {self.algorithm!r}")
+        if int(self.n_grid) <= 0:
+            raise ValueError(f"AWQ: n_grid must be positive, got {self.n_grid}")
+        if not (0.0 < float(self.max_shrink) < 1.0 and self.max_shrink * self.n_grid >= 1):
+            raise ValueError(f"AWQ: max_shrink must be in [1/n_grid, 1), got {self.max_shrink}")

@@ -1,7 +1,8 @@
 // AWQ's searches on the CPU: every candidate (a scale exponent, or a clip ratio per group)
 // is quantized with the fp32 round-to-nearest rules and scored by the output error it
 // causes, d^T G d with G the inputs' Gram matrix; rows run in parallel in chunks, and each
-// chunk's quadratic forms come from one Eigen (SIMD, cache-blocked) matrix product D G.
+// chunk's quadratic forms come from the AVX2 kernel (awq_avx2.cpp) or, on older CPUs, one
+// Eigen (SSE2, cache-blocked) matrix product D G.
 #include "tensorslim/awq.h"
 
 #include <Eigen/Dense>
@@ -10,19 +11,24 @@
 #include <string>
 #include <vector>
 
+#include "awq_kernels.h"
 #include "parallel.h"
 #include "tensorslim/gptq.h"
+#include "tensorslim/quantize.h"
 #include "tensorslim/status.h"
 
 namespace tensorslim {
 namespace {
 
-using MatF = Eigen::MatrixXf;
 using RowMatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 // Quantize-dequantize n values with the group's range [lo, hi] shrunk by `ratio`.
 void fake_quant(const float* v, float* out, int64_t n, const IntGrid& grid, bool symmetric,
                 float ratio) {
+  if (cpu::active_isa() >= cpu::Isa::kAVX2) {
+    cpu::fake_quant_avx2(v, out, n, grid.qmin, grid.qmax, grid.divisor, symmetric, ratio);
+    return;
+  }
   float lo = 0.0f, hi = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     lo = std::min(lo, v[i]);
@@ -56,6 +62,19 @@ void check_common(const TensorView& w, const TensorView& g, const AwqQuant& q, c
                      std::to_string(w.size(1)));
 }
 
+// out[r] = d_r^T G d_r; G (K x K, symmetric) starts at g with leading dimension ldg.
+void quad_forms(const RowMatF& d, const float* g, int64_t ldg, double* out) {
+  const int64_t K = d.cols();
+  if (cpu::active_isa() >= cpu::Isa::kAVX2) {
+    cpu::quad_forms_avx2(d.data(), d.rows(), K, K, g, ldg, out);
+    return;
+  }
+  // Baseline: one Eigen matrix product for the chunk (SSE2 SIMD, cache-blocked).
+  const Eigen::Map<const RowMatF, 0, Eigen::OuterStride<>> G(g, K, K, Eigen::OuterStride<>(ldg));
+  const RowMatF y = d * G;
+  for (int64_t r = 0; r < d.rows(); ++r) out[r] = d.row(r).cast<double>().dot(y.row(r).cast<double>());
+}
+
 std::vector<float> load(const TensorView& t) {
   const int64_t rows = t.ndim == 2 ? t.size(0) : 1, cols = t.size(-1);
   const int64_t rs = t.ndim == 2 ? t.stride(0) : 0, cs = t.stride(-1);
@@ -85,7 +104,6 @@ int64_t awq_search_scale(const TensorView& w, const TensorView& g, const TensorV
   const IntGrid grid = int_grid(q.bits, q.symmetric);
 
   const std::vector<float> W = load(w), A = load(act), Gv = load(g);
-  const Eigen::Map<const MatF> G(Gv.data(), cols, cols);  // symmetric: layout does not matter
   std::vector<float> s(cols);
   std::vector<double> row_loss(rows);
   int64_t best = 0;
@@ -107,9 +125,7 @@ int64_t awq_search_scale(const TensorView& w, const TensorView& g, const TensorV
           fake_quant(&scaled[c0], &deq[c0], q.group_size, grid, q.symmetric, 1.0f);
         for (int64_t j = 0; j < cols; ++j) d(r - r0, j) = row[j] - deq[j] / s[j];
       }
-      const RowMatF y = d * G;  // one matrix product for the chunk: the quadratic forms' bulk
-      for (int64_t r = r0; r < r1; ++r)
-        row_loss[r] = d.row(r - r0).cast<double>().dot(y.row(r - r0).cast<double>());
+      quad_forms(d, Gv.data(), cols, &row_loss[r0]);
     });
     double total = 0.0;
     for (double l : row_loss) total += l;
@@ -138,16 +154,15 @@ void awq_search_clip(const TensorView& w, const TensorView& g, const AwqQuant& q
                  "awq_search_clip: outputs must be contiguous");
   const IntGrid grid = int_grid(q.bits, q.symmetric);
   const std::vector<float> W = load(w), Gv = load(g);
-  const Eigen::Map<const MatF> G(Gv.data(), cols, cols);
   float* bp = best_ratio.ptr<float>();
   float* lp = losses.ptr<float>();
 
   cpu::parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
     const int64_t nr = r1 - r0;
     std::vector<float> deq(gs);
+    std::vector<double> qf(nr);
     RowMatF d(nr, gs);
     for (int64_t k = 0; k < groups; ++k) {
-      const auto Gk = G.block(k * gs, k * gs, gs, gs);
       for (int64_t i = 0; i < n_ratios; ++i) {
         const float ratio = 1.0f - static_cast<float>(i) / static_cast<float>(n_grid);
         for (int64_t r = r0; r < r1; ++r) {
@@ -155,10 +170,8 @@ void awq_search_clip(const TensorView& w, const TensorView& g, const AwqQuant& q
           fake_quant(v, deq.data(), gs, grid, q.symmetric, ratio);
           for (int64_t j = 0; j < gs; ++j) d(r - r0, j) = v[j] - deq[j];
         }
-        const RowMatF y = d * Gk;
-        for (int64_t r = r0; r < r1; ++r)
-          lp[(r * groups + k) * n_ratios + i] =
-              static_cast<float>(d.row(r - r0).cast<double>().dot(y.row(r - r0).cast<double>()));
+        quad_forms(d, Gv.data() + k * gs * cols + k * gs, cols, qf.data());
+        for (int64_t r = r0; r < r1; ++r) lp[(r * groups + k) * n_ratios + i] = static_cast<float>(qf[r - r0]);
       }
       for (int64_t r = r0; r < r1; ++r) {
         const float* out = lp + (r * groups + k) * n_ratios;

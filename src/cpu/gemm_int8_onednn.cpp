@@ -11,6 +11,7 @@
 //    primitive refuse it, we run on the plain weights instead.
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -157,7 +158,9 @@ bool linear_int8_onednn(const TensorView& qx, const TensorView& act_scales,
     const int64_t M = qx.shape[0], N = qweight.shape[0];
     const float* rs = act_scales.ptr<float>();
     const float* b = bias ? bias->ptr<float>() : nullptr;
-    parallel_for(M, 8, [&](int64_t lo, int64_t hi) {
+    // Serial unless large: see row_grain in quantize_act_avx512.cpp.
+    parallel_for(M, std::max<int64_t>(8, (int64_t{1} << 22) / std::max<int64_t>(N, 1)),
+                 [&](int64_t lo, int64_t hi) {
       for (int64_t m = lo; m < hi; ++m) {
         float* row = out.ptr<float>() + m * N;
         const float s = rs[m];

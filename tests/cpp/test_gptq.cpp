@@ -7,8 +7,10 @@
 #include <random>
 #include <vector>
 
+#include "awq_kernels.h"
 #include "tensorslim/awq.h"
 #include "tensorslim/gptq.h"
+#include "tensorslim/quantize.h"
 #include "test_helpers.h"
 
 namespace tensorslim {
@@ -187,6 +189,52 @@ TEST(AwqCore, ScaleSearchAlphaZeroIsRoundToNearestError) {
   EXPECT_GE(best, 0);
   EXPECT_LT(best, 20);
   for (float l : losses) EXPECT_GE(l, losses[best]);
+}
+
+TEST(AwqCore, Avx2FakeQuantIsBitExact) {
+  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  std::vector<float> v = random_weights(4096, 8), out(4096);
+  for (bool sym : {true, false})
+    for (int bits : {2, 3, 4, 8})
+      for (int64_t n : {32, 37, 128, 5})
+        for (float ratio : {1.0f, 0.85f, 0.55f}) {
+          const IntGrid g = int_grid(bits, sym);
+          cpu::fake_quant_avx2(v.data(), out.data(), n, g.qmin, g.qmax, g.divisor, sym, ratio);
+          // the spec (quantize.h rules on the shrunk range), written out
+          float lo = 0, hi = 0;
+          for (int64_t i = 0; i < n; ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
+          lo *= ratio;
+          hi *= ratio;
+          float scale = (sym ? std::max(-lo, hi) : hi - lo) / float(g.divisor);
+          if (!(scale > 0)) scale = 1;
+          const float zp = sym ? 0.0f : std::min(std::max(std::nearbyint(-lo / scale), float(g.qmin)), float(g.qmax));
+          for (int64_t i = 0; i < n; ++i) {
+            const float c = std::min(std::max(std::nearbyint(v[i] / scale) + zp, float(g.qmin)), float(g.qmax));
+            ASSERT_EQ(out[i], (c - zp) * scale) << "bits " << bits << " n " << n << " i " << i;
+          }
+        }
+}
+
+TEST(AwqCore, Avx2QuadraticFormsMatchDouble) {
+  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  for (int64_t K : {16, 128, 200}) {  // 200: a partial last strip
+    const int64_t nr = 7, ldg = K + 3;
+    std::vector<float> d = random_weights(nr * K, 9), a = random_weights(K * K, 10), g(K * ldg);
+    for (int64_t i = 0; i < K; ++i)  // symmetric G = A + A^T
+      for (int64_t j = 0; j < K; ++j) g[i * ldg + j] = a[i * K + j] + a[j * K + i];
+    std::vector<double> out(nr);
+    cpu::quad_forms_avx2(d.data(), nr, K, K, g.data(), ldg, out.data());
+    for (int64_t r = 0; r < nr; ++r) {
+      double ref = 0, mag = 0;
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < K; ++j) {
+          const double t = double(d[r * K + i]) * g[i * ldg + j] * d[r * K + j];
+          ref += t;
+          mag += std::fabs(t);
+        }
+      EXPECT_NEAR(out[r], ref, 1e-5 * mag) << "K " << K << " row " << r;
+    }
+  }
 }
 
 }  // namespace

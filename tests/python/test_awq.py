@@ -1,4 +1,5 @@
-"""AWQ: the C++ scale and clip searches against their PyTorch references, folding (only
+"""AWQ: the C++ scale and clip searches (every CPU path: the `isa` fixture) against their
+PyTorch references, folding (only
 where the float function is unchanged), output error against round to nearest, and errors."""
 import copy
 
@@ -26,7 +27,7 @@ def gram_and_act(x):
 
 @pytest.mark.parametrize("bits,symmetric,group", [(4, True, 128), (4, False, 64), (3, True, 128),
                                                   (3, False, 32), (2, False, 128), (8, True, 256)])
-def test_scale_search_matches_reference(bits, symmetric, group):
+def test_scale_search_matches_reference(bits, symmetric, group, isa):
     x = outlier_inputs(512, 256)
     g, act = gram_and_act(x)
     w = torch.randn(40, 256, generator=torch.Generator().manual_seed(1))
@@ -38,7 +39,7 @@ def test_scale_search_matches_reference(bits, symmetric, group):
 
 
 @pytest.mark.parametrize("bits,symmetric,group", [(4, True, 128), (4, False, 64), (3, True, 32), (2, False, 128)])
-def test_clip_search_matches_reference(bits, symmetric, group):
+def test_clip_search_matches_reference(bits, symmetric, group, isa):
     x = outlier_inputs(256, 256, seed=2)
     g, _ = gram_and_act(x)
     w = torch.randn(24, 256, generator=torch.Generator().manual_seed(3))
@@ -164,3 +165,20 @@ def test_bad_arguments(call, match):
     g, act = gram_and_act(x)
     with pytest.raises(ValueError, match=match):
         call(torch.randn(8, 128), g, act)
+
+
+def test_awq_config_settings_and_json():
+    cfg = ts.AWQ(bits=4, n_grid=10, max_shrink=0.3)
+    assert ts.Config.from_json(cfg.to_json()) == cfg
+    torch.manual_seed(2)
+    model = _with_outliers(nn.Sequential(PreNormBlock()))
+    report = ts.quantize(model, cfg, calib_data=[torch.randn(2, 16, 128)], progress=False)
+    alphas = {float(c.format.split("alpha=")[1].split()[0]) for c in report.changed}
+    assert alphas <= {k / 10 for k in range(10)}  # the 10-point grid was used
+
+
+@pytest.mark.parametrize("kwargs", [dict(n_grid=0), dict(max_shrink=1.0), dict(n_grid=4, max_shrink=0.1),
+                                    dict(algorithm="gptq")])
+def test_awq_config_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ts.AWQ(**kwargs)

@@ -153,3 +153,48 @@ def test_bad_arguments(kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         C.gptq_quantize(**args)
+
+
+def test_gptq_config_act_order_and_json():
+    cfg = ts.GPTQ(bits=4, group_size=64, act_order=True, damp=0.05)
+    assert ts.Config.from_json(cfg.to_json()) == cfg
+    model = nn.Sequential(nn.Linear(256, 32))
+    ref = copy.deepcopy(model)
+    calib = [correlated_inputs(256, 256, seed=9)[None]]
+    report = ts.quantize(model, cfg, calib_data=calib, progress=False)
+    assert report.changed[0].format == "int4 g64 gptq act-order"
+    res = C.gptq_quantize(ref[0].weight, hessian(calib[0][0]), 4, True, 64, act_order=True, damp=0.05)
+    assert torch.equal(model[0].dequantized_weight(), _dequant(res, 64))
+
+
+@pytest.mark.parametrize("kwargs", [dict(damp=-0.1), dict(block_size=0), dict(algorithm="awq"), dict(bits=1)])
+def test_gptq_config_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ts.GPTQ(**kwargs)
+
+
+def test_sequential_mode_sees_earlier_layers_quantized():
+    """With sequential=True the second layer's H comes from the block with the first layer
+    already quantized; in the default mode from the float block."""
+    torch.manual_seed(3)
+    model = Net2()
+    calib = [correlated_inputs(64, 128, seed=11)[None]]
+    x = calib[0][0]
+    for seq in (False, True):
+        q = copy.deepcopy(model)
+        gptq.quantize_gptq(q, WeightSpec(4, True, 128), make_forward_loop(calib, progress=False),
+                           sequential=seq, progress=False)
+        first = q.fc1.dequantized_weight() if seq else model.fc1.weight
+        with torch.no_grad():
+            h2 = hessian(torch.relu(nn.functional.linear(x, first, model.fc1.bias)))
+        res = C.gptq_quantize(model.fc2.weight, h2, 4, True, 128)
+        assert (q.fc2.dequantized_weight() != _dequant(res, 128)).float().mean() < 1e-3
+
+
+class Net2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(128, 128), nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))

@@ -136,35 +136,39 @@ def _rtn(model, bits):
 
 @pytest.fixture(scope="module")
 def ppl(lm):
-    """method -> perplexity on held-out text; INT4 through ts.quantize (packed layers),
-    INT3 simulated (quantized-dequantized weights) until the format table has int3."""
+    """method -> perplexity on held-out text, through ts.quantize with packed layers; INT3 is
+    simulated (quantized-dequantized float weights) if the format table has no int3."""
     model, calib, held_out = lm
 
     def run(m):
         return perplexity(m, held_out, seq_len=SEQ)
 
     out = {"fp32": run(model)}
-    q = copy.deepcopy(model)
-    ts.quantize(q, ts.Int4WeightOnly(group_size=128), progress=False)
-    out["rtn4"] = run(q)
-    for algo in ("awq", "gptq"):
+    for bits in (4, 3):
+        if bits == 3 and "int3" not in ts.FORMATS:
+            out["rtn3"] = run(_rtn(model, 3))
+            for algo, fn in (("awq", awq.quantize_awq), ("gptq", gptq.quantize_gptq)):
+                q = copy.deepcopy(model)
+                fn(q, WeightSpec(3, True, 128, simulate=True), make_forward_loop(calib, progress=False),
+                   progress=False)
+                out[f"{algo}3"] = run(q)
+            continue
         q = copy.deepcopy(model)
-        report = ts.quantize(q, ts.Int4WeightOnly(group_size=128, algorithm=algo), calib_data=calib,
-                             progress=False)
-        assert len(report.changed) == 21  # 3 blocks x 7 Linear layers; lm_head stays fp32
-        assert sum(isinstance(m, ts.WeightOnlyLinear) for m in q.modules()) == 21
-        out[f"{algo}4"] = run(q)
-    out["rtn3"] = run(_rtn(model, 3))
-    spec = WeightSpec(3, True, 128, simulate=True)
-    for algo, fn in (("awq", awq.quantize_awq), ("gptq", gptq.quantize_gptq)):
-        q = copy.deepcopy(model)
-        fn(q, spec, make_forward_loop(calib, progress=False), progress=False)
-        out[f"{algo}3"] = run(q)
+        ts.quantize(q, ts.IntWeightOnly(bits=bits, group_size=128), progress=False)
+        out[f"rtn{bits}"] = run(q)
+        for algo in ("awq", "gptq"):
+            q = copy.deepcopy(model)
+            report = ts.quantize(q, ts.IntWeightOnly(bits=bits, group_size=128, algorithm=algo),
+                                 calib_data=calib, progress=False)
+            assert len(report.changed) == 21  # 3 blocks x 7 Linear layers; lm_head stays fp32
+            assert sum(isinstance(m, ts.WeightOnlyLinear) for m in q.modules()) == 21
+            out[f"{algo}{bits}"] = run(q)
     return out
 
 
-def test_rtn_int4_packed_equals_plain_pytorch_rtn(lm, ppl):
-    assert run_ppl(lm, _rtn(lm[0], 4)) == pytest.approx(ppl["rtn4"], rel=1e-4)
+@pytest.mark.parametrize("bits", [4, 3])
+def test_packed_rtn_equals_plain_pytorch_rtn(lm, ppl, bits):
+    assert run_ppl(lm, _rtn(lm[0], bits)) == pytest.approx(ppl[f"rtn{bits}"], rel=1e-4)
 
 
 def run_ppl(lm, model):

@@ -65,9 +65,9 @@ def test_naive_w8a8_fails_on_outlier_channels_and_smoothquant_recovers():
     # levels: ~14 dB. Smoothing moves the outliers into fc1's weights: > 30 dB.
     assert naive < 20.0, naive
     assert smooth > 30.0 and smooth > naive + 12, (naive, smooth)
-    # The per-layer search minimizes each layer's own output MSE; end to end it also beats naive
-    # by far, though here not the fixed 0.5 (measured: ~25 dB vs ~35 dB).
-    assert auto > naive + 8, (naive, auto)
+    # The per-layer search (scored on held-out sample rows) does at least as well as 0.5
+    # (measured: 36.6 dB vs 34.7 dB).
+    assert auto >= smooth - 1.0, (auto, smooth)
     # fc1 reads the norm's output only: the smoothing went into the norm. fc2 reads GELU's output.
     assert smooth_q.fc1.smooth.startswith("folded(norm)") and smooth_q.fc1.inv_smooth is None
     assert smooth_q.fc2.smooth.startswith("input") and smooth_q.fc2.inv_smooth is not None

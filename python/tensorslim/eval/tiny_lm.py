@@ -5,7 +5,7 @@ Python, and the architecture is transformers' LLaMA (RMSNorm, rotary attention, 
 so the calibration code meets the same module structure as real LLMs. Hidden sizes are
 multiples of 128 so group-128 quantization applies to every layer.
 
-    python -m tensorslim.eval.tiny_lm tests/data/tiny_llama_pydoc.safetensors   # ~1-2 min
+    python -m tensorslim.eval.tiny_lm tests/data/tiny_llama_pydoc.safetensors   # ~3 min, 1 thread
 
 trains deterministically and writes the weights (fp32 safetensors, ~3 MB); `load_tiny_lm`
 reads them back (training first if the file is missing).

@@ -20,7 +20,7 @@ The next block is calibrated on the float block's outputs, as in the paper.
 
     ts.quantize(model, ts.Int4WeightOnly(algorithm="awq"), calib_data=batches)
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
@@ -29,11 +29,13 @@ from torch import nn
 
 from ..ops import calibration as C
 from .blockwise import Edits, Inputs, WeightSpec, calibrate_blockwise, make_layer, run_block
-from .weight_only import check_linear, register_algorithm
+from ..config import AWQ
+from .registry import register_transform
+from .weight_only import apply_weight_only, check_linear, register_algorithm
 
 N_GRID = 20        # alpha = k / 20, k = 0..19
 MAX_SHRINK = 0.5   # clip ratios 1.0, 0.95, ..., 0.55
-FOLD_TOL = 1e-4    # relative change of the float block's output a fold may cause
+FOLD_TOL = 1e-4    # change of the float block's output a fold may cause, relative to the block's update
 
 
 @dataclass
@@ -46,7 +48,6 @@ class InputGroup:
     gram: Optional[torch.Tensor] = None     # sum x^T x, float64
     abs_sum: Optional[torch.Tensor] = None  # sum |x| per channel, float64
     count: int = 0
-    extra: Dict[str, object] = field(default_factory=dict)
 
 
 def _foldable(mod: nn.Module, width: int) -> bool:
@@ -81,7 +82,7 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
     def target_hook(name):
         def fn(mod, args, out):
             x = args[0]
-            if first[0]:
+            if first[0] and name not in group_of:  # a layer called twice keeps its first input
                 idx = next((g for t, g in seen if t is x), None)
                 if idx is None:
                     prod = produced.get(id(x))
@@ -92,7 +93,7 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
                 groups[idx].names.append(name)
                 group_of[name] = idx
             g = groups[group_of[name]]
-            if g.names[0] != name:
+            if g.names[0] != name or (first[0] and x is not next(t for t, i in seen if i == group_of[name])):
                 return  # the group's statistics are gathered once per batch
             x2 = x.detach().reshape(-1, mod.in_features).double()
             if g.gram is None:
@@ -123,19 +124,20 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
 
 def _fold(prev: nn.Module, layers: List[nn.Linear], s: torch.Tensor, edits: Edits) -> None:
     """prev's output channels / s, the layers' input channels * s (same function)."""
-    def param(t: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(t, requires_grad=False)
+    def param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+        return nn.Parameter(t, requires_grad=like.requires_grad)
 
     with torch.no_grad():
         sp = s.to(prev.weight.device, prev.weight.dtype)
         if isinstance(prev, nn.Linear):
-            edits.set(prev, "weight", param(prev.weight / sp[:, None]))
+            edits.set(prev, "weight", param(prev.weight / sp[:, None], prev.weight))
         else:
-            edits.set(prev, "weight", param(prev.weight / sp))
+            edits.set(prev, "weight", param(prev.weight / sp, prev.weight))
         if getattr(prev, "bias", None) is not None:
-            edits.set(prev, "bias", param(prev.bias / sp))
+            edits.set(prev, "bias", param(prev.bias / sp, prev.bias))
         for lin in layers:
-            edits.set(lin, "weight", param(lin.weight * s.to(lin.weight.device, lin.weight.dtype)[None, :]))
+            scaled = lin.weight * s.to(lin.weight.device, lin.weight.dtype)[None, :]
+            edits.set(lin, "weight", param(scaled, lin.weight))
 
 
 def _candidates(block: nn.Module, group: InputGroup, steps: Dict[str, int], width: int) -> List[str]:
@@ -149,8 +151,15 @@ def _candidates(block: nn.Module, group: InputGroup, steps: Dict[str, int], widt
     return [n for n in out if _foldable(block.get_submodule(n), width)]
 
 
-def _relative_change(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30))
+def _relative_change(out: torch.Tensor, ref: torch.Tensor, inp) -> float:
+    """|out - ref| relative to what the block adds to its input (residual blocks would
+    otherwise hide a wrong fold behind a large residual stream), or to |ref|."""
+    args, kwargs = inp
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    base = ref.double()
+    if isinstance(hidden, torch.Tensor) and hidden.shape == ref.shape:
+        base = base - hidden.double()
+    return float((out.double() - ref.double()).norm() / base.norm().clamp(min=1e-30))
 
 
 def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SHRINK,
@@ -165,8 +174,8 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
         for g in groups:
             layers = [targets[n] for n in g.names]
             width = layers[0].in_features
-            gram = (g.gram / g.count).float()
-            act = (g.abs_sum / g.count).float()
+            gram = (g.gram / g.count).float().cpu()  # the searches run on the CPU core
+            act = (g.abs_sum / g.count).float().cpu()
             w = torch.cat([lin.weight.detach().float() for lin in layers])
             k, _ = C.awq_search_scale(w, gram, act, spec.bits, spec.symmetric, spec.group_for(width), n_grid)
             note = f"awq alpha={k / n_grid:.2f}"
@@ -176,7 +185,7 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
                 for cand in _candidates(block, g, steps, width):
                     mark = edits.mark()
                     _fold(block.get_submodule(cand), layers, s, edits)
-                    if _relative_change(run_block(block, inputs[0]), ref) <= fold_tol:
+                    if _relative_change(run_block(block, inputs[0]), ref, inputs[0]) <= fold_tol:
                         folded = cand
                         break
                     edits.undo(mark)
@@ -215,4 +224,8 @@ def quantize_awq(model: nn.Module, spec: WeightSpec, forward_loop, cfg=None, n_g
 @register_algorithm("awq", "activation-aware scaling (AWQ)")
 def apply_awq(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
     spec = WeightSpec(cfg.bits, cfg.symmetric, cfg.group_size, cfg.backend)
-    return quantize_awq(model, spec, forward_loop, cfg, progress=progress)
+    return quantize_awq(model, spec, forward_loop, cfg, n_grid=getattr(cfg, "n_grid", N_GRID),
+                        max_shrink=getattr(cfg, "max_shrink", MAX_SHRINK), progress=progress)
+
+
+register_transform(AWQ)(apply_weight_only)  # ts.AWQ(n_grid=..., ...) dispatches like IntWeightOnly

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import Int8Dynamic, W8A8
 from ..nn import Int8Linear
@@ -132,7 +133,7 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
                                   cfg.smoothquant and cfg.fold)
         if cfg.smoothquant:
             _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates,
-                    mode, search)
+                    mode, search, progress)
 
     act = {}
     if static and targets:
@@ -169,7 +170,7 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
 
 
 def _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates, mode,
-            search):
+            search, progress=True):
     """Fills inv / smooth_desc / norm_updates and scales `weights` (working copies) by s."""
     if trace is not None and trace.groups():
         groups = trace.groups()
@@ -179,7 +180,8 @@ def _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smoot
     groups += [([n], None) for n in targets if n not in grouped]
     modules = dict(model.named_modules())
     reference = _run(model, trace.batch) if trace is not None and trace.batch is not None else None
-    for names, producer in groups:
+    for names, producer in tqdm(groups, desc="smoothquant", disable=not progress or len(groups) < 2,
+                                leave=False):
         x_min = torch.stack([stats[n].min for n in names]).amin(0)
         x_max = torch.stack([stats[n].max for n in names]).amax(0)
         ws = [weights[n] for n in names]

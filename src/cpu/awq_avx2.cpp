@@ -1,0 +1,102 @@
+// AVX2 + FMA quadratic forms for the AWQ searches: Y = D G computed 4 rows x 16 columns at a
+// time in registers (a 16-column strip of G, K x 64 bytes, stays in L2 across row tiles),
+// each strip folded into sum_j Y[r, j] d[r, j] at once, so Y is never stored.
+// No Eigen here: this file has its own instruction-set flags.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "awq_kernels.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+template <int R>
+void strip(const float* d, int64_t ldd, int64_t K, const float* g, int64_t ldg, int64_t j, double* out) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < K; ++i) {
+    const float* gi = g + i * ldg + j;
+    const __m256 g0 = _mm256_loadu_ps(gi), g1 = _mm256_loadu_ps(gi + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 b = _mm256_broadcast_ss(d + r * ldd + i);
+      acc[r][0] = _mm256_fmadd_ps(b, g0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(b, g1, acc[r][1]);
+    }
+  }
+  alignas(32) float prod[16];
+  for (int r = 0; r < R; ++r) {
+    const float* dr = d + r * ldd + j;
+    _mm256_store_ps(prod, _mm256_mul_ps(acc[r][0], _mm256_loadu_ps(dr)));
+    _mm256_store_ps(prod + 8, _mm256_mul_ps(acc[r][1], _mm256_loadu_ps(dr + 8)));
+    double s = 0.0;
+    for (int k = 0; k < 16; ++k) s += prod[k];
+    out[r] += s;
+  }
+}
+
+}  // namespace
+
+void quad_forms_avx2(const float* d, int64_t nr, int64_t K, int64_t ldd, const float* g,
+                     int64_t ldg, double* out) {
+  for (int64_t r = 0; r < nr; ++r) out[r] = 0.0;
+  int64_t j = 0;
+  for (; j + 16 <= K; j += 16) {
+    int64_t r = 0;
+    for (; r + 4 <= nr; r += 4) strip<4>(d + r * ldd, ldd, K, g, ldg, j, out + r);
+    for (; r < nr; ++r) strip<1>(d + r * ldd, ldd, K, g, ldg, j, out + r);
+  }
+  for (; j < K; ++j)  // a last partial strip, scalar
+    for (int64_t r = 0; r < nr; ++r) {
+      float y = 0.0f;
+      for (int64_t i = 0; i < K; ++i) y += d[r * ldd + i] * g[i * ldg + j];
+      out[r] += static_cast<double>(y) * d[r * ldd + j];
+    }
+}
+
+void fake_quant_avx2(const float* v, float* out, int64_t n, int32_t qmin, int32_t qmax,
+                     int32_t divisor, bool symmetric, float ratio) {
+  __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    vlo = _mm256_min_ps(vlo, x);
+    vhi = _mm256_max_ps(vhi, x);
+  }
+  alignas(32) float lo8[8], hi8[8];
+  _mm256_store_ps(lo8, vlo);
+  _mm256_store_ps(hi8, vhi);
+  float lo = 0.0f, hi = 0.0f;
+  for (int k = 0; k < 8; ++k) {
+    lo = std::min(lo, lo8[k]);
+    hi = std::max(hi, hi8[k]);
+  }
+  for (int64_t k = i; k < n; ++k) {
+    lo = std::min(lo, v[k]);
+    hi = std::max(hi, v[k]);
+  }
+  lo *= ratio;
+  hi *= ratio;
+  const float span = symmetric ? std::max(-lo, hi) : hi - lo;
+  float scale = span / static_cast<float>(divisor);
+  if (!(scale > 0.0f)) scale = 1.0f;
+  const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
+  const float zp = symmetric ? 0.0f : std::min(std::max(std::nearbyint(-lo / scale), fmin), fmax);
+  const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zp);
+  const __m256 vmin = _mm256_set1_ps(fmin), vmax = _mm256_set1_ps(fmax);
+  for (i = 0; i + 8 <= n; i += 8) {
+    __m256 c = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v + i), vs),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    c = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(c, vz), vmin), vmax);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(c, vz), vs));
+  }
+  for (; i < n; ++i) {
+    const float c = std::min(std::max(std::nearbyint(v[i] / scale) + zp, fmin), fmax);
+    out[i] = (c - zp) * scale;
+  }
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
