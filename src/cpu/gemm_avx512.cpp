@@ -147,8 +147,10 @@ void rows_all_m(const Problem& p, int64_t n, int64_t M) {
 // Four weight rows per step for one activation row, two otherwise (register budget).
 template <int kBits, bool kSigned>
 void run(const Problem& p, int64_t M) {
-  const int64_t N = p.qweight.shape[0];
-  parallel_for(N, 8, [&](int64_t b, int64_t e) {
+  const int64_t N = p.qweight.shape[0], K = p.K;
+  // Below ~2M multiply-adds one thread finishes before a second would be awake.
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(K * M, 1));
+  parallel_for(N, grain, [&](int64_t b, int64_t e) {
     int64_t n = b;
     if (M == 1)
       for (; n + 4 <= e; n += 4) rows_all_m<4, kBits, kSigned>(p, n, M);
