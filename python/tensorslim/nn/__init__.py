@@ -1,14 +1,12 @@
 """Compressed modules: each holds only its packed form and runs a real kernel."""
-from .weight_only_linear import WeightOnlyLinear
 from .binary_linear import BinaryLinear, TernaryLinear
+from .int8_linear import Int8Linear
 from .lowbit_linear import LowBitLinear
+from .weight_only_linear import WeightOnlyLinear
 
 # kind name in saved files -> module class (see io.py)
-COMPRESSED_MODULES = {WeightOnlyLinear.kind: WeightOnlyLinear}
-COMPRESSED_MODULES[BinaryLinear.kind] = BinaryLinear
-COMPRESSED_MODULES[TernaryLinear.kind] = TernaryLinear
-COMPRESSED_MODULES[LowBitLinear.kind] = LowBitLinear
-from .int8_linear import Int8Linear  # noqa: E402
-COMPRESSED_MODULES[Int8Linear.kind] = Int8Linear
+COMPRESSED_MODULES = {cls.kind: cls for cls in (WeightOnlyLinear, LowBitLinear, Int8Linear,
+                                                BinaryLinear, TernaryLinear)}
 
-__all__ = ["WeightOnlyLinear", "COMPRESSED_MODULES", "BinaryLinear", "TernaryLinear", "LowBitLinear", "Int8Linear"]
+__all__ = ["COMPRESSED_MODULES", "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear",
+           "TernaryLinear"]

@@ -5,14 +5,22 @@ CPU and a CUDA kernel from the native core, and a plain-PyTorch reference that
 follows the same specification bit for bit (backend="reference").
 One module per kernel family; this package re-exports their public functions.
 """
+from . import calibration  # GPTQ / AWQ cores: ops.calibration.gptq_quantize, ...
+from .binary import (binarize, binary_linear, pack_signs, pack_trits, ternarize, ternary_linear,
+                     unpack_signs, unpack_trits, xnor_linear)
+from .int8 import linear_int8, linear_w8a8, quantize_per_token, quantize_static
+from .lowbit import (LOWBIT_BACKENDS, dequantize_lowbit, linear_lowbit, pack_bits, pack_codes,
+                     quantize_lowbit, unpack_bits)
 from .weight_only import (BACKENDS, dequantize, dequantize_reference, linear_weight_only,
                           pack_int4, quantize, quantize_reference, unpack_int4)
-from .binary import (binarize, binary_linear, pack_signs, pack_trits, ternarize, ternary_linear,  # noqa: F401
-                     unpack_signs, unpack_trits, xnor_linear)
 
-__all__ = ["BACKENDS", "quantize", "dequantize", "linear_weight_only", "quantize_reference",
-           "dequantize_reference", "pack_int4", "unpack_int4"]
-from .lowbit import (LOWBIT_BACKENDS, dequantize_lowbit, linear_lowbit, pack_bits, pack_codes,  # noqa: F401
-                     quantize_lowbit, unpack_bits)
-from . import calibration  # noqa: F401  (GPTQ / AWQ cores: ops.calibration.gptq_quantize, ...)
-from .int8 import (linear_int8, linear_w8a8, quantize_per_token, quantize_static)  # noqa: F401,E402
+__all__ = [
+    "BACKENDS", "quantize", "dequantize", "linear_weight_only", "quantize_reference",
+    "dequantize_reference", "pack_int4", "unpack_int4",
+    "LOWBIT_BACKENDS", "quantize_lowbit", "dequantize_lowbit", "linear_lowbit", "pack_bits",
+    "unpack_bits", "pack_codes",
+    "binarize", "ternarize", "binary_linear", "xnor_linear", "ternary_linear", "pack_signs",
+    "unpack_signs", "pack_trits", "unpack_trits",
+    "quantize_per_token", "quantize_static", "linear_int8", "linear_w8a8",
+    "calibration",
+]

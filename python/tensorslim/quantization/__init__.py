@@ -5,11 +5,8 @@ from torch import nn
 
 from ..config import resolve_config
 from ..report import Report
-from . import weight_only  # noqa: F401  (each technique module registers its transforms)
-from . import gptq, awq  # noqa: F401,E402  (calibrating weight-only algorithms)
-from . import binary  # noqa: F401
-from . import lowbit  # noqa: F401
-from . import w8a8  # noqa: F401,E402  (W8A8 / Int8Dynamic, SmoothQuant)
+# Each technique module registers its transforms (or weight-only algorithms) on import.
+from . import awq, binary, gptq, lowbit, w8a8, weight_only  # noqa: F401
 from .calibrate import make_forward_loop
 from .registry import TRANSFORMS
 
