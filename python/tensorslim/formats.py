@@ -70,7 +70,7 @@ FORMATS = {
 
 # Rows the original integer kernels (ops.quantize / ops.linear_weight_only) take; every
 # other row goes through ops.lowbit.
-LEGACY_INTEGER_FORMATS = ("int8", "uint8", "int4", "uint4")
+INTEGER_KERNEL_FORMATS = ("int8", "uint8", "int4", "uint4")
 
 
 def get_format(name: str) -> FormatSpec:

@@ -7,9 +7,10 @@ from torch import nn
 
 from .. import ops
 from ..formats import get_format
+from .packed_linear import PackedLinear
 
 
-class LowBitLinear(nn.Module):
+class LowBitLinear(PackedLinear):
     """y = x @ dequantize_lowbit(qweight).T + bias, computed by a decode-fused kernel.
 
     Buffers (the whole state): qweight uint8 [out, packed in], scales [out, in / group]
@@ -59,17 +60,6 @@ class LowBitLinear(nn.Module):
                 mod.bias.copy_(linear.bias.detach().float())
         return mod
 
-    @classmethod
-    def from_spec(cls, spec: dict, device=None) -> "LowBitLinear":
-        """An empty module of the shape a saved file describes (see io.load)."""
-        return cls(spec["in_features"], spec["out_features"], spec["format"], spec["group_size"],
-                   spec["bias"], device=device)
-
-    def spec(self) -> dict:
-        return {"kind": self.kind, "format": self.fmt, "group_size": self.group_size,
-                "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear_lowbit(x, self.qweight, self.scales, self.zero_points, self.tensor_scale,
                                  self.bias, self.fmt, self.group_size, self.in_features, self.backend)
@@ -77,12 +67,3 @@ class LowBitLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return ops.dequantize_lowbit(self.qweight, self.scales, self.zero_points, self.tensor_scale,
                                      self.fmt, self.group_size, self.in_features, dtype)
-
-    def describe(self) -> str:
-        """The format as summaries print it, e.g. 'nvfp4 g16' or 'fp8_e4m3 per-channel'."""
-        group = "per-channel" if self.group_size == self.in_features else f"g{self.group_size}"
-        return f"{self.fmt} {group}"
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.fmt}, group_size={self.group_size}, bias={self.bias is not None}")

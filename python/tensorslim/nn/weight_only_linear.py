@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import LEGACY_INTEGER_FORMATS, get_format
+from ..formats import INTEGER_KERNEL_FORMATS, get_format
+from .packed_linear import PackedLinear
 
 
-class WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(PackedLinear):
     """y = x @ dequantize(qweight).T + bias, computed by a dequant-fused kernel.
 
     Buffers (the whole state): qweight [out, packed in], scales fp32 [out, in / group],
@@ -43,7 +44,7 @@ class WeightOnlyLinear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, fmt, group, linear.bias is not None,
                   backend, device=linear.weight.device)
         with torch.no_grad():
-            if fmt in LEGACY_INTEGER_FORMATS:
+            if fmt in INTEGER_KERNEL_FORMATS:
                 q, scales, zps = ops.quantize(linear.weight.detach(), fmt, group)
             else:  # other N-bit integers (int2..int7) are packed by the low-bit kernels
                 q, scales, zps, _ = ops.quantize_lowbit(linear.weight.detach(), fmt, group)
@@ -91,40 +92,20 @@ class WeightOnlyLinear(nn.Module):
                 mod.bias.copy_(bias.detach().float())
         return mod
 
-    @classmethod
-    def from_spec(cls, spec: dict, device=None) -> "WeightOnlyLinear":
-        """An empty module of the shape a saved file describes (see io.load)."""
-        return cls(spec["in_features"], spec["out_features"], spec["format"], spec["group_size"],
-                   spec["bias"], device=device)
-
-    def spec(self) -> dict:
-        return {"kind": self.kind, "format": self.fmt, "group_size": self.group_size,
-                "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None}
-
     def _lowbit_backend(self) -> str:
         # The low-bit kernels have no separate oneDNN path; "onednn" means the fastest one.
         return self.backend if self.backend in ("auto", "native", "reference") else "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt not in LEGACY_INTEGER_FORMATS:
+        if self.fmt not in INTEGER_KERNEL_FORMATS:
             return ops.linear_lowbit(x, self.qweight, self.scales, self.zero_points, None, self.bias,
                                      self.fmt, self.group_size, self.in_features, self._lowbit_backend())
         return ops.linear_weight_only(x, self.qweight, self.scales, self.zero_points, self.bias,
                                       self.fmt, self.group_size, self.in_features, self.backend)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.fmt not in LEGACY_INTEGER_FORMATS:
+        if self.fmt not in INTEGER_KERNEL_FORMATS:
             return ops.dequantize_lowbit(self.qweight, self.scales, self.zero_points, None, self.fmt,
                                          self.group_size, self.in_features, dtype)
         return ops.dequantize(self.qweight, self.scales, self.zero_points, self.fmt, self.group_size,
                               self.in_features, dtype)
-
-    def describe(self) -> str:
-        """The format as summaries print it, e.g. 'int4 g128' or 'int8 per-channel'."""
-        group = "per-channel" if self.group_size == self.in_features else f"g{self.group_size}"
-        return f"{self.fmt} {group}"
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.fmt}, group_size={self.group_size}, bias={self.bias is not None}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import _views
 from .._native import _C
-from ..formats import PER_TENSOR, FormatSpec, get_format
+from ..formats import INTEGER_KERNEL_FORMATS, PER_TENSOR, FormatSpec, get_format
 
 BACKENDS = {"auto": 0, "reference": 1, "native": 2, "onednn": 3}
 
@@ -37,15 +37,10 @@ def _check_float(x: torch.Tensor, what: str) -> None:
         raise TypeError(f"{what}: expected float32, bfloat16 or float16, got {x.dtype}")
 
 
-# The formats these ops (and the kernels behind them) handle; the others go through
-# ops.quantize_lowbit / dequantize_lowbit / linear_lowbit.
-INTEGER_FORMATS = ("int8", "uint8", "int4", "uint4")
-
-
 def _integer_format(fmt: str) -> FormatSpec:
     spec = get_format(fmt)
-    if fmt not in INTEGER_FORMATS:
-        raise ValueError(f"format {fmt!r} is not one of {INTEGER_FORMATS}; use ops.quantize_lowbit / "
+    if fmt not in INTEGER_KERNEL_FORMATS:
+        raise ValueError(f"format {fmt!r} is not one of {INTEGER_KERNEL_FORMATS}; use ops.quantize_lowbit / "
                          f"dequantize_lowbit / linear_lowbit for it")
     return spec
 
