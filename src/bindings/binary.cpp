@@ -10,11 +10,6 @@ namespace tensorslim {
 namespace bindings {
 namespace {
 
-GemmBackend to_backend(int backend) {
-  TS_CHECK_VALUE(backend >= 0 && backend <= 3, "unknown backend id " + std::to_string(backend));
-  return static_cast<GemmBackend>(backend);
-}
-
 using LinearFn = void (*)(const TensorView&, const TensorView&, const TensorView&,
                           const TensorView*, const TensorView&, GemmBackend);
 

@@ -6,14 +6,6 @@ namespace py = pybind11;
 
 namespace tensorslim {
 namespace bindings {
-namespace {
-
-GemmBackend to_backend(int backend) {
-  TS_CHECK_VALUE(backend >= 0 && backend <= 3, "unknown backend id " + std::to_string(backend));
-  return static_cast<GemmBackend>(backend);
-}
-
-}  // namespace
 
 void register_int8(py::module_& m) {
   m.def("quantize_per_token", [](py::handle x, py::handle inv_smooth, py::handle q,

@@ -104,11 +104,10 @@ void register_lowbit(py::module_& m) {
                ov = to_view(out, "out");
     OptionalView zv = to_optional_view(zps, "zero_points"), tv = to_optional_view(ts, "tensor_scale"),
                  bv = to_optional_view(bias, "bias"), wsv = to_optional_view(workspace, "workspace");
-    TS_CHECK_VALUE(backend >= 0 && backend <= 3, "unknown backend id " + std::to_string(backend));
+    const GemmBackend be = to_backend(backend);
     const Format f = row_by_id(fmt).format;
     py::gil_scoped_release release;
-    linear_lowbit(xv, wv, sv, zv.get(), tv.get(), bv.get(), f, group, ov, wsv.get(),
-                  static_cast<GemmBackend>(backend));
+    linear_lowbit(xv, wv, sv, zv.get(), tv.get(), bv.get(), f, group, ov, wsv.get(), be);
   });
 
 #ifdef TENSORSLIM_WITH_CUDA

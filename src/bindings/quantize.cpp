@@ -10,31 +10,8 @@ namespace py = pybind11;
 
 namespace tensorslim {
 namespace bindings {
-namespace {
-
-py::list table() {
-  py::list rows;
-  for (int i = 0; i < kNumFormats; ++i) {
-    const FormatInfo& f = format_table()[i];
-    py::dict d;
-    d["id"] = static_cast<int>(f.format);
-    d["name"] = f.name;
-    d["bits"] = f.bits;
-    d["has_zero_point"] = f.has_zero_point;
-    d["qmin"] = f.qmin;
-    d["qmax"] = f.qmax;
-    d["scale_divisor"] = f.scale_divisor;
-    d["block_size"] = f.block_size;
-    d["scale_format"] = "float32";
-    rows.append(d);
-  }
-  return rows;
-}
-
-}  // namespace
 
 void register_quantize(py::module_& m) {
-  m.def("format_table", &table, "Rows of the C++ format table.");
   m.def("format_encode", [](int id, float x, float scale, int zp) {
     return format_info(to_format(id)).encode(x, scale, zp);
   }, "Reference encoding of one value.");
@@ -65,10 +42,9 @@ void register_quantize(py::module_& m) {
     TensorView xv = to_view(x, "x"), wv = to_view(qw, "qweight"), sv = to_view(scales, "scales"),
                ov = to_view(out, "out");
     OptionalView zv = to_optional_view(zps, "zero_points"), bv = to_optional_view(bias, "bias");
-    TS_CHECK_VALUE(backend >= 0 && backend <= 3, "unknown backend id " + std::to_string(backend));
+    const GemmBackend be = to_backend(backend);
     py::gil_scoped_release release;
-    linear_weight_only(xv, wv, sv, zv.get(), bv.get(), to_format(fmt), group, ov,
-                       static_cast<GemmBackend>(backend));
+    linear_weight_only(xv, wv, sv, zv.get(), bv.get(), to_format(fmt), group, ov, be);
   });
 
   m.def("best_isa", [] { return cpu::isa_name(cpu::best_isa()); });

@@ -37,6 +37,11 @@ Format to_format(int id) {
   return static_cast<Format>(id);
 }
 
+GemmBackend to_backend(int id) {
+  TS_CHECK_VALUE(id >= 0 && id <= 3, "unknown backend id " + std::to_string(id));
+  return static_cast<GemmBackend>(id);
+}
+
 OptionalView to_optional_view(const py::handle& obj, const char* what) {
   OptionalView o;
   if (!obj.is_none()) {

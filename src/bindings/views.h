@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include "tensorslim/formats.h"
+#include "tensorslim/gemm.h"
 #include "tensorslim/tensor_view.h"
 
 namespace tensorslim {
@@ -22,6 +23,9 @@ OptionalView to_optional_view(const pybind11::handle& obj, const char* what);
 
 // A format id from Python, checked against the table.
 Format to_format(int id);
+
+// A backend id from Python (ops.BACKENDS: auto, reference, native, onednn), checked.
+GemmBackend to_backend(int id);
 
 void register_quantize(pybind11::module_& m);
 void register_cuda(pybind11::module_& m);
