@@ -60,7 +60,9 @@ int64_t check_lowbit_args(const TensorView& x_or_out, Format fmt, int64_t group_
 // decoded W rows at a time into it and each tile multiplied with oneDNN's sgemm. Backends: kReference (scalar, float64
 // accumulation), kNative (AVX-512 fused decode), kAuto (native when it fits). kOneDNN is
 // not a separate backend here (ValueError).
-constexpr int64_t kLowbitGemvMaxRows = 8;
+// The fused GEMV beats decode + sgemm up to ~64 rows (4096x4096 fp8/nvfp4/int3 at M = 16:
+// 3.6-4.0 ms against 15 ms; docs/benchmarks.md), so it takes every batch up to there.
+constexpr int64_t kLowbitGemvMaxRows = 64;
 void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                    const TensorView* zero_points, const TensorView* tensor_scale,
                    const TensorView* bias, Format fmt, int64_t group_size, const TensorView& out,

@@ -49,11 +49,13 @@ def test_every_backend_matches_float64(fmt, isa):
 
 
 def test_large_batches_decode_tiles_for_sgemm():
-    # M > 8 takes decode-then-sgemm, SGEMM_TILE_ROWS weight rows at a time: N = 600 spans 3 tiles.
+    # M > GEMV_MAX_ROWS takes decode-then-sgemm, SGEMM_TILE_ROWS weight rows at a time:
+    # N = 600 spans 3 tiles.
     assert ops.lowbit.SGEMM_TILE_ROWS < 600
+    M = ops.lowbit.GEMV_MAX_ROWS + 3
     for fmt, group in (("mxfp4", 32), ("int3", 32)):
         (q, s, z, t), deq = quantized_weight(fmt, 600, 64, group, seed=5)
-        x = torch.randn(12, 64)
+        x = torch.randn(M, 64)
         bias = torch.randn(600)
         y = ops.linear_lowbit(x, q, s, z, t, bias, fmt, group, 64)
         assert rel_err(y, x.double() @ deq.double().T + bias.double()) < 2e-6
