@@ -67,7 +67,11 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
         total = len(calib_data) if hasattr(calib_data, "__len__") else None
         with torch.no_grad():
             for batch in tqdm(calib_data, desc=desc, total=total, disable=not progress, leave=False):
-                call_model(model, batch)
+                try:
+                    call_model(model, batch)
+                except RuntimeError as e:  # e.g. a shape the model does not take
+                    raise ValueError(f"calib_data batch {count} does not run through the model: "
+                                     f"{e}") from e
                 count += 1
         if count == 0:
             raise ValueError("calib_data is empty: calibration needs at least one batch")
