@@ -40,8 +40,8 @@ class Pool {
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   void resize(int n) {
+    std::lock_guard<std::mutex> run_lock(run_mu_);  // never stop workers mid-region
     stop();
-    std::lock_guard<std::mutex> run_lock(run_mu_);
     stopping_.store(false, std::memory_order_release);
     // New workers start from the current generation: no region is running (run_mu_ held).
     const uint64_t now = generation_.load(std::memory_order_acquire);

@@ -76,3 +76,33 @@ def test_bad_threads_setting_is_rejected():
     res = subprocess.run([sys.executable, "-c", "import tensorslim"], env=env, capture_output=True,
                          text=True)
     assert res.returncode != 0 and "TENSORSLIM_THREADS must be 'own' or 'openmp'" in res.stderr
+
+
+def test_resizing_the_pool_while_other_threads_run_kernels():
+    import threading
+
+    torch.manual_seed(0)
+    w = torch.randn(2048, 1024)
+    q, s, z = ts.ops.quantize(w, "int4", 128)
+    x = torch.randn(4, 1024)
+    want = ts.ops.linear_weight_only(x, q, s, z, None, "int4", 128, 1024, "native")
+    done, wrong = threading.Event(), []
+
+    def run():
+        while not done.is_set():
+            if not torch.equal(ts.ops.linear_weight_only(x, q, s, z, None, "int4", 128, 1024, "native"), want):
+                wrong.append(1)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    before = _C.num_threads()
+    for t in threads:
+        t.start()
+    try:
+        for n in [1, 3, 2, 4] * 5:  # workers are never stopped in the middle of a region
+            _C.set_num_threads(n)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=30)
+        _C.set_num_threads(before)
+    assert not any(t.is_alive() for t in threads) and not wrong
