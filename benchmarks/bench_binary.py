@@ -12,41 +12,13 @@ On a shared machine the per-call thread wake-up can dominate small calls; --thre
 measures the kernels themselves.
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import tensorslim as ts
 from tensorslim.ops import binary as B
-
-
-def median_times(fns, min_time=1.0, warmup=3, min_rounds=9):
-    """Median seconds per call of each fn, timed in interleaved rounds (one call of each
-    per round) so that load from other processes affects baseline and ours alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    runs = [[] for _ in fns]
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(runs[0]) < min_rounds:
-        for fn, r in zip(fns, runs):
-            t0 = time.perf_counter()
-            fn()
-            r.append(time.perf_counter() - t0)
-    return [statistics.median(r) for r in runs]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+from timing import cpu_name, median_times
 
 
 def main():
@@ -59,7 +31,7 @@ def main():
         torch.set_num_threads(args.threads)
         ts._C.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
           f"tensorslim threads, ISA {ts._C.active_isa()}, VPOPCNTDQ {'yes' if ts._C.has_vpopcntdq() else 'no'}")
     head = (f"{'K x N':>11} {'M':>3} | {'fp32 ms':>8} | {'binary ms':>9} {'x fp32':>7} | {'ternary ms':>10} "
             f"{'x fp32':>7} | {'xnor ms':>8} {'x fp32':>7}")

@@ -7,8 +7,6 @@ and the fraction of the memory-bandwidth bound: (bytes the product must move) /
     python benchmarks/bench_linear.py [--shapes 4096x4096,4096x11008] [--batches 1,8,64]
 """
 import argparse
-import platform
-import statistics
 import time
 
 import torch
@@ -16,37 +14,7 @@ import torch.nn.functional as F
 
 import tensorslim as ts
 from tensorslim import ops
-
-
-def timeit(fn, min_time=0.4, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 5:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def copy_bandwidth(nbytes=256 << 20):
-    """Bytes read + written per second by a large tensor copy."""
-    a = torch.empty(nbytes // 4)
-    b = torch.empty_like(a)
-    t = timeit(lambda: b.copy_(a), min_time=0.5)
-    return 2 * nbytes / t
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from timing import copy_bandwidth, cpu_name, timeit
 
 
 def main():

@@ -9,38 +9,19 @@ weight + scales + activations) / (copy bandwidth measured in this run) / time.
 """
 import argparse
 import os
-import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_linear import copy_bandwidth, cpu_name  # noqa: E402
 
-import tensorslim as ts  # noqa: E402
-from tensorslim import ops  # noqa: E402
-from tensorslim.formats import get_format  # noqa: E402
+import tensorslim as ts
+from tensorslim import ops
+from tensorslim.formats import get_format
+from timing import copy_bandwidth, cpu_name, timeit
 
 # format -> group size used here (FP8: one scale per output row)
 FORMATS = {"fp8_e4m3": None, "fp8_e5m2": None, "nvfp4": 16, "mxfp4": 32, "int3": 128, "int2": 128}
-
-
-CLOCK = time.perf_counter
-
-
-def timeit(fn, min_time=0.4, warmup=3):
-    """Median time of fn under CLOCK (wall clock, or this thread's CPU time with --cpu-time)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 5:
-        t = CLOCK()
-        fn()
-        times.append(CLOCK() - t)
-    return statistics.median(times)
 
 
 def weight_bytes(q, s, z, t) -> int:
@@ -56,11 +37,11 @@ def main():
     p.add_argument("--cpu-time", action="store_true",
                    help="time by this thread's CPU time (with --threads 1: immune to other load)")
     args = p.parse_args()
-    global CLOCK
+    clock = time.perf_counter
     if args.cpu_time:
         if args.threads != 1:
             p.error("--cpu-time needs --threads 1 (only the calling thread is measured)")
-        CLOCK = time.thread_time
+        clock = time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
         ts._C.set_num_threads(args.threads)
@@ -84,10 +65,10 @@ def main():
         for M in (int(v) for v in args.batches.split(",")):
             x = torch.randn(M, K)
             act_bytes = 4 * M * (K + N)
-            t32 = timeit(lambda: F.linear(x, w))
+            t32 = timeit(lambda: F.linear(x, w), clock=clock)
             b32 = 4 * N * K + act_bytes
             for fmt, (group, (q, s, z, t)) in packed.items():
-                tq = timeit(lambda: ops.linear_lowbit(x, q, s, z, t, None, fmt, group, K))
+                tq = timeit(lambda: ops.linear_lowbit(x, q, s, z, t, None, fmt, group, K), clock=clock)
                 b = weight_bytes(q, s, z, t) + act_bytes
                 print(f"{K:>5} x {N:<5} {M:>3} {fmt:>9} | {t32 * 1e3:8.3f} {100 * b32 / bw / t32:4.0f}% | "
                       f"{tq * 1e3:8.3f} {t32 / tq:6.2f}x {100 * b / bw / tq:4.0f}% | "

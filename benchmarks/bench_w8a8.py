@@ -5,22 +5,13 @@
     .venv/bin/python benchmarks/bench_w8a8.py [--k 4096] [--n 4096] [--batches 1 32 128 512]
 """
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
-
-
-def bench(fn, min_time=0.5, min_iters=3):
-    fn()  # warm up (primitive creation, caches)
-    iters, start = 0, time.perf_counter()
-    while iters < min_iters or time.perf_counter() - start < min_time:
-        fn()
-        iters += 1
-    return (time.perf_counter() - start) / iters
+from timing import timeit
 
 
 def torch_dynamic(linear):
@@ -64,10 +55,10 @@ def main():
     with torch.inference_mode():
         for M in args.batches:
             x = torch.randn(M, K)
-            t32 = bench(lambda: F.linear(x, linear.weight, linear.bias))
-            ttd = bench(lambda: tdyn(x)) if tdyn is not None else float("nan")
-            tst = bench(lambda: static(x))
-            tdy = bench(lambda: dynamic(x))
+            t32 = timeit(lambda: F.linear(x, linear.weight, linear.bias))
+            ttd = timeit(lambda: tdyn(x)) if tdyn is not None else float("nan")
+            tst = timeit(lambda: static(x))
+            tdy = timeit(lambda: dynamic(x))
             print(f"{M:>6} {t32 * 1e3:>9.3f} {ttd * 1e3:>13.3f} {tst * 1e3:>15.3f} {tdy * 1e3:>12.3f} "
                   f"{t32 / tst:>11.2f}x {t32 / tdy:>8.2f}x {ttd / tdy:>13.2f}x  {2 * M * K * N / tst / 1e9:>11.1f}")
 

@@ -6,7 +6,7 @@ looks the transform up by the config's type.
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Union
 
 CONFIG_VERSION = 1
 _CONFIG_TYPES: Dict[str, type] = {}
@@ -236,32 +236,35 @@ class FP8WeightOnly(Config):
         return f"fp8_{self.fmt}"
 
 
-@register_config
 @dataclass
-class NVFP4(Config):
-    """NVFP4 weights: E2M1 in blocks of 16 with an E4M3 block scale and one fp32 tensor scale."""
+class _BlockFP4(Config):
+    """E2M1 weights in fixed blocks with a per-block scale (the format table fixes both)."""
 
     backend: str = "auto"
+    format_name: ClassVar[str] = ""
+    group_size: ClassVar[int] = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_lowbit_backend(type(self).__name__, self.backend)
+
+
+@register_config
+@dataclass
+class NVFP4(_BlockFP4):
+    """NVFP4 weights: E2M1 in blocks of 16 with an E4M3 block scale and one fp32 tensor scale."""
+
     format_name: ClassVar[str] = "nvfp4"
     group_size: ClassVar[int] = 16
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_lowbit_backend("NVFP4", self.backend)
-
 
 @register_config
 @dataclass
-class MXFP4(Config):
+class MXFP4(_BlockFP4):
     """MXFP4 weights (OCP MX v1.0): E2M1 in blocks of 32 with an E8M0 power-of-two scale."""
 
-    backend: str = "auto"
     format_name: ClassVar[str] = "mxfp4"
     group_size: ClassVar[int] = 32
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_lowbit_backend("MXFP4", self.backend)
 
 
 PRESETS.update({
@@ -272,8 +275,6 @@ PRESETS.update({
     "mxfp4": MXFP4,
 })
 
-
-from typing import Union  # noqa: E402  (W8A8's alpha: a number or "auto")
 
 _OBSERVER_METHODS = ("max", "percentile", "mse", "kl")
 _INT8_BACKENDS = ("auto", "onednn", "reference")

@@ -102,35 +102,30 @@ def ternarize(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- custom ops
 
 
-def _out(x, w):
-    return torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+def _run(native_fn, x, w, scales, bias, backend):
+    """Output allocated here, filled by a native linear (binary, XNOR or ternary)."""
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+    native_fn(_views.view(x, "x"), _views.view(w, "qweight"), _views.view(scales, "scales"),
+              _views.optional_view(bias, "bias"), _views.view(out, "out"), backend)
+    return out
 
 
 @torch.library.custom_op("tensorslim::linear_binary", mutates_args=(), device_types="cpu")
 def _linear_binary(x: torch.Tensor, bits: torch.Tensor, scales: torch.Tensor,
                    bias: Optional[torch.Tensor], backend: int) -> torch.Tensor:
-    out = _out(x, bits)
-    _C.linear_binary(_views.view(x, "x"), _views.view(bits, "qweight"), _views.view(scales, "scales"),
-                     _views.optional_view(bias, "bias"), _views.view(out, "out"), backend)
-    return out
+    return _run(_C.linear_binary, x, bits, scales, bias, backend)
 
 
 @torch.library.custom_op("tensorslim::linear_xnor", mutates_args=(), device_types="cpu")
 def _linear_xnor(x: torch.Tensor, bits: torch.Tensor, scales: torch.Tensor,
                  bias: Optional[torch.Tensor], backend: int) -> torch.Tensor:
-    out = _out(x, bits)
-    _C.linear_xnor(_views.view(x, "x"), _views.view(bits, "qweight"), _views.view(scales, "scales"),
-                   _views.optional_view(bias, "bias"), _views.view(out, "out"), backend)
-    return out
+    return _run(_C.linear_xnor, x, bits, scales, bias, backend)
 
 
 @torch.library.custom_op("tensorslim::linear_ternary", mutates_args=(), device_types="cpu")
 def _linear_ternary(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                     bias: Optional[torch.Tensor], backend: int) -> torch.Tensor:
-    out = _out(x, codes)
-    _C.linear_ternary(_views.view(x, "x"), _views.view(codes, "qweight"), _views.view(scales, "scales"),
-                      _views.optional_view(bias, "bias"), _views.view(out, "out"), backend)
-    return out
+    return _run(_C.linear_ternary, x, codes, scales, bias, backend)
 
 
 for _op in (_linear_binary, _linear_xnor, _linear_ternary):

@@ -1,0 +1,55 @@
+"""Timing helpers shared by the benchmarks (run as scripts, so this folder is on sys.path)."""
+import platform
+import statistics
+import time
+
+import torch
+
+
+def timeit(fn, min_time=0.4, warmup=3, clock=time.perf_counter):
+    """Median seconds per call of fn (at least 5 calls and min_time of wall clock).
+    clock=time.thread_time measures the calling thread's CPU time instead."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 5:
+        t = clock()
+        fn()
+        times.append(clock() - t)
+    return statistics.median(times)
+
+
+def median_times(fns, min_time=1.0, warmup=3, min_rounds=9):
+    """Median seconds per call of each fn, timed in interleaved rounds (one call of each
+    per round) so that load from other processes affects baseline and ours alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    runs = [[] for _ in fns]
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(runs[0]) < min_rounds:
+        for fn, r in zip(fns, runs):
+            t0 = time.perf_counter()
+            fn()
+            r.append(time.perf_counter() - t0)
+    return [statistics.median(r) for r in runs]
+
+
+def copy_bandwidth(nbytes=256 << 20):
+    """Bytes read + written per second by a large tensor copy."""
+    a = torch.empty(nbytes // 4)
+    b = torch.empty_like(a)
+    t = timeit(lambda: b.copy_(a), min_time=0.5)
+    return 2 * nbytes / t
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
