@@ -176,28 +176,38 @@ void xnor_dots(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
   cpu::xnor_dots_reference(a_bits, w_bits, K, dots);
 }
 
+namespace {
+
+using LinearRef = void (*)(const TensorView&, const TensorView&, const TensorView&,
+                           const TensorView*, const TensorView&);
+using LinearNative = bool (*)(const TensorView&, const TensorView&, const TensorView&,
+                              const TensorView*, const TensorView&);
+
+// Checks, then the reference, the native kernel, or (auto) the reference where none fits.
+void run_linear(const char* op, int per_byte, LinearRef reference, LinearNative native,
+                const TensorView& x, const TensorView& w, const TensorView& scales,
+                const TensorView* bias, const TensorView& out, GemmBackend backend) {
+  check_backend(op, backend);
+  check_args(op, x, w, per_byte, scales, bias, out);
+  if (out.numel() == 0) return;
+  if (backend == GemmBackend::kReference) return reference(x, w, scales, bias, out);
+  if (native(x, w, scales, bias, out)) return;
+  TS_CHECK_VALUE(backend == GemmBackend::kAuto, std::string(op) + kNoNative);
+  reference(x, w, scales, bias, out);
+}
+
+}  // namespace
+
 void linear_binary(const TensorView& x, const TensorView& bits, const TensorView& scales,
                    const TensorView* bias, const TensorView& out, GemmBackend backend) {
-  check_backend("linear_binary", backend);
-  check_args("linear_binary", x, bits, 8, scales, bias, out);
-  if (out.numel() == 0) return;
-  if (backend == GemmBackend::kReference)
-    return cpu::linear_binary_reference(x, bits, scales, bias, out);
-  if (cpu::linear_binary_native(x, bits, scales, bias, out)) return;
-  TS_CHECK_VALUE(backend == GemmBackend::kAuto, std::string("linear_binary") + kNoNative);
-  cpu::linear_binary_reference(x, bits, scales, bias, out);
+  run_linear("linear_binary", 8, cpu::linear_binary_reference, cpu::linear_binary_native, x,
+             bits, scales, bias, out, backend);
 }
 
 void linear_ternary(const TensorView& x, const TensorView& codes, const TensorView& scales,
                     const TensorView* bias, const TensorView& out, GemmBackend backend) {
-  check_backend("linear_ternary", backend);
-  check_args("linear_ternary", x, codes, 4, scales, bias, out);
-  if (out.numel() == 0) return;
-  if (backend == GemmBackend::kReference)
-    return cpu::linear_ternary_reference(x, codes, scales, bias, out);
-  if (cpu::linear_ternary_native(x, codes, scales, bias, out)) return;
-  TS_CHECK_VALUE(backend == GemmBackend::kAuto, std::string("linear_ternary") + kNoNative);
-  cpu::linear_ternary_reference(x, codes, scales, bias, out);
+  run_linear("linear_ternary", 4, cpu::linear_ternary_reference, cpu::linear_ternary_native, x,
+             codes, scales, bias, out, backend);
 }
 
 void linear_xnor(const TensorView& x, const TensorView& bits, const TensorView& scales,
