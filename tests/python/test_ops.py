@@ -150,7 +150,8 @@ def test_linear_bf16_and_batched_inputs():
     K, N = 128, 64
     q, s, z = ops.quantize(torch.randn(N, K), "uint4", 32)
     x = torch.randn(2, 3, K)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    # fp16 runs in fp32 on the CPU and is rounded once at the end (2^-11 relative).
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
         y = ops.linear_weight_only(x.to(dtype), q, s, z, None, "uint4", 32, K)
         assert y.shape == (2, 3, N) and y.dtype == dtype
         ref = _float64_linear(x.to(dtype).reshape(6, K), q, s, z, None, "uint4", 32, K).reshape(2, 3, N)

@@ -269,8 +269,14 @@ def linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         w = dequantize_reference(qweight, scales, zero_points, spec, group_size, in_features)
         y = F.linear(x2.float(), w, bias).to(x.dtype)
     else:
+        # The CPU kernels take fp32 / bf16 activations; fp16 runs in fp32 and is cast back.
+        cpu_fp16 = x2.dtype == torch.float16 and x2.device.type == "cpu"
+        if cpu_fp16:
+            x2 = x2.float()
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         y = _linear_weight_only(x2, qweight, scales, zero_points if spec.has_zero_point else None,
                                 bias, fmt, group_size, BACKENDS[backend])
+        if cpu_fp16:
+            y = y.to(torch.float16)
     return y.reshape(*lead, qweight.shape[0])
