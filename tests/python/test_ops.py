@@ -188,3 +188,19 @@ def test_onednn_runs_an_optimized_implementation():
         impl = fields[fields.index("matmul") + 1]
         assert not impl.startswith("ref"), impl
         assert "wei:s4" in ",".join(fields) or "wei:s8" in ",".join(fields)
+
+
+@pytest.mark.parametrize("fmt", ["int3", "uint2", "int6"])
+def test_other_integer_widths_run_the_low_bit_kernels(fmt):
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 256), torch.randn(5, 256)
+    q, s, z = ops.quantize(w, fmt, 128)
+    q2, s2, z2, t2 = ops.quantize_lowbit(w, fmt, 128)
+    assert t2 is None and torch.equal(q, q2) and torch.equal(s, s2)
+    assert (z is None) == (z2 is None) and (z is None or torch.equal(z, z2))
+    deq = ops.dequantize(q, s, z, fmt, 128, 256)
+    assert torch.equal(deq, ops.dequantize_lowbit(q, s, z, None, fmt, 128, 256))
+    for backend in ("auto", "onednn", "reference"):  # onednn: the fastest low-bit path
+        y = ops.linear_weight_only(x, q, s, z, None, fmt, 128, 256, backend=backend)
+        ref = x.double() @ deq.double().T
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5

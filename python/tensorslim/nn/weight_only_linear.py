@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import INTEGER_KERNEL_FORMATS, get_format
+from ..formats import get_format
 from .packed_linear import PackedLinear
 
 
@@ -44,10 +44,7 @@ class WeightOnlyLinear(PackedLinear):
         mod = cls(linear.in_features, linear.out_features, fmt, group, linear.bias is not None,
                   backend, device=linear.weight.device)
         with torch.no_grad():
-            if fmt in INTEGER_KERNEL_FORMATS:
-                q, scales, zps = ops.quantize(linear.weight.detach(), fmt, group)
-            else:  # other N-bit integers (int2..int7) are packed by the low-bit kernels
-                q, scales, zps, _ = ops.quantize_lowbit(linear.weight.detach(), fmt, group)
+            q, scales, zps = ops.quantize(linear.weight.detach(), fmt, group)
             mod.qweight.copy_(q)
             mod.scales.copy_(scales)
             if zps is not None:
@@ -92,20 +89,10 @@ class WeightOnlyLinear(PackedLinear):
                 mod.bias.copy_(bias.detach().float())
         return mod
 
-    def _lowbit_backend(self) -> str:
-        # The low-bit kernels have no separate oneDNN path; "onednn" means the fastest one.
-        return self.backend if self.backend in ("auto", "native", "reference") else "auto"
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt not in INTEGER_KERNEL_FORMATS:
-            return ops.linear_lowbit(x, self.qweight, self.scales, self.zero_points, None, self.bias,
-                                     self.fmt, self.group_size, self.in_features, self._lowbit_backend())
         return ops.linear_weight_only(x, self.qweight, self.scales, self.zero_points, self.bias,
                                       self.fmt, self.group_size, self.in_features, self.backend)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.fmt not in INTEGER_KERNEL_FORMATS:
-            return ops.dequantize_lowbit(self.qweight, self.scales, self.zero_points, None, self.fmt,
-                                         self.group_size, self.in_features, dtype)
         return ops.dequantize(self.qweight, self.scales, self.zero_points, self.fmt, self.group_size,
                               self.in_features, dtype)

@@ -1,5 +1,8 @@
 """Integer quantize / dequantize and the weight-only (dequant-fused) linear.
 
+int8/uint8/int4/uint4 run the kernels here; the other N-bit integer rows (int2..int7)
+are passed on to the low-bit kernels (ops/lowbit.py), same layouts.
+
 Conventions: a tensor is quantized row by row along its last dimension in groups of
 `group_size` values; group_size == PER_TENSOR (-1) uses one scale for the whole
 tensor, group_size == the row length one per row (per channel / per token).
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from .. import _views
 from .._native import _C
 from ..formats import INTEGER_KERNEL_FORMATS, PER_TENSOR, FormatSpec, get_format
+from . import lowbit
 
 BACKENDS = {"auto": 0, "reference": 1, "native": 2, "onednn": 3}
 
@@ -39,10 +43,16 @@ def _check_float(x: torch.Tensor, what: str) -> None:
 
 def _integer_format(fmt: str) -> FormatSpec:
     spec = get_format(fmt)
-    if fmt not in INTEGER_KERNEL_FORMATS:
-        raise ValueError(f"format {fmt!r} is not one of {INTEGER_KERNEL_FORMATS}; use ops.quantize_lowbit / "
+    if not spec.is_integer:
+        raise ValueError(f"format {fmt!r} is not an integer format; use ops.quantize_lowbit / "
                          f"dequantize_lowbit / linear_lowbit for it")
     return spec
+
+
+def _lowbit_backend(backend: str) -> str:
+    # N-bit rows other than INTEGER_KERNEL_FORMATS run the low-bit kernels, which have no
+    # separate oneDNN path: "onednn" means the fastest one there.
+    return "auto" if backend == "onednn" else backend
 
 
 def _check_backend(backend: str) -> None:
@@ -98,6 +108,9 @@ def quantize(x: torch.Tensor, fmt: str, group_size: int = PER_TENSOR, backend: s
     _check_backend(backend)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if fmt not in INTEGER_KERNEL_FORMATS:
+        q, scales, zps, _ = lowbit.quantize_lowbit(x, fmt, group_size, _lowbit_backend(backend))
+        return q, scales, zps
     _groups(spec, x.shape[0], x.shape[1], group_size)
     if backend == "reference":
         q, scales, zps = quantize_reference(x, spec, group_size)
@@ -198,6 +211,9 @@ def dequantize(q, scales, zero_points, fmt: str, group_size: int, cols: int,
         raise TypeError(f"dequantize: dtype must be a float type, got {dtype}")
     if spec.has_zero_point and zero_points is None:
         raise ValueError(f"format {fmt} needs zero_points")
+    if fmt not in INTEGER_KERNEL_FORMATS:
+        return lowbit.dequantize_lowbit(q, scales, zero_points, None, fmt, group_size, cols, dtype,
+                                        _lowbit_backend(backend))
     if backend == "reference":
         return dequantize_reference(q, scales, zero_points, spec, group_size, cols).to(dtype)
     zps = zero_points if spec.has_zero_point else torch.empty(0, dtype=torch.uint8, device=q.device)
@@ -263,6 +279,9 @@ def linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError(f"x: expected last dimension {in_features}, got shape {tuple(x.shape)}")
     if spec.has_zero_point and zero_points is None:
         raise ValueError(f"format {fmt} needs zero_points")
+    if fmt not in INTEGER_KERNEL_FORMATS:
+        return lowbit.linear_lowbit(x, qweight, scales, zero_points, None, bias, fmt, group_size,
+                                    in_features, _lowbit_backend(backend))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if backend == "reference":
