@@ -17,6 +17,7 @@
 #include <tuple>
 #include <unordered_map>
 
+#include "onednn_engine.h"
 #include "parallel.h"
 #include "tensorslim/gemm_int8.h"
 
@@ -25,17 +26,6 @@ namespace cpu {
 namespace {
 
 using dt = dnnl::memory::data_type;
-
-struct Engine {
-  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
-  dnnl::stream stream{engine};
-  std::mutex mu;  // guards the caches and the one stream
-};
-
-Engine& onednn() {
-  static Engine e;
-  return e;
-}
 
 constexpr int64_t kCanonicalM = 32;  // the M whose weight layout defines the packed format
 
@@ -127,7 +117,7 @@ bool linear_int8_onednn(const TensorView& qx, const TensorView& act_scales,
                         int32_t act_zero_point, const TensorView& qweight,
                         const TensorView& w_scales, const TensorView* bias,
                         const TensorView& out, const TensorView* packed) {
-  Engine& eng = onednn();
+  OneDnn& eng = onednn();
   bool per_token;
   {
     std::lock_guard<std::mutex> lock(eng.mu);
@@ -190,7 +180,7 @@ int64_t linear_int8_packed_bytes_onednn(int64_t K, int64_t N) {
 }
 
 void linear_int8_pack_onednn(const TensorView& qweight, const TensorView& packed) {
-  Engine& eng = onednn();
+  OneDnn& eng = onednn();
   std::lock_guard<std::mutex> lock(eng.mu);
   const int64_t N = qweight.shape[0], K = qweight.shape[1];
   const dnnl::memory::desc& d = packed_desc(K, N);

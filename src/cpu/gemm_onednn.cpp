@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "onednn_engine.h"
 #include "tensorslim/gemm.h"
 
 namespace tensorslim {
@@ -15,17 +16,6 @@ namespace cpu {
 namespace {
 
 using dt = dnnl::memory::data_type;
-
-struct Engine {
-  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
-  dnnl::stream stream{engine};
-  std::mutex mu;  // guards the primitive cache and the one stream
-};
-
-Engine& onednn() {
-  static Engine e;
-  return e;
-}
 
 dt weight_type(Format fmt) {
   switch (fmt) {
@@ -98,7 +88,7 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
   if (qweight.strides[0] != (K * info.bits) / 8) return false;
   const Key key{M, K, N, static_cast<int>(x.dtype), static_cast<int>(fmt), group_size,
                 zero_points != nullptr, bias != nullptr, x.strides[0], out.strides[0]};
-  Engine& eng = onednn();
+  OneDnn& eng = onednn();
   std::lock_guard<std::mutex> lock(eng.mu);
   static std::map<Key, Entry> cache;
   auto it = cache.find(key);

@@ -1,0 +1,20 @@
+// The process's one oneDNN CPU engine and stream, shared by every oneDNN-backed kernel.
+#pragma once
+
+#include <mutex>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+namespace tensorslim {
+namespace cpu {
+
+struct OneDnn {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream{engine};
+  std::mutex mu;  // guards the one stream and the kernels' primitive caches
+};
+
+OneDnn& onednn();
+
+}  // namespace cpu
+}  // namespace tensorslim
