@@ -280,7 +280,7 @@ _OBSERVER_METHODS = ("max", "percentile", "mse", "kl")
 _INT8_BACKENDS = ("auto", "onednn", "reference")
 
 
-def _check_smoothquant(name: str, cfg) -> None:
+def _check_smoothquant(name: str, cfg: "_Int8Activations") -> None:
     a = cfg.smoothquant_alpha
     if isinstance(a, str):
         if a != "auto":
@@ -297,24 +297,18 @@ def _check_smoothquant(name: str, cfg) -> None:
         raise ValueError(f"{name}: backend must be one of {_INT8_BACKENDS}, got {cfg.backend!r}")
 
 
-@register_config
 @dataclass
-class W8A8(Config):
-    """INT8 weights (per output channel) and INT8 activations with calibrated (static) scales,
-    optionally smoothed with SmoothQuant. Needs calibration data.
+class _Int8Activations(Config):
+    """What W8A8 and Int8Dynamic share: INT8 weights per output channel, INT8 activations,
+    and optional SmoothQuant.
 
     smoothquant_alpha: migration strength in [0, 1], or "auto" for a per-layer grid search
         (steps of alpha_grid_step, on up to search_rows sampled calibration rows per layer).
-    observer: how the static activation range is chosen: max, percentile, mse or kl.
-    act_symmetric: int8 activations with zero point 0 instead of uint8 with a zero point.
     fold: fold smoothing into the preceding norm / linear layer where that is exact.
     """
 
     smoothquant: bool = True
     smoothquant_alpha: Union[float, str] = 0.5  # or "auto"
-    observer: str = "max"
-    percentile: float = 99.99
-    act_symmetric: bool = False
     fold: bool = True
     search_rows: int = 512
     alpha_grid_step: float = 0.05
@@ -322,7 +316,25 @@ class W8A8(Config):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_smoothquant("W8A8", self)
+        _check_smoothquant(type(self).__name__, self)
+
+
+@register_config
+@dataclass
+class W8A8(_Int8Activations):
+    """INT8 activations with calibrated (static) scales, optionally smoothed with SmoothQuant.
+    Needs calibration data.
+
+    observer: how the static activation range is chosen: max, percentile, mse or kl.
+    act_symmetric: int8 activations with zero point 0 instead of uint8 with a zero point.
+    """
+
+    observer: str = "max"
+    percentile: float = 99.99
+    act_symmetric: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.observer not in _OBSERVER_METHODS:
             raise ValueError(f"W8A8: observer must be one of {_OBSERVER_METHODS}, got {self.observer!r}")
         if not 0.0 < float(self.percentile) <= 100.0:
@@ -331,20 +343,11 @@ class W8A8(Config):
 
 @register_config
 @dataclass
-class Int8Dynamic(Config):
-    """INT8 weights (per output channel), activations quantized per token at run time (as
-    torch.ao's dynamic quantization). No calibration unless smoothquant=True."""
+class Int8Dynamic(_Int8Activations):
+    """Activations quantized per token at run time (as torch.ao's dynamic quantization).
+    No calibration unless smoothquant=True."""
 
     smoothquant: bool = False
-    smoothquant_alpha: Union[float, str] = 0.5  # or "auto"
-    fold: bool = True
-    search_rows: int = 512
-    alpha_grid_step: float = 0.05
-    backend: str = "auto"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_smoothquant("Int8Dynamic", self)
 
 
 PRESETS.update({
