@@ -1,7 +1,9 @@
 """AWQ: the C++ scale and clip searches (every CPU path: the `isa` fixture) against their
 PyTorch references, folding (only
-where the float function is unchanged), output error against round to nearest, and errors."""
+where the float function is unchanged), input scales where no fold is valid (the same codes
+a fold gives, saved and loaded exactly), output error against round to nearest, and errors."""
 import copy
+import json
 
 import pytest
 import torch
@@ -182,3 +184,178 @@ def test_awq_config_settings_and_json():
 def test_awq_config_bad_values(kwargs):
     with pytest.raises(ValueError):
         ts.AWQ(**kwargs)
+
+
+# ---------------------------------------------------------------- input scales
+
+
+class GeluMLP(nn.Module):
+    """Linear -> GELU -> Linear: `down` reads a GELU output, which no scale can fold into
+    (folding into `up` would pass through the GELU). Some hidden channels are large."""
+
+    def __init__(self, d=128, hidden=256):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)
+        with torch.no_grad():
+            self.up.weight[::13] *= 20  # outlier input channels of `down`
+            self.up.bias[::13] = 5.0
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+def _down_input(model, batches):
+    """Mean |x| per channel of what `down` reads: the statistic AWQ's scales are powers of."""
+    with torch.no_grad():
+        h = torch.cat([model[0].act(model[0].up(b)).reshape(-1, 256) for b in batches])
+    return h.abs().mean(0)
+
+
+def test_group_without_foldable_predecessor_gets_an_input_scale():
+    torch.manual_seed(3)
+    model = nn.Sequential(GeluMLP())
+    calib = [torch.randn(4, 32, 128) for _ in range(4)]
+    x = torch.randn(4, 32, 128)
+    only_down = dict(group_size=128, exclude=("0.up",))  # `down` is the only AWQ group
+    rtn, ours = copy.deepcopy(model), copy.deepcopy(model)
+    ts.quantize(rtn, ts.Int4WeightOnly(**only_down), progress=False)
+    report = ts.quantize(ours, ts.Int4WeightOnly(algorithm="awq", **only_down), calib_data=calib, progress=False)
+    note = next(c.format for c in report.changed if c.name == "0.down")
+    assert "input-scaled" in note and "folded" not in note
+    down = ours[0].down
+    assert down.input_scale is not None and ours[0].up.__class__ is nn.Linear
+    # input_scale is 1 / s for the chosen alpha, s = (mean |x|)^alpha (normalized)
+    k = round(float(note.split("alpha=")[1].split()[0]) * awq.N_GRID)
+    assert k > 0
+    torch.testing.assert_close(down.input_scale, 1 / C.awq_scales(_down_input(model, calib).float(), k, awq.N_GRID))
+    # the layer computes (x * input_scale) @ W_scaled.T + b, and that is close to the float layer
+    h = model[0].act(model[0].up(x))
+    with torch.no_grad():
+        want = nn.functional.linear(h * down.input_scale, down.dequantized_weight(), down.bias)
+        torch.testing.assert_close(down(h), want, rtol=1e-5, atol=1e-5)
+        y = model(x)
+        e_rtn, e_awq = (rtn(x) - y).norm(), (ours(x) - y).norm()
+    assert e_awq < 0.8 * e_rtn, f"awq {e_awq:.4f} vs rtn {e_rtn:.4f}"
+    assert "int4 g128 input-scaled" in str(ts.summary(ours))
+
+
+class NormFc(nn.Module):
+    """norm -> fc; with `residual` the norm's output is also added to the result, so AWQ may
+    not fold into the norm and scales fc's input instead."""
+
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.residual = residual
+        self.norm, self.fc = nn.LayerNorm(128), nn.Linear(128, 128)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.fc(h) + h if self.residual else self.fc(h)
+
+
+def test_input_scale_gives_the_same_layer_as_a_fold():
+    """Same weights, same data: the unfoldable copy gets the codes the foldable copy gets (W * s
+    quantized), and its input scale does what the fold into the norm does (1 / s)."""
+    torch.manual_seed(8)
+    folded = _with_outliers(nn.Sequential(NormFc(residual=False)))
+    scaled = copy.deepcopy(folded)
+    scaled[0].residual = True
+    calib = [torch.randn(2, 16, 128) for _ in range(3)]
+    notes = {}
+    for model in (folded, scaled):
+        report = ts.quantize(model, ts.Int4WeightOnly(algorithm="awq"), calib_data=calib, progress=False)
+        notes[model[0].residual] = report.changed[0].format
+    assert "folded into norm" in notes[False] and "input-scaled" in notes[True]
+    assert notes[False].split(" folded")[0] == notes[True].split(" input-scaled")[0]  # the same alpha
+    a, b = folded[0], scaled[0]
+    assert torch.equal(a.fc.qweight, b.fc.qweight) and torch.equal(a.fc.scales, b.fc.scales)
+    inv_s = a.norm.weight / b.norm.weight  # the fold divided the norm's weight by s
+    torch.testing.assert_close(b.fc.input_scale, inv_s, rtol=1e-6, atol=0)
+    x = torch.randn(2, 16, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(b.fc(b.norm(x)), a.fc(a.norm(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_simulated_input_scale_is_the_packed_function():
+    """simulate=True folds input_scale into a float weight: the same function as the packed layer."""
+    torch.manual_seed(4)
+    model = nn.Sequential(GeluMLP())
+    calib = [torch.randn(2, 32, 128) for _ in range(2)]
+    packed, simulated = copy.deepcopy(model), copy.deepcopy(model)
+    loop = make_forward_loop(calib, progress=False)
+    awq.quantize_awq(packed, WeightSpec(4, True, 128), loop, progress=False)
+    awq.quantize_awq(simulated, WeightSpec(4, True, 128, simulate=True), loop, progress=False)
+    assert packed[0].down.input_scale is not None and type(simulated[0].down) is nn.Linear
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(simulated(x), packed(x), rtol=1e-5, atol=1e-5)
+
+
+class SharedInput(nn.Module):
+    """Two Linear layers reading one GELU output: one AWQ group, no fold possible."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = GeluMLP()
+        self.a, self.b = nn.Linear(128, 64), nn.Linear(128, 64)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.mlp(x) * 4)
+        return self.a(h) + self.b(h)
+
+
+def test_input_scaled_layers_round_trip_exactly(tmp_path):
+    torch.manual_seed(5)
+    model = SharedInput()
+    with torch.no_grad():
+        model.mlp.down.weight[::11] *= 10  # outlier channels in the group's input
+    calib = [torch.randn(4, 16, 128) for _ in range(2)]
+    report = ts.quantize(model, ts.Int4WeightOnly(algorithm="awq"), calib_data=calib, progress=False)
+    notes = {c.name: c.format for c in report.changed}
+    assert "input-scaled" in notes["a"] and notes["a"] == notes["b"]
+    # one group, one scale, but each layer its own copy (safetensors rejects shared storage)
+    assert torch.equal(model.a.input_scale, model.b.input_scale)
+    assert model.a.input_scale.data_ptr() != model.b.input_scale.data_ptr()
+    path = tmp_path / "awq.slim.safetensors"
+    ts.save(model, path)
+    layers = ts.io.read_header(path)["layers"]
+    assert layers["a"]["input_scale"] is True and layers["b"]["input_scale"] is True
+    assert all(not spec.get("input_scale", False) for name, spec in layers.items()
+               if name not in notes or "input-scaled" not in notes[name])
+    torch.manual_seed(6)
+    fresh = SharedInput()
+    ts.load(fresh, path)
+    assert fresh.a.input_scale is not None and fresh.a.describe() == "int4 per-channel input-scaled"
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_file_without_input_scale_key_still_loads(tmp_path):
+    """A file as tensorslim wrote it before input scales: its layer spec has no such key."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(128, 64))
+    layer = ts.WeightOnlyLinear.from_linear(model[0], "int4", 128)
+    old_spec = {"kind": "weight_only_linear", "format": "int4", "group_size": 128,
+                "in_features": 128, "out_features": 64, "bias": True}
+    path = tmp_path / "old.safetensors"
+    save_file({f"0.{k}": v for k, v in layer.state_dict().items()}, str(path), metadata={
+        "tensorslim.format": "tensorslim", "tensorslim.format_version": "1", "tensorslim.version": "0.1.0",
+        "tensorslim.layers": json.dumps({"0": old_spec}), "tensorslim.aliases": "{}"})
+    fresh = nn.Sequential(nn.Linear(128, 64))
+    ts.load(fresh, path)
+    assert isinstance(fresh[0], ts.WeightOnlyLinear) and fresh[0].input_scale is None
+    assert fresh[0].spec() == old_spec  # and saving it again writes the same spec
+    x = torch.randn(3, 128)
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("scale,match", [(torch.ones(64), "shape \\[128\\]"),
+                                         (torch.ones(128, dtype=torch.int32), "float tensor"),
+                                         (torch.full((128,), float("nan")), "NaN or Inf")])
+def test_bad_input_scale(scale, match):
+    codes = torch.zeros(8, 128, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        ts.WeightOnlyLinear.from_codes(codes, torch.ones(8, 1), None, "int4", 128, input_scale=scale)

@@ -143,3 +143,94 @@ def test_awq_failure_undoes_folds(monkeypatch):
 def test_empty_calibration_data():
     with pytest.raises(ValueError, match="empty"):
         ts.quantize(Net(), ts.Int4WeightOnly(algorithm="gptq"), calib_data=[], progress=False)
+
+
+# ---------------------------------------------------------------- layers the data never reaches
+
+
+class Gated(nn.Module):
+    """fc always runs; rare only on batches whose mean exceeds `threshold` (a branch the
+    calibration data may never take, like an expert no token is routed to)."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+        self.fc, self.rare = nn.Linear(128, 128), nn.Linear(128, 128)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        if float(x.mean()) > self.threshold:
+            h = h + self.rare(h)
+        return x + h
+
+
+ALWAYS, NEVER = -float("inf"), float("inf")
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+@pytest.mark.parametrize("thresholds,unreached", [((NEVER, ALWAYS), {"0.rare"}), ((ALWAYS, NEVER), {"1.rare"}),
+                                                  ((NEVER, NEVER), {"0.rare", "1.rare"})])
+def test_layers_never_reached_are_skipped_with_a_warning(algorithm, thresholds, unreached):
+    torch.manual_seed(0)
+    model = nn.Sequential(*(Gated(t) for t in thresholds))
+    before = copy.deepcopy(model.state_dict())
+    calib = [torch.randn(4, 128) for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match="never ran on the calibration data") as caught:
+        report = ts.quantize(model, ts.Int4WeightOnly(algorithm=algorithm), calib_data=calib, progress=False)
+    message = next(str(w.message) for w in caught if "never ran" in str(w.message))
+    assert all(repr(n) in message for n in unreached) and algorithm.upper() in message
+    everything = {"0.fc", "0.rare", "1.fc", "1.rare"}
+    assert {c.name for c in report.changed} == everything - unreached
+    assert all(algorithm in c.format for c in report.changed)
+    skipped = {c.name: c.reason for c in report.skipped}
+    assert set(skipped) == unreached and all("never ran" in r for r in skipped.values())
+    for name in unreached:  # left exactly as it was
+        assert type(model.get_submodule(name)) is nn.Linear
+        assert torch.equal(model.get_submodule(name).weight, before[f"{name}.weight"])
+    summary = ts.summary(model)
+    assert {c.name for c in summary.skipped} == unreached
+    assert {c.name for c in summary.changed} == everything - unreached
+    assert model(calib[0]).isfinite().all()
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_layer_reached_on_some_batches_is_calibrated_on_those(algorithm):
+    """rare runs on the second batch only: it is quantized exactly as if that batch were the
+    whole calibration set (its statistics come from the batches it ran on)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(Gated(threshold=5.0))
+    quiet, loud = torch.randn(4, 128), torch.randn(4, 128) + 10
+    both, loud_only = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = ts.Int4WeightOnly(algorithm=algorithm, exclude=("*.fc",))
+    for m, calib in ((both, [quiet, loud]), (loud_only, [loud])):
+        report = ts.quantize(m, cfg, calib_data=calib, progress=False)
+        assert [c.name for c in report.changed] == ["0.rare"]
+    a, b = both[0].rare, loud_only[0].rare
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+    if algorithm == "awq":
+        assert (a.input_scale is None) == (b.input_scale is None)
+        assert a.input_scale is None or torch.equal(a.input_scale, b.input_scale)
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_no_layer_reached_is_an_error(algorithm):
+    torch.manual_seed(2)
+    model = nn.Sequential(Gated(NEVER), Gated(NEVER))
+    before = copy.deepcopy(model.state_dict())
+    cfg = ts.Int4WeightOnly(algorithm=algorithm, exclude=("*.fc",))  # only the rare layers
+    with pytest.raises(ValueError, match=f"{algorithm}: none of the 2 layers to calibrate ran"):
+        ts.quantize(model, cfg, calib_data=[torch.randn(4, 128)], progress=False)
+    assert not any(isinstance(m, ts.WeightOnlyLinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unreached_check_costs_one_batch_when_everything_runs():
+    """The pipeline's reach check stops as soon as every target has run."""
+    block = Gated(ALWAYS)
+    calls = []
+    block.register_forward_pre_hook(lambda m, a: calls.append(1))
+    inputs = [((torch.randn(2, 128),), {}) for _ in range(4)]
+    targets = {"fc": block.fc, "rare": block.rare}
+    assert blockwise.reached_targets(block, targets, inputs) == {"fc", "rare"} and len(calls) == 1
+    block.threshold = NEVER
+    assert blockwise.reached_targets(block, targets, inputs) == {"fc"} and len(calls) == 5

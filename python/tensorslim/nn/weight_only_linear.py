@@ -10,16 +10,19 @@ from .packed_linear import PackedLinear
 
 
 class WeightOnlyLinear(PackedLinear):
-    """y = x @ dequantize(qweight).T + bias, computed by a dequant-fused kernel.
+    """y = (x * input_scale) @ dequantize(qweight).T + bias, computed by a dequant-fused kernel.
 
     Buffers (the whole state): qweight [out, packed in], scales fp32 [out, in / group],
-    zero_points uint8 (asymmetric formats only), bias fp32 (if the layer had one).
+    zero_points uint8 (asymmetric formats only), bias fp32 (if the layer had one), and
+    input_scale fp32 [in] (None unless an algorithm scaled the weight's input channels, as
+    AWQ does when no operation before the layer can absorb its scales: the stored weight is
+    W * s per input channel and input_scale = 1 / s, so the layer still computes x @ W.T).
     """
 
     kind = "weight_only_linear"
 
     def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int,
-                 bias: bool = True, backend: str = "auto", device=None):
+                 bias: bool = True, backend: str = "auto", device=None, input_scale: bool = False):
         super().__init__()
         spec = get_format(fmt)
         if not spec.is_integer:
@@ -35,6 +38,27 @@ class WeightOnlyLinear(PackedLinear):
         zps = torch.zeros(out_features, groups, dtype=torch.uint8, device=device) if spec.has_zero_point else None
         self.register_buffer("zero_points", zps)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device)
+                             if input_scale else None)
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "WeightOnlyLinear":
+        """An empty module of the shape a saved file describes (see io.load); files written
+        before input scales existed have no "input_scale" key."""
+        return cls(spec["in_features"], spec["out_features"], spec["format"], spec["group_size"],
+                   spec["bias"], device=device, input_scale=bool(spec.get("input_scale", False)))
+
+    def spec(self) -> dict:
+        out = super().spec()
+        if self.input_scale is not None:  # only then: files without input scales stay as before
+            out["input_scale"] = True
+        return out
+
+    def describe(self) -> str:
+        return super().describe() + (" input-scaled" if self.input_scale is not None else "")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", input_scale=True" if self.input_scale is not None else "")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: Optional[int] = None,
@@ -56,10 +80,12 @@ class WeightOnlyLinear(PackedLinear):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
                    fmt: str, group_size: int, bias: Optional[torch.Tensor] = None,
-                   backend: str = "auto") -> "WeightOnlyLinear":
+                   backend: str = "auto", input_scale: Optional[torch.Tensor] = None) -> "WeightOnlyLinear":
         """A layer from integer codes an algorithm chose itself (GPTQ, AWQ): codes int [out, in]
         in the format's range, scales fp32 [out, in / group_size], zero points uint8 (or None
-        for symmetric formats); dequantized weight = (code - zero point) * scale."""
+        for symmetric formats); dequantized weight = (code - zero point) * scale.
+        input_scale (fp32 [in], finite): multiplies the input before the kernel; the codes then
+        encode the weight in the scaled domain (W * s for input_scale = 1 / s). It is copied."""
         spec = get_format(fmt)
         out_features, in_features = codes.shape
         groups = in_features // group_size if group_size > 0 else 0
@@ -69,8 +95,9 @@ class WeightOnlyLinear(PackedLinear):
             raise ValueError(f"from_codes: format {fmt} needs zero_points of shape {tuple(scales.shape)}")
         if codes.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
             raise ValueError(f"from_codes: codes must lie in [{spec.qmin}, {spec.qmax}] for {fmt}")
+        _check_input_scale(input_scale, in_features)
         mod = cls(in_features, out_features, fmt, group_size, bias is not None, backend,
-                  device=codes.device)
+                  device=codes.device, input_scale=input_scale is not None)
         codes = codes.to(torch.int32)
         if spec.bits == 4:
             packed = ops.pack_int4(codes)
@@ -87,12 +114,29 @@ class WeightOnlyLinear(PackedLinear):
                 mod.zero_points.copy_(zero_points)
             if bias is not None:
                 mod.bias.copy_(bias.detach().float())
+            if input_scale is not None:
+                mod.input_scale.copy_(input_scale.detach().float())  # copy_: never shares storage
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         return ops.linear_weight_only(x, self.qweight, self.scales, self.zero_points, self.bias,
                                       self.fmt, self.group_size, self.in_features, self.backend)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the codes encode. With an input scale this is the weight in the scaled
+        domain (W * s per input channel): the layer computes x @ (dequantized_weight() *
+        input_scale).T, and that product is the weight in the original domain."""
         return ops.dequantize(self.qweight, self.scales, self.zero_points, self.fmt, self.group_size,
                               self.in_features, dtype)
+
+
+def _check_input_scale(input_scale: Optional[torch.Tensor], in_features: int) -> None:
+    if input_scale is None:
+        return
+    if input_scale.shape != (in_features,) or not input_scale.is_floating_point():
+        raise ValueError(f"from_codes: input_scale must be a float tensor of shape [{in_features}], got "
+                         f"{input_scale.dtype} {tuple(input_scale.shape)}")
+    if not bool(torch.isfinite(input_scale).all()):
+        raise ValueError("from_codes: input_scale holds NaN or Inf")

@@ -9,9 +9,11 @@ For each group:
      produces their input (a LayerNorm / RMSNorm, or a Linear such as v_proj before o_proj
      and up_proj before down_proj) is divided by s. Candidates are the module whose output
      the group reads and the earlier norms / Linears of matching width; a fold is kept only
-     if the float block's output is unchanged (checked on one calibration batch), so
+     if the float block's output is unchanged (checked on the first calibration batch and on
+     the first one the group runs on), so
      residual paths and non-linear functions are never folded through. A group with no
-     valid fold keeps s = 1;
+     valid fold gets an input scale instead: its WeightOnlyLinear layers keep W * s and
+     multiply their input by 1 / s (one fp32 vector per layer, an elementwise product per call);
   3. clip search (C++ core, ops.calibration.awq_search_clip): per output row and group, the
      range shrink (1.0 down to 0.55) that minimizes the group's output error;
   4. the codes of the clipped round-to-nearest grid become a packed WeightOnlyLinear.
@@ -45,6 +47,7 @@ class InputGroup:
     names: List[str]
     step: int                        # when its first layer ran (execution order)
     producer: Optional[str] = None   # the module whose output object is the input
+    batch: int = 0                   # the first calibration batch it ran on
     gram: Optional[torch.Tensor] = None     # sum x^T x, float64
     abs_sum: Optional[torch.Tensor] = None  # sum |x| per channel, float64
     count: int = 0
@@ -61,40 +64,49 @@ def _foldable(mod: nn.Module, width: int) -> bool:
 
 def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs
                    ) -> Tuple[List[InputGroup], Dict[str, int]]:
-    """Group the targets by shared input (seen on the first batch), accumulate each input's
-    Gram matrix and mean |x| over all batches; also the execution step of every module."""
+    """Group the targets by shared input (on the first batch each runs on), accumulate each
+    input's Gram matrix and mean |x| over the batches it runs on; also the execution step of
+    every module, up to the last target's first run."""
     groups: List[InputGroup] = []
     group_of: Dict[str, int] = {}
     steps: Dict[str, int] = {}
-    produced: Dict[int, Tuple[str, torch.Tensor]] = {}
-    seen: List[Tuple[torch.Tensor, int]] = []
-    first = [True]
+    produced: Dict[int, Tuple[str, torch.Tensor]] = {}  # this batch: id(output) -> (module, output)
+    batch_inputs: List[Tuple[torch.Tensor, int]] = []   # this batch: (group input, group index)
+    batch = [0]
+
+    def grouping() -> bool:  # the bookkeeping below is needed until every target has a group
+        return len(group_of) < len(targets)
 
     def module_hook(name):
         def fn(mod, args, out):
-            if not first[0]:
+            if not grouping():
                 return
             steps.setdefault(name, len(steps))
             if isinstance(out, torch.Tensor):
                 produced.setdefault(id(out), (name, out))  # innermost module first
         return fn
 
+    def group_index(name: str, x: torch.Tensor) -> int:
+        if name in group_of:  # a layer called twice keeps its first input's group
+            return group_of[name]
+        idx = next((g for t, g in batch_inputs if t is x), None)
+        if idx is None:
+            prod = produced.get(id(x))
+            groups.append(InputGroup([], steps.get(name, len(steps)),
+                                     prod[0] if prod is not None and prod[1] is x else None, batch[0]))
+            idx = len(groups) - 1
+        groups[idx].names.append(name)
+        group_of[name] = idx
+        return idx
+
     def target_hook(name):
         def fn(mod, args, out):
             x = args[0]
-            if first[0] and name not in group_of:  # a layer called twice keeps its first input
-                idx = next((g for t, g in seen if t is x), None)
-                if idx is None:
-                    prod = produced.get(id(x))
-                    groups.append(InputGroup([], steps.get(name, len(steps)),
-                                             prod[0] if prod is not None and prod[1] is x else None))
-                    idx = len(groups) - 1
-                    seen.append((x, idx))
-                groups[idx].names.append(name)
-                group_of[name] = idx
-            g = groups[group_of[name]]
-            if g.names[0] != name or (first[0] and x is not next(t for t, i in seen if i == group_of[name])):
+            idx = group_index(name, x)
+            if any(g == idx for _, g in batch_inputs):
                 return  # the group's statistics are gathered once per batch
+            batch_inputs.append((x, idx))
+            g = groups[idx]
             x2 = x.detach().reshape(-1, mod.in_features).double()
             if g.gram is None:
                 g.gram = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64, device=x.device)
@@ -111,13 +123,15 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
     handles += [m.register_forward_hook(target_hook(n)) for n, m in targets.items()]
     try:
         for i, inp in enumerate(inputs):
-            first[0] = i == 0
+            batch[0] = i
             run_block(block, inp)
+            produced.clear()
+            batch_inputs.clear()
     finally:
         for h in handles:
             h.remove()
     missing = set(targets) - set(group_of)
-    if missing:
+    if missing:  # calibrate_blockwise skips such layers before calling us
         raise ValueError(f"layers {sorted(missing)} never ran on the calibration data")
     return sorted(groups, key=lambda g: g.step), steps
 
@@ -162,15 +176,35 @@ def _relative_change(out: torch.Tensor, ref: torch.Tensor, inp) -> float:
     return float((out.double() - ref.double()).norm() / base.norm().clamp(min=1e-30))
 
 
+def _fold_somewhere(block: nn.Module, group: InputGroup, layers: List[nn.Linear], s: torch.Tensor,
+                    steps: Dict[str, int], inputs: Inputs, refs: Dict[int, torch.Tensor], edits: Edits,
+                    fold_tol: float) -> Optional[str]:
+    """Fold s into the first candidate that keeps the float block's output (on the first batch
+    and on the first batch the group ran on); None, with nothing changed, if none does."""
+    checks = sorted({0, group.batch})  # a branch-only group: also where its branch is not taken
+    for cand in _candidates(block, group, steps, layers[0].in_features):
+        mark = edits.mark()
+        _fold(block.get_submodule(cand), layers, s, edits)
+        if all(_relative_change(run_block(block, inputs[b]), refs[b], inputs[b]) <= fold_tol for b in checks):
+            return cand
+        edits.undo(mark)
+    return None
+
+
 def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SHRINK,
-              fold_tol: float = FOLD_TOL):
-    """The per-block step of the pipeline for these settings."""
+              fold_tol: float = FOLD_TOL, input_scales: bool = True):
+    """The per-block step of the pipeline for these settings.
+
+    input_scales: a group with no valid fold gets an input scale (otherwise it stays unscaled
+    and gets the clip search only, as before input scales existed).
+    """
 
     def quantize_block(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, edits: Edits):
         groups, steps = collect_groups(block, targets, inputs)
-        ref = run_block(block, inputs[0])
+        refs = {b: run_block(block, inputs[b]) for b in {0} | {g.batch for g in groups}}  # before any fold
         notes: Dict[str, str] = {}
         grams: Dict[str, torch.Tensor] = {}
+        in_scales: Dict[str, torch.Tensor] = {}  # layer -> s, for groups scaled at their input
         for g in groups:
             layers = [targets[n] for n in g.names]
             width = layers[0].in_features
@@ -179,28 +213,30 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
             w = torch.cat([lin.weight.detach().float() for lin in layers])
             k, _ = C.awq_search_scale(w, gram, act, spec.bits, spec.symmetric, spec.group_for(width), n_grid)
             note = f"awq alpha={k / n_grid:.2f}"
-            s = C.awq_scales(act, k, n_grid)
-            folded = None
+            s = C.awq_scales(act, k, n_grid) if k > 0 else torch.ones_like(act)
             if k > 0:
-                for cand in _candidates(block, g, steps, width):
-                    mark = edits.mark()
-                    _fold(block.get_submodule(cand), layers, s, edits)
-                    if _relative_change(run_block(block, inputs[0]), ref, inputs[0]) <= fold_tol:
-                        folded = cand
-                        break
-                    edits.undo(mark)
-                note += f" folded into {folded}" if folded else " (no foldable op before it: unscaled)"
-            s_used = s if folded else torch.ones_like(s)
-            g_scaled = gram / (s_used[:, None] * s_used[None, :])
+                folded = _fold_somewhere(block, g, layers, s, steps, inputs, refs, edits, fold_tol)
+                if folded:
+                    note += f" folded into {folded}"
+                elif input_scales:  # same error as a fold (the search measured it), paid at run time
+                    note += " input-scaled (no foldable op before it)"
+                    in_scales.update(dict.fromkeys(g.names, s))
+                else:
+                    note += " (no foldable op before it: unscaled)"
+                    s = torch.ones_like(s)
+            g_scaled = gram / (s[:, None] * s[None, :])
             for n in g.names:
                 notes[n], grams[n] = note, g_scaled
         new = {}
         for name, lin in targets.items():
             group = spec.group_for(lin.in_features)
             w = lin.weight.detach().float()
+            s = in_scales.get(name)
+            if s is not None:  # folded groups already hold W * s (an edit); these get it here
+                w = w * s.to(w.device)[None, :]
             ratio, _ = C.awq_search_clip(w, grams[name], spec.bits, spec.symmetric, group, n_grid, max_shrink)
             codes, scales, zps = C.quantize_codes_reference(w.cpu(), spec.bits, spec.symmetric, group, ratio)
-            new[name] = (make_layer(lin, codes, scales, zps, spec),
+            new[name] = (make_layer(lin, codes, scales, zps, spec, None if s is None else 1.0 / s),
                          f"{spec.describe(lin.in_features)} {notes[name]}")
         # The float layers leave the model now: give them back their original weights and
         # free the scaled copies (the norms keep their folded scales: they stay in the model).
@@ -211,12 +247,13 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
 
 
 def quantize_awq(model: nn.Module, spec: WeightSpec, forward_loop, cfg=None, n_grid: int = N_GRID,
-                 max_shrink: float = MAX_SHRINK, progress: bool = True):
+                 max_shrink: float = MAX_SHRINK, progress: bool = True, input_scales: bool = True):
     """AWQ with explicit settings (also used to simulate bit widths the format table lacks)."""
     from ..config import LayerFilter
 
     cfg = cfg if cfg is not None else LayerFilter()
-    return calibrate_blockwise(model, cfg, forward_loop, spec, awq_block(spec, n_grid, max_shrink),
+    return calibrate_blockwise(model, cfg, forward_loop, spec,
+                               awq_block(spec, n_grid, max_shrink, input_scales=input_scales),
                                lambda c, n, m: check_linear(SimpleNamespace(group_size=spec.group_size), n, m),
                                "awq", feed_quantized=False, progress=progress)
 

@@ -8,12 +8,17 @@ captured. Then each block in turn is calibrated on its inputs, quantized, and ru
 produce the next block's inputs, so at any time the working set is one block plus its
 activations, and the model is never copied.
 
+Target layers a block never runs on any calibration batch (a branch the data does not
+take, an expert no token is routed to) have nothing to calibrate on: they stay float, with a
+RuntimeWarning, and the report lists them as skipped. If no target runs at all, that is an
+error.
+
 A failure anywhere puts back every module and parameter the pipeline replaced, so the
 model is left as it was.
 """
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -200,9 +205,12 @@ class WeightSpec:
 
 
 def make_layer(linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
-               zero_points: torch.Tensor, spec: WeightSpec) -> nn.Module:
+               zero_points: torch.Tensor, spec: WeightSpec,
+               input_scale: Optional[torch.Tensor] = None) -> nn.Module:
     """The packed WeightOnlyLinear for chosen codes, or (simulate) a float Linear holding
-    exactly the weights those codes dequantize to."""
+    exactly the weights those codes dequantize to. input_scale [in]: the codes encode the
+    weight in a scaled domain and the layer multiplies its input by input_scale (simulated:
+    folded into the float weight's columns, the same function)."""
     group = spec.group_for(linear.in_features)
     device = linear.weight.device
     if spec.simulate or spec.fmt not in FORMATS:
@@ -212,6 +220,8 @@ def make_layer(linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
         rows, cols = codes.shape
         c = codes.reshape(rows, cols // group, group).float()
         w = ((c - zero_points.float()[..., None]) * scales[..., None]).reshape(rows, cols)
+        if input_scale is not None:
+            w = w * input_scale.to(w.device, w.dtype)[None, :]
         new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,
                         device=device, dtype=linear.weight.dtype)
         with torch.no_grad():
@@ -220,8 +230,9 @@ def make_layer(linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
                 new.bias.copy_(linear.bias)
         return new
     zps = zero_points.to(device) if not spec.symmetric else None
+    scale = input_scale.to(device) if input_scale is not None else None
     return WeightOnlyLinear.from_codes(codes.to(device), scales.to(device), zps, spec.fmt, group,
-                                       linear.bias, spec.backend)
+                                       linear.bias, spec.backend, scale)
 
 
 # quantize_block(block, targets {local name: Linear}, inputs, edits) -> {local name: (new, note)}
@@ -257,6 +268,43 @@ def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, 
     return report, per_block, outside
 
 
+NEVER_RAN = "never ran on the calibration data: nothing to calibrate on"
+
+
+def reached_targets(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Set[str]:
+    """The targets that run on at least one calibration batch. Stops after the first batch by
+    which every target has run, so it usually costs one batch's forward pass."""
+    ran: Set[str] = set()
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: ran.add(n)) for n, m in targets.items()]
+    try:
+        for inp in inputs:
+            run_block(block, inp)
+            if len(ran) == len(targets):
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
+def _drop_unreached(block: nn.Module, bname: str, targets: Dict[str, nn.Linear], inputs: Inputs
+                    ) -> Tuple[Dict[str, nn.Linear], List[LayerChange]]:
+    """The targets the calibration data reaches, and a skip row for every other one."""
+    if not targets:
+        return targets, []
+    ran = reached_targets(block, targets, inputs)
+    skipped = [LayerChange(".".join(p for p in (bname, n) if p), "Linear", "skipped",
+                           bytes_before=module_bytes(m), reason=NEVER_RAN)
+               for n, m in targets.items() if n not in ran]
+    return {n: m for n, m in targets.items() if n in ran}, skipped
+
+
+def _warn_unreached(name: str, skipped: List[LayerChange]) -> None:
+    if skipped:
+        warnings.warn(f"{name.upper()}: {len(skipped)} layer(s) never ran on the calibration data and "
+                      f"stay unquantized: {[c.name for c in skipped]}", RuntimeWarning, stacklevel=3)
+
+
 def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoop], spec: WeightSpec,
                         quantize_block: BlockFn, check: Callable, name: str,
                         feed_quantized: bool, progress: bool = True) -> Report:
@@ -265,6 +313,7 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     feed_quantized: the next block sees the quantized block's outputs (GPTQ, so later blocks
     correct earlier errors) or the float block's (AWQ, as the paper does).
     Linear layers outside every block are quantized with round-to-nearest (noted in the report).
+    Target layers no calibration batch reaches are skipped (see the module's docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -274,12 +323,14 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     first = next((i for i, t in enumerate(per_block) if t), None)
     edits = Edits()
     changes: List[LayerChange] = []
+    unreached: List[LayerChange] = []
     try:
         if first is not None:
             inputs = capture_block_inputs(model, blocks[first][1], forward_loop)
             bar = tqdm(blocks[first:], desc=f"{name} blocks", disable=not progress, leave=False)
             for bi, (bname, block) in enumerate(bar, start=first):
-                targets = per_block[bi]
+                targets, skipped = _drop_unreached(block, bname, per_block[bi], inputs)
+                unreached += skipped
                 last = bi == len(blocks) - 1 or not any(per_block[bi + 1:])
                 outs = None
                 if not feed_quantized and not last:
@@ -297,6 +348,9 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
                 if outs is None:
                     outs = [run_block(block, inp) for inp in inputs]
                 inputs = [next_inputs(inp, out) for inp, out in zip(inputs, outs)]
+            if not changes:
+                raise ValueError(f"none of the {len(unreached)} layers to calibrate ran on the calibration "
+                                 f"data (e.g. '{unreached[0].name}'); does the forward loop run the model?")
         for full, lin in outside.items():
             from ..ops import calibration as C
 
@@ -312,7 +366,8 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
         if isinstance(e, (ValueError, TypeError)):
             raise type(e)(f"{name}: {e}") from e
         raise
-    report.changes.extend(changes)
+    _warn_unreached(name, unreached)
+    report.changes.extend(unreached + changes)
     remember_skipped(model, report)
     return report
 
