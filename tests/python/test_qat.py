@@ -35,7 +35,7 @@ def _configs():
                  (ts.IntWeightOnly(bits=3, group_size=32, symmetric=False), True)]
     for name in ("FP8WeightOnly", "NVFP4", "MXFP4"):  # the float formats, when present
         if hasattr(C, name):
-            cfgs.append((getattr(C, name)(), False))
+            cfgs.append((getattr(C, name)(), True))  # LSQ details: test_qat_float.py
     return [pytest.param(c, lsq, id=f"{type(c).__name__}-{getattr(c, 'bits', '')}-lsq{lsq}")
             for c, can_lsq in cfgs for lsq in ((False, True) if can_lsq else (False,))]
 
@@ -176,9 +176,6 @@ def test_error_paths():
     if "gptq" in C.WEIGHT_ONLY_ALGORITHMS:
         with pytest.raises(ValueError, match="algorithm='rtn'"):
             ts.prepare_qat(model, ts.Int4WeightOnly(algorithm="gptq"), progress=False)
-    if hasattr(C, "NVFP4"):
-        with pytest.raises(ValueError, match="learnable scales are not supported"):
-            ts.prepare_qat(model, C.NVFP4(), learnable_scales=True, progress=False)
     with pytest.raises(ValueError, match="no QAT layers"):
         ts.convert(model)
     assert all(type(m) is nn.Linear for m in (model.fc1, model.fc2, model.head))  # untouched

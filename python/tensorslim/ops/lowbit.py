@@ -447,3 +447,86 @@ def pack_codes(codes: torch.Tensor, fmt: str) -> torch.Tensor:
         raise ValueError(f"pack_codes: codes must lie in [{spec.qmin}, {spec.qmax}] for {fmt}")
     q = pack_bits(codes, spec.bits)
     return q.view(torch.int8) if spec.code_dtype == torch.int8 else q
+
+
+# ---------------------------------------------------------------- encoding with given scales
+# Quantization-aware training learns the scales; ts.convert then needs the codes of a
+# weight under those scales, encoded exactly as quantize_lowbit encodes under its own.
+
+E4M3_MIN_SUBNORMAL = 2.0 ** -9  # the smallest positive E4M3 value (code 0x01)
+E4M3_MAX_SCALE_CODE = 0x7E  # 448; 0x7F is NaN and codes >= 0x80 are negative
+E8M0_NAN_CODE = 255
+
+
+def float_codes_with_scales(x: torch.Tensor, spec: FormatSpec, scales: torch.Tensor,
+                            tensor_scale: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+    """[rows, cols] int32 element codes of x under the given stored scales (fp32 for FP8, E4M3
+    bytes + tensor scale for NVFP4, E8M0 bytes for MXFP4): the arithmetic of
+    quantize_lowbit_reference with its scale computation replaced by these scales. No checks
+    (quantize_lowbit_with_scales is the checked entry point)."""
+    rows, cols = x.shape
+    if x.numel() == 0:
+        return torch.zeros(rows, cols, dtype=torch.int32, device=x.device)
+    srows, scols = scale_shape(spec, rows, cols, group_size)
+    g = x.float().reshape(rows, scols, cols // scols)  # per tensor: one [rows, 1, cols] group
+    s = scales.reshape(srows, scols, 1)
+    if spec.name in ("fp8_e4m3", "fp8_e5m2"):
+        enc = e4m3_encode if spec.name == "fp8_e4m3" else e5m2_encode
+        codes = enc(g / s.float())
+    elif spec.name == "nvfp4":
+        scale = e4m3_decode(s) * tensor_scale.reshape(()).float()
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.where(scale > 0, e2m1_encode(g / safe), torch.zeros_like(g, dtype=torch.int32))
+    elif spec.name == "mxfp4":
+        codes = e2m1_encode(g / e8m0_decode(s))
+    else:
+        raise ValueError(f"float_codes_with_scales: {spec.name} is not a float format "
+                         "(fp8_e4m3, fp8_e5m2, nvfp4, mxfp4)")
+    return codes.reshape(rows, cols)
+
+
+def _check_given_scales(spec: FormatSpec, scales: torch.Tensor, tensor_scale: Optional[torch.Tensor],
+                        shape: Tuple[int, int]) -> None:
+    what = f"quantize_lowbit_with_scales ({spec.name})"
+    if tuple(scales.shape) != shape or scales.dtype != spec.scale_dtype:
+        raise ValueError(f"{what}: scales must be {spec.scale_dtype} of shape {shape}, got "
+                         f"{scales.dtype} of shape {tuple(scales.shape)}")
+    if spec.scale_format == "float32" and scales.numel() and not bool(torch.all(torch.isfinite(scales) & (scales > 0))):
+        raise ValueError(f"{what}: scales must be finite and > 0")
+    if spec.scale_format == "e4m3" and scales.numel() and int(scales.max()) > E4M3_MAX_SCALE_CODE:
+        raise ValueError(f"{what}: E4M3 block scales must be codes 0..0x7E (0x7F is NaN, "
+                         f">= 0x80 negative), got {int(scales.max()):#x}")
+    if spec.scale_format == "e8m0" and scales.numel() and int(scales.max()) == E8M0_NAN_CODE:
+        raise ValueError(f"{what}: E8M0 block scale 255 is NaN")
+    if spec.has_tensor_scale:
+        if tensor_scale is None or tensor_scale.numel() != 1 or tensor_scale.dtype != torch.float32:
+            raise ValueError(f"{what}: needs tensor_scale, one float32 value")
+        if not (math.isfinite(float(tensor_scale)) and float(tensor_scale) > 0):
+            raise ValueError(f"{what}: tensor_scale must be finite and > 0, got {float(tensor_scale)}")
+    elif tensor_scale is not None:
+        raise ValueError(f"{what}: the format has no tensor scale, got one")
+
+
+def quantize_lowbit_with_scales(x: torch.Tensor, fmt: str, scales: torch.Tensor,
+                                tensor_scale: Optional[torch.Tensor] = None,
+                                group_size: Optional[int] = None) -> torch.Tensor:
+    """Packed codes (quantize_lowbit's `q`) of a 2-D float tensor under given scales, in
+    the float formats (FP8, NVFP4, MXFP4); scales in their stored form, as quantize_lowbit
+    returns them. Given quantize_lowbit's own scales, the result is its q bit for bit
+    (round to nearest even, saturating). Integer codes: use pack_codes."""
+    spec = get_format(fmt)
+    if not spec.is_float:
+        raise ValueError(f"quantize_lowbit_with_scales: {fmt} is not a float format "
+                         "(fp8_e4m3, fp8_e5m2, nvfp4, mxfp4); for integer codes use pack_codes")
+    _check_float(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if group_size is None:
+        group_size = default_group_size(spec)
+    shape = scale_shape(spec, x.shape[0], x.shape[1], group_size)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"quantize_lowbit_with_scales ({fmt}): x contains NaN or Inf; "
+                         "quantization needs finite values")
+    _check_given_scales(spec, scales, tensor_scale, shape)
+    codes = float_codes_with_scales(x, spec, scales, tensor_scale, group_size)
+    return pack_bits(codes, spec.bits)

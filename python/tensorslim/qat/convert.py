@@ -54,12 +54,24 @@ def _pack_int(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     return lowbit.pack_bits(codes, spec.bits).view(spec.code_dtype)
 
 
+def _with_learned_float(new: nn.Module, exported: Dict[str, torch.Tensor]) -> nn.Module:
+    """LowBitLinear holding the codes packed under the learned scales, those scales as the
+    format stores them (fp32 / E4M3 / E8M0 bytes) and NVFP4's tensor scale."""
+    _copy_into(new.qweight, exported["qweight"], "qweight")
+    _copy_into(new.scales, exported["scales"], "scales")
+    if exported["tensor_scale"] is not None:
+        _copy_into(new.tensor_scale, exported["tensor_scale"], "tensor_scale")
+    return new
+
+
 @torch.no_grad()
 def _packed(qat: QATLinear) -> nn.Module:
     new = _ptq_module(qat)
     exported = qat.weight_fake_quant.export(qat.weight.detach())
     if exported is None:  # float formats: the PTQ encoding is the fake quantizer's
         return new
+    if "qweight" in exported:  # float formats with learned scales: packed by the quantizer
+        return _with_learned_float(new, exported)
     _copy_into(new.scales, exported["scales"].reshape(new.scales.shape).to(new.scales.dtype), "scales")
     fmt = qat.weight_fake_quant.format_name
     if "positive" in exported:

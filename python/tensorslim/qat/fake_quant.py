@@ -7,9 +7,11 @@ Courbariaux et al. 2015; XNOR-Net, Rastegari et al. 2016):
   integers: round() passes the gradient straight through; clamp() zeroes it outside
             [qmin, qmax]  (d w_q / d w = 1 inside the range, 0 outside)
   binary / ternary: d w_q / d w = scale where |w| <= 1, else 0 (BinaryConnect clipping)
-  float formats (FP8 / NVFP4 / MXFP4): identity
+  float formats (FP8 / NVFP4 / MXFP4): identity (with learnable scales, float_lsq.py:
+            identity inside the representable range, zero where the value saturates)
 Scales come from the weights (the same rule as post-training quantization) unless
-`learnable=True`, where they are LSQ parameters initialized from that rule.
+`learnable=True`, where they are LSQ parameters initialized from that rule (the float
+formats' learnable quantizers live in float_lsq.py).
 """
 from typing import Dict, Optional
 
@@ -183,8 +185,8 @@ class TernaryFakeQuant(WeightFakeQuant):
 
 
 class FloatFakeQuant(WeightFakeQuant):
-    """FP8 / NVFP4 / MXFP4 through the format helper's reference quantizer (identity STE).
-    Their scales are encoded (E4M3 / E8M0 / per-tensor), so they are not learnable here."""
+    """FP8 / NVFP4 / MXFP4 through the format helper's reference quantizer (identity STE),
+    scales from the weights; float_lsq.py has the learnable-scale versions."""
 
     def __init__(self, spec: FormatSpec, group_size: int):
         super().__init__()

@@ -14,6 +14,7 @@ from ..report import Report
 from ..transforms import replace_modules
 from .fake_quant import (ActivationSignQuant, BinaryFakeQuant, FloatFakeQuant, IntFakeQuant,
                          TernaryFakeQuant, WeightFakeQuant)
+from .float_lsq import learned_float_fake_quant
 
 _INT_CONFIGS = (cfgs.Int8WeightOnly, cfgs.Int4WeightOnly, cfgs.IntWeightOnly)
 
@@ -43,10 +44,7 @@ def check_config(cfg: Config, learnable_scales: bool) -> None:
     if isinstance(cfg, (cfgs.Binary, cfgs.Ternary)):
         return
     if _float_format(cfg) is not None:
-        if learnable_scales:
-            raise ValueError(f"prepare_qat: {type(cfg).__name__}: learnable scales are not supported for "
-                             f"float formats (their block scales are encoded E4M3 / E8M0)")
-        return
+        return  # learnable or not: float_lsq handles the encoded E4M3 / E8M0 block scales
     raise TypeError(f"prepare_qat: {type(cfg).__name__} is not supported by QAT; supported: {supported_configs()}")
 
 
@@ -60,6 +58,8 @@ def make_weight_quantizer(cfg: Config, weight: torch.Tensor, learnable: bool) ->
         return TernaryFakeQuant(weight.detach(), learnable)
     spec = FORMATS[_float_format(cfg)]
     group = getattr(cfg, "group_size", None) or spec.block_size or weight.shape[1]
+    if learnable:
+        return learned_float_fake_quant(spec, group, weight.detach())
     return FloatFakeQuant(spec, group)
 
 
@@ -117,8 +117,10 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
     Every selected nn.Linear (the config's include/exclude; the output head is skipped by
     default) becomes a QATLinear whose forward uses the fake-quantized weight with a
     straight-through estimator, so a normal training loop fine-tunes the model.
-    learnable_scales=True makes the scales LSQ parameters (integer, binary and ternary
-    formats). Afterwards `ts.convert(model)` packs the layers. Returns a Report.
+    learnable_scales=True makes the scales LSQ parameters initialized from the post-training
+    rule (every format; float formats: qat/float_lsq.py, the forward uses the scales as the
+    format stores them: E4M3 block scales for NVFP4, powers of two for MXFP4).
+    Afterwards `ts.convert(model)` packs the layers. Returns a Report.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat: expected a torch.nn.Module, got {type(model).__name__}")
