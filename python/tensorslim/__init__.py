@@ -9,11 +9,13 @@ __version__ = "0.1.0"
 
 from ._native import _C  # noqa: F401  (loads the native core first)
 from . import eval, ops  # noqa: F401  (ts.eval.perplexity, ts.eval.load_minilm, ...)
-from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W8A8, Binary, Config, FP8WeightOnly,
-                     Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightOnly, Ternary)
+from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Config,
+                     FP8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightOnly,
+                     Ternary)
 from .formats import FORMATS, PER_TENSOR
 from .io import load, save
-from .nn import BinaryLinear, Int8Linear, LowBitLinear, TernaryLinear, WeightOnlyLinear
+from .nn import (BinaryLinear, Int8Linear, LowBitLinear, TernaryLinear, W4A8Linear,
+                 WeightOnlyLinear)
 from .qat import QATLinear, convert, prepare_qat
 from .quantization import quantize
 from .report import Report, summary
@@ -21,11 +23,12 @@ from .report import Report, summary
 __all__ = [
     # configs and presets
     "Config", "PRESETS", "Int8WeightOnly", "Int4WeightOnly", "IntWeightOnly", "GPTQ", "AWQ",
-    "W8A8", "Int8Dynamic", "FP8WeightOnly", "NVFP4", "MXFP4", "Binary", "Ternary",
+    "W8A8", "Int8Dynamic", "W4A8", "FP8WeightOnly", "NVFP4", "MXFP4", "Binary", "Ternary",
     # verbs, reports, files
     "quantize", "prepare_qat", "convert", "summary", "Report", "save", "load",
     # compressed modules
-    "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "QATLinear",
+    "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
+    "QATLinear",
     # formats and kernels
     "FORMATS", "PER_TENSOR", "ops", "eval",
 ]

@@ -359,6 +359,41 @@ PRESETS.update({
 
 @register_config
 @dataclass
+class W4A8(Config):
+    """INT4 weights in groups along the input dimension (128 by default; None = per output
+    channel), symmetric int4 or asymmetric uint4, times INT8 activations quantized per token
+    at run time; the product runs on integer dot products (AVX-512 VNNI). No calibration.
+
+    backend: auto (native where it fits), native, scalar (the C++ reference) or reference
+    (plain PyTorch)."""
+
+    group_size: Optional[int] = 128
+    symmetric: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_size is not None and self.group_size not in _GROUP_SIZES:
+            raise ValueError(f"W4A8: group_size must be None (per channel) or one of {_GROUP_SIZES}, "
+                             f"got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"W4A8: symmetric must be True or False, got {self.symmetric!r}")
+        if self.backend not in ("auto", "native", "scalar", "reference"):
+            raise ValueError(f"W4A8: backend must be auto, native, scalar or reference, got {self.backend!r}")
+
+    @property
+    def format_name(self) -> str:
+        return "int4" if self.symmetric else "uint4"
+
+
+PRESETS.update({
+    "w4a8": W4A8,
+    "int4_int8": W4A8,
+})
+
+
+@register_config
+@dataclass
 class GPTQ(IntWeightOnly):
     """IntWeightOnly(algorithm="gptq") with GPTQ's own settings: act_order visits columns by
     decreasing Hessian diagonal; damp is the fraction of mean(diag H) added to H's diagonal

@@ -11,6 +11,7 @@ from .binary import (binarize, binary_linear, pack_signs, pack_trits, ternarize,
 from .int8 import linear_int8, linear_w8a8, quantize_per_token, quantize_static
 from .lowbit import (LOWBIT_BACKENDS, dequantize_lowbit, linear_lowbit, pack_bits, pack_codes,
                      quantize_lowbit, unpack_bits)
+from .w4a8 import W4A8_BACKENDS, linear_w4a8
 from .weight_only import (BACKENDS, dequantize, dequantize_reference, linear_weight_only,
                           pack_int4, quantize, quantize_reference, unpack_int4)
 
@@ -22,5 +23,6 @@ __all__ = [
     "binarize", "ternarize", "binary_linear", "xnor_linear", "ternary_linear", "pack_signs",
     "unpack_signs", "pack_trits", "unpack_trits",
     "quantize_per_token", "quantize_static", "linear_int8", "linear_w8a8",
+    "W4A8_BACKENDS", "linear_w4a8",
     "calibration",
 ]

@@ -6,7 +6,7 @@ from torch import nn
 from ..config import resolve_config
 from ..report import Report
 # Each technique module registers its transforms (or weight-only algorithms) on import.
-from . import awq, binary, gptq, lowbit, w8a8, weight_only  # noqa: F401
+from . import awq, binary, gptq, lowbit, w4a8, w8a8, weight_only  # noqa: F401
 from .calibrate import make_forward_loop
 from .registry import TRANSFORMS
 

@@ -1,0 +1,72 @@
+// W4A8: INT4 weights x INT8 activations quantized per token at run time, integer group dot
+// products (AVX-512 VNNI vpdpbusd) and an fp32 rescale per group.
+//
+// Specification (the scalar reference implements it literally):
+//   activations: q[m, k] (s8) and a_s[m] = quantize_per_token(x) (gemm_int8.h: max|x| / 127,
+//                round half to even); bf16 x is widened to fp32 first.
+//   weights:     the int4 / uint4 rows of the format table (quantize.h): codes c[n, k] packed two
+//                per byte, low nibble first; offset o[n, g] = 0 (int4, c in -8..7) or the uint8
+//                zero point (uint4, c in 0..15); fp32 scale w_s[n, g] per group of G values.
+//   per group:   d[m, n, g] = sum_{k in g} (c[n, k] - o[n, g]) * q[m, k]        (exact, int32)
+//   rescale:     acc = 0; for g = 0, 1, ...: acc = acc + float(d[m, n, g]) * w_s[n, g]
+//                out[m, n] = acc * a_s[m] (+ bias[n])        (IEEE fp32, no fused multiply-add;
+//                                                             bf16 out: rounded once at the end)
+// Every path (scalar, AVX-512 with or without VNNI) gives these bits exactly.
+#pragma once
+
+#include <cstdint>
+
+#include "tensorslim/formats.h"
+#include "tensorslim/gemm.h"
+#include "tensorslim/tensor_view.h"
+
+namespace tensorslim {
+
+// Largest K for which every int32 above is exact (|d| <= 15 * 127 * K < 2^31).
+constexpr int64_t kW4A8MaxK = int64_t{1} << 20;
+
+// out[M, N] = x[M, K] @ W^T + bias as specified above.
+// x: [M, K] f32 or bf16, rows contiguous.  qweight: [N, ceil(K / 2)] uint8 (int4 / uint4 codes).
+// scales: [N, K / group] f32.  zero_points: same shape uint8, values 0..15, uint4 only (else
+// nullptr).  bias: [N] f32 or nullptr.  out: [M, N], x's dtype, rows contiguous.
+// group_size: an even divisor of K, or K (one scale per output channel).
+// backend: kReference (scalar), kNative (AVX-512; ValueError where none fits), kAuto (native
+// where it fits, else the reference). kOneDNN: ValueError (oneDNN has no such kernel).
+void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorView& scales,
+                 const TensorView* zero_points, const TensorView* bias, Format fmt,
+                 int64_t group_size, const TensorView& out, GemmBackend backend);
+
+// Which kernel linear_w4a8 runs for (K, group) with kAuto: "avx512_vnni", "avx512bw"
+// (vpmaddubsw + vpmaddwd where the CPU lacks VNNI) or "reference".
+const char* linear_w4a8_kernel(int64_t K, int64_t group_size);
+
+namespace cpu {
+
+// The GEMM on activations already quantized (what linear_w4a8 runs after quantize_per_token).
+struct W4A8Args {
+  const int8_t* qx;             // [M, K] s8 codes, rows contiguous
+  const float* act_scales;      // [M]
+  const uint8_t* qweight;       // [N, ldw] packed nibbles
+  int64_t ldw;                  // qweight row stride in bytes (>= ceil(K / 2))
+  const float* scales;          // [N, groups]
+  const uint8_t* zero_points;   // [N, groups], nullptr for int4
+  const float* bias;            // [N] or nullptr
+  int64_t M, N, K, group;       // group: values per scale (K for per channel)
+  void* out;                    // [M, ldo] f32 or bf16 (uint16 bits)
+  int64_t ldo;
+  bool out_bf16;
+};
+
+void linear_w4a8_reference(const W4A8Args& a);
+// Whether the AVX-512 kernel takes this shape on this CPU (AVX-512 active, group % 8 == 0
+// or group == K).
+bool linear_w4a8_native_fits(int64_t K, int64_t group);
+// The AVX-512 kernel (bit-exact with the reference); false when it does not fit.
+bool linear_w4a8_avx512(const W4A8Args& a);
+// Whether the AVX-512 kernel multiplies with VNNI (vpdpbusd) or with vpmaddubsw + vpmaddwd.
+bool w4a8_uses_vnni();
+// Tests force the non-VNNI path on CPUs that have VNNI.
+void set_w4a8_vnni_enabled(bool enabled);
+
+}  // namespace cpu
+}  // namespace tensorslim

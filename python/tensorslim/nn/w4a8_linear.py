@@ -1,0 +1,71 @@
+"""nn.Linear with INT4 weights and INT8 activations quantized per token at run time (W4A8),
+run by an integer kernel (AVX-512 VNNI on the CPU)."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..formats import get_format
+from ..ops.w4a8 import W4A8_BACKENDS, W4A8_FORMATS, check_group_size
+from .packed_linear import PackedLinear
+
+
+class W4A8Linear(PackedLinear):
+    """y = quant8(x) @ dequantize(qweight).T + bias with integer group dot products.
+
+    Buffers (the whole state): qweight uint8 [out, ceil(in / 2)] (int4 / uint4 codes, two per
+    byte, low nibble first), scales fp32 [out, in / group], zero_points uint8 (uint4 only),
+    bias fp32 (if the layer had one). The activation scales are computed per token at run time.
+    """
+
+    kind = "w4a8_linear"
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "int4", group_size: int = 128,
+                 bias: bool = True, backend: str = "auto", device=None):
+        super().__init__()
+        if fmt not in W4A8_FORMATS:
+            raise ValueError(f"W4A8Linear: format must be one of {W4A8_FORMATS}, got {fmt!r}")
+        groups = check_group_size(in_features, group_size)
+        if backend != "reference" and backend not in W4A8_BACKENDS:
+            raise ValueError(f"W4A8Linear: backend must be one of "
+                             f"{sorted(W4A8_BACKENDS) + ['reference']}, got {backend!r}")
+        spec = get_format(fmt)
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.group_size, self.backend = fmt, group_size, backend
+        self.register_buffer("qweight", torch.zeros(out_features, spec.packed_cols(in_features),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        zps = torch.zeros(out_features, groups, dtype=torch.uint8, device=device) if spec.has_zero_point else None
+        self.register_buffer("zero_points", zps)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str = "int4", group_size: Optional[int] = 128,
+                    backend: str = "auto") -> "W4A8Linear":
+        """Quantize a trained nn.Linear's weight (round to nearest); group_size None means one
+        scale per output channel."""
+        group = group_size or linear.in_features
+        mod = cls(linear.in_features, linear.out_features, fmt, group, linear.bias is not None,
+                  backend, device=linear.weight.device)
+        with torch.no_grad():
+            q, scales, zps = ops.quantize(linear.weight.detach(), fmt, group)
+            mod.qweight.copy_(q)
+            mod.scales.copy_(scales)
+            if zps is not None:
+                mod.zero_points.copy_(zps)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach().float())
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear_w4a8(x, self.qweight, self.scales, self.zero_points, self.bias, self.fmt,
+                               self.group_size, self.in_features, self.backend)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return ops.dequantize(self.qweight, self.scales, self.zero_points, self.fmt, self.group_size,
+                              self.in_features, dtype)
+
+    def describe(self) -> str:
+        """As summaries print it, e.g. 'w4a8 int4 g128' (activations: int8 per token)."""
+        return f"w4a8 {super().describe()}"

@@ -1,0 +1,300 @@
+// AVX-512 W4A8 kernel (this file is compiled with -mavx512f/bw/vl/dq; VNNI is enabled per
+// function and checked at run time). Bit-exact with linear_w4a8_reference: the integer group
+// dots are exact, and the fp32 rescale runs the reference's operations in its order, one
+// output (token m, row n) per lane.
+//
+// Layout. Output rows go 16 to a panel, one per 32-bit lane. Each panel's packed weights are
+// transposed (16 rows x 128 k at a time, a 16 x 16 dword transpose) and unpacked once into a
+// thread-local buffer, u8 [K/8][2][16 rows][4]: for 8 consecutive k, first the low nibbles
+// (k0 k2 k4 k6) of the 16 rows, then the high ones (k1 k3 k5 k7). u = code + 8 (int4, a
+// nibble XOR 8) or the code (uint4) lies in 0..15, so vpdpbusd(u8 weights, s8 activations)
+// is exact and the group dot is d = sum(u * q) - o * sum(q), o = 8 or the zero point.
+// Activations are re-laid to match (k0 k2 k4 k6 k1 k3 k5 k7 in every 8, zero-padded to a
+// multiple of 8), so four of them are one broadcast operand. Every token tile (up to 8
+// tokens x 16 rows held in registers) reuses the unpacked panel.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "half.h"
+#include "parallel.h"
+#include "tensorslim/gemm_w4a8.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int kRows = 16;   // output rows per panel (lanes)
+constexpr int kTokens = 8;  // tokens per register tile: 8 int32 + 8 fp32 accumulators
+
+inline __mmask64 bytes_mask(int64_t n) {
+  if (n <= 0) return 0;
+  return n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+}
+
+// s8 activations in the kernel's order plus each token's per-group code sums.
+struct Acts {
+  const int8_t* q;  // [M, Kp]
+  int64_t Kp;
+  const int32_t* sums;  // [M, groups]
+};
+
+void relayout_acts(const W4A8Args& a, int64_t Kp, int64_t groups, int64_t gsize, int8_t* q,
+                   int32_t* sums) {
+  // Within every 16-byte lane (two blocks of 8): even k first, then odd k.
+  const __m512i order = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
+  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 20) / std::max<int64_t>(a.K, 1));
+  parallel_for(a.M, grain, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const int8_t* src = a.qx + m * a.K;
+      int8_t* dst = q + m * Kp;
+      for (int64_t k = 0; k < Kp; k += 64) {  // masked-off bytes load as 0: the padding
+        const __m512i v = _mm512_maskz_loadu_epi8(bytes_mask(a.K - k), src + k);
+        _mm512_mask_storeu_epi8(dst + k, bytes_mask(Kp - k), _mm512_shuffle_epi8(v, order));
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t s = 0;
+        for (int64_t k = g * gsize; k < std::min(a.K, (g + 1) * gsize); ++k) s += src[k];
+        sums[m * groups + g] = s;
+      }
+    }
+  });
+}
+
+// v[r] = 16 dwords of row r  ->  v[j] = dword j of rows 0..15.
+inline void transpose16(__m512i v[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  // u[4b + c], row quad b: lane L holds column c + 4L of rows 4b..4b+3.
+  for (int b = 0; b < 16; b += 4) {
+    u[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+    u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+    u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+    u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+  }
+  // A 4 x 4 transpose of 128-bit lanes across the four row quads.
+  for (int c = 0; c < 4; ++c) {
+    const __m512i s0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+    const __m512i s1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i s3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    v[c] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    v[c + 4] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    v[c + 8] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    v[c + 12] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+// One panel: unpacked weights [K8][2][16][4], and per group the 16 rows' scales and offsets.
+struct Panel {
+  std::vector<uint8_t> w;
+  std::vector<float> s;
+  std::vector<int32_t> o;
+};
+
+// next_rows: how many rows the following panel has (0: none). They are prefetched into L2,
+// one line per row per step: a panel's 16 rows are 16 short streams that the hardware
+// prefetcher barely picks up, and without this the unpacking waits on memory.
+void pack_panel(const W4A8Args& a, int64_t n0, int64_t rows, int64_t K8, int64_t groups,
+                int64_t next_rows, Panel& p) {
+  const int64_t row_bytes = (a.K + 1) / 2;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // int4: u = nibble XOR 8, both nibbles of a byte at once.
+  const __m512i flip = _mm512_set1_epi8(a.zero_points ? 0 : static_cast<char>(0x88));
+  const uint8_t* next = next_rows ? a.qweight + (n0 + kRows) * a.ldw : nullptr;
+  if (next_rows) {  // the next panel's scales (and zero points): [16, groups], contiguous
+    const int64_t at = (n0 + kRows) * groups, bytes = next_rows * groups * 4;
+    for (int64_t b = 0; b < bytes; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(a.scales + at) + b, _MM_HINT_T1);
+      if (a.zero_points && b % 256 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(a.zero_points + at) + b / 4, _MM_HINT_T1);
+    }
+  }
+  for (int64_t c = 0; c < K8; c += 16) {  // 16 steps of 8 k = 64 packed bytes per row
+    const __mmask64 m = bytes_mask(row_bytes - c * 4);
+    for (int64_t r = 0; r < next_rows; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(next + r * a.ldw + c * 4), _MM_HINT_T1);
+    __m512i v[16];
+    for (int r = 0; r < kRows; ++r)
+      v[r] = r < rows ? _mm512_xor_si512(
+                            _mm512_maskz_loadu_epi8(m, a.qweight + (n0 + r) * a.ldw + c * 4), flip)
+                      : _mm512_setzero_si512();
+    transpose16(v);
+    const int64_t steps = std::min<int64_t>(16, K8 - c);
+    for (int64_t j = 0; j < steps; ++j) {
+      _mm512_storeu_si512(p.w.data() + (c + j) * 128, _mm512_and_si512(v[j], low));
+      _mm512_storeu_si512(p.w.data() + (c + j) * 128 + 64,
+                          _mm512_and_si512(_mm512_srli_epi16(v[j], 4), low));
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int r = 0; r < kRows; ++r) {
+      const bool in = r < rows;
+      p.s[g * kRows + r] = in ? a.scales[(n0 + r) * groups + g] : 0.0f;
+      p.o[g * kRows + r] = !in ? 0 : a.zero_points ? a.zero_points[(n0 + r) * groups + g] : 8;
+    }
+}
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// acc += per lane, sum over its 4 byte pairs of u8 * s8 (exact: |sum| <= 4 * 15 * 128).
+struct DotVnni {
+  __attribute__((target("avx512vnni"))) static inline __m512i step(__m512i acc, __m512i u,
+                                                                    __m512i x) {
+    return _mm512_dpbusd_epi32(acc, u, x);
+  }
+};
+struct DotBW {  // vpmaddubsw cannot saturate here: 2 * 15 * 128 < 2^15
+  static inline __m512i step(__m512i acc, __m512i u, __m512i x) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x),
+                                                   _mm512_set1_epi16(1)));
+  }
+};
+
+struct Shape {
+  int64_t K8, groups, gsteps;  // steps of 8 k: in all, per group
+};
+
+// Tokens m0 .. m0+MB-1 x the panel's rows n0 .. n0+rows-1.
+template <int MB, class Dot>
+__attribute__((always_inline)) inline void tile(const W4A8Args& a, const Acts& x, const Panel& p,
+                                                const Shape& sh, int64_t n0, int64_t rows,
+                                                int64_t m0) {
+  __m512 facc[MB];
+  const int8_t* xr[MB];
+  for (int m = 0; m < MB; ++m) {
+    facc[m] = _mm512_setzero_ps();
+    xr[m] = x.q + (m0 + m) * x.Kp;
+  }
+  for (int64_t g = 0; g < sh.groups; ++g) {
+    __m512i acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_si512();
+    const uint8_t* w = p.w.data() + g * sh.gsteps * 128;
+    const int64_t k0 = g * sh.gsteps * 8;
+    for (int64_t j = 0; j < sh.gsteps; ++j) {
+      const __m512i lo = _mm512_loadu_si512(w + j * 128);
+      const __m512i hi = _mm512_loadu_si512(w + j * 128 + 64);
+      for (int m = 0; m < MB; ++m) {
+        acc[m] = Dot::step(acc[m], lo, broadcast4(xr[m] + k0 + j * 8));
+        acc[m] = Dot::step(acc[m], hi, broadcast4(xr[m] + k0 + j * 8 + 4));
+      }
+    }
+    // d = sum(u * q) - o * sum(q), exact; then the reference's acc = acc + float(d) * scale.
+    const __m512i o = _mm512_loadu_si512(p.o.data() + g * kRows);
+    const __m512 s = _mm512_loadu_ps(p.s.data() + g * kRows);
+    for (int m = 0; m < MB; ++m) {
+      const __m512i sum = _mm512_set1_epi32(x.sums[(m0 + m) * sh.groups + g]);
+      const __m512i corr = _mm512_mullo_epi32(o, sum);
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], corr));
+      facc[m] = _mm512_add_ps(facc[m], _mm512_mul_ps(d, s));
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>(rows >= kRows ? 0xFFFF : (1u << rows) - 1);
+  const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(keep, a.bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < MB; ++m) {
+    __m512 y = _mm512_mul_ps(facc[m], _mm512_set1_ps(a.act_scales[m0 + m]));
+    if (a.bias) y = _mm512_add_ps(y, bias);  // no bias: no + 0 (it would turn -0 into +0)
+    const int64_t at = (m0 + m) * a.ldo + n0;
+    if (!a.out_bf16) {
+      _mm512_mask_storeu_ps(static_cast<float*>(a.out) + at, keep, y);
+    } else {
+      alignas(64) float t[kRows];
+      _mm512_store_ps(t, y);
+      uint16_t* o16 = static_cast<uint16_t*>(a.out) + at;
+      for (int64_t r = 0; r < rows; ++r) o16[r] = float_to_bf16(t[r]);
+    }
+  }
+}
+
+// Panels [pb, pe): unpack each once, then every token tile over it.
+template <class Dot>
+__attribute__((always_inline)) inline void run_panels(const W4A8Args& a, const Acts& x,
+                                                      const Shape& sh, int64_t pb, int64_t pe) {
+  thread_local Panel tls;
+  Panel& p = tls;  // one TLS lookup, not one per use
+  p.w.resize(sh.K8 * 2 * 64);
+  p.s.resize(sh.groups * kRows);
+  p.o.resize(sh.groups * kRows);
+  for (int64_t pi = pb; pi < pe; ++pi) {
+    const int64_t n0 = pi * kRows, rows = std::min<int64_t>(kRows, a.N - n0);
+    const int64_t next_rows = pi + 1 < pe ? std::min<int64_t>(kRows, a.N - n0 - kRows) : 0;
+    pack_panel(a, n0, rows, sh.K8, sh.groups, next_rows, p);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kTokens) {
+      switch (std::min<int64_t>(kTokens, a.M - m0)) {
+        case 1: tile<1, Dot>(a, x, p, sh, n0, rows, m0); break;
+        case 2: tile<2, Dot>(a, x, p, sh, n0, rows, m0); break;
+        case 3: tile<3, Dot>(a, x, p, sh, n0, rows, m0); break;
+        case 4: tile<4, Dot>(a, x, p, sh, n0, rows, m0); break;
+        case 5: tile<5, Dot>(a, x, p, sh, n0, rows, m0); break;
+        case 6: tile<6, Dot>(a, x, p, sh, n0, rows, m0); break;
+        case 7: tile<7, Dot>(a, x, p, sh, n0, rows, m0); break;
+        default: tile<8, Dot>(a, x, p, sh, n0, rows, m0); break;
+      }
+    }
+  }
+}
+
+// vpdpbusd is inlined only into a function compiled for VNNI.
+__attribute__((target("avx512vnni"))) void run_vnni(const W4A8Args& a, const Acts& x,
+                                                    const Shape& sh, int64_t pb, int64_t pe) {
+  run_panels<DotVnni>(a, x, sh, pb, pe);
+}
+
+void run_bw(const W4A8Args& a, const Acts& x, const Shape& sh, int64_t pb, int64_t pe) {
+  run_panels<DotBW>(a, x, sh, pb, pe);
+}
+
+std::atomic<bool>& vnni_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+}  // namespace
+
+bool w4a8_uses_vnni() {
+  static const bool cpu_has = __builtin_cpu_supports("avx512vnni");
+  return cpu_has && vnni_enabled().load();
+}
+
+void set_w4a8_vnni_enabled(bool enabled) { vnni_enabled().store(enabled); }
+
+bool linear_w4a8_avx512(const W4A8Args& a) {
+  if (!linear_w4a8_native_fits(a.K, a.group)) return false;
+  const int64_t Kp = (a.K + 7) / 8 * 8;
+  Shape sh;
+  sh.K8 = Kp / 8;
+  sh.groups = a.group == a.K ? 1 : a.K / a.group;
+  sh.gsteps = a.group == a.K ? sh.K8 : a.group / 8;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<int32_t> sums;
+  xq.resize(a.M * Kp);
+  sums.resize(a.M * sh.groups);
+  relayout_acts(a, Kp, sh.groups, a.group, xq.data(), sums.data());
+  const Acts x{xq.data(), Kp, sums.data()};
+  const int64_t panels = (a.N + kRows - 1) / kRows;
+  // Below ~1M multiply-adds a second thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (kRows * Kp * a.M));
+  const bool vnni = w4a8_uses_vnni();
+  parallel_for(panels, grain, [&](int64_t b, int64_t e) {
+    if (vnni)
+      run_vnni(a, x, sh, b, e);
+    else
+      run_bw(a, x, sh, b, e);
+  });
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace tensorslim

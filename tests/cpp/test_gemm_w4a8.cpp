@@ -1,0 +1,198 @@
+// W4A8: the scalar reference against a float64 product of the dequantized weights and the
+// quantized activations, and the AVX-512 kernel (VNNI and vpmaddubsw paths) against the
+// reference bit for bit on odd shapes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "half.h"
+#include "tensorslim/gemm_int8.h"
+#include "tensorslim/gemm_w4a8.h"
+#include "tensorslim/quantize.h"
+#include "test_helpers.h"
+
+namespace tensorslim {
+namespace {
+
+using testing::random_weights;
+using testing::view1;
+using testing::view2;
+
+struct Weight {
+  std::vector<uint8_t> q, zps;
+  std::vector<float> scales, deq;  // deq: the exact dequantized weight
+  TensorView qv, sv, zv;
+  bool asym;
+  const TensorView* zp() const { return asym ? &zv : nullptr; }
+};
+
+Weight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t seed) {
+  Weight w;
+  w.asym = fmt == Format::kUInt4;
+  std::vector<float> x = random_weights(N * K, seed);
+  const int64_t groups = group == K ? 1 : K / group, bytes = (K + 1) / 2;
+  w.q.resize(N * bytes);
+  w.scales.resize(N * groups);
+  w.zps.resize(N * groups);
+  w.deq.resize(N * K);
+  w.qv = view2(w.q.data(), DType::kUInt8, N, bytes);
+  w.sv = view2(w.scales.data(), DType::kFloat32, N, groups);
+  w.zv = view2(w.zps.data(), DType::kUInt8, N, groups);
+  quantize(view2(x.data(), DType::kFloat32, N, K), fmt, group, w.qv, w.sv, w.zp());
+  dequantize(w.qv, w.sv, w.zp(), fmt, group, view2(w.deq.data(), DType::kFloat32, N, K));
+  return w;
+}
+
+// Activations with a wide range per token, an all-zero token, and x stored with a row stride.
+std::vector<float> make_x(int64_t M, int64_t K, int64_t ld, uint32_t seed) {
+  std::vector<float> v = random_weights(M * ld, seed);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) v[m * ld + k] *= 1.0f + static_cast<float>(m % 5);
+  if (M > 2)
+    for (int64_t k = 0; k < K; ++k) v[2 * ld + k] = 0.0f;
+  return v;
+}
+
+struct Case {
+  int64_t M, N, K, group;
+};
+
+// M = 1, 3, 17, 64; N not a multiple of 16; groups of 32 / 64 / 128 and per channel (incl. K
+// not a multiple of 8, and K spanning several 128-value transpose blocks).
+const Case kCases[] = {
+    {1, 40, 256, 32},   {3, 17, 192, 64},   {17, 100, 384, 128}, {64, 33, 1024, 128},
+    {1, 5, 200, 200},   {3, 21, 100, 100},  {17, 16, 77, 77},    {64, 47, 96, 32},
+    {5, 1, 512, 64},    {9, 70, 640, 128},
+};
+
+bool have_avx512() { return cpu::best_isa() == cpu::Isa::kAVX512; }
+
+void run(const Case& c, Format fmt, bool bias, DType xdt, GemmBackend be, const Weight& w,
+         const std::vector<float>& x, int64_t ldx, const std::vector<float>& b,
+         std::vector<uint8_t>& out) {
+  std::vector<uint16_t> xb;
+  TensorView xv;
+  if (xdt == DType::kFloat32) {
+    xv = view2(const_cast<float*>(x.data()), DType::kFloat32, c.M, c.K, ldx);
+  } else {
+    xb.resize(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xb[i] = cpu::float_to_bf16(x[i]);
+    xv = view2(xb.data(), DType::kBFloat16, c.M, c.K, ldx);
+  }
+  const int64_t esize = xdt == DType::kFloat32 ? 4 : 2;
+  out.assign(c.M * c.N * esize, 0xAB);
+  const TensorView bv = view1(const_cast<float*>(b.data()), DType::kFloat32, c.N);
+  linear_w4a8(xv, w.qv, w.sv, w.zp(), bias ? &bv : nullptr, fmt, c.group,
+              view2(out.data(), xdt, c.M, c.N), be);
+}
+
+TEST(GemmW4A8, ReferenceMatchesFloat64) {
+  for (const Case& c : kCases) {
+    for (Format fmt : {Format::kInt4, Format::kUInt4}) {
+      const Weight w = make_weight(fmt, c.N, c.K, c.group, 7 + c.K);
+      const std::vector<float> x = make_x(c.M, c.K, c.K, 3), b = random_weights(c.N, 5);
+      std::vector<uint8_t> got;
+      run(c, fmt, true, DType::kFloat32, GemmBackend::kReference, w, x, c.K, b, got);
+      // The same activation codes the kernel used, decoded.
+      std::vector<int8_t> q(c.M * c.K);
+      std::vector<float> s(c.M);
+      quantize_per_token(view2(const_cast<float*>(x.data()), DType::kFloat32, c.M, c.K), nullptr,
+                         view2(q.data(), DType::kInt8, c.M, c.K), view1(s.data(), DType::kFloat32, c.M),
+                         GemmBackend::kReference);
+      EXPECT_EQ(s[c.M > 2 ? 2 : 0] == 1.0f, c.M > 2);  // the all-zero token
+      const float* y = reinterpret_cast<const float*>(got.data());
+      for (int64_t m = 0; m < c.M; ++m)
+        for (int64_t n = 0; n < c.N; ++n) {
+          double want = 0, mag = 0;
+          for (int64_t k = 0; k < c.K; ++k) {
+            const double t = double(q[m * c.K + k]) * s[m] * w.deq[n * c.K + k];
+            want += t;
+            mag += std::fabs(t);
+          }
+          want += b[n];
+          // fp32 rounding of the group sums, the scale products and the running sum.
+          ASSERT_NEAR(y[m * c.N + n], want, 4e-6 * (mag + std::fabs(b[n])) + 1e-6)
+              << "M=" << c.M << " N=" << c.N << " K=" << c.K << " g=" << c.group << " m=" << m
+              << " n=" << n;
+        }
+    }
+  }
+}
+
+TEST(GemmW4A8, NativeMatchesReferenceBitForBit) {
+  if (!have_avx512()) GTEST_SKIP() << "no AVX-512";
+  const bool vnni = cpu::w4a8_uses_vnni();
+  for (bool use_vnni : {true, false}) {
+    if (use_vnni && !vnni) continue;
+    cpu::set_w4a8_vnni_enabled(use_vnni);
+    EXPECT_STREQ(linear_w4a8_kernel(256, 32), use_vnni ? "avx512_vnni" : "avx512bw");
+    for (const Case& c : kCases) {
+      for (Format fmt : {Format::kInt4, Format::kUInt4}) {
+        const Weight w = make_weight(fmt, c.N, c.K, c.group, 11 + c.N);
+        const int64_t ldx = c.K + 3;  // rows contiguous, not the whole tensor
+        const std::vector<float> x = make_x(c.M, c.K, ldx, 13 + c.M), b = random_weights(c.N, 2);
+        for (bool bias : {true, false})
+          for (DType xdt : {DType::kFloat32, DType::kBFloat16}) {
+            std::vector<uint8_t> ref, got;
+            run(c, fmt, bias, xdt, GemmBackend::kReference, w, x, ldx, b, ref);
+            run(c, fmt, bias, xdt, GemmBackend::kNative, w, x, ldx, b, got);
+            ASSERT_EQ(0, std::memcmp(ref.data(), got.data(), ref.size()))
+                << (use_vnni ? "vnni" : "bw") << " M=" << c.M << " N=" << c.N << " K=" << c.K
+                << " g=" << c.group << " " << format_info(fmt).name << " bias=" << bias
+                << " " << dtype_name(xdt);
+          }
+      }
+    }
+  }
+  cpu::set_w4a8_vnni_enabled(true);
+}
+
+TEST(GemmW4A8, AutoFallsBackWhereNoKernelFits) {
+  const Case c{3, 20, 96, 6};  // a group of 6 is valid int4 but not a multiple of 8
+  const Weight w = make_weight(Format::kInt4, c.N, c.K, c.group, 1);
+  const std::vector<float> x = make_x(c.M, c.K, c.K, 1), b = random_weights(c.N, 1);
+  std::vector<uint8_t> ref, got;
+  run(c, Format::kInt4, true, DType::kFloat32, GemmBackend::kReference, w, x, c.K, b, ref);
+  run(c, Format::kInt4, true, DType::kFloat32, GemmBackend::kAuto, w, x, c.K, b, got);
+  EXPECT_EQ(ref, got);
+  EXPECT_STREQ(linear_w4a8_kernel(96, 6), "reference");
+  EXPECT_THROW(run(c, Format::kInt4, true, DType::kFloat32, GemmBackend::kNative, w, x, c.K, b, got),
+               ValueError);
+}
+
+TEST(GemmW4A8, RejectsBadArguments) {
+  const Case c{2, 8, 64, 32};
+  Weight w = make_weight(Format::kUInt4, c.N, c.K, c.group, 3);
+  std::vector<float> x = make_x(c.M, c.K, c.K, 2), b(c.N, 0.0f), out(c.M * c.N);
+  const TensorView xv = view2(x.data(), DType::kFloat32, c.M, c.K);
+  const TensorView ov = view2(out.data(), DType::kFloat32, c.M, c.N);
+  auto call = [&](const TensorView& xx, Format fmt, int64_t group, const TensorView* zp,
+                  GemmBackend be) { linear_w4a8(xx, w.qv, w.sv, zp, nullptr, fmt, group, ov, be); };
+  x[c.K + 5] = NAN;  // token 1
+  for (GemmBackend be : {GemmBackend::kReference, GemmBackend::kAuto})
+    EXPECT_THROW(call(xv, Format::kUInt4, c.group, &w.zv, be), ValueError);
+  x[c.K + 5] = 0.0f;
+  EXPECT_NO_THROW(call(xv, Format::kUInt4, c.group, &w.zv, GemmBackend::kAuto));
+  EXPECT_THROW(call(xv, Format::kUInt4, c.group, &w.zv, GemmBackend::kOneDNN), ValueError);
+  EXPECT_THROW(call(xv, Format::kInt8, c.group, nullptr, GemmBackend::kAuto), ValueError);
+  EXPECT_THROW(call(xv, Format::kUInt4, 24, &w.zv, GemmBackend::kAuto), ValueError);  // not a divisor
+  EXPECT_THROW(call(xv, Format::kUInt4, -1, &w.zv, GemmBackend::kAuto), ValueError);
+  EXPECT_THROW(call(xv, Format::kUInt4, c.group, nullptr, GemmBackend::kAuto), ValueError);
+  std::vector<int8_t> xi(c.M * c.K);
+  EXPECT_THROW(call(view2(xi.data(), DType::kInt8, c.M, c.K), Format::kUInt4, c.group, &w.zv,
+                    GemmBackend::kAuto), TypeError);
+  w.zps[3] = 16;  // not a uint4 zero point
+  EXPECT_THROW(call(xv, Format::kUInt4, c.group, &w.zv, GemmBackend::kAuto), ValueError);
+}
+
+TEST(GemmW4A8, KernelNameReportsVnni) {
+  if (!have_avx512()) GTEST_SKIP() << "no AVX-512";
+  if (__builtin_cpu_supports("avx512vnni")) {
+    EXPECT_STREQ(linear_w4a8_kernel(4096, 128), "avx512_vnni");
+  }
+  EXPECT_STREQ(linear_w4a8_kernel(4096, 4096), linear_w4a8_kernel(4096, 128));
+}
+
+}  // namespace
+}  // namespace tensorslim
