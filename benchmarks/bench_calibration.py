@@ -4,11 +4,12 @@ memory of the block-by-block pipeline against the model's size, measured in one 
 0. Cores: the C++ GPTQ loop and AWQ searches against their plain-PyTorch references on
    one weight matrix (3 * width x width), time and speed-up.
 1. Quality: the tiny byte-level LLaMA trained on pydoc text (tests/data), held-out
-   perplexity for fp32, round to nearest, AWQ and GPTQ at INT4 g128 and INT3 g128
-   (symmetric), with calibration wall time and the increase over fp32 relative to round
-   to nearest. Weights are simulated (the exact values the packed layers hold).
+   perplexity for fp32, round to nearest, AWQ, GPTQ and GPTQ fitting the float outputs
+   (gptq-fit) at INT4 g128 and INT3 g128 (symmetric), with calibration wall time and the
+   increase over fp32 relative to round to nearest. Weights are simulated (the exact values
+   the packed layers hold).
 2. Memory: a larger LLaMA (random weights; default 6 layers of width 512, ~90 MB fp32)
-   quantized with GPTQ / AWQ in a fresh subprocess each; a sampling thread records the
+   quantized with GPTQ / GPTQ-fit / AWQ in a fresh subprocess each; a sampling thread records the
    resident set size, and the table prints the peak above the loaded model, as a fraction
    of the model's fp32 size. Copying the model (what a pipeline that keeps a float
    reference would do) costs 1.0x by itself; block by block needs one block plus
@@ -78,7 +79,7 @@ def quality(eval_tokens: int, n_calib: int, seq: int = 128):
         # Simulated weights (quantized-dequantized float Linear layers): exactly the values the
         # packed layers hold (tests/python/test_gptq.py checks this), without the kernels' rounding.
         spec = WeightSpec(bits, True, 128, simulate=True)
-        for method in ("rtn", "awq", "gptq"):
+        for method in ("rtn", "awq", "gptq", "gptq-fit"):
             q = copy.deepcopy(model)
             start = time.perf_counter()
             if method == "rtn":
@@ -86,21 +87,23 @@ def quality(eval_tokens: int, n_calib: int, seq: int = 128):
                     if type(mod) is nn.Linear and name != "lm_head":
                         with torch.no_grad():
                             mod.weight.copy_(C.fake_quant_reference(mod.weight, bits, True, 128))
-            else:
-                fn = awq.quantize_awq if method == "awq" else gptq.quantize_gptq
-                fn(q, spec, make_forward_loop(calib, progress=False), progress=False)
+            elif method == "awq":
+                awq.quantize_awq(q, spec, make_forward_loop(calib, progress=False), progress=False)
+            else:  # gptq-fit: GPTQ(fit_float_outputs=True)
+                gptq.quantize_gptq(q, spec, make_forward_loop(calib, progress=False), progress=False,
+                                   fit_float=method == "gptq-fit")
             elapsed = time.perf_counter() - start
             rows.append((method, f"int{bits} g128", perplexity(q, held_out, seq_len=seq), elapsed))
     print(f"\nTiny LLaMA (3 layers, width 128, byte vocab) on {len(held_out)} held-out pydoc bytes, "
           f"{n_calib} x {seq} calibration tokens, torch threads {torch.get_num_threads()}")
-    print(f"{'method':<6} {'weights':<22} {'perplexity':>10} {'increase':>9} {'vs rtn':>7} {'calib s':>8}")
+    print(f"{'method':<8} {'weights':<22} {'perplexity':>10} {'increase':>9} {'vs rtn':>7} {'calib s':>8}")
     rtn_increase = {}
     for method, label, ppl, elapsed in rows:
         inc = ppl - base
         if method == "rtn":
             rtn_increase[label] = inc
         ratio = f"{inc / rtn_increase[label]:.2f}" if label in rtn_increase and method != "fp32" else "-"
-        print(f"{method:<6} {label:<22} {ppl:>10.4f} {inc:>+9.4f} {ratio:>7} {elapsed:>8.1f}")
+        print(f"{method:<8} {label:<22} {ppl:>10.4f} {inc:>+9.4f} {ratio:>7} {elapsed:>8.1f}")
 
 
 # ---------------------------------------------------------------- core speed
@@ -164,15 +167,16 @@ def memory_child(method: str, layers: int, width: int, n_calib: int, seq: int) -
             ref = copy.deepcopy(model)  # the cost of keeping a float copy, for comparison
             del ref
         else:
-            ts.quantize(model, ts.Int4WeightOnly(group_size=128, algorithm=method), calib_data=calib,
-                        progress=False)
+            cfg = (ts.GPTQ(group_size=128, fit_float_outputs=True) if method == "gptq-fit"
+                   else ts.Int4WeightOnly(group_size=128, algorithm=method))
+            ts.quantize(model, cfg, calib_data=calib, progress=False)
         elapsed = time.perf_counter() - start
     return {"method": method, "model_bytes": model_bytes, "peak_extra": peak.peak - base, "seconds": elapsed}
 
 
 def memory(layers: int, width: int, n_calib: int, seq: int):
     rows = []
-    for method in ("copy", "gptq", "awq"):
+    for method in ("copy", "gptq", "gptq-fit", "awq"):
         # glibc would keep freed blocks in its heap (RSS = high-water mark, not live memory):
         # a fixed mmap threshold returns every block above 64 KiB to the system when freed.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")

@@ -36,14 +36,16 @@ RECIPES = [
     ("int4 g128 asym", ts.Int4WeightOnly(group_size=128, symmetric=False), False),
     ("int4 g128 awq", ts.Int4WeightOnly(group_size=128, algorithm="awq"), True),
     ("int4 g128 gptq", ts.Int4WeightOnly(group_size=128, symmetric=False, algorithm="gptq"), True),
+    ("int4 g128 gptq fit", ts.GPTQ(group_size=128, symmetric=False, act_order=True, fit_float_outputs=True), True),
     ("int3 g128 gptq", ts.IntWeightOnly(bits=3, group_size=128, symmetric=False, algorithm="gptq"), True),
     ("fp8 e4m3", "fp8", False),
     ("nvfp4", "nvfp4", False),
     ("mxfp4", "mxfp4", False),
     ("w8a8 smoothquant", ts.W8A8(smoothquant_alpha="auto"), True),
     ("int8 dynamic", ts.Int8Dynamic(), False),
+    ("w4a8 g128", "w4a8", False),
 ]
-N_CALIB = 64
+N_CALIB = 256
 MiB = 1024 * 1024
 
 
@@ -99,6 +101,8 @@ def main() -> None:
     model, tokenizer = load_minilm()
     pool = pydoc_sentences(args.sentences + N_CALIB)
     sentences, calib_text = pool[:args.sentences], pool[args.sentences:]
+    # By length, so each batch of 16 carries little padding into the calibration statistics.
+    calib_text = sorted(calib_text, key=lambda s: len(tokenizer(s)["input_ids"]))
     calib = [dict(tokenizer(calib_text[i:i + 16], padding=True, truncation=True, max_length=128,
                             return_tensors="pt")) for i in range(0, N_CALIB, 16)]
     batch32, singles = sentences[:32], sentences[:4]

@@ -398,12 +398,16 @@ class GPTQ(IntWeightOnly):
     """IntWeightOnly(algorithm="gptq") with GPTQ's own settings: act_order visits columns by
     decreasing Hessian diagonal; damp is the fraction of mean(diag H) added to H's diagonal
     (raised automatically, with a warning, if H is still singular); block_size is the
-    lazy-update block. Needs calibration data."""
+    lazy-update block. fit_float_outputs fits each layer to the float model's outputs from the
+    quantized model's inputs (asymmetric calibration, as in GPTAQ), so it also undoes the error
+    earlier quantized layers left in its input; it quantizes one layer group at a time and keeps a
+    float copy of the block being calibrated. Needs calibration data."""
 
     algorithm: str = "gptq"
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    fit_float_outputs: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -16,6 +16,7 @@ error.
 A failure anywhere puts back every module and parameter the pipeline replaced, so the
 model is left as it was.
 """
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -235,8 +236,18 @@ def make_layer(linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
                                        linear.bias, spec.backend, scale)
 
 
-# quantize_block(block, targets {local name: Linear}, inputs, edits) -> {local name: (new, note)}
-BlockFn = Callable[[nn.Module, Dict[str, nn.Linear], Inputs, Edits], Dict[str, Tuple[nn.Module, str]]]
+@dataclass
+class FloatReference:
+    """The float model at the block being calibrated: a float copy of the block and its inputs
+    as the float model computes them (the quantized pipeline's inputs drift from these)."""
+
+    block: nn.Module
+    inputs: Inputs
+
+
+# quantize_block(block, targets {local name: Linear}, inputs, edits[, reference])
+#   -> {local name: (new, note)}; reference is given only when the pipeline keeps one.
+BlockFn = Callable[..., Dict[str, Tuple[nn.Module, str]]]
 
 
 def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, nn.Linear]], Dict[str, nn.Linear]]:
@@ -307,11 +318,14 @@ def _warn_unreached(name: str, skipped: List[LayerChange]) -> None:
 
 def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoop], spec: WeightSpec,
                         quantize_block: BlockFn, check: Callable, name: str,
-                        feed_quantized: bool, progress: bool = True) -> Report:
+                        feed_quantized: bool, progress: bool = True, float_reference: bool = False) -> Report:
     """Quantize every selected Linear of `model` block by block with `quantize_block`.
 
     feed_quantized: the next block sees the quantized block's outputs (GPTQ, so later blocks
     correct earlier errors) or the float block's (AWQ, as the paper does).
+    float_reference (with feed_quantized): also carry the float model's own block inputs and
+    hand quantize_block a FloatReference (a float copy of the block, so peak memory grows by
+    one block and one set of activations), for methods that fit the float outputs.
     Linear layers outside every block are quantized with round-to-nearest (noted in the report).
     Target layers no calibration batch reaches are skipped (see the module's docstring).
     """
@@ -327,6 +341,7 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     try:
         if first is not None:
             inputs = capture_block_inputs(model, blocks[first][1], forward_loop)
+            float_inputs: Optional[Inputs] = None  # None: still equal to inputs
             bar = tqdm(blocks[first:], desc=f"{name} blocks", disable=not progress, leave=False)
             for bi, (bname, block) in enumerate(bar, start=first):
                 targets, skipped = _drop_unreached(block, bname, per_block[bi], inputs)
@@ -336,7 +351,11 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
                 if not feed_quantized and not last:
                     outs = [run_block(block, inp) for inp in inputs]
                 before = {n: module_bytes(m) for n, m in targets.items()}
-                new = quantize_block(block, targets, inputs, edits) if targets else {}
+                reference = None
+                if float_reference and targets:
+                    reference = FloatReference(copy.deepcopy(block), float_inputs or inputs)
+                extra = (reference,) if float_reference else ()
+                new = quantize_block(block, targets, inputs, edits, *extra) if targets else {}
                 for local, (mod, note) in new.items():
                     full = ".".join(p for p in (bname, local) if p)
                     set_submodule(model, full, mod, edits)
@@ -347,6 +366,10 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
                     break
                 if outs is None:
                     outs = [run_block(block, inp) for inp in inputs]
+                if float_reference:  # the float model's next inputs, from the float copy
+                    ref_block = reference.block if reference is not None else block
+                    float_inputs = [next_inputs(inp, run_block(ref_block, inp)) for inp in float_inputs or inputs]
+                    del reference
                 inputs = [next_inputs(inp, out) for inp, out in zip(inputs, outs)]
             if not changes:
                 raise ValueError(f"none of the {len(unreached)} layers to calibrate ran on the calibration "
