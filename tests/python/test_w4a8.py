@@ -64,6 +64,15 @@ def test_every_backend_is_bit_exact_with_the_specification(fmt, isa):
                                ts.ops.w4a8.linear_w4a8_reference(x, q, s, z, None, fmt, group))
 
 
+def test_fp16_runs_in_fp32_like_weight_only():
+    K, N = 128, 24
+    _, q, s, z = _weight("int4", N, K, 32, seed=4)
+    x = _x((5, K)).half()
+    y = ts.ops.linear_w4a8(x, q, s, z, None, "int4", 32, K)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, ts.ops.linear_w4a8(x.float(), q, s, z, None, "int4", 32, K).half())
+
+
 def test_bf16_runs_in_fp32_and_rounds_once():
     K, N = 128, 24
     _, q, s, z = _weight("int4", N, K, 32, seed=3)
@@ -161,9 +170,7 @@ def test_errors_name_the_problem():
         bad[2, 7] = float("nan")
         with pytest.raises(ValueError, match="NaN or Inf .row 2"):
             ts.ops.linear_w4a8(bad, q, s, z, None, "uint4", 32, K, backend)
-    with pytest.raises(TypeError, match="float32 or bfloat16"):
-        ts.ops.linear_w4a8(x.half(), q, s, z, None, "uint4", 32, K)
-    with pytest.raises(TypeError, match="float32 or bfloat16"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         ts.ops.linear_w4a8(x.to(torch.int32), q, s, z, None, "uint4", 32, K)
     with pytest.raises(ValueError, match="last dimension 64"):
         ts.ops.linear_w4a8(x[:, :32], q, s, z, None, "uint4", 32, K)

@@ -54,8 +54,8 @@ def _check_tensor(t, what: str, dtype: torch.dtype, shape: tuple) -> None:
 def _check_args(x, qweight, scales, zero_points, bias, fmt: str, group_size: int, in_features: int):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"x: expected float32 or bfloat16 activations, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x: expected float32, bfloat16 or float16 activations, got {x.dtype}")
     if x.device.type != "cpu":
         raise ValueError(f"x: linear_w4a8 runs on the CPU, got a tensor on {x.device}")
     if x.dim() == 0 or x.shape[-1] != in_features:
@@ -101,20 +101,22 @@ def _linear_w4a8_fake(x, qweight, scales, zero_points, bias, fmt, group_size, ba
 def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
                 group_size: int, in_features: int, backend: str = "auto") -> torch.Tensor:
-    """y = quant8(x) @ dequantize(qweight).T + bias for x [..., in_features] (float32 or
-    bfloat16; y has x's dtype). qweight: int4 / uint4 codes [out, ceil(in / 2)] as
+    """y = quant8(x) @ dequantize(qweight).T + bias for x [..., in_features] (float32,
+    bfloat16, or float16 computed in fp32; y has x's dtype). qweight: int4 / uint4 codes [out, ceil(in / 2)] as
     ops.quantize packs them; scales fp32 [out, in / group_size]; zero points uint8 (uint4)."""
     _check_backend(backend)
     _check_args(x, qweight, scales, zero_points, bias, fmt, group_size, in_features)
-    lead = x.shape[:-1]
+    lead, dtype = x.shape[:-1], x.dtype
     x2 = x.reshape(-1, in_features)
+    if dtype == torch.float16:  # the kernel reads fp32 / bf16; fp16 goes through fp32, like weight-only
+        x2 = x2.float()
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if backend == "reference":
         y = linear_w4a8_reference(x2, qweight, scales, zero_points, bias, fmt, group_size)
     else:
         y = _linear_w4a8(x2, qweight, scales, zero_points, bias, fmt, group_size, W4A8_BACKENDS[backend])
-    return y.reshape(*lead, qweight.shape[0])
+    return y.to(dtype).reshape(*lead, qweight.shape[0])
 
 
 def kernel_name(in_features: int, group_size: int) -> str:
