@@ -136,10 +136,10 @@ def main() -> None:
         r["t32"], r["t1"] = statistics.median(r["t32"]), statistics.median(r["t1"])
 
     base = rows[0]
-    print(f"{'recipe':<17} {'linear MiB':>10} {'ratio':>6} {'model MiB':>9} {'ratio':>6} "
+    print(f"{'recipe':<18} {'linear MiB':>10} {'ratio':>6} {'model MiB':>9} {'ratio':>6} "
           f"{'b32 ms':>7} {'speedup':>7} {'b1 ms':>6} {'speedup':>7} {'cosine':>8} {'same NN':>7}")
     for r in rows:
-        print(f"{r['name']:<17} {r['lin'] / MiB:>10.2f} {r['lin'] / base['lin']:>6.3f} "
+        print(f"{r['name']:<18} {r['lin'] / MiB:>10.2f} {r['lin'] / base['lin']:>6.3f} "
               f"{r['total'] / MiB:>9.2f} {r['total'] / base['total']:>6.3f} "
               f"{r['t32'] * 1e3:>7.1f} {base['t32'] / r['t32']:>6.2f}x "
               f"{r['t1'] * 1e3:>6.1f} {base['t1'] / r['t1']:>6.2f}x "
