@@ -42,15 +42,7 @@ int64_t check_linear_args(const TensorView& x, const TensorView& qweight, const 
   w.strides[0] = K;
   w.strides[1] = 1;
   check_quant_args(w, fmt, group_size, qweight, scales, zero_points);
-  check_dtype(out, x.dtype, "out");
-  check_shape2(out, M, N, "out");
-  TS_CHECK_VALUE(out.strides[1] == 1 || N <= 1, "out: rows must be contiguous");
-  if (bias) {
-    check_dtype(*bias, DType::kFloat32, "bias");
-    TS_CHECK_VALUE(bias->ndim == 1 && bias->shape[0] == N,
-                   "bias: expected shape [" + std::to_string(N) + "], got " + shape_str(*bias));
-    check_contiguous(*bias, "bias");
-  }
+  check_linear_out(out, x.dtype, M, N, bias);
   for (const TensorView* t : {&qweight, &scales, &out})
     check_same_device(x, *t, "linear_weight_only");
   return K;

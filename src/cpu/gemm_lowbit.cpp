@@ -34,15 +34,7 @@ int64_t check_linear_lowbit_args(const TensorView& x, const TensorView& qweight,
   w.strides[1] = 1;
   const int64_t groups =
       check_lowbit_args(w, fmt, group_size, qweight, scales, zero_points, tensor_scale);
-  check_dtype(out, DType::kFloat32, "out");
-  check_shape2(out, M, N, "out");
-  TS_CHECK_VALUE(out.strides[1] == 1 || N <= 1, "out: rows must be contiguous");
-  if (bias) {
-    check_dtype(*bias, DType::kFloat32, "bias");
-    TS_CHECK_VALUE(bias->ndim == 1 && bias->shape[0] == N,
-                   "bias: expected shape [" + std::to_string(N) + "], got " + shape_str(*bias));
-    check_contiguous(*bias, "bias");
-  }
+  check_linear_out(out, DType::kFloat32, M, N, bias);
   if (workspace) {
     check_dtype(*workspace, DType::kFloat32, "workspace");
     check_ndim(*workspace, 2, "workspace");

@@ -47,15 +47,7 @@ int64_t check_w4a8_args(const TensorView& x, const TensorView& qweight, const Te
     for (int64_t i = 0; i < zero_points->numel(); ++i) all |= z[i];
     TS_CHECK_VALUE(all <= 15, "zero_points: uint4 zero points must be in 0..15");
   }
-  check_dtype(out, x.dtype, "out");
-  check_shape2(out, M, N, "out");
-  TS_CHECK_VALUE(out.strides[1] == 1 || N <= 1, "out: rows must be contiguous");
-  if (bias) {
-    check_dtype(*bias, DType::kFloat32, "bias");
-    TS_CHECK_VALUE(bias->ndim == 1 && bias->shape[0] == N,
-                   "bias: expected shape [" + std::to_string(N) + "], got " + shape_str(*bias));
-    check_contiguous(*bias, "bias");
-  }
+  check_linear_out(out, x.dtype, M, N, bias);
   return groups;
 }
 

@@ -54,6 +54,18 @@ void check_contiguous(const TensorView& t, const char* what) {
   TS_CHECK_VALUE(t.is_contiguous(), std::string(what) + ": expected a contiguous tensor");
 }
 
+void check_linear_out(const TensorView& out, DType out_dtype, int64_t M, int64_t N, const TensorView* bias) {
+  check_dtype(out, out_dtype, "out");
+  check_shape2(out, M, N, "out");
+  TS_CHECK_VALUE(out.strides[1] == 1 || N <= 1, "out: rows must be contiguous");
+  if (bias) {
+    check_dtype(*bias, DType::kFloat32, "bias");
+    TS_CHECK_VALUE(bias->ndim == 1 && bias->shape[0] == N,
+                   "bias: expected shape [" + std::to_string(N) + "], got " + shape_str(*bias));
+    check_contiguous(*bias, "bias");
+  }
+}
+
 void check_same_device(const TensorView& a, const TensorView& b, const char* what) {
   TS_CHECK_VALUE(a.device == b.device && a.device_index == b.device_index,
                  std::string(what) + ": tensors are on different devices");

@@ -9,6 +9,20 @@ from ..formats import get_format
 from .packed_linear import PackedLinear
 
 
+@torch.no_grad()
+def fill_from_linear(mod: nn.Module, linear: nn.Linear) -> nn.Module:
+    """Round-to-nearest codes of linear's weight into an empty integer layer's qweight, scales,
+    zero_points and bias buffers (in mod's format and group size); returns mod."""
+    q, scales, zps = ops.quantize(linear.weight.detach(), mod.fmt, mod.group_size)
+    mod.qweight.copy_(q)
+    mod.scales.copy_(scales)
+    if zps is not None:
+        mod.zero_points.copy_(zps)
+    if linear.bias is not None:
+        mod.bias.copy_(linear.bias.detach().float())
+    return mod
+
+
 class WeightOnlyLinear(PackedLinear):
     """y = (x * input_scale) @ dequantize(qweight).T + bias, computed by a dequant-fused kernel.
 
@@ -67,15 +81,7 @@ class WeightOnlyLinear(PackedLinear):
         group = group_size or linear.in_features
         mod = cls(linear.in_features, linear.out_features, fmt, group, linear.bias is not None,
                   backend, device=linear.weight.device)
-        with torch.no_grad():
-            q, scales, zps = ops.quantize(linear.weight.detach(), fmt, group)
-            mod.qweight.copy_(q)
-            mod.scales.copy_(scales)
-            if zps is not None:
-                mod.zero_points.copy_(zps)
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias.detach().float())
-        return mod
+        return fill_from_linear(mod, linear)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
