@@ -36,11 +36,7 @@ int64_t check_linear_args(const TensorView& x, const TensorView& qweight, const 
   TS_CHECK_VALUE(group_size != -1, "linear_weight_only: per-tensor weight scales are not supported");
   // The weight is a [N, K] matrix quantized row by row: reuse the quantize checks with
   // a stand-in [N, K] float view.
-  TensorView w = x;
-  w.shape[0] = N;
-  w.shape[1] = K;
-  w.strides[0] = K;
-  w.strides[1] = 1;
+  const TensorView w = weight_stand_in(x, N, K);
   check_quant_args(w, fmt, group_size, qweight, scales, zero_points);
   check_linear_out(out, x.dtype, M, N, bias);
   for (const TensorView* t : {&qweight, &scales, &out})

@@ -27,11 +27,7 @@ int64_t check_linear_lowbit_args(const TensorView& x, const TensorView& qweight,
   TS_CHECK_VALUE(x.strides[1] == 1 || K <= 1, "x: rows must be contiguous");
   TS_CHECK_VALUE(group_size != -1, "linear_lowbit: per-tensor weight scales are not supported");
   // The weight is a [N, K] matrix quantized row by row: reuse the quantize checks.
-  TensorView w = x;
-  w.shape[0] = N;
-  w.shape[1] = K;
-  w.strides[0] = K;
-  w.strides[1] = 1;
+  const TensorView w = weight_stand_in(x, N, K);
   const int64_t groups =
       check_lowbit_args(w, fmt, group_size, qweight, scales, zero_points, tensor_scale);
   check_linear_out(out, DType::kFloat32, M, N, bias);

@@ -34,12 +34,7 @@ int64_t check_w4a8_args(const TensorView& x, const TensorView& qweight, const Te
                                      " (the int32 group dot products could overflow)");
   TS_CHECK_VALUE(group_size != -1, "linear_w4a8: per-tensor weight scales are not supported");
   // The weight is a [N, K] matrix quantized row by row: reuse the quantize checks.
-  TensorView w = x;
-  w.dtype = DType::kFloat32;
-  w.shape[0] = N;
-  w.shape[1] = K;
-  w.strides[0] = K;
-  w.strides[1] = 1;
+  const TensorView w = weight_stand_in(x, N, K);
   const int64_t groups = check_quant_args(w, fmt, group_size, qweight, scales, zero_points);
   if (zero_points) {  // uint4 codes are 0..15; a larger zero point is not this format
     const uint8_t* z = zero_points->ptr<uint8_t>();

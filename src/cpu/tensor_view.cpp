@@ -54,6 +54,17 @@ void check_contiguous(const TensorView& t, const char* what) {
   TS_CHECK_VALUE(t.is_contiguous(), std::string(what) + ": expected a contiguous tensor");
 }
 
+TensorView weight_stand_in(const TensorView& like, int64_t N, int64_t K) {
+  TensorView w = like;
+  w.dtype = DType::kFloat32;
+  w.ndim = 2;
+  w.shape[0] = N;
+  w.shape[1] = K;
+  w.strides[0] = K;
+  w.strides[1] = 1;
+  return w;
+}
+
 void check_linear_out(const TensorView& out, DType out_dtype, int64_t M, int64_t N, const TensorView* bias) {
   check_dtype(out, out_dtype, "out");
   check_shape2(out, M, N, "out");

@@ -32,15 +32,9 @@ class LowBitLinear(PackedLinear):
             raise ValueError(f"LowBitLinear: backend must be auto, native, scalar or reference, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.backend = fmt, group, backend
-        groups = in_features // group
-        self.register_buffer("qweight", torch.zeros(out_features, spec.packed_cols(in_features),
-                                                    dtype=spec.code_dtype, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=spec.scale_dtype, device=device))
-        zps = torch.zeros(out_features, groups, dtype=torch.uint8, device=device) if spec.has_zero_point else None
-        self.register_buffer("zero_points", zps)
+        self._register_packed(spec, in_features, out_features, in_features // group, bias, device)
         ts = torch.ones(1, dtype=torch.float32, device=device) if spec.has_tensor_scale else None
         self.register_buffer("tensor_scale", ts)
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: Optional[int] = None,

@@ -1,13 +1,28 @@
-"""What every grouped, packed-weight linear shares: its saved spec and how it describes itself.
+"""What every grouped, packed-weight linear shares: its buffers, its saved spec and how it
+describes itself.
 
 A subclass sets `kind` and keeps in_features, out_features, fmt, group_size and a bias
 buffer (None without bias); its __init__ takes (in, out, fmt, group_size, bias, device=).
 """
+import torch
 from torch import nn
+
+from ..formats import FormatSpec
 
 
 class PackedLinear(nn.Module):
     kind = ""
+
+    def _register_packed(self, spec: FormatSpec, in_features: int, out_features: int, groups: int,
+                         bias: bool, device=None) -> None:
+        """qweight [out, packed in] codes, scales [out, groups] (the format's scale dtype),
+        zero_points uint8 [out, groups] for formats with one (else None), bias fp32 [out] or None."""
+        self.register_buffer("qweight", torch.zeros(out_features, spec.packed_cols(in_features),
+                                                    dtype=spec.code_dtype, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=spec.scale_dtype, device=device))
+        zps = torch.zeros(out_features, groups, dtype=torch.uint8, device=device) if spec.has_zero_point else None
+        self.register_buffer("zero_points", zps)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_spec(cls, spec: dict, device=None):

@@ -34,12 +34,7 @@ class W4A8Linear(PackedLinear):
         spec = get_format(fmt)
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.backend = fmt, group_size, backend
-        self.register_buffer("qweight", torch.zeros(out_features, spec.packed_cols(in_features),
-                                                    dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
-        zps = torch.zeros(out_features, groups, dtype=torch.uint8, device=device) if spec.has_zero_point else None
-        self.register_buffer("zero_points", zps)
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._register_packed(spec, in_features, out_features, groups, bias, device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str = "int4", group_size: Optional[int] = 128,

@@ -45,13 +45,7 @@ class WeightOnlyLinear(PackedLinear):
             raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.backend = fmt, group_size, backend
-        groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, spec.packed_cols(in_features),
-                                                    dtype=spec.code_dtype, device=device))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
-        zps = torch.zeros(out_features, groups, dtype=torch.uint8, device=device) if spec.has_zero_point else None
-        self.register_buffer("zero_points", zps)
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._register_packed(spec, in_features, out_features, in_features // group_size, bias, device)
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device)
                              if input_scale else None)
 
