@@ -39,6 +39,39 @@ struct Linear {
   int64_t K;
 };
 
+// A tile's R weight rows from n, MB activation rows from m0, and zeroed accumulators.
+template <int R, int MB>
+__attribute__((always_inline)) inline void tile_start(const Linear& p, int64_t n, int64_t m0,
+                                                      const uint8_t* (&w)[R], const float* (&x)[MB],
+                                                      __m512 (&acc)[R][MB]) {
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) w[r] = p.w.ptr<uint8_t>() + (n + r) * p.w.strides[0];
+  #pragma GCC unroll 16
+  for (int m = 0; m < MB; ++m) x[m] = p.x.ptr<float>() + (m0 + m) * p.x.strides[0];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+}
+
+// out = dot * scale + bias, where dot is the lane sum, or 2 * sum - rowsum[m] for binary
+// weights (the sum of x over the 1 bits, turned into the +-1 dot product).
+template <int R, int MB>
+__attribute__((always_inline)) inline void tile_store(const Linear& p, int64_t n, int64_t m0,
+                                                      const __m512 (&acc)[R][MB], const float* rowsum) {
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const float s = p.scales.ptr<float>()[n + r];
+    const float b = p.bias ? p.bias->ptr<float>()[n + r] : 0.0f;
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) {
+      const float sum = _mm512_reduce_add_ps(acc[r][m]);
+      const float dot = rowsum ? 2.0f * sum - rowsum[m0 + m] : sum;
+      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] = dot * s + b;
+    }
+  }
+}
+
 // ------------------------------------------------------------------- binary weights
 // sum_k x * (+-1) = 2 * P - S with P = sum of x where the bit is 1 and S = sum of x:
 // one masked add per 16 weights and activation row.
@@ -47,16 +80,9 @@ template <int R, int MB>
 void binary_tile(const Linear& p, int64_t n, int64_t m0, const float* rowsum) {
   const int64_t K = p.K, wbytes = p.w.shape[1];
   const uint8_t* w[R];
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) w[r] = p.w.ptr<uint8_t>() + (n + r) * p.w.strides[0];
   const float* x[MB];
-  #pragma GCC unroll 16
-  for (int m = 0; m < MB; ++m) x[m] = p.x.ptr<float>() + (m0 + m) * p.x.strides[0];
   __m512 acc[R][MB];
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  tile_start(p, n, m0, w, x, acc);
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 xv[MB];
@@ -83,16 +109,7 @@ void binary_tile(const Linear& p, int64_t n, int64_t m0, const float* rowsum) {
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_mask_add_ps(acc[r][m], mk, acc[r][m], xv[m]);
     }
   }
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    const float s = p.scales.ptr<float>()[n + r];
-    const float b = p.bias ? p.bias->ptr<float>()[n + r] : 0.0f;
-    #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) {
-      const float pos = _mm512_reduce_add_ps(acc[r][m]);
-      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] = (2.0f * pos - rowsum[m0 + m]) * s + b;
-    }
-  }
+  tile_store(p, n, m0, acc, rowsum);
 }
 
 // ------------------------------------------------------------------- ternary weights
@@ -147,27 +164,13 @@ template <int R, int MB>
 __attribute__((target("bmi2"))) void ternary_tile(const Linear& p, int64_t n, int64_t m0) {
   const int64_t K = p.K, wbytes = p.w.shape[1];
   const uint8_t* w[R];
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) w[r] = p.w.ptr<uint8_t>() + (n + r) * p.w.strides[0];
   const float* x[MB];
-  #pragma GCC unroll 16
-  for (int m = 0; m < MB; ++m) x[m] = p.x.ptr<float>() + (m0 + m) * p.x.strides[0];
   __m512 acc[R][MB];
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  tile_start(p, n, m0, w, x, acc);
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) ternary_step<R, MB, false>(w, x, k, 0xFFFF, wbytes, acc);
   if (k < K) ternary_step<R, MB, true>(w, x, k, lanes(K - k), wbytes, acc);
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    const float s = p.scales.ptr<float>()[n + r];
-    const float b = p.bias ? p.bias->ptr<float>()[n + r] : 0.0f;
-    #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m)
-      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] = _mm512_reduce_add_ps(acc[r][m]) * s + b;
-  }
+  tile_store(p, n, m0, acc, nullptr);
 }
 
 // ------------------------------------------------------------------- driver
