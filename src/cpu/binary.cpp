@@ -63,21 +63,19 @@ inline int trit_at(const uint8_t* row, int64_t k) {
   return c == 1 ? 1 : (c == 3 ? -1 : 0);
 }
 
-}  // namespace
-
-namespace cpu {
-
-void linear_binary_reference(const TensorView& x, const TensorView& bits,
-                             const TensorView& scales, const TensorView* bias,
-                             const TensorView& out) {
-  const int64_t M = x.shape[0], K = x.shape[1], N = bits.shape[0];
-  parallel_for(N, 1, [&](int64_t b, int64_t e) {
+// y[m, n] = (sum_k weight_at(row n, k) * x[m, k]) * scale[n] + bias[n], in double: the
+// reference both packed layouts (sign bits, 2-bit trits) are checked against.
+template <class WeightAt>
+void linear_codes_reference(const TensorView& x, const TensorView& w, const TensorView& scales,
+                            const TensorView* bias, const TensorView& out, WeightAt weight_at) {
+  const int64_t M = x.shape[0], K = x.shape[1], N = w.shape[0];
+  cpu::parallel_for(N, 1, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
-      const uint8_t* w = bits.ptr<uint8_t>() + n * bits.strides[0];
+      const uint8_t* row = w.ptr<uint8_t>() + n * w.strides[0];
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = x.ptr<float>() + m * x.strides[0];
         double acc = 0.0;
-        for (int64_t k = 0; k < K; ++k) acc += bit_at(w, k) ? xr[k] : -static_cast<double>(xr[k]);
+        for (int64_t k = 0; k < K; ++k) acc += weight_at(row, k) * static_cast<double>(xr[k]);
         double y = acc * scales.ptr<float>()[n] + (bias ? bias->ptr<float>()[n] : 0.0f);
         out.ptr<float>()[m * out.strides[0] + n] = static_cast<float>(y);
       }
@@ -85,22 +83,21 @@ void linear_binary_reference(const TensorView& x, const TensorView& bits,
   });
 }
 
+}  // namespace
+
+namespace cpu {
+
+void linear_binary_reference(const TensorView& x, const TensorView& bits,
+                             const TensorView& scales, const TensorView* bias,
+                             const TensorView& out) {
+  linear_codes_reference(x, bits, scales, bias, out,
+                         [](const uint8_t* row, int64_t k) { return bit_at(row, k) ? 1 : -1; });
+}
+
 void linear_ternary_reference(const TensorView& x, const TensorView& codes,
                               const TensorView& scales, const TensorView* bias,
                               const TensorView& out) {
-  const int64_t M = x.shape[0], K = x.shape[1], N = codes.shape[0];
-  parallel_for(N, 1, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) {
-      const uint8_t* w = codes.ptr<uint8_t>() + n * codes.strides[0];
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x.ptr<float>() + m * x.strides[0];
-        double acc = 0.0;
-        for (int64_t k = 0; k < K; ++k) acc += trit_at(w, k) * static_cast<double>(xr[k]);
-        double y = acc * scales.ptr<float>()[n] + (bias ? bias->ptr<float>()[n] : 0.0f);
-        out.ptr<float>()[m * out.strides[0] + n] = static_cast<float>(y);
-      }
-    }
-  });
+  linear_codes_reference(x, codes, scales, bias, out, trit_at);
 }
 
 void xnor_dots_reference(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
