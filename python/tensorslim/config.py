@@ -417,6 +417,9 @@ class GPTQ(IntWeightOnly):
             raise ValueError(f"GPTQ: damp must be in [0, 10), got {self.damp}")
         if int(self.block_size) <= 0:
             raise ValueError(f"GPTQ: block_size must be positive, got {self.block_size}")
+        for flag in ("act_order", "fit_float_outputs"):  # a string like "no" would read as True
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"GPTQ: {flag} must be True or False, got {getattr(self, flag)!r}")
 
 
 @register_config

@@ -167,7 +167,8 @@ def test_gptq_config_act_order_and_json():
     assert torch.equal(model[0].dequantized_weight(), _dequant(res, 64))
 
 
-@pytest.mark.parametrize("kwargs", [dict(damp=-0.1), dict(block_size=0), dict(algorithm="awq"), dict(bits=1)])
+@pytest.mark.parametrize("kwargs", [dict(damp=-0.1), dict(block_size=0), dict(algorithm="awq"), dict(bits=1),
+                                    dict(act_order="no"), dict(fit_float_outputs=1)])
 def test_gptq_config_bad_values(kwargs):
     with pytest.raises(ValueError):
         ts.GPTQ(**kwargs)
