@@ -3,10 +3,13 @@
 A config is registered with the transform that applies it; `ts.quantize(model, cfg)`
 looks the transform up by the config's type.
 """
+import collections.abc
 import dataclasses
 import json
+import numbers
+import typing
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
 CONFIG_VERSION = 1
 _CONFIG_TYPES: Dict[str, type] = {}
@@ -21,8 +24,9 @@ def register_config(cls):
 class LayerFilter:
     """Which layers a transform touches.
 
-    include / exclude: fnmatch patterns on module names (e.g. "encoder.*.attention.*");
-    an empty include means every layer. skip_output_head leaves the model's output head
+    include / exclude: fnmatch patterns on module names (e.g. "encoder.*.attention.*"),
+    a list/tuple of them or one pattern as a str (kept as a one-element tuple); an empty
+    include means every layer. skip_output_head leaves the model's output head
     (a layer named lm_head / classifier / ..., or one whose weight is tied to an
     embedding) in full precision, as users expect. filter_fn(name, module) -> bool is a
     last, code-only say (not saved to JSON).
@@ -34,14 +38,90 @@ class LayerFilter:
     filter_fn: Optional[Callable] = field(default=None, compare=False, repr=False)
 
 
+class ConfigFieldError(TypeError, ValueError):
+    """A config field of the wrong type. Both a TypeError and a ValueError, so code that
+    caught either from a config keeps working."""
+
+
+def _accepts(kind: Any, value: Any) -> Tuple[bool, Any]:
+    """(value fits annotation `kind`, value normalized): bools are never numbers, integers
+    (numpy's too) are ints, a float field takes ints and floats."""
+    if kind is Any:
+        return True, value
+    origin = typing.get_origin(kind)
+    if origin is Union:
+        for arm in typing.get_args(kind):
+            ok, v = _accepts(arm, value)
+            if ok:
+                return True, v
+        return False, value
+    if kind is type(None):
+        return value is None, value
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else value
+    if kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return ok, value if isinstance(value, (int, float)) or not ok else float(value)
+    if kind is str:
+        return isinstance(value, str), value
+    if kind is Callable or origin is collections.abc.Callable:
+        return callable(value), value
+    return isinstance(value, origin or kind), value
+
+
+def _expected(kind: Any) -> str:
+    """An annotation as the error message says it: 'int or None', 'a number or str', ..."""
+    if typing.get_origin(kind) is Union:
+        return " or ".join(_expected(a) for a in typing.get_args(kind))
+    names = {bool: "True or False", int: "an int", float: "a number", str: "a str",
+             type(None): "None"}
+    return names.get(kind, "a callable" if "Callable" in str(kind) else getattr(kind, "__name__", str(kind)))
+
+
+def _patterns(cls_name: str, name: str, value: Any) -> Tuple[str, ...]:
+    """include / exclude: one fnmatch pattern (a str) or a list / tuple of them."""
+    if isinstance(value, str):
+        return (value,)  # one pattern, not its characters
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise ConfigFieldError(f"{cls_name}: {name} must be a str pattern or a list/tuple of str patterns, "
+                           f"got {value!r}")
+
+
+def check_field_types(cfg: "Config") -> None:
+    """Check (and normalize) every dataclass field of `cfg` against its annotation, so a
+    string where a bool belongs ("false" is truthy) or a float group size is an error at
+    construction, naming the class, the field, the value and what was expected. Value
+    ranges and choices stay with each config's own __post_init__."""
+    cls = type(cfg)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("include", "exclude"):
+            setattr(cfg, f.name, _patterns(cls.__name__, f.name, value))
+            continue
+        kind = hints.get(f.name, Any)
+        ok, normalized = _accepts(kind, value)
+        if not ok:
+            raise ConfigFieldError(f"{cls.__name__}: {f.name} must be {_expected(kind)}, got {value!r} "
+                                   f"({type(value).__name__})")
+        if normalized is not value:
+            setattr(cfg, f.name, normalized)
+
+
 @dataclass
 class Config(LayerFilter):
+    """Base of every technique's config. Every field is type-checked at construction
+    (check_field_types); include / exclude take one pattern string or a list of them."""
+
     version: int = CONFIG_VERSION
     _not_serialized: ClassVar[Tuple[str, ...]] = ("filter_fn",)
 
     def __post_init__(self):
-        self.include = tuple(self.include)
-        self.exclude = tuple(self.exclude)
+        check_field_types(self)
         if self.version > CONFIG_VERSION:
             raise ValueError(f"{type(self).__name__}: config version {self.version} is newer than "
                              f"this tensorslim understands ({CONFIG_VERSION})")
@@ -376,8 +456,6 @@ class W4A8(Config):
         if self.group_size is not None and self.group_size not in _GROUP_SIZES:
             raise ValueError(f"W4A8: group_size must be None (per channel) or one of {_GROUP_SIZES}, "
                              f"got {self.group_size!r}")
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"W4A8: symmetric must be True or False, got {self.symmetric!r}")
         if self.backend not in ("auto", "native", "scalar", "reference"):
             raise ValueError(f"W4A8: backend must be auto, native, scalar or reference, got {self.backend!r}")
 
@@ -390,6 +468,9 @@ PRESETS.update({
     "w4a8": W4A8,
     "int4_int8": W4A8,
 })
+
+
+GPTQ_MAX_BLOCK_SIZE = 1 << 16
 
 
 @register_config
@@ -415,11 +496,8 @@ class GPTQ(IntWeightOnly):
             raise ValueError(f"GPTQ: algorithm must be 'gptq', got {self.algorithm!r}")
         if not (0.0 <= float(self.damp) < 10.0):
             raise ValueError(f"GPTQ: damp must be in [0, 10), got {self.damp}")
-        if int(self.block_size) <= 0:
-            raise ValueError(f"GPTQ: block_size must be positive, got {self.block_size}")
-        for flag in ("act_order", "fit_float_outputs"):  # a string like "no" would read as True
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"GPTQ: {flag} must be True or False, got {getattr(self, flag)!r}")
+        if not 0 < self.block_size <= GPTQ_MAX_BLOCK_SIZE:  # a huge block would only fail allocating
+            raise ValueError(f"GPTQ: block_size must be in [1, {GPTQ_MAX_BLOCK_SIZE}], got {self.block_size}")
 
 
 @register_config
