@@ -1,5 +1,6 @@
 """Compressed modules: each holds only its packed form and runs a real kernel."""
 from .binary_linear import BinaryLinear, TernaryLinear
+from .compressed_linear import CompressedLinear
 from .int8_linear import Int8Linear
 from .lowbit_linear import LowBitLinear
 from .w4a8_linear import W4A8Linear
@@ -9,5 +10,5 @@ from .weight_only_linear import WeightOnlyLinear
 COMPRESSED_MODULES = {cls.kind: cls for cls in (WeightOnlyLinear, LowBitLinear, Int8Linear,
                                                 BinaryLinear, TernaryLinear, W4A8Linear)}
 
-__all__ = ["COMPRESSED_MODULES", "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear",
+__all__ = ["COMPRESSED_MODULES", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear",
            "TernaryLinear", "W4A8Linear"]

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from .. import ops
+from .compressed_linear import CompressedLinear
 
 
-class _PackedSignLinear(nn.Module):
+class _PackedSignLinear(CompressedLinear):
     """Shared buffers: qweight uint8 [out, ceil(in / per_byte)], scales fp32 [out], bias."""
 
     kind = ""
@@ -82,7 +83,7 @@ class BinaryLinear(_PackedSignLinear):
         return cls(spec["in_features"], spec["out_features"], spec["bias"],
                    binarize_activations=spec["format"] == "xnor", device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = ops.xnor_linear if self.binarize_activations else ops.binary_linear
         return fn(x, self.qweight, self.scales, self.bias, self.in_features, self.backend)
 
@@ -116,7 +117,7 @@ class TernaryLinear(_PackedSignLinear):
     def from_spec(cls, spec: dict, device=None) -> "TernaryLinear":
         return cls(spec["in_features"], spec["out_features"], spec["bias"], device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.ternary_linear(x, self.qweight, self.scales, self.bias, self.in_features, self.backend)
 
     def dequantized_weight(self) -> torch.Tensor:

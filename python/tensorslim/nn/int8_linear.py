@@ -8,14 +8,14 @@ sees smoothed inputs) or kept here as `inv_smooth` = 1/s, fused into activation 
 from typing import Optional
 
 import torch
-from torch import nn
 
 from .. import ops
+from .compressed_linear import CompressedLinear
 
 MODES = ("static", "dynamic")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(CompressedLinear):
     """y = dequant(quant(x * inv_smooth) @ qweight.T) + bias.
 
     Buffers (the whole state): qweight int8 [out, in], w_scales fp32 [out] (symmetric, per
@@ -91,7 +91,7 @@ class Int8Linear(nn.Module):
             self._packed_key = key
         return self._packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight()
         if self.mode == "static":
             return ops.linear_w8a8(x, self.qweight, self.w_scales, self.bias, self.inv_smooth,

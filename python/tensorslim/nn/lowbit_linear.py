@@ -54,7 +54,7 @@ class LowBitLinear(PackedLinear):
                 mod.bias.copy_(linear.bias.detach().float())
         return mod
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear_lowbit(x, self.qweight, self.scales, self.zero_points, self.tensor_scale,
                                  self.bias, self.fmt, self.group_size, self.in_features, self.backend)
 

@@ -5,12 +5,12 @@ A subclass sets `kind` and keeps in_features, out_features, fmt, group_size and 
 buffer (None without bias); its __init__ takes (in, out, fmt, group_size, bias, device=).
 """
 import torch
-from torch import nn
 
 from ..formats import FormatSpec
+from .compressed_linear import CompressedLinear
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(CompressedLinear):
     kind = ""
 
     def _register_packed(self, spec: FormatSpec, in_features: int, out_features: int, groups: int,

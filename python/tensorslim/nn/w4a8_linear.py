@@ -46,7 +46,7 @@ class W4A8Linear(PackedLinear):
                   backend, device=linear.weight.device)
         return fill_from_linear(mod, linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear_w4a8(x, self.qweight, self.scales, self.zero_points, self.bias, self.fmt,
                                self.group_size, self.in_features, self.backend)
 

@@ -118,7 +118,7 @@ class WeightOnlyLinear(PackedLinear):
                 mod.input_scale.copy_(input_scale.detach().float())  # copy_: never shares storage
         return mod
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         return ops.linear_weight_only(x, self.qweight, self.scales, self.zero_points, self.bias,
@@ -130,6 +130,11 @@ class WeightOnlyLinear(PackedLinear):
         input_scale).T, and that product is the weight in the original domain."""
         return ops.dequantize(self.qweight, self.scales, self.zero_points, self.fmt, self.group_size,
                               self.in_features, dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight in the original domain: dequantized_weight() * input_scale per input channel."""
+        w = self.dequantized_weight()
+        return w * self.input_scale[None, :] if self.input_scale is not None else w
 
 
 def _check_input_scale(input_scale: Optional[torch.Tensor], in_features: int) -> None:

@@ -1,0 +1,71 @@
+"""What every compressed linear does around its kernel: check the input, and let a gradient
+flow through the frozen layer to its input.
+
+The packed buffers are frozen: they never receive a gradient. The input does, so an adapter
+(LoRA) or any trainable layer before a quantized one trains as on a float base model:
+    grad_x = grad_y @ W_eff
+with W_eff the layer's effective weight (`effective_weight()`, the dequantized weight with any
+input scaling folded in). Activation quantization (W8A8, int8 dynamic, W4A8, XNOR) is passed
+straight through: its rounding is treated as the identity, as quantization-aware training and
+adapter training on quantized models do, because the true derivative of a rounding is zero
+almost everywhere. W_eff is dequantized when backward runs (not kept from the forward), so
+inference and no_grad calls pay nothing for this.
+"""
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+class _FrozenLinearFunction(torch.autograd.Function):
+    """Forward: the layer's own kernel; backward: grad_y @ W_eff to the input only."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return layer.kernel_forward(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        w = ctx.layer.effective_weight()
+        dtype = torch.promote_types(grad_y.dtype, torch.float32)  # bf16 / fp16 grads: fp32 product
+        grad_x = grad_y.to(dtype) @ w.to(device=grad_y.device, dtype=dtype)
+        return grad_x.to(ctx.x_dtype), None
+
+
+class CompressedLinear(nn.Module):
+    """Base of the compressed linears. A subclass keeps in_features / out_features and
+    implements kernel_forward(x) (the packed kernel) and dequantized_weight().
+
+    Inputs: a float tensor of shape [..., in_features] (0 rows give an empty output); a
+    0-D tensor or another last dimension is a ValueError, an integer tensor a TypeError,
+    each naming the layer kind and the expected shape. NaN / Inf inputs propagate to the
+    rows holding them (as in F.linear) for weight-only kinds; kinds that quantize
+    activations need finite values and raise a ValueError.
+    """
+
+    in_features: int
+    out_features: int
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float [out, in] weight the layer applies to its input (what backward uses)."""
+        return self.dequantized_weight()
+
+    def check_input(self, x) -> None:
+        kind = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{kind}: expected a torch.Tensor input, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{kind}: expected last dimension {self.in_features} (an input of shape "
+                             f"[..., in_features={self.in_features}]), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{kind}: expected a float input, got {x.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenLinearFunction.apply(x, self)
+        return self.kernel_forward(x)
