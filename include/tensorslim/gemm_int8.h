@@ -32,14 +32,17 @@ void quantize_static(const TensorView& x, const TensorView* inv_smooth, float sc
 
 // qx: [M, K] u8 or s8.  act_scales: [1] (static) or [M] (per token) f32.  qweight: [N, K] s8.
 // w_scales: [N] f32.  bias: [N] f32 or nullptr.  out: [M, N] f32.
-// backend: kReference (scalar int32), kOneDNN, kAuto (oneDNN, reference when it has nothing).
+// backend: kReference (scalar int32), kOneDNN (only where its kernel is exact: VNNI/AMX),
+// kNative (our AVX2 kernel, exact on every AVX2 CPU), kAuto (oneDNN where exact, else ours).
+// K = 0 gives out = bias (or 0).
 // packed: nullptr, or qweight in oneDNN's blocked layout (linear_int8_pack); used by oneDNN
 // with u8 activations, which reads it instead of re-blocking qweight on every call.
 void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                  const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
                  const TensorView& out, GemmBackend backend, const TensorView* packed = nullptr);
 
-// Bytes of qweight [N, K] in oneDNN's blocked layout for u8 activations (0: no packing here).
+// Bytes of qweight [N, K] in oneDNN's blocked layout for u8 activations (0: no packing here,
+// e.g. where oneDNN's kernel would not be exact and ours runs on the plain weights).
 int64_t linear_int8_packed_bytes(int64_t K, int64_t N);
 // Writes that layout into packed (uint8, contiguous, linear_int8_packed_bytes(K, N) bytes).
 void linear_int8_pack(const TensorView& qweight, const TensorView& packed);
@@ -59,13 +62,20 @@ void linear_int8_reference(const TensorView& qx, const TensorView& act_scales,
                            int32_t act_zero_point, const TensorView& qweight,
                            const TensorView& w_scales, const TensorView* bias,
                            const TensorView& out);
-// Returns false when oneDNN has no implementation for this combination.
+// Exact on every AVX2 CPU (no VNNI needed), bit-exact with the reference; false when the
+// active ISA is below AVX2.
+bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                      const TensorView& qweight, const TensorView& w_scales,
+                      const TensorView* bias, const TensorView& out);
+// Returns false when oneDNN has no exact implementation for this combination (none at all,
+// or one without VNNI whose int16 pair sums saturate).
 bool linear_int8_onednn(const TensorView& qx, const TensorView& act_scales,
                         int32_t act_zero_point, const TensorView& qweight,
                         const TensorView& w_scales, const TensorView* bias, const TensorView& out,
                         const TensorView* packed = nullptr);
 // The oneDNN implementation name for these arguments (e.g. "brg_matmul:avx512_core_vnni"),
 // or "" when there is none: lets tests check that an optimized kernel, not ref, runs.
+// An inexact one is named with " (not exact: unused)" appended.
 std::string linear_int8_onednn_impl(const TensorView& qx, const TensorView& act_scales,
                                     int32_t act_zero_point, const TensorView& qweight,
                                     const TensorView& w_scales, const TensorView* bias,

@@ -230,6 +230,11 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
                        std::to_string(packed->numel()));
   }
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum: only the bias is left
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) out.ptr<float>()[m * N + n] = bias ? bias->ptr<float>()[n] : 0.0f;
+    return;
+  }
   switch (backend) {
     case GemmBackend::kReference:
       return cpu::linear_int8_reference(qx, act_scales, act_zero_point, qweight, w_scales, bias,
@@ -237,12 +242,20 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
     case GemmBackend::kOneDNN:
       TS_CHECK_VALUE(cpu::linear_int8_onednn(qx, act_scales, act_zero_point, qweight, w_scales,
                                              bias, out, packed),
-                     "linear_int8: oneDNN has no implementation for this shape");
+                     "linear_int8: oneDNN has no exact implementation for this shape on this "
+                     "CPU (without VNNI its int16 pair sums saturate); use backend 'auto' or "
+                     "'native'");
       return;
     case GemmBackend::kNative:
+      TS_CHECK_VALUE(cpu::linear_int8_avx2(qx, act_scales, act_zero_point, qweight, w_scales,
+                                           bias, out),
+                     "linear_int8: no native kernel for this ISA (needs AVX2)");
+      return;
     case GemmBackend::kAuto:
       if (cpu::linear_int8_onednn(qx, act_scales, act_zero_point, qweight, w_scales, bias, out,
                                   packed))
+        return;
+      if (cpu::linear_int8_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
         return;
       return cpu::linear_int8_reference(qx, act_scales, act_zero_point, qweight, w_scales, bias,
                                         out);

@@ -37,6 +37,12 @@ dnnl::primitive_attr make_attr(bool per_token, bool is_u8) {
   return attr;
 }
 
+// oneDNN's u8 x s8 kernels are exact only with VNNI (or AMX): without it they sum pairs of
+// products in saturating int16 (vpmaddubsw), which is wrong by up to ~50% on real data.
+bool exact_impl(const std::string& impl) {
+  return impl.find("vnni") != std::string::npos || impl.find("amx") != std::string::npos;
+}
+
 // The blocked weight layout for u8 activations of (K, N); a zero desc when there is none.
 // Caller holds onednn().mu.
 const dnnl::memory::desc& packed_desc(int64_t K, int64_t N) {
@@ -49,7 +55,7 @@ const dnnl::memory::desc& packed_desc(int64_t K, int64_t N) {
     dnnl::memory::desc wei({K, N}, dt::s8, dnnl::memory::format_tag::any);
     dnnl::memory::desc dst({kCanonicalM, N}, dt::f32, {N, 1});
     dnnl::matmul::primitive_desc pd(onednn().engine, src, wei, dst, make_attr(false, true));
-    d = pd.weights_desc();
+    if (exact_impl(pd.impl_info_str())) d = pd.weights_desc();
   } catch (const dnnl::error&) {
     d = dnnl::memory::desc();
   }
@@ -61,7 +67,7 @@ const dnnl::memory::desc& packed_desc(int64_t K, int64_t N) {
 using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, bool, bool>;
 
 struct Entry {
-  bool ok = false;
+  bool ok = false;  // an implementation exists and is exact
   bool packed = false;  // weights come in packed_desc(K, N)
   std::string impl;
   dnnl::matmul prim;
@@ -85,8 +91,8 @@ Entry make_entry(const Key& key) {
     dnnl::matmul::primitive_desc pd(onednn().engine, e.src, e.wei, e.bias, e.dst,
                                     make_attr(per_token, is_u8));
     e.impl = pd.impl_info_str();
-    e.prim = dnnl::matmul(pd);
-    e.ok = true;
+    e.ok = exact_impl(e.impl);
+    if (e.ok) e.prim = dnnl::matmul(pd);
   } catch (const dnnl::error&) {
     e.ok = false;  // no implementation: the caller falls back
   }
@@ -171,7 +177,8 @@ std::string linear_int8_onednn_impl(const TensorView& qx, const TensorView& act_
   std::lock_guard<std::mutex> lock(onednn().mu);
   const bool use_packed = packed != nullptr && qx.dtype == DType::kUInt8;
   const Entry& e = entry_for(key_of(qx, act_scales, qweight, bias, use_packed));
-  return e.ok ? e.impl + (use_packed ? " (packed weights)" : "") : std::string();
+  if (e.impl.empty()) return std::string();
+  return e.impl + (use_packed ? " (packed weights)" : "") + (e.ok ? "" : " (not exact: unused)");
 }
 
 int64_t linear_int8_packed_bytes_onednn(int64_t K, int64_t N) {

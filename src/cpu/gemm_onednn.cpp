@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "half.h"
 #include "onednn_engine.h"
 #include "tensorslim/gemm.h"
 
@@ -75,12 +76,9 @@ void transpose(const T* src, int64_t rows, int64_t cols, std::vector<T>& dst) {
     for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }
 
-}  // namespace
-
-bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
-                               const TensorView& scales, const TensorView* zero_points,
-                               const TensorView* bias, Format fmt, int64_t group_size,
-                               const TensorView& out) {
+bool run_onednn(const TensorView& x, const TensorView& qweight, const TensorView& scales,
+                const TensorView* zero_points, const TensorView* bias, Format fmt,
+                int64_t group_size, const TensorView& out) {
   const int64_t M = x.shape[0], K = x.shape[1], N = qweight.shape[0];
   const FormatInfo& info = format_info(fmt);
   // oneDNN addresses 4-bit weights with element strides: a row of odd K is not expressible.
@@ -124,6 +122,43 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
         dnnl::memory(entry->zps, eng.engine, zp_ptr);
   entry->prim.execute(eng.stream, args);
   eng.stream.wait();
+  return true;
+}
+
+// A plain fp32 [rows, cols] view over buf.
+TensorView f32_view(std::vector<float>& buf, int64_t rows, int64_t cols) {
+  buf.resize(rows * cols);
+  TensorView v;
+  v.data = buf.data();
+  v.dtype = DType::kFloat32;
+  v.ndim = 2;
+  v.shape[0] = rows;
+  v.shape[1] = cols;
+  v.strides[0] = cols;
+  v.strides[1] = 1;
+  return v;
+}
+
+}  // namespace
+
+bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
+                               const TensorView& scales, const TensorView* zero_points,
+                               const TensorView* bias, Format fmt, int64_t group_size,
+                               const TensorView& out) {
+  if (run_onednn(x, qweight, scales, zero_points, bias, fmt, group_size, out)) return true;
+  if (x.dtype != DType::kBFloat16) return false;
+  // oneDNN has bf16 weight decompression only from AVX-512 (avx512_core) on: elsewhere run
+  // the fp32 primitive on widened activations (exact) and round the output to bf16.
+  const int64_t M = x.shape[0], K = x.shape[1], N = out.shape[1];
+  thread_local std::vector<float> xf, of;
+  const TensorView xv = f32_view(xf, M, K), ov = f32_view(of, M, N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      xf[m * K + k] = bf16_to_float(x.ptr<uint16_t>()[m * x.strides[0] + k]);
+  if (!run_onednn(xv, qweight, scales, zero_points, bias, fmt, group_size, ov)) return false;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      out.ptr<uint16_t>()[m * out.strides[0] + n] = float_to_bf16(of[m * N + n]);
   return true;
 }
 

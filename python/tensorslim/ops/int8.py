@@ -12,7 +12,7 @@ import torch
 from .. import _views
 from .._native import _C
 
-INT8_BACKENDS = {"auto": 0, "reference": 1, "onednn": 3}
+INT8_BACKENDS = {"auto": 0, "reference": 1, "native": 2, "onednn": 3}
 
 
 def _check_backend(backend: str) -> None:

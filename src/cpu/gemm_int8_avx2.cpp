@@ -1,0 +1,179 @@
+// Exact INT8 GEMM on AVX2 CPUs without VNNI (compiled with -mavx2 -mfma).
+//
+// Without VNNI every x86 u8 x s8 product goes through vpmaddubsw, which adds two products
+// into a saturating int16: 255*127 + 255*127 overflows, and that is where oneDNN's AVX2
+// kernels lose up to half the result. Here both factors of vpmaddubsw stay below that:
+//   c = activation code as s8 (u8 codes: q - 128), clamped to [-127, 127]
+//   vpmaddubsw(|w|, sign(c, w)):  |w| <= 128, |sign(c, w)| <= 127, so a pair sums to at
+//   most 2 * 128 * 127 = 32512 < 32767: exact for every int8 weight, -128 included.
+// Then vpmaddwd with ones widens to int32. What the clamp and the shift changed is added
+// back exactly afterwards:
+//   sum (q - zp) w = sum c' w - sum_{k: c = -128} w[k] + (128 - zp) sum w   (u8)
+//   sum q w        = sum c' w - sum_{k: q = -128} w[k]                      (s8)
+// The rescale is the reference's expression in the same order, so results are bit-exact.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "tensorslim/gemm_int8.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int kMaxRows = 4;  // activation rows per register tile
+constexpr int kMaxCols = 2;  // weight rows (output columns) per register tile
+
+int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// 32 activation codes as s8 in [-127, 127]: u8 codes are shifted by 128 first.
+inline __m256i load_codes(const uint8_t* p, __m256i shift) {
+  const __m256i c = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), shift);
+  return _mm256_max_epi8(c, _mm256_set1_epi8(-127));
+}
+
+// acc[r][j] = sum_k c'[r][k] * w[j][k] over K, for an MR x NR tile. The K tail is copied
+// into zero-padded buffers (a zero code adds nothing).
+template <int MR, int NR>
+void tile(const uint8_t* const* a, const int8_t* const* w, int64_t K, __m256i shift,
+          int32_t acc_out[kMaxRows][kMaxCols]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_si256();
+  auto step = [&](const uint8_t* const* ap, const int8_t* const* wp, int64_t k) {
+    __m256i wv[NR], wabs[NR];
+    for (int j = 0; j < NR; ++j) {
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[j] + k));
+      wabs[j] = _mm256_abs_epi8(wv[j]);  // -128 -> 0x80, read as unsigned 128
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m256i c = load_codes(ap[r] + k, shift);
+      for (int j = 0; j < NR; ++j) {
+        const __m256i pairs = _mm256_maddubs_epi16(wabs[j], _mm256_sign_epi8(c, wv[j]));
+        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) step(a, w, k);
+  if (k < K) {
+    const int64_t rest = K - k;
+    alignas(32) uint8_t abuf[MR][32];
+    alignas(32) int8_t wbuf[NR][32];
+    const uint8_t* ap[MR];
+    const int8_t* wp[NR];
+    // Padding must be the code 0 after the shift: 0x80 for u8 codes, 0 for s8.
+    const uint8_t pad = static_cast<uint8_t>(_mm256_extract_epi8(shift, 0));
+    for (int r = 0; r < MR; ++r) {
+      std::memset(abuf[r], pad, 32);
+      std::memcpy(abuf[r], a[r] + k, rest);
+      ap[r] = abuf[r];
+    }
+    for (int j = 0; j < NR; ++j) {
+      std::memset(wbuf[j], 0, 32);
+      std::memcpy(wbuf[j], w[j] + k, rest);
+      wp[j] = wbuf[j];
+    }
+    step(ap, wp, 0);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc_out[r][j] = hsum(acc[r][j]);
+}
+
+template <int NR>
+void tile_rows(int mr, const uint8_t* const* a, const int8_t* const* w, int64_t K, __m256i shift,
+               int32_t acc[kMaxRows][kMaxCols]) {
+  switch (mr) {
+    case 1: return tile<1, NR>(a, w, K, shift, acc);
+    case 2: return tile<2, NR>(a, w, K, shift, acc);
+    case 3: return tile<3, NR>(a, w, K, shift, acc);
+    default: return tile<4, NR>(a, w, K, shift, acc);
+  }
+}
+
+int32_t row_sum(const int8_t* w, int64_t K) {
+  int32_t s = 0;
+  for (int64_t k = 0; k < K; ++k) s += w[k];
+  return s;
+}
+
+}  // namespace
+
+bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                      const TensorView& qweight, const TensorView& w_scales,
+                      const TensorView* bias, const TensorView& out) {
+  if (active_isa() < Isa::kAVX2) return false;
+  const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
+  const bool is_u8 = qx.dtype == DType::kUInt8;
+  const bool per_token = act_scales.shape[0] == M && M != 1;
+  const uint8_t* x = qx.ptr<uint8_t>();
+  const int8_t* wq = qweight.ptr<int8_t>();
+  const float* as = act_scales.ptr<float>();
+  const float* ws = w_scales.ptr<float>();
+  const float* b = bias ? bias->ptr<float>() : nullptr;
+  // The code -128 (s8 codes, or u8 code 0) is clamped to -127 in the tile: the activations
+  // where that happened, per row, so the rest can be added back exactly.
+  const uint8_t clamped_byte = is_u8 ? 0 : 0x80;
+  const int32_t shift_back = is_u8 ? 128 - act_zero_point : 0;
+  const __m256i shift = _mm256_set1_epi8(is_u8 ? static_cast<char>(0x80) : 0);
+  std::vector<int64_t> first_clamped(M, K);  // K: none in this row
+  for (int64_t m = 0; m < M; ++m)
+    if (const void* hit = std::memchr(x + m * K, clamped_byte, K))
+      first_clamped[m] = static_cast<const uint8_t*>(hit) - (x + m * K);
+  // Columns in blocks of 16 weight rows per task: big enough to amortize, small enough
+  // to spread a GEMV over the threads.
+  const int64_t col_block = 16;
+  const int64_t blocks = (N + col_block - 1) / col_block;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, M * K * col_block));
+  parallel_for(blocks, grain, [&](int64_t bb, int64_t be) {
+    for (int64_t blk = bb; blk < be; ++blk) {
+      const int64_t n0 = blk * col_block, n1 = std::min(N, n0 + col_block);
+      int32_t wsum[col_block];
+      for (int64_t n = n0; n < n1; ++n)
+        wsum[n - n0] = shift_back ? row_sum(wq + n * K, K) : 0;
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        const uint8_t* a[kMaxRows];
+        for (int r = 0; r < mr; ++r) a[r] = x + (m0 + r) * K;
+        for (int64_t n = n0; n < n1; n += kMaxCols) {
+          const int nr = static_cast<int>(std::min<int64_t>(kMaxCols, n1 - n));
+          const int8_t* w[kMaxCols] = {wq + n * K, wq + (n + nr - 1) * K};
+          int32_t acc[kMaxRows][kMaxCols];
+          if (nr == 2)
+            tile_rows<2>(mr, a, w, K, shift, acc);
+          else
+            tile_rows<1>(mr, a, w, K, shift, acc);
+          for (int r = 0; r < mr; ++r) {
+            const int64_t m = m0 + r;
+            const uint8_t* row = a[r];
+            const float a_s = as[per_token ? m : 0];
+            for (int j = 0; j < nr; ++j) {
+              int32_t v = acc[r][j] + shift_back * wsum[n + j - n0];
+              // Rare: only clipped static activations carry the code -128.
+              const int8_t* wr = wq + (n + j) * K;
+              for (int64_t k = first_clamped[m]; k < K; ++k)
+                if (row[k] == clamped_byte) v -= wr[k];
+              float y = static_cast<float>(v) * (a_s * ws[n + j]);
+              if (b) y += b[n + j];
+              out.ptr<float>()[m * N + n + j] = y;
+            }
+          }
+        }
+      }
+    }
+  });
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
