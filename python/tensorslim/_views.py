@@ -11,16 +11,30 @@ _DTYPE_CODES = {
 }
 
 
+class _View(tuple):
+    """A view tuple that also holds its tensor: `view(x.contiguous())` keeps the temporary
+    alive for as long as the view exists (the whole native call), not just until view()
+    returns. The core reads only the tuple; the reference is what keeps the memory valid."""
+
+    def __new__(cls, fields: tuple, tensor: torch.Tensor):
+        self = super().__new__(cls, fields)
+        self.tensor = tensor
+        return self
+
+
 def view(t: torch.Tensor, what: str = "tensor") -> tuple:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
     code = _DTYPE_CODES.get(t.dtype)
     if code is None:
         raise TypeError(f"{what}: dtype {t.dtype} is not supported by the native core")
     if t.is_cuda:
         stream = torch.cuda.current_stream(t.device).cuda_stream
-        return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), 1, t.device.index, stream)
+        return _View((t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), 1, t.device.index, stream), t)
     if t.device.type != "cpu":
-        raise TypeError(f"{what}: device {t.device} is not supported (cpu or cuda)")
-    return (t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), 0, 0, 0)
+        raise TypeError(f"{what}: device {t.device} is not supported (cpu or cuda; meta tensors "
+                        "have no data)")
+    return _View((t.data_ptr(), code, tuple(t.shape), tuple(t.stride()), 0, 0, 0), t)
 
 
 def optional_view(t, what: str = "tensor"):
