@@ -1,0 +1,89 @@
+"""Backward through a frozen compressed layer to its input: grad_x = grad_y @ W_eff for every
+kind (straight through activation quantization), no gradient to the packed buffers, an
+adapter on a quantized base trains, and inference is unchanged."""
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+from compressed_kinds import IN, KINDS, OUT, build, weight_in_original_domain
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_input_gradient_is_grad_y_times_dequantized_weight(kind):
+    layer = build(kind)
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, IN, requires_grad=True)
+    y = layer(x)
+    assert y.requires_grad and y.grad_fn is not None
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    ref = grad_y.double() @ weight_in_original_domain(layer)
+    assert x.grad.shape == x.shape and x.grad.dtype == x.dtype
+    assert torch.allclose(x.grad.double(), ref, rtol=1e-5, atol=1e-5)
+    assert list(layer.parameters()) == []
+    assert all(not b.requires_grad and b.grad is None for b in layer.buffers())
+
+
+@pytest.mark.parametrize("kind", ["int4_g32", "nvfp4", "w8a8_static", "binary"])
+def test_bfloat16_input_gets_a_bfloat16_gradient(kind):
+    layer = build(kind)
+    x = torch.randn(4, IN).to(torch.bfloat16).requires_grad_()
+    layer(x).float().sum().backward()
+    ref = torch.ones(4, OUT, dtype=torch.float64) @ weight_in_original_domain(layer)
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.allclose(x.grad.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_inference_is_unchanged(kind):
+    layer = build(kind)
+    x = torch.randn(6, IN)
+    plain = layer(x)  # x does not require grad: the kernel alone, no graph
+    assert not plain.requires_grad and plain.grad_fn is None
+    with torch.no_grad():
+        assert torch.equal(layer(x.clone().requires_grad_()), plain)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), plain)
+    assert torch.equal(layer(x.clone().requires_grad_()).detach(), plain)
+
+
+class LoRA(nn.Module):
+    """A rank-r adapter beside a frozen (here: quantized) layer, B zero-initialized."""
+
+    def __init__(self, base: nn.Module, rank: int = 4):
+        super().__init__()
+        self.base = base
+        self.a = nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
+        self.b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.T) @ self.b.T
+
+
+@pytest.mark.parametrize("config", [ts.Int4WeightOnly(group_size=32), "w8a8", "nvfp4", "xnor",
+                                    ts.W4A8(group_size=32), "int8_dynamic"],
+                         ids=["int4_g32", "w8a8", "nvfp4", "xnor", "w4a8", "int8_dynamic"])
+def test_lora_on_a_quantized_base_trains(config):
+    """Adapters on both layers: the first one's gradient passes through the second,
+    quantized layer to reach it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 16))
+    data = [torch.randn(32, 128) for _ in range(2)]
+    ts.quantize(model, config, calib_data=data, progress=False)
+    assert all(isinstance(model[i], ts.nn.CompressedLinear) for i in (0, 2))
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    model[0], model[2] = LoRA(model[0]), LoRA(model[2])
+    x, target = torch.randn(64, 128), torch.randn(64, 16)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = nn.functional.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert model[0].a.grad is not None and float(model[0].a.grad.abs().sum()) > 0
+    assert losses[-1] < 0.8 * losses[0]
+    after = {k.replace(".base", ""): v for k, v in model.state_dict().items() if ".base." in k}
+    assert after.keys() == frozen.keys() and all(torch.equal(after[k], frozen[k]) for k in frozen)
