@@ -1,8 +1,11 @@
 """Quantization-aware training: fake quant == converted kernels (codes exact, outputs within
 the summation-order bound), STE / LSQ gradients, accuracy recovery on digits, errors."""
 import copy
+import dataclasses
 import importlib.util
+import io
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,33 @@ def test_convert_keeps_training_parameters_and_saves(tmp_path):
     ts.load(fresh, path)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("config,lsq", _configs())
+def test_prepared_model_deep_copies_and_pickles(config, lsq):
+    """Every QAT format: copy.deepcopy and a pickle round trip give a model computing the same
+    outputs (and converting to the same packed layers), independent of the original."""
+    model = _mlp()
+    cfg = dataclasses.replace(config, filter_fn=lambda name, mod: name != "fc2")  # a lambda in the config
+    ts.prepare_qat(model, cfg, learnable_scales=lsq, progress=False)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        want = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # pickles the whole module tree
+    buf.seek(0)
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
+              torch.load(buf, weights_only=False)]
+    for other in copies:
+        assert isinstance(other.fc1, QATLinear) and not isinstance(other.fc2, QATLinear)
+        with torch.no_grad():
+            assert torch.equal(other(x), want)
+        assert other.fc1.weight is not model.fc1.weight
+    _train_steps(copies[0], x, steps=1)  # training a copy leaves the original alone
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    ts.convert(copies[1])
+    ts.convert(model)
+    with torch.no_grad():
+        assert torch.equal(copies[1](x), model(x))
+

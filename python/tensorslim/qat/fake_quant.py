@@ -186,17 +186,16 @@ class TernaryFakeQuant(WeightFakeQuant):
 
 class FloatFakeQuant(WeightFakeQuant):
     """FP8 / NVFP4 / MXFP4 through the format helper's reference quantizer (identity STE),
-    scales from the weights; float_lsq.py has the learnable-scale versions."""
+    scales from the weights; float_lsq.py has the learnable-scale versions. Holds only the
+    format spec and group size (no module objects), so prepared models deep-copy and pickle."""
 
     def __init__(self, spec: FormatSpec, group_size: int):
         super().__init__()
-        from ..ops import lowbit  # present whenever the float formats are
-
         self.spec, self.group_size, self.format_name = spec, group_size, spec.name
-        self._lowbit = lowbit
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        lb = self._lowbit
+        from ..ops import lowbit as lb  # present whenever the float formats are
+
         with torch.no_grad():
             q, scales, zps, ts = lb.quantize_lowbit_reference(w.detach().float(), self.spec, self.group_size)
             deq = lb.dequantize_lowbit_reference(q, scales, zps, ts, self.spec, self.group_size, w.shape[1])

@@ -130,10 +130,12 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
     if prepared:
         raise ValueError(f"prepare_qat: the model is already prepared for QAT (layer '{prepared[0]}' is a "
                          f"QATLinear); call ts.convert(model) first or start from the float model")
-    cfg = dataclasses.replace(cfg)  # each layer keeps the config it was prepared with
+    # each layer keeps the config it was prepared with; the layer filter has done its work, and
+    # without filter_fn (often a lambda) the prepared model pickles
+    layer_cfg = dataclasses.replace(cfg, filter_fn=None)
 
     def convert(name, mod):
-        new = QATLinear(mod, cfg, learnable_scales)
+        new = QATLinear(mod, layer_cfg, learnable_scales)
         return new, new.describe()
 
     return replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check_layer(cfg, n, m),
