@@ -249,3 +249,22 @@ def test_prepared_model_deep_copies_and_pickles(config, lsq):
     with torch.no_grad():
         assert torch.equal(copies[1](x), model(x))
 
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_fake_quant_of_huge_finite_weights_is_finite(bits):
+    """hi - lo of weights near +-3e38 overflows fp32; the scale must not (it gave NaN weights)."""
+    spec = ts.formats.integer_format(bits, False)
+    torch.manual_seed(0)
+    w = torch.randn(3, 64)
+    w[0, 3], w[0, 5], w[1, 40], w[2, 0] = 3e38, -3e38, 3e38, -3e38
+    fq = IntFakeQuant(spec, 32, w)
+    out = fq(w)
+    scales = fq.export(w)["scales"]
+    assert torch.isfinite(out).all() and torch.isfinite(scales).all()
+    step = scales.repeat_interleave(32, dim=1)
+    assert ((out.double() - w.double()).abs() <= step.double() * 1.0001).all()
+    # ordinary groups keep the plain quotient bit for bit (what the kernels compute)
+    ordinary = w[1, :32]
+    lo, hi = ordinary.min().clamp(max=0), ordinary.max().clamp(min=0)
+    assert scales[1, 0] == (hi - lo) / spec.scale_divisor

@@ -64,6 +64,19 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
     return _ClippedSTE.apply(x, torch.where(x >= 0, 1.0, -1.0).to(x.dtype))
 
 
+def span_scale(lo: torch.Tensor, hi: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+    """The format's scale of a range [lo, hi] (lo <= 0 <= hi): (hi - lo) / divisor with a zero
+    point, else max(-lo, hi) / divisor. hi - lo overflows fp32 for finite weights near
+    +-3.4e38; there the halved (hi/2 - lo/2) / (divisor/2) is used, which equals the direct
+    quotient wherever that one is finite (halving is exact above the subnormals), so ordinary
+    ranges keep the kernels' scale bit for bit."""
+    if not spec.has_zero_point:
+        return torch.maximum(-lo, hi) / spec.scale_divisor
+    direct = (hi - lo) / spec.scale_divisor
+    halved = (hi / 2 - lo / 2) / (spec.scale_divisor / 2)
+    return torch.where(torch.isinf(direct), halved, direct)
+
+
 class WeightFakeQuant(nn.Module):
     """Base: forward(w) -> fake-quantized w; export(w) -> what convert() packs."""
 
@@ -102,8 +115,7 @@ class IntFakeQuant(WeightFakeQuant):
         g = self._grouped(w)
         zero = torch.zeros((), device=w.device)
         lo, hi = torch.minimum(g.amin(-1), zero), torch.maximum(g.amax(-1), zero)
-        span = (hi - lo) if self.spec.has_zero_point else torch.maximum(-lo, hi)
-        scale = span / self.spec.scale_divisor
+        scale = span_scale(lo, hi, self.spec)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         if self.spec.has_zero_point:
             zp = torch.round(-lo / scale).clamp(self.spec.qmin, self.spec.qmax)
