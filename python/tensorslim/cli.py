@@ -25,25 +25,22 @@ def _info(_args) -> int:
 
 
 def _inspect(args) -> int:
-    from safetensors import safe_open
-
-    from tensorslim.io import read_header
+    from tensorslim.io import read_header, tensor_shapes
 
     header = read_header(args.file)
-    with safe_open(str(args.file), framework="pt") as f:
-        sizes = {k: f.get_slice(k) for k in f.keys()}
-        total = 0
-        for k, s in sizes.items():
-            n = 1
-            for d in s.get_shape():
-                n *= d
-            total += n * _dtype_bytes(s.get_dtype())
+    sizes = tensor_shapes(args.file)
+    total = 0
+    for dtype, shape in sizes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * _dtype_bytes(dtype)
     print(f"{args.file}: tensorslim format v{header['version']}, written by tensorslim "
           f"{header['written_by']}, {len(sizes)} tensors, {total / 2**20:.2f} MiB")
     print(f"{'layer':<48} {'kind':<22} {'format':<14} {'group':>6} {'shape [out, in]':>16}")
     for name, spec in sorted(header["layers"].items()):
         shape = f"[{spec.get('out_features')}, {spec.get('in_features')}]"
-        print(f"{name:<48} {spec.get('kind', '?'):<22} {str(spec.get('format', '-')):<14} "
+        print(f"{name:<48} {str(spec.get('kind', '?')):<22} {str(spec.get('format', '-')):<14} "
               f"{str(spec.get('group_size', '-')):>6} {shape:>16}")
     if header["aliases"]:
         print(f"tied tensors stored once: {len(header['aliases'])}")
@@ -68,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # io turns a missing / corrupt file into these: one line, no traceback
         print(f"tensorslim {args.command}: {e}", file=sys.stderr)
         return 2
 

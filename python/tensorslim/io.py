@@ -11,10 +11,10 @@ tensors, plus string metadata:
 """
 import json
 from pathlib import Path
-from typing import Dict, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -23,11 +23,16 @@ from .transforms import _set_submodule
 
 FORMAT_NAME = "tensorslim"
 FORMAT_VERSION = 1
+# keys every layer spec has (each kind's from_spec may read more)
+_SPEC_KEYS = ("kind", "format", "in_features", "out_features", "bias")
 
 
 def save(model: nn.Module, path: Union[str, Path]) -> None:
     from . import __version__
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_writable(Path(path))
     kinds = tuple(COMPRESSED_MODULES.values())
     layers = {name: mod.spec() for name, mod in model.named_modules() if isinstance(mod, kinds)}
     tensors: Dict[str, torch.Tensor] = {}
@@ -48,30 +53,117 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
         "tensorslim.layers": json.dumps(layers, sort_keys=True),
         "tensorslim.aliases": json.dumps(aliases, sort_keys=True),
     }
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot write the file: {e}") from None
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; give a file name, e.g. {path / 'model.slim.safetensors'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{path}: the directory {parent} does not exist; create it first")
+
+
+def _read(path: Union[str, Path], fn: Callable[[Any], Any]) -> Any:
+    """fn(open safetensors file), with a missing, directory, truncated or corrupt file
+    turned into an error naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{path}: is a directory, not a file written by ts.save")
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return fn(f)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _json_field(path, meta: Dict[str, str], key: str, default: Optional[str] = None) -> dict:
+    text = meta.get(key, default)
+    if text is None:
+        raise ValueError(f"{path}: corrupt tensorslim header: no {key} metadata")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt tensorslim header: {key} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: corrupt tensorslim header: {key} must be a JSON object, got "
+                         f"{type(value).__name__}")
+    return value
 
 
 def read_header(path: Union[str, Path]) -> dict:
     """The tensorslim metadata of a file, checked and decoded."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _read(path, lambda f: f.metadata() or {})
     if meta.get("tensorslim.format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a tensorslim file (no tensorslim.format metadata)")
-    version = int(meta.get("tensorslim.format_version", "0"))
+    text = meta.get("tensorslim.format_version", "0")
+    try:
+        version = int(text)
+    except ValueError:
+        raise ValueError(f"{path}: corrupt tensorslim header: format_version {text!r} is not an integer") from None
     if not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{path}: format version {version} is not supported by this tensorslim "
                          f"(reads 1..{FORMAT_VERSION}); upgrade tensorslim")
-    return {"version": version, "written_by": meta.get("tensorslim.version"),
-            "layers": json.loads(meta["tensorslim.layers"]),
-            "aliases": json.loads(meta.get("tensorslim.aliases", "{}"))}
+    layers = _json_field(path, meta, "tensorslim.layers")
+    for name, spec in layers.items():
+        missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
+        if missing:
+            raise ValueError(f"{path}: corrupt tensorslim header: layer '{name}' spec {spec!r} lacks {missing}")
+    aliases = _json_field(path, meta, "tensorslim.aliases", "{}")
+    return {"version": version, "written_by": meta.get("tensorslim.version"), "layers": layers,
+            "aliases": aliases}
+
+
+def tensor_shapes(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """{name: (safetensors dtype name, shape)} of every tensor in a file, without reading data."""
+    def shapes(f):
+        out = {}
+        for k in f.keys():
+            s = f.get_slice(k)
+            out[k] = (s.get_dtype(), tuple(s.get_shape()))
+        return out
+
+    return _read(path, shapes)
+
+
+def _read_state(path, aliases: Dict[str, str]) -> Dict[str, torch.Tensor]:
+    state = _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    for alias, key in aliases.items():
+        if key not in state:
+            raise ValueError(f"{path}: corrupt tensorslim header: alias {alias!r} points to missing tensor {key!r}")
+        state[alias] = state[key]
+    return state
+
+
+def _mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> str:
+    """Why `state` cannot be loaded into `model` as is ('' if it can), checked before anything
+    is copied: load_state_dict copies matching tensors before it reports the rest."""
+    expected = model.state_dict()
+    problems = [f"missing {sorted(expected.keys() - state.keys())}"] if expected.keys() - state.keys() else []
+    if state.keys() - expected.keys():
+        problems.append(f"unexpected {sorted(state.keys() - expected.keys())}")
+    for k in expected.keys() & state.keys():
+        want, got = expected[k], state[k]
+        same_kind = want.dtype == got.dtype or (want.is_floating_point() and got.is_floating_point())
+        if want.shape != got.shape or not same_kind:
+            problems.append(f"{k}: file has {got.dtype} {tuple(got.shape)}, model {want.dtype} {tuple(want.shape)}")
+    return "; ".join(problems)
 
 
 def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Load a saved compressed model into a freshly built (uncompressed) `model`.
 
     The layers the file describes are replaced by empty compressed modules, then every
-    tensor is loaded strictly. On any error the model is left as it was.
+    tensor is loaded strictly. On any error (a missing, truncated or corrupt file, or one that
+    does not match the model) the model is left as it was, and the error names the file.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load: expected a torch.nn.Module, got {type(model).__name__}")
     header = read_header(path)
     modules = dict(model.named_modules())
     originals, replacements = {}, {}
@@ -90,16 +182,19 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                              f"[{spec['out_features']}, {spec['in_features']}] {spec['format']} linear")
         device = mod.weight.device if mod.weight.device.type != "meta" else "cpu"
         originals[name] = mod
-        replacements[name] = cls.from_spec(spec, device=device)
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    for alias, key in header["aliases"].items():
-        state[alias] = state[key]
+        try:
+            replacements[name] = cls.from_spec(spec, device=device)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: layer '{name}': the file's spec {spec} is not valid: {e!r}") from None
+    state = _read_state(path, header["aliases"])
     for name, new in replacements.items():
         _set_submodule(model, name, new)
     try:
+        problem = _mismatch(model, state)
+        if problem:
+            raise ValueError(problem)
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         for name, old in originals.items():
             _set_submodule(model, name, old)
         raise ValueError(f"{path}: the file does not match the model: {e}") from None
