@@ -12,6 +12,7 @@ libintelocl.so unless the user configured it already.
 """
 import os
 import re
+import warnings
 
 import torch  # noqa: F401  (its OpenMP runtime must be loaded before we look for it)
 
@@ -69,6 +70,21 @@ def _configure_threads() -> None:
             raise ValueError(f"TENSORSLIM_THREADS=openmp: {path} lacks the GOMP entry points")
 
 
+def _check_thread_count() -> None:
+    """The core clamps its pool to the CPUs this process may use; say so when asked for more."""
+    raw = os.environ.get("TENSORSLIM_NUM_THREADS")
+    if raw is None:
+        return
+    cpus = len(os.sched_getaffinity(0))
+    if not raw.strip().isdigit() or int(raw) < 1:
+        warnings.warn(f"TENSORSLIM_NUM_THREADS={raw!r} is not a positive integer; using {cpus} "
+                      "threads (the CPUs this process may use)", RuntimeWarning, stacklevel=3)
+    elif int(raw) > cpus:
+        warnings.warn(f"TENSORSLIM_NUM_THREADS={raw} exceeds the {cpus} CPUs this process may use; "
+                      f"using {cpus} threads", RuntimeWarning, stacklevel=3)
+
+
 _configure_threads()
+_check_thread_count()
 
 __all__ = ["_C"]

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "half.h"
+#include "onednn_engine.h"
 #include "parallel.h"
 #include "tensorslim/quantize.h"
 
@@ -110,7 +111,8 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
                      "linear_weight_only: oneDNN has no implementation for this format/shape");
       return;
     case GemmBackend::kAuto:
-      if (x.shape[0] <= kNativeMaxRows &&
+      // Where oneDNN cannot run (a forked child), our kernel takes every batch size.
+      if ((x.shape[0] <= kNativeMaxRows || !cpu::onednn_usable()) &&
           cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size,
                                          out))
         return;

@@ -123,6 +123,7 @@ bool linear_int8_onednn(const TensorView& qx, const TensorView& act_scales,
                         int32_t act_zero_point, const TensorView& qweight,
                         const TensorView& w_scales, const TensorView* bias,
                         const TensorView& out, const TensorView* packed) {
+  if (!onednn_usable()) return false;
   OneDnn& eng = onednn();
   bool per_token;
   {
@@ -174,6 +175,7 @@ std::string linear_int8_onednn_impl(const TensorView& qx, const TensorView& act_
                                     int32_t, const TensorView& qweight, const TensorView&,
                                     const TensorView* bias, const TensorView&,
                                     const TensorView* packed) {
+  if (!onednn_usable()) return std::string();
   std::lock_guard<std::mutex> lock(onednn().mu);
   const bool use_packed = packed != nullptr && qx.dtype == DType::kUInt8;
   const Entry& e = entry_for(key_of(qx, act_scales, qweight, bias, use_packed));
@@ -182,6 +184,7 @@ std::string linear_int8_onednn_impl(const TensorView& qx, const TensorView& act_
 }
 
 int64_t linear_int8_packed_bytes_onednn(int64_t K, int64_t N) {
+  if (!onednn_usable()) return 0;
   std::lock_guard<std::mutex> lock(onednn().mu);
   return static_cast<int64_t>(packed_desc(K, N).get_size());
 }

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "onednn_engine.h"
 #include "parallel.h"
 #include "tensorslim/lowbit.h"
 #include "tensorslim/quantize.h"
@@ -134,7 +135,8 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
   if (M == 0 || N == 0) return;
   if (backend == GemmBackend::kReference) {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
-  } else if (workspace && M > kLowbitGemvMaxRows) {
+  } else if (workspace && M > kLowbitGemvMaxRows && cpu::onednn_usable()) {
+    (void)cpu::onednn();  // marks oneDNN as started, for fork safety (onednn_engine.h)
     decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
                       workspace->ptr<float>(), workspace->shape[0], native);
   } else if (native) {

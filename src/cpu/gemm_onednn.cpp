@@ -145,6 +145,7 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
                                const TensorView& scales, const TensorView* zero_points,
                                const TensorView* bias, Format fmt, int64_t group_size,
                                const TensorView& out) {
+  if (!onednn_usable()) return false;
   if (run_onednn(x, qweight, scales, zero_points, bias, fmt, group_size, out)) return true;
   if (x.dtype != DType::kBFloat16) return false;
   // oneDNN has bf16 weight decompression only from AVX-512 (avx512_core) on: elsewhere run

@@ -8,6 +8,9 @@
 #include <dlfcn.h>
 #include <exception>
 #include <mutex>
+#include <system_error>
+#include <pthread.h>
+#include <sched.h>
 #include <thread>
 #include <vector>
 
@@ -45,7 +48,13 @@ class Pool {
     stopping_.store(false, std::memory_order_release);
     // New workers start from the current generation: no region is running (run_mu_ held).
     const uint64_t now = generation_.load(std::memory_order_acquire);
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, now] { loop(i, now); });
+    for (int i = 1; i < n; ++i) {
+      try {
+        workers_.emplace_back([this, i, now] { loop(i, now); });
+      } catch (const std::system_error&) {
+        break;  // the system refused more threads: a smaller pool still computes the same
+      }
+    }
   }
 
   void run(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
@@ -127,17 +136,43 @@ class Pool {
   std::exception_ptr error_;
 };
 
-int default_threads() {
-  if (const char* env = std::getenv("TENSORSLIM_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
-  }
+// The CPUs this process may run on (affinity mask, e.g. taskset or a container's cpuset).
+int usable_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+int default_threads() {
+  const int cpus = usable_cpus();
+  if (const char* env = std::getenv("TENSORSLIM_NUM_THREADS")) {
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && n > 0) return clamp_threads(n);
+  }
+  return cpus;
+}
+
+// The pool is made on first use. A forked child does not have the parent's workers (fork
+// copies only the calling thread), so it drops the parent's pool, whose threads can never
+// be joined there, and makes its own on first use.
+std::atomic<Pool*> the_pool{nullptr};
+std::atomic<bool> forked_child{false};
+
+void on_fork_child() {
+  the_pool.store(nullptr);  // leaked on purpose: its std::threads refer to no thread here
+  forked_child.store(true);
+}
+
+[[maybe_unused]] const int fork_handler_registered = pthread_atfork(nullptr, nullptr, on_fork_child);
+
 Pool& pool() {
-  static Pool p(default_threads());
-  return p;
+  Pool* p = the_pool.load(std::memory_order_acquire);
+  if (p) return *p;
+  Pool* fresh = new Pool(default_threads());
+  if (the_pool.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) return *fresh;
+  delete fresh;  // another thread made one first
+  return *p;
 }
 
 thread_local bool in_parallel = false;
@@ -182,7 +217,14 @@ int num_threads() {
   const HostOpenMP* omp = host_omp.load();
   return omp ? std::max(1, omp->max_threads()) : pool().size();
 }
-void set_num_threads(int n) { pool().resize(std::max(1, n)); }
+void set_num_threads(int n) { pool().resize(clamp_threads(n)); }
+
+int clamp_threads(long requested) {
+  // More threads than usable CPUs only adds switching; thousands can exhaust the process.
+  return static_cast<int>(std::max(1L, std::min<long>(requested, usable_cpus())));
+}
+
+bool in_forked_child() { return forked_child.load(std::memory_order_relaxed); }
 
 bool use_host_openmp(const char* library_path) {
   if (!library_path || !*library_path) {

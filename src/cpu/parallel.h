@@ -12,7 +12,11 @@ namespace tensorslim {
 namespace cpu {
 
 int num_threads();
+// Sets the pool size, clamped to 1 .. the CPUs this process may use (sched_getaffinity).
 void set_num_threads(int n);
+int clamp_threads(long requested);
+// True in a process forked from one that had loaded this library.
+bool in_forked_child();
 
 // Runs parallel regions on the OpenMP runtime loaded from `library_path` (already loaded
 // by the host; it is not loaded anew). Returns false, changing nothing, if the library is
