@@ -1,6 +1,6 @@
 """What a transform changed and what it skipped, and `ts.summary(model)`."""
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from torch import nn
 
@@ -70,6 +70,28 @@ def remember_skipped(model: nn.Module, report: Report) -> None:
     for c in report.changed:
         kept.pop(c.name, None)
     object.__setattr__(model, _REPORT_ATTR, list(kept.values()))
+
+
+def compressed_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """The layers a transform will not touch again: compressed ones and QAT-prepared ones."""
+    from .nn import CompressedLinear
+    from .qat.prepare import QATLinear
+
+    return {n: m for n, m in model.named_modules() if n and isinstance(m, (CompressedLinear, QATLinear))}
+
+
+def note_already_compressed(report: Report, layers: Dict[str, nn.Module]) -> Report:
+    """Rows saying why layers compressed before the transform stayed as they were, so
+    quantizing a model twice does not silently report nothing."""
+    from .qat.prepare import QATLinear
+
+    named = {c.name for c in report.changes}
+    for name, mod in layers.items():
+        if name not in named:
+            what = "prepared for QAT (call ts.convert)" if isinstance(mod, QATLinear) else "compressed"
+            report.changes.append(LayerChange(name, type(mod).__name__, "skipped", mod.describe(), module_bytes(mod),
+                                              reason=f"already {what}; start from the float model to change it"))
+    return report
 
 
 def summary(model: nn.Module) -> Report:

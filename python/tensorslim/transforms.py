@@ -34,6 +34,18 @@ def filter_reason(name: str, module: nn.Module, flt: LayerFilter, tied: set) -> 
     return None
 
 
+def check_no_empty_layers(model: nn.Module, flt: LayerFilter, supported: Tuple[type, ...] = (nn.Linear,)) -> None:
+    """A selected layer with a zero-size weight (in or out features 0) has nothing to quantize
+    and breaks every kernel and calibration statistic: say so, naming it, before any work."""
+    tied = _tied_to_embedding(model)
+    for name, mod in model.named_modules():
+        weight = getattr(mod, "weight", None)
+        if (name and type(mod) in supported and weight is not None and weight.numel() == 0
+                and filter_reason(name, mod, flt, tied) is None):
+            raise ValueError(f"layer '{name}' ({type(mod).__name__}): zero-size weight {list(weight.shape)}, "
+                             f"nothing to quantize; leave it out with exclude=[{name!r}]")
+
+
 def _is_weight_matrix_layer(mod: nn.Module) -> bool:
     """A leaf holding a weight matrix (conv, embedding, custom GEMM), which users would expect
     a weight technique to consider; norms' 1-D scales are not such candidates."""

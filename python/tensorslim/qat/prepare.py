@@ -10,8 +10,8 @@ from torch import nn
 from .. import config as cfgs
 from ..config import Config, resolve_config
 from ..formats import FORMATS, integer_format
-from ..report import Report
-from ..transforms import replace_modules
+from ..report import Report, compressed_layers, note_already_compressed
+from ..transforms import check_no_empty_layers, replace_modules
 from .fake_quant import (ActivationSignQuant, BinaryFakeQuant, FloatFakeQuant, IntFakeQuant,
                          TernaryFakeQuant, WeightFakeQuant)
 from .float_lsq import learned_float_fake_quant
@@ -138,5 +138,8 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
         new = QATLinear(mod, layer_cfg, learnable_scales)
         return new, new.describe()
 
-    return replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check_layer(cfg, n, m),
-                           progress, desc="prepare QAT")
+    check_no_empty_layers(model, cfg)
+    before = compressed_layers(model)
+    report = replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check_layer(cfg, n, m),
+                             progress, desc="prepare QAT")
+    return note_already_compressed(report, before)

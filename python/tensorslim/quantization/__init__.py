@@ -4,7 +4,8 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from ..config import resolve_config
-from ..report import Report
+from ..report import Report, compressed_layers, note_already_compressed
+from ..transforms import check_no_empty_layers
 # Each technique module registers its transforms (or weight-only algorithms) on import.
 from . import awq, binary, gptq, lowbit, w4a8, w8a8, weight_only  # noqa: F401
 from .calibrate import make_forward_loop
@@ -21,12 +22,16 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     weight-only round-to-nearest does not. Returns a Report of what changed and what was
     skipped.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
     cfg = resolve_config(config)
     transform = TRANSFORMS.get(type(cfg))
     if transform is None:
         raise TypeError(f"{type(cfg).__name__} is not a quantization config")
+    check_no_empty_layers(model, cfg)
     loop = make_forward_loop(calib_data, forward_loop, progress)
-    return transform(model, cfg, forward_loop=loop, progress=progress)
+    before = compressed_layers(model)
+    return note_already_compressed(transform(model, cfg, forward_loop=loop, progress=progress), before)
 
 
 __all__ = ["quantize"]

@@ -206,6 +206,9 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
         grams: Dict[str, torch.Tensor] = {}
         in_scales: Dict[str, torch.Tensor] = {}  # layer -> s, for groups scaled at their input
         for g in groups:
+            if g.count == 0:  # 0-row batches only: no statistics to search on (would give NaN)
+                raise ValueError("the calibration data reached the layers with 0 rows (empty batches); "
+                                 "AWQ needs at least one row of activations")
             layers = [targets[n] for n in g.names]
             width = layers[0].in_features
             gram = (g.gram / g.count).float().cpu()  # the searches run on the CPU core

@@ -3,7 +3,8 @@
 Every calibrating technique receives one normalized `forward_loop(model)`; it attaches its
 own hooks (observers, block capture) and calls the loop.
 """
-from typing import Any, Callable, Iterable, Optional
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -41,6 +42,43 @@ def call_model(model: nn.Module, batch: Any) -> Any:
                     f"got {type(batch).__name__}")
 
 
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (tuple, list)):
+        for b in batch:
+            yield from _tensors(b)
+    elif isinstance(batch, dict) or hasattr(batch, "items"):
+        for b in batch.values():
+            yield from _tensors(b)
+
+
+class _DataCheck:
+    """What calibration cannot work with: a batch with no rows (an error: statistics of nothing
+    are NaN), or float inputs that are all zero in every batch (a warning: every range and
+    Hessian is degenerate, so the quantized model would be useless)."""
+
+    def __init__(self):
+        self.saw_float, self.saw_nonzero = False, False
+
+    def batch(self, index: int, batch: Any) -> None:
+        tensors = list(_tensors(batch))
+        if tensors and all(t.numel() == 0 for t in tensors):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise ValueError(f"calib_data batch {index} is empty (shapes {shapes}); every batch needs "
+                             f"at least one row")
+        floats = [t for t in tensors if t.is_floating_point()]
+        self.saw_float |= bool(floats)
+        if not self.saw_nonzero:  # one reduction per batch until a nonzero value shows up
+            self.saw_nonzero = any(bool(t.ne(0).any()) for t in floats)
+
+    def done(self) -> None:
+        if self.saw_float and not self.saw_nonzero:
+            warnings.warn("calib_data: every floating-point input is all zeros; the calibrated ranges "
+                          "are degenerate and the quantized model will be useless. Calibrate on real "
+                          "(or at least representative random) inputs", UserWarning, stacklevel=4)
+
+
 def make_forward_loop(calib_data: Optional[Iterable] = None,
                       forward_loop: Optional[ForwardLoop] = None,
                       progress: bool = True, desc: str = "calibrating") -> Optional[ForwardLoop]:
@@ -65,8 +103,10 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
     def loop(model: nn.Module) -> None:
         count = 0
         total = len(calib_data) if hasattr(calib_data, "__len__") else None
+        check = _DataCheck()
         with torch.no_grad():
             for batch in tqdm(calib_data, desc=desc, total=total, disable=not progress, leave=False):
+                check.batch(count, batch)
                 try:
                     call_model(model, batch)
                 except RuntimeError as e:  # e.g. a shape the model does not take
@@ -75,6 +115,7 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
                 count += 1
         if count == 0:
             raise ValueError("calib_data is empty: calibration needs at least one batch")
+        check.done()
 
     return loop
 
