@@ -2,12 +2,21 @@
 // contiguous fp32 values. quantize.cpp drives them; the scalar set is the reference.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "tensorslim/quantize.h"
 
 namespace tensorslim {
 namespace cpu {
+
+// (hi - lo) / divisor, the asymmetric scale of a group spanning [lo <= 0, hi >= 0]. Finite
+// values near +-3.4e38 overflow hi - lo to Inf (and then the codes to NaN): there, and only
+// there, the halves are divided first, so every other group keeps its exact encoding.
+inline float asymmetric_scale(float lo, float hi, float divisor) {
+  const float span = hi - lo;
+  return std::isinf(span) ? hi / divisor - lo / divisor : span / divisor;
+}
 
 struct QuantKernels {
   // lo = min(x), hi = max(x); returns false if any value is NaN or Inf.

@@ -25,7 +25,7 @@ GroupParams group_params(const FormatInfo& info, float lo, float hi) {
   hi = std::fmax(hi, 0.0f);
   GroupParams p{1.0f, 0};
   if (info.has_zero_point) {
-    float scale = (hi - lo) / static_cast<float>(info.scale_divisor);
+    float scale = cpu::asymmetric_scale(lo, hi, static_cast<float>(info.scale_divisor));
     p.scale = scale > 0.0f ? scale : 1.0f;
     float zp = std::nearbyint(-lo / p.scale);
     zp = std::fmin(std::fmax(zp, static_cast<float>(info.qmin)), static_cast<float>(info.qmax));

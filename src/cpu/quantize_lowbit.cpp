@@ -9,6 +9,7 @@
 
 #include "float_rows.h"
 #include "parallel.h"
+#include "quant_kernels.h"
 #include "tensorslim/lowbit.h"
 #include "tensorslim/quantize.h"
 
@@ -105,7 +106,7 @@ GroupParams group_params(const FormatInfo& info, const Stats& s, float tensor_sc
     }
     default:
       if (info.has_zero_point) {
-        const float scale = (s.hi - s.lo) / static_cast<float>(info.scale_divisor);
+        const float scale = cpu::asymmetric_scale(s.lo, s.hi, static_cast<float>(info.scale_divisor));
         p.scale = scale > 0.0f ? scale : 1.0f;
         float zp = std::nearbyint(-s.lo / p.scale);
         zp = std::fmin(std::fmax(zp, static_cast<float>(info.qmin)), static_cast<float>(info.qmax));

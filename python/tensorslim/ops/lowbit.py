@@ -184,8 +184,10 @@ def quantize_lowbit_reference(x: torch.Tensor, spec: FormatSpec, group_size: int
     if spec.is_integer:
         lo = torch.minimum(reduce(g, "amin"), torch.zeros(()))
         hi = torch.maximum(reduce(g, "amax"), torch.zeros(()))
-        span = (hi - lo) if spec.has_zero_point else torch.maximum(-lo, hi)
-        scale = span / spec.scale_divisor
+        if spec.has_zero_point:
+            scale = asymmetric_scale(lo, hi, spec.scale_divisor)
+        else:
+            scale = torch.maximum(-lo, hi) / spec.scale_divisor
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         if spec.has_zero_point:
             zp = torch.round(-lo / scale).clamp(spec.qmin, spec.qmax)
@@ -263,6 +265,13 @@ def dequantize_lowbit_reference(q, scales, zero_points, tensor_scale, spec: Form
 def _opt(t: torch.Tensor):
     return t if t.numel() else None
 
+
+
+def asymmetric_scale(lo: torch.Tensor, hi: torch.Tensor, divisor: float) -> torch.Tensor:
+    """(hi - lo) / divisor, except where finite values near +-3.4e38 overflow hi - lo: there
+    the halves are divided first (the C++ core's asymmetric_scale, same results)."""
+    span = hi - lo
+    return torch.where(torch.isinf(span), hi / divisor - lo / divisor, span / divisor)
 
 @torch.library.custom_op("tensorslim::quantize_lowbit", mutates_args=(), device_types="cpu")
 def _quantize_lowbit(x: torch.Tensor, fmt: str, group_size: int

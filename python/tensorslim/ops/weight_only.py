@@ -139,8 +139,10 @@ def quantize_reference(x: torch.Tensor, spec: FormatSpec, group_size: int):
     else:
         lo = hi = torch.zeros(srows, scols, device=x.device)
     lo, hi = lo.reshape(srows, scols), hi.reshape(srows, scols)
-    span = (hi - lo) if spec.has_zero_point else torch.maximum(-lo, hi)
-    scales = span / spec.scale_divisor
+    if spec.has_zero_point:
+        scales = lowbit.asymmetric_scale(lo, hi, spec.scale_divisor)
+    else:
+        scales = torch.maximum(-lo, hi) / spec.scale_divisor
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     if spec.has_zero_point:
         zp = torch.round(-lo / scales).clamp(spec.qmin, spec.qmax)
