@@ -264,6 +264,8 @@ def test_asymmetric_fake_quant_of_huge_finite_weights_is_finite(bits):
     assert torch.isfinite(out).all() and torch.isfinite(scales).all()
     step = scales.repeat_interleave(32, dim=1)
     assert ((out.double() - w.double()).abs() <= step.double() * 1.0001).all()
+    _, kernel_scales, kernel_zps = ts.ops.quantize(w, spec.name, 32)  # what convert() will pack
+    assert torch.equal(scales, kernel_scales) and torch.equal(fq.export(w)["zero_points"], kernel_zps)
     # ordinary groups keep the plain quotient bit for bit (what the kernels compute)
     ordinary = w[1, :32]
     lo, hi = ordinary.min().clamp(max=0), ordinary.max().clamp(min=0)

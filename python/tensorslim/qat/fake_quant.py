@@ -67,14 +67,14 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 def span_scale(lo: torch.Tensor, hi: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
     """The format's scale of a range [lo, hi] (lo <= 0 <= hi): (hi - lo) / divisor with a zero
     point, else max(-lo, hi) / divisor. hi - lo overflows fp32 for finite weights near
-    +-3.4e38; there the halved (hi/2 - lo/2) / (divisor/2) is used, which equals the direct
-    quotient wherever that one is finite (halving is exact above the subnormals), so ordinary
-    ranges keep the kernels' scale bit for bit."""
+    +-3.4e38 (NaN weights followed); there each end is divided first, hi / divisor -
+    lo / divisor, the rule of the core's asymmetric scale, so convert() still packs exactly
+    what training saw. Ordinary ranges keep the plain quotient."""
     if not spec.has_zero_point:
         return torch.maximum(-lo, hi) / spec.scale_divisor
-    direct = (hi - lo) / spec.scale_divisor
-    halved = (hi / 2 - lo / 2) / (spec.scale_divisor / 2)
-    return torch.where(torch.isinf(direct), halved, direct)
+    span = hi - lo
+    return torch.where(torch.isinf(span), hi / spec.scale_divisor - lo / spec.scale_divisor,
+                       span / spec.scale_divisor)
 
 
 class WeightFakeQuant(nn.Module):
