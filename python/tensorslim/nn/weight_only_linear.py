@@ -120,7 +120,7 @@ class WeightOnlyLinear(PackedLinear):
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
-            x = x * self.input_scale.to(x.dtype)
+            x = x * self.input_scale.to(device=x.device, dtype=x.dtype)  # meta inputs too
         return ops.linear_weight_only(x, self.qweight, self.scales, self.zero_points, self.bias,
                                       self.fmt, self.group_size, self.in_features, self.backend)
 

@@ -151,9 +151,12 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
     built = {}
     for n, m in targets.items():
         scale, zp = act.get(n, (None, 0))
-        built[n] = Int8Linear.from_float(weights[n], biases[n], mode, inv[n], scale, zp,
-                                         act_signed=static and cfg.act_symmetric,
-                                         smooth=smooth_desc[n], backend=cfg.backend)
+        try:
+            built[n] = Int8Linear.from_float(weights[n], biases[n], mode, inv[n], scale, zp,
+                                             act_signed=static and cfg.act_symmetric,
+                                             smooth=smooth_desc[n], backend=cfg.backend)
+        except (ValueError, TypeError) as e:  # e.g. a NaN weight: say which layer
+            raise type(e)(f"layer '{n}' ({type(m).__name__}): {e}") from e
 
     def convert(name, mod):
         new = built[name]
