@@ -63,8 +63,9 @@ def _accepts(kind: Any, value: Any) -> Tuple[bool, Any]:
         ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         return ok, int(value) if ok else value
     if kind is float:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        return ok, value if isinstance(value, (int, float)) or not ok else float(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False, value
+        return True, value if isinstance(value, (int, float)) else float(value)  # numpy floats: float
     if kind is str:
         return isinstance(value, str), value
     if kind is Callable or origin is collections.abc.Callable:
@@ -76,9 +77,10 @@ def _expected(kind: Any) -> str:
     """An annotation as the error message says it: 'int or None', 'a number or str', ..."""
     if typing.get_origin(kind) is Union:
         return " or ".join(_expected(a) for a in typing.get_args(kind))
-    names = {bool: "True or False", int: "an int", float: "a number", str: "a str",
-             type(None): "None"}
-    return names.get(kind, "a callable" if "Callable" in str(kind) else getattr(kind, "__name__", str(kind)))
+    if kind is Callable or typing.get_origin(kind) is collections.abc.Callable:
+        return "a callable"
+    names = {bool: "True or False", int: "an int", float: "a number", str: "a str", type(None): "None"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
 
 
 def _patterns(cls_name: str, name: str, value: Any) -> Tuple[str, ...]:
