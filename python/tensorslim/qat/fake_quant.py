@@ -20,6 +20,7 @@ from torch import nn
 
 from ..formats import FormatSpec
 from ..ops.binary import _row_mean, binary_scales, ternary_codes_scales
+from ..ops.lowbit import asymmetric_scale
 from .lsq import effective_scale, lsq_gradient_scale
 
 
@@ -66,15 +67,11 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 
 def span_scale(lo: torch.Tensor, hi: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
     """The format's scale of a range [lo, hi] (lo <= 0 <= hi): (hi - lo) / divisor with a zero
-    point, else max(-lo, hi) / divisor. hi - lo overflows fp32 for finite weights near
-    +-3.4e38 (NaN weights followed); there each end is divided first, hi / divisor -
-    lo / divisor, the rule of the core's asymmetric scale, so convert() still packs exactly
-    what training saw. Ordinary ranges keep the plain quotient."""
+    point (through the core's rule, which divides each end first where hi - lo overflows fp32
+    near +-3.4e38, so convert() packs what training saw), else max(-lo, hi) / divisor."""
     if not spec.has_zero_point:
         return torch.maximum(-lo, hi) / spec.scale_divisor
-    span = hi - lo
-    return torch.where(torch.isinf(span), hi / spec.scale_divisor - lo / spec.scale_divisor,
-                       span / spec.scale_divisor)
+    return asymmetric_scale(lo, hi, spec.scale_divisor)
 
 
 class WeightFakeQuant(nn.Module):
