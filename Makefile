@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find include src kernels python tests/cpp tests/cuda benchmarks -type f -not -name "*.pyc" 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all deps build test test-cpp test-python demo bench clean
+.PHONY: all deps build test test-cpp test-python test-asan fuzz fuzz-smoke demo bench clean
 
 all: build
 
@@ -48,6 +48,23 @@ test-python: build
 
 test: test-cpp test-python
 
+# Debian's clang and its sanitizer/libFuzzer runtimes, for the fuzz targets.
+$(VENV)/.clang-stamp:
+	@mkdir -p $(VENV)
+	@if ! dpkg -s clang libclang-rt-14-dev >/dev/null 2>&1; then \
+	  apt-get update -q && apt-get install -y -q clang libclang-rt-14-dev; fi
+	@touch $@
+
+# libFuzzer targets (tests/fuzz): 1e6 inputs each; fuzz-smoke is the short pass CI runs.
+fuzz: $(STAMP) $(VENV)/.clang-stamp
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tests/fuzz/run.sh
+fuzz-smoke: $(STAMP) $(VENV)/.clang-stamp
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH RUNS=20000 bash tests/fuzz/run.sh
+
+# ASan + UBSan build in build-asan/: ctest and the kernel-calling pytest files (see the script).
+test-asan: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tests/sanitize/run.sh
+
 demo: build
 	HF_HUB_OFFLINE=1 $(PY) examples/compress_minilm.py
 
@@ -55,4 +72,4 @@ bench: build
 	$(PY) benchmarks/bench_linear.py
 
 clean:
-	rm -rf build $(BUILD_STAMP)
+	rm -rf build build-asan build-fuzz $(BUILD_STAMP)

@@ -136,7 +136,6 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
   if (backend == GemmBackend::kReference) {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
   } else if (workspace && M > kLowbitGemvMaxRows && cpu::onednn_usable()) {
-    (void)cpu::onednn();  // marks oneDNN as started, for fork safety (onednn_engine.h)
     decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
                       workspace->ptr<float>(), workspace->shape[0], native);
   } else if (native) {

@@ -7,7 +7,7 @@ namespace tensorslim {
 namespace cpu {
 namespace {
 
-std::atomic<bool> started{false}, unusable{false};
+std::atomic<bool> started{false}, unusable{false}, failed{false};
 
 void on_fork_child() { unusable.store(started.load()); }
 
@@ -21,7 +21,17 @@ OneDnn& onednn() {
   return e;
 }
 
-bool onednn_usable() { return !unusable.load(std::memory_order_relaxed); }
+bool onednn_usable() {
+  if (unusable.load(std::memory_order_relaxed) || failed.load(std::memory_order_relaxed))
+    return false;
+  try {
+    onednn();
+    return true;
+  } catch (const dnnl::error&) {  // e.g. the SYCL runtime finds no CPU device
+    failed.store(true);
+    return false;
+  }
+}
 
 }  // namespace cpu
 }  // namespace tensorslim
