@@ -121,6 +121,22 @@ TEST(LinearWeightOnly, BFloat16Activations) {
   }
 }
 
+// An empty reduction (in_features 0) gives the bias on every backend; the native path used
+// to divide by a zero group size (found by tests/fuzz/fuzz_linear_args).
+TEST(LinearWeightOnly, EmptyReductionGivesTheBias) {
+  std::vector<uint8_t> q(1);
+  std::vector<float> x(1), s(3, 1.0f), bias = {0.5f, -1.0f, 2.0f};
+  for (GemmBackend be : {GemmBackend::kAuto, GemmBackend::kReference, GemmBackend::kNative,
+                         GemmBackend::kOneDNN}) {
+    std::vector<float> out(6, NAN);
+    const TensorView bv = view1(bias.data(), DType::kFloat32, 3);
+    linear_weight_only(view2(x.data(), DType::kFloat32, 2, 0), view2(q.data(), DType::kInt8, 3, 0),
+                       view2(s.data(), DType::kFloat32, 3, 1, 1), nullptr, &bv, Format::kInt8, 0,
+                       view2(out.data(), DType::kFloat32, 2, 3), be);
+    for (int i = 0; i < 6; ++i) EXPECT_EQ(out[i], bias[i % 3]) << static_cast<int>(be);
+  }
+}
+
 TEST(LinearWeightOnly, RejectsMismatchedShapes) {
   QuantWeight w = make_weight(Format::kInt8, 16, 64, 64, 1);
   std::vector<float> x(2 * 32), out(2 * 16);
