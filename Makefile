@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find include src kernels python tests/cpp tests/cuda benchmarks -type f -not -name "*.pyc" 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all deps build test test-cpp test-python test-asan fuzz fuzz-smoke demo bench clean
+.PHONY: all deps build test test-cpp test-python test-python-avx2 test-asan fuzz fuzz-smoke demo bench clean
 
 all: build
 
@@ -47,6 +47,11 @@ test-python: build
 	$(PY) -m pytest -q
 
 test: test-cpp test-python
+
+# pytest as an AVX2 CPU without VNNI runs it (our kernels and oneDNN capped at AVX2); ctest
+# already runs both passes. CI runs this too.
+test-python-avx2: build
+	TENSORSLIM_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q
 
 # Debian's clang and its sanitizer/libFuzzer runtimes, for the fuzz targets.
 $(VENV)/.clang-stamp:

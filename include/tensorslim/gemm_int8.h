@@ -22,7 +22,7 @@ namespace tensorslim {
 
 // x: [M, K] f32, rows contiguous.  inv_smooth: [K] f32 or nullptr.  q: [M, K] s8, or u8 for
 // the same codes shifted by 128 (use zero point 128 in linear_int8: one oneDNN layout for all).
-// scales: [M] f32.  backend: kReference or kAuto/kNative (AVX-512 where available).
+// scales: [M] f32.  backend: kReference or kAuto/kNative (AVX-512 or AVX2, the active ISA).
 void quantize_per_token(const TensorView& x, const TensorView* inv_smooth, const TensorView& q,
                         const TensorView& scales, GemmBackend backend);
 
@@ -57,6 +57,11 @@ bool quantize_per_token_avx512(const TensorView& x, const TensorView* inv_smooth
                                const TensorView& q, const TensorView& scales);
 bool quantize_static_avx512(const TensorView& x, const TensorView* inv_smooth, float scale,
                             int32_t zero_point, const TensorView& q);
+// AVX2 versions, bit-exact with the references; false when the CPU lacks AVX2.
+bool quantize_per_token_avx2(const TensorView& x, const TensorView* inv_smooth,
+                             const TensorView& q, const TensorView& scales);
+bool quantize_static_avx2(const TensorView& x, const TensorView* inv_smooth, float scale,
+                          int32_t zero_point, const TensorView& q);
 
 void linear_int8_reference(const TensorView& qx, const TensorView& act_scales,
                            int32_t act_zero_point, const TensorView& qweight,

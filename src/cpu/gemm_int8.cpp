@@ -35,8 +35,8 @@ void check_act(const TensorView& x, const TensorView* inv_smooth, const TensorVi
                    "); activation quantization needs finite values");
 }
 
-bool use_avx512(GemmBackend backend) {
-  return backend != GemmBackend::kReference && cpu::active_isa() == cpu::Isa::kAVX512;
+bool use_isa(GemmBackend backend, cpu::Isa isa) {
+  return backend != GemmBackend::kReference && cpu::active_isa() == isa;
 }
 
 }  // namespace
@@ -136,7 +136,10 @@ void quantize_per_token(const TensorView& x, const TensorView* inv_smooth, const
     for (int64_t m = 0; m < scales.shape[0]; ++m) scales.ptr<float>()[m] = 1.0f;
     return;
   }
-  if (use_avx512(backend) && cpu::quantize_per_token_avx512(x, inv_smooth, q, scales)) return;
+  if (use_isa(backend, cpu::Isa::kAVX512) && cpu::quantize_per_token_avx512(x, inv_smooth, q, scales))
+    return;
+  if (use_isa(backend, cpu::Isa::kAVX2) && cpu::quantize_per_token_avx2(x, inv_smooth, q, scales))
+    return;
   cpu::quantize_per_token_reference(x, inv_smooth, q, scales);
 }
 
@@ -155,7 +158,11 @@ void quantize_static(const TensorView& x, const TensorView* inv_smooth, float sc
     TS_CHECK_VALUE(zero_point == 0, "quantize_static: int8 activations are symmetric (zero "
                                     "point 0), got " + std::to_string(zero_point));
   if (x.numel() == 0) return;
-  if (use_avx512(backend) && cpu::quantize_static_avx512(x, inv_smooth, scale, zero_point, q))
+  if (use_isa(backend, cpu::Isa::kAVX512) &&
+      cpu::quantize_static_avx512(x, inv_smooth, scale, zero_point, q))
+    return;
+  if (use_isa(backend, cpu::Isa::kAVX2) &&
+      cpu::quantize_static_avx2(x, inv_smooth, scale, zero_point, q))
     return;
   cpu::quantize_static_reference(x, inv_smooth, scale, zero_point, q);
 }

@@ -26,9 +26,23 @@ std::vector<float> smooth_factors(int64_t K, uint32_t seed) {
 
 bool have_avx512() { return cpu::best_isa() == cpu::Isa::kAVX512; }
 
-TEST(GemmInt8, PerTokenAvx512MatchesReferenceBitForBit) {
-  if (!have_avx512()) GTEST_SKIP() << "no AVX-512";
-  for (int64_t K : {1, 15, 16, 33, 384, 1000}) {
+using PerTokenFn = bool (*)(const TensorView&, const TensorView*, const TensorView&, const TensorView&);
+using StaticFn = bool (*)(const TensorView&, const TensorView*, float, int32_t, const TensorView&);
+
+// The vectorized quantizers this CPU can run, each to be checked against the reference.
+std::vector<std::pair<PerTokenFn, StaticFn>> vector_quantizers() {
+  std::vector<std::pair<PerTokenFn, StaticFn>> fns;
+  if (have_avx512()) fns.emplace_back(cpu::quantize_per_token_avx512, cpu::quantize_static_avx512);
+  if (cpu::best_isa() >= cpu::Isa::kAVX2)
+    fns.emplace_back(cpu::quantize_per_token_avx2, cpu::quantize_static_avx2);
+  return fns;
+}
+
+TEST(GemmInt8, PerTokenVectorPathsMatchReferenceBitForBit) {
+  if (vector_quantizers().empty()) GTEST_SKIP() << "no AVX2";
+  for (const auto& fns : vector_quantizers())
+  for (int64_t K : {1, 7, 15, 16, 33, 384, 1000}) {
+    const PerTokenFn per_token = fns.first;
     for (bool smooth : {false, true}) {
       const int64_t M = 7;
       std::vector<float> x = random_weights(M * K, 11 + K), inv = smooth_factors(K, 5);
@@ -39,16 +53,16 @@ TEST(GemmInt8, PerTokenAvx512MatchesReferenceBitForBit) {
       const TensorView* ip = smooth ? &iv : nullptr;
       cpu::quantize_per_token_reference(xv, ip, view2(qa.data(), DType::kInt8, M, K),
                                         view1(sa.data(), DType::kFloat32, M));
-      ASSERT_TRUE(cpu::quantize_per_token_avx512(xv, ip, view2(qb.data(), DType::kInt8, M, K),
-                                                 view1(sb.data(), DType::kFloat32, M)));
+      ASSERT_TRUE(per_token(xv, ip, view2(qb.data(), DType::kInt8, M, K),
+                            view1(sb.data(), DType::kFloat32, M)));
       EXPECT_EQ(qa, qb) << "K=" << K;
       EXPECT_EQ(sa, sb) << "K=" << K;
       // uint8 output: the same codes + 128, on both paths.
       std::vector<uint8_t> ua(M * K), ub(M * K);
       cpu::quantize_per_token_reference(xv, ip, view2(ua.data(), DType::kUInt8, M, K),
                                         view1(sa.data(), DType::kFloat32, M));
-      ASSERT_TRUE(cpu::quantize_per_token_avx512(xv, ip, view2(ub.data(), DType::kUInt8, M, K),
-                                                 view1(sb.data(), DType::kFloat32, M)));
+      ASSERT_TRUE(per_token(xv, ip, view2(ub.data(), DType::kUInt8, M, K),
+                            view1(sb.data(), DType::kFloat32, M)));
       EXPECT_EQ(ua, ub);
       for (int64_t i = 0; i < M * K; ++i) ASSERT_EQ(int(ua[i]), int(qa[i]) + 128);
       EXPECT_EQ(sa[3], 1.0f);
@@ -63,10 +77,11 @@ TEST(GemmInt8, PerTokenAvx512MatchesReferenceBitForBit) {
   }
 }
 
-TEST(GemmInt8, StaticAvx512MatchesReferenceBitForBit) {
-  if (!have_avx512()) GTEST_SKIP() << "no AVX-512";
+TEST(GemmInt8, StaticVectorPathsMatchReferenceBitForBit) {
+  if (vector_quantizers().empty()) GTEST_SKIP() << "no AVX2";
   const int64_t M = 5, K = 77;
   std::vector<float> x = random_weights(M * K, 3), inv = smooth_factors(K, 9);
+  for (const auto& fns : vector_quantizers())
   for (bool is_u8 : {true, false}) {
     for (bool smooth : {false, true}) {
       const DType qdt = is_u8 ? DType::kUInt8 : DType::kInt8;
@@ -76,7 +91,7 @@ TEST(GemmInt8, StaticAvx512MatchesReferenceBitForBit) {
       const TensorView* ip = smooth ? &iv : nullptr;
       // A scale small enough that the clamp is exercised on the outliers.
       cpu::quantize_static_reference(xv, ip, 0.03f, zp, view2(qa.data(), qdt, M, K));
-      ASSERT_TRUE(cpu::quantize_static_avx512(xv, ip, 0.03f, zp, view2(qb.data(), qdt, M, K)));
+      ASSERT_TRUE(fns.second(xv, ip, 0.03f, zp, view2(qb.data(), qdt, M, K)));
       EXPECT_EQ(qa, qb);
       int clamped = 0;
       for (uint8_t c : qa) clamped += is_u8 ? (c == 0 || c == 255) : (c == 0x80 || c == 0x7f);

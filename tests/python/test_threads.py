@@ -12,12 +12,12 @@ from tensorslim._native import _C, loaded_openmp_runtime
 SCRIPT = r"""
 import torch, tensorslim as ts
 torch.manual_seed(0)
-w = torch.randn(1024, 512)
-q, s, z = ts.ops.quantize(w, "int4", 128)
-x = torch.randn(3, 512)
-y = ts.ops.linear_weight_only(x, q, s, z, None, "int4", 128, 512, "native")
+# The INT8 GEMM's native kernel runs on the core's threads on every AVX2+ CPU.
+qw = torch.randint(-128, 128, (1024, 512), dtype=torch.int8)
+qx = torch.randint(0, 256, (3, 512), dtype=torch.uint8)
+y = ts.ops.linear_int8(qx, torch.full((1,), 0.01), 120, qw, torch.rand(1024), None, backend="native")
 print(ts._C.threading_backend())
-torch.save((q, s, y), r"{out}")
+torch.save((qw, y), r"{out}")
 """
 
 
@@ -82,15 +82,15 @@ def test_resizing_the_pool_while_other_threads_run_kernels():
     import threading
 
     torch.manual_seed(0)
-    w = torch.randn(2048, 1024)
-    q, s, z = ts.ops.quantize(w, "int4", 128)
-    x = torch.randn(4, 1024)
-    want = ts.ops.linear_weight_only(x, q, s, z, None, "int4", 128, 1024, "native")
+    qw = torch.randint(-128, 128, (2048, 1024), dtype=torch.int8)
+    qx = torch.randint(0, 256, (4, 1024), dtype=torch.uint8)
+    args = (qx, torch.full((1,), 0.01), 120, qw, torch.rand(2048), None)
+    want = ts.ops.linear_int8(*args, backend="native")  # on the core's pool, every AVX2+ CPU
     done, wrong = threading.Event(), []
 
     def run():
         while not done.is_set():
-            if not torch.equal(ts.ops.linear_weight_only(x, q, s, z, None, "int4", 128, 1024, "native"), want):
+            if not torch.equal(ts.ops.linear_int8(*args, backend="native"), want):
                 wrong.append(1)
 
     threads = [threading.Thread(target=run) for _ in range(2)]

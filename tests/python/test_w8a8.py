@@ -63,7 +63,9 @@ def test_packed_weights_give_the_same_result():
     w = torch.randint(-127, 128, (96, 160), dtype=torch.int8)
     ws, b = torch.rand(96) * 0.01, torch.randn(96)
     packed = ts.ops.int8.pack_int8_weight(w)
-    assert packed is not None and packed.numel() >= w.numel()
+    if packed is None:  # oneDNN's INT8 kernel is inexact here (no VNNI): ours reads plain weights
+        pytest.skip("no packed layout on this CPU (see test_isa_exact.py)")
+    assert packed.numel() >= w.numel()
     qx, s = ts.ops.quantize_per_token(torch.randn(21, 160), unsigned=True)
     plain = ts.ops.linear_int8(qx, s, 128, w, ws, b)
     fast = ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed)
