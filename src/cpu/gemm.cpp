@@ -9,6 +9,7 @@
 #include "onednn_engine.h"
 #include "parallel.h"
 #include "tensorslim/quantize.h"
+#include "weight_only_native.h"
 
 namespace tensorslim {
 namespace {
@@ -87,6 +88,39 @@ void linear_weight_only_reference(const TensorView& x, const TensorView& qweight
   });
 }
 
+void pack_activations(const TensorView& x, bool deinterleave, std::vector<float>& xp) {
+  const int64_t M = x.shape[0], K = x.shape[1];
+  xp.resize(M * K);
+  for (int64_t m = 0; m < M; ++m) {
+    float* dst = xp.data() + m * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t at = deinterleave ? (k & ~31) + ((k & 1) << 4) + ((k & 31) >> 1) : k;
+      dst[at] = load_act(x, m, k);
+    }
+  }
+}
+
+bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
+                               const TensorView& scales, const TensorView* zero_points,
+                               const TensorView* bias, Format fmt, int64_t group_size,
+                               const TensorView& out) {
+  const Isa isa = active_isa();
+  if (isa == Isa::kScalar) return false;
+  const FormatInfo& info = format_info(fmt);
+  const int64_t M = x.shape[0], K = x.shape[1];
+  const int64_t step = info.bits == 4 ? 32 : 16;
+  if (K == 0 || K % step != 0 || (group_size != K && group_size % step != 0)) return false;
+  thread_local std::vector<float> xp;
+  pack_activations(x, info.bits == 4, xp);
+  const int64_t gsize = group_size == K ? K : group_size;
+  const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, K / gsize, xp.data()};
+  if (isa == Isa::kAVX512)
+    linear_weight_only_avx512(p, fmt, M);
+  else
+    linear_weight_only_avx2(p, fmt, M);
+  return true;
+}
+
 }  // namespace cpu
 
 void linear_weight_only(const TensorView& x, const TensorView& qweight, const TensorView& scales,
@@ -105,7 +139,7 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
     case GemmBackend::kNative:
       TS_CHECK_VALUE(cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt,
                                                     group_size, out),
-                     "linear_weight_only: no native kernel fits this shape/ISA (needs AVX-512, "
+                     "linear_weight_only: no native kernel fits this shape/ISA (needs AVX2, "
                      "K and the group size multiples of 32)");
       return;
     case GemmBackend::kOneDNN:

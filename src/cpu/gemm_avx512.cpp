@@ -10,29 +10,13 @@
 #include "parallel.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
+#include "weight_only_native.h"
 
 namespace tensorslim {
 namespace cpu {
 namespace {
 
 constexpr int kMaxBlock = 4;  // activation rows per pass over a weight row
-
-// INT4: byte j of a 32-value block holds k = 2j (low nibble) and 2j + 1 (high), so the
-// activations are stored de-interleaved: 16 even-k values, then 16 odd-k values.
-void pack_activations(const TensorView& x, bool deinterleave, std::vector<float>& xp) {
-  const int64_t M = x.shape[0], K = x.shape[1];
-  xp.resize(M * K);
-  for (int64_t m = 0; m < M; ++m) {
-    float* dst = xp.data() + m * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t off = m * x.strides[0] + k;
-      const float v = x.dtype == DType::kFloat32 ? x.ptr<float>()[off]
-                                                 : bf16_to_float(x.ptr<uint16_t>()[off]);
-      const int64_t at = deinterleave ? (k & ~31) + ((k & 1) << 4) + ((k & 31) >> 1) : k;
-      dst[at] = v;
-    }
-  }
-}
 
 template <bool kSigned>
 inline void int4_block(const uint8_t* w, __m512i zp, __m512& lo, __m512& hi) {
@@ -96,15 +80,7 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
   }
 }
 
-struct Problem {
-  const TensorView& qweight;
-  const TensorView& scales;
-  const TensorView* zero_points;
-  const TensorView* bias;
-  const TensorView& out;
-  int64_t K, gsize, groups;
-  const float* xp;
-};
+using Problem = WeightOnlyProblem;
 
 // Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1.
 template <int R, int MB, int kBits, bool kSigned>
@@ -162,26 +138,14 @@ void run(const Problem& p, int64_t M) {
 
 }  // namespace
 
-bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
-                               const TensorView& scales, const TensorView* zero_points,
-                               const TensorView* bias, Format fmt, int64_t group_size,
-                               const TensorView& out) {
-  if (active_isa() != Isa::kAVX512) return false;
-  const FormatInfo& info = format_info(fmt);
-  const int64_t M = x.shape[0], K = x.shape[1];
-  const int64_t step = info.bits == 4 ? 32 : 16;
-  if (K % step != 0 || (group_size != K && group_size % step != 0)) return false;
-  thread_local std::vector<float> xp;
-  pack_activations(x, info.bits == 4, xp);
-  const int64_t gsize = group_size == K ? K : group_size;
-  const Problem p{qweight, scales, zero_points, bias, out, K, gsize, K / gsize, xp.data()};
+void linear_weight_only_avx512(const WeightOnlyProblem& p, Format fmt, int64_t M) {
   switch (fmt) {
-    case Format::kInt8: run<8, true>(p, M); break;
-    case Format::kUInt8: run<8, false>(p, M); break;
-    case Format::kInt4: run<4, true>(p, M); break;
-    case Format::kUInt4: run<4, false>(p, M); break;
+    case Format::kInt8: return run<8, true>(p, M);
+    case Format::kUInt8: return run<8, false>(p, M);
+    case Format::kInt4: return run<4, true>(p, M);
+    case Format::kUInt4: return run<4, false>(p, M);
+    default: return;
   }
-  return true;
 }
 
 }  // namespace cpu

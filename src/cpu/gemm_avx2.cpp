@@ -1,0 +1,163 @@
+// Native AVX2 weight-only GEMV/GEMM for a few rows of activations (M <= 8): the AVX-512
+// kernel's twin (gemm_avx512.cpp), 8 lanes at a time. Each weight row is read once,
+// dequantized in registers and multiplied with every activation row.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "half.h"
+#include "parallel.h"
+#include "tensorslim/gemm.h"
+#include "tensorslim/quantize.h"
+#include "weight_only_native.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int kMaxBlock = 2;  // activation rows per pass: 16 ymm registers hold 2x2 tiles
+
+// One half (8 bytes = 16 values) of a 32-value INT4 block: lo = its low nibbles (even k),
+// hi = its high nibbles (odd k), matching pack_activations' de-interleaved order.
+template <bool kSigned>
+inline void int4_half(const uint8_t* w, __m256i zp, __m256& lo, __m256& hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+  __m256i l, h;
+  if (kSigned) {
+    l = _mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28);
+    h = _mm256_srai_epi32(_mm256_slli_epi32(b, 24), 28);
+  } else {
+    l = _mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0xF)), zp);
+    h = _mm256_sub_epi32(_mm256_srli_epi32(b, 4), zp);
+  }
+  lo = _mm256_cvtepi32_ps(l);
+  hi = _mm256_cvtepi32_ps(h);
+}
+
+float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// acc[r][m] (8 lanes) = sum over groups of scale[r][g] * sum_k w[r][k] * x[m][k] for R
+// weight rows at once: R * MB independent FMA chains hide the FMA latency, and R
+// weight streams keep more memory requests in flight.
+template <int R, int MB, int kBits, bool kSigned>
+void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t* const* zrow,
+              int64_t K, int64_t gsize, const float* xp, __m256 acc[R][MB]) {
+  const int64_t groups = K / gsize;
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[R][MB];
+    __m256i zp[R];
+    for (int r = 0; r < R; ++r) {
+      zp[r] = _mm256_set1_epi32(zrow[r] ? zrow[r][g] : 0);
+      for (int m = 0; m < MB; ++m) part[r][m] = _mm256_setzero_ps();
+    }
+    const int64_t k0 = g * gsize;
+    if (kBits == 4) {
+      for (int64_t k = k0; k < k0 + gsize; k += 32) {
+        for (int half = 0; half < 2; ++half) {
+          for (int r = 0; r < R; ++r) {
+            __m256 lo, hi;
+            int4_half<kSigned>(wrow[r] + k / 2 + 8 * half, zp[r], lo, hi);
+            for (int m = 0; m < MB; ++m) {
+              const float* x = xp + m * K + k + 8 * half;
+              part[r][m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), part[r][m]);
+              part[r][m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 16), part[r][m]);
+            }
+          }
+        }
+      }
+    } else {
+      for (int64_t k = k0; k < k0 + gsize; k += 8) {
+        for (int r = 0; r < R; ++r) {
+          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrow[r] + k));
+          const __m256i wi = kSigned ? _mm256_cvtepi8_epi32(b)
+                                     : _mm256_sub_epi32(_mm256_cvtepu8_epi32(b), zp[r]);
+          const __m256 w = _mm256_cvtepi32_ps(wi);
+          for (int m = 0; m < MB; ++m)
+            part[r][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + m * K + k), part[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(sc[r][g]);
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(part[r][m], s, acc[r][m]);
+    }
+  }
+}
+
+using Problem = WeightOnlyProblem;
+
+// Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1.
+template <int R, int MB, int kBits, bool kSigned>
+void tile(const Problem& p, int64_t n, int64_t m0) {
+  const uint8_t* wrow[R];
+  const float* sc[R];
+  const uint8_t* zrow[R];
+  for (int r = 0; r < R; ++r) {
+    wrow[r] = p.qweight.ptr<uint8_t>() + (n + r) * p.qweight.strides[0];
+    sc[r] = p.scales.ptr<float>() + (n + r) * p.groups;
+    zrow[r] = p.zero_points ? p.zero_points->ptr<uint8_t>() + (n + r) * p.groups : nullptr;
+  }
+  __m256 acc[R][MB];
+  rows_dot<R, MB, kBits, kSigned>(wrow, sc, zrow, p.K, p.gsize, p.xp + m0 * p.K, acc);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      const float y = hsum(acc[r][m]) + (p.bias ? p.bias->ptr<float>()[n + r] : 0.0f);
+      const int64_t off = (m0 + m) * p.out.strides[0] + n + r;
+      if (p.out.dtype == DType::kFloat32)
+        p.out.ptr<float>()[off] = y;
+      else
+        p.out.ptr<uint16_t>()[off] = float_to_bf16(y);
+    }
+}
+
+// Output rows n .. n+R-1 for every activation row, kMaxBlock activation rows per pass
+// (the weight rows stay in L1 between passes).
+template <int R, int kBits, bool kSigned>
+void rows_all_m(const Problem& p, int64_t n, int64_t M) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxBlock) {
+    switch (std::min<int64_t>(kMaxBlock, M - m0)) {
+      case 1: tile<R, 1, kBits, kSigned>(p, n, m0); break;
+      case 2: tile<R, 2, kBits, kSigned>(p, n, m0); break;
+      default: tile<R, 2, kBits, kSigned>(p, n, m0); break;
+    }
+  }
+}
+
+// Four weight rows per step for one activation row, two otherwise (register budget).
+template <int kBits, bool kSigned>
+void run(const Problem& p, int64_t M) {
+  const int64_t N = p.qweight.shape[0], K = p.K;
+  // Below ~2M multiply-adds one thread finishes before a second would be awake.
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(K * M, 1));
+  parallel_for(N, grain, [&](int64_t b, int64_t e) {
+    int64_t n = b;
+    if (M == 1)
+      for (; n + 4 <= e; n += 4) rows_all_m<4, kBits, kSigned>(p, n, M);
+    else
+      for (; n + 2 <= e; n += 2) rows_all_m<2, kBits, kSigned>(p, n, M);
+    for (; n < e; ++n) rows_all_m<1, kBits, kSigned>(p, n, M);
+  });
+}
+
+}  // namespace
+
+void linear_weight_only_avx2(const WeightOnlyProblem& p, Format fmt, int64_t M) {
+  switch (fmt) {
+    case Format::kInt8: return run<8, true>(p, M);
+    case Format::kUInt8: return run<8, false>(p, M);
+    case Format::kInt4: return run<4, true>(p, M);
+    case Format::kUInt4: return run<4, false>(p, M);
+    default: return;
+  }
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
