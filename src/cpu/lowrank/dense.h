@@ -27,9 +27,11 @@ Mat<T> read2(const TensorView& v, const char* what) {
   return m;
 }
 
-// A matrix written into a float32 CPU view of exactly its shape.
+// A matrix written into a float32 CPU view of exactly its shape. Evaluated once first: reading
+// a lazy product coefficient by coefficient would recompute the whole product each time.
 template <typename Derived>
-void write2(const Eigen::MatrixBase<Derived>& m, const TensorView& v, const char* what) {
+void write2(const Eigen::MatrixBase<Derived>& expr, const TensorView& v, const char* what) {
+  const typename Derived::PlainObject m = expr;
   TS_CHECK_TYPE(v.device == DeviceType::kCPU, std::string(what) + ": CPU tensor expected");
   check_dtype(v, DType::kFloat32, what);
   check_shape2(v, m.rows(), m.cols(), what);
@@ -40,7 +42,8 @@ void write2(const Eigen::MatrixBase<Derived>& m, const TensorView& v, const char
 }
 
 template <typename Derived>
-void write1(const Eigen::MatrixBase<Derived>& x, const TensorView& v, const char* what) {
+void write1(const Eigen::MatrixBase<Derived>& expr, const TensorView& v, const char* what) {
+  const typename Derived::PlainObject x = expr;
   TS_CHECK_TYPE(v.device == DeviceType::kCPU, std::string(what) + ": CPU tensor expected");
   check_dtype(v, DType::kFloat32, what);
   check_ndim(v, 1, what);
