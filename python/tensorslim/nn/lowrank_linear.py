@@ -25,6 +25,12 @@ def _stats_note(stats: dict) -> str:
     return ", ".join(parts)
 
 
+def _dense_weight(linear: nn.Module) -> torch.Tensor:
+    """A factor's float weight: nn.Linear's own, or a quantized layer's dequantized one."""
+    deq = getattr(linear, "dequantized_weight", None)
+    return deq() if callable(deq) else linear.weight
+
+
 class LowRankLinear(nn.Module):
     """A rank-r stand-in for nn.Linear(in_features, out_features): down = nn.Linear(in, r,
     bias=False), up = nn.Linear(r, out). Keeps in_features / out_features, a read-only
@@ -54,7 +60,7 @@ class LowRankLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The [out, in] product of the factors (dequantized if they were quantized)."""
-        return self.up.weight @ self.down.weight
+        return _dense_weight(self.up) @ _dense_weight(self.down)
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
