@@ -1,8 +1,9 @@
 """Embedding cosine of all-MiniLM-L6-v2 vs fp32 after low-rank SVD of its encoder linears,
-for each method (plain SVD, ASVD, SVD-LLM) and several global parameter budgets, as a
-markdown table. Calibrated on pydoc sentences, evaluated on different ones.
+for each method (plain SVD, ASVD, SVD-LLM) and several fractions of the parameters kept, as a
+markdown table: per layer (SVD(ratio=...)) or as one global budget (SVD(budget=...)).
+Calibrated on pydoc sentences, evaluated on different ones.
 
-    HF_HUB_OFFLINE=1 python benchmarks/lowrank_minilm.py [--budgets 0.9 0.8 0.7 0.6]
+    HF_HUB_OFFLINE=1 python benchmarks/lowrank_minilm.py [--kept 0.9 0.8 0.7 0.6] [--mode ratio budget]
 """
 import argparse
 import copy
@@ -37,7 +38,8 @@ def linear_params(model: nn.Module) -> int:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6])
+    p.add_argument("--kept", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6])
+    p.add_argument("--mode", nargs="+", default=["ratio", "budget"], choices=["ratio", "budget"])
     p.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd_llm"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     args = p.parse_args()
@@ -47,22 +49,22 @@ def main():
     dense = linear_params(model)
     print(f"MiniLM-L6 encoder linears: {dense / 1e6:.2f} M weight parameters; "
           f"{len(held_out)} held-out sentences, {len(calib)} calibration batches")
-    print("| parameters kept | " + " | ".join(args.methods) + " |")
-    print("|---|" + "---|" * len(args.methods))
-    for budget in args.budgets:
-        cells = []
-        for method in args.methods:
-            m = copy.deepcopy(model)
-            t0 = time.perf_counter()
-            ts.factorize(m, ts.SVD(budget=budget, method=method),
-                         calib_data=None if method == "svd" else calib, progress=False)
-            secs = time.perf_counter() - t0
-            cos = embedding_cosine(embed(m, tok, held_out), ref)
-            cells.append(f"{cos:.4f}")
-            kept = linear_params(m) / dense
-            print(f"  budget {budget} {method}: kept {kept:.3f}, cosine {cos:.4f}, {secs:.1f} s", flush=True)
-        print(f"| {budget:.0%} | " + " | ".join(cells) + " |", flush=True)
-
+    print("| parameters kept | selection | " + " | ".join(args.methods) + " |")
+    print("|---|---|" + "---|" * len(args.methods))
+    for kept in args.kept:
+        for mode in args.mode:
+            cells = []
+            for method in args.methods:
+                m = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                ts.factorize(m, ts.SVD(method=method, **{mode: kept}),
+                             calib_data=None if method == "svd" else calib, progress=False)
+                secs = time.perf_counter() - t0
+                cos = embedding_cosine(embed(m, tok, held_out), ref)
+                cells.append(f"{cos:.4f}")
+                print(f"  {mode} {kept} {method}: kept {linear_params(m) / dense:.3f}, cosine {cos:.4f}, "
+                      f"{secs:.1f} s", flush=True)
+            print(f"| {kept:.0%} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()
