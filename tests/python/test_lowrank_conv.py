@@ -14,6 +14,14 @@ from tensorslim.eval import digits_cnn
 from tensorslim.ops import lowrank as L
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # training on a shared 2-core machine: oversubscribed threads crawl
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def conv_net(seed=0, **conv_kwargs):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(24, 32, 3, **conv_kwargs), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
