@@ -24,28 +24,39 @@ class InputStats:
 
 def collect_input_stats(model: nn.Module, layers: Dict[str, nn.Linear], forward_loop,
                         with_gram: bool) -> Dict[str, InputStats]:
-    """Run forward_loop(model) once with hooks on `layers`; every input row counts once."""
+    """Run forward_loop(model) once with hooks on `layers`; every input row counts once.
+    Layers fed the very same tensor in a row (attention's q, k, v) reuse its sums."""
     stats: Dict[str, InputStats] = {}
+    last = {"input": None, "sums": None}  # holding the tensor keeps the identity check sound
+
+    def sums(x: torch.Tensor, width: int):
+        x = x.detach().reshape(-1, width)
+        gram = None
+        if with_gram:  # one fp32 product per batch, summed over batches in fp64
+            xf = x.float()
+            gram = (xf.T @ xf).double()
+        return x.abs().sum(0, dtype=torch.float64), gram, x.shape[0]
 
     def hook(name):
         def fn(mod, args, out):
-            x = args[0].detach().reshape(-1, mod.in_features).double()
+            if args[0] is not last["input"]:
+                last["input"], last["sums"] = args[0], sums(args[0], mod.in_features)
+            abs_sum, gram, rows = last["sums"]
             s = stats.get(name)
             if s is None:
-                gram = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64,
-                                   device=x.device) if with_gram else None
-                s = stats[name] = InputStats(torch.zeros(mod.in_features, dtype=torch.float64,
-                                                         device=x.device), gram)
-            s.abs_sum += x.abs().sum(0)
-            if with_gram:
-                s.gram.addmm_(x.T, x)
-            s.count += x.shape[0]
+                s = stats[name] = InputStats(torch.zeros_like(abs_sum),
+                                             torch.zeros_like(gram) if gram is not None else None)
+            s.abs_sum += abs_sum
+            if gram is not None:
+                s.gram += gram
+            s.count += rows
         return fn
 
     handles = [mod.register_forward_hook(hook(name)) for name, mod in layers.items()]
     try:
         forward_loop(model)
     finally:
+        last["input"] = last["sums"] = None
         for h in handles:
             h.remove()
     missing = sorted(set(layers) - set(stats))
