@@ -8,7 +8,7 @@
    dense / factorized / after a short fine-tune, and inference latency of the dense and the
    factorized model on one batch, with the speed-up.
 
-    python benchmarks/bench_lowrank.py [--flop-ratio 0.5] [--threads N] [--skip-svd] [--skip-cnn]
+    python benchmarks/bench_lowrank.py [--flop-ratio 0.5] [--threads N] [--skip-svd] [--skip-cnn] [--quick]
 """
 import argparse
 import copy
@@ -27,10 +27,10 @@ from timing import cpu_name, median_times
 SVD_CASES = [(768, 768, None), (1024, 4096, None), (4096, 4096, 256)]
 
 
-def bench_svd():
+def bench_svd(cases):
     print("| matrix | ours | ours (s) | torch (s) | torch / ours |")
     print("|---|---|---|---|---|")
-    for rows, cols, rank in SVD_CASES:
+    for rows, cols, rank in cases:
         w = torch.randn(rows, cols)
         if rank is None:
             ours = (lambda: L.svd(w), "BDCSVD exact")
@@ -49,11 +49,11 @@ def bench_svd():
                   f"{t_full / t_ours:.2f} |", flush=True)
 
 
-def bench_cnn(flop_ratio: float, epochs: int, batch: int):
+def bench_cnn(flop_ratio: float, epochs: int, batch: int, width: int):
     torch.manual_seed(0)
     xtr, ytr, xte, yte = digits_cnn.digits_images()
     t0 = time.perf_counter()
-    dense = digits_cnn.train(digits_cnn.DigitsResNet(width=32, size=16), xtr, ytr, epochs)
+    dense = digits_cnn.train(digits_cnn.DigitsResNet(width=width, size=16), xtr, ytr, epochs)
     print(f"trained {epochs} epochs in {time.perf_counter() - t0:.1f} s")
     fact = copy.deepcopy(dense)
     report = ts.factorize(fact, ts.Tucker(ratio=flop_ratio, exclude=("stem.*", "*.shortcut.*")), progress=False)
@@ -80,18 +80,19 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-svd", action="store_true")
     p.add_argument("--skip-cnn", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small sizes: checks the script runs")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}; tensorslim ISA best {_C.best_isa()}, active {_C.active_isa()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
           f"load average {os.getloadavg()[0]:.2f}")
-    print("Our SVD runs single-threaded in Eigen; torch uses its LAPACK with all its threads.\n")
+    print(f"Our SVD runs single-threaded in Eigen; torch uses its LAPACK with {torch.get_num_threads()} thread(s).\n")
     if not args.skip_svd:
-        bench_svd()
+        bench_svd([(128, 128, None), (128, 512, None), (512, 512, 32)] if args.quick else SVD_CASES)
     if not args.skip_cnn:
         print()
-        bench_cnn(args.flop_ratio, args.epochs, args.batch)
+        bench_cnn(args.flop_ratio, 1 if args.quick else args.epochs, args.batch, 8 if args.quick else 32)
 
 
 if __name__ == "__main__":
