@@ -43,6 +43,12 @@ class _FactorizedConv2d(nn.Module):
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
         return isinstance(mod, nn.Conv2d) and mod.groups == 1 and conv_geometry(mod) == spec["geometry"]
 
+    def _spec(self, **shape) -> dict:
+        # kind / format / in_features / out_features / bias: the keys every saved layer has
+        return {"kind": self.kind, "format": self.describe(), "in_features": self.in_channels,
+                "out_features": self.out_channels, "bias": self.geometry["bias"],
+                "geometry": self.geometry, **shape, "stats": self.stats}
+
     def dense_bytes(self) -> int:
         kh, kw = self.kernel_size
         return 4 * self.out_channels * (self.in_channels * kh * kw + (1 if self.geometry["bias"] else 0))
@@ -85,7 +91,7 @@ class TuckerConv2d(_FactorizedConv2d):
         return cls(spec["geometry"], tuple(spec["ranks"]), spec.get("stats"), device=device)
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "geometry": self.geometry, "ranks": list(self.ranks), "stats": self.stats}
+        return self._spec(ranks=list(self.ranks))
 
     def describe(self) -> str:
         return f"tucker2 ranks {self.ranks[0]}x{self.ranks[1]}"
@@ -127,7 +133,7 @@ class CPConv2d(_FactorizedConv2d):
         return cls(spec["geometry"], spec["rank"], spec.get("stats"), device=device)
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "geometry": self.geometry, "rank": self.rank, "stats": self.stats}
+        return self._spec(rank=self.rank)
 
     def describe(self) -> str:
         return f"cp rank {self.rank}"

@@ -82,9 +82,10 @@ class LowRankLinear(nn.Module):
                    spec.get("method", "svd"), spec.get("stats"), device=device)
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "bias": self.up.bias is not None, "method": self.method,
-                "stats": self.stats}
+        # kind / format / in_features / out_features / bias: the keys every saved layer has
+        return {"kind": self.kind, "format": self.describe(), "in_features": self.in_features,
+                "out_features": self.out_features, "rank": self.rank, "bias": self.up.bias is not None,
+                "method": self.method, "stats": self.stats}
 
     def dense_bytes(self) -> int:
         """fp32 bytes of the nn.Linear this replaced."""
