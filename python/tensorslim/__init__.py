@@ -14,8 +14,9 @@ from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Confi
                      Ternary)
 from .formats import FORMATS, PER_TENSOR
 from .io import load, save
-from .nn import (BinaryLinear, Int8Linear, LowBitLinear, TernaryLinear, W4A8Linear,
-                 WeightOnlyLinear)
+from .lowrank import CP, SVD, Tucker, factorize
+from .nn import (BinaryLinear, CPConv2d, Int8Linear, LowBitLinear, LowRankLinear, TernaryLinear,
+                 TuckerConv2d, W4A8Linear, WeightOnlyLinear)
 from .qat import QATLinear, convert, prepare_qat
 from .quantization import quantize
 from .report import Report, summary
@@ -24,11 +25,12 @@ __all__ = [
     # configs and presets
     "Config", "PRESETS", "Int8WeightOnly", "Int4WeightOnly", "IntWeightOnly", "GPTQ", "AWQ",
     "W8A8", "Int8Dynamic", "W4A8", "FP8WeightOnly", "NVFP4", "MXFP4", "Binary", "Ternary",
+    "SVD", "Tucker", "CP",
     # verbs, reports, files
-    "quantize", "prepare_qat", "convert", "summary", "Report", "save", "load",
+    "quantize", "factorize", "prepare_qat", "convert", "summary", "Report", "save", "load",
     # compressed modules
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
-    "QATLinear",
+    "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
     # formats and kernels
     "FORMATS", "PER_TENSOR", "ops", "eval",
 ]

@@ -155,6 +155,17 @@ def _mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> str:
     return "; ".join(problems)
 
 
+def _inside_replacement(replacements: Dict[str, nn.Module], name: str):
+    """The submodule `name` of a layer already replaced in this load (a factor), or None."""
+    for parent, new in replacements.items():
+        if name.startswith(parent + "."):
+            try:
+                return new.get_submodule(name[len(parent) + 1:])
+            except AttributeError:
+                return None
+    return None
+
+
 def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Load a saved compressed model into a freshly built (uncompressed) `model`.
 
@@ -167,16 +178,24 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     header = read_header(path)
     modules = dict(model.named_modules())
     originals, replacements = {}, {}
-    for name, spec in header["layers"].items():
+    # Sorted, a factorized layer comes before its (possibly quantized) factors, which are then
+    # found inside its replacement.
+    for name, spec in sorted(header["layers"].items()):
         cls = COMPRESSED_MODULES.get(spec.get("kind"))
         if cls is None:
             raise ValueError(f"{path}: layer '{name}' has unknown kind {spec.get('kind')!r}")
         mod = modules.get(name)
         if mod is None:
+            mod = _inside_replacement(replacements, name)
+        if mod is None:
             raise ValueError(f"{path}: layer '{name}' does not exist in the model")
         if isinstance(mod, cls) and mod.spec() == spec:
             continue  # already in this form
-        if not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (
+        if hasattr(cls, "replaces"):  # factorized layers replace convs as well as linears
+            if not cls.replaces(mod, spec):
+                raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
+                                 f"{spec['kind']} made from a different layer: {spec}")
+        elif not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (
                 spec["in_features"], spec["out_features"]):
             raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
                              f"[{spec['out_features']}, {spec['in_features']}] {spec['format']} linear")
@@ -195,7 +214,7 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
             raise ValueError(problem)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as e:
-        for name, old in originals.items():
+        for name, old in reversed(list(originals.items())):  # factors before their layer
             _set_submodule(model, name, old)
         raise ValueError(f"{path}: the file does not match the model: {e}") from None
     return model

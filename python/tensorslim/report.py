@@ -11,7 +11,7 @@ _REPORT_ATTR = "_tensorslim_skipped"
 class LayerChange:
     name: str
     module_type: str
-    action: str  # "quantized" or "skipped"
+    action: str  # "quantized", "factorized" or "skipped"
     format: Optional[str] = None
     bytes_before: int = 0
     bytes_after: int = 0
@@ -102,9 +102,13 @@ def summary(model: nn.Module) -> Report:
     rows = []
     for name, mod in model.named_modules():
         if isinstance(mod, kinds):
-            fp32 = 4 * mod.in_features * mod.out_features + (4 * mod.out_features if mod.bias is not None else 0)
-            rows.append(LayerChange(name, type(mod).__name__, "quantized", mod.describe(), fp32,
-                                    module_bytes(mod)))
+            if hasattr(mod, "dense_bytes"):  # factorized layers (convs too) know what they replaced
+                fp32 = mod.dense_bytes()
+            else:
+                fp32 = 4 * mod.in_features * mod.out_features + (4 * mod.out_features if mod.bias is not None else 0)
+            rows.append(LayerChange(name, type(mod).__name__, getattr(mod, "action", "quantized"),
+                                    mod.describe(), fp32, module_bytes(mod),
+                                    mod.note() if hasattr(mod, "note") else ""))
     names = dict(model.named_modules())
     for c in getattr(model, _REPORT_ATTR, []):
         if c.name in names and not isinstance(names[c.name], kinds):

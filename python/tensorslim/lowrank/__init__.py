@@ -1,0 +1,54 @@
+"""`ts.factorize(model, config)`: low-rank factorization of linear and convolution layers.
+
+SVD for nn.Linear (plain, ASVD, SVD-LLM), Tucker-2 or CP for nn.Conv2d. A layer is replaced
+only where the factors cost fewer parameters and FLOPs than the original; every other layer
+is reported as skipped with the reason. Nothing changes in the model if any layer fails.
+"""
+from typing import Callable, Iterable, Optional
+
+from torch import nn
+
+from ..quantization.calibrate import make_forward_loop
+from ..report import Report, remember_skipped
+from ..transforms import replace_modules
+from .config import CP, SVD, Tucker
+from .conv import plan_convs
+from .linear import plan_linears
+from .select import candidates, factor_parents, skip_check
+
+
+def factorize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
+              forward_loop: Optional[Callable[[nn.Module], None]] = None,
+              progress: bool = True) -> Report:
+    """Factorize `model` in place with ts.SVD, ts.Tucker or ts.CP; returns a Report whose rows
+    give each layer's rank, kept energy, relative reconstruction error and FLOPs before/after.
+
+    calib_data / forward_loop feed the activation statistics of SVD(method="asvd" | "svd_llm").
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, (SVD, Tucker, CP)):
+        raise TypeError(f"factorize takes ts.SVD, ts.Tucker or ts.CP, got {type(config).__name__}")
+    loop = make_forward_loop(calib_data, forward_loop, progress)
+    kind = nn.Linear if isinstance(config, SVD) else nn.Conv2d
+    layers = candidates(model, config, kind)
+    if isinstance(config, SVD):
+        plans = plan_linears(model, config, layers, loop, progress)
+    else:
+        plans = plan_convs(config, layers, progress)
+
+    def convert(name, mod):
+        new = plans[name][1]
+        return new, new.describe()
+
+    report = replace_modules(model, config, (kind,), convert, skip_check(plans, factor_parents(model)),
+                             progress=False, desc="factorizing")
+    for row in report.changes:
+        if row.action != "skipped":
+            new = plans[row.name][1]
+            row.action, row.reason = new.action, new.note()
+    remember_skipped(model, report)
+    return report
+
+
+__all__ = ["factorize", "SVD", "Tucker", "CP"]

@@ -1,0 +1,46 @@
+"""Which layers a low-rank transform considers, checked before anything is computed."""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import LayerFilter
+from ..transforms import _tied_to_embedding, filter_reason
+
+
+def factor_parents(model: nn.Module) -> Dict[str, nn.Module]:
+    """Names of the layers inside already factorized modules (their factors) -> that module."""
+    from ..nn import CPConv2d, LowRankLinear, TuckerConv2d
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (LowRankLinear, TuckerConv2d, CPConv2d)):
+            for child, _ in mod.named_modules():
+                if child:
+                    out[f"{name}.{child}"] = mod
+    return out
+
+
+def candidates(model: nn.Module, flt: LayerFilter, kind: type) -> Dict[str, nn.Module]:
+    """Layers of exactly this type that the filter selects and that are not factors already;
+    a NaN/Inf weight among them is a ValueError naming the layer (nothing is changed yet)."""
+    tied = _tied_to_embedding(model)
+    factors = factor_parents(model)
+    out = {}
+    for name, mod in model.named_modules():
+        if name and type(mod) is kind and name not in factors and not filter_reason(name, mod, flt, tied):
+            if not torch.isfinite(mod.weight.detach()).all():
+                raise ValueError(f"layer '{name}' ({kind.__name__}): weight contains NaN or Inf; "
+                                 f"it cannot be factorized")
+            out[name] = mod
+    return out
+
+
+def skip_check(plans: Dict[str, Tuple[Optional[str], object]], factors: Dict[str, nn.Module]):
+    """check(name, module) for transforms.replace_modules: the plan's skip reason."""
+    def check(name: str, mod: nn.Module) -> Optional[str]:
+        if name in factors:
+            return f"a factor of the already factorized layer ({type(factors[name]).__name__})"
+        reason, _ = plans.get(name, ("not selected", None))
+        return reason
+    return check

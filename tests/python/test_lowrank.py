@@ -1,0 +1,232 @@
+"""ts.factorize with ts.SVD on linear layers: rank selection (rank / energy / ratio / global
+budget), the activation-aware methods against plain SVD on the calibration inputs, the
+module surface, save/load, composition with ts.quantize, bad input and a model left unchanged."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.lowrank.rank import Spectrum, ranks_for_budget
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 32))
+    # Trained-like weights: a decaying spectrum, so low rank loses little.
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                u, s, vt = torch.linalg.svd(m.weight, full_matrices=False)
+                m.weight.copy_((u * s * torch.exp(-torch.arange(len(s)) / 8.0)) @ vt)
+    return model
+
+
+def calib_batches(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # Correlated inputs with uneven channel scales, as activations have.
+    mix = torch.randn(48, 48, generator=g) * torch.linspace(0.05, 2.0, 48)
+    return [torch.randn(32, 48, generator=g) @ mix for _ in range(n)]
+
+
+def same_params(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_rank_reconstruction_equals_float64_svd_truncation():
+    model = mlp()
+    ref = copy.deepcopy(model)
+    report = ts.factorize(model, ts.SVD(rank=8), progress=False)
+    assert len(report.changed) == 3 and all(r.action == "factorized" for r in report.changed)
+    for i in (0, 2, 4):
+        lr, dense = model[i], ref[i]
+        assert isinstance(lr, ts.LowRankLinear) and lr.rank == 8
+        assert (lr.in_features, lr.out_features) == (dense.in_features, dense.out_features)
+        u, s, vt = torch.linalg.svd(dense.weight.double(), full_matrices=False)
+        expect = (u[:, :8] * s[:8]) @ vt[:8]
+        assert torch.allclose(lr.weight.double(), expect, atol=1e-5)
+        assert torch.equal(lr.bias, dense.bias)
+        # Eckart-Young: the reported error is the optimal one.
+        assert abs(lr.stats["rel_error"] - float(s[8:].norm() / s.norm())) < 1e-5
+        assert abs(lr.stats["energy"] - float((s[:8] ** 2).sum() / (s ** 2).sum())) < 1e-5
+    x = torch.randn(5, 48)
+    expect = torch.nn.functional.linear(x, model[0].weight, model[0].bias)
+    assert torch.allclose(model[0](x), expect, atol=1e-5)
+
+
+def test_energy_and_ratio_pick_the_documented_ranks():
+    model = mlp()
+    w = model[0].weight.detach().double()
+    s = torch.linalg.svdvals(w)
+    cum = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+    expect = int((cum < 0.9).sum()) + 1
+    ts.factorize(model, ts.SVD(energy=0.9, include=("0",)), progress=False)
+    assert model[0].rank == expect and model[0].stats["energy"] >= 0.9
+    model = mlp()
+    ts.factorize(model, ts.SVD(ratio=0.5, include=("2",)), progress=False)
+    assert model[2].rank == int(0.5 * 96 * 64 // (96 + 64))
+    assert model[2].rank * (96 + 64) <= 0.5 * 96 * 64
+
+
+def test_global_budget_takes_most_from_the_layers_that_lose_least():
+    sharp = Spectrum(64, 64, torch.exp(-torch.arange(64.0, dtype=torch.float64)), 0.0)
+    sharp.total = float((sharp.s ** 2).sum())
+    flat = Spectrum(64, 64, torch.ones(64, dtype=torch.float64), 64.0)
+    ranks = ranks_for_budget({"sharp": sharp, "flat": flat}, 0.5)
+    params = sum(r * 128 if r else 64 * 64 for r in ranks.values())
+    assert params <= 0.5 * 2 * 64 * 64
+    assert ranks["sharp"] < 5 and (ranks["flat"] is None or ranks["flat"] > ranks["sharp"])
+    with pytest.raises(ValueError, match="out of reach"):
+        ranks_for_budget({"flat": flat}, 0.01)
+
+
+def test_budget_meets_the_parameter_target_on_a_model():
+    model = mlp()
+    dense = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+    report = ts.factorize(model, ts.SVD(budget=0.6), progress=False)
+    kept = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert kept <= 0.6 * dense and report.changed
+
+
+def _output_error(dense: nn.Linear, new: nn.Module, xs) -> float:
+    x = torch.cat(xs)
+    return float((dense(x) - new(x)).norm() / dense(x).norm())
+
+
+def test_svd_llm_beats_asvd_and_plain_on_calibration_outputs():
+    xs = calib_batches()
+    errs = {}
+    for method in ("svd", "asvd", "svd_llm"):
+        model = mlp()
+        first = copy.deepcopy(model[0])
+        ts.factorize(model, ts.SVD(rank=6, method=method, include=("0",), damp=1e-6),
+                     calib_data=None if method == "svd" else xs, progress=False)
+        assert model[0].method == method
+        errs[method] = _output_error(first, model[0], xs)
+    # SVD-LLM's truncation is optimal for the output error on the calibration inputs.
+    assert errs["svd_llm"] < errs["asvd"] < errs["svd"], errs
+    assert errs["svd_llm"] < 0.8 * errs["svd"], errs
+
+
+def test_activation_aware_needs_calibration_data():
+    with pytest.raises(ValueError, match="needs calibration data"):
+        ts.factorize(mlp(), ts.SVD(rank=4, method="asvd"), progress=False)
+
+
+def test_module_surface_and_summary():
+    model = mlp()
+    ts.factorize(model, ts.SVD(rank=8, exclude=("4",)), progress=False)
+    lr = model[0]
+    assert lr.weight.shape == (96, 48) and lr.bias.shape == (96,)
+    with pytest.raises((AttributeError, KeyError)):
+        lr.weight = nn.Parameter(torch.zeros(96, 48))
+    text = str(ts.summary(model))
+    assert "svd rank 8" in text and "energy" in text and "rel.err" in text and "FLOPs" in text
+    assert "excluded by pattern" in text  # a layer left out, with its reason
+    rows = {r.name: r for r in ts.summary(model).changes}
+    assert rows["0"].action == "factorized" and rows["0"].bytes_after < rows["0"].bytes_before
+
+
+def test_save_load_into_the_original_architecture(tmp_path):
+    model = mlp()
+    ts.factorize(model, ts.SVD(energy=0.95), progress=False)
+    path = tmp_path / "m.slim.safetensors"
+    ts.save(model, path)
+    header = ts.io.read_header(path)
+    assert header["layers"]["0"]["kind"] == "lowrank_linear" and header["layers"]["0"]["rank"] == model[0].rank
+    fresh = mlp(seed=5)
+    ts.load(fresh, path)
+    assert isinstance(fresh[0], ts.LowRankLinear) and same_params(fresh, model)
+    x = torch.randn(3, 48)
+    assert torch.equal(fresh(x), model(x))
+    assert "energy" in str(ts.summary(fresh))
+
+
+def test_quantize_after_factorize_quantizes_the_factors(tmp_path):
+    model = mlp()
+    ref = copy.deepcopy(model)
+    ts.factorize(model, ts.SVD(rank=16, exclude=("4",)), progress=False)
+    factorized = copy.deepcopy(model)
+    report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    assert {r.name for r in report.changed} == {"0.down", "0.up", "2.down", "2.up", "4"}
+    assert isinstance(model[0].down, ts.WeightOnlyLinear) and isinstance(model[0].up, ts.WeightOnlyLinear)
+    x = torch.randn(4, 48)
+    assert torch.allclose(model(x), factorized(x), atol=0.02 * float(ref(x).abs().max()))
+    assert model[0].weight.shape == (96, 48)  # still reconstructs, from dequantized factors
+    path = tmp_path / "q.slim.safetensors"
+    ts.save(model, path)
+    fresh = mlp(seed=3)
+    ts.load(fresh, path)
+    assert isinstance(fresh[2].up, ts.WeightOnlyLinear) and torch.equal(fresh(x), model(x))
+
+
+def test_factorizing_twice_leaves_the_factors_alone():
+    model = mlp()
+    ts.factorize(model, ts.SVD(rank=8), progress=False)
+    report = ts.factorize(model, ts.SVD(rank=4), progress=False)
+    assert not report.changed
+    assert all("already factorized" in r.reason for r in report.skipped if "." in r.name)
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = ts.SVD(budget=0.8, method="svd_llm", exclude=("*.head",))
+    back = ts.Config.from_json(cfg.to_json())
+    assert back == cfg and json.loads(cfg.to_json())["type"] == "SVD"
+    t = ts.Tucker(ranks=(8, 4))
+    assert ts.Config.from_json(t.to_json()) == t
+    assert ts.Config.from_json(ts.CP(rank=5).to_json()) == ts.CP(rank=5)
+    bad = [dict(), dict(rank=4, energy=0.9), dict(rank=0), dict(rank=2.5), dict(energy=0.0),
+           dict(energy=1.5), dict(ratio=1.0), dict(ratio=-0.1), dict(budget=0.0),
+           dict(rank=4, method="qr"), dict(energy=0.9, solver="randomized"), dict(rank=4, alpha=2),
+           dict(energy=True)]
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            ts.SVD(**kwargs)
+    for kwargs in (dict(), dict(ranks=(1, 2, 3)), dict(ranks=0), dict(energy=2.0), dict(ratio=1.0)):
+        with pytest.raises(ValueError):
+            ts.Tucker(**kwargs)
+    with pytest.raises(ValueError):
+        ts.CP(rank=0)
+    with pytest.raises(TypeError):
+        ts.factorize(mlp(), ts.Int8WeightOnly())
+
+
+def test_rank_above_min_dimension_is_an_error_and_changes_nothing():
+    model = mlp()
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"rank 40 is larger than min\(in, out\) = 32 of layer '4'"):
+        ts.factorize(model, ts.SVD(rank=40), progress=False)
+    assert same_params(model, before) and all(type(a) is type(b) for a, b in zip(model, before))
+
+
+def test_nan_weight_names_the_layer_and_changes_nothing():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[3, 5] = float("nan")
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="layer '2'.*NaN"):
+        ts.factorize(model, ts.SVD(rank=4), progress=False)
+    sa, sb = model.state_dict(), before.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k].nan_to_num(), sb[k].nan_to_num()) for k in sa)
+
+
+def test_rank_that_costs_more_is_skipped_with_a_reason():
+    model = mlp()
+    # [96, 48]: rank 40 holds 40 * 144 = 5760 > 4608 parameters; [64, 96]: 40 * 160 = 6400 > 6144.
+    report = ts.factorize(model, ts.SVD(rank=40, exclude=("4",)), progress=False)
+    reasons = {r.name: r.reason for r in report.skipped}
+    assert "factorizing would cost more" in reasons["0"] and "factorizing would cost more" in reasons["2"]
+    assert isinstance(model[0], nn.Linear)
+    model = mlp()
+    report = ts.factorize(model, ts.SVD(energy=1.0), progress=False)
+    assert "energy 1.0 needs rank" in {r.name: r.reason for r in report.skipped}["0"]
+
+
+def test_randomized_solver_close_to_exact():
+    model, ref = mlp(), mlp()
+    ts.factorize(model, ts.SVD(rank=12, solver="randomized", include=("2",)), progress=False)
+    ts.factorize(ref, ts.SVD(rank=12, solver="exact", include=("2",)), progress=False)
+    assert model[2].stats["rel_error"] <= 1.05 * ref[2].stats["rel_error"] + 1e-6
