@@ -70,6 +70,17 @@ def _accepts(kind: Any, value: Any) -> Tuple[bool, Any]:
         return isinstance(value, str), value
     if kind is Callable or origin is collections.abc.Callable:
         return callable(value), value
+    if origin is tuple:  # JSON gives lists back: a list of the right items is the tuple
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(kind)
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if args and len(items) != len(value):
+            return False, value
+        checked = [_accepts(a, v) for a, v in zip(items, value)] if args else [(True, v) for v in value]
+        if not all(ok for ok, _ in checked):
+            return False, value
+        return True, tuple(v for _, v in checked)
     return isinstance(value, origin or kind), value
 
 
@@ -79,6 +90,8 @@ def _expected(kind: Any) -> str:
         return " or ".join(_expected(a) for a in typing.get_args(kind))
     if kind is Callable or typing.get_origin(kind) is collections.abc.Callable:
         return "a callable"
+    if typing.get_origin(kind) is tuple:
+        return "a tuple/list of " + ", ".join(_expected(a) for a in typing.get_args(kind) if a is not Ellipsis)
     names = {bool: "True or False", int: "an int", float: "a number", str: "a str", type(None): "None"}
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 
