@@ -254,3 +254,20 @@ def test_bad_options():
     _raises(r"top_k must be an int in \[1, vocab=10\]", s, t, top_k=11)
     _raises(r"alpha must be in \[0, 1\]", s, t, alpha=1.5)
     _raises("reduction must be one of", s, t, reduction="avg")
+
+
+def test_per_row_weights_reach_the_core_and_edge_shapes():
+    """reduction='none' with an arbitrary upstream gradient (negative, zero), one-row 1-D
+    logits, and empty input."""
+    s, t = _logits(4, 300, 1.0, 31)
+    w = torch.tensor([0.5, -2.0, 3.0, 0.0])
+    sa = s.clone().requires_grad_(True)
+    (ts.distill.kd_loss(sa, t, temperature=2.0, reduction="none") * w).sum().backward()
+    sd = s.double().requires_grad_(True)
+    (ts.distill.kd_loss(sd, t.double(), temperature=2.0, reduction="none", backend="reference") * w.double()).sum().backward()
+    _close(sa.grad, sd.grad, GRAD_RTOL, "grad")
+    assert torch.all(sa.grad[3] == 0)
+    one = ts.distill.kd_loss(s[0], t[0], labels=torch.tensor(3), temperature=2.0)
+    torch.testing.assert_close(one, ts.distill.kd_loss(s[:1], t[:1], labels=torch.tensor([3]), temperature=2.0))
+    empty = torch.zeros(0, 10, requires_grad=True)
+    assert float(ts.distill.kd_loss(empty, torch.zeros(0, 10))) == 0.0
