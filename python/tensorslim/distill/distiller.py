@@ -107,9 +107,14 @@ class Distiller(nn.Module):
         or from one forward pass over example_inputs)."""
         widths = {}
         if example_inputs is not None:
-            with torch.no_grad():
-                self.student(*example_inputs)
-                self.teacher(*example_inputs)
+            was_training = self.student.training
+            self.student.eval()  # no batch-norm statistics updated by this measuring pass
+            try:
+                with torch.no_grad():
+                    self.student(*example_inputs)
+                    self.teacher(*example_inputs)
+            finally:
+                self.student.train(was_training)
             widths = {k: v.shape[-1] for k, v in self._feats.items()}
             self._feats.clear()
         for i, (s_name, t_name) in enumerate(self.feature_map.items()):
