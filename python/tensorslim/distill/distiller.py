@@ -45,7 +45,12 @@ def _width(module: nn.Module) -> Optional[int]:
 
 class DistillOutput(dict):
     """loss (weighted sum), logits (the student's output), terms (each unweighted loss)."""
-    __getattr__ = dict.__getitem__
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class Distiller(nn.Module):
