@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from ._native import _C  # noqa: F401  (loads the native core first)
 from . import eval, ops  # noqa: F401  (ts.eval.perplexity, ts.eval.load_minilm, ...)
+from . import distill  # noqa: F401  (ts.distill.kd_loss, ts.distill.Distiller, ...)
 from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Config,
                      FP8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightOnly,
                      Ternary)
@@ -32,5 +33,5 @@ __all__ = [
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
     "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
     # formats and kernels
-    "FORMATS", "PER_TENSOR", "ops", "eval",
+    "FORMATS", "PER_TENSOR", "ops", "eval", "distill",
 ]

@@ -32,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   tensorslim::bindings::register_int8(m);
   tensorslim::bindings::register_w4a8(m);
   tensorslim::bindings::register_lowrank(m);
+  tensorslim::bindings::register_distill(m);
 }

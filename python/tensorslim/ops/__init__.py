@@ -6,6 +6,7 @@ follows the same specification bit for bit (backend="reference").
 One module per kernel family; this package re-exports their public functions.
 """
 from . import calibration  # GPTQ / AWQ cores: ops.calibration.gptq_quantize, ...
+from . import distill  # KD loss: ops.distill.kd_rows, ops.distill.kd_rows_reference
 from . import lowrank  # SVD, whitening, Tucker-2, CP-ALS: ops.lowrank.svd, ...
 from .binary import (binarize, binary_linear, pack_signs, pack_trits, ternarize, ternary_linear,
                      unpack_signs, unpack_trits, xnor_linear)
@@ -25,5 +26,5 @@ __all__ = [
     "unpack_signs", "pack_trits", "unpack_trits",
     "quantize_per_token", "quantize_static", "linear_int8", "linear_w8a8",
     "W4A8_BACKENDS", "linear_w4a8",
-    "calibration", "lowrank",
+    "calibration", "distill", "lowrank",
 ]
