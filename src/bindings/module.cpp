@@ -31,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   tensorslim::bindings::register_binary(m);
   tensorslim::bindings::register_int8(m);
   tensorslim::bindings::register_w4a8(m);
+  tensorslim::bindings::register_prune(m);
 }

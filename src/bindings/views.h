@@ -34,6 +34,7 @@ void register_calibration(pybind11::module_& m);
 void register_binary(pybind11::module_& m);
 void register_int8(pybind11::module_& m);
 void register_w4a8(pybind11::module_& m);
+void register_prune(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace tensorslim

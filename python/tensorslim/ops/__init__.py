@@ -6,6 +6,7 @@ follows the same specification bit for bit (backend="reference").
 One module per kernel family; this package re-exports their public functions.
 """
 from . import calibration  # GPTQ / AWQ cores: ops.calibration.gptq_quantize, ...
+from . import prune  # pruning cores: ops.prune.kth_smallest, keep_mask, score_histogram, ...
 from .binary import (binarize, binary_linear, pack_signs, pack_trits, ternarize, ternary_linear,
                      unpack_signs, unpack_trits, xnor_linear)
 from .int8 import linear_int8, linear_w8a8, quantize_per_token, quantize_static
@@ -24,5 +25,5 @@ __all__ = [
     "unpack_signs", "pack_trits", "unpack_trits",
     "quantize_per_token", "quantize_static", "linear_int8", "linear_w8a8",
     "W4A8_BACKENDS", "linear_w4a8",
-    "calibration",
+    "calibration", "prune",
 ]
