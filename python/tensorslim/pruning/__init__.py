@@ -11,6 +11,7 @@ from ..report import Report
 from . import masks
 from .config import Magnitude, RandomPrune, _Unstructured
 from .masks import finalize
+from .schedule import Schedule
 from .unstructured import prune_unstructured
 from ..report import SUMMARY_SOURCES
 
@@ -31,4 +32,4 @@ def prune(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     raise TypeError(f"prune: expected a pruning config (Magnitude, RandomPrune), got {type(config).__name__}")
 
 
-__all__ = ["prune", "finalize", "Magnitude", "RandomPrune", "masks"]
+__all__ = ["prune", "finalize", "Schedule", "Magnitude", "RandomPrune", "masks"]
