@@ -14,7 +14,7 @@ from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Confi
                      Ternary)
 from .formats import FORMATS, PER_TENSOR
 from . import pruning  # noqa: F401  (ts.pruning.finalize, ts.pruning.Schedule)
-from .pruning import Magnitude, RandomPrune, prune
+from .pruning import ChannelPrune, Magnitude, RandomPrune, prune
 from .io import load, save
 from .nn import (BinaryLinear, Int8Linear, LowBitLinear, TernaryLinear, W4A8Linear,
                  WeightOnlyLinear)
@@ -27,7 +27,7 @@ __all__ = [
     "Config", "PRESETS", "Int8WeightOnly", "Int4WeightOnly", "IntWeightOnly", "GPTQ", "AWQ",
     "W8A8", "Int8Dynamic", "W4A8", "FP8WeightOnly", "NVFP4", "MXFP4", "Binary", "Ternary",
     # pruning
-    "prune", "pruning", "Magnitude", "RandomPrune",
+    "prune", "pruning", "Magnitude", "RandomPrune", "ChannelPrune",
     # verbs, reports, files
     "quantize", "prepare_qat", "convert", "summary", "Report", "save", "load",
     # compressed modules

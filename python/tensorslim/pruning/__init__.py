@@ -9,7 +9,7 @@ from torch import nn
 
 from ..report import Report
 from . import masks
-from .config import Magnitude, RandomPrune, _Unstructured
+from .config import ChannelPrune, Magnitude, RandomPrune, _Unstructured
 from .masks import finalize
 from .schedule import Schedule
 from .unstructured import prune_unstructured
@@ -29,7 +29,15 @@ def prune(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
         if kwargs:
             raise TypeError(f"prune: unexpected arguments {sorted(kwargs)} for {type(config).__name__}")
         return prune_unstructured(model, config, progress=progress)
-    raise TypeError(f"prune: expected a pruning config (Magnitude, RandomPrune), got {type(config).__name__}")
+    if isinstance(config, ChannelPrune):
+        from .channels import prune_channels
+
+        example_inputs = kwargs.pop("example_inputs", None)
+        if kwargs:
+            raise TypeError(f"prune: unexpected arguments {sorted(kwargs)}")
+        return prune_channels(model, config, calib_data, forward_loop, example_inputs, progress)
+    raise TypeError(f"prune: expected a pruning config (Magnitude, RandomPrune, ChannelPrune), "
+                    f"got {type(config).__name__}")
 
 
-__all__ = ["prune", "finalize", "Schedule", "Magnitude", "RandomPrune", "masks"]
+__all__ = ["prune", "finalize", "Schedule", "Magnitude", "RandomPrune", "ChannelPrune", "masks"]

@@ -1,11 +1,13 @@
-"""Pruning configs: unstructured (Magnitude, RandomPrune).
+"""Pruning configs: unstructured (Magnitude, RandomPrune) and structured (ChannelPrune).
 They share the config base (version, JSON round trip, include / exclude / filter_fn /
 skip_output_head) with the quantization configs and are registered beside them."""
 from dataclasses import dataclass
+from typing import Union
 
 from ..config import Config, register_config
 
 SCOPES = ("layer", "global")
+IMPORTANCES = ("l1", "l2", "random", "taylor")
 
 
 def _check_fraction(name: str, field: str, value: float) -> None:
@@ -59,3 +61,34 @@ class RandomPrune(_Unstructured):
     it reproducible."""
 
     seed: int = 0
+
+
+@register_config
+@dataclass
+class ChannelPrune(Config):
+    """Remove `ratio` of the output channels / filters / FFN neurons / attention heads of each
+    prunable group, physically (the layers get smaller). importance: l1 / l2 norm of a
+    channel's weights summed over its coupled layers, random, or taylor (|w * dL/dw| from
+    calib_data / forward_loop). round_to keeps the kept count of channels / neurons a multiple
+    of it (heads are whole units). head_ratio: the fraction of attention heads (kv groups under
+    GQA) removed, "same" (default) for ratio; 0 keeps every head. Tracing uses the first
+    calib_data batch or ts.prune(..., example_inputs=...)."""
+
+    ratio: float = 0.5
+    importance: str = "l1"
+    round_to: int = 8
+    head_ratio: Union[float, str] = "same"  # or a fraction
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_fraction("ChannelPrune", "ratio", self.ratio)
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"ChannelPrune: importance must be one of {IMPORTANCES}, got {self.importance!r}")
+        if isinstance(self.head_ratio, str):
+            if self.head_ratio != "same":
+                raise ValueError(f"ChannelPrune: head_ratio must be a number in [0, 1) or 'same', got {self.head_ratio!r}")
+        else:
+            _check_fraction("ChannelPrune", "head_ratio", self.head_ratio)
+        if self.round_to < 1:
+            raise ValueError(f"ChannelPrune: round_to must be >= 1, got {self.round_to}")
