@@ -75,3 +75,34 @@ def test_bad_arguments(kwargs, err, match):
         ts.pruning.Schedule(_model(), ts.Magnitude(sparsity=0.5), **kwargs)
     with pytest.raises(TypeError, match="pruning config"):
         ts.pruning.Schedule(_model(), ts.Int8WeightOnly(), 0, 10, 1)
+
+
+def test_structured_schedule_masks_then_removes_channels():
+    pytest.importorskip("sklearn")
+    from tensorslim.eval import digits_cnn as D
+
+    xtr, ytr, xte, yte = D.digits()
+    torch.manual_seed(0)
+    model = D.DigitsResNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = ts.pruning.Schedule(model, ts.ChannelPrune(ratio=0.5), start_step=2, end_step=12, frequency=5,
+                                example_inputs=xtr[:2])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(16):
+        idx = torch.randint(0, len(xtr), (32,), generator=gen)
+        loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert model.block2.conv.weight.shape[0] == 64  # still full size, channels masked
+    zero_rows = (model.block2.conv.weight.detach().abs().sum((1, 2, 3)) == 0).sum()
+    assert int(zero_rows) == 32
+    model.eval()
+    with torch.no_grad():
+        before = model(xte[:32])
+    report = sched.finalize()
+    assert model.block2.conv.weight.shape[0] == 32 and model.head.in_features == 32 and report.changed
+    with torch.no_grad():  # removing the masked channels changes nothing
+        assert torch.allclose(model(xte[:32]), before, atol=1e-4, rtol=1e-4)
+    assert not any(hasattr(m, "weight_mask") for m in model.modules())

@@ -7,6 +7,7 @@
 3. Every smaller tensor is built (rows / columns gathered by the C++ core), then all are
    swapped in with the modules' size attributes, so any error leaves the model as it was.
 """
+import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -120,9 +121,11 @@ def _skip_reason(space: Space, mods, cfg, tied) -> Optional[str]:
     return None
 
 
-def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads) -> Tuple[dict, dict, Report]:
+def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Optional[dict] = None,
+         forced: Optional[dict] = None, allow_masked: bool = False) -> Tuple[dict, dict, Report]:
     """(removed indices per (module, param, dim), attribute decrements per (module, attr), report
-    of skipped spaces); raises on a selected space that cannot be pruned consistently."""
+    of skipped spaces); raises on a selected space that cannot be pruned consistently.
+    chosen (filled) / forced (used): {first producer: dropped channels} of each space."""
     mods = dict(model.named_modules())
     tied = _tied_to_embedding(model)
     removed: Dict[Tuple[str, str, int], List[int]] = {}
@@ -141,13 +144,18 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads) -> Tuple[di
             raise ValueError(f"layer '{space.producers[0]}' cannot be pruned consistently: {space.unsupported[0]}; "
                              f"leave it out with exclude=[{space.producers[0]!r}]")
         for name in {sl.module for sl in space.slices}:
-            if masks.is_masked(mods[name]):
+            if masks.is_masked(mods[name]) and not allow_masked:
                 raise ValueError(f"layer '{name}' carries an unstructured mask; call ts.pruning.finalize first")
-        keep = _keep_count(space, cfg)
-        if keep == space.size:
+        if forced is not None:
+            drop = sorted(forced.get(space.producers[0], []))
+        else:
+            keep = _keep_count(space, cfg)
+            order = torch.argsort(_channel_scores(space, mods, cfg, grads, sid), stable=True)
+            drop = sorted(order[:space.size - keep].tolist())
+        if chosen is not None:
+            chosen[space.producers[0]] = drop
+        if not drop:
             continue
-        order = torch.argsort(_channel_scores(space, mods, cfg, grads, sid), stable=True)
-        drop = sorted(order[:space.size - keep].tolist())
         for sl in space.slices:
             idx = [sl.offset + c * sl.rep + r for c in drop for r in range(sl.rep)]
             removed.setdefault((sl.module, sl.param, sl.dim), []).extend(idx)
@@ -163,11 +171,45 @@ def _gather(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
     return rows.reshape((len(keep),) + tuple(moved.shape[1:])).movedim(0, dim).contiguous()
 
 
-def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward_loop=None,
-                   example_inputs=None, progress: bool = True) -> Report:
-    spaces = build_spaces(model, cfg, calib_data, example_inputs)
+def soft_prune_channels(model: nn.Module, cfg: ChannelPrune, ratio: float, calib_data=None, forward_loop=None,
+                        example_inputs=None, chosen: Optional[dict] = None) -> Report:
+    """Mask (zero) the weight rows and columns of the channels a ChannelPrune at `ratio` would
+    remove, leaving shapes alone, so an optimizer keeps training the same parameters
+    (ts.pruning.Schedule). With the consumers' columns zeroed the model computes exactly what
+    the physically pruned one will; Schedule.finalize removes them."""
+    head = ratio if cfg.head_ratio == "same" else cfg.head_ratio * ratio / max(cfg.ratio, 1e-12)
+    step_cfg = dataclasses.replace(cfg, ratio=min(ratio, cfg.ratio), head_ratio=head)
+    spaces = build_spaces(model, step_cfg, calib_data, example_inputs)
     grads = taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" else None
-    removed, dec, report = plan(model, spaces, cfg, grads)
+    removed, _, report = plan(model, spaces, step_cfg, grads, chosen=chosen, allow_masked=True)
+    mods = dict(model.named_modules())
+    new_masks = {}
+    for (name, param, dim), idx in removed.items():
+        if param != "weight":
+            continue
+        m = mods[name]
+        keep = new_masks.get(name)
+        if keep is None:
+            keep = torch.ones(m.weight.shape, dtype=torch.bool)  # a fresh set: channels may come back
+        keep.index_fill_(dim, torch.tensor(idx), False)
+        new_masks[name] = keep
+    for name, m in mods.items():
+        if name not in new_masks and masks.is_masked(m):
+            new_masks[name] = torch.ones(m.weight.shape, dtype=torch.bool)
+    for name, keep in new_masks.items():
+        masks.attach(mods[name], keep)
+        report.changes.append(LayerChange(name, type(mods[name]).__name__, "pruned",
+                                          f"channels masked: {masks.sparsity(mods[name]):.1%} zeros",
+                                          module_bytes(mods[name]), module_bytes(mods[name])))
+    return report
+
+
+def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward_loop=None,
+                   example_inputs=None, progress: bool = True, forced: Optional[dict] = None) -> Report:
+    spaces = build_spaces(model, cfg, calib_data, example_inputs)
+    grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
+             else None)
+    removed, dec, report = plan(model, spaces, cfg, grads, forced=forced)
     mods = dict(model.named_modules())
     new: Dict[Tuple[str, str], torch.Tensor] = {}
     for (name, param, dim), idx in removed.items():  # build everything before touching the model

@@ -11,6 +11,10 @@ The target rises from initial_sparsity at start_step to the config's sparsity at
 pruning fast while many redundant weights remain and slowly near the end; curve="linear"
 uses the power 1. Masks are recomputed every `frequency` steps from the current weights;
 between updates they hold the pruned weights at zero (see masks.py).
+
+Structured configs (ChannelPrune, `ratio` scheduled the same way) mask whole channels while
+training, so the optimizer keeps its parameters; sched.finalize() then removes them
+physically. Pass example_inputs= (or calib_data=) for models traced with torch.fx.
 """
 from typing import Optional
 
@@ -24,7 +28,8 @@ CURVES = {"cubic": 3, "linear": 1}
 
 class Schedule:
     def __init__(self, model: nn.Module, config, start_step: int, end_step: int, frequency: int,
-                 curve: str = "cubic", initial_sparsity: float = 0.0):
+                 curve: str = "cubic", initial_sparsity: float = 0.0, *, calib_data=None,
+                 forward_loop=None, example_inputs=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Schedule: expected a torch.nn.Module, got {type(model).__name__}")
         for name, v in (("start_step", start_step), ("end_step", end_step), ("frequency", frequency)):
@@ -42,6 +47,9 @@ class Schedule:
         self.model, self.config = model, config
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.curve, self.initial_sparsity = curve, float(initial_sparsity)
+        # structured configs: tracing inputs / taylor data, and the channels masked last
+        self.calib_data, self.forward_loop, self.example_inputs = calib_data, forward_loop, example_inputs
+        self.chosen: dict = {}
         self.step_count = 0
         self.current: float = 0.0  # the sparsity (or channel ratio) applied last
         self.last_report: Optional[Report] = None
@@ -84,9 +92,26 @@ class Schedule:
             from .unstructured import prune_unstructured
 
             return prune_unstructured(self.model, self.config, sparsity=s, progress=False)
-        from .structured import soft_prune_channels
+        from .channels import soft_prune_channels
 
-        return soft_prune_channels(self.model, self.config, ratio=s)
+        chosen: dict = {}
+        report = soft_prune_channels(self.model, self.config, s, self.calib_data, self.forward_loop,
+                                     self.example_inputs, chosen=chosen)
+        self.chosen = chosen
+        return report
+
+    def finalize(self) -> Report:
+        """End of training: bake the masks in; for a structured config, physically remove the
+        channels masked last (the model computes the same, with smaller layers)."""
+        from .masks import finalize
+
+        finalize(self.model)
+        if isinstance(self.config, _Unstructured):
+            return Report()
+        from .channels import prune_channels
+
+        return prune_channels(self.model, self.config, self.calib_data, None, self.example_inputs,
+                              forced=self.chosen)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "current": self.current}
