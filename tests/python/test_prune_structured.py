@@ -70,6 +70,8 @@ def test_cnn_channel_pruning_flops_equivalence_finetune(trained, data, tmp_path)
     assert model.bn_cat.num_features == 32 and model.head.in_features == 32
     assert model.branch_a.out_channels + model.branch_b.out_channels == 32
     assert {c.name for c in report.changed} >= {"stem", "down", "block1.dw", "head"}
+    rows = {r.name: r for r in ts.summary(model).changes}
+    assert rows["block1.dw"].reason == "groups=16, in_channels=16, out_channels=16"
     f0, f1 = D.flops(trained, xte[:1]), D.flops(model, xte[:1])
     assert f1 <= 0.5 * f0, (f0, f1)
     with torch.no_grad():

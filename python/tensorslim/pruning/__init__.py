@@ -7,15 +7,23 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from ..report import Report
+from ..report import SUMMARY_SOURCES, Report
 from . import masks
 from .config import ChannelPrune, Magnitude, RandomPrune, _Unstructured
 from .masks import finalize
 from .schedule import Schedule
 from .unstructured import prune_unstructured
-from ..report import SUMMARY_SOURCES
 
-SUMMARY_SOURCES.append(masks.summary_rows)
+SUMMARY_SOURCES.append(masks.summary_rows)  # ts.summary: each pruned layer's sparsity
+
+
+def _structured_rows(model):
+    from .channels import summary_rows  # channels pulls in the calibration helpers: load lazily
+
+    return summary_rows(model)
+
+
+SUMMARY_SOURCES.append(_structured_rows)
 
 
 def prune(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,

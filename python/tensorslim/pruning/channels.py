@@ -243,3 +243,19 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
         report.changes.append(LayerChange(n, type(m).__name__, "pruned", f"channels removed: weight {shape}",
                                           before[n], module_bytes(m)))
     return report
+
+
+def summary_rows(model: nn.Module) -> List[LayerChange]:
+    """ts.summary's rows for structurally pruned layers: their new sizes."""
+    record = getattr(model, STRUCTURED_ATTR, None) or {}
+    mods = dict(model.named_modules())
+    rows = []
+    for name in sorted(record):
+        m = mods.get(name)
+        w = getattr(m, "weight", None)
+        if m is None or not isinstance(w, torch.Tensor) or masks.is_masked(m):
+            continue
+        attrs = ", ".join(f"{a}={v}" for a, v in sorted(record[name].items()))
+        rows.append(LayerChange(name, type(m).__name__, "pruned", "channels removed",
+                                module_bytes(m), module_bytes(m), reason=attrs))
+    return rows
