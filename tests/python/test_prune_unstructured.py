@@ -99,6 +99,9 @@ def test_global_scope_threshold_is_the_exact_kth_of_all_scores():
     allw = torch.cat([m.weight.detach().reshape(-1).abs() for m in refs])
     k = round(0.7 * allw.numel())
     t = float(torch.sort(allw).values[k - 1])
+    from tensorslim.pruning.select import global_counts
+    _, t_radix, _ = global_counts([m.weight for m in refs], 1, k, [0] * 3, [m.weight.numel() for m in refs])
+    assert t_radix == t == float(torch.kthvalue(allw, k).values)  # exactly the k-th smallest
     assert sum(int((m.weight_mask == 0).sum()) for m in layers) == k
     for m, r in zip(layers, refs):
         s = r.weight.detach().abs()
@@ -132,9 +135,9 @@ def test_global_bounds_match_brute_force():
     counts, t, _ = global_counts(ws, 1, total, lo, hi)
     scores = torch.cat([w.abs() for w in ws]).unique().sort().values
     best = None
-    for u in scores.tolist() + [float("inf")]:
+    for u in scores.tolist():  # the largest score whose clamped count below it is < total
         f = sum(min(max(int((w.abs() < u).sum()), a), b) for w, a, b in zip(ws, lo, hi))
-        if f <= total:
+        if f < total:
             best = u
     assert t == best and sum(counts) == total
     assert all(a <= c <= b for c, a, b in zip(counts, lo, hi))

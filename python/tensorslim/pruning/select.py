@@ -9,9 +9,10 @@ themselves: nothing like a second fp32 copy of all scores is ever held. Memory b
 per-layer histograms (layers x 2048 x 8 bytes) plus one converted chunk (CHUNK x 4 bytes)
 for weights that are not fp32 already (fp32 weights are read in place).
 
-Per-layer floors / ceilings (lo_l <= k_l <= hi_l) are exact too: the pass finds the
-largest threshold t with f(t) = sum_l clamp(#{s_l < t}, lo_l, hi_l) <= K, then the
-remaining K - f(t) weights are taken from the ties s == t in layer order.
+Per-layer floors / ceilings (lo_l <= k_l <= hi_l) are exact too: the passes find the
+largest threshold t with f(t) = sum_l clamp(#{s_l < t}, lo_l, hi_l) < K, then the
+remaining K - f(t) weights are taken from the ties s == t in layer order. Without bounds
+f(t) = #{s < t}, so t is exactly the K-th smallest score.
 """
 from typing import List, Sequence, Tuple
 
@@ -46,6 +47,8 @@ def global_counts(weights: Sequence[torch.Tensor], p: int, total: int, lo: Seque
     if not int(lo_t.sum()) <= total <= int(hi_t.sum()):
         raise ValueError(f"the per-layer floors / ceilings allow {int(lo_t.sum())}..{int(hi_t.sum())} "
                          f"pruned weights, not {total}")
+    if total == int(lo_t.sum()):  # every layer exactly at its floor (total 0 included)
+        return [int(v) for v in lo_t], 0.0, [False] * L
     below = torch.zeros(L, dtype=torch.int64)  # scores with bits below the current range
     prefix = 0
     hist = None
@@ -54,7 +57,7 @@ def global_counts(weights: Sequence[torch.Tensor], p: int, total: int, lo: Seque
         # cum[l, b]: layer l's scores below the start of bin b.
         cum = below[:, None] + torch.cumsum(hist, 1) - hist
         f = torch.minimum(torch.maximum(cum, lo_t[:, None]), hi_t[:, None]).sum(0)
-        b = int((f <= total).nonzero().max())  # f[0] <= total holds by construction
+        b = int((f < total).nonzero().max())  # f[0] < total holds by construction
         below = cum[:, b]
         prefix = (prefix << nbits) | b
         hist = hist[:, b]
@@ -70,5 +73,5 @@ def global_counts(weights: Sequence[torch.Tensor], p: int, total: int, lo: Seque
         k = int(base[l]) + take
         counts.append(k)
         on_t.append(int(below[l]) <= k <= int(below[l] + hist[l]))
-    assert deficit == 0, "radix selection lost count"  # f(t+) > K guarantees enough ties
+    assert deficit == 0, "radix selection lost count"  # f(t+) >= K guarantees enough ties
     return counts, t, on_t
