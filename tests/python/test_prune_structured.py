@@ -137,22 +137,48 @@ class Grouped(nn.Module):
 
 
 class DataDependent(nn.Module):
+    """Control flow on values: fx cannot trace it, the autograd graph of one pass can."""
+
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(1, 8, 3)
-        self.fc = nn.Linear(8, 3)
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(1, 16, 3)
+        self.bn = nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 36, 3)
 
     def forward(self, x):
-        y = self.a(x)
-        if y.sum() > 0:  # control flow on values: fx cannot trace it
-            y = -y
-        return self.fc(y.mean((2, 3)))
+        y = F.relu(self.bn(self.a(x)))
+        if y.sum() > 0:
+            y = y + self.b(y)
+        return self.fc(y.flatten(1))
+
+
+class Untraceable(DataDependent):
+    """Data-dependent and its output is not differentiable: neither tracer sees a graph."""
+
+    def forward(self, x):
+        return super().forward(x).argmax(1)
+
+
+def test_autograd_fallback_prunes_a_model_fx_cannot_trace():
+    model = DataDependent().eval()
+    x = torch.rand(4, 1, 8, 8)
+    cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
+    with pytest.raises(ValueError, match="does not trace with torch.fx"):
+        C.channel_graph.trace(model, (x,))
+    ref = _zeroed_reference(model, cfg, (x,))
+    ts.prune(model, cfg, example_inputs=x, progress=False)
+    # a -> bn -> (+ b) residual group: 8 of 16 channels, flattened 36 features each into fc
+    assert model.a.out_channels == 8 and model.b.out_channels == 8 and model.fc.in_features == 8 * 36
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("make, cfg, kwargs, match", [
     (D.DigitsResNet, ts.ChannelPrune(ratio=0.99, round_to=1), {}, r"layer '.*': ratio 0.99 leaves 0"),
     (Grouped, ts.ChannelPrune(ratio=0.5, round_to=1), {}, r"layer 'a' cannot be pruned consistently: grouped conv 'g'"),
-    (DataDependent, ts.ChannelPrune(ratio=0.5), {}, "does not trace with torch.fx"),
+    (Untraceable, ts.ChannelPrune(ratio=0.5), {}, "traces neither with torch.fx nor through autograd"),
     (D.DigitsResNet, ts.ChannelPrune(ratio=0.5), {"no_inputs": True}, "needs example inputs"),
 ])
 def test_bad_input_leaves_model_unchanged(make, cfg, kwargs, match):

@@ -46,8 +46,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...) for untraceable code
-        raise ValueError(f"the model does not trace with torch.fx ({type(e).__name__}: {e}); "
-                         "structured pruning needs its channel graph") from None
+        raise ValueError(f"the model does not trace with torch.fx ({type(e).__name__}: {e})") from None
     finally:
         model.train(training)
     return gm
@@ -202,9 +201,9 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         elif node.op == "call_method" and target in ("size", "dim"):
             continue
         else:
+            what = node.meta.get("autograd_op") or (target if isinstance(target, str) else getattr(target, "__name__", target))
             for a in node.all_input_nodes:
-                mark(a, f"'{node.name}' ({target if isinstance(target, str) else getattr(target, '__name__', target)}) "
-                        "is not understood by the channel graph")
+                mark(a, f"'{node.name}' ({what}) is not understood by the channel graph")
     return sp
 
 

@@ -1,7 +1,8 @@
 """ChannelPrune: remove whole channels / neurons / heads, so layers physically shrink.
 
 1. Spaces of coupled channels: transformer blocks by their module structure
-   (channel_rules), anything else from a torch.fx trace on example inputs (channel_graph).
+   (channel_rules), anything else from a torch.fx trace on example inputs (channel_graph),
+   or, where fx cannot trace, from the autograd graph of one forward pass (autograd_graph).
 2. Per space, an importance per channel summed over every coupled slice (l1 / l2 / taylor
    |w * grad|) or random; the kept count is round(size * (1 - ratio)), rounded up to round_to.
 3. Every smaller tensor is built (rows / columns gathered by the C++ core), then all are
@@ -39,7 +40,16 @@ def _example(calib_data, example_inputs) -> tuple:
 def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs) -> Spaces:
     if channel_rules.find_blocks(model):
         return channel_rules.build_spaces(model, heads=cfg.head_ratio != 0)
-    gm = channel_graph.trace(model, _example(calib_data, example_inputs))
+    example = _example(calib_data, example_inputs)
+    try:
+        gm = channel_graph.trace(model, example)
+    except ValueError as fx_error:  # data-dependent control flow etc.: the operations actually run
+        from . import autograd_graph
+
+        try:
+            gm = autograd_graph.trace(model, example)
+        except ValueError as e:
+            raise ValueError(f"{fx_error}; {e}") from None
     return channel_graph.build_spaces(model, gm)
 
 
