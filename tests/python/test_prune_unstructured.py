@@ -275,3 +275,14 @@ def test_nan_weight_names_layer_and_model_unchanged():
     assert _same(model, before) and not any(masks.is_masked(m) for m in model.modules())
     with pytest.raises(TypeError, match="pruning config"):
         ts.prune(model, ts.Int8WeightOnly())
+
+
+def test_ops_pass_opcheck_and_run_on_meta():
+    w = torch.randn(257)
+    torch.library.opcheck(torch.ops.tensorslim.prune_scores.default, (w, 2))
+    torch.library.opcheck(torch.ops.tensorslim.kth_smallest.default, (w, 1, 100))
+    torch.library.opcheck(torch.ops.tensorslim.prune_mask.default, (w, 1, 0.5, 100))
+    torch.library.opcheck(torch.ops.tensorslim.score_histogram.default, (w, 1, 21, 10, 0))
+    meta = torch.empty(64, device="meta")
+    assert torch.ops.tensorslim.prune_mask(meta, 1, 0.5, 3).shape == (64,)
+    assert torch.ops.tensorslim.score_histogram(meta, 1, 21, 10, 0).shape == (1024,)
