@@ -81,7 +81,7 @@ class Schedule:
         if not self.due(self.step_count):
             return None
         s = self.target(self.step_count)
-        if s <= self.current and self.current > 0:
+        if s <= self.current:  # nothing new to prune (the curve's start, or a repeated end)
             return None
         self.last_report = self._apply(s)
         self.current = s
