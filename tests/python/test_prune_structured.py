@@ -33,7 +33,7 @@ def data():
 def trained(data):
     xtr, ytr, xte, yte = data
     torch.manual_seed(0)
-    return D.train(D.DigitsResNet(), xtr, ytr, steps=120)
+    return D.train(D.DigitsResNet(), xtr, ytr, steps=80)
 
 
 def _state(model):

@@ -91,7 +91,7 @@ def test_minilm_ffn_and_heads(tmp_path):
     from tensorslim.eval import embed, embedding_cosine, load_minilm, pydoc_sentences
 
     model, tok = load_minilm()
-    sentences = pydoc_sentences(32)
+    sentences = pydoc_sentences(16)
     ref_emb = embed(model, tok, sentences)
     calib = [dict(tok(sentences[:8], padding=True, return_tensors="pt"))]
     rows, results = [], {}
@@ -104,7 +104,7 @@ def test_minilm_ffn_and_heads(tmp_path):
         assert m.encoder.layer[0].intermediate.dense.out_features == 1152
         results[importance] = (m, embedding_cosine(embed(m, tok, sentences), ref_emb))
         rows.append(f"  {importance}: cosine vs fp32 {results[importance][1]:.4f}")
-    print("\nMiniLM, 25% FFN neurons + 2 of 12 heads per layer removed (32 pydoc sentences):\n" + "\n".join(rows))
+    print("\nMiniLM, 25% FFN neurons + 2 of 12 heads per layer removed (16 pydoc sentences):\n" + "\n".join(rows))
     assert results["l1"][1] > results["random"][1]  # magnitude beats chance
     m = results["l1"][0]
     path = tmp_path / "minilm.slim.safetensors"
