@@ -113,3 +113,19 @@ def test_minilm_ffn_and_heads(tmp_path):
     ts.load(fresh, path)
     assert fresh.encoder.layer[3].attention.self.num_attention_heads == 10
     assert torch.equal(embed(fresh, tok, sentences[:4]), embed(m, tok, sentences[:4]))
+
+
+def test_pruned_then_quantized_saves_and_loads(tmp_path):
+    """Structured pruning, then INT8 weight-only: the file restores both into a fresh model."""
+    model = _gqa_llama()
+    ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), progress=False)
+    report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    assert any(c.name == "model.layers.1.mlp.down_proj" for c in report.changed)
+    path = tmp_path / "pq.slim.safetensors"
+    ts.save(model, path)
+    fresh = _gqa_llama()
+    ts.load(fresh, path)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    assert fresh.model.layers[1].mlp.down_proj.in_features == 128
