@@ -101,6 +101,9 @@ def part_select():
     layers = [torch.randn(2048, 4096, generator=gen) for _ in range(4)]
     n = sum(w.numel() for w in layers)
     k = int(0.8 * n)
+    small = [w[:8] for w in layers]  # warm-up: the ops' first call pays one-time dispatcher set-up
+    select.global_counts(small, 1, 16, [0] * 4, [8] * 4)
+    torch.kthvalue(torch.cat([w.reshape(-1).abs() for w in small]), 16)
     t_ours = time.perf_counter()
     _, t, _ = select.global_counts(layers, 1, k, [0] * 4, [w.numel() for w in layers])
     t_ours = time.perf_counter() - t_ours

@@ -44,6 +44,15 @@ void scores_avx2(const float* w, int64_t n, int p, float* s);
 MaskCounts mask_avx2(const float* w, int64_t n, int p, float t, uint8_t* keep);
 void scores_avx512(const float* w, int64_t n, int p, float* s);
 MaskCounts mask_avx512(const float* w, int64_t n, int p, float t, uint8_t* keep);
+// One radix-select histogram pass (see score_histogram); vector paths filter by prefix and
+// compute the bins 8 / 16 at a time, then count the matching lanes in order.
+struct HistPass {
+  int p, shift, nbits;
+  uint32_t prefix;
+};
+void hist_scalar(const float* w, int64_t n, const HistPass& h, int32_t* hist);
+void hist_avx2(const float* w, int64_t n, const HistPass& h, int32_t* hist);
+void hist_avx512(const float* w, int64_t n, const HistPass& h, int32_t* hist);
 }  // namespace cpu
 
 }  // namespace tensorslim

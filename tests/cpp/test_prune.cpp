@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -107,6 +108,33 @@ TEST(Prune, HistogramCountsTheScoreBits) {
     ++want[(b >> 21) & 1023];
   }
   EXPECT_EQ(hist, want);
+}
+
+TEST(Prune, HistogramPassesBitExactOnEveryIsa) {
+  IsaGuard guard;
+  std::vector<float> w = random_weights(4099, 9);
+  for (int64_t i = 0; i < 4099; i += 13) w[i] = 0.0f;
+  for (int p : {1, 2}) {
+    // the three passes of a real selection: prefixes from the median's bits
+    float med = std::fabs(w[2049]);
+    if (p == 2) med = w[2049] * w[2049];
+    uint32_t mb;
+    std::memcpy(&mb, &med, 4);
+    const int passes[3][2] = {{21, 10}, {10, 11}, {0, 10}};
+    for (const auto& ps : passes) {
+      const int shift = ps[0], nbits = ps[1];
+      const uint32_t prefix = shift + nbits >= 32 ? 0u : mb >> (shift + nbits);
+      std::vector<int32_t> ref(1 << nbits, 0);
+      cpu::hist_scalar(w.data(), 4099, cpu::HistPass{p, shift, nbits, prefix}, ref.data());
+      for (cpu::Isa isa : isas()) {
+        cpu::set_isa(isa);
+        std::vector<int32_t> got(1 << nbits, 0);
+        score_histogram(view1(w.data(), DType::kFloat32, 4099), p, shift, nbits, prefix,
+                        view1(got.data(), DType::kInt32, got.size()));
+        EXPECT_EQ(got, ref) << cpu::isa_name(isa) << " p=" << p << " shift=" << shift;
+      }
+    }
+  }
 }
 
 }  // namespace

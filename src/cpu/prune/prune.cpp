@@ -51,6 +51,18 @@ MaskCounts mask_scalar(const float* w, int64_t n, int p, float t, uint8_t* keep)
   return c;
 }
 
+void hist_scalar(const float* w, int64_t n, const HistPass& h, int32_t* hist) {
+  const int top = h.shift + h.nbits;
+  const uint32_t bin_mask = (uint32_t{1} << h.nbits) - 1u;
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = score_of(w[i], h.p);
+    uint32_t bits;
+    std::memcpy(&bits, &s, 4);
+    const uint32_t high = top >= 32 ? 0u : bits >> top;  // >> 32 is undefined in C++
+    if (high == h.prefix) ++hist[(bits >> h.shift) & bin_mask];
+  }
+}
+
 }  // namespace cpu
 
 void prune_scores(const TensorView& w, int p, const TensorView& scores) {
@@ -120,16 +132,14 @@ void score_histogram(const TensorView& w, int p, int shift, int nbits, uint32_t 
                  "score_histogram: hist must have 2^nbits = " + std::to_string(1 << nbits) +
                      " bins, got " + shape_str(hist));
   TS_CHECK_VALUE(w.numel() < (int64_t{1} << 31), "score_histogram: at most 2^31 - 1 elements per call");
+  const cpu::HistPass pass{p, shift, nbits, prefix};
   const float* src = w.ptr<float>();
   int32_t* h = hist.ptr<int32_t>();
-  const int top = shift + nbits;
-  const uint32_t bin_mask = (uint32_t{1} << nbits) - 1u;
-  for (int64_t i = 0, n = w.numel(); i < n; ++i) {
-    const float s = cpu::score_of(src[i], p);
-    uint32_t bits;
-    std::memcpy(&bits, &s, 4);
-    const uint32_t high = top >= 32 ? 0u : bits >> top;  // >> 32 is undefined in C++
-    if (high == prefix) ++h[(bits >> shift) & bin_mask];
+  const int64_t n = w.numel();
+  switch (isa()) {
+    case cpu::Isa::kAVX512: cpu::hist_avx512(src, n, pass, h); break;
+    case cpu::Isa::kAVX2: cpu::hist_avx2(src, n, pass, h); break;
+    default: cpu::hist_scalar(src, n, pass, h);
   }
 }
 

@@ -43,5 +43,28 @@ MaskCounts mask_avx2(const float* w, int64_t n, int p, float t, uint8_t* keep) {
   return c;
 }
 
+void hist_avx2(const float* w, int64_t n, const HistPass& h, int32_t* hist) {
+  const int top = h.shift + h.nbits;
+  const __m128i top_count = _mm_cvtsi32_si128(top >= 32 ? 0 : top);
+  const __m256i prefix = _mm256_set1_epi32(static_cast<int>(top >= 32 ? 0u : h.prefix));
+  const __m128i shift = _mm_cvtsi32_si128(h.shift);
+  const __m256i bin_mask = _mm256_set1_epi32(static_cast<int>((1u << h.nbits) - 1u));
+  alignas(32) int32_t bins[8];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i bits = _mm256_castps_si256(score8(w + i, h.p));
+    const __m256i high = top >= 32 ? _mm256_setzero_si256() : _mm256_srl_epi32(bits, top_count);
+    int match = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(high, prefix)));
+    if (!match) continue;  // most scores leave after the first pass
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bins),
+                       _mm256_and_si256(_mm256_srl_epi32(bits, shift), bin_mask));
+    while (match) {
+      ++hist[bins[__builtin_ctz(match)]];
+      match &= match - 1;
+    }
+  }
+  hist_scalar(w + i, n - i, h, hist);
+}
+
 }  // namespace cpu
 }  // namespace tensorslim
