@@ -4,6 +4,7 @@ from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..ops import prune as prune_ops
 from ..report import LayerChange, Report, module_bytes, remember_skipped
@@ -55,10 +56,12 @@ def _mask_for(w: torch.Tensor, k: int, p: int) -> torch.Tensor:
     return prune_ops.keep_mask(w, k, t, p)
 
 
-def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, sparsity: float) -> Dict[str, torch.Tensor]:
+def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, sparsity: float,
+                  progress: bool = False) -> Dict[str, torch.Tensor]:
     """{name: uint8 keep-mask} at `sparsity` (the schedule passes its own), nothing applied."""
     for name, mod in layers:
         _check_finite(name, mod)
+    bar = tqdm(total=len(layers), desc="tensorslim prune", disable=not progress or len(layers) < 2, leave=False)
     out: Dict[str, torch.Tensor] = {}
     if isinstance(cfg, RandomPrune):
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -67,6 +70,8 @@ def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, spars
             lo, hi = _bounds(cfg, n)
             u = torch.rand(n, generator=gen)  # random scores, ranked like magnitudes
             out[name] = _mask_for(u, min(max(round(sparsity * n), lo), hi), 1).reshape(mod.weight.shape)
+            bar.update()
+        bar.close()
         return out
     assert isinstance(cfg, Magnitude)
     p = cfg.norm
@@ -75,6 +80,8 @@ def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, spars
             n = mod.weight.numel()
             lo, hi = _bounds(cfg, n)
             out[name] = _mask_for(mod.weight, min(max(round(sparsity * n), lo), hi), p).reshape(mod.weight.shape)
+            bar.update()
+        bar.close()
         return out
     weights = [mod.weight for _, mod in layers]
     sizes = [w.numel() for w in weights]
@@ -85,6 +92,8 @@ def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, spars
     for (name, mod), k, at_t in zip(layers, counts, on_t):
         out[name] = (prune_ops.keep_mask(mod.weight, k, t, p) if at_t
                      else _mask_for(mod.weight, k, p)).reshape(mod.weight.shape)
+        bar.update()
+    bar.close()
     return out
 
 
@@ -99,7 +108,7 @@ def prune_unstructured(model: nn.Module, cfg: _Unstructured, sparsity: float = N
     sparsity = cfg.sparsity if sparsity is None else sparsity
     layers, report = select_layers(model, cfg)
     before = {name: module_bytes(mod) for name, mod in layers}
-    new_masks = compute_masks(layers, cfg, sparsity)  # may raise: nothing touched yet
+    new_masks = compute_masks(layers, cfg, sparsity, progress)  # may raise: nothing touched yet
     for name, mod in layers:
         masks.attach(mod, new_masks[name])
         report.changes.append(LayerChange(name, type(mod).__name__, "pruned",
