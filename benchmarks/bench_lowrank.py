@@ -3,7 +3,7 @@
 1. The SVD itself: our C++ core (Eigen's divide-and-conquer SVD; the randomized SVD for a
    large matrix at a given rank) against torch.linalg.svd (and torch.svd_lowrank for the
    randomized case) on the same fp32 matrices, median seconds and the ratio.
-2. The digits ResNet (tensorslim.eval.digits_cnn, width 32 at 16x16) trained for a few
+2. The digits ResNet (tensorslim.eval.digits_basic_resnet, width 32 at 16x16) trained for a few
    epochs, Tucker-2 at a chosen FLOP ratio (stem and 1x1 shortcuts left dense), accuracy
    dense / factorized / after a short fine-tune, and inference latency of the dense and the
    factorized model on one batch, with the speed-up.
@@ -19,7 +19,7 @@ import torch
 
 import tensorslim as ts
 from tensorslim import _C
-from tensorslim.eval import digits_cnn
+from tensorslim.eval import digits_basic_resnet
 from tensorslim.ops import lowrank as L
 from timing import cpu_name, median_times
 
@@ -51,16 +51,16 @@ def bench_svd(cases):
 
 def bench_cnn(flop_ratio: float, epochs: int, batch: int, width: int):
     torch.manual_seed(0)
-    xtr, ytr, xte, yte = digits_cnn.digits_images()
+    xtr, ytr, xte, yte = digits_basic_resnet.digits_images()
     t0 = time.perf_counter()
-    dense = digits_cnn.train(digits_cnn.DigitsResNet(width=width, size=16), xtr, ytr, epochs)
+    dense = digits_basic_resnet.train(digits_basic_resnet.DigitsResNet(width=width, size=16), xtr, ytr, epochs)
     print(f"trained {epochs} epochs in {time.perf_counter() - t0:.1f} s")
     fact = copy.deepcopy(dense)
     report = ts.factorize(fact, ts.Tucker(ratio=flop_ratio, exclude=("stem.*", "*.shortcut.*")), progress=False)
     print(report)
-    acc_dense, acc_fact = digits_cnn.accuracy(dense, xte, yte), digits_cnn.accuracy(fact, xte, yte)
-    tuned = digits_cnn.train(copy.deepcopy(fact), xtr, ytr, 2, lr=1e-3)
-    acc_tuned = digits_cnn.accuracy(tuned, xte, yte)
+    acc_dense, acc_fact = digits_basic_resnet.accuracy(dense, xte, yte), digits_basic_resnet.accuracy(fact, xte, yte)
+    tuned = digits_basic_resnet.train(copy.deepcopy(fact), xtr, ytr, 2, lr=1e-3)
+    acc_tuned = digits_basic_resnet.accuracy(tuned, xte, yte)
     x = xte[:batch]
     with torch.inference_mode():
         t_dense, t_fact = median_times([lambda: dense(x), lambda: fact(x)], min_time=2.0)

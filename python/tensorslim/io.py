@@ -8,6 +8,8 @@ tensors, plus string metadata:
   tensorslim.layers          JSON {module name: spec}, spec = {"kind", "format",
                              "group_size", "in_features", "out_features", "bias"}
   tensorslim.aliases         JSON {state_dict key: key it shares storage with}
+  tensorslim.pruning         (format version 2, pruned models only) JSON, see pruning/state.py:
+                             masked layers; load gives a fresh model the pruned shapes first
 """
 import json
 from pathlib import Path
@@ -19,10 +21,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .nn import COMPRESSED_MODULES
+from .pruning import state as pruning_state
 from .transforms import _set_submodule
 
 FORMAT_NAME = "tensorslim"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds tensorslim.pruning; files without it are still written as 1
 # keys every layer spec has (each kind's from_spec may read more)
 _SPEC_KEYS = ("kind", "format", "in_features", "out_features", "bias")
 
@@ -48,11 +51,15 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
         tensors[key] = t.detach().contiguous().cpu()
     metadata = {
         "tensorslim.format": FORMAT_NAME,
-        "tensorslim.format_version": str(FORMAT_VERSION),
+        "tensorslim.format_version": "1",  # 2 only when the file needs it (pruning below)
         "tensorslim.version": __version__,
         "tensorslim.layers": json.dumps(layers, sort_keys=True),
         "tensorslim.aliases": json.dumps(aliases, sort_keys=True),
     }
+    pruning = pruning_state.header_entry(model)
+    if pruning:
+        metadata[pruning_state.HEADER_KEY] = json.dumps(pruning, sort_keys=True)
+        metadata["tensorslim.format_version"] = "2"
     try:
         save_file(tensors, str(path), metadata=metadata)
     except (SafetensorError, OSError) as e:
@@ -115,8 +122,9 @@ def read_header(path: Union[str, Path]) -> dict:
         if missing:
             raise ValueError(f"{path}: corrupt tensorslim header: layer '{name}' spec {spec!r} lacks {missing}")
     aliases = _json_field(path, meta, "tensorslim.aliases", "{}")
+    pruning = _json_field(path, meta, pruning_state.HEADER_KEY, "{}")
     return {"version": version, "written_by": meta.get("tensorslim.version"), "layers": layers,
-            "aliases": aliases}
+            "aliases": aliases, "pruning": pruning}
 
 
 def tensor_shapes(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
@@ -176,6 +184,18 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: expected a torch.nn.Module, got {type(model).__name__}")
     header = read_header(path)
+    # Pruned models: the file's shapes and masks go onto the model first; undone on failure.
+    undo = (pruning_state.prepare_load(model, header["pruning"], tensor_shapes(path), path)
+            if header["pruning"] else None)
+    try:
+        return _load_into(model, path, header)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+
+
+def _load_into(model: nn.Module, path, header: dict) -> nn.Module:
     modules = dict(model.named_modules())
     originals, replacements = {}, {}
     # Sorted, a factorized layer comes before its (possibly quantized) factors, which are then

@@ -1,10 +1,12 @@
 """What a transform changed and what it skipped, and `ts.summary(model)`."""
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from torch import nn
 
 _REPORT_ATTR = "_tensorslim_skipped"
+# Other families add rows to ts.summary(model) here (pruning: each pruned layer's sparsity).
+SUMMARY_SOURCES: List[Callable[[nn.Module], List["LayerChange"]]] = []
 
 
 @dataclass
@@ -109,6 +111,8 @@ def summary(model: nn.Module) -> Report:
             rows.append(LayerChange(name, type(mod).__name__, getattr(mod, "action", "quantized"),
                                     mod.describe(), fp32, module_bytes(mod),
                                     mod.note() if hasattr(mod, "note") else ""))
+    for source in SUMMARY_SOURCES:
+        rows.extend(source(model))
     names = dict(model.named_modules())
     for c in getattr(model, _REPORT_ATTR, []):
         if c.name in names and not isinstance(names[c.name], kinds):

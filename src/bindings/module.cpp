@@ -33,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
   tensorslim::bindings::register_w4a8(m);
   tensorslim::bindings::register_lowrank(m);
   tensorslim::bindings::register_distill(m);
+  tensorslim::bindings::register_prune(m);
 }

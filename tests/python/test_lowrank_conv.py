@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
-from tensorslim.eval import digits_cnn
+from tensorslim.eval import digits_basic_resnet
 from tensorslim.ops import lowrank as L
 
 
@@ -133,9 +133,9 @@ def test_save_load_into_the_original_architecture(tmp_path, config):
 
 def test_digits_resnet_tucker_keeps_accuracy_after_a_short_fine_tune():
     torch.manual_seed(0)
-    xtr, ytr, xte, yte = digits_cnn.digits_images()
-    model = digits_cnn.train(digits_cnn.DigitsResNet(width=16, size=8), xtr, ytr, epochs=5)
-    base = digits_cnn.accuracy(model, xte, yte)
+    xtr, ytr, xte, yte = digits_basic_resnet.digits_images()
+    model = digits_basic_resnet.train(digits_basic_resnet.DigitsResNet(width=16, size=8), xtr, ytr, epochs=5)
+    base = digits_basic_resnet.accuracy(model, xte, yte)
     assert base > 0.95
     # Stem (one input channel) and 1x1 shortcuts have little to gain and much to lose.
     report = ts.factorize(model, ts.Tucker(ratio=0.6, exclude=("stem.*", "*.shortcut.*")), progress=False)
@@ -144,8 +144,8 @@ def test_digits_resnet_tucker_keeps_accuracy_after_a_short_fine_tune():
     flops = [(model.get_submodule(r.name).stats["flops_before"], model.get_submodule(r.name).stats["flops_after"])
              for r in changed]
     assert sum(a for _, a in flops) <= 0.6 * sum(b for b, _ in flops)
-    after = digits_cnn.accuracy(model, xte, yte)
-    tuned = digits_cnn.accuracy(digits_cnn.train(model, xtr, ytr, epochs=2, lr=1e-3), xte, yte)
+    after = digits_basic_resnet.accuracy(model, xte, yte)
+    tuned = digits_basic_resnet.accuracy(digits_basic_resnet.train(model, xtr, ytr, epochs=2, lr=1e-3), xte, yte)
     print(f"digits ResNet: accuracy {base:.4f} dense, {after:.4f} Tucker-2 (60% FLOPs), "
           f"{tuned:.4f} after 2 fine-tune epochs")
     assert tuned >= base - 0.02

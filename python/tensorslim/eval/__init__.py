@@ -2,7 +2,7 @@
 
     from tensorslim.eval import load_minilm, pydoc_sentences, embed, embedding_cosine
 """
-from .digits_cnn import DigitsResNet, digits_images
+from .digits_basic_resnet import DigitsResNet, digits_images
 from .embeddings import embed, embedding_cosine, load_minilm, pydoc_sentences
 from .perplexity import perplexity
 

@@ -8,6 +8,7 @@ One module per kernel family; this package re-exports their public functions.
 from . import calibration  # GPTQ / AWQ cores: ops.calibration.gptq_quantize, ...
 from . import distill  # KD loss: ops.distill.kd_rows, ops.distill.kd_rows_reference
 from . import lowrank  # SVD, whitening, Tucker-2, CP-ALS: ops.lowrank.svd, ...
+from . import prune  # pruning cores: ops.prune.kth_smallest, keep_mask, score_histogram, ...
 from .binary import (binarize, binary_linear, pack_signs, pack_trits, ternarize, ternary_linear,
                      unpack_signs, unpack_trits, xnor_linear)
 from .int8 import linear_int8, linear_w8a8, quantize_per_token, quantize_static
@@ -26,5 +27,5 @@ __all__ = [
     "unpack_signs", "pack_trits", "unpack_trits",
     "quantize_per_token", "quantize_static", "linear_int8", "linear_w8a8",
     "W4A8_BACKENDS", "linear_w4a8",
-    "calibration", "distill", "lowrank",
+    "calibration", "distill", "lowrank", "prune",
 ]

@@ -1,0 +1,125 @@
+"""The channel graph from the autograd graph, for models torch.fx cannot trace (data-dependent
+control flow, unsupported Python): one forward pass on the example inputs records the
+operations actually run; they are rewritten as an fx graph of the same vocabulary
+(call_module for convs / linears / BatchNorms found by their weights, channel-preserving
+functions, add, cat, mean, flatten) so channel_graph.build_spaces reads either alike.
+Output shapes come from a backward pre-hook on every node (torch.autograd.grad: no
+.grad field is touched). An operation outside that vocabulary stays an opaque call, so
+its channels are reported as unsupported, never guessed.
+"""
+import operator
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+PASS = {"ReluBackward0", "GeluBackward0", "SiluBackward0", "SigmoidBackward0", "TanhBackward0",
+        "HardswishBackward0", "LeakyReluBackward0", "HardtanhBackward0", "HardsigmoidBackward0",
+        "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
+        "AdaptiveMaxPool2DBackward0", "MaxPool1DWithIndicesBackward0", "CloneBackward0",
+        "NativeDropoutBackward0"}
+MODULE_OPS = {"ConvolutionBackward0": 1, "NativeBatchNormBackward0": 1, "AddmmBackward0": 2, "MmBackward0": 1}
+
+
+def _opaque(*args):  # stands for an operation the channel graph does not know
+    raise RuntimeError("never called")
+
+
+def _meta(shape) -> TensorMetadata:
+    return TensorMetadata(torch.Size(shape), torch.float32, False, (), torch.contiguous_format, False, {})
+
+
+def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    params = {id(p): n.rpartition(".")[0] for n, p in model.named_parameters()}
+    training = model.training
+    try:
+        model.eval()
+        inputs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                       else x for x in example_inputs)
+        with torch.enable_grad():
+            out = model(*inputs)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+                if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+        if not outs:
+            raise ValueError("the output does not depend on the inputs through differentiable operations")
+        order: List = []
+        seen = set()
+        stack = [(o.grad_fn, False) for o in outs]
+        while stack:  # iterative post-order: inputs before the operations that use them
+            fn, done = stack.pop()
+            if fn is None or (not done and fn in seen):
+                continue
+            if done:
+                order.append(fn)
+                continue
+            seen.add(fn)
+            stack.append((fn, True))
+            stack += [(f, False) for f, _ in fn.next_functions]
+        shapes: Dict = {}
+        hooks = [fn.register_prehook(lambda g, fn=fn: shapes.__setitem__(fn, tuple(g[0].shape)) if g[0] is not None else None)
+                 for fn in order if type(fn).__name__ != "AccumulateGrad"]
+        leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        torch.autograd.grad(sum(o.float().sum() for o in outs), leaves, allow_unused=True)
+        for h in hooks:
+            h.remove()
+    except ValueError as e:
+        raise ValueError(f"the model traces neither with torch.fx nor through autograd: {e}") from None
+    except Exception as e:
+        raise ValueError(f"the model traces neither with torch.fx nor through autograd "
+                         f"({type(e).__name__}: {e})") from None
+    finally:
+        model.train(training)
+    return _to_fx(model, order, shapes, params, inputs, outs)
+
+
+def _weight_module(fn, index: int, params) -> str:
+    f = fn.next_functions[index][0]
+    while f is not None and type(f).__name__ == "TBackward0":
+        f = f.next_functions[0][0]
+    var = getattr(f, "variable", None)
+    return params.get(id(var)) if var is not None else None
+
+
+def _to_fx(model, order, shapes, params, inputs, outs) -> fx.GraphModule:
+    g = fx.Graph()
+    node_of: Dict = {}
+    input_ids = {id(x): i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)}
+    for fn in order:
+        kind = type(fn).__name__
+        if kind == "AccumulateGrad":
+            if id(fn.variable) in input_ids:
+                n = g.placeholder(f"input_{input_ids[id(fn.variable)]}")
+                n.meta["tensor_meta"] = _meta(fn.variable.shape)
+                node_of[fn] = n
+            continue
+        ins = [node_of.get(f) for f, _ in fn.next_functions]
+        tensor_ins = [n for n in ins if n is not None]
+        name = _weight_module(fn, MODULE_OPS[kind], params) if kind in MODULE_OPS else None
+        if name is not None:
+            src = ins[1] if kind == "AddmmBackward0" else ins[0]
+            n = g.call_module(name, (src,) if src is not None else ())
+        elif kind in PASS and tensor_ins:
+            n = g.call_function(F.relu, (tensor_ins[0],))
+        elif kind == "AddBackward0" and tensor_ins:
+            n = g.call_function(operator.add, tuple(tensor_ins))
+        elif kind == "CatBackward0" and len(tensor_ins) == len(ins):
+            n = g.call_function(torch.cat, (list(tensor_ins), fn._saved_dim))
+        elif kind == "MeanBackward1" and tensor_ins:
+            n = g.call_method("mean", (tensor_ins[0], list(fn._saved_dim)), {"keepdim": fn._saved_keepdim})
+        elif kind in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0") and tensor_ins:
+            src_shape = tuple(tensor_ins[0].meta["tensor_meta"].shape)
+            dst = shapes.get(fn)
+            start = next((i for i in range(len(src_shape)) if dst is not None and i < len(dst)
+                          and dst[:i] == src_shape[:i] and len(dst) == i + 1), None)
+            n = (g.call_function(torch.flatten, (tensor_ins[0], start)) if start is not None
+                 else g.call_function(_opaque, tuple(tensor_ins)))
+        else:
+            n = g.call_function(_opaque, tuple(tensor_ins))
+            n.meta["autograd_op"] = kind
+        if fn in shapes:
+            n.meta["tensor_meta"] = _meta(shapes[fn])
+        node_of[fn] = n
+    g.output(tuple(node_of[o.grad_fn] for o in outs if o.grad_fn in node_of))
+    return fx.GraphModule(model, g)

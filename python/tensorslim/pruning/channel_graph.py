@@ -1,0 +1,223 @@
+"""Channel dependencies of a CNN-style model, from a torch.fx trace run on example inputs.
+
+Every value carrying channels is tracked as segments of spaces along its channel dimension:
+convolutions and linears start a space (their outputs) and consume their input's spaces
+(their input columns); BatchNorm, depthwise convs, activations, pooling and dropout pass
+channels through; additions merge spaces (residual groups); concatenation along the channel
+dimension chains segments; flatten turns each channel into rep = H*W features. A value that
+reaches any other operation makes its spaces unsupported (an error if they are selected),
+and one that reaches the model input or output freezes them.
+"""
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .channel_space import Slice, Spaces
+
+PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU,
+                nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
+                nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardsigmoid)
+PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.hardswish,
+                  F.leaky_relu, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                  F.adaptive_max_pool2d, torch.nn.functional.hardsigmoid}
+PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
+ADDS = {operator.add, operator.iadd, torch.add}
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class Info:
+    segs: List[Tuple[int, int]]  # (space id, rep) in order along the channel dim
+    cdim: int
+
+
+def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """fx graph of `model` with shapes from one forward pass; a ValueError when it does not trace."""
+    training = model.training
+    try:
+        gm = fx.symbolic_trace(model)
+        model.eval()  # the shape pass must not move BatchNorm statistics
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...) for untraceable code
+        raise ValueError(f"the model does not trace with torch.fx ({type(e).__name__}: {e})") from None
+    finally:
+        model.train(training)
+    return gm
+
+
+def _shape(node) -> Optional[Tuple[int, ...]]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
+    sp = Spaces()
+    info: Dict[fx.Node, Info] = {}
+    mods = dict(model.named_modules())
+
+    def new_space(name: str, size: int, params, attrs) -> int:
+        sid = sp.new(size)
+        s = sp.get(sid)
+        s.producers.append(name)
+        s.slices += [Slice(name, p, 0) for p in params]
+        s.attrs += attrs
+        return sid
+
+    def spaces_of(x) -> List[int]:
+        i = info.get(x) if isinstance(x, fx.Node) else None
+        return [sid for sid, _ in i.segs] if i else []
+
+    def mark(x, why: str, frozen: bool = False):
+        for sid in spaces_of(x):
+            (sp.get(sid).frozen if frozen else sp.get(sid).unsupported).append(why)
+
+    def consume(name: str, x, param: str, dim: int, attr: str):
+        i = info.get(x)
+        if i is None:
+            return
+        off = 0
+        for sid, rep in i.segs:
+            s = sp.get(sid)
+            s.slices.append(Slice(name, param, dim, off, rep))
+            s.attrs.append((name, attr, rep))
+            off += s.size * rep
+
+    for node in gm.graph.nodes:
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        shape = _shape(node)
+        if node.op == "placeholder":
+            if shape is not None and len(shape) >= 2:
+                sid = sp.new(shape[1])
+                sp.get(sid).frozen.append("model input")
+                info[node] = Info([(sid, 1)], 1)
+            continue
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                mark(a, "model output", frozen=True)
+            continue
+        if node.op == "get_attr":
+            continue
+        x = args[0] if args else None
+        xi = info.get(x) if x is not None else None
+        if node.op == "call_module":
+            m = mods[node.target]
+            name = node.target
+            if isinstance(m, CONVS):
+                if m.groups == 1:
+                    consume(name, x, "weight", 1, "in_channels")
+                    params = ["weight"] + (["bias"] if m.bias is not None else [])
+                    info[node] = Info([(new_space(name, m.out_channels, params, [(name, "out_channels", 1)]), 1)], 1)
+                elif m.groups == m.in_channels == m.out_channels and xi is not None:
+                    for sid, rep in xi.segs:  # depthwise: filter c follows input channel c
+                        if rep != 1:
+                            sp.get(sid).unsupported.append(f"depthwise conv '{name}' after a flatten")
+                    off = 0
+                    for sid, _ in xi.segs:
+                        s = sp.get(sid)
+                        s.slices += [Slice(name, p, 0, off) for p in ("weight", "bias") if getattr(m, p) is not None]
+                        s.attrs += [(name, a, 1) for a in ("in_channels", "out_channels", "groups")]
+                        off += s.size
+                    info[node] = Info(list(xi.segs), xi.cdim)
+                else:
+                    mark(x, f"grouped conv '{name}' (groups={m.groups}) is not supported")
+                    sid = sp.new(m.out_channels)
+                    sp.get(sid).unsupported.append(f"grouped conv '{name}' (groups={m.groups}) is not supported")
+                    info[node] = Info([(sid, 1)], 1)
+            elif isinstance(m, nn.Linear):
+                if xi is not None and (_shape(x) is None or xi.cdim != len(_shape(x)) - 1):
+                    mark(x, f"linear '{name}' reads a non-channel dimension")
+                else:
+                    consume(name, x, "weight", 1, "in_features")
+                params = ["weight"] + (["bias"] if m.bias is not None else [])
+                info[node] = Info([(new_space(name, m.out_features, params, [(name, "out_features", 1)]), 1)],
+                                  len(shape) - 1)
+            elif isinstance(m, NORMS) and xi is not None:
+                off = 0
+                for sid, _ in xi.segs:  # per-channel statistics follow each segment
+                    s = sp.get(sid)
+                    s.slices += [Slice(name, p, 0, off) for p in ("weight", "bias", "running_mean", "running_var")
+                                 if getattr(m, p, None) is not None]
+                    s.attrs.append((name, "num_features", 1))
+                    off += s.size
+                info[node] = xi
+            elif isinstance(m, PASS_MODULES):
+                if xi is not None:
+                    info[node] = xi
+            elif isinstance(m, nn.Flatten):
+                _flatten(node, x, xi, info, m.start_dim, mark)
+            else:
+                mark(x, f"module '{name}' ({type(m).__name__}) is not understood by the channel graph")
+            continue
+        target = node.target
+        if (node.op == "call_function" and target in PASS_FUNCTIONS) or \
+                (node.op == "call_method" and target in PASS_METHODS):
+            if xi is not None:
+                info[node] = xi
+        elif (node.op == "call_function" and target in ADDS) or (node.op == "call_method" and target == "add"):
+            tensors = [a for a in args if a in info]
+            if tensors:
+                base = info[tensors[0]]
+                for other in tensors[1:]:
+                    oi = info[other]
+                    if [r for _, r in oi.segs] != [r for _, r in base.segs] or len(oi.segs) != len(base.segs):
+                        mark(other, f"'{node.name}' adds differently concatenated channels")
+                        mark(tensors[0], f"'{node.name}' adds differently concatenated channels")
+                        continue
+                    for (a, _), (b, _) in zip(base.segs, oi.segs):
+                        sp.union(a, b, f"'{node.name}'")
+                info[node] = base
+        elif node.op == "call_function" and target in (torch.cat, torch.concat):
+            tensors = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            parts = [info.get(t) for t in tensors]
+            ndim = len(shape)
+            if all(p is not None for p in parts) and all(p.cdim == dim % ndim for p in parts):
+                info[node] = Info([s for p in parts for s in p.segs], dim % ndim)
+            else:
+                for t in tensors:
+                    mark(t, f"'{node.name}' concatenates along a non-channel dimension or with an unknown tensor")
+        elif (node.op == "call_function" and target is torch.flatten) or \
+                (node.op == "call_method" and target == "flatten"):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            _flatten(node, x, xi, info, start, mark)
+        elif (node.op == "call_method" and target == "mean") or \
+                (node.op == "call_function" and target is torch.mean):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            keep = node.kwargs.get("keepdim", False)
+            nd = len(_shape(x)) if x is not None and _shape(x) else 0
+            dims = [d % nd for d in dims] if nd else dims
+            if xi is not None and dims and xi.cdim not in dims:
+                info[node] = Info(xi.segs, xi.cdim if keep else xi.cdim - sum(d < xi.cdim for d in dims))
+            else:
+                mark(x, f"'{node.name}' averages over channels")
+        elif node.op == "call_method" and target in ("size", "dim"):
+            continue
+        else:
+            what = node.meta.get("autograd_op") or (target if isinstance(target, str) else getattr(target, "__name__", target))
+            for a in node.all_input_nodes:
+                mark(a, f"'{node.name}' ({what}) is not understood by the channel graph")
+    return sp
+
+
+def _flatten(node, x, xi: Optional[Info], info, start: int, mark) -> None:
+    shp = _shape(x)
+    if xi is None or shp is None:
+        return
+    start = start % len(shp)
+    if start == xi.cdim:  # channels become blocks of prod(spatial) features
+        rep = 1
+        for d in shp[start + 1:]:
+            rep *= d
+        info[node] = Info([(sid, r * rep) for sid, r in xi.segs], start)
+    elif start > xi.cdim:
+        info[node] = xi
+    else:
+        mark(x, f"'{node.name}' flattens the channel dimension into the batch")

@@ -1,0 +1,271 @@
+"""ChannelPrune: remove whole channels / neurons / heads, so layers physically shrink.
+
+1. Spaces of coupled channels: transformer blocks by their module structure
+   (channel_rules), anything else from a torch.fx trace on example inputs (channel_graph),
+   or, where fx cannot trace, from the autograd graph of one forward pass (autograd_graph).
+2. Per space, an importance per channel summed over every coupled slice (l1 / l2 / taylor
+   |w * grad|) or random; the kept count is round(size * (1 - ratio)), rounded up to round_to.
+3. Every smaller tensor is built (rows / columns gathered by the C++ core), then all are
+   swapped in with the modules' size attributes, so any error leaves the model as it was.
+"""
+import dataclasses
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..ops import prune as prune_ops
+from ..quantization.calibrate import call_model
+from ..report import LayerChange, Report, module_bytes
+from ..transforms import _tied_to_embedding, filter_reason
+from . import channel_graph, channel_rules, masks
+from .channel_space import Space, Spaces
+from .config import ChannelPrune
+
+STRUCTURED_ATTR = "_tensorslim_structured"  # {module name: {attribute: value}} for ts.save
+
+
+def _example(calib_data, example_inputs) -> tuple:
+    if example_inputs is not None:
+        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if calib_data is not None:
+        first = calib_data if isinstance(calib_data, torch.Tensor) else next(iter(calib_data), None)
+        if first is not None:
+            return tuple(first) if isinstance(first, (tuple, list)) else (first,)
+    raise ValueError("ChannelPrune: tracing the channel graph needs example inputs: pass calib_data "
+                     "or example_inputs=")
+
+
+def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs) -> Spaces:
+    if channel_rules.find_blocks(model):
+        return channel_rules.build_spaces(model, heads=cfg.head_ratio != 0)
+    example = _example(calib_data, example_inputs)
+    try:
+        gm = channel_graph.trace(model, example)
+    except ValueError as fx_error:  # data-dependent control flow etc.: the operations actually run
+        from . import autograd_graph
+
+        try:
+            gm = autograd_graph.trace(model, example)
+        except ValueError as e:
+            raise ValueError(f"{fx_error}; {e}") from None
+    return channel_graph.build_spaces(model, gm)
+
+
+def _loss(out) -> torch.Tensor:
+    """The scalar Taylor importance differentiates: the model's own loss when it returns one
+    (Hugging Face outputs with labels), else the mean square of its main output."""
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    for key in ("logits", "last_hidden_state"):
+        if isinstance(getattr(out, key, None), torch.Tensor):
+            return getattr(out, key).float().pow(2).mean()
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.float().pow(2).mean()
+
+
+def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.Tensor]:
+    """dL/dw summed over the calibration batches; the model's .grad fields and mode are restored."""
+    if calib_data is None and forward_loop is None:
+        raise ValueError("ChannelPrune: importance='taylor' needs calib_data or forward_loop (gradients)")
+    params = dict(model.named_parameters())
+    saved = {n: p.grad for n, p in params.items()}
+    training = model.training
+    try:
+        for p in params.values():
+            p.grad = None
+        model.eval()
+        with torch.enable_grad():
+            if forward_loop is not None:
+                forward_loop(model)  # runs forward and backward itself
+            else:
+                batches = [calib_data] if isinstance(calib_data, torch.Tensor) else calib_data
+                for batch in batches:
+                    _loss(call_model(model, batch)).backward()
+        return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
+    finally:
+        for n, p in params.items():
+            p.grad = saved[n]
+        model.train(training)
+
+
+def _channel_scores(space: Space, mods: Dict[str, nn.Module], cfg: ChannelPrune, grads, sid: int) -> torch.Tensor:
+    if cfg.importance == "random":
+        return torch.rand(space.size, generator=torch.Generator().manual_seed(cfg.seed * 100003 + sid),
+                          dtype=torch.float64)
+    score = torch.zeros(space.size, dtype=torch.float64)
+    for sl in space.slices:
+        t = getattr(mods[sl.module], sl.param)
+        if not isinstance(t, nn.Parameter):
+            continue  # running statistics carry no importance
+        x = t.detach().double()
+        if cfg.importance == "taylor":
+            x = (x * grads[f"{sl.module}.{sl.param}"].double()).abs()
+        x = x.movedim(sl.dim, 0)
+        x = x[sl.offset:sl.offset + space.size * sl.rep].reshape(space.size, -1)
+        score += x.abs().sum(1) if cfg.importance in ("l1", "taylor") else x.pow(2).sum(1)
+    return score
+
+
+def _keep_count(space: Space, cfg: ChannelPrune) -> int:
+    ratio = cfg.ratio if space.kind != "heads" or cfg.head_ratio == "same" else cfg.head_ratio
+    keep = round(space.size * (1.0 - ratio))
+    if keep == 0:
+        raise ValueError(f"layer '{space.producers[0]}': ratio {ratio} leaves 0 of its {space.size} {space.kind}; "
+                         "use a smaller ratio")
+    if space.kind != "heads":
+        keep = min(space.size, math.ceil(keep / cfg.round_to) * cfg.round_to)
+    return keep
+
+
+def _skip_reason(space: Space, mods, cfg, tied) -> Optional[str]:
+    if space.frozen:
+        return f"coupled with the {space.frozen[0]}"
+    for name in space.producers:
+        reason = filter_reason(name, mods[name], cfg, tied)
+        if reason:
+            return reason
+    return None
+
+
+def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Optional[dict] = None,
+         forced: Optional[dict] = None, allow_masked: bool = False) -> Tuple[dict, dict, Report]:
+    """(removed indices per (module, param, dim), attribute decrements per (module, attr), report
+    of skipped spaces); raises on a selected space that cannot be pruned consistently.
+    chosen (filled) / forced (used): {first producer: dropped channels} of each space."""
+    mods = dict(model.named_modules())
+    tied = _tied_to_embedding(model)
+    removed: Dict[Tuple[str, str, int], List[int]] = {}
+    dec: Dict[Tuple[str, str], int] = {}
+    report = Report()
+    for sid, space in spaces.roots().items():
+        if not space.producers:
+            continue
+        reason = _skip_reason(space, mods, cfg, tied)
+        if reason:
+            report.changes.append(LayerChange(space.producers[0], type(mods[space.producers[0]]).__name__, "skipped",
+                                              bytes_before=module_bytes(mods[space.producers[0]]),
+                                              reason=f"{space.kind}: {reason}"))
+            continue
+        if space.unsupported:
+            raise ValueError(f"layer '{space.producers[0]}' cannot be pruned consistently: {space.unsupported[0]}; "
+                             f"leave it out with exclude=[{space.producers[0]!r}]")
+        for name in {sl.module for sl in space.slices}:
+            if masks.is_masked(mods[name]) and not allow_masked:
+                raise ValueError(f"layer '{name}' carries an unstructured mask; call ts.pruning.finalize first")
+        if forced is not None:
+            drop = sorted(forced.get(space.producers[0], []))
+        else:
+            keep = _keep_count(space, cfg)
+            order = torch.argsort(_channel_scores(space, mods, cfg, grads, sid), stable=True)
+            drop = sorted(order[:space.size - keep].tolist())
+        if chosen is not None:
+            chosen[space.producers[0]] = drop
+        if not drop:
+            continue
+        for sl in space.slices:
+            idx = [sl.offset + c * sl.rep + r for c in drop for r in range(sl.rep)]
+            removed.setdefault((sl.module, sl.param, sl.dim), []).extend(idx)
+        for name, attr, per in space.attrs:
+            dec[(name, attr)] = dec.get((name, attr), 0) + len(drop) * per
+    return removed, dec, report
+
+
+def _gather(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
+    """t's slices `keep` along dim, through the C++ row gather."""
+    moved = t.detach().movedim(dim, 0)
+    rows = prune_ops.gather_rows(moved.reshape(moved.shape[0], -1), keep)
+    return rows.reshape((len(keep),) + tuple(moved.shape[1:])).movedim(0, dim).contiguous()
+
+
+def soft_prune_channels(model: nn.Module, cfg: ChannelPrune, ratio: float, calib_data=None, forward_loop=None,
+                        example_inputs=None, chosen: Optional[dict] = None) -> Report:
+    """Mask (zero) the weight rows and columns of the channels a ChannelPrune at `ratio` would
+    remove, leaving shapes alone, so an optimizer keeps training the same parameters
+    (ts.pruning.Schedule). With the consumers' columns zeroed the model computes exactly what
+    the physically pruned one will; Schedule.finalize removes them."""
+    head = ratio if cfg.head_ratio == "same" else cfg.head_ratio * ratio / max(cfg.ratio, 1e-12)
+    step_cfg = dataclasses.replace(cfg, ratio=min(ratio, cfg.ratio), head_ratio=head)
+    spaces = build_spaces(model, step_cfg, calib_data, example_inputs)
+    grads = taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" else None
+    removed, _, report = plan(model, spaces, step_cfg, grads, chosen=chosen, allow_masked=True)
+    mods = dict(model.named_modules())
+    new_masks = {}
+    for (name, param, dim), idx in removed.items():
+        if param != "weight":
+            continue
+        m = mods[name]
+        keep = new_masks.get(name)
+        if keep is None:
+            keep = torch.ones(m.weight.shape, dtype=torch.bool)  # a fresh set: channels may come back
+        keep.index_fill_(dim, torch.tensor(idx), False)
+        new_masks[name] = keep
+    for name, m in mods.items():
+        if name not in new_masks and masks.is_masked(m):
+            new_masks[name] = torch.ones(m.weight.shape, dtype=torch.bool)
+    for name, keep in new_masks.items():
+        masks.attach(mods[name], keep)
+        report.changes.append(LayerChange(name, type(mods[name]).__name__, "pruned",
+                                          f"channels masked: {masks.sparsity(mods[name]):.1%} zeros",
+                                          module_bytes(mods[name]), module_bytes(mods[name])))
+    return report
+
+
+def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward_loop=None,
+                   example_inputs=None, progress: bool = True, forced: Optional[dict] = None) -> Report:
+    spaces = build_spaces(model, cfg, calib_data, example_inputs)
+    grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
+             else None)
+    removed, dec, report = plan(model, spaces, cfg, grads, forced=forced)
+    mods = dict(model.named_modules())
+    new: Dict[Tuple[str, str], torch.Tensor] = {}
+    for (name, param, dim), idx in removed.items():  # build everything before touching the model
+        key = (name, param)
+        t = new.get(key, getattr(mods[name], param))
+        gone = set(idx)
+        keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.int64)
+        new[key] = _gather(t, dim, keep).to(t.dtype)
+    attrs = {(n, a): getattr(mods[n], a) - d for (n, a), d in dec.items()}
+    for (n, a), v in attrs.items():
+        if v <= 0:
+            raise ValueError(f"layer '{n}': pruning would leave {a} = {v}")
+    before = {n: module_bytes(mods[n]) for n in {k[0] for k in new}}
+    for (name, param), t in new.items():
+        m = mods[name]
+        old = getattr(m, param)
+        if isinstance(old, nn.Parameter):
+            setattr(m, param, nn.Parameter(t, requires_grad=old.requires_grad))
+        else:
+            m._buffers[param] = t
+    record = getattr(model, STRUCTURED_ATTR, {})
+    for (n, a), v in attrs.items():
+        setattr(mods[n], a, v)
+        record.setdefault(n, {})[a] = v
+    for n in sorted(before):
+        record.setdefault(n, {})
+    object.__setattr__(model, STRUCTURED_ATTR, record)
+    for n in sorted(before):
+        m = mods[n]
+        shape = "x".join(str(s) for s in m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else ""
+        report.changes.append(LayerChange(n, type(m).__name__, "pruned", f"channels removed: weight {shape}",
+                                          before[n], module_bytes(m)))
+    return report
+
+
+def summary_rows(model: nn.Module) -> List[LayerChange]:
+    """ts.summary's rows for structurally pruned layers: their new sizes."""
+    record = getattr(model, STRUCTURED_ATTR, None) or {}
+    mods = dict(model.named_modules())
+    rows = []
+    for name in sorted(record):
+        m = mods.get(name)
+        w = getattr(m, "weight", None)
+        if m is None or not isinstance(w, torch.Tensor) or masks.is_masked(m):
+            continue
+        attrs = ", ".join(f"{a}={v}" for a, v in sorted(record[name].items()))
+        rows.append(LayerChange(name, type(m).__name__, "pruned", "channels removed",
+                                module_bytes(m), module_bytes(m), reason=attrs))
+    return rows

@@ -1,0 +1,103 @@
+"""What ts.save writes about pruning (header key tensorslim.pruning) and how ts.load puts it
+back into a fresh copy of the original architecture before the tensors are loaded.
+
+  {"masks": [layer names carrying a weight_mask],
+   "structured": {module name: {size attribute: value}}}   (ChannelPrune)
+Structurally pruned tensors take their shapes from the file itself.
+"""
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+
+from . import masks
+
+HEADER_KEY = "tensorslim.pruning"
+
+
+def header_entry(model: nn.Module) -> dict:
+    """The header object of a pruned model, {} when nothing is pruned."""
+    from .channels import STRUCTURED_ATTR
+
+    out = {}
+    names = sorted(masks.masked_layers(model))
+    if names:
+        out["masks"] = names
+    structured = getattr(model, STRUCTURED_ATTR, None)
+    if structured:
+        out["structured"] = structured
+    return out
+
+
+def _resize(model, modules, structured, shapes, path, undo_log) -> None:
+    """Give each structurally pruned module the file's tensor shapes and size attributes."""
+    if not isinstance(structured, dict):
+        raise ValueError(f"{path}: corrupt tensorslim header: {HEADER_KEY} structured must be an object")
+    for name, attrs in structured.items():
+        mod = modules.get(name)
+        if mod is None or not isinstance(attrs, dict):
+            raise ValueError(f"{path}: pruned layer '{name}' does not exist in the model")
+        prefix = f"{name}." if name else ""
+        for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            got = shapes.get(prefix + pname)
+            if got is None or tuple(got[1]) == tuple(t.shape):
+                continue
+            empty = torch.empty(got[1], dtype=t.dtype, device=t.device if t.device.type != "meta" else "cpu")
+            undo_log.append((mod, pname, t))
+            if isinstance(t, nn.Parameter):
+                setattr(mod, pname, nn.Parameter(empty, requires_grad=t.requires_grad))
+            else:
+                mod._buffers[pname] = empty
+        for attr, value in attrs.items():
+            if not hasattr(mod, attr) or not isinstance(value, int):
+                raise ValueError(f"{path}: pruned layer '{name}' has no size attribute {attr!r}")
+            undo_log.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, value)
+
+
+def prepare_load(model: nn.Module, entry: dict, shapes: Dict[str, Tuple[str, Tuple[int, ...]]],
+                 path) -> Callable[[], None]:
+    """Give `model` the masks the file holds (filled by the load that follows); returns
+    an undo that restores the model exactly (called when the load fails)."""
+    names = entry.get("masks", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: corrupt tensorslim header: {HEADER_KEY} masks must be a list of names")
+    modules = dict(model.named_modules())
+    added, undo_log = [], []
+
+    def undo():
+        for mod in added:
+            masks.detach(mod, bake=False)
+        for mod, attr, old in reversed(undo_log):
+            if isinstance(old, torch.Tensor) and not isinstance(old, nn.Parameter) and attr in mod._buffers:
+                mod._buffers[attr] = old
+            else:
+                setattr(mod, attr, old)
+        if structured:
+            from .channels import STRUCTURED_ATTR
+
+            if had_record:
+                object.__setattr__(model, STRUCTURED_ATTR, had_record)
+            elif hasattr(model, STRUCTURED_ATTR):
+                object.__delattr__(model, STRUCTURED_ATTR)
+
+    structured = entry.get("structured", {})
+    try:
+        if structured:
+            from .channels import STRUCTURED_ATTR
+
+            had_record = getattr(model, STRUCTURED_ATTR, None)
+            _resize(model, modules, structured, shapes, path, undo_log)
+            object.__setattr__(model, STRUCTURED_ATTR, dict(structured))
+        for name in names:
+            mod = modules.get(name)
+            if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+                raise ValueError(f"{path}: pruned layer '{name}' does not exist in the model (or has no weight)")
+            if not masks.is_masked(mod):
+                # Attach an all-kept mask without touching the weight; load fills both.
+                masks.attach_without_zeroing(mod)
+                added.append(mod)
+    except BaseException:
+        undo()
+        raise
+    return undo

@@ -1,0 +1,119 @@
+"""Unstructured pruning: masks for Magnitude (layer / global scope) and RandomPrune.
+Every mask is computed before any layer is touched, so an error leaves the model as it was."""
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..ops import prune as prune_ops
+from ..report import LayerChange, Report, module_bytes, remember_skipped
+from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, filter_reason
+from . import masks
+from .config import Magnitude, RandomPrune, _Unstructured
+from .select import global_counts
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def select_layers(model: nn.Module, cfg, supported=PRUNABLE) -> Tuple[List[Tuple[str, nn.Module]], Report]:
+    """The layers the config's filter selects, and a Report of the ones it leaves alone."""
+    tied = _tied_to_embedding(model)
+    todo, report = [], Report()
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if isinstance(mod, supported):
+            reason = filter_reason(name, mod, cfg, tied)
+            if reason is None and mod.weight.numel() == 0:
+                reason = "zero-size weight"
+            if reason:
+                report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
+                                                  bytes_before=module_bytes(mod), reason=reason))
+            else:
+                todo.append((name, mod))
+        elif _is_weight_matrix_layer(mod):
+            report.changes.append(LayerChange(name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod),
+                                              reason=f"{type(mod).__name__} layers are not pruned"))
+    return todo, report
+
+
+def _check_finite(name: str, mod: nn.Module) -> None:
+    if not torch.isfinite(mod.weight).all():
+        raise ValueError(f"layer '{name}' ({type(mod).__name__}): weight contains NaN or Inf; "
+                         "pruning ranks weights by magnitude and cannot place them")
+
+
+def _bounds(cfg: _Unstructured, n: int) -> Tuple[int, int]:
+    return round(cfg.min_layer_sparsity * n), round(cfg.max_layer_sparsity * n)
+
+
+def _mask_for(w: torch.Tensor, k: int, p: int) -> torch.Tensor:
+    """Keep-mask pruning exactly the k smallest |w|^p (ties in index order)."""
+    if k == 0:
+        return torch.ones(w.shape, dtype=torch.uint8)
+    t = prune_ops.kth_smallest(w, k, p)  # selection over one layer's score buffer
+    return prune_ops.keep_mask(w, k, t, p)
+
+
+def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, sparsity: float,
+                  progress: bool = False) -> Dict[str, torch.Tensor]:
+    """{name: uint8 keep-mask} at `sparsity` (the schedule passes its own), nothing applied."""
+    for name, mod in layers:
+        _check_finite(name, mod)
+    bar = tqdm(total=len(layers), desc="tensorslim prune", disable=not progress or len(layers) < 2, leave=False)
+    out: Dict[str, torch.Tensor] = {}
+    if isinstance(cfg, RandomPrune):
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for name, mod in layers:
+            n = mod.weight.numel()
+            lo, hi = _bounds(cfg, n)
+            u = torch.rand(n, generator=gen)  # random scores, ranked like magnitudes
+            out[name] = _mask_for(u, min(max(round(sparsity * n), lo), hi), 1).reshape(mod.weight.shape)
+            bar.update()
+        bar.close()
+        return out
+    assert isinstance(cfg, Magnitude)
+    p = cfg.norm
+    if cfg.scope == "layer":
+        for name, mod in layers:
+            n = mod.weight.numel()
+            lo, hi = _bounds(cfg, n)
+            out[name] = _mask_for(mod.weight, min(max(round(sparsity * n), lo), hi), p).reshape(mod.weight.shape)
+            bar.update()
+        bar.close()
+        return out
+    weights = [mod.weight for _, mod in layers]
+    sizes = [w.numel() for w in weights]
+    bounds = [_bounds(cfg, n) for n in sizes]
+    # sum_l k_l = round(sparsity * N) exactly; floors / ceilings bound each layer.
+    counts, t, on_t = global_counts(weights, p, round(sparsity * sum(sizes)),
+                                    [b[0] for b in bounds], [b[1] for b in bounds])
+    for (name, mod), k, at_t in zip(layers, counts, on_t):
+        out[name] = (prune_ops.keep_mask(mod.weight, k, t, p) if at_t
+                     else _mask_for(mod.weight, k, p)).reshape(mod.weight.shape)
+        bar.update()
+    bar.close()
+    return out
+
+
+def describe(cfg: _Unstructured) -> str:
+    if isinstance(cfg, RandomPrune):
+        return f"random (seed {cfg.seed})"
+    return f"magnitude L{cfg.norm} {cfg.scope}"
+
+
+def prune_unstructured(model: nn.Module, cfg: _Unstructured, sparsity: float = None,
+                       progress: bool = True) -> Report:
+    sparsity = cfg.sparsity if sparsity is None else sparsity
+    layers, report = select_layers(model, cfg)
+    before = {name: module_bytes(mod) for name, mod in layers}
+    new_masks = compute_masks(layers, cfg, sparsity, progress)  # may raise: nothing touched yet
+    for name, mod in layers:
+        masks.attach(mod, new_masks[name])
+        report.changes.append(LayerChange(name, type(mod).__name__, "pruned",
+                                          f"{describe(cfg)}: {masks.sparsity(mod):.1%} sparse",
+                                          before[name], module_bytes(mod),
+                                          reason="dense weight + bool mask (sparse storage: ts.sparsify)"))
+    remember_skipped(model, report)
+    return report

@@ -1,0 +1,111 @@
+"""ts.pruning.Schedule: the Zhu & Gupta cubic curve against its formula, pruning only on
+due steps, exact final sparsity, zeros kept between updates while training."""
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def test_cubic_curve_matches_the_paper():
+    sched = ts.pruning.Schedule(_model(), ts.Magnitude(sparsity=0.9), start_step=10, end_step=110,
+                                frequency=10, initial_sparsity=0.1)
+    for t in (0, 9, 10, 35, 60, 110, 500):
+        if t < 10:
+            want = 0.0
+        else:  # s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3, clamped after the end
+            want = 0.9 + (0.1 - 0.9) * (1 - min(1.0, (t - 10) / 100)) ** 3
+        assert sched.target(t) == pytest.approx(want, abs=1e-12)
+    lin = ts.pruning.Schedule(_model(), ts.Magnitude(sparsity=0.8), 0, 100, 10, curve="linear")
+    assert lin.target(50) == pytest.approx(0.4)
+
+
+def test_schedule_prunes_gradually_while_training():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cfg = ts.Magnitude(sparsity=0.8, scope="global")
+    sched = ts.pruning.Schedule(model, cfg, start_step=5, end_step=45, frequency=10)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 16, generator=gen), torch.randint(0, 4, (64,), generator=gen)
+    seen = []
+    for step in range(1, 61):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        report = sched.step()
+        assert (report is not None) == (step in (15, 25, 35, 45))  # step 5: target 0, nothing to do
+        layers = [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, "weight_mask")]
+        if layers:
+            zeros = sum(int((m.weight == 0).sum()) for m in layers)
+            total = sum(m.weight.numel() for m in layers)
+            seen.append(zeros / total)
+            # between updates the zeros stay, however Adam's moments push
+            assert all(bool((m.weight[~m.weight_mask] == 0).all()) for m in layers)
+    assert seen == sorted(seen)  # never un-prunes
+    layers = [m for m in model.modules() if hasattr(m, "weight_mask")]
+    pruned = sum(int((~m.weight_mask).sum()) for m in layers)
+    assert pruned == round(0.8 * sum(m.weight.numel() for m in layers))  # exact at the end
+    assert len(layers) == 3  # a Sequential's last layer is named "4", not a head
+
+
+def test_state_dict_resumes():
+    sched = ts.pruning.Schedule(_model(), ts.Magnitude(sparsity=0.5), 0, 10, 2)
+    for _ in range(4):
+        sched.step()
+    other = ts.pruning.Schedule(_model(), ts.Magnitude(sparsity=0.5), 0, 10, 2)
+    other.load_state_dict(sched.state_dict())
+    assert other.step_count == 4 and other.current == sched.current > 0
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(start_step=10, end_step=10, frequency=1), ValueError, "start_step < end_step"),
+    (dict(start_step=0, end_step=10, frequency=0), ValueError, "frequency"),
+    (dict(start_step=0, end_step=10, frequency=1, curve="cosine"), ValueError, "curve"),
+    (dict(start_step=0.5, end_step=10, frequency=1), TypeError, "start_step must be an int"),
+    (dict(start_step=0, end_step=10, frequency=1, initial_sparsity=0.9), ValueError, "initial_sparsity"),
+])
+def test_bad_arguments(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        ts.pruning.Schedule(_model(), ts.Magnitude(sparsity=0.5), **kwargs)
+    with pytest.raises(TypeError, match="pruning config"):
+        ts.pruning.Schedule(_model(), ts.Int8WeightOnly(), 0, 10, 1)
+
+
+def test_structured_schedule_masks_then_removes_channels():
+    pytest.importorskip("sklearn")
+    from tensorslim.eval import digits_cnn as D
+
+    xtr, ytr, xte, yte = D.digits()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: threads only contend
+    model = D.DigitsResNet(width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = ts.pruning.Schedule(model, ts.ChannelPrune(ratio=0.5), start_step=2, end_step=12, frequency=5,
+                                example_inputs=xtr[:2])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(16):
+        idx = torch.randint(0, len(xtr), (32,), generator=gen)
+        loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert model.block2.conv.weight.shape[0] == 32  # still full size, channels masked
+    zero_rows = (model.block2.conv.weight.detach().abs().sum((1, 2, 3)) == 0).sum()
+    assert int(zero_rows) == 16
+    model.eval()
+    with torch.no_grad():
+        before = model(xte[:32])
+    report = sched.finalize()
+    assert model.block2.conv.weight.shape[0] == 16 and model.head.in_features == 16 and report.changed
+    with torch.no_grad():  # removing the masked channels changes nothing
+        assert torch.allclose(model(xte[:32]), before, atol=1e-4, rtol=1e-4)
+    assert not any(hasattr(m, "weight_mask") for m in model.modules())
+    torch.set_num_threads(threads)

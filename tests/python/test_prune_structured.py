@@ -1,0 +1,209 @@
+"""ChannelPrune on a ResNet-style CNN (residual adds, BatchNorm, depthwise convs, a
+concatenation): layers really shrink, FLOPs drop >= 50%, the pruned model computes exactly
+what the original computes with the removed channels' consumer columns zeroed, it fine-tunes
+back, saves / loads into a fresh model; bad input leaves the model unchanged."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.eval import digits_cnn as D
+from tensorslim.pruning import channels as C
+
+pytest.importorskip("sklearn", reason="needs scikit-learn's digits")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: threads only contend
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return D.digits()
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    xtr, ytr, xte, yte = data
+    torch.manual_seed(0)
+    return D.train(D.DigitsResNet(), xtr, ytr, steps=80)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(now[k].shape == state[k].shape and torch.equal(now[k], state[k])
+                                              for k in state)
+
+
+def _zeroed_reference(model, cfg, example):
+    """The original model with every removed channel's consumer input columns zeroed: what a
+    correct structural pruning must compute exactly."""
+    ref = copy.deepcopy(model)
+    spaces = C.build_spaces(ref, cfg, None, example)
+    removed, _, _ = C.plan(ref, spaces, cfg, None)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for (name, param, dim), idx in removed.items():
+            if param == "weight" and dim == 1:
+                getattr(mods[name], param).index_fill_(1, torch.tensor(idx), 0.0)
+    return ref
+
+
+def test_cnn_channel_pruning_flops_equivalence_finetune(trained, data, tmp_path):
+    xtr, ytr, xte, yte = data
+    model = copy.deepcopy(trained)
+    cfg = ts.ChannelPrune(ratio=0.5, importance="l1")
+    ref = _zeroed_reference(model, cfg, (xtr[:4],))
+    report = ts.prune(model, cfg, calib_data=[xtr[:16]], progress=False)
+    assert model.block2.conv.weight.shape == (32, 32, 3, 3) and model.block2.dw.groups == 32
+    assert model.bn_cat.num_features == 32 and model.head.in_features == 32
+    assert model.branch_a.out_channels + model.branch_b.out_channels == 32
+    assert {c.name for c in report.changed} >= {"stem", "down", "block1.dw", "head"}
+    rows = {r.name: r for r in ts.summary(model).changes}
+    assert rows["block1.dw"].reason == "groups=16, in_channels=16, out_channels=16"
+    f0, f1 = D.flops(trained, xte[:1]), D.flops(model, xte[:1])
+    assert f1 <= 0.5 * f0, (f0, f1)
+    with torch.no_grad():
+        assert torch.allclose(model(xte[:64]), ref.eval()(xte[:64]), atol=1e-4, rtol=1e-4)
+    acc_dense = D.accuracy(trained, xte, yte)
+    D.train(model, xtr, ytr, steps=100, lr=2e-3, seed=1)
+    acc_pruned = D.accuracy(model, xte, yte)
+    print(f"\ndigits CNN: FLOPs {f0} -> {f1} ({1 - f1 / f0:.1%} removed), accuracy dense {acc_dense:.3f}, "
+          f"pruned + 100-step fine-tune {acc_pruned:.3f}")
+    assert acc_dense > 0.9 and acc_pruned > 0.85  # chance is 0.1
+    path = tmp_path / "cnn.slim.safetensors"
+    ts.save(model, path)
+    fresh = D.DigitsResNet()
+    ts.load(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(xte[:32]), model(xte[:32]))
+    assert fresh.block3.dw.groups == 32 and fresh.head.in_features == 32
+
+
+@pytest.mark.parametrize("importance", ["l2", "random", "taylor"])
+def test_other_importances(trained, data, importance):
+    xtr, ytr, _, _ = data
+    model = copy.deepcopy(trained)
+    cfg = ts.ChannelPrune(ratio=0.25, importance=importance)
+    ts.prune(model, cfg, calib_data=[(xtr[:32],)], progress=False)
+    assert model.block2.conv.out_channels == 48 and model.stem.out_channels == 24
+
+
+def test_taylor_needs_data_and_orders_differ(trained, data):
+    xtr = data[0]
+    with pytest.raises(ValueError, match="taylor.*calib_data or forward_loop"):
+        ts.prune(copy.deepcopy(trained), ts.ChannelPrune(importance="taylor"), example_inputs=xtr[:2])
+    m = copy.deepcopy(trained)
+    spaces = C.build_spaces(m, ts.ChannelPrune(), None, (xtr[:2],))
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
+    grads = C.taylor_grads(m, [xtr[:64]], None)
+    for n, p in m.named_parameters():  # the model's own .grad fields are restored
+        assert (p.grad is None and before[n] is None) or torch.equal(p.grad, before[n])
+    root = next(s for s in spaces.roots().values() if "block2.conv" in s.producers)
+    l1 = C._channel_scores(root, dict(m.named_modules()), ts.ChannelPrune(importance="l1"), None, 0)
+    ty = C._channel_scores(root, dict(m.named_modules()), ts.ChannelPrune(importance="taylor"), grads, 0)
+    w = m.block2.conv.weight.detach().double()
+    want = w.abs().sum((1, 2, 3)) + m.block2.bn1.weight.detach().double().abs() + \
+        m.block2.bn1.bias.detach().double().abs() + m.block2.dw.weight.detach().double().abs().sum((1, 2, 3)) + \
+        m.block2.bn2.weight.detach().double().abs() + m.block2.bn2.bias.detach().double().abs() + \
+        m.block2.pw.weight.detach().double().abs().sum((0, 2, 3))
+    assert torch.allclose(l1, want)  # the group's l1: every coupled slice, summed
+    assert not torch.equal(torch.argsort(l1), torch.argsort(ty))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3)
+        self.g = nn.Conv2d(8, 8, 3, groups=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.g(F.relu(self.a(x))).mean((2, 3)))
+
+
+class DataDependent(nn.Module):
+    """Control flow on values: fx cannot trace it, the autograd graph of one pass can."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(1, 16, 3)
+        self.bn = nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 36, 3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.a(x)))
+        if y.sum() > 0:
+            y = y + self.b(y)
+        return self.fc(y.flatten(1))
+
+
+class Untraceable(DataDependent):
+    """Data-dependent and its output is not differentiable: neither tracer sees a graph."""
+
+    def forward(self, x):
+        return super().forward(x).argmax(1)
+
+
+def test_autograd_fallback_prunes_a_model_fx_cannot_trace():
+    model = DataDependent().eval()
+    x = torch.rand(4, 1, 8, 8)
+    cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
+    with pytest.raises(ValueError, match="does not trace with torch.fx"):
+        C.channel_graph.trace(model, (x,))
+    ref = _zeroed_reference(model, cfg, (x,))
+    ts.prune(model, cfg, example_inputs=x, progress=False)
+    # a -> bn -> (+ b) residual group: 8 of 16 channels, flattened 36 features each into fc
+    assert model.a.out_channels == 8 and model.b.out_channels == 8 and model.fc.in_features == 8 * 36
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("make, cfg, kwargs, match", [
+    (D.DigitsResNet, ts.ChannelPrune(ratio=0.99, round_to=1), {}, r"layer '.*': ratio 0.99 leaves 0"),
+    (Grouped, ts.ChannelPrune(ratio=0.5, round_to=1), {}, r"layer 'a' cannot be pruned consistently: grouped conv 'g'"),
+    (Untraceable, ts.ChannelPrune(ratio=0.5), {}, "traces neither with torch.fx nor through autograd"),
+    (D.DigitsResNet, ts.ChannelPrune(ratio=0.5), {"no_inputs": True}, "needs example inputs"),
+])
+def test_bad_input_leaves_model_unchanged(make, cfg, kwargs, match):
+    torch.manual_seed(0)
+    model = make()
+    before = _state(model)
+    args = {} if kwargs.get("no_inputs") else {"example_inputs": torch.rand(2, 1, 8, 8)}
+    with pytest.raises(ValueError, match=match):
+        ts.prune(model, cfg, progress=False, **args)
+    assert _same(model, before)
+    assert not hasattr(model, C.STRUCTURED_ATTR)
+
+
+def test_config_errors():
+    for kwargs, match in ((dict(ratio=1.0), "ratio must be in"), (dict(importance="hessian"), "importance"),
+                          (dict(round_to=0), "round_to"), (dict(head_ratio="all"), "head_ratio")):
+        with pytest.raises(ValueError, match=match):
+            ts.ChannelPrune(**kwargs)
+    cfg = ts.ChannelPrune(ratio=0.3, importance="taylor", head_ratio=0.25, exclude=["stem"])
+    assert ts.Config.from_json(cfg.to_json()) == cfg
+
+
+def test_excluded_producer_keeps_its_group(trained, data):
+    model = copy.deepcopy(trained)
+    ts.prune(model, ts.ChannelPrune(ratio=0.5, exclude=["block2.pw"]), calib_data=[data[0][:4]], progress=False)
+    # block2.pw is in the stage-2 residual group: the whole group keeps its 64 channels
+    assert model.block2.pw.out_channels == 64 and model.down.out_channels == 64
+    assert model.block2.conv.out_channels == 32  # block-internal groups still pruned
