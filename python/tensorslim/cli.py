@@ -2,6 +2,8 @@
 
     tensorslim info                 version, CPU paths, threads, CUDA, formats
     tensorslim inspect FILE         the layers of a file written by ts.save
+    tensorslim compress RECIPE --out FILE [--model module:callable] [--weights W.safetensors]
+                                    apply a recipe's steps (prune, factorize, quantize) and save
 """
 import argparse
 import sys
@@ -47,6 +49,15 @@ def _inspect(args) -> int:
     return 0
 
 
+def _compress(args) -> int:
+    from tensorslim.recipe import run
+
+    sizes = run(args.recipe, args.out, args.model, args.weights)
+    print(f"{args.out}: {sizes['bytes_before'] / 2**20:.2f} MiB -> {sizes['bytes_after'] / 2**20:.2f} MiB "
+          f"({sizes['bytes_after'] / max(sizes['bytes_before'], 1):.3f}x)")
+    return 0
+
+
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
                 "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -62,6 +73,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("inspect", help="layers of a file written by ts.save")
     p.add_argument("file")
     p.set_defaults(run=_inspect)
+    p = sub.add_parser("compress", help="apply a recipe (YAML/JSON) to a model and save it")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True, help="the compressed safetensors file to write")
+    p.add_argument("--model", help="module.path:callable that builds the model (overrides the recipe)")
+    p.add_argument("--weights", help="the model's float weights, a safetensors file (overrides the recipe)")
+    p.set_defaults(run=_compress)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
