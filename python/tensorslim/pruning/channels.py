@@ -97,16 +97,18 @@ def _channel_scores(space: Space, mods: Dict[str, nn.Module], cfg: ChannelPrune,
         return torch.rand(space.size, generator=torch.Generator().manual_seed(cfg.seed * 100003 + sid),
                           dtype=torch.float64)
     score = torch.zeros(space.size, dtype=torch.float64)
+    p = 2 if cfg.importance == "l2" else 1
     for sl in space.slices:
         t = getattr(mods[sl.module], sl.param)
         if not isinstance(t, nn.Parameter):
             continue  # running statistics carry no importance
-        x = t.detach().double()
+        x = t.detach().float()
         if cfg.importance == "taylor":
-            x = (x * grads[f"{sl.module}.{sl.param}"].double()).abs()
-        x = x.movedim(sl.dim, 0)
-        x = x[sl.offset:sl.offset + space.size * sl.rep].reshape(space.size, -1)
-        score += x.abs().sum(1) if cfg.importance in ("l1", "taylor") else x.pow(2).sum(1)
+            x = x * grads[f"{sl.module}.{sl.param}"].float()
+        x = x.movedim(sl.dim, 0)[sl.offset:sl.offset + space.size * sl.rep].contiguous()
+        # |x|^p per weight in the core (the unstructured pruner's score kernel), summed per
+        # channel in float64 so the order of a channel's terms cannot change its rank.
+        score += prune_ops.scores(x, p).double().reshape(space.size, -1).sum(1)
     return score
 
 
