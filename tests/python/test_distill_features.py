@@ -139,3 +139,29 @@ def test_distiller_with_qat_student():
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.8 * first
+
+
+@pytest.mark.parametrize("compress", ["pruned", "factorized"])
+def test_distiller_with_pruned_or_factorized_student(compress):
+    """A structurally pruned (ts.prune) or factorized (ts.factorize) student trains through
+    the Distiller, and the hidden loss's projection takes the compressed layer's width."""
+    student, teacher = _pair(4)
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    if compress == "pruned":
+        ts.prune(student, ts.ChannelPrune(ratio=0.5, round_to=4), calib_data=[x[:8]], progress=False)
+        assert student.body[0].out_features == 8  # 16 hidden units, half removed
+    else:
+        ts.factorize(student, ts.SVD(rank=4, include=["body.3"], skip_output_head=False), progress=False)
+        assert isinstance(student.body[3], ts.LowRankLinear)
+    d = ts.distill.Distiller(student, teacher, losses={"kd": 1.0, "hidden": 0.1},
+                             feature_map={"body.3": "body.3"}, temperature=2.0,
+                             example_inputs=(torch.randn(2, 20),))
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = d(x, labels=y).loss
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.8 * first
