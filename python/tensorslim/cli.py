@@ -4,10 +4,14 @@
     tensorslim inspect FILE         the layers of a file written by ts.save
     tensorslim compress RECIPE --out FILE [--model module:callable] [--weights W.safetensors]
                                     apply a recipe's steps (prune, factorize, quantize) and save
+    tensorslim bench [NAME ...] [--list] [-- ARGS]
+                                    run the benchmarks of a source checkout (benchmarks/bench_*.py)
 """
 import argparse
+import subprocess
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional
 
 
 def _info(_args) -> int:
@@ -58,6 +62,41 @@ def _compress(args) -> int:
     return 0
 
 
+# bench_cuda needs a GPU and its own build; `tensorslim bench cuda` still runs it by name.
+_DEFAULT_SKIP = ("cuda",)
+
+
+def _benchmarks(directory: Optional[str]) -> Dict[str, Path]:
+    """{name: script} of bench_<name>.py in `directory`, or in the checkout this package runs
+    from (the benchmarks are not part of an installed wheel)."""
+    root = Path(directory) if directory else Path(__file__).resolve().parents[2] / "benchmarks"
+    found = {p.stem[len("bench_"):]: p for p in sorted(root.glob("bench_*.py"))}
+    if not found:
+        raise ValueError(f"no benchmarks in {root}: they ship with the source tree; run from a "
+                         "checkout or pass --dir")
+    return found
+
+
+def _bench(args) -> int:
+    found = _benchmarks(args.dir)
+    if args.list:
+        print("\n".join(found))
+        return 0
+    unknown = [n for n in args.names if n not in found]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; available: {sorted(found)}")
+    names = args.names or [n for n in found if n not in _DEFAULT_SKIP]
+    failed = []
+    for name in names:
+        print(f"== bench_{name}", flush=True)
+        if subprocess.run([sys.executable, str(found[name]), *args.extra]).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"tensorslim bench: failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
                 "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -79,7 +118,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model", help="module.path:callable that builds the model (overrides the recipe)")
     p.add_argument("--weights", help="the model's float weights, a safetensors file (overrides the recipe)")
     p.set_defaults(run=_compress)
+    p = sub.add_parser("bench", help="run the bundled benchmarks and print their tables")
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all but cuda)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--dir", help="the benchmarks directory (default: the checkout's benchmarks/)")
+    p.set_defaults(run=_bench, extra=[])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args = parser.parse_args(argv)
+    args.extra = extra
     try:
         return args.run(args)
     except (ValueError, OSError) as e:  # io turns a missing / corrupt file into these: one line, no traceback

@@ -34,3 +34,21 @@ def test_inspect_rejects_foreign_file(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 2
     assert "not a tensorslim file" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_bench_lists_runs_and_rejects_unknown_names(capsys):
+    from tensorslim import cli
+    assert cli.main(["bench", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"linear", "w8a8", "distill", "prune", "lowrank"} <= set(names)
+    assert cli.main(["bench", "no_such"]) == 2
+    assert "unknown benchmark(s) ['no_such']" in capsys.readouterr().err
+    # One small run through the command, its own arguments after --.
+    assert cli.main(["bench", "distill", "--", "--sizes", "64x1000", "--min-time", "0.01",
+                     "--dtype", "fp32"]) == 0
+
+
+def test_bench_needs_a_checkout(tmp_path, capsys):
+    from tensorslim import cli
+    assert cli.main(["bench", "--dir", str(tmp_path)]) == 2
+    assert "ship with the source tree" in capsys.readouterr().err
