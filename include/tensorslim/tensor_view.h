@@ -53,6 +53,8 @@ void check_ndim(const TensorView& t, int ndim, const char* what);
 void check_shape2(const TensorView& t, int64_t rows, int64_t cols, const char* what);
 void check_contiguous(const TensorView& t, const char* what);
 void check_same_device(const TensorView& a, const TensorView& b, const char* what);
+// A contiguous [rows, cols] CPU view of dtype dt over data (a workspace the caller owns).
+TensorView contiguous_view2(void* data, DType dt, int64_t rows, int64_t cols);
 // A contiguous float32 [N, K] view on like's device (no data): the weight a linear kernel's
 // packed codes stand for, so they can be checked with the quantize argument checks.
 TensorView weight_stand_in(const TensorView& like, int64_t N, int64_t K);

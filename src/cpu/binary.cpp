@@ -221,24 +221,13 @@ void linear_xnor(const TensorView& x, const TensorView& bits, const TensorView& 
   a_bits.assign(M * row_bytes, 0);
   a_scale.resize(M);
   dots.resize(M * N);
-  TensorView av;
-  av.data = a_bits.data();
-  av.dtype = DType::kUInt8;
-  av.ndim = 2;
-  av.shape[0] = M;
-  av.shape[1] = row_bytes;
-  av.strides[0] = row_bytes;
-  av.strides[1] = 1;
+  const TensorView av = contiguous_view2(a_bits.data(), DType::kUInt8, M, row_bytes);
   TensorView sv;
   sv.data = a_scale.data();
   sv.ndim = 1;
   sv.shape[0] = M;
   sv.strides[0] = 1;
-  TensorView dv = av;
-  dv.data = dots.data();
-  dv.dtype = DType::kInt32;
-  dv.shape[1] = N;
-  dv.strides[0] = N;
+  const TensorView dv = contiguous_view2(dots.data(), DType::kInt32, M, N);
   binarize_rows(x, av, sv);
   xnor_dots(av, bits, K, dv, backend);
   // The same float arithmetic for every backend: outputs agree bit for bit.

@@ -67,13 +67,7 @@ void linear_weight_only_reference(const TensorView& x, const TensorView& qweight
         z1.data = zero_points->ptr<uint8_t>() + n * zero_points->shape[1];
         z1.shape[0] = 1;
       }
-      o1.data = wrow.data();
-      o1.dtype = DType::kFloat32;
-      o1.ndim = 2;
-      o1.shape[0] = 1;
-      o1.shape[1] = K;
-      o1.strides[0] = K;
-      o1.strides[1] = 1;
+      o1 = contiguous_view2(wrow.data(), DType::kFloat32, 1, K);
       dequantize(q1, s1, zero_points ? &z1 : nullptr, fmt, group_size, o1);
       for (int64_t m = 0; m < M; ++m) {
         double acc = bias ? bias->ptr<float>()[n] : 0.0;

@@ -125,18 +125,10 @@ bool run_onednn(const TensorView& x, const TensorView& qweight, const TensorView
   return true;
 }
 
-// A plain fp32 [rows, cols] view over buf.
+// A plain fp32 [rows, cols] view over buf, resized to fit.
 TensorView f32_view(std::vector<float>& buf, int64_t rows, int64_t cols) {
   buf.resize(rows * cols);
-  TensorView v;
-  v.data = buf.data();
-  v.dtype = DType::kFloat32;
-  v.ndim = 2;
-  v.shape[0] = rows;
-  v.shape[1] = cols;
-  v.strides[0] = cols;
-  v.strides[1] = 1;
-  return v;
+  return contiguous_view2(buf.data(), DType::kFloat32, rows, cols);
 }
 
 }  // namespace

@@ -54,6 +54,18 @@ void check_contiguous(const TensorView& t, const char* what) {
   TS_CHECK_VALUE(t.is_contiguous(), std::string(what) + ": expected a contiguous tensor");
 }
 
+TensorView contiguous_view2(void* data, DType dt, int64_t rows, int64_t cols) {
+  TensorView v;
+  v.data = data;
+  v.dtype = dt;
+  v.ndim = 2;
+  v.shape[0] = rows;
+  v.shape[1] = cols;
+  v.strides[0] = cols;
+  v.strides[1] = 1;
+  return v;
+}
+
 TensorView weight_stand_in(const TensorView& like, int64_t N, int64_t K) {
   TensorView w = like;
   w.dtype = DType::kFloat32;
