@@ -6,17 +6,14 @@
 #include <algorithm>
 #include <vector>
 
-#include "half.h"
-#include "parallel.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
 #include "weight_only_native.h"
+#include "weight_only_tiles.h"
 
 namespace tensorslim {
 namespace cpu {
 namespace {
-
-constexpr int kMaxBlock = 2;  // activation rows per pass: 16 ymm registers hold 2x2 tiles
 
 // One half (8 bytes = 16 values) of a 32-value INT4 block: lo = its low nibbles (even k),
 // hi = its high nibbles (odd k), matching pack_activations' de-interleaved order.
@@ -92,71 +89,22 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
   }
 }
 
-using Problem = WeightOnlyProblem;
-
-// Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1.
-template <int R, int MB, int kBits, bool kSigned>
-void tile(const Problem& p, int64_t n, int64_t m0) {
-  const uint8_t* wrow[R];
-  const float* sc[R];
-  const uint8_t* zrow[R];
-  for (int r = 0; r < R; ++r) {
-    wrow[r] = p.qweight.ptr<uint8_t>() + (n + r) * p.qweight.strides[0];
-    sc[r] = p.scales.ptr<float>() + (n + r) * p.groups;
-    zrow[r] = p.zero_points ? p.zero_points->ptr<uint8_t>() + (n + r) * p.groups : nullptr;
+// The vector part for weight_only_tiles.h.
+struct Kernel {
+  using Vec = __m256;
+  static constexpr int kMaxBlock = 2;  // activation rows per pass: 16 ymm registers hold 2x2 tiles
+  template <int R, int MB, int kBits, bool kSigned>
+  static void dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t* const* zrow,
+                  int64_t K, int64_t gsize, const float* xp, Vec acc[R][MB]) {
+    rows_dot<R, MB, kBits, kSigned>(wrow, sc, zrow, K, gsize, xp, acc);
   }
-  __m256 acc[R][MB];
-  rows_dot<R, MB, kBits, kSigned>(wrow, sc, zrow, p.K, p.gsize, p.xp + m0 * p.K, acc);
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) {
-      const float y = hsum(acc[r][m]) + (p.bias ? p.bias->ptr<float>()[n + r] : 0.0f);
-      const int64_t off = (m0 + m) * p.out.strides[0] + n + r;
-      if (p.out.dtype == DType::kFloat32)
-        p.out.ptr<float>()[off] = y;
-      else
-        p.out.ptr<uint16_t>()[off] = float_to_bf16(y);
-    }
-}
-
-// Output rows n .. n+R-1 for every activation row, kMaxBlock activation rows per pass
-// (the weight rows stay in L1 between passes).
-template <int R, int kBits, bool kSigned>
-void rows_all_m(const Problem& p, int64_t n, int64_t M) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxBlock) {
-    switch (std::min<int64_t>(kMaxBlock, M - m0)) {
-      case 1: tile<R, 1, kBits, kSigned>(p, n, m0); break;
-      case 2: tile<R, 2, kBits, kSigned>(p, n, m0); break;
-      default: tile<R, 2, kBits, kSigned>(p, n, m0); break;
-    }
-  }
-}
-
-// Four weight rows per step for one activation row, two otherwise (register budget).
-template <int kBits, bool kSigned>
-void run(const Problem& p, int64_t M) {
-  const int64_t N = p.qweight.shape[0], K = p.K;
-  // Below ~2M multiply-adds one thread finishes before a second would be awake.
-  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(K * M, 1));
-  parallel_for(N, grain, [&](int64_t b, int64_t e) {
-    int64_t n = b;
-    if (M == 1)
-      for (; n + 4 <= e; n += 4) rows_all_m<4, kBits, kSigned>(p, n, M);
-    else
-      for (; n + 2 <= e; n += 2) rows_all_m<2, kBits, kSigned>(p, n, M);
-    for (; n < e; ++n) rows_all_m<1, kBits, kSigned>(p, n, M);
-  });
-}
+  static float sum(Vec v) { return hsum(v); }
+};
 
 }  // namespace
 
 void linear_weight_only_avx2(const WeightOnlyProblem& p, Format fmt, int64_t M) {
-  switch (fmt) {
-    case Format::kInt8: return run<8, true>(p, M);
-    case Format::kUInt8: return run<8, false>(p, M);
-    case Format::kInt4: return run<4, true>(p, M);
-    case Format::kUInt4: return run<4, false>(p, M);
-    default: return;
-  }
+  weight_only_dispatch<Kernel>(p, fmt, M);
 }
 
 }  // namespace cpu

@@ -6,17 +6,14 @@
 #include <algorithm>
 #include <vector>
 
-#include "half.h"
-#include "parallel.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
 #include "weight_only_native.h"
+#include "weight_only_tiles.h"
 
 namespace tensorslim {
 namespace cpu {
 namespace {
-
-constexpr int kMaxBlock = 4;  // activation rows per pass over a weight row
 
 template <bool kSigned>
 inline void int4_block(const uint8_t* w, __m512i zp, __m512& lo, __m512& hi) {
@@ -80,72 +77,22 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
   }
 }
 
-using Problem = WeightOnlyProblem;
-
-// Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1.
-template <int R, int MB, int kBits, bool kSigned>
-void tile(const Problem& p, int64_t n, int64_t m0) {
-  const uint8_t* wrow[R];
-  const float* sc[R];
-  const uint8_t* zrow[R];
-  for (int r = 0; r < R; ++r) {
-    wrow[r] = p.qweight.ptr<uint8_t>() + (n + r) * p.qweight.strides[0];
-    sc[r] = p.scales.ptr<float>() + (n + r) * p.groups;
-    zrow[r] = p.zero_points ? p.zero_points->ptr<uint8_t>() + (n + r) * p.groups : nullptr;
+// The vector part for weight_only_tiles.h.
+struct Kernel {
+  using Vec = __m512;
+  static constexpr int kMaxBlock = 4;  // activation rows per pass over a weight row
+  template <int R, int MB, int kBits, bool kSigned>
+  static void dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t* const* zrow,
+                  int64_t K, int64_t gsize, const float* xp, Vec acc[R][MB]) {
+    rows_dot<R, MB, kBits, kSigned>(wrow, sc, zrow, K, gsize, xp, acc);
   }
-  __m512 acc[R][MB];
-  rows_dot<R, MB, kBits, kSigned>(wrow, sc, zrow, p.K, p.gsize, p.xp + m0 * p.K, acc);
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) {
-      const float y = _mm512_reduce_add_ps(acc[r][m]) + (p.bias ? p.bias->ptr<float>()[n + r] : 0.0f);
-      const int64_t off = (m0 + m) * p.out.strides[0] + n + r;
-      if (p.out.dtype == DType::kFloat32)
-        p.out.ptr<float>()[off] = y;
-      else
-        p.out.ptr<uint16_t>()[off] = float_to_bf16(y);
-    }
-}
-
-// Output rows n .. n+R-1 for every activation row, kMaxBlock activation rows per pass
-// (the weight rows stay in L1 between passes).
-template <int R, int kBits, bool kSigned>
-void rows_all_m(const Problem& p, int64_t n, int64_t M) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxBlock) {
-    switch (std::min<int64_t>(kMaxBlock, M - m0)) {
-      case 1: tile<R, 1, kBits, kSigned>(p, n, m0); break;
-      case 2: tile<R, 2, kBits, kSigned>(p, n, m0); break;
-      case 3: tile<R, 3, kBits, kSigned>(p, n, m0); break;
-      default: tile<R, 4, kBits, kSigned>(p, n, m0); break;
-    }
-  }
-}
-
-// Four weight rows per step for one activation row, two otherwise (register budget).
-template <int kBits, bool kSigned>
-void run(const Problem& p, int64_t M) {
-  const int64_t N = p.qweight.shape[0], K = p.K;
-  // Below ~2M multiply-adds one thread finishes before a second would be awake.
-  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(K * M, 1));
-  parallel_for(N, grain, [&](int64_t b, int64_t e) {
-    int64_t n = b;
-    if (M == 1)
-      for (; n + 4 <= e; n += 4) rows_all_m<4, kBits, kSigned>(p, n, M);
-    else
-      for (; n + 2 <= e; n += 2) rows_all_m<2, kBits, kSigned>(p, n, M);
-    for (; n < e; ++n) rows_all_m<1, kBits, kSigned>(p, n, M);
-  });
-}
+  static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+};
 
 }  // namespace
 
 void linear_weight_only_avx512(const WeightOnlyProblem& p, Format fmt, int64_t M) {
-  switch (fmt) {
-    case Format::kInt8: return run<8, true>(p, M);
-    case Format::kUInt8: return run<8, false>(p, M);
-    case Format::kInt4: return run<4, true>(p, M);
-    case Format::kUInt4: return run<4, false>(p, M);
-    default: return;
-  }
+  weight_only_dispatch<Kernel>(p, fmt, M);
 }
 
 }  // namespace cpu
