@@ -12,6 +12,7 @@
 // reference to a few ulp, the integer part is exact.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -57,6 +58,13 @@ bool quantize_per_token_avx512(const TensorView& x, const TensorView* inv_smooth
                                const TensorView& q, const TensorView& scales);
 bool quantize_static_avx512(const TensorView& x, const TensorView* inv_smooth, float scale,
                             int32_t zero_point, const TensorView& q);
+// Rows per task of the activation quantizers: a few hundred microseconds beside a GEMM that
+// runs on oneDNN's threads, so they only go parallel for large activations (waking our pool
+// while those still spin cost ~8 ms on a busy 2-core machine).
+inline int64_t activation_row_grain(int64_t K) {
+  return std::max<int64_t>(4, (int64_t{1} << 22) / std::max<int64_t>(K, 1));
+}
+[[noreturn]] void throw_activation_not_finite(int64_t row);
 // AVX2 versions, bit-exact with the references; false when the CPU lacks AVX2.
 bool quantize_per_token_avx2(const TensorView& x, const TensorView* inv_smooth,
                              const TensorView& q, const TensorView& scales);

@@ -30,10 +30,6 @@ void check_act(const TensorView& x, const TensorView* inv_smooth, const TensorVi
   }
 }
 
-[[noreturn]] void throw_not_finite(int64_t row) {
-  throw ValueError("x contains NaN or Inf (row " + std::to_string(row) +
-                   "); activation quantization needs finite values");
-}
 
 bool use_isa(GemmBackend backend, cpu::Isa isa) {
   return backend != GemmBackend::kReference && cpu::active_isa() == isa;
@@ -42,6 +38,11 @@ bool use_isa(GemmBackend backend, cpu::Isa isa) {
 }  // namespace
 
 namespace cpu {
+
+[[noreturn]] void throw_activation_not_finite(int64_t row) {
+  throw ValueError("x contains NaN or Inf (row " + std::to_string(row) +
+                   "); activation quantization needs finite values");
+}
 
 void quantize_per_token_reference(const TensorView& x, const TensorView* inv_smooth,
                                   const TensorView& q, const TensorView& scales) {
@@ -54,7 +55,7 @@ void quantize_per_token_reference(const TensorView& x, const TensorView* inv_smo
       float amax = 0.0f;
       for (int64_t k = 0; k < K; ++k) {
         const float v = inv ? xr[k] * inv[k] : xr[k];
-        if (!std::isfinite(v)) throw_not_finite(m);
+        if (!std::isfinite(v)) throw_activation_not_finite(m);
         amax = std::fmax(amax, std::fabs(v));
       }
       const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
@@ -83,7 +84,7 @@ void quantize_static_reference(const TensorView& x, const TensorView* inv_smooth
       const float* xr = x.ptr<float>() + m * K;
       for (int64_t k = 0; k < K; ++k) {
         const float v = inv ? xr[k] * inv[k] : xr[k];
-        if (!std::isfinite(v)) throw_not_finite(m);
+        if (!std::isfinite(v)) throw_activation_not_finite(m);
         const float r = std::fmin(std::fmax(std::nearbyint(v / scale) + zp, qmin), qmax);
         if (is_u8)
           q.ptr<uint8_t>()[m * K + k] = static_cast<uint8_t>(r);

@@ -92,14 +92,6 @@ bool encode_row(const float* x, const float* inv, int64_t K, float scale, float 
   return finite;
 }
 
-// Serial unless large, as in quantize_act_avx512.cpp.
-int64_t row_grain(int64_t K) { return std::max<int64_t>(4, (int64_t{1} << 22) / std::max<int64_t>(K, 1)); }
-
-[[noreturn]] void not_finite(int64_t row) {
-  throw ValueError("x contains NaN or Inf (row " + std::to_string(row) +
-                   "); activation quantization needs finite values");
-}
-
 }  // namespace
 
 bool quantize_per_token_avx2(const TensorView& x, const TensorView* inv_smooth,
@@ -108,11 +100,11 @@ bool quantize_per_token_avx2(const TensorView& x, const TensorView* inv_smooth,
   const int64_t M = x.shape[0], K = x.shape[1];
   const float* inv = inv_smooth ? inv_smooth->ptr<float>() : nullptr;
   const int32_t shift = q.dtype == DType::kUInt8 ? 128 : 0;  // u8: the same codes + 128
-  parallel_for(M, row_grain(K), [&](int64_t b, int64_t e) {
+  parallel_for(M, activation_row_grain(K), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const float* xr = x.ptr<float>() + row * K;
       float amax;
-      if (!row_absmax(xr, inv, K, &amax)) not_finite(row);
+      if (!row_absmax(xr, inv, K, &amax)) throw_activation_not_finite(row);
       const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
       scales.ptr<float>()[row] = scale;
       encode_row(xr, inv, K, scale, 0.0f, -127.0f, 127.0f, shift, false,
@@ -129,11 +121,11 @@ bool quantize_static_avx2(const TensorView& x, const TensorView* inv_smooth, flo
   const float* inv = inv_smooth ? inv_smooth->ptr<float>() : nullptr;
   const bool is_u8 = q.dtype == DType::kUInt8;
   const float lo = is_u8 ? 0.0f : -128.0f, hi = is_u8 ? 255.0f : 127.0f;
-  parallel_for(M, row_grain(K), [&](int64_t b, int64_t e) {
+  parallel_for(M, activation_row_grain(K), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       if (!encode_row(x.ptr<float>() + row * K, inv, K, scale, static_cast<float>(zero_point), lo,
                       hi, 0, true, static_cast<uint8_t*>(q.data) + row * K))
-        not_finite(row);
+        throw_activation_not_finite(row);
     }
   });
   return true;

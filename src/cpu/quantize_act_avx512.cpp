@@ -56,16 +56,6 @@ bool encode_row(const float* x, const float* inv, int64_t K, float scale, float 
   return bad == 0;
 }
 
-// Rows per task: these passes are a few hundred microseconds beside a GEMM that runs on
-// oneDNN's threads; waking our pool while those still spin costs a scheduler slice (~8 ms
-// measured on a busy 2-core machine), so we only go parallel for large activations.
-int64_t row_grain(int64_t K) { return std::max<int64_t>(4, (int64_t{1} << 22) / std::max<int64_t>(K, 1)); }
-
-[[noreturn]] void not_finite(int64_t row) {
-  throw ValueError("x contains NaN or Inf (row " + std::to_string(row) +
-                   "); activation quantization needs finite values");
-}
-
 }  // namespace
 
 bool quantize_per_token_avx512(const TensorView& x, const TensorView* inv_smooth,
@@ -74,12 +64,12 @@ bool quantize_per_token_avx512(const TensorView& x, const TensorView* inv_smooth
   const int64_t M = x.shape[0], K = x.shape[1];
   const float* inv = inv_smooth ? inv_smooth->ptr<float>() : nullptr;
   const bool is_u8 = q.dtype == DType::kUInt8;
-  parallel_for(M, row_grain(K), [&](int64_t b, int64_t e) {
+  parallel_for(M, activation_row_grain(K), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const float* xr = x.ptr<float>() + row * K;
       uint8_t* qr = static_cast<uint8_t*>(q.data) + row * K;
       float amax;
-      if (!row_absmax(xr, inv, K, &amax)) not_finite(row);
+      if (!row_absmax(xr, inv, K, &amax)) throw_activation_not_finite(row);
       const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
       scales.ptr<float>()[row] = scale;
       // u8 output: the same codes + 128 (adding 128 to the int32 lane is exact).
@@ -100,7 +90,7 @@ bool quantize_static_avx512(const TensorView& x, const TensorView* inv_smooth, f
   const float* inv = inv_smooth ? inv_smooth->ptr<float>() : nullptr;
   const bool is_u8 = q.dtype == DType::kUInt8;
   const float lo = is_u8 ? 0.0f : -128.0f, hi = is_u8 ? 255.0f : 127.0f;
-  parallel_for(M, row_grain(K), [&](int64_t b, int64_t e) {
+  parallel_for(M, activation_row_grain(K), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const float* xr = x.ptr<float>() + row * K;
       uint8_t* qr = static_cast<uint8_t*>(q.data) + row * K;
@@ -109,7 +99,7 @@ bool quantize_static_avx512(const TensorView& x, const TensorView* inv_smooth, f
                                  [&](int64_t k, __mmask16 m, __m512i c) {
                                    _mm512_mask_cvtepi32_storeu_epi8(qr + k, m, c);
                                  });
-      if (!ok) not_finite(row);
+      if (!ok) throw_activation_not_finite(row);
     }
   });
   return true;

@@ -121,6 +121,19 @@ def test_distiller_bf16_autocast():
     assert abs(float(out.loss.detach()) - float(ref)) <= 0.05 * abs(float(ref)) + 1e-3
 
 
+def _assert_trains(d, x, y, steps: int = 30):
+    """Adam steps through the Distiller bring the loss below 0.8x its first value."""
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    first = None
+    for _ in range(steps):
+        loss = d(x, labels=y).loss
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.8 * first
+
+
 def test_distiller_with_qat_student():
     """A student under fake quantization (ts.prepare_qat) trains through the Distiller."""
     student, teacher = _pair(3)
@@ -129,16 +142,7 @@ def test_distiller_with_qat_student():
     d = ts.distill.Distiller(student, teacher, losses={"kd": 1.0, "hidden": 0.1},
                              feature_map={"body.0": "body.0"}, temperature=2.0,
                              example_inputs=(torch.randn(2, 20),))
-    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
-    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
-    first = None
-    for _ in range(30):
-        loss = d(x, labels=y).loss
-        first = float(loss.detach()) if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss.detach()) < 0.8 * first
+    _assert_trains(d, torch.randn(64, 20), torch.randint(0, 5, (64,)))
 
 
 @pytest.mark.parametrize("compress", ["pruned", "factorized"])
@@ -156,12 +160,4 @@ def test_distiller_with_pruned_or_factorized_student(compress):
     d = ts.distill.Distiller(student, teacher, losses={"kd": 1.0, "hidden": 0.1},
                              feature_map={"body.3": "body.3"}, temperature=2.0,
                              example_inputs=(torch.randn(2, 20),))
-    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
-    first = None
-    for _ in range(30):
-        loss = d(x, labels=y).loss
-        first = float(loss.detach()) if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss.detach()) < 0.8 * first
+    _assert_trains(d, x, y)
