@@ -8,30 +8,32 @@
 __version__ = "0.1.0"
 
 from ._native import _C  # noqa: F401  (loads the native core first)
-from . import distill, eval, ops, pruning  # noqa: F401  (ts.distill.kd_loss, ts.pruning.Schedule, ...)
+from . import distill, eval, ops, pruning, sparsity  # noqa: F401  (ts.distill.kd_loss, ts.pruning.Schedule, ...)
 from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Config,
                      FP8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightOnly,
                      Ternary)
 from .formats import FORMATS, PER_TENSOR
 from .io import load, save
 from .lowrank import CP, SVD, Tucker, factorize
-from .nn import (BinaryLinear, CPConv2d, Int8Linear, LowBitLinear, LowRankLinear, TernaryLinear,
-                 TuckerConv2d, W4A8Linear, WeightOnlyLinear)
+from .nn import (BinaryLinear, CPConv2d, CSRSparseLinear, Int8Linear, LowBitLinear, LowRankLinear,
+                 NMSparseLinear, TernaryLinear, TuckerConv2d, W4A8Linear, WeightOnlyLinear)
 from .pruning import ChannelPrune, Magnitude, RandomPrune, prune
 from .qat import QATLinear, convert, prepare_qat
 from .quantization import quantize
 from .report import Report, summary
+from .sparsity import NM, SparseStorage, Unstructured, sparsify
 
 __all__ = [
     # configs and presets
     "Config", "PRESETS", "Int8WeightOnly", "Int4WeightOnly", "IntWeightOnly", "GPTQ", "AWQ",
     "W8A8", "Int8Dynamic", "W4A8", "FP8WeightOnly", "NVFP4", "MXFP4", "Binary", "Ternary",
-    "SVD", "Tucker", "CP", "Magnitude", "RandomPrune", "ChannelPrune",
+    "SVD", "Tucker", "CP", "Magnitude", "RandomPrune", "ChannelPrune", "NM", "Unstructured",
+    "SparseStorage",
     # verbs, reports, files
-    "quantize", "prune", "factorize", "prepare_qat", "convert", "summary", "Report", "save", "load",
+    "quantize", "prune", "sparsify", "factorize", "prepare_qat", "convert", "summary", "Report", "save", "load",
     # compressed modules
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
-    "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
+    "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d", "NMSparseLinear", "CSRSparseLinear",
     # formats and kernels
-    "FORMATS", "PER_TENSOR", "ops", "eval", "distill", "pruning",
+    "FORMATS", "PER_TENSOR", "ops", "eval", "distill", "pruning", "sparsity",
 ]

@@ -20,7 +20,7 @@ def register_config(cls):
     return cls
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only, so each config's own fields come first: ts.NM(2, 4)
 class LayerFilter:
     """Which layers a transform touches.
 
@@ -127,7 +127,7 @@ def check_field_types(cfg: "Config") -> None:
             setattr(cfg, f.name, normalized)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config(LayerFilter):
     """Base of every technique's config. Every field is type-checked at construction
     (check_field_types); include / exclude take one pattern string or a list of them."""

@@ -1,4 +1,4 @@
-"""Compression recipes: a list of steps (prune, factorize, quantize), each with its config,
+"""Compression recipes: a list of steps (prune, sparsify, factorize, quantize), each with its config,
 applied to a model in order. `tensorslim compress RECIPE` runs one from a YAML or JSON file:
 
     model: tensorslim.eval.digits_cnn:DigitsResNet   # module:callable that builds the model
@@ -23,13 +23,12 @@ from torch import nn
 
 from .config import PRESETS, Config
 
-# Verb of each step kind. Sparsity (N:M, Wanda, SparseGPT) joins when ts.sparsify exists.
-STEP_KINDS = ("prune", "factorize", "quantize")
+STEP_KINDS = ("prune", "sparsify", "factorize", "quantize")
 
 
 def _verb(kind: str) -> Callable:
     import tensorslim as ts
-    return {"prune": ts.prune, "factorize": ts.factorize, "quantize": ts.quantize}[kind]
+    return {"prune": ts.prune, "sparsify": ts.sparsify, "factorize": ts.factorize, "quantize": ts.quantize}[kind]
 
 
 def _step_config(i: int, kind: str, spec: Any) -> Union[Config, str]:
@@ -57,9 +56,6 @@ def parse_steps(steps: Any) -> List[Tuple[str, Union[Config, str]]]:
             raise ValueError(f"recipe step {i}: expected one of {STEP_KINDS} mapped to its config, "
                              f"got {step!r}")
         (kind, spec), = step.items()
-        if kind == "sparsify":
-            raise ValueError(f"recipe step {i}: 'sparsify' is not available in this version "
-                             f"(steps: {STEP_KINDS})")
         if kind not in STEP_KINDS:
             raise ValueError(f"recipe step {i}: unknown step {kind!r}; expected one of {STEP_KINDS}")
         parsed.append((kind, _step_config(i, kind, spec)))

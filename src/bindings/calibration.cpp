@@ -3,6 +3,7 @@
 
 #include "tensorslim/awq.h"
 #include "tensorslim/gptq.h"
+#include "tensorslim/sparsegpt.h"
 #include "views.h"
 
 namespace py = pybind11;
@@ -30,6 +31,25 @@ void register_calibration(py::module_& m) {
     }
     return py::make_tuple(r.damp_used, r.loss);
   }, "GPTQ: codes, scales, zero points of w given H; returns (damp used, loss).");
+
+  m.def("sparsegpt_prune", [](py::handle w, py::handle h, int n, int m_, double sparsity, int bits,
+                              int64_t block, double damp, py::handle out, py::handle keep, py::handle scales) {
+    TensorView wv = to_view(w, "w"), hv = to_view(h, "h"), ov = to_view(out, "out"),
+               kv = to_view(keep, "keep"), sv = to_view(scales, "scales");
+    SparseGptOptions opt;
+    opt.n = n;
+    opt.m = m_;
+    opt.sparsity = sparsity;
+    opt.bits = bits;
+    opt.block_size = block;
+    opt.damp = damp;
+    SparseGptResult r;
+    {
+      py::gil_scoped_release release;
+      r = sparsegpt_prune(wv, hv, opt, ov, kv, sv);
+    }
+    return py::make_tuple(r.damp_used, r.loss);
+  }, "SparseGPT: pruned (optionally quantized) weights and keep-mask of w given H; returns (damp used, loss).");
 
   m.def("awq_search_scale", [](py::handle w, py::handle g, py::handle act, int bits, bool symmetric,
                                int64_t group, int64_t n_grid, py::handle losses) {

@@ -11,13 +11,14 @@
 #include <string>
 #include <vector>
 
+#include "hessian.h"
 #include "parallel.h"
 #include "tensorslim/status.h"
 
 namespace tensorslim {
 namespace {
 
-using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using cpu::RowMat;
 
 struct GroupParam {
   float scale;
@@ -67,35 +68,6 @@ void check_args(const TensorView& w, const TensorView& h, const GptqOptions& opt
   check_shape2(zps, rows, groups, "zero_points");
 }
 
-// Lower Cholesky factor L of (H + frac * mean(diag H) * I)^-1, so that U = L^T is the upper
-// factor GPTQ uses (column j of L is row j of U, contiguous). frac is raised x10 until both
-// factorizations succeed; returns the fraction used. Works in place: besides H (kept for
-// retries) and the result it needs one n x n scratch matrix.
-double inverse_cholesky(const Eigen::MatrixXd& H, double frac, Eigen::MatrixXd* L) {
-  const int64_t n = H.rows();
-  const double mean_diag = H.diagonal().mean();
-  Eigen::MatrixXd scratch(n, n);
-  for (int attempt = 0; attempt < 12; ++attempt) {
-    *L = H;
-    L->diagonal().array() += frac * mean_diag;
-    Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(*L);  // in place: *L holds the factor
-    if (llt.info() == Eigen::Success) {
-      scratch.setIdentity();
-      llt.matrixL().solveInPlace(scratch);                                  // C^-1
-      L->noalias() = scratch.transpose() * scratch;                        // (H + damp)^-1
-      L->triangularView<Eigen::StrictlyUpper>() = L->transpose();          // exact symmetry
-      Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt_inv(*L);
-      if (llt_inv.info() == Eigen::Success) {
-        L->triangularView<Eigen::StrictlyUpper>().setZero();
-        return frac;
-      }
-    }
-    frac = frac > 0.0 ? frac * 10.0 : 1e-6;
-  }
-  throw ValueError("gptq_quantize: H is not positive definite even with damping " +
-                   std::to_string(frac) + " x mean(diag H); check the calibration data");
-}
-
 }  // namespace
 
 IntGrid int_grid(int bits, bool symmetric) {
@@ -115,24 +87,9 @@ GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOpt
   const int64_t rows = w.size(0), cols = w.size(1), g = opt.group_size, groups = cols / g;
   const IntGrid grid = int_grid(opt.bits, opt.symmetric);
 
-  RowMat W(rows, cols);
-  const float* wp = w.ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) W(r, c) = wp[r * w.stride(0) + c * w.stride(1)];
-  Eigen::MatrixXd H(cols, cols);
-  const float* hp = h.ptr<float>();
-  for (int64_t r = 0; r < cols; ++r)
-    for (int64_t c = 0; c < cols; ++c) H(r, c) = hp[r * h.stride(0) + c * h.stride(1)];
-  TS_CHECK_VALUE(W.allFinite(), "gptq_quantize: w contains NaN or Inf");
-  TS_CHECK_VALUE(H.allFinite(), "gptq_quantize: h contains NaN or Inf");
-
-  // Inputs that never fire carry no information: quantize those weights to zero.
-  for (int64_t c = 0; c < cols; ++c) {
-    if (H(c, c) == 0.0) {
-      H(c, c) = 1.0;
-      W.col(c).setZero();
-    }
-  }
+  RowMat W = cpu::load_weight(w, "gptq_quantize");
+  Eigen::MatrixXd H = cpu::load_hessian(h, "gptq_quantize");
+  cpu::drop_dead_inputs(&H, &W);
 
   std::vector<int64_t> perm(cols);
   std::iota(perm.begin(), perm.end(), 0);
@@ -157,7 +114,7 @@ GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOpt
   }
 
   Eigen::MatrixXd L;  // U = L^T: U(i, j) = L(j, i), row i of U is column i of L
-  const double damp_used = inverse_cholesky(H, opt.damp, &L);
+  const double damp_used = cpu::inverse_cholesky(H, opt.damp, &L, "gptq_quantize");
   H.resize(0, 0);
 
   // Dynamic groups are measured when they start, so a block must hold whole groups.

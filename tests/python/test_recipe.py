@@ -84,7 +84,7 @@ def test_model_and_weights_from_the_command_line(tmp_path, fixture_module):
 
 
 @pytest.mark.parametrize("steps,message", [
-    ([{"sparsify": {"type": "NM"}}], "'sparsify' is not available"),
+    ([{"sparsify": {"type": "NM", "n": 5}}], "n must be"),
     ([{"distill": {}}], "unknown step 'distill'"),
     ([{"quantize": "int7_magic"}], "unknown preset 'int7_magic'"),
     ([{"prune": {"type": "Magnitude", "sparsity": "high"}}], "sparsity"),

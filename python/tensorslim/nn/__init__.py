@@ -5,13 +5,16 @@ from .int8_linear import Int8Linear
 from .lowbit_linear import LowBitLinear
 from .lowrank_conv import CPConv2d, TuckerConv2d
 from .lowrank_linear import LowRankLinear
+from .sparse_linear import CSRSparseLinear, NMSparseLinear
 from .w4a8_linear import W4A8Linear
 from .weight_only_linear import WeightOnlyLinear
 
 # kind name in saved files -> module class (see io.py)
 COMPRESSED_MODULES = {cls.kind: cls for cls in (WeightOnlyLinear, LowBitLinear, Int8Linear,
                                                 BinaryLinear, TernaryLinear, W4A8Linear,
-                                                LowRankLinear, TuckerConv2d, CPConv2d)}
+                                                LowRankLinear, TuckerConv2d, CPConv2d, NMSparseLinear,
+                                                CSRSparseLinear)}
 
 __all__ = ["COMPRESSED_MODULES", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear",
-           "BinaryLinear", "TernaryLinear", "W4A8Linear", "LowRankLinear", "TuckerConv2d", "CPConv2d"]
+           "BinaryLinear", "TernaryLinear", "W4A8Linear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
+           "NMSparseLinear", "CSRSparseLinear"]

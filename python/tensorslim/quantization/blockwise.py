@@ -316,9 +316,11 @@ def _warn_unreached(name: str, skipped: List[LayerChange]) -> None:
                       f"stay unquantized: {[c.name for c in skipped]}", RuntimeWarning, stacklevel=3)
 
 
-def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoop], spec: WeightSpec,
+def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoop], spec: Optional[WeightSpec],
                         quantize_block: BlockFn, check: Callable, name: str,
-                        feed_quantized: bool, progress: bool = True, float_reference: bool = False) -> Report:
+                        feed_quantized: bool, progress: bool = True, float_reference: bool = False,
+                        outside: Optional[Callable[[nn.Linear], Tuple[nn.Module, str]]] = None,
+                        action: str = "quantized") -> Report:
     """Quantize every selected Linear of `model` block by block with `quantize_block`.
 
     feed_quantized: the next block sees the quantized block's outputs (GPTQ, so later blocks
@@ -326,14 +328,16 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     float_reference (with feed_quantized): also carry the float model's own block inputs and
     hand quantize_block a FloatReference (a float copy of the block, so peak memory grows by
     one block and one set of activations), for methods that fit the float outputs.
-    Linear layers outside every block are quantized with round-to-nearest (noted in the report).
+    Linear layers outside every block are quantized with round-to-nearest (noted in the report),
+    or given to `outside(linear) -> (module, note)` (families other than quantization).
+    action: the report's verb for the layers changed ("quantized", "sparsified").
     Target layers no calibration batch reaches are skipped (see the module's docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     forward_loop = require_forward_loop(forward_loop, name.upper())
     blocks = find_blocks(model)
-    report, per_block, outside = _plan(model, cfg, blocks, check)
+    report, per_block, outside_layers = _plan(model, cfg, blocks, check)
     first = next((i for i, t in enumerate(per_block) if t), None)
     edits = Edits()
     changes: List[LayerChange] = []
@@ -359,7 +363,7 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
                 for local, (mod, note) in new.items():
                     full = ".".join(p for p in (bname, local) if p)
                     set_submodule(model, full, mod, edits)
-                    changes.append(LayerChange(full, "Linear", "quantized", note, before[local],
+                    changes.append(LayerChange(full, "Linear", action, note, before[local],
                                                module_bytes(mod)))
                 block = model.get_submodule(bname) if bname else model  # it may have been replaced
                 if last:
@@ -374,15 +378,10 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
             if not changes:
                 raise ValueError(f"none of the {len(unreached)} layers to calibrate ran on the calibration "
                                  f"data (e.g. '{unreached[0].name}'); does the forward loop run the model?")
-        for full, lin in outside.items():
-            from ..ops import calibration as C
-
-            codes, scales, zps = C.quantize_codes_reference(lin.weight.detach(), spec.bits, spec.symmetric,
-                                                            spec.group_for(lin.in_features))
-            mod = make_layer(lin, codes, scales, zps, spec)
+        for full, lin in outside_layers.items():
+            mod, note = (outside or _round_to_nearest(spec))(lin)
             set_submodule(model, full, mod, edits)
-            changes.append(LayerChange(full, "Linear", "quantized",
-                                       f"{spec.describe(lin.in_features)} rtn (outside the calibrated blocks)",
+            changes.append(LayerChange(full, "Linear", action, f"{note} (outside the calibrated blocks)",
                                        module_bytes(lin), module_bytes(mod)))
     except BaseException as e:
         edits.undo()
@@ -393,6 +392,16 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     report.changes.extend(unreached + changes)
     remember_skipped(model, report)
     return report
+
+
+def _round_to_nearest(spec: WeightSpec):
+    def quantize(lin: nn.Linear) -> Tuple[nn.Module, str]:
+        from ..ops import calibration as C
+
+        codes, scales, zps = C.quantize_codes_reference(lin.weight.detach(), spec.bits, spec.symmetric,
+                                                        spec.group_for(lin.in_features))
+        return make_layer(lin, codes, scales, zps, spec), f"{spec.describe(lin.in_features)} rtn"
+    return quantize
 
 
 def warn_damping(layer: str, asked: float, used: float) -> None:

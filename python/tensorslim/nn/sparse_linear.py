@@ -1,0 +1,161 @@
+"""Sparse linears: only the kept weights are stored, and the kernel skips the zeros.
+
+NMSparseLinear: n of every m weights per row (2:4, 1:4, 4:8): values plus in-group positions.
+CSRSparseLinear: any pattern: values plus 16-bit column offsets per row.
+Values are float32 (also bfloat16 / float16 for n:m) or int8 with a per-output-channel scale.
+The formats are specified in docs/formats.md ("Sparse storage"); the kernels in
+src/cpu/sparse/. Inputs of any float dtype are computed in float32 and returned in their dtype.
+"""
+from typing import Optional
+
+import torch
+
+from .compressed_linear import CompressedLinear
+
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+
+
+def _ops():
+    from ..ops import sparse  # the ops package imports nn: load on first use
+
+    return sparse
+
+
+class _SparseLinear(CompressedLinear):
+    action = "sparsified"
+
+    def _run(self, x: torch.Tensor, fn) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        y = fn(x2)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.dense_weight()
+
+    def density(self) -> float:
+        return float((self.dense_weight() != 0).sum()) / max(1, self.in_features * self.out_features)
+
+    def note(self) -> str:
+        return f"{1 - self.density():.1%} zeros"
+
+
+class NMSparseLinear(_SparseLinear):
+    kind = "sparse_nm"
+
+    def __init__(self, in_features: int, out_features: int, n: int = 2, m: int = 4, values: str = "float32",
+                 bias: bool = True, backend: str = "auto", device=None):
+        super().__init__()
+        if values not in VALUE_DTYPES:
+            raise ValueError(f"NMSparseLinear: values must be one of {sorted(VALUE_DTYPES)}, got {values!r}")
+        self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
+        self.values_dtype, self.backend = values, backend
+        slots = -(-in_features // m) * n
+        bits = 2 if m == 4 else 3
+        self.register_buffer("values", torch.zeros(out_features, slots, dtype=VALUE_DTYPES[values], device=device))
+        self.register_buffer("indices", torch.zeros(out_features, -(-slots * bits // 8), dtype=torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.ones(out_features, device=device) if values == "int8" else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, keep: torch.Tensor, n: int, m: int, values: str = "float32",
+                   bias: Optional[torch.Tensor] = None, backend: str = "auto") -> "NMSparseLinear":
+        out_features, in_features = weight.shape
+        mod = cls(in_features, out_features, n, m, values, bias is not None, backend, device=weight.device)
+        v, idx, scales = _ops().nm_pack(weight.detach().float(), keep, n, m, VALUE_DTYPES[values])
+        mod._fill(v, idx, scales, bias)
+        return mod
+
+    def _fill(self, values, indices, scales, bias) -> None:
+        self.values.copy_(values)
+        self.indices.copy_(indices)
+        if scales is not None:
+            self.scales.copy_(scales)
+        if bias is not None:
+            self.bias.copy_(bias.detach().float())
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, lambda x2: _ops().nm_linear(x2, self.values, self.indices, self.scales, self.bias,
+                                                            self.n, self.m, self.in_features, self.backend))
+
+    def dense_weight(self) -> torch.Tensor:
+        return _ops().nm_unpack(self.values, self.indices, self.scales, self.n, self.m, self.in_features)
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None):
+        return cls(spec["in_features"], spec["out_features"], spec["n"], spec["m"], spec["values"], spec["bias"],
+                   device=device)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "format": f"{self.n}:{self.m}", "n": self.n, "m": self.m,
+                "values": self.values_dtype, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+    def describe(self) -> str:
+        return f"{self.n}:{self.m} {self.values_dtype}"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.n}:{self.m}, "
+                f"values={self.values_dtype}, bias={self.bias is not None}")
+
+
+class CSRSparseLinear(_SparseLinear):
+    kind = "sparse_csr"
+
+    def __init__(self, in_features: int, out_features: int, nnz: int, values: str = "float32", bias: bool = True,
+                 backend: str = "auto", device=None):
+        super().__init__()
+        if values not in ("float32", "int8"):
+            raise ValueError(f"CSRSparseLinear: values must be 'float32' or 'int8', got {values!r}")
+        if in_features > 65536:
+            raise ValueError(f"CSRSparseLinear: in_features {in_features} > 65536 does not fit 16-bit column offsets")
+        self.in_features, self.out_features, self.nnz = in_features, out_features, nnz
+        self.values_dtype, self.backend = values, backend
+        self.register_buffer("values", torch.zeros(nnz, dtype=VALUE_DTYPES[values], device=device))
+        self.register_buffer("cols", torch.zeros(nnz, dtype=torch.uint16, device=device))
+        self.register_buffer("row_ptr", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
+        self.register_buffer("scales", torch.ones(out_features, device=device) if values == "int8" else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, keep: torch.Tensor, values: str = "float32",
+                   bias: Optional[torch.Tensor] = None, backend: str = "auto") -> "CSRSparseLinear":
+        out_features, in_features = weight.shape
+        v, cols, row_ptr, scales = _ops().csr_pack(weight.detach().float(), keep, VALUE_DTYPES[values])
+        mod = cls(in_features, out_features, v.numel(), values, bias is not None, backend, device=weight.device)
+        mod.values.copy_(v)
+        mod.cols.copy_(cols)
+        mod.row_ptr.copy_(row_ptr)
+        if scales is not None:
+            mod.scales.copy_(scales)
+        if bias is not None:
+            mod.bias.copy_(bias.detach().float())
+        return mod
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, lambda x2: _ops().csr_linear(x2, self.values, self.cols, self.row_ptr, self.scales,
+                                                             self.bias, self.in_features, self.backend))
+
+    def dense_weight(self) -> torch.Tensor:
+        return _ops().csr_unpack(self.values, self.cols, self.row_ptr, self.scales, self.in_features)
+
+    def density(self) -> float:
+        return self.nnz / max(1, self.in_features * self.out_features)
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None):
+        return cls(spec["in_features"], spec["out_features"], spec["nnz"], spec["values"], spec["bias"],
+                   device=device)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "format": "csr", "nnz": self.nnz,
+                "values": self.values_dtype, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+    def describe(self) -> str:
+        return f"csr {self.values_dtype}"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"values={self.values_dtype}, bias={self.bias is not None}")

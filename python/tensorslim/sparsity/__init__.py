@@ -1,0 +1,68 @@
+"""`ts.sparsify(model, config)`: sparse layers that store only their kept weights and run a
+kernel that skips the zeros.
+
+    ts.sparsify(model, ts.NM(2, 4))                                   # 2:4 by magnitude
+    ts.sparsify(model, ts.NM(2, 4, method="wanda"), calib_data=batches)
+    ts.sparsify(model, ts.Unstructured(0.9, method="sparsegpt", values="int8"), calib_data=batches)
+    ts.sparsify(model, ts.SparseStorage())                            # zeros from ts.prune, as they are
+
+Linear layers become NMSparseLinear / CSRSparseLinear; any other layer holding a weight
+matrix is reported as skipped. On any error the model is left exactly as it was.
+"""
+from typing import Callable, Iterable, Optional
+
+from torch import nn
+
+from ..quantization.calibrate import make_forward_loop
+from ..report import Report, compressed_layers, note_already_compressed, remember_skipped
+from ..transforms import check_no_empty_layers, replace_modules
+from .config import NM, SparseStorage, Unstructured, _Sparse
+from .uncalibrated import magnitude_layer, storage_layer
+
+CSR_MAX_COLUMNS = 65536  # 16-bit column offsets
+
+
+def _check(cfg):
+    def check(name: str, mod: nn.Module) -> Optional[str]:
+        if getattr(cfg, "layout", "") == "csr" and mod.in_features > CSR_MAX_COLUMNS:
+            return f"in_features {mod.in_features} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column offsets"
+        return None
+    return check
+
+
+def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
+             forward_loop: Optional[Callable[[nn.Module], None]] = None, progress: bool = True) -> Report:
+    """Sparsify `model` in place with ts.NM, ts.Unstructured or ts.SparseStorage; returns a Report
+    with each layer's pattern and bytes before / after. Wanda and SparseGPT need calib_data (an
+    iterable of model inputs) or forward_loop(model)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, (_Sparse, SparseStorage)):
+        raise TypeError(f"sparsify takes ts.NM, ts.Unstructured or ts.SparseStorage, got {type(config).__name__}")
+    check_no_empty_layers(model, config)
+    already = compressed_layers(model)
+    check = _check(config)
+    if isinstance(config, _Sparse) and config.needs_data:
+        if calib_data is None and forward_loop is None:
+            raise ValueError(f"sparsify: method={config.method!r} needs calibration data: pass calib_data= "
+                             f"(an iterable of model inputs) or forward_loop=")
+        from .calibrated import sparsify_calibrated
+
+        loop = make_forward_loop(calib_data, forward_loop, progress)
+        report = sparsify_calibrated(model, config, loop, lambda c, n, m: check(n, m), progress)
+    else:  # data-free: calib_data is accepted and unused, as ts.prune does (recipes pass it to every step)
+        layer = storage_layer if isinstance(config, SparseStorage) else magnitude_layer
+        report = replace_modules(model, config, (nn.Linear,), lambda n, m: layer(n, m, config), check,
+                                 progress=progress, desc="sparsifying")
+        for row in report.changes:
+            if row.action != "skipped":
+                row.action = "sparsified"
+        remember_skipped(model, report)
+    if not report.changed:
+        import warnings
+
+        warnings.warn("sparsify: no layer was sparsified (see the report's skipped rows)", UserWarning, stacklevel=2)
+    return note_already_compressed(report, already)
+
+
+__all__ = ["sparsify", "NM", "Unstructured", "SparseStorage"]

@@ -1,0 +1,43 @@
+"""Sparse modules from a dense weight and a keep-mask, as each config stores them."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn.sparse_linear import CSRSparseLinear, NMSparseLinear
+
+
+def dense_linear(mod: nn.Module):
+    """(weight [out, in] float, bias or None) of a Linear."""
+    return mod.weight.detach(), (mod.bias.detach() if mod.bias is not None else None)
+
+
+def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[torch.Tensor], values: str,
+          backend: str, n: int = 0, m: int = 0, scales: Optional[torch.Tensor] = None) -> nn.Module:
+    """The sparse module storing weight * keep. scales (int8 values only): the per-row grid the
+    weights already sit on (SparseGPT's joint quantization), kept as they are instead of being
+    measured again from the kept values."""
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf; it cannot be ranked or stored sparse")
+    on_grid = scales is not None and values == "int8"
+    store = "float32" if on_grid else values
+    if layout == "nm":
+        mod = NMSparseLinear.from_dense(weight, keep, n, m, store, bias, backend)
+    else:
+        mod = CSRSparseLinear.from_dense(weight, keep, store, bias, backend)
+    if not on_grid:
+        return mod
+    # codes = the grid points the weights sit on (exact up to fp32 rounding of code * scale)
+    codes = torch.round(mod.values / scales.to(mod.values)[_row_of(mod)]).clamp(-127, 127).to(torch.int8)
+    mod.values_dtype = "int8"
+    mod.values = codes
+    mod.scales = scales.float().clone().to(weight.device)
+    return mod
+
+
+def _row_of(mod: nn.Module) -> torch.Tensor:
+    """Index of each stored value's row, in the values' shape."""
+    if isinstance(mod, NMSparseLinear):
+        return torch.arange(mod.out_features, device=mod.values.device)[:, None].expand_as(mod.values)
+    counts = mod.row_ptr[1:] - mod.row_ptr[:-1]
+    return torch.repeat_interleave(torch.arange(mod.out_features, device=mod.values.device), counts)

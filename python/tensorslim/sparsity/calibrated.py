@@ -1,0 +1,98 @@
+"""Wanda and SparseGPT, block by block on the calibration pipeline GPTQ uses
+(quantization/blockwise.py): each block's layers are pruned from statistics of their inputs,
+and the next block is calibrated on the pruned block's outputs.
+
+Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2 (the input feature's L2 norm over the
+calibration tokens), compared within each output row (unstructured) or each group of m (n:m);
+no weight update.
+SparseGPT (Frantar & Alistarh, 2023): H = 2/n * sum x x^T per layer, then the C++ column
+sweep (ops.sparsegpt) chooses the mask and updates the kept weights to compensate.
+"""
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ..ops import sparsegpt as S
+from ..quantization.blockwise import Edits, Inputs, calibrate_blockwise, run_block, warn_damping
+from ..quantization.gptq import accumulate_hessians
+from .build import build, dense_linear
+from .config import NM, _Sparse
+from .masks import nm_keep, row_keep
+from .uncalibrated import magnitude_keep
+
+
+def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Dict[str, torch.Tensor]:
+    """||X_j||_2 per input feature of each target over the block's calibration tokens (float64)."""
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in targets.items()}
+
+    def hook(name):
+        def fn(mod, args, out):
+            x = args[0].detach().reshape(-1, mod.in_features).double()
+            sums[name] += (x * x).sum(0).cpu()
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    try:
+        for inp in inputs:
+            run_block(block, inp)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s.sqrt() for n, s in sums.items()}
+
+
+def _layout(cfg: _Sparse):
+    return ("nm", cfg.n, cfg.m) if isinstance(cfg, NM) else ("csr", 0, 0)
+
+
+def wanda_block(cfg: _Sparse):
+    layout, n, m = _layout(cfg)
+
+    def prune_block(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, edits: Edits):
+        norms = _input_norms(block, targets, inputs)
+        new = {}
+        for name, lin in targets.items():
+            w, bias = dense_linear(lin)
+            score = w.abs().double().cpu() * norms[name][None, :]
+            keep = nm_keep(score, n, m) if layout == "nm" else row_keep(score, cfg.sparsity)
+            new[name] = (build(layout, w, keep.to(w.device), bias, cfg.values, cfg.backend, n, m),
+                         f"{cfg.describe()} {cfg.values}")
+        return new
+
+    return prune_block
+
+
+def sparsegpt_block(cfg: _Sparse):
+    layout, n, m = _layout(cfg)
+    bits = 8 if cfg.values == "int8" else 0
+
+    def prune_block(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, edits: Edits):
+        stats = accumulate_hessians(block, targets, inputs)
+        new = {}
+        for name, lin in targets.items():
+            w, bias = dense_linear(lin)
+            res = S.sparsegpt_prune(w, stats.hessians.pop(name), n, m, getattr(cfg, "sparsity", 0.0), bits,
+                                    cfg.block_size, cfg.damp, cfg.backend if cfg.backend == "reference" else "auto")
+            if res.damp_used > cfg.damp:
+                warn_damping(name, cfg.damp, res.damp_used)
+            weight = res.weight.to(device=w.device)
+            new[name] = (build(layout, weight, res.keep.to(w.device), bias, cfg.values, cfg.backend, n, m,
+                               scales=res.scales),
+                         f"{cfg.describe()} {cfg.values}" + (" joint" if bits else ""))
+        return new
+
+    return prune_block
+
+
+def sparsify_calibrated(model: nn.Module, cfg: _Sparse, forward_loop, check, progress: bool):
+    step = wanda_block(cfg) if cfg.method == "wanda" else sparsegpt_block(cfg)
+    layout, n, m = _layout(cfg)
+
+    def outside(lin: nn.Linear):  # a layer outside every block: magnitude, which needs no data
+        w, bias = dense_linear(lin)
+        return build(layout, w, magnitude_keep(w, cfg), bias, cfg.values, cfg.backend, n, m), \
+            f"{cfg.describe().replace(cfg.method, 'magnitude')} {cfg.values}"
+
+    return calibrate_blockwise(model, cfg, forward_loop, None, step, check, cfg.method, feed_quantized=True,
+                               progress=progress, outside=outside, action="sparsified")

@@ -1,0 +1,119 @@
+"""Sparsity configs: NM (n of every m weights kept), Unstructured (a fraction kept anywhere)
+and SparseStorage (the zeros a model already has, e.g. from ts.prune, stored sparse as they are).
+They share the config base (version, JSON round trip, include / exclude / filter_fn /
+skip_output_head) with every other family."""
+from dataclasses import dataclass
+from typing import ClassVar, Tuple
+
+from ..config import Config, register_config
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+NM_VALUES = ("float32", "bfloat16", "float16", "int8")
+CSR_VALUES = ("float32", "int8")
+LAYOUTS = ("auto", "nm", "csr")
+BACKENDS = ("auto", "native", "reference")
+
+
+def _check_common(cfg, values: Tuple[str, ...]) -> None:
+    name = type(cfg).__name__
+    if cfg.method not in METHODS:
+        raise ValueError(f"{name}: method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.values not in values:
+        raise ValueError(f"{name}: values must be one of {values}, got {cfg.values!r}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    if not 0.0 <= cfg.damp < 1e6:
+        raise ValueError(f"{name}: damp must be >= 0, got {cfg.damp!r}")
+    if cfg.block_size < 1:
+        raise ValueError(f"{name}: block_size must be >= 1, got {cfg.block_size!r}")
+
+
+@dataclass(kw_only=True)  # so NM(2, 4) and Unstructured(0.9) read as n, m and sparsity
+class _Sparse(Config):
+    """What every sparsity config has. method: "magnitude" (|w|, no data), "wanda" (|w| times
+    the input's L2 norm per input feature, Sun et al. 2023) or "sparsegpt" (Hessian-based
+    pruning with the OBS weight update, Frantar & Alistarh 2023); the last two need
+    calib_data / forward_loop. values: how the kept weights are stored ("int8": symmetric
+    per output channel; with sparsegpt the rounding is compensated in the same sweep).
+    damp / block_size: SparseGPT's damping (fraction of mean diag H) and lazy-update block."""
+
+    method: str = "magnitude"
+    values: str = "float32"
+    damp: float = 0.01
+    block_size: int = 128
+    backend: str = "auto"
+    layout: ClassVar[str] = ""
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "magnitude"
+
+
+@register_config
+@dataclass
+class NM(_Sparse):
+    """Keep n of every m consecutive weights along each row's input dimension (2:4, 1:4, 4:8).
+    Stored as the kept values plus 2-bit (m = 4) or 3-bit (m = 8) positions. When m does not
+    divide in_features, the last partial group of r columns keeps min(n, r) weights."""
+
+    n: int = 2
+    m: int = 4
+    layout: ClassVar[str] = "nm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.m not in (4, 8):
+            raise ValueError(f"NM: m must be 4 or 8, got {self.m!r}")
+        if not 1 <= self.n < self.m:
+            raise ValueError(f"NM: n must be in 1..{self.m - 1} (n < m keeps fewer than all), got n={self.n}, m={self.m}")
+        _check_common(self, NM_VALUES)
+
+    def describe(self) -> str:
+        return f"{self.n}:{self.m} {self.method}"
+
+
+@register_config
+@dataclass
+class Unstructured(_Sparse):
+    """Prune `sparsity` of each layer's weights anywhere (magnitude: per layer; wanda: per
+    output row; sparsegpt: per block of columns), stored as CSR rows (values + 16-bit columns),
+    so in_features must be at most 65536."""
+
+    sparsity: float = 0.5
+    layout: ClassVar[str] = "csr"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"Unstructured: sparsity must be in (0, 1), got {self.sparsity!r}")
+        _check_common(self, CSR_VALUES)
+
+    def describe(self) -> str:
+        return f"{self.sparsity:.0%} {self.method}"
+
+
+@register_config
+@dataclass
+class SparseStorage(Config):
+    """Store the zeros the weights already have (a ts.prune mask, or any) sparse, as they are:
+    nothing is pruned. layout "auto" takes 2:4 (then 4:8) where every group fits it, else CSR;
+    "nm" needs the n:m pattern (n, m) in every group; "csr" always fits."""
+
+    layout: str = "auto"
+    n: int = 2
+    m: int = 4
+    values: str = "float32"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"SparseStorage: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.m not in (4, 8) or not 1 <= self.n < self.m:
+            raise ValueError(f"SparseStorage: need m in (4, 8) and 1 <= n < m, got {self.n}:{self.m}")
+        allowed = CSR_VALUES if self.layout == "csr" else NM_VALUES
+        if self.values not in allowed:
+            raise ValueError(f"SparseStorage: values must be one of {allowed} for layout {self.layout!r}, "
+                             f"got {self.values!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SparseStorage: backend must be one of {BACKENDS}, got {self.backend!r}")

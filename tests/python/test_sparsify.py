@@ -1,0 +1,258 @@
+"""ts.sparsify: which weights each config keeps, the sparse modules it builds, their outputs
+against the dense masked reference, the report, save / load and file sizes, and bad input."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+
+
+def _mlp(width=64, hidden=96, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
+
+
+def _dense(mod):
+    return mod.dequantized_weight()
+
+
+def _batches(width=64, n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(32, width, generator=g) for _ in range(n)]
+
+
+def test_nm_magnitude_keeps_largest_per_group():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    report = ts.sparsify(model, ts.NM(2, 4), progress=False)
+    assert [c.action for c in report.changes] == ["sparsified"] * 3
+    for name in ("0", "2", "4"):
+        mod, w = model.get_submodule(name), ref.get_submodule(name).weight.detach()
+        assert isinstance(mod, ts.NMSparseLinear)
+        top = w.abs().reshape(w.shape[0], -1, 4).topk(2, dim=2).indices
+        keep = torch.zeros(w.shape[0], w.shape[1] // 4, 4, dtype=torch.bool).scatter_(2, top, True)
+        assert torch.equal(_dense(mod), w * keep.reshape(w.shape))
+    x = torch.randn(5, 64)
+    masked = copy.deepcopy(ref)
+    for name in ("0", "2", "4"):
+        masked.get_submodule(name).weight.data = _dense(model.get_submodule(name))
+    torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nm_partial_last_group():
+    """in_features 30 = 7 groups of 4 + 2 columns: the last group keeps min(n, 2) = 2."""
+    lin = nn.Linear(30, 8)
+    model = nn.Sequential(lin)
+    ts.sparsify(model, ts.NM(2, 4, include="0"), progress=False)
+    w = _dense(model[0])
+    assert ((w[:, :28] != 0).reshape(8, 7, 4).sum(2) <= 2).all()
+    assert torch.equal(w[:, 28:], lin.weight.detach()[:, 28:])
+
+
+def test_unstructured_magnitude_exact_count_and_output():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    ts.sparsify(model, ts.Unstructured(0.9), progress=False)
+    for name in ("0", "2", "4"):
+        mod, w = model.get_submodule(name), ref.get_submodule(name).weight.detach()
+        assert isinstance(mod, ts.CSRSparseLinear)
+        kept = _dense(mod) != 0
+        assert int(kept.sum()) == w.numel() - round(0.9 * w.numel()) == mod.nnz
+        assert w.abs()[kept].min() >= w.abs()[~kept].max()  # the largest magnitudes stay
+        assert torch.equal(_dense(mod)[kept], w[kept])
+
+
+@pytest.mark.parametrize("config", [ts.NM(2, 4, values="int8"), ts.Unstructured(0.5, values="int8"),
+                                    ts.NM(2, 4, values="bfloat16"), ts.NM(4, 8, values="float16")])
+def test_low_precision_values_sqnr(config):
+    """Same kept positions as float32 values; the stored values within the value type's error."""
+    model = _mlp()
+    fp = copy.deepcopy(model)
+    ts.sparsify(fp, _with(config, values="float32"), progress=False)
+    ts.sparsify(model, config, progress=False)
+    for name in ("0", "2", "4"):
+        a, b = _dense(fp.get_submodule(name)), _dense(model.get_submodule(name))
+        sqnr = 20 * torch.log10(a.norm() / (a - b).norm())
+        assert sqnr > (38 if config.values == "int8" else 45), float(sqnr)
+        assert not (b[a == 0] != 0).any()  # nothing kept that float32 values prune
+
+
+def _with(config, **changes):
+    d = config.to_dict()
+    d.update(changes)
+    return ts.Config.from_dict(d)
+
+
+def test_sparse_storage_keeps_pruned_zeros():
+    model = _mlp()
+    ts.prune(model, ts.Magnitude(0.8), progress=False)
+    x = torch.randn(7, 64)
+    expected = model(x)
+    report = ts.sparsify(model, ts.SparseStorage(), progress=False)
+    assert len(report.changed) == 3
+    assert all(isinstance(model.get_submodule(n), ts.CSRSparseLinear) for n in ("0", "2", "4"))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_storage_auto_finds_nm():
+    model = _mlp()
+    ts.sparsify(model, ts.NM(2, 4), progress=False)
+    dense = nn.Sequential(nn.Linear(64, 96))
+    dense[0].weight.data = _dense(model[0])
+    ts.sparsify(dense, ts.SparseStorage(include="0"), progress=False)
+    assert isinstance(dense[0], ts.NMSparseLinear) and (dense[0].n, dense[0].m) == (2, 4)
+    assert torch.equal(_dense(dense[0]), _dense(model[0]))
+    with pytest.raises(ValueError, match="0"):
+        ts.sparsify(_mlp(), ts.SparseStorage(layout="nm"), progress=False)  # dense weights fit no 2:4
+
+
+def test_backward_reaches_input():
+    model = _mlp()
+    ts.sparsify(model, ts.NM(2, 4), progress=False)
+    x = torch.randn(3, 64, requires_grad=True)
+    model(x).sum().backward()
+    dense = nn.Sequential(*[copy.deepcopy(m) for m in model])
+    for i in (0, 2, 4):
+        lin = nn.Linear(model[i].in_features, model[i].out_features)
+        lin.weight.data, lin.bias.data = _dense(model[i]), model[i].bias.clone()
+        dense[i] = lin
+    x2 = x.detach().clone().requires_grad_(True)
+    dense(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [ts.NM(2, 4), ts.NM(4, 8, values="int8"), ts.Unstructured(0.9),
+                                    ts.Unstructured(0.75, values="int8")])
+def test_save_load_round_trip_and_size(tmp_path, config):
+    model = _mlp(width=256, hidden=512)
+    dense_path = tmp_path / "dense.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dense_path))
+    ts.sparsify(model, config, progress=False)
+    path = tmp_path / "sparse.safetensors"
+    ts.save(model, path)
+    fresh = _mlp(width=256, hidden=512, seed=5)
+    ts.load(fresh, path)
+    x = torch.randn(4, 256)
+    assert torch.equal(fresh(x), model(x))
+    ratio = os.path.getsize(path) / os.path.getsize(dense_path)
+    # bytes per dense weight: 2:4 fp32 = (2*4 + 4 bits)/4, 4:8 int8 = (4 + 12 bits)/8,
+    # csr = density * (value + 2); plus biases, scales, row pointers and the header
+    expect = {"NM": {"float32": 2.125 / 4, "int8": 0.6875 / 4},
+              "Unstructured": {"float32": (1 - getattr(config, "sparsity", 0)) * 6 / 4,
+                               "int8": (1 - getattr(config, "sparsity", 0)) * 3 / 4}}[type(config).__name__][config.values]
+    assert expect * 0.95 < ratio < expect + 0.03, (ratio, expect)
+
+
+def test_summary_and_report_rows():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.Linear(16, 4))
+    report = ts.sparsify(model, ts.NM(2, 4, skip_output_head=False), progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["0"].action == "skipped" and "Conv2d" in rows["0"].reason
+    assert rows["2"].action == rows["3"].action == "sparsified"
+    assert rows["2"].bytes_after < rows["2"].bytes_before
+    text = str(ts.summary(model))
+    assert "2:4 float32" in text and "NMSparseLinear" in text
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: ts.NM(5, 4), "n must be"), (lambda: ts.NM(2, 3), "m must be"), (lambda: ts.NM(0, 4), "n must be"),
+    (lambda: ts.Unstructured(1.0), "sparsity"), (lambda: ts.Unstructured(-0.1), "sparsity"),
+    (lambda: ts.Unstructured(0.5, values="bfloat16"), "values"), (lambda: ts.NM(2, 4, method="obs"), "method"),
+    (lambda: ts.NM(2, 4, values="int4"), "values"),
+])
+def test_bad_configs(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibrated_methods_need_data(method):
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="calib"):
+        ts.sparsify(model, ts.NM(2, 4, method=method), progress=False)
+    assert all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_magnitude_ignores_calibration_data():
+    a, b = _mlp(), _mlp()
+    ts.sparsify(a, ts.NM(2, 4), calib_data=_batches(), progress=False)
+    ts.sparsify(b, ts.NM(2, 4), progress=False)
+    assert torch.equal(_dense(a[0]), _dense(b[0]))
+
+
+class _Branch(nn.Module):
+    """A block whose second layer runs only when asked: the calibration data never takes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x, use_b=False):
+        return self.b(x) if use_b else torch.relu(self.a(x))
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Branch() for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def test_layers_calibration_never_reaches_are_skipped():
+    model = _Branchy()
+    with pytest.warns(RuntimeWarning, match="never ran"):
+        report = ts.sparsify(model, ts.NM(2, 4, method="wanda"), calib_data=_batches(), progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["layers.0.b"].action == "skipped" and "never ran" in rows["layers.0.b"].reason
+    assert rows["layers.1.a"].action == "sparsified"
+    assert type(model.layers[0].b) is nn.Linear
+
+
+def test_calibration_that_never_reaches_any_layer():
+    class Bypass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 64)])
+
+        def forward(self, x):
+            return x
+
+    model = Bypass()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="never reached"):
+        ts.sparsify(model, ts.Unstructured(0.5, method="sparsegpt"), calib_data=_batches(), progress=False)
+    assert all(type(m) is nn.Linear for m in model.layers)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_failure_leaves_model_unchanged():
+    model = _mlp()
+    model[2].weight.data[0, 0] = float("nan")
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="'2'"):
+        ts.sparsify(model, ts.Unstructured(0.5), progress=False)
+    assert all(type(a) is type(b) for a, b in zip(model, before))
+
+
+def test_not_a_model_or_config():
+    with pytest.raises(TypeError, match="nn.Module"):
+        ts.sparsify("model", ts.NM(2, 4))
+    with pytest.raises(TypeError, match="NM"):
+        ts.sparsify(_mlp(), ts.Int8WeightOnly())
+
+
+def test_config_json_round_trip():
+    for cfg in (ts.NM(4, 8, method="sparsegpt", values="int8"), ts.Unstructured(0.75, method="wanda"),
+                ts.SparseStorage(layout="csr")):
+        assert ts.Config.from_json(cfg.to_json()) == cfg
