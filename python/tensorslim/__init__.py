@@ -16,7 +16,8 @@ from .formats import FORMATS, PER_TENSOR
 from .io import load, save
 from .lowrank import CP, SVD, Tucker, factorize
 from .nn import (BinaryLinear, CPConv2d, CSRSparseLinear, Int8Linear, LowBitLinear, LowRankLinear,
-                 NMSparseLinear, TernaryLinear, TuckerConv2d, W4A8Linear, WeightOnlyLinear)
+                 NMSparseLinear, QuantizedEmbedding, QuantizedEmbeddingBag, TernaryLinear, TuckerConv2d,
+                 W4A8Linear, WeightOnlyLinear)
 from .pruning import ChannelPrune, Magnitude, RandomPrune, prune
 from .qat import QATLinear, convert, prepare_qat
 from .quantization import quantize
@@ -34,6 +35,7 @@ __all__ = [
     # compressed modules
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
     "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d", "NMSparseLinear", "CSRSparseLinear",
+    "QuantizedEmbedding", "QuantizedEmbeddingBag",
     # formats and kernels
     "FORMATS", "PER_TENSOR", "ops", "eval", "distill", "pruning", "sparsity",
 ]

@@ -185,33 +185,53 @@ def _check_common(name: str, group_size: Optional[int], backend: str) -> None:
 @register_config
 @dataclass
 class Int8WeightOnly(Config):
-    """INT8 weights (per output channel by default), float activations."""
+    """INT8 weights (per output channel by default), float activations. Embedding tables are
+    quantized too (see embedding_bits)."""
 
     group_size: Optional[int] = None
     symmetric: bool = True
     backend: str = "auto"
+    embedding_bits: Optional[int] = None
     bits: ClassVar[int] = 8
 
     def __post_init__(self):
         super().__post_init__()
         _check_common("Int8WeightOnly", self.group_size, self.backend)
+        _check_embedding_bits(self)
 
 
 @register_config
 @dataclass
 class Int4WeightOnly(Config):
-    """INT4 weights in groups along the input dimension (128 by default), float activations."""
+    """INT4 weights in groups along the input dimension (128 by default), float activations.
+    Embedding tables are quantized too (see embedding_bits)."""
 
     group_size: Optional[int] = 128
     symmetric: bool = True
     algorithm: str = "rtn"
     backend: str = "auto"
+    embedding_bits: Optional[int] = None
     bits: ClassVar[int] = 4
 
     def __post_init__(self):
         super().__post_init__()
         _check_common(type(self).__name__, self.group_size, self.backend)
         _check_algorithm(type(self).__name__, self.algorithm)
+        _check_embedding_bits(self)
+
+
+def _check_embedding_bits(cfg) -> None:
+    """embedding_bits: the integer width of nn.Embedding / nn.EmbeddingBag tables (None: the
+    linears' bits; per row, or in the config's groups where they divide the embedding width).
+    Exclude the tables by name (exclude="*embed*") to keep them float."""
+    if cfg.embedding_bits is None:
+        return
+    from .formats import integer_format  # the table lives in the native core
+
+    try:
+        integer_format(cfg.embedding_bits, cfg.symmetric)
+    except ValueError as e:
+        raise ValueError(f"{type(cfg).__name__}: embedding_bits: {e}") from None
 
 
 def _check_algorithm(name: str, algorithm: str) -> None:
@@ -224,18 +244,21 @@ def _check_algorithm(name: str, algorithm: str) -> None:
 @dataclass
 class IntWeightOnly(Config):
     """N-bit integer weights (2..8 bits, as the format table provides) in groups along the
-    input dimension, float activations. Int8WeightOnly / Int4WeightOnly are the common cases."""
+    input dimension, float activations. Int8WeightOnly / Int4WeightOnly are the common cases.
+    Embedding tables are quantized too (see embedding_bits)."""
 
     bits: int = 4
     group_size: Optional[int] = 128
     symmetric: bool = True
     algorithm: str = "rtn"
     backend: str = "auto"
+    embedding_bits: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
         _check_common("IntWeightOnly", self.group_size, self.backend)
         _check_algorithm("IntWeightOnly", self.algorithm)
+        _check_embedding_bits(self)
         from .formats import integer_format  # the table lives in the native core
 
         try:

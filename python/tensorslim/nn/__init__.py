@@ -5,6 +5,7 @@ from .int8_linear import Int8Linear
 from .lowbit_linear import LowBitLinear
 from .lowrank_conv import CPConv2d, TuckerConv2d
 from .lowrank_linear import LowRankLinear
+from .quantized_embedding import QuantizedEmbedding, QuantizedEmbeddingBag
 from .sparse_linear import CSRSparseLinear, NMSparseLinear
 from .w4a8_linear import W4A8Linear
 from .weight_only_linear import WeightOnlyLinear
@@ -13,8 +14,8 @@ from .weight_only_linear import WeightOnlyLinear
 COMPRESSED_MODULES = {cls.kind: cls for cls in (WeightOnlyLinear, LowBitLinear, Int8Linear,
                                                 BinaryLinear, TernaryLinear, W4A8Linear,
                                                 LowRankLinear, TuckerConv2d, CPConv2d, NMSparseLinear,
-                                                CSRSparseLinear)}
+                                                CSRSparseLinear, QuantizedEmbedding, QuantizedEmbeddingBag)}
 
 __all__ = ["COMPRESSED_MODULES", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear",
            "BinaryLinear", "TernaryLinear", "W4A8Linear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
-           "NMSparseLinear", "CSRSparseLinear"]
+           "NMSparseLinear", "CSRSparseLinear", "QuantizedEmbedding", "QuantizedEmbeddingBag"]

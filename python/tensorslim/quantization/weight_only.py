@@ -1,4 +1,4 @@
-"""Weight-only integer quantization of nn.Linear layers.
+"""Weight-only integer quantization of nn.Linear layers and embedding tables.
 
 Round to nearest here; calibrating algorithms (AWQ, GPTQ) register in ALGORITHMS and
 produce the same packed WeightOnlyLinear layers.
@@ -11,6 +11,7 @@ from ..config import Int4WeightOnly, Int8WeightOnly, IntWeightOnly, WEIGHT_ONLY_
 from ..formats import integer_format
 from ..nn import WeightOnlyLinear
 from ..transforms import replace_modules
+from . import embedding
 from .registry import register_transform
 
 
@@ -44,6 +45,11 @@ def check_linear(cfg, name: str, mod: nn.Linear) -> Optional[str]:
 
 @register_transform(Int8WeightOnly, Int4WeightOnly, IntWeightOnly)
 def apply_weight_only(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
+    tables = embedding.plan(model, cfg)  # built first, swapped in only once the linears succeed
+    return embedding.swap(model, tables, _quantize_linears(model, cfg, forward_loop, progress))
+
+
+def _quantize_linears(model: nn.Module, cfg, forward_loop, progress: bool):
     algorithm = getattr(cfg, "algorithm", "rtn")
     if algorithm != "rtn":
         return ALGORITHMS[algorithm](model, cfg, forward_loop=forward_loop, progress=progress)
@@ -55,4 +61,3 @@ def apply_weight_only(model: nn.Module, cfg, forward_loop=None, progress: bool =
 
     return replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check(cfg, n, m),
                            progress, desc=f"{spec.name} weight-only")
-

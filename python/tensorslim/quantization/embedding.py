@@ -1,0 +1,74 @@
+"""Embedding tables in the integer weight-only recipes: nn.Embedding / nn.EmbeddingBag become
+QuantizedEmbedding / QuantizedEmbeddingBag with the config's embedding_bits (default: its bits)
+and group size (per row when the group does not divide the width). include / exclude select them like any layer; a table tied to an
+output Linear (lm_head.weight is embed.weight) stays float and is reported, so the two stay one
+tensor instead of being silently duplicated.
+
+plan() builds every replacement without touching the model; swap() puts them in. The
+weight-only transform plans before it quantizes the Linear layers and swaps after, so a
+failure anywhere leaves the model as it was."""
+import fnmatch
+from typing import Dict, List, Optional, Tuple
+
+from torch import nn
+
+from ..formats import integer_format
+from ..nn.quantized_embedding import QuantizedEmbedding, QuantizedEmbeddingBag
+from ..report import LayerChange, Report, module_bytes, remember_skipped
+from ..transforms import _set_submodule
+
+Plan = Tuple[Dict[str, nn.Module], List[LayerChange]]
+
+
+def _selected(name: str, mod: nn.Module, cfg) -> Optional[str]:
+    if cfg.include and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
+        return "not matched by include"
+    for p in cfg.exclude:
+        if fnmatch.fnmatchcase(name, p):
+            return f"excluded by pattern {p!r}"
+    if cfg.filter_fn is not None and not cfg.filter_fn(name, mod):
+        return "rejected by filter_fn"
+    return None
+
+
+def plan(model: nn.Module, cfg) -> Plan:
+    """({name: packed replacement}, report rows) for every embedding table of the model."""
+    fmt = integer_format(cfg.embedding_bits or cfg.bits, cfg.symmetric).name
+    heads = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    new: Dict[str, nn.Module] = {}
+    rows: List[LayerChange] = []
+    for name, mod in model.named_modules():
+        if type(mod) not in (nn.Embedding, nn.EmbeddingBag):
+            continue
+        group = cfg.group_size if cfg.group_size and mod.embedding_dim % cfg.group_size == 0 else None
+        reason = _selected(name, mod, cfg)
+        if reason is None and id(mod.weight) in heads:
+            reason = (f"tied to the output layer '{heads[id(mod.weight)]}' (kept float so the two stay one "
+                      f"tensor)")
+        if reason is None and mod.max_norm is not None:
+            reason = "max_norm renormalizes the table at lookup"
+        if reason is None and mod.weight.device.type == "meta":
+            reason = "weight is on the meta device (no data to quantize)"
+        if reason:
+            rows.append(LayerChange(name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod), reason=reason))
+            continue
+        cls = QuantizedEmbedding if isinstance(mod, nn.Embedding) else QuantizedEmbeddingBag
+        try:
+            q = cls.from_embedding(mod, fmt, group)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"layer '{name}' ({type(mod).__name__}): {e}") from e
+        new[name] = q
+        rows.append(LayerChange(name, type(mod).__name__, "quantized", q.describe(), module_bytes(mod),
+                                module_bytes(q)))
+    return new, rows
+
+
+def swap(model: nn.Module, planned: Plan, report: Report) -> Report:
+    """Put the planned tables in and replace the report's generic 'not supported' rows for them."""
+    new, rows = planned
+    for name, mod in new.items():
+        _set_submodule(model, name, mod)
+    names = {r.name for r in rows}
+    report.changes = [c for c in report.changes if c.name not in names] + rows
+    remember_skipped(model, report)
+    return report

@@ -1,0 +1,116 @@
+"""Embedding tables in the weight-only recipes: lookups against the format's reference decode,
+EmbeddingBag reductions, tied heads, layer selection, save / load and bad input."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.formats import get_format
+from tensorslim.ops.lowbit import dequantize_lowbit_reference, quantize_lowbit_reference
+
+
+def _reference_table(weight, fmt, group):
+    q, scales, zps, tsc = quantize_lowbit_reference(weight.float(), get_format(fmt), group)
+    return dequantize_lowbit_reference(q, scales, zps, tsc, get_format(fmt), group, weight.shape[1])
+
+
+class _Model(nn.Module):
+    def __init__(self, vocab=200, dim=64, tie=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.bag = nn.EmbeddingBag(vocab, dim, mode="sum")
+        self.proj = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.proj(self.embed(ids)) + self.bag(ids)[:, None, :])
+
+
+@pytest.mark.parametrize("config,fmt,group", [(ts.Int8WeightOnly(), "int8", 64),
+                                              (ts.Int4WeightOnly(group_size=32), "int4", 32),
+                                              (ts.Int4WeightOnly(group_size=32, symmetric=False), "uint4", 32),
+                                              (ts.Int4WeightOnly(group_size=128), "int4", 64),  # 128 > dim: per row
+                                              (ts.Int4WeightOnly(embedding_bits=8), "int8", 64)])
+def test_lookup_matches_reference_decode(config, fmt, group):
+    model = _Model()
+    table = _reference_table(model.embed.weight.detach(), fmt, group)
+    report = ts.quantize(model, config, progress=False)
+    assert isinstance(model.embed, ts.QuantizedEmbedding) and model.embed.fmt == fmt
+    assert {c.name for c in report.changed} >= {"embed", "bag"}
+    ids = torch.randint(0, 200, (3, 9))
+    assert torch.equal(model.embed(ids), table[ids])
+    assert torch.equal(model.embed.weight, table)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_reductions(mode):
+    bag = nn.EmbeddingBag(50, 32, mode=mode)
+    q = ts.QuantizedEmbeddingBag.from_embedding(bag, "int8")
+    ids = torch.tensor([3, 7, 7, 49, 0, 12])
+    offsets = torch.tensor([0, 2, 5])
+    table = _reference_table(bag.weight.detach(), "int8", 32)
+    weights = torch.rand(6) if mode == "sum" else None
+    want = F.embedding_bag(ids, table, offsets, mode=mode, per_sample_weights=weights)
+    torch.testing.assert_close(q(ids, offsets, weights), want)
+    two_d = torch.tensor([[1, 2], [3, 3]])
+    torch.testing.assert_close(q(two_d), F.embedding_bag(two_d, table, mode=mode))
+
+
+def test_tied_head_stays_tied_and_is_reported():
+    model = _Model(tie=True)
+    report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["embed"].action == "skipped" and "tied to the output layer 'lm_head'" in rows["embed"].reason
+    assert rows["lm_head"].action == "skipped"
+    assert model.lm_head.weight is model.embed.weight
+
+
+def test_exclude_keeps_tables_float():
+    model = _Model()
+    report = ts.quantize(model, ts.Int8WeightOnly(exclude=("embed", "bag")), progress=False)
+    assert type(model.embed) is nn.Embedding and type(model.bag) is nn.EmbeddingBag
+    assert {c.name for c in report.skipped} >= {"embed", "bag"}
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _Model()
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32, embedding_bits=8), progress=False)
+    path = tmp_path / "m.slim.safetensors"
+    ts.save(model, path)
+    fresh = _Model()
+    ts.load(fresh, path)
+    ids = torch.randint(0, 200, (2, 5))
+    assert torch.equal(fresh(ids), model(ids))
+    assert isinstance(fresh.bag, ts.QuantizedEmbeddingBag) and fresh.embed.padding_idx == 0
+
+
+def test_bad_ids():
+    q = ts.QuantizedEmbedding.from_embedding(nn.Embedding(10, 8), "int8")
+    with pytest.raises(IndexError, match="out of range"):
+        q(torch.tensor([10]))
+    with pytest.raises(IndexError, match="out of range"):
+        q(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="integer"):
+        q(torch.tensor([1.0]))
+
+
+def test_failure_leaves_model_unchanged():
+    model = _Model()
+    model.bag.weight.data[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="'bag'.*NaN"):
+        ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    assert type(model.embed) is nn.Embedding and type(model.proj) is nn.Linear
+
+
+def test_summary_lists_tables():
+    model = _Model()
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    rows = {r.name: r for r in ts.summary(model).changed}
+    assert rows["embed"].format == "int4 g32" and rows["embed"].bytes_before == 4 * 200 * 64
+    assert rows["embed"].bytes_after < rows["embed"].bytes_before / 6
