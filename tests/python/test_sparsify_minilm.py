@@ -13,7 +13,7 @@ pytest.importorskip("transformers", reason="needs Hugging Face transformers")
 import tensorslim as ts  # noqa: E402
 from tensorslim.eval import embed, embedding_cosine, load_minilm, pydoc_sentences  # noqa: E402
 
-N_EVAL, N_CALIB = 64, 128
+N_EVAL, N_CALIB = 48, 64
 MARGIN = 0.01  # a calibrated method's cosine must beat magnitude's by at least this much
 
 
