@@ -8,6 +8,8 @@ _DTYPE_CODES = {
     torch.int8: 3,
     torch.uint8: 4,
     torch.int32: 5,
+    torch.uint16: 6,
+    torch.int64: 7,
 }
 
 

@@ -12,6 +12,8 @@ const char* dtype_name(DType dt) {
     case DType::kInt8: return "int8";
     case DType::kUInt8: return "uint8";
     case DType::kInt32: return "int32";
+    case DType::kUInt16: return "uint16";
+    case DType::kInt64: return "int64";
   }
   return "unknown";
 }
@@ -19,7 +21,8 @@ const char* dtype_name(DType dt) {
 int dtype_size(DType dt) {
   switch (dt) {
     case DType::kFloat32: case DType::kInt32: return 4;
-    case DType::kFloat16: case DType::kBFloat16: return 2;
+    case DType::kFloat16: case DType::kBFloat16: case DType::kUInt16: return 2;
+    case DType::kInt64: return 8;
     case DType::kInt8: case DType::kUInt8: return 1;
   }
   return 0;

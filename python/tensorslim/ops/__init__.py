@@ -9,6 +9,7 @@ from . import calibration  # GPTQ / AWQ cores: ops.calibration.gptq_quantize, ..
 from . import distill  # KD loss: ops.distill.kd_rows, ops.distill.kd_rows_reference
 from . import lowrank  # SVD, whitening, Tucker-2, CP-ALS: ops.lowrank.svd, ...
 from . import prune  # pruning cores: ops.prune.kth_smallest, keep_mask, score_histogram, ...
+from . import sparse  # N:M and CSR storage: ops.sparse.nm_pack, nm_linear, csr_pack, csr_linear, ...
 from .binary import (binarize, binary_linear, pack_signs, pack_trits, ternarize, ternary_linear,
                      unpack_signs, unpack_trits, xnor_linear)
 from .int8 import linear_int8, linear_w8a8, quantize_per_token, quantize_static
@@ -27,5 +28,5 @@ __all__ = [
     "unpack_signs", "pack_trits", "unpack_trits",
     "quantize_per_token", "quantize_static", "linear_int8", "linear_w8a8",
     "W4A8_BACKENDS", "linear_w4a8",
-    "calibration", "distill", "lowrank", "prune",
+    "calibration", "distill", "lowrank", "prune", "sparse",
 ]

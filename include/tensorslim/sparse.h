@@ -1,0 +1,60 @@
+// Sparse weight storage and sparse x dense linears (docs/formats.md, "Sparse storage").
+//
+// W is [N, K] (N = out_features rows, K = in_features).
+//
+// N:M ("nm"), m in {4, 8}, 1 <= n < m: G = ceil(K / m) groups of m columns per row, each
+// storing exactly n slots.
+//   values  [N, G*n]  float32 / bfloat16 / float16 / int8 (int8: w ~= code * scales[row])
+//   indices [N, ceil(G*n*b / 8)] uint8, b = 2 (m = 4) or 3 (m = 8): per row a little-endian
+//           bit stream (LSB first) of the in-group positions, slot after slot, strictly
+//           increasing within a group; unused bits 0.
+//   A group with fewer than n kept weights fills its free slots with the smallest unused
+//   positions and value 0. The last group of a row has r = K - (G-1)*m real columns;
+//   positions >= r are virtual zero columns (value 0; kernels never read x there).
+//
+// CSR ("csr"): values [nnz] float32 / int8 (+ scales [N]), cols uint16 [nnz] (K <= 65536),
+// row_ptr int64 [N+1]; row r is entries row_ptr[r] .. row_ptr[r+1]-1, columns increasing.
+//
+// Packing takes the dense float32 weight and a uint8 keep mask (nonzero = keep). int8 values
+// are symmetric per row: scale = max|kept| / 127 (1 for a row with nothing nonzero kept),
+// code = clamp(round_half_even(w / scale), -127, 127), all in float32.
+//
+// Linears: y[M, N] = x[M, K] @ W^T (+ bias[N]), x float32 with contiguous rows, y float32.
+// Large batches run a transposed-activation kernel that needs a float32 workspace of
+// sparse_linear_workspace(M, K) elements (0 when none is needed), allocated by the caller.
+#pragma once
+
+#include <cstdint>
+
+#include "tensorslim/tensor_view.h"
+
+namespace tensorslim {
+
+int nm_index_bits(int m);                             // 2 for m = 4, 3 for m = 8
+int64_t nm_slots(int64_t K, int n, int m);            // G * n, slots per row
+int64_t nm_index_bytes(int64_t K, int n, int m);      // indices bytes per row
+
+// scales: float32 [N] output for int8 values, else nullptr.
+void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const TensorView& values,
+             const TensorView& indices, const TensorView* scales);
+// out: float32 [N, K]; the dense weight the packed form stands for.
+void nm_unpack(const TensorView& values, const TensorView& indices, const TensorView* scales, int n,
+               int m, const TensorView& out);
+void nm_linear(const TensorView& x, const TensorView& values, const TensorView& indices,
+               const TensorView* scales, const TensorView* bias, int n, int m, const TensorView& out,
+               const TensorView* workspace);
+
+// row_ptr (int64 [N+1]) is given by the caller (the running count of keep per row) and
+// checked against keep; values / cols [row_ptr[N]] are filled.
+void csr_pack(const TensorView& w, const TensorView& keep, const TensorView& row_ptr,
+              const TensorView& values, const TensorView& cols, const TensorView* scales);
+void csr_unpack(const TensorView& values, const TensorView& cols, const TensorView& row_ptr,
+                const TensorView* scales, const TensorView& out);
+void csr_linear(const TensorView& x, const TensorView& values, const TensorView& cols,
+                const TensorView& row_ptr, const TensorView* scales, const TensorView* bias,
+                const TensorView& out, const TensorView* workspace);
+
+// float32 elements of workspace the linears need for a batch of M rows of width K.
+int64_t sparse_linear_workspace(int64_t M, int64_t K);
+
+}  // namespace tensorslim

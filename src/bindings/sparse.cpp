@@ -1,0 +1,64 @@
+// Sparse storage and linears (see include/tensorslim/sparse.h).
+#include "tensorslim/sparse.h"
+#include "views.h"
+
+namespace py = pybind11;
+
+namespace tensorslim {
+namespace bindings {
+
+void register_sparse(py::module_& m) {
+  m.def("nm_pack", [](py::handle w, py::handle keep, int n, int mm, py::handle values, py::handle indices,
+                      py::handle scales) {
+    TensorView wv = to_view(w, "w"), kv = to_view(keep, "keep"), vv = to_view(values, "values"),
+               iv = to_view(indices, "indices");
+    OptionalView sv = to_optional_view(scales, "scales");
+    py::gil_scoped_release release;
+    nm_pack(wv, kv, n, mm, vv, iv, sv.get());
+  }, "Packs w * keep into N:M values / indices (and int8 scales).");
+  m.def("nm_unpack", [](py::handle values, py::handle indices, py::handle scales, int n, int mm, py::handle out) {
+    TensorView vv = to_view(values, "values"), iv = to_view(indices, "indices"), ov = to_view(out, "out");
+    OptionalView sv = to_optional_view(scales, "scales");
+    py::gil_scoped_release release;
+    nm_unpack(vv, iv, sv.get(), n, mm, ov);
+  }, "The dense float32 [N, K] weight of an N:M packed one.");
+  m.def("nm_linear", [](py::handle x, py::handle values, py::handle indices, py::handle scales, py::handle bias,
+                        int n, int mm, py::handle out, py::handle workspace) {
+    TensorView xv = to_view(x, "x"), vv = to_view(values, "values"), iv = to_view(indices, "indices"),
+               ov = to_view(out, "out");
+    OptionalView sv = to_optional_view(scales, "scales"), bv = to_optional_view(bias, "bias"),
+                 wv = to_optional_view(workspace, "workspace");
+    py::gil_scoped_release release;
+    nm_linear(xv, vv, iv, sv.get(), bv.get(), n, mm, ov, wv.get());
+  }, "out = x @ W^T (+ bias) for an N:M packed W.");
+  m.def("csr_pack", [](py::handle w, py::handle keep, py::handle row_ptr, py::handle values, py::handle cols,
+                       py::handle scales) {
+    TensorView wv = to_view(w, "w"), kv = to_view(keep, "keep"), rv = to_view(row_ptr, "row_ptr"),
+               vv = to_view(values, "values"), cv = to_view(cols, "cols");
+    OptionalView sv = to_optional_view(scales, "scales");
+    py::gil_scoped_release release;
+    csr_pack(wv, kv, rv, vv, cv, sv.get());
+  }, "Fills CSR values / cols (and int8 scales) of w * keep for the given row_ptr.");
+  m.def("csr_unpack", [](py::handle values, py::handle cols, py::handle row_ptr, py::handle scales,
+                         py::handle out) {
+    TensorView vv = to_view(values, "values"), cv = to_view(cols, "cols"), rv = to_view(row_ptr, "row_ptr"),
+               ov = to_view(out, "out");
+    OptionalView sv = to_optional_view(scales, "scales");
+    py::gil_scoped_release release;
+    csr_unpack(vv, cv, rv, sv.get(), ov);
+  }, "The dense float32 [N, K] weight of a CSR one.");
+  m.def("csr_linear", [](py::handle x, py::handle values, py::handle cols, py::handle row_ptr, py::handle scales,
+                         py::handle bias, py::handle out, py::handle workspace) {
+    TensorView xv = to_view(x, "x"), vv = to_view(values, "values"), cv = to_view(cols, "cols"),
+               rv = to_view(row_ptr, "row_ptr"), ov = to_view(out, "out");
+    OptionalView sv = to_optional_view(scales, "scales"), bv = to_optional_view(bias, "bias"),
+                 wv = to_optional_view(workspace, "workspace");
+    py::gil_scoped_release release;
+    csr_linear(xv, vv, cv, rv, sv.get(), bv.get(), ov, wv.get());
+  }, "out = x @ W^T (+ bias) for a CSR W.");
+  m.def("sparse_linear_workspace", &sparse_linear_workspace,
+        "float32 elements of workspace the sparse linears need for a batch of M rows of width K.");
+}
+
+}  // namespace bindings
+}  // namespace tensorslim

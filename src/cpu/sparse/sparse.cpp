@@ -1,0 +1,479 @@
+// Sparse storage (see include/tensorslim/sparse.h): argument checks, packing / unpacking
+// (scalar, one-time), the scalar reference linear and the ISA dispatch of the fast ones.
+#include "tensorslim/sparse.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "../half.h"
+#include "../parallel.h"
+#include "sparse_kernels.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace {
+
+using std::to_string;
+
+void check_cpu(const TensorView& t, const char* fn, const char* what) {
+  TS_CHECK_TYPE(t.device == DeviceType::kCPU, std::string(fn) + ": " + what + " must be on the CPU");
+  TS_CHECK_VALUE(t.is_contiguous(), std::string(fn) + ": " + what + " must be contiguous");
+}
+
+void check_tensor(const TensorView& t, DType dt, int ndim, const char* fn, const char* what) {
+  check_cpu(t, fn, what);
+  TS_CHECK_TYPE(t.dtype == dt, std::string(fn) + ": " + what + " must be " + dtype_name(dt) + ", got " +
+                                   dtype_name(t.dtype));
+  TS_CHECK_VALUE(t.ndim == ndim, std::string(fn) + ": " + what + " must be " + to_string(ndim) +
+                                     "-D, got shape " + shape_str(t));
+}
+
+void check_nm(int n, int m, const char* fn) {
+  TS_CHECK_VALUE(m == 4 || m == 8, std::string(fn) + ": m must be 4 or 8, got " + to_string(m));
+  TS_CHECK_VALUE(n >= 1 && n < m, std::string(fn) + ": n must satisfy 1 <= n < m = " + to_string(m) +
+                                      ", got n = " + to_string(n));
+}
+
+bool float_values(DType dt) {
+  return dt == DType::kFloat32 || dt == DType::kBFloat16 || dt == DType::kFloat16;
+}
+
+// values dtype (nm: float32/bf16/f16/int8, csr: float32/int8) and the scales that go with it.
+void check_values_scales(const TensorView& values, const TensorView* scales, int64_t N, bool csr,
+                         const char* fn) {
+  const bool ok = csr ? (values.dtype == DType::kFloat32 || values.dtype == DType::kInt8)
+                      : (float_values(values.dtype) || values.dtype == DType::kInt8);
+  TS_CHECK_TYPE(ok, std::string(fn) + ": values must be " +
+                        (csr ? "float32 or int8" : "float32, bfloat16, float16 or int8") + ", got " +
+                        dtype_name(values.dtype));
+  if (values.dtype == DType::kInt8) {
+    TS_CHECK_VALUE(scales != nullptr, std::string(fn) + ": int8 values need per-row float32 scales");
+    check_tensor(*scales, DType::kFloat32, 1, fn, "scales");
+    TS_CHECK_VALUE(scales->shape[0] == N, std::string(fn) + ": scales must have " + to_string(N) +
+                                              " elements, got " + shape_str(*scales));
+  } else {
+    TS_CHECK_VALUE(scales == nullptr, std::string(fn) + ": scales are only for int8 values, got " +
+                                          dtype_name(values.dtype) + " values");
+  }
+}
+
+float value_at(const cpu::SparseWeight& w, int64_t i) {
+  switch (w.vdtype) {
+    case DType::kFloat32: return static_cast<const float*>(w.values)[i];
+    case DType::kBFloat16: return cpu::bf16_to_float(static_cast<const uint16_t*>(w.values)[i]);
+    case DType::kFloat16: return cpu::f16_to_float(static_cast<const uint16_t*>(w.values)[i]);
+    default: return static_cast<float>(static_cast<const int8_t*>(w.values)[i]);
+  }
+}
+
+void store_value(const TensorView& values, int64_t i, float v) {
+  switch (values.dtype) {
+    case DType::kFloat32: values.ptr<float>()[i] = v; break;
+    case DType::kBFloat16: values.ptr<uint16_t>()[i] = cpu::float_to_bf16(v); break;
+    case DType::kFloat16: values.ptr<uint16_t>()[i] = cpu::float_to_f16(v); break;
+    default: values.ptr<int8_t>()[i] = static_cast<int8_t>(v);  // v is an integer code already
+  }
+}
+
+// The int8 code of w under scale (the packing spec, in float32).
+float int8_code(float w, float scale) {
+  const float q = std::nearbyint(w / scale);  // default rounding mode: half to even
+  return std::min(127.0f, std::max(-127.0f, q));
+}
+
+float row_scale(float amax) { return amax > 0.0f ? amax / 127.0f : 1.0f; }
+
+int nm_pos(const uint8_t* row, int64_t j, int b) {
+  const int64_t bit = j * b;
+  unsigned v = row[bit >> 3] >> (bit & 7);
+  if ((bit & 7) + b > 8) v |= static_cast<unsigned>(row[(bit >> 3) + 1]) << (8 - (bit & 7));
+  return static_cast<int>(v & ((1u << b) - 1u));
+}
+
+void put_pos(uint8_t* row, int64_t j, int b, int pos) {
+  const int64_t bit = j * b;
+  const unsigned v = static_cast<unsigned>(pos) << (bit & 7);
+  row[bit >> 3] |= static_cast<uint8_t>(v);
+  if ((bit & 7) + b > 8) row[(bit >> 3) + 1] |= static_cast<uint8_t>(v >> 8);
+}
+
+void check_w_keep(const TensorView& w, const TensorView& keep, const char* fn) {
+  check_tensor(w, DType::kFloat32, 2, fn, "w");
+  check_tensor(keep, DType::kUInt8, 2, fn, "keep");
+  TS_CHECK_VALUE(keep.shape[0] == w.shape[0] && keep.shape[1] == w.shape[1],
+                 std::string(fn) + ": keep must have w's shape " + shape_str(w) + ", got " + shape_str(keep));
+}
+
+cpu::SparseWeight nm_weight(const TensorView& values, const TensorView& indices, const TensorView* scales,
+                            int n, int m, int64_t N, int64_t K, const char* fn) {
+  check_nm(n, m, fn);
+  check_cpu(values, fn, "values");
+  check_values_scales(values, scales, N, false, fn);
+  const int64_t S = nm_slots(K, n, m), B = nm_index_bytes(K, n, m);
+  TS_CHECK_VALUE(values.ndim == 2 && values.shape[0] == N && values.shape[1] == S,
+                 std::string(fn) + ": values must be [" + to_string(N) + ", " + to_string(S) +
+                     "] for " + to_string(n) + ":" + to_string(m) + " with in_features " + to_string(K) +
+                     ", got " + shape_str(values));
+  check_tensor(indices, DType::kUInt8, 2, fn, "indices");
+  TS_CHECK_VALUE(indices.shape[0] == N && indices.shape[1] == B,
+                 std::string(fn) + ": indices must be [" + to_string(N) + ", " + to_string(B) + "], got " +
+                     shape_str(indices));
+  cpu::SparseWeight w;
+  w.vdtype = values.dtype;
+  w.values = values.data;
+  w.scales = scales ? scales->ptr<float>() : nullptr;
+  w.N = N;
+  w.K = K;
+  w.n = n;
+  w.m = m;
+  w.b = nm_index_bits(m);
+  w.slots = S;
+  w.idx_row_bytes = B;
+  w.indices = indices.ptr<uint8_t>();
+  w.idx_end = w.indices + N * B;
+  return w;
+}
+
+cpu::SparseWeight csr_weight(const TensorView& values, const TensorView& cols, const TensorView& row_ptr,
+                             const TensorView* scales, int64_t K, const char* fn) {
+  check_tensor(row_ptr, DType::kInt64, 1, fn, "row_ptr");
+  TS_CHECK_VALUE(row_ptr.shape[0] >= 1, std::string(fn) + ": row_ptr must have N + 1 >= 1 elements");
+  const int64_t N = row_ptr.shape[0] - 1;
+  check_cpu(values, fn, "values");
+  check_values_scales(values, scales, N, true, fn);
+  TS_CHECK_VALUE(values.ndim == 1, std::string(fn) + ": values must be 1-D, got " + shape_str(values));
+  check_tensor(cols, DType::kUInt16, 1, fn, "cols");
+  const int64_t nnz = values.shape[0];
+  TS_CHECK_VALUE(cols.shape[0] == nnz, std::string(fn) + ": cols must have as many entries as values (" +
+                                           to_string(nnz) + "), got " + shape_str(cols));
+  TS_CHECK_VALUE(K >= 1 && K <= 65536, std::string(fn) + ": in_features must be in [1, 65536] (16-bit "
+                                                         "columns), got " + to_string(K));
+  const int64_t* rp = row_ptr.ptr<int64_t>();
+  TS_CHECK_VALUE(rp[0] == 0, std::string(fn) + ": row_ptr[0] must be 0, got " + to_string(rp[0]));
+  for (int64_t r = 0; r < N; ++r) {
+    TS_CHECK_VALUE(rp[r + 1] >= rp[r], std::string(fn) + ": row_ptr must be non-decreasing, row " +
+                                           to_string(r) + " goes from " + to_string(rp[r]) + " to " +
+                                           to_string(rp[r + 1]));
+  }
+  TS_CHECK_VALUE(rp[N] == nnz, std::string(fn) + ": row_ptr[N] must equal the number of values " +
+                                   to_string(nnz) + ", got " + to_string(rp[N]));
+  cpu::SparseWeight w;
+  w.csr = true;
+  w.vdtype = values.dtype;
+  w.values = values.data;
+  w.scales = scales ? scales->ptr<float>() : nullptr;
+  w.N = N;
+  w.K = K;
+  w.cols = cols.ptr<uint16_t>();
+  w.row_ptr = rp;
+  return w;
+}
+
+// Transposes x into the tiles the large-batch kernels read (see SparseBatch::xt).
+void transpose_tiles(const float* x, int64_t M, int64_t K, int64_t ldx, int W, float* xt) {
+  const int64_t tiles = (M + cpu::kTileM - 1) / cpu::kTileM;
+  cpu::parallel_for(K, 256, [&](int64_t k0, int64_t k1) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m0 = t * cpu::kTileM, mt = std::min(cpu::kTileM, M - m0);
+      const int64_t st = cpu::tile_stride(mt, W);
+      float* dst = xt + t * K * cpu::kTileM;
+      for (int64_t k = k0; k < k1; ++k) {
+        float* d = dst + k * st;
+        for (int64_t i = 0; i < mt; ++i) d[i] = x[(m0 + i) * ldx + k];
+        for (int64_t i = mt; i < st; ++i) d[i] = 0.0f;
+      }
+    }
+  });
+}
+
+// Checks x / out / bias / workspace and runs the kernels of the active ISA over all rows.
+void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorView* bias, const TensorView& out,
+                const TensorView* workspace, const char* fn) {
+  check_cpu(x, fn, "x");
+  TS_CHECK_TYPE(x.dtype == DType::kFloat32, std::string(fn) + ": x must be float32, got " + dtype_name(x.dtype));
+  TS_CHECK_VALUE(x.ndim == 2 && x.shape[1] == w.K, std::string(fn) + ": x must be [M, " + to_string(w.K) +
+                                                        "], got " + shape_str(x));
+  const int64_t M = x.shape[0];
+  check_tensor(out, DType::kFloat32, 2, fn, "out");
+  TS_CHECK_VALUE(out.shape[0] == M && out.shape[1] == w.N, std::string(fn) + ": out must be [" + to_string(M) +
+                                                               ", " + to_string(w.N) + "], got " + shape_str(out));
+  if (bias) {
+    check_tensor(*bias, DType::kFloat32, 1, fn, "bias");
+    TS_CHECK_VALUE(bias->shape[0] == w.N, std::string(fn) + ": bias must have " + to_string(w.N) +
+                                              " elements, got " + shape_str(*bias));
+  }
+  if (M == 0 || w.N == 0) return;
+  cpu::SparseBatch a;
+  a.x = x.ptr<float>();
+  a.M = M;
+  a.ldx = w.K;
+  a.y = out.ptr<float>();
+  a.ldy = w.N;
+  a.bias = bias ? bias->ptr<float>() : nullptr;
+  const cpu::Isa isa = cpu::active_isa();
+  const bool transposed = isa != cpu::Isa::kScalar && M > cpu::kRowwiseMaxM;
+  if (transposed) {
+    const int64_t need = sparse_linear_workspace(M, w.K);
+    TS_CHECK_VALUE(workspace != nullptr, std::string(fn) + ": a batch of " + to_string(M) +
+                                             " rows needs a float32 workspace of " + to_string(need) + " elements");
+    check_tensor(*workspace, DType::kFloat32, 1, fn, "workspace");
+    TS_CHECK_VALUE(workspace->shape[0] >= need, std::string(fn) + ": workspace must hold " + to_string(need) +
+                                                    " float32 elements, got " + shape_str(*workspace));
+    transpose_tiles(a.x, M, w.K, a.ldx, isa == cpu::Isa::kAVX512 ? 16 : 8, workspace->ptr<float>());
+    a.xt = workspace->ptr<float>();
+  }
+  std::atomic<bool> bad{false};
+  // Rows are independent; a few rows per task keeps the per-row decode set-up amortized.
+  cpu::parallel_for(w.N, 16, [&](int64_t r0, int64_t r1) {
+    bool b = false;
+    if (isa == cpu::Isa::kAVX512) {
+      if (w.csr) b = transposed ? cpu::csr_rows_t_avx512(w, a, r0, r1) : cpu::csr_rows_avx512(w, a, r0, r1);
+      else if (transposed) cpu::nm_rows_t_avx512(w, a, r0, r1);
+      else cpu::nm_rows_avx512(w, a, r0, r1);
+    } else if (isa == cpu::Isa::kAVX2) {
+      if (w.csr) b = transposed ? cpu::csr_rows_t_avx2(w, a, r0, r1) : cpu::csr_rows_avx2(w, a, r0, r1);
+      else if (transposed) cpu::nm_rows_t_avx2(w, a, r0, r1);
+      else cpu::nm_rows_avx2(w, a, r0, r1);
+    } else {
+      b = cpu::sparse_rows_scalar(w, a, r0, r1);
+    }
+    if (b) bad.store(true);
+  });
+  TS_CHECK_VALUE(!bad.load(), std::string(fn) + ": cols holds a column >= in_features = " + to_string(w.K));
+}
+
+}  // namespace
+
+namespace cpu {
+
+// The specification: per output, the sum over stored entries in storage order of
+// value * x[col] in float32 (entries at columns >= K are skipped), times the row's scale for
+// int8 values, plus bias.
+bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  bool bad = false;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float scale = w.scales ? w.scales[r] : 1.0f;
+    const float bias = a.bias ? a.bias[r] : 0.0f;
+    for (int64_t i = 0; i < a.M; ++i) {
+      const float* x = a.x + i * a.ldx;
+      float acc = 0.0f;
+      if (w.csr) {
+        for (int64_t e = w.row_ptr[r]; e < w.row_ptr[r + 1]; ++e) {
+          const int64_t c = w.cols[e];
+          if (c >= w.K) {
+            bad = true;
+            continue;
+          }
+          acc += value_at(w, e) * x[c];
+        }
+      } else {
+        const uint8_t* idx = w.indices + r * w.idx_row_bytes;
+        for (int64_t j = 0; j < w.slots; ++j) {
+          const int64_t c = (j / w.n) * w.m + nm_pos(idx, j, w.b);
+          if (c < w.K) acc += value_at(w, r * w.slots + j) * x[c];
+        }
+      }
+      a.y[i * a.ldy + r] = acc * scale + bias;
+    }
+  }
+  return bad;
+}
+
+}  // namespace cpu
+
+int nm_index_bits(int m) { return m == 8 ? 3 : 2; }
+
+int64_t nm_slots(int64_t K, int n, int m) { return (K + m - 1) / m * n; }
+
+int64_t nm_index_bytes(int64_t K, int n, int m) { return (nm_slots(K, n, m) * nm_index_bits(m) + 7) / 8; }
+
+int64_t sparse_linear_workspace(int64_t M, int64_t K) {
+  if (M <= cpu::kRowwiseMaxM) return 0;
+  return (M + cpu::kTileM - 1) / cpu::kTileM * cpu::kTileM * K;
+}
+
+void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const TensorView& values,
+             const TensorView& indices, const TensorView* scales) {
+  const char* fn = "nm_pack";
+  check_nm(n, m, fn);
+  check_w_keep(w, keep, fn);
+  const int64_t N = w.shape[0], K = w.shape[1];
+  check_cpu(values, fn, "values");
+  check_values_scales(values, scales, N, false, fn);
+  const int64_t S = nm_slots(K, n, m), B = nm_index_bytes(K, n, m), G = S / n;
+  TS_CHECK_VALUE(values.ndim == 2 && values.shape[0] == N && values.shape[1] == S,
+                 std::string(fn) + ": values must be [" + to_string(N) + ", " + to_string(S) + "], got " +
+                     shape_str(values));
+  check_tensor(indices, DType::kUInt8, 2, fn, "indices");
+  TS_CHECK_VALUE(indices.shape[0] == N && indices.shape[1] == B, std::string(fn) + ": indices must be [" +
+                                                                     to_string(N) + ", " + to_string(B) + "], got " +
+                                                                     shape_str(indices));
+  const float* wp = w.ptr<float>();
+  const uint8_t* kp = keep.ptr<uint8_t>();
+  const int b = nm_index_bits(m);
+  const bool int8 = values.dtype == DType::kInt8;
+  for (int64_t r = 0; r < N; ++r) {
+    const float* wr = wp + r * K;
+    const uint8_t* kr = kp + r * K;
+    float amax = 0.0f;
+    for (int64_t g = 0; g < G; ++g) {
+      int count = 0;
+      for (int64_t c = g * m; c < std::min(K, (g + 1) * m); ++c) {
+        if (!kr[c]) continue;
+        TS_CHECK_VALUE(std::isfinite(wr[c]), std::string(fn) + ": w holds NaN or Inf at row " + to_string(r) +
+                                                 ", column " + to_string(c));
+        ++count;
+        amax = std::max(amax, std::fabs(wr[c]));
+      }
+      TS_CHECK_VALUE(count <= n, std::string(fn) + ": keep has " + to_string(count) + " weights in row " +
+                                     to_string(r) + ", group " + to_string(g) + " (columns " +
+                                     to_string(g * m) + ".." + to_string(std::min(K, (g + 1) * m) - 1) +
+                                     "); " + to_string(n) + ":" + to_string(m) + " allows at most " +
+                                     to_string(n));
+    }
+    const float scale = int8 ? row_scale(amax) : 1.0f;
+    if (int8) scales->ptr<float>()[r] = scale;
+    uint8_t* ir = indices.ptr<uint8_t>() + r * B;
+    std::memset(ir, 0, B);
+    for (int64_t g = 0; g < G; ++g) {
+      // Kept positions plus the smallest free ones up to n, in increasing order.
+      int free_needed = n;
+      for (int p = 0; p < m; ++p) {
+        const int64_t c = g * m + p;
+        free_needed -= (c < K && kr[c]) ? 1 : 0;
+      }
+      int j = 0;
+      for (int p = 0; p < m && j < n; ++p) {
+        const int64_t c = g * m + p;
+        const bool kept = c < K && kr[c];
+        if (!kept) {
+          if (free_needed == 0) continue;
+          --free_needed;
+        }
+        const int64_t slot = g * n + j++;
+        put_pos(ir, slot, b, p);
+        const float v = kept ? wr[c] : 0.0f;
+        store_value(values, r * S + slot, int8 ? int8_code(v, scale) : v);
+      }
+    }
+  }
+}
+
+void nm_unpack(const TensorView& values, const TensorView& indices, const TensorView* scales, int n, int m,
+               const TensorView& out) {
+  const char* fn = "nm_unpack";
+  check_tensor(out, DType::kFloat32, 2, fn, "out");
+  const int64_t N = out.shape[0], K = out.shape[1];
+  const cpu::SparseWeight w = nm_weight(values, indices, scales, n, m, N, K, fn);
+  float* o = out.ptr<float>();
+  std::fill(o, o + N * K, 0.0f);
+  for (int64_t r = 0; r < N; ++r) {
+    const uint8_t* idx = w.indices + r * w.idx_row_bytes;
+    const float scale = w.scales ? w.scales[r] : 1.0f;
+    for (int64_t g = 0; g < w.slots / n; ++g) {
+      int prev = -1;
+      for (int s = 0; s < n; ++s) {
+        const int64_t j = g * n + s;
+        const int p = nm_pos(idx, j, w.b);
+        TS_CHECK_VALUE(p > prev, std::string(fn) + ": positions must increase within a group; row " +
+                                     to_string(r) + ", group " + to_string(g) + " has " + to_string(p) +
+                                     " after " + to_string(prev));
+        prev = p;
+        const int64_t c = g * m + p;
+        const float v = value_at(w, r * w.slots + j) * scale;
+        if (c < K) o[r * K + c] = v;
+        else TS_CHECK_VALUE(v == 0.0f, std::string(fn) + ": row " + to_string(r) + " stores a nonzero value "
+                                                         "at virtual column " + to_string(c) + " >= in_features " +
+                                                         to_string(K));
+      }
+    }
+  }
+}
+
+void nm_linear(const TensorView& x, const TensorView& values, const TensorView& indices, const TensorView* scales,
+               const TensorView* bias, int n, int m, const TensorView& out, const TensorView* workspace) {
+  const char* fn = "nm_linear";
+  check_tensor(out, DType::kFloat32, 2, fn, "out");
+  TS_CHECK_VALUE(x.ndim == 2, std::string(fn) + ": x must be 2-D [M, K], got " + shape_str(x));
+  const cpu::SparseWeight w = nm_weight(values, indices, scales, n, m, out.shape[1], x.shape[1], fn);
+  run_linear(w, x, bias, out, workspace, fn);
+}
+
+void csr_pack(const TensorView& w, const TensorView& keep, const TensorView& row_ptr, const TensorView& values,
+              const TensorView& cols, const TensorView* scales) {
+  const char* fn = "csr_pack";
+  check_w_keep(w, keep, fn);
+  const int64_t N = w.shape[0], K = w.shape[1];
+  TS_CHECK_VALUE(K <= 65536, std::string(fn) + ": in_features " + to_string(K) +
+                                 " is over 65536, the most 16-bit column indices address");
+  TS_CHECK_VALUE(row_ptr.ndim == 1 && row_ptr.shape[0] == N + 1,
+                 std::string(fn) + ": row_ptr must be [" + to_string(N + 1) + "], got " + shape_str(row_ptr));
+  const cpu::SparseWeight sw = csr_weight(values, cols, row_ptr, scales, std::max<int64_t>(K, 1), fn);
+  const float* wp = w.ptr<float>();
+  const uint8_t* kp = keep.ptr<uint8_t>();
+  const bool int8 = values.dtype == DType::kInt8;
+  for (int64_t r = 0; r < N; ++r) {
+    int64_t count = 0;
+    float amax = 0.0f;
+    for (int64_t c = 0; c < K; ++c) {
+      if (!kp[r * K + c]) continue;
+      TS_CHECK_VALUE(std::isfinite(wp[r * K + c]), std::string(fn) + ": w holds NaN or Inf at row " +
+                                                       to_string(r) + ", column " + to_string(c));
+      ++count;
+      amax = std::max(amax, std::fabs(wp[r * K + c]));
+    }
+    TS_CHECK_VALUE(count == sw.row_ptr[r + 1] - sw.row_ptr[r],
+                   std::string(fn) + ": row_ptr gives row " + to_string(r) + " " +
+                       to_string(sw.row_ptr[r + 1] - sw.row_ptr[r]) + " entries, keep has " + to_string(count));
+    const float scale = int8 ? row_scale(amax) : 1.0f;
+    if (int8) scales->ptr<float>()[r] = scale;
+    int64_t e = sw.row_ptr[r];
+    for (int64_t c = 0; c < K; ++c) {
+      if (!kp[r * K + c]) continue;
+      const float v = wp[r * K + c];
+      store_value(values, e, int8 ? int8_code(v, scale) : v);
+      cols.ptr<uint16_t>()[e++] = static_cast<uint16_t>(c);
+    }
+  }
+}
+
+void csr_unpack(const TensorView& values, const TensorView& cols, const TensorView& row_ptr,
+                const TensorView* scales, const TensorView& out) {
+  const char* fn = "csr_unpack";
+  check_tensor(out, DType::kFloat32, 2, fn, "out");
+  const int64_t N = out.shape[0], K = out.shape[1];
+  TS_CHECK_VALUE(row_ptr.ndim == 1 && row_ptr.shape[0] == N + 1,
+                 std::string(fn) + ": row_ptr must be [" + to_string(N + 1) + "] for " + to_string(N) +
+                     " rows, got " + shape_str(row_ptr));
+  const cpu::SparseWeight w = csr_weight(values, cols, row_ptr, scales, K, fn);
+  float* o = out.ptr<float>();
+  std::fill(o, o + N * K, 0.0f);
+  for (int64_t r = 0; r < N; ++r) {
+    const float scale = w.scales ? w.scales[r] : 1.0f;
+    int64_t prev = -1;
+    for (int64_t e = w.row_ptr[r]; e < w.row_ptr[r + 1]; ++e) {
+      const int64_t c = w.cols[e];
+      TS_CHECK_VALUE(c < K, std::string(fn) + ": row " + to_string(r) + " has column " + to_string(c) +
+                                " >= in_features " + to_string(K));
+      TS_CHECK_VALUE(c > prev, std::string(fn) + ": row " + to_string(r) +
+                                   " columns must be strictly increasing, got " + to_string(c) + " after " +
+                                   to_string(prev));
+      prev = c;
+      o[r * K + c] = value_at(w, e) * scale;
+    }
+  }
+}
+
+void csr_linear(const TensorView& x, const TensorView& values, const TensorView& cols, const TensorView& row_ptr,
+                const TensorView* scales, const TensorView* bias, const TensorView& out,
+                const TensorView* workspace) {
+  const char* fn = "csr_linear";
+  TS_CHECK_VALUE(x.ndim == 2, std::string(fn) + ": x must be 2-D [M, K], got " + shape_str(x));
+  const cpu::SparseWeight w = csr_weight(values, cols, row_ptr, scales, x.shape[1], fn);
+  run_linear(w, x, bias, out, workspace, fn);
+}
+
+}  // namespace tensorslim

@@ -1,0 +1,363 @@
+// AVX2 sparse linears (compiled with -mavx2 -mfma; F16C, which every AVX2 CPU has, is
+// enabled per function for the fp16 values). 8 stored entries per step. Row-wise (small
+// batches): N:M 2:4 and 4:8 pick their 8 x values out of a 16-column window with two
+// vpermps and a blend on the window half; other N:M and CSR gather them. Transposed (larger
+// batches): every stored entry does one FMA per 8 batch rows.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "sparse_kernels.h"
+
+#define TS_TARGET __attribute__((target("avx2,fma,f16c")))
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int W = 8;
+
+TS_TARGET inline uint64_t load_bits(const uint8_t* p, const uint8_t* end) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, end - p >= 8 ? 8 : static_cast<size_t>(end - p));  // never past the buffer
+  return v;
+}
+
+// In-group positions of the 8 slots from j0 (a multiple of 8, so byte aligned).
+template <int B>
+TS_TARGET inline __m256i decode_pos(const uint8_t* row, int64_t j0, const uint8_t* end) {
+  const uint64_t bits = load_bits(row + ((j0 * B) >> 3), end);
+  const __m256i v = _mm256_set1_epi32(static_cast<int>(bits & 0xffffffu));
+  if constexpr (B == 2) {
+    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                            _mm256_set1_epi32(3));
+  } else {
+    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)),
+                            _mm256_set1_epi32(7));
+  }
+}
+
+// 8 stored values from index i as float32; `count` < 8 reads only that many (rest 0).
+template <DType VT>
+TS_TARGET inline __m256 load_vals(const void* base, int64_t i, int64_t count) {
+  constexpr int size = VT == DType::kFloat32 ? 4 : VT == DType::kInt8 ? 1 : 2;
+  alignas(32) unsigned char buf[32];
+  const unsigned char* p = static_cast<const unsigned char*>(base) + i * size;
+  if (count < W) {
+    std::memset(buf, 0, sizeof(buf));
+    std::memcpy(buf, p, count * size);
+    p = buf;
+  }
+  if constexpr (VT == DType::kFloat32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  } else if constexpr (VT == DType::kInt8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (VT == DType::kFloat16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+TS_TARGET inline __m256 lanes_below(int64_t count) {  // all-ones in the first `count` lanes
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count < W ? count : W)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+TS_TARGET inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+TS_TARGET inline void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i, float acc) {
+  a.y[i * a.ldy + r] = acc * (w.scales ? w.scales[r] : 1.0f) + (a.bias ? a.bias[r] : 0.0f);
+}
+
+// The slot layout of one N:M row (see the AVX-512 file): periods of lcm(n, 8) slots.
+struct NmLayout {
+  __m256i offs[8];
+  int nper = 1;
+  int64_t period_cols = 0;
+  int64_t full = 0;
+  TS_TARGET explicit NmLayout(const SparseWeight& w) {
+    int P = W;
+    while (P % w.n) P += W;
+    nper = P / W;
+    period_cols = P / w.n * w.m;
+    for (int v = 0; v < nper; ++v) {
+      alignas(32) int32_t o[W];
+      for (int l = 0; l < W; ++l) o[l] = (v * W + l) / w.n * w.m;
+      offs[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
+    }
+    full = w.K / w.m * w.n;
+  }
+};
+
+// Output row r for batch rows i0 .. i0+R-1. PERM: n | 8 and 8 slots span 16 columns.
+template <DType VT, int B, bool PERM, int R>
+TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
+  __m256 acc[R];
+  for (int q = 0; q < R; ++q) acc[q] = _mm256_setzero_ps();
+  const uint8_t* idx = w.indices + r * w.idx_row_bytes;
+  const int64_t vb = r * w.slots;
+  const float* x = a.x + i0 * a.ldx;
+  int64_t j0 = 0, col0 = 0;
+  int v = 0;
+  for (; j0 + W <= L.full; j0 += W) {
+    const __m256i rel = _mm256_add_epi32(L.offs[v], decode_pos<B>(idx, j0, w.idx_end));
+    const __m256 vals = load_vals<VT>(w.values, vb + j0, W);
+    for (int q = 0; q < R; ++q) {
+      const float* xq = x + q * a.ldx;
+      __m256 xv;
+      if constexpr (PERM) {
+        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + col0), rel);
+        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + col0 + W), rel);
+        xv = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(rel, 28)));  // bit 3: upper half
+      } else {
+        xv = _mm256_i32gather_ps(xq, _mm256_add_epi32(rel, _mm256_set1_epi32(static_cast<int>(col0))), 4);
+      }
+      acc[q] = _mm256_fmadd_ps(vals, xv, acc[q]);
+    }
+    if (++v == L.nper) {
+      v = 0;
+      col0 += L.period_cols;
+    }
+  }
+  // The last groups: lanes past the row's slots or at virtual columns >= K read nothing.
+  const __m256i kv = _mm256_set1_epi32(static_cast<int>(w.K));
+  for (; j0 < w.slots; j0 += W) {
+    const __m256i col = _mm256_add_epi32(_mm256_add_epi32(L.offs[v], decode_pos<B>(idx, j0, w.idx_end)),
+                                         _mm256_set1_epi32(static_cast<int>(col0)));
+    const __m256 k = _mm256_and_ps(lanes_below(w.slots - j0), _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col)));
+    const __m256 vals = load_vals<VT>(w.values, vb + j0, w.slots - j0);
+    for (int q = 0; q < R; ++q) {
+      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x + q * a.ldx, col, k, 4);
+      acc[q] = _mm256_fmadd_ps(vals, xv, acc[q]);
+    }
+    if (++v == L.nper) {
+      v = 0;
+      col0 += L.period_cols;
+    }
+  }
+  for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, hsum(acc[q]));
+}
+
+template <DType VT, int B, bool PERM>
+TS_TARGET void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  const NmLayout L(w);
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t i = 0;
+    for (; i + 4 <= a.M; i += 4) nm_row<VT, B, PERM, 4>(w, a, L, r, i);
+    for (; i + 2 <= a.M; i += 2) nm_row<VT, B, PERM, 2>(w, a, L, r, i);
+    for (; i < a.M; ++i) nm_row<VT, B, PERM, 1>(w, a, L, r, i);
+  }
+}
+
+// Transposed kernel: acc[v] holds batch rows 8v .. 8v+7 of the tile for one output row.
+template <int V>
+TS_TARGET inline void t_step(const float* xt, int64_t st, const int32_t* ci, const float* vf, int count, __m256* acc) {
+  for (int t = 0; t < count; ++t) {
+    const float* xr = xt + static_cast<int64_t>(ci[t]) * st;
+    const __m256 bv = _mm256_set1_ps(vf[t]);
+    for (int u = 0; u < V; ++u) acc[u] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xr + u * W), acc[u]);
+  }
+}
+
+template <int V>
+TS_TARGET inline void t_store(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t m0, int64_t mt,
+                              __m256* acc) {
+  alignas(32) float buf[V * W];
+  for (int u = 0; u < V; ++u) _mm256_store_ps(buf + u * W, acc[u]);
+  for (int64_t i = 0; i < mt; ++i) store_out(w, a, r, m0 + i, buf[i]);
+}
+
+template <DType VT, int B, int V>
+TS_TARGET void nm_rows_t_tile(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, int64_t m0,
+                              int64_t mt) {
+  const NmLayout L(w);
+  const int64_t st = tile_stride(mt, W);
+  const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
+  const __m256i kv = _mm256_set1_epi32(static_cast<int>(w.K));
+  alignas(32) int32_t ci[W];
+  alignas(32) float vf[W];
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[V];
+    for (int u = 0; u < V; ++u) acc[u] = _mm256_setzero_ps();
+    const uint8_t* idx = w.indices + r * w.idx_row_bytes;
+    const int64_t vb = r * w.slots;
+    int64_t col0 = 0;
+    int v = 0;
+    for (int64_t j0 = 0; j0 < w.slots; j0 += W) {
+      const __m256i col = _mm256_add_epi32(_mm256_add_epi32(L.offs[v], decode_pos<B>(idx, j0, w.idx_end)),
+                                           _mm256_set1_epi32(static_cast<int>(col0)));
+      const int64_t count = w.slots - j0 < W ? w.slots - j0 : W;
+      const __m256 k = _mm256_and_ps(lanes_below(count), _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col)));
+      // Skipped lanes: column 0, value 0.
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ci), _mm256_and_si256(col, _mm256_castps_si256(k)));
+      _mm256_store_ps(vf, _mm256_and_ps(load_vals<VT>(w.values, vb + j0, count), k));
+      t_step<V>(xt, st, ci, vf, static_cast<int>(count), acc);
+      if (++v == L.nper) {
+        v = 0;
+        col0 += L.period_cols;
+      }
+    }
+    t_store<V>(w, a, r, m0, mt, acc);
+  }
+}
+
+template <DType VT, int B>
+TS_TARGET void nm_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
+    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
+    switch ((mt + W - 1) / W) {
+      case 1: nm_rows_t_tile<VT, B, 1>(w, a, r0, r1, m0, mt); break;
+      case 2: nm_rows_t_tile<VT, B, 2>(w, a, r0, r1, m0, mt); break;
+      case 3: nm_rows_t_tile<VT, B, 3>(w, a, r0, r1, m0, mt); break;
+      case 4: nm_rows_t_tile<VT, B, 4>(w, a, r0, r1, m0, mt); break;
+      case 5: case 6: nm_rows_t_tile<VT, B, 6>(w, a, r0, r1, m0, mt); break;
+      default: nm_rows_t_tile<VT, B, 8>(w, a, r0, r1, m0, mt);
+    }
+  }
+}
+
+// CSR, row-wise: gathers of x at 8 columns at a time.
+template <DType VT, int R>
+TS_TARGET bool csr_row(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i0) {
+  __m256 acc[R];
+  for (int q = 0; q < R; ++q) acc[q] = _mm256_setzero_ps();
+  const float* x = a.x + i0 * a.ldx;
+  const __m256i kv = _mm256_set1_epi32(static_cast<int>(w.K));
+  const int64_t e1 = w.row_ptr[r + 1];
+  int bad = 0;
+  for (int64_t e = w.row_ptr[r]; e < e1; e += W) {
+    const int64_t count = e1 - e < W ? e1 - e : W;
+    __m128i c16;
+    if (count == W) {
+      c16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + e));
+    } else {
+      alignas(16) uint16_t buf[W] = {};
+      std::memcpy(buf, w.cols + e, count * 2);
+      c16 = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+    }
+    const __m256i col = _mm256_cvtepu16_epi32(c16);
+    const __m256 act = lanes_below(count);
+    const __m256 ok = _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col));
+    bad |= _mm256_movemask_ps(_mm256_andnot_ps(ok, act));
+    const __m256 k = _mm256_and_ps(ok, act);
+    const __m256 vals = load_vals<VT>(w.values, e, count);
+    for (int q = 0; q < R; ++q) {
+      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x + q * a.ldx, col, k, 4);
+      acc[q] = _mm256_fmadd_ps(vals, xv, acc[q]);
+    }
+  }
+  for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, hsum(acc[q]));
+  return bad != 0;
+}
+
+template <DType VT>
+TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  bool bad = false;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t i = 0;
+    for (; i + 4 <= a.M; i += 4) bad |= csr_row<VT, 4>(w, a, r, i);
+    for (; i + 2 <= a.M; i += 2) bad |= csr_row<VT, 2>(w, a, r, i);
+    for (; i < a.M; ++i) bad |= csr_row<VT, 1>(w, a, r, i);
+  }
+  return bad;
+}
+
+template <DType VT, int V>
+TS_TARGET bool csr_rows_t_tile(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, int64_t m0,
+                               int64_t mt) {
+  const int64_t st = tile_stride(mt, W);
+  const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
+  bool bad = false;
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[V];
+    for (int u = 0; u < V; ++u) acc[u] = _mm256_setzero_ps();
+    for (int64_t e = w.row_ptr[r]; e < w.row_ptr[r + 1]; ++e) {
+      const int64_t c = w.cols[e];
+      if (c >= w.K) {
+        bad = true;
+        continue;
+      }
+      float v;
+      if constexpr (VT == DType::kInt8) v = static_cast<const int8_t*>(w.values)[e];
+      else v = static_cast<const float*>(w.values)[e];
+      const __m256 bv = _mm256_set1_ps(v);
+      const float* xr = xt + c * st;
+      for (int u = 0; u < V; ++u) acc[u] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xr + u * W), acc[u]);
+    }
+    t_store<V>(w, a, r, m0, mt, acc);
+  }
+  return bad;
+}
+
+template <DType VT>
+TS_TARGET bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  bool bad = false;
+  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
+    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
+    switch ((mt + W - 1) / W) {
+      case 1: bad |= csr_rows_t_tile<VT, 1>(w, a, r0, r1, m0, mt); break;
+      case 2: bad |= csr_rows_t_tile<VT, 2>(w, a, r0, r1, m0, mt); break;
+      case 3: bad |= csr_rows_t_tile<VT, 3>(w, a, r0, r1, m0, mt); break;
+      case 4: bad |= csr_rows_t_tile<VT, 4>(w, a, r0, r1, m0, mt); break;
+      case 5: case 6: bad |= csr_rows_t_tile<VT, 6>(w, a, r0, r1, m0, mt); break;
+      default: bad |= csr_rows_t_tile<VT, 8>(w, a, r0, r1, m0, mt);
+    }
+  }
+  return bad;
+}
+
+template <DType VT>
+TS_TARGET void nm_rows_dispatch(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  if (w.b == 2) {
+    if (w.n == 2) nm_rows_typed<VT, 2, true>(w, a, r0, r1);
+    else nm_rows_typed<VT, 2, false>(w, a, r0, r1);
+  } else {
+    if (w.n == 4) nm_rows_typed<VT, 3, true>(w, a, r0, r1);
+    else nm_rows_typed<VT, 3, false>(w, a, r0, r1);
+  }
+}
+
+template <DType VT>
+TS_TARGET void nm_rows_t_dispatch(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  if (w.b == 2) nm_rows_t_typed<VT, 2>(w, a, r0, r1);
+  else nm_rows_t_typed<VT, 3>(w, a, r0, r1);
+}
+
+}  // namespace
+
+TS_TARGET void nm_rows_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  switch (w.vdtype) {
+    case DType::kFloat32: nm_rows_dispatch<DType::kFloat32>(w, a, r0, r1); break;
+    case DType::kBFloat16: nm_rows_dispatch<DType::kBFloat16>(w, a, r0, r1); break;
+    case DType::kFloat16: nm_rows_dispatch<DType::kFloat16>(w, a, r0, r1); break;
+    default: nm_rows_dispatch<DType::kInt8>(w, a, r0, r1);
+  }
+}
+
+TS_TARGET void nm_rows_t_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  switch (w.vdtype) {
+    case DType::kFloat32: nm_rows_t_dispatch<DType::kFloat32>(w, a, r0, r1); break;
+    case DType::kBFloat16: nm_rows_t_dispatch<DType::kBFloat16>(w, a, r0, r1); break;
+    case DType::kFloat16: nm_rows_t_dispatch<DType::kFloat16>(w, a, r0, r1); break;
+    default: nm_rows_t_dispatch<DType::kInt8>(w, a, r0, r1);
+  }
+}
+
+TS_TARGET bool csr_rows_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  return w.vdtype == DType::kInt8 ? csr_rows_typed<DType::kInt8>(w, a, r0, r1)
+                                  : csr_rows_typed<DType::kFloat32>(w, a, r0, r1);
+}
+
+TS_TARGET bool csr_rows_t_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  return w.vdtype == DType::kInt8 ? csr_rows_t_typed<DType::kInt8>(w, a, r0, r1)
+                                  : csr_rows_t_typed<DType::kFloat32>(w, a, r0, r1);
+}
+
+}  // namespace cpu
+}  // namespace tensorslim

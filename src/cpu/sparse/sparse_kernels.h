@@ -1,0 +1,63 @@
+// What the per-ISA sparse linear kernels read: one packed weight (N:M or CSR) and one
+// batch. Argument checks are done by sparse.cpp before any kernel runs.
+#pragma once
+
+#include <cstdint>
+
+#include "tensorslim/tensor_view.h"
+
+namespace tensorslim {
+namespace cpu {
+
+struct SparseWeight {
+  bool csr = false;
+  DType vdtype = DType::kFloat32;  // float32, bfloat16, float16 or int8
+  const void* values = nullptr;
+  const float* scales = nullptr;   // int8 only
+  int64_t N = 0, K = 0;
+  // N:M
+  int n = 0, m = 0, b = 0;         // b = index bits
+  int64_t slots = 0;               // G * n per row
+  int64_t idx_row_bytes = 0;
+  const uint8_t* indices = nullptr;
+  const uint8_t* idx_end = nullptr;  // one past the whole indices buffer (for safe 8-byte loads)
+  // CSR
+  const uint16_t* cols = nullptr;
+  const int64_t* row_ptr = nullptr;
+};
+
+struct SparseBatch {
+  const float* x = nullptr;  // [M, K], row stride ldx
+  int64_t M = 0, ldx = 0;
+  float* y = nullptr;        // [M, N], row stride ldy
+  int64_t ldy = 0;
+  const float* bias = nullptr;
+  // Transposed activations for the large-batch kernel: tile t (64 rows of x) is stored at
+  // xt + t * K * kTileM as [K, st] with st = the tile's width rounded up to the vector width
+  // (zeros in the padding).
+  const float* xt = nullptr;
+};
+
+constexpr int64_t kTileM = 64;     // rows of x per transposed tile
+constexpr int64_t kRowwiseMaxM = 4;  // batches up to this use the row-wise kernels
+
+// Row-wise kernels (x rows in blocks of up to 4 share one decode of the weight) and the
+// transposed kernels, for output rows [r0, r1). CSR kernels return true when a column index
+// >= K was met (those entries are skipped, never read).
+void nm_rows_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+void nm_rows_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+void nm_rows_t_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+void nm_rows_t_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+bool csr_rows_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+bool csr_rows_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+bool csr_rows_t_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+bool csr_rows_t_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+
+// The scalar reference (the specification of the linear), both formats.
+bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
+
+// Transposed tile width padded to the vector width W (8 or 16).
+inline int64_t tile_stride(int64_t mt, int W) { return (mt + W - 1) / W * W; }
+
+}  // namespace cpu
+}  // namespace tensorslim

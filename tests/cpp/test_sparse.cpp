@@ -1,0 +1,319 @@
+// Sparse storage: pack / unpack round trips, and every ISA's N:M and CSR linears against the
+// float64 product of the unpacked weight (summation order differs between paths, so the bound
+// is |y - y64| <= 1e-5 * sum |w||x| per output), on odd shapes, batches 0..64 and sparsities
+// 0..100%. Bad arguments raise ValueError / TypeError.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "half.h"
+#include "tensorslim/quantize.h"
+#include "tensorslim/sparse.h"
+#include "test_helpers.h"
+
+namespace tensorslim {
+namespace {
+
+using testing::random_weights;
+using testing::view1;
+using testing::view2;
+
+std::vector<cpu::Isa> isas() {
+  std::vector<cpu::Isa> out{cpu::Isa::kScalar};
+  if (static_cast<int>(cpu::best_isa()) >= 1) out.push_back(cpu::Isa::kAVX2);
+  if (static_cast<int>(cpu::best_isa()) >= 2) out.push_back(cpu::Isa::kAVX512);
+  return out;
+}
+
+struct IsaGuard {
+  cpu::Isa saved = cpu::active_isa();
+  ~IsaGuard() { cpu::set_isa(saved); }
+};
+
+int vsize(DType dt) { return dtype_size(dt); }
+
+// A keep mask with at most n per group of m, dropping a `sparsity` fraction of those n.
+std::vector<uint8_t> nm_keep(const std::vector<float>& w, int64_t N, int64_t K, int n, int m, double sparsity,
+                             uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  std::vector<uint8_t> keep(N * K, 0);
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t g0 = 0; g0 < K; g0 += m) {
+      std::vector<int64_t> cols;
+      for (int64_t c = g0; c < std::min(K, g0 + m); ++c) cols.push_back(c);
+      std::sort(cols.begin(), cols.end(), [&](int64_t a, int64_t b) {
+        return std::fabs(w[r * K + a]) > std::fabs(w[r * K + b]);
+      });
+      for (size_t i = 0; i < cols.size() && static_cast<int>(i) < n; ++i) {
+        if (u(gen) >= sparsity) keep[r * K + cols[i]] = 1;
+      }
+    }
+  }
+  return keep;
+}
+
+std::vector<uint8_t> random_keep(int64_t numel, double sparsity, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  std::vector<uint8_t> keep(numel);
+  for (auto& k : keep) k = u(gen) >= sparsity ? 1 : 0;
+  return keep;
+}
+
+// The float64 product of the dense (unpacked) weight and its magnitude sum |w||x| + |bias|.
+struct Ref {
+  std::vector<double> y, mag;
+  Ref(const std::vector<float>& dense, const std::vector<float>& x, const std::vector<float>& bias, int64_t M,
+      int64_t N, int64_t K)
+      : y(M * N), mag(M * N) {
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t r = 0; r < N; ++r) {
+        double acc = bias[r], mag_acc = std::fabs(bias[r]);
+        for (int64_t k = 0; k < K; ++k) {
+          const double p = static_cast<double>(dense[r * K + k]) * x[i * K + k];
+          acc += p;
+          mag_acc += std::fabs(p);
+        }
+        y[i * N + r] = acc;
+        mag[i * N + r] = mag_acc;
+      }
+    }
+  }
+};
+
+void expect_close(const std::vector<float>& y, const Ref& ref, const std::string& what) {
+  for (size_t i = 0; i < y.size(); ++i) {
+    ASSERT_LE(std::fabs(y[i] - ref.y[i]), 1e-5 * ref.mag[i] + 1e-30)
+        << what << " at flat index " << i << " got " << y[i] << " want " << ref.y[i];
+  }
+}
+
+struct Packed {
+  std::vector<unsigned char> values;
+  std::vector<uint8_t> indices;
+  std::vector<uint16_t> cols;
+  std::vector<int64_t> row_ptr;
+  std::vector<float> scales;
+};
+
+TensorView values_view(Packed& p, DType dt, int64_t rows, int64_t cols) {
+  return cols < 0 ? view1(p.values.data(), dt, rows) : view2(p.values.data(), dt, rows, cols);
+}
+
+TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
+  IsaGuard guard;
+  const std::pair<int, int> nms[] = {{2, 4}, {1, 4}, {3, 4}, {4, 8}, {1, 8}, {3, 8}, {7, 8}};
+  const int64_t shapes[][2] = {{1, 7}, {5, 33}, {17, 64}, {9, 101}, {3, 4}, {33, 257}};
+  const DType dts[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kInt8};
+  uint32_t seed = 1;
+  for (auto [n, m] : nms) {
+    for (auto& s : shapes) {
+      const int64_t N = s[0], K = s[1];
+      for (double sp : {0.0, 0.5, 0.9, 1.0}) {
+        std::vector<float> w = random_weights(N * K, ++seed);
+        std::vector<uint8_t> keep = nm_keep(w, N, K, n, m, sp, ++seed);
+        for (DType dt : dts) {
+          const int64_t S = nm_slots(K, n, m), B = nm_index_bytes(K, n, m);
+          Packed p;
+          p.values.resize(N * S * vsize(dt));
+          p.indices.resize(N * B);
+          p.scales.resize(N);
+          TensorView sv = view1(p.scales.data(), DType::kFloat32, N);
+          const TensorView* sc = dt == DType::kInt8 ? &sv : nullptr;
+          nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), n, m,
+                  values_view(p, dt, N, S), view2(p.indices.data(), DType::kUInt8, N, B), sc);
+          std::vector<float> dense(N * K);
+          nm_unpack(values_view(p, dt, N, S), view2(p.indices.data(), DType::kUInt8, N, B), sc, n, m,
+                    view2(dense.data(), DType::kFloat32, N, K));
+          for (int64_t M : {0, 1, 3, 17, 64}) {
+            std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
+            std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
+            TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
+            const Ref ref(dense, x, bias, M, N, K);
+            for (cpu::Isa isa : isas()) {
+              cpu::set_isa(isa);
+              std::vector<float> y(M * N, NAN);
+              TensorView bv = view1(bias.data(), DType::kFloat32, N);
+              nm_linear(view2(x.data(), DType::kFloat32, M, K), values_view(p, dt, N, S),
+                        view2(p.indices.data(), DType::kUInt8, N, B), sc, &bv, n, m,
+                        view2(y.data(), DType::kFloat32, M, N), &wsv);
+              expect_close(y, ref,
+                           std::string(cpu::isa_name(isa)) + " " + std::to_string(n) + ":" + std::to_string(m) +
+                               " " + dtype_name(dt) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                               " M=" + std::to_string(M) + " sparsity=" + std::to_string(sp));
+              if (HasFatalFailure()) return;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
+  IsaGuard guard;
+  const int64_t shapes[][2] = {{1, 7}, {5, 33}, {17, 64}, {9, 101}, {40, 300}};
+  uint32_t seed = 100;
+  for (auto& s : shapes) {
+    const int64_t N = s[0], K = s[1];
+    for (double sp : {0.0, 0.5, 0.9, 1.0}) {
+      std::vector<float> w = random_weights(N * K, ++seed);
+      std::vector<uint8_t> keep = random_keep(N * K, sp, ++seed);
+      Packed p;
+      p.row_ptr.assign(N + 1, 0);
+      for (int64_t r = 0; r < N; ++r) {
+        p.row_ptr[r + 1] = p.row_ptr[r];
+        for (int64_t c = 0; c < K; ++c) p.row_ptr[r + 1] += keep[r * K + c];
+      }
+      const int64_t nnz = p.row_ptr[N];
+      for (DType dt : {DType::kFloat32, DType::kInt8}) {
+        p.values.assign(nnz * vsize(dt) + 1, 0);
+        p.cols.assign(nnz + 1, 0);
+        p.scales.assign(N, 0.0f);
+        TensorView sv = view1(p.scales.data(), DType::kFloat32, N);
+        const TensorView* sc = dt == DType::kInt8 ? &sv : nullptr;
+        TensorView vv = view1(p.values.data(), dt, nnz), cv = view1(p.cols.data(), DType::kUInt16, nnz),
+                   rv = view1(p.row_ptr.data(), DType::kInt64, N + 1);
+        csr_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), rv, vv, cv, sc);
+        std::vector<float> dense(N * K);
+        csr_unpack(vv, cv, rv, sc, view2(dense.data(), DType::kFloat32, N, K));
+        if (dt == DType::kFloat32) {
+          for (int64_t i = 0; i < N * K; ++i) ASSERT_EQ(dense[i], keep[i] ? w[i] : 0.0f) << i;
+        }
+        for (int64_t M : {0, 1, 2, 3, 5, 17, 64, 70}) {
+          std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
+          std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
+          TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
+          const Ref ref(dense, x, bias, M, N, K);
+          for (cpu::Isa isa : isas()) {
+            cpu::set_isa(isa);
+            std::vector<float> y(M * N, NAN);
+            TensorView bv = view1(bias.data(), DType::kFloat32, N);
+            csr_linear(view2(x.data(), DType::kFloat32, M, K), vv, cv, rv, sc, &bv,
+                       view2(y.data(), DType::kFloat32, M, N), &wsv);
+            expect_close(y, ref,
+                         std::string(cpu::isa_name(isa)) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
+                             " K=" + std::to_string(K) + " M=" + std::to_string(M) + " sparsity=" +
+                             std::to_string(sp));
+            if (HasFatalFailure()) return;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Sparse, NmPackRoundTripAndLayout) {
+  // Row 0 of 2:4 over K = 6: groups {0..3} keep 1 and 3; the tail group (r = 2) keeps only
+  // column 5, so its free slot takes the smallest unused position 0 (column 4, value 0).
+  std::vector<float> w = {1, 2, 3, 4, 5, 6};
+  std::vector<uint8_t> keep = {0, 1, 0, 1, 0, 1};
+  std::vector<float> values(4);
+  std::vector<uint8_t> idx(nm_index_bytes(6, 2, 4));
+  ASSERT_EQ(idx.size(), 1u);
+  nm_pack(view2(w.data(), DType::kFloat32, 1, 6), view2(keep.data(), DType::kUInt8, 1, 6), 2, 4,
+          view2(values.data(), DType::kFloat32, 1, 4), view2(idx.data(), DType::kUInt8, 1, 1), nullptr);
+  EXPECT_EQ(values, (std::vector<float>{2, 4, 0, 6}));
+  EXPECT_EQ(idx[0], 1 | (3 << 2) | (0 << 4) | (1 << 6));
+  std::vector<float> back(6);
+  nm_unpack(view2(values.data(), DType::kFloat32, 1, 4), view2(idx.data(), DType::kUInt8, 1, 1), nullptr, 2, 4,
+            view2(back.data(), DType::kFloat32, 1, 6));
+  EXPECT_EQ(back, (std::vector<float>{0, 2, 0, 4, 0, 6}));
+}
+
+TEST(Sparse, Int8ValuesFollowTheRule) {
+  const int64_t N = 3, K = 16;
+  std::vector<float> w = random_weights(N * K, 5);
+  std::vector<uint8_t> keep = nm_keep(w, N, K, 2, 4, 0.0, 6);
+  for (int64_t c = 0; c < K; ++c) keep[2 * K + c] = 0;  // an empty row: scale 1, codes 0
+  std::vector<int8_t> codes(N * 8);
+  std::vector<uint8_t> idx(N * 2);
+  std::vector<float> scales(N);
+  TensorView sv = view1(scales.data(), DType::kFloat32, N);
+  nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), 2, 4,
+          view2(codes.data(), DType::kInt8, N, 8), view2(idx.data(), DType::kUInt8, N, 2), &sv);
+  for (int64_t r = 0; r < N; ++r) {
+    float amax = 0.0f;
+    for (int64_t c = 0; c < K; ++c) amax = keep[r * K + c] ? std::max(amax, std::fabs(w[r * K + c])) : amax;
+    const float scale = amax > 0 ? amax / 127.0f : 1.0f;
+    EXPECT_EQ(scales[r], scale);
+    int j = 0;
+    for (int64_t c = 0; c < K; ++c) {
+      if (!keep[r * K + c]) continue;
+      EXPECT_EQ(codes[r * 8 + j++], static_cast<int8_t>(std::nearbyint(w[r * K + c] / scale)));
+    }
+  }
+  EXPECT_EQ(scales[2], 1.0f);
+  for (int j = 0; j < 8; ++j) EXPECT_EQ(codes[2 * 8 + j], 0);
+}
+
+TEST(Sparse, BadArgumentsRaise) {
+  std::vector<float> w(2 * 8, 1.0f), values(16);
+  std::vector<uint8_t> keep(16, 1), idx(16);
+  auto wv = view2(w.data(), DType::kFloat32, 2, 8);
+  auto kv = view2(keep.data(), DType::kUInt8, 2, 8);
+  auto pack = [&](int n, int m) {
+    nm_pack(wv, kv, n, m, view2(values.data(), DType::kFloat32, 2, nm_slots(8, n, m)),
+            view2(idx.data(), DType::kUInt8, 2, nm_index_bytes(8, n, m)), nullptr);
+  };
+  EXPECT_THROW(pack(4, 4), ValueError);
+  EXPECT_THROW(pack(0, 4), ValueError);
+  EXPECT_THROW(pack(2, 5), ValueError);
+  try {
+    pack(2, 4);  // all kept: 4 > 2 in row 0, group 0
+    FAIL() << "no error";
+  } catch (const ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("row 0, group 0"), std::string::npos) << e.what();
+  }
+  // int8 values without scales, float values with scales.
+  std::vector<int8_t> codes(16);
+  std::fill(keep.begin(), keep.end(), 0);
+  EXPECT_THROW(nm_pack(wv, kv, 2, 4, view2(codes.data(), DType::kInt8, 2, 4), view2(idx.data(), DType::kUInt8, 2, 1),
+                       nullptr),
+               ValueError);
+  // CSR: K over 65536, bad row_ptr, a column out of range in linear.
+  std::vector<float> big(65537);
+  std::vector<uint8_t> bigkeep(65537, 0);
+  std::vector<int64_t> rp = {0, 0};
+  std::vector<float> v1(1);
+  std::vector<uint16_t> c1(1);
+  EXPECT_THROW(csr_pack(view2(big.data(), DType::kFloat32, 1, 65537), view2(bigkeep.data(), DType::kUInt8, 1, 65537),
+                        view1(rp.data(), DType::kInt64, 2), view1(v1.data(), DType::kFloat32, 0),
+                        view1(c1.data(), DType::kUInt16, 0), nullptr),
+               ValueError);
+  std::vector<float> x(8, 1.0f), y(2);
+  std::vector<int64_t> bad_rp = {0, 2, 1};
+  std::vector<float> v2 = {1, 2};
+  std::vector<uint16_t> c2 = {1, 9};
+  auto lin = [&](std::vector<int64_t>& r) {
+    csr_linear(view2(x.data(), DType::kFloat32, 1, 8), view1(v2.data(), DType::kFloat32, 2),
+               view1(c2.data(), DType::kUInt16, 2), view1(r.data(), DType::kInt64, 3), nullptr, nullptr,
+               view2(y.data(), DType::kFloat32, 1, 2), nullptr);
+  };
+  EXPECT_THROW(lin(bad_rp), ValueError);
+  std::vector<int64_t> ok_rp = {0, 1, 2};
+  IsaGuard guard;
+  for (cpu::Isa isa : isas()) {
+    cpu::set_isa(isa);
+    EXPECT_THROW(lin(ok_rp), ValueError) << cpu::isa_name(isa);  // column 9 >= K = 8
+  }
+  // A batch that needs a workspace, without one.
+  std::vector<float> x8(8 * 8, 1.0f), y8(8 * 2);
+  c2[1] = 2;
+  if (cpu::best_isa() != cpu::Isa::kScalar) {
+    cpu::set_isa(cpu::best_isa());
+    EXPECT_THROW(csr_linear(view2(x8.data(), DType::kFloat32, 8, 8), view1(v2.data(), DType::kFloat32, 2),
+                            view1(c2.data(), DType::kUInt16, 2), view1(ok_rp.data(), DType::kInt64, 3), nullptr,
+                            nullptr, view2(y8.data(), DType::kFloat32, 8, 2), nullptr),
+                 ValueError);
+  }
+}
+
+}  // namespace
+}  // namespace tensorslim
