@@ -2,7 +2,7 @@
 
 Every value carrying channels is tracked as segments of spaces along its channel dimension:
 convolutions and linears start a space (their outputs) and consume their input's spaces
-(their input columns); BatchNorm, depthwise convs, activations, pooling and dropout pass
+(their input columns; a grouped conv keeps its inputs and prunes its filters group by group); BatchNorm, depthwise convs, activations, pooling and dropout pass
 channels through; additions merge spaces (residual groups); concatenation along the channel
 dimension chains segments; flatten turns each channel into rep = H*W features. A value that
 reaches any other operation makes its spaces unsupported (an error if they are selected),
@@ -126,9 +126,13 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                         off += s.size
                     info[node] = Info(list(xi.segs), xi.cdim)
                 else:
-                    mark(x, f"grouped conv '{name}' (groups={m.groups}) is not supported")
-                    sid = sp.new(m.out_channels)
-                    sp.get(sid).unsupported.append(f"grouped conv '{name}' (groups={m.groups}) is not supported")
+                    # A grouped conv's filters are pruned, as many from each group (out_channels stays a
+                    # multiple of groups); its input channels are kept: group j's filters read input
+                    # channels of group j only, so removing one would need a different column per group.
+                    mark(x, f"grouped conv '{name}' (groups={m.groups}) input", frozen=True)
+                    params = ["weight"] + (["bias"] if m.bias is not None else [])
+                    sid = new_space(name, m.out_channels, params, [(name, "out_channels", 1)])
+                    sp.get(sid).groups = m.groups
                     info[node] = Info([(sid, 1)], 1)
             elif isinstance(m, nn.Linear):
                 if xi is not None and (_shape(x) is None or xi.cdim != len(_shape(x)) - 1):

@@ -5,6 +5,7 @@ slice of every module tensor that follows them: the producers' output rows, per-
 parameters (BatchNorm, depthwise convs), and the consumers' input columns. Spaces joined by
 a residual addition are merged (channels added together stay consistent).
 """
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -27,6 +28,7 @@ class Space:
     frozen: List[str] = field(default_factory=list)       # why it must keep every channel
     unsupported: List[str] = field(default_factory=list)  # why it cannot be pruned consistently
     kind: str = "channels"                                 # channels / neurons / heads
+    groups: int = 1  # channels form this many equal blocks (a grouped conv's filters): each loses as many
 
 
 class Spaces:
@@ -62,6 +64,10 @@ class Spaces:
         sa.attrs += sb.attrs
         sa.frozen += sb.frozen
         sa.unsupported += sb.unsupported
+        sa.groups = math.lcm(sa.groups, sb.groups)
+        if sa.size % sa.groups:
+            sa.unsupported.append(f"{where}: joins channels grouped in {sa.groups} blocks, which {sa.size} "
+                                  f"does not divide")
         self.parent[b] = a
         return a
 

@@ -119,8 +119,20 @@ def _keep_count(space: Space, cfg: ChannelPrune) -> int:
         raise ValueError(f"layer '{space.producers[0]}': ratio {ratio} leaves 0 of its {space.size} {space.kind}; "
                          "use a smaller ratio")
     if space.kind != "heads":
-        keep = min(space.size, math.ceil(keep / cfg.round_to) * cfg.round_to)
+        step = math.lcm(cfg.round_to, space.groups)  # equal blocks stay equal
+        keep = min(space.size, math.ceil(keep / step) * step)
     return keep
+
+
+def _drop(scores: torch.Tensor, keep: int, groups: int) -> List[int]:
+    """The channels to remove: the lowest scores, taken equally from each of `groups` blocks."""
+    size = len(scores)
+    block, per = size // groups, (size - keep) // groups
+    drop = []
+    for g in range(groups):
+        order = torch.argsort(scores[g * block:(g + 1) * block], stable=True)
+        drop += [g * block + int(i) for i in order[:per]]
+    return sorted(drop)
 
 
 def _skip_reason(space: Space, mods, cfg, tied) -> Optional[str]:
@@ -162,8 +174,7 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
             drop = sorted(forced.get(space.producers[0], []))
         else:
             keep = _keep_count(space, cfg)
-            order = torch.argsort(_channel_scores(space, mods, cfg, grads, sid), stable=True)
-            drop = sorted(order[:space.size - keep].tolist())
+            drop = _drop(_channel_scores(space, mods, cfg, grads, sid), keep, space.groups)
         if chosen is not None:
             chosen[space.producers[0]] = drop
         if not drop:
