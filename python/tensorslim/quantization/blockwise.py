@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..formats import FORMATS
 from ..nn import WeightOnlyLinear
 from ..report import LayerChange, Report, module_bytes, remember_skipped
-from ..transforms import _tied_to_embedding, filter_reason
+from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, filter_reason
 from .calibrate import ForwardLoop, require_forward_loop
 
 Inputs = List[Tuple[tuple, dict]]  # one (args, kwargs) per calibration batch
@@ -272,7 +272,7 @@ def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, 
                     break
             else:
                 outside[name] = mod
-        elif isinstance(getattr(mod, "weight", None), nn.Parameter) and not list(mod.children()):
+        elif _is_weight_matrix_layer(mod):
             report.changes.append(LayerChange(
                 name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod),
                 reason=f"{type(mod).__name__} layers are not supported by this technique"))
