@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .conv1d import linear_shape
 from .nn import COMPRESSED_MODULES
 from .pruning import state as pruning_state
 from .transforms import _set_submodule
@@ -215,8 +216,7 @@ def _load_into(model: nn.Module, path, header: dict) -> nn.Module:
             if not cls.replaces(mod, spec):
                 raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
                                  f"{spec['kind']} made from a different layer: {spec}")
-        elif not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (
-                spec["in_features"], spec["out_features"]):
+        elif linear_shape(mod) != (spec["in_features"], spec["out_features"]):  # nn.Linear or Conv1D
             raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
                              f"[{spec['out_features']}, {spec['in_features']}] {spec['format']} linear")
         device = mod.weight.device if mod.weight.device.type != "meta" else "cpu"

@@ -70,7 +70,8 @@ def test_compressed_layers_are_not_float_layers():
 def test_quantizing_again_reports_already_compressed_not_unsupported():
     model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, 16))
     ts.quantize(model, ts.Int8WeightOnly(), progress=False)
-    again = ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        again = ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
     assert sorted(c.name for c in again.skipped) == ["0", "2"]
     assert all("already compressed" in c.reason for c in again.skipped)
 
