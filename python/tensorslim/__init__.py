@@ -13,6 +13,7 @@ from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Confi
                      FP8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightOnly,
                      Ternary)
 from .formats import FORMATS, PER_TENSOR
+from .hf import from_pretrained
 from .io import load, save
 from .lowrank import CP, SVD, Tucker, factorize
 from .nn import (BinaryLinear, CPConv2d, Int8Linear, LowBitLinear, LowRankLinear, TernaryLinear,
@@ -28,7 +29,7 @@ __all__ = [
     "W8A8", "Int8Dynamic", "W4A8", "FP8WeightOnly", "NVFP4", "MXFP4", "Binary", "Ternary",
     "SVD", "Tucker", "CP", "Magnitude", "RandomPrune", "ChannelPrune",
     # verbs, reports, files
-    "quantize", "prune", "factorize", "prepare_qat", "convert", "summary", "Report", "save", "load",
+    "quantize", "prune", "factorize", "prepare_qat", "convert", "summary", "Report", "save", "load", "from_pretrained",
     # compressed modules
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
     "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d",

@@ -37,8 +37,7 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"save: expected a torch.nn.Module, got {type(model).__name__}")
     _check_writable(Path(path))
-    kinds = tuple(COMPRESSED_MODULES.values())
-    layers = {name: mod.spec() for name, mod in model.named_modules() if isinstance(mod, kinds)}
+    layers = layer_specs(model)
     tensors: Dict[str, torch.Tensor] = {}
     aliases: Dict[str, str] = {}
     seen: Dict[tuple, str] = {}
@@ -65,6 +64,12 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
         save_file(tensors, str(path), metadata=metadata)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot write the file: {e}") from None
+
+
+def layer_specs(model: nn.Module) -> Dict[str, dict]:
+    """{module name: spec} of every compressed layer (what a saved file's header lists)."""
+    kinds = tuple(COMPRESSED_MODULES.values())
+    return {name: mod.spec() for name, mod in model.named_modules() if isinstance(mod, kinds)}
 
 
 def _check_writable(path: Path) -> None:
@@ -189,19 +194,30 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     undo = (pruning_state.prepare_load(model, header["pruning"], tensor_shapes(path), path)
             if header["pruning"] else None)
     try:
-        return _load_into(model, path, header)
+        _load_into(model, path, header)
     except BaseException:
         if undo is not None:
             undo()
         raise
+    from .hf import record_layers
+
+    record_layers(model)  # a transformers model's config now describes its compressed layers
+    return model
 
 
 def _load_into(model: nn.Module, path, header: dict) -> nn.Module:
+    originals, replacements = plan_layers(model, header["layers"], path)
+    return load_layers_and_state(model, originals, replacements, _read_state(path, header["aliases"]), path)
+
+
+def plan_layers(model: nn.Module, layers: Dict[str, dict], path) -> Tuple[dict, dict]:
+    """({name: float layer}, {name: empty compressed module}) for the layers a file describes;
+    nothing in the model is changed yet."""
     modules = dict(model.named_modules())
     originals, replacements = {}, {}
     # Sorted, a factorized layer comes before its (possibly quantized) factors, which are then
     # found inside its replacement.
-    for name, spec in sorted(header["layers"].items()):
+    for name, spec in sorted(layers.items()):
         cls = COMPRESSED_MODULES.get(spec.get("kind"))
         if cls is None:
             raise ValueError(f"{path}: layer '{name}' has unknown kind {spec.get('kind')!r}")
@@ -225,10 +241,32 @@ def _load_into(model: nn.Module, path, header: dict) -> nn.Module:
             replacements[name] = cls.from_spec(spec, device=device)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: layer '{name}': the file's spec {spec} is not valid: {e!r}") from None
-    state = _read_state(path, header["aliases"])
+    return originals, replacements
+
+
+def _fill_tied(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Keys missing from `state` whose tensor the model shares with a key present (tied
+    weights, which save_pretrained writes once) take that key's tensor."""
+    by_storage: Dict[tuple, list] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.numel():
+            by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(key)
+    for keys in by_storage.values():
+        present = [k for k in keys if k in state]
+        for k in keys:
+            if k not in state and present:
+                state[k] = state[present[0]]
+
+
+def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict, state: Dict[str, torch.Tensor],
+                          path, fill_tied: bool = False) -> nn.Module:
+    """Swap the replacements in, then load `state` strictly; on a mismatch the originals go back.
+    fill_tied: tied weights stored once (save_pretrained) are filled from their twin first."""
     for name, new in replacements.items():
         _set_submodule(model, name, new)
     try:
+        if fill_tied:
+            _fill_tied(model, state)
         problem = _mismatch(model, state)
         if problem:
             raise ValueError(problem)

@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
+from ..hf import record_layers
 from ..quantization.calibrate import make_forward_loop
 from ..report import Report, remember_skipped, warn_if_nothing_changed
 from ..transforms import replace_modules
@@ -33,6 +34,7 @@ def factorize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *
     loop = make_forward_loop(calib_data, forward_loop, progress)
     with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
         report = _factorize(model, config, loop, progress)
+    record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
     return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.factorize")
 
 

@@ -5,6 +5,7 @@ from torch import nn
 
 from ..config import resolve_config
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
+from ..hf import record_layers
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
 from ..transforms import check_no_empty_layers
 # Each technique module registers its transforms (or weight-only algorithms) on import.
@@ -35,6 +36,7 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
         check_no_empty_layers(model, cfg)
         before = compressed_layers(model)
         report = note_already_compressed(transform(model, cfg, forward_loop=loop, progress=progress), before)
+    record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
     return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.quantize")
 
 
