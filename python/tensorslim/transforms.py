@@ -59,10 +59,14 @@ def check_no_empty_layers(model: nn.Module, flt: LayerFilter, supported: Tuple[t
 
 
 def _is_weight_matrix_layer(mod: nn.Module) -> bool:
-    """A leaf holding a weight matrix (conv, embedding, custom GEMM), which users would expect
-    a weight technique to consider; norms' 1-D scales are not such candidates."""
+    """A module holding its own weight matrix (conv, embedding, custom GEMM), whatever its class
+    and whether or not it has children (a "same padding" Conv2d keeping a ZeroPad2d inside), which
+    users would expect a weight technique to consider; norms' 1-D scales are not such candidates.
+    Layers prepared for QAT are reported by note_already_compressed instead."""
+    from .qat.prepare import QATLinear
+
     weight = float_weight(mod)
-    return weight is not None and weight.dim() >= 2 and not list(mod.children())
+    return weight is not None and weight.dim() >= 2 and not isinstance(mod, QATLinear)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
