@@ -22,6 +22,9 @@ from .pruning import ChannelPrune, Magnitude, RandomPrune, prune
 from .qat import QATLinear, convert, prepare_qat
 from .quantization import quantize
 from .report import Report, summary
+from . import hf_quantizer
+
+hf_quantizer.install()  # transformers' from_pretrained loads compressed models (see hf_quantizer.py)
 
 __all__ = [
     # configs and presets

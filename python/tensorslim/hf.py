@@ -1,16 +1,16 @@
 """Hugging Face transformers models: a compressed model saved with `model.save_pretrained(dir)`
-loads back with `ts.from_pretrained(AutoModelForCausalLM, dir)`.
+loads back with transformers' own `AutoModelForCausalLM.from_pretrained(dir)` (through the
+quantizer hf_quantizer.py registers) or with `ts.from_pretrained(AutoModelForCausalLM, dir)`.
 
 A transformers model's config carries what its compressed layers are: every tensorslim verb
 that changes layers (quantize, factorize, convert, load) writes
     config.quantization_config = {"quant_method": "tensorslim", "format_version": 1, "layers": {name: spec}}
 (the same layer specs as a ts.save header), so save_pretrained's config.json holds them next to
-the weights. transformers itself does not know the method: its own from_pretrained would
-warn and random-initialize those layers, which is why loading goes through ts.from_pretrained.
+the weights.
 """
 import json
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -33,13 +33,20 @@ def record_layers(model: nn.Module) -> None:
     if cfg is None:
         return
     layers = layer_specs(model)
-    ours = isinstance(getattr(cfg, "quantization_config", None), dict) and \
-        cfg.quantization_config.get("quant_method") == QUANT_METHOD
+    ours = _ours(getattr(cfg, "quantization_config", None)) is not None
     if layers:
         cfg.quantization_config = {"quant_method": QUANT_METHOD, "format_version": CONFIG_FORMAT_VERSION,
                                    "layers": layers}
     elif ours:
         del cfg.quantization_config
+
+
+def _ours(qcfg) -> Optional[dict]:
+    """A tensorslim quantization_config as a dict (config.json gives a dict; transformers'
+    from_pretrained leaves its config object), else None."""
+    if hasattr(qcfg, "to_dict"):
+        qcfg = qcfg.to_dict()
+    return qcfg if isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD else None
 
 
 def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
@@ -92,8 +99,8 @@ def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Mod
     if not directory.is_dir():
         raise ValueError(f"from_pretrained: {directory} is not a directory written by save_pretrained")
     config = AutoConfig.from_pretrained(str(directory), **config_kwargs)
-    qcfg = getattr(config, "quantization_config", None)
-    if not (isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD):
+    qcfg = _ours(getattr(config, "quantization_config", None))
+    if qcfg is None:
         raise ValueError(f"{directory}: config.json has no tensorslim quantization_config: not saved from a "
                          f"model tensorslim compressed; load it with {getattr(cls, '__name__', cls)}.from_pretrained")
     if qcfg.get("format_version", 0) > CONFIG_FORMAT_VERSION or not isinstance(qcfg.get("layers"), dict):

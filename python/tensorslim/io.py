@@ -238,10 +238,23 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path) -> Tuple[dict, 
         device = mod.weight.device if mod.weight.device.type != "meta" else "cpu"
         originals[name] = mod
         try:
-            replacements[name] = cls.from_spec(spec, device=device)
+            replacements[name] = _empty_like_saved(cls, spec, device, mod.weight.dtype)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: layer '{name}': the file's spec {spec} is not valid: {e!r}") from None
     return originals, replacements
+
+
+def _empty_like_saved(cls, spec: dict, device, dtype: torch.dtype) -> nn.Module:
+    """An empty module of a saved kind, with the buffer dtypes its kernels need even where the
+    caller set another default dtype (transformers builds half models under one), computing in
+    the dtype of the float layer it replaces when that is a half dtype."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        new = cls.from_spec(spec, device=device)
+    finally:
+        torch.set_default_dtype(saved)
+    return new.to(dtype) if dtype in (torch.float16, torch.bfloat16) else new
 
 
 def _fill_tied(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
