@@ -13,6 +13,7 @@ from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Confi
                      FP8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightOnly,
                      Ternary)
 from .formats import FORMATS, PER_TENSOR
+from .hf import from_pretrained
 from .io import load, save
 from .lowrank import CP, SVD, Tucker, factorize
 from .nn import (BinaryLinear, CPConv2d, CSRSparseLinear, Int8Linear, LowBitLinear, LowRankLinear,
@@ -23,6 +24,9 @@ from .qat import QATLinear, convert, prepare_qat
 from .quantization import quantize
 from .report import Report, summary
 from .sparsity import NM, SparseStorage, Unstructured, sparsify
+from . import hf_quantizer
+
+hf_quantizer.install()  # transformers' from_pretrained loads compressed models (see hf_quantizer.py)
 
 __all__ = [
     # configs and presets
@@ -32,6 +36,7 @@ __all__ = [
     "SparseStorage",
     # verbs, reports, files
     "quantize", "prune", "sparsify", "factorize", "prepare_qat", "convert", "summary", "Report", "save", "load",
+    "from_pretrained",
     # compressed modules
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
     "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d", "NMSparseLinear", "CSRSparseLinear",

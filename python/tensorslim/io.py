@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .conv1d import linear_shape
 from .nn import COMPRESSED_MODULES
 from .pruning import state as pruning_state
 from .transforms import _set_submodule
@@ -36,8 +37,7 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"save: expected a torch.nn.Module, got {type(model).__name__}")
     _check_writable(Path(path))
-    kinds = tuple(COMPRESSED_MODULES.values())
-    layers = {name: mod.spec() for name, mod in model.named_modules() if isinstance(mod, kinds)}
+    layers = layer_specs(model)
     tensors: Dict[str, torch.Tensor] = {}
     aliases: Dict[str, str] = {}
     seen: Dict[tuple, str] = {}
@@ -64,6 +64,12 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
         save_file(tensors, str(path), metadata=metadata)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot write the file: {e}") from None
+
+
+def layer_specs(model: nn.Module) -> Dict[str, dict]:
+    """{module name: spec} of every compressed layer (what a saved file's header lists)."""
+    kinds = tuple(COMPRESSED_MODULES.values())
+    return {name: mod.spec() for name, mod in model.named_modules() if isinstance(mod, kinds)}
 
 
 def _check_writable(path: Path) -> None:
@@ -188,19 +194,30 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     undo = (pruning_state.prepare_load(model, header["pruning"], tensor_shapes(path), path)
             if header["pruning"] else None)
     try:
-        return _load_into(model, path, header)
+        _load_into(model, path, header)
     except BaseException:
         if undo is not None:
             undo()
         raise
+    from .hf import record_layers
+
+    record_layers(model)  # a transformers model's config now describes its compressed layers
+    return model
 
 
 def _load_into(model: nn.Module, path, header: dict) -> nn.Module:
+    originals, replacements = plan_layers(model, header["layers"], path)
+    return load_layers_and_state(model, originals, replacements, _read_state(path, header["aliases"]), path)
+
+
+def plan_layers(model: nn.Module, layers: Dict[str, dict], path) -> Tuple[dict, dict]:
+    """({name: float layer}, {name: empty compressed module}) for the layers a file describes;
+    nothing in the model is changed yet."""
     modules = dict(model.named_modules())
     originals, replacements = {}, {}
     # Sorted, a factorized layer comes before its (possibly quantized) factors, which are then
     # found inside its replacement.
-    for name, spec in sorted(header["layers"].items()):
+    for name, spec in sorted(layers.items()):
         cls = COMPRESSED_MODULES.get(spec.get("kind"))
         if cls is None:
             raise ValueError(f"{path}: layer '{name}' has unknown kind {spec.get('kind')!r}")
@@ -215,20 +232,54 @@ def _load_into(model: nn.Module, path, header: dict) -> nn.Module:
             if not cls.replaces(mod, spec):
                 raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
                                  f"{spec['kind']} made from a different layer: {spec}")
-        elif not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (
-                spec["in_features"], spec["out_features"]):
+        elif linear_shape(mod) != (spec["in_features"], spec["out_features"]):  # nn.Linear or Conv1D
             raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
                              f"[{spec['out_features']}, {spec['in_features']}] {spec['format']} linear")
         device = mod.weight.device if mod.weight.device.type != "meta" else "cpu"
         originals[name] = mod
         try:
-            replacements[name] = cls.from_spec(spec, device=device)
+            replacements[name] = _empty_like_saved(cls, spec, device, mod.weight.dtype)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: layer '{name}': the file's spec {spec} is not valid: {e!r}") from None
-    state = _read_state(path, header["aliases"])
+    return originals, replacements
+
+
+def _empty_like_saved(cls, spec: dict, device, dtype: torch.dtype) -> nn.Module:
+    """An empty module of a saved kind, with the buffer dtypes its kernels need even where the
+    caller set another default dtype (transformers builds half models under one), computing in
+    the dtype of the float layer it replaces when that is a half dtype."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        new = cls.from_spec(spec, device=device)
+    finally:
+        torch.set_default_dtype(saved)
+    return new.to(dtype) if dtype in (torch.float16, torch.bfloat16) else new
+
+
+def _fill_tied(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Keys missing from `state` whose tensor the model shares with a key present (tied
+    weights, which save_pretrained writes once) take that key's tensor."""
+    by_storage: Dict[tuple, list] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.numel():
+            by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(key)
+    for keys in by_storage.values():
+        present = [k for k in keys if k in state]
+        for k in keys:
+            if k not in state and present:
+                state[k] = state[present[0]]
+
+
+def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict, state: Dict[str, torch.Tensor],
+                          path, fill_tied: bool = False) -> nn.Module:
+    """Swap the replacements in, then load `state` strictly; on a mismatch the originals go back.
+    fill_tied: tied weights stored once (save_pretrained) are filled from their twin first."""
     for name, new in replacements.items():
         _set_submodule(model, name, new)
     try:
+        if fill_tied:
+            _fill_tied(model, state)
         problem = _mismatch(model, state)
         if problem:
             raise ValueError(problem)

@@ -1,4 +1,5 @@
 """What a transform changed and what it skipped, and `ts.summary(model)`."""
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -58,6 +59,17 @@ class Report:
         head = (f"{len(self.changed)} layers changed ({_fmt_bytes(before)} -> {_fmt_bytes(after)}), "
                 f"{len(self.skipped)} skipped")
         return "\n".join([head] + _table(self.changes))
+
+
+def warn_if_nothing_changed(report: Report, verb: str) -> Report:
+    """A UserWarning when a transform compressed nothing (a model whose layers are all of an
+    unsupported kind would otherwise pass silently); the reasons come from the skipped rows."""
+    if not report.changed:
+        reasons = sorted({c.reason for c in report.skipped if c.reason})
+        why = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "") if reasons else "no layer it handles"
+        warnings.warn(f"{verb}: nothing was compressed ({len(report.skipped)} layers skipped: {why}); "
+                      f"see the returned Report", UserWarning, stacklevel=3)
+    return report
 
 
 def module_bytes(module: nn.Module) -> int:

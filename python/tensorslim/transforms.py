@@ -13,6 +13,18 @@ from .report import LayerChange, Report, module_bytes, remember_skipped
 OUTPUT_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "head", "output_head", "pooler"}
 
 
+def float_weight(mod: nn.Module) -> Optional[nn.Parameter]:
+    """A float layer's own weight parameter, else None. Compressed and factorized layers have
+    a read-only `.weight` computed on access (a plain tensor, dequantized at some cost): it is
+    not a weight a technique may edit, so code asking "is this a float layer" asks this."""
+    from .nn import COMPRESSED_MODULES, CompressedLinear
+
+    if isinstance(mod, (CompressedLinear, *COMPRESSED_MODULES.values())):
+        return None
+    weight = getattr(mod, "weight", None)
+    return weight if isinstance(weight, nn.Parameter) else None
+
+
 def _tied_to_embedding(model: nn.Module) -> set:
     """ids of parameters shared with an nn.Embedding (tied output heads)."""
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -27,7 +39,7 @@ def filter_reason(name: str, module: nn.Module, flt: LayerFilter, tied: set) -> 
             return f"excluded by pattern {p!r}"
     if flt.skip_output_head:
         # The head itself (lm_head) or a layer inside one (pooler.dense).
-        if OUTPUT_HEAD_NAMES & set(name.split(".")) or id(getattr(module, "weight", None)) in tied:
+        if OUTPUT_HEAD_NAMES & set(name.split(".")) or id(float_weight(module)) in tied:
             return "output head (skip_output_head=True)"
     if flt.filter_fn is not None and not flt.filter_fn(name, module):
         return "rejected by filter_fn"
@@ -39,7 +51,7 @@ def check_no_empty_layers(model: nn.Module, flt: LayerFilter, supported: Tuple[t
     and breaks every kernel and calibration statistic: say so, naming it, before any work."""
     tied = _tied_to_embedding(model)
     for name, mod in model.named_modules():
-        weight = getattr(mod, "weight", None)
+        weight = float_weight(mod)
         if (name and type(mod) in supported and weight is not None and weight.numel() == 0
                 and filter_reason(name, mod, flt, tied) is None):
             raise ValueError(f"layer '{name}' ({type(mod).__name__}): zero-size weight {list(weight.shape)}, "
@@ -47,10 +59,14 @@ def check_no_empty_layers(model: nn.Module, flt: LayerFilter, supported: Tuple[t
 
 
 def _is_weight_matrix_layer(mod: nn.Module) -> bool:
-    """A leaf holding a weight matrix (conv, embedding, custom GEMM), which users would expect
-    a weight technique to consider; norms' 1-D scales are not such candidates."""
-    weight = getattr(mod, "weight", None)
-    return isinstance(weight, nn.Parameter) and weight.dim() >= 2 and not list(mod.children())
+    """A module holding its own weight matrix (conv, embedding, custom GEMM), whatever its class
+    and whether or not it has children (a "same padding" Conv2d keeping a ZeroPad2d inside), which
+    users would expect a weight technique to consider; norms' 1-D scales are not such candidates.
+    Layers prepared for QAT are reported by note_already_compressed instead."""
+    from .qat.prepare import QATLinear
+
+    weight = float_weight(mod)
+    return weight is not None and weight.dim() >= 2 and not isinstance(mod, QATLinear)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

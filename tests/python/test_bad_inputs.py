@@ -242,7 +242,8 @@ def test_quantizing_twice_says_so_in_the_report():
     model = _model()
     ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
     snap = _snapshot(model)
-    report = ts.quantize(model, "w8a8", calib_data=calib(), progress=False)
+    with pytest.warns(UserWarning, match="ts.quantize: nothing was compressed"):
+        report = ts.quantize(model, "w8a8", calib_data=calib(), progress=False)
     assert report.changed == []
     notes = {c.name: c for c in report.skipped}
     assert set(notes) == {"0", "2"}

@@ -167,7 +167,8 @@ def test_quantize_after_factorize_quantizes_the_factors(tmp_path):
 def test_factorizing_twice_leaves_the_factors_alone():
     model = mlp()
     ts.factorize(model, ts.SVD(rank=8), progress=False)
-    report = ts.factorize(model, ts.SVD(rank=4), progress=False)
+    with pytest.warns(UserWarning, match="ts.factorize: nothing was compressed"):
+        report = ts.factorize(model, ts.SVD(rank=4), progress=False)
     assert not report.changed
     assert all("already factorized" in r.reason for r in report.skipped if "." in r.name)
 
@@ -217,12 +218,14 @@ def test_nan_weight_names_the_layer_and_changes_nothing():
 def test_rank_that_costs_more_is_skipped_with_a_reason():
     model = mlp()
     # [96, 48]: rank 40 holds 40 * 144 = 5760 > 4608 parameters; [64, 96]: 40 * 160 = 6400 > 6144.
-    report = ts.factorize(model, ts.SVD(rank=40, exclude=("4",)), progress=False)
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        report = ts.factorize(model, ts.SVD(rank=40, exclude=("4",)), progress=False)
     reasons = {r.name: r.reason for r in report.skipped}
     assert "factorizing would cost more" in reasons["0"] and "factorizing would cost more" in reasons["2"]
     assert isinstance(model[0], nn.Linear)
     model = mlp()
-    report = ts.factorize(model, ts.SVD(energy=1.0), progress=False)
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        report = ts.factorize(model, ts.SVD(energy=1.0), progress=False)
     assert "energy 1.0 needs rank" in {r.name: r.reason for r in report.skipped}["0"]
 
 

@@ -8,8 +8,10 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
+from ..conv1d import conv1d_as_linear, name_conv1d_rows
+from ..hf import record_layers
 from ..quantization.calibrate import make_forward_loop
-from ..report import Report, remember_skipped
+from ..report import Report, remember_skipped, warn_if_nothing_changed
 from ..transforms import replace_modules
 from .config import CP, SVD, Tucker
 from .conv import plan_convs
@@ -30,6 +32,13 @@ def factorize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *
     if not isinstance(config, (SVD, Tucker, CP)):
         raise TypeError(f"factorize takes ts.SVD, ts.Tucker or ts.CP, got {type(config).__name__}")
     loop = make_forward_loop(calib_data, forward_loop, progress)
+    with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
+        report = _factorize(model, config, loop, progress)
+    record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
+    return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.factorize")
+
+
+def _factorize(model: nn.Module, config, loop, progress: bool) -> Report:
     kind = nn.Linear if isinstance(config, SVD) else nn.Conv2d
     layers = candidates(model, config, kind)
     if isinstance(config, SVD):

@@ -11,9 +11,14 @@ adapter training on quantized models do, because the true derivative of a roundi
 almost everywhere. W_eff is dequantized when backward runs (not kept from the forward), so
 inference and no_grad calls pay nothing for this.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+# The dtypes a compressed layer computes in (its kernels take and return these).
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
@@ -42,10 +47,18 @@ class CompressedLinear(nn.Module):
     each naming the layer kind and the expected shape. NaN / Inf inputs propagate to the
     rows holding them (as in F.linear) for weight-only kinds; kinds that quantize
     activations need finite values and raise a ValueError.
+
+    The nn.Linear surface: in_features, out_features and a read-only `.weight` (the effective
+    weight [out, in], computed on each access, in the compute dtype, on the module's device).
+
+    Compute dtype: float32 until `.half()` / `.bfloat16()` / `.to(dtype)` changes it; then
+    inputs are cast to it and outputs come in it, while the packed codes, scales and bias keep
+    the dtypes the kernels need. Any other dtype (float64) raises a TypeError right there.
     """
 
     in_features: int
     out_features: int
+    _compute_dtype: Optional[torch.dtype] = None  # None: float32, inputs' own float dtype kept
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -53,6 +66,47 @@ class CompressedLinear(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """The float [out, in] weight the layer applies to its input (what backward uses)."""
         return self.dequantized_weight()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._compute_dtype or torch.float32
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight [out, in] (dequantized, input scaling or smoothing undone), a
+        fresh tensor on each access: code that reads nn.Linear's weight (dtype, device, shape,
+        values) keeps working. Read-only: the packed buffers are the layer's state."""
+        return self.effective_weight().detach().to(self.compute_dtype)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":
+            raise AttributeError(f"{type(self).__name__}.weight is read-only (the dequantized weight, computed "
+                                 f"from the packed buffers); quantize a float layer again to change it")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "weight":
+            raise AttributeError(f"{type(self).__name__}.weight is read-only and cannot be deleted")
+        super().__delattr__(name)
+
+    def _apply(self, fn, recurse=True):
+        """module.half() / .to(dtype) / .cuda() / ...: moves every buffer where fn says, but a
+        dtype change only sets the compute dtype; codes, scales and bias keep their dtypes."""
+        current = self.compute_dtype
+        device = next((b.device for b in self.buffers(recurse=False)), torch.device("cpu"))
+        target = fn(torch.empty(0, dtype=current, device=device)).dtype
+        if target != current and target not in COMPUTE_DTYPES:
+            raise TypeError(f"{type(self).__name__}: cannot compute in {target}; a compressed layer computes in "
+                            f"float32, bfloat16 or float16 (its packed weights keep their format)")
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        result = super()._apply(keep_dtype, recurse)
+        if target != current:
+            object.__setattr__(self, "_compute_dtype", None if target == torch.float32 else target)
+        return result
 
     def check_input(self, x) -> None:
         kind = type(self).__name__
@@ -66,6 +120,8 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if self._compute_dtype is not None and x.dtype != self._compute_dtype:
+            x = x.to(self._compute_dtype)
         if x.requires_grad and torch.is_grad_enabled():
             return _FrozenLinearFunction.apply(x, self)
         return self.kernel_forward(x)

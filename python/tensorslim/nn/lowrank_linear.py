@@ -73,8 +73,9 @@ class LowRankLinear(nn.Module):
     @classmethod
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
         """Whether `mod` is the layer a saved spec was made from (see io.load)."""
-        return isinstance(mod, nn.Linear) and (mod.in_features, mod.out_features) == (
-            spec["in_features"], spec["out_features"])
+        from ..conv1d import linear_shape  # nn.Linear or transformers' Conv1D
+
+        return linear_shape(mod) == (spec["in_features"], spec["out_features"])
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "LowRankLinear":

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from ..report import SUMMARY_SOURCES, Report
+from ..report import SUMMARY_SOURCES, Report, warn_if_nothing_changed
 from . import masks
 from .config import ChannelPrune, Magnitude, RandomPrune, _Unstructured
 from .masks import finalize
@@ -36,14 +36,15 @@ def prune(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     if isinstance(config, _Unstructured):
         if kwargs:
             raise TypeError(f"prune: unexpected arguments {sorted(kwargs)} for {type(config).__name__}")
-        return prune_unstructured(model, config, progress=progress)
+        return warn_if_nothing_changed(prune_unstructured(model, config, progress=progress), "ts.prune")
     if isinstance(config, ChannelPrune):
         from .channels import prune_channels
 
         example_inputs = kwargs.pop("example_inputs", None)
         if kwargs:
             raise TypeError(f"prune: unexpected arguments {sorted(kwargs)}")
-        return prune_channels(model, config, calib_data, forward_loop, example_inputs, progress)
+        report = prune_channels(model, config, calib_data, forward_loop, example_inputs, progress)
+        return warn_if_nothing_changed(report, "ts.prune")
     raise TypeError(f"prune: expected a pruning config (Magnitude, RandomPrune, ChannelPrune), "
                     f"got {type(config).__name__}")
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..ops import prune as prune_ops
 from ..quantization.calibrate import call_model
 from ..report import LayerChange, Report, module_bytes
-from ..transforms import _tied_to_embedding, filter_reason
+from ..transforms import _tied_to_embedding, filter_reason, float_weight
 from . import channel_graph, channel_rules, masks
 from .channel_space import Space, Spaces
 from .config import ChannelPrune
@@ -262,7 +262,8 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
     object.__setattr__(model, STRUCTURED_ATTR, record)
     for n in sorted(before):
         m = mods[n]
-        shape = "x".join(str(s) for s in m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else ""
+        w = float_weight(m)
+        shape = "x".join(str(s) for s in w.shape) if w is not None else ""
         report.changes.append(LayerChange(n, type(m).__name__, "pruned", f"channels removed: weight {shape}",
                                           before[n], module_bytes(m)))
     return report
@@ -275,8 +276,7 @@ def summary_rows(model: nn.Module) -> List[LayerChange]:
     rows = []
     for name in sorted(record):
         m = mods.get(name)
-        w = getattr(m, "weight", None)
-        if m is None or not isinstance(w, torch.Tensor) or masks.is_masked(m):
+        if m is None or float_weight(m) is None or masks.is_masked(m):
             continue
         attrs = ", ".join(f"{a}={v}" for a, v in sorted(record[name].items()))
         rows.append(LayerChange(name, type(m).__name__, "pruned", "channels removed",

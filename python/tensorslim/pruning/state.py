@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import masks
+from ..transforms import float_weight
 
 HEADER_KEY = "tensorslim.pruning"
 
@@ -91,7 +92,7 @@ def prepare_load(model: nn.Module, entry: dict, shapes: Dict[str, Tuple[str, Tup
             object.__setattr__(model, STRUCTURED_ATTR, dict(structured))
         for name in names:
             mod = modules.get(name)
-            if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            if mod is None or float_weight(mod) is None:
                 raise ValueError(f"{path}: pruned layer '{name}' does not exist in the model (or has no weight)")
             if not masks.is_masked(mod):
                 # Attach an all-kept mask without touching the weight; load fills both.

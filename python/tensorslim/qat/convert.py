@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..formats import get_format
+from ..hf import record_layers
 from ..ops.binary import pack_signs, pack_trits
 from ..quantization.registry import TRANSFORMS
 from ..report import LayerChange, Report, module_bytes, remember_skipped
@@ -112,4 +113,5 @@ def convert(model: nn.Module) -> Report:
     for name, new in new_modules.items():
         _set_submodule(model, name, new)
     remember_skipped(model, report)
+    record_layers(model)  # transformers models: the config describes the packed layers
     return report

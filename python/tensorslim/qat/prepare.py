@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import config as cfgs
 from ..config import Config, resolve_config
+from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..formats import FORMATS, integer_format
 from ..report import Report, compressed_layers, note_already_compressed
 from ..transforms import check_no_empty_layers, replace_modules
@@ -138,8 +139,9 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
         new = QATLinear(mod, layer_cfg, learnable_scales)
         return new, new.describe()
 
-    check_no_empty_layers(model, cfg)
-    before = compressed_layers(model)
-    report = replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check_layer(cfg, n, m),
-                             progress, desc="prepare QAT")
-    return note_already_compressed(report, before)
+    with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
+        check_no_empty_layers(model, cfg)
+        before = compressed_layers(model)
+        report = replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check_layer(cfg, n, m),
+                                 progress, desc="prepare QAT")
+    return name_conv1d_rows(note_already_compressed(report, before), conv1d_names)

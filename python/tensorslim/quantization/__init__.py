@@ -4,7 +4,9 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from ..config import resolve_config
-from ..report import Report, compressed_layers, note_already_compressed
+from ..conv1d import conv1d_as_linear, name_conv1d_rows
+from ..hf import record_layers
+from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
 from ..transforms import check_no_empty_layers
 # Each technique module registers its transforms (or weight-only algorithms) on import.
 from . import awq, binary, gptq, lowbit, w4a8, w8a8, weight_only  # noqa: F401
@@ -20,7 +22,8 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     calib_data (an iterable of model inputs: tensors, tuples or dicts) or forward_loop
     (a callable run as forward_loop(model)) feed calibration for techniques that need it;
     weight-only round-to-nearest does not. Returns a Report of what changed and what was
-    skipped.
+    skipped. transformers' Conv1D layers (GPT-2) are quantized as the nn.Linear they are.
+    Warns (UserWarning) when nothing was quantized.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
@@ -28,10 +31,13 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     transform = TRANSFORMS.get(type(cfg))
     if transform is None:
         raise TypeError(f"{type(cfg).__name__} is not a quantization config")
-    check_no_empty_layers(model, cfg)
     loop = make_forward_loop(calib_data, forward_loop, progress)
-    before = compressed_layers(model)
-    return note_already_compressed(transform(model, cfg, forward_loop=loop, progress=progress), before)
+    with conv1d_as_linear(model) as conv1d_names:
+        check_no_empty_layers(model, cfg)
+        before = compressed_layers(model)
+        report = note_already_compressed(transform(model, cfg, forward_loop=loop, progress=progress), before)
+    record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
+    return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.quantize")
 
 
 __all__ = ["quantize"]

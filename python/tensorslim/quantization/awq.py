@@ -32,6 +32,7 @@ from torch import nn
 from ..ops import calibration as C
 from .blockwise import Edits, Inputs, WeightSpec, calibrate_blockwise, make_layer, run_block
 from ..config import AWQ
+from ..transforms import float_weight
 from .registry import register_transform
 from .weight_only import apply_weight_only, check_linear, register_algorithm
 
@@ -57,7 +58,7 @@ def _foldable(mod: nn.Module, width: int) -> bool:
     """A module whose output channels can absorb 1/s: a Linear or an affine norm."""
     if isinstance(mod, nn.Linear):
         return mod.out_features == width
-    weight = getattr(mod, "weight", None)
+    weight = float_weight(mod)
     is_norm = isinstance(mod, nn.LayerNorm) or type(mod).__name__.lower().endswith("rmsnorm")
     return is_norm and isinstance(weight, nn.Parameter) and weight.shape == (width,)
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..formats import FORMATS
 from ..nn import WeightOnlyLinear
 from ..report import LayerChange, Report, module_bytes, remember_skipped
-from ..transforms import _tied_to_embedding, filter_reason
+from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, filter_reason
 from .calibrate import ForwardLoop, require_forward_loop
 
 Inputs = List[Tuple[tuple, dict]]  # one (args, kwargs) per calibration batch
@@ -41,19 +41,30 @@ class _StopForward(Exception):
 # ---------------------------------------------------------------- finding blocks
 
 
-def find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of the blocks calibrated one after another."""
-    best: Optional[Tuple[str, nn.ModuleList]] = None
+def _has_linear(mod: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in mod.modules())
+
+
+def find_block_stacks(model: nn.Module) -> List[List[Tuple[str, nn.Module]]]:
+    """The block sequences calibrated one after another, in the model's order: each ModuleList
+    of blocks holding Linear layers that is not inside another such list (a decoder's layers;
+    an encoder-decoder's encoder blocks, then its decoder blocks); else the children of an
+    nn.Sequential, else the whole model as one block."""
+    stacks: List[Tuple[str, nn.ModuleList]] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and \
-                any(isinstance(m, nn.Linear) for m in mod.modules()):
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
-    if best is not None:
-        return [(f"{best[0]}.{i}", m) for i, m in enumerate(best[1])]
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and _has_linear(mod) and \
+                not any(name.startswith(outer + ".") for outer, _ in stacks):
+            stacks.append((name, mod))
+    if stacks:
+        return [[(f"{name}.{i}", m) for i, m in enumerate(mod)] for name, mod in stacks]
     if isinstance(model, nn.Sequential) and len(model) > 0:
-        return [(name, m) for name, m in model.named_children()]
-    return [("", model)]
+        return [[(name, m) for name, m in model.named_children()]]
+    return [[("", model)]]
+
+
+def find_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every block, the stacks one after another."""
+    return [b for stack in find_block_stacks(model) for b in stack]
 
 
 # ---------------------------------------------------------------- capturing inputs
@@ -91,20 +102,22 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
                 return None
         hook = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
+    # A KV cache would grow every time a block is re-run (and a cross-attention cache would
+    # skip its key / value layers): off in every config (an encoder-decoder's stacks have their own).
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if getattr(c, "use_cache", None)}
     model.forward = forward  # instance attribute: nn.Module.__call__ finds it first
     try:
-        if use_cache:
-            config.use_cache = False  # a KV cache would grow every time a block is re-run
+        for c in configs.values():
+            c.use_cache = False
         with torch.no_grad():
             forward_loop(model)
     finally:
         del model.forward
         if hook is not None:
             hook.remove()
-        if use_cache:
-            config.use_cache = use_cache
+        for c in configs.values():
+            c.use_cache = True
     if not captured:
         raise ValueError("calibration: the forward loop never reached the first block "
                          "(is the calibration data empty?)")
@@ -272,7 +285,7 @@ def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, 
                     break
             else:
                 outside[name] = mod
-        elif isinstance(getattr(mod, "weight", None), nn.Parameter) and not list(mod.children()):
+        elif _is_weight_matrix_layer(mod):
             report.changes.append(LayerChange(
                 name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod),
                 reason=f"{type(mod).__name__} layers are not supported by this technique"))
@@ -336,45 +349,57 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     forward_loop = require_forward_loop(forward_loop, name.upper())
-    blocks = find_blocks(model)
+    stacks = find_block_stacks(model)
+    blocks = [b for stack in stacks for b in stack]
     report, per_block, outside_layers = _plan(model, cfg, blocks, check)
-    first = next((i for i, t in enumerate(per_block) if t), None)
     edits = Edits()
     changes: List[LayerChange] = []
     unreached: List[LayerChange] = []
+
+    def run_stack(lo: int, hi: int) -> None:
+        """Blocks lo..hi-1 (one stack): capture the first target block's inputs, then each
+        block's inputs are the previous block's outputs."""
+        first = next((i for i in range(lo, hi) if per_block[i]), None)
+        if first is None:
+            return
+        inputs = capture_block_inputs(model, blocks[first][1], forward_loop)
+        float_inputs: Optional[Inputs] = None  # None: still equal to inputs
+        bar = tqdm(blocks[first:hi], desc=f"{name} blocks", disable=not progress, leave=False)
+        for bi, (bname, block) in enumerate(bar, start=first):
+            targets, skipped = _drop_unreached(block, bname, per_block[bi], inputs)
+            unreached.extend(skipped)
+            last = bi == hi - 1 or not any(per_block[bi + 1:hi])
+            outs = None
+            if not feed_quantized and not last:
+                outs = [run_block(block, inp) for inp in inputs]
+            before = {n: module_bytes(m) for n, m in targets.items()}
+            reference = None
+            if float_reference and targets:
+                reference = FloatReference(copy.deepcopy(block), float_inputs or inputs)
+            extra = (reference,) if float_reference else ()
+            new = quantize_block(block, targets, inputs, edits, *extra) if targets else {}
+            for local, (mod, note) in new.items():
+                full = ".".join(p for p in (bname, local) if p)
+                set_submodule(model, full, mod, edits)
+                changes.append(LayerChange(full, "Linear", action, note, before[local],
+                                           module_bytes(mod)))
+            block = model.get_submodule(bname) if bname else model  # it may have been replaced
+            if last:
+                break
+            if outs is None:
+                outs = [run_block(block, inp) for inp in inputs]
+            if float_reference:  # the float model's next inputs, from the float copy
+                ref_block = reference.block if reference is not None else block
+                float_inputs = [next_inputs(inp, run_block(ref_block, inp)) for inp in float_inputs or inputs]
+                del reference
+            inputs = [next_inputs(inp, out) for inp, out in zip(inputs, outs)]
+
     try:
-        if first is not None:
-            inputs = capture_block_inputs(model, blocks[first][1], forward_loop)
-            float_inputs: Optional[Inputs] = None  # None: still equal to inputs
-            bar = tqdm(blocks[first:], desc=f"{name} blocks", disable=not progress, leave=False)
-            for bi, (bname, block) in enumerate(bar, start=first):
-                targets, skipped = _drop_unreached(block, bname, per_block[bi], inputs)
-                unreached += skipped
-                last = bi == len(blocks) - 1 or not any(per_block[bi + 1:])
-                outs = None
-                if not feed_quantized and not last:
-                    outs = [run_block(block, inp) for inp in inputs]
-                before = {n: module_bytes(m) for n, m in targets.items()}
-                reference = None
-                if float_reference and targets:
-                    reference = FloatReference(copy.deepcopy(block), float_inputs or inputs)
-                extra = (reference,) if float_reference else ()
-                new = quantize_block(block, targets, inputs, edits, *extra) if targets else {}
-                for local, (mod, note) in new.items():
-                    full = ".".join(p for p in (bname, local) if p)
-                    set_submodule(model, full, mod, edits)
-                    changes.append(LayerChange(full, "Linear", action, note, before[local],
-                                               module_bytes(mod)))
-                block = model.get_submodule(bname) if bname else model  # it may have been replaced
-                if last:
-                    break
-                if outs is None:
-                    outs = [run_block(block, inp) for inp in inputs]
-                if float_reference:  # the float model's next inputs, from the float copy
-                    ref_block = reference.block if reference is not None else block
-                    float_inputs = [next_inputs(inp, run_block(ref_block, inp)) for inp in float_inputs or inputs]
-                    del reference
-                inputs = [next_inputs(inp, out) for inp, out in zip(inputs, outs)]
+        if any(per_block):
+            lo = 0
+            for stack in stacks:
+                run_stack(lo, lo + len(stack))
+                lo += len(stack)
             if not changes:
                 raise ValueError(f"none of the {len(unreached)} layers to calibrate ran on the calibration "
                                  f"data (e.g. '{unreached[0].name}'); does the forward loop run the model?")

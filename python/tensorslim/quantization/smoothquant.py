@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..transforms import float_weight
+
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 
 
@@ -108,7 +110,7 @@ def foldable_kind(module: nn.Module, channels: int) -> Optional[str]:
         return "linear" if module.out_features == channels else None
     if list(module.children()):
         return None
-    w = getattr(module, "weight", None)
+    w = float_weight(module)
     b = getattr(module, "bias", None)
     if isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == channels and w.dtype.is_floating_point:
         if b is None or (isinstance(b, torch.Tensor) and b.shape == w.shape):

@@ -1,0 +1,123 @@
+"""Hugging Face transformers models: a compressed model saved with `model.save_pretrained(dir)`
+loads back with transformers' own `AutoModelForCausalLM.from_pretrained(dir)` (through the
+quantizer hf_quantizer.py registers) or with `ts.from_pretrained(AutoModelForCausalLM, dir)`.
+
+A transformers model's config carries what its compressed layers are: every tensorslim verb
+that changes layers (quantize, factorize, convert, load) writes
+    config.quantization_config = {"quant_method": "tensorslim", "format_version": 1, "layers": {name: spec}}
+(the same layer specs as a ts.save header), so save_pretrained's config.json holds them next to
+the weights.
+"""
+import json
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+QUANT_METHOD = "tensorslim"
+CONFIG_FORMAT_VERSION = 1
+
+
+def _hf_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    return cfg if hasattr(cfg, "to_json_string") else None  # a transformers PretrainedConfig
+
+
+def record_layers(model: nn.Module) -> None:
+    """Write the model's compressed layer specs into its transformers config (no-op for other
+    models). A model with no compressed layer left loses a tensorslim entry it had."""
+    from .io import layer_specs
+
+    cfg = _hf_config(model)
+    if cfg is None:
+        return
+    layers = layer_specs(model)
+    ours = _ours(getattr(cfg, "quantization_config", None)) is not None
+    if layers:
+        cfg.quantization_config = {"quant_method": QUANT_METHOD, "format_version": CONFIG_FORMAT_VERSION,
+                                   "layers": layers}
+    elif ours:
+        del cfg.quantization_config
+
+
+def _ours(qcfg) -> Optional[dict]:
+    """A tensorslim quantization_config as a dict (config.json gives a dict; transformers'
+    from_pretrained leaves its config object), else None."""
+    if hasattr(qcfg, "to_dict"):
+        qcfg = qcfg.to_dict()
+    return qcfg if isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD else None
+
+
+def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a save_pretrained directory: model.safetensors, or its shards."""
+    from safetensors.torch import load_file
+
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index: {e!r}") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+    else:
+        raise ValueError(f"{directory}: no model.safetensors (or its index); save with "
+                         f"model.save_pretrained(dir) (safetensors, the default)")
+    state: Dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{f}: not a readable safetensors file: {e}") from None
+    return state
+
+
+def _build(cls, config) -> nn.Module:
+    """An (uncompressed, randomly initialized) model of `config`: Auto classes have
+    from_config, model classes take the config."""
+    if hasattr(cls, "from_config"):
+        return cls.from_config(config)
+    return cls(config)
+
+
+def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Module:
+    """Load a compressed transformers model saved with `model.save_pretrained(directory)`.
+
+    cls: a transformers model class or Auto class (AutoModelForCausalLM, GPT2LMHeadModel, ...).
+    The model is built from the directory's config, its compressed layers are replaced by
+    empty compressed modules of the saved kinds, then every tensor of the directory's
+    safetensors files is loaded strictly (weights tied in the model, saved once, are filled from
+    their twin). Half-precision saves come back in their dtype. Returns the model in eval mode.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    from . import io
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"from_pretrained: {directory} is not a directory written by save_pretrained")
+    config = AutoConfig.from_pretrained(str(directory), **config_kwargs)
+    qcfg = _ours(getattr(config, "quantization_config", None))
+    if qcfg is None:
+        raise ValueError(f"{directory}: config.json has no tensorslim quantization_config: not saved from a "
+                         f"model tensorslim compressed; load it with {getattr(cls, '__name__', cls)}.from_pretrained")
+    if qcfg.get("format_version", 0) > CONFIG_FORMAT_VERSION or not isinstance(qcfg.get("layers"), dict):
+        raise ValueError(f"{directory}: tensorslim quantization_config version {qcfg.get('format_version')} "
+                         f"(or its layers) is not readable by this tensorslim; upgrade tensorslim")
+    state = _read_weights(directory)
+    model = _build(cls, config)
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype in (torch.float16, torch.bfloat16):
+        model.to(dtype)  # compressed layers: their compute dtype (see CompressedLinear)
+    originals, replacements = io.plan_layers(model, qcfg["layers"], directory)
+    io.load_layers_and_state(model, originals, replacements, state, directory, fill_tied=True)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError):
+        pass  # no generation_config.json: the one built from the config stays
+    record_layers(model)
+    return model.eval()

@@ -1,0 +1,99 @@
+"""Every compressed linear keeps nn.Linear's surface: in_features, out_features and a
+read-only `.weight` (the effective weight, computed on access), so code that reads a layer's
+weight (T5's `self.wo.weight.dtype`, adapters, probes) keeps working."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.transforms import _is_weight_matrix_layer, float_weight
+
+from compressed_kinds import IN, KINDS, OUT, build, weight_in_original_domain
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_weight_is_the_effective_weight(kind):
+    layer = build(kind)
+    assert (layer.in_features, layer.out_features) == (IN, OUT)
+    w = layer.weight
+    assert isinstance(w, torch.Tensor) and not isinstance(w, nn.Parameter)
+    assert (tuple(w.shape), w.dtype, w.device) == ((OUT, IN), torch.float32, layer.qweight.device)
+    assert not w.requires_grad
+    assert torch.equal(w.double(), weight_in_original_domain(layer).float().double())
+
+
+@pytest.mark.parametrize("kind", ["int4_g32", "int4_input_scaled", "nvfp4", "binary", "w8a8_smoothed"])
+def test_linear_with_weight_matches_weight_only_forward(kind):
+    """F.linear(x, layer.weight, layer.bias) is what the layer computes (exactly so for the
+    weight-only kinds, up to fp32 summation order; the activation-quantizing kinds add their
+    input rounding, so they are only checked for the weight's scale here)."""
+    layer = build(kind)
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(1))
+    ref = F.linear(x, layer.weight, layer.bias)
+    got = layer(x)
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < (5e-2 if kind in ("w8a8_smoothed",) else 1e-5), rel
+
+
+@pytest.mark.parametrize("kind", ["int8_weight_only", "mxfp4", "int8_dynamic", "ternary"])
+def test_weight_is_read_only(kind):
+    layer = build(kind)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for value in (torch.zeros(OUT, IN), nn.Parameter(torch.zeros(OUT, IN))):
+        with pytest.raises(AttributeError, match="read-only"):
+            layer.weight = value
+    with pytest.raises(AttributeError, match="read-only"):
+        del layer.weight
+    layer.weight.zero_()  # a fresh tensor each time: the layer's state is untouched
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def test_weight_follows_device_dtype_and_meta():
+    layer = build("int4_g32")
+    assert layer.to(torch.bfloat16).weight.dtype == torch.bfloat16
+    assert layer.float().weight.dtype == torch.float32
+    meta = layer.to("meta")
+    assert meta.weight.device.type == "meta" and tuple(meta.weight.shape) == (OUT, IN)
+
+
+def test_compressed_layers_are_not_float_layers():
+    """Code asking "is this a float layer with a weight to edit" does not take a compressed
+    layer for one (its `.weight` is computed, not a parameter)."""
+    for kind in ("int4_g32", "w8a8_static", "xnor"):
+        layer = build(kind)
+        assert float_weight(layer) is None and not _is_weight_matrix_layer(layer)
+    lin = nn.Linear(4, 3)
+    assert float_weight(lin) is lin.weight and _is_weight_matrix_layer(lin)
+
+
+def test_quantizing_again_reports_already_compressed_not_unsupported():
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, 16))
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        again = ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    assert sorted(c.name for c in again.skipped) == ["0", "2"]
+    assert all("already compressed" in c.reason for c in again.skipped)
+
+
+def test_t5_runs_after_quantization():
+    """T5's feed-forward reads `self.wo.weight.dtype` on every call."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    torch.set_grad_enabled(False)
+    try:
+        _check_t5(model, ids)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _check_t5(model, ids):
+    ref = model(input_ids=ids, decoder_input_ids=ids).logits
+    report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    assert any(c.name.endswith("DenseReluDense.wo") for c in report.changed)
+    out = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert float((out - ref).norm() / ref.norm()) < 2e-2
