@@ -148,7 +148,8 @@ def test_config_describes_the_compressed_layers():
     ts.quantize(model, ts.Int8WeightOnly(), progress=False)
     qcfg = model.config.quantization_config
     assert qcfg["quant_method"] == "tensorslim"
-    assert set(qcfg["layers"]) == {n for n, m in model.named_modules() if isinstance(m, ts.WeightOnlyLinear)}
+    assert set(qcfg["layers"]) == {n for n, m in model.named_modules()
+                                   if isinstance(m, (ts.WeightOnlyLinear, ts.QuantizedEmbedding))}
     assert not any(isinstance(m, Conv1D) for m in model.modules())
 
 

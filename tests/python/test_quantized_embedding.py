@@ -114,3 +114,15 @@ def test_summary_lists_tables():
     rows = {r.name: r for r in ts.summary(model).changed}
     assert rows["embed"].format == "int4 g32" and rows["embed"].bytes_before == 4 * 200 * 64
     assert rows["embed"].bytes_after < rows["embed"].bytes_before / 6
+
+
+def test_half_changes_output_dtype_not_the_table():
+    q = ts.QuantizedEmbedding.from_embedding(nn.Embedding(30, 16), "int4", 8)
+    ids = torch.tensor([[1, 29, 3]])
+    ref = q(ids)
+    q.half()
+    assert q.scales.dtype == torch.float32 and q.qweight.dtype == torch.uint8
+    out = q(ids)
+    assert out.dtype == torch.float16 and torch.equal(out, ref.half())
+    with pytest.raises(TypeError, match="float64"):
+        q.double()

@@ -11,14 +11,10 @@ adapter training on quantized models do, because the true derivative of a roundi
 almost everywhere. W_eff is dequantized when backward runs (not kept from the forward), so
 inference and no_grad calls pay nothing for this.
 """
-from typing import Optional
-
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-# The dtypes a compressed layer computes in (its kernels take and return these).
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .compute_dtype import KeepsPackedDtypes
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
@@ -38,7 +34,7 @@ class _FrozenLinearFunction(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None
 
 
-class CompressedLinear(nn.Module):
+class CompressedLinear(KeepsPackedDtypes):
     """Base of the compressed linears. A subclass keeps in_features / out_features and
     implements kernel_forward(x) (the packed kernel) and dequantized_weight().
 
@@ -58,7 +54,6 @@ class CompressedLinear(nn.Module):
 
     in_features: int
     out_features: int
-    _compute_dtype: Optional[torch.dtype] = None  # None: float32, inputs' own float dtype kept
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -66,10 +61,6 @@ class CompressedLinear(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """The float [out, in] weight the layer applies to its input (what backward uses)."""
         return self.dequantized_weight()
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self._compute_dtype or torch.float32
 
     @property
     def weight(self) -> torch.Tensor:
@@ -88,25 +79,6 @@ class CompressedLinear(nn.Module):
         if name == "weight":
             raise AttributeError(f"{type(self).__name__}.weight is read-only and cannot be deleted")
         super().__delattr__(name)
-
-    def _apply(self, fn, recurse=True):
-        """module.half() / .to(dtype) / .cuda() / ...: moves every buffer where fn says, but a
-        dtype change only sets the compute dtype; codes, scales and bias keep their dtypes."""
-        current = self.compute_dtype
-        device = next((b.device for b in self.buffers(recurse=False)), torch.device("cpu"))
-        target = fn(torch.empty(0, dtype=current, device=device)).dtype
-        if target != current and target not in COMPUTE_DTYPES:
-            raise TypeError(f"{type(self).__name__}: cannot compute in {target}; a compressed layer computes in "
-                            f"float32, bfloat16 or float16 (its packed weights keep their format)")
-
-        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
-            return out if out.dtype == t.dtype else t.to(device=out.device)
-
-        result = super()._apply(keep_dtype, recurse)
-        if target != current:
-            object.__setattr__(self, "_compute_dtype", None if target == torch.float32 else target)
-        return result
 
     def check_input(self, x) -> None:
         kind = type(self).__name__

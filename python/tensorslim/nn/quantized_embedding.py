@@ -1,7 +1,8 @@
 """nn.Embedding / nn.EmbeddingBag with a packed table: each row quantized (integer formats of the
 format table, per row or in groups along it), and a lookup that gathers the packed rows it needs
 and decodes only those with the core's dequantize kernel (AVX-512 / AVX2 / scalar). The table
-stays packed in memory; `.weight` dequantizes it on access, for code that inspects it."""
+stays packed in memory; `.weight` dequantizes it on access, for code that inspects it.
+.half() / .to(dtype) change the dtype the rows are decoded to; the packed table keeps its own."""
 from typing import Optional
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import get_format
+from .compute_dtype import KeepsPackedDtypes
 
 
 def _lowbit():
@@ -17,7 +19,7 @@ def _lowbit():
     return lowbit
 
 
-class _PackedTable(nn.Module):
+class _PackedTable(KeepsPackedDtypes):
     action = "quantized"
 
     def _init_table(self, num_embeddings: int, embedding_dim: int, fmt: str, group_size: int, device=None) -> None:
@@ -46,10 +48,11 @@ class _PackedTable(nn.Module):
             self.zero_points.copy_(zps)
 
     def _rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows [len(index), dim] (float32) for a 1-D int64 index."""
+        """Dequantized rows [len(index), dim] in the compute dtype for a 1-D int64 index."""
         zps = self.zero_points.index_select(0, index) if self.zero_points is not None else None
-        return _lowbit().dequantize_lowbit(self.qweight.index_select(0, index), self.scales.float().index_select(0, index),
-                                           zps, None, self.fmt, self.group_size, self.embedding_dim)
+        return _lowbit().dequantize_lowbit(self.qweight.index_select(0, index), self.scales.index_select(0, index),
+                                           zps, None, self.fmt, self.group_size, self.embedding_dim,
+                                           dtype=self.compute_dtype)
 
     def _check_ids(self, ids) -> torch.Tensor:
         kind = type(self).__name__

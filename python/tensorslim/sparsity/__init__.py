@@ -13,8 +13,9 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
+from ..hf import record_layers
 from ..quantization.calibrate import make_forward_loop
-from ..report import Report, compressed_layers, note_already_compressed, remember_skipped
+from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
 from ..transforms import check_no_empty_layers, replace_modules
 from .config import NM, SparseStorage, Unstructured, _Sparse
 from .uncalibrated import magnitude_layer, storage_layer
@@ -58,10 +59,8 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
             if row.action != "skipped":
                 row.action = "sparsified"
         remember_skipped(model, report)
-    if not report.changed:
-        import warnings
-
-        warnings.warn("sparsify: no layer was sparsified (see the report's skipped rows)", UserWarning, stacklevel=2)
+    warn_if_nothing_changed(report, "ts.sparsify")
+    record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
     return note_already_compressed(report, already)
 
 

@@ -1,0 +1,38 @@
+"""What a module holding packed weights does on .half() / .to(dtype): it changes the dtype it
+computes in, and its codes, scales and bias keep theirs (shared by the compressed linears and
+the quantized embedding tables)."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+# The dtypes a compressed layer computes in (its kernels take and return these).
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class KeepsPackedDtypes(nn.Module):
+    _compute_dtype: Optional[torch.dtype] = None  # None: float32, inputs' own float dtype kept
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._compute_dtype or torch.float32
+
+    def _apply(self, fn, recurse=True):
+        """module.half() / .to(dtype) / .cuda() / ...: moves every buffer where fn says, but a
+        dtype change only sets the compute dtype; codes, scales and bias keep their dtypes."""
+        current = self.compute_dtype
+        device = next((b.device for b in self.buffers(recurse=False)), torch.device("cpu"))
+        target = fn(torch.empty(0, dtype=current, device=device)).dtype
+        if target != current and target not in COMPUTE_DTYPES:
+            raise TypeError(f"{type(self).__name__}: cannot compute in {target}; a compressed layer computes in "
+                            f"float32, bfloat16 or float16 (its packed weights keep their format)")
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        result = super()._apply(keep_dtype, recurse)
+        if target != current:
+            object.__setattr__(self, "_compute_dtype", None if target == torch.float32 else target)
+        return result
+
