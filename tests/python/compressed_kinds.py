@@ -1,5 +1,5 @@
 """One small layer of every compressed module kind, built the way users build them
-(ts.quantize with the matching config), for the tests that loop over every kind."""
+(ts.quantize or ts.sparsify with the matching config), for the tests that loop over every kind."""
 import torch
 from torch import nn
 
@@ -24,6 +24,9 @@ KINDS = {
     "binary": lambda: ts.Binary(),
     "xnor": lambda: ts.Binary(activations=True),
     "ternary": lambda: ts.Ternary(),
+    "sparse_2_4": lambda: ts.NM(2, 4),
+    "sparse_4_8_int8": lambda: ts.NM(4, 8, values="int8"),
+    "sparse_csr_90": lambda: ts.Unstructured(0.9),
 }
 
 # kinds whose kernels quantize the activations (they need finite inputs)
@@ -35,6 +38,18 @@ def calib(seed: int = 0, n: int = 2):
     return [torch.randn(16, IN, generator=g) for _ in range(n)]
 
 
+# kinds that keep only some weights: an input column with no kept weight in a row never reaches
+# that output (a NaN there stays out of it, unlike F.linear's 0 * NaN)
+SPARSE = {"sparse_2_4", "sparse_4_8_int8", "sparse_csr_90"}
+
+
+def compress(model: nn.Module, cfg, data):
+    """The verb a config belongs to: ts.sparsify for sparsity configs, else ts.quantize."""
+    if isinstance(cfg, (ts.NM, ts.Unstructured)):
+        return ts.sparsify(model, cfg, calib_data=data, progress=False)
+    return ts.quantize(model, cfg, calib_data=data, progress=False)
+
+
 def build(kind: str, seed: int = 0) -> nn.Module:
     """The compressed layer of `kind` made from a seeded nn.Linear(IN, OUT)."""
     torch.manual_seed(seed)
@@ -43,7 +58,7 @@ def build(kind: str, seed: int = 0) -> nn.Module:
         return ts.WeightOnlyLinear.from_codes(codes, torch.rand(OUT, IN // 32) * 0.05 + 0.01, None, "int4", 32,
                                               bias=torch.randn(OUT), input_scale=torch.rand(IN) + 0.5)
     model = nn.Sequential(nn.Linear(IN, OUT))
-    ts.quantize(model, KINDS[kind](), calib_data=calib(seed), progress=False)
+    compress(model, KINDS[kind](), calib(seed))
     layer = model[0]
     assert isinstance(layer, ts.nn.CompressedLinear), f"{kind}: got {type(layer).__name__}"
     return layer

@@ -18,7 +18,7 @@ def test_weight_is_the_effective_weight(kind):
     assert (layer.in_features, layer.out_features) == (IN, OUT)
     w = layer.weight
     assert isinstance(w, torch.Tensor) and not isinstance(w, nn.Parameter)
-    assert (tuple(w.shape), w.dtype, w.device) == ((OUT, IN), torch.float32, layer.qweight.device)
+    assert (tuple(w.shape), w.dtype, w.device) == ((OUT, IN), torch.float32, layer.bias.device)
     assert not w.requires_grad
     assert torch.equal(w.double(), weight_in_original_domain(layer).float().double())
 
