@@ -59,5 +59,15 @@ bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0,
 // Transposed tile width padded to the vector width W (8 or 16).
 inline int64_t tile_stride(int64_t mt, int W) { return (mt + W - 1) / W * W; }
 
+// The transposed kernels walk output rows in blocks of kRowBlock and the columns in blocks
+// whose slice of the transposed tile (k_block * st floats) stays in a 256 KiB share of L2,
+// so each slice is read from memory once per row block, not once per row. Column blocks are
+// multiples of 128, which every N:M slot period (at most 128 columns) divides.
+constexpr int64_t kRowBlock = 32;
+inline int64_t k_block(int64_t st) {
+  const int64_t kb = (int64_t{256} * 1024 / (st * 4)) / 128 * 128;
+  return kb < 128 ? 128 : kb;
+}
+
 }  // namespace cpu
 }  // namespace tensorslim
