@@ -108,7 +108,7 @@ def test_nm_linear_native_vs_reference(isa, n, m, dtype):
             values, indices, scales = S.nm_pack(w, nm_keep(w, n, m, drop), n, m, dtype)
             dense = S.nm_unpack(values, indices, scales, n, m, k)
             bias = torch.randn(rows, generator=g)
-            for batch in (0, 1, 3, 17, 64):
+            for batch in (0, 1, 3, 8, 17, 64):
                 x = torch.randn(batch, k, generator=g)
                 y = S.nm_linear(x, values, indices, scales, bias, n, m, k, backend="native")
                 ref = S.nm_linear(x, values, indices, scales, bias, n, m, k, backend="reference")

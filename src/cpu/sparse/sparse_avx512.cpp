@@ -179,6 +179,7 @@ void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int6
   const NmLayout L(w);
   for (int64_t r = r0; r < r1; ++r) {
     int64_t i = 0;
+    for (; i + 8 <= a.M; i += 8) nm_row<VT, B, PERM, 8>(w, a, L, r, i);
     for (; i + 4 <= a.M; i += 4) nm_row<VT, B, PERM, 4>(w, a, L, r, i);
     for (; i + 2 <= a.M; i += 2) nm_row<VT, B, PERM, 2>(w, a, L, r, i);
     for (; i < a.M; ++i) nm_row<VT, B, PERM, 1>(w, a, L, r, i);

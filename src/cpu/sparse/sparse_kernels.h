@@ -38,8 +38,12 @@ struct SparseBatch {
   const float* xt = nullptr;
 };
 
-constexpr int64_t kTileM = 64;     // rows of x per transposed tile
-constexpr int64_t kRowwiseMaxM = 4;  // batches up to this use the row-wise kernels
+constexpr int64_t kTileM = 64;  // rows of x per transposed tile
+
+// The largest batch the row-wise kernels take (measured): CSR's gathers lose to the
+// transposed kernel from 2 rows on; N:M decodes once per 16 (8) entries for up to 8 (4)
+// batch rows at a time and stays ahead up to there.
+inline int64_t rowwise_max_m(bool csr, bool avx512) { return csr ? 1 : avx512 ? 8 : 4; }
 
 // Row-wise kernels (x rows in blocks of up to 4 share one decode of the weight) and the
 // transposed kernels, for output rows [r0, r1). CSR kernels return true when a column index
