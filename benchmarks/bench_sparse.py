@@ -32,7 +32,7 @@ def torch_csr(w_sparse, x, min_time):
     best = None
     for name, fn in cands.items():
         try:
-            t = timeit(fn, min_time=min_time)
+            t = timeit(fn, min_time=min_time, warmup=1)
         except RuntimeError:
             continue
         if best is None or t < best[0]:
@@ -56,7 +56,7 @@ def main():
         args.shapes, args.batches, args.sparsities = "4096x4096", "1,8", "0.9"
     if args.isa:
         ts._C.set_isa(args.isa)
-    min_time = 0.2 if args.quick else 0.3
+    min_time = 0.2
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
@@ -85,9 +85,9 @@ def main():
         for M in (int(b) for b in args.batches.split(",")):
             x = torch.randn(M, K)
             act = 4 * M * (K + N)
-            t_dense = timeit(lambda: F.linear(x, w), min_time=min_time)
+            t_dense = timeit(lambda: F.linear(x, w), min_time=min_time, warmup=2)
             for label, fn, wbytes, w_sparse in packs:
-                t = timeit(lambda: fn(x), min_time=min_time)
+                t = timeit(lambda: fn(x), min_time=min_time, warmup=2)
                 csr = torch_csr(w_sparse, x, min_time) if w_sparse is not None else None
                 csr_ms = f"{csr[0] * 1e3:12.3f}" if csr else f"{'-':>12}"
                 vs_csr = f"{csr[0] / t:5.2f}x" if csr else f"{'-':>6}"
