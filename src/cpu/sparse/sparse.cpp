@@ -292,7 +292,9 @@ int64_t nm_index_bytes(int64_t K, int n, int m) { return (nm_slots(K, n, m) * nm
 
 int64_t sparse_linear_workspace(int64_t M, int64_t K) {
   if (M <= 1) return 0;  // enough for any format and ISA (see rowwise_max_m)
-  return (M + cpu::kTileM - 1) / cpu::kTileM * cpu::kTileM * K;
+  // Full tiles of kTileM rows, then the last one at its width rounded up to 16.
+  const int64_t tiles = (M + cpu::kTileM - 1) / cpu::kTileM;
+  return ((tiles - 1) * cpu::kTileM + cpu::tile_stride(M - (tiles - 1) * cpu::kTileM, 16)) * K;
 }
 
 void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const TensorView& values,
