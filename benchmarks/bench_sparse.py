@@ -61,7 +61,10 @@ def main():
     bw = copy_bandwidth()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
           f"tensorslim ISA {ts._C.active_isa()} (best {ts._C.best_isa()}), {ts._C.num_threads()} tensorslim threads")
-    print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s\n")
+    print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s")
+    if args.isa:
+        print(f"--isa {args.isa} caps tensorslim only; torch's dense and CSR kernels keep their own ISA")
+    print()
     header = (f"{'N x K':>12} {'M':>3} {'format':>14} | {'dense ms':>8} | {'torch csr ms':>12} | "
               f"{'ours ms':>8} {'x dense':>8} {'x csr':>6} {'%bw':>5}")
     print(header)

@@ -45,7 +45,7 @@ constexpr int64_t kTileM = 64;  // rows of x per transposed tile
 // batch rows at a time and stays ahead up to there.
 inline int64_t rowwise_max_m(bool csr, bool avx512) { return csr ? 1 : avx512 ? 8 : 4; }
 
-// Row-wise kernels (x rows in blocks of up to 4 share one decode of the weight) and the
+// Row-wise kernels (x rows in blocks of up to 8 (AVX-512 N:M) or 4 share one decode) and the
 // transposed kernels, for output rows [r0, r1). CSR kernels return true when a column index
 // >= K was met (those entries are skipped, never read).
 void nm_rows_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
