@@ -7,7 +7,7 @@ x @ Wcsr.t()), ours, the speed-up over dense and over torch's CSR, and %bw: the 
 product must move (packed weight + x + y) / the copy bandwidth measured in this run, divided
 by the time.
 
-    python benchmarks/bench_sparse.py [--isa avx2] [--quick] [--shapes 4096x4096,4096x11008]
+    python benchmarks/bench_sparse.py [--isa avx2] [--quick] [--shapes 4096x4096,4096x11008,11008x4096]
 """
 import argparse
 
@@ -46,7 +46,8 @@ def nbytes(*ts_):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="NxK list (out x in)")
+    p.add_argument("--shapes", default="4096x4096,4096x11008",
+                   help="NxK list (out x in); add 11008x4096 for the other order")
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--sparsities", default="0.5,0.75,0.9,0.95")
     p.add_argument("--isa", choices=("avx2", "avx512", "scalar"), help="force a tensorslim code path")
