@@ -21,7 +21,7 @@
 //
 // Linears: y[M, N] = x[M, K] @ W^T (+ bias[N]), x float32 with contiguous rows, y float32.
 // Large batches run a transposed-activation kernel that needs a float32 workspace of
-// sparse_linear_workspace(M, K) elements (0 when none is needed), allocated by the caller.
+// sparse_linear_workspace(M, K) elements (0 for M <= 1), allocated by the caller.
 #pragma once
 
 #include <cstdint>

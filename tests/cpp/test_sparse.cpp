@@ -131,7 +131,7 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
           std::vector<float> dense(N * K);
           nm_unpack(values_view(p, dt, N, S), view2(p.indices.data(), DType::kUInt8, N, B), sc, n, m,
                     view2(dense.data(), DType::kFloat32, N, K));
-          for (int64_t M : {0, 1, 3, 17, 64}) {
+          for (int64_t M : {0, 1, 3, 8, 17, 64}) {
             std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
             std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
             TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());

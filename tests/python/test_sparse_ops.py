@@ -102,13 +102,13 @@ def test_csr_round_trip_is_exact(sparsity, k):
 @pytest.mark.parametrize("dtype", NM_DTYPES)
 def test_nm_linear_native_vs_reference(isa, n, m, dtype):
     g = torch.Generator().manual_seed(n * 10 + m)
-    for rows, k in ((1, 7), (13, 64), (33, 101)):
+    for rows, k in ((1, 7), (33, 101)):
         w = torch.randn(rows, k, generator=g)
         for drop in (0.0, 0.5, 1.0):
             values, indices, scales = S.nm_pack(w, nm_keep(w, n, m, drop), n, m, dtype)
             dense = S.nm_unpack(values, indices, scales, n, m, k)
             bias = torch.randn(rows, generator=g)
-            for batch in (0, 1, 3, 17, 64):
+            for batch in (0, 1, 3, 8, 17, 64):
                 x = torch.randn(batch, k, generator=g)
                 y = S.nm_linear(x, values, indices, scales, bias, n, m, k, backend="native")
                 ref = S.nm_linear(x, values, indices, scales, bias, n, m, k, backend="reference")
@@ -122,11 +122,11 @@ def test_nm_linear_native_vs_reference(isa, n, m, dtype):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 def test_csr_linear_native_vs_reference(isa, dtype, sparsity):
     g = torch.Generator().manual_seed(int(sparsity * 100))
-    for rows, k in ((1, 7), (20, 64), (37, 300)):
+    for rows, k in ((1, 7), (37, 300)):
         w = torch.randn(rows, k, generator=g)
         values, cols, row_ptr, scales = S.csr_pack(w, torch.rand(rows, k, generator=g) >= sparsity, dtype)
         dense = S.csr_unpack(values, cols, row_ptr, scales, k)
-        for batch in (0, 1, 3, 17, 64, 65):
+        for batch in (0, 1, 3, 17, 65):
             x = torch.randn(batch, k, generator=g)
             for bias in (None, torch.randn(rows, generator=g)):
                 y = S.csr_linear(x, values, cols, row_ptr, scales, bias, k, backend="native")

@@ -214,7 +214,7 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   a.ldy = w.N;
   a.bias = bias ? bias->ptr<float>() : nullptr;
   const cpu::Isa isa = cpu::active_isa();
-  const bool transposed = isa != cpu::Isa::kScalar && M > cpu::kRowwiseMaxM;
+  const bool transposed = isa != cpu::Isa::kScalar && M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512);
   if (transposed) {
     const int64_t need = sparse_linear_workspace(M, w.K);
     TS_CHECK_VALUE(workspace != nullptr, std::string(fn) + ": a batch of " + to_string(M) +
@@ -291,8 +291,10 @@ int64_t nm_slots(int64_t K, int n, int m) { return (K + m - 1) / m * n; }
 int64_t nm_index_bytes(int64_t K, int n, int m) { return (nm_slots(K, n, m) * nm_index_bits(m) + 7) / 8; }
 
 int64_t sparse_linear_workspace(int64_t M, int64_t K) {
-  if (M <= cpu::kRowwiseMaxM) return 0;
-  return (M + cpu::kTileM - 1) / cpu::kTileM * cpu::kTileM * K;
+  if (M <= 1) return 0;  // enough for any format and ISA (see rowwise_max_m)
+  // Full tiles of kTileM rows, then the last one at its width rounded up to 16.
+  const int64_t tiles = (M + cpu::kTileM - 1) / cpu::kTileM;
+  return ((tiles - 1) * cpu::kTileM + cpu::tile_stride(M - (tiles - 1) * cpu::kTileM, 16)) * K;
 }
 
 void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const TensorView& values,

@@ -19,14 +19,17 @@ constexpr int W = 8;
 
 TS_TARGET inline uint64_t load_bits(const uint8_t* p, const uint8_t* end) {
   uint64_t v = 0;
-  std::memcpy(&v, p, end - p >= 8 ? 8 : static_cast<size_t>(end - p));  // never past the buffer
+  if (end - p >= 8) {
+    std::memcpy(&v, p, 8);  // one unaligned load
+  } else {
+    for (int i = 0; p + i < end; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);  // never past the buffer
+  }
   return v;
 }
 
-// In-group positions of the 8 slots from j0 (a multiple of 8, so byte aligned).
+// In-group positions of 8 slots from their index bits (the low 8*B bits of `bits`).
 template <int B>
-TS_TARGET inline __m256i decode_pos(const uint8_t* row, int64_t j0, const uint8_t* end) {
-  const uint64_t bits = load_bits(row + ((j0 * B) >> 3), end);
+TS_TARGET inline __m256i positions(uint64_t bits) {
   const __m256i v = _mm256_set1_epi32(static_cast<int>(bits & 0xffffffu));
   if constexpr (B == 2) {
     return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
@@ -35,6 +38,21 @@ TS_TARGET inline __m256i decode_pos(const uint8_t* row, int64_t j0, const uint8_
     return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)),
                             _mm256_set1_epi32(7));
   }
+}
+
+// The positions of the 8 slots from j0 (a multiple of 8, so byte aligned).
+template <int B>
+TS_TARGET inline __m256i decode_pos(const uint8_t* row, int64_t j0, const uint8_t* end) {
+  return positions<B>(load_bits(row + ((j0 * B) >> 3), end));
+}
+
+// Slots j0 < fast_end(...) may read their 8 index bytes without a bounds check.
+template <int B>
+inline int64_t fast_end(const uint8_t* row, const uint8_t* end, int64_t full) {
+  const int64_t avail = end - row;
+  if (avail < 8) return 0;
+  const int64_t lim = (avail - 8) * 8 / B + W;
+  return lim < full ? lim : full;
 }
 
 // 8 stored values from index i as float32; `count` < 8 reads only that many (rest 0).
@@ -105,24 +123,47 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
   const float* x = a.x + i0 * a.ldx;
   int64_t j0 = 0, col0 = 0;
   int v = 0;
-  for (; j0 + W <= L.full; j0 += W) {
-    const __m256i rel = _mm256_add_epi32(L.offs[v], decode_pos<B>(idx, j0, w.idx_end));
-    const __m256 vals = load_vals<VT>(w.values, vb + j0, W);
+  const int64_t lim = fast_end<B>(idx, w.idx_end, L.full);
+  __m256 acc2[R];  // a second set for the unrolled loop: two FMA chains per batch row
+  for (int q = 0; q < R; ++q) acc2[q] = _mm256_setzero_ps();
+  auto body = [&](const __m256i rel, int64_t j, int64_t c0, __m256* A) TS_TARGET __attribute__((always_inline)) {
+    const __m256 vals = load_vals<VT>(w.values, vb + j, W);
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m256 xv;
       if constexpr (PERM) {
-        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + col0), rel);
-        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + col0 + W), rel);
+        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + c0), rel);
+        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + c0 + W), rel);
         xv = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(rel, 28)));  // bit 3: upper half
       } else {
-        xv = _mm256_i32gather_ps(xq, _mm256_add_epi32(rel, _mm256_set1_epi32(static_cast<int>(col0))), 4);
+        xv = _mm256_i32gather_ps(xq, _mm256_add_epi32(rel, _mm256_set1_epi32(static_cast<int>(c0))), 4);
       }
-      acc[q] = _mm256_fmadd_ps(vals, xv, acc[q]);
+      A[q] = _mm256_fmadd_ps(vals, xv, A[q]);
     }
-    if (++v == L.nper) {
-      v = 0;
-      col0 += L.period_cols;
+  };
+  if (L.nper == 1) {  // n divides 8: every vector starts a group, one offset pattern
+    const __m256i off = L.offs[0];
+    for (; j0 + 2 * W <= lim; j0 += 2 * W, col0 += 2 * L.period_cols) {
+      uint64_t bits0, bits1;
+      std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
+      std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
+      body(_mm256_add_epi32(off, positions<B>(bits0)), j0, col0, acc);
+      body(_mm256_add_epi32(off, positions<B>(bits1)), j0 + W, col0 + L.period_cols, acc2);
+    }
+    for (; j0 + W <= lim; j0 += W, col0 += L.period_cols) {
+      uint64_t bits;
+      std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
+      body(_mm256_add_epi32(off, positions<B>(bits)), j0, col0, acc);
+    }
+  } else {
+    for (; j0 + W <= lim; j0 += W) {
+      uint64_t bits;
+      std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
+      body(_mm256_add_epi32(L.offs[v], positions<B>(bits)), j0, col0, acc);
+      if (++v == L.nper) {
+        v = 0;
+        col0 += L.period_cols;
+      }
     }
   }
   // The last groups: lanes past the row's slots or at virtual columns >= K read nothing.
@@ -141,7 +182,7 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
       col0 += L.period_cols;
     }
   }
-  for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, hsum(acc[q]));
+  for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, hsum(_mm256_add_ps(acc[q], acc2[q])));
 }
 
 template <DType VT, int B, bool PERM>
@@ -155,41 +196,87 @@ TS_TARGET void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_
   }
 }
 
-// Transposed kernel: acc[v] holds batch rows 8v .. 8v+7 of the tile for one output row.
+// Transposed kernel: acc[s][u] holds batch rows 8u .. 8u+7 of the tile for one output row;
+// S independent sets (entries t, t+S, ...) keep the FMA latency off the critical path when
+// the tile is narrow.
 template <int V>
-TS_TARGET inline void t_step(const float* xt, int64_t st, const int32_t* ci, const float* vf, int count, __m256* acc) {
-  for (int t = 0; t < count; ++t) {
-    const float* xr = xt + static_cast<int64_t>(ci[t]) * st;
-    const __m256 bv = _mm256_set1_ps(vf[t]);
-    for (int u = 0; u < V; ++u) acc[u] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xr + u * W), acc[u]);
+struct TAcc {
+  static constexpr int S = V == 1 ? 4 : V == 2 ? 2 : 1;
+  __m256 a[S][V];
+  TS_TARGET void load(const float* p) {
+    for (int u = 0; u < V; ++u) a[0][u] = _mm256_load_ps(p + u * W);
+    for (int s = 1; s < S; ++s)
+      for (int u = 0; u < V; ++u) a[s][u] = _mm256_setzero_ps();
   }
-}
+  // 8 entries: columns ci (rows of xt), values vf.
+  TS_TARGET void step(const float* xt, int64_t st, const int32_t* ci, const float* vf) {
+    for (int t = 0; t < W; t += S) {
+      for (int s = 0; s < S; ++s) {
+        const float* xr = xt + static_cast<int64_t>(ci[t + s]) * st;
+        const __m256 bv = _mm256_set1_ps(vf[t + s]);
+        for (int u = 0; u < V; ++u) a[s][u] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xr + u * W), a[s][u]);
+      }
+    }
+  }
+  TS_TARGET void store(float* p) {
+    for (int u = 0; u < V; ++u) {
+      __m256 sum = a[0][u];
+      for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, a[s][u]);
+      _mm256_store_ps(p + u * W, sum);
+    }
+  }
+};
 
-template <int V>
-TS_TARGET inline void t_store(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t m0, int64_t mt,
-                              __m256* acc) {
-  alignas(32) float buf[V * W];
-  for (int u = 0; u < V; ++u) _mm256_store_ps(buf + u * W, acc[u]);
-  for (int64_t i = 0; i < mt; ++i) store_out(w, a, r, m0 + i, buf[i]);
-}
-
-template <DType VT, int B, int V>
-TS_TARGET void nm_rows_t_tile(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, int64_t m0,
-                              int64_t mt) {
-  const NmLayout L(w);
-  const int64_t st = tile_stride(mt, W);
-  const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
-  const __m256i kv = _mm256_set1_epi32(static_cast<int>(w.K));
+// Row blocks x column blocks of one tile (see sparse_kernels.h); `rows.run` adds the row's
+// entries at columns [kb0, kb1) (all remaining ones when last) to acc.
+template <int V, typename Rows>
+TS_TARGET bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, Rows& rows) {
+  bool bad = false;
+  alignas(32) float part[kRowBlock * kTileM];
   alignas(32) int32_t ci[W];
   alignas(32) float vf[W];
-  for (int64_t r = r0; r < r1; ++r) {
-    __m256 acc[V];
-    for (int u = 0; u < V; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
+    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
+    if ((mt + W - 1) / W != V) continue;  // this instantiation runs tiles of its width only
+    const int64_t st = tile_stride(mt, W), kb = k_block(st);
+    const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
+    for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+      const int64_t re = rb + kRowBlock < r1 ? rb + kRowBlock : r1;
+      std::memset(part, 0, sizeof(part));
+      rows.begin(rb, re);
+      for (int64_t kb0 = 0; kb0 < w.K; kb0 += kb) {
+        const bool last = kb0 + kb >= w.K;
+        for (int64_t r = rb; r < re; ++r) {
+          TAcc<V> acc;
+          acc.load(part + (r - rb) * kTileM);
+          bad |= rows.run(r, kb0, kb0 + kb, last, xt, st, acc, ci, vf);
+          acc.store(part + (r - rb) * kTileM);
+        }
+      }
+      for (int64_t r = rb; r < re; ++r)
+        for (int64_t i = 0; i < mt; ++i) store_out(w, a, r, m0 + i, part[(r - rb) * kTileM + i]);
+    }
+  }
+  return bad;
+}
+
+template <DType VT, int B>
+struct NmRows {
+  const SparseWeight& w;
+  NmLayout L;
+  __m256i kv;
+  TS_TARGET explicit NmRows(const SparseWeight& w_) : w(w_), L(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))) {}
+  void begin(int64_t, int64_t) {}
+  template <int V>
+  TS_TARGET bool run(int64_t r, int64_t kb0, int64_t kb1, bool last, const float* xt, int64_t st, TAcc<V>& acc,
+                     int32_t* ci, float* vf) {
     const uint8_t* idx = w.indices + r * w.idx_row_bytes;
     const int64_t vb = r * w.slots;
-    int64_t col0 = 0;
+    const int64_t P = static_cast<int64_t>(L.nper) * W;
+    const int64_t j1 = last ? w.slots : kb1 / L.period_cols * P;
+    int64_t col0 = kb0;
     int v = 0;
-    for (int64_t j0 = 0; j0 < w.slots; j0 += W) {
+    for (int64_t j0 = kb0 / L.period_cols * P; j0 < j1; j0 += W) {
       const __m256i col = _mm256_add_epi32(_mm256_add_epi32(L.offs[v], decode_pos<B>(idx, j0, w.idx_end)),
                                            _mm256_set1_epi32(static_cast<int>(col0)));
       const int64_t count = w.slots - j0 < W ? w.slots - j0 : W;
@@ -197,29 +284,90 @@ TS_TARGET void nm_rows_t_tile(const SparseWeight& w, const SparseBatch& a, int64
       // Skipped lanes: column 0, value 0.
       _mm256_store_si256(reinterpret_cast<__m256i*>(ci), _mm256_and_si256(col, _mm256_castps_si256(k)));
       _mm256_store_ps(vf, _mm256_and_ps(load_vals<VT>(w.values, vb + j0, count), k));
-      t_step<V>(xt, st, ci, vf, static_cast<int>(count), acc);
+      acc.step(xt, st, ci, vf);
       if (++v == L.nper) {
         v = 0;
         col0 += L.period_cols;
       }
     }
-    t_store<V>(w, a, r, m0, mt, acc);
+    return false;
   }
+};
+
+template <DType VT>
+struct CsrRows {
+  const SparseWeight& w;
+  __m256i kv;
+  int64_t base = 0;
+  int64_t cur[kRowBlock];
+  TS_TARGET explicit CsrRows(const SparseWeight& w_) : w(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))) {}
+  void begin(int64_t rb, int64_t re) {
+    base = rb;
+    for (int64_t r = rb; r < re; ++r) cur[r - rb] = w.row_ptr[r];
+  }
+  template <int V>
+  TS_TARGET bool run(int64_t r, int64_t, int64_t kb1, bool last, const float* xt, int64_t st, TAcc<V>& acc,
+                     int32_t* ci, float* vf) {
+    const int64_t e0 = cur[r - base], row_end = w.row_ptr[r + 1];
+    // Columns increase within a row, so this block's entries end at the first column >= kb1.
+    // (Out-of-order columns still all get used once: the last block takes what remains.)
+    int64_t e1 = row_end;
+    if (!last) {
+      int64_t lo = e0, hi = row_end;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (w.cols[mid] < kb1) lo = mid + 1;
+        else hi = mid;
+      }
+      e1 = lo;
+    }
+    cur[r - base] = e1;
+    int bad = 0;
+    for (int64_t e = e0; e < e1; e += W) {
+      const int64_t count = e1 - e < W ? e1 - e : W;
+      __m128i c16;
+      if (count == W) {
+        c16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + e));
+      } else {
+        alignas(16) uint16_t buf[W] = {};
+        std::memcpy(buf, w.cols + e, count * 2);
+        c16 = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+      }
+      const __m256i col = _mm256_cvtepu16_epi32(c16);
+      const __m256 act = lanes_below(count);
+      const __m256 ok = _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col));
+      bad |= _mm256_movemask_ps(_mm256_andnot_ps(ok, act));
+      const __m256 k = _mm256_and_ps(ok, act);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ci), _mm256_and_si256(col, _mm256_castps_si256(k)));
+      _mm256_store_ps(vf, _mm256_and_ps(load_vals<VT>(w.values, e, count), k));
+      acc.step(xt, st, ci, vf);
+    }
+    return bad != 0;
+  }
+};
+
+template <typename Rows>
+TS_TARGET bool t_all_widths(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  Rows rows(w);
+  bool bad = t_tiles<1>(w, a, r0, r1, rows);
+  bad |= t_tiles<2>(w, a, r0, r1, rows);
+  bad |= t_tiles<3>(w, a, r0, r1, rows);
+  bad |= t_tiles<4>(w, a, r0, r1, rows);
+  bad |= t_tiles<5>(w, a, r0, r1, rows);
+  bad |= t_tiles<6>(w, a, r0, r1, rows);
+  bad |= t_tiles<7>(w, a, r0, r1, rows);
+  bad |= t_tiles<8>(w, a, r0, r1, rows);
+  return bad;
 }
 
 template <DType VT, int B>
 TS_TARGET void nm_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
-    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
-    switch ((mt + W - 1) / W) {
-      case 1: nm_rows_t_tile<VT, B, 1>(w, a, r0, r1, m0, mt); break;
-      case 2: nm_rows_t_tile<VT, B, 2>(w, a, r0, r1, m0, mt); break;
-      case 3: nm_rows_t_tile<VT, B, 3>(w, a, r0, r1, m0, mt); break;
-      case 4: nm_rows_t_tile<VT, B, 4>(w, a, r0, r1, m0, mt); break;
-      case 5: case 6: nm_rows_t_tile<VT, B, 6>(w, a, r0, r1, m0, mt); break;
-      default: nm_rows_t_tile<VT, B, 8>(w, a, r0, r1, m0, mt);
-    }
-  }
+  t_all_widths<NmRows<VT, B>>(w, a, r0, r1);
+}
+
+template <DType VT>
+TS_TARGET bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  return t_all_widths<CsrRows<VT>>(w, a, r0, r1);
 }
 
 // CSR, row-wise: gathers of x at 8 columns at a time.
@@ -264,50 +412,6 @@ TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64
     for (; i + 4 <= a.M; i += 4) bad |= csr_row<VT, 4>(w, a, r, i);
     for (; i + 2 <= a.M; i += 2) bad |= csr_row<VT, 2>(w, a, r, i);
     for (; i < a.M; ++i) bad |= csr_row<VT, 1>(w, a, r, i);
-  }
-  return bad;
-}
-
-template <DType VT, int V>
-TS_TARGET bool csr_rows_t_tile(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, int64_t m0,
-                               int64_t mt) {
-  const int64_t st = tile_stride(mt, W);
-  const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
-  bool bad = false;
-  for (int64_t r = r0; r < r1; ++r) {
-    __m256 acc[V];
-    for (int u = 0; u < V; ++u) acc[u] = _mm256_setzero_ps();
-    for (int64_t e = w.row_ptr[r]; e < w.row_ptr[r + 1]; ++e) {
-      const int64_t c = w.cols[e];
-      if (c >= w.K) {
-        bad = true;
-        continue;
-      }
-      float v;
-      if constexpr (VT == DType::kInt8) v = static_cast<const int8_t*>(w.values)[e];
-      else v = static_cast<const float*>(w.values)[e];
-      const __m256 bv = _mm256_set1_ps(v);
-      const float* xr = xt + c * st;
-      for (int u = 0; u < V; ++u) acc[u] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xr + u * W), acc[u]);
-    }
-    t_store<V>(w, a, r, m0, mt, acc);
-  }
-  return bad;
-}
-
-template <DType VT>
-TS_TARGET bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  bool bad = false;
-  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
-    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
-    switch ((mt + W - 1) / W) {
-      case 1: bad |= csr_rows_t_tile<VT, 1>(w, a, r0, r1, m0, mt); break;
-      case 2: bad |= csr_rows_t_tile<VT, 2>(w, a, r0, r1, m0, mt); break;
-      case 3: bad |= csr_rows_t_tile<VT, 3>(w, a, r0, r1, m0, mt); break;
-      case 4: bad |= csr_rows_t_tile<VT, 4>(w, a, r0, r1, m0, mt); break;
-      case 5: case 6: bad |= csr_rows_t_tile<VT, 6>(w, a, r0, r1, m0, mt); break;
-      default: bad |= csr_rows_t_tile<VT, 8>(w, a, r0, r1, m0, mt);
-    }
   }
   return bad;
 }

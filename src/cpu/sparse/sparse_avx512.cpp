@@ -16,14 +16,17 @@ constexpr int W = 16;
 
 inline uint64_t load_bits(const uint8_t* p, const uint8_t* end) {
   uint64_t v = 0;
-  std::memcpy(&v, p, end - p >= 8 ? 8 : static_cast<size_t>(end - p));  // never past the buffer
+  if (end - p >= 8) {
+    std::memcpy(&v, p, 8);  // one unaligned load
+  } else {
+    for (int i = 0; p + i < end; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);  // never past the buffer
+  }
   return v;
 }
 
-// In-group positions of the 16 slots from j0 (a multiple of 16, so byte aligned).
+// In-group positions of 16 slots from their index bits (the low 16*B bits of `bits`).
 template <int B>
-inline __m512i decode_pos(const uint8_t* row, int64_t j0, const uint8_t* end) {
-  const uint64_t bits = load_bits(row + ((j0 * B) >> 3), end);
+inline __m512i positions(uint64_t bits) {
   if constexpr (B == 2) {
     const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(bits)), sh),
@@ -36,6 +39,21 @@ inline __m512i decode_pos(const uint8_t* row, int64_t j0, const uint8_t* end) {
                                             _mm512_cvtepi64_epi32(hi), 1);
     return _mm512_and_si512(both, _mm512_set1_epi32(7));
   }
+}
+
+// The positions of the 16 slots from j0 (a multiple of 16, so byte aligned).
+template <int B>
+inline __m512i decode_pos(const uint8_t* row, int64_t j0, const uint8_t* end) {
+  return positions<B>(load_bits(row + ((j0 * B) >> 3), end));
+}
+
+// Slots j0 < fast_end(...) may read their 8 index bytes without a bounds check.
+template <int B>
+inline int64_t fast_end(const uint8_t* row, const uint8_t* end, int64_t full) {
+  const int64_t avail = end - row;
+  if (avail < 8) return 0;
+  const int64_t lim = (avail - 8) * 8 / B + W;
+  return lim < full ? lim : full;
 }
 
 // 16 stored values from index i as float32 (masked lanes read nothing and give 0).
@@ -95,22 +113,45 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   const float* x = a.x + i0 * a.ldx;
   int64_t j0 = 0, col0 = 0;
   int v = 0;
-  for (; j0 + W <= L.full; j0 += W) {
-    const __m512i rel = _mm512_add_epi32(L.offs[v], decode_pos<B>(idx, j0, w.idx_end));
-    const __m512 vals = load_vals<VT, false>(w.values, vb + j0, 0);
+  const int64_t lim = fast_end<B>(idx, w.idx_end, L.full);
+  __m512 acc2[R];  // a second set for the unrolled loop: two FMA chains per batch row
+  for (int q = 0; q < R; ++q) acc2[q] = _mm512_setzero_ps();
+  auto body = [&](const __m512i rel, int64_t j, int64_t c0, __m512* A) __attribute__((always_inline)) {
+    const __m512 vals = load_vals<VT, false>(w.values, vb + j, 0);
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m512 xv;
       if constexpr (PERM) {
-        xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + col0), rel, _mm512_loadu_ps(xq + col0 + W));
+        xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0), rel, _mm512_loadu_ps(xq + c0 + W));
       } else {
-        xv = _mm512_i32gather_ps(_mm512_add_epi32(rel, _mm512_set1_epi32(static_cast<int>(col0))), xq, 4);
+        xv = _mm512_i32gather_ps(_mm512_add_epi32(rel, _mm512_set1_epi32(static_cast<int>(c0))), xq, 4);
       }
-      acc[q] = _mm512_fmadd_ps(vals, xv, acc[q]);
+      A[q] = _mm512_fmadd_ps(vals, xv, A[q]);
     }
-    if (++v == L.nper) {
-      v = 0;
-      col0 += L.period_cols;
+  };
+  if (L.nper == 1) {  // n divides 16: every vector starts a group, one offset pattern
+    const __m512i off = L.offs[0];
+    for (; j0 + 2 * W <= lim; j0 += 2 * W, col0 += 2 * L.period_cols) {
+      uint64_t bits0, bits1;
+      std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
+      std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
+      body(_mm512_add_epi32(off, positions<B>(bits0)), j0, col0, acc);
+      body(_mm512_add_epi32(off, positions<B>(bits1)), j0 + W, col0 + L.period_cols, acc2);
+    }
+    for (; j0 + W <= lim; j0 += W, col0 += L.period_cols) {
+      uint64_t bits;
+      std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
+      body(_mm512_add_epi32(off, positions<B>(bits)), j0, col0, acc);
+    }
+  } else {
+    for (; j0 + W <= lim; j0 += W) {
+      uint64_t bits;
+      std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
+      body(_mm512_add_epi32(L.offs[v], positions<B>(bits)), j0, col0, acc);
+      if (++v == L.nper) {
+        v = 0;
+        col0 += L.period_cols;
+      }
     }
   }
   // The last groups: lanes past the row's slots or at virtual columns >= K read nothing.
@@ -130,7 +171,7 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
       col0 += L.period_cols;
     }
   }
-  for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, _mm512_reduce_add_ps(acc[q]));
+  for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, _mm512_reduce_add_ps(_mm512_add_ps(acc[q], acc2[q])));
 }
 
 template <DType VT, int B, bool PERM>
@@ -138,45 +179,94 @@ void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int6
   const NmLayout L(w);
   for (int64_t r = r0; r < r1; ++r) {
     int64_t i = 0;
+    for (; i + 8 <= a.M; i += 8) nm_row<VT, B, PERM, 8>(w, a, L, r, i);
     for (; i + 4 <= a.M; i += 4) nm_row<VT, B, PERM, 4>(w, a, L, r, i);
     for (; i + 2 <= a.M; i += 2) nm_row<VT, B, PERM, 2>(w, a, L, r, i);
     for (; i < a.M; ++i) nm_row<VT, B, PERM, 1>(w, a, L, r, i);
   }
 }
 
-// Transposed kernel: acc[v] holds batch rows 16v .. 16v+15 of the tile for one output row.
+// Transposed kernel: acc[s][u] holds batch rows 16u .. 16u+15 of the tile for one output
+// row; S independent sets (entries t, t+S, ...) keep the FMA latency off the critical path
+// when the tile is narrow.
 template <int V>
-inline void t_step(const float* xt, int64_t st, const int32_t* ci, const float* vf, __m512* acc) {
-  for (int t = 0; t < W; ++t) {
-    const float* xr = xt + static_cast<int64_t>(ci[t]) * st;
-    const __m512 bv = _mm512_set1_ps(vf[t]);
-    for (int u = 0; u < V; ++u) acc[u] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xr + u * W), acc[u]);
+struct TAcc {
+  static constexpr int S = V == 1 ? 4 : V == 2 ? 2 : 1;
+  __m512 a[S][V];
+  void load(const float* p) {
+    for (int u = 0; u < V; ++u) a[0][u] = _mm512_load_ps(p + u * W);
+    for (int s = 1; s < S; ++s)
+      for (int u = 0; u < V; ++u) a[s][u] = _mm512_setzero_ps();
   }
-}
+  // 16 entries: columns ci (rows of xt), values vf.
+  void step(const float* xt, int64_t st, const int32_t* ci, const float* vf) {
+    for (int t = 0; t < W; t += S) {
+      for (int s = 0; s < S; ++s) {
+        const float* xr = xt + static_cast<int64_t>(ci[t + s]) * st;
+        const __m512 bv = _mm512_set1_ps(vf[t + s]);
+        for (int u = 0; u < V; ++u) a[s][u] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xr + u * W), a[s][u]);
+      }
+    }
+  }
+  void store(float* p) {
+    for (int u = 0; u < V; ++u) {
+      __m512 sum = a[0][u];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, a[s][u]);
+      _mm512_store_ps(p + u * W, sum);
+    }
+  }
+};
 
-template <int V>
-inline void t_store(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t m0, int64_t mt, __m512* acc) {
-  alignas(64) float buf[V * W];
-  for (int u = 0; u < V; ++u) _mm512_store_ps(buf + u * W, acc[u]);
-  for (int64_t i = 0; i < mt; ++i) store_out(w, a, r, m0 + i, buf[i]);
-}
-
-template <DType VT, int B, int V>
-void nm_rows_t_tile(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, int64_t m0, int64_t mt) {
-  const NmLayout L(w);
-  const int64_t st = tile_stride(mt, W);
-  const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
-  const __m512i kv = _mm512_set1_epi32(static_cast<int>(w.K));
+// Row blocks x column blocks of one tile; `Rows::run(r, kb0, kb1, last, acc, ci, vf)` adds the
+// row's entries at columns [kb0, kb1) (all remaining ones when last) to acc.
+template <int V, typename Rows>
+bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, Rows& rows) {
+  bool bad = false;
+  alignas(64) float part[kRowBlock * kTileM];
   alignas(64) int32_t ci[W];
   alignas(64) float vf[W];
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512 acc[V];
-    for (int u = 0; u < V; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
+    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
+    if ((mt + W - 1) / W != V) continue;  // this instantiation runs tiles of its width only
+    const int64_t st = tile_stride(mt, W), kb = k_block(st);
+    const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
+    for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+      const int64_t re = rb + kRowBlock < r1 ? rb + kRowBlock : r1;
+      std::memset(part, 0, sizeof(part));
+      rows.begin(rb, re);
+      for (int64_t kb0 = 0; kb0 < w.K; kb0 += kb) {
+        const bool last = kb0 + kb >= w.K;
+        for (int64_t r = rb; r < re; ++r) {
+          TAcc<V> acc;
+          acc.load(part + (r - rb) * kTileM);
+          bad |= rows.run(r, kb0, kb0 + kb, last, xt, st, acc, ci, vf);
+          acc.store(part + (r - rb) * kTileM);
+        }
+      }
+      for (int64_t r = rb; r < re; ++r)
+        for (int64_t i = 0; i < mt; ++i) store_out(w, a, r, m0 + i, part[(r - rb) * kTileM + i]);
+    }
+  }
+  return bad;
+}
+
+template <DType VT, int B>
+struct NmRows {
+  const SparseWeight& w;
+  NmLayout L;
+  __m512i kv;
+  explicit NmRows(const SparseWeight& w_) : w(w_), L(w_), kv(_mm512_set1_epi32(static_cast<int>(w_.K))) {}
+  void begin(int64_t, int64_t) {}
+  template <int V>
+  bool run(int64_t r, int64_t kb0, int64_t kb1, bool last, const float* xt, int64_t st, TAcc<V>& acc, int32_t* ci,
+           float* vf) {
     const uint8_t* idx = w.indices + r * w.idx_row_bytes;
     const int64_t vb = r * w.slots;
-    int64_t col0 = 0;
+    const int64_t P = static_cast<int64_t>(L.nper) * W;
+    const int64_t j1 = last ? w.slots : kb1 / L.period_cols * P;
+    int64_t col0 = kb0;
     int v = 0;
-    for (int64_t j0 = 0; j0 < w.slots; j0 += W) {
+    for (int64_t j0 = kb0 / L.period_cols * P; j0 < j1; j0 += W) {
       const __mmask16 act = first_lanes(w.slots - j0);
       const __m512i col = _mm512_add_epi32(_mm512_add_epi32(L.offs[v], decode_pos<B>(idx, j0, w.idx_end)),
                                            _mm512_set1_epi32(static_cast<int>(col0)));
@@ -185,27 +275,84 @@ void nm_rows_t_tile(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
                                         : load_vals<VT, true>(w.values, vb + j0, act);
       _mm512_store_si512(ci, _mm512_maskz_mov_epi32(k, col));  // skipped lanes: column 0, value 0
       _mm512_store_ps(vf, _mm512_maskz_mov_ps(k, vals));
-      t_step<V>(xt, st, ci, vf, acc);
+      acc.step(xt, st, ci, vf);
       if (++v == L.nper) {
         v = 0;
         col0 += L.period_cols;
       }
     }
-    t_store<V>(w, a, r, m0, mt, acc);
+    return false;
   }
+};
+
+template <DType VT>
+struct CsrRows {
+  const SparseWeight& w;
+  __m512i kv;
+  int64_t base = 0;
+  int64_t cur[kRowBlock];
+  explicit CsrRows(const SparseWeight& w_) : w(w_), kv(_mm512_set1_epi32(static_cast<int>(w_.K))) {}
+  void begin(int64_t rb, int64_t re) {
+    base = rb;
+    for (int64_t r = rb; r < re; ++r) cur[r - rb] = w.row_ptr[r];
+  }
+  template <int V>
+  bool run(int64_t r, int64_t, int64_t kb1, bool last, const float* xt, int64_t st, TAcc<V>& acc, int32_t* ci,
+           float* vf) {
+    const int64_t e0 = cur[r - base], row_end = w.row_ptr[r + 1];
+    // Columns increase within a row, so this block's entries end at the first column >= kb1.
+    // (Out-of-order columns still all get used once: the last block takes what remains.)
+    int64_t e1 = row_end;
+    if (!last) {
+      int64_t lo = e0, hi = row_end;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (w.cols[mid] < kb1) lo = mid + 1;
+        else hi = mid;
+      }
+      e1 = lo;
+    }
+    cur[r - base] = e1;
+    __mmask16 bad = 0;
+    for (int64_t e = e0; e < e1; e += W) {
+      const __mmask16 act = first_lanes(e1 - e);
+      __m512i col;
+      __m512 vals;
+      if (act == 0xffff) {
+        col = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e)));
+        vals = load_vals<VT, false>(w.values, e, 0);
+      } else {
+        col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(act, w.cols + e));
+        vals = load_vals<VT, true>(w.values, e, act);
+      }
+      const __mmask16 ok = _mm512_cmplt_epi32_mask(col, kv);
+      bad |= act & static_cast<__mmask16>(~ok);
+      _mm512_store_si512(ci, _mm512_maskz_mov_epi32(act & ok, col));  // skipped lanes: column 0, value 0
+      _mm512_store_ps(vf, _mm512_maskz_mov_ps(act & ok, vals));
+      acc.step(xt, st, ci, vf);
+    }
+    return bad != 0;
+  }
+};
+
+template <typename Rows>
+bool t_all_widths(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  Rows rows(w);
+  bool bad = t_tiles<1>(w, a, r0, r1, rows);
+  bad |= t_tiles<2>(w, a, r0, r1, rows);
+  bad |= t_tiles<3>(w, a, r0, r1, rows);
+  bad |= t_tiles<4>(w, a, r0, r1, rows);
+  return bad;
 }
 
 template <DType VT, int B>
 void nm_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
-    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
-    switch ((mt + W - 1) / W) {
-      case 1: nm_rows_t_tile<VT, B, 1>(w, a, r0, r1, m0, mt); break;
-      case 2: nm_rows_t_tile<VT, B, 2>(w, a, r0, r1, m0, mt); break;
-      case 3: nm_rows_t_tile<VT, B, 3>(w, a, r0, r1, m0, mt); break;
-      default: nm_rows_t_tile<VT, B, 4>(w, a, r0, r1, m0, mt);
-    }
-  }
+  t_all_widths<NmRows<VT, B>>(w, a, r0, r1);
+}
+
+template <DType VT>
+bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  return t_all_widths<CsrRows<VT>>(w, a, r0, r1);
 }
 
 // CSR, row-wise: gathers of x at 16 columns at a time.
@@ -247,58 +394,6 @@ bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
     for (; i + 4 <= a.M; i += 4) bad |= csr_row<VT, 4>(w, a, r, i);
     for (; i + 2 <= a.M; i += 2) bad |= csr_row<VT, 2>(w, a, r, i);
     for (; i < a.M; ++i) bad |= csr_row<VT, 1>(w, a, r, i);
-  }
-  return bad;
-}
-
-template <DType VT, int V>
-bool csr_rows_t_tile(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, int64_t m0, int64_t mt) {
-  const int64_t st = tile_stride(mt, W);
-  const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
-  const __m512i kv = _mm512_set1_epi32(static_cast<int>(w.K));
-  alignas(64) int32_t ci[W];
-  alignas(64) float vf[W];
-  __mmask16 bad = 0;
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512 acc[V];
-    for (int u = 0; u < V; ++u) acc[u] = _mm512_setzero_ps();
-    const int64_t e1 = w.row_ptr[r + 1];
-    int64_t e = w.row_ptr[r];
-    for (; e + W <= e1; e += W) {
-      const __m512i col = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e)));
-      const __mmask16 ok = _mm512_cmplt_epi32_mask(col, kv);
-      bad |= static_cast<__mmask16>(~ok);
-      _mm512_store_si512(ci, _mm512_maskz_mov_epi32(ok, col));
-      _mm512_store_ps(vf, _mm512_maskz_mov_ps(ok, load_vals<VT, false>(w.values, e, 0)));
-      t_step<V>(xt, st, ci, vf, acc);
-    }
-    // The row's last entries one at a time: no wasted FMAs on padding lanes.
-    for (; e < e1; ++e) {
-      const int64_t c = w.cols[e];
-      if (c >= w.K) {
-        bad = 1;
-        continue;
-      }
-      const __m512 bv = _mm512_set1_ps(_mm512_cvtss_f32(load_vals<VT, true>(w.values, e, 1)));
-      const float* xr = xt + c * st;
-      for (int u = 0; u < V; ++u) acc[u] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xr + u * W), acc[u]);
-    }
-    t_store<V>(w, a, r, m0, mt, acc);
-  }
-  return bad != 0;
-}
-
-template <DType VT>
-bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  bool bad = false;
-  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
-    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
-    switch ((mt + W - 1) / W) {
-      case 1: bad |= csr_rows_t_tile<VT, 1>(w, a, r0, r1, m0, mt); break;
-      case 2: bad |= csr_rows_t_tile<VT, 2>(w, a, r0, r1, m0, mt); break;
-      case 3: bad |= csr_rows_t_tile<VT, 3>(w, a, r0, r1, m0, mt); break;
-      default: bad |= csr_rows_t_tile<VT, 4>(w, a, r0, r1, m0, mt);
-    }
   }
   return bad;
 }

@@ -38,10 +38,14 @@ struct SparseBatch {
   const float* xt = nullptr;
 };
 
-constexpr int64_t kTileM = 64;     // rows of x per transposed tile
-constexpr int64_t kRowwiseMaxM = 4;  // batches up to this use the row-wise kernels
+constexpr int64_t kTileM = 64;  // rows of x per transposed tile
 
-// Row-wise kernels (x rows in blocks of up to 4 share one decode of the weight) and the
+// The largest batch the row-wise kernels take (measured): CSR's gathers lose to the
+// transposed kernel from 2 rows on; N:M decodes once per 16 (8) entries for up to 8 (4)
+// batch rows at a time and stays ahead up to there.
+inline int64_t rowwise_max_m(bool csr, bool avx512) { return csr ? 1 : avx512 ? 8 : 4; }
+
+// Row-wise kernels (x rows in blocks of up to 8 (AVX-512 N:M) or 4 share one decode) and the
 // transposed kernels, for output rows [r0, r1). CSR kernels return true when a column index
 // >= K was met (those entries are skipped, never read).
 void nm_rows_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
@@ -58,6 +62,16 @@ bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0,
 
 // Transposed tile width padded to the vector width W (8 or 16).
 inline int64_t tile_stride(int64_t mt, int W) { return (mt + W - 1) / W * W; }
+
+// The transposed kernels walk output rows in blocks of kRowBlock and the columns in blocks
+// whose slice of the transposed tile (k_block * st floats) stays in a 256 KiB share of L2,
+// so each slice is read from memory once per row block, not once per row. Column blocks are
+// multiples of 128, which every N:M slot period (at most 128 columns) divides.
+constexpr int64_t kRowBlock = 32;
+inline int64_t k_block(int64_t st) {
+  const int64_t kb = (int64_t{256} * 1024 / (st * 4)) / 128 * 128;
+  return kb < 128 ? 128 : kb;
+}
 
 }  // namespace cpu
 }  // namespace tensorslim
