@@ -19,7 +19,7 @@ from .._native import _C
 from ..formats import PER_TENSOR, FormatSpec, get_format
 
 # "reference" is the plain-PyTorch specification below; the others are native paths:
-# "scalar" is the C++ reference, "native" the AVX-512 kernels, "auto" the fastest that fits.
+# "scalar" is the C++ reference, "native" the AVX-512 / AVX2 kernels, "auto" the fastest that fits.
 LOWBIT_BACKENDS = {"auto": 0, "scalar": 1, "native": 2}
 GEMV_MAX_ROWS = 64  # above this the weight is decoded once and multiplied with sgemm (= kLowbitGemvMaxRows)
 SGEMM_TILE_ROWS = 256  # weight rows decoded per sgemm call (4 MiB of fp32 at K = 4096)
