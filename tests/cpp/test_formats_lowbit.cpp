@@ -218,6 +218,52 @@ TEST(FormatsLowbit, VectorDecodeOfEveryBytePattern) {
   }
 }
 
+// The FP8 GEMV's two paths: rows without Inf/NaN codes and with moderate scales take the
+// folded-scale path, the others (a huge scale, a NaN or Inf code) the general one; a
+// 4-row block mixing them, and blocks of clean rows, all match float64 over the reference.
+TEST(FormatsLowbit, VectorFp8GemvSpecialRowsAndScales) {
+  if (vector_isas().empty()) GTEST_SKIP() << "no AVX2";
+  IsaGuard guard;
+  const int64_t rows = 9, cols = 64;
+  for (Format fmt : {Format::kFP8E4M3, Format::kFP8E5M2}) {
+    const FormatInfo& f = format_info(fmt);
+    std::vector<uint8_t> q(rows * cols);
+    std::vector<float> sc(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      sc[r] = 0.01f * (r + 1);
+      for (int64_t k = 0; k < cols; ++k) q[r * cols + k] = static_cast<uint8_t>((r * 31 + k * 7) % 0x70 | (k & 1) << 7);
+    }
+    sc[1] = std::ldexp(1.0f, 100);                                       // scale * 2^(127 - bias) overflows
+    q[2 * cols + 5] = fmt == Format::kFP8E4M3 ? 0xFF : 0x7E;            // NaN code
+    if (fmt == Format::kFP8E5M2) q[6 * cols + 9] = 0xFC;                 // -Inf code
+    const TensorView qv = view2(q.data(), DType::kUInt8, rows, cols), sv = view2(sc.data(), DType::kFloat32, rows, 1);
+    std::vector<float> ref(rows * cols);
+    cpu::set_isa(cpu::Isa::kScalar);
+    dequantize_lowbit(qv, sv, nullptr, nullptr, fmt, cols, view2(ref.data(), DType::kFloat32, rows, cols));
+    for (cpu::Isa isa : vector_isas()) {
+      cpu::set_isa(isa);
+      for (int64_t M : {1, 2, 5}) {
+        std::vector<float> a = random_weights(M * cols, 3), out(M * rows);
+        linear_lowbit(view2(a.data(), DType::kFloat32, M, cols), qv, sv, nullptr, nullptr, nullptr, fmt, cols,
+                      view2(out.data(), DType::kFloat32, M, rows), nullptr, GemmBackend::kNative);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < rows; ++n) {
+            double want = 0, mag = 0;
+            for (int64_t k = 0; k < cols; ++k) {
+              want += double(a[m * cols + k]) * ref[n * cols + k];
+              mag += std::fabs(double(a[m * cols + k]) * ref[n * cols + k]);
+            }
+            const float got = out[m * rows + n];
+            if (std::isnan(want) || std::isinf(want))
+              EXPECT_TRUE(std::isnan(got) ? std::isnan(want) : got == want) << f.name << " n " << n << " " << got;
+            else
+              EXPECT_NEAR(got, want, 1e-6 * mag + 1e-30) << f.name << " m " << m << " n " << n << " " << cpu::isa_name(isa);
+          }
+      }
+    }
+  }
+}
+
 // quantize_lowbit on each vector path gives the scalar path's bytes, on awkward values too;
 // cols = 164 leaves a tail of 4 after whole vectors of 8 and 16.
 TEST(FormatsLowbit, VectorQuantizeMatchesScalar) {
