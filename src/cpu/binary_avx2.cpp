@@ -1,8 +1,8 @@
 // AVX2 binary / ternary / XNOR linears, the twins of binary_avx512.cpp (tiling and shared
 // helpers: binary_tiles.h). No float weight is materialized in memory: a weight byte's 8
-// sign bits become a lane mask (compare against 1, 2, 4, ...) that selects which
-// activations are added, 8 ternary codes become +1 / 0 / -1 by one table permute, and the
-// XNOR path counts mismatching bits 256 at a time with a VPSHUFB nibble table.
+// sign bits index a table of lane masks (8 KiB) that select which activations are added,
+// 8 ternary codes become +1 / 0 / -1 by one permute, and the XNOR path counts mismatching
+// bits 256 at a time with a VPSHUFB nibble table.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -21,6 +21,16 @@ namespace {
 // temporaries fit the 16 ymm registers.
 constexpr int kRows = 4;
 constexpr int kBlock = 2;
+
+// kMasks.m[b][j]: all ones where bit j of b is set (binary weight +1).
+struct MaskTable {
+  alignas(32) int32_t m[256][8] = {};
+  constexpr MaskTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) m[b][j] = (b >> j) & 1 ? -1 : 0;
+  }
+};
+constexpr MaskTable kMasks{};
 
 // All-ones in the first `left` lanes (all 8 when left >= 8).
 inline __m256i tail_mask(int64_t left) {
@@ -68,13 +78,11 @@ inline void tile_store(const Linear& p, int64_t n, int64_t m0, const __m256 (&ac
 template <int R, int MB, bool kTail>
 inline void binary_step(const uint8_t* const* w, const float* const* x, int64_t k, __m256i valid,
                         __m256 (&acc)[R][MB]) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   __m256 xv[MB];
   for (int m = 0; m < MB; ++m)  // the tail's lanes past K load as 0: their bits never count
     xv[m] = kTail ? _mm256_maskload_ps(x[m] + k, valid) : _mm256_loadu_ps(x[m] + k);
   for (int r = 0; r < R; ++r) {
-    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(w[r][k / 8]), bit), bit);
-    const __m256 mk = _mm256_castsi256_ps(set);
+    const __m256 mk = _mm256_load_ps(reinterpret_cast<const float*>(kMasks.m[w[r][k >> 3]]));
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_add_ps(acc[r][m], _mm256_and_ps(mk, xv[m]));
   }
 }
@@ -96,20 +104,25 @@ void binary_tile(const Linear& p, int64_t n, int64_t m0, const float* rowsum) {
 // 8 two-bit codes (2 bytes) per step: a variable shift puts code j in lane j and a permute
 // of {0, +1, 0, -1} turns it into the trit (0b10 is not a valid code and counts as 0); an
 // FMA with every activation row follows (x * t is exact, so it rounds as an add / sub).
+// (A byte -> 4 trits table was slower at batch 1: two scalar loads per step.)
 
 template <int R, int MB, bool kTail>
 inline void ternary_step(const uint8_t* const* w, const float* const* x, int64_t k, __m256i valid,
                          int64_t wbytes, __m256 (&acc)[R][MB]) {
-  const __m256 trit = _mm256_setr_ps(0.0f, 1.0f, 0.0f, -1.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+  const __m256 trit = _mm256_setr_ps(0.0f, 1.0f, 0.0f, -1.0f, 0.0f, 1.0f, 0.0f, -1.0f);
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   __m256 xv[MB];
-  for (int m = 0; m < MB; ++m)
+  for (int m = 0; m < MB; ++m)  // the tail's lanes past K load as 0
     xv[m] = kTail ? _mm256_maskload_ps(x[m] + k, valid) : _mm256_loadu_ps(x[m] + k);
   for (int r = 0; r < R; ++r) {
-    const uint32_t codes = kTail ? load_le(w[r] + k / 4, wbytes - k / 4, 2)
-                                 : static_cast<uint32_t>(w[r][k / 4] | (w[r][k / 4 + 1] << 8));
-    const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(codes)), shifts),
-                                       _mm256_set1_epi32(3));
+    uint16_t codes;
+    if (kTail)
+      codes = static_cast<uint16_t>(load_le(w[r] + k / 4, wbytes - k / 4, 2));
+    else
+      std::memcpy(&codes, w[r] + k / 4, 2);
+    // the permute reads bits 0-2 of each lane; bit 2 (the next code's) is don't-care
+    // because the table repeats after 4 entries
+    const __m256i c = _mm256_srlv_epi32(_mm256_set1_epi32(codes), shifts);
     __m256 t = _mm256_permutevar8x32_ps(trit, c);
     if (kTail) t = _mm256_and_ps(t, _mm256_castsi256_ps(valid));  // padding codes count as 0
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(t, xv[m], acc[r][m]);
