@@ -56,13 +56,19 @@ int64_t check_lowbit_args(const TensorView& x_or_out, Format fmt, int64_t group_
 
 // out[M, N] = x[M, K] @ dequantize_lowbit(qweight)[N, K]^T + bias, x / out f32 with
 // contiguous rows, bias [N] f32 or nullptr, group_size != -1. workspace: nullptr or a
-// [W, K] f32 buffer (1 <= W <= N); when given and M > kLowbitGemvMaxRows, the weight is
-// decoded W rows at a time into it and each tile multiplied with oneDNN's sgemm. Backends: kReference (scalar, float64
-// accumulation), kNative (AVX-512 / AVX2 fused decode), kAuto (native when it fits). kOneDNN is
-// not a separate backend here (ValueError).
-// The fused GEMV beats decode + sgemm up to ~64 rows (4096x4096 fp8/nvfp4/int3 at M = 16:
+// [W, K] f32 buffer (1 <= W <= N); when given and M > lowbit_gemv_max_rows(), the weight
+// is decoded W rows at a time into it and each tile multiplied with oneDNN's sgemm.
+// Backends: kReference (scalar, float64 accumulation), kNative (AVX-512 / AVX2 fused
+// decode), kAuto (native when it fits). kOneDNN is not a separate backend here (ValueError).
+// The AVX-512 GEMV beats decode + sgemm up to ~64 rows (4096x4096 fp8/nvfp4/int3 at M = 16:
 // 3.6-4.0 ms against 15 ms; docs/benchmarks.md), so it takes every batch up to there.
 constexpr int64_t kLowbitGemvMaxRows = 64;
+// The batch up to which the active ISA's GEMV runs (callers pass a workspace above it):
+// kLowbitGemvMaxRows, or kLowbitGemvMaxRowsAvx2 on AVX2 (4 activation rows per pass and
+// half the lanes: decode + sgemm wins sooner there; 4096x4096, one thread, under load, GEMV
+// / decode + sgemm: M = 4 4-5 / 7-8 ms, M = 8 8-11 / 9-11 ms, M = 16 16-20 / 11 ms).
+constexpr int64_t kLowbitGemvMaxRowsAvx2 = 8;
+int64_t lowbit_gemv_max_rows();
 void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                    const TensorView* zero_points, const TensorView* tensor_scale,
                    const TensorView* bias, Format fmt, int64_t group_size, const TensorView& out,

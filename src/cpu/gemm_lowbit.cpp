@@ -115,6 +115,10 @@ void dequantize_row_native(int lanes, const LowbitWeight& w, int64_t n, int64_t 
 
 }  // namespace cpu
 
+int64_t lowbit_gemv_max_rows() {
+  return cpu::active_isa() == cpu::Isa::kAVX2 ? kLowbitGemvMaxRowsAvx2 : kLowbitGemvMaxRows;
+}
+
 void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                    const TensorView* zero_points, const TensorView* tensor_scale,
                    const TensorView* bias, Format fmt, int64_t group_size, const TensorView& out,
@@ -149,7 +153,7 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
   if (M == 0 || N == 0) return;
   if (backend == GemmBackend::kReference) {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
-  } else if (workspace && M > kLowbitGemvMaxRows && cpu::onednn_usable()) {
+  } else if (workspace && M > lowbit_gemv_max_rows() && cpu::onednn_usable()) {
     decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
                       workspace->ptr<float>(), workspace->shape[0], lanes);
   } else if (lanes) {

@@ -61,6 +61,19 @@ def test_large_batches_decode_tiles_for_sgemm():
         assert rel_err(y, x.double() @ deq.double().T + bias.double()) < 2e-6
 
 
+def test_batches_on_both_sides_of_the_isa_gemv_cap(isa):
+    # The fused GEMV runs up to the active ISA's cap (AVX2's 4-row passes lose to decode +
+    # sgemm sooner), decode + sgemm above it: both sides give the float64 result.
+    cap = ts._C.lowbit_gemv_max_rows()
+    assert cap == (8 if isa == "avx2" else ops.lowbit.GEMV_MAX_ROWS)
+    for fmt, group in (("nvfp4", 16), ("fp8_e4m3", 64), ("int3", 32)):
+        (q, s, z, t), deq = quantized_weight(fmt, 44, 64, group, seed=7)
+        for M in (cap, cap + 1):
+            x = torch.randn(M, 64)
+            y = ops.linear_lowbit(x, q, s, z, t, None, fmt, group, 64)
+            assert rel_err(y, x.double() @ deq.double().T) < 2e-6, (fmt, M)
+
+
 def test_shapes_the_native_kernel_does_not_take_fall_back(isa):
     # K = 36 is not a multiple of 8 (AVX2's step) nor of 16 (AVX-512's): "auto" uses the
     # scalar path, "native" says why it cannot. K = 40 is one for AVX2 only.
