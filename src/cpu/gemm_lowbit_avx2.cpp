@@ -1,7 +1,9 @@
 // AVX2 decoding of every low-bit format, 8 values per step, for the fused GEMV of
-// lowbit_gemv_tiles.h (the twin of gemm_lowbit_avx512.cpp). No AVX-512 masks or permutes:
-// 16-entry tables take two 8-entry permutes and a blend, binary bits a compare. The
-// decoders are bit-exact with dequantize_row_reference (tests compare them).
+// lowbit_gemv_tiles.h (the twin of gemm_lowbit_avx512.cpp). No AVX-512 masks or 16-lane
+// permutes: codes of up to 4 bits (integers, E2M1, ternary) are looked up in per-group
+// tables with one or two 8-entry permutes, FP8 is moved into fp32 bit fields, binary bits
+// become lanes by a compare. The decoders are bit-exact with dequantize_row_reference
+// (tests compare them); the GEMV's faster variants (at_fast, at_unscaled) are noted below.
 #include <immintrin.h>
 
 #include <cstring>

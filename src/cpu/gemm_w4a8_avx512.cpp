@@ -177,7 +177,7 @@ __attribute__((always_inline)) inline void tile512(const W4A8Args& a, const Acts
 
 // The vector part for w4a8_panels.h.
 struct Kernel512 {
-  static constexpr int kRows = 16, kTokens = 8;
+  static constexpr int kRows = cpu::kRows, kTokens = cpu::kTokens;
   static void relayout_row(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) {
     relayout_row512(src, K, Kp, dst);
   }
