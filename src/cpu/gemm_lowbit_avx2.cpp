@@ -112,10 +112,10 @@ struct IntDecoder : RowBase {
 // FP8: the 7-bit magnitude shifted into a float's exponent/mantissa field is the value
 // times 2^-(127 - bias) for normals and subnormals alike; Inf/NaN patterns are patched.
 // at_fast, for rows without Inf/NaN codes (checked once per row) and scales whose product
-// with 2^(127 - bias) is finite: the byte shifted to the top and arithmetically back puts
-// the sign at bit 31 and the magnitude in place in three instructions, and one multiply by
-// that product scales it (the same bits as at(): the power of two only moves the exponent,
-// so both round the same real product once).
+// with 2^(127 - bias) is finite: the sign-extended byte shifted and masked puts the sign at
+// bit 31 and the magnitude in place in three instructions, and one multiply by that product
+// scales it (the same bits as at(): the power of two only moves the exponent, so both
+// round the same real product once).
 template <bool kE4M3>
 struct Fp8Decoder : RowBase {
   static constexpr int kShift = kE4M3 ? 20 : 21;                    // magnitude -> bit 20 / 21
@@ -144,9 +144,10 @@ struct Fp8Decoder : RowBase {
     folded = _mm256_set1_ps(f);
   }
   __m256 at_fast(int64_t i) const {
-    const __m256i c = unpack8<8>(q + i, true);
-    // byte bit b -> bit 24 + b -> bit kShift + b; the sign's copies in between are cleared
-    const __m256i bits = _mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(c, 24), 24 - kShift),
+    // Sign-extended byte << kShift: the magnitude lands in place and the sign (with copies
+    // above the magnitude, cleared here) at bit 31.
+    const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+    const __m256i bits = _mm256_and_si256(_mm256_slli_epi32(c, kShift),
                                           _mm256_set1_epi32(static_cast<int>(0x80000000u | (0x7Fu << kShift))));
     return _mm256_mul_ps(_mm256_castsi256_ps(bits), folded);
   }

@@ -88,15 +88,6 @@ struct RowBase {
   }
 };
 
-template <class V, class D>
-void decode_row(const LowbitWeight& w, int64_t n, int64_t K, float* out) {
-  D d;
-  d.init(w, n, K);
-  for (int64_t g = 0; g < w.groups; ++g) {
-    d.group(g);
-    for (int64_t i = g * w.group; i < (g + 1) * w.group; i += V::kLanes) V::store(out + i, d.at(i));
-  }
-}
 
 template <class D, class = void>
 struct HasFastPath : std::false_type {};
@@ -120,6 +111,25 @@ __attribute__((always_inline)) inline auto decode_at(const D& d, int64_t i) {
     return d.at_unscaled(i);
   else
     return d.at(i);
+}
+
+// One dequantized row (at_fast where the decoder allows it: the same bits, and the tests
+// of this bit-exact path then cover it too).
+template <class V, class D>
+void decode_row(const LowbitWeight& w, int64_t n, int64_t K, float* out) {
+  D d;
+  d.init(w, n, K);
+  for (int64_t g = 0; g < w.groups; ++g) {
+    d.group(g);
+    const int64_t i0 = g * w.group, i1 = (g + 1) * w.group;
+    if constexpr (HasFastPath<D>::value) {
+      if (d.fast) {
+        for (int64_t i = i0; i < i1; i += V::kLanes) V::store(out + i, d.at_fast(i));
+        continue;
+      }
+    }
+    for (int64_t i = i0; i < i1; i += V::kLanes) V::store(out + i, d.at(i));
+  }
 }
 
 // Values [i0, i1) of one group: acc[m][j] += x[m] * w[j] lane by lane.
