@@ -3,7 +3,7 @@
 // permutes: codes of up to 4 bits (integers, E2M1, ternary) are looked up in per-group
 // tables with one or two 8-entry permutes, FP8 is moved into fp32 bit fields, binary bits
 // become lanes by a compare. The decoders are bit-exact with dequantize_row_reference
-// (tests compare them); the GEMV's faster variants (at_fast, at_unscaled) are noted below.
+// (tests compare them), and so is the FP8 GEMV's faster variant (at_fast).
 #include <immintrin.h>
 
 #include <cstring>
@@ -170,34 +170,31 @@ struct Fp8Decoder : RowBase {
   }
 };
 
-// Formats with a value table of at most 16 entries (E2M1, ternary): NVFP4 (value * E4M3
-// block scale) * tensor scale, MXFP4 value * 2^e, ternary value * scale. Their groups are
-// small (16 / 32 values), so the GEMV takes the unscaled values and scales each group's
-// sum once (HasUnscaled in lowbit_gemv_tiles.h); at() scales every value, as the reference.
+// Formats with a value table of at most 16 entries (E2M1, ternary): the group's scale is
+// applied to the table (per entry the same operations as per value, so the same bits):
+// NVFP4 (value * E4M3 block scale) * tensor scale, MXFP4 value * 2^e, ternary value * scale.
+// (Scaling each group's sum once instead would be cheaper for these 16 / 32-value groups,
+// but x * code before the scale can overflow where the scaled product does not.)
 template <int N, ScaleFormat kScale>
 struct TableDecoder : RowBase {
-  alignas(32) float table[16];  // 2^N values, repeated to 16 (the permute ignores high bits)
-  __m256 s, ts;
-  float unscaled_scale;
+  __m256 lo_base, hi_base, ts, lo, hi;
   void init(const LowbitWeight& lw, int64_t n, int64_t K) {
     RowBase::init(lw, n, K);
-    for (int j = 0; j < 16; ++j) table[j] = lw.info->code_values[j % (1 << N)];
+    alignas(32) float t[16];  // 2^N values, repeated to 16 (the permute ignores high bits)
+    for (int j = 0; j < 16; ++j) t[j] = lw.info->code_values[j % (1 << N)];
+    lo_base = _mm256_load_ps(t);
+    hi_base = _mm256_load_ps(t + 8);
     ts = _mm256_set1_ps(lw.tensor_scale);
   }
   void group(int64_t g) {
-    const float sc = scale<kScale>(g);
-    s = _mm256_set1_ps(sc);
-    unscaled_scale = kScale == ScaleFormat::kE4M3 ? sc * w->tensor_scale : sc;
-  }
-  __m256 at_unscaled(int64_t i) const {
-    const int64_t off = (i >> 3) * N;
-    return lookup<N>(_mm256_load_ps(table), _mm256_load_ps(table + 8),
-                     unpack8<N, false>(q + off, off + 8 <= row_bytes));
+    const __m256 s = _mm256_set1_ps(scale<kScale>(g));
+    lo = _mm256_mul_ps(lo_base, s);
+    hi = _mm256_mul_ps(hi_base, s);
+    if (kScale == ScaleFormat::kE4M3) lo = _mm256_mul_ps(lo, ts), hi = _mm256_mul_ps(hi, ts);
   }
   __m256 at(int64_t i) const {
-    __m256 v = _mm256_mul_ps(at_unscaled(i), s);
-    if (kScale == ScaleFormat::kE4M3) v = _mm256_mul_ps(v, ts);
-    return v;
+    const int64_t off = (i >> 3) * N;
+    return lookup<N>(lo, hi, unpack8<N, false>(q + off, off + 8 <= row_bytes));
   }
 };
 
@@ -224,7 +221,6 @@ struct Vec256 {
   static constexpr int kMaxRows = 4;
   static constexpr int weight_rows(int MB) { return MB == 1 ? 4 : (MB == 2 ? 2 : 1); }
   static Vec zero() { return _mm256_setzero_ps(); }
-  static Vec set1(float f) { return _mm256_set1_ps(f); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }

@@ -135,7 +135,6 @@ struct Vec512 {
   static constexpr int kMaxRows = 8;  // 8 accumulators + 8 activations of the 32 zmm registers
   static constexpr int weight_rows(int MB) { return MB <= 2 ? 4 : (MB <= 4 ? 2 : 1); }
   static Vec zero() { return _mm512_setzero_ps(); }
-  static Vec set1(float f) { return _mm512_set1_ps(f); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }

@@ -9,7 +9,7 @@
 //
 // A vector type V provides:
 //   V::Vec, V::kLanes               register type and its float lanes
-//   V::zero(), V::set1(f), V::load(p), V::store(p, v), V::fmadd(a, b, c), V::sum(v)
+//   V::zero(), V::load(p), V::store(p, v), V::fmadd(a, b, c), V::sum(v)
 //   V::kMaxRows                     activation rows per pass (register budget)
 //   V::weight_rows(MB)              weight rows decoded per pass for MB activation rows
 // A decoder family Ds provides Ds::Int<N, kSigned>, Ds::Fp8<kE4M3>, Ds::Table<N, ScaleFormat>
@@ -17,10 +17,7 @@
 // starting at value i (a multiple of kLanes inside the current group). A decoder may also
 // offer at_fast(i) and a `fast` flag that group(g) sets where at_fast gives the same values:
 // the GEMV then takes at_fast for a group when every row of its block allows it (one test
-// per group instead of a branch per step). Or it may offer at_unscaled(i) and a float
-// `unscaled_scale` that group(g) sets: the GEMV then sums x * value over the group and
-// multiplies each sum by the scale once (for small groups, where scaling every value costs
-// more; the rounding differs from the dequantized weight's within the GEMV's fp32 tolerance).
+// per group instead of a branch per step).
 #pragma once
 
 #include <algorithm>
@@ -95,20 +92,12 @@ template <class D>
 struct HasFastPath<D, decltype(static_cast<void>(std::declval<const D&>().at_fast(0)))>
     : std::true_type {};
 
-template <class D, class = void>
-struct HasUnscaled : std::false_type {};
-template <class D>
-struct HasUnscaled<D, decltype(static_cast<void>(std::declval<const D&>().at_unscaled(0)))>
-    : std::true_type {};
-
-enum class Decode { kAt, kFast, kUnscaled };
+enum class Decode { kAt, kFast };
 
 template <Decode kHow, class D>
 __attribute__((always_inline)) inline auto decode_at(const D& d, int64_t i) {
   if constexpr (kHow == Decode::kFast)
     return d.at_fast(i);
-  else if constexpr (kHow == Decode::kUnscaled)
-    return d.at_unscaled(i);
   else
     return d.at(i);
 }
@@ -159,17 +148,6 @@ void gemv_block(const float* x, int64_t ldx, const LowbitWeight& w, int64_t K, c
   for (int64_t g = 0; g < w.groups; ++g) {
     for (int j = 0; j < R; ++j) d[j].group(g);
     const int64_t i0 = g * w.group, i1 = (g + 1) * w.group;
-    if constexpr (HasUnscaled<D>::value) {
-      typename V::Vec part[MB][R];
-      for (int m = 0; m < MB; ++m)
-        for (int j = 0; j < R; ++j) part[m][j] = V::zero();
-      gemv_group<V, D, MB, R, Decode::kUnscaled>(x, ldx, d, i0, i1, part);
-      for (int j = 0; j < R; ++j) {
-        const typename V::Vec s = V::set1(d[j].unscaled_scale);
-        for (int m = 0; m < MB; ++m) acc[m][j] = V::fmadd(part[m][j], s, acc[m][j]);
-      }
-      continue;
-    }
     if constexpr (HasFastPath<D>::value) {
       bool fast = true;
       for (int j = 0; j < R; ++j) fast = fast && d[j].fast;
