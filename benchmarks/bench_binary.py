@@ -5,7 +5,7 @@ linear (float activations, 1 bit per weight), ternary (2 bits), and XNOR (binary
 activations and weights, popcount), with each one's speed-up over fp32. The weight
 bytes each reads per call are printed too (fp32: 4 bytes per weight, binary 1/8).
 
-    python benchmarks/bench_binary.py [--shapes 4096x4096] [--batches 1,8,64] [--threads N]
+    python benchmarks/bench_binary.py [--shapes 4096x4096] [--batches 1,8,64] [--threads N] [--isa avx2]
 
 --threads sets torch's and tensorslim's thread counts alike (default: leave both as they are).
 On a shared machine the per-call thread wake-up can dominate small calls; --threads 1
@@ -13,7 +13,11 @@ measures the kernels themselves.
 """
 import argparse
 
-import torch
+from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
+
+cap_from_argv()  # before torch / tensorslim load: they read the ISA caps at start
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 import tensorslim as ts
@@ -26,13 +30,15 @@ def main():
     p.add_argument("--shapes", default="4096x4096", help="comma-separated KxN")
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--threads", type=int, default=0, help="threads for torch and tensorslim (0: as is)")
+    add_isa_argument(p)
     args = p.parse_args()
+    isa_line = check_isa(args)
     if args.threads:
         torch.set_num_threads(args.threads)
         ts._C.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
-          f"tensorslim threads, ISA {ts._C.active_isa()}, VPOPCNTDQ {'yes' if ts._C.has_vpopcntdq() else 'no'}")
+          f"tensorslim threads, VPOPCNTDQ {'yes' if ts._C.has_vpopcntdq() else 'no'}; {isa_line}")
     head = (f"{'K x N':>11} {'M':>3} | {'fp32 ms':>8} | {'binary ms':>9} {'x fp32':>7} | {'ternary ms':>10} "
             f"{'x fp32':>7} | {'xnor ms':>8} {'x fp32':>7}")
     print(head)

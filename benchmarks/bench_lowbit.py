@@ -5,13 +5,17 @@ For each (K, N), batch M and format it prints the median time, the speed-up over
 and the fraction of the memory-bandwidth bound: (bytes the product must move: packed
 weight + scales + activations) / (copy bandwidth measured in this run) / time.
 
-    python benchmarks/bench_lowbit.py [--shapes 4096x4096] [--batches 1,8] [--formats ...]
+    python benchmarks/bench_lowbit.py [--shapes 4096x4096] [--batches 1,8] [--formats ...] [--isa avx2]
 """
 import argparse
 import os
 import time
 
-import torch
+from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
+
+cap_from_argv()  # before torch / tensorslim load: they read the ISA caps at start
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 
@@ -36,7 +40,9 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch and tensorslim threads (0: as set)")
     p.add_argument("--cpu-time", action="store_true",
                    help="time by this thread's CPU time (with --threads 1: immune to other load)")
+    add_isa_argument(p)
     args = p.parse_args()
+    isa_line = check_isa(args)
     clock = time.perf_counter
     if args.cpu_time:
         if args.threads != 1:
@@ -48,7 +54,7 @@ def main():
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
-          f"tensorslim ISA {ts._C.active_isa()}, {ts._C.num_threads()} tensorslim threads")
+          f"{ts._C.num_threads()} tensorslim threads; {isa_line}")
     print(f"clock: {'thread CPU time' if args.cpu_time else 'wall'}; "
           f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f} "
           "(other work on the machine inflates every time)\n")

@@ -3,11 +3,15 @@ our Int8Dynamic (INT8 weights, per-token INT8 activations) and our W4A8 (int4 g1
 per-token INT8 activations, integer group dots), K = N = 4096, measured in one run in
 interleaved rounds (so load from other processes hits all alike); ratios of W4A8 to each.
 
-    .venv/bin/python benchmarks/bench_w4a8.py [--k 4096] [--n 4096] [--batches 1 8 32 128] [--threads N]
+    .venv/bin/python benchmarks/bench_w4a8.py [--k 4096] [--n 4096] [--batches 1 8 32 128] [--threads N] [--isa avx2]
 """
 import argparse
 
-import torch
+from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
+
+cap_from_argv()  # before torch / tensorslim load: they read the ISA caps at start
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch import nn
 
@@ -30,7 +34,9 @@ def main():
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of interleaved rounds per batch")
     p.add_argument("--threads", type=int, default=0,
                    help="threads for torch and tensorslim alike (0: leave the defaults)")
+    add_isa_argument(p)
     args = p.parse_args()
+    isa_line = check_isa(args)
     if args.threads:  # e.g. 1 on a shared machine, where one busy core stalls every 2-thread call
         torch.set_num_threads(args.threads)
         ts._C.set_num_threads(args.threads)
@@ -42,7 +48,7 @@ def main():
     w4a8 = quantized(linear, ts.W4A8(group_size=128, skip_output_head=False))
     print(f"{cpu_name()}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"tensorslim threads {ts._C.num_threads()}, K={K} N={N}, "
-          f"W4A8 kernel: {ts.ops.w4a8.kernel_name(K, 128)}")
+          f"W4A8 kernel: {ts.ops.w4a8.kernel_name(K, 128)}; {isa_line}")
     print(f"{'batch':>6} {'fp32 ms':>9} {'int4-wo ms':>11} {'int8-dyn ms':>12} {'w4a8 ms':>9} "
           f"{'w4a8/fp32':>10} {'w4a8/int4-wo':>13} {'w4a8/int8-dyn':>14} {'GOPS w4a8':>10}")
     with torch.inference_mode():

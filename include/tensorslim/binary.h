@@ -24,8 +24,8 @@
 
 namespace tensorslim {
 
-// backend: kAuto (AVX-512 when the CPU has it, else the reference), kReference or
-// kNative (an error when no native kernel fits). kOneDNN is rejected.
+// backend: kAuto (the AVX-512 or AVX2 kernel of the active ISA, else the reference),
+// kReference or kNative (an error when no native kernel fits). kOneDNN is rejected.
 void linear_binary(const TensorView& x, const TensorView& bits, const TensorView& scales,
                    const TensorView* bias, const TensorView& out, GemmBackend backend);
 void linear_xnor(const TensorView& x, const TensorView& bits, const TensorView& scales,
@@ -53,7 +53,7 @@ void linear_ternary_reference(const TensorView& x, const TensorView& codes,
                               const TensorView& out);
 void xnor_dots_reference(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
                          const TensorView& dots);
-// AVX-512 paths; false when this CPU (or the forced ISA) has no AVX-512.
+// The native path of the active ISA (AVX-512 or AVX2); false when there is none.
 bool linear_binary_native(const TensorView& x, const TensorView& bits, const TensorView& scales,
                           const TensorView* bias, const TensorView& out);
 bool linear_ternary_native(const TensorView& x, const TensorView& codes,
@@ -61,7 +61,21 @@ bool linear_ternary_native(const TensorView& x, const TensorView& codes,
                            const TensorView& out);
 bool xnor_dots_native(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
                       const TensorView& dots);
-// Whether xnor_dots_native counts bits with VPOPCNTDQ (else a VPSHUFB nibble table).
+// The per-ISA kernels behind them; each false when the active ISA is not its own.
+bool linear_binary_avx512(const TensorView& x, const TensorView& bits, const TensorView& scales,
+                          const TensorView* bias, const TensorView& out);
+bool linear_ternary_avx512(const TensorView& x, const TensorView& codes,
+                           const TensorView& scales, const TensorView* bias,
+                           const TensorView& out);
+bool xnor_dots_avx512(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
+                      const TensorView& dots);
+bool linear_binary_avx2(const TensorView& x, const TensorView& bits, const TensorView& scales,
+                        const TensorView* bias, const TensorView& out);
+bool linear_ternary_avx2(const TensorView& x, const TensorView& codes, const TensorView& scales,
+                         const TensorView* bias, const TensorView& out);
+bool xnor_dots_avx2(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
+                    const TensorView& dots);
+// Whether xnor_dots_avx512 counts bits with VPOPCNTDQ (else a VPSHUFB nibble table).
 bool has_vpopcntdq();
 // Tests force the fallback popcount on CPUs that have VPOPCNTDQ.
 void set_vpopcntdq_enabled(bool enabled);

@@ -1,5 +1,6 @@
 // W4A8: INT4 weights x INT8 activations quantized per token at run time, integer group dot
-// products (AVX-512 VNNI vpdpbusd) and an fp32 rescale per group.
+// products (AVX-512 VNNI vpdpbusd, or vpmaddubsw + vpmaddwd on AVX-512 / AVX2) and an fp32
+// rescale per group.
 //
 // Specification (the scalar reference implements it literally):
 //   activations: q[m, k] (s8) and a_s[m] = quantize_per_token(x) (gemm_int8.h: max|x| / 127,
@@ -11,7 +12,7 @@
 //   rescale:     acc = 0; for g = 0, 1, ...: acc = acc + float(d[m, n, g]) * w_s[n, g]
 //                out[m, n] = acc * a_s[m] (+ bias[n])        (IEEE fp32, no fused multiply-add;
 //                                                             bf16 out: rounded once at the end)
-// Every path (scalar, AVX-512 with or without VNNI) gives these bits exactly.
+// Every path (scalar, AVX-512 with or without VNNI, AVX2) gives these bits exactly.
 #pragma once
 
 #include <cstdint>
@@ -30,14 +31,15 @@ constexpr int64_t kW4A8MaxK = int64_t{1} << 20;
 // scales: [N, K / group] f32.  zero_points: same shape uint8, values 0..15, uint4 only (else
 // nullptr).  bias: [N] f32 or nullptr.  out: [M, N], x's dtype, rows contiguous.
 // group_size: an even divisor of K, or K (one scale per output channel).
-// backend: kReference (scalar), kNative (AVX-512; ValueError where none fits), kAuto (native
+// backend: kReference (scalar), kNative (AVX-512 / AVX2; ValueError where none fits), kAuto (native
 // where it fits, else the reference). kOneDNN: ValueError (oneDNN has no such kernel).
 void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                  const TensorView* zero_points, const TensorView* bias, Format fmt,
                  int64_t group_size, const TensorView& out, GemmBackend backend);
 
 // Which kernel linear_w4a8 runs for (K, group) with kAuto: "avx512_vnni", "avx512bw"
-// (vpmaddubsw + vpmaddwd where the CPU lacks VNNI) or "reference".
+// (vpmaddubsw + vpmaddwd where the CPU lacks VNNI), "avx2" (the same on 8 lanes) or
+// "reference".
 const char* linear_w4a8_kernel(int64_t K, int64_t group_size);
 
 namespace cpu {
@@ -58,11 +60,13 @@ struct W4A8Args {
 };
 
 void linear_w4a8_reference(const W4A8Args& a);
-// Whether the AVX-512 kernel takes this shape on this CPU (AVX-512 active, group % 8 == 0
-// or group == K).
+// Whether a native kernel takes this shape on this CPU (AVX2 or AVX-512 active,
+// group % 8 == 0 or group == K).
 bool linear_w4a8_native_fits(int64_t K, int64_t group);
-// The AVX-512 kernel (bit-exact with the reference); false when it does not fit.
+// The AVX-512 / AVX2 kernels (bit-exact with the reference); false when the shape or the
+// active ISA does not fit.
 bool linear_w4a8_avx512(const W4A8Args& a);
+bool linear_w4a8_avx2(const W4A8Args& a);
 // Whether the AVX-512 kernel multiplies with VNNI (vpdpbusd) or with vpmaddubsw + vpmaddwd.
 bool w4a8_uses_vnni();
 // Tests force the non-VNNI path on CPUs that have VNNI.

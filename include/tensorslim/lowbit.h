@@ -56,13 +56,19 @@ int64_t check_lowbit_args(const TensorView& x_or_out, Format fmt, int64_t group_
 
 // out[M, N] = x[M, K] @ dequantize_lowbit(qweight)[N, K]^T + bias, x / out f32 with
 // contiguous rows, bias [N] f32 or nullptr, group_size != -1. workspace: nullptr or a
-// [W, K] f32 buffer (1 <= W <= N); when given and M > kLowbitGemvMaxRows, the weight is
-// decoded W rows at a time into it and each tile multiplied with oneDNN's sgemm. Backends: kReference (scalar, float64
-// accumulation), kNative (AVX-512 fused decode), kAuto (native when it fits). kOneDNN is
-// not a separate backend here (ValueError).
-// The fused GEMV beats decode + sgemm up to ~64 rows (4096x4096 fp8/nvfp4/int3 at M = 16:
+// [W, K] f32 buffer (1 <= W <= N); when given and M > lowbit_gemv_max_rows(), the weight
+// is decoded W rows at a time into it and each tile multiplied with oneDNN's sgemm.
+// Backends: kReference (scalar, float64 accumulation), kNative (AVX-512 / AVX2 fused
+// decode), kAuto (native when it fits). kOneDNN is not a separate backend here (ValueError).
+// The AVX-512 GEMV beats decode + sgemm up to ~64 rows (4096x4096 fp8/nvfp4/int3 at M = 16:
 // 3.6-4.0 ms against 15 ms; docs/benchmarks.md), so it takes every batch up to there.
 constexpr int64_t kLowbitGemvMaxRows = 64;
+// The batch up to which the active ISA's GEMV runs (callers pass a workspace above it):
+// kLowbitGemvMaxRows, or kLowbitGemvMaxRowsAvx2 on AVX2 (4 activation rows per pass and
+// half the lanes: decode + sgemm wins sooner there; 4096x4096, one thread, under load, GEMV
+// / decode + sgemm: M = 4 4-5 / 7-8 ms, M = 8 8-11 / 9-11 ms, M = 16 16-20 / 11 ms).
+constexpr int64_t kLowbitGemvMaxRowsAvx2 = 8;
+int64_t lowbit_gemv_max_rows();
 void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                    const TensorView* zero_points, const TensorView* tensor_scale,
                    const TensorView* bias, Format fmt, int64_t group_size, const TensorView& out,
@@ -87,20 +93,31 @@ struct LowbitWeight {
 };
 void dequantize_row_reference(const LowbitWeight& w, int64_t n, int64_t K, float* out);
 
-// AVX-512 fused decode GEMV: out rows [0, M) for weight rows [n0, n1). Returns false when
-// no native kernel fits (ISA, K or group not a multiple of 16).
+// Fused decode GEMV: out rows [0, M) for weight rows [n0, n1), AVX-512 (16 values per step)
+// or AVX2 (8). native_lanes: the active ISA's step, 0 when it has no native kernel;
+// native_fits: whether K and the group are multiples of it.
+int lowbit_native_lanes();
 bool linear_lowbit_native_fits(const FormatInfo& info, int64_t K, int64_t group);
 void linear_lowbit_avx512(const float* x, int64_t ldx, int64_t M, const LowbitWeight& w,
                           int64_t K, const float* bias, float* out, int64_t ldo, int64_t n0,
                           int64_t n1);
-// AVX-512 pieces of quantize_lowbit, bit-exact with the scalar ones: lo = min(min x, 0),
-// hi = max(max x, 0) (false if any value is NaN/Inf), and the codes of one group (false
+void linear_lowbit_avx2(const float* x, int64_t ldx, int64_t M, const LowbitWeight& w, int64_t K,
+                        const float* bias, float* out, int64_t ldo, int64_t n0, int64_t n1);
+
+// AVX-512 / AVX2 pieces of quantize_lowbit, bit-exact with the scalar ones: lo = min(min x,
+// 0), hi = max(max x, 0) (false if any value is NaN/Inf), and the codes of one group (false
 // when the format has no vector encoder).
 bool lowbit_min_max_avx512(const float* x, int64_t n, float* lo, float* hi);
 bool lowbit_encode_avx512(const FormatInfo& info, float scale, int32_t zero_point, float threshold,
                           const float* x, int64_t n, int32_t* codes);
-// AVX-512 decode of one weight row (bit-exact with dequantize_row_reference).
+bool lowbit_min_max_avx2(const float* x, int64_t n, float* lo, float* hi);
+bool lowbit_encode_avx2(const FormatInfo& info, float scale, int32_t zero_point, float threshold,
+                        const float* x, int64_t n, int32_t* codes);
+// Vector decode of one weight row (bit-exact with dequantize_row_reference); the _native
+// one picks the ISA whose lanes `lanes` is (16 or 8).
 void dequantize_row_avx512(const LowbitWeight& w, int64_t n, int64_t K, float* out);
+void dequantize_row_avx2(const LowbitWeight& w, int64_t n, int64_t K, float* out);
+void dequantize_row_native(int lanes, const LowbitWeight& w, int64_t n, int64_t K, float* out);
 
 }  // namespace cpu
 }  // namespace tensorslim

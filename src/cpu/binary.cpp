@@ -1,5 +1,6 @@
-// Binary / ternary / XNOR linears on the CPU: argument checks, backend choice and the
-// scalar references that the AVX-512 paths (binary_avx512.cpp) are tested against.
+// Binary / ternary / XNOR linears on the CPU: argument checks, backend choice (by the
+// active ISA) and the scalar references that the AVX-512 and AVX2 paths
+// (binary_avx512.cpp, binary_avx2.cpp) are tested against.
 #include "tensorslim/binary.h"
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "tensorslim/quantize.h"
 
 namespace tensorslim {
 namespace {
@@ -53,7 +55,7 @@ void check_backend(const char* op, GemmBackend backend) {
                  std::string(op) + ": oneDNN has no binary/ternary kernel (use auto, native or reference)");
 }
 
-const char* kNoNative = ": no native kernel fits (needs AVX-512; see ts._C.best_isa())";
+const char* kNoNative = ": no native kernel fits (needs AVX2 or AVX-512; see ts._C.best_isa())";
 
 inline int bit_at(const uint8_t* row, int64_t k) { return (row[k >> 3] >> (k & 7)) & 1; }
 
@@ -239,4 +241,35 @@ void linear_xnor(const TensorView& x, const TensorView& bits, const TensorView& 
     }
 }
 
+namespace cpu {
+
+bool linear_binary_native(const TensorView& x, const TensorView& bits, const TensorView& scales,
+                          const TensorView* bias, const TensorView& out) {
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (active_isa() == Isa::kAVX512) return linear_binary_avx512(x, bits, scales, bias, out);
+  if (active_isa() == Isa::kAVX2) return linear_binary_avx2(x, bits, scales, bias, out);
+#endif
+  return false;
+}
+
+bool linear_ternary_native(const TensorView& x, const TensorView& codes,
+                           const TensorView& scales, const TensorView* bias,
+                           const TensorView& out) {
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (active_isa() == Isa::kAVX512) return linear_ternary_avx512(x, codes, scales, bias, out);
+  if (active_isa() == Isa::kAVX2) return linear_ternary_avx2(x, codes, scales, bias, out);
+#endif
+  return false;
+}
+
+bool xnor_dots_native(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
+                      const TensorView& dots) {
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (active_isa() == Isa::kAVX512) return xnor_dots_avx512(a_bits, w_bits, K, dots);
+  if (active_isa() == Isa::kAVX2) return xnor_dots_avx2(a_bits, w_bits, K, dots);
+#endif
+  return false;
+}
+
+}  // namespace cpu
 }  // namespace tensorslim

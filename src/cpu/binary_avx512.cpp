@@ -1,12 +1,14 @@
 // AVX-512 binary / ternary / XNOR linears. No float weight is ever materialized: the sign
 // bits become k-masks that select which activations are added, and the XNOR path counts
 // matching bits 512 at a time (VPOPCNTDQ where the CPU has it, else a VPSHUFB nibble table).
+// Tiling and the shared helpers: binary_tiles.h.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 
+#include "binary_tiles.h"
 #include "parallel.h"
 #include "tensorslim/binary.h"
 #include "tensorslim/quantize.h"
@@ -22,24 +24,6 @@ constexpr int kBlock = 4;  // activation rows per tile
 
 inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
-// Up to `max_bytes` bytes from p as a little-endian integer (never reads past them).
-inline uint32_t load_le(const uint8_t* p, int64_t max_bytes, int want) {
-  uint32_t v = 0;
-  const int n = static_cast<int>(std::min<int64_t>(max_bytes, want));
-  std::memcpy(&v, p, n);
-  return v;
-}
-
-struct Linear {
-  const TensorView& x;
-  const TensorView& w;
-  const TensorView& scales;
-  const TensorView* bias;
-  const TensorView& out;
-  int64_t K;
-};
-
-// A tile's R weight rows from n, MB activation rows from m0, and zeroed accumulators.
 template <int R, int MB>
 __attribute__((always_inline)) inline void tile_start(const Linear& p, int64_t n, int64_t m0,
                                                       const uint8_t* (&w)[R], const float* (&x)[MB],
@@ -175,31 +159,6 @@ __attribute__((target("bmi2"))) void ternary_tile(const Linear& p, int64_t n, in
 
 // ------------------------------------------------------------------- driver
 
-template <template <int, int> class Tile, class... Extra>
-void run_tiles(const Linear& p, Extra... extra) {
-  const int64_t M = p.x.shape[0], N = p.w.shape[0];
-  parallel_for((N + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
-    for (int64_t nb = b; nb < e; ++nb) {
-      const int64_t n = nb * kRows;
-      const int64_t rows = std::min<int64_t>(kRows, N - n);
-      for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-        const int64_t mb = std::min<int64_t>(kBlock, M - m0);
-        if (rows == kRows) {
-          switch (mb) {
-            case 1: Tile<kRows, 1>::run(p, n, m0, extra...); break;
-            case 2: Tile<kRows, 2>::run(p, n, m0, extra...); break;
-            case 3: Tile<kRows, 3>::run(p, n, m0, extra...); break;
-            default: Tile<kRows, 4>::run(p, n, m0, extra...); break;
-          }
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t m = m0; m < m0 + mb; ++m) Tile<1, 1>::run(p, n + r, m, extra...);
-        }
-      }
-    }
-  });
-}
-
 template <int R, int MB>
 struct BinaryTile {
   static void run(const Linear& p, int64_t n, int64_t m0, const float* rowsum) {
@@ -213,16 +172,8 @@ struct TernaryTile {
 };
 
 // ------------------------------------------------------------------- XNOR popcount
-// a_bits / w_bits rows hold at least ceil(K/8) bytes; only the first K bits count. Whole
-// bytes go through 64-byte vectors (masked loads for the last one), the last partial
-// byte is counted with its bits masked.
-
-struct Xnor {
-  const TensorView& a;
-  const TensorView& w;
-  const TensorView& dots;
-  int64_t K;
-};
+// Whole bytes go through 64-byte vectors (masked loads for the last one), the last partial
+// byte is counted with its bits masked (binary_tiles.h).
 
 inline __m512i popcnt_lut(__m512i v) {
   alignas(64) static const uint8_t kCounts[64] = {
@@ -234,13 +185,6 @@ inline __m512i popcnt_lut(__m512i v) {
   const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
   // per-byte counts summed into the eight 64-bit lanes
   return _mm512_sad_epu8(_mm512_add_epi8(lo, hi), _mm512_setzero_si512());
-}
-
-inline int last_byte_mismatches(const uint8_t* a, const uint8_t* w, int64_t K) {
-  const int rem = static_cast<int>(K & 7);
-  if (!rem) return 0;
-  const int64_t i = K >> 3;
-  return __builtin_popcount(static_cast<unsigned>((a[i] ^ w[i]) & ((1u << rem) - 1u)));
 }
 
 // The two tiles below differ only in how a 64-byte chunk's bits are counted; they are
@@ -287,19 +231,6 @@ inline int64_t sum_lanes(__m512i v) {
 }
 
 template <int R, int MB>
-void xnor_store(const Xnor& p, int64_t n, int64_t m0, int64_t mism[R][MB]) {
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) {
-      const uint8_t* wr = p.w.ptr<uint8_t>() + (n + r) * p.w.strides[0];
-      const uint8_t* ar = p.a.ptr<uint8_t>() + (m0 + m) * p.a.strides[0];
-      const int64_t diff = mism[r][m] + last_byte_mismatches(ar, wr, p.K);
-      p.dots.ptr<int32_t>()[(m0 + m) * p.dots.strides[0] + n + r] = static_cast<int32_t>(p.K - 2 * diff);
-    }
-}
-
-template <int R, int MB>
 void xnor_tile_lut(const Xnor& p, int64_t n, int64_t m0) {
   TS_XNOR_TILE_BODY(popcnt_lut);
 }
@@ -320,29 +251,12 @@ inline void xnor_tile(const Xnor& p, int64_t n, int64_t m0) {
 }
 
 template <bool kVpop>
-void xnor_run(const Xnor& p) {
-  const int64_t M = p.a.shape[0], N = p.w.shape[0];
-  parallel_for((N + kRows - 1) / kRows, 4, [&](int64_t b, int64_t e) {
-    for (int64_t nb = b; nb < e; ++nb) {
-      const int64_t n = nb * kRows;
-      const int64_t rows = std::min<int64_t>(kRows, N - n);
-      for (int64_t m0 = 0; m0 < M; m0 += kBlock) {
-        const int64_t mb = std::min<int64_t>(kBlock, M - m0);
-        if (rows == kRows) {
-          switch (mb) {
-            case 1: xnor_tile<kVpop, kRows, 1>(p, n, m0); break;
-            case 2: xnor_tile<kVpop, kRows, 2>(p, n, m0); break;
-            case 3: xnor_tile<kVpop, kRows, 3>(p, n, m0); break;
-            default: xnor_tile<kVpop, kRows, 4>(p, n, m0); break;
-          }
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t m = m0; m < m0 + mb; ++m) xnor_tile<kVpop, 1, 1>(p, n + r, m);
-        }
-      }
-    }
-  });
-}
+struct XnorTiles {
+  template <int R, int MB>
+  struct Tile {
+    static void run(const Xnor& p, int64_t n, int64_t m0) { xnor_tile<kVpop, R, MB>(p, n, m0); }
+  };
+};
 
 std::atomic<bool>& vpop_enabled() {
   static std::atomic<bool> on{true};
@@ -358,7 +272,7 @@ bool has_vpopcntdq() {
 
 void set_vpopcntdq_enabled(bool enabled) { vpop_enabled().store(enabled); }
 
-bool linear_binary_native(const TensorView& x, const TensorView& bits, const TensorView& scales,
+bool linear_binary_avx512(const TensorView& x, const TensorView& bits, const TensorView& scales,
                           const TensorView* bias, const TensorView& out) {
   if (active_isa() != Isa::kAVX512) return false;
   const int64_t M = x.shape[0], K = x.shape[1];
@@ -374,28 +288,29 @@ bool linear_binary_native(const TensorView& x, const TensorView& bits, const Ten
     rowsum[m] = _mm512_reduce_add_ps(s);
   }
   const Linear p{x, bits, scales, bias, out, K};
-  run_tiles<BinaryTile>(p, static_cast<const float*>(rowsum.data()));
+  run_tiles<kRows, kBlock, BinaryTile>(p, M, bits.shape[0], static_cast<const float*>(rowsum.data()));
   return true;
 }
 
-bool linear_ternary_native(const TensorView& x, const TensorView& codes,
+bool linear_ternary_avx512(const TensorView& x, const TensorView& codes,
                            const TensorView& scales, const TensorView* bias,
                            const TensorView& out) {
   static const bool has_bmi2 = __builtin_cpu_supports("bmi2");
   if (active_isa() != Isa::kAVX512 || !has_bmi2) return false;
   const Linear p{x, codes, scales, bias, out, x.shape[1]};
-  run_tiles<TernaryTile>(p);
+  run_tiles<kRows, kBlock, TernaryTile>(p, x.shape[0], codes.shape[0]);
   return true;
 }
 
-bool xnor_dots_native(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
+bool xnor_dots_avx512(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
                       const TensorView& dots) {
   if (active_isa() != Isa::kAVX512) return false;
   const Xnor p{a_bits, w_bits, dots, K};
+  const int64_t M = a_bits.shape[0], N = w_bits.shape[0];
   if (has_vpopcntdq())
-    xnor_run<true>(p);
+    run_tiles<kRows, kBlock, XnorTiles<true>::Tile>(p, M, N);
   else
-    xnor_run<false>(p);
+    run_tiles<kRows, kBlock, XnorTiles<false>::Tile>(p, M, N);
   return true;
 }
 

@@ -1,5 +1,5 @@
 // linear_lowbit on the CPU: argument checks, the scalar reference, and the choice
-// between the fused AVX-512 decode GEMV (small batch) and decode-once + oneDNN sgemm.
+// between the fused AVX-512 / AVX2 decode GEMV (small batch) and decode-once + oneDNN sgemm.
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
@@ -63,19 +63,15 @@ void reference(const float* x, int64_t ldx, int64_t M, const cpu::LowbitWeight& 
 // not once per activation row) and multiply each tile with oneDNN's sgemm.
 void decode_then_sgemm(const float* x, int64_t ldx, int64_t M, const cpu::LowbitWeight& w,
                        int64_t K, int64_t N, const float* bias, float* out, int64_t ldo,
-                       float* ws, int64_t rows_per_tile, bool native) {
+                       float* ws, int64_t rows_per_tile, int lanes) {
   for (int64_t n0 = 0; n0 < N; n0 += rows_per_tile) {
     const int64_t rows = std::min(rows_per_tile, N - n0);
     cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
-#ifdef TENSORSLIM_HAVE_AVX512
-        if (native) {
-          cpu::dequantize_row_avx512(w, n0 + j, K, ws + j * K);
-          continue;
-        }
-#endif
-        (void)native;
-        cpu::dequantize_row_reference(w, n0 + j, K, ws + j * K);
+        if (lanes)
+          cpu::dequantize_row_native(lanes, w, n0 + j, K, ws + j * K);
+        else
+          cpu::dequantize_row_reference(w, n0 + j, K, ws + j * K);
       }
     });
     const dnnl_status_t st =
@@ -91,17 +87,37 @@ void decode_then_sgemm(const float* x, int64_t ldx, int64_t M, const cpu::Lowbit
 
 namespace cpu {
 
-bool linear_lowbit_native_fits(const FormatInfo& info, int64_t K, int64_t group) {
-#ifdef TENSORSLIM_HAVE_AVX512
-  (void)info;
-  return best_isa() == Isa::kAVX512 && K % 16 == 0 && group % 16 == 0;
+int lowbit_native_lanes() {
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  switch (active_isa()) {
+    case Isa::kAVX512: return 16;
+    case Isa::kAVX2: return 8;
+    default: return 0;
+  }
 #else
-  (void)info, (void)K, (void)group;
-  return false;
+  return 0;
 #endif
 }
 
+bool linear_lowbit_native_fits(const FormatInfo& info, int64_t K, int64_t group) {
+  (void)info;
+  const int lanes = lowbit_native_lanes();
+  return lanes > 0 && K % lanes == 0 && group % lanes == 0;
+}
+
+void dequantize_row_native(int lanes, const LowbitWeight& w, int64_t n, int64_t K, float* out) {
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (lanes == 16) return dequantize_row_avx512(w, n, K, out);
+  if (lanes == 8) return dequantize_row_avx2(w, n, K, out);
+#endif
+  dequantize_row_reference(w, n, K, out);
+}
+
 }  // namespace cpu
+
+int64_t lowbit_gemv_max_rows() {
+  return cpu::active_isa() == cpu::Isa::kAVX2 ? kLowbitGemvMaxRowsAvx2 : kLowbitGemvMaxRows;
+}
 
 void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                    const TensorView* zero_points, const TensorView* tensor_scale,
@@ -123,29 +139,36 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
                             groups,
                             values_per_group(K, group_size),
                             groups};
-  const bool native = cpu::active_isa() == cpu::Isa::kAVX512 &&
-                      cpu::linear_lowbit_native_fits(info, K, w.group);
-  TS_CHECK_VALUE(backend != GemmBackend::kNative || native,
+  // One read of the ISA: the step the kernel is chosen for is the one it runs with.
+  const int isa_lanes = cpu::lowbit_native_lanes();
+  const int lanes = isa_lanes && K % isa_lanes == 0 && w.group % isa_lanes == 0 ? isa_lanes : 0;
+  TS_CHECK_VALUE(backend != GemmBackend::kNative || lanes,
                  std::string("linear_lowbit: no native kernel for ") + info.name + " with K=" +
                      std::to_string(K) + ", group " + std::to_string(w.group) +
-                     " (needs AVX-512 and multiples of 16)");
+                     " (needs AVX2 or AVX-512, and K and group multiples of " +
+                     std::to_string(isa_lanes ? isa_lanes : 8) + ")");
   const float* xp = x.ptr<float>();
   float* op = out.ptr<float>();
   const float* bp = bias ? bias->ptr<float>() : nullptr;
   if (M == 0 || N == 0) return;
   if (backend == GemmBackend::kReference) {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
-  } else if (workspace && M > kLowbitGemvMaxRows && cpu::onednn_usable()) {
+  } else if (workspace && M > lowbit_gemv_max_rows() && cpu::onednn_usable()) {
     decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
-                      workspace->ptr<float>(), workspace->shape[0], native);
-  } else if (native) {
-#ifdef TENSORSLIM_HAVE_AVX512
+                      workspace->ptr<float>(), workspace->shape[0], lanes);
+  } else if (lanes) {
     const int64_t blocks = (N + 3) / 4;  // the GEMV decodes four weight rows at a time
     cpu::parallel_for(blocks, 1, [&](int64_t b, int64_t e) {
-      cpu::linear_lowbit_avx512(xp, x.strides[0], M, w, K, bp, op, out.strides[0], b * 4,
-                                std::min(N, e * 4));
-    });
+      const int64_t n0 = b * 4, n1 = std::min(N, e * 4);
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+      if (lanes == 16)
+        cpu::linear_lowbit_avx512(xp, x.strides[0], M, w, K, bp, op, out.strides[0], n0, n1);
+      else
+        cpu::linear_lowbit_avx2(xp, x.strides[0], M, w, K, bp, op, out.strides[0], n0, n1);
+#else
+      (void)n0, (void)n1;
 #endif
+    });
   } else {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
   }

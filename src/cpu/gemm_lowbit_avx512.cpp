@@ -1,35 +1,19 @@
-// AVX-512 decoding of every low-bit format, 16 values per step, and the fused GEMV built
-// on it: weight codes are decoded in registers and multiplied straight away with up to 8
-// activation rows, so the packed weight is read from memory once and never written out
-// as floats. The decoders are bit-exact with dequantize_row_reference (tests compare them).
+// AVX-512 decoding of every low-bit format, 16 values per step, for the fused GEMV of
+// lowbit_gemv_tiles.h: weight codes are decoded in registers and multiplied straight away
+// with up to 8 activation rows, so the packed weight is read from memory once and never
+// written out as floats. The decoders are bit-exact with dequantize_row_reference (tests
+// compare them).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 
+#include "lowbit_gemv_tiles.h"
 #include "tensorslim/lowbit.h"
 
 namespace tensorslim {
 namespace cpu {
 namespace {
-
-// Byte-shuffle control and shift counts that pull 16 N-bit values out of 16 bytes.
-template <int N>
-struct ShuffleTable {
-  uint8_t shuffle[64] = {};
-  int32_t shift[16] = {};
-  constexpr ShuffleTable() {
-    for (int j = 0; j < 16; ++j) {
-      const int first = j * N / 8;
-      shuffle[4 * j] = static_cast<uint8_t>(first);
-      shuffle[4 * j + 1] = static_cast<uint8_t>(first + 1 < 16 ? first + 1 : 0x80);
-      shuffle[4 * j + 2] = shuffle[4 * j + 3] = 0x80;  // zero
-      shift[j] = j * N % 8;
-    }
-  }
-};
-template <int N>
-alignas(64) constexpr ShuffleTable<N> kShuffleTable{};
 
 // 16 consecutive N-bit codes (unsigned) starting at byte p, as 16 int32 lanes. `safe`
 // says 16 bytes may be read from p (else only the 2N bytes that hold the codes).
@@ -65,30 +49,6 @@ inline __m512i unpack16(const uint8_t* p, bool safe) {
                             _mm512_set1_epi32((1 << N) - 1));
   }
 }
-
-// E8M0 byte -> 2^(code - 127) without a libm call (code 0 is the subnormal 2^-127).
-inline float e8m0_value(uint8_t code) {
-  uint32_t bits = code == 0 ? 0x00400000u : (code == 255 ? 0x7FC00000u : uint32_t(code) << 23);
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// A decoder walks one weight row: group(g) loads that group's scale, at(i) returns the 16
-// decoded values starting at value i (a multiple of 16 inside the current group).
-struct RowBase {
-  const LowbitWeight* w;
-  const uint8_t* q;
-  int64_t row_bytes;
-  int64_t scale_base;
-  void init(const LowbitWeight& lw, int64_t n, int64_t K) {
-    w = &lw;
-    q = lw.q + n * lw.q_stride;
-    row_bytes = packed_row_bytes(*lw.info, K);
-    scale_base = n * lw.scale_stride;
-  }
-  float f32_scale(int64_t g) const { return static_cast<const float*>(w->scales)[scale_base + g]; }
-};
 
 // Integers: float(code - zp) * scale; signed codes are sign-extended from N bits.
 template <int N, bool kSigned>
@@ -139,25 +99,14 @@ struct Fp8Decoder : RowBase {
 template <int N, ScaleFormat kScale>
 struct TableDecoder : RowBase {
   __m512 table, s, ts;
-  const float* e4m3_values;
   void init(const LowbitWeight& lw, int64_t n, int64_t K) {
     RowBase::init(lw, n, K);
     float t[16] = {};
     std::memcpy(t, lw.info->code_values, sizeof(float) << N);
     table = _mm512_loadu_ps(t);
     ts = _mm512_set1_ps(lw.tensor_scale);
-    e4m3_values = format_info(Format::kFP8E4M3).code_values;
   }
-  void group(int64_t g) {
-    float scale;
-    if (kScale == ScaleFormat::kFloat32)
-      scale = f32_scale(g);
-    else if (kScale == ScaleFormat::kE4M3)
-      scale = e4m3_values[static_cast<const uint8_t*>(w->scales)[scale_base + g]];
-    else
-      scale = e8m0_value(static_cast<const uint8_t*>(w->scales)[scale_base + g]);
-    s = _mm512_set1_ps(scale);
-  }
+  void group(int64_t g) { s = _mm512_set1_ps(scale<kScale>(g)); }
   __m512 at(int64_t i) const {
     __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(unpack16<N>(q + i / 16 * 2 * N, false), table), s);
     if (kScale == ScaleFormat::kE4M3) v = _mm512_mul_ps(v, ts);
@@ -179,123 +128,39 @@ struct BinaryDecoder : RowBase {
   }
 };
 
-template <class D>
-void decode_row(const LowbitWeight& w, int64_t n, int64_t K, float* out) {
-  D d;
-  d.init(w, n, K);
-  for (int64_t g = 0; g < w.groups; ++g) {
-    d.group(g);
-    for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 16) _mm512_storeu_ps(out + i, d.at(i));
-  }
-}
-
-// MB activation rows x R weight rows: MB * R independent accumulators hide the FMA latency.
-template <class D, int MB, int R>
-void gemv_block(const float* x, int64_t ldx, const LowbitWeight& w, int64_t K, const float* bias,
-                float* out, int64_t ldo, int64_t n) {
-  D d[R];
-  for (int j = 0; j < R; ++j) d[j].init(w, n + j, K);
-  __m512 acc[MB][R];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < w.groups; ++g) {
-    for (int j = 0; j < R; ++j) d[j].group(g);
-    for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 16) {
-      __m512 xv[MB];
-      for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + m * ldx + i);
-      for (int j = 0; j < R; ++j) {
-        const __m512 wv = d[j].at(i);
-        for (int m = 0; m < MB; ++m) acc[m][j] = _mm512_fmadd_ps(xv[m], wv, acc[m][j]);
-      }
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < R; ++j)
-      out[m * ldo + n + j] = _mm512_reduce_add_ps(acc[m][j]) + (bias ? bias[n + j] : 0.0f);
-}
-
-template <class D, int MB>
-void gemv_rows(const float* x, int64_t ldx, const LowbitWeight& w, int64_t K, const float* bias,
-               float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  constexpr int R = MB == 1 ? 4 : (MB == 2 ? 4 : (MB <= 4 ? 2 : 1));
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) gemv_block<D, MB, R>(x, ldx, w, K, bias, out, ldo, n);
-  for (; n < n1; ++n) gemv_block<D, MB, 1>(x, ldx, w, K, bias, out, ldo, n);
-}
-
-template <class D>
-void gemv(const float* x, int64_t ldx, int64_t M, const LowbitWeight& w, int64_t K,
-          const float* bias, float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const float* xm = x + m0 * ldx;
-    float* om = out + m0 * ldo;
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: gemv_rows<D, 1>(xm, ldx, w, K, bias, om, ldo, n0, n1); break;
-      case 2: gemv_rows<D, 2>(xm, ldx, w, K, bias, om, ldo, n0, n1); break;
-      case 3: gemv_rows<D, 3>(xm, ldx, w, K, bias, om, ldo, n0, n1); break;
-      case 4: gemv_rows<D, 4>(xm, ldx, w, K, bias, om, ldo, n0, n1); break;
-      case 5: gemv_rows<D, 5>(xm, ldx, w, K, bias, om, ldo, n0, n1); break;
-      case 6: gemv_rows<D, 6>(xm, ldx, w, K, bias, om, ldo, n0, n1); break;
-      case 7: gemv_rows<D, 7>(xm, ldx, w, K, bias, om, ldo, n0, n1); break;
-      default: gemv_rows<D, 8>(xm, ldx, w, K, bias, om, ldo, n0, n1); break;
-    }
-  }
-}
-
-// Calls fn.template operator()<Decoder>() with the decoder type of this format.
-template <class Fn>
-void with_decoder(const FormatInfo& info, const Fn& fn) {
-  switch (info.format) {
-    case Format::kFP8E4M3: return fn.template operator()<Fp8Decoder<true>>();
-    case Format::kFP8E5M2: return fn.template operator()<Fp8Decoder<false>>();
-    case Format::kNVFP4: return fn.template operator()<TableDecoder<4, ScaleFormat::kE4M3>>();
-    case Format::kMXFP4: return fn.template operator()<TableDecoder<4, ScaleFormat::kE8M0>>();
-    case Format::kTernary: return fn.template operator()<TableDecoder<2, ScaleFormat::kFloat32>>();
-    case Format::kBinary: return fn.template operator()<BinaryDecoder>();
-    default: break;
-  }
-  const bool s = !info.has_zero_point;
-  switch (info.bits) {
-    case 2: return s ? fn.template operator()<IntDecoder<2, true>>() : fn.template operator()<IntDecoder<2, false>>();
-    case 3: return s ? fn.template operator()<IntDecoder<3, true>>() : fn.template operator()<IntDecoder<3, false>>();
-    case 4: return s ? fn.template operator()<IntDecoder<4, true>>() : fn.template operator()<IntDecoder<4, false>>();
-    case 5: return s ? fn.template operator()<IntDecoder<5, true>>() : fn.template operator()<IntDecoder<5, false>>();
-    case 6: return s ? fn.template operator()<IntDecoder<6, true>>() : fn.template operator()<IntDecoder<6, false>>();
-    case 7: return s ? fn.template operator()<IntDecoder<7, true>>() : fn.template operator()<IntDecoder<7, false>>();
-    default: return s ? fn.template operator()<IntDecoder<8, true>>() : fn.template operator()<IntDecoder<8, false>>();
-  }
-}
-
-struct DecodeRowFn {
-  const LowbitWeight& w;
-  int64_t n, K;
-  float* out;
-  template <class D>
-  void operator()() const { decode_row<D>(w, n, K, out); }
+// The 16-lane vector part for lowbit_gemv_tiles.h.
+struct Vec512 {
+  using Vec = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kMaxRows = 8;  // 8 accumulators + 8 activations of the 32 zmm registers
+  static constexpr int weight_rows(int MB) { return MB <= 2 ? 4 : (MB <= 4 ? 2 : 1); }
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
 };
 
-struct GemvFn {
-  const float* x;
-  int64_t ldx, M;
-  const LowbitWeight& w;
-  int64_t K;
-  const float* bias;
-  float* out;
-  int64_t ldo, n0, n1;
-  template <class D>
-  void operator()() const { gemv<D>(x, ldx, M, w, K, bias, out, ldo, n0, n1); }
+struct Decoders512 {
+  template <int N, bool kSigned>
+  using Int = IntDecoder<N, kSigned>;
+  template <bool kE4M3>
+  using Fp8 = Fp8Decoder<kE4M3>;
+  template <int N, ScaleFormat kScale>
+  using Table = TableDecoder<N, kScale>;
+  using Binary = BinaryDecoder;
 };
 
 }  // namespace
 
 void dequantize_row_avx512(const LowbitWeight& w, int64_t n, int64_t K, float* out) {
-  with_decoder(*w.info, DecodeRowFn{w, n, K, out});
+  with_decoder<Decoders512>(*w.info, DecodeRowFn<Vec512>{w, n, K, out});
 }
 
 void linear_lowbit_avx512(const float* x, int64_t ldx, int64_t M, const LowbitWeight& w,
                           int64_t K, const float* bias, float* out, int64_t ldo, int64_t n0,
                           int64_t n1) {
-  with_decoder(*w.info, GemvFn{x, ldx, M, w, K, bias, out, ldo, n0, n1});
+  with_decoder<Decoders512>(*w.info, GemvFn<Vec512>{x, ldx, M, w, K, bias, out, ldo, n0, n1});
 }
 
 }  // namespace cpu

@@ -1,6 +1,7 @@
 // linear_w4a8 on the CPU: argument checks, per-token activation quantization (the W8A8
 // quantizer, reused as is), the choice of kernel, and the scalar reference that the AVX-512
-// kernel (gemm_w4a8_avx512.cpp) matches bit for bit. Specification: gemm_w4a8.h.
+// and AVX2 kernels (gemm_w4a8_avx512.cpp, gemm_w4a8_avx2.cpp) match bit for bit.
+// Specification: gemm_w4a8.h.
 #include "tensorslim/gemm_w4a8.h"
 
 #include <string>
@@ -116,8 +117,8 @@ void linear_w4a8_reference(const W4A8Args& a) {
 }
 
 bool linear_w4a8_native_fits(int64_t K, int64_t group) {
-#ifdef TENSORSLIM_HAVE_AVX512
-  return active_isa() == Isa::kAVX512 && K > 0 && (group == K || (group > 0 && group % 8 == 0));
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  return active_isa() >= Isa::kAVX2 && K > 0 && (group == K || (group > 0 && group % 8 == 0));
 #else
   (void)K, (void)group;
   return false;
@@ -128,7 +129,8 @@ bool linear_w4a8_native_fits(int64_t K, int64_t group) {
 
 const char* linear_w4a8_kernel(int64_t K, int64_t group_size) {
   if (!cpu::linear_w4a8_native_fits(K, group_size)) return "reference";
-#ifdef TENSORSLIM_HAVE_AVX512
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (cpu::active_isa() == cpu::Isa::kAVX2) return "avx2";
   return cpu::w4a8_uses_vnni() ? "avx512_vnni" : "avx512bw";
 #else
   return "reference";
@@ -149,7 +151,8 @@ void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorVie
   TS_CHECK_VALUE(backend != GemmBackend::kNative || native,
                  "linear_w4a8: no native kernel for K=" + std::to_string(K) + ", group " +
                      std::to_string(group_size) +
-                     " (needs AVX-512 and a group size that is a multiple of 8, or per channel)");
+                     " (needs AVX2 or AVX-512 and a group size that is a multiple of 8, or per "
+                     "channel)");
   if (M == 0 || N == 0) return;
 
   // Activations: the same per-token s8 codes and scales as Int8Dynamic.
@@ -177,8 +180,9 @@ void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorVie
   a.out = out.data;
   a.ldo = out.strides[0];
   a.out_bf16 = out.dtype == DType::kBFloat16;
-#ifdef TENSORSLIM_HAVE_AVX512
-  if (native && cpu::linear_w4a8_avx512(a)) return;
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (native && cpu::active_isa() == cpu::Isa::kAVX512 && cpu::linear_w4a8_avx512(a)) return;
+  if (native && cpu::linear_w4a8_avx2(a)) return;
 #endif
   cpu::linear_w4a8_reference(a);
 }

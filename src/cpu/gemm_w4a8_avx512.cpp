@@ -1,17 +1,9 @@
 // AVX-512 W4A8 kernel (this file is compiled with -mavx512f/bw/vl/dq; VNNI is enabled per
 // function and checked at run time). Bit-exact with linear_w4a8_reference: the integer group
 // dots are exact, and the fp32 rescale runs the reference's operations in its order, one
-// output (token m, row n) per lane.
-//
-// Layout. Output rows go 16 to a panel, one per 32-bit lane. Each panel's packed weights are
-// transposed (16 rows x 128 k at a time, a 16 x 16 dword transpose) and unpacked once into a
-// thread-local buffer, u8 [K/8][2][16 rows][4]: for 8 consecutive k, first the low nibbles
-// (k0 k2 k4 k6) of the 16 rows, then the high ones (k1 k3 k5 k7). u = code + 8 (int4, a
-// nibble XOR 8) or the code (uint4) lies in 0..15, so vpdpbusd(u8 weights, s8 activations)
-// is exact and the group dot is d = sum(u * q) - o * sum(q), o = 8 or the zero point.
-// Activations are re-laid to match (k0 k2 k4 k6 k1 k3 k5 k7 in every 8, zero-padded to a
-// multiple of 8), so four of them are one broadcast operand. Every token tile (up to 8
-// tokens x 16 rows held in registers) reuses the unpacked panel.
+// output (token m, row n) per lane. Layout and driver: w4a8_panels.h; here 16 rows per
+// panel (a 16 x 16 dword transpose unpacks 16 rows x 128 k at a time) and tiles of up to
+// 8 tokens x 16 rows held in registers.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -23,6 +15,7 @@
 #include "parallel.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
+#include "w4a8_panels.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -36,34 +29,15 @@ inline __mmask64 bytes_mask(int64_t n) {
   return n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
 }
 
-// s8 activations in the kernel's order plus each token's per-group code sums.
-struct Acts {
-  const int8_t* q;  // [M, Kp]
-  int64_t Kp;
-  const int32_t* sums;  // [M, groups]
-};
-
-void relayout_acts(const W4A8Args& a, int64_t Kp, int64_t groups, int64_t gsize, int8_t* q,
-                   int32_t* sums) {
-  // Within every 16-byte lane (two blocks of 8): even k first, then odd k.
+// One token's s8 codes in kernel order: within every 16-byte lane (two blocks of 8), even
+// k first, then odd k; masked-off bytes load as 0, the padding up to Kp.
+void relayout_row512(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) {
   const __m512i order = _mm512_broadcast_i32x4(
       _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
-  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 20) / std::max<int64_t>(a.K, 1));
-  parallel_for(a.M, grain, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      const int8_t* src = a.qx + m * a.K;
-      int8_t* dst = q + m * Kp;
-      for (int64_t k = 0; k < Kp; k += 64) {  // masked-off bytes load as 0: the padding
-        const __m512i v = _mm512_maskz_loadu_epi8(bytes_mask(a.K - k), src + k);
-        _mm512_mask_storeu_epi8(dst + k, bytes_mask(Kp - k), _mm512_shuffle_epi8(v, order));
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t s = 0;
-        for (int64_t k = g * gsize; k < std::min(a.K, (g + 1) * gsize); ++k) s += src[k];
-        sums[m * groups + g] = s;
-      }
-    }
-  });
+  for (int64_t k = 0; k < Kp; k += 64) {
+    const __m512i v = _mm512_maskz_loadu_epi8(bytes_mask(K - k), src + k);
+    _mm512_mask_storeu_epi8(dst + k, bytes_mask(Kp - k), _mm512_shuffle_epi8(v, order));
+  }
 }
 
 // v[r] = 16 dwords of row r  ->  v[j] = dword j of rows 0..15.
@@ -93,18 +67,11 @@ inline void transpose16(__m512i v[16]) {
   }
 }
 
-// One panel: unpacked weights [K8][2][16][4], and per group the 16 rows' scales and offsets.
-struct Panel {
-  std::vector<uint8_t> w;
-  std::vector<float> s;
-  std::vector<int32_t> o;
-};
-
 // next_rows: how many rows the following panel has (0: none). They are prefetched into L2,
 // one line per row per step: a panel's 16 rows are 16 short streams that the hardware
 // prefetcher barely picks up, and without this the unpacking waits on memory.
-void pack_panel(const W4A8Args& a, int64_t n0, int64_t rows, int64_t K8, int64_t groups,
-                int64_t next_rows, Panel& p) {
+void pack_panel512(const W4A8Args& a, int64_t n0, int64_t rows, int64_t K8, int64_t groups,
+                   int64_t next_rows, Panel& p) {
   const int64_t row_bytes = (a.K + 1) / 2;
   const __m512i low = _mm512_set1_epi8(0x0F);
   // int4: u = nibble XOR 8, both nibbles of a byte at once.
@@ -135,12 +102,6 @@ void pack_panel(const W4A8Args& a, int64_t n0, int64_t rows, int64_t K8, int64_t
                           _mm512_and_si512(_mm512_srli_epi16(v[j], 4), low));
     }
   }
-  for (int64_t g = 0; g < groups; ++g)
-    for (int r = 0; r < kRows; ++r) {
-      const bool in = r < rows;
-      p.s[g * kRows + r] = in ? a.scales[(n0 + r) * groups + g] : 0.0f;
-      p.o[g * kRows + r] = !in ? 0 : a.zero_points ? a.zero_points[(n0 + r) * groups + g] : 8;
-    }
 }
 
 inline __m512i broadcast4(const int8_t* p) {
@@ -163,15 +124,11 @@ struct DotBW {  // vpmaddubsw cannot saturate here: 2 * 15 * 128 < 2^15
   }
 };
 
-struct Shape {
-  int64_t K8, groups, gsteps;  // steps of 8 k: in all, per group
-};
-
 // Tokens m0 .. m0+MB-1 x the panel's rows n0 .. n0+rows-1.
 template <int MB, class Dot>
-__attribute__((always_inline)) inline void tile(const W4A8Args& a, const Acts& x, const Panel& p,
-                                                const Shape& sh, int64_t n0, int64_t rows,
-                                                int64_t m0) {
+__attribute__((always_inline)) inline void tile512(const W4A8Args& a, const Acts& x,
+                                                   const Panel& p, const Shape& sh, int64_t n0,
+                                                   int64_t rows, int64_t m0) {
   __m512 facc[MB];
   const int8_t* xr[MB];
   for (int m = 0; m < MB; ++m) {
@@ -218,42 +175,32 @@ __attribute__((always_inline)) inline void tile(const W4A8Args& a, const Acts& x
   }
 }
 
-// Panels [pb, pe): unpack each once, then every token tile over it.
-template <class Dot>
-__attribute__((always_inline)) inline void run_panels(const W4A8Args& a, const Acts& x,
-                                                      const Shape& sh, int64_t pb, int64_t pe) {
-  thread_local Panel tls;
-  Panel& p = tls;  // one TLS lookup, not one per use
-  p.w.resize(sh.K8 * 2 * 64);
-  p.s.resize(sh.groups * kRows);
-  p.o.resize(sh.groups * kRows);
-  for (int64_t pi = pb; pi < pe; ++pi) {
-    const int64_t n0 = pi * kRows, rows = std::min<int64_t>(kRows, a.N - n0);
-    const int64_t next_rows = pi + 1 < pe ? std::min<int64_t>(kRows, a.N - n0 - kRows) : 0;
-    pack_panel(a, n0, rows, sh.K8, sh.groups, next_rows, p);
-    for (int64_t m0 = 0; m0 < a.M; m0 += kTokens) {
-      switch (std::min<int64_t>(kTokens, a.M - m0)) {
-        case 1: tile<1, Dot>(a, x, p, sh, n0, rows, m0); break;
-        case 2: tile<2, Dot>(a, x, p, sh, n0, rows, m0); break;
-        case 3: tile<3, Dot>(a, x, p, sh, n0, rows, m0); break;
-        case 4: tile<4, Dot>(a, x, p, sh, n0, rows, m0); break;
-        case 5: tile<5, Dot>(a, x, p, sh, n0, rows, m0); break;
-        case 6: tile<6, Dot>(a, x, p, sh, n0, rows, m0); break;
-        case 7: tile<7, Dot>(a, x, p, sh, n0, rows, m0); break;
-        default: tile<8, Dot>(a, x, p, sh, n0, rows, m0); break;
-      }
-    }
+// The vector part for w4a8_panels.h.
+struct Kernel512 {
+  static constexpr int kRows = cpu::kRows, kTokens = cpu::kTokens;
+  static void relayout_row(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) {
+    relayout_row512(src, K, Kp, dst);
   }
-}
+  static void pack_panel(const W4A8Args& a, int64_t n0, int64_t rows, int64_t K8, int64_t groups,
+                         int64_t next_rows, Panel& p) {
+    pack_panel512(a, n0, rows, K8, groups, next_rows, p);
+  }
+  template <int MB, class Dot>
+  __attribute__((always_inline)) static void tile(const W4A8Args& a, const Acts& x, const Panel& p,
+                                                  const Shape& sh, int64_t n0, int64_t rows,
+                                                  int64_t m0) {
+    tile512<MB, Dot>(a, x, p, sh, n0, rows, m0);
+  }
+};
 
 // vpdpbusd is inlined only into a function compiled for VNNI.
 __attribute__((target("avx512vnni"))) void run_vnni(const W4A8Args& a, const Acts& x,
                                                     const Shape& sh, int64_t pb, int64_t pe) {
-  run_panels<DotVnni>(a, x, sh, pb, pe);
+  run_panels<Kernel512, DotVnni>(a, x, sh, pb, pe);
 }
 
 void run_bw(const W4A8Args& a, const Acts& x, const Shape& sh, int64_t pb, int64_t pe) {
-  run_panels<DotBW>(a, x, sh, pb, pe);
+  run_panels<Kernel512, DotBW>(a, x, sh, pb, pe);
 }
 
 std::atomic<bool>& vnni_enabled() {
@@ -271,27 +218,14 @@ bool w4a8_uses_vnni() {
 void set_w4a8_vnni_enabled(bool enabled) { vnni_enabled().store(enabled); }
 
 bool linear_w4a8_avx512(const W4A8Args& a) {
-  if (!linear_w4a8_native_fits(a.K, a.group)) return false;
-  const int64_t Kp = (a.K + 7) / 8 * 8;
-  Shape sh;
-  sh.K8 = Kp / 8;
-  sh.groups = a.group == a.K ? 1 : a.K / a.group;
-  sh.gsteps = a.group == a.K ? sh.K8 : a.group / 8;
-  thread_local std::vector<int8_t> xq;
-  thread_local std::vector<int32_t> sums;
-  xq.resize(a.M * Kp);
-  sums.resize(a.M * sh.groups);
-  relayout_acts(a, Kp, sh.groups, a.group, xq.data(), sums.data());
-  const Acts x{xq.data(), Kp, sums.data()};
-  const int64_t panels = (a.N + kRows - 1) / kRows;
-  // Below ~1M multiply-adds a second thread costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (kRows * Kp * a.M));
+  if (!linear_w4a8_native_fits(a.K, a.group) || active_isa() != Isa::kAVX512) return false;
   const bool vnni = w4a8_uses_vnni();
-  parallel_for(panels, grain, [&](int64_t b, int64_t e) {
+  w4a8_drive<Kernel512>(a, [vnni](const W4A8Args& args, const Acts& x, const Shape& sh,
+                                   int64_t b, int64_t e) {
     if (vnni)
-      run_vnni(a, x, sh, b, e);
+      run_vnni(args, x, sh, b, e);
     else
-      run_bw(a, x, sh, b, e);
+      run_bw(args, x, sh, b, e);
   });
   return true;
 }

@@ -1,6 +1,6 @@
 // quantize_lowbit / dequantize_lowbit: the scalar reference for every row of the format
-// table (lowbit.h states the semantics). Quantization is offline work, so it stays scalar;
-// dequantization uses the AVX-512 row decoder when the ISA allows (bit-exact, tested).
+// table (lowbit.h states the semantics). Statistics, encoding and dequantization use the
+// AVX-512 / AVX2 pieces when the ISA allows (bit-exact, tested).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -30,16 +30,17 @@ struct Stats {
 };
 
 // Sums only when the format needs them (binary, ternary); min/max vectorized when allowed.
-bool stats_of(const float* x, int64_t n, Stats* s, bool need_sum, bool avx512) {
+bool stats_of(const float* x, int64_t n, Stats* s, bool need_sum, cpu::Isa isa) {
   Stats r;
-#ifdef TENSORSLIM_HAVE_AVX512
-  if (avx512 && !need_sum) {
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (isa != cpu::Isa::kScalar && !need_sum) {
     r.n = n;
     *s = r;
-    return cpu::lowbit_min_max_avx512(x, n, &s->lo, &s->hi);
+    return isa == cpu::Isa::kAVX512 ? cpu::lowbit_min_max_avx512(x, n, &s->lo, &s->hi)
+                                    : cpu::lowbit_min_max_avx2(x, n, &s->lo, &s->hi);
   }
 #endif
-  (void)avx512, (void)need_sum;
+  (void)isa, (void)need_sum;
   for (int64_t i = 0; i < n; ++i) {
     if (!std::isfinite(x[i])) return false;
     r.lo = std::fmin(r.lo, x[i]);
@@ -120,12 +121,16 @@ GroupParams group_params(const FormatInfo& info, const Stats& s, float tensor_sc
 }
 
 void encode_group(const FormatInfo& info, const GroupParams& p, const float* x, int64_t n,
-                  int32_t* codes, bool avx512) {
-#ifdef TENSORSLIM_HAVE_AVX512
-  if (avx512 && cpu::lowbit_encode_avx512(info, p.scale, p.zero_point, p.threshold, x, n, codes))
+                  int32_t* codes, cpu::Isa isa) {
+#if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (isa == cpu::Isa::kAVX512 &&
+      cpu::lowbit_encode_avx512(info, p.scale, p.zero_point, p.threshold, x, n, codes))
+    return;
+  if (isa == cpu::Isa::kAVX2 &&
+      cpu::lowbit_encode_avx2(info, p.scale, p.zero_point, p.threshold, x, n, codes))
     return;
 #endif
-  (void)avx512;
+  (void)isa;
   const float arg = info.format == Format::kTernary ? p.threshold : p.scale;
   for (int64_t i = 0; i < n; ++i) codes[i] = info.encode(x[i], arg, p.zero_point);
 }
@@ -265,7 +270,7 @@ void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const 
   const int64_t gsize = values_per_group(cols, group_size);
   const bool byte_scales = info.scale_format != ScaleFormat::kFloat32;
   const bool need_sum = info.format == Format::kBinary || info.format == Format::kTernary;
-  const bool avx512 = cpu::active_isa() == cpu::Isa::kAVX512;
+  const cpu::Isa isa = cpu::active_isa();
   uint8_t* zp_out = zero_points ? zero_points->ptr<uint8_t>() : nullptr;
 
   auto store_params = [&](int64_t idx, const GroupParams& p) {
@@ -284,7 +289,7 @@ void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const 
     cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
       std::vector<float> buf;
       for (int64_t r = b; r < e; ++r)
-        if (!stats_of(cpu::row_as_f32(x, r, buf), cols, &row_stats[r], need_sum, avx512))
+        if (!stats_of(cpu::row_as_f32(x, r, buf), cols, &row_stats[r], need_sum, isa))
           throw_nonfinite(info, r);
     });
     Stats all;
@@ -322,11 +327,11 @@ void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const 
         GroupParams p = tensor_params;
         if (!per_tensor) {
           Stats s;
-          if (!stats_of(xg, gsize, &s, need_sum, avx512)) throw_nonfinite(info, r);
+          if (!stats_of(xg, gsize, &s, need_sum, isa)) throw_nonfinite(info, r);
           p = group_params(info, s, ts, xg, gsize);
           store_params(r * groups + g, p);
         }
-        encode_group(info, p, xg, gsize, codes.data() + g * gsize, avx512);
+        encode_group(info, p, xg, gsize, codes.data() + g * gsize, isa);
       }
       cpu::pack_codes(codes.data(), cols, info.bits, q.ptr<uint8_t>() + r * q.strides[0]);
     }
@@ -352,16 +357,14 @@ void dequantize_lowbit(const TensorView& q, const TensorView& scales,
                       groups,
                       values_per_group(cols, group_size),
                       group_size == -1 ? 0 : groups};
-  const bool native = cpu::active_isa() == cpu::Isa::kAVX512 &&
-                      cpu::linear_lowbit_native_fits(info, cols, w.group);
+  const int isa_lanes = cpu::lowbit_native_lanes();
+  const int lanes = isa_lanes && cols % isa_lanes == 0 && w.group % isa_lanes == 0 ? isa_lanes : 0;
   cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
     std::vector<float> row(cols);
     for (int64_t r = b; r < e; ++r) {
-#ifdef TENSORSLIM_HAVE_AVX512
-      if (native)
-        cpu::dequantize_row_avx512(w, r, cols, row.data());
+      if (lanes)
+        cpu::dequantize_row_native(lanes, w, r, cols, row.data());
       else
-#endif
         cpu::dequantize_row_reference(w, r, cols, row.data());
       cpu::store_row(row.data(), out, r);
     }

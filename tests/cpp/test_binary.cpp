@@ -1,5 +1,5 @@
-// Binary / ternary / XNOR linears: each AVX-512 path against the scalar reference, and
-// the reference against an independent float64 / integer computation from unpacked signs.
+// Binary / ternary / XNOR linears: each AVX-512 and AVX2 path against the scalar reference,
+// and the reference against an independent float64 / integer computation from unpacked signs.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -22,8 +22,19 @@ using testing::view2;
 const int64_t kKs[] = {1, 7, 9, 16, 63, 100, 511, 512, 513, 1031, 2050};
 constexpr int64_t kN = 11;
 
-// The ISA the kernels run now: the avx2.* ctest pass caps it (TENSORSLIM_ISA=avx2).
-bool have_avx512() { return cpu::active_isa() == cpu::Isa::kAVX512; }
+// The vector ISAs this CPU runs; each native test runs on every one (set_isa), and puts the
+// active ISA back afterwards.
+std::vector<cpu::Isa> vector_isas() {
+  std::vector<cpu::Isa> out;
+  if (cpu::best_isa() >= cpu::Isa::kAVX2) out.push_back(cpu::Isa::kAVX2);
+  if (cpu::best_isa() >= cpu::Isa::kAVX512) out.push_back(cpu::Isa::kAVX512);
+  return out;
+}
+struct IsaGuard {
+  cpu::Isa saved = cpu::active_isa();
+  ~IsaGuard() { cpu::set_isa(saved); }
+};
+
 
 // Random packed rows whose padding bits are random too (kernels must ignore them).
 std::vector<uint8_t> random_bytes(int64_t n, uint32_t seed) {
@@ -73,11 +84,16 @@ TEST(Binary, XnorDotsExactOnEveryPath) {
         return got;
       };
       EXPECT_EQ(run(GemmBackend::kReference), want) << "K=" << K << " M=" << M;
-      if (!have_avx512()) continue;
-      EXPECT_EQ(run(GemmBackend::kNative), want) << "vpopcntdq=" << cpu::has_vpopcntdq() << " K=" << K;
-      cpu::set_vpopcntdq_enabled(false);  // the VPSHUFB fallback
-      EXPECT_EQ(run(GemmBackend::kNative), want) << "nibble table, K=" << K << " M=" << M;
-      cpu::set_vpopcntdq_enabled(true);
+      IsaGuard guard;
+      for (cpu::Isa isa : vector_isas()) {
+        cpu::set_isa(isa);
+        EXPECT_EQ(run(GemmBackend::kNative), want)
+            << cpu::isa_name(isa) << " vpopcntdq=" << cpu::has_vpopcntdq() << " K=" << K << " M=" << M;
+        if (isa != cpu::Isa::kAVX512) continue;
+        cpu::set_vpopcntdq_enabled(false);  // the VPSHUFB fallback
+        EXPECT_EQ(run(GemmBackend::kNative), want) << "nibble table, K=" << K << " M=" << M;
+        cpu::set_vpopcntdq_enabled(true);
+      }
     }
   }
 }
@@ -103,15 +119,16 @@ TEST(Binary, BinarizeRows) {
 
 // Float64 y = scale * sum_k x * t + bias from unpacked weights, and the summation error
 // bound of a float32 kernel: accumulating n terms in fp32 errs by at most n * 2^-24 of
-// sum |x|. The AVX-512 kernels add K/16 terms per lane then 16 lanes (+4 levels);
-// the binary kernel forms 2P - S from two such sums (3x), one more rounding for the
-// scale/bias step. The reference sums in double, so its own error is negligible.
+// sum |x|. A kernel of L lanes adds K/L terms per lane then L lanes (+log2 L levels: 4 for
+// AVX-512, 3 for AVX2); the binary kernel forms 2P - S from two such sums (3x), one more
+// rounding for the scale/bias step. The reference sums in double, so its own error is
+// negligible (it is held to the looser AVX2 bound).
 struct Expect {
   std::vector<double> y, bound;
 };
 
 Expect expected(const std::vector<float>& x, const std::vector<int>& t, const std::vector<float>& s,
-                const std::vector<float>& bias, int64_t M, int64_t K, double sums) {
+                const std::vector<float>& bias, int64_t M, int64_t K, double sums, int lanes) {
   Expect e{std::vector<double>(M * kN), std::vector<double>(M * kN)};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < kN; ++n) {
@@ -122,10 +139,17 @@ Expect expected(const std::vector<float>& x, const std::vector<int>& t, const st
       }
       const double y = acc * s[n] + bias[n];
       e.y[m * kN + n] = y;
-      e.bound[m * kN + n] = sums * (K / 16.0 + 6) * std::ldexp(1.0, -24) * absx * s[n] +
+      e.bound[m * kN + n] = sums * (double(K) / lanes + std::log2(lanes) + 2) * std::ldexp(1.0, -24) * absx * s[n] +
                             std::ldexp(std::fabs(y) + std::fabs(bias[n]), -22);
     }
   return e;
+}
+
+// The reference (as kScalar), then the native kernel of every vector ISA.
+std::vector<cpu::Isa> native_runs() {
+  std::vector<cpu::Isa> out = vector_isas();
+  out.insert(out.begin(), cpu::Isa::kScalar);
+  return out;
 }
 
 void expect_close(const std::vector<float>& got, const Expect& e, const char* what, int64_t K) {
@@ -145,14 +169,16 @@ TEST(Binary, BinaryWeightLinearMatchesFloat64) {
     const TensorView bv = view1(bias.data(), DType::kFloat32, kN);
     for (int64_t M = 1; M <= 17; M += (M < 5 ? 1 : 4)) {
       std::vector<float> x = random_weights(M * K, 9 + M);
-      const Expect e = expected(x, t, s, bias, M, K, 3.0);
-      for (GemmBackend be : {GemmBackend::kReference, GemmBackend::kNative}) {
-        if (be == GemmBackend::kNative && !have_avx512()) continue;
+      IsaGuard guard;
+      for (cpu::Isa isa : native_runs()) {
+        const GemmBackend be = isa == cpu::Isa::kScalar ? GemmBackend::kReference : GemmBackend::kNative;
+        if (be == GemmBackend::kNative) cpu::set_isa(isa);
+        const Expect e = expected(x, t, s, bias, M, K, 3.0, isa == cpu::Isa::kAVX512 ? 16 : 8);
         std::vector<float> out(M * kN, NAN);
         linear_binary(view2(x.data(), DType::kFloat32, M, K), view2(w.data(), DType::kUInt8, kN, rb),
                       view1(s.data(), DType::kFloat32, kN), &bv,
                       view2(out.data(), DType::kFloat32, M, kN), be);
-        expect_close(out, e, be == GemmBackend::kNative ? "native" : "reference", K);
+        expect_close(out, e, cpu::isa_name(isa), K);
       }
     }
   }
@@ -168,14 +194,16 @@ TEST(Binary, TernaryLinearMatchesFloat64) {
     const TensorView bv = view1(bias.data(), DType::kFloat32, kN);
     for (int64_t M = 1; M <= 17; M += (M < 5 ? 1 : 4)) {
       std::vector<float> x = random_weights(M * K, 19 + M);
-      const Expect e = expected(x, t, s, bias, M, K, 1.0);
-      for (GemmBackend be : {GemmBackend::kReference, GemmBackend::kNative}) {
-        if (be == GemmBackend::kNative && !have_avx512()) continue;
+      IsaGuard guard;
+      for (cpu::Isa isa : native_runs()) {
+        const GemmBackend be = isa == cpu::Isa::kScalar ? GemmBackend::kReference : GemmBackend::kNative;
+        if (be == GemmBackend::kNative) cpu::set_isa(isa);
+        const Expect e = expected(x, t, s, bias, M, K, 1.0, isa == cpu::Isa::kAVX512 ? 16 : 8);
         std::vector<float> out(M * kN, NAN);
         linear_ternary(view2(x.data(), DType::kFloat32, M, K), view2(w.data(), DType::kUInt8, kN, rb),
                        view1(s.data(), DType::kFloat32, kN), &bv,
                        view2(out.data(), DType::kFloat32, M, kN), be);
-        expect_close(out, e, be == GemmBackend::kNative ? "native" : "reference", K);
+        expect_close(out, e, cpu::isa_name(isa), K);
       }
     }
   }
@@ -203,13 +231,18 @@ TEST(Binary, XnorLinearIsExact) {
           want[m * kN + n] = static_cast<float>(dot) * a_scale * s[n] + bias[n];
         }
       }
-      for (GemmBackend be : {GemmBackend::kReference, GemmBackend::kNative, GemmBackend::kAuto}) {
-        if (be == GemmBackend::kNative && !have_avx512()) continue;
-        std::vector<float> out(M * kN, NAN);
-        linear_xnor(view2(x.data(), DType::kFloat32, M, K), view2(w.data(), DType::kUInt8, kN, rb),
-                    view1(s.data(), DType::kFloat32, kN), &bv, view2(out.data(), DType::kFloat32, M, kN),
-                    be);
-        ASSERT_EQ(out, want) << "K=" << K << " M=" << M << " backend=" << static_cast<int>(be);
+      IsaGuard guard;
+      for (cpu::Isa isa : native_runs()) {
+        cpu::set_isa(isa);
+        for (GemmBackend be : {GemmBackend::kReference, GemmBackend::kNative, GemmBackend::kAuto}) {
+          if (be == GemmBackend::kNative && isa == cpu::Isa::kScalar) continue;
+          std::vector<float> out(M * kN, NAN);
+          linear_xnor(view2(x.data(), DType::kFloat32, M, K), view2(w.data(), DType::kUInt8, kN, rb),
+                      view1(s.data(), DType::kFloat32, kN), &bv, view2(out.data(), DType::kFloat32, M, kN),
+                      be);
+          ASSERT_EQ(out, want) << "K=" << K << " M=" << M << " backend=" << static_cast<int>(be) << " "
+                               << cpu::isa_name(isa);
+        }
       }
     }
   }
@@ -234,7 +267,7 @@ TEST(Binary, BadArgumentsRaise) {
   EXPECT_THROW(linear_binary(xv, view2(w.data(), DType::kUInt8, N, 3), view1(s2.data(), DType::kFloat32, N + 1),
                              nullptr, ov, GemmBackend::kAuto),
                ValueError);
-  if (have_avx512()) {  // forcing the scalar ISA leaves no native kernel
+  if (!vector_isas().empty()) {  // forcing the scalar ISA leaves no native kernel
     const cpu::Isa saved = cpu::active_isa();
     cpu::set_isa(cpu::Isa::kScalar);
     EXPECT_THROW(linear_binary(xv, view2(w.data(), DType::kUInt8, N, 3), sv, nullptr, ov, GemmBackend::kNative),

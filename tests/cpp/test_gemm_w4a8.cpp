@@ -1,6 +1,6 @@
 // W4A8: the scalar reference against a float64 product of the dequantized weights and the
-// quantized activations, and the AVX-512 kernel (VNNI and vpmaddubsw paths) against the
-// reference bit for bit on odd shapes.
+// quantized activations, and the AVX-512 kernel (VNNI and vpmaddubsw paths) and the AVX2 one
+// against the reference bit for bit on odd shapes.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -121,6 +121,27 @@ TEST(GemmW4A8, ReferenceMatchesFloat64) {
   }
 }
 
+// Every case, int4 / uint4, with and without bias, fp32 / bf16: the native kernel the active
+// ISA runs gives the reference's bytes.
+void expect_native_bit_exact(const char* label) {
+  for (const Case& c : kCases) {
+    for (Format fmt : {Format::kInt4, Format::kUInt4}) {
+      const Weight w = make_weight(fmt, c.N, c.K, c.group, 11 + c.N);
+      const int64_t ldx = c.K + 3;  // rows contiguous, not the whole tensor
+      const std::vector<float> x = make_x(c.M, c.K, ldx, 13 + c.M), b = random_weights(c.N, 2);
+      for (bool bias : {true, false})
+        for (DType xdt : {DType::kFloat32, DType::kBFloat16}) {
+          std::vector<uint8_t> ref, got;
+          run(c, fmt, bias, xdt, GemmBackend::kReference, w, x, ldx, b, ref);
+          run(c, fmt, bias, xdt, GemmBackend::kNative, w, x, ldx, b, got);
+          ASSERT_EQ(0, std::memcmp(ref.data(), got.data(), ref.size()))
+              << label << " M=" << c.M << " N=" << c.N << " K=" << c.K << " g=" << c.group << " "
+              << format_info(fmt).name << " bias=" << bias << " " << dtype_name(xdt);
+        }
+    }
+  }
+}
+
 TEST(GemmW4A8, NativeMatchesReferenceBitForBit) {
   if (!have_avx512()) GTEST_SKIP() << "no AVX-512";
   const bool vnni = cpu::w4a8_uses_vnni();
@@ -128,25 +149,20 @@ TEST(GemmW4A8, NativeMatchesReferenceBitForBit) {
     if (use_vnni && !vnni) continue;
     cpu::set_w4a8_vnni_enabled(use_vnni);
     EXPECT_STREQ(linear_w4a8_kernel(256, 32), use_vnni ? "avx512_vnni" : "avx512bw");
-    for (const Case& c : kCases) {
-      for (Format fmt : {Format::kInt4, Format::kUInt4}) {
-        const Weight w = make_weight(fmt, c.N, c.K, c.group, 11 + c.N);
-        const int64_t ldx = c.K + 3;  // rows contiguous, not the whole tensor
-        const std::vector<float> x = make_x(c.M, c.K, ldx, 13 + c.M), b = random_weights(c.N, 2);
-        for (bool bias : {true, false})
-          for (DType xdt : {DType::kFloat32, DType::kBFloat16}) {
-            std::vector<uint8_t> ref, got;
-            run(c, fmt, bias, xdt, GemmBackend::kReference, w, x, ldx, b, ref);
-            run(c, fmt, bias, xdt, GemmBackend::kNative, w, x, ldx, b, got);
-            ASSERT_EQ(0, std::memcmp(ref.data(), got.data(), ref.size()))
-                << (use_vnni ? "vnni" : "bw") << " M=" << c.M << " N=" << c.N << " K=" << c.K
-                << " g=" << c.group << " " << format_info(fmt).name << " bias=" << bias
-                << " " << dtype_name(xdt);
-          }
-      }
-    }
+    expect_native_bit_exact(use_vnni ? "vnni" : "bw");
   }
   cpu::set_w4a8_vnni_enabled(true);
+}
+
+// The AVX2 kernel (8-row panels, 4-token tiles), forced on an AVX-512 machine too.
+TEST(GemmW4A8, Avx2MatchesReferenceBitForBit) {
+  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  const cpu::Isa saved = cpu::active_isa();
+  cpu::set_isa(cpu::Isa::kAVX2);
+  EXPECT_STREQ(linear_w4a8_kernel(256, 32), "avx2");
+  EXPECT_STREQ(linear_w4a8_kernel(96, 6), "reference");
+  expect_native_bit_exact("avx2");
+  cpu::set_isa(saved);
 }
 
 TEST(GemmW4A8, AutoFallsBackWhereNoKernelFits) {

@@ -13,8 +13,8 @@ from tensorslim.ops import binary as B
 
 
 def _float64_bound(x, w, y):
-    """Summation error bound of an fp32 kernel against float64: the AVX-512 kernels add at
-    most K/16 + 4 terms per lane, the reference F.linear (MKL) at most K; the binary kernel
+    """Summation error bound of an fp32 kernel against float64: the AVX-512 / AVX2 kernels add
+    at most K/16 + 4 / K/8 + 3 terms per lane, the reference F.linear (MKL) at most K; the binary kernel
     forms 2P - S from two such sums. 3 * (K + 8) * 2^-24 * (|x| @ |w|^T) covers all, plus
     one rounding of the result."""
     K = x.shape[-1]

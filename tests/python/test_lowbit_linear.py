@@ -39,7 +39,7 @@ def test_every_backend_matches_float64(fmt, isa):
                 x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
                 want = x.double() @ deq.double().T + bias.double()
                 for backend in ("reference", "scalar", "native", "auto"):
-                    if backend == "native" and isa != "avx512":
+                    if backend == "native" and isa == "scalar":
                         with pytest.raises(ValueError, match="no native kernel"):
                             ops.linear_lowbit(x, q, s, z, t, bias, fmt, group, K, backend=backend)
                         continue
@@ -61,15 +61,36 @@ def test_large_batches_decode_tiles_for_sgemm():
         assert rel_err(y, x.double() @ deq.double().T + bias.double()) < 2e-6
 
 
-def test_shapes_the_native_kernel_does_not_take_fall_back():
-    # K = 40 is not a multiple of 16: "auto" uses the scalar path, "native" says why it cannot.
-    (q, s, z, t), deq = quantized_weight("fp8_e4m3", 8, 40, 40, seed=1)
-    x = torch.randn(2, 40)
-    y = ops.linear_lowbit(x, q, s, z, t, None, "fp8_e4m3", 40, 40)
-    assert rel_err(y, x.double() @ deq.double().T) < 2e-6
-    if ts._C.best_isa() == "avx512":
-        with pytest.raises(ValueError, match="multiples of 16"):
-            ops.linear_lowbit(x, q, s, z, t, None, "fp8_e4m3", 40, 40, backend="native")
+def test_batches_on_both_sides_of_the_isa_gemv_cap(isa):
+    # The fused GEMV runs up to the active ISA's cap (AVX2's 4-row passes lose to decode +
+    # sgemm sooner), decode + sgemm above it: both sides give the float64 result.
+    cap = ts._C.lowbit_gemv_max_rows()
+    assert cap == (8 if isa == "avx2" else ops.lowbit.GEMV_MAX_ROWS)
+    for fmt, group in (("nvfp4", 16), ("fp8_e4m3", 64), ("int3", 32)):
+        (q, s, z, t), deq = quantized_weight(fmt, 44, 64, group, seed=7)
+        for M in (cap, cap + 1):
+            x = torch.randn(M, 64)
+            y = ops.linear_lowbit(x, q, s, z, t, None, fmt, group, 64)
+            assert rel_err(y, x.double() @ deq.double().T) < 2e-6, (fmt, M)
+
+
+def test_shapes_the_native_kernel_does_not_take_fall_back(isa):
+    # K = 36 is not a multiple of 8 (AVX2's step) nor of 16 (AVX-512's): "auto" uses the
+    # scalar path, "native" says why it cannot. K = 40 is one for AVX2 only.
+    step = {"avx2": 8, "avx512": 16}.get(isa)
+    for K in (36, 40):
+        (q, s, z, t), deq = quantized_weight("fp8_e4m3", 8, K, K, seed=1)
+        x = torch.randn(2, K)
+        y = ops.linear_lowbit(x, q, s, z, t, None, "fp8_e4m3", K, K)
+        assert rel_err(y, x.double() @ deq.double().T) < 2e-6
+        if step is None:
+            continue
+        if K % step:
+            with pytest.raises(ValueError, match=f"multiples of {step}"):
+                ops.linear_lowbit(x, q, s, z, t, None, "fp8_e4m3", K, K, backend="native")
+        else:
+            y = ops.linear_lowbit(x, q, s, z, t, None, "fp8_e4m3", K, K, backend="native")
+            assert rel_err(y, x.double() @ deq.double().T) < 2e-6
 
 
 def test_bf16_activations_and_leading_dims():

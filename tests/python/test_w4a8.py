@@ -59,9 +59,12 @@ def test_every_backend_is_bit_exact_with_the_specification(fmt, isa):
         for backend in ("auto", "scalar"):
             got = ts.ops.linear_w4a8(x, q, s, z, bias, fmt, group, K, backend)
             assert torch.equal(got, want), (isa, backend, M)
-        if isa == "avx512":
+        if isa != "scalar":
+            assert ts.ops.w4a8.kernel_name(K, group).startswith(isa)
             assert torch.equal(ts.ops.linear_w4a8(x, q, s, z, None, fmt, group, K, "native"),
                                ts.ops.w4a8.linear_w4a8_reference(x, q, s, z, None, fmt, group))
+        else:
+            assert ts.ops.w4a8.kernel_name(K, group) == "reference"
 
 
 def test_fp16_runs_in_fp32_like_weight_only():
@@ -196,7 +199,7 @@ def test_errors_name_the_problem():
     x96 = torch.randn(3, 96)
     assert torch.equal(ts.ops.linear_w4a8(x96, q6, s6, None, None, "int4", 6, 96),
                        ts.ops.w4a8.linear_w4a8_reference(x96, q6, s6, None, None, "int4", 6))
-    if ts._C.best_isa() == "avx512":
+    if ts._C.active_isa() != "scalar":
         with pytest.raises(ValueError, match="no native kernel"):
             ts.ops.linear_w4a8(x96, q6, s6, None, None, "int4", 6, 96, "native")
 

@@ -19,7 +19,7 @@ from .int8 import quantize_per_token_reference
 from .weight_only import unpack_int4
 
 # "reference" is the plain-PyTorch specification below; the others are native paths:
-# "scalar" is the C++ reference, "native" the AVX-512 kernel, "auto" native where it fits.
+# "scalar" is the C++ reference, "native" the AVX-512 / AVX2 kernel, "auto" native where it fits.
 W4A8_BACKENDS = {"auto": 0, "scalar": 1, "native": 2}
 W4A8_FORMATS = ("int4", "uint4")
 
@@ -120,7 +120,7 @@ def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def kernel_name(in_features: int, group_size: int) -> str:
-    """The kernel backend="auto" runs: "avx512_vnni", "avx512bw" or "reference" (scalar C++)."""
+    """The kernel backend="auto" runs: "avx512_vnni", "avx512bw", "avx2" or "reference" (scalar C++)."""
     return _C.linear_w4a8_kernel(in_features, group_size)
 
 

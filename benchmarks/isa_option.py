@@ -1,0 +1,48 @@
+"""--isa avx2|avx512 for the benchmarks: caps our kernels *and* the baseline (torch's ATen and
+MKL, oneDNN) at one ISA, so an AVX-512 machine can measure what an AVX2-only CPU gets.
+
+The caps are environment variables those libraries read when they load, so a benchmark
+calls cap_from_argv() before it imports torch or tensorslim, then add_argument(parser)
+(for --help) and check(args) after parsing (which says whether the cap took effect).
+"""
+import os
+import sys
+
+CHOICES = ("avx2", "avx512")
+_ENV = {
+    "avx2": {"TENSORSLIM_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512": {},  # the machine as it is
+}
+
+
+def _requested(argv):
+    for i, a in enumerate(argv):
+        if a == "--isa" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--isa="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def cap_from_argv(argv=None):
+    isa = _requested(sys.argv[1:] if argv is None else argv)
+    if isa in _ENV:
+        os.environ.update(_ENV[isa])
+
+
+def add_argument(parser):
+    parser.add_argument("--isa", choices=CHOICES, default=None,
+                        help="cap our kernels and torch/MKL/oneDNN at this ISA (default: the best here)")
+
+
+def check(args):
+    """Exits with a message when the requested ISA is not what runs; returns a line to print."""
+    import torch
+
+    import tensorslim as ts
+
+    active = ts._C.active_isa()
+    if args.isa and active != args.isa:
+        sys.exit(f"--isa {args.isa}: this machine runs {active} (best {ts._C.best_isa()})")
+    return f"tensorslim ISA {active} (best {ts._C.best_isa()}), torch CPU capability {torch.backends.cpu.get_cpu_capability()}"

@@ -1,0 +1,204 @@
+// AVX2 W4A8 kernel, the twin of gemm_w4a8_avx512.cpp (layout and driver: w4a8_panels.h):
+// 8 rows per panel (an 8 x 8 dword transpose unpacks 8 rows x 64 k at a time) and tiles of
+// up to 4 tokens x 8 rows in registers. The u8 x s8 products go through vpmaddubsw +
+// vpmaddwd; vpmaddubsw's int16 pair sums cannot saturate (2 * 15 * 128 < 2^15), so the group
+// dots are exact and the output bit-exact with linear_w4a8_reference.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "half.h"
+#include "tensorslim/gemm_w4a8.h"
+#include "tensorslim/quantize.h"
+#include "w4a8_panels.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+// Even k first, then odd k, in every 8 bytes (the order of the unpacked nibbles).
+void relayout_row256(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) {
+  const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  for (int64_t k = 0; k < Kp; k += 32) {
+    alignas(32) int8_t tmp[32] = {};  // the tail: zero padding past K, stores up to Kp
+    const bool whole = k + 32 <= K && k + 32 <= Kp;
+    const int8_t* s = src + k;
+    if (!whole) {
+      std::memcpy(tmp, s, static_cast<size_t>(std::max<int64_t>(0, std::min<int64_t>(32, K - k))));
+      s = tmp;
+    }
+    const __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)), order);
+    if (whole) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), v);
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
+      std::memcpy(dst + k, tmp, static_cast<size_t>(std::min<int64_t>(32, Kp - k)));
+    }
+  }
+}
+
+// v[r] = 8 dwords of row r  ->  v[j] = dword j of rows 0..7.
+inline void transpose8(__m256i v[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  // u[4b + c], row quad b: 128-bit lane L holds column c + 4L of rows 4b..4b+3.
+  for (int b = 0; b < 8; b += 4) {
+    u[b] = _mm256_unpacklo_epi64(t[b], t[b + 2]);
+    u[b + 1] = _mm256_unpackhi_epi64(t[b], t[b + 2]);
+    u[b + 2] = _mm256_unpacklo_epi64(t[b + 1], t[b + 3]);
+    u[b + 3] = _mm256_unpackhi_epi64(t[b + 1], t[b + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    v[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+    v[c + 4] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+  }
+}
+
+// next_rows: how many rows the following panel has (0: none); their bytes are prefetched
+// into L2 one line per row per 64 k, as the AVX-512 kernel does.
+void pack_panel256(const W4A8Args& a, int64_t n0, int64_t rows, int64_t K8, int64_t groups,
+                   int64_t next_rows, Panel& p) {
+  constexpr int R = 8;
+  const int64_t row_bytes = (a.K + 1) / 2;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  // int4: u = nibble XOR 8, both nibbles of a byte at once.
+  const __m256i flip = _mm256_set1_epi8(a.zero_points ? 0 : static_cast<char>(0x88));
+  const uint8_t* next = next_rows ? a.qweight + (n0 + R) * a.ldw : nullptr;
+  if (next_rows) {  // the next panel's scales (and zero points): [8, groups], contiguous
+    const int64_t at = (n0 + R) * groups, bytes = next_rows * groups * 4;
+    for (int64_t b = 0; b < bytes; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(a.scales + at) + b, _MM_HINT_T1);
+      if (a.zero_points && b % 256 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(a.zero_points + at) + b / 4, _MM_HINT_T1);
+    }
+  }
+  for (int64_t c = 0; c < K8; c += 8) {  // 8 steps of 8 k = 32 packed bytes per row
+    if (c % 16 == 0)
+      for (int64_t r = 0; r < next_rows; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * a.ldw + c * 4), _MM_HINT_T1);
+    const int64_t avail = row_bytes - c * 4;
+    __m256i v[8];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* src = a.qweight + (n0 + r) * a.ldw + c * 4;
+      __m256i b = _mm256_setzero_si256();
+      if (r < rows) {
+        if (avail >= 32) {
+          b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+        } else {  // the row's last bytes: never read past them
+          alignas(32) uint8_t tmp[32] = {};
+          std::memcpy(tmp, src, static_cast<size_t>(avail));
+          b = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+        }
+        b = _mm256_xor_si256(b, flip);
+      }
+      v[r] = b;
+    }
+    transpose8(v);
+    const int64_t steps = std::min<int64_t>(8, K8 - c);
+    for (int64_t j = 0; j < steps; ++j) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.w.data() + (c + j) * 64),
+                          _mm256_and_si256(v[j], low));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.w.data() + (c + j) * 64 + 32),
+                          _mm256_and_si256(_mm256_srli_epi16(v[j], 4), low));
+    }
+  }
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// acc += per lane, sum over its 4 byte pairs of u8 * s8 (exact, see the file comment).
+struct DotMadd {
+  static inline __m256i step(__m256i acc, __m256i u, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+  }
+};
+
+// Tokens m0 .. m0+MB-1 x the panel's rows n0 .. n0+rows-1.
+template <int MB, class Dot>
+void tile256(const W4A8Args& a, const Acts& x, const Panel& p, const Shape& sh, int64_t n0,
+             int64_t rows, int64_t m0) {
+  constexpr int R = 8;
+  __m256 facc[MB];
+  const int8_t* xr[MB];
+  for (int m = 0; m < MB; ++m) {
+    facc[m] = _mm256_setzero_ps();
+    xr[m] = x.q + (m0 + m) * x.Kp;
+  }
+  for (int64_t g = 0; g < sh.groups; ++g) {
+    __m256i acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
+    const uint8_t* w = p.w.data() + g * sh.gsteps * 64;
+    const int64_t k0 = g * sh.gsteps * 8;
+    for (int64_t j = 0; j < sh.gsteps; ++j) {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+      for (int m = 0; m < MB; ++m) {
+        acc[m] = Dot::step(acc[m], lo, broadcast4(xr[m] + k0 + j * 8));
+        acc[m] = Dot::step(acc[m], hi, broadcast4(xr[m] + k0 + j * 8 + 4));
+      }
+    }
+    // d = sum(u * q) - o * sum(q), exact; then the reference's acc = acc + float(d) * scale.
+    const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.o.data() + g * R));
+    const __m256 s = _mm256_loadu_ps(p.s.data() + g * R);
+    for (int m = 0; m < MB; ++m) {
+      const __m256i sum = _mm256_set1_epi32(x.sums[(m0 + m) * sh.groups + g]);
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[m], _mm256_mullo_epi32(o, sum)));
+      facc[m] = _mm256_add_ps(facc[m], _mm256_mul_ps(d, s));
+    }
+  }
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 bias = a.bias ? _mm256_maskload_ps(a.bias + n0, keep) : _mm256_setzero_ps();
+  for (int m = 0; m < MB; ++m) {
+    __m256 y = _mm256_mul_ps(facc[m], _mm256_set1_ps(a.act_scales[m0 + m]));
+    if (a.bias) y = _mm256_add_ps(y, bias);  // no bias: no + 0 (it would turn -0 into +0)
+    const int64_t at = (m0 + m) * a.ldo + n0;
+    if (!a.out_bf16) {
+      _mm256_maskstore_ps(static_cast<float*>(a.out) + at, keep, y);
+    } else {
+      alignas(32) float t[R];
+      _mm256_store_ps(t, y);
+      uint16_t* o16 = static_cast<uint16_t*>(a.out) + at;
+      for (int64_t r = 0; r < rows; ++r) o16[r] = float_to_bf16(t[r]);
+    }
+  }
+}
+
+// The vector part for w4a8_panels.h.
+struct Kernel256 {
+  static constexpr int kRows = 8;
+  static constexpr int kTokens = 4;  // 4 int32 + 4 fp32 accumulators of the 16 ymm registers
+  static void relayout_row(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) {
+    relayout_row256(src, K, Kp, dst);
+  }
+  static void pack_panel(const W4A8Args& a, int64_t n0, int64_t rows, int64_t K8, int64_t groups,
+                         int64_t next_rows, Panel& p) {
+    pack_panel256(a, n0, rows, K8, groups, next_rows, p);
+  }
+  template <int MB, class Dot>
+  static void tile(const W4A8Args& a, const Acts& x, const Panel& p, const Shape& sh, int64_t n0,
+                   int64_t rows, int64_t m0) {
+    tile256<MB, Dot>(a, x, p, sh, n0, rows, m0);
+  }
+};
+
+}  // namespace
+
+bool linear_w4a8_avx2(const W4A8Args& a) {
+  if (!linear_w4a8_native_fits(a.K, a.group) || active_isa() < Isa::kAVX2) return false;
+  w4a8_drive<Kernel256>(a, [](const W4A8Args& args, const Acts& x, const Shape& sh, int64_t b,
+                              int64_t e) { run_panels<Kernel256, DotMadd>(args, x, sh, b, e); });
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
