@@ -9,7 +9,8 @@
 
 namespace tensorslim {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3, kUInt8 = 4, kInt32 = 5 };
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3, kUInt8 = 4, kInt32 = 5,
+                          kFloat64 = 6 };  // float64: only the distillation losses' reference path
 enum class DeviceType : int32_t { kCPU = 0, kCUDA = 1 };
 
 const char* dtype_name(DType dt);

@@ -12,6 +12,7 @@ const char* dtype_name(DType dt) {
     case DType::kInt8: return "int8";
     case DType::kUInt8: return "uint8";
     case DType::kInt32: return "int32";
+    case DType::kFloat64: return "float64";
   }
   return "unknown";
 }
@@ -21,6 +22,7 @@ int dtype_size(DType dt) {
     case DType::kFloat32: case DType::kInt32: return 4;
     case DType::kFloat16: case DType::kBFloat16: return 2;
     case DType::kInt8: case DType::kUInt8: return 1;
+    case DType::kFloat64: return 8;
   }
   return 0;
 }
