@@ -1,6 +1,7 @@
 // Knowledge-distillation losses on the CPU (Hinton et al. 2015, "Distilling the Knowledge
 // in a Neural Network"). docs/distill.md has the formulas; in short, per row r of
-// student logits s and teacher logits t (both [R, V], f32 or bf16, unit stride along V):
+// student logits s and teacher logits t (both [R, V], unit stride along V; f32, bf16 or f16
+// computed in fp32, or both f64: the scalar reference run in double, which gradcheck uses):
 //
 //   p_s = softmax(s / T), p_t = softmax(t / T)
 //   KD  = T^2 * KL(p_t || p_s)            (reverse: T^2 * KL(p_s || p_t))
@@ -29,10 +30,11 @@ struct KdOptions {
   int64_t ignore_index = -100;
 };
 
-// Per-row statistics the forward saves for the backward (fp32 [R, kKdStats]).
+// Per-row statistics the forward saves for the backward ([R, kKdStats]; fp32, f64 for f64 logits).
 enum KdStat : int { kStudentMax = 0, kStudentLogZ, kTeacherMax, kTeacherLogZ, kStudentLogZ1, kKl, kKdStats = 8 };
 
-// row_loss: fp32 [R] (loss_r, 0 on ignored rows); stats: fp32 [R, kKdStats].
+// row_loss: [R] (loss_r, 0 on ignored rows); stats: [R, kKdStats]; row_loss, stats and the
+// backward's row_scale are fp32, or f64 for f64 logits.
 // labels: int32 [R] or null; topk: int32 [R, k] teacher token indices or null.
 void kd_loss_forward(const TensorView& student, const TensorView& teacher, const TensorView* labels,
                      const TensorView* topk, const KdOptions& opt, const TensorView& row_loss,

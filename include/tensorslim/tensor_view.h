@@ -10,7 +10,8 @@
 namespace tensorslim {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3, kUInt8 = 4, kInt32 = 5,
-                              kUInt16 = 6, kInt64 = 7 };  // uint16 / int64: sparse column indices, row pointers
+                              kUInt16 = 6, kInt64 = 7,  // sparse column indices, row pointers
+                              kFloat64 = 8 };  // only the distillation losses' reference path
 enum class DeviceType : int32_t { kCPU = 0, kCUDA = 1 };
 
 const char* dtype_name(DType dt);

@@ -24,10 +24,15 @@ class _View(tuple):
         return self
 
 
-def view(t: torch.Tensor, what: str = "tensor") -> tuple:
+# float64 crosses only where a caller asks for it (the distillation losses' reference path);
+# every other kernel keeps rejecting it here.
+_FLOAT64_CODE = 8
+
+
+def view(t: torch.Tensor, what: str = "tensor", float64: bool = False) -> tuple:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
-    code = _DTYPE_CODES.get(t.dtype)
+    code = _FLOAT64_CODE if float64 and t.dtype == torch.float64 else _DTYPE_CODES.get(t.dtype)
     if code is None:
         raise TypeError(f"{what}: dtype {t.dtype} is not supported by the native core")
     if t.is_cuda:

@@ -17,7 +17,7 @@ TensorView to_view(const py::handle& obj, const char* what) {
   TensorView v;
   v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
   const int code = t[1].cast<int>();
-  if (code < 0 || code > static_cast<int>(DType::kInt64)) throw bad("unknown dtype code");
+  if (code < 0 || code > static_cast<int>(DType::kFloat64)) throw bad("unknown dtype code");
   v.dtype = static_cast<DType>(code);
   py::tuple shape = t[2].cast<py::tuple>(), strides = t[3].cast<py::tuple>();
   if (shape.size() != strides.size() || shape.size() > kMaxDims) throw bad("bad shape/strides");

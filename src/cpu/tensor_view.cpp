@@ -14,6 +14,7 @@ const char* dtype_name(DType dt) {
     case DType::kInt32: return "int32";
     case DType::kUInt16: return "uint16";
     case DType::kInt64: return "int64";
+    case DType::kFloat64: return "float64";
   }
   return "unknown";
 }
@@ -24,6 +25,7 @@ int dtype_size(DType dt) {
     case DType::kFloat16: case DType::kBFloat16: case DType::kUInt16: return 2;
     case DType::kInt64: return 8;
     case DType::kInt8: case DType::kUInt8: return 1;
+    case DType::kFloat64: return 8;
   }
   return 0;
 }

@@ -40,6 +40,47 @@ TEST(DistillKernels, SumExpMatchesDouble) {
   }
 }
 
+// Each ISA's KD kernels against the scalar fp32 reference on odd chunk sizes (tails after the
+// 8- and 16-lane loops), every gradient variant. Lanes sum in fp32 within a chunk, the
+// reference in double: 2e-6 relative (about 16 fp32 ulps) covers that and the polynomial exp.
+TEST(DistillKernels, EveryIsaMatchesScalarOnOddSizes) {
+  const cpu::KdKernels& ref = cpu::scalar_kd_kernels();
+  for (int64_t n : {1, 7, 9, 15, 17, 31, 33, 1001, 2048}) {
+    std::vector<float> s = testing::random_weights(n, 40 + n), t = testing::random_weights(n, 50 + n);
+    bool bad = false;
+    const float ms = ref.max_checked(s.data(), n, &bad), mt = ref.max_checked(t.data(), n, &bad);
+    const float inv_t = 0.4f;
+    double want[3] = {0, 0, 0};
+    ref.kl_sums(t.data(), s.data(), n, mt, ms, inv_t, want);
+    const float lzs = static_cast<float>(std::log(ref.sum_exp(s.data(), n, ms, inv_t)));
+    const float lzt = static_cast<float>(std::log(want[0]));
+    const float lz1 = static_cast<float>(std::log(ref.sum_exp(s.data(), n, ms, 1.0f)));
+    for (cpu::Isa isa : kd_isas()) {
+      const cpu::KdKernels& K = cpu::kd_kernels_for(isa);
+      const std::string tag = std::string(cpu::isa_name(isa)) + " n=" + std::to_string(n);
+      bool b = false;
+      EXPECT_EQ(K.max_checked(s.data(), n, &b), ms) << tag;
+      EXPECT_FALSE(b) << tag;
+      double got[3] = {0, 0, 0};
+      K.kl_sums(t.data(), s.data(), n, mt, ms, inv_t, got);
+      for (int k = 0; k < 3; ++k) EXPECT_NEAR(got[k], want[k], 2e-6 * (std::fabs(want[0]) + std::fabs(want[1]))) << tag;
+      for (int variant = 0; variant < 6; ++variant) {  // {forward, forward top_k, reverse} x {no CE, CE}
+        cpu::KdGradParams p{ms, mt, inv_t, lzs, lzt, lz1, 0.7f, variant % 2 ? 0.3f : 0.0f, 0.05f,
+                            variant / 2 == 2, variant / 2 != 1};
+        std::vector<float> g(n), gr(n);
+        K.grad(s.data(), t.data(), n, p, g.data());
+        ref.grad(s.data(), t.data(), n, p, gr.data());
+        double scale = 1e-30, err = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          scale = std::fmax(scale, std::fabs(gr[i]));
+          err = std::fmax(err, std::fabs(static_cast<double>(g[i]) - gr[i]));
+        }
+        EXPECT_LE(err, 2e-6 * scale) << tag << " variant " << variant;
+      }
+    }
+  }
+}
+
 // Forward KL with hard labels (alpha mix) in double, and its gradient, for one row.
 void reference_row(const float* s, const float* t, int64_t V, double T, double alpha, int y, double* loss,
                    std::vector<double>& grad) {

@@ -9,6 +9,7 @@ from ..ops import distill as _ops
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
 BACKENDS = ("auto", "native", "reference")
 _INT32 = 2 ** 31
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_logits(x, what: str) -> None:
@@ -88,8 +89,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     the student's softmax stays over the whole vocabulary (forward KL only).
     reduction: "batchmean" = sum / student_logits.shape[0] (torch.kl_div's definition),
     "mean" = sum / rows not ignored, "sum", or "none" (shape student_logits.shape[:-1]).
-    The teacher is a target and gets no gradient. backend: "native" (C++ core, CPU),
-    "reference" (plain PyTorch), "auto" (native on CPU for float32 / bfloat16 / float16).
+    The teacher is a target and gets no gradient. backend: "native" (C++ core, CPU; float64
+    logits run its scalar reference in double), "reference" (plain PyTorch), "auto" (native
+    on CPU for float32 / bfloat16 / float16 / float64).
     """
     _check_args(student_logits, teacher_logits, temperature, labels, alpha, reduction, reverse, top_k, backend)
     vocab = student_logits.shape[-1]
@@ -105,11 +107,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if reduction == "mean":
         n_valid = (torch.tensor(s.shape[0]) if y is None else (y != ignore_index).sum()).to(torch.float32)
 
-    native_ok = (s.device.type == "cpu" and s.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                 and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and -_INT32 <= ignore_index < _INT32)
+    if s.dtype == torch.float64:  # the core's float64 path (its scalar reference) needs both in float64
+        t = t.double()
+    elif t.dtype == torch.float64:
+        t = t.float()
+    native_ok = (s.device.type == "cpu" and s.dtype in _NATIVE_DTYPES and t.dtype in _NATIVE_DTYPES
+                 and -_INT32 <= ignore_index < _INT32)
     if backend == "native" and not native_ok:
-        raise ValueError("kd_loss: backend='native' needs CPU float32 / bfloat16 / float16 logits and an int32 "
-                         f"ignore_index, got {s.dtype} on {s.device}")
+        raise ValueError("kd_loss: backend='native' needs CPU float32 / bfloat16 / float16 / float64 logits and an "
+                         f"int32 ignore_index, got {s.dtype} on {s.device}")
     if backend == "reference" or not native_ok:
         _check_finite(s, "student_logits")
         _check_finite(t, "teacher_logits")
@@ -132,4 +138,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         topk = torch.topk(t, top_k, dim=-1, sorted=False).indices.to(torch.int32).contiguous()
     y32 = None if y is None else y.to(torch.int32).contiguous()
     rows = _ops.kd_rows(s, t, y32, topk, temperature, alpha, reverse, ignore_index)
+    if n_valid is not None:
+        n_valid = n_valid.to(rows.dtype)
     return _reduce(rows, reduction, lead, batch, n_valid)

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../half.h"
@@ -28,6 +29,11 @@ using cpu::KdKernels;
 constexpr int64_t kChunk = 2048;  // vocabulary chunk: 8 KiB of fp32 per operand
 
 // Logits [r, c0 : c0 + n) as fp32: the row itself for f32, else converted into buf.
+// float64 logits (the reference path) are read as they are.
+const double* load_chunk(const TensorView& x, int64_t r, int64_t c0, int64_t, double*) {
+  return x.ptr<double>() + r * x.strides[0] + c0;
+}
+
 const float* load_chunk(const TensorView& x, int64_t r, int64_t c0, int64_t n, float* buf) {
   const int64_t off = r * x.strides[0] + c0;
   if (x.dtype == DType::kFloat32) return x.ptr<float>() + off;
@@ -40,8 +46,9 @@ const float* load_chunk(const TensorView& x, int64_t r, int64_t c0, int64_t n, f
   return buf;
 }
 
-float load_one(const TensorView& x, int64_t r, int64_t c) {
-  float v;
+template <class T>
+T load_one(const TensorView& x, int64_t r, int64_t c) {
+  T v;
   return *load_chunk(x, r, c, 1, &v);
 }
 
@@ -60,8 +67,9 @@ void check_logits(const TensorView& x, const char* what) {
   TS_CHECK_TYPE(x.device == DeviceType::kCPU, std::string("kd_loss: ") + what + " must be on the CPU");
   TS_CHECK_VALUE(x.ndim == 2, std::string("kd_loss: ") + what + ": expected a 2-D [rows, vocab] view, got " +
                                   shape_str(x));
-  TS_CHECK_TYPE(x.dtype == DType::kFloat32 || x.dtype == DType::kBFloat16 || x.dtype == DType::kFloat16,
-                std::string("kd_loss: ") + what + ": expected float32, bfloat16 or float16, got " +
+  TS_CHECK_TYPE(x.dtype == DType::kFloat32 || x.dtype == DType::kBFloat16 || x.dtype == DType::kFloat16 ||
+                    x.dtype == DType::kFloat64,
+                std::string("kd_loss: ") + what + ": expected float32, bfloat16, float16 or float64, got " +
                     dtype_name(x.dtype));
   TS_CHECK_VALUE(x.shape[1] <= 1 || x.strides[1] == 1,
                  std::string("kd_loss: ") + what + ": the vocabulary dimension must have stride 1");
@@ -77,9 +85,10 @@ void check_vec(const TensorView& x, DType dt, int64_t n, const char* what) {
 
 struct Args {
   int64_t rows, vocab, k;
-  float inv_t;
+  double inv_t;   // each path rounds it to its float type once (kernels and frame shifts agree)
+  bool f64;       // float64 logits: the scalar reference in double
   bool ce;  // the CE term is computed (labels given, alpha < 1)
-  float kd_weight, ce_weight;
+  double kd_weight, ce_weight;
 };
 
 Args check_args(const TensorView& s, const TensorView& t, const TensorView* labels,
@@ -95,14 +104,17 @@ Args check_args(const TensorView& s, const TensorView& t, const TensorView* labe
                  "kd_loss: temperature must be a finite number > 0, got " + std::to_string(opt.temperature));
   TS_CHECK_VALUE(opt.alpha >= 0 && opt.alpha <= 1,
                  "kd_loss: alpha must be in [0, 1], got " + std::to_string(opt.alpha));
-  Args a{s.shape[0], s.shape[1], 0, static_cast<float>(1.0 / opt.temperature), false, 1.0f, 0.0f};
+  TS_CHECK_TYPE((s.dtype == DType::kFloat64) == (t.dtype == DType::kFloat64),
+                std::string("kd_loss: float64 needs both logits in float64, got student_logits ") +
+                    dtype_name(s.dtype) + " and teacher_logits " + dtype_name(t.dtype));
+  Args a{s.shape[0], s.shape[1], 0, 1.0 / opt.temperature, s.dtype == DType::kFloat64, false, 1.0f, 0.0f};
   TS_CHECK_VALUE(a.vocab > 0 || a.rows == 0, "kd_loss: student_logits: the vocabulary is empty");
   if (opt.has_labels) {
     TS_CHECK_VALUE(labels != nullptr, "kd_loss: labels missing");
     check_vec(*labels, DType::kInt32, a.rows, "labels");
     a.ce = opt.alpha < 1;
-    a.kd_weight = static_cast<float>(opt.alpha);
-    a.ce_weight = static_cast<float>(1 - opt.alpha);
+    a.kd_weight = opt.alpha;
+    a.ce_weight = 1 - opt.alpha;
   }
   if (topk) {
     TS_CHECK_VALUE(!opt.reverse, "kd_loss: top_k needs the forward KL (reverse=False): the reverse KL "
@@ -129,27 +141,28 @@ int64_t row_label(const TensorView* labels, const KdOptions& opt, int64_t vocab,
   return y;
 }
 
-void forward_full_row(const KdKernels& K, const TensorView& s, const TensorView& t, const Args& a,
-                      const KdOptions& opt, int64_t r, float* bs, float* bt, float* st) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  float mp = ninf, mq = ninf;
+template <class T>
+void forward_full_row(const cpu::KdKernelsT<T>& K, const TensorView& s, const TensorView& t, const Args& a,
+                      const KdOptions& opt, int64_t r, T* bs, T* bt, T* st) {
+  const T ninf = -std::numeric_limits<T>::infinity(), inv_t = static_cast<T>(a.inv_t);
+  T mp = ninf, mq = ninf;
   double zp = 0, zq = 0, acc = 0, z1 = 0;
-  const bool t1 = a.inv_t == 1.0f;
+  const bool t1 = inv_t == 1;
   for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
     const int64_t n = std::min(kChunk, a.vocab - c0);
-    const float* sc = load_chunk(s, r, c0, n, bs);
-    const float* tc = load_chunk(t, r, c0, n, bt);
+    const T* sc = load_chunk(s, r, c0, n, bs);
+    const T* tc = load_chunk(t, r, c0, n, bt);
     bool bad_s = false, bad_t = false;
-    const float cms = K.max_checked(sc, n, &bad_s);
+    const T cms = K.max_checked(sc, n, &bad_s);
     if (bad_s) throw_nonfinite("student_logits", r);
-    const float cmt = K.max_checked(tc, n, &bad_t);
+    const T cmt = K.max_checked(tc, n, &bad_t);
     if (bad_t) throw_nonfinite("teacher_logits", r);
-    const float* pc = opt.reverse ? sc : tc;
-    const float* qc = opt.reverse ? tc : sc;
-    const float nmp = std::fmax(mp, opt.reverse ? cms : cmt);
-    const float nmq = std::fmax(mq, opt.reverse ? cmt : cms);
+    const T* pc = opt.reverse ? sc : tc;
+    const T* qc = opt.reverse ? tc : sc;
+    const T nmp = std::fmax(mp, opt.reverse ? cms : cmt);
+    const T nmq = std::fmax(mq, opt.reverse ? cmt : cms);
     if (c0 > 0) {
-      const double dp = (static_cast<double>(mp) - nmp) * a.inv_t, dq = (static_cast<double>(mq) - nmq) * a.inv_t;
+      const double dp = (static_cast<double>(mp) - nmp) * inv_t, dq = (static_cast<double>(mq) - nmq) * inv_t;
       const double ep = std::exp(dp);
       acc = ep * (acc + zp * (dp - dq));
       zp *= ep;
@@ -159,146 +172,171 @@ void forward_full_row(const KdKernels& K, const TensorView& s, const TensorView&
     mp = nmp;
     mq = nmq;
     double sums[3] = {0, 0, 0};
-    K.kl_sums(pc, qc, n, mp, mq, a.inv_t, sums);
+    K.kl_sums(pc, qc, n, mp, mq, inv_t, sums);
     zp += sums[0];
     zq += sums[1];
     acc += sums[2];
-    if (a.ce && !t1) z1 += K.sum_exp(sc, n, opt.reverse ? mp : mq, 1.0f);
+    if (a.ce && !t1) z1 += K.sum_exp(sc, n, opt.reverse ? mp : mq, T(1));
   }
   const double kl = acc / zp - std::log(zp) + std::log(zq);
-  const float ms = opt.reverse ? mp : mq, mt = opt.reverse ? mq : mp;
+  const T ms = opt.reverse ? mp : mq, mt = opt.reverse ? mq : mp;
   const double zs = opt.reverse ? zp : zq, zt = opt.reverse ? zq : zp;
   st[kStudentMax] = ms;
-  st[kStudentLogZ] = static_cast<float>(std::log(zs));
+  st[kStudentLogZ] = static_cast<T>(std::log(zs));
   st[kTeacherMax] = mt;
-  st[kTeacherLogZ] = static_cast<float>(std::log(zt));
-  st[kStudentLogZ1] = a.ce ? static_cast<float>(std::log(t1 ? zs : z1)) : 0.0f;
-  st[kKl] = static_cast<float>(kl);
+  st[kTeacherLogZ] = static_cast<T>(std::log(zt));
+  st[kStudentLogZ1] = a.ce ? static_cast<T>(std::log(t1 ? zs : z1)) : T(0);
+  st[kKl] = static_cast<T>(kl);
 }
 
-void forward_topk_row(const KdKernels& K, const TensorView& s, const TensorView& t, const TensorView& topk,
-                      const Args& a, int64_t r, float* bs, float* st) {
+template <class T>
+void forward_topk_row(const cpu::KdKernelsT<T>& K, const TensorView& s, const TensorView& t, const TensorView& topk,
+                      const Args& a, int64_t r, T* bs, T* st) {
   // The student's full partition functions (at T and, for CE, at 1), streamed.
-  float ms = -std::numeric_limits<float>::infinity();
+  const T inv_t = static_cast<T>(a.inv_t);
+  T ms = -std::numeric_limits<T>::infinity();
   double zs = 0, z1 = 0;
   for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
     const int64_t n = std::min(kChunk, a.vocab - c0);
-    const float* sc = load_chunk(s, r, c0, n, bs);
+    const T* sc = load_chunk(s, r, c0, n, bs);
     bool bad = false;
-    const float nms = std::fmax(ms, K.max_checked(sc, n, &bad));
+    const T nms = std::fmax(ms, K.max_checked(sc, n, &bad));
     if (bad) throw_nonfinite("student_logits", r);
     if (c0 > 0) {
-      zs *= std::exp((static_cast<double>(ms) - nms) * a.inv_t);
+      zs *= std::exp((static_cast<double>(ms) - nms) * inv_t);
       if (a.ce) z1 *= std::exp(static_cast<double>(ms) - nms);
     }
     ms = nms;
-    zs += K.sum_exp(sc, n, ms, a.inv_t);
-    if (a.ce) z1 += K.sum_exp(sc, n, ms, 1.0f);
+    zs += K.sum_exp(sc, n, ms, inv_t);
+    if (a.ce) z1 += K.sum_exp(sc, n, ms, T(1));
   }
   // The teacher over its k tokens only, in double (k is small).
   const int32_t* idx = topk.ptr<int32_t>() + r * a.k;
-  float mt = -std::numeric_limits<float>::infinity();
+  T mt = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < a.k; ++j) {
     if (idx[j] < 0 || idx[j] >= a.vocab)
       throw ValueError("kd_loss: top_k indices: " + std::to_string(idx[j]) + " at row " + std::to_string(r) +
                        " is out of range [0, " + std::to_string(a.vocab) + ")");
-    const float v = load_one(t, r, idx[j]);
+    const T v = load_one<T>(t, r, idx[j]);
     if (!std::isfinite(v)) throw_nonfinite("teacher_logits", r);
     mt = std::fmax(mt, v);
   }
   double zt = 0, acc = 0;
   for (int64_t j = 0; j < a.k; ++j) {
-    const double xt = (static_cast<double>(load_one(t, r, idx[j])) - mt) * a.inv_t;
-    const double xs = (static_cast<double>(load_one(s, r, idx[j])) - ms) * a.inv_t;
+    const double xt = (static_cast<double>(load_one<T>(t, r, idx[j])) - mt) * inv_t;
+    const double xs = (static_cast<double>(load_one<T>(s, r, idx[j])) - ms) * inv_t;
     const double w = std::exp(xt);
     zt += w;
     if (w > 0) acc += w * (xt - xs);
   }
   st[kStudentMax] = ms;
-  st[kStudentLogZ] = static_cast<float>(std::log(zs));
+  st[kStudentLogZ] = static_cast<T>(std::log(zs));
   st[kTeacherMax] = mt;
-  st[kTeacherLogZ] = static_cast<float>(std::log(zt));
-  st[kStudentLogZ1] = a.ce ? static_cast<float>(std::log(z1)) : 0.0f;
-  st[kKl] = static_cast<float>(acc / zt - std::log(zt) + std::log(zs));
+  st[kTeacherLogZ] = static_cast<T>(std::log(zt));
+  st[kStudentLogZ1] = a.ce ? static_cast<T>(std::log(z1)) : T(0);
+  st[kKl] = static_cast<T>(acc / zt - std::log(zt) + std::log(zs));
 }
 
 int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1)); }
 
-}  // namespace
-
-void kd_loss_forward(const TensorView& s, const TensorView& t, const TensorView* labels, const TensorView* topk,
-                     const KdOptions& opt, const TensorView& row_loss, const TensorView& stats) {
-  const Args a = check_args(s, t, labels, topk, opt);
-  check_vec(row_loss, DType::kFloat32, a.rows, "row_loss");
-  check_shape2(stats, a.rows, kKdStats, "stats");
-  check_dtype(stats, DType::kFloat32, "stats");
-  check_contiguous(stats, "stats");
-  const KdKernels& K = cpu::kd_kernels_for(cpu::active_isa());
+template <class T>
+void forward_rows(const cpu::KdKernelsT<T>& K, const TensorView& s, const TensorView& t, const TensorView* labels,
+                  const TensorView* topk, const KdOptions& opt, const Args& a, const TensorView& row_loss,
+                  const TensorView& stats) {
   const double t2 = opt.temperature * opt.temperature;
   cpu::parallel_for(a.rows, row_grain(a.vocab), [&](int64_t begin, int64_t end) {
-    std::vector<float> bs(kChunk), bt(kChunk);
+    std::vector<T> bs(kChunk), bt(kChunk);
     for (int64_t r = begin; r < end; ++r) {
-      float* st = stats.ptr<float>() + r * kKdStats;
-      std::fill(st, st + kKdStats, 0.0f);
+      T* st = stats.ptr<T>() + r * kKdStats;
+      std::fill(st, st + kKdStats, T(0));
       const int64_t y = row_label(labels, opt, a.vocab, r);
       if (y < 0) {
-        row_loss.ptr<float>()[r] = 0.0f;
+        row_loss.ptr<T>()[r] = 0;
         continue;
       }
       if (topk) forward_topk_row(K, s, t, *topk, a, r, bs.data(), st);
       else forward_full_row(K, s, t, a, opt, r, bs.data(), bt.data(), st);
       double loss = a.kd_weight * t2 * st[kKl];
-      if (a.ce) loss += a.ce_weight * (static_cast<double>(st[kStudentLogZ1]) - (load_one(s, r, y) - st[kStudentMax]));
-      row_loss.ptr<float>()[r] = static_cast<float>(loss);
+      if (a.ce) loss += a.ce_weight * (static_cast<double>(st[kStudentLogZ1]) - (load_one<T>(s, r, y) - st[kStudentMax]));
+      row_loss.ptr<T>()[r] = static_cast<T>(loss);
     }
   });
 }
 
-void kd_loss_backward(const TensorView& s, const TensorView& t, const TensorView* labels, const TensorView* topk,
-                      const TensorView& stats, const TensorView& row_scale, const KdOptions& opt,
-                      const TensorView& grad) {
-  const Args a = check_args(s, t, labels, topk, opt);
-  check_shape2(stats, a.rows, kKdStats, "stats");
-  check_dtype(stats, DType::kFloat32, "stats");
-  check_contiguous(stats, "stats");
-  check_vec(row_scale, DType::kFloat32, a.rows, "row_scale");
-  check_logits(grad, "grad");
-  check_dtype(grad, s.dtype, "grad");
-  check_shape2(grad, a.rows, a.vocab, "grad");
-  const KdKernels& K = cpu::kd_kernels_for(cpu::active_isa());
+template <class T>
+void backward_rows(const cpu::KdKernelsT<T>& K, const TensorView& s, const TensorView& t, const TensorView* labels,
+                   const TensorView* topk, const TensorView& stats, const TensorView& row_scale, const KdOptions& opt,
+                   const Args& a, const TensorView& grad) {
+  const T inv_t = static_cast<T>(a.inv_t);
   cpu::parallel_for(a.rows, row_grain(a.vocab), [&](int64_t begin, int64_t end) {
-    std::vector<float> bs(kChunk), bt(kChunk), bg(kChunk);
+    std::vector<T> bs(kChunk), bt(kChunk), bg(kChunk);
     for (int64_t r = begin; r < end; ++r) {
-      const float w = row_scale.ptr<float>()[r];
+      const T w = row_scale.ptr<T>()[r];
       const int64_t y = row_label(labels, opt, a.vocab, r);
-      const float* st = stats.ptr<float>() + r * kKdStats;
-      cpu::KdGradParams p{st[kStudentMax], st[kTeacherMax], a.inv_t, st[kStudentLogZ], st[kTeacherLogZ],
-                          st[kStudentLogZ1], static_cast<float>(w * a.kd_weight * opt.temperature),
-                          a.ce ? w * a.ce_weight : 0.0f, st[kKl], opt.reverse, topk == nullptr};
-      const bool zero_row = y < 0 || w == 0.0f;
+      const T* st = stats.ptr<T>() + r * kKdStats;
+      cpu::KdGradParamsT<T> p{st[kStudentMax], st[kTeacherMax], inv_t, st[kStudentLogZ], st[kTeacherLogZ],
+                              st[kStudentLogZ1], static_cast<T>(w * a.kd_weight * opt.temperature),
+                              a.ce ? static_cast<T>(w * a.ce_weight) : T(0), st[kKl], opt.reverse, topk == nullptr};
+      const bool zero_row = y < 0 || w == 0;
+      const bool direct = grad.dtype == DType::kFloat32 || grad.dtype == DType::kFloat64;
       for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
         const int64_t n = std::min(kChunk, a.vocab - c0);
-        float* g = grad.dtype == DType::kFloat32 ? grad.ptr<float>() + r * grad.strides[0] + c0 : bg.data();
+        T* g = direct ? grad.ptr<T>() + r * grad.strides[0] + c0 : bg.data();
         if (zero_row) {
-          std::fill(g, g + n, 0.0f);
+          std::fill(g, g + n, T(0));
         } else {
-          const float* sc = load_chunk(s, r, c0, n, bs.data());
-          const float* tc = topk ? sc : load_chunk(t, r, c0, n, bt.data());  // top_k: teacher not read here
+          const T* sc = load_chunk(s, r, c0, n, bs.data());
+          const T* tc = topk ? sc : load_chunk(t, r, c0, n, bt.data());  // top_k: teacher not read here
           K.grad(sc, tc, n, p, g);
           if (a.ce && y >= c0 && y < c0 + n) g[y - c0] -= p.ce_coef;
           if (topk) {  // - kd_coef * p_t at the teacher's k tokens that fall in this chunk
             const int32_t* idx = topk->ptr<int32_t>() + r * a.k;
             for (int64_t j = 0; j < a.k; ++j) {
               if (idx[j] < c0 || idx[j] >= c0 + n) continue;
-              const float lt = (load_one(t, r, idx[j]) - p.mt) * a.inv_t - p.log_zt;
+              const T lt = (load_one<T>(t, r, idx[j]) - p.mt) * inv_t - p.log_zt;
               g[idx[j] - c0] -= p.kd_coef * std::exp(lt);
             }
           }
         }
-        if (grad.dtype != DType::kFloat32) store_chunk(g, grad, r, c0, n);
+        if constexpr (std::is_same<T, float>::value) {
+          if (!direct) store_chunk(g, grad, r, c0, n);
+        }
       }
     }
   });
+}
+
+// The per-row outputs: float64 for float64 logits, else fp32.
+DType acc_dtype(const Args& a) { return a.f64 ? DType::kFloat64 : DType::kFloat32; }
+
+void check_stats(const TensorView& stats, const Args& a) {
+  check_shape2(stats, a.rows, kKdStats, "stats");
+  check_dtype(stats, acc_dtype(a), "stats");
+  check_contiguous(stats, "stats");
+}
+
+}  // namespace
+
+void kd_loss_forward(const TensorView& s, const TensorView& t, const TensorView* labels, const TensorView* topk,
+                     const KdOptions& opt, const TensorView& row_loss, const TensorView& stats) {
+  const Args a = check_args(s, t, labels, topk, opt);
+  check_vec(row_loss, acc_dtype(a), a.rows, "row_loss");
+  check_stats(stats, a);
+  if (a.f64) forward_rows<double>(cpu::scalar_kd_kernels_f64(), s, t, labels, topk, opt, a, row_loss, stats);
+  else forward_rows<float>(cpu::kd_kernels_for(cpu::active_isa()), s, t, labels, topk, opt, a, row_loss, stats);
+}
+
+void kd_loss_backward(const TensorView& s, const TensorView& t, const TensorView* labels, const TensorView* topk,
+                      const TensorView& stats, const TensorView& row_scale, const KdOptions& opt,
+                      const TensorView& grad) {
+  const Args a = check_args(s, t, labels, topk, opt);
+  check_stats(stats, a);
+  check_vec(row_scale, acc_dtype(a), a.rows, "row_scale");
+  check_logits(grad, "grad");
+  check_dtype(grad, s.dtype, "grad");
+  check_shape2(grad, a.rows, a.vocab, "grad");
+  if (a.f64) backward_rows<double>(cpu::scalar_kd_kernels_f64(), s, t, labels, topk, stats, row_scale, opt, a, grad);
+  else backward_rows<float>(cpu::kd_kernels_for(cpu::active_isa()), s, t, labels, topk, stats, row_scale, opt, a, grad);
 }
 
 }  // namespace tensorslim

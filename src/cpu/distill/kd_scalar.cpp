@@ -1,5 +1,6 @@
-// The KD loss's scalar inner loops: the reference the vectorized paths are tested against.
-// Sums are kept in double so the reference is accurate at any vocabulary size.
+// The KD loss's scalar inner loops, templated on the float type: the reference the vectorized
+// paths are tested against (float) and the float64 path (double). Sums are kept in double so
+// the reference is accurate at any vocabulary size.
 #include <cmath>
 #include <limits>
 
@@ -9,8 +10,9 @@ namespace tensorslim {
 namespace cpu {
 namespace {
 
-float max_checked(const float* x, int64_t n, bool* nonfinite) {
-  float m = -std::numeric_limits<float>::infinity();
+template <class T>
+T max_checked(const T* x, int64_t n, bool* nonfinite) {
+  T m = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < n; ++i) {
     if (!std::isfinite(x[i])) *nonfinite = true;
     m = std::fmax(m, x[i]);
@@ -18,41 +20,44 @@ float max_checked(const float* x, int64_t n, bool* nonfinite) {
   return m;
 }
 
-void kl_sums(const float* p, const float* q, int64_t n, float mp, float mq, float inv_t, double out[3]) {
+template <class T>
+void kl_sums(const T* p, const T* q, int64_t n, T mp, T mq, T inv_t, double out[3]) {
   double zp = 0, zq = 0, a = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float xp = (p[i] - mp) * inv_t, xq = (q[i] - mq) * inv_t;
-    const float wp = std::exp(xp);
+    const T xp = (p[i] - mp) * inv_t, xq = (q[i] - mq) * inv_t;
+    const T wp = std::exp(xp);
     zp += wp;
     zq += std::exp(xq);
-    if (wp > 0.0f) a += static_cast<double>(wp) * (static_cast<double>(xp) - xq);
+    if (wp > 0) a += static_cast<double>(wp) * (static_cast<double>(xp) - xq);
   }
   out[0] += zp;
   out[1] += zq;
   out[2] += a;
 }
 
-double sum_exp(const float* x, int64_t n, float m, float scale) {
+template <class T>
+double sum_exp(const T* x, int64_t n, T m, T scale) {
   double z = 0;
   for (int64_t i = 0; i < n; ++i) z += std::exp((x[i] - m) * scale);
   return z;
 }
 
-void grad(const float* s, const float* t, int64_t n, const KdGradParams& p, float* g) {
+template <class T>
+void grad(const T* s, const T* t, int64_t n, const KdGradParamsT<T>& p, T* g) {
   for (int64_t i = 0; i < n; ++i) {
-    const float ls = (s[i] - p.ms) * p.inv_t - p.log_zs;  // log p_s
-    const float ps = std::exp(ls);
-    float v = 0.0f;
-    if (p.kd_coef != 0.0f) {
+    const T ls = (s[i] - p.ms) * p.inv_t - p.log_zs;  // log p_s
+    const T ps = std::exp(ls);
+    T v = 0;
+    if (p.kd_coef != 0) {
       if (p.reverse) {
-        const float lt = (t[i] - p.mt) * p.inv_t - p.log_zt;
-        v = ps > 0.0f ? p.kd_coef * ps * (ls - lt - p.kl) : 0.0f;
+        const T lt = (t[i] - p.mt) * p.inv_t - p.log_zt;
+        v = ps > 0 ? p.kd_coef * ps * (ls - lt - p.kl) : T(0);
       } else {
-        const float pt = p.teacher_term ? std::exp((t[i] - p.mt) * p.inv_t - p.log_zt) : 0.0f;
+        const T pt = p.teacher_term ? std::exp((t[i] - p.mt) * p.inv_t - p.log_zt) : T(0);
         v = p.kd_coef * (ps - pt);
       }
     }
-    if (p.ce_coef != 0.0f) v += p.ce_coef * std::exp((s[i] - p.ms) - p.log_z1);
+    if (p.ce_coef != 0) v += p.ce_coef * std::exp((s[i] - p.ms) - p.log_z1);
     g[i] = v;
   }
 }
@@ -60,7 +65,12 @@ void grad(const float* s, const float* t, int64_t n, const KdGradParams& p, floa
 }  // namespace
 
 const KdKernels& scalar_kd_kernels() {
-  static const KdKernels k{max_checked, kl_sums, sum_exp, grad};
+  static const KdKernels k{max_checked<float>, kl_sums<float>, sum_exp<float>, grad<float>};
+  return k;
+}
+
+const KdKernelsT<double>& scalar_kd_kernels_f64() {
+  static const KdKernelsT<double> k{max_checked<double>, kl_sums<double>, sum_exp<double>, grad<double>};
   return k;
 }
 

@@ -1,5 +1,5 @@
-// The KD inner loops written once over a small vector interface V (see kd_avx2.cpp and
-// kd_avx512.cpp, which include this header with their own V and ISA flags). Within a
+// The KD inner loops written once over a small vector interface V (simd_avx2.h,
+// simd_avx512.h; kd_avx2.cpp and kd_avx512.cpp instantiate them with their own ISA flags). Within a
 // chunk, lanes accumulate in fp32 (at most a few thousand terms); chunks add up in double.
 #pragma once
 
@@ -7,31 +7,13 @@
 #include <limits>
 
 #include "kd_kernels.h"
+#include "simd_math.h"
 
 namespace tensorslim {
 namespace cpu {
 namespace kd_simd {
 
-// exp(x) for x in fp32 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series
-// to degree 7 (truncation error < 6e-9 relative), times 2^n built in the exponent bits.
-// x is clamped to [-88, 88]; below about -87.7 the result is 0 (n = -127 gives 2^n = 0).
-template <class V>
-inline typename V::F vexp(typename V::F x) {
-  using F = typename V::F;
-  x = V::min(V::max(x, V::set1(-88.0f)), V::set1(88.0f));
-  const F n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
-  F r = V::fnmadd(n, V::set1(0.693145751953125f), x);     // ln2 split in a high part exact
-  r = V::fnmadd(n, V::set1(1.42860682030941723212e-06f), r);  // in fp32 and the rest
-  F p = V::set1(1.0f / 5040);
-  p = V::fmadd(p, r, V::set1(1.0f / 720));
-  p = V::fmadd(p, r, V::set1(1.0f / 120));
-  p = V::fmadd(p, r, V::set1(1.0f / 24));
-  p = V::fmadd(p, r, V::set1(1.0f / 6));
-  p = V::fmadd(p, r, V::set1(0.5f));
-  p = V::fmadd(p, r, V::set1(1.0f));
-  p = V::fmadd(p, r, V::set1(1.0f));
-  return V::mul(p, V::pow2(n));
-}
+using simd::vexp;
 
 template <class V>
 float max_checked(const float* x, int64_t n, bool* nonfinite) {
