@@ -1,6 +1,7 @@
 """INT8 convolutions on the CPU: torch fp32 conv, torch's own int8 conv (torch.ao's quantized
 Conv2d on the x86 / fbgemm engine, float in -> float out like ours, channels-last input, its
-best case) and ours (W8A8 static, oneDNN), at typical shapes, batch 1 and 32; then the whole
+best case) and ours (W8A8 static, oneDNN, channels-last input as the previous int8 conv leaves
+it; fp32 gets the NCHW input users have), at typical shapes, batch 1 and 32; then the whole
 digits ResNet (eval/digits_basic_resnet.py), fp32 vs W8A8. One run; ratios vs fp32.
 
     .venv/bin/python benchmarks/bench_conv.py [--isa avx2] [--batches 1 32]
@@ -86,7 +87,8 @@ def main():
                 ours = model[0]
                 xcl = x.contiguous(memory_format=torch.channels_last)
                 tq = torch_int8(conv, xcl)
-                fns = [lambda: conv(x), lambda: ours(x)] + ([lambda: tq(xcl)] if tq else [])
+                # ours and torch.ao read channels-last input, as a previous int8 conv leaves it
+                fns = [lambda: conv(x), lambda: ours(xcl)] + ([lambda: tq(xcl)] if tq else [])
                 times = median_times(fns, min_time=0.3, warmup=2, min_rounds=5)
                 t32, t8 = times[0], times[1]
                 tao = times[2] if tq else float("nan")

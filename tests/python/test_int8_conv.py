@@ -113,6 +113,11 @@ def test_module_surface_and_packing_cache():
     m(x[:1])  # another shape gets its own
     assert len(m._kernels) == len(packed) + 1
     assert m(x[0]).shape == conv(x[0]).shape  # unbatched input
+    y = m(x)
+    m.to(torch.bfloat16)  # the compute dtype changes, the packed form and fp32 scales stay
+    assert m.w_scales.dtype == torch.float32 and m.qweight.dtype == torch.int8
+    yb = m(x.to(torch.bfloat16))
+    assert yb.dtype == torch.bfloat16 and _sqnr(y, yb.float()) > 30
 
 
 def test_backward_reaches_the_input():
@@ -185,6 +190,17 @@ def test_fold_only_where_the_conv_output_has_one_reader():
         assert _sqnr(ref, model(x[0])) > 25
 
 
+def test_int8_dynamic_with_data_folds_batchnorm():
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    report = ts.quantize(model, ts.Int8Dynamic(), calib_data=[x], progress=False)
+    assert [(c.name, c.action) for c in report.changes] == [("0", "quantized"), ("1", "folded")]
+    with torch.no_grad():
+        assert _sqnr(ref, model(x)) > 25
+
+
 def test_training_mode_and_padding_mode_are_reported():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 3),
                           nn.BatchNorm2d(4))
@@ -204,6 +220,8 @@ def test_int8_dynamic_without_data_and_conv1d():
         ref = model(x)
     report = ts.quantize(model, ts.Int8Dynamic(), progress=False)
     assert [c.action for c in report.changes] == ["quantized"] * 3
+    again = ts.quantize(model, ts.Int8Dynamic(), progress=False)  # already compressed: said so
+    assert all(c.action == "skipped" and "already compressed" in c.reason for c in again.changes)
     assert isinstance(model[0], ts.nn.Int8Conv1d) and isinstance(model[4], ts.nn.Int8Linear)
     with torch.no_grad():
         assert _sqnr(ref, model(x)) > 25
@@ -239,3 +257,11 @@ def test_digits_resnet_w8a8_accuracy_fold_summary_and_save_load(digits, tmp_path
     assert isinstance(fresh.layer1.bn1, ts.nn.FoldedBatchNorm)
     with torch.no_grad():
         assert torch.equal(fresh(xte[:32]), q(xte[:32]))
+
+
+def test_built_and_run_under_inference_mode():
+    conv, x = _float_conv(SHAPES[4])
+    with torch.inference_mode():
+        model = nn.Sequential(conv)
+        ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+        assert _sqnr(conv.weight.new_tensor(0) + F.conv2d(x, conv.weight, conv.bias), model(x)) > 25

@@ -140,6 +140,16 @@ class _Int8ConvNd(nn.Module):
                 "mode": self.mode, "in_features": self.in_channels, "out_features": self.out_channels,
                 "bias": self.bias is not None, "geometry": self.geometry, "folded": self.folded}
 
+    def _apply(self, fn, recurse=True):
+        """model.half() / .to(dtype) change the compute dtype only: the scales and bias stay fp32
+        (the kernel's epilogue is fp32) and the output takes the input's dtype."""
+        super()._apply(fn, recurse)
+        for name in ("w_scales", "bias", "act_scale"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.float32:
+                setattr(self, name, t.float())
+        return self
+
     # ------------------------------------------------------------ nn.Conv surface
 
     @property
@@ -210,7 +220,10 @@ class _Int8ConvNd(nn.Module):
     def _kernel(self, shape: tuple, zp: int) -> tuple:
         """(packed weights, or None for the reference; whether codes must be 7-bit) for an input
         shape, chosen and packed once."""
-        key_w = (self.qweight.data_ptr(), self.qweight._version)
+        try:
+            key_w = (self.qweight.data_ptr(), self.qweight._version)
+        except RuntimeError:  # an inference tensor (built under inference_mode) cannot change in place
+            key_w = (self.qweight.data_ptr(), -1)
         if key_w != self._kernels_key:  # new weights (load_state_dict, to()): repack
             self._kernels, self._kernels_key = {}, key_w
         key = (tuple(shape), zp != 0)
