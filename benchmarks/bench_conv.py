@@ -26,6 +26,7 @@ def parse():
     p = argparse.ArgumentParser()
     p.add_argument("--isa", choices=["best", "avx2"], default="best")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of the digits ResNet")
     return p.parse_args()
 
 
@@ -96,13 +97,17 @@ def main():
                                    ours.padding, ours.dilation, ours.groups, int(ours.act_zero_point), True)
                 print(f"{name:<24} {n:>5} {t32 * 1e3:>9.3f} {tao * 1e3:>12.3f} {t8 * 1e3:>9.3f} "
                       f"{t32 / t8:>9.2f}x {tao / t8:>13.2f}x  {impl}")
-        print()
-        print(f"{'digits ResNet (w32, 16x16)':<28} {'batch':>5} {'fp32 ms':>9} {'w8a8 ms':>9} {'fp32/w8a8':>10}")
-        xtr, _, _, _ = D.digits_images()
-        fp32 = D.DigitsResNet().eval()
-        q = D.DigitsResNet().eval()
-        q.load_state_dict(fp32.state_dict())
-        ts.quantize(q, ts.W8A8(), calib_data=list(xtr[:256].split(64)), progress=False)
+    print()
+    xtr, ytr, xte, yte = D.digits_images()
+    torch.manual_seed(0)
+    fp32 = D.train(D.DigitsResNet(), xtr, ytr, epochs=args.epochs)
+    q = D.DigitsResNet().eval()
+    q.load_state_dict(fp32.state_dict())
+    ts.quantize(q, ts.W8A8(), calib_data=list(xtr[:256].split(64)), progress=False)
+    print(f"digits ResNet (width 32, 16x16, {args.epochs} epochs): test accuracy fp32 "
+          f"{D.accuracy(fp32, xte, yte):.4f}, W8A8 {D.accuracy(q, xte, yte):.4f} (BatchNorm folded)")
+    print(f"{'digits ResNet latency':<28} {'batch':>5} {'fp32 ms':>9} {'w8a8 ms':>9} {'fp32/w8a8':>10}")
+    with torch.inference_mode():
         for n in args.batches:
             x = xtr[:n]
             t32, t8 = median_times([lambda: fp32(x), lambda: q(x)], min_time=0.5, warmup=3, min_rounds=9)
