@@ -167,6 +167,9 @@ def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = T
 
     report = replace_modules(model, cfg, tuple(CONVS), convert, check_conv, progress, desc="int8 conv")
     report.changes = [c for c in report.changes if c.action != "skipped" or c.module_type in ("Conv1d", "Conv2d")]
+    for c in report.changes:
+        if c.name in folds:
+            c.reason = f"BatchNorm {folds[c.name]} folded in"
     for conv_name, bn_name in folds.items():
         bn = modules[bn_name]
         new = FoldedBatchNorm(bn.num_features, conv_name, type(bn).__name__)
