@@ -265,3 +265,25 @@ def test_built_and_run_under_inference_mode():
         model = nn.Sequential(conv)
         ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
         assert _sqnr(conv.weight.new_tensor(0) + F.conv2d(x, conv.weight, conv.bias), model(x)) > 25
+
+
+def test_nan_calibration_names_the_layer_and_leaves_the_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    bad = torch.randn(2, 3, 8, 8)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer '0'.*NaN"):
+        ts.quantize(model, ts.W8A8(), calib_data=[bad], progress=False)
+    assert type(model[0]) is nn.Conv2d
+
+
+def test_same_padding_odd_kernel_runs_even_kernel_is_skipped():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.Conv2d(4, 4, 2, padding="same")).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    report = ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["0"].action == "quantized" and model[0].padding == (1, 1)
+    assert rows["1"].action == "skipped" and "even kernel" in rows["1"].reason
+    with torch.no_grad():
+        assert _sqnr(ref, model(x)) > 25
