@@ -56,8 +56,7 @@ def pack_weight(qx, qweight, stride, padding, dilation, groups: int, zero_point:
     return packed
 
 
-@torch.library.custom_op("tensorslim::conv_int8", mutates_args=(), device_types="cpu")
-def _conv_int8(qx: torch.Tensor, qweight: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor,
+def _conv_int8_impl(qx: torch.Tensor, qweight: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor,
                bias: Optional[torch.Tensor], act_scale: float, zero_point: int, stride: List[int],
                padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
     out = _out(qx, qweight, stride, padding, dilation)
@@ -69,6 +68,9 @@ def _conv_int8(qx: torch.Tensor, qweight: torch.Tensor, packed: torch.Tensor, w_
         return conv_int8_reference(qx, qweight, w_scales, bias, act_scale, zero_point, stride, padding,
                                    dilation, groups)
     return out
+
+
+_conv_int8 = torch.library.custom_op("tensorslim::conv_int8", mutates_args=(), device_types="cpu")(_conv_int8_impl)
 
 
 @_conv_int8.register_fake
@@ -91,8 +93,11 @@ def conv_int8(qx: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, b
     if packed is None:
         return conv_int8_reference(qx, qweight, w_scales, bias, act_scale, zero_point, stride, padding,
                                    dilation, groups)
-    return _conv_int8(qx.contiguous(), qweight.contiguous(), packed, w_scales, bias, float(act_scale),
-                      int(zero_point), list(stride), list(padding), list(dilation), int(groups))
+    # Eager CPU calls skip the custom-op dispatch (~60 us, more than a small conv takes);
+    # torch.compile and fake / meta tensors go through the op and its fake implementation.
+    run = _conv_int8 if torch.compiler.is_compiling() or qx.device.type != "cpu" else _conv_int8_impl
+    return run(qx.contiguous(), qweight.contiguous(), packed, w_scales, bias, float(act_scale), int(zero_point),
+               list(stride), list(padding), list(dilation), int(groups))
 
 
 def conv_int8_reference(qx, qweight, w_scales, bias, act_scale: float, zero_point: int, stride, padding,
