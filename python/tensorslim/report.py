@@ -88,10 +88,11 @@ def remember_skipped(model: nn.Module, report: Report) -> None:
 
 def compressed_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """The layers a transform will not touch again: compressed ones and QAT-prepared ones."""
-    from .nn import CompressedLinear
+    from .nn import CompressedLinear, Int8Conv1d, Int8Conv2d
     from .qat.prepare import QATLinear
 
-    return {n: m for n, m in model.named_modules() if n and isinstance(m, (CompressedLinear, QATLinear))}
+    kinds = (CompressedLinear, QATLinear, Int8Conv1d, Int8Conv2d)
+    return {n: m for n, m in model.named_modules() if n and isinstance(m, kinds)}
 
 
 def note_already_compressed(report: Report, layers: Dict[str, nn.Module]) -> Report:

@@ -35,4 +35,5 @@ PYBIND11_MODULE(_C, m) {
   tensorslim::bindings::register_distill(m);
   tensorslim::bindings::register_prune(m);
   tensorslim::bindings::register_sparse(m);
+  tensorslim::bindings::register_conv_int8(m);
 }

@@ -38,6 +38,7 @@ void register_lowrank(pybind11::module_& m);
 void register_distill(pybind11::module_& m);
 void register_prune(pybind11::module_& m);
 void register_sparse(pybind11::module_& m);
+void register_conv_int8(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace tensorslim

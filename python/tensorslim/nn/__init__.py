@@ -1,6 +1,7 @@
 """Compressed modules: each holds only its packed form and runs a real kernel."""
 from .binary_linear import BinaryLinear, TernaryLinear
 from .compressed_linear import CompressedLinear
+from .int8_conv import FoldedBatchNorm, Int8Conv1d, Int8Conv2d
 from .int8_linear import Int8Linear
 from .lowbit_linear import LowBitLinear
 from .lowrank_conv import CPConv2d, TuckerConv2d
@@ -14,8 +15,10 @@ from .weight_only_linear import WeightOnlyLinear
 COMPRESSED_MODULES = {cls.kind: cls for cls in (WeightOnlyLinear, LowBitLinear, Int8Linear,
                                                 BinaryLinear, TernaryLinear, W4A8Linear,
                                                 LowRankLinear, TuckerConv2d, CPConv2d, NMSparseLinear,
-                                                CSRSparseLinear, QuantizedEmbedding, QuantizedEmbeddingBag)}
+                                                CSRSparseLinear, QuantizedEmbedding, QuantizedEmbeddingBag,
+                                                Int8Conv1d, Int8Conv2d, FoldedBatchNorm)}
 
 __all__ = ["COMPRESSED_MODULES", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear",
            "BinaryLinear", "TernaryLinear", "W4A8Linear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
-           "NMSparseLinear", "CSRSparseLinear", "QuantizedEmbedding", "QuantizedEmbeddingBag"]
+           "NMSparseLinear", "CSRSparseLinear", "QuantizedEmbedding", "QuantizedEmbeddingBag",
+           "Int8Conv1d", "Int8Conv2d", "FoldedBatchNorm"]

@@ -5,6 +5,7 @@ CPU and a CUDA kernel from the native core, and a plain-PyTorch reference that
 follows the same specification bit for bit (backend="reference").
 One module per kernel family; this package re-exports their public functions.
 """
+from . import conv_int8  # INT8 Conv1d / Conv2d: ops.conv_int8.conv_int8, ...
 from . import calibration  # GPTQ / AWQ cores: ops.calibration.gptq_quantize, ...
 from . import distill  # KD loss: ops.distill.kd_rows, ops.distill.kd_rows_reference
 from . import lowrank  # SVD, whitening, Tucker-2, CP-ALS: ops.lowrank.svd, ...
@@ -28,5 +29,5 @@ __all__ = [
     "unpack_signs", "pack_trits", "unpack_trits",
     "quantize_per_token", "quantize_static", "linear_int8", "linear_w8a8",
     "W4A8_BACKENDS", "linear_w4a8",
-    "calibration", "distill", "lowrank", "prune", "sparse",
+    "calibration", "conv_int8", "distill", "lowrank", "prune", "sparse",
 ]

@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 
 from ..config import Int8Dynamic, W8A8
 from ..nn import Int8Linear
+from ..report import Report, remember_skipped
 from ..transforms import _tied_to_embedding, filter_reason, replace_modules
 from .calibrate import require_forward_loop
+from .conv_int8 import apply_conv_int8
 from .observers import Observer, qparams_from_range
 from .registry import register_transform
 from .smoothquant import ProducerTrace, _run, fold_is_exact, foldable_kind, search_alpha, smooth_factors
@@ -118,6 +120,7 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
     static = isinstance(cfg, W8A8)
     mode = "static" if static else "dynamic"
     technique = "W8A8" if static else "Int8Dynamic with smoothquant=True"
+    conv_report = apply_conv_int8(model, cfg, forward_loop, progress)  # convs first: see quantization/conv_int8.py
     targets = _targets(model, cfg)
     weights = {n: m.weight.detach().float().clone() for n, m in targets.items()}
     biases = {n: m.bias for n, m in targets.items()}
@@ -169,7 +172,16 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
         for pname, upd in norm_updates.items():
             for attr, value in upd.items():
                 getattr(modules[pname], attr).copy_(value)
-    return report
+    return _merge(conv_report, report, model)
+
+
+def _merge(conv_report: Report, report: Report, model: nn.Module) -> Report:
+    """The conv rows, then the linear pass's rows (less its generic 'not supported' rows for
+    layers the conv pass already explained)."""
+    named = {c.name for c in conv_report.changes}
+    merged = Report(conv_report.changes + [c for c in report.changes if c.name not in named])
+    remember_skipped(model, merged)
+    return merged
 
 
 def _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates, mode,

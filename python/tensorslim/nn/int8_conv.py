@@ -1,0 +1,305 @@
+"""nn.Conv1d / nn.Conv2d with INT8 weights (per output channel) and INT8 activations, run by
+oneDNN's int8 convolution (ops/conv_int8.py).
+
+static:  one calibrated activation scale and uint8 zero point (W8A8).
+dynamic: the scale and zero point of each call's input range (Int8Dynamic).
+oneDNN's kernel and its reordered weights are picked once per input shape and kept in the
+module. Where that kernel lacks VNNI/AMX (AVX2 CPUs) it sums pairs of u8 x s8 products in
+saturating int16, so activations are then quantized to 7 bits ([0, 127], the "reduce range"
+fbgemm uses): a pair is at most 2 * 127 * 127 < 32767 and the result stays exact.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .. import ops
+from ..ops import conv_int8 as conv_ops
+
+MODES = ("static", "dynamic")
+_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+_MAX_SHAPES = 16  # packed weights kept per module (one per input shape seen)
+
+
+def float_geometry(conv: nn.Module) -> dict:
+    """What an Int8Conv must reproduce of the float conv (JSON-friendly); padding as ints."""
+    g = {f: getattr(conv, f) for f in _GEOMETRY}
+    for f in ("kernel_size", "stride", "dilation"):
+        g[f] = list(g[f])
+    g["padding"] = list(symmetric_padding(conv))
+    g["bias"] = conv.bias is not None
+    return g
+
+
+def symmetric_padding(conv: nn.Module) -> Tuple[int, ...]:
+    """The conv's padding as one int per spatial dim; a ValueError where it is not symmetric."""
+    p = conv.padding
+    if p == "valid":
+        return (0,) * len(conv.kernel_size)
+    if p == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' with an even kernel pads one side more than the other")
+        return tuple(t // 2 for t in total)
+    return tuple(p)
+
+
+class _FrozenConvFunction(torch.autograd.Function):
+    """Forward: the int8 kernel; backward: the input gradient through the dequantized weight
+    (activation rounding passed straight through, as for the compressed linears)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.shape, ctx.x_dtype = layer, x.shape, x.dtype
+        return layer.kernel_forward(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        m = ctx.layer
+        grad = nn.grad.conv1d_input if m.sp == 1 else nn.grad.conv2d_input
+        gx = grad(ctx.shape, m.weight, grad_y.float(), m.stride, m.padding, m.dilation, m.groups)
+        return gx.to(ctx.x_dtype), None
+
+
+class _Int8ConvNd(nn.Module):
+    """y = conv(quant(x), qweight) * act_scale * w_scales[oc] + bias[oc].
+
+    Buffers (the whole state): qweight int8 [out, in / groups, *kernel], w_scales fp32 [out]
+    (symmetric, per output channel), bias fp32 [out] (the conv's, or a folded BatchNorm's),
+    act_scale fp32 [1] and act_zero_point int32 [1] (static mode only).
+    """
+
+    kind = ""
+    sp = 0
+    float_type = nn.Conv2d
+
+    def __init__(self, geometry: dict, mode: str = "static", bias: bool = True, folded: str = "",
+                 backend: str = "auto", device=None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}")
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"{type(self).__name__}: backend must be 'auto' or 'reference', got {backend!r}")
+        self.geometry = dict(geometry)
+        for f in _GEOMETRY:
+            v = geometry[f]
+            setattr(self, f, tuple(v) if isinstance(v, list) else v)
+        self.mode, self.folded, self.backend = mode, folded, backend
+        oc, k = self.out_channels, list(self.kernel_size)
+        self.register_buffer("qweight", torch.zeros(oc, self.in_channels // self.groups, *k, dtype=torch.int8,
+                                                    device=device))
+        self.register_buffer("w_scales", torch.ones(oc, device=device))
+        self.register_buffer("bias", torch.zeros(oc, device=device) if bias else None)
+        static = mode == "static"
+        self.register_buffer("act_scale", torch.ones(1, device=device) if static else None)
+        self.register_buffer("act_zero_point", torch.zeros(1, dtype=torch.int32, device=device) if static else None)
+        self._kernels: Dict[tuple, tuple] = {}  # (input shape, zero point != 0) -> (packed or None, 7-bit)
+        self._kernels_key = None
+
+    # ------------------------------------------------------------ construction / io
+
+    @classmethod
+    def from_float(cls, conv: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str,
+                   act_scale: Optional[float] = None, act_zero_point: int = 0, folded: str = "",
+                   backend: str = "auto"):
+        """Quantize `weight` (the conv's, or with a BatchNorm folded in) per output channel."""
+        if mode == "static" and act_scale is None:
+            raise ValueError("static W8A8 needs a calibrated act_scale")
+        mod = cls(float_geometry(conv), mode, bias is not None, folded, backend, device=weight.device)
+        with torch.no_grad():
+            w = weight.detach().float()
+            q, scales, _ = ops.quantize(w.reshape(w.shape[0], -1).contiguous(), "int8", w[0].numel())
+            mod.qweight.copy_(q.reshape(w.shape))
+            mod.w_scales.copy_(scales.reshape(-1))
+            if bias is not None:
+                mod.bias.copy_(bias.detach().float())
+            if mode == "static":
+                mod.act_scale.fill_(float(act_scale))
+                mod.act_zero_point.fill_(int(act_zero_point))
+        return mod
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None):
+        return cls(spec["geometry"], spec["mode"], spec["bias"], spec.get("folded", ""), device=device)
+
+    @classmethod
+    def replaces(cls, mod: nn.Module, spec: dict) -> bool:
+        """Whether `mod` is the float conv a saved spec was made from (io.load)."""
+        if type(mod) is not cls.float_type:
+            return False
+        try:
+            return float_geometry(mod) == spec["geometry"]
+        except ValueError:
+            return False
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "format": "w8a8" if self.mode == "static" else "int8_dynamic",
+                "mode": self.mode, "in_features": self.in_channels, "out_features": self.out_channels,
+                "bias": self.bias is not None, "geometry": self.geometry, "folded": self.folded}
+
+    def _apply(self, fn, recurse=True):
+        """model.half() / .to(dtype) change the compute dtype only: the scales and bias stay fp32
+        (the kernel's epilogue is fp32) and the output takes the input's dtype."""
+        super()._apply(fn, recurse)
+        for name in ("w_scales", "bias", "act_scale"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.float32:
+                setattr(self, name, t.float())
+        return self
+
+    # ------------------------------------------------------------ nn.Conv surface
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in / groups, *kernel] (read-only; computed on access)."""
+        return self.qweight.float() * self.w_scales.reshape((-1,) + (1,) * (self.sp + 1))
+
+    def dense_bytes(self) -> int:
+        return 4 * self.qweight.numel() + (4 * self.out_channels if self.geometry["bias"] else 0)
+
+    def describe(self) -> str:
+        return "w8a8 u8" if self.mode == "static" else "int8 dyn/call"
+
+    def note(self) -> str:
+        return f"BatchNorm {self.folded} folded in" if self.folded else ""
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, mode={self.mode}, "
+                f"bias={self.bias is not None}")
+
+    # ------------------------------------------------------------ forward
+
+    def check_input(self, x) -> None:
+        kind = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{kind}: expected a torch.Tensor input, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{kind}: expected a float input, got {x.dtype}")
+        if x.dim() not in (self.sp + 1, self.sp + 2):
+            raise ValueError(f"{kind}: expected a {self.sp + 2}-D [N, C, *spatial] (or {self.sp + 1}-D unbatched) "
+                             f"input, got shape {tuple(x.shape)}")
+        c = x.shape[-self.sp - 1]
+        if c != self.in_channels:
+            raise ValueError(f"{kind}: expected {self.in_channels} input channels, got {c} (input shape "
+                             f"{tuple(x.shape)})")
+        if x.device.type != "cpu":
+            raise TypeError(f"{kind}: the int8 convolution runs on the CPU, got an input on {x.device}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        if x.dim() == self.sp + 1:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenConvFunction.apply(x, self)
+        return self.kernel_forward(x)
+
+    def _params(self, xc: torch.Tensor, qmax: int) -> Tuple[float, int]:
+        """(scale, zero point) of codes in [0, qmax]: the calibrated ones (static; re-spread over
+        [0, 127] for 7-bit codes) or those of this input's range (dynamic)."""
+        if self.mode == "static":
+            s, zp = float(self.act_scale), int(self.act_zero_point)
+            if qmax == 255:
+                return s, zp
+            lo, hi = -zp * s, (255 - zp) * s
+        elif xc.numel() == 0:
+            lo = hi = 0.0
+        else:
+            lo, hi = (float(v) for v in torch.aminmax(xc))
+            if not (abs(lo) < float("inf") and abs(hi) < float("inf")):
+                raise ValueError(f"{type(self).__name__}: the input contains NaN or Inf; activation "
+                                 f"quantization needs finite values")
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = (hi - lo) / qmax
+        scale = scale if scale > 0 else 1.0
+        return scale, int(min(max(round(-lo / scale), 0), qmax))
+
+    def _kernel(self, shape: tuple, zp: int) -> tuple:
+        """(packed weights, or None for the reference; whether codes must be 7-bit) for an input
+        shape, chosen and packed once."""
+        try:
+            key_w = (self.qweight.data_ptr(), self.qweight._version)
+        except RuntimeError:  # an inference tensor (built under inference_mode) cannot change in place
+            key_w = (self.qweight.data_ptr(), -1)
+        if key_w != self._kernels_key:  # new weights (load_state_dict, to()): repack
+            self._kernels, self._kernels_key = {}, key_w
+        key = (tuple(shape), zp != 0)
+        hit = self._kernels.get(key)
+        if hit is None:
+            args = (torch.empty(shape, dtype=torch.uint8), self.qweight, self.stride, self.padding, self.dilation,
+                    self.groups, zp, self.bias is not None)
+            impl = conv_ops.impl_name(*args)
+            if not impl or impl.startswith("ref"):  # no fast kernel: the exact reference
+                hit = (None, False)
+            else:
+                hit = (conv_ops.pack_weight(*args), not conv_ops.is_exact_8bit(impl))
+            if len(self._kernels) >= _MAX_SHAPES:
+                self._kernels.clear()
+            self._kernels[key] = hit
+        return hit
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.detach().to(torch.float32).movedim(1, -1).contiguous()  # channels last
+        scale, zp = self._params(xc, 255)
+        packed, qmax = None, 255
+        if self.backend != "reference" and xc.numel() > 0:
+            packed, seven_bit = self._kernel(xc.shape, zp)
+            if packed is not None and seven_bit:  # no VNNI: codes in [0, 127] (see the module doc)
+                qmax = 127
+                scale, zp = self._params(xc, qmax)
+                packed, _ = self._kernel(xc.shape, zp)
+        backend = "reference" if self.backend == "reference" else "auto"
+        q = ops.quantize_static(xc.reshape(-1, self.in_channels), scale, zp, dtype=torch.uint8, backend=backend)
+        if qmax < 255:
+            q.clamp_(max=qmax)
+        out = conv_ops.conv_int8(q.reshape(xc.shape), self.qweight, self.w_scales, self.bias, scale, zp,
+                                 self.stride, self.padding, self.dilation, self.groups, packed)
+        return out.movedim(-1, 1).to(x.dtype)
+
+
+class Int8Conv1d(_Int8ConvNd):
+    kind = "int8_conv1d"
+    sp = 1
+    float_type = nn.Conv1d
+
+
+class Int8Conv2d(_Int8ConvNd):
+    kind = "int8_conv2d"
+    sp = 2
+    float_type = nn.Conv2d
+
+
+class FoldedBatchNorm(nn.Identity):
+    """Stands where a BatchNorm was folded into the preceding conv (its scale and shift live in
+    that conv's weights and bias now), so saved files and summaries account for it."""
+
+    kind = "folded_batchnorm"
+    action = "folded"
+
+    def __init__(self, num_features: int, into: str, float_kind: str = "BatchNorm2d"):
+        super().__init__()
+        self.num_features, self.into, self.float_kind = num_features, into, float_kind
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None):
+        return cls(spec["in_features"], spec["into"], spec["float_kind"])
+
+    @classmethod
+    def replaces(cls, mod: nn.Module, spec: dict) -> bool:
+        return type(mod).__name__ == spec["float_kind"] and getattr(mod, "num_features", None) == spec["in_features"]
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "format": "folded", "in_features": self.num_features,
+                "out_features": self.num_features, "bias": False, "into": self.into, "float_kind": self.float_kind}
+
+    def dense_bytes(self) -> int:
+        return 4 * 4 * self.num_features + 8  # weight, bias, running mean / var, batch count
+
+    def describe(self) -> str:
+        return "folded"
+
+    def note(self) -> str:
+        return f"folded into {self.into}"

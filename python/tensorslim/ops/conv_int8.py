@@ -1,0 +1,113 @@
+"""INT8 convolution (Conv1d / Conv2d): u8 channels-last activation codes x s8 weights, fp32 out.
+The specification is in include/tensorslim/conv_int8.h; conv_int8_reference implements it
+in plain PyTorch (the integer sums in float64, exact for any realistic window: |acc| <=
+255 * 128 * C * kernel area < 2^53).
+
+Layouts: qx [N, *spatial, C] uint8 (channels last), qweight [OC, C / groups, *kernel] int8,
+out [N, *out_spatial, OC] float32 (channels last). Padding is symmetric, as nn.Conv pads.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _views
+from .._native import _C
+
+
+def out_size(in_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+             dilation: Sequence[int]) -> List[int]:
+    """The output's spatial size, as nn.Conv computes it."""
+    return [(i + 2 * p - d * (k - 1) - 1) // s + 1
+            for i, k, s, p, d in zip(in_size, kernel, stride, padding, dilation)]
+
+
+def _out(qx: torch.Tensor, qweight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    sp = out_size(qx.shape[1:-1], qweight.shape[2:], stride, padding, dilation)
+    return torch.empty(qx.shape[0], *sp, qweight.shape[0], dtype=torch.float32)
+
+
+def impl_name(qx, qweight, stride, padding, dilation, groups: int, zero_point: int, has_bias: bool) -> str:
+    """oneDNN's kernel for this convolution ('' where it has none or oneDNN is unusable)."""
+    out = _out(qx, qweight, stride, padding, dilation)
+    return _C.conv_int8_impl(_views.view(qx, "qx"), _views.view(qweight, "qweight"), _views.view(out, "out"),
+                             list(stride), list(padding), list(dilation), int(groups), zero_point != 0,
+                             bool(has_bias))
+
+
+def is_exact_8bit(impl: str) -> bool:
+    """oneDNN's u8 x s8 kernels sum pairs of products in saturating int16 unless they use
+    VNNI or AMX; those take full 8-bit codes, the others only codes in [0, 127]."""
+    return "vnni" in impl or "amx" in impl
+
+
+def pack_weight(qx, qweight, stride, padding, dilation, groups: int, zero_point: int,
+                has_bias: bool) -> Optional[torch.Tensor]:
+    """qweight in the layout oneDNN's kernel for this input shape reads (uint8 bytes), or None
+    where there is no kernel. Derived data: kept by the module per input shape, never saved."""
+    out = _out(qx, qweight, stride, padding, dilation)
+    args = (_views.view(qx, "qx"), _views.view(qweight, "qweight"), _views.view(out, "out"), list(stride),
+            list(padding), list(dilation), int(groups), zero_point != 0, bool(has_bias))
+    n = _C.conv_int8_packed_bytes(*args)
+    if n <= 0:
+        return None
+    packed = torch.empty(n, dtype=torch.uint8)
+    _C.conv_int8_pack(*args, _views.view(packed, "packed"))
+    return packed
+
+
+def _conv_int8_impl(qx: torch.Tensor, qweight: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor,
+               bias: Optional[torch.Tensor], act_scale: float, zero_point: int, stride: List[int],
+               padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+    out = _out(qx, qweight, stride, padding, dilation)
+    ran = _C.conv_int8_run(_views.view(qx, "qx"), _views.view(qweight, "qweight"), _views.view(packed, "packed"),
+                           _views.view(w_scales, "w_scales"), _views.optional_view(bias, "bias"),
+                           float(act_scale), int(zero_point), _views.view(out, "out"), list(stride),
+                           list(padding), list(dilation), int(groups))
+    if not ran:  # oneDNN became unusable (e.g. in a forked worker): the reference is exact
+        return conv_int8_reference(qx, qweight, w_scales, bias, act_scale, zero_point, stride, padding,
+                                   dilation, groups)
+    return out
+
+
+_conv_int8 = torch.library.custom_op("tensorslim::conv_int8", mutates_args=(), device_types="cpu")(_conv_int8_impl)
+
+
+@_conv_int8.register_fake
+def _conv_int8_fake(qx, qweight, packed, w_scales, bias, act_scale, zero_point, stride, padding, dilation,
+                    groups):
+    sp = out_size(qx.shape[1:-1], qweight.shape[2:], stride, padding, dilation)
+    return qx.new_empty(qx.shape[0], *sp, qweight.shape[0], dtype=torch.float32)
+
+
+def conv_int8(qx: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+              act_scale: float, zero_point: int, stride, padding, dilation, groups: int,
+              packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out = conv(qx - zero_point, qweight) * act_scale * w_scales[oc] + bias[oc], channels last.
+    packed: pack_weight(...) for this input shape; None runs the reference."""
+    if qx.dtype != torch.uint8 or qx.dim() not in (3, 4):
+        raise TypeError(f"qx: expected uint8 [N, *spatial, C] codes, got {qx.dtype} {tuple(qx.shape)}")
+    if qweight.dtype != torch.int8 or qweight.dim() != qx.dim():
+        raise TypeError(f"qweight: expected int8 [OC, C/groups, *kernel], got {qweight.dtype} "
+                        f"{tuple(qweight.shape)}")
+    if packed is None:
+        return conv_int8_reference(qx, qweight, w_scales, bias, act_scale, zero_point, stride, padding,
+                                   dilation, groups)
+    # Eager CPU calls skip the custom-op dispatch (~60 us, more than a small conv takes);
+    # torch.compile and fake / meta tensors go through the op and its fake implementation.
+    run = _conv_int8 if torch.compiler.is_compiling() or qx.device.type != "cpu" else _conv_int8_impl
+    return run(qx.contiguous(), qweight.contiguous(), packed, w_scales, bias, float(act_scale), int(zero_point),
+               list(stride), list(padding), list(dilation), int(groups))
+
+
+def conv_int8_reference(qx, qweight, w_scales, bias, act_scale: float, zero_point: int, stride, padding,
+                        dilation, groups: int) -> torch.Tensor:
+    """The specification: the exact integer convolution, then the fp32 rescale and bias."""
+    conv = F.conv1d if qx.dim() == 3 else F.conv2d
+    xc = (qx.to(torch.float64) - zero_point).movedim(-1, 1)  # padding adds real zeros: code zero_point
+    acc = conv(xc, qweight.to(torch.float64), None, list(stride), list(padding), list(dilation), int(groups))
+    shape = (1, -1) + (1,) * (qx.dim() - 2)
+    out = acc.to(torch.float32) * (torch.tensor(act_scale, dtype=torch.float32) * w_scales.reshape(shape))
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out.movedim(1, -1).contiguous()

@@ -1,0 +1,64 @@
+// INT8 convolution (see include/tensorslim/conv_int8.h).
+#include <pybind11/stl.h>
+
+#include "tensorslim/conv_int8.h"
+#include "views.h"
+
+namespace py = pybind11;
+
+namespace tensorslim {
+namespace bindings {
+namespace {
+
+ConvInt8Geometry geometry(std::vector<int64_t> stride, std::vector<int64_t> padding,
+                          std::vector<int64_t> dilation, int64_t groups, bool has_zp, bool has_bias) {
+  ConvInt8Geometry g;
+  g.stride = std::move(stride);
+  g.padding = std::move(padding);
+  g.dilation = std::move(dilation);
+  g.groups = groups;
+  g.has_zero_point = has_zp;
+  g.has_bias = has_bias;
+  return g;
+}
+
+}  // namespace
+
+void register_conv_int8(py::module_& m) {
+  m.def("conv_int8_impl", [](py::handle qx, py::handle qweight, py::handle out, std::vector<int64_t> stride,
+                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                             bool has_zp, bool has_bias) {
+    TensorView xv = to_view(qx, "qx"), wv = to_view(qweight, "qweight"), ov = to_view(out, "out");
+    return conv_int8_impl(xv, wv, ov, geometry(stride, padding, dilation, groups, has_zp, has_bias));
+  }, "oneDNN's implementation name for this int8 convolution ('' if none).");
+  m.def("conv_int8_packed_bytes", [](py::handle qx, py::handle qweight, py::handle out,
+                                     std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                     std::vector<int64_t> dilation, int64_t groups, bool has_zp,
+                                     bool has_bias) {
+    TensorView xv = to_view(qx, "qx"), wv = to_view(qweight, "qweight"), ov = to_view(out, "out");
+    return conv_int8_packed_bytes(xv, wv, ov, geometry(stride, padding, dilation, groups, has_zp, has_bias));
+  });
+  m.def("conv_int8_pack", [](py::handle qx, py::handle qweight, py::handle out, std::vector<int64_t> stride,
+                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                             bool has_zp, bool has_bias, py::handle packed) {
+    TensorView xv = to_view(qx, "qx"), wv = to_view(qweight, "qweight"), ov = to_view(out, "out"),
+               pv = to_view(packed, "packed");
+    const ConvInt8Geometry g = geometry(stride, padding, dilation, groups, has_zp, has_bias);
+    py::gil_scoped_release release;
+    conv_int8_pack(xv, wv, ov, g, pv);
+  });
+  m.def("conv_int8_run", [](py::handle qx, py::handle qweight, py::handle packed, py::handle w_scales,
+                            py::handle bias, float act_scale, int32_t zp, py::handle out,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                            std::vector<int64_t> dilation, int64_t groups) {
+    TensorView xv = to_view(qx, "qx"), wv = to_view(qweight, "qweight"), pv = to_view(packed, "packed"),
+               sv = to_view(w_scales, "w_scales"), ov = to_view(out, "out");
+    OptionalView bv = to_optional_view(bias, "bias");
+    const ConvInt8Geometry g = geometry(stride, padding, dilation, groups, zp != 0, bv.present);
+    py::gil_scoped_release release;
+    return conv_int8_run(xv, wv, pv, sv, bv.get(), act_scale, zp, ov, g);
+  }, "Runs the int8 convolution; False when oneDNN has no implementation for it.");
+}
+
+}  // namespace bindings
+}  // namespace tensorslim

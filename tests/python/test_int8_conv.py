@@ -1,0 +1,289 @@
+"""INT8 convolutions: oneDNN's kernel against the reference on odd shapes, the Int8Conv modules
+against the float conv, and the W8A8 / Int8Dynamic transform (BatchNorm folding, report,
+save / load, bad input). Run also under TENSORSLIM_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2, where
+the kernel has no VNNI and the codes are 7-bit."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.ops import conv_int8 as C
+
+# (N, C, spatial, OC, kernel, stride, padding, dilation, groups)
+SHAPES = [
+    (2, 8, (9, 11), 16, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (1, 5, (7, 7), 7, (3, 3), (2, 2), (1, 1), (1, 1), 1),  # batch 1, odd channels, stride 2
+    (3, 12, (10, 9), 12, (3, 3), (1, 1), (2, 2), (2, 2), 12),  # depthwise, dilation 2
+    (2, 12, (8, 8), 18, (3, 1), (1, 2), (1, 0), (1, 1), 3),  # groups, rectangular
+    (1, 33, (6, 5), 17, (1, 1), (1, 1), (0, 0), (1, 1), 1),  # 1x1 (SqueezeNet)
+    (2, 16, (16, 16), 24, (1, 1), (2, 2), (0, 0), (1, 1), 1),  # strided 1x1 shortcut
+    (2, 6, (13,), 10, (5,), (2,), (2,), (1,), 2),  # Conv1d
+    (1, 9, (20,), 9, (3,), (1,), (2,), (2,), 9),  # Conv1d depthwise, dilation 2
+]
+
+
+def _case(shape, seed, zp):
+    n, c, sp, oc, k, stride, pad, dil, groups = shape
+    g = torch.Generator().manual_seed(seed)
+    qx = torch.randint(0, 256, (n, *sp, c), generator=g, dtype=torch.int32).to(torch.uint8)
+    qw = torch.randint(-127, 128, (oc, c // groups, *k), generator=g, dtype=torch.int32).to(torch.int8)
+    impl = C.impl_name(qx, qw, stride, pad, dil, groups, zp, True)
+    if not C.is_exact_8bit(impl):  # no VNNI: the module gives this kernel 7-bit codes only
+        qx = qx // 2
+        zp = min(zp, 127)
+    return qx, qw, zp, impl, (stride, pad, dil, groups)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("zp", [0, 131])
+def test_kernel_integer_part_is_exact(shape, zp):
+    """Unit scales, no bias: the kernel's output is the integer sum itself (|acc| < 2^24)."""
+    qx, qw, zp, impl, geo = _case(shape, 1, zp)
+    packed = C.pack_weight(qx, qw, *geo, zp, False)
+    assert packed is not None, f"oneDNN has no int8 convolution here ({impl!r})"
+    ones = torch.ones(qw.shape[0])
+    got = C.conv_int8(qx, qw, ones, None, 1.0, zp, *geo, packed=packed)
+    ref = C.conv_int8_reference(qx, qw, ones, None, 1.0, zp, *geo)
+    assert got.shape == ref.shape
+    assert torch.equal(got, ref), f"{impl}: max diff {(got - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_rescale_and_bias(shape):
+    """Scales and bias fused: the same to a few ulp (oneDNN may order the products differently)."""
+    qx, qw, zp, impl, geo = _case(shape, 2, 77)
+    g = torch.Generator().manual_seed(3)
+    ws, bias = torch.rand(qw.shape[0], generator=g) * 0.01 + 1e-3, torch.randn(qw.shape[0], generator=g)
+    packed = C.pack_weight(qx, qw, *geo, zp, True)
+    got = C.conv_int8(qx, qw, ws, bias, 0.037, zp, *geo, packed=packed)
+    ref = C.conv_int8_reference(qx, qw, ws, bias, 0.037, zp, *geo)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def _float_conv(shape, seed=0, bias=True):
+    n, c, sp, oc, k, stride, pad, dil, groups = shape
+    torch.manual_seed(seed)
+    cls = nn.Conv1d if len(sp) == 1 else nn.Conv2d
+    conv = cls(c, oc, k, stride, pad, dil, groups, bias=bias).eval()
+    return conv, torch.randn(n, c, *sp)
+
+
+def _sqnr(ref, got):
+    return 20 * math.log10(float(ref.norm()) / max(float((ref - got).norm()), 1e-30))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_module_matches_float_conv_and_reference(shape, mode):
+    conv, x = _float_conv(shape)
+    lo, hi = float(x.min()), float(x.max())
+    scale = (hi - lo) / 255
+    zp = round(-lo / scale)
+    cls = ts.nn.Int8Conv1d if len(shape[2]) == 1 else ts.nn.Int8Conv2d
+    args = (conv, conv.weight, conv.bias, mode, scale if mode == "static" else None, zp if mode == "static" else 0)
+    fast, ref = cls.from_float(*args), cls.from_float(*args, backend="reference")
+    with torch.no_grad():
+        y, y_fast, y_ref = conv(x), fast(x), ref(x)
+    assert y_fast.shape == y.shape and y_fast.dtype == torch.float32
+    assert _sqnr(y, y_ref) > 30
+    assert _sqnr(y, y_fast) > 24  # 7-bit codes where the kernel has no VNNI
+    impl = C.impl_name(torch.empty(x.movedim(1, -1).shape, dtype=torch.uint8), fast.qweight, fast.stride,
+                       fast.padding, fast.dilation, fast.groups, 1, True)
+    if C.is_exact_8bit(impl):  # same codes as the reference: the same result to rounding
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
+
+
+def test_module_surface_and_packing_cache():
+    conv, x = _float_conv(SHAPES[0])
+    m = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, "dynamic")
+    for f in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        assert getattr(m, f) == getattr(conv, f), f
+    w = m.weight
+    assert w.shape == conv.weight.shape and w.dtype == torch.float32
+    assert float((w - conv.weight.detach()).abs().max()) <= float(m.w_scales.max()) / 2 + 1e-7
+    with pytest.raises(AttributeError):
+        m.weight = torch.zeros_like(w)
+    m(x)
+    packed = dict(m._kernels)
+    m(x)  # same shape: the packed weights are reused, not redone
+    assert all(m._kernels[k][0] is v[0] for k, v in packed.items())
+    m(x[:1])  # another shape gets its own
+    assert len(m._kernels) == len(packed) + 1
+    assert m(x[0]).shape == conv(x[0]).shape  # unbatched input
+    y = m(x)
+    m.to(torch.bfloat16)  # the compute dtype changes, the packed form and fp32 scales stay
+    assert m.w_scales.dtype == torch.float32 and m.qweight.dtype == torch.int8
+    yb = m(x.to(torch.bfloat16))
+    assert yb.dtype == torch.bfloat16 and _sqnr(y, yb.float()) > 30
+
+
+def test_backward_reaches_the_input():
+    conv, x = _float_conv(SHAPES[1])
+    m = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, "dynamic")
+    x.requires_grad_(True)
+    m(x).square().sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    F.conv2d(xr, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups).square().sum().backward()
+    assert _sqnr(xr.grad, x.grad) > 25
+
+
+def test_bad_inputs_are_clear_errors():
+    conv, x = _float_conv(SHAPES[0])
+    m = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, "static", 0.05, 128)
+    with pytest.raises(TypeError, match="float input"):
+        m(x.to(torch.int32))
+    with pytest.raises(ValueError, match="expected 8 input channels, got 3"):
+        m(torch.randn(2, 3, 9, 11))
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(9, 11))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        m([1.0])
+    bad = x.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        m(bad)
+    dyn = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, "dynamic")
+    with pytest.raises(ValueError, match="NaN"):
+        dyn(bad)
+
+
+class _Residual(nn.Module):
+    """conv -> bn, where the conv's output is also added back: its BatchNorm must not be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn2(self.conv2(torch.relu(self.bn(y) + y)))
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+def test_fold_only_where_the_conv_output_has_one_reader():
+    model = _randomize_bn(_Residual()).eval()
+    x = [torch.randn(4, 4, 8, 8) for _ in range(2)]
+    with torch.no_grad():
+        ref = model(x[0])
+    report = ts.quantize(model, ts.W8A8(), calib_data=x, progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["bn2"].action == "folded" and "conv2" in rows["bn2"].reason
+    assert rows["bn"].action == "skipped" and "also read elsewhere" in rows["bn"].reason
+    assert isinstance(model.bn2, ts.nn.FoldedBatchNorm) and isinstance(model.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert _sqnr(ref, model(x[0])) > 25
+
+
+def test_int8_dynamic_with_data_folds_batchnorm():
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    report = ts.quantize(model, ts.Int8Dynamic(), calib_data=[x], progress=False)
+    assert [(c.name, c.action) for c in report.changes] == [("0", "quantized"), ("1", "folded")]
+    with torch.no_grad():
+        assert _sqnr(ref, model(x)) > 25
+
+
+def test_training_mode_and_padding_mode_are_reported():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 3),
+                          nn.BatchNorm2d(4))
+    report = ts.quantize(model, ts.W8A8(), calib_data=[torch.randn(2, 3, 8, 8)], progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["0"].action == "skipped" and "padding_mode='reflect'" in rows["0"].reason
+    assert rows["1"].action == "quantized"
+    assert rows["2"].action == "skipped" and "model.eval()" in rows["2"].reason
+    assert len(report.changes) == 3  # no duplicate rows from the linear pass
+
+
+def test_int8_dynamic_without_data_and_conv1d():
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, groups=8),
+                          nn.Flatten(), nn.Linear(8 * 14, 5)).eval()
+    x = torch.randn(4, 3, 16)
+    with torch.no_grad():
+        ref = model(x)
+    report = ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    assert [c.action for c in report.changes] == ["quantized"] * 3
+    again = ts.quantize(model, ts.Int8Dynamic(), progress=False)  # already compressed: said so
+    assert all(c.action == "skipped" and "already compressed" in c.reason for c in again.changes)
+    assert isinstance(model[0], ts.nn.Int8Conv1d) and isinstance(model[4], ts.nn.Int8Linear)
+    with torch.no_grad():
+        assert _sqnr(ref, model(x)) > 25
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from tensorslim.eval import digits_basic_resnet as D
+
+    xtr, ytr, xte, yte = D.digits_images()
+    torch.manual_seed(0)
+    model = D.train(D.DigitsResNet(width=16, size=8), xtr, ytr, epochs=4)
+    return D, model, xtr, xte, yte
+
+
+def test_digits_resnet_w8a8_accuracy_fold_summary_and_save_load(digits, tmp_path):
+    D, model, xtr, xte, yte = digits
+    base = D.accuracy(model, xte, yte)
+    q = D.DigitsResNet(width=16, size=8)
+    q.load_state_dict(model.state_dict())
+    q.eval()
+    report = ts.quantize(q, ts.W8A8(), calib_data=list(xtr[:256].split(64)), progress=False)
+    kinds = [c.module_type for c in report.changed]
+    assert kinds.count("Conv2d") == 9 and kinds.count("BatchNorm2d") == 9, str(report)
+    assert [c.name for c in report.skipped] == ["head"]  # skip_output_head
+    acc = D.accuracy(q, xte, yte)
+    assert acc >= base - 0.01, (base, acc)
+    text = str(ts.summary(q))
+    assert "folded into layer1.conv1" in text and "w8a8 u8" in text
+    path = tmp_path / "resnet.slim.safetensors"
+    ts.save(q, path)
+    fresh = ts.load(D.DigitsResNet(width=16, size=8).eval(), path)
+    assert isinstance(fresh.layer1.bn1, ts.nn.FoldedBatchNorm)
+    with torch.no_grad():
+        assert torch.equal(fresh(xte[:32]), q(xte[:32]))
+
+
+def test_built_and_run_under_inference_mode():
+    conv, x = _float_conv(SHAPES[4])
+    with torch.inference_mode():
+        model = nn.Sequential(conv)
+        ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+        assert _sqnr(conv.weight.new_tensor(0) + F.conv2d(x, conv.weight, conv.bias), model(x)) > 25
+
+
+def test_nan_calibration_names_the_layer_and_leaves_the_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    bad = torch.randn(2, 3, 8, 8)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer '0'.*NaN"):
+        ts.quantize(model, ts.W8A8(), calib_data=[bad], progress=False)
+    assert type(model[0]) is nn.Conv2d
+
+
+def test_same_padding_odd_kernel_runs_even_kernel_is_skipped():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.Conv2d(4, 4, 2, padding="same")).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    report = ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["0"].action == "quantized" and model[0].padding == (1, 1)
+    assert rows["1"].action == "skipped" and "even kernel" in rows["1"].reason
+    with torch.no_grad():
+        assert _sqnr(ref, model(x)) > 25
