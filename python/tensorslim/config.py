@@ -221,8 +221,8 @@ class Int4WeightOnly(Config):
 
 
 def _check_embedding_bits(cfg) -> None:
-    """embedding_bits: the integer width of nn.Embedding / nn.EmbeddingBag tables (None: the
-    linears' bits; per row, or in the config's groups where they divide the embedding width).
+    """embedding_bits: the integer width of nn.Embedding / nn.EmbeddingBag tables (None: 8, per
+    row; narrower tables in the config's groups where they divide the embedding width).
     Exclude the tables by name (exclude="*embed*") to keep them float."""
     if cfg.embedding_bits is None:
         return

@@ -33,10 +33,12 @@ class _Model(nn.Module):
 
 
 @pytest.mark.parametrize("config,fmt,group", [(ts.Int8WeightOnly(), "int8", 64),
-                                              (ts.Int4WeightOnly(group_size=32), "int4", 32),
-                                              (ts.Int4WeightOnly(group_size=32, symmetric=False), "uint4", 32),
-                                              (ts.Int4WeightOnly(group_size=128), "int4", 64),  # 128 > dim: per row
-                                              (ts.Int4WeightOnly(embedding_bits=8), "int8", 64)])
+                                              (ts.Int4WeightOnly(group_size=32), "int8", 64),  # tables: INT8 rows
+                                              (ts.Int4WeightOnly(group_size=32, embedding_bits=4), "int4", 32),
+                                              (ts.Int4WeightOnly(group_size=32, symmetric=False, embedding_bits=4),
+                                               "uint4", 32),
+                                              (ts.Int4WeightOnly(group_size=128, embedding_bits=4), "int4", 64),
+                                              (ts.Int8WeightOnly(group_size=32), "int8", 64)])  # 8 bits: per row
 def test_lookup_matches_reference_decode(config, fmt, group):
     model = _Model()
     table = _reference_table(model.embed.weight.detach(), fmt, group)
@@ -80,7 +82,7 @@ def test_exclude_keeps_tables_float():
 
 def test_save_load_round_trip(tmp_path):
     model = _Model()
-    ts.quantize(model, ts.Int4WeightOnly(group_size=32, embedding_bits=8), progress=False)
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32, embedding_bits=4), progress=False)
     path = tmp_path / "m.slim.safetensors"
     ts.save(model, path)
     fresh = _Model()
@@ -110,7 +112,7 @@ def test_failure_leaves_model_unchanged():
 
 def test_summary_lists_tables():
     model = _Model()
-    ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32, embedding_bits=4), progress=False)
     rows = {r.name: r for r in ts.summary(model).changed}
     assert rows["embed"].format == "int4 g32" and rows["embed"].bytes_before == 4 * 200 * 64
     assert rows["embed"].bytes_after < rows["embed"].bytes_before / 6
