@@ -106,8 +106,13 @@ def test_sparse_storage_auto_finds_nm():
     ts.sparsify(dense, ts.SparseStorage(include="0"), progress=False)
     assert isinstance(dense[0], ts.NMSparseLinear) and (dense[0].n, dense[0].m) == (2, 4)
     assert torch.equal(_dense(dense[0]), _dense(model[0]))
-    with pytest.raises(ValueError, match="0"):
+    with pytest.raises(ValueError, match="layer '0'.*2:4 pattern"):
         ts.sparsify(_mlp(), ts.SparseStorage(layout="nm"), progress=False)  # dense weights fit no 2:4
+    pruned = _mlp()
+    ts.prune(pruned, ts.Magnitude(0.8), progress=False)
+    with pytest.raises(ValueError, match="layer '0'.*CSR stores float32 or int8"):
+        ts.sparsify(pruned, ts.SparseStorage(values="bfloat16"), progress=False)
+    assert type(pruned[0]) is nn.Linear
 
 
 def test_backward_reaches_input():

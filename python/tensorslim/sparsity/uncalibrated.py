@@ -6,7 +6,7 @@ from torch import nn
 
 from ..pruning.unstructured import _mask_for
 from .build import build, dense_linear
-from .config import NM, NM_VALUES, SparseStorage, _Sparse
+from .config import NM, SparseStorage, _Sparse
 from .masks import fits_nm, nm_keep
 
 
@@ -47,11 +47,7 @@ def storage_layer(name: str, lin: nn.Module, cfg: SparseStorage) -> Tuple[nn.Mod
                          f"more than {cfg.n}); use layout='csr' or 'auto'")
     layout, n, m = found
     if layout == "csr" and cfg.values not in ("float32", "int8"):
-        raise ValueError(f"layer '{name}': its zeros fit no n:m pattern, and CSR stores float32 or int8 "
-                         f"values, not {cfg.values}")
+        raise ValueError(f"its zeros fit no n:m pattern, and CSR stores float32 or int8 values, not {cfg.values}")
     what = f"{n}:{m}" if layout == "nm" else "csr"
     zeros = float((w == 0).sum()) / max(1, w.numel())
     return build(layout, w, w != 0, bias, cfg.values, cfg.backend, n, m), f"{what} {cfg.values} (as is, {zeros:.1%} zeros)"
-
-
-__all__ = ["magnitude_keep", "magnitude_layer", "storage_layout", "storage_layer", "NM_VALUES"]
