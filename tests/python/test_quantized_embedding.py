@@ -1,6 +1,5 @@
 """Embedding tables in the weight-only recipes: lookups against the format's reference decode,
 EmbeddingBag reductions, tied heads, layer selection, save / load and bad input."""
-import copy
 
 import pytest
 import torch

