@@ -13,28 +13,17 @@
 namespace tensorslim {
 namespace {
 
+using testing::IsaScope;
+using testing::machine_isas;
 using testing::view1;
 using testing::view2;
-
-std::vector<cpu::Isa> kd_isas() {
-  std::vector<cpu::Isa> out = {cpu::Isa::kScalar};
-  if (cpu::best_isa() >= cpu::Isa::kAVX2) out.push_back(cpu::Isa::kAVX2);
-  if (cpu::best_isa() >= cpu::Isa::kAVX512) out.push_back(cpu::Isa::kAVX512);
-  return out;
-}
-
-struct IsaScope {
-  explicit IsaScope(cpu::Isa isa) : saved(cpu::active_isa()) { cpu::set_isa(isa); }
-  ~IsaScope() { cpu::set_isa(saved); }
-  cpu::Isa saved;
-};
 
 TEST(DistillKernels, SumExpMatchesDouble) {
   std::vector<float> x(1003);
   for (size_t i = 0; i < x.size(); ++i) x[i] = -100.0f + 110.0f * static_cast<float>(i) / x.size();
   double want = 0;
   for (float v : x) want += std::exp((static_cast<double>(v) - 10.0) * 0.5);
-  for (cpu::Isa isa : kd_isas()) {
+  for (cpu::Isa isa : machine_isas()) {
     const double got = cpu::kd_kernels_for(isa).sum_exp(x.data(), x.size(), 10.0f, 0.5f);
     EXPECT_NEAR(got, want, 1e-6 * want) << cpu::isa_name(isa);
   }
@@ -55,7 +44,7 @@ TEST(DistillKernels, EveryIsaMatchesScalarOnOddSizes) {
     const float lzs = static_cast<float>(std::log(ref.sum_exp(s.data(), n, ms, inv_t)));
     const float lzt = static_cast<float>(std::log(want[0]));
     const float lz1 = static_cast<float>(std::log(ref.sum_exp(s.data(), n, ms, 1.0f)));
-    for (cpu::Isa isa : kd_isas()) {
+    for (cpu::Isa isa : machine_isas()) {
       const cpu::KdKernels& K = cpu::kd_kernels_for(isa);
       const std::string tag = std::string(cpu::isa_name(isa)) + " n=" + std::to_string(n);
       bool b = false;
@@ -110,7 +99,7 @@ TEST(DistillKdLoss, MatchesDoubleReferenceOnEveryIsa) {
   opt.temperature = 2.5;
   opt.alpha = 0.6;
   opt.has_labels = true;
-  for (cpu::Isa isa : kd_isas()) {
+  for (cpu::Isa isa : machine_isas()) {
     IsaScope scope(isa);
     std::vector<float> rows(R), stats(R * kKdStats), scale(R, 1.0f), grad(R * ld, 0.0f);
     const TensorView sv = view2(s.data(), DType::kFloat32, R, V, ld), tv = view2(t.data(), DType::kFloat32, R, V, ld);

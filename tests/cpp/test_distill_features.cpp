@@ -17,21 +17,10 @@
 namespace tensorslim {
 namespace {
 
+using testing::IsaScope;
+using testing::machine_isas;
 using testing::view1;
 using testing::view2;
-
-std::vector<cpu::Isa> isas() {
-  std::vector<cpu::Isa> out = {cpu::Isa::kScalar};
-  if (cpu::best_isa() >= cpu::Isa::kAVX2) out.push_back(cpu::Isa::kAVX2);
-  if (cpu::best_isa() >= cpu::Isa::kAVX512) out.push_back(cpu::Isa::kAVX512);
-  return out;
-}
-
-struct IsaScope {
-  explicit IsaScope(cpu::Isa isa) : saved(cpu::active_isa()) { cpu::set_isa(isa); }
-  ~IsaScope() { cpu::set_isa(saved); }
-  cpu::Isa saved;
-};
 
 // Probabilities: a softmax of random scores (with some exact zeros, as masks give).
 std::vector<float> probs(int64_t n, uint32_t seed) {
@@ -64,7 +53,7 @@ TEST(DistillFeatureKernels, EveryIsaMatchesScalarOnOddSizes) {
   for (int64_t n : {1, 7, 15, 16, 17, 33, 257, 1001, 2048}) {
     const std::vector<float> s = testing::random_weights(n, 3 + n), t = testing::random_weights(n, 5 + n);
     const std::vector<float> ps = probs(n, 7 + n), pt = probs(n, 9 + n);
-    for (cpu::Isa isa : isas()) {
+    for (cpu::Isa isa : machine_isas()) {
       const auto& K = cpu::feature_kernels_for(isa);
       const std::string tag = std::string(cpu::isa_name(isa)) + " n=" + std::to_string(n);
       EXPECT_NEAR(K.sq_diff(s.data(), t.data(), n), ref.sq_diff(s.data(), t.data(), n),
@@ -130,7 +119,7 @@ void check_against_f64(int64_t R, int64_t D, const std::vector<float>& s, const 
   bwd(sdv, tdv, view2(st_d.data(), DType::kFloat64, R, stats_n), view1(scale.data(), DType::kFloat64, R),
       view2(grad_d.data(), DType::kFloat64, R, D));
   std::vector<float> want_loss(loss_d.begin(), loss_d.end()), want_grad(grad_d.begin(), grad_d.end());
-  for (cpu::Isa isa : isas()) {
+  for (cpu::Isa isa : machine_isas()) {
     IsaScope scope(isa);
     std::vector<double> loss(R), st(R * stats_n);
     std::vector<float> grad(R * D);

@@ -5,10 +5,27 @@
 #include <random>
 #include <vector>
 
+#include "tensorslim/quantize.h"
 #include "tensorslim/tensor_view.h"
 
 namespace tensorslim {
 namespace testing {
+
+// The scalar reference and every vector ISA this machine runs, for tests that compare them.
+inline std::vector<cpu::Isa> machine_isas() {
+  std::vector<cpu::Isa> out = {cpu::Isa::kScalar};
+  if (cpu::best_isa() >= cpu::Isa::kAVX2) out.push_back(cpu::Isa::kAVX2);
+  if (cpu::best_isa() >= cpu::Isa::kAVX512) out.push_back(cpu::Isa::kAVX512);
+  return out;
+}
+
+// Runs a scope at one ISA and puts the previous one back.
+struct IsaScope {
+  explicit IsaScope(cpu::Isa isa) : saved(cpu::active_isa()) { cpu::set_isa(isa); }
+  IsaScope() : saved(cpu::active_isa()) {}
+  ~IsaScope() { cpu::set_isa(saved); }
+  cpu::Isa saved;
+};
 
 inline TensorView view2(void* data, DType dt, int64_t rows, int64_t cols, int64_t row_stride = -1,
                         int64_t col_stride = 1) {

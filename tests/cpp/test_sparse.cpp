@@ -20,20 +20,10 @@ namespace tensorslim {
 namespace {
 
 using testing::random_weights;
+using testing::IsaScope;
+using testing::machine_isas;
 using testing::view1;
 using testing::view2;
-
-std::vector<cpu::Isa> isas() {
-  std::vector<cpu::Isa> out{cpu::Isa::kScalar};
-  if (static_cast<int>(cpu::best_isa()) >= 1) out.push_back(cpu::Isa::kAVX2);
-  if (static_cast<int>(cpu::best_isa()) >= 2) out.push_back(cpu::Isa::kAVX512);
-  return out;
-}
-
-struct IsaGuard {
-  cpu::Isa saved = cpu::active_isa();
-  ~IsaGuard() { cpu::set_isa(saved); }
-};
 
 int vsize(DType dt) { return dtype_size(dt); }
 
@@ -107,7 +97,7 @@ TensorView values_view(Packed& p, DType dt, int64_t rows, int64_t cols) {
 }
 
 TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
-  IsaGuard guard;
+  IsaScope guard;
   const std::pair<int, int> nms[] = {{2, 4}, {1, 4}, {3, 4}, {4, 8}, {1, 8}, {3, 8}, {7, 8}};
   const int64_t shapes[][2] = {{1, 7}, {5, 33}, {17, 64}, {9, 101}, {3, 4}, {33, 257}};
   const DType dts[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kInt8};
@@ -136,7 +126,7 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
             std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
             TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
             const Ref ref(dense, x, bias, M, N, K);
-            for (cpu::Isa isa : isas()) {
+            for (cpu::Isa isa : machine_isas()) {
               cpu::set_isa(isa);
               std::vector<float> y(M * N, NAN);
               TensorView bv = view1(bias.data(), DType::kFloat32, N);
@@ -157,7 +147,7 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
 }
 
 TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
-  IsaGuard guard;
+  IsaScope guard;
   const int64_t shapes[][2] = {{1, 7}, {5, 33}, {17, 64}, {9, 101}, {40, 300}};
   uint32_t seed = 100;
   for (auto& s : shapes) {
@@ -191,7 +181,7 @@ TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
           std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
           TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
           const Ref ref(dense, x, bias, M, N, K);
-          for (cpu::Isa isa : isas()) {
+          for (cpu::Isa isa : machine_isas()) {
             cpu::set_isa(isa);
             std::vector<float> y(M * N, NAN);
             TensorView bv = view1(bias.data(), DType::kFloat32, N);
@@ -298,8 +288,8 @@ TEST(Sparse, BadArgumentsRaise) {
   };
   EXPECT_THROW(lin(bad_rp), ValueError);
   std::vector<int64_t> ok_rp = {0, 1, 2};
-  IsaGuard guard;
-  for (cpu::Isa isa : isas()) {
+  IsaScope guard;
+  for (cpu::Isa isa : machine_isas()) {
     cpu::set_isa(isa);
     EXPECT_THROW(lin(ok_rp), ValueError) << cpu::isa_name(isa);  // column 9 >= K = 8
   }

@@ -89,6 +89,31 @@ TS_TARGET inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Up to 8 CSR entries from e (of a row ending at e1): their columns, their count, and `use`,
+// the lanes (all-ones) that hold an entry with a column < K; entries at columns >= K set their
+// bits in *bad.
+struct CsrChunk {
+  __m256i col;
+  __m256 use;
+  int64_t count;
+  TS_TARGET CsrChunk(const SparseWeight& w, int64_t e, int64_t e1, __m256i kv, int* bad)
+      : count(e1 - e < W ? e1 - e : W) {
+    __m128i c16;
+    if (count == W) {
+      c16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + e));
+    } else {
+      alignas(16) uint16_t buf[W] = {};
+      std::memcpy(buf, w.cols + e, count * 2);
+      c16 = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+    }
+    col = _mm256_cvtepu16_epi32(c16);
+    const __m256 act = lanes_below(count);
+    const __m256 ok = _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col));
+    *bad |= _mm256_movemask_ps(_mm256_andnot_ps(ok, act));
+    use = _mm256_and_ps(ok, act);
+  }
+};
+
 TS_TARGET inline void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i, float acc) {
   a.y[i * a.ldy + r] = acc * (w.scales ? w.scales[r] : 1.0f) + (a.bias ? a.bias[r] : 0.0f);
 }
@@ -324,22 +349,9 @@ struct CsrRows {
     cur[r - base] = e1;
     int bad = 0;
     for (int64_t e = e0; e < e1; e += W) {
-      const int64_t count = e1 - e < W ? e1 - e : W;
-      __m128i c16;
-      if (count == W) {
-        c16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + e));
-      } else {
-        alignas(16) uint16_t buf[W] = {};
-        std::memcpy(buf, w.cols + e, count * 2);
-        c16 = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
-      }
-      const __m256i col = _mm256_cvtepu16_epi32(c16);
-      const __m256 act = lanes_below(count);
-      const __m256 ok = _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col));
-      bad |= _mm256_movemask_ps(_mm256_andnot_ps(ok, act));
-      const __m256 k = _mm256_and_ps(ok, act);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ci), _mm256_and_si256(col, _mm256_castps_si256(k)));
-      _mm256_store_ps(vf, _mm256_and_ps(load_vals<VT>(w.values, e, count), k));
+      const CsrChunk c(w, e, e1, kv, &bad);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ci), _mm256_and_si256(c.col, _mm256_castps_si256(c.use)));
+      _mm256_store_ps(vf, _mm256_and_ps(load_vals<VT>(w.values, e, c.count), c.use));
       acc.step(xt, st, ci, vf);
     }
     return bad != 0;
@@ -380,23 +392,10 @@ TS_TARGET bool csr_row(const SparseWeight& w, const SparseBatch& a, int64_t r, i
   const int64_t e1 = w.row_ptr[r + 1];
   int bad = 0;
   for (int64_t e = w.row_ptr[r]; e < e1; e += W) {
-    const int64_t count = e1 - e < W ? e1 - e : W;
-    __m128i c16;
-    if (count == W) {
-      c16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + e));
-    } else {
-      alignas(16) uint16_t buf[W] = {};
-      std::memcpy(buf, w.cols + e, count * 2);
-      c16 = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
-    }
-    const __m256i col = _mm256_cvtepu16_epi32(c16);
-    const __m256 act = lanes_below(count);
-    const __m256 ok = _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col));
-    bad |= _mm256_movemask_ps(_mm256_andnot_ps(ok, act));
-    const __m256 k = _mm256_and_ps(ok, act);
-    const __m256 vals = load_vals<VT>(w.values, e, count);
+    const CsrChunk c(w, e, e1, kv, &bad);
+    const __m256 vals = load_vals<VT>(w.values, e, c.count);
     for (int q = 0; q < R; ++q) {
-      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x + q * a.ldx, col, k, 4);
+      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x + q * a.ldx, c.col, c.use, 4);
       acc[q] = _mm256_fmadd_ps(vals, xv, acc[q]);
     }
   }

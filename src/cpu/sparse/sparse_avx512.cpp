@@ -78,6 +78,28 @@ inline __mmask16 first_lanes(int64_t count) {
   return count >= W ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
+// Up to 16 CSR entries from e (of a row ending at e1): their columns and values, and `use`,
+// the lanes that hold an entry with a column < K; entries at columns >= K set their lanes in *bad.
+template <DType VT>
+struct CsrChunk {
+  __m512i col;
+  __m512 vals;
+  __mmask16 use;
+  CsrChunk(const SparseWeight& w, int64_t e, int64_t e1, __m512i kv, __mmask16* bad) {
+    const __mmask16 act = first_lanes(e1 - e);
+    if (act == 0xffff) {
+      col = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e)));
+      vals = load_vals<VT, false>(w.values, e, 0);
+    } else {
+      col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(act, w.cols + e));
+      vals = load_vals<VT, true>(w.values, e, act);
+    }
+    const __mmask16 ok = _mm512_cmplt_epi32_mask(col, kv);
+    *bad |= act & static_cast<__mmask16>(~ok);
+    use = act & ok;
+  }
+};
+
 inline void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i, float acc) {
   a.y[i * a.ldy + r] = acc * (w.scales ? w.scales[r] : 1.0f) + (a.bias ? a.bias[r] : 0.0f);
 }
@@ -315,20 +337,9 @@ struct CsrRows {
     cur[r - base] = e1;
     __mmask16 bad = 0;
     for (int64_t e = e0; e < e1; e += W) {
-      const __mmask16 act = first_lanes(e1 - e);
-      __m512i col;
-      __m512 vals;
-      if (act == 0xffff) {
-        col = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e)));
-        vals = load_vals<VT, false>(w.values, e, 0);
-      } else {
-        col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(act, w.cols + e));
-        vals = load_vals<VT, true>(w.values, e, act);
-      }
-      const __mmask16 ok = _mm512_cmplt_epi32_mask(col, kv);
-      bad |= act & static_cast<__mmask16>(~ok);
-      _mm512_store_si512(ci, _mm512_maskz_mov_epi32(act & ok, col));  // skipped lanes: column 0, value 0
-      _mm512_store_ps(vf, _mm512_maskz_mov_ps(act & ok, vals));
+      const CsrChunk<VT> c(w, e, e1, kv, &bad);
+      _mm512_store_si512(ci, _mm512_maskz_mov_epi32(c.use, c.col));  // skipped lanes: column 0, value 0
+      _mm512_store_ps(vf, _mm512_maskz_mov_ps(c.use, c.vals));
       acc.step(xt, st, ci, vf);
     }
     return bad != 0;
@@ -365,21 +376,10 @@ bool csr_row(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i0)
   const int64_t e1 = w.row_ptr[r + 1];
   __mmask16 bad = 0;
   for (int64_t e = w.row_ptr[r]; e < e1; e += W) {
-    const __mmask16 act = first_lanes(e1 - e);
-    __m512i col;
-    __m512 vals;
-    if (act == 0xffff) {
-      col = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e)));
-      vals = load_vals<VT, false>(w.values, e, 0);
-    } else {
-      col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(act, w.cols + e));
-      vals = load_vals<VT, true>(w.values, e, act);
-    }
-    const __mmask16 ok = _mm512_cmplt_epi32_mask(col, kv);
-    bad |= act & ~ok;
+    const CsrChunk<VT> c(w, e, e1, kv, &bad);
     for (int q = 0; q < R; ++q) {
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), act & ok, col, x + q * a.ldx, 4);
-      acc[q] = _mm512_fmadd_ps(vals, xv, acc[q]);
+      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), c.use, c.col, x + q * a.ldx, 4);
+      acc[q] = _mm512_fmadd_ps(c.vals, xv, acc[q]);
     }
   }
   for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, _mm512_reduce_add_ps(acc[q]));
