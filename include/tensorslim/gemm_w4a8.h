@@ -7,7 +7,8 @@
 //                round half to even); bf16 x is widened to fp32 first.
 //   weights:     the int4 / uint4 rows of the format table (quantize.h): codes c[n, k] packed two
 //                per byte, low nibble first; offset o[n, g] = 0 (int4, c in -8..7) or the uint8
-//                zero point (uint4, c in 0..15); fp32 scale w_s[n, g] per group of G values.
+//                zero point (uint4, c in 0..15); fp32 scale w_s[n, g] per group of G values,
+//                ceil(K / G) groups, the last one holding K - (groups - 1) * G values.
 //   per group:   d[m, n, g] = sum_{k in g} (c[n, k] - o[n, g]) * q[m, k]        (exact, int32)
 //   rescale:     acc = 0; for g = 0, 1, ...: acc = acc + float(d[m, n, g]) * w_s[n, g]
 //                out[m, n] = acc * a_s[m] (+ bias[n])        (IEEE fp32, no fused multiply-add;
@@ -28,9 +29,10 @@ constexpr int64_t kW4A8MaxK = int64_t{1} << 20;
 
 // out[M, N] = x[M, K] @ W^T + bias as specified above.
 // x: [M, K] f32 or bf16, rows contiguous.  qweight: [N, ceil(K / 2)] uint8 (int4 / uint4 codes).
-// scales: [N, K / group] f32.  zero_points: same shape uint8, values 0..15, uint4 only (else
-// nullptr).  bias: [N] f32 or nullptr.  out: [M, N], x's dtype, rows contiguous.
-// group_size: an even divisor of K, or K (one scale per output channel).
+// scales: [N, ceil(K / group)] f32.  zero_points: same shape uint8, values 0..15, uint4 only
+// (else nullptr).  bias: [N] f32 or nullptr.  out: [M, N], x's dtype, rows contiguous.
+// group_size: K (one scale per output channel) or any even positive size (the last group of a
+// row is short when it does not divide K; one group when it exceeds K).
 // backend: kReference (scalar), kNative (AVX-512 / AVX2; ValueError where none fits), kAuto (native
 // where it fits, else the reference). kOneDNN: ValueError (oneDNN has no such kernel).
 void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorView& scales,
@@ -61,7 +63,7 @@ struct W4A8Args {
 
 void linear_w4a8_reference(const W4A8Args& a);
 // Whether a native kernel takes this shape on this CPU (AVX2 or AVX-512 active,
-// group % 8 == 0 or group == K).
+// group % 8 == 0 or group == K; any K, a short last group included).
 bool linear_w4a8_native_fits(int64_t K, int64_t group);
 // The AVX-512 / AVX2 kernels (bit-exact with the reference); false when the shape or the
 // active ISA does not fit.

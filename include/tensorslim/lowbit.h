@@ -28,10 +28,15 @@
 
 namespace tensorslim {
 
-// group_size: -1 = one scale for the whole tensor, cols = one per row, otherwise a divisor
-// of cols with group_size * bits % 8 == 0. NVFP4 / MXFP4 need group_size == 16 / 32.
+// group_size: -1 = one scale for the whole tensor, cols = one per row, otherwise any
+// positive size with group_size * bits % 8 == 0 (when a row has more than one group).
+// A row has ceil(cols / group_size) groups; the last one holds the remaining
+// cols - (groups - 1) * group_size values (all of them when group_size > cols), and its
+// scale is computed from those values only. Codes stay one bit stream per row (full groups
+// are whole bytes, so the short group starts on a byte; its last byte is zero-padded).
+// NVFP4 / MXFP4 need group_size == 16 / 32 (any row length).
 // x: [rows, cols] f32/bf16/f16, any strides.  q: [rows, packed_row_bytes] (int8 for the int8
-// row, uint8 otherwise).  scales: [rows, cols/group] ([1, 1] per tensor), f32, or uint8
+// row, uint8 otherwise).  scales: [rows, ceil(cols/group)] ([1, 1] per tensor), f32, or uint8
 // E4M3 / E8M0 codes for NVFP4 / MXFP4.  zero_points: uint8, same shape, only for uint<N>.
 // tensor_scale: [1] f32, only for NVFP4 (written by quantize, read by the others).
 void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const TensorView& q,
@@ -44,9 +49,21 @@ void dequantize_lowbit(const TensorView& q, const TensorView& scales,
                        int64_t group_size, const TensorView& out);
 
 // Values one scale covers: the row for -1 (per tensor) or the row length, else group_size
-// (also when a row is empty and has no groups).
+// (also when a row is empty and has no groups). The last group of a row may hold fewer:
+// lowbit_group_values() below.
 inline int64_t values_per_group(int64_t cols, int64_t group_size) {
   return group_size == -1 || group_size == cols ? cols : group_size;
+}
+
+// Scale groups per row of `cols` values for a group size (not -1): ceil(cols / group).
+inline int64_t lowbit_groups(int64_t cols, int64_t group_size) {
+  return group_size == cols ? 1 : (cols + group_size - 1) / group_size;
+}
+
+// Values in group g of a row of `cols` values, `group` values per full group.
+inline int64_t lowbit_group_values(int64_t cols, int64_t group, int64_t g) {
+  const int64_t left = cols - g * group;
+  return left < group ? left : group;
 }
 
 // Validates shapes, dtypes and the group size; returns the number of scale groups per row.
@@ -92,11 +109,18 @@ struct LowbitWeight {
   int64_t scale_stride;        // scales per row: groups, or 0 for one per tensor
 };
 void dequantize_row_reference(const LowbitWeight& w, int64_t n, int64_t K, float* out);
+// Values [k0, k1) of weight row n into out[0, k1 - k0) (the same arithmetic): the vector
+// kernels decode a row's short tail (fewer values than a vector) with it.
+void dequantize_values_reference(const LowbitWeight& w, int64_t n, int64_t k0, int64_t k1,
+                                 float* out);
 
 // Fused decode GEMV: out rows [0, M) for weight rows [n0, n1), AVX-512 (16 values per step)
 // or AVX2 (8). native_lanes: the active ISA's step, 0 when it has no native kernel;
-// native_fits: whether K and the group are multiples of it.
+// native_fits: whether every group starts on a multiple of it (one group per row, or group
+// a multiple of the step); any K: each row's last values that fill no whole step (in its
+// last group) are decoded by dequantize_values_reference.
 int lowbit_native_lanes();
+bool lowbit_lanes_fit(int lanes, int64_t K, int64_t group);
 bool linear_lowbit_native_fits(const FormatInfo& info, int64_t K, int64_t group);
 void linear_lowbit_avx512(const float* x, int64_t ldx, int64_t M, const LowbitWeight& w,
                           int64_t K, const float* bias, float* out, int64_t ldo, int64_t n0,

@@ -99,10 +99,15 @@ int lowbit_native_lanes() {
 #endif
 }
 
+// Every group must start on a whole vector step (decoders read a step from its first code);
+// a row's values past its last whole step are the kernels' scalar tail, so K is free.
+bool lowbit_lanes_fit(int lanes, int64_t K, int64_t group) {
+  return lanes > 0 && (group >= K || group % lanes == 0);
+}
+
 bool linear_lowbit_native_fits(const FormatInfo& info, int64_t K, int64_t group) {
   (void)info;
-  const int lanes = lowbit_native_lanes();
-  return lanes > 0 && K % lanes == 0 && group % lanes == 0;
+  return lowbit_lanes_fit(lowbit_native_lanes(), K, group);
 }
 
 void dequantize_row_native(int lanes, const LowbitWeight& w, int64_t n, int64_t K, float* out) {
@@ -141,12 +146,12 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
                             groups};
   // One read of the ISA: the step the kernel is chosen for is the one it runs with.
   const int isa_lanes = cpu::lowbit_native_lanes();
-  const int lanes = isa_lanes && K % isa_lanes == 0 && w.group % isa_lanes == 0 ? isa_lanes : 0;
+  const int lanes = cpu::lowbit_lanes_fit(isa_lanes, K, w.group) ? isa_lanes : 0;
   TS_CHECK_VALUE(backend != GemmBackend::kNative || lanes,
                  std::string("linear_lowbit: no native kernel for ") + info.name + " with K=" +
                      std::to_string(K) + ", group " + std::to_string(w.group) +
-                     " (needs AVX2 or AVX-512, and K and group multiples of " +
-                     std::to_string(isa_lanes ? isa_lanes : 8) + ")");
+                     " (needs AVX2 or AVX-512, and one group per row or a group that is a "
+                     "multiple of " + std::to_string(isa_lanes ? isa_lanes : 8) + ")");
   const float* xp = x.ptr<float>();
   float* op = out.ptr<float>();
   const float* bp = bias ? bias->ptr<float>() : nullptr;

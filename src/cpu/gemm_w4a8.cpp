@@ -4,12 +4,14 @@
 // Specification: gemm_w4a8.h.
 #include "tensorslim/gemm_w4a8.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
 #include "half.h"
 #include "parallel.h"
 #include "tensorslim/gemm_int8.h"
+#include "tensorslim/lowbit.h"
 #include "tensorslim/quantize.h"
 
 namespace tensorslim {
@@ -34,9 +36,11 @@ int64_t check_w4a8_args(const TensorView& x, const TensorView& qweight, const Te
                                      std::to_string(kW4A8MaxK) +
                                      " (the int32 group dot products could overflow)");
   TS_CHECK_VALUE(group_size != -1, "linear_w4a8: per-tensor weight scales are not supported");
-  // The weight is a [N, K] matrix quantized row by row: reuse the quantize checks.
+  // The weight is a [N, K] matrix quantized row by row: reuse the low-bit table's checks (its
+  // int4 / uint4 rows are these codes; ceil(K / group) groups, the last one may be short).
   const TensorView w = weight_stand_in(x, N, K);
-  const int64_t groups = check_quant_args(w, fmt, group_size, qweight, scales, zero_points);
+  const int64_t groups =
+      check_lowbit_args(w, fmt, group_size, qweight, scales, zero_points, nullptr);
   if (zero_points) {  // uint4 codes are 0..15; a larger zero point is not this format
     const uint8_t* z = zero_points->ptr<uint8_t>();
     uint8_t all = 0;
@@ -85,7 +89,7 @@ TensorView host_view(void* data, DType dt, int64_t rows, int64_t cols) {
 namespace cpu {
 
 void linear_w4a8_reference(const W4A8Args& a) {
-  const int64_t groups = a.group == a.K ? 1 : a.K / a.group;  // K = 0: one empty group
+  const int64_t groups = lowbit_groups(a.K, a.group);  // K = 0: one empty group
   const int64_t lds = groups;
   parallel_for(a.N, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> w(a.K);
@@ -101,7 +105,7 @@ void linear_w4a8_reference(const W4A8Args& a) {
         for (int64_t g = 0; g < groups; ++g) {
           const int32_t o = a.zero_points ? a.zero_points[n * lds + g] : 0;
           int32_t d = 0;
-          for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k)
+          for (int64_t k = g * a.group; k < std::min(a.K, (g + 1) * a.group); ++k)
             d += (w[k] - o) * static_cast<int32_t>(q[k]);
           acc = acc + static_cast<float>(d) * a.scales[n * lds + g];
         }

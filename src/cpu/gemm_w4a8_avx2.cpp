@@ -138,7 +138,8 @@ void tile256(const W4A8Args& a, const Acts& x, const Panel& p, const Shape& sh, 
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
     const uint8_t* w = p.w.data() + g * sh.gsteps * 64;
     const int64_t k0 = g * sh.gsteps * 8;
-    for (int64_t j = 0; j < sh.gsteps; ++j) {
+    const int64_t steps = sh.steps(g);  // a short last group: fewer
+    for (int64_t j = 0; j < steps; ++j) {
       const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
       const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
       for (int m = 0; m < MB; ++m) {

@@ -140,7 +140,8 @@ __attribute__((always_inline)) inline void tile512(const W4A8Args& a, const Acts
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_si512();
     const uint8_t* w = p.w.data() + g * sh.gsteps * 128;
     const int64_t k0 = g * sh.gsteps * 8;
-    for (int64_t j = 0; j < sh.gsteps; ++j) {
+    const int64_t steps = sh.steps(g);  // a short last group: fewer
+    for (int64_t j = 0; j < steps; ++j) {
       const __m512i lo = _mm512_loadu_si512(w + j * 128);
       const __m512i hi = _mm512_loadu_si512(w + j * 128 + 64);
       for (int m = 0; m < MB; ++m) {

@@ -14,7 +14,10 @@
 //   V::weight_rows(MB)              weight rows decoded per pass for MB activation rows
 // A decoder family Ds provides Ds::Int<N, kSigned>, Ds::Fp8<kE4M3>, Ds::Table<N, ScaleFormat>
 // and Ds::Binary; each decoder has init(w, n, K), group(g) and at(i) -> V::kLanes values
-// starting at value i (a multiple of kLanes inside the current group). A decoder may also
+// starting at value i (a multiple of kLanes inside the current group, with all kLanes values
+// in the row). Every group starts on a multiple of kLanes (lowbit_lanes_fit); the values of
+// a row's last group past its last whole step (the short group of a row whose length is no
+// multiple of the step) are decoded by the scalar dequantize_values_reference, the same bits. A decoder may also
 // offer at_fast(i) and a `fast` flag that group(g) sets where at_fast gives the same values:
 // the GEMV then takes at_fast for a group when every row of its block allows it (one test
 // per group instead of a branch per step).
@@ -104,13 +107,20 @@ __attribute__((always_inline)) inline auto decode_at(const D& d, int64_t i) {
 
 // One dequantized row (at_fast where the decoder allows it: the same bits, and the tests
 // of this bit-exact path then cover it too).
+// The end of group g's whole vector steps (the group's end, unless it is a short last group).
+template <class V>
+inline int64_t steps_end(const LowbitWeight& w, int64_t K, int64_t g) {
+  const int64_t i0 = g * w.group, i1 = std::min(K, i0 + w.group);
+  return i0 + (i1 - i0) / V::kLanes * V::kLanes;
+}
+
 template <class V, class D>
 void decode_row(const LowbitWeight& w, int64_t n, int64_t K, float* out) {
   D d;
   d.init(w, n, K);
   for (int64_t g = 0; g < w.groups; ++g) {
     d.group(g);
-    const int64_t i0 = g * w.group, i1 = (g + 1) * w.group;
+    const int64_t i0 = g * w.group, i1 = steps_end<V>(w, K, g);
     if constexpr (HasFastPath<D>::value) {
       if (d.fast) {
         for (int64_t i = i0; i < i1; i += V::kLanes) V::store(out + i, d.at_fast(i));
@@ -119,6 +129,8 @@ void decode_row(const LowbitWeight& w, int64_t n, int64_t K, float* out) {
     }
     for (int64_t i = i0; i < i1; i += V::kLanes) V::store(out + i, d.at(i));
   }
+  const int64_t tail = w.groups ? steps_end<V>(w, K, w.groups - 1) : K;
+  dequantize_values_reference(w, n, tail, K, out + tail);  // no-op when nothing is left
 }
 
 // Values [i0, i1) of one group: acc[m][j] += x[m] * w[j] lane by lane.
@@ -136,6 +148,24 @@ __attribute__((always_inline)) inline void gemv_group(const float* x, int64_t ld
   }
 }
 
+// Values [k0, K) of the row, fewer than one step: decoded by the scalar reference into a
+// zero-padded step (and the activations copied into one), then one more step of FMAs. The
+// padding lanes add 0 * 0.
+template <class V, int MB, int R>
+__attribute__((noinline)) void gemv_tail(const float* x, int64_t ldx, const LowbitWeight& w,
+                                         int64_t K, int64_t k0, int64_t n,
+                                         typename V::Vec (&acc)[MB][R]) {
+  alignas(64) float wt[R][V::kLanes] = {};
+  alignas(64) float xt[V::kLanes] = {};
+  const int64_t len = K - k0;
+  for (int j = 0; j < R; ++j) dequantize_values_reference(w, n + j, k0, K, wt[j]);
+  for (int m = 0; m < MB; ++m) {
+    std::memcpy(xt, x + m * ldx + k0, static_cast<size_t>(len) * sizeof(float));
+    const typename V::Vec xv = V::load(xt);
+    for (int j = 0; j < R; ++j) acc[m][j] = V::fmadd(xv, V::load(wt[j]), acc[m][j]);
+  }
+}
+
 // MB activation rows x R weight rows: MB * R independent accumulators hide the FMA latency.
 template <class V, class D, int MB, int R>
 void gemv_block(const float* x, int64_t ldx, const LowbitWeight& w, int64_t K, const float* bias,
@@ -147,7 +177,7 @@ void gemv_block(const float* x, int64_t ldx, const LowbitWeight& w, int64_t K, c
     for (int j = 0; j < R; ++j) acc[m][j] = V::zero();
   for (int64_t g = 0; g < w.groups; ++g) {
     for (int j = 0; j < R; ++j) d[j].group(g);
-    const int64_t i0 = g * w.group, i1 = (g + 1) * w.group;
+    const int64_t i0 = g * w.group, i1 = steps_end<V>(w, K, g);
     if constexpr (HasFastPath<D>::value) {
       bool fast = true;
       for (int j = 0; j < R; ++j) fast = fast && d[j].fast;
@@ -158,6 +188,8 @@ void gemv_block(const float* x, int64_t ldx, const LowbitWeight& w, int64_t K, c
     }
     gemv_group<V, D, MB, R, Decode::kAt>(x, ldx, d, i0, i1, acc);
   }
+  const int64_t tail = w.groups ? steps_end<V>(w, K, w.groups - 1) : K;
+  if (tail < K) gemv_tail<V, MB, R>(x, ldx, w, K, tail, n, acc);
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < R; ++j)
       out[m * ldo + n + j] = V::sum(acc[m][j]) + (bias ? bias[n + j] : 0.0f);

@@ -167,30 +167,47 @@ void unpack_codes(const uint8_t* packed, int64_t n, int bits, bool sign_extend, 
   }
 }
 
-void dequantize_row_reference(const LowbitWeight& w, int64_t n, int64_t K, float* out) {
+void dequantize_values_reference(const LowbitWeight& w, int64_t n, int64_t k0, int64_t k1,
+                                 float* out) {
   const FormatInfo& info = *w.info;
-  std::vector<int32_t> codes(K);
+  if (k1 <= k0) return;
   const bool sign_extend = is_integer_row(info) && !info.has_zero_point;
-  unpack_codes(w.q + n * w.q_stride, K, info.bits, sign_extend, codes.data());
-  for (int64_t g = 0; g < w.groups; ++g) {
+  const uint8_t* row = w.q + n * w.q_stride;
+  std::vector<int32_t> codes(k1 - k0);
+  if ((k0 * info.bits) % 8 == 0) {
+    unpack_codes(row + k0 * info.bits / 8, k1 - k0, info.bits, sign_extend, codes.data());
+  } else {  // a start inside a byte: read the whole prefix's stream (tests use any k0)
+    std::vector<int32_t> all(k1);
+    unpack_codes(row, k1, info.bits, sign_extend, all.data());
+    std::copy(all.begin() + k0, all.end(), codes.begin());
+  }
+  // Group by group: [b, e) is the part of group g inside [k0, k1).
+  for (int64_t g = k0 / w.group, b = k0; b < k1; ++g) {
+    const int64_t e = std::min(k1, (g + 1) * w.group);
     const int64_t idx = n * w.scale_stride + g;
-    const int32_t* c = codes.data() + g * w.group;
-    float* o = out + g * w.group;
+    const int32_t* c = codes.data() + (b - k0);
+    float* o = out + (b - k0);
+    const int64_t len = e - b;
+    b = e;
     if (info.scale_format == ScaleFormat::kE4M3) {  // NVFP4: (value * block scale) * ts
       const float bs = e4m3_decode(static_cast<const uint8_t*>(w.scales)[idx]);
-      for (int64_t i = 0; i < w.group; ++i) o[i] = (info.code_values[c[i]] * bs) * w.tensor_scale;
+      for (int64_t i = 0; i < len; ++i) o[i] = (info.code_values[c[i]] * bs) * w.tensor_scale;
       continue;
     }
     const float scale = info.scale_format == ScaleFormat::kE8M0
                             ? e8m0_decode(static_cast<const uint8_t*>(w.scales)[idx])
                             : static_cast<const float*>(w.scales)[idx];
     if (info.code_values) {
-      for (int64_t i = 0; i < w.group; ++i) o[i] = info.code_values[c[i]] * scale;
+      for (int64_t i = 0; i < len; ++i) o[i] = info.code_values[c[i]] * scale;
     } else {
       const int32_t zp = w.zero_points ? w.zero_points[idx] : 0;
-      for (int64_t i = 0; i < w.group; ++i) o[i] = static_cast<float>(c[i] - zp) * scale;
+      for (int64_t i = 0; i < len; ++i) o[i] = static_cast<float>(c[i] - zp) * scale;
     }
   }
+}
+
+void dequantize_row_reference(const LowbitWeight& w, int64_t n, int64_t K, float* out) {
+  dequantize_values_reference(w, n, 0, K, out);
 }
 
 }  // namespace cpu
@@ -204,26 +221,24 @@ int64_t check_lowbit_args(const TensorView& x, Format fmt, int64_t group_size,
   TS_CHECK_TYPE(cpu::is_float_dtype(x.dtype),
                 std::string("x: expected float32, bfloat16 or float16, got ") + dtype_name(x.dtype));
   const int64_t rows = x.shape[0], cols = x.shape[1];
-  if (info.block_size) {
+  if (info.block_size) {  // any row length: the last block may be short
     TS_CHECK_VALUE(group_size == info.block_size,
                    "format " + fname + " uses blocks of " + std::to_string(info.block_size) +
                        ": group_size must be " + std::to_string(info.block_size) + ", got " +
                        std::to_string(group_size));
-    TS_CHECK_VALUE(cols % info.block_size == 0,
-                   "format " + fname + ": the row length " + std::to_string(cols) +
-                       " is not a multiple of the block size " + std::to_string(info.block_size));
   }
   int64_t groups;
   if (group_size == -1) {
     groups = 1;
     check_shape2(scales, 1, 1, "scales (per tensor)");
   } else {
-    TS_CHECK_VALUE(group_size > 0 && (group_size == cols || cols % group_size == 0),
+    TS_CHECK_VALUE(group_size > 0,
                    "group_size " + std::to_string(group_size) +
                        " must be -1 (per tensor), the row length " + std::to_string(cols) +
-                       " (per row) or a positive divisor of it");
-    groups = group_size == cols ? 1 : cols / group_size;
-    TS_CHECK_VALUE(groups == 1 || (group_size * info.bits) % 8 == 0,
+                       " (per row) or a positive group size");
+    // ceil(cols / group): the last group holds what is left (all of a row shorter than it).
+    groups = lowbit_groups(cols, group_size);
+    TS_CHECK_VALUE(groups <= 1 || (group_size * info.bits) % 8 == 0,
                    "format " + fname + ": group_size * " + std::to_string(info.bits) +
                        " bits must be a whole number of bytes, got group_size " +
                        std::to_string(group_size));
@@ -324,14 +339,15 @@ void quantize_lowbit(const TensorView& x, Format fmt, int64_t group_size, const 
       const float* row = cpu::row_as_f32(x, r, buf);
       for (int64_t g = 0; g < groups; ++g) {
         const float* xg = row + g * gsize;
+        const int64_t len = lowbit_group_values(cols, gsize, g);  // the last group may be short
         GroupParams p = tensor_params;
         if (!per_tensor) {
           Stats s;
-          if (!stats_of(xg, gsize, &s, need_sum, isa)) throw_nonfinite(info, r);
-          p = group_params(info, s, ts, xg, gsize);
+          if (!stats_of(xg, len, &s, need_sum, isa)) throw_nonfinite(info, r);
+          p = group_params(info, s, ts, xg, len);
           store_params(r * groups + g, p);
         }
-        encode_group(info, p, xg, gsize, codes.data() + g * gsize, isa);
+        encode_group(info, p, xg, len, codes.data() + g * gsize, isa);
       }
       cpu::pack_codes(codes.data(), cols, info.bits, q.ptr<uint8_t>() + r * q.strides[0]);
     }
@@ -358,7 +374,7 @@ void dequantize_lowbit(const TensorView& q, const TensorView& scales,
                       values_per_group(cols, group_size),
                       group_size == -1 ? 0 : groups};
   const int isa_lanes = cpu::lowbit_native_lanes();
-  const int lanes = isa_lanes && cols % isa_lanes == 0 && w.group % isa_lanes == 0 ? isa_lanes : 0;
+  const int lanes = cpu::lowbit_lanes_fit(isa_lanes, cols, w.group) ? isa_lanes : 0;
   cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
     std::vector<float> row(cols);
     for (int64_t r = b; r < e; ++r) {

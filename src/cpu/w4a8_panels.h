@@ -27,6 +27,7 @@
 
 #include "parallel.h"
 #include "tensorslim/gemm_w4a8.h"
+#include "tensorslim/lowbit.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -47,7 +48,10 @@ struct Panel {
 };
 
 struct Shape {
-  int64_t K8, groups, gsteps;  // steps of 8 k: in all, per group
+  int64_t K8, groups, gsteps;  // steps of 8 k: in all, per (full) group
+  // Steps of group g: gsteps, fewer for a short last group (K not a multiple of the group;
+  // its zero-padded activations past K add nothing).
+  int64_t steps(int64_t g) const { return std::min(gsteps, K8 - g * gsteps); }
 };
 
 template <class Ker>
@@ -118,8 +122,8 @@ void w4a8_drive(const W4A8Args& a, const Run& run) {
   const int64_t Kp = (a.K + 7) / 8 * 8;
   Shape sh;
   sh.K8 = Kp / 8;
-  sh.groups = a.group == a.K ? 1 : a.K / a.group;
-  sh.gsteps = a.group == a.K ? sh.K8 : a.group / 8;
+  sh.groups = lowbit_groups(a.K, a.group);  // ceil(K / group): the last may be short
+  sh.gsteps = a.group >= a.K ? sh.K8 : a.group / 8;
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<int32_t> sums;
   xq.resize(a.M * Kp);

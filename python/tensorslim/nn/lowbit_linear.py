@@ -13,8 +13,8 @@ from .packed_linear import PackedLinear
 class LowBitLinear(PackedLinear):
     """y = x @ dequantize_lowbit(qweight).T + bias, computed by a decode-fused kernel.
 
-    Buffers (the whole state): qweight uint8 [out, packed in], scales [out, in / group]
-    (fp32, or uint8 E4M3 / E8M0 codes), zero_points uint8 (uint<N> only), tensor_scale
+    Buffers (the whole state): qweight uint8 [out, packed in], scales [out, ceil(in / group)]
+    (fp32, or uint8 E4M3 / E8M0 codes; a short last group when group does not divide in), zero_points uint8 (uint<N> only), tensor_scale
     fp32 [1] (NVFP4 only), bias fp32 (if the layer had one).
     """
 
@@ -25,14 +25,15 @@ class LowBitLinear(PackedLinear):
         super().__init__()
         spec = get_format(fmt)
         group = group_size or spec.block_size or in_features
-        ops.lowbit.scale_shape(spec, out_features, in_features, group)  # validates, names the problem
+        # validates, names the problem; ceil(in / group) groups, the last one may be short
+        _, groups = ops.lowbit.scale_shape(spec, out_features, in_features, group)
         if group == -1:
             raise ValueError("LowBitLinear: per-tensor weight scales are not supported (use a group size)")
         if backend not in ("auto", "native", "scalar", "reference"):
             raise ValueError(f"LowBitLinear: backend must be auto, native, scalar or reference, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.backend = fmt, group, backend
-        self._register_packed(spec, in_features, out_features, in_features // group, bias, device)
+        self._register_packed(spec, in_features, out_features, groups, bias, device)
         ts = torch.ones(1, dtype=torch.float32, device=device) if spec.has_tensor_scale else None
         self.register_buffer("tensor_scale", ts)
 

@@ -9,14 +9,14 @@ from .. import ops
 from ..formats import get_format
 from ..ops.w4a8 import W4A8_BACKENDS, W4A8_FORMATS, check_group_size
 from .packed_linear import PackedLinear
-from .weight_only_linear import fill_from_linear
 
 
 class W4A8Linear(PackedLinear):
     """y = quant8(x) @ dequantize(qweight).T + bias with integer group dot products.
 
     Buffers (the whole state): qweight uint8 [out, ceil(in / 2)] (int4 / uint4 codes, two per
-    byte, low nibble first), scales fp32 [out, in / group], zero_points uint8 (uint4 only),
+    byte, low nibble first), scales fp32 [out, ceil(in / group)] (the last group short when group
+    does not divide in), zero_points uint8 (uint4 only),
     bias fp32 (if the layer had one). The activation scales are computed per token at run time.
     """
 
@@ -44,15 +44,25 @@ class W4A8Linear(PackedLinear):
         group = group_size or linear.in_features
         mod = cls(linear.in_features, linear.out_features, fmt, group, linear.bias is not None,
                   backend, device=linear.weight.device)
-        return fill_from_linear(mod, linear)
+        # The low-bit table's int4 / uint4 rows: the bytes ops.quantize writes, and a short last
+        # group when group does not divide in_features.
+        with torch.no_grad():
+            q, scales, zps, _ = ops.quantize_lowbit(linear.weight.detach(), fmt, group)
+            mod.qweight.copy_(q)
+            mod.scales.copy_(scales)
+            if zps is not None:
+                mod.zero_points.copy_(zps)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach().float())
+        return mod
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear_w4a8(x, self.qweight, self.scales, self.zero_points, self.bias, self.fmt,
                                self.group_size, self.in_features, self.backend)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return ops.dequantize(self.qweight, self.scales, self.zero_points, self.fmt, self.group_size,
-                              self.in_features, dtype)
+        return ops.dequantize_lowbit(self.qweight, self.scales, self.zero_points, None, self.fmt,
+                                     self.group_size, self.in_features, dtype)
 
     def describe(self) -> str:
         """As summaries print it, e.g. 'w4a8 int4 g128' (activations: int8 per token)."""

@@ -43,25 +43,51 @@ def default_group_size(spec: FormatSpec) -> int:
 
 
 def scale_shape(spec: FormatSpec, rows: int, cols: int, group_size: int) -> Tuple[int, int]:
-    """(scale rows, scale cols) for a [rows, cols] tensor; validates the group size."""
-    if spec.block_size:
-        if group_size != spec.block_size:
-            raise ValueError(f"format {spec.name} uses blocks of {spec.block_size}: group_size must be "
-                             f"{spec.block_size}, got {group_size}")
-        if cols % spec.block_size:
-            raise ValueError(f"format {spec.name}: the row length {cols} is not a multiple of the "
-                             f"block size {spec.block_size}")
+    """(scale rows, scale cols) for a [rows, cols] tensor; validates the group size. A row has
+    ceil(cols / group_size) groups: the last one holds what is left when the group does not
+    divide the row (all of a row shorter than one group); docs/formats.md."""
+    if spec.block_size and group_size != spec.block_size:
+        raise ValueError(f"format {spec.name} uses blocks of {spec.block_size}: group_size must be "
+                         f"{spec.block_size}, got {group_size}")
     if group_size == PER_TENSOR:
         return 1, 1
     if group_size == cols:
         return rows, 1
-    if group_size <= 0 or cols % group_size:
+    if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size {group_size} must be {PER_TENSOR} (per tensor), the row length "
-                         f"{cols} (per row) or a positive divisor of it")
-    if (group_size * spec.bits) % 8:
+                         f"{cols} (per row) or a positive group size")
+    groups = -(-cols // group_size)
+    if groups > 1 and (group_size * spec.bits) % 8:
         raise ValueError(f"format {spec.name}: group_size * {spec.bits} bits must be a whole number "
                          f"of bytes, got group_size {group_size}")
-    return rows, cols // group_size
+    return rows, groups
+
+
+def group_width(group_size: int, cols: int, groups: int) -> int:
+    """Values per full group (the reference pads the short last group up to it)."""
+    if groups == 0:
+        return 0
+    return cols if group_size in (PER_TENSOR, cols) else group_size
+
+
+def short_last_group(group_size: int, cols: int) -> bool:
+    """Whether a row's last group holds fewer than group_size values. The CUDA kernels are
+    not tested on such rows: tensors on a GPU then take the plain-PyTorch reference."""
+    return group_size not in (PER_TENSOR, cols) and group_size > 0 and cols % group_size != 0
+
+
+def _grouped(x: torch.Tensor, groups: int, width: int) -> torch.Tensor:
+    """[rows, cols] -> [rows, groups, width], the short last group zero-padded."""
+    rows, cols = x.shape
+    return F.pad(x, (0, groups * width - cols)).reshape(rows, groups, width)
+
+
+def _group_counts(cols: int, groups: int, width: int, device) -> torch.Tensor:
+    """[1, groups, 1] values per group: width, the last one what is left of the row."""
+    n = torch.full((1, groups, 1), width, dtype=torch.float64, device=device)
+    if groups:
+        n[0, -1, 0] = cols - (groups - 1) * width
+    return n
 
 
 # ---------------------------------------------------------------- reference encoders
@@ -160,8 +186,10 @@ def quantize_lowbit_reference(x: torch.Tensor, spec: FormatSpec, group_size: int
                          "quantization needs finite values")
     srows, scols = scale_shape(spec, rows, cols, group_size)
     per_tensor = group_size == PER_TENSOR
-    gsize = cols if per_tensor else (cols // scols if scols else 0)
-    g = xf.reshape(rows, scols, gsize)  # per tensor: [rows, 1, cols], reduced over rows too
+    gsize = group_width(group_size, cols, scols)
+    # per tensor: [rows, 1, cols], reduced over rows too. A short last group is zero-padded:
+    # zeros change no max / min (both include 0) or sum, and only the counts below see them.
+    g = _grouped(xf, scols, gsize)
     absg = g.abs()
     dev = x.device
     red_dims = (0, 1, 2) if per_tensor else (2,)
@@ -177,10 +205,15 @@ def quantize_lowbit_reference(x: torch.Tensor, spec: FormatSpec, group_size: int
     scale_bytes = None
 
     def seq_mean(t):  # per group, or per tensor as the sum of per-row sums (C++ order)
-        n = t.shape[-1] * (t.shape[0] if per_tensor else 1)
         s = _seq_sum(t)
-        s = _seq_sum(s.reshape(1, 1, -1)).reshape(1, 1, 1) if per_tensor else s.unsqueeze(-1)
-        return s, n
+        if per_tensor:
+            return _seq_sum(s.reshape(1, 1, -1)).reshape(1, 1, 1), t.shape[-1] * t.shape[0]
+        return s.unsqueeze(-1), _group_counts(cols, scols, gsize, dev)
+
+    def divide(s, n):  # s / n per group, 0 where a group is empty
+        if isinstance(n, int):
+            return (s / n).float() if n else torch.zeros_like(s).float()
+        return torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s)).float()
 
     if spec.is_integer:
         lo = torch.minimum(reduce(g, "amin"), torch.zeros(()))
@@ -213,11 +246,11 @@ def quantize_lowbit_reference(x: torch.Tensor, spec: FormatSpec, group_size: int
         codes = e2m1_encode(g / scale)
     elif spec.name == "binary":
         s, n = seq_mean(absg)
-        scale = (s / n).float() if n else torch.zeros_like(s).float()
+        scale = divide(s, n)
         codes = (g >= 0).to(torch.int32)  # -0.0 >= 0 too: zero maps to +1
     elif spec.name == "ternary":
         s, n = seq_mean(absg)
-        m = (s / n).float() if n else torch.zeros_like(s).float()
+        m = divide(s, n)
         thr = torch.tensor(0.7, dtype=torch.float32) * m
         above = absg > thr
         s2, _ = seq_mean(absg * above)
@@ -227,7 +260,7 @@ def quantize_lowbit_reference(x: torch.Tensor, spec: FormatSpec, group_size: int
     else:
         raise ValueError(f"format {spec.name} has no reference quantizer")
 
-    q = pack_bits(codes.reshape(rows, cols), spec.bits)
+    q = pack_bits(codes.reshape(rows, -1)[:, :cols], spec.bits)
     if spec.code_dtype == torch.int8:
         q = q.view(torch.int8)
     if scale_bytes is not None:
@@ -246,9 +279,9 @@ def dequantize_lowbit_reference(q, scales, zero_points, tensor_scale, spec: Form
     codes = unpack_bits(q, cols, spec.bits, signed)
     if group_size == PER_TENSOR:
         expand = lambda t: t.reshape(1, 1).expand(rows, cols)  # noqa: E731
-    else:
-        rep = cols // scales.shape[1] if scales.shape[1] else 0
-        expand = lambda t: t.repeat_interleave(rep, dim=1)  # noqa: E731
+    else:  # each group's scale over its values; the last group may be short
+        rep = group_width(group_size, cols, scales.shape[1])
+        expand = lambda t: t.repeat_interleave(rep, dim=1)[:, :cols]  # noqa: E731
     if spec.scale_format == "e4m3":
         values = decode_table(spec, q.device)[codes.long()]
         return (values * expand(e4m3_decode(scales))) * tensor_scale.reshape(()).float()
@@ -376,7 +409,7 @@ def dequantize_lowbit(q, scales, zero_points, tensor_scale, fmt: str, group_size
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dequantize_lowbit: dtype must be a float type, got {dtype}")
     zps, ts = _needed(spec, zero_points, tensor_scale, q.device)
-    if backend == "reference":
+    if backend == "reference" or (q.device.type == "cuda" and short_last_group(group_size, cols)):
         return dequantize_lowbit_reference(q, scales, zps, ts, spec, group_size, cols).to(dtype)
     return _dequantize_lowbit(q, scales, zps, ts, fmt, group_size, cols, dtype)
 
@@ -439,7 +472,7 @@ def linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), in_features).float()
     b = None if bias is None else bias.float()
-    if backend == "reference":
+    if backend == "reference" or (x.device.type == "cuda" and short_last_group(group_size, in_features)):
         w = dequantize_lowbit_reference(qweight, scales, zps, ts, spec, group_size, in_features)
         y = F.linear(x2, w, b)
     else:
@@ -479,7 +512,8 @@ def float_codes_with_scales(x: torch.Tensor, spec: FormatSpec, scales: torch.Ten
     if x.numel() == 0:
         return torch.zeros(rows, cols, dtype=torch.int32, device=x.device)
     srows, scols = scale_shape(spec, rows, cols, group_size)
-    g = x.float().reshape(rows, scols, cols // scols)  # per tensor: one [rows, 1, cols] group
+    # per tensor: one [rows, 1, cols] group; a short last group zero-padded (codes cut below)
+    g = _grouped(x.float(), scols, group_width(group_size, cols, scols))
     s = scales.reshape(srows, scols, 1)
     if spec.name in ("fp8_e4m3", "fp8_e5m2"):
         enc = e4m3_encode if spec.name == "fp8_e4m3" else e5m2_encode
@@ -493,7 +527,7 @@ def float_codes_with_scales(x: torch.Tensor, spec: FormatSpec, scales: torch.Ten
     else:
         raise ValueError(f"float_codes_with_scales: {spec.name} is not a float format "
                          "(fp8_e4m3, fp8_e5m2, nvfp4, mxfp4)")
-    return codes.reshape(rows, cols)
+    return codes.reshape(rows, -1)[:, :cols]
 
 
 def _check_given_scales(spec: FormatSpec, scales: torch.Tensor, tensor_scale: Optional[torch.Tensor],

@@ -31,13 +31,14 @@ def _check_backend(backend: str) -> None:
 
 
 def check_group_size(in_features: int, group_size: int) -> int:
-    """Number of scale groups per row; ValueError naming the problem otherwise."""
+    """Number of scale groups per row, ceil(in_features / group_size) (the last group holds what
+    is left when the group does not divide the row); ValueError naming the problem otherwise."""
     if group_size == in_features:
         return 1
-    if not isinstance(group_size, int) or group_size <= 0 or in_features % group_size or group_size % 2:
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 2:
         raise ValueError(f"group_size {group_size!r} must be in_features ({in_features}, one scale per "
-                         f"output channel) or an even positive divisor of it")
-    return in_features // group_size
+                         f"output channel) or an even positive size")
+    return -(-in_features // group_size)
 
 
 def _check_tensor(t, what: str, dtype: torch.dtype, shape: tuple) -> None:
@@ -103,7 +104,7 @@ def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 group_size: int, in_features: int, backend: str = "auto") -> torch.Tensor:
     """y = quant8(x) @ dequantize(qweight).T + bias for x [..., in_features] (float32,
     bfloat16, or float16 computed in fp32; y has x's dtype). qweight: int4 / uint4 codes [out, ceil(in / 2)] as
-    ops.quantize packs them; scales fp32 [out, in / group_size]; zero points uint8 (uint4)."""
+    ops.quantize packs them; scales fp32 [out, ceil(in / group_size)]; zero points uint8 (uint4)."""
     _check_backend(backend)
     _check_args(x, qweight, scales, zero_points, bias, fmt, group_size, in_features)
     lead, dtype = x.shape[:-1], x.dtype
@@ -135,12 +136,14 @@ def linear_w4a8_reference(x: torch.Tensor, qweight, scales, zero_points, bias, f
     N, groups = scales.shape
     q, a_s = quantize_per_token_reference(x.float())  # ValueError on NaN / Inf
     codes = unpack_int4(qweight, K, signed=not spec.has_zero_point)
-    size = K // groups if groups else 0
+    size = (K if groups == 1 else group_size) if groups else 0
     if spec.has_zero_point:
-        codes = codes - zero_points.to(torch.int32).repeat_interleave(size, dim=1)
-    # Integer group dots, exact in float64 (every partial sum is an integer below 2^53).
-    d = torch.einsum("mgk,ngk->mng", q.double().reshape(M, groups, size),
-                     codes.double().reshape(N, groups, size))
+        codes = codes - zero_points.to(torch.int32).repeat_interleave(size, dim=1)[:, :K]
+    # Integer group dots, exact in float64 (every partial sum is an integer below 2^53); a short
+    # last group is zero-padded on both sides.
+    pad = groups * size - K
+    d = torch.einsum("mgk,ngk->mng", torch.nn.functional.pad(q.double(), (0, pad)).reshape(M, groups, size),
+                     torch.nn.functional.pad(codes.double(), (0, pad)).reshape(N, groups, size))
     acc = torch.zeros(M, N)
     for g in range(groups):  # in order, one rounding per product and per sum (no fma)
         acc = acc + d[:, :, g].float() * scales[:, g]

@@ -17,6 +17,7 @@ import math
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FormatSpec
@@ -68,16 +69,18 @@ class LearnedFloatFakeQuant(WeightFakeQuant):
 
     def __init__(self, spec: FormatSpec, group_size: int, weight: torch.Tensor):
         super().__init__()
-        in_features = weight.shape[1]
-        if group_size <= 0 or in_features % group_size:
-            raise ValueError(f"{spec.name}: group_size {group_size} does not divide in_features {in_features}")
+        if group_size <= 0:
+            raise ValueError(f"{spec.name}: group_size must be positive, got {group_size}")
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(f"{spec.name}: the weight contains NaN or Inf; learnable scales are "
                              "initialized from finite weights")
         self.spec, self.group_size, self.format_name = spec, group_size, spec.name
 
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
-        return w.float().reshape(w.shape[0], -1, self.group_size)
+        """[rows, groups, group]: ceil(in / group) groups, the short last one zero-padded (zeros
+        leave a group's amax as it is; forward cuts them off again)."""
+        groups = -(-w.shape[1] // self.group_size)
+        return F.pad(w.float(), (0, groups * self.group_size - w.shape[1])).reshape(w.shape[0], groups, -1)
 
     def _scales(self) -> _Scales:
         raise NotImplementedError
@@ -88,11 +91,11 @@ class LearnedFloatFakeQuant(WeightFakeQuant):
         with torch.no_grad():
             codes = lowbit.float_codes_with_scales(w.detach().float(), self.spec, sc.stored,
                                                    sc.tensor_scale, self.group_size)
-            values = lowbit.decode_table(self.spec, w.device)[codes.long()].reshape(v.shape)
+            values = self._grouped(lowbit.decode_table(self.spec, w.device)[codes.long()])
         out = _SaturatingRoundSTE.apply(v, values, self.spec.max_value)
         for f in sc.factors:  # same fp32 products, same order as dequantize_lowbit_reference
             out = out * (f[..., None] if f.dim() else f)
-        return out.reshape(w.shape).to(w.dtype)
+        return out.reshape(w.shape[0], -1)[:, : w.shape[1]].to(w.dtype)
 
     @torch.no_grad()
     def export(self, w: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -105,10 +105,8 @@ def _check_layer(cfg: Config, name: str, mod: nn.Linear) -> Optional[str]:
     group = getattr(cfg, "group_size", None)
     if isinstance(cfg, _INT_CONFIGS) and group and mod.in_features % group:
         return f"in_features {mod.in_features} is not a multiple of group_size {group}"
-    fmt = _float_format(cfg)
-    block = FORMATS[fmt].block_size if fmt else 0
-    if block and mod.in_features % block:
-        return f"in_features {mod.in_features} is not a multiple of the {fmt} block size {block}"
+    # Float formats (FP8 / NVFP4 / MXFP4): any in_features, a row's last block holds what is
+    # left (ceil(in / block) scales), as LowBitLinear packs it.
     return None
 
 

@@ -16,9 +16,7 @@ def _group(cfg) -> Optional[int]:
 
 
 def _check(cfg, name: str, mod: nn.Linear) -> Optional[str]:
-    group = _group(cfg)
-    if group and mod.in_features % group:
-        return f"in_features {mod.in_features} is not a multiple of the block size {group}"
+    # Any in_features: a row's last block holds what is left (ceil(in / block) scales).
     if not mod.weight.dtype.is_floating_point:
         return f"weight dtype {mod.weight.dtype} is not a float type"
     if mod.weight.device.type != "cpu":

@@ -11,8 +11,7 @@ from .registry import register_transform
 
 
 def _check(cfg: W4A8, name: str, mod: nn.Linear) -> Optional[str]:
-    if cfg.group_size and mod.in_features % cfg.group_size:
-        return f"in_features {mod.in_features} is not a multiple of group_size {cfg.group_size}"
+    # Any in_features: the last group of a row holds what is left (ceil(in / group) scales).
     if not mod.weight.dtype.is_floating_point:
         return f"weight dtype {mod.weight.dtype} is not a float type"
     if mod.weight.device.type != "cpu":
