@@ -186,7 +186,7 @@ def test_every_layer_of_a_model_is_quantized_and_round_trips(config, tmp_path):
     # W4A8 also quantizes the activations: compare it to the float model loosely.
     if kind is ts.LowBitLinear:
         assert (y - want).abs().max() <= 1e-4 * want.abs().max()
-    assert float((y - ref).norm() / ref.norm()) < 0.3
+    assert float((y - ref).norm() / ref.norm()) < 0.5  # four 4-bit layers in a row
     # summary bytes: the buffers with ceil(K / group) scales
     entry = {c.name: c for c in report.changed}["b"]
     assert entry.bytes_after == sum(t.numel() * t.element_size() for t in model.b.state_dict().values())
