@@ -416,8 +416,8 @@ def test_errors_name_the_problem():
     y = torch.randn(4, 64)
     with pytest.raises(ValueError, match="blocks of 16"):
         ops.quantize_lowbit(y, "nvfp4", 32)
-    with pytest.raises(ValueError, match="block size 32"):
-        ops.quantize_lowbit(torch.randn(2, 48), "mxfp4")
+    # any row length: 48 = one block of 32 and a short one of 16 (issue 15)
+    assert ops.quantize_lowbit(torch.randn(2, 48), "mxfp4")[1].shape == (2, 2)
     with pytest.raises(ValueError, match="whole number of bytes"):
         ops.quantize_lowbit(torch.randn(2, 36), "int3", 12)
     with pytest.raises(ValueError, match="unknown format"):

@@ -179,8 +179,10 @@ def test_errors_name_the_problem():
         ts.ops.linear_w4a8(x[:, :32], q, s, z, None, "uint4", 32, K)
     with pytest.raises(ValueError, match="must be one of"):
         ts.ops.linear_w4a8(x, q, s, z, None, "int8", 32, K)
-    with pytest.raises(ValueError, match="group_size 24"):
+    with pytest.raises(ValueError, match=r"scales: expected shape \[8, 3\]"):  # 64 / 24: three groups
         ts.ops.linear_w4a8(x, q, s, z, None, "uint4", 24, K)
+    with pytest.raises(ValueError, match="group_size 33"):
+        ts.ops.linear_w4a8(x, q, s, z, None, "uint4", 33, K)
     with pytest.raises(ValueError, match="needs zero_points"):
         ts.ops.linear_w4a8(x, q, s, None, None, "uint4", 32, K)
     with pytest.raises(TypeError, match="scales: expected dtype torch.float32"):
@@ -209,8 +211,9 @@ def test_config_and_module_errors():
                           ({"symmetric": "yes"}, "symmetric must be")]:
         with pytest.raises(ValueError, match=match):
             ts.W4A8(**kwargs)
-    with pytest.raises(ValueError, match="group_size 64 must be in_features"):
-        ts.W4A8Linear(100, 10, "int4", 64)
+    with pytest.raises(ValueError, match="group_size 63 must be in_features"):
+        ts.W4A8Linear(100, 10, "int4", 63)
+    assert ts.W4A8Linear(100, 10, "int4", 64).scales.shape == (10, 2)  # a short last group
     with pytest.raises(ValueError, match="format must be one of"):
         ts.W4A8Linear(128, 10, "int8", 64)
     x = torch.randn(2, 3, 64)

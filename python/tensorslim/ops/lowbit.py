@@ -260,7 +260,7 @@ def quantize_lowbit_reference(x: torch.Tensor, spec: FormatSpec, group_size: int
     else:
         raise ValueError(f"format {spec.name} has no reference quantizer")
 
-    q = pack_bits(codes.reshape(rows, -1)[:, :cols], spec.bits)
+    q = pack_bits(codes.flatten(1)[:, :cols], spec.bits)
     if spec.code_dtype == torch.int8:
         q = q.view(torch.int8)
     if scale_bytes is not None:
@@ -527,7 +527,7 @@ def float_codes_with_scales(x: torch.Tensor, spec: FormatSpec, scales: torch.Ten
     else:
         raise ValueError(f"float_codes_with_scales: {spec.name} is not a float format "
                          "(fp8_e4m3, fp8_e5m2, nvfp4, mxfp4)")
-    return codes.reshape(rows, -1)[:, :cols]
+    return codes.flatten(1)[:, :cols]
 
 
 def _check_given_scales(spec: FormatSpec, scales: torch.Tensor, tensor_scale: Optional[torch.Tensor],

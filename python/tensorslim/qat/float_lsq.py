@@ -80,7 +80,7 @@ class LearnedFloatFakeQuant(WeightFakeQuant):
         """[rows, groups, group]: ceil(in / group) groups, the short last one zero-padded (zeros
         leave a group's amax as it is; forward cuts them off again)."""
         groups = -(-w.shape[1] // self.group_size)
-        return F.pad(w.float(), (0, groups * self.group_size - w.shape[1])).reshape(w.shape[0], groups, -1)
+        return F.pad(w.float(), (0, groups * self.group_size - w.shape[1])).reshape(w.shape[0], groups, self.group_size)
 
     def _scales(self) -> _Scales:
         raise NotImplementedError
@@ -95,7 +95,7 @@ class LearnedFloatFakeQuant(WeightFakeQuant):
         out = _SaturatingRoundSTE.apply(v, values, self.spec.max_value)
         for f in sc.factors:  # same fp32 products, same order as dequantize_lowbit_reference
             out = out * (f[..., None] if f.dim() else f)
-        return out.reshape(w.shape[0], -1)[:, : w.shape[1]].to(w.dtype)
+        return out.flatten(1)[:, : w.shape[1]].to(w.dtype)
 
     @torch.no_grad()
     def export(self, w: torch.Tensor) -> Dict[str, torch.Tensor]:
