@@ -1,8 +1,9 @@
 // AVX2 sparse linears (compiled with -mavx2 -mfma; F16C, which every AVX2 CPU has, is
 // enabled per function for the fp16 values). 8 stored entries per step. Row-wise (small
 // batches): N:M 2:4 and 4:8 pick their 8 x values out of a 16-column window with two
-// vpermps and a blend on the window half; other N:M and CSR gather them. Transposed (larger
-// batches): every stored entry does one FMA per 8 batch rows.
+// vpermps and a blend on the window half; other N:M gather them. Transposed (larger
+// batches): every stored entry does one FMA per 8 batch rows. CSR at batch 1 gathers; CSR at
+// batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
