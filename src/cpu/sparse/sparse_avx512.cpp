@@ -432,7 +432,7 @@ template <>
 struct Lanes<4> {
   using V = __m128;
   static V zero() { return _mm_setzero_ps(); }
-  static V load(const float* p) { return _mm_load_ps(p); }
+  static V load(const float* p) { return _mm_loadu_ps(p); }
   static V bcast(float v) { return _mm_set1_ps(v); }
   static V bcast(const float* p) { return _mm_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm_fmadd_ps(a, b, c); }
@@ -443,7 +443,7 @@ template <>
 struct Lanes<8> {
   using V = __m256;
   static V zero() { return _mm256_setzero_ps(); }
-  static V load(const float* p) { return _mm256_load_ps(p); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V bcast(float v) { return _mm256_set1_ps(v); }
   static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
