@@ -3,7 +3,8 @@ N:M kernels, one run.
 
 For each weight shape N x K (out x in) and batch M it prints the median time of dense fp32,
 then per format: torch's CSR time (unstructured rows only; the faster of torch.sparse.mm and
-x @ Wcsr.t()), ours, the speed-up over dense and over torch's CSR, and %bw: the bytes the
+x @ Wcsr.t(), timed in interleaved rounds with ours so that load from other processes
+falls on both), ours, the speed-up over dense and over torch's CSR, and %bw: the bytes the
 product must move (packed weight + x + y) / the copy bandwidth measured in this run, divided
 by the time.
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 import tensorslim as ts
 from tensorslim.ops import sparse as S
-from timing import copy_bandwidth, cpu_name, timeit
+from timing import copy_bandwidth, cpu_name, median_times, timeit
 
 
 def nm_keep(w, n, m):
@@ -25,19 +26,27 @@ def nm_keep(w, n, m):
     return torch.zeros_like(a, dtype=torch.bool).scatter_(-1, top, True).reshape(w.shape)
 
 
-def torch_csr(w_sparse, x, min_time):
-    """The faster of torch's two CSR spellings (time, name)."""
+def torch_csr_fns(w_sparse, x):
+    """torch's two CSR spellings that run here, by name."""
     wc = w_sparse.to_sparse_csr()
     cands = {"sparse.mm": lambda: torch.sparse.mm(wc, x.t()).t(), "x@Wcsr.t()": lambda: x @ wc.t()}
-    best = None
+    ok = {}
     for name, fn in cands.items():
         try:
-            t = timeit(fn, min_time=min_time, warmup=1)
+            fn()
         except RuntimeError:
             continue
-        if best is None or t < best[0]:
-            best = (t, name)
-    return best
+        ok[name] = fn
+    return ok
+
+
+def ours_vs_torch_csr(ours, w_sparse, x, min_time):
+    """Ours and the faster of torch's CSR spellings, timed in interleaved rounds so that load
+    from other processes falls on both alike: (our time, (torch time, name) or None)."""
+    cands = torch_csr_fns(w_sparse, x) if w_sparse is not None else {}
+    times = median_times([ours, *cands.values()], min_time=min_time * (1 + len(cands)), warmup=2)
+    best = min(zip(times[1:], cands.keys())) if cands else None
+    return times[0], best
 
 
 def nbytes(*ts_):
@@ -91,8 +100,7 @@ def main():
             act = 4 * M * (K + N)
             t_dense = timeit(lambda: F.linear(x, w), min_time=min_time, warmup=2)
             for label, fn, wbytes, w_sparse in packs:
-                t = timeit(lambda: fn(x), min_time=min_time, warmup=2)
-                csr = torch_csr(w_sparse, x, min_time) if w_sparse is not None else None
+                t, csr = ours_vs_torch_csr(lambda: fn(x), w_sparse, x, min_time)
                 csr_ms = f"{csr[0] * 1e3:12.3f}" if csr else f"{'-':>12}"
                 vs_csr = f"{csr[0] / t:5.2f}x" if csr else f"{'-':>6}"
                 print(f"{N:>5} x {K:<5} {M:>3} {label:>14} | {t_dense * 1e3:8.3f} | {csr_ms} | "

@@ -20,7 +20,7 @@
 // code = clamp(round_half_even(w / scale), -127, 127), all in float32.
 //
 // Linears: y[M, N] = x[M, K] @ W^T (+ bias[N]), x float32 with contiguous rows, y float32.
-// Large batches run a transposed-activation kernel that needs a float32 workspace of
+// Batches over 1 row may run on transposed activations and need a float32 workspace of
 // sparse_linear_workspace(M, K) elements (0 for M <= 1), allocated by the caller.
 #pragma once
 

@@ -199,6 +199,83 @@ TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
   }
 }
 
+// The small-batch CSR kernels (batch 1 gathers, batches 2..8 on transposed x) and their edges:
+// every batch 1..9, empty rows (first, middle, last), K not a multiple of any vector width,
+// row counts that leave the last row block partial, and buffers sized exactly nnz so a row
+// ending at the buffer's end cannot be read past.
+TEST(Sparse, CsrSmallBatchesEveryIsa) {
+  IsaScope guard;
+  const int64_t shapes[][2] = {{37, 45}, {19, 129}, {70, 23}, {3, 1}};
+  uint32_t seed = 500;
+  for (auto& s : shapes) {
+    const int64_t N = s[0], K = s[1];
+    std::vector<float> w = random_weights(N * K, ++seed);
+    std::vector<uint8_t> keep = random_keep(N * K, 0.6, ++seed);
+    for (int64_t r : {int64_t{0}, N / 2, N - 1}) std::fill(keep.begin() + r * K, keep.begin() + (r + 1) * K, 0);
+    if (N > 2) std::fill(keep.begin() + K, keep.begin() + 2 * K, 1);  // one full row
+    std::vector<int64_t> rp(N + 1, 0);
+    for (int64_t r = 0; r < N; ++r) {
+      rp[r + 1] = rp[r];
+      for (int64_t c = 0; c < K; ++c) rp[r + 1] += keep[r * K + c];
+    }
+    const int64_t nnz = rp[N];
+    for (DType dt : {DType::kFloat32, DType::kInt8}) {
+      std::vector<unsigned char> values(nnz * vsize(dt));
+      std::vector<uint16_t> cols(nnz);
+      std::vector<float> scales(N);
+      TensorView sv = view1(scales.data(), DType::kFloat32, N);
+      const TensorView* sc = dt == DType::kInt8 ? &sv : nullptr;
+      TensorView vv = view1(values.data(), dt, nnz), cv = view1(cols.data(), DType::kUInt16, nnz),
+                 rv = view1(rp.data(), DType::kInt64, N + 1);
+      csr_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), rv, vv, cv, sc);
+      std::vector<float> dense(N * K);
+      csr_unpack(vv, cv, rv, sc, view2(dense.data(), DType::kFloat32, N, K));
+      for (int64_t M = 1; M <= 9; ++M) {
+        std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
+        std::vector<float> ws(sparse_linear_workspace(M, K));
+        TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
+        const Ref ref(dense, x, bias, M, N, K);
+        for (cpu::Isa isa : machine_isas()) {
+          cpu::set_isa(isa);
+          std::vector<float> y(M * N, NAN);
+          TensorView bv = view1(bias.data(), DType::kFloat32, N);
+          csr_linear(view2(x.data(), DType::kFloat32, M, K), vv, cv, rv, sc, &bv,
+                     view2(y.data(), DType::kFloat32, M, N), M > 1 ? &wsv : nullptr);
+          expect_close(y, ref,
+                       std::string(cpu::isa_name(isa)) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
+                           " K=" + std::to_string(K) + " M=" + std::to_string(M));
+          if (HasFatalFailure()) return;
+        }
+      }
+    }
+  }
+}
+
+// A column >= K in a middle row fails the call at every batch size and ISA (never read).
+TEST(Sparse, CsrBadColumnEveryBatch) {
+  IsaScope guard;
+  const int64_t N = 40, K = 20;
+  std::vector<int64_t> rp(N + 1);
+  for (int64_t r = 0; r <= N; ++r) rp[r] = 3 * r;
+  std::vector<float> v(3 * N, 1.0f);
+  std::vector<uint16_t> c(3 * N);
+  for (int64_t e = 0; e < 3 * N; ++e) c[e] = static_cast<uint16_t>(e % 3);
+  c[3 * 21 + 1] = 60000;
+  for (int64_t M : {1, 2, 5, 8, 9}) {
+    std::vector<float> x(M * K, 1.0f), y(M * N);
+    std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
+    TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
+    for (cpu::Isa isa : machine_isas()) {
+      cpu::set_isa(isa);
+      EXPECT_THROW(csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(v.data(), DType::kFloat32, 3 * N),
+                              view1(c.data(), DType::kUInt16, 3 * N), view1(rp.data(), DType::kInt64, N + 1),
+                              nullptr, nullptr, view2(y.data(), DType::kFloat32, M, N), &wsv),
+                   ValueError)
+          << cpu::isa_name(isa) << " M=" << M;
+    }
+  }
+}
+
 TEST(Sparse, NmPackRoundTripAndLayout) {
   // Row 0 of 2:4 over K = 6: groups {0..3} keep 1 and 3; the tail group (r = 2) keeps only
   // column 5, so its free slot takes the smallest unused position 0 (column 4, value 0).

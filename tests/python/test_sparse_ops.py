@@ -126,7 +126,7 @@ def test_csr_linear_native_vs_reference(isa, dtype, sparsity):
         w = torch.randn(rows, k, generator=g)
         values, cols, row_ptr, scales = S.csr_pack(w, torch.rand(rows, k, generator=g) >= sparsity, dtype)
         dense = S.csr_unpack(values, cols, row_ptr, scales, k)
-        for batch in (0, 1, 3, 17, 65):
+        for batch in (0, 1, 2, 3, 5, 8, 9, 17, 65):  # 2..8: the small-batch kernels
             x = torch.randn(batch, k, generator=g)
             for bias in (None, torch.randn(rows, generator=g)):
                 y = S.csr_linear(x, values, cols, row_ptr, scales, bias, k, backend="native")

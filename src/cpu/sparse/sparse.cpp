@@ -189,6 +189,15 @@ void transpose_tiles(const float* x, int64_t M, int64_t K, int64_t ldx, int W, f
   });
 }
 
+// x transposed to [K, st] (zeros in columns M .. st-1) for the small-batch CSR kernels.
+void transpose_small(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt) {
+  for (int64_t k = 0; k < K; ++k) {
+    float* d = xt + k * st;
+    for (int64_t i = 0; i < M; ++i) d[i] = x[i * ldx + k];
+    for (int64_t i = M; i < st; ++i) d[i] = 0.0f;
+  }
+}
+
 // Checks x / out / bias / workspace and runs the kernels of the active ISA over all rows.
 void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorView* bias, const TensorView& out,
                 const TensorView* workspace, const char* fn) {
@@ -215,19 +224,20 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   a.bias = bias ? bias->ptr<float>() : nullptr;
   const cpu::Isa isa = cpu::active_isa();
   const bool transposed = isa != cpu::Isa::kScalar && M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512);
-  if (transposed) {
+  const bool csr_small = isa != cpu::Isa::kScalar && w.csr && !transposed && M > 1;
+  if (transposed || csr_small) {
     const int64_t need = sparse_linear_workspace(M, w.K);
     TS_CHECK_VALUE(workspace != nullptr, std::string(fn) + ": a batch of " + to_string(M) +
                                              " rows needs a float32 workspace of " + to_string(need) + " elements");
     check_tensor(*workspace, DType::kFloat32, 1, fn, "workspace");
     TS_CHECK_VALUE(workspace->shape[0] >= need, std::string(fn) + ": workspace must hold " + to_string(need) +
                                                     " float32 elements, got " + shape_str(*workspace));
-    transpose_tiles(a.x, M, w.K, a.ldx, isa == cpu::Isa::kAVX512 ? 16 : 8, workspace->ptr<float>());
+    if (transposed) transpose_tiles(a.x, M, w.K, a.ldx, isa == cpu::Isa::kAVX512 ? 16 : 8, workspace->ptr<float>());
+    else transpose_small(a.x, M, w.K, a.ldx, cpu::csr_small_stride(M), workspace->ptr<float>());
     a.xt = workspace->ptr<float>();
   }
   std::atomic<bool> bad{false};
-  // Rows are independent; a few rows per task keeps the per-row decode set-up amortized.
-  cpu::parallel_for(w.N, 16, [&](int64_t r0, int64_t r1) {
+  auto rows = [&](int64_t r0, int64_t r1) {
     bool b = false;
     if (isa == cpu::Isa::kAVX512) {
       if (w.csr) b = transposed ? cpu::csr_rows_t_avx512(w, a, r0, r1) : cpu::csr_rows_avx512(w, a, r0, r1);
@@ -241,7 +251,22 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
       b = cpu::sparse_rows_scalar(w, a, r0, r1);
     }
     if (b) bad.store(true);
-  });
+  };
+  // Rows are independent. Threads take blocks of rows from a shared counter rather than one
+  // fixed share each, so rows with uneven nonzero counts, or a core busy with other work,
+  // do not leave the other threads waiting; a block keeps the per-row set-up amortized.
+  const int64_t block = transposed ? cpu::kRowBlock : 16;
+  const int64_t blocks = (w.N + block - 1) / block;
+  const int threads = static_cast<int>(std::min<int64_t>(cpu::num_threads(), blocks));
+  if (threads <= 1) {
+    rows(0, w.N);
+  } else {
+    std::atomic<int64_t> next{0};
+    cpu::parallel_for(threads, 1, [&](int64_t, int64_t) {
+      for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1))
+        rows(b * block, std::min(w.N, (b + 1) * block));
+    });
+  }
   TS_CHECK_VALUE(!bad.load(), std::string(fn) + ": cols holds a column >= in_features = " + to_string(w.K));
 }
 

@@ -1,8 +1,9 @@
 // AVX2 sparse linears (compiled with -mavx2 -mfma; F16C, which every AVX2 CPU has, is
 // enabled per function for the fp16 values). 8 stored entries per step. Row-wise (small
 // batches): N:M 2:4 and 4:8 pick their 8 x values out of a 16-column window with two
-// vpermps and a blend on the window half; other N:M and CSR gather them. Transposed (larger
-// batches): every stored entry does one FMA per 8 batch rows.
+// vpermps and a blend on the window half; other N:M gather them. Transposed (larger
+// batches): every stored entry does one FMA per 8 batch rows. CSR at batch 1 gathers; CSR at
+// batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
@@ -382,37 +383,142 @@ TS_TARGET bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int
   return t_all_widths<CsrRows<VT>>(w, a, r0, r1);
 }
 
-// CSR, row-wise: gathers of x at 8 columns at a time.
-template <DType VT, int R>
-TS_TARGET bool csr_row(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i0) {
-  __m256 acc[R];
-  for (int q = 0; q < R; ++q) acc[q] = _mm256_setzero_ps();
-  const float* x = a.x + i0 * a.ldx;
-  const __m256i kv = _mm256_set1_epi32(static_cast<int>(w.K));
-  const int64_t e1 = w.row_ptr[r + 1];
-  int bad = 0;
-  for (int64_t e = w.row_ptr[r]; e < e1; e += W) {
-    const CsrChunk c(w, e, e1, kv, &bad);
-    const __m256 vals = load_vals<VT>(w.values, e, c.count);
-    for (int q = 0; q < R; ++q) {
-      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x + q * a.ldx, c.col, c.use, 4);
-      acc[q] = _mm256_fmadd_ps(vals, xv, acc[q]);
-    }
+// CSR, small batches. A row's columns are checked once (max_col) before any x is read at
+// them, so the inner loops carry no per-entry bounds test; a row with a column >= K is
+// skipped and reported (the call fails). Entries past the row's end that a full 8-lane load
+// reads (inside the buffer) are masked off; only the buffer's last entries are copied.
+
+// The largest of n columns at c (0 for none).
+TS_TARGET inline unsigned max_col(const uint16_t* c, int64_t n) {
+  __m256i mx = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) mx = _mm256_max_epu16(mx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i)));
+  const __m128i m = _mm_max_epu16(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+  // max(v) = ~min(~v), and minpos finds the min of 8 words.
+  unsigned best = ~static_cast<unsigned>(_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(m, _mm_set1_epi32(-1))))) & 0xffffu;
+  for (; i < n; ++i) best = c[i] > best ? c[i] : best;
+  return best;
+}
+
+// Batch 1: x gathered at 8 columns per step, two FMA chains.
+template <DType VT>
+TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, int64_t nnz) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  auto cols8 = [&](int64_t i) TS_TARGET {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + i)));
+  };
+  for (; e + 2 * W <= e1; e += 2 * W) {
+    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), _mm256_i32gather_ps(x, cols8(e), 4), acc0);
+    acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), _mm256_i32gather_ps(x, cols8(e + W), 4), acc1);
   }
-  for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, hsum(acc[q]));
-  return bad != 0;
+  if (e + W <= e1) {
+    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), _mm256_i32gather_ps(x, cols8(e), 4), acc0);
+    e += W;
+  }
+  if (e < e1) {
+    const int64_t count = e1 - e;
+    const __m256 use = lanes_below(count);
+    __m256i col;
+    __m256 vals;
+    if (e + W <= nnz) {
+      col = cols8(e);
+      vals = load_vals<VT>(w.values, e, W);
+    } else {
+      alignas(16) uint16_t buf[W] = {};
+      std::memcpy(buf, w.cols + e, count * 2);
+      col = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+      vals = load_vals<VT>(w.values, e, count);
+    }
+    col = _mm256_and_si256(col, _mm256_castps_si256(use));  // lanes past the row read x[0], masked
+    const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, col, use, 4);
+    acc1 = _mm256_fmadd_ps(_mm256_and_ps(vals, use), xv, acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+template <DType VT>
+TS_TARGET bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  bool bad = false;
+  const int64_t nnz = w.row_ptr[w.N];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t e0 = w.row_ptr[r], e1 = w.row_ptr[r + 1];
+    if (e1 > e0 && max_col(w.cols + e0, e1 - e0) >= w.K) {
+      bad = true;
+      continue;
+    }
+    store_out(w, a, r, 0, csr_dot1<VT>(w, a.x, e0, e1, nnz));
+  }
+  return bad;
+}
+
+// Batches 2..8 on x transposed to [K, ST] (SparseBatch::xt): each entry is one broadcast value
+// times the ST batch values of its column, contiguous. ST = 4 runs on 128-bit vectors.
+template <int ST>
+struct Lanes;
+template <>
+struct Lanes<4> {
+  using V = __m128;
+  TS_TARGET static V zero() { return _mm_setzero_ps(); }
+  TS_TARGET static V load(const float* p) { return _mm_loadu_ps(p); }
+  TS_TARGET static V bcast(float v) { return _mm_set1_ps(v); }
+  TS_TARGET static V bcast(const float* p) { return _mm_broadcast_ss(p); }
+  TS_TARGET static V fma(V a, V b, V c) { return _mm_fmadd_ps(a, b, c); }
+  TS_TARGET static V add(V a, V b) { return _mm_add_ps(a, b); }
+  TS_TARGET static void store(float* p, V v) { _mm_store_ps(p, v); }
+};
+template <>
+struct Lanes<8> {
+  using V = __m256;
+  TS_TARGET static V zero() { return _mm256_setzero_ps(); }
+  TS_TARGET static V load(const float* p) { return _mm256_loadu_ps(p); }
+  TS_TARGET static V bcast(float v) { return _mm256_set1_ps(v); }
+  TS_TARGET static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  TS_TARGET static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  TS_TARGET static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  TS_TARGET static void store(float* p, V v) { _mm256_store_ps(p, v); }
+};
+
+template <DType VT, int ST>
+TS_TARGET inline typename Lanes<ST>::V value_bcast(const void* values, int64_t e) {
+  if constexpr (VT == DType::kFloat32) return Lanes<ST>::bcast(static_cast<const float*>(values) + e);
+  else return Lanes<ST>::bcast(static_cast<float>(static_cast<const int8_t*>(values)[e]));
+}
+
+template <DType VT, int ST>
+TS_TARGET bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  using L = Lanes<ST>;
+  using V = typename L::V;
+  bool bad = false;
+  const float* xt = a.xt;
+  alignas(32) float out[8];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t e0 = w.row_ptr[r], e1 = w.row_ptr[r + 1];
+    if (e1 > e0 && max_col(w.cols + e0, e1 - e0) >= w.K) {
+      bad = true;
+      continue;
+    }
+    V acc0 = L::zero(), acc1 = L::zero(), acc2 = L::zero(), acc3 = L::zero();
+    int64_t e = e0;
+    for (; e + 4 <= e1; e += 4) {
+      uint64_t c4;  // four columns in one load
+      std::memcpy(&c4, w.cols + e, 8);
+      acc0 = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + (c4 & 0xffff) * ST), acc0);
+      acc1 = L::fma(value_bcast<VT, ST>(w.values, e + 1), L::load(xt + ((c4 >> 16) & 0xffff) * ST), acc1);
+      acc2 = L::fma(value_bcast<VT, ST>(w.values, e + 2), L::load(xt + ((c4 >> 32) & 0xffff) * ST), acc2);
+      acc3 = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc3);
+    }
+    for (; e < e1; ++e) acc0 = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + int64_t{w.cols[e]} * ST), acc0);
+    L::store(out, L::add(L::add(acc0, acc1), L::add(acc2, acc3)));
+    for (int64_t i = 0; i < a.M; ++i) store_out(w, a, r, i, out[i]);
+  }
+  return bad;
 }
 
 template <DType VT>
 TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  bool bad = false;
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t i = 0;
-    for (; i + 4 <= a.M; i += 4) bad |= csr_row<VT, 4>(w, a, r, i);
-    for (; i + 2 <= a.M; i += 2) bad |= csr_row<VT, 2>(w, a, r, i);
-    for (; i < a.M; ++i) bad |= csr_row<VT, 1>(w, a, r, i);
-  }
-  return bad;
+  if (a.M == 1) return csr_rows1<VT>(w, a, r0, r1);
+  if (csr_small_stride(a.M) == 4) return csr_rows_small<VT, 4>(w, a, r0, r1);
+  return csr_rows_small<VT, 8>(w, a, r0, r1);
 }
 
 template <DType VT>

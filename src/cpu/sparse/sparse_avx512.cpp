@@ -1,7 +1,8 @@
 // AVX-512 sparse linears (compiled with -mavx512f/bw/vl/dq). 16 stored entries per step.
 // Row-wise (small batches): N:M 2:4 and 4:8 pick their 16 x values out of a 32-column window
-// with one vpermt2ps; other N:M and CSR gather them. Transposed (larger batches): every
-// stored entry does one FMA per 16 batch rows against the transposed activations.
+// with one vpermt2ps; other N:M gather them. Transposed (larger batches): every stored entry
+// does one FMA per 16 batch rows against the transposed activations. CSR at batch 1 gathers;
+// CSR at batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
@@ -366,36 +367,131 @@ bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, i
   return t_all_widths<CsrRows<VT>>(w, a, r0, r1);
 }
 
-// CSR, row-wise: gathers of x at 16 columns at a time.
-template <DType VT, int R>
-bool csr_row(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i0) {
-  __m512 acc[R];
-  for (int q = 0; q < R; ++q) acc[q] = _mm512_setzero_ps();
-  const float* x = a.x + i0 * a.ldx;
-  const __m512i kv = _mm512_set1_epi32(static_cast<int>(w.K));
-  const int64_t e1 = w.row_ptr[r + 1];
-  __mmask16 bad = 0;
-  for (int64_t e = w.row_ptr[r]; e < e1; e += W) {
-    const CsrChunk<VT> c(w, e, e1, kv, &bad);
-    for (int q = 0; q < R; ++q) {
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), c.use, c.col, x + q * a.ldx, 4);
-      acc[q] = _mm512_fmadd_ps(c.vals, xv, acc[q]);
-    }
+// CSR, small batches (the AVX2 file's structure). A row's columns are checked once (max_col)
+// before any x is read at them, so the inner loops carry no per-entry bounds test; a row with
+// a column >= K is skipped and reported (the call fails). The row's last partial step uses
+// masked loads.
+
+// The largest of n columns at c (0 for none).
+inline unsigned max_col(const uint16_t* c, int64_t n) {
+  __m512i mx = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) mx = _mm512_max_epu16(mx, _mm512_loadu_si512(c + i));
+  const __m256i m256 = _mm256_max_epu16(_mm512_castsi512_si256(mx), _mm512_extracti64x4_epi64(mx, 1));
+  const __m128i m = _mm_max_epu16(_mm256_castsi256_si128(m256), _mm256_extracti128_si256(m256, 1));
+  // max(v) = ~min(~v), and minpos finds the min of 8 words.
+  unsigned best = ~static_cast<unsigned>(_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(m, _mm_set1_epi32(-1))))) & 0xffffu;
+  for (; i < n; ++i) best = c[i] > best ? c[i] : best;
+  return best;
+}
+
+// Batch 1: x gathered at 16 columns per step, two FMA chains.
+template <DType VT>
+float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  auto cols16 = [&](int64_t i) {
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + i)));
+  };
+  for (; e + 2 * W <= e1; e += 2 * W) {
+    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), _mm512_i32gather_ps(cols16(e), x, 4), acc0);
+    acc1 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e + W, 0), _mm512_i32gather_ps(cols16(e + W), x, 4),
+                           acc1);
   }
-  for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, _mm512_reduce_add_ps(acc[q]));
-  return bad != 0;
+  if (e + W <= e1) {
+    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), _mm512_i32gather_ps(cols16(e), x, 4), acc0);
+    e += W;
+  }
+  if (e < e1) {
+    const __mmask16 use = first_lanes(e1 - e);
+    const __m512i col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(use, w.cols + e));
+    const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), use, col, x, 4);
+    acc1 = _mm512_fmadd_ps(load_vals<VT, true>(w.values, e, use), xv, acc1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+template <DType VT>
+bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  bool bad = false;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t e0 = w.row_ptr[r], e1 = w.row_ptr[r + 1];
+    if (e1 > e0 && max_col(w.cols + e0, e1 - e0) >= w.K) {
+      bad = true;
+      continue;
+    }
+    store_out(w, a, r, 0, csr_dot1<VT>(w, a.x, e0, e1));
+  }
+  return bad;
+}
+
+// Batches 2..8 on x transposed to [K, ST] (SparseBatch::xt): each entry is one broadcast value
+// times the ST batch values of its column, contiguous. ST = 4 (8) runs on 128 (256)-bit vectors.
+template <int ST>
+struct Lanes;
+template <>
+struct Lanes<4> {
+  using V = __m128;
+  static V zero() { return _mm_setzero_ps(); }
+  static V load(const float* p) { return _mm_loadu_ps(p); }
+  static V bcast(float v) { return _mm_set1_ps(v); }
+  static V bcast(const float* p) { return _mm_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm_add_ps(a, b); }
+  static void store(float* p, V v) { _mm_store_ps(p, v); }
+};
+template <>
+struct Lanes<8> {
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V bcast(float v) { return _mm256_set1_ps(v); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, V v) { _mm256_store_ps(p, v); }
+};
+
+template <DType VT, int ST>
+inline typename Lanes<ST>::V value_bcast(const void* values, int64_t e) {
+  if constexpr (VT == DType::kFloat32) return Lanes<ST>::bcast(static_cast<const float*>(values) + e);
+  else return Lanes<ST>::bcast(static_cast<float>(static_cast<const int8_t*>(values)[e]));
+}
+
+template <DType VT, int ST>
+bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  using L = Lanes<ST>;
+  using V = typename L::V;
+  bool bad = false;
+  const float* xt = a.xt;
+  alignas(32) float out[8];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t e0 = w.row_ptr[r], e1 = w.row_ptr[r + 1];
+    if (e1 > e0 && max_col(w.cols + e0, e1 - e0) >= w.K) {
+      bad = true;
+      continue;
+    }
+    V acc0 = L::zero(), acc1 = L::zero(), acc2 = L::zero(), acc3 = L::zero();
+    int64_t e = e0;
+    for (; e + 4 <= e1; e += 4) {
+      uint64_t c4;  // four columns in one load
+      std::memcpy(&c4, w.cols + e, 8);
+      acc0 = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + (c4 & 0xffff) * ST), acc0);
+      acc1 = L::fma(value_bcast<VT, ST>(w.values, e + 1), L::load(xt + ((c4 >> 16) & 0xffff) * ST), acc1);
+      acc2 = L::fma(value_bcast<VT, ST>(w.values, e + 2), L::load(xt + ((c4 >> 32) & 0xffff) * ST), acc2);
+      acc3 = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc3);
+    }
+    for (; e < e1; ++e) acc0 = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + int64_t{w.cols[e]} * ST), acc0);
+    L::store(out, L::add(L::add(acc0, acc1), L::add(acc2, acc3)));
+    for (int64_t i = 0; i < a.M; ++i) store_out(w, a, r, i, out[i]);
+  }
+  return bad;
 }
 
 template <DType VT>
 bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  bool bad = false;
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t i = 0;
-    for (; i + 4 <= a.M; i += 4) bad |= csr_row<VT, 4>(w, a, r, i);
-    for (; i + 2 <= a.M; i += 2) bad |= csr_row<VT, 2>(w, a, r, i);
-    for (; i < a.M; ++i) bad |= csr_row<VT, 1>(w, a, r, i);
-  }
-  return bad;
+  if (a.M == 1) return csr_rows1<VT>(w, a, r0, r1);
+  if (csr_small_stride(a.M) == 4) return csr_rows_small<VT, 4>(w, a, r0, r1);
+  return csr_rows_small<VT, 8>(w, a, r0, r1);
 }
 
 template <DType VT>

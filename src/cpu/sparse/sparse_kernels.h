@@ -40,10 +40,12 @@ struct SparseBatch {
 
 constexpr int64_t kTileM = 64;  // rows of x per transposed tile
 
-// The largest batch the row-wise kernels take (measured): CSR's gathers lose to the
-// transposed kernel from 2 rows on; N:M decodes once per 16 (8) entries for up to 8 (4)
-// batch rows at a time and stays ahead up to there.
-inline int64_t rowwise_max_m(bool csr, bool avx512) { return csr ? 1 : avx512 ? 8 : 4; }
+// The largest batch the row-wise kernels take (measured): N:M decodes once per 16 (8) entries
+// for up to 8 (4) batch rows at a time and stays ahead up to there. CSR runs batch 1 on x as
+// it is and batches 2..8 on x transposed once to [K, csr_small_stride(M)] in SparseBatch::xt
+// (zeros past M), so each entry is one broadcast value times contiguous batch lanes.
+inline int64_t rowwise_max_m(bool csr, bool avx512) { return csr || avx512 ? 8 : 4; }
+inline int csr_small_stride(int64_t M) { return M <= 4 ? 4 : 8; }
 
 // Row-wise kernels (x rows in blocks of up to 8 (AVX-512 N:M) or 4 share one decode) and the
 // transposed kernels, for output rows [r0, r1). CSR kernels return true when a column index
