@@ -102,9 +102,7 @@ def _check_layer(cfg: Config, name: str, mod: nn.Linear) -> Optional[str]:
         return f"weight dtype {mod.weight.dtype} is not a float type"
     if mod.weight.device.type == "meta":
         return "weight is on the meta device (no data to train)"
-    group = getattr(cfg, "group_size", None)
-    if isinstance(cfg, _INT_CONFIGS) and group and mod.in_features % group:
-        return f"in_features {mod.in_features} is not a multiple of group_size {group}"
+    # Integer configs take any width: ceil(in / group_size) groups, the last one may be short.
     fmt = _float_format(cfg)
     block = FORMATS[fmt].block_size if fmt else 0
     if block and mod.in_features % block:
