@@ -64,7 +64,7 @@ int64_t check_quant_args(const TensorView& x, Format fmt, int64_t group_size, co
     check_shape2(scales, 1, 1, "scales (per tensor)");
   } else {
     // Any positive size: ceil(cols / group_size) groups per row, the last one holding what
-    // is left (cols - (groups - 1) * group_size values). 0 only names the row of an empty row.
+    // is left (cols - (groups - 1) * group_size values); 0 only for a row of no values.
     TS_CHECK_VALUE(group_size > 0 || (group_size == 0 && cols == 0),
                    "group_size must be -1 (per tensor) or a positive number of values per group, "
                    "got " + std::to_string(group_size));

@@ -49,6 +49,8 @@ CONFIGS = [
     (ts.Int4WeightOnly(group_size=64, symmetric=False), "uint4", 64),
     (ts.Int8WeightOnly(group_size=128), "int8", 128),
     (ts.Int8WeightOnly(group_size=256, symmetric=False), "uint8", 256),
+    (ts.IntWeightOnly(bits=8, group_size=32), "int8", 32),
+    (ts.IntWeightOnly(bits=4, group_size=256, symmetric=False), "uint4", 256),
 ]
 
 
@@ -133,7 +135,7 @@ def test_gptq_quantizes_every_width_with_the_cores_codes(symmetric):
     _check_all_quantized(model, report, 128, "int4" if symmetric else "uint4")
     # the first layer sees the calibration data itself: its codes are the core's for that H
     x = torch.cat([c.reshape(-1, 576) for c in calib]).double()
-    h = (2 / x.shape[0] * x.T @ x).float()
+    h = (2 * x.T @ x / x.shape[0]).float()  # the pipeline's H
     res = C.gptq_quantize(ref[0].weight, h, 4, symmetric, 128)
     assert res.scales.shape == (1000, 5)
     assert torch.equal(model[0].dequantized_weight(), C.dequantize_codes(res.codes, res.scales,
@@ -147,7 +149,7 @@ def test_gptq_quantizes_every_width_with_the_cores_codes(symmetric):
 def test_gptq_core_matches_float64_reference_with_a_short_group(bits, symmetric, group, act_order):
     w = torch.randn(24, 200, generator=torch.Generator().manual_seed(4))
     x = torch.randn(400, 200, generator=torch.Generator().manual_seed(5))
-    h = (2 / 400 * x.double().T @ x.double()).float()
+    h = (2 * x.double().T @ x.double() / 400).float()
     a = C.gptq_quantize(w, h, bits, symmetric, group, act_order=act_order)
     b = C.gptq_quantize(w, h, bits, symmetric, group, act_order=act_order, backend="reference")
     assert a.scales.shape == (24, num_groups(200, group))
