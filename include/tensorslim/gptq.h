@@ -21,7 +21,7 @@ namespace tensorslim {
 struct GptqOptions {
   int bits = 4;
   bool symmetric = true;
-  int64_t group_size = 128;  // a divisor of cols; cols = one group per row
+  int64_t group_size = 128;  // >= cols: one group per row; else ceil(cols / group_size), last short
   int64_t block_size = 128;  // lazy-update block, rounded up to a multiple of group_size
   bool act_order = false;    // visit columns by decreasing H diagonal
   double damp = 0.01;        // added to H's diagonal, as a fraction of its mean
@@ -33,7 +33,7 @@ struct GptqResult {
 };
 
 // w: [rows, cols] f32.  h: [cols, cols] f32, symmetric.  codes: [rows, cols] int32 (in the
-// original column order).  scales: [rows, cols / group_size] f32.  zero_points: same shape,
+// original column order).  scales: [rows, ceil(cols / group_size)] f32.  zero_points: same shape,
 // uint8 (zeros for symmetric).  Caller allocates everything.
 GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOptions& opt,
                          const TensorView& codes, const TensorView& scales,

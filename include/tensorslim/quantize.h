@@ -16,10 +16,13 @@
 
 namespace tensorslim {
 
-// group_size: -1 = one scale for the whole tensor, cols = one per row (per channel /
-// per token), otherwise a divisor of cols (per group).
+// group_size: -1 = one scale for the whole tensor, >= cols = one per row (per channel /
+// per token), otherwise per group of group_size values: ceil(cols / group_size) groups per
+// row, the last one holding cols - (groups - 1) * group_size values when group_size does
+// not divide cols (as compressed-tensors stores them). INT4 group sizes are even (when
+// there are two groups or more) so every group starts on a byte.
 // x: [rows, cols] f32/bf16/f16, any strides.  q: [rows, packed_row_bytes] int8/uint8.
-// scales: [rows, cols/group] f32 ([1, 1] per tensor).  zero_points: same shape, uint8,
+// scales: [rows, num_groups(cols, group)] f32 ([1, 1] per tensor).  zero_points: same shape, uint8,
 // only for formats with a zero point (else nullptr).
 void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorView& q,
               const TensorView& scales, const TensorView* zero_points);
@@ -27,6 +30,11 @@ void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorV
 // out: [rows, cols] f32/bf16/f16 contiguous rows.
 void dequantize(const TensorView& q, const TensorView& scales, const TensorView* zero_points,
                 Format fmt, int64_t group_size, const TensorView& out);
+
+// Groups per row of cols values: ceil(cols / group_size) (group_size > 0).
+inline int64_t num_groups(int64_t cols, int64_t group_size) {
+  return (cols + group_size - 1) / group_size;
+}
 
 // Validates shapes, dtypes and the group size; returns the number of groups per row.
 int64_t check_quant_args(const TensorView& x_or_out, Format fmt, int64_t group_size,

@@ -87,3 +87,15 @@ def integer_format(bits: int, symmetric: bool) -> FormatSpec:
         have = sorted({s.bits for s in FORMATS.values() if s.name.startswith(("int", "uint"))})
         raise ValueError(f"no integer format with {bits} bits (supported: {have})")
     return FORMATS[name]
+
+
+def num_groups(cols: int, group_size: int) -> int:
+    """Scale groups per row of `cols` values for a positive group size: ceil(cols / group_size).
+    When group_size does not divide cols the last group is short (cols - (groups - 1) *
+    group_size values, all of them when group_size > cols), as compressed-tensors stores it."""
+    return -(-cols // group_size)
+
+
+def has_short_group(cols: int, group_size: int) -> bool:
+    """True when a row of `cols` values splits into several groups and the last one is short."""
+    return 0 < group_size < cols and cols % group_size != 0

@@ -57,9 +57,9 @@ void check_common(const TensorView& w, const TensorView& g, const AwqQuant& q, c
   check_dtype(g, DType::kFloat32, "g");
   check_shape2(g, w.size(1), w.size(1), "g");
   TS_CHECK_VALUE(q.bits >= 2 && q.bits <= 8, name + ": bits must be in 2..8");
-  TS_CHECK_VALUE(q.group_size > 0 && w.size(1) % q.group_size == 0,
-                 name + ": group_size " + std::to_string(q.group_size) + " does not divide cols " +
-                     std::to_string(w.size(1)));
+  // Any positive size: ceil(cols / group_size) groups, the last one short if need be.
+  TS_CHECK_VALUE(q.group_size > 0,
+                 name + ": group_size must be positive, got " + std::to_string(q.group_size));
 }
 
 // out[r] = d_r^T G d_r; G (K x K, symmetric) starts at g with leading dimension ldg.
@@ -122,7 +122,8 @@ int64_t awq_search_scale(const TensorView& w, const TensorView& g, const TensorV
         const float* row = &W[r * cols];
         for (int64_t j = 0; j < cols; ++j) scaled[j] = row[j] * s[j];
         for (int64_t c0 = 0; c0 < cols; c0 += q.group_size)
-          fake_quant(&scaled[c0], &deq[c0], q.group_size, grid, q.symmetric, 1.0f);
+          fake_quant(&scaled[c0], &deq[c0], std::min(q.group_size, cols - c0), grid, q.symmetric,
+                     1.0f);
         for (int64_t j = 0; j < cols; ++j) d(r - r0, j) = row[j] - deq[j] / s[j];
       }
       quad_forms(d, Gv.data(), cols, &row_loss[r0]);
@@ -138,7 +139,8 @@ int64_t awq_search_scale(const TensorView& w, const TensorView& g, const TensorV
 void awq_search_clip(const TensorView& w, const TensorView& g, const AwqQuant& q, int64_t n_grid,
                      double max_shrink, const TensorView& best_ratio, const TensorView& losses) {
   check_common(w, g, q, "awq_search_clip");
-  const int64_t rows = w.size(0), cols = w.size(1), gs = q.group_size, groups = cols / gs;
+  const int64_t rows = w.size(0), cols = w.size(1);
+  const int64_t gs = std::min(q.group_size, cols), groups = num_groups(cols, gs);
   TS_CHECK_VALUE(n_grid > 0 && max_shrink > 0.0 && max_shrink < 1.0,
                  "awq_search_clip: need n_grid > 0 and 0 < max_shrink < 1");
   const int64_t n_ratios = static_cast<int64_t>(std::floor(max_shrink * n_grid + 1e-9));
@@ -163,12 +165,14 @@ void awq_search_clip(const TensorView& w, const TensorView& g, const AwqQuant& q
     std::vector<double> qf(nr);
     RowMatF d(nr, gs);
     for (int64_t k = 0; k < groups; ++k) {
+      const int64_t len = std::min(gs, cols - k * gs);  // the last group may be short
+      if (d.cols() != len) d.resize(nr, len);
       for (int64_t i = 0; i < n_ratios; ++i) {
         const float ratio = 1.0f - static_cast<float>(i) / static_cast<float>(n_grid);
         for (int64_t r = r0; r < r1; ++r) {
           const float* v = &W[r * cols + k * gs];
-          fake_quant(v, deq.data(), gs, grid, q.symmetric, ratio);
-          for (int64_t j = 0; j < gs; ++j) d(r - r0, j) = v[j] - deq[j];
+          fake_quant(v, deq.data(), len, grid, q.symmetric, ratio);
+          for (int64_t j = 0; j < len; ++j) d(r - r0, j) = v[j] - deq[j];
         }
         quad_forms(d, Gv.data() + k * gs * cols + k * gs, cols, qf.data());
         for (int64_t r = r0; r < r1; ++r) lp[(r * groups + k) * n_ratios + i] = static_cast<float>(qf[r - r0]);

@@ -2,6 +2,7 @@
 // reference that the native and oneDNN paths are tested against.
 #include "tensorslim/gemm.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -84,14 +85,21 @@ void linear_weight_only_reference(const TensorView& x, const TensorView& qweight
 
 void pack_activations(const TensorView& x, bool deinterleave, std::vector<float>& xp) {
   const int64_t M = x.shape[0], K = x.shape[1];
+  const int64_t whole = deinterleave ? K & ~int64_t{31} : 0;  // a short last block stays in order
   xp.resize(M * K);
   for (int64_t m = 0; m < M; ++m) {
     float* dst = xp.data() + m * K;
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t at = deinterleave ? (k & ~31) + ((k & 1) << 4) + ((k & 31) >> 1) : k;
+      const int64_t at = k < whole ? (k & ~31) + ((k & 1) << 4) + ((k & 31) >> 1) : k;
       dst[at] = load_act(x, m, k);
     }
   }
+}
+
+static bool native_fits(const FormatInfo& info, int64_t K, int64_t group_size) {
+  // INT4 groups after the first start on a 32-value block (the de-interleaved layout);
+  // INT8 reads any group. A short last group ends in the kernels' scalar tail.
+  return K > 0 && (info.bits == 8 || group_size >= K || group_size % 32 == 0);
 }
 
 bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
@@ -102,12 +110,12 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
   if (isa == Isa::kScalar) return false;
   const FormatInfo& info = format_info(fmt);
   const int64_t M = x.shape[0], K = x.shape[1];
-  const int64_t step = info.bits == 4 ? 32 : 16;
-  if (K == 0 || K % step != 0 || (group_size != K && group_size % step != 0)) return false;
+  if (!native_fits(info, K, group_size)) return false;
   thread_local std::vector<float> xp;
   pack_activations(x, info.bits == 4, xp);
-  const int64_t gsize = group_size == K ? K : group_size;
-  const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, K / gsize, xp.data()};
+  const int64_t gsize = std::min(group_size, K);
+  const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, num_groups(K, gsize),
+                            xp.data()};
   if (isa == Isa::kAVX512)
     linear_weight_only_avx512(p, fmt, M);
   else
@@ -133,8 +141,8 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
     case GemmBackend::kNative:
       TS_CHECK_VALUE(cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt,
                                                     group_size, out),
-                     "linear_weight_only: no native kernel fits this shape/ISA (needs AVX2, "
-                     "K and the group size multiples of 32)");
+                     "linear_weight_only: no native kernel fits this shape/ISA (needs AVX2; "
+                     "INT4 group sizes a multiple of 32 unless one group spans the row)");
       return;
     case GemmBackend::kOneDNN:
       TS_CHECK_VALUE(cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt,
@@ -148,6 +156,11 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
                                          out))
         return;
       if (cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt, group_size,
+                                         out))
+        return;
+      // oneDNN declined (e.g. a short last group): our kernel takes any batch size.
+      if (x.shape[0] > kNativeMaxRows &&
+          cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size,
                                          out))
         return;
       return cpu::linear_weight_only_reference(x, qweight, scales, zero_points, bias, fmt,

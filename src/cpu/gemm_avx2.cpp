@@ -39,13 +39,28 @@ float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Values per vector chunk: a 32-value INT4 block, or one register of INT8 codes.
+template <int kBits>
+constexpr int64_t kStep() { return kBits == 4 ? 32 : 8; }
+
+// Adds the scalar tail of group g (see weight_only_tail_sums) to lane 0 of part.
+template <int R, int MB, int kBits, bool kSigned>
+void weight_only_tail(const uint8_t* const* wrow, const uint8_t* const* zrow, int64_t g, int64_t K,
+                      int64_t k0, int64_t kend, const float* xp, __m256 part[R][MB]) {
+  float t[R][MB];
+  weight_only_tail_sums<R, MB, kBits, kSigned>(wrow, zrow, g, K, k0, kend, xp, t);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m)
+      part[r][m] = _mm256_add_ps(part[r][m], _mm256_setr_ps(t[r][m], 0, 0, 0, 0, 0, 0, 0));
+}
+
 // acc[r][m] (8 lanes) = sum over groups of scale[r][g] * sum_k w[r][k] * x[m][k] for R
 // weight rows at once: R * MB independent FMA chains hide the FMA latency, and R
 // weight streams keep more memory requests in flight.
 template <int R, int MB, int kBits, bool kSigned>
 void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t* const* zrow,
               int64_t K, int64_t gsize, const float* xp, __m256 acc[R][MB]) {
-  const int64_t groups = K / gsize;
+  const int64_t groups = num_groups(K, gsize);
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -55,9 +70,10 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
       zp[r] = _mm256_set1_epi32(zrow[r] ? zrow[r][g] : 0);
       for (int m = 0; m < MB; ++m) part[r][m] = _mm256_setzero_ps();
     }
-    const int64_t k0 = g * gsize;
+    const int64_t k0 = g * gsize, kend = std::min(k0 + gsize, K);
+    const int64_t kvec = k0 + (kend - k0) / kStep<kBits>() * kStep<kBits>();  // vector chunks end here
     if (kBits == 4) {
-      for (int64_t k = k0; k < k0 + gsize; k += 32) {
+      for (int64_t k = k0; k < kvec; k += 32) {
         for (int half = 0; half < 2; ++half) {
           for (int r = 0; r < R; ++r) {
             __m256 lo, hi;
@@ -71,7 +87,7 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
         }
       }
     } else {
-      for (int64_t k = k0; k < k0 + gsize; k += 8) {
+      for (int64_t k = k0; k < kvec; k += kStep<kBits>()) {
         for (int r = 0; r < R; ++r) {
           const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrow[r] + k));
           const __m256i wi = kSigned ? _mm256_cvtepi8_epi32(b)
@@ -82,6 +98,7 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
         }
       }
     }
+    if (kvec < kend) weight_only_tail<R, MB, kBits, kSigned>(wrow, zrow, g, K, kvec, kend, xp, part);
     for (int r = 0; r < R; ++r) {
       const __m256 s = _mm256_set1_ps(sc[r][g]);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(part[r][m], s, acc[r][m]);

@@ -138,11 +138,15 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
                                const TensorView* bias, Format fmt, int64_t group_size,
                                const TensorView& out) {
   if (!onednn_usable()) return false;
+  // oneDNN's grouped scales need groups of one size: a short last group runs elsewhere.
+  const int64_t K = x.shape[1];
+  if (group_size >= K) group_size = K;  // one group spans the row: per-row scales
+  if (K % group_size) return false;
   if (run_onednn(x, qweight, scales, zero_points, bias, fmt, group_size, out)) return true;
   if (x.dtype != DType::kBFloat16) return false;
   // oneDNN has bf16 weight decompression only from AVX-512 (avx512_core) on: elsewhere run
   // the fp32 primitive on widened activations (exact) and round the output to bf16.
-  const int64_t M = x.shape[0], K = x.shape[1], N = out.shape[1];
+  const int64_t M = x.shape[0], N = out.shape[1];
   thread_local std::vector<float> xf, of;
   const TensorView xv = f32_view(xf, M, K), ov = f32_view(of, M, N);
   for (int64_t m = 0; m < M; ++m)

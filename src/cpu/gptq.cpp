@@ -13,6 +13,7 @@
 
 #include "hessian.h"
 #include "parallel.h"
+#include "tensorslim/quantize.h"
 #include "tensorslim/status.h"
 
 namespace tensorslim {
@@ -54,12 +55,11 @@ void check_args(const TensorView& w, const TensorView& h, const GptqOptions& opt
   check_shape2(h, cols, cols, "h");
   TS_CHECK_VALUE(opt.bits >= 2 && opt.bits <= 8,
                  "gptq_quantize: bits must be in 2..8, got " + std::to_string(opt.bits));
-  TS_CHECK_VALUE(opt.group_size > 0 && cols % opt.group_size == 0,
-                 "gptq_quantize: group_size " + std::to_string(opt.group_size) +
-                     " does not divide cols " + std::to_string(cols));
+  TS_CHECK_VALUE(opt.group_size > 0, "gptq_quantize: group_size must be positive, got " +
+                                         std::to_string(opt.group_size));
   TS_CHECK_VALUE(opt.block_size > 0, "gptq_quantize: block_size must be positive");
   TS_CHECK_VALUE(opt.damp >= 0.0 && std::isfinite(opt.damp), "gptq_quantize: damp must be >= 0");
-  const int64_t groups = cols / opt.group_size;
+  const int64_t groups = num_groups(cols, opt.group_size);
   check_dtype(codes, DType::kInt32, "codes");
   check_shape2(codes, rows, cols, "codes");
   check_dtype(scales, DType::kFloat32, "scales");
@@ -84,7 +84,10 @@ GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOpt
                          const TensorView& codes, const TensorView& scales,
                          const TensorView& zps) {
   check_args(w, h, opt, codes, scales, zps);
-  const int64_t rows = w.size(0), cols = w.size(1), g = opt.group_size, groups = cols / g;
+  const int64_t rows = w.size(0), cols = w.size(1);
+  // ceil(cols / g) groups, the last one short when g does not divide cols.
+  const int64_t g = std::min(opt.group_size, cols), groups = num_groups(cols, g);
+  auto group_len = [&](int64_t start) { return std::min(g, cols - start); };
   const IntGrid grid = int_grid(opt.bits, opt.symmetric);
 
   RowMat W = cpu::load_weight(w, "gptq_quantize");
@@ -101,7 +104,7 @@ GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOpt
   if (static_groups) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < groups; ++k)
-        params[r * groups + k] = find_params(&W(r, k * g), g, grid, opt.symmetric);
+        params[r * groups + k] = find_params(&W(r, k * g), group_len(k * g), grid, opt.symmetric);
   }
   if (opt.act_order) {
     RowMat Wp(rows, cols);
@@ -134,7 +137,7 @@ GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOpt
         for (int64_t r = r0; r < r1; ++r) {
           double* row = &W(r, 0);
           GroupParam& p = params[r * groups + k];
-          if (!static_groups && i % g == 0) p = find_params(row + i, g, grid, opt.symmetric);
+          if (!static_groups && i % g == 0) p = find_params(row + i, group_len(i), grid, opt.symmetric);
           const double wv = row[i];
           const double scale = p.scale;
           double c = std::nearbyint(wv / scale) + p.zp;

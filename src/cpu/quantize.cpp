@@ -63,14 +63,14 @@ int64_t check_quant_args(const TensorView& x, Format fmt, int64_t group_size, co
     groups = 1;
     check_shape2(scales, 1, 1, "scales (per tensor)");
   } else {
-    TS_CHECK_VALUE(group_size >= 0, "group_size must be -1 (per tensor), the row length (per "
-                                    "row) or a positive divisor of it, got " +
-                                        std::to_string(group_size));
-    TS_CHECK_VALUE(group_size == cols || (group_size > 0 && cols % group_size == 0),
-                   "group_size " + std::to_string(group_size) +
-                       " does not divide the row length " + std::to_string(cols));
-    groups = group_size == cols ? 1 : cols / group_size;
-    TS_CHECK_VALUE(info.bits != 4 || group_size == cols || group_size % 2 == 0,
+    // Any positive size: ceil(cols / group_size) groups per row, the last one holding what
+    // is left (cols - (groups - 1) * group_size values); 0 only for a row of no values.
+    TS_CHECK_VALUE(group_size > 0 || (group_size == 0 && cols == 0),
+                   "group_size must be -1 (per tensor) or a positive number of values per group, "
+                   "got " + std::to_string(group_size));
+    groups = group_size == 0 ? 1 : num_groups(cols, group_size);
+    // INT4 codes pack two per byte: every group but the last must start on a byte.
+    TS_CHECK_VALUE(info.bits != 4 || groups <= 1 || group_size % 2 == 0,
                    std::string("group_size must be even for the packed format ") + info.name);
     check_shape2(scales, rows, groups, "scales");
   }
@@ -101,7 +101,7 @@ void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorV
   const cpu::QuantKernels& k = cpu::active_quant_kernels();
   const int64_t rows = x.shape[0], cols = x.shape[1];
   const bool per_tensor = group_size == -1;
-  const int64_t gsize = per_tensor || groups == 0 ? cols : cols / groups;  // [rows, 0] has no groups
+  const int64_t gsize = per_tensor || groups <= 1 ? cols : group_size;  // the last group may be short
   float* scale_out = scales.ptr<float>();
   uint8_t* zp_out = zero_points ? zero_points->ptr<uint8_t>() : nullptr;
 
@@ -130,15 +130,16 @@ void quantize(const TensorView& x, Format fmt, int64_t group_size, const TensorV
       uint8_t* dst = info.bits == 4 ? codes.data() : qrow;
       for (int64_t g = 0; g < groups; ++g) {
         const float* xg = row + g * gsize;
+        const int64_t len = std::min(gsize, cols - g * gsize);
         GroupParams p = tensor_params;
         if (!per_tensor) {
           float lo = 0.0f, hi = 0.0f;
-          if (gsize && !k.min_max(xg, gsize, &lo, &hi)) throw_nonfinite(r);
+          if (len && !k.min_max(xg, len, &lo, &hi)) throw_nonfinite(r);
           p = group_params(info, lo, hi);
           scale_out[r * groups + g] = p.scale;
           if (zp_out) zp_out[r * groups + g] = static_cast<uint8_t>(p.zero_point);
         }
-        k.encode(xg, gsize, p.scale, static_cast<float>(p.zero_point),
+        k.encode(xg, len, p.scale, static_cast<float>(p.zero_point),
                  static_cast<float>(info.qmin), static_cast<float>(info.qmax), dst + g * gsize);
       }
       if (info.bits == 4) pack_nibbles(codes.data(), cols, qrow);
@@ -156,7 +157,7 @@ void dequantize(const TensorView& q, const TensorView& scales, const TensorView*
   const cpu::QuantKernels& k = cpu::active_quant_kernels();
   const int64_t rows = out.shape[0], cols = out.shape[1];
   const bool per_tensor = group_size == -1;
-  const int64_t gsize = per_tensor || groups == 0 ? cols : cols / groups;  // [rows, 0] has no groups
+  const int64_t gsize = per_tensor || groups <= 1 ? cols : group_size;  // the last group may be short
   const float* sc = scales.ptr<float>();
   const uint8_t* zp = zero_points ? zero_points->ptr<uint8_t>() : nullptr;
   const bool is_signed = !info.has_zero_point;
@@ -178,11 +179,12 @@ void dequantize(const TensorView& q, const TensorView& scales, const TensorView*
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t idx = per_tensor ? 0 : r * groups + g;
         const int32_t z = zp ? zp[idx] : 0;
+        const int64_t len = std::min(gsize, cols - g * gsize);
         if (is_signed)
-          k.decode_s8(reinterpret_cast<const int8_t*>(c) + g * gsize, gsize, sc[idx], z,
+          k.decode_s8(reinterpret_cast<const int8_t*>(c) + g * gsize, len, sc[idx], z,
                       row.data() + g * gsize);
         else
-          k.decode_u8(c + g * gsize, gsize, sc[idx], z, row.data() + g * gsize);
+          k.decode_u8(c + g * gsize, len, sc[idx], z, row.data() + g * gsize);
       }
       cpu::store_row(row.data(), out, r);
     }

@@ -16,6 +16,30 @@
 namespace tensorslim {
 namespace cpu {
 
+// The scalar end of a group that the vector chunks leave (a short last group, or INT8 groups
+// not a multiple of the vector width): t[r][m] = sum over k in [k0, kend) of
+// (code[r][k] - zp[r][g]) * x[m][k]. Only ever the row's last partial INT4 block, which
+// pack_activations leaves in natural order, so k indexes xp directly.
+template <int R, int MB, int kBits, bool kSigned>
+void weight_only_tail_sums(const uint8_t* const* wrow, const uint8_t* const* zrow, int64_t g,
+                           int64_t K, int64_t k0, int64_t kend, const float* xp, float t[R][MB]) {
+  for (int r = 0; r < R; ++r) {
+    const int32_t zp = zrow[r] ? zrow[r][g] : 0;
+    for (int m = 0; m < MB; ++m) t[r][m] = 0.0f;
+    for (int64_t k = k0; k < kend; ++k) {
+      int32_t code;
+      if (kBits == 4) {
+        const uint8_t nib = (k & 1) ? (wrow[r][k / 2] >> 4) : (wrow[r][k / 2] & 0xF);
+        code = kSigned ? static_cast<int8_t>(static_cast<uint8_t>(nib << 4)) >> 4 : nib;
+      } else {
+        code = kSigned ? static_cast<int8_t>(wrow[r][k]) : wrow[r][k];
+      }
+      const float w = static_cast<float>(code - zp);
+      for (int m = 0; m < MB; ++m) t[r][m] += w * xp[m * K + k];
+    }
+  }
+}
+
 // Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1.
 template <class V, int R, int MB, int kBits, bool kSigned>
 void weight_only_tile(const WeightOnlyProblem& p, int64_t n, int64_t m0) {

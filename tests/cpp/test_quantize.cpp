@@ -27,8 +27,9 @@ Expected spec(const std::vector<float>& x, int64_t rows, int64_t cols, int64_t l
               int64_t group) {
   const FormatInfo& f = format_info(fmt);
   const bool per_tensor = group == -1;
-  const int64_t gsize = per_tensor ? cols : group;
-  const int64_t groups = per_tensor ? 1 : (gsize ? cols / gsize : 1);
+  // ceil(cols / group) groups, the last one short when group does not divide cols.
+  const int64_t gsize = per_tensor ? cols : std::min(group, cols);
+  const int64_t groups = per_tensor ? 1 : (gsize ? (cols + gsize - 1) / gsize : 1);
   Expected e;
   const int64_t nb = packed_row_bytes(f, cols);
   e.q.assign(rows * nb, 0);
@@ -58,13 +59,13 @@ Expected spec(const std::vector<float>& x, int64_t rows, int64_t cols, int64_t l
       int z = tz;
       if (!per_tensor) {
         float lo = 0, hi = 0;
-        for (int64_t c = g * gsize; c < (g + 1) * gsize; ++c)
+        for (int64_t c = g * gsize; c < std::min((g + 1) * gsize, cols); ++c)
           lo = std::min(lo, x[r * ld + c]), hi = std::max(hi, x[r * ld + c]);
         params(lo, hi, &s, &z);
         e.scales[r * groups + g] = s;
         e.zps[r * groups + g] = z;
       }
-      for (int64_t c = g * gsize; c < (g + 1) * gsize; ++c) {
+      for (int64_t c = g * gsize; c < std::min((g + 1) * gsize, cols); ++c) {
         const uint8_t code = static_cast<uint8_t>(f.encode(x[r * ld + c], s, z));
         if (f.bits == 8)
           e.q[r * nb + c] = code;
@@ -124,7 +125,7 @@ void check_case(Format fmt, int64_t rows, int64_t cols, int64_t group, int64_t p
     dequantize(view2(q.data(), qdt, rows, packed_row_bytes(f, cols)), sv,
                f.has_zero_point ? &zv : nullptr, fmt, group,
                view2(back.data(), DType::kFloat32, rows, cols));
-    const int64_t gsize = group == -1 ? cols : group;
+    const int64_t gsize = group == -1 ? cols : std::min(group, cols);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) {
         const int64_t idx = group == -1 ? 0 : r * groups + (gsize ? c / gsize : 0);
@@ -141,10 +142,11 @@ TEST(Quantize, EveryIsaMatchesSpecBitForBit) {
   uint32_t seed = 1;
   for (int fi = 0; fi < kNumFormats; ++fi) {
     const Format fmt = format_table()[fi].format;
-    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 256}, {7, 96}, {13, 512}, {3, 37}}) {
+    // 100, 576, 1000, 200, 96 (g64), 37: a short last group (or one group narrower than g).
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 256}, {7, 96}, {13, 512}, {3, 37},
+                              {5, 100}, {2, 576}, {3, 1000}, {4, 200}}) {
       std::vector<int64_t> groups = {-1, cols};
-      for (int64_t g : {32, 64, 128, 256})
-        if (cols % g == 0) groups.push_back(g);
+      for (int64_t g : {32, 64, 128, 256}) groups.push_back(g);
       for (int64_t g : groups)
         for (int64_t pad : {0, 5}) check_case(fmt, rows, cols, g, pad, seed++);
     }
@@ -177,10 +179,20 @@ TEST(Quantize, RejectsNonFiniteValues) {
 TEST(Quantize, RejectsBadArguments) {
   std::vector<float> x(4 * 96, 1.0f), s(16);
   std::vector<uint8_t> q(4 * 96), z(16);
-  // 96 is not a multiple of 64.
+  // 96 in groups of 64: two groups (the last one of 32), not one scale per row.
   EXPECT_THROW(quantize(view2(x.data(), DType::kFloat32, 4, 96), Format::kInt4, 64,
                         view2(q.data(), DType::kUInt8, 4, 48),
                         view2(s.data(), DType::kFloat32, 4, 1), nullptr),
+               ValueError);
+  // Group sizes 0 and below -1; an odd INT4 group size with several groups.
+  for (int64_t bad : {int64_t{0}, int64_t{-2}})
+    EXPECT_THROW(quantize(view2(x.data(), DType::kFloat32, 4, 96), Format::kInt8, bad,
+                          view2(q.data(), DType::kInt8, 4, 96),
+                          view2(s.data(), DType::kFloat32, 4, 1), nullptr),
+                 ValueError);
+  EXPECT_THROW(quantize(view2(x.data(), DType::kFloat32, 4, 96), Format::kInt4, 33,
+                        view2(q.data(), DType::kUInt8, 4, 48),
+                        view2(s.data(), DType::kFloat32, 4, 3), nullptr),
                ValueError);
   // Asymmetric format without zero points.
   EXPECT_THROW(quantize(view2(x.data(), DType::kFloat32, 4, 96), Format::kUInt8, 96,

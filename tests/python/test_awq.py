@@ -159,7 +159,8 @@ def test_missing_calibration_data_is_a_clear_error():
     (lambda w, g, a: C.awq_search_scale(w, g, a[:10]), "act must have"),
     (lambda w, g, a: C.awq_search_scale(w, g, a, n_grid=0), "n_grid"),
     (lambda w, g, a: C.awq_search_clip(w, g, max_shrink=1.5), "max_shrink"),
-    (lambda w, g, a: C.awq_search_clip(w, g, group_size=100), "does not divide"),
+    (lambda w, g, a: C.awq_search_clip(w, g, group_size=0), "group_size must be positive"),
+    (lambda w, g, a: C.awq_search_scale(w, g, a, group_size=-8), "group_size must be positive"),
     (lambda w, g, a: C.awq_search_clip(w, g * float("inf")), "NaN or Inf"),
 ])
 def test_bad_arguments(call, match):

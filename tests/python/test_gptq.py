@@ -143,7 +143,7 @@ def test_missing_calibration_data_is_a_clear_error():
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(h=torch.eye(64)), ValueError, "h must be"),
     (dict(h=torch.full((128, 128), float("nan"))), ValueError, "NaN"),
-    (dict(group_size=48), ValueError, "does not divide"),
+    (dict(group_size=-48), ValueError, "group_size must be positive"),
     (dict(bits=9), ValueError, "bits"),
     (dict(damp=-1.0), ValueError, "damp"),
     (dict(w=torch.zeros(4, 128, dtype=torch.int32)), TypeError, "float"),

@@ -107,8 +107,11 @@ def test_empty_tensors(backend):
 
 def test_bad_arguments_raise_clear_errors():
     x = torch.randn(4, 96)
-    with pytest.raises(ValueError, match="does not divide"):
-        ops.quantize(x, "int4", 64)
+    for bad in (0, -2):  # 64 (two groups, the last of 32) is fine; these are not
+        with pytest.raises(ValueError, match="positive number of values per group"):
+            ops.quantize(x, "int4", bad)
+    with pytest.raises(ValueError, match="must be even"):
+        ops.quantize(x, "int4", 33)
     with pytest.raises(ValueError, match="unknown format"):
         ops.quantize(x, "int9", 32)
     with pytest.raises(ValueError, match="use ops.quantize_lowbit"):

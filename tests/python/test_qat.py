@@ -195,11 +195,20 @@ def test_error_paths():
 
 def test_layers_qat_cannot_handle_are_skipped_with_reasons():
     model = _mlp()
-    model.fc1 = nn.Linear(40, 96)
+    model.fc1 = nn.Linear(40, 96, device="meta")
     report = ts.prepare_qat(model, ts.Int4WeightOnly(group_size=32), progress=False)
     reasons = {c.name: c.reason for c in report.skipped}
-    assert reasons["fc1"] == "in_features 40 is not a multiple of group_size 32"
+    assert reasons["fc1"] == "weight is on the meta device (no data to train)"
     assert isinstance(model.fc2, QATLinear) and type(model.fc1) is nn.Linear
+
+
+def test_width_not_a_multiple_of_the_group_is_prepared():
+    model = _mlp()
+    model.fc1 = nn.Linear(40, 96)  # groups of 32 and 8
+    report = ts.prepare_qat(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    assert "fc1" not in {c.name for c in report.skipped} and isinstance(model.fc1, QATLinear)
+    ts.convert(model)
+    assert model.fc1.scales.shape == (96, 2)
 
 
 def test_convert_keeps_training_parameters_and_saves(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import get_format
+from ..formats import get_format, num_groups
 from .packed_linear import PackedLinear
 
 
@@ -26,7 +26,8 @@ def fill_from_linear(mod: nn.Module, linear: nn.Linear) -> nn.Module:
 class WeightOnlyLinear(PackedLinear):
     """y = (x * input_scale) @ dequantize(qweight).T + bias, computed by a dequant-fused kernel.
 
-    Buffers (the whole state): qweight [out, packed in], scales fp32 [out, in / group],
+    Buffers (the whole state): qweight [out, packed in], scales fp32 [out, ceil(in / group)]
+    (the last group is short when group_size does not divide in_features),
     zero_points uint8 (asymmetric formats only), bias fp32 (if the layer had one), and
     input_scale fp32 [in] (None unless an algorithm scaled the weight's input channels, as
     AWQ does when no operation before the layer can absorb its scales: the stored weight is
@@ -41,11 +42,14 @@ class WeightOnlyLinear(PackedLinear):
         spec = get_format(fmt)
         if not spec.is_integer:
             raise ValueError(f"WeightOnlyLinear holds integer formats; use LowBitLinear for {fmt}")
-        if group_size <= 0 or in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        if group_size <= 0:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        groups = num_groups(in_features, group_size)
+        if spec.bits == 4 and groups > 1 and group_size % 2:
+            raise ValueError(f"group_size {group_size} must be even for the packed format {fmt}")
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.backend = fmt, group_size, backend
-        self._register_packed(spec, in_features, out_features, in_features // group_size, bias, device)
+        self._register_packed(spec, in_features, out_features, groups, bias, device)
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device)
                              if input_scale else None)
 
@@ -82,13 +86,13 @@ class WeightOnlyLinear(PackedLinear):
                    fmt: str, group_size: int, bias: Optional[torch.Tensor] = None,
                    backend: str = "auto", input_scale: Optional[torch.Tensor] = None) -> "WeightOnlyLinear":
         """A layer from integer codes an algorithm chose itself (GPTQ, AWQ): codes int [out, in]
-        in the format's range, scales fp32 [out, in / group_size], zero points uint8 (or None
+        in the format's range, scales fp32 [out, ceil(in / group_size)], zero points uint8 (or None
         for symmetric formats); dequantized weight = (code - zero point) * scale.
         input_scale (fp32 [in], finite): multiplies the input before the kernel; the codes then
         encode the weight in the scaled domain (W * s for input_scale = 1 / s). It is copied."""
         spec = get_format(fmt)
         out_features, in_features = codes.shape
-        groups = in_features // group_size if group_size > 0 else 0
+        groups = num_groups(in_features, group_size) if group_size > 0 else 0
         if scales.shape != (out_features, groups):
             raise ValueError(f"from_codes: scales must be [{out_features}, {groups}], got {tuple(scales.shape)}")
         if spec.has_zero_point and (zero_points is None or zero_points.shape != scales.shape):

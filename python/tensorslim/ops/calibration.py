@@ -10,9 +10,11 @@ import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .. import _views
 from .._native import _C
+from ..formats import num_groups
 
 _AUTO_BACKENDS = ("auto", "native", "reference")
 
@@ -38,8 +40,8 @@ def _check_weight(w: torch.Tensor, group_size: int, fn: str) -> None:
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
     if not w.dtype.is_floating_point:
         raise TypeError(f"{fn}: w must be a float tensor, got {w.dtype}")
-    if group_size <= 0 or w.shape[1] % group_size:
-        raise ValueError(f"{fn}: group_size {group_size} does not divide w's {w.shape[1]} columns")
+    if group_size <= 0:  # any positive size: the last of ceil(cols / group_size) groups may be short
+        raise ValueError(f"{fn}: group_size must be positive, got {group_size}")
 
 
 def _check_square(m: torch.Tensor, n: int, what: str, fn: str) -> None:
@@ -81,7 +83,7 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, bits: int, symmetric: bool, group_si
 @_gptq.register_fake
 def _gptq_fake(w, h, bits, symmetric, group_size, block_size, act_order, damp):
     rows, cols = w.shape
-    groups = cols // group_size
+    groups = num_groups(cols, group_size)
     return (torch.empty(rows, cols, dtype=torch.int32, device=w.device),
             torch.empty(rows, groups, dtype=torch.float32, device=w.device),
             torch.empty(rows, groups, dtype=torch.uint8, device=w.device),
@@ -132,8 +134,8 @@ def gptq_quantize_reference(w: torch.Tensor, h: torch.Tensor, bits: int, symmetr
     W = w.detach().double().cpu().clone()
     H = h.detach().double().cpu().clone()
     rows, cols = W.shape
-    g = group_size
-    groups = cols // g
+    g = min(group_size, cols)
+    groups = num_groups(cols, g)  # slices below stop at cols: the last group may be short
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -199,7 +201,7 @@ def quantize_codes_reference(w: torch.Tensor, bits: int, symmetric: bool, group_
     round-to-nearest; ratio 1 is exactly the format's round-to-nearest."""
     qmin, qmax, div = int_grid(bits, symmetric)
     rows, cols = w.shape
-    g = w.float().reshape(rows, cols // group_size, group_size)
+    g = _grouped(w.float(), group_size)
     ratio = torch.as_tensor(ratio, dtype=torch.float32, device=w.device)
     lo = g.amin(-1).clamp(max=0) * ratio
     hi = g.amax(-1).clamp(min=0) * ratio
@@ -208,16 +210,25 @@ def quantize_codes_reference(w: torch.Tensor, bits: int, symmetric: bool, group_
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zp = torch.zeros_like(scale) if symmetric else torch.round(-lo / scale).clamp(qmin, qmax)
     codes = (torch.round(g / scale[..., None]) + zp[..., None]).clamp(qmin, qmax)
-    return codes.reshape(rows, cols).to(torch.int32), scale, zp.to(torch.uint8)
+    return codes.reshape(rows, -1)[:, :cols].to(torch.int32), scale, zp.to(torch.uint8)
+
+
+def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[rows, cols] -> [rows, groups, group], a short last group padded with zeros (which
+    leave every group's range [min(v, 0), max(v, 0)] as it is)."""
+    rows, cols = t.shape
+    gs = min(group_size, cols)
+    groups = num_groups(cols, gs)
+    return F.pad(t, (0, groups * gs - cols)).reshape(rows, groups, gs)
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                      group_size: int) -> torch.Tensor:
     """(codes - zero point) * scale, fp32, for unpacked int32 codes."""
     rows, cols = codes.shape
-    c = codes.reshape(rows, cols // group_size, group_size).float()
+    c = _grouped(codes, group_size).float()
     z = zero_points.float()[..., None]
-    return ((c - z) * scales[..., None]).reshape(rows, cols)
+    return ((c - z) * scales[..., None]).reshape(rows, -1)[:, :cols]
 
 
 @torch.library.custom_op("tensorslim::awq_search_scale", mutates_args=(), device_types="cpu")
@@ -289,8 +300,9 @@ def _awq_clip(w: torch.Tensor, g: torch.Tensor, bits: int, symmetric: bool, grou
 def _awq_clip_fake(w, g, bits, symmetric, group_size, n_grid, max_shrink):
     rows, cols = w.shape
     n_ratios = int(math.floor(max_shrink * n_grid + 1e-9))
-    return (w.new_empty(rows, cols // group_size, dtype=torch.float32),
-            w.new_empty(rows, cols // group_size, n_ratios, dtype=torch.float32))
+    groups = num_groups(cols, group_size)
+    return (w.new_empty(rows, groups, dtype=torch.float32),
+            w.new_empty(rows, groups, n_ratios, dtype=torch.float32))
 
 
 def clip_ratios(n_grid: int, max_shrink: float) -> torch.Tensor:
@@ -319,13 +331,14 @@ def awq_search_clip(w: torch.Tensor, g: torch.Tensor, bits: int = 4, symmetric: 
 def awq_search_clip_reference(w, g, bits, symmetric, group_size, n_grid, max_shrink):
     w, g = w.detach().float().cpu(), g.detach().double().cpu()
     rows, cols = w.shape
-    groups = cols // group_size
+    gs = min(group_size, cols)
+    groups = num_groups(cols, gs)
     ratios = clip_ratios(n_grid, max_shrink)
     losses = torch.empty(rows, groups, len(ratios), dtype=torch.float32)
     for i, r in enumerate(ratios):
         d = (w - fake_quant_reference(w, bits, symmetric, group_size, r)).double()
-        d = d.reshape(rows, groups, group_size)
-        for k in range(groups):
-            gk = g[k * group_size:(k + 1) * group_size, k * group_size:(k + 1) * group_size]
-            losses[:, k, i] = torch.einsum("ri,ij,rj->r", d[:, k], gk, d[:, k]).float()
+        for k in range(groups):  # the last group may be short: slices stop at cols
+            dk = d[:, k * gs:(k + 1) * gs]
+            gk = g[k * gs:(k + 1) * gs, k * gs:(k + 1) * gs]
+            losses[:, k, i] = torch.einsum("ri,ij,rj->r", dk, gk, dk).float()
     return ratios[losses.argmin(-1)], losses

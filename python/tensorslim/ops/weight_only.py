@@ -5,7 +5,10 @@ are passed on to the low-bit kernels (ops/lowbit.py), same layouts.
 
 Conventions: a tensor is quantized row by row along its last dimension in groups of
 `group_size` values; group_size == PER_TENSOR (-1) uses one scale for the whole
-tensor, group_size == the row length one per row (per channel / per token).
+tensor, group_size >= the row length one per row (per channel / per token). A row has
+ceil(cols / group_size) groups; when group_size does not divide cols the last one is short
+(its scale comes from its own values). The CUDA kernels take whole groups only: a layer with
+a short last group runs the plain-PyTorch reference on the GPU.
 """
 from typing import Optional, Tuple
 
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import _views
 from .._native import _C
-from ..formats import INTEGER_KERNEL_FORMATS, PER_TENSOR, FormatSpec, get_format
+from ..formats import INTEGER_KERNEL_FORMATS, PER_TENSOR, FormatSpec, get_format, has_short_group, num_groups
 from . import lowbit
 
 BACKENDS = {"auto": 0, "reference": 1, "native": 2, "onednn": 3}
@@ -26,14 +29,15 @@ def _groups(spec: FormatSpec, rows: int, cols: int, group_size: int) -> Tuple[in
         return 1, 1
     if group_size == cols:
         return rows, 1
-    if group_size <= 0 or cols % group_size:
+    if group_size <= 0:
         raise ValueError(
-            f"group_size {group_size} does not divide the row length {cols} "
-            f"(use {PER_TENSOR} for per-tensor, {cols} for per-row, or a divisor)"
+            f"group_size must be {PER_TENSOR} (per tensor) or a positive number of values per group, "
+            f"got {group_size} (row length {cols})"
         )
-    if spec.bits == 4 and group_size % 2:
+    groups = num_groups(cols, group_size)
+    if spec.bits == 4 and groups > 1 and group_size % 2:
         raise ValueError(f"group_size must be even for the packed format {spec.name}")
-    return rows, cols // group_size
+    return rows, groups
 
 
 def _check_float(x: torch.Tensor, what: str) -> None:
@@ -79,6 +83,8 @@ def _quantize(x: torch.Tensor, fmt: str, group_size: int) -> Tuple[torch.Tensor,
 
 @_quantize.register_kernel("cuda")
 def _quantize_cuda(x, fmt, group_size):
+    if has_short_group(x.shape[1], group_size):  # the CUDA kernel takes whole groups only
+        return quantize_reference(x, get_format(fmt), group_size)
     return _native_quantize(_C.cuda_quantize, x, fmt, group_size)
 
 
@@ -100,7 +106,7 @@ def quantize(x: torch.Tensor, fmt: str, group_size: int = PER_TENSOR, backend: s
     """Quantize a 2-D float tensor row by row. Returns (q, scales, zero_points or None).
 
     q is [rows, packed cols] (INT4: two codes per byte, low nibble first), scales fp32
-    [rows, cols / group_size] ([1, 1] per tensor), zero points uint8 of the same shape
+    [rows, ceil(cols / group_size)] ([1, 1] per tensor; the last group may be short), zero points uint8 of the same shape
     for the asymmetric formats.
     """
     spec = _integer_format(fmt)
@@ -131,7 +137,10 @@ def quantize_reference(x: torch.Tensor, spec: FormatSpec, group_size: int):
     if group_size == PER_TENSOR:
         grouped = xf.reshape(1, 1, -1)
     else:
-        grouped = xf.reshape(rows, scols, cols // scols if scols else 0)
+        gsize = min(group_size, cols) if scols else 0
+        # A short last group is padded with zeros: every group's range includes 0 anyway.
+        padded = F.pad(xf, (0, scols * gsize - cols)) if scols else xf
+        grouped = padded.reshape(rows, scols, gsize)
     zero = torch.zeros((), device=x.device)
     if grouped.numel():
         lo = torch.minimum(grouped.amin(-1), zero)
@@ -149,7 +158,7 @@ def quantize_reference(x: torch.Tensor, spec: FormatSpec, group_size: int):
     else:
         zp = torch.zeros_like(scales)
     expand = (lambda t: t.expand(rows, cols)) if group_size == PER_TENSOR else (
-        lambda t: t.repeat_interleave(cols // scols, dim=1) if scols else t[:, :0])
+        lambda t: _per_value(t, group_size, cols))
     codes = (torch.round(xf / expand(scales)) + expand(zp)).clamp(spec.qmin, spec.qmax).to(torch.int32)
     if spec.bits == 4:
         q = pack_int4(codes)
@@ -157,6 +166,13 @@ def quantize_reference(x: torch.Tensor, spec: FormatSpec, group_size: int):
         q = codes.to(spec.code_dtype)
     zps = zp.to(torch.uint8) if spec.has_zero_point else torch.empty(0, dtype=torch.uint8, device=x.device)
     return q, scales, zps
+
+
+def _per_value(t: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
+    """[rows, groups] per-group values -> [rows, cols], the last group possibly short."""
+    if not t.shape[1]:
+        return t[:, :0]
+    return t.repeat_interleave(min(group_size, cols), dim=1)[:, :cols]
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -196,6 +212,8 @@ def _dequantize(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor
 
 @_dequantize.register_kernel("cuda")
 def _dequantize_cuda(q, scales, zero_points, fmt, group_size, cols, dtype):
+    if has_short_group(cols, group_size):  # the CUDA kernel takes whole groups only
+        return dequantize_reference(q, scales, zero_points, get_format(fmt), group_size, cols).to(dtype)
     return _native_dequantize(_C.cuda_dequantize, q, scales, zero_points, fmt, group_size, cols, dtype)
 
 
@@ -232,8 +250,7 @@ def dequantize_reference(q, scales, zero_points, spec: FormatSpec, group_size: i
     if group_size == PER_TENSOR:
         s, z = scales.expand(rows, cols), zp.expand(rows, cols)
     else:
-        rep = cols // scales.shape[1] if scales.shape[1] else 0
-        s, z = scales.repeat_interleave(rep, dim=1), zp.repeat_interleave(rep, dim=1)
+        s, z = _per_value(scales, group_size, cols), _per_value(zp, group_size, cols)
     return (codes - z).float() * s
 
 
@@ -254,6 +271,9 @@ def _linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 @_linear_weight_only.register_kernel("cuda")
 def _linear_weight_only_cuda(x, qweight, scales, zero_points, bias, fmt, group_size, backend):
     M, K = x.shape
+    if has_short_group(K, group_size):  # the CUDA kernels take whole groups only
+        w = dequantize_reference(qweight, scales, zero_points, get_format(fmt), group_size, K)
+        return F.linear(x.float(), w, bias).to(x.dtype)
     N = qweight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     # Above the fused GEMV's batch limit the weight is dequantized here (in x's dtype) for cuBLAS.

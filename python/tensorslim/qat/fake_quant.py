@@ -17,6 +17,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..formats import FormatSpec
 from ..ops.binary import _row_mean, binary_scales, ternary_codes_scales
@@ -95,18 +96,27 @@ class IntFakeQuant(WeightFakeQuant):
     def __init__(self, spec: FormatSpec, group_size: int, weight: torch.Tensor, learnable: bool = False):
         super().__init__()
         out_features, in_features = weight.shape
-        if group_size <= 0 or in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        if group_size <= 0:  # any positive size: the last of ceil(in / group) groups may be short
+            raise ValueError(f"group_size must be positive, got {group_size}")
         self.spec, self.group_size, self.learnable = spec, group_size, learnable
         self.format_name = spec.name
         scale, zp = self._minmax(weight.detach())
         self.register_buffer("zero_point", zp)  # fixed (LSQ learns the scale only)
         if learnable:
             self.scale = nn.Parameter(scale)
-            self.g = lsq_gradient_scale(group_size, spec.qmax)
+            self.g = lsq_gradient_scale(min(group_size, in_features), spec.qmax)
 
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
-        return w.float().reshape(w.shape[0], -1, self.group_size)
+        """[out, in] -> [out, groups, group]; a short last group is padded with zeros, which
+        leave its range [min(w, 0), max(w, 0)] as it is (ungroup drops them again)."""
+        cols = w.shape[1]
+        gs = min(self.group_size, cols)
+        pad = -cols % gs if gs else 0
+        return F.pad(w.float(), (0, pad)).reshape(w.shape[0], -1, gs)
+
+    @staticmethod
+    def _ungroup(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return v.reshape(w.shape[0], -1)[:, :w.shape[1]]
 
     def _minmax(self, w: torch.Tensor):
         g = self._grouped(w)
@@ -133,12 +143,12 @@ class IntFakeQuant(WeightFakeQuant):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale, zp = self._scale_zp(w)
         q = self._codes(w, scale, zp)
-        return ((q - zp[..., None]) * scale[..., None]).reshape(w.shape).to(w.dtype)
+        return self._ungroup((q - zp[..., None]) * scale[..., None], w).to(w.dtype)
 
     @torch.no_grad()
     def export(self, w: torch.Tensor) -> Dict[str, torch.Tensor]:
         scale, zp = self._scale_zp(w)
-        codes = self._codes(w, scale, zp).reshape(w.shape).to(torch.int32)
+        codes = self._ungroup(self._codes(w, scale, zp), w).to(torch.int32)
         return {"codes": codes, "scales": scale.detach().clone(),
                 "zero_points": zp.to(torch.uint8) if self.spec.has_zero_point else None}
 

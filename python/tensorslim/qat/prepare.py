@@ -102,11 +102,8 @@ def _check_layer(cfg: Config, name: str, mod: nn.Linear) -> Optional[str]:
         return f"weight dtype {mod.weight.dtype} is not a float type"
     if mod.weight.device.type == "meta":
         return "weight is on the meta device (no data to train)"
-    group = getattr(cfg, "group_size", None)
-    if isinstance(cfg, _INT_CONFIGS) and group and mod.in_features % group:
-        return f"in_features {mod.in_features} is not a multiple of group_size {group}"
-    # Float formats (FP8 / NVFP4 / MXFP4): any in_features, a row's last block holds what is
-    # left (ceil(in / block) scales), as LowBitLinear packs it.
+    # Any in_features: integer configs keep ceil(in / group_size) groups and the float formats
+    # (FP8 / NVFP4 / MXFP4) ceil(in / block) blocks, the last one short, as the packed layers do.
     return None
 
 

@@ -231,9 +231,9 @@ def make_layer(linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
         if not spec.simulate:
             raise ValueError(f"format {spec.fmt} is not in the format table; "
                              f"known: {sorted(FORMATS)}")
-        rows, cols = codes.shape
-        c = codes.reshape(rows, cols // group, group).float()
-        w = ((c - zero_points.float()[..., None]) * scales[..., None]).reshape(rows, cols)
+        from ..ops import calibration as C  # the last group may be short
+
+        w = C.dequantize_codes(codes, scales, zero_points, group)
         if input_scale is not None:
             w = w * input_scale.to(w.device, w.dtype)[None, :]
         new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None,

@@ -16,8 +16,7 @@ from .registry import register_transform
 
 
 def _check(cfg, name: str, mod: nn.Linear) -> Optional[str]:
-    if cfg.group_size and mod.in_features % cfg.group_size:
-        return f"in_features {mod.in_features} is not a multiple of group_size {cfg.group_size}"
+    # Any width: ceil(in_features / group_size) groups, the last one short when need be.
     if not mod.weight.dtype.is_floating_point:
         return f"weight dtype {mod.weight.dtype} is not a float type"
     if mod.weight.device.type == "meta":
