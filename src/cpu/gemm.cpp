@@ -102,6 +102,9 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
   if (isa == Isa::kScalar) return false;
   const FormatInfo& info = format_info(fmt);
   const int64_t M = x.shape[0], K = x.shape[1];
+  // Past a few rows the GEMV re-decodes the weight too often: decode once, then a GEMM.
+  if (M > kNativeMaxRows)
+    return linear_weight_only_panels(x, qweight, scales, zero_points, bias, fmt, group_size, out);
   const int64_t step = info.bits == 4 ? 32 : 16;
   if (K == 0 || K % step != 0 || (group_size != K && group_size % step != 0)) return false;
   thread_local std::vector<float> xp;
