@@ -2,33 +2,39 @@
 
 For each (K, N) and batch M it prints the median time of each, the speed-up over fp32,
 and the fraction of the memory-bandwidth bound: (bytes the product must move) /
-(copy bandwidth measured in this run) divided by the measured time.
+(copy bandwidth measured in this run) divided by the measured time; then each backend that
+`auto` chooses between (our native kernels, oneDNN), so the dispatch rule can be read off.
+MiniLM's shapes: --shapes 384x384,384x1536,1536x384 --batches 1,8,16,32,160,640
 
-    python benchmarks/bench_linear.py [--shapes 4096x4096,4096x11008] [--batches 1,8,64]
+    python benchmarks/bench_linear.py [--shapes 4096x4096,4096x11008] [--batches 1,8,64] [--isa avx2]
 """
 import argparse
-import time
 
-import torch
-import torch.nn.functional as F
+from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
 
-import tensorslim as ts
-from tensorslim import ops
-from timing import copy_bandwidth, cpu_name, timeit
+cap_from_argv()  # before torch / tensorslim load: they read the ISA caps at start
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tensorslim import _C, ops  # noqa: E402
+from timing import copy_bandwidth, cpu_name, timeit  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x11008", help="KxN list")
     p.add_argument("--batches", default="1,8,64")
+    add_isa_argument(p)
     args = p.parse_args()
+    isa_line = check_isa(args)
     torch.manual_seed(0)
     bw = copy_bandwidth()
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
-          f"tensorslim ISA {ts._C.active_isa()}, {ts._C.num_threads()} tensorslim threads")
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {isa_line}, "
+          f"{_C.num_threads()} tensorslim threads")
     print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s\n")
     header = (f"{'K x N':>12} {'M':>3} | {'fp32 ms':>8} | {'int8 ms':>8} {'x fp32':>7} {'%bw':>5} "
-              f"| {'int4 ms':>8} {'x fp32':>7} {'%bw':>5} | {'int4 oneDNN ms':>14}")
+              f"| {'int4 ms':>8} {'x fp32':>7} {'%bw':>5} | native / oneDNN ms: {'int8':>15} {'int4':>15}")
     print(header)
     print("-" * len(header))
     for shape in args.shapes.split(","):
@@ -42,12 +48,20 @@ def main():
             t32 = timeit(lambda: F.linear(x, w))
             t8 = timeit(lambda: ops.linear_weight_only(x, *q8, None, "int8", K, K))
             t4 = timeit(lambda: ops.linear_weight_only(x, *q4, None, "int4", 128, K))
-            t4d = timeit(lambda: ops.linear_weight_only(x, *q4, None, "int4", 128, K, backend="onednn"))
+            backends = {}
+            for name, q, fmt, g in (("int8", q8, "int8", K), ("int4", q4, "int4", 128)):
+                for be in ("native", "onednn"):
+                    try:
+                        backends[name, be] = timeit(
+                            lambda: ops.linear_weight_only(x, *q, None, fmt, g, K, backend=be))
+                    except ValueError:  # no kernel of that backend takes this shape
+                        backends[name, be] = float("nan")
             b8 = N * K + 4 * N + act_bytes
             b4 = N * K // 2 + 4 * N * K // 128 + act_bytes
             print(f"{K:>5} x {N:<5} {M:>3} | {t32 * 1e3:8.3f} | {t8 * 1e3:8.3f} {t32 / t8:6.2f}x "
                   f"{100 * b8 / bw / t8:4.0f}% | {t4 * 1e3:8.3f} {t32 / t4:6.2f}x {100 * b4 / bw / t4:4.0f}% "
-                  f"| {t4d * 1e3:14.3f}")
+                  f"| {'':19}" + "".join(f"{backends[n, 'native'] * 1e3:7.3f} / {backends[n, 'onednn'] * 1e3:5.3f} "
+                                         for n in ("int8", "int4")))
 
 
 if __name__ == "__main__":

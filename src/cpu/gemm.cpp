@@ -110,6 +110,9 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
   if (isa == Isa::kScalar) return false;
   const FormatInfo& info = format_info(fmt);
   const int64_t M = x.shape[0], K = x.shape[1];
+  // Past a few rows the GEMV re-decodes the weight too often: decode once, then a GEMM.
+  if (M > kNativeMaxRows)
+    return linear_weight_only_panels(x, qweight, scales, zero_points, bias, fmt, group_size, out);
   if (!native_fits(info, K, group_size)) return false;
   thread_local std::vector<float> xp;
   pack_activations(x, info.bits == 4, xp);

@@ -30,5 +30,12 @@ void pack_activations(const TensorView& x, bool deinterleave, std::vector<float>
 void linear_weight_only_avx512(const WeightOnlyProblem& p, Format fmt, int64_t M);
 void linear_weight_only_avx2(const WeightOnlyProblem& p, Format fmt, int64_t M);
 
+// Compute-bound batches: the weight decoded once per call, panel by panel (panel_gemm.h), any
+// K and group. False when the active ISA has no vector kernel.
+bool linear_weight_only_panels(const TensorView& x, const TensorView& qweight,
+                               const TensorView& scales, const TensorView* zero_points,
+                               const TensorView* bias, Format fmt, int64_t group_size,
+                               const TensorView& out);
+
 }  // namespace cpu
 }  // namespace tensorslim

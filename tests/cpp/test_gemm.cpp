@@ -79,8 +79,10 @@ TEST(LinearWeightOnly, EveryBackendMatchesFloat64) {
                                  w.asym ? &w.zv : nullptr, &bv, fmt, group,
                                  view2(out.data(), DType::kFloat32, M, N), be);
             };
+            // Past 8 rows the native path is the panel GEMM, which takes any K and group.
             const bool native_fits = cpu::active_isa() >= cpu::Isa::kAVX2 &&
-                                     (format_info(fmt).bits == 8 || group >= K || group % 32 == 0);
+                                     (M > 8 || format_info(fmt).bits == 8 || group >= K ||
+                                      group % 32 == 0);
             if (be == GemmBackend::kNative && !native_fits) {
               EXPECT_THROW(run(), ValueError);
               continue;

@@ -1,0 +1,33 @@
+// A GEMM whose weight is decoded on the fly, one panel of output rows at a time, for the
+// batches where a product is compute-bound (the GEMV kernels re-decode the weight for every
+// few activation rows; here each weight value is decoded once per call and then used by
+// every activation row through a register-blocked fp32 micro-kernel).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace tensorslim {
+namespace cpu {
+
+struct PanelGemmProblem {
+  const float* x;  // [M, K] fp32, row stride ldx
+  int64_t ldx;
+  int64_t M, N, K;
+  // Writes weight rows [n0, n0 + rows) as fp32 into dst, row-major with row stride K.
+  // Called from worker threads, on disjoint rows.
+  std::function<void(int64_t n0, int64_t rows, float* dst)> decode;
+  const float* bias;  // [N] or nullptr
+  void* out;          // [M, ldo] f32, or bf16 bits when out_bf16
+  int64_t ldo;
+  bool out_bf16;
+};
+
+// out = x @ W^T + bias with the active ISA's micro-kernel; false when the active ISA has
+// none (scalar), so the caller falls back.
+bool panel_gemm(const PanelGemmProblem& p);
+void panel_gemm_avx2(const PanelGemmProblem& p);
+void panel_gemm_avx512(const PanelGemmProblem& p);
+
+}  // namespace cpu
+}  // namespace tensorslim

@@ -1,0 +1,123 @@
+// The loops of panel_gemm shared by panel_gemm_avx2.cpp and panel_gemm_avx512.cpp (included
+// by those files only, so each instantiation gets its ISA's flags). A vector type V provides
+// Vec, kLanes, zero(), load(p), broadcast(p), fma(a, b, c) = a * b + c and store(p, v).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "half.h"
+#include "panel_gemm.h"
+#include "parallel.h"
+
+namespace tensorslim {
+namespace cpu {
+
+// src [8 rows, stride ls] -> dst [8 rows, stride ld] transposed, in AVX registers (both
+// ISAs that include this file have AVX2).
+inline void transpose8x8(const float* src, int64_t ls, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ls);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      r[i + j] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0x44);
+      r[i + j + 2] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0xEE);
+    }
+  // r[0..3] hold columns 0, 2, 1, 3 of rows 0-3 (per 128-bit half), r[4..7] those of rows 4-7.
+  const int order[4] = {0, 2, 1, 3};
+  for (int c = 0; c < 4; ++c) {
+    const __m256 a = r[order[c]], b = r[4 + order[c]];
+    _mm256_storeu_ps(dst + c * ld, _mm256_permute2f128_ps(a, b, 0x20));
+    _mm256_storeu_ps(dst + (c + 4) * ld, _mm256_permute2f128_ps(a, b, 0x31));
+  }
+}
+
+// rows [nr][K] row-major -> packed [K][NR], columns nr..NR-1 zero (a partial last panel).
+template <int NR>
+void pack_panel(const float* rows, int64_t nr, int64_t K, float* packed) {
+  const int64_t k8 = nr == NR ? K / 8 * 8 : 0;
+  for (int64_t k = 0; k < k8; k += 8)
+    for (int j = 0; j < NR; j += 8) transpose8x8(rows + j * K + k, K, packed + k * NR + j, NR);
+  for (int64_t k = k8; k < K; ++k) {
+    float* dst = packed + k * NR;
+    for (int64_t j = 0; j < nr; ++j) dst[j] = rows[j * K + k];
+    for (int64_t j = nr; j < NR; ++j) dst[j] = 0.0f;
+  }
+}
+
+// The micro-kernel: c[MB][2 * kLanes] = x[MB rows] @ b, b packed [K][2 * kLanes]. 2 * MB
+// accumulators; per k one packed weight row (two vectors) and MB broadcast activations.
+template <class V, int MB>
+void panel_micro(const float* x, int64_t ldx, const float* b, int64_t K, float* c) {
+  constexpr int NR = 2 * V::kLanes;
+  typename V::Vec acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    const typename V::Vec b0 = V::load(b + k * NR), b1 = V::load(b + k * NR + V::kLanes);
+    for (int m = 0; m < MB; ++m) {
+      const typename V::Vec a = V::broadcast(x + m * ldx + k);
+      acc[m][0] = V::fma(a, b0, acc[m][0]);
+      acc[m][1] = V::fma(a, b1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    V::store(c + m * NR, acc[m][0]);
+    V::store(c + m * NR + V::kLanes, acc[m][1]);
+  }
+}
+
+// Six activation rows per micro-tile: 12 accumulators + 2 weight vectors + 1 broadcast
+// fit AVX2's 16 registers.
+constexpr int kPanelRows = 6;
+
+template <class V>
+void panel_micro_any(int mb, const float* x, int64_t ldx, const float* b, int64_t K, float* c) {
+  switch (mb) {
+    case 1: return panel_micro<V, 1>(x, ldx, b, K, c);
+    case 2: return panel_micro<V, 2>(x, ldx, b, K, c);
+    case 3: return panel_micro<V, 3>(x, ldx, b, K, c);
+    case 4: return panel_micro<V, 4>(x, ldx, b, K, c);
+    case 5: return panel_micro<V, 5>(x, ldx, b, K, c);
+    default: return panel_micro<V, kPanelRows>(x, ldx, b, K, c);
+  }
+}
+
+template <class V>
+void panel_gemm_run(const PanelGemmProblem& p) {
+  constexpr int NR = 2 * V::kLanes, MR = kPanelRows;
+  const int64_t panels = (p.N + NR - 1) / NR;
+  parallel_for(panels, 1, [&](int64_t b, int64_t e) {
+    // Per thread: the decoded rows and their packed copy (K * NR floats each, L1/L2 sized).
+    thread_local std::vector<float> rows, packed;
+    rows.resize(NR * p.K);
+    packed.resize(NR * p.K);
+    for (int64_t panel = b; panel < e; ++panel) {
+      const int64_t n0 = panel * NR, nr = std::min<int64_t>(NR, p.N - n0);
+      p.decode(n0, nr, rows.data());
+      pack_panel<NR>(rows.data(), nr, p.K, packed.data());
+      for (int64_t m0 = 0; m0 < p.M; m0 += MR) {
+        const int mb = static_cast<int>(std::min<int64_t>(MR, p.M - m0));
+        alignas(64) float tile[MR * NR];
+        panel_micro_any<V>(mb, p.x + m0 * p.ldx, p.ldx, packed.data(), p.K, tile);
+        for (int m = 0; m < mb; ++m)
+          for (int64_t j = 0; j < nr; ++j) {
+            const float y = tile[m * NR + j] + (p.bias ? p.bias[n0 + j] : 0.0f);
+            const int64_t off = (m0 + m) * p.ldo + n0 + j;
+            if (p.out_bf16)
+              static_cast<uint16_t*>(p.out)[off] = float_to_bf16(y);
+            else
+              static_cast<float*>(p.out)[off] = y;
+          }
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
