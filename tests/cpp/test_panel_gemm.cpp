@@ -1,7 +1,7 @@
 // The decode-once panel GEMM behind linear_weight_only's native path at M > 8: every ISA
 // against a float64 product of the exactly dequantized weight, on shapes that exercise the
-// partial micro-tiles (M % 6), partial panels (N % 16, N % 32), K tails (K % 8) and strided
-// activation rows.
+// partial micro-tiles (M % 6), partial panels (N % 16, N % 32), K tails (K % 8), short last
+// groups and strided activation rows.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -32,7 +32,7 @@ Weight quantized(Format fmt, int64_t N, int64_t K, int64_t group) {
   Weight w;
   w.asym = f.has_zero_point;
   const std::vector<float> x = random_weights(N * K, 7);
-  const int64_t groups = K / group, row_bytes = packed_row_bytes(f, K);
+  const int64_t groups = (K + group - 1) / group, row_bytes = packed_row_bytes(f, K);
   w.q.resize(N * row_bytes);
   w.scales.resize(N * groups);
   w.zps.resize(N * groups);
@@ -88,7 +88,8 @@ TEST(PanelGemm, EveryIsaMatchesFloat64) {
     IsaScope scope(isa);
     for (Format fmt : {Format::kInt8, Format::kUInt8, Format::kInt4, Format::kUInt4}) {
       struct Shape { int64_t K, group; };
-      for (Shape s : {Shape{384, 128}, Shape{384, 384}, Shape{100, 100}, Shape{96, 32}, Shape{2, 2}}) {
+      for (Shape s : {Shape{384, 128}, Shape{384, 384}, Shape{100, 100}, Shape{96, 32}, Shape{2, 2},
+                       Shape{576, 128}, Shape{100, 32}})  // the last two end in a short group {
         for (int64_t N : {48, 37, 1}) {
           const Weight w = quantized(fmt, N, s.K, s.group);
           for (int64_t M : {9, 13, 64}) {
