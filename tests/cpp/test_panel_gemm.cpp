@@ -89,7 +89,7 @@ TEST(PanelGemm, EveryIsaMatchesFloat64) {
     for (Format fmt : {Format::kInt8, Format::kUInt8, Format::kInt4, Format::kUInt4}) {
       struct Shape { int64_t K, group; };
       for (Shape s : {Shape{384, 128}, Shape{384, 384}, Shape{100, 100}, Shape{96, 32}, Shape{2, 2},
-                       Shape{576, 128}, Shape{100, 32}})  // the last two end in a short group {
+                       Shape{576, 128}, Shape{100, 32}}) {  // the last two end in a short group
         for (int64_t N : {48, 37, 1}) {
           const Weight w = quantized(fmt, N, s.K, s.group);
           for (int64_t M : {9, 13, 64}) {
