@@ -96,6 +96,9 @@ def calibrate_split(build_model, method: str, group: int, calib):
 
 
 def run_split(build_model, calib, group: int, methods=("gptq", "awq"), repeats: int = 1):
+    # The first call of any torch.library custom op in a process imports torch._dynamo (seconds,
+    # once): not calibration's cost, so it happens before the clock starts.
+    import torch._dynamo  # noqa: F401
     model = build_model()
     fwd = plain_forward(model, calib)
     del model
