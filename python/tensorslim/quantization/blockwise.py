@@ -258,8 +258,9 @@ class FloatReference:
     inputs: Inputs
 
 
-# quantize_block(block, targets {local name: Linear}, inputs, edits[, reference])
-#   -> {local name: (new, note)}; reference is given only when the pipeline keeps one.
+# quantize_block(block, targets {local name: Linear}, inputs, edits[, reference][, outputs=list])
+#   -> {local name: (new, note)}; reference is given only when the pipeline keeps one, outputs
+#   only with float_outputs (see calibrate_blockwise).
 BlockFn = Callable[..., Dict[str, Tuple[nn.Module, str]]]
 
 
