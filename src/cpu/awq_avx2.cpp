@@ -1,5 +1,5 @@
 // AVX2 + FMA kernels of the AWQ searches (twin of awq_avx512.cpp). Quadratic forms: Y = D G
-// computed 4 rows x 16 columns at a time in registers (a 16-column strip of G, K x 64 bytes,
+// computed 6 rows x 16 columns at a time in registers (a 16-column strip of G, K x 64 bytes,
 // stays in L2 across row tiles), each strip folded into sum_j Y[r, j] d[r, j] at once, so Y
 // is never stored. With a folded upper triangle, strip j only reads G's rows i < j + 16.
 // No Eigen here: this file has its own instruction-set flags.
@@ -50,7 +50,7 @@ void quad_forms_avx2(const float* d, int64_t nr, int64_t K, int64_t ldd, const f
   for (; j + kStrip <= K; j += kStrip) {
     const int64_t iend = upper ? j + kStrip : K;
     int64_t r = 0;
-    for (; r + 4 <= nr; r += 4) strip<4>(d + r * ldd, ldd, iend, g, ldg, j, out + r);
+    for (; r + 6 <= nr; r += 6) strip<6>(d + r * ldd, ldd, iend, g, ldg, j, out + r);
     for (; r < nr; ++r) strip<1>(d + r * ldd, ldd, iend, g, ldg, j, out + r);
   }
   for (; j < K; ++j)  // a last partial strip, scalar

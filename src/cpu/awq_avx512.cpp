@@ -1,5 +1,5 @@
 // AVX-512 kernels of the AWQ searches (twin of awq_avx2.cpp, one vector width up). Quadratic
-// forms: Y = D G computed 4 rows x 32 columns at a time in registers (a 32-column strip of G,
+// forms: Y = D G computed 6 rows x 32 columns at a time in registers (a 32-column strip of G,
 // K x 128 bytes, stays in L2 across row tiles), each strip folded into sum_j Y[r, j] d[r, j]
 // at once, so Y is never stored. With a folded upper triangle, strip j only reads G's rows
 // i < j + 32.
@@ -51,7 +51,7 @@ void quad_forms_avx512(const float* d, int64_t nr, int64_t K, int64_t ldd, const
   for (; j + kStrip <= K; j += kStrip) {
     const int64_t iend = upper ? j + kStrip : K;
     int64_t r = 0;
-    for (; r + 4 <= nr; r += 4) strip<4>(d + r * ldd, ldd, iend, g, ldg, j, out + r);
+    for (; r + 6 <= nr; r += 6) strip<6>(d + r * ldd, ldd, iend, g, ldg, j, out + r);
     for (; r < nr; ++r) strip<1>(d + r * ldd, ldd, iend, g, ldg, j, out + r);
   }
   for (; j < K; ++j)  // a last partial strip, scalar
