@@ -16,6 +16,13 @@ memory of the block-by-block pipeline against the model's size, measured in one 
    activations.
 
     python benchmarks/bench_calibration.py [--eval-tokens 16384] [--calib 32] [--layers 6 --width 512]
+
+3. --split (only this): plain forward time over N x 512 calibration tokens of a width-576 LLaMA
+   (4 blocks, N = 16 unless --layers / --calib / --seq say otherwise), and per method (GPTQ, AWQ
+   INT4, --group 64) the calibration time, its ratio to that forward time and its split into
+   block forwards, statistics, search / solve and the rest (calib_split.py).
+
+    python benchmarks/bench_calibration.py --split [--calib 16] [--layers 4] [--threads 1]
 """
 import argparse
 import copy
@@ -140,11 +147,11 @@ def core_speed(rows: int, cols: int, tokens: int = 2048):
 # ---------------------------------------------------------------- memory table
 
 
-def _big_llama(layers: int, width: int):
+def _big_llama(layers: int, width: int, intermediate: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=width * 3,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=intermediate or width * 3,
                       num_hidden_layers=layers, num_attention_heads=width // 64,
                       num_key_value_heads=width // 64, max_position_embeddings=512, use_cache=False)
     return LlamaForCausalLM(cfg).eval()
@@ -195,6 +202,18 @@ def memory(layers: int, width: int, n_calib: int, seq: int):
         print(f"{what:<28} {r['peak_extra'] / 2**20:>13.0f} MiB {r['peak_extra'] / mb:>13.2f} {r['seconds']:>8.1f}")
 
 
+def split(args):
+    """Width 576 (9 heads, intermediate 1536), --layers blocks (4 unless given), N x 512 tokens."""
+    from calib_split import run_split
+
+    layers = args.layers if args.layers != 6 else 4
+    seq = args.seq if args.seq != 128 else 512
+    n = args.calib if args.calib != 32 else 16
+    calib = [torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    print(f"LLaMA {layers} layers, width 576, intermediate 1536, INT4 g{args.group}")
+    run_split(lambda: _big_llama(layers, 576, 1536), calib, args.group)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -207,8 +226,14 @@ def main():
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-cores", action="store_true")
     ap.add_argument("--memory-child", default=None)
+    ap.add_argument("--split", action="store_true",
+                    help="only the time split of GPTQ / AWQ calibration (see calib_split.py)")
+    ap.add_argument("--group", type=int, default=64)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.split:
+        split(args)
+        return
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.layers, args.width, args.calib, args.seq)))
         return

@@ -1,7 +1,8 @@
 // AWQ's searches on the CPU: every candidate (a scale exponent, or a clip ratio per group)
 // is quantized with the fp32 round-to-nearest rules and scored by the output error it
 // causes, d^T G d with G the inputs' Gram matrix; rows run in parallel in chunks, and each
-// chunk's quadratic forms come from the AVX2 kernel (awq_avx2.cpp) or, on older CPUs, one
+// chunk's quadratic forms come from the AVX-512 / AVX2 kernels (awq_avx512.cpp,
+// awq_avx2.cpp: half the multiply-adds, on G's folded upper triangle) or, on older CPUs, one
 // Eigen (SSE2, cache-blocked) matrix product D G.
 #include "tensorslim/awq.h"
 
@@ -25,6 +26,10 @@ using RowMatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowM
 // Quantize-dequantize n values with the group's range [lo, hi] shrunk by `ratio`.
 void fake_quant(const float* v, float* out, int64_t n, const IntGrid& grid, bool symmetric,
                 float ratio) {
+  if (cpu::active_isa() >= cpu::Isa::kAVX512) {
+    cpu::fake_quant_avx512(v, out, n, grid.qmin, grid.qmax, grid.divisor, symmetric, ratio);
+    return;
+  }
   if (cpu::active_isa() >= cpu::Isa::kAVX2) {
     cpu::fake_quant_avx2(v, out, n, grid.qmin, grid.qmax, grid.divisor, symmetric, ratio);
     return;
@@ -62,11 +67,30 @@ void check_common(const TensorView& w, const TensorView& g, const AwqQuant& q, c
                  name + ": group_size must be positive, got " + std::to_string(q.group_size));
 }
 
-// out[r] = d_r^T G d_r; G (K x K, symmetric) starts at g with leading dimension ldg.
-void quad_forms(const RowMatF& d, const float* g, int64_t ldg, double* out) {
+// G's folded upper triangle: d^T G d = sum_i G_ii d_i^2 + sum_{i<j} 2 G_ij d_i d_j, so the
+// vector kernels read only i <= j (doubling is exact in float). Any diagonal block of the
+// folded matrix is the folded diagonal block of G (the clip search's per-group blocks).
+std::vector<float> fold_upper(const std::vector<float>& g, int64_t K) {
+  std::vector<float> u(K * K, 0.0f);
+  for (int64_t i = 0; i < K; ++i) {
+    u[i * K + i] = g[i * K + i];
+    for (int64_t j = i + 1; j < K; ++j) u[i * K + j] = 2.0f * g[i * K + j];
+  }
+  return u;
+}
+
+bool vector_isa() { return cpu::active_isa() >= cpu::Isa::kAVX2; }
+
+// out[r] = d_r^T G d_r. G (K x K, symmetric) starts at g with leading dimension ldg; gu is the
+// same block of the folded upper triangle (read by the vector kernels only).
+void quad_forms(const RowMatF& d, const float* g, const float* gu, int64_t ldg, double* out) {
   const int64_t K = d.cols();
+  if (cpu::active_isa() >= cpu::Isa::kAVX512) {
+    cpu::quad_forms_avx512(d.data(), d.rows(), K, K, gu, ldg, out, true);
+    return;
+  }
   if (cpu::active_isa() >= cpu::Isa::kAVX2) {
-    cpu::quad_forms_avx2(d.data(), d.rows(), K, K, g, ldg, out);
+    cpu::quad_forms_avx2(d.data(), d.rows(), K, K, gu, ldg, out, true);
     return;
   }
   // Baseline: one Eigen matrix product for the chunk (SSE2 SIMD, cache-blocked).
@@ -104,6 +128,7 @@ int64_t awq_search_scale(const TensorView& w, const TensorView& g, const TensorV
   const IntGrid grid = int_grid(q.bits, q.symmetric);
 
   const std::vector<float> W = load(w), A = load(act), Gv = load(g);
+  const std::vector<float> Gu = vector_isa() ? fold_upper(Gv, cols) : std::vector<float>();
   std::vector<float> s(cols);
   std::vector<double> row_loss(rows);
   int64_t best = 0;
@@ -126,7 +151,7 @@ int64_t awq_search_scale(const TensorView& w, const TensorView& g, const TensorV
                      1.0f);
         for (int64_t j = 0; j < cols; ++j) d(r - r0, j) = row[j] - deq[j] / s[j];
       }
-      quad_forms(d, Gv.data(), cols, &row_loss[r0]);
+      quad_forms(d, Gv.data(), Gu.data(), cols, &row_loss[r0]);
     });
     double total = 0.0;
     for (double l : row_loss) total += l;
@@ -156,6 +181,7 @@ void awq_search_clip(const TensorView& w, const TensorView& g, const AwqQuant& q
                  "awq_search_clip: outputs must be contiguous");
   const IntGrid grid = int_grid(q.bits, q.symmetric);
   const std::vector<float> W = load(w), Gv = load(g);
+  const std::vector<float> Gu = vector_isa() ? fold_upper(Gv, cols) : std::vector<float>();
   float* bp = best_ratio.ptr<float>();
   float* lp = losses.ptr<float>();
 
@@ -174,7 +200,8 @@ void awq_search_clip(const TensorView& w, const TensorView& g, const AwqQuant& q
           fake_quant(v, deq.data(), len, grid, q.symmetric, ratio);
           for (int64_t j = 0; j < len; ++j) d(r - r0, j) = v[j] - deq[j];
         }
-        quad_forms(d, Gv.data() + k * gs * cols + k * gs, cols, qf.data());
+        const int64_t off = k * gs * cols + k * gs;
+        quad_forms(d, Gv.data() + off, Gu.empty() ? nullptr : Gu.data() + off, cols, qf.data());
         for (int64_t r = r0; r < r1; ++r) lp[(r * groups + k) * n_ratios + i] = static_cast<float>(qf[r - r0]);
       }
       for (int64_t r = r0; r < r1; ++r) {

@@ -1,6 +1,7 @@
-// AVX2 + FMA quadratic forms for the AWQ searches: Y = D G computed 4 rows x 16 columns at a
-// time in registers (a 16-column strip of G, K x 64 bytes, stays in L2 across row tiles),
-// each strip folded into sum_j Y[r, j] d[r, j] at once, so Y is never stored.
+// AVX2 + FMA kernels of the AWQ searches (twin of awq_avx512.cpp). Quadratic forms: Y = D G
+// computed 6 rows x 16 columns at a time in registers (a 16-column strip of G, K x 64 bytes,
+// stays in L2 across row tiles), each strip folded into sum_j Y[r, j] d[r, j] at once, so Y
+// is never stored. With a folded upper triangle, strip j only reads G's rows i < j + 16.
 // No Eigen here: this file has its own instruction-set flags.
 #include <immintrin.h>
 
@@ -13,11 +14,14 @@ namespace tensorslim {
 namespace cpu {
 namespace {
 
+constexpr int64_t kStrip = 16;  // columns per strip: two vectors
+
+// Rows [0, iend) of the strip's columns [j, j + 16), for R rows of d.
 template <int R>
-void strip(const float* d, int64_t ldd, int64_t K, const float* g, int64_t ldg, int64_t j, double* out) {
+void strip(const float* d, int64_t ldd, int64_t iend, const float* g, int64_t ldg, int64_t j, double* out) {
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < K; ++i) {
+  for (int64_t i = 0; i < iend; ++i) {
     const float* gi = g + i * ldg + j;
     const __m256 g0 = _mm256_loadu_ps(gi), g1 = _mm256_loadu_ps(gi + 8);
     for (int r = 0; r < R; ++r) {
@@ -26,13 +30,13 @@ void strip(const float* d, int64_t ldd, int64_t K, const float* g, int64_t ldg, 
       acc[r][1] = _mm256_fmadd_ps(b, g1, acc[r][1]);
     }
   }
-  alignas(32) float prod[16];
+  alignas(32) float prod[kStrip];
   for (int r = 0; r < R; ++r) {
     const float* dr = d + r * ldd + j;
     _mm256_store_ps(prod, _mm256_mul_ps(acc[r][0], _mm256_loadu_ps(dr)));
     _mm256_store_ps(prod + 8, _mm256_mul_ps(acc[r][1], _mm256_loadu_ps(dr + 8)));
     double s = 0.0;
-    for (int k = 0; k < 16; ++k) s += prod[k];
+    for (int k = 0; k < kStrip; ++k) s += prod[k];
     out[r] += s;
   }
 }
@@ -40,18 +44,19 @@ void strip(const float* d, int64_t ldd, int64_t K, const float* g, int64_t ldg, 
 }  // namespace
 
 void quad_forms_avx2(const float* d, int64_t nr, int64_t K, int64_t ldd, const float* g,
-                     int64_t ldg, double* out) {
+                     int64_t ldg, double* out, bool upper) {
   for (int64_t r = 0; r < nr; ++r) out[r] = 0.0;
   int64_t j = 0;
-  for (; j + 16 <= K; j += 16) {
+  for (; j + kStrip <= K; j += kStrip) {
+    const int64_t iend = upper ? j + kStrip : K;
     int64_t r = 0;
-    for (; r + 4 <= nr; r += 4) strip<4>(d + r * ldd, ldd, K, g, ldg, j, out + r);
-    for (; r < nr; ++r) strip<1>(d + r * ldd, ldd, K, g, ldg, j, out + r);
+    for (; r + 6 <= nr; r += 6) strip<6>(d + r * ldd, ldd, iend, g, ldg, j, out + r);
+    for (; r < nr; ++r) strip<1>(d + r * ldd, ldd, iend, g, ldg, j, out + r);
   }
   for (; j < K; ++j)  // a last partial strip, scalar
     for (int64_t r = 0; r < nr; ++r) {
       float y = 0.0f;
-      for (int64_t i = 0; i < K; ++i) y += d[r * ldd + i] * g[i * ldg + j];
+      for (int64_t i = 0; i < (upper ? j + 1 : K); ++i) y += d[r * ldd + i] * g[i * ldg + j];
       out[r] += static_cast<double>(y) * d[r * ldd + j];
     }
 }

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "gptq_kernels.h"
 #include "hessian.h"
 #include "parallel.h"
 #include "tensorslim/quantize.h"
@@ -66,6 +67,13 @@ void check_args(const TensorView& w, const TensorView& h, const GptqOptions& opt
   check_shape2(scales, rows, groups, "scales");
   check_dtype(zps, DType::kUInt8, "zero_points");
   check_shape2(zps, rows, groups, "zero_points");
+}
+
+// y[0, n) -= a * x[0, n), on the active ISA.
+void axpy(cpu::Isa isa, double* y, const double* x, double a, int64_t n) {
+  if (isa >= cpu::Isa::kAVX512) return cpu::gptq_axpy_avx512(y, x, a, n);
+  if (isa >= cpu::Isa::kAVX2) return cpu::gptq_axpy_avx2(y, x, a, n);
+  for (int64_t j = 0; j < n; ++j) y[j] -= a * x[j];
 }
 
 }  // namespace
@@ -124,6 +132,7 @@ GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOpt
   const int64_t block = static_groups ? opt.block_size : (opt.block_size + g - 1) / g * g;
   std::vector<double> row_loss(rows, 0.0);
   int32_t* cp = codes.ptr<int32_t>();
+  const cpu::Isa isa = cpu::active_isa();
 
   cpu::parallel_for(rows, 8, [&](int64_t r0, int64_t r1) {
     const int64_t nr = r1 - r0;
@@ -146,11 +155,18 @@ GptqResult gptq_quantize(const TensorView& w, const TensorView& h, const GptqOpt
           cp[r * codes.stride(0) + orig * codes.stride(1)] = static_cast<int32_t>(c);
           const double e = (wv - q) / d;
           row_loss[r] += e * e / 2.0;
-          for (int64_t j = i + 1; j < i2; ++j) row[j] -= e * urow[j];
+          axpy(isa, row + i + 1, urow + i + 1, e, i2 - i - 1);
           err(r - r0, i - i1) = e;
         }
       }
-      if (i2 < cols)
+      if (i2 >= cols) continue;
+      // L is column-major: its columns i1.. from row i2 are the rows of U's block.
+      const double* u = L.data() + i1 * cols + i2;
+      if (isa >= cpu::Isa::kAVX512)
+        cpu::gptq_update_avx512(&W(r0, i2), cols, err.data(), block, u, cols, nr, cols - i2, nb);
+      else if (isa >= cpu::Isa::kAVX2)
+        cpu::gptq_update_avx2(&W(r0, i2), cols, err.data(), block, u, cols, nr, cols - i2, nb);
+      else
         W.block(r0, i2, nr, cols - i2).noalias() -=
             err.leftCols(nb) * L.block(i2, i1, cols - i2, nb).transpose();
     }

@@ -1,6 +1,7 @@
 // The damped inverse-Hessian factor that GPTQ and SparseGPT share.
 #include "hessian.h"
 
+#include <algorithm>
 #include <string>
 
 #include "tensorslim/status.h"
@@ -36,23 +37,30 @@ void drop_dead_inputs(Eigen::MatrixXd* H, RowMat* W) {
 }
 
 double inverse_cholesky(const Eigen::MatrixXd& H, double frac, Eigen::MatrixXd* L, const char* op) {
+  // With J the reversal permutation and J (H + damp) J = M M^T (M lower), (H + damp)^-1 =
+  // (J M^-T J)(J M^-1 J): L = J M^-T J is lower with a positive diagonal, so it is the
+  // Cholesky factor of the inverse. One factorization and one triangular inverse instead
+  // of a factorization, a full inverse and a second factorization (a fifth of the flops).
   const int64_t n = H.rows();
   const double mean_diag = H.diagonal().mean();
-  Eigen::MatrixXd scratch(n, n);
+  Eigen::MatrixXd M(n, n);
   for (int attempt = 0; attempt < 12; ++attempt) {
-    *L = H;
-    L->diagonal().array() += frac * mean_diag;
-    Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(*L);  // in place: *L holds the factor
+    M = H.reverse();  // J H J
+    M.diagonal().array() += frac * mean_diag;
+    Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(M);  // in place: M's lower triangle holds the factor
     if (llt.info() == Eigen::Success) {
-      scratch.setIdentity();
-      llt.matrixL().solveInPlace(scratch);                                  // C^-1
-      L->noalias() = scratch.transpose() * scratch;                        // (H + damp)^-1
-      L->triangularView<Eigen::StrictlyUpper>() = L->transpose();          // exact symmetry
-      Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt_inv(*L);
-      if (llt_inv.info() == Eigen::Success) {
-        L->triangularView<Eigen::StrictlyUpper>().setZero();
-        return frac;
+      // M^-1 (lower) by column panels: panel j solves M[j:, j:] X = I[j:, j:j+b], the rows
+      // above it being zero; a third of the flops of one solve against the whole identity.
+      L->setIdentity(n, n);
+      constexpr int64_t kPanel = 128;
+      for (int64_t j = 0; j < n; j += kPanel) {
+        const int64_t b = std::min(kPanel, n - j);
+        M.bottomRightCorner(n - j, n - j).triangularView<Eigen::Lower>().solveInPlace(
+            L->block(j, j, n - j, b));
       }
+      L->triangularView<Eigen::StrictlyUpper>().setZero();
+      *L = L->reverse().transpose().eval();  // J M^-T J: lower
+      if (L->allFinite() && (L->diagonal().array() > 0.0).all()) return frac;
     }
     frac = frac > 0.0 ? frac * 10.0 : 1e-6;
   }

@@ -215,25 +215,96 @@ TEST(AwqCore, Avx2FakeQuantIsBitExact) {
         }
 }
 
-TEST(AwqCore, Avx2QuadraticFormsMatchDouble) {
-  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
-  for (int64_t K : {16, 128, 200}) {  // 200: a partial last strip
-    const int64_t nr = 7, ldg = K + 3;
-    std::vector<float> d = random_weights(nr * K, 9), a = random_weights(K * K, 10), g(K * ldg);
-    for (int64_t i = 0; i < K; ++i)  // symmetric G = A + A^T
-      for (int64_t j = 0; j < K; ++j) g[i * ldg + j] = a[i * K + j] + a[j * K + i];
-    std::vector<double> out(nr);
-    cpu::quad_forms_avx2(d.data(), nr, K, K, g.data(), ldg, out.data());
-    for (int64_t r = 0; r < nr; ++r) {
-      double ref = 0, mag = 0;
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < K; ++j) {
-          const double t = double(d[r * K + i]) * g[i * ldg + j] * d[r * K + j];
-          ref += t;
-          mag += std::fabs(t);
+// Both vector kernels (AVX2, and AVX-512 where the machine has it), full and folded-upper G.
+TEST(AwqCore, VectorQuadraticFormsMatchDouble) {
+  using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, double*, bool);
+  std::vector<std::pair<cpu::Isa, Kernel>> kernels;
+  if (cpu::best_isa() >= cpu::Isa::kAVX2) kernels.push_back({cpu::Isa::kAVX2, cpu::quad_forms_avx2});
+  if (cpu::best_isa() >= cpu::Isa::kAVX512) kernels.push_back({cpu::Isa::kAVX512, cpu::quad_forms_avx512});
+  if (kernels.empty()) GTEST_SKIP() << "no AVX2";
+  for (auto [isa, kernel] : kernels)
+    for (bool upper : {false, true})
+      for (int64_t K : {16, 32, 128, 200, 37}) {  // 200, 37: a partial last strip
+        const int64_t nr = 7, ldg = K + 3;
+        std::vector<float> d = random_weights(nr * K, 9), a = random_weights(K * K, 10), g(K * ldg);
+        for (int64_t i = 0; i < K; ++i)  // symmetric G = A + A^T
+          for (int64_t j = 0; j < K; ++j) g[i * ldg + j] = a[i * K + j] + a[j * K + i];
+        std::vector<float> folded = g;  // G_ii, 2 G_ij above, zeros below
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = 0; j < K; ++j)
+            folded[i * ldg + j] = j > i ? 2.0f * g[i * ldg + j] : j == i ? g[i * ldg + j] : 0.0f;
+        std::vector<double> out(nr);
+        kernel(d.data(), nr, K, K, upper ? folded.data() : g.data(), ldg, out.data(), upper);
+        for (int64_t r = 0; r < nr; ++r) {
+          double ref = 0, mag = 0;
+          for (int64_t i = 0; i < K; ++i)
+            for (int64_t j = 0; j < K; ++j) {
+              const double t = double(d[r * K + i]) * g[i * ldg + j] * d[r * K + j];
+              ref += t;
+              mag += std::fabs(t);
+            }
+          EXPECT_NEAR(out[r], ref, 1e-5 * mag)
+              << cpu::isa_name(isa) << " upper " << upper << " K " << K << " row " << r;
         }
-      EXPECT_NEAR(out[r], ref, 1e-5 * mag) << "K " << K << " row " << r;
+      }
+}
+
+TEST(AwqCore, Avx512FakeQuantIsTheAvx2One) {
+  if (cpu::best_isa() < cpu::Isa::kAVX512) GTEST_SKIP() << "no AVX-512";
+  std::vector<float> v = random_weights(4096, 8), a(4096), b(4096);
+  for (bool sym : {true, false})
+    for (int bits : {2, 3, 4, 8})
+      for (int64_t n : {32, 37, 128, 5, 64})
+        for (float ratio : {1.0f, 0.85f, 0.55f}) {
+          const IntGrid g = int_grid(bits, sym);
+          cpu::fake_quant_avx2(v.data(), a.data(), n, g.qmin, g.qmax, g.divisor, sym, ratio);
+          cpu::fake_quant_avx512(v.data(), b.data(), n, g.qmin, g.qmax, g.divisor, sym, ratio);
+          for (int64_t i = 0; i < n; ++i) ASSERT_EQ(a[i], b[i]) << "bits " << bits << " n " << n;
+        }
+}
+
+// The searches under every ISA the machine has against the scalar (Eigen) path: the vector
+// kernels read G's folded upper triangle, so losses agree to rounding and the choices match.
+TEST(AwqCore, SearchesAgreeOnEveryIsa) {
+  const int64_t rows = 40, cols = 192, gs = 64, groups = cols / gs;
+  std::vector<float> w = random_weights(rows * cols, 11), x = random_weights(256 * cols, 12);
+  std::vector<float> g(cols * cols, 0.0f), act(cols, 0.0f);
+  for (int64_t t = 0; t < 256; ++t)
+    for (int64_t i = 0; i < cols; ++i) {
+      act[i] += std::fabs(x[t * cols + i]) / 256.0f;
+      for (int64_t j = 0; j < cols; ++j) g[i * cols + j] += x[t * cols + i] * x[t * cols + j] / 256.0f;
     }
+  AwqQuant q{4, true, gs};
+  auto run = [&](cpu::Isa isa, std::vector<float>* scale_losses, std::vector<float>* clip_losses,
+                 std::vector<float>* ratios) {
+    testing::IsaScope scope(isa);
+    scale_losses->assign(20, 0.0f);
+    awq_search_scale(view2(w.data(), DType::kFloat32, rows, cols), view2(g.data(), DType::kFloat32, cols, cols),
+                     view1(act.data(), DType::kFloat32, cols), q, 20,
+                     view1(scale_losses->data(), DType::kFloat32, 20));
+    clip_losses->assign(rows * groups * 10, 0.0f);
+    ratios->assign(rows * groups, 0.0f);
+    TensorView lv = view2(clip_losses->data(), DType::kFloat32, rows, groups * 10);
+    lv.ndim = 3;
+    lv.shape[1] = groups;
+    lv.shape[2] = 10;
+    lv.strides[0] = groups * 10;
+    lv.strides[1] = 10;
+    lv.strides[2] = 1;
+    awq_search_clip(view2(w.data(), DType::kFloat32, rows, cols), view2(g.data(), DType::kFloat32, cols, cols), q,
+                    20, 0.5, view2(ratios->data(), DType::kFloat32, rows, groups), lv);
+  };
+  std::vector<float> ref_scale, ref_clip, ref_ratio;
+  run(cpu::Isa::kScalar, &ref_scale, &ref_clip, &ref_ratio);
+  for (cpu::Isa isa : testing::machine_isas()) {
+    std::vector<float> sc, cl, ra;
+    run(isa, &sc, &cl, &ra);
+    for (int k = 0; k < 20; ++k) EXPECT_NEAR(sc[k], ref_scale[k], 1e-4 * ref_scale[k]) << cpu::isa_name(isa);
+    for (size_t i = 0; i < cl.size(); ++i)
+      EXPECT_NEAR(cl[i], ref_clip[i], 1e-4 * ref_clip[i] + 1e-6) << cpu::isa_name(isa) << " " << i;
+    int64_t same = 0;
+    for (size_t i = 0; i < ra.size(); ++i) same += ra[i] == ref_ratio[i];
+    EXPECT_GE(same, static_cast<int64_t>(ra.size()) - 2) << cpu::isa_name(isa);  // near-ties only
   }
 }
 

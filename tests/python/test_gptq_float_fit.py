@@ -102,4 +102,5 @@ def test_unpaired_calls_get_no_refit():
     assert set(stats.hessians) == {"up", "down"} and stats.crosses == {}
     paired = FloatReference(copy.deepcopy(block), inputs)
     stats = gptq.accumulate_hessians(block, {"up": block.up, "down": block.down}, inputs, paired)
-    torch.testing.assert_close(stats.crosses["up"], stats.hessians["up"])  # same block, same inputs
+    # same block, same inputs: equal up to H's float32 products (gram.py)
+    torch.testing.assert_close(stats.crosses["up"], stats.hessians["up"], rtol=1e-5, atol=1e-6)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..ops import calibration as C
+from .gram import add_gram_upper_, symmetric
 from .blockwise import Edits, Inputs, WeightSpec, calibrate_blockwise, make_layer, run_block
 from ..config import AWQ
 from ..transforms import float_weight
@@ -63,11 +64,12 @@ def _foldable(mod: nn.Module, width: int) -> bool:
     return is_norm and isinstance(weight, nn.Parameter) and weight.shape == (width,)
 
 
-def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs
-                   ) -> Tuple[List[InputGroup], Dict[str, int]]:
+def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, keep_outputs: bool = False
+                   ) -> Tuple[List[InputGroup], Dict[str, int], Dict[int, torch.Tensor]]:
     """Group the targets by shared input (on the first batch each runs on), accumulate each
     input's Gram matrix and mean |x| over the batches it runs on; also the execution step of
-    every module, up to the last target's first run."""
+    every module, up to the last target's first run, and the (float) block's output on the
+    first batch and on each group's first batch, or on every batch with keep_outputs."""
     groups: List[InputGroup] = []
     group_of: Dict[str, int] = {}
     steps: Dict[str, int] = {}
@@ -108,12 +110,12 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
                 return  # the group's statistics are gathered once per batch
             batch_inputs.append((x, idx))
             g = groups[idx]
-            x2 = x.detach().reshape(-1, mod.in_features).double()
+            x2 = x.detach().reshape(-1, mod.in_features).float()
             if g.gram is None:
                 g.gram = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64, device=x.device)
                 g.abs_sum = torch.zeros(mod.in_features, dtype=torch.float64, device=x.device)
-            g.gram.addmm_(x2.T, x2)
-            g.abs_sum += x2.abs().sum(0)
+            add_gram_upper_(g.gram, x2)  # float32 products, float64 sums (gram.py)
+            g.abs_sum += x2.abs().sum(0, dtype=torch.float64)
             g.count += x2.shape[0]
         return fn
 
@@ -122,10 +124,13 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
                if n and id(m) not in target_ids]
     handles += [m.register_forward_hook(module_hook(n)) for n, m in targets.items()]
     handles += [m.register_forward_hook(target_hook(n)) for n, m in targets.items()]
+    outputs: Dict[int, torch.Tensor] = {}
     try:
         for i, inp in enumerate(inputs):
             batch[0] = i
-            run_block(block, inp)
+            out = run_block(block, inp)
+            if keep_outputs or i == 0 or any(g.batch == i for g in groups):
+                outputs[i] = out
             produced.clear()
             batch_inputs.clear()
     finally:
@@ -134,7 +139,9 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
     missing = set(targets) - set(group_of)
     if missing:  # calibrate_blockwise skips such layers before calling us
         raise ValueError(f"layers {sorted(missing)} never ran on the calibration data")
-    return sorted(groups, key=lambda g: g.step), steps
+    for g in groups:
+        symmetric(g.gram)
+    return sorted(groups, key=lambda g: g.step), steps, outputs
 
 
 def _fold(prev: nn.Module, layers: List[nn.Linear], s: torch.Tensor, edits: Edits) -> None:
@@ -200,9 +207,13 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
     and gets the clip search only, as before input scales existed).
     """
 
-    def quantize_block(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, edits: Edits):
-        groups, steps = collect_groups(block, targets, inputs)
-        refs = {b: run_block(block, inputs[b]) for b in {0} | {g.batch for g in groups}}  # before any fold
+    def quantize_block(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, edits: Edits,
+                       outputs: Optional[list] = None):
+        groups, steps, float_outs = collect_groups(block, targets, inputs, keep_outputs=outputs is not None)
+        refs = {b: float_outs[b] for b in {0} | {g.batch for g in groups}}  # before any fold
+        if outputs is not None:  # the pipeline's next inputs: no second float forward
+            outputs.extend(float_outs[i] for i in range(len(inputs)))
+        del float_outs
         notes: Dict[str, str] = {}
         grams: Dict[str, torch.Tensor] = {}
         in_scales: Dict[str, torch.Tensor] = {}  # layer -> s, for groups scaled at their input
@@ -259,7 +270,7 @@ def quantize_awq(model: nn.Module, spec: WeightSpec, forward_loop, cfg=None, n_g
     return calibrate_blockwise(model, cfg, forward_loop, spec,
                                awq_block(spec, n_grid, max_shrink, input_scales=input_scales),
                                lambda c, n, m: check_linear(SimpleNamespace(group_size=spec.group_size), n, m),
-                               "awq", feed_quantized=False, progress=progress)
+                               "awq", feed_quantized=False, progress=progress, float_outputs=True)
 
 
 @register_algorithm("awq", "activation-aware scaling (AWQ)")

@@ -258,8 +258,9 @@ class FloatReference:
     inputs: Inputs
 
 
-# quantize_block(block, targets {local name: Linear}, inputs, edits[, reference])
-#   -> {local name: (new, note)}; reference is given only when the pipeline keeps one.
+# quantize_block(block, targets {local name: Linear}, inputs, edits[, reference][, outputs=list])
+#   -> {local name: (new, note)}; reference is given only when the pipeline keeps one, outputs
+#   only with float_outputs (see calibrate_blockwise).
 BlockFn = Callable[..., Dict[str, Tuple[nn.Module, str]]]
 
 
@@ -333,7 +334,7 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
                         quantize_block: BlockFn, check: Callable, name: str,
                         feed_quantized: bool, progress: bool = True, float_reference: bool = False,
                         outside: Optional[Callable[[nn.Linear], Tuple[nn.Module, str]]] = None,
-                        action: str = "quantized") -> Report:
+                        action: str = "quantized", float_outputs: bool = False) -> Report:
     """Quantize every selected Linear of `model` block by block with `quantize_block`.
 
     feed_quantized: the next block sees the quantized block's outputs (GPTQ, so later blocks
@@ -344,6 +345,9 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     Linear layers outside every block are quantized with round-to-nearest (noted in the report),
     or given to `outside(linear) -> (module, note)` (families other than quantization).
     action: the report's verb for the layers changed ("quantized", "sparsified").
+    float_outputs (without feed_quantized): quantize_block takes a keyword `outputs`, a list it
+    fills with the float block's output on every input (from a pass it makes anyway), so the
+    pipeline does not run the block once more for the next block's inputs.
     Target layers no calibration batch reaches are skipped (see the module's docstring).
     """
     if not isinstance(model, nn.Module):
@@ -370,14 +374,20 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
             unreached.extend(skipped)
             last = bi == hi - 1 or not any(per_block[bi + 1:hi])
             outs = None
-            if not feed_quantized and not last:
+            if not feed_quantized and not last and not (float_outputs and targets):
                 outs = [run_block(block, inp) for inp in inputs]
             before = {n: module_bytes(m) for n, m in targets.items()}
             reference = None
             if float_reference and targets:
                 reference = FloatReference(copy.deepcopy(block), float_inputs or inputs)
             extra = (reference,) if float_reference else ()
-            new = quantize_block(block, targets, inputs, edits, *extra) if targets else {}
+            kw = {}
+            if float_outputs and not feed_quantized and not last and targets:
+                outs = kw["outputs"] = []
+            new = quantize_block(block, targets, inputs, edits, *extra, **kw) if targets else {}
+            if outs is not None and len(outs) != len(inputs):
+                raise RuntimeError(f"{name}: quantize_block gave {len(outs)} block outputs for "
+                                   f"{len(inputs)} inputs")
             for local, (mod, note) in new.items():
                 full = ".".join(p for p in (bname, local) if p)
                 set_submodule(model, full, mod, edits)

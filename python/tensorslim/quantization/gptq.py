@@ -1,6 +1,6 @@
 """GPTQ weight-only quantization (Frantar et al., 2022), block by block.
 
-For each Linear layer of a block, H = 2/n * sum x x^T is accumulated (float64) over the
+For each Linear layer of a block, H = 2/n * sum x x^T is accumulated (gram.py) over the
 block's calibration inputs; the C++ core (ops.calibration.gptq_quantize) then chooses the
 integer codes column by column, compensating each rounding error on the columns still to
 come. The next block is calibrated on the quantized block's outputs.
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import calibration as C
+from .gram import gram_upper, symmetric
 from .blockwise import (Edits, FloatReference, Inputs, WeightSpec, calibrate_blockwise, make_layer, run_block,
                         set_submodule, warn_damping)
 from ..config import GPTQ
@@ -30,11 +31,13 @@ class Statistics(NamedTuple):
     hessians: Dict[str, torch.Tensor]
     crosses: Dict[str, torch.Tensor]   # only with a float reference
     first: List[str]
+    shared: List[List[str]] = []       # layers whose H are the same sums (same inputs, every call)
 
 
 def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs,
                          reference: Optional[FloatReference] = None, first_only: bool = False) -> Statistics:
-    """H = 2/n * sum over the block's calibration tokens of x x^T, per target layer (float64),
+    """H = 2/n * sum over the block's calibration tokens of x x^T, per target layer (float64
+    sums of float32 products, see gram.py),
     and the targets that run first (those reading the first target's input tensor).
     first_only: statistics only for those first targets (sequential GPTQ measures the others
     again once the first group is quantized), so only their matrices are ever allocated.
@@ -68,13 +71,20 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
                     first.append(name)
             if not wanted(name):
                 return
-            x = args[0].detach().reshape(-1, mod.in_features).double()
+            x = args[0].detach().reshape(-1, mod.in_features)
+            # Layers reading the same tensor (q/k/v, gate/up) share one product per call.
+            key = next((i for i, (t, _) in enumerate(products) if t is args[0]), None)
+            if key is None:
+                products.append((args[0], gram_upper(x)))
+                key = len(products) - 1
             if name not in sums:
-                sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            sums[name].addmm_(x.T, x)
+                sums[name] = torch.zeros_like(products[key][1])
+            sums[name] += products[key][1]
+            sources[name].append((batch[0], key))
             counts[name] += x.shape[0]
             if reference is None or name in unpaired:
                 return
+            x = x.double()
             xf = float_x[name].pop(0) if float_x[name] else None
             if xf is None or xf.shape != x.shape:
                 unpaired.add(name)
@@ -86,16 +96,21 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
         return fn
 
     sums_seen = [False]
+    products: List[Tuple[torch.Tensor, torch.Tensor]] = []  # this call's inputs and x^T x
+    sources: Dict[str, List[Tuple[int, int]]] = {n: [] for n in targets}  # (batch, product) added
+    batch = [0]
     handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
     if reference is not None:
         handles += [reference.block.get_submodule(n).register_forward_hook(float_hook(n)) for n in targets]
     try:
         for i, inp in enumerate(inputs):
+            batch[0] = i
             if reference is not None:
                 run_block(reference.block, reference.inputs[i])
             run_block(block, inp)
             sums_seen[0] = True
             first_input.clear()
+            products.clear()
             for n, left in float_x.items():
                 if left and wanted(n) and n not in unpaired:  # the float block called it more often
                     unpaired.add(n)
@@ -107,11 +122,14 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
     for n in targets:
         if wanted(n) and counts[n] == 0:
             raise ValueError(f"layer '{n}' never ran on the calibration data, so it has no Hessian")
+    shared: Dict[tuple, List[str]] = {}
     for n, h in sums.items():
+        symmetric(h)
         h.mul_(2.0 / counts[n])  # in place: H is in_features^2, the largest object here
         if n in crosses:
             crosses[n].mul_(2.0 / counts[n])
-    return Statistics(sums, crosses, first)
+        shared.setdefault(tuple(sources[n]), []).append(n)
+    return Statistics(sums, crosses, first, [names for names in shared.values() if len(names) > 1])
 
 
 def fit_float_outputs(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, lam: float = FIT_DAMP) -> torch.Tensor:
@@ -132,6 +150,18 @@ def fit_float_outputs(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, lam
     if int(info) != 0:  # only if H holds NaN/Inf (the ridge makes it positive definite): plain GPTQ
         return w
     return torch.cholesky_solve(rhs.T.contiguous(), factor).T.to(w.dtype)
+
+
+def _solve_units(todo: List[str], shared: List[List[str]]) -> List[List[str]]:
+    """todo's layers in order, those sharing one H (stats.shared) together."""
+    units, seen = [], set()
+    for name in todo:
+        if name in seen:
+            continue
+        unit = next(([n for n in group if n in todo] for group in shared if name in group), [name])
+        seen.update(unit)
+        units.append(unit)
+    return units
 
 
 def gptq_block(spec: WeightSpec, act_order: bool = False, damp: float = DAMP, block_size: int = BLOCK_SIZE,
@@ -158,21 +188,33 @@ def gptq_block(spec: WeightSpec, act_order: bool = False, damp: float = DAMP, bl
         while remaining:
             stats = accumulate_hessians(block, remaining, inputs, reference, first_only=one_group_at_a_time)
             todo = stats.first if one_group_at_a_time and stats.first else list(remaining)
-            for name in todo:
-                lin = remaining.pop(name)
-                h = stats.hessians.pop(name)
-                w, fitted = lin.weight.detach(), name in stats.crosses
-                if fitted:
-                    w = fit_float_outputs(w, h, stats.crosses.pop(name))
-                res = C.gptq_quantize(w, h, spec.bits, spec.symmetric,
-                                      spec.group_for(lin.in_features), block_size, act_order, damp)
-                if res.damp_used > damp:
-                    warn_damping(name, damp, res.damp_used)
-                note = (" act-order" if act_order else "") + (" float-fit" if fitted else "")
-                new[name] = (make_layer(lin, res.codes, res.scales, res.zero_points, spec),
-                             f"{spec.describe(lin.in_features)} gptq{note}")
-                if one_group_at_a_time and remaining and name:
-                    set_submodule(block, name, new[name][0], edits)  # later groups see it quantized
+            for names in _solve_units(todo, stats.shared):
+                lins = [remaining.pop(n) for n in names]
+                h = stats.hessians.pop(names[0])
+                for n in names[1:]:
+                    del stats.hessians[n]
+                ws, fitted = [], []
+                for n, lin in zip(names, lins):
+                    fitted.append(n in stats.crosses)
+                    w = lin.weight.detach()
+                    ws.append(fit_float_outputs(w, h, stats.crosses.pop(n)) if fitted[-1] else w)
+                # Layers with the same H share one solve (rows are independent given H): one
+                # damped inverse-Hessian factor instead of one per layer.
+                res = C.gptq_quantize(ws[0] if len(ws) == 1 else torch.cat(ws), h, spec.bits, spec.symmetric,
+                                      spec.group_for(lins[0].in_features), block_size, act_order, damp)
+                row = 0
+                for n, lin, fit in zip(names, lins, fitted):
+                    rows = slice(row, row + lin.out_features)
+                    row += lin.out_features
+                    codes, scales, zps = (t[rows].clone() if len(names) > 1 else t  # no shared storage
+                                          for t in (res.codes, res.scales, res.zero_points))
+                    if res.damp_used > damp:
+                        warn_damping(n, damp, res.damp_used)
+                    note = (" act-order" if act_order else "") + (" float-fit" if fit else "")
+                    new[n] = (make_layer(lin, codes, scales, zps, spec),
+                              f"{spec.describe(lin.in_features)} gptq{note}")
+                    if one_group_at_a_time and remaining and n:
+                        set_submodule(block, n, new[n][0], edits)  # later groups see it quantized
             del stats
         return new
 

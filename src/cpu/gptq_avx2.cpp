@@ -1,0 +1,58 @@
+// AVX2 + FMA kernels of GPTQ's column loop (twin of gptq_avx512.cpp). The lazy batch update
+// keeps a 4-row x 12-column tile of c in registers (12 accumulators) while t runs over the
+// block's columns; the 12-column strip of u (k x 96 bytes) stays in L1 across row tiles.
+// No Eigen here: this file has its own instruction-set flags.
+#include <immintrin.h>
+
+#include "gptq_kernels.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int kVec = 4;        // doubles per vector
+constexpr int kCols = 3 * kVec;  // columns per tile
+
+template <int R>
+void tile(double* c, int64_t ldc, const double* e, int64_t lde, const double* u, int64_t ldu, int64_t k) {
+  __m256d acc[R][3];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 3; ++v) acc[r][v] = _mm256_loadu_pd(c + r * ldc + v * kVec);
+  for (int64_t t = 0; t < k; ++t) {
+    const double* ut = u + t * ldu;
+    const __m256d u0 = _mm256_loadu_pd(ut), u1 = _mm256_loadu_pd(ut + kVec), u2 = _mm256_loadu_pd(ut + 2 * kVec);
+    for (int r = 0; r < R; ++r) {
+      const __m256d a = _mm256_broadcast_sd(e + r * lde + t);
+      acc[r][0] = _mm256_fnmadd_pd(a, u0, acc[r][0]);
+      acc[r][1] = _mm256_fnmadd_pd(a, u1, acc[r][1]);
+      acc[r][2] = _mm256_fnmadd_pd(a, u2, acc[r][2]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 3; ++v) _mm256_storeu_pd(c + r * ldc + v * kVec, acc[r][v]);
+}
+
+}  // namespace
+
+void gptq_update_avx2(double* c, int64_t ldc, const double* e, int64_t lde, const double* u,
+                      int64_t ldu, int64_t m, int64_t n, int64_t k) {
+  int64_t j = 0;
+  for (; j + kCols <= n; j += kCols) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) tile<4>(c + r * ldc + j, ldc, e + r * lde, lde, u + j, ldu, k);
+    for (; r < m; ++r) tile<1>(c + r * ldc + j, ldc, e + r * lde, lde, u + j, ldu, k);
+  }
+  for (int64_t r = 0; r < m; ++r)  // the last columns, one row at a time
+    for (int64_t t = 0; t < k; ++t) gptq_axpy_avx2(c + r * ldc + j, u + t * ldu + j, e[r * lde + t], n - j);
+}
+
+void gptq_axpy_avx2(double* y, const double* x, double a, int64_t n) {
+  const __m256d va = _mm256_set1_pd(a);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec)
+    _mm256_storeu_pd(y + j, _mm256_fnmadd_pd(va, _mm256_loadu_pd(x + j), _mm256_loadu_pd(y + j)));
+  for (; j < n; ++j) y[j] -= a * x[j];
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
