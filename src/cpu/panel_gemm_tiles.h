@@ -51,14 +51,18 @@ void pack_panel(const float* rows, int64_t nr, int64_t K, float* packed) {
   }
 }
 
-// The micro-kernel: c[MB][2 * kLanes] = x[MB rows] @ b, b packed [K][2 * kLanes]. 2 * MB
-// accumulators; per k one packed weight row (two vectors) and MB broadcast activations.
+// The micro-kernel: c[MB][2 * kLanes] (+)= x[MB rows, kc] @ b, b packed [kc][2 * kLanes];
+// `accumulate` adds to c (the K blocks after the first). 2 * MB accumulators; per k one packed
+// weight row (two vectors) and MB broadcast activations.
 template <class V, int MB>
-void panel_micro(const float* x, int64_t ldx, const float* b, int64_t K, float* c) {
+void panel_micro(const float* x, int64_t ldx, const float* b, int64_t kc, float* c, bool accumulate) {
   constexpr int NR = 2 * V::kLanes;
   typename V::Vec acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = V::zero();
-  for (int64_t k = 0; k < K; ++k) {
+  for (int m = 0; m < MB; ++m) {
+    acc[m][0] = accumulate ? V::load(c + m * NR) : V::zero();
+    acc[m][1] = accumulate ? V::load(c + m * NR + V::kLanes) : V::zero();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
     const typename V::Vec b0 = V::load(b + k * NR), b1 = V::load(b + k * NR + V::kLanes);
     for (int m = 0; m < MB; ++m) {
       const typename V::Vec a = V::broadcast(x + m * ldx + k);
@@ -75,46 +79,65 @@ void panel_micro(const float* x, int64_t ldx, const float* b, int64_t K, float* 
 // Six activation rows per micro-tile: 12 accumulators + 2 weight vectors + 1 broadcast
 // fit AVX2's 16 registers.
 constexpr int kPanelRows = 6;
+// Output columns decoded together: the activation tile read for one micro-panel is reused
+// by the others from L1, so x streams from memory once per 64 columns, not once per 16.
+constexpr int kPanelCols = 64;
+// K block: one micro-panel's block (kc x 2 * kLanes floats, 16 KiB) stays in L1 while every
+// activation tile passes over it.
+template <class V>
+constexpr int64_t panel_k_block() { return 2048 / V::kLanes; }
 
 template <class V>
-void panel_micro_any(int mb, const float* x, int64_t ldx, const float* b, int64_t K, float* c) {
+void panel_micro_any(int mb, const float* x, int64_t ldx, const float* b, int64_t kc, float* c,
+                     bool accumulate) {
   switch (mb) {
-    case 1: return panel_micro<V, 1>(x, ldx, b, K, c);
-    case 2: return panel_micro<V, 2>(x, ldx, b, K, c);
-    case 3: return panel_micro<V, 3>(x, ldx, b, K, c);
-    case 4: return panel_micro<V, 4>(x, ldx, b, K, c);
-    case 5: return panel_micro<V, 5>(x, ldx, b, K, c);
-    default: return panel_micro<V, kPanelRows>(x, ldx, b, K, c);
+    case 1: return panel_micro<V, 1>(x, ldx, b, kc, c, accumulate);
+    case 2: return panel_micro<V, 2>(x, ldx, b, kc, c, accumulate);
+    case 3: return panel_micro<V, 3>(x, ldx, b, kc, c, accumulate);
+    case 4: return panel_micro<V, 4>(x, ldx, b, kc, c, accumulate);
+    case 5: return panel_micro<V, 5>(x, ldx, b, kc, c, accumulate);
+    default: return panel_micro<V, kPanelRows>(x, ldx, b, kc, c, accumulate);
   }
 }
 
 template <class V>
 void panel_gemm_run(const PanelGemmProblem& p) {
-  constexpr int NR = 2 * V::kLanes, MR = kPanelRows;
-  const int64_t panels = (p.N + NR - 1) / NR;
+  constexpr int NR = 2 * V::kLanes, MR = kPanelRows, kMicro = kPanelCols / NR;
+  constexpr int64_t KC = panel_k_block<V>();
+  const int64_t K = p.K, M = p.M;
+  const int64_t panels = (p.N + kPanelCols - 1) / kPanelCols;
   parallel_for(panels, 1, [&](int64_t b, int64_t e) {
-    // Per thread: the decoded rows and their packed copy (K * NR floats each, L1/L2 sized).
-    thread_local std::vector<float> rows, packed;
-    rows.resize(NR * p.K);
-    packed.resize(NR * p.K);
+    // Per thread: decoded rows, their packed copies (one [K][NR] block per micro-panel) and
+    // the fp32 sums of every activation row for each micro-panel.
+    thread_local std::vector<float> rows, packed, sums;
+    rows.resize(kPanelCols * K);
+    packed.resize(kPanelCols * K);
+    sums.resize(kMicro * M * NR);
     for (int64_t panel = b; panel < e; ++panel) {
-      const int64_t n0 = panel * NR, nr = std::min<int64_t>(NR, p.N - n0);
-      p.decode(n0, nr, rows.data());
-      pack_panel<NR>(rows.data(), nr, p.K, packed.data());
-      for (int64_t m0 = 0; m0 < p.M; m0 += MR) {
-        const int mb = static_cast<int>(std::min<int64_t>(MR, p.M - m0));
-        alignas(64) float tile[MR * NR];
-        panel_micro_any<V>(mb, p.x + m0 * p.ldx, p.ldx, packed.data(), p.K, tile);
-        for (int m = 0; m < mb; ++m)
-          for (int64_t j = 0; j < nr; ++j) {
-            const float y = tile[m * NR + j] + (p.bias ? p.bias[n0 + j] : 0.0f);
-            const int64_t off = (m0 + m) * p.ldo + n0 + j;
-            if (p.out_bf16)
-              static_cast<uint16_t*>(p.out)[off] = float_to_bf16(y);
-            else
-              static_cast<float*>(p.out)[off] = y;
-          }
+      const int64_t n0 = panel * kPanelCols, cols = std::min<int64_t>(kPanelCols, p.N - n0);
+      const int micro = static_cast<int>((cols + NR - 1) / NR);
+      p.decode(n0, cols, rows.data());
+      for (int u = 0; u < micro; ++u)
+        pack_panel<NR>(rows.data() + u * NR * K, std::min<int64_t>(NR, cols - u * NR), K,
+                       packed.data() + u * NR * K);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int mb = static_cast<int>(std::min<int64_t>(MR, M - m0));
+          for (int u = 0; u < micro; ++u)
+            panel_micro_any<V>(mb, p.x + m0 * p.ldx + k0, p.ldx, packed.data() + u * NR * K + k0 * NR,
+                               kc, sums.data() + (u * M + m0) * NR, k0 > 0);
+        }
       }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < cols; ++j) {
+          const float y = sums[((j / NR) * M + m) * NR + j % NR] + (p.bias ? p.bias[n0 + j] : 0.0f);
+          const int64_t off = m * p.ldo + n0 + j;
+          if (p.out_bf16)
+            static_cast<uint16_t*>(p.out)[off] = float_to_bf16(y);
+          else
+            static_cast<float*>(p.out)[off] = y;
+        }
     }
   });
 }
