@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _views
+from . import _eager
 from .._native import _C
 
 INT8_BACKENDS = {"auto": 0, "reference": 1, "native": 2, "onednn": 3}
@@ -42,14 +43,17 @@ def _check_finite(x: torch.Tensor) -> None:
 # ---------------------------------------------------------------- per-token (dynamic)
 
 
-@torch.library.custom_op("tensorslim::quantize_per_token", mutates_args=(), device_types="cpu")
-def _quantize_per_token(x: torch.Tensor, inv_smooth: Optional[torch.Tensor], unsigned: bool,
+def _quantize_per_token_impl(x: torch.Tensor, inv_smooth: Optional[torch.Tensor], unsigned: bool,
                         backend: int) -> Tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(x.shape, dtype=torch.uint8 if unsigned else torch.int8)
     scales = torch.empty(x.shape[0], dtype=torch.float32)
     _C.quantize_per_token(_views.view(x, "x"), _views.optional_view(inv_smooth, "inv_smooth"),
                           _views.view(q, "q"), _views.view(scales, "scales"), backend)
     return q, scales
+
+
+_quantize_per_token = torch.library.custom_op("tensorslim::quantize_per_token", mutates_args=(),
+                                   device_types="cpu")(_quantize_per_token_impl)
 
 
 @_quantize_per_token.register_fake
@@ -66,7 +70,8 @@ def quantize_per_token(x: torch.Tensor, inv_smooth: Optional[torch.Tensor] = Non
     _check_x(x, inv_smooth)
     if backend == "reference":
         return quantize_per_token_reference(x, inv_smooth, unsigned)
-    return _quantize_per_token(x.contiguous(), inv_smooth, bool(unsigned), INT8_BACKENDS[backend])
+    return _eager.call(_quantize_per_token, _quantize_per_token_impl, x.contiguous(), inv_smooth,
+                       bool(unsigned), INT8_BACKENDS[backend])
 
 
 def quantize_per_token_reference(x: torch.Tensor, inv_smooth: Optional[torch.Tensor] = None,
@@ -82,13 +87,16 @@ def quantize_per_token_reference(x: torch.Tensor, inv_smooth: Optional[torch.Ten
 # ---------------------------------------------------------------- static (calibrated)
 
 
-@torch.library.custom_op("tensorslim::quantize_static", mutates_args=(), device_types="cpu")
-def _quantize_static(x: torch.Tensor, inv_smooth: Optional[torch.Tensor], scale: float,
+def _quantize_static_impl(x: torch.Tensor, inv_smooth: Optional[torch.Tensor], scale: float,
                      zero_point: int, unsigned: bool, backend: int) -> torch.Tensor:
     q = torch.empty(x.shape, dtype=torch.uint8 if unsigned else torch.int8)
     _C.quantize_static(_views.view(x, "x"), _views.optional_view(inv_smooth, "inv_smooth"),
                        float(scale), int(zero_point), _views.view(q, "q"), backend)
     return q
+
+
+_quantize_static = torch.library.custom_op("tensorslim::quantize_static", mutates_args=(),
+                                   device_types="cpu")(_quantize_static_impl)
 
 
 @_quantize_static.register_fake
@@ -112,8 +120,8 @@ def quantize_static(x: torch.Tensor, scale: float, zero_point: int = 0,
         raise ValueError(f"quantize_static: zero_point {zero_point} is out of range [{lo}, {hi}] for {dtype}")
     if backend == "reference":
         return quantize_static_reference(x, scale, int(zero_point), inv_smooth, dtype)
-    return _quantize_static(x.contiguous(), inv_smooth, scale, int(zero_point), dtype == torch.uint8,
-                            INT8_BACKENDS[backend])
+    return _eager.call(_quantize_static, _quantize_static_impl, x.contiguous(), inv_smooth, scale,
+                       int(zero_point), dtype == torch.uint8, INT8_BACKENDS[backend])
 
 
 def quantize_static_reference(x, scale: float, zero_point: int, inv_smooth=None, dtype=torch.uint8):
@@ -127,8 +135,7 @@ def quantize_static_reference(x, scale: float, zero_point: int, inv_smooth=None,
 # ---------------------------------------------------------------- INT8 GEMM
 
 
-@torch.library.custom_op("tensorslim::linear_int8", mutates_args=(), device_types="cpu")
-def _linear_int8(qx: torch.Tensor, act_scales: torch.Tensor, act_zero_point: int, qweight: torch.Tensor,
+def _linear_int8_impl(qx: torch.Tensor, act_scales: torch.Tensor, act_zero_point: int, qweight: torch.Tensor,
                  w_scales: torch.Tensor, bias: Optional[torch.Tensor], backend: int,
                  packed: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty(qx.shape[0], qweight.shape[0], dtype=torch.float32)
@@ -137,6 +144,10 @@ def _linear_int8(qx: torch.Tensor, act_scales: torch.Tensor, act_zero_point: int
                    _views.optional_view(bias, "bias"), _views.view(out, "out"), backend,
                    _views.optional_view(packed, "packed"))
     return out
+
+
+_linear_int8 = torch.library.custom_op("tensorslim::linear_int8", mutates_args=(),
+                                   device_types="cpu")(_linear_int8_impl)
 
 
 @_linear_int8.register_fake
@@ -169,8 +180,8 @@ def linear_int8(qx: torch.Tensor, act_scales: torch.Tensor, act_zero_point: int,
         raise ValueError(f"qweight: expected int8 [N, {qx.shape[1]}], got {qweight.dtype} {tuple(qweight.shape)}")
     if backend == "reference":
         return linear_int8_reference(qx, act_scales, act_zero_point, qweight, w_scales, bias)
-    return _linear_int8(qx.contiguous(), act_scales, int(act_zero_point), qweight, w_scales, bias,
-                        INT8_BACKENDS[backend], packed)
+    return _eager.call(_linear_int8, _linear_int8_impl, qx.contiguous(), act_scales,
+                       int(act_zero_point), qweight, w_scales, bias, INT8_BACKENDS[backend], packed)
 
 
 def linear_int8_reference(qx, act_scales, act_zero_point, qweight, w_scales, bias=None):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _views
+from . import _eager
 from .._native import _C
 from ..formats import PER_TENSOR, FormatSpec, get_format
 
@@ -417,8 +418,7 @@ def dequantize_lowbit(q, scales, zero_points, tensor_scale, fmt: str, group_size
 # ---------------------------------------------------------------- weight-only linear
 
 
-@torch.library.custom_op("tensorslim::linear_lowbit", mutates_args=(), device_types="cpu")
-def _linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+def _linear_lowbit_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zero_points: torch.Tensor, tensor_scale: torch.Tensor, bias: Optional[torch.Tensor],
                    fmt: str, group_size: int, backend: int) -> torch.Tensor:
     spec = get_format(fmt)
@@ -436,6 +436,10 @@ def _linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      _views.optional_view(bias, "bias"), spec.id, group_size, _views.view(out, "out"),
                      _views.optional_view(workspace, "workspace"), backend)
     return out
+
+
+_linear_lowbit = torch.library.custom_op("tensorslim::linear_lowbit", mutates_args=(),
+                                   device_types="cpu")(_linear_lowbit_impl)
 
 
 @_linear_lowbit.register_kernel("cuda")
@@ -476,8 +480,8 @@ def linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         w = dequantize_lowbit_reference(qweight, scales, zps, ts, spec, group_size, in_features)
         y = F.linear(x2, w, b)
     else:
-        y = _linear_lowbit(x2.contiguous(), qweight, scales, zps, ts, b, fmt, group_size,
-                           LOWBIT_BACKENDS[backend])
+        y = _eager.call(_linear_lowbit, _linear_lowbit_impl, x2.contiguous(), qweight, scales, zps,
+                        ts, b, fmt, group_size, LOWBIT_BACKENDS[backend])
     return y.to(x.dtype).reshape(*lead, qweight.shape[0])
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _views
+from . import _eager
 from .._native import _C
 from ..formats import get_format
 from .int8 import quantize_per_token_reference
@@ -83,8 +84,7 @@ def _check_args(x, qweight, scales, zero_points, bias, fmt: str, group_size: int
 # ---------------------------------------------------------------- native op
 
 
-@torch.library.custom_op("tensorslim::linear_w4a8", mutates_args=(), device_types="cpu")
-def _linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+def _linear_w4a8_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
                  group_size: int, backend: int) -> torch.Tensor:
     out = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype)
@@ -92,6 +92,10 @@ def _linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    _views.optional_view(zero_points, "zero_points"), _views.optional_view(bias, "bias"),
                    get_format(fmt).id, group_size, _views.view(out, "out"), backend)
     return out
+
+
+_linear_w4a8 = torch.library.custom_op("tensorslim::linear_w4a8", mutates_args=(),
+                                   device_types="cpu")(_linear_w4a8_impl)
 
 
 @_linear_w4a8.register_fake
@@ -116,7 +120,8 @@ def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if backend == "reference":
         y = linear_w4a8_reference(x2, qweight, scales, zero_points, bias, fmt, group_size)
     else:
-        y = _linear_w4a8(x2, qweight, scales, zero_points, bias, fmt, group_size, W4A8_BACKENDS[backend])
+        y = _eager.call(_linear_w4a8, _linear_w4a8_impl, x2, qweight, scales, zero_points, bias, fmt,
+                        group_size, W4A8_BACKENDS[backend])
     return y.to(dtype).reshape(*lead, qweight.shape[0])
 
 

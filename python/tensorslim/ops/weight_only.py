@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _views
+from . import _eager
 from .._native import _C
 from ..formats import INTEGER_KERNEL_FORMATS, PER_TENSOR, FormatSpec, get_format, has_short_group, num_groups
 from . import lowbit
@@ -257,8 +258,7 @@ def dequantize_reference(q, scales, zero_points, spec: FormatSpec, group_size: i
 # ---------------------------------------------------------------- weight-only linear
 
 
-@torch.library.custom_op("tensorslim::linear_weight_only", mutates_args=(), device_types="cpu")
-def _linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+def _linear_weight_only_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
                         group_size: int, backend: int) -> torch.Tensor:
     out = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
@@ -266,6 +266,10 @@ def _linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                           _views.optional_view(zero_points, "zero_points"), _views.optional_view(bias, "bias"),
                           get_format(fmt).id, group_size, _views.view(out, "out"), backend)
     return out
+
+
+_linear_weight_only = torch.library.custom_op("tensorslim::linear_weight_only", mutates_args=(),
+                                   device_types="cpu")(_linear_weight_only_impl)
 
 
 @_linear_weight_only.register_kernel("cuda")
@@ -316,8 +320,9 @@ def linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             x2 = x2.float()
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        y = _linear_weight_only(x2, qweight, scales, zero_points if spec.has_zero_point else None,
-                                bias, fmt, group_size, BACKENDS[backend])
+        y = _eager.call(_linear_weight_only, _linear_weight_only_impl, x2, qweight, scales,
+                        zero_points if spec.has_zero_point else None, bias, fmt, group_size,
+                        BACKENDS[backend])
         if cpu_fp16:
             y = y.to(torch.float16)
     return y.reshape(*lead, qweight.shape[0])

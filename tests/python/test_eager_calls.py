@@ -1,0 +1,59 @@
+"""ops/_eager.py: the direct call skips torch.library's dispatcher only where it has nothing to
+do. Same results both ways, and the dispatcher still sees the op under torch.compile, fake
+tensors, dispatch modes and autograd."""
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tensorslim as ts
+from tensorslim import ops
+from tensorslim.ops import _eager
+
+
+def _layer():
+    torch.manual_seed(0)
+    return ts.nn.WeightOnlyLinear.from_linear(torch.nn.Linear(64, 48), "int4", 32, "auto")
+
+
+def test_direct_and_dispatched_calls_agree_bit_for_bit():
+    layer, x = _layer(), torch.randn(5, 64)
+    args = (x, layer.qweight, layer.scales, None, layer.bias, "int4", 32, 0)
+    assert _eager._direct_ok(args)
+    direct = ops.weight_only._linear_weight_only_impl(*args)
+    dispatched = ops.weight_only._linear_weight_only(*args)
+    assert torch.equal(direct, dispatched)
+
+
+class _Seen(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_still_see_the_op():
+    layer, x = _layer(), torch.randn(3, 64)
+    with _Seen() as seen:
+        layer(x)
+    assert any("tensorslim.linear_weight_only" in n for n in seen.names)
+
+
+def test_gradient_to_the_input_goes_through_the_dispatcher():
+    layer, x = _layer(), torch.randn(3, 64, requires_grad=True)
+    assert not _eager._direct_ok((x,))
+    layer(x).sum().backward()
+    want = layer.dequantized_weight().sum(0).expand(3, 64)
+    assert torch.allclose(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fake_tensors_and_compile_take_the_op():
+    layer = _layer()
+    with FakeTensorMode():
+        fx = torch.empty(7, 64)
+        assert not _eager._direct_ok((fx,))
+    compiled = torch.compile(lambda t: layer(t), backend="eager", fullgraph=True)
+    x = torch.randn(4, 64)
+    assert torch.equal(compiled(x), layer(x))
