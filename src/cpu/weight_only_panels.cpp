@@ -19,7 +19,9 @@ struct NibbleTable {
   NibbleTable() {
     for (int b = 0; b < 256; ++b)
       for (int s = 0; s < 2; ++s) {
-        auto code = [&](int nib) { return static_cast<uint8_t>(s ? static_cast<int8_t>(nib << 4) >> 4 : nib); };
+        auto code = [&](int nib) {
+          return static_cast<uint8_t>(s ? static_cast<int8_t>(nib << 4) >> 4 : nib);
+        };
         pair[s][b] = static_cast<uint16_t>(code(b & 0xF) | code(b >> 4) << 8);
       }
   }
