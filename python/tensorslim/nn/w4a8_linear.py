@@ -9,6 +9,7 @@ from .. import ops
 from ..formats import get_format
 from ..ops.w4a8 import W4A8_BACKENDS, W4A8_FORMATS, check_group_size
 from .packed_linear import PackedLinear
+from .weight_only_linear import fill_from_linear
 
 
 class W4A8Linear(PackedLinear):
@@ -46,15 +47,7 @@ class W4A8Linear(PackedLinear):
                   backend, device=linear.weight.device)
         # The low-bit table's int4 / uint4 rows: the bytes ops.quantize writes, and a short last
         # group when group does not divide in_features.
-        with torch.no_grad():
-            q, scales, zps, _ = ops.quantize_lowbit(linear.weight.detach(), fmt, group)
-            mod.qweight.copy_(q)
-            mod.scales.copy_(scales)
-            if zps is not None:
-                mod.zero_points.copy_(zps)
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias.detach().float())
-        return mod
+        return fill_from_linear(mod, linear, lambda w, f, g: ops.quantize_lowbit(w, f, g)[:3])
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear_w4a8(x, self.qweight, self.scales, self.zero_points, self.bias, self.fmt,

@@ -10,10 +10,11 @@ from .packed_linear import PackedLinear
 
 
 @torch.no_grad()
-def fill_from_linear(mod: nn.Module, linear: nn.Linear) -> nn.Module:
+def fill_from_linear(mod: nn.Module, linear: nn.Linear, quantize=None) -> nn.Module:
     """Round-to-nearest codes of linear's weight into an empty integer layer's qweight, scales,
-    zero_points and bias buffers (in mod's format and group size); returns mod."""
-    q, scales, zps = ops.quantize(linear.weight.detach(), mod.fmt, mod.group_size)
+    zero_points and bias buffers (in mod's format and group size); returns mod. `quantize`
+    (weight, fmt, group) -> (codes, scales, zero points) defaults to ops.quantize."""
+    q, scales, zps = (quantize or ops.quantize)(linear.weight.detach(), mod.fmt, mod.group_size)
     mod.qweight.copy_(q)
     mod.scales.copy_(scales)
     if zps is not None:
