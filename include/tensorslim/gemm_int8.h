@@ -80,6 +80,12 @@ void linear_int8_reference(const TensorView& qx, const TensorView& act_scales,
 bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                       const TensorView& qweight, const TensorView& w_scales,
                       const TensorView* bias, const TensorView& out);
+// The same arithmetic for many activation rows (weight packed into 8-column panels per call,
+// 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more.
+bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                             const TensorView& qweight, const TensorView& w_scales,
+                             const TensorView* bias, const TensorView& out);
+constexpr int64_t kInt8PanelMinRows = 16;
 // Returns false when oneDNN has no exact implementation for this combination (none at all,
 // or one without VNNI whose int16 pair sums saturate).
 bool linear_int8_onednn(const TensorView& qx, const TensorView& act_scales,

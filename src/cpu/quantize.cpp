@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "float_rows.h"
+#include "int4_codes.h"
 #include "parallel.h"
 #include "quant_kernels.h"
 
@@ -162,31 +163,24 @@ void dequantize(const TensorView& q, const TensorView& scales, const TensorView*
   const uint8_t* zp = zero_points ? zero_points->ptr<uint8_t>() : nullptr;
   const bool is_signed = !info.has_zero_point;
 
+  // fp32 rows are decoded in place; other dtypes through one fp32 row.
+  const bool direct = out.dtype == DType::kFloat32;
   cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> row(cols);
-    std::vector<uint8_t> codes(cols);
+    std::vector<float> buf(direct ? 0 : cols);
+    std::vector<uint8_t> codes;
     for (int64_t r = b; r < e; ++r) {
-      const uint8_t* qrow = q.ptr<uint8_t>() + r * q.strides[0];
-      const uint8_t* c = qrow;
-      if (info.bits == 4) {
-        for (int64_t j = 0; j < cols; ++j) {
-          const uint8_t byte = qrow[j / 2];
-          const uint8_t nib = (j & 1) ? (byte >> 4) : (byte & 0xF);
-          codes[j] = is_signed ? static_cast<uint8_t>(static_cast<int8_t>(nib << 4) >> 4) : nib;
-        }
-        c = codes.data();
-      }
+      const uint8_t* c = cpu::row_codes(q.ptr<uint8_t>() + r * q.strides[0], cols, info.bits, is_signed, codes);
+      float* row = direct ? out.ptr<float>() + r * out.strides[0] : buf.data();
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t idx = per_tensor ? 0 : r * groups + g;
         const int32_t z = zp ? zp[idx] : 0;
         const int64_t len = std::min(gsize, cols - g * gsize);
         if (is_signed)
-          k.decode_s8(reinterpret_cast<const int8_t*>(c) + g * gsize, len, sc[idx], z,
-                      row.data() + g * gsize);
+          k.decode_s8(reinterpret_cast<const int8_t*>(c) + g * gsize, len, sc[idx], z, row + g * gsize);
         else
-          k.decode_u8(c + g * gsize, len, sc[idx], z, row.data() + g * gsize);
+          k.decode_u8(c + g * gsize, len, sc[idx], z, row + g * gsize);
       }
-      cpu::store_row(row.data(), out, r);
+      if (!direct) cpu::store_row(row, out, r);
     }
   });
 }

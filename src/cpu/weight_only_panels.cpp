@@ -4,47 +4,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "int4_codes.h"
 #include "panel_gemm.h"
 #include "quant_kernels.h"
 #include "weight_only_native.h"
 
 namespace tensorslim {
 namespace cpu {
-namespace {
-
-// Byte -> its two INT4 codes (low nibble first) as two bytes, sign-extended for the signed
-// format: one 16-bit table load per packed byte.
-struct NibbleTable {
-  uint16_t pair[2][256];
-  NibbleTable() {
-    for (int b = 0; b < 256; ++b)
-      for (int s = 0; s < 2; ++s) {
-        auto code = [&](int nib) {
-          return static_cast<uint8_t>(s ? static_cast<int8_t>(nib << 4) >> 4 : nib);
-        };
-        pair[s][b] = static_cast<uint16_t>(code(b & 0xF) | code(b >> 4) << 8);
-      }
-  }
-};
-
-// Codes of one row as bytes.
-const uint8_t* row_codes(const uint8_t* qrow, int64_t K, int bits, bool is_signed,
-                         std::vector<uint8_t>& codes) {
-  if (bits != 4) return qrow;
-  static const NibbleTable table;
-  const uint16_t* pair = table.pair[is_signed ? 1 : 0];
-  const int64_t bytes = (K + 1) / 2;
-  codes.resize(2 * bytes);
-  uint8_t* out = codes.data();  // a plain pointer: the loop must not go back to the TLS vector
-  for (int64_t j = 0; j < bytes; ++j) {
-    out[2 * j] = static_cast<uint8_t>(pair[qrow[j]]);
-    out[2 * j + 1] = static_cast<uint8_t>(pair[qrow[j]] >> 8);
-  }
-  return out;
-}
-
-}  // namespace
-
 bool linear_weight_only_panels(const TensorView& x, const TensorView& qweight,
                                const TensorView& scales, const TensorView* zero_points,
                                const TensorView* bias, Format fmt, int64_t group_size,

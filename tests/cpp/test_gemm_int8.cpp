@@ -289,6 +289,42 @@ TEST(GemmInt8, SaturatingPairsAreExact) {
   }
 }
 
+// The panel kernel (kInt8PanelMinRows rows and more) shifts u8 codes by 128 or 127, whichever
+// leaves fewer codes to correct: post-ReLU-like activations (zp 0, a third of the codes 0) and
+// the mirror case (many 255), s8 codes with many -128, on K and N tails. Bit-exact.
+TEST(GemmInt8, PanelsCorrectClampedCodesBitForBit) {
+  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  struct Case {
+    int64_t M, K, N;
+    bool is_u8;
+    int32_t zp;
+    uint8_t common;  // a third of the codes
+  };
+  const Case cases[] = {{cpu::kInt8PanelMinRows, 75, 21, true, 0, 0},
+                        {40, 384, 40, true, 200, 255},
+                        {23, 33, 9, false, 0, 0x80},
+                        {70, 130, 17, true, 128, 0}};
+  for (const Case& c : cases) {
+    std::mt19937 gen(11);
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::vector<uint8_t> qx(c.M * c.K);
+    for (auto& q : qx) q = gen() % 3 == 0 ? c.common : static_cast<uint8_t>(byte(gen));
+    std::vector<int8_t> w(c.N * c.K);
+    for (auto& v : w) v = static_cast<int8_t>(byte(gen) - 128);
+    std::vector<float> as(c.M), ws(c.N), bias(c.N);
+    for (auto& v : as) v = 0.001f * (1 + gen() % 17);
+    for (auto& v : ws) v = 0.002f * (1 + gen() % 13);
+    for (auto& v : bias) v = 0.1f * (static_cast<int>(gen() % 21) - 10);
+    const TensorView qv = view2(qx.data(), c.is_u8 ? DType::kUInt8 : DType::kInt8, c.M, c.K);
+    const TensorView av = view1(as.data(), DType::kFloat32, c.M), wv = view2(w.data(), DType::kInt8, c.N, c.K);
+    const TensorView wsv = view1(ws.data(), DType::kFloat32, c.N), bv = view1(bias.data(), DType::kFloat32, c.N);
+    std::vector<float> ref(c.M * c.N), got(c.M * c.N, -1.0f);
+    linear_int8(qv, av, c.zp, wv, wsv, &bv, view2(ref.data(), DType::kFloat32, c.M, c.N), GemmBackend::kReference);
+    linear_int8(qv, av, c.zp, wv, wsv, &bv, view2(got.data(), DType::kFloat32, c.M, c.N), GemmBackend::kNative);
+    for (int64_t i = 0; i < c.M * c.N; ++i) ASSERT_EQ(got[i], ref[i]) << "M=" << c.M << " K=" << c.K << " i=" << i;
+  }
+}
+
 TEST(GemmInt8, EmptyReductionGivesTheBias) {
   std::vector<uint8_t> qx(1);
   std::vector<int8_t> w(1);

@@ -1,0 +1,261 @@
+// Exact INT8 GEMM for many activation rows on AVX2 CPUs without VNNI (compiled with
+// -mavx2 -mfma): the GEMV's arithmetic (gemm_int8_avx2.cpp: vpmaddubsw(|w|, sign(c, w)) with
+// codes c in [-127, 127], exact) in a GEMM layout. The weight is packed once per call into
+// panels of 8 output columns x 4 k (32 bytes: column j's 4 values at bytes 4j..4j+3), so one
+// vector product adds 4 k into 8 outputs and no horizontal sums are left; each activation row
+// reads 4 codes per step as one broadcast. Register tiles of 4 rows x 16 columns.
+//
+// Codes. u8 codes q with zero point zp become c = q - s, s = 128 or 127, whichever leaves
+// fewer codes outside [-127, 127] in this call (q = 0 for 128, q = 255 for 127: post-ReLU
+// activations with zp = 0 are full of q = 0, symmetric ones never reach 255). Those few are
+// clamped and corrected afterwards from a list, exactly:
+//   sum (q - zp) w = sum c' w + sum_{clamped} (c - c') w[k] + (s - zp) sum w
+// s8 codes: s = 0, clamped at -128. The rescale is the reference's expression in its order.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "tensorslim/gemm_int8.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int kMR = 4;    // activation rows per register tile
+constexpr int kNR = 16;   // output columns per register tile (two 8-column panels)
+constexpr int64_t kRowBlock = 64;  // activation rows per task
+
+// One clamped activation code: its column and c - c' (+1 or -1).
+struct Clamp {
+  int32_t k;
+  int32_t delta;
+};
+
+struct Codes {
+  std::vector<int8_t> c;          // [M, Kp] codes c' in [-127, 127], zero past K
+  std::vector<int64_t> first;     // [M + 1] row m's clamps are clamps[first[m] .. first[m+1])
+  std::vector<Clamp> clamps;
+  int32_t shift = 0;              // s
+};
+
+// Bytes equal to v among n.
+int64_t count_byte(const uint8_t* p, int64_t n, uint8_t v) {
+  const __m256i vv = _mm256_set1_epi8(static_cast<char>(v));
+  int64_t count = 0, i = 0;
+  for (; i + 32 <= n; i += 32)
+    count += __builtin_popcount(static_cast<uint32_t>(_mm256_movemask_epi8(
+        _mm256_cmpeq_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), vv))));
+  for (; i < n; ++i) count += p[i] == v;
+  return count;
+}
+
+Codes make_codes(const uint8_t* x, int64_t M, int64_t K, int64_t Kp, bool is_u8) {
+  Codes r;
+  // The one code outside [-127, 127] after the shift: q = 0 (s = 128), 255 (s = 127), s8 -128.
+  uint8_t special = 0x80;
+  if (is_u8) {
+    const bool use_128 = count_byte(x, M * K, 0) <= count_byte(x, M * K, 255);
+    r.shift = use_128 ? 128 : 127;
+    special = use_128 ? 0 : 255;
+  }
+  r.c.assign(M * Kp, 0);
+  std::vector<int64_t> count(M, 0);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(is_u8 ? 0x80 : 0));
+  const __m256i low = _mm256_set1_epi8(-127);
+  const __m256i one = _mm256_set1_epi8(r.shift == 127 ? 1 : 0);
+  auto convert = [&](__m256i q) {  // q - s as s8, clamped into [-127, 127]
+    return _mm256_max_epi8(_mm256_adds_epi8(_mm256_xor_si256(q, flip), one), low);
+  };
+  parallel_for(M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint8_t* row = x + m * K;
+      int8_t* dst = r.c.data() + m * Kp;
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                            convert(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k))));
+      if (k < K) {
+        alignas(32) uint8_t buf[32];
+        std::memset(buf, 0, 32);
+        std::memcpy(buf, row + k, K - k);
+        alignas(32) int8_t cb[32];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(cb), convert(_mm256_load_si256(reinterpret_cast<const __m256i*>(buf))));
+        std::memcpy(dst + k, cb, K - k);
+      }
+      count[m] = count_byte(row, K, special);
+    }
+  });
+  r.first.assign(M + 1, 0);
+  for (int64_t m = 0; m < M; ++m) r.first[m + 1] = r.first[m] + count[m];
+  r.clamps.resize(r.first[M]);
+  const int32_t delta = special == 255 ? 1 : -1;  // c - c'
+  for (int64_t m = 0; m < M; ++m) {
+    Clamp* out = r.clamps.data() + r.first[m];
+    if (count[m])
+      for (int64_t k = 0; k < K; ++k)
+        if (x[m * K + k] == special) *out++ = {static_cast<int32_t>(k), delta};
+  }
+  return r;
+}
+
+// Transposes 8 x 8 dwords in place: v[i] dword j <-> v[j] dword i.
+inline void transpose8x8_epi32(__m256i v[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    v[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Panels of 8 weight rows: [N8][Kq][8 columns][4 k], zero past N and K. Whole panels move
+// 32 k at a time as an 8 x 8 transpose of 4-byte units.
+void pack_weight(const int8_t* w, int64_t N, int64_t K, int64_t Kq, int8_t* dst, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    int8_t* panel = dst + p * Kq * 32;
+    int64_t k0 = 0;
+    if (p * 8 + 8 <= N) {
+      for (; k0 + 32 <= K; k0 += 32) {
+        __m256i v[8];
+        for (int j = 0; j < 8; ++j)
+          v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (p * 8 + j) * K + k0));
+        transpose8x8_epi32(v);
+        for (int q = 0; q < 8; ++q)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(panel + (k0 / 4 + q) * 32), v[q]);
+      }
+    }
+    std::memset(panel + (k0 / 4) * 32, 0, (Kq - k0 / 4) * 32);
+    for (int j = 0; j < 8; ++j) {
+      const int64_t n = p * 8 + j;
+      if (n >= N) break;
+      const int8_t* row = w + n * K;
+      for (int64_t k = k0; k < K; ++k) panel[(k >> 2) * 32 + j * 4 + (k & 3)] = row[k];
+    }
+  }
+}
+
+// acc[r][h] (8 columns each) = sum over k of c'[r] x panel h, for MR rows and NP panels.
+template <int MR, int NP>
+void tile(const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t Kq,
+          int32_t* acc_out /* [MR][16] */) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][NP];
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < NP; ++h) acc[r][h] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < Kq; ++q) {
+    __m256i w[NP], wabs[NP];
+    w[0] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b0 + q * 32));
+    if (NP == 2) w[NP - 1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b1 + q * 32));
+    for (int h = 0; h < NP; ++h) wabs[h] = _mm256_abs_epi8(w[h]);  // -128 -> 128 as unsigned
+    for (int r = 0; r < MR; ++r) {
+      int32_t four;
+      std::memcpy(&four, a + r * lda + q * 4, 4);
+      const __m256i c = _mm256_set1_epi32(four);
+      for (int h = 0; h < NP; ++h) {
+        const __m256i pairs = _mm256_maddubs_epi16(wabs[h], _mm256_sign_epi8(c, w[h]));
+        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < NP; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + r * 16 + h * 8), acc[r][h]);
+}
+
+template <int NP>
+void tile_rows(int mr, const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t Kq,
+               int32_t* acc) {
+  switch (mr) {
+    case 1: return tile<1, NP>(a, lda, b0, b1, Kq, acc);
+    case 2: return tile<2, NP>(a, lda, b0, b1, Kq, acc);
+    case 3: return tile<3, NP>(a, lda, b0, b1, Kq, acc);
+    default: return tile<4, NP>(a, lda, b0, b1, Kq, acc);
+  }
+}
+
+}  // namespace
+
+bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                             const TensorView& qweight, const TensorView& w_scales,
+                             const TensorView* bias, const TensorView& out) {
+  if (active_isa() < Isa::kAVX2) return false;
+  const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
+  const bool is_u8 = qx.dtype == DType::kUInt8;
+  const bool per_token = act_scales.shape[0] == M && M != 1;
+  const int8_t* wq = qweight.ptr<int8_t>();
+  const float* as = act_scales.ptr<float>();
+  const float* ws = w_scales.ptr<float>();
+  const float* b = bias ? bias->ptr<float>() : nullptr;
+  float* y = out.ptr<float>();
+  const int64_t Kq = (K + 3) / 4, Kp = Kq * 4;
+  const int64_t N8 = (N + 7) / 8;
+
+  const Codes codes = make_codes(qx.ptr<uint8_t>(), M, K, Kp, is_u8);
+  const int32_t shift_back = is_u8 ? codes.shift - act_zero_point : 0;
+  struct alignas(32) Block { int8_t v[32]; };
+  std::vector<Block> packed(N8 * Kq);
+  int8_t* panels = packed.front().v;
+  std::vector<int32_t> wsum(N8 * 8, 0);
+  parallel_for(N8, std::max<int64_t>(1, 4096 / std::max<int64_t>(Kq, 1)), [&](int64_t p0, int64_t p1) {
+    pack_weight(wq, N, K, Kq, panels, p0, p1);
+    if (shift_back)
+      for (int64_t n = p0 * 8; n < std::min(N, p1 * 8); ++n) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += wq[n * K + k];  // auto-vectorized
+        wsum[n] = s;
+      }
+  });
+
+  const int64_t col_tiles = (N + kNR - 1) / kNR;
+  const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  parallel_for(col_tiles * row_blocks, 1, [&](int64_t t0, int64_t t1) {
+    alignas(32) int32_t acc[kMR * 16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t ct = t % col_tiles, rb = t / col_tiles;
+      const int64_t n0 = ct * kNR, nr = std::min<int64_t>(kNR, N - n0);
+      const int8_t* b0 = panels + (n0 / 8) * Kq * 32;
+      const int8_t* b1 = b0 + Kq * 32;
+      for (int64_t m0 = rb * kRowBlock; m0 < std::min(M, (rb + 1) * kRowBlock); m0 += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+        const int8_t* a = codes.c.data() + m0 * Kp;
+        if (nr > 8)
+          tile_rows<2>(mr, a, Kp, b0, b1, Kq, acc);
+        else
+          tile_rows<1>(mr, a, Kp, b0, b1, Kq, acc);
+        for (int r = 0; r < mr; ++r) {
+          const int64_t m = m0 + r;
+          int32_t* accr = acc + r * 16;
+          for (int64_t i = codes.first[m]; i < codes.first[m + 1]; ++i) {  // rare
+            const Clamp& cl = codes.clamps[i];
+            for (int64_t j = 0; j < nr; ++j) accr[j] += cl.delta * wq[(n0 + j) * K + cl.k];
+          }
+          const float a_s = as[per_token ? m : 0];
+          float* yr = y + m * N + n0;
+          for (int64_t j = 0; j < nr; ++j) {
+            const int32_t v = accr[j] + shift_back * wsum[n0 + j];
+            float o = static_cast<float>(v) * (a_s * ws[n0 + j]);
+            if (b) o += b[n0 + j];
+            yr[j] = o;
+          }
+        }
+      }
+    }
+  });
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
