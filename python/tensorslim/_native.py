@@ -1,10 +1,13 @@
 """Loads the native core tensorslim._C.
 
-Threads: the core runs its parallel regions on its own small pool (blocking waits).
-TENSORSLIM_THREADS=openmp runs them on torch's OpenMP team instead (found in
-/proc/self/maps), so kernels and torch ops share one set of threads; measured in
-docs/benchmarks.md: it only pays on an otherwise idle machine, because libgomp's
-busy-waiting barrier collapses (0.5 ms -> 8 ms per call) when cores are oversubscribed.
+Threads: the core runs its parallel regions on torch's OpenMP team when torch loaded one
+(found in /proc/self/maps), so kernels and torch ops share one set of threads. With a pool
+of its own, torch's team keeps spinning after each torch op on the cores our workers need:
+MiniLM with dynamic INT8 ran 0.88x fp32 that way and 1.21x on the shared team (AVX2,
+docs/benchmarks.md). Forked children fall back to the own pool (libgomp's team does not
+survive fork). TENSORSLIM_THREADS=own keeps the own pool (TENSORSLIM_NUM_THREADS threads,
+the default when that is set): it degrades less on an oversubscribed machine, where
+libgomp's spinning barrier collapses (0.5 ms -> 8 ms per call measured under load).
 
 oneDNN's CPU engine in the pip wheel runs on the SYCL runtime, which finds its
 OpenCL CPU device through the ICD loader; point the loader at the wheel's
@@ -59,15 +62,21 @@ def loaded_openmp_runtime() -> str:
 
 
 def _configure_threads() -> None:
-    choice = os.environ.get("TENSORSLIM_THREADS", "own").lower()
-    if choice not in ("own", "openmp"):
-        raise ValueError(f"TENSORSLIM_THREADS must be 'own' or 'openmp', got {choice!r}")
-    if choice == "openmp":
-        path = loaded_openmp_runtime()
-        if not path:
-            raise ValueError("TENSORSLIM_THREADS=openmp: no OpenMP runtime is loaded in this process")
-        if not _C.use_host_openmp(path):
-            raise ValueError(f"TENSORSLIM_THREADS=openmp: {path} lacks the GOMP entry points")
+    default = "own" if "TENSORSLIM_NUM_THREADS" in os.environ else "auto"
+    choice = os.environ.get("TENSORSLIM_THREADS", default).lower()
+    if choice not in ("auto", "own", "openmp"):
+        raise ValueError(f"TENSORSLIM_THREADS must be 'auto', 'own' or 'openmp', got {choice!r}")
+    if choice == "own":
+        return
+    path = loaded_openmp_runtime()
+    if choice == "auto":  # the shared team where there is one, else the own pool
+        if path:
+            _C.use_host_openmp(path)
+        return
+    if not path:
+        raise ValueError("TENSORSLIM_THREADS=openmp: no OpenMP runtime is loaded in this process")
+    if not _C.use_host_openmp(path):
+        raise ValueError(f"TENSORSLIM_THREADS=openmp: {path} lacks the GOMP entry points")
 
 
 def _check_thread_count() -> None:

@@ -153,8 +153,11 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
                      "linear_weight_only: oneDNN has no implementation for this format/shape");
       return;
     case GemmBackend::kAuto:
-      // Where oneDNN cannot run (a forked child), our kernel takes every batch size.
-      if ((x.shape[0] <= kNativeMaxRows || !cpu::onednn_usable()) &&
+      // Above the GEMV's rows oneDNN's weight-decompression matmul runs on AVX-512 (measured
+      // the faster there); on AVX2 our panel GEMM, which runs on torch's threads where oneDNN's
+      // runtime threads contend with them inside a model (MiniLM INT8 batch 1: 1.10x fp32
+      // against 0.45x). Where oneDNN cannot run (a forked child), ours takes every batch size.
+      if ((x.shape[0] <= kNativeMaxRows || !cpu::onednn_usable() || cpu::active_isa() < cpu::Isa::kAVX512) &&
           cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size,
                                          out))
         return;

@@ -211,10 +211,16 @@ void omp_trampoline(void* data) {
   in_parallel = false;
 }
 
+// The host's OpenMP team, except in a forked child: GNU libgomp keeps the parent's team
+// there, whose threads fork did not copy, and its next region would wait for them forever.
+const HostOpenMP* usable_host_omp() {
+  return forked_child.load(std::memory_order_relaxed) ? nullptr : host_omp.load();
+}
+
 }  // namespace
 
 int num_threads() {
-  const HostOpenMP* omp = host_omp.load();
+  const HostOpenMP* omp = usable_host_omp();
   return omp ? std::max(1, omp->max_threads()) : pool().size();
 }
 void set_num_threads(int n) { pool().resize(clamp_threads(n)); }
@@ -245,7 +251,7 @@ bool use_host_openmp(const char* library_path) {
   return true;
 }
 
-const char* threading_backend() { return host_omp.load() ? "host openmp" : "own pool"; }
+const char* threading_backend() { return usable_host_omp() ? "host openmp" : "own pool"; }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
@@ -253,7 +259,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     fn(0, n);
     return;
   }
-  if (const HostOpenMP* omp = host_omp.load()) {
+  if (const HostOpenMP* omp = usable_host_omp()) {
     OmpRegion region{&fn, omp, n, {}, nullptr};
     omp->parallel(omp_trampoline, &region, 0, 0);  // 0: the host's current thread count
     if (region.error) std::rethrow_exception(region.error);
