@@ -96,11 +96,12 @@ def test_bad_thread_counts_fall_back_to_the_cpus(value):
 
 
 def test_set_num_threads_clamps():
-    saved = ts._C.num_threads()
-    try:
-        ts._C.set_num_threads(10 ** 6)
-        assert ts._C.num_threads() == len(os.sched_getaffinity(0))
-        ts._C.set_num_threads(0)
-        assert ts._C.num_threads() == 1
-    finally:
-        ts._C.set_num_threads(saved)
+    # The own pool's size (torch's team, the default, follows torch.set_num_threads).
+    script = ("import os, tensorslim as ts\n"
+              "ts._C.set_num_threads(10 ** 6)\n"
+              "a = ts._C.num_threads() == len(os.sched_getaffinity(0))\n"
+              "ts._C.set_num_threads(0)\n"
+              "print(ts._C.threading_backend(), a, ts._C.num_threads() == 1)")
+    res = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TENSORSLIM_THREADS="own"),
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert res.stdout.split() == ["own", "pool", "True", "True"]

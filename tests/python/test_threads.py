@@ -1,4 +1,5 @@
-"""The core's threads: its own pool, or torch's OpenMP team with TENSORSLIM_THREADS=openmp."""
+"""The core's threads: torch's OpenMP team by default (where torch loaded one), or its own pool
+(TENSORSLIM_THREADS=own, TENSORSLIM_NUM_THREADS set, forked children)."""
 import os
 import subprocess
 import sys
@@ -29,9 +30,33 @@ def _run(tmp_path, threads: str):
     return res.stdout.strip().splitlines()[-1], torch.load(out)
 
 
-def test_own_pool_by_default():
-    if os.environ.get("TENSORSLIM_THREADS", "own") == "own":
-        assert _C.threading_backend() == "own pool"
+def _backend(env_extra: dict, script: str = "import tensorslim as ts; print(ts._C.threading_backend())"):
+    env = {k: v for k, v in os.environ.items() if k not in ("TENSORSLIM_THREADS", "TENSORSLIM_NUM_THREADS")}
+    res = subprocess.run([sys.executable, "-c", script], env=dict(env, **env_extra),
+                         capture_output=True, text=True, check=True)
+    return res.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not loaded_openmp_runtime(), reason="torch loaded no OpenMP runtime")
+def test_torchs_team_by_default_own_pool_on_request():
+    assert _backend({}) == "host openmp"
+    assert _backend({"TENSORSLIM_THREADS": "auto"}) == "host openmp"
+    assert _backend({"TENSORSLIM_THREADS": "own"}) == "own pool"
+    # A thread count for the core asks for its own pool.
+    assert _backend({"TENSORSLIM_NUM_THREADS": "1"}) == "own pool"
+
+
+@pytest.mark.skipif(not loaded_openmp_runtime(), reason="torch loaded no OpenMP runtime")
+def test_forked_child_leaves_torchs_team():
+    # libgomp's team does not survive fork: a child that ran a region on it would hang.
+    script = ("import os, torch, tensorslim as ts\n"
+              "before = ts._C.threading_backend()\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    os._exit(0 if ts._C.threading_backend() == 'own pool' else 3)\n"
+              "_, status = os.waitpid(pid, 0)\n"
+              "print(before, os.waitstatus_to_exitcode(status))")
+    assert _backend({}, script) == "host openmp 0"
 
 
 @pytest.mark.skipif(not loaded_openmp_runtime(), reason="torch loaded no OpenMP runtime")
@@ -75,34 +100,43 @@ def test_bad_threads_setting_is_rejected():
     env = dict(os.environ, TENSORSLIM_THREADS="fast")
     res = subprocess.run([sys.executable, "-c", "import tensorslim"], env=env, capture_output=True,
                          text=True)
-    assert res.returncode != 0 and "TENSORSLIM_THREADS must be 'own' or 'openmp'" in res.stderr
+    assert res.returncode != 0 and "TENSORSLIM_THREADS must be 'auto', 'own' or 'openmp'" in res.stderr
 
 
-def test_resizing_the_pool_while_other_threads_run_kernels():
-    import threading
+RESIZE_SCRIPT = r"""
+import threading, torch, tensorslim as ts
+from tensorslim._native import _C
+torch.manual_seed(0)
+qw = torch.randint(-128, 128, (2048, 1024), dtype=torch.int8)
+qx = torch.randint(0, 256, (4, 1024), dtype=torch.uint8)
+args = (qx, torch.full((1,), 0.01), 120, qw, torch.rand(2048), None)
+want = ts.ops.linear_int8(*args, backend="native")  # on the core's threads, every AVX2+ CPU
+done, wrong = threading.Event(), []
 
-    torch.manual_seed(0)
-    qw = torch.randint(-128, 128, (2048, 1024), dtype=torch.int8)
-    qx = torch.randint(0, 256, (4, 1024), dtype=torch.uint8)
-    args = (qx, torch.full((1,), 0.01), 120, qw, torch.rand(2048), None)
-    want = ts.ops.linear_int8(*args, backend="native")  # on the core's pool, every AVX2+ CPU
-    done, wrong = threading.Event(), []
+def run():
+    while not done.is_set():
+        if not torch.equal(ts.ops.linear_int8(*args, backend="native"), want):
+            wrong.append(1)
 
-    def run():
-        while not done.is_set():
-            if not torch.equal(ts.ops.linear_int8(*args, backend="native"), want):
-                wrong.append(1)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    before = _C.num_threads()
+threads = [threading.Thread(target=run) for _ in range(2)]
+before = _C.num_threads()
+for t in threads:
+    t.start()
+try:
+    for n in [1, 3, 2, 4] * 5:  # workers are never stopped in the middle of a region
+        _C.set_num_threads(n)
+finally:
+    done.set()
     for t in threads:
-        t.start()
-    try:
-        for n in [1, 3, 2, 4] * 5:  # workers are never stopped in the middle of a region
-            _C.set_num_threads(n)
-    finally:
-        done.set()
-        for t in threads:
-            t.join(timeout=30)
-        _C.set_num_threads(before)
-    assert not any(t.is_alive() for t in threads) and not wrong
+        t.join(timeout=30)
+    _C.set_num_threads(before)
+print(_C.threading_backend(), not any(t.is_alive() for t in threads) and not wrong)
+"""
+
+
+@pytest.mark.parametrize("threads", ["own", "auto"])
+def test_resizing_the_pool_while_other_threads_run_kernels(threads):
+    # Own pool: resized under running kernels. Torch's team: two callers at once.
+    res = subprocess.run([sys.executable, "-c", RESIZE_SCRIPT], env=dict(os.environ, TENSORSLIM_THREADS=threads),
+                         capture_output=True, text=True, check=True, timeout=300)
+    assert res.stdout.split()[-1] == "True"
