@@ -1,5 +1,6 @@
 // linear_lowbit on the CPU: argument checks, the scalar reference, and the choice
-// between the fused AVX-512 / AVX2 decode GEMV (small batch) and decode-once + oneDNN sgemm.
+// between the fused AVX-512 / AVX2 decode GEMV (small batch) and, above it, decode-once +
+// our panel GEMM (AVX2) or oneDNN's sgemm (AVX-512).
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <vector>
 
 #include "onednn_engine.h"
+#include "panel_gemm.h"
 #include "parallel.h"
 #include "tensorslim/lowbit.h"
 #include "tensorslim/quantize.h"
@@ -158,6 +160,23 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
   if (M == 0 || N == 0) return;
   if (backend == GemmBackend::kReference) {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
+  } else if (lanes == 8 && M > lowbit_gemv_max_rows()) {
+    // AVX2: our panel GEMM, which runs on torch's threads; oneDNN's sgemm runs on its own
+    // runtime's, which contend with torch's inside a model (docs/benchmarks.md).
+    cpu::PanelGemmProblem p;
+    p.x = xp;
+    p.ldx = x.strides[0];
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.decode = [&](int64_t n0, int64_t rows, float* dst) {
+      for (int64_t r = 0; r < rows; ++r) cpu::dequantize_row_native(lanes, w, n0 + r, K, dst + r * K);
+    };
+    p.bias = bp;
+    p.out = op;
+    p.ldo = out.strides[0];
+    p.out_bf16 = false;
+    cpu::panel_gemm(p);
   } else if (workspace && M > lowbit_gemv_max_rows() && cpu::onednn_usable()) {
     decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
                       workspace->ptr<float>(), workspace->shape[0], lanes);
