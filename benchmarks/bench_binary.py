@@ -38,7 +38,7 @@ def main():
         ts._C.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
-          f"tensorslim threads, VPOPCNTDQ {'yes' if ts._C.has_vpopcntdq() else 'no'}; {isa_line}")
+          f"tensorslim threads ({ts._C.threading_backend()}), VPOPCNTDQ {'yes' if ts._C.has_vpopcntdq() else 'no'}; {isa_line}")
     head = (f"{'K x N':>11} {'M':>3} | {'fp32 ms':>8} | {'binary ms':>9} {'x fp32':>7} | {'ternary ms':>10} "
             f"{'x fp32':>7} | {'xnor ms':>8} {'x fp32':>7}")
     print(head)

@@ -73,7 +73,7 @@ def main():
     torch.manual_seed(0)
     print(f"{cpu_name()}, tensorslim ISA {ts._C.active_isa()}, ONEDNN_MAX_CPU_ISA="
           f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()} (tensorslim: {ts._C.threading_backend()})")
     print("(--isa caps ours and oneDNN only: torch fp32 and torch.ao run at their own best ISA)")
     print(f"{'shape':<24} {'batch':>5} {'fp32 ms':>9} {'torch.ao ms':>12} {'ours ms':>9} {'ours/fp32':>10} "
           f"{'ours/torch.ao':>14}  kernel")

@@ -31,7 +31,7 @@ def main():
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {isa_line}, "
-          f"{_C.num_threads()} tensorslim threads")
+          f"{_C.num_threads()} tensorslim threads ({_C.threading_backend()})")
     print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s\n")
     header = (f"{'K x N':>12} {'M':>3} | {'fp32 ms':>8} | {'int8 ms':>8} {'x fp32':>7} {'%bw':>5} "
               f"| {'int4 ms':>8} {'x fp32':>7} {'%bw':>5} | native / oneDNN ms: {'int8':>15} {'int4':>15}")

@@ -54,7 +54,7 @@ def main():
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
-          f"{ts._C.num_threads()} tensorslim threads; {isa_line}")
+          f"{ts._C.num_threads()} tensorslim threads ({ts._C.threading_backend()}); {isa_line}")
     print(f"clock: {'thread CPU time' if args.cpu_time else 'wall'}; "
           f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f} "
           "(other work on the machine inflates every time)\n")

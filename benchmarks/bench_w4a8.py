@@ -47,7 +47,7 @@ def main():
     int8 = quantized(linear, ts.Int8Dynamic(skip_output_head=False))
     w4a8 = quantized(linear, ts.W4A8(group_size=128, skip_output_head=False))
     print(f"{cpu_name()}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"tensorslim threads {ts._C.num_threads()}, K={K} N={N}, "
+          f"tensorslim threads {ts._C.num_threads()} ({ts._C.threading_backend()}), K={K} N={N}, "
           f"W4A8 kernel: {ts.ops.w4a8.kernel_name(K, 128)}; {isa_line}")
     print(f"{'batch':>6} {'fp32 ms':>9} {'int4-wo ms':>11} {'int8-dyn ms':>12} {'w4a8 ms':>9} "
           f"{'w4a8/fp32':>10} {'w4a8/int4-wo':>13} {'w4a8/int8-dyn':>14} {'GOPS w4a8':>10}")

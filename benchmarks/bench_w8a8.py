@@ -48,7 +48,8 @@ def main():
                                                            linear.weight.detach().abs().amax(1) / 127,
                                                            torch.zeros(N, dtype=torch.long), 0, torch.qint8),
                                 linear.bias.detach())
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, K={K} N={N}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (tensorslim: "
+          f"{ts._C.threading_backend()}, ISA {ts._C.active_isa()}), K={K} N={N}")
     head = f"{'batch':>6} {'fp32 ms':>9} {'torch-dyn ms':>13} {'ours-static ms':>15} {'ours-dyn ms':>12} " \
            f"{'static/fp32':>12} {'dyn/fp32':>9} {'dyn/torch-dyn':>14}  {'GOPS static':>11}"
     print(head)
