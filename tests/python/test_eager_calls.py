@@ -57,3 +57,24 @@ def test_fake_tensors_and_compile_take_the_op():
     compiled = torch.compile(lambda t: layer(t), backend="eager", fullgraph=True)
     x = torch.randn(4, 64)
     assert torch.equal(compiled(x), layer(x))
+
+
+def test_sparse_linears_call_directly_and_agree():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Linear(40, 24))
+    ts.sparsify(m, ts.NM(2, 4), progress=False)
+    csr = torch.nn.Sequential(torch.nn.Linear(64, 40))
+    with torch.no_grad():
+        csr[0].weight.mul_(torch.rand(40, 64) > 0.8)
+    ts.sparsify(csr, ts.SparseStorage(layout="csr"), progress=False)
+    x = torch.randn(3, 64)
+    nm, cs = m[0], csr[0]
+    nm_args = (x, nm.values, nm.indices, nm.scales, nm.bias, 2, 4)
+    cs_args = (x, cs.values, cs.cols, cs.row_ptr, cs.scales, cs.bias)
+    assert _eager._direct_ok(nm_args) and _eager._direct_ok(cs_args)
+    assert torch.equal(ops.sparse._nm_linear_impl(*nm_args), ops.sparse._nm_linear(*nm_args))
+    assert torch.equal(ops.sparse._csr_linear_impl(*cs_args), ops.sparse._csr_linear(*cs_args))
+    with _Seen() as seen:
+        nm(x), cs(x)
+    assert any("tensorslim.nm_linear" in n for n in seen.names)
+    assert any("tensorslim.csr_linear" in n for n in seen.names)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _views
+from . import _eager
 from .._native import _C
 
 SPARSE_BACKENDS = ("auto", "native", "reference")
@@ -235,8 +236,7 @@ def _workspace(rows: int, in_features: int):
     return torch.empty(size, dtype=torch.float32) if size else None
 
 
-@torch.library.custom_op("tensorslim::nm_linear", mutates_args=(), device_types="cpu")
-def _nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
+def _nm_linear_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], n: int, m: int) -> torch.Tensor:
     out = torch.empty(x.shape[0], values.shape[0], dtype=torch.float32)
     ws = _workspace(x.shape[0], x.shape[1])
@@ -246,13 +246,15 @@ def _nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, sca
     return out
 
 
+_nm_linear = torch.library.custom_op("tensorslim::nm_linear", mutates_args=(), device_types="cpu")(_nm_linear_impl)
+
+
 @_nm_linear.register_fake
 def _nm_linear_fake(x, values, indices, scales, bias, n, m):
     return x.new_empty(x.shape[0], values.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("tensorslim::csr_linear", mutates_args=(), device_types="cpu")
-def _csr_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
+def _csr_linear_impl(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
                 scales: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty(x.shape[0], row_ptr.shape[0] - 1, dtype=torch.float32)
     ws = _workspace(x.shape[0], x.shape[1])
@@ -260,6 +262,9 @@ def _csr_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_p
                   _views.view(row_ptr, "row_ptr"), _views.optional_view(scales, "scales"),
                   _views.optional_view(bias, "bias"), _views.view(out, "out"), _views.optional_view(ws, "workspace"))
     return out
+
+
+_csr_linear = torch.library.custom_op("tensorslim::csr_linear", mutates_args=(), device_types="cpu")(_csr_linear_impl)
 
 
 @_csr_linear.register_fake
@@ -337,7 +342,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scal
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).float()
     if _pick(backend, (x, values, indices, scales, bias), fn):
-        y = _nm_linear(x2.contiguous(), values.contiguous(), indices.contiguous(), _c(scales), _c(bias), n, m)
+        y = _eager.call(_nm_linear, _nm_linear_impl, x2.contiguous(), values.contiguous(), indices.contiguous(),
+                        _c(scales), _c(bias), n, m)
     else:
         y = F.linear(x2, nm_unpack_reference(values, indices, scales, n, m, in_features), bias)
     return y.to(x.dtype).reshape(*lead, rows)
@@ -354,8 +360,8 @@ def csr_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_pt
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).float()
     if _pick(backend, (x, values, cols, row_ptr, scales, bias), fn):
-        y = _csr_linear(x2.contiguous(), values.contiguous(), cols.contiguous(), row_ptr.contiguous(), _c(scales),
-                        _c(bias))
+        y = _eager.call(_csr_linear, _csr_linear_impl, x2.contiguous(), values.contiguous(), cols.contiguous(),
+                        row_ptr.contiguous(), _c(scales), _c(bias))
     else:
         y = F.linear(x2, csr_unpack_reference(values, cols, row_ptr, scales, in_features), bias)
     return y.to(x.dtype).reshape(*lead, rows)
