@@ -383,9 +383,9 @@ TS_TARGET bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int
   return t_all_widths<CsrRows<VT>>(w, a, r0, r1);
 }
 
-// CSR, small batches. A row's columns are checked once (max_col) before any x is read at
-// them, so the inner loops carry no per-entry bounds test; a row with a column >= K is
-// skipped and reported (the call fails). Entries past the row's end that a full 8-lane load
+// CSR, small batches. A row's columns are checked before any x is read at them (batch 1: the
+// gathers are masked; batches 2..8: max_col first), so no x is read out of bounds; a row
+// with a column >= K is reported (the call fails). Entries past the row's end that a full 8-lane load
 // reads (inside the buffer) are masked off; only the buffer's last entries are copied.
 
 // The largest of n columns at c (0 for none).
@@ -400,19 +400,29 @@ TS_TARGET inline unsigned max_col(const uint16_t* c, int64_t n) {
   return best;
 }
 
-// Batch 1: x gathered at 8 columns per step, two FMA chains.
+// Batch 1: x gathered at 8 columns per step, two FMA chains. The gathers are masked by
+// column < K, which checks the row in the same pass (a separate pass over its columns first
+// made each row two memory phases instead of one); *bad collects the lanes that failed.
 template <DType VT>
-TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, int64_t nnz) {
+TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, int64_t nnz,
+                         __m256i& bad) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i kv = _mm256_set1_epi32(static_cast<int>(w.K));
+  auto gather = [&](__m256i col, __m256 use) TS_TARGET {
+    const __m256 ok = _mm256_and_ps(use, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col)));
+    bad = _mm256_or_si256(bad, _mm256_castps_si256(_mm256_andnot_ps(ok, use)));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, col, ok, 4);
+  };
   auto cols8 = [&](int64_t i) TS_TARGET {
     return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + i)));
   };
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (; e + 2 * W <= e1; e += 2 * W) {
-    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), _mm256_i32gather_ps(x, cols8(e), 4), acc0);
-    acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), _mm256_i32gather_ps(x, cols8(e + W), 4), acc1);
+    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), gather(cols8(e), all), acc0);
+    acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), gather(cols8(e + W), all), acc1);
   }
   if (e + W <= e1) {
-    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), _mm256_i32gather_ps(x, cols8(e), 4), acc0);
+    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), gather(cols8(e), all), acc0);
     e += W;
   }
   if (e < e1) {
@@ -429,26 +439,18 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
       col = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
       vals = load_vals<VT>(w.values, e, count);
     }
-    col = _mm256_and_si256(col, _mm256_castps_si256(use));  // lanes past the row read x[0], masked
-    const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, col, use, 4);
-    acc1 = _mm256_fmadd_ps(_mm256_and_ps(vals, use), xv, acc1);
+    acc1 = _mm256_fmadd_ps(_mm256_and_ps(vals, use), gather(col, use), acc1);  // lanes past the row: 0 x 0
   }
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
 template <DType VT>
 TS_TARGET bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  bool bad = false;
   const int64_t nnz = w.row_ptr[w.N];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t e0 = w.row_ptr[r], e1 = w.row_ptr[r + 1];
-    if (e1 > e0 && max_col(w.cols + e0, e1 - e0) >= w.K) {
-      bad = true;
-      continue;
-    }
-    store_out(w, a, r, 0, csr_dot1<VT>(w, a.x, e0, e1, nnz));
-  }
-  return bad;
+  __m256i bad = _mm256_setzero_si256();
+  for (int64_t r = r0; r < r1; ++r)
+    store_out(w, a, r, 0, csr_dot1<VT>(w, a.x, w.row_ptr[r], w.row_ptr[r + 1], nnz, bad));
+  return !_mm256_testz_si256(bad, bad);
 }
 
 // Batches 2..8 on x transposed to [K, ST] (SparseBatch::xt): each entry is one broadcast value
