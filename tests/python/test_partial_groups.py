@@ -261,3 +261,14 @@ def test_bad_group_sizes_raise_clearly():
     with pytest.raises(ValueError):
         ts.quantize(model, ts.Int8WeightOnly(group_size=-1), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_report_names_the_short_group_and_one_group_rows():
+    # 576 in g128: four groups and a last one of 64; 100 in g128: one group, i.e. per channel.
+    model = _model()
+    report = ts.quantize(model, ts.Int4WeightOnly(group_size=128), progress=False)
+    want = {"0": "int4 g128 (last group 64)", "2": "int4 g128 (last group 104)",
+            "4": "int4 g128 (last group 64)", "6": "int4 per-channel"}
+    rows = {r.name: r for r in report.changed}
+    for name, text in want.items():
+        assert model[int(name)].describe() == text and rows[name].format == text

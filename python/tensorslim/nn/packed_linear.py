@@ -36,9 +36,12 @@ class PackedLinear(CompressedLinear):
                 "bias": self.bias is not None}
 
     def describe(self) -> str:
-        """The format as summaries print it, e.g. 'int4 g128' or 'fp8_e4m3 per-channel'."""
-        group = "per-channel" if self.group_size == self.in_features else f"g{self.group_size}"
-        return f"{self.fmt} {group}"
+        """The format as summaries print it, e.g. 'int4 g128', 'int4 g128 (last group 64)' for a
+        576-wide layer, or 'fp8_e4m3 per-channel' (also what one group wider than the row is)."""
+        g, k = self.group_size, self.in_features
+        if g >= k:
+            return f"{self.fmt} per-channel"
+        return f"{self.fmt} g{g}" + (f" (last group {k % g})" if k % g else "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
