@@ -127,3 +127,21 @@ def test_half_changes_output_dtype_not_the_table():
     assert out.dtype == torch.float16 and torch.equal(out, ref.half())
     with pytest.raises(TypeError, match="float64"):
         q.double()
+
+
+@pytest.mark.parametrize("fmt_sym", [True, False])
+def test_short_last_group_instead_of_per_row(tmp_path, fmt_sym):
+    # 72 wide in groups of 32: two whole groups and one of 8 (it used to fall back to per row).
+    model = _Model(dim=72)
+    fmt = "int4" if fmt_sym else "uint4"
+    table = _reference_table(model.embed.weight.detach(), fmt, 32)
+    report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, symmetric=fmt_sym, embedding_bits=4),
+                         progress=False)
+    assert model.embed.group_size == 32 and model.embed.scales.shape == (200, 3)
+    assert {c.name: c.format for c in report.changed}["embed"] == f"{fmt} g32 (last group 8)"
+    ids = torch.randint(0, 200, (3, 9))
+    assert torch.equal(model.embed(ids), table[ids])
+    path = tmp_path / "m.slim.safetensors"
+    ts.save(model, path)
+    fresh = ts.load(_Model(dim=72), path)
+    assert torch.equal(fresh.embed(ids), table[ids]) and torch.equal(fresh.bag.weight, model.bag.weight)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import get_format
+from ..formats import get_format, num_groups
 from .compute_dtype import KeepsPackedDtypes
 
 
@@ -26,11 +26,11 @@ class _PackedTable(KeepsPackedDtypes):
         spec = get_format(fmt)
         if not fmt.startswith(("int", "uint")):
             raise ValueError(f"{type(self).__name__}: format must be an integer format (int8, uint4, ...), got {fmt!r}")
-        if group_size <= 0 or embedding_dim % group_size:
-            raise ValueError(f"{type(self).__name__}: group_size {group_size} does not divide embedding_dim "
-                             f"{embedding_dim}")
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"{type(self).__name__}: group_size must be a positive int, got {group_size!r}")
+        group_size = min(group_size, embedding_dim)  # one group wider than the row is per row
         self.num_embeddings, self.embedding_dim, self.fmt, self.group_size = num_embeddings, embedding_dim, fmt, group_size
-        groups = embedding_dim // group_size
+        groups = num_groups(embedding_dim, group_size)  # the last one short where group_size does not divide
         self.register_buffer("qweight", torch.zeros(num_embeddings, spec.packed_cols(embedding_dim),
                                                     dtype=spec.code_dtype, device=device))
         self.register_buffer("scales", torch.ones(num_embeddings, groups, device=device))
@@ -80,8 +80,10 @@ class _PackedTable(KeepsPackedDtypes):
         return 4 * self.num_embeddings * self.embedding_dim
 
     def describe(self) -> str:
-        group = "per-row" if self.group_size == self.embedding_dim else f"g{self.group_size}"
-        return f"{self.fmt} {group}"
+        g, dim = self.group_size, self.embedding_dim
+        if g == dim:
+            return f"{self.fmt} per-row"
+        return f"{self.fmt} g{g}" + (f" (last group {dim % g})" if dim % g else "")
 
     def _spec(self) -> dict:
         return {"kind": self.kind, "format": self.fmt, "group_size": self.group_size,

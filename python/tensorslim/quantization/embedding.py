@@ -1,6 +1,7 @@
 """Embedding tables in the integer weight-only recipes: nn.Embedding / nn.EmbeddingBag become
 QuantizedEmbedding / QuantizedEmbeddingBag with the config's embedding_bits (default 8, per row;
-narrower tables use the config's group size where it divides the width, else per row). include / exclude select them like any layer; a table tied to an
+narrower tables use the config's group size, the last group short where it does not divide the
+width, as for the linears). include / exclude select them like any layer; a table tied to an
 output Linear (lm_head.weight is embed.weight) stays float and is reported, so the two stay one
 tensor instead of being silently duplicated.
 
@@ -46,8 +47,7 @@ def plan(model: nn.Module, cfg) -> Plan:
     for name, mod in model.named_modules():
         if type(mod) not in (nn.Embedding, nn.EmbeddingBag):
             continue
-        group = (cfg.group_size if bits < 8 and cfg.group_size and mod.embedding_dim % cfg.group_size == 0
-                 else None)
+        group = cfg.group_size if bits < 8 and cfg.group_size and cfg.group_size < mod.embedding_dim else None
         reason = _selected(name, mod, cfg)
         if reason is None and id(mod.weight) in heads:
             reason = (f"tied to the output layer '{heads[id(mod.weight)]}' (kept float so the two stay one "
