@@ -214,7 +214,7 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
     if (shift_back)
       for (int64_t n = p0 * 8; n < std::min(N, p1 * 8); ++n) {
         int32_t s = 0;
-        for (int64_t k = 0; k < K; ++k) s += wq[n * K + k];  // auto-vectorized
+        for (int64_t k = 0; k < K; ++k) s += wq[n * K + k];
         wsum[n] = s;
       }
   });
