@@ -5,8 +5,10 @@ and the fraction of the memory-bandwidth bound: (bytes the product must move) /
 (copy bandwidth measured in this run) divided by the measured time; then each backend that
 `auto` chooses between (our native kernels, oneDNN), so the dispatch rule can be read off.
 MiniLM's shapes: --shapes 384x384,384x1536,1536x384 --batches 1,8,16,32,160,640
+--ort adds ONNX Runtime's MatMulNBits on the same INT4 g128 weight (accuracy_level 0 and 4;
+benchmarks/ort_peer.py, needs onnxruntime + onnx) and its largest difference from ours.
 
-    python benchmarks/bench_linear.py [--shapes 4096x4096,4096x11008] [--batches 1,8,64] [--isa avx2]
+    python benchmarks/bench_linear.py [--shapes 4096x4096,4096x11008] [--batches 1,8,64] [--isa avx2] [--ort]
 """
 import argparse
 
@@ -18,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tensorslim import _C, ops  # noqa: E402
+from ort_peer import make_int4_matmul  # noqa: E402
 from timing import copy_bandwidth, cpu_name, timeit  # noqa: E402
 
 
@@ -25,6 +28,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x11008", help="KxN list")
     p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--ort", action="store_true", help="ONNX Runtime MatMulNBits on the INT4 weight")
     add_isa_argument(p)
     args = p.parse_args()
     isa_line = check_isa(args)
@@ -42,6 +46,10 @@ def main():
         w = torch.randn(N, K)
         q8 = ops.quantize(w, "int8", K)
         q4 = ops.quantize(w, "int4", 128)
+        ort = {lvl: make_int4_matmul(q4[0], q4[1], K, N, lvl, torch.get_num_threads()) for lvl in (0, 4)} \
+            if args.ort else {}
+        if args.ort and ort[0] is None:
+            raise SystemExit("--ort needs `pip install onnxruntime onnx`")
         for M in (int(v) for v in args.batches.split(",")):
             x = torch.randn(M, K)
             act_bytes = 4 * M * (K + N)
@@ -62,6 +70,16 @@ def main():
                   f"{100 * b8 / bw / t8:4.0f}% | {t4 * 1e3:8.3f} {t32 / t4:6.2f}x {100 * b4 / bw / t4:4.0f}% "
                   f"| {'':19}" + "".join(f"{backends[n, 'native'] * 1e3:7.3f} / {backends[n, 'onednn'] * 1e3:5.3f} "
                                          for n in ("int8", "int4")))
+            if ort:
+                xn = x.numpy()
+                ours = ops.linear_weight_only(x, *q4, None, "int4", 128, K)
+                cells = []
+                for lvl, run in ort.items():
+                    t = timeit(lambda: run(xn))
+                    diff = float((torch.from_numpy(run(xn)) - ours).abs().max() / ours.abs().max())
+                    cells.append(f"accuracy_level {lvl} {t * 1e3:.3f} ms (ours {t / t4:.2f}x its speed, "
+                                 f"max diff {diff:.1e})")
+                print(f"{'':>16} ORT MatMulNBits int4 g128: " + "; ".join(cells))
 
 
 if __name__ == "__main__":
