@@ -20,6 +20,7 @@
 #include "parallel.h"
 #include "tensorslim/gemm_int8.h"
 #include "tensorslim/quantize.h"
+#include "transpose8_avx2.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -102,25 +103,6 @@ Codes make_codes(const uint8_t* x, int64_t M, int64_t K, int64_t Kp, bool is_u8)
   return r;
 }
 
-// Transposes 8 x 8 dwords in place: v[i] dword j <-> v[j] dword i.
-inline void transpose8x8_epi32(__m256i v[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
-    v[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
-  }
-}
-
 // Panels of 8 weight rows: [N8][Kq][8 columns][4 k], zero past N and K. Whole panels move
 // 32 k at a time as an 8 x 8 transpose of 4-byte units.
 void pack_weight(const int8_t* w, int64_t N, int64_t K, int64_t Kq, int8_t* dst, int64_t p0, int64_t p1) {
@@ -132,7 +114,7 @@ void pack_weight(const int8_t* w, int64_t N, int64_t K, int64_t Kq, int8_t* dst,
         __m256i v[8];
         for (int j = 0; j < 8; ++j)
           v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (p * 8 + j) * K + k0));
-        transpose8x8_epi32(v);
+        transpose8(v);
         for (int q = 0; q < 8; ++q)
           _mm256_store_si256(reinterpret_cast<__m256i*>(panel + (k0 / 4 + q) * 32), v[q]);
       }

@@ -11,6 +11,7 @@
 #include "half.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
+#include "transpose8_avx2.h"
 #include "w4a8_panels.h"
 
 namespace tensorslim {
@@ -36,26 +37,6 @@ void relayout_row256(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
       std::memcpy(dst + k, tmp, static_cast<size_t>(std::min<int64_t>(32, Kp - k)));
     }
-  }
-}
-
-// v[r] = 8 dwords of row r  ->  v[j] = dword j of rows 0..7.
-inline void transpose8(__m256i v[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  // u[4b + c], row quad b: 128-bit lane L holds column c + 4L of rows 4b..4b+3.
-  for (int b = 0; b < 8; b += 4) {
-    u[b] = _mm256_unpacklo_epi64(t[b], t[b + 2]);
-    u[b + 1] = _mm256_unpackhi_epi64(t[b], t[b + 2]);
-    u[b + 2] = _mm256_unpacklo_epi64(t[b + 1], t[b + 3]);
-    u[b + 3] = _mm256_unpackhi_epi64(t[b + 1], t[b + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    v[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
-    v[c + 4] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
   }
 }
 
