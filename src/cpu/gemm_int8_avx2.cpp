@@ -3,20 +3,20 @@
 // Without VNNI every x86 u8 x s8 product goes through vpmaddubsw, which adds two products
 // into a saturating int16: 255*127 + 255*127 overflows, and that is where oneDNN's AVX2
 // kernels lose up to half the result. Here both factors of vpmaddubsw stay below that:
-//   c = activation code as s8 (u8 codes: q - 128), clamped to [-127, 127]
+//   c = activation code as s8 (u8 codes: q - 128 or q - 127), clamped to [-127, 127]
 //   vpmaddubsw(|w|, sign(c, w)):  |w| <= 128, |sign(c, w)| <= 127, so a pair sums to at
 //   most 2 * 128 * 127 = 32512 < 32767: exact for every int8 weight, -128 included.
-// Then vpmaddwd with ones widens to int32. What the clamp and the shift changed is added
-// back exactly afterwards:
-//   sum (q - zp) w = sum c' w - sum_{k: c = -128} w[k] + (128 - zp) sum w   (u8)
-//   sum q w        = sum c' w - sum_{k: q = -128} w[k]                      (s8)
-// The rescale is the reference's expression in the same order, so results are bit-exact.
+// Then vpmaddwd with ones widens to int32. The codes, the shift they were given and the exact
+// corrections for the few clamped ones come from int8_codes_avx2.h (shared with the GEMM for
+// 16+ rows, gemm_int8_panels_avx2.cpp). The rescale is the reference's expression in the same
+// order, so results are bit-exact.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "int8_codes_avx2.h"
 #include "parallel.h"
 #include "tensorslim/gemm_int8.h"
 #include "tensorslim/quantize.h"
@@ -28,40 +28,26 @@ namespace {
 constexpr int kMaxRows = 4;  // activation rows per register tile
 constexpr int kMaxCols = 2;  // weight rows (output columns) per register tile
 
-int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
-
-// 32 activation codes as s8 in [-127, 127]: u8 codes are shifted by 128 first.
-inline __m256i load_codes(const uint8_t* p, __m256i shift) {
-  const __m256i c = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), shift);
-  return _mm256_max_epi8(c, _mm256_set1_epi8(-127));
-}
-
-// acc[r][j] = sum_k c'[r][k] * w[j][k] over K, for an MR x NR tile. The K tail is copied
-// into zero-padded buffers (a zero code adds nothing).
+// acc[r][j] = sum_k c'[r][k] * w[j][k] over K, for an MR x NR tile. The codes are padded
+// with zeros to a multiple of 32; the weights' K tail is copied into zero-padded buffers.
 template <int MR, int NR>
-void tile(const uint8_t* const* a, const int8_t* const* w, int64_t K, __m256i shift,
-          int32_t acc_out[kMaxRows][kMaxCols]) {
+void tile(const int8_t* const* a, const int8_t* const* w, int64_t K, int32_t acc_out[kMaxRows][kMaxCols]) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_si256();
-  auto step = [&](const uint8_t* const* ap, const int8_t* const* wp, int64_t k) {
+  auto step = [&](const int8_t* const* wp, int64_t kw, int64_t ka) {  // weights at kw, codes at ka
     __m256i wv[NR], wabs[NR];
     for (int j = 0; j < NR; ++j) {
       // Rows of K = 4096 are one page each, where the hardware prefetchers stop and restart:
       // asking 1 KB ahead keeps the stream going (4096 x 4096 batch 1 on Zen 3, A/B: dynamic
       // 1.20-1.83 -> 1.10-1.29 ms).
-      _mm_prefetch(reinterpret_cast<const char*>(wp[j] + k) + 1024, _MM_HINT_T0);
-      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[j] + k));
+      _mm_prefetch(reinterpret_cast<const char*>(wp[j] + kw) + 1024, _MM_HINT_T0);
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[j] + kw));
       wabs[j] = _mm256_abs_epi8(wv[j]);  // -128 -> 0x80, read as unsigned 128
     }
     for (int r = 0; r < MR; ++r) {
-      const __m256i c = load_codes(ap[r] + k, shift);
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + ka));
       for (int j = 0; j < NR; ++j) {
         const __m256i pairs = _mm256_maddubs_epi16(wabs[j], _mm256_sign_epi8(c, wv[j]));
         acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(pairs, ones));
@@ -69,54 +55,30 @@ void tile(const uint8_t* const* a, const int8_t* const* w, int64_t K, __m256i sh
     }
   };
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) step(a, w, k);
+  for (; k + 32 <= K; k += 32) step(w, k, k);
   if (k < K) {
-    const int64_t rest = K - k;
-    alignas(32) uint8_t abuf[MR][32];
     alignas(32) int8_t wbuf[NR][32];
-    const uint8_t* ap[MR];
     const int8_t* wp[NR];
-    // Padding must be the code 0 after the shift: 0x80 for u8 codes, 0 for s8.
-    const uint8_t pad = static_cast<uint8_t>(_mm256_extract_epi8(shift, 0));
-    for (int r = 0; r < MR; ++r) {
-      std::memset(abuf[r], pad, 32);
-      std::memcpy(abuf[r], a[r] + k, rest);
-      ap[r] = abuf[r];
-    }
     for (int j = 0; j < NR; ++j) {
       std::memset(wbuf[j], 0, 32);
-      std::memcpy(wbuf[j], w[j] + k, rest);
+      std::memcpy(wbuf[j], w[j] + k, K - k);
       wp[j] = wbuf[j];
     }
-    step(ap, wp, 0);
+    step(wp, 0, k);
   }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc_out[r][j] = hsum(acc[r][j]);
+    for (int j = 0; j < NR; ++j) acc_out[r][j] = hsum_epi32(acc[r][j]);
 }
 
 template <int NR>
-void tile_rows(int mr, const uint8_t* const* a, const int8_t* const* w, int64_t K, __m256i shift,
+void tile_rows(int mr, const int8_t* const* a, const int8_t* const* w, int64_t K,
                int32_t acc[kMaxRows][kMaxCols]) {
   switch (mr) {
-    case 1: return tile<1, NR>(a, w, K, shift, acc);
-    case 2: return tile<2, NR>(a, w, K, shift, acc);
-    case 3: return tile<3, NR>(a, w, K, shift, acc);
-    default: return tile<4, NR>(a, w, K, shift, acc);
+    case 1: return tile<1, NR>(a, w, K, acc);
+    case 2: return tile<2, NR>(a, w, K, acc);
+    case 3: return tile<3, NR>(a, w, K, acc);
+    default: return tile<4, NR>(a, w, K, acc);
   }
-}
-
-int32_t row_sum(const int8_t* w, int64_t K) {
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-  __m256i acc = _mm256_setzero_si256();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 1024, _MM_HINT_T0);
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16));
-  }
-  int32_t s = hsum(acc);
-  for (; k < K; ++k) s += w[k];
-  return s;
 }
 
 }  // namespace
@@ -130,20 +92,13 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
     return linear_int8_panels_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
   const bool is_u8 = qx.dtype == DType::kUInt8;
   const bool per_token = act_scales.shape[0] == M && M != 1;
-  const uint8_t* x = qx.ptr<uint8_t>();
   const int8_t* wq = qweight.ptr<int8_t>();
   const float* as = act_scales.ptr<float>();
   const float* ws = w_scales.ptr<float>();
   const float* b = bias ? bias->ptr<float>() : nullptr;
-  // The code -128 (s8 codes, or u8 code 0) is clamped to -127 in the tile: the activations
-  // where that happened, per row, so the rest can be added back exactly.
-  const uint8_t clamped_byte = is_u8 ? 0 : 0x80;
-  const int32_t shift_back = is_u8 ? 128 - act_zero_point : 0;
-  const __m256i shift = _mm256_set1_epi8(is_u8 ? static_cast<char>(0x80) : 0);
-  std::vector<int64_t> first_clamped(M, K);  // K: none in this row
-  for (int64_t m = 0; m < M; ++m)
-    if (const void* hit = std::memchr(x + m * K, clamped_byte, K))
-      first_clamped[m] = static_cast<const uint8_t*>(hit) - (x + m * K);
+  const int64_t Kp = (K + 31) / 32 * 32;  // whole 32-byte steps of codes, zero-padded
+  const Codes codes = make_codes(qx.ptr<uint8_t>(), M, K, Kp, is_u8);
+  const int32_t shift_back = is_u8 ? codes.shift - act_zero_point : 0;
   // Columns in blocks of 16 weight rows per task: big enough to amortize, small enough
   // to spread a GEMV over the threads.
   const int64_t col_block = 16;
@@ -157,26 +112,23 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
         wsum[n - n0] = shift_back ? row_sum(wq + n * K, K) : 0;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        const uint8_t* a[kMaxRows];
-        for (int r = 0; r < mr; ++r) a[r] = x + (m0 + r) * K;
+        const int8_t* a[kMaxRows];
+        for (int r = 0; r < mr; ++r) a[r] = codes.c.data() + (m0 + r) * Kp;
         for (int64_t n = n0; n < n1; n += kMaxCols) {
           const int nr = static_cast<int>(std::min<int64_t>(kMaxCols, n1 - n));
           const int8_t* w[kMaxCols] = {wq + n * K, wq + (n + nr - 1) * K};
           int32_t acc[kMaxRows][kMaxCols];
           if (nr == 2)
-            tile_rows<2>(mr, a, w, K, shift, acc);
+            tile_rows<2>(mr, a, w, K, acc);
           else
-            tile_rows<1>(mr, a, w, K, shift, acc);
+            tile_rows<1>(mr, a, w, K, acc);
           for (int r = 0; r < mr; ++r) {
             const int64_t m = m0 + r;
-            const uint8_t* row = a[r];
             const float a_s = as[per_token ? m : 0];
             for (int j = 0; j < nr; ++j) {
               int32_t v = acc[r][j] + shift_back * wsum[n + j - n0];
-              // Rare: only clipped static activations carry the code -128.
-              const int8_t* wr = wq + (n + j) * K;
-              for (int64_t k = first_clamped[m]; k < K; ++k)
-                if (row[k] == clamped_byte) v -= wr[k];
+              for (int64_t i = codes.first[m]; i < codes.first[m + 1]; ++i)  // rare
+                v += codes.clamps[i].delta * wq[(n + j) * K + codes.clamps[i].k];
               float y = static_cast<float>(v) * (a_s * ws[n + j]);
               if (b) y += b[n + j];
               out.ptr<float>()[m * N + n + j] = y;

@@ -289,10 +289,11 @@ TEST(GemmInt8, SaturatingPairsAreExact) {
   }
 }
 
-// The panel kernel (kInt8PanelMinRows rows and more) shifts u8 codes by 128 or 127, whichever
-// leaves fewer codes to correct: post-ReLU-like activations (zp 0, a third of the codes 0) and
-// the mirror case (many 255), s8 codes with many -128, on K and N tails. Bit-exact.
-TEST(GemmInt8, PanelsCorrectClampedCodesBitForBit) {
+// Both AVX2 kernels (the GEMV below kInt8PanelMinRows rows, the panel GEMM from there) shift u8
+// codes by 128 or 127, whichever leaves fewer codes to correct: post-ReLU-like activations
+// (zp 0, a third of the codes 0) and the mirror case (many 255), s8 codes with many -128, on
+// K and N tails. Bit-exact.
+TEST(GemmInt8, ClampedCodesAreCorrectedBitForBit) {
   if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
   struct Case {
     int64_t M, K, N;
@@ -303,7 +304,10 @@ TEST(GemmInt8, PanelsCorrectClampedCodesBitForBit) {
   const Case cases[] = {{cpu::kInt8PanelMinRows, 75, 21, true, 0, 0},
                         {40, 384, 40, true, 200, 255},
                         {23, 33, 9, false, 0, 0x80},
-                        {70, 130, 17, true, 128, 0}};
+                        {70, 130, 17, true, 128, 0},
+                        {3, 75, 21, true, 0, 0},
+                        {5, 100, 9, true, 200, 255},
+                        {1, 33, 7, false, 0, 0x80}};
   for (const Case& c : cases) {
     std::mt19937 gen(11);
     std::uniform_int_distribution<int> byte(0, 255);
