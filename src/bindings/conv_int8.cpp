@@ -1,6 +1,7 @@
 // INT8 convolution (see include/tensorslim/conv_int8.h).
 #include <pybind11/stl.h>
 
+#include "../cpu/onednn_int8_exact.h"
 #include "tensorslim/conv_int8.h"
 #include "views.h"
 
@@ -31,6 +32,9 @@ void register_conv_int8(py::module_& m) {
     TensorView xv = to_view(qx, "qx"), wv = to_view(qweight, "qweight"), ov = to_view(out, "out");
     return conv_int8_impl(xv, wv, ov, geometry(stride, padding, dilation, groups, has_zp, has_bias));
   }, "oneDNN's implementation name for this int8 convolution ('' if none).");
+  m.def("onednn_int8_is_exact", &cpu::onednn_int8_is_exact,
+        "Whether the oneDNN kernel with this implementation name sums u8 x s8 products exactly "
+        "(VNNI, AVX10 or AMX) rather than in saturating int16 pairs.");
   m.def("conv_int8_packed_bytes", [](py::handle qx, py::handle qweight, py::handle out,
                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
                                      std::vector<int64_t> dilation, int64_t groups, bool has_zp,

@@ -39,9 +39,7 @@ dnnl::primitive_attr make_attr(bool per_token, bool is_u8) {
 
 // oneDNN's u8 x s8 kernels are exact only with VNNI (or AMX): without it they sum pairs of
 // products in saturating int16 (vpmaddubsw), which is wrong by up to ~50% on real data.
-bool exact_impl(const std::string& impl) {
-  return impl.find("vnni") != std::string::npos || impl.find("amx") != std::string::npos;
-}
+bool exact_impl(const std::string& impl) { return onednn_int8_is_exact(impl); }
 
 // The blocked weight layout for u8 activations of (K, N); a zero desc when there is none.
 // Caller holds onednn().mu.

@@ -5,6 +5,8 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include "onednn_int8_exact.h"
+
 namespace tensorslim {
 namespace cpu {
 

@@ -37,8 +37,9 @@ def impl_name(qx, qweight, stride, padding, dilation, groups: int, zero_point: i
 
 def is_exact_8bit(impl: str) -> bool:
     """oneDNN's u8 x s8 kernels sum pairs of products in saturating int16 unless they use
-    VNNI or AMX; those take full 8-bit codes, the others only codes in [0, 127]."""
-    return "vnni" in impl or "amx" in impl
+    VNNI (AVX10 includes it) or AMX; those take full 8-bit codes, the others only codes in
+    [0, 127]."""
+    return bool(impl) and _C.onednn_int8_is_exact(impl)
 
 
 def pack_weight(qx, qweight, stride, padding, dilation, groups: int, zero_point: int,
