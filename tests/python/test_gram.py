@@ -51,16 +51,25 @@ def test_gram_upper_is_the_block_triangle():
 @pytest.mark.parametrize("bits,group", [(4, 64), (3, 128)])
 def test_gptq_same_result_as_with_a_float64_hessian(bits, group):
     """GPTQ runs on float32 H anyway (the core takes f32): the float32 products change no
-    more than that rounding does."""
+    more than that rounding does. Where a code sits on a near-tie, the two Hessians may round
+    it apart and GPTQ's error feedback then takes another (equally good) path, so a single
+    weight matrix can differ by up to ~1% of loss (3-bit, seed 4, on a Sapphire Rapids GEMM);
+    across matrices the loss is unbiased and almost always equal to 1e-6."""
     x = ill_conditioned(2048, 256, seed=3)
-    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(4))
     h64 = 2 * reference(x) / x.shape[0]
     h = torch.zeros(256, 256, dtype=torch.float64)
     for part in x.split(512):
         gram.add_gram_upper_(h, part)
     h = 2 * gram.symmetric(h) / x.shape[0]
-    a = C.gptq_quantize(w, h64.float(), bits, True, group)
-    b = C.gptq_quantize(w, h.float(), bits, True, group)
-    assert (a.codes != b.codes).float().mean() <= 2e-3  # only near-ties may differ
-    assert a.loss == pytest.approx(b.loss, rel=1e-3)
-    assert a.damp_used == b.damp_used
+    changes = []
+    for seed in range(4, 12):
+        w = torch.randn(96, 256, generator=torch.Generator().manual_seed(seed))
+        a = C.gptq_quantize(w, h64.float(), bits, True, group)
+        b = C.gptq_quantize(w, h.float(), bits, True, group)
+        assert (a.codes != b.codes).float().mean() <= 2e-3  # only near-ties may differ
+        assert a.loss == pytest.approx(b.loss, rel=2e-2)
+        assert a.damp_used == b.damp_used
+        changes.append(b.loss / a.loss - 1)
+    changes = torch.tensor(changes, dtype=torch.float64)
+    assert changes.abs().median() < 1e-5  # most matrices: the same result
+    assert abs(changes.mean()) < 2e-3  # and no bias towards worse
