@@ -1,17 +1,24 @@
 """W8A8 linear layers on the CPU: torch fp32 F.linear, torch's own dynamic INT8
 (torch.ao.quantization.quantize_dynamic, when the installed torch has it), and ours
-(static W8A8 and per-token dynamic), K = N = 4096, measured in one run; ratios vs fp32.
+(static W8A8 and per-token dynamic), K = N = 4096, measured in one run (interleaved rounds, medians); ratios vs fp32.
 
-    .venv/bin/python benchmarks/bench_w8a8.py [--k 4096] [--n 4096] [--batches 1 32 128 512]
+    .venv/bin/python benchmarks/bench_w8a8.py [--k 4096] [--n 4096] [--batches 1 32 128 512] [--isa avx2]
+
+torch's dynamic INT8 runs on fbgemm, which picks its kernels from the CPU itself: --isa caps
+ours, oneDNN, MKL and ATen, not fbgemm.
 """
 import argparse
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
 
-import tensorslim as ts
-from timing import timeit
+cap_from_argv()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import tensorslim as ts  # noqa: E402
+from timing import median_times  # noqa: E402
 
 
 def torch_dynamic(linear):
@@ -31,7 +38,9 @@ def main():
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128, 512])
+    add_isa_argument(p)
     args = p.parse_args()
+    isa_line = check_isa(args)
     torch.manual_seed(0)
     K, N = args.k, args.n
     linear = nn.Linear(K, N).eval()
@@ -49,17 +58,18 @@ def main():
                                                            torch.zeros(N, dtype=torch.long), 0, torch.qint8),
                                 linear.bias.detach())
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (tensorslim: "
-          f"{ts._C.threading_backend()}, ISA {ts._C.active_isa()}), K={K} N={N}")
+          f"{ts._C.threading_backend()}), {isa_line}, K={K} N={N}")
     head = f"{'batch':>6} {'fp32 ms':>9} {'torch-dyn ms':>13} {'ours-static ms':>15} {'ours-dyn ms':>12} " \
            f"{'static/fp32':>12} {'dyn/fp32':>9} {'dyn/torch-dyn':>14}  {'GOPS static':>11}"
     print(head)
     with torch.inference_mode():
         for M in args.batches:
             x = torch.randn(M, K)
-            t32 = timeit(lambda: F.linear(x, linear.weight, linear.bias))
-            ttd = timeit(lambda: tdyn(x)) if tdyn is not None else float("nan")
-            tst = timeit(lambda: static(x))
-            tdy = timeit(lambda: dynamic(x))
+            fns = [lambda: F.linear(x, linear.weight, linear.bias), lambda: static(x), lambda: dynamic(x)]
+            if tdyn is not None:
+                fns.append(lambda: tdyn(x))
+            t32, tst, tdy, *rest = median_times(fns)
+            ttd = rest[0] if rest else float("nan")
             print(f"{M:>6} {t32 * 1e3:>9.3f} {ttd * 1e3:>13.3f} {tst * 1e3:>15.3f} {tdy * 1e3:>12.3f} "
                   f"{t32 / tst:>11.2f}x {t32 / tdy:>8.2f}x {ttd / tdy:>13.2f}x  {2 * M * K * N / tst / 1e9:>11.1f}")
 

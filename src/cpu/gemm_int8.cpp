@@ -259,11 +259,17 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
                      "'native'");
       return;
     case GemmBackend::kNative:
+      if (M < cpu::kInt8VnniMaxRows &&
+          cpu::linear_int8_vnni(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
+        return;
       TS_CHECK_VALUE(cpu::linear_int8_avx2(qx, act_scales, act_zero_point, qweight, w_scales,
                                            bias, out),
                      "linear_int8: no native kernel for this ISA (needs AVX2)");
       return;
     case GemmBackend::kAuto:
+      if (M < cpu::kInt8VnniMaxRows &&
+          cpu::linear_int8_vnni(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
+        return;
       if (cpu::linear_int8_onednn(qx, act_scales, act_zero_point, qweight, w_scales, bias, out,
                                   packed))
         return;

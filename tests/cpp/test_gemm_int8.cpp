@@ -13,6 +13,7 @@
 namespace tensorslim {
 namespace {
 
+using testing::IsaScope;
 using testing::random_weights;
 using testing::view1;
 using testing::view2;
@@ -248,12 +249,16 @@ TEST(GemmInt8, PackedWeightsMatchReference) {
   EXPECT_THROW(linear_int8_pack(d.wv, view1(small.data(), DType::kUInt8, 10)), ValueError);
 }
 
-// Our AVX2 kernel (what AVX2 CPUs without VNNI run) equals the reference bit for bit, on
-// every code and weight value and on odd K (tails).
+// Our kernels on every vector ISA here (AVX-512: the VNNI kernel below kInt8VnniMaxRows rows
+// where the CPU has VNNI; AVX2: what AVX2 CPUs without VNNI run) equal the reference bit for
+// bit, on every code and weight value and on odd K (tails).
 TEST(GemmInt8, NativeMatchesReferenceBitForBit) {
   if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  for (cpu::Isa isa : testing::machine_isas())
   for (const Problem& p : kProblems)
     for (bool full : {false, true}) {
+      if (isa == cpu::Isa::kScalar) continue;
+      IsaScope scope(isa);
       Data d = make_data(p, 6, full);
       std::vector<float> ref(p.M * p.N), got(p.M * p.N, -1.0f);
       const TensorView* b = p.bias ? &d.bv : nullptr;
@@ -262,8 +267,33 @@ TEST(GemmInt8, NativeMatchesReferenceBitForBit) {
       linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b,
                   view2(got.data(), DType::kFloat32, p.M, p.N), GemmBackend::kNative);
       for (int64_t i = 0; i < p.M * p.N; ++i)
-        ASSERT_EQ(got[i], ref[i]) << "M=" << p.M << " K=" << p.K << " full=" << full << " i=" << i;
+        ASSERT_EQ(got[i], ref[i]) << cpu::isa_name(isa) << " M=" << p.M << " K=" << p.K
+                                  << " full=" << full << " i=" << i;
     }
+}
+
+// The VNNI kernel adds u8 codes as they are and subtracts zp * (weight row sum): every zero
+// point, s8 codes (flipped to u8), K on and off 64-byte steps, row counts 1 to 15 over tiles
+// of 4 x 4, and weight rows not a multiple of 4.
+TEST(GemmInt8, VnniKernelMatchesReferenceBitForBit) {
+  if (!cpu::int8_vnni_available()) GTEST_SKIP() << "no AVX-512 VNNI";
+  uint32_t seed = 30;
+  for (int64_t M : {1, 2, 3, 4, 5, 8, 15})
+    for (int64_t K : {1, 63, 64, 65, 200, 384})
+      for (bool is_u8 : {true, false}) {
+        const int64_t N = 4 * (M % 3) + 19;
+        Data d = make_data({M, K, N, is_u8, M % 2 == 0, M != 3}, ++seed, true);
+        for (int32_t zp : is_u8 ? std::vector<int32_t>{0, 117, 255} : std::vector<int32_t>{0}) {
+          std::vector<float> ref(M * N), got(M * N, -1.0f);
+          const TensorView* b = M != 3 ? &d.bv : nullptr;
+          linear_int8(d.qxv, d.asv, zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, M, N),
+                      GemmBackend::kReference);
+          ASSERT_TRUE(cpu::linear_int8_vnni(d.qxv, d.asv, zp, d.wv, d.wsv, b,
+                                            view2(got.data(), DType::kFloat32, M, N)));
+          for (int64_t i = 0; i < M * N; ++i)
+            ASSERT_EQ(got[i], ref[i]) << "M=" << M << " K=" << K << " u8=" << is_u8 << " zp=" << zp;
+        }
+      }
 }
 
 // The inputs where vpmaddubsw saturates: u8 255 (zero point 0) against weights 127 / -128,
@@ -325,6 +355,7 @@ TEST(GemmInt8, ClampedCodesAreCorrectedBitForBit) {
     const TensorView wsv = view1(ws.data(), DType::kFloat32, c.N), bv = view1(bias.data(), DType::kFloat32, c.N);
     std::vector<float> ref(c.M * c.N), got(c.M * c.N, -1.0f);
     linear_int8(qv, av, c.zp, wv, wsv, &bv, view2(ref.data(), DType::kFloat32, c.M, c.N), GemmBackend::kReference);
+    IsaScope scope(cpu::Isa::kAVX2);  // the AVX2 kernels, also on AVX-512 machines
     linear_int8(qv, av, c.zp, wv, wsv, &bv, view2(got.data(), DType::kFloat32, c.M, c.N), GemmBackend::kNative);
     for (int64_t i = 0; i < c.M * c.N; ++i) ASSERT_EQ(got[i], ref[i]) << "M=" << c.M << " K=" << c.K << " i=" << i;
   }
