@@ -24,6 +24,8 @@ PYBIND11_MODULE(_C, m) {
     return tensorslim::cpu::use_host_openmp(path.c_str());
   }, "Run parallel regions on the host's already-loaded OpenMP runtime ('' = own pool).");
   m.def("threading_backend", &tensorslim::cpu::threading_backend);
+  m.def("in_forked_child", &tensorslim::cpu::in_forked_child,
+        "Whether this process is a fork() child (where the host's OpenMP team cannot run).");
   tensorslim::bindings::register_quantize(m);
   tensorslim::bindings::register_cuda(m);
   tensorslim::bindings::register_lowbit(m);

@@ -153,20 +153,14 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
                      "linear_weight_only: oneDNN has no implementation for this format/shape");
       return;
     case GemmBackend::kAuto:
-      // Above the GEMV's rows oneDNN's weight-decompression matmul runs on AVX-512 (measured
-      // the faster there); on AVX2 our panel GEMM, which runs on torch's threads where oneDNN's
-      // runtime threads contend with them inside a model (MiniLM INT8 batch 1: 1.10x fp32
-      // against 0.45x). Where oneDNN cannot run (a forked child), ours takes every batch size.
-      if ((x.shape[0] <= kNativeMaxRows || !cpu::onednn_usable() || cpu::active_isa() < cpu::Isa::kAVX512) &&
-          cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size,
-                                         out))
+      // Above the GEMV's rows our panel GEMM, which runs on torch's threads, where oneDNN's
+      // runtime threads contend with them inside a model (MiniLM INT8 batch 1, 18-36 rows:
+      // 1.10x fp32 against 0.45x on AVX2, 0.87x against 0.56x on AVX-512 Sapphire Rapids,
+      // though oneDNN's weight-decompression matmul ties or wins alone on AVX-512). Larger
+      // batches of fp32 rows are decoded once for torch's GEMM in Python (ops/decode_gemm.py).
+      if (cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))
         return;
       if (cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt, group_size,
-                                         out))
-        return;
-      // oneDNN declined (e.g. a short last group): our kernel takes any batch size.
-      if (x.shape[0] > kNativeMaxRows &&
-          cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size,
                                          out))
         return;
       return cpu::linear_weight_only_reference(x, qweight, scales, zero_points, bias, fmt,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _views
-from . import _eager
+from . import _eager, decode_gemm
 from .._native import _C
 from ..formats import PER_TENSOR, FormatSpec, get_format
 
@@ -362,10 +362,9 @@ def quantize_lowbit(x: torch.Tensor, fmt: str, group_size: Optional[int] = None,
     return q, scales, (zps if spec.has_zero_point else None), (ts if spec.has_tensor_scale else None)
 
 
-@torch.library.custom_op("tensorslim::dequantize_lowbit", mutates_args=(), device_types="cpu")
-def _dequantize_lowbit(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
-                       tensor_scale: torch.Tensor, fmt: str, group_size: int, cols: int,
-                       dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_lowbit_impl(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                            tensor_scale: torch.Tensor, fmt: str, group_size: int, cols: int,
+                            dtype: torch.dtype) -> torch.Tensor:
     spec = get_format(fmt)
     out = torch.empty(q.shape[0], cols, dtype=dtype, device=q.device)
     _C.dequantize_lowbit(_views.view(q, "q"), _views.view(scales, "scales"),
@@ -373,6 +372,10 @@ def _dequantize_lowbit(q: torch.Tensor, scales: torch.Tensor, zero_points: torch
                          _views.view(tensor_scale, "tensor_scale") if spec.has_tensor_scale else None,
                          spec.id, group_size, _views.view(out, "out"))
     return out
+
+
+_dequantize_lowbit = torch.library.custom_op("tensorslim::dequantize_lowbit", mutates_args=(),
+                                             device_types="cpu")(_dequantize_lowbit_impl)
 
 
 @_dequantize_lowbit.register_kernel("cuda")
@@ -479,6 +482,12 @@ def linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if backend == "reference" or (x.device.type == "cuda" and short_last_group(group_size, in_features)):
         w = dequantize_lowbit_reference(qweight, scales, zps, ts, spec, group_size, in_features)
         y = F.linear(x2, w, b)
+    elif decode_gemm.applies(x2, backend) and in_features:
+        def decode(n0, n1):
+            rows = lambda t: t[n0:n1] if t.dim() and t.shape[0] == qweight.shape[0] else t  # noqa: E731
+            return _eager.call(_dequantize_lowbit, _dequantize_lowbit_impl, qweight[n0:n1], rows(scales),
+                               rows(zps), ts, fmt, group_size, in_features, torch.float32)
+        y = decode_gemm.linear(x2, decode, qweight.shape[0], b)
     else:
         y = _eager.call(_linear_lowbit, _linear_lowbit_impl, x2.contiguous(), qweight, scales, zps,
                         ts, b, fmt, group_size, LOWBIT_BACKENDS[backend])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _views
-from . import _eager
+from . import _eager, decode_gemm
 from .._native import _C
 from ..formats import INTEGER_KERNEL_FORMATS, PER_TENSOR, FormatSpec, get_format, has_short_group, num_groups
 from . import lowbit
@@ -205,10 +205,13 @@ def _native_dequantize(native_fn, q, scales, zero_points, fmt, group_size, cols,
     return out
 
 
-@torch.library.custom_op("tensorslim::dequantize", mutates_args=(), device_types="cpu")
-def _dequantize(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, fmt: str,
-                group_size: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_impl(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, fmt: str,
+                     group_size: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return _native_dequantize(_C.dequantize, q, scales, zero_points, fmt, group_size, cols, dtype)
+
+
+_dequantize = torch.library.custom_op("tensorslim::dequantize", mutates_args=(),
+                                      device_types="cpu")(_dequantize_impl)
 
 
 @_dequantize.register_kernel("cuda")
@@ -320,9 +323,19 @@ def linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             x2 = x2.float()
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        y = _eager.call(_linear_weight_only, _linear_weight_only_impl, x2, qweight, scales,
-                        zero_points if spec.has_zero_point else None, bias, fmt, group_size,
-                        BACKENDS[backend])
+        zps = zero_points if spec.has_zero_point else None
+        if decode_gemm.applies(x2, backend) and in_features:
+            empty = torch.empty(0, dtype=torch.uint8)
+
+            def decode(n0, n1):
+                rows = lambda t: t[n0:n1] if t.dim() and t.shape[0] == qweight.shape[0] else t  # noqa: E731
+                return _eager.call(_dequantize, _dequantize_impl, qweight[n0:n1], rows(scales),
+                                   empty if zps is None else rows(zps), fmt, group_size, in_features,
+                                   torch.float32)
+            y = decode_gemm.linear(x2, decode, qweight.shape[0], bias)
+        else:
+            y = _eager.call(_linear_weight_only, _linear_weight_only_impl, x2, qweight, scales, zps,
+                            bias, fmt, group_size, BACKENDS[backend])
         if cpu_fp16:
             y = y.to(torch.float16)
     return y.reshape(*lead, qweight.shape[0])

@@ -1,0 +1,91 @@
+"""Weight-only linears from DECODE_GEMM_MIN_ROWS rows on: the weight decoded once by our kernel,
+then torch's fp32 GEMM (ops/decode_gemm.py). Same result as the reference within fp32 rounding,
+on short last groups and in row tiles; only where it applies (auto, fp32, CPU, enough rows)."""
+import pytest
+import torch
+
+from tensorslim import ops
+from tensorslim.ops import decode_gemm
+
+K, N = 200, 70  # 200 = 128 + a short group of 72
+INTEGER = [("int8", K), ("uint4", 128), ("int4", 64)]
+LOWBIT = ["fp8_e4m3", "nvfp4", "mxfp4", "int3"]
+
+
+def _integer_layer(fmt, group):
+    torch.manual_seed(0)
+    w, b = torch.randn(N, K), torch.randn(N)
+    q, s, z = ops.quantize(w, fmt, group)
+    return lambda x, backend="auto": ops.linear_weight_only(x, q, s, z, b, fmt, group, K, backend)
+
+
+def _lowbit_layer(fmt):
+    torch.manual_seed(0)
+    w, b = torch.randn(N, K), torch.randn(N)
+    g = {"fp8_e4m3": K, "nvfp4": 16, "mxfp4": 32, "int3": 64}[fmt]  # int3: 3 x 64 + 8
+    q, s, z, t = ops.quantize_lowbit(w, fmt, g)
+    return lambda x, backend="auto": ops.linear_lowbit(x, q, s, z, t, b, fmt, g, K, backend)
+
+
+LAYERS = [pytest.param(lambda f=f, g=g: _integer_layer(f, g), id=f"{f}-g{g}") for f, g in INTEGER] + \
+         [pytest.param(lambda f=f: _lowbit_layer(f), id=f) for f in LOWBIT]
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    calls = []
+    real = decode_gemm.linear
+
+    def spy(x2, decode, rows, bias):
+        calls.append(x2.shape[0])
+        return real(x2, decode, rows, bias)
+    monkeypatch.setattr(decode_gemm, "linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_large_batches_match_the_reference(make, decode_calls):
+    layer = make()
+    x = torch.randn(3, decode_gemm.DECODE_GEMM_MIN_ROWS, K)  # 3 x 32 rows
+    got, ref = layer(x), layer(x, "reference")
+    assert decode_calls == [3 * decode_gemm.DECODE_GEMM_MIN_ROWS]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_row_tiles_give_the_whole_product(make, monkeypatch):
+    layer = make()
+    x = torch.randn(40, K)
+    whole = layer(x)
+    monkeypatch.setattr(decode_gemm, "_TILE_VALUES", 16 * K)  # 16 weight rows per tile: 16 + 16 + 6
+    torch.testing.assert_close(layer(x), whole, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_only_where_it_applies(make, decode_calls):
+    layer = make()
+    rows = decode_gemm.DECODE_GEMM_MIN_ROWS
+    layer(torch.randn(rows - 1, K))                 # below the threshold: the fused kernels
+    layer(torch.randn(rows, K), "native")           # an explicit backend is kept
+    assert decode_calls == []
+    layer(torch.randn(rows, K))
+    assert decode_calls == [rows]
+
+
+@pytest.mark.parametrize("fmt,group", INTEGER)
+def test_bf16_integer_layers_stay_on_our_kernels(fmt, group, decode_calls):
+    # Their kernels take bf16 activations with fp32 weights; torch's bf16 GEMM would need the
+    # decoded weight rounded to bf16. (Low-bit layers compute in fp32 for any input dtype.)
+    layer = _integer_layer(fmt, group)
+    x = torch.randn(decode_gemm.DECODE_GEMM_MIN_ROWS, K).bfloat16()
+    torch.testing.assert_close(layer(x).float(), layer(x.float(), "reference"), rtol=2e-2, atol=5e-2)
+    assert decode_calls == []
+
+
+def test_gradient_reaches_the_input():
+    layer = _integer_layer("uint4", 128)
+    x = torch.randn(decode_gemm.DECODE_GEMM_MIN_ROWS, K, requires_grad=True)
+    layer(x).sum().backward()
+    # d sum(x W^T + b) / dx[m, k] = sum_n W[n, k]: the rows of eye(K) W^T + b, less the bias.
+    w_col_sums = layer(torch.eye(K), "reference").sum(1) - layer(torch.zeros(1, K), "reference").sum()
+    torch.testing.assert_close(x.grad, w_col_sums.expand_as(x), rtol=1e-4, atol=1e-3)
