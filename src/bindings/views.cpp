@@ -13,7 +13,8 @@ TensorView to_view(const py::handle& obj, const char* what) {
   };
   if (!py::isinstance<py::tuple>(obj)) throw bad("expected a tuple");
   py::tuple t = py::reinterpret_borrow<py::tuple>(obj);
-  if (t.size() != 7) throw bad("expected 7 fields");
+  // An 8th field, when there, is the tensor itself: it keeps the memory alive, unread here.
+  if (t.size() != 7 && t.size() != 8) throw bad("expected 7 or 8 fields");
   TensorView v;
   v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
   const int code = t[1].cast<int>();

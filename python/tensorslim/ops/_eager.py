@@ -18,12 +18,12 @@ def _direct_ok(args) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     grad = torch.is_grad_enabled()
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN or a.device.type != "cpu" or (grad and a.requires_grad):
-                return False
-            if torch._C._functorch.is_functorch_wrapped_tensor(a):
-                return False
+        # is_cpu, not device.type: no torch.device object per tensor (this runs per layer call).
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or not a.is_cpu or
+                                            (grad and a.requires_grad) or wrapped(a)):
+            return False
     return True
 
 
