@@ -34,9 +34,9 @@ void quantize_static(const TensorView& x, const TensorView* inv_smooth, float sc
 // qx: [M, K] u8 or s8.  act_scales: [1] (static) or [M] (per token) f32.  qweight: [N, K] s8.
 // w_scales: [N] f32.  bias: [N] f32 or nullptr.  out: [M, N] f32.
 // backend: kReference (scalar int32), kOneDNN (only where its kernel is exact: VNNI/AMX),
-// kNative (ours: VNNI below kInt8VnniMaxRows rows on AVX-512 VNNI CPUs, else the AVX2 kernel,
-// exact on every AVX2 CPU), kAuto (our VNNI kernel for few rows, else oneDNN where exact,
-// else ours).
+// kNative (ours: VNNI below kInt8PanelMinRows rows on AVX-512 VNNI CPUs, else the AVX2
+// kernels, exact on every AVX2 CPU), kAuto (our VNNI kernels for few rows, else oneDNN where
+// exact, else ours).
 // K = 0 gives out = bias (or 0).
 // packed: nullptr, or qweight in oneDNN's blocked layout (linear_int8_pack); used by oneDNN
 // with u8 activations, which reads it instead of re-blocking qweight on every call.
@@ -88,14 +88,23 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
                              const TensorView& qweight, const TensorView& w_scales,
                              const TensorView* bias, const TensorView& out);
 constexpr int64_t kInt8PanelMinRows = 16;
-// Below kInt8VnniMaxRows rows on AVX-512 VNNI CPUs: vpdpbusd on the plain int8 weight, exact
-// without corrections (gemm_int8_avx512.cpp); false where the active ISA is not AVX-512 or
-// the CPU lacks VNNI. linear_int8 picks it over oneDNN (kAuto) and the AVX2 GEMV (kNative).
+// AVX-512 VNNI CPUs, few rows (gemm_int8_avx512.cpp): vpdpbusd on the plain int8 weight, exact
+// without corrections, bit-exact with the reference; false where the active ISA is not
+// AVX-512 or the CPU lacks VNNI. Below kInt8VnniMaxRows a GEMV (4 x 4 tiles of dot products);
+// from there 16 weight rows at a time transposed into 4-byte panels and 8-token tiles, no
+// horizontal sums. linear_int8 picks them below kInt8VnniPanelMaxRows rows over oneDNN
+// (kAuto; measured 1.2-2.5x oneDNN's time there, 4096^2 and MiniLM's shapes, Sapphire
+// Rapids), and below kInt8PanelMinRows over the AVX2 kernels (kNative).
 bool int8_vnni_available();
 bool linear_int8_vnni(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                       const TensorView& qweight, const TensorView& w_scales,
                       const TensorView* bias, const TensorView& out);
-constexpr int64_t kInt8VnniMaxRows = 16;
+bool linear_int8_vnni_panels(const TensorView& qx, const TensorView& act_scales,
+                             int32_t act_zero_point, const TensorView& qweight,
+                             const TensorView& w_scales, const TensorView* bias,
+                             const TensorView& out);
+constexpr int64_t kInt8VnniMaxRows = 8;
+constexpr int64_t kInt8VnniPanelMaxRows = 40;
 // Returns false when oneDNN has no exact implementation for this combination (none at all,
 // or one without VNNI whose int16 pair sums saturate).
 bool linear_int8_onednn(const TensorView& qx, const TensorView& act_scales,

@@ -35,6 +35,15 @@ bool use_isa(GemmBackend backend, cpu::Isa isa) {
   return backend != GemmBackend::kReference && cpu::active_isa() == isa;
 }
 
+// Our AVX-512 VNNI kernels for this many rows; false where the CPU or ISA lacks them.
+bool vnni_kernels(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                  const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
+                  const TensorView& out) {
+  if (qx.shape[0] < cpu::kInt8VnniMaxRows)
+    return cpu::linear_int8_vnni(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
+  return cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
+}
+
 }  // namespace
 
 namespace cpu {
@@ -259,16 +268,16 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
                      "'native'");
       return;
     case GemmBackend::kNative:
-      if (M < cpu::kInt8VnniMaxRows &&
-          cpu::linear_int8_vnni(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
+      if (M < cpu::kInt8PanelMinRows &&
+          vnni_kernels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
         return;
       TS_CHECK_VALUE(cpu::linear_int8_avx2(qx, act_scales, act_zero_point, qweight, w_scales,
                                            bias, out),
                      "linear_int8: no native kernel for this ISA (needs AVX2)");
       return;
     case GemmBackend::kAuto:
-      if (M < cpu::kInt8VnniMaxRows &&
-          cpu::linear_int8_vnni(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
+      if (M < cpu::kInt8VnniPanelMaxRows &&
+          vnni_kernels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
         return;
       if (cpu::linear_int8_onednn(qx, act_scales, act_zero_point, qweight, w_scales, bias, out,
                                   packed))

@@ -13,10 +13,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "parallel.h"
 #include "tensorslim/gemm_int8.h"
 #include "tensorslim/quantize.h"
+#include "transpose16_avx512.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -81,6 +84,103 @@ void tile_any(int mr, int nr, const uint8_t* const* a, const int8_t* const* w, i
   }
 }
 
+// ---- Panels: for more rows, the GEMV's per-tile horizontal sums cost as much as its dots.
+// 16 weight rows are transposed per task into [ceil(K/4)][16 rows][4 bytes] (zero past K),
+// so one vpdpbusd multiplies a broadcast dword of 4 activation codes with 16 rows at once
+// and up to kTokens tokens share every weight load. The row sums come with the packing.
+
+constexpr int kPanelRows = 16;
+constexpr int kTokens = 8;
+
+__attribute__((target("avx512vnni"))) __m512i pack_panel(const int8_t* w, int64_t K, int rows,
+                                                         int64_t K4, int8_t* panel) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i sums = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64) {  // 16 dwords of every row per step
+    const __mmask64 mask = tail_mask(K - k);
+    __m512i v[kPanelRows];
+    for (int r = 0; r < kPanelRows; ++r)
+      v[r] = r < rows ? _mm512_maskz_loadu_epi8(mask, w + r * K + k) : _mm512_setzero_si512();
+    transpose16(v);
+    const int64_t steps = std::min<int64_t>(16, K4 - k / 4);
+    for (int64_t j = 0; j < steps; ++j) {
+      _mm512_storeu_si512(panel + (k / 4 + j) * 64, v[j]);
+      sums = _mm512_dpbusd_epi32(sums, ones, v[j]);
+    }
+  }
+  return sums;
+}
+
+// 4 activation codes from k = 4 * k4 on (bytes past K read as 0: their weights are 0), as u8.
+template <bool kFlip>
+inline __m512i codes4(const uint8_t* row, int64_t K, int64_t k4) {
+  int32_t v = 0;
+  std::memcpy(&v, row + 4 * k4, static_cast<size_t>(std::min<int64_t>(4, K - 4 * k4)));
+  const __m512i b = _mm512_set1_epi32(v);
+  return kFlip ? _mm512_xor_si512(b, _mm512_set1_epi8(static_cast<char>(0x80))) : b;
+}
+
+struct PanelOut {
+  const float *a_scales, *w_scales, *bias;  // w_scales / bias at the panel's first row
+  bool per_token;
+  int32_t zp;
+  float* out;  // at the panel's first row
+  int64_t ldo;
+};
+
+template <int MB, bool kFlip>
+__attribute__((target("avx512vnni"))) void panel_tile(const uint8_t* x, int64_t m0, int64_t K,
+                                                      int64_t K4, const int8_t* panel,
+                                                      __m512i sums, int rows, const PanelOut& o) {
+  __m512i acc[MB];
+  for (int t = 0; t < MB; ++t) acc[t] = _mm512_setzero_si512();
+  const uint8_t* xr[MB];
+  for (int t = 0; t < MB; ++t) xr[t] = x + (m0 + t) * K;
+  const int64_t whole = K / 4;  // dwords read straight from the rows
+  for (int64_t k4 = 0; k4 < whole; ++k4) {
+    const __m512i wv = _mm512_loadu_si512(panel + k4 * 64);
+    for (int t = 0; t < MB; ++t) {
+      int32_t v;
+      std::memcpy(&v, xr[t] + 4 * k4, 4);
+      __m512i c = _mm512_set1_epi32(v);
+      if (kFlip) c = _mm512_xor_si512(c, _mm512_set1_epi8(static_cast<char>(0x80)));
+      acc[t] = _mm512_dpbusd_epi32(acc[t], c, wv);
+    }
+  }
+  if (whole < K4) {
+    const __m512i wv = _mm512_loadu_si512(panel + whole * 64);
+    for (int t = 0; t < MB; ++t)
+      acc[t] = _mm512_dpbusd_epi32(acc[t], codes4<kFlip>(xr[t], K, whole), wv);
+  }
+  // The reference's rescale, lane by lane: float(acc - zp * sum w) * (a_s * w_s) + bias.
+  const __mmask16 lanes = static_cast<__mmask16>((1u << rows) - 1);
+  const __m512i zp_sums = _mm512_mullo_epi32(_mm512_set1_epi32(o.zp), sums);
+  const __m512 ws = _mm512_maskz_loadu_ps(lanes, o.w_scales);
+  const __m512 b = o.bias ? _mm512_maskz_loadu_ps(lanes, o.bias) : _mm512_setzero_ps();
+  for (int t = 0; t < MB; ++t) {
+    const int64_t m = m0 + t;
+    const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(o.a_scales[o.per_token ? m : 0]), ws);
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], zp_sums)), scale);
+    if (o.bias) y = _mm512_add_ps(y, b);
+    _mm512_mask_storeu_ps(o.out + m * o.ldo, lanes, y);
+  }
+}
+
+template <bool kFlip>
+void panel_tokens(int mb, const uint8_t* x, int64_t m0, int64_t K, int64_t K4,
+                  const int8_t* panel, __m512i sums, int rows, const PanelOut& o) {
+  switch (mb) {
+    case 1: return panel_tile<1, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 2: return panel_tile<2, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 3: return panel_tile<3, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 4: return panel_tile<4, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 5: return panel_tile<5, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 6: return panel_tile<6, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 7: return panel_tile<7, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    default: return panel_tile<8, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+  }
+}
+
 }  // namespace
 
 bool int8_vnni_available() {
@@ -138,6 +238,46 @@ bool linear_int8_vnni(const TensorView& qx, const TensorView& act_scales, int32_
             }
           }
         }
+      }
+    }
+  });
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
+
+namespace tensorslim {
+namespace cpu {
+
+bool linear_int8_vnni_panels(const TensorView& qx, const TensorView& act_scales,
+                             int32_t act_zero_point, const TensorView& qweight,
+                             const TensorView& w_scales, const TensorView* bias,
+                             const TensorView& out) {
+  if (!int8_vnni_available()) return false;
+  const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
+  const int64_t K4 = (K + 3) / 4;
+  const bool is_u8 = qx.dtype == DType::kUInt8;
+  const uint8_t* x = qx.ptr<uint8_t>();
+  const int8_t* wq = qweight.ptr<int8_t>();
+  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
+  parallel_for(panels, 1, [&](int64_t pb, int64_t pe) {
+    thread_local std::vector<int8_t> panel;
+    panel.resize(static_cast<size_t>(K4 * 64));
+    for (int64_t pi = pb; pi < pe; ++pi) {
+      const int64_t n0 = pi * kPanelRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0));
+      const __m512i sums = pack_panel(wq + n0 * K, K, rows, K4, panel.data());
+      const PanelOut o{act_scales.ptr<float>(), w_scales.ptr<float>() + n0,
+                       bias ? bias->ptr<float>() + n0 : nullptr,
+                       act_scales.shape[0] == M && M != 1, is_u8 ? act_zero_point : 128,
+                       out.ptr<float>() + n0, N};
+      for (int64_t m0 = 0; m0 < M; m0 += kTokens) {
+        const int mb = static_cast<int>(std::min<int64_t>(kTokens, M - m0));
+        if (is_u8)
+          panel_tokens<false>(mb, x, m0, K, K4, panel.data(), sums, rows, o);
+        else
+          panel_tokens<true>(mb, x, m0, K, K4, panel.data(), sums, rows, o);
       }
     }
   });

@@ -272,26 +272,34 @@ TEST(GemmInt8, NativeMatchesReferenceBitForBit) {
     }
 }
 
-// The VNNI kernel adds u8 codes as they are and subtracts zp * (weight row sum): every zero
-// point, s8 codes (flipped to u8), K on and off 64-byte steps, row counts 1 to 15 over tiles
-// of 4 x 4, and weight rows not a multiple of 4.
-TEST(GemmInt8, VnniKernelMatchesReferenceBitForBit) {
+// The VNNI kernels add u8 codes as they are and subtract zp * (weight row sum): every zero
+// point, s8 codes (flipped to u8), K on and off 64-byte steps and 4-byte panel steps, rows
+// over the GEMV's 4 x 4 tiles and the panels' 8-token tiles, weight rows not a multiple of 4
+// or 16. Both kernels take any row count; linear_int8 picks by rows.
+TEST(GemmInt8, VnniKernelsMatchReferenceBitForBit) {
   if (!cpu::int8_vnni_available()) GTEST_SKIP() << "no AVX-512 VNNI";
+  using Kernel = bool (*)(const TensorView&, const TensorView&, int32_t, const TensorView&,
+                          const TensorView&, const TensorView*, const TensorView&);
+  const std::pair<const char*, Kernel> kernels[] = {{"gemv", cpu::linear_int8_vnni},
+                                                    {"panels", cpu::linear_int8_vnni_panels}};
   uint32_t seed = 30;
-  for (int64_t M : {1, 2, 3, 4, 5, 8, 15})
-    for (int64_t K : {1, 63, 64, 65, 200, 384})
+  for (int64_t M : {1, 2, 3, 5, 8, 9, 15, 17, 39})
+    for (int64_t K : {1, 3, 63, 64, 66, 200, 387})
       for (bool is_u8 : {true, false}) {
-        const int64_t N = 4 * (M % 3) + 19;
+        const int64_t N = 4 * (M % 3) + 16 * (K % 2) + 19;
         Data d = make_data({M, K, N, is_u8, M % 2 == 0, M != 3}, ++seed, true);
         for (int32_t zp : is_u8 ? std::vector<int32_t>{0, 117, 255} : std::vector<int32_t>{0}) {
-          std::vector<float> ref(M * N), got(M * N, -1.0f);
+          std::vector<float> ref(M * N);
           const TensorView* b = M != 3 ? &d.bv : nullptr;
           linear_int8(d.qxv, d.asv, zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, M, N),
                       GemmBackend::kReference);
-          ASSERT_TRUE(cpu::linear_int8_vnni(d.qxv, d.asv, zp, d.wv, d.wsv, b,
-                                            view2(got.data(), DType::kFloat32, M, N)));
-          for (int64_t i = 0; i < M * N; ++i)
-            ASSERT_EQ(got[i], ref[i]) << "M=" << M << " K=" << K << " u8=" << is_u8 << " zp=" << zp;
+          for (const auto& [name, kernel] : kernels) {
+            std::vector<float> got(M * N, -1.0f);
+            ASSERT_TRUE(kernel(d.qxv, d.asv, zp, d.wv, d.wsv, b, view2(got.data(), DType::kFloat32, M, N)));
+            for (int64_t i = 0; i < M * N; ++i)
+              ASSERT_EQ(got[i], ref[i]) << name << " M=" << M << " K=" << K << " N=" << N
+                                        << " u8=" << is_u8 << " zp=" << zp << " i=" << i;
+          }
         }
       }
 }
