@@ -1,4 +1,6 @@
 // W8A8: activation quantizers and the INT8 GEMM (see include/tensorslim/gemm_int8.h).
+#include <vector>
+
 #include "tensorslim/gemm_int8.h"
 #include "views.h"
 
@@ -34,6 +36,38 @@ void register_int8(py::module_& m) {
     const GemmBackend b = to_backend(backend);
     py::gil_scoped_release release;
     linear_int8(xv, av, zp, wv, sv, bv.get(), ov, b, pv.get());
+  });
+  // Per-token W8A8 in one crossing from Python (the eager path of ops.linear_w8a8): the same
+  // quantize_per_token and linear_int8, the codes in scratch memory; a separate call each cost
+  // ~30 us more per layer in Python than these kernels take at MiniLM's batch-1 shapes.
+  m.def("linear_w8a8_dynamic", [](py::handle x, py::handle inv_smooth, py::handle qweight,
+                                  py::handle w_scales, py::handle bias, py::handle out,
+                                  int backend, py::handle packed) {
+    TensorView xv = to_view(x, "x"), wv = to_view(qweight, "qweight"),
+               sv = to_view(w_scales, "w_scales"), ov = to_view(out, "out");
+    OptionalView iv = to_optional_view(inv_smooth, "inv_smooth"), bv = to_optional_view(bias, "bias"),
+                 pv = to_optional_view(packed, "packed");
+    const GemmBackend b = to_backend(backend);
+    TS_CHECK_VALUE(xv.ndim == 2, "x: expected a 2-D [tokens, features] tensor, got " + shape_str(xv));
+    py::gil_scoped_release release;
+    thread_local std::vector<uint8_t> codes;
+    thread_local std::vector<float> scales;
+    codes.resize(static_cast<size_t>(xv.numel()));
+    scales.resize(static_cast<size_t>(xv.shape[0]));
+    TensorView qv, av;
+    qv.data = codes.data();
+    qv.dtype = DType::kUInt8;
+    qv.ndim = 2;
+    qv.shape[0] = xv.shape[0];
+    qv.shape[1] = xv.shape[1];
+    qv.strides[0] = xv.shape[1];
+    qv.strides[1] = 1;
+    av.data = scales.data();
+    av.ndim = 1;
+    av.shape[0] = xv.shape[0];
+    av.strides[0] = 1;
+    quantize_per_token(xv, iv.get(), qv, av, b);
+    linear_int8(qv, av, 128, wv, sv, bv.get(), ov, b, pv.get());
   });
   m.def("linear_int8_packed_bytes", &linear_int8_packed_bytes,
         "Bytes of [N, K] int8 weights in oneDNN's blocked layout (0: none).");

@@ -18,7 +18,7 @@ def _layer():
 def test_direct_and_dispatched_calls_agree_bit_for_bit():
     layer, x = _layer(), torch.randn(5, 64)
     args = (x, layer.qweight, layer.scales, None, layer.bias, "int4", 32, 0)
-    assert _eager._direct_ok(args)
+    assert _eager.direct_ok(args)
     direct = ops.weight_only._linear_weight_only_impl(*args)
     dispatched = ops.weight_only._linear_weight_only(*args)
     assert torch.equal(direct, dispatched)
@@ -43,7 +43,7 @@ def test_dispatch_modes_still_see_the_op():
 
 def test_gradient_to_the_input_goes_through_the_dispatcher():
     layer, x = _layer(), torch.randn(3, 64, requires_grad=True)
-    assert not _eager._direct_ok((x,))
+    assert not _eager.direct_ok((x,))
     layer(x).sum().backward()
     want = layer.dequantized_weight().sum(0).expand(3, 64)
     assert torch.allclose(x.grad, want, rtol=1e-5, atol=1e-6)
@@ -53,7 +53,7 @@ def test_fake_tensors_and_compile_take_the_op():
     layer = _layer()
     with FakeTensorMode():
         fx = torch.empty(7, 64)
-        assert not _eager._direct_ok((fx,))
+        assert not _eager.direct_ok((fx,))
     compiled = torch.compile(lambda t: layer(t), backend="eager", fullgraph=True)
     x = torch.randn(4, 64)
     assert torch.equal(compiled(x), layer(x))
@@ -71,10 +71,30 @@ def test_sparse_linears_call_directly_and_agree():
     nm, cs = m[0], csr[0]
     nm_args = (x, nm.values, nm.indices, nm.scales, nm.bias, 2, 4)
     cs_args = (x, cs.values, cs.cols, cs.row_ptr, cs.scales, cs.bias)
-    assert _eager._direct_ok(nm_args) and _eager._direct_ok(cs_args)
+    assert _eager.direct_ok(nm_args) and _eager.direct_ok(cs_args)
     assert torch.equal(ops.sparse._nm_linear_impl(*nm_args), ops.sparse._nm_linear(*nm_args))
     assert torch.equal(ops.sparse._csr_linear_impl(*cs_args), ops.sparse._csr_linear(*cs_args))
     with _Seen() as seen:
         nm(x), cs(x)
     assert any("tensorslim.nm_linear" in n for n in seen.names)
     assert any("tensorslim.csr_linear" in n for n in seen.names)
+
+
+def test_dynamic_w8a8_in_one_call_equals_its_two_ops():
+    # linear_w8a8 per token, eager on the CPU: one native call quantizes and multiplies; the
+    # dispatched path runs quantize_per_token then linear_int8. Same kernels, same bits.
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (48, 96), dtype=torch.int8)
+    w_scales, bias, inv = torch.rand(48) * 0.01, torch.randn(48), torch.rand(96) + 0.5
+    packed = ops.int8.pack_int8_weight(w)
+    for rows in (1, 20, 100):
+        x = torch.randn(rows, 96)
+        for smooth in (None, inv):
+            fused = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, packed=packed)
+            with _Seen() as seen:
+                two = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, packed=packed)
+            assert any("quantize_per_token" in n for n in seen.names)
+            assert any("linear_int8" in n for n in seen.names)
+            assert torch.equal(fused, two)
+            qx, s = ops.int8.quantize_per_token(x, smooth, unsigned=True)
+            assert torch.equal(fused, ops.int8.linear_int8(qx, s, 128, w, w_scales, bias, packed=packed))

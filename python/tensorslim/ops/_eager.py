@@ -12,7 +12,7 @@ import torch
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _direct_ok(args) -> bool:
+def direct_ok(args) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
@@ -30,4 +30,4 @@ def _direct_ok(args) -> bool:
 def call(op, impl, *args):
     """op(*args) through the dispatcher, or impl(*args) (op's CPU function) where that is the
     same computation without the dispatcher's cost."""
-    return impl(*args) if _direct_ok(args) else op(*args)
+    return impl(*args) if direct_ok(args) else op(*args)

@@ -205,6 +205,17 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
     if not x.dtype.is_floating_point:
         raise TypeError(f"x: expected a float tensor, got {x.dtype}")
     x2 = x.reshape(-1, K).to(torch.float32)
+    if act_scale is None and backend != "reference" and _eager.direct_ok(
+            (x2, inv_smooth, qweight, w_scales, bias, packed)):
+        # Eager CPU call: both kernels in one crossing (the same functions, same bits).
+        _check_backend(backend)
+        _check_x(x2, inv_smooth)
+        y = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.float32)
+        _C.linear_w8a8_dynamic(_views.view(x2.contiguous(), "x"), _views.optional_view(inv_smooth, "inv_smooth"),
+                               _views.view(qweight, "qweight"), _views.view(w_scales, "w_scales"),
+                               _views.optional_view(bias, "bias"), _views.view(y, "out"),
+                               INT8_BACKENDS[backend], _views.optional_view(packed, "packed"))
+        return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
     if act_scale is None:
         qx, scales = quantize_per_token(x2, inv_smooth, backend, unsigned=True)
         zp = 128
