@@ -89,3 +89,15 @@ def test_gradient_reaches_the_input():
     # d sum(x W^T + b) / dx[m, k] = sum_n W[n, k]: the rows of eye(K) W^T + b, less the bias.
     w_col_sums = layer(torch.eye(K), "reference").sum(1) - layer(torch.zeros(1, K), "reference").sum()
     torch.testing.assert_close(x.grad, w_col_sums.expand_as(x), rtol=1e-4, atol=1e-3)
+
+
+def test_large_weights_wait_for_more_rows(decode_calls, monkeypatch):
+    # A weight above SMALL_WEIGHT values is decoded in tiles that leave the cache: only from
+    # LARGE_WEIGHT_MIN_ROWS rows. (Shrinking the limit makes this layer "large".)
+    monkeypatch.setattr(decode_gemm, "SMALL_WEIGHT", N * K - 1)
+    layer = _integer_layer("uint4", 128)
+    x = torch.randn(decode_gemm.LARGE_WEIGHT_MIN_ROWS, K)
+    layer(x[:decode_gemm.LARGE_WEIGHT_MIN_ROWS - 1])
+    assert decode_calls == []
+    torch.testing.assert_close(layer(x), layer(x, "reference"), rtol=1e-5, atol=1e-4)
+    assert decode_calls == [decode_gemm.LARGE_WEIGHT_MIN_ROWS]

@@ -1,11 +1,14 @@
 """Weight-only linears at large batches on the CPU: decode the weight once with our kernel, then
 multiply with torch's own fp32 GEMM, the one the uncompressed model runs, on torch's threads.
 
-With M rows the product costs M x K x N multiply-adds against K x N decodes, so from a few
-dozen rows the GEMM sets the speed, and no GEMM of ours beats torch's (MKL): our panel GEMM
-and oneDNN's weight-decompression matmul ran MiniLM at batch 32 at 0.61-0.64x fp32 on
-Sapphire Rapids (AVX-512), decode + torch's GEMM at ~0.9x (docs/benchmarks.md). Below the
-threshold the fused kernels, which never hold a decoded weight, are the faster.
+With M rows the product costs M x K x N multiply-adds against K x N decodes. Where the decoded
+weight stays in cache (up to SMALL_WEIGHT values, MiniLM's layers) that pays from
+DECODE_GEMM_MIN_ROWS rows: our panel GEMM and oneDNN's weight-decompression matmul ran MiniLM
+at batch 32 at 0.61-0.64x fp32 on Sapphire Rapids (AVX-512), decode + torch's GEMM at ~0.9x.
+Larger weights are decoded in cache-sized row tiles, and only from LARGE_WEIGHT_MIN_ROWS rows:
+below that, writing and re-reading the decoded tiles costs more than our panel GEMM loses
+(4096 x 4096, 32 rows: 26 ms decoding it whole, against 10 ms for the panel GEMM and 9 ms for
+fp32). Below the thresholds the fused kernels, which never hold a decoded weight, run.
 
 fp32 activations only: a bf16 GEMM would need a bf16 weight, rounding the decoded values.
 Not in a fork() child: torch's GEMM runs on GNU OpenMP, whose parent team is not there
@@ -19,12 +22,15 @@ import torch.nn.functional as F
 from .._native import _C
 
 DECODE_GEMM_MIN_ROWS = 32
-_TILE_VALUES = 16 << 20  # weight values decoded at a time (64 MiB in fp32): bounds the temporary
+SMALL_WEIGHT = 1 << 20  # values (4 MiB decoded)
+LARGE_WEIGHT_MIN_ROWS = 256
+_TILE_VALUES = 1 << 20  # weight values decoded at a time: 4 MiB of fp32, in cache for the GEMM
 
 
-def applies(x2: torch.Tensor, backend: str) -> bool:
+def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
+    rows = DECODE_GEMM_MIN_ROWS if weight_values <= SMALL_WEIGHT else LARGE_WEIGHT_MIN_ROWS
     return (backend == "auto" and x2.device.type == "cpu" and x2.dtype == torch.float32
-            and x2.shape[0] >= DECODE_GEMM_MIN_ROWS and not _C.in_forked_child())
+            and x2.shape[0] >= rows and not _C.in_forked_child())
 
 
 def linear(x2: torch.Tensor, decode: Callable[[int, int], torch.Tensor], rows: int,

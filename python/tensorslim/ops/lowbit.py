@@ -482,7 +482,7 @@ def linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if backend == "reference" or (x.device.type == "cuda" and short_last_group(group_size, in_features)):
         w = dequantize_lowbit_reference(qweight, scales, zps, ts, spec, group_size, in_features)
         y = F.linear(x2, w, b)
-    elif decode_gemm.applies(x2, backend) and in_features:
+    elif decode_gemm.applies(x2, backend, qweight.shape[0] * in_features) and in_features:
         def decode(n0, n1):
             rows = lambda t: t[n0:n1] if t.dim() and t.shape[0] == qweight.shape[0] else t  # noqa: E731
             return _eager.call(_dequantize_lowbit, _dequantize_lowbit_impl, qweight[n0:n1], rows(scales),

@@ -324,7 +324,7 @@ def linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         zps = zero_points if spec.has_zero_point else None
-        if decode_gemm.applies(x2, backend) and in_features:
+        if decode_gemm.applies(x2, backend, qweight.shape[0] * in_features) and in_features:
             empty = torch.empty(0, dtype=torch.uint8)
 
             def decode(n0, n1):
