@@ -2,6 +2,7 @@
 // AVX-512 quantizers and the oneDNN GEMM are tested against (see gemm_int8.h).
 #include "tensorslim/gemm_int8.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -47,6 +48,11 @@ bool vnni_kernels(const TensorView& qx, const TensorView& act_scales, int32_t ac
 }  // namespace
 
 namespace cpu {
+
+int64_t activation_row_grain(int64_t K) {
+  const int64_t values = on_host_openmp() ? int64_t{1} << 18 : int64_t{1} << 22;
+  return std::max<int64_t>(4, values / std::max<int64_t>(K, 1));
+}
 
 [[noreturn]] void throw_activation_not_finite(int64_t row) {
   throw ValueError("x contains NaN or Inf (row " + std::to_string(row) +

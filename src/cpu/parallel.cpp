@@ -251,7 +251,8 @@ bool use_host_openmp(const char* library_path) {
   return true;
 }
 
-const char* threading_backend() { return usable_host_omp() ? "host openmp" : "own pool"; }
+bool on_host_openmp() { return usable_host_omp() != nullptr; }
+const char* threading_backend() { return on_host_openmp() ? "host openmp" : "own pool"; }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;

@@ -23,6 +23,7 @@ bool in_forked_child();
 // not loaded or lacks the GOMP entry points. An empty path goes back to our own pool.
 bool use_host_openmp(const char* library_path);
 const char* threading_backend();  // "own pool" or "host openmp"
+bool on_host_openmp();             // threading_backend() is "host openmp"
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n), in parallel when n is
 // larger than `grain`. Exceptions thrown by fn are rethrown on the calling thread.
