@@ -15,7 +15,8 @@
 namespace tensorslim {
 namespace {
 
-constexpr int64_t kNativeMaxRows = 8;  // above this oneDNN's blocked GEMM is faster
+constexpr int64_t kNativeMaxRows = 8;  // the GEMV's rows
+constexpr int64_t kSmallWeight = int64_t{1} << 20;  // values: MiniLM's layers (ops/decode_gemm.py)
 
 float load_act(const TensorView& x, int64_t m, int64_t k) {
   const int64_t off = m * x.strides[0] + k;
@@ -153,15 +154,22 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
                      "linear_weight_only: oneDNN has no implementation for this format/shape");
       return;
     case GemmBackend::kAuto:
-      // Above the GEMV's rows our panel GEMM, which runs on torch's threads, where oneDNN's
-      // runtime threads contend with them inside a model (MiniLM INT8 batch 1, 18-36 rows:
-      // 1.10x fp32 against 0.45x on AVX2, 0.87x against 0.56x on AVX-512 Sapphire Rapids,
-      // though oneDNN's weight-decompression matmul ties or wins alone on AVX-512). Larger
-      // batches of fp32 rows are decoded once for torch's GEMM in Python (ops/decode_gemm.py).
-      if (cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))
+      // Above the GEMV's rows: on AVX-512, oneDNN's weight-decompression matmul for large
+      // weights (4096 x 4096, 32-256 rows: 1.2-1.5x our panel GEMM's speed); for small ones
+      // and on AVX2 our panel GEMM, which runs on torch's threads, where oneDNN's runtime
+      // threads contend with them inside a model and a small layer cannot amortize that
+      // (MiniLM INT8 batch 1, 18-36 rows: 1.10x fp32 against 0.45x on AVX2 Zen 3, 0.85x
+      // against 0.56x on AVX-512 Sapphire Rapids). Small weights at 32+ fp32 rows are decoded
+      // once for torch's GEMM in Python (ops/decode_gemm.py).
+      if ((x.shape[0] <= kNativeMaxRows || !cpu::onednn_usable() ||
+           cpu::active_isa() < cpu::Isa::kAVX512 || out.shape[1] * x.shape[1] <= kSmallWeight) &&
+          cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))
         return;
       if (cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt, group_size,
                                          out))
+        return;
+      // oneDNN declined (e.g. a short last group): our kernel takes any batch size.
+      if (cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))
         return;
       return cpu::linear_weight_only_reference(x, qweight, scales, zero_points, bias, fmt,
                                                group_size, out);

@@ -1,6 +1,7 @@
-"""Weight-only linears from DECODE_GEMM_MIN_ROWS rows on: the weight decoded once by our kernel,
-then torch's fp32 GEMM (ops/decode_gemm.py). Same result as the reference within fp32 rounding,
-on short last groups and in row tiles; only where it applies (auto, fp32, CPU, enough rows)."""
+"""Small weight-only linears from DECODE_GEMM_MIN_ROWS rows on: the weight decoded once by our
+kernel, then torch's fp32 GEMM (ops/decode_gemm.py). Same result as the reference within fp32
+rounding, on short last groups; only where it applies (auto, fp32, CPU, enough rows, a weight
+of up to SMALL_WEIGHT values)."""
 import pytest
 import torch
 
@@ -36,9 +37,9 @@ def decode_calls(monkeypatch):
     calls = []
     real = decode_gemm.linear
 
-    def spy(x2, decode, rows, bias):
+    def spy(x2, decode, bias):
         calls.append(x2.shape[0])
-        return real(x2, decode, rows, bias)
+        return real(x2, decode, bias)
     monkeypatch.setattr(decode_gemm, "linear", spy)
     return calls
 
@@ -50,15 +51,6 @@ def test_large_batches_match_the_reference(make, decode_calls):
     got, ref = layer(x), layer(x, "reference")
     assert decode_calls == [3 * decode_gemm.DECODE_GEMM_MIN_ROWS]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("make", LAYERS)
-def test_row_tiles_give_the_whole_product(make, monkeypatch):
-    layer = make()
-    x = torch.randn(40, K)
-    whole = layer(x)
-    monkeypatch.setattr(decode_gemm, "_TILE_VALUES", 16 * K)  # 16 weight rows per tile: 16 + 16 + 6
-    torch.testing.assert_close(layer(x), whole, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("make", LAYERS)
@@ -91,13 +83,11 @@ def test_gradient_reaches_the_input():
     torch.testing.assert_close(x.grad, w_col_sums.expand_as(x), rtol=1e-4, atol=1e-3)
 
 
-def test_large_weights_wait_for_more_rows(decode_calls, monkeypatch):
-    # A weight above SMALL_WEIGHT values is decoded in tiles that leave the cache: only from
-    # LARGE_WEIGHT_MIN_ROWS rows. (Shrinking the limit makes this layer "large".)
+def test_large_weights_stay_on_the_native_dispatch(decode_calls, monkeypatch):
+    # Above SMALL_WEIGHT values the decoded weight would leave the cache: the C++ dispatch runs
+    # (oneDNN on AVX-512, our panel GEMM on AVX2). Shrinking the limit makes this layer "large".
     monkeypatch.setattr(decode_gemm, "SMALL_WEIGHT", N * K - 1)
     layer = _integer_layer("uint4", 128)
-    x = torch.randn(decode_gemm.LARGE_WEIGHT_MIN_ROWS, K)
-    layer(x[:decode_gemm.LARGE_WEIGHT_MIN_ROWS - 1])
-    assert decode_calls == []
+    x = torch.randn(4 * decode_gemm.DECODE_GEMM_MIN_ROWS, K)
     torch.testing.assert_close(layer(x), layer(x, "reference"), rtol=1e-5, atol=1e-4)
-    assert decode_calls == [decode_gemm.LARGE_WEIGHT_MIN_ROWS]
+    assert decode_calls == []

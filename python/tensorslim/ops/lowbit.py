@@ -483,11 +483,9 @@ def linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         w = dequantize_lowbit_reference(qweight, scales, zps, ts, spec, group_size, in_features)
         y = F.linear(x2, w, b)
     elif decode_gemm.applies(x2, backend, qweight.shape[0] * in_features) and in_features:
-        def decode(n0, n1):
-            rows = lambda t: t[n0:n1] if t.dim() and t.shape[0] == qweight.shape[0] else t  # noqa: E731
-            return _eager.call(_dequantize_lowbit, _dequantize_lowbit_impl, qweight[n0:n1], rows(scales),
-                               rows(zps), ts, fmt, group_size, in_features, torch.float32)
-        y = decode_gemm.linear(x2, decode, qweight.shape[0], b)
+        y = decode_gemm.linear(x2, lambda: _eager.call(
+            _dequantize_lowbit, _dequantize_lowbit_impl, qweight, scales, zps, ts, fmt, group_size,
+            in_features, torch.float32), b)
     else:
         y = _eager.call(_linear_lowbit, _linear_lowbit_impl, x2.contiguous(), qweight, scales, zps,
                         ts, b, fmt, group_size, LOWBIT_BACKENDS[backend])

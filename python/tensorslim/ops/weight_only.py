@@ -326,13 +326,9 @@ def linear_weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         zps = zero_points if spec.has_zero_point else None
         if decode_gemm.applies(x2, backend, qweight.shape[0] * in_features) and in_features:
             empty = torch.empty(0, dtype=torch.uint8)
-
-            def decode(n0, n1):
-                rows = lambda t: t[n0:n1] if t.dim() and t.shape[0] == qweight.shape[0] else t  # noqa: E731
-                return _eager.call(_dequantize, _dequantize_impl, qweight[n0:n1], rows(scales),
-                                   empty if zps is None else rows(zps), fmt, group_size, in_features,
-                                   torch.float32)
-            y = decode_gemm.linear(x2, decode, qweight.shape[0], bias)
+            y = decode_gemm.linear(x2, lambda: _eager.call(
+                _dequantize, _dequantize_impl, qweight, scales, empty if zps is None else zps, fmt,
+                group_size, in_features, torch.float32), bias)
         else:
             y = _eager.call(_linear_weight_only, _linear_weight_only_impl, x2, qweight, scales, zps,
                             bias, fmt, group_size, BACKENDS[backend])
