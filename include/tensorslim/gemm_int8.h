@@ -92,7 +92,7 @@ constexpr int64_t kInt8PanelMinRows = 16;
 // AVX-512 or the CPU lacks VNNI. Below kInt8VnniMaxRows a GEMV (4 x 4 tiles of dot products);
 // from there 16 weight rows at a time transposed into 4-byte panels and 8-token tiles, no
 // horizontal sums. linear_int8 picks them below kInt8VnniPanelMaxRows rows over oneDNN
-// (kAuto; measured 1.2-2.5x oneDNN's time there, 4096^2 and MiniLM's shapes, Sapphire
+// (kAuto; oneDNN took 1.2-4x their time there at 4096^2 and MiniLM's shapes on Sapphire
 // Rapids), and below kInt8PanelMinRows over the AVX2 kernels (kNative).
 bool int8_vnni_available();
 bool linear_int8_vnni(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
