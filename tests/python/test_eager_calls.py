@@ -1,6 +1,7 @@
 """ops/_eager.py: the direct call skips torch.library's dispatcher only where it has nothing to
 do. Same results both ways, and the dispatcher still sees the op under torch.compile, fake
 tensors, dispatch modes and autograd."""
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,3 +99,38 @@ def test_dynamic_w8a8_in_one_call_equals_its_two_ops():
             assert torch.equal(fused, two)
             qx, s = ops.int8.quantize_per_token(x, smooth, unsigned=True)
             assert torch.equal(fused, ops.int8.linear_int8(qx, s, 128, w, w_scales, bias, packed=packed))
+
+
+def test_static_w8a8_in_one_call_equals_its_two_ops():
+    # Static activations (u8 with a zero point, s8 symmetric) take the same one-call path.
+    torch.manual_seed(1)
+    w = torch.randint(-127, 128, (40, 72), dtype=torch.int8)
+    w_scales, bias, inv = torch.rand(40) * 0.01, torch.randn(40), torch.rand(72) + 0.5
+    packed = ops.int8.pack_int8_weight(w)
+    for rows in (1, 20, 100):
+        x = torch.randn(rows, 72)
+        for smooth in (None, inv):
+            for scale, zp, dtype in ((0.03, 117, torch.uint8), (0.02, 0, torch.int8), (0.05, 0, torch.uint8)):
+                fused = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, scale, zp, dtype, packed=packed)
+                with _Seen() as seen:
+                    two = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, scale, zp, dtype, packed=packed)
+                assert any("quantize_static" in n for n in seen.names)
+                assert torch.equal(fused, two)
+                qx = ops.int8.quantize_static(x, scale, zp, smooth, dtype)
+                ref = ops.int8.linear_int8_reference(qx, torch.tensor([scale]), zp, w, w_scales, bias)
+                assert torch.equal(fused, ops.int8.linear_int8(qx, torch.tensor([scale]), zp, w, w_scales,
+                                                               bias, packed=packed))
+                torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_static_w8a8_one_call_refuses_bad_parameters():
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    x, w_scales = torch.randn(3, 16), torch.rand(8)
+    for scale, zp, dtype, err in ((0.0, 0, torch.uint8, ValueError), (float("inf"), 0, torch.uint8, ValueError),
+                                  (0.1, 256, torch.uint8, ValueError), (0.1, 3, torch.int8, ValueError),
+                                  (0.1, 0, torch.int16, TypeError)):
+        with pytest.raises(err, match="scale|zero_point|dtype"):
+            ops.int8.linear_w8a8(x, w, w_scales, None, None, scale, zp, dtype)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ops.int8.linear_w8a8(x, w, w_scales, None, None, 0.1, 0, torch.uint8)

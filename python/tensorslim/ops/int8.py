@@ -104,12 +104,8 @@ def _quantize_static_fake(x, inv_smooth, scale, zero_point, unsigned, backend):
     return x.new_empty(x.shape, dtype=torch.uint8 if unsigned else torch.int8)
 
 
-def quantize_static(x: torch.Tensor, scale: float, zero_point: int = 0,
-                    inv_smooth: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.uint8,
-                    backend: str = "auto") -> torch.Tensor:
-    """Codes clamp(round(x / scale) + zero_point) as uint8 (asymmetric) or int8 (zero point 0)."""
-    _check_backend(backend)
-    _check_x(x, inv_smooth)
+def _check_static(scale: float, zero_point: int, dtype: torch.dtype) -> float:
+    """The static quantizer's parameters, checked; returns the scale as a float."""
     if dtype not in (torch.uint8, torch.int8):
         raise TypeError(f"quantize_static: dtype must be torch.uint8 or torch.int8, got {dtype}")
     scale = float(scale)
@@ -118,6 +114,16 @@ def quantize_static(x: torch.Tensor, scale: float, zero_point: int = 0,
     lo, hi = (0, 255) if dtype == torch.uint8 else (0, 0)
     if not lo <= int(zero_point) <= hi:
         raise ValueError(f"quantize_static: zero_point {zero_point} is out of range [{lo}, {hi}] for {dtype}")
+    return scale
+
+
+def quantize_static(x: torch.Tensor, scale: float, zero_point: int = 0,
+                    inv_smooth: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.uint8,
+                    backend: str = "auto") -> torch.Tensor:
+    """Codes clamp(round(x / scale) + zero_point) as uint8 (asymmetric) or int8 (zero point 0)."""
+    _check_backend(backend)
+    _check_x(x, inv_smooth)
+    scale = _check_static(scale, zero_point, dtype)
     if backend == "reference":
         return quantize_static_reference(x, scale, int(zero_point), inv_smooth, dtype)
     return _eager.call(_quantize_static, _quantize_static_impl, x.contiguous(), inv_smooth, scale,
@@ -205,16 +211,18 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
     if not x.dtype.is_floating_point:
         raise TypeError(f"x: expected a float tensor, got {x.dtype}")
     x2 = x.reshape(-1, K).to(torch.float32)
-    if act_scale is None and backend != "reference" and _eager.direct_ok(
-            (x2, inv_smooth, qweight, w_scales, bias, packed)):
+    if backend != "reference" and _eager.direct_ok((x2, inv_smooth, qweight, w_scales, bias, packed)):
         # Eager CPU call: both kernels in one crossing (the same functions, same bits).
         _check_backend(backend)
         _check_x(x2, inv_smooth)
+        if act_scale is not None:
+            act_scale = _check_static(act_scale, act_zero_point, act_dtype)
         y = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.float32)
-        _C.linear_w8a8_dynamic(_views.view(x2.contiguous(), "x"), _views.optional_view(inv_smooth, "inv_smooth"),
-                               _views.view(qweight, "qweight"), _views.view(w_scales, "w_scales"),
-                               _views.optional_view(bias, "bias"), _views.view(y, "out"),
-                               INT8_BACKENDS[backend], _views.optional_view(packed, "packed"))
+        _C.linear_w8a8(_views.view(x2.contiguous(), "x"), _views.optional_view(inv_smooth, "inv_smooth"),
+                       _views.view(qweight, "qweight"), _views.view(w_scales, "w_scales"),
+                       _views.optional_view(bias, "bias"), _views.view(y, "out"), INT8_BACKENDS[backend],
+                       _views.optional_view(packed, "packed"), act_scale, int(act_zero_point),
+                       act_dtype == torch.uint8)
         return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
     if act_scale is None:
         qx, scales = quantize_per_token(x2, inv_smooth, backend, unsigned=True)
