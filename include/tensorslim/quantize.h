@@ -47,6 +47,7 @@ enum class Isa : int32_t { kScalar = 0, kAVX2 = 1, kAVX512 = 2 };
 const char* isa_name(Isa isa);
 Isa best_isa();                // what this CPU supports
 Isa active_isa();              // what kernels use now (best, or a forced lower one)
+bool cpu_has_avx512_vnni();    // vpdpbusd on zmm (AVX512_VNNI), whatever the active ISA
 void set_isa(Isa isa);         // force a path (tests compare each one with the reference)
 
 }  // namespace cpu

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "gemv_column_blocks.h"
 #include "int8_codes_avx2.h"
 #include "parallel.h"
 #include "tensorslim/gemm_int8.h"
@@ -99,40 +100,32 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
   const int64_t Kp = (K + 31) / 32 * 32;  // whole 32-byte steps of codes, zero-padded
   const Codes codes = make_codes(qx.ptr<uint8_t>(), M, K, Kp, is_u8);
   const int32_t shift_back = is_u8 ? codes.shift - act_zero_point : 0;
-  // Columns in blocks of 16 weight rows per task: big enough to amortize, small enough
-  // to spread a GEMV over the threads.
-  const int64_t col_block = 16;
-  const int64_t blocks = (N + col_block - 1) / col_block;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, M * K * col_block));
-  parallel_for(blocks, grain, [&](int64_t bb, int64_t be) {
-    for (int64_t blk = bb; blk < be; ++blk) {
-      const int64_t n0 = blk * col_block, n1 = std::min(N, n0 + col_block);
-      int32_t wsum[col_block];
-      for (int64_t n = n0; n < n1; ++n)
-        wsum[n - n0] = shift_back ? row_sum(wq + n * K, K) : 0;
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        const int8_t* a[kMaxRows];
-        for (int r = 0; r < mr; ++r) a[r] = codes.c.data() + (m0 + r) * Kp;
-        for (int64_t n = n0; n < n1; n += kMaxCols) {
-          const int nr = static_cast<int>(std::min<int64_t>(kMaxCols, n1 - n));
-          const int8_t* w[kMaxCols] = {wq + n * K, wq + (n + nr - 1) * K};
-          int32_t acc[kMaxRows][kMaxCols];
-          if (nr == 2)
-            tile_rows<2>(mr, a, w, K, acc);
-          else
-            tile_rows<1>(mr, a, w, K, acc);
-          for (int r = 0; r < mr; ++r) {
-            const int64_t m = m0 + r;
-            const float a_s = as[per_token ? m : 0];
-            for (int j = 0; j < nr; ++j) {
-              int32_t v = acc[r][j] + shift_back * wsum[n + j - n0];
-              for (int64_t i = codes.first[m]; i < codes.first[m + 1]; ++i)  // rare
-                v += codes.clamps[i].delta * wq[(n + j) * K + codes.clamps[i].k];
-              float y = static_cast<float>(v) * (a_s * ws[n + j]);
-              if (b) y += b[n + j];
-              out.ptr<float>()[m * N + n + j] = y;
-            }
+  for_each_column_block(N, M, K, [&](int64_t n0, int64_t n1) {
+    int32_t wsum[kGemvColumnBlock];
+    for (int64_t n = n0; n < n1; ++n)
+      wsum[n - n0] = shift_back ? row_sum(wq + n * K, K) : 0;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+      const int8_t* a[kMaxRows];
+      for (int r = 0; r < mr; ++r) a[r] = codes.c.data() + (m0 + r) * Kp;
+      for (int64_t n = n0; n < n1; n += kMaxCols) {
+        const int nr = static_cast<int>(std::min<int64_t>(kMaxCols, n1 - n));
+        const int8_t* w[kMaxCols] = {wq + n * K, wq + (n + nr - 1) * K};
+        int32_t acc[kMaxRows][kMaxCols];
+        if (nr == 2)
+          tile_rows<2>(mr, a, w, K, acc);
+        else
+          tile_rows<1>(mr, a, w, K, acc);
+        for (int r = 0; r < mr; ++r) {
+          const int64_t m = m0 + r;
+          const float a_s = as[per_token ? m : 0];
+          for (int j = 0; j < nr; ++j) {
+            int32_t v = acc[r][j] + shift_back * wsum[n + j - n0];
+            for (int64_t i = codes.first[m]; i < codes.first[m + 1]; ++i)  // rare
+              v += codes.clamps[i].delta * wq[(n + j) * K + codes.clamps[i].k];
+            float y = static_cast<float>(v) * (a_s * ws[n + j]);
+            if (b) y += b[n + j];
+            out.ptr<float>()[m * N + n + j] = y;
           }
         }
       }

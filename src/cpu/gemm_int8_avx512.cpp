@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "gemv_column_blocks.h"
 #include "parallel.h"
 #include "tensorslim/gemm_int8.h"
 #include "tensorslim/quantize.h"
@@ -184,8 +185,7 @@ void panel_tokens(int mb, const uint8_t* x, int64_t m0, int64_t K, int64_t K4,
 }  // namespace
 
 bool int8_vnni_available() {
-  static const bool cpu_has = __builtin_cpu_supports("avx512vnni");
-  return cpu_has && active_isa() == Isa::kAVX512;
+  return cpu_has_avx512_vnni() && active_isa() == Isa::kAVX512;
 }
 
 bool linear_int8_vnni(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
@@ -203,39 +203,31 @@ bool linear_int8_vnni(const TensorView& qx, const TensorView& act_scales, int32_
   float* y = out.ptr<float>();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(is_u8 ? 0 : 0x80));
   const int32_t zp = is_u8 ? act_zero_point : 128;
-  // Blocks of 16 weight rows per task, as the AVX2 GEMV: all activation rows run over a
-  // block while it sits in L2, and a GEMV still spreads over the threads.
-  const int64_t col_block = 16;
-  const int64_t blocks = (N + col_block - 1) / col_block;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, M * K * col_block));
-  parallel_for(blocks, grain, [&](int64_t bb, int64_t be) {
-    for (int64_t blk = bb; blk < be; ++blk) {
-      const int64_t n0 = blk * col_block, n1 = std::min(N, n0 + col_block);
-      for (int64_t n = n0; n < n1; n += kCols) {
-        const int nr = static_cast<int>(std::min<int64_t>(kCols, n1 - n));
-        const int8_t* w[kCols];
-        for (int j = 0; j < kCols; ++j) w[j] = wq + (n + std::min(j, nr - 1)) * K;
-        int32_t wsum[kCols] = {0, 0, 0, 0};
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-          const uint8_t* a[kMaxRows];
-          for (int r = 0; r < mr; ++r) a[r] = xq + (m0 + r) * K;
-          int32_t acc[kMaxRows][kCols];
-          if (m0 == 0)
-            tile_any<true>(mr, nr, a, w, K, flip, acc, wsum);
-          else
-            tile_any<false>(mr, nr, a, w, K, flip, acc, wsum);
-          for (int r = 0; r < mr; ++r) {
-            const int64_t m = m0 + r;
-            const float a_s = as[per_token ? m : 0];
-            for (int j = 0; j < nr; ++j) {
-              const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(acc[r][j]) -
-                                                     static_cast<uint32_t>(zp) *
-                                                         static_cast<uint32_t>(wsum[j]));
-              float yv = static_cast<float>(v) * (a_s * ws[n + j]);
-              if (b) yv += b[n + j];
-              y[m * N + n + j] = yv;
-            }
+  for_each_column_block(N, M, K, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n += kCols) {
+      const int nr = static_cast<int>(std::min<int64_t>(kCols, n1 - n));
+      const int8_t* w[kCols];
+      for (int j = 0; j < kCols; ++j) w[j] = wq + (n + std::min(j, nr - 1)) * K;
+      int32_t wsum[kCols] = {0, 0, 0, 0};
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        const uint8_t* a[kMaxRows];
+        for (int r = 0; r < mr; ++r) a[r] = xq + (m0 + r) * K;
+        int32_t acc[kMaxRows][kCols];
+        if (m0 == 0)
+          tile_any<true>(mr, nr, a, w, K, flip, acc, wsum);
+        else
+          tile_any<false>(mr, nr, a, w, K, flip, acc, wsum);
+        for (int r = 0; r < mr; ++r) {
+          const int64_t m = m0 + r;
+          const float a_s = as[per_token ? m : 0];
+          for (int j = 0; j < nr; ++j) {
+            const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(acc[r][j]) -
+                                                   static_cast<uint32_t>(zp) *
+                                                       static_cast<uint32_t>(wsum[j]));
+            float yv = static_cast<float>(v) * (a_s * ws[n + j]);
+            if (b) yv += b[n + j];
+            y[m * N + n + j] = yv;
           }
         }
       }

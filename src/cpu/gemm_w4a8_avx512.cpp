@@ -186,8 +186,7 @@ std::atomic<bool>& vnni_enabled() {
 }  // namespace
 
 bool w4a8_uses_vnni() {
-  static const bool cpu_has = __builtin_cpu_supports("avx512vnni");
-  return cpu_has && vnni_enabled().load();
+  return cpu_has_avx512_vnni() && vnni_enabled().load();
 }
 
 void set_w4a8_vnni_enabled(bool enabled) { vnni_enabled().store(enabled); }

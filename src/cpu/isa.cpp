@@ -57,6 +57,15 @@ Isa best_isa() {
 
 Isa active_isa() { return static_cast<Isa>(active().load()); }
 
+bool cpu_has_avx512_vnni() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(TENSORSLIM_HAVE_AVX512)
+  static const bool has = best_isa() == Isa::kAVX512 && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
 void set_isa(Isa isa) {
   TS_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()),
                  std::string("set_isa: this CPU (or build) does not support ") + isa_name(isa) +
