@@ -84,7 +84,7 @@ void linear_weight_only_reference(const TensorView& x, const TensorView& qweight
   });
 }
 
-void pack_activations(const TensorView& x, bool deinterleave, std::vector<float>& xp) {
+void pack_activations(const TensorView& x, bool deinterleave, AlignedFloats& xp) {
   const int64_t M = x.shape[0], K = x.shape[1];
   const int64_t whole = deinterleave ? K & ~int64_t{31} : 0;  // a short last block stays in order
   xp.resize(M * K);
@@ -115,7 +115,7 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
   if (M > kNativeMaxRows)
     return linear_weight_only_panels(x, qweight, scales, zero_points, bias, fmt, group_size, out);
   if (!native_fits(info, K, group_size)) return false;
-  thread_local std::vector<float> xp;
+  thread_local AlignedFloats xp;
   pack_activations(x, info.bits == 4, xp);
   const int64_t gsize = std::min(group_size, K);
   const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, num_groups(K, gsize),

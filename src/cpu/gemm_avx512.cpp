@@ -15,19 +15,20 @@ namespace tensorslim {
 namespace cpu {
 namespace {
 
+// The 16 values a nibble decodes to, minus the zero point: vpermps looks a float up by the low
+// 4 bits of each dword, so a nibble needs no mask, sign extension or int-to-float conversion.
 template <bool kSigned>
-inline void int4_block(const uint8_t* w, __m512i zp, __m512& lo, __m512& hi) {
+inline __m512 int4_table(int32_t zp) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  if (kSigned) return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  return _mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(zp)));
+}
+
+// 32 values from 16 bytes: low nibbles (even k) in lo, high nibbles (odd k) in hi.
+inline void int4_block(const uint8_t* w, __m512 table, __m512& lo, __m512& hi) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  __m512i l, h;
-  if (kSigned) {
-    l = _mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28);
-    h = _mm512_srai_epi32(_mm512_slli_epi32(b, 24), 28);
-  } else {
-    l = _mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF)), zp);
-    h = _mm512_sub_epi32(_mm512_srli_epi32(b, 4), zp);
-  }
-  lo = _mm512_cvtepi32_ps(l);
-  hi = _mm512_cvtepi32_ps(h);
+  lo = _mm512_permutexvar_ps(b, table);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
 }
 
 // Values per vector chunk: a 32-value INT4 block, or one register of INT8 codes.
@@ -57,8 +58,10 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
   for (int64_t g = 0; g < groups; ++g) {
     __m512 part[R][MB];
     __m512i zp[R];
+    __m512 table[R];
     for (int r = 0; r < R; ++r) {
       zp[r] = _mm512_set1_epi32(zrow[r] ? zrow[r][g] : 0);
+      if (kBits == 4) table[r] = int4_table<kSigned>(zrow[r] ? zrow[r][g] : 0);
       for (int m = 0; m < MB; ++m) part[r][m] = _mm512_setzero_ps();
     }
     const int64_t k0 = g * gsize, kend = std::min(k0 + gsize, K);
@@ -67,7 +70,7 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
       for (int64_t k = k0; k < kvec; k += 32) {
         for (int r = 0; r < R; ++r) {
           __m512 lo, hi;
-          int4_block<kSigned>(wrow[r] + k / 2, zp[r], lo, hi);
+          int4_block(wrow[r] + k / 2, table[r], lo, hi);
           for (int m = 0; m < MB; ++m) {
             part[r][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + m * K + k), part[r][m]);
             part[r][m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + m * K + k + 16), part[r][m]);

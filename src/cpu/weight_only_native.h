@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "aligned_buffer.h"
 #include "tensorslim/formats.h"
 #include "tensorslim/tensor_view.h"
 
@@ -23,7 +24,7 @@ struct WeightOnlyProblem {
 
 // x as contiguous fp32 rows. INT4: byte j of a 32-value block holds k = 2j (low nibble) and
 // 2j + 1 (high), so each block is stored de-interleaved: 16 even-k values, then 16 odd-k.
-void pack_activations(const TensorView& x, bool deinterleave, std::vector<float>& xp);
+void pack_activations(const TensorView& x, bool deinterleave, AlignedFloats& xp);
 
 // The kernels: out = x @ dequantize(qweight)^T + bias for the integer formats, K and the
 // group size multiples of 32 (INT4) or 16 (INT8).

@@ -23,7 +23,7 @@ bool linear_weight_only_panels(const TensorView& x, const TensorView& qweight,
   const QuantKernels& kernels = active_quant_kernels();
   const float* xf = nullptr;
   int64_t ldx = K;
-  thread_local std::vector<float> xp;
+  thread_local AlignedFloats xp;
   if (x.dtype == DType::kFloat32) {
     xf = x.ptr<float>();
     ldx = x.strides[0];
