@@ -367,10 +367,10 @@ bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, i
   return t_all_widths<CsrRows<VT>>(w, a, r0, r1);
 }
 
-// CSR, small batches (the AVX2 file's structure). A row's columns are checked once (max_col)
-// before any x is read at them, so the inner loops carry no per-entry bounds test; a row with
-// a column >= K is skipped and reported (the call fails). The row's last partial step uses
-// masked loads.
+// CSR, small batches (the AVX2 file's structure). A row's columns are checked before any x is
+// read at them (batch 1: the gathers are masked; batches 2..8: max_col first), so no x is read
+// out of bounds; a row with a column >= K is reported (the call fails). The row's last partial
+// step uses masked loads.
 
 // The largest of n columns at c (0 for none).
 inline unsigned max_col(const uint16_t* c, int64_t n) {
@@ -385,43 +385,43 @@ inline unsigned max_col(const uint16_t* c, int64_t n) {
   return best;
 }
 
-// Batch 1: x gathered at 16 columns per step, two FMA chains.
+// Batch 1: x gathered at 16 columns per step, two FMA chains. The gathers are masked by
+// column < K, which checks the row in the same pass (as the AVX2 kernel: one memory phase per
+// row instead of max_col first); *bad collects the lanes that failed.
 template <DType VT>
-float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1) {
+float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __mmask16& bad) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const __m512i kv = _mm512_set1_epi32(static_cast<int>(w.K));
+  auto gather = [&](__m512i col, __mmask16 use) {
+    const __mmask16 ok = _mm512_mask_cmplt_epi32_mask(use, col, kv);
+    bad |= use & ~ok;
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok, col, x, 4);
+  };
   auto cols16 = [&](int64_t i) {
     return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + i)));
   };
   for (; e + 2 * W <= e1; e += 2 * W) {
-    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), _mm512_i32gather_ps(cols16(e), x, 4), acc0);
-    acc1 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e + W, 0), _mm512_i32gather_ps(cols16(e + W), x, 4),
-                           acc1);
+    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), gather(cols16(e), 0xffff), acc0);
+    acc1 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e + W, 0), gather(cols16(e + W), 0xffff), acc1);
   }
   if (e + W <= e1) {
-    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), _mm512_i32gather_ps(cols16(e), x, 4), acc0);
+    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), gather(cols16(e), 0xffff), acc0);
     e += W;
   }
   if (e < e1) {
     const __mmask16 use = first_lanes(e1 - e);
     const __m512i col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(use, w.cols + e));
-    const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), use, col, x, 4);
-    acc1 = _mm512_fmadd_ps(load_vals<VT, true>(w.values, e, use), xv, acc1);
+    acc1 = _mm512_fmadd_ps(load_vals<VT, true>(w.values, e, use), gather(col, use), acc1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
 template <DType VT>
 bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  bool bad = false;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t e0 = w.row_ptr[r], e1 = w.row_ptr[r + 1];
-    if (e1 > e0 && max_col(w.cols + e0, e1 - e0) >= w.K) {
-      bad = true;
-      continue;
-    }
-    store_out(w, a, r, 0, csr_dot1<VT>(w, a.x, e0, e1));
-  }
-  return bad;
+  __mmask16 bad = 0;
+  for (int64_t r = r0; r < r1; ++r)
+    store_out(w, a, r, 0, csr_dot1<VT>(w, a.x, w.row_ptr[r], w.row_ptr[r + 1], bad));
+  return bad != 0;
 }
 
 // Batches 2..8 on x transposed to [K, ST] (SparseBatch::xt): each entry is one broadcast value
