@@ -12,6 +12,7 @@ the model is left exactly as it was.
 """
 from typing import Callable, Iterable, Optional
 
+import torch
 from torch import nn
 
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
@@ -27,6 +28,10 @@ CSR_MAX_COLUMNS = 65536  # 16-bit column offsets
 
 def _check(cfg):
     def check(name: str, mod: nn.Module) -> Optional[str]:
+        # Checked while layers are chosen, before any work: calibration would otherwise meet
+        # the NaN deep in a block, where the error could no longer name the layer.
+        if not torch.isfinite(mod.weight).all():
+            raise ValueError(f"layer '{name}': weight contains NaN or Inf; it cannot be ranked or stored sparse")
         if getattr(cfg, "layout", "") == "csr" and mod.in_features > CSR_MAX_COLUMNS:
             return f"in_features {mod.in_features} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column offsets"
         return None
