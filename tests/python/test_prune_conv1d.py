@@ -271,3 +271,30 @@ def test_channel_prune_error_leaves_the_model_as_it_was():
         ts.prune(model, ts.ChannelPrune(ratio=0.25, head_ratio=0.9), progress=False)
     assert_state_unchanged(model, before)
     assert model.transformer.h[0].mlp.c_fc.nf == INNER and model.transformer.h[0].attn.num_heads == HEADS
+
+
+def test_conv1d_outside_transformer_blocks_through_the_fx_graph():
+    """Conv1D in a plain module (no GPT-2 block): the traced channel graph treats it as the
+    linear it is, with output channels in its weight columns; L2 importance computed here."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(32, 16), nn.GELU(), Conv1D(8, 32))  # Conv1D(out, in)
+    with torch.no_grad():
+        model[0].bias.normal_()
+    orig = copy.deepcopy(model)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    w0, b0, w2 = (t.detach().double() for t in (orig[0].weight, orig[0].bias, orig[2].weight))
+    score = w0.pow(2).sum(0) + b0.pow(2) + w2.pow(2).sum(1)
+    drop = sorted(torch.argsort(score)[:16].tolist())
+    keep = keep_of(drop, 32)
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, round_to=1, importance="l2"), example_inputs=x,
+                      progress=False)
+    assert {(c.name, c.module_type) for c in report.changed} == {("0", "Conv1D"), ("2", "Conv1D")}
+    assert [(c.name, c.reason) for c in report.skipped] == [("2", "channels: coupled with the model output")]
+    assert (model[0].nf, model[2].nx, model[2].nf) == (16, 16, 8)
+    assert torch.equal(model[0].weight, orig[0].weight[:, keep]) and torch.equal(model[0].bias, orig[0].bias[keep])
+    assert torch.equal(model[2].weight, orig[2].weight[keep, :])
+    with torch.no_grad():
+        orig[2].weight[drop] = 0
+        torch.testing.assert_close(model(x), orig(x), rtol=1e-5, atol=1e-5)
