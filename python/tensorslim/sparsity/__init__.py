@@ -26,12 +26,14 @@ from .uncalibrated import magnitude_layer, storage_layer
 CSR_MAX_COLUMNS = 65536  # 16-bit column offsets
 
 
-def _check(cfg):
+def _check(cfg, conv1d_names: set):
     def check(name: str, mod: nn.Module) -> Optional[str]:
         # Checked while layers are chosen, before any work: calibration would otherwise meet
         # the NaN deep in a block, where the error could no longer name the layer.
         if not torch.isfinite(mod.weight).all():
-            raise ValueError(f"layer '{name}': weight contains NaN or Inf; it cannot be ranked or stored sparse")
+            kind = "Conv1D" if name in conv1d_names else type(mod).__name__
+            raise ValueError(f"layer '{name}' ({kind}): weight contains NaN or Inf; it cannot be ranked or "
+                             "stored sparse")
         if getattr(cfg, "layout", "") == "csr" and mod.in_features > CSR_MAX_COLUMNS:
             return f"in_features {mod.in_features} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column offsets"
         return None
@@ -56,13 +58,13 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
         check_no_empty_layers(model, config)
         already = compressed_layers(model)
-        report = note_already_compressed(_sparsify(model, config, loop, progress), already)
+        report = note_already_compressed(_sparsify(model, config, loop, progress, conv1d_names), already)
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
     return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.sparsify")
 
 
-def _sparsify(model: nn.Module, config, loop, progress: bool) -> Report:
-    check = _check(config)
+def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set) -> Report:
+    check = _check(config, conv1d_names)
     if loop is not None:
         from .calibrated import sparsify_calibrated
 
