@@ -95,6 +95,20 @@ def test_summary_and_finalize_keep_conv1d():
         assert torch.equal(mod.weight.detach(), w)
 
 
+def test_masked_conv1d_save_load(tmp_path):
+    model = tiny_gpt2()
+    ts.prune(model, ts.RandomPrune(sparsity=0.4, seed=1), progress=False)
+    path = tmp_path / "masked.slim.safetensors"
+    ts.save(model, path)
+    fresh = tiny_gpt2(seed=5)
+    ts.load(fresh, path)
+    for name in CONV1D_NAMES:
+        mod = fresh.get_submodule(name)
+        assert type(mod) is Conv1D and masks.is_masked(mod)
+        assert torch.equal(mod.weight_mask, model.get_submodule(name).weight_mask)
+    assert torch.equal(logits(fresh), logits(model))
+
+
 def test_schedule_prunes_conv1d_while_training():
     """Iterative magnitude pruning in a training loop (Adam: momentum would move pruned weights
     without the masks' guards): pruned weights stay exactly zero, kept ones keep training."""
