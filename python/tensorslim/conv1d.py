@@ -37,6 +37,29 @@ def linear_shape(mod: nn.Module) -> Optional[Tuple[int, int]]:
     return None
 
 
+def conv1d_types() -> Tuple[type, ...]:
+    """(Conv1D,) when transformers is loaded, else (): for isinstance checks beside nn.Linear."""
+    cls = conv1d_class()
+    return (cls,) if cls is not None else ()
+
+
+def feature_dims(mod: nn.Module) -> Tuple[int, int]:
+    """(weight dim indexing output features, weight dim indexing input features): Conv1D
+    stores [in, out], so (1, 0); nn.Linear (and every conv, [out, in, ...]) (0, 1)."""
+    return (1, 0) if is_conv1d(mod) else (0, 1)
+
+
+def feature_attrs(mod: nn.Module) -> Tuple[str, str]:
+    """Names of the (output, input) size attributes: Conv1D's nf / nx, nn.Linear's."""
+    return ("nf", "nx") if is_conv1d(mod) else ("out_features", "in_features")
+
+
+def out_in(mod: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """t, shaped like mod's weight, as [out, in, ...] (the layout every per-row rule assumes):
+    Conv1D's transposed (a view; transposing again gives its own layout back), others as is."""
+    return t.t() if is_conv1d(mod) else t
+
+
 def as_linear(conv: nn.Module) -> nn.Linear:
     """The nn.Linear computing what `conv` computes: weight = conv.weight.T (a copy), its bias."""
     w = conv.weight

@@ -1,7 +1,8 @@
 """Channel dependencies of a CNN-style model, from a torch.fx trace run on example inputs.
 
 Every value carrying channels is tracked as segments of spaces along its channel dimension:
-convolutions and linears start a space (their outputs) and consume their input's spaces
+convolutions and linears (transformers' Conv1D too, traced as a leaf: its output channels are
+weight columns) start a space (their outputs) and consume their input's spaces
 (their input columns; a grouped conv keeps its inputs and prunes its filters group by group); BatchNorm, depthwise convs, activations, pooling and dropout pass
 channels through; additions merge spaces (residual groups); concatenation along the channel
 dimension chains segments; flatten turns each channel into rep = H*W features. A value that
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..conv1d import feature_attrs, feature_dims, is_conv1d, linear_shape
 from .channel_space import Slice, Spaces
 
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU,
@@ -37,11 +39,18 @@ class Info:
     cdim: int
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping transformers' Conv1D whole (a call_module, as nn.Linear is)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_conv1d(m) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """fx graph of `model` with shapes from one forward pass; a ValueError when it does not trace."""
     training = model.training
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
         model.eval()  # the shape pass must not move BatchNorm statistics
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
@@ -62,11 +71,11 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
     info: Dict[fx.Node, Info] = {}
     mods = dict(model.named_modules())
 
-    def new_space(name: str, size: int, params, attrs) -> int:
+    def new_space(name: str, size: int, params, attrs, weight_dim: int = 0) -> int:
         sid = sp.new(size)
         s = sp.get(sid)
         s.producers.append(name)
-        s.slices += [Slice(name, p, 0) for p in params]
+        s.slices += [Slice(name, p, weight_dim if p == "weight" else 0) for p in params]
         s.attrs += attrs
         return sid
 
@@ -134,14 +143,15 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                     sid = new_space(name, m.out_channels, params, [(name, "out_channels", 1)])
                     sp.get(sid).groups = m.groups
                     info[node] = Info([(sid, 1)], 1)
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear) or is_conv1d(m):
+                (out_dim, in_dim), (out_attr, in_attr) = feature_dims(m), feature_attrs(m)
                 if xi is not None and (_shape(x) is None or xi.cdim != len(_shape(x)) - 1):
                     mark(x, f"linear '{name}' reads a non-channel dimension")
                 else:
-                    consume(name, x, "weight", 1, "in_features")
+                    consume(name, x, "weight", in_dim, in_attr)
                 params = ["weight"] + (["bias"] if m.bias is not None else [])
-                info[node] = Info([(new_space(name, m.out_features, params, [(name, "out_features", 1)]), 1)],
-                                  len(shape) - 1)
+                sid = new_space(name, linear_shape(m)[1], params, [(name, out_attr, 1)], weight_dim=out_dim)
+                info[node] = Info([(sid, 1)], len(shape) - 1)
             elif isinstance(m, NORMS) and xi is not None:
                 off = 0
                 for sid, _ in xi.segs:  # per-channel statistics follow each segment

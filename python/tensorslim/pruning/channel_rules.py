@@ -1,6 +1,6 @@
-"""Channel spaces of transformer blocks, from their module structure (Hugging Face BERT and
-LLaMA-style models: the residual stream stays whole, so FFN neurons and attention heads are
-the block-internal channels there is to remove).
+"""Channel spaces of transformer blocks, from their module structure (Hugging Face BERT,
+LLaMA-style and GPT-2 models: the residual stream stays whole, so FFN neurons and attention
+heads are the block-internal channels there is to remove).
 
   FFN neurons: BERT intermediate.dense rows -> output.dense columns;
                LLaMA gate_proj / up_proj rows -> down_proj columns.
@@ -9,16 +9,18 @@ the block-internal channels there is to remove).
                LLaMA (GQA): a unit is one kv head with its num_key_value_groups query heads:
                k_proj / v_proj rows (head_dim), q_proj rows and o_proj columns
                (groups x head_dim); shapes carry the head counts (view(..., -1, head_dim)).
+  GPT-2 (transformers' Conv1D, weight [in, out]: an output feature is a weight COLUMN):
+               FFN neurons: mlp.c_fc columns -> mlp.c_proj rows;
+               heads: attn.c_attn packs q | k | v, split_size columns each, so a head is
+               head_dim columns at the same place in each third, and head_dim rows of
+               attn.c_proj, with num_heads / split_size updated.
 """
 from typing import List
 
 from torch import nn
 
+from ..conv1d import feature_attrs, feature_dims, is_conv1d
 from .channel_space import Slice, Spaces
-
-
-def _params(m: nn.Linear) -> List[str]:
-    return ["weight"] + (["bias"] if m.bias is not None else [])
 
 
 def _linear_space(sp: Spaces, kind: str, size: int, producers, consumers, rep_in: int = 1,
@@ -28,11 +30,13 @@ def _linear_space(sp: Spaces, kind: str, size: int, producers, consumers, rep_in
     s = sp.get(sid)
     for name, m, rep in producers:
         s.producers.append(name)
-        s.slices += [Slice(name, p, 0, 0, rep) for p in _params(m)]
-        s.attrs.append((name, "out_features", rep))
+        s.slices.append(Slice(name, "weight", feature_dims(m)[0], 0, rep))
+        if m.bias is not None:
+            s.slices.append(Slice(name, "bias", 0, 0, rep))
+        s.attrs.append((name, feature_attrs(m)[0], rep))
     for name, m, rep in consumers:
-        s.slices.append(Slice(name, "weight", 1, 0, rep))
-        s.attrs.append((name, "in_features", rep))
+        s.slices.append(Slice(name, "weight", feature_dims(m)[1], 0, rep))
+        s.attrs.append((name, feature_attrs(m)[1], rep))
     return sid
 
 
@@ -40,7 +44,7 @@ def find_blocks(model: nn.Module) -> List[str]:
     """Names of the transformer blocks these rules handle (empty: not a transformer)."""
     out = []
     for name, m in model.named_modules():
-        if _is_bert_layer(m) or _is_llama_layer(m):
+        if _is_bert_layer(m) or _is_llama_layer(m) or _is_gpt2_block(m):
             out.append(name)
     return out
 
@@ -55,6 +59,44 @@ def _is_llama_layer(m) -> bool:
     att, mlp = getattr(m, "self_attn", None), getattr(m, "mlp", None)
     return (att is not None and mlp is not None and hasattr(att, "q_proj") and hasattr(att, "head_dim")
             and hasattr(mlp, "gate_proj"))
+
+
+def _is_gpt2_block(m) -> bool:
+    att, mlp = getattr(m, "attn", None), getattr(m, "mlp", None)
+    return (att is not None and mlp is not None
+            and all(is_conv1d(getattr(x, n, None)) for x, n in ((att, "c_attn"), (att, "c_proj"),
+                                                                 (mlp, "c_fc"), (mlp, "c_proj"))))
+
+
+def _gpt2_layout_problem(att) -> str:
+    """Why att's packed q | k | v is not the GPT-2 layout the head rule knows, or ""."""
+    n, hd, split = (getattr(att, a, None) for a in ("num_heads", "head_dim", "split_size"))
+    if not all(isinstance(v, int) and v > 0 for v in (n, hd, split)):
+        return "an attention without int num_heads / head_dim / split_size"
+    if getattr(att, "is_cross_attention", False) or hasattr(att, "q_attn"):
+        return "a cross-attention (keys and values from the encoder)"
+    if n * hd != split or att.c_attn.nf != 3 * split or att.c_proj.nx != split:
+        return (f"a q | k | v packing other than 3 x num_heads x head_dim (num_heads {n}, head_dim {hd}, "
+                f"split_size {split}, c_attn {att.c_attn.nf} wide)")
+    return ""
+
+
+def _gpt2_heads(sp: Spaces, name: str, att) -> None:
+    problem = _gpt2_layout_problem(att)
+    n = att.num_heads if not problem else 1
+    sid = sp.new(n, "heads")
+    s = sp.get(sid)
+    s.producers.append(f"{name}.c_attn")
+    if problem:  # reported as skipped, never pruned by guess
+        s.frozen.append(f"packed q/k/v of '{name}', {problem}")
+        return
+    hd, split = att.head_dim, att.split_size
+    for offset in (0, split, 2 * split):  # the head's columns in q, in k and in v
+        s.slices.append(Slice(f"{name}.c_attn", "weight", 1, offset, hd))
+        s.slices.append(Slice(f"{name}.c_attn", "bias", 0, offset, hd))
+    s.slices.append(Slice(f"{name}.c_proj", "weight", 0, 0, hd))
+    s.attrs += [(f"{name}.c_attn", "nf", 3 * hd), (f"{name}.c_proj", "nx", hd),
+                (name, "num_heads", 1), (name, "split_size", hd)]
 
 
 def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
@@ -90,4 +132,10 @@ def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
                 for attr, per in (("num_heads", groups), ("num_key_value_heads", 1)):
                     if isinstance(getattr(att, attr, None), int):
                         s.attrs.append((p + "self_attn", attr, per))
+        elif _is_gpt2_block(m):
+            mlp = m.mlp
+            _linear_space(sp, "neurons", mlp.c_fc.nf, [(p + "mlp.c_fc", mlp.c_fc, 1)],
+                          [(p + "mlp.c_proj", mlp.c_proj, 1)])
+            if heads:
+                _gpt2_heads(sp, p + "attn", m.attn)
     return sp

@@ -1,11 +1,14 @@
 """Unstructured pruning: masks for Magnitude (layer / global scope) and RandomPrune.
-Every mask is computed before any layer is touched, so an error leaves the model as it was."""
+Every mask is computed before any layer is touched, so an error leaves the model as it was.
+transformers' Conv1D (GPT-2) is masked on its own [in, out] weight and stays a Conv1D; its mask
+is ranked on the [out, in] view, so ties and random scores fall as on the nn.Linear it equals."""
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..conv1d import conv1d_types, out_in
 from ..ops import prune as prune_ops
 from ..report import LayerChange, Report, module_bytes, remember_skipped
 from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, filter_reason
@@ -16,8 +19,10 @@ from .select import global_counts
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def select_layers(model: nn.Module, cfg, supported=PRUNABLE) -> Tuple[List[Tuple[str, nn.Module]], Report]:
-    """The layers the config's filter selects, and a Report of the ones it leaves alone."""
+def select_layers(model: nn.Module, cfg, supported=None) -> Tuple[List[Tuple[str, nn.Module]], Report]:
+    """The layers the config's filter selects, and a Report of the ones it leaves alone.
+    supported defaults to PRUNABLE plus transformers' Conv1D when transformers is loaded."""
+    supported = PRUNABLE + conv1d_types() if supported is None else supported
     tied = _tied_to_embedding(model)
     todo, report = [], Report()
     for name, mod in model.named_modules():
@@ -69,7 +74,8 @@ def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, spars
             n = mod.weight.numel()
             lo, hi = _bounds(cfg, n)
             u = torch.rand(n, generator=gen)  # random scores, ranked like magnitudes
-            out[name] = _mask_for(u, min(max(round(sparsity * n), lo), hi), 1).reshape(mod.weight.shape)
+            keep = _mask_for(u, min(max(round(sparsity * n), lo), hi), 1)
+            out[name] = out_in(mod, keep.reshape(out_in(mod, mod.weight).shape))
             bar.update()
         bar.close()
         return out
@@ -79,19 +85,21 @@ def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, spars
         for name, mod in layers:
             n = mod.weight.numel()
             lo, hi = _bounds(cfg, n)
-            out[name] = _mask_for(mod.weight, min(max(round(sparsity * n), lo), hi), p).reshape(mod.weight.shape)
+            w = out_in(mod, mod.weight)
+            out[name] = out_in(mod, _mask_for(w, min(max(round(sparsity * n), lo), hi), p).reshape(w.shape))
             bar.update()
         bar.close()
         return out
-    weights = [mod.weight for _, mod in layers]
+    weights = [mod.weight for _, mod in layers]  # counts below do not depend on the layout
     sizes = [w.numel() for w in weights]
     bounds = [_bounds(cfg, n) for n in sizes]
     # sum_l k_l = round(sparsity * N) exactly; floors / ceilings bound each layer.
     counts, t, on_t = global_counts(weights, p, round(sparsity * sum(sizes)),
                                     [b[0] for b in bounds], [b[1] for b in bounds])
     for (name, mod), k, at_t in zip(layers, counts, on_t):
-        out[name] = (prune_ops.keep_mask(mod.weight, k, t, p) if at_t
-                     else _mask_for(mod.weight, k, p)).reshape(mod.weight.shape)
+        w = out_in(mod, mod.weight)  # ties at t are taken in [out, in] index order
+        keep = prune_ops.keep_mask(w, k, t, p) if at_t else _mask_for(w, k, p)
+        out[name] = out_in(mod, keep.reshape(w.shape))
         bar.update()
     bar.close()
     return out

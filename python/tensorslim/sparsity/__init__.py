@@ -6,13 +6,16 @@ kernel that skips the zeros.
     ts.sparsify(model, ts.Unstructured(0.9, method="sparsegpt", values="int8"), calib_data=batches)
     ts.sparsify(model, ts.SparseStorage())                            # zeros from ts.prune, as they are
 
-Linear layers become NMSparseLinear / CSRSparseLinear; any other layer holding a weight
-matrix is reported as skipped. On any error the model is left exactly as it was.
+Linear layers, and transformers' Conv1D (GPT-2) as the nn.Linear it is, become NMSparseLinear /
+CSRSparseLinear; any other layer holding a weight matrix is reported as skipped. On any error
+the model is left exactly as it was.
 """
 from typing import Callable, Iterable, Optional
 
+import torch
 from torch import nn
 
+from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..hf import record_layers
 from ..quantization.calibrate import make_forward_loop
 from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
@@ -23,8 +26,14 @@ from .uncalibrated import magnitude_layer, storage_layer
 CSR_MAX_COLUMNS = 65536  # 16-bit column offsets
 
 
-def _check(cfg):
+def _check(cfg, conv1d_names: set):
     def check(name: str, mod: nn.Module) -> Optional[str]:
+        # Checked while layers are chosen, before any work: calibration would otherwise meet
+        # the NaN deep in a block, where the error could no longer name the layer.
+        if not torch.isfinite(mod.weight).all():
+            kind = "Conv1D" if name in conv1d_names else type(mod).__name__
+            raise ValueError(f"layer '{name}' ({kind}): weight contains NaN or Inf; it cannot be ranked or "
+                             "stored sparse")
         if getattr(cfg, "layout", "") == "csr" and mod.in_features > CSR_MAX_COLUMNS:
             return f"in_features {mod.in_features} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column offsets"
         return None
@@ -40,28 +49,35 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
         raise TypeError(f"sparsify: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, (_Sparse, SparseStorage)):
         raise TypeError(f"sparsify takes ts.NM, ts.Unstructured or ts.SparseStorage, got {type(config).__name__}")
-    check_no_empty_layers(model, config)
-    already = compressed_layers(model)
-    check = _check(config)
+    loop = None
     if isinstance(config, _Sparse) and config.needs_data:
         if calib_data is None and forward_loop is None:
             raise ValueError(f"sparsify: method={config.method!r} needs calibration data: pass calib_data= "
                              f"(an iterable of model inputs) or forward_loop=")
+        loop = make_forward_loop(calib_data, forward_loop, progress)
+    with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
+        check_no_empty_layers(model, config)
+        already = compressed_layers(model)
+        report = note_already_compressed(_sparsify(model, config, loop, progress, conv1d_names), already)
+    record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
+    return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.sparsify")
+
+
+def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set) -> Report:
+    check = _check(config, conv1d_names)
+    if loop is not None:
         from .calibrated import sparsify_calibrated
 
-        loop = make_forward_loop(calib_data, forward_loop, progress)
-        report = sparsify_calibrated(model, config, loop, lambda c, n, m: check(n, m), progress)
-    else:  # data-free: calib_data is accepted and unused, as ts.prune does (recipes pass it to every step)
-        layer = storage_layer if isinstance(config, SparseStorage) else magnitude_layer
-        report = replace_modules(model, config, (nn.Linear,), lambda n, m: layer(n, m, config), check,
-                                 progress=progress, desc="sparsifying")
-        for row in report.changes:
-            if row.action != "skipped":
-                row.action = "sparsified"
-        remember_skipped(model, report)
-    warn_if_nothing_changed(report, "ts.sparsify")
-    record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
-    return note_already_compressed(report, already)
+        return sparsify_calibrated(model, config, loop, lambda c, n, m: check(n, m), progress)
+    # data-free: calib_data is accepted and unused, as ts.prune does (recipes pass it to every step)
+    layer = storage_layer if isinstance(config, SparseStorage) else magnitude_layer
+    report = replace_modules(model, config, (nn.Linear,), lambda n, m: layer(n, m, config), check,
+                             progress=progress, desc="sparsifying")
+    for row in report.changes:
+        if row.action != "skipped":
+            row.action = "sparsified"
+    remember_skipped(model, report)
+    return report
 
 
 __all__ = ["sparsify", "NM", "Unstructured", "SparseStorage"]
