@@ -134,3 +134,67 @@ def test_static_w8a8_one_call_refuses_bad_parameters():
     x[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ops.int8.linear_w8a8(x, w, w_scales, None, None, 0.1, 0, torch.uint8)
+
+
+def _packed_layers():
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(96, 40)
+    layers = [ts.nn.WeightOnlyLinear.from_linear(lin, fmt, g, "auto")
+              for fmt, g in (("int8", 96), ("uint8", 32), ("int4", 32), ("uint4", 64))]
+    layers += [ts.nn.LowBitLinear.from_linear(lin, fmt, g) for fmt, g in (("fp8_e4m3", 32), ("nvfp4", 16),
+                                                                         ("int3", 32))]
+    return layers
+
+
+def test_layers_call_their_kernel_directly_with_the_ops_bits():
+    # A packed layer's eager fp32 call skips the op's per-call argument checks; the kernel,
+    # its arguments and so the bits are those of the op.
+    for layer in _packed_layers():
+        for shape in ((1, 96), (5, 96), (2, 3, 96), (40, 96)):
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                direct = layer(x)
+            if isinstance(layer, ts.nn.WeightOnlyLinear):
+                via_op = ops.linear_weight_only(x, layer.qweight, layer.scales, layer.zero_points, layer.bias,
+                                                layer.fmt, layer.group_size, 96)
+            else:
+                via_op = ops.linear_lowbit(x, layer.qweight, layer.scales, layer.zero_points, layer.tensor_scale,
+                                           layer.bias, layer.fmt, layer.group_size, 96)
+            assert direct.shape == (*shape[:-1], 40)
+            assert torch.equal(direct, via_op), (layer.fmt, shape)
+        # The layers above do take the direct call (rows below decode_gemm's threshold).
+        x = torch.randn(5, 96)
+        if isinstance(layer, ts.nn.WeightOnlyLinear):
+            assert ops.weight_only.linear_weight_only_direct(
+                x, layer.qweight, layer.scales, layer.zero_points, layer.bias, layer.fmt, layer.group_size, 96,
+                "auto") is not None
+        else:
+            assert ops.lowbit.linear_lowbit_direct(
+                x, layer.qweight, layer.scales, layer.zero_points, layer.tensor_scale, layer.bias, layer.fmt,
+                layer.group_size, 96, "auto") is not None
+        # A strided input (not rows-contiguous) and bf16 go the op's way, same results.
+        xt = torch.randn(96, 3).t()
+        assert torch.equal(layer(xt), layer(xt.contiguous()))
+        xb = torch.randn(3, 96, dtype=torch.bfloat16)
+        assert layer(xb).dtype == torch.bfloat16
+
+
+def test_direct_layer_calls_leave_the_dispatcher_its_work():
+    for layer in _packed_layers()[2:6:3]:  # int4 weight-only, nvfp4
+        x = torch.randn(3, 96)
+        name = "linear_weight_only" if isinstance(layer, ts.nn.WeightOnlyLinear) else "linear_lowbit"
+        with _Seen() as seen:
+            layer(x)
+        assert any(name in n for n in seen.names)
+        xg = x.clone().requires_grad_()
+        layer(xg).sum().backward()  # autograd still reaches the input through the op
+        assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_a_bias_reset_as_a_parameter_is_still_added():
+    layer = _packed_layers()[0]
+    x = torch.randn(2, 96)
+    want = layer(x) + 1.0
+    layer.bias = torch.nn.Parameter(layer.bias.detach() + 1.0, requires_grad=False)
+    assert "bias" not in layer._buffers
+    torch.testing.assert_close(layer(x), want)

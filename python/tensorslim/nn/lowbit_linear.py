@@ -56,6 +56,11 @@ class LowBitLinear(PackedLinear):
         return mod
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.packed_tensors("qweight", "scales", "zero_points", "tensor_scale", "bias")
+        if t is not None:
+            y = ops.lowbit.linear_lowbit_direct(x, *t, self.fmt, self.group_size, self.in_features, self.backend)
+            if y is not None:
+                return y
         return ops.linear_lowbit(x, self.qweight, self.scales, self.zero_points, self.tensor_scale,
                                  self.bias, self.fmt, self.group_size, self.in_features, self.backend)
 

@@ -124,6 +124,12 @@ class WeightOnlyLinear(PackedLinear):
         return mod
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.packed_tensors("input_scale", "qweight", "scales", "zero_points", "bias")
+        if t is not None and t[0] is None:
+            y = ops.weight_only.linear_weight_only_direct(x, *t[1:], self.fmt, self.group_size,
+                                                          self.in_features, self.backend)
+            if y is not None:
+                return y
         if self.input_scale is not None:
             x = x * self.input_scale.to(device=x.device, dtype=x.dtype)  # meta inputs too
         return ops.linear_weight_only(x, self.qweight, self.scales, self.zero_points, self.bias,

@@ -461,6 +461,26 @@ def _linear_lowbit_fake(x, qweight, scales, zero_points, tensor_scale, bias, fmt
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
+def linear_lowbit_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                         zero_points: Optional[torch.Tensor], tensor_scale: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], fmt: str, group_size: int, in_features: int,
+                         backend: str) -> Optional[torch.Tensor]:
+    """linear_lowbit for a layer's own packed tensors and a checked input in the common case
+    (fp32 CPU input, eager, nothing for the dispatcher to do): the same CPU function with the
+    same arguments, without re-checking them per call (see weight_only.linear_weight_only_direct).
+    None where the case does not hold: the caller then calls linear_lowbit."""
+    if (x.dtype != torch.float32 or backend == "reference"
+            or (bias is not None and bias.dtype != torch.float32)
+            or not _eager.direct_ok((x, qweight, scales, zero_points, tensor_scale, bias))):
+        return None
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous() or decode_gemm.applies(x2, backend, qweight.shape[0] * in_features):
+        return None
+    zps, ts = _needed(get_format(fmt), zero_points, tensor_scale, x.device)
+    y = _linear_lowbit_impl(x2, qweight, scales, zps, ts, bias, fmt, group_size, LOWBIT_BACKENDS[backend])
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
 def linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   zero_points: Optional[torch.Tensor], tensor_scale: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], fmt: str, group_size: int, in_features: int,
