@@ -90,6 +90,12 @@ class CompressedLinear(KeepsPackedDtypes):
         if not x.is_floating_point():
             raise TypeError(f"{kind}: expected a float input, got {x.dtype}")
 
+    def packed_tensors(self, *names: str):
+        """The named buffers, read from _buffers (nn.Module.__getattr__ costs ~2 us a tensor,
+        paid per layer call); None if one is no longer a buffer (re-set as a parameter)."""
+        b = self._buffers
+        return [b[n] for n in names] if all(n in b for n in names) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         if self._compute_dtype is not None and x.dtype != self._compute_dtype:

@@ -81,24 +81,27 @@ class Int8Linear(CompressedLinear):
                 "bias": self.bias is not None, "inv_smooth": self.inv_smooth is not None,
                 "act_signed": self.act_signed, "smooth": self.smooth}
 
-    def packed_weight(self) -> Optional[torch.Tensor]:
+    def packed_weight(self, qweight: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """qweight packed for the GEMM, rebuilt when qweight changes (load_state_dict, to())."""
-        if self.backend == "reference" or self.qweight.device.type != "cpu":
+        qweight = self.qweight if qweight is None else qweight
+        if self.backend == "reference" or qweight.device.type != "cpu":
             return None
-        key = (self.qweight.data_ptr(), self.qweight._version)
+        key = (qweight.data_ptr(), qweight._version)
         if key != self._packed_key:
-            self._packed = ops.int8.pack_int8_weight(self.qweight)
+            self._packed = ops.int8.pack_int8_weight(qweight)
             self._packed_key = key
         return self._packed
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.packed_weight()
+        t = self.packed_tensors("qweight", "w_scales", "bias", "inv_smooth", "act_scale", "act_zero_point")
+        if t is None:
+            t = [self.qweight, self.w_scales, self.bias, self.inv_smooth, self.act_scale, self.act_zero_point]
+        qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point = t
+        packed = self.packed_weight(qweight)
         if self.mode == "static":
-            return ops.linear_w8a8(x, self.qweight, self.w_scales, self.bias, self.inv_smooth,
-                                   float(self.act_scale), int(self.act_zero_point),
+            return ops.linear_w8a8(x, qweight, w_scales, bias, inv_smooth, float(act_scale), int(act_zero_point),
                                    torch.int8 if self.act_signed else torch.uint8, self.backend, packed)
-        return ops.linear_w8a8(x, self.qweight, self.w_scales, self.bias, self.inv_smooth,
-                               backend=self.backend, packed=packed)
+        return ops.linear_w8a8(x, qweight, w_scales, bias, inv_smooth, backend=self.backend, packed=packed)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective float weight, smoothing undone: W ≈ dequant(qweight) * inv_smooth."""

@@ -13,12 +13,6 @@ from .compressed_linear import CompressedLinear
 class PackedLinear(CompressedLinear):
     kind = ""
 
-    def packed_tensors(self, *names: str):
-        """The named buffers, read from _buffers (nn.Module.__getattr__ costs ~2 us a tensor,
-        paid per layer call); None if one is no longer a buffer (re-set as a parameter)."""
-        b = self._buffers
-        return [b[n] for n in names] if all(n in b for n in names) else None
-
     def _register_packed(self, spec: FormatSpec, in_features: int, out_features: int, groups: int,
                          bias: bool, device=None) -> None:
         """qweight [out, packed in] codes, scales [out, groups] (the format's scale dtype),
