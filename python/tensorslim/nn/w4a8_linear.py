@@ -50,8 +50,10 @@ class W4A8Linear(PackedLinear):
         return fill_from_linear(mod, linear, lambda w, f, g: ops.quantize_lowbit(w, f, g)[:3])
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear_w4a8(x, self.qweight, self.scales, self.zero_points, self.bias, self.fmt,
-                               self.group_size, self.in_features, self.backend)
+        t = self.packed_tensors("qweight", "scales", "zero_points", "bias")
+        if t is None:
+            t = [self.qweight, self.scales, self.zero_points, self.bias]
+        return ops.linear_w4a8(x, *t, self.fmt, self.group_size, self.in_features, self.backend)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return ops.dequantize_lowbit(self.qweight, self.scales, self.zero_points, None, self.fmt,
