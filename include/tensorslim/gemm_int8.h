@@ -49,6 +49,9 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
 int64_t linear_int8_packed_bytes(int64_t K, int64_t N);
 // Writes that layout into packed (uint8, contiguous, linear_int8_packed_bytes(K, N) bytes).
 void linear_int8_pack(const TensorView& qweight, const TensorView& packed);
+// Whether a layer should keep that packed copy: false where oneDNN's kernels run faster on
+// the plain weight (AMX) or where there is no packing.
+bool linear_int8_packing_pays();
 
 namespace cpu {
 void quantize_per_token_reference(const TensorView& x, const TensorView* inv_smooth,
@@ -118,6 +121,7 @@ std::string linear_int8_onednn_impl(const TensorView& qx, const TensorView& act_
                                     const TensorView& w_scales, const TensorView* bias,
                                     const TensorView& out, const TensorView* packed = nullptr);
 int64_t linear_int8_packed_bytes_onednn(int64_t K, int64_t N);
+bool linear_int8_packing_pays_onednn();
 void linear_int8_pack_onednn(const TensorView& qweight, const TensorView& packed);
 }  // namespace cpu
 

@@ -188,6 +188,8 @@ int64_t linear_int8_packed_bytes(int64_t K, int64_t N) {
   return cpu::linear_int8_packed_bytes_onednn(K, N);
 }
 
+bool linear_int8_packing_pays() { return cpu::linear_int8_packing_pays_onednn(); }
+
 void linear_int8_pack(const TensorView& qweight, const TensorView& packed) {
   check_ndim(qweight, 2, "qweight");
   check_dtype(qweight, DType::kInt8, "qweight");

@@ -73,14 +73,38 @@ def test_packed_weights_give_the_same_result():
     assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5) and torch.allclose(plain, fast, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="packed"):
         ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed[:-1])
-    # The module re-packs when its weights change (e.g. load_state_dict).
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_module_packs_where_packing_pays(monkeypatch, pays):
+    # A layer keeps the packed copy only where the CPU's kernels read it faster (not on AMX),
+    # re-packs when its weights change (e.g. load_state_dict), and gives the same results.
+    monkeypatch.setattr(ts.ops.int8, "packing_pays", lambda: pays)
+    torch.manual_seed(4)
     mod = ts.Int8Linear.from_float(torch.randn(96, 160), None, "dynamic")
-    x = torch.randn(5, 160)
+    x = torch.randn(48, 160)  # above the rows where our own kernels run instead of oneDNN
     y1 = mod(x)
     first = mod._packed
+    if not pays or ts.ops.int8.pack_int8_weight(mod.qweight) is None:
+        assert first is None
+    else:
+        assert first is not None
     with torch.no_grad():
         mod.qweight.neg_()
-    assert torch.allclose(mod(x), -y1, rtol=1e-5, atol=1e-5) and mod._packed is not first
+    assert torch.allclose(mod(x), -y1, rtol=1e-5, atol=1e-5)
+    assert (mod._packed is None) if first is None else (mod._packed is not first)
+    ref = ts.ops.linear_w8a8(x, mod.qweight, mod.w_scales, mod.bias, backend="reference")
+    torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_pays_follows_the_kernel():
+    # Packing is declined exactly where oneDNN's INT8 kernel is an AMX one (or there is no layout).
+    impl = ts._C.linear_int8_onednn_impl(*[ts._views.view(t) for t in (
+        torch.zeros(64, 1024, dtype=torch.uint8), torch.ones(64))], 128, *[ts._views.view(t) for t in (
+        torch.zeros(1024, 1024, dtype=torch.int8), torch.ones(1024))], None,
+        ts._views.view(torch.empty(64, 1024)), None)
+    has_layout = ts.ops.int8.pack_int8_weight(torch.zeros(1024, 1024, dtype=torch.int8)) is not None
+    assert ts.ops.int8.packing_pays() == (has_layout and "amx" not in impl)
 
 
 def test_int8_dynamic_no_calibration_and_accuracy():

@@ -82,9 +82,10 @@ class Int8Linear(CompressedLinear):
                 "act_signed": self.act_signed, "smooth": self.smooth}
 
     def packed_weight(self, qweight: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """qweight packed for the GEMM, rebuilt when qweight changes (load_state_dict, to())."""
+        """qweight packed for the GEMM, rebuilt when qweight changes (load_state_dict, to());
+        None where the GEMM runs on the plain weight (ops.int8.packing_pays)."""
         qweight = self.qweight if qweight is None else qweight
-        if self.backend == "reference" or qweight.device.type != "cpu":
+        if self.backend == "reference" or qweight.device.type != "cpu" or not ops.int8.packing_pays():
             return None
         key = (qweight.data_ptr(), qweight._version)
         if key != self._packed_key:

@@ -5,6 +5,7 @@ with a fused rescale. The specification is in include/tensorslim/gemm_int8.h; th
 Activations are quantized along their last dimension (K), optionally multiplied first by
 SmoothQuant's inverse smoothing factors (`inv_smooth`, [K]), which the kernel fuses.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -159,6 +160,13 @@ _linear_int8 = torch.library.custom_op("tensorslim::linear_int8", mutates_args=(
 @_linear_int8.register_fake
 def _linear_int8_fake(qx, act_scales, act_zero_point, qweight, w_scales, bias, backend, packed):
     return qx.new_empty(qx.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def packing_pays() -> bool:
+    """Whether a layer should keep pack_int8_weight's copy (not on AMX CPUs, whose oneDNN
+    kernels read the plain weight faster; see linear_int8_packing_pays in gemm_int8.h)."""
+    return bool(_C.linear_int8_packing_pays())
 
 
 def pack_int8_weight(qweight: torch.Tensor) -> Optional[torch.Tensor]:
