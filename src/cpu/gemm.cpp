@@ -8,6 +8,7 @@
 
 #include "half.h"
 #include "onednn_engine.h"
+#include "panel_gemm.h"
 #include "parallel.h"
 #include "tensorslim/quantize.h"
 #include "weight_only_native.h"
@@ -16,7 +17,6 @@ namespace tensorslim {
 namespace {
 
 constexpr int64_t kNativeMaxRows = 8;  // the GEMV's rows
-constexpr int64_t kSmallWeight = int64_t{1} << 20;  // values: MiniLM's layers (ops/decode_gemm.py)
 
 float load_act(const TensorView& x, int64_t m, int64_t k) {
   const int64_t off = m * x.strides[0] + k;
@@ -162,7 +162,7 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
       // against 0.56x on AVX-512 Sapphire Rapids). Small weights at 32+ fp32 rows are decoded
       // once for torch's GEMM in Python (ops/decode_gemm.py).
       if ((x.shape[0] <= kNativeMaxRows || !cpu::onednn_usable() ||
-           cpu::active_isa() < cpu::Isa::kAVX512 || out.shape[1] * x.shape[1] <= kSmallWeight) &&
+           cpu::active_isa() < cpu::Isa::kAVX512 || out.shape[1] * x.shape[1] <= cpu::kPanelSmallWeight) &&
           cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))
         return;
       if (cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt, group_size,

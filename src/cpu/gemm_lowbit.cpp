@@ -1,6 +1,6 @@
 // linear_lowbit on the CPU: argument checks, the scalar reference, and the choice
 // between the fused AVX-512 / AVX2 decode GEMV (small batch) and, above it, decode-once +
-// our panel GEMM (AVX2) or oneDNN's sgemm (AVX-512).
+// our panel GEMM (AVX2; AVX-512 for small weights) or oneDNN's sgemm (AVX-512).
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
@@ -122,6 +122,11 @@ void dequantize_row_native(int lanes, const LowbitWeight& w, int64_t n, int64_t 
 
 }  // namespace cpu
 
+// A small weight (MiniLM's) leaves the AVX-512 GEMV after 8 rows, as integer weight-only
+// layers do: the GEMV decodes it again for every 4 rows, the panel GEMM once (384 x 1536
+// nvfp4 at 24 rows: 811 us in the GEMV, 575 us for INT4 on the panel GEMM; Sapphire Rapids).
+constexpr int64_t kSmallWeightGemvMaxRows = 8;
+
 int64_t lowbit_gemv_max_rows() {
   return cpu::active_isa() == cpu::Isa::kAVX2 ? kLowbitGemvMaxRowsAvx2 : kLowbitGemvMaxRows;
 }
@@ -160,9 +165,11 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
   if (M == 0 || N == 0) return;
   if (backend == GemmBackend::kReference) {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
-  } else if (lanes == 8 && M > lowbit_gemv_max_rows()) {
-    // AVX2: our panel GEMM, which runs on torch's threads; oneDNN's sgemm runs on its own
-    // runtime's, which contend with torch's inside a model (docs/benchmarks.md).
+  } else if ((lanes == 8 && M > lowbit_gemv_max_rows()) ||
+             (lanes == 16 && K * N <= cpu::kPanelSmallWeight && M > kSmallWeightGemvMaxRows)) {
+    // AVX2, and small weights on AVX-512: our panel GEMM, which runs on torch's threads;
+    // oneDNN's sgemm runs on its own runtime's, which contend with torch's inside a model
+    // (docs/benchmarks.md).
     cpu::PanelGemmProblem p;
     p.x = xp;
     p.ldx = x.strides[0];

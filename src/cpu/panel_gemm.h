@@ -10,6 +10,12 @@
 namespace tensorslim {
 namespace cpu {
 
+// Weights of up to this many values (MiniLM's layers) run the panel GEMM above the GEMVs'
+// rows on AVX-512 too, on torch's threads: oneDNN's kernels, on their own runtime's threads,
+// contend with torch's inside a model and a small layer cannot amortize that. Larger weights
+// take oneDNN there. (ops/decode_gemm.py's SMALL_WEIGHT is the same bound.)
+constexpr int64_t kPanelSmallWeight = int64_t{1} << 20;
+
 struct PanelGemmProblem {
   const float* x;  // [M, K] fp32, row stride ldx
   int64_t ldx;
