@@ -192,7 +192,8 @@ bool linear_int8_packing_pays_onednn() {
   std::lock_guard<std::mutex> lock(onednn().mu);
   // AMX kernels read the plain [N, K] weight 15-40% faster than their own blocked copy at
   // 40-512 rows with cold weights (4096 x 4096, Sapphire Rapids), and the copy doubles the
-  // resident weight; kernels without AMX were measured 5x faster at batch 1 with it.
+  // resident weight; kernels without AMX were measured 5x faster at batch 1 with it. No
+  // packing either where packed_desc has none (an inexact kernel: ours run instead).
   static const bool pays = [] {
     try {
       const int64_t K = 1024, N = 1024;
@@ -200,7 +201,8 @@ bool linear_int8_packing_pays_onednn() {
       dnnl::memory::desc wei({K, N}, dt::s8, dnnl::memory::format_tag::any);
       dnnl::memory::desc dst({kCanonicalM, N}, dt::f32, {N, 1});
       dnnl::matmul::primitive_desc pd(onednn().engine, src, wei, dst, make_attr(false, true));
-      return std::string(pd.impl_info_str()).find("amx") == std::string::npos;
+      const std::string impl = pd.impl_info_str();
+      return exact_impl(impl) && impl.find("amx") == std::string::npos;  // as packed_desc
     } catch (const dnnl::error&) {
       return false;
     }
