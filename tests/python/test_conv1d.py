@@ -2,7 +2,6 @@
 (weight W.T) by every recipe. The check: a tiny GPT-2 quantized with a recipe gives the same
 output, bit for bit, as the same GPT-2 with its Conv1D layers first rewritten by hand as
 nn.Linear and quantized with that recipe; skipped Conv1D layers stay Conv1D."""
-import copy
 import warnings
 
 import pytest
@@ -13,6 +12,7 @@ import tensorslim as ts
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
+from tiny_gpt2 import CALIB, IDS, linear_twin, tiny_gpt2  # noqa: E402
 
 N_CONV1D = 8  # 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
 
@@ -35,34 +35,12 @@ RECIPES = {
 }
 
 
-def tiny_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def linear_copy(model: nn.Module) -> nn.Module:
-    """The same model with every Conv1D rewritten by hand as an nn.Linear (weight W.T)."""
-    out = copy.deepcopy(model)
-    for name, mod in list(out.named_modules()):
-        if isinstance(mod, Conv1D):
-            lin = nn.Linear(mod.nx, mod.nf)
-            with torch.no_grad():
-                lin.weight.copy_(mod.weight.t())
-                lin.bias.copy_(mod.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent), child, lin)
-    return out
-
-
-IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-CALIB = [torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_every_recipe_quantizes_conv1d_as_linear(recipe):
     model = tiny_gpt2()
-    twin = linear_copy(model)
+    twin = linear_twin(model)
     report = ts.quantize(model, RECIPES[recipe](), calib_data=CALIB, progress=False)
     ts.quantize(twin, RECIPES[recipe](), calib_data=CALIB, progress=False)
     conv_rows = [c for c in report.changes if c.module_type == "Conv1D"]
@@ -74,7 +52,7 @@ def test_every_recipe_quantizes_conv1d_as_linear(recipe):
 
 def test_qat_prepares_and_converts_conv1d():
     model = tiny_gpt2()
-    twin = linear_copy(model)
+    twin = linear_twin(model)
     cfg = ts.Int4WeightOnly(group_size=32)
     report = ts.prepare_qat(model, cfg, progress=False)
     ts.prepare_qat(twin, cfg, progress=False)
@@ -114,7 +92,7 @@ def test_a_failed_transform_leaves_conv1d_in_place():
 
 def test_excluded_conv1d_stays_while_smoothquant_runs_elsewhere():
     model = tiny_gpt2()
-    twin = linear_copy(model)
+    twin = linear_twin(model)
     cfg = ts.W8A8(smoothquant_alpha=0.5, exclude=["*.c_fc"])
     ts.quantize(model, cfg, calib_data=CALIB, progress=False)
     ts.quantize(twin, cfg, calib_data=CALIB, progress=False)

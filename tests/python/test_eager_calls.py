@@ -81,46 +81,34 @@ def test_sparse_linears_call_directly_and_agree():
     assert any("tensorslim.csr_linear" in n for n in seen.names)
 
 
-def test_dynamic_w8a8_in_one_call_equals_its_two_ops():
-    # linear_w8a8 per token, eager on the CPU: one native call quantizes and multiplies; the
-    # dispatched path runs quantize_per_token then linear_int8. Same kernels, same bits.
+@pytest.mark.parametrize("act", [None, (0.03, 117, torch.uint8), (0.02, 0, torch.int8), (0.05, 0, torch.uint8)],
+                         ids=["per-token", "static-u8-zp117", "static-s8", "static-u8-zp0"])
+def test_w8a8_in_one_call_equals_its_two_ops(act):
+    # linear_w8a8, eager on the CPU: one native call quantizes (per token or static) and
+    # multiplies; the dispatched path runs the quantizer op then linear_int8. Same kernels,
+    # same bits, and the reference's values.
     torch.manual_seed(0)
     w = torch.randint(-127, 128, (48, 96), dtype=torch.int8)
     w_scales, bias, inv = torch.rand(48) * 0.01, torch.randn(48), torch.rand(96) + 0.5
     packed = ops.int8.pack_int8_weight(w)
+    scale, zp, dtype = act or (None, 0, torch.uint8)
     for rows in (1, 20, 100):
         x = torch.randn(rows, 96)
         for smooth in (None, inv):
-            fused = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, packed=packed)
+            fused = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, scale, zp, dtype, packed=packed)
             with _Seen() as seen:
-                two = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, packed=packed)
-            assert any("quantize_per_token" in n for n in seen.names)
+                two = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, scale, zp, dtype, packed=packed)
+            quantizer = "quantize_per_token" if act is None else "quantize_static"
+            assert any(quantizer in n for n in seen.names)
             assert any("linear_int8" in n for n in seen.names)
             assert torch.equal(fused, two)
-            qx, s = ops.int8.quantize_per_token(x, smooth, unsigned=True)
-            assert torch.equal(fused, ops.int8.linear_int8(qx, s, 128, w, w_scales, bias, packed=packed))
-
-
-def test_static_w8a8_in_one_call_equals_its_two_ops():
-    # Static activations (u8 with a zero point, s8 symmetric) take the same one-call path.
-    torch.manual_seed(1)
-    w = torch.randint(-127, 128, (40, 72), dtype=torch.int8)
-    w_scales, bias, inv = torch.rand(40) * 0.01, torch.randn(40), torch.rand(72) + 0.5
-    packed = ops.int8.pack_int8_weight(w)
-    for rows in (1, 20, 100):
-        x = torch.randn(rows, 72)
-        for smooth in (None, inv):
-            for scale, zp, dtype in ((0.03, 117, torch.uint8), (0.02, 0, torch.int8), (0.05, 0, torch.uint8)):
-                fused = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, scale, zp, dtype, packed=packed)
-                with _Seen() as seen:
-                    two = ops.int8.linear_w8a8(x, w, w_scales, bias, smooth, scale, zp, dtype, packed=packed)
-                assert any("quantize_static" in n for n in seen.names)
-                assert torch.equal(fused, two)
-                qx = ops.int8.quantize_static(x, scale, zp, smooth, dtype)
-                ref = ops.int8.linear_int8_reference(qx, torch.tensor([scale]), zp, w, w_scales, bias)
-                assert torch.equal(fused, ops.int8.linear_int8(qx, torch.tensor([scale]), zp, w, w_scales,
-                                                               bias, packed=packed))
-                torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+            if act is None:
+                (qx, s), code_zp = ops.int8.quantize_per_token(x, smooth, unsigned=True), 128
+            else:
+                qx, s, code_zp = ops.int8.quantize_static(x, scale, zp, smooth, dtype), torch.tensor([scale]), zp
+            assert torch.equal(fused, ops.int8.linear_int8(qx, s, code_zp, w, w_scales, bias, packed=packed))
+            ref = ops.int8.linear_int8_reference(qx, s, code_zp, w, w_scales, bias)
+            torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_static_w8a8_one_call_refuses_bad_parameters():

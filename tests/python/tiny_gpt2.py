@@ -1,5 +1,5 @@
 """A tiny random GPT-2 (transformers' Conv1D layers: y = x @ W + b, W stored [in, out]) and its
-nn.Linear twin, shared by the Conv1D pruning and sparsity tests."""
+nn.Linear twin, shared by the Conv1D quantization, pruning and sparsity tests."""
 import copy
 
 import torch
