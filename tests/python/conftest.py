@@ -31,3 +31,14 @@ def isa(request):
     ts._C.set_isa(request.param)
     yield request.param
     ts._C.set_isa(saved)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a whole test module (`pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")`): tiny matrices, and training on a shared 2-core machine, where
+    torch's threads only contend."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -15,12 +15,7 @@ from tensorslim.quantization.calibrate import make_forward_loop
 transformers = pytest.importorskip("transformers", reason="needs Hugging Face transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama():

@@ -14,12 +14,7 @@ from tensorslim.eval import digits_basic_resnet
 from tensorslim.ops import lowrank as L
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # training on a shared 2-core machine: oversubscribed threads crawl
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conv_net(seed=0, **conv_kwargs):

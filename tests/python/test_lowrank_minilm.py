@@ -17,12 +17,7 @@ from tensorslim.eval import embed, embedding_cosine, load_minilm, pydoc_sentence
 N_EVAL, N_CALIB = 64, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

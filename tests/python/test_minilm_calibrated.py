@@ -22,12 +22,7 @@ RECIPE = ts.GPTQ(bits=4, group_size=128, symmetric=False, act_order=True, fit_fl
 FLOOR = 0.99
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

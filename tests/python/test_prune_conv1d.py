@@ -23,12 +23,7 @@ from tiny_gpt2 import (BLOCKS, CONV1D_NAMES, IDS, assert_state_unchanged, linear
 HEADS, HEAD_DIM, EMBED, INNER = 4, 16, 64, 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conv_masks(model):

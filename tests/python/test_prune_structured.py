@@ -16,12 +16,7 @@ from tensorslim.pruning import channels as C
 pytest.importorskip("sklearn", reason="needs scikit-learn's digits")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: threads only contend
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

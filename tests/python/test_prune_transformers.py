@@ -15,12 +15,7 @@ from tensorslim.eval import perplexity, tiny_lm  # noqa: E402
 from tensorslim.pruning import channels as C  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gqa_llama():
