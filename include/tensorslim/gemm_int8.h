@@ -69,6 +69,8 @@ bool quantize_static_avx512(const TensorView& x, const TensorView* inv_smooth, f
 // machine).
 int64_t activation_row_grain(int64_t K);
 [[noreturn]] void throw_activation_not_finite(int64_t row);
+// The same error for the row (of K values) of the first NaN / Inf among x[begin, end).
+[[noreturn]] void throw_first_not_finite(const float* x, int64_t begin, int64_t end, int64_t K);
 // AVX2 versions, bit-exact with the references; false when the CPU lacks AVX2.
 bool quantize_per_token_avx2(const TensorView& x, const TensorView* inv_smooth,
                              const TensorView& q, const TensorView& scales);

@@ -59,6 +59,12 @@ int64_t activation_row_grain(int64_t K) {
                    "); activation quantization needs finite values");
 }
 
+[[noreturn]] void throw_first_not_finite(const float* x, int64_t begin, int64_t end, int64_t K) {
+  int64_t i = begin;
+  while (i < end && std::isfinite(x[i])) ++i;
+  throw_activation_not_finite(i / K);
+}
+
 void quantize_per_token_reference(const TensorView& x, const TensorView* inv_smooth,
                                   const TensorView& q, const TensorView& scales) {
   const int64_t M = x.shape[0], K = x.shape[1];

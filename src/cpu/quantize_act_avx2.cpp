@@ -8,6 +8,7 @@
 #include <string>
 
 #include "parallel.h"
+#include "reciprocal_division.h"
 #include "tensorslim/gemm_int8.h"
 #include "tensorslim/quantize.h"
 
@@ -66,19 +67,30 @@ inline void store_low_bytes(__m256i c, uint8_t* dst) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(b));
 }
 
+// v / s rounded as a division rounds, from y = 1/s (see reciprocal_division.h).
+inline __m256 divide_by_reciprocal(__m256 v, __m256 s, __m256 y) {
+  const __m256 q = _mm256_mul_ps(v, y);
+  const __m256 r = _mm256_fnmadd_ps(q, s, v);  // v - q * s, exact
+  const __m256 abs_q = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), q);
+  const __m256 small = _mm256_cmp_ps(abs_q, _mm256_set1_ps(kReciprocalDivisionLimit), _CMP_LT_OQ);
+  return _mm256_blendv_ps(q, _mm256_fmadd_ps(r, y, q), small);
+}
+
 // Codes clamp(rne(v / scale) + zp, lo, hi) of one row, plus `shift`, as bytes; false if a
 // value is NaN or Inf (only looked at when `check`).
 bool encode_row(const float* x, const float* inv, int64_t K, float scale, float zp, float lo,
                 float hi, int32_t shift, bool check, uint8_t* q) {
-  const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zp);
+  const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zp), vy = _mm256_set1_ps(1.0f / scale);
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   const __m256i vshift = _mm256_set1_epi32(shift);
+  const bool by_reciprocal = reciprocal_division_exact(scale);
   __m256 bad = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     const __m256 v = load_smoothed(x, inv, k);
     if (check) bad = _mm256_or_ps(bad, not_finite_lanes(v));
-    __m256 r = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 d = by_reciprocal ? divide_by_reciprocal(v, vs, vy) : _mm256_div_ps(v, vs);
+    __m256 r = _mm256_round_ps(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, vz), vlo), vhi);
     store_low_bytes(_mm256_add_epi32(_mm256_cvttps_epi32(r), vshift), q + k);
   }
@@ -121,12 +133,19 @@ bool quantize_static_avx2(const TensorView& x, const TensorView* inv_smooth, flo
   const float* inv = inv_smooth ? inv_smooth->ptr<float>() : nullptr;
   const bool is_u8 = q.dtype == DType::kUInt8;
   const float lo = is_u8 ? 0.0f : -128.0f, hi = is_u8 ? 255.0f : 127.0f;
+  auto encode = [&](int64_t first, int64_t n) {
+    return encode_row(x.ptr<float>() + first, inv, n, scale, static_cast<float>(zero_point), lo, hi, 0,
+                      true, static_cast<uint8_t*>(q.data) + first);
+  };
+  if (!inv) {  // elementwise: split the values, not the rows (rows of 1-64 channels in convolutions)
+    parallel_for(M * K, activation_row_grain(1), [&](int64_t b, int64_t e) {
+      if (!encode(b, e - b)) throw_first_not_finite(x.ptr<float>(), b, e, K);
+    });
+    return true;
+  }
   parallel_for(M, activation_row_grain(K), [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) {
-      if (!encode_row(x.ptr<float>() + row * K, inv, K, scale, static_cast<float>(zero_point), lo,
-                      hi, 0, true, static_cast<uint8_t*>(q.data) + row * K))
-        throw_activation_not_finite(row);
-    }
+    for (int64_t row = b; row < e; ++row)
+      if (!encode(row * K, K)) throw_activation_not_finite(row);
   });
   return true;
 }

@@ -102,6 +102,43 @@ TEST(GemmInt8, StaticVectorPathsMatchReferenceBitForBit) {
   }
 }
 
+// The vector quantizers divide by multiplying with 1/scale and one FMA correction
+// (reciprocal_division.h): codes must still equal the reference's division on values a
+// hair either side of a rounding tie, at extreme magnitudes, and for scales outside the
+// range where the reciprocal is used.
+TEST(GemmInt8, StaticCodesDivideExactlyNearTies) {
+  if (vector_quantizers().empty()) GTEST_SKIP() << "no AVX2";
+  std::mt19937 gen(7);
+  for (float scale : {0.03f, 1.0f / 3.0f, 7.3e-3f, 0x1.fffffep-1f, 0x1p-64f, 1e-25f, 3e20f, 0x1p64f}) {
+    std::vector<float> x;
+    for (int k = -300; k <= 300; ++k) {
+      float v = (static_cast<float>(k) + 0.5f) * scale;
+      for (int step = 0; step < 3; ++step) {
+        x.push_back(v);
+        x.push_back(std::nextafter(v, INFINITY));
+        x.push_back(std::nextafter(v, -INFINITY));
+        v = std::nextafter(v, step % 2 ? INFINITY : -INFINITY);
+      }
+    }
+    for (float v : {3e38f, -3e38f, 1e-40f, -1e-40f, 0.0f, -0.0f, 1e30f, -1e30f}) x.push_back(v);
+    std::uniform_real_distribution<float> u(-300.0f, 300.0f);
+    while (x.size() % 8 != 3) x.push_back(u(gen) * scale);  // a tail of 3 after 8- and 16-lane blocks
+    const int64_t n = static_cast<int64_t>(x.size());
+    for (const auto& fns : vector_quantizers())
+    for (int64_t K : {int64_t{1}, n}) {  // K = 1: the elementwise split; K = n: one long row
+      for (bool is_u8 : {true, false}) {
+        const DType qdt = is_u8 ? DType::kUInt8 : DType::kInt8;
+        const int32_t zp = is_u8 ? 128 : 0;
+        std::vector<uint8_t> qa(n), qb(n);
+        TensorView xv = view2(x.data(), DType::kFloat32, n / K, K);
+        cpu::quantize_static_reference(xv, nullptr, scale, zp, view2(qa.data(), qdt, n / K, K));
+        ASSERT_TRUE(fns.second(xv, nullptr, scale, zp, view2(qb.data(), qdt, n / K, K)));
+        ASSERT_EQ(qa, qb) << "scale " << scale << " K " << K;
+      }
+    }
+  }
+}
+
 TEST(GemmInt8, QuantizeRejectsNonFiniteAndBadArguments) {
   const int64_t M = 3, K = 20;
   std::vector<float> x(M * K, 1.0f), s(M);
