@@ -44,4 +44,11 @@ bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const Tensor
                    const TensorView& w_scales, const TensorView* bias, float act_scale,
                    int32_t zero_point, const TensorView& out, const ConvInt8Geometry& g);
 
+// conv_int8_run on the codes min(quantize_static(x, act_scale, zero_point), code_max) of fp32
+// channels-last x [N, *spatial, C], made in a scratch buffer (code_max 127 for the kernels that
+// need 7-bit codes, else 255). False, with nothing written to out, where oneDNN cannot run it.
+bool conv_int8_quantizing_run(const TensorView& x, float act_scale, int32_t zero_point, int32_t code_max,
+                              const TensorView& qweight, const TensorView& packed, const TensorView& w_scales,
+                              const TensorView* bias, const TensorView& out, const ConvInt8Geometry& g);
+
 }  // namespace tensorslim

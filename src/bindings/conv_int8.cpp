@@ -62,6 +62,18 @@ void register_conv_int8(py::module_& m) {
     py::gil_scoped_release release;
     return conv_int8_run(xv, wv, pv, sv, bv.get(), act_scale, zp, ov, g);
   }, "Runs the int8 convolution; False when oneDNN has no implementation for it.");
+  m.def("conv_int8_quantizing_run", [](py::handle x, float act_scale, int32_t zp, int32_t code_max,
+                                       py::handle qweight, py::handle packed, py::handle w_scales, py::handle bias,
+                                       py::handle out, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                       std::vector<int64_t> dilation, int64_t groups) {
+    TensorView xv = to_view(x, "x"), wv = to_view(qweight, "qweight"), pv = to_view(packed, "packed"),
+               sv = to_view(w_scales, "w_scales"), ov = to_view(out, "out");
+    OptionalView bv = to_optional_view(bias, "bias");
+    const ConvInt8Geometry g = geometry(stride, padding, dilation, groups, zp != 0, bv.present);
+    py::gil_scoped_release release;
+    return conv_int8_quantizing_run(xv, act_scale, zp, code_max, wv, pv, sv, bv.get(), ov, g);
+  }, "Quantizes fp32 channels-last x (static scale / zero point, codes capped at code_max) and runs the "
+     "int8 convolution on the codes; False when oneDNN has no implementation for it.");
 }
 
 }  // namespace bindings

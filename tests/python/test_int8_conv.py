@@ -63,6 +63,49 @@ def test_kernel_rescale_and_bias(shape):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("zp, code_max", [(0, 255), (131, 255), (60, 127)])
+def test_quantizing_call_equals_its_two_ops(shape, zp, code_max, monkeypatch):
+    """The one-call static path (codes in a native scratch buffer) gives exactly what the
+    quantize op and the convolution op give, and really runs natively in eager mode."""
+    n, c, sp, oc, k, stride, pad, dil, groups = shape
+    g = torch.Generator().manual_seed(5)
+    xc = torch.randn(n, *sp, c, generator=g) * 3
+    qw = torch.randint(-127, 128, (oc, c // groups, *k), generator=g, dtype=torch.int32).to(torch.int8)
+    ws, bias = torch.rand(oc, generator=g) * 0.01 + 1e-3, torch.randn(oc, generator=g)
+    geo = (stride, pad, dil, groups)
+    packed = C.pack_weight(torch.empty(xc.shape, dtype=torch.uint8), qw, *geo, zp, True)
+    assert packed is not None
+    q = ts.ops.quantize_static(xc.reshape(-1, c), 0.021, zp).clamp_(max=code_max).reshape(xc.shape)
+    two_ops = C.conv_int8(q, qw, ws, bias, 0.021, zp, *geo, packed=packed)
+    calls = []
+    native = C._C.conv_int8_quantizing_run
+    monkeypatch.setattr(C._C, "conv_int8_quantizing_run", lambda *a: calls.append(1) or native(*a))
+    got = C.conv_int8_quantizing(xc, 0.021, zp, code_max, qw, ws, bias, *geo, packed)
+    assert calls, "the eager call did not take the one-call path"
+    assert torch.equal(got, two_ops)
+    # oneDNN unable to run (e.g. in a forked child): the two ops, the same result
+    monkeypatch.setattr(C._C, "conv_int8_quantizing_run", lambda *a: False)
+    assert torch.equal(C.conv_int8_quantizing(xc, 0.021, zp, code_max, qw, ws, bias, *geo, packed), two_ops)
+
+
+def test_quantizing_call_rejects_bad_input():
+    qw = torch.randint(-127, 128, (4, 3, 3, 3), dtype=torch.int32).to(torch.int8)
+    xc = torch.randn(1, 6, 6, 3)
+    geo = ((1, 1), (1, 1), (1, 1), 1)
+    packed = C.pack_weight(torch.empty(xc.shape, dtype=torch.uint8), qw, *geo, 0, False)
+    ws = torch.ones(4)
+    xc[0, 2, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        C.conv_int8_quantizing(xc, 0.1, 0, 255, qw, ws, None, *geo, packed)
+    with pytest.raises(ValueError, match="code_max"):
+        C.conv_int8_quantizing(torch.randn(1, 6, 6, 3), 0.1, 0, 200, qw, ws, None, *geo, packed)
+    with pytest.raises(ValueError, match="scale"):
+        C.conv_int8_quantizing(torch.randn(1, 6, 6, 3), 0.0, 0, 255, qw, ws, None, *geo, packed)
+    with pytest.raises(ValueError, match="w_scales"):
+        C.conv_int8_quantizing(torch.randn(1, 6, 6, 3), 0.1, 0, 255, qw, torch.ones(5), None, *geo, packed)
+
+
 def _float_conv(shape, seed=0, bias=True):
     n, c, sp, oc, k, stride, pad, dil, groups = shape
     torch.manual_seed(seed)

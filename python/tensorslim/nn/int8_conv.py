@@ -250,12 +250,14 @@ class _Int8ConvNd(nn.Module):
                 qmax = 127
                 scale, zp = self._params(xc, qmax)
                 packed, _ = self._kernel(xc.shape, zp)
-        backend = "reference" if self.backend == "reference" else "auto"
-        q = ops.quantize_static(xc.reshape(-1, self.in_channels), scale, zp, dtype=torch.uint8, backend=backend)
-        if qmax < 255:
-            q.clamp_(max=qmax)
-        out = conv_ops.conv_int8(q.reshape(xc.shape), self.qweight, self.w_scales, self.bias, scale, zp,
-                                 self.stride, self.padding, self.dilation, self.groups, packed)
+        if packed is not None:
+            out = conv_ops.conv_int8_quantizing(xc, scale, zp, qmax, self.qweight, self.w_scales, self.bias,
+                                                self.stride, self.padding, self.dilation, self.groups, packed)
+        else:  # the exact reference
+            backend = "reference" if self.backend == "reference" else "auto"
+            q = ops.quantize_static(xc.reshape(-1, self.in_channels), scale, zp, dtype=torch.uint8, backend=backend)
+            out = conv_ops.conv_int8_reference(q.reshape(xc.shape), self.qweight, self.w_scales, self.bias, scale, zp,
+                                               self.stride, self.padding, self.dilation, self.groups)
         return out.movedim(-1, 1).to(x.dtype)
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .. import _views
 from .._native import _C
+from . import _eager
 
 
 def out_size(in_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
@@ -99,6 +100,31 @@ def conv_int8(qx: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, b
     run = _conv_int8 if torch.compiler.is_compiling() or qx.device.type != "cpu" else _conv_int8_impl
     return run(qx.contiguous(), qweight.contiguous(), packed, w_scales, bias, float(act_scale), int(zero_point),
                list(stride), list(padding), list(dilation), int(groups))
+
+
+def conv_int8_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_max: int, qweight: torch.Tensor,
+                         w_scales: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
+                         packed: torch.Tensor) -> torch.Tensor:
+    """conv_int8 on the codes min(quantize_static(xc, act_scale, zero_point), code_max) of fp32
+    channels-last xc [N, *spatial, C]. Eager CPU calls quantize and convolve in one native call
+    (codes in a reused scratch buffer); torch.compile, fake tensors, and a oneDNN that cannot run
+    go through the two ops."""
+    from . import int8 as int8_ops
+    args = (xc, qweight, packed, w_scales, bias)
+    if _eager.direct_ok(args) and xc.dtype == torch.float32 and xc.dim() in (3, 4):
+        xc = xc.contiguous()
+        out = _out(xc, qweight, stride, padding, dilation)
+        if _C.conv_int8_quantizing_run(_views.view(xc, "x"), float(act_scale), int(zero_point), int(code_max),
+                                       _views.view(qweight, "qweight"), _views.view(packed, "packed"),
+                                       _views.view(w_scales, "w_scales"), _views.optional_view(bias, "bias"),
+                                       _views.view(out, "out"), list(stride), list(padding), list(dilation),
+                                       int(groups)):
+            return out
+    q = int8_ops.quantize_static(xc.reshape(-1, xc.shape[-1]), act_scale, zero_point, dtype=torch.uint8)
+    if code_max < 255:
+        q.clamp_(max=code_max)
+    return conv_int8(q.reshape(xc.shape), qweight, w_scales, bias, act_scale, zero_point, stride, padding,
+                     dilation, groups, packed)
 
 
 def conv_int8_reference(qx, qweight, w_scales, bias, act_scale: float, zero_point: int, stride, padding,
