@@ -170,6 +170,7 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
   if (L.nper == 1) {  // n divides 8: every vector starts a group, one offset pattern
     const __m256i off = L.offs[0];
     for (; j0 + 2 * W <= lim; j0 += 2 * W, col0 += 2 * L.period_cols) {
+      prefetch_ahead(static_cast<const char*>(w.values) + (vb + j0) * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
       uint64_t bits0, bits1;
       std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
       std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
@@ -418,6 +419,8 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
   };
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (; e + 2 * W <= e1; e += 2 * W) {
+    prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
+    prefetch_ahead(w.cols + e, 2 * W * 2);
     acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), gather(cols8(e), all), acc0);
     acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), gather(cols8(e + W), all), acc1);
   }

@@ -155,6 +155,7 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   if (L.nper == 1) {  // n divides 16: every vector starts a group, one offset pattern
     const __m512i off = L.offs[0];
     for (; j0 + 2 * W <= lim; j0 += 2 * W, col0 += 2 * L.period_cols) {
+      prefetch_ahead(static_cast<const char*>(w.values) + (vb + j0) * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
       uint64_t bits0, bits1;
       std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
       std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
@@ -401,6 +402,8 @@ float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __m
     return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + i)));
   };
   for (; e + 2 * W <= e1; e += 2 * W) {
+    prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
+    prefetch_ahead(w.cols + e, 2 * W * 2);
     acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), gather(cols16(e), 0xffff), acc0);
     acc1 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e + W, 0), gather(cols16(e + W), 0xffff), acc1);
   }
