@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .. import ops
+from .. import _views, ops
+from .._native import _C
+from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
 
 MODES = ("static", "dynamic")
@@ -43,6 +45,16 @@ def symmetric_padding(conv: nn.Module) -> Tuple[int, ...]:
             raise ValueError("padding='same' with an even kernel pads one side more than the other")
         return tuple(t // 2 for t in total)
     return tuple(p)
+
+
+def _identity(t: Optional[torch.Tensor]) -> tuple:
+    """What tells a tensor's contents apart between calls: its storage and in-place version."""
+    if t is None:
+        return ()
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # an inference tensor (built under inference_mode) cannot change in place
+        return t.data_ptr(), -1
 
 
 class _FrozenConvFunction(torch.autograd.Function):
@@ -97,6 +109,7 @@ class _Int8ConvNd(nn.Module):
         self.register_buffer("act_zero_point", torch.zeros(1, dtype=torch.int32, device=device) if static else None)
         self._kernels: Dict[tuple, tuple] = {}  # (input shape, zero point != 0) -> (packed or None, 7-bit)
         self._kernels_key = None
+        self._plans: Dict[tuple, tuple] = {}  # static mode: (input shape, tensor identities) -> call arguments
 
     # ------------------------------------------------------------ construction / io
 
@@ -219,10 +232,7 @@ class _Int8ConvNd(nn.Module):
     def _kernel(self, shape: tuple, zp: int) -> tuple:
         """(packed weights, or None for the reference; whether codes must be 7-bit) for an input
         shape, chosen and packed once."""
-        try:
-            key_w = (self.qweight.data_ptr(), self.qweight._version)
-        except RuntimeError:  # an inference tensor (built under inference_mode) cannot change in place
-            key_w = (self.qweight.data_ptr(), -1)
+        key_w = _identity(self.qweight)
         if key_w != self._kernels_key:  # new weights (load_state_dict, to()): repack
             self._kernels, self._kernels_key = {}, key_w
         key = (tuple(shape), zp != 0)
@@ -240,8 +250,40 @@ class _Int8ConvNd(nn.Module):
             self._kernels[key] = hit
         return hit
 
+    def _static_plan(self, shape: torch.Size, tensors: tuple) -> tuple:
+        """The native call's arguments for a static-mode input shape, besides the input and
+        output: (scale, zero point, code max, views of qweight / packed / w_scales / bias,
+        geometry), or () where no fast kernel runs. Cached while the module's tensors are the
+        same objects, unmodified, so a call pays no scalar reads, packing lookups or views."""
+        key = (shape,) + tuple(_identity(t) for t in tensors)
+        plan = self._plans.get(key)
+        if plan is None:
+            scale, zp = self._params(None, 255)
+            packed, seven_bit = self._kernel(shape, zp)
+            qmax = 127 if packed is not None and seven_bit else 255
+            if qmax < 255:  # no VNNI: codes in [0, 127] (see the module doc)
+                scale, zp = self._params(None, qmax)
+                packed, _ = self._kernel(shape, zp)
+            plan = () if packed is None else (
+                scale, zp, qmax, _views.view(self.qweight, "qweight"), _views.view(packed, "packed"),
+                _views.view(self.w_scales, "w_scales"), _views.optional_view(self.bias, "bias"),
+                list(self.stride), list(self.padding), list(self.dilation), self.groups)
+            if len(self._plans) >= _MAX_SHAPES:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.detach().to(torch.float32).movedim(1, -1).contiguous()  # channels last
+        if self.mode == "static" and self.backend != "reference" and xc.numel() > 0:
+            b = self._buffers
+            tensors = (xc, b["qweight"], b["w_scales"], b["bias"], b["act_scale"], b["act_zero_point"])
+            plan = self._static_plan(xc.shape, tensors[1:]) if _eager.direct_ok(tensors) else ()
+            if plan:  # eager: one native call with the cached arguments
+                sp = conv_ops.out_size(xc.shape[1:-1], self.kernel_size, self.stride, self.padding, self.dilation)
+                out = torch.empty(xc.shape[0], *sp, self.out_channels)
+                if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *plan[:7], _views.view(out, "out"), *plan[7:]):
+                    return out.movedim(-1, 1).to(x.dtype)
         scale, zp = self._params(xc, 255)
         packed, qmax = None, 255
         if self.backend != "reference" and xc.numel() > 0:
