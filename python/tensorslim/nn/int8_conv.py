@@ -251,10 +251,11 @@ class _Int8ConvNd(nn.Module):
         return hit
 
     def _static_plan(self, shape: torch.Size, tensors: tuple) -> tuple:
-        """The native call's arguments for a static-mode input shape, besides the input and
-        output: (scale, zero point, code max, views of qweight / packed / w_scales / bias,
-        geometry), or () where no fast kernel runs. Cached while the module's tensors are the
-        same objects, unmodified, so a call pays no scalar reads, packing lookups or views."""
+        """For a static-mode input shape: (output shape, the native call's arguments before the
+        output: scale, zero point, code max, views of qweight / packed / w_scales / bias; those
+        after it: the geometry), or () where no fast kernel runs. Cached while the module's
+        tensors are the same objects, unmodified, so a call pays no scalar reads, packing
+        lookups or views."""
         key = (shape,) + tuple(_identity(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:
@@ -264,10 +265,12 @@ class _Int8ConvNd(nn.Module):
             if qmax < 255:  # no VNNI: codes in [0, 127] (see the module doc)
                 scale, zp = self._params(None, qmax)
                 packed, _ = self._kernel(shape, zp)
+            sp = conv_ops.out_size(shape[1:-1], self.kernel_size, self.stride, self.padding, self.dilation)
             plan = () if packed is None else (
-                scale, zp, qmax, _views.view(self.qweight, "qweight"), _views.view(packed, "packed"),
-                _views.view(self.w_scales, "w_scales"), _views.optional_view(self.bias, "bias"),
-                list(self.stride), list(self.padding), list(self.dilation), self.groups)
+                (shape[0], *sp, self.out_channels),
+                (scale, zp, qmax, _views.view(self.qweight, "qweight"), _views.view(packed, "packed"),
+                 _views.view(self.w_scales, "w_scales"), _views.optional_view(self.bias, "bias")),
+                (list(self.stride), list(self.padding), list(self.dilation), self.groups))
             if len(self._plans) >= _MAX_SHAPES:
                 self._plans.clear()
             self._plans[key] = plan
@@ -280,9 +283,9 @@ class _Int8ConvNd(nn.Module):
             tensors = (xc, b["qweight"], b["w_scales"], b["bias"], b["act_scale"], b["act_zero_point"])
             plan = self._static_plan(xc.shape, tensors[1:]) if _eager.direct_ok(tensors) else ()
             if plan:  # eager: one native call with the cached arguments
-                sp = conv_ops.out_size(xc.shape[1:-1], self.kernel_size, self.stride, self.padding, self.dilation)
-                out = torch.empty(xc.shape[0], *sp, self.out_channels)
-                if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *plan[:7], _views.view(out, "out"), *plan[7:]):
+                out_shape, before_out, after_out = plan
+                out = torch.empty(out_shape)
+                if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *before_out, _views.view(out, "out"), *after_out):
                     return out.movedim(-1, 1).to(x.dtype)
         scale, zp = self._params(xc, 255)
         packed, qmax = None, 255

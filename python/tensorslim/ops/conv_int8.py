@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .. import _views
 from .._native import _C
 from . import _eager
+from .int8 import quantize_static
 
 
 def out_size(in_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
@@ -109,7 +110,6 @@ def conv_int8_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, co
     channels-last xc [N, *spatial, C]. Eager CPU calls quantize and convolve in one native call
     (codes in a reused scratch buffer); torch.compile, fake tensors, and a oneDNN that cannot run
     go through the two ops."""
-    from . import int8 as int8_ops
     args = (xc, qweight, packed, w_scales, bias)
     if _eager.direct_ok(args) and xc.dtype == torch.float32 and xc.dim() in (3, 4):
         xc = xc.contiguous()
@@ -120,7 +120,7 @@ def conv_int8_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, co
                                        _views.view(out, "out"), list(stride), list(padding), list(dilation),
                                        int(groups)):
             return out
-    q = int8_ops.quantize_static(xc.reshape(-1, xc.shape[-1]), act_scale, zero_point, dtype=torch.uint8)
+    q = quantize_static(xc.reshape(-1, xc.shape[-1]), act_scale, zero_point, dtype=torch.uint8)
     if code_max < 255:
         q.clamp_(max=code_max)
     return conv_int8(q.reshape(xc.shape), qweight, w_scales, bias, act_scale, zero_point, stride, padding,
