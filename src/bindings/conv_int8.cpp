@@ -23,6 +23,22 @@ ConvInt8Geometry geometry(std::vector<int64_t> stride, std::vector<int64_t> padd
   return g;
 }
 
+// What both run bindings pass on besides the input: weights, scales, bias, output, geometry.
+struct RunArgs {
+  TensorView qweight, packed, w_scales, out;
+  OptionalView bias;
+  ConvInt8Geometry g;
+};
+
+RunArgs run_args(py::handle qweight, py::handle packed, py::handle w_scales, py::handle bias, py::handle out,
+                 std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                 int64_t groups, int32_t zp) {
+  RunArgs r{to_view(qweight, "qweight"), to_view(packed, "packed"), to_view(w_scales, "w_scales"),
+            to_view(out, "out"), to_optional_view(bias, "bias"), {}};
+  r.g = geometry(std::move(stride), std::move(padding), std::move(dilation), groups, zp != 0, r.bias.present);
+  return r;
+}
+
 }  // namespace
 
 void register_conv_int8(py::module_& m) {
@@ -55,23 +71,20 @@ void register_conv_int8(py::module_& m) {
                             py::handle bias, float act_scale, int32_t zp, py::handle out,
                             std::vector<int64_t> stride, std::vector<int64_t> padding,
                             std::vector<int64_t> dilation, int64_t groups) {
-    TensorView xv = to_view(qx, "qx"), wv = to_view(qweight, "qweight"), pv = to_view(packed, "packed"),
-               sv = to_view(w_scales, "w_scales"), ov = to_view(out, "out");
-    OptionalView bv = to_optional_view(bias, "bias");
-    const ConvInt8Geometry g = geometry(stride, padding, dilation, groups, zp != 0, bv.present);
+    const TensorView xv = to_view(qx, "qx");
+    const RunArgs r = run_args(qweight, packed, w_scales, bias, out, stride, padding, dilation, groups, zp);
     py::gil_scoped_release release;
-    return conv_int8_run(xv, wv, pv, sv, bv.get(), act_scale, zp, ov, g);
+    return conv_int8_run(xv, r.qweight, r.packed, r.w_scales, r.bias.get(), act_scale, zp, r.out, r.g);
   }, "Runs the int8 convolution; False when oneDNN has no implementation for it.");
   m.def("conv_int8_quantizing_run", [](py::handle x, float act_scale, int32_t zp, int32_t code_max,
                                        py::handle qweight, py::handle packed, py::handle w_scales, py::handle bias,
                                        py::handle out, std::vector<int64_t> stride, std::vector<int64_t> padding,
                                        std::vector<int64_t> dilation, int64_t groups) {
-    TensorView xv = to_view(x, "x"), wv = to_view(qweight, "qweight"), pv = to_view(packed, "packed"),
-               sv = to_view(w_scales, "w_scales"), ov = to_view(out, "out");
-    OptionalView bv = to_optional_view(bias, "bias");
-    const ConvInt8Geometry g = geometry(stride, padding, dilation, groups, zp != 0, bv.present);
+    const TensorView xv = to_view(x, "x");
+    const RunArgs r = run_args(qweight, packed, w_scales, bias, out, stride, padding, dilation, groups, zp);
     py::gil_scoped_release release;
-    return conv_int8_quantizing_run(xv, act_scale, zp, code_max, wv, pv, sv, bv.get(), ov, g);
+    return conv_int8_quantizing_run(xv, act_scale, zp, code_max, r.qweight, r.packed, r.w_scales, r.bias.get(),
+                                    r.out, r.g);
   }, "Quantizes fp32 channels-last x (static scale / zero point, codes capped at code_max) and runs the "
      "int8 convolution on the codes; False when oneDNN has no implementation for it.");
 }

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../onednn_engine.h"
 #include "tensorslim/conv_int8.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/gemm_int8.h"
@@ -19,6 +20,7 @@ bool conv_int8_quantizing_run(const TensorView& x, float act_scale, int32_t zero
                                                  shape_str(x));
   TS_CHECK_VALUE(code_max == 127 || code_max == 255, "conv_int8: code_max must be 127 or 255, got " +
                                                          std::to_string(code_max));
+  if (!cpu::onednn_usable()) return false;  // before any work: the caller runs the two ops instead
   const int64_t n = x.numel(), C = x.shape[x.ndim - 1];
   thread_local std::vector<uint8_t> codes;
   if (static_cast<int64_t>(codes.size()) < n) codes.resize(static_cast<size_t>(n));

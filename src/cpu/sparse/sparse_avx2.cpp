@@ -420,7 +420,7 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (; e + 2 * W <= e1; e += 2 * W) {
     prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
-    prefetch_ahead(w.cols + e, 2 * W * 2);
+    prefetch_ahead(w.cols + e, 2 * W * static_cast<int64_t>(sizeof(*w.cols)));
     acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), gather(cols8(e), all), acc0);
     acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), gather(cols8(e + W), all), acc1);
   }

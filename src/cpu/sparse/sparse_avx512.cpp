@@ -403,7 +403,7 @@ float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __m
   };
   for (; e + 2 * W <= e1; e += 2 * W) {
     prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
-    prefetch_ahead(w.cols + e, 2 * W * 2);
+    prefetch_ahead(w.cols + e, 2 * W * static_cast<int64_t>(sizeof(*w.cols)));
     acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), gather(cols16(e), 0xffff), acc0);
     acc1 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e + W, 0), gather(cols16(e + W), 0xffff), acc1);
   }
