@@ -1,7 +1,8 @@
 // The decode-once panel GEMM behind linear_weight_only's native path at M > 8: every ISA
-// against a float64 product of the exactly dequantized weight, on shapes that exercise the
-// partial micro-tiles (M % 6), partial panels (N % 16, N % 32), K tails (K % 8), short last
-// groups and strided activation rows.
+// against a float64 product of the exactly dequantized weight, on shapes that exercise both
+// micro-kernels (rows-dot up to 12 / 64 rows and K <= 2048, broadcast past them), partial
+// micro-tiles (M % 6, M % 2), partial panels and weight-row blocks (N % 4, N % 16, N % 32,
+// N > 64), K tails (K % 8, K % 16), short last groups and strided activation rows.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -89,10 +90,11 @@ TEST(PanelGemm, EveryIsaMatchesFloat64) {
     for (Format fmt : {Format::kInt8, Format::kUInt8, Format::kInt4, Format::kUInt4}) {
       struct Shape { int64_t K, group; };
       for (Shape s : {Shape{384, 128}, Shape{384, 384}, Shape{100, 100}, Shape{96, 32}, Shape{2, 2},
+                       Shape{33, 33}, Shape{2050, 128},
                        Shape{576, 128}, Shape{100, 32}}) {  // the last two end in a short group
-        for (int64_t N : {48, 37, 1}) {
+        for (int64_t N : {48, 37, 1, 70}) {
           const Weight w = quantized(fmt, N, s.K, s.group);
-          for (int64_t M : {9, 13, 64}) {
+          for (int64_t M : {9, 13, 31, 64, 65}) {
             EXPECT_LT(panel_error(w, fmt, s.group, M, N, s.K, s.K, false), 1e-5)
                 << cpu::isa_name(isa) << " " << format_info(fmt).name << " K=" << s.K
                 << " g=" << s.group << " N=" << N << " M=" << M;
