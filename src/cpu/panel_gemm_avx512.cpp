@@ -17,13 +17,12 @@ struct Vector {
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   // Rows-dot tiles: 6 x 4 accumulators + 4 weight vectors + 1 activation of 32 registers.
-  static constexpr int kDotRows = 6;
-  static constexpr int64_t kDotMaxRows = 64;  // measured at MiniLM's shapes, 9-64 rows
+  static constexpr int kDotRows = 6, kDotCols = 4;
   static Vec load_first(const float* p, int n) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
   }
-  // out[i] = the sum of a[i]'s lanes, i < 4.
-  static void sum4(const Vec* a, float* out) {
+  // out[i] = the sum of a[i]'s lanes, i < kDotCols.
+  static void sum_lanes(const Vec* a, float* out) {
     __m256 h[4];
     for (int i = 0; i < 4; ++i)
       h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]),

@@ -101,15 +101,13 @@ void panel_micro_any(int mb, const float* x, int64_t ldx, const float* b, int64_
 }
 
 // Rows-dot micro-kernel for a few activation rows: sums[m][n] = x[m] . w[n] for MB activation
-// rows and kDotCols decoded weight rows, both read along K as stored (no packed copy), each
+// rows and V::kDotCols decoded weight rows, both read along K as stored (no packed copy), each
 // product held in a vector's lanes and summed across them once at the end. MB * kDotCols
 // accumulators + kDotCols weight vectors + 1 activation vector fit the ISA's registers.
 // K's tail is read with masked loads, so nothing past a row is touched.
-constexpr int kDotCols = 4;
-
 template <class V, int MB>
 void dot_micro(const float* x, int64_t ldx, const float* w, int64_t K, float* sums) {
-  constexpr int L = V::kLanes;
+  constexpr int L = V::kLanes, kDotCols = V::kDotCols;
   typename V::Vec acc[MB][kDotCols];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < kDotCols; ++n) acc[m][n] = V::zero();
@@ -131,7 +129,7 @@ void dot_micro(const float* x, int64_t ldx, const float* w, int64_t K, float* su
       for (int n = 0; n < kDotCols; ++n) acc[m][n] = V::fma(a, wv[n], acc[m][n]);
     }
   }
-  for (int m = 0; m < MB; ++m) V::sum4(acc[m], sums + m * kDotCols);
+  for (int m = 0; m < MB; ++m) V::sum_lanes(acc[m], sums + m * kDotCols);
 }
 
 template <class V>
@@ -162,17 +160,19 @@ inline void store_tile(const PanelGemmProblem& p, const float* sums, int64_t ld_
     }
 }
 
-// The rows-dot kernel runs for up to V::kDotMaxRows activation rows, of at most kDotMaxValues
+// The rows-dot kernel runs for up to kDotMaxRows activation rows, of at most kDotMaxValues
 // values in all and rows of at most kDotMaxK: it uses the decoded weight rows as stored, without
 // the packed copy the broadcast micro-kernel needs (at MiniLM's 384 x 1536 and 9-31 rows that
 // copy's 8 x 8 transposes took more time than the multiply-adds), but reads every activation
-// row again for each kDotCols weight rows, which must come from L1 / L2 (4096 x 4096 on AVX2
-// at 32 rows: 25-28 ms against 19 ms with the broadcast kernel's K blocks).
+// row again for each V::kDotCols weight rows, which must come from L1 / L2 (4096 x 4096 on
+// AVX2 at 32 rows: 25-28 ms against 19 ms with the broadcast kernel's K blocks).
+constexpr int64_t kDotMaxRows = 64;
 constexpr int64_t kDotMaxValues = int64_t{1} << 16;
 constexpr int64_t kDotMaxK = 2048;
 
 template <class V>
 void dot_gemm_run(const PanelGemmProblem& p) {
+  constexpr int kDotCols = V::kDotCols;
   const int64_t K = p.K, M = p.M, MR = V::kDotRows;
   const int64_t panels = (p.N + kPanelCols - 1) / kPanelCols;
   parallel_for(panels, 1, [&](int64_t b, int64_t e) {
@@ -199,7 +199,7 @@ void dot_gemm_run(const PanelGemmProblem& p) {
 
 template <class V>
 void panel_gemm_run(const PanelGemmProblem& p) {
-  if (p.M <= V::kDotMaxRows && p.M * p.K <= kDotMaxValues && p.K <= kDotMaxK) return dot_gemm_run<V>(p);
+  if (p.M <= kDotMaxRows && p.M * p.K <= kDotMaxValues && p.K <= kDotMaxK) return dot_gemm_run<V>(p);
   constexpr int NR = 2 * V::kLanes, MR = kPanelRows, kMicro = kPanelCols / NR;
   constexpr int64_t KC = panel_k_block<V>();
   const int64_t K = p.K, M = p.M;

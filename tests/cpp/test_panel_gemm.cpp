@@ -1,8 +1,8 @@
 // The decode-once panel GEMM behind linear_weight_only's native path at M > 8: every ISA
 // against a float64 product of the exactly dequantized weight, on shapes that exercise both
-// micro-kernels (rows-dot up to 12 / 64 rows and K <= 2048, broadcast past them), partial
-// micro-tiles (M % 6, M % 2), partial panels and weight-row blocks (N % 4, N % 16, N % 32,
-// N > 64), K tails (K % 8, K % 16), short last groups and strided activation rows.
+// micro-kernels (rows-dot up to 64 rows and K <= 2048, broadcast past them), partial
+// micro-tiles (M % 6, M % 4), partial panels and weight-row blocks (N % 3, N % 4, N % 16,
+// N % 32, N > 64), K tails (K % 8, K % 16), short last groups and strided activation rows.
 #include <gtest/gtest.h>
 
 #include <cmath>
