@@ -51,6 +51,12 @@ __attribute__((target("avx2"))) inline int64_t unpack_nibbles_avx2(const uint8_t
 }
 #endif
 
+// n values of an INT4 row from packed bytes that start with the group's first value (an even
+// index): out[i] = (code_i - zero_point) * scale, the reference's fp32 operations. AVX-512 only
+// (int4_decode_avx512.cpp); callers check the active ISA.
+void decode_int4_group_avx512(const uint8_t* packed, int64_t n, float scale, int32_t zero_point,
+                              bool is_signed, float* out);
+
 // Codes of one K-wide row as bytes: the row itself for 8-bit formats, else unpacked into `codes`.
 inline const uint8_t* row_codes(const uint8_t* qrow, int64_t K, int bits, bool is_signed,
                                 std::vector<uint8_t>& codes) {
