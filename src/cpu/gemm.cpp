@@ -159,7 +159,7 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
       // and on AVX2 our panel GEMM, which runs on torch's threads, where oneDNN's runtime
       // threads contend with them inside a model and a small layer cannot amortize that
       // (MiniLM INT8 batch 1, 18-36 rows: 1.10x fp32 against 0.45x on AVX2 Zen 3, 0.85x
-      // against 0.56x on AVX-512 Sapphire Rapids). Small weights at 32+ fp32 rows are decoded
+      // against 0.56x on AVX-512 Sapphire Rapids). Small weights at 64+ fp32 rows are decoded
       // once for torch's GEMM in Python (ops/decode_gemm.py).
       if ((x.shape[0] <= kNativeMaxRows || !cpu::onednn_usable() ||
            cpu::active_isa() < cpu::Isa::kAVX512 || out.shape[1] * x.shape[1] <= cpu::kPanelSmallWeight) &&
