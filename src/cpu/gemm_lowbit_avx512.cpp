@@ -16,9 +16,12 @@ namespace cpu {
 namespace {
 
 // 16 consecutive N-bit codes (unsigned) starting at byte p, as 16 int32 lanes. `safe`
-// says 16 bytes may be read from p (else only the 2N bytes that hold the codes).
-template <int N>
+// says 16 bytes may be read from p (else only the 2N bytes that hold the codes). kMask false
+// (N < 4 only): each lane holds its code in the low N bits and the next codes' bits above,
+// for a permute that reads the low 4 bits.
+template <int N, bool kMask = true>
 inline __m512i unpack16(const uint8_t* p, bool safe) {
+  static_assert(kMask || N < 4, "unmasked lanes only for codes narrower than a permute index");
   if constexpr (N == 8) {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   } else if constexpr (N == 4) {
@@ -31,8 +34,8 @@ inline __m512i unpack16(const uint8_t* p, bool safe) {
     std::memcpy(&u, p, 2 * N);  // 16 values = 2N bytes
     const __m512i shifts = _mm512_setr_epi32(0, N, 2 * N, 3 * N, 4 * N, 5 * N, 6 * N, 7 * N, 8 * N,
                                              9 * N, 10 * N, 11 * N, 12 * N, 13 * N, 14 * N, 15 * N);
-    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(u)), shifts),
-                            _mm512_set1_epi32((1 << N) - 1));
+    const __m512i c = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(u)), shifts);
+    return kMask ? _mm512_and_si512(c, _mm512_set1_epi32((1 << N) - 1)) : c;
   } else {
     // Broadcast the 16 bytes to every 128-bit lane; value j's bits start in byte jN/8 and
     // span at most two bytes, which an in-lane byte shuffle moves into dword j.
@@ -45,22 +48,39 @@ inline __m512i unpack16(const uint8_t* p, bool safe) {
     const __m512i bytes = _mm512_shuffle_epi8(
         _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
         _mm512_load_si512(t.shuffle));
-    return _mm512_and_si512(_mm512_srlv_epi32(bytes, _mm512_load_si512(t.shift)),
-                            _mm512_set1_epi32((1 << N) - 1));
+    const __m512i c = _mm512_srlv_epi32(bytes, _mm512_load_si512(t.shift));
+    return kMask ? _mm512_and_si512(c, _mm512_set1_epi32((1 << N) - 1)) : c;
   }
 }
 
-// Integers: float(code - zp) * scale; signed codes are sign-extended from N bits.
+// The integer value of index bits 0..15 taken mod 2^N, sign-extended from N bits for signed rows.
+template <int N, bool kSigned>
+inline __m512i code_values() {
+  alignas(64) int32_t v[16];
+  for (int j = 0; j < 16; ++j) {
+    const int c = j % (1 << N);
+    v[j] = kSigned && c >= (1 << (N - 1)) ? c - (1 << N) : c;
+  }
+  return _mm512_load_si512(v);
+}
+
+// Integers: float(code - zp) * scale. Below 4 bits the 2^N values of a group are computed
+// once (the same operations, so the same bits) into a 16-entry table, each stored 16 / 2^N
+// times, that vpermps indexes with the unmasked lanes (int3 GEMM at 16 rows of 384 x 1536:
+// the decode was the largest part); wider codes are sign-extended from N bits and converted.
 template <int N, bool kSigned>
 struct IntDecoder : RowBase {
-  __m512 s;
+  static constexpr bool kTable = N < 4;
+  __m512 s, table;
   __m512i zp;
   void group(int64_t g) {
     s = _mm512_set1_ps(f32_scale(g));
     zp = _mm512_set1_epi32(w->zero_points ? w->zero_points[scale_base + g] : 0);
+    if (kTable) table = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(code_values<N, kSigned>(), zp)), s);
   }
   __m512 at(int64_t i) const {
     const int64_t off = i / 16 * 2 * N;
+    if constexpr (kTable) return _mm512_permutexvar_ps(unpack16<N, false>(q + off, off + 16 <= row_bytes), table);
     __m512i c = unpack16<N>(q + off, off + 16 <= row_bytes);
     if (kSigned) c = _mm512_srai_epi32(_mm512_slli_epi32(c, 32 - N), 32 - N);
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, zp)), s);

@@ -128,7 +128,7 @@ def _packed_layers():
     torch.manual_seed(2)
     lin = torch.nn.Linear(96, 40)
     layers = [ts.nn.WeightOnlyLinear.from_linear(lin, fmt, g, "auto")
-              for fmt, g in (("int8", 96), ("uint8", 32), ("int4", 32), ("uint4", 64))]
+              for fmt, g in (("int8", 96), ("uint8", 32), ("int4", 32), ("uint4", 64), ("uint3", 32))]
     layers += [ts.nn.LowBitLinear.from_linear(lin, fmt, g) for fmt, g in (("fp8_e4m3", 32), ("nvfp4", 16),
                                                                          ("int3", 32))]
     return layers
@@ -168,7 +168,7 @@ def test_layers_call_their_kernel_directly_with_the_ops_bits():
 
 
 def test_direct_layer_calls_leave_the_dispatcher_its_work():
-    for layer in _packed_layers()[2:6:3]:  # int4 weight-only, nvfp4
+    for layer in _packed_layers()[2:7:4]:  # int4 weight-only, nvfp4
         x = torch.randn(3, 96)
         name = "linear_weight_only" if isinstance(layer, ts.nn.WeightOnlyLinear) else "linear_lowbit"
         with _Seen() as seen:

@@ -305,8 +305,13 @@ def linear_weight_only_direct(x: torch.Tensor, qweight: torch.Tensor, scales: to
     input, eager, nothing for the dispatcher to do. The same CPU function with the same
     arguments, so the same bits, without re-checking every argument per call (~20 us of a
     ~55 us batch-1 call at MiniLM's widths). None where the case does not hold: the caller
-    then calls linear_weight_only."""
-    if (x.dtype != torch.float32 or backend == "reference" or fmt not in INTEGER_KERNEL_FORMATS
+    then calls linear_weight_only. N-bit rows outside INTEGER_KERNEL_FORMATS (int2, int3, ...)
+    take lowbit's direct call with the arguments linear_weight_only passes lowbit (an int3
+    384 x 1536 layer at 1 row paid ~60 us of argument checks on top of its kernel)."""
+    if fmt not in INTEGER_KERNEL_FORMATS:
+        return lowbit.linear_lowbit_direct(x, qweight, scales, zero_points, None, bias, fmt, group_size,
+                                           in_features, _lowbit_backend(backend))
+    if (x.dtype != torch.float32 or backend == "reference"
             or not _eager.direct_ok((x, qweight, scales, zero_points, bias))):
         return None
     x2 = x.reshape(-1, in_features)
