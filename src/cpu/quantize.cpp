@@ -165,28 +165,21 @@ void dequantize(const TensorView& q, const TensorView& scales, const TensorView*
 
   // fp32 rows are decoded in place; other dtypes through one fp32 row.
   const bool direct = out.dtype == DType::kFloat32;
-#if defined(TENSORSLIM_HAVE_AVX512)
-  const bool int4_table = info.bits == 4 && cpu::active_isa() == cpu::Isa::kAVX512;
-#else
-  const bool int4_table = false;
-#endif
+  const cpu::Int4GroupDecoder decode_int4 = info.bits == 4 ? cpu::int4_group_decoder() : nullptr;
   cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
     std::vector<float> buf(direct ? 0 : cols);
     std::vector<uint8_t> codes;
     for (int64_t r = b; r < e; ++r) {
       const uint8_t* qrow = q.ptr<uint8_t>() + r * q.strides[0];
-      const uint8_t* c = int4_table ? nullptr : cpu::row_codes(qrow, cols, info.bits, is_signed, codes);
+      const uint8_t* c = decode_int4 ? nullptr : cpu::row_codes(qrow, cols, info.bits, is_signed, codes);
       float* row = direct ? out.ptr<float>() + r * out.strides[0] : buf.data();
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t idx = per_tensor ? 0 : r * groups + g;
         const int32_t z = zp ? zp[idx] : 0;
         const int64_t len = std::min(gsize, cols - g * gsize);
-#if defined(TENSORSLIM_HAVE_AVX512)
-        if (int4_table)  // INT4 groups start on a byte: gsize is even when a row has several
-          cpu::decode_int4_group_avx512(qrow + g * gsize / 2, len, sc[idx], z, is_signed, row + g * gsize);
-        else
-#endif
-        if (is_signed)
+        if (decode_int4)  // INT4 groups start on a byte: gsize is even when a row has several
+          decode_int4(qrow + g * gsize / 2, len, sc[idx], z, is_signed, row + g * gsize);
+        else if (is_signed)
           k.decode_s8(reinterpret_cast<const int8_t*>(c) + g * gsize, len, sc[idx], z, row + g * gsize);
         else
           k.decode_u8(c + g * gsize, len, sc[idx], z, row + g * gsize);
