@@ -97,6 +97,35 @@ def test_module_packs_where_packing_pays(monkeypatch, pays):
     torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_module_built_under_inference_mode_packs_and_runs(monkeypatch):
+    # Inference tensors have no version counter: the packed-weight cache keys them by address
+    # (was a RuntimeError at the first call where packing pays, e.g. on AVX-512 VNNI CPUs
+    # without AMX, for a model quantized under torch.inference_mode).
+    monkeypatch.setattr(ts.ops.int8, "packing_pays", lambda: True)
+    torch.manual_seed(5)
+    with torch.inference_mode():
+        mod = ts.Int8Linear.from_float(torch.randn(96, 160), torch.randn(96), "dynamic")
+        x = torch.randn(48, 160)
+        y = mod(x)
+        first = mod._packed
+        torch.testing.assert_close(mod(x), y, rtol=0, atol=0)
+        assert mod._packed is first  # reused, not re-packed per call
+        ref = ts.ops.linear_w8a8(x, mod.qweight, mod.w_scales, mod.bias, backend="reference")
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_identity_follows_in_place_changes():
+    from tensorslim._identity import tensor_identity
+    t = torch.zeros(4)
+    key = tensor_identity(t)
+    t.add_(1)
+    assert tensor_identity(t) != key and tensor_identity(t)[0] == key[0]
+    assert tensor_identity(None) == ()
+    with torch.inference_mode():
+        u = torch.zeros(4)
+    assert tensor_identity(u) == (u.data_ptr(), -1)
+
+
 def test_packing_pays_follows_the_kernel():
     # Packing is declined exactly where oneDNN's INT8 kernel is an AMX one (or there is no layout).
     impl = ts._C.linear_int8_onednn_impl(*[ts._views.view(t) for t in (

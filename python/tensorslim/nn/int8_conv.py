@@ -15,6 +15,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import _views, ops
+from .._identity import tensor_identity
 from .._native import _C
 from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
@@ -45,16 +46,6 @@ def symmetric_padding(conv: nn.Module) -> Tuple[int, ...]:
             raise ValueError("padding='same' with an even kernel pads one side more than the other")
         return tuple(t // 2 for t in total)
     return tuple(p)
-
-
-def _identity(t: Optional[torch.Tensor]) -> tuple:
-    """What tells a tensor's contents apart between calls: its storage and in-place version."""
-    if t is None:
-        return ()
-    try:
-        return t.data_ptr(), t._version
-    except RuntimeError:  # an inference tensor (built under inference_mode) cannot change in place
-        return t.data_ptr(), -1
 
 
 class _FrozenConvFunction(torch.autograd.Function):
@@ -232,7 +223,7 @@ class _Int8ConvNd(nn.Module):
     def _kernel(self, shape: tuple, zp: int) -> tuple:
         """(packed weights, or None for the reference; whether codes must be 7-bit) for an input
         shape, chosen and packed once."""
-        key_w = _identity(self.qweight)
+        key_w = tensor_identity(self.qweight)
         if key_w != self._kernels_key:  # new weights (load_state_dict, to()): repack
             self._kernels, self._kernels_key = {}, key_w
         key = (tuple(shape), zp != 0)
@@ -256,7 +247,7 @@ class _Int8ConvNd(nn.Module):
         after it: the geometry), or () where no fast kernel runs. Cached while the module's
         tensors are the same objects, unmodified, so a call pays no scalar reads, packing
         lookups or views."""
-        key = (shape,) + tuple(_identity(t) for t in tensors)
+        key = (shape,) + tuple(tensor_identity(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:
             scale, zp = self._params(None, 255)

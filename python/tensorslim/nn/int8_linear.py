@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from .._identity import tensor_identity
 from .compressed_linear import CompressedLinear
 
 MODES = ("static", "dynamic")
@@ -87,7 +88,7 @@ class Int8Linear(CompressedLinear):
         qweight = self.qweight if qweight is None else qweight
         if self.backend == "reference" or qweight.device.type != "cpu" or not ops.int8.packing_pays():
             return None
-        key = (qweight.data_ptr(), qweight._version)
+        key = tensor_identity(qweight)
         if key != self._packed_key:
             self._packed = ops.int8.pack_int8_weight(qweight)
             self._packed_key = key
