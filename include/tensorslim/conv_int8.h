@@ -4,8 +4,11 @@
 //   acc[n, o, p] = sum over the window of (qx - zero_point) * qweight     (exact, int32;
 //                  padded positions contribute 0, as a real input of 0 would)
 //   out[n, o, p] = float(acc) * (act_scale * w_scale[o]) + bias[o]
+//   then, where the geometry asks for it (the epilogue a model applies to the conv's output,
+//   done while the output is in registers): out += residual[n, o, p]; out = max(out, 0).
 // Layouts: qx [N, *spatial, C] u8 (channels last), qweight [OC, C / groups, *kernel] s8 (as
-// torch stores it), out [N, *out_spatial, OC] f32 (channels last). Padding is symmetric.
+// torch stores it), out and residual [N, *out_spatial, OC] f32 (channels last). Padding is
+// symmetric.
 //
 // oneDNN's u8 x s8 kernels are exact only with VNNI or AMX; without it they add pairs of
 // products in saturating int16. conv_int8_impl names the kernel so the caller can choose:
@@ -25,13 +28,17 @@ struct ConvInt8Geometry {
   int64_t groups = 1;
   bool has_zero_point = false;  // zero_point != 0 (a kernel without zero-point handling otherwise)
   bool has_bias = false;
+  bool has_residual = false;  // epilogue: add residual (same shape as out)
+  bool relu = false;          // epilogue: then max(., 0)
 };
 
 // oneDNN's implementation name for this convolution ("" when there is none or oneDNN is unusable).
 std::string conv_int8_impl(const TensorView& qx, const TensorView& qweight, const TensorView& out,
                            const ConvInt8Geometry& g);
 
-// Bytes of qweight in the layout that implementation reads (0 when there is none).
+// Bytes of qweight in the layout that implementation reads (0 when there is none). The packed
+// layout is that of the convolution without its epilogue; a run with an epilogue whose kernel
+// reads another layout returns false.
 int64_t conv_int8_packed_bytes(const TensorView& qx, const TensorView& qweight, const TensorView& out,
                                const ConvInt8Geometry& g);
 
@@ -39,16 +46,19 @@ int64_t conv_int8_packed_bytes(const TensorView& qx, const TensorView& qweight, 
 void conv_int8_pack(const TensorView& qx, const TensorView& qweight, const TensorView& out,
                     const ConvInt8Geometry& g, const TensorView& packed);
 
-// Runs the convolution with packed weights; false when oneDNN has no implementation here.
+// Runs the convolution with packed weights; false, with nothing written to out, when oneDNN has
+// no implementation here. residual: given exactly when g.has_residual.
 bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const TensorView& packed,
                    const TensorView& w_scales, const TensorView* bias, float act_scale,
-                   int32_t zero_point, const TensorView& out, const ConvInt8Geometry& g);
+                   int32_t zero_point, const TensorView& out, const ConvInt8Geometry& g,
+                   const TensorView* residual = nullptr);
 
 // conv_int8_run on the codes min(quantize_static(x, act_scale, zero_point), code_max) of fp32
 // channels-last x [N, *spatial, C], made in a scratch buffer (code_max 127 for the kernels that
 // need 7-bit codes, else 255). False, with nothing written to out, where oneDNN cannot run it.
 bool conv_int8_quantizing_run(const TensorView& x, float act_scale, int32_t zero_point, int32_t code_max,
                               const TensorView& qweight, const TensorView& packed, const TensorView& w_scales,
-                              const TensorView* bias, const TensorView& out, const ConvInt8Geometry& g);
+                              const TensorView* bias, const TensorView& out, const ConvInt8Geometry& g,
+                              const TensorView* residual = nullptr);
 
 }  // namespace tensorslim

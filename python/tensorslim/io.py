@@ -288,4 +288,7 @@ def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict,
         for name, old in reversed(list(originals.items())):  # factors before their layer
             _set_submodule(model, name, old)
         raise ValueError(f"{path}: the file does not match the model: {e}") from None
+    from .quantization.conv_epilogue import fuse_conv_epilogues
+
+    fuse_conv_epilogues(model)  # derived from the model's code, never saved: done again on load
     return model

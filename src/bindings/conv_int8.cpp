@@ -23,19 +23,22 @@ ConvInt8Geometry geometry(std::vector<int64_t> stride, std::vector<int64_t> padd
   return g;
 }
 
-// What both run bindings pass on besides the input: weights, scales, bias, output, geometry.
+// What both run bindings pass on besides the input: weights, scales, bias, output, geometry
+// with its epilogue (residual add, ReLU).
 struct RunArgs {
   TensorView qweight, packed, w_scales, out;
-  OptionalView bias;
+  OptionalView bias, residual;
   ConvInt8Geometry g;
 };
 
 RunArgs run_args(py::handle qweight, py::handle packed, py::handle w_scales, py::handle bias, py::handle out,
                  std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                 int64_t groups, int32_t zp) {
+                 int64_t groups, int32_t zp, py::handle residual, bool relu) {
   RunArgs r{to_view(qweight, "qweight"), to_view(packed, "packed"), to_view(w_scales, "w_scales"),
-            to_view(out, "out"), to_optional_view(bias, "bias"), {}};
+            to_view(out, "out"), to_optional_view(bias, "bias"), to_optional_view(residual, "residual"), {}};
   r.g = geometry(std::move(stride), std::move(padding), std::move(dilation), groups, zp != 0, r.bias.present);
+  r.g.has_residual = r.residual.present;
+  r.g.relu = relu;
   return r;
 }
 
@@ -70,23 +73,29 @@ void register_conv_int8(py::module_& m) {
   m.def("conv_int8_run", [](py::handle qx, py::handle qweight, py::handle packed, py::handle w_scales,
                             py::handle bias, float act_scale, int32_t zp, py::handle out,
                             std::vector<int64_t> stride, std::vector<int64_t> padding,
-                            std::vector<int64_t> dilation, int64_t groups) {
+                            std::vector<int64_t> dilation, int64_t groups, py::handle residual, bool relu) {
     const TensorView xv = to_view(qx, "qx");
-    const RunArgs r = run_args(qweight, packed, w_scales, bias, out, stride, padding, dilation, groups, zp);
+    const RunArgs r = run_args(qweight, packed, w_scales, bias, out, stride, padding, dilation, groups, zp,
+                               residual, relu);
     py::gil_scoped_release release;
-    return conv_int8_run(xv, r.qweight, r.packed, r.w_scales, r.bias.get(), act_scale, zp, r.out, r.g);
-  }, "Runs the int8 convolution; False when oneDNN has no implementation for it.");
+    return conv_int8_run(xv, r.qweight, r.packed, r.w_scales, r.bias.get(), act_scale, zp, r.out, r.g,
+                         r.residual.get());
+  }, "Runs the int8 convolution, then out += residual (a view or None) and ReLU (relu); False when "
+     "oneDNN has no implementation for it.");
   m.def("conv_int8_quantizing_run", [](py::handle x, float act_scale, int32_t zp, int32_t code_max,
                                        py::handle qweight, py::handle packed, py::handle w_scales, py::handle bias,
                                        py::handle out, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                       std::vector<int64_t> dilation, int64_t groups) {
+                                       std::vector<int64_t> dilation, int64_t groups, py::handle residual,
+                                       bool relu) {
     const TensorView xv = to_view(x, "x");
-    const RunArgs r = run_args(qweight, packed, w_scales, bias, out, stride, padding, dilation, groups, zp);
+    const RunArgs r = run_args(qweight, packed, w_scales, bias, out, stride, padding, dilation, groups, zp,
+                               residual, relu);
     py::gil_scoped_release release;
     return conv_int8_quantizing_run(xv, act_scale, zp, code_max, r.qweight, r.packed, r.w_scales, r.bias.get(),
-                                    r.out, r.g);
+                                    r.out, r.g, r.residual.get());
   }, "Quantizes fp32 channels-last x (static scale / zero point, codes capped at code_max) and runs the "
-     "int8 convolution on the codes; False when oneDNN has no implementation for it.");
+     "int8 convolution on the codes with conv_int8_run's epilogue; False when oneDNN has no implementation "
+     "for it.");
 }
 
 }  // namespace bindings

@@ -90,6 +90,7 @@ class _Int8ConvNd(nn.Module):
             v = geometry[f]
             setattr(self, f, tuple(v) if isinstance(v, list) else v)
         self.mode, self.folded, self.backend = mode, folded, backend
+        self.epilogue = ""  # what the parent's fused forward hands this conv (conv_epilogue.py)
         oc, k = self.out_channels, list(self.kernel_size)
         self.register_buffer("qweight", torch.zeros(oc, self.in_channels // self.groups, *k, dtype=torch.int8,
                                                     device=device))
@@ -167,7 +168,9 @@ class _Int8ConvNd(nn.Module):
         return "w8a8 u8" if self.mode == "static" else "int8 dyn/call"
 
     def note(self) -> str:
-        return f"BatchNorm {self.folded} folded in" if self.folded else ""
+        notes = [f"BatchNorm {self.folded} folded in" if self.folded else "",
+                 f"{self.epilogue} fused" if self.epilogue else ""]
+        return "; ".join(n for n in notes if n)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -192,13 +195,35 @@ class _Int8ConvNd(nn.Module):
         if x.device.type != "cpu":
             raise TypeError(f"{kind}: the int8 convolution runs on the CPU, got an input on {x.device}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+        """conv(x), then `+ residual` and ReLU where given: the epilogue a fused model
+        (quantization/conv_epilogue.py) hands over, run inside the kernel where it can be."""
         self.check_input(x)
+        if residual is not None or relu:
+            if not self._fusable(x, residual):  # the same result the long way
+                y = self.forward(x)
+                y = y + residual if residual is not None else y
+                return torch.relu(y) if relu else y
+            return self.kernel_forward(x, residual, relu)
         if x.dim() == self.sp + 1:
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.requires_grad and torch.is_grad_enabled():
             return _FrozenConvFunction.apply(x, self)
         return self.kernel_forward(x)
+
+    def _fusable(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+        """Whether the epilogue can run in the kernel: a batched fp32 input without gradient,
+        and a residual that is an fp32 tensor of exactly the output's shape (no broadcast)."""
+        if x.dim() != self.sp + 2 or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        if residual is None:
+            return True
+        if not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32 or residual.device != x.device:
+            return False
+        if residual.requires_grad and torch.is_grad_enabled():
+            return False
+        sp = conv_ops.out_size(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation)
+        return tuple(residual.shape) == (x.shape[0], self.out_channels, *sp)
 
     def _params(self, xc: torch.Tensor, qmax: int) -> Tuple[float, int]:
         """(scale, zero point) of codes in [0, qmax]: the calibrated ones (static; re-spread over
@@ -267,16 +292,19 @@ class _Int8ConvNd(nn.Module):
             self._plans[key] = plan
         return plan
 
-    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                       relu: bool = False) -> torch.Tensor:
         xc = x.detach().to(torch.float32).movedim(1, -1).contiguous()  # channels last
+        rc = None if residual is None else residual.detach().movedim(1, -1).contiguous()
         if self.mode == "static" and self.backend != "reference" and xc.numel() > 0:
             b = self._buffers
-            tensors = (xc, b["qweight"], b["w_scales"], b["bias"], b["act_scale"], b["act_zero_point"])
-            plan = self._static_plan(xc.shape, tensors[1:]) if _eager.direct_ok(tensors) else ()
+            tensors = (xc, b["qweight"], b["w_scales"], b["bias"], b["act_scale"], b["act_zero_point"], rc)
+            plan = self._static_plan(xc.shape, tensors[1:-1]) if _eager.direct_ok(tensors) else ()
             if plan:  # eager: one native call with the cached arguments
                 out_shape, before_out, after_out = plan
                 out = torch.empty(out_shape)
-                if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *before_out, _views.view(out, "out"), *after_out):
+                if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *before_out, _views.view(out, "out"), *after_out,
+                                               _views.optional_view(rc, "residual"), relu):
                     return out.movedim(-1, 1).to(x.dtype)
         scale, zp = self._params(xc, 255)
         packed, qmax = None, 255
@@ -288,12 +316,13 @@ class _Int8ConvNd(nn.Module):
                 packed, _ = self._kernel(xc.shape, zp)
         if packed is not None:
             out = conv_ops.conv_int8_quantizing(xc, scale, zp, qmax, self.qweight, self.w_scales, self.bias,
-                                                self.stride, self.padding, self.dilation, self.groups, packed)
+                                                self.stride, self.padding, self.dilation, self.groups, packed, rc,
+                                                relu)
         else:  # the exact reference
             backend = "reference" if self.backend == "reference" else "auto"
             q = ops.quantize_static(xc.reshape(-1, self.in_channels), scale, zp, dtype=torch.uint8, backend=backend)
             out = conv_ops.conv_int8_reference(q.reshape(xc.shape), self.qweight, self.w_scales, self.bias, scale, zp,
-                                               self.stride, self.padding, self.dilation, self.groups)
+                                               self.stride, self.padding, self.dilation, self.groups, rc, relu)
         return out.movedim(-1, 1).to(x.dtype)
 
 

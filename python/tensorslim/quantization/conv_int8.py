@@ -8,7 +8,8 @@ Steps (nothing in the model changes before the last one):
  2. folds checked on that batch: the model with the folds must give the same output (a conv
     output also read elsewhere, e.g. by a residual, makes it differ and the fold is dropped);
  3. build every Int8Conv from the (folded) float weights, then swap them and the folded
-    BatchNorms (FoldedBatchNorm) in.
+    BatchNorms (FoldedBatchNorm) in;
+ 4. fuse the ReLU / residual add that follows a conv into its kernel (conv_epilogue.py).
 """
 from typing import Dict, Optional, Tuple
 
@@ -20,6 +21,7 @@ from ..nn.int8_conv import FoldedBatchNorm, Int8Conv1d, Int8Conv2d, symmetric_pa
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _set_submodule, _tied_to_embedding, filter_reason, replace_modules
 from .calibrate import require_forward_loop
+from .conv_epilogue import fuse_conv_epilogues
 from .observers import Observer
 from .smoothquant import ProducerTrace, _run
 
@@ -182,6 +184,10 @@ def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = T
                                               module_bytes(modules[bn_name]),
                                               reason=f"BatchNorm not folded: the output of {conv_name} is also "
                                                      f"read elsewhere"))
+    fused = fuse_conv_epilogues(model)
+    for c in report.changes:
+        if c.name in fused:
+            c.reason = "; ".join(filter(None, [c.reason, f"{fused[c.name]} fused"]))
     if targets and not folds:
         why = _why_not_folded(model, static, forward_loop)
         for n, m in modules.items():

@@ -1,9 +1,11 @@
 // INT8 convolution on oneDNN (see include/tensorslim/conv_int8.h): u8 channels-last source,
 // s8 weights in the layout the primitive picks (packed once by the caller and kept in the
 // module), fp32 bias, output scales act_scale * w_scale[oc] and the source zero point fused.
+// An epilogue (residual add, ReLU) runs as oneDNN post-ops on the output tile in registers.
 // Primitives are cached by geometry, so a call only wraps pointers and executes.
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -94,6 +96,12 @@ Entry make_entry(const Shape& s, const ConvInt8Geometry& g) {
   attr.set_scales_mask(DNNL_ARG_SRC, 0);
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, g.groups > 1 ? 3 : 1);  // one scale per output channel
   if (g.has_zero_point) attr.set_zero_points_mask(DNNL_ARG_SRC, 0);
+  if (g.has_residual || g.relu) {
+    dnnl::post_ops po;
+    if (g.has_residual) po.append_binary(dnnl::algorithm::binary_add, e.dst);  // same shape and layout as out
+    if (g.relu) po.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(po);
+  }
   dims dil, pad;
   for (int d = 0; d < s.sp; ++d) {
     dil.push_back(g.dilation[d] - 1);  // oneDNN counts the gaps
@@ -116,7 +124,7 @@ Entry make_entry(const Shape& s, const ConvInt8Geometry& g) {
 // Caller holds onednn().mu.
 const Entry& entry_for(const Shape& s, const ConvInt8Geometry& g) {
   static std::map<std::vector<int64_t>, Entry> cache;
-  std::vector<int64_t> key{s.sp, s.N, s.C, s.OC, g.groups, g.has_zero_point, g.has_bias};
+  std::vector<int64_t> key{s.sp, s.N, s.C, s.OC, g.groups, g.has_zero_point, g.has_bias, g.has_residual, g.relu};
   for (const dims* v : {&s.in, &s.k, &s.out}) key.insert(key.end(), v->begin(), v->end());
   for (const auto* v : {&g.stride, &g.padding, &g.dilation}) key.insert(key.end(), v->begin(), v->end());
   auto it = cache.find(key);
@@ -125,6 +133,12 @@ const Entry& entry_for(const Shape& s, const ConvInt8Geometry& g) {
     it = cache.emplace(key, make_entry(s, g)).first;
   }
   return it->second;
+}
+
+// The convolution without its epilogue: what packed weights are made for.
+ConvInt8Geometry without_epilogue(ConvInt8Geometry g) {
+  g.has_residual = g.relu = false;
+  return g;
 }
 
 }  // namespace
@@ -143,7 +157,7 @@ int64_t conv_int8_packed_bytes(const TensorView& qx, const TensorView& qweight, 
   const Shape s = check(qx, qweight, out, g);
   if (!cpu::onednn_usable()) return 0;
   std::lock_guard<std::mutex> lock(cpu::onednn().mu);
-  const Entry& e = entry_for(s, g);
+  const Entry& e = entry_for(s, without_epilogue(g));
   return e.ok ? static_cast<int64_t>(e.wei.get_size()) : 0;
 }
 
@@ -155,7 +169,7 @@ void conv_int8_pack(const TensorView& qx, const TensorView& qweight, const Tenso
   TS_CHECK_VALUE(cpu::onednn_usable(), "conv_int8_pack: oneDNN is not usable in this process");
   cpu::OneDnn& eng = cpu::onednn();
   std::lock_guard<std::mutex> lock(eng.mu);
-  const Entry& e = entry_for(s, g);
+  const Entry& e = entry_for(s, without_epilogue(g));
   TS_CHECK_VALUE(e.ok, "conv_int8_pack: oneDNN has no int8 convolution for this shape");
   TS_CHECK_VALUE(packed.numel() == static_cast<int64_t>(e.wei.get_size()),
                  "conv_int8_pack: packed has " + std::to_string(packed.numel()) + " bytes, expected " +
@@ -171,7 +185,8 @@ void conv_int8_pack(const TensorView& qx, const TensorView& qweight, const Tenso
 
 bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const TensorView& packed,
                    const TensorView& w_scales, const TensorView* bias, float act_scale,
-                   int32_t zero_point, const TensorView& out, const ConvInt8Geometry& g) {
+                   int32_t zero_point, const TensorView& out, const ConvInt8Geometry& g,
+                   const TensorView* residual) {
   const Shape s = check(qx, qweight, out, g);
   check_dtype(w_scales, DType::kFloat32, "w_scales");
   TS_CHECK_VALUE(w_scales.numel() == s.OC, "conv_int8: w_scales must have one value per output channel");
@@ -181,6 +196,14 @@ bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const Tensor
     TS_CHECK_VALUE(bias->numel() == s.OC, "conv_int8: bias must have one value per output channel");
   }
   TS_CHECK_VALUE(g.has_zero_point || zero_point == 0, "conv_int8: zero_point given without has_zero_point");
+  TS_CHECK_VALUE(g.has_residual == (residual != nullptr), "conv_int8: has_residual does not match the residual argument");
+  if (residual) {
+    check_dtype(*residual, DType::kFloat32, "residual");
+    check_contiguous(*residual, "residual");
+    TS_CHECK_VALUE(residual->ndim == out.ndim && std::equal(out.shape, out.shape + out.ndim, residual->shape),
+                   "conv_int8: residual must have the output's shape " + shape_str(out) + ", got " +
+                       shape_str(*residual));
+  }
   if (!cpu::onednn_usable()) return false;
   cpu::OneDnn& eng = cpu::onednn();
   std::lock_guard<std::mutex> lock(eng.mu);
@@ -188,6 +211,8 @@ bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const Tensor
   if (!e.ok) return false;
   TS_CHECK_VALUE(packed.numel() == static_cast<int64_t>(e.wei.get_size()),
                  "conv_int8: packed weights do not match this shape (pack them for it)");
+  // The weights were packed for the kernel without the epilogue: this one must read that layout.
+  if ((g.has_residual || g.relu) && !(e.wei == entry_for(s, without_epilogue(g)).wei)) return false;
   float a_scale = act_scale;
   int32_t zp = zero_point;
   std::unordered_map<int, dnnl::memory> args = {
@@ -200,6 +225,8 @@ bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const Tensor
   if (g.has_zero_point)
     args[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC] = dnnl::memory(e.scalar_s32, eng.engine, &zp);
   if (bias) args[DNNL_ARG_BIAS] = dnnl::memory(e.bias, eng.engine, bias->data);
+  if (residual)
+    args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = dnnl::memory(e.dst, eng.engine, residual->data);
   e.prim.execute(eng.stream, args);
   eng.stream.wait();
   return true;

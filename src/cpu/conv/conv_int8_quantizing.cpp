@@ -13,7 +13,8 @@ namespace tensorslim {
 
 bool conv_int8_quantizing_run(const TensorView& x, float act_scale, int32_t zero_point, int32_t code_max,
                               const TensorView& qweight, const TensorView& packed, const TensorView& w_scales,
-                              const TensorView* bias, const TensorView& out, const ConvInt8Geometry& g) {
+                              const TensorView* bias, const TensorView& out, const ConvInt8Geometry& g,
+                              const TensorView* residual) {
   check_dtype(x, DType::kFloat32, "x");
   check_contiguous(x, "x");
   TS_CHECK_VALUE(x.ndim == 3 || x.ndim == 4, "conv_int8: x must be [N, W, C] or [N, H, W, C], got " +
@@ -40,7 +41,7 @@ bool conv_int8_quantizing_run(const TensorView& x, float act_scale, int32_t zero
   TensorView qx = x;
   qx.dtype = DType::kUInt8;
   qx.data = codes.data();
-  return conv_int8_run(qx, qweight, packed, w_scales, bias, act_scale, zero_point, out, g);
+  return conv_int8_run(qx, qweight, packed, w_scales, bias, act_scale, zero_point, out, g, residual);
 }
 
 }  // namespace tensorslim

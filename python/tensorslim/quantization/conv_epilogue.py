@@ -1,0 +1,151 @@
+"""Fuses what a model does right after an Int8Conv into that conv's kernel: `relu(conv(x))`,
+`conv(x) + shortcut` and `relu(conv(x) + shortcut)` (a ResNet block's tail) become one call,
+`conv(x, residual=shortcut, relu=True)`, that oneDNN runs as post-ops while the output is in
+registers. Each such torch op was a full pass over the activations and, on small CPUs, a hand
+over between oneDNN's threads and torch's.
+
+For every module that calls an Int8Conv child, that module's own forward is traced with
+torch.fx (each submodule a leaf, so the graph holds that forward's code only). Where a conv's
+output, through FoldedBatchNorm / nn.Identity, is read by nothing but a ReLU, or by nothing but
+an add whose result is read by nothing else (then a ReLU may follow too), the nodes become one
+conv call. The rewritten forward is set on that module instance only: its class, submodules,
+parameters, state_dict and saved files stay as they were (ts.load fuses again). A forward that
+torch.fx cannot trace (control flow on tensor values) keeps its code. Forward hooks on a fused-away
+ReLU module no longer fire for that call. torch.fx records `a += b` on tensors as `a + b`, so a
+forward that relies on `shortcut += conv(x)` writing into a tensor other code reads later sees
+that write no more (`shortcut.add_(conv(x))` is recorded as it is and not fused).
+"""
+import operator
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..nn.int8_conv import FoldedBatchNorm, _Int8ConvNd
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_IN_PLACE_ADDS = (operator.iadd, "add_")  # they write their first operand
+
+
+class FusedForward:
+    """`forward` of a module instance whose conv epilogues were fused: the traced and rewritten
+    forward code, run on the module itself (so it sees the module's current submodules).
+    Plain attributes only, so the module still deep-copies and pickles."""
+
+    def __init__(self, module: nn.Module, graph_module: fx.GraphModule):
+        self.module, self.graph_module = module, graph_module
+
+    def __call__(self, *args, **kwargs):
+        return type(self.graph_module).forward(self.module, *args, **kwargs)
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def fuse_conv_epilogues(model: nn.Module) -> Dict[str, str]:
+    """Fuse every epilogue the model's forward code allows; {conv name: what was fused}."""
+    fused = {}
+    for name, mod in model.named_modules():
+        if "forward" in mod.__dict__:  # fused already, or a forward the user set on the instance
+            continue
+        children = {n for n, c in mod.named_children() if isinstance(c, _Int8ConvNd)}
+        if not children:
+            continue
+        for conv, what in _fuse_module(mod).items():
+            fused[f"{name}.{conv}" if name else conv] = what
+    for name, what in fused.items():
+        model.get_submodule(name).epilogue = what
+    return fused
+
+
+def _fuse_module(mod: nn.Module) -> Dict[str, str]:
+    try:
+        graph = _ChildrenAsLeaves().trace(mod)
+    except Exception:  # untraceable forward (data-dependent control flow, ...): keep it
+        return {}
+    modules = dict(mod.named_modules())
+    fused = {}
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(modules.get(node.target), _Int8ConvNd):
+            what = _fuse_at(graph, node, modules)
+            if what:
+                fused[node.target] = what
+    if not fused:
+        return {}
+    graph.lint()
+    object.__setattr__(mod, "forward", FusedForward(mod, fx.GraphModule(mod, graph)))
+    return fused
+
+
+def _fuse_at(graph: fx.Graph, conv: fx.Node, modules: Dict[str, nn.Module]) -> str:
+    """Rewrite the epilogue after one conv call (returns what was fused, '' for nothing)."""
+    if len(conv.args) != 1 or conv.kwargs:
+        return ""
+    chain = [conv]
+    while _only_user(chain[-1]) is not None and _is_passthrough(_only_user(chain[-1]), modules):
+        chain.append(_only_user(chain[-1]))
+    nxt = _only_user(chain[-1])
+    if nxt is None:
+        return ""
+    residual, relu = None, False
+    if _is_relu(nxt, chain[-1], modules):
+        chain.append(nxt)
+        relu = True
+    else:
+        residual = _add_operand(nxt, chain[-1])
+        if residual is None:
+            return ""
+        chain.append(nxt)
+        after = _only_user(nxt)
+        if after is not None and _is_relu(after, nxt, modules):
+            chain.append(after)
+            relu = True
+    last = chain[-1]
+    with graph.inserting_before(last):
+        kwargs = {"relu": True} if residual is None else {"residual": residual, "relu": relu}
+        new = graph.call_module(conv.target, conv.args, kwargs)
+    last.replace_all_uses_with(new)
+    for n in reversed(chain):
+        graph.erase_node(n)
+    return ("residual add + ReLU" if relu else "residual add") if residual is not None else "ReLU"
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_passthrough(node: fx.Node, modules) -> bool:
+    return (node.op == "call_module" and type(modules.get(node.target)) in (FoldedBatchNorm, nn.Identity)
+            and len(node.args) == 1 and not node.kwargs)
+
+
+def _is_relu(node: fx.Node, src: fx.Node, modules) -> bool:
+    """node computes relu(src) (in place or not; src is read by nothing else)."""
+    if node.args[:1] != (src,) or len(node.args) != 1:
+        return False
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and set(node.kwargs) <= {"inplace"}
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_") and not node.kwargs
+    return node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU
+
+
+def _add_operand(node: fx.Node, src: fx.Node) -> Optional[fx.Node]:
+    """The other operand where node computes src + other (plain add, no alpha), else None."""
+    is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS) or
+              (node.op == "call_method" and node.target in ("add", "add_")))
+    if not is_add or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if a is src and isinstance(b, fx.Node) and b is not src:
+        return b
+    # other + src in place would write `other`: only a plain add may have src second
+    if b is src and isinstance(a, fx.Node) and a is not src and node.target not in _IN_PLACE_ADDS:
+        return a
+    return None
+

@@ -1,0 +1,224 @@
+"""Conv epilogues (residual add, ReLU) run inside the int8 convolution: the kernel against the
+reference, the module's fused call against the same ops done one after another, and the graph
+pass that rewrites a model's forward (quantization/conv_epilogue.py): which patterns it fuses,
+which it must leave alone, and that the model still computes the same thing (copies, pickles,
+ts.save / ts.load). Run also under the AVX2 caps (7-bit codes, other oneDNN kernels)."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tensorslim as ts
+from tensorslim._native import _C
+from tensorslim import _views
+from tensorslim.ops import conv_int8 as C
+from tensorslim.quantization.conv_epilogue import FusedForward, fuse_conv_epilogues
+
+# (N, C, spatial, OC, kernel, stride, padding, groups)
+SHAPES = [
+    (2, 8, (9, 11), 16, (3, 3), (1, 1), (1, 1), 1),
+    (1, 5, (7, 7), 7, (3, 3), (2, 2), (1, 1), 1),
+    (3, 12, (10, 9), 12, (3, 3), (1, 1), (1, 1), 12),  # depthwise
+    (2, 16, (16, 16), 24, (1, 1), (2, 2), (0, 0), 1),  # strided 1x1 shortcut
+    (2, 6, (13,), 10, (5,), (2,), (2,), 2),  # Conv1d
+]
+
+
+def _kernel_case(shape, seed=0):
+    n, c, sp, oc, k, stride, pad, groups = shape
+    g = torch.Generator().manual_seed(seed)
+    qx = torch.randint(0, 128, (n, *sp, c), generator=g, dtype=torch.int32).to(torch.uint8)  # exact on every ISA
+    qw = torch.randint(-127, 128, (oc, c // groups, *k), generator=g, dtype=torch.int32).to(torch.int8)
+    ws = torch.rand(oc, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(oc, generator=g)
+    geo = (list(stride), list(pad), [1] * len(sp), groups)
+    out_sp = C.out_size(sp, k, stride, pad, [1] * len(sp))
+    residual = torch.randn(n, *out_sp, oc, generator=g)
+    return qx, qw, ws, bias, geo, residual
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_residual, relu", [(True, True), (True, False), (False, True)])
+def test_kernel_epilogue_matches_reference(shape, with_residual, relu):
+    """The native call with post-ops really runs (returns True) and gives the reference's
+    conv + residual, then ReLU, to a few ulp."""
+    qx, qw, ws, bias, geo, residual = _kernel_case(shape)
+    residual = residual if with_residual else None
+    packed = C.pack_weight(qx, qw, *geo, 9, True)
+    assert packed is not None
+    out = torch.empty_like(_kernel_case(shape)[5])
+    ran = _C.conv_int8_run(_views.view(qx), _views.view(qw), _views.view(packed), _views.view(ws), _views.view(bias),
+                           0.05, 9, _views.view(out), *geo, _views.optional_view(residual), relu)
+    assert ran, "oneDNN ran no fused kernel"
+    ref = C.conv_int8_reference(qx, qw, ws, bias, 0.05, 9, *geo, residual, relu)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    if relu:
+        assert float(out.min()) >= 0
+    got = C.conv_int8(qx, qw, ws, bias, 0.05, 9, *geo, packed=packed, residual=residual, relu=relu)
+    assert torch.equal(got, out)  # the op takes the same fused call
+
+
+def test_kernel_rejects_a_residual_of_another_shape():
+    qx, qw, ws, bias, geo, residual = _kernel_case(SHAPES[0])
+    packed = C.pack_weight(qx, qw, *geo, 0, True)
+    with pytest.raises(ValueError, match="residual"):
+        C.conv_int8(qx, qw, ws, bias, 0.05, 0, *geo, packed=packed, residual=residual[:, :-1])
+    out = torch.empty_like(residual)
+    with pytest.raises(ValueError, match="residual"):
+        _C.conv_int8_run(_views.view(qx), _views.view(qw), _views.view(packed), _views.view(ws), _views.view(bias),
+                         0.05, 0, _views.view(out), *geo, _views.view(residual[:1]), False)
+
+
+def _module(mode="static", shape=SHAPES[0], seed=0):
+    n, c, sp, oc, k, stride, pad, groups = shape
+    torch.manual_seed(seed)
+    conv = (nn.Conv1d if len(sp) == 1 else nn.Conv2d)(c, oc, k, stride, pad, groups=groups).eval()
+    x = torch.randn(n, c, *sp)
+    lo, hi = float(x.min()), float(x.max())
+    cls = ts.nn.Int8Conv1d if len(sp) == 1 else ts.nn.Int8Conv2d
+    scale = (hi - lo) / 255 if mode == "static" else None
+    return cls.from_float(conv, conv.weight, conv.bias, mode, scale, round(-lo / (hi - lo) * 255)), x
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_module_fused_call_equals_the_ops_one_after_another(mode, shape):
+    m, x = _module(mode, shape)
+    with torch.no_grad():
+        y = m(x)
+        r = torch.randn_like(y)
+        torch.testing.assert_close(m(x, r, True), torch.relu(y + r), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(m(x, r), y + r, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(m(x, relu=True), torch.relu(y), rtol=1e-6, atol=1e-6)
+
+
+def test_module_takes_the_long_way_where_the_kernel_cannot():
+    m, x = _module()
+    with torch.no_grad():
+        y = m(x)
+        bcast = torch.randn(1, m.out_channels, 1, 1)  # broadcast: not the kernel's residual
+        torch.testing.assert_close(m(x, bcast, True), torch.relu(y + bcast))
+        yb = m(x.bfloat16(), y.bfloat16(), True)
+        assert yb.dtype == torch.bfloat16
+        torch.testing.assert_close(m(x[0], relu=True), torch.relu(m(x[0])))  # unbatched
+    xg = x.clone().requires_grad_()
+    r = torch.randn_like(y).requires_grad_()
+    out = m(xg, r, True)
+    out.sum().backward()
+    assert xg.grad is not None and torch.equal(r.grad, (out > 0).float())
+
+
+class Block(nn.Module):
+    """A ResNet basic block with its forward written the ways models write it."""
+
+    def __init__(self, style: str, c: int = 8):
+        super().__init__()
+        self.style = style
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)  # one module used twice, as torchvision does
+
+    def forward(self, x):
+        if self.style == "torchvision":
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            out += x
+            return self.relu(out)
+        if self.style == "shortcut_first":
+            out = torch.relu(self.bn1(self.conv1(x)))
+            return (x + self.bn2(self.conv2(out))).relu()
+        if self.style == "no_relu":
+            return self.bn2(self.conv2(F.relu(self.conv1(x)))) + x
+        if self.style == "read_twice":  # conv1's output read twice: nothing may be fused there
+            a = self.conv1(x)
+            return self.relu(a) + self.conv2(a)
+        if self.style == "into_shortcut":  # x.add_(conv(x)) writes x: not the kernel's add
+            y = self.conv2(self.conv1(x))
+            x = x.clone()
+            return x.add_(y)
+        raise ValueError(self.style)
+
+
+def _quantized(model, x):
+    for m in model.modules():  # non-trivial BatchNorms, so the folds matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    ref = copy.deepcopy(model)
+    report = ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+    return ref, report
+
+
+def _unfused_copy(model):
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        m.__dict__.pop("forward", None)
+    return plain
+
+
+@pytest.mark.parametrize("style, expect", [
+    ("torchvision", {"conv1": "ReLU", "conv2": "residual add + ReLU"}),
+    ("shortcut_first", {"conv1": "ReLU", "conv2": "residual add + ReLU"}),
+    ("no_relu", {"conv1": "ReLU", "conv2": "residual add"}),
+    ("read_twice", {"conv2": "residual add"}),
+    ("into_shortcut", {}),
+])
+def test_block_patterns(style, expect):
+    torch.manual_seed(1)
+    model = Block(style)
+    x = torch.randn(4, 8, 6, 6)
+    ref, report = _quantized(model, x)
+    assert {n: m.epilogue for n, m in model.named_children() if getattr(m, "epilogue", "")} == expect
+    assert isinstance(model.__dict__.get("forward"), FusedForward) == bool(expect)
+    for name, what in expect.items():
+        assert f"{what} fused" in next(c.reason for c in report.changes if c.name == name)
+    with torch.no_grad():
+        fused, plain = model(x), _unfused_copy(model)(x)
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)  # same ops, same bits up to fp order
+        assert (fused - ref(x)).abs().max() <= 0.05 * ref(x).abs().max()  # and still the float model's result
+
+
+def test_sequential_relu_and_untraceable_forward():
+    class Gate(nn.Module):  # branches on a tensor value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, 1, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return F.relu(y) if float(y.mean()) > -1e9 else y
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(), Gate())
+    x = torch.randn(2, 3, 8, 8)
+    ref, _ = _quantized(model, x)
+    assert model[0].epilogue == "ReLU" and isinstance(model.__dict__.get("forward"), FusedForward)
+    assert model[3].conv.epilogue == "" and "forward" not in model[3].__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _unfused_copy(model)(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_model_copies_pickles_saves_and_loads(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(Block("torchvision"), Block("shortcut_first"))
+    x = torch.randn(2, 8, 6, 6)
+    _quantized(model, x)
+    with torch.no_grad():
+        y = model(x)
+        twin = copy.deepcopy(model)
+        assert twin[0].forward.module is twin[0] and torch.equal(twin(x), y)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        assert back[0].forward.module is back[0] and torch.equal(back(x), y)
+        path = tmp_path / "blocks.slim.safetensors"
+        ts.save(model, path)
+        fresh = ts.load(nn.Sequential(Block("torchvision"), Block("shortcut_first")).eval(), path)
+        assert fresh[1].conv2.epilogue == "residual add + ReLU"
+        assert torch.equal(fresh(x), y)
+    assert fuse_conv_epilogues(model) == {}  # idempotent: a fused forward is not fused again
