@@ -2,13 +2,16 @@
 Conv2d on the x86 / fbgemm engine, float in -> float out like ours, channels-last input, its
 best case) and ours (W8A8 static, oneDNN, channels-last input as the previous int8 conv leaves
 it; fp32 gets the NCHW input users have), at typical shapes, batch 1 and 32; then the whole
-digits ResNet (eval/digits_basic_resnet.py), fp32 vs W8A8. One run; ratios vs fp32.
+digits ResNet (eval/digits_basic_resnet.py), fp32 vs W8A8, and W8A8 with its ReLUs and residual
+adds left as torch ops ("unfused") to show what fusing them into the convs gives. One run;
+ratios vs fp32.
 
     .venv/bin/python benchmarks/bench_conv.py [--isa avx2] [--batches 1 32]
 
 --isa avx2 runs our kernels and oneDNN as on an AVX2 CPU without VNNI (7-bit activation codes).
 """
 import argparse
+import copy
 import os
 import sys
 
@@ -107,12 +110,21 @@ def main():
     ts.quantize(q, ts.W8A8(), calib_data=list(xtr[:256].split(64)), progress=False)
     print(f"digits ResNet (width 32, 16x16, {args.epochs} epochs): test accuracy fp32 "
           f"{D.accuracy(fp32, xte, yte):.4f}, W8A8 {D.accuracy(q, xte, yte):.4f} (BatchNorm folded)")
-    print(f"{'digits ResNet latency':<28} {'batch':>5} {'fp32 ms':>9} {'w8a8 ms':>9} {'fp32/w8a8':>10}")
+    fused = sorted(n for n, m in q.named_modules() if getattr(m, "epilogue", ""))
+    print(f"ReLU / residual add fused into {len(fused)} of 9 convs; 'unfused': the same W8A8 model running "
+          f"those as torch ops")
+    unfused = copy.deepcopy(q)
+    for m in unfused.modules():
+        m.__dict__.pop("forward", None)  # the model's own forward: epilogues as torch ops
+    print(f"{'digits ResNet latency':<28} {'batch':>5} {'fp32 ms':>9} {'unfused ms':>11} {'w8a8 ms':>9} "
+          f"{'fp32/w8a8':>10} {'fp32/unfused':>13}")
     with torch.inference_mode():
         for n in args.batches:
             x = xtr[:n]
-            t32, t8 = median_times([lambda: fp32(x), lambda: q(x)], min_time=0.5, warmup=3, min_rounds=9)
-            print(f"{'':<28} {n:>5} {t32 * 1e3:>9.3f} {t8 * 1e3:>9.3f} {t32 / t8:>9.2f}x")
+            t32, tu, t8 = median_times([lambda: fp32(x), lambda: unfused(x), lambda: q(x)], min_time=0.5, warmup=3,
+                                       min_rounds=9)
+            print(f"{'':<28} {n:>5} {t32 * 1e3:>9.3f} {tu * 1e3:>11.3f} {t8 * 1e3:>9.3f} {t32 / t8:>9.2f}x "
+                  f"{t32 / tu:>12.2f}x")
 
 
 if __name__ == "__main__":
