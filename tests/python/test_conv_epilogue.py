@@ -202,6 +202,28 @@ def test_sequential_relu_and_untraceable_forward():
         torch.testing.assert_close(model(x), _unfused_copy(model)(x), rtol=1e-6, atol=1e-6)
 
 
+def test_a_rewrite_that_changes_the_output_on_the_calibration_batch_is_dropped():
+    class Aliased(nn.Module):  # `s += y` writes x through an alias; torch.fx records s + y
+        def __init__(self):
+            super().__init__()
+            self.conv, self.keep = nn.Conv2d(4, 4, 3, 1, 1), nn.Identity()
+
+        def forward(self, x):
+            s = self.keep(x)
+            s += self.conv(x)
+            return s + x
+
+    torch.manual_seed(4)
+    model = nn.Sequential(Aliased(), nn.Conv2d(4, 4, 1), nn.ReLU())
+    x = torch.randn(2, 4, 6, 6)
+    _, report = _quantized(model, x.clone())
+    assert model[0].conv.epilogue == "" and "forward" not in model[0].__dict__  # its rewrite differed
+    assert model[1].epilogue == "ReLU"  # the other one is kept
+    assert "fused" not in next(c.reason for c in report.changes if c.name == "0.conv")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.clone()), _unfused_copy(model)(x.clone()), rtol=1e-6, atol=1e-6)
+
+
 def test_fused_model_copies_pickles_saves_and_loads(tmp_path):
     torch.manual_seed(3)
     model = nn.Sequential(Block("torchvision"), Block("shortcut_first"))

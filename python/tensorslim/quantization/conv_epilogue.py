@@ -9,14 +9,16 @@ torch.fx (each submodule a leaf, so the graph holds that forward's code only). W
 output, through FoldedBatchNorm / nn.Identity, is read by nothing but a ReLU, or by nothing but
 an add whose result is read by nothing else (then a ReLU may follow too), the nodes become one
 conv call. The rewritten forward is set on that module instance only: its class, submodules,
-parameters, state_dict and saved files stay as they were (ts.load fuses again). A forward that
+parameters, state_dict and saved files stay as they were (ts.load fuses again). With
+calibration data the model's output on the first batch must stay the same, or that rewrite is
+dropped. A forward that
 torch.fx cannot trace (control flow on tensor values) keeps its code. Forward hooks on a fused-away
 ReLU module no longer fire for that call. torch.fx records `a += b` on tensors as `a + b`, so a
 forward that relies on `shortcut += conv(x)` writing into a tensor other code reads later sees
 that write no more (`shortcut.add_(conv(x))` is recorded as it is and not fused).
 """
 import operator
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,27 +48,74 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
-def fuse_conv_epilogues(model: nn.Module) -> Dict[str, str]:
-    """Fuse every epilogue the model's forward code allows; {conv name: what was fused}."""
-    fused = {}
+def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], List[torch.Tensor]]] = None
+                        ) -> Dict[str, str]:
+    """Fuse every epilogue the model's forward code allows; {conv name: what was fused}.
+
+    check: runs the model on sample data (the first calibration batch) and returns its
+    outputs. When given, the rewritten forwards are kept only if the outputs stay the same
+    (all at once, else module by module): a forward whose code torch.fx evaluated at trace
+    time (a branch on an attribute, a global) would show here, not in users' results."""
+    plans = []  # (module name, module, its fused forward, {conv: what})
     for name, mod in model.named_modules():
         if "forward" in mod.__dict__:  # fused already, or a forward the user set on the instance
             continue
-        children = {n for n, c in mod.named_children() if isinstance(c, _Int8ConvNd)}
-        if not children:
-            continue
-        for conv, what in _fuse_module(mod).items():
+        if any(isinstance(c, _Int8ConvNd) for c in mod.children()):
+            plan = _fused_forward(mod)
+            if plan is not None:
+                plans.append((name,) + (mod,) + plan)
+    if check is not None and plans:
+        with torch.no_grad():
+            ref = check(model)
+            _install(plans)
+            if not _same(ref, check(model)):
+                _uninstall(plans)
+                kept = []
+                for p in plans:
+                    _install([p])
+                    if _same(ref, check(model)):
+                        kept.append(p)
+                    else:
+                        _uninstall([p])
+                plans = kept
+    else:
+        _install(plans)
+    fused = {}
+    for name, mod, _, convs in plans:
+        for conv, what in convs.items():
+            mod.get_submodule(conv).epilogue = what
             fused[f"{name}.{conv}" if name else conv] = what
-    for name, what in fused.items():
-        model.get_submodule(name).epilogue = what
     return fused
 
 
-def _fuse_module(mod: nn.Module) -> Dict[str, str]:
+def _install(plans) -> None:
+    for _, mod, forward, _ in plans:
+        object.__setattr__(mod, "forward", forward)
+
+
+def _uninstall(plans) -> None:
+    for _, mod, _, _ in plans:
+        mod.__dict__.pop("forward", None)
+
+
+def _same(ref: List[torch.Tensor], got: List[torch.Tensor]) -> bool:
+    """Equal up to the float rounding order of a fused epilogue (and a code it may flip)."""
+    if len(ref) != len(got):
+        return False
+    for r, g in zip(ref, got):
+        if r.shape != g.shape:
+            return False
+        if r.numel() and float((r.float() - g.float()).abs().max()) > 1e-3 * float(r.float().abs().max()) + 1e-5:
+            return False
+    return True
+
+
+def _fused_forward(mod: nn.Module) -> Optional[Tuple[FusedForward, Dict[str, str]]]:
+    """(the rewritten forward, {conv child: what it takes over}), or None where nothing fuses."""
     try:
         graph = _ChildrenAsLeaves().trace(mod)
     except Exception:  # untraceable forward (data-dependent control flow, ...): keep it
-        return {}
+        return None
     modules = dict(mod.named_modules())
     fused = {}
     for node in list(graph.nodes):
@@ -75,10 +124,9 @@ def _fuse_module(mod: nn.Module) -> Dict[str, str]:
             if what:
                 fused[node.target] = what
     if not fused:
-        return {}
+        return None
     graph.lint()
-    object.__setattr__(mod, "forward", FusedForward(mod, fx.GraphModule(mod, graph)))
-    return fused
+    return FusedForward(mod, fx.GraphModule(mod, graph)), fused
 
 
 def _fuse_at(graph: fx.Graph, conv: fx.Node, modules: Dict[str, nn.Module]) -> str:

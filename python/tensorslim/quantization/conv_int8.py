@@ -122,7 +122,8 @@ def _calibrate(model, targets, loop, cfg, static: bool):
         return fn
 
     norms = {n: m for n, m in model.named_modules() if isinstance(m, _NORMS)}
-    trace = ProducerTrace(model, norms) if norms and not model.training else None
+    # the first batch is kept also without BatchNorms: fusing conv epilogues is checked on it
+    trace = ProducerTrace(model, norms) if not model.training else None
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
     try:
         if trace is not None:
@@ -184,7 +185,8 @@ def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = T
                                               module_bytes(modules[bn_name]),
                                               reason=f"BatchNorm not folded: the output of {conv_name} is also "
                                                      f"read elsewhere"))
-    fused = fuse_conv_epilogues(model)
+    batch = trace.batch if trace is not None else None
+    fused = fuse_conv_epilogues(model, (lambda m: _run(m, _fresh(batch))) if batch is not None else None)
     for c in report.changes:
         if c.name in fused:
             c.reason = "; ".join(filter(None, [c.reason, f"{fused[c.name]} fused"]))
@@ -194,6 +196,13 @@ def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = T
             if isinstance(m, _NORMS) and why:
                 report.changes.append(LayerChange(n, type(m).__name__, "skipped", None, module_bytes(m), reason=why))
     return report
+
+
+def _fresh(batch: Tuple[tuple, dict]) -> Tuple[tuple, dict]:
+    """A copy of a batch's tensor inputs for one run (a forward may write into its input)."""
+    args, kwargs = batch
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
+    return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
 
 
 def _why_not_folded(model, static, forward_loop) -> str:
