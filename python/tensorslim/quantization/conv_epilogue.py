@@ -7,15 +7,15 @@ over between oneDNN's threads and torch's.
 For every module that calls an Int8Conv child, that module's own forward is traced with
 torch.fx (each submodule a leaf, so the graph holds that forward's code only). Where a conv's
 output, through FoldedBatchNorm / nn.Identity, is read by nothing but a ReLU, or by nothing but
-an add whose result is read by nothing else (then a ReLU may follow too), the nodes become one
-conv call. The rewritten forward is set on that module instance only: its class, submodules,
+an add (then a ReLU that is the add's only reader may follow too), the nodes become one conv
+call. The rewritten forward is set on that module instance only: its class, submodules,
 parameters, state_dict and saved files stay as they were (ts.load fuses again). With
 calibration data the model's output on the first batch must stay the same, or that rewrite is
-dropped. A forward that
-torch.fx cannot trace (control flow on tensor values) keeps its code. Forward hooks on a fused-away
-ReLU module no longer fire for that call. torch.fx records `a += b` on tensors as `a + b`, so a
-forward that relies on `shortcut += conv(x)` writing into a tensor other code reads later sees
-that write no more (`shortcut.add_(conv(x))` is recorded as it is and not fused).
+dropped. A forward that torch.fx cannot trace (control flow on tensor values) keeps its code.
+Forward hooks on a fused-away ReLU module no longer fire for that call. torch.fx records
+`a += b` on tensors as `a + b`, so a forward that relies on `shortcut += conv(x)` writing into a
+tensor other code reads later sees that write no more (`shortcut.add_(conv(x))` is recorded as
+it is and not fused; with calibration data the check above catches the rest).
 """
 import operator
 from typing import Callable, Dict, List, Optional, Tuple
@@ -63,7 +63,7 @@ def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], 
         if any(isinstance(c, _Int8ConvNd) for c in mod.children()):
             plan = _fused_forward(mod)
             if plan is not None:
-                plans.append((name,) + (mod,) + plan)
+                plans.append((name, mod) + plan)
     if check is not None and plans:
         with torch.no_grad():
             ref = check(model)
