@@ -5,7 +5,8 @@
 //                  padded positions contribute 0, as a real input of 0 would)
 //   out[n, o, p] = float(acc) * (act_scale * w_scale[o]) + bias[o]
 //   then, where the geometry asks for it (the epilogue a model applies to the conv's output,
-//   done while the output is in registers): out += residual[n, o, p]; out = max(out, 0).
+//   done while the output is in registers): out += residual[n, o, p]; out = act(out) with act
+//   ReLU max(x, 0), ReLU6 min(max(x, 0), 6), SiLU x * sigmoid(x) or GELU x * Phi(x) (erf).
 // Layouts: qx [N, *spatial, C] u8 (channels last), qweight [OC, C / groups, *kernel] s8 (as
 // torch stores it), out and residual [N, *out_spatial, OC] f32 (channels last). Padding is
 // symmetric.
@@ -23,13 +24,15 @@
 
 namespace tensorslim {
 
+enum class ConvActivation : int { kNone = 0, kReLU, kReLU6, kSiLU, kGELU };
+
 struct ConvInt8Geometry {
   std::vector<int64_t> stride, padding, dilation;  // one per spatial dim; dilation 1 = dense
   int64_t groups = 1;
   bool has_zero_point = false;  // zero_point != 0 (a kernel without zero-point handling otherwise)
   bool has_bias = false;
   bool has_residual = false;  // epilogue: add residual (same shape as out)
-  bool relu = false;          // epilogue: then max(., 0)
+  ConvActivation activation = ConvActivation::kNone;  // epilogue: then this
 };
 
 // oneDNN's implementation name for this convolution ("" when there is none or oneDNN is unusable).

@@ -1,6 +1,8 @@
 // INT8 convolution (see include/tensorslim/conv_int8.h).
 #include <pybind11/stl.h>
 
+#include <string>
+
 #include "../cpu/onednn_int8_exact.h"
 #include "tensorslim/conv_int8.h"
 #include "views.h"
@@ -23,6 +25,15 @@ ConvInt8Geometry geometry(std::vector<int64_t> stride, std::vector<int64_t> padd
   return g;
 }
 
+ConvActivation conv_activation(const std::string& name) {
+  if (name.empty()) return ConvActivation::kNone;
+  if (name == "relu") return ConvActivation::kReLU;
+  if (name == "relu6") return ConvActivation::kReLU6;
+  if (name == "silu") return ConvActivation::kSiLU;
+  if (name == "gelu") return ConvActivation::kGELU;
+  throw py::value_error("conv_int8: activation must be '', 'relu', 'relu6', 'silu' or 'gelu', got '" + name + "'");
+}
+
 // What both run bindings pass on besides the input: weights, scales, bias, output, geometry
 // with its epilogue (residual add, ReLU).
 struct RunArgs {
@@ -33,12 +44,12 @@ struct RunArgs {
 
 RunArgs run_args(py::handle qweight, py::handle packed, py::handle w_scales, py::handle bias, py::handle out,
                  std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                 int64_t groups, int32_t zp, py::handle residual, bool relu) {
+                 int64_t groups, int32_t zp, py::handle residual, const std::string& activation) {
   RunArgs r{to_view(qweight, "qweight"), to_view(packed, "packed"), to_view(w_scales, "w_scales"),
             to_view(out, "out"), to_optional_view(bias, "bias"), to_optional_view(residual, "residual"), {}};
   r.g = geometry(std::move(stride), std::move(padding), std::move(dilation), groups, zp != 0, r.bias.present);
   r.g.has_residual = r.residual.present;
-  r.g.relu = relu;
+  r.g.activation = conv_activation(activation);
   return r;
 }
 
@@ -73,23 +84,25 @@ void register_conv_int8(py::module_& m) {
   m.def("conv_int8_run", [](py::handle qx, py::handle qweight, py::handle packed, py::handle w_scales,
                             py::handle bias, float act_scale, int32_t zp, py::handle out,
                             std::vector<int64_t> stride, std::vector<int64_t> padding,
-                            std::vector<int64_t> dilation, int64_t groups, py::handle residual, bool relu) {
+                            std::vector<int64_t> dilation, int64_t groups, py::handle residual,
+                            const std::string& activation) {
     const TensorView xv = to_view(qx, "qx");
     const RunArgs r = run_args(qweight, packed, w_scales, bias, out, stride, padding, dilation, groups, zp,
-                               residual, relu);
+                               residual, activation);
     py::gil_scoped_release release;
     return conv_int8_run(xv, r.qweight, r.packed, r.w_scales, r.bias.get(), act_scale, zp, r.out, r.g,
                          r.residual.get());
-  }, "Runs the int8 convolution, then out += residual (a view or None) and ReLU (relu); False when "
+  }, "Runs the int8 convolution, then out += residual (a view or None) and the activation ('', 'relu', "
+     "'relu6', 'silu' or 'gelu'); False when "
      "oneDNN has no implementation for it.");
   m.def("conv_int8_quantizing_run", [](py::handle x, float act_scale, int32_t zp, int32_t code_max,
                                        py::handle qweight, py::handle packed, py::handle w_scales, py::handle bias,
                                        py::handle out, std::vector<int64_t> stride, std::vector<int64_t> padding,
                                        std::vector<int64_t> dilation, int64_t groups, py::handle residual,
-                                       bool relu) {
+                                       const std::string& activation) {
     const TensorView xv = to_view(x, "x");
     const RunArgs r = run_args(qweight, packed, w_scales, bias, out, stride, padding, dilation, groups, zp,
-                               residual, relu);
+                               residual, activation);
     py::gil_scoped_release release;
     return conv_int8_quantizing_run(xv, act_scale, zp, code_max, r.qweight, r.packed, r.w_scales, r.bias.get(),
                                     r.out, r.g, r.residual.get());

@@ -1,4 +1,4 @@
-"""Conv epilogues (residual add, ReLU) run inside the int8 convolution: the kernel against the
+"""Conv epilogues (residual add, then ReLU / ReLU6 / SiLU / GELU) run inside the int8 convolution: the kernel against the
 reference, the module's fused call against the same ops done one after another, and the graph
 pass that rewrites a model's forward (quantization/conv_epilogue.py): which patterns it fuses,
 which it must leave alone, and that the model still computes the same thing (copies, pickles,
@@ -40,24 +40,28 @@ def _kernel_case(shape, seed=0):
     return qx, qw, ws, bias, geo, residual
 
 
+ACTIVATIONS = ["relu", "relu6", "silu", "gelu"]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("with_residual, relu", [(True, True), (True, False), (False, True)])
-def test_kernel_epilogue_matches_reference(shape, with_residual, relu):
+@pytest.mark.parametrize("with_residual, activation", [(True, a) for a in ACTIVATIONS] + [(True, ""), (False, "relu"),
+                                                                                          (False, "silu")])
+def test_kernel_epilogue_matches_reference(shape, with_residual, activation):
     """The native call with post-ops really runs (returns True) and gives the reference's
-    conv + residual, then ReLU, to a few ulp."""
+    conv + residual, then the activation, to a few ulp."""
     qx, qw, ws, bias, geo, residual = _kernel_case(shape)
     residual = residual if with_residual else None
     packed = C.pack_weight(qx, qw, *geo, 9, True)
     assert packed is not None
     out = torch.empty_like(_kernel_case(shape)[5])
     ran = _C.conv_int8_run(_views.view(qx), _views.view(qw), _views.view(packed), _views.view(ws), _views.view(bias),
-                           0.05, 9, _views.view(out), *geo, _views.optional_view(residual), relu)
+                           0.05, 9, _views.view(out), *geo, _views.optional_view(residual), activation)
     assert ran, "oneDNN ran no fused kernel"
-    ref = C.conv_int8_reference(qx, qw, ws, bias, 0.05, 9, *geo, residual, relu)
+    ref = C.conv_int8_reference(qx, qw, ws, bias, 0.05, 9, *geo, residual, activation)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    if relu:
-        assert float(out.min()) >= 0
-    got = C.conv_int8(qx, qw, ws, bias, 0.05, 9, *geo, packed=packed, residual=residual, relu=relu)
+    if activation in ("relu", "relu6"):
+        assert float(out.min()) >= 0 and (activation == "relu" or float(out.max()) <= 6)
+    got = C.conv_int8(qx, qw, ws, bias, 0.05, 9, *geo, packed=packed, residual=residual, activation=activation)
     assert torch.equal(got, out)  # the op takes the same fused call
 
 
@@ -69,7 +73,12 @@ def test_kernel_rejects_a_residual_of_another_shape():
     out = torch.empty_like(residual)
     with pytest.raises(ValueError, match="residual"):
         _C.conv_int8_run(_views.view(qx), _views.view(qw), _views.view(packed), _views.view(ws), _views.view(bias),
-                         0.05, 0, _views.view(out), *geo, _views.view(residual[:1]), False)
+                         0.05, 0, _views.view(out), *geo, _views.view(residual[:1]), "")
+    with pytest.raises(ValueError, match="activation"):
+        C.conv_int8(qx, qw, ws, bias, 0.05, 0, *geo, packed=packed, activation="tanh")
+    with pytest.raises(ValueError, match="activation"):
+        _C.conv_int8_run(_views.view(qx), _views.view(qw), _views.view(packed), _views.view(ws), _views.view(bias),
+                         0.05, 0, _views.view(out), *geo, None, "tanh")
 
 
 def _module(mode="static", shape=SHAPES[0], seed=0):
@@ -90,9 +99,12 @@ def test_module_fused_call_equals_the_ops_one_after_another(mode, shape):
     with torch.no_grad():
         y = m(x)
         r = torch.randn_like(y)
-        torch.testing.assert_close(m(x, r, True), torch.relu(y + r), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(m(x, r), y + r, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(m(x, relu=True), torch.relu(y), rtol=1e-6, atol=1e-6)
+        for act, fn in [("relu", torch.relu), ("relu6", F.relu6), ("silu", F.silu), ("gelu", F.gelu)]:
+            torch.testing.assert_close(m(x, r, act), fn(y + r), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m(x, activation=act), fn(y), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="activation"):
+            m(x, activation="tanh")
 
 
 def test_module_takes_the_long_way_where_the_kernel_cannot():
@@ -100,13 +112,13 @@ def test_module_takes_the_long_way_where_the_kernel_cannot():
     with torch.no_grad():
         y = m(x)
         bcast = torch.randn(1, m.out_channels, 1, 1)  # broadcast: not the kernel's residual
-        torch.testing.assert_close(m(x, bcast, True), torch.relu(y + bcast))
-        yb = m(x.bfloat16(), y.bfloat16(), True)
+        torch.testing.assert_close(m(x, bcast, "relu"), torch.relu(y + bcast))
+        yb = m(x.bfloat16(), y.bfloat16(), "silu")
         assert yb.dtype == torch.bfloat16
-        torch.testing.assert_close(m(x[0], relu=True), torch.relu(m(x[0])))  # unbatched
+        torch.testing.assert_close(m(x[0], activation="relu"), torch.relu(m(x[0])))  # unbatched
     xg = x.clone().requires_grad_()
     r = torch.randn_like(y).requires_grad_()
-    out = m(xg, r, True)
+    out = m(xg, r, "relu")
     out.sum().backward()
     assert xg.grad is not None and torch.equal(r.grad, (out > 0).float())
 
@@ -180,6 +192,35 @@ def test_block_patterns(style, expect):
         fused, plain = model(x), _unfused_copy(model)(x)
         torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)  # same ops, same bits up to fp order
         assert (fused - ref(x)).abs().max() <= 0.05 * ref(x).abs().max()  # and still the float model's result
+
+
+def test_mobilenet_and_efficientnet_activations():
+    class Inverted(nn.Module):  # MobileNetV2's residual block (ReLU6) with an EfficientNet SiLU and a GELU
+        def __init__(self, c=8):
+            super().__init__()
+            self.expand = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU6(inplace=True))
+            self.dw = nn.Sequential(nn.Conv2d(2 * c, 2 * c, 3, 1, 1, groups=2 * c, bias=False), nn.BatchNorm2d(2 * c),
+                                    nn.SiLU())
+            self.project, self.bn = nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c)
+            self.head = nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            y = x + self.bn(self.project(self.dw(self.expand(x))))  # linear bottleneck: add, no activation
+            return F.gelu(self.head(y)) + F.relu6(y)
+
+    torch.manual_seed(5)
+    model = Inverted()
+    x = torch.randn(2, 8, 7, 7)
+    ref, _ = _quantized(model, x)
+    got = {n: m.epilogue for n, m in model.named_modules() if getattr(m, "epilogue", "")}
+    assert got == {"expand.0": "ReLU6", "dw.0": "SiLU", "project": "residual add", "head": "GELU"}, got
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _unfused_copy(model)(x), rtol=1e-5, atol=1e-5)
+        assert (model(x) - ref(x)).abs().max() <= 0.05 * ref(x).abs().max()
+    for approximate in ("tanh",):  # GELU's tanh form is not the kernel's: left as it is
+        seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(approximate=approximate))
+        _quantized(seq, torch.randn(2, 3, 6, 6))
+        assert seq[0].epilogue == ""
 
 
 def test_sequential_relu_and_untraceable_forward():

@@ -195,16 +195,17 @@ class _Int8ConvNd(nn.Module):
         if x.device.type != "cpu":
             raise TypeError(f"{kind}: the int8 convolution runs on the CPU, got an input on {x.device}")
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
-        """conv(x), then `+ residual` and ReLU where given: the epilogue a fused model
-        (quantization/conv_epilogue.py) hands over, run inside the kernel where it can be."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, activation: str = "") -> torch.Tensor:
+        """conv(x), then `+ residual` and the activation ('relu', 'relu6', 'silu', 'gelu')
+        where given: the epilogue a fused model (quantization/conv_epilogue.py) hands over,
+        run inside the kernel where it can be."""
         self.check_input(x)
-        if residual is not None or relu:
+        if residual is not None or activation:
+            conv_ops.check_activation(activation)
             if not self._fusable(x, residual):  # the same result the long way
                 y = self.forward(x)
-                y = y + residual if residual is not None else y
-                return torch.relu(y) if relu else y
-            return self.kernel_forward(x, residual, relu)
+                return conv_ops.ACTIVATIONS[activation](y + residual if residual is not None else y)
+            return self.kernel_forward(x, residual, activation)
         if x.dim() == self.sp + 1:
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.requires_grad and torch.is_grad_enabled():
@@ -293,7 +294,7 @@ class _Int8ConvNd(nn.Module):
         return plan
 
     def kernel_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                       relu: bool = False) -> torch.Tensor:
+                       activation: str = "") -> torch.Tensor:
         xc = x.detach().to(torch.float32).movedim(1, -1).contiguous()  # channels last
         rc = None if residual is None else residual.detach().movedim(1, -1).contiguous()
         if self.mode == "static" and self.backend != "reference" and xc.numel() > 0:
@@ -304,7 +305,7 @@ class _Int8ConvNd(nn.Module):
                 out_shape, before_out, after_out = plan
                 out = torch.empty(out_shape)
                 if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *before_out, _views.view(out, "out"), *after_out,
-                                               _views.optional_view(rc, "residual"), relu):
+                                               _views.optional_view(rc, "residual"), activation):
                     return out.movedim(-1, 1).to(x.dtype)
         scale, zp = self._params(xc, 255)
         packed, qmax = None, 255
@@ -317,12 +318,13 @@ class _Int8ConvNd(nn.Module):
         if packed is not None:
             out = conv_ops.conv_int8_quantizing(xc, scale, zp, qmax, self.qweight, self.w_scales, self.bias,
                                                 self.stride, self.padding, self.dilation, self.groups, packed, rc,
-                                                relu)
+                                                activation)
         else:  # the exact reference
             backend = "reference" if self.backend == "reference" else "auto"
             q = ops.quantize_static(xc.reshape(-1, self.in_channels), scale, zp, dtype=torch.uint8, backend=backend)
             out = conv_ops.conv_int8_reference(q.reshape(xc.shape), self.qweight, self.w_scales, self.bias, scale, zp,
-                                               self.stride, self.padding, self.dilation, self.groups, rc, relu)
+                                               self.stride, self.padding, self.dilation, self.groups, rc,
+                                               activation)
         return out.movedim(-1, 1).to(x.dtype)
 
 

@@ -6,9 +6,9 @@ in plain PyTorch (the integer sums in float64, exact for any realistic window: |
 Layouts: qx [N, *spatial, C] uint8 (channels last), qweight [OC, C / groups, *kernel] int8,
 out [N, *out_spatial, OC] float32 (channels last). Padding is symmetric, as nn.Conv pads.
 
-Epilogue: residual (float32, out's shape and layout) is added to out, then relu clamps it at 0,
-as oneDNN post-ops while the output is in registers (a model's `relu(conv(x) + shortcut)`
-in one pass instead of three).
+Epilogue: residual (float32, out's shape and layout) is added to out, then the activation
+("relu", "relu6", "silu" or "gelu" (erf)) is applied, as oneDNN post-ops while the output is in
+registers (a model's `relu(conv(x) + shortcut)` in one pass instead of three).
 """
 from typing import List, Optional, Sequence
 
@@ -63,28 +63,37 @@ def pack_weight(qx, qweight, stride, padding, dilation, groups: int, zero_point:
     return packed
 
 
-def apply_epilogue(out: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    """The epilogue in PyTorch, in place on a fresh output (paths without the fused one)."""
+ACTIVATIONS = {"": lambda t: t, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu}
+
+
+def apply_epilogue(out: torch.Tensor, residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    """The epilogue in PyTorch (paths without the fused one); adds into `out`."""
     if residual is not None:
         out.add_(residual)
-    return out.relu_() if relu else out
+    return ACTIVATIONS[activation](out)
+
+
+def check_activation(activation: str) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return activation
 
 
 def _conv_int8_impl(qx: torch.Tensor, qweight: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor,
                     bias: Optional[torch.Tensor], act_scale: float, zero_point: int, stride: List[int],
                     padding: List[int], dilation: List[int], groups: int, residual: Optional[torch.Tensor] = None,
-                    relu: bool = False) -> torch.Tensor:
+                    activation: str = "") -> torch.Tensor:
     out = _out(qx, qweight, stride, padding, dilation)
     args = (_views.view(qx, "qx"), _views.view(qweight, "qweight"), _views.view(packed, "packed"),
             _views.view(w_scales, "w_scales"), _views.optional_view(bias, "bias"), float(act_scale),
             int(zero_point), _views.view(out, "out"), list(stride), list(padding), list(dilation), int(groups))
-    if _C.conv_int8_run(*args, _views.optional_view(residual, "residual"), bool(relu)):
+    if _C.conv_int8_run(*args, _views.optional_view(residual, "residual"), activation):
         return out
-    if (residual is not None or relu) and _C.conv_int8_run(*args, None, False):  # no fused kernel
-        return apply_epilogue(out, residual, relu)
+    if (residual is not None or activation) and _C.conv_int8_run(*args, None, ""):  # no fused kernel
+        return apply_epilogue(out, residual, activation)
     # oneDNN became unusable (e.g. in a forked worker): the reference is exact
     return conv_int8_reference(qx, qweight, w_scales, bias, act_scale, zero_point, stride, padding, dilation, groups,
-                               residual, relu)
+                               residual, activation)
 
 
 _conv_int8 = torch.library.custom_op("tensorslim::conv_int8", mutates_args=(), device_types="cpu")(_conv_int8_impl)
@@ -92,7 +101,7 @@ _conv_int8 = torch.library.custom_op("tensorslim::conv_int8", mutates_args=(), d
 
 @_conv_int8.register_fake
 def _conv_int8_fake(qx, qweight, packed, w_scales, bias, act_scale, zero_point, stride, padding, dilation,
-                    groups, residual=None, relu=False):
+                    groups, residual=None, activation=""):
     sp = out_size(qx.shape[1:-1], qweight.shape[2:], stride, padding, dilation)
     return qx.new_empty(qx.shape[0], *sp, qweight.shape[0], dtype=torch.float32)
 
@@ -100,24 +109,25 @@ def _conv_int8_fake(qx, qweight, packed, w_scales, bias, act_scale, zero_point, 
 def conv_int8(qx: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
               act_scale: float, zero_point: int, stride, padding, dilation, groups: int,
               packed: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-              relu: bool = False) -> torch.Tensor:
+              activation: str = "") -> torch.Tensor:
     """out = conv(qx - zero_point, qweight) * act_scale * w_scales[oc] + bias[oc], channels last,
-    then the epilogue (+ residual, ReLU). packed: pack_weight(...) for this input shape; None
-    runs the reference."""
+    then the epilogue (+ residual, activation). packed: pack_weight(...) for this input shape;
+    None runs the reference."""
     if qx.dtype != torch.uint8 or qx.dim() not in (3, 4):
         raise TypeError(f"qx: expected uint8 [N, *spatial, C] codes, got {qx.dtype} {tuple(qx.shape)}")
     if qweight.dtype != torch.int8 or qweight.dim() != qx.dim():
         raise TypeError(f"qweight: expected int8 [OC, C/groups, *kernel], got {qweight.dtype} "
                         f"{tuple(qweight.shape)}")
     residual = _check_residual(residual, qx, qweight, stride, padding, dilation)
+    check_activation(activation)
     if packed is None:
         return conv_int8_reference(qx, qweight, w_scales, bias, act_scale, zero_point, stride, padding,
-                                   dilation, groups, residual, relu)
+                                   dilation, groups, residual, activation)
     # Eager CPU calls skip the custom-op dispatch (~60 us, more than a small conv takes);
     # torch.compile and fake / meta tensors go through the op and its fake implementation.
     run = _conv_int8 if torch.compiler.is_compiling() or qx.device.type != "cpu" else _conv_int8_impl
     return run(qx.contiguous(), qweight.contiguous(), packed, w_scales, bias, float(act_scale), int(zero_point),
-               list(stride), list(padding), list(dilation), int(groups), residual, bool(relu))
+               list(stride), list(padding), list(dilation), int(groups), residual, activation)
 
 
 def _check_residual(residual, qx, qweight, stride, padding, dilation) -> Optional[torch.Tensor]:
@@ -135,7 +145,7 @@ def _check_residual(residual, qx, qweight, stride, padding, dilation) -> Optiona
 def conv_int8_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_max: int, qweight: torch.Tensor,
                          w_scales: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
                          packed: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                         relu: bool = False) -> torch.Tensor:
+                         activation: str = "") -> torch.Tensor:
     """conv_int8 (epilogue included) on the codes min(quantize_static(xc, act_scale, zero_point),
     code_max) of fp32 channels-last xc [N, *spatial, C]. Eager CPU calls quantize and convolve
     in one native call (codes in a reused scratch buffer); torch.compile, fake tensors, and a
@@ -144,23 +154,24 @@ def conv_int8_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, co
     if _eager.direct_ok(args) and xc.dtype == torch.float32 and xc.dim() in (3, 4):
         xc = xc.contiguous()
         residual = _check_residual(residual, xc, qweight, stride, padding, dilation)
+        check_activation(activation)
         out = _out(xc, qweight, stride, padding, dilation)
         if _C.conv_int8_quantizing_run(_views.view(xc, "x"), float(act_scale), int(zero_point), int(code_max),
                                        _views.view(qweight, "qweight"), _views.view(packed, "packed"),
                                        _views.view(w_scales, "w_scales"), _views.optional_view(bias, "bias"),
                                        _views.view(out, "out"), list(stride), list(padding), list(dilation),
-                                       int(groups), _views.optional_view(residual, "residual"), bool(relu)):
+                                       int(groups), _views.optional_view(residual, "residual"), activation):
             return out
     q = quantize_static(xc.reshape(-1, xc.shape[-1]), act_scale, zero_point, dtype=torch.uint8)
     if code_max < 255:
         q.clamp_(max=code_max)
     return conv_int8(q.reshape(xc.shape), qweight, w_scales, bias, act_scale, zero_point, stride, padding,
-                     dilation, groups, packed, residual, relu)
+                     dilation, groups, packed, residual, activation)
 
 
 def conv_int8_reference(qx, qweight, w_scales, bias, act_scale: float, zero_point: int, stride, padding,
                         dilation, groups: int, residual: Optional[torch.Tensor] = None,
-                        relu: bool = False) -> torch.Tensor:
+                        activation: str = "") -> torch.Tensor:
     """The specification: the exact integer convolution, then the fp32 rescale and bias, then
     the epilogue."""
     conv = F.conv1d if qx.dim() == 3 else F.conv2d
@@ -170,4 +181,4 @@ def conv_int8_reference(qx, qweight, w_scales, bias, act_scale: float, zero_poin
     out = acc.to(torch.float32) * (torch.tensor(act_scale, dtype=torch.float32) * w_scales.reshape(shape))
     if bias is not None:
         out = out + bias.reshape(shape)
-    return apply_epilogue(out.movedim(1, -1).contiguous(), residual, relu)
+    return apply_epilogue(out.movedim(1, -1).contiguous(), residual, check_activation(activation))

@@ -1,18 +1,19 @@
-"""Fuses what a model does right after an Int8Conv into that conv's kernel: `relu(conv(x))`,
-`conv(x) + shortcut` and `relu(conv(x) + shortcut)` (a ResNet block's tail) become one call,
-`conv(x, residual=shortcut, relu=True)`, that oneDNN runs as post-ops while the output is in
-registers. Each such torch op was a full pass over the activations and, on small CPUs, a hand
-over between oneDNN's threads and torch's.
+"""Fuses what a model does right after an Int8Conv into that conv's kernel: `act(conv(x))`,
+`conv(x) + shortcut` and `act(conv(x) + shortcut)` (a ResNet block's tail), with act a ReLU,
+ReLU6 (MobileNet), SiLU (EfficientNet) or exact GELU, become one call,
+`conv(x, residual=shortcut, activation="relu")`, that oneDNN runs as post-ops while the output
+is in registers. Each such torch op was a full pass over the activations and, on small CPUs, a
+hand-over between oneDNN's threads and torch's.
 
 For every module that calls an Int8Conv child, that module's own forward is traced with
 torch.fx (each submodule a leaf, so the graph holds that forward's code only). Where a conv's
-output, through FoldedBatchNorm / nn.Identity, is read by nothing but a ReLU, or by nothing but
-an add (then a ReLU that is the add's only reader may follow too), the nodes become one conv
-call. The rewritten forward is set on that module instance only: its class, submodules,
+output, through FoldedBatchNorm / nn.Identity, is read by nothing but an activation, or by
+nothing but an add (then an activation that is the add's only reader may follow too), the
+nodes become one conv call. The rewritten forward is set on that module instance only: its class, submodules,
 parameters, state_dict and saved files stay as they were (ts.load fuses again). With
 calibration data the model's output on the first batch must stay the same, or that rewrite is
 dropped. A forward that torch.fx cannot trace (control flow on tensor values) keeps its code.
-Forward hooks on a fused-away ReLU module no longer fire for that call. torch.fx records
+Forward hooks on a fused-away activation module no longer fire for that call. torch.fx records
 `a += b` on tensors as `a + b`, so a forward that relies on `shortcut += conv(x)` writing into a
 tensor other code reads later sees that write no more (`shortcut.add_(conv(x))` is recorded as
 it is and not fused; with calibration data the check above catches the rest).
@@ -26,7 +27,12 @@ from torch import fx, nn
 
 from ..nn.int8_conv import FoldedBatchNorm, _Int8ConvNd
 
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+# activation callables / methods / modules -> the kernel's name for them
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
+                  F.gelu: "gelu"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.GELU: "gelu"}
+_ACT_NAMES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "SiLU", "gelu": "GELU"}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _IN_PLACE_ADDS = (operator.iadd, "add_")  # they write their first operand
 
@@ -139,27 +145,30 @@ def _fuse_at(graph: fx.Graph, conv: fx.Node, modules: Dict[str, nn.Module]) -> s
     nxt = _only_user(chain[-1])
     if nxt is None:
         return ""
-    residual, relu = None, False
-    if _is_relu(nxt, chain[-1], modules):
+    residual, activation = None, ""
+    act = _activation(nxt, chain[-1], modules)
+    if act:
         chain.append(nxt)
-        relu = True
+        activation = act
     else:
         residual = _add_operand(nxt, chain[-1])
         if residual is None:
             return ""
         chain.append(nxt)
         after = _only_user(nxt)
-        if after is not None and _is_relu(after, nxt, modules):
+        act = _activation(after, nxt, modules) if after is not None else ""
+        if act:
             chain.append(after)
-            relu = True
+            activation = act
     last = chain[-1]
     with graph.inserting_before(last):
-        kwargs = {"relu": True} if residual is None else {"residual": residual, "relu": relu}
+        kwargs = {"activation": activation} if residual is None else {"residual": residual, "activation": activation}
         new = graph.call_module(conv.target, conv.args, kwargs)
     last.replace_all_uses_with(new)
     for n in reversed(chain):
         graph.erase_node(n)
-    return ("residual add + ReLU" if relu else "residual add") if residual is not None else "ReLU"
+    parts = (["residual add"] if residual is not None else []) + ([_ACT_NAMES[activation]] if activation else [])
+    return " + ".join(parts)
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
@@ -172,15 +181,23 @@ def _is_passthrough(node: fx.Node, modules) -> bool:
             and len(node.args) == 1 and not node.kwargs)
 
 
-def _is_relu(node: fx.Node, src: fx.Node, modules) -> bool:
-    """node computes relu(src) (in place or not; src is read by nothing else)."""
+def _activation(node: fx.Node, src: fx.Node, modules) -> str:
+    """The kernel's name for the activation node applies to src (in place or not; src is read
+    by nothing else), or ''."""
     if node.args[:1] != (src,) or len(node.args) != 1:
-        return False
+        return ""
     if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS and set(node.kwargs) <= {"inplace"}
+        name = _ACT_FUNCTIONS.get(node.target, "")
+        if name == "gelu":
+            return name if node.kwargs.get("approximate", "none") == "none" and set(node.kwargs) <= {"approximate"} else ""
+        return name if set(node.kwargs) <= {"inplace"} else ""
     if node.op == "call_method":
-        return node.target in ("relu", "relu_") and not node.kwargs
-    return node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU
+        return _ACT_METHODS.get(node.target, "") if not node.kwargs else ""
+    if node.op == "call_module":
+        mod = modules.get(node.target)
+        name = _ACT_MODULES.get(type(mod), "")
+        return name if name != "gelu" or mod.approximate == "none" else ""
+    return ""
 
 
 def _add_operand(node: fx.Node, src: fx.Node) -> Optional[fx.Node]:

@@ -80,6 +80,8 @@ struct Entry {
   dnnl::memory::desc src, wei, bias, dst, scalar_f32, scalar_s32, wscales;
 };
 
+bool has_epilogue(const ConvInt8Geometry& g) { return g.has_residual || g.activation != ConvActivation::kNone; }
+
 Entry make_entry(const Shape& s, const ConvInt8Geometry& g) {
   Entry e;
   const tag act = s.sp == 1 ? tag::nwc : tag::nhwc;
@@ -96,10 +98,16 @@ Entry make_entry(const Shape& s, const ConvInt8Geometry& g) {
   attr.set_scales_mask(DNNL_ARG_SRC, 0);
   attr.set_scales_mask(DNNL_ARG_WEIGHTS, g.groups > 1 ? 3 : 1);  // one scale per output channel
   if (g.has_zero_point) attr.set_zero_points_mask(DNNL_ARG_SRC, 0);
-  if (g.has_residual || g.relu) {
+  if (has_epilogue(g)) {
     dnnl::post_ops po;
     if (g.has_residual) po.append_binary(dnnl::algorithm::binary_add, e.dst);  // same shape and layout as out
-    if (g.relu) po.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    switch (g.activation) {
+      case ConvActivation::kReLU: po.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f); break;
+      case ConvActivation::kReLU6: po.append_eltwise(dnnl::algorithm::eltwise_clip, 0.f, 6.f); break;
+      case ConvActivation::kSiLU: po.append_eltwise(dnnl::algorithm::eltwise_swish, 1.f, 0.f); break;
+      case ConvActivation::kGELU: po.append_eltwise(dnnl::algorithm::eltwise_gelu_erf, 0.f, 0.f); break;
+      case ConvActivation::kNone: break;
+    }
     attr.set_post_ops(po);
   }
   dims dil, pad;
@@ -124,7 +132,8 @@ Entry make_entry(const Shape& s, const ConvInt8Geometry& g) {
 // Caller holds onednn().mu.
 const Entry& entry_for(const Shape& s, const ConvInt8Geometry& g) {
   static std::map<std::vector<int64_t>, Entry> cache;
-  std::vector<int64_t> key{s.sp, s.N, s.C, s.OC, g.groups, g.has_zero_point, g.has_bias, g.has_residual, g.relu};
+  std::vector<int64_t> key{s.sp, s.N, s.C, s.OC, g.groups, g.has_zero_point, g.has_bias, g.has_residual,
+                             static_cast<int64_t>(g.activation)};
   for (const dims* v : {&s.in, &s.k, &s.out}) key.insert(key.end(), v->begin(), v->end());
   for (const auto* v : {&g.stride, &g.padding, &g.dilation}) key.insert(key.end(), v->begin(), v->end());
   auto it = cache.find(key);
@@ -137,7 +146,8 @@ const Entry& entry_for(const Shape& s, const ConvInt8Geometry& g) {
 
 // The convolution without its epilogue: what packed weights are made for.
 ConvInt8Geometry without_epilogue(ConvInt8Geometry g) {
-  g.has_residual = g.relu = false;
+  g.has_residual = false;
+  g.activation = ConvActivation::kNone;
   return g;
 }
 
@@ -212,7 +222,7 @@ bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const Tensor
   TS_CHECK_VALUE(packed.numel() == static_cast<int64_t>(e.wei.get_size()),
                  "conv_int8: packed weights do not match this shape (pack them for it)");
   // The weights were packed for the kernel without the epilogue: this one must read that layout.
-  if ((g.has_residual || g.relu) && !(e.wei == entry_for(s, without_epilogue(g)).wei)) return false;
+  if (has_epilogue(g) && !(e.wei == entry_for(s, without_epilogue(g)).wei)) return false;
   float a_scale = act_scale;
   int32_t zp = zero_point;
   std::unordered_map<int, dnnl::memory> args = {
