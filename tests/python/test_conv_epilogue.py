@@ -265,6 +265,29 @@ def test_a_rewrite_that_changes_the_output_on_the_calibration_batch_is_dropped()
         torch.testing.assert_close(model(x.clone()), _unfused_copy(model)(x.clone()), rtol=1e-6, atol=1e-6)
 
 
+def test_a_forward_that_sets_attributes_keeps_its_code():
+    class Caching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.calls = nn.Conv2d(4, 4, 3, 1, 1), 0
+
+        def forward(self, x):
+            self.calls += 1
+            self.last = F.relu(self.conv(x))
+            return self.last
+
+    torch.manual_seed(6)
+    model = Caching()
+    x = torch.randn(2, 4, 6, 6)
+    _quantized(model, x)
+    assert "forward" not in model.__dict__ and model.conv.epilogue == ""
+    assert isinstance(model.calls, int) and isinstance(model.last, torch.Tensor)  # no proxies left behind
+    calls = model.calls
+    with torch.no_grad():
+        model(x)
+    assert model.calls == calls + 1
+
+
 def test_fused_model_copies_pickles_saves_and_loads(tmp_path):
     torch.manual_seed(3)
     model = nn.Sequential(Block("torchvision"), Block("shortcut_first"))

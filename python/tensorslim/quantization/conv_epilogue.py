@@ -12,7 +12,8 @@ nothing but an add (then an activation that is the add's only reader may follow 
 nodes become one conv call. The rewritten forward is set on that module instance only: its class, submodules,
 parameters, state_dict and saved files stay as they were (ts.load fuses again). With
 calibration data the model's output on the first batch must stay the same, or that rewrite is
-dropped. A forward that torch.fx cannot trace (control flow on tensor values) keeps its code.
+dropped. A forward that torch.fx cannot trace (control flow on tensor values) or that sets
+attributes on its module keeps its code.
 Forward hooks on a fused-away activation module no longer fire for that call. torch.fx records
 `a += b` on tensors as `a + b`, so a forward that relies on `shortcut += conv(x)` writing into a
 tensor other code reads later sees that write no more (`shortcut.add_(conv(x))` is recorded as
@@ -118,9 +119,18 @@ def _same(ref: List[torch.Tensor], got: List[torch.Tensor]) -> bool:
 
 def _fused_forward(mod: nn.Module) -> Optional[Tuple[FusedForward, Dict[str, str]]]:
     """(the rewritten forward, {conv child: what it takes over}), or None where nothing fuses."""
+    state = dict(mod.__dict__)
     try:
         graph = _ChildrenAsLeaves().trace(mod)
     except Exception:  # untraceable forward (data-dependent control flow, ...): keep it
+        graph = None
+    if mod.__dict__.keys() != state.keys() or any(mod.__dict__[k] is not v for k, v in state.items()):
+        # the forward sets attributes (a cache, a counter): a traced graph would drop that, and
+        # tracing left proxies there; restore and keep the forward
+        mod.__dict__.clear()
+        mod.__dict__.update(state)
+        return None
+    if graph is None:
         return None
     modules = dict(mod.named_modules())
     fused = {}
