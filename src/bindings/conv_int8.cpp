@@ -35,7 +35,7 @@ ConvActivation conv_activation(const std::string& name) {
 }
 
 // What both run bindings pass on besides the input: weights, scales, bias, output, geometry
-// with its epilogue (residual add, ReLU).
+// with its epilogue (residual add, activation).
 struct RunArgs {
   TensorView qweight, packed, w_scales, out;
   OptionalView bias, residual;
@@ -93,8 +93,7 @@ void register_conv_int8(py::module_& m) {
     return conv_int8_run(xv, r.qweight, r.packed, r.w_scales, r.bias.get(), act_scale, zp, r.out, r.g,
                          r.residual.get());
   }, "Runs the int8 convolution, then out += residual (a view or None) and the activation ('', 'relu', "
-     "'relu6', 'silu' or 'gelu'); False when "
-     "oneDNN has no implementation for it.");
+     "'relu6', 'silu' or 'gelu'); False when oneDNN has no implementation for it.");
   m.def("conv_int8_quantizing_run", [](py::handle x, float act_scale, int32_t zp, int32_t code_max,
                                        py::handle qweight, py::handle packed, py::handle w_scales, py::handle bias,
                                        py::handle out, std::vector<int64_t> stride, std::vector<int64_t> padding,

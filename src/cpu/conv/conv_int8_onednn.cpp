@@ -1,7 +1,7 @@
 // INT8 convolution on oneDNN (see include/tensorslim/conv_int8.h): u8 channels-last source,
 // s8 weights in the layout the primitive picks (packed once by the caller and kept in the
 // module), fp32 bias, output scales act_scale * w_scale[oc] and the source zero point fused.
-// An epilogue (residual add, ReLU) runs as oneDNN post-ops on the output tile in registers.
+// An epilogue (residual add, activation) runs as oneDNN post-ops on the output in registers.
 // Primitives are cached by geometry, so a call only wraps pointers and executes.
 #include <oneapi/dnnl/dnnl.hpp>
 
