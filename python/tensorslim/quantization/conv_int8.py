@@ -23,7 +23,7 @@ from ..transforms import _set_submodule, _tied_to_embedding, filter_reason, repl
 from .calibrate import require_forward_loop
 from .conv_epilogue import fuse_conv_epilogues
 from .observers import Observer
-from .smoothquant import ProducerTrace, _run
+from .smoothquant import ProducerTrace, _run, outputs_match
 
 CONVS = {nn.Conv1d: Int8Conv1d, nn.Conv2d: Int8Conv2d}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -94,10 +94,7 @@ def _folds_hold(model, trace, targets, pairs: Dict[str, str]) -> bool:
     finally:
         for name, old in reversed(swapped):
             _set_submodule(model, name, old)
-    if len(got) != len(ref):
-        return False
-    return all(g.shape == r.shape and (g.numel() == 0 or float((g - r).abs().max()) <= 1e-4 * float(r.abs().max()) + 1e-6)
-               for g, r in zip(got, ref))
+    return outputs_match(ref, got, 1e-4, 1e-6)
 
 
 def _check_folds(model, trace, targets, pairs: Dict[str, str]) -> Dict[str, str]:
