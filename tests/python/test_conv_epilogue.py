@@ -265,6 +265,48 @@ def test_a_rewrite_that_changes_the_output_on_the_calibration_batch_is_dropped()
         torch.testing.assert_close(model(x.clone()), _unfused_copy(model)(x.clone()), rtol=1e-6, atol=1e-6)
 
 
+class _Masked(nn.Module):
+    """A block with an optional argument: torch.fx traces `mask` as a tensor, so the branch
+    `if mask is not None` is taken even where a caller passes None or leaves it out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, 1, 1)
+
+    def forward(self, x, mask):
+        y = F.relu(self.conv(x))
+        return y * mask if mask is not None else y
+
+
+class _WithDefault(_Masked):
+    def forward(self, x, mask=None):
+        return super().forward(x, mask)
+
+
+class _Caller(nn.Module):
+    def __init__(self, blk, pass_none: bool):
+        super().__init__()
+        self.blk, self.pass_none = blk, pass_none
+
+    def forward(self, x):
+        return self.blk(x, None) if self.pass_none else self.blk(x)
+
+
+@pytest.mark.parametrize("blk, pass_none", [(_WithDefault(), False), (_Masked(), True)])
+def test_optional_arguments_keep_their_code(blk, pass_none):
+    # With a default the forward is left as written (its signature); without one it is traced
+    # and rewritten, then fails on the calibration batch (y * None) and is dropped.
+    torch.manual_seed(7)
+    x = torch.randn(2, 4, 6, 6)
+    model = _Caller(blk, pass_none)
+    ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+    assert "forward" not in blk.__dict__ and blk.conv.epilogue == ""
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(y, torch.relu(blk.conv(x)))
+        assert torch.equal(blk(x, torch.zeros_like(y)), torch.zeros_like(y))
+
+
 def test_a_forward_that_sets_attributes_keeps_its_code():
     class Caching(nn.Module):
         def __init__(self):

@@ -12,13 +12,15 @@ nothing but an add (then an activation that is the add's only reader may follow 
 nodes become one conv call. The rewritten forward is set on that module instance only: its class, submodules,
 parameters, state_dict and saved files stay as they were (ts.load fuses again). With
 calibration data the model's output on the first batch must stay the same, or that rewrite is
-dropped. A forward that torch.fx cannot trace (control flow on tensor values) or that sets
-attributes on its module keeps its code.
+dropped. A forward that torch.fx cannot trace (control flow on tensor values), that takes
+arguments with defaults, *args or keywords (tracing would take their branches as if given),
+or that sets attributes on its module keeps its code.
 Forward hooks on a fused-away activation module no longer fire for that call. torch.fx records
 `a += b` on tensors as `a + b`, so a forward that relies on `shortcut += conv(x)` writing into a
 tensor other code reads later sees that write no more (`shortcut.add_(conv(x))` is recorded as
 it is and not fused; with calibration data the check above catches the rest).
 """
+import inspect
 import operator
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -75,19 +77,13 @@ def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], 
             if plan is not None:
                 plans.append((name, mod) + plan)
     if check is not None and plans:
-        with torch.no_grad():
-            ref = check(model)
-            _install(plans)
-            if not outputs_match(ref, check(model), *_TOLERANCE):
-                _uninstall(plans)
-                kept = []
-                for p in plans:
-                    _install([p])
-                    if outputs_match(ref, check(model), *_TOLERANCE):
-                        kept.append(p)
-                    else:
-                        _uninstall([p])
-                plans = kept
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # the check must not move a training-mode BatchNorm's statistics
+        try:
+            plans = _checked(plans, check, model)
+        finally:
+            for m, training in modes:
+                m.training = training
     else:
         _install(plans)
     fused = {}
@@ -96,6 +92,35 @@ def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], 
             mod.get_submodule(conv).epilogue = what
             fused[f"{name}.{conv}" if name else conv] = what
     return fused
+
+
+@torch.no_grad()
+def _checked(plans: list, check, model: nn.Module) -> list:
+    """The plans whose rewritten forwards keep the model's output (installed), all at once
+    where they do, else one by one."""
+    try:
+        ref = check(model)
+    except Exception:  # the model itself does not run on the batch here: fuse nothing
+        return []
+    _install(plans)
+    if _still_matches(check, model, ref):
+        return plans
+    _uninstall(plans)
+    kept = []
+    for p in plans:
+        _install([p])
+        if _still_matches(check, model, ref):
+            kept.append(p)
+        else:
+            _uninstall([p])
+    return kept
+
+
+def _still_matches(check, model: nn.Module, ref: List[torch.Tensor]) -> bool:
+    try:
+        return outputs_match(ref, check(model), *_TOLERANCE)
+    except Exception:  # a rewritten forward that fails on the batch is as wrong as one that differs
+        return False
 
 
 def _install(plans) -> None:
@@ -110,6 +135,8 @@ def _uninstall(plans) -> None:
 
 def _fused_forward(mod: nn.Module) -> Optional[Tuple[FusedForward, Dict[str, str]]]:
     """(the rewritten forward, {conv child: what it takes over}), or None where nothing fuses."""
+    if not _plain_signature(mod):
+        return None
     state = dict(mod.__dict__)
     try:
         graph = _ChildrenAsLeaves().trace(mod)
@@ -134,6 +161,18 @@ def _fused_forward(mod: nn.Module) -> Optional[Tuple[FusedForward, Dict[str, str
         return None
     graph.lint()
     return FusedForward(mod, fx.GraphModule(mod, graph)), fused
+
+
+def _plain_signature(mod: nn.Module) -> bool:
+    """Whether every forward argument is a plain positional one. torch.fx traces an argument
+    with a default as a tensor placeholder (`if mask is not None` is taken), so a call that
+    leaves it out would run the wrong branch: such forwards keep their code."""
+    try:
+        params = inspect.signature(mod.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return all(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
 
 
 def _fuse_at(graph: fx.Graph, conv: fx.Node, modules: Dict[str, nn.Module]) -> str:

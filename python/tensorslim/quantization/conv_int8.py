@@ -119,14 +119,12 @@ def _calibrate(model, targets, loop, cfg, static: bool):
         return fn
 
     norms = {n: m for n, m in model.named_modules() if isinstance(m, _NORMS)}
-    # the first batch is kept also without BatchNorms: fusing conv epilogues is checked on it
-    trace = ProducerTrace(model, norms) if not model.training else None
+    # the first batch is kept also without BatchNorms (or in training mode, where none is
+    # folded): fusing conv epilogues is checked on it
+    trace = ProducerTrace(model, {} if model.training else norms)
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
     try:
-        if trace is not None:
-            with trace:
-                loop(model)
-        else:
+        with trace:
             loop(model)
     finally:
         for h in handles:
@@ -149,7 +147,7 @@ def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = T
     if targets and (static or forward_loop is not None):
         loop = require_forward_loop(forward_loop, "W8A8") if static else forward_loop
         obs, trace = _calibrate(model, targets, loop, cfg, static)
-        if trace is not None and trace.batch is not None:
+        if trace.batch is not None and not model.training:
             cands = _bn_candidates(model, targets, trace)
             folds = _check_folds(model, trace, targets, cands)
     modules = dict(model.named_modules())
