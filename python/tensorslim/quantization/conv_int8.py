@@ -181,7 +181,7 @@ def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = T
                                               reason=f"BatchNorm not folded: the output of {conv_name} is also "
                                                      f"read elsewhere"))
     batch = trace.batch if trace is not None else None
-    fused = fuse_conv_epilogues(model, (lambda m: _run(m, _fresh(batch))) if batch is not None else None)
+    fused = fuse_conv_epilogues(model, (lambda m: _run(m, batch)) if batch is not None else None)
     for c in report.changes:
         if c.name in fused:
             c.reason = "; ".join(filter(None, [c.reason, f"{fused[c.name]} fused"]))
@@ -191,13 +191,6 @@ def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = T
             if isinstance(m, _NORMS) and why:
                 report.changes.append(LayerChange(n, type(m).__name__, "skipped", None, module_bytes(m), reason=why))
     return report
-
-
-def _fresh(batch: Tuple[tuple, dict]) -> Tuple[tuple, dict]:
-    """A copy of a batch's tensor inputs for one run (a forward may write into its input)."""
-    args, kwargs = batch
-    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
-    return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
 
 
 def _why_not_folded(model, static, forward_loop) -> str:

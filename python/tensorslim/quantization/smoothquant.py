@@ -213,8 +213,12 @@ def _collect_tensors(out: Any, acc: List[torch.Tensor]) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def _run(model: nn.Module, batch: Tuple[tuple, dict]) -> List[torch.Tensor]:
+    """The model's float outputs on a copy of the batch's tensors (a forward may write into
+    its input, which would change the batch for the next run of a check)."""
     args, kwargs = batch
-    return [t.detach().clone() for t in _collect_tensors(model(*args, **kwargs), []) if t.is_floating_point()]
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
+    out = model(*(copy(a) for a in args), **{k: copy(v) for k, v in kwargs.items()})
+    return [t.detach().clone() for t in _collect_tensors(out, []) if t.is_floating_point()]
 
 
 @torch.no_grad()
