@@ -19,10 +19,22 @@ from .._identity import tensor_identity
 from .._native import _C
 from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
+from ..ops import conv_int8_torch
 
 MODES = ("static", "dynamic")
 _GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _MAX_SHAPES = 16  # packed weights kept per module (one per input shape seen)
+
+
+class _DerivedCache(dict):
+    """Weights reordered for torch's kernel (opaque tensors that cannot be copied or pickled):
+    a copied or unpickled module starts with an empty cache and packs again."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
 
 
 def float_geometry(conv: nn.Module) -> dict:
@@ -101,7 +113,9 @@ class _Int8ConvNd(nn.Module):
         self.register_buffer("act_zero_point", torch.zeros(1, dtype=torch.int32, device=device) if static else None)
         self._kernels: Dict[tuple, tuple] = {}  # (input shape, zero point != 0) -> (packed or None, 7-bit)
         self._kernels_key = None
-        self._plans: Dict[tuple, tuple] = {}  # static mode: (input shape, tensor identities) -> call arguments
+        self._torch_kernels = _DerivedCache()  # the same keys -> qweight packed for torch's kernel
+        self._w_zero_points = torch.zeros(self.out_channels, dtype=torch.long)  # what torch's kernel reads
+        self._plans: Dict[tuple, tuple] = _DerivedCache()  # static mode: (input shape, tensor identities) -> call arguments
 
     # ------------------------------------------------------------ construction / io
 
@@ -252,6 +266,7 @@ class _Int8ConvNd(nn.Module):
         key_w = tensor_identity(self.qweight)
         if key_w != self._kernels_key:  # new weights (load_state_dict, to()): repack
             self._kernels, self._kernels_key = {}, key_w
+            self._torch_kernels = _DerivedCache()
         key = (tuple(shape), zp != 0)
         hit = self._kernels.get(key)
         if hit is None:
@@ -267,13 +282,34 @@ class _Int8ConvNd(nn.Module):
             self._kernels[key] = hit
         return hit
 
+    def _torch_kernel(self, shape: tuple, scale: float, zp: int) -> Optional[torch.Tensor]:
+        """qweight packed for torch's kernel (ops/conv_int8_torch.py) at this channels-last input
+        shape, or None where that route is off, does not pay at this size or the conv is not 2-D.
+        Call after _kernel (which drops these when the weights change)."""
+        if self.sp != 2 or not conv_int8_torch.available():
+            return None
+        n, *spatial, c = shape
+        out_sp = conv_ops.out_size(spatial, self.kernel_size, self.stride, self.padding, self.dilation)
+        outputs = n * out_sp[0] * out_sp[1] * self.out_channels
+        if not conv_int8_torch.pays(outputs * self.qweight[0].numel(), outputs):
+            return None
+        key = (tuple(shape), zp != 0)
+        hit = self._torch_kernels.get(key)
+        if hit is None:
+            hit = conv_int8_torch.prepack(self.qweight, self.w_scales, scale, zp, self.stride, self.padding,
+                                          self.dilation, self.groups, [n, c, *spatial])
+            if len(self._torch_kernels) >= _MAX_SHAPES:
+                self._torch_kernels.clear()
+            self._torch_kernels[key] = hit
+        return hit
+
     def _static_plan(self, shape: torch.Size, tensors: tuple) -> tuple:
         """For a static-mode input shape: (output shape, the native call's arguments before the
         output: scale, zero point, code max, views of qweight / packed / w_scales / bias; those
-        after it: the geometry), or () where no fast kernel runs. Cached while the module's
-        tensors are the same objects, unmodified, so a call pays no scalar reads, packing
-        lookups or views."""
-        key = (shape,) + tuple(tensor_identity(t) for t in tensors)
+        after it: the geometry; torch's route's arguments or None), or () where no fast kernel
+        runs. Cached while the module's tensors are the same objects, unmodified, so a call pays
+        no scalar reads, packing lookups or views."""
+        key = (shape, conv_int8_torch.available()) + tuple(tensor_identity(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:
             scale, zp = self._params(None, 255)
@@ -283,11 +319,15 @@ class _Int8ConvNd(nn.Module):
                 scale, zp = self._params(None, qmax)
                 packed, _ = self._kernel(shape, zp)
             sp = conv_ops.out_size(shape[1:-1], self.kernel_size, self.stride, self.padding, self.dilation)
+            geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+            tpacked = None if packed is None else self._torch_kernel(shape, scale, zp)
             plan = () if packed is None else (
                 (shape[0], *sp, self.out_channels),
                 (scale, zp, qmax, _views.view(self.qweight, "qweight"), _views.view(packed, "packed"),
                  _views.view(self.w_scales, "w_scales"), _views.optional_view(self.bias, "bias")),
-                (list(self.stride), list(self.padding), list(self.dilation), self.groups))
+                geometry,
+                None if tpacked is None else (scale, zp, qmax, tpacked, self.w_scales, self._w_zero_points,
+                                              self.bias, *geometry))
             if len(self._plans) >= _MAX_SHAPES:
                 self._plans.clear()
             self._plans[key] = plan
@@ -296,13 +336,19 @@ class _Int8ConvNd(nn.Module):
     def kernel_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                        activation: str = "") -> torch.Tensor:
         xc = x.detach().to(torch.float32).movedim(1, -1).contiguous()  # channels last
-        rc = None if residual is None else residual.detach().movedim(1, -1).contiguous()
-        if self.mode == "static" and self.backend != "reference" and xc.numel() > 0:
+        res = None if residual is None else residual.detach()
+        eager = _eager.direct_ok((xc, res) + tuple(self._buffers.values()))
+        torch_route = eager and conv_int8_torch.takes(res is not None, activation)
+        rc = None  # the residual channels last, for our kernel (torch's reads it as it is)
+        if self.mode == "static" and self.backend != "reference" and xc.numel() > 0 and eager:
             b = self._buffers
-            tensors = (xc, b["qweight"], b["w_scales"], b["bias"], b["act_scale"], b["act_zero_point"], rc)
-            plan = self._static_plan(xc.shape, tensors[1:-1]) if _eager.direct_ok(tensors) else ()
-            if plan:  # eager: one native call with the cached arguments
-                out_shape, before_out, after_out = plan
+            plan = self._static_plan(xc.shape, (b["qweight"], b["w_scales"], b["bias"], b["act_scale"],
+                                                b["act_zero_point"]))
+            if plan and plan[3] is not None and torch_route:  # torch's oneDNN on torch's threads
+                return conv_int8_torch.conv2d_quantizing(xc, *plan[3], res, activation).to(x.dtype)
+            if plan:  # one native call with the cached arguments
+                out_shape, before_out, after_out, _ = plan
+                rc = None if res is None else res.movedim(1, -1).contiguous()
                 out = torch.empty(out_shape)
                 if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *before_out, _views.view(out, "out"), *after_out,
                                                _views.optional_view(rc, "residual"), activation):
@@ -315,6 +361,14 @@ class _Int8ConvNd(nn.Module):
                 qmax = 127
                 scale, zp = self._params(xc, qmax)
                 packed, _ = self._kernel(xc.shape, zp)
+        tpacked = self._torch_kernel(xc.shape, scale, zp) if packed is not None and torch_route else None
+        if tpacked is not None:
+            out = conv_int8_torch.conv2d_quantizing(xc, scale, zp, qmax, tpacked, self.w_scales, self._w_zero_points,
+                                                    self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                                    res, activation)
+            return out.to(x.dtype)
+        if rc is None and res is not None:
+            rc = res.movedim(1, -1).contiguous()
         if packed is not None:
             out = conv_ops.conv_int8_quantizing(xc, scale, zp, qmax, self.qweight, self.w_scales, self.bias,
                                                 self.stride, self.padding, self.dilation, self.groups, packed, rc,

@@ -1,0 +1,101 @@
+"""The INT8 convolution run by the oneDNN that torch ships (torch.ops.onednn), on torch's own
+OpenMP threads.
+
+Why there are two: the onednn wheel tensorslim links runs each kernel on a TBB worker behind
+a SYCL CPU queue (the calling thread waits), while torch's OpenMP workers keep spinning for
+milliseconds after every parallel region (torch's ops and our activation quantizer alike).
+On a machine with few cores the spinning worker holds the core that TBB worker needs: perf on
+a 2-core Zen 4 showed libgomp spinning in 48% of the samples while one TBB worker ran every
+conv. torch's oneDNN runs the same kernels (the same bits: same u8 x s8 products, scales and
+epilogue) on the OpenMP team itself, so the threads that would spin do the work.
+
+Int8Conv2d takes this route in eager CPU calls large enough to gain (`pays`) whose epilogue
+is one torch's op has (no residual: none / ReLU / ReLU6 / SiLU; with a residual: none / ReLU);
+everything else runs ops/conv_int8.py. TENSORSLIM_TORCH_ONEDNN=0 turns the route off (A/B runs, tests).
+"""
+import os
+from typing import List, Optional
+
+import torch
+
+from .. import _views
+from .._native import _C
+from .int8 import INT8_BACKENDS
+
+# activation -> (torch's unary post-op name, its scalars)
+_UNARY = {"": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", [])}
+_enabled = os.environ.get("TENSORSLIM_TORCH_ONEDNN", "1") != "0"
+_ops_present: Optional[bool] = None
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turns the route on or off for the whole process; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+def available() -> bool:
+    """Whether Int8Conv2d may take this route (switched on, and this torch has the ops)."""
+    global _ops_present
+    if _ops_present is None:
+        try:
+            _ops_present = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_prepack")
+                            and hasattr(torch.ops.onednn, "qconv2d_pointwise"))
+        except (AttributeError, RuntimeError):
+            _ops_present = False
+    return _enabled and _ops_present
+
+
+# Below this much work a call is quicker through our one native call (torch's route adds ~15 us
+# of op calls); measured per layer of the digits ResNet on a 2-core Zen 4: torch's route 12-20%
+# slower at batch 1 (0.3-2.4M multiply-adds, 2K-8K outputs), even at batch 4, 2-18% faster
+# from batch 8 (1 x 1 convs and the 1-channel stem: by output size, 64K outputs and up).
+_MIN_MACS = 1 << 24
+_MIN_OUTPUTS = 1 << 17
+
+
+def pays(macs: int, outputs: int) -> bool:
+    """Whether a call of this size runs faster through torch's kernel."""
+    return macs >= _MIN_MACS or outputs >= _MIN_OUTPUTS
+
+
+def takes(residual: bool, activation: str) -> bool:
+    """Whether torch's fused conv has this epilogue (its residual add is a 'sum' post-op,
+    followed by nothing or ReLU)."""
+    return activation in _UNARY and (not residual or activation in ("", "relu"))
+
+
+def prepack(qweight: torch.Tensor, w_scales: torch.Tensor, act_scale: float, zero_point: int, stride, padding,
+            dilation, groups: int, x_shape: List[int]) -> torch.Tensor:
+    """qweight reordered for torch's kernel at input shape x_shape ([N, C, H, W]): an opaque
+    mkldnn tensor, derived data the module keeps per input shape (never copied or saved)."""
+    return torch.ops.onednn.qconv_prepack(qweight, w_scales, float(act_scale), int(zero_point), list(stride),
+                                          list(padding), list(dilation), int(groups), list(x_shape))
+
+
+def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_max: int, packed: torch.Tensor,
+                      w_scales: torch.Tensor, w_zero_points: torch.Tensor, bias: Optional[torch.Tensor], stride,
+                      padding, dilation, groups: int, residual: Optional[torch.Tensor] = None,
+                      activation: str = "") -> torch.Tensor:
+    """conv_int8_quantizing's result for 2-D convs, as [N, OC, H, W] (channels-last strides):
+    xc [N, H, W, C] fp32 contiguous is quantized by our quantizer (codes min(q, code_max)),
+    then convolved by torch's oneDNN. residual: [N, OC, OH, OW] fp32 (any strides; torch's
+    kernel adds it in place, so it reads a copy)."""
+    codes = torch.empty(xc.shape, dtype=torch.uint8)
+    c = xc.shape[-1]
+    _C.quantize_static(_views.view(xc.view(-1, c), "x"), None, float(act_scale), int(zero_point),
+                       _views.view(codes.view(-1, c), "q"), INT8_BACKENDS["auto"])
+    if code_max < 255:
+        codes.clamp_(max=code_max)
+    qx = codes.movedim(-1, 1)
+    geometry = (list(stride), list(padding), list(dilation), int(groups))
+    if residual is None:
+        unary, scalars = _UNARY[activation]
+        return torch.ops.onednn.qconv2d_pointwise(qx, float(act_scale), int(zero_point), packed, w_scales,
+                                                  w_zero_points, bias, *geometry, 1.0, 0, torch.float32, unary,
+                                                  scalars, "")
+    accum = torch.empty_like(residual, dtype=torch.float32, memory_format=torch.channels_last).copy_(residual)
+    return torch.ops.onednn.qconv2d_pointwise.binary(qx, float(act_scale), int(zero_point), packed, w_scales,
+                                                     w_zero_points, accum, bias, *geometry, 1.0, 0, torch.float32,
+                                                     1.0, 0, "sum", 1.0, activation or "none", [], "")

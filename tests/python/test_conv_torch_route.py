@@ -1,0 +1,185 @@
+"""Int8Conv2d's route through the oneDNN torch ships (ops/conv_int8_torch.py): it gives our own
+kernel's results and the reference's, is taken only for calls large enough to gain and whose
+epilogue torch's op has, never changes a residual it reads, and a module that used it can
+still be copied, pickled and updated in place. Run also under the AVX2 caps (7-bit codes)."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.ops import conv_int8_torch as CT
+
+pytestmark = pytest.mark.skipif(not CT.available(), reason="this torch has no oneDNN int8 convolution ops")
+
+# (N, C, H, W, OC, kernel, stride, padding, groups): each large enough for the route to pay
+SHAPES = [
+    (8, 32, 16, 16, 48, 3, 1, 1, 1),
+    (32, 32, 16, 15, 64, 3, 2, 1, 1),  # strided, odd width
+    (32, 32, 16, 16, 64, 1, 2, 0, 1),  # strided 1x1 shortcut (by output size)
+    (8, 64, 32, 32, 64, 3, 1, 1, 64),  # depthwise
+    (64, 1, 16, 16, 32, 3, 1, 1, 1),  # 1-channel stem (by output size)
+]
+EPILOGUES = [(False, ""), (False, "relu"), (False, "relu6"), (False, "silu"), (True, ""), (True, "relu")]
+
+
+@pytest.fixture
+def routes():
+    """Runs a callable with torch's route on, then off; restores the setting."""
+    previous = CT.set_enabled(True)
+
+    def both(fn):
+        CT.set_enabled(True)
+        on = fn()
+        CT.set_enabled(False)
+        off = fn()
+        CT.set_enabled(True)
+        return on, off
+
+    yield both
+    CT.set_enabled(previous)
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Counts the calls that took torch's route."""
+    calls = []
+    real = CT.conv2d_quantizing
+    monkeypatch.setattr(CT, "conv2d_quantizing", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _module(shape, mode, seed=0, backend="auto"):
+    n, c, h, w, oc, k, s, p, g = shape
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, oc, k, s, p, groups=g).eval()
+    x = (4 * torch.randn(n, c, h, w)).contiguous(memory_format=torch.channels_last)  # outputs past ReLU6's 6
+    lo, hi = float(x.min()), float(x.max())
+    scale = (hi - lo) / 255
+    static = mode == "static"
+    mod = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, mode, scale if static else None,
+                                      round(-lo / scale) if static else 0, backend=backend)
+    return mod, x
+
+
+def _residual(mod, x, seed=1):
+    with torch.no_grad():
+        shape = mod(x).shape
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).contiguous(
+        memory_format=torch.channels_last)
+
+
+def _close(got, ref):
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def _matches_reference(mod, got, ref):
+    """The reference's result to rounding, or, where the kernel takes 7-bit codes (no VNNI; the
+    reference keeps 8), within what one bit less allows."""
+    if any(seven_bit for _, seven_bit in mod._kernels.values()):
+        assert 20 * math.log10(float(ref.norm()) / float((ref - got).norm())) > 30
+    else:
+        _close(got, ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("with_residual, activation", EPILOGUES)
+def test_route_matches_our_kernel_and_the_reference(shape, mode, with_residual, activation, routes, taken):
+    mod, x = _module(shape, mode)
+    ref_mod, _ = _module(shape, mode, backend="reference")
+    residual = _residual(mod, x) if with_residual else None
+    kept = None if residual is None else residual.clone()
+    taken.clear()
+    with torch.no_grad():
+        on, off = routes(lambda: mod(x, residual, activation))
+        ref = ref_mod(x, residual, activation)
+    assert len(taken) == 1, "torch's route was not taken"
+    assert on.shape == ref.shape and on.dtype == torch.float32
+    _close(on, off)
+    _matches_reference(mod, on, ref)
+    if residual is not None:
+        assert torch.equal(residual, kept), "the residual was changed"
+
+
+def test_not_taken_where_it_does_not_pay_or_cannot(routes, taken):
+    """Small calls, epilogues torch's op lacks, Conv1d and the switch take our kernel (with the
+    same results as the reference); a call recording a gradient still gets one to its input."""
+    big, x = _module(SHAPES[0], "static")
+    ref, _ = _module(SHAPES[0], "static", backend="reference")
+    r = _residual(big, x)
+    taken.clear()
+    with torch.no_grad():
+        for args in [(x[:1],), (x, None, "gelu"), (x, r, "silu"), (x, r, "relu6")]:
+            on, off = routes(lambda: big(*args))
+            assert torch.equal(on, off)
+            _matches_reference(big, on, ref(*args))
+    assert not taken
+    xg = x.clone().requires_grad_()
+    y = big(xg)  # the frozen layer's autograd function: the forward may take the route
+    y.sum().backward()
+    with torch.no_grad():
+        _close(y.detach(), big(x))
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    taken.clear()
+    conv1d = nn.Conv1d(64, 64, 3, padding=1).eval()
+    m1 = ts.nn.Int8Conv1d.from_float(conv1d, conv1d.weight, conv1d.bias, "dynamic")
+    with torch.no_grad():
+        m1(torch.randn(64, 64, 128))
+    assert not taken
+    CT.set_enabled(False)
+    with torch.no_grad():
+        big(x)
+    assert not taken
+
+
+def test_module_copies_and_updates_after_the_route(routes, taken):
+    """The route keeps torch's packed weights (opaque tensors) in the module: copies and pickles
+    start without them, and weights or scales changed in place are used at the next call."""
+    mod, x = _module(SHAPES[0], "static")
+    with torch.no_grad():
+        y = mod(x)
+        assert taken
+        twin = copy.deepcopy(mod)
+        buf = io.BytesIO()
+        torch.save(mod, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)
+        fresh, _ = _module(SHAPES[0], "static")
+        mod.qweight.neg_()
+        mod.w_scales.mul_(1.5)
+        fresh.load_state_dict(mod.state_dict())
+        y2 = mod(x)
+        assert not torch.equal(y2, y)
+        on, off = routes(lambda: fresh(x))
+        _close(y2, off)
+        _close(y2, on)
+
+
+def test_resnet_block_model_same_result_both_routes(routes, taken):
+    """A W8A8 model with fused ReLU / residual epilogues at batch 32 gives the same logits with
+    the route on and off, and the route runs."""
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+            self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), Block(32), Block(32), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(32, 3, 16, 16)
+    ts.quantize(model, ts.W8A8(), calib_data=[x], progress=False)
+    with torch.inference_mode():
+        on, off = routes(lambda: model(x))
+    assert len(taken) >= 4
+    _close(on, off)
