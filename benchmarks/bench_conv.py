@@ -3,8 +3,9 @@ Conv2d on the x86 / fbgemm engine, float in -> float out like ours, channels-las
 best case) and ours (W8A8 static, oneDNN, channels-last input as the previous int8 conv leaves
 it; fp32 gets the NCHW input users have), at typical shapes, batch 1 and 32; then the whole
 digits ResNet (eval/digits_basic_resnet.py), fp32 vs W8A8, and W8A8 with its ReLUs and residual
-adds left as torch ops ("unfused") to show what fusing them into the convs gives. One run;
-ratios vs fp32.
+adds left as torch ops ("unfused") to show what fusing them into the convs gives. "wheel":
+ours with every conv on the onednn wheel's runtime (ops/conv_int8_torch.py switched off), to
+show what running large convs on torch's own oneDNN and threads gives. One run; ratios vs fp32.
 
     .venv/bin/python benchmarks/bench_conv.py [--isa avx2] [--batches 1 32]
 
@@ -72,14 +73,25 @@ def main():
     from timing import cpu_name, median_times
     from tensorslim.eval import digits_basic_resnet as D
     from tensorslim.ops import conv_int8 as C
+    from tensorslim.ops import conv_int8_torch
+
+    def on_wheel(fn):
+        """fn with torch's-oneDNN route switched off for the call."""
+        def run():
+            previous = conv_int8_torch.set_enabled(False)
+            try:
+                return fn()
+            finally:
+                conv_int8_torch.set_enabled(previous)
+        return run
 
     torch.manual_seed(0)
     print(f"{cpu_name()}, tensorslim ISA {ts._C.active_isa()}, ONEDNN_MAX_CPU_ISA="
           f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()} (tensorslim: {ts._C.threading_backend()})")
-    print("(--isa caps ours and oneDNN only: torch fp32 and torch.ao run at their own best ISA)")
-    print(f"{'shape':<24} {'batch':>5} {'fp32 ms':>9} {'torch.ao ms':>12} {'ours ms':>9} {'ours/fp32':>10} "
-          f"{'ours/torch.ao':>14}  kernel")
+    print("(--isa caps ours and every oneDNN, torch's fp32 conv included; torch.ao (fbgemm) runs at its best ISA)")
+    print(f"{'shape':<24} {'batch':>5} {'fp32 ms':>9} {'torch.ao ms':>12} {'wheel ms':>9} {'ours ms':>9} "
+          f"{'ours/fp32':>10} {'ours/torch.ao':>14}  kernel")
     with torch.inference_mode():
         for name, c, oc, k, s, p, g, hw in SHAPES:
             conv = nn.Conv2d(c, oc, k, s, p, groups=g).eval()
@@ -93,13 +105,14 @@ def main():
                 xcl = x.contiguous(memory_format=torch.channels_last)
                 tq = torch_int8(conv, xcl)
                 # ours and torch.ao read channels-last input, as a previous int8 conv leaves it
-                fns = [lambda: conv(x), lambda: ours(xcl)] + ([lambda: tq(xcl)] if tq else [])
+                fns = [lambda: conv(x), lambda: ours(xcl), on_wheel(lambda: ours(xcl))] + (
+                    [lambda: tq(xcl)] if tq else [])
                 times = median_times(fns, min_time=0.3, warmup=2, min_rounds=5)
-                t32, t8 = times[0], times[1]
-                tao = times[2] if tq else float("nan")
+                t32, t8, tw = times[0], times[1], times[2]
+                tao = times[3] if tq else float("nan")
                 impl = C.impl_name(torch.empty(n, hw, hw, c, dtype=torch.uint8), ours.qweight, ours.stride,
                                    ours.padding, ours.dilation, ours.groups, int(ours.act_zero_point), True)
-                print(f"{name:<24} {n:>5} {t32 * 1e3:>9.3f} {tao * 1e3:>12.3f} {t8 * 1e3:>9.3f} "
+                print(f"{name:<24} {n:>5} {t32 * 1e3:>9.3f} {tao * 1e3:>12.3f} {tw * 1e3:>9.3f} {t8 * 1e3:>9.3f} "
                       f"{t32 / t8:>9.2f}x {tao / t8:>13.2f}x  {impl}")
     print()
     xtr, ytr, xte, yte = D.digits_images()
@@ -116,15 +129,15 @@ def main():
     unfused = copy.deepcopy(q)
     for m in unfused.modules():
         m.__dict__.pop("forward", None)  # the model's own forward: epilogues as torch ops
-    print(f"{'digits ResNet latency':<28} {'batch':>5} {'fp32 ms':>9} {'unfused ms':>11} {'w8a8 ms':>9} "
-          f"{'fp32/w8a8':>10} {'fp32/unfused':>13}")
+    print(f"{'digits ResNet latency':<28} {'batch':>5} {'fp32 ms':>9} {'unfused ms':>11} {'wheel ms':>9} "
+          f"{'w8a8 ms':>9} {'fp32/w8a8':>10} {'fp32/unfused':>13} {'fp32/wheel':>11}")
     with torch.inference_mode():
         for n in args.batches:
             x = xtr[:n]
-            t32, tu, t8 = median_times([lambda: fp32(x), lambda: unfused(x), lambda: q(x)], min_time=0.5, warmup=3,
-                                       min_rounds=9)
-            print(f"{'':<28} {n:>5} {t32 * 1e3:>9.3f} {tu * 1e3:>11.3f} {t8 * 1e3:>9.3f} {t32 / t8:>9.2f}x "
-                  f"{t32 / tu:>12.2f}x")
+            t32, tu, tw, t8 = median_times([lambda: fp32(x), lambda: unfused(x), on_wheel(lambda: q(x)),
+                                            lambda: q(x)], min_time=0.5, warmup=3, min_rounds=9)
+            print(f"{'':<28} {n:>5} {t32 * 1e3:>9.3f} {tu * 1e3:>11.3f} {tw * 1e3:>9.3f} {t8 * 1e3:>9.3f} "
+                  f"{t32 / t8:>9.2f}x {t32 / tu:>12.2f}x {t32 / tw:>10.2f}x")
 
 
 if __name__ == "__main__":
