@@ -4,7 +4,7 @@ best case) and ours (W8A8 static, oneDNN, channels-last input as the previous in
 it; fp32 gets the NCHW input users have), at typical shapes, batch 1 and 32; then the whole
 digits ResNet (eval/digits_basic_resnet.py), fp32 vs W8A8, and W8A8 with its ReLUs and residual
 adds left as torch ops ("unfused") to show what fusing them into the convs gives. "wheel":
-ours with every conv on the onednn wheel's runtime (ops/conv_int8_torch.py switched off), to
+ours with every conv on the onednn wheel's runtime (ops/torch_onednn.py switched off), to
 show what running large convs on torch's own oneDNN and threads gives. One run; ratios vs fp32.
 
     .venv/bin/python benchmarks/bench_conv.py [--isa avx2] [--batches 1 32]
@@ -73,16 +73,16 @@ def main():
     from timing import cpu_name, median_times
     from tensorslim.eval import digits_basic_resnet as D
     from tensorslim.ops import conv_int8 as C
-    from tensorslim.ops import conv_int8_torch
+    from tensorslim.ops import torch_onednn
 
     def on_wheel(fn):
         """fn with torch's-oneDNN route switched off for the call."""
         def run():
-            previous = conv_int8_torch.set_enabled(False)
+            previous = torch_onednn.set_enabled(False)
             try:
                 return fn()
             finally:
-                conv_int8_torch.set_enabled(previous)
+                torch_onednn.set_enabled(previous)
         return run
 
     torch.manual_seed(0)

@@ -80,6 +80,7 @@ def test_module_packs_where_packing_pays(monkeypatch, pays):
     # A layer keeps the packed copy only where the CPU's kernels read it faster (not on AMX),
     # re-packs when its weights change (e.g. load_state_dict), and gives the same results.
     monkeypatch.setattr(ts.ops.int8, "packing_pays", lambda: pays)
+    monkeypatch.setattr(ts.ops.torch_onednn, "_enabled", False)  # the wheel's copy (torch's: test_torch_onednn_route)
     torch.manual_seed(4)
     mod = ts.Int8Linear.from_float(torch.randn(96, 160), None, "dynamic")
     x = torch.randn(48, 160)  # above the rows where our own kernels run instead of oneDNN
@@ -102,6 +103,7 @@ def test_module_built_under_inference_mode_packs_and_runs(monkeypatch):
     # (was a RuntimeError at the first call where packing pays, e.g. on AVX-512 VNNI CPUs
     # without AMX, for a model quantized under torch.inference_mode).
     monkeypatch.setattr(ts.ops.int8, "packing_pays", lambda: True)
+    monkeypatch.setattr(ts.ops.torch_onednn, "_enabled", False)  # the wheel's copy (torch's: test_torch_onednn_route)
     torch.manual_seed(5)
     with torch.inference_mode():
         mod = ts.Int8Linear.from_float(torch.randn(96, 160), torch.randn(96), "dynamic")

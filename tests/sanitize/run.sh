@@ -39,6 +39,6 @@ PYTHONPATH="$PWD/$PKG" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/python/test_huge_values.py tests/python/test_gptq.py tests/python/test_awq.py \
   tests/python/test_sanitized_import.py tests/python/test_distill_kd.py \
   tests/python/test_sparse_ops.py tests/python/test_sparsegpt.py tests/python/test_int8_conv.py \
-  tests/python/test_conv_epilogue.py tests/python/test_conv_torch_route.py \
+  tests/python/test_conv_epilogue.py tests/python/test_torch_onednn_route.py \
   tests/python/test_distill_features_native.py tests/python/test_quantized_embedding.py \
   tests/python/test_decode_gemm.py

@@ -19,22 +19,11 @@ from .._identity import tensor_identity
 from .._native import _C
 from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
-from ..ops import conv_int8_torch
+from ..ops import torch_onednn
 
 MODES = ("static", "dynamic")
 _GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _MAX_SHAPES = 16  # packed weights kept per module (one per input shape seen)
-
-
-class _DerivedCache(dict):
-    """Weights reordered for torch's kernel (opaque tensors that cannot be copied or pickled):
-    a copied or unpickled module starts with an empty cache and packs again."""
-
-    def __deepcopy__(self, memo):
-        return type(self)()
-
-    def __reduce__(self):
-        return type(self), ()
 
 
 def float_geometry(conv: nn.Module) -> dict:
@@ -113,9 +102,10 @@ class _Int8ConvNd(nn.Module):
         self.register_buffer("act_zero_point", torch.zeros(1, dtype=torch.int32, device=device) if static else None)
         self._kernels: Dict[tuple, tuple] = {}  # (input shape, zero point != 0) -> (packed or None, 7-bit)
         self._kernels_key = None
-        self._torch_kernels = _DerivedCache()  # the same keys -> qweight packed for torch's kernel
+        self._torch_kernels = torch_onednn.PackedCache()  # the same keys -> qweight packed for torch's kernel
         self._w_zero_points = torch.zeros(self.out_channels, dtype=torch.long)  # what torch's kernel reads
-        self._plans: Dict[tuple, tuple] = _DerivedCache()  # static mode: (input shape, tensor identities) -> call arguments
+        # static mode: (input shape, route on, tensor identities) -> call arguments
+        self._plans: Dict[tuple, tuple] = torch_onednn.PackedCache()
 
     # ------------------------------------------------------------ construction / io
 
@@ -266,7 +256,7 @@ class _Int8ConvNd(nn.Module):
         key_w = tensor_identity(self.qweight)
         if key_w != self._kernels_key:  # new weights (load_state_dict, to()): repack
             self._kernels, self._kernels_key = {}, key_w
-            self._torch_kernels = _DerivedCache()
+            self._torch_kernels = torch_onednn.PackedCache()
         key = (tuple(shape), zp != 0)
         hit = self._kernels.get(key)
         if hit is None:
@@ -283,20 +273,20 @@ class _Int8ConvNd(nn.Module):
         return hit
 
     def _torch_kernel(self, shape: tuple, scale: float, zp: int) -> Optional[torch.Tensor]:
-        """qweight packed for torch's kernel (ops/conv_int8_torch.py) at this channels-last input
+        """qweight packed for torch's kernel (ops/torch_onednn.py) at this channels-last input
         shape, or None where that route is off, does not pay at this size or the conv is not 2-D.
         Call after _kernel (which drops these when the weights change)."""
-        if self.sp != 2 or not conv_int8_torch.available():
+        if self.sp != 2 or not torch_onednn.available():
             return None
         n, *spatial, c = shape
         out_sp = conv_ops.out_size(spatial, self.kernel_size, self.stride, self.padding, self.dilation)
         outputs = n * out_sp[0] * out_sp[1] * self.out_channels
-        if not conv_int8_torch.pays(outputs * self.qweight[0].numel(), outputs):
+        if not torch_onednn.pays(outputs * self.qweight[0].numel(), outputs):
             return None
         key = (tuple(shape), zp != 0)
         hit = self._torch_kernels.get(key)
         if hit is None:
-            hit = conv_int8_torch.prepack(self.qweight, self.w_scales, scale, zp, self.stride, self.padding,
+            hit = torch_onednn.prepack(self.qweight, self.w_scales, scale, zp, self.stride, self.padding,
                                           self.dilation, self.groups, [n, c, *spatial])
             if len(self._torch_kernels) >= _MAX_SHAPES:
                 self._torch_kernels.clear()
@@ -309,7 +299,7 @@ class _Int8ConvNd(nn.Module):
         after it: the geometry; torch's route's arguments or None), or () where no fast kernel
         runs. Cached while the module's tensors are the same objects, unmodified, so a call pays
         no scalar reads, packing lookups or views."""
-        key = (shape, conv_int8_torch.available()) + tuple(tensor_identity(t) for t in tensors)
+        key = (shape, torch_onednn.available()) + tuple(tensor_identity(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:
             scale, zp = self._params(None, 255)
@@ -338,14 +328,14 @@ class _Int8ConvNd(nn.Module):
         xc = x.detach().to(torch.float32).movedim(1, -1).contiguous()  # channels last
         res = None if residual is None else residual.detach()
         eager = _eager.direct_ok((xc, res) + tuple(self._buffers.values()))
-        torch_route = eager and conv_int8_torch.takes(res is not None, activation)
+        torch_route = eager and torch_onednn.takes(res is not None, activation)
         rc = None  # the residual channels last, for our kernel (torch's reads it as it is)
         if self.mode == "static" and self.backend != "reference" and xc.numel() > 0 and eager:
             b = self._buffers
             plan = self._static_plan(xc.shape, (b["qweight"], b["w_scales"], b["bias"], b["act_scale"],
                                                 b["act_zero_point"]))
             if plan and plan[3] is not None and torch_route:  # torch's oneDNN on torch's threads
-                return conv_int8_torch.conv2d_quantizing(xc, *plan[3], res, activation).to(x.dtype)
+                return torch_onednn.conv2d_quantizing(xc, *plan[3], res, activation).to(x.dtype)
             if plan:  # one native call with the cached arguments
                 out_shape, before_out, after_out, _ = plan
                 rc = None if res is None else res.movedim(1, -1).contiguous()
@@ -363,7 +353,7 @@ class _Int8ConvNd(nn.Module):
                 packed, _ = self._kernel(xc.shape, zp)
         tpacked = self._torch_kernel(xc.shape, scale, zp) if packed is not None and torch_route else None
         if tpacked is not None:
-            out = conv_int8_torch.conv2d_quantizing(xc, scale, zp, qmax, tpacked, self.w_scales, self._w_zero_points,
+            out = torch_onednn.conv2d_quantizing(xc, scale, zp, qmax, tpacked, self.w_scales, self._w_zero_points,
                                                     self.bias, self.stride, self.padding, self.dilation, self.groups,
                                                     res, activation)
             return out.to(x.dtype)

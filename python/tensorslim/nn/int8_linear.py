@@ -11,6 +11,7 @@ import torch
 
 from .. import ops
 from .._identity import tensor_identity
+from ..ops import _eager, torch_onednn
 from .compressed_linear import CompressedLinear
 
 MODES = ("static", "dynamic")
@@ -45,6 +46,8 @@ class Int8Linear(CompressedLinear):
                              torch.zeros(1, dtype=torch.int32, device=device) if static else None)
         self._packed = None  # qweight in oneDNN's blocked layout: derived, never saved
         self._packed_key = None
+        self._torch_packed = torch_onednn.PackedCache()  # qweight identity -> packed for torch's matmul
+        self._w_zero_points = torch.zeros(out_features, dtype=torch.long)  # what torch's matmul reads
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str,
@@ -99,11 +102,29 @@ class Int8Linear(CompressedLinear):
         if t is None:
             t = [self.qweight, self.w_scales, self.bias, self.inv_smooth, self.act_scale, self.act_zero_point]
         qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point = t
+        if (self.backend == "auto" and not self.act_signed and x.is_cpu
+                and torch_onednn.linear_pays(x.numel() // self.in_features, self.in_features, self.out_features)
+                and _eager.direct_ok((x, qweight, w_scales, bias, inv_smooth))):
+            return self._torch_forward(x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point)
         packed = self.packed_weight(qweight)
         if self.mode == "static":
             return ops.linear_w8a8(x, qweight, w_scales, bias, inv_smooth, float(act_scale), int(act_zero_point),
                                    torch.int8 if self.act_signed else torch.uint8, self.backend, packed)
         return ops.linear_w8a8(x, qweight, w_scales, bias, inv_smooth, backend=self.backend, packed=packed)
+
+    def _torch_forward(self, x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point) -> torch.Tensor:
+        """The product on torch's oneDNN matmul (ops/torch_onednn.py): rows where ours would
+        hand it to the onednn wheel's runtime."""
+        key = tensor_identity(qweight)
+        packed = self._torch_packed.get(key)
+        if packed is None:  # new weights (load_state_dict, to(), changed in place): repack
+            self._torch_packed = torch_onednn.PackedCache()
+            packed = self._torch_packed[key] = torch_onednn.linear_prepack(qweight)
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        static = self.mode == "static"
+        y = torch_onednn.linear_w8a8(x2, packed, w_scales, self._w_zero_points, bias, inv_smooth,
+                                     float(act_scale) if static else None, int(act_zero_point) if static else 0)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective float weight, smoothing undone: W ≈ dequant(qweight) * inv_smooth."""

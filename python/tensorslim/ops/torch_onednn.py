@@ -1,5 +1,5 @@
-"""The INT8 convolution run by the oneDNN that torch ships (torch.ops.onednn), on torch's own
-OpenMP threads.
+"""INT8 convolutions and matmuls run by the oneDNN that torch ships (torch.ops.onednn), on
+torch's own OpenMP threads.
 
 Why there are two: the onednn wheel tensorslim links runs each kernel on a TBB worker behind
 a SYCL CPU queue (the calling thread waits), while torch's OpenMP workers keep spinning for
@@ -11,8 +11,11 @@ epilogue) on the OpenMP team itself, so the threads that would spin do the work.
 
 Int8Conv2d takes this route in eager CPU calls large enough to gain (`pays`) whose epilogue
 is one torch's op has (no residual: none / ReLU / ReLU6 / SiLU; with a residual: none / ReLU);
-everything else runs ops/conv_int8.py. TENSORSLIM_TORCH_ONEDNN=0 turns the route off (A/B runs, tests).
+Int8Linear (uint8 codes) where our dispatch would hand the product to oneDNN (`linear_pays`).
+Everything else runs our kernels. TENSORSLIM_TORCH_ONEDNN=0 turns the route off (A/B runs,
+tests). The activations are always quantized by our quantizers.
 """
+import functools
 import os
 from typing import List, Optional
 
@@ -20,12 +23,24 @@ import torch
 
 from .. import _views
 from .._native import _C
-from .int8 import INT8_BACKENDS
+from .int8 import INT8_BACKENDS, quantize_per_token, quantize_static
 
 # activation -> (torch's unary post-op name, its scalars)
 _UNARY = {"": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", [])}
 _enabled = os.environ.get("TENSORSLIM_TORCH_ONEDNN", "1") != "0"
 _ops_present: Optional[bool] = None
+_OPS = ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack", "qlinear_pointwise")
+
+
+class PackedCache(dict):
+    """Weights reordered for torch's kernels (opaque tensors that cannot be copied or pickled):
+    a copied or unpickled module starts with an empty cache and packs again."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
 
 
 def set_enabled(flag: bool) -> bool:
@@ -40,8 +55,8 @@ def available() -> bool:
     global _ops_present
     if _ops_present is None:
         try:
-            _ops_present = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_prepack")
-                            and hasattr(torch.ops.onednn, "qconv2d_pointwise"))
+            _ops_present = torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.onednn, op)
+                                                                         for op in _OPS)
         except (AttributeError, RuntimeError):
             _ops_present = False
     return _enabled and _ops_present
@@ -99,3 +114,41 @@ def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_
     return torch.ops.onednn.qconv2d_pointwise.binary(qx, float(act_scale), int(zero_point), packed, w_scales,
                                                      w_zero_points, accum, bias, *geometry, 1.0, 0, torch.float32,
                                                      1.0, 0, "sum", 1.0, activation or "none", [], "")
+
+
+# Rows from which linear_int8's automatic choice (src/cpu/gemm_int8.cpp) leaves our VNNI kernels
+# for oneDNN (kInt8VnniPanelMaxRows); below it our kernels already run on torch's threads.
+LINEAR_MIN_ROWS = 40
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_exact(K: int, N: int) -> bool:
+    """Whether oneDNN's u8 x s8 matmul of this shape is exact on this CPU (VNNI or AMX: our
+    dispatch's test, gemm_int8_onednn.cpp); without, our AVX2 kernels keep the product."""
+    return _C.linear_int8_packed_bytes(K, N) > 0
+
+
+def linear_pays(rows: int, K: int, N: int) -> bool:
+    """Whether Int8Linear should take torch's matmul for this many rows of this shape."""
+    return rows >= LINEAR_MIN_ROWS and available() and _matmul_exact(K, N)
+
+
+def linear_prepack(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight [N, K] int8 reordered for torch's matmul (opaque, kept in a PackedCache)."""
+    return torch.ops.onednn.qlinear_prepack(qweight, None)
+
+
+def linear_w8a8(x2: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, w_zero_points: torch.Tensor,
+                bias: Optional[torch.Tensor], inv_smooth: Optional[torch.Tensor], act_scale: Optional[float] = None,
+                act_zero_point: int = 0) -> torch.Tensor:
+    """ops.linear_w8a8's product for x2 [M, K] fp32 with uint8 codes, as [M, N] fp32: static
+    (act_scale) or per-token codes (zero point 128; torch's kernel takes one source scale,
+    so the per-row scales multiply its output, then the bias is added)."""
+    args = (w_scales, w_zero_points)
+    if act_scale is not None:
+        qx = quantize_static(x2, act_scale, act_zero_point, inv_smooth, torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(qx, float(act_scale), int(act_zero_point), packed, *args, bias,
+                                                  1.0, 0, torch.float32, "none", [], "")
+    qx, token_scales = quantize_per_token(x2, inv_smooth, unsigned=True)
+    y = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed, *args, None, 1.0, 0, torch.float32, "none", [], "")
+    return torch.addcmul(bias, y, token_scales[:, None]) if bias is not None else y.mul_(token_scales[:, None])

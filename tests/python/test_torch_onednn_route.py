@@ -1,4 +1,4 @@
-"""Int8Conv2d's route through the oneDNN torch ships (ops/conv_int8_torch.py): it gives our own
+"""Int8Conv2d's route through the oneDNN torch ships (ops/torch_onednn.py): it gives our own
 kernel's results and the reference's, is taken only for calls large enough to gain and whose
 epilogue torch's op has, never changes a residual it reads, and a module that used it can
 still be copied, pickled and updated in place. Run also under the AVX2 caps (7-bit codes)."""
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
-from tensorslim.ops import conv_int8_torch as CT
+from tensorslim.ops import torch_onednn as CT
+from tensorslim.ops import int8 as int8_ops
 
 pytestmark = pytest.mark.skipif(not CT.available(), reason="this torch has no oneDNN int8 convolution ops")
 
@@ -44,13 +45,23 @@ def routes():
     CT.set_enabled(previous)
 
 
+def _counter(monkeypatch, name):
+    calls = []
+    real = getattr(CT, name)
+    monkeypatch.setattr(CT, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.fixture
 def taken(monkeypatch):
-    """Counts the calls that took torch's route."""
-    calls = []
-    real = CT.conv2d_quantizing
-    monkeypatch.setattr(CT, "conv2d_quantizing", lambda *a: calls.append(1) or real(*a))
-    return calls
+    """Counts the conv calls that took torch's route."""
+    return _counter(monkeypatch, "conv2d_quantizing")
+
+
+@pytest.fixture
+def linear_taken(monkeypatch):
+    """Counts the linear calls that took torch's route."""
+    return _counter(monkeypatch, "linear_w8a8")
 
 
 def _module(shape, mode, seed=0, backend="auto"):
@@ -183,3 +194,67 @@ def test_resnet_block_model_same_result_both_routes(routes, taken):
         on, off = routes(lambda: model(x))
     assert len(taken) >= 4
     _close(on, off)
+
+
+def _linear(mode, K=160, N=96, bias=True, smooth=False, seed=0, backend="auto"):
+    torch.manual_seed(seed)
+    inv = torch.rand(K) + 0.5 if smooth else None
+    return ts.Int8Linear.from_float(torch.randn(N, K), torch.randn(N) if bias else None, mode, inv,
+                                    0.05 if mode == "static" else None, 100 if mode == "static" else 0,
+                                    backend=backend)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("bias, smooth", [(True, False), (False, True)])
+@pytest.mark.parametrize("shape", [(48,), (3, 37), (512,)])  # rows: 48, 111 (3-D), 512
+def test_linear_route_matches_our_kernels_and_the_reference(mode, bias, smooth, shape, routes, linear_taken):
+    mod = _linear(mode, bias=bias, smooth=smooth)
+    ref_mod = _linear(mode, bias=bias, smooth=smooth, backend="reference")
+    x = 3 * torch.randn(*shape, 160)
+    with torch.no_grad():
+        on, off = routes(lambda: mod(x))
+        ref = ref_mod(x)
+    if not CT.linear_pays(x.numel() // 160, 160, 96):  # no exact oneDNN kernel (no VNNI): ours only
+        assert not linear_taken and torch.equal(on, off)
+        return
+    assert len(linear_taken) == 1
+    assert on.shape == (*shape, 96) and on.dtype == torch.float32
+    _close(on, off)
+    _close(on, ref)
+
+
+def test_linear_route_not_taken_where_ours_run(routes, linear_taken):
+    """Below LINEAR_MIN_ROWS rows, for signed (int8) codes and the reference backend, the
+    product stays with our kernels."""
+    mod = _linear("dynamic")
+    x = torch.randn(CT.LINEAR_MIN_ROWS - 1, 160)
+    with torch.no_grad():
+        on, off = routes(lambda: mod(x))
+        assert torch.equal(on, off)
+        signed = ts.Int8Linear.from_float(torch.randn(96, 160), None, "static", None, 0.05, 0, act_signed=True)
+        signed(torch.randn(64, 160))
+        _linear("dynamic", backend="reference")(torch.randn(64, 160))
+    assert not linear_taken
+
+
+def test_linear_route_copies_updates_and_bad_input(linear_taken):
+    """Copies and pickles of a layer that used the route work; weights changed in place are
+    repacked; NaN input is the quantizer's clear error."""
+    mod = _linear("static")
+    x = torch.randn(64, 160)
+    with torch.no_grad():
+        y = mod(x)
+        if not linear_taken:
+            pytest.skip("no exact oneDNN INT8 matmul on this CPU: the route never runs")
+        twin = copy.deepcopy(mod)
+        buf = io.BytesIO()
+        torch.save(mod, buf)
+        buf.seek(0)
+        assert torch.equal(twin(x), y) and torch.equal(torch.load(buf, weights_only=False)(x), y)
+        mod.qweight.neg_()
+        ref = int8_ops.linear_w8a8(x, mod.qweight, mod.w_scales, mod.bias, None, 0.05, 100, backend="reference")
+        _close(mod(x), ref)
+        bad = x.clone()
+        bad[5, 7] = float("nan")
+        with pytest.raises(ValueError, match="finite"):
+            mod(bad)
