@@ -196,7 +196,7 @@ def test_resnet_block_model_same_result_both_routes(routes, taken):
     _close(on, off)
 
 
-def _linear(mode, K=160, N=96, bias=True, smooth=False, seed=0, backend="auto"):
+def _linear(mode, K=384, N=512, bias=True, smooth=False, seed=0, backend="auto"):
     torch.manual_seed(seed)
     inv = torch.rand(K) + 0.5 if smooth else None
     return ts.Int8Linear.from_float(torch.randn(N, K), torch.randn(N) if bias else None, mode, inv,
@@ -206,34 +206,34 @@ def _linear(mode, K=160, N=96, bias=True, smooth=False, seed=0, backend="auto"):
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest.mark.parametrize("bias, smooth", [(True, False), (False, True)])
-@pytest.mark.parametrize("shape", [(48,), (3, 37), (512,)])  # rows: 48, 111 (3-D), 512
+@pytest.mark.parametrize("shape", [(48,), (3, 37), (512,)])  # rows: 48 (too few MACs), 111 (3-D), 512
 def test_linear_route_matches_our_kernels_and_the_reference(mode, bias, smooth, shape, routes, linear_taken):
     mod = _linear(mode, bias=bias, smooth=smooth)
     ref_mod = _linear(mode, bias=bias, smooth=smooth, backend="reference")
-    x = 3 * torch.randn(*shape, 160)
+    x = 3 * torch.randn(*shape, 384)
     with torch.no_grad():
         on, off = routes(lambda: mod(x))
         ref = ref_mod(x)
-    if not CT.linear_pays(x.numel() // 160, 160, 96):  # no exact oneDNN kernel (no VNNI): ours only
+    if not CT.linear_pays(x.numel() // 384, 384, 512):  # no exact oneDNN kernel (no VNNI): ours only
         assert not linear_taken and torch.equal(on, off)
         return
     assert len(linear_taken) == 1
-    assert on.shape == (*shape, 96) and on.dtype == torch.float32
+    assert on.shape == (*shape, 512) and on.dtype == torch.float32
     _close(on, off)
     _close(on, ref)
 
 
 def test_linear_route_not_taken_where_ours_run(routes, linear_taken):
-    """Below LINEAR_MIN_ROWS rows, for signed (int8) codes and the reference backend, the
+    """Below LINEAR_MIN_ROWS rows (and _MIN_MACS), for signed (int8) codes and the reference backend, the
     product stays with our kernels."""
     mod = _linear("dynamic")
-    x = torch.randn(CT.LINEAR_MIN_ROWS - 1, 160)
+    x = torch.randn(CT.LINEAR_MIN_ROWS - 1, 384)
     with torch.no_grad():
         on, off = routes(lambda: mod(x))
         assert torch.equal(on, off)
-        signed = ts.Int8Linear.from_float(torch.randn(96, 160), None, "static", None, 0.05, 0, act_signed=True)
-        signed(torch.randn(64, 160))
-        _linear("dynamic", backend="reference")(torch.randn(64, 160))
+        signed = ts.Int8Linear.from_float(torch.randn(512, 384), None, "static", None, 0.05, 0, act_signed=True)
+        signed(torch.randn(256, 384))
+        _linear("dynamic", backend="reference")(torch.randn(256, 384))
     assert not linear_taken
 
 
@@ -241,7 +241,7 @@ def test_linear_route_copies_updates_and_bad_input(linear_taken):
     """Copies and pickles of a layer that used the route work; weights changed in place are
     repacked; NaN input is the quantizer's clear error."""
     mod = _linear("static")
-    x = torch.randn(64, 160)
+    x = torch.randn(128, 384)
     with torch.no_grad():
         y = mod(x)
         if not linear_taken:
