@@ -258,3 +258,24 @@ def test_linear_route_copies_updates_and_bad_input(linear_taken):
         bad[5, 7] = float("nan")
         with pytest.raises(ValueError, match="finite"):
             mod(bad)
+
+
+def test_route_off_where_torchs_ops_misbehave(monkeypatch):
+    """A torch whose private ops fail or compute something else (changed signature or meaning)
+    fails the one-time probe: the route stays off and layers run our kernels."""
+    assert CT._probe()  # this torch's ops compute what the route expects
+    monkeypatch.setattr(CT, "_ops_present", None)
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", lambda *a: torch.zeros(2, 4), raising=False)
+    assert not CT.available()
+    monkeypatch.setattr(CT, "_ops_present", None)
+
+    def broken(*a):
+        raise RuntimeError("unexpected arguments")
+
+    monkeypatch.setattr(torch.ops.onednn, "qconv_prepack", broken, raising=False)
+    assert not CT.available()
+    mod, x = _module(SHAPES[0], "static")
+    ref, _ = _module(SHAPES[0], "static", backend="reference")
+    with torch.no_grad():
+        _matches_reference(mod, mod(x), ref(x))
+    monkeypatch.setattr(CT, "_ops_present", None)  # probed again after the test

@@ -51,15 +51,41 @@ def set_enabled(flag: bool) -> bool:
 
 
 def available() -> bool:
-    """Whether Int8Conv2d may take this route (switched on, and this torch has the ops)."""
+    """Whether the route may be taken: switched on, and this torch's ops exist and compute what
+    we expect (checked once on tiny cases, so a torch whose private ops changed signature or
+    meaning leaves every layer on our kernels instead of failing)."""
     global _ops_present
     if _ops_present is None:
         try:
-            _ops_present = torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.onednn, op)
-                                                                         for op in _OPS)
-        except (AttributeError, RuntimeError):
+            _ops_present = (torch.backends.mkldnn.is_available()
+                            and all(hasattr(torch.ops.onednn, op) for op in _OPS) and _probe())
+        except (AttributeError, RuntimeError, TypeError, ValueError):
             _ops_present = False
     return _enabled and _ops_present
+
+
+def _probe() -> bool:
+    """A 3x3 conv with a residual and ReLU and a per-token matmul on small integers, against
+    their exact values."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 128, (1, 3, 3, 4), generator=g, dtype=torch.uint8)
+    w = torch.randint(-8, 9, (4, 4, 3, 3), generator=g).to(torch.int8)
+    ones, zeros = torch.ones(4), torch.zeros(4, dtype=torch.long)
+    residual = torch.randn(1, 4, 3, 3, generator=g)
+    with torch.inference_mode():
+        packed = prepack(w, ones, 0.5, 3, [1, 1], [1, 1], [1, 1], 1, [1, 4, 3, 3])
+        accum = residual.clone(memory_format=torch.channels_last)
+        got = torch.ops.onednn.qconv2d_pointwise.binary(
+            codes.movedim(-1, 1), 0.5, 3, packed, ones, zeros, accum, None, [1, 1], [1, 1], [1, 1], 1, 1.0, 0,
+            torch.float32, 1.0, 0, "sum", 1.0, "relu", [], "")
+        acc = torch.nn.functional.conv2d(codes.movedim(-1, 1).double() - 3, w.double(), padding=1)
+        conv_ok = torch.equal(got, (acc.float() * 0.5 + residual).relu())
+        x = torch.randint(0, 256, (2, 8), generator=g, dtype=torch.uint8)
+        wl = torch.randint(-8, 9, (4, 8), generator=g).to(torch.int8)
+        y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 128, linear_prepack(wl), ones, zeros, None, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        linear_ok = torch.equal(y, ((x.double() - 128) @ wl.double().T).float())
+    return conv_ok and linear_ok
 
 
 # Below this much work a call is quicker through our one native call (torch's route adds ~15 us
