@@ -16,7 +16,9 @@ Everything else runs our kernels. TENSORSLIM_TORCH_ONEDNN=0 turns the route off 
 tests). The activations are always quantized by our quantizers.
 """
 import functools
+import math
 import os
+import threading
 from typing import List, Optional
 
 import torch
@@ -115,6 +117,21 @@ def prepack(qweight: torch.Tensor, w_scales: torch.Tensor, act_scale: float, zer
                                           list(padding), list(dilation), int(groups), list(x_shape))
 
 
+_scratch = threading.local()
+
+
+def _codes_buffer(shape) -> torch.Tensor:
+    """A uint8 tensor of `shape` in this thread's buffer, reused across calls (the kernel reads
+    it before the call returns): a fresh 25 MB of codes per call (a ResNet 1x1 conv at batch 32)
+    cost page faults that made torch's route slower than ours, which also reuses one."""
+    n = math.prod(shape)
+    buf = getattr(_scratch, "codes", None)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = _scratch.codes = torch.empty(n, dtype=torch.uint8)
+    return buf[:n].view(shape)
+
+
 def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_max: int, packed: torch.Tensor,
                       w_scales: torch.Tensor, w_zero_points: torch.Tensor, bias: Optional[torch.Tensor], stride,
                       padding, dilation, groups: int, residual: Optional[torch.Tensor] = None,
@@ -123,7 +140,7 @@ def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_
     xc [N, H, W, C] fp32 contiguous is quantized by our quantizer (codes min(q, code_max)),
     then convolved by torch's oneDNN. residual: [N, OC, OH, OW] fp32 (any strides; torch's
     kernel adds it in place, so it reads a copy)."""
-    codes = torch.empty(xc.shape, dtype=torch.uint8)
+    codes = _codes_buffer(xc.shape)
     c = xc.shape[-1]
     _C.quantize_static(_views.view(xc.view(-1, c), "x"), None, float(act_scale), int(zero_point),
                        _views.view(codes.view(-1, c), "q"), INT8_BACKENDS["auto"])
