@@ -279,3 +279,16 @@ def test_route_off_where_torchs_ops_misbehave(monkeypatch):
     with torch.no_grad():
         _matches_reference(mod, mod(x), ref(x))
     monkeypatch.setattr(CT, "_ops_present", None)  # probed again after the test
+
+
+def test_compiled_layers_run_our_ops_and_never_probe(monkeypatch):
+    """Under torch.compile the layers go through our custom ops (the route is eager-only) and
+    the one-time probe does not run while tracing; the result matches the eager route's."""
+    monkeypatch.setattr(CT, "_ops_present", None)
+    lin = _linear("dynamic")
+    x = torch.randn(128, 384)
+    compiled = torch.compile(lambda t: lin(t), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        y = compiled(x)
+        assert CT._ops_present is None
+        _close(y, lin(x))

@@ -89,6 +89,8 @@ class Int8Linear(CompressedLinear):
         """qweight packed for the GEMM, rebuilt when qweight changes (load_state_dict, to());
         None where the GEMM runs on the plain weight (ops.int8.packing_pays)."""
         qweight = self.qweight if qweight is None else qweight
+        if torch.compiler.is_compiling():  # a traced graph reads the plain weight (no native query, no cache)
+            return None
         if self.backend == "reference" or qweight.device.type != "cpu" or not ops.int8.packing_pays():
             return None
         key = tensor_identity(qweight)
@@ -102,9 +104,9 @@ class Int8Linear(CompressedLinear):
         if t is None:
             t = [self.qweight, self.w_scales, self.bias, self.inv_smooth, self.act_scale, self.act_zero_point]
         qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point = t
-        if (self.backend == "auto" and not self.act_signed and x.is_cpu
-                and torch_onednn.linear_pays(x.numel() // self.in_features, self.in_features, self.out_features)
-                and _eager.direct_ok((x, qweight, w_scales, bias, inv_smooth))):
+        eager = _eager.direct_ok((x, qweight, w_scales, bias, inv_smooth))  # first: no probe while compiling
+        if (eager and self.backend == "auto" and not self.act_signed
+                and torch_onednn.linear_pays(x.numel() // self.in_features, self.in_features, self.out_features)):
             return self._torch_forward(x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point)
         packed = self.packed_weight(qweight)
         if self.mode == "static":
