@@ -292,3 +292,22 @@ def test_compiled_layers_run_our_ops_and_never_probe(monkeypatch):
         y = compiled(x)
         assert CT._ops_present is None
         _close(y, lin(x))
+
+
+def test_large_weights_take_the_route_from_fewer_rows(monkeypatch, routes, linear_taken):
+    """A weight of LARGE_WEIGHT values takes torch's matmul from LARGE_WEIGHT_MIN_ROWS rows (the
+    thresholds lowered here so a small layer stands in for a 4096 x 4096 one)."""
+    monkeypatch.setattr(CT, "LARGE_WEIGHT", 384 * 512)
+    monkeypatch.setattr(CT, "_MIN_MACS", 1)
+    mod = _linear("dynamic")
+    ref = _linear("dynamic", backend="reference")
+    with torch.no_grad():
+        few = torch.randn(CT.LARGE_WEIGHT_MIN_ROWS - 1, 384)
+        on, off = routes(lambda: mod(few))
+        assert not linear_taken and torch.equal(on, off)
+        x = torch.randn(CT.LARGE_WEIGHT_MIN_ROWS, 384)
+        on, off = routes(lambda: mod(x))
+        if CT.linear_pays(len(x), 384, 512):
+            assert len(linear_taken) == 1
+        _close(on, off)
+        _close(on, ref(x))

@@ -162,6 +162,12 @@ def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_
 # Rows from which linear_int8's automatic choice (src/cpu/gemm_int8.cpp) leaves our VNNI kernels
 # for oneDNN (kInt8VnniPanelMaxRows); below it our kernels already run on torch's threads.
 LINEAR_MIN_ROWS = 40
+# Weights this large (4096 x 4096 and up) take torch's matmul from 4 rows (measured on a 2-core
+# Zen 4, torch's / ours: 4096 x 4096 0.66-0.76 at 4-32 rows, 4096 x 11008 0.58-0.80; at 1 row
+# ours 0.70 ms vs 0.73 ms; 1024 x 4096 0.65 at 4 rows but 0.92-1.04 at 8-32; MiniLM's 384 x 1536
+# at 32 rows 1.74: our VNNI panels keep small weights).
+LARGE_WEIGHT = 1 << 24
+LARGE_WEIGHT_MIN_ROWS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,11 +179,13 @@ def _matmul_exact(K: int, N: int) -> bool:
 
 def linear_pays(rows: int, K: int, N: int) -> bool:
     """Whether Int8Linear should take torch's matmul for this many rows of this shape: from
-    LINEAR_MIN_ROWS rows and _MIN_MACS multiply-adds. Measured on a 2-core Zen 4 after a torch
+    LINEAR_MIN_ROWS rows (LARGE_WEIGHT_MIN_ROWS for a LARGE_WEIGHT) and _MIN_MACS multiply-adds.
+    Measured on a 2-core Zen 4 after a torch
     op (dynamic, torch's / the wheel's time): 384 x 384 at 56-128 rows 1.06-1.08 (the wheel
     wins; under _MIN_MACS), 256 rows 0.97, 1024 rows 0.61; 384 x 1536 at 40-80 rows 1.00-1.04,
     128-1024 rows 0.59-0.64; 1536 x 384 0.63-0.75 from 40 rows."""
-    return rows >= LINEAR_MIN_ROWS and rows * K * N >= _MIN_MACS and available() and _matmul_exact(K, N)
+    min_rows = LARGE_WEIGHT_MIN_ROWS if K * N >= LARGE_WEIGHT else LINEAR_MIN_ROWS
+    return rows >= min_rows and rows * K * N >= _MIN_MACS and available() and _matmul_exact(K, N)
 
 
 def linear_prepack(qweight: torch.Tensor) -> torch.Tensor:
