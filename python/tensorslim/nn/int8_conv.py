@@ -287,7 +287,7 @@ class _Int8ConvNd(nn.Module):
         hit = self._torch_kernels.get(key)
         if hit is None:
             hit = torch_onednn.prepack(self.qweight, self.w_scales, scale, zp, self.stride, self.padding,
-                                          self.dilation, self.groups, [n, c, *spatial])
+                                       self.dilation, self.groups, [n, c, *spatial])
             if len(self._torch_kernels) >= _MAX_SHAPES:
                 self._torch_kernels.clear()
             self._torch_kernels[key] = hit
@@ -354,8 +354,8 @@ class _Int8ConvNd(nn.Module):
         tpacked = self._torch_kernel(xc.shape, scale, zp) if packed is not None and torch_route else None
         if tpacked is not None:
             out = torch_onednn.conv2d_quantizing(xc, scale, zp, qmax, tpacked, self.w_scales, self._w_zero_points,
-                                                    self.bias, self.stride, self.padding, self.dilation, self.groups,
-                                                    res, activation)
+                                                 self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                                 res, activation)
             return out.to(x.dtype)
         if rc is None and res is not None:
             rc = res.movedim(1, -1).contiguous()

@@ -115,8 +115,8 @@ class Int8Linear(CompressedLinear):
         return ops.linear_w8a8(x, qweight, w_scales, bias, inv_smooth, backend=self.backend, packed=packed)
 
     def _torch_forward(self, x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point) -> torch.Tensor:
-        """The product on torch's oneDNN matmul (ops/torch_onednn.py): rows where ours would
-        hand it to the onednn wheel's runtime."""
+        """The product on torch's oneDNN matmul (ops/torch_onednn.py), for the row counts and
+        shapes where that was measured faster (torch_onednn.linear_pays)."""
         key = tensor_identity(qweight)
         packed = self._torch_packed.get(key)
         if packed is None:  # new weights (load_state_dict, to(), changed in place): repack

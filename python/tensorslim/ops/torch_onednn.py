@@ -11,7 +11,8 @@ epilogue) on the OpenMP team itself, so the threads that would spin do the work.
 
 Int8Conv2d takes this route in eager CPU calls large enough to gain (`pays`) whose epilogue
 is one torch's op has (no residual: none / ReLU / ReLU6 / SiLU; with a residual: none / ReLU);
-Int8Linear (uint8 codes) where our dispatch would hand the product to oneDNN (`linear_pays`).
+Int8Linear (uint8 codes) from the rows where our dispatch would hand the product to oneDNN, or
+fewer for large weights (`linear_pays`).
 Everything else runs our kernels. TENSORSLIM_TORCH_ONEDNN=0 turns the route off (A/B runs,
 tests). The activations are always quantized by our quantizers.
 """
@@ -67,7 +68,8 @@ def available() -> bool:
 
 
 def _probe() -> bool:
-    """A 3x3 conv with a residual and ReLU and a per-token matmul on small integers, against
+    """A 3x3 conv with a residual and ReLU and a matmul as per-token codes take it (zero point
+    128), on small integers, against
     their exact values."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 128, (1, 3, 3, 4), generator=g, dtype=torch.uint8)
