@@ -68,9 +68,8 @@ def available() -> bool:
 
 
 def _probe() -> bool:
-    """A 3x3 conv with a residual and ReLU and a matmul as per-token codes take it (zero point
-    128), on small integers, against
-    their exact values."""
+    """A 3x3 conv with a residual and ReLU, and a matmul as per-token codes take it (zero point
+    128), on small integers, against their exact values."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 128, (1, 3, 3, 4), generator=g, dtype=torch.uint8)
     w = torch.randint(-8, 9, (4, 4, 3, 3), generator=g).to(torch.int8)
