@@ -181,10 +181,10 @@ def _matmul_exact(K: int, N: int) -> bool:
 def linear_pays(rows: int, K: int, N: int) -> bool:
     """Whether Int8Linear should take torch's matmul for this many rows of this shape: from
     LINEAR_MIN_ROWS rows (LARGE_WEIGHT_MIN_ROWS for a LARGE_WEIGHT) and _MIN_MACS multiply-adds.
-    Measured on a 2-core Zen 4 after a torch
-    op (dynamic, torch's / the wheel's time): 384 x 384 at 56-128 rows 1.06-1.08 (the wheel
-    wins; under _MIN_MACS), 256 rows 0.97, 1024 rows 0.61; 384 x 1536 at 40-80 rows 1.00-1.04,
-    128-1024 rows 0.59-0.64; 1536 x 384 0.63-0.75 from 40 rows."""
+    Measured on a 2-core Zen 4 after a torch op (dynamic, torch's / the wheel's time): 384 x 384
+    at 56-128 rows 1.06-1.08 (the wheel wins; under _MIN_MACS), 256 rows 0.97, 1024 rows 0.61;
+    384 x 1536 at 40-80 rows 1.00-1.04, 128-1024 rows 0.59-0.64; 1536 x 384 0.63-0.75 from 40
+    rows."""
     min_rows = LARGE_WEIGHT_MIN_ROWS if K * N >= LARGE_WEIGHT else LINEAR_MIN_ROWS
     return rows >= min_rows and rows * K * N >= _MIN_MACS and available() and _matmul_exact(K, N)
 
