@@ -150,7 +150,8 @@ def test_not_taken_where_it_does_not_pay_or_cannot(routes, taken):
 
 def test_module_copies_and_updates_after_the_route(routes, taken):
     """The route keeps torch's packed weights (opaque tensors) in the module: copies and pickles
-    start without them, and weights or scales changed in place are used at the next call."""
+    start without them, weights or scales changed in place are used at the next call, and NaN
+    input is the quantizer's clear error."""
     mod, x = _module(SHAPES[0], "static")
     with torch.no_grad():
         y = mod(x)
@@ -170,6 +171,12 @@ def test_module_copies_and_updates_after_the_route(routes, taken):
         on, off = routes(lambda: fresh(x))
         _close(y2, off)
         _close(y2, on)
+        bad = x.clone()
+        bad[3, 4, 5, 6] = float("nan")
+        taken.clear()
+        with pytest.raises(ValueError, match="finite"):
+            mod(bad)
+        assert taken
 
 
 def test_resnet_block_model_same_result_both_routes(routes, taken):

@@ -103,7 +103,6 @@ class _Int8ConvNd(nn.Module):
         self._kernels: Dict[tuple, tuple] = {}  # (input shape, zero point != 0) -> (packed or None, 7-bit)
         self._kernels_key = None
         self._torch_kernels = torch_onednn.PackedCache()  # the same keys -> qweight packed for torch's kernel
-        self._w_zero_points = torch.zeros(self.out_channels, dtype=torch.long)  # what torch's kernel reads
         # static mode: (input shape, route on, tensor identities) -> call arguments
         self._plans: Dict[tuple, tuple] = torch_onednn.PackedCache()
 
@@ -316,8 +315,7 @@ class _Int8ConvNd(nn.Module):
                 (scale, zp, qmax, _views.view(self.qweight, "qweight"), _views.view(packed, "packed"),
                  _views.view(self.w_scales, "w_scales"), _views.optional_view(self.bias, "bias")),
                 geometry,
-                None if tpacked is None else (scale, zp, qmax, tpacked, self.w_scales, self._w_zero_points,
-                                              self.bias, *geometry))
+                None if tpacked is None else (scale, zp, qmax, tpacked, self.w_scales, self.bias, *geometry))
             if len(self._plans) >= _MAX_SHAPES:
                 self._plans.clear()
             self._plans[key] = plan
@@ -353,9 +351,8 @@ class _Int8ConvNd(nn.Module):
                 packed, _ = self._kernel(xc.shape, zp)
         tpacked = self._torch_kernel(xc.shape, scale, zp) if packed is not None and torch_route else None
         if tpacked is not None:
-            out = torch_onednn.conv2d_quantizing(xc, scale, zp, qmax, tpacked, self.w_scales, self._w_zero_points,
-                                                 self.bias, self.stride, self.padding, self.dilation, self.groups,
-                                                 res, activation)
+            out = torch_onednn.conv2d_quantizing(xc, scale, zp, qmax, tpacked, self.w_scales, self.bias, self.stride,
+                                                 self.padding, self.dilation, self.groups, res, activation)
             return out.to(x.dtype)
         if rc is None and res is not None:
             rc = res.movedim(1, -1).contiguous()

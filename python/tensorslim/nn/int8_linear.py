@@ -47,7 +47,6 @@ class Int8Linear(CompressedLinear):
         self._packed = None  # qweight in oneDNN's blocked layout: derived, never saved
         self._packed_key = None
         self._torch_packed = torch_onednn.PackedCache()  # qweight identity -> packed for torch's matmul
-        self._w_zero_points = torch.zeros(out_features, dtype=torch.long)  # what torch's matmul reads
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str,
@@ -124,7 +123,7 @@ class Int8Linear(CompressedLinear):
             packed = self._torch_packed[key] = torch_onednn.linear_prepack(qweight)
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         static = self.mode == "static"
-        y = torch_onednn.linear_w8a8(x2, packed, w_scales, self._w_zero_points, bias, inv_smooth,
+        y = torch_onednn.linear_w8a8(x2, packed, w_scales, bias, inv_smooth,
                                      float(act_scale) if static else None, int(act_zero_point) if static else 0)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 

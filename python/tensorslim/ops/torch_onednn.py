@@ -118,6 +118,14 @@ def prepack(qweight: torch.Tensor, w_scales: torch.Tensor, act_scale: float, zer
                                           list(padding), list(dilation), int(groups), list(x_shape))
 
 
+@functools.lru_cache(maxsize=64)
+def _zero_points(n: int) -> torch.Tensor:
+    """The weight zero points torch's kernels take: all 0 (our weights are symmetric), one per
+    output channel; shared, never written."""
+    with torch.inference_mode(False):
+        return torch.zeros(n, dtype=torch.long)
+
+
 _scratch = threading.local()
 
 
@@ -134,9 +142,8 @@ def _codes_buffer(shape) -> torch.Tensor:
 
 
 def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_max: int, packed: torch.Tensor,
-                      w_scales: torch.Tensor, w_zero_points: torch.Tensor, bias: Optional[torch.Tensor], stride,
-                      padding, dilation, groups: int, residual: Optional[torch.Tensor] = None,
-                      activation: str = "") -> torch.Tensor:
+                      w_scales: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
+                      residual: Optional[torch.Tensor] = None, activation: str = "") -> torch.Tensor:
     """conv_int8_quantizing's result for 2-D convs, as [N, OC, H, W] (channels-last strides):
     xc [N, H, W, C] fp32 contiguous is quantized by our quantizer (codes min(q, code_max)),
     then convolved by torch's oneDNN. residual: [N, OC, OH, OW] fp32 (any strides; torch's
@@ -148,6 +155,7 @@ def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_
     if code_max < 255:
         codes.clamp_(max=code_max)
     qx = codes.movedim(-1, 1)
+    w_zero_points = _zero_points(w_scales.numel())
     geometry = (list(stride), list(padding), list(dilation), int(groups))
     if residual is None:
         unary, scalars = _UNARY[activation]
@@ -194,13 +202,13 @@ def linear_prepack(qweight: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(qweight, None)
 
 
-def linear_w8a8(x2: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, w_zero_points: torch.Tensor,
-                bias: Optional[torch.Tensor], inv_smooth: Optional[torch.Tensor], act_scale: Optional[float] = None,
+def linear_w8a8(x2: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor],
+                inv_smooth: Optional[torch.Tensor], act_scale: Optional[float] = None,
                 act_zero_point: int = 0) -> torch.Tensor:
     """ops.linear_w8a8's product for x2 [M, K] fp32 with uint8 codes, as [M, N] fp32: static
     (act_scale) or per-token codes (zero point 128; torch's kernel takes one source scale,
     so the per-row scales multiply its output, then the bias is added)."""
-    args = (w_scales, w_zero_points)
+    args = (w_scales, _zero_points(w_scales.numel()))
     if act_scale is not None:
         qx = quantize_static(x2, act_scale, act_zero_point, inv_smooth, torch.uint8)
         return torch.ops.onednn.qlinear_pointwise(qx, float(act_scale), int(act_zero_point), packed, *args, bias,
