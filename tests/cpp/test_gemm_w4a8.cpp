@@ -31,7 +31,7 @@ Weight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t see
   Weight w;
   w.asym = fmt == Format::kUInt4;
   std::vector<float> x = random_weights(N * K, seed);
-  const int64_t groups = group == K ? 1 : K / group, bytes = (K + 1) / 2;
+  const int64_t groups = (K + group - 1) / group, bytes = (K + 1) / 2;  // the last may be short
   w.q.resize(N * bytes);
   w.scales.resize(N * groups);
   w.zps.resize(N * groups);
@@ -163,6 +163,73 @@ TEST(GemmW4A8, Avx2MatchesReferenceBitForBit) {
   EXPECT_STREQ(linear_w4a8_kernel(96, 6), "reference");
   expect_native_bit_exact("avx2");
   cpu::set_isa(saved);
+}
+
+// The few-token kernels (packed rows read as stored), called directly on every ISA and
+// multiply path here, against the reference bit for bit: one chunk, several, K not a multiple
+// of the chunk (odd K included), short last groups, N around the 8 / 16-row blocks, offsets
+// from uint4 zero points, bias or none, fp32 and bf16 outputs, up to 5 tokens.
+TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
+  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  struct Gemv {
+    const char* name;
+    bool (*fn)(const cpu::W4A8Args&);
+    cpu::Isa isa;
+    int64_t chunk;
+    bool vnni;
+  };
+  std::vector<Gemv> kernels = {{"avx2", cpu::linear_w4a8_gemv_avx2, cpu::Isa::kAVX2, 64, false}};
+  if (cpu::best_isa() >= cpu::Isa::kAVX512) {
+    kernels.push_back({"avx512bw", cpu::linear_w4a8_gemv_avx512, cpu::Isa::kAVX512, 128, false});
+    if (cpu::w4a8_uses_vnni())
+      kernels.push_back({"avx512_vnni", cpu::linear_w4a8_gemv_avx512, cpu::Isa::kAVX512, 128, true});
+  }
+  const struct { int64_t N, K, group; } shapes[] = {
+      {16, 128, 128}, {17, 384, 128}, {40, 320, 128}, {1, 1000, 256}, {15, 200, 200},
+      {9, 321, 321},  {33, 63, 63},   {8, 256, 64},   {23, 448, 192}, {7, 4096, 4096},
+  };
+  const cpu::Isa saved = cpu::active_isa();
+  for (const Gemv& kern : kernels) {
+    cpu::set_isa(kern.isa);
+    cpu::set_w4a8_vnni_enabled(kern.vnni);
+    for (const auto& sh : shapes)
+      for (Format fmt : {Format::kInt4, Format::kUInt4})
+        for (int64_t M : {1, 2, 5}) {
+          const Weight w = make_weight(fmt, sh.N, sh.K, sh.group, 17 + sh.K);
+          const std::vector<float> x = make_x(M, sh.K, sh.K, 19 + M), b = random_weights(sh.N, 4);
+          std::vector<int8_t> qx(M * sh.K);
+          std::vector<float> as(M);
+          quantize_per_token(view2(const_cast<float*>(x.data()), DType::kFloat32, M, sh.K), nullptr,
+                             view2(qx.data(), DType::kInt8, M, sh.K), view1(as.data(), DType::kFloat32, M),
+                             GemmBackend::kReference);
+          for (bool bias : {true, false})
+            for (bool bf16 : {false, true}) {
+              cpu::W4A8Args a{qx.data(), as.data(), w.q.data(), (sh.K + 1) / 2, w.scales.data(),
+                              w.asym ? w.zps.data() : nullptr, bias ? b.data() : nullptr,
+                              M, sh.N, sh.K, sh.group, nullptr, sh.N, bf16};
+              std::vector<uint8_t> want(M * sh.N * 4, 0xAB), got(M * sh.N * 4, 0xAB);
+              a.out = want.data();
+              cpu::linear_w4a8_reference(a);
+              a.out = got.data();
+              const bool fits = sh.group % kern.chunk == 0 || sh.group >= sh.K;
+              ASSERT_EQ(kern.fn(a), fits) << kern.name << " K=" << sh.K << " g=" << sh.group;
+              if (fits)
+                ASSERT_EQ(want, got) << kern.name << " M=" << M << " N=" << sh.N << " K=" << sh.K
+                                     << " g=" << sh.group << " " << format_info(fmt).name
+                                     << " bias=" << bias << " bf16=" << bf16;
+            }
+        }
+  }
+  cpu::set_w4a8_vnni_enabled(true);
+  cpu::set_isa(saved);
+  // A group that is not whole chunks on either ISA: neither takes it.
+  const std::vector<int8_t> qx(64);
+  const std::vector<float> as(1, 1.0f), sc(2 * 2, 1.0f);
+  const std::vector<uint8_t> q(2 * 32);
+  std::vector<float> out(2);
+  const cpu::W4A8Args a{qx.data(), as.data(), q.data(), 32, sc.data(), nullptr, nullptr, 1, 2, 64, 32, out.data(), 2, false};
+  EXPECT_FALSE(cpu::linear_w4a8_gemv_avx2(a));
+  EXPECT_FALSE(cpu::linear_w4a8_gemv_avx512(a));
 }
 
 TEST(GemmW4A8, AutoFallsBackWhereNoKernelFits) {

@@ -1,0 +1,136 @@
+// AVX-512 W4A8 for a few tokens (this file is compiled with -mavx512f/bw/vl/dq; VNNI is
+// enabled per function): 16 packed rows read side by side, 128 codes (64 bytes) per step.
+// Layout and driver: w4a8_gemv.h.
+#include <immintrin.h>
+
+#include "half.h"
+#include "tensorslim/gemm_w4a8.h"
+#include "tensorslim/quantize.h"
+#include "w4a8_gemv.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int kRows = 16;
+constexpr int64_t kChunk = 128;
+constexpr int64_t kBytes = kChunk / 2;
+constexpr int64_t kAhead = 8;  // chunks each row is prefetched ahead
+
+inline __mmask64 bytes_mask(int64_t n) {
+  if (n <= 0) return 0;
+  return n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+}
+
+// acc + the lane sums of lo * xe + hi * xo (u8 x s8, exact).
+struct PairVnni {
+  __attribute__((target("avx512vnni"))) static inline __m512i step(__m512i acc, __m512i lo, __m512i xe,
+                                                                    __m512i hi, __m512i xo) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, xe), hi, xo);
+  }
+};
+struct PairBW {  // both halves' pair sums fit int16: 2 * 2 * 15 * 128 < 2^15
+  static inline __m512i step(__m512i acc, __m512i lo, __m512i xe, __m512i hi, __m512i xo) {
+    const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xe), _mm512_maddubs_epi16(hi, xo));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+  }
+};
+
+// Lane r of the result = the sum of v[r]'s 16 lanes.
+inline __m512i reduce_rows(__m512i v[16]) {
+  __m512i p[8], q[4], r[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: rows 2i, 2i+1, 2i, 2i+1
+    p[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per block: rows 4i .. 4i+3
+    q[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * i], p[2 * i + 1]),
+                            _mm512_unpackhi_epi64(p[2 * i], p[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)  // blocks 0-1: rows 8i .. 8i+3, blocks 2-3: rows 8i+4 .. 8i+7
+    r[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(q[2 * i], q[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(q[2 * i], q[2 * i + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(r[0], r[1], 0x88), _mm512_shuffle_i32x4(r[0], r[1], 0xDD));
+}
+
+template <class Pair>
+__attribute__((always_inline)) inline void block512(const W4A8Args& a, const GemvActs& x, int64_t n0,
+                                                    int64_t rows) {
+  const int64_t row_bytes = (a.K + 1) / 2;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // int4: u = nibble XOR 8, offset 8; uint4: u = code.
+  const __m512i flip = _mm512_set1_epi8(a.zero_points ? 0 : 8);
+  const __mmask16 keep = static_cast<__mmask16>(rows >= kRows ? 0xFFFF : (1u << rows) - 1);
+  const __m512i srow = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(x.groups)));
+  const uint8_t* w[kRows];  // rows past N read the last row again; their lanes are not stored
+  for (int r = 0; r < kRows; ++r) w[r] = a.qweight + (n0 + std::min<int64_t>(r, rows - 1)) * a.ldw;
+  alignas(64) int32_t zp[kRows];
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int8_t* xq = x.q + m * x.chunks * kChunk;
+    __m512 facc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < x.groups; ++g) {
+      __m512i acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_si512();
+      const int64_t c1 = std::min(x.chunks, (g + 1) * x.gchunks);
+      for (int64_t c = g * x.gchunks; c < c1; ++c) {
+        const __m512i xe = _mm512_loadu_si512(xq + c * kChunk);
+        const __m512i xo = _mm512_loadu_si512(xq + c * kChunk + kBytes);
+        const __mmask64 in = bytes_mask(row_bytes - c * kBytes);
+        for (int r = 0; r < kRows; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(w[r] + (c + kAhead) * kBytes), _MM_HINT_T0);
+          const __m512i v = _mm512_maskz_loadu_epi8(in, w[r] + c * kBytes);
+          // (nibble ^ flip) & 0x0F in one op: ternary-logic table 0x28 = (A ^ B) & C
+          acc[r] = Pair::step(acc[r], _mm512_ternarylogic_epi32(v, flip, low, 0x28), xe,
+                              _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), flip, low, 0x28), xo);
+        }
+      }
+      __m512i o = _mm512_set1_epi32(8);
+      if (a.zero_points) {
+        for (int r = 0; r < kRows; ++r) zp[r] = r < rows ? a.zero_points[(n0 + r) * x.groups + g] : 0;
+        o = _mm512_load_si512(zp);
+      }
+      const __m512i d = _mm512_sub_epi32(reduce_rows(acc), _mm512_mullo_epi32(o, _mm512_set1_epi32(x.sums[m * x.groups + g])));
+      const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, srow, a.scales + n0 * x.groups + g, 4);
+      facc = _mm512_add_ps(facc, _mm512_mul_ps(_mm512_cvtepi32_ps(d), s));
+    }
+    __m512 y = _mm512_mul_ps(facc, _mm512_set1_ps(a.act_scales[m]));
+    if (a.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(keep, a.bias + n0));  // no bias: no + 0 (-0 stays)
+    const int64_t at = m * a.ldo + n0;
+    if (!a.out_bf16) {
+      _mm512_mask_storeu_ps(static_cast<float*>(a.out) + at, keep, y);
+    } else {
+      alignas(64) float t[kRows];
+      _mm512_store_ps(t, y);
+      uint16_t* o16 = static_cast<uint16_t*>(a.out) + at;
+      for (int64_t r = 0; r < rows; ++r) o16[r] = float_to_bf16(t[r]);
+    }
+  }
+}
+
+// vpdpbusd is inlined only into a function compiled for VNNI.
+__attribute__((target("avx512vnni"))) void block_vnni(const W4A8Args& a, const GemvActs& x, int64_t n0,
+                                                      int64_t rows) {
+  block512<PairVnni>(a, x, n0, rows);
+}
+void block_bw(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) { block512<PairBW>(a, x, n0, rows); }
+
+template <bool VNNI>
+struct Gemv512 {
+  static constexpr int kRows = cpu::kRows;
+  static constexpr int64_t kChunk = cpu::kChunk;
+  static void block(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
+    if constexpr (VNNI) block_vnni(a, x, n0, rows);
+    else block_bw(a, x, n0, rows);
+  }
+};
+
+}  // namespace
+
+bool linear_w4a8_gemv_avx512(const W4A8Args& a) {
+  if (active_isa() != Isa::kAVX512 || !w4a8_gemv_fits(a.K, a.group, kChunk)) return false;
+  if (w4a8_uses_vnni()) w4a8_gemv_drive<Gemv512<true>>(a);
+  else w4a8_gemv_drive<Gemv512<false>>(a);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
