@@ -6,7 +6,9 @@ and the fraction of the memory-bandwidth bound: (bytes the product must move) /
 `auto` chooses between (our native kernels, oneDNN), so the dispatch rule can be read off.
 MiniLM's shapes: --shapes 384x384,384x1536,1536x384 --batches 1,8,16,32,160,640
 --ort adds ONNX Runtime's MatMulNBits on the same INT4 g128 weight (accuracy_level 0 and 4;
-benchmarks/ort_peer.py, needs onnxruntime + onnx) and its largest difference from ours.
+benchmarks/ort_peer.py, needs onnxruntime + onnx) and its largest difference from ours, and our
+W4A8 on that weight: accuracy_level 4 quantizes the activations to int8 too, so W4A8 is its
+like-for-like (level 0 is our INT4 weight-only's).
 
     python benchmarks/bench_linear.py [--shapes 4096x4096,4096x11008] [--batches 1,8,64] [--isa avx2] [--ort]
 """
@@ -73,13 +75,16 @@ def main():
             if ort:
                 xn = x.numpy()
                 ours = ops.linear_weight_only(x, *q4, None, "int4", 128, K)
-                cells = []
+                cells, ort_t = [], {}
                 for lvl, run in ort.items():
-                    t = timeit(lambda: run(xn))
+                    t = ort_t[lvl] = timeit(lambda: run(xn))
                     diff = float((torch.from_numpy(run(xn)) - ours).abs().max() / ours.abs().max())
                     cells.append(f"accuracy_level {lvl} {t * 1e3:.3f} ms (ours {t / t4:.2f}x its speed, "
                                  f"max diff {diff:.1e})")
+                t_w4a8 = timeit(lambda: ops.linear_w4a8(x, *q4, None, "int4", 128, K))
                 print(f"{'':>16} ORT MatMulNBits int4 g128: " + "; ".join(cells))
+                print(f"{'':>16} our W4A8 (int8 activations per token) {t_w4a8 * 1e3:.3f} ms: "
+                      f"{ort_t[4] / t_w4a8:.2f}x ORT accuracy_level 4's speed")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   if (whole * kBytes < row_bytes)
     for (int r = 0; r < kRows; ++r) std::memcpy(tail[r], w[r] + whole * kBytes, row_bytes - whole * kBytes);
   alignas(32) int32_t zp[kRows];
+  // The next block's rows (contiguous when ldw is the row size) to L2 as the steps go: a
+  // linear stream the memory system serves faster than 8 short ones.
+  const char* next = reinterpret_cast<const char*>(a.qweight + (n0 + kRows) * a.ldw);
   for (int64_t m = 0; m < a.M; ++m) {
     const int8_t* xq = x.q + m * x.chunks * kChunk;
     __m256 facc = _mm256_setzero_ps();
@@ -62,6 +65,7 @@ void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
         const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kChunk));
         const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kChunk + kBytes));
         for (int r = 0; r < kRows; ++r) {
+          if (r % 2 == 0) _mm_prefetch(next + (c * kRows + r) * kBytes, _MM_HINT_T1);  // a line per 2 steps
           const uint8_t* src = c < whole ? w[r] + c * kBytes : tail[r];
           const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), flip);
           acc[r] = pair_step(acc[r], _mm256_and_si256(v, low), xe,
