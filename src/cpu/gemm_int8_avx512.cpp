@@ -42,12 +42,15 @@ __attribute__((target("avx512vnni"))) void tile(const uint8_t* const* a, const i
     sums[j] = _mm512_setzero_si512();
     for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_setzero_si512();
   }
+  const char* next = reinterpret_cast<const char*>(w[0] + NR * K);
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = tail_mask(K - k);  // zero bytes past K add nothing
     __m512i wv[NR];
     for (int j = 0; j < NR; ++j) {
-      // Rows of K = 4096 are a page each, where the hardware prefetchers stop and restart.
-      _mm_prefetch(reinterpret_cast<const char*>(w[j] + k) + 1024, _MM_HINT_T0);
+      // The next tile's rows (contiguous: rows are K bytes apart), a line per load, to L2: one
+      // linear stream, where rows of K = 4096 are a page each and the hardware prefetchers
+      // stop and restart at every page.
+      _mm_prefetch(next + k * NR + j * 64, _MM_HINT_T1);
       wv[j] = _mm512_maskz_loadu_epi8(mask, w[j] + k);
       if (kSums) sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv[j]);
     }
