@@ -55,6 +55,9 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
   const int64_t groups = num_groups(K, gsize);
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  // The next R rows (they follow these in memory) go to L2 as one linear stream, a line per
+  // step of R x 16 bytes: R short streams alone leave memory idle between pages.
+  const char* next = reinterpret_cast<const char*>(wrow[R - 1] + (R > 1 ? wrow[R - 1] - wrow[R - 2] : 0));
   for (int64_t g = 0; g < groups; ++g) {
     __m512 part[R][MB];
     __m512i zp[R];
@@ -68,6 +71,7 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
     const int64_t kvec = k0 + (kend - k0) / kStep<kBits>() * kStep<kBits>();  // vector chunks end here
     if (kBits == 4) {
       for (int64_t k = k0; k < kvec; k += 32) {
+        if (R > 1) _mm_prefetch(next + k / 2 * R, _MM_HINT_T1);
         for (int r = 0; r < R; ++r) {
           __m512 lo, hi;
           int4_block(wrow[r] + k / 2, table[r], lo, hi);
@@ -79,6 +83,7 @@ void rows_dot(const uint8_t* const* wrow, const float* const* sc, const uint8_t*
       }
     } else {
       for (int64_t k = k0; k < kvec; k += kStep<kBits>()) {
+        if (R > 1) _mm_prefetch(next + k * R, _MM_HINT_T1);
         for (int r = 0; r < R; ++r) {
           const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow[r] + k));
           const __m512i wi = kSigned ? _mm512_cvtepi8_epi32(b)
