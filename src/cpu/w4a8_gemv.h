@@ -9,8 +9,10 @@
 // multiply two activation vectors lane by lane. R rows are read side by side; at the end of each
 // group their R lane-sum vectors are reduced to one vector holding row r in lane r, and the
 // group's rescale (d = sum(u * q) - o * sum(q); acc = acc + float(d) * scale) runs one output per
-// lane in the reference's order. Groups must be whole chunks (group a multiple of C, or one
-// group per row); a short last group and K's tail are the last chunk, zero-padded.
+// lane in the reference's order. Groups are whole chunks (group a multiple of C, or one group
+// per row), or 32 / 64 codes that tile a chunk: their dots are the 4- / 8-lane sums the same
+// lane tree passes through (GPC = C / group of them per chunk); a short last group and K's
+// tail are the last chunk, zero-padded.
 //
 // Everything is in an anonymous namespace: each per-ISA file compiles its own copy with its
 // own -m flags.
@@ -36,11 +38,14 @@ namespace {
 struct GemvActs {
   const int8_t* q;      // [M][chunks][C]
   const int32_t* sums;  // [M][groups]
-  int64_t chunks, groups, gchunks;  // chunks per row, groups per row, chunks per (full) group
+  int64_t chunks, groups;  // per row
+  // The loop unit: a group of gchunks chunks (gpc 1), or one chunk holding gpc groups.
+  int64_t units, gchunks, gpc;
 };
 
 inline bool w4a8_gemv_fits(int64_t K, int64_t group, int64_t chunk) {
-  return K > 0 && (group >= K || (group > 0 && group % chunk == 0));
+  const bool sub_chunk = (group == 32 || group == 64) && chunk % group == 0;
+  return K > 0 && (group >= K || (group > 0 && (group % chunk == 0 || sub_chunk)));
 }
 
 template <class Ker>
@@ -49,7 +54,9 @@ void w4a8_gemv_drive(const W4A8Args& a) {
   GemvActs x;
   x.chunks = (a.K + C - 1) / C;
   x.groups = lowbit_groups(a.K, a.group);
-  x.gchunks = a.group >= a.K ? x.chunks : a.group / C;
+  x.gpc = a.group < a.K && a.group < C ? C / a.group : 1;
+  x.gchunks = a.group >= a.K ? x.chunks : std::max<int64_t>(1, a.group / C);
+  x.units = x.gpc > 1 ? x.chunks : x.groups;
   thread_local std::vector<int8_t> q;
   thread_local std::vector<int32_t> sums;
   q.assign(a.M * x.chunks * C, 0);

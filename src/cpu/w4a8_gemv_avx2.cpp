@@ -25,21 +25,30 @@ inline __m256i pair_step(__m256i acc, __m256i lo, __m256i xe, __m256i hi, __m256
   return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
-// Lane r of the result = the sum of v[r]'s 8 lanes.
-inline __m256i reduce_rows(__m256i v[8]) {
+// out[j] lane r = the sum of v[r]'s lanes of group j: all 8 (GPC 1) or lanes 4j .. 4j+3 (GPC 2:
+// groups of 32 codes, one 128-bit block each).
+template <int GPC>
+inline void row_sums(__m256i v[8], __m256i out[GPC]) {
   __m256i p[4], q[2];
   for (int i = 0; i < 4; ++i)  // per 128-bit block: rows 2i, 2i+1, 2i, 2i+1
     p[i] = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
                             _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 2; ++i)  // per block: rows 4i .. 4i+3
+  for (int i = 0; i < 2; ++i)  // per block b: rows 4i .. 4i+3, block b's lanes summed
     q[i] = _mm256_add_epi32(_mm256_unpacklo_epi64(p[2 * i], p[2 * i + 1]),
                             _mm256_unpackhi_epi64(p[2 * i], p[2 * i + 1]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(q[0], q[1], 0x20), _mm256_permute2x128_si256(q[0], q[1], 0x31));
+  const __m256i lo = _mm256_permute2x128_si256(q[0], q[1], 0x20), hi = _mm256_permute2x128_si256(q[0], q[1], 0x31);
+  if constexpr (GPC == 2) {
+    out[0] = lo;
+    out[1] = hi;
+  } else {
+    out[0] = _mm256_add_epi32(lo, hi);
+  }
 }
 
 // Tokens m and m + 1 on 4 rows (w[0..3] and their tails, the first at row n0, `rows` of them
 // real): lanes 0-3 hold token m's outputs, 4-7 token m + 1's, so each chunk is loaded and
 // unpacked once for both. `line0` is the first of the next block's lines these steps prefetch.
+template <int GPC>
 inline void two_tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* const* w,
                           const uint8_t (*tail)[kBytes], int64_t whole, int64_t n0, int64_t rows, int64_t m,
                           const char* next, int line0) {
@@ -52,11 +61,11 @@ inline void two_tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* c
   const int8_t* xq1 = xq0 + x.chunks * kChunk;
   alignas(32) int32_t zp[kRows];
   __m256 facc = _mm256_setzero_ps();
-  for (int64_t g = 0; g < x.groups; ++g) {
+  for (int64_t u = 0; u < x.units; ++u) {
     __m256i acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_si256();
-    const int64_t c1 = std::min(x.chunks, (g + 1) * x.gchunks);
-    for (int64_t c = g * x.gchunks; c < c1; ++c) {
+    const int64_t c1 = std::min(x.chunks, (u + 1) * x.gchunks);
+    for (int64_t c = u * x.gchunks; c < c1; ++c) {
       const __m256i xe0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + c * kChunk));
       const __m256i xo0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + c * kChunk + kBytes));
       const __m256i xe1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq1 + c * kChunk));
@@ -70,17 +79,22 @@ inline void two_tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* c
         acc[4 + r] = pair_step(acc[4 + r], lo, xe1, hi, xo1);
       }
     }
-    __m256i o = _mm256_set1_epi32(8);
-    if (a.zero_points) {
-      for (int i = 0; i < kRows; ++i) zp[i] = a.zero_points[(n0 + std::min<int64_t>(i & 3, rows - 1)) * x.groups + g];
-      o = _mm256_load_si256(reinterpret_cast<const __m256i*>(zp));
+    __m256i dots[GPC];
+    row_sums<GPC>(acc, dots);
+    for (int j = 0; j < GPC && u * GPC + j < x.groups; ++j) {  // the unit's groups, in order
+      const int64_t g = u * GPC + j;
+      __m256i o = _mm256_set1_epi32(8);
+      if (a.zero_points) {
+        for (int i = 0; i < kRows; ++i) zp[i] = a.zero_points[(n0 + std::min<int64_t>(i & 3, rows - 1)) * x.groups + g];
+        o = _mm256_load_si256(reinterpret_cast<const __m256i*>(zp));
+      }
+      const __m256i sums = _mm256_blend_epi32(_mm256_set1_epi32(x.sums[m * x.groups + g]),
+                                              _mm256_set1_epi32(x.sums[(m + 1) * x.groups + g]), 0xF0);
+      const __m256i d = _mm256_sub_epi32(dots[j], _mm256_mullo_epi32(o, sums));
+      const __m256 s = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.scales + n0 * x.groups + g, srow,
+                                                _mm256_castsi256_ps(keep), 4);
+      facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), s));
     }
-    const __m256i sums = _mm256_blend_epi32(_mm256_set1_epi32(x.sums[m * x.groups + g]),
-                                            _mm256_set1_epi32(x.sums[(m + 1) * x.groups + g]), 0xF0);
-    const __m256i d = _mm256_sub_epi32(reduce_rows(acc), _mm256_mullo_epi32(o, sums));
-    const __m256 s = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.scales + n0 * x.groups + g, srow,
-                                              _mm256_castsi256_ps(keep), 4);
-    facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), s));
   }
   __m256 y = _mm256_mul_ps(facc, _mm256_blend_ps(_mm256_set1_ps(a.act_scales[m]), _mm256_set1_ps(a.act_scales[m + 1]), 0xF0));
   if (a.bias) {  // no bias: no + 0 (-0 stays)
@@ -101,6 +115,7 @@ inline void two_tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* c
   }
 }
 
+template <int GPC>
 void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   const int64_t row_bytes = (a.K + 1) / 2, whole = row_bytes / kBytes;
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -122,16 +137,16 @@ void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   for (; m + 2 <= a.M; m += 2)  // token pairs share each chunk's load and unpacking
     for (int h = 0; h < 2; ++h)
       if (rows > 4 * h)
-        two_tokens256(a, x, w + 4 * h, tail + 4 * h, whole, n0 + 4 * h, std::min<int64_t>(4, rows - 4 * h), m, next,
+        two_tokens256<GPC>(a, x, w + 4 * h, tail + 4 * h, whole, n0 + 4 * h, std::min<int64_t>(4, rows - 4 * h), m, next,
                       4 * h);
   for (; m < a.M; ++m) {
     const int8_t* xq = x.q + m * x.chunks * kChunk;
     __m256 facc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < x.groups; ++g) {
+    for (int64_t u = 0; u < x.units; ++u) {
       __m256i acc[kRows];
       for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_si256();
-      const int64_t c1 = std::min(x.chunks, (g + 1) * x.gchunks);
-      for (int64_t c = g * x.gchunks; c < c1; ++c) {
+      const int64_t c1 = std::min(x.chunks, (u + 1) * x.gchunks);
+      for (int64_t c = u * x.gchunks; c < c1; ++c) {
         const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kChunk));
         const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kChunk + kBytes));
         for (int r = 0; r < kRows; ++r) {
@@ -142,15 +157,20 @@ void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
                              _mm256_and_si256(_mm256_srli_epi16(v, 4), low), xo);
         }
       }
-      __m256i o = _mm256_set1_epi32(8);
-      if (a.zero_points) {
-        for (int r = 0; r < kRows; ++r) zp[r] = r < rows ? a.zero_points[(n0 + r) * x.groups + g] : 0;
-        o = _mm256_load_si256(reinterpret_cast<const __m256i*>(zp));
+      __m256i dots[GPC];
+      row_sums<GPC>(acc, dots);
+      for (int j = 0; j < GPC && u * GPC + j < x.groups; ++j) {  // the unit's groups, in order
+        const int64_t g = u * GPC + j;
+        __m256i o = _mm256_set1_epi32(8);
+        if (a.zero_points) {
+          for (int r = 0; r < kRows; ++r) zp[r] = r < rows ? a.zero_points[(n0 + r) * x.groups + g] : 0;
+          o = _mm256_load_si256(reinterpret_cast<const __m256i*>(zp));
+        }
+        const __m256i d = _mm256_sub_epi32(dots[j], _mm256_mullo_epi32(o, _mm256_set1_epi32(x.sums[m * x.groups + g])));
+        const __m256 s = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.scales + n0 * x.groups + g, srow,
+                                                  _mm256_castsi256_ps(keep), 4);
+        facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), s));
       }
-      const __m256i d = _mm256_sub_epi32(reduce_rows(acc), _mm256_mullo_epi32(o, _mm256_set1_epi32(x.sums[m * x.groups + g])));
-      const __m256 s = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.scales + n0 * x.groups + g, srow,
-                                                _mm256_castsi256_ps(keep), 4);
-      facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), s));
     }
     __m256 y = _mm256_mul_ps(facc, _mm256_set1_ps(a.act_scales[m]));
     if (a.bias) y = _mm256_add_ps(y, _mm256_maskload_ps(a.bias + n0, keep));  // no bias: no + 0 (-0 stays)
@@ -169,7 +189,10 @@ void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
 struct Gemv256 {
   static constexpr int kRows = cpu::kRows;
   static constexpr int64_t kChunk = cpu::kChunk;
-  static void block(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) { block256(a, x, n0, rows); }
+  static void block(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
+    if (x.gpc == 1) block256<1>(a, x, n0, rows);
+    else block256<2>(a, x, n0, rows);  // groups of 32: two per chunk
+  }
 };
 
 }  // namespace

@@ -35,25 +35,42 @@ struct PairBW {  // both halves' pair sums fit int16: 2 * 2 * 15 * 128 < 2^15
   }
 };
 
-// Lane r of the result = the sum of v[r]'s 16 lanes.
-inline __m512i reduce_rows(__m512i v[16]) {
+// out[j] lane r = the sum of v[r]'s lanes of group j: all 16 (GPC 1), lanes 8j .. 8j+7
+// (GPC 2: groups of 64 codes) or 4j .. 4j+3 (GPC 4: groups of 32), one 128-bit block each.
+template <int GPC>
+inline void row_sums(__m512i v[16], __m512i out[GPC]) {
   __m512i p[8], q[4], r[2];
   for (int i = 0; i < 8; ++i)  // per 128-bit block: rows 2i, 2i+1, 2i, 2i+1
     p[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
                             _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)  // per block: rows 4i .. 4i+3
+  for (int i = 0; i < 4; ++i)  // per block b: rows 4i .. 4i+3, block b's lanes summed
     q[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * i], p[2 * i + 1]),
                             _mm512_unpackhi_epi64(p[2 * i], p[2 * i + 1]));
-  for (int i = 0; i < 2; ++i)  // blocks 0-1: rows 8i .. 8i+3, blocks 2-3: rows 8i+4 .. 8i+7
+  if constexpr (GPC == 4) {  // out[b] = block b of q[0], q[1], q[2], q[3]
+    for (int h = 0; h < 2; ++h) {
+      const int sel = h ? 0xEE : 0x44;  // blocks 2h, 2h+1 of both
+      const __m512i t0 = _mm512_shuffle_i32x4(q[0], q[1], sel), t1 = _mm512_shuffle_i32x4(q[2], q[3], sel);
+      out[2 * h] = _mm512_shuffle_i32x4(t0, t1, 0x88);
+      out[2 * h + 1] = _mm512_shuffle_i32x4(t0, t1, 0xDD);
+    }
+    return;
+  }
+  for (int i = 0; i < 2; ++i)  // blocks 0-1: rows 8i .. 8i+3, blocks 2-3: rows 8i+4 .. 8i+7, per half
     r[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(q[2 * i], q[2 * i + 1], 0x88),
                             _mm512_shuffle_i32x4(q[2 * i], q[2 * i + 1], 0xDD));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(r[0], r[1], 0x88), _mm512_shuffle_i32x4(r[0], r[1], 0xDD));
+  const __m512i lo = _mm512_shuffle_i32x4(r[0], r[1], 0x88), hi = _mm512_shuffle_i32x4(r[0], r[1], 0xDD);
+  if constexpr (GPC == 2) {
+    out[0] = lo;
+    out[1] = hi;
+  } else {
+    out[0] = _mm512_add_epi32(lo, hi);
+  }
 }
 
 // Tokens m and m + 1 on 8 rows (w[0..7], the first at row n0, `rows` of them real): lanes
 // 0-7 hold token m's outputs, 8-15 token m + 1's, so each chunk is loaded and unpacked once
 // for both. `line0` is the first of the next block's lines these steps prefetch.
-template <class Pair>
+template <int GPC, class Pair>
 __attribute__((always_inline)) inline void two_tokens512(const W4A8Args& a, const GemvActs& x,
                                                          const uint8_t* const* w, int64_t n0, int64_t rows,
                                                          int64_t m, const char* next, int line0) {
@@ -69,11 +86,11 @@ __attribute__((always_inline)) inline void two_tokens512(const W4A8Args& a, cons
   const int8_t* xq1 = xq0 + x.chunks * kChunk;
   alignas(64) int32_t zp[kRows];
   __m512 facc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < x.groups; ++g) {
+  for (int64_t u = 0; u < x.units; ++u) {
     __m512i acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_si512();
-    const int64_t c1 = std::min(x.chunks, (g + 1) * x.gchunks);
-    for (int64_t c = g * x.gchunks; c < c1; ++c) {
+    const int64_t c1 = std::min(x.chunks, (u + 1) * x.gchunks);
+    for (int64_t c = u * x.gchunks; c < c1; ++c) {
       const __m512i xe0 = _mm512_loadu_si512(xq0 + c * kChunk), xo0 = _mm512_loadu_si512(xq0 + c * kChunk + kBytes);
       const __m512i xe1 = _mm512_loadu_si512(xq1 + c * kChunk), xo1 = _mm512_loadu_si512(xq1 + c * kChunk + kBytes);
       const __mmask64 in = bytes_mask(row_bytes - c * kBytes);
@@ -86,16 +103,21 @@ __attribute__((always_inline)) inline void two_tokens512(const W4A8Args& a, cons
         acc[8 + r] = Pair::step(acc[8 + r], lo, xe1, hi, xo1);
       }
     }
-    __m512i o = _mm512_set1_epi32(8);
-    if (a.zero_points) {
-      for (int i = 0; i < kRows; ++i) zp[i] = a.zero_points[(n0 + std::min<int64_t>(i & 7, rows - 1)) * x.groups + g];
-      o = _mm512_load_si512(zp);
+    __m512i dots[GPC];
+    row_sums<GPC>(acc, dots);
+    for (int j = 0; j < GPC && u * GPC + j < x.groups; ++j) {  // the unit's groups, in order
+      const int64_t g = u * GPC + j;
+      __m512i o = _mm512_set1_epi32(8);
+      if (a.zero_points) {
+        for (int i = 0; i < kRows; ++i) zp[i] = a.zero_points[(n0 + std::min<int64_t>(i & 7, rows - 1)) * x.groups + g];
+        o = _mm512_load_si512(zp);
+      }
+      const __m512i sums = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(x.sums[m * x.groups + g]),
+                                                   _mm512_set1_epi32(x.sums[(m + 1) * x.groups + g]));
+      const __m512i d = _mm512_sub_epi32(dots[j], _mm512_mullo_epi32(o, sums));
+      const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, srow, a.scales + n0 * x.groups + g, 4);
+      facc = _mm512_add_ps(facc, _mm512_mul_ps(_mm512_cvtepi32_ps(d), s));
     }
-    const __m512i sums = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(x.sums[m * x.groups + g]),
-                                                 _mm512_set1_epi32(x.sums[(m + 1) * x.groups + g]));
-    const __m512i d = _mm512_sub_epi32(reduce_rows(acc), _mm512_mullo_epi32(o, sums));
-    const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, srow, a.scales + n0 * x.groups + g, 4);
-    facc = _mm512_add_ps(facc, _mm512_mul_ps(_mm512_cvtepi32_ps(d), s));
   }
   const __m512 as = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a.act_scales[m]), _mm512_set1_ps(a.act_scales[m + 1]));
   __m512 y = _mm512_mul_ps(facc, as);
@@ -117,7 +139,7 @@ __attribute__((always_inline)) inline void two_tokens512(const W4A8Args& a, cons
   }
 }
 
-template <class Pair>
+template <int GPC, class Pair>
 __attribute__((always_inline)) inline void block512(const W4A8Args& a, const GemvActs& x, int64_t n0,
                                                     int64_t rows) {
   const int64_t row_bytes = (a.K + 1) / 2;
@@ -137,15 +159,15 @@ __attribute__((always_inline)) inline void block512(const W4A8Args& a, const Gem
   for (; m + 2 <= a.M; m += 2)  // token pairs share each chunk's load and unpacking
     for (int h = 0; h < 2; ++h)
       if (rows > 8 * h)
-        two_tokens512<Pair>(a, x, w + 8 * h, n0 + 8 * h, std::min<int64_t>(8, rows - 8 * h), m, next, 8 * h);
+        two_tokens512<GPC, Pair>(a, x, w + 8 * h, n0 + 8 * h, std::min<int64_t>(8, rows - 8 * h), m, next, 8 * h);
   for (; m < a.M; ++m) {
     const int8_t* xq = x.q + m * x.chunks * kChunk;
     __m512 facc = _mm512_setzero_ps();
-    for (int64_t g = 0; g < x.groups; ++g) {
+    for (int64_t u = 0; u < x.units; ++u) {
       __m512i acc[kRows];
       for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_si512();
-      const int64_t c1 = std::min(x.chunks, (g + 1) * x.gchunks);
-      for (int64_t c = g * x.gchunks; c < c1; ++c) {
+      const int64_t c1 = std::min(x.chunks, (u + 1) * x.gchunks);
+      for (int64_t c = u * x.gchunks; c < c1; ++c) {
         const __m512i xe = _mm512_loadu_si512(xq + c * kChunk);
         const __m512i xo = _mm512_loadu_si512(xq + c * kChunk + kBytes);
         const __mmask64 in = bytes_mask(row_bytes - c * kBytes);
@@ -157,14 +179,19 @@ __attribute__((always_inline)) inline void block512(const W4A8Args& a, const Gem
                               _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), flip, low, 0x28), xo);
         }
       }
-      __m512i o = _mm512_set1_epi32(8);
-      if (a.zero_points) {
-        for (int r = 0; r < kRows; ++r) zp[r] = r < rows ? a.zero_points[(n0 + r) * x.groups + g] : 0;
-        o = _mm512_load_si512(zp);
+      __m512i dots[GPC];
+      row_sums<GPC>(acc, dots);
+      for (int j = 0; j < GPC && u * GPC + j < x.groups; ++j) {  // the unit's groups, in order
+        const int64_t g = u * GPC + j;
+        __m512i o = _mm512_set1_epi32(8);
+        if (a.zero_points) {
+          for (int r = 0; r < kRows; ++r) zp[r] = r < rows ? a.zero_points[(n0 + r) * x.groups + g] : 0;
+          o = _mm512_load_si512(zp);
+        }
+        const __m512i d = _mm512_sub_epi32(dots[j], _mm512_mullo_epi32(o, _mm512_set1_epi32(x.sums[m * x.groups + g])));
+        const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, srow, a.scales + n0 * x.groups + g, 4);
+        facc = _mm512_add_ps(facc, _mm512_mul_ps(_mm512_cvtepi32_ps(d), s));
       }
-      const __m512i d = _mm512_sub_epi32(reduce_rows(acc), _mm512_mullo_epi32(o, _mm512_set1_epi32(x.sums[m * x.groups + g])));
-      const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, srow, a.scales + n0 * x.groups + g, 4);
-      facc = _mm512_add_ps(facc, _mm512_mul_ps(_mm512_cvtepi32_ps(d), s));
     }
     __m512 y = _mm512_mul_ps(facc, _mm512_set1_ps(a.act_scales[m]));
     if (a.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(keep, a.bias + n0));  // no bias: no + 0 (-0 stays)
@@ -181,19 +208,26 @@ __attribute__((always_inline)) inline void block512(const W4A8Args& a, const Gem
 }
 
 // vpdpbusd is inlined only into a function compiled for VNNI.
+template <int GPC>
 __attribute__((target("avx512vnni"))) void block_vnni(const W4A8Args& a, const GemvActs& x, int64_t n0,
                                                       int64_t rows) {
-  block512<PairVnni>(a, x, n0, rows);
+  block512<GPC, PairVnni>(a, x, n0, rows);
 }
-void block_bw(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) { block512<PairBW>(a, x, n0, rows); }
+template <int GPC>
+void block_bw(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
+  block512<GPC, PairBW>(a, x, n0, rows);
+}
 
 template <bool VNNI>
 struct Gemv512 {
   static constexpr int kRows = cpu::kRows;
   static constexpr int64_t kChunk = cpu::kChunk;
   static void block(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
-    if constexpr (VNNI) block_vnni(a, x, n0, rows);
-    else block_bw(a, x, n0, rows);
+    switch (x.gpc) {  // groups per chunk: 1, or 2 / 4 for groups of 64 / 32
+      case 1: return VNNI ? block_vnni<1>(a, x, n0, rows) : block_bw<1>(a, x, n0, rows);
+      case 2: return VNNI ? block_vnni<2>(a, x, n0, rows) : block_bw<2>(a, x, n0, rows);
+      default: return VNNI ? block_vnni<4>(a, x, n0, rows) : block_bw<4>(a, x, n0, rows);
+    }
   }
 };
 

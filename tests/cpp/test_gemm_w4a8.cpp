@@ -166,9 +166,10 @@ TEST(GemmW4A8, Avx2MatchesReferenceBitForBit) {
 }
 
 // The few-token kernels (packed rows read as stored), called directly on every ISA and
-// multiply path here, against the reference bit for bit: one chunk, several, K not a multiple
-// of the chunk (odd K included), short last groups, N around the 8 / 16-row blocks, offsets
-// from uint4 zero points, bias or none, fp32 and bf16 outputs, up to 5 tokens.
+// multiply path here, against the reference bit for bit: groups of one chunk, several, or
+// 32 / 64 codes inside one, K not a multiple of the chunk (odd K included), short last
+// groups, N around the 8 / 16-row blocks, offsets from uint4 zero points, bias or none, fp32
+// and bf16 outputs, up to 5 tokens.
 TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
   if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
   struct Gemv {
@@ -187,6 +188,7 @@ TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
   const struct { int64_t N, K, group; } shapes[] = {
       {16, 128, 128}, {17, 384, 128}, {40, 320, 128}, {1, 1000, 256}, {15, 200, 200},
       {9, 321, 321},  {33, 63, 63},   {8, 256, 64},   {23, 448, 192}, {7, 4096, 4096},
+      {12, 256, 32},  {17, 100, 32},  {16, 70, 32},   {9, 200, 64},   {24, 384, 64},
   };
   const cpu::Isa saved = cpu::active_isa();
   for (const Gemv& kern : kernels) {
@@ -211,7 +213,8 @@ TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
               a.out = want.data();
               cpu::linear_w4a8_reference(a);
               a.out = got.data();
-              const bool fits = sh.group % kern.chunk == 0 || sh.group >= sh.K;
+              const bool fits = sh.group % kern.chunk == 0 || sh.group >= sh.K ||
+                                ((sh.group == 32 || sh.group == 64) && kern.chunk % sh.group == 0);
               ASSERT_EQ(kern.fn(a), fits) << kern.name << " K=" << sh.K << " g=" << sh.group;
               if (fits)
                 ASSERT_EQ(want, got) << kern.name << " M=" << M << " N=" << sh.N << " K=" << sh.K
@@ -222,12 +225,12 @@ TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
   }
   cpu::set_w4a8_vnni_enabled(true);
   cpu::set_isa(saved);
-  // A group that is not whole chunks on either ISA: neither takes it.
+  // A group that neither tiles a chunk nor is whole chunks: neither takes it.
   const std::vector<int8_t> qx(64);
-  const std::vector<float> as(1, 1.0f), sc(2 * 2, 1.0f);
+  const std::vector<float> as(1, 1.0f), sc(2 * 4, 1.0f);
   const std::vector<uint8_t> q(2 * 32);
   std::vector<float> out(2);
-  const cpu::W4A8Args a{qx.data(), as.data(), q.data(), 32, sc.data(), nullptr, nullptr, 1, 2, 64, 32, out.data(), 2, false};
+  const cpu::W4A8Args a{qx.data(), as.data(), q.data(), 32, sc.data(), nullptr, nullptr, 1, 2, 64, 16, out.data(), 2, false};
   EXPECT_FALSE(cpu::linear_w4a8_gemv_avx2(a));
   EXPECT_FALSE(cpu::linear_w4a8_gemv_avx512(a));
 }
