@@ -70,8 +70,9 @@ bool linear_w4a8_native_fits(int64_t K, int64_t group);
 bool linear_w4a8_avx512(const W4A8Args& a);
 bool linear_w4a8_avx2(const W4A8Args& a);
 // Up to kW4A8GemvMaxM tokens, the row-wise kernels (w4a8_gemv.h: packed rows read as stored,
-// no panel transpose); false where the group is not whole chunks (AVX-512: a multiple of 128
-// or one group per row; AVX2: of 64) or the ISA is not active. Bit-exact with the reference.
+// no panel transpose); false where the group is neither whole chunks (AVX-512: a multiple of
+// 128 or one group per row; AVX2: of 64) nor 32 / 64 codes inside one, or the ISA is not
+// active. Bit-exact with the reference.
 constexpr int64_t kW4A8GemvMaxM = 2;  // measured: 3 tokens ran as fast on the panels
 bool linear_w4a8_gemv_avx512(const W4A8Args& a);
 bool linear_w4a8_gemv_avx2(const W4A8Args& a);

@@ -185,7 +185,7 @@ void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorVie
   a.ldo = out.strides[0];
   a.out_bf16 = out.dtype == DType::kBFloat16;
 #if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
-  if (native && M <= cpu::kW4A8GemvMaxM) {  // AVX-512 CPUs take the AVX2 one for groups of 64
+  if (native && M <= cpu::kW4A8GemvMaxM) {
     if (cpu::active_isa() == cpu::Isa::kAVX512 && cpu::linear_w4a8_gemv_avx512(a)) return;
     if (cpu::linear_w4a8_gemv_avx2(a)) return;
   }
