@@ -47,12 +47,13 @@ inline void row_sums(__m512i v[16], __m512i out[GPC]) {
     q[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * i], p[2 * i + 1]),
                             _mm512_unpackhi_epi64(p[2 * i], p[2 * i + 1]));
   if constexpr (GPC == 4) {  // out[b] = block b of q[0], q[1], q[2], q[3]
-    for (int h = 0; h < 2; ++h) {
-      const int sel = h ? 0xEE : 0x44;  // blocks 2h, 2h+1 of both
-      const __m512i t0 = _mm512_shuffle_i32x4(q[0], q[1], sel), t1 = _mm512_shuffle_i32x4(q[2], q[3], sel);
-      out[2 * h] = _mm512_shuffle_i32x4(t0, t1, 0x88);
-      out[2 * h + 1] = _mm512_shuffle_i32x4(t0, t1, 0xDD);
-    }
+    // blocks 0-1 (0x44) and 2-3 (0xEE) of two q's side by side, then every other block
+    const __m512i a0 = _mm512_shuffle_i32x4(q[0], q[1], 0x44), a1 = _mm512_shuffle_i32x4(q[2], q[3], 0x44);
+    const __m512i b0 = _mm512_shuffle_i32x4(q[0], q[1], 0xEE), b1 = _mm512_shuffle_i32x4(q[2], q[3], 0xEE);
+    out[0] = _mm512_shuffle_i32x4(a0, a1, 0x88);
+    out[1] = _mm512_shuffle_i32x4(a0, a1, 0xDD);
+    out[2] = _mm512_shuffle_i32x4(b0, b1, 0x88);
+    out[3] = _mm512_shuffle_i32x4(b0, b1, 0xDD);
     return;
   }
   for (int i = 0; i < 2; ++i)  // blocks 0-1: rows 8i .. 8i+3, blocks 2-3: rows 8i+4 .. 8i+7, per half
