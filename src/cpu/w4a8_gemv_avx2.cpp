@@ -45,20 +45,22 @@ inline void row_sums(__m256i v[8], __m256i out[GPC]) {
   }
 }
 
-// Tokens m and m + 1 on 4 rows (w[0..3] and their tails, the first at row n0, `rows` of them
-// real): lanes 0-3 hold token m's outputs, 4-7 token m + 1's, so each chunk is loaded and
-// unpacked once for both. `line0` is the first of the next block's lines these steps prefetch.
-template <int GPC>
-inline void two_tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* const* w,
-                          const uint8_t (*tail)[kBytes], int64_t whole, int64_t n0, int64_t rows, int64_t m,
-                          const char* next, int line0) {
+// Tokens m .. m + T - 1 (T = 1 or 2) on RP = kRows / T rows (w[0..] and their tails, the first
+// at row n0, `rows` of them real): lane t * RP + r holds token m + t's output of row r, so with
+// T = 2 each chunk is loaded and unpacked once for both tokens. `line0`: the first of the next
+// block's lines (`next`) that these steps prefetch.
+template <int T, int GPC>
+inline void tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* const* w, const uint8_t (*tail)[kBytes],
+                      int64_t whole, int64_t n0, int64_t rows, int64_t m, const char* next, int line0) {
+  constexpr int RP = kRows / T;
   const __m256i low = _mm256_set1_epi8(0x0F);
+  // int4: u = nibble XOR 8 (both nibbles of a byte at once), offset 8; uint4: u = code.
   const __m256i flip = _mm256_set1_epi8(a.zero_points ? 0 : static_cast<char>(0x88));
-  const __m256i row_of_lane = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+  const __m256i row_of_lane = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(RP - 1));
   const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)), row_of_lane);
   const __m256i srow = _mm256_mullo_epi32(row_of_lane, _mm256_set1_epi32(static_cast<int>(x.groups)));
-  const int8_t* xq0 = x.q + m * x.chunks * kChunk;
-  const int8_t* xq1 = xq0 + x.chunks * kChunk;
+  const int8_t* xq[T];
+  for (int t = 0; t < T; ++t) xq[t] = x.q + (m + t) * x.chunks * kChunk;
   alignas(32) int32_t zp[kRows];
   __m256 facc = _mm256_setzero_ps();
   for (int64_t u = 0; u < x.units; ++u) {
@@ -66,17 +68,17 @@ inline void two_tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* c
     for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_si256();
     const int64_t c1 = std::min(x.chunks, (u + 1) * x.gchunks);
     for (int64_t c = u * x.gchunks; c < c1; ++c) {
-      const __m256i xe0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + c * kChunk));
-      const __m256i xo0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + c * kChunk + kBytes));
-      const __m256i xe1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq1 + c * kChunk));
-      const __m256i xo1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq1 + c * kChunk + kBytes));
-      for (int r = 0; r < 4; ++r) {
-        if (r % 2 == 0) _mm_prefetch(next + (c * kRows + line0 + r) * kBytes, _MM_HINT_T1);
+      __m256i xe[T], xo[T];
+      for (int t = 0; t < T; ++t) {
+        xe[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[t] + c * kChunk));
+        xo[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[t] + c * kChunk + kBytes));
+      }
+      for (int r = 0; r < RP; ++r) {
+        if (r % 2 == 0) _mm_prefetch(next + (c * kRows + line0 + r) * kBytes, _MM_HINT_T1);  // a line per 2 steps
         const uint8_t* src = c < whole ? w[r] + c * kBytes : tail[r];
         const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), flip);
         const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        acc[r] = pair_step(acc[r], lo, xe0, hi, xo0);
-        acc[4 + r] = pair_step(acc[4 + r], lo, xe1, hi, xo1);
+        for (int t = 0; t < T; ++t) acc[t * RP + r] = pair_step(acc[t * RP + r], lo, xe[t], hi, xo[t]);
       }
     }
     __m256i dots[GPC];
@@ -85,32 +87,30 @@ inline void two_tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* c
       const int64_t g = u * GPC + j;
       __m256i o = _mm256_set1_epi32(8);
       if (a.zero_points) {
-        for (int i = 0; i < kRows; ++i) zp[i] = a.zero_points[(n0 + std::min<int64_t>(i & 3, rows - 1)) * x.groups + g];
+        for (int i = 0; i < kRows; ++i) zp[i] = a.zero_points[(n0 + std::min<int64_t>(i % RP, rows - 1)) * x.groups + g];
         o = _mm256_load_si256(reinterpret_cast<const __m256i*>(zp));
       }
-      const __m256i sums = _mm256_blend_epi32(_mm256_set1_epi32(x.sums[m * x.groups + g]),
-                                              _mm256_set1_epi32(x.sums[(m + 1) * x.groups + g]), 0xF0);
+      __m256i sums = _mm256_set1_epi32(x.sums[m * x.groups + g]);
+      if constexpr (T == 2) sums = _mm256_blend_epi32(sums, _mm256_set1_epi32(x.sums[(m + 1) * x.groups + g]), 0xF0);
       const __m256i d = _mm256_sub_epi32(dots[j], _mm256_mullo_epi32(o, sums));
       const __m256 s = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.scales + n0 * x.groups + g, srow,
                                                 _mm256_castsi256_ps(keep), 4);
       facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), s));
     }
   }
-  __m256 y = _mm256_mul_ps(facc, _mm256_blend_ps(_mm256_set1_ps(a.act_scales[m]), _mm256_set1_ps(a.act_scales[m + 1]), 0xF0));
-  if (a.bias) {  // no bias: no + 0 (-0 stays)
-    const __m128 b4 = _mm_maskload_ps(a.bias + n0, _mm256_castsi256_si128(keep));
-    y = _mm256_add_ps(y, _mm256_set_m128(b4, b4));  // rows 0-3 in both halves
-  }
-  for (int t = 0; t < 2; ++t) {
+  __m256 as = _mm256_set1_ps(a.act_scales[m]);
+  if constexpr (T == 2) as = _mm256_blend_ps(as, _mm256_set1_ps(a.act_scales[m + 1]), 0xF0);
+  __m256 y = _mm256_mul_ps(facc, as);
+  if (a.bias)  // no bias: no + 0 (-0 stays); T = 2: rows 0-3 in both halves
+    y = _mm256_add_ps(y, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.bias + n0, row_of_lane,
+                                                  _mm256_castsi256_ps(keep), 4));
+  alignas(32) float tmp[kRows];
+  _mm256_store_ps(tmp, y);
+  for (int t = 0; t < T; ++t) {
     const int64_t at = (m + t) * a.ldo + n0;
-    const __m128 yt = t == 0 ? _mm256_castps256_ps128(y) : _mm256_extractf128_ps(y, 1);
-    if (!a.out_bf16) {
-      _mm_maskstore_ps(static_cast<float*>(a.out) + at, _mm256_castsi256_si128(keep), yt);
-    } else {
-      alignas(16) float tmp[4];
-      _mm_store_ps(tmp, yt);
-      uint16_t* o16 = static_cast<uint16_t*>(a.out) + at;
-      for (int64_t r = 0; r < rows; ++r) o16[r] = float_to_bf16(tmp[r]);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (a.out_bf16) static_cast<uint16_t*>(a.out)[at + r] = float_to_bf16(tmp[t * RP + r]);
+      else static_cast<float*>(a.out)[at + r] = tmp[t * RP + r];
     }
   }
 }
@@ -118,18 +118,11 @@ inline void two_tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* c
 template <int GPC>
 void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   const int64_t row_bytes = (a.K + 1) / 2, whole = row_bytes / kBytes;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  // int4: u = nibble XOR 8 (both nibbles of a byte at once), offset 8; uint4: u = code.
-  const __m256i flip = _mm256_set1_epi8(a.zero_points ? 0 : static_cast<char>(0x88));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)), lane);
-  const __m256i srow = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(x.groups)));
   const uint8_t* w[kRows];  // rows past N read the last row again; their lanes are not stored
   for (int r = 0; r < kRows; ++r) w[r] = a.qweight + (n0 + std::min<int64_t>(r, rows - 1)) * a.ldw;
   alignas(32) uint8_t tail[kRows][kBytes] = {};  // the rows' last partial chunk, zero-padded
   if (whole * kBytes < row_bytes)
     for (int r = 0; r < kRows; ++r) std::memcpy(tail[r], w[r] + whole * kBytes, row_bytes - whole * kBytes);
-  alignas(32) int32_t zp[kRows];
   // The next block's rows (contiguous when ldw is the row size) to L2 as the steps go: a
   // linear stream the memory system serves faster than 8 short ones.
   const char* next = reinterpret_cast<const char*>(a.qweight + (n0 + kRows) * a.ldw);
@@ -137,53 +130,9 @@ void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   for (; m + 2 <= a.M; m += 2)  // token pairs share each chunk's load and unpacking
     for (int h = 0; h < 2; ++h)
       if (rows > 4 * h)
-        two_tokens256<GPC>(a, x, w + 4 * h, tail + 4 * h, whole, n0 + 4 * h, std::min<int64_t>(4, rows - 4 * h), m, next,
-                      4 * h);
-  for (; m < a.M; ++m) {
-    const int8_t* xq = x.q + m * x.chunks * kChunk;
-    __m256 facc = _mm256_setzero_ps();
-    for (int64_t u = 0; u < x.units; ++u) {
-      __m256i acc[kRows];
-      for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_si256();
-      const int64_t c1 = std::min(x.chunks, (u + 1) * x.gchunks);
-      for (int64_t c = u * x.gchunks; c < c1; ++c) {
-        const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kChunk));
-        const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * kChunk + kBytes));
-        for (int r = 0; r < kRows; ++r) {
-          if (r % 2 == 0) _mm_prefetch(next + (c * kRows + r) * kBytes, _MM_HINT_T1);  // a line per 2 steps
-          const uint8_t* src = c < whole ? w[r] + c * kBytes : tail[r];
-          const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), flip);
-          acc[r] = pair_step(acc[r], _mm256_and_si256(v, low), xe,
-                             _mm256_and_si256(_mm256_srli_epi16(v, 4), low), xo);
-        }
-      }
-      __m256i dots[GPC];
-      row_sums<GPC>(acc, dots);
-      for (int j = 0; j < GPC && u * GPC + j < x.groups; ++j) {  // the unit's groups, in order
-        const int64_t g = u * GPC + j;
-        __m256i o = _mm256_set1_epi32(8);
-        if (a.zero_points) {
-          for (int r = 0; r < kRows; ++r) zp[r] = r < rows ? a.zero_points[(n0 + r) * x.groups + g] : 0;
-          o = _mm256_load_si256(reinterpret_cast<const __m256i*>(zp));
-        }
-        const __m256i d = _mm256_sub_epi32(dots[j], _mm256_mullo_epi32(o, _mm256_set1_epi32(x.sums[m * x.groups + g])));
-        const __m256 s = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.scales + n0 * x.groups + g, srow,
-                                                  _mm256_castsi256_ps(keep), 4);
-        facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), s));
-      }
-    }
-    __m256 y = _mm256_mul_ps(facc, _mm256_set1_ps(a.act_scales[m]));
-    if (a.bias) y = _mm256_add_ps(y, _mm256_maskload_ps(a.bias + n0, keep));  // no bias: no + 0 (-0 stays)
-    const int64_t at = m * a.ldo + n0;
-    if (!a.out_bf16) {
-      _mm256_maskstore_ps(static_cast<float*>(a.out) + at, keep, y);
-    } else {
-      alignas(32) float t[kRows];
-      _mm256_store_ps(t, y);
-      uint16_t* o16 = static_cast<uint16_t*>(a.out) + at;
-      for (int64_t r = 0; r < rows; ++r) o16[r] = float_to_bf16(t[r]);
-    }
-  }
+        tokens256<2, GPC>(a, x, w + 4 * h, tail + 4 * h, whole, n0 + 4 * h, std::min<int64_t>(4, rows - 4 * h), m,
+                          next, 4 * h);
+  for (; m < a.M; ++m) tokens256<1, GPC>(a, x, w, tail, whole, n0, rows, m, next, 0);
 }
 
 struct Gemv256 {
