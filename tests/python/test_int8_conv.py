@@ -139,6 +139,43 @@ def test_module_matches_float_conv_and_reference(shape, mode):
         torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
 
 
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("shape", [(3, 16, (17, 10), 24, (1, 1), (2, 3), (0, 0), (1, 1), 1),  # odd sizes
+                                   (2, 12, (9, 9), 6, (1, 1), (2, 1), (0, 0), (2, 1), 3),  # groups, one axis
+                                   (2, 6, (15,), 10, (1,), (4,), (0,), (1,), 2)])  # Conv1d
+def test_strided_pointwise_conv_reads_only_the_positions_it_uses(shape, mode, backend):
+    """A 1x1 conv without padding and with a stride takes every stride-th position before
+    quantizing, then runs at stride 1: the result is the specification's on the full input
+    (static: the same codes at the positions read; dynamic: the range of the values read)."""
+    conv, x = _float_conv(shape)
+    sp, stride = len(shape[2]), shape[5]
+    x[(slice(None), slice(None)) + (1,) * sp] = 50.0  # a position no output reads widens the input's range
+    pick = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
+    read = x[pick]
+    lo, hi = min(float(x.min()), 0.0), float(x.max())
+    scale, zp = ((hi - lo) / 255, round(-lo * 255 / (hi - lo))) if mode == "static" else (None, 0)
+    cls = ts.nn.Int8Conv1d if sp == 1 else ts.nn.Int8Conv2d
+    m = cls.from_float(conv, conv.weight, conv.bias, mode, scale, zp, backend=backend)
+    assert m._pick is not None and m._run_stride == (1,) * sp
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == conv(x).shape
+    if mode == "dynamic":
+        rlo, rhi = min(float(read.min()), 0.0), max(float(read.max()), 0.0)
+        scale = (rhi - rlo) / 255
+        zp = min(max(round(-rlo / scale), 0), 255)
+    xc = x.movedim(1, -1).contiguous()
+    codes = ts.ops.quantize_static(xc.reshape(-1, xc.shape[-1]), scale, zp, dtype=torch.uint8).reshape(xc.shape)
+    read_codes = codes[(slice(None),) + pick[2:]].contiguous()
+    impl = C.impl_name(read_codes, m.qweight, m._run_stride, m.padding, m.dilation, m.groups, zp, True)
+    if backend == "auto" and not C.is_exact_8bit(impl):
+        return  # 7-bit codes (no VNNI): checked against the float conv by the test above
+    ref = C.conv_int8_reference(codes, m.qweight, m.w_scales, m.bias, scale, zp, stride, m.padding, m.dilation,
+                                m.groups).movedim(-1, 1)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
 def test_module_surface_and_packing_cache():
     conv, x = _float_conv(SHAPES[0])
     m = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, "dynamic")
