@@ -1,0 +1,184 @@
+// The E2M1 GEMV (src/cpu/fp4_gemv.h): both ISAs' kernels called directly against float64
+// over the reference-decoded weight, the activations' re-layout and its range check, which
+// weights it takes, and linear_lowbit leaving it for activations it cannot take.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "fp4_gemv.h"
+#include "tensorslim/formats.h"
+#include "tensorslim/lowbit.h"
+#include "test_helpers.h"
+
+namespace tensorslim {
+namespace {
+
+using testing::IsaScope;
+using testing::random_weights;
+using testing::view1;
+using testing::view2;
+
+// A weight quantized by the scalar reference, and its reference-decoded values.
+struct Fp4Weight {
+  const FormatInfo* info;
+  int64_t N, K;
+  std::vector<uint8_t> q, scales;
+  std::vector<float> ts, ref;
+  cpu::LowbitWeight view() const {
+    const int64_t groups = K / info->block_size;
+    return {info, q.data(), packed_row_bytes(*info, K), scales.data(), nullptr, ts[0], groups,
+            info->block_size, groups};
+  }
+};
+
+Fp4Weight make_weight(Format fmt, int64_t N, int64_t K, uint32_t seed, float magnitude = 1.0f) {
+  IsaScope scalar(cpu::Isa::kScalar);
+  Fp4Weight w{&format_info(fmt), N, K, {}, {}, {1.0f}, {}};
+  std::vector<float> x = random_weights(N * K, seed);
+  for (float& v : x) v *= magnitude;
+  const int64_t groups = K / w.info->block_size, bytes = packed_row_bytes(*w.info, K);
+  w.q.resize(N * bytes);
+  w.scales.resize(N * groups);
+  w.ref.resize(N * K);
+  const TensorView qv = view2(w.q.data(), DType::kUInt8, N, bytes), sv = view2(w.scales.data(), DType::kUInt8, N, groups);
+  const TensorView tv = view1(w.ts.data(), DType::kFloat32, 1);
+  const TensorView* tvp = w.info->has_tensor_scale ? &tv : nullptr;
+  quantize_lowbit(view2(x.data(), DType::kFloat32, N, K), fmt, w.info->block_size, qv, sv, nullptr, tvp);
+  dequantize_lowbit(qv, sv, nullptr, tvp, fmt, w.info->block_size, view2(w.ref.data(), DType::kFloat32, N, K));
+  return w;
+}
+
+struct Kernel {
+  const char* name;
+  int lanes;
+  void (*fn)(const cpu::Fp4Acts&, const cpu::LowbitWeight&, const float*, float*, int64_t, int64_t, int64_t);
+};
+
+std::vector<Kernel> kernels() {
+  std::vector<Kernel> k;
+  if (cpu::best_isa() >= cpu::Isa::kAVX2) k.push_back({"avx2", 8, cpu::linear_fp4_avx2});
+  if (cpu::best_isa() >= cpu::Isa::kAVX512) k.push_back({"avx512", 16, cpu::linear_fp4_avx512});
+  return k;
+}
+
+TEST(Fp4Gemv, KernelsMatchFloat64OverTheReferenceWeight) {
+  if (kernels().empty()) GTEST_SKIP() << "no AVX2";
+  for (const Kernel& kern : kernels())
+    for (Format fmt : {Format::kNVFP4, Format::kMXFP4})
+      for (int64_t K : {32, 96, 512})
+        for (int64_t N : {1, 3, 4, 6, 9})
+          for (int64_t M : {1, 2, 3, 4, 5, 9}) {
+            const Fp4Weight w = make_weight(fmt, N, K, 7 + static_cast<uint32_t>(K + N));
+            ASSERT_TRUE(cpu::fp4_gemv_fits(*w.info, K, w.info->block_size, kern.lanes));
+            const std::vector<float> x = random_weights(M * K, 11 + static_cast<uint32_t>(M)),
+                                     bias = random_weights(N, 3);
+            std::vector<float> packed(M * K);
+            ASSERT_TRUE(cpu::pack_fp4_activations(x.data(), K, M, K, kern.lanes, packed.data()));
+            for (const float* b : {static_cast<const float*>(nullptr), bias.data()}) {
+              // Rows [1, N) only when N > 1: the call writes its rows and nothing else.
+              const int64_t n0 = N > 1 ? 1 : 0;
+              std::vector<float> out(M * N, -7.0f);
+              kern.fn({packed.data(), M, K}, w.view(), b, out.data(), N, n0, N);
+              for (int64_t m = 0; m < M; ++m)
+                for (int64_t n = 0; n < N; ++n) {
+                  if (n < n0) {
+                    EXPECT_EQ(out[m * N + n], -7.0f);
+                    continue;
+                  }
+                  double want = b ? b[n] : 0.0, mag = std::fabs(want);
+                  for (int64_t k = 0; k < K; ++k) {
+                    want += double(x[m * K + k]) * w.ref[n * K + k];
+                    mag += std::fabs(double(x[m * K + k]) * w.ref[n * K + k]);
+                  }
+                  EXPECT_NEAR(out[m * N + n], want, 1e-6 * mag + 1e-30)
+                      << kern.name << " " << w.info->name << " K " << K << " N " << N << " M " << M << " n " << n;
+                }
+            }
+          }
+}
+
+TEST(Fp4Gemv, PackingInterleavesBlocksAndRefusesOutOfRangeValues) {
+  for (int lanes : {8, 16}) {
+    const int64_t M = 2, K = 4 * lanes;
+    std::vector<float> x(M * (K + 3)), out(M * K);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i);
+    ASSERT_TRUE(cpu::pack_fp4_activations(x.data(), K + 3, M, K, lanes, out.data()));  // row stride K + 3
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < K; b += 2 * lanes)
+        for (int j = 0; j < lanes; ++j) {
+          EXPECT_EQ(out[m * K + b + j], x[m * (K + 3) + b + 2 * j]);
+          EXPECT_EQ(out[m * K + b + lanes + j], x[m * (K + 3) + b + 2 * j + 1]);
+        }
+    for (float bad : {0x1p101f, -0x1p101f, std::numeric_limits<float>::infinity(),
+                      std::numeric_limits<float>::quiet_NaN()}) {
+      std::vector<float> y(M * K, 1.0f);
+      y[M * K - 1] = bad;
+      EXPECT_FALSE(cpu::pack_fp4_activations(y.data(), K, M, K, lanes, out.data())) << bad;
+    }
+    std::vector<float> edge(M * K, -cpu::kFp4MaxActivation);
+    EXPECT_TRUE(cpu::pack_fp4_activations(edge.data(), K, M, K, lanes, out.data()));
+  }
+}
+
+TEST(Fp4Gemv, TakesE2M1FormatsInWholeBlocksOnly) {
+  const FormatInfo &nv = format_info(Format::kNVFP4), &mx = format_info(Format::kMXFP4);
+  EXPECT_TRUE(cpu::fp4_gemv_fits(nv, 64, 16, 16));
+  EXPECT_TRUE(cpu::fp4_gemv_fits(nv, 16, 16, 8));
+  EXPECT_FALSE(cpu::fp4_gemv_fits(nv, 16, 16, 16));  // half a 32-value step
+  EXPECT_FALSE(cpu::fp4_gemv_fits(nv, 40, 16, 8));
+  EXPECT_FALSE(cpu::fp4_gemv_fits(nv, 64, 32, 16));  // not the format's block
+  EXPECT_TRUE(cpu::fp4_gemv_fits(mx, 4096, 32, 16));
+  EXPECT_FALSE(cpu::fp4_gemv_fits(mx, 4096, 32, 4));
+  for (Format f : {Format::kFP8E4M3, Format::kInt4, Format::kTernary, Format::kInt3})
+    EXPECT_FALSE(cpu::fp4_gemv_fits(format_info(f), 4096, 32, 16)) << format_info(f).name;
+}
+
+// Activations whose product with an unscaled code value overflows (1e38 * 6) while the
+// reference's x * (value * scale) does not: linear_lowbit leaves the E2M1 kernel for the
+// scaled-table one and stays finite and right; the E2M1 kernel on them would not.
+TEST(Fp4Gemv, LinearLowbitKeepsOutOfRangeActivationsOffTheKernel) {
+  if (kernels().empty()) GTEST_SKIP() << "no AVX2";
+  const int64_t M = 1, N = 5, K = 64;
+  for (const Kernel& kern : kernels()) {
+    IsaScope isa(kern.lanes == 16 ? cpu::Isa::kAVX512 : cpu::Isa::kAVX2);
+    for (Format fmt : {Format::kNVFP4, Format::kMXFP4}) {
+      const Fp4Weight w = make_weight(fmt, N, K, 5, 1e-6f);
+      std::vector<float> x = random_weights(M * K, 6), out(M * N);
+      for (float& v : x) v = v < 0 ? -1e38f : 1e38f;
+      const FormatInfo& f = *w.info;
+      std::vector<uint8_t> q = w.q, s = w.scales;
+      std::vector<float> ts = w.ts;
+      const int64_t groups = K / f.block_size;
+      const TensorView tv = view1(ts.data(), DType::kFloat32, 1);
+      linear_lowbit(view2(x.data(), DType::kFloat32, M, K), view2(q.data(), DType::kUInt8, N, w.q.size() / N),
+                    view2(s.data(), DType::kUInt8, N, groups), nullptr, f.has_tensor_scale ? &tv : nullptr, nullptr,
+                    fmt, f.block_size, view2(out.data(), DType::kFloat32, M, N), nullptr, GemmBackend::kNative);
+      for (int64_t n = 0; n < N; ++n) {
+        double want = 0, mag = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          want += double(x[k]) * w.ref[n * K + k];
+          mag += std::fabs(double(x[k]) * w.ref[n * K + k]);
+        }
+        ASSERT_LT(mag, 1e37) << "the reference products are finite";
+        EXPECT_NEAR(out[n], want, 1e-6 * mag) << kern.name << " " << f.name << " n " << n;
+      }
+      // Packed regardless of the check, the E2M1 kernel's unscaled products overflow.
+      std::vector<float> packed(M * K), raw(M * N);
+      for (int64_t b = 0; b < K; b += 2 * kern.lanes)
+        for (int j = 0; j < kern.lanes; ++j) {
+          packed[b + j] = x[b + 2 * j];
+          packed[b + kern.lanes + j] = x[b + 2 * j + 1];
+        }
+      kern.fn({packed.data(), M, K}, w.view(), nullptr, raw.data(), N, 0, N);
+      bool overflowed = false;
+      for (float v : raw) overflowed |= !std::isfinite(v);
+      EXPECT_TRUE(overflowed) << kern.name << " " << f.name;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tensorslim
