@@ -20,7 +20,30 @@ struct Fp4Vec256 {
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-  static Vec halves(float a, float b) { return _mm256_setr_ps(a, a, a, a, b, b, b, b); }
+  // (Unused by the formats on 8 lanes, whose groups fill a 16-value step; kept for the loop.)
+  static Vec pair(const float* p) { return _mm256_setr_ps(p[0], p[0], p[0], p[0], p[1], p[1], p[1], p[1]); }
+  // 8 scale bytes: E4M3 by the FP8 decoder's bit placement (gemm_lowbit_avx2.cpp: the same
+  // values as the table) times the tensor scale; E8M0 as e8m0_value.
+  template <ScaleFormat kScale>
+  static void scales(const uint8_t* b, float tensor_scale, float* out) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+    __m256 v;
+    if constexpr (kScale == ScaleFormat::kE4M3) {
+      const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
+      v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)), _mm256_set1_ps(0x1p120f));
+      v = _mm256_blendv_ps(v, _mm256_set1_ps(__builtin_nanf("")),
+                           _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F))));
+      const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+      v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(v), sign)),
+                        _mm256_set1_ps(tensor_scale));
+    } else {
+      __m256i bits = _mm256_slli_epi32(c, 23);
+      bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x00400000), _mm256_cmpeq_epi32(c, _mm256_setzero_si256()));
+      bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC00000), _mm256_cmpeq_epi32(c, _mm256_set1_epi32(255)));
+      v = _mm256_castsi256_ps(bits);
+    }
+    _mm256_storeu_ps(out, v);
+  }
   static float sum(Vec v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));

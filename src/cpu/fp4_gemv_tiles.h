@@ -5,9 +5,10 @@
 // A vector type V provides Vec, kLanes, zero / set1 / load / mul / fmadd / sum, Table and
 // table(code_values) (the format's 16 values as its decode reads them), decode(p, table, lo,
 // hi): the values of the 2 * kLanes codes in the kLanes bytes at p, low nibbles (even k) in
-// lo and high nibbles (odd k) in hi, and halves(a, b): a vector of a in
-// its first kLanes / 2 lanes and b in the others (NVFP4 blocks of 16 on 16 lanes: one step
-// of 32 values spans two of them).
+// lo and high nibbles (odd k) in hi, scales<kScale>(bytes, tensor_scale, out): kLanes scale
+// bytes decoded as the reference decodes them, and pair(p): p[0] in the first kLanes / 2
+// lanes and p[1] in the others (NVFP4 blocks of 16 on 16 lanes: a step of 32 values spans
+// two groups).
 #pragma once
 
 #include <algorithm>
@@ -20,12 +21,20 @@ namespace tensorslim {
 namespace cpu {
 namespace {
 
-// The scale of group g of a row whose scale bytes start at s.
-template <ScaleFormat kScale>
-inline float fp4_scale(const uint8_t* s, int64_t g, const float* e4m3_values, float tensor_scale) {
-  if constexpr (kScale == ScaleFormat::kE4M3) return e4m3_values[s[g]] * tensor_scale;
-  return e8m0_value(s[g]);
+// The scales of groups [0, count) of a row whose scale bytes start at s, decoded into out:
+// L at a time by V::scales (bit-exact with the table / E8M0 rule), the rest one by one.
+template <class V, ScaleFormat kScale>
+inline void fp4_scales(const uint8_t* s, int64_t count, float tensor_scale, float* out) {
+  int64_t g = 0;
+  for (; g + V::kLanes <= count; g += V::kLanes) V::template scales<kScale>(s + g, tensor_scale, out + g);
+  const float* e4m3 = format_info(Format::kFP8E4M3).code_values;
+  for (; g < count; ++g) out[g] = kScale == ScaleFormat::kE4M3 ? e4m3[s[g]] * tensor_scale : e8m0_value(s[g]);
 }
+
+// Groups decoded ahead per row: their scales sit in a small buffer, read by one broadcast
+// (or, for two NVFP4 groups per step, one pair load) per step: decoding a scale byte per
+// group and row inside the loop cost more vector work than the codes (MXFP4 on AVX-512).
+constexpr int64_t kFp4ScaleChunk = 64;
 
 // R weight rows from row n, MB activation rows: per scale step (a group, or one step of 2L
 // values holding two NVFP4 groups) the unscaled products go to part, then acc += part * scale.
@@ -33,9 +42,8 @@ template <class V, ScaleFormat kScale, int MB, int R>
 void fp4_rows(const Fp4Acts& a, const LowbitWeight& w, const float* bias, float* out, int64_t ldo, int64_t n) {
   using Vec = typename V::Vec;
   constexpr int64_t L = V::kLanes, B = 2 * L;
-  const bool split = w.group < B;  // two groups per step
-  const int64_t step = std::max<int64_t>(w.group, B), K = a.K;
-  const float* e4m3 = format_info(Format::kFP8E4M3).code_values;
+  const bool split = w.group < B;  // two groups per step (NVFP4 on 16 lanes)
+  const int64_t step = std::max<int64_t>(w.group, B), K = a.K, per_step = split ? 2 : 1;
   const typename V::Table table = V::table(w.info->code_values);
   const uint8_t* q[R];
   const uint8_t* s[R];
@@ -46,32 +54,36 @@ void fp4_rows(const Fp4Acts& a, const LowbitWeight& w, const float* bias, float*
   // The next R rows follow these in memory: they go to L2 as one linear stream as the steps
   // go (R short streams alone leave memory idle between pages, as in the W4A8 row kernels).
   const char* next = reinterpret_cast<const char*>(w.q + (n + R) * w.q_stride);
+  alignas(64) float sc[R][kFp4ScaleChunk];
   Vec acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < R; ++j) acc[m][j] = V::zero();
-  for (int64_t k0 = 0; k0 < K; k0 += step) {
-    Vec part[MB][R];
-    for (int64_t k = k0; k < k0 + step; k += B) {
-      if (R > 1) __builtin_prefetch(next + k / 2 * R, 0, 2);
-      Vec xl[MB], xh[MB];
-      for (int m = 0; m < MB; ++m) {
-        xl[m] = V::load(a.x + m * K + k);
-        xh[m] = V::load(a.x + m * K + k + L);
-      }
-      for (int j = 0; j < R; ++j) {
-        Vec lo, hi;
-        V::decode(q[j] + k / 2, table, lo, hi);
+  for (int64_t g0 = 0; g0 < w.groups; g0 += kFp4ScaleChunk) {
+    const int64_t gn = std::min(kFp4ScaleChunk, w.groups - g0);
+    for (int j = 0; j < R; ++j) fp4_scales<V, kScale>(s[j] + g0, gn, w.tensor_scale, sc[j]);
+    for (int64_t gi = 0; gi < gn; gi += per_step) {
+      const int64_t k0 = (g0 + gi) * w.group;
+      Vec part[MB][R];
+      for (int64_t k = k0; k < k0 + step; k += B) {
+        if (R > 1) __builtin_prefetch(next + k / 2 * R, 0, 2);
+        Vec xl[MB], xh[MB];
         for (int m = 0; m < MB; ++m) {
-          part[m][j] = k == k0 ? V::mul(xl[m], lo) : V::fmadd(xl[m], lo, part[m][j]);
-          part[m][j] = V::fmadd(xh[m], hi, part[m][j]);
+          xl[m] = V::load(a.x + m * K + k);
+          xh[m] = V::load(a.x + m * K + k + L);
+        }
+        for (int j = 0; j < R; ++j) {
+          Vec lo, hi;
+          V::decode(q[j] + k / 2, table, lo, hi);
+          for (int m = 0; m < MB; ++m) {
+            part[m][j] = k == k0 ? V::mul(xl[m], lo) : V::fmadd(xl[m], lo, part[m][j]);
+            part[m][j] = V::fmadd(xh[m], hi, part[m][j]);
+          }
         }
       }
-    }
-    const int64_t g = k0 / w.group;
-    for (int j = 0; j < R; ++j) {
-      const float s0 = fp4_scale<kScale>(s[j], g, e4m3, w.tensor_scale);
-      const Vec sv = split ? V::halves(s0, fp4_scale<kScale>(s[j], g + 1, e4m3, w.tensor_scale)) : V::set1(s0);
-      for (int m = 0; m < MB; ++m) acc[m][j] = V::fmadd(part[m][j], sv, acc[m][j]);
+      for (int j = 0; j < R; ++j) {
+        const Vec sv = split ? V::pair(sc[j] + gi) : V::set1(sc[j][gi]);
+        for (int m = 0; m < MB; ++m) acc[m][j] = V::fmadd(part[m][j], sv, acc[m][j]);
+      }
     }
   }
   for (int m = 0; m < MB; ++m)

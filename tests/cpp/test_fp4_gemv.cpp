@@ -100,6 +100,57 @@ TEST(Fp4Gemv, KernelsMatchFloat64OverTheReferenceWeight) {
           }
 }
 
+// Scale bytes the quantizer does not write (E4M3 NaN 0x7F / 0xFF, negative E4M3, E8M0 0 =
+// 2^-127 and 255 = NaN) are decoded as the reference decodes them (a row whose weights hold
+// a NaN gives NaN), by the vector scale decode (16 / 8 at a time) and its scalar tail alike.
+TEST(Fp4Gemv, KernelsDecodeEveryScaleByte) {
+  if (kernels().empty()) GTEST_SKIP() << "no AVX2";
+  const int64_t N = 8, M = 2;
+  for (const Kernel& kern : kernels())
+    for (Format fmt : {Format::kNVFP4, Format::kMXFP4}) {
+      const int64_t K = fmt == Format::kNVFP4 ? 16 * 36 : 32 * 36;  // 36 groups: 2 x 16 + 4 (tail)
+      Fp4Weight w = make_weight(fmt, N, K, 21);
+      const int64_t groups = K / w.info->block_size;
+      for (int64_t i = 0; i < N * groups; ++i) {
+        const int b = static_cast<int>(i * 7 % 256);
+        // E8M0 above 2^12 would overflow 6 * scale * x in the reference too; keep 255 (NaN).
+        w.scales[i] = static_cast<uint8_t>(fmt == Format::kMXFP4 && b > 139 && b != 255 ? b % 140 : b);
+      }
+      w.scales[0] = fmt == Format::kMXFP4 ? 0 : 0x80;  // 2^-127, or E4M3 -0
+      if (fmt == Format::kMXFP4)  // a whole row of 2^-127: its products are ~1e-37, compared below to 1e-45
+        for (int64_t g = 0; g < groups; ++g) w.scales[(N - 1) * groups + g] = 0;
+      const TensorView tv = view1(w.ts.data(), DType::kFloat32, 1);
+      const int64_t bytes = packed_row_bytes(*w.info, K);
+      {
+        IsaScope scalar(cpu::Isa::kScalar);
+        dequantize_lowbit(view2(w.q.data(), DType::kUInt8, N, bytes), view2(w.scales.data(), DType::kUInt8, N, groups),
+                          nullptr, w.info->has_tensor_scale ? &tv : nullptr, fmt, w.info->block_size,
+                          view2(w.ref.data(), DType::kFloat32, N, K));
+      }
+      const std::vector<float> x = random_weights(M * K, 8);
+      std::vector<float> packed(M * K), out(M * N);
+      ASSERT_TRUE(cpu::pack_fp4_activations(x.data(), K, M, K, kern.lanes, packed.data()));
+      kern.fn({packed.data(), M, K}, w.view(), nullptr, out.data(), N, 0, N);
+      int nan_rows = 0;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double want = 0, mag = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            want += double(x[m * K + k]) * w.ref[n * K + k];
+            mag += std::fabs(double(x[m * K + k]) * w.ref[n * K + k]);
+          }
+          const float got = out[m * N + n];
+          if (std::isnan(want)) {
+            EXPECT_TRUE(std::isnan(got)) << kern.name << " " << w.info->name << " n " << n;
+            ++nan_rows;
+            continue;
+          }
+          EXPECT_NEAR(got, want, 1e-6 * mag + 1e-45) << kern.name << " " << w.info->name << " m " << m << " n " << n;
+        }
+      EXPECT_GT(nan_rows, 0) << "the sweep holds NaN scales";
+    }
+}
+
 TEST(Fp4Gemv, PackingInterleavesBlocksAndRefusesOutOfRangeValues) {
   for (int lanes : {8, 16}) {
     const int64_t M = 2, K = 4 * lanes;
