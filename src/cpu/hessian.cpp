@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
+#include "blocked_cholesky.h"
 #include "tensorslim/status.h"
 
 namespace tensorslim {
@@ -40,26 +42,22 @@ double inverse_cholesky(const Eigen::MatrixXd& H, double frac, Eigen::MatrixXd* 
   // With J the reversal permutation and J (H + damp) J = M M^T (M lower), (H + damp)^-1 =
   // (J M^-T J)(J M^-1 J): L = J M^-T J is lower with a positive diagonal, so it is the
   // Cholesky factor of the inverse. One factorization and one triangular inverse instead
-  // of a factorization, a full inverse and a second factorization (a fifth of the flops).
+  // of a factorization, a full inverse and a second factorization (a fifth of the flops),
+  // both blocked (blocked_cholesky.h).
   const int64_t n = H.rows();
   const double mean_diag = H.diagonal().mean();
-  Eigen::MatrixXd M(n, n);
+  std::vector<double> m(n * n);
   for (int attempt = 0; attempt < 12; ++attempt) {
-    M = H.reverse();  // J H J
-    M.diagonal().array() += frac * mean_diag;
-    Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(M);  // in place: M's lower triangle holds the factor
-    if (llt.info() == Eigen::Success) {
-      // M^-1 (lower) by column panels: panel j solves M[j:, j:] X = I[j:, j:j+b], the rows
-      // above it being zero; a third of the flops of one solve against the whole identity.
-      L->setIdentity(n, n);
-      constexpr int64_t kPanel = 128;
-      for (int64_t j = 0; j < n; j += kPanel) {
-        const int64_t b = std::min(kPanel, n - j);
-        M.bottomRightCorner(n - j, n - j).triangularView<Eigen::Lower>().solveInPlace(
-            L->block(j, j, n - j, b));
-      }
-      L->triangularView<Eigen::StrictlyUpper>().setZero();
-      *L = L->reverse().transpose().eval();  // J M^-T J: lower
+    const double damp = frac * mean_diag;
+    for (int64_t j0 = 0; j0 < n; j0 += 64)  // J H J + damp, row-major, in tiles (H is column-major)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = j0; j < std::min(n, j0 + 64); ++j) m[i * n + j] = H(n - 1 - i, n - 1 - j) + (i == j ? damp : 0.0);
+    if (cholesky_lower(m.data(), n)) {
+      // L(i, j) = (M^-1)(n-1-j, n-1-i): L's column-major storage is M^-1's row-major storage
+      // reversed, so M^-1 is written there and reversed in place.
+      L->resize(n, n);
+      lower_inverse(m.data(), n, L->data());
+      std::reverse(L->data(), L->data() + n * n);
       if (L->allFinite() && (L->diagonal().array() > 0.0).all()) return frac;
     }
     frac = frac > 0.0 ? frac * 10.0 : 1e-6;
