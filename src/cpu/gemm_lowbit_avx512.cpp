@@ -89,21 +89,53 @@ struct IntDecoder : RowBase {
 
 // FP8: the 7-bit magnitude shifted into a float's exponent/mantissa field is the value
 // times 2^-(127 - bias) for normals and subnormals alike; Inf/NaN patterns are patched.
+// at_fast, for rows without Inf/NaN codes (checked once per row) and scales whose product
+// with 2^(127 - bias) is finite: the sign-extended byte shifted and masked puts the sign at
+// bit 31 and the magnitude in place, and one multiply by that product scales it (the same
+// bits as at(), as on AVX2: the power of two only moves the exponent, so both round the same
+// real product once). 4096 x 4096 fp8_e4m3 batch 1: at() alone took 11 vector instructions
+// per 16 values, at_fast 5.
 template <bool kE4M3>
 struct Fp8Decoder : RowBase {
-  __m512 s;
-  void group(int64_t g) { s = _mm512_set1_ps(f32_scale(g)); }
+  static constexpr int kShift = kE4M3 ? 20 : 21;                    // magnitude -> bit 20 / 21
+  static constexpr float kPow2 = kE4M3 ? 0x1p120f : 0x1p112f;       // 2^(127 - bias)
+  static constexpr int kSpecial = kE4M3 ? 0x7F : 0x7C;              // first Inf/NaN magnitude
+  __m512 s, folded;
+  bool clean, fast;
+  void init(const LowbitWeight& lw, int64_t n, int64_t K) {
+    RowBase::init(lw, n, K);
+    const __m512i m7 = _mm512_set1_epi8(0x7F), sp = _mm512_set1_epi8(kSpecial);
+    __mmask64 any = 0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      const __m512i mag = _mm512_and_si512(_mm512_loadu_si512(q + k), m7);
+      any |= _mm512_cmpge_epu8_mask(mag, sp);
+    }
+    clean = any == 0;
+    for (; k < K; ++k) clean &= (q[k] & 0x7F) < kSpecial;
+  }
+  void group(int64_t g) {
+    const float sc = f32_scale(g);
+    s = _mm512_set1_ps(sc);
+    const float f = sc * kPow2;
+    fast = clean && f - f == 0.0f;  // finite
+    folded = _mm512_set1_ps(f);
+  }
+  __m512 at_fast(int64_t i) const {
+    const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    const __m512i bits = _mm512_and_si512(_mm512_slli_epi32(c, kShift),
+                                          _mm512_set1_epi32(static_cast<int>(0x80000000u | (0x7Fu << kShift))));
+    return _mm512_mul_ps(_mm512_castsi512_ps(bits), folded);
+  }
   __m512 at(int64_t i) const {
     const __m512i c = unpack16<8>(q + i, true);
     const __m512i mag = _mm512_and_si512(c, _mm512_set1_epi32(0x7F));
     const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24);
-    __m512 v;
+    __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, kShift)), _mm512_set1_ps(kPow2));
     if (kE4M3) {
-      v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, 20)), _mm512_set1_ps(0x1p120f));
       v = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)), v,
                                _mm512_set1_ps(__builtin_nanf("")));
     } else {
-      v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, 21)), _mm512_set1_ps(0x1p112f));
       v = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7C)), v,
                                _mm512_set1_ps(__builtin_inff()));
       v = _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7C)), v,

@@ -223,10 +223,13 @@ TEST(FormatsLowbit, VectorDecodeOfEveryBytePattern) {
 // The FP8 GEMV's two paths: rows without Inf/NaN codes and with moderate scales take the
 // folded-scale path, the others (a huge scale, a NaN or Inf code) the general one; a
 // 4-row block mixing them, and blocks of clean rows, all match float64 over the reference.
+// cols = 120: a NaN code at 110, decoded by a whole step but past the row check's whole vectors
+// (64 bytes on AVX-512, 32 on AVX2).
 TEST(FormatsLowbit, VectorFp8GemvSpecialRowsAndScales) {
   if (vector_isas().empty()) GTEST_SKIP() << "no AVX2";
   IsaGuard guard;
-  const int64_t rows = 9, cols = 64;
+  const int64_t rows = 9;
+  for (int64_t cols : {64, 120})
   for (Format fmt : {Format::kFP8E4M3, Format::kFP8E5M2}) {
     const FormatInfo& f = format_info(fmt);
     std::vector<uint8_t> q(rows * cols);
@@ -238,6 +241,7 @@ TEST(FormatsLowbit, VectorFp8GemvSpecialRowsAndScales) {
     sc[1] = std::ldexp(1.0f, 100);                                       // scale * 2^(127 - bias) overflows
     q[2 * cols + 5] = fmt == Format::kFP8E4M3 ? 0xFF : 0x7E;            // NaN code
     if (fmt == Format::kFP8E5M2) q[6 * cols + 9] = 0xFC;                 // -Inf code
+    if (cols == 120) q[4 * cols + 110] = 0x7F;                          // NaN in both formats
     const TensorView qv = view2(q.data(), DType::kUInt8, rows, cols), sv = view2(sc.data(), DType::kFloat32, rows, 1);
     std::vector<float> ref(rows * cols);
     cpu::set_isa(cpu::Isa::kScalar);
