@@ -23,8 +23,12 @@ RowMat load_weight(const TensorView& w, const char* op) {
 Eigen::MatrixXd load_hessian(const TensorView& h, const char* op) {
   Eigen::MatrixXd H(h.size(0), h.size(1));
   const float* p = h.ptr<float>();
-  for (int64_t r = 0; r < H.rows(); ++r)
-    for (int64_t c = 0; c < H.cols(); ++c) H(r, c) = p[r * h.stride(0) + c * h.stride(1)];
+  // In 64 x 64 tiles: H is column-major and h usually row-major, and a whole-row sweep with
+  // either side strided took 18 ms at 1536 x 1536.
+  for (int64_t c0 = 0; c0 < H.cols(); c0 += 64)
+    for (int64_t r0 = 0; r0 < H.rows(); r0 += 64)
+      for (int64_t c = c0; c < std::min<int64_t>(H.cols(), c0 + 64); ++c)
+        for (int64_t r = r0; r < std::min<int64_t>(H.rows(), r0 + 64); ++r) H(r, c) = p[r * h.stride(0) + c * h.stride(1)];
   TS_CHECK_VALUE(H.allFinite(), std::string(op) + ": h contains NaN or Inf");
   return H;
 }
