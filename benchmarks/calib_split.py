@@ -3,7 +3,7 @@
 The pipeline's functions are wrapped here, for this run only (nothing in the library pays
 for it): every wrapped call adds its *exclusive* time (its own minus that of wrapped calls
 inside it) to its stage, so a statistics hook running inside a block forward counts as
-statistics, not forward. Forward hooks registered while timing are wrapped as statistics
+statistics, not forward. Forward (pre-)hooks registered while timing are wrapped as statistics
 (the pipeline's hooks gather Hessians / Gram matrices; its bookkeeping hooks are cheap).
 "rest" is the total minus the three stages: Python bookkeeping, packing, copies, folds.
 """
@@ -51,17 +51,23 @@ def patched(timer: StageTimer):
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in targets]
     orig_register = nn.Module.register_forward_hook
+    orig_register_pre = nn.Module.register_forward_pre_hook
 
     def register(self, hook, *args, **kwargs):
         return orig_register(self, timer.wrap("statistics", hook), *args, **kwargs)
+
+    def register_pre(self, hook, *args, **kwargs):
+        return orig_register_pre(self, timer.wrap("statistics", hook), *args, **kwargs)
 
     try:
         for mod, name, stage in targets:
             setattr(mod, name, timer.wrap(stage, getattr(mod, name)))
         nn.Module.register_forward_hook = register
+        nn.Module.register_forward_pre_hook = register_pre
         yield timer
     finally:
         nn.Module.register_forward_hook = orig_register
+        nn.Module.register_forward_pre_hook = orig_register_pre
         for mod, name, fn in saved:
             setattr(mod, name, fn)
 

@@ -140,6 +140,45 @@ def run_block(block: nn.Module, inp: Tuple[tuple, dict]) -> torch.Tensor:
         return block_output(block(*args, **kwargs))
 
 
+class _BatchDone(BaseException):
+    """Raised by a statistics hook once a batch has given every input it needs. A
+    BaseException, so that a block's own `except Exception` cannot swallow it."""
+
+
+class StopAtLastCall:
+    """Ends a statistics pass's block forward at the last target call it needs: a pass that
+    only gathers the targets' inputs has no use for the rest (the last layer's own product,
+    the residual add after it), which is ~20% of a transformer block's forward.
+
+    The hooks are forward *pre*-hooks and call `ran(name)` after recording an input. The first
+    batch runs whole and fixes how often each target runs per batch; on later batches the
+    call that brings every count to it raises, so the block stops there. Without that plan
+    (a needed target did not run in the first batch: data-dependent routing may still call
+    it late in a later one) every batch runs whole. A block that runs one layer a
+    data-dependent number of times per batch would lose that layer's extra calls."""
+
+    def __init__(self):
+        self.plan: Optional[Dict[str, int]] = None
+        self.seen: Dict[str, int] = {}
+
+    def ran(self, name: str) -> None:
+        self.seen[name] = self.seen.get(name, 0) + 1
+        if self.plan is not None and self.seen == self.plan:
+            raise _BatchDone
+
+    def run(self, block: nn.Module, inp: Tuple[tuple, dict]) -> None:
+        self.seen = {}
+        try:
+            run_block(block, inp)
+        except _BatchDone:
+            pass
+
+    def first_batch_done(self, needed) -> None:
+        """After the first batch: `needed`, the targets whose inputs the pass takes."""
+        needed = list(needed)
+        self.plan = dict(self.seen) if needed and all(n in self.seen for n in needed) else None
+
+
 def next_inputs(inp: Tuple[tuple, dict], out: torch.Tensor) -> Tuple[tuple, dict]:
     """The next block gets this block's output in place of its hidden states."""
     args, kwargs = inp
@@ -297,14 +336,23 @@ NEVER_RAN = "never ran on the calibration data: nothing to calibrate on"
 
 
 def reached_targets(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Set[str]:
-    """The targets that run on at least one calibration batch. Stops after the first batch by
-    which every target has run, so it usually costs one batch's forward pass."""
+    """The targets that run on at least one calibration batch. Stops at the call by which every
+    target has run, so it usually costs part of one batch's forward pass."""
     ran: Set[str] = set()
-    handles = [m.register_forward_hook(lambda mod, args, out, n=n: ran.add(n)) for n, m in targets.items()]
+
+    def hook(name):
+        def fn(mod, args):
+            ran.add(name)
+            if len(ran) == len(targets):
+                raise _BatchDone
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
     try:
         for inp in inputs:
-            run_block(block, inp)
-            if len(ran) == len(targets):
+            try:
+                run_block(block, inp)
+            except _BatchDone:
                 break
     finally:
         for h in handles:

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..ops import calibration as C
 from .gram import gram_upper, symmetric
-from .blockwise import (Edits, FloatReference, Inputs, WeightSpec, calibrate_blockwise, make_layer, run_block,
-                        set_submodule, warn_damping)
+from .blockwise import (Edits, FloatReference, Inputs, StopAtLastCall, WeightSpec, calibrate_blockwise, make_layer,
+                        run_block, set_submodule, warn_damping)
 from ..config import GPTQ
 from .registry import register_transform
 from .weight_only import apply_weight_only, check_linear, register_algorithm
@@ -44,7 +44,10 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
 
     With a float reference, also C = 2/n * sum x_float x^T: the float block run on the float
     model's inputs, token for token beside this block on the pipeline's inputs. A layer whose
-    calls do not pair up one to one (different shapes or counts) gets no C."""
+    calls do not pair up one to one (different shapes or counts) gets no C.
+
+    The block's forward stops at the last target call these statistics need (StopAtLastCall):
+    its output is not used (the pipeline runs the quantized block for the next inputs)."""
     sums: Dict[str, torch.Tensor] = {}     # allocated on a layer's first call
     crosses: Dict[str, torch.Tensor] = {}
     unpaired: set = set()                   # layers whose float and quantized calls did not pair up
@@ -63,7 +66,7 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
         return fn
 
     def hook(name):
-        def fn(mod, args, out):
+        def fn(mod, args):
             if counts[name] == 0 and not sums_seen[0]:
                 if not first_input:
                     first_input.append(args[0])
@@ -71,35 +74,40 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
                     first.append(name)
             if not wanted(name):
                 return
-            x = args[0].detach().reshape(-1, mod.in_features)
-            # Layers reading the same tensor (q/k/v, gate/up) share one product per call.
-            key = next((i for i, (t, _) in enumerate(products) if t is args[0]), None)
-            if key is None:
-                products.append((args[0], gram_upper(x)))
-                key = len(products) - 1
-            if name not in sums:
-                sums[name] = torch.zeros_like(products[key][1])
-            sums[name] += products[key][1]
-            sources[name].append((batch[0], key))
-            counts[name] += x.shape[0]
-            if reference is None or name in unpaired:
-                return
-            x = x.double()
-            xf = float_x[name].pop(0) if float_x[name] else None
-            if xf is None or xf.shape != x.shape:
-                unpaired.add(name)
-                crosses.pop(name, None)
-            else:
-                if name not in crosses:
-                    crosses[name] = torch.zeros_like(sums[name])
-                crosses[name].addmm_(xf.T, x)
+            record(name, mod, args)
+            stop.ran(name)
         return fn
+
+    def record(name, mod, args):
+        x = args[0].detach().reshape(-1, mod.in_features)
+        # Layers reading the same tensor (q/k/v, gate/up) share one product per call.
+        key = next((i for i, (t, _) in enumerate(products) if t is args[0]), None)
+        if key is None:
+            products.append((args[0], gram_upper(x)))
+            key = len(products) - 1
+        if name not in sums:
+            sums[name] = torch.zeros_like(products[key][1])
+        sums[name] += products[key][1]
+        sources[name].append((batch[0], key))
+        counts[name] += x.shape[0]
+        if reference is None or name in unpaired:
+            return
+        x = x.double()
+        xf = float_x[name].pop(0) if float_x[name] else None
+        if xf is None or xf.shape != x.shape:
+            unpaired.add(name)
+            crosses.pop(name, None)
+        else:
+            if name not in crosses:
+                crosses[name] = torch.zeros_like(sums[name])
+            crosses[name].addmm_(xf.T, x)
 
     sums_seen = [False]
     products: List[Tuple[torch.Tensor, torch.Tensor]] = []  # this call's inputs and x^T x
     sources: Dict[str, List[Tuple[int, int]]] = {n: [] for n in targets}  # (batch, product) added
     batch = [0]
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    stop = StopAtLastCall()
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
     if reference is not None:
         handles += [reference.block.get_submodule(n).register_forward_hook(float_hook(n)) for n in targets]
     try:
@@ -107,7 +115,9 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
             batch[0] = i
             if reference is not None:
                 run_block(reference.block, reference.inputs[i])
-            run_block(block, inp)
+            stop.run(block, inp)
+            if i == 0:
+                stop.first_batch_done(n for n in targets if wanted(n))
             sums_seen[0] = True
             first_input.clear()
             products.clear()

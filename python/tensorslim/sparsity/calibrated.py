@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import sparsegpt as S
-from ..quantization.blockwise import Edits, Inputs, calibrate_blockwise, run_block, warn_damping
+from ..quantization.blockwise import Edits, Inputs, StopAtLastCall, calibrate_blockwise, warn_damping
 from ..quantization.gptq import accumulate_hessians
 from .build import build, dense_linear
 from .config import NM, _Sparse
@@ -25,17 +25,21 @@ from .uncalibrated import magnitude_keep
 def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Dict[str, torch.Tensor]:
     """||X_j||_2 per input feature of each target over the block's calibration tokens (float64)."""
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in targets.items()}
+    stop = StopAtLastCall()  # the block's output is not used
 
     def hook(name):
-        def fn(mod, args, out):
+        def fn(mod, args):
             x = args[0].detach().reshape(-1, mod.in_features).double()
             sums[name] += (x * x).sum(0).cpu()
+            stop.ran(name)
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
     try:
-        for inp in inputs:
-            run_block(block, inp)
+        for i, inp in enumerate(inputs):
+            stop.run(block, inp)
+            if i == 0:
+                stop.first_batch_done(targets)
     finally:
         for h in handles:
             h.remove()
