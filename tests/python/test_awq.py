@@ -129,6 +129,68 @@ def test_folds_keep_the_float_function_and_skip_invalid_ones():
     assert err < 5e-3
 
 
+class MixedBlock(nn.Module):
+    """Pre-norm part (its folds are valid) then a post-norm part whose norm output is also the
+    residual (its first fold candidate is not)."""
+
+    def __init__(self, d=128):
+        super().__init__()
+        self.pre, self.norm2, self.fc = PreNormBlock(d), nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.norm2(self.pre(x))
+        return h + self.fc(torch.relu(h))
+
+
+class BranchBlock(nn.Module):
+    """fc runs only on loud batches, where the norm's output is also the residual: a fold into
+    the norm changes nothing on quiet batches and breaks the loud ones."""
+
+    def __init__(self, d=128):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        if float(x.mean()) < 1.0:
+            return x
+        h = self.norm(x)
+        return h + self.fc(torch.relu(h))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(PreNormBlock(), PostNormBlock()),
+                                  lambda: nn.Sequential(MixedBlock(), MixedBlock()),
+                                  lambda: nn.Sequential(PreNormBlock(), BranchBlock())])
+def test_folds_checked_together_give_the_one_at_a_time_result(make, monkeypatch):
+    """The block's folds are tried all at once with one check; where that check fails they are
+    tried one at a time. Either way the layers and notes are those of one at a time only."""
+    torch.manual_seed(0)
+    model = _with_outliers(make())
+    calib = [torch.randn(2, 16, 128) + 5 * (i > 0) for i in range(4)]  # the first batch quiet
+    together, alone = copy.deepcopy(model), copy.deepcopy(model)
+    runs = {}
+    for m in (together, alone):
+        calls = []
+        handles = [b.register_forward_pre_hook(lambda mod, a: calls.append(1)) for b in m]
+        if m is alone:
+            monkeypatch.setattr(awq, "_fold_all_first", lambda *a, **k: ({}, False))
+        report = awq.quantize_awq(m, WeightSpec(8, True, 128, simulate=True), make_forward_loop(calib, progress=False),
+                                  progress=False)
+        runs[id(m)] = (len(calls), {c.name: c.format for c in report.changed})
+        for h in handles:
+            h.remove()
+    assert runs[id(together)][1] == runs[id(alone)][1]
+    a, b = together.state_dict(), alone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    notes = runs[id(together)][1]
+    if isinstance(model[0], PreNormBlock):  # both folds of block 0 valid: one check instead of two
+        assert "folded into norm" in notes["0.a"] and "folded into b" in notes["0.down"]
+        assert runs[id(together)][0] == runs[id(alone)][0] - 1
+    if isinstance(model[1], BranchBlock):  # checked on the batch its branch runs on too
+        assert "folded" not in notes["1.fc"]
+    if isinstance(model[0], MixedBlock):  # the first candidate fails in the checks together
+        assert "folded" not in notes["0.fc"] and "folded into pre.norm" in notes["0.pre.a"]
+
+
 def test_awq_output_error_below_round_to_nearest():
     torch.manual_seed(1)
     model = _with_outliers(nn.Sequential(PreNormBlock()))

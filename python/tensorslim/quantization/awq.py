@@ -10,7 +10,8 @@ For each group:
      and up_proj before down_proj) is divided by s. Candidates are the module whose output
      the group reads and the earlier norms / Linears of matching width; a fold is kept only
      if the float block's output is unchanged (checked on the first calibration batch and on
-     the first one the group runs on), so
+     the first one the group runs on; all of a block's groups first fold into their first
+     candidates and are checked together, then one at a time only if that check fails), so
      residual paths and non-linear functions are never folded through. A group with no
      valid fold gets an input scale instead: its WeightOnlyLinear layers keep W * s and
      multiply their input by 1 / s (one fp32 vector per layer, an elementwise product per call);
@@ -184,19 +185,48 @@ def _relative_change(out: torch.Tensor, ref: torch.Tensor, inp) -> float:
     return float((out.double() - ref.double()).norm() / base.norm().clamp(min=1e-30))
 
 
+def _output_kept(block: nn.Module, checks, inputs: Inputs, refs: Dict[int, torch.Tensor], fold_tol: float) -> bool:
+    return all(_relative_change(run_block(block, inputs[b]), refs[b], inputs[b]) <= fold_tol for b in sorted(checks))
+
+
 def _fold_somewhere(block: nn.Module, group: InputGroup, layers: List[nn.Linear], s: torch.Tensor,
                     steps: Dict[str, int], inputs: Inputs, refs: Dict[int, torch.Tensor], edits: Edits,
-                    fold_tol: float) -> Optional[str]:
-    """Fold s into the first candidate that keeps the float block's output (on the first batch
-    and on the first batch the group ran on); None, with nothing changed, if none does."""
-    checks = sorted({0, group.batch})  # a branch-only group: also where its branch is not taken
-    for cand in _candidates(block, group, steps, layers[0].in_features):
+                    fold_tol: float, skip: int = 0) -> Optional[str]:
+    """Fold s into the first candidate (past the `skip` first ones, known not to) that keeps the
+    float block's output (on the first batch and on the first batch the group ran on); None,
+    with nothing changed, if none does."""
+    checks = {0, group.batch}  # a branch-only group: also where its branch is not taken
+    for cand in _candidates(block, group, steps, layers[0].in_features)[skip:]:
         mark = edits.mark()
         _fold(block.get_submodule(cand), layers, s, edits)
-        if all(_relative_change(run_block(block, inputs[b]), refs[b], inputs[b]) <= fold_tol for b in checks):
+        if _output_kept(block, checks, inputs, refs, fold_tol):
             return cand
         edits.undo(mark)
     return None
+
+
+def _fold_all_first(block: nn.Module, todo: List[Tuple[InputGroup, List[nn.Linear], torch.Tensor]],
+                    steps: Dict[str, int], inputs: Inputs, refs: Dict[int, torch.Tensor], edits: Edits,
+                    fold_tol: float) -> Tuple[Dict[int, str], bool]:
+    """Every group of `todo` folded into its first candidate at once and checked together:
+    one block run per check batch instead of one per group, since valid folds are the rule.
+    Returns ({index in todo: candidate}, True) if the float block's output is kept; else
+    nothing stays changed and the groups must be folded one at a time (_fold_somewhere).
+    A group's folds touch only its own layers and modules that run before it, never a later
+    group's weights, so the scale searches need not wait for the earlier groups' folds."""
+    mark = edits.mark()
+    chosen: Dict[int, str] = {}
+    checks = {0}
+    for i, (g, layers, s) in enumerate(todo):
+        cands = _candidates(block, g, steps, layers[0].in_features)
+        if cands:
+            _fold(block.get_submodule(cands[0]), layers, s, edits)
+            chosen[i] = cands[0]
+            checks.add(g.batch)
+    if not chosen or _output_kept(block, checks, inputs, refs, fold_tol):
+        return chosen, True
+    edits.undo(mark)
+    return chosen, False
 
 
 def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SHRINK,
@@ -217,6 +247,7 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
         notes: Dict[str, str] = {}
         grams: Dict[str, torch.Tensor] = {}
         in_scales: Dict[str, torch.Tensor] = {}  # layer -> s, for groups scaled at their input
+        searched = []
         for g in groups:
             if g.count == 0:  # 0-row batches only: no statistics to search on (would give NaN)
                 raise ValueError("the calibration data reached the layers with 0 rows (empty batches); "
@@ -227,10 +258,17 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
             act = (g.abs_sum / g.count).float().cpu()
             w = torch.cat([lin.weight.detach().float() for lin in layers])
             k, _ = C.awq_search_scale(w, gram, act, spec.bits, spec.symmetric, spec.group_for(width), n_grid)
-            note = f"awq alpha={k / n_grid:.2f}"
             s = C.awq_scales(act, k, n_grid) if k > 0 else torch.ones_like(act)
+            searched.append((g, layers, gram, s, k))
+        todo = [(g, layers, s) for g, layers, _, s, k in searched if k > 0]
+        first, kept = _fold_all_first(block, todo, steps, inputs, refs, edits, fold_tol)
+        for g, layers, gram, s, k in searched:
+            note = f"awq alpha={k / n_grid:.2f}"
             if k > 0:
-                folded = _fold_somewhere(block, g, layers, s, steps, inputs, refs, edits, fold_tol)
+                i = next(i for i, t in enumerate(todo) if t[0] is g)
+                # the first candidate failed alone if it was the only fold checked
+                folded = first.get(i) if kept else _fold_somewhere(block, g, layers, s, steps, inputs, refs, edits,
+                                                                   fold_tol, skip=int(len(first) == 1 and i in first))
                 if folded:
                     note += f" folded into {folded}"
                 elif input_scales:  # same error as a fold (the search measured it), paid at run time
