@@ -94,8 +94,9 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
 constexpr int64_t kInt8PanelMinRows = 16;
 // AVX-512 VNNI CPUs, few rows (gemm_int8_avx512.cpp): vpdpbusd on the plain int8 weight, exact
 // without corrections, bit-exact with the reference; false where the active ISA is not
-// AVX-512 or the CPU lacks VNNI. Below kInt8VnniMaxRows a GEMV (4 x 4 tiles of dot products);
-// from there 16 weight rows at a time transposed into 4-byte panels and 8-token tiles, no
+// AVX-512 or the CPU lacks VNNI. Below kInt8VnniMaxRows (kInt8VnniLargeMaxRows for weights of
+// kInt8VnniLargeWeight values and more) a GEMV (4 x 4 tiles of dot products);
+// from there 48 weight rows at a time transposed into 4-byte panels and 8-token tiles, no
 // horizontal sums. linear_int8 picks them below kInt8VnniPanelMaxRows rows over oneDNN
 // (kAuto; oneDNN took 1.2-4x their time there at 4096^2 and MiniLM's shapes on Sapphire
 // Rapids), and below kInt8PanelMinRows over the AVX2 kernels (kNative).
@@ -108,6 +109,13 @@ bool linear_int8_vnni_panels(const TensorView& qx, const TensorView& act_scales,
                              const TensorView& w_scales, const TensorView* bias,
                              const TensorView& out);
 constexpr int64_t kInt8VnniMaxRows = 8;
+// The panels transpose the whole weight on every call; for a weight far larger than the caches
+// the GEMV, which reads it as stored (each block of rows once from memory, again from L2 per 4
+// tokens), is faster up to 16 rows (4096 x 4096 at 8 / 16 rows, route off, 3 alternating runs:
+// panels 0.71-0.81 / 1.00-1.25 ms, GEMV 0.51-0.61 / 1.02-1.11; at 32 rows alike; weights of 4M
+// values: alike at 8 rows, panels ahead from 16; MiniLM's 384 x 1536: panels ahead from 12).
+constexpr int64_t kInt8VnniLargeWeight = int64_t{1} << 24;
+constexpr int64_t kInt8VnniLargeMaxRows = 16;
 constexpr int64_t kInt8VnniPanelMaxRows = 40;
 // Returns false when oneDNN has no exact implementation for this combination (none at all,
 // or one without VNNI whose int16 pair sums saturate).

@@ -21,6 +21,7 @@
 #include "tensorslim/gemm_int8.h"
 #include "tensorslim/quantize.h"
 #include "transpose16_avx512.h"
+#include "vnni_dot.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -31,37 +32,46 @@ constexpr int kCols = 4;     // weight rows per register tile
 
 inline __mmask64 tail_mask(int64_t n) { return n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1; }
 
+// One 64-byte step of tile() at k; kMasked: bytes from K on read as zero (the last step).
+template <int MR, int NR, bool kSums, bool kMasked>
+__attribute__((target("avx512vnni"), always_inline)) inline void tile_step(
+    __m512i (&acc)[MR * NR], __m512i (&sums)[NR], const uint8_t* const* a, const int8_t* const* w,
+    int64_t K, int64_t k, __m512i flip, __m512i ones, const char* next) {
+  const __mmask64 mask = kMasked ? tail_mask(K - k) : ~__mmask64{0};
+  __m512i wv[NR];
+  for (int j = 0; j < NR; ++j) {
+    // The next tile's rows (contiguous: rows are K bytes apart), a line per load, to L2: one
+    // linear stream, where rows of K = 4096 are a page each and the hardware prefetchers
+    // stop and restart at every page.
+    _mm_prefetch(next + k * NR + j * 64, _MM_HINT_T1);
+    wv[j] = kMasked ? _mm512_maskz_loadu_epi8(mask, w[j] + k) : _mm512_loadu_si512(w[j] + k);
+    if (kSums) sums[j] = dpbusd(sums[j], ones, wv[j]);
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m512i c = _mm512_xor_si512(kMasked ? _mm512_maskz_loadu_epi8(mask, a[r] + k) : _mm512_loadu_si512(a[r] + k),
+                                 flip);
+    if (kMasked) c = _mm512_maskz_mov_epi8(mask, c);  // s8 codes: the flipped tail is 0x80
+    for (int j = 0; j < NR; ++j) acc[r * NR + j] = dpbusd(acc[r * NR + j], c, wv[j]);
+  }
+}
+
 // acc[r][j] = sum_k a[r][k] * w[j][k] (a as u8) and, with kSums, wsum[j] = sum_k w[j][k].
 template <int MR, int NR, bool kSums>
 __attribute__((target("avx512vnni"))) void tile(const uint8_t* const* a, const int8_t* const* w,
                                                 int64_t K, __m512i flip,
                                                 int32_t acc_out[kMaxRows][kCols], int32_t* wsum) {
   const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc[MR][NR], sums[NR];
+  __m512i acc[MR * NR], sums[NR];
   for (int j = 0; j < NR; ++j) {
     sums[j] = _mm512_setzero_si512();
-    for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_setzero_si512();
+    for (int r = 0; r < MR; ++r) acc[r * NR + j] = _mm512_setzero_si512();
   }
   const char* next = reinterpret_cast<const char*>(w[0] + NR * K);
-  for (int64_t k = 0; k < K; k += 64) {
-    const __mmask64 mask = tail_mask(K - k);  // zero bytes past K add nothing
-    __m512i wv[NR];
-    for (int j = 0; j < NR; ++j) {
-      // The next tile's rows (contiguous: rows are K bytes apart), a line per load, to L2: one
-      // linear stream, where rows of K = 4096 are a page each and the hardware prefetchers
-      // stop and restart at every page.
-      _mm_prefetch(next + k * NR + j * 64, _MM_HINT_T1);
-      wv[j] = _mm512_maskz_loadu_epi8(mask, w[j] + k);
-      if (kSums) sums[j] = _mm512_dpbusd_epi32(sums[j], ones, wv[j]);
-    }
-    for (int r = 0; r < MR; ++r) {
-      const __m512i c = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, a[r] + k), flip);
-      const __m512i cm = _mm512_maskz_mov_epi8(mask, c);  // s8 codes: the flipped tail is 0x80
-      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], cm, wv[j]);
-    }
-  }
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) tile_step<MR, NR, kSums, false>(acc, sums, a, w, K, k, flip, ones, next);
+  if (k < K) tile_step<MR, NR, kSums, true>(acc, sums, a, w, K, k, flip, ones, next);
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc_out[r][j] = _mm512_reduce_add_epi32(acc[r][j]);
+    for (int j = 0; j < NR; ++j) acc_out[r][j] = _mm512_reduce_add_epi32(acc[r * NR + j]);
   if (kSums)
     for (int j = 0; j < NR; ++j) wsum[j] = _mm512_reduce_add_epi32(sums[j]);
 }
@@ -89,12 +99,17 @@ void tile_any(int mr, int nr, const uint8_t* const* a, const int8_t* const* w, i
 }
 
 // ---- Panels: for more rows, the GEMV's per-tile horizontal sums cost as much as its dots.
-// 16 weight rows are transposed per task into [ceil(K/4)][16 rows][4 bytes] (zero past K),
-// so one vpdpbusd multiplies a broadcast dword of 4 activation codes with 16 rows at once
-// and up to kTokens tokens share every weight load. The row sums come with the packing.
+// Each task transposes kPanelsPerTask panels of 16 weight rows into [ceil(K/4)][16 rows][4
+// bytes] (zero past K), so one vpdpbusd multiplies a broadcast dword of 4 activation codes with
+// 16 rows at once and up to kTokens tokens share every weight load. The row sums come with
+// the packing.
 
 constexpr int kPanelRows = 16;
 constexpr int kTokens = 8;
+// Panels per task: each broadcast activation dword meets this many weight vectors (8 tokens x 3
+// panels = 24 accumulators). 4096 x 4096 at 16 / 32 rows, 4 alternating runs: 1 panel (before)
+// 1.44-1.88 / 2.62-3.03 ms, 2 panels 0.97-1.35 / 1.66-2.20, 3 panels 0.92-1.30 / 1.57-2.25.
+constexpr int kPanelsPerTask = 3;
 
 __attribute__((target("avx512vnni"))) __m512i pack_panel(const int8_t* w, int64_t K, int rows,
                                                          int64_t K4, int8_t* panel) {
@@ -109,7 +124,7 @@ __attribute__((target("avx512vnni"))) __m512i pack_panel(const int8_t* w, int64_
     const int64_t steps = std::min<int64_t>(16, K4 - k / 4);
     for (int64_t j = 0; j < steps; ++j) {
       _mm512_storeu_si512(panel + (k / 4 + j) * 64, v[j]);
-      sums = _mm512_dpbusd_epi32(sums, ones, v[j]);
+      sums = dpbusd(sums, ones, v[j]);
     }
   }
   return sums;
@@ -125,64 +140,86 @@ inline __m512i codes4(const uint8_t* row, int64_t K, int64_t k4) {
 }
 
 struct PanelOut {
-  const float *a_scales, *w_scales, *bias;  // w_scales / bias at the panel's first row
+  const float *a_scales, *w_scales, *bias;  // w_scales / bias at the first panel's first row
   bool per_token;
   int32_t zp;
-  float* out;  // at the panel's first row
+  float* out;  // at the first panel's first row
   int64_t ldo;
 };
 
-template <int MB, bool kFlip>
+// MB tokens times NP consecutive panels (16 rows each, `rows` in the last one): every
+// broadcast activation dword meets NP weight vectors.
+template <int MB, int NP, bool kFlip>
 __attribute__((target("avx512vnni"))) void panel_tile(const uint8_t* x, int64_t m0, int64_t K,
                                                       int64_t K4, const int8_t* panel,
-                                                      __m512i sums, int rows, const PanelOut& o) {
-  __m512i acc[MB];
-  for (int t = 0; t < MB; ++t) acc[t] = _mm512_setzero_si512();
+                                                      const __m512i* sums, int rows, const PanelOut& o) {
+  __m512i acc[MB][NP];
+  for (int t = 0; t < MB; ++t)
+    for (int p = 0; p < NP; ++p) acc[t][p] = _mm512_setzero_si512();
   const uint8_t* xr[MB];
   for (int t = 0; t < MB; ++t) xr[t] = x + (m0 + t) * K;
   const int64_t whole = K / 4;  // dwords read straight from the rows
+  const int64_t pstride = K4 * 64;
   for (int64_t k4 = 0; k4 < whole; ++k4) {
-    const __m512i wv = _mm512_loadu_si512(panel + k4 * 64);
+    __m512i wv[NP];
+    for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_si512(panel + p * pstride + k4 * 64);
     for (int t = 0; t < MB; ++t) {
       int32_t v;
       std::memcpy(&v, xr[t] + 4 * k4, 4);
       __m512i c = _mm512_set1_epi32(v);
       if (kFlip) c = _mm512_xor_si512(c, _mm512_set1_epi8(static_cast<char>(0x80)));
-      acc[t] = _mm512_dpbusd_epi32(acc[t], c, wv);
+      for (int p = 0; p < NP; ++p) acc[t][p] = dpbusd(acc[t][p], c, wv[p]);
     }
   }
   if (whole < K4) {
-    const __m512i wv = _mm512_loadu_si512(panel + whole * 64);
-    for (int t = 0; t < MB; ++t)
-      acc[t] = _mm512_dpbusd_epi32(acc[t], codes4<kFlip>(xr[t], K, whole), wv);
+    for (int t = 0; t < MB; ++t) {
+      const __m512i c = codes4<kFlip>(xr[t], K, whole);
+      for (int p = 0; p < NP; ++p)
+        acc[t][p] = dpbusd(acc[t][p], c, _mm512_loadu_si512(panel + p * pstride + whole * 64));
+    }
   }
   // The reference's rescale, lane by lane: float(acc - zp * sum w) * (a_s * w_s) + bias.
-  const __mmask16 lanes = static_cast<__mmask16>((1u << rows) - 1);
-  const __m512i zp_sums = _mm512_mullo_epi32(_mm512_set1_epi32(o.zp), sums);
-  const __m512 ws = _mm512_maskz_loadu_ps(lanes, o.w_scales);
-  const __m512 b = o.bias ? _mm512_maskz_loadu_ps(lanes, o.bias) : _mm512_setzero_ps();
-  for (int t = 0; t < MB; ++t) {
-    const int64_t m = m0 + t;
-    const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(o.a_scales[o.per_token ? m : 0]), ws);
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], zp_sums)), scale);
-    if (o.bias) y = _mm512_add_ps(y, b);
-    _mm512_mask_storeu_ps(o.out + m * o.ldo, lanes, y);
+  for (int p = 0; p < NP; ++p) {
+    const int pr = p + 1 < NP ? kPanelRows : rows;
+    const __mmask16 lanes = static_cast<__mmask16>((1u << pr) - 1);
+    const __m512i zp_sums = _mm512_mullo_epi32(_mm512_set1_epi32(o.zp), sums[p]);
+    const __m512 ws = _mm512_maskz_loadu_ps(lanes, o.w_scales + p * kPanelRows);
+    const __m512 b = o.bias ? _mm512_maskz_loadu_ps(lanes, o.bias + p * kPanelRows) : _mm512_setzero_ps();
+    for (int t = 0; t < MB; ++t) {
+      const int64_t m = m0 + t;
+      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(o.a_scales[o.per_token ? m : 0]), ws);
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t][p], zp_sums)), scale);
+      if (o.bias) y = _mm512_add_ps(y, b);
+      _mm512_mask_storeu_ps(o.out + m * o.ldo + p * kPanelRows, lanes, y);
+    }
   }
 }
 
-template <bool kFlip>
+template <int NP, bool kFlip>
 void panel_tokens(int mb, const uint8_t* x, int64_t m0, int64_t K, int64_t K4,
-                  const int8_t* panel, __m512i sums, int rows, const PanelOut& o) {
+                  const int8_t* panel, const __m512i* sums, int rows, const PanelOut& o) {
   switch (mb) {
-    case 1: return panel_tile<1, kFlip>(x, m0, K, K4, panel, sums, rows, o);
-    case 2: return panel_tile<2, kFlip>(x, m0, K, K4, panel, sums, rows, o);
-    case 3: return panel_tile<3, kFlip>(x, m0, K, K4, panel, sums, rows, o);
-    case 4: return panel_tile<4, kFlip>(x, m0, K, K4, panel, sums, rows, o);
-    case 5: return panel_tile<5, kFlip>(x, m0, K, K4, panel, sums, rows, o);
-    case 6: return panel_tile<6, kFlip>(x, m0, K, K4, panel, sums, rows, o);
-    case 7: return panel_tile<7, kFlip>(x, m0, K, K4, panel, sums, rows, o);
-    default: return panel_tile<8, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 1: return panel_tile<1, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 2: return panel_tile<2, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 3: return panel_tile<3, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 4: return panel_tile<4, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 5: return panel_tile<5, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 6: return panel_tile<6, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    case 7: return panel_tile<7, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o);
+    default: return panel_tile<8, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o);
   }
+}
+
+template <int NP>
+void panel_group(int np, int mb, bool flip, const uint8_t* x, int64_t m0, int64_t K, int64_t K4,
+                 const int8_t* panel, const __m512i* sums, int rows, const PanelOut& o) {
+  if constexpr (NP > 1) {
+    if (np < NP) return panel_group<NP - 1>(np, mb, flip, x, m0, K, K4, panel, sums, rows, o);
+  }
+  if (flip)
+    panel_tokens<NP, true>(mb, x, m0, K, K4, panel, sums, rows, o);
+  else
+    panel_tokens<NP, false>(mb, x, m0, K, K4, panel, sums, rows, o);
 }
 
 }  // namespace
@@ -256,23 +293,26 @@ bool linear_int8_vnni_panels(const TensorView& qx, const TensorView& act_scales,
   const uint8_t* x = qx.ptr<uint8_t>();
   const int8_t* wq = qweight.ptr<int8_t>();
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
-  parallel_for(panels, 1, [&](int64_t pb, int64_t pe) {
+  const int64_t groups = (panels + kPanelsPerTask - 1) / kPanelsPerTask;
+  parallel_for(groups, 1, [&](int64_t gb, int64_t ge) {
     thread_local std::vector<int8_t> panel;
-    panel.resize(static_cast<size_t>(K4 * 64));
-    for (int64_t pi = pb; pi < pe; ++pi) {
-      const int64_t n0 = pi * kPanelRows;
-      const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0));
-      const __m512i sums = pack_panel(wq + n0 * K, K, rows, K4, panel.data());
+    panel.resize(static_cast<size_t>(kPanelsPerTask * K4 * 64));
+    for (int64_t gi = gb; gi < ge; ++gi) {
+      const int64_t n0 = gi * kPanelsPerTask * kPanelRows;
+      const int np = static_cast<int>(std::min<int64_t>(kPanelsPerTask, panels - gi * kPanelsPerTask));
+      __m512i sums[kPanelsPerTask];
+      int rows = kPanelRows;
+      for (int p = 0; p < np; ++p) {
+        rows = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0 - p * kPanelRows));
+        sums[p] = pack_panel(wq + (n0 + p * kPanelRows) * K, K, rows, K4, panel.data() + p * K4 * 64);
+      }
       const PanelOut o{act_scales.ptr<float>(), w_scales.ptr<float>() + n0,
                        bias ? bias->ptr<float>() + n0 : nullptr,
                        act_scales.shape[0] == M && M != 1, is_u8 ? act_zero_point : 128,
                        out.ptr<float>() + n0, N};
       for (int64_t m0 = 0; m0 < M; m0 += kTokens) {
         const int mb = static_cast<int>(std::min<int64_t>(kTokens, M - m0));
-        if (is_u8)
-          panel_tokens<false>(mb, x, m0, K, K4, panel.data(), sums, rows, o);
-        else
-          panel_tokens<true>(mb, x, m0, K, K4, panel.data(), sums, rows, o);
+        panel_group<kPanelsPerTask>(np, mb, !is_u8, x, m0, K, K4, panel.data(), sums, rows, o);
       }
     }
   });

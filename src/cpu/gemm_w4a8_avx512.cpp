@@ -16,6 +16,7 @@
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
 #include "transpose16_avx512.h"
+#include "vnni_dot.h"
 #include "w4a8_panels.h"
 
 namespace tensorslim {
@@ -88,7 +89,7 @@ inline __m512i broadcast4(const int8_t* p) {
 struct DotVnni {
   __attribute__((target("avx512vnni"))) static inline __m512i step(__m512i acc, __m512i u,
                                                                     __m512i x) {
-    return _mm512_dpbusd_epi32(acc, u, x);
+    return dpbusd(acc, u, x);
   }
 };
 struct DotBW {  // vpmaddubsw cannot saturate here: 2 * 15 * 128 < 2^15

@@ -6,6 +6,7 @@
 #include "half.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
+#include "vnni_dot.h"
 #include "w4a8_gemv.h"
 
 namespace tensorslim {
@@ -25,7 +26,7 @@ inline __mmask64 bytes_mask(int64_t n) {
 struct PairVnni {
   __attribute__((target("avx512vnni"))) static inline __m512i step(__m512i acc, __m512i lo, __m512i xe,
                                                                     __m512i hi, __m512i xo) {
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, xe), hi, xo);
+    return dpbusd(dpbusd(acc, lo, xe), hi, xo);
   }
 };
 struct PairBW {  // both halves' pair sums fit int16: 2 * 2 * 15 * 128 < 2^15

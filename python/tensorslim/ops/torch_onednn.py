@@ -171,12 +171,16 @@ def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_
 # Rows from which linear_int8's automatic choice (src/cpu/gemm_int8.cpp) leaves our VNNI kernels
 # for oneDNN (kInt8VnniPanelMaxRows); below it our kernels already run on torch's threads.
 LINEAR_MIN_ROWS = 40
-# Weights this large (4096 x 4096 and up) take torch's matmul from 4 rows (measured on a 2-core
-# Zen 4, torch's / ours: 4096 x 4096 0.66-0.76 at 4-32 rows, 4096 x 11008 0.58-0.80; at 1 row
-# ours 0.70 ms vs 0.73 ms; 1024 x 4096 0.65 at 4 rows but 0.92-1.04 at 8-32; MiniLM's 384 x 1536
-# at 32 rows 1.74: our VNNI panels keep small weights).
+# Weights this large (4096 x 4096 and up) take torch's matmul from 16 rows, where our VNNI GEMV
+# ends for them (cpu::kInt8VnniLargeMaxRows). Measured on a 2-core Zen 4 (dynamic, interleaved,
+# torch's / ours): 4096 x 4096 at 4 rows 1.55, 8-39 rows on our panels 0.96-1.04; 4096 x 11008
+# at 4 / 6 rows 1.51 / 1.35, panels 0.97-1.01; 11008 x 4096 at 4 / 6 rows 1.16 / 1.11, panels
+# 0.82-0.96; our GEMV at 8 / 16 rows of 4096 x 4096: 0.51-0.61 / 0.79-1.11 ms against torch's
+# 0.89 / 1.28. (Before our kernels' vpdpbusd stopped copying accumulators: 0.66-0.76 at 4-32
+# rows, hence 4 then.) Small weights keep our panels below LINEAR_MIN_ROWS (MiniLM's 384 x 1536
+# at 32 rows: 1.74).
 LARGE_WEIGHT = 1 << 24
-LARGE_WEIGHT_MIN_ROWS = 4
+LARGE_WEIGHT_MIN_ROWS = 16
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,26 @@
+// vpdpbusd (AVX-512 VNNI) for the kernels' inner loops.
+//
+// GCC (12) compiles _mm512_dpbusd_epi32 on an accumulator held in an array as a copy of the
+// accumulator into a scratch register, the product there and a copy back: two zmm moves per
+// vpdpbusd and spills around them (the INT8 panel loop at 8 tokens x 2 panels: 16 products,
+// 32 moves and 2 stack stores per step). Written as inline asm the accumulator stays where it
+// is. Clang compiles the intrinsic without the copies, so it keeps it.
+#pragma once
+
+#include <immintrin.h>
+
+namespace tensorslim {
+namespace cpu {
+
+// acc + per dword lane the sum of the four products of u's unsigned and s's signed bytes.
+__attribute__((target("avx512vnni"), always_inline)) inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, u, s);
+#endif
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
