@@ -87,15 +87,25 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
                       const TensorView& qweight, const TensorView& w_scales,
                       const TensorView* bias, const TensorView& out);
 // The same arithmetic for many activation rows (weight packed into 8-column panels per call,
-// 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more.
+// 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more
+// (kInt8PanelMinRowsLarge for weights of kInt8LargeWeight values and more).
 bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                              const TensorView& qweight, const TensorView& w_scales,
                              const TensorView* bias, const TensorView& out);
 constexpr int64_t kInt8PanelMinRows = 16;
+// The panel kernels transpose the whole weight on every call; a weight far larger than the
+// caches then streams through them once more, while the GEMVs read it as stored (each block
+// of rows once from memory, again from L2 per 4 tokens), so they keep more rows for it.
+// Measured (2-core Zen 4, route off, alternating runs), 4096 x 4096: AVX-512 VNNI panels at 8 /
+// 16 rows 0.71-0.81 / 1.00-1.25 ms, GEMV 0.51-0.61 / 1.02-1.11, alike at 32; AVX2 (capped)
+// panels at 16 / 32 rows 3.9 / 5.7-6.2 ms, GEMV 2.5-2.9 / 4.6-6.3. Weights of 4M values: alike
+// at 8 rows, panels ahead from 16; MiniLM's 384 x 1536: panels ahead from 12 (AVX2: from 16).
+constexpr int64_t kInt8LargeWeight = int64_t{1} << 24;
+constexpr int64_t kInt8PanelMinRowsLarge = 32;
 // AVX-512 VNNI CPUs, few rows (gemm_int8_avx512.cpp): vpdpbusd on the plain int8 weight, exact
 // without corrections, bit-exact with the reference; false where the active ISA is not
 // AVX-512 or the CPU lacks VNNI. Below kInt8VnniMaxRows (kInt8VnniLargeMaxRows for weights of
-// kInt8VnniLargeWeight values and more) a GEMV (4 x 4 tiles of dot products);
+// kInt8LargeWeight values and more) a GEMV (4 x 4 tiles of dot products);
 // from there 48 weight rows at a time transposed into 4-byte panels and 8-token tiles, no
 // horizontal sums. linear_int8 picks them below kInt8VnniPanelMaxRows rows over oneDNN
 // (kAuto; oneDNN took 1.2-4x their time there at 4096^2 and MiniLM's shapes on Sapphire
@@ -109,13 +119,7 @@ bool linear_int8_vnni_panels(const TensorView& qx, const TensorView& act_scales,
                              const TensorView& w_scales, const TensorView* bias,
                              const TensorView& out);
 constexpr int64_t kInt8VnniMaxRows = 8;
-// The panels transpose the whole weight on every call; for a weight far larger than the caches
-// the GEMV, which reads it as stored (each block of rows once from memory, again from L2 per 4
-// tokens), is faster up to 16 rows (4096 x 4096 at 8 / 16 rows, route off, 3 alternating runs:
-// panels 0.71-0.81 / 1.00-1.25 ms, GEMV 0.51-0.61 / 1.02-1.11; at 32 rows alike; weights of 4M
-// values: alike at 8 rows, panels ahead from 16; MiniLM's 384 x 1536: panels ahead from 12).
-constexpr int64_t kInt8VnniLargeWeight = int64_t{1} << 24;
-constexpr int64_t kInt8VnniLargeMaxRows = 16;
+constexpr int64_t kInt8VnniLargeMaxRows = 16;  // for weights of kInt8LargeWeight values and more
 constexpr int64_t kInt8VnniPanelMaxRows = 40;
 // Returns false when oneDNN has no exact implementation for this combination (none at all,
 // or one without VNNI whose int16 pair sums saturate).

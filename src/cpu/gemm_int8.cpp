@@ -40,7 +40,7 @@ bool use_isa(GemmBackend backend, cpu::Isa isa) {
 bool vnni_kernels(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                   const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
                   const TensorView& out) {
-  const bool large = qweight.shape[0] * qweight.shape[1] >= cpu::kInt8VnniLargeWeight;
+  const bool large = qweight.shape[0] * qweight.shape[1] >= cpu::kInt8LargeWeight;
   if (qx.shape[0] < (large ? cpu::kInt8VnniLargeMaxRows : cpu::kInt8VnniMaxRows))
     return cpu::linear_int8_vnni(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
   return cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
