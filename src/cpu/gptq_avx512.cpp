@@ -5,57 +5,45 @@
 // No Eigen here: this file has its own instruction-set flags.
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "gptq_kernels.h"
+#include "gptq_strips.h"
 
 namespace tensorslim {
 namespace cpu {
 namespace {
 
 constexpr int kVec = 8;        // doubles per vector
-constexpr int kCols = 3 * kVec;  // columns per tile
 
-template <int R>
-void tile(double* c, int64_t ldc, const double* e, int64_t lde, const double* u, int64_t ldu, int64_t k) {
-  __m512d acc[R][3];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 3; ++v) acc[r][v] = _mm512_loadu_pd(c + r * ldc + v * kVec);
-  for (int64_t t = 0; t < k; ++t) {
-    const double* ut = u + t * ldu;
-    const __m512d u0 = _mm512_loadu_pd(ut), u1 = _mm512_loadu_pd(ut + kVec), u2 = _mm512_loadu_pd(ut + 2 * kVec);
-    for (int r = 0; r < R; ++r) {
-      const __m512d a = _mm512_set1_pd(e[r * lde + t]);
-      acc[r][0] = _mm512_fnmadd_pd(a, u0, acc[r][0]);
-      acc[r][1] = _mm512_fnmadd_pd(a, u1, acc[r][1]);
-      acc[r][2] = _mm512_fnmadd_pd(a, u2, acc[r][2]);
+struct Kernel {  // what gptq_strips.h needs
+  static constexpr int kCols = 3 * kVec;  // columns per tile
+
+  template <int R>
+  static void tile(double* c, int64_t ldc, const double* e, int64_t lde, const double* u, int64_t ldu, int64_t k) {
+    __m512d acc[R][3];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 3; ++v) acc[r][v] = _mm512_loadu_pd(c + r * ldc + v * kVec);
+    for (int64_t t = 0; t < k; ++t) {
+      const double* ut = u + t * ldu;
+      const __m512d u0 = _mm512_loadu_pd(ut), u1 = _mm512_loadu_pd(ut + kVec), u2 = _mm512_loadu_pd(ut + 2 * kVec);
+      for (int r = 0; r < R; ++r) {
+        const __m512d a = _mm512_set1_pd(e[r * lde + t]);
+        acc[r][0] = _mm512_fnmadd_pd(a, u0, acc[r][0]);
+        acc[r][1] = _mm512_fnmadd_pd(a, u1, acc[r][1]);
+        acc[r][2] = _mm512_fnmadd_pd(a, u2, acc[r][2]);
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 3; ++v) _mm512_storeu_pd(c + r * ldc + v * kVec, acc[r][v]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 3; ++v) _mm512_storeu_pd(c + r * ldc + v * kVec, acc[r][v]);
-}
+
+  static void axpy(double* y, const double* x, double a, int64_t n) { gptq_axpy_avx512(y, x, a, n); }
+};
 
 }  // namespace
 
 void gptq_update_avx512(double* c, int64_t ldc, const double* e, int64_t lde, const double* u,
                         int64_t ldu, int64_t m, int64_t n, int64_t k) {
-  // Each strip of u is copied contiguous, kChunk of its rows at a time: u's rows lie ldu
-  // apart, which for ldu a multiple of 512 (4 KB; 1536 inputs: 12 KB) puts every row in the
-  // same L1 set, and the tile loop then ran at a quarter of its FMA rate (Cholesky and
-  // inverse of a 1536 x 1536 Hessian, blocked_cholesky.h: 54 and 70 ms before).
-  constexpr int64_t kChunk = 128;
-  alignas(64) double strip[kChunk * kCols];
-  int64_t j = 0;
-  for (; j + kCols <= n; j += kCols)
-    for (int64_t t0 = 0; t0 < k; t0 += kChunk) {
-      const int64_t kc = k - t0 < kChunk ? k - t0 : kChunk;
-      for (int64_t t = 0; t < kc; ++t) std::memcpy(strip + t * kCols, u + (t0 + t) * ldu + j, sizeof(double) * kCols);
-      int64_t r = 0;
-      for (; r + 4 <= m; r += 4) tile<4>(c + r * ldc + j, ldc, e + r * lde + t0, lde, strip, kCols, kc);
-      for (; r < m; ++r) tile<1>(c + r * ldc + j, ldc, e + r * lde + t0, lde, strip, kCols, kc);
-    }
-  for (int64_t r = 0; r < m; ++r)  // the last columns, one row at a time
-    for (int64_t t = 0; t < k; ++t) gptq_axpy_avx512(c + r * ldc + j, u + t * ldu + j, e[r * lde + t], n - j);
+  gptq_update_in_strips<Kernel>(c, ldc, e, lde, u, ldu, m, n, k);
 }
 
 void gptq_axpy_avx512(double* y, const double* x, double a, int64_t n) {
