@@ -242,6 +242,40 @@ def test_static_call_plan_follows_the_module_tensors(monkeypatch):
         assert torch.equal(y2, m2(x)) and torch.equal(y2, seen[0])
 
 
+def test_checked_calls_still_check_what_can_change(monkeypatch):
+    """A call whose input signature (shapes, strides, dtypes, activation) passed forward's
+    checks before skips them (_checked_call), but not what may differ between such calls:
+    values (NaN), gradient recording, the backend, a residual of another shape; other
+    signatures still get every check."""
+    conv, x = _float_conv(SHAPES[0])
+    m = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, "static", 0.05, 128)
+    res = torch.randn(m(x).shape)
+    with torch.no_grad():
+        y, yr = m(x), m(x, residual=res, activation="relu")
+        assert len(m._checked) == 2
+        assert torch.equal(m(x), y) and torch.equal(m(x, residual=res, activation="relu"), yr)
+        torch.testing.assert_close(yr, (y + res).relu(), rtol=1e-6, atol=1e-6)  # fused in the kernel
+        bad = x.clone()
+        bad[0, 1, 2, 3] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            m(bad)
+        with pytest.raises(ValueError, match="expected 8 input channels, got 3"):
+            m(torch.randn(2, 3, 9, 11))
+        other = torch.randn(1, *res.shape[1:])  # broadcasts: not fusable, the torch epilogue
+        assert torch.equal(m(x, residual=other, activation="relu"), (y + other).relu())
+    xg = x.clone().requires_grad_(True)
+    m(xg).sum().backward()  # through the autograd function, not the checked call
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    calls = []
+    native = ts.nn.int8_conv._C.conv_int8_quantizing_run
+    monkeypatch.setattr(ts.nn.int8_conv._C, "conv_int8_quantizing_run", lambda *a: calls.append(1) or native(*a))
+    m.backend = "reference"
+    ref = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, "static", 0.05, 128, backend="reference")
+    with torch.no_grad():
+        assert torch.equal(m(x), ref(x))  # the reference path, not the kernel
+    assert not calls
+
+
 def test_backward_reaches_the_input():
     conv, x = _float_conv(SHAPES[1])
     m = ts.nn.Int8Conv2d.from_float(conv, conv.weight, conv.bias, "dynamic")

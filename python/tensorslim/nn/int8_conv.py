@@ -9,7 +9,7 @@ module. Where that kernel lacks VNNI/AMX (AVX2 CPUs) it sums pairs of u8 x s8 pr
 saturating int16, so activations are then quantized to 7 bits ([0, 127], the "reduce range"
 fbgemm uses): a pair is at most 2 * 127 * 127 < 32767 and the result stays exact.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -113,6 +113,8 @@ class _Int8ConvNd(nn.Module):
         self._torch_kernels = torch_onednn.PackedCache()  # the same keys -> qweight packed for torch's kernel
         # static mode: (input shape, route on, tensor identities) -> call arguments
         self._plans: Dict[tuple, tuple] = torch_onednn.PackedCache()
+        # forward's _signature of calls the static plan ran after every check (_checked_call)
+        self._checked: Set[tuple] = set()
 
     # ------------------------------------------------------------ construction / io
 
@@ -210,18 +212,42 @@ class _Int8ConvNd(nn.Module):
         """conv(x), then `+ residual` and the activation ('relu', 'relu6', 'silu', 'gelu')
         where given: the epilogue a fused model (quantization/conv_epilogue.py) hands over,
         run inside the kernel where it can be."""
+        sig = _signature(x, residual, activation)
+        if sig is not None and sig in self._checked:
+            y = self._checked_call(x, residual, activation)
+            if y is not None:
+                return y
         self.check_input(x)
         if residual is not None or activation:
             conv_ops.check_activation(activation)
             if not self._fusable(x, residual):  # the same result the long way
                 y = self.forward(x)
                 return conv_ops.ACTIVATIONS[activation](y + residual if residual is not None else y)
-            return self.kernel_forward(x, residual, activation)
+            return self.kernel_forward(x, residual, activation, sig)
         if x.dim() == self.sp + 1:
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.requires_grad and torch.is_grad_enabled():
             return _FrozenConvFunction.apply(x, self)
-        return self.kernel_forward(x)
+        return self.kernel_forward(x, sig=sig)
+
+    def _checked_call(self, x: torch.Tensor, residual: Optional[torch.Tensor], activation: str
+                      ) -> Optional[torch.Tensor]:
+        """forward for an input signature whose checks passed on an earlier call that ran the
+        static plan (`_checked`): only what can change between such calls is checked again
+        (gradient recording, torch.compile / dispatch modes, the module's backend, and the
+        buffers' identity inside _static_plan). At batch 1 the checks cost as much as the
+        kernel. None: take the general path."""
+        if self.backend == "reference" or (torch.is_grad_enabled() and (
+                x.requires_grad or (residual is not None and residual.requires_grad))):
+            return None
+        if not _eager.direct_ok((x, residual) + tuple(self._buffers.values())):
+            return None
+        if x.dtype is torch.float32:  # no gradient is recorded here: no detach, no conversion
+            xc = x.movedim(1, -1)
+            y = self._static_call((xc[self._pick] if self._pick else xc).contiguous(), residual, activation)
+            return y
+        y = self._static_call(self._channels_last(x), residual, activation)
+        return None if y is None else y.to(x.dtype)
 
     def _fusable(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
         """Whether the epilogue can run in the kernel: a batched fp32 input without gradient,
@@ -329,27 +355,48 @@ class _Int8ConvNd(nn.Module):
             self._plans[key] = plan
         return plan
 
+    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the kernels read it: fp32, channels last, contiguous (a strided 1 x 1 conv's
+        positions picked first)."""
+        xc = x.detach().to(torch.float32).movedim(1, -1)
+        return (xc[self._pick] if self._pick else xc).contiguous()
+
+    def _static_call(self, xc: torch.Tensor, res: Optional[torch.Tensor], activation: str
+                     ) -> Optional[torch.Tensor]:
+        """The static-mode product of the cached plan ([N, OC, *spatial], channels-last
+        strides, fp32): torch's oneDNN where the plan has it and it fuses this epilogue, else
+        one native call. None where no plan or kernel runs (nothing written)."""
+        b = self._buffers
+        plan = self._static_plan(xc.shape, (b["qweight"], b["w_scales"], b["bias"], b["act_scale"],
+                                            b["act_zero_point"]))
+        if not plan:
+            return None
+        if plan[3] is not None and torch_onednn.takes(res is not None, activation):  # torch's threads
+            return torch_onednn.conv2d_quantizing(xc, *plan[3], res, activation)
+        out_shape, before_out, after_out, _ = plan
+        rc = None if res is None else res.movedim(1, -1).contiguous()  # channels last for our kernel
+        out = torch.empty(out_shape)
+        if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *before_out, _views.view(out, "out"), *after_out,
+                                       _views.optional_view(rc, "residual"), activation):
+            return out.movedim(-1, 1)
+        return None
+
     def kernel_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                       activation: str = "") -> torch.Tensor:
-        xc = x.detach().to(torch.float32).movedim(1, -1)  # channels last
-        xc = (xc[self._pick] if self._pick else xc).contiguous()
+                       activation: str = "", sig: Optional[tuple] = None) -> torch.Tensor:
+        """The product after forward's checks. sig: forward's _signature of this call, kept
+        in `_checked` when the static plan ran it (later calls like it skip the checks)."""
+        xc = self._channels_last(x)
         res = None if residual is None else residual.detach()
         eager = _eager.direct_ok((xc, res) + tuple(self._buffers.values()))
         torch_route = eager and torch_onednn.takes(res is not None, activation)
-        rc = None  # the residual channels last, for our kernel (torch's reads it as it is)
         if self.mode == "static" and self.backend != "reference" and xc.numel() > 0 and eager:
-            b = self._buffers
-            plan = self._static_plan(xc.shape, (b["qweight"], b["w_scales"], b["bias"], b["act_scale"],
-                                                b["act_zero_point"]))
-            if plan and plan[3] is not None and torch_route:  # torch's oneDNN on torch's threads
-                return torch_onednn.conv2d_quantizing(xc, *plan[3], res, activation).to(x.dtype)
-            if plan:  # one native call with the cached arguments
-                out_shape, before_out, after_out, _ = plan
-                rc = None if res is None else res.movedim(1, -1).contiguous()
-                out = torch.empty(out_shape)
-                if _C.conv_int8_quantizing_run(_views.view(xc, "x"), *before_out, _views.view(out, "out"), *after_out,
-                                               _views.optional_view(rc, "residual"), activation):
-                    return out.movedim(-1, 1).to(x.dtype)
+            y = self._static_call(xc, res, activation)
+            if y is not None:
+                if sig is not None:
+                    if len(self._checked) >= 4 * _MAX_SHAPES:
+                        self._checked.clear()
+                    self._checked.add(sig)
+                return y.to(x.dtype)
         scale, zp = self._params(xc, 255)
         packed, qmax = None, 255
         if self.backend != "reference" and xc.numel() > 0:
@@ -364,8 +411,7 @@ class _Int8ConvNd(nn.Module):
                                                  self._run_stride, self.padding, self.dilation, self.groups, res,
                                                  activation)
             return out.to(x.dtype)
-        if rc is None and res is not None:
-            rc = res.movedim(1, -1).contiguous()
+        rc = None if res is None else res.movedim(1, -1).contiguous()
         if packed is not None:
             out = conv_ops.conv_int8_quantizing(xc, scale, zp, qmax, self.qweight, self.w_scales, self.bias,
                                                 self._run_stride, self.padding, self.dilation, self.groups, packed,
@@ -377,6 +423,18 @@ class _Int8ConvNd(nn.Module):
                                                self._run_stride, self.padding, self.dilation, self.groups, rc,
                                                activation)
         return out.movedim(-1, 1).to(x.dtype)
+
+
+def _signature(x, residual, activation: str) -> Optional[tuple]:
+    """What forward's checks read of a call, for plain CPU tensors (else None): the input's and
+    residual's shape, strides and dtype, and the activation."""
+    if type(x) is not torch.Tensor or not x.is_cpu:
+        return None
+    if residual is None:
+        return x.shape, x.stride(), x.dtype, activation
+    if type(residual) is not torch.Tensor or not residual.is_cpu:
+        return None
+    return x.shape, x.stride(), x.dtype, activation, residual.shape, residual.stride(), residual.dtype
 
 
 class Int8Conv1d(_Int8ConvNd):
