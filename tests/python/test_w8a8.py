@@ -116,6 +116,52 @@ def test_module_built_under_inference_mode_packs_and_runs(monkeypatch):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_call_plan_follows_the_module_tensors(static, monkeypatch):
+    """Int8Linear keeps its native call's arguments while its tensors are unchanged; in-place
+    recalibration, new weights, a bias set anew, a smoothing vector changed in place and the
+    reference backend are all used at the next call (reference: a fresh module with the same
+    state, which never ran)."""
+    monkeypatch.setattr(ts.ops.torch_onednn, "_enabled", False)  # our kernels at every size
+    torch.manual_seed(3)
+    w, b, inv = torch.randn(40, 96), torch.randn(40), torch.rand(96) + 0.5
+    make = lambda: ts.Int8Linear.from_float(w, b, "static" if static else "dynamic", inv_smooth=inv,
+                                            act_scale=0.05 if static else None, act_zero_point=100)
+    m, x = make(), torch.randn(2, 5, 96)
+    seen = []
+
+    def check():
+        fresh = make()
+        fresh.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            y = m(x)
+            assert torch.equal(y, fresh(x))
+        assert not any(torch.equal(y, prev) for prev in seen)  # each change below changes the output
+        seen.append(y)
+
+    check()
+    with torch.no_grad():
+        assert torch.equal(m(x), seen[0]) and len(m._call_plans) == 1
+        if static:
+            m.act_scale.mul_(1.5)
+            m.act_zero_point.fill_(40)
+            check()  # in-place recalibration
+        m.qweight.neg_()
+        check()  # weights changed in place
+        m.bias = torch.randn(40)
+        check()  # a bias set anew
+        m.inv_smooth.mul_(2.0)
+        check()  # smoothing changed in place
+        assert len(m._call_plans) == 1  # stale arguments are dropped, not kept
+        ref = copy.deepcopy(m)
+        ref.backend = "reference"
+        m.backend = "reference"
+        calls = []
+        native = ts.nn.int8_linear._C.linear_w8a8
+        monkeypatch.setattr(ts.nn.int8_linear._C, "linear_w8a8", lambda *a: calls.append(1) or native(*a))
+        assert torch.equal(m(x), ref(x)) and not calls
+
+
 def test_tensor_identity_follows_in_place_changes():
     from tensorslim._identity import tensor_identity
     t = torch.zeros(4)

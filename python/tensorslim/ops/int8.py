@@ -29,8 +29,12 @@ def _check_x(x: torch.Tensor, inv_smooth: Optional[torch.Tensor]) -> None:
         raise TypeError(f"x: expected float32 activations, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [tokens, features] tensor, got shape {tuple(x.shape)}")
-    if inv_smooth is not None and (inv_smooth.dtype != torch.float32 or inv_smooth.shape != (x.shape[1],)):
-        raise ValueError(f"inv_smooth: expected a float32 tensor of shape [{x.shape[1]}], got "
+    _check_inv_smooth(inv_smooth, x.shape[1])
+
+
+def _check_inv_smooth(inv_smooth: Optional[torch.Tensor], K: int) -> None:
+    if inv_smooth is not None and (inv_smooth.dtype != torch.float32 or inv_smooth.shape != (K,)):
+        raise ValueError(f"inv_smooth: expected a float32 tensor of shape [{K}], got "
                          f"{inv_smooth.dtype} {tuple(inv_smooth.shape)}")
 
 
@@ -205,6 +209,22 @@ def linear_int8_reference(qx, act_scales, act_zero_point, qweight, w_scales, bia
     return out + bias if bias is not None else out
 
 
+def w8a8_call_args(inv_smooth: Optional[torch.Tensor], qweight: torch.Tensor, w_scales: torch.Tensor,
+                   bias: Optional[torch.Tensor], backend: str, packed: Optional[torch.Tensor],
+                   act_scale: Optional[float], act_zero_point: int, act_dtype: torch.dtype) -> tuple:
+    """The eager native W8A8 call's checked arguments: (those between x and out, those after
+    out) of _C.linear_w8a8(x, *before, out, *after). act_scale None: per-token codes. Callers
+    with fixed tensors (Int8Linear) keep them across calls."""
+    _check_backend(backend)
+    _check_inv_smooth(inv_smooth, qweight.shape[1])
+    if act_scale is not None:
+        act_scale = _check_static(act_scale, act_zero_point, act_dtype)
+    return ((_views.optional_view(inv_smooth, "inv_smooth"), _views.view(qweight, "qweight"),
+             _views.view(w_scales, "w_scales"), _views.optional_view(bias, "bias")),
+            (INT8_BACKENDS[backend], _views.optional_view(packed, "packed"), act_scale, int(act_zero_point),
+             act_dtype == torch.uint8))
+
+
 def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                 bias: Optional[torch.Tensor], inv_smooth: Optional[torch.Tensor] = None,
                 act_scale: Optional[float] = None, act_zero_point: int = 0,
@@ -221,16 +241,11 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
     x2 = x.reshape(-1, K).to(torch.float32)
     if backend != "reference" and _eager.direct_ok((x2, inv_smooth, qweight, w_scales, bias, packed)):
         # Eager CPU call: both kernels in one crossing (the same functions, same bits).
-        _check_backend(backend)
         _check_x(x2, inv_smooth)
-        if act_scale is not None:
-            act_scale = _check_static(act_scale, act_zero_point, act_dtype)
+        before_x, after_out = w8a8_call_args(inv_smooth, qweight, w_scales, bias, backend, packed, act_scale,
+                                             act_zero_point, act_dtype)
         y = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.float32)
-        _C.linear_w8a8(_views.view(x2.contiguous(), "x"), _views.optional_view(inv_smooth, "inv_smooth"),
-                       _views.view(qweight, "qweight"), _views.view(w_scales, "w_scales"),
-                       _views.optional_view(bias, "bias"), _views.view(y, "out"), INT8_BACKENDS[backend],
-                       _views.optional_view(packed, "packed"), act_scale, int(act_zero_point),
-                       act_dtype == torch.uint8)
+        _C.linear_w8a8(_views.view(x2.contiguous(), "x"), *before_x, _views.view(y, "out"), *after_out)
         return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
     if act_scale is None:
         qx, scales = quantize_per_token(x2, inv_smooth, backend, unsigned=True)
