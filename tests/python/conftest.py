@@ -42,3 +42,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def check_matches_fresh_state(m, make, x, seen: list) -> None:
+    """m(x) equals a module that never ran (make()) loaded with m's state dict, and differs
+    from every earlier output in `seen` (each change a test makes must change it); appends it.
+    For caches of derived call data that must follow in-place changes of the module's tensors."""
+    fresh = make()
+    fresh.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        y = m(x)
+        assert torch.equal(y, fresh(x))
+    assert not any(torch.equal(y, prev) for prev in seen)
+    seen.append(y)

@@ -11,6 +11,7 @@ from torch import nn
 
 import tensorslim as ts
 from tensorslim.ops import conv_int8 as C
+from conftest import check_matches_fresh_state
 
 # (N, C, spatial, OC, kernel, stride, padding, dilation, groups)
 SHAPES = [
@@ -215,13 +216,7 @@ def test_static_call_plan_follows_the_module_tensors(monkeypatch):
     seen = []
 
     def check():
-        fresh = make()
-        fresh.load_state_dict(m.state_dict())
-        with torch.no_grad():
-            y = m(x)
-            assert torch.equal(y, fresh(x))
-        assert not any(torch.equal(y, prev) for prev in seen)  # each change below changes the output
-        seen.append(y)
+        check_matches_fresh_state(m, make, x, seen)
 
     check()
     with torch.no_grad():

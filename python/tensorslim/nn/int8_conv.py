@@ -242,10 +242,6 @@ class _Int8ConvNd(nn.Module):
             return None
         if not _eager.direct_ok((x, residual) + tuple(self._buffers.values())):
             return None
-        if x.dtype is torch.float32:  # no gradient is recorded here: no detach, no conversion
-            xc = x.movedim(1, -1)
-            y = self._static_call((xc[self._pick] if self._pick else xc).contiguous(), residual, activation)
-            return y
         y = self._static_call(self._channels_last(x), residual, activation)
         return None if y is None else y.to(x.dtype)
 
@@ -358,7 +354,11 @@ class _Int8ConvNd(nn.Module):
     def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """x as the kernels read it: fp32, channels last, contiguous (a strided 1 x 1 conv's
         positions picked first)."""
-        xc = x.detach().to(torch.float32).movedim(1, -1)
+        if x.requires_grad:  # each op below costs ~1 us per call where it has nothing to do
+            x = x.detach()
+        if x.dtype is not torch.float32:
+            x = x.to(torch.float32)
+        xc = x.movedim(1, -1)
         return (xc[self._pick] if self._pick else xc).contiguous()
 
     def _static_call(self, xc: torch.Tensor, res: Optional[torch.Tensor], activation: str
