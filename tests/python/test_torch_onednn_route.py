@@ -117,6 +117,26 @@ def test_route_matches_our_kernel_and_the_reference(shape, mode, with_residual, 
         assert torch.equal(residual, kept), "the residual was changed"
 
 
+def test_route_keeps_nan_and_inf_of_a_residual_as_the_reference(taken):
+    """The residual is added after torch's conv, in fp32 as the reference adds it: NaN and Inf
+    in a residual come through the add and the ReLU where the reference's do (torch's ReLU
+    post-op made a NaN sum 0), and every other output matches."""
+    mod, x = _module(SHAPES[0], "static")
+    ref_mod, _ = _module(SHAPES[0], "static", backend="reference")
+    r = _residual(mod, x)
+    r[0, 0, 0, 0], r[0, 1, 2, 3], r[1, 2, 3, 4] = float("nan"), float("inf"), -float("inf")
+    taken.clear()
+    with torch.no_grad():
+        for activation in ("", "relu"):
+            got, ref = mod(x, r, activation), ref_mod(x, r, activation)
+            for special in (torch.isnan, torch.isposinf, torch.isneginf):
+                assert torch.equal(special(got), special(ref)), (activation, special.__name__)
+            assert int(ref.isnan().sum()) == 1 and int(ref.isposinf().sum()) == 1
+            finite = ref.isfinite()
+            _matches_reference(mod, got[finite], ref[finite])
+    assert len(taken) == 2, "torch's route was not taken"
+
+
 def test_not_taken_where_it_does_not_pay_or_cannot(routes, taken):
     """Small calls, epilogues torch's op lacks, Conv1d and the switch take our kernel (with the
     same results as the reference); a call recording a gradient still gets one to its input."""
