@@ -1,5 +1,6 @@
 """Timing helpers shared by the benchmarks (run as scripts, so this folder is on sys.path)."""
 import platform
+import random
 import statistics
 import time
 
@@ -22,17 +23,23 @@ def timeit(fn, min_time=0.4, warmup=3, clock=time.perf_counter):
 
 def median_times(fns, min_time=1.0, warmup=3, min_rounds=9):
     """Median seconds per call of each fn, timed in interleaved rounds (one call of each
-    per round) so that load from other processes affects baseline and ours alike."""
+    per round) so that load from other processes affects baseline and ours alike. Each round
+    runs them in a new (seeded) random order: in a fixed order a function always meets the
+    caches and threads its predecessor left, which moved identical code by 13% (a digits
+    ResNet at batch 32, docs/benchmarks.md, eleventh session)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     runs = [[] for _ in fns]
+    order = list(range(len(fns)))
+    rng = random.Random(0)
     start = time.perf_counter()
     while time.perf_counter() - start < min_time or len(runs[0]) < min_rounds:
-        for fn, r in zip(fns, runs):
+        rng.shuffle(order)
+        for i in order:
             t0 = time.perf_counter()
-            fn()
-            r.append(time.perf_counter() - t0)
+            fns[i]()
+            runs[i].append(time.perf_counter() - t0)
     return [statistics.median(r) for r in runs]
 
 
