@@ -117,6 +117,10 @@ def test_range_checks_stay_with_each_config():
         ts.W8A8(smoothquant_alpha="always")
     with pytest.raises(ValueError, match="damp"):
         ts.GPTQ(damp=float("nan"))
+    for cls in (ts.W8A8, ts.Int8Dynamic):
+        for bad in (0, 128, -64):
+            with pytest.raises(ValueError, match=f"{cls.__name__}: weight_qmax must be an int in"):
+                cls(weight_qmax=bad)
 
 
 def test_gptq_block_size_is_bounded_at_construction():

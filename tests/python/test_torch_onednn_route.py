@@ -250,6 +250,65 @@ def test_linear_route_matches_our_kernels_and_the_reference(mode, bias, smooth, 
     _close(on, ref)
 
 
+def test_narrow_weight_codes_follow_the_spec():
+    """weight_qmax: scale = max|row| / qmax (1.0 for a zero row), codes rne(w / scale) within
+    +-qmax; 127 is the int8 format's quantizer as before; NaN weights are a clear error."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 100)
+    w[3] = 0
+    m = ts.Int8Linear.from_float(w, None, "dynamic", weight_qmax=64)
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 64, torch.ones_like(amax))
+    assert torch.equal(m.w_scales, scales)
+    assert torch.equal(m.qweight, torch.round(w / scales[:, None]).clamp(-64, 64).to(torch.int8))
+    assert int(m.qweight.abs().max()) == 64 and not m.qweight[3].any()
+    full = ts.Int8Linear.from_float(w, None, "dynamic")
+    assert int(full.qweight.abs().max()) == 127
+
+    def sqnr(mod):
+        return 20 * math.log10(float(w.norm()) / float((mod.dequantized_weight() - w).norm()))
+
+    assert 5 < sqnr(full) - sqnr(m) < 7  # one bit less: ~6 dB
+    bad = w.clone()
+    bad[5, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ts.Int8Linear.from_float(bad, None, "dynamic", weight_qmax=64)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_narrow_weights_take_torchs_matmul_and_stay_exact(mode, routes, linear_taken):
+    """With codes in [-64, 64] torch's matmul takes the product on every CPU, VNNI or not (under
+    the AVX2 caps its kernels add u8 x s8 products pairwise in saturating int16, which cannot
+    saturate here), and gives our kernels' and the reference's results for full-range codes."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(384, 512))
+    x = 3 * torch.randn(256, 384)
+    cfg = ts.W8A8(smoothquant=False, weight_qmax=64) if mode == "static" else ts.Int8Dynamic(weight_qmax=64)
+    ts.quantize(model, cfg, calib_data=[x] if mode == "static" else None, progress=False)
+    mod = model[0]
+    ref_mod = copy.deepcopy(mod)
+    ref_mod.backend = "reference"
+    linear_taken.clear()
+    with torch.no_grad():
+        on, off = routes(lambda: mod(x))
+        ref = ref_mod(x)
+    assert len(linear_taken) == 1, "torch's route was not taken"
+    _close(on, off)
+    _close(on, ref)
+
+
+def test_full_range_weights_stay_off_inexact_kernels(routes, linear_taken):
+    """Without VNNI (the AVX2 caps) a weight with codes beyond +-64 never reaches torch's matmul."""
+    if CT._matmul_exact(384, 512):
+        pytest.skip("this CPU's oneDNN matmul is exact for every int8 weight (VNNI / AMX)")
+    mod = _linear("dynamic")
+    x = 3 * torch.randn(256, 384)
+    linear_taken.clear()
+    with torch.no_grad():
+        on, off = routes(lambda: mod(x))
+    assert not linear_taken and torch.equal(on, off)
+
+
 def test_linear_route_not_taken_where_ours_run(routes, linear_taken):
     """Below LINEAR_MIN_ROWS rows (and _MIN_MACS), for signed (int8) codes and the reference backend, the
     product stays with our kernels."""

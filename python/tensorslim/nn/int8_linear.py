@@ -18,6 +18,21 @@ from .compressed_linear import CompressedLinear
 MODES = ("static", "dynamic")
 
 
+def _weight_codes(w: torch.Tensor, qmax: int):
+    """Symmetric per-row codes of w [out, in] in [-qmax, qmax] and their fp32 scales [out, 1]:
+    the int8 format's quantizer for qmax 127, else scale = max|row| / qmax (1.0 for a zero row)
+    and codes rne(w / scale), as docs/formats.md gives it."""
+    if qmax == 127:
+        q, scales, _ = ops.quantize(w, "int8", w.shape[1])
+        return q, scales
+    if not bool(torch.isfinite(w).all()):
+        row = int((~torch.isfinite(w)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"quantize: x contains NaN or Inf (row {row}); quantization needs finite values")
+    amax = w.abs().amax(dim=1, keepdim=True) if w.shape[1] else torch.zeros(w.shape[0], 1)
+    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.round(w / scales).clamp(-qmax, qmax).to(torch.int8), scales
+
+
 class Int8Linear(CompressedLinear):
     """y = dequant(quant(x * inv_smooth) @ qweight.T) + bias.
 
@@ -49,20 +64,22 @@ class Int8Linear(CompressedLinear):
         self._packed_key = None
         self._torch_packed = torch_onednn.PackedCache()  # qweight identity -> packed for torch's matmul
         self._call_plans = torch_onednn.PackedCache()  # tensor identities -> native call arguments
+        self._narrow_key, self._narrow = None, False  # qweight identity -> codes all in [-64, 64]
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], mode: str,
                    inv_smooth: Optional[torch.Tensor] = None, act_scale: Optional[float] = None,
                    act_zero_point: int = 0, act_signed: bool = False, smooth: str = "none",
-                   backend: str = "auto") -> "Int8Linear":
-        """Quantize a (possibly already smoothed) float weight [out, in] per output channel."""
+                   backend: str = "auto", weight_qmax: int = 127) -> "Int8Linear":
+        """Quantize a (possibly already smoothed) float weight [out, in] per output channel,
+        codes in [-weight_qmax, weight_qmax] (see the configs' weight_qmax)."""
         out_features, in_features = weight.shape
         if mode == "static" and act_scale is None:
             raise ValueError("static W8A8 needs a calibrated act_scale")
         mod = cls(in_features, out_features, mode, bias is not None, inv_smooth is not None, act_signed,
                   smooth, backend, device=weight.device)
         with torch.no_grad():
-            q, scales, _ = ops.quantize(weight.detach().float().contiguous(), "int8", in_features)
+            q, scales = _weight_codes(weight.detach().float().contiguous(), weight_qmax)
             mod.qweight.copy_(q)
             mod.w_scales.copy_(scales.reshape(-1))
             if bias is not None:
@@ -107,7 +124,8 @@ class Int8Linear(CompressedLinear):
         qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point = t
         eager = _eager.direct_ok((x, qweight, w_scales, bias, inv_smooth))  # first: no probe while compiling
         if (eager and self.backend == "auto" and not self.act_signed
-                and torch_onednn.linear_pays(x.numel() // self.in_features, self.in_features, self.out_features)):
+                and torch_onednn.linear_pays(x.numel() // self.in_features, self.in_features, self.out_features,
+                                             lambda: self._narrow_weights(qweight))):
             return self._torch_forward(x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point)
         if eager and self.backend != "reference" and (act_scale is None or act_scale.is_cpu):
             plan = self._call_plan(qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point)
@@ -142,6 +160,14 @@ class Int8Linear(CompressedLinear):
             self._call_plans.clear()  # one set of tensors at a time: stale views would keep old weights alive
             self._call_plans[key] = plan
         return plan
+
+    def _narrow_weights(self, qweight: torch.Tensor) -> bool:
+        """Whether every weight code lies in [-64, 64] (weight_qmax=64), found once per weight."""
+        key = tensor_identity(qweight)
+        if key != getattr(self, "_narrow_key", None):
+            lo, hi = torch.aminmax(qweight)
+            self._narrow, self._narrow_key = bool(lo >= -64 and hi <= 64), key
+        return self._narrow
 
     def _torch_forward(self, x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point) -> torch.Tensor:
         """The product on torch's oneDNN matmul (ops/torch_onednn.py), for the row counts and

@@ -20,7 +20,7 @@ import functools
 import math
 import os
 import threading
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -196,15 +196,20 @@ def _matmul_exact(K: int, N: int) -> bool:
     return _C.linear_int8_packed_bytes(K, N) > 0
 
 
-def linear_pays(rows: int, K: int, N: int) -> bool:
+def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[], bool]] = None) -> bool:
     """Whether Int8Linear should take torch's matmul for this many rows of this shape: from
-    LINEAR_MIN_ROWS rows (LARGE_WEIGHT_MIN_ROWS for a LARGE_WEIGHT) and _MIN_MACS multiply-adds.
+    LINEAR_MIN_ROWS rows (LARGE_WEIGHT_MIN_ROWS for a LARGE_WEIGHT) and _MIN_MACS multiply-adds,
+    where that matmul is exact: on every CPU with VNNI or AMX, and on the others (AVX2) when
+    narrow_weights() says the weight codes lie in [-64, 64]: a pair of u8 x s8 products is then
+    at most 2 * 255 * 64 = 32640, inside the saturating int16 those kernels add pairs in.
     Measured on a 2-core Zen 4 after a torch op (dynamic, torch's / the wheel's time): 384 x 384
     at 56-128 rows 1.06-1.08 (the wheel wins; under _MIN_MACS), 256 rows 0.97, 1024 rows 0.61;
     384 x 1536 at 40-80 rows 1.00-1.04, 128-1024 rows 0.59-0.64; 1536 x 384 0.63-0.75 from 40
     rows."""
     min_rows = LARGE_WEIGHT_MIN_ROWS if K * N >= LARGE_WEIGHT else LINEAR_MIN_ROWS
-    return rows >= min_rows and rows * K * N >= _MIN_MACS and available() and _matmul_exact(K, N)
+    if not (rows >= min_rows and rows * K * N >= _MIN_MACS and available()):
+        return False
+    return _matmul_exact(K, N) or (narrow_weights is not None and narrow_weights())
 
 
 def linear_prepack(qweight: torch.Tensor) -> torch.Tensor:

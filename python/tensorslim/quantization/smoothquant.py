@@ -33,10 +33,10 @@ def smooth_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float)
     return s.clamp(min=1e-5, max=1e5).float()
 
 
-def _fake_quant_rows(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output row, as Int8Linear stores weights."""
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
-    return torch.round(w / scale).clamp(-127, 127) * scale
+def _fake_quant_rows(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Symmetric int8 per output row with codes up to qmax, as Int8Linear stores weights."""
+    scale = (w.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-30)
+    return torch.round(w / scale).clamp(-qmax, qmax) * scale
 
 
 def fake_quant_act(x: torch.Tensor, mode: str, lo: Optional[float] = None, hi: Optional[float] = None,
@@ -56,7 +56,7 @@ def fake_quant_act(x: torch.Tensor, mode: str, lo: Optional[float] = None, hi: O
 
 def quantized_output_mse(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor, mode: str,
                          x_min: torch.Tensor, x_max: torch.Tensor, symmetric: bool = False,
-                         refs: Optional[Sequence[torch.Tensor]] = None) -> float:
+                         refs: Optional[Sequence[torch.Tensor]] = None, weight_qmax: int = 127) -> float:
     """Mean squared error of the W8A8 outputs of every layer of a group, smoothed by s
     (refs: the float outputs x @ w.T, when already computed)."""
     xs = x / s
@@ -66,15 +66,15 @@ def quantized_output_mse(x: torch.Tensor, weights: Sequence[torch.Tensor], s: to
     err, n = 0.0, 0
     for i, w in enumerate(weights):
         ref = refs[i] if refs is not None else x @ w.T
-        got = xq @ _fake_quant_rows(w * s).T
+        got = xq @ _fake_quant_rows(w * s, weight_qmax).T
         err += float(((ref - got) ** 2).sum())
         n += ref.numel()
     return err / max(n, 1)
 
 
 def search_alpha(x: torch.Tensor, weights: Sequence[torch.Tensor], x_min: torch.Tensor, x_max: torch.Tensor,
-                 mode: str, symmetric: bool = False, grid: Sequence[float] = ALPHA_GRID
-                 ) -> Tuple[float, Dict[float, float]]:
+                 mode: str, symmetric: bool = False, grid: Sequence[float] = ALPHA_GRID,
+                 weight_qmax: int = 127) -> Tuple[float, Dict[float, float]]:
     """The alpha of `grid` whose smoothing gives the lowest output MSE on the sample x [n, K].
 
     Static mode scores generalization, not fit: s and the activation range come from the even
@@ -95,7 +95,7 @@ def search_alpha(x: torch.Tensor, weights: Sequence[torch.Tensor], x_min: torch.
     errors = {}
     for a in grid:
         s = smooth_factors(x_absmax, w_absmax, a)
-        errors[a] = quantized_output_mse(x, weights, s, mode, r_min, r_max, symmetric, refs)
+        errors[a] = quantized_output_mse(x, weights, s, mode, r_min, r_max, symmetric, refs, weight_qmax)
     best = min(errors, key=lambda a: (errors[a], abs(a - 0.5)))
     return best, errors
 

@@ -157,7 +157,8 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
         try:
             built[n] = Int8Linear.from_float(weights[n], biases[n], mode, inv[n], scale, zp,
                                              act_signed=static and cfg.act_symmetric,
-                                             smooth=smooth_desc[n], backend=cfg.backend)
+                                             smooth=smooth_desc[n], backend=cfg.backend,
+                                             weight_qmax=cfg.weight_qmax)
         except (ValueError, TypeError) as e:  # e.g. a NaN weight: say which layer
             raise type(e)(f"layer '{n}' ({type(m).__name__}): {e}") from e
 
@@ -205,7 +206,8 @@ def _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smoot
             n_steps = int(round(1 / cfg.alpha_grid_step))
             grid = [round(i / n_steps, 4) for i in range(n_steps + 1)]
             alpha, _ = search_alpha(sample, ws, x_min, x_max, mode,
-                                    symmetric=getattr(cfg, "act_symmetric", False), grid=grid)
+                                    symmetric=getattr(cfg, "act_symmetric", False), grid=grid,
+                                    weight_qmax=cfg.weight_qmax)
         else:
             alpha = float(cfg.smoothquant_alpha)
         w_absmax = torch.stack([w.abs().amax(dim=0) for w in ws]).amax(dim=0)
