@@ -1,8 +1,9 @@
 // AVX2 W4A8 kernel, the twin of gemm_w4a8_avx512.cpp (layout and driver: w4a8_panels.h):
 // 8 rows per panel (an 8 x 8 dword transpose unpacks 8 rows x 64 k at a time) and tiles of
-// up to 4 tokens x 8 rows in registers. The u8 x s8 products go through vpmaddubsw +
-// vpmaddwd; vpmaddubsw's int16 pair sums cannot saturate (2 * 15 * 128 < 2^15), so the group
-// dots are exact and the output bit-exact with linear_w4a8_reference.
+// up to 4 tokens x 8 rows in registers. The u8 x s8 products go through vpmaddubsw, whose
+// int16 pair sums cannot saturate (2 * 15 * 128 < 2^15) and add up in int16 for a few steps
+// before vpmaddwd widens them (DotMadd), so the group dots are exact and the output bit-exact
+// with linear_w4a8_reference.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -96,10 +97,15 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// acc += per lane, sum over its 4 byte pairs of u8 * s8 (exact, see the file comment).
+// vpmaddubsw's int16 pair sums of u8 * s8 stay within 2 * 15 * 128 = 3840, so kPairSteps
+// steps of two of them (8 k per lane) add up in int16 (4 * 2 * 3840 = 30720 < 2^15) before one
+// vpmaddwd widens them into the int32 group dot: half the multiplies of widening every pair
+// sum (exact either way).
 struct DotMadd {
-  static inline __m256i step(__m256i acc, __m256i u, __m256i x) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+  static constexpr int64_t kPairSteps = 4;
+  static inline __m256i pairs(__m256i u, __m256i x) { return _mm256_maddubs_epi16(u, x); }
+  static inline __m256i widen(__m256i acc, __m256i p16) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
   }
 };
 
@@ -120,13 +126,19 @@ void tile256(const W4A8Args& a, const Acts& x, const Panel& p, const Shape& sh, 
     const uint8_t* w = p.w.data() + g * sh.gsteps * 64;
     const int64_t k0 = g * sh.gsteps * 8;
     const int64_t steps = sh.steps(g);  // a short last group: fewer
-    for (int64_t j = 0; j < steps; ++j) {
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
-      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
-      for (int m = 0; m < MB; ++m) {
-        acc[m] = Dot::step(acc[m], lo, broadcast4(xr[m] + k0 + j * 8));
-        acc[m] = Dot::step(acc[m], hi, broadcast4(xr[m] + k0 + j * 8 + 4));
+    for (int64_t j0 = 0; j0 < steps; j0 += Dot::kPairSteps) {
+      __m256i p16[MB];
+      for (int m = 0; m < MB; ++m) p16[m] = _mm256_setzero_si256();
+      for (int64_t j = j0; j < std::min(steps, j0 + Dot::kPairSteps); ++j) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+        for (int m = 0; m < MB; ++m) {
+          const __m256i both = _mm256_add_epi16(Dot::pairs(lo, broadcast4(xr[m] + k0 + j * 8)),
+                                                Dot::pairs(hi, broadcast4(xr[m] + k0 + j * 8 + 4)));
+          p16[m] = _mm256_add_epi16(p16[m], both);
+        }
       }
+      for (int m = 0; m < MB; ++m) acc[m] = Dot::widen(acc[m], p16[m]);
     }
     // d = sum(u * q) - o * sum(q), exact; then the reference's acc = acc + float(d) * scale.
     const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.o.data() + g * R));

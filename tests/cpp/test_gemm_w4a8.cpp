@@ -27,10 +27,12 @@ struct Weight {
   const TensorView* zp() const { return asym ? &zv : nullptr; }
 };
 
-Weight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t seed) {
+// A random weight, or the given values (N * K) when `values` is set.
+Weight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t seed,
+                   const std::vector<float>* values = nullptr) {
   Weight w;
   w.asym = fmt == Format::kUInt4;
-  std::vector<float> x = random_weights(N * K, seed);
+  std::vector<float> x = values ? *values : random_weights(N * K, seed);
   const int64_t groups = (K + group - 1) / group, bytes = (K + 1) / 2;  // the last may be short
   w.q.resize(N * bytes);
   w.scales.resize(N * groups);
@@ -162,6 +164,33 @@ TEST(GemmW4A8, Avx2MatchesReferenceBitForBit) {
   EXPECT_STREQ(linear_w4a8_kernel(256, 32), "avx2");
   EXPECT_STREQ(linear_w4a8_kernel(96, 6), "reference");
   expect_native_bit_exact("avx2");
+  cpu::set_isa(saved);
+}
+
+// The AVX2 kernel adds vpmaddubsw's pair sums in int16 for a few steps before widening them:
+// at the extremes (every u = 15, every activation code -127 or 127, long groups) that int16
+// sum comes closest to 2^15, and must still match the reference bit for bit.
+TEST(GemmW4A8, Avx2PairSumsAtTheExtremes) {
+  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  const cpu::Isa saved = cpu::active_isa();
+  cpu::set_isa(cpu::Isa::kAVX2);
+  const Case c{8, 24, 1024, 512};
+  // weights: all +1 (int4 code 7, u = 15; uint4 code 15) in rows 0-15, all -1 in the rest
+  std::vector<float> wv(c.N * c.K, 1.0f);
+  for (int64_t i = 16 * c.K; i < c.N * c.K; ++i) wv[i] = -1.0f;
+  // tokens: all -1, all +1, alternating signs, and scaled copies (codes stay +-127)
+  std::vector<float> x(c.M * c.K);
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t k = 0; k < c.K; ++k)
+      x[m * c.K + k] = (m % 3 == 0 ? -1.0f : m % 3 == 1 ? 1.0f : (k % 2 ? 1.0f : -1.0f)) * (1 + m);
+  const std::vector<float> b(c.N, 0.0f);
+  for (Format fmt : {Format::kInt4, Format::kUInt4}) {
+    const Weight w = make_weight(fmt, c.N, c.K, c.group, 0, &wv);
+    std::vector<uint8_t> ref, got;
+    run(c, fmt, false, DType::kFloat32, GemmBackend::kReference, w, x, c.K, b, ref);
+    run(c, fmt, false, DType::kFloat32, GemmBackend::kNative, w, x, c.K, b, got);
+    ASSERT_EQ(0, std::memcmp(ref.data(), got.data(), ref.size())) << format_info(fmt).name;
+  }
   cpu::set_isa(saved);
 }
 
