@@ -77,7 +77,8 @@ def _probe() -> bool:
     residual = torch.randn(1, 4, 3, 3, generator=g)
     with torch.inference_mode():
         packed = prepack(w, ones, 0.5, 3, [1, 1], [1, 1], [1, 1], 1, [1, 4, 3, 3])
-        got = _conv(codes.movedim(-1, 1), 0.5, 3, packed, ones, None, ([1, 1], [1, 1], [1, 1], 1), residual, "relu")
+        got = _conv(codes.movedim(-1, 1), 0.5, 3, packed, ones, None, ([1, 1], [1, 1], [1, 1], 1), residual,
+                    "relu")
         acc = torch.nn.functional.conv2d(codes.movedim(-1, 1).double() - 3, w.double(), padding=1)
         conv_ok = torch.equal(got, (acc.float() * 0.5 + residual).relu())
         x = torch.randint(0, 256, (2, 8), generator=g, dtype=torch.uint8)
