@@ -25,9 +25,7 @@ def _weight_codes(w: torch.Tensor, qmax: int):
     if qmax == 127:
         q, scales, _ = ops.quantize(w, "int8", w.shape[1])
         return q, scales
-    if not bool(torch.isfinite(w).all()):
-        row = int((~torch.isfinite(w)).any(dim=1).nonzero()[0, 0])
-        raise ValueError(f"quantize: x contains NaN or Inf (row {row}); quantization needs finite values")
+    ops.weight_only.check_finite_rows(w)
     amax = w.abs().amax(dim=1, keepdim=True) if w.shape[1] else torch.zeros(w.shape[0], 1)
     scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     return torch.round(w / scales).clamp(-qmax, qmax).to(torch.int8), scales

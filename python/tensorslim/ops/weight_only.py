@@ -126,14 +126,19 @@ def quantize(x: torch.Tensor, fmt: str, group_size: int = PER_TENSOR, backend: s
     return q, scales, (zps if spec.has_zero_point else None)
 
 
+def check_finite_rows(x: torch.Tensor) -> None:
+    """The quantizers' error for a NaN / Inf in x [rows, cols], naming the first such row."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"quantize: x contains NaN or Inf (row {row}); quantization needs finite values")
+
+
 def quantize_reference(x: torch.Tensor, spec: FormatSpec, group_size: int):
     """The specification in plain PyTorch (IEEE fp32, round half to even)."""
     rows, cols = x.shape
     xf = x.float()
-    bad = ~torch.isfinite(xf)
-    if bad.any():
-        row = int(bad.any(dim=1).nonzero()[0, 0])
-        raise ValueError(f"quantize: x contains NaN or Inf (row {row}); quantization needs finite values")
+    check_finite_rows(xf)
     srows, scols = _groups(spec, rows, cols, group_size)
     if group_size == PER_TENSOR:
         grouped = xf.reshape(1, 1, -1)
