@@ -427,7 +427,8 @@ class _Int8Activations(Config):
         default. 64 keeps every pair of u8 x s8 products inside the int16 in which CPUs without
         VNNI (AVX2) sum them, so oneDNN's INT8 matmul is exact there and runs the product
         (MiniLM's linears at batch 32: 1.7-1.9x fp32 instead of 1.1-1.3x) for a little accuracy
-        (docs/w8a8.md). Convolutions keep 127 (on such CPUs their activations go 7-bit instead).
+        (docs/w8a8.md). Convolutions keep 127: on such CPUs their activations go 7-bit instead,
+        which measured better there (docs/conv.md).
     """
 
     smoothquant: bool = True

@@ -18,19 +18,6 @@ from .compressed_linear import CompressedLinear
 MODES = ("static", "dynamic")
 
 
-def _weight_codes(w: torch.Tensor, qmax: int):
-    """Symmetric per-row codes of w [out, in] in [-qmax, qmax] and their fp32 scales [out, 1]:
-    the int8 format's quantizer for qmax 127, else scale = max|row| / qmax (1.0 for a zero row)
-    and codes rne(w / scale), as docs/formats.md gives it."""
-    if qmax == 127:
-        q, scales, _ = ops.quantize(w, "int8", w.shape[1])
-        return q, scales
-    ops.weight_only.check_finite_rows(w)
-    amax = w.abs().amax(dim=1, keepdim=True) if w.shape[1] else torch.zeros(w.shape[0], 1)
-    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    return torch.round(w / scales).clamp(-qmax, qmax).to(torch.int8), scales
-
-
 class Int8Linear(CompressedLinear):
     """y = dequant(quant(x * inv_smooth) @ qweight.T) + bias.
 
@@ -77,7 +64,7 @@ class Int8Linear(CompressedLinear):
         mod = cls(in_features, out_features, mode, bias is not None, inv_smooth is not None, act_signed,
                   smooth, backend, device=weight.device)
         with torch.no_grad():
-            q, scales = _weight_codes(weight.detach().float().contiguous(), weight_qmax)
+            q, scales = ops.int8.weight_codes(weight.detach().float().contiguous(), weight_qmax)
             mod.qweight.copy_(q)
             mod.w_scales.copy_(scales.reshape(-1))
             if bias is not None:
@@ -163,8 +150,7 @@ class Int8Linear(CompressedLinear):
         """Whether every weight code lies in [-64, 64] (weight_qmax=64), found once per weight."""
         key = tensor_identity(qweight)
         if key != getattr(self, "_narrow_key", None):
-            lo, hi = torch.aminmax(qweight)
-            self._narrow, self._narrow_key = bool(lo >= -64 and hi <= 64), key
+            self._narrow, self._narrow_key = ops.int8.codes_within_64(qweight), key
         return self._narrow
 
     def _torch_forward(self, x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point) -> torch.Tensor:

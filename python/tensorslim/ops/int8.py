@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _views
-from . import _eager
+from . import _eager, weight_only
 from .._native import _C
 
 INT8_BACKENDS = {"auto": 0, "reference": 1, "native": 2, "onednn": 3}
@@ -141,6 +141,29 @@ def quantize_static_reference(x, scale: float, zero_point: int, inv_smooth=None,
     lo, hi = (0, 255) if dtype == torch.uint8 else (-128, 127)
     s = torch.tensor(scale, dtype=torch.float32)
     return (torch.round(xs / s) + zero_point).clamp(lo, hi).to(dtype)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def weight_codes(w: torch.Tensor, qmax: int = 127) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row INT8 codes of w [out, in] in [-qmax, qmax] and their fp32 scales
+    [out, 1]: the int8 format's quantizer for qmax 127, else scale = max|row| / qmax (1.0 for a
+    zero row) and codes rne(w / scale) (docs/formats.md, W8A8 layers). qmax 64 keeps a pair of
+    u8 x s8 products inside int16: CPUs without VNNI then multiply exactly (docs/w8a8.md)."""
+    if qmax == 127:
+        q, scales, _ = weight_only.quantize(w, "int8", w.shape[1])
+        return q, scales
+    weight_only.check_finite_rows(w)
+    amax = w.abs().amax(dim=1, keepdim=True) if w.shape[1] else torch.zeros(w.shape[0], 1)
+    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.round(w / scales).clamp(-qmax, qmax).to(torch.int8), scales
+
+
+def codes_within_64(qweight: torch.Tensor) -> bool:
+    """Whether every INT8 weight code lies in [-64, 64] (weight_qmax=64)."""
+    lo, hi = torch.aminmax(qweight)
+    return bool(lo >= -64 and hi <= 64)
 
 
 # ---------------------------------------------------------------- INT8 GEMM
