@@ -415,6 +415,12 @@ def _check_smoothquant(name: str, cfg: "_Int8Activations") -> None:
         raise ValueError(f"{name}: backend must be one of {_INT8_BACKENDS}, got {cfg.backend!r}")
 
 
+def check_weight_qmax(q, who: str) -> None:
+    """The INT8 weight code bound's rule (configs and Int8Linear.from_float alike)."""
+    if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 127:
+        raise ValueError(f"{who}: weight_qmax must be an int in [1, 127], got {q!r}")
+
+
 @dataclass
 class _Int8Activations(Config):
     """What W8A8 and Int8Dynamic share: INT8 weights per output channel, INT8 activations,
@@ -442,9 +448,7 @@ class _Int8Activations(Config):
     def __post_init__(self):
         super().__post_init__()
         _check_smoothquant(type(self).__name__, self)
-        q = self.weight_qmax
-        if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 127:
-            raise ValueError(f"{type(self).__name__}: weight_qmax must be an int in [1, 127], got {q!r}")
+        check_weight_qmax(self.weight_qmax, type(self).__name__)
 
 
 @register_config

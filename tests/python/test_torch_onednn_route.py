@@ -273,6 +273,9 @@ def test_narrow_weight_codes_follow_the_spec():
     bad[5, 7] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ts.Int8Linear.from_float(bad, None, "dynamic", weight_qmax=64)
+    for qmax in (0, 128, 64.0, True):  # a zero bound gave infinite scales and all-zero codes
+        with pytest.raises(ValueError, match="weight_qmax must be an int in"):
+            ts.Int8Linear.from_float(w, None, "dynamic", weight_qmax=qmax)
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

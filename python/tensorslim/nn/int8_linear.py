@@ -149,7 +149,7 @@ class Int8Linear(CompressedLinear):
     def _narrow_weights(self, qweight: torch.Tensor) -> bool:
         """Whether every weight code lies in [-64, 64] (weight_qmax=64), found once per weight."""
         key = tensor_identity(qweight)
-        if key != getattr(self, "_narrow_key", None):
+        if key != self._narrow_key:
             self._narrow, self._narrow_key = ops.int8.codes_within_64(qweight), key
         return self._narrow
 

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _views
+from ..config import check_weight_qmax
 from . import _eager, weight_only
 from .._native import _C
 
@@ -151,6 +152,7 @@ def weight_codes(w: torch.Tensor, qmax: int = 127) -> Tuple[torch.Tensor, torch.
     [out, 1]: the int8 format's quantizer for qmax 127, else scale = max|row| / qmax (1.0 for a
     zero row) and codes rne(w / scale) (docs/formats.md, W8A8 layers). qmax 64 keeps a pair of
     u8 x s8 products inside int16: CPUs without VNNI then multiply exactly (docs/w8a8.md)."""
+    check_weight_qmax(qmax, "weight_codes")
     if qmax == 127:
         q, scales, _ = weight_only.quantize(w, "int8", w.shape[1])
         return q, scales
