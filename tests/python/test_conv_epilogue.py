@@ -173,11 +173,11 @@ def _unfused_copy(model):
 
 
 @pytest.mark.parametrize("style, expect", [
-    ("torchvision", {"conv1": "ReLU", "conv2": "residual add + ReLU"}),
-    ("shortcut_first", {"conv1": "ReLU", "conv2": "residual add + ReLU"}),
-    ("no_relu", {"conv1": "ReLU", "conv2": "residual add"}),
+    ("torchvision", {"conv1": "ReLU + requantize for conv2", "conv2": "residual add + ReLU"}),
+    ("shortcut_first", {"conv1": "ReLU + requantize for conv2", "conv2": "residual add + ReLU"}),
+    ("no_relu", {"conv1": "ReLU + requantize for conv2", "conv2": "residual add"}),
     ("read_twice", {"conv2": "residual add"}),
-    ("into_shortcut", {}),
+    ("into_shortcut", {"conv1": "requantize for conv2"}),  # the chain, not the add (int8_conv_chain.py)
 ])
 def test_block_patterns(style, expect):
     torch.manual_seed(1)

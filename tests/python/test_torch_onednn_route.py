@@ -199,9 +199,10 @@ def test_module_copies_and_updates_after_the_route(routes, taken):
         assert taken
 
 
-def test_resnet_block_model_same_result_both_routes(routes, taken):
+def test_resnet_block_model_same_result_both_routes(routes, taken, monkeypatch):
     """A W8A8 model with fused ReLU / residual epilogues at batch 32 gives the same logits with
-    the route on and off, and the route runs."""
+    the route on and off, and the route runs: the stem alone, each block's two convs as a
+    chain (conv1 hands conv2 its codes, nn/int8_conv_chain.py)."""
 
     class Block(nn.Module):
         def __init__(self, c):
@@ -217,9 +218,11 @@ def test_resnet_block_model_same_result_both_routes(routes, taken):
                           nn.Flatten(), nn.Linear(32, 10)).eval()
     x = torch.randn(32, 3, 16, 16)
     ts.quantize(model, ts.W8A8(), calib_data=[x], progress=False)
+    handed = _counter(monkeypatch, "conv2d_to_codes")
+    taken.clear()
     with torch.inference_mode():
         on, off = routes(lambda: model(x))
-    assert len(taken) >= 4
+    assert len(taken) == 1 and len(handed) == 2
     _close(on, off)
 
 

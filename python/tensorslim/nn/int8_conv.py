@@ -9,6 +9,7 @@ module. Where that kernel lacks VNNI/AMX (AVX2 CPUs) it sums pairs of u8 x s8 pr
 saturating int16, so activations are then quantized to 7 bits ([0, 127], the "reduce range"
 fbgemm uses): a pair is at most 2 * 127 * 127 < 32767 and the result stays exact.
 """
+import math
 from typing import Dict, Optional, Set, Tuple
 
 import torch
@@ -115,6 +116,7 @@ class _Int8ConvNd(nn.Module):
         self._plans: Dict[tuple, tuple] = torch_onednn.PackedCache()
         # forward's _signature of calls the static plan ran after every check (_checked_call)
         self._checked: Set[tuple] = set()
+        self._pays_by_shape: Dict[torch.Size, bool] = {}  # input shape -> input_pays
 
     # ------------------------------------------------------------ construction / io
 
@@ -308,9 +310,7 @@ class _Int8ConvNd(nn.Module):
         if self.sp != 2 or not torch_onednn.available():
             return None
         n, *spatial, c = shape
-        out_sp = conv_ops.out_size(spatial, self.kernel_size, self._run_stride, self.padding, self.dilation)
-        outputs = n * out_sp[0] * out_sp[1] * self.out_channels
-        if not torch_onednn.pays(outputs * self.qweight[0].numel(), outputs):
+        if not self._pays(n, spatial):
             return None
         key = (tuple(shape), zp != 0)
         hit = self._torch_kernels.get(key)
@@ -320,6 +320,27 @@ class _Int8ConvNd(nn.Module):
             if len(self._torch_kernels) >= _MAX_SHAPES:
                 self._torch_kernels.clear()
             self._torch_kernels[key] = hit
+        return hit
+
+    def _pays(self, n: int, spatial) -> bool:
+        """Whether n inputs of this spatial size (after the 1 x 1 stride pick) are enough work
+        for torch's kernel (torch_onednn.pays)."""
+        out_sp = conv_ops.out_size(spatial, self.kernel_size, self._run_stride, self.padding, self.dilation)
+        outputs = n * math.prod(out_sp) * self.out_channels
+        return torch_onednn.pays(outputs * self.qweight[0].numel(), outputs)
+
+    def input_pays(self, x_shape: torch.Size) -> bool:
+        """_pays for an [N, C, *spatial] input, kept per shape: conv chains ask on every call
+        (int8_conv_chain.py), and at batch 1 the answer is no."""
+        hit = self._pays_by_shape.get(x_shape)
+        if hit is None:
+            spatial = x_shape[2:]
+            if self._pick is not None:
+                spatial = [(s + st - 1) // st for s, st in zip(spatial, self.stride)]
+            hit = len(x_shape) == self.sp + 2 and self._pays(x_shape[0], spatial)
+            if len(self._pays_by_shape) >= 4 * _MAX_SHAPES:
+                self._pays_by_shape.clear()
+            self._pays_by_shape[x_shape] = hit
         return hit
 
     def _static_plan(self, shape: torch.Size, tensors: tuple) -> tuple:
@@ -351,6 +372,12 @@ class _Int8ConvNd(nn.Module):
             self._plans[key] = plan
         return plan
 
+    def _current_plan(self, shape: torch.Size) -> tuple:
+        """_static_plan for this shape and the module's present buffers."""
+        b = self._buffers
+        return self._static_plan(shape, (b["qweight"], b["w_scales"], b["bias"], b["act_scale"],
+                                         b["act_zero_point"]))
+
     def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """x as the kernels read it: fp32, channels last, contiguous (a strided 1 x 1 conv's
         positions picked first)."""
@@ -366,9 +393,7 @@ class _Int8ConvNd(nn.Module):
         """The static-mode product of the cached plan ([N, OC, *spatial], channels-last
         strides, fp32): torch's oneDNN where the plan has it and it fuses this epilogue, else
         one native call. None where no plan or kernel runs (nothing written)."""
-        b = self._buffers
-        plan = self._static_plan(xc.shape, (b["qweight"], b["w_scales"], b["bias"], b["act_scale"],
-                                            b["act_zero_point"]))
+        plan = self._current_plan(xc.shape)
         if not plan:
             return None
         if plan[3] is not None and torch_onednn.takes(res is not None, activation):  # torch's threads

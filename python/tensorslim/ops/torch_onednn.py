@@ -146,14 +146,44 @@ def conv2d_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, code_
     xc [N, H, W, C] fp32 contiguous is quantized by our quantizer (codes min(q, code_max)),
     then convolved by torch's oneDNN. residual: [N, OC, OH, OW] fp32 (any strides), added after
     the conv (see _conv)."""
+    return conv2d_from_codes(quantize_input(xc, act_scale, zero_point, code_max), act_scale, zero_point, packed,
+                             w_scales, bias, stride, padding, dilation, groups, residual, activation)
+
+
+def quantize_input(xc: torch.Tensor, act_scale: float, zero_point: int, code_max: int) -> torch.Tensor:
+    """Our quantizer's codes of xc [N, H, W, C] fp32 contiguous, min(q, code_max), as an
+    [N, C, H, W] view of this thread's codes buffer (valid until the next call here)."""
     codes = _codes_buffer(xc.shape)
     c = xc.shape[-1]
     _C.quantize_static(_views.view(xc.view(-1, c), "x"), None, float(act_scale), int(zero_point),
                        _views.view(codes.view(-1, c), "q"), INT8_BACKENDS["auto"])
     if code_max < 255:
         codes.clamp_(max=code_max)
-    return _conv(codes.movedim(-1, 1), act_scale, zero_point, packed, w_scales, bias,
+    return codes.movedim(-1, 1)
+
+
+def conv2d_from_codes(codes: torch.Tensor, act_scale: float, zero_point: int, packed: torch.Tensor,
+                      w_scales: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
+                      residual: Optional[torch.Tensor] = None, activation: str = "") -> torch.Tensor:
+    """The conv of input codes [N, C, H, W] uint8, its epilogue, fp32 out (see _conv)."""
+    return _conv(codes, act_scale, zero_point, packed, w_scales, bias,
                  (list(stride), list(padding), list(dilation), int(groups)), residual, activation)
+
+
+def conv2d_to_codes(codes: torch.Tensor, act_scale: float, zero_point: int, packed: torch.Tensor,
+                    w_scales: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
+                    activation: str, out_scale: float, out_zero_point: int, out_code_max: int) -> torch.Tensor:
+    """conv2d_from_codes(...) without residual, handed on as the next conv's input codes
+    min(round(y / out_scale) + out_zero_point, out_code_max), uint8 [N, OC, OH, OW]
+    (channels-last strides), rounded by torch's kernel in its epilogue: no fp32 output is
+    written and read back. oneDNN multiplies by 1 / out_scale where our quantizer divides,
+    so a value within an ulp of halfway between two codes may take the other one."""
+    unary, scalars = _UNARY[activation]
+    out = torch.ops.onednn.qconv2d_pointwise(codes, float(act_scale), int(zero_point), packed, w_scales,
+                                             _zero_points(w_scales.numel()), bias, list(stride), list(padding),
+                                             list(dilation), int(groups), float(out_scale), int(out_zero_point),
+                                             None, unary, scalars, "")
+    return out.clamp_(max=out_code_max) if out_code_max < 255 else out
 
 
 def _conv(qx: torch.Tensor, act_scale: float, zero_point: int, packed: torch.Tensor, w_scales: torch.Tensor,

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn.int8_conv import FoldedBatchNorm, _Int8ConvNd
+from ..nn.int8_conv import FoldedBatchNorm, Int8Conv2d, _Int8ConvNd
+from ..nn.int8_conv_chain import conv_chain
 from .smoothquant import outputs_match
 
 # activation callables / methods / modules -> the kernel's name for them
@@ -157,6 +158,8 @@ def _fused_forward(mod: nn.Module) -> Optional[Tuple[FusedForward, Dict[str, str
             what = _fuse_at(graph, node, modules)
             if what:
                 fused[node.target] = what
+    for conv, nxt in _chain_convs(graph, modules).items():
+        fused[conv] = " + ".join(filter(None, (fused.get(conv), f"requantize for {nxt}")))
     if not fused:
         return None
     graph.lint()
@@ -209,6 +212,41 @@ def _fuse_at(graph: fx.Graph, conv: fx.Node, modules: Dict[str, nn.Module]) -> s
         graph.erase_node(n)
     parts = (["residual add"] if residual is not None else []) + ([_ACT_NAMES[activation]] if activation else [])
     return " + ".join(parts)
+
+
+def _chain_convs(graph: fx.Graph, modules: Dict[str, nn.Module]) -> Dict[str, str]:
+    """Rewrite each run of Int8Conv2d calls in which every conv reads only the previous one's
+    output (after _fuse_at: no residual but on the last) into one conv_chain call, which hands
+    codes from conv to conv where it can; {conv: the next conv} for each conv handing on."""
+    handed, seen = {}, set()
+    for node in list(graph.nodes):
+        if node in seen or not _conv_call(node, modules) or "residual" in node.kwargs:
+            continue
+        run = [node]
+        while "residual" not in run[-1].kwargs:
+            nxt = _only_user(run[-1])
+            if nxt is None or not _conv_call(nxt, modules) or nxt.args[0] is not run[-1]:
+                break
+            run.append(nxt)
+        seen.update(run)
+        if len(run) < 2:
+            continue
+        last = run[-1]
+        with graph.inserting_before(last):
+            convs = tuple(graph.get_attr(n.target) for n in run)
+            chain = graph.call_function(conv_chain, (convs, tuple(n.kwargs.get("activation", "") for n in run),
+                                                     node.args[0], last.kwargs.get("residual")))
+        last.replace_all_uses_with(chain)
+        for n in reversed(run):
+            graph.erase_node(n)
+        handed.update((a.target, b.target) for a, b in zip(run, run[1:]))
+    return handed
+
+
+def _conv_call(node: fx.Node, modules) -> bool:
+    """A call of an Int8Conv2d on one tensor, with at most the epilogue keywords _fuse_at gives."""
+    return (node.op == "call_module" and type(modules.get(node.target)) is Int8Conv2d and len(node.args) == 1
+            and set(node.kwargs) <= {"residual", "activation"})
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
