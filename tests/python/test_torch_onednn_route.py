@@ -117,6 +117,20 @@ def test_route_matches_our_kernel_and_the_reference(shape, mode, with_residual, 
         assert torch.equal(residual, kept), "the residual was changed"
 
 
+def test_small_convs_take_the_route_from_batch_8(routes, taken):
+    """A conv far below the size thresholds stays on our call up to batch 7 and takes torch's
+    route from _MIN_BATCH (in a model, one conv left on our call among convs on torch's
+    threads costs more than the route), with the same results."""
+    mod, x = _module((8, 8, 6, 6, 8, 3, 1, 1, 1), "static")
+    assert 8 * 36 * 8 * 72 < CT._MIN_MACS and 8 * 36 * 8 < CT._MIN_OUTPUTS and CT._MIN_BATCH == 8
+    with torch.no_grad():
+        for n, expect in [(7, 0), (8, 1)]:
+            taken.clear()
+            on, off = routes(lambda: mod(x[:n]))
+            assert len(taken) == expect
+            _close(on, off)
+
+
 def test_route_keeps_nan_and_inf_of_a_residual_as_the_reference(taken):
     """The residual is added after torch's conv, in fp32 as the reference adds it: NaN and Inf
     in a residual come through the add and the ReLU where the reference's do (torch's ReLU

@@ -327,7 +327,7 @@ class _Int8ConvNd(nn.Module):
         for torch's kernel (torch_onednn.pays)."""
         out_sp = conv_ops.out_size(spatial, self.kernel_size, self._run_stride, self.padding, self.dilation)
         outputs = n * math.prod(out_sp) * self.out_channels
-        return torch_onednn.pays(outputs * self.qweight[0].numel(), outputs)
+        return torch_onednn.pays(outputs * self.qweight[0].numel(), outputs, n)
 
     def input_pays(self, x_shape: torch.Size) -> bool:
         """_pays for an [N, C, *spatial] input, kept per shape: conv chains ask on every call

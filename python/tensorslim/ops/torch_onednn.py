@@ -93,13 +93,19 @@ def _probe() -> bool:
 # of op calls); measured per layer of the digits ResNet on a 2-core Zen 4: torch's route 12-20%
 # slower at batch 1 (0.3-2.4M multiply-adds, 2K-8K outputs), even at batch 4, 2-18% faster
 # from batch 8 (1 x 1 convs and the 1-channel stem: by output size, 64K outputs and up).
+# Measured in the whole model, a small conv left on our call among convs on torch's threads
+# costs more than alone (the wheel's TBB worker meets torch's spinning OpenMP threads), so
+# from batch 8 every conv takes the route: the digits ResNet (random-order rounds, AVX-512 /
+# AVX2 capped) 0.80-0.82x the time at batch 8, 0.88-0.91x at 16, 0.94-0.95x at 32; batch 4
+# all on our call (routing every conv there was 6% slower).
 _MIN_MACS = 1 << 24
 _MIN_OUTPUTS = 1 << 17
+_MIN_BATCH = 8
 
 
-def pays(macs: int, outputs: int) -> bool:
+def pays(macs: int, outputs: int, batch: int) -> bool:
     """Whether a call of this size runs faster through torch's kernel."""
-    return macs >= _MIN_MACS or outputs >= _MIN_OUTPUTS
+    return macs >= _MIN_MACS or outputs >= _MIN_OUTPUTS or batch >= _MIN_BATCH
 
 
 def takes(residual: bool, activation: str) -> bool:
