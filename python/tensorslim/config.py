@@ -429,12 +429,15 @@ class _Int8Activations(Config):
     smoothquant_alpha: migration strength in [0, 1], or "auto" for a per-layer grid search
         (steps of alpha_grid_step, on up to search_rows sampled calibration rows per layer).
     fold: fold smoothing into the preceding norm / linear layer where that is exact.
-    weight_qmax: the largest linear weight code (symmetric per output channel), 127 by
-        default. 64 keeps every pair of u8 x s8 products inside the int16 in which CPUs without
-        VNNI (AVX2) sum them, so oneDNN's INT8 matmul is exact there and runs the product
-        (MiniLM's linears at batch 32: 1.7-1.9x fp32 instead of 1.1-1.3x) for a little accuracy
-        (docs/w8a8.md). Convolutions keep 127: on such CPUs their activations go 7-bit instead,
-        which measured better there (docs/conv.md).
+    weight_qmax: the largest linear weight code (symmetric per output channel), in [1, 127].
+        64 keeps every pair of u8 x s8 products inside the int16 in which CPUs without VNNI
+        (AVX2) sum them, so oneDNN's INT8 matmul is exact there and runs the product (MiniLM's
+        linears at batch 32: 1.7-1.9x fp32 instead of 1.1-1.3x) for a little accuracy
+        (docs/w8a8.md). None (the default) picks per layer on this CPU: 64 where only such
+        weights make that matmul exact (no VNNI / AMX, torch's oneDNN ops present), else 127,
+        as torch.ao's x86 defaults narrow the range on CPUs without VNNI. Pass 127 for the same
+        codes on every machine. Convolutions keep 127: on such CPUs their activations go 7-bit
+        instead, which measured better there (docs/conv.md).
     """
 
     smoothquant: bool = True
@@ -443,12 +446,13 @@ class _Int8Activations(Config):
     search_rows: int = 512
     alpha_grid_step: float = 0.05
     backend: str = "auto"
-    weight_qmax: int = 127
+    weight_qmax: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
         _check_smoothquant(type(self).__name__, self)
-        check_weight_qmax(self.weight_qmax, type(self).__name__)
+        if self.weight_qmax is not None:
+            check_weight_qmax(self.weight_qmax, type(self).__name__)
 
 
 @register_config

@@ -121,6 +121,11 @@ def test_range_checks_stay_with_each_config():
         for bad in (0, 128, -64):
             with pytest.raises(ValueError, match=f"{cls.__name__}: weight_qmax must be an int in"):
                 cls(weight_qmax=bad)
+        for bad in (64.0, True):
+            with pytest.raises((TypeError, ValueError), match=f"{cls.__name__}: weight_qmax must be an int or None"):
+                cls(weight_qmax=bad)
+        assert cls().weight_qmax is None and cls(weight_qmax=64).weight_qmax == 64  # None: this CPU's choice
+        assert type(cls.from_dict(cls().to_dict())) is cls
 
 
 def test_gptq_block_size_is_bounded_at_construction():

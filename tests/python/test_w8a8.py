@@ -334,3 +334,38 @@ def test_minilm_int8_dynamic_narrow_weights(minilm, tmp_path):
     fresh = copy.deepcopy(model)
     ts.load(fresh, tmp_path / "narrow.slim.safetensors")
     assert torch.equal(embed(fresh, tok, sentences), emb)
+
+
+def _torch_int8_matmul_saturates() -> bool:
+    """Whether torch's oneDNN u8 x s8 matmul loses products on this CPU (no VNNI / AMX: pairs
+    summed in saturating int16), found by running it on the worst case: 255 x 127 everywhere."""
+    from tensorslim.ops import torch_onednn as CT
+
+    x = torch.full((4, 64), 255, dtype=torch.uint8)
+    w = torch.full((16, 64), 127, dtype=torch.int8)
+    with torch.inference_mode():
+        y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, CT.linear_prepack(w), torch.ones(16),
+                                               torch.zeros(16, dtype=torch.long), None, 1.0, 0, torch.float32,
+                                               "none", [], "")
+    return not torch.equal(y, torch.full((4, 16), 255.0 * 127 * 64))
+
+
+@pytest.mark.parametrize("config", [ts.W8A8, ts.Int8Dynamic])
+def test_default_weight_qmax_narrows_only_where_the_int8_matmul_saturates(config):
+    """weight_qmax=None: codes in [-64, 64] where torch's INT8 matmul saturates (so only narrow
+    weights let it run the layer: the AVX2-capped run of this suite), full range elsewhere
+    (VNNI / AMX); the summary marks narrow layers; weight_qmax=127 is full range everywhere."""
+    from tensorslim.ops import torch_onednn as CT
+
+    if not CT.available():
+        pytest.skip("this torch has no oneDNN int8 ops")
+    narrow = _torch_int8_matmul_saturates()
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(384, 512), nn.ReLU(), nn.Linear(512, 96))
+    calib = [torch.randn(64, 384)]
+    for qmax, expect in [(None, 64 if narrow else 127), (127, 127)]:
+        model = copy.deepcopy(base)
+        ts.quantize(model, config(weight_qmax=qmax), calib_data=calib, progress=False)
+        layers = [m for m in model.modules() if isinstance(m, ts.Int8Linear)]
+        assert len(layers) == 2 and all(int(m.qweight.abs().max()) == expect for m in layers)
+        assert ("w±64" in str(ts.summary(model))) == (expect == 64)

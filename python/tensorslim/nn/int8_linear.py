@@ -173,12 +173,14 @@ class Int8Linear(CompressedLinear):
         return w * self.inv_smooth[None, :] if self.inv_smooth is not None else w
 
     def describe(self) -> str:
-        """As summaries print it, e.g. 'w8a8 u8 smooth:input' or 'int8 dyn smooth:none'."""
+        """As summaries print it, e.g. 'w8a8 u8 smooth:input' or 'int8 dyn/token smooth:none w±64'
+        (weight codes in [-64, 64], the configs' weight_qmax)."""
         if self.mode == "static":
             head = f"w8a8 {'s8' if self.act_signed else 'u8'}"
         else:
             head = "int8 dyn/token"
-        return f"{head} smooth:{self.smooth}"
+        narrow = self.qweight.device.type == "cpu" and self._narrow_weights(self.qweight)
+        return f"{head} smooth:{self.smooth}" + (" w±64" if narrow else "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "

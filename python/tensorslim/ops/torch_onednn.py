@@ -249,6 +249,15 @@ def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[],
     return _matmul_exact(K, N) or (narrow_weights is not None and narrow_weights())
 
 
+def default_weight_qmax(K: int, N: int) -> int:
+    """The configs' weight_qmax=None for a [N, K] linear on this CPU: 64 where only codes in
+    [-64, 64] make torch's oneDNN matmul exact (no VNNI / AMX) and its ops are present, so that
+    matmul can run the layer (linear_pays); else 127. The route's on / off switch is not read:
+    it is for A/B runs and must not change what a model quantizes to."""
+    available()  # probes torch's ops once
+    return 64 if _ops_present and not _matmul_exact(K, N) else 127
+
+
 def linear_prepack(qweight: torch.Tensor) -> torch.Tensor:
     """qweight [N, K] int8 reordered for torch's matmul (opaque, kept in a PackedCache)."""
     return torch.ops.onednn.qlinear_prepack(qweight, None)

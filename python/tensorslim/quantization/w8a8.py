@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import Int8Dynamic, W8A8
 from ..nn import Int8Linear
+from ..ops import torch_onednn
 from ..report import Report, remember_skipped
 from ..transforms import _tied_to_embedding, filter_reason, replace_modules
 from .calibrate import require_forward_loop
@@ -158,7 +159,7 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
             built[n] = Int8Linear.from_float(weights[n], biases[n], mode, inv[n], scale, zp,
                                              act_signed=static and cfg.act_symmetric,
                                              smooth=smooth_desc[n], backend=cfg.backend,
-                                             weight_qmax=cfg.weight_qmax)
+                                             weight_qmax=_weight_qmax(cfg, weights[n]))
         except (ValueError, TypeError) as e:  # e.g. a NaN weight: say which layer
             raise type(e)(f"layer '{n}' ({type(m).__name__}): {e}") from e
 
@@ -174,6 +175,13 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
             for attr, value in upd.items():
                 getattr(modules[pname], attr).copy_(value)
     return _merge(conv_report, report, model)
+
+
+def _weight_qmax(cfg, weight: torch.Tensor) -> int:
+    """cfg.weight_qmax, or where None this CPU's choice for a weight of this shape."""
+    if cfg.weight_qmax is not None:
+        return cfg.weight_qmax
+    return torch_onednn.default_weight_qmax(weight.shape[1], weight.shape[0])
 
 
 def _merge(conv_report: Report, report: Report, model: nn.Module) -> Report:
@@ -207,7 +215,7 @@ def _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smoot
             grid = [round(i / n_steps, 4) for i in range(n_steps + 1)]
             alpha, _ = search_alpha(sample, ws, x_min, x_max, mode,
                                     symmetric=getattr(cfg, "act_symmetric", False), grid=grid,
-                                    weight_qmax=cfg.weight_qmax)
+                                    weight_qmax=_weight_qmax(cfg, ws[0]))
         else:
             alpha = float(cfg.smoothquant_alpha)
         w_absmax = torch.stack([w.abs().amax(dim=0) for w in ws]).amax(dim=0)
