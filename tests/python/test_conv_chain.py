@@ -48,6 +48,24 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block as it nests: Sequentials of conv + BatchNorm + ReLU6
+    inside the block's `conv` Sequential, the residual added in the block's forward."""
+
+    def __init__(self, c=32, hidden=96):
+        super().__init__()
+
+        def conv_bn_relu6(cin, cout, k, groups=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+        self.conv = nn.Sequential(conv_bn_relu6(c, hidden, 1), conv_bn_relu6(hidden, hidden, 3, groups=hidden),
+                                  nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
 def _model(block):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), block, nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -86,10 +104,12 @@ def _close(got, ref):
 
 @pytest.mark.parametrize("block, chained", [(Basic(), {"conv1": "ReLU + requantize for conv2"}),
                                             (Bottleneck(), {"conv1": "ReLU + requantize for conv2",
-                                                            "conv2": "ReLU + requantize for conv3"})])
+                                                            "conv2": "ReLU + requantize for conv3"}),
+                                            (InvertedResidual(), {"conv.0.0": "ReLU6 + requantize for conv.1.0",
+                                                                  "conv.1.0": "ReLU6 + requantize for conv.2"})])
 def test_chain_gives_the_module_calls_result(block, chained, handed, monkeypatch):
     model, ref, report, x = _model(block)
-    got = {n: m.epilogue for n, m in model[2].named_children() if "requantize" in getattr(m, "epilogue", "")}
+    got = {n: m.epilogue for n, m in model[2].named_modules() if "requantize" in getattr(m, "epilogue", "")}
     assert got == chained
     for name, what in chained.items():
         assert f"{what} fused" in next(c.reason for c in report.changes if c.name == f"2.{name}")

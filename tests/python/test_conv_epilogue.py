@@ -213,10 +213,21 @@ def test_mobilenet_and_efficientnet_activations():
     x = torch.randn(2, 8, 7, 7)
     ref, _ = _quantized(model, x)
     got = {n: m.epilogue for n, m in model.named_modules() if getattr(m, "epilogue", "")}
-    assert got == {"expand.0": "ReLU6", "dw.0": "SiLU", "project": "residual add", "head": "GELU"}, got
+    # traced through the Sequentials: expand.0 -> dw.0 -> project is one chain (int8_conv_chain.py)
+    assert got == {"expand.0": "ReLU6 + requantize for dw.0", "dw.0": "SiLU + requantize for project",
+                   "project": "residual add", "head": "GELU"}, got
     with torch.no_grad():
         torch.testing.assert_close(model(x), _unfused_copy(model)(x), rtol=1e-5, atol=1e-5)
         assert (model(x) - ref(x)).abs().max() <= 0.05 * ref(x).abs().max()
+    hooked = Inverted()
+    seen = []
+    hooked.dw.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    _quantized(hooked, x)  # a Sequential with a hook is called, not traced through: its hook fires
+    assert hooked.expand[0].epilogue == "ReLU6" and hooked.dw[0].epilogue == "SiLU"
+    seen.clear()
+    with torch.no_grad():
+        hooked(x)
+    assert seen == [torch.Size((2, 16, 7, 7))]
     for approximate in ("tanh",):  # GELU's tanh form is not the kernel's: left as it is
         seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(approximate=approximate))
         _quantized(seq, torch.randn(2, 3, 6, 6))

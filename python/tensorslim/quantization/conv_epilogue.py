@@ -56,9 +56,23 @@ class FusedForward:
         return type(self.graph_module).forward(self.module, *args, **kwargs)
 
 
+def _inlined(m: nn.Module) -> bool:
+    """An nn.Sequential with Sequential's own forward and no hooks: traced through, so a
+    parent's graph sees the convs, norms and activations inside (torchvision's
+    Conv2dNormActivation, a MobileNet block's `self.conv`)."""
+    return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+            and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks))
+
+
+def _calls_convs(mod: nn.Module) -> bool:
+    """Whether mod's own traced forward would call an Int8Conv: a child, or one inside
+    children traced through."""
+    return any(isinstance(c, _Int8ConvNd) or (_inlined(c) and _calls_convs(c)) for c in mod.children())
+
+
 class _ChildrenAsLeaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
+        return not _inlined(m)
 
 
 def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], List[torch.Tensor]]] = None
@@ -73,7 +87,7 @@ def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], 
     for name, mod in model.named_modules():
         if "forward" in mod.__dict__:  # fused already, or a forward the user set on the instance
             continue
-        if any(isinstance(c, _Int8ConvNd) for c in mod.children()):
+        if _calls_convs(mod):
             plan = _fused_forward(mod)
             if plan is not None:
                 plans.append((name, mod) + plan)
@@ -88,7 +102,9 @@ def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], 
     else:
         _install(plans)
     fused = {}
-    for name, mod, _, convs in plans:
+    # parents last: a parent's forward that traced through a Sequential child runs instead of
+    # that child's, so its account of the child's convs is the one that holds
+    for name, mod, _, convs in reversed(plans):
         for conv, what in convs.items():
             mod.get_submodule(conv).epilogue = what
             fused[f"{name}.{conv}" if name else conv] = what
