@@ -26,8 +26,19 @@ def _info(_args) -> int:
     print(f"tensorslim {ts.__version__} (torch {torch.__version__})")
     print(f"CPU kernels: best ISA {_C.best_isa()}, active {_C.active_isa()}, {_C.num_threads()} threads")
     print(f"CUDA kernels: {cuda}")
+    print(_int8_line())
     print("formats: " + ", ".join(sorted(ts.FORMATS)))
     return 0
+
+
+def _int8_line() -> str:
+    """What INT8-activation recipes do on this CPU (docs/w8a8.md, docs/conv.md)."""
+    from tensorslim.ops import torch_onednn
+
+    if torch_onednn.default_weight_qmax(4096, 4096) == 64:
+        return ("INT8 activations: no VNNI / AMX (oneDNN sums pairs of products in int16 here), so "
+                "W8A8 / Int8Dynamic linears default to weight codes in [-64, 64], convs to 7-bit activations")
+    return "INT8 activations: full-range codes (oneDNN's INT8 kernels are exact here, or ours run)"
 
 
 def _inspect(args) -> int:
