@@ -194,3 +194,15 @@ def test_chained_model_copies_pickles_saves_and_loads(tmp_path, handed):
         assert fresh[2].conv1.epilogue == "ReLU + requantize for conv2"
         handed.clear()
         assert torch.equal(fresh(x), y) and len(handed) == 1
+
+
+def test_compiled_model_takes_the_module_calls(handed):
+    """Under torch.compile the chain steps aside (dynamo traces the module calls); the result is
+    the eager one's."""
+    model, _, _, x = _model(Basic())
+    with torch.no_grad():
+        y = model(x)
+        handed.clear()
+        got = torch.compile(model, backend="eager")(x)
+    assert not handed
+    _close(got, y)
