@@ -354,7 +354,8 @@ def _torch_int8_matmul_saturates() -> bool:
 def test_default_weight_qmax_narrows_only_where_the_int8_matmul_saturates(config):
     """weight_qmax=None: codes in [-64, 64] where torch's INT8 matmul saturates (so only narrow
     weights let it run the layer: the AVX2-capped run of this suite), full range elsewhere
-    (VNNI / AMX); the summary marks narrow layers; weight_qmax=127 is full range everywhere."""
+    (VNNI / AMX); the summary marks narrow layers; weight_qmax=127, and W8A8 with int8
+    activation codes, are full range everywhere."""
     from tensorslim.ops import torch_onednn as CT
 
     if not CT.available():
@@ -363,9 +364,12 @@ def test_default_weight_qmax_narrows_only_where_the_int8_matmul_saturates(config
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(384, 512), nn.ReLU(), nn.Linear(512, 96))
     calib = [torch.randn(64, 384)]
-    for qmax, expect in [(None, 64 if narrow else 127), (127, 127)]:
+    cases = [({}, 64 if narrow else 127), ({"weight_qmax": 127}, 127)]
+    if config is ts.W8A8:  # int8 activation codes never take torch's matmul: nothing to gain
+        cases.append(({"act_symmetric": True}, 127))
+    for kwargs, expect in cases:
         model = copy.deepcopy(base)
-        ts.quantize(model, config(weight_qmax=qmax), calib_data=calib, progress=False)
+        ts.quantize(model, config(**kwargs), calib_data=calib, progress=False)
         layers = [m for m in model.modules() if isinstance(m, ts.Int8Linear)]
         assert len(layers) == 2 and all(int(m.qweight.abs().max()) == expect for m in layers)
         assert ("w±64" in str(ts.summary(model))) == (expect == 64)

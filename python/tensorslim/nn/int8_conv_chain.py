@@ -48,7 +48,8 @@ def _module_call(conv, x, residual, activation: str):
     return conv(x, residual=residual, activation=activation)
 
 
-def _hooked(m: torch.nn.Module) -> bool:
+def has_hooks(m: torch.nn.Module) -> bool:
+    """Whether hooks are registered on this module itself (a call that bypasses it skips them)."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
@@ -60,7 +61,7 @@ def _routes(convs, activations, x, residual) -> List[Optional[tuple]]:
     # cheapest first: at batch 1 the answer is no, and this runs per call
     if type(x) is not torch.Tensor or type(first) is not Int8Conv2d or not first.input_pays(x.shape):
         return routes
-    if any(type(c) is not Int8Conv2d or _hooked(c) for c in convs) or _module._global_forward_hooks \
+    if any(type(c) is not Int8Conv2d or has_hooks(c) for c in convs) or _module._global_forward_hooks \
             or _module._global_forward_pre_hooks:
         return routes
     if not (x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0 and x.shape[1] == first.in_channels):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.int8_conv import FoldedBatchNorm, Int8Conv2d, _Int8ConvNd
-from ..nn.int8_conv_chain import conv_chain
+from ..nn.int8_conv_chain import conv_chain, has_hooks
 from .smoothquant import outputs_match
 
 # activation callables / methods / modules -> the kernel's name for them
@@ -60,8 +60,7 @@ def _inlined(m: nn.Module) -> bool:
     """An nn.Sequential with Sequential's own forward and no hooks: traced through, so a
     parent's graph sees the convs, norms and activations inside (torchvision's
     Conv2dNormActivation, a MobileNet block's `self.conv`)."""
-    return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-            and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks))
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and not has_hooks(m)
 
 
 def _calls_convs(mod: nn.Module) -> bool:

@@ -159,7 +159,7 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
             built[n] = Int8Linear.from_float(weights[n], biases[n], mode, inv[n], scale, zp,
                                              act_signed=static and cfg.act_symmetric,
                                              smooth=smooth_desc[n], backend=cfg.backend,
-                                             weight_qmax=_weight_qmax(cfg, weights[n]))
+                                             weight_qmax=_weight_qmax(cfg, weights[n], static))
         except (ValueError, TypeError) as e:  # e.g. a NaN weight: say which layer
             raise type(e)(f"layer '{n}' ({type(m).__name__}): {e}") from e
 
@@ -177,10 +177,13 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
     return _merge(conv_report, report, model)
 
 
-def _weight_qmax(cfg, weight: torch.Tensor) -> int:
-    """cfg.weight_qmax, or where None this CPU's choice for a weight of this shape."""
+def _weight_qmax(cfg, weight: torch.Tensor, static: bool) -> int:
+    """cfg.weight_qmax, or where None this CPU's choice for a weight of this shape; 127 for
+    int8 (signed) activation codes, which torch's matmul route does not take."""
     if cfg.weight_qmax is not None:
         return cfg.weight_qmax
+    if static and cfg.act_symmetric:
+        return 127
     return torch_onednn.default_weight_qmax(weight.shape[1], weight.shape[0])
 
 
@@ -215,7 +218,7 @@ def _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smoot
             grid = [round(i / n_steps, 4) for i in range(n_steps + 1)]
             alpha, _ = search_alpha(sample, ws, x_min, x_max, mode,
                                     symmetric=getattr(cfg, "act_symmetric", False), grid=grid,
-                                    weight_qmax=_weight_qmax(cfg, ws[0]))
+                                    weight_qmax=_weight_qmax(cfg, ws[0], mode == "static"))
         else:
             alpha = float(cfg.smoothquant_alpha)
         w_absmax = torch.stack([w.abs().amax(dim=0) for w in ws]).amax(dim=0)
