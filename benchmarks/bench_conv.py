@@ -3,7 +3,8 @@ Conv2d on the x86 / fbgemm engine, float in -> float out like ours, channels-las
 best case) and ours (W8A8 static, oneDNN, channels-last input as the previous int8 conv leaves
 it; fp32 gets the NCHW input users have), at typical shapes, batch 1 and 32; then the whole
 digits ResNet (eval/digits_basic_resnet.py), fp32 vs W8A8, and W8A8 with its ReLUs and residual
-adds left as torch ops ("unfused") to show what fusing them into the convs gives. "wheel":
+adds left as torch ops ("unfused") to show what fusing them into the convs gives; then
+MobileNetV2-style blocks the same way. "wheel":
 ours with every conv on the onednn wheel's runtime (ops/torch_onednn.py switched off), to
 show what running large convs on torch's own oneDNN and threads gives. One run; ratios vs fp32.
 
@@ -138,6 +139,56 @@ def main():
                                             lambda: q(x)], min_time=0.5, warmup=3, min_rounds=9)
             print(f"{'':<28} {n:>5} {t32 * 1e3:>9.3f} {tu * 1e3:>11.3f} {tw * 1e3:>9.3f} {t8 * 1e3:>9.3f} "
                   f"{t32 / t8:>9.2f}x {t32 / tu:>12.2f}x {t32 / tw:>10.2f}x")
+    mobilenet_blocks(args, ts, median_times)
+
+
+def mobilenet_blocks(args, ts, median_times):
+    """MobileNetV2-style inverted residual blocks nested as torchvision nests them (each conv
+    with its BatchNorm and ReLU6 in a Sequential, inside the block's `conv` Sequential), W8A8
+    against fp32: the epilogue pass traces through those Sequentials, so each block runs as
+    one chain of three convs handing INT8 codes on, the residual add fused into the last."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, k, groups=1, act=True):
+        layers = [nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*layers, *([nn.ReLU6(inplace=True)] if act else []))
+
+    class Inverted(nn.Module):
+        def __init__(self, c=32, hidden=96):
+            super().__init__()
+            self.conv = nn.Sequential(conv_bn(c, hidden, 1), conv_bn(hidden, hidden, 3, groups=hidden),
+                                      *conv_bn(hidden, c, 1, act=False))
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    torch.manual_seed(0)
+    fp32 = nn.Sequential(conv_bn(3, 32, 3), *[Inverted() for _ in range(4)], nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 10))
+    for m in fp32.modules():  # untrained: BatchNorm statistics of a trained-looking spread
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    fp32.eval()
+    q = copy.deepcopy(fp32)
+    ts.quantize(q, ts.W8A8(), calib_data=[torch.randn(32, 3, 16, 16)], progress=False)
+    unfused = copy.deepcopy(q)
+    for m in unfused.modules():
+        m.__dict__.pop("forward", None)
+    print(f"\nMobileNetV2-style blocks (4 x 32 -> 96 -> 32 at 16x16, untrained), W8A8; 'unfused': the same model's "
+          f"ReLU6s, adds and hand-overs as torch ops")
+    print(f"{'mobilenet blocks latency':<28} {'batch':>5} {'fp32 ms':>9} {'unfused ms':>11} {'w8a8 ms':>9} "
+          f"{'fp32/w8a8':>10} {'fp32/unfused':>13}")
+    with torch.inference_mode():
+        for n in args.batches:
+            x = torch.randn(n, 3, 16, 16)
+            t32, tu, t8 = median_times([lambda: fp32(x), lambda: unfused(x), lambda: q(x)], min_time=0.5, warmup=3,
+                                       min_rounds=9)
+            print(f"{'':<28} {n:>5} {t32 * 1e3:>9.3f} {tu * 1e3:>11.3f} {t8 * 1e3:>9.3f} {t32 / t8:>9.2f}x "
+                  f"{t32 / tu:>12.2f}x")
 
 
 if __name__ == "__main__":

@@ -66,9 +66,10 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x)
 
 
-def _model(block):
+def _model(block_class):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), block, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), block_class(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten())
     for m in model.modules():  # non-trivial BatchNorms
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -102,11 +103,11 @@ def _close(got, ref):
     assert float((got - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("block, chained", [(Basic(), {"conv1": "ReLU + requantize for conv2"}),
-                                            (Bottleneck(), {"conv1": "ReLU + requantize for conv2",
-                                                            "conv2": "ReLU + requantize for conv3"}),
-                                            (InvertedResidual(), {"conv.0.0": "ReLU6 + requantize for conv.1.0",
-                                                                  "conv.1.0": "ReLU6 + requantize for conv.2"})])
+@pytest.mark.parametrize("block, chained", [(Basic, {"conv1": "ReLU + requantize for conv2"}),
+                                            (Bottleneck, {"conv1": "ReLU + requantize for conv2",
+                                                          "conv2": "ReLU + requantize for conv3"}),
+                                            (InvertedResidual, {"conv.0.0": "ReLU6 + requantize for conv.1.0",
+                                                                "conv.1.0": "ReLU6 + requantize for conv.2"})])
 def test_chain_gives_the_module_calls_result(block, chained, handed, monkeypatch):
     model, ref, report, x = _model(block)
     got = {n: m.epilogue for n, m in model[2].named_modules() if "requantize" in getattr(m, "epilogue", "")}
@@ -148,7 +149,7 @@ def test_handed_codes_are_the_quantizer_codes_of_the_fp32_output(code_max, activ
 
 
 def test_batch_one_hooks_gradients_and_the_switch_take_the_module_calls(handed, monkeypatch):
-    model, _, _, x = _model(Basic())
+    model, _, _, x = _model(Basic)
     with torch.inference_mode():
         y = model(x)
         assert len(handed) == 1
@@ -178,7 +179,7 @@ def test_batch_one_hooks_gradients_and_the_switch_take_the_module_calls(handed, 
 
 
 def test_chained_model_copies_pickles_saves_and_loads(tmp_path, handed):
-    model, _, _, x = _model(Basic())
+    model, _, _, x = _model(Basic)
     with torch.inference_mode():
         y = model(x)
         twin = copy.deepcopy(model)
@@ -199,7 +200,7 @@ def test_chained_model_copies_pickles_saves_and_loads(tmp_path, handed):
 def test_compiled_model_takes_the_module_calls(handed):
     """Under torch.compile the chain steps aside (dynamo traces the module calls); the result is
     the eager one's."""
-    model, _, _, x = _model(Basic())
+    model, _, _, x = _model(Basic)
     with torch.no_grad():
         y = model(x)
         handed.clear()
