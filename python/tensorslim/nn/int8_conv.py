@@ -245,7 +245,7 @@ class _Int8ConvNd(nn.Module):
         if not _eager.direct_ok((x, residual) + tuple(self._buffers.values())):
             return None
         y = self._static_call(self._channels_last(x), residual, activation)
-        return None if y is None else y.to(x.dtype)
+        return y if y is None or x.dtype is torch.float32 else y.to(x.dtype)
 
     def _fusable(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
         """Whether the epilogue can run in the kernel: a batched fp32 input without gradient,
