@@ -197,6 +197,22 @@ def test_chained_model_copies_pickles_saves_and_loads(tmp_path, handed):
         assert torch.equal(fresh(x), y) and len(handed) == 1
 
 
+def test_a_strided_pointwise_conv_starts_a_chain_but_never_joins_one(handed):
+    """A strided 1 x 1 conv reads every stride-th input position (picked before quantizing):
+    codes handed to it would be the wrong positions, so it may only start a run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 64, 1, 2), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, 1, 1)).eval()
+    x = torch.randn(32, 3, 32, 32)
+    ref = copy.deepcopy(model)
+    ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+    assert [model[i].epilogue for i in (0, 2, 4)] == ["ReLU", "ReLU + requantize for 4", ""]
+    with torch.inference_mode():
+        y = model(x)
+        assert len(handed) == 1
+        assert float((y - ref(x)).norm()) <= 0.05 * float(ref(x).norm())
+
+
 def test_compiled_model_takes_the_module_calls(handed):
     """Under torch.compile the chain steps aside (dynamo traces the module calls); the result is
     the eager one's."""

@@ -232,7 +232,8 @@ def _fuse_at(graph: fx.Graph, conv: fx.Node, modules: Dict[str, nn.Module]) -> s
 def _chain_convs(graph: fx.Graph, modules: Dict[str, nn.Module]) -> Dict[str, str]:
     """Rewrite each run of Int8Conv2d calls in which every conv reads only the previous one's
     output (after _fuse_at: no residual but on the last) into one conv_chain call, which hands
-    codes from conv to conv where it can; {conv: the next conv} for each conv handing on."""
+    codes from conv to conv where it can; {conv: the next conv} for each conv handing on. A
+    strided 1 x 1 conv, which reads every stride-th position, can only start a run."""
     handed, seen = {}, set()
     for node in list(graph.nodes):
         if node in seen or not _conv_call(node, modules) or "residual" in node.kwargs:
@@ -240,7 +241,8 @@ def _chain_convs(graph: fx.Graph, modules: Dict[str, nn.Module]) -> Dict[str, st
         run = [node]
         while "residual" not in run[-1].kwargs:
             nxt = _only_user(run[-1])
-            if nxt is None or not _conv_call(nxt, modules) or nxt.args[0] is not run[-1]:
+            if (nxt is None or not _conv_call(nxt, modules) or nxt.args[0] is not run[-1]
+                    or modules[nxt.target]._pick is not None):  # a strided 1 x 1 conv picks its input first
                 break
             run.append(nxt)
         seen.update(run)
