@@ -329,15 +329,19 @@ class _Int8ConvNd(nn.Module):
         outputs = n * math.prod(out_sp) * self.out_channels
         return torch_onednn.pays(outputs * self.qweight[0].numel(), outputs, n)
 
+    def picked_size(self, spatial) -> list:
+        """The input's spatial size as the kernels see it: a strided 1 x 1 conv reads every
+        stride-th position (`_pick`)."""
+        if self._pick is None:
+            return list(spatial)
+        return [(s + st - 1) // st for s, st in zip(spatial, self.stride)]
+
     def input_pays(self, x_shape: torch.Size) -> bool:
         """_pays for an [N, C, *spatial] input, kept per shape: conv chains ask on every call
         (int8_conv_chain.py), and at batch 1 the answer is no."""
         hit = self._pays_by_shape.get(x_shape)
         if hit is None:
-            spatial = x_shape[2:]
-            if self._pick is not None:
-                spatial = [(s + st - 1) // st for s, st in zip(spatial, self.stride)]
-            hit = len(x_shape) == self.sp + 2 and self._pays(x_shape[0], spatial)
+            hit = len(x_shape) == self.sp + 2 and self._pays(x_shape[0], self.picked_size(x_shape[2:]))
             if len(self._pays_by_shape) >= 4 * _MAX_SHAPES:
                 self._pays_by_shape.clear()
             self._pays_by_shape[x_shape] = hit

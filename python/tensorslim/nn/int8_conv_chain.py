@@ -70,10 +70,7 @@ def _routes(convs, activations, x, residual) -> List[Optional[tuple]]:
         return routes
     if not _eager.direct_ok((x, residual) + tuple(t for c in convs for t in c._buffers.values())):
         return routes
-    n, _, *spatial = x.shape
-    if first._pick is not None:
-        spatial = [(s + st - 1) // st for s, st in zip(spatial, first.stride)]
-    shape = torch.Size((n, *spatial, x.shape[1]))
+    shape = torch.Size((x.shape[0], *first.picked_size(x.shape[2:]), x.shape[1]))
     for i, conv in enumerate(convs):
         last = i == len(convs) - 1
         if not (conv.mode == "static" and conv.backend == "auto" and shape[-1] == conv.in_channels
