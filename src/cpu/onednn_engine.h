@@ -6,6 +6,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include "onednn_int8_exact.h"
+#include "onednn_usable.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -17,12 +18,6 @@ struct OneDnn {
 };
 
 OneDnn& onednn();
-
-// False in a process forked after oneDNN started (the runtime threads its stream waits on
-// were not copied by fork(), so a oneDNN call there would never return), and where oneDNN
-// cannot create its CPU engine (its SYCL runtime finds no device). Every oneDNN-backed
-// path checks this first and lets our own kernels run instead.
-bool onednn_usable();
 
 }  // namespace cpu
 }  // namespace tensorslim

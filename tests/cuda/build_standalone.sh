@@ -79,8 +79,16 @@ compile() {  # source -> object, flags by kind
 }
 export -f compile
 export OUT NVCC GENCODE
-# The core without the files that need oneDNN or Eigen (none of them serves the GPU path).
-core_sources=$(grep -L -E '#include <(oneapi/dnnl|Eigen)' src/cpu/*.cpp)
+# The core without the files that need oneDNN or Eigen (none of them serves the GPU path),
+# directly or through one of our headers that does.
+needs='#include <(oneapi/dnnl|Eigen)'
+while :; do
+  heavy=$(grep -l -E "$needs" src/cpu/*.h | xargs -r -n1 basename | paste -sd'|' -)
+  next='#include <(oneapi/dnnl|Eigen)'${heavy:+"|#include \"($heavy)\""}
+  [ "$next" = "$needs" ] && break
+  needs=$next
+done
+core_sources=$(grep -L -E "$needs" src/cpu/*.cpp)
 sources=$(echo "$core_sources"; ls kernels/*.cu;
           echo tests/cuda/onednn_absent.cpp tests/cuda/test_cuda_kernels.cpp benchmarks/cuda_bench.cpp)
 # Arrays do not cross into xargs' shells: pass them as strings and re-split there.

@@ -1,7 +1,9 @@
-// Stand-in for src/cpu/gemm_onednn.cpp in the standalone CUDA build (build_standalone.sh),
-// which links the core without oneDNN (a GPU machine may not have it): "no oneDNN
-// implementation", so the CPU GEMM falls back to its other paths. The CUDA tests and the
-// benchmark never call the CPU GEMM; they only need check_linear_args from gemm.cpp.
+// Stand-in for src/cpu/gemm_onednn.cpp and onednn_engine.cpp in the standalone CUDA build
+// (build_standalone.sh), which links the core without oneDNN (a GPU machine may not have
+// it): "no oneDNN implementation" and "not usable", so the CPU GEMM falls back to its other
+// paths. The CUDA tests and the benchmark never call the CPU GEMM; they only need
+// check_linear_args from gemm.cpp.
+#include "onednn_usable.h"
 #include "tensorslim/gemm.h"
 
 namespace tensorslim {
@@ -12,6 +14,8 @@ bool linear_weight_only_onednn(const TensorView&, const TensorView&, const Tenso
                                const TensorView&) {
   return false;
 }
+
+bool onednn_usable() { return false; }
 
 }  // namespace cpu
 }  // namespace tensorslim
