@@ -7,7 +7,8 @@
 #include <vector>
 
 #include "half.h"
-#include "onednn_engine.h"
+#include "int4_pieces.h"
+#include "onednn_usable.h"
 #include "panel_gemm.h"
 #include "parallel.h"
 #include "tensorslim/quantize.h"
@@ -115,9 +116,17 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
   if (M > kNativeMaxRows)
     return linear_weight_only_panels(x, qweight, scales, zero_points, bias, fmt, group_size, out);
   if (!native_fits(info, K, group_size)) return false;
+  const int64_t gsize = std::min(group_size, K);
+  if (info.bits == 4 && int4_pieces_fit(M, K, gsize)) {
+    thread_local ActivationPieces pieces;
+    if (split_activation_pieces(x, gsize, pieces)) {
+      const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, K / gsize, nullptr};
+      linear_int4_pieces(p, pieces, fmt == Format::kInt4, M);
+      return true;
+    }
+  }
   thread_local AlignedFloats xp;
   pack_activations(x, info.bits == 4, xp);
-  const int64_t gsize = std::min(group_size, K);
   const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, num_groups(K, gsize),
                             xp.data()};
   if (isa == Isa::kAVX512)

@@ -1,0 +1,235 @@
+// Weight-only INT4 with the activations as three int8 pieces, on AVX-512 VNNI (enabled per
+// function; this file is compiled with -mavx512f/bw/vl/dq). What and why: int4_pieces.h.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+#include "half.h"
+#include "int4_pieces.h"
+#include "parallel.h"
+#include "tensorslim/gemm.h"
+#include "tensorslim/quantize.h"
+#include "vnni_dot.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+std::atomic<bool> g_enabled{true};
+
+constexpr float kPieceRadix = 254.0f;  // l1 and l2 count 1/254ths of the piece before them
+
+// 16 activations of row m at k (float32 or bfloat16) as float32.
+inline __m512 load16(const TensorView& x, int64_t m, int64_t k) {
+  const int64_t off = m * x.strides[0] + k;
+  if (x.dtype == DType::kFloat32) return _mm512_loadu_ps(x.ptr<float>() + off);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ptr<uint16_t>() + off));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __m512 rne(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+// Row m: its step, or 0 where the row cannot be split (NaN / Inf, or a tiny nonzero maximum).
+float row_step(const TensorView& x, int64_t m, int64_t K) {
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 a = _mm512_abs_ps(load16(x, m, k));
+    bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);  // Inf, or unordered: NaN
+    mx = _mm512_max_ps(mx, a);
+  }
+  const float top = _mm512_reduce_max_ps(mx);
+  if (bad) return 0.0f;
+  if (top == 0.0f) return 1.0f;  // all pieces 0
+  return top < 1e-30f ? 0.0f : top / 127.0f;
+}
+
+// The three pieces of 16 values y = x / s, as int32 lanes.
+inline void pieces16(__m512 y, __m512i& h, __m512i& l1, __m512i& l2) {
+  const __m512 hf = rne(y);
+  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(y, hf), _mm512_set1_ps(kPieceRadix));  // |t| <= 127
+  const __m512 l1f = rne(t);
+  const __m512 l2f = rne(_mm512_mul_ps(_mm512_sub_ps(t, l1f), _mm512_set1_ps(kPieceRadix)));
+  h = _mm512_cvtps_epi32(hf);
+  l1 = _mm512_cvtps_epi32(l1f);
+  l2 = _mm512_cvtps_epi32(l2f);
+}
+
+inline int64_t int_sum(__m512i v) { return _mm512_reduce_add_epi32(v); }
+
+}  // namespace
+
+bool int4_pieces_fit(int64_t M, int64_t K, int64_t gsize) {
+  return g_enabled.load(std::memory_order_relaxed) && cpu_has_avx512_vnni() &&
+         active_isa() == Isa::kAVX512 && K % kPieceBlock == 0 && gsize % kPieceBlock == 0 &&
+         (M == 1 || (M >= 1 && M <= kPieceMaxRows && K >= kPieceMinKForRows));
+}
+
+void set_int4_pieces_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
+
+bool split_activation_pieces(const TensorView& x, int64_t gsize, ActivationPieces& out) {
+  const int64_t M = x.shape[0], K = x.shape[1], groups = K / gsize;
+  out.q.resize(M * K * 3);
+  out.step.resize(M);
+  out.group_sums.resize(M * groups);
+  // Lanes 0..15 of (a, b) at even / odd positions: the block's low / high nibble order.
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t m = 0; m < M; ++m) {
+    const float s = row_step(x, m, K);
+    if (s == 0.0f) return false;
+    out.step[m] = s;
+    const __m512 sv = _mm512_set1_ps(s);
+    int8_t* q = out.q.data() + m * K * 3;
+    __m512i sum[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t k = 0; k < K; k += kPieceBlock, q += 3 * kPieceBlock) {
+      for (int i = 0; i < 4; ++i) {  // 32 values: 16 even-k, 16 odd-k
+        const __m512 a = load16(x, m, k + 32 * i), b = load16(x, m, k + 32 * i + 16);
+        for (int half = 0; half < 2; ++half) {
+          const __m512 v = _mm512_permutex2var_ps(a, half ? odd : even, b);
+          __m512i p[3];
+          pieces16(_mm512_div_ps(v, sv), p[0], p[1], p[2]);
+          for (int j = 0; j < 3; ++j) {
+            sum[j] = _mm512_add_epi32(sum[j], p[j]);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j * kPieceBlock + half * 64 + 16 * i),
+                             _mm512_cvtepi32_epi8(p[j]));
+          }
+        }
+      }
+      if ((k + kPieceBlock) % gsize == 0) {
+        const double total = static_cast<double>(int_sum(sum[0])) +
+                             static_cast<double>(int_sum(sum[1])) / kPieceRadix +
+                             static_cast<double>(int_sum(sum[2])) / (kPieceRadix * kPieceRadix);
+        out.group_sums[m * groups + k / gsize] = static_cast<float>(total);
+        for (__m512i& v : sum) v = _mm512_setzero_si512();
+      }
+    }
+  }
+  return true;
+}
+
+namespace {
+
+// Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1. Per group, each (row, activation
+// row) pair keeps one int32 accumulator per piece; the group's float sum is then scaled.
+template <int R, int MB, bool kSigned>
+__attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& p,
+                                                        const ActivationPieces& a, int64_t n,
+                                                        int64_t m0) {
+  const int64_t K = p.K, groups = p.groups, blocks = p.gsize / kPieceBlock;
+  const uint8_t* wrow[R];
+  const float* sc[R];
+  const uint8_t* zrow[R];
+  for (int r = 0; r < R; ++r) {
+    wrow[r] = p.qweight.ptr<uint8_t>() + (n + r) * p.qweight.strides[0];
+    sc[r] = p.scales.ptr<float>() + (n + r) * groups;
+    zrow[r] = p.zero_points ? p.zero_points->ptr<uint8_t>() + (n + r) * groups : nullptr;
+  }
+  // The next R rows (they follow these in memory) go to L2 as one linear stream (as the float
+  // kernels do: R short streams alone leave memory idle between pages).
+  const char* next = reinterpret_cast<const char*>(wrow[R - 1] + (R > 1 ? wrow[R - 1] - wrow[R - 2] : 0));
+  const __m512i nib = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x88));
+  const __m512 c1 = _mm512_set1_ps(1.0f / kPieceRadix), c2 = _mm512_set1_ps(1.0f / (kPieceRadix * kPieceRadix));
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int8_t* xq = a.q.data() + m0 * K * 3;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i part[R][MB][3];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m)
+        for (int j = 0; j < 3; ++j) part[r][m][j] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k = (g * blocks + b) * kPieceBlock;
+      for (int i = 0; i < R; ++i) _mm_prefetch(next + k / 2 * R + 64 * i, _MM_HINT_T1);
+      for (int r = 0; r < R; ++r) {
+        __m512i v = _mm512_loadu_si512(wrow[r] + k / 2);
+        if (kSigned) v = _mm512_xor_si512(v, flip);  // code + 8 in 0..15
+        const __m512i lo = _mm512_and_si512(v, nib);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        for (int m = 0; m < MB; ++m) {
+          const __m512i* x = reinterpret_cast<const __m512i*>(xq + (m * K + k) * 3);
+          for (int j = 0; j < 3; ++j)
+            part[r][m][j] = dpbusd(dpbusd(part[r][m][j], lo, _mm512_load_si512(x + 2 * j)), hi,
+                                   _mm512_load_si512(x + 2 * j + 1));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(sc[r][g]);
+      for (int m = 0; m < MB; ++m) {
+        const __m512 f = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(part[r][m][2]), c2,
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[r][m][1]), c1, _mm512_cvtepi32_ps(part[r][m][0])));
+        acc[r][m] = _mm512_fmadd_ps(f, s, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      // The zero point's share: sum over groups of scale * zp * (the pieces' group sum).
+      const float* qs = a.group_sums.data() + (m0 + m) * groups;
+      __m512 corr = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 use = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
+        __m512 w = _mm512_maskz_loadu_ps(use, sc[r] + g);
+        if (kSigned) {
+          w = _mm512_mul_ps(w, _mm512_set1_ps(8.0f));
+        } else if (zrow[r]) {
+          const __m128i z = _mm_maskz_loadu_epi8(use, zrow[r] + g);
+          w = _mm512_mul_ps(w, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z)));
+        } else {
+          break;
+        }
+        corr = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(use, qs + g), corr);
+      }
+      const double dot = static_cast<double>(_mm512_reduce_add_ps(acc[r][m])) - _mm512_reduce_add_ps(corr);
+      const float y = static_cast<float>(dot * a.step[m0 + m]) + (p.bias ? p.bias->ptr<float>()[n + r] : 0.0f);
+      const int64_t off = (m0 + m) * p.out.strides[0] + n + r;
+      if (p.out.dtype == DType::kFloat32)
+        p.out.ptr<float>()[off] = y;
+      else
+        p.out.ptr<uint16_t>()[off] = float_to_bf16(y);
+    }
+}
+
+template <int R, bool kSigned>
+void pieces_rows(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n, int64_t M) {
+  switch (M) {
+    case 1: return pieces_tile<R, 1, kSigned>(p, a, n, 0);
+    case 2: return pieces_tile<R, 2, kSigned>(p, a, n, 0);
+    case 3: return pieces_tile<R, 3, kSigned>(p, a, n, 0);
+    default: return pieces_tile<R, 4, kSigned>(p, a, n, 0);
+  }
+}
+
+template <bool kSigned>
+void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M) {
+  const int64_t N = p.qweight.shape[0];
+  // Below ~2M multiply-adds one thread finishes before a second would be awake.
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(p.K * M, 1));
+  parallel_for(N, grain, [&](int64_t b, int64_t e) {
+    int64_t n = b;
+    if (M == 1)
+      for (; n + 4 <= e; n += 4) pieces_rows<4, kSigned>(p, a, n, M);
+    else
+      for (; n + 2 <= e; n += 2) pieces_rows<2, kSigned>(p, a, n, M);
+    for (; n < e; ++n) pieces_rows<1, kSigned>(p, a, n, M);
+  });
+}
+
+}  // namespace
+
+void linear_int4_pieces(const WeightOnlyProblem& p, const ActivationPieces& a, bool is_signed,
+                        int64_t M) {
+  if (is_signed)
+    pieces_run<true>(p, a, M);
+  else
+    pieces_run<false>(p, a, M);
+}
+
+}  // namespace cpu
+}  // namespace tensorslim

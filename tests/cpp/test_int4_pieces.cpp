@@ -1,0 +1,211 @@
+// INT4 weight-only with the activations as three int8 pieces (src/cpu/int4_pieces.h): the split
+// rebuilds x to float32 precision, the kernel matches a float64 product of the exactly
+// dequantized weight within the pieces' error, and inputs the pieces cannot hold (NaN, Inf,
+// tiny rows) run the float kernels. Skipped where the CPU has no AVX-512 VNNI.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "half.h"
+#include "int4_pieces.h"
+#include "tensorslim/gemm.h"
+#include "tensorslim/quantize.h"
+#include "test_helpers.h"
+
+namespace tensorslim {
+namespace {
+
+using testing::random_weights;
+using testing::view1;
+using testing::view2;
+
+struct Weight {
+  std::vector<uint8_t> q, zps;
+  std::vector<float> scales, deq;
+  TensorView qv, sv, zv;
+};
+
+Weight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t seed) {
+  Weight w;
+  const FormatInfo& f = format_info(fmt);
+  const int64_t groups = num_groups(K, group);
+  std::vector<float> src = random_weights(N * K, seed);
+  w.q.resize(N * packed_row_bytes(f, K));
+  w.scales.resize(N * groups);
+  w.zps.resize(N * groups);
+  w.deq.resize(N * K);
+  w.qv = view2(w.q.data(), DType::kUInt8, N, packed_row_bytes(f, K));
+  w.sv = view2(w.scales.data(), DType::kFloat32, N, groups);
+  w.zv = view2(w.zps.data(), DType::kUInt8, N, groups);
+  const TensorView* zp = f.has_zero_point ? &w.zv : nullptr;
+  quantize(view2(src.data(), DType::kFloat32, N, K), fmt, group, w.qv, w.sv, zp);
+  dequantize(w.qv, w.sv, zp, fmt, group, view2(w.deq.data(), DType::kFloat32, N, K));
+  return w;
+}
+
+// Activation rows of very different sizes (1e-3 .. 1e3), each with an outlier 50x its typical
+// value, so the per-row step and the pieces' reach are both exercised.
+std::vector<float> make_x(int64_t M, int64_t K, uint32_t seed) {
+  std::vector<float> x = random_weights(M * K, seed);
+  for (int64_t m = 0; m < M; ++m) {
+    const float size = std::pow(10.0f, static_cast<float>(m % 4) * 2.0f - 3.0f);
+    for (int64_t k = 0; k < K; ++k) x[m * K + k] *= size;
+    x[m * K + (7 * m + 3) % K] *= 50.0f;
+  }
+  return x;
+}
+
+// |got - want| against the pieces' error: s / (2 * 254^2) ~ 6.1e-8 max|x| per activation
+// (2e-7 leaves room for rounding x / s), times sum |w|, plus float32 accumulation over
+// products that are each exact in float64 (1e-6 of sum |w x|) and the output's own rounding.
+void expect_close(const std::vector<float>& got, const std::vector<float>& x, const Weight& w,
+                  const std::vector<float>& bias, int64_t M, int64_t N, int64_t K,
+                  const std::string& what) {
+  for (int64_t m = 0; m < M; ++m) {
+    double xmax = 0;
+    for (int64_t k = 0; k < K; ++k) xmax = std::max(xmax, std::fabs(static_cast<double>(x[m * K + k])));
+    for (int64_t n = 0; n < N; ++n) {
+      double want = bias[n], sum_w = 0, sum_wx = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double wk = w.deq[n * K + k], xk = x[m * K + k];
+        want += wk * xk;
+        sum_w += std::fabs(wk);
+        sum_wx += std::fabs(wk * xk);
+      }
+      const double bound = 2e-7 * xmax * sum_w + 1e-6 * sum_wx + 1.2e-7 * std::fabs(want) + 1e-30;
+      ASSERT_LE(std::fabs(got[m * N + n] - want), bound) << what << " m=" << m << " n=" << n;
+    }
+  }
+}
+
+TEST(Int4Pieces, SplitRebuildsTheActivations) {
+  const int64_t M = 3, K = 512, gsize = 256;
+  std::vector<float> x = make_x(M, K, 5);
+  cpu::ActivationPieces a;
+  ASSERT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), gsize, a));
+  for (int64_t m = 0; m < M; ++m) {
+    double xmax = 0;
+    for (int64_t k = 0; k < K; ++k) xmax = std::max(xmax, std::fabs(static_cast<double>(x[m * K + k])));
+    const double s = a.step[m];
+    EXPECT_NEAR(s, xmax / 127, 1e-6 * xmax / 127);
+    for (int64_t g = 0; g < K / gsize; ++g) {
+      double group_sum = 0;
+      for (int64_t k = g * gsize; k < (g + 1) * gsize; ++k) {
+        // Block of 128: even k at (k % 128) / 2, odd k at 64 + (k % 128) / 2, per piece.
+        const int64_t block = k / cpu::kPieceBlock, in = k % cpu::kPieceBlock;
+        const int64_t at = (in & 1) * 64 + in / 2;
+        const int8_t* q = a.q.data() + (m * K + block * cpu::kPieceBlock) * 3;
+        double rebuilt = 0, weight = 1;
+        for (int j = 0; j < 3; ++j, weight /= 254) {
+          const int piece = q[j * cpu::kPieceBlock + at];
+          ASSERT_GE(piece, -127);
+          ASSERT_LE(piece, 127);
+          rebuilt += piece * weight;
+        }
+        group_sum += rebuilt;
+        EXPECT_LE(std::fabs(s * rebuilt - x[m * K + k]), 7e-8 * xmax) << "m=" << m << " k=" << k;
+      }
+      EXPECT_NEAR(a.group_sums[m * (K / gsize) + g], group_sum, 1e-6 * std::fabs(group_sum) + 1e-3);
+    }
+  }
+}
+
+TEST(Int4Pieces, MatchFloat64OnEveryShapeTheyTake) {
+  testing::IsaScope scope;
+  if (!cpu::int4_pieces_fit(1, cpu::kPieceBlock, cpu::kPieceBlock)) GTEST_SKIP() << "no AVX-512 VNNI";
+  const int64_t N = 37;  // four-row steps plus single-row tails
+  struct Shape { int64_t K, group; };
+  for (Format fmt : {Format::kInt4, Format::kUInt4})
+    for (Shape sh : {Shape{128, 128}, Shape{384, 128}, Shape{2048, 128}, Shape{2048, 256}, Shape{2304, 2304}})
+      for (int64_t M : {1, 2, 3, 4}) {
+        const int64_t K = sh.K, gsize = std::min(sh.group, K);
+        const std::string what = std::string(format_info(fmt).name) + " K=" + std::to_string(K) +
+                                 " g=" + std::to_string(sh.group) + " M=" + std::to_string(M);
+        Weight w = make_weight(fmt, N, K, sh.group, 17 + static_cast<uint32_t>(K + M));
+        std::vector<float> x = make_x(M, K, 3 + static_cast<uint32_t>(M));
+        std::vector<float> bias = random_weights(N, 9);
+        const TensorView xv = view2(x.data(), DType::kFloat32, M, K), bv = view1(bias.data(), DType::kFloat32, N);
+        const TensorView* zp = format_info(fmt).has_zero_point ? &w.zv : nullptr;
+        // The kernel itself, whether or not linear_weight_only would pick it at this M and K.
+        cpu::ActivationPieces a;
+        ASSERT_TRUE(cpu::split_activation_pieces(xv, gsize, a)) << what;
+        std::vector<float> got(M * N, NAN);
+        const TensorView ov = view2(got.data(), DType::kFloat32, M, N);
+        const cpu::WeightOnlyProblem p{w.qv, w.sv, zp, &bv, ov, K, gsize, K / gsize, nullptr};
+        cpu::linear_int4_pieces(p, a, fmt == Format::kInt4, M);
+        expect_close(got, x, w, bias, M, N, K, what + " (kernel)");
+        // And through linear_weight_only, both with the pieces and with the float kernels.
+        for (bool pieces : {true, false}) {
+          cpu::set_int4_pieces_enabled(pieces);
+          std::vector<float> out(M * N, NAN);
+          linear_weight_only(xv, w.qv, w.sv, zp, &bv, fmt, sh.group,
+                             view2(out.data(), DType::kFloat32, M, N), GemmBackend::kNative);
+          expect_close(out, x, w, bias, M, N, K, what + (pieces ? " (pieces)" : " (float)"));
+          if (pieces && cpu::int4_pieces_fit(M, K, gsize)) EXPECT_EQ(out, got) << what;
+        }
+        cpu::set_int4_pieces_enabled(true);
+      }
+}
+
+TEST(Int4Pieces, BFloat16Activations) {
+  if (!cpu::int4_pieces_fit(1, cpu::kPieceBlock, cpu::kPieceBlock)) GTEST_SKIP() << "no AVX-512 VNNI";
+  const int64_t M = 1, K = 1024, N = 20;
+  Weight w = make_weight(Format::kInt4, N, K, 128, 4);
+  std::vector<float> x = make_x(M, K, 8);
+  std::vector<uint16_t> xb(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    xb[i] = cpu::float_to_bf16(x[i]);
+    x[i] = cpu::bf16_to_float(xb[i]);
+  }
+  cpu::ActivationPieces a;
+  ASSERT_TRUE(cpu::split_activation_pieces(view2(xb.data(), DType::kBFloat16, M, K), 128, a));
+  std::vector<float> got(M * N), bias(N, 0.0f);
+  const TensorView ov = view2(got.data(), DType::kFloat32, M, N);
+  const cpu::WeightOnlyProblem p{w.qv, w.sv, nullptr, nullptr, ov, K, 128, K / 128, nullptr};
+  cpu::linear_int4_pieces(p, a, true, M);
+  expect_close(got, x, w, bias, M, N, K, "bf16 x");
+}
+
+TEST(Int4Pieces, InputsThePiecesCannotHoldRunTheFloatKernels) {
+  const int64_t M = 1, K = 256, N = 8;
+  Weight w = make_weight(Format::kInt4, N, K, 128, 6);
+  std::vector<float> bias = random_weights(N, 2);
+  const TensorView bv = view1(bias.data(), DType::kFloat32, N);
+  auto run = [&](std::vector<float>& x, bool with_bias = true) {
+    std::vector<float> out(M * N, 12345.0f);
+    linear_weight_only(view2(x.data(), DType::kFloat32, M, K), w.qv, w.sv, nullptr, with_bias ? &bv : nullptr,
+                       Format::kInt4, 128,
+                       view2(out.data(), DType::kFloat32, M, N), GemmBackend::kNative);
+    return out;
+  };
+  cpu::ActivationPieces a;
+  std::vector<float> x = random_weights(K, 1);
+  x[40] = NAN;
+  EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+  for (float v : run(x)) EXPECT_TRUE(std::isnan(v));
+  x[40] = INFINITY;
+  EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+  for (float v : run(x)) EXPECT_FALSE(std::isfinite(v));
+  // A tiny row (its step would be subnormal) keeps the float kernels' precision.
+  x = random_weights(K, 1);
+  for (float& v : x) v *= 1e-35f;
+  EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+  std::vector<float> got = run(x, false);
+  for (int64_t n = 0; n < N; ++n) {
+    double want = 0;
+    for (int64_t k = 0; k < K; ++k) want += static_cast<double>(w.deq[n * K + k]) * x[k];
+    EXPECT_NEAR(got[n], want, 1e-5 * std::fabs(want)) << n;
+  }
+  // All zeros: the pieces are 0 and the output is the bias exactly.
+  std::fill(x.begin(), x.end(), 0.0f);
+  EXPECT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+  EXPECT_EQ(run(x), bias);
+  // Large rows stay finite where the product is.
+  x = random_weights(K, 3);
+  for (float& v : x) v *= 1e36f;
+  expect_close(run(x), x, w, bias, M, N, K, "x ~ 1e36");
+}
+
+}  // namespace
+}  // namespace tensorslim
