@@ -1,7 +1,8 @@
-// Weight-only INT4 for a few activation rows on AVX-512 VNNI, with the activations as three
-// int8 pieces. Decoding a nibble into a float costs the fp32 GEMV three shuffles per 32 weights,
-// which on Zen 4 keep it below memory speed at batch 1 (51% of copy bandwidth at 4096 x 4096);
-// vpdpbusd multiplies the nibbles as they are, 64 at a time.
+// Weight-only INT4 at batch 1 (and a few rows on AVX-512), with the activations as three int8
+// pieces. Decoding a nibble into a float costs the float kernels a shuffle or two per 16
+// weights, which kept them below memory speed at batch 1 (Zen 4, 4096 x 4096: 51% of copy
+// bandwidth on AVX-512, 35% on AVX2); the integer units multiply the nibbles as they are:
+// vpdpbusd (AVX-512 VNNI) 64 at a time, vpmaddubsw + vpmaddwd (AVX2) 32 at a time.
 //
 // Each activation row m is split, with one step s = max|x[m]| / 127, into
 //   x = s * (h + l1 / 254 + l2 / 254^2),  h, l1, l2 in [-127, 127]
@@ -23,10 +24,10 @@ namespace tensorslim {
 namespace cpu {
 
 constexpr int64_t kPieceBlock = 128;  // activation values per block: 64 packed weight bytes
-// Each further activation row costs three more vpdpbusd per block, and each row a split and
-// a per-row sum: measured against the float kernels (Zen 4, 4096 rows, g128), batch 1 ran
-// 1.29x (K = 768) to 1.71x (K = 11008) faster; batches 2-4 gained 1.05-1.28x from K = 2048
-// and lost up to 0.91x below.
+// Each further activation row costs three more products per block, and each row a split and
+// a per-row sum. Measured against the float kernels (Zen 4, N = 4096, g128): AVX-512 batch 1
+// ran 1.29x (K = 768) to 1.71x (K = 11008) faster, batches 2-4 1.05-1.28x from K = 2048 and
+// down to 0.91x below; AVX2 batch 1 1.2-1.6x, batch 2 0.76-1.0x, so batch 1 only there.
 constexpr int64_t kPieceMaxRows = 4;
 constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches 2..kPieceMaxRows take it
 
@@ -39,19 +40,27 @@ struct ActivationPieces {
   std::vector<float> group_sums;                      // [M][groups]: sum of h + l1/254 + l2/254^2
 };
 
-// Whether the pieces kernel takes this problem: a CPU with AVX-512 VNNI and AVX-512 active,
-// K and the group (gsize = min(group, K)) multiples of kPieceBlock, one row (or up to
-// kPieceMaxRows from K = kPieceMinKForRows), and the kernel switched on (set_int4_pieces_enabled, tensorslim/gemm.h).
+constexpr float kPieceRadix = 254.0f;  // l1 and l2 count 1/254ths of the piece before them
+
+// Whether a pieces kernel takes this problem: AVX-512 active on a CPU with VNNI, or AVX2
+// active (batch 1); K and the group (gsize = min(group, K)) multiples of kPieceBlock; and the
+// kernels switched on (set_int4_pieces_enabled, tensorslim/gemm.h).
 bool int4_pieces_fit(int64_t M, int64_t K, int64_t gsize);
 
 // Splits x (float32 or bfloat16 rows) into pieces. False (nothing to use) where a row holds
 // NaN or Inf, or its largest magnitude is below 1e-30 but not 0 (its step would be
 // subnormal): the float kernels keep those inputs' exact semantics.
 bool split_activation_pieces(const TensorView& x, int64_t gsize, ActivationPieces& out);
+bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, ActivationPieces& out);
+bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, ActivationPieces& out);
 
 // out = x @ dequantize(qweight)^T + bias for INT4 (signed) or UINT4 (with zero points).
 void linear_int4_pieces(const WeightOnlyProblem& p, const ActivationPieces& a, bool is_signed,
                         int64_t M);
+void linear_int4_pieces_avx512(const WeightOnlyProblem& p, const ActivationPieces& a,
+                               bool is_signed, int64_t M);
+void linear_int4_pieces_avx2(const WeightOnlyProblem& p, const ActivationPieces& a,
+                             bool is_signed, int64_t M);
 
 }  // namespace cpu
 }  // namespace tensorslim

@@ -3,23 +3,17 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 
 #include "half.h"
 #include "int4_pieces.h"
 #include "parallel.h"
-#include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
 #include "vnni_dot.h"
 
 namespace tensorslim {
 namespace cpu {
 namespace {
-
-std::atomic<bool> g_enabled{true};
-
-constexpr float kPieceRadix = 254.0f;  // l1 and l2 count 1/254ths of the piece before them
 
 // 16 activations of row m at k (float32 or bfloat16) as float32.
 inline __m512 load16(const TensorView& x, int64_t m, int64_t k) {
@@ -62,15 +56,7 @@ inline int64_t int_sum(__m512i v) { return _mm512_reduce_add_epi32(v); }
 
 }  // namespace
 
-bool int4_pieces_fit(int64_t M, int64_t K, int64_t gsize) {
-  return g_enabled.load(std::memory_order_relaxed) && cpu_has_avx512_vnni() &&
-         active_isa() == Isa::kAVX512 && K % kPieceBlock == 0 && gsize % kPieceBlock == 0 &&
-         (M == 1 || (M >= 1 && M <= kPieceMaxRows && K >= kPieceMinKForRows));
-}
-
-void set_int4_pieces_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
-
-bool split_activation_pieces(const TensorView& x, int64_t gsize, ActivationPieces& out) {
+bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, ActivationPieces& out) {
   const int64_t M = x.shape[0], K = x.shape[1], groups = K / gsize;
   out.q.resize(M * K * 3);
   out.step.resize(M);
@@ -223,8 +209,8 @@ void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M
 
 }  // namespace
 
-void linear_int4_pieces(const WeightOnlyProblem& p, const ActivationPieces& a, bool is_signed,
-                        int64_t M) {
+void linear_int4_pieces_avx512(const WeightOnlyProblem& p, const ActivationPieces& a,
+                               bool is_signed, int64_t M) {
   if (is_signed)
     pieces_run<true>(p, a, M);
   else

@@ -1,7 +1,7 @@
 // INT4 weight-only with the activations as three int8 pieces (src/cpu/int4_pieces.h): the split
 // rebuilds x to float32 precision, the kernel matches a float64 product of the exactly
 // dequantized weight within the pieces' error, and inputs the pieces cannot hold (NaN, Inf,
-// tiny rows) run the float kernels. Skipped where the CPU has no AVX-512 VNNI.
+// tiny rows) run the float kernels. Each ISA with a pieces kernel (AVX2; AVX-512 with VNNI).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -16,6 +16,7 @@
 namespace tensorslim {
 namespace {
 
+using testing::IsaScope;
 using testing::random_weights;
 using testing::view1;
 using testing::view2;
@@ -25,6 +26,14 @@ struct Weight {
   std::vector<float> scales, deq;
   TensorView qv, sv, zv;
 };
+
+// The ISAs this machine has a pieces kernel for.
+std::vector<cpu::Isa> piece_isas() {
+  std::vector<cpu::Isa> out;
+  if (cpu::best_isa() >= cpu::Isa::kAVX2) out.push_back(cpu::Isa::kAVX2);
+  if (cpu::best_isa() >= cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni()) out.push_back(cpu::Isa::kAVX512);
+  return out;
+}
 
 Weight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t seed) {
   Weight w;
@@ -79,11 +88,10 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& x, co
   }
 }
 
-TEST(Int4Pieces, SplitRebuildsTheActivations) {
-  const int64_t M = 3, K = 512, gsize = 256;
-  std::vector<float> x = make_x(M, K, 5);
-  cpu::ActivationPieces a;
-  ASSERT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), gsize, a));
+// The pieces rebuild x within 7e-8 max|x[m]|, each within [-127, 127], and the group sums
+// are the sums of the rebuilt values.
+void check_pieces(const cpu::ActivationPieces& a, const std::vector<float>& x, int64_t M, int64_t K,
+                  int64_t gsize, const std::string& what) {
   for (int64_t m = 0; m < M; ++m) {
     double xmax = 0;
     for (int64_t k = 0; k < K; ++k) xmax = std::max(xmax, std::fabs(static_cast<double>(x[m * K + k])));
@@ -104,23 +112,34 @@ TEST(Int4Pieces, SplitRebuildsTheActivations) {
           rebuilt += piece * weight;
         }
         group_sum += rebuilt;
-        EXPECT_LE(std::fabs(s * rebuilt - x[m * K + k]), 7e-8 * xmax) << "m=" << m << " k=" << k;
+        EXPECT_LE(std::fabs(s * rebuilt - x[m * K + k]), 7e-8 * xmax) << what << " m=" << m << " k=" << k;
       }
-      EXPECT_NEAR(a.group_sums[m * (K / gsize) + g], group_sum, 1e-6 * std::fabs(group_sum) + 1e-3);
+      EXPECT_NEAR(a.group_sums[m * (K / gsize) + g], group_sum, 1e-6 * std::fabs(group_sum) + 1e-3) << what;
     }
   }
 }
 
+TEST(Int4Pieces, SplitRebuildsTheActivations) {
+  const int64_t M = 3, K = 512, gsize = 256;
+  std::vector<float> x = make_x(M, K, 5);
+  for (cpu::Isa isa : piece_isas()) {
+    IsaScope scope(isa);
+    cpu::ActivationPieces a;
+    ASSERT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), gsize, a));
+    check_pieces(a, x, M, K, gsize, cpu::isa_name(isa));
+  }
+}
+
 TEST(Int4Pieces, MatchFloat64OnEveryShapeTheyTake) {
-  testing::IsaScope scope;
-  if (!cpu::int4_pieces_fit(1, cpu::kPieceBlock, cpu::kPieceBlock)) GTEST_SKIP() << "no AVX-512 VNNI";
   const int64_t N = 37;  // four-row steps plus single-row tails
   struct Shape { int64_t K, group; };
+  for (cpu::Isa isa : piece_isas())
   for (Format fmt : {Format::kInt4, Format::kUInt4})
     for (Shape sh : {Shape{128, 128}, Shape{384, 128}, Shape{2048, 128}, Shape{2048, 256}, Shape{2304, 2304}})
       for (int64_t M : {1, 2, 3, 4}) {
         const int64_t K = sh.K, gsize = std::min(sh.group, K);
-        const std::string what = std::string(format_info(fmt).name) + " K=" + std::to_string(K) +
+        IsaScope scope(isa);
+        const std::string what = std::string(cpu::isa_name(isa)) + " " + format_info(fmt).name + " K=" + std::to_string(K) +
                                  " g=" + std::to_string(sh.group) + " M=" + std::to_string(M);
         Weight w = make_weight(fmt, N, K, sh.group, 17 + static_cast<uint32_t>(K + M));
         std::vector<float> x = make_x(M, K, 3 + static_cast<uint32_t>(M));
@@ -149,7 +168,6 @@ TEST(Int4Pieces, MatchFloat64OnEveryShapeTheyTake) {
 }
 
 TEST(Int4Pieces, BFloat16Activations) {
-  if (!cpu::int4_pieces_fit(1, cpu::kPieceBlock, cpu::kPieceBlock)) GTEST_SKIP() << "no AVX-512 VNNI";
   const int64_t M = 1, K = 1024, N = 20;
   Weight w = make_weight(Format::kInt4, N, K, 128, 4);
   std::vector<float> x = make_x(M, K, 8);
@@ -158,13 +176,16 @@ TEST(Int4Pieces, BFloat16Activations) {
     xb[i] = cpu::float_to_bf16(x[i]);
     x[i] = cpu::bf16_to_float(xb[i]);
   }
-  cpu::ActivationPieces a;
-  ASSERT_TRUE(cpu::split_activation_pieces(view2(xb.data(), DType::kBFloat16, M, K), 128, a));
-  std::vector<float> got(M * N), bias(N, 0.0f);
-  const TensorView ov = view2(got.data(), DType::kFloat32, M, N);
-  const cpu::WeightOnlyProblem p{w.qv, w.sv, nullptr, nullptr, ov, K, 128, K / 128, nullptr};
-  cpu::linear_int4_pieces(p, a, true, M);
-  expect_close(got, x, w, bias, M, N, K, "bf16 x");
+  for (cpu::Isa isa : piece_isas()) {
+    IsaScope scope(isa);
+    cpu::ActivationPieces a;
+    ASSERT_TRUE(cpu::split_activation_pieces(view2(xb.data(), DType::kBFloat16, M, K), 128, a));
+    std::vector<float> got(M * N), bias(N, 0.0f);
+    const TensorView ov = view2(got.data(), DType::kFloat32, M, N);
+    const cpu::WeightOnlyProblem p{w.qv, w.sv, nullptr, nullptr, ov, K, 128, K / 128, nullptr};
+    cpu::linear_int4_pieces(p, a, true, M);
+    expect_close(got, x, w, bias, M, N, K, std::string(cpu::isa_name(isa)) + " bf16 x");
+  }
 }
 
 TEST(Int4Pieces, InputsThePiecesCannotHoldRunTheFloatKernels) {
@@ -179,32 +200,36 @@ TEST(Int4Pieces, InputsThePiecesCannotHoldRunTheFloatKernels) {
                        view2(out.data(), DType::kFloat32, M, N), GemmBackend::kNative);
     return out;
   };
-  cpu::ActivationPieces a;
-  std::vector<float> x = random_weights(K, 1);
-  x[40] = NAN;
-  EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
-  for (float v : run(x)) EXPECT_TRUE(std::isnan(v));
-  x[40] = INFINITY;
-  EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
-  for (float v : run(x)) EXPECT_FALSE(std::isfinite(v));
-  // A tiny row (its step would be subnormal) keeps the float kernels' precision.
-  x = random_weights(K, 1);
-  for (float& v : x) v *= 1e-35f;
-  EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
-  std::vector<float> got = run(x, false);
-  for (int64_t n = 0; n < N; ++n) {
-    double want = 0;
-    for (int64_t k = 0; k < K; ++k) want += static_cast<double>(w.deq[n * K + k]) * x[k];
-    EXPECT_NEAR(got[n], want, 1e-5 * std::fabs(want)) << n;
+  for (cpu::Isa isa : piece_isas()) {
+    IsaScope scope(isa);
+    const std::string what = cpu::isa_name(isa);
+    cpu::ActivationPieces a;
+    std::vector<float> x = random_weights(K, 1);
+    x[40] = NAN;
+    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+    for (float v : run(x)) EXPECT_TRUE(std::isnan(v));
+    x[40] = INFINITY;
+    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+    for (float v : run(x)) EXPECT_FALSE(std::isfinite(v));
+    // A tiny row (its step would be subnormal) keeps the float kernels' precision.
+    x = random_weights(K, 1);
+    for (float& v : x) v *= 1e-35f;
+    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+    std::vector<float> got = run(x, false);
+    for (int64_t n = 0; n < N; ++n) {
+      double want = 0;
+      for (int64_t k = 0; k < K; ++k) want += static_cast<double>(w.deq[n * K + k]) * x[k];
+      EXPECT_NEAR(got[n], want, 1e-5 * std::fabs(want)) << what << " " << n;
+    }
+    // All zeros: the pieces are 0 and the output is the bias exactly.
+    std::fill(x.begin(), x.end(), 0.0f);
+    EXPECT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+    EXPECT_EQ(run(x), bias);
+    // Large rows stay finite where the product is.
+    x = random_weights(K, 3);
+    for (float& v : x) v *= 1e36f;
+    expect_close(run(x), x, w, bias, M, N, K, what + " x ~ 1e36");
   }
-  // All zeros: the pieces are 0 and the output is the bias exactly.
-  std::fill(x.begin(), x.end(), 0.0f);
-  EXPECT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
-  EXPECT_EQ(run(x), bias);
-  // Large rows stay finite where the product is.
-  x = random_weights(K, 3);
-  for (float& v : x) v *= 1e36f;
-  expect_close(run(x), x, w, bias, M, N, K, "x ~ 1e36");
 }
 
 }  // namespace

@@ -1,0 +1,244 @@
+// Weight-only INT4 with the activations as three int8 pieces, on AVX2 (int4_pieces.h): the
+// nibbles times a piece go through vpmaddubsw, whose pair sums cannot saturate here (at most
+// 2 * 15 * 127 = 3810, and four of them added stay below 2^15), then vpmaddwd into int32.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "half.h"
+#include "int4_pieces.h"
+#include "parallel.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+// 8 activations of row m at k (float32 or bfloat16) as float32.
+inline __m256 load8(const TensorView& x, int64_t m, int64_t k) {
+  const int64_t off = m * x.strides[0] + k;
+  if (x.dtype == DType::kFloat32) return _mm256_loadu_ps(x.ptr<float>() + off);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.ptr<uint16_t>() + off));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline __m256 rne(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Row m: its step, or 0 where the row cannot be split (see int4_pieces.h).
+float row_step(const TensorView& x, int64_t m, int64_t K) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 a = _mm256_and_ps(load8(x, m, k), abs_mask);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // Inf, or unordered: NaN
+    mx = _mm256_max_ps(mx, a);
+  }
+  if (_mm256_movemask_ps(bad)) return 0.0f;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  const float top = *std::max_element(lanes, lanes + 8);
+  if (top == 0.0f) return 1.0f;  // all pieces 0
+  return top < 1e-30f ? 0.0f : top / 127.0f;
+}
+
+// 32 int32 values (four vectors, in order) as 32 int8 (each within [-127, 127]).
+inline __m256i to_bytes(__m256i a, __m256i b, __m256i c, __m256i d) {
+  // packs work per 128-bit lane: the bytes come out as a0-3 b0-3 c0-3 d0-3 a4-7 b4-7 ...
+  const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+  return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+}  // namespace
+
+bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, ActivationPieces& out) {
+  const int64_t M = x.shape[0], K = x.shape[1], groups = K / gsize;
+  out.q.resize(M * K * 3);
+  out.step.resize(M);
+  out.group_sums.resize(M * groups);
+  const __m256 radix = _mm256_set1_ps(kPieceRadix);
+  for (int64_t m = 0; m < M; ++m) {
+    const float s = row_step(x, m, K);
+    if (s == 0.0f) return false;
+    out.step[m] = s;
+    const __m256 sv = _mm256_set1_ps(s);
+    int8_t* q = out.q.data() + m * K * 3;
+    __m256i sum[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t k = 0; k < K; k += kPieceBlock, q += 3 * kPieceBlock) {
+      for (int half = 0; half < 2; ++half) {  // even k, then odd k
+        for (int i = 0; i < 2; ++i) {          // 32 of the block's 64 even (odd) values
+          __m256i p[3][4];
+          for (int v = 0; v < 4; ++v) {
+            // values k + 64i + 16v .. +15, the even (odd) 8 of them in order
+            const int64_t k0 = k + 64 * i + 16 * v;
+            const __m256 a = load8(x, m, k0), b = load8(x, m, k0 + 8);
+            const __m256 pick = half ? _mm256_shuffle_ps(a, b, 0xDD) : _mm256_shuffle_ps(a, b, 0x88);
+            const __m256 y = _mm256_div_ps(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pick), 0xD8)), sv);
+            const __m256 hf = rne(y);
+            const __m256 t = _mm256_mul_ps(_mm256_sub_ps(y, hf), radix);  // |t| <= 127
+            const __m256 l1f = rne(t);
+            const __m256 l2f = rne(_mm256_mul_ps(_mm256_sub_ps(t, l1f), radix));
+            p[0][v] = _mm256_cvtps_epi32(hf);
+            p[1][v] = _mm256_cvtps_epi32(l1f);
+            p[2][v] = _mm256_cvtps_epi32(l2f);
+          }
+          for (int j = 0; j < 3; ++j) {
+            for (int v = 0; v < 4; ++v) sum[j] = _mm256_add_epi32(sum[j], p[j][v]);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j * kPieceBlock + half * 64 + 32 * i),
+                                to_bytes(p[j][0], p[j][1], p[j][2], p[j][3]));
+          }
+        }
+      }
+      if ((k + kPieceBlock) % gsize == 0) {
+        const double total = static_cast<double>(hsum_epi32(sum[0])) +
+                             static_cast<double>(hsum_epi32(sum[1])) / kPieceRadix +
+                             static_cast<double>(hsum_epi32(sum[2])) / (kPieceRadix * kPieceRadix);
+        out.group_sums[m * groups + k / gsize] = static_cast<float>(total);
+        for (__m256i& v : sum) v = _mm256_setzero_si256();
+      }
+    }
+  }
+  return true;
+}
+
+namespace {
+
+// Output rows n .. n+R-1 for activation rows 0 .. MB-1 (see the AVX-512 kernel).
+template <int R, int MB, bool kSigned>
+void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n) {
+  const int64_t K = p.K, groups = p.groups, blocks = p.gsize / kPieceBlock;
+  const uint8_t* wrow[R];
+  const float* sc[R];
+  const uint8_t* zrow[R];
+  for (int r = 0; r < R; ++r) {
+    wrow[r] = p.qweight.ptr<uint8_t>() + (n + r) * p.qweight.strides[0];
+    sc[r] = p.scales.ptr<float>() + (n + r) * groups;
+    zrow[r] = p.zero_points ? p.zero_points->ptr<uint8_t>() + (n + r) * groups : nullptr;
+  }
+  const char* next = reinterpret_cast<const char*>(wrow[R - 1] + (R > 1 ? wrow[R - 1] - wrow[R - 2] : 0));
+  const __m256i nib = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256 c1 = _mm256_set1_ps(1.0f / kPieceRadix), c2 = _mm256_set1_ps(1.0f / (kPieceRadix * kPieceRadix));
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  // One row at a time through the group: its 3 * MB accumulators and 4 decoded vectors stay
+  // in the 16 registers (all R rows' at once spilled).
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int r = 0; r < R; ++r) {
+      __m256i part[MB][3];
+      for (int m = 0; m < MB; ++m)
+        for (int j = 0; j < 3; ++j) part[m][j] = _mm256_setzero_si256();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t k = (g * blocks + b) * kPieceBlock;
+        _mm_prefetch(next + k / 2 * R + 64 * r, _MM_HINT_T1);
+        __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + k / 2));
+        __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + k / 2 + 32));
+        if (kSigned) {  // code + 8 in 0..15
+          v0 = _mm256_xor_si256(v0, flip);
+          v1 = _mm256_xor_si256(v1, flip);
+        }
+        const __m256i lo0 = _mm256_and_si256(v0, nib), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), nib);
+        const __m256i lo1 = _mm256_and_si256(v1, nib), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), nib);
+        for (int m = 0; m < MB; ++m) {
+          const __m256i* x = reinterpret_cast<const __m256i*>(a.q.data() + (m * K + k) * 3);
+          for (int j = 0; j < 3; ++j) {
+            const __m256i* xj = x + 4 * j;  // even 0-31, even 32-63, odd 0-31, odd 32-63
+            const __m256i pairs = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_load_si256(xj)),
+                                 _mm256_maddubs_epi16(lo1, _mm256_load_si256(xj + 1))),
+                _mm256_add_epi16(_mm256_maddubs_epi16(hi0, _mm256_load_si256(xj + 2)),
+                                 _mm256_maddubs_epi16(hi1, _mm256_load_si256(xj + 3))));
+            part[m][j] = _mm256_add_epi32(part[m][j], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+      }
+      const __m256 s = _mm256_set1_ps(sc[r][g]);
+      for (int m = 0; m < MB; ++m) {
+        const __m256 f = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(part[m][2]), c2,
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(part[m][1]), c1, _mm256_cvtepi32_ps(part[m][0])));
+        acc[r][m] = _mm256_fmadd_ps(f, s, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      // The zero point's share: sum over groups of scale * zp * (the pieces' group sum).
+      const float* qs = a.group_sums.data() + m * groups;
+      __m256 corr = _mm256_setzero_ps();
+      if (kSigned || zrow[r])
+        for (int64_t g = 0; g < groups; g += 8) {
+          const int64_t left = std::min<int64_t>(8, groups - g);
+          const __m256i use = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)),
+                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+          __m256 w = _mm256_maskload_ps(sc[r] + g, use);
+          if (kSigned) {
+            w = _mm256_mul_ps(w, _mm256_set1_ps(8.0f));
+          } else {
+            uint64_t z = 0;
+            std::memcpy(&z, zrow[r] + g, left);
+            w = _mm256_mul_ps(w, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(z)))));
+          }
+          corr = _mm256_fmadd_ps(w, _mm256_maskload_ps(qs + g, use), corr);
+        }
+      const double dot = static_cast<double>(hsum_ps(acc[r][m])) - hsum_ps(corr);
+      const float y = static_cast<float>(dot * a.step[m]) + (p.bias ? p.bias->ptr<float>()[n + r] : 0.0f);
+      const int64_t off = m * p.out.strides[0] + n + r;
+      if (p.out.dtype == DType::kFloat32)
+        p.out.ptr<float>()[off] = y;
+      else
+        p.out.ptr<uint16_t>()[off] = float_to_bf16(y);
+    }
+}
+
+template <int R, bool kSigned>
+void pieces_rows(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n, int64_t M) {
+  switch (M) {
+    case 1: return pieces_tile<R, 1, kSigned>(p, a, n);
+    case 2: return pieces_tile<R, 2, kSigned>(p, a, n);
+    case 3: return pieces_tile<R, 3, kSigned>(p, a, n);
+    default: return pieces_tile<R, 4, kSigned>(p, a, n);
+  }
+}
+
+template <bool kSigned>
+void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M) {
+  const int64_t N = p.qweight.shape[0];
+  // Below ~2M multiply-adds one thread finishes before a second would be awake.
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(p.K * M, 1));
+  parallel_for(N, grain, [&](int64_t b, int64_t e) {
+    int64_t n = b;
+    if (M == 1)
+      for (; n + 4 <= e; n += 4) pieces_rows<4, kSigned>(p, a, n, M);
+    for (; n < e; ++n) pieces_rows<1, kSigned>(p, a, n, M);
+  });
+}
+
+}  // namespace
+
+void linear_int4_pieces_avx2(const WeightOnlyProblem& p, const ActivationPieces& a, bool is_signed,
+                             int64_t M) {
+  if (is_signed)
+    pieces_run<true>(p, a, M);
+  else
+    pieces_run<false>(p, a, M);
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
