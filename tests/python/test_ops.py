@@ -153,6 +153,30 @@ def test_linear_weight_only_matches_float64(fmt, backend):
             assert err < 1e-5, (fmt, group, M, backend, err)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+def test_int4_activation_pieces_and_float_kernels_both_match_float64(fmt):
+    # Batch 1 on AVX2 / AVX-512 VNNI multiplies the nibbles with the activations as three int8
+    # pieces (src/cpu/int4_pieces.h); the switch runs the float kernels instead. Both stay
+    # within float32 accumulation of the float64 product, and they are different kernels.
+    if ts._C.active_isa() == "scalar":
+        pytest.skip("no vector kernels")
+    K, N = 2048, 64
+    w = _data(N, K, 3, fmt == "uint4")
+    q, s, z = ops.quantize(w, fmt, 128)
+    x = torch.randn(1, K) * torch.logspace(-2, 2, K)  # a wide range within the row
+    ref = _float64_linear(x, q, s, z, None, fmt, 128, K)
+    outs = []
+    try:
+        for pieces in (True, False):
+            ts._C.set_int4_pieces_enabled(pieces)
+            y = ops.linear_weight_only(x, q, s, z, None, fmt, 128, K, backend="native")
+            assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5, pieces
+            outs.append(y)
+    finally:
+        ts._C.set_int4_pieces_enabled(True)
+    assert not torch.equal(outs[0], outs[1])
+
+
 def test_linear_bf16_and_batched_inputs():
     K, N = 128, 64
     q, s, z = ops.quantize(torch.randn(N, K), "uint4", 32)
