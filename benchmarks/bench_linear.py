@@ -4,8 +4,8 @@ For each (K, N) and batch M it prints the median time of each, the speed-up over
 and the fraction of the memory-bandwidth bound: (bytes the product must move) /
 (copy bandwidth measured in this run) divided by the measured time; then each backend that
 `auto` chooses between (our native kernels, oneDNN), so the dispatch rule can be read off,
-and the INT4 native call once more with the activation-pieces kernel switched off (the float
-kernels it replaces at batch 1, src/cpu/int4_pieces.h).
+and both native calls once more with the activation-pieces kernels switched off (the float
+kernels they replace at a few rows, src/cpu/activation_pieces.h).
 MiniLM's shapes: --shapes 384x384,384x1536,1536x384 --batches 1,8,16,32,160,640
 --ort adds ONNX Runtime's MatMulNBits on the same INT4 g128 weight (accuracy_level 0 and 4;
 benchmarks/ort_peer.py, needs onnxruntime + onnx) and its largest difference from ours, and our
@@ -43,7 +43,7 @@ def main():
     print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s\n")
     header = (f"{'K x N':>12} {'M':>3} | {'fp32 ms':>8} | {'int8 ms':>8} {'x fp32':>7} {'%bw':>5} "
               f"| {'int4 ms':>8} {'x fp32':>7} {'%bw':>5} | native / oneDNN ms: {'int8':>15} {'int4':>15} "
-              f"| int4 no pieces ms")
+              f"| no pieces ms: int8 / int4")
     print(header)
     print("-" * len(header))
     for shape in args.shapes.split(","):
@@ -69,15 +69,16 @@ def main():
                             lambda: ops.linear_weight_only(x, *q, None, fmt, g, K, backend=be))
                     except ValueError:  # no kernel of that backend takes this shape
                         backends[name, be] = float("nan")
-            _C.set_int4_pieces_enabled(False)
+            _C.set_activation_pieces_enabled(False)
+            t8_float = timeit(lambda: ops.linear_weight_only(x, *q8, None, "int8", K, K, backend="native"))
             t4_float = timeit(lambda: ops.linear_weight_only(x, *q4, None, "int4", 128, K, backend="native"))
-            _C.set_int4_pieces_enabled(True)
+            _C.set_activation_pieces_enabled(True)
             b8 = N * K + 4 * N + act_bytes
             b4 = N * K // 2 + 4 * N * K // 128 + act_bytes
             print(f"{K:>5} x {N:<5} {M:>3} | {t32 * 1e3:8.3f} | {t8 * 1e3:8.3f} {t32 / t8:6.2f}x "
                   f"{100 * b8 / bw / t8:4.0f}% | {t4 * 1e3:8.3f} {t32 / t4:6.2f}x {100 * b4 / bw / t4:4.0f}% "
                   f"| {'':19}" + "".join(f"{backends[n, 'native'] * 1e3:7.3f} / {backends[n, 'onednn'] * 1e3:5.3f} "
-                                         for n in ("int8", "int4")) + f"| {t4_float * 1e3:8.3f}")
+                                         for n in ("int8", "int4")) + f"| {t8_float * 1e3:7.3f} / {t4_float * 1e3:5.3f}")
             if ort:
                 xn = x.numpy()
                 ours = ops.linear_weight_only(x, *q4, None, "int4", 128, K)

@@ -41,9 +41,9 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
                                const TensorView& scales, const TensorView* zero_points,
                                const TensorView* bias, Format fmt, int64_t group_size,
                                const TensorView& out);
-// INT4 at a few rows runs with the activations as int8 pieces on CPUs with AVX-512 VNNI
-// (src/cpu/int4_pieces.h); tests and benchmarks switch that off to run the float kernels.
-void set_int4_pieces_enabled(bool enabled);
+// Integer weight-only at a few rows runs with the activations as int8 pieces (AVX-512 VNNI,
+// AVX2; src/cpu/activation_pieces.h); tests and benchmarks switch that off to run the float kernels.
+void set_activation_pieces_enabled(bool enabled);
 }  // namespace cpu
 
 }  // namespace tensorslim

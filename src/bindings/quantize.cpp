@@ -36,9 +36,9 @@ void register_quantize(py::module_& m) {
     py::gil_scoped_release release;
     dequantize(qv, sv, zv.get(), to_format(fmt), group, ov);
   });
-  m.def("set_int4_pieces_enabled", &cpu::set_int4_pieces_enabled,
-        "Tests and benchmarks run INT4 weight-only at batch 1-4 on the float kernels instead "
-        "of the activation-pieces kernel (AVX-512 VNNI).");
+  m.def("set_activation_pieces_enabled", &cpu::set_activation_pieces_enabled,
+        "Tests and benchmarks run integer weight-only at a few rows on the float kernels "
+        "instead of the activation-pieces kernels (AVX-512 VNNI, AVX2).");
   m.def("linear_weight_only", [](py::handle x, py::handle qw, py::handle scales, py::handle zps,
                                  py::handle bias, int fmt, int64_t group, py::handle out,
                                  int backend) {

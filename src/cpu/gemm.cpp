@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "half.h"
-#include "int4_pieces.h"
+#include "activation_pieces.h"
 #include "onednn_usable.h"
 #include "panel_gemm.h"
 #include "parallel.h"
@@ -117,11 +117,11 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
     return linear_weight_only_panels(x, qweight, scales, zero_points, bias, fmt, group_size, out);
   if (!native_fits(info, K, group_size)) return false;
   const int64_t gsize = std::min(group_size, K);
-  if (info.bits == 4 && int4_pieces_fit(M, K, gsize)) {
+  if (pieces_fit(fmt, M, K, gsize)) {
     thread_local ActivationPieces pieces;
-    if (split_activation_pieces(x, gsize, pieces)) {
+    if (split_activation_pieces(x, gsize, fmt, pieces)) {
       const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, K / gsize, nullptr};
-      linear_int4_pieces(p, pieces, fmt == Format::kInt4, M);
+      linear_pieces(p, pieces, fmt, M);
       return true;
     }
   }

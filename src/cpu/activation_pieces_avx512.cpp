@@ -1,14 +1,15 @@
-// Weight-only INT4 with the activations as three int8 pieces, on AVX-512 VNNI (enabled per
-// function; this file is compiled with -mavx512f/bw/vl/dq). What and why: int4_pieces.h.
+// Integer weight-only (INT4 and INT8) with the activations as three int8 pieces, on AVX-512
+// VNNI (enabled per function; this file is compiled with -mavx512f/bw/vl/dq). What and why:
+// activation_pieces.h.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
+#include "activation_pieces.h"
 #include "half.h"
-#include "int4_pieces.h"
 #include "parallel.h"
-#include "tensorslim/quantize.h"
 #include "vnni_dot.h"
 
 namespace tensorslim {
@@ -56,12 +57,12 @@ inline int64_t int_sum(__m512i v) { return _mm512_reduce_add_epi32(v); }
 
 }  // namespace
 
-bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, ActivationPieces& out) {
+bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, bool even_odd, ActivationPieces& out) {
   const int64_t M = x.shape[0], K = x.shape[1], groups = K / gsize;
   out.q.resize(M * K * 3);
   out.step.resize(M);
   out.group_sums.resize(M * groups);
-  // Lanes 0..15 of (a, b) at even / odd positions: the block's low / high nibble order.
+  // Lanes 0..15 of (a, b) at even / odd positions: the INT4 block's low / high nibble order.
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (int64_t m = 0; m < M; ++m) {
@@ -72,16 +73,17 @@ bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, Activati
     int8_t* q = out.q.data() + m * K * 3;
     __m512i sum[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int64_t k = 0; k < K; k += kPieceBlock, q += 3 * kPieceBlock) {
-      for (int i = 0; i < 4; ++i) {  // 32 values: 16 even-k, 16 odd-k
+      for (int i = 0; i < 4; ++i) {  // 32 values at a time
         const __m512 a = load16(x, m, k + 32 * i), b = load16(x, m, k + 32 * i + 16);
         for (int half = 0; half < 2; ++half) {
-          const __m512 v = _mm512_permutex2var_ps(a, half ? odd : even, b);
+          // even_odd: the block's even k, then its odd k; else k in order.
+          const __m512 v = even_odd ? _mm512_permutex2var_ps(a, half ? odd : even, b) : half ? b : a;
+          const int64_t at = even_odd ? half * 64 + 16 * i : 32 * i + 16 * half;
           __m512i p[3];
           pieces16(_mm512_div_ps(v, sv), p[0], p[1], p[2]);
           for (int j = 0; j < 3; ++j) {
             sum[j] = _mm512_add_epi32(sum[j], p[j]);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j * kPieceBlock + half * 64 + 16 * i),
-                             _mm512_cvtepi32_epi8(p[j]));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j * kPieceBlock + at), _mm512_cvtepi32_epi8(p[j]));
           }
         }
       }
@@ -101,7 +103,7 @@ namespace {
 
 // Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1. Per group, each (row, activation
 // row) pair keeps one int32 accumulator per piece; the group's float sum is then scaled.
-template <int R, int MB, bool kSigned>
+template <int R, int MB, int kBits, bool kSigned>
 __attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& p,
                                                         const ActivationPieces& a, int64_t n,
                                                         int64_t m0) {
@@ -118,6 +120,7 @@ __attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& 
   // kernels do: R short streams alone leave memory idle between pages).
   const char* next = reinterpret_cast<const char*>(wrow[R - 1] + (R > 1 ? wrow[R - 1] - wrow[R - 2] : 0));
   const __m512i nib = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x88));
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512 c1 = _mm512_set1_ps(1.0f / kPieceRadix), c2 = _mm512_set1_ps(1.0f / (kPieceRadix * kPieceRadix));
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
@@ -130,12 +133,23 @@ __attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& 
         for (int j = 0; j < 3; ++j) part[r][m][j] = _mm512_setzero_si512();
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t k = (g * blocks + b) * kPieceBlock;
-      for (int i = 0; i < R; ++i) _mm_prefetch(next + k / 2 * R + 64 * i, _MM_HINT_T1);
+      for (int i = 0; i < R * kBits / 4; ++i) _mm_prefetch(next + k * kBits / 8 * R + 64 * i, _MM_HINT_T1);
       for (int r = 0; r < R; ++r) {
-        __m512i v = _mm512_loadu_si512(wrow[r] + k / 2);
-        if (kSigned) v = _mm512_xor_si512(v, flip);  // code + 8 in 0..15
-        const __m512i lo = _mm512_and_si512(v, nib);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        // lo, hi: the block's codes as u8 (signed ones + 8 or + 128), in the pieces' order.
+        __m512i lo, hi;
+        if (kBits == 4) {
+          __m512i v = _mm512_loadu_si512(wrow[r] + k / 2);
+          if (kSigned) v = _mm512_xor_si512(v, flip);  // code + 8 in 0..15
+          lo = _mm512_and_si512(v, nib);
+          hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        } else {
+          lo = _mm512_loadu_si512(wrow[r] + k);
+          hi = _mm512_loadu_si512(wrow[r] + k + 64);
+          if (kSigned) {  // code + 128 in 0..255
+            lo = _mm512_xor_si512(lo, sign);
+            hi = _mm512_xor_si512(hi, sign);
+          }
+        }
         for (int m = 0; m < MB; ++m) {
           const __m512i* x = reinterpret_cast<const __m512i*>(xq + (m * K + k) * 3);
           for (int j = 0; j < 3; ++j)
@@ -163,7 +177,7 @@ __attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& 
         const __mmask16 use = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
         __m512 w = _mm512_maskz_loadu_ps(use, sc[r] + g);
         if (kSigned) {
-          w = _mm512_mul_ps(w, _mm512_set1_ps(8.0f));
+          w = _mm512_mul_ps(w, _mm512_set1_ps(kBits == 4 ? 8.0f : 128.0f));
         } else if (zrow[r]) {
           const __m128i z = _mm_maskz_loadu_epi8(use, zrow[r] + g);
           w = _mm512_mul_ps(w, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z)));
@@ -182,39 +196,47 @@ __attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& 
     }
 }
 
-template <int R, bool kSigned>
-void pieces_rows(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n, int64_t M) {
-  switch (M) {
-    case 1: return pieces_tile<R, 1, kSigned>(p, a, n, 0);
-    case 2: return pieces_tile<R, 2, kSigned>(p, a, n, 0);
-    case 3: return pieces_tile<R, 3, kSigned>(p, a, n, 0);
-    default: return pieces_tile<R, 4, kSigned>(p, a, n, 0);
+template <int R, int kBits, bool kSigned>
+void pieces_rows(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n, int64_t m0, int64_t mb) {
+  switch (mb) {
+    case 1: return pieces_tile<R, 1, kBits, kSigned>(p, a, n, m0);
+    case 2: return pieces_tile<R, 2, kBits, kSigned>(p, a, n, m0);
+    case 3: return pieces_tile<R, 3, kBits, kSigned>(p, a, n, m0);
+    default: return pieces_tile<R, 4, kBits, kSigned>(p, a, n, m0);
   }
 }
 
-template <bool kSigned>
+// R weight rows per step, activation rows 4 at a time: R * 4 * 3 int32 accumulators fit the 32
+// registers at R = 2 (one pass with all 8 rows, R = 1, spilled: 1.5x slower at batch 8).
+template <int kBits, bool kSigned>
 void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M) {
   const int64_t N = p.qweight.shape[0];
   // Below ~2M multiply-adds one thread finishes before a second would be awake.
   const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 21) / std::max<int64_t>(p.K * M, 1));
   parallel_for(N, grain, [&](int64_t b, int64_t e) {
+    auto rows = [&](auto r_tag, int64_t n0) {
+      constexpr int R = decltype(r_tag)::value;
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        pieces_rows<R, kBits, kSigned>(p, a, n0, m0, std::min<int64_t>(4, M - m0));
+    };
     int64_t n = b;
     if (M == 1)
-      for (; n + 4 <= e; n += 4) pieces_rows<4, kSigned>(p, a, n, M);
+      for (; n + 4 <= e; n += 4) rows(std::integral_constant<int, 4>(), n);
     else
-      for (; n + 2 <= e; n += 2) pieces_rows<2, kSigned>(p, a, n, M);
-    for (; n < e; ++n) pieces_rows<1, kSigned>(p, a, n, M);
+      for (; n + 2 <= e; n += 2) rows(std::integral_constant<int, 2>(), n);
+    for (; n < e; ++n) rows(std::integral_constant<int, 1>(), n);
   });
 }
 
 }  // namespace
 
-void linear_int4_pieces_avx512(const WeightOnlyProblem& p, const ActivationPieces& a,
-                               bool is_signed, int64_t M) {
-  if (is_signed)
-    pieces_run<true>(p, a, M);
-  else
-    pieces_run<false>(p, a, M);
+void linear_pieces_avx512(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M) {
+  switch (fmt) {
+    case Format::kInt4: return pieces_run<4, true>(p, a, M);
+    case Format::kUInt4: return pieces_run<4, false>(p, a, M);
+    case Format::kInt8: return pieces_run<8, true>(p, a, M);
+    default: return pieces_run<8, false>(p, a, M);
+  }
 }
 
 }  // namespace cpu

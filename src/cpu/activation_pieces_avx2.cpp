@@ -1,14 +1,14 @@
-// Weight-only INT4 with the activations as three int8 pieces, on AVX2 (int4_pieces.h): the
-// nibbles times a piece go through vpmaddubsw, whose pair sums cannot saturate here (at most
-// 2 * 15 * 127 = 3810, and four of them added stay below 2^15), then vpmaddwd into int32.
+// Weight-only INT4 with the activations as three int8 pieces, on AVX2 (activation_pieces.h):
+// the nibbles times a piece go through vpmaddubsw, whose pair sums cannot saturate here (at
+// most 2 * 15 * 127 = 3810, and four of them added stay below 2^15), then vpmaddwd into int32.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
+#include "activation_pieces.h"
 #include "half.h"
-#include "int4_pieces.h"
 #include "parallel.h"
 
 namespace tensorslim {
@@ -39,7 +39,7 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Row m: its step, or 0 where the row cannot be split (see int4_pieces.h).
+// Row m: its step, or 0 where the row cannot be split (see activation_pieces.h).
 float row_step(const TensorView& x, int64_t m, int64_t K) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 inf = _mm256_set1_ps(INFINITY);
@@ -118,9 +118,9 @@ bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, Activation
 
 namespace {
 
-// Output rows n .. n+R-1 for activation rows 0 .. MB-1 (see the AVX-512 kernel).
+// Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1 (see the AVX-512 kernel).
 template <int R, int MB, bool kSigned>
-void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n) {
+void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n, int64_t m0) {
   const int64_t K = p.K, groups = p.groups, blocks = p.gsize / kPieceBlock;
   const uint8_t* wrow[R];
   const float* sc[R];
@@ -156,7 +156,7 @@ void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
         const __m256i lo0 = _mm256_and_si256(v0, nib), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), nib);
         const __m256i lo1 = _mm256_and_si256(v1, nib), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), nib);
         for (int m = 0; m < MB; ++m) {
-          const __m256i* x = reinterpret_cast<const __m256i*>(a.q.data() + (m * K + k) * 3);
+          const __m256i* x = reinterpret_cast<const __m256i*>(a.q.data() + ((m0 + m) * K + k) * 3);
           for (int j = 0; j < 3; ++j) {
             const __m256i* xj = x + 4 * j;  // even 0-31, even 32-63, odd 0-31, odd 32-63
             const __m256i pairs = _mm256_add_epi16(
@@ -180,7 +180,7 @@ void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) {
       // The zero point's share: sum over groups of scale * zp * (the pieces' group sum).
-      const float* qs = a.group_sums.data() + m * groups;
+      const float* qs = a.group_sums.data() + (m0 + m) * groups;
       __m256 corr = _mm256_setzero_ps();
       if (kSigned || zrow[r])
         for (int64_t g = 0; g < groups; g += 8) {
@@ -198,8 +198,8 @@ void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
           corr = _mm256_fmadd_ps(w, _mm256_maskload_ps(qs + g, use), corr);
         }
       const double dot = static_cast<double>(hsum_ps(acc[r][m])) - hsum_ps(corr);
-      const float y = static_cast<float>(dot * a.step[m]) + (p.bias ? p.bias->ptr<float>()[n + r] : 0.0f);
-      const int64_t off = m * p.out.strides[0] + n + r;
+      const float y = static_cast<float>(dot * a.step[m0 + m]) + (p.bias ? p.bias->ptr<float>()[n + r] : 0.0f);
+      const int64_t off = (m0 + m) * p.out.strides[0] + n + r;
       if (p.out.dtype == DType::kFloat32)
         p.out.ptr<float>()[off] = y;
       else
@@ -209,11 +209,13 @@ void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
 
 template <int R, bool kSigned>
 void pieces_rows(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n, int64_t M) {
-  switch (M) {
-    case 1: return pieces_tile<R, 1, kSigned>(p, a, n);
-    case 2: return pieces_tile<R, 2, kSigned>(p, a, n);
-    case 3: return pieces_tile<R, 3, kSigned>(p, a, n);
-    default: return pieces_tile<R, 4, kSigned>(p, a, n);
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {  // activation rows 4 at a time
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: pieces_tile<R, 1, kSigned>(p, a, n, m0); break;
+      case 2: pieces_tile<R, 2, kSigned>(p, a, n, m0); break;
+      case 3: pieces_tile<R, 3, kSigned>(p, a, n, m0); break;
+      default: pieces_tile<R, 4, kSigned>(p, a, n, m0); break;
+    }
   }
 }
 
@@ -232,9 +234,8 @@ void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M
 
 }  // namespace
 
-void linear_int4_pieces_avx2(const WeightOnlyProblem& p, const ActivationPieces& a, bool is_signed,
-                             int64_t M) {
-  if (is_signed)
+void linear_pieces_avx2(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M) {
+  if (fmt == Format::kInt4)
     pieces_run<true>(p, a, M);
   else
     pieces_run<false>(p, a, M);

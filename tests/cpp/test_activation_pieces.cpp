@@ -1,14 +1,15 @@
-// INT4 weight-only with the activations as three int8 pieces (src/cpu/int4_pieces.h): the split
-// rebuilds x to float32 precision, the kernel matches a float64 product of the exactly
-// dequantized weight within the pieces' error, and inputs the pieces cannot hold (NaN, Inf,
-// tiny rows) run the float kernels. Each ISA with a pieces kernel (AVX2; AVX-512 with VNNI).
+// Integer weight-only with the activations as three int8 pieces (src/cpu/activation_pieces.h):
+// the split rebuilds x to float32 precision, the kernels match a float64 product of the
+// exactly dequantized weight within the pieces' error, and inputs the pieces cannot hold (NaN,
+// Inf, tiny rows) run the float kernels. Each ISA with a pieces kernel for the format (INT4:
+// AVX2 and AVX-512 with VNNI; INT8: AVX-512 with VNNI).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <limits>
 
 #include "half.h"
-#include "int4_pieces.h"
+#include "activation_pieces.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
 #include "test_helpers.h"
@@ -27,10 +28,10 @@ struct Weight {
   TensorView qv, sv, zv;
 };
 
-// The ISAs this machine has a pieces kernel for.
-std::vector<cpu::Isa> piece_isas() {
+// The ISAs this machine has a pieces kernel for, for fmt's width.
+std::vector<cpu::Isa> piece_isas(Format fmt = Format::kInt4) {
   std::vector<cpu::Isa> out;
-  if (cpu::best_isa() >= cpu::Isa::kAVX2) out.push_back(cpu::Isa::kAVX2);
+  if (cpu::best_isa() >= cpu::Isa::kAVX2 && format_info(fmt).bits == 4) out.push_back(cpu::Isa::kAVX2);
   if (cpu::best_isa() >= cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni()) out.push_back(cpu::Isa::kAVX512);
   return out;
 }
@@ -44,7 +45,8 @@ Weight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t see
   w.scales.resize(N * groups);
   w.zps.resize(N * groups);
   w.deq.resize(N * K);
-  w.qv = view2(w.q.data(), DType::kUInt8, N, packed_row_bytes(f, K));
+  const DType qdt = (f.bits == 8 && !f.has_zero_point) ? DType::kInt8 : DType::kUInt8;
+  w.qv = view2(w.q.data(), qdt, N, packed_row_bytes(f, K));
   w.sv = view2(w.scales.data(), DType::kFloat32, N, groups);
   w.zv = view2(w.zps.data(), DType::kUInt8, N, groups);
   const TensorView* zp = f.has_zero_point ? &w.zv : nullptr;
@@ -91,7 +93,7 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& x, co
 // The pieces rebuild x within 7e-8 max|x[m]|, each within [-127, 127], and the group sums
 // are the sums of the rebuilt values.
 void check_pieces(const cpu::ActivationPieces& a, const std::vector<float>& x, int64_t M, int64_t K,
-                  int64_t gsize, const std::string& what) {
+                  int64_t gsize, bool even_odd, const std::string& what) {
   for (int64_t m = 0; m < M; ++m) {
     double xmax = 0;
     for (int64_t k = 0; k < K; ++k) xmax = std::max(xmax, std::fabs(static_cast<double>(x[m * K + k])));
@@ -100,9 +102,9 @@ void check_pieces(const cpu::ActivationPieces& a, const std::vector<float>& x, i
     for (int64_t g = 0; g < K / gsize; ++g) {
       double group_sum = 0;
       for (int64_t k = g * gsize; k < (g + 1) * gsize; ++k) {
-        // Block of 128: even k at (k % 128) / 2, odd k at 64 + (k % 128) / 2, per piece.
+        // Block of 128: INT4 even k at (k % 128) / 2, odd k at 64 + (k % 128) / 2; INT8 in order.
         const int64_t block = k / cpu::kPieceBlock, in = k % cpu::kPieceBlock;
-        const int64_t at = (in & 1) * 64 + in / 2;
+        const int64_t at = even_odd ? (in & 1) * 64 + in / 2 : in;
         const int8_t* q = a.q.data() + (m * K + block * cpu::kPieceBlock) * 3;
         double rebuilt = 0, weight = 1;
         for (int j = 0; j < 3; ++j, weight /= 254) {
@@ -119,24 +121,26 @@ void check_pieces(const cpu::ActivationPieces& a, const std::vector<float>& x, i
   }
 }
 
-TEST(Int4Pieces, SplitRebuildsTheActivations) {
+TEST(ActivationPieces, SplitRebuildsTheActivations) {
   const int64_t M = 3, K = 512, gsize = 256;
   std::vector<float> x = make_x(M, K, 5);
-  for (cpu::Isa isa : piece_isas()) {
-    IsaScope scope(isa);
-    cpu::ActivationPieces a;
-    ASSERT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), gsize, a));
-    check_pieces(a, x, M, K, gsize, cpu::isa_name(isa));
-  }
+  for (Format fmt : {Format::kInt4, Format::kInt8})
+    for (cpu::Isa isa : piece_isas(fmt)) {
+      IsaScope scope(isa);
+      cpu::ActivationPieces a;
+      ASSERT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), gsize, fmt, a));
+      check_pieces(a, x, M, K, gsize, format_info(fmt).bits == 4,
+                   std::string(cpu::isa_name(isa)) + " " + format_info(fmt).name);
+    }
 }
 
-TEST(Int4Pieces, MatchFloat64OnEveryShapeTheyTake) {
-  const int64_t N = 37;  // four-row steps plus single-row tails
+TEST(ActivationPieces, MatchFloat64OnEveryShapeTheyTake) {
+  const int64_t N = 37;  // four- and two-row steps plus single-row tails
   struct Shape { int64_t K, group; };
-  for (cpu::Isa isa : piece_isas())
-  for (Format fmt : {Format::kInt4, Format::kUInt4})
+  for (Format fmt : {Format::kInt4, Format::kUInt4, Format::kInt8, Format::kUInt8})
+  for (cpu::Isa isa : piece_isas(fmt))
     for (Shape sh : {Shape{128, 128}, Shape{384, 128}, Shape{2048, 128}, Shape{2048, 256}, Shape{2304, 2304}})
-      for (int64_t M : {1, 2, 3, 4}) {
+      for (int64_t M : {1, 2, 3, 4, 5, 8}) {
         const int64_t K = sh.K, gsize = std::min(sh.group, K);
         IsaScope scope(isa);
         const std::string what = std::string(cpu::isa_name(isa)) + " " + format_info(fmt).name + " K=" + std::to_string(K) +
@@ -148,26 +152,26 @@ TEST(Int4Pieces, MatchFloat64OnEveryShapeTheyTake) {
         const TensorView* zp = format_info(fmt).has_zero_point ? &w.zv : nullptr;
         // The kernel itself, whether or not linear_weight_only would pick it at this M and K.
         cpu::ActivationPieces a;
-        ASSERT_TRUE(cpu::split_activation_pieces(xv, gsize, a)) << what;
+        ASSERT_TRUE(cpu::split_activation_pieces(xv, gsize, fmt, a)) << what;
         std::vector<float> got(M * N, NAN);
         const TensorView ov = view2(got.data(), DType::kFloat32, M, N);
         const cpu::WeightOnlyProblem p{w.qv, w.sv, zp, &bv, ov, K, gsize, K / gsize, nullptr};
-        cpu::linear_int4_pieces(p, a, fmt == Format::kInt4, M);
+        cpu::linear_pieces(p, a, fmt, M);
         expect_close(got, x, w, bias, M, N, K, what + " (kernel)");
         // And through linear_weight_only, both with the pieces and with the float kernels.
         for (bool pieces : {true, false}) {
-          cpu::set_int4_pieces_enabled(pieces);
+          cpu::set_activation_pieces_enabled(pieces);
           std::vector<float> out(M * N, NAN);
           linear_weight_only(xv, w.qv, w.sv, zp, &bv, fmt, sh.group,
                              view2(out.data(), DType::kFloat32, M, N), GemmBackend::kNative);
           expect_close(out, x, w, bias, M, N, K, what + (pieces ? " (pieces)" : " (float)"));
-          if (pieces && cpu::int4_pieces_fit(M, K, gsize)) EXPECT_EQ(out, got) << what;
+          if (pieces && cpu::pieces_fit(fmt, M, K, gsize)) EXPECT_EQ(out, got) << what;
         }
-        cpu::set_int4_pieces_enabled(true);
+        cpu::set_activation_pieces_enabled(true);
       }
 }
 
-TEST(Int4Pieces, BFloat16Activations) {
+TEST(ActivationPieces, BFloat16Activations) {
   const int64_t M = 1, K = 1024, N = 20;
   Weight w = make_weight(Format::kInt4, N, K, 128, 4);
   std::vector<float> x = make_x(M, K, 8);
@@ -179,16 +183,16 @@ TEST(Int4Pieces, BFloat16Activations) {
   for (cpu::Isa isa : piece_isas()) {
     IsaScope scope(isa);
     cpu::ActivationPieces a;
-    ASSERT_TRUE(cpu::split_activation_pieces(view2(xb.data(), DType::kBFloat16, M, K), 128, a));
+    ASSERT_TRUE(cpu::split_activation_pieces(view2(xb.data(), DType::kBFloat16, M, K), 128, Format::kInt4, a));
     std::vector<float> got(M * N), bias(N, 0.0f);
     const TensorView ov = view2(got.data(), DType::kFloat32, M, N);
     const cpu::WeightOnlyProblem p{w.qv, w.sv, nullptr, nullptr, ov, K, 128, K / 128, nullptr};
-    cpu::linear_int4_pieces(p, a, true, M);
+    cpu::linear_pieces(p, a, Format::kInt4, M);
     expect_close(got, x, w, bias, M, N, K, std::string(cpu::isa_name(isa)) + " bf16 x");
   }
 }
 
-TEST(Int4Pieces, InputsThePiecesCannotHoldRunTheFloatKernels) {
+TEST(ActivationPieces, InputsThePiecesCannotHoldRunTheFloatKernels) {
   const int64_t M = 1, K = 256, N = 8;
   Weight w = make_weight(Format::kInt4, N, K, 128, 6);
   std::vector<float> bias = random_weights(N, 2);
@@ -206,15 +210,15 @@ TEST(Int4Pieces, InputsThePiecesCannotHoldRunTheFloatKernels) {
     cpu::ActivationPieces a;
     std::vector<float> x = random_weights(K, 1);
     x[40] = NAN;
-    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, Format::kInt4, a));
     for (float v : run(x)) EXPECT_TRUE(std::isnan(v));
     x[40] = INFINITY;
-    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, Format::kInt4, a));
     for (float v : run(x)) EXPECT_FALSE(std::isfinite(v));
     // A tiny row (its step would be subnormal) keeps the float kernels' precision.
     x = random_weights(K, 1);
     for (float& v : x) v *= 1e-35f;
-    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+    EXPECT_FALSE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, Format::kInt4, a));
     std::vector<float> got = run(x, false);
     for (int64_t n = 0; n < N; ++n) {
       double want = 0;
@@ -223,7 +227,7 @@ TEST(Int4Pieces, InputsThePiecesCannotHoldRunTheFloatKernels) {
     }
     // All zeros: the pieces are 0 and the output is the bias exactly.
     std::fill(x.begin(), x.end(), 0.0f);
-    EXPECT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, a));
+    EXPECT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), 128, Format::kInt4, a));
     EXPECT_EQ(run(x), bias);
     // Large rows stay finite where the product is.
     x = random_weights(K, 3);

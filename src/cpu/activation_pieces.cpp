@@ -1,0 +1,48 @@
+// Which activation-pieces kernel runs (activation_pieces.h): the switch, the shapes each
+// ISA's kernel takes, and the per-ISA entry points.
+#include "activation_pieces.h"
+
+#include <atomic>
+
+#include "tensorslim/formats.h"
+#include "tensorslim/gemm.h"
+#include "tensorslim/quantize.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+std::atomic<bool> g_enabled{true};
+
+bool use_avx512() { return active_isa() == Isa::kAVX512 && cpu_has_avx512_vnni(); }
+
+}  // namespace
+
+void set_activation_pieces_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
+
+bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
+  if (!g_enabled.load(std::memory_order_relaxed) || K % kPieceBlock != 0 || gsize % kPieceBlock != 0)
+    return false;
+  const int bits = format_info(fmt).bits;
+  if (bits == 8) return use_avx512() && M >= 2 && M <= kPieceMaxRows8 && K >= kPieceMinKForRows;
+  if (bits != 4) return false;
+  if (use_avx512()) return M == 1 || (M >= 1 && M <= kPieceMaxRows && K >= kPieceMinKForRows);
+  if (active_isa() == Isa::kAVX2) return M == 1;
+  return false;
+}
+
+bool split_activation_pieces(const TensorView& x, int64_t gsize, Format fmt, ActivationPieces& out) {
+  const bool even_odd = format_info(fmt).bits == 4;
+  return use_avx512() ? split_activation_pieces_avx512(x, gsize, even_odd, out)
+                      : split_activation_pieces_avx2(x, gsize, out);
+}
+
+void linear_pieces(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M) {
+  if (use_avx512())
+    linear_pieces_avx512(p, a, fmt, M);
+  else
+    linear_pieces_avx2(p, a, fmt, M);
+}
+
+}  // namespace cpu
+}  // namespace tensorslim

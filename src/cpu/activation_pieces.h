@@ -1,0 +1,72 @@
+// Integer weight-only at a few activation rows, with the activations as three int8 pieces.
+// Decoding a code into a float costs the float kernels a shuffle or two per 16 weights, which
+// kept INT4 below memory speed at batch 1 (Zen 4, 4096 x 4096: 51% of copy bandwidth on
+// AVX-512, 35% on AVX2) and INT8 compute-bound from batch 2; the integer units multiply the
+// codes as they are: vpdpbusd (AVX-512 VNNI) 64 at a time, vpmaddubsw + vpmaddwd (AVX2, INT4
+// only: nibble pairs cannot saturate there, byte codes could) 32 at a time.
+//
+// Each activation row m is split, with one step s = max|x[m]| / 127, into
+//   x = s * (h + l1 / 254 + l2 / 254^2),  h, l1, l2 in [-127, 127]
+// (h = rne(x / s); l1 and l2 round the remainders scaled by 254), so x is kept to within
+// s / (2 * 254^2) ~ 6e-8 * max|x[m]|: the precision float32 gives the row's largest value.
+// The weight side is exact: codes as unsigned bytes (signed ones + 8 for INT4, + 128 for INT8)
+// times the pieces sum exactly in int32, and a group's sum becomes float once, then times the
+// group's scale; the zero point (8 or 128 for the signed formats) is taken off at the end with
+// the pieces' group sums.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "aligned_buffer.h"
+#include "tensorslim/formats.h"
+#include "tensorslim/tensor_view.h"
+#include "weight_only_native.h"
+
+namespace tensorslim {
+namespace cpu {
+
+constexpr int64_t kPieceBlock = 128;  // activation values per block (64 INT4 / 128 INT8 bytes)
+// Each further activation row costs three more products per block, and each row a split and
+// a per-row sum. Measured against the float kernels (Zen 4, N = 4096): INT4 g128 on AVX-512,
+// batch 1 1.29x (K = 768) to 1.71x (K = 11008) faster, batches 2-4 1.05-1.28x from K = 2048
+// and down to 0.91x below; INT4 on AVX2, batch 1 1.2-1.6x, batch 2 0.76-1.0x, so batch 1
+// only; INT8 per channel on AVX-512, batches 2-8 1.09-1.40x from K = 4096, 1.0-1.2x at 1024,
+// 0.84-0.91x at 384, and batch 1 equal (both at memory speed), so 2-8 rows from K = 2048.
+constexpr int64_t kPieceMaxRows = 4;
+constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches of 2 and more take them
+constexpr int64_t kPieceMaxRows8 = 8;         // INT8 (the native GEMV's rows)
+
+// Per activation row: blocks of kPieceBlock values, each stored as h, then l1, then l2; for
+// INT4 each piece holds the block's 64 even-k values, then its 64 odd-k values (the low and
+// high nibbles of 64 packed bytes), for INT8 the block's values in order.
+struct ActivationPieces {
+  std::vector<int8_t, CacheLineAllocator<int8_t>> q;  // [M][K / 128][3][128]
+  std::vector<float> step;                            // [M]: s
+  std::vector<float> group_sums;                      // [M][groups]: sum of h + l1/254 + l2/254^2
+};
+
+constexpr float kPieceRadix = 254.0f;  // l1 and l2 count 1/254ths of the piece before them
+
+// Whether a pieces kernel takes this problem: INT4 / UINT4 with AVX-512 active on a CPU with
+// VNNI (batch 1, and up to kPieceMaxRows from K = kPieceMinKForRows) or AVX2 active (batch 1);
+// INT8 / UINT8 with AVX-512 VNNI at 2..kPieceMaxRows8 rows from K = kPieceMinKForRows; K and the group (gsize = min(group,
+// K)) multiples of kPieceBlock; and the kernels switched on (set_activation_pieces_enabled,
+// tensorslim/gemm.h).
+bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize);
+
+// Splits x (float32 or bfloat16 rows) into pieces in the order fmt's kernel reads (INT4: each
+// block's even k, then odd k; INT8: k in order). False (nothing to use) where a row holds NaN or
+// Inf, or its largest magnitude is below 1e-30 but not 0 (its step would be subnormal): the
+// float kernels keep those inputs' exact semantics.
+bool split_activation_pieces(const TensorView& x, int64_t gsize, Format fmt, ActivationPieces& out);
+bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, bool even_odd, ActivationPieces& out);
+bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, ActivationPieces& out);  // INT4 order
+
+// out = x @ dequantize(qweight)^T + bias for the integer formats (int4 / uint4 / int8 / uint8).
+void linear_pieces(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M);
+void linear_pieces_avx512(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M);
+void linear_pieces_avx2(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M);  // INT4
+
+}  // namespace cpu
+}  // namespace tensorslim
