@@ -20,15 +20,20 @@ bool use_avx512() { return active_isa() == Isa::kAVX512 && cpu_has_avx512_vnni()
 
 void set_activation_pieces_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
 
-bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
-  if (!g_enabled.load(std::memory_order_relaxed) || K % kPieceBlock != 0 || gsize % kPieceBlock != 0)
-    return false;
+bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
   const int bits = format_info(fmt).bits;
-  if (bits == 8) return use_avx512() && M >= 2 && M <= kPieceMaxRows8 && K >= kPieceMinKForRows;
-  if (bits != 4) return false;
+  if (K % kPieceBlock != 0 || (bits != 4 && bits != 8)) return false;
+  const bool whole_blocks = gsize % kPieceBlock == 0;
+  // INT4 groups of 32 or 64 take a block's lanes in groups (see the AVX-512 kernel).
+  if (use_avx512()) return whole_blocks || (bits == 4 && (gsize == 32 || gsize == 64));
+  return active_isa() == Isa::kAVX2 && bits == 4 && whole_blocks;
+}
+
+bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
+  if (!g_enabled.load(std::memory_order_relaxed) || !pieces_kernel_takes(fmt, K, gsize)) return false;
+  if (format_info(fmt).bits == 8) return M >= 2 && M <= kPieceMaxRows8 && K >= kPieceMinKForRows;
   if (use_avx512()) return M == 1 || (M >= 1 && M <= kPieceMaxRows && K >= kPieceMinKForRows);
-  if (active_isa() == Isa::kAVX2) return M == 1;
-  return false;
+  return M == 1;
 }
 
 bool split_activation_pieces(const TensorView& x, int64_t gsize, Format fmt, ActivationPieces& out) {

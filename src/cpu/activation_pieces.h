@@ -48,11 +48,15 @@ struct ActivationPieces {
 
 constexpr float kPieceRadix = 254.0f;  // l1 and l2 count 1/254ths of the piece before them
 
-// Whether a pieces kernel takes this problem: INT4 / UINT4 with AVX-512 active on a CPU with
-// VNNI (batch 1, and up to kPieceMaxRows from K = kPieceMinKForRows) or AVX2 active (batch 1);
-// INT8 / UINT8 with AVX-512 VNNI at 2..kPieceMaxRows8 rows from K = kPieceMinKForRows; K and the group (gsize = min(group,
-// K)) multiples of kPieceBlock; and the kernels switched on (set_activation_pieces_enabled,
-// tensorslim/gemm.h).
+// Whether the active ISA has a pieces kernel for fmt at this K and group (gsize = min(group,
+// K)): K a multiple of kPieceBlock; AVX-512 on a CPU with VNNI, INT4 or INT8, groups of whole
+// blocks (and INT4 groups of 32 or 64); AVX2, INT4 in groups of whole blocks.
+bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize);
+
+// Whether linear_weight_only runs it: the kernels switched on (set_activation_pieces_enabled,
+// tensorslim/gemm.h), a kernel that takes the problem, and the rows where it gains: INT4 batch
+// 1 (AVX-512: up to kPieceMaxRows from K = kPieceMinKForRows), INT8 2..kPieceMaxRows8 rows
+// from K = kPieceMinKForRows.
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize);
 
 // Splits x (float32 or bfloat16 rows) into pieces in the order fmt's kernel reads (INT4: each

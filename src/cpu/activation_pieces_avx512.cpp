@@ -73,7 +73,7 @@ bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, bool eve
     int8_t* q = out.q.data() + m * K * 3;
     __m512i sum[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int64_t k = 0; k < K; k += kPieceBlock, q += 3 * kPieceBlock) {
-      for (int i = 0; i < 4; ++i) {  // 32 values at a time
+      for (int i = 0; i < 4; ++i) {  // 32 values at a time (every group size is a multiple)
         const __m512 a = load16(x, m, k + 32 * i), b = load16(x, m, k + 32 * i + 16);
         for (int half = 0; half < 2; ++half) {
           // even_odd: the block's even k, then its odd k; else k in order.
@@ -86,13 +86,13 @@ bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, bool eve
             _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j * kPieceBlock + at), _mm512_cvtepi32_epi8(p[j]));
           }
         }
-      }
-      if ((k + kPieceBlock) % gsize == 0) {
-        const double total = static_cast<double>(int_sum(sum[0])) +
-                             static_cast<double>(int_sum(sum[1])) / kPieceRadix +
-                             static_cast<double>(int_sum(sum[2])) / (kPieceRadix * kPieceRadix);
-        out.group_sums[m * groups + k / gsize] = static_cast<float>(total);
-        for (__m512i& v : sum) v = _mm512_setzero_si512();
+        if ((k + 32 * (i + 1)) % gsize == 0) {
+          const double total = static_cast<double>(int_sum(sum[0])) +
+                               static_cast<double>(int_sum(sum[1])) / kPieceRadix +
+                               static_cast<double>(int_sum(sum[2])) / (kPieceRadix * kPieceRadix);
+          out.group_sums[m * groups + (k + 32 * i) / gsize] = static_cast<float>(total);
+          for (__m512i& v : sum) v = _mm512_setzero_si512();
+        }
       }
     }
   }
@@ -107,7 +107,16 @@ template <int R, int MB, int kBits, bool kSigned>
 __attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& p,
                                                         const ActivationPieces& a, int64_t n,
                                                         int64_t m0) {
-  const int64_t K = p.K, groups = p.groups, blocks = p.gsize / kPieceBlock;
+  // A step is one group of whole blocks, or (INT4 groups of 32 or 64) one block of several
+  // groups: lane l of a block's sums covers its values 8l .. 8l+7 (even and odd k alike), so
+  // it takes the scale of group 8l / gsize within the block.
+  const int64_t K = p.K, groups = p.groups, gsize = p.gsize;
+  const int64_t span = std::max(gsize, kPieceBlock), blocks = span / kPieceBlock;
+  const int64_t per_step = kPieceBlock / std::min(gsize, kPieceBlock);  // groups per step (1, 2, 4)
+  // 8l / gsize for groups of 32 or 64 (unused from 128): read where used, to spare a register.
+  alignas(64) static constexpr int32_t kLaneGroup32[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+  alignas(64) static constexpr int32_t kLaneGroup64[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+  const int32_t* lane_group = gsize == 32 ? kLaneGroup32 : kLaneGroup64;
   const uint8_t* wrow[R];
   const float* sc[R];
   const uint8_t* zrow[R];
@@ -126,13 +135,13 @@ __attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& 
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   const int8_t* xq = a.q.data() + m0 * K * 3;
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t step = 0; step < K / span; ++step) {
     __m512i part[R][MB][3];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MB; ++m)
         for (int j = 0; j < 3; ++j) part[r][m][j] = _mm512_setzero_si512();
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t k = (g * blocks + b) * kPieceBlock;
+      const int64_t k = (step * blocks + b) * kPieceBlock;
       for (int i = 0; i < R * kBits / 4; ++i) _mm_prefetch(next + k * kBits / 8 * R + 64 * i, _MM_HINT_T1);
       for (int r = 0; r < R; ++r) {
         // lo, hi: the block's codes as u8 (signed ones + 8 or + 128), in the pieces' order.
@@ -159,7 +168,9 @@ __attribute__((target("avx512vnni"))) void pieces_tile(const WeightOnlyProblem& 
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_set1_ps(sc[r][g]);
+      const __m512 s = per_step == 1 ? _mm512_set1_ps(sc[r][step])
+                                     : _mm512_permutexvar_ps(_mm512_load_si512(lane_group), _mm512_maskz_loadu_ps(
+                                           static_cast<__mmask16>((1u << per_step) - 1), sc[r] + step * per_step));
       for (int m = 0; m < MB; ++m) {
         const __m512 f = _mm512_fmadd_ps(
             _mm512_cvtepi32_ps(part[r][m][2]), c2,

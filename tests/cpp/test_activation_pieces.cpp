@@ -122,15 +122,17 @@ void check_pieces(const cpu::ActivationPieces& a, const std::vector<float>& x, i
 }
 
 TEST(ActivationPieces, SplitRebuildsTheActivations) {
-  const int64_t M = 3, K = 512, gsize = 256;
+  const int64_t M = 3, K = 512;
   std::vector<float> x = make_x(M, K, 5);
+  for (int64_t gsize : {256, 32})
   for (Format fmt : {Format::kInt4, Format::kInt8})
     for (cpu::Isa isa : piece_isas(fmt)) {
       IsaScope scope(isa);
+      if (!cpu::pieces_kernel_takes(fmt, K, gsize)) continue;
       cpu::ActivationPieces a;
       ASSERT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), gsize, fmt, a));
       check_pieces(a, x, M, K, gsize, format_info(fmt).bits == 4,
-                   std::string(cpu::isa_name(isa)) + " " + format_info(fmt).name);
+                   std::string(cpu::isa_name(isa)) + " " + format_info(fmt).name + " g" + std::to_string(gsize));
     }
 }
 
@@ -139,10 +141,12 @@ TEST(ActivationPieces, MatchFloat64OnEveryShapeTheyTake) {
   struct Shape { int64_t K, group; };
   for (Format fmt : {Format::kInt4, Format::kUInt4, Format::kInt8, Format::kUInt8})
   for (cpu::Isa isa : piece_isas(fmt))
-    for (Shape sh : {Shape{128, 128}, Shape{384, 128}, Shape{2048, 128}, Shape{2048, 256}, Shape{2304, 2304}})
+    for (Shape sh : {Shape{128, 128}, Shape{384, 128}, Shape{2048, 128}, Shape{2048, 256}, Shape{2304, 2304},
+                     Shape{384, 32}, Shape{1024, 64}})
       for (int64_t M : {1, 2, 3, 4, 5, 8}) {
         const int64_t K = sh.K, gsize = std::min(sh.group, K);
         IsaScope scope(isa);
+        if (!cpu::pieces_kernel_takes(fmt, K, gsize)) continue;
         const std::string what = std::string(cpu::isa_name(isa)) + " " + format_info(fmt).name + " K=" + std::to_string(K) +
                                  " g=" + std::to_string(sh.group) + " M=" + std::to_string(M);
         Weight w = make_weight(fmt, N, K, sh.group, 17 + static_cast<uint32_t>(K + M));
