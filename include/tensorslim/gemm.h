@@ -42,7 +42,8 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
                                const TensorView* bias, Format fmt, int64_t group_size,
                                const TensorView& out);
 // Integer weight-only at a few rows runs with the activations as int8 pieces (AVX-512 VNNI,
-// AVX2; src/cpu/activation_pieces.h); tests and benchmarks switch that off to run the float kernels.
+// AVX2; src/cpu/activation_pieces.h); tests and benchmarks switch that off to run the float
+// kernels.
 void set_activation_pieces_enabled(bool enabled);
 }  // namespace cpu
 

@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "half.h"
 #include "activation_pieces.h"
+#include "half.h"
 #include "onednn_usable.h"
 #include "panel_gemm.h"
 #include "parallel.h"
