@@ -23,10 +23,11 @@ void set_activation_pieces_enabled(bool enabled) { g_enabled.store(enabled, std:
 bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
   const int bits = format_info(fmt).bits;
   if (K % kPieceBlock != 0 || (bits != 4 && bits != 8)) return false;
-  const bool whole_blocks = gsize % kPieceBlock == 0;
-  // INT4 groups of 32 or 64 take a block's lanes in groups (see the AVX-512 kernel).
-  if (use_avx512()) return whole_blocks || (bits == 4 && (gsize == 32 || gsize == 64));
-  return active_isa() == Isa::kAVX2 && bits == 4 && whole_blocks;
+  // INT4 groups of 32 or 64 take a block's lanes in groups (see the kernels); INT8 sums
+  // lanes of both halves of a block together, so its groups are whole blocks.
+  const bool takes = gsize % kPieceBlock == 0 || (bits == 4 && (gsize == 32 || gsize == 64));
+  if (use_avx512()) return takes;
+  return active_isa() == Isa::kAVX2 && bits == 4 && takes;
 }
 
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {

@@ -49,8 +49,8 @@ struct ActivationPieces {
 constexpr float kPieceRadix = 254.0f;  // l1 and l2 count 1/254ths of the piece before them
 
 // Whether the active ISA has a pieces kernel for fmt at this K and group (gsize = min(group,
-// K)): K a multiple of kPieceBlock; AVX-512 on a CPU with VNNI, INT4 or INT8, groups of whole
-// blocks (and INT4 groups of 32 or 64); AVX2, INT4 in groups of whole blocks.
+// K)): K a multiple of kPieceBlock; AVX-512 on a CPU with VNNI, INT4 or INT8; AVX2, INT4; groups
+// of whole blocks, and for INT4 also of 32 or 64.
 bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize);
 
 // Whether linear_weight_only runs it: the kernels switched on (set_activation_pieces_enabled,

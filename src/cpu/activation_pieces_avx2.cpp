@@ -80,6 +80,10 @@ bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, Activation
     int8_t* q = out.q.data() + m * K * 3;
     __m256i sum[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     for (int64_t k = 0; k < K; k += kPieceBlock, q += 3 * kPieceBlock) {
+      // Per 32 values of k (a quarter of the block), even and odd: the group sums run in k order.
+      __m256i quarter[4][3];
+      for (auto& qj : quarter)
+        for (__m256i& v : qj) v = _mm256_setzero_si256();
       for (int half = 0; half < 2; ++half) {  // even k, then odd k
         for (int i = 0; i < 2; ++i) {          // 32 of the block's 64 even (odd) values
           __m256i p[3][4];
@@ -98,18 +102,22 @@ bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, Activation
             p[2][v] = _mm256_cvtps_epi32(l2f);
           }
           for (int j = 0; j < 3; ++j) {
-            for (int v = 0; v < 4; ++v) sum[j] = _mm256_add_epi32(sum[j], p[j][v]);
+            for (int v = 0; v < 4; ++v)  // v = 0, 1: k + 64i .. +31; v = 2, 3: the next 32
+              quarter[2 * i + v / 2][j] = _mm256_add_epi32(quarter[2 * i + v / 2][j], p[j][v]);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j * kPieceBlock + half * 64 + 32 * i),
                                 to_bytes(p[j][0], p[j][1], p[j][2], p[j][3]));
           }
         }
       }
-      if ((k + kPieceBlock) % gsize == 0) {
-        const double total = static_cast<double>(hsum_epi32(sum[0])) +
-                             static_cast<double>(hsum_epi32(sum[1])) / kPieceRadix +
-                             static_cast<double>(hsum_epi32(sum[2])) / (kPieceRadix * kPieceRadix);
-        out.group_sums[m * groups + k / gsize] = static_cast<float>(total);
-        for (__m256i& v : sum) v = _mm256_setzero_si256();
+      for (int qd = 0; qd < 4; ++qd) {
+        for (int j = 0; j < 3; ++j) sum[j] = _mm256_add_epi32(sum[j], quarter[qd][j]);
+        if ((k + 32 * (qd + 1)) % gsize == 0) {
+          const double total = static_cast<double>(hsum_epi32(sum[0])) +
+                               static_cast<double>(hsum_epi32(sum[1])) / kPieceRadix +
+                               static_cast<double>(hsum_epi32(sum[2])) / (kPieceRadix * kPieceRadix);
+          out.group_sums[m * groups + (k + 32 * qd) / gsize] = static_cast<float>(total);
+          for (__m256i& v : sum) v = _mm256_setzero_si256();
+        }
       }
     }
   }
@@ -118,10 +126,15 @@ bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, Activation
 
 namespace {
 
-// Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1 (see the AVX-512 kernel).
-template <int R, int MB, bool kSigned>
+// Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1 (see the AVX-512 kernel). A step
+// is one group of whole blocks, or (kHalves: groups of 32 or 64) one block whose two halves
+// (values 0-63 and 64-127) are summed apart: lane i of a half holds its values 8i .. 8i+7 (even
+// and odd k alike), so it takes the scale of group 8i / gsize within the half.
+template <int R, int MB, bool kSigned, bool kHalves>
 void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n, int64_t m0) {
-  const int64_t K = p.K, groups = p.groups, blocks = p.gsize / kPieceBlock;
+  const int64_t K = p.K, groups = p.groups, gsize = p.gsize;
+  const int64_t span = std::max(gsize, kPieceBlock), blocks = span / kPieceBlock;
+  const int per_step = static_cast<int>(kPieceBlock / std::min(gsize, kPieceBlock));  // 1, 2 or 4
   const uint8_t* wrow[R];
   const float* sc[R];
   const uint8_t* zrow[R];
@@ -134,18 +147,26 @@ void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
   const __m256i nib = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256 c1 = _mm256_set1_ps(1.0f / kPieceRadix), c2 = _mm256_set1_ps(1.0f / (kPieceRadix * kPieceRadix));
+  // The group of each lane of half 0 and half 1 (groups of 32: 4 per block; of 64: 2), read
+  // where used to spare two registers.
+  alignas(32) static constexpr int32_t kLaneGroup32[2][8] = {{0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}};
+  alignas(32) static constexpr int32_t kLaneGroup64[2][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {1, 1, 1, 1, 1, 1, 1, 1}};
+  const int32_t(*lane_group)[8] = per_step == 4 ? kLaneGroup32 : kLaneGroup64;
+  const __m128i scale_lanes = _mm_cmpgt_epi32(_mm_set1_epi32(per_step), _mm_setr_epi32(0, 1, 2, 3));
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
-  // One row at a time through the group: its 3 * MB accumulators and 4 decoded vectors stay
+  constexpr int H = kHalves ? 2 : 1;
+  // One row at a time through the step: its 3 * H * MB accumulators and 4 decoded vectors stay
   // in the 16 registers (all R rows' at once spilled).
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t step = 0; step < K / span; ++step) {
     for (int r = 0; r < R; ++r) {
-      __m256i part[MB][3];
+      __m256i part[MB][H][3];
       for (int m = 0; m < MB; ++m)
-        for (int j = 0; j < 3; ++j) part[m][j] = _mm256_setzero_si256();
+        for (int h = 0; h < H; ++h)
+          for (int j = 0; j < 3; ++j) part[m][h][j] = _mm256_setzero_si256();
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t k = (g * blocks + b) * kPieceBlock;
+        const int64_t k = (step * blocks + b) * kPieceBlock;
         _mm_prefetch(next + k / 2 * R + 64 * r, _MM_HINT_T1);
         __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + k / 2));
         __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + k / 2 + 32));
@@ -159,22 +180,34 @@ void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
           const __m256i* x = reinterpret_cast<const __m256i*>(a.q.data() + ((m0 + m) * K + k) * 3);
           for (int j = 0; j < 3; ++j) {
             const __m256i* xj = x + 4 * j;  // even 0-31, even 32-63, odd 0-31, odd 32-63
-            const __m256i pairs = _mm256_add_epi16(
-                _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_load_si256(xj)),
-                                 _mm256_maddubs_epi16(lo1, _mm256_load_si256(xj + 1))),
-                _mm256_add_epi16(_mm256_maddubs_epi16(hi0, _mm256_load_si256(xj + 2)),
-                                 _mm256_maddubs_epi16(hi1, _mm256_load_si256(xj + 3))));
-            part[m][j] = _mm256_add_epi32(part[m][j], _mm256_madd_epi16(pairs, ones));
+            const __m256i pairs0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_load_si256(xj)),
+                                                    _mm256_maddubs_epi16(hi0, _mm256_load_si256(xj + 2)));
+            const __m256i pairs1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_load_si256(xj + 1)),
+                                                    _mm256_maddubs_epi16(hi1, _mm256_load_si256(xj + 3)));
+            if (kHalves) {
+              part[m][0][j] = _mm256_add_epi32(part[m][0][j], _mm256_madd_epi16(pairs0, ones));
+              part[m][H - 1][j] = _mm256_add_epi32(part[m][H - 1][j], _mm256_madd_epi16(pairs1, ones));
+            } else {
+              part[m][0][j] = _mm256_add_epi32(part[m][0][j], _mm256_madd_epi16(_mm256_add_epi16(pairs0, pairs1), ones));
+            }
           }
         }
       }
-      const __m256 s = _mm256_set1_ps(sc[r][g]);
-      for (int m = 0; m < MB; ++m) {
-        const __m256 f = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(part[m][2]), c2,
-            _mm256_fmadd_ps(_mm256_cvtepi32_ps(part[m][1]), c1, _mm256_cvtepi32_ps(part[m][0])));
-        acc[r][m] = _mm256_fmadd_ps(f, s, acc[r][m]);
+      __m256 s[H];
+      if (kHalves) {  // the step's 2 or 4 group scales, spread over the lanes
+        const __m256 v = _mm256_castps128_ps256(_mm_maskload_ps(sc[r] + step * per_step, scale_lanes));
+        for (int h = 0; h < H; ++h)
+          s[h] = _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_group[h])));
+      } else {
+        s[0] = _mm256_set1_ps(sc[r][step]);
       }
+      for (int m = 0; m < MB; ++m)
+        for (int h = 0; h < H; ++h) {
+          const __m256 f = _mm256_fmadd_ps(
+              _mm256_cvtepi32_ps(part[m][h][2]), c2,
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(part[m][h][1]), c1, _mm256_cvtepi32_ps(part[m][h][0])));
+          acc[r][m] = _mm256_fmadd_ps(f, s[h], acc[r][m]);
+        }
     }
   }
   for (int r = 0; r < R; ++r)
@@ -207,19 +240,19 @@ void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
     }
 }
 
-template <int R, bool kSigned>
+template <int R, bool kSigned, bool kHalves>
 void pieces_rows(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t n, int64_t M) {
   for (int64_t m0 = 0; m0 < M; m0 += 4) {  // activation rows 4 at a time
     switch (std::min<int64_t>(4, M - m0)) {
-      case 1: pieces_tile<R, 1, kSigned>(p, a, n, m0); break;
-      case 2: pieces_tile<R, 2, kSigned>(p, a, n, m0); break;
-      case 3: pieces_tile<R, 3, kSigned>(p, a, n, m0); break;
-      default: pieces_tile<R, 4, kSigned>(p, a, n, m0); break;
+      case 1: pieces_tile<R, 1, kSigned, kHalves>(p, a, n, m0); break;
+      case 2: pieces_tile<R, 2, kSigned, kHalves>(p, a, n, m0); break;
+      case 3: pieces_tile<R, 3, kSigned, kHalves>(p, a, n, m0); break;
+      default: pieces_tile<R, 4, kSigned, kHalves>(p, a, n, m0); break;
     }
   }
 }
 
-template <bool kSigned>
+template <bool kSigned, bool kHalves>
 void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M) {
   const int64_t N = p.qweight.shape[0];
   // Below ~2M multiply-adds one thread finishes before a second would be awake.
@@ -227,9 +260,17 @@ void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M
   parallel_for(N, grain, [&](int64_t b, int64_t e) {
     int64_t n = b;
     if (M == 1)
-      for (; n + 4 <= e; n += 4) pieces_rows<4, kSigned>(p, a, n, M);
-    for (; n < e; ++n) pieces_rows<1, kSigned>(p, a, n, M);
+      for (; n + 4 <= e; n += 4) pieces_rows<4, kSigned, kHalves>(p, a, n, M);
+    for (; n < e; ++n) pieces_rows<1, kSigned, kHalves>(p, a, n, M);
   });
+}
+
+template <bool kSigned>
+void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M) {
+  if (p.gsize < kPieceBlock)
+    pieces_run<kSigned, true>(p, a, M);
+  else
+    pieces_run<kSigned, false>(p, a, M);
 }
 
 }  // namespace
