@@ -48,6 +48,12 @@ struct ActivationPieces {
 
 constexpr float kPieceRadix = 254.0f;  // l1 and l2 count 1/254ths of the piece before them
 
+// A group's sum of h + l1/254 + l2/254^2 from the sums of its pieces (ActivationPieces::group_sums).
+inline float piece_group_sum(int64_t h, int64_t l1, int64_t l2) {
+  return static_cast<float>(static_cast<double>(h) + static_cast<double>(l1) / kPieceRadix +
+                            static_cast<double>(l2) / (double{kPieceRadix} * kPieceRadix));
+}
+
 // Whether the active ISA has a pieces kernel for fmt at this K and group (gsize = min(group,
 // K)): K a multiple of kPieceBlock; AVX-512 on a CPU with VNNI, INT4 or INT8; AVX2, INT4; groups
 // of whole blocks, and for INT4 also of 32 or 64.

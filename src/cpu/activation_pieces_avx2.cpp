@@ -112,10 +112,8 @@ bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, Activation
       for (int qd = 0; qd < 4; ++qd) {
         for (int j = 0; j < 3; ++j) sum[j] = _mm256_add_epi32(sum[j], quarter[qd][j]);
         if ((k + 32 * (qd + 1)) % gsize == 0) {
-          const double total = static_cast<double>(hsum_epi32(sum[0])) +
-                               static_cast<double>(hsum_epi32(sum[1])) / kPieceRadix +
-                               static_cast<double>(hsum_epi32(sum[2])) / (kPieceRadix * kPieceRadix);
-          out.group_sums[m * groups + (k + 32 * qd) / gsize] = static_cast<float>(total);
+          out.group_sums[m * groups + (k + 32 * qd) / gsize] =
+              piece_group_sum(hsum_epi32(sum[0]), hsum_epi32(sum[1]), hsum_epi32(sum[2]));
           for (__m256i& v : sum) v = _mm256_setzero_si256();
         }
       }

@@ -87,10 +87,8 @@ bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, bool eve
           }
         }
         if ((k + 32 * (i + 1)) % gsize == 0) {
-          const double total = static_cast<double>(int_sum(sum[0])) +
-                               static_cast<double>(int_sum(sum[1])) / kPieceRadix +
-                               static_cast<double>(int_sum(sum[2])) / (kPieceRadix * kPieceRadix);
-          out.group_sums[m * groups + (k + 32 * i) / gsize] = static_cast<float>(total);
+          out.group_sums[m * groups + (k + 32 * i) / gsize] =
+              piece_group_sum(int_sum(sum[0]), int_sum(sum[1]), int_sum(sum[2]));
           for (__m512i& v : sum) v = _mm512_setzero_si512();
         }
       }

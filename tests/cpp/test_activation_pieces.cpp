@@ -18,15 +18,11 @@ namespace tensorslim {
 namespace {
 
 using testing::IsaScope;
+using testing::QuantizedWeight;
+using testing::quantized_weight;
 using testing::random_weights;
 using testing::view1;
 using testing::view2;
-
-struct Weight {
-  std::vector<uint8_t> q, zps;
-  std::vector<float> scales, deq;
-  TensorView qv, sv, zv;
-};
 
 // The ISAs this machine has a pieces kernel for, for fmt's width.
 std::vector<cpu::Isa> piece_isas(Format fmt = Format::kInt4) {
@@ -34,25 +30,6 @@ std::vector<cpu::Isa> piece_isas(Format fmt = Format::kInt4) {
   if (cpu::best_isa() >= cpu::Isa::kAVX2 && format_info(fmt).bits == 4) out.push_back(cpu::Isa::kAVX2);
   if (cpu::best_isa() >= cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni()) out.push_back(cpu::Isa::kAVX512);
   return out;
-}
-
-Weight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t seed) {
-  Weight w;
-  const FormatInfo& f = format_info(fmt);
-  const int64_t groups = num_groups(K, group);
-  std::vector<float> src = random_weights(N * K, seed);
-  w.q.resize(N * packed_row_bytes(f, K));
-  w.scales.resize(N * groups);
-  w.zps.resize(N * groups);
-  w.deq.resize(N * K);
-  const DType qdt = (f.bits == 8 && !f.has_zero_point) ? DType::kInt8 : DType::kUInt8;
-  w.qv = view2(w.q.data(), qdt, N, packed_row_bytes(f, K));
-  w.sv = view2(w.scales.data(), DType::kFloat32, N, groups);
-  w.zv = view2(w.zps.data(), DType::kUInt8, N, groups);
-  const TensorView* zp = f.has_zero_point ? &w.zv : nullptr;
-  quantize(view2(src.data(), DType::kFloat32, N, K), fmt, group, w.qv, w.sv, zp);
-  dequantize(w.qv, w.sv, zp, fmt, group, view2(w.deq.data(), DType::kFloat32, N, K));
-  return w;
 }
 
 // Activation rows of very different sizes (1e-3 .. 1e3), each with an outlier 50x its typical
@@ -70,7 +47,7 @@ std::vector<float> make_x(int64_t M, int64_t K, uint32_t seed) {
 // |got - want| against the pieces' error: s / (2 * 254^2) ~ 6.1e-8 max|x| per activation
 // (2e-7 leaves room for rounding x / s), times sum |w|, plus float32 accumulation over
 // products that are each exact in float64 (1e-6 of sum |w x|) and the output's own rounding.
-void expect_close(const std::vector<float>& got, const std::vector<float>& x, const Weight& w,
+void expect_close(const std::vector<float>& got, const std::vector<float>& x, const QuantizedWeight& w,
                   const std::vector<float>& bias, int64_t M, int64_t N, int64_t K,
                   const std::string& what) {
   for (int64_t m = 0; m < M; ++m) {
@@ -149,11 +126,11 @@ TEST(ActivationPieces, MatchFloat64OnEveryShapeTheyTake) {
         if (!cpu::pieces_kernel_takes(fmt, K, gsize)) continue;
         const std::string what = std::string(cpu::isa_name(isa)) + " " + format_info(fmt).name + " K=" + std::to_string(K) +
                                  " g=" + std::to_string(sh.group) + " M=" + std::to_string(M);
-        Weight w = make_weight(fmt, N, K, sh.group, 17 + static_cast<uint32_t>(K + M));
+        QuantizedWeight w = quantized_weight(fmt, N, K, sh.group, 17 + static_cast<uint32_t>(K + M));
         std::vector<float> x = make_x(M, K, 3 + static_cast<uint32_t>(M));
         std::vector<float> bias = random_weights(N, 9);
         const TensorView xv = view2(x.data(), DType::kFloat32, M, K), bv = view1(bias.data(), DType::kFloat32, N);
-        const TensorView* zp = format_info(fmt).has_zero_point ? &w.zv : nullptr;
+        const TensorView* zp = w.zero_points();
         // The kernel itself, whether or not linear_weight_only would pick it at this M and K.
         cpu::ActivationPieces a;
         ASSERT_TRUE(cpu::split_activation_pieces(xv, gsize, fmt, a)) << what;
@@ -177,7 +154,7 @@ TEST(ActivationPieces, MatchFloat64OnEveryShapeTheyTake) {
 
 TEST(ActivationPieces, BFloat16Activations) {
   const int64_t M = 1, K = 1024, N = 20;
-  Weight w = make_weight(Format::kInt4, N, K, 128, 4);
+  QuantizedWeight w = quantized_weight(Format::kInt4, N, K, 128, 4);
   std::vector<float> x = make_x(M, K, 8);
   std::vector<uint16_t> xb(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
@@ -198,7 +175,7 @@ TEST(ActivationPieces, BFloat16Activations) {
 
 TEST(ActivationPieces, InputsThePiecesCannotHoldRunTheFloatKernels) {
   const int64_t M = 1, K = 256, N = 8;
-  Weight w = make_weight(Format::kInt4, N, K, 128, 6);
+  QuantizedWeight w = quantized_weight(Format::kInt4, N, K, 128, 6);
   std::vector<float> bias = random_weights(N, 2);
   const TensorView bv = view1(bias.data(), DType::kFloat32, N);
   auto run = [&](std::vector<float>& x, bool with_bias = true) {

@@ -12,36 +12,11 @@
 namespace tensorslim {
 namespace {
 
+using testing::QuantizedWeight;
+using testing::quantized_weight;
 using testing::random_weights;
 using testing::view1;
 using testing::view2;
-
-struct QuantWeight {
-  std::vector<uint8_t> q, zps;
-  std::vector<float> scales, deq;  // deq: the exact dequantized weight
-  TensorView qv, sv, zv;
-  bool asym;
-};
-
-QuantWeight make_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t seed) {
-  const FormatInfo& f = format_info(fmt);
-  QuantWeight w;
-  w.asym = f.has_zero_point;
-  std::vector<float> x = random_weights(N * K, seed);
-  const int64_t groups = num_groups(K, group);
-  w.q.resize(N * packed_row_bytes(f, K));
-  w.scales.resize(N * groups);
-  w.zps.resize(N * groups);
-  w.deq.resize(N * K);
-  const DType qdt = (f.bits == 8 && !f.has_zero_point) ? DType::kInt8 : DType::kUInt8;
-  w.qv = view2(w.q.data(), qdt, N, packed_row_bytes(f, K));
-  w.sv = view2(w.scales.data(), DType::kFloat32, N, groups);
-  w.zv = view2(w.zps.data(), DType::kUInt8, N, groups);
-  quantize(view2(x.data(), DType::kFloat32, N, K), fmt, group, w.qv, w.sv, w.asym ? &w.zv : nullptr);
-  dequantize(w.qv, w.sv, w.asym ? &w.zv : nullptr, fmt, group,
-             view2(w.deq.data(), DType::kFloat32, N, K));
-  return w;
-}
 
 // Max |got - want| relative to the largest |want|.
 double rel_err(const std::vector<float>& got, const std::vector<double>& want) {
@@ -59,7 +34,7 @@ TEST(LinearWeightOnly, EveryBackendMatchesFloat64) {
     const Format fmt = format_table()[fi].format;
     for (int64_t K : {256, 96}) {
       for (int64_t group : {K, int64_t{32}}) {
-        QuantWeight w = make_weight(fmt, N, K, group, 11 + fi);
+        QuantizedWeight w = quantized_weight(fmt, N, K, group, 11 + fi);
         std::vector<float> bias = random_weights(N, 5);
         for (int64_t M : {1, 3, 8, 17}) {
           std::vector<float> x = random_weights(M * K, 3);
@@ -101,7 +76,7 @@ TEST(LinearWeightOnly, EveryBackendMatchesFloat64) {
 
 TEST(LinearWeightOnly, BFloat16Activations) {
   const int64_t M = 4, K = 256, N = 64;
-  QuantWeight w = make_weight(Format::kInt4, N, K, 128, 3);
+  QuantizedWeight w = quantized_weight(Format::kInt4, N, K, 128, 3);
   std::vector<float> x = random_weights(M * K, 9);
   std::vector<uint16_t> xb(x.size());
   for (size_t i = 0; i < x.size(); ++i) xb[i] = cpu::float_to_bf16(x[i]);
@@ -140,7 +115,7 @@ TEST(LinearWeightOnly, EmptyReductionGivesTheBias) {
 }
 
 TEST(LinearWeightOnly, RejectsMismatchedShapes) {
-  QuantWeight w = make_weight(Format::kInt8, 16, 64, 64, 1);
+  QuantizedWeight w = quantized_weight(Format::kInt8, 16, 64, 64, 1);
   std::vector<float> x(2 * 32), out(2 * 16);
   EXPECT_THROW(linear_weight_only(view2(x.data(), DType::kFloat32, 2, 32), w.qv, w.sv, nullptr,
                                   nullptr, Format::kInt8, 64,

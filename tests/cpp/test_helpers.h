@@ -60,5 +60,34 @@ inline std::vector<float> random_weights(int64_t n, uint32_t seed) {
   return v;
 }
 
+// A random [N, K] weight quantized to fmt in groups of `group`, and its exact dequantization.
+// The views point into the vectors (moving the struct keeps them valid).
+struct QuantizedWeight {
+  std::vector<uint8_t> q, zps;
+  std::vector<float> scales, deq;
+  TensorView qv, sv, zv;
+  bool asym = false;
+  const TensorView* zero_points() const { return asym ? &zv : nullptr; }
+};
+
+inline QuantizedWeight quantized_weight(Format fmt, int64_t N, int64_t K, int64_t group, uint32_t seed) {
+  const FormatInfo& f = format_info(fmt);
+  QuantizedWeight w;
+  w.asym = f.has_zero_point;
+  std::vector<float> x = random_weights(N * K, seed);
+  const int64_t groups = num_groups(K, group), row_bytes = packed_row_bytes(f, K);
+  w.q.resize(N * row_bytes);
+  w.scales.resize(N * groups);
+  w.zps.resize(N * groups);
+  w.deq.resize(N * K);
+  const DType qdt = (f.bits == 8 && !f.has_zero_point) ? DType::kInt8 : DType::kUInt8;
+  w.qv = view2(w.q.data(), qdt, N, row_bytes);
+  w.sv = view2(w.scales.data(), DType::kFloat32, N, groups);
+  w.zv = view2(w.zps.data(), DType::kUInt8, N, groups);
+  quantize(view2(x.data(), DType::kFloat32, N, K), fmt, group, w.qv, w.sv, w.zero_points());
+  dequantize(w.qv, w.sv, w.zero_points(), fmt, group, view2(w.deq.data(), DType::kFloat32, N, K));
+  return w;
+}
+
 }  // namespace testing
 }  // namespace tensorslim

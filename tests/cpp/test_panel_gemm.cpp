@@ -17,40 +17,14 @@ namespace {
 
 using testing::IsaScope;
 using testing::machine_isas;
+using testing::QuantizedWeight;
+using testing::quantized_weight;
 using testing::random_weights;
 using testing::view1;
 using testing::view2;
 
-struct Weight {
-  std::vector<uint8_t> q, zps;
-  std::vector<float> scales, deq;
-  TensorView qv, sv, zv;
-  bool asym;
-};
-
-Weight quantized(Format fmt, int64_t N, int64_t K, int64_t group) {
-  const FormatInfo& f = format_info(fmt);
-  Weight w;
-  w.asym = f.has_zero_point;
-  const std::vector<float> x = random_weights(N * K, 7);
-  const int64_t groups = (K + group - 1) / group, row_bytes = packed_row_bytes(f, K);
-  w.q.resize(N * row_bytes);
-  w.scales.resize(N * groups);
-  w.zps.resize(N * groups);
-  w.deq.resize(N * K);
-  const DType qdt = (f.bits == 8 && !f.has_zero_point) ? DType::kInt8 : DType::kUInt8;
-  w.qv = view2(w.q.data(), qdt, N, row_bytes);
-  w.sv = view2(w.scales.data(), DType::kFloat32, N, groups);
-  w.zv = view2(w.zps.data(), DType::kUInt8, N, groups);
-  quantize(view2(const_cast<float*>(x.data()), DType::kFloat32, N, K), fmt, group, w.qv, w.sv,
-           w.asym ? &w.zv : nullptr);
-  dequantize(w.qv, w.sv, w.asym ? &w.zv : nullptr, fmt, group,
-             view2(w.deq.data(), DType::kFloat32, N, K));
-  return w;
-}
-
 // out rows of M x N against sum_k x * deq in float64; returns max error / max |want|.
-double panel_error(const Weight& w, Format fmt, int64_t group, int64_t M, int64_t N, int64_t K,
+double panel_error(const QuantizedWeight& w, Format fmt, int64_t group, int64_t M, int64_t N, int64_t K,
                    int64_t ldx, bool bf16_out) {
   const std::vector<float> x = random_weights(M * ldx, 3);
   const std::vector<float> bias = random_weights(N, 5);
@@ -93,7 +67,7 @@ TEST(PanelGemm, EveryIsaMatchesFloat64) {
                        Shape{33, 33}, Shape{2050, 128},
                        Shape{576, 128}, Shape{100, 32}}) {  // the last two end in a short group
         for (int64_t N : {48, 37, 1, 70}) {
-          const Weight w = quantized(fmt, N, s.K, s.group);
+          const QuantizedWeight w = quantized_weight(fmt, N, s.K, s.group, 7);
           for (int64_t M : {9, 13, 31, 64, 65}) {
             EXPECT_LT(panel_error(w, fmt, s.group, M, N, s.K, s.K, false), 1e-5)
                 << cpu::isa_name(isa) << " " << format_info(fmt).name << " K=" << s.K
@@ -109,7 +83,7 @@ TEST(PanelGemm, StridedRowsAndBFloat16) {
   for (cpu::Isa isa : machine_isas()) {
     if (isa == cpu::Isa::kScalar) continue;
     IsaScope scope(isa);
-    const Weight w = quantized(Format::kInt4, 40, 256, 64);
+    const QuantizedWeight w = quantized_weight(Format::kInt4, 40, 256, 64, 7);
     EXPECT_LT(panel_error(w, Format::kInt4, 64, 11, 40, 256, 300, false), 1e-5) << cpu::isa_name(isa);
     // bf16 output keeps 8 significant bits.
     EXPECT_LT(panel_error(w, Format::kInt4, 64, 11, 40, 256, 256, true), 1e-2) << cpu::isa_name(isa);
