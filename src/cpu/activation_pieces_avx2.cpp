@@ -9,6 +9,7 @@
 
 #include "activation_pieces.h"
 #include "half.h"
+#include "hsum_avx2.h"
 #include "parallel.h"
 
 namespace tensorslim {
@@ -24,20 +25,6 @@ inline __m256 load8(const TensorView& x, int64_t m, int64_t k) {
 }
 
 inline __m256 rne(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-inline float hsum_ps(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Row m: its step, or 0 where the row cannot be split (see activation_pieces.h).
 float row_step(const TensorView& x, int64_t m, int64_t K) {

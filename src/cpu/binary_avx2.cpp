@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "binary_tiles.h"
+#include "hsum_avx2.h"
 #include "tensorslim/binary.h"
 #include "tensorslim/quantize.h"
 
@@ -38,13 +39,6 @@ inline __m256i tail_mask(int64_t left) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(l), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-inline float hsum(__m256 v) {
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
-
 // A tile's R weight rows from n, MB activation rows from m0, and zeroed accumulators.
 template <int R, int MB>
 inline void tile_start(const Linear& p, int64_t n, int64_t m0, const uint8_t* (&w)[R],
@@ -64,7 +58,7 @@ inline void tile_store(const Linear& p, int64_t n, int64_t m0, const __m256 (&ac
     const float s = p.scales.ptr<float>()[n + r];
     const float b = p.bias ? p.bias->ptr<float>()[n + r] : 0.0f;
     for (int m = 0; m < MB; ++m) {
-      const float sum = hsum(acc[r][m]);
+      const float sum = hsum_ps(acc[r][m]);
       const float dot = rowsum ? 2.0f * sum - rowsum[m0 + m] : sum;
       p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] = dot * s + b;
     }
@@ -227,7 +221,7 @@ bool linear_binary_avx2(const TensorView& x, const TensorView& bits, const Tenso
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xr + k));
     if (k < K) s = _mm256_add_ps(s, _mm256_maskload_ps(xr + k, tail_mask(K - k)));
-    rowsum[m] = hsum(s);
+    rowsum[m] = hsum_ps(s);
   }
   const Linear p{x, bits, scales, bias, out, K};
   run_tiles<kRows, kBlock, BinaryTile>(p, M, bits.shape[0], static_cast<const float*>(rowsum.data()));

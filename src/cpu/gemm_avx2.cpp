@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "hsum_avx2.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
 #include "weight_only_native.h"
@@ -30,13 +31,6 @@ inline void int4_half(const uint8_t* w, __m256i zp, __m256& lo, __m256& hi) {
   }
   lo = _mm256_cvtepi32_ps(l);
   hi = _mm256_cvtepi32_ps(h);
-}
-
-float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // Values per vector chunk: a 32-value INT4 block, or one register of INT8 codes.
@@ -120,7 +114,7 @@ struct Kernel {
                   int64_t K, int64_t gsize, const float* xp, Vec acc[R][MB]) {
     rows_dot<R, MB, kBits, kSigned>(wrow, sc, zrow, K, gsize, xp, acc);
   }
-  static float sum(Vec v) { return hsum(v); }
+  static float sum(Vec v) { return hsum_ps(v); }
 };
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "hsum_avx2.h"
 #include "parallel.h"
 
 namespace tensorslim {
@@ -93,13 +94,6 @@ Codes make_codes(const uint8_t* x, int64_t M, int64_t K, int64_t Kp, bool is_u8)
         if (x[m * K + k] == special) *out++ = {static_cast<int32_t>(k), delta};
   }
   return r;
-}
-
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
 }
 
 // sum_k w[k] (the (s - zp) sum w term), the row prefetched 1 KB ahead as the GEMV's tiles do.
