@@ -32,7 +32,7 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
 
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
   if (!g_enabled.load(std::memory_order_relaxed) || !pieces_kernel_takes(fmt, K, gsize)) return false;
-  if (format_info(fmt).bits == 8) return M >= 2 && M <= kPieceMaxRows8 && K >= kPieceMinKForRows;
+  if (format_info(fmt).bits == 8) return M >= 2 && M <= kPieceMaxRows && K >= kPieceMinKForRows;
   if (use_avx512()) return M == 1 || (M >= 1 && M <= kPieceMaxRows && K >= kPieceMinKForRows);
   return M == 1;
 }

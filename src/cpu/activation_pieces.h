@@ -29,13 +29,14 @@ namespace cpu {
 constexpr int64_t kPieceBlock = 128;  // activation values per block (64 INT4 / 128 INT8 bytes)
 // Each further activation row costs three more products per block, and each row a split and
 // a per-row sum. Measured against the float kernels (Zen 4, N = 4096): INT4 g128 on AVX-512,
-// batch 1 1.29x (K = 768) to 1.71x (K = 11008) faster, batches 2-4 1.05-1.28x from K = 2048
+// batch 1 1.29x (K = 768) to 1.71x (K = 11008) faster, batches 2-8 1.03-1.28x from K = 2048
 // and down to 0.91x below; INT4 on AVX2, batch 1 1.2-1.6x, batch 2 0.76-1.0x, so batch 1
 // only; INT8 per channel on AVX-512, batches 2-8 1.09-1.40x from K = 4096, 1.0-1.2x at 1024,
-// 0.84-0.91x at 384, and batch 1 equal (both at memory speed), so 2-8 rows from K = 2048.
-constexpr int64_t kPieceMaxRows = 4;
+// 0.84-0.91x at 384, and batch 1 equal (both at memory speed). Past 8 rows they replace the
+// panel GEMM and oneDNN: INT4 / INT8 at 12-32 rows 1.08-3.1x the panel GEMM and 1.09-1.56x
+// oneDNN (K = 2048-11008); at 64 rows 0.89-1.32x and 0.92-0.99x, so up to 32 rows.
+constexpr int64_t kPieceMaxRows = 32;
 constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches of 2 and more take them
-constexpr int64_t kPieceMaxRows8 = 8;         // INT8 (the native GEMV's rows)
 
 // Per activation row: blocks of kPieceBlock values, each stored as h, then l1, then l2; for
 // INT4 each piece holds the block's 64 even-k values, then its 64 odd-k values (the low and
@@ -61,7 +62,7 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize);
 
 // Whether linear_weight_only runs it: the kernels switched on (set_activation_pieces_enabled,
 // tensorslim/gemm.h), a kernel that takes the problem, and the rows where it gains: INT4 batch
-// 1 (AVX-512: up to kPieceMaxRows from K = kPieceMinKForRows), INT8 2..kPieceMaxRows8 rows
+// 1 (AVX-512: up to kPieceMaxRows from K = kPieceMinKForRows), INT8 2..kPieceMaxRows rows
 // from K = kPieceMinKForRows.
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize);
 

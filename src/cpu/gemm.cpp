@@ -104,6 +104,11 @@ static bool native_fits(const FormatInfo& info, int64_t K, int64_t group_size) {
   return K > 0 && (info.bits == 8 || group_size >= K || group_size % 32 == 0);
 }
 
+// Whether linear_weight_only_native multiplies with the activation pieces (when every row splits).
+static bool native_takes_pieces(Format fmt, int64_t M, int64_t K, int64_t group_size) {
+  return native_fits(format_info(fmt), K, group_size) && pieces_fit(fmt, M, K, std::min(group_size, K));
+}
+
 bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
                                const TensorView& scales, const TensorView* zero_points,
                                const TensorView* bias, Format fmt, int64_t group_size,
@@ -112,12 +117,8 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
   if (isa == Isa::kScalar) return false;
   const FormatInfo& info = format_info(fmt);
   const int64_t M = x.shape[0], K = x.shape[1];
-  // Past a few rows the GEMV re-decodes the weight too often: decode once, then a GEMM.
-  if (M > kNativeMaxRows)
-    return linear_weight_only_panels(x, qweight, scales, zero_points, bias, fmt, group_size, out);
-  if (!native_fits(info, K, group_size)) return false;
   const int64_t gsize = std::min(group_size, K);
-  if (pieces_fit(fmt, M, K, gsize)) {
+  if (native_takes_pieces(fmt, M, K, group_size)) {
     thread_local ActivationPieces pieces;
     if (split_activation_pieces(x, gsize, fmt, pieces)) {
       const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, K / gsize, nullptr};
@@ -125,6 +126,10 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
       return true;
     }
   }
+  // Past a few rows the float GEMV re-decodes the weight too often: decode once, then a GEMM.
+  if (M > kNativeMaxRows)
+    return linear_weight_only_panels(x, qweight, scales, zero_points, bias, fmt, group_size, out);
+  if (!native_fits(info, K, group_size)) return false;
   thread_local AlignedFloats xp;
   pack_activations(x, info.bits == 4, xp);
   const WeightOnlyProblem p{qweight, scales, zero_points, bias, out, K, gsize, num_groups(K, gsize),
@@ -169,8 +174,10 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
       // threads contend with them inside a model and a small layer cannot amortize that
       // (MiniLM INT8 batch 1, 18-36 rows: 1.10x fp32 against 0.45x on AVX2 Zen 3, 0.85x
       // against 0.56x on AVX-512 Sapphire Rapids). Small weights at 64+ fp32 rows are decoded
-      // once for torch's GEMM in Python (ops/decode_gemm.py).
-      if ((x.shape[0] <= kNativeMaxRows || !cpu::onednn_usable() ||
+      // once for torch's GEMM in Python (ops/decode_gemm.py). Where the activation pieces take
+      // the rows (activation_pieces.h: up to 32 rows on AVX-512 VNNI), they beat both.
+      if ((x.shape[0] <= kNativeMaxRows ||
+           cpu::native_takes_pieces(fmt, x.shape[0], x.shape[1], group_size) || !cpu::onednn_usable() ||
            cpu::active_isa() < cpu::Isa::kAVX512 || out.shape[1] * x.shape[1] <= cpu::kPanelSmallWeight) &&
           cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))
         return;

@@ -120,7 +120,7 @@ TEST(ActivationPieces, MatchFloat64OnEveryShapeTheyTake) {
   for (cpu::Isa isa : piece_isas(fmt))
     for (Shape sh : {Shape{128, 128}, Shape{384, 128}, Shape{2048, 128}, Shape{2048, 256}, Shape{2304, 2304},
                      Shape{384, 32}, Shape{1024, 64}})
-      for (int64_t M : {1, 2, 3, 4, 5, 8}) {
+      for (int64_t M : {1, 2, 3, 4, 5, 8, 13, 32}) {
         const int64_t K = sh.K, gsize = std::min(sh.group, K);
         IsaScope scope(isa);
         if (!cpu::pieces_kernel_takes(fmt, K, gsize)) continue;
@@ -139,15 +139,19 @@ TEST(ActivationPieces, MatchFloat64OnEveryShapeTheyTake) {
         const cpu::WeightOnlyProblem p{w.qv, w.sv, zp, &bv, ov, K, gsize, K / gsize, nullptr};
         cpu::linear_pieces(p, a, fmt, M);
         expect_close(got, x, w, bias, M, N, K, what + " (kernel)");
-        // And through linear_weight_only, both with the pieces and with the float kernels.
-        for (bool pieces : {true, false}) {
-          cpu::set_activation_pieces_enabled(pieces);
-          std::vector<float> out(M * N, NAN);
-          linear_weight_only(xv, w.qv, w.sv, zp, &bv, fmt, sh.group,
-                             view2(out.data(), DType::kFloat32, M, N), GemmBackend::kNative);
-          expect_close(out, x, w, bias, M, N, K, what + (pieces ? " (pieces)" : " (float)"));
-          if (pieces && cpu::pieces_fit(fmt, M, K, gsize)) EXPECT_EQ(out, got) << what;
-        }
+        // And through linear_weight_only, both with the pieces and with the float kernels (the
+        // panel GEMM or oneDNN past 8 rows); "auto" takes the pieces wherever native does.
+        for (bool pieces : {true, false})
+          for (GemmBackend backend : {GemmBackend::kNative, GemmBackend::kAuto}) {
+            cpu::set_activation_pieces_enabled(pieces);
+            std::vector<float> out(M * N, NAN);
+            linear_weight_only(xv, w.qv, w.sv, zp, &bv, fmt, sh.group,
+                               view2(out.data(), DType::kFloat32, M, N), backend);
+            const std::string how = (pieces ? " (pieces, " : " (float, ") +
+                                    std::string(backend == GemmBackend::kAuto ? "auto)" : "native)");
+            expect_close(out, x, w, bias, M, N, K, what + how);
+            if (pieces && cpu::pieces_fit(fmt, M, K, gsize)) EXPECT_EQ(out, got) << what + how;
+          }
         cpu::set_activation_pieces_enabled(true);
       }
 }

@@ -153,13 +153,14 @@ def test_linear_weight_only_matches_float64(fmt, backend):
             assert err < 1e-5, (fmt, group, M, backend, err)
 
 
-@pytest.mark.parametrize("fmt,M", [("int4", 1), ("uint4", 1), ("int4", 3), ("int8", 2), ("uint8", 8)])
+@pytest.mark.parametrize("fmt,M", [("int4", 1), ("uint4", 1), ("int4", 3), ("int8", 2), ("uint8", 8),
+                                   ("int4", 32), ("int8", 13)])
 def test_activation_pieces_and_float_kernels_both_match_float64(fmt, M):
     # Integer weight-only at a few rows multiplies the codes with the activations as three int8
-    # pieces (src/cpu/activation_pieces.h: INT4 at batch 1 on AVX2 and AVX-512 VNNI, more rows
-    # and INT8 on AVX-512 VNNI only); the switch runs the float kernels instead. Both stay
-    # within float32 accumulation of the float64 product, and where the pieces run they are
-    # a different kernel.
+    # pieces (src/cpu/activation_pieces.h: INT4 at batch 1 on AVX2 and AVX-512 VNNI, up to 32
+    # rows and INT8 on AVX-512 VNNI only); the switch runs the float kernels instead (past 8
+    # rows the panel GEMM). Both stay within float32 accumulation of the float64 product, and
+    # where the pieces run they are a different kernel.
     if ts._C.active_isa() == "scalar":
         pytest.skip("no vector kernels")
     K, N = 2048, 64
