@@ -6,9 +6,11 @@
 
 #include <cstring>
 
+#include "aligned_buffer.h"
 #include "half.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
+#include "transpose8_avx2.h"
 #include "w4a8_gemv.h"
 
 namespace tensorslim {
@@ -48,17 +50,18 @@ inline void row_sums(__m256i v[8], __m256i out[GPC]) {
 // Tokens m .. m + T - 1 (T = 1 or 2) on RP = kRows / T rows (w[0..] and their tails, the first
 // at row n0, `rows` of them real): lane t * RP + r holds token m + t's output of row r, so with
 // T = 2 each chunk is loaded and unpacked once for both tokens. `line0`: the first of the next
-// block's lines (`next`) that these steps prefetch.
+// block's lines (`next`) that these steps prefetch. scale_t: these rows' scales by group, RP of
+// them per kRows floats (block_scales).
 template <int T, int GPC>
 inline void tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* const* w, const uint8_t (*tail)[kBytes],
-                      int64_t whole, int64_t n0, int64_t rows, int64_t m, const char* next, int line0) {
+                      int64_t whole, int64_t n0, int64_t rows, int64_t m, const char* next, int line0,
+                      const float* scale_t) {
   constexpr int RP = kRows / T;
   const __m256i low = _mm256_set1_epi8(0x0F);
   // int4: u = nibble XOR 8 (both nibbles of a byte at once), offset 8; uint4: u = code.
   const __m256i flip = _mm256_set1_epi8(a.zero_points ? 0 : static_cast<char>(0x88));
   const __m256i row_of_lane = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(RP - 1));
   const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rows)), row_of_lane);
-  const __m256i srow = _mm256_mullo_epi32(row_of_lane, _mm256_set1_epi32(static_cast<int>(x.groups)));
   const int8_t* xq[T];
   for (int t = 0; t < T; ++t) xq[t] = x.q + (m + t) * x.chunks * kChunk;
   alignas(32) int32_t zp[kRows];
@@ -93,8 +96,9 @@ inline void tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* const
       __m256i sums = _mm256_set1_epi32(x.sums[m * x.groups + g]);
       if constexpr (T == 2) sums = _mm256_blend_epi32(sums, _mm256_set1_epi32(x.sums[(m + 1) * x.groups + g]), 0xF0);
       const __m256i d = _mm256_sub_epi32(dots[j], _mm256_mullo_epi32(o, sums));
-      const __m256 s = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), a.scales + n0 * x.groups + g, srow,
-                                                _mm256_castsi256_ps(keep), 4);
+      // T = 2: the 4 rows' scales in both halves
+      const __m256 s = T == 1 ? _mm256_load_ps(scale_t + g * kRows)
+                              : _mm256_broadcast_ps(reinterpret_cast<const __m128*>(scale_t + g * kRows));
       facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), s));
     }
   }
@@ -115,6 +119,22 @@ inline void tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* const
   }
 }
 
+// The block's scales by group: st[g * kRows + r] = scale of row n0 + r (rows past N repeat the
+// last), so each group's 8 scales are one aligned load instead of a gather.
+inline void block_scales(const W4A8Args& a, int64_t groups, int64_t n0, int64_t rows, float* st) {
+  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+    const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(groups - g0)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i v[8];
+    for (int r = 0; r < kRows; ++r)
+      v[r] = _mm256_maskload_epi32(
+          reinterpret_cast<const int*>(a.scales + (n0 + std::min<int64_t>(r, rows - 1)) * groups + g0), in);
+    transpose8(v);
+    for (int64_t j = 0; j < 8 && g0 + j < groups; ++j)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(st + (g0 + j) * kRows), v[j]);
+  }
+}
+
 template <int GPC>
 void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   const int64_t row_bytes = (a.K + 1) / 2, whole = row_bytes / kBytes;
@@ -126,13 +146,16 @@ void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   // The next block's rows (contiguous when ldw is the row size) to L2 as the steps go: a
   // linear stream the memory system serves faster than 8 short ones.
   const char* next = reinterpret_cast<const char*>(a.qweight + (n0 + kRows) * a.ldw);
+  thread_local AlignedFloats scale_t;
+  scale_t.resize((x.groups + 7) / 8 * 8 * kRows);
+  block_scales(a, x.groups, n0, rows, scale_t.data());
   int64_t m = 0;
   for (; m + 2 <= a.M; m += 2)  // token pairs share each chunk's load and unpacking
     for (int h = 0; h < 2; ++h)
       if (rows > 4 * h)
         tokens256<2, GPC>(a, x, w + 4 * h, tail + 4 * h, whole, n0 + 4 * h, std::min<int64_t>(4, rows - 4 * h), m,
-                          next, 4 * h);
-  for (; m < a.M; ++m) tokens256<1, GPC>(a, x, w, tail, whole, n0, rows, m, next, 0);
+                          next, 4 * h, scale_t.data() + 4 * h);
+  for (; m < a.M; ++m) tokens256<1, GPC>(a, x, w, tail, whole, n0, rows, m, next, 0, scale_t.data());
 }
 
 struct Gemv256 {

@@ -66,6 +66,9 @@ const Case kCases[] = {
     {1, 40, 256, 32},   {3, 17, 192, 64},   {17, 100, 384, 128}, {64, 33, 1024, 128},
     {1, 5, 200, 200},   {3, 21, 100, 100},  {17, 16, 77, 77},    {64, 47, 96, 32},
     {5, 1, 512, 64},    {9, 70, 640, 128},
+    // more than 16 groups, not a multiple of 16 (the small-batch kernels transpose the
+    // scales 16 groups at a time), with row tails
+    {2, 23, 1280, 64},  {1, 35, 2304, 128},
 };
 
 // The ISA the kernels run now: the avx2.* ctest pass caps it (TENSORSLIM_ISA=avx2).
