@@ -460,6 +460,18 @@ inline typename Lanes<ST>::V value_bcast(const void* values, int64_t e) {
   else return Lanes<ST>::bcast(static_cast<float>(static_cast<const int8_t*>(values)[e]));
 }
 
+// Entries e .. e + 3 into the four chains.
+template <DType VT, int ST>
+inline void csr_step4(const SparseWeight& w, const float* xt, int64_t e, typename Lanes<ST>::V acc[4]) {
+  using L = Lanes<ST>;
+  uint64_t c4;  // four columns in one load
+  std::memcpy(&c4, w.cols + e, 8);
+  acc[0] = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + (c4 & 0xffff) * ST), acc[0]);
+  acc[1] = L::fma(value_bcast<VT, ST>(w.values, e + 1), L::load(xt + ((c4 >> 16) & 0xffff) * ST), acc[1]);
+  acc[2] = L::fma(value_bcast<VT, ST>(w.values, e + 2), L::load(xt + ((c4 >> 32) & 0xffff) * ST), acc[2]);
+  acc[3] = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc[3]);
+}
+
 template <DType VT, int ST>
 bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   using L = Lanes<ST>;
@@ -473,18 +485,18 @@ bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
       bad = true;
       continue;
     }
-    V acc0 = L::zero(), acc1 = L::zero(), acc2 = L::zero(), acc3 = L::zero();
+    V acc[4] = {L::zero(), L::zero(), L::zero(), L::zero()};
     int64_t e = e0;
-    for (; e + 4 <= e1; e += 4) {
-      uint64_t c4;  // four columns in one load
-      std::memcpy(&c4, w.cols + e, 8);
-      acc0 = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + (c4 & 0xffff) * ST), acc0);
-      acc1 = L::fma(value_bcast<VT, ST>(w.values, e + 1), L::load(xt + ((c4 >> 16) & 0xffff) * ST), acc1);
-      acc2 = L::fma(value_bcast<VT, ST>(w.values, e + 2), L::load(xt + ((c4 >> 32) & 0xffff) * ST), acc2);
-      acc3 = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc3);
+    // Weights that come from memory (not cache) need the prefetches batch 1 makes too: 4096 x
+    // 4096 90% batch 8 with the weights evicted between calls, 0.89-1.06 -> 0.71 ms (Zen 4).
+    for (; e + 16 <= e1; e += 16) {
+      prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 16 * kValueBytes<VT>);
+      if (e % 32 < 16) prefetch_ahead(w.cols + e, 64);  // a line of columns per 32 entries
+      for (int i = 0; i < 16; i += 4) csr_step4<VT, ST>(w, xt, e + i, acc);
     }
-    for (; e < e1; ++e) acc0 = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + int64_t{w.cols[e]} * ST), acc0);
-    L::store(out, L::add(L::add(acc0, acc1), L::add(acc2, acc3)));
+    for (; e + 4 <= e1; e += 4) csr_step4<VT, ST>(w, xt, e, acc);
+    for (; e < e1; ++e) acc[0] = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + int64_t{w.cols[e]} * ST), acc[0]);
+    L::store(out, L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3])));
     for (int64_t i = 0; i < a.M; ++i) store_out(w, a, r, i, out[i]);
   }
   return bad;
