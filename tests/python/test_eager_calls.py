@@ -131,6 +131,7 @@ def _packed_layers():
               for fmt, g in (("int8", 96), ("uint8", 32), ("int4", 32), ("uint4", 64), ("uint3", 32))]
     layers += [ts.nn.LowBitLinear.from_linear(lin, fmt, g) for fmt, g in (("fp8_e4m3", 32), ("nvfp4", 16),
                                                                          ("int3", 32))]
+    layers += [ts.nn.W4A8Linear.from_linear(lin, fmt, g) for fmt, g in (("int4", 32), ("uint4", 96))]
     return layers
 
 
@@ -145,6 +146,9 @@ def test_layers_call_their_kernel_directly_with_the_ops_bits():
             if isinstance(layer, ts.nn.WeightOnlyLinear):
                 via_op = ops.linear_weight_only(x, layer.qweight, layer.scales, layer.zero_points, layer.bias,
                                                 layer.fmt, layer.group_size, 96)
+            elif isinstance(layer, ts.nn.W4A8Linear):
+                via_op = ops.linear_w4a8(x, layer.qweight, layer.scales, layer.zero_points, layer.bias,
+                                         layer.fmt, layer.group_size, 96)
             else:
                 via_op = ops.linear_lowbit(x, layer.qweight, layer.scales, layer.zero_points, layer.tensor_scale,
                                            layer.bias, layer.fmt, layer.group_size, 96)
@@ -154,6 +158,10 @@ def test_layers_call_their_kernel_directly_with_the_ops_bits():
         x = torch.randn(5, 96)
         if isinstance(layer, ts.nn.WeightOnlyLinear):
             assert ops.weight_only.linear_weight_only_direct(
+                x, layer.qweight, layer.scales, layer.zero_points, layer.bias, layer.fmt, layer.group_size, 96,
+                "auto") is not None
+        elif isinstance(layer, ts.nn.W4A8Linear):
+            assert ops.w4a8.linear_w4a8_direct(
                 x, layer.qweight, layer.scales, layer.zero_points, layer.bias, layer.fmt, layer.group_size, 96,
                 "auto") is not None
         else:
@@ -168,9 +176,11 @@ def test_layers_call_their_kernel_directly_with_the_ops_bits():
 
 
 def test_direct_layer_calls_leave_the_dispatcher_its_work():
-    for layer in _packed_layers()[2:7:4]:  # int4 weight-only, nvfp4
+    layers = _packed_layers()
+    for layer in (layers[2], layers[6], layers[-2]):  # int4 weight-only, nvfp4, w4a8
         x = torch.randn(3, 96)
-        name = "linear_weight_only" if isinstance(layer, ts.nn.WeightOnlyLinear) else "linear_lowbit"
+        name = ("linear_weight_only" if isinstance(layer, ts.nn.WeightOnlyLinear) else
+                "linear_w4a8" if isinstance(layer, ts.nn.W4A8Linear) else "linear_lowbit")
         with _Seen() as seen:
             layer(x)
         assert any(name in n for n in seen.names)

@@ -53,6 +53,10 @@ class W4A8Linear(PackedLinear):
         t = self.packed_tensors("qweight", "scales", "zero_points", "bias")
         if t is None:
             t = [self.qweight, self.scales, self.zero_points, self.bias]
+        else:
+            y = ops.w4a8.linear_w4a8_direct(x, *t, self.fmt, self.group_size, self.in_features, self.backend)
+            if y is not None:
+                return y
         return ops.linear_w4a8(x, *t, self.fmt, self.group_size, self.in_features, self.backend)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
