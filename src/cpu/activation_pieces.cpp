@@ -37,6 +37,11 @@ bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
   return M == 1;
 }
 
+bool fp4_pieces_fit(Format fmt, int64_t M, int64_t K, int64_t group) {
+  const bool fp4 = (fmt == Format::kNVFP4 && group == 16) || (fmt == Format::kMXFP4 && group == 32);
+  return g_enabled.load(std::memory_order_relaxed) && fp4 && use_avx512() && K % kPieceBlock == 0 && M == 1;
+}
+
 bool split_activation_pieces(const TensorView& x, int64_t gsize, Format fmt, ActivationPieces& out) {
   const bool even_odd = format_info(fmt).bits == 4;
   return use_avx512() ? split_activation_pieces_avx512(x, gsize, even_odd, out)

@@ -74,6 +74,22 @@ bool split_activation_pieces(const TensorView& x, int64_t gsize, Format fmt, Act
 bool split_activation_pieces_avx512(const TensorView& x, int64_t gsize, bool even_odd, ActivationPieces& out);
 bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, ActivationPieces& out);  // INT4 order
 
+// E2M1 weights (NVFP4 / MXFP4) take the INT4 kernel's loop with each code read as
+// u = 2 * value + 12 (0..24, one byte-table lookup), 12 taken off with the pieces' group sums,
+// and each group's scale decoded per tile of rows and halved.
+struct Fp4Scales {
+  const uint8_t* codes;  // [N, groups]: E4M3 (NVFP4) or E8M0 (MXFP4) bytes
+  bool e4m3;
+  float factor;  // times every decoded scale: 1/2, and NVFP4's tensor scale
+};
+// Whether linear_lowbit runs them: the switch on, AVX-512 VNNI, K a multiple of 128, the
+// format's own group (16 / 32), batch 1.
+bool fp4_pieces_fit(Format fmt, int64_t M, int64_t K, int64_t group);
+// out[0, n) = the n scale bytes decoded (exactly as e4m3_decode / e8m0_decode) times s.factor.
+void fp4_decode_scales_avx512(const uint8_t* codes, int64_t n, const Fp4Scales& s, float* out);
+// p as for linear_pieces, its scales unread (s instead); a split with p.gsize (16 or 32).
+void linear_fp4_pieces_avx512(const WeightOnlyProblem& p, const ActivationPieces& a, const Fp4Scales& s, int64_t M);
+
 // out = x @ dequantize(qweight)^T + bias for the integer formats (int4 / uint4 / int8 / uint8).
 void linear_pieces(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M);
 void linear_pieces_avx512(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M);

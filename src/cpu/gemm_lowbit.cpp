@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "activation_pieces.h"
 #include "fp4_gemv.h"
 #include "onednn_engine.h"
 #include "panel_gemm.h"
@@ -189,6 +190,18 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
     decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
                       workspace->ptr<float>(), workspace->shape[0], lanes);
   } else if (lanes) {
+    // NVFP4 / MXFP4 at batch 1 on AVX-512 VNNI: integer products with the activations as
+    // three int8 pieces (activation_pieces.h), where every row splits.
+    if (cpu::fp4_pieces_fit(fmt, M, K, w.group)) {
+      thread_local cpu::ActivationPieces pieces;
+      if (cpu::split_activation_pieces(x, w.group, fmt, pieces)) {
+        const cpu::WeightOnlyProblem p{qweight, scales, nullptr, bias, out, K, w.group, w.groups, nullptr};
+        const bool nv = fmt == Format::kNVFP4;
+        const cpu::Fp4Scales s{static_cast<const uint8_t*>(w.scales), nv, 0.5f * (nv ? w.tensor_scale : 1.0f)};
+        cpu::linear_fp4_pieces_avx512(p, pieces, s, M);
+        return;
+      }
+    }
     // NVFP4 / MXFP4: the E2M1 GEMV on activations re-laid once (fp4_gemv.h), unless one of
     // them is out of its range. On AVX2 at one row only: at 2 to 8 rows its 2-row passes
     // measured as fast as this GEMV's 4-row ones or slower (4096 x 4096, Zen 4 capped at

@@ -228,3 +228,28 @@ def test_every_table_row_has_a_linear_path():
         group = spec.block_size or 32
         mod = ts.LowBitLinear(64, 16, name, group, bias=False)
         assert mod(torch.zeros(1, 64)).shape == (1, 16)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_activation_pieces_and_float_kernels_both_match_float64(fmt):
+    # NVFP4 / MXFP4 at batch 1 on AVX-512 VNNI multiply the codes as integers with the
+    # activations as three int8 pieces (src/cpu/activation_pieces.h); the switch runs the E2M1
+    # float GEMV instead. Both within float32 accumulation of the float64 product; where the
+    # pieces run (AVX-512 VNNI) they are a different kernel.
+    if ts._C.active_isa() == "scalar":
+        pytest.skip("no vector kernels")
+    K, N, group = 2048, 72, get_format(fmt).block_size
+    (q, s, z, t), deq = quantized_weight(fmt, N, K, group, seed=3)
+    x = torch.randn(1, K) * torch.logspace(-2, 2, K)  # a wide range within the row
+    want = x.double() @ deq.double().T
+    outs = []
+    try:
+        for pieces in (True, False):
+            ts._C.set_activation_pieces_enabled(pieces)
+            y = ops.linear_lowbit(x, q, s, z, t, None, fmt, group, K)
+            assert rel_err(y, want) < 1e-5, pieces
+            outs.append(y)
+    finally:
+        ts._C.set_activation_pieces_enabled(True)
+    if ts._C.active_isa() == "avx512" and ops.w4a8.kernel_name(K, 128) == "avx512_vnni":
+        assert not torch.equal(outs[0], outs[1])
