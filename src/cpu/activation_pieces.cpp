@@ -39,7 +39,8 @@ bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
 
 bool fp4_pieces_fit(Format fmt, int64_t M, int64_t K, int64_t group) {
   const bool fp4 = (fmt == Format::kNVFP4 && group == 16) || (fmt == Format::kMXFP4 && group == 32);
-  return g_enabled.load(std::memory_order_relaxed) && fp4 && use_avx512() && K % kPieceBlock == 0 && M == 1;
+  return g_enabled.load(std::memory_order_relaxed) && fp4 && use_avx512() && K % kPieceBlock == 0 &&
+         (M == 1 || (M >= 1 && M <= kPieceMaxRows && K >= kFp4PieceMinKForRows));
 }
 
 bool split_activation_pieces(const TensorView& x, int64_t gsize, Format fmt, ActivationPieces& out) {

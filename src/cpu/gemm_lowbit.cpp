@@ -190,7 +190,7 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
     decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
                       workspace->ptr<float>(), workspace->shape[0], lanes);
   } else if (lanes) {
-    // NVFP4 / MXFP4 at batch 1 on AVX-512 VNNI: integer products with the activations as
+    // NVFP4 / MXFP4 at a few rows on AVX-512 VNNI: integer products with the activations as
     // three int8 pieces (activation_pieces.h), where every row splits.
     if (cpu::fp4_pieces_fit(fmt, M, K, w.group)) {
       thread_local cpu::ActivationPieces pieces;

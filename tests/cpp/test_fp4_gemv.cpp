@@ -233,7 +233,7 @@ TEST(Fp4Gemv, LinearLowbitKeepsOutOfRangeActivationsOffTheKernel) {
   }
 }
 
-// ---- batch 1 on AVX-512 VNNI: the activations as three int8 pieces (activation_pieces.h)
+// ---- a few rows on AVX-512 VNNI: the activations as three int8 pieces (activation_pieces.h)
 
 bool have_fp4_pieces() {
   return cpu::best_isa() >= cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni();
@@ -264,43 +264,47 @@ TEST(Fp4Pieces, ScaleDecodeMatchesTheScalarDecoders) {
     }
 }
 
-// out of linear_lowbit (x [1, K]) for w, pieces on or off.
-std::vector<float> lowbit_row(const Fp4Weight& w, const std::vector<float>& x, const std::vector<float>& bias,
-                              bool pieces) {
+// out of linear_lowbit (x [M, K]) for w, pieces on or off.
+std::vector<float> lowbit_rows(const Fp4Weight& w, const std::vector<float>& x, int64_t M,
+                               const std::vector<float>& bias, bool pieces) {
   const FormatInfo& f = *w.info;
   const int64_t groups = w.K / f.block_size;
   std::vector<uint8_t> q = w.q, s = w.scales;
-  std::vector<float> ts = w.ts, out(w.N, NAN);
+  std::vector<float> ts = w.ts, out(M * w.N, NAN);
   const TensorView tv = view1(ts.data(), DType::kFloat32, 1), bv = view1(const_cast<float*>(bias.data()), DType::kFloat32, w.N);
   cpu::set_activation_pieces_enabled(pieces);
-  linear_lowbit(view2(const_cast<float*>(x.data()), DType::kFloat32, 1, w.K),
+  linear_lowbit(view2(const_cast<float*>(x.data()), DType::kFloat32, M, w.K),
                 view2(q.data(), DType::kUInt8, w.N, packed_row_bytes(f, w.K)), view2(s.data(), DType::kUInt8, w.N, groups),
                 nullptr, f.has_tensor_scale ? &tv : nullptr, &bv, f.format, f.block_size,
-                view2(out.data(), DType::kFloat32, 1, w.N), nullptr, GemmBackend::kAuto);
+                view2(out.data(), DType::kFloat32, M, w.N), nullptr, GemmBackend::kAuto);
   cpu::set_activation_pieces_enabled(true);
   return out;
 }
 
 // Within the pieces' error of float64 over the reference-decoded weight: s / (2 * 254^2) per
-// activation (2e-7 max|x| with rounding room) times sum |w|, float32 accumulation (1e-6 of
-// sum |w x|), the output's rounding.
-void expect_pieces_close(const Fp4Weight& w, const std::vector<float>& x, const std::vector<float>& bias,
+// activation (2e-7 max|x| of the row with rounding room) times sum |w|, float32 accumulation
+// (1e-6 of sum |w x|), the output's rounding.
+void expect_pieces_close(const Fp4Weight& w, const std::vector<float>& x, int64_t M, const std::vector<float>& bias,
                          const std::vector<float>& got, const std::string& what) {
-  double xmax = 0;
-  for (float v : x) xmax = std::max(xmax, std::fabs(double(v)));
-  for (int64_t n = 0; n < w.N; ++n) {
-    double want = bias[n], sum_w = 0, sum_wx = 0;
-    for (int64_t k = 0; k < w.K; ++k) {
-      want += double(x[k]) * w.ref[n * w.K + k];
-      sum_w += std::fabs(double(w.ref[n * w.K + k]));
-      sum_wx += std::fabs(double(x[k]) * w.ref[n * w.K + k]);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x.data() + m * w.K;
+    double xmax = 0;
+    for (int64_t k = 0; k < w.K; ++k) xmax = std::max(xmax, std::fabs(double(xm[k])));
+    for (int64_t n = 0; n < w.N; ++n) {
+      double want = bias[n], sum_w = 0, sum_wx = 0;
+      for (int64_t k = 0; k < w.K; ++k) {
+        want += double(xm[k]) * w.ref[n * w.K + k];
+        sum_w += std::fabs(double(w.ref[n * w.K + k]));
+        sum_wx += std::fabs(double(xm[k]) * w.ref[n * w.K + k]);
+      }
+      const float g = got[m * w.N + n];
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(g)) << what << " m " << m << " n " << n;
+        continue;
+      }
+      EXPECT_NEAR(g, want, 2e-7 * xmax * sum_w + 1e-6 * sum_wx + 1.2e-7 * std::fabs(want) + 1e-30)
+          << what << " m " << m << " n " << n;
     }
-    if (std::isnan(want)) {
-      EXPECT_TRUE(std::isnan(got[n])) << what << " n " << n;
-      continue;
-    }
-    EXPECT_NEAR(got[n], want, 2e-7 * xmax * sum_w + 1e-6 * sum_wx + 1.2e-7 * std::fabs(want) + 1e-30)
-        << what << " n " << n;
   }
 }
 
@@ -309,37 +313,45 @@ TEST(Fp4Pieces, MatchFloat64WhereTheyRun) {
   IsaScope isa(cpu::Isa::kAVX512);
   const int64_t N = 37;  // four-row steps and single-row tails
   for (Format fmt : {Format::kNVFP4, Format::kMXFP4})
-    for (int64_t K : {128, 384, 2048, 2304}) {
-      const Fp4Weight w = make_weight(fmt, N, K, 31 + static_cast<uint32_t>(K));
-      const std::string what = std::string(w.info->name) + " K=" + std::to_string(K);
-      ASSERT_TRUE(cpu::fp4_pieces_fit(fmt, 1, K, w.info->block_size)) << what;
-      std::vector<float> x = random_weights(K, 5 + static_cast<uint32_t>(K));
-      for (int64_t k = 0; k < K; ++k) x[k] *= std::pow(10.0f, static_cast<float>(k % 5) - 2.0f);  // 1e-2 .. 1e2
-      const std::vector<float> bias = random_weights(N, 9);
-      const std::vector<float> on = lowbit_row(w, x, bias, true), off = lowbit_row(w, x, bias, false);
-      expect_pieces_close(w, x, bias, on, what + " (pieces)");
-      expect_pieces_close(w, x, bias, off, what + " (float)");
-      EXPECT_NE(on, off) << what << ": the pieces ran";
-      // linear_lowbit's result is the kernel's.
-      cpu::ActivationPieces a;
-      ASSERT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, 1, K), w.info->block_size, fmt, a));
-      std::vector<uint8_t> q = w.q;
-      std::vector<float> direct(N, NAN);
-      const int64_t groups = K / w.info->block_size;
-      const TensorView qv = view2(q.data(), DType::kUInt8, N, packed_row_bytes(*w.info, K)),
-                       sv = view2(const_cast<uint8_t*>(w.scales.data()), DType::kUInt8, N, groups),
-                       bv = view1(const_cast<float*>(bias.data()), DType::kFloat32, N),
-                       ov = view2(direct.data(), DType::kFloat32, 1, N);
-      const bool nv = fmt == Format::kNVFP4;
-      const cpu::WeightOnlyProblem p{qv, sv, nullptr, &bv, ov, K, w.info->block_size, groups, nullptr};
-      cpu::linear_fp4_pieces_avx512(p, a, {w.scales.data(), nv, 0.5f * (nv ? w.ts[0] : 1.0f)}, 1);
-      EXPECT_EQ(direct, on) << what;
-    }
+    for (int64_t K : {128, 384, 1024, 2304})
+      for (int64_t M : {1, 3, 6, 13}) {
+        const Fp4Weight w = make_weight(fmt, N, K, 31 + static_cast<uint32_t>(K));
+        const std::string what = std::string(w.info->name) + " K=" + std::to_string(K) + " M=" + std::to_string(M);
+        std::vector<float> x = random_weights(M * K, 5 + static_cast<uint32_t>(K + M));
+        for (int64_t i = 0; i < M * K; ++i) x[i] *= std::pow(10.0f, static_cast<float>(i % 5) - 2.0f);  // 1e-2 .. 1e2
+        const std::vector<float> bias = random_weights(N, 9);
+        const std::vector<float> on = lowbit_rows(w, x, M, bias, true), off = lowbit_rows(w, x, M, bias, false);
+        expect_pieces_close(w, x, M, bias, on, what + " (pieces)");
+        expect_pieces_close(w, x, M, bias, off, what + " (float)");
+        if (!cpu::fp4_pieces_fit(fmt, M, K, w.info->block_size)) {
+          EXPECT_TRUE(M > 1 && K < cpu::kFp4PieceMinKForRows) << what;
+          continue;
+        }
+        // The kernel itself; linear_lowbit runs it where it reaches the GEMV (small weights
+        // past 8 rows take the panel GEMM first).
+        cpu::ActivationPieces a;
+        ASSERT_TRUE(cpu::split_activation_pieces(view2(x.data(), DType::kFloat32, M, K), w.info->block_size, fmt, a));
+        std::vector<uint8_t> q = w.q;
+        std::vector<float> direct(M * N, NAN);
+        const int64_t groups = K / w.info->block_size;
+        const TensorView qv = view2(q.data(), DType::kUInt8, N, packed_row_bytes(*w.info, K)),
+                         sv = view2(const_cast<uint8_t*>(w.scales.data()), DType::kUInt8, N, groups),
+                         bv = view1(const_cast<float*>(bias.data()), DType::kFloat32, N),
+                         ov = view2(direct.data(), DType::kFloat32, M, N);
+        const bool nv = fmt == Format::kNVFP4;
+        const cpu::WeightOnlyProblem p{qv, sv, nullptr, &bv, ov, K, w.info->block_size, groups, nullptr};
+        cpu::linear_fp4_pieces_avx512(p, a, {w.scales.data(), nv, 0.5f * (nv ? w.ts[0] : 1.0f)}, M);
+        expect_pieces_close(w, x, M, bias, direct, what + " (kernel)");
+        if (M <= 8) {
+          EXPECT_NE(on, off) << what << ": the pieces ran";
+          EXPECT_EQ(direct, on) << what;
+        }
+      }
 }
 
 // Scale bytes the quantizer does not write (E4M3 NaN, negative, subnormal; E8M0 0 and 255)
-// give what the reference gives; rows holding NaN / Inf and batches above 1 keep the float
-// kernels (their results unchanged by the switch).
+// give what the reference gives; rows holding NaN / Inf keep the float kernels (their results
+// unchanged by the switch); which shapes the pieces take.
 TEST(Fp4Pieces, OddScalesAndInputsTheyLeave) {
   if (!have_fp4_pieces()) GTEST_SKIP() << "no AVX-512 VNNI";
   IsaScope isa(cpu::Isa::kAVX512);
@@ -360,15 +372,17 @@ TEST(Fp4Pieces, OddScalesAndInputsTheyLeave) {
                         view2(w.ref.data(), DType::kFloat32, N, K));
     }
     const std::vector<float> x = random_weights(K, 4), bias(N, 0.25f);
-    expect_pieces_close(w, x, bias, lowbit_row(w, x, bias, true), std::string(w.info->name) + " odd scales");
+    expect_pieces_close(w, x, 1, bias, lowbit_rows(w, x, 1, bias, true), std::string(w.info->name) + " odd scales");
     for (float bad : {NAN, INFINITY}) {
       std::vector<float> xb = x;
       xb[K / 2] = bad;
-      const std::vector<float> on = lowbit_row(w, xb, bias, true), off = lowbit_row(w, xb, bias, false);
+      const std::vector<float> on = lowbit_rows(w, xb, 1, bias, true), off = lowbit_rows(w, xb, 1, bias, false);
       EXPECT_EQ(0, std::memcmp(on.data(), off.data(), N * sizeof(float))) << w.info->name << " " << bad;
     }
   }
-  EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kNVFP4, 2, 4096, 16));
+  EXPECT_TRUE(cpu::fp4_pieces_fit(Format::kNVFP4, 32, 1024, 16));
+  EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kNVFP4, 33, 4096, 16));
+  EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kMXFP4, 2, 768, 32));
   EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kNVFP4, 1, 4000, 16));
   EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kMXFP4, 1, 4096, 16));
   EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kInt4, 1, 4096, 32));

@@ -230,9 +230,9 @@ def test_every_table_row_has_a_linear_path():
         assert mod(torch.zeros(1, 64)).shape == (1, 16)
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_fp4_activation_pieces_and_float_kernels_both_match_float64(fmt):
-    # NVFP4 / MXFP4 at batch 1 on AVX-512 VNNI multiply the codes as integers with the
+@pytest.mark.parametrize("fmt,M", [("nvfp4", 1), ("mxfp4", 1), ("nvfp4", 5)])
+def test_fp4_activation_pieces_and_float_kernels_both_match_float64(fmt, M):
+    # NVFP4 / MXFP4 at a few rows on AVX-512 VNNI multiply the codes as integers with the
     # activations as three int8 pieces (src/cpu/activation_pieces.h); the switch runs the E2M1
     # float GEMV instead. Both within float32 accumulation of the float64 product; where the
     # pieces run (AVX-512 VNNI) they are a different kernel.
@@ -240,7 +240,7 @@ def test_fp4_activation_pieces_and_float_kernels_both_match_float64(fmt):
         pytest.skip("no vector kernels")
     K, N, group = 2048, 72, get_format(fmt).block_size
     (q, s, z, t), deq = quantized_weight(fmt, N, K, group, seed=3)
-    x = torch.randn(1, K) * torch.logspace(-2, 2, K)  # a wide range within the row
+    x = torch.randn(M, K) * torch.logspace(-2, 2, K)  # a wide range within each row
     want = x.double() @ deq.double().T
     outs = []
     try:
