@@ -86,7 +86,9 @@ struct Fp4Scales {
 // format's own group (16 / 32), batch 1, or up to kPieceMaxRows rows from K = 1024. Against the
 // E2M1 float GEMV (Zen 4, random-order rounds): batch 1 1.40-1.48x at 4096-11008 wide weights,
 // 1.0-1.26x at 384-2048; 2-32 rows at K = 1024-4096 1.08-1.25x (NVFP4), 1.18-1.39x (MXFP4); at
-// K = 384-768 0.76-1.18x.
+// K = 384-768 0.76-1.18x. An AVX2 version (vpmaddubsw, groups as half-block lanes) ran batch 1
+// at 0.79-1.03x the AVX2 E2M1 GEMV (each 128 values' six group scalings and the scale decode
+// outweighed the cheaper products): not kept.
 constexpr int64_t kFp4PieceMinKForRows = 1024;
 bool fp4_pieces_fit(Format fmt, int64_t M, int64_t K, int64_t group);
 // out[0, n) = the n scale bytes decoded (exactly as e4m3_decode / e8m0_decode) times s.factor.

@@ -1,7 +1,7 @@
 // The E2M1 GEMV (src/cpu/fp4_gemv.h): both ISAs' kernels called directly against float64
 // over the reference-decoded weight, the activations' re-layout and its range check, which
-// weights it takes, and linear_lowbit leaving it for activations it cannot take; and at batch
-// 1 on AVX-512 VNNI the integer kernel on the activations as three int8 pieces.
+// weights it takes, and linear_lowbit leaving it for activations it cannot take; and on
+// AVX-512 VNNI the integer kernel on the activations as three int8 pieces.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -235,11 +235,15 @@ TEST(Fp4Gemv, LinearLowbitKeepsOutOfRangeActivationsOffTheKernel) {
 
 // ---- a few rows on AVX-512 VNNI: the activations as three int8 pieces (activation_pieces.h)
 
-bool have_fp4_pieces() {
-  return cpu::best_isa() >= cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni();
+// The ISAs with an E2M1 pieces kernel here: AVX-512 with VNNI (an ISA list, as the other
+// kernels' tests, for when AVX2 gets one).
+std::vector<cpu::Isa> fp4_piece_isas() {
+  std::vector<cpu::Isa> out;
+  if (cpu::best_isa() >= cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni()) out.push_back(cpu::Isa::kAVX512);
+  return out;
 }
 
-// Every scale byte, decoded 16 at a time (and a 5-byte tail), equals the scalar decoder's
+// Every scale byte, decoded 16 at a time and in a 5-byte tail, equals the scalar decoder's
 // value times the factor, bit for bit (NaN where it gives NaN).
 TEST(Fp4Pieces, ScaleDecodeMatchesTheScalarDecoders) {
   if (cpu::best_isa() < cpu::Isa::kAVX512) GTEST_SKIP() << "no AVX-512";
@@ -309,14 +313,16 @@ void expect_pieces_close(const Fp4Weight& w, const std::vector<float>& x, int64_
 }
 
 TEST(Fp4Pieces, MatchFloat64WhereTheyRun) {
-  if (!have_fp4_pieces()) GTEST_SKIP() << "no AVX-512 VNNI";
-  IsaScope isa(cpu::Isa::kAVX512);
+  if (fp4_piece_isas().empty()) GTEST_SKIP() << "no AVX-512 VNNI";
   const int64_t N = 37;  // four-row steps and single-row tails
+  for (cpu::Isa isa_run : fp4_piece_isas())
   for (Format fmt : {Format::kNVFP4, Format::kMXFP4})
     for (int64_t K : {128, 384, 1024, 2304})
       for (int64_t M : {1, 3, 6, 13}) {
+        IsaScope isa(isa_run);
         const Fp4Weight w = make_weight(fmt, N, K, 31 + static_cast<uint32_t>(K));
-        const std::string what = std::string(w.info->name) + " K=" + std::to_string(K) + " M=" + std::to_string(M);
+        const std::string what = std::string(cpu::isa_name(isa_run)) + " " + w.info->name + " K=" + std::to_string(K) +
+                                 " M=" + std::to_string(M);
         std::vector<float> x = random_weights(M * K, 5 + static_cast<uint32_t>(K + M));
         for (int64_t i = 0; i < M * K; ++i) x[i] *= std::pow(10.0f, static_cast<float>(i % 5) - 2.0f);  // 1e-2 .. 1e2
         const std::vector<float> bias = random_weights(N, 9);
@@ -353,10 +359,11 @@ TEST(Fp4Pieces, MatchFloat64WhereTheyRun) {
 // give what the reference gives; rows holding NaN / Inf keep the float kernels (their results
 // unchanged by the switch); which shapes the pieces take.
 TEST(Fp4Pieces, OddScalesAndInputsTheyLeave) {
-  if (!have_fp4_pieces()) GTEST_SKIP() << "no AVX-512 VNNI";
-  IsaScope isa(cpu::Isa::kAVX512);
+  if (fp4_piece_isas().empty()) GTEST_SKIP() << "no AVX-512 VNNI";
   const int64_t N = 8, K = 1152;
+  for (cpu::Isa isa_run : fp4_piece_isas())
   for (Format fmt : {Format::kNVFP4, Format::kMXFP4}) {
+    IsaScope isa(isa_run);
     Fp4Weight w = make_weight(fmt, N, K, 41);
     const int64_t groups = K / w.info->block_size;
     for (int64_t i = 0; i < N * groups; i += 5) {
@@ -380,6 +387,8 @@ TEST(Fp4Pieces, OddScalesAndInputsTheyLeave) {
       EXPECT_EQ(0, std::memcmp(on.data(), off.data(), N * sizeof(float))) << w.info->name << " " << bad;
     }
   }
+  IsaScope isa(cpu::Isa::kAVX512);
+  EXPECT_TRUE(cpu::fp4_pieces_fit(Format::kNVFP4, 1, 4096, 16));
   EXPECT_TRUE(cpu::fp4_pieces_fit(Format::kNVFP4, 32, 1024, 16));
   EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kNVFP4, 33, 4096, 16));
   EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kMXFP4, 2, 768, 32));

@@ -235,7 +235,7 @@ def test_fp4_activation_pieces_and_float_kernels_both_match_float64(fmt, M):
     # NVFP4 / MXFP4 at a few rows on AVX-512 VNNI multiply the codes as integers with the
     # activations as three int8 pieces (src/cpu/activation_pieces.h); the switch runs the E2M1
     # float GEMV instead. Both within float32 accumulation of the float64 product; where the
-    # pieces run (AVX-512 VNNI) they are a different kernel.
+    # pieces run they are a different kernel.
     if ts._C.active_isa() == "scalar":
         pytest.skip("no vector kernels")
     K, N, group = 2048, 72, get_format(fmt).block_size
