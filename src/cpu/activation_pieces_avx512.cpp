@@ -117,13 +117,13 @@ template <int R, int MB, int kBits, bool kSigned, int kPerStep, bool kFp4>
 __attribute__((target("avx512vnni"), noinline)) void pieces_tile(const WeightOnlyProblem& p,
                                                                   const ActivationPieces& a, int64_t n,
                                                                   int64_t m0, const float* scale_rows) {
-  // A step is one group of whole blocks, or (INT4 groups of 32 or 64) one block of several
+  // A step is one group of whole blocks, or (4-bit groups of 16, 32 or 64) one block of several
   // groups: lane l of a block's sums covers its values 8l .. 8l+7 (even and odd k alike), so
   // it takes the scale of group 8l / gsize within the block.
-  // kPerStep: groups per step (1, or 2 / 4 for INT4 groups of 64 / 32), fixed at compile time.
+  // kPerStep: groups per step (1, or 2 / 4 / 8 for groups of 64 / 32 / 16), fixed at compile time.
   const int64_t K = p.K, groups = p.groups, steps = groups / kPerStep;
   const int64_t blocks = kPerStep == 1 ? p.gsize / kPieceBlock : 1;
-  // 8l / gsize: the group of lane l within the block, for groups of 32 (4 per step) or 64 (2).
+  // 8l / gsize: the group of lane l within the block, for groups of 64 (2 per step), 32 (4), 16 (8).
   alignas(64) static constexpr int32_t kLaneGroup[3][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
                                                             {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
                                                             {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7}};
@@ -239,14 +239,14 @@ void pieces_rows(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
   }
 }
 
-// R weight rows per step, activation rows 4 at a time: R * 4 * 3 int32 accumulators fit the 32
-// registers at R = 2 (one pass with all 8 rows, R = 1, spilled: 1.5x slower at batch 8).
 // The R rows' group scales from n0 on, decoded and times s.factor, into rows of `groups`.
 void fp4_scale_rows(const Fp4Scales& s, int64_t n0, int R, int64_t groups, AlignedFloats& out) {
-  out.resize(R * groups + 16);
+  out.resize(R * groups);
   for (int r = 0; r < R; ++r) fp4_decode_scales_avx512(s.codes + (n0 + r) * groups, groups, s, out.data() + r * groups);
 }
 
+// R weight rows per step, activation rows 4 at a time: R * 4 * 3 int32 accumulators fit the 32
+// registers at R = 2 (one pass with all 8 rows, R = 1, spilled: 1.5x slower at batch 8).
 template <int kBits, bool kSigned, int kPerStep, bool kFp4 = false>
 void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t M, const Fp4Scales* fp4 = nullptr) {
   const int64_t N = p.qweight.shape[0];
