@@ -456,80 +456,10 @@ TS_TARGET bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0
   return !_mm256_testz_si256(bad, bad);
 }
 
-// Batches 2..8 on x transposed to [K, ST] (SparseBatch::xt): each entry is one broadcast value
-// times the ST batch values of its column, contiguous. ST = 4 runs on 128-bit vectors.
-template <int ST>
-struct Lanes;
-template <>
-struct Lanes<4> {
-  using V = __m128;
-  TS_TARGET static V zero() { return _mm_setzero_ps(); }
-  TS_TARGET static V load(const float* p) { return _mm_loadu_ps(p); }
-  TS_TARGET static V bcast(float v) { return _mm_set1_ps(v); }
-  TS_TARGET static V bcast(const float* p) { return _mm_broadcast_ss(p); }
-  TS_TARGET static V fma(V a, V b, V c) { return _mm_fmadd_ps(a, b, c); }
-  TS_TARGET static V add(V a, V b) { return _mm_add_ps(a, b); }
-  TS_TARGET static void store(float* p, V v) { _mm_store_ps(p, v); }
-};
-template <>
-struct Lanes<8> {
-  using V = __m256;
-  TS_TARGET static V zero() { return _mm256_setzero_ps(); }
-  TS_TARGET static V load(const float* p) { return _mm256_loadu_ps(p); }
-  TS_TARGET static V bcast(float v) { return _mm256_set1_ps(v); }
-  TS_TARGET static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  TS_TARGET static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  TS_TARGET static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  TS_TARGET static void store(float* p, V v) { _mm256_store_ps(p, v); }
-};
-
-template <DType VT, int ST>
-TS_TARGET inline typename Lanes<ST>::V value_bcast(const void* values, int64_t e) {
-  if constexpr (VT == DType::kFloat32) return Lanes<ST>::bcast(static_cast<const float*>(values) + e);
-  else return Lanes<ST>::bcast(static_cast<float>(static_cast<const int8_t*>(values)[e]));
-}
-
-// Entries e .. e + 3 into the four chains.
-template <DType VT, int ST>
-TS_TARGET inline void csr_step4(const SparseWeight& w, const float* xt, int64_t e, typename Lanes<ST>::V acc[4]) {
-  using L = Lanes<ST>;
-  uint64_t c4;  // four columns in one load
-  std::memcpy(&c4, w.cols + e, 8);
-  acc[0] = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + (c4 & 0xffff) * ST), acc[0]);
-  acc[1] = L::fma(value_bcast<VT, ST>(w.values, e + 1), L::load(xt + ((c4 >> 16) & 0xffff) * ST), acc[1]);
-  acc[2] = L::fma(value_bcast<VT, ST>(w.values, e + 2), L::load(xt + ((c4 >> 32) & 0xffff) * ST), acc[2]);
-  acc[3] = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc[3]);
-}
-
-template <DType VT, int ST>
-TS_TARGET bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  using L = Lanes<ST>;
-  using V = typename L::V;
-  bool bad = false;
-  const float* xt = a.xt;
-  alignas(32) float out[8];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t e0 = w.row_ptr[r], e1 = w.row_ptr[r + 1];
-    if (e1 > e0 && max_col(w.cols + e0, e1 - e0) >= w.K) {
-      bad = true;
-      continue;
-    }
-    V acc[4] = {L::zero(), L::zero(), L::zero(), L::zero()};
-    int64_t e = e0;
-    // Weights that come from memory (not cache) need the prefetches batch 1 makes too: 4096 x
-    // 4096 90% batch 8 with the weights evicted between calls, 0.89-1.06 -> 0.71-0.77 ms (Zen 4).
-    for (; e + 16 <= e1; e += 16) {
-      prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 16 * kValueBytes<VT>);
-      if (e % 32 < 16) prefetch_ahead(w.cols + e, 64);  // a line of columns per 32 entries
-      for (int i = 0; i < 16; i += 4) csr_step4<VT, ST>(w, xt, e + i, acc);
-    }
-    for (; e + 4 <= e1; e += 4) csr_step4<VT, ST>(w, xt, e, acc);
-    for (; e < e1; ++e) acc[0] = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + int64_t{w.cols[e]} * ST), acc[0]);
-    L::store(out, L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3])));
-    for (int64_t i = 0; i < a.M; ++i) store_out(w, a, r, i, out[i]);
-  }
-  return bad;
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "csr_small_batches.h"
+#pragma GCC pop_options
 
 template <DType VT>
 TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
