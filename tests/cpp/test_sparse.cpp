@@ -199,7 +199,7 @@ TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
   }
 }
 
-// The small-batch CSR kernels (batch 1 gathers, batches 2..8 on transposed x) and their edges:
+// The small-batch CSR kernels (batch 1 scalar loads of x, batches 2..8 on transposed x) and their edges:
 // every batch 1..9, empty rows (first, middle, last), K not a multiple of any vector width,
 // row counts that leave the last row block partial, and buffers sized exactly nnz so a row
 // ending at the buffer's end cannot be read past.
@@ -272,6 +272,43 @@ TEST(Sparse, CsrBadColumnEveryBatch) {
                               nullptr, nullptr, view2(y.data(), DType::kFloat32, M, N), &wsv),
                    ValueError)
           << cpu::isa_name(isa) << " M=" << M;
+    }
+  }
+}
+
+// Batch 1 reads x with scalar loads after checking each step's columns against K: a column
+// equal to K at any position of a 57-entry row (AVX-512: a 32-entry step, a 16-entry step and
+// a 9-entry tail; AVX2: three 16-entry steps, an 8-entry step and a 1-entry tail) fails the
+// call; columns up to K - 1 = 65535 (K = 65536, the largest) are read.
+TEST(Sparse, CsrBatch1ColumnCheckEveryStep) {
+  IsaScope guard;
+  const int64_t N = 3, per_row = 57;
+  std::vector<int64_t> rp(N + 1);
+  for (int64_t r = 0; r <= N; ++r) rp[r] = per_row * r;
+  std::vector<float> v(per_row * N, 1.0f);
+  for (int64_t K : {int64_t{100}, int64_t{65536}}) {
+    std::vector<uint16_t> c(per_row * N);
+    for (int64_t e = 0; e < per_row * N; ++e) c[e] = static_cast<uint16_t>(K - 1 - e % per_row);
+    std::vector<float> x(K), y(N);
+    for (int64_t k = 0; k < K; ++k) x[k] = static_cast<float>(k % 97);
+    auto run = [&] {
+      csr_linear(view2(x.data(), DType::kFloat32, 1, K), view1(v.data(), DType::kFloat32, per_row * N),
+                 view1(c.data(), DType::kUInt16, per_row * N), view1(rp.data(), DType::kInt64, N + 1), nullptr,
+                 nullptr, view2(y.data(), DType::kFloat32, 1, N), nullptr);
+    };
+    float expect = 0.0f;  // every row holds columns K - 1 .. K - 57: exact small integers
+    for (int64_t i = 0; i < per_row; ++i) expect += x[K - 1 - i];
+    for (cpu::Isa isa : machine_isas()) {
+      cpu::set_isa(isa);
+      run();
+      for (int64_t r = 0; r < N; ++r) EXPECT_EQ(y[r], expect) << cpu::isa_name(isa) << " K=" << K << " row " << r;
+      if (K == 65536) continue;  // no 16-bit column is out of range
+      for (int64_t pos : {0, 5, 31, 32, 40, 47, 48, 50, 55, 56}) {
+        const uint16_t keep = c[per_row + pos];
+        c[per_row + pos] = static_cast<uint16_t>(K);
+        EXPECT_THROW(run(), ValueError) << cpu::isa_name(isa) << " column K at entry " << pos;
+        c[per_row + pos] = keep;
+      }
     }
   }
 }

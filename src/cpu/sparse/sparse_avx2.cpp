@@ -2,8 +2,9 @@
 // enabled per function for the fp16 values). 8 stored entries per step. Row-wise (small
 // batches): N:M 2:4 and 4:8 pick their 8 x values out of a 16-column window with two
 // vpermps and a blend on the window half; other N:M gather them. Transposed (larger
-// batches): every stored entry does one FMA per 8 batch rows. CSR at batch 1 gathers; CSR at
-// batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
+// batches): every stored entry does one FMA per 8 batch rows. CSR at batch 1 reads x with
+// scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x transposed to [K, 4|8] (one
+// broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
@@ -401,14 +402,18 @@ TS_TARGET inline unsigned max_col(const uint16_t* c, int64_t n) {
   return best;
 }
 
-// Batch 1: x gathered at 8 columns per step, two FMA chains. The gathers are masked by
-// column < K, which checks the row in the same pass (a separate pass over its columns first
-// made each row two memory phases instead of one); *bad collects the lanes that failed.
+#include "csr_x_at.h"
+
+// Batch 1: x at 16 columns per step from scalar loads (csr_x_at.h), two FMA chains. Each
+// step's columns are checked against K first (one compare of 16 words); a step with a column
+// >= K, and the row's last partial step, gather instead, masked by column < K, and *bad
+// collects the lanes that failed.
 template <DType VT>
 TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, int64_t nnz,
                          __m256i& bad) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   const __m256i kv = _mm256_set1_epi32(static_cast<int>(w.K));
+  const __m256i last_col = _mm256_set1_epi16(static_cast<int16_t>(w.K - 1));  // K <= 65536
   auto gather = [&](__m256i col, __m256 use) TS_TARGET {
     const __m256 ok = _mm256_and_ps(use, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col)));
     bad = _mm256_or_si256(bad, _mm256_castps_si256(_mm256_andnot_ps(ok, use)));
@@ -421,11 +426,25 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
   for (; e + 2 * W <= e1; e += 2 * W) {
     prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
     prefetch_ahead(w.cols + e, 2 * W * static_cast<int64_t>(sizeof(*w.cols)));
-    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), gather(cols8(e), all), acc0);
-    acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), gather(cols8(e + W), all), acc1);
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e));
+    const bool in_range = _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(c, last_col), last_col)) == -1;
+    __m256 x0, x1;
+    if (in_range) {
+      x0 = x_at8(x, w.cols + e);
+      x1 = x_at8(x, w.cols + e + W);
+    } else {
+      x0 = gather(cols8(e), all);
+      x1 = gather(cols8(e + W), all);
+    }
+    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), x0, acc0);
+    acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), x1, acc1);
   }
   if (e + W <= e1) {
-    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), gather(cols8(e), all), acc0);
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + e));
+    const __m128i lc = _mm256_castsi256_si128(last_col);
+    const bool in_range = _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_max_epu16(c, lc), lc)) == 0xffff;
+    const __m256 x0 = in_range ? x_at8(x, w.cols + e) : gather(_mm256_cvtepu16_epi32(c), all);
+    acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), x0, acc0);
     e += W;
   }
   if (e < e1) {

@@ -1,8 +1,9 @@
 // AVX-512 sparse linears (compiled with -mavx512f/bw/vl/dq). 16 stored entries per step.
 // Row-wise (small batches): N:M 2:4 and 4:8 pick their 16 x values out of a 32-column window
 // with one vpermt2ps; other N:M gather them. Transposed (larger batches): every stored entry
-// does one FMA per 16 batch rows against the transposed activations. CSR at batch 1 gathers;
-// CSR at batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
+// does one FMA per 16 batch rows against the transposed activations. CSR at batch 1 reads x with
+// scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x transposed to [K, 4|8] (one
+// broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
@@ -386,13 +387,17 @@ inline unsigned max_col(const uint16_t* c, int64_t n) {
   return best;
 }
 
-// Batch 1: x gathered at 16 columns per step, two FMA chains. The gathers are masked by
-// column < K, which checks the row in the same pass (as the AVX2 kernel: one memory phase per
-// row instead of max_col first); *bad collects the lanes that failed.
+#include "csr_x_at.h"
+
+// Batch 1: x at 32 columns per step from scalar loads (csr_x_at.h), two FMA chains. Each
+// step's columns are checked against K first (one compare of 32 words); a step with a column
+// >= K, and the row's last partial step, gather instead, masked by column < K, and *bad
+// collects the lanes that failed.
 template <DType VT>
 float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __mmask16& bad) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const __m512i kv = _mm512_set1_epi32(static_cast<int>(w.K));
+  const __m512i last_col = _mm512_set1_epi16(static_cast<int16_t>(w.K - 1));  // K <= 65536
   auto gather = [&](__m512i col, __mmask16 use) {
     const __mmask16 ok = _mm512_mask_cmplt_epi32_mask(use, col, kv);
     bad |= use & ~ok;
@@ -401,14 +406,29 @@ float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __m
   auto cols16 = [&](int64_t i) {
     return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + i)));
   };
+  auto x_at16 = [&](int64_t i) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(x_at8(x, w.cols + i)), x_at8(x, w.cols + i + 8), 1);
+  };
   for (; e + 2 * W <= e1; e += 2 * W) {
     prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
     prefetch_ahead(w.cols + e, 2 * W * static_cast<int64_t>(sizeof(*w.cols)));
-    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), gather(cols16(e), 0xffff), acc0);
-    acc1 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e + W, 0), gather(cols16(e + W), 0xffff), acc1);
+    __m512 x0, x1;
+    if (_mm512_cmpgt_epu16_mask(_mm512_loadu_si512(w.cols + e), last_col) == 0) {
+      x0 = x_at16(e);
+      x1 = x_at16(e + W);
+    } else {
+      x0 = gather(cols16(e), 0xffff);
+      x1 = gather(cols16(e + W), 0xffff);
+    }
+    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), x0, acc0);
+    acc1 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e + W, 0), x1, acc1);
   }
   if (e + W <= e1) {
-    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), gather(cols16(e), 0xffff), acc0);
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e));
+    const __m512 x0 = _mm256_cmpgt_epu16_mask(c, _mm512_castsi512_si256(last_col)) == 0
+                          ? x_at16(e)
+                          : gather(_mm512_cvtepu16_epi32(c), 0xffff);
+    acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), x0, acc0);
     e += W;
   }
   if (e < e1) {
