@@ -254,8 +254,12 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   };
   // Rows are independent. Threads take blocks of rows from a shared counter rather than one
   // fixed share each, so rows with uneven nonzero counts, or a core busy with other work,
-  // do not leave the other threads waiting; a block keeps the per-row set-up amortized.
-  const int64_t block = transposed ? cpu::kRowBlock : 16;
+  // do not leave the other threads waiting. The row-wise kernels take about 8 blocks per
+  // thread: each new block restarts the weight streams (the prefetchers' lead is lost), and
+  // 16-row blocks made a 90% 4096 x 4096 CSR product with its weights out of cache 10-20%
+  // slower than 128-2048-row blocks (Zen 4, 2 threads, batch 1 and 8, docs/benchmarks.md).
+  const int64_t target_blocks = 8 * std::max(1, cpu::num_threads());
+  const int64_t block = transposed ? cpu::kRowBlock : std::max<int64_t>(16, (w.N + target_blocks - 1) / target_blocks);
   const int64_t blocks = (w.N + block - 1) / block;
   const int threads = static_cast<int>(std::min<int64_t>(cpu::num_threads(), blocks));
   if (threads <= 1) {
