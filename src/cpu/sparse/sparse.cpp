@@ -223,7 +223,7 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   a.ldy = w.N;
   a.bias = bias ? bias->ptr<float>() : nullptr;
   const cpu::Isa isa = cpu::active_isa();
-  const bool transposed = isa != cpu::Isa::kScalar && M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512);
+  const bool transposed = isa != cpu::Isa::kScalar && M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512, w.n, w.m);
   const bool csr_small = isa != cpu::Isa::kScalar && w.csr && !transposed && M > 1;
   if (transposed || csr_small) {
     const int64_t need = sparse_linear_workspace(M, w.K);

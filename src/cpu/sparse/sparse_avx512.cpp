@@ -1,6 +1,6 @@
 // AVX-512 sparse linears (compiled with -mavx512f/bw/vl/dq). 16 stored entries per step.
 // Row-wise (small batches): N:M 2:4 and 4:8 pick their 16 x values out of a 32-column window
-// with one vpermt2ps; other N:M gather them. Transposed (larger batches): every stored entry
+// with one vpermt2ps, 1:4 and 2:8 out of a 64-column one with two; other N:M gather them. Transposed (larger batches): every stored entry
 // does one FMA per 16 batch rows against the transposed activations. CSR at batch 1 reads x with
 // scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x transposed to [K, 4|8] (one
 // broadcast value per entry).
@@ -127,8 +127,9 @@ struct NmLayout {
   }
 };
 
-// Output row r for batch rows i0 .. i0+R-1. PERM: n | 16 and 16 slots span 32 columns.
-template <DType VT, int B, bool PERM, int R>
+// Output row r for batch rows i0 .. i0+R-1. WIN: the columns 16 slots span when n | 16 and
+// that is 32 (2:4, 4:8: one vpermt2ps) or 64 (1:4, 2:8: two and a blend); 0: gathers.
+template <DType VT, int B, int WIN, int R>
 void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
   __m512 acc[R];
   for (int q = 0; q < R; ++q) acc[q] = _mm512_setzero_ps();
@@ -142,11 +143,16 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   for (int q = 0; q < R; ++q) acc2[q] = _mm512_setzero_ps();
   auto body = [&](const __m512i rel, int64_t j, int64_t c0, __m512* A) __attribute__((always_inline)) {
     const __m512 vals = load_vals<VT, false>(w.values, vb + j, 0);
+    const __mmask16 upper = _mm512_cmpge_epi32_mask(rel, _mm512_set1_epi32(32));  // WIN 64 only
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m512 xv;
-      if constexpr (PERM) {
+      if constexpr (WIN == 32) {
         xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0), rel, _mm512_loadu_ps(xq + c0 + W));
+      } else if constexpr (WIN == 64) {  // vpermt2ps reads the index's low 5 bits
+        const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0), rel, _mm512_loadu_ps(xq + c0 + W));
+        const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0 + 2 * W), rel, _mm512_loadu_ps(xq + c0 + 3 * W));
+        xv = _mm512_mask_blend_ps(upper, lo, hi);
       } else {
         xv = _mm512_i32gather_ps(_mm512_add_epi32(rel, _mm512_set1_epi32(static_cast<int>(c0))), xq, 4);
       }
@@ -199,15 +205,15 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, _mm512_reduce_add_ps(_mm512_add_ps(acc[q], acc2[q])));
 }
 
-template <DType VT, int B, bool PERM>
+template <DType VT, int B, int WIN>
 void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   const NmLayout L(w);
   for (int64_t r = r0; r < r1; ++r) {
     int64_t i = 0;
-    for (; i + 8 <= a.M; i += 8) nm_row<VT, B, PERM, 8>(w, a, L, r, i);
-    for (; i + 4 <= a.M; i += 4) nm_row<VT, B, PERM, 4>(w, a, L, r, i);
-    for (; i + 2 <= a.M; i += 2) nm_row<VT, B, PERM, 2>(w, a, L, r, i);
-    for (; i < a.M; ++i) nm_row<VT, B, PERM, 1>(w, a, L, r, i);
+    for (; i + 8 <= a.M; i += 8) nm_row<VT, B, WIN, 8>(w, a, L, r, i);
+    for (; i + 4 <= a.M; i += 4) nm_row<VT, B, WIN, 4>(w, a, L, r, i);
+    for (; i + 2 <= a.M; i += 2) nm_row<VT, B, WIN, 2>(w, a, L, r, i);
+    for (; i < a.M; ++i) nm_row<VT, B, WIN, 1>(w, a, L, r, i);
   }
 }
 
@@ -458,12 +464,14 @@ bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
 
 template <DType VT>
 void nm_rows_dispatch(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  if (w.b == 2) {
-    if (w.n == 2) nm_rows_typed<VT, 2, true>(w, a, r0, r1);
-    else nm_rows_typed<VT, 2, false>(w, a, r0, r1);
-  } else {
-    if (w.n == 4) nm_rows_typed<VT, 3, true>(w, a, r0, r1);
-    else nm_rows_typed<VT, 3, false>(w, a, r0, r1);
+  if (w.b == 2) {  // m = 4
+    if (w.n == 2) nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
+    else if (w.n == 1) nm_rows_typed<VT, 2, 64>(w, a, r0, r1);
+    else nm_rows_typed<VT, 2, 0>(w, a, r0, r1);
+  } else {  // m = 8
+    if (w.n == 4) nm_rows_typed<VT, 3, 32>(w, a, r0, r1);
+    else if (w.n == 2) nm_rows_typed<VT, 3, 64>(w, a, r0, r1);
+    else nm_rows_typed<VT, 3, 0>(w, a, r0, r1);
   }
 }
 
