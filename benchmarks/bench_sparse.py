@@ -9,6 +9,7 @@ product must move (packed weight + x + y) / the copy bandwidth measured in this 
 by the time.
 
     python benchmarks/bench_sparse.py [--isa avx2] [--quick] [--shapes 4096x4096,4096x11008,11008x4096]
+        [--patterns 2:4,4:8,1:4,2:8,1:8]
 """
 import argparse
 
@@ -60,6 +61,7 @@ def main():
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--sparsities", default="0.5,0.75,0.9,0.95")
     p.add_argument("--isa", choices=("avx2", "avx512", "scalar"), help="force a tensorslim code path")
+    p.add_argument("--patterns", default="2:4", help="N:M patterns, e.g. 2:4,4:8,1:4,2:8,1:8")
     p.add_argument("--quick", action="store_true", help="4096x4096, 90%% and 2:4, batches 1 and 8")
     args = p.parse_args()
     if args.quick:
@@ -90,11 +92,13 @@ def main():
                 label = f"{int(sp * 100)}% {'fp32' if dt == torch.float32 else 'int8'}"
                 packs.append((label, lambda x, v=v, c=c, rp=rp, sc=sc: S.csr_linear(x, v, c, rp, sc, None, K),
                               nbytes(v, c, rp, sc), (w * keep) if dt == torch.float32 else None))
-        keep24 = nm_keep(w, 2, 4)
-        for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.int8, "int8")):
-            v, i, sc = S.nm_pack(w, keep24, 2, 4, dt)
-            packs.append((f"2:4 {name}", lambda x, v=v, i=i, sc=sc: S.nm_linear(x, v, i, sc, None, 2, 4, K),
-                          nbytes(v, i, sc), None))
+        for pattern in args.patterns.split(","):
+            n, m = (int(a) for a in pattern.split(":"))
+            keep_nm = nm_keep(w, n, m)
+            for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.int8, "int8")):
+                v, i, sc = S.nm_pack(w, keep_nm, n, m, dt)
+                fn = lambda x, v=v, i=i, sc=sc, n=n, m=m: S.nm_linear(x, v, i, sc, None, n, m, K)  # noqa: E731
+                packs.append((f"{n}:{m} {name}", fn, nbytes(v, i, sc), None))
         for M in (int(b) for b in args.batches.split(",")):
             x = torch.randn(M, K)
             act = 4 * M * (K + N)
