@@ -6,7 +6,8 @@ then per format: torch's CSR time (unstructured rows only; the faster of torch.s
 x @ Wcsr.t(), timed in interleaved rounds with ours so that load from other processes
 falls on both), ours, the speed-up over dense and over torch's CSR, and %bw: the bytes the
 product must move (packed weight + x + y) / the copy bandwidth measured in this run, divided
-by the time.
+by the time. Ours is the call CSRSparseLinear / NMSparseLinear make (ops.sparse.csr_linear_direct
+and nm_linear_direct: the kernel without the checked op's Python argument checks).
 
     python benchmarks/bench_sparse.py [--isa avx2] [--quick] [--shapes 4096x4096,4096x11008,11008x4096]
         [--patterns 2:4,4:8,1:4,2:8,1:8]
@@ -90,14 +91,15 @@ def main():
             for dt in (torch.float32, torch.int8):
                 v, c, rp, sc = S.csr_pack(w, keep, dt)
                 label = f"{int(sp * 100)}% {'fp32' if dt == torch.float32 else 'int8'}"
-                packs.append((label, lambda x, v=v, c=c, rp=rp, sc=sc: S.csr_linear(x, v, c, rp, sc, None, K),
-                              nbytes(v, c, rp, sc), (w * keep) if dt == torch.float32 else None))
+                fn = lambda x, v=v, c=c, rp=rp, sc=sc: S.csr_linear_direct(x, v, c, rp, sc, None, "auto")  # noqa: E731
+                packs.append((label, fn, nbytes(v, c, rp, sc), (w * keep) if dt == torch.float32 else None))
         for pattern in args.patterns.split(","):
             n, m = (int(a) for a in pattern.split(":"))
             keep_nm = nm_keep(w, n, m)
             for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.int8, "int8")):
                 v, i, sc = S.nm_pack(w, keep_nm, n, m, dt)
-                fn = lambda x, v=v, i=i, sc=sc, n=n, m=m: S.nm_linear(x, v, i, sc, None, n, m, K)  # noqa: E731
+                fn = lambda x, v=v, i=i, sc=sc, n=n, m=m: S.nm_linear_direct(  # noqa: E731
+                    x, v, i, sc, None, n, m, "auto")
                 packs.append((f"{n}:{m} {name}", fn, nbytes(v, i, sc), None))
         for M in (int(b) for b in args.batches.split(",")):
             x = torch.randn(M, K)

@@ -81,6 +81,44 @@ def test_sparse_linears_call_directly_and_agree():
     assert any("tensorslim.csr_linear" in n for n in seen.names)
 
 
+def test_sparse_layers_take_the_direct_call_with_the_ops_bits():
+    # The sparse layers' eager fp32 call skips the op's Python checks (nm_linear_direct /
+    # csr_linear_direct); the kernel, its arguments and so the bits are the op's.
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(96, 40)
+    keep = torch.rand(40, 96) > 0.7
+    nm_keep = torch.zeros(40, 24, 4, dtype=torch.bool).scatter_(-1, lin.weight.abs().reshape(40, 24, 4).topk(
+        2, dim=-1).indices, True).reshape(40, 96)
+    layers = [ts.nn.NMSparseLinear.from_dense(lin.weight.data, nm_keep, 2, 4, v, lin.bias.data)
+              for v in ("float32", "bfloat16", "int8")]
+    layers += [ts.nn.CSRSparseLinear.from_dense(lin.weight.data, keep, v, lin.bias.data) for v in ("float32", "int8")]
+    for layer in layers:
+        nm = isinstance(layer, ts.nn.NMSparseLinear)
+        packed = ((layer.values, layer.indices, layer.scales, layer.bias) if nm else
+                  (layer.values, layer.cols, layer.row_ptr, layer.scales, layer.bias))
+        for shape in ((1, 96), (5, 96), (2, 3, 96), (40, 96)):
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                direct = layer(x)
+            via_op = (ops.sparse.nm_linear(x, *packed, 2, 4, 96) if nm else ops.sparse.csr_linear(x, *packed, 96))
+            assert direct.shape == (*shape[:-1], 40)
+            assert torch.equal(direct, via_op), (layer.values_dtype, shape)
+        x = torch.randn(5, 96)
+        direct_fn = ((lambda x2, b: ops.sparse.nm_linear_direct(x2, *packed, 2, 4, b)) if nm else
+                     (lambda x2, b: ops.sparse.csr_linear_direct(x2, *packed, b)))
+        assert direct_fn(x, "auto") is not None
+        # The reference backend, a strided or a bf16 input go the op's way (same results).
+        assert direct_fn(x, "reference") is None
+        assert direct_fn(torch.randn(96, 5).t(), "auto") is None
+        assert direct_fn(x.bfloat16(), "auto") is None
+        xt = torch.randn(96, 3).t()
+        assert torch.equal(layer(xt), layer(xt.contiguous()))
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
+        xg = x.clone().requires_grad_()
+        layer(xg).sum().backward()  # autograd reaches the input through the op
+        assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
 @pytest.mark.parametrize("act", [None, (0.03, 117, torch.uint8), (0.02, 0, torch.int8), (0.05, 0, torch.uint8)],
                          ids=["per-token", "static-u8-zp117", "static-s8", "static-u8-zp0"])
 def test_w8a8_in_one_call_equals_its_two_ops(act):

@@ -78,8 +78,13 @@ class NMSparseLinear(_SparseLinear):
             self.bias.copy_(bias.detach().float())
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, lambda x2: _ops().nm_linear(x2, self.values, self.indices, self.scales, self.bias,
-                                                            self.n, self.m, self.in_features, self.backend))
+        return self._run(x, self._linear)
+
+    def _linear(self, x2: torch.Tensor) -> torch.Tensor:
+        ops = _ops()
+        t = (self.values, self.indices, self.scales, self.bias)
+        y = ops.nm_linear_direct(x2, *t, self.n, self.m, self.backend)
+        return y if y is not None else ops.nm_linear(x2, *t, self.n, self.m, self.in_features, self.backend)
 
     def dense_weight(self) -> torch.Tensor:
         return _ops().nm_unpack(self.values, self.indices, self.scales, self.n, self.m, self.in_features)
@@ -136,8 +141,13 @@ class CSRSparseLinear(_SparseLinear):
         return mod
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, lambda x2: _ops().csr_linear(x2, self.values, self.cols, self.row_ptr, self.scales,
-                                                             self.bias, self.in_features, self.backend))
+        return self._run(x, self._linear)
+
+    def _linear(self, x2: torch.Tensor) -> torch.Tensor:
+        ops = _ops()
+        t = (self.values, self.cols, self.row_ptr, self.scales, self.bias)
+        y = ops.csr_linear_direct(x2, *t, self.backend)
+        return y if y is not None else ops.csr_linear(x2, *t, self.in_features, self.backend)
 
     def dense_weight(self) -> torch.Tensor:
         return _ops().csr_unpack(self.values, self.cols, self.row_ptr, self.scales, self.in_features)

@@ -332,6 +332,32 @@ def _pick(backend: str, tensors, fn: str) -> bool:
     return True
 
 
+def _direct_ok(x2: torch.Tensor, backend: str, tensors) -> bool:
+    return (backend != "reference" and x2.dtype == torch.float32 and x2.dim() == 2 and x2.is_contiguous()
+            and _eager.direct_ok((x2, *tensors)))
+
+
+def nm_linear_direct(x2: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], n: int, m: int, backend: str) -> Optional[torch.Tensor]:
+    """nm_linear for a layer's own packed tensors and a contiguous float32 [rows, in_features]
+    input the layer has checked, in the common case (eager, CPU, nothing for the dispatcher to
+    do): the same CPU function with the same arguments, so the same bits, without the per-call
+    argument checks in Python (the native core checks the tensors again). None where the case
+    does not hold: the caller then calls nm_linear."""
+    if not _direct_ok(x2, backend, (values, indices, scales, bias)):
+        return None
+    return _nm_linear_impl(x2, values, indices, scales, bias, n, m)
+
+
+def csr_linear_direct(x2: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
+                      scales: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      backend: str) -> Optional[torch.Tensor]:
+    """csr_linear's direct call, as nm_linear_direct."""
+    if not _direct_ok(x2, backend, (values, cols, row_ptr, scales, bias)):
+        return None
+    return _csr_linear_impl(x2, values, cols, row_ptr, scales, bias)
+
+
 def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
               bias: Optional[torch.Tensor], n: int, m: int, in_features: int, backend: str = "auto") -> torch.Tensor:
     """y = x @ W^T (+ bias) for an N:M packed W; x is [..., in_features], y [..., out_features]."""
