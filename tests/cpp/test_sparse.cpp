@@ -276,11 +276,12 @@ TEST(Sparse, CsrBadColumnEveryBatch) {
   }
 }
 
-// Batch 1 reads x with scalar loads after checking each step's columns against K: a column
-// equal to K at any position of a 57-entry row (AVX-512: a 32-entry step, a 16-entry step and
-// a 9-entry tail; AVX2: three 16-entry steps, an 8-entry step and a 1-entry tail) fails the
-// call; columns up to K - 1 = 65535 (K = 65536, the largest) are read.
-TEST(Sparse, CsrBatch1ColumnCheckEveryStep) {
+// The row-wise CSR kernels check each step's columns against K just before reading x at them:
+// a column equal to K at any position of a 57-entry row (AVX-512 batch 1: a 32-entry step, a
+// 16-entry step and a 9-entry tail; AVX2 batch 1: three 16-entry steps, an 8-entry step and a
+// 1-entry tail; batches 2..8: three 16-entry steps and a 9-entry tail) fails the call; columns
+// up to K - 1 = 65535 (K = 65536, the largest) are read.
+TEST(Sparse, CsrColumnCheckEveryStep) {
   IsaScope guard;
   const int64_t N = 3, per_row = 57;
   std::vector<int64_t> rp(N + 1);
@@ -289,25 +290,29 @@ TEST(Sparse, CsrBatch1ColumnCheckEveryStep) {
   for (int64_t K : {int64_t{100}, int64_t{65536}}) {
     std::vector<uint16_t> c(per_row * N);
     for (int64_t e = 0; e < per_row * N; ++e) c[e] = static_cast<uint16_t>(K - 1 - e % per_row);
-    std::vector<float> x(K), y(N);
-    for (int64_t k = 0; k < K; ++k) x[k] = static_cast<float>(k % 97);
-    auto run = [&] {
-      csr_linear(view2(x.data(), DType::kFloat32, 1, K), view1(v.data(), DType::kFloat32, per_row * N),
-                 view1(c.data(), DType::kUInt16, per_row * N), view1(rp.data(), DType::kInt64, N + 1), nullptr,
-                 nullptr, view2(y.data(), DType::kFloat32, 1, N), nullptr);
-    };
-    float expect = 0.0f;  // every row holds columns K - 1 .. K - 57: exact small integers
-    for (int64_t i = 0; i < per_row; ++i) expect += x[K - 1 - i];
-    for (cpu::Isa isa : machine_isas()) {
-      cpu::set_isa(isa);
-      run();
-      for (int64_t r = 0; r < N; ++r) EXPECT_EQ(y[r], expect) << cpu::isa_name(isa) << " K=" << K << " row " << r;
-      if (K == 65536) continue;  // no 16-bit column is out of range
-      for (int64_t pos : {0, 5, 31, 32, 40, 47, 48, 50, 55, 56}) {
-        const uint16_t keep = c[per_row + pos];
-        c[per_row + pos] = static_cast<uint16_t>(K);
-        EXPECT_THROW(run(), ValueError) << cpu::isa_name(isa) << " column K at entry " << pos;
-        c[per_row + pos] = keep;
+    for (int64_t M : {1, 2, 5, 8}) {
+      std::vector<float> x(M * K), y(M * N), ws(sparse_linear_workspace(M, K) + 1);
+      for (int64_t i = 0; i < M * K; ++i) x[i] = static_cast<float>(i % K % 97);  // every batch row alike
+      TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
+      auto run = [&] {
+        csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(v.data(), DType::kFloat32, per_row * N),
+                   view1(c.data(), DType::kUInt16, per_row * N), view1(rp.data(), DType::kInt64, N + 1), nullptr,
+                   nullptr, view2(y.data(), DType::kFloat32, M, N), &wsv);
+      };
+      float expect = 0.0f;  // every row holds columns K - 1 .. K - 57: exact small integers
+      for (int64_t i = 0; i < per_row; ++i) expect += x[K - 1 - i];
+      for (cpu::Isa isa : machine_isas()) {
+        cpu::set_isa(isa);
+        run();
+        for (int64_t i = 0; i < M * N; ++i)
+          EXPECT_EQ(y[i], expect) << cpu::isa_name(isa) << " K=" << K << " M=" << M << " output " << i;
+        if (K == 65536) continue;  // no 16-bit column is out of range
+        for (int64_t pos : {0, 5, 15, 16, 31, 32, 40, 47, 48, 50, 55, 56}) {
+          const uint16_t keep = c[per_row + pos];
+          c[per_row + pos] = static_cast<uint16_t>(K);
+          EXPECT_THROW(run(), ValueError) << cpu::isa_name(isa) << " M=" << M << " column K at entry " << pos;
+          c[per_row + pos] = keep;
+        }
       }
     }
   }

@@ -49,6 +49,16 @@ inline void csr_step4(const SparseWeight& w, const float* xt, int64_t e, typenam
   acc[3] = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc[3]);
 }
 
+// True when the 16 columns at c are all <= last (every lane K - 1).
+inline bool cols16_at_most(const uint16_t* c, __m256i last) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(v, last), last)) == -1;
+}
+
+// Each 16 entries' columns are checked against K just before x is read at them, as batch 1
+// does, rather than in a pass over the row's columns first (two memory phases per row; with
+// no check at all 4096 x 4096 90% batch 8 ran 4-6% faster, in-step checks measured 0-4%
+// faster than the pass, Zen 4); the last < 16 entries are checked with max_col.
 template <DType VT, int ST>
 bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   using L = Lanes<ST>;
@@ -56,20 +66,26 @@ bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
   bool bad = false;
   const float* xt = a.xt;
   alignas(32) float out[8];
+  const __m256i last_col = _mm256_set1_epi16(static_cast<int16_t>(w.K - 1));  // K <= 65536
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t e0 = w.row_ptr[r], e1 = w.row_ptr[r + 1];
-    if (e1 > e0 && max_col(w.cols + e0, e1 - e0) >= w.K) {
-      bad = true;
-      continue;
-    }
+    const int64_t e1 = w.row_ptr[r + 1];
     V acc[4] = {L::zero(), L::zero(), L::zero(), L::zero()};
-    int64_t e = e0;
+    int64_t e = w.row_ptr[r];
+    bool row_ok = true;
     // Weights that come from memory (not cache) need the prefetches batch 1 makes too: 4096 x
     // 4096 90% batch 8 with the weights evicted between calls, 0.89-1.06 -> 0.71-0.77 ms (Zen 4).
     for (; e + 16 <= e1; e += 16) {
+      if (!cols16_at_most(w.cols + e, last_col)) {
+        row_ok = false;
+        break;
+      }
       prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 16 * kValueBytes<VT>);
       if (e % 32 < 16) prefetch_ahead(w.cols + e, 64);  // a line of columns per 32 entries
       for (int i = 0; i < 16; i += 4) csr_step4<VT, ST>(w, xt, e + i, acc);
+    }
+    if (!row_ok || (e < e1 && max_col(w.cols + e, e1 - e) >= w.K)) {
+      bad = true;
+      continue;
     }
     for (; e + 4 <= e1; e += 4) csr_step4<VT, ST>(w, xt, e, acc);
     for (; e < e1; ++e) acc[0] = L::fma(value_bcast<VT, ST>(w.values, e), L::load(xt + int64_t{w.cols[e]} * ST), acc[0]);

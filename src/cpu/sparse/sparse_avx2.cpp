@@ -385,10 +385,11 @@ TS_TARGET bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int
   return t_all_widths<CsrRows<VT>>(w, a, r0, r1);
 }
 
-// CSR, small batches. A row's columns are checked before any x is read at them (batch 1: the
-// gathers are masked; batches 2..8: max_col first), so no x is read out of bounds; a row
-// with a column >= K is reported (the call fails). Entries past the row's end that a full 8-lane load
-// reads (inside the buffer) are masked off; only the buffer's last entries are copied.
+// CSR, small batches. A row's columns are checked before any x is read at them (per step of
+// entries, and max_col for the last entries of a row at batches 2..8), so no x is read out of
+// bounds; a row with a column >= K is reported (the call fails). Entries past the row's end
+// that a full 8-lane load reads (inside the buffer) are masked off; only the buffer's last
+// entries are copied.
 
 // The largest of n columns at c (0 for none).
 TS_TARGET inline unsigned max_col(const uint16_t* c, int64_t n) {

@@ -376,9 +376,9 @@ bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, i
 }
 
 // CSR, small batches (the AVX2 file's structure). A row's columns are checked before any x is
-// read at them (batch 1: the gathers are masked; batches 2..8: max_col first), so no x is read
-// out of bounds; a row with a column >= K is reported (the call fails). The row's last partial
-// step uses masked loads.
+// read at them (per step of entries, and max_col for the last entries of a row at batches
+// 2..8), so no x is read out of bounds; a row with a column >= K is reported (the call
+// fails). The row's last partial step uses masked loads.
 
 // The largest of n columns at c (0 for none).
 inline unsigned max_col(const uint16_t* c, int64_t n) {
