@@ -1,6 +1,6 @@
 // CSR at batches 2..8, shared by the AVX-512 and AVX2 sparse files (the same 128- / 256-bit
 // code on each). Included inside each file's anonymous namespace, after <immintrin.h>,
-// <cstring>, sparse_kernels.h and the file's own max_col and store_out; the AVX2 file wraps
+// <cstring>, sparse_kernels.h, csr_x_at.h and the file's own max_col and store_out; the AVX2 file wraps
 // the include in `#pragma GCC target` so these functions get its ISA, as its TS_TARGET
 // functions do. No include guard: each file takes its own copy.
 
@@ -47,12 +47,6 @@ inline void csr_step4(const SparseWeight& w, const float* xt, int64_t e, typenam
   acc[1] = L::fma(value_bcast<VT, ST>(w.values, e + 1), L::load(xt + ((c4 >> 16) & 0xffff) * ST), acc[1]);
   acc[2] = L::fma(value_bcast<VT, ST>(w.values, e + 2), L::load(xt + ((c4 >> 32) & 0xffff) * ST), acc[2]);
   acc[3] = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc[3]);
-}
-
-// True when the 16 columns at c are all <= last (every lane K - 1).
-inline bool cols16_at_most(const uint16_t* c, __m256i last) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
-  return _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(v, last), last)) == -1;
 }
 
 // Each 16 entries' columns are checked against K just before x is read at them, as batch 1

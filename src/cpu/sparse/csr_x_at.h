@@ -1,6 +1,6 @@
 // x at CSR columns, assembled from scalar loads; shared by the AVX-512 and AVX2 sparse files.
-// Included inside each file's anonymous namespace, after <immintrin.h> and <cstring> (AVX is
-// all it needs, and both files are compiled with more). No include guard: each file takes its
+// Included inside each file's anonymous namespace, after <immintrin.h> and <cstring> (AVX2 is
+// all it needs, and both files are compiled with it). No include guard: each file takes its
 // own copy.
 //
 // Why not vgatherdps: on AMD Zen 2-4 a gather is microcoded (uops.info, Zen 3: vpgatherdd ymm
@@ -8,7 +8,14 @@
 // standalone 90%-sparse 4096 x 4096 row loop took 17.0 -> 11.0 TSC ticks per 16 entries with
 // AVX-512 and 16.0-17.7 -> 9.5-10.8 with AVX2 ymm. ARM-software/astc-encoder#511 measured the
 // same trade: scalar loads faster on Zen 2 / Zen 4 and Intel's newest cores, ~6% slower on
-// Skylake-X. Columns are not checked here: the caller checks them (< K) first.
+// Skylake-X. x_at* do not check columns: the caller checks them (< K) first, with
+// cols16_at_most or a 512-bit compare.
+
+// True when the 16 columns at c are all <= last (every lane K - 1).
+inline bool cols16_at_most(const uint16_t* c, __m256i last) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(v, last), last)) == -1;
+}
 
 // x at the 4 columns packed little-endian in q.
 inline __m128 x_at4(const float* x, uint64_t q) {

@@ -223,7 +223,8 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   a.ldy = w.N;
   a.bias = bias ? bias->ptr<float>() : nullptr;
   const cpu::Isa isa = cpu::active_isa();
-  const bool transposed = isa != cpu::Isa::kScalar && M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512, w.n, w.m);
+  const bool transposed =
+      isa != cpu::Isa::kScalar && M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512, w.n, w.m);
   const bool csr_small = isa != cpu::Isa::kScalar && w.csr && !transposed && M > 1;
   if (transposed || csr_small) {
     const int64_t need = sparse_linear_workspace(M, w.K);
@@ -259,7 +260,8 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   // 16-row blocks made a 90% 4096 x 4096 CSR product with its weights out of cache 10-20%
   // slower than 128-2048-row blocks (Zen 4, 2 threads, batch 1 and 8, docs/benchmarks.md).
   const int64_t target_blocks = 8 * std::max(1, cpu::num_threads());
-  const int64_t block = transposed ? cpu::kRowBlock : std::max<int64_t>(16, (w.N + target_blocks - 1) / target_blocks);
+  const int64_t block =
+      transposed ? cpu::kRowBlock : std::max<int64_t>(16, (w.N + target_blocks - 1) / target_blocks);
   const int64_t blocks = (w.N + block - 1) / block;
   const int threads = static_cast<int>(std::min<int64_t>(cpu::num_threads(), blocks));
   if (threads <= 1) {

@@ -427,10 +427,8 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
   for (; e + 2 * W <= e1; e += 2 * W) {
     prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
     prefetch_ahead(w.cols + e, 2 * W * static_cast<int64_t>(sizeof(*w.cols)));
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e));
-    const bool in_range = _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(c, last_col), last_col)) == -1;
     __m256 x0, x1;
-    if (in_range) {
+    if (cols16_at_most(w.cols + e, last_col)) {
       x0 = x_at8(x, w.cols + e);
       x1 = x_at8(x, w.cols + e + W);
     } else {

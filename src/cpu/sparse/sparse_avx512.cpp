@@ -1,9 +1,9 @@
 // AVX-512 sparse linears (compiled with -mavx512f/bw/vl/dq). 16 stored entries per step.
 // Row-wise (small batches): N:M 2:4 and 4:8 pick their 16 x values out of a 32-column window
-// with one vpermt2ps, 1:4 and 2:8 out of a 64-column one with two; other N:M gather them. Transposed (larger batches): every stored entry
-// does one FMA per 16 batch rows against the transposed activations. CSR at batch 1 reads x with
-// scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x transposed to [K, 4|8] (one
-// broadcast value per entry).
+// with one vpermt2ps, 1:4 and 2:8 out of a 64-column one with two; other N:M gather them.
+// Transposed (larger batches): every stored entry does one FMA per 16 batch rows against the
+// transposed activations. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at
+// batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>

@@ -58,11 +58,11 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
 }
 
-// The largest batch the row-wise kernels take (measured against the transposed kernels, Zen 4,
+// The largest batch the row-wise kernels take, measured against the transposed kernels (Zen 4,
 // 4096 x 4096, docs/benchmarks.md). N:M decodes once per 16 (8) entries for up to 8 (4) batch
-// rows at a time. Patterns that take x from a window by permutes (2:4 and 4:8 on both ISAs,
-// 1:4 and 2:8 on AVX-512) stay ahead up to 8 (AVX2: 4) and 4 rows; patterns that gather x
-// only at 2 rows (1:8 at 4 rows: 1.78 ms row-wise, 1.23 ms transposed; 3:4 at 8 rows 17.7
+// rows at a time and stays ahead: up to 8 rows (AVX2: 4) where x comes from a 32-column window
+// (2:4, 4:8), up to 4 where it comes from a 64-column one (1:4, 2:8 on AVX-512), up to 2 where
+// it is gathered (1:8 at 4 rows: 1.78 ms row-wise, 1.23 ms transposed; 3:4 at 8 rows 17.7
 // against 6.5 ms). CSR runs batch 1 on x as it is and batches 2..8 on x transposed once to
 // [K, csr_small_stride(M)] in SparseBatch::xt (zeros past M), so each entry is one broadcast
 // value times contiguous batch lanes.
