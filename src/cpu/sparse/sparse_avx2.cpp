@@ -1,10 +1,10 @@
 // AVX2 sparse linears (compiled with -mavx2 -mfma; F16C, which every AVX2 CPU has, is
 // enabled per function for the fp16 values). 8 stored entries per step. Row-wise (small
 // batches): N:M 2:4 and 4:8 pick their 8 x values out of a 16-column window with two
-// vpermps and a blend on the window half; other N:M gather them. Transposed (larger
-// batches): every stored entry does one FMA per 8 batch rows. CSR at batch 1 reads x with
-// scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x transposed to [K, 4|8] (one
-// broadcast value per entry).
+// vpermps and a blend on the window half, 1:4 and 2:8 out of a 32-column one with four and
+// three blends; other N:M gather them. Transposed (larger batches): every stored entry does
+// one FMA per 8 batch rows. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at
+// batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
@@ -140,8 +140,9 @@ struct NmLayout {
   }
 };
 
-// Output row r for batch rows i0 .. i0+R-1. PERM: n | 8 and 8 slots span 16 columns.
-template <DType VT, int B, bool PERM, int R>
+// Output row r for batch rows i0 .. i0+R-1. WIN: the columns 8 slots span when n | 8 and that
+// is 16 (2:4, 4:8: two vpermps and a blend) or 32 (1:4, 2:8: four and three blends); 0: gathers.
+template <DType VT, int B, int WIN, int R>
 TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
   __m256 acc[R];
   for (int q = 0; q < R; ++q) acc[q] = _mm256_setzero_ps();
@@ -155,13 +156,16 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
   for (int q = 0; q < R; ++q) acc2[q] = _mm256_setzero_ps();
   auto body = [&](const __m256i rel, int64_t j, int64_t c0, __m256* A) TS_TARGET __attribute__((always_inline)) {
     const __m256 vals = load_vals<VT>(w.values, vb + j, W);
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 28));  // blendv reads the sign bit
+    const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 27));  // WIN 32 only
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m256 xv;
-      if constexpr (PERM) {
-        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + c0), rel);
-        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + c0 + W), rel);
-        xv = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(rel, 28)));  // bit 3: upper half
+      auto part = [&](int k) TS_TARGET { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + c0 + k * W), rel); };
+      if constexpr (WIN == 16) {
+        xv = _mm256_blendv_ps(part(0), part(1), bit3);  // bit 3: upper half
+      } else if constexpr (WIN == 32) {
+        xv = _mm256_blendv_ps(_mm256_blendv_ps(part(0), part(1), bit3), _mm256_blendv_ps(part(2), part(3), bit3), bit4);
       } else {
         xv = _mm256_i32gather_ps(xq, _mm256_add_epi32(rel, _mm256_set1_epi32(static_cast<int>(c0))), 4);
       }
@@ -213,14 +217,14 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
   for (int q = 0; q < R; ++q) store_out(w, a, r, i0 + q, hsum(_mm256_add_ps(acc[q], acc2[q])));
 }
 
-template <DType VT, int B, bool PERM>
+template <DType VT, int B, int WIN>
 TS_TARGET void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   const NmLayout L(w);
   for (int64_t r = r0; r < r1; ++r) {
     int64_t i = 0;
-    for (; i + 4 <= a.M; i += 4) nm_row<VT, B, PERM, 4>(w, a, L, r, i);
-    for (; i + 2 <= a.M; i += 2) nm_row<VT, B, PERM, 2>(w, a, L, r, i);
-    for (; i < a.M; ++i) nm_row<VT, B, PERM, 1>(w, a, L, r, i);
+    for (; i + 4 <= a.M; i += 4) nm_row<VT, B, WIN, 4>(w, a, L, r, i);
+    for (; i + 2 <= a.M; i += 2) nm_row<VT, B, WIN, 2>(w, a, L, r, i);
+    for (; i < a.M; ++i) nm_row<VT, B, WIN, 1>(w, a, L, r, i);
   }
 }
 
@@ -488,12 +492,14 @@ TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64
 
 template <DType VT>
 TS_TARGET void nm_rows_dispatch(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  if (w.b == 2) {
-    if (w.n == 2) nm_rows_typed<VT, 2, true>(w, a, r0, r1);
-    else nm_rows_typed<VT, 2, false>(w, a, r0, r1);
-  } else {
-    if (w.n == 4) nm_rows_typed<VT, 3, true>(w, a, r0, r1);
-    else nm_rows_typed<VT, 3, false>(w, a, r0, r1);
+  if (w.b == 2) {  // m = 4
+    if (w.n == 2) nm_rows_typed<VT, 2, 16>(w, a, r0, r1);
+    else if (w.n == 1) nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
+    else nm_rows_typed<VT, 2, 0>(w, a, r0, r1);
+  } else {  // m = 8
+    if (w.n == 4) nm_rows_typed<VT, 3, 16>(w, a, r0, r1);
+    else if (w.n == 2) nm_rows_typed<VT, 3, 32>(w, a, r0, r1);
+    else nm_rows_typed<VT, 3, 0>(w, a, r0, r1);
   }
 }
 

@@ -60,18 +60,17 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
 
 // The largest batch the row-wise kernels take, measured against the transposed kernels (Zen 4,
 // 4096 x 4096, docs/benchmarks.md). N:M decodes once per 16 (8) entries for up to 8 (4) batch
-// rows at a time and stays ahead: up to 8 rows (AVX2: 4) where x comes from a 32-column window
-// (2:4, 4:8), up to 4 where it comes from a 64-column one (1:4, 2:8 on AVX-512), up to 2 where
-// it is gathered (1:8 at 4 rows: 1.78 ms row-wise, 1.23 ms transposed; 3:4 at 8 rows 17.7
-// against 6.5 ms). CSR runs batch 1 on x as it is and batches 2..8 on x transposed once to
+// rows at a time and stays ahead: up to 8 rows (AVX2: 4) for 2:4 and 4:8 (x from a 32- (16-)
+// column window), up to 4 for 1:4 and 2:8 (a 64- (32-) column window), up to 2 where x is
+// gathered (1:8 at 4 rows: 1.78 ms row-wise, 1.23 ms transposed; 3:4 at 8 rows 17.7 against
+// 6.5 ms). CSR runs batch 1 on x as it is and batches 2..8 on x transposed once to
 // [K, csr_small_stride(M)] in SparseBatch::xt (zeros past M), so each entry is one broadcast
 // value times contiguous batch lanes.
 inline int64_t rowwise_max_m(bool csr, bool avx512, int n, int m) {
   if (csr) return 8;
-  const bool window32 = (n == 2 && m == 4) || (n == 4 && m == 8);
-  const bool window64 = (n == 1 && m == 4) || (n == 2 && m == 8);
-  if (window32) return avx512 ? 8 : 4;
-  return avx512 && window64 ? 4 : 2;
+  if ((n == 2 && m == 4) || (n == 4 && m == 8)) return avx512 ? 8 : 4;
+  if ((n == 1 && m == 4) || (n == 2 && m == 8)) return 4;
+  return 2;
 }
 inline int csr_small_stride(int64_t M) { return M <= 4 ? 4 : 8; }
 
