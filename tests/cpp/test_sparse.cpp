@@ -98,7 +98,7 @@ TensorView values_view(Packed& p, DType dt, int64_t rows, int64_t cols) {
 
 TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
   IsaScope guard;
-  const std::pair<int, int> nms[] = {{2, 4}, {1, 4}, {3, 4}, {4, 8}, {2, 8}, {1, 8}, {3, 8}, {7, 8}};
+  const std::pair<int, int> nms[] = {{2, 4}, {1, 4}, {3, 4}, {4, 8}, {2, 8}, {1, 8}, {3, 8}, {5, 8}, {6, 8}, {7, 8}};
   const int64_t shapes[][2] = {{1, 7}, {5, 33}, {17, 64}, {9, 101}, {3, 4}, {33, 257}};
   const DType dts[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kInt8};
   uint32_t seed = 1;

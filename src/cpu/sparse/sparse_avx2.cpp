@@ -1,10 +1,10 @@
 // AVX2 sparse linears (compiled with -mavx2 -mfma; F16C, which every AVX2 CPU has, is
 // enabled per function for the fp16 values). 8 stored entries per step. Row-wise (small
-// batches): N:M 2:4 and 4:8 pick their 8 x values out of a 16-column window with two
-// vpermps and a blend on the window half, 1:4 and 2:8 out of a 32-column one with four and
-// three blends; other N:M gather them. Transposed (larger batches): every stored entry does
-// one FMA per 8 batch rows. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at
-// batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
+// batches): N:M 2:4, 4:8, 3:4 and 7:8 pick their 8 x values out of a 16-column window with
+// two vpermps and a blend on the window half, 1:4, 2:8, 3:8, 5:8 and 6:8 out of a 32-column
+// one with four and three blends; 1:8 gathers them. Transposed (larger batches): every stored
+// entry does one FMA per 8 batch rows. CSR at batch 1 reads x with scalar loads (csr_x_at.h);
+// CSR at batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
@@ -123,6 +123,8 @@ TS_TARGET inline void store_out(const SparseWeight& w, const SparseBatch& a, int
 // The slot layout of one N:M row (see the AVX-512 file): periods of lcm(n, 8) slots.
 struct NmLayout {
   __m256i offs[8];
+  __m256i rel[8];        // offs[v] - base[v]: offsets from the vector's first group
+  int64_t base[8] = {};  // offs[v]'s first lane
   int nper = 1;
   int64_t period_cols = 0;
   int64_t full = 0;
@@ -135,13 +137,17 @@ struct NmLayout {
       alignas(32) int32_t o[W];
       for (int l = 0; l < W; ++l) o[l] = (v * W + l) / w.n * w.m;
       offs[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
+      base[v] = o[0];
+      rel[v] = _mm256_sub_epi32(offs[v], _mm256_set1_epi32(o[0]));
     }
     full = w.K / w.m * w.n;
   }
 };
 
-// Output row r for batch rows i0 .. i0+R-1. WIN: the columns 8 slots span when n | 8 and that
-// is 16 (2:4, 4:8: two vpermps and a blend) or 32 (1:4, 2:8: four and three blends); 0: gathers.
+// Output row r for batch rows i0 .. i0+R-1. WIN: the x window 8 slots are read from
+// (nm_window): 16 columns (two vpermps and a blend) or 32 (four and three blends); 0: gathers.
+// A window that would reach past K (patterns whose vectors start mid-group, near the row's
+// end) gathers.
 template <DType VT, int B, int WIN, int R>
 TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
   __m256 acc[R];
@@ -158,13 +164,14 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
     const __m256 vals = load_vals<VT>(w.values, vb + j, W);
     const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 28));  // blendv reads the sign bit
     const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 27));  // WIN 32 only
+    const bool window = WIN != 0 && c0 + WIN <= w.K;
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m256 xv;
       auto part = [&](int k) TS_TARGET { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + c0 + k * W), rel); };
-      if constexpr (WIN == 16) {
+      if (WIN == 16 && window) {
         xv = _mm256_blendv_ps(part(0), part(1), bit3);  // bit 3: upper half
-      } else if constexpr (WIN == 32) {
+      } else if (WIN == 32 && window) {
         xv = _mm256_blendv_ps(_mm256_blendv_ps(part(0), part(1), bit3), _mm256_blendv_ps(part(2), part(3), bit3), bit4);
       } else {
         xv = _mm256_i32gather_ps(xq, _mm256_add_epi32(rel, _mm256_set1_epi32(static_cast<int>(c0))), 4);
@@ -191,7 +198,7 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
     for (; j0 + W <= lim; j0 += W) {
       uint64_t bits;
       std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
-      body(_mm256_add_epi32(L.offs[v], positions<B>(bits)), j0, col0, acc);
+      body(_mm256_add_epi32(L.rel[v], positions<B>(bits)), j0, col0 + L.base[v], acc);
       if (++v == L.nper) {
         v = 0;
         col0 += L.period_cols;
@@ -492,13 +499,14 @@ TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64
 
 template <DType VT>
 TS_TARGET void nm_rows_dispatch(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  const int win = nm_window(w.n, w.m, W);
   if (w.b == 2) {  // m = 4
-    if (w.n == 2) nm_rows_typed<VT, 2, 16>(w, a, r0, r1);
-    else if (w.n == 1) nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
+    if (win == 16) nm_rows_typed<VT, 2, 16>(w, a, r0, r1);
+    else if (win == 32) nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
     else nm_rows_typed<VT, 2, 0>(w, a, r0, r1);
   } else {  // m = 8
-    if (w.n == 4) nm_rows_typed<VT, 3, 16>(w, a, r0, r1);
-    else if (w.n == 2) nm_rows_typed<VT, 3, 32>(w, a, r0, r1);
+    if (win == 16) nm_rows_typed<VT, 3, 16>(w, a, r0, r1);
+    else if (win == 32) nm_rows_typed<VT, 3, 32>(w, a, r0, r1);
     else nm_rows_typed<VT, 3, 0>(w, a, r0, r1);
   }
 }

@@ -1,8 +1,8 @@
 // AVX-512 sparse linears (compiled with -mavx512f/bw/vl/dq). 16 stored entries per step.
 // Row-wise (small batches): N:M 2:4 and 4:8 pick their 16 x values out of a 32-column window
-// with one vpermt2ps, 1:4 and 2:8 out of a 64-column one with two; other N:M gather them.
-// Transposed (larger batches): every stored entry does one FMA per 16 batch rows against the
-// transposed activations. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at
+// with one vpermt2ps (also 3:4, 5:8, 6:8, 7:8), 1:4, 2:8 and 3:8 out of a 64-column one with
+// two; 1:8 gathers them. Transposed (larger batches): every stored entry does one FMA per 16
+// batch rows against the transposed activations. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at
 // batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
 
@@ -110,6 +110,8 @@ inline void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r, in
 // starts at a group boundary; vector v of a period holds the groups at column offsets offs[v].
 struct NmLayout {
   __m512i offs[8];
+  __m512i rel[8];      // offs[v] - base[v]: offsets from the vector's first group
+  int64_t base[8] = {};  // offs[v]'s first lane
   int nper = 1;
   int64_t period_cols = 0;
   int64_t full = 0;  // slots whose groups lie wholly inside [0, K)
@@ -122,13 +124,16 @@ struct NmLayout {
       alignas(64) int32_t o[W];
       for (int l = 0; l < W; ++l) o[l] = (v * W + l) / w.n * w.m;
       offs[v] = _mm512_load_si512(o);
+      base[v] = o[0];
+      rel[v] = _mm512_sub_epi32(offs[v], _mm512_set1_epi32(o[0]));
     }
     full = w.K / w.m * w.n;
   }
 };
 
-// Output row r for batch rows i0 .. i0+R-1. WIN: the columns 16 slots span when n | 16 and
-// that is 32 (2:4, 4:8: one vpermt2ps) or 64 (1:4, 2:8: two and a blend); 0: gathers.
+// Output row r for batch rows i0 .. i0+R-1. WIN: the x window 16 slots are read from
+// (nm_window): 32 columns (one vpermt2ps) or 64 (two and a blend); 0: gathers. A window that
+// would reach past K (patterns whose vectors start mid-group, near the row's end) gathers.
 template <DType VT, int B, int WIN, int R>
 void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
   __m512 acc[R];
@@ -144,12 +149,13 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   auto body = [&](const __m512i rel, int64_t j, int64_t c0, __m512* A) __attribute__((always_inline)) {
     const __m512 vals = load_vals<VT, false>(w.values, vb + j, 0);
     const __mmask16 upper = _mm512_cmpge_epi32_mask(rel, _mm512_set1_epi32(32));  // WIN 64 only
+    const bool window = WIN != 0 && c0 + WIN <= w.K;
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m512 xv;
-      if constexpr (WIN == 32) {
+      if (WIN == 32 && window) {
         xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0), rel, _mm512_loadu_ps(xq + c0 + W));
-      } else if constexpr (WIN == 64) {  // vpermt2ps reads the index's low 5 bits
+      } else if (WIN == 64 && window) {  // vpermt2ps reads the index's low 5 bits
         const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0), rel, _mm512_loadu_ps(xq + c0 + W));
         const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0 + 2 * W), rel, _mm512_loadu_ps(xq + c0 + 3 * W));
         xv = _mm512_mask_blend_ps(upper, lo, hi);
@@ -178,7 +184,7 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
     for (; j0 + W <= lim; j0 += W) {
       uint64_t bits;
       std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
-      body(_mm512_add_epi32(L.offs[v], positions<B>(bits)), j0, col0, acc);
+      body(_mm512_add_epi32(L.rel[v], positions<B>(bits)), j0, col0 + L.base[v], acc);
       if (++v == L.nper) {
         v = 0;
         col0 += L.period_cols;
@@ -464,13 +470,14 @@ bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
 
 template <DType VT>
 void nm_rows_dispatch(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
+  const int win = nm_window(w.n, w.m, W);
   if (w.b == 2) {  // m = 4
-    if (w.n == 2) nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
-    else if (w.n == 1) nm_rows_typed<VT, 2, 64>(w, a, r0, r1);
+    if (win == 32) nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
+    else if (win == 64) nm_rows_typed<VT, 2, 64>(w, a, r0, r1);
     else nm_rows_typed<VT, 2, 0>(w, a, r0, r1);
   } else {  // m = 8
-    if (w.n == 4) nm_rows_typed<VT, 3, 32>(w, a, r0, r1);
-    else if (w.n == 2) nm_rows_typed<VT, 3, 64>(w, a, r0, r1);
+    if (win == 32) nm_rows_typed<VT, 3, 32>(w, a, r0, r1);
+    else if (win == 64) nm_rows_typed<VT, 3, 64>(w, a, r0, r1);
     else nm_rows_typed<VT, 3, 0>(w, a, r0, r1);
   }
 }
