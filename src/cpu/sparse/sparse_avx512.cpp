@@ -1,7 +1,7 @@
 // AVX-512 sparse linears (compiled with -mavx512f/bw/vl/dq). 16 stored entries per step.
 // Row-wise (small batches): N:M 2:4 and 4:8 pick their 16 x values out of a 32-column window
 // with one vpermt2ps (also 3:4, 5:8, 6:8, 7:8), 1:4, 2:8 and 3:8 out of a 64-column one with
-// two; 1:8 gathers them. Transposed (larger batches): every stored entry does one FMA per 16
+// two, 1:8 out of 128 columns with four. Transposed (larger batches): every stored entry does one FMA per 16
 // batch rows against the transposed activations. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at
 // batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
@@ -132,8 +132,9 @@ struct NmLayout {
 };
 
 // Output row r for batch rows i0 .. i0+R-1. WIN: the x window 16 slots are read from
-// (nm_window): 32 columns (one vpermt2ps) or 64 (two and a blend); 0: gathers. A window that
-// would reach past K (patterns whose vectors start mid-group, near the row's end) gathers.
+// (nm_window): 32 columns (one vpermt2ps), 64 (two and a blend) or 128 (four and three); 0:
+// gathers. A window that would reach past K (near the row's end, where a vector starts
+// mid-group) gathers.
 template <DType VT, int B, int WIN, int R>
 void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
   __m512 acc[R];
@@ -148,17 +149,24 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   for (int q = 0; q < R; ++q) acc2[q] = _mm512_setzero_ps();
   auto body = [&](const __m512i rel, int64_t j, int64_t c0, __m512* A) __attribute__((always_inline)) {
     const __m512 vals = load_vals<VT, false>(w.values, vb + j, 0);
-    const __mmask16 upper = _mm512_cmpge_epi32_mask(rel, _mm512_set1_epi32(32));  // WIN 64 only
+    const __mmask16 upper = _mm512_test_epi32_mask(rel, _mm512_set1_epi32(32));  // WIN 64, 128
+    const __mmask16 bit6 = _mm512_test_epi32_mask(rel, _mm512_set1_epi32(64));   // WIN 128
     const bool window = WIN != 0 && c0 + WIN <= w.K;
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m512 xv;
+      // 32 columns of x from 32 * k on, picked by rel's low 5 bits
+      auto part = [&](int k) __attribute__((always_inline)) {
+        return _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0 + 2 * k * W), rel,
+                                      _mm512_loadu_ps(xq + c0 + (2 * k + 1) * W));
+      };
       if (WIN == 32 && window) {
-        xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0), rel, _mm512_loadu_ps(xq + c0 + W));
+        xv = part(0);
       } else if (WIN == 64 && window) {  // vpermt2ps reads the index's low 5 bits
-        const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0), rel, _mm512_loadu_ps(xq + c0 + W));
-        const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xq + c0 + 2 * W), rel, _mm512_loadu_ps(xq + c0 + 3 * W));
-        xv = _mm512_mask_blend_ps(upper, lo, hi);
+        xv = _mm512_mask_blend_ps(upper, part(0), part(1));
+      } else if (WIN == 128 && window) {
+        xv = _mm512_mask_blend_ps(bit6, _mm512_mask_blend_ps(upper, part(0), part(1)),
+                                  _mm512_mask_blend_ps(upper, part(2), part(3)));
       } else {
         xv = _mm512_i32gather_ps(_mm512_add_epi32(rel, _mm512_set1_epi32(static_cast<int>(c0))), xq, 4);
       }
@@ -471,14 +479,13 @@ bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
 template <DType VT>
 void nm_rows_dispatch(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   const int win = nm_window(w.n, w.m, W);
-  if (w.b == 2) {  // m = 4
+  if (w.b == 2) {  // m = 4: 1:4 64 columns, 2:4 and 3:4 32
     if (win == 32) nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
-    else if (win == 64) nm_rows_typed<VT, 2, 64>(w, a, r0, r1);
-    else nm_rows_typed<VT, 2, 0>(w, a, r0, r1);
+    else nm_rows_typed<VT, 2, 64>(w, a, r0, r1);
   } else {  // m = 8
     if (win == 32) nm_rows_typed<VT, 3, 32>(w, a, r0, r1);
     else if (win == 64) nm_rows_typed<VT, 3, 64>(w, a, r0, r1);
-    else nm_rows_typed<VT, 3, 0>(w, a, r0, r1);
+    else nm_rows_typed<VT, 3, 128>(w, a, r0, r1);  // 1:8
   }
 }
 
