@@ -168,11 +168,15 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m256 xv;
-      auto part = [&](int k) TS_TARGET { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + c0 + k * W), rel); };
+      // 8 columns of x from 8 * k on, picked by rel's low 3 bits
+      auto part = [&](int k) TS_TARGET {
+        return _mm256_permutevar8x32_ps(_mm256_loadu_ps(xq + c0 + k * W), rel);
+      };
       if (WIN == 16 && window) {
         xv = _mm256_blendv_ps(part(0), part(1), bit3);  // bit 3: upper half
       } else if (WIN == 32 && window) {
-        xv = _mm256_blendv_ps(_mm256_blendv_ps(part(0), part(1), bit3), _mm256_blendv_ps(part(2), part(3), bit3), bit4);
+        xv = _mm256_blendv_ps(_mm256_blendv_ps(part(0), part(1), bit3), _mm256_blendv_ps(part(2), part(3), bit3),
+                              bit4);
       } else {
         xv = _mm256_i32gather_ps(xq, _mm256_add_epi32(rel, _mm256_set1_epi32(static_cast<int>(c0))), 4);
       }

@@ -1,9 +1,10 @@
 // AVX-512 sparse linears (compiled with -mavx512f/bw/vl/dq). 16 stored entries per step.
 // Row-wise (small batches): N:M 2:4 and 4:8 pick their 16 x values out of a 32-column window
 // with one vpermt2ps (also 3:4, 5:8, 6:8, 7:8), 1:4, 2:8 and 3:8 out of a 64-column one with
-// two, 1:8 out of 128 columns with four. Transposed (larger batches): every stored entry does one FMA per 16
-// batch rows against the transposed activations. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at
-// batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
+// two, 1:8 out of 128 columns with four. Transposed (larger batches): every stored entry does
+// one FMA per 16 batch rows against the transposed activations. CSR at batch 1 reads x with
+// scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x transposed to [K, 4|8] (one
+// broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
