@@ -2,7 +2,7 @@
 // enabled per function for the fp16 values). 8 stored entries per step. Row-wise (small
 // batches): N:M 2:4, 4:8, 3:4 and 7:8 pick their 8 x values out of a 16-column window with
 // two vpermps and a blend on the window half, 1:4, 2:8, 3:8, 5:8 and 6:8 out of a 32-column
-// one with four and three blends; 1:8 gathers them. Transposed (larger batches): every stored
+// one with four and three blends, 1:8 out of 64 columns with eight. Transposed (larger batches): every stored
 // entry does one FMA per 8 batch rows. CSR at batch 1 reads x with scalar loads (csr_x_at.h);
 // CSR at batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
@@ -145,9 +145,9 @@ struct NmLayout {
 };
 
 // Output row r for batch rows i0 .. i0+R-1. WIN: the x window 8 slots are read from
-// (nm_window): 16 columns (two vpermps and a blend) or 32 (four and three blends); 0: gathers.
-// A window that would reach past K (patterns whose vectors start mid-group, near the row's
-// end) gathers.
+// (nm_window): 16 columns (two vpermps and a blend), 32 (four and three blends) or 64 (eight
+// and seven); 0: gathers. A window that would reach past K (near the row's end, where a vector
+// starts mid-group) gathers.
 template <DType VT, int B, int WIN, int R>
 TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
   __m256 acc[R];
@@ -163,7 +163,8 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
   auto body = [&](const __m256i rel, int64_t j, int64_t c0, __m256* A) TS_TARGET __attribute__((always_inline)) {
     const __m256 vals = load_vals<VT>(w.values, vb + j, W);
     const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 28));  // blendv reads the sign bit
-    const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 27));  // WIN 32 only
+    const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 27));  // WIN 32, 64
+    const __m256 bit5 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 26));  // WIN 64
     const bool window = WIN != 0 && c0 + WIN <= w.K;
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
@@ -177,6 +178,12 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
       } else if (WIN == 32 && window) {
         xv = _mm256_blendv_ps(_mm256_blendv_ps(part(0), part(1), bit3), _mm256_blendv_ps(part(2), part(3), bit3),
                               bit4);
+      } else if (WIN == 64 && window) {
+        const __m256 lo = _mm256_blendv_ps(_mm256_blendv_ps(part(0), part(1), bit3),
+                                           _mm256_blendv_ps(part(2), part(3), bit3), bit4);
+        const __m256 hi = _mm256_blendv_ps(_mm256_blendv_ps(part(4), part(5), bit3),
+                                           _mm256_blendv_ps(part(6), part(7), bit3), bit4);
+        xv = _mm256_blendv_ps(lo, hi, bit5);
       } else {
         xv = _mm256_i32gather_ps(xq, _mm256_add_epi32(rel, _mm256_set1_epi32(static_cast<int>(c0))), 4);
       }
@@ -504,14 +511,13 @@ TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64
 template <DType VT>
 TS_TARGET void nm_rows_dispatch(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   const int win = nm_window(w.n, w.m, W);
-  if (w.b == 2) {  // m = 4
+  if (w.b == 2) {  // m = 4: 1:4 32 columns, 2:4 and 3:4 16
     if (win == 16) nm_rows_typed<VT, 2, 16>(w, a, r0, r1);
-    else if (win == 32) nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
-    else nm_rows_typed<VT, 2, 0>(w, a, r0, r1);
+    else nm_rows_typed<VT, 2, 32>(w, a, r0, r1);
   } else {  // m = 8
     if (win == 16) nm_rows_typed<VT, 3, 16>(w, a, r0, r1);
     else if (win == 32) nm_rows_typed<VT, 3, 32>(w, a, r0, r1);
-    else nm_rows_typed<VT, 3, 0>(w, a, r0, r1);
+    else nm_rows_typed<VT, 3, 64>(w, a, r0, r1);  // 1:8
   }
 }
 

@@ -58,15 +58,16 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
 }
 
-// The x window the row-wise N:M kernels read `lanes` slots from: 2, 4 or (AVX-512) 8 times
-// lanes columns (one, two or four vpermt2ps on AVX-512; two or four vpermps on AVX2), or 0
-// (gathers) where the groups `lanes` consecutive slots touch span more. A vector of slots
-// starts at a group boundary when n divides lanes; otherwise it can start t slots into a
-// group (t < n) and touches at most floor((t + lanes - 1) / n) + 1 groups.
+// The x window the row-wise N:M kernels read `lanes` slots from: 2, 4 or 8 times lanes
+// columns (one, two or four vpermt2ps on AVX-512; two, four or eight vpermps on AVX2), or 0
+// (gathers) where the groups `lanes` consecutive slots touch span more (no pattern with
+// m <= 8 does). A vector of slots starts at a group boundary when n divides lanes; otherwise
+// it can start t slots into a group (t < n) and touches at most floor((t + lanes - 1) / n) + 1
+// groups.
 inline int nm_window(int n, int m, int lanes) {
   const int groups = lanes % n == 0 ? lanes / n : (lanes + n - 2) / n + 1;
   const int span = groups * m;
-  for (int win = 2 * lanes; win <= (lanes == 16 ? 8 : 4) * lanes; win *= 2)
+  for (int win = 2 * lanes; win <= 8 * lanes; win *= 2)
     if (span <= win) return win;
   return 0;
 }
@@ -74,17 +75,16 @@ inline int nm_window(int n, int m, int lanes) {
 // The largest batch the row-wise kernels take, measured against the transposed kernels (Zen 4,
 // 4096 x 4096, docs/benchmarks.md). N:M decodes once per 16 (8) entries for up to 8 (4) batch
 // rows at a time and stays ahead: up to 8 rows (AVX2: 4) for 2:4 and 4:8 (x from a 32- (16-)
-// column window), up to 4 for the others but 1:8, which reads 128 columns per 16 slots on
-// AVX-512 and gathers on AVX2, up to 2 (gathered at 4 rows: 1.78 ms row-wise, 1.23 ms
-// transposed; 128 columns at 4 rows: 1.45-1.47 against 1.39-1.42). CSR runs batch 1
-// on x as it is and batches 2..8 on x transposed once to [K, csr_small_stride(M)] in
-// SparseBatch::xt (zeros past M), so each entry is one broadcast value times contiguous batch
-// lanes.
+// column window), up to 4 for the others but 1:8, which reads 128 (AVX2 64) columns per
+// vector of slots, up to 2 (AVX-512 at 4 rows: 1.45-1.47 ms row-wise, 1.39-1.42 transposed).
+// CSR runs batch 1 on x as it is and batches 2..8 on x transposed once to
+// [K, csr_small_stride(M)] in SparseBatch::xt (zeros past M), so each entry is one broadcast
+// value times contiguous batch lanes.
 inline int64_t rowwise_max_m(bool csr, bool avx512, int n, int m) {
   if (csr) return 8;
   const int lanes = avx512 ? 16 : 8, win = nm_window(n, m, lanes);
   if (win == 2 * lanes && lanes % n == 0) return avx512 ? 8 : 4;  // 2:4, 4:8
-  return win == 0 || win == 8 * lanes ? 2 : 4;  // 1:8 (AVX-512: 128 columns; AVX2 gathers): 2
+  return win == 0 || win == 8 * lanes ? 2 : 4;  // 1:8: 2
 }
 inline int csr_small_stride(int64_t M) { return M <= 4 ? 4 : 8; }
 
