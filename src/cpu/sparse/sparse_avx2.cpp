@@ -2,9 +2,10 @@
 // enabled per function for the fp16 values). 8 stored entries per step. Row-wise (small
 // batches): N:M 2:4, 4:8, 3:4 and 7:8 pick their 8 x values out of a 16-column window with
 // two vpermps and a blend on the window half, 1:4, 2:8, 3:8, 5:8 and 6:8 out of a 32-column
-// one with four and three blends, 1:8 out of 64 columns with eight. Transposed (larger batches): every stored
-// entry does one FMA per 8 batch rows. CSR at batch 1 reads x with scalar loads (csr_x_at.h);
-// CSR at batches 2..8 runs on x transposed to [K, 4|8] (one broadcast value per entry).
+// one with four and three blends, 1:8 out of 64 columns with eight. Transposed (larger
+// batches, and AVX-512 batches of up to 8 rows): every stored entry does one FMA per 8 batch
+// rows. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x
+// transposed to [K, 4|8] (one broadcast value per entry).
 #include <immintrin.h>
 
 #include <cstring>
