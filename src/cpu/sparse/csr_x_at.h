@@ -9,12 +9,16 @@
 // AVX-512 and 16.0-17.7 -> 9.5-10.8 with AVX2 ymm. ARM-software/astc-encoder#511 measured the
 // same trade: scalar loads faster on Zen 2 / Zen 4 and Intel's newest cores, ~6% slower on
 // Skylake-X. x_at* do not check columns: the caller checks them (< K) first, with
-// cols16_at_most or a 512-bit compare.
+// cols16_at_most / cols8_at_most or a 512-bit compare.
 
-// True when the 16 columns at c are all <= last (every lane K - 1).
+// True when the 16 (8) columns at c are all <= last (every lane K - 1).
 inline bool cols16_at_most(const uint16_t* c, __m256i last) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
   return _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(v, last), last)) == -1;
+}
+inline bool cols8_at_most(const uint16_t* c, __m256i last) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), l = _mm256_castsi256_si128(last);
+  return _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_max_epu16(v, l), l)) == 0xffff;
 }
 
 // x at the 4 columns packed little-endian in q.

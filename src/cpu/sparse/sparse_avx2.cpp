@@ -147,8 +147,8 @@ struct NmLayout {
 
 // Output row r for batch rows i0 .. i0+R-1. WIN: the x window 8 slots are read from
 // (nm_window): 16 columns (two vpermps and a blend), 32 (four and three blends) or 64 (eight
-// and seven); 0: gathers. A window that would reach past K (near the row's end, where a vector
-// starts mid-group) gathers.
+// and seven). A window that would reach past K (near the row's end, where a vector starts
+// mid-group) gathers.
 template <DType VT, int B, int WIN, int R>
 TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
   __m256 acc[R];
@@ -166,7 +166,7 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
     const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 28));  // blendv reads the sign bit
     const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 27));  // WIN 32, 64
     const __m256 bit5 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 26));  // WIN 64
-    const bool window = WIN != 0 && c0 + WIN <= w.K;
+    const bool window = c0 + WIN <= w.K;
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m256 xv;
@@ -462,10 +462,7 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
     acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), x1, acc1);
   }
   if (e + W <= e1) {
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + e));
-    const __m128i lc = _mm256_castsi256_si128(last_col);
-    const bool in_range = _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_max_epu16(c, lc), lc)) == 0xffff;
-    const __m256 x0 = in_range ? x_at8(x, w.cols + e) : gather(_mm256_cvtepu16_epi32(c), all);
+    const __m256 x0 = cols8_at_most(w.cols + e, last_col) ? x_at8(x, w.cols + e) : gather(cols8(e), all);
     acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), x0, acc0);
     e += W;
   }

@@ -133,9 +133,8 @@ struct NmLayout {
 };
 
 // Output row r for batch rows i0 .. i0+R-1. WIN: the x window 16 slots are read from
-// (nm_window): 32 columns (one vpermt2ps), 64 (two and a blend) or 128 (four and three); 0:
-// gathers. A window that would reach past K (near the row's end, where a vector starts
-// mid-group) gathers.
+// (nm_window): 32 columns (one vpermt2ps), 64 (two and a blend) or 128 (four and three). A
+// window that would reach past K (near the row's end, where a vector starts mid-group) gathers.
 template <DType VT, int B, int WIN, int R>
 void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int64_t r, int64_t i0) {
   __m512 acc[R];
@@ -152,7 +151,7 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
     const __m512 vals = load_vals<VT, false>(w.values, vb + j, 0);
     const __mmask16 upper = _mm512_test_epi32_mask(rel, _mm512_set1_epi32(32));  // WIN 64, 128
     const __mmask16 bit6 = _mm512_test_epi32_mask(rel, _mm512_set1_epi32(64));   // WIN 128
-    const bool window = WIN != 0 && c0 + WIN <= w.K;
+    const bool window = c0 + WIN <= w.K;
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
       __m512 xv;
@@ -445,10 +444,8 @@ float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __m
     acc1 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e + W, 0), x1, acc1);
   }
   if (e + W <= e1) {
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + e));
-    const __m512 x0 = _mm256_cmpgt_epu16_mask(c, _mm512_castsi512_si256(last_col)) == 0
-                          ? x_at16(e)
-                          : gather(_mm512_cvtepu16_epi32(c), 0xffff);
+    const bool in_range = cols16_at_most(w.cols + e, _mm512_castsi512_si256(last_col));
+    const __m512 x0 = in_range ? x_at16(e) : gather(cols16(e), 0xffff);
     acc0 = _mm512_fmadd_ps(load_vals<VT, false>(w.values, e, 0), x0, acc0);
     e += W;
   }

@@ -58,18 +58,16 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
 }
 
-// The x window the row-wise N:M kernels read `lanes` slots from: 2, 4 or 8 times lanes
-// columns (one, two or four vpermt2ps on AVX-512; two, four or eight vpermps on AVX2), or 0
-// (gathers) where the groups `lanes` consecutive slots touch span more (no pattern with
-// m <= 8 does). A vector of slots starts at a group boundary when n divides lanes; otherwise
-// it can start t slots into a group (t < n) and touches at most floor((t + lanes - 1) / n) + 1
-// groups.
+// The x window the row-wise N:M kernels read `lanes` slots from: the least of 2, 4 or 8 times
+// lanes columns (one, two or four vpermt2ps on AVX-512; two, four or eight vpermps on AVX2)
+// that holds every group those slots touch. A vector of slots starts at a group boundary when
+// n divides lanes; otherwise it can start t slots into a group (t < n) and touches at most
+// floor((t + lanes - 1) / n) + 1 groups. With m <= 8 (checked by the ops) 8 * lanes always
+// holds them (1:8: lanes groups of 8).
 inline int nm_window(int n, int m, int lanes) {
   const int groups = lanes % n == 0 ? lanes / n : (lanes + n - 2) / n + 1;
   const int span = groups * m;
-  for (int win = 2 * lanes; win <= 8 * lanes; win *= 2)
-    if (span <= win) return win;
-  return 0;
+  return span <= 2 * lanes ? 2 * lanes : span <= 4 * lanes ? 4 * lanes : 8 * lanes;
 }
 
 // The largest batch the row-wise kernels take, measured against the transposed kernels (Zen 4,
@@ -84,7 +82,7 @@ inline int64_t rowwise_max_m(bool csr, bool avx512, int n, int m) {
   if (csr) return 8;
   const int lanes = avx512 ? 16 : 8, win = nm_window(n, m, lanes);
   if (win == 2 * lanes && lanes % n == 0) return avx512 ? 8 : 4;  // 2:4, 4:8
-  return win == 0 || win == 8 * lanes ? 2 : 4;  // 1:8: 2
+  return win == 8 * lanes ? 2 : 4;  // 1:8: 2
 }
 inline int csr_small_stride(int64_t M) { return M <= 4 ? 4 : 8; }
 
