@@ -36,3 +36,13 @@ inline __m256 x_at8(const float* x, const uint16_t* c) {
   std::memcpy(q, c, sizeof(q));
   return _mm256_insertf128_ps(_mm256_castps128_ps256(x_at4(x, q[0])), x_at4(x, q[1]), 1);
 }
+
+// Rows 0 and 1 of x at 4 columns packed little-endian in q, from x transposed to [K, 2]
+// (SparseBatch::xt at batch 2): lanes (column j, row b) at 2j + b, one 64-bit load per column.
+inline __m128 x2_at2(const float* xt, uint64_t q) {
+  const __m128d lo = _mm_load_sd(reinterpret_cast<const double*>(xt + (q & 0xffff) * 2));
+  return _mm_castpd_ps(_mm_loadh_pd(lo, reinterpret_cast<const double*>(xt + ((q >> 16) & 0xffff) * 2)));
+}
+inline __m256 x2_at4(const float* xt, uint64_t q) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(x2_at2(xt, q)), x2_at2(xt, q >> 32), 1);
+}

@@ -502,6 +502,7 @@ TS_TARGET bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0
 template <DType VT>
 TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   if (a.M == 1) return csr_rows1<VT>(w, a, r0, r1);
+  if (a.M == 2) return csr_rows_pair<VT>(w, a, r0, r1);
   if (csr_small_stride(a.M) == 4) return csr_rows_small<VT, 4>(w, a, r0, r1);
   return csr_rows_small<VT, 8>(w, a, r0, r1);
 }

@@ -76,15 +76,16 @@ inline int nm_window(int n, int m, int lanes) {
 // column window), up to 4 for the others but 1:8, which reads 128 (AVX2 64) columns per
 // vector of slots, up to 2 (AVX-512 at 4 rows: 1.45-1.47 ms row-wise, 1.39-1.42 transposed).
 // CSR runs batch 1 on x as it is and batches 2..8 on x transposed once to
-// [K, csr_small_stride(M)] in SparseBatch::xt (zeros past M), so each entry is one broadcast
-// value times contiguous batch lanes.
+// [K, csr_small_stride(M)] in SparseBatch::xt (zeros past M): batch 2 reads each column's two
+// values with one 64-bit load, batches 3..8 multiply one broadcast value by contiguous batch
+// lanes.
 inline int64_t rowwise_max_m(bool csr, bool avx512, int n, int m) {
   if (csr) return 8;
   const int lanes = avx512 ? 16 : 8, win = nm_window(n, m, lanes);
   if (win == 2 * lanes && lanes % n == 0) return avx512 ? 8 : 4;  // 2:4, 4:8
   return win == 8 * lanes ? 2 : 4;  // 1:8: 2
 }
-inline int csr_small_stride(int64_t M) { return M <= 4 ? 4 : 8; }
+inline int csr_small_stride(int64_t M) { return M == 2 ? 2 : M <= 4 ? 4 : 8; }
 
 // Row-wise kernels (x rows in blocks of up to 8 (AVX-512 N:M) or 4 share one decode) and the
 // transposed kernels, for output rows [r0, r1). CSR kernels return true when a column index
