@@ -33,6 +33,27 @@ def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
             and not _C.in_forked_child())
 
 
+# Sparse layers (ops/sparse.py) decode too where their kernels, which skip the zeros but run
+# well below a GEMM's multiply-adds per cycle, lose to torch's GEMM on the whole weight: from
+# about half the weights kept and a few hundred rows. Measured on a 2-core Zen 4 (sparse kernel
+# / fp32 decode + torch's GEMM, MiniLM's 1536 x 384 and 384 x 1536): 2:4 at 128 rows 0.82-0.86,
+# 256 rows 1.04-1.05, 512 rows 1.16-1.24, 1792 rows 1.31-1.66; 50% CSR 1.03-1.04 / 1.21 /
+# 1.27-1.30 / 1.43-1.74; 3:4 0.79-1.08 / 1.32-1.33 / 1.54-1.60 / 1.72-2.07; below half kept
+# mixed or the kernel ahead (70% zeros at 1792 rows 0.98-1.27, 75% 0.88-1.13, 1:4 0.83-1.11, 90%
+# ~0.6). 384 x 384 (147K values): 2:4 / 50% at 256 rows 0.80-0.84, 512 rows 1.02-1.11.
+SPARSE_MIN_DENSITY = 0.45
+SPARSE_MIN_ROWS = 256
+SPARSE_SMALL_WEIGHT = 1 << 18  # values; below, SPARSE_SMALL_MIN_ROWS
+SPARSE_SMALL_MIN_ROWS = 512
+
+
+def sparse_applies(x2: torch.Tensor, backend: str, weight_values: int, density: float) -> bool:
+    """Whether a sparse layer of this many dense values, with this fraction kept, decodes and
+    runs torch's GEMM for x2 (see SPARSE_MIN_DENSITY)."""
+    rows = SPARSE_MIN_ROWS if weight_values >= SPARSE_SMALL_WEIGHT else SPARSE_SMALL_MIN_ROWS
+    return density >= SPARSE_MIN_DENSITY and x2.shape[0] >= rows and applies(x2, backend, weight_values)
+
+
 def linear(x2: torch.Tensor, decode: Callable[[], torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x2 [M, K] @ W.T + bias, W given by decode() as fp32 [N, K]."""
     return F.linear(x2, decode(), None if bias is None else bias.float())

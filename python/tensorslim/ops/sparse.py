@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _views
-from . import _eager
+from . import _eager, decode_gemm
 from .._native import _C
 
 SPARSE_BACKENDS = ("auto", "native", "reference")
@@ -203,13 +203,15 @@ def csr_pack(w: torch.Tensor, keep: torch.Tensor, value_dtype: torch.dtype = tor
 # ---------------------------------------------------------------- custom ops (native CPU)
 
 
-@torch.library.custom_op("tensorslim::nm_unpack", mutates_args=(), device_types="cpu")
-def _nm_unpack(values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor], n: int, m: int,
-               in_features: int) -> torch.Tensor:
+def _nm_unpack_impl(values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor], n: int, m: int,
+                    in_features: int) -> torch.Tensor:
     out = torch.empty(values.shape[0], in_features, dtype=torch.float32)
     _C.nm_unpack(_views.view(values, "values"), _views.view(indices, "indices"),
                  _views.optional_view(scales, "scales"), n, m, _views.view(out, "out"))
     return out
+
+
+_nm_unpack = torch.library.custom_op("tensorslim::nm_unpack", mutates_args=(), device_types="cpu")(_nm_unpack_impl)
 
 
 @_nm_unpack.register_fake
@@ -217,13 +219,15 @@ def _nm_unpack_fake(values, indices, scales, n, m, in_features):
     return values.new_empty(values.shape[0], in_features, dtype=torch.float32)
 
 
-@torch.library.custom_op("tensorslim::csr_unpack", mutates_args=(), device_types="cpu")
-def _csr_unpack(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, scales: Optional[torch.Tensor],
-                in_features: int) -> torch.Tensor:
+def _csr_unpack_impl(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, scales: Optional[torch.Tensor],
+                     in_features: int) -> torch.Tensor:
     out = torch.empty(row_ptr.shape[0] - 1, in_features, dtype=torch.float32)
     _C.csr_unpack(_views.view(values, "values"), _views.view(cols, "cols"), _views.view(row_ptr, "row_ptr"),
                   _views.optional_view(scales, "scales"), _views.view(out, "out"))
     return out
+
+
+_csr_unpack = torch.library.custom_op("tensorslim::csr_unpack", mutates_args=(), device_types="cpu")(_csr_unpack_impl)
 
 
 @_csr_unpack.register_fake
@@ -337,6 +341,29 @@ def _direct_ok(x2: torch.Tensor, backend: str, tensors) -> bool:
             and _eager.direct_ok((x2, *tensors)))
 
 
+def _nm_decodes(x2: torch.Tensor, backend: str, values: torch.Tensor, n: int, m: int) -> bool:
+    rows = values.shape[0]
+    in_features = x2.shape[-1]
+    return decode_gemm.sparse_applies(x2, backend, rows * in_features, n / m)
+
+
+def _csr_decodes(x2: torch.Tensor, backend: str, values: torch.Tensor, row_ptr: torch.Tensor) -> bool:
+    dense = (row_ptr.shape[0] - 1) * x2.shape[-1]
+    return decode_gemm.sparse_applies(x2, backend, dense, values.numel() / max(1, dense))
+
+
+def _nm_decode_gemm(x2, values, indices, scales, bias, n: int, m: int) -> torch.Tensor:
+    in_features = x2.shape[1]
+    return decode_gemm.linear(x2, lambda: _eager.call(_nm_unpack, _nm_unpack_impl, values, indices, scales, n, m,
+                                                      in_features), bias)
+
+
+def _csr_decode_gemm(x2, values, cols, row_ptr, scales, bias) -> torch.Tensor:
+    in_features = x2.shape[1]
+    return decode_gemm.linear(x2, lambda: _eager.call(_csr_unpack, _csr_unpack_impl, values, cols, row_ptr, scales,
+                                                      in_features), bias)
+
+
 def nm_linear_direct(x2: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], n: int, m: int, backend: str) -> Optional[torch.Tensor]:
     """nm_linear for a layer's own packed tensors and a contiguous float32 [rows, in_features]
@@ -346,6 +373,8 @@ def nm_linear_direct(x2: torch.Tensor, values: torch.Tensor, indices: torch.Tens
     does not hold: the caller then calls nm_linear."""
     if not _direct_ok(x2, backend, (values, indices, scales, bias)):
         return None
+    if _nm_decodes(x2, backend, values, n, m):
+        return _nm_decode_gemm(x2, values, indices, scales, bias, n, m)
     return _nm_linear_impl(x2, values, indices, scales, bias, n, m)
 
 
@@ -355,6 +384,8 @@ def csr_linear_direct(x2: torch.Tensor, values: torch.Tensor, cols: torch.Tensor
     """csr_linear's direct call, as nm_linear_direct."""
     if not _direct_ok(x2, backend, (values, cols, row_ptr, scales, bias)):
         return None
+    if _csr_decodes(x2, backend, values, row_ptr):
+        return _csr_decode_gemm(x2, values, cols, row_ptr, scales, bias)
     return _csr_linear_impl(x2, values, cols, row_ptr, scales, bias)
 
 
@@ -367,11 +398,13 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scal
     _check_bias(bias, rows, fn)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).float()
-    if _pick(backend, (x, values, indices, scales, bias), fn):
+    if not _pick(backend, (x, values, indices, scales, bias), fn):
+        y = F.linear(x2, nm_unpack_reference(values, indices, scales, n, m, in_features), bias)
+    elif _nm_decodes(x2, backend, values, n, m):
+        y = _nm_decode_gemm(x2.contiguous(), values.contiguous(), indices.contiguous(), _c(scales), bias, n, m)
+    else:
         y = _eager.call(_nm_linear, _nm_linear_impl, x2.contiguous(), values.contiguous(), indices.contiguous(),
                         _c(scales), _c(bias), n, m)
-    else:
-        y = F.linear(x2, nm_unpack_reference(values, indices, scales, n, m, in_features), bias)
     return y.to(x.dtype).reshape(*lead, rows)
 
 
@@ -385,9 +418,12 @@ def csr_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_pt
     _check_bias(bias, rows, fn)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).float()
-    if _pick(backend, (x, values, cols, row_ptr, scales, bias), fn):
+    if not _pick(backend, (x, values, cols, row_ptr, scales, bias), fn):
+        y = F.linear(x2, csr_unpack_reference(values, cols, row_ptr, scales, in_features), bias)
+    elif _csr_decodes(x2, backend, values, row_ptr):
+        y = _csr_decode_gemm(x2.contiguous(), values.contiguous(), cols.contiguous(), row_ptr.contiguous(),
+                             _c(scales), bias)
+    else:
         y = _eager.call(_csr_linear, _csr_linear_impl, x2.contiguous(), values.contiguous(), cols.contiguous(),
                         row_ptr.contiguous(), _c(scales), _c(bias))
-    else:
-        y = F.linear(x2, csr_unpack_reference(values, cols, row_ptr, scales, in_features), bias)
     return y.to(x.dtype).reshape(*lead, rows)

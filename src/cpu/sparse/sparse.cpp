@@ -198,6 +198,30 @@ void transpose_small(const float* x, int64_t M, int64_t K, int64_t ldx, int st, 
   }
 }
 
+// Rows per task of the unpackers: about 256 K values each (one task for small weights, where
+// waking a second thread costs more than it saves).
+int64_t unpack_row_grain(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1)); }
+
+// The first bad group of row r, for nm_unpack's error (its fast loop only notes that one exists).
+[[noreturn]] void nm_unpack_row_error(const cpu::SparseWeight& w, int64_t r, const char* fn) {
+  const uint8_t* idx = w.indices + r * w.idx_row_bytes;
+  for (int64_t g = 0; g < w.slots / w.n; ++g) {
+    int prev = -1;
+    for (int s = 0; s < w.n; ++s) {
+      const int64_t j = g * w.n + s;
+      const int p = nm_pos(idx, j, w.b);
+      TS_CHECK_VALUE(p > prev, std::string(fn) + ": positions must increase within a group; row " + to_string(r) +
+                                   ", group " + to_string(g) + " has " + to_string(p) + " after " + to_string(prev));
+      prev = p;
+      const int64_t c = g * w.m + p;
+      TS_CHECK_VALUE(c < w.K || value_at(w, r * w.slots + j) == 0.0f,
+                     std::string(fn) + ": row " + to_string(r) + " stores a nonzero value at virtual column " +
+                         to_string(c) + " >= in_features " + to_string(w.K));
+    }
+  }
+  throw ValueError(std::string(fn) + ": row " + to_string(r) + " is malformed");  // not reached
+}
+
 // Checks x / out / bias / workspace and runs the kernels of the active ISA over all rows.
 void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorView* bias, const TensorView& out,
                 const TensorView* workspace, const char* fn) {
@@ -409,28 +433,57 @@ void nm_unpack(const TensorView& values, const TensorView& indices, const Tensor
   const int64_t N = out.shape[0], K = out.shape[1];
   const cpu::SparseWeight w = nm_weight(values, indices, scales, n, m, N, K, fn);
   float* o = out.ptr<float>();
-  std::fill(o, o + N * K, 0.0f);
-  for (int64_t r = 0; r < N; ++r) {
-    const uint8_t* idx = w.indices + r * w.idx_row_bytes;
-    const float scale = w.scales ? w.scales[r] : 1.0f;
-    for (int64_t g = 0; g < w.slots / n; ++g) {
-      int prev = -1;
-      for (int s = 0; s < n; ++s) {
-        const int64_t j = g * n + s;
-        const int p = nm_pos(idx, j, w.b);
-        TS_CHECK_VALUE(p > prev, std::string(fn) + ": positions must increase within a group; row " +
-                                     to_string(r) + ", group " + to_string(g) + " has " + to_string(p) +
-                                     " after " + to_string(prev));
-        prev = p;
-        const int64_t c = g * m + p;
-        const float v = value_at(w, r * w.slots + j) * scale;
-        if (c < K) o[r * K + c] = v;
-        else TS_CHECK_VALUE(v == 0.0f, std::string(fn) + ": row " + to_string(r) + " stores a nonzero value "
-                                                         "at virtual column " + to_string(c) + " >= in_features " +
-                                                         to_string(K));
+  const int64_t groups = w.slots / n;
+  // One function per value dtype, rows in parallel: sparse layers decode their weight on
+  // every call at large batches (ops/sparse.py), so this is on the forward path.
+  auto rows = [&](auto value_of, int64_t r0, int64_t r1) {
+    // Locals, not w's fields: through references GCC reloaded them after every store.
+    const int b = w.b;
+    const unsigned mask = (1u << b) - 1u;
+    const int64_t slots = w.slots, row_bytes = w.idx_row_bytes;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* orow = o + r * K;
+      std::fill(orow, orow + K, 0.0f);
+      const uint8_t* idx = w.indices + r * row_bytes;
+      const float scale = w.scales ? w.scales[r] : 1.0f;
+      const int64_t first = r * slots;
+      // The row's positions come from a bit buffer refilled a byte at a time.
+      uint64_t bits = 0;
+      int have = 0;
+      int64_t j = 0;
+      bool ok = true;
+      for (int64_t g = 0; g < groups; ++g) {
+        int prev = -1;
+        for (int s = 0; s < n; ++s, ++j) {
+          if (have < b) {
+            bits |= static_cast<uint64_t>(*idx++) << have;
+            have += 8;
+          }
+          const int p = static_cast<int>(bits & mask);
+          bits >>= b;
+          have -= b;
+          ok &= p > prev;
+          prev = p;
+          const int64_t c = g * m + p;
+          const float v = value_of(first + j) * scale;
+          if (c < K) orow[c] = v;
+          else ok &= v == 0.0f;
+        }
       }
+      if (!ok) nm_unpack_row_error(w, r, fn);
     }
-  }
+  };
+  cpu::parallel_for(N, unpack_row_grain(K), [&](int64_t r0, int64_t r1) {
+    switch (w.vdtype) {
+      case DType::kFloat32: return rows([&](int64_t i) { return static_cast<const float*>(w.values)[i]; }, r0, r1);
+      case DType::kBFloat16:
+        return rows([&](int64_t i) { return cpu::bf16_to_float(static_cast<const uint16_t*>(w.values)[i]); }, r0, r1);
+      case DType::kFloat16:
+        return rows([&](int64_t i) { return cpu::f16_to_float(static_cast<const uint16_t*>(w.values)[i]); }, r0, r1);
+      default:
+        return rows([&](int64_t i) { return static_cast<float>(static_cast<const int8_t*>(w.values)[i]); }, r0, r1);
+    }
+  });
 }
 
 void nm_linear(const TensorView& x, const TensorView& values, const TensorView& indices, const TensorView* scales,
@@ -490,21 +543,28 @@ void csr_unpack(const TensorView& values, const TensorView& cols, const TensorVi
                      " rows, got " + shape_str(row_ptr));
   const cpu::SparseWeight w = csr_weight(values, cols, row_ptr, scales, K, fn);
   float* o = out.ptr<float>();
-  std::fill(o, o + N * K, 0.0f);
-  for (int64_t r = 0; r < N; ++r) {
-    const float scale = w.scales ? w.scales[r] : 1.0f;
-    int64_t prev = -1;
-    for (int64_t e = w.row_ptr[r]; e < w.row_ptr[r + 1]; ++e) {
-      const int64_t c = w.cols[e];
-      TS_CHECK_VALUE(c < K, std::string(fn) + ": row " + to_string(r) + " has column " + to_string(c) +
-                                " >= in_features " + to_string(K));
-      TS_CHECK_VALUE(c > prev, std::string(fn) + ": row " + to_string(r) +
-                                   " columns must be strictly increasing, got " + to_string(c) + " after " +
-                                   to_string(prev));
-      prev = c;
-      o[r * K + c] = value_at(w, e) * scale;
+  auto rows = [&](auto value_of, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* orow = o + r * K;
+      std::fill(orow, orow + K, 0.0f);
+      const float scale = w.scales ? w.scales[r] : 1.0f;
+      int64_t prev = -1;
+      for (int64_t e = w.row_ptr[r]; e < w.row_ptr[r + 1]; ++e) {
+        const int64_t c = w.cols[e];
+        TS_CHECK_VALUE(c < K, std::string(fn) + ": row " + to_string(r) + " has column " + to_string(c) +
+                                  " >= in_features " + to_string(K));
+        TS_CHECK_VALUE(c > prev, std::string(fn) + ": row " + to_string(r) +
+                                     " columns must be strictly increasing, got " + to_string(c) + " after " +
+                                     to_string(prev));
+        prev = c;
+        orow[c] = value_of(e) * scale;
+      }
     }
-  }
+  };
+  cpu::parallel_for(N, unpack_row_grain(K), [&](int64_t r0, int64_t r1) {
+    if (w.vdtype == DType::kFloat32) rows([&](int64_t e) { return static_cast<const float*>(w.values)[e]; }, r0, r1);
+    else rows([&](int64_t e) { return static_cast<float>(static_cast<const int8_t*>(w.values)[e]); }, r0, r1);
+  });
 }
 
 void csr_linear(const TensorView& x, const TensorView& values, const TensorView& cols, const TensorView& row_ptr,
