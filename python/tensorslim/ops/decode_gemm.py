@@ -1,6 +1,6 @@
-"""Weight-only linears at large batches on the CPU: decode a small weight once with our kernel,
-then multiply with torch's own fp32 GEMM, the one the uncompressed model runs, on torch's
-threads.
+"""Weight-only and sparse linears at large batches on the CPU: decode a small weight once with
+our kernel, then multiply with torch's own fp32 GEMM, the one the uncompressed model runs, on
+torch's threads (sparse layers: see SPARSE_MIN_DENSITY).
 
 With M rows the product costs M x K x N multiply-adds against K x N decodes, and a decoded
 weight of up to SMALL_WEIGHT values (4 MiB; MiniLM's layers) stays in cache, so from
