@@ -251,6 +251,47 @@ TEST(Sparse, CsrSmallBatchesEveryIsa) {
   }
 }
 
+// CSR rows whose columns repeat or go down (pack stores increasing columns, but the kernels'
+// rule is every stored entry added once): row 2 holds 1300 entries at columns 0..99, more in
+// one column block than the transposed kernels stage at a time; the others run backwards.
+TEST(Sparse, CsrUnorderedColumnsEveryIsa) {
+  IsaScope guard;
+  const int64_t N = 6, K = 300;
+  std::vector<int64_t> rp(N + 1, 0);
+  std::vector<uint16_t> cols;
+  std::vector<float> vals, dense(N * K, 0.0f);
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<float> u(0.5f, 1.5f);  // positive: no cancellation in the bound
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t count = r == 2 ? 1300 : 90 * r;
+    for (int64_t e = 0; e < count; ++e) {
+      const int64_t c = r == 2 ? e % 100 : K - 1 - (e * 37) % K;
+      cols.push_back(static_cast<uint16_t>(c));
+      vals.push_back(u(gen));
+      dense[r * K + c] += vals.back();
+    }
+    rp[r + 1] = static_cast<int64_t>(cols.size());
+  }
+  const int64_t nnz = rp[N];
+  uint32_t seed = 900;
+  for (int64_t M : {1, 2, 3, 8, 17, 64, 70}) {
+    std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
+    std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
+    TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
+    const Ref ref(dense, x, bias, M, N, K);
+    for (cpu::Isa isa : machine_isas()) {
+      cpu::set_isa(isa);
+      std::vector<float> y(M * N, NAN);
+      TensorView bv = view1(bias.data(), DType::kFloat32, N);
+      csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(vals.data(), DType::kFloat32, nnz),
+                 view1(cols.data(), DType::kUInt16, nnz), view1(rp.data(), DType::kInt64, N + 1), nullptr, &bv,
+                 view2(y.data(), DType::kFloat32, M, N), &wsv);
+      expect_close(y, ref, std::string(cpu::isa_name(isa)) + " M=" + std::to_string(M));
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 // A column >= K in a middle row fails the call at every batch size and ISA (never read).
 TEST(Sparse, CsrBadColumnEveryBatch) {
   IsaScope guard;

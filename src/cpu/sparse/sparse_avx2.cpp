@@ -259,11 +259,11 @@ struct TAcc {
     for (int s = 1; s < S; ++s)
       for (int u = 0; u < V; ++u) a[s][u] = _mm256_setzero_ps();
   }
-  // 8 entries: columns ci (rows of xt), values vf.
-  TS_TARGET void step(const float* xt, int64_t st, const int32_t* ci, const float* vf) {
+  // 8 entries: tile offsets ci (column * st), values vf.
+  TS_TARGET void step(const float* xt, const int32_t* ci, const float* vf) {
     for (int t = 0; t < W; t += S) {
       for (int s = 0; s < S; ++s) {
-        const float* xr = xt + static_cast<int64_t>(ci[t + s]) * st;
+        const float* xr = xt + ci[t + s];
         const __m256 bv = _mm256_set1_ps(vf[t + s]);
         for (int u = 0; u < V; ++u) a[s][u] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xr + u * W), a[s][u]);
       }
@@ -278,14 +278,18 @@ struct TAcc {
   }
 };
 
-// Row blocks x column blocks of one tile (see sparse_kernels.h); `rows.run` adds the row's
-// entries at columns [kb0, kb1) (all remaining ones when last) to acc.
+// Row blocks x column blocks of one tile (see sparse_kernels.h and the AVX-512 file):
+// `rows.stage` writes a row's entries of the block to ci / vf as whole vectors, kStageRows
+// rows before the FMA loop reads them.
 template <int V, typename Rows>
 TS_TARGET bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, Rows& rows) {
+  constexpr int64_t cap = stage_capacity(W);
   bool bad = false;
   alignas(32) float part[kRowBlock * kTileM];
-  alignas(32) int32_t ci[W];
-  alignas(32) float vf[W];
+  alignas(32) int32_t ci[kStageRows * cap];
+  alignas(32) float vf[kStageRows * cap];
+  int64_t count[kStageRows];
+  bool more[kStageRows];
   for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
     const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
     if ((mt + W - 1) / W != V) continue;  // this instantiation runs tiles of its width only
@@ -297,15 +301,27 @@ TS_TARGET bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, 
       rows.begin(rb, re);
       for (int64_t kb0 = 0; kb0 < w.K; kb0 += kb) {
         const bool last = kb0 + kb >= w.K;
-        for (int64_t r = rb; r < re; ++r) {
-          TAcc<V> acc;
-          acc.load(part + (r - rb) * kTileM);
-          bad |= rows.run(r, kb0, kb0 + kb, last, xt, st, acc, ci, vf);
-          acc.store(part + (r - rb) * kTileM);
+        for (int64_t g0 = rb; g0 < re; g0 += kStageRows) {
+          const int64_t g1 = g0 + kStageRows < re ? g0 + kStageRows : re;
+          for (int64_t r = g0; r < g1; ++r) {
+            const int64_t q = r - g0;
+            count[q] = rows.stage(r, kb0, kb0 + kb, last, st, ci + q * cap, vf + q * cap, more[q], bad);
+          }
+          for (int64_t r = g0; r < g1; ++r) {
+            const int64_t q = r - g0;
+            TAcc<V> acc;
+            acc.load(part + (r - rb) * kTileM);
+            for (;;) {
+              for (int64_t i = 0; i < count[q]; i += W) acc.step(xt, ci + q * cap + i, vf + q * cap + i);
+              if (!more[q]) break;
+              count[q] = rows.stage(r, kb0, kb0 + kb, last, st, ci + q * cap, vf + q * cap, more[q], bad);
+            }
+            acc.store(part + (r - rb) * kTileM);
+          }
         }
       }
-      for (int64_t r = rb; r < re; ++r)
-        for (int64_t i = 0; i < mt; ++i) store_out(w, a, r, m0 + i, part[(r - rb) * kTileM + i]);
+      for (int64_t i = 0; i < mt; ++i)  // batch row by batch row: contiguous stores into y
+        for (int64_t r = rb; r < re; ++r) store_out(w, a, r, m0 + i, part[(r - rb) * kTileM + i]);
     }
   }
   return bad;
@@ -318,30 +334,32 @@ struct NmRows {
   __m256i kv;
   TS_TARGET explicit NmRows(const SparseWeight& w_) : w(w_), L(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))) {}
   void begin(int64_t, int64_t) {}
-  template <int V>
-  TS_TARGET bool run(int64_t r, int64_t kb0, int64_t kb1, bool last, const float* xt, int64_t st, TAcc<V>& acc,
-                     int32_t* ci, float* vf) {
+  // At most kMaxKBlock + 8 slots per block (sparse_kernels.h): never `more`.
+  TS_TARGET int64_t stage(int64_t r, int64_t kb0, int64_t kb1, bool last, int64_t st, int32_t* ci, float* vf,
+                          bool& more, bool&) {
+    more = false;
     const uint8_t* idx = w.indices + r * w.idx_row_bytes;
     const int64_t vb = r * w.slots;
     const int64_t P = static_cast<int64_t>(L.nper) * W;
     const int64_t j1 = last ? w.slots : kb1 / L.period_cols * P;
-    int64_t col0 = kb0;
+    const __m256i stv = _mm256_set1_epi32(static_cast<int>(st));
+    int64_t col0 = kb0, n = 0;
     int v = 0;
-    for (int64_t j0 = kb0 / L.period_cols * P; j0 < j1; j0 += W) {
+    for (int64_t j0 = kb0 / L.period_cols * P; j0 < j1; j0 += W, n += W) {
       const __m256i col = _mm256_add_epi32(_mm256_add_epi32(L.offs[v], decode_pos<B>(idx, j0, w.idx_end)),
                                            _mm256_set1_epi32(static_cast<int>(col0)));
       const int64_t count = w.slots - j0 < W ? w.slots - j0 : W;
       const __m256 k = _mm256_and_ps(lanes_below(count), _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col)));
-      // Skipped lanes: column 0, value 0.
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ci), _mm256_and_si256(col, _mm256_castps_si256(k)));
-      _mm256_store_ps(vf, _mm256_and_ps(load_vals<VT>(w.values, vb + j0, count), k));
-      acc.step(xt, st, ci, vf);
+      // Skipped lanes: offset 0, value 0.
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ci + n),
+                         _mm256_and_si256(_mm256_mullo_epi32(col, stv), _mm256_castps_si256(k)));
+      _mm256_store_ps(vf + n, _mm256_and_ps(load_vals<VT>(w.values, vb + j0, count), k));
       if (++v == L.nper) {
         v = 0;
         col0 += L.period_cols;
       }
     }
-    return false;
+    return n;
   }
 };
 
@@ -356,31 +374,32 @@ struct CsrRows {
     base = rb;
     for (int64_t r = rb; r < re; ++r) cur[r - rb] = w.row_ptr[r];
   }
-  template <int V>
-  TS_TARGET bool run(int64_t r, int64_t, int64_t kb1, bool last, const float* xt, int64_t st, TAcc<V>& acc,
-                     int32_t* ci, float* vf) {
-    const int64_t e0 = cur[r - base], row_end = w.row_ptr[r + 1];
-    // Columns increase within a row, so this block's entries end at the first column >= kb1.
-    // (Out-of-order columns still all get used once: the last block takes what remains.)
-    int64_t e1 = row_end;
-    if (!last) {
-      int64_t lo = e0, hi = row_end;
-      while (lo < hi) {
-        const int64_t mid = (lo + hi) / 2;
-        if (w.cols[mid] < kb1) lo = mid + 1;
-        else hi = mid;
+  // The block's entries: whole chunks from cur[] up to and including the first with a
+  // column >= kb1 (see the AVX-512 file).
+  TS_TARGET int64_t stage(int64_t r, int64_t, int64_t kb1, bool last, int64_t st, int32_t* ci, float* vf,
+                          bool& more, bool& bad) {
+    const int64_t row_end = w.row_ptr[r + 1];
+    const __m256i stv = _mm256_set1_epi32(static_cast<int>(st)), kb1v = _mm256_set1_epi32(static_cast<int>(kb1));
+    int bad_lanes = 0;
+    int64_t e = cur[r - base], n = 0;
+    more = false;
+    while (e < row_end) {
+      if (n == stage_capacity(W) - W) {
+        more = true;
+        break;
       }
-      e1 = lo;
+      const CsrChunk c(w, e, row_end, kv, &bad_lanes);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ci + n),
+                         _mm256_and_si256(_mm256_mullo_epi32(c.col, stv), _mm256_castps_si256(c.use)));
+      _mm256_store_ps(vf + n, _mm256_and_ps(load_vals<VT>(w.values, e, c.count), c.use));
+      n += W;
+      e += c.count;
+      const __m256 past = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(kb1v, c.col)), c.use);
+      if (!last && _mm256_movemask_ps(past)) break;
     }
-    cur[r - base] = e1;
-    int bad = 0;
-    for (int64_t e = e0; e < e1; e += W) {
-      const CsrChunk c(w, e, e1, kv, &bad);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ci), _mm256_and_si256(c.col, _mm256_castps_si256(c.use)));
-      _mm256_store_ps(vf, _mm256_and_ps(load_vals<VT>(w.values, e, c.count), c.use));
-      acc.step(xt, st, ci, vf);
-    }
-    return bad != 0;
+    cur[r - base] = e;
+    bad |= bad_lanes != 0;
+    return n;
   }
 };
 
