@@ -15,11 +15,14 @@ from test_sparse_ops import close_to_float64, nm_keep
 N, K = 24, 70  # K not a multiple of 4 or 8: the N:M tail group
 
 
+ROWS, DENSE_ROWS = 80, 64  # the fixture's thresholds: half kept or more / 70% kept or more
+
+
 @pytest.fixture
 def decode_calls(monkeypatch):
     """Decoded products, by row count; thresholds lowered so small layers reach them."""
-    monkeypatch.setattr(decode_gemm, "SPARSE_SMALL_WEIGHT", 0)
-    monkeypatch.setattr(decode_gemm, "SPARSE_MIN_ROWS", decode_gemm.DECODE_GEMM_MIN_ROWS)  # 64
+    monkeypatch.setattr(decode_gemm, "SPARSE_MIN_ROWS", ROWS)
+    monkeypatch.setattr(decode_gemm, "SPARSE_DENSE_MIN_ROWS", DENSE_ROWS)
     calls = []
     real = decode_gemm.linear
 
@@ -51,52 +54,56 @@ DECODED = [pytest.param(lambda: _nm(2, 4), id="2:4"), pytest.param(lambda: _nm(2
 @pytest.mark.parametrize("make", DECODED)
 def test_large_batches_decode_and_match_the_kernel(make, decode_calls):
     layer = make()
-    x = torch.randn(2, 35, K)  # 70 rows
+    x = torch.randn(2, ROWS // 2, K)
     with torch.no_grad():
         got = layer(x)
-        assert decode_calls == [70]
+        assert decode_calls == [ROWS]
         layer.backend = "native"  # the sparse kernel, for the same product
         kernel = layer(x)
-    assert decode_calls == [70]
+    assert decode_calls == [ROWS]
     close_to_float64(got, layer.dense_weight(), x, layer.bias, "decoded")
     torch.testing.assert_close(got, kernel, rtol=1e-5, atol=1e-5)
 
 
 def test_the_ops_decode_too(decode_calls):
     torch.manual_seed(1)
-    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(64, K)
+    w, b, x = torch.randn(N, K), torch.randn(N), torch.randn(ROWS, K)
     keep = nm_keep(w, 2, 4)
     v, i, s = S.nm_pack(w, keep, 2, 4)
     close_to_float64(S.nm_linear(x, v, i, s, b, 2, 4, K), w * keep, x, b, "nm_linear")
     cv, c, rp, cs = S.csr_pack(w, keep)
     close_to_float64(S.csr_linear(x, cv, c, rp, cs, b, K), w * keep, x, b, "csr_linear")
-    assert decode_calls == [64, 64]
+    assert decode_calls == [ROWS, ROWS]
 
 
 def test_only_where_it_applies(decode_calls, monkeypatch):
-    x = torch.randn(decode_gemm.SPARSE_MIN_ROWS, K)
+    x = torch.randn(ROWS, K)
     with torch.no_grad():
-        _nm(2, 4)(x[:-1])                      # one row short
+        _nm(2, 4)(x[:-1])                      # half kept: one row short of ROWS
+        _nm(3, 4)(x[:DENSE_ROWS - 1])          # 75% kept: one row short of DENSE_ROWS
         _nm(1, 4)(x)                           # a quarter kept: the kernel is ahead
         _csr(0.9)(x)                           # 10% kept
         native = _nm(2, 4)
         native.backend = "native"
         native(x)                              # an explicit backend is kept
+        assert decode_calls == []
+        _nm(3, 4)(x[:DENSE_ROWS])
+        assert decode_calls == [DENSE_ROWS]
         monkeypatch.setattr(decode_gemm, "SMALL_WEIGHT", N * K - 1)
         _csr(0.5)(x)                           # a weight over SMALL_WEIGHT values
-    assert decode_calls == []
+    assert decode_calls == [DENSE_ROWS]
 
 
 def test_gradient_reaches_the_input(decode_calls):
     layer = _nm(2, 4)
-    x = torch.randn(64, K, requires_grad=True)
+    x = torch.randn(ROWS, K, requires_grad=True)
     layer(x).sum().backward()
-    assert decode_calls == [64]
+    assert decode_calls == [ROWS]
     torch.testing.assert_close(x.grad, layer.dense_weight().sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
 
 
 def test_malformed_storage_fails_on_the_decoded_path(decode_calls):
-    x = torch.randn(64, K)
+    x = torch.randn(ROWS, K)
     layer = _nm(2, 4)
     layer.indices[3, 0] = 0  # group 0 of row 3: positions 0, 0
     with pytest.raises(ValueError, match="positions must increase within a group; row 3, group 0"):
@@ -112,4 +119,4 @@ def test_malformed_storage_fails_on_the_decoded_path(decode_calls):
     layer.cols[first + 1] = layer.cols[first]
     with pytest.raises(ValueError, match="row 2 columns must be strictly increasing"):
         layer(x)
-    assert decode_calls == [64, 64, 64]  # each took the decoded path and failed in its unpacker
+    assert decode_calls == [ROWS] * 3  # each took the decoded path and failed in its unpacker

@@ -34,23 +34,23 @@ def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
 
 
 # Sparse layers (ops/sparse.py) decode too where their kernels, which skip the zeros but run
-# well below a GEMM's multiply-adds per cycle, lose to torch's GEMM on the whole weight: from
-# about half the weights kept and a few hundred rows. Measured on a 2-core Zen 4 (sparse kernel
-# / fp32 decode + torch's GEMM, MiniLM's 1536 x 384 and 384 x 1536): 2:4 at 128 rows 0.82-0.86,
-# 256 rows 1.04-1.05, 512 rows 1.16-1.24, 1792 rows 1.31-1.66; 50% CSR 1.03-1.04 / 1.21 /
-# 1.27-1.30 / 1.43-1.74; 3:4 0.79-1.08 / 1.32-1.33 / 1.54-1.60 / 1.72-2.07; below half kept
-# mixed or the kernel ahead (70% zeros at 1792 rows 0.98-1.27, 75% 0.88-1.13, 1:4 0.83-1.11, 90%
-# ~0.6). 384 x 384 (147K values): 2:4 / 50% at 256 rows 0.80-0.84, 512 rows 1.02-1.11.
+# well below a GEMM's multiply-adds per cycle, lose to torch's GEMM on the whole weight: with
+# about half the weights kept or more, at a thousand rows and more. Measured on a 2-core Zen 4
+# (sparse kernel / fp32 decode + torch's GEMM; MiniLM's 1536 x 384, 384 x 1536, 384 x 384):
+# 2:4 at 512 rows 0.72 / 0.94 / 0.75, 1024 rows 0.84 / 1.02 / 0.94, 1792 rows 0.90 / 1.07 /
+# 1.06; 50% unstructured 0.81 / 1.02 / 0.84, 0.91 / 1.08 / 1.02, 0.93 / 1.13 / 1.13; 3:4 (75%
+# kept) 0.99 / 1.20 / 0.93 at 512 rows, 1.20 / 1.39 / 1.32 at 1792. Below half kept the
+# kernels stay ahead (90% zeros ~0.6 at 1792 rows).
 SPARSE_MIN_DENSITY = 0.45
-SPARSE_MIN_ROWS = 256
-SPARSE_SMALL_WEIGHT = 1 << 18  # values; below, SPARSE_SMALL_MIN_ROWS
-SPARSE_SMALL_MIN_ROWS = 512
+SPARSE_MIN_ROWS = 1024
+SPARSE_DENSE_MIN_DENSITY = 0.7  # from here, SPARSE_DENSE_MIN_ROWS
+SPARSE_DENSE_MIN_ROWS = 512
 
 
 def sparse_applies(x2: torch.Tensor, backend: str, weight_values: int, density: float) -> bool:
     """Whether a sparse layer of this many dense values, with this fraction kept, decodes and
     runs torch's GEMM for x2 (see SPARSE_MIN_DENSITY)."""
-    rows = SPARSE_MIN_ROWS if weight_values >= SPARSE_SMALL_WEIGHT else SPARSE_SMALL_MIN_ROWS
+    rows = SPARSE_DENSE_MIN_ROWS if density >= SPARSE_DENSE_MIN_DENSITY else SPARSE_MIN_ROWS
     return density >= SPARSE_MIN_DENSITY and x2.shape[0] >= rows and applies(x2, backend, weight_values)
 
 
