@@ -253,27 +253,25 @@ TS_TARGET void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_
 template <int V>
 struct TAcc {
   static constexpr int S = V == 1 ? 4 : V == 2 ? 2 : 1;
-  __m256 a[S][V];
-  TS_TARGET void load(const float* p) {
-    for (int u = 0; u < V; ++u) a[0][u] = _mm256_load_ps(p + u * W);
+  // part[0 .. V * W) += the n staged entries (tile offsets ci, values vf; n a multiple of W)
+  // times their tile rows. The sums live in locals for the whole loop: as members of an
+  // object some instantiations (2:4 bf16) kept one in memory, a store and a load per entry.
+  TS_TARGET static void add(float* part, const float* xt, const int32_t* ci, const float* vf, int64_t n) {
+    __m256 a[S][V];
+    for (int u = 0; u < V; ++u) a[0][u] = _mm256_load_ps(part + u * W);
     for (int s = 1; s < S; ++s)
       for (int u = 0; u < V; ++u) a[s][u] = _mm256_setzero_ps();
-  }
-  // 8 entries: tile offsets ci (column * st), values vf.
-  TS_TARGET void step(const float* xt, const int32_t* ci, const float* vf) {
-    for (int t = 0; t < W; t += S) {
+    for (int64_t t = 0; t < n; t += S) {
       for (int s = 0; s < S; ++s) {
         const float* xr = xt + ci[t + s];
         const __m256 bv = _mm256_set1_ps(vf[t + s]);
         for (int u = 0; u < V; ++u) a[s][u] = _mm256_fmadd_ps(bv, _mm256_loadu_ps(xr + u * W), a[s][u]);
       }
     }
-  }
-  TS_TARGET void store(float* p) {
     for (int u = 0; u < V; ++u) {
       __m256 sum = a[0][u];
       for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, a[s][u]);
-      _mm256_store_ps(p + u * W, sum);
+      _mm256_store_ps(part + u * W, sum);
     }
   }
 };
@@ -309,14 +307,11 @@ TS_TARGET bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, 
           }
           for (int64_t r = g0; r < g1; ++r) {
             const int64_t q = r - g0;
-            TAcc<V> acc;
-            acc.load(part + (r - rb) * kTileM);
             for (;;) {
-              for (int64_t i = 0; i < count[q]; i += W) acc.step(xt, ci + q * cap + i, vf + q * cap + i);
+              TAcc<V>::add(part + (r - rb) * kTileM, xt, ci + q * cap, vf + q * cap, count[q]);
               if (!more[q]) break;
               count[q] = rows.stage(r, kb0, kb0 + kb, last, st, ci + q * cap, vf + q * cap, more[q], bad);
             }
-            acc.store(part + (r - rb) * kTileM);
           }
         }
       }
@@ -359,6 +354,10 @@ struct NmRows {
         col0 += L.period_cols;
       }
     }
+    // The row's next block, ahead of its staging (rows are a block's slots apart in memory, so
+    // the hardware prefetchers do not follow them).
+    if (!last) prefetch_block(static_cast<const char*>(w.values) + (vb + j1) * kValueBytes<VT>,
+                              (j1 - kb0 / L.period_cols * P) * kValueBytes<VT>, idx + j1 * B / 8);
     return n;
   }
 };
@@ -397,6 +396,8 @@ struct CsrRows {
       const __m256 past = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(kb1v, c.col)), c.use);
       if (!last && _mm256_movemask_ps(past)) break;
     }
+    if (!last) prefetch_block(static_cast<const char*>(w.values) + e * kValueBytes<VT>,
+                              (e - cur[r - base]) * kValueBytes<VT>, w.cols + e);
     cur[r - base] = e;
     bad |= bad_lanes != 0;
     return n;

@@ -237,27 +237,25 @@ void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int6
 template <int V>
 struct TAcc {
   static constexpr int S = V == 1 ? 4 : V == 2 ? 2 : 1;
-  __m512 a[S][V];
-  void load(const float* p) {
-    for (int u = 0; u < V; ++u) a[0][u] = _mm512_load_ps(p + u * W);
+  // part[0 .. V * W) += the n staged entries (tile offsets ci, values vf; n a multiple of W)
+  // times their tile rows. The sums live in locals for the whole loop: as members of an
+  // object some instantiations (2:4 bf16) kept one in memory, a store and a load per entry.
+  static void add(float* part, const float* xt, const int32_t* ci, const float* vf, int64_t n) {
+    __m512 a[S][V];
+    for (int u = 0; u < V; ++u) a[0][u] = _mm512_load_ps(part + u * W);
     for (int s = 1; s < S; ++s)
       for (int u = 0; u < V; ++u) a[s][u] = _mm512_setzero_ps();
-  }
-  // 16 entries: tile offsets ci (column * st), values vf.
-  void step(const float* xt, const int32_t* ci, const float* vf) {
-    for (int t = 0; t < W; t += S) {
+    for (int64_t t = 0; t < n; t += S) {
       for (int s = 0; s < S; ++s) {
         const float* xr = xt + ci[t + s];
         const __m512 bv = _mm512_set1_ps(vf[t + s]);
         for (int u = 0; u < V; ++u) a[s][u] = _mm512_fmadd_ps(bv, _mm512_loadu_ps(xr + u * W), a[s][u]);
       }
     }
-  }
-  void store(float* p) {
     for (int u = 0; u < V; ++u) {
       __m512 sum = a[0][u];
       for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, a[s][u]);
-      _mm512_store_ps(p + u * W, sum);
+      _mm512_store_ps(part + u * W, sum);
     }
   }
 };
@@ -294,14 +292,11 @@ bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1
           }
           for (int64_t r = g0; r < g1; ++r) {
             const int64_t q = r - g0;
-            TAcc<V> acc;
-            acc.load(part + (r - rb) * kTileM);
             for (;;) {
-              for (int64_t i = 0; i < count[q]; i += W) acc.step(xt, ci + q * cap + i, vf + q * cap + i);
+              TAcc<V>::add(part + (r - rb) * kTileM, xt, ci + q * cap, vf + q * cap, count[q]);
               if (!more[q]) break;
               count[q] = rows.stage(r, kb0, kb0 + kb, last, st, ci + q * cap, vf + q * cap, more[q], bad);
             }
-            acc.store(part + (r - rb) * kTileM);
           }
         }
       }
@@ -346,6 +341,10 @@ struct NmRows {
         col0 += L.period_cols;
       }
     }
+    // The row's next block, ahead of its staging (rows are a block's slots apart in memory, so
+    // the hardware prefetchers do not follow them).
+    if (!last) prefetch_block(static_cast<const char*>(w.values) + (vb + j1) * kValueBytes<VT>,
+                              (j1 - kb0 / L.period_cols * P) * kValueBytes<VT>, idx + j1 * B / 8);
     return n;
   }
 };
@@ -387,6 +386,8 @@ struct CsrRows {
       e = e + W < row_end ? e + W : row_end;
       if (!last && _mm512_mask_cmpge_epi32_mask(c.use, c.col, kb1v)) break;
     }
+    if (!last) prefetch_block(static_cast<const char*>(w.values) + e * kValueBytes<VT>,
+                              (e - cur[r - base]) * kValueBytes<VT>, w.cols + e);
     cur[r - base] = e;
     bad |= bad_lanes != 0;
     return n;

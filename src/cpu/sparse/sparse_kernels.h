@@ -58,6 +58,13 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
 }
 
+// The transposed kernels' prefetch of a row's next column block: `bytes` of values at v (one
+// hint per line) and the first line of its indices / columns at idx.
+inline void prefetch_block(const char* v, int64_t bytes, const void* idx) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(v + o);
+  __builtin_prefetch(idx);
+}
+
 // The x window the row-wise N:M kernels read `lanes` slots from: the least of 2, 4 or 8 times
 // lanes columns (one, two or four vpermt2ps on AVX-512; two, four or eight vpermps on AVX2)
 // that holds every group those slots touch. A vector of slots starts at a group boundary when
