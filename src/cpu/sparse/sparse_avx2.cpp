@@ -247,7 +247,7 @@ TS_TARGET void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_
   }
 }
 
-// Transposed kernel: acc[s][u] holds batch rows 8u .. 8u+7 of the tile for one output row;
+// Transposed kernel: a[s][u] holds batch rows 8u .. 8u+7 of the tile for one output row;
 // S independent sets (entries t, t+S, ...) keep the FMA latency off the critical path when
 // the tile is narrow.
 template <int V>

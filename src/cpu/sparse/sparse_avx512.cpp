@@ -231,7 +231,7 @@ void nm_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int6
   }
 }
 
-// Transposed kernel: acc[s][u] holds batch rows 16u .. 16u+15 of the tile for one output
+// Transposed kernel: a[s][u] holds batch rows 16u .. 16u+15 of the tile for one output
 // row; S independent sets (entries t, t+S, ...) keep the FMA latency off the critical path
 // when the tile is narrow.
 template <int V>
@@ -261,9 +261,10 @@ struct TAcc {
 };
 
 // Row blocks x column blocks of one tile; `Rows::stage(r, kb0, kb1, last, st, ci, vf, more, bad)`
-// writes the row's entries at columns [kb0, kb1) (all remaining ones when last) to ci / vf as
-// whole vectors (skipped lanes: offset 0, value 0) and returns their count; `more` says it
-// stopped at the staging capacity and has more for this block.
+// writes the row's entries at columns [kb0, kb1) (N:M; CSR: whole chunks up to the first
+// past kb1) or all remaining ones when last, to ci / vf as whole vectors (skipped lanes:
+// offset 0, value 0), and returns their count; `more` says it stopped at the staging
+// capacity and has more for this block.
 template <int V, typename Rows>
 bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, Rows& rows) {
   constexpr int64_t cap = stage_capacity(W);
