@@ -276,51 +276,10 @@ struct TAcc {
   }
 };
 
-// Row blocks x column blocks of one tile (see sparse_kernels.h and the AVX-512 file):
-// `rows.stage` writes a row's entries of the block to ci / vf as whole vectors, kStageRows
-// rows before the FMA loop reads them.
-template <int V, typename Rows>
-TS_TARGET bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1, Rows& rows) {
-  constexpr int64_t cap = stage_capacity(W);
-  bool bad = false;
-  alignas(32) float part[kRowBlock * kTileM];
-  alignas(32) int32_t ci[kStageRows * cap];
-  alignas(32) float vf[kStageRows * cap];
-  int64_t count[kStageRows];
-  bool more[kStageRows];
-  for (int64_t m0 = 0; m0 < a.M; m0 += kTileM) {
-    const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
-    if ((mt + W - 1) / W != V) continue;  // this instantiation runs tiles of its width only
-    const int64_t st = tile_stride(mt, W), kb = k_block(st);
-    const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
-    for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-      const int64_t re = rb + kRowBlock < r1 ? rb + kRowBlock : r1;
-      std::memset(part, 0, sizeof(part));
-      rows.begin(rb, re);
-      for (int64_t kb0 = 0; kb0 < w.K; kb0 += kb) {
-        const bool last = kb0 + kb >= w.K;
-        for (int64_t g0 = rb; g0 < re; g0 += kStageRows) {
-          const int64_t g1 = g0 + kStageRows < re ? g0 + kStageRows : re;
-          for (int64_t r = g0; r < g1; ++r) {
-            const int64_t q = r - g0;
-            count[q] = rows.stage(r, kb0, kb0 + kb, last, st, ci + q * cap, vf + q * cap, more[q], bad);
-          }
-          for (int64_t r = g0; r < g1; ++r) {
-            const int64_t q = r - g0;
-            for (;;) {
-              TAcc<V>::add(part + (r - rb) * kTileM, xt, ci + q * cap, vf + q * cap, count[q]);
-              if (!more[q]) break;
-              count[q] = rows.stage(r, kb0, kb0 + kb, last, st, ci + q * cap, vf + q * cap, more[q], bad);
-            }
-          }
-        }
-      }
-      for (int64_t i = 0; i < mt; ++i)  // batch row by batch row: contiguous stores into y
-        for (int64_t r = rb; r < re; ++r) store_out(w, a, r, m0 + i, part[(r - rb) * kTileM + i]);
-    }
-  }
-  return bad;
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "transposed_tiles.h"
+#pragma GCC pop_options
 
 template <DType VT, int B>
 struct NmRows {
