@@ -55,3 +55,18 @@ def check_matches_fresh_state(m, make, x, seen: list) -> None:
         assert torch.equal(y, fresh(x))
     assert not any(torch.equal(y, prev) for prev in seen)
     seen.append(y)
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Row counts of the products ops/decode_gemm.py ran (decode + torch's GEMM), in order."""
+    from tensorslim.ops import decode_gemm
+
+    calls = []
+    real = decode_gemm.linear
+
+    def spy(x2, decode, bias):
+        calls.append(x2.shape[0])
+        return real(x2, decode, bias)
+    monkeypatch.setattr(decode_gemm, "linear", spy)
+    return calls

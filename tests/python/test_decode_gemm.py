@@ -32,18 +32,6 @@ LAYERS = [pytest.param(lambda f=f, g=g: _integer_layer(f, g), id=f"{f}-g{g}") fo
          [pytest.param(lambda f=f: _lowbit_layer(f), id=f) for f in LOWBIT]
 
 
-@pytest.fixture
-def decode_calls(monkeypatch):
-    calls = []
-    real = decode_gemm.linear
-
-    def spy(x2, decode, bias):
-        calls.append(x2.shape[0])
-        return real(x2, decode, bias)
-    monkeypatch.setattr(decode_gemm, "linear", spy)
-    return calls
-
-
 @pytest.mark.parametrize("make", LAYERS)
 def test_large_batches_match_the_reference(make, decode_calls):
     layer = make()

@@ -19,18 +19,12 @@ ROWS, DENSE_ROWS = 80, 64  # the fixture's thresholds: half kept or more / 70% k
 
 
 @pytest.fixture
-def decode_calls(monkeypatch):
-    """Decoded products, by row count; thresholds lowered so small layers reach them."""
+def decode_calls(decode_calls, monkeypatch):
+    """conftest's record of decoded products, with the thresholds lowered so small layers
+    reach them."""
     monkeypatch.setattr(decode_gemm, "SPARSE_MIN_ROWS", ROWS)
     monkeypatch.setattr(decode_gemm, "SPARSE_DENSE_MIN_ROWS", DENSE_ROWS)
-    calls = []
-    real = decode_gemm.linear
-
-    def spy(x2, decode, bias):
-        calls.append(x2.shape[0])
-        return real(x2, decode, bias)
-    monkeypatch.setattr(decode_gemm, "linear", spy)
-    return calls
+    return decode_calls
 
 
 def _nm(n, m, values="float32"):

@@ -31,10 +31,30 @@ struct Lanes<8> {
   static void store(float* p, V v) { _mm256_store_ps(p, v); }
 };
 
+template <DType VT>
+inline float entry_value(const void* values, int64_t e) {
+  if constexpr (VT == DType::kFloat32) return static_cast<const float*>(values)[e];
+  else return static_cast<float>(static_cast<const int8_t*>(values)[e]);
+}
+
 template <DType VT, int ST>
 inline typename Lanes<ST>::V value_bcast(const void* values, int64_t e) {
   if constexpr (VT == DType::kFloat32) return Lanes<ST>::bcast(static_cast<const float*>(values) + e);
-  else return Lanes<ST>::bcast(static_cast<float>(static_cast<const int8_t*>(values)[e]));
+  else return Lanes<ST>::bcast(entry_value<VT>(values, e));
+}
+
+// Before each 16-entry step at e of batches 2..8: its columns checked against K just before x
+// is read at them, as batch 1 does, rather than in a pass over the row's columns first (two
+// memory phases per row; with no check at all 4096 x 4096 90% batch 8 ran 4-6% faster,
+// in-step checks measured 0-4% faster than the pass, Zen 4); false: the row holds a bad one.
+// Then the weight streams prefetched as batch 1 does: with the weights evicted between calls
+// (not in cache), 4096 x 4096 90% batch 8 0.89-1.06 -> 0.71-0.77 ms (Zen 4).
+template <DType VT>
+inline bool step16_ready(const SparseWeight& w, int64_t e, __m256i last_col) {
+  if (!cols16_at_most(w.cols + e, last_col)) return false;
+  prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 16 * kValueBytes<VT>);
+  if (e % 32 < 16) prefetch_ahead(w.cols + e, 64);  // a line of columns per 32 entries
+  return true;
 }
 
 // Entries e .. e + 3 into the four chains.
@@ -49,10 +69,7 @@ inline void csr_step4(const SparseWeight& w, const float* xt, int64_t e, typenam
   acc[3] = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc[3]);
 }
 
-// Each 16 entries' columns are checked against K just before x is read at them, as batch 1
-// does, rather than in a pass over the row's columns first (two memory phases per row; with
-// no check at all 4096 x 4096 90% batch 8 ran 4-6% faster, in-step checks measured 0-4%
-// faster than the pass, Zen 4); the last < 16 entries are checked with max_col.
+// Columns are checked per 16-entry step (step16_ready), the last < 16 entries with max_col.
 template <DType VT, int ST>
 bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   using L = Lanes<ST>;
@@ -66,15 +83,8 @@ bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
     V acc[4] = {L::zero(), L::zero(), L::zero(), L::zero()};
     int64_t e = w.row_ptr[r];
     bool row_ok = true;
-    // Weights that come from memory (not cache) need the prefetches batch 1 makes too: 4096 x
-    // 4096 90% batch 8 with the weights evicted between calls, 0.89-1.06 -> 0.71-0.77 ms (Zen 4).
     for (; e + 16 <= e1; e += 16) {
-      if (!cols16_at_most(w.cols + e, last_col)) {
-        row_ok = false;
-        break;
-      }
-      prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 16 * kValueBytes<VT>);
-      if (e % 32 < 16) prefetch_ahead(w.cols + e, 64);  // a line of columns per 32 entries
+      if (!(row_ok = step16_ready<VT>(w, e, last_col))) break;
       for (int i = 0; i < 16; i += 4) csr_step4<VT, ST>(w, xt, e + i, acc);
     }
     if (!row_ok || (e < e1 && max_col(w.cols + e, e1 - e) >= w.K)) {
@@ -112,11 +122,6 @@ inline __m256 values4(const void* values, int64_t e) {  // lanes 0..3
     return _mm256_castps128_ps256(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four))));
   }
 }
-template <DType VT>
-inline float entry_value(const void* values, int64_t e) {
-  if constexpr (VT == DType::kFloat32) return static_cast<const float*>(values)[e];
-  else return static_cast<float>(static_cast<const int8_t*>(values)[e]);
-}
 
 template <DType VT>
 bool csr_rows_pair(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
@@ -130,12 +135,7 @@ bool csr_rows_pair(const SparseWeight& w, const SparseBatch& a, int64_t r0, int6
     int64_t e = w.row_ptr[r];
     bool row_ok = true;
     for (; e + 16 <= e1; e += 16) {
-      if (!cols16_at_most(w.cols + e, last_col)) {
-        row_ok = false;
-        break;
-      }
-      prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 16 * kValueBytes<VT>);
-      if (e % 32 < 16) prefetch_ahead(w.cols + e, 64);
+      if (!(row_ok = step16_ready<VT>(w, e, last_col))) break;
       uint64_t q[4];
       std::memcpy(q, w.cols + e, sizeof(q));
       const __m256 v0 = values8<VT>(w.values, e), v1 = values8<VT>(w.values, e + 8);
