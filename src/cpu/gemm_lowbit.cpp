@@ -178,7 +178,7 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
     p.M = M;
     p.N = N;
     p.K = K;
-    p.decode = [&](int64_t n0, int64_t rows, float* dst) {
+    p.decode = [&](int64_t n0, int64_t rows, int64_t, int64_t, float* dst) {  // whole rows
       for (int64_t r = 0; r < rows; ++r) cpu::dequantize_row_native(lanes, w, n0 + r, K, dst + r * K);
     };
     p.bias = bp;

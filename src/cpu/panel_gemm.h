@@ -20,9 +20,14 @@ struct PanelGemmProblem {
   const float* x;  // [M, K] fp32, row stride ldx
   int64_t ldx;
   int64_t M, N, K;
-  // Writes weight rows [n0, n0 + rows) as fp32 into dst, row-major with row stride K.
-  // Called from worker threads, on disjoint rows.
-  std::function<void(int64_t n0, int64_t rows, float* dst)> decode;
+  // Writes weight rows [n0, n0 + rows), columns [k0, k0 + kc), as fp32 into dst, row-major
+  // with row stride kc. Called from worker threads, on disjoint rows.
+  std::function<void(int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* dst)> decode;
+  // Whether decode takes column ranges (k0 a multiple of 128). Ranges let each K block of a
+  // panel be decoded and packed in L2 (4096 x 4096 INT4 on AVX2: whole rows put ~3.5 ms of
+  // decode and pack traffic through L3 at every batch size); without them decode is called
+  // with k0 = 0, kc = K.
+  bool decode_ranges = false;
   const float* bias;  // [N] or nullptr
   void* out;          // [M, ldo] f32, or bf16 bits when out_bf16
   int64_t ldo;

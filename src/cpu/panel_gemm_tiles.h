@@ -38,15 +38,15 @@ inline void transpose8x8(const float* src, int64_t ls, float* dst, int64_t ld) {
   }
 }
 
-// rows [nr][K] row-major -> packed [K][NR], columns nr..NR-1 zero (a partial last panel).
+// rows [nr][kc] (row stride ld) -> packed [kc][NR], columns nr..NR-1 zero (a partial last panel).
 template <int NR>
-void pack_panel(const float* rows, int64_t nr, int64_t K, float* packed) {
-  const int64_t k8 = nr == NR ? K / 8 * 8 : 0;
+void pack_panel(const float* rows, int64_t nr, int64_t kc, int64_t ld, float* packed) {
+  const int64_t k8 = nr == NR ? kc / 8 * 8 : 0;
   for (int64_t k = 0; k < k8; k += 8)
-    for (int j = 0; j < NR; j += 8) transpose8x8(rows + j * K + k, K, packed + k * NR + j, NR);
-  for (int64_t k = k8; k < K; ++k) {
+    for (int j = 0; j < NR; j += 8) transpose8x8(rows + j * ld + k, ld, packed + k * NR + j, NR);
+  for (int64_t k = k8; k < kc; ++k) {
     float* dst = packed + k * NR;
-    for (int64_t j = 0; j < nr; ++j) dst[j] = rows[j * K + k];
+    for (int64_t j = 0; j < nr; ++j) dst[j] = rows[j * ld + k];
     for (int64_t j = nr; j < NR; ++j) dst[j] = 0.0f;
   }
 }
@@ -185,7 +185,7 @@ void dot_gemm_run(const PanelGemmProblem& p) {
     for (int64_t n0 = b * kPanelCols, n_end = std::min(p.N, e * kPanelCols); n0 < n_end; n0 += kDotCols) {
       // A last block of fewer rows leaves the others stale: their sums are not stored.
       const int64_t nc = std::min<int64_t>(kDotCols, n_end - n0);
-      p.decode(n0, nc, wrows);
+      p.decode(n0, nc, 0, K, wrows);
       // Tiles of nearly equal height: 13 rows run as 5 + 4 + 4, not 6 + 6 + 1.
       for (int64_t m0 = 0, left_tiles = (M + MR - 1) / MR; m0 < M; --left_tiles) {
         const int mb = static_cast<int>((M - m0 + left_tiles - 1) / left_tiles);
@@ -205,26 +205,33 @@ void panel_gemm_run(const PanelGemmProblem& p) {
   const int64_t K = p.K, M = p.M;
   const int64_t panels = (p.N + kPanelCols - 1) / kPanelCols;
   parallel_for(panels, 1, [&](int64_t b, int64_t e) {
-    // Per thread: decoded rows, their packed copies (one [K][NR] block per micro-panel) and
+    // Per thread: decoded rows (one K block of the panel's rows with ranged decodes, else the
+    // whole rows), the block's packed copies (one [kc][NR] block per micro-panel, in L2) and
     // the fp32 sums of every activation row for each micro-panel.
     thread_local std::vector<float> rows, packed, sums;
-    rows.resize(kPanelCols * K);
-    packed.resize(kPanelCols * K);
+    rows.resize(kPanelCols * (p.decode_ranges ? std::min(KC, K) : K));
+    packed.resize(kPanelCols * KC);
     sums.resize(kMicro * M * NR);
     for (int64_t panel = b; panel < e; ++panel) {
       const int64_t n0 = panel * kPanelCols, cols = std::min<int64_t>(kPanelCols, p.N - n0);
       const int micro = static_cast<int>((cols + NR - 1) / NR);
-      p.decode(n0, cols, rows.data());
-      for (int u = 0; u < micro; ++u)
-        pack_panel<NR>(rows.data() + u * NR * K, std::min<int64_t>(NR, cols - u * NR), K,
-                       packed.data() + u * NR * K);
+      if (!p.decode_ranges) p.decode(n0, cols, 0, K, rows.data());
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0);
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-          const int mb = static_cast<int>(std::min<int64_t>(MR, M - m0));
+        const float* src = rows.data() + (p.decode_ranges ? 0 : k0);
+        const int64_t ld = p.decode_ranges ? kc : K;
+        if (p.decode_ranges) p.decode(n0, cols, k0, kc, rows.data());
+        for (int u = 0; u < micro; ++u)
+          pack_panel<NR>(src + u * NR * ld, std::min<int64_t>(NR, cols - u * NR), kc, ld,
+                         packed.data() + u * NR * kc);
+        // Tiles of nearly equal height: 32 rows run as 6 x 2 + 5 x 4, not 6 x 5 + 2, whose
+        // four accumulator chains cannot keep both FMA pipes busy.
+        for (int64_t m0 = 0, left_tiles = (M + MR - 1) / MR; m0 < M; --left_tiles) {
+          const int mb = static_cast<int>((M - m0 + left_tiles - 1) / left_tiles);
           for (int u = 0; u < micro; ++u)
-            panel_micro_any<V>(mb, p.x + m0 * p.ldx + k0, p.ldx, packed.data() + u * NR * K + k0 * NR,
-                               kc, sums.data() + (u * M + m0) * NR, k0 > 0);
+            panel_micro_any<V>(mb, p.x + m0 * p.ldx + k0, p.ldx, packed.data() + u * NR * kc, kc,
+                               sums.data() + (u * M + m0) * NR, k0 > 0);
+          m0 += mb;
         }
       }
       for (int u = 0; u < micro; ++u)

@@ -2,7 +2,8 @@
 // against a float64 product of the exactly dequantized weight, on shapes that exercise both
 // micro-kernels (rows-dot up to 64 rows and K <= 2048, broadcast past them), partial
 // micro-tiles (M % 6, M % 4), partial panels and weight-row blocks (N % 3, N % 4, N % 16,
-// N % 32, N > 64), K tails (K % 8, K % 16), short last groups and strided activation rows.
+// N % 32, N > 64), K tails (K % 8, K % 16), short last groups, groups that straddle the K
+// blocks decoded at a time, and strided activation rows.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -65,7 +66,8 @@ TEST(PanelGemm, EveryIsaMatchesFloat64) {
       struct Shape { int64_t K, group; };
       for (Shape s : {Shape{384, 128}, Shape{384, 384}, Shape{100, 100}, Shape{96, 32}, Shape{2, 2},
                        Shape{33, 33}, Shape{2050, 128},
-                       Shape{576, 128}, Shape{100, 32}}) {  // the last two end in a short group
+                       Shape{576, 128}, Shape{100, 32},  // these two end in a short group
+                       Shape{576, 96}}) {  // groups across the K blocks' edges (128 / 256 k)
         for (int64_t N : {48, 37, 1, 70}) {
           const QuantizedWeight w = quantized_weight(fmt, N, s.K, s.group, 7);
           for (int64_t M : {9, 13, 31, 64, 65}) {
