@@ -73,13 +73,19 @@ int64_t check_lowbit_args(const TensorView& x_or_out, Format fmt, int64_t group_
 
 // out[M, N] = x[M, K] @ dequantize_lowbit(qweight)[N, K]^T + bias, x / out f32 with
 // contiguous rows, bias [N] f32 or nullptr, group_size != -1. workspace: nullptr or a
-// [W, K] f32 buffer (1 <= W <= N); when given and M > lowbit_gemv_max_rows(), the weight
-// is decoded W rows at a time into it and each tile multiplied with oneDNN's sgemm.
+// [W, K] f32 buffer (1 <= W <= N); on the scalar path, when given and M >
+// lowbit_gemv_max_rows(), the weight is decoded W rows at a time into it and each tile
+// multiplied with oneDNN's sgemm.
 // Backends: kReference (scalar, float64 accumulation), kNative (AVX-512 / AVX2 fused
 // decode), kAuto (native when it fits). kOneDNN is not a separate backend here (ValueError).
-// The AVX-512 GEMV beats decode + sgemm up to ~64 rows (4096x4096 fp8/nvfp4/int3 at M = 16:
-// 3.6-4.0 ms against 15 ms; docs/benchmarks.md), so it takes every batch up to there.
-constexpr int64_t kLowbitGemvMaxRows = 64;
+// The AVX-512 GEMV runs up to kLowbitGemvMaxRows rows (8 for weights of up to
+// kPanelSmallWeight values), the NVFP4 / MXFP4 activation pieces up to 32, the panel GEMM
+// (each weight row decoded once per call) past them. Four 4096 x 4096 layers with GELU
+// between (Zen 4), GEMV or pieces / panel GEMM, ms: fp8 at 16 rows 29.1 / 30.6, 32 rows
+// 54.6 / 40.2, 64 rows 102 / 60; nvfp4 (pieces) at 16 / 32 rows 15.1 / 31.8 and 30.7 / 41.2.
+// oneDNN's sgemm on decoded tiles, which took 64+ rows before, ran 4.7x slower than the panel
+// GEMM at 256 (fp8 824 / 176 ms): its runtime's threads contend with torch's in a model.
+constexpr int64_t kLowbitGemvMaxRows = 16;
 // The batch up to which the active ISA's GEMV runs (callers pass a workspace above it):
 // kLowbitGemvMaxRows, or kLowbitGemvMaxRowsAvx2 on AVX2 (4 activation rows per pass and
 // half the lanes: decode + sgemm wins sooner there; 4096x4096, one thread, under load, GEMV

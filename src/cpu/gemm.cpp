@@ -18,6 +18,8 @@ namespace tensorslim {
 namespace {
 
 constexpr int64_t kNativeMaxRows = 8;  // the GEMV's rows
+// Rows from which large weights take oneDNN on AVX-512 under `auto` (linear_weight_only).
+constexpr int64_t kOneDnnMinRows = 1024;
 
 float load_act(const TensorView& x, int64_t m, int64_t k) {
   const int64_t off = m * x.strides[0] + k;
@@ -168,17 +170,17 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
                      "linear_weight_only: oneDNN has no implementation for this format/shape");
       return;
     case GemmBackend::kAuto:
-      // Above the GEMV's rows: on AVX-512, oneDNN's weight-decompression matmul for large
-      // weights (4096 x 4096, 32-256 rows: 1.2-1.5x our panel GEMM's speed); for small ones
-      // and on AVX2 our panel GEMM, which runs on torch's threads, where oneDNN's runtime
-      // threads contend with them inside a model and a small layer cannot amortize that
-      // (MiniLM INT8 batch 1, 18-36 rows: 1.10x fp32 against 0.45x on AVX2 Zen 3, 0.85x
-      // against 0.56x on AVX-512 Sapphire Rapids). Small weights at 64+ fp32 rows are decoded
-      // once for torch's GEMM in Python (ops/decode_gemm.py). Where the activation pieces take
-      // the rows (activation_pieces.h: up to 32 rows on AVX-512 VNNI), they beat both.
-      if ((x.shape[0] <= kNativeMaxRows ||
-           cpu::native_takes_pieces(fmt, x.shape[0], x.shape[1], group_size) || !cpu::onednn_usable() ||
-           cpu::active_isa() < cpu::Isa::kAVX512 || out.shape[1] * x.shape[1] <= cpu::kPanelSmallWeight) &&
+      // Our kernels (the GEMV, the activation pieces, then the panel GEMM, which decodes
+      // each weight value once per call and runs on torch's threads) up to kOneDnnMinRows
+      // rows; past them, weights of more than kPanelSmallWeight values on AVX-512 take
+      // oneDNN's weight-decompression matmul. Its runtime's threads contend with torch's
+      // inside a model: four 4096 x 4096 INT4 layers with GELU between (AVX-512, Zen 4) ran
+      // on the panel GEMM 1.92 / 1.65 / 1.37 / 1.16 / 1.03x oneDNN's speed at 48 / 64 / 128 /
+      // 256 / 512 rows (INT8 1.54x at 64, 1.14x at 256), on oneDNN 1.03-1.06x faster at
+      // 1024 and 2048. Small weights at 64+ fp32 rows are decoded once for torch's GEMM in
+      // Python (ops/decode_gemm.py).
+      if ((x.shape[0] < kOneDnnMinRows || !cpu::onednn_usable() || cpu::active_isa() < cpu::Isa::kAVX512 ||
+           out.shape[1] * x.shape[1] <= cpu::kPanelSmallWeight) &&
           cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))
         return;
       if (cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt, group_size,

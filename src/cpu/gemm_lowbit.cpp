@@ -63,20 +63,15 @@ void reference(const float* x, int64_t ldx, int64_t M, const cpu::LowbitWeight& 
   });
 }
 
-// Larger batches: decode `rows_per_tile` weight rows at a time into `ws` (once per call,
-// not once per activation row) and multiply each tile with oneDNN's sgemm.
+// Larger batches on the scalar path: decode `rows_per_tile` weight rows at a time into `ws`
+// (once per call, not once per activation row) and multiply each tile with oneDNN's sgemm.
 void decode_then_sgemm(const float* x, int64_t ldx, int64_t M, const cpu::LowbitWeight& w,
                        int64_t K, int64_t N, const float* bias, float* out, int64_t ldo,
-                       float* ws, int64_t rows_per_tile, int lanes) {
+                       float* ws, int64_t rows_per_tile) {
   for (int64_t n0 = 0; n0 < N; n0 += rows_per_tile) {
     const int64_t rows = std::min(rows_per_tile, N - n0);
     cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        if (lanes)
-          cpu::dequantize_row_native(lanes, w, n0 + j, K, ws + j * K);
-        else
-          cpu::dequantize_row_reference(w, n0 + j, K, ws + j * K);
-      }
+      for (int64_t j = b; j < e; ++j) cpu::dequantize_row_reference(w, n0 + j, K, ws + j * K);
     });
     const dnnl_status_t st =
         dnnl_sgemm('N', 'T', M, rows, K, 1.0f, x, ldx, ws, K, 0.0f, out + n0, ldo);
@@ -168,10 +163,11 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
   if (backend == GemmBackend::kReference) {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
   } else if ((lanes == 8 && M > lowbit_gemv_max_rows()) ||
-             (lanes == 16 && K * N <= cpu::kPanelSmallWeight && M > kSmallWeightGemvMaxRows)) {
-    // AVX2, and small weights on AVX-512: our panel GEMM, which runs on torch's threads;
-    // oneDNN's sgemm runs on its own runtime's, which contend with torch's inside a model
-    // (docs/benchmarks.md).
+             (lanes == 16 && K * N <= cpu::kPanelSmallWeight && M > kSmallWeightGemvMaxRows) ||
+             (lanes == 16 && M > lowbit_gemv_max_rows() && !cpu::fp4_pieces_fit(fmt, M, K, w.group))) {
+    // Past the GEMV's rows (and the FP4 pieces'): our panel GEMM, which runs on torch's
+    // threads; oneDNN's sgemm runs on its own runtime's, which contend with torch's inside a
+    // model (kLowbitGemvMaxRows, docs/benchmarks.md).
     cpu::PanelGemmProblem p;
     p.x = xp;
     p.ldx = x.strides[0];
@@ -186,9 +182,9 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
     p.ldo = out.strides[0];
     p.out_bf16 = false;
     cpu::panel_gemm(p);
-  } else if (workspace && M > lowbit_gemv_max_rows() && cpu::onednn_usable()) {
+  } else if (lanes == 0 && workspace && M > lowbit_gemv_max_rows() && cpu::onednn_usable()) {
     decode_then_sgemm(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0],
-                      workspace->ptr<float>(), workspace->shape[0], lanes);
+                      workspace->ptr<float>(), workspace->shape[0]);
   } else if (lanes) {
     // NVFP4 / MXFP4 at a few rows on AVX-512 VNNI: integer products with the activations as
     // three int8 pieces (activation_pieces.h), where every row splits.

@@ -48,9 +48,9 @@ def test_every_backend_matches_float64(fmt, isa):
                     assert rel_err(y, want) < 2e-6, (fmt, K, group, M, backend)
 
 
-def test_large_batches_decode_tiles_for_sgemm():
-    # M > GEMV_MAX_ROWS takes decode-then-sgemm, SGEMM_TILE_ROWS weight rows at a time:
-    # N = 600 spans 3 tiles.
+def test_large_batches_past_the_gemv(isa):
+    # M > GEMV_MAX_ROWS takes the panel GEMM, or on the scalar path decode-then-sgemm,
+    # SGEMM_TILE_ROWS weight rows at a time: N = 600 spans 3 tiles.
     assert ops.lowbit.SGEMM_TILE_ROWS < 600
     M = ops.lowbit.GEMV_MAX_ROWS + 3
     for fmt, group in (("mxfp4", 32), ("int3", 32)):
@@ -59,6 +59,18 @@ def test_large_batches_decode_tiles_for_sgemm():
         bias = torch.randn(600)
         y = ops.linear_lowbit(x, q, s, z, t, bias, fmt, group, 64)
         assert rel_err(y, x.double() @ deq.double().T + bias.double()) < 2e-6
+
+
+@pytest.mark.parametrize("fmt,group", [("fp8_e4m3", 1024), ("nvfp4", 16), ("int3", 32)])
+def test_large_weights_past_the_gemv_take_the_panel_gemm(isa, fmt, group):
+    # Weights of more than 1M values (kPanelSmallWeight) keep the AVX-512 GEMV up to 16 rows
+    # (nvfp4: the activation pieces up to 32), then the panel GEMM: float64 on every side.
+    (q, s, z, t), deq = quantized_weight(fmt, 1040, 1024, group, seed=3)
+    want_w = deq.double().T
+    for M in (16, 17, 33):
+        x = torch.randn(M, 1024)
+        y = ops.linear_lowbit(x, q, s, z, t, None, fmt, group, 1024)
+        assert rel_err(y, x.double() @ want_w) < 2e-6, (fmt, M)
 
 
 def test_batches_on_both_sides_of_the_isa_gemv_cap(isa):

@@ -6,8 +6,9 @@ With M rows the product costs M x K x N multiply-adds against K x N decodes, and
 weight of up to SMALL_WEIGHT values (4 MiB; MiniLM's layers) stays in cache, so from
 DECODE_GEMM_MIN_ROWS rows the GEMM sets the speed: MiniLM at batch 32 ran at 0.61-0.64x fp32
 on our panel GEMM and on oneDNN's weight-decompression matmul (Sapphire Rapids, AVX-512), at
-~0.9x this way. Larger weights stay on the C++ dispatch (oneDNN on AVX-512, our panel GEMM on
-AVX2): decoding 4096 x 4096 for 32 rows wrote and re-read 64 MiB, 26 ms against 9 ms for fp32.
+~0.9x this way. Larger weights stay on the C++ dispatch (our panel GEMM, decoding one K block
+at a time; on AVX-512 oneDNN from 1024 rows): decoding 4096 x 4096 whole for 32 rows wrote and
+re-read 64 MiB, 26 ms against 9 ms for fp32.
 Below 64 rows the C++ panel GEMM was faster (its rows-dot kernel, src/cpu/panel_gemm_tiles.h,
 where the activations are small): at 32-48 rows of MiniLM's 384 x 1536 and 1536 x 384 INT4,
 0.85-1.03x fp32 against 0.62-0.73x this way.
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from .._native import _C
 
 DECODE_GEMM_MIN_ROWS = 64
-SMALL_WEIGHT = 1 << 20  # values; the C++ dispatch (src/cpu/gemm.cpp kSmallWeight) uses the same
+SMALL_WEIGHT = 1 << 20  # values; the C++ dispatch (src/cpu/panel_gemm.h kPanelSmallWeight) uses the same
 
 
 def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:

@@ -22,8 +22,8 @@ from ..formats import PER_TENSOR, FormatSpec, get_format
 # "reference" is the plain-PyTorch specification below; the others are native paths:
 # "scalar" is the C++ reference, "native" the AVX-512 / AVX2 kernels, "auto" the fastest that fits.
 LOWBIT_BACKENDS = {"auto": 0, "scalar": 1, "native": 2}
-GEMV_MAX_ROWS = 64  # AVX-512: above this the weight is decoded once and multiplied with sgemm
-# (kLowbitGemvMaxRows); the active ISA's cap is _C.lowbit_gemv_max_rows() (8 on AVX2)
+GEMV_MAX_ROWS = 16  # AVX-512: above this the panel GEMM decodes the weight once per call (the scalar
+# path: decode + sgemm); kLowbitGemvMaxRows; the active ISA's cap is _C.lowbit_gemv_max_rows() (8 on AVX2)
 SGEMM_TILE_ROWS = 256  # weight rows decoded per sgemm call (4 MiB of fp32 at K = 4096)
 
 
@@ -428,11 +428,11 @@ def _linear_lowbit_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     M, K = x.shape
     N = qweight.shape[0]
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    # Above the GEMV's batch the weight is decoded, a tile of rows at a time, into this
-    # buffer for sgemm (decoded once per call, not once per activation row).
+    # Above the GEMV's batch the scalar path decodes the weight, a tile of rows at a time, into
+    # this buffer for sgemm (decoded once per call, not once per activation row).
     rows = max(1, min(N, SGEMM_TILE_ROWS))
     workspace = (torch.empty(rows, K, dtype=torch.float32, device=x.device)
-                 if M > _C.lowbit_gemv_max_rows() else None)
+                 if M > _C.lowbit_gemv_max_rows() and _C.active_isa() == "scalar" else None)
     _C.linear_lowbit(_views.view(x, "x"), _views.view(qweight, "qweight"), _views.view(scales, "scales"),
                      _views.view(zero_points, "zero_points") if spec.has_zero_point else None,
                      _views.view(tensor_scale, "tensor_scale") if spec.has_tensor_scale else None,

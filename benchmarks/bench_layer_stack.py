@@ -1,0 +1,70 @@
+"""Compressed layers inside a model: a stack of K x K linears with GELU between (the pattern of a
+transformer's MLP), fp32 against each recipe through ts.quantize, measured in one run.
+
+A single layer timed alone (bench_linear.py, bench_lowbit.py) hides what a model pays between
+layers: torch's own threads run the GELU, and kernels on another threading runtime (oneDNN's)
+contend with them. This benchmark times the whole stack, so the choice between our kernels and
+oneDNN's shows as it does in a model.
+
+    python benchmarks/bench_layer_stack.py [--k 4096] [--layers 4] [--batches 16,32,64,256]
+        [--recipes int8,int4,fp8,nvfp4,mxfp4] [--isa avx2] [--backend auto|native|onednn]
+"""
+import argparse
+import copy
+
+from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
+
+cap_from_argv()  # before torch / tensorslim load: they read the ISA caps at start
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import tensorslim as ts  # noqa: E402
+from timing import cpu_name, median_times  # noqa: E402
+
+RECIPES = {
+    "int8": lambda b: ts.Int8WeightOnly(backend=b),
+    "int4": lambda b: ts.Int4WeightOnly(group_size=128, backend=b),
+    "fp8": lambda b: ts.FP8WeightOnly(),
+    "nvfp4": lambda b: ts.NVFP4(),
+    "mxfp4": lambda b: ts.MXFP4(),
+}
+
+
+def stack(K: int, layers: int) -> nn.Sequential:
+    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(K, K), nn.GELU())])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--k", type=int, default=4096, help="layer width (K = N)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batches", default="16,32,64,256")
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--backend", default="auto", help="int8 / int4 weight-only backend (auto, native, onednn)")
+    add_isa_argument(p)
+    args = p.parse_args()
+    isa_line = check_isa(args)
+    torch.manual_seed(0)
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
+          f"tensorslim threads ({ts._C.threading_backend()}); {isa_line}")
+    print(f"{args.layers} x (Linear {args.k} x {args.k} + GELU), median of interleaved rounds\n")
+    fp32 = stack(args.k, args.layers).eval()
+    models = {}
+    for name in args.recipes.split(","):
+        m = copy.deepcopy(fp32)
+        ts.quantize(m, RECIPES[name](args.backend), progress=False)
+        models[name] = m
+    header = f"{'rows':>5} {'fp32 ms':>9} | " + " | ".join(f"{n + ' ms':>9} {'x fp32':>6}" for n in models)
+    print(header)
+    print("-" * len(header))
+    with torch.no_grad():
+        for M in (int(v) for v in args.batches.split(",")):
+            x = torch.randn(M, args.k)
+            fns = [lambda m=m: m(x) for m in [fp32, *models.values()]]
+            t = median_times(fns, min_time=2.0, min_rounds=5)
+            print(f"{M:>5} {t[0] * 1e3:9.2f} | " + " | ".join(f"{tq * 1e3:9.2f} {t[0] / tq:5.2f}x" for tq in t[1:]))
+
+
+if __name__ == "__main__":
+    main()
