@@ -7,7 +7,8 @@ contend with them. This benchmark times the whole stack, so the choice between o
 oneDNN's shows as it does in a model.
 
     python benchmarks/bench_layer_stack.py [--k 4096] [--layers 4] [--batches 16,32,64,256]
-        [--recipes int8,int4,fp8,nvfp4,mxfp4] [--isa avx2] [--backend auto|native|onednn]
+        [--recipes int8,int4,fp8,nvfp4,mxfp4,int8dyn,w8a8,w4a8] [--isa avx2]
+        [--backend auto|native|onednn]
 """
 import argparse
 import copy
@@ -28,7 +29,11 @@ RECIPES = {
     "fp8": lambda b: ts.FP8WeightOnly(),
     "nvfp4": lambda b: ts.NVFP4(),
     "mxfp4": lambda b: ts.MXFP4(),
+    "int8dyn": lambda b: ts.Int8Dynamic(),
+    "w8a8": lambda b: ts.W8A8(),
+    "w4a8": lambda b: ts.W4A8(),
 }
+CALIBRATED = {"w8a8"}  # static activation ranges: a few random batches calibrate them
 
 
 def stack(K: int, layers: int) -> nn.Sequential:
@@ -40,7 +45,7 @@ def main():
     p.add_argument("--k", type=int, default=4096, help="layer width (K = N)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batches", default="16,32,64,256")
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default="int8,int4,fp8,nvfp4,mxfp4")
     p.add_argument("--backend", default="auto", help="int8 / int4 weight-only backend (auto, native, onednn)")
     add_isa_argument(p)
     args = p.parse_args()
@@ -53,7 +58,8 @@ def main():
     models = {}
     for name in args.recipes.split(","):
         m = copy.deepcopy(fp32)
-        ts.quantize(m, RECIPES[name](args.backend), progress=False)
+        calib = [torch.randn(16, args.k) for _ in range(4)] if name in CALIBRATED else None
+        ts.quantize(m, RECIPES[name](args.backend), calib, progress=False)
         models[name] = m
     header = f"{'rows':>5} {'fp32 ms':>9} | " + " | ".join(f"{n + ' ms':>9} {'x fp32':>6}" for n in models)
     print(header)
