@@ -20,6 +20,26 @@ void decode_int4_group_avx512(const uint8_t* packed, int64_t n, float scale, int
 void decode_int4_group_avx2(const uint8_t* packed, int64_t n, float scale, int32_t zero_point,
                             bool is_signed, float* out);
 
+// INT4 weight rows as the weight-only panel GEMM multiplies them: rows [n0, n0 + nr), columns
+// [k0, k0 + kc) (k0 a multiple of 8, groups of a multiple of 8 values or one per row), each
+// value (code - zero point) * scale as the reference computes it, written transposed straight
+// into the panel's layout packed[k][j] for row n0 + j (2 * the ISA's lanes columns; those past
+// nr hold zeros times codes of row n0: finite, never stored). This skips the row-major copy
+// that pack_panel transposes.
+struct Int4PanelRows {
+  const uint8_t* q;  // codes, two per byte, low nibble first; rows ldq bytes apart
+  int64_t ldq;
+  const float* scales;  // [N, lds]
+  int64_t lds;
+  const uint8_t* zero_points;  // [N, ldz] (uint4), or nullptr (int4, zero point 0)
+  int64_t ldz;
+  int64_t gsize, K;
+};
+void decode_int4_panel_avx2(const Int4PanelRows& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
+                            float* packed);  // 16 columns
+void decode_int4_panel_avx512(const Int4PanelRows& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
+                              float* packed);  // 32 columns
+
 // The active ISA's group decoder; nullptr on the scalar path (then row_codes + decode_s8/u8).
 inline Int4GroupDecoder int4_group_decoder() {
 #if defined(TENSORSLIM_HAVE_AVX512)

@@ -28,6 +28,10 @@ struct PanelGemmProblem {
   // decode and pack traffic through L3 at every batch size); without them decode is called
   // with k0 = 0, kc = K.
   bool decode_ranges = false;
+  // Optional, with decode_ranges: writes rows [n0, n0 + rows) (rows <= 2 * the ISA's lanes),
+  // columns [k0, k0 + kc), straight into a micro-panel's packed layout [kc][2 * lanes] (what
+  // decode + pack_panel would make; columns past `rows` any finite value).
+  std::function<void(int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* packed)> decode_packed;
   const float* bias;  // [N] or nullptr
   void* out;          // [M, ldo] f32, or bf16 bits when out_bf16
   int64_t ldo;

@@ -220,10 +220,15 @@ void panel_gemm_run(const PanelGemmProblem& p) {
         const int64_t kc = std::min(KC, K - k0);
         const float* src = rows.data() + (p.decode_ranges ? 0 : k0);
         const int64_t ld = p.decode_ranges ? kc : K;
-        if (p.decode_ranges) p.decode(n0, cols, k0, kc, rows.data());
-        for (int u = 0; u < micro; ++u)
-          pack_panel<NR>(src + u * NR * ld, std::min<int64_t>(NR, cols - u * NR), kc, ld,
-                         packed.data() + u * NR * kc);
+        if (p.decode_packed) {
+          for (int u = 0; u < micro; ++u)
+            p.decode_packed(n0 + u * NR, std::min<int64_t>(NR, cols - u * NR), k0, kc, packed.data() + u * NR * kc);
+        } else {
+          if (p.decode_ranges) p.decode(n0, cols, k0, kc, rows.data());
+          for (int u = 0; u < micro; ++u)
+            pack_panel<NR>(src + u * NR * ld, std::min<int64_t>(NR, cols - u * NR), kc, ld,
+                           packed.data() + u * NR * kc);
+        }
         // Tiles of nearly equal height: 32 rows run as 6 x 2 + 5 x 4, not 6 x 5 + 2, whose
         // four accumulator chains cannot keep both FMA pipes busy.
         for (int64_t m0 = 0, left_tiles = (M + MR - 1) / MR; m0 < M; --left_tiles) {

@@ -7,8 +7,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "half.h"
+#include "int4_codes.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
 #include "test_helpers.h"
@@ -89,6 +91,48 @@ TEST(PanelGemm, StridedRowsAndBFloat16) {
     EXPECT_LT(panel_error(w, Format::kInt4, 64, 11, 40, 256, 300, false), 1e-5) << cpu::isa_name(isa);
     // bf16 output keeps 8 significant bits.
     EXPECT_LT(panel_error(w, Format::kInt4, 64, 11, 40, 256, 256, true), 1e-2) << cpu::isa_name(isa);
+  }
+}
+
+// The INT4 panel decoders write the packed layout straight from the codes: every value bit
+// for bit the reference's (code - zero point) * scale, over K blocks that start and end inside
+// groups, K tails (K % 8), partial panels and both formats.
+TEST(PanelGemm, Int4PanelDecodeIsTheReference) {
+  for (cpu::Isa isa : machine_isas()) {
+    if (isa == cpu::Isa::kScalar) continue;
+    const bool avx512 = isa == cpu::Isa::kAVX512;
+    const auto decode = avx512 ? cpu::decode_int4_panel_avx512 : cpu::decode_int4_panel_avx2;
+    const int64_t NR = avx512 ? 32 : 16, N = 37;
+    for (Format fmt : {Format::kInt4, Format::kUInt4}) {
+      struct Shape { int64_t K, group; };
+      for (Shape sh : {Shape{300, 32}, Shape{300, 64}, Shape{300, 300}, Shape{1024, 128}, Shape{17, 17}}) {
+        const QuantizedWeight w = quantized_weight(fmt, N, sh.K, sh.group, 11);
+        const int64_t groups = (sh.K + sh.group - 1) / sh.group;
+        const cpu::Int4PanelRows rows{w.q.data(), (sh.K + 1) / 2, w.scales.data(), groups,
+                                      w.asym ? w.zps.data() : nullptr, groups, sh.group, sh.K};
+        for (int64_t n0 = 0; n0 < N; n0 += NR)
+          for (int64_t k0 = 0; k0 < sh.K; k0 += 128)
+            for (int64_t kc : {std::min<int64_t>(128, sh.K - k0), sh.K - k0}) {
+              const int64_t nr = std::min(NR, N - n0);
+              std::vector<float> packed(kc * NR, NAN);
+              decode(rows, n0, nr, k0, kc, packed.data());
+              int64_t wrong = 0, not_finite = 0;
+              for (int64_t k = 0; k < kc; ++k)
+                for (int64_t j = 0; j < NR; ++j) {
+                  const float got = packed[k * NR + j];
+                  if (j >= nr) {
+                    not_finite += !std::isfinite(got);
+                    continue;
+                  }
+                  const float want = w.deq[(n0 + j) * sh.K + k0 + k];
+                  wrong += std::memcmp(&got, &want, sizeof(float)) != 0;
+                }
+              EXPECT_EQ(wrong, 0) << cpu::isa_name(isa) << " " << format_info(fmt).name << " K=" << sh.K
+                                  << " g=" << sh.group << " n0=" << n0 << " k0=" << k0 << " kc=" << kc;
+              EXPECT_EQ(not_finite, 0) << cpu::isa_name(isa) << " columns past the panel's rows";
+            }
+      }
+    }
   }
 }
 
