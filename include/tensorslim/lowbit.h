@@ -78,19 +78,16 @@ int64_t check_lowbit_args(const TensorView& x_or_out, Format fmt, int64_t group_
 // multiplied with oneDNN's sgemm.
 // Backends: kReference (scalar, float64 accumulation), kNative (AVX-512 / AVX2 fused
 // decode), kAuto (native when it fits). kOneDNN is not a separate backend here (ValueError).
-// The AVX-512 GEMV runs up to kLowbitGemvMaxRows rows (8 for weights of up to
-// kPanelSmallWeight values), the NVFP4 / MXFP4 activation pieces up to 32, the panel GEMM
-// (each weight row decoded once per call) past them. Four 4096 x 4096 layers with GELU
-// between (Zen 4), GEMV or pieces / panel GEMM, ms: fp8 at 16 rows 29.1 / 30.6, 32 rows
-// 54.6 / 40.2, 64 rows 102 / 60; nvfp4 (pieces) at 16 / 32 rows 15.1 / 31.8 and 30.7 / 41.2.
-// oneDNN's sgemm on decoded tiles, which took 64+ rows before, ran 4.7x slower than the panel
-// GEMM at 256 (fp8 824 / 176 ms): its runtime's threads contend with torch's in a model.
-constexpr int64_t kLowbitGemvMaxRows = 16;
-// The batch up to which the active ISA's GEMV runs (callers pass a workspace above it):
-// kLowbitGemvMaxRows, or kLowbitGemvMaxRowsAvx2 on AVX2 (4 activation rows per pass and
-// half the lanes: decode + sgemm wins sooner there; 4096x4096, one thread, under load, GEMV
-// / decode + sgemm: M = 4 4-5 / 7-8 ms, M = 8 8-11 / 9-11 ms, M = 16 16-20 / 11 ms).
-constexpr int64_t kLowbitGemvMaxRowsAvx2 = 8;
+// The fused GEMV runs up to kLowbitGemvMaxRows rows on every ISA, the NVFP4 / MXFP4
+// activation pieces (AVX-512 VNNI) up to 32 rows of a weight of more than kPanelSmallWeight
+// values, the panel GEMM (each weight row decoded once per call) past them; the scalar path
+// decodes tiles for oneDNN's sgemm past the GEMV's rows. Single 4096 x 4096 layers, AVX-512
+// (Zen 4), GEMV / panel GEMM ms: int3 at 5 / 6 / 8 / 16 rows 2.59 / 2.74, 3.21 / 2.89,
+// 4.02 / 3.13, 7.96 / 4.40; fp8 at 5 / 8 / 16 2.61 / 2.84, 3.78 / 3.29, 7.14 / 4.43; nvfp4 on
+// the pieces at 16 / 32 rows 4.15 / 4.89, 7.60 / 7.20. oneDNN's sgemm on decoded tiles,
+// which took 64+ rows before, ran 4.7x slower than the panel GEMM at 256 rows in a stack of
+// layers with GELU between (fp8 824 / 176 ms): its runtime's threads contend with torch's.
+constexpr int64_t kLowbitGemvMaxRows = 8;
 int64_t lowbit_gemv_max_rows();
 void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                    const TensorView* zero_points, const TensorView* tensor_scale,

@@ -98,8 +98,8 @@ void register_lowbit(py::module_& m) {
     dequantize_lowbit(qv, sv, zv.get(), tv.get(), f, group, ov);
   });
   m.def("lowbit_gemv_max_rows", &lowbit_gemv_max_rows,
-        "Batch up to which linear_lowbit runs its fused GEMV on the active ISA (above it, "
-        "pass a workspace for decode + sgemm).");
+        "Batch up to which linear_lowbit runs its fused GEMV (above it the panel GEMM, or on "
+        "the scalar path decode + sgemm in a workspace).");
   m.def("linear_lowbit", [](py::handle x, py::handle qw, py::handle scales, py::handle zps,
                             py::handle ts, py::handle bias, int fmt, int64_t group,
                             py::handle out, py::handle workspace, int backend) {

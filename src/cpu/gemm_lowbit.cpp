@@ -119,14 +119,7 @@ void dequantize_row_native(int lanes, const LowbitWeight& w, int64_t n, int64_t 
 
 }  // namespace cpu
 
-// A small weight (MiniLM's) leaves the AVX-512 GEMV after 8 rows, as integer weight-only
-// layers do: the GEMV decodes it again for every 4 rows, the panel GEMM once (384 x 1536
-// nvfp4 at 24 rows: 811 us in the GEMV, 575 us for INT4 on the panel GEMM; Sapphire Rapids).
-constexpr int64_t kSmallWeightGemvMaxRows = 8;
-
-int64_t lowbit_gemv_max_rows() {
-  return cpu::active_isa() == cpu::Isa::kAVX2 ? kLowbitGemvMaxRowsAvx2 : kLowbitGemvMaxRows;
-}
+int64_t lowbit_gemv_max_rows() { return kLowbitGemvMaxRows; }
 
 void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                    const TensorView* zero_points, const TensorView* tensor_scale,
@@ -162,12 +155,13 @@ void linear_lowbit(const TensorView& x, const TensorView& qweight, const TensorV
   if (M == 0 || N == 0) return;
   if (backend == GemmBackend::kReference) {
     reference(xp, x.strides[0], M, w, K, N, bp, op, out.strides[0]);
-  } else if ((lanes == 8 && M > lowbit_gemv_max_rows()) ||
-             (lanes == 16 && K * N <= cpu::kPanelSmallWeight && M > kSmallWeightGemvMaxRows) ||
-             (lanes == 16 && M > lowbit_gemv_max_rows() && !cpu::fp4_pieces_fit(fmt, M, K, w.group))) {
-    // Past the GEMV's rows (and the FP4 pieces'): our panel GEMM, which runs on torch's
-    // threads; oneDNN's sgemm runs on its own runtime's, which contend with torch's inside a
-    // model (kLowbitGemvMaxRows, docs/benchmarks.md).
+  } else if (lanes && M > kLowbitGemvMaxRows &&
+             (K * N <= cpu::kPanelSmallWeight || !cpu::fp4_pieces_fit(fmt, M, K, w.group))) {
+    // Past the GEMV's rows (and the FP4 pieces' on large weights): our panel GEMM, which runs
+    // on torch's threads; oneDNN's sgemm runs on its own runtime's, which contend with
+    // torch's inside a model (kLowbitGemvMaxRows, docs/benchmarks.md). A small weight (MiniLM's)
+    // takes it from 9 rows even where the pieces fit (384 x 1536 nvfp4 at 24 rows: 811 us in
+    // the GEMV, 575 us for INT4 on the panel GEMM; Sapphire Rapids).
     cpu::PanelGemmProblem p;
     p.x = xp;
     p.ldx = x.strides[0];

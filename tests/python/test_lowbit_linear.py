@@ -63,21 +63,21 @@ def test_large_batches_past_the_gemv(isa):
 
 @pytest.mark.parametrize("fmt,group", [("fp8_e4m3", 1024), ("nvfp4", 16), ("int3", 32)])
 def test_large_weights_past_the_gemv_take_the_panel_gemm(isa, fmt, group):
-    # Weights of more than 1M values (kPanelSmallWeight) keep the AVX-512 GEMV up to 16 rows
-    # (nvfp4: the activation pieces up to 32), then the panel GEMM: float64 on every side.
+    # Weights of more than 1M values (kPanelSmallWeight) keep the GEMV up to 8 rows (nvfp4 on
+    # AVX-512: the activation pieces up to 32), then the panel GEMM: float64 on every side.
     (q, s, z, t), deq = quantized_weight(fmt, 1040, 1024, group, seed=3)
     want_w = deq.double().T
-    for M in (16, 17, 33):
+    for M in (8, 9, 33):
         x = torch.randn(M, 1024)
         y = ops.linear_lowbit(x, q, s, z, t, None, fmt, group, 1024)
         assert rel_err(y, x.double() @ want_w) < 2e-6, (fmt, M)
 
 
 def test_batches_on_both_sides_of_the_isa_gemv_cap(isa):
-    # The fused GEMV runs up to the active ISA's cap (AVX2's 4-row passes lose to decode +
-    # sgemm sooner), decode + sgemm above it: both sides give the float64 result.
+    # The fused GEMV runs up to the cap, the panel GEMM (the scalar path: decode + sgemm)
+    # above it: both sides give the float64 result.
     cap = ts._C.lowbit_gemv_max_rows()
-    assert cap == (8 if isa == "avx2" else ops.lowbit.GEMV_MAX_ROWS)
+    assert cap == ops.lowbit.GEMV_MAX_ROWS
     for fmt, group in (("nvfp4", 16), ("fp8_e4m3", 64), ("int3", 32)):
         (q, s, z, t), deq = quantized_weight(fmt, 44, 64, group, seed=7)
         for M in (cap, cap + 1):

@@ -22,8 +22,8 @@ from ..formats import PER_TENSOR, FormatSpec, get_format
 # "reference" is the plain-PyTorch specification below; the others are native paths:
 # "scalar" is the C++ reference, "native" the AVX-512 / AVX2 kernels, "auto" the fastest that fits.
 LOWBIT_BACKENDS = {"auto": 0, "scalar": 1, "native": 2}
-GEMV_MAX_ROWS = 16  # AVX-512: above this the panel GEMM decodes the weight once per call (the scalar
-# path: decode + sgemm); kLowbitGemvMaxRows; the active ISA's cap is _C.lowbit_gemv_max_rows() (8 on AVX2)
+GEMV_MAX_ROWS = 8  # above this the panel GEMM decodes the weight once per call (the scalar path:
+# decode + sgemm); kLowbitGemvMaxRows, _C.lowbit_gemv_max_rows()
 SGEMM_TILE_ROWS = 256  # weight rows decoded per sgemm call (4 MiB of fp32 at K = 4096)
 
 
