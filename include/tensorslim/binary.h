@@ -61,6 +61,12 @@ bool linear_ternary_native(const TensorView& x, const TensorView& codes,
                            const TensorView& out);
 bool xnor_dots_native(const TensorView& a_bits, const TensorView& w_bits, int64_t K,
                       const TensorView& dots);
+// From kBinaryPanelMinRows activation rows the native path is the panel GEMM on decoded codes
+// (binary_panels.cpp); false on the scalar path.
+bool linear_binary_panels(const TensorView& x, const TensorView& bits, const TensorView& scales,
+                          const TensorView* bias, const TensorView& out);
+bool linear_ternary_panels(const TensorView& x, const TensorView& codes, const TensorView& scales,
+                           const TensorView* bias, const TensorView& out);
 // The per-ISA kernels behind them; each false when the active ISA is not its own.
 bool linear_binary_avx512(const TensorView& x, const TensorView& bits, const TensorView& scales,
                           const TensorView* bias, const TensorView& out);

@@ -243,9 +243,17 @@ void linear_xnor(const TensorView& x, const TensorView& bits, const TensorView& 
 
 namespace cpu {
 
+// Rows from which binary / ternary products run the panel GEMM (binary_panels.cpp) instead of
+// the add / subtract tiles. 4096 x 4096, Zen 4, tiles / panel GEMM ms: AVX-512 binary at 32 /
+// 64 / 256 rows 6.2 / 8.4, 12.1 / 13.2, 47.4 / 41.8; ternary 8.0 / 8.9, 15.8 / 14.1, 62.4 /
+// 43.4; AVX2 binary 7.8 / 9.8, 22.0 / 14.4, 128.7 / 52.6; ternary 9.7 / 9.8, 19.0 / 14.7,
+// 75.1 / 47.2 (fp32 47-103 ms at 256 rows: the tiles fell below it).
+constexpr int64_t kBinaryPanelMinRows = 64;
+
 bool linear_binary_native(const TensorView& x, const TensorView& bits, const TensorView& scales,
                           const TensorView* bias, const TensorView& out) {
 #if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (x.shape[0] >= kBinaryPanelMinRows && linear_binary_panels(x, bits, scales, bias, out)) return true;
   if (active_isa() == Isa::kAVX512) return linear_binary_avx512(x, bits, scales, bias, out);
   if (active_isa() == Isa::kAVX2) return linear_binary_avx2(x, bits, scales, bias, out);
 #endif
@@ -256,6 +264,7 @@ bool linear_ternary_native(const TensorView& x, const TensorView& codes,
                            const TensorView& scales, const TensorView* bias,
                            const TensorView& out) {
 #if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (x.shape[0] >= kBinaryPanelMinRows && linear_ternary_panels(x, codes, scales, bias, out)) return true;
   if (active_isa() == Isa::kAVX512) return linear_ternary_avx512(x, codes, scales, bias, out);
   if (active_isa() == Isa::kAVX2) return linear_ternary_avx2(x, codes, scales, bias, out);
 #endif

@@ -152,6 +152,13 @@ std::vector<cpu::Isa> native_runs() {
   return out;
 }
 
+// Batches of the tiles (1-17 rows) and of the panel GEMM (64+ rows, kBinaryPanelMinRows).
+const int64_t kBatches[] = {1, 2, 3, 4, 5, 9, 13, 17, 64, 71};
+
+// The lanes a kernel's sums are split over: from 64 rows the panel GEMM adds every product of
+// an output in one accumulator (the bound of one lane).
+int kernel_lanes(cpu::Isa isa, int64_t M) { return M >= 64 ? 1 : isa == cpu::Isa::kAVX512 ? 16 : 8; }
+
 void expect_close(const std::vector<float>& got, const Expect& e, const char* what, int64_t K) {
   for (size_t i = 0; i < got.size(); ++i)
     ASSERT_LE(std::fabs(got[i] - e.y[i]), e.bound[i]) << what << " K=" << K << " at " << i;
@@ -167,13 +174,13 @@ TEST(Binary, BinaryWeightLinearMatchesFloat64) {
     std::vector<float> s = random_weights(kN, 2), bias = random_weights(kN, 4);
     for (auto& v : s) v = std::fabs(v) + 0.1f;
     const TensorView bv = view1(bias.data(), DType::kFloat32, kN);
-    for (int64_t M = 1; M <= 17; M += (M < 5 ? 1 : 4)) {
+    for (int64_t M : kBatches) {
       std::vector<float> x = random_weights(M * K, 9 + M);
       IsaGuard guard;
       for (cpu::Isa isa : native_runs()) {
         const GemmBackend be = isa == cpu::Isa::kScalar ? GemmBackend::kReference : GemmBackend::kNative;
         if (be == GemmBackend::kNative) cpu::set_isa(isa);
-        const Expect e = expected(x, t, s, bias, M, K, 3.0, isa == cpu::Isa::kAVX512 ? 16 : 8);
+        const Expect e = expected(x, t, s, bias, M, K, 3.0, kernel_lanes(isa, M));
         std::vector<float> out(M * kN, NAN);
         linear_binary(view2(x.data(), DType::kFloat32, M, K), view2(w.data(), DType::kUInt8, kN, rb),
                       view1(s.data(), DType::kFloat32, kN), &bv,
@@ -192,13 +199,13 @@ TEST(Binary, TernaryLinearMatchesFloat64) {
     std::vector<float> s = random_weights(kN, 6), bias = random_weights(kN, 8);
     for (auto& v : s) v = std::fabs(v) + 0.1f;
     const TensorView bv = view1(bias.data(), DType::kFloat32, kN);
-    for (int64_t M = 1; M <= 17; M += (M < 5 ? 1 : 4)) {
+    for (int64_t M : kBatches) {
       std::vector<float> x = random_weights(M * K, 19 + M);
       IsaGuard guard;
       for (cpu::Isa isa : native_runs()) {
         const GemmBackend be = isa == cpu::Isa::kScalar ? GemmBackend::kReference : GemmBackend::kNative;
         if (be == GemmBackend::kNative) cpu::set_isa(isa);
-        const Expect e = expected(x, t, s, bias, M, K, 1.0, isa == cpu::Isa::kAVX512 ? 16 : 8);
+        const Expect e = expected(x, t, s, bias, M, K, 1.0, kernel_lanes(isa, M));
         std::vector<float> out(M * kN, NAN);
         linear_ternary(view2(x.data(), DType::kFloat32, M, K), view2(w.data(), DType::kUInt8, kN, rb),
                        view1(s.data(), DType::kFloat32, kN), &bv,
