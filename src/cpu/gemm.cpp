@@ -17,7 +17,19 @@
 namespace tensorslim {
 namespace {
 
-constexpr int64_t kNativeMaxRows = 8;  // the GEMV's rows
+// The rows up to which the weight-only GEMV runs; the panel GEMM (its rows-dot kernel at
+// small weights) past them. 4-bit codes on AVX2 leave it from 5 rows, 8-bit small weights on
+// AVX2 from 6, small weights on AVX-512 from 8: GEMV / panel GEMM, Zen 4, random-order rounds:
+// AVX2 INT4 at 5 / 8 rows 4096 x 4096 1.86 / 1.65 ms and 2.62 / 2.35, 384 x 384 0.050 / 0.033
+// and 0.067 / 0.040; AVX2 INT8 at 6 rows 1536 x 384 0.099 / 0.076, 384 x 1536 0.083 / 0.079
+// (at 5 rows 0.97-1.51x), but 4096 x 4096 at 8 rows 2.54 / 3.04; AVX-512 at 8 rows 1.02-1.56x
+// at MiniLM's shapes, at 5-6 rows 0.87-1.47x. (Larger AVX-512 weights take the activation
+// pieces from 2 rows.)
+int64_t gemv_max_rows(int bits, int64_t weight_values) {
+  const bool small = weight_values <= cpu::kPanelSmallWeight;
+  if (cpu::active_isa() == cpu::Isa::kAVX2) return bits == 4 ? 4 : small ? 5 : 8;
+  return small ? 7 : 8;
+}
 // Rows from which large weights take oneDNN on AVX-512 under `auto` (linear_weight_only).
 constexpr int64_t kOneDnnMinRows = 1024;
 
@@ -129,7 +141,7 @@ bool linear_weight_only_native(const TensorView& x, const TensorView& qweight,
     }
   }
   // Past a few rows the float GEMV re-decodes the weight too often: decode once, then a GEMM.
-  if (M > kNativeMaxRows)
+  if (M > gemv_max_rows(info.bits, K * qweight.shape[0]))
     return linear_weight_only_panels(x, qweight, scales, zero_points, bias, fmt, group_size, out);
   if (!native_fits(info, K, group_size)) return false;
   thread_local AlignedFloats xp;

@@ -1,4 +1,4 @@
-// The decode-once panel GEMM behind linear_weight_only's native path at M > 8: every ISA
+// The decode-once panel GEMM behind linear_weight_only's native path past the GEMV's rows: every ISA
 // against a float64 product of the exactly dequantized weight, on shapes that exercise both
 // micro-kernels (rows-dot up to 64 rows and K <= 2048, broadcast past them), partial
 // micro-tiles (M % 6, M % 4), partial panels and weight-row blocks (N % 3, N % 4, N % 16,
@@ -72,7 +72,7 @@ TEST(PanelGemm, EveryIsaMatchesFloat64) {
                        Shape{576, 96}}) {  // groups across the K blocks' edges (128 / 256 k)
         for (int64_t N : {48, 37, 1, 70}) {
           const QuantizedWeight w = quantized_weight(fmt, N, s.K, s.group, 7);
-          for (int64_t M : {9, 13, 31, 64, 65}) {
+          for (int64_t M : {5, 7, 9, 13, 31, 64, 65}) {  // 5 and 7: 4-bit on AVX2 (gemv_max_rows)
             EXPECT_LT(panel_error(w, fmt, s.group, M, N, s.K, s.K, false), 1e-5)
                 << cpu::isa_name(isa) << " " << format_info(fmt).name << " K=" << s.K
                 << " g=" << s.group << " N=" << N << " M=" << M;
