@@ -66,6 +66,15 @@ bool cpu_has_avx512_vnni() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(TENSORSLIM_HAVE_AVX512)
+  static const bool has = best_isa() == Isa::kAVX512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 void set_isa(Isa isa) {
   TS_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()),
                  std::string("set_isa: this CPU (or build) does not support ") + isa_name(isa) +

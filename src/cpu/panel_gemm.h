@@ -19,6 +19,10 @@ constexpr int64_t kPanelSmallWeight = int64_t{1} << 20;
 struct PanelGemmProblem {
   const float* x;  // [M, K] fp32, row stride ldx
   int64_t ldx;
+  // Or bf16 activations (row stride ldx), for the AVX512-BF16 micro-kernel (panel_gemm_bf16):
+  // the decoded weights are rounded to bf16 and multiplied in pairs by vdpbf16ps at twice the
+  // fp32 FMA's multiply-adds per instruction. Needs decode_ranges.
+  const uint16_t* x_bf16 = nullptr;
   int64_t M, N, K;
   // Writes weight rows [n0, n0 + rows), columns [k0, k0 + kc), as fp32 into dst, row-major
   // with row stride kc. Called from worker threads, on disjoint rows.
@@ -41,6 +45,9 @@ struct PanelGemmProblem {
 // out = x @ W^T + bias with the active ISA's micro-kernel; false when the active ISA has
 // none (scalar), so the caller falls back.
 bool panel_gemm(const PanelGemmProblem& p);
+// Whether panel_gemm takes bf16 activations here (AVX-512 active and AVX512-BF16).
+bool panel_gemm_takes_bf16();
+void panel_gemm_bf16_avx512(const PanelGemmProblem& p);
 void panel_gemm_avx2(const PanelGemmProblem& p);
 void panel_gemm_avx512(const PanelGemmProblem& p);
 

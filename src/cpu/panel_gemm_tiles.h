@@ -197,6 +197,31 @@ void dot_gemm_run(const PanelGemmProblem& p) {
   });
 }
 
+// The fp32 micro-panels [kc][NR] of one K block of a 64-row panel (rows n0 .. n0 + cols),
+// through decode_packed, a ranged decode + pack_panel, or pack_panel from the whole decoded
+// rows (`rows`, row stride ldr) that the caller decoded once.
+template <int NR>
+void pack_block(const PanelGemmProblem& p, int64_t n0, int64_t cols, int64_t k0, int64_t kc, float* rows,
+                int64_t ldr, float* packed) {
+  const int micro = static_cast<int>((cols + NR - 1) / NR);
+  if (p.decode_packed) {
+    for (int u = 0; u < micro; ++u)
+      p.decode_packed(n0 + u * NR, std::min<int64_t>(NR, cols - u * NR), k0, kc, packed + u * NR * kc);
+    return;
+  }
+  const float* src = rows + (p.decode_ranges ? 0 : k0);
+  const int64_t ld = p.decode_ranges ? kc : ldr;
+  if (p.decode_ranges) p.decode(n0, cols, k0, kc, rows);
+  for (int u = 0; u < micro; ++u)
+    pack_panel<NR>(src + u * NR * ld, std::min<int64_t>(NR, cols - u * NR), kc, ld, packed + u * NR * kc);
+}
+
+// Whole rows sit 16 floats further apart than K: at K = 4096 the 8 x 8 transposes read 8
+// rows 16 KiB apart, which share one L1 set (fp8 4096 x 4096 at 4 rows: the pack took ~55%).
+inline int64_t decoded_row_stride(const PanelGemmProblem& p, int64_t KC) {
+  return p.decode_ranges ? std::min(KC, p.K) : p.K + 16;
+}
+
 template <class V>
 void panel_gemm_run(const PanelGemmProblem& p) {
   if (p.M <= kDotMaxRows && p.M * p.K <= kDotMaxValues && p.K <= kDotMaxK) return dot_gemm_run<V>(p);
@@ -209,9 +234,7 @@ void panel_gemm_run(const PanelGemmProblem& p) {
     // whole rows), the block's packed copies (one [kc][NR] block per micro-panel, in L2) and
     // the fp32 sums of every activation row for each micro-panel.
     thread_local std::vector<float> rows, packed, sums;
-    // Whole rows sit 16 floats further apart than K: at K = 4096 the 8 x 8 transposes read 8
-    // rows 16 KiB apart, which share one L1 set (fp8 4096 x 4096 at 4 rows: the pack took ~55%).
-    const int64_t ldr = p.decode_ranges ? std::min(KC, K) : K + 16;
+    const int64_t ldr = decoded_row_stride(p, KC);
     rows.resize(kPanelCols * ldr);
     packed.resize(kPanelCols * KC);
     sums.resize(kMicro * M * NR);
@@ -222,17 +245,7 @@ void panel_gemm_run(const PanelGemmProblem& p) {
         for (int64_t r = 0; r < cols; ++r) p.decode(n0 + r, 1, 0, K, rows.data() + r * ldr);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0);
-        const float* src = rows.data() + (p.decode_ranges ? 0 : k0);
-        const int64_t ld = p.decode_ranges ? kc : ldr;
-        if (p.decode_packed) {
-          for (int u = 0; u < micro; ++u)
-            p.decode_packed(n0 + u * NR, std::min<int64_t>(NR, cols - u * NR), k0, kc, packed.data() + u * NR * kc);
-        } else {
-          if (p.decode_ranges) p.decode(n0, cols, k0, kc, rows.data());
-          for (int u = 0; u < micro; ++u)
-            pack_panel<NR>(src + u * NR * ld, std::min<int64_t>(NR, cols - u * NR), kc, ld,
-                           packed.data() + u * NR * kc);
-        }
+        pack_block<NR>(p, n0, cols, k0, kc, rows.data(), ldr, packed.data());
         // Tiles of nearly equal height: 32 rows run as 6 x 2 + 5 x 4, not 6 x 5 + 2, whose
         // four accumulator chains cannot keep both FMA pipes busy.
         for (int64_t m0 = 0, left_tiles = (M + MR - 1) / MR; m0 < M; --left_tiles) {

@@ -94,6 +94,25 @@ TEST(PanelGemm, StridedRowsAndBFloat16) {
   }
 }
 
+// From 16 rows bf16 activations take the AVX512-BF16 micro-tiles where the CPU has them
+// (the weights rounded to bf16: 8 significant bits, as the output), else the fp32 ones: odd K
+// (a last value without a pair in each block's tail), strided rows, partial panels, INT8 / INT4.
+TEST(PanelGemm, BFloat16ActivationsPastSixteenRows) {
+  for (cpu::Isa isa : machine_isas()) {
+    if (isa == cpu::Isa::kScalar) continue;
+    IsaScope scope(isa);
+    for (Format fmt : {Format::kInt4, Format::kInt8, Format::kUInt4}) {
+      struct Shape { int64_t K, group, ldx; };
+      for (Shape sh : {Shape{257, 257, 257}, Shape{384, 128, 400}, Shape{1031, 1031, 1031}}) {
+        const QuantizedWeight w = quantized_weight(fmt, 70, sh.K, sh.group, 5);
+        for (int64_t M : {16, 37, 70})
+          EXPECT_LT(panel_error(w, fmt, sh.group, M, 70, sh.K, sh.ldx, true), 1e-2)
+              << cpu::isa_name(isa) << " " << format_info(fmt).name << " K=" << sh.K << " M=" << M;
+      }
+    }
+  }
+}
+
 // The INT4 panel decoders write the packed layout straight from the codes: every value bit
 // for bit the reference's (code - zero point) * scale, over K blocks that start and end inside
 // groups, K tails (K % 8), partial panels and both formats.
