@@ -8,7 +8,7 @@ oneDNN's shows as it does in a model.
 
     python benchmarks/bench_layer_stack.py [--k 4096] [--layers 4] [--batches 16,32,64,256]
         [--recipes int8,int4,fp8,nvfp4,mxfp4,int8dyn,w8a8,w4a8] [--isa avx2]
-        [--backend auto|native|onednn]
+        [--backend auto|native|onednn] [--dtype bfloat16]
 """
 import argparse
 import copy
@@ -47,26 +47,32 @@ def main():
     p.add_argument("--batches", default="16,32,64,256")
     p.add_argument("--recipes", default="int8,int4,fp8,nvfp4,mxfp4")
     p.add_argument("--backend", default="auto", help="int8 / int4 weight-only backend (auto, native, onednn)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="activations and the baseline's weights (bf16: torch's bf16 GEMM against ours)")
     add_isa_argument(p)
     args = p.parse_args()
     isa_line = check_isa(args)
     torch.manual_seed(0)
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
           f"tensorslim threads ({ts._C.threading_backend()}); {isa_line}")
-    print(f"{args.layers} x (Linear {args.k} x {args.k} + GELU), median of interleaved rounds\n")
+    dtype = getattr(torch, args.dtype)
+    base = "fp32" if dtype == torch.float32 else "bf16"
+    print(f"{args.layers} x (Linear {args.k} x {args.k} + GELU), {args.dtype} activations, "
+          "median of interleaved rounds\n")
     fp32 = stack(args.k, args.layers).eval()
     models = {}
     for name in args.recipes.split(","):
         m = copy.deepcopy(fp32)
         calib = [torch.randn(16, args.k) for _ in range(4)] if name in CALIBRATED else None
         ts.quantize(m, RECIPES[name](args.backend), calib, progress=False)
-        models[name] = m
-    header = f"{'rows':>5} {'fp32 ms':>9} | " + " | ".join(f"{n + ' ms':>9} {'x fp32':>6}" for n in models)
+        models[name] = m.to(dtype)
+    fp32 = fp32.to(dtype)
+    header = f"{'rows':>5} {base + ' ms':>9} | " + " | ".join(f"{n + ' ms':>9} {'x ' + base:>6}" for n in models)
     print(header)
     print("-" * len(header))
     with torch.no_grad():
         for M in (int(v) for v in args.batches.split(",")):
-            x = torch.randn(M, args.k)
+            x = torch.randn(M, args.k, dtype=dtype)
             fns = [lambda m=m: m(x) for m in [fp32, *models.values()]]
             t = median_times(fns, min_time=2.0, min_rounds=5)
             print(f"{M:>5} {t[0] * 1e3:9.2f} | " + " | ".join(f"{tq * 1e3:9.2f} {t[0] / tq:5.2f}x" for tq in t[1:]))
