@@ -57,22 +57,21 @@ Isa best_isa() {
 
 Isa active_isa() { return static_cast<Isa>(active().load()); }
 
-bool cpu_has_avx512_vnni() {
+// An AVX-512 extension that this build and CPU have (`name` as __builtin_cpu_supports spells it).
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(TENSORSLIM_HAVE_AVX512)
-  static const bool has = best_isa() == Isa::kAVX512 && __builtin_cpu_supports("avx512vnni");
-  return has;
+#define TS_AVX512_EXTENSION(name) (best_isa() == Isa::kAVX512 && __builtin_cpu_supports(name))
 #else
-  return false;
+#define TS_AVX512_EXTENSION(name) false
 #endif
+
+bool cpu_has_avx512_vnni() {
+  static const bool has = TS_AVX512_EXTENSION("avx512vnni");
+  return has;
 }
 
 bool cpu_has_avx512_bf16() {
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(TENSORSLIM_HAVE_AVX512)
-  static const bool has = best_isa() == Isa::kAVX512 && __builtin_cpu_supports("avx512bf16");
+  static const bool has = TS_AVX512_EXTENSION("avx512bf16");
   return has;
-#else
-  return false;
-#endif
 }
 
 void set_isa(Isa isa) {
