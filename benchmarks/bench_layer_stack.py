@@ -1,5 +1,5 @@
 """Compressed layers inside a model: a stack of K x K linears with GELU between (the pattern of a
-transformer's MLP), fp32 against each recipe through ts.quantize, measured in one run.
+transformer's MLP), dense fp32 (or bf16) against each recipe through ts.quantize, in one run.
 
 A single layer timed alone (bench_linear.py, bench_lowbit.py) hides what a model pays between
 layers: torch's own threads run the GELU, and kernels on another threading runtime (oneDNN's)
@@ -59,21 +59,24 @@ def main():
     base = "fp32" if dtype == torch.float32 else "bf16"
     print(f"{args.layers} x (Linear {args.k} x {args.k} + GELU), {args.dtype} activations, "
           "median of interleaved rounds\n")
-    fp32 = stack(args.k, args.layers).eval()
+    unknown = sorted(set(args.recipes.split(",")) - set(RECIPES))
+    if unknown:
+        p.error(f"--recipes: unknown {unknown}; choose from {sorted(RECIPES)}")
+    dense = stack(args.k, args.layers).eval()
     models = {}
     for name in args.recipes.split(","):
-        m = copy.deepcopy(fp32)
+        m = copy.deepcopy(dense)
         calib = [torch.randn(16, args.k) for _ in range(4)] if name in CALIBRATED else None
         ts.quantize(m, RECIPES[name](args.backend), calib, progress=False)
         models[name] = m.to(dtype)
-    fp32 = fp32.to(dtype)
+    dense = dense.to(dtype)
     header = f"{'rows':>5} {base + ' ms':>9} | " + " | ".join(f"{n + ' ms':>9} {'x ' + base:>6}" for n in models)
     print(header)
     print("-" * len(header))
     with torch.no_grad():
         for M in (int(v) for v in args.batches.split(",")):
             x = torch.randn(M, args.k, dtype=dtype)
-            fns = [lambda m=m: m(x) for m in [fp32, *models.values()]]
+            fns = [lambda m=m: m(x) for m in [dense, *models.values()]]
             t = median_times(fns, min_time=2.0, min_rounds=5)
             print(f"{M:>5} {t[0] * 1e3:9.2f} | " + " | ".join(f"{tq * 1e3:9.2f} {t[0] / tq:5.2f}x" for tq in t[1:]))
 
