@@ -35,13 +35,18 @@ const CodeTables& tables() {
 }
 
 // Values [k0, k0 + kc) of one row (k0 a multiple of the codes per byte) times `scale`.
+// `out` restrict and each byte read once: otherwise the compiler assumes the stores may change
+// the codes and reloads a byte per value, one scalar multiply at a time (~3.5 ms of a 4096 x
+// 4096 call; now the table rows go through vector multiplies).
 template <int PerByte>
 void decode_codes(const float (*table)[PerByte], const uint8_t* row, int64_t k0, int64_t kc, float scale,
-                  float* out) {
+                  float* __restrict out) {
   const uint8_t* bytes = row + k0 / PerByte;
   const int64_t whole = kc / PerByte;
-  for (int64_t j = 0; j < whole; ++j)
-    for (int i = 0; i < PerByte; ++i) out[j * PerByte + i] = table[bytes[j]][i] * scale;
+  for (int64_t j = 0; j < whole; ++j) {
+    const float* t = table[bytes[j]];
+    for (int i = 0; i < PerByte; ++i) out[j * PerByte + i] = t[i] * scale;
+  }
   for (int64_t k = whole * PerByte; k < kc; ++k) out[k] = table[bytes[whole]][k % PerByte] * scale;
 }
 
