@@ -94,9 +94,7 @@ bool linear_weight_only_panels(const TensorView& x, const TensorView& qweight,
                             zero_points ? zero_points->strides[0] : 0, gsize, K};
   const auto panel4 = active_isa() == Isa::kAVX512 ? decode_int4_panel_avx512
                       : active_isa() == Isa::kAVX2 ? decode_int4_panel_avx2 : nullptr;
-  // (The AVX-512 one gathers scales at int32 offsets.)
-  const bool offsets32 = N * scales.strides[0] < (int64_t{1} << 31);
-  if (info.bits == 4 && panel4 && (gsize % 8 == 0 || gsize >= K) && offsets32)
+  if (info.bits == 4 && panel4 && (gsize % 8 == 0 || gsize >= K))
     p.decode_packed = [&](int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* packed) {
       for (int64_t r = 0; r < rows; ++r) prefetch_next_block(qweight.ptr<uint8_t>() + (n0 + r) * qweight.strides[0], k0, kc);
       panel4(rows4, n0, rows, k0, kc, packed);
