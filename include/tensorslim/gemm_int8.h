@@ -38,20 +38,25 @@ void quantize_static(const TensorView& x, const TensorView* inv_smooth, float sc
 // kernels, exact on every AVX2 CPU), kAuto (our VNNI kernels for few rows, else oneDNN where
 // exact, else ours).
 // K = 0 gives out = bias (or 0).
-// packed: nullptr, or qweight in oneDNN's blocked layout (linear_int8_pack); used by oneDNN
-// with u8 activations, which reads it instead of re-blocking qweight on every call.
+// packed: nullptr, or linear_int8_pack's copy of qweight under the active ISA: on AVX-512
+// VNNI CPUs without AMX our VNNI panels (kAuto / kNative then run them at every row count),
+// elsewhere oneDNN's blocked layout, read by
+// oneDNN with u8 activations instead of re-blocking qweight on every call.
 void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                  const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
                  const TensorView& out, GemmBackend backend, const TensorView* packed = nullptr);
 
-// Bytes of qweight [N, K] in oneDNN's blocked layout for u8 activations (0: no packing here,
-// e.g. where oneDNN's kernel would not be exact and ours runs on the plain weights).
+// Bytes of qweight [N, K] in that packed layout (0: no packing here, e.g. where oneDNN's
+// kernel would not be exact and ours runs on the plain weights).
 int64_t linear_int8_packed_bytes(int64_t K, int64_t N);
 // Writes that layout into packed (uint8, contiguous, linear_int8_packed_bytes(K, N) bytes).
 void linear_int8_pack(const TensorView& qweight, const TensorView& packed);
 // Whether a layer should keep that packed copy: false where oneDNN's kernels run faster on
 // the plain weight (AMX) or where there is no packing.
 bool linear_int8_packing_pays();
+// Whether that layout is our VNNI panels (which run every row count, so layers holding it
+// need no other route to a fast GEMM).
+bool linear_int8_packs_vnni_panels();
 
 namespace cpu {
 void quantize_per_token_reference(const TensorView& x, const TensorView* inv_smooth,
@@ -114,10 +119,21 @@ bool int8_vnni_available();
 bool linear_int8_vnni(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                       const TensorView& qweight, const TensorView& w_scales,
                       const TensorView* bias, const TensorView& out);
+// prepacked: nullptr (each call transposes the weight into its panels), or the weight
+// already in them (linear_int8_vnni_pack).
 bool linear_int8_vnni_panels(const TensorView& qx, const TensorView& act_scales,
                              int32_t act_zero_point, const TensorView& qweight,
                              const TensorView& w_scales, const TensorView* bias,
-                             const TensorView& out);
+                             const TensorView& out, const uint8_t* prepacked = nullptr);
+// The panels packed once (what linear_int8_pack writes on AVX-512 VNNI CPUs whose oneDNN has
+// no AMX kernel): a kInt8VnniHeaderBytes header (magic, K, N), ceil(N / 16) panels of
+// [ceil(K / 4)][16 rows][4 bytes] (zero past K and N), then each panel's 16 int32 row sums.
+// Per-call packing cost ~0.4-0.5 ms of 1.0-1.8 ms at 16-32 rows (4096 x 4096, Zen 4).
+constexpr int64_t kInt8VnniHeaderBytes = 64;
+int64_t linear_int8_vnni_packed_bytes(int64_t K, int64_t N);
+void linear_int8_vnni_pack(const TensorView& qweight, const TensorView& packed);
+// Whether packed (at least kInt8VnniHeaderBytes) holds that layout of a [N, K] weight.
+bool linear_int8_vnni_packed_matches(const uint8_t* packed, int64_t K, int64_t N);
 constexpr int64_t kInt8VnniMaxRows = 8;
 constexpr int64_t kInt8VnniLargeMaxRows = 16;  // for weights of kInt8LargeWeight values and more
 constexpr int64_t kInt8VnniPanelMaxRows = 40;
@@ -136,6 +152,7 @@ std::string linear_int8_onednn_impl(const TensorView& qx, const TensorView& act_
                                     const TensorView& out, const TensorView* packed = nullptr);
 int64_t linear_int8_packed_bytes_onednn(int64_t K, int64_t N);
 bool linear_int8_packing_pays_onednn();
+bool onednn_int8_uses_amx();  // its INT8 matmul runs AMX tiles on this CPU
 void linear_int8_pack_onednn(const TensorView& qweight, const TensorView& packed);
 }  // namespace cpu
 

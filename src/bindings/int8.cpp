@@ -81,9 +81,11 @@ void register_int8(py::module_& m) {
     }
   });
   m.def("linear_int8_packed_bytes", &linear_int8_packed_bytes,
-        "Bytes of [N, K] int8 weights in oneDNN's blocked layout (0: none).");
+        "Bytes of [N, K] int8 weights in the packed layout for the active ISA (0: none).");
   m.def("linear_int8_packing_pays", &linear_int8_packing_pays,
         "Whether layers keep the packed copy (false on AMX: oneDNN reads plain weights faster).");
+  m.def("linear_int8_packs_vnni_panels", &linear_int8_packs_vnni_panels,
+        "Whether the packed layout is our VNNI panels, which run every row count.");
   m.def("linear_int8_pack", [](py::handle qweight, py::handle packed) {
     TensorView wv = to_view(qweight, "qweight"), pv = to_view(packed, "packed");
     py::gil_scoped_release release;

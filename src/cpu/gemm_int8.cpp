@@ -190,12 +190,39 @@ void quantize_static(const TensorView& x, const TensorView* inv_smooth, float sc
   cpu::quantize_static_reference(x, inv_smooth, scale, zero_point, q);
 }
 
-int64_t linear_int8_packed_bytes(int64_t K, int64_t N) {
-  TS_CHECK_VALUE(K > 0 && N > 0, "linear_int8_packed_bytes: K and N must be positive");
-  return cpu::linear_int8_packed_bytes_onednn(K, N);
+namespace {
+
+// Which packed layout linear_int8_pack writes for the active ISA: our VNNI panels on AVX-512
+// VNNI CPUs, except where oneDNN runs AMX tiles (faster than VNNI from ~40 rows, and reading
+// the plain weight: see linear_int8_packing_pays_onednn); elsewhere oneDNN's own.
+enum class PackedLayout { kNone, kVnniPanels, kOneDnn };
+
+PackedLayout packed_layout(int64_t K, int64_t N) {
+  if (cpu::int8_vnni_available() && !cpu::onednn_int8_uses_amx()) return PackedLayout::kVnniPanels;
+  return cpu::linear_int8_packed_bytes_onednn(K, N) > 0 ? PackedLayout::kOneDnn : PackedLayout::kNone;
 }
 
-bool linear_int8_packing_pays() { return cpu::linear_int8_packing_pays_onednn(); }
+int64_t packed_bytes(PackedLayout layout, int64_t K, int64_t N) {
+  switch (layout) {
+    case PackedLayout::kVnniPanels: return cpu::linear_int8_vnni_packed_bytes(K, N);
+    case PackedLayout::kOneDnn: return cpu::linear_int8_packed_bytes_onednn(K, N);
+    default: return 0;
+  }
+}
+
+}  // namespace
+
+int64_t linear_int8_packed_bytes(int64_t K, int64_t N) {
+  TS_CHECK_VALUE(K > 0 && N > 0, "linear_int8_packed_bytes: K and N must be positive");
+  return packed_bytes(packed_layout(K, N), K, N);
+}
+
+bool linear_int8_packing_pays() {
+  return (cpu::int8_vnni_available() && !cpu::onednn_int8_uses_amx()) ||
+         cpu::linear_int8_packing_pays_onednn();
+}
+
+bool linear_int8_packs_vnni_panels() { return packed_layout(1, 1) == PackedLayout::kVnniPanels; }
 
 void linear_int8_pack(const TensorView& qweight, const TensorView& packed) {
   check_ndim(qweight, 2, "qweight");
@@ -203,11 +230,17 @@ void linear_int8_pack(const TensorView& qweight, const TensorView& packed) {
   check_contiguous(qweight, "qweight");
   check_dtype(packed, DType::kUInt8, "packed");
   check_contiguous(packed, "packed");
-  const int64_t need = linear_int8_packed_bytes(qweight.shape[1], qweight.shape[0]);
-  TS_CHECK_VALUE(need > 0, "linear_int8_pack: oneDNN has no packed layout for this shape");
+  const int64_t K = qweight.shape[1], N = qweight.shape[0];
+  TS_CHECK_VALUE(K > 0 && N > 0, "linear_int8_pack: qweight is empty (shape " + shape_str(qweight) + ")");
+  const PackedLayout layout = packed_layout(K, N);
+  const int64_t need = packed_bytes(layout, K, N);
+  TS_CHECK_VALUE(need > 0, "linear_int8_pack: no packed layout for this shape on this CPU");
   TS_CHECK_VALUE(packed.numel() == need, "packed: expected " + std::to_string(need) +
                                              " bytes, got " + std::to_string(packed.numel()));
-  cpu::linear_int8_pack_onednn(qweight, packed);
+  if (layout == PackedLayout::kVnniPanels)
+    cpu::linear_int8_vnni_pack(qweight, packed);
+  else
+    cpu::linear_int8_pack_onednn(qweight, packed);
 }
 
 void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
@@ -253,18 +286,31 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
   check_contiguous(out, "out");
   for (const TensorView* t : {&act_scales, &qweight, &w_scales, &out})
     check_same_device(qx, *t, "linear_int8");
+  const PackedLayout layout = packed && K > 0 && N > 0 ? packed_layout(K, N) : PackedLayout::kNone;
   if (packed) {
     check_dtype(*packed, DType::kUInt8, "packed");
     check_contiguous(*packed, "packed");
     // No packed layout here (oneDNN inexact on this CPU, or unusable in a forked child):
     // weights packed elsewhere are not read, the plain qweight is.
-    const int64_t need = linear_int8_packed_bytes(K, N);
+    const int64_t need = K > 0 ? packed_bytes(layout, K, N) : 0;
     TS_CHECK_VALUE(need == 0 || packed->numel() == need,
                    "packed: expected " + std::to_string(need) +
                        " bytes (linear_int8_pack of this qweight), got " +
                        std::to_string(packed->numel()));
+    // A buffer packed under another ISA (set_isa) or for another weight has the right size
+    // only by chance; the panels' header says which it is.
+    TS_CHECK_VALUE(need == 0 || (layout == PackedLayout::kVnniPanels) ==
+                                    cpu::linear_int8_vnni_packed_matches(packed->ptr<uint8_t>(), K, N),
+                   "packed: not linear_int8_pack's layout of this [" + std::to_string(N) + ", " +
+                       std::to_string(K) + "] qweight under the active ISA (pack it again after "
+                       "set_isa or a change of weights)");
     if (need == 0) packed = nullptr;
   }
+  // Our panels packed once run every row count: they beat our GEMV from 1 row (4096 x 4096
+  // 1.20x, 11008 x 4096 1.57x, MiniLM's shapes 1.07-1.25x, weights hot; even when cold) and
+  // oneDNN's and torch's matmuls at every size measured. oneDNN reads only its own layout.
+  const uint8_t* panels = packed && layout == PackedLayout::kVnniPanels ? packed->ptr<uint8_t>() : nullptr;
+  if (panels) packed = nullptr;
   if (M == 0 || N == 0) return;
   if (K == 0) {  // an empty sum: only the bias is left
     for (int64_t m = 0; m < M; ++m)
@@ -283,6 +329,9 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
                      "'native'");
       return;
     case GemmBackend::kNative:
+      if (panels && cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias,
+                                                 out, panels))
+        return;
       if (M < cpu::kInt8PanelMinRows &&
           vnni_kernels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
         return;
@@ -291,6 +340,9 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
                      "linear_int8: no native kernel for this ISA (needs AVX2)");
       return;
     case GemmBackend::kAuto:
+      if (panels && cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias,
+                                                 out, panels))
+        return;
       if (M < cpu::kInt8VnniPanelMaxRows &&
           vnni_kernels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
         return;

@@ -187,27 +187,41 @@ int64_t linear_int8_packed_bytes_onednn(int64_t K, int64_t N) {
   return static_cast<int64_t>(packed_desc(K, N).get_size());
 }
 
-bool linear_int8_packing_pays_onednn() {
-  if (!onednn_usable()) return false;
+namespace {
+
+// The implementation oneDNN picks for a packed-weight u8 x s8 matmul ("" if none).
+std::string packed_matmul_impl() {
+  if (!onednn_usable()) return std::string();
   std::lock_guard<std::mutex> lock(onednn().mu);
-  // AMX kernels read the plain [N, K] weight 15-40% faster than their own blocked copy at
-  // 40-512 rows with cold weights (4096 x 4096, Sapphire Rapids), and the copy doubles the
-  // resident weight; kernels without AMX were measured 5x faster at batch 1 with it. No
-  // packing either where packed_desc has none (an inexact kernel: ours run instead).
-  static const bool pays = [] {
+  static const std::string impl = [] {
     try {
       const int64_t K = 1024, N = 1024;
       dnnl::memory::desc src({kCanonicalM, K}, dt::u8, {K, 1});
       dnnl::memory::desc wei({K, N}, dt::s8, dnnl::memory::format_tag::any);
       dnnl::memory::desc dst({kCanonicalM, N}, dt::f32, {N, 1});
       dnnl::matmul::primitive_desc pd(onednn().engine, src, wei, dst, make_attr(false, true));
-      const std::string impl = pd.impl_info_str();
-      return exact_impl(impl) && impl.find("amx") == std::string::npos;  // as packed_desc
+      return std::string(pd.impl_info_str());
     } catch (const dnnl::error&) {
-      return false;
+      return std::string();
     }
   }();
-  return pays;
+  return impl;
+}
+
+}  // namespace
+
+bool onednn_int8_uses_amx() {  // asked on every packed call: the answer is kept
+  static const bool amx = packed_matmul_impl().find("amx") != std::string::npos;
+  return amx;
+}
+
+bool linear_int8_packing_pays_onednn() {
+  // AMX kernels read the plain [N, K] weight 15-40% faster than their own blocked copy at
+  // 40-512 rows with cold weights (4096 x 4096, Sapphire Rapids), and the copy doubles the
+  // resident weight; kernels without AMX were measured 5x faster at batch 1 with it. No
+  // packing either where packed_desc has none (an inexact kernel: ours run instead).
+  const std::string impl = packed_matmul_impl();
+  return exact_impl(impl) && !onednn_int8_uses_amx();  // as packed_desc
 }
 
 void linear_int8_pack_onednn(const TensorView& qweight, const TensorView& packed) {

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <random>
 
 #include "onednn_int8_exact.h"
@@ -252,38 +254,107 @@ TEST(GemmInt8, OneDnnMatchesReferenceAndIsOptimized) {
   }
 }
 
+// linear_int8_pack's layout for the active ISA, through linear_int8: our VNNI panels (AVX-512
+// VNNI without AMX) bit for bit with the reference on both activation types, from the GEMV's
+// rows up; oneDNN's layout elsewhere. Each ISA of the machine (the layout follows it).
 TEST(GemmInt8, PackedWeightsMatchReference) {
-  for (const Problem& p : kProblems) {
-    if (!p.is_u8) continue;  // packed weights serve uint8 activations
-    Data d = make_data(p, 4);
-    const int64_t bytes = linear_int8_packed_bytes(p.K, p.N);
-    if (bytes == 0) {  // only where oneDNN's kernel is inexact: ours runs on plain weights
-      std::vector<float> o(p.M * p.N);
-      EXPECT_TRUE(onednn_inexact(cpu::linear_int8_onednn_impl(
-          d.qxv, d.asv, d.zp, d.wv, d.wsv, nullptr, view2(o.data(), DType::kFloat32, p.M, p.N))));
-      continue;
+  for (cpu::Isa isa : testing::machine_isas()) {
+    IsaScope scope(isa);
+    const bool ours = linear_int8_packs_vnni_panels();
+    for (const Problem& p : kProblems) {
+      if (!p.is_u8 && !ours) continue;  // oneDNN's packed weights serve uint8 activations
+      Data d = make_data(p, 4, true);
+      const int64_t bytes = linear_int8_packed_bytes(p.K, p.N);
+      if (bytes == 0) {  // only where oneDNN's kernel is inexact: ours runs on plain weights
+        std::vector<float> o(p.M * p.N);
+        EXPECT_TRUE(onednn_inexact(cpu::linear_int8_onednn_impl(
+            d.qxv, d.asv, d.zp, d.wv, d.wsv, nullptr, view2(o.data(), DType::kFloat32, p.M, p.N))));
+        continue;
+      }
+      ASSERT_GE(bytes, p.K * p.N);
+      std::vector<uint8_t> packed(bytes);
+      const TensorView pv = view1(packed.data(), DType::kUInt8, bytes);
+      linear_int8_pack(d.wv, pv);
+      std::vector<float> ref(p.M * p.N);
+      const TensorView* b = p.bias ? &d.bv : nullptr;
+      linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, p.M, p.N),
+                  GemmBackend::kReference);
+      for (GemmBackend be : {GemmBackend::kAuto, GemmBackend::kNative, GemmBackend::kOneDNN}) {
+        if (be == GemmBackend::kNative && !ours) continue;  // native reads the plain weight
+        if (be == GemmBackend::kOneDNN && (ours || !p.is_u8)) continue;  // it reads only its own layout
+        std::vector<float> got(p.M * p.N, -1.0f);
+        const TensorView gv = view2(got.data(), DType::kFloat32, p.M, p.N);
+        linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, be, &pv);
+        for (int64_t i = 0; i < p.M * p.N; ++i) {
+          if (ours)
+            ASSERT_EQ(got[i], ref[i]) << cpu::isa_name(isa) << " M=" << p.M << " i=" << i;
+          else
+            ASSERT_NEAR(got[i], ref[i], 2e-6 * (1.0 + std::fabs(ref[i]))) << "M=" << p.M << " i=" << i;
+        }
+      }
     }
-    ASSERT_GE(bytes, p.K * p.N);
+  }
+}
+
+// oneDNN's own blocked layout, wherever its kernel is exact (read by kOneDNN).
+TEST(GemmInt8, OneDnnPackedWeightsMatchReference) {
+  for (const Problem& p : kProblems) {
+    if (!p.is_u8) continue;
+    const int64_t bytes = cpu::linear_int8_packed_bytes_onednn(p.K, p.N);
+    if (bytes == 0) continue;
+    Data d = make_data(p, 4);
     std::vector<uint8_t> packed(bytes);
     const TensorView pv = view1(packed.data(), DType::kUInt8, bytes);
-    linear_int8_pack(d.wv, pv);
+    cpu::linear_int8_pack_onednn(d.wv, pv);
     std::vector<float> ref(p.M * p.N), got(p.M * p.N, -1.0f);
     const TensorView* b = p.bias ? &d.bv : nullptr;
     linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, p.M, p.N),
                 GemmBackend::kReference);
     const TensorView gv = view2(got.data(), DType::kFloat32, p.M, p.N);
-    linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, GemmBackend::kOneDNN, &pv);
+    ASSERT_TRUE(cpu::linear_int8_onednn(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, &pv));
     for (int64_t i = 0; i < p.M * p.N; ++i)
       ASSERT_NEAR(got[i], ref[i], 2e-6 * (1.0 + std::fabs(ref[i]))) << "M=" << p.M << " i=" << i;
-    const std::string impl =
-        cpu::linear_int8_onednn_impl(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, &pv);
+    const std::string impl = cpu::linear_int8_onednn_impl(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, &pv);
     EXPECT_NE(impl.find("packed"), std::string::npos) << impl;
     EXPECT_EQ(impl.find("ref"), std::string::npos) << impl;
   }
-  if (linear_int8_packed_bytes(64, 32) == 0) return;
-  Data d = make_data({4, 64, 32, true, false, false}, 5);
-  std::vector<uint8_t> small(10);
-  EXPECT_THROW(linear_int8_pack(d.wv, view1(small.data(), DType::kUInt8, 10)), ValueError);
+}
+
+// A packed buffer of the wrong size, or one whose header names another weight or layout, is
+// refused rather than read; our panels packed under AVX-512 and handed to AVX2's kernels
+// (set_isa between pack and call) are refused or, where AVX2 packs nothing, not read.
+TEST(GemmInt8, PackedWeightsOfAnotherKindAreRefused) {
+  const Problem p{16, 64, 32, true, false, true};
+  Data d = make_data(p, 5);
+  std::vector<float> out(p.M * p.N), ref(p.M * p.N);
+  const TensorView ov = view2(out.data(), DType::kFloat32, p.M, p.N);
+  linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, view2(ref.data(), DType::kFloat32, p.M, p.N),
+              GemmBackend::kReference);
+  const int64_t bytes = linear_int8_packed_bytes(p.K, p.N);
+  if (bytes == 0) GTEST_SKIP() << "no packed layout here";
+  std::vector<uint8_t> small(10), packed(bytes), zeros(bytes, 0);
+  const TensorView sv = view1(small.data(), DType::kUInt8, 10), pv = view1(packed.data(), DType::kUInt8, bytes),
+                   zv = view1(zeros.data(), DType::kUInt8, bytes);
+  EXPECT_THROW(linear_int8_pack(d.wv, sv), ValueError);
+  EXPECT_THROW(linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto, &sv), ValueError);
+  if (!linear_int8_packs_vnni_panels()) return;
+  linear_int8_pack(d.wv, pv);
+  linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto, &pv);
+  EXPECT_EQ(out, ref);
+  {
+    IsaScope avx2(cpu::Isa::kAVX2);
+    std::fill(out.begin(), out.end(), -1.0f);
+    if (linear_int8_packed_bytes(p.K, p.N) == 0) {
+      linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto, &pv);
+      EXPECT_EQ(out, ref);
+    } else {
+      EXPECT_THROW(linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto, &pv), ValueError);
+    }
+  }
+  EXPECT_THROW(linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto, &zv), ValueError);
+  const int64_t other_k = p.K + 1;  // the header of a weight of another shape
+  std::memcpy(packed.data() + 8, &other_k, sizeof(other_k));
+  EXPECT_THROW(linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto, &pv), ValueError);
 }
 
 // Our kernels on every vector ISA here (AVX-512: the VNNI kernel below kInt8VnniMaxRows rows
@@ -312,18 +383,31 @@ TEST(GemmInt8, NativeMatchesReferenceBitForBit) {
 // The VNNI kernels add u8 codes as they are and subtract zp * (weight row sum): every zero
 // point, s8 codes (flipped to u8), K on and off 64-byte steps and 4-byte panel steps, rows
 // over the GEMV's 4 x 4 tiles and the panels' 8-token tiles, weight rows not a multiple of 4
-// or 16. Both kernels take any row count; linear_int8 picks by rows.
+// or 16 (or 48, the panels' task), and the panels packed once (linear_int8_vnni_pack) as well
+// as per call. The kernels take any row count; linear_int8 picks by rows.
 TEST(GemmInt8, VnniKernelsMatchReferenceBitForBit) {
   if (!cpu::int8_vnni_available()) GTEST_SKIP() << "no AVX-512 VNNI";
-  using Kernel = bool (*)(const TensorView&, const TensorView&, int32_t, const TensorView&,
-                          const TensorView&, const TensorView*, const TensorView&);
-  const std::pair<const char*, Kernel> kernels[] = {{"gemv", cpu::linear_int8_vnni},
-                                                    {"panels", cpu::linear_int8_vnni_panels}};
+  using Kernel = std::function<bool(const TensorView&, const TensorView&, int32_t, const TensorView&,
+                                    const TensorView&, const TensorView*, const TensorView&)>;
+  std::vector<uint8_t> packed;
+  const Kernel prepacked = [&](const TensorView& qx, const TensorView& as, int32_t zp, const TensorView& w,
+                               const TensorView& ws, const TensorView* b, const TensorView& out) {
+    packed.assign(cpu::linear_int8_vnni_packed_bytes(w.shape[1], w.shape[0]), 0xA5);  // no zeros left
+    cpu::linear_int8_vnni_pack(w, view1(packed.data(), DType::kUInt8, static_cast<int64_t>(packed.size())));
+    return cpu::linear_int8_vnni_panels(qx, as, zp, w, ws, b, out, packed.data());
+  };
+  const std::pair<const char*, Kernel> kernels[] = {
+      {"gemv", cpu::linear_int8_vnni},
+      {"panels", [](const TensorView& qx, const TensorView& as, int32_t zp, const TensorView& w,
+                    const TensorView& ws, const TensorView* b, const TensorView& out) {
+         return cpu::linear_int8_vnni_panels(qx, as, zp, w, ws, b, out);
+       }},
+      {"prepacked panels", prepacked}};
   uint32_t seed = 30;
   for (int64_t M : {1, 2, 3, 5, 8, 9, 15, 17, 39})
     for (int64_t K : {1, 3, 63, 64, 66, 200, 387})
       for (bool is_u8 : {true, false}) {
-        const int64_t N = 4 * (M % 3) + 16 * (K % 2) + 19;
+        const int64_t N = 4 * (M % 3) + 16 * (K % 2) + 19 + (M == 17 ? 29 : 0);  // 48 and more: 2 tasks
         Data d = make_data({M, K, N, is_u8, M % 2 == 0, M != 3}, ++seed, true);
         for (int32_t zp : is_u8 ? std::vector<int32_t>{0, 117, 255} : std::vector<int32_t>{0}) {
           std::vector<float> ref(M * N);

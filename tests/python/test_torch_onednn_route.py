@@ -28,6 +28,14 @@ SHAPES = [
 EPILOGUES = [(False, ""), (False, "relu"), (False, "relu6"), (False, "silu"), (True, ""), (True, "relu")]
 
 
+@pytest.fixture(autouse=True)
+def linear_route_eligible(monkeypatch):
+    """Linears take this route only where our VNNI panels are not packed (AVX2, AVX2-VNNI, AMX
+    CPUs; test_w8a8.py checks that they replace it elsewhere): these tests exercise it on any
+    CPU whose torch matmul is exact, as those CPUs run it."""
+    monkeypatch.setattr(CT, "packs_vnni_panels", lambda: False)
+
+
 @pytest.fixture
 def routes():
     """Runs a callable with torch's route on, then off; restores the setting."""

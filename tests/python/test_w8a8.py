@@ -71,8 +71,51 @@ def test_packed_weights_give_the_same_result():
     fast = ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed)
     ref = ts.ops.linear_int8(qx, s, 128, w, ws, b, backend="reference")
     assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5) and torch.allclose(plain, fast, rtol=1e-6, atol=1e-6)
+    if ts.ops.int8.packs_vnni_panels():  # our panels: the reference's bits
+        assert torch.equal(fast, ref)
     with pytest.raises(ValueError, match="packed"):
         ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed[:-1])
+
+
+def test_vnni_panels_take_every_row_count(monkeypatch):
+    """Where pack_int8_weight writes our VNNI panels (AVX-512 VNNI without AMX), a layer runs
+    them at every row count, never torch's matmul, with the reference's bits; under another ISA
+    (set_isa) it packs again for that ISA's kernels; a buffer whose header names another shape
+    is refused."""
+    if not ts.ops.int8.packs_vnni_panels():
+        pytest.skip("no VNNI panels here (no AVX-512 VNNI, or an AMX CPU)")
+    routed = []
+    real = ts.ops.torch_onednn.linear_w8a8
+    monkeypatch.setattr(ts.ops.torch_onednn, "linear_w8a8", lambda *a, **k: routed.append(1) or real(*a, **k))
+    monkeypatch.setattr(ts.ops.torch_onednn, "LARGE_WEIGHT", 1)  # every weight "large": the route's fewest rows
+    monkeypatch.setattr(ts.ops.torch_onednn, "_MIN_MACS", 1)
+    torch.manual_seed(6)
+    for mode, signed in (("dynamic", False), ("static", False), ("static", True)):
+        w, b = torch.randn(200, 130), torch.randn(200)
+        mod = ts.Int8Linear.from_float(w, b, mode, None, 0.05 if mode == "static" else None,
+                                       (0 if signed else 100) if mode == "static" else 0, act_signed=signed)
+        ref = copy.deepcopy(mod)
+        ref.backend = "reference"
+        for rows in (1, 5, 16, 17, 64, 300):
+            x = 3 * torch.randn(rows, 130)
+            with torch.no_grad():
+                assert torch.equal(mod(x), ref(x)), (mode, signed, rows)
+        assert mod._packed is not None and mod._packed.numel() == ts._C.linear_int8_packed_bytes(130, 200)
+    assert not routed
+    panels = mod._packed
+    saved = ts._C.active_isa()
+    ts._C.set_isa("avx2")
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert mod._packed is not panels  # AVX2's layout (oneDNN's) or none
+    finally:
+        ts._C.set_isa(saved)
+    qx, s = ts.ops.quantize_per_token(torch.randn(4, 130), unsigned=True)
+    other = ts.ops.int8.pack_int8_weight(mod.qweight)
+    other[8] ^= 1  # its header now names another in_features
+    with pytest.raises(ValueError, match="packed: not linear_int8_pack's layout"):
+        ts.ops.linear_int8(qx, s, 128, mod.qweight, mod.w_scales, None, packed=other)
 
 
 @pytest.mark.parametrize("pays", [True, False])

@@ -192,15 +192,32 @@ def _linear_int8_fake(qx, act_scales, act_zero_point, qweight, w_scales, bias, b
 
 
 @functools.lru_cache(maxsize=None)
-def packing_pays() -> bool:
-    """Whether a layer should keep pack_int8_weight's copy (not on AMX CPUs, whose oneDNN
-    kernels read the plain weight faster; see linear_int8_packing_pays in gemm_int8.h)."""
+def _packing_pays(isa: str) -> bool:
     return bool(_C.linear_int8_packing_pays())
 
 
+def packing_pays() -> bool:
+    """Whether a layer should keep pack_int8_weight's copy under the active ISA (not on AMX
+    CPUs, whose oneDNN kernels read the plain weight faster; see linear_int8_packing_pays in
+    gemm_int8.h)."""
+    return _packing_pays(_C.active_isa())
+
+
+@functools.lru_cache(maxsize=None)
+def _packs_vnni_panels(isa: str) -> bool:
+    return bool(_C.linear_int8_packs_vnni_panels())
+
+
+def packs_vnni_panels() -> bool:
+    """Whether pack_int8_weight writes our VNNI panels under the active ISA (AVX-512 VNNI CPUs
+    without AMX): linear_int8 then runs them at every row count past the GEMV's."""
+    return _packs_vnni_panels(_C.active_isa())
+
+
 def pack_int8_weight(qweight: torch.Tensor) -> Optional[torch.Tensor]:
-    """qweight [N, K] int8 in oneDNN's blocked layout (uint8 bytes) for linear_int8(packed=...),
-    or None where oneDNN has no such layout. Derived data: never saved."""
+    """qweight [N, K] int8 packed for linear_int8(packed=...) under the active ISA (uint8
+    bytes): our VNNI panels on AVX-512 VNNI CPUs without AMX, else oneDNN's blocked layout; None
+    where there is no such layout. Derived data: never saved; pack again after set_isa."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.device.type != "cpu":
         raise TypeError(f"qweight: expected a 2-D int8 CPU tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     n = _C.linear_int8_packed_bytes(qweight.shape[1], qweight.shape[0])

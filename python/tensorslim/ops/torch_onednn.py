@@ -12,7 +12,8 @@ epilogue) on the OpenMP team itself, so the threads that would spin do the work.
 Int8Conv2d takes this route in eager CPU calls large enough to gain (`pays`) whose epilogue
 is one torch's op has (no residual: none / ReLU / ReLU6 / SiLU; with a residual: none / ReLU);
 Int8Linear (uint8 codes) from the rows where our dispatch would hand the product to oneDNN, or
-fewer for large weights (`linear_pays`).
+fewer for large weights (`linear_pays`), except where the layer holds our VNNI panels (AVX-512
+VNNI CPUs without AMX), which beat this matmul at every size measured there.
 Everything else runs our kernels. TENSORSLIM_TORCH_ONEDNN=0 turns the route off (A/B runs,
 tests). The activations are always quantized by our quantizers.
 """
@@ -26,7 +27,7 @@ import torch
 
 from .. import _views
 from .._native import _C
-from .int8 import INT8_BACKENDS, quantize_per_token, quantize_static
+from .int8 import INT8_BACKENDS, packs_vnni_panels, quantize_per_token, quantize_static
 
 # activation -> (torch's unary post-op name, its scalars)
 _UNARY = {"": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", [])}
@@ -238,13 +239,17 @@ def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[],
     LINEAR_MIN_ROWS rows (LARGE_WEIGHT_MIN_ROWS for a LARGE_WEIGHT) and _MIN_MACS multiply-adds,
     where that matmul is exact: on every CPU with VNNI or AMX, and on the others (AVX2) when
     narrow_weights() says the weight codes lie in [-64, 64]: a pair of u8 x s8 products is then
-    at most 2 * 255 * 64 = 32640, inside the saturating int16 those kernels add pairs in.
+    at most 2 * 255 * 64 = 32640, inside the saturating int16 those kernels add pairs in. Never
+    where pack_int8_weight writes our VNNI panels (ops.int8.packs_vnni_panels): on a 2-core Zen
+    4, layer against this route (dynamic), 384 x 384 at 1-640 rows 2.71-1.13x, 384 x 1536 /
+    1536 x 384 2.54-1.05x, 4096 x 4096 1.65x at 1-8 rows, 1.18x at 32, 0.95-0.98x at 128-640
+    (docs/benchmarks.md, eighteenth session).
     Measured on a 2-core Zen 4 after a torch op (dynamic, torch's / the wheel's time): 384 x 384
     at 56-128 rows 1.06-1.08 (the wheel wins; under _MIN_MACS), 256 rows 0.97, 1024 rows 0.61;
     384 x 1536 at 40-80 rows 1.00-1.04, 128-1024 rows 0.59-0.64; 1536 x 384 0.63-0.75 from 40
     rows."""
     min_rows = LARGE_WEIGHT_MIN_ROWS if K * N >= LARGE_WEIGHT else LINEAR_MIN_ROWS
-    if not (rows >= min_rows and rows * K * N >= _MIN_MACS and available()):
+    if not (rows >= min_rows and rows * K * N >= _MIN_MACS and available()) or packs_vnni_panels():
         return False
     return _matmul_exact(K, N) or (narrow_weights is not None and narrow_weights())
 
