@@ -102,7 +102,7 @@ void tile_any(int mr, int nr, const uint8_t* const* a, const int8_t* const* w, i
 // Each task transposes kPanelsPerTask panels of 16 weight rows into [ceil(K/4)][16 rows][4
 // bytes] (zero past K), so one vpdpbusd multiplies a broadcast dword of 4 activation codes with
 // 16 rows at once and up to kTokens tokens share every weight load. The row sums come with
-// the packing.
+// the packing. Layers pack once (linear_int8_vnni_pack) and the tasks read their panels.
 
 constexpr int kPanelRows = 16;
 constexpr int kTokens = 6;
@@ -207,15 +207,14 @@ template <int NP, bool kFlip>
 void panel_tokens(int mb, const uint8_t* x, int64_t m0, int64_t K, int64_t K4,
                   const int8_t* panel, const __m512i* sums, int rows, const PanelOut& o,
                   const int8_t* next) {
+  static_assert(kTokens == 6, "one case per token count");
   switch (mb) {
     case 1: return panel_tile<1, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
     case 2: return panel_tile<2, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
     case 3: return panel_tile<3, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
     case 4: return panel_tile<4, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
     case 5: return panel_tile<5, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
-    case 6: return panel_tile<6, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
-    case 7: return panel_tile<7, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
-    default: return panel_tile<8, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
+    default: return panel_tile<6, NP, kFlip>(x, m0, K, K4, panel, sums, rows, o, next);
   }
 }
 
@@ -356,7 +355,13 @@ bool linear_int8_vnni_panels(const TensorView& qx, const TensorView& act_scales,
   const int8_t* wq = qweight.ptr<int8_t>();
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   const int64_t groups = (panels + kPanelsPerTask - 1) / kPanelsPerTask;
-  const VnniPacked pre(const_cast<uint8_t*>(prepacked), K, N);
+  const int8_t* pre_panels = nullptr;
+  const int32_t* pre_sums = nullptr;
+  if (prepacked) {
+    const VnniPacked pk(const_cast<uint8_t*>(prepacked), K, N);
+    pre_panels = pk.panels;
+    pre_sums = pk.sums;
+  }
   parallel_for(groups, 1, [&](int64_t gb, int64_t ge) {
     thread_local std::vector<int8_t> panel;
     if (!prepacked) panel.resize(static_cast<size_t>(kPanelsPerTask * K4 * 64));
@@ -365,10 +370,10 @@ bool linear_int8_vnni_panels(const TensorView& qx, const TensorView& act_scales,
       const int np = static_cast<int>(std::min<int64_t>(kPanelsPerTask, panels - gi * kPanelsPerTask));
       __m512i sums[kPanelsPerTask];
       const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0 - (np - 1) * kPanelRows));
-      const int8_t* tile = prepacked ? pre.panels + gi * kPanelsPerTask * K4 * 64 : panel.data();
+      const int8_t* tile = prepacked ? pre_panels + gi * kPanelsPerTask * K4 * 64 : panel.data();
       for (int p = 0; p < np; ++p) {
         if (prepacked) {
-          sums[p] = _mm512_loadu_si512(pre.sums + (gi * kPanelsPerTask + p) * kPanelRows);
+          sums[p] = _mm512_loadu_si512(pre_sums + (gi * kPanelsPerTask + p) * kPanelRows);
         } else {
           const int pr = static_cast<int>(std::min<int64_t>(kPanelRows, N - n0 - p * kPanelRows));
           sums[p] = pack_panel(wq + (n0 + p * kPanelRows) * K, K, pr, K4, panel.data() + p * K4 * 64);
