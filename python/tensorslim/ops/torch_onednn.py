@@ -230,7 +230,8 @@ LARGE_WEIGHT_MIN_ROWS = 16
 @functools.lru_cache(maxsize=None)
 def _matmul_exact(K: int, N: int) -> bool:
     """Whether oneDNN's u8 x s8 matmul of this shape is exact on this CPU (VNNI or AMX: our
-    dispatch's test, gemm_int8_onednn.cpp); without, our AVX2 kernels keep the product."""
+    dispatch's test, gemm_int8_onednn.cpp); without, our AVX2 kernels keep the product. A
+    packed layout exists exactly there: oneDNN's, or our VNNI panels on VNNI CPUs."""
     return _C.linear_int8_packed_bytes(K, N) > 0
 
 
