@@ -210,7 +210,7 @@ def _packs_vnni_panels(isa: str) -> bool:
 
 def packs_vnni_panels() -> bool:
     """Whether pack_int8_weight writes our VNNI panels under the active ISA (AVX-512 VNNI CPUs
-    without AMX): linear_int8 then runs them at every row count past the GEMV's."""
+    without AMX): linear_int8 then runs them at every row count."""
     return _packs_vnni_panels(_C.active_isa())
 
 

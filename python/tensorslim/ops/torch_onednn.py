@@ -242,9 +242,9 @@ def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[],
     narrow_weights() says the weight codes lie in [-64, 64]: a pair of u8 x s8 products is then
     at most 2 * 255 * 64 = 32640, inside the saturating int16 those kernels add pairs in. Never
     where pack_int8_weight writes our VNNI panels (ops.int8.packs_vnni_panels): on a 2-core Zen
-    4, layer against this route (dynamic), 384 x 384 at 1-640 rows 2.71-1.13x, 384 x 1536 /
-    1536 x 384 2.54-1.05x, 4096 x 4096 1.65x at 1-8 rows, 1.18x at 32, 0.95-0.98x at 128-640
-    (docs/benchmarks.md, eighteenth session).
+    4, layer against this route (dynamic, 1-640 rows), 384 x 384 2.68-1.07x, 384 x 1536 /
+    1536 x 384 2.53-1.05x, 4096 x 4096 2.14-1.08x, 4096 x 11008 2.11-1.10x (docs/benchmarks.md,
+    eighteenth session).
     Measured on a 2-core Zen 4 after a torch op (dynamic, torch's / the wheel's time): 384 x 384
     at 56-128 rows 1.06-1.08 (the wheel wins; under _MIN_MACS), 256 rows 0.97, 1024 rows 0.61;
     384 x 1536 at 40-80 rows 1.00-1.04, 128-1024 rows 0.59-0.64; 1536 x 384 0.63-0.75 from 40
