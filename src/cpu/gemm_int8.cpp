@@ -51,7 +51,7 @@ bool vnni_kernels(const TensorView& qx, const TensorView& act_scales, int32_t ac
 namespace cpu {
 
 int64_t activation_row_grain(int64_t K) {
-  const int64_t values = on_host_openmp() ? int64_t{1} << 18 : int64_t{1} << 22;
+  const int64_t values = on_host_openmp() ? int64_t{1} << 16 : int64_t{1} << 22;
   return std::max<int64_t>(4, values / std::max<int64_t>(K, 1));
 }
 
