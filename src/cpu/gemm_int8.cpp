@@ -192,37 +192,35 @@ void quantize_static(const TensorView& x, const TensorView* inv_smooth, float sc
 
 namespace {
 
-// Which packed layout linear_int8_pack writes for the active ISA: our VNNI panels on AVX-512
-// VNNI CPUs, except where oneDNN runs AMX tiles (faster than VNNI from ~40 rows, and reading
-// the plain weight: see linear_int8_packing_pays_onednn); elsewhere oneDNN's own.
+// Which packed layout linear_int8_pack writes for the active ISA, and its size: our VNNI
+// panels on AVX-512 VNNI CPUs, except where oneDNN runs AMX tiles (faster than VNNI from ~40
+// rows, and reading the plain weight: see linear_int8_packing_pays_onednn); elsewhere oneDNN's
+// own (0 bytes: none).
 enum class PackedLayout { kNone, kVnniPanels, kOneDnn };
 
-PackedLayout packed_layout(int64_t K, int64_t N) {
-  if (cpu::int8_vnni_available() && !cpu::onednn_int8_uses_amx()) return PackedLayout::kVnniPanels;
-  return cpu::linear_int8_packed_bytes_onednn(K, N) > 0 ? PackedLayout::kOneDnn : PackedLayout::kNone;
-}
+struct Packing {
+  PackedLayout layout;
+  int64_t bytes;
+};
 
-int64_t packed_bytes(PackedLayout layout, int64_t K, int64_t N) {
-  switch (layout) {
-    case PackedLayout::kVnniPanels: return cpu::linear_int8_vnni_packed_bytes(K, N);
-    case PackedLayout::kOneDnn: return cpu::linear_int8_packed_bytes_onednn(K, N);
-    default: return 0;
-  }
+bool packs_vnni_panels() { return cpu::int8_vnni_available() && !cpu::onednn_int8_uses_amx(); }
+
+Packing packing_for(int64_t K, int64_t N) {
+  if (packs_vnni_panels()) return {PackedLayout::kVnniPanels, cpu::linear_int8_vnni_packed_bytes(K, N)};
+  const int64_t bytes = cpu::linear_int8_packed_bytes_onednn(K, N);
+  return {bytes > 0 ? PackedLayout::kOneDnn : PackedLayout::kNone, bytes};
 }
 
 }  // namespace
 
 int64_t linear_int8_packed_bytes(int64_t K, int64_t N) {
   TS_CHECK_VALUE(K > 0 && N > 0, "linear_int8_packed_bytes: K and N must be positive");
-  return packed_bytes(packed_layout(K, N), K, N);
+  return packing_for(K, N).bytes;
 }
 
-bool linear_int8_packing_pays() {
-  return (cpu::int8_vnni_available() && !cpu::onednn_int8_uses_amx()) ||
-         cpu::linear_int8_packing_pays_onednn();
-}
+bool linear_int8_packing_pays() { return packs_vnni_panels() || cpu::linear_int8_packing_pays_onednn(); }
 
-bool linear_int8_packs_vnni_panels() { return packed_layout(1, 1) == PackedLayout::kVnniPanels; }
+bool linear_int8_packs_vnni_panels() { return packs_vnni_panels(); }
 
 void linear_int8_pack(const TensorView& qweight, const TensorView& packed) {
   check_ndim(qweight, 2, "qweight");
@@ -232,8 +230,7 @@ void linear_int8_pack(const TensorView& qweight, const TensorView& packed) {
   check_contiguous(packed, "packed");
   const int64_t K = qweight.shape[1], N = qweight.shape[0];
   TS_CHECK_VALUE(K > 0 && N > 0, "linear_int8_pack: qweight is empty (shape " + shape_str(qweight) + ")");
-  const PackedLayout layout = packed_layout(K, N);
-  const int64_t need = packed_bytes(layout, K, N);
+  const auto [layout, need] = packing_for(K, N);
   TS_CHECK_VALUE(need > 0, "linear_int8_pack: no packed layout for this shape on this CPU");
   TS_CHECK_VALUE(packed.numel() == need, "packed: expected " + std::to_string(need) +
                                              " bytes, got " + std::to_string(packed.numel()));
@@ -286,13 +283,14 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
   check_contiguous(out, "out");
   for (const TensorView* t : {&act_scales, &qweight, &w_scales, &out})
     check_same_device(qx, *t, "linear_int8");
-  const PackedLayout layout = packed && K > 0 && N > 0 ? packed_layout(K, N) : PackedLayout::kNone;
+  const Packing packing = packed && K > 0 && N > 0 ? packing_for(K, N) : Packing{PackedLayout::kNone, 0};
+  const PackedLayout layout = packing.layout;
   if (packed) {
     check_dtype(*packed, DType::kUInt8, "packed");
     check_contiguous(*packed, "packed");
     // No packed layout here (oneDNN inexact on this CPU, or unusable in a forked child):
     // weights packed elsewhere are not read, the plain qweight is.
-    const int64_t need = K > 0 ? packed_bytes(layout, K, N) : 0;
+    const int64_t need = packing.bytes;
     TS_CHECK_VALUE(need == 0 || packed->numel() == need,
                    "packed: expected " + std::to_string(need) +
                        " bytes (linear_int8_pack of this qweight), got " +

@@ -255,8 +255,8 @@ TEST(GemmInt8, OneDnnMatchesReferenceAndIsOptimized) {
 }
 
 // linear_int8_pack's layout for the active ISA, through linear_int8: our VNNI panels (AVX-512
-// VNNI without AMX) bit for bit with the reference on both activation types, from the GEMV's
-// rows up; oneDNN's layout elsewhere. Each ISA of the machine (the layout follows it).
+// VNNI without AMX) bit for bit with the reference on both activation types at every row
+// count; oneDNN's layout elsewhere. Each ISA of the machine (the layout follows it).
 TEST(GemmInt8, PackedWeightsMatchReference) {
   for (cpu::Isa isa : testing::machine_isas()) {
     IsaScope scope(isa);
@@ -382,8 +382,8 @@ TEST(GemmInt8, NativeMatchesReferenceBitForBit) {
 
 // The VNNI kernels add u8 codes as they are and subtract zp * (weight row sum): every zero
 // point, s8 codes (flipped to u8), K on and off 64-byte steps and 4-byte panel steps, rows
-// over the GEMV's 4 x 4 tiles and the panels' 8-token tiles, weight rows not a multiple of 4
-// or 16 (or 48, the panels' task), and the panels packed once (linear_int8_vnni_pack) as well
+// over the GEMV's 4 x 4 tiles and the panels' 6-token tiles, weight rows not a multiple of 4
+// or 16 (or 64, the panels' task), and the panels packed once (linear_int8_vnni_pack) as well
 // as per call. The kernels take any row count; linear_int8 picks by rows.
 TEST(GemmInt8, VnniKernelsMatchReferenceBitForBit) {
   if (!cpu::int8_vnni_available()) GTEST_SKIP() << "no AVX-512 VNNI";
@@ -407,7 +407,7 @@ TEST(GemmInt8, VnniKernelsMatchReferenceBitForBit) {
   for (int64_t M : {1, 2, 3, 5, 8, 9, 15, 17, 39})
     for (int64_t K : {1, 3, 63, 64, 66, 200, 387})
       for (bool is_u8 : {true, false}) {
-        const int64_t N = 4 * (M % 3) + 16 * (K % 2) + 19 + (M == 17 ? 29 : 0);  // 48 and more: 2 tasks
+        const int64_t N = 4 * (M % 3) + 16 * (K % 2) + 19 + (M == 17 ? 47 : 0);  // past 64: 2 tasks
         Data d = make_data({M, K, N, is_u8, M % 2 == 0, M != 3}, ++seed, true);
         for (int32_t zp : is_u8 ? std::vector<int32_t>{0, 117, 255} : std::vector<int32_t>{0}) {
           std::vector<float> ref(M * N);
