@@ -35,9 +35,30 @@ constexpr int64_t kW4A8MaxK = int64_t{1} << 20;
 // row is short when it does not divide K; one group when it exceeds K).
 // backend: kReference (scalar), kNative (AVX-512 / AVX2; ValueError where none fits), kAuto (native
 // where it fits, else the reference). kOneDNN: ValueError (oneDNN has no such kernel).
+// packed: optional, linear_w4a8_pack's copy of these weights; where given, the native kernel
+// reads it instead of qweight (same bits; ValueError if it is not that copy of this shape).
 void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                  const TensorView* zero_points, const TensorView* bias, Format fmt,
-                 int64_t group_size, const TensorView& out, GemmBackend backend);
+                 int64_t group_size, const TensorView& out, GemmBackend backend,
+                 const TensorView* packed = nullptr);
+
+// The weights re-laid for a few tokens (a copy layers keep next to qweight, never saved):
+// a 64-byte header (magic "tsw4a8i1", then int64 N, K, group, has zero points), then per
+// 16-row panel: codes [ceil(K / 8) steps][16 rows][4 bytes] (row r's bytes 4j .. 4j+3, i.e.
+// codes 8j .. 8j+7, int4 stored as u = code + 8 in each nibble; zeros past K and N), scales
+// [groups][16] f32, for uint4 zero points [groups][16] u8, the panel padded to 64 bytes. One
+// 64-byte load holds 8 codes of 16 rows, so vpdpbusd sums straight into one lane per row and
+// the weights are read as one stream (the row-wise GEMV reads 16 rows side by side and sums
+// each row's lanes per group). Bytes of that copy; 0 where no native kernel takes the shape
+// (group not a multiple of 8 below K, or K = 0).
+int64_t linear_w4a8_packed_bytes(int64_t N, int64_t K, int64_t group_size, Format fmt);
+// Writes that copy of linear_w4a8's weights for K inputs (the same checks) into packed
+// (uint8, contiguous, linear_w4a8_packed_bytes of them).
+void linear_w4a8_pack(const TensorView& qweight, const TensorView& scales,
+                      const TensorView* zero_points, Format fmt, int64_t K, int64_t group_size,
+                      const TensorView& packed);
+// Whether the active ISA has a native kernel, so a packed copy would be read.
+bool linear_w4a8_packing_pays();
 
 // Which kernel linear_w4a8 runs for (K, group) with kAuto: "avx512_vnni", "avx512bw"
 // (vpmaddubsw + vpmaddwd where the CPU lacks VNNI), "avx2" (the same on 8 lanes) or
@@ -76,6 +97,14 @@ bool linear_w4a8_avx2(const W4A8Args& a);
 constexpr int64_t kW4A8GemvMaxM = 2;  // measured: 3 tokens ran as fast on the panels
 bool linear_w4a8_gemv_avx512(const W4A8Args& a);
 bool linear_w4a8_gemv_avx2(const W4A8Args& a);
+// The kernels on linear_w4a8_pack's copy (w4a8_interleaved.h), any M, any K and group the
+// copy exists for; false where the ISA is not active. Bit-exact with the reference.
+bool linear_w4a8_packed_avx512(const W4A8Args& a, const uint8_t* packed);
+bool linear_w4a8_packed_avx2(const W4A8Args& a, const uint8_t* packed);
+// packed's bytes where it is linear_w4a8_pack's copy of [N, K] weights with this group and
+// zero points or none; ValueError naming what differs otherwise.
+const uint8_t* checked_w4a8_packed(const TensorView& packed, int64_t N, int64_t K, int64_t group,
+                                   bool asym);
 // Whether the AVX-512 kernel multiplies with VNNI (vpdpbusd) or with vpmaddubsw + vpmaddwd.
 bool w4a8_uses_vnni();
 // Tests force the non-VNNI path on CPUs that have VNNI.

@@ -143,7 +143,8 @@ const char* linear_w4a8_kernel(int64_t K, int64_t group_size) {
 
 void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorView& scales,
                  const TensorView* zero_points, const TensorView* bias, Format fmt,
-                 int64_t group_size, const TensorView& out, GemmBackend backend) {
+                 int64_t group_size, const TensorView& out, GemmBackend backend,
+                 const TensorView* packed) {
   TS_CHECK_VALUE(backend == GemmBackend::kAuto || backend == GemmBackend::kReference ||
                      backend == GemmBackend::kNative,
                  "linear_w4a8: backend must be auto, reference (scalar) or native; oneDNN has no "
@@ -157,6 +158,8 @@ void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorVie
                      std::to_string(group_size) +
                      " (needs AVX2 or AVX-512 and a group size that is a multiple of 8, or per "
                      "channel)");
+  const uint8_t* packed_bytes =
+      packed ? cpu::checked_w4a8_packed(*packed, N, K, group_size, zero_points != nullptr) : nullptr;
   if (M == 0 || N == 0) return;
 
   // Activations: the same per-token s8 codes and scales as Int8Dynamic.
@@ -185,6 +188,10 @@ void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorVie
   a.ldo = out.strides[0];
   a.out_bf16 = out.dtype == DType::kBFloat16;
 #if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
+  if (native && packed_bytes) {
+    if (cpu::active_isa() == cpu::Isa::kAVX512 && cpu::linear_w4a8_packed_avx512(a, packed_bytes)) return;
+    if (cpu::linear_w4a8_packed_avx2(a, packed_bytes)) return;
+  }
   if (native && M <= cpu::kW4A8GemvMaxM) {
     if (cpu::active_isa() == cpu::Isa::kAVX512 && cpu::linear_w4a8_gemv_avx512(a)) return;
     if (cpu::linear_w4a8_gemv_avx2(a)) return;

@@ -18,6 +18,7 @@
 #include "transpose16_avx512.h"
 #include "vnni_dot.h"
 #include "w4a8_panels.h"
+#include "w4a8_relayout_avx512.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -25,22 +26,6 @@ namespace {
 
 constexpr int kRows = 16;   // output rows per panel (lanes)
 constexpr int kTokens = 8;  // tokens per register tile: 8 int32 + 8 fp32 accumulators
-
-inline __mmask64 bytes_mask(int64_t n) {
-  if (n <= 0) return 0;
-  return n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
-}
-
-// One token's s8 codes in kernel order: within every 16-byte lane (two blocks of 8), even
-// k first, then odd k; masked-off bytes load as 0, the padding up to Kp.
-void relayout_row512(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) {
-  const __m512i order = _mm512_broadcast_i32x4(
-      _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
-  for (int64_t k = 0; k < Kp; k += 64) {
-    const __m512i v = _mm512_maskz_loadu_epi8(bytes_mask(K - k), src + k);
-    _mm512_mask_storeu_epi8(dst + k, bytes_mask(Kp - k), _mm512_shuffle_epi8(v, order));
-  }
-}
 
 // next_rows: how many rows the following panel has (0: none). They are prefetched into L2,
 // one line per row per step: a panel's 16 rows are 16 short streams that the hardware

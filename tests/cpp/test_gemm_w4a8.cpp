@@ -267,6 +267,148 @@ TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
   EXPECT_FALSE(cpu::linear_w4a8_gemv_avx512(a));
 }
 
+// linear_w4a8_pack's copy as a buffer of its size, pre-filled with 0xA5 (the pack must write
+// every byte it owns).
+std::vector<uint8_t> pack_copy(const Weight& w, Format fmt, int64_t K, int64_t group) {
+  const int64_t bytes = linear_w4a8_packed_bytes(w.qv.shape[0], K, group, fmt);
+  std::vector<uint8_t> p(bytes, 0xA5);
+  linear_w4a8_pack(w.qv, w.sv, w.zp(), fmt, K, group, view1(p.data(), DType::kUInt8, bytes));
+  return p;
+}
+
+// The kernels on the packed copy, called directly on every ISA and multiply path here,
+// against the reference bit for bit: groups of 8 codes up to one per row (odd K, short last
+// groups), N around the 16-row panels and their 8-row AVX2 halves, 1-9 tokens (passes of 4
+// and the 1-3 left), uint4 zero points, bias or none, fp32 and bf16 outputs, full-range codes.
+TEST(GemmW4A8, PackedCopyKernelsMatchReferenceBitForBit) {
+  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  struct Kern {
+    const char* name;
+    bool (*fn)(const cpu::W4A8Args&, const uint8_t*);
+    cpu::Isa isa;
+    bool vnni;
+  };
+  std::vector<Kern> kernels = {{"avx2", cpu::linear_w4a8_packed_avx2, cpu::Isa::kAVX2, false}};
+  if (cpu::best_isa() >= cpu::Isa::kAVX512) {
+    kernels.push_back({"avx512bw", cpu::linear_w4a8_packed_avx512, cpu::Isa::kAVX512, false});
+    if (cpu::w4a8_uses_vnni())
+      kernels.push_back({"avx512_vnni", cpu::linear_w4a8_packed_avx512, cpu::Isa::kAVX512, true});
+  }
+  const struct { int64_t N, K, group; } shapes[] = {
+      {16, 128, 128}, {17, 384, 128}, {40, 320, 64}, {1, 1000, 8},  {15, 200, 200}, {9, 321, 321},
+      {33, 63, 63},   {8, 256, 16},   {23, 448, 192}, {7, 4096, 4096}, {24, 100, 24}, {31, 1282, 32},
+  };
+  const cpu::Isa saved = cpu::active_isa();
+  for (const Kern& kern : kernels) {
+    cpu::set_isa(kern.isa);
+    cpu::set_w4a8_vnni_enabled(kern.vnni);
+    for (const auto& sh : shapes)
+      for (Format fmt : {Format::kInt4, Format::kUInt4}) {
+        const Weight w = make_weight(fmt, sh.N, sh.K, sh.group, 23 + sh.K);
+        const std::vector<uint8_t> packed = pack_copy(w, fmt, sh.K, sh.group);
+        for (int64_t M : {1, 2, 3, 4, 5, 9}) {
+          const std::vector<float> x = make_x(M, sh.K, sh.K, 29 + M), b = random_weights(sh.N, 5);
+          std::vector<int8_t> qx(M * sh.K);
+          std::vector<float> as(M);
+          quantize_per_token(view2(const_cast<float*>(x.data()), DType::kFloat32, M, sh.K), nullptr,
+                             view2(qx.data(), DType::kInt8, M, sh.K), view1(as.data(), DType::kFloat32, M),
+                             GemmBackend::kReference);
+          for (bool bias : {true, false})
+            for (bool bf16 : {false, true}) {
+              cpu::W4A8Args a{qx.data(), as.data(), w.q.data(), (sh.K + 1) / 2, w.scales.data(),
+                              w.asym ? w.zps.data() : nullptr, bias ? b.data() : nullptr,
+                              M, sh.N, sh.K, sh.group, nullptr, sh.N, bf16};
+              std::vector<uint8_t> want(M * sh.N * 4, 0xAB), got(M * sh.N * 4, 0xAB);
+              a.out = want.data();
+              cpu::linear_w4a8_reference(a);
+              a.out = got.data();
+              ASSERT_TRUE(kern.fn(a, packed.data()));
+              ASSERT_EQ(want, got) << kern.name << " M=" << M << " N=" << sh.N << " K=" << sh.K
+                                   << " g=" << sh.group << " " << format_info(fmt).name
+                                   << " bias=" << bias << " bf16=" << bf16;
+            }
+        }
+      }
+  }
+  cpu::set_w4a8_vnni_enabled(true);
+  cpu::set_isa(saved);
+}
+
+// Through linear_w4a8: the packed copy gives the reference's bits at every token count, on
+// each ISA here.
+TEST(GemmW4A8, PackedCopyThroughLinearW4A8) {
+  const Case c{1, 37, 392, 56};
+  const cpu::Isa saved = cpu::active_isa();
+  for (cpu::Isa isa : {cpu::Isa::kAVX2, cpu::Isa::kAVX512}) {
+    if (cpu::best_isa() < isa) continue;
+    cpu::set_isa(isa);
+    EXPECT_TRUE(linear_w4a8_packing_pays());
+    for (Format fmt : {Format::kInt4, Format::kUInt4}) {
+      const Weight w = make_weight(fmt, c.N, c.K, c.group, 31);
+      std::vector<uint8_t> packed = pack_copy(w, fmt, c.K, c.group);
+      const TensorView pv = view1(packed.data(), DType::kUInt8, packed.size());
+      for (int64_t M : {1, 2, 4, 5, 11, 70}) {
+        const std::vector<float> x = make_x(M, c.K, c.K, 37 + M), b = random_weights(c.N, 6);
+        std::vector<float> want(M * c.N), got(M * c.N);
+        const TensorView xv = view2(const_cast<float*>(x.data()), DType::kFloat32, M, c.K);
+        const TensorView bv = view1(const_cast<float*>(b.data()), DType::kFloat32, c.N);
+        linear_w4a8(xv, w.qv, w.sv, w.zp(), &bv, fmt, c.group, view2(want.data(), DType::kFloat32, M, c.N),
+                    GemmBackend::kReference);
+        for (GemmBackend be : {GemmBackend::kAuto, GemmBackend::kNative}) {
+          linear_w4a8(xv, w.qv, w.sv, w.zp(), &bv, fmt, c.group, view2(got.data(), DType::kFloat32, M, c.N),
+                      be, &pv);
+          ASSERT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * 4))
+              << cpu::isa_name(isa) << " M=" << M << " " << format_info(fmt).name;
+        }
+      }
+    }
+  }
+  cpu::set_isa(saved);
+}
+
+// A buffer that is not this weight's packed copy is refused, never read as one.
+TEST(GemmW4A8, PackedCopyOfAnotherKindIsRefused) {
+  const Case c{2, 20, 64, 32};
+  const Weight w = make_weight(Format::kUInt4, c.N, c.K, c.group, 41);
+  const Weight w4 = make_weight(Format::kInt4, c.N, c.K, c.group, 41);
+  const std::vector<float> x = make_x(c.M, c.K, c.K, 43);
+  std::vector<float> out(c.M * c.N);
+  const TensorView xv = view2(const_cast<float*>(x.data()), DType::kFloat32, c.M, c.K);
+  const TensorView ov = view2(out.data(), DType::kFloat32, c.M, c.N);
+  auto call = [&](std::vector<uint8_t>& p) {
+    const TensorView pv = view1(p.data(), DType::kUInt8, p.size());
+    linear_w4a8(xv, w.qv, w.sv, w.zp(), nullptr, Format::kUInt4, c.group, ov, GemmBackend::kAuto, &pv);
+  };
+  std::vector<uint8_t> good = pack_copy(w, Format::kUInt4, c.K, c.group);
+  EXPECT_NO_THROW(call(good));
+  std::vector<uint8_t> shorter(good.begin(), good.end() - 64);
+  EXPECT_THROW(call(shorter), ValueError);
+  std::vector<uint8_t> zeroed = good;
+  std::fill(zeroed.begin(), zeroed.begin() + 8, 0);  // the magic
+  EXPECT_THROW(call(zeroed), ValueError);
+  std::vector<uint8_t> other_k = good;
+  const int64_t k = c.K + 1;  // the header's K (bytes 16-23)
+  std::memcpy(other_k.data() + 16, &k, sizeof(k));
+  EXPECT_THROW(call(other_k), ValueError);
+  // int4's copy is one panel of the same size without zero points: its header says so
+  std::vector<uint8_t> of_int4 = pack_copy(w4, Format::kInt4, c.K, c.group);
+  of_int4.resize(good.size());
+  EXPECT_THROW(call(of_int4), ValueError);
+  // No copy for a group that is not a multiple of 8: none to make, none to pass.
+  EXPECT_EQ(linear_w4a8_packed_bytes(c.N, 96, 6, Format::kInt4), 0);
+  std::vector<uint8_t> any(4096);
+  const Weight w6 = make_weight(Format::kInt4, c.N, 96, 6, 1);
+  EXPECT_THROW(linear_w4a8_pack(w6.qv, w6.sv, nullptr, Format::kInt4, 96, 6,
+                                view1(any.data(), DType::kUInt8, any.size())),
+               ValueError);
+  EXPECT_THROW(linear_w4a8_pack(w.qv, w.sv, w.zp(), Format::kUInt4, c.K, c.group,
+                                view1(any.data(), DType::kUInt8, any.size())),
+               ValueError);  // the wrong size
+  EXPECT_THROW(linear_w4a8_pack(w.qv, w.sv, nullptr, Format::kUInt4, c.K, c.group,
+                                view1(good.data(), DType::kUInt8, good.size())),
+               ValueError);  // uint4 without zero points
+}
+
 TEST(GemmW4A8, AutoFallsBackWhereNoKernelFits) {
   const Case c{3, 20, 96, 6};  // a group of 6 is valid int4 but not a multiple of 8
   const Weight w = make_weight(Format::kInt4, c.N, c.K, c.group, 1);

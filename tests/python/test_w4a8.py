@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
-from conftest import SQNR_FLOOR_DB, sqnr_db
+from conftest import SQNR_FLOOR_DB, check_matches_fresh_state, sqnr_db
 
 
 def _weight(fmt, n, k, group, seed=0):
@@ -59,12 +59,72 @@ def test_every_backend_is_bit_exact_with_the_specification(fmt, isa):
         for backend in ("auto", "scalar"):
             got = ts.ops.linear_w4a8(x, q, s, z, bias, fmt, group, K, backend)
             assert torch.equal(got, want), (isa, backend, M)
+        packed = ts.ops.w4a8.pack_w4a8_weight(q, s, z, fmt, group, K)
+        assert torch.equal(ts.ops.linear_w4a8(x, q, s, z, bias, fmt, group, K, packed=packed), want)
         if isa != "scalar":
             assert ts.ops.w4a8.kernel_name(K, group).startswith(isa)
-            assert torch.equal(ts.ops.linear_w4a8(x, q, s, z, None, fmt, group, K, "native"),
-                               ts.ops.w4a8.linear_w4a8_reference(x, q, s, z, None, fmt, group))
+            for p in (None, packed):
+                assert torch.equal(ts.ops.linear_w4a8(x, q, s, z, None, fmt, group, K, "native", p),
+                                   ts.ops.w4a8.linear_w4a8_reference(x, q, s, z, None, fmt, group))
         else:
             assert ts.ops.w4a8.kernel_name(K, group) == "reference"
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+def test_layer_packed_copy_follows_its_tensors(fmt, isa):
+    """W4A8Linear reads a copy of its weights laid out for the kernel (never saved) at every
+    token count; weights changed in place, loaded anew or a bias set anew are used at the next
+    call (reference: a fresh module with the same state, which never ran)."""
+    torch.manual_seed(5)
+    lin = nn.Linear(200, 40)  # K not a multiple of the group, N not of the 16-row panels
+    make = lambda: ts.W4A8Linear.from_linear(lin, fmt, 64)
+    m, seen = make(), []
+    for M in (1, 2, 5, 9, 70):
+        x = _x((M, 200), seed=M)
+        with torch.no_grad():
+            want = ts.ops.w4a8.linear_w4a8_reference(x, m.qweight, m.scales, m.zero_points, m.bias, fmt, 64)
+            assert torch.equal(m(x), want), M
+    assert (m._packed is not None) == (isa != "scalar")
+    assert all("packed" not in k for k in m.state_dict())
+    x = _x((3, 200), seed=7)
+    check_matches_fresh_state(m, make, x, seen)
+    with torch.no_grad():
+        m.qweight[3].bitwise_xor_(0x11)  # in place: one row's codes
+        check_matches_fresh_state(m, make, x, seen)
+        m.scales[5].mul_(2)
+        check_matches_fresh_state(m, make, x, seen)
+        other = ts.W4A8Linear.from_linear(nn.Linear(200, 40), fmt, 64)
+        m.load_state_dict(other.state_dict())
+        check_matches_fresh_state(m, make, x, seen)
+        m.bias = torch.randn(40)
+        check_matches_fresh_state(m, make, x, seen)
+    scalar = ts.W4A8Linear.from_linear(lin, fmt, 64, backend="scalar")
+    with torch.no_grad():
+        scalar(x)
+    assert scalar._packed is None
+
+
+def test_packed_copy_errors_name_the_problem():
+    K, N = 64, 24
+    _, q, s, z = _weight("uint4", N, K, 32)
+    x = torch.randn(2, K)
+    packed = ts.ops.w4a8.pack_w4a8_weight(q, s, z, "uint4", 32, K)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    with pytest.raises(ValueError, match="not linear_w4a8_pack's copy"):  # another weight's shape
+        _, q2, s2, z2 = _weight("uint4", N + 16, K, 32)
+        ts.ops.linear_w4a8(x, q2, s2, z2, None, "uint4", 32, K, packed=packed)
+    with pytest.raises(ValueError, match="its size is"):  # int4 keeps no zero points: smaller
+        ts.ops.linear_w4a8(x, q, s, None, None, "int4", 32, K, packed=packed)
+    bad = packed.clone()
+    bad[0] = 0  # the magic
+    with pytest.raises(ValueError, match="header names another shape"):
+        ts.ops.linear_w4a8(x, q, s, z, None, "uint4", 32, K, packed=bad)
+    with pytest.raises(TypeError, match="packed: expected pack_w4a8_weight's"):
+        ts.ops.linear_w4a8(x, q, s, z, None, "uint4", 32, K, packed=packed.float())
+    with pytest.raises(ValueError, match="must be one of"):
+        ts.ops.w4a8.pack_w4a8_weight(q, s, z, "int8", 32, K)
+    _, q6, s6, _ = _weight("int4", N, 96, 6)  # no kernel takes a group of 6: no copy
+    assert ts.ops.w4a8.pack_w4a8_weight(q6, s6, None, "int4", 6, 96) is None
 
 
 def test_fp16_runs_in_fp32_like_weight_only():

@@ -86,11 +86,12 @@ def _check_args(x, qweight, scales, zero_points, bias, fmt: str, group_size: int
 
 def _linear_w4a8_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
-                 group_size: int, backend: int) -> torch.Tensor:
+                 group_size: int, backend: int, packed: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype)
     _C.linear_w4a8(_views.view(x, "x"), _views.view(qweight, "qweight"), _views.view(scales, "scales"),
                    _views.optional_view(zero_points, "zero_points"), _views.optional_view(bias, "bias"),
-                   get_format(fmt).id, group_size, _views.view(out, "out"), backend)
+                   get_format(fmt).id, group_size, _views.view(out, "out"), backend,
+                   _views.optional_view(packed, "packed"))
     return out
 
 
@@ -99,18 +100,48 @@ _linear_w4a8 = torch.library.custom_op("tensorslim::linear_w4a8", mutates_args=(
 
 
 @_linear_w4a8.register_fake
-def _linear_w4a8_fake(x, qweight, scales, zero_points, bias, fmt, group_size, backend):
+def _linear_w4a8_fake(x, qweight, scales, zero_points, bias, fmt, group_size, backend, packed):
     return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def pack_w4a8_weight(qweight: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
+                     fmt: str, group_size: int, in_features: int) -> Optional[torch.Tensor]:
+    """The weights re-laid for a few tokens (uint8 bytes; layout in include/tensorslim/gemm_w4a8.h):
+    16 rows' codes side by side per 64-byte step, so the kernel reads one stream and sums each
+    row in its own lane, and no call transposes weights. linear_w4a8(packed=...) reads it at
+    every token count; None where no native kernel takes the shape. Derived data, the size of
+    qweight plus its scales: never saved."""
+    spec = get_format(fmt) if fmt in W4A8_FORMATS else None
+    if spec is None:
+        raise ValueError(f"pack_w4a8_weight: weights must be one of {W4A8_FORMATS}, got {fmt!r}")
+    n = _C.linear_w4a8_packed_bytes(qweight.shape[0], in_features, group_size, spec.id)
+    if n <= 0:
+        return None
+    packed = torch.empty(n, dtype=torch.uint8)
+    _C.linear_w4a8_pack(_views.view(qweight, "qweight"), _views.view(scales, "scales"),
+                        _views.optional_view(zero_points, "zero_points"), spec.id, in_features, group_size,
+                        _views.view(packed, "packed"))
+    return packed
+
+
+def packing_pays() -> bool:
+    """Whether the active ISA has a native kernel, which would read pack_w4a8_weight's copy."""
+    return _C.linear_w4a8_packing_pays()
 
 
 def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
-                group_size: int, in_features: int, backend: str = "auto") -> torch.Tensor:
+                group_size: int, in_features: int, backend: str = "auto",
+                packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = quant8(x) @ dequantize(qweight).T + bias for x [..., in_features] (float32,
     bfloat16, or float16 computed in fp32; y has x's dtype). qweight: int4 / uint4 codes [out, ceil(in / 2)] as
-    ops.quantize packs them; scales fp32 [out, ceil(in / group_size)]; zero points uint8 (uint4)."""
+    ops.quantize packs them; scales fp32 [out, ceil(in / group_size)]; zero points uint8 (uint4).
+    packed: pack_w4a8_weight of these weights (or None), read at a few tokens; the same bits."""
     _check_backend(backend)
     _check_args(x, qweight, scales, zero_points, bias, fmt, group_size, in_features)
+    if packed is not None and (not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8
+                               or packed.dim() != 1 or packed.device.type != "cpu"):
+        raise TypeError("packed: expected pack_w4a8_weight's 1-D uint8 CPU tensor")
     lead, dtype = x.shape[:-1], x.dtype
     x2 = x.reshape(-1, in_features)
     if dtype == torch.float16:  # the kernel reads fp32 / bf16; fp16 goes through fp32, like weight-only
@@ -121,13 +152,14 @@ def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         y = linear_w4a8_reference(x2, qweight, scales, zero_points, bias, fmt, group_size)
     else:
         y = _eager.call(_linear_w4a8, _linear_w4a8_impl, x2, qweight, scales, zero_points, bias, fmt,
-                        group_size, W4A8_BACKENDS[backend])
+                        group_size, W4A8_BACKENDS[backend], packed)
     return y.to(dtype).reshape(*lead, qweight.shape[0])
 
 
 def linear_w4a8_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                        zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
-                       group_size: int, in_features: int, backend: str) -> Optional[torch.Tensor]:
+                       group_size: int, in_features: int, backend: str,
+                       packed: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """linear_w4a8 for a layer's own packed tensors and an input whose last dimension the layer
     has checked, in the common case (fp32 rows-contiguous CPU input, eager, nothing for the
     dispatcher to do): the same CPU function with the same arguments, so the same bits, without
@@ -139,7 +171,8 @@ def linear_w4a8_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
         return None
-    y = _linear_w4a8_impl(x2, qweight, scales, zero_points, bias, fmt, group_size, W4A8_BACKENDS[backend])
+    y = _linear_w4a8_impl(x2, qweight, scales, zero_points, bias, fmt, group_size, W4A8_BACKENDS[backend],
+                          packed)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
