@@ -9,8 +9,8 @@ kernels they replace at a few rows, src/cpu/activation_pieces.h).
 MiniLM's shapes: --shapes 384x384,384x1536,1536x384 --batches 1,8,16,32,160,640
 --ort adds ONNX Runtime's MatMulNBits on the same INT4 g128 weight (accuracy_level 0 and 4;
 benchmarks/ort_peer.py, needs onnxruntime + onnx) and its largest difference from ours, and our
-W4A8 on that weight: accuracy_level 4 quantizes the activations to int8 too, so W4A8 is its
-like-for-like (level 0 is our INT4 weight-only's).
+W4A8 layer on that weight: accuracy_level 4 quantizes the activations to int8 too, so W4A8 is
+its like-for-like (level 0 is our INT4 weight-only's).
 
     python benchmarks/bench_linear.py [--shapes 4096x4096,4096x11008] [--batches 1,8,64] [--isa avx2] [--ort]
 """
@@ -23,7 +23,7 @@ cap_from_argv()  # before torch / tensorslim load: they read the ISA caps at sta
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tensorslim import _C, ops  # noqa: E402
+from tensorslim import W4A8Linear, _C, ops  # noqa: E402
 from ort_peer import make_int4_matmul  # noqa: E402
 from timing import copy_bandwidth, cpu_name, timeit  # noqa: E402
 
@@ -88,7 +88,12 @@ def main():
                     diff = float((torch.from_numpy(run(xn)) - ours).abs().max() / ours.abs().max())
                     cells.append(f"accuracy_level {lvl} {t * 1e3:.3f} ms (ours {t / t4:.2f}x its speed, "
                                  f"max diff {diff:.1e})")
-                t_w4a8 = timeit(lambda: ops.linear_w4a8(x, *q4, None, "int4", 128, K))
+                # The layer, which keeps its weights packed for the kernel (as ORT keeps its prepacked B).
+                w4a8 = W4A8Linear(K, N, "int4", 128, bias=False)
+                w4a8.qweight.copy_(q4[0])
+                w4a8.scales.copy_(q4[1])
+                with torch.no_grad():
+                    t_w4a8 = timeit(lambda: w4a8(x))
                 print(f"{'':>16} ORT MatMulNBits int4 g128: " + "; ".join(cells))
                 print(f"{'':>16} our W4A8 (int8 activations per token) {t_w4a8 * 1e3:.3f} ms: "
                       f"{ort_t[4] / t_w4a8:.2f}x ORT accuracy_level 4's speed")

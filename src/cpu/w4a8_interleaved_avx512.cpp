@@ -41,6 +41,7 @@ struct StepBW {  // both halves' pair sums fit int16: 2 * 2 * 15 * 128 < 2^15
 template <int T, class Step>
 __attribute__((always_inline)) inline void step_tokens(__m512i (&acc)[T][2], const uint8_t* panel,
                                                        const int8_t* const* xr, int64_t j, __m512i low) {
+  _mm_prefetch(reinterpret_cast<const char*>(panel + j * 64 + kPrefetchAhead), _MM_HINT_T1);
   const __m512i v = _mm512_loadu_si512(panel + j * 64);
   const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
   for (int t = 0; t < T; ++t) Step::step(acc[t], lo, broadcast4(xr[t] + j * 8), hi, broadcast4(xr[t] + j * 8 + 4));
@@ -107,6 +108,7 @@ template <class Step>
 __attribute__((always_inline)) inline void panel512(const W4A8Args& a, const Acts& x,
                                                     const PackedShape& sh, const uint8_t* panel,
                                                     int64_t n0, int64_t rows, int64_t m0, int64_t m1) {
+  static_assert(kMaxTokens == 8, "one case per token count");
   switch (m1 - m0) {
     case 8: return tokens512<8, Step>(a, x, sh, panel, n0, rows, m0);
     case 7: return tokens512<7, Step>(a, x, sh, panel, n0, rows, m0);

@@ -278,8 +278,8 @@ std::vector<uint8_t> pack_copy(const Weight& w, Format fmt, int64_t K, int64_t g
 
 // The kernels on the packed copy, called directly on every ISA and multiply path here,
 // against the reference bit for bit: groups of 8 codes up to one per row (odd K, short last
-// groups), N around the 16-row panels and their 8-row AVX2 halves, 1-9 tokens (passes of 4
-// and the 1-3 left), uint4 zero points, bias or none, fp32 and bf16 outputs, full-range codes.
+// groups), N around the 16-row panels and their 8-row AVX2 halves, 1-9 tokens (AVX-512 passes
+// of 8, AVX2 of 3, and what is left), uint4 zero points, bias or none, fp32 and bf16 outputs.
 TEST(GemmW4A8, PackedCopyKernelsMatchReferenceBitForBit) {
   if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
   struct Kern {
@@ -297,6 +297,7 @@ TEST(GemmW4A8, PackedCopyKernelsMatchReferenceBitForBit) {
   const struct { int64_t N, K, group; } shapes[] = {
       {16, 128, 128}, {17, 384, 128}, {40, 320, 64}, {1, 1000, 8},  {15, 200, 200}, {9, 321, 321},
       {33, 63, 63},   {8, 256, 16},   {23, 448, 192}, {7, 4096, 4096}, {24, 100, 24}, {31, 1282, 32},
+      {161, 4096, 256},  // more than 256 KiB of panels: two chunks of work (w4a8_interleaved.h)
   };
   const cpu::Isa saved = cpu::active_isa();
   for (const Kern& kern : kernels) {
