@@ -14,8 +14,9 @@
 // own -m flags (the layout functions are shared with the ISA-free w4a8_interleaved.cpp).
 //
 // A kernel type Ker provides Ker::kTokens (tokens per pass), Ker::relayout_row (as for
-// w4a8_panels.h) and Ker::panel(a, acts, shape, panel, n0, rows, m0, m1): outputs
-// [n0, n0 + rows) of tokens [m0, m1) (at most kTokens) from the panel's bytes.
+// w4a8_panels.h) and Ker::panel(a, acts, shape, panel, n0, rows, m0, m1, first): outputs
+// [n0, n0 + rows) of tokens [m0, m1) (at most kTokens) from the panel's bytes; `first`: the
+// first pass over these panels, which prefetches them (later passes find them in L2).
 #pragma once
 
 #include <algorithm>
@@ -36,9 +37,10 @@ constexpr int64_t kPackedRows = 16;     // rows per panel, one 32-bit lane each
 constexpr int64_t kStepCodes = 8;       // codes per row per 64-byte step
 constexpr int64_t kPackedHeader = 64;   // bytes before the first panel
 constexpr char kPackedMagic[8] = {'t', 's', 'w', '4', 'a', '8', 'i', '1'};
-// Each step prefetches the line this far ahead into L2: with the weights in memory (not in
-// cache) 4096 x 4096 at 1-2 tokens ran at 0.86-0.97x the row-wise GEMV (which prefetches its
-// next 16 rows) without, 1.00-1.05x with 4 KiB (2 KiB: 0.87-0.96x, 8 KiB: 0.97-1.03x), Zen 4.
+// Each step of a first pass prefetches the line this far ahead into L2: with the weights in
+// memory (not in cache) 4096 x 4096 at 1-2 tokens ran at 0.86-0.97x the row-wise GEMV (which
+// prefetches its next 16 rows) without, 1.00-1.05x with 4 KiB (2 KiB: 0.87-0.96x, 8 KiB:
+// 0.97-1.03x), Zen 4.
 constexpr int64_t kPrefetchAhead = 4096;
 
 // Where things are inside one panel, for N x K weights with `group` codes per scale.
@@ -99,6 +101,10 @@ void w4a8_packed_drive(const W4A8Args& a, const uint8_t* packed) {
   // Below ~1M multiply-adds a second thread costs more than it saves.
   const int64_t item_macs = chunk * kPackedRows * sh.steps * 8 * std::min(a.M, kBlockTokens);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / item_macs);
+  // Weights larger than an L2 come from L3 or memory at every call: the first pass over a
+  // chunk prefetches them. Smaller ones stay in cache, where the prefetches only cost (MiniLM's
+  // 384 x 1536, 0.3 MiB, at 128-640 tokens: 0.92-0.97x without them -> 1.00-1.03x).
+  const bool stream = sh.panels * sh.panel_bytes > (int64_t{1} << 20);
   parallel_for(chunks * blocks, grain, [&](int64_t b, int64_t e) {
     for (int64_t item = b; item < e; ++item) {
       const int64_t c = item / blocks, mb = item % blocks;
@@ -106,7 +112,8 @@ void w4a8_packed_drive(const W4A8Args& a, const uint8_t* packed) {
       for (int64_t m = mb * kBlockTokens; m < m1; m += Ker::kTokens)
         for (int64_t p = c * chunk; p < p1; ++p)
           Ker::panel(a, x, sh, panels + p * sh.panel_bytes, p * kPackedRows,
-                     std::min<int64_t>(kPackedRows, a.N - p * kPackedRows), m, std::min(m1, m + Ker::kTokens));
+                     std::min<int64_t>(kPackedRows, a.N - p * kPackedRows), m, std::min(m1, m + Ker::kTokens),
+                     stream && m == mb * kBlockTokens);
     }
   });
 }

@@ -29,7 +29,7 @@ inline __m256i broadcast4(const int8_t* p) {
 // halves (rows 0-7, 8-15) in one pass, so the panel streams in once and each token's
 // activations are broadcast once for both (two passes, one per half, ran 4096 x 4096 at 1
 // token 0.84-0.88x the row-wise GEMV with the weights in memory).
-template <int T>
+template <int T, bool Prefetch>
 inline void tokens256(const W4A8Args& a, const Acts& x, const PackedShape& sh, const uint8_t* panel,
                       int64_t n0, int64_t rows, int64_t m) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -45,7 +45,7 @@ inline void tokens256(const W4A8Args& a, const Acts& x, const PackedShape& sh, c
     for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
     const int64_t j0 = g * sh.gsteps, j1 = j0 + sh.group_steps(g);
     for (int64_t j = j0; j < j1; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(panel + j * 64 + kPrefetchAhead), _MM_HINT_T1);
+      if constexpr (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(panel + j * 64 + kPrefetchAhead), _MM_HINT_T1);
       __m256i lo[2], hi[2];
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + j * 64 + h * 32));
@@ -98,12 +98,12 @@ struct Packed256 {
   static constexpr int64_t kTokens = kMaxTokens;
   static void relayout_row(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) { relayout_row256(src, K, Kp, dst); }
   static void panel(const W4A8Args& a, const Acts& x, const PackedShape& sh, const uint8_t* p,
-                    int64_t n0, int64_t rows, int64_t m0, int64_t m1) {
+                    int64_t n0, int64_t rows, int64_t m0, int64_t m1, bool first) {
     static_assert(kMaxTokens == 3, "one case per token count");
     switch (m1 - m0) {
-      case 3: return tokens256<3>(a, x, sh, p, n0, rows, m0);
-      case 2: return tokens256<2>(a, x, sh, p, n0, rows, m0);
-      case 1: return tokens256<1>(a, x, sh, p, n0, rows, m0);
+      case 3: return first ? tokens256<3, true>(a, x, sh, p, n0, rows, m0) : tokens256<3, false>(a, x, sh, p, n0, rows, m0);
+      case 2: return first ? tokens256<2, true>(a, x, sh, p, n0, rows, m0) : tokens256<2, false>(a, x, sh, p, n0, rows, m0);
+      case 1: return first ? tokens256<1, true>(a, x, sh, p, n0, rows, m0) : tokens256<1, false>(a, x, sh, p, n0, rows, m0);
       default: return;
     }
   }

@@ -38,10 +38,10 @@ struct StepBW {  // both halves' pair sums fit int16: 2 * 2 * 15 * 128 < 2^15
 };
 
 // Step j of tokens xr[0 .. T-1] into one set of chains.
-template <int T, class Step>
+template <int T, class Step, bool Prefetch>
 __attribute__((always_inline)) inline void step_tokens(__m512i (&acc)[T][2], const uint8_t* panel,
                                                        const int8_t* const* xr, int64_t j, __m512i low) {
-  _mm_prefetch(reinterpret_cast<const char*>(panel + j * 64 + kPrefetchAhead), _MM_HINT_T1);
+  if constexpr (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(panel + j * 64 + kPrefetchAhead), _MM_HINT_T1);
   const __m512i v = _mm512_loadu_si512(panel + j * 64);
   const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
   for (int t = 0; t < T; ++t) Step::step(acc[t], lo, broadcast4(xr[t] + j * 8), hi, broadcast4(xr[t] + j * 8 + 4));
@@ -49,7 +49,7 @@ __attribute__((always_inline)) inline void step_tokens(__m512i (&acc)[T][2], con
 
 // Tokens m .. m + T - 1 of the panel's rows n0 .. n0 + rows - 1. Below 4 tokens steps alternate
 // between two sets of chains so that consecutive steps do not wait on each other.
-template <int T, class Step>
+template <int T, class Step, bool Prefetch>
 __attribute__((always_inline)) inline void tokens512(const W4A8Args& a, const Acts& x,
                                                      const PackedShape& sh, const uint8_t* panel,
                                                      int64_t n0, int64_t rows, int64_t m) {
@@ -70,10 +70,10 @@ __attribute__((always_inline)) inline void tokens512(const W4A8Args& a, const Ac
     int64_t j = j0;
     if constexpr (P == 2)
       for (; j + 2 <= j1; j += 2) {
-        step_tokens<T, Step>(acc[0], panel, xr, j, low);
-        step_tokens<T, Step>(acc[P - 1], panel, xr, j + 1, low);
+        step_tokens<T, Step, Prefetch>(acc[0], panel, xr, j, low);
+        step_tokens<T, Step, Prefetch>(acc[P - 1], panel, xr, j + 1, low);
       }
-    for (; j < j1; ++j) step_tokens<T, Step>(acc[0], panel, xr, j, low);
+    for (; j < j1; ++j) step_tokens<T, Step, Prefetch>(acc[0], panel, xr, j, low);
     const __m512i o = a.zero_points
                           ? _mm512_cvtepu8_epi32(_mm_loadu_si128(
                                 reinterpret_cast<const __m128i*>(panel + sh.zps_at + g * kPackedRows)))
@@ -107,17 +107,26 @@ __attribute__((always_inline)) inline void tokens512(const W4A8Args& a, const Ac
 template <class Step>
 __attribute__((always_inline)) inline void panel512(const W4A8Args& a, const Acts& x,
                                                     const PackedShape& sh, const uint8_t* panel,
-                                                    int64_t n0, int64_t rows, int64_t m0, int64_t m1) {
+                                                    int64_t n0, int64_t rows, int64_t m0, int64_t m1,
+                                                    bool first) {
   static_assert(kMaxTokens == 8, "one case per token count");
   switch (m1 - m0) {
-    case 8: return tokens512<8, Step>(a, x, sh, panel, n0, rows, m0);
-    case 7: return tokens512<7, Step>(a, x, sh, panel, n0, rows, m0);
-    case 6: return tokens512<6, Step>(a, x, sh, panel, n0, rows, m0);
-    case 5: return tokens512<5, Step>(a, x, sh, panel, n0, rows, m0);
-    case 4: return tokens512<4, Step>(a, x, sh, panel, n0, rows, m0);
-    case 3: return tokens512<3, Step>(a, x, sh, panel, n0, rows, m0);
-    case 2: return tokens512<2, Step>(a, x, sh, panel, n0, rows, m0);
-    case 1: return tokens512<1, Step>(a, x, sh, panel, n0, rows, m0);
+    case 8: return first ? tokens512<8, Step, true>(a, x, sh, panel, n0, rows, m0)
+                     : tokens512<8, Step, false>(a, x, sh, panel, n0, rows, m0);
+    case 7: return first ? tokens512<7, Step, true>(a, x, sh, panel, n0, rows, m0)
+                     : tokens512<7, Step, false>(a, x, sh, panel, n0, rows, m0);
+    case 6: return first ? tokens512<6, Step, true>(a, x, sh, panel, n0, rows, m0)
+                     : tokens512<6, Step, false>(a, x, sh, panel, n0, rows, m0);
+    case 5: return first ? tokens512<5, Step, true>(a, x, sh, panel, n0, rows, m0)
+                     : tokens512<5, Step, false>(a, x, sh, panel, n0, rows, m0);
+    case 4: return first ? tokens512<4, Step, true>(a, x, sh, panel, n0, rows, m0)
+                     : tokens512<4, Step, false>(a, x, sh, panel, n0, rows, m0);
+    case 3: return first ? tokens512<3, Step, true>(a, x, sh, panel, n0, rows, m0)
+                     : tokens512<3, Step, false>(a, x, sh, panel, n0, rows, m0);
+    case 2: return first ? tokens512<2, Step, true>(a, x, sh, panel, n0, rows, m0)
+                     : tokens512<2, Step, false>(a, x, sh, panel, n0, rows, m0);
+    case 1: return first ? tokens512<1, Step, true>(a, x, sh, panel, n0, rows, m0)
+                     : tokens512<1, Step, false>(a, x, sh, panel, n0, rows, m0);
     default: return;
   }
 }
@@ -125,8 +134,9 @@ __attribute__((always_inline)) inline void panel512(const W4A8Args& a, const Act
 // vpdpbusd is inlined only into a function compiled for VNNI.
 __attribute__((target("avx512vnni"))) void panel_vnni(const W4A8Args& a, const Acts& x,
                                                       const PackedShape& sh, const uint8_t* panel,
-                                                      int64_t n0, int64_t rows, int64_t m0, int64_t m1) {
-  panel512<StepVnni>(a, x, sh, panel, n0, rows, m0, m1);
+                                                      int64_t n0, int64_t rows, int64_t m0, int64_t m1,
+                                                      bool first) {
+  panel512<StepVnni>(a, x, sh, panel, n0, rows, m0, m1, first);
 }
 
 template <bool VNNI>
@@ -134,9 +144,9 @@ struct Packed512 {
   static constexpr int64_t kTokens = kMaxTokens;
   static void relayout_row(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) { relayout_row512(src, K, Kp, dst); }
   static void panel(const W4A8Args& a, const Acts& x, const PackedShape& sh, const uint8_t* p,
-                    int64_t n0, int64_t rows, int64_t m0, int64_t m1) {
-    if constexpr (VNNI) panel_vnni(a, x, sh, p, n0, rows, m0, m1);
-    else panel512<StepBW>(a, x, sh, p, n0, rows, m0, m1);
+                    int64_t n0, int64_t rows, int64_t m0, int64_t m1, bool first) {
+    if constexpr (VNNI) panel_vnni(a, x, sh, p, n0, rows, m0, m1, first);
+    else panel512<StepBW>(a, x, sh, p, n0, rows, m0, m1, first);
   }
 };
 
