@@ -1,6 +1,7 @@
 // libFuzzer target: the linear kernels' argument checks. Shapes, strides, dtypes, formats,
 // group sizes, backends and which optional tensors are present all come from the input, and
-// every buffer is exactly as large as its view addresses. A kernel may refuse with a
+// every buffer is exactly as large as its view addresses. W4A8 also gets a packed copy: none,
+// linear_w4a8_pack's (sometimes with a byte changed), or bytes from the input. A kernel may refuse with a
 // ValueError or TypeError; anything else (a crash, an ASan report, another exception) is a
 // finding.
 #include <cstdint>
@@ -8,6 +9,7 @@
 #include "fuzz_input.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/gemm_int8.h"
+#include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/lowbit.h"
 #include "tensorslim/status.h"
 
@@ -43,8 +45,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   fuzz::Input in(data, size);
   const int64_t M = in.range(0, 9), K = in.range(0, 80), N = in.range(0, 20);
   const GemmBackend backend = static_cast<GemmBackend>(in.range(0, 3));
-  const int kernel = static_cast<int>(in.range(0, 2));
-  const FormatInfo& info = format_table()[in.range(0, kernel == 0 ? kNumFormats - 1 : kNumFormatRows - 1)];
+  const int kernel = static_cast<int>(in.range(0, 3));
+  const FormatInfo& info = format_table()[kernel == 3 ? in.range(2, 4)  // int4, uint4, one it refuses
+                                                      : in.range(0, kernel == 0 ? kNumFormats - 1 : kNumFormatRows - 1)];
   const int64_t group = in.range(0, 2) == 0 ? K : in.range(-1, 64);
   const int64_t groups = group > 0 && K % group == 0 ? K / group : 1;
   fuzz::Owned x = matrix(in, kernel == 1 ? (in.byte() & 1 ? DType::kUInt8 : DType::kInt8) : DType::kFloat32, M, K);
@@ -71,9 +74,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         linear_int8(x.view, a.view, static_cast<int32_t>(in.range(-2, 260)), w.view, s.view, bias,
                     out.view, backend);
         break;
-      default:
+      case 2:
         linear_lowbit(x.view, w.view, s.view, zp, tscale, bias, info.format, group, out.view, work,
                       backend);
+        break;
+      default: {
+        fuzz::Owned packed;
+        const int64_t how = in.range(0, 2);
+        if (how == 1) {  // the real copy; it throws where these weights do not make one
+          const int64_t shape[1] = {linear_w4a8_packed_bytes(N, K, group, info.format)};
+          packed = fuzz::make_view(in, DType::kUInt8, 1, shape, false);
+          linear_w4a8_pack(w.view, s.view, zp, info.format, K, group, packed.view);
+          if (shape[0] > 0 && in.byte() & 1) packed.buf[in.range(0, shape[0] - 1)] ^= in.byte() | 1;
+        } else if (how == 2) {
+          const int64_t shape[1] = {in.range(0, 1024)};
+          packed = fuzz::make_view(in, DType::kUInt8, 1, shape, false);
+        }
+        linear_w4a8(x.view, w.view, s.view, zp, bias, info.format, group, out.view, backend,
+                    how ? &packed.view : nullptr);
+      }
     }
   } catch (const ValueError&) {
   } catch (const TypeError&) {
