@@ -103,7 +103,8 @@ void w4a8_packed_drive(const W4A8Args& a, const uint8_t* packed) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / item_macs);
   // Weights larger than an L2 come from L3 or memory at every call: the first pass over a
   // chunk prefetches them. Smaller ones stay in cache, where the prefetches only cost (MiniLM's
-  // 384 x 1536, 0.3 MiB, at 128-640 tokens: 0.92-0.97x without them -> 1.00-1.03x).
+  // 384 x 1536, 0.3 MiB, at 128-640 tokens: 0.92-0.97x the panel kernels with them, 1.00-1.03x
+  // without).
   const bool stream = sh.panels * sh.panel_bytes > (int64_t{1} << 20);
   parallel_for(chunks * blocks, grain, [&](int64_t b, int64_t e) {
     for (int64_t item = b; item < e; ++item) {

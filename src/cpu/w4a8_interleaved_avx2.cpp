@@ -15,7 +15,7 @@ namespace {
 
 // Tokens per pass: 3 x 2 int32 chains, the step's 4 unpacked halves and both broadcasts fit
 // the 16 ymm registers (4 tokens spilled: MiniLM's 384 x 384 at 8-32 tokens 0.87x the panel
-// kernels; 2 tokens: 4096 x 4096 at 128 tokens 0.91x; 3: 1.03-1.51x everywhere measured).
+// kernels; 2 tokens: 4096 x 4096 at 128 tokens 0.91x; 3: 1.01-1.79x at every shape measured).
 constexpr int kMaxTokens = 3;
 constexpr int kHalfRows = 8;
 
@@ -94,6 +94,14 @@ inline void tokens256(const W4A8Args& a, const Acts& x, const PackedShape& sh, c
     }
 }
 
+// tokens256 with or without the first pass's prefetches (no branch in the step loop).
+template <int T>
+inline void pass256(const W4A8Args& a, const Acts& x, const PackedShape& sh, const uint8_t* p, int64_t n0,
+                    int64_t rows, int64_t m, bool first) {
+  if (first) tokens256<T, true>(a, x, sh, p, n0, rows, m);
+  else tokens256<T, false>(a, x, sh, p, n0, rows, m);
+}
+
 struct Packed256 {
   static constexpr int64_t kTokens = kMaxTokens;
   static void relayout_row(const int8_t* src, int64_t K, int64_t Kp, int8_t* dst) { relayout_row256(src, K, Kp, dst); }
@@ -101,9 +109,9 @@ struct Packed256 {
                     int64_t n0, int64_t rows, int64_t m0, int64_t m1, bool first) {
     static_assert(kMaxTokens == 3, "one case per token count");
     switch (m1 - m0) {
-      case 3: return first ? tokens256<3, true>(a, x, sh, p, n0, rows, m0) : tokens256<3, false>(a, x, sh, p, n0, rows, m0);
-      case 2: return first ? tokens256<2, true>(a, x, sh, p, n0, rows, m0) : tokens256<2, false>(a, x, sh, p, n0, rows, m0);
-      case 1: return first ? tokens256<1, true>(a, x, sh, p, n0, rows, m0) : tokens256<1, false>(a, x, sh, p, n0, rows, m0);
+      case 3: return pass256<3>(a, x, sh, p, n0, rows, m0, first);
+      case 2: return pass256<2>(a, x, sh, p, n0, rows, m0, first);
+      case 1: return pass256<1>(a, x, sh, p, n0, rows, m0, first);
       default: return;
     }
   }

@@ -1,5 +1,5 @@
 // AVX-512 W4A8 on linear_w4a8_pack's copy (this file is compiled with -mavx512f/bw/vl/dq;
-// VNNI is enabled per function): a panel's 16 rows are the 16 lanes, up to 4 tokens per pass.
+// VNNI is enabled per function): a panel's 16 rows are the 16 lanes, up to 8 tokens per pass.
 // Layout and driver: w4a8_interleaved.h.
 #include <immintrin.h>
 
@@ -104,6 +104,16 @@ __attribute__((always_inline)) inline void tokens512(const W4A8Args& a, const Ac
   }
 }
 
+// tokens512 with or without the first pass's prefetches (a template argument, so the step
+// loop carries no branch).
+template <int T, class Step>
+__attribute__((always_inline)) inline void pass512(const W4A8Args& a, const Acts& x, const PackedShape& sh,
+                                                   const uint8_t* panel, int64_t n0, int64_t rows, int64_t m,
+                                                   bool first) {
+  if (first) tokens512<T, Step, true>(a, x, sh, panel, n0, rows, m);
+  else tokens512<T, Step, false>(a, x, sh, panel, n0, rows, m);
+}
+
 template <class Step>
 __attribute__((always_inline)) inline void panel512(const W4A8Args& a, const Acts& x,
                                                     const PackedShape& sh, const uint8_t* panel,
@@ -111,22 +121,14 @@ __attribute__((always_inline)) inline void panel512(const W4A8Args& a, const Act
                                                     bool first) {
   static_assert(kMaxTokens == 8, "one case per token count");
   switch (m1 - m0) {
-    case 8: return first ? tokens512<8, Step, true>(a, x, sh, panel, n0, rows, m0)
-                     : tokens512<8, Step, false>(a, x, sh, panel, n0, rows, m0);
-    case 7: return first ? tokens512<7, Step, true>(a, x, sh, panel, n0, rows, m0)
-                     : tokens512<7, Step, false>(a, x, sh, panel, n0, rows, m0);
-    case 6: return first ? tokens512<6, Step, true>(a, x, sh, panel, n0, rows, m0)
-                     : tokens512<6, Step, false>(a, x, sh, panel, n0, rows, m0);
-    case 5: return first ? tokens512<5, Step, true>(a, x, sh, panel, n0, rows, m0)
-                     : tokens512<5, Step, false>(a, x, sh, panel, n0, rows, m0);
-    case 4: return first ? tokens512<4, Step, true>(a, x, sh, panel, n0, rows, m0)
-                     : tokens512<4, Step, false>(a, x, sh, panel, n0, rows, m0);
-    case 3: return first ? tokens512<3, Step, true>(a, x, sh, panel, n0, rows, m0)
-                     : tokens512<3, Step, false>(a, x, sh, panel, n0, rows, m0);
-    case 2: return first ? tokens512<2, Step, true>(a, x, sh, panel, n0, rows, m0)
-                     : tokens512<2, Step, false>(a, x, sh, panel, n0, rows, m0);
-    case 1: return first ? tokens512<1, Step, true>(a, x, sh, panel, n0, rows, m0)
-                     : tokens512<1, Step, false>(a, x, sh, panel, n0, rows, m0);
+    case 8: return pass512<8, Step>(a, x, sh, panel, n0, rows, m0, first);
+    case 7: return pass512<7, Step>(a, x, sh, panel, n0, rows, m0, first);
+    case 6: return pass512<6, Step>(a, x, sh, panel, n0, rows, m0, first);
+    case 5: return pass512<5, Step>(a, x, sh, panel, n0, rows, m0, first);
+    case 4: return pass512<4, Step>(a, x, sh, panel, n0, rows, m0, first);
+    case 3: return pass512<3, Step>(a, x, sh, panel, n0, rows, m0, first);
+    case 2: return pass512<2, Step>(a, x, sh, panel, n0, rows, m0, first);
+    case 1: return pass512<1, Step>(a, x, sh, panel, n0, rows, m0, first);
     default: return;
   }
 }
