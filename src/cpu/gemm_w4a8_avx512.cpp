@@ -11,14 +11,13 @@
 #include <cstring>
 #include <vector>
 
-#include "half.h"
 #include "parallel.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
 #include "transpose16_avx512.h"
 #include "vnni_dot.h"
 #include "w4a8_panels.h"
-#include "w4a8_relayout_avx512.h"
+#include "w4a8_common_avx512.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -119,21 +118,7 @@ __attribute__((always_inline)) inline void tile512(const W4A8Args& a, const Acts
       facc[m] = _mm512_add_ps(facc[m], _mm512_mul_ps(d, s));
     }
   }
-  const __mmask16 keep = static_cast<__mmask16>(rows >= kRows ? 0xFFFF : (1u << rows) - 1);
-  const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(keep, a.bias + n0) : _mm512_setzero_ps();
-  for (int m = 0; m < MB; ++m) {
-    __m512 y = _mm512_mul_ps(facc[m], _mm512_set1_ps(a.act_scales[m0 + m]));
-    if (a.bias) y = _mm512_add_ps(y, bias);  // no bias: no + 0 (it would turn -0 into +0)
-    const int64_t at = (m0 + m) * a.ldo + n0;
-    if (!a.out_bf16) {
-      _mm512_mask_storeu_ps(static_cast<float*>(a.out) + at, keep, y);
-    } else {
-      alignas(64) float t[kRows];
-      _mm512_store_ps(t, y);
-      uint16_t* o16 = static_cast<uint16_t*>(a.out) + at;
-      for (int64_t r = 0; r < rows; ++r) o16[r] = float_to_bf16(t[r]);
-    }
-  }
+  store_tokens512(a, facc, n0, rows, m0);
 }
 
 // The vector part for w4a8_panels.h.

@@ -3,12 +3,11 @@
 // Layout and driver: w4a8_interleaved.h.
 #include <immintrin.h>
 
-#include "half.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
 #include "vnni_dot.h"
 #include "w4a8_interleaved.h"
-#include "w4a8_relayout_avx512.h"
+#include "w4a8_common_avx512.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -87,21 +86,7 @@ __attribute__((always_inline)) inline void tokens512(const W4A8Args& a, const Ac
       facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(d, s));
     }
   }
-  const __mmask16 keep = static_cast<__mmask16>(rows >= kPackedRows ? 0xFFFF : (1u << rows) - 1);
-  const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(keep, a.bias + n0) : _mm512_setzero_ps();
-  for (int t = 0; t < T; ++t) {
-    __m512 y = _mm512_mul_ps(facc[t], _mm512_set1_ps(a.act_scales[m + t]));
-    if (a.bias) y = _mm512_add_ps(y, bias);  // no bias: no + 0 (it would turn -0 into +0)
-    const int64_t at = (m + t) * a.ldo + n0;
-    if (!a.out_bf16) {
-      _mm512_mask_storeu_ps(static_cast<float*>(a.out) + at, keep, y);
-    } else {
-      alignas(64) float tmp[kPackedRows];
-      _mm512_store_ps(tmp, y);
-      uint16_t* o16 = static_cast<uint16_t*>(a.out) + at;
-      for (int64_t r = 0; r < rows; ++r) o16[r] = float_to_bf16(tmp[r]);
-    }
-  }
+  store_tokens512(a, facc, n0, rows, m);
 }
 
 // tokens512 with or without the first pass's prefetches (a template argument, so the step

@@ -197,6 +197,34 @@ TEST(GemmW4A8, Avx2PairSumsAtTheExtremes) {
   cpu::set_isa(saved);
 }
 
+// A kernel called directly (kernel(args) returns whether it took them) against
+// cpu::linear_w4a8_reference bit for bit on M tokens of make_x(seed), with and without bias,
+// fp32 and bf16 outputs; `takes`: whether the kernel should take this shape.
+template <class Kernel>
+void expect_direct_kernel_bits(const char* name, Format fmt, const Weight& w, int64_t M, int64_t N,
+                               int64_t K, int64_t group, uint32_t seed, bool takes, Kernel kernel) {
+  const std::vector<float> x = make_x(M, K, K, seed), b = random_weights(N, seed + 7);
+  std::vector<int8_t> qx(M * K);
+  std::vector<float> as(M);
+  quantize_per_token(view2(const_cast<float*>(x.data()), DType::kFloat32, M, K), nullptr,
+                     view2(qx.data(), DType::kInt8, M, K), view1(as.data(), DType::kFloat32, M),
+                     GemmBackend::kReference);
+  for (bool bias : {true, false})
+    for (bool bf16 : {false, true}) {
+      cpu::W4A8Args a{qx.data(), as.data(), w.q.data(), (K + 1) / 2, w.scales.data(),
+                      w.asym ? w.zps.data() : nullptr, bias ? b.data() : nullptr,
+                      M, N, K, group, nullptr, N, bf16};
+      std::vector<uint8_t> want(M * N * 4, 0xAB), got(M * N * 4, 0xAB);
+      a.out = want.data();
+      cpu::linear_w4a8_reference(a);
+      a.out = got.data();
+      ASSERT_EQ(kernel(a), takes) << name << " K=" << K << " g=" << group;
+      if (takes)
+        ASSERT_EQ(want, got) << name << " M=" << M << " N=" << N << " K=" << K << " g=" << group << " "
+                             << format_info(fmt).name << " bias=" << bias << " bf16=" << bf16;
+    }
+}
+
 // The few-token kernels (packed rows read as stored), called directly on every ISA and
 // multiply path here, against the reference bit for bit: groups of one chunk, several, or
 // 32 / 64 codes inside one, K not a multiple of the chunk (odd K included), short last
@@ -230,29 +258,9 @@ TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
       for (Format fmt : {Format::kInt4, Format::kUInt4})
         for (int64_t M : {1, 2, 5}) {
           const Weight w = make_weight(fmt, sh.N, sh.K, sh.group, 17 + sh.K);
-          const std::vector<float> x = make_x(M, sh.K, sh.K, 19 + M), b = random_weights(sh.N, 4);
-          std::vector<int8_t> qx(M * sh.K);
-          std::vector<float> as(M);
-          quantize_per_token(view2(const_cast<float*>(x.data()), DType::kFloat32, M, sh.K), nullptr,
-                             view2(qx.data(), DType::kInt8, M, sh.K), view1(as.data(), DType::kFloat32, M),
-                             GemmBackend::kReference);
-          for (bool bias : {true, false})
-            for (bool bf16 : {false, true}) {
-              cpu::W4A8Args a{qx.data(), as.data(), w.q.data(), (sh.K + 1) / 2, w.scales.data(),
-                              w.asym ? w.zps.data() : nullptr, bias ? b.data() : nullptr,
-                              M, sh.N, sh.K, sh.group, nullptr, sh.N, bf16};
-              std::vector<uint8_t> want(M * sh.N * 4, 0xAB), got(M * sh.N * 4, 0xAB);
-              a.out = want.data();
-              cpu::linear_w4a8_reference(a);
-              a.out = got.data();
-              const bool fits = sh.group % kern.chunk == 0 || sh.group >= sh.K ||
-                                ((sh.group == 32 || sh.group == 64) && kern.chunk % sh.group == 0);
-              ASSERT_EQ(kern.fn(a), fits) << kern.name << " K=" << sh.K << " g=" << sh.group;
-              if (fits)
-                ASSERT_EQ(want, got) << kern.name << " M=" << M << " N=" << sh.N << " K=" << sh.K
-                                     << " g=" << sh.group << " " << format_info(fmt).name
-                                     << " bias=" << bias << " bf16=" << bf16;
-            }
+          const bool fits = sh.group % kern.chunk == 0 || sh.group >= sh.K ||
+                            ((sh.group == 32 || sh.group == 64) && kern.chunk % sh.group == 0);
+          expect_direct_kernel_bits(kern.name, fmt, w, M, sh.N, sh.K, sh.group, 19 + M, fits, kern.fn);
         }
   }
   cpu::set_w4a8_vnni_enabled(true);
@@ -307,28 +315,9 @@ TEST(GemmW4A8, PackedCopyKernelsMatchReferenceBitForBit) {
       for (Format fmt : {Format::kInt4, Format::kUInt4}) {
         const Weight w = make_weight(fmt, sh.N, sh.K, sh.group, 23 + sh.K);
         const std::vector<uint8_t> packed = pack_copy(w, fmt, sh.K, sh.group);
-        for (int64_t M : {1, 2, 3, 4, 5, 9}) {
-          const std::vector<float> x = make_x(M, sh.K, sh.K, 29 + M), b = random_weights(sh.N, 5);
-          std::vector<int8_t> qx(M * sh.K);
-          std::vector<float> as(M);
-          quantize_per_token(view2(const_cast<float*>(x.data()), DType::kFloat32, M, sh.K), nullptr,
-                             view2(qx.data(), DType::kInt8, M, sh.K), view1(as.data(), DType::kFloat32, M),
-                             GemmBackend::kReference);
-          for (bool bias : {true, false})
-            for (bool bf16 : {false, true}) {
-              cpu::W4A8Args a{qx.data(), as.data(), w.q.data(), (sh.K + 1) / 2, w.scales.data(),
-                              w.asym ? w.zps.data() : nullptr, bias ? b.data() : nullptr,
-                              M, sh.N, sh.K, sh.group, nullptr, sh.N, bf16};
-              std::vector<uint8_t> want(M * sh.N * 4, 0xAB), got(M * sh.N * 4, 0xAB);
-              a.out = want.data();
-              cpu::linear_w4a8_reference(a);
-              a.out = got.data();
-              ASSERT_TRUE(kern.fn(a, packed.data()));
-              ASSERT_EQ(want, got) << kern.name << " M=" << M << " N=" << sh.N << " K=" << sh.K
-                                   << " g=" << sh.group << " " << format_info(fmt).name
-                                   << " bias=" << bias << " bf16=" << bf16;
-            }
-        }
+        for (int64_t M : {1, 2, 3, 4, 5, 9})
+          expect_direct_kernel_bits(kern.name, fmt, w, M, sh.N, sh.K, sh.group, 29 + M, true,
+                                    [&](const cpu::W4A8Args& a) { return kern.fn(a, packed.data()); });
       }
   }
   cpu::set_w4a8_vnni_enabled(true);
