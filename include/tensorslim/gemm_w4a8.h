@@ -42,7 +42,7 @@ void linear_w4a8(const TensorView& x, const TensorView& qweight, const TensorVie
                  int64_t group_size, const TensorView& out, GemmBackend backend,
                  const TensorView* packed = nullptr);
 
-// The weights re-laid for a few tokens (a copy layers keep next to qweight, never saved):
+// The weights laid out for the native kernels (a copy layers keep next to qweight, never saved):
 // a 64-byte header (magic "tsw4a8i1", then int64 N, K, group, has zero points), then per
 // 16-row panel: codes [ceil(K / 8) steps][16 rows][4 bytes] (row r's bytes 4j .. 4j+3, i.e.
 // codes 8j .. 8j+7, int4 stored as u = code + 8 in each nibble; zeros past K and N), scales

@@ -106,11 +106,11 @@ def _linear_w4a8_fake(x, qweight, scales, zero_points, bias, fmt, group_size, ba
 
 def pack_w4a8_weight(qweight: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
                      fmt: str, group_size: int, in_features: int) -> Optional[torch.Tensor]:
-    """The weights re-laid for a few tokens (uint8 bytes; layout in include/tensorslim/gemm_w4a8.h):
-    16 rows' codes side by side per 64-byte step, so the kernel reads one stream and sums each
-    row in its own lane, and no call transposes weights. linear_w4a8(packed=...) reads it at
-    every token count; None where no native kernel takes the shape. Derived data, the size of
-    qweight plus its scales: never saved."""
+    """The weights laid out for the native kernels (uint8 bytes; layout in
+    include/tensorslim/gemm_w4a8.h): 16 rows' codes side by side per 64-byte step, so the kernel
+    reads one stream and sums each row in its own lane, and no call transposes weights.
+    linear_w4a8(packed=...) reads it at every token count; None where no native kernel takes
+    the shape. Derived data, the size of qweight plus its scales: never saved."""
     spec = get_format(fmt) if fmt in W4A8_FORMATS else None
     if spec is None:
         raise ValueError(f"pack_w4a8_weight: weights must be one of {W4A8_FORMATS}, got {fmt!r}")
@@ -136,7 +136,8 @@ def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """y = quant8(x) @ dequantize(qweight).T + bias for x [..., in_features] (float32,
     bfloat16, or float16 computed in fp32; y has x's dtype). qweight: int4 / uint4 codes [out, ceil(in / 2)] as
     ops.quantize packs them; scales fp32 [out, ceil(in / group_size)]; zero points uint8 (uint4).
-    packed: pack_w4a8_weight of these weights (or None), read at a few tokens; the same bits."""
+    packed: pack_w4a8_weight of these weights (or None), read instead of them where a native
+    kernel runs; the same bits."""
     _check_backend(backend)
     _check_args(x, qweight, scales, zero_points, bias, fmt, group_size, in_features)
     if packed is not None and (not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8
