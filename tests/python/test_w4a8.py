@@ -84,8 +84,10 @@ def test_layer_packed_copy_follows_its_tensors(fmt, isa):
         with torch.no_grad():
             want = ts.ops.w4a8.linear_w4a8_reference(x, m.qweight, m.scales, m.zero_points, m.bias, fmt, 64)
             assert torch.equal(m(x), want), M
-    assert (m._packed is not None) == (isa != "scalar")
+    copy_of = m.packed_weight(m.qweight, m.scales, m.zero_points)
+    assert (copy_of is not None) == (isa != "scalar")
     assert all("packed" not in k for k in m.state_dict())
+    assert not copy.deepcopy(m)._plans  # derived data is not copied with the module
     x = _x((3, 200), seed=7)
     check_matches_fresh_state(m, make, x, seen)
     with torch.no_grad():
@@ -100,8 +102,9 @@ def test_layer_packed_copy_follows_its_tensors(fmt, isa):
         check_matches_fresh_state(m, make, x, seen)
     scalar = ts.W4A8Linear.from_linear(lin, fmt, 64, backend="scalar")
     with torch.no_grad():
-        scalar(x)
-    assert scalar._packed is None
+        assert torch.equal(scalar(x), ts.ops.w4a8.linear_w4a8_reference(
+            x, scalar.qweight, scalar.scales, scalar.zero_points, scalar.bias, fmt, 64))
+    assert not scalar._plans and scalar.packed_weight(scalar.qweight, scalar.scales, scalar.zero_points) is None
 
 
 def test_packed_copy_errors_name_the_problem():
