@@ -157,26 +157,6 @@ def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.to(dtype).reshape(*lead, qweight.shape[0])
 
 
-def linear_w4a8_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                       zero_points: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
-                       group_size: int, in_features: int, backend: str,
-                       packed: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """linear_w4a8 for a layer's own packed tensors and an input whose last dimension the layer
-    has checked, in the common case (fp32 rows-contiguous CPU input, eager, nothing for the
-    dispatcher to do): the same CPU function with the same arguments, so the same bits, without
-    the per-call argument checks in Python (the native core checks the tensors again), 5-6 us
-    of a call. None where the case does not hold: the caller then calls linear_w4a8."""
-    if (x.dtype != torch.float32 or backend == "reference"
-            or not _eager.direct_ok((x, qweight, scales, zero_points, bias))):
-        return None
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1:
-        return None
-    y = _linear_w4a8_impl(x2, qweight, scales, zero_points, bias, fmt, group_size, W4A8_BACKENDS[backend],
-                          packed)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
-
-
 def kernel_name(in_features: int, group_size: int) -> str:
     """The kernel backend="auto" runs: "avx512_vnni", "avx512bw", "avx2" or "reference" (scalar C++)."""
     return _C.linear_w4a8_kernel(in_features, group_size)
