@@ -304,3 +304,14 @@ def test_minilm_embeddings_close_to_int4_weight_only():
     # INT4 RTN sets the level (0.937 on 96 sentences, test_minilm.py); INT8 activations per
     # token cost little on top of it.
     assert cos >= 0.92 and cos >= cos_wo - 0.01, (cos, cos_wo)
+
+
+def test_compiled_layer_takes_the_op_with_the_same_bits():
+    """Under torch.compile the layer keeps no packed copy and calls the op (its fake kernel
+    takes the packed argument too); the result is the eager layer's, bit for bit."""
+    torch.manual_seed(6)
+    layer = ts.W4A8Linear.from_linear(nn.Linear(128, 24), "int4", 64)
+    x = torch.randn(3, 128)
+    compiled = torch.compile(lambda t: layer(t), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), layer(x))
