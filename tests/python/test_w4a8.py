@@ -126,6 +126,10 @@ def test_packed_copy_errors_name_the_problem():
         ts.ops.linear_w4a8(x, q, s, z, None, "uint4", 32, K, packed=packed.float())
     with pytest.raises(ValueError, match="must be one of"):
         ts.ops.w4a8.pack_w4a8_weight(q, s, z, "int8", 32, K)
+    with pytest.raises(TypeError, match="qweight: expected a 2-D uint8 tensor"):
+        ts.ops.w4a8.pack_w4a8_weight(q.flatten(), s, z, "uint4", 32, K)
+    with pytest.raises(ValueError, match=r"scales: expected shape"):  # another weight's scales
+        ts.ops.w4a8.pack_w4a8_weight(q, s[:, :1], z, "uint4", 32, K)
     _, q6, s6, _ = _weight("int4", N, 96, 6)  # no kernel takes a group of 6: no copy
     assert ts.ops.w4a8.pack_w4a8_weight(q6, s6, None, "int4", 6, 96) is None
 

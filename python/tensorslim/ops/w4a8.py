@@ -111,9 +111,12 @@ def pack_w4a8_weight(qweight: torch.Tensor, scales: torch.Tensor, zero_points: O
     reads one stream and sums each row in its own lane, and no call transposes weights.
     linear_w4a8(packed=...) reads it at every token count; None where no native kernel takes
     the shape. Derived data, the size of qweight plus its scales: never saved."""
-    spec = get_format(fmt) if fmt in W4A8_FORMATS else None
-    if spec is None:
+    if fmt not in W4A8_FORMATS:
         raise ValueError(f"pack_w4a8_weight: weights must be one of {W4A8_FORMATS}, got {fmt!r}")
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
+        raise TypeError(f"qweight: expected a 2-D uint8 tensor [out_features, ceil(in_features / 2)], "
+                        f"got {type(qweight).__name__}")
+    spec = get_format(fmt)
     n = _C.linear_w4a8_packed_bytes(qweight.shape[0], in_features, group_size, spec.id)
     if n <= 0:
         return None
