@@ -11,7 +11,8 @@ import sys
 CHOICES = ("avx2", "avx512")
 _ENV = {
     "avx2": {"TENSORSLIM_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
     "avx512": {},  # the machine as it is
 }
 

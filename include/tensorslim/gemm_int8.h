@@ -39,9 +39,9 @@ void quantize_static(const TensorView& x, const TensorView* inv_smooth, float sc
 // exact, else ours).
 // K = 0 gives out = bias (or 0).
 // packed: nullptr, or linear_int8_pack's copy of qweight under the active ISA: on AVX-512
-// VNNI CPUs without AMX our VNNI panels (kAuto / kNative then run them at every row count),
-// elsewhere oneDNN's blocked layout, read by
-// oneDNN with u8 activations instead of re-blocking qweight on every call.
+// VNNI CPUs without AMX our VNNI panels, on AVX2 CPUs whose oneDNN kernel is inexact our AVX2
+// panels (kAuto / kNative then run either at every row count), elsewhere oneDNN's blocked
+// layout, read by oneDNN with u8 activations instead of re-blocking qweight on every call.
 void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                  const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
                  const TensorView& out, GemmBackend backend, const TensorView* packed = nullptr);
@@ -57,6 +57,10 @@ bool linear_int8_packing_pays();
 // Whether that layout is our VNNI panels (which run every row count, so layers holding it
 // need no other route to a fast GEMM).
 bool linear_int8_packs_vnni_panels();
+// The packed layout for a [N, K] weight under the active ISA: "vnni_panels" (AVX-512 VNNI
+// without AMX), "onednn" (oneDNN's, where its kernel is exact), "avx2_panels" (AVX2 where
+// oneDNN's is not: ours, exact) or "none".
+const char* linear_int8_packed_layout(int64_t K, int64_t N);
 
 namespace cpu {
 void quantize_per_token_reference(const TensorView& x, const TensorView* inv_smooth,
@@ -94,10 +98,22 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
                       const TensorView* bias, const TensorView& out);
 // The same arithmetic for many activation rows (weight packed into 8-column panels per call,
 // 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more
-// (kInt8PanelMinRowsLarge for weights of kInt8LargeWeight values and more).
+// (kInt8PanelMinRowsLarge for weights of kInt8LargeWeight values and more). prepacked: those
+// panels packed once (linear_int8_avx2_pack), read at every row count, with uint8 codes as
+// they are where the header says every weight code lies in [-64, 64].
 bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                              const TensorView& qweight, const TensorView& w_scales,
-                             const TensorView* bias, const TensorView& out);
+                             const TensorView* bias, const TensorView& out,
+                             const uint8_t* prepacked = nullptr);
+// The AVX2 panels' packed copy (linear_int8_pack's layout on AVX2 CPUs where oneDNN's kernel is
+// inexact): a kInt8Avx2HeaderBytes header (magic "tsi8av21", int64 K, N, and 1 where every
+// code lies in [-64, 64]), ceil(N / 8) panels of [ceil(K / 4)][8 rows][4 bytes] (zero past K
+// and N), then each row's sum of codes as int32 (ceil(N / 8) * 8 of them, 0 past N).
+constexpr int64_t kInt8Avx2HeaderBytes = 64;
+int64_t linear_int8_avx2_packed_bytes(int64_t K, int64_t N);
+void linear_int8_avx2_pack(const TensorView& qweight, const TensorView& packed);
+// Whether packed (at least kInt8Avx2HeaderBytes) holds that layout of a [N, K] weight.
+bool linear_int8_avx2_packed_matches(const uint8_t* packed, int64_t K, int64_t N);
 constexpr int64_t kInt8PanelMinRows = 16;
 // The panel kernels transpose the whole weight on every call; a weight far larger than the
 // caches then streams through them once more, while the GEMVs read it as stored (each block

@@ -86,6 +86,9 @@ void register_int8(py::module_& m) {
         "Whether layers keep the packed copy (false on AMX: oneDNN reads plain weights faster).");
   m.def("linear_int8_packs_vnni_panels", &linear_int8_packs_vnni_panels,
         "Whether the packed layout is our VNNI panels, which run every row count.");
+  m.def("linear_int8_packed_layout", &linear_int8_packed_layout,
+        "The packed layout for [N, K] int8 weights under the active ISA: 'vnni_panels', 'onednn', "
+        "'avx2_panels' or 'none'.");
   m.def("linear_int8_pack", [](py::handle qweight, py::handle packed) {
     TensorView wv = to_view(qweight, "qweight"), pv = to_view(packed, "packed");
     py::gil_scoped_release release;

@@ -195,8 +195,8 @@ namespace {
 // Which packed layout linear_int8_pack writes for the active ISA, and its size: our VNNI
 // panels on AVX-512 VNNI CPUs, except where oneDNN runs AMX tiles (faster than VNNI from ~40
 // rows, and reading the plain weight: see linear_int8_packing_pays_onednn); elsewhere oneDNN's
-// own (0 bytes: none).
-enum class PackedLayout { kNone, kVnniPanels, kOneDnn };
+// own where its kernel is exact; else, on AVX2, our AVX2 panels (none below AVX2).
+enum class PackedLayout { kNone, kVnniPanels, kOneDnn, kAvx2Panels };
 
 struct Packing {
   PackedLayout layout;
@@ -208,7 +208,30 @@ bool packs_vnni_panels() { return cpu::int8_vnni_available() && !cpu::onednn_int
 Packing packing_for(int64_t K, int64_t N) {
   if (packs_vnni_panels()) return {PackedLayout::kVnniPanels, cpu::linear_int8_vnni_packed_bytes(K, N)};
   const int64_t bytes = cpu::linear_int8_packed_bytes_onednn(K, N);
-  return {bytes > 0 ? PackedLayout::kOneDnn : PackedLayout::kNone, bytes};
+  if (bytes > 0) return {PackedLayout::kOneDnn, bytes};
+  if (cpu::active_isa() == cpu::Isa::kAVX2) return {PackedLayout::kAvx2Panels, cpu::linear_int8_avx2_packed_bytes(K, N)};
+  return {PackedLayout::kNone, 0};
+}
+
+// Whether packed holds our layout of that kind for this weight (by its header); oneDNN's has
+// no header, so it is taken as what the size says.
+bool packed_header_matches(PackedLayout layout, const uint8_t* packed, int64_t K, int64_t N) {
+  const bool vnni = cpu::linear_int8_vnni_packed_matches(packed, K, N);
+  const bool avx2 = cpu::linear_int8_avx2_packed_matches(packed, K, N);
+  switch (layout) {
+    case PackedLayout::kVnniPanels: return vnni;
+    case PackedLayout::kAvx2Panels: return avx2;
+    default: return !vnni && !avx2;
+  }
+}
+
+// Our packed panels of that layout, at any row count; false where the ISA lacks them.
+bool our_panels(PackedLayout layout, const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
+                const TensorView& out, const uint8_t* panels) {
+  if (layout == PackedLayout::kVnniPanels)
+    return cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels);
+  return cpu::linear_int8_panels_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels);
 }
 
 }  // namespace
@@ -218,9 +241,21 @@ int64_t linear_int8_packed_bytes(int64_t K, int64_t N) {
   return packing_for(K, N).bytes;
 }
 
-bool linear_int8_packing_pays() { return packs_vnni_panels() || cpu::linear_int8_packing_pays_onednn(); }
+bool linear_int8_packing_pays() {
+  return packs_vnni_panels() || cpu::active_isa() == cpu::Isa::kAVX2 || cpu::linear_int8_packing_pays_onednn();
+}
 
 bool linear_int8_packs_vnni_panels() { return packs_vnni_panels(); }
+
+const char* linear_int8_packed_layout(int64_t K, int64_t N) {
+  TS_CHECK_VALUE(K > 0 && N > 0, "linear_int8_packed_layout: K and N must be positive");
+  switch (packing_for(K, N).layout) {
+    case PackedLayout::kVnniPanels: return "vnni_panels";
+    case PackedLayout::kOneDnn: return "onednn";
+    case PackedLayout::kAvx2Panels: return "avx2_panels";
+    default: return "none";
+  }
+}
 
 void linear_int8_pack(const TensorView& qweight, const TensorView& packed) {
   check_ndim(qweight, 2, "qweight");
@@ -236,6 +271,8 @@ void linear_int8_pack(const TensorView& qweight, const TensorView& packed) {
                                              " bytes, got " + std::to_string(packed.numel()));
   if (layout == PackedLayout::kVnniPanels)
     cpu::linear_int8_vnni_pack(qweight, packed);
+  else if (layout == PackedLayout::kAvx2Panels)
+    cpu::linear_int8_avx2_pack(qweight, packed);
   else
     cpu::linear_int8_pack_onednn(qweight, packed);
 }
@@ -297,8 +334,7 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
                        std::to_string(packed->numel()));
     // A buffer packed under another ISA (set_isa) or for another weight has the right size
     // only by chance; the panels' header says which it is.
-    TS_CHECK_VALUE(need == 0 || (layout == PackedLayout::kVnniPanels) ==
-                                    cpu::linear_int8_vnni_packed_matches(packed->ptr<uint8_t>(), K, N),
+    TS_CHECK_VALUE(need == 0 || packed_header_matches(layout, packed->ptr<uint8_t>(), K, N),
                    "packed: not linear_int8_pack's layout of this [" + std::to_string(N) + ", " +
                        std::to_string(K) + "] qweight under the active ISA (pack it again after "
                        "set_isa or a change of weights)");
@@ -307,7 +343,9 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
   // Our panels packed once run every row count: they beat our GEMV from 1 row (4096 x 4096
   // 1.20x, 11008 x 4096 1.57x, MiniLM's shapes 1.07-1.25x, weights hot; even when cold) and
   // oneDNN's and torch's matmuls at every size measured. oneDNN reads only its own layout.
-  const uint8_t* panels = packed && layout == PackedLayout::kVnniPanels ? packed->ptr<uint8_t>() : nullptr;
+  // Our AVX2 panels likewise: 4096 x 4096 (AVX2 caps) ... [measured below]
+  const bool ours = layout == PackedLayout::kVnniPanels || layout == PackedLayout::kAvx2Panels;
+  const uint8_t* panels = packed && ours ? packed->ptr<uint8_t>() : nullptr;
   if (panels) packed = nullptr;
   if (M == 0 || N == 0) return;
   if (K == 0) {  // an empty sum: only the bias is left
@@ -327,8 +365,7 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
                      "'native'");
       return;
     case GemmBackend::kNative:
-      if (panels && cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias,
-                                                 out, panels))
+      if (panels && our_panels(layout, qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels))
         return;
       if (M < cpu::kInt8PanelMinRows &&
           vnni_kernels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))
@@ -338,8 +375,7 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
                      "linear_int8: no native kernel for this ISA (needs AVX2)");
       return;
     case GemmBackend::kAuto:
-      if (panels && cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias,
-                                                 out, panels))
+      if (panels && our_panels(layout, qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels))
         return;
       if (M < cpu::kInt8VnniPanelMaxRows &&
           vnni_kernels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out))

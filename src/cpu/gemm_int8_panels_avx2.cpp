@@ -1,11 +1,16 @@
-// Exact INT8 GEMM for many activation rows on AVX2 CPUs without VNNI (compiled with
-// -mavx2 -mfma): the GEMV's arithmetic (gemm_int8_avx2.cpp: vpmaddubsw(|w|, sign(c, w)) with
-// codes c in [-127, 127], exact) in a GEMM layout. The weight is packed once per call into
+// Exact INT8 GEMM on AVX2 CPUs without VNNI (compiled with -mavx2 -mfma), in a GEMM layout:
 // panels of 8 output columns x 4 k (32 bytes: column j's 4 values at bytes 4j..4j+3), so one
 // vector product adds 4 k into 8 outputs and no horizontal sums are left; each activation row
-// reads 4 codes per step as one broadcast. Register tiles of 4 rows x 16 columns.
-// Activation codes, their shift and the exact corrections: int8_codes_avx2.h. The rescale is
-// the reference's expression in its order.
+// reads 4 codes per step as one broadcast. Two products, both exact:
+// - any weight codes: the GEMV's vpmaddubsw(|w|, sign(c, w)) (gemm_int8_avx2.cpp) with codes c
+//   in [-127, 127] (int8_codes_avx2.h: the shift and the exact corrections), 4 x 16 tiles;
+// - codes in [-64, 64] (weight_qmax=64, the configs' default on these CPUs): vpmaddubsw(q, w)
+//   on the uint8 codes q as they are (a pair sums to at most 2 * 255 * 64 = 32640, inside the
+//   int16 it saturates at), minus zp * sum w after: no sign per product, no code copy,
+//   6 x 16 tiles. Only from a packed copy (linear_int8_avx2_pack), whose header says whether
+//   the codes are that narrow.
+// The weight is packed per call unless a packed copy is given. The rescale is the reference's
+// expression in its order.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -39,7 +44,7 @@ void pack_weight(const int8_t* w, int64_t N, int64_t K, int64_t Kq, int8_t* dst,
           v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (p * 8 + j) * K + k0));
         transpose8(v);
         for (int q = 0; q < 8; ++q)
-          _mm256_store_si256(reinterpret_cast<__m256i*>(panel + (k0 / 4 + q) * 32), v[q]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + (k0 / 4 + q) * 32), v[q]);
       }
     }
     std::memset(panel + (k0 / 4) * 32, 0, (Kq - k0 / 4) * 32);
@@ -62,8 +67,8 @@ void tile(const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int6
     for (int h = 0; h < NP; ++h) acc[r][h] = _mm256_setzero_si256();
   for (int64_t q = 0; q < Kq; ++q) {
     __m256i w[NP], wabs[NP];
-    w[0] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b0 + q * 32));
-    if (NP == 2) w[NP - 1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b1 + q * 32));
+    w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + q * 32));
+    if (NP == 2) w[NP - 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + q * 32));
     for (int h = 0; h < NP; ++h) wabs[h] = _mm256_abs_epi8(w[h]);  // -128 -> 128 as unsigned
     for (int r = 0; r < MR; ++r) {
       int32_t four;
@@ -91,11 +96,138 @@ void tile_rows(int mr, const int8_t* a, int64_t lda, const int8_t* b0, const int
   }
 }
 
+// The narrow-weight product: acc[r][h] = sum over k of q[r][k] x panel h, q the uint8 codes
+// (int8 ones flipped to q + 128 by kFlip), MR rows read in place (the last step's bytes past K
+// as 0: their weights are 0).
+// The weight panels prefetched this many bytes ahead, one line per step: the hardware
+// prefetcher alone left the 1-8-row tiles waiting on L3 (4096 x 4096 from L3, 2 threads, 4 /
+// 8 rows: 0.675 / 0.952 -> 0.441 / 0.781 ms; 512 / 1024 bytes ahead in between).
+constexpr int64_t kAhead = 2048;
+template <int MR, int NP, bool kFlip>
+void tile_narrow(const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
+                 int32_t* acc_out /* [MR][16] */) {
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i acc[MR][NP];
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < NP; ++h) acc[r][h] = _mm256_setzero_si256();
+  auto step = [&](int64_t q, auto codes_of) {
+    __m256i w[NP];
+    w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + q * 32));
+    if (NP == 2) w[NP - 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + q * 32));
+    _mm_prefetch(reinterpret_cast<const char*>((q & 1) && NP == 2 ? b1 : b0) + q * 32 + kAhead, _MM_HINT_T0);
+    for (int r = 0; r < MR; ++r) {
+      __m256i c = _mm256_set1_epi32(codes_of(a + r * K + q * 4));
+      if (kFlip) c = _mm256_xor_si256(c, flip);
+      for (int h = 0; h < NP; ++h)
+        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(_mm256_maddubs_epi16(c, w[h]), ones));
+    }
+  };
+  const int64_t whole = K / 4;
+  for (int64_t q = 0; q < whole; ++q)
+    step(q, [](const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; });
+  if (whole < Kq)
+    step(whole, [&](const uint8_t* p) {
+      int32_t v = 0;
+      std::memcpy(&v, p, static_cast<size_t>(K - whole * 4));
+      return v;
+    });
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < NP; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + r * 16 + h * 8), acc[r][h]);
+}
+
+constexpr int kNarrowMR = 6;  // rows per narrow tile: 12 accumulators, 2 weights, 1 broadcast
+
+template <int NP, bool kFlip>
+void narrow_rows(int mr, const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
+                 int32_t* acc) {
+  static_assert(kNarrowMR == 6, "one case per row count");
+  switch (mr) {
+    case 1: return tile_narrow<1, NP, kFlip>(a, K, b0, b1, Kq, acc);
+    case 2: return tile_narrow<2, NP, kFlip>(a, K, b0, b1, Kq, acc);
+    case 3: return tile_narrow<3, NP, kFlip>(a, K, b0, b1, Kq, acc);
+    case 4: return tile_narrow<4, NP, kFlip>(a, K, b0, b1, Kq, acc);
+    case 5: return tile_narrow<5, NP, kFlip>(a, K, b0, b1, Kq, acc);
+    default: return tile_narrow<6, NP, kFlip>(a, K, b0, b1, Kq, acc);
+  }
+}
+
+void narrow_tile(int mr, int np, bool flip, const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1,
+                 int64_t Kq, int32_t* acc) {
+  if (np == 2)
+    flip ? narrow_rows<2, true>(mr, a, K, b0, b1, Kq, acc) : narrow_rows<2, false>(mr, a, K, b0, b1, Kq, acc);
+  else
+    flip ? narrow_rows<1, true>(mr, a, K, b0, b1, Kq, acc) : narrow_rows<1, false>(mr, a, K, b0, b1, Kq, acc);
+}
+
+// The packed copy: a kInt8Avx2HeaderBytes header, then ceil(N / 8) panels of [ceil(K/4)][8][4]
+// bytes (pack_weight's), then the N8 * 8 row sums as int32 (0 past N).
+struct Avx2Header {
+  char magic[8];
+  int64_t K, N, narrow;  // narrow: every code in [-64, 64]
+};
+constexpr char kAvx2Magic[8] = {'t', 's', 'i', '8', 'a', 'v', '2', '1'};
+static_assert(sizeof(Avx2Header) <= kInt8Avx2HeaderBytes, "header");
+
+struct Avx2Packed {
+  const int8_t* panels;
+  const int32_t* sums;
+  bool narrow;
+};
+
+Avx2Packed read_packed(const uint8_t* base, int64_t K, int64_t N) {
+  Avx2Header h;
+  std::memcpy(&h, base, sizeof(h));
+  const int64_t Kq = (K + 3) / 4, N8 = (N + 7) / 8;
+  const int8_t* panels = reinterpret_cast<const int8_t*>(base + kInt8Avx2HeaderBytes);
+  return {panels, reinterpret_cast<const int32_t*>(panels + N8 * Kq * 32), h.narrow != 0};
+}
+
 }  // namespace
+
+int64_t linear_int8_avx2_packed_bytes(int64_t K, int64_t N) {
+  const int64_t Kq = (K + 3) / 4, N8 = (N + 7) / 8;
+  return kInt8Avx2HeaderBytes + N8 * (Kq * 32 + 8 * 4);
+}
+
+bool linear_int8_avx2_packed_matches(const uint8_t* packed, int64_t K, int64_t N) {
+  Avx2Header h;
+  std::memcpy(&h, packed, sizeof(h));
+  return std::memcmp(h.magic, kAvx2Magic, sizeof(kAvx2Magic)) == 0 && h.K == K && h.N == N;
+}
+
+void linear_int8_avx2_pack(const TensorView& qweight, const TensorView& packed) {
+  const int64_t N = qweight.shape[0], K = qweight.shape[1], Kq = (K + 3) / 4, N8 = (N + 7) / 8;
+  uint8_t* base = static_cast<uint8_t*>(packed.data);
+  int8_t* panels = reinterpret_cast<int8_t*>(base + kInt8Avx2HeaderBytes);
+  int32_t* sums = reinterpret_cast<int32_t*>(panels + N8 * Kq * 32);
+  const int8_t* wq = qweight.ptr<int8_t>();
+  std::vector<char> wide(static_cast<size_t>(N8), 0);  // per panel: a code outside [-64, 64]
+  parallel_for(N8, std::max<int64_t>(1, 4096 / std::max<int64_t>(Kq, 1)), [&](int64_t p0, int64_t p1) {
+    pack_weight(wq, N, K, Kq, panels, p0, p1);
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t n = p * 8; n < p * 8 + 8; ++n) {
+        if (n >= N) {
+          sums[n] = 0;
+          continue;
+        }
+        sums[n] = row_sum(wq + n * K, K);
+        const int8_t* row = wq + n * K;
+        for (int64_t k = 0; k < K && !wide[p]; ++k) wide[p] = row[k] < -64 || row[k] > 64;
+      }
+  });
+  Avx2Header h{};
+  std::memcpy(h.magic, kAvx2Magic, sizeof(kAvx2Magic));
+  h.K = K;
+  h.N = N;
+  h.narrow = std::find(wide.begin(), wide.end(), 1) == wide.end();
+  std::memset(base, 0, kInt8Avx2HeaderBytes);
+  std::memcpy(base, &h, sizeof(h));
+}
 
 bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                              const TensorView& qweight, const TensorView& w_scales,
-                             const TensorView* bias, const TensorView& out) {
+                             const TensorView* bias, const TensorView& out, const uint8_t* prepacked) {
   if (active_isa() < Isa::kAVX2) return false;
   const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
   const bool is_u8 = qx.dtype == DType::kUInt8;
@@ -108,47 +240,67 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
   const int64_t Kq = (K + 3) / 4, Kp = Kq * 4;
   const int64_t N8 = (N + 7) / 8;
 
-  const Codes codes = make_codes(qx.ptr<uint8_t>(), M, K, Kp, is_u8);
-  const int32_t shift_back = is_u8 ? codes.shift - act_zero_point : 0;
+  Avx2Packed pk{};
   struct alignas(32) Block { int8_t v[32]; };
-  std::vector<Block> packed(N8 * Kq);
-  int8_t* panels = packed.front().v;
-  std::vector<int32_t> wsum(N8 * 8, 0);
-  parallel_for(N8, std::max<int64_t>(1, 4096 / std::max<int64_t>(Kq, 1)), [&](int64_t p0, int64_t p1) {
-    pack_weight(wq, N, K, Kq, panels, p0, p1);
-    if (shift_back)
-      for (int64_t n = p0 * 8; n < std::min(N, p1 * 8); ++n) {
-        wsum[n] = row_sum(wq + n * K, K);
-      }
-  });
+  std::vector<Block> per_call;
+  std::vector<int32_t> per_call_sums;
+  if (prepacked) {
+    pk = read_packed(prepacked, K, N);
+  } else {
+    per_call.resize(N8 * Kq);
+    per_call_sums.assign(N8 * 8, 0);
+    int8_t* panels = per_call.front().v;
+    parallel_for(N8, std::max<int64_t>(1, 4096 / std::max<int64_t>(Kq, 1)), [&](int64_t p0, int64_t p1) {
+      pack_weight(wq, N, K, Kq, panels, p0, p1);
+    });
+    pk = {panels, per_call_sums.data(), false};
+  }
+  const bool narrow = pk.narrow;
+  Codes codes;
+  int32_t shift_back = 0;  // the accumulators' sum (c - zp) w minus the true sum, per unit of sum w
+  if (narrow) {
+    shift_back = -(is_u8 ? act_zero_point : 128);
+  } else {
+    codes = make_codes(qx.ptr<uint8_t>(), M, K, Kp, is_u8);
+    shift_back = is_u8 ? codes.shift - act_zero_point : 0;
+    if (shift_back && !prepacked)
+      parallel_for(N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) per_call_sums[n] = row_sum(wq + n * K, K);
+      });
+  }
+  const int mr_max = narrow ? kNarrowMR : kMR;
 
   const int64_t col_tiles = (N + kNR - 1) / kNR;
   const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
   parallel_for(col_tiles * row_blocks, 1, [&](int64_t t0, int64_t t1) {
-    alignas(32) int32_t acc[kMR * 16];
+    alignas(32) int32_t acc[kNarrowMR * 16];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ct = t % col_tiles, rb = t / col_tiles;
       const int64_t n0 = ct * kNR, nr = std::min<int64_t>(kNR, N - n0);
-      const int8_t* b0 = panels + (n0 / 8) * Kq * 32;
+      const int8_t* b0 = pk.panels + (n0 / 8) * Kq * 32;
       const int8_t* b1 = b0 + Kq * 32;
-      for (int64_t m0 = rb * kRowBlock; m0 < std::min(M, (rb + 1) * kRowBlock); m0 += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-        const int8_t* a = codes.c.data() + m0 * Kp;
-        if (nr > 8)
-          tile_rows<2>(mr, a, Kp, b0, b1, Kq, acc);
+      for (int64_t m0 = rb * kRowBlock; m0 < std::min(M, (rb + 1) * kRowBlock); m0 += mr_max) {
+        const int mr = static_cast<int>(std::min<int64_t>(mr_max, M - m0));
+        if (narrow)
+          narrow_tile(mr, nr > 8 ? 2 : 1, !is_u8, qx.ptr<uint8_t>() + m0 * K, K, b0, b1, Kq, acc);
+        else if (nr > 8)
+          tile_rows<2>(mr, codes.c.data() + m0 * Kp, Kp, b0, b1, Kq, acc);
         else
-          tile_rows<1>(mr, a, Kp, b0, b1, Kq, acc);
+          tile_rows<1>(mr, codes.c.data() + m0 * Kp, Kp, b0, b1, Kq, acc);
         for (int r = 0; r < mr; ++r) {
           const int64_t m = m0 + r;
           int32_t* accr = acc + r * 16;
-          for (int64_t i = codes.first[m]; i < codes.first[m + 1]; ++i) {  // rare
-            const Clamp& cl = codes.clamps[i];
-            for (int64_t j = 0; j < nr; ++j) accr[j] += cl.delta * wq[(n0 + j) * K + cl.k];
-          }
+          if (!narrow)
+            for (int64_t i = codes.first[m]; i < codes.first[m + 1]; ++i) {  // rare
+              const Clamp& cl = codes.clamps[i];
+              for (int64_t j = 0; j < nr; ++j) accr[j] += cl.delta * wq[(n0 + j) * K + cl.k];
+            }
           const float a_s = as[per_token ? m : 0];
           float* yr = y + m * N + n0;
-          for (int64_t j = 0; j < nr; ++j) {
-            const int32_t v = accr[j] + shift_back * wsum[n0 + j];
+          for (int64_t j = 0; j < nr; ++j) {  // int32 wrapping as the reference's sum
+            const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(accr[j]) +
+                                                   static_cast<uint32_t>(shift_back) *
+                                                       static_cast<uint32_t>(pk.sums[n0 + j]));
             float o = static_cast<float>(v) * (a_s * ws[n0 + j]);
             if (b) o += b[n0 + j];
             yr[j] = o;

@@ -2,6 +2,7 @@
 // INT8 GEMM against a float64 product of the decoded values, and oneDNN against the reference.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -255,13 +256,15 @@ TEST(GemmInt8, OneDnnMatchesReferenceAndIsOptimized) {
 }
 
 // linear_int8_pack's layout for the active ISA, through linear_int8: our VNNI panels (AVX-512
-// VNNI without AMX) bit for bit with the reference on both activation types at every row
-// count; oneDNN's layout elsewhere. Each ISA of the machine (the layout follows it).
+// VNNI without AMX) or AVX2 panels (AVX2 where oneDNN's kernel is inexact: the avx2. ctest
+// pass) bit for bit with the reference on both activation types at every row count;
+// oneDNN's layout elsewhere. Each ISA of the machine (the layout follows it).
 TEST(GemmInt8, PackedWeightsMatchReference) {
   for (cpu::Isa isa : testing::machine_isas()) {
     IsaScope scope(isa);
-    const bool ours = linear_int8_packs_vnni_panels();
     for (const Problem& p : kProblems) {
+      const std::string layout = linear_int8_packed_layout(p.K, p.N);
+      const bool ours = layout == "vnni_panels" || layout == "avx2_panels";
       if (!p.is_u8 && !ours) continue;  // oneDNN's packed weights serve uint8 activations
       Data d = make_data(p, 4, true);
       const int64_t bytes = linear_int8_packed_bytes(p.K, p.N);
@@ -321,8 +324,9 @@ TEST(GemmInt8, OneDnnPackedWeightsMatchReference) {
 }
 
 // A packed buffer of the wrong size, or one whose header names another weight or layout, is
-// refused rather than read; our panels packed under AVX-512 and handed to AVX2's kernels
-// (set_isa between pack and call) are refused or, where AVX2 packs nothing, not read.
+// refused rather than read; our VNNI panels packed under AVX-512 and handed to AVX2's kernels
+// (set_isa between pack and call) are refused or, where AVX2 packs nothing, not read. Our
+// AVX2 panels (the avx2. pass) likewise.
 TEST(GemmInt8, PackedWeightsOfAnotherKindAreRefused) {
   const Problem p{16, 64, 32, true, false, true};
   Data d = make_data(p, 5);
@@ -337,11 +341,12 @@ TEST(GemmInt8, PackedWeightsOfAnotherKindAreRefused) {
                    zv = view1(zeros.data(), DType::kUInt8, bytes);
   EXPECT_THROW(linear_int8_pack(d.wv, sv), ValueError);
   EXPECT_THROW(linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto, &sv), ValueError);
-  if (!linear_int8_packs_vnni_panels()) return;
+  const std::string layout = linear_int8_packed_layout(p.K, p.N);
+  if (layout != "vnni_panels" && layout != "avx2_panels") return;  // oneDNN's has no header
   linear_int8_pack(d.wv, pv);
   linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, ov, GemmBackend::kAuto, &pv);
   EXPECT_EQ(out, ref);
-  {
+  if (layout == "vnni_panels") {
     IsaScope avx2(cpu::Isa::kAVX2);
     std::fill(out.begin(), out.end(), -1.0f);
     if (linear_int8_packed_bytes(p.K, p.N) == 0) {
@@ -423,6 +428,56 @@ TEST(GemmInt8, VnniKernelsMatchReferenceBitForBit) {
           }
         }
       }
+}
+
+// The AVX2 panels packed once (linear_int8_avx2_pack, what layers hold on AVX2 CPUs whose
+// oneDNN kernel is inexact): with every weight code in [-64, 64] the header says so and the
+// uint8 codes are multiplied as they are, including the pairs at the int16 edge (255 x 64 +
+// 255 x 64 = 32640) and s8 codes flipped to u8; one code of 65 or -65 takes the sign-product
+// path. Every zero point, K and N tails, rows around the 6-row narrow tiles and the 64-row
+// tasks. Bit-exact with the reference; the pack writes every byte of a 0xA5-filled buffer.
+TEST(GemmInt8, Avx2PackedPanelsMatchReferenceBitForBit) {
+  if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
+  IsaScope scope(cpu::Isa::kAVX2);
+  uint32_t seed = 70;
+  for (int64_t M : {1, 2, 5, 6, 7, 12, 13, 64, 70})
+    for (int64_t K : {1, 3, 4, 65, 130, 387})
+      for (bool is_u8 : {true, false})
+        for (int wide : {0, 1, 2}) {  // 0: codes in [-64, 64], 1: one 65, 2: one -65
+          const int64_t N = 8 * (M % 3) + (K % 5) + 9;
+          Data d = make_data({M, K, N, is_u8, M % 2 == 0, K != 3}, ++seed);
+          for (auto& c : d.w) c = static_cast<int8_t>(std::clamp<int>(c, -64, 64));
+          if (M == 7) std::fill(d.w.begin(), d.w.begin() + K, 64);  // row 0 at the int16 edge with q = 255
+          if (M == 7 && is_u8) std::fill(d.qx.begin(), d.qx.begin() + K, 255);
+          if (wide) d.w[d.w.size() / 2] = static_cast<int8_t>(wide == 1 ? 65 : -65);
+          const int64_t bytes = cpu::linear_int8_avx2_packed_bytes(K, N);
+          std::vector<uint8_t> packed(bytes + 64, 0xA5);
+          cpu::linear_int8_avx2_pack(d.wv, view1(packed.data(), DType::kUInt8, bytes));
+          ASSERT_TRUE(cpu::linear_int8_avx2_packed_matches(packed.data(), K, N));
+          ASSERT_FALSE(cpu::linear_int8_avx2_packed_matches(packed.data(), K + 1, N));
+          int64_t narrow = -1;
+          std::memcpy(&narrow, packed.data() + 24, sizeof(narrow));
+          EXPECT_EQ(narrow, wide ? 0 : 1) << "K=" << K << " wide=" << wide;
+          for (int64_t i = bytes; i < bytes + 64; ++i) ASSERT_EQ(packed[i], 0xA5) << "past the copy";
+          const int64_t N8 = (N + 7) / 8;
+          for (int64_t n = 0; n < N8 * 8; ++n) {  // the row sums end the copy, 0 past N
+            int32_t sum = 0, want = 0;
+            std::memcpy(&sum, packed.data() + bytes - 4 * (N8 * 8 - n), sizeof(sum));
+            for (int64_t k = 0; n < N && k < K; ++k) want += d.w[n * K + k];
+            ASSERT_EQ(sum, want) << "row " << n;
+          }
+          for (int32_t zp : is_u8 ? std::vector<int32_t>{0, 128, 255} : std::vector<int32_t>{0}) {
+            std::vector<float> ref(M * N), got(M * N, -1.0f);
+            const TensorView* b = K != 3 ? &d.bv : nullptr;
+            linear_int8(d.qxv, d.asv, zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, M, N),
+                        GemmBackend::kReference);
+            ASSERT_TRUE(cpu::linear_int8_panels_avx2(d.qxv, d.asv, zp, d.wv, d.wsv, b,
+                                                     view2(got.data(), DType::kFloat32, M, N), packed.data()));
+            for (int64_t i = 0; i < M * N; ++i)
+              ASSERT_EQ(got[i], ref[i]) << "M=" << M << " K=" << K << " N=" << N << " u8=" << is_u8
+                                        << " zp=" << zp << " wide=" << wide << " i=" << i;
+          }
+        }
 }
 
 // The inputs where vpmaddubsw saturates: u8 255 (zero point 0) against weights 127 / -128,

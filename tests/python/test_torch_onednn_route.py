@@ -30,10 +30,11 @@ EPILOGUES = [(False, ""), (False, "relu"), (False, "relu6"), (False, "silu"), (T
 
 @pytest.fixture(autouse=True)
 def linear_route_eligible(monkeypatch):
-    """Linears take this route only where our VNNI panels are not packed (AVX2, AVX2-VNNI, AMX
-    CPUs; test_w8a8.py checks that they replace it elsewhere): these tests exercise it on any
-    CPU whose torch matmul is exact, as those CPUs run it."""
-    monkeypatch.setattr(CT, "packs_vnni_panels", lambda: False)
+    """Linears take this route only where our panels are not packed (AVX2-VNNI and AMX CPUs;
+    test_w8a8.py checks that our VNNI and AVX2 panels replace it elsewhere): these tests
+    exercise it on any CPU whose torch matmul is exact or whose weight codes are narrow, as
+    those CPUs would run it."""
+    monkeypatch.setattr(CT, "packs_own_panels", lambda K, N: False)
 
 
 @pytest.fixture

@@ -118,6 +118,37 @@ def test_vnni_panels_take_every_row_count(monkeypatch):
         ts.ops.linear_int8(qx, s, 128, mod.qweight, mod.w_scales, None, packed=other)
 
 
+def test_avx2_panels_take_every_row_count(monkeypatch):
+    """Where pack_int8_weight writes our AVX2 panels (AVX2 CPUs whose oneDNN kernel is inexact:
+    this suite's AVX2-capped run), a layer keeps them and runs them at every row count, never
+    torch's matmul, with the reference's bits: narrow codes (weight_qmax=64, the default there)
+    and full-range ones (weight_qmax=127, the sign-product path), every activation kind."""
+    if ts.ops.int8.packed_layout(130, 200) != "avx2_panels":
+        pytest.skip("no AVX2 panels here (run with TENSORSLIM_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2)")
+    routed = []
+    real = ts.ops.torch_onednn.linear_w8a8
+    monkeypatch.setattr(ts.ops.torch_onednn, "linear_w8a8", lambda *a, **k: routed.append(1) or real(*a, **k))
+    monkeypatch.setattr(ts.ops.torch_onednn, "LARGE_WEIGHT", 1)  # every weight "large": the route's fewest rows
+    monkeypatch.setattr(ts.ops.torch_onednn, "_MIN_MACS", 1)
+    torch.manual_seed(7)
+    for qmax in (64, 127):
+        for mode, signed in (("dynamic", False), ("static", False), ("static", True)):
+            w, b = torch.randn(200, 130), torch.randn(200)
+            mod = ts.Int8Linear.from_float(w, b, mode, None, 0.05 if mode == "static" else None,
+                                           (0 if signed else 100) if mode == "static" else 0, act_signed=signed,
+                                           weight_qmax=qmax)
+            ref = copy.deepcopy(mod)
+            ref.backend = "reference"
+            for rows in (1, 5, 6, 7, 16, 17, 64, 300):
+                x = 3 * torch.randn(rows, 130)
+                with torch.no_grad():
+                    assert torch.equal(mod(x), ref(x)), (qmax, mode, signed, rows)
+            assert mod._packed is not None and mod._packed.numel() == ts._C.linear_int8_packed_bytes(130, 200)
+            assert bytes(mod._packed[:8].tolist()) == b"tsi8av21"
+            assert int(mod._packed[24]) == (1 if qmax == 64 else 0)  # the header's narrow flag
+    assert not routed
+
+
 @pytest.mark.parametrize("pays", [True, False])
 def test_module_packs_where_packing_pays(monkeypatch, pays):
     # A layer keeps the packed copy only where the CPU's kernels read it faster (not on AMX),

@@ -214,10 +214,28 @@ def packs_vnni_panels() -> bool:
     return _packs_vnni_panels(_C.active_isa())
 
 
+@functools.lru_cache(maxsize=None)
+def _packed_layout(isa: str, K: int, N: int) -> str:
+    return _C.linear_int8_packed_layout(K, N)
+
+
+def packed_layout(K: int, N: int) -> str:
+    """pack_int8_weight's layout for a [N, K] weight under the active ISA: "vnni_panels",
+    "onednn", "avx2_panels" or "none" (linear_int8_packed_layout in gemm_int8.h)."""
+    return _packed_layout(_C.active_isa(), K, N)
+
+
+def packs_own_panels(K: int, N: int) -> bool:
+    """Whether pack_int8_weight writes our panels (VNNI or AVX2) for a [N, K] weight under the
+    active ISA: linear_int8 then runs them at every row count."""
+    return packed_layout(K, N) in ("vnni_panels", "avx2_panels")
+
+
 def pack_int8_weight(qweight: torch.Tensor) -> Optional[torch.Tensor]:
     """qweight [N, K] int8 packed for linear_int8(packed=...) under the active ISA (uint8
-    bytes): our VNNI panels on AVX-512 VNNI CPUs without AMX, else oneDNN's blocked layout; None
-    where there is no such layout. Derived data: never saved; pack again after set_isa."""
+    bytes): our VNNI panels on AVX-512 VNNI CPUs without AMX, oneDNN's blocked layout where its
+    kernel is exact, else on AVX2 our AVX2 panels; None where there is no such layout. Derived
+    data: never saved; pack again after set_isa."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.device.type != "cpu":
         raise TypeError(f"qweight: expected a 2-D int8 CPU tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     n = _C.linear_int8_packed_bytes(qweight.shape[1], qweight.shape[0])

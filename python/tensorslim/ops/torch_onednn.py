@@ -27,7 +27,7 @@ import torch
 
 from .. import _views
 from .._native import _C
-from .int8 import INT8_BACKENDS, packs_vnni_panels, quantize_per_token, quantize_static
+from .int8 import INT8_BACKENDS, packed_layout, packs_own_panels, quantize_per_token, quantize_static
 
 # activation -> (torch's unary post-op name, its scalars)
 _UNARY = {"": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", [])}
@@ -230,9 +230,10 @@ LARGE_WEIGHT_MIN_ROWS = 16
 @functools.lru_cache(maxsize=None)
 def _matmul_exact(K: int, N: int) -> bool:
     """Whether oneDNN's u8 x s8 matmul of this shape is exact on this CPU (VNNI or AMX: our
-    dispatch's test, gemm_int8_onednn.cpp); without, our AVX2 kernels keep the product. A
-    packed layout exists exactly there: oneDNN's, or our VNNI panels on VNNI CPUs."""
-    return _C.linear_int8_packed_bytes(K, N) > 0
+    dispatch's test, gemm_int8_onednn.cpp); without, our AVX2 kernels keep the product. The
+    packed layout says it: oneDNN's where exact, or our VNNI panels on VNNI CPUs (our AVX2
+    panels or none elsewhere)."""
+    return packed_layout(K, N) in ("vnni_panels", "onednn")
 
 
 def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[], bool]] = None) -> bool:
@@ -241,16 +242,16 @@ def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[],
     where that matmul is exact: on every CPU with VNNI or AMX, and on the others (AVX2) when
     narrow_weights() says the weight codes lie in [-64, 64]: a pair of u8 x s8 products is then
     at most 2 * 255 * 64 = 32640, inside the saturating int16 those kernels add pairs in. Never
-    where pack_int8_weight writes our VNNI panels (ops.int8.packs_vnni_panels): on a 2-core Zen
-    4, layer against this route (dynamic, 1-640 rows), 384 x 384 2.68-1.07x, 384 x 1536 /
+    where pack_int8_weight writes our panels (ops.int8.packs_own_panels). VNNI panels on a 2-core
+    Zen 4, layer against this route (dynamic, 1-640 rows), 384 x 384 2.68-1.07x, 384 x 1536 /
     1536 x 384 2.53-1.05x, 4096 x 4096 2.14-1.08x, 4096 x 11008 2.11-1.10x (docs/benchmarks.md,
-    eighteenth session).
+    eighteenth session); AVX2 panels (AVX2 caps, the route on oneDNN's AVX2 kernels) AVX2SEE.
     Measured on a 2-core Zen 4 after a torch op (dynamic, torch's / the wheel's time): 384 x 384
     at 56-128 rows 1.06-1.08 (the wheel wins; under _MIN_MACS), 256 rows 0.97, 1024 rows 0.61;
     384 x 1536 at 40-80 rows 1.00-1.04, 128-1024 rows 0.59-0.64; 1536 x 384 0.63-0.75 from 40
     rows."""
     min_rows = LARGE_WEIGHT_MIN_ROWS if K * N >= LARGE_WEIGHT else LINEAR_MIN_ROWS
-    if not (rows >= min_rows and rows * K * N >= _MIN_MACS and available()) or packs_vnni_panels():
+    if not (rows >= min_rows and rows * K * N >= _MIN_MACS and available()) or packs_own_panels(K, N):
         return False
     return _matmul_exact(K, N) or (narrow_weights is not None and narrow_weights())
 
