@@ -160,6 +160,30 @@ void narrow_tile(int mr, int np, bool flip, const uint8_t* a, int64_t K, const i
     flip ? narrow_rows<1, true>(mr, a, K, b0, b1, Kq, acc) : narrow_rows<1, false>(mr, a, K, b0, b1, Kq, acc);
 }
 
+// y[j] = float(acc[j] + shift_back * sums[j]) * (a_s * ws[j]) (+ b[j]) for j < nr: the
+// reference's expression in its order (int32 wrapping, as its sum), 8 outputs per vector. Per
+// element, this epilogue took ~25% of a 6-row tile at K = 384.
+void rescale(const int32_t* acc, const int32_t* sums, int32_t shift_back, float a_s, const float* ws,
+             const float* b, float* y, int64_t nr) {
+  const __m256i shift = _mm256_set1_epi32(shift_back);
+  const __m256 scale = _mm256_set1_ps(a_s);
+  int64_t j = 0;
+  for (; j + 8 <= nr; j += 8) {
+    const __m256i v = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)),
+                                       _mm256_mullo_epi32(shift, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + j))));
+    __m256 o = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(scale, _mm256_loadu_ps(ws + j)));
+    if (b) o = _mm256_add_ps(o, _mm256_loadu_ps(b + j));
+    _mm256_storeu_ps(y + j, o);
+  }
+  for (; j < nr; ++j) {
+    const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(acc[j]) +
+                                           static_cast<uint32_t>(shift_back) * static_cast<uint32_t>(sums[j]));
+    float o = static_cast<float>(v) * (a_s * ws[j]);
+    if (b) o += b[j];
+    y[j] = o;
+  }
+}
+
 // The packed copy: a kInt8Avx2HeaderBytes header, then ceil(N / 8) panels of [ceil(K/4)][8][4]
 // bytes (pack_weight's), then the N8 * 8 row sums as int32 (0 past N).
 struct Avx2Header {
@@ -295,16 +319,8 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
               const Clamp& cl = codes.clamps[i];
               for (int64_t j = 0; j < nr; ++j) accr[j] += cl.delta * wq[(n0 + j) * K + cl.k];
             }
-          const float a_s = as[per_token ? m : 0];
-          float* yr = y + m * N + n0;
-          for (int64_t j = 0; j < nr; ++j) {  // int32 wrapping as the reference's sum
-            const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(accr[j]) +
-                                                   static_cast<uint32_t>(shift_back) *
-                                                       static_cast<uint32_t>(pk.sums[n0 + j]));
-            float o = static_cast<float>(v) * (a_s * ws[n0 + j]);
-            if (b) o += b[n0 + j];
-            yr[j] = o;
-          }
+          rescale(accr, pk.sums + n0, shift_back, as[per_token ? m : 0], ws + n0, b ? b + n0 : nullptr,
+                  y + m * N + n0, nr);
         }
       }
     }

@@ -147,6 +147,17 @@ def test_avx2_panels_take_every_row_count(monkeypatch):
             assert bytes(mod._packed[:8].tolist()) == b"tsi8av21"
             assert int(mod._packed[24]) == (1 if qmax == 64 else 0)  # the header's narrow flag
     assert not routed
+    # From AVX2_PANELS_ROUTE_MIN_ROWS rows torch's matmul takes narrow codes (exact there)
+    rows = ts.ops.torch_onednn.AVX2_PANELS_ROUTE_MIN_ROWS
+    x = 3 * torch.randn(rows, 130)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)  # the last layer: w±127
+        assert not routed
+        narrow = ts.Int8Linear.from_float(torch.randn(200, 130), None, "dynamic", weight_qmax=64)
+        narrow_ref = copy.deepcopy(narrow)
+        narrow_ref.backend = "reference"
+        torch.testing.assert_close(narrow(x), narrow_ref(x), rtol=1e-5, atol=1e-5)
+    assert len(routed) == (1 if ts.ops.torch_onednn.available() else 0)
 
 
 @pytest.mark.parametrize("pays", [True, False])
