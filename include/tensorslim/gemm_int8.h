@@ -96,6 +96,10 @@ void linear_int8_reference(const TensorView& qx, const TensorView& act_scales,
 bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                       const TensorView& qweight, const TensorView& w_scales,
                       const TensorView* bias, const TensorView& out);
+// Its GEMV part alone (4-row tiles of dot products on the plain weight), at any row count.
+bool linear_int8_gemv_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
+                           const TensorView& qweight, const TensorView& w_scales,
+                           const TensorView* bias, const TensorView& out);
 // The same arithmetic for many activation rows (weight packed into 8-column panels per call,
 // 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more
 // (kInt8PanelMinRowsLarge for weights of kInt8LargeWeight values and more). prepacked: those
@@ -114,6 +118,8 @@ int64_t linear_int8_avx2_packed_bytes(int64_t K, int64_t N);
 void linear_int8_avx2_pack(const TensorView& qweight, const TensorView& packed);
 // Whether packed (at least kInt8Avx2HeaderBytes) holds that layout of a [N, K] weight.
 bool linear_int8_avx2_packed_matches(const uint8_t* packed, int64_t K, int64_t N);
+// Whether that header says every code lies in [-64, 64].
+bool linear_int8_avx2_packed_narrow(const uint8_t* packed);
 constexpr int64_t kInt8PanelMinRows = 16;
 // The panel kernels transpose the whole weight on every call; a weight far larger than the
 // caches then streams through them once more, while the GEMVs read it as stored (each block

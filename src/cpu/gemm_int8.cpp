@@ -225,12 +225,19 @@ bool packed_header_matches(PackedLayout layout, const uint8_t* packed, int64_t K
   }
 }
 
-// Our packed panels of that layout, at any row count; false where the ISA lacks them.
+// Our packed panels of that layout (or where they lose, the AVX2 GEMV on the plain weight);
+// false where the ISA lacks them.
 bool our_panels(PackedLayout layout, const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                 const TensorView& qweight, const TensorView& w_scales, const TensorView* bias,
                 const TensorView& out, const uint8_t* panels) {
   if (layout == PackedLayout::kVnniPanels)
     return cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels);
+  // Full-range codes on a large weight: the GEMV on the plain weight beats the sign-product
+  // panels at every row count measured (4096 x 4096, AVX2, 1 / 8 / 32 / 40 / 128 rows: 0.30 /
+  // 1.57 / 5.73 / 6.85 / 21.0 ms against 0.49 / 1.89 / 6.30 / 7.74 / 23.5); narrow codes'
+  // panels beat it from 1 row (0.17 / 0.74 ms at 1 / 8 rows).
+  if (!cpu::linear_int8_avx2_packed_narrow(panels) && qweight.shape[0] * qweight.shape[1] >= cpu::kInt8LargeWeight)
+    return cpu::linear_int8_gemv_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
   return cpu::linear_int8_panels_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels);
 }
 

@@ -220,6 +220,12 @@ bool linear_int8_avx2_packed_matches(const uint8_t* packed, int64_t K, int64_t N
   return std::memcmp(h.magic, kAvx2Magic, sizeof(kAvx2Magic)) == 0 && h.K == K && h.N == N;
 }
 
+bool linear_int8_avx2_packed_narrow(const uint8_t* packed) {
+  Avx2Header h;
+  std::memcpy(&h, packed, sizeof(h));
+  return h.narrow != 0;
+}
+
 void linear_int8_avx2_pack(const TensorView& qweight, const TensorView& packed) {
   const int64_t N = qweight.shape[0], K = qweight.shape[1], Kq = (K + 3) / 4, N8 = (N + 7) / 8;
   uint8_t* base = static_cast<uint8_t*>(packed.data);

@@ -480,6 +480,30 @@ TEST(GemmInt8, Avx2PackedPanelsMatchReferenceBitForBit) {
         }
 }
 
+// Through linear_int8 where the layout is our AVX2 panels (the avx2. pass): a weight of
+// kInt8LargeWeight values with full-range codes runs the GEMV on the plain weight at every row
+// count, narrow codes the panels; both bit-exact.
+TEST(GemmInt8, Avx2PanelsDispatchOnLargeWeightsIsExact) {
+  const int64_t K = 4096, N = cpu::kInt8LargeWeight / K;
+  if (std::string(linear_int8_packed_layout(K, N)) != "avx2_panels") GTEST_SKIP() << "no AVX2 panels here";
+  for (bool wide : {true, false})
+    for (int64_t M : {2, 33}) {
+      Data d = make_data({M, K, N, true, true, true}, 90 + M);
+      if (!wide)
+        for (auto& c : d.w) c = static_cast<int8_t>(std::clamp<int>(c, -64, 64));
+      std::vector<uint8_t> packed(linear_int8_packed_bytes(K, N));
+      const TensorView pv = view1(packed.data(), DType::kUInt8, static_cast<int64_t>(packed.size()));
+      linear_int8_pack(d.wv, pv);
+      ASSERT_EQ(cpu::linear_int8_avx2_packed_narrow(packed.data()), !wide);
+      std::vector<float> ref(M * N), got(M * N, -1.0f);
+      linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, view2(ref.data(), DType::kFloat32, M, N),
+                  GemmBackend::kReference);
+      linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, view2(got.data(), DType::kFloat32, M, N),
+                  GemmBackend::kAuto, &pv);
+      ASSERT_EQ(got, ref) << "wide=" << wide << " M=" << M;
+    }
+}
+
 // The inputs where vpmaddubsw saturates: u8 255 (zero point 0) against weights 127 / -128,
 // and s8 -128 against -128. Both automatic and native paths give the exact sums.
 TEST(GemmInt8, SaturatingPairsAreExact) {
