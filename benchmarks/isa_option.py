@@ -1,5 +1,7 @@
 """--isa avx2|avx512 for the benchmarks: caps our kernels *and* the baseline (torch's ATen and
-MKL, oneDNN) at one ISA, so an AVX-512 machine can measure what an AVX2-only CPU gets.
+MKL, oneDNN, and fbgemm, which runs torch's quantize_dynamic) at one ISA, so an AVX-512
+machine can measure what an AVX2-only CPU gets. ONNX Runtime has no such switch: its kernels
+keep the machine's best ISA.
 
 The caps are environment variables those libraries read when they load, so a benchmark
 calls cap_from_argv() before it imports torch or tensorslim, then add_argument(parser)

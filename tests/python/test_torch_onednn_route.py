@@ -34,7 +34,7 @@ def linear_route_eligible(monkeypatch):
     test_w8a8.py checks that our VNNI and AVX2 panels replace it elsewhere): these tests
     exercise it on any CPU whose torch matmul is exact or whose weight codes are narrow, as
     those CPUs would run it."""
-    monkeypatch.setattr(CT, "_panels_route_min_rows", lambda K, N: None)
+    monkeypatch.setattr(CT, "packs_own_panels", lambda K, N: False)
 
 
 @pytest.fixture

@@ -225,12 +225,6 @@ LINEAR_MIN_ROWS = 40
 # at 32 rows: 1.74).
 LARGE_WEIGHT = 1 << 24
 LARGE_WEIGHT_MIN_ROWS = 16
-# Where the layer holds our AVX2 panels (AVX2 CPUs whose oneDNN kernel is inexact: the route
-# then needs codes in [-64, 64]), torch's matmul from this many rows. Dynamic, AVX2 caps, 2-core
-# Zen 4, layer on the panels against the route (interleaved): 384 x 384 at 40 / 128 / 640 /
-# 1792 rows 1.00 / 1.56 / 1.10 / 1.00x, 384 x 1536 1.84 / 1.26 / 0.94 / 0.97x, 1536 x 384
-# 1.77 / 1.23 / 0.99 / 0.96x, 4096 x 4096 1.72 / 1.15 / 0.92x (640 rows).
-AVX2_PANELS_ROUTE_MIN_ROWS = 640
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,34 +236,24 @@ def _matmul_exact(K: int, N: int) -> bool:
     return packed_layout(K, N) in ("vnni_panels", "onednn")
 
 
-def _panels_route_min_rows(K: int, N: int) -> Optional[float]:
-    """Rows from which a layer holding our panels for a [N, K] weight takes this route: never
-    (inf) for VNNI panels, AVX2_PANELS_ROUTE_MIN_ROWS for AVX2 panels; None where
-    pack_int8_weight writes no panels of ours."""
-    if not packs_own_panels(K, N):
-        return None
-    return AVX2_PANELS_ROUTE_MIN_ROWS if packed_layout(K, N) == "avx2_panels" else math.inf
-
-
 def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[], bool]] = None) -> bool:
     """Whether Int8Linear should take torch's matmul for this many rows of this shape: from
     LINEAR_MIN_ROWS rows (LARGE_WEIGHT_MIN_ROWS for a LARGE_WEIGHT) and _MIN_MACS multiply-adds,
     where that matmul is exact: on every CPU with VNNI or AMX, and on the others (AVX2) when
     narrow_weights() says the weight codes lie in [-64, 64]: a pair of u8 x s8 products is then
     at most 2 * 255 * 64 = 32640, inside the saturating int16 those kernels add pairs in. Never
-    where pack_int8_weight writes our VNNI panels (_panels_route_min_rows): on a 2-core Zen
-    4, layer against this route (dynamic, 1-640 rows), 384 x 384 2.68-1.07x, 384 x 1536 /
+    where pack_int8_weight writes our panels (ops.int8.packs_own_panels). VNNI panels on a 2-core
+    Zen 4, layer against this route (dynamic, 1-640 rows): 384 x 384 2.68-1.07x, 384 x 1536 /
     1536 x 384 2.53-1.05x, 4096 x 4096 2.14-1.08x, 4096 x 11008 2.11-1.10x (docs/benchmarks.md,
-    eighteenth session); where it writes our AVX2 panels, from AVX2_PANELS_ROUTE_MIN_ROWS.
+    eighteenth session). AVX2 panels (narrow codes, AVX2 caps): 1.0-1.84x at 40-128 rows, 0.92-
+    1.10x at 640-1792 (twentieth session); the route's 3-8% there is not worth the third copy
+    of the weight it would pack beside qweight and the panels.
     Measured on a 2-core Zen 4 after a torch op (dynamic, torch's / the wheel's time): 384 x 384
     at 56-128 rows 1.06-1.08 (the wheel wins; under _MIN_MACS), 256 rows 0.97, 1024 rows 0.61;
     384 x 1536 at 40-80 rows 1.00-1.04, 128-1024 rows 0.59-0.64; 1536 x 384 0.63-0.75 from 40
     rows."""
     min_rows = LARGE_WEIGHT_MIN_ROWS if K * N >= LARGE_WEIGHT else LINEAR_MIN_ROWS
-    panels_rows = _panels_route_min_rows(K, N)
-    if panels_rows is not None:
-        min_rows = max(min_rows, panels_rows)
-    if not (rows >= min_rows and rows * K * N >= _MIN_MACS and available()):
+    if not (rows >= min_rows and rows * K * N >= _MIN_MACS and available()) or packs_own_panels(K, N):
         return False
     return _matmul_exact(K, N) or (narrow_weights is not None and narrow_weights())
 
