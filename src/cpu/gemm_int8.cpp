@@ -350,7 +350,8 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
   // Our panels packed once run every row count: they beat our GEMV from 1 row (4096 x 4096
   // 1.20x, 11008 x 4096 1.57x, MiniLM's shapes 1.07-1.25x, weights hot; even when cold) and
   // oneDNN's and torch's matmuls at every size measured. oneDNN reads only its own layout.
-  // Our AVX2 panels likewise: 4096 x 4096 (AVX2 caps) ... [measured below]
+  // Our AVX2 panels likewise with narrow codes: 1.6-2.7x our GEMV / per-call panels at 1-640
+  // rows of 4096 x 4096, fbgemm's AVX2 speed (benchmarks.md, twentieth session).
   const bool ours = layout == PackedLayout::kVnniPanels || layout == PackedLayout::kAvx2Panels;
   const uint8_t* panels = packed && ours ? packed->ptr<uint8_t>() : nullptr;
   if (panels) packed = nullptr;

@@ -96,13 +96,14 @@ void tile_rows(int mr, const int8_t* a, int64_t lda, const int8_t* b0, const int
   }
 }
 
-// The narrow-weight product: acc[r][h] = sum over k of q[r][k] x panel h, q the uint8 codes
-// (int8 ones flipped to q + 128 by kFlip), MR rows read in place (the last step's bytes past K
-// as 0: their weights are 0).
 // The weight panels prefetched this many bytes ahead, one line per step: the hardware
 // prefetcher alone left the 1-8-row tiles waiting on L3 (4096 x 4096 from L3, 2 threads, 4 /
 // 8 rows: 0.675 / 0.952 -> 0.441 / 0.781 ms; 512 / 1024 bytes ahead in between).
 constexpr int64_t kAhead = 2048;
+
+// The narrow-weight product: acc[r][h] = sum over k of q[r][k] x panel h, q the uint8 codes
+// (int8 ones flipped to q + 128 by kFlip), MR rows read in place (the last step's bytes past K
+// as 0: their weights are 0).
 template <int MR, int NP, bool kFlip>
 void tile_narrow(const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
                  int32_t* acc_out /* [MR][16] */) {
@@ -287,7 +288,7 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
   }
   const bool narrow = pk.narrow;
   Codes codes;
-  int32_t shift_back = 0;  // the accumulators' sum (c - zp) w minus the true sum, per unit of sum w
+  int32_t shift_back = 0;  // the true sum (q - zp) w = the accumulators + shift_back * sum w
   if (narrow) {
     shift_back = -(is_u8 ? act_zero_point : 128);
   } else {
