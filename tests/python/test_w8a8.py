@@ -77,18 +77,25 @@ def test_packed_weights_give_the_same_result():
         ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed[:-1])
 
 
-def test_vnni_panels_take_every_row_count(monkeypatch):
+@pytest.fixture
+def routed(monkeypatch):
+    """The calls Int8Linear hands to torch's matmul, with the route open from the fewest rows
+    for every weight (each "large", no multiply-add floor)."""
+    calls = []
+    real = ts.ops.torch_onednn.linear_w8a8
+    monkeypatch.setattr(ts.ops.torch_onednn, "linear_w8a8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ts.ops.torch_onednn, "LARGE_WEIGHT", 1)
+    monkeypatch.setattr(ts.ops.torch_onednn, "_MIN_MACS", 1)
+    return calls
+
+
+def test_vnni_panels_take_every_row_count(routed):
     """Where pack_int8_weight writes our VNNI panels (AVX-512 VNNI without AMX), a layer runs
     them at every row count, never torch's matmul, with the reference's bits; under another ISA
     (set_isa) it packs again for that ISA's kernels; a buffer whose header names another shape
     is refused."""
     if not ts.ops.int8.packs_vnni_panels():
         pytest.skip("no VNNI panels here (no AVX-512 VNNI, or an AMX CPU)")
-    routed = []
-    real = ts.ops.torch_onednn.linear_w8a8
-    monkeypatch.setattr(ts.ops.torch_onednn, "linear_w8a8", lambda *a, **k: routed.append(1) or real(*a, **k))
-    monkeypatch.setattr(ts.ops.torch_onednn, "LARGE_WEIGHT", 1)  # every weight "large": the route's fewest rows
-    monkeypatch.setattr(ts.ops.torch_onednn, "_MIN_MACS", 1)
     torch.manual_seed(6)
     for mode, signed in (("dynamic", False), ("static", False), ("static", True)):
         w, b = torch.randn(200, 130), torch.randn(200)
@@ -118,7 +125,7 @@ def test_vnni_panels_take_every_row_count(monkeypatch):
         ts.ops.linear_int8(qx, s, 128, mod.qweight, mod.w_scales, None, packed=other)
 
 
-def test_avx2_panels_take_every_row_count(monkeypatch):
+def test_avx2_panels_take_every_row_count(routed):
     """Where pack_int8_weight writes our AVX2 panels (AVX2 CPUs whose oneDNN kernel is inexact:
     this suite's AVX2-capped run), a layer keeps them and runs them at every row count, never
     torch's matmul, with the reference's bits: narrow codes (weight_qmax=64, the default there)
@@ -126,11 +133,6 @@ def test_avx2_panels_take_every_row_count(monkeypatch):
     matmul never packs its own copy beside them."""
     if ts.ops.int8.packed_layout(130, 200) != "avx2_panels":
         pytest.skip("no AVX2 panels here (run with TENSORSLIM_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2)")
-    routed = []
-    real = ts.ops.torch_onednn.linear_w8a8
-    monkeypatch.setattr(ts.ops.torch_onednn, "linear_w8a8", lambda *a, **k: routed.append(1) or real(*a, **k))
-    monkeypatch.setattr(ts.ops.torch_onednn, "LARGE_WEIGHT", 1)  # every weight "large": the route's fewest rows
-    monkeypatch.setattr(ts.ops.torch_onednn, "_MIN_MACS", 1)
     torch.manual_seed(7)
     for qmax in (64, 127):
         for mode, signed in (("dynamic", False), ("static", False), ("static", True)):
