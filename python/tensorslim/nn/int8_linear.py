@@ -109,8 +109,7 @@ class Int8Linear(CompressedLinear):
         qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point = t
         eager = _eager.direct_ok((x, qweight, w_scales, bias, inv_smooth))  # first: no probe while compiling
         if (eager and self.backend == "auto" and not self.act_signed
-                and torch_onednn.linear_pays(x.numel() // self.in_features, self.in_features, self.out_features,
-                                             lambda: self._narrow_weights(qweight))):
+                and torch_onednn.linear_pays(x.numel() // self.in_features, self.in_features, self.out_features)):
             return self._torch_forward(x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point)
         if eager and self.backend != "reference" and (act_scale is None or act_scale.is_cpu):
             plan = self._call_plan(qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point)

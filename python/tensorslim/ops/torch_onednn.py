@@ -12,8 +12,9 @@ epilogue) on the OpenMP team itself, so the threads that would spin do the work.
 Int8Conv2d takes this route in eager CPU calls large enough to gain (`pays`) whose epilogue
 is one torch's op has (no residual: none / ReLU / ReLU6 / SiLU; with a residual: none / ReLU);
 Int8Linear (uint8 codes) from the rows where our dispatch would hand the product to oneDNN, or
-fewer for large weights (`linear_pays`), except where the layer holds our VNNI panels (AVX-512
-VNNI CPUs without AMX), which beat this matmul at every size measured there.
+fewer for large weights (`linear_pays`), except where the layer holds our panels (VNNI ones on
+AVX-512 VNNI CPUs without AMX, AVX2 ones on AVX2 CPUs without VNNI), which beat this matmul at
+every size measured there or nearly (AVX2 from 640 rows: 0.92-1.10x).
 Everything else runs our kernels. TENSORSLIM_TORCH_ONEDNN=0 turns the route off (A/B runs,
 tests). The activations are always quantized by our quantizers.
 """
@@ -21,7 +22,7 @@ import functools
 import math
 import os
 import threading
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -236,13 +237,13 @@ def _matmul_exact(K: int, N: int) -> bool:
     return packed_layout(K, N) in ("vnni_panels", "onednn")
 
 
-def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[], bool]] = None) -> bool:
+def linear_pays(rows: int, K: int, N: int) -> bool:
     """Whether Int8Linear should take torch's matmul for this many rows of this shape: from
     LINEAR_MIN_ROWS rows (LARGE_WEIGHT_MIN_ROWS for a LARGE_WEIGHT) and _MIN_MACS multiply-adds,
-    where that matmul is exact: on every CPU with VNNI or AMX, and on the others (AVX2) when
-    narrow_weights() says the weight codes lie in [-64, 64]: a pair of u8 x s8 products is then
-    at most 2 * 255 * 64 = 32640, inside the saturating int16 those kernels add pairs in. Never
-    where pack_int8_weight writes our panels (ops.int8.packs_own_panels). VNNI panels on a 2-core
+    where that matmul is exact (CPUs with VNNI or AMX). Never where pack_int8_weight writes our
+    panels (ops.int8.packs_own_panels), which on AVX2 CPUs without VNNI it always does (there
+    torch's kernels add pairs of u8 x s8 products in saturating int16; the route took codes in
+    [-64, 64], exact there, until our AVX2 panels ran them faster). VNNI panels on a 2-core
     Zen 4, layer against this route (dynamic, 1-640 rows): 384 x 384 2.68-1.07x, 384 x 1536 /
     1536 x 384 2.53-1.05x, 4096 x 4096 2.14-1.08x, 4096 x 11008 2.11-1.10x (docs/benchmarks.md,
     eighteenth session). AVX2 panels (narrow codes, AVX2 caps): 1.0-1.84x at 40-128 rows, 0.92-
@@ -255,16 +256,16 @@ def linear_pays(rows: int, K: int, N: int, narrow_weights: Optional[Callable[[],
     min_rows = LARGE_WEIGHT_MIN_ROWS if K * N >= LARGE_WEIGHT else LINEAR_MIN_ROWS
     if not (rows >= min_rows and rows * K * N >= _MIN_MACS and available()) or packs_own_panels(K, N):
         return False
-    return _matmul_exact(K, N) or (narrow_weights is not None and narrow_weights())
+    return _matmul_exact(K, N)
 
 
 def default_weight_qmax(K: int, N: int) -> int:
-    """The configs' weight_qmax=None for a [N, K] linear on this CPU: 64 where only codes in
-    [-64, 64] make torch's oneDNN matmul exact (no VNNI / AMX) and its ops are present, so that
-    matmul can run the layer (linear_pays); else 127. The route's on / off switch is not read:
-    it is for A/B runs and must not change what a model quantizes to."""
-    available()  # probes torch's ops once
-    return 64 if _ops_present and not _matmul_exact(K, N) else 127
+    """The configs' weight_qmax=None for a [N, K] linear on this CPU: 64 where the layer will
+    hold our AVX2 panels (AVX2 CPUs whose oneDNN INT8 matmul is inexact, no VNNI / AMX), which
+    multiply codes in [-64, 64] without the sign product full-range codes need (1.6-2.9x at
+    4096 x 4096, docs/benchmarks.md, twentieth session); else 127. The route's on / off switch
+    is not read: it is for A/B runs and must not change what a model quantizes to."""
+    return 64 if packed_layout(K, N) == "avx2_panels" else 127
 
 
 def linear_prepack(qweight: torch.Tensor) -> torch.Tensor:
