@@ -1,7 +1,8 @@
 // libFuzzer target: the linear kernels' argument checks. Shapes, strides, dtypes, formats,
 // group sizes, backends and which optional tensors are present all come from the input, and
-// every buffer is exactly as large as its view addresses. W4A8 also gets a packed copy: none,
-// linear_w4a8_pack's (sometimes with a byte changed), or bytes from the input. A kernel may refuse with a
+// every buffer is exactly as large as its view addresses. INT8 and W4A8 also get a packed copy:
+// none, linear_int8_pack's / linear_w4a8_pack's (sometimes with a byte changed), or bytes from
+// the input. A kernel may refuse with a
 // ValueError or TypeError; anything else (a crash, an ASan report, another exception) is a
 // finding.
 #include <cstdint>
@@ -70,10 +71,22 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case 0:
         linear_weight_only(x.view, w.view, s.view, zp, bias, info.format, group, out.view, backend);
         break;
-      case 1:
+      case 1: {
+        fuzz::Owned packed;
+        const int64_t how = in.range(0, 2);
+        if (how == 1) {  // the real copy (VNNI / AVX2 panels or oneDNN's); it throws where there is none
+          const int64_t shape[1] = {linear_int8_packed_bytes(K, N)};
+          packed = fuzz::make_view(in, DType::kUInt8, 1, shape, false);
+          linear_int8_pack(w.view, packed.view);
+          if (shape[0] > 0 && in.byte() & 1) packed.buf[in.range(0, shape[0] - 1)] ^= in.byte() | 1;
+        } else if (how == 2) {
+          const int64_t shape[1] = {in.range(0, 1024)};
+          packed = fuzz::make_view(in, DType::kUInt8, 1, shape, false);
+        }
         linear_int8(x.view, a.view, static_cast<int32_t>(in.range(-2, 260)), w.view, s.view, bias,
-                    out.view, backend);
+                    out.view, backend, how ? &packed.view : nullptr);
         break;
+      }
       case 2:
         linear_lowbit(x.view, w.view, s.view, zp, tscale, bias, info.format, group, out.view, work,
                       backend);
