@@ -460,6 +460,8 @@ TEST(GemmInt8, Avx2PackedPanelsMatchReferenceBitForBit) {
           EXPECT_EQ(narrow, wide ? 0 : 1) << "K=" << K << " wide=" << wide;
           for (int64_t i = bytes; i < bytes + 64; ++i) ASSERT_EQ(packed[i], 0xA5) << "past the copy";
           const int64_t N8 = (N + 7) / 8;
+          for (int64_t i = 0; i < bytes - 4 * N8 * 8; ++i)  // 0xA5 (-91) is no code here, nor in the header
+            ASSERT_NE(packed[i], 0xA5) << "byte " << i << " of the header and panels unwritten";
           for (int64_t n = 0; n < N8 * 8; ++n) {  // the row sums end the copy, 0 past N
             int32_t sum = 0, want = 0;
             std::memcpy(&sum, packed.data() + bytes - 4 * (N8 * 8 - n), sizeof(sum));
