@@ -310,8 +310,9 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
       const int64_t n0 = ct * kNR, nr = std::min<int64_t>(kNR, N - n0);
       const int8_t* b0 = pk.panels + (n0 / 8) * Kq * 32;
       const int8_t* b1 = b0 + Kq * 32;
-      for (int64_t m0 = rb * kRowBlock; m0 < std::min(M, (rb + 1) * kRowBlock); m0 += mr_max) {
-        const int mr = static_cast<int>(std::min<int64_t>(mr_max, M - m0));
+      const int64_t rend = std::min(M, (rb + 1) * kRowBlock);  // this task's rows: no tile crosses into the next
+      for (int64_t m0 = rb * kRowBlock; m0 < rend; m0 += mr_max) {
+        const int mr = static_cast<int>(std::min<int64_t>(mr_max, rend - m0));
         if (narrow)
           narrow_tile(mr, nr > 8 ? 2 : 1, !is_u8, qx.ptr<uint8_t>() + m0 * K, K, b0, b1, Kq, acc);
         else if (nr > 8)
