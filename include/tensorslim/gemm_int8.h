@@ -101,8 +101,8 @@ bool linear_int8_gemv_avx2(const TensorView& qx, const TensorView& act_scales, i
                            const TensorView& qweight, const TensorView& w_scales,
                            const TensorView* bias, const TensorView& out);
 // The same arithmetic for many activation rows (weight packed into 8-column panels per call,
-// 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more
-// (kInt8PanelMinRowsLarge for weights of kInt8LargeWeight values and more). prepacked: those
+// 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more of
+// weights below kInt8LargeWeight values. prepacked: those
 // panels packed once (linear_int8_avx2_pack), read at every row count, with uint8 codes as
 // they are where the header says every weight code lies in [-64, 64].
 bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
@@ -128,8 +128,12 @@ constexpr int64_t kInt8PanelMinRows = 16;
 // 16 rows 0.71-0.81 / 1.00-1.25 ms, GEMV 0.51-0.61 / 1.02-1.11, alike at 32; AVX2 (capped)
 // panels at 16 / 32 rows 3.9 / 5.7-6.2 ms, GEMV 2.5-2.9 / 4.6-6.3. Weights of 4M values: alike
 // at 8 rows, panels ahead from 16; MiniLM's 384 x 1536: panels ahead from 12 (AVX2: from 16).
+// On AVX2, weights of kInt8LargeWeight values and more keep the GEMV at every row count: per-call
+// panels against it (AVX2 caps, full-range codes, interleaved) 4096 x 4096 at 32 / 128 / 512 rows
+// 7.73 / 24.79 / 95.27 against 5.58 / 20.85 / 81.69 ms, 4096 x 11008 41.98 / 85.67 / 270.81
+// against 14.86 / 55.28 / 223.16, 11008 x 4096 38.42 / 79.36 / 232.89 against 13.82 / 54.67 /
+// 212.29 (the panels used to take them from 32 rows).
 constexpr int64_t kInt8LargeWeight = int64_t{1} << 24;
-constexpr int64_t kInt8PanelMinRowsLarge = 32;
 // AVX-512 VNNI CPUs, few rows (gemm_int8_avx512.cpp): vpdpbusd on the plain int8 weight, exact
 // without corrections, bit-exact with the reference; false where the active ISA is not
 // AVX-512 or the CPU lacks VNNI. Below kInt8VnniMaxRows (kInt8VnniLargeMaxRows for weights of

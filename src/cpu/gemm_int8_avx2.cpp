@@ -95,7 +95,7 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
                       const TensorView* bias, const TensorView& out) {
   if (active_isa() < Isa::kAVX2) return false;
   const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
-  if (M >= (K * N >= kInt8LargeWeight ? kInt8PanelMinRowsLarge : kInt8PanelMinRows))
+  if (K * N < kInt8LargeWeight && M >= kInt8PanelMinRows)
     return linear_int8_panels_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
   return linear_int8_gemv_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
 }
