@@ -54,9 +54,6 @@ void linear_int8_pack(const TensorView& qweight, const TensorView& packed);
 // Whether a layer should keep that packed copy: false where oneDNN's kernels run faster on
 // the plain weight (AMX) or where there is no packing.
 bool linear_int8_packing_pays();
-// Whether that layout is our VNNI panels (which run every row count, so layers holding it
-// need no other route to a fast GEMM).
-bool linear_int8_packs_vnni_panels();
 // The packed layout for a [N, K] weight under the active ISA: "vnni_panels" (AVX-512 VNNI
 // without AMX), "onednn" (oneDNN's, where its kernel is exact), "avx2_panels" (AVX2 where
 // oneDNN's is not: ours, exact) or "none".
@@ -96,10 +93,6 @@ void linear_int8_reference(const TensorView& qx, const TensorView& act_scales,
 bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
                       const TensorView& qweight, const TensorView& w_scales,
                       const TensorView* bias, const TensorView& out);
-// Its GEMV part alone (4-row tiles of dot products on the plain weight), at any row count.
-bool linear_int8_gemv_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
-                           const TensorView& qweight, const TensorView& w_scales,
-                           const TensorView* bias, const TensorView& out);
 // The same arithmetic for many activation rows (weight packed into 8-column panels per call,
 // 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more of
 // weights below kInt8LargeWeight values. prepacked: those

@@ -84,8 +84,6 @@ void register_int8(py::module_& m) {
         "Bytes of [N, K] int8 weights in the packed layout for the active ISA (0: none).");
   m.def("linear_int8_packing_pays", &linear_int8_packing_pays,
         "Whether layers keep the packed copy (false on AMX: oneDNN reads plain weights faster).");
-  m.def("linear_int8_packs_vnni_panels", &linear_int8_packs_vnni_panels,
-        "Whether the packed layout is our VNNI panels, which run every row count.");
   m.def("linear_int8_packed_layout", &linear_int8_packed_layout,
         "The packed layout for [N, K] int8 weights under the active ISA: 'vnni_panels', 'onednn', "
         "'avx2_panels' or 'none'.");

@@ -232,12 +232,12 @@ bool our_panels(PackedLayout layout, const TensorView& qx, const TensorView& act
                 const TensorView& out, const uint8_t* panels) {
   if (layout == PackedLayout::kVnniPanels)
     return cpu::linear_int8_vnni_panels(qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels);
-  // Full-range codes on a large weight: the GEMV on the plain weight beats the sign-product
-  // panels at every row count measured (4096 x 4096, AVX2, 1 / 8 / 32 / 40 / 128 rows: 0.30 /
-  // 1.57 / 5.73 / 6.85 / 21.0 ms against 0.49 / 1.89 / 6.30 / 7.74 / 23.5); narrow codes'
-  // panels beat it from 1 row (0.17 / 0.74 ms at 1 / 8 rows).
+  // Full-range codes on a large weight: the plain path (its GEMV at every row count there) beats
+  // the sign-product panels (4096 x 4096, AVX2, 1 / 8 / 32 / 40 / 128 rows: 0.30 / 1.57 / 5.73 /
+  // 6.85 / 21.0 ms against 0.49 / 1.89 / 6.30 / 7.74 / 23.5); narrow codes' panels beat it from
+  // 1 row (0.17 / 0.74 ms at 1 / 8 rows).
   if (!cpu::linear_int8_avx2_packed_narrow(panels) && qweight.shape[0] * qweight.shape[1] >= cpu::kInt8LargeWeight)
-    return cpu::linear_int8_gemv_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
+    return cpu::linear_int8_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
   return cpu::linear_int8_panels_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels);
 }
 
@@ -249,10 +249,11 @@ int64_t linear_int8_packed_bytes(int64_t K, int64_t N) {
 }
 
 bool linear_int8_packing_pays() {
-  return packs_vnni_panels() || cpu::active_isa() == cpu::Isa::kAVX2 || cpu::linear_int8_packing_pays_onednn();
+  // On AVX2 our panels wherever oneDNN's kernel is inexact; an AMX oneDNN is exact, its layout
+  // the one packed, and that one does not pay.
+  const bool avx2_panels = cpu::active_isa() == cpu::Isa::kAVX2 && !cpu::onednn_int8_uses_amx();
+  return packs_vnni_panels() || avx2_panels || cpu::linear_int8_packing_pays_onednn();
 }
-
-bool linear_int8_packs_vnni_panels() { return packs_vnni_panels(); }
 
 const char* linear_int8_packed_layout(int64_t K, int64_t N) {
   TS_CHECK_VALUE(K > 0 && N > 0, "linear_int8_packed_layout: K and N must be positive");

@@ -97,14 +97,6 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
   const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
   if (K * N < kInt8LargeWeight && M >= kInt8PanelMinRows)
     return linear_int8_panels_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
-  return linear_int8_gemv_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
-}
-
-bool linear_int8_gemv_avx2(const TensorView& qx, const TensorView& act_scales, int32_t act_zero_point,
-                           const TensorView& qweight, const TensorView& w_scales,
-                           const TensorView* bias, const TensorView& out) {
-  if (active_isa() < Isa::kAVX2) return false;
-  const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
   const bool is_u8 = qx.dtype == DType::kUInt8;
   const bool per_token = act_scales.shape[0] == M && M != 1;
   const int8_t* wq = qweight.ptr<int8_t>();

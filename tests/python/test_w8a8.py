@@ -71,7 +71,7 @@ def test_packed_weights_give_the_same_result():
     fast = ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed)
     ref = ts.ops.linear_int8(qx, s, 128, w, ws, b, backend="reference")
     assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5) and torch.allclose(plain, fast, rtol=1e-6, atol=1e-6)
-    if ts.ops.int8.packs_vnni_panels():  # our panels: the reference's bits
+    if ts.ops.int8.packs_own_panels(160, 96):  # our panels (VNNI or AVX2): the reference's bits
         assert torch.equal(fast, ref)
     with pytest.raises(ValueError, match="packed"):
         ts.ops.linear_int8(qx, s, 128, w, ws, b, packed=packed[:-1])
@@ -94,7 +94,7 @@ def test_vnni_panels_take_every_row_count(routed):
     them at every row count, never torch's matmul, with the reference's bits; under another ISA
     (set_isa) it packs again for that ISA's kernels; a buffer whose header names another shape
     is refused."""
-    if not ts.ops.int8.packs_vnni_panels():
+    if ts.ops.int8.packed_layout(130, 200) != "vnni_panels":
         pytest.skip("no VNNI panels here (no AVX-512 VNNI, or an AMX CPU)")
     torch.manual_seed(6)
     for mode, signed in (("dynamic", False), ("static", False), ("static", True)):

@@ -204,17 +204,6 @@ def packing_pays() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _packs_vnni_panels(isa: str) -> bool:
-    return bool(_C.linear_int8_packs_vnni_panels())
-
-
-def packs_vnni_panels() -> bool:
-    """Whether pack_int8_weight writes our VNNI panels under the active ISA (AVX-512 VNNI CPUs
-    without AMX): linear_int8 then runs them at every row count."""
-    return _packs_vnni_panels(_C.active_isa())
-
-
-@functools.lru_cache(maxsize=None)
 def _packed_layout(isa: str, K: int, N: int) -> str:
     return _C.linear_int8_packed_layout(K, N)
 
