@@ -51,5 +51,14 @@ bool cpu_has_avx512_vnni();    // vpdpbusd on zmm (AVX512_VNNI), whatever the ac
 bool cpu_has_avx512_bf16();    // vdpbf16ps on zmm (AVX512_BF16), whatever the active ISA
 void set_isa(Isa isa);         // force a path (tests compare each one with the reference)
 
+// 256-bit vpdpbusd inside the AVX2 kernels (INT8 panels, W4A8's packed kernel): the VEX form
+// where the CPU has AVX-VNNI (Intel from Alder Lake on, which have no AVX-512), or the EVEX form
+// of AVX512-VNNI, so an AVX-512 CPU running its AVX2 paths can stand in for one. On by default
+// where the CPU has AVX-VNNI; TENSORSLIM_AVX2_VNNI=0|1 or set_avx2_vnni change that.
+enum class AvxVnni : int32_t { kNone = 0, kVex = 1, kEvex = 2 };
+bool cpu_has_avx_vnni();       // AVX-VNNI (VEX vpdpbusd on ymm), whatever the active ISA
+AvxVnni avx2_vnni();           // the form the AVX2 kernels use now: kNone unless the active ISA is AVX2 and it is on
+void set_avx2_vnni(bool on);   // on needs AVX-VNNI or AVX512-VNNI (ValueError otherwise)
+
 }  // namespace cpu
 }  // namespace tensorslim

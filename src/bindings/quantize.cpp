@@ -57,6 +57,27 @@ void register_quantize(py::module_& m) {
       if (name == cpu::isa_name(isa)) return cpu::set_isa(isa);
     throw ValueError("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
   });
+  m.def("avx2_vnni", [] {
+    switch (cpu::avx2_vnni()) {
+      case cpu::AvxVnni::kVex: return "vex";
+      case cpu::AvxVnni::kEvex: return "evex";
+      default: return "none";
+    }
+  }, "The vpdpbusd form the AVX2 kernels use now: 'vex' (AVX-VNNI), 'evex' (AVX512-VNNI standing "
+     "in on an AVX-512 CPU) or 'none' (vpmaddubsw; or the active ISA is not AVX2).");
+  m.def("set_avx2_vnni", &cpu::set_avx2_vnni, py::arg("on"),
+        "Whether the AVX2 kernels use 256-bit vpdpbusd (ValueError where the CPU has neither AVX-VNNI "
+        "nor AVX512-VNNI). On by default only where the CPU has AVX-VNNI.");
+  m.def("cpu_has_avx_vnni", &cpu::cpu_has_avx_vnni);
+  m.def("kernel_isa", [] {
+    const std::string isa = cpu::isa_name(cpu::active_isa());
+    switch (cpu::avx2_vnni()) {
+      case cpu::AvxVnni::kVex: return isa + "+avx_vnni";
+      case cpu::AvxVnni::kEvex: return isa + "+evex_vnni";
+      default: return isa;
+    }
+  }, "The active ISA and, on AVX2, the vpdpbusd form its kernels use: 'avx2+avx_vnni', "
+     "'avx2+evex_vnni' (AVX512-VNNI standing in), else as active_isa. Packed layouts follow it.");
 }
 
 }  // namespace bindings

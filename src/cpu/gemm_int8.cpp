@@ -194,8 +194,10 @@ namespace {
 
 // Which packed layout linear_int8_pack writes for the active ISA, and its size: our VNNI
 // panels on AVX-512 VNNI CPUs, except where oneDNN runs AMX tiles (faster than VNNI from ~40
-// rows, and reading the plain weight: see linear_int8_packing_pays_onednn); elsewhere oneDNN's
-// own where its kernel is exact; else, on AVX2, our AVX2 panels (none below AVX2).
+// rows, and reading the plain weight: see linear_int8_packing_pays_onednn); our AVX2 panels
+// where the AVX2 kernels have vpdpbusd (AVX-VNNI: as on AVX-512 VNNI, our panels rather than
+// oneDNN's, whose VNNI kernel is exact there too); elsewhere oneDNN's own where its kernel is
+// exact; else, on AVX2, our AVX2 panels (none below AVX2).
 enum class PackedLayout { kNone, kVnniPanels, kOneDnn, kAvx2Panels };
 
 struct Packing {
@@ -207,6 +209,8 @@ bool packs_vnni_panels() { return cpu::int8_vnni_available() && !cpu::onednn_int
 
 Packing packing_for(int64_t K, int64_t N) {
   if (packs_vnni_panels()) return {PackedLayout::kVnniPanels, cpu::linear_int8_vnni_packed_bytes(K, N)};
+  if (cpu::avx2_vnni() != cpu::AvxVnni::kNone && !cpu::onednn_int8_uses_amx())
+    return {PackedLayout::kAvx2Panels, cpu::linear_int8_avx2_packed_bytes(K, N)};
   const int64_t bytes = cpu::linear_int8_packed_bytes_onednn(K, N);
   if (bytes > 0) return {PackedLayout::kOneDnn, bytes};
   if (cpu::active_isa() == cpu::Isa::kAVX2) return {PackedLayout::kAvx2Panels, cpu::linear_int8_avx2_packed_bytes(K, N)};
@@ -235,8 +239,9 @@ bool our_panels(PackedLayout layout, const TensorView& qx, const TensorView& act
   // Full-range codes on a large weight: the plain path (its GEMV at every row count there) beats
   // the sign-product panels (4096 x 4096, AVX2, 1 / 8 / 32 / 40 / 128 rows: 0.30 / 1.57 / 5.73 /
   // 6.85 / 21.0 ms against 0.49 / 1.89 / 6.30 / 7.74 / 23.5); narrow codes' panels beat it from
-  // 1 row (0.17 / 0.74 ms at 1 / 8 rows).
-  if (!cpu::linear_int8_avx2_packed_narrow(panels) && qweight.shape[0] * qweight.shape[1] >= cpu::kInt8LargeWeight)
+  // 1 row (0.17 / 0.74 ms at 1 / 8 rows), and so do any codes' with vpdpbusd.
+  if (!cpu::linear_int8_avx2_packed_narrow(panels) && cpu::avx2_vnni() == cpu::AvxVnni::kNone &&
+      qweight.shape[0] * qweight.shape[1] >= cpu::kInt8LargeWeight)
     return cpu::linear_int8_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
   return cpu::linear_int8_panels_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out, panels);
 }

@@ -1,20 +1,25 @@
-// Exact INT8 GEMM on AVX2 CPUs without VNNI (compiled with -mavx2 -mfma), in a GEMM layout:
-// panels of 8 output columns x 4 k (32 bytes: column j's 4 values at bytes 4j..4j+3), so one
-// vector product adds 4 k into 8 outputs and no horizontal sums are left; each activation row
-// reads 4 codes per step as one broadcast. Two products, both exact:
-// - any weight codes: the GEMV's vpmaddubsw(|w|, sign(c, w)) (gemm_int8_avx2.cpp) with codes c
-//   in [-127, 127] (int8_codes_avx2.h: the shift and the exact corrections), 4 x 16 tiles;
-// - codes in [-64, 64] (weight_qmax=64, the configs' default on these CPUs): vpmaddubsw(q, w)
-//   on the uint8 codes q as they are (a pair sums to at most 2 * 255 * 64 = 32640, inside the
-//   int16 it saturates at), minus zp * sum w after: no sign per product, no code copy,
-//   6 x 16 tiles. Only from a packed copy (linear_int8_avx2_pack), whose header says whether
-//   the codes are that narrow.
+// Exact INT8 GEMM on AVX2 CPUs (compiled with -mavx2 -mfma), in a GEMM layout: panels of 8
+// output columns x 4 k (32 bytes: column j's 4 values at bytes 4j..4j+3), so one vector product
+// adds 4 k into 8 outputs and no horizontal sums are left; each activation row reads 4 codes per
+// step as one broadcast. Three products, all exact:
+// - with 256-bit vpdpbusd (cpu::avx2_vnni: AVX-VNNI, or AVX512-VNNI's EVEX form), any weight
+//   codes: the uint8 codes q as they are times the weights, summed in int32, minus zp * sum w
+//   after;
+// - without it, codes in [-64, 64] (weight_qmax=64, the configs' default on these CPUs): the
+//   same on vpmaddubsw + vpmaddwd (a pair sums to at most 2 * 255 * 64 = 32640, inside the
+//   int16 it saturates at): no sign per product, no code copy, 6 x 16 tiles. Both only from a
+//   packed copy (linear_int8_avx2_pack) or with the row sums made per call; the copy's header
+//   says whether the codes are that narrow;
+// - without it, any weight codes: the GEMV's vpmaddubsw(|w|, sign(c, w)) (gemm_int8_avx2.cpp)
+//   with codes c in [-127, 127] (int8_codes_avx2.h: the shift and the exact corrections), 4 x 16
+//   tiles.
 // The weight is packed per call unless a packed copy is given. The rescale is the reference's
 // expression in its order.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -22,6 +27,7 @@
 #include "int8_codes_avx2.h"
 #include "tensorslim/quantize.h"
 #include "transpose8_avx2.h"
+#include "vnni_dot.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -101,17 +107,30 @@ void tile_rows(int mr, const int8_t* a, int64_t lda, const int8_t* b0, const int
 // 8 rows: 0.675 / 0.952 -> 0.441 / 0.781 ms; 512 / 1024 bytes ahead in between).
 constexpr int64_t kAhead = 2048;
 
-// The narrow-weight product: acc[r][h] = sum over k of q[r][k] x panel h, q the uint8 codes
-// (int8 ones flipped to q + 128 by kFlip), MR rows read in place (the last step's bytes past K
-// as 0: their weights are 0).
-template <int MR, int NP, bool kFlip>
-void tile_narrow(const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
-                 int32_t* acc_out /* [MR][16] */) {
-  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  __m256i acc[MR][NP];
-  for (int r = 0; r < MR; ++r)
-    for (int h = 0; h < NP; ++h) acc[r][h] = _mm256_setzero_si256();
-  auto step = [&](int64_t q, auto codes_of) {
+// vpmaddubsw + vpmaddwd as a vpdpbusd: exact where no pair of products passes int16 (codes in
+// [-64, 64] against uint8 codes).
+struct MaddPairs {
+  static __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  }
+};
+
+// The product on the codes as they are: acc[r][h] = sum over k of q[r][k] x panel h, q the
+// uint8 codes (int8 ones flipped to q + 128 by kFlip), MR rows read in place (the last step's
+// bytes past K as 0: their weights are 0), Dot a vpdpbusd (vnni_dot.h) or MaddPairs. vpdpbusd
+// adds into its accumulator (4-5 cycles, 2 per cycle), so up to 3 rows (<= 6 chains) alternate
+// two sets of accumulators between steps (4096 x 4096 at 1 row, EVEX form on Zen 4: 0.184 ms
+// with one set against 0.161 for MaddPairs, whose chain is a 1-cycle add).
+template <int MR, int NP, bool kFlip, class Dot>
+void tile_u8(const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
+             int32_t* acc_out /* [MR][16] */) {
+  constexpr int S = !std::is_same_v<Dot, MaddPairs> && MR <= 3 ? 2 : 1;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i acc[S][MR][NP];
+  for (int i = 0; i < S; ++i)
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < NP; ++h) acc[i][r][h] = _mm256_setzero_si256();
+  auto step = [&](int64_t q, __m256i (&set)[MR][NP], auto codes_of) {
     __m256i w[NP];
     w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + q * 32));
     if (NP == 2) w[NP - 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + q * 32));
@@ -119,46 +138,61 @@ void tile_narrow(const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1
     for (int r = 0; r < MR; ++r) {
       __m256i c = _mm256_set1_epi32(codes_of(a + r * K + q * 4));
       if (kFlip) c = _mm256_xor_si256(c, flip);
-      for (int h = 0; h < NP; ++h)
-        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(_mm256_maddubs_epi16(c, w[h]), ones));
+      for (int h = 0; h < NP; ++h) set[r][h] = Dot::dpbusd(set[r][h], c, w[h]);
     }
   };
+  const auto whole_word = [](const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; };
   const int64_t whole = K / 4;
-  for (int64_t q = 0; q < whole; ++q)
-    step(q, [](const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; });
+  int64_t q = 0;
+  for (; q + S <= whole; q += S)
+    for (int i = 0; i < S; ++i) step(q + i, acc[i], whole_word);
+  for (; q < whole; ++q) step(q, acc[0], whole_word);
   if (whole < Kq)
-    step(whole, [&](const uint8_t* p) {
+    step(whole, acc[S - 1], [&](const uint8_t* p) {
       int32_t v = 0;
       std::memcpy(&v, p, static_cast<size_t>(K - whole * 4));
       return v;
     });
   for (int r = 0; r < MR; ++r)
-    for (int h = 0; h < NP; ++h)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + r * 16 + h * 8), acc[r][h]);
+    for (int h = 0; h < NP; ++h) {
+      __m256i sum = acc[0][r][h];
+      if constexpr (S == 2) sum = _mm256_add_epi32(sum, acc[1][r][h]);  // int32 wrapping, as the reference's sum
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc_out + r * 16 + h * 8), sum);
+    }
 }
 
-constexpr int kNarrowMR = 6;  // rows per narrow tile: 12 accumulators, 2 weights, 1 broadcast
+constexpr int kU8MR = 6;  // rows per tile_u8: 12 accumulators, 2 weights, 1 broadcast
 
-template <int NP, bool kFlip>
-void narrow_rows(int mr, const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
-                 int32_t* acc) {
-  static_assert(kNarrowMR == 6, "one case per row count");
+template <int NP, bool kFlip, class Dot>
+void u8_rows(int mr, const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
+             int32_t* acc) {
+  static_assert(kU8MR == 6, "one case per row count");
   switch (mr) {
-    case 1: return tile_narrow<1, NP, kFlip>(a, K, b0, b1, Kq, acc);
-    case 2: return tile_narrow<2, NP, kFlip>(a, K, b0, b1, Kq, acc);
-    case 3: return tile_narrow<3, NP, kFlip>(a, K, b0, b1, Kq, acc);
-    case 4: return tile_narrow<4, NP, kFlip>(a, K, b0, b1, Kq, acc);
-    case 5: return tile_narrow<5, NP, kFlip>(a, K, b0, b1, Kq, acc);
-    default: return tile_narrow<6, NP, kFlip>(a, K, b0, b1, Kq, acc);
+    case 1: return tile_u8<1, NP, kFlip, Dot>(a, K, b0, b1, Kq, acc);
+    case 2: return tile_u8<2, NP, kFlip, Dot>(a, K, b0, b1, Kq, acc);
+    case 3: return tile_u8<3, NP, kFlip, Dot>(a, K, b0, b1, Kq, acc);
+    case 4: return tile_u8<4, NP, kFlip, Dot>(a, K, b0, b1, Kq, acc);
+    case 5: return tile_u8<5, NP, kFlip, Dot>(a, K, b0, b1, Kq, acc);
+    default: return tile_u8<6, NP, kFlip, Dot>(a, K, b0, b1, Kq, acc);
   }
 }
 
-void narrow_tile(int mr, int np, bool flip, const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1,
-                 int64_t Kq, int32_t* acc) {
+template <class Dot>
+void u8_tile_with(int mr, int np, bool flip, const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1,
+                  int64_t Kq, int32_t* acc) {
   if (np == 2)
-    flip ? narrow_rows<2, true>(mr, a, K, b0, b1, Kq, acc) : narrow_rows<2, false>(mr, a, K, b0, b1, Kq, acc);
+    flip ? u8_rows<2, true, Dot>(mr, a, K, b0, b1, Kq, acc) : u8_rows<2, false, Dot>(mr, a, K, b0, b1, Kq, acc);
   else
-    flip ? narrow_rows<1, true>(mr, a, K, b0, b1, Kq, acc) : narrow_rows<1, false>(mr, a, K, b0, b1, Kq, acc);
+    flip ? u8_rows<1, true, Dot>(mr, a, K, b0, b1, Kq, acc) : u8_rows<1, false, Dot>(mr, a, K, b0, b1, Kq, acc);
+}
+
+void u8_tile(AvxVnni dot, int mr, int np, bool flip, const uint8_t* a, int64_t K, const int8_t* b0,
+             const int8_t* b1, int64_t Kq, int32_t* acc) {
+  switch (dot) {
+    case AvxVnni::kVex: return u8_tile_with<VnniVex256>(mr, np, flip, a, K, b0, b1, Kq, acc);
+    case AvxVnni::kEvex: return u8_tile_with<VnniEvex256>(mr, np, flip, a, K, b0, b1, Kq, acc);
+    default: return u8_tile_with<MaddPairs>(mr, np, flip, a, K, b0, b1, Kq, acc);
+  }
 }
 
 // y[j] = float(acc[j] + shift_back * sums[j]) * (a_s * ws[j]) (+ b[j]) for j < nr: the
@@ -286,11 +320,16 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
     });
     pk = {panels, per_call_sums.data(), false};
   }
-  const bool narrow = pk.narrow;
+  const AvxVnni vnni = avx2_vnni();
+  const bool as_u8 = pk.narrow || vnni != AvxVnni::kNone;  // tile_u8 on the codes as they are
   Codes codes;
   int32_t shift_back = 0;  // the true sum (q - zp) w = the accumulators + shift_back * sum w
-  if (narrow) {
+  if (as_u8) {
     shift_back = -(is_u8 ? act_zero_point : 128);
+    if (shift_back && !prepacked)
+      parallel_for(N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) per_call_sums[n] = row_sum(wq + n * K, K);
+      });
   } else {
     codes = make_codes(qx.ptr<uint8_t>(), M, K, Kp, is_u8);
     shift_back = is_u8 ? codes.shift - act_zero_point : 0;
@@ -299,12 +338,12 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
         for (int64_t n = n0; n < n1; ++n) per_call_sums[n] = row_sum(wq + n * K, K);
       });
   }
-  const int mr_max = narrow ? kNarrowMR : kMR;
+  const int mr_max = as_u8 ? kU8MR : kMR;
 
   const int64_t col_tiles = (N + kNR - 1) / kNR;
   const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
   parallel_for(col_tiles * row_blocks, 1, [&](int64_t t0, int64_t t1) {
-    alignas(32) int32_t acc[kNarrowMR * 16];
+    alignas(32) int32_t acc[kU8MR * 16];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ct = t % col_tiles, rb = t / col_tiles;
       const int64_t n0 = ct * kNR, nr = std::min<int64_t>(kNR, N - n0);
@@ -313,8 +352,8 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
       const int64_t rend = std::min(M, (rb + 1) * kRowBlock);  // this task's rows: no tile crosses into the next
       for (int64_t m0 = rb * kRowBlock; m0 < rend; m0 += mr_max) {
         const int mr = static_cast<int>(std::min<int64_t>(mr_max, rend - m0));
-        if (narrow)
-          narrow_tile(mr, nr > 8 ? 2 : 1, !is_u8, qx.ptr<uint8_t>() + m0 * K, K, b0, b1, Kq, acc);
+        if (as_u8)
+          u8_tile(vnni, mr, nr > 8 ? 2 : 1, !is_u8, qx.ptr<uint8_t>() + m0 * K, K, b0, b1, Kq, acc);
         else if (nr > 8)
           tile_rows<2>(mr, codes.c.data() + m0 * Kp, Kp, b0, b1, Kq, acc);
         else
@@ -322,7 +361,7 @@ bool linear_int8_panels_avx2(const TensorView& qx, const TensorView& act_scales,
         for (int r = 0; r < mr; ++r) {
           const int64_t m = m0 + r;
           int32_t* accr = acc + r * 16;
-          if (!narrow)
+          if (!as_u8)
             for (int64_t i = codes.first[m]; i < codes.first[m + 1]; ++i) {  // rare
               const Clamp& cl = codes.clamps[i];
               for (int64_t j = 0; j < nr; ++j) accr[j] += cl.delta * wq[(n0 + j) * K + cl.k];

@@ -74,6 +74,49 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
+bool cpu_has_avx_vnni() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(TENSORSLIM_HAVE_AVX2)
+  static const bool has = best_isa() >= Isa::kAVX2 && __builtin_cpu_supports("avxvnni");
+#else
+  static const bool has = false;
+#endif
+  return has;
+}
+
+namespace {
+
+AvxVnni vnni_form() {
+  if (cpu_has_avx_vnni()) return AvxVnni::kVex;
+  return cpu_has_avx512_vnni() ? AvxVnni::kEvex : AvxVnni::kNone;  // best ISA AVX-512: VL too
+}
+
+// TENSORSLIM_AVX2_VNNI=1 asks for it where the CPU has a form (ignored where not, as
+// TENSORSLIM_ISA ignores an ISA above the CPU's), =0 turns it off.
+bool initial_vnni() {
+  if (const char* env = std::getenv("TENSORSLIM_AVX2_VNNI")) {
+    if (!std::strcmp(env, "1")) return vnni_form() != AvxVnni::kNone;
+    if (!std::strcmp(env, "0")) return false;
+  }
+  return cpu_has_avx_vnni();
+}
+
+std::atomic<bool>& vnni_on() {
+  static std::atomic<bool> on{initial_vnni()};
+  return on;
+}
+
+}  // namespace
+
+AvxVnni avx2_vnni() {
+  return active_isa() == Isa::kAVX2 && vnni_on().load() ? vnni_form() : AvxVnni::kNone;
+}
+
+void set_avx2_vnni(bool on) {
+  TS_CHECK_VALUE(!on || vnni_form() != AvxVnni::kNone,
+                 "set_avx2_vnni: this CPU (or build) has neither AVX-VNNI nor AVX512-VNNI");
+  vnni_on().store(on);
+}
+
 void set_isa(Isa isa) {
   TS_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()),
                  std::string("set_isa: this CPU (or build) does not support ") + isa_name(isa) +

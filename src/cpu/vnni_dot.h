@@ -22,5 +22,23 @@ __attribute__((target("avx512vnni"), always_inline)) inline __m512i dpbusd(__m51
 #endif
 }
 
+// The 256-bit forms for the AVX2 kernels (cpu::avx2_vnni), as the policy type of a kernel
+// template so one body serves both; inline asm needs no target attribute, so a file compiled
+// with -mavx2 holds them. The assembler writes plain vpdpbusd as EVEX (AVX512-VNNI with VL:
+// runs on AVX-512 CPUs, not on AVX-VNNI ones); "{vex}" asks for the AVX-VNNI encoding, which
+// only registers 0-15 have (the "x" constraint). Same operation, same bits.
+struct VnniEvex256 {
+  static __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
+    return acc;
+  }
+};
+struct VnniVex256 {
+  static __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "xm"(s));
+    return acc;
+  }
+};
+
 }  // namespace cpu
 }  // namespace tensorslim

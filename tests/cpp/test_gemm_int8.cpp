@@ -16,6 +16,9 @@
 namespace tensorslim {
 namespace {
 
+using testing::avx2_vnni_available;
+using testing::avx2_vnni_settings;
+using testing::Avx2VnniScope;
 using testing::IsaScope;
 using testing::random_weights;
 using testing::view1;
@@ -468,18 +471,79 @@ TEST(GemmInt8, Avx2PackedPanelsMatchReferenceBitForBit) {
             for (int64_t k = 0; n < N && k < K; ++k) want += d.w[n * K + k];
             ASSERT_EQ(sum, want) << "row " << n;
           }
-          for (int32_t zp : is_u8 ? std::vector<int32_t>{0, 128, 255} : std::vector<int32_t>{0}) {
+          for (int32_t zp : is_u8 ? std::vector<int32_t>{0, 128, 255} : std::vector<int32_t>{0})
+            for (bool vnni : avx2_vnni_settings()) {
+              Avx2VnniScope dot(vnni);
+              std::vector<float> ref(M * N), got(M * N, -1.0f);
+              const TensorView* b = K != 3 ? &d.bv : nullptr;
+              linear_int8(d.qxv, d.asv, zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, M, N),
+                          GemmBackend::kReference);
+              ASSERT_TRUE(cpu::linear_int8_panels_avx2(d.qxv, d.asv, zp, d.wv, d.wsv, b,
+                                                       view2(got.data(), DType::kFloat32, M, N), packed.data()));
+              for (int64_t i = 0; i < M * N; ++i)
+                ASSERT_EQ(got[i], ref[i]) << "M=" << M << " K=" << K << " N=" << N << " u8=" << is_u8
+                                          << " zp=" << zp << " wide=" << wide << " vnni=" << vnni << " i=" << i;
+            }
+        }
+}
+
+// With vpdpbusd (AVX-VNNI, or AVX512-VNNI's EVEX form standing in) the AVX2 panels multiply
+// the codes as they are whatever their range: full-range weights (-128 and 127 included)
+// against u8 255 / s8 -128 (the pairs vpmaddubsw would saturate), every zero point, K tails,
+// 1-3 rows (two sets of accumulators) up to 70 (6-row tiles, 64-row tasks); from a packed copy
+// and packed per call (row sums made then). Bit-exact with the reference. The layout is our
+// AVX2 panels whatever oneDNN's kernel, and the ISA API reports the form.
+TEST(GemmInt8, Avx2VnniPanelsTakeAnyCodesBitForBit) {
+  if (!avx2_vnni_available()) GTEST_SKIP() << "neither AVX-VNNI nor AVX512-VNNI";
+  IsaScope scope(cpu::Isa::kAVX2);
+  Avx2VnniScope dot(true);
+  EXPECT_EQ(cpu::avx2_vnni(), cpu::cpu_has_avx_vnni() ? cpu::AvxVnni::kVex : cpu::AvxVnni::kEvex);
+  EXPECT_STREQ(linear_int8_packed_layout(384, 1536), "avx2_panels");
+  EXPECT_TRUE(linear_int8_packing_pays());
+  uint32_t seed = 170;
+  for (int64_t M : {1, 2, 3, 4, 7, 13, 64, 70})
+    for (int64_t K : {1, 5, 64, 387})
+      for (bool is_u8 : {true, false}) {
+        const int64_t N = 8 * (M % 3) + (K % 5) + 9;
+        Data d = make_data({M, K, N, is_u8, M % 2 == 0, K != 5}, ++seed);
+        std::mt19937 rng(seed);
+        for (auto& c : d.w) c = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+        if (M == 7) {  // row 0 all 127 and row 1 all -128 against all-255 (u8) / all -128 (s8) codes
+          std::fill(d.w.begin(), d.w.begin() + K, 127);
+          std::fill(d.w.begin() + K, d.w.begin() + 2 * K, -128);
+          std::fill(d.qx.begin(), d.qx.begin() + K, is_u8 ? 255 : 0x80);
+        }
+        std::vector<uint8_t> packed(cpu::linear_int8_avx2_packed_bytes(K, N));
+        cpu::linear_int8_avx2_pack(d.wv, view1(packed.data(), DType::kUInt8, static_cast<int64_t>(packed.size())));
+        for (int32_t zp : is_u8 ? std::vector<int32_t>{0, 37, 255} : std::vector<int32_t>{0})
+          for (const uint8_t* pk : {static_cast<const uint8_t*>(packed.data()), static_cast<const uint8_t*>(nullptr)}) {
             std::vector<float> ref(M * N), got(M * N, -1.0f);
-            const TensorView* b = K != 3 ? &d.bv : nullptr;
+            const TensorView* b = K != 5 ? &d.bv : nullptr;
             linear_int8(d.qxv, d.asv, zp, d.wv, d.wsv, b, view2(ref.data(), DType::kFloat32, M, N),
                         GemmBackend::kReference);
             ASSERT_TRUE(cpu::linear_int8_panels_avx2(d.qxv, d.asv, zp, d.wv, d.wsv, b,
-                                                     view2(got.data(), DType::kFloat32, M, N), packed.data()));
-            for (int64_t i = 0; i < M * N; ++i)
-              ASSERT_EQ(got[i], ref[i]) << "M=" << M << " K=" << K << " N=" << N << " u8=" << is_u8
-                                        << " zp=" << zp << " wide=" << wide << " i=" << i;
+                                                     view2(got.data(), DType::kFloat32, M, N), pk));
+            ASSERT_EQ(got, ref) << "M=" << M << " K=" << K << " N=" << N << " u8=" << is_u8 << " zp=" << zp
+                                << " packed=" << (pk != nullptr);
           }
-        }
+      }
+  {
+    IsaScope best(cpu::best_isa());
+    if (cpu::best_isa() != cpu::Isa::kAVX2) EXPECT_EQ(cpu::avx2_vnni(), cpu::AvxVnni::kNone) << "only the AVX2 paths";
+  }
+  Avx2VnniScope off(false);
+  EXPECT_EQ(cpu::avx2_vnni(), cpu::AvxVnni::kNone);
+}
+
+// Where the CPU has no form of vpdpbusd, asking for it is refused and changes nothing.
+TEST(GemmInt8, Avx2VnniRefusedWithoutVnni) {
+  if (avx2_vnni_available()) {
+    EXPECT_NO_THROW(cpu::set_avx2_vnni(cpu::cpu_has_avx_vnni()));  // the default, restored
+    GTEST_SKIP() << "this CPU has a form of vpdpbusd";
+  }
+  EXPECT_THROW(cpu::set_avx2_vnni(true), ValueError);
+  IsaScope scope(cpu::best_isa());
+  EXPECT_EQ(cpu::avx2_vnni(), cpu::AvxVnni::kNone);
 }
 
 // Through linear_int8 where the layout is our AVX2 panels (the avx2. pass): a weight of

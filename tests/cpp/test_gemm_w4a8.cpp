@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "half.h"
 #include "tensorslim/gemm_int8.h"
@@ -15,6 +16,9 @@
 namespace tensorslim {
 namespace {
 
+using testing::avx2_vnni_available;
+using testing::avx2_vnni_settings;
+using testing::Avx2VnniScope;
 using testing::random_weights;
 using testing::view1;
 using testing::view2;
@@ -170,9 +174,19 @@ TEST(GemmW4A8, Avx2MatchesReferenceBitForBit) {
   cpu::set_isa(saved);
 }
 
+// linear_w4a8_pack's copy as a buffer of its size, pre-filled with 0xA5 (the pack must write
+// every byte it owns).
+std::vector<uint8_t> pack_copy(const Weight& w, Format fmt, int64_t K, int64_t group) {
+  const int64_t bytes = linear_w4a8_packed_bytes(w.qv.shape[0], K, group, fmt);
+  std::vector<uint8_t> p(bytes, 0xA5);
+  linear_w4a8_pack(w.qv, w.sv, w.zp(), fmt, K, group, view1(p.data(), DType::kUInt8, bytes));
+  return p;
+}
+
 // The AVX2 kernel adds vpmaddubsw's pair sums in int16 for a few steps before widening them:
 // at the extremes (every u = 15, every activation code -127 or 127, long groups) that int16
-// sum comes closest to 2^15, and must still match the reference bit for bit.
+// sum comes closest to 2^15, and must still match the reference bit for bit; so must the packed
+// copy's kernel, with vpmaddubsw and (where the CPU has a form) vpdpbusd.
 TEST(GemmW4A8, Avx2PairSumsAtTheExtremes) {
   if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
   const cpu::Isa saved = cpu::active_isa();
@@ -187,13 +201,25 @@ TEST(GemmW4A8, Avx2PairSumsAtTheExtremes) {
     for (int64_t k = 0; k < c.K; ++k)
       x[m * c.K + k] = (m % 3 == 0 ? -1.0f : m % 3 == 1 ? 1.0f : (k % 2 ? 1.0f : -1.0f)) * (1 + m);
   const std::vector<float> b(c.N, 0.0f);
-  for (Format fmt : {Format::kInt4, Format::kUInt4}) {
-    const Weight w = make_weight(fmt, c.N, c.K, c.group, 0, &wv);
-    std::vector<uint8_t> ref, got;
-    run(c, fmt, false, DType::kFloat32, GemmBackend::kReference, w, x, c.K, b, ref);
-    run(c, fmt, false, DType::kFloat32, GemmBackend::kNative, w, x, c.K, b, got);
-    ASSERT_EQ(0, std::memcmp(ref.data(), got.data(), ref.size())) << format_info(fmt).name;
-  }
+  for (Format fmt : {Format::kInt4, Format::kUInt4})
+    for (bool vnni : avx2_vnni_settings()) {
+      Avx2VnniScope dot(vnni);
+      const Weight w = make_weight(fmt, c.N, c.K, c.group, 0, &wv);
+      std::vector<uint8_t> ref, got, got_packed;
+      run(c, fmt, false, DType::kFloat32, GemmBackend::kReference, w, x, c.K, b, ref);
+      run(c, fmt, false, DType::kFloat32, GemmBackend::kNative, w, x, c.K, b, got);
+      ASSERT_EQ(0, std::memcmp(ref.data(), got.data(), ref.size())) << format_info(fmt).name << " vnni=" << vnni;
+      const std::vector<uint8_t> packed = pack_copy(w, fmt, c.K, c.group);
+      std::vector<float> pk_out(c.M * c.N, -1.0f);
+      std::vector<int8_t> qx(c.M * c.K);
+      std::vector<float> as(c.M);
+      quantize_per_token(view2(x.data(), DType::kFloat32, c.M, c.K), nullptr, view2(qx.data(), DType::kInt8, c.M, c.K),
+                         view1(as.data(), DType::kFloat32, c.M), GemmBackend::kReference);
+      const cpu::W4A8Args a{qx.data(), as.data(), w.q.data(), (c.K + 1) / 2, w.scales.data(),
+                            w.asym ? w.zps.data() : nullptr, b.data(), c.M, c.N, c.K, c.group, pk_out.data(), c.N, false};
+      ASSERT_TRUE(cpu::linear_w4a8_packed_avx2(a, packed.data()));
+      ASSERT_EQ(0, std::memcmp(ref.data(), pk_out.data(), ref.size())) << format_info(fmt).name << " packed vnni=" << vnni;
+    }
   cpu::set_isa(saved);
 }
 
@@ -275,28 +301,22 @@ TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
   EXPECT_FALSE(cpu::linear_w4a8_gemv_avx512(a));
 }
 
-// linear_w4a8_pack's copy as a buffer of its size, pre-filled with 0xA5 (the pack must write
-// every byte it owns).
-std::vector<uint8_t> pack_copy(const Weight& w, Format fmt, int64_t K, int64_t group) {
-  const int64_t bytes = linear_w4a8_packed_bytes(w.qv.shape[0], K, group, fmt);
-  std::vector<uint8_t> p(bytes, 0xA5);
-  linear_w4a8_pack(w.qv, w.sv, w.zp(), fmt, K, group, view1(p.data(), DType::kUInt8, bytes));
-  return p;
-}
 
 // The kernels on the packed copy, called directly on every ISA and multiply path here,
 // against the reference bit for bit: groups of 8 codes up to one per row (odd K, short last
 // groups), N around the 16-row panels and their 8-row AVX2 halves, 1-9 tokens (AVX-512 passes
-// of 8, AVX2 of 3, and what is left), uint4 zero points, bias or none, fp32 and bf16 outputs.
+// of 8, AVX2 of 3 or with vpdpbusd 4, and what is left), uint4 zero points, bias or none, fp32
+// and bf16 outputs.
 TEST(GemmW4A8, PackedCopyKernelsMatchReferenceBitForBit) {
   if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
   struct Kern {
     const char* name;
     bool (*fn)(const cpu::W4A8Args&, const uint8_t*);
     cpu::Isa isa;
-    bool vnni;
+    bool vnni;  // AVX-512: vpdpbusd on zmm; AVX2: on ymm (cpu::avx2_vnni)
   };
   std::vector<Kern> kernels = {{"avx2", cpu::linear_w4a8_packed_avx2, cpu::Isa::kAVX2, false}};
+  if (avx2_vnni_available()) kernels.push_back({"avx2_vnni", cpu::linear_w4a8_packed_avx2, cpu::Isa::kAVX2, true});
   if (cpu::best_isa() >= cpu::Isa::kAVX512) {
     kernels.push_back({"avx512bw", cpu::linear_w4a8_packed_avx512, cpu::Isa::kAVX512, false});
     if (cpu::w4a8_uses_vnni())
@@ -311,11 +331,13 @@ TEST(GemmW4A8, PackedCopyKernelsMatchReferenceBitForBit) {
   for (const Kern& kern : kernels) {
     cpu::set_isa(kern.isa);
     cpu::set_w4a8_vnni_enabled(kern.vnni);
+    std::optional<Avx2VnniScope> dot;
+    if (kern.isa == cpu::Isa::kAVX2) dot.emplace(kern.vnni);
     for (const auto& sh : shapes)
       for (Format fmt : {Format::kInt4, Format::kUInt4}) {
         const Weight w = make_weight(fmt, sh.N, sh.K, sh.group, 23 + sh.K);
         const std::vector<uint8_t> packed = pack_copy(w, fmt, sh.K, sh.group);
-        for (int64_t M : {1, 2, 3, 4, 5, 9})
+        for (int64_t M : {1, 2, 3, 4, 5, 8, 9})
           expect_direct_kernel_bits(kern.name, fmt, w, M, sh.N, sh.K, sh.group, 29 + M, true,
                                     [&](const cpu::W4A8Args& a) { return kern.fn(a, packed.data()); });
       }

@@ -96,7 +96,7 @@ class Int8Linear(CompressedLinear):
             return None
         if self.backend == "reference" or qweight.device.type != "cpu" or not ops.int8.packing_pays():
             return None
-        key = (tensor_identity(qweight), _C.active_isa())  # the layout follows the ISA
+        key = (tensor_identity(qweight), _C.kernel_isa())  # the layout follows the ISA (and AVX2's VNNI)
         if key != self._packed_key:
             self._packed = ops.int8.pack_int8_weight(qweight)
             self._packed_key = key
@@ -133,7 +133,7 @@ class Int8Linear(CompressedLinear):
         checks or packing lookups (at MiniLM's 384 x 384 with 18 tokens those were half the
         call)."""
         tensors = (qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point)
-        key = (*(tensor_identity(t) for t in tensors), _C.active_isa())  # the packed layout follows the ISA
+        key = (*(tensor_identity(t) for t in tensors), _C.kernel_isa())  # the packed layout follows the ISA
         plan = self._call_plans.get(key)
         if plan is None:
             static = self.mode == "static"

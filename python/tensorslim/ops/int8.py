@@ -200,7 +200,7 @@ def packing_pays() -> bool:
     """Whether a layer should keep pack_int8_weight's copy under the active ISA (not on AMX
     CPUs, whose oneDNN kernels read the plain weight faster; see linear_int8_packing_pays in
     gemm_int8.h)."""
-    return _packing_pays(_C.active_isa())
+    return _packing_pays(_C.kernel_isa())
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,7 +211,7 @@ def _packed_layout(isa: str, K: int, N: int) -> str:
 def packed_layout(K: int, N: int) -> str:
     """pack_int8_weight's layout for a [N, K] weight under the active ISA: "vnni_panels",
     "onednn", "avx2_panels" or "none" (linear_int8_packed_layout in gemm_int8.h)."""
-    return _packed_layout(_C.active_isa(), K, N)
+    return _packed_layout(_C.kernel_isa(), K, N)
 
 
 def packs_own_panels(K: int, N: int) -> bool:

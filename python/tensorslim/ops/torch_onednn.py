@@ -261,11 +261,12 @@ def linear_pays(rows: int, K: int, N: int) -> bool:
 
 def default_weight_qmax(K: int, N: int) -> int:
     """The configs' weight_qmax=None for a [N, K] linear on this CPU: 64 where the layer will
-    hold our AVX2 panels (AVX2 CPUs whose oneDNN INT8 matmul is inexact, no VNNI / AMX), which
-    multiply codes in [-64, 64] without the sign product full-range codes need (1.6-2.9x at
-    4096 x 4096, docs/benchmarks.md, twentieth session); else 127. The route's on / off switch
-    is not read: it is for A/B runs and must not change what a model quantizes to."""
-    return 64 if packed_layout(K, N) == "avx2_panels" else 127
+    hold our AVX2 panels without vpdpbusd (AVX2 CPUs whose oneDNN INT8 matmul is inexact, no
+    VNNI / AMX), which multiply codes in [-64, 64] without the sign product full-range codes
+    need (1.6-2.9x at 4096 x 4096, docs/benchmarks.md, twentieth session); else 127 (AVX-VNNI's
+    vpdpbusd takes any codes at one speed). The route's on / off switch is not read: it is for
+    A/B runs and must not change what a model quantizes to."""
+    return 64 if packed_layout(K, N) == "avx2_panels" and _C.avx2_vnni() == "none" else 127
 
 
 def linear_prepack(qweight: torch.Tensor) -> torch.Tensor:
