@@ -87,7 +87,7 @@ def main():
         return run
 
     torch.manual_seed(0)
-    print(f"{cpu_name()}, tensorslim ISA {ts._C.active_isa()}, ONEDNN_MAX_CPU_ISA="
+    print(f"{cpu_name()}, tensorslim ISA {ts._C.kernel_isa()}, ONEDNN_MAX_CPU_ISA="
           f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()} (tensorslim: {ts._C.threading_backend()})")
     print("(--isa caps ours and every oneDNN, torch's fp32 conv included; torch.ao (fbgemm) runs at its best ISA)")

@@ -194,7 +194,7 @@ def main():
         args.hidden, args.attention = "2048x768", "4x12x256x256"
     T = args.temperature
     load = os.getloadavg()[0]
-    print(f"{cpu_name()}, ISA {ts._C.active_isa()}, torch {torch.__version__}, threads: torch "
+    print(f"{cpu_name()}, ISA {ts._C.kernel_isa()}, torch {torch.__version__}, threads: torch "
           f"{torch.get_num_threads()} / ours {ts._C.num_threads()}, load average {load:.2f}, T={T}, {args.dtype} logits")
     if load >= 0.5:
         print("note: the machine is loaded (load average >= 0.5): the time ratios need an idle run; "

@@ -84,7 +84,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_name()}; tensorslim ISA best {_C.best_isa()}, active {_C.active_isa()}; "
+    print(f"CPU: {cpu_name()}; tensorslim ISA best {_C.best_isa()}, active {_C.kernel_isa()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"Our SVD runs single-threaded in Eigen; torch uses its LAPACK with {torch.get_num_threads()} thread(s).\n")

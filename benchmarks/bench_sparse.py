@@ -73,7 +73,7 @@ def main():
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
-          f"tensorslim ISA {ts._C.active_isa()} (best {ts._C.best_isa()}), {ts._C.num_threads()} tensorslim threads ({ts._C.threading_backend()})")
+          f"tensorslim ISA {ts._C.kernel_isa()} (best {ts._C.best_isa()}), {ts._C.num_threads()} tensorslim threads ({ts._C.threading_backend()})")
     print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s")
     if args.isa:
         print(f"--isa {args.isa} caps tensorslim only; torch's dense and CSR kernels keep their own ISA")

@@ -102,7 +102,7 @@ def main() -> None:
         pass  # load_minilm says what to install
 
     print(f"machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"tensorslim {ts.__version__} (ISA {ts._C.active_isa()}, {ts._C.threading_backend()})")
+          f"tensorslim {ts.__version__} (ISA {ts._C.kernel_isa()}, {ts._C.threading_backend()})")
     model, tokenizer = load_minilm()
     pool = pydoc_sentences(args.sentences + N_CALIB)
     sentences, calib_text = pool[:args.sentences], pool[args.sentences:]

@@ -97,7 +97,7 @@ def main():
     rows.append(("  + quantize int8 dynamic", quantized))
 
     base_ms = latency_ms(teacher)
-    print(f"threads {torch.get_num_threads()}, ISA {ts._C.active_isa()}, batch 64")
+    print(f"threads {torch.get_num_threads()}, ISA {ts._C.kernel_isa()}, batch 64")
     print(f"{'step':<28} {'KiB':>8} {'size':>6} {'ms':>7} {'speed-up':>8} {'accuracy':>8}")
     for name, model in rows:
         ms = latency_ms(model)

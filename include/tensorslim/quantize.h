@@ -58,6 +58,7 @@ void set_isa(Isa isa);         // force a path (tests compare each one with the 
 enum class AvxVnni : int32_t { kNone = 0, kVex = 1, kEvex = 2 };
 bool cpu_has_avx_vnni();       // AVX-VNNI (VEX vpdpbusd on ymm), whatever the active ISA
 AvxVnni avx2_vnni();           // the form the AVX2 kernels use now: kNone unless the active ISA is AVX2 and it is on
+bool avx2_vnni_available();    // whether this CPU has a form (set_avx2_vnni(true) works)
 void set_avx2_vnni(bool on);   // on needs AVX-VNNI or AVX512-VNNI (ValueError otherwise)
 
 }  // namespace cpu

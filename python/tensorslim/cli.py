@@ -24,7 +24,8 @@ def _info(_args) -> int:
     if _C.has_cuda:
         cuda = f"built, {_C.cuda_device_count()} device(s) visible"
     print(f"tensorslim {ts.__version__} (torch {torch.__version__})")
-    print(f"CPU kernels: best ISA {_C.best_isa()}, active {_C.active_isa()}, {_C.num_threads()} threads")
+    print(f"CPU kernels: best ISA {_C.best_isa()}{' + AVX-VNNI' if _C.cpu_has_avx_vnni() else ''}, "
+          f"active {_C.kernel_isa()}, {_C.num_threads()} threads")
     print(f"CUDA kernels: {cuda}")
     print(_int8_line())
     print("formats: " + ", ".join(sorted(ts.FORMATS)))

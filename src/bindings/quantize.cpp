@@ -69,6 +69,8 @@ void register_quantize(py::module_& m) {
         "Whether the AVX2 kernels use 256-bit vpdpbusd (ValueError where the CPU has neither AVX-VNNI "
         "nor AVX512-VNNI). On by default only where the CPU has AVX-VNNI.");
   m.def("cpu_has_avx_vnni", &cpu::cpu_has_avx_vnni);
+  m.def("avx2_vnni_available", &cpu::avx2_vnni_available,
+        "Whether set_avx2_vnni(True) works here: AVX-VNNI, or AVX512-VNNI to stand in for it.");
   m.def("kernel_isa", [] {
     const std::string isa = cpu::isa_name(cpu::active_isa());
     switch (cpu::avx2_vnni()) {

@@ -107,6 +107,8 @@ std::atomic<bool>& vnni_on() {
 
 }  // namespace
 
+bool avx2_vnni_available() { return vnni_form() != AvxVnni::kNone; }
+
 AvxVnni avx2_vnni() {
   return active_isa() == Isa::kAVX2 && vnni_on().load() ? vnni_form() : AvxVnni::kNone;
 }

@@ -16,7 +16,6 @@
 namespace tensorslim {
 namespace {
 
-using testing::avx2_vnni_available;
 using testing::avx2_vnni_settings;
 using testing::Avx2VnniScope;
 using testing::IsaScope;
@@ -494,7 +493,7 @@ TEST(GemmInt8, Avx2PackedPanelsMatchReferenceBitForBit) {
 // and packed per call (row sums made then). Bit-exact with the reference. The layout is our
 // AVX2 panels whatever oneDNN's kernel, and the ISA API reports the form.
 TEST(GemmInt8, Avx2VnniPanelsTakeAnyCodesBitForBit) {
-  if (!avx2_vnni_available()) GTEST_SKIP() << "neither AVX-VNNI nor AVX512-VNNI";
+  if (!cpu::avx2_vnni_available()) GTEST_SKIP() << "neither AVX-VNNI nor AVX512-VNNI";
   IsaScope scope(cpu::Isa::kAVX2);
   Avx2VnniScope dot(true);
   EXPECT_EQ(cpu::avx2_vnni(), cpu::cpu_has_avx_vnni() ? cpu::AvxVnni::kVex : cpu::AvxVnni::kEvex);
@@ -537,7 +536,7 @@ TEST(GemmInt8, Avx2VnniPanelsTakeAnyCodesBitForBit) {
 
 // Where the CPU has no form of vpdpbusd, asking for it is refused and changes nothing.
 TEST(GemmInt8, Avx2VnniRefusedWithoutVnni) {
-  if (avx2_vnni_available()) {
+  if (cpu::avx2_vnni_available()) {
     EXPECT_NO_THROW(cpu::set_avx2_vnni(cpu::cpu_has_avx_vnni()));  // the default, restored
     GTEST_SKIP() << "this CPU has a form of vpdpbusd";
   }

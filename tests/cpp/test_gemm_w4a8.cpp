@@ -16,7 +16,6 @@
 namespace tensorslim {
 namespace {
 
-using testing::avx2_vnni_available;
 using testing::avx2_vnni_settings;
 using testing::Avx2VnniScope;
 using testing::random_weights;
@@ -316,7 +315,7 @@ TEST(GemmW4A8, PackedCopyKernelsMatchReferenceBitForBit) {
     bool vnni;  // AVX-512: vpdpbusd on zmm; AVX2: on ymm (cpu::avx2_vnni)
   };
   std::vector<Kern> kernels = {{"avx2", cpu::linear_w4a8_packed_avx2, cpu::Isa::kAVX2, false}};
-  if (avx2_vnni_available()) kernels.push_back({"avx2_vnni", cpu::linear_w4a8_packed_avx2, cpu::Isa::kAVX2, true});
+  if (cpu::avx2_vnni_available()) kernels.push_back({"avx2_vnni", cpu::linear_w4a8_packed_avx2, cpu::Isa::kAVX2, true});
   if (cpu::best_isa() >= cpu::Isa::kAVX512) {
     kernels.push_back({"avx512bw", cpu::linear_w4a8_packed_avx512, cpu::Isa::kAVX512, false});
     if (cpu::w4a8_uses_vnni())

@@ -27,9 +27,6 @@ struct IsaScope {
   cpu::Isa saved;
 };
 
-// Whether the AVX2 kernels can use vpdpbusd here (AVX-VNNI, or AVX512-VNNI's EVEX form).
-inline bool avx2_vnni_available() { return cpu::cpu_has_avx_vnni() || cpu::cpu_has_avx512_vnni(); }
-
 // The AVX2 kernels with or without vpdpbusd for the scope's life; construct it while the active
 // ISA is AVX2 (avx2_vnni() says kNone under any other), e.g. after an IsaScope(kAVX2).
 struct Avx2VnniScope {
@@ -40,7 +37,7 @@ struct Avx2VnniScope {
 
 // The AVX2 kernels' vpdpbusd settings to test here: off, and on where the CPU has a form.
 inline std::vector<bool> avx2_vnni_settings() {
-  return avx2_vnni_available() ? std::vector<bool>{false, true} : std::vector<bool>{false};
+  return cpu::avx2_vnni_available() ? std::vector<bool>{false, true} : std::vector<bool>{false};
 }
 
 inline TensorView view2(void* data, DType dt, int64_t rows, int64_t cols, int64_t row_stride = -1,

@@ -21,15 +21,24 @@ def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float(20 * torch.log10(ref.norm() / (ref - got).norm()))
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
+@pytest.fixture(params=["scalar", "avx2", "avx2_vnni", "avx512"])
 def isa(request):
-    """Runs a test once per CPU code path this machine supports."""
+    """Runs a test once per CPU code path this machine supports: "avx2_vnni" is the AVX2
+    kernels with 256-bit vpdpbusd (ts._C.avx2_vnni), "avx2" without (active ISA "avx2" both)."""
     order = ["scalar", "avx2", "avx512"]
-    if order.index(request.param) > order.index(ts._C.best_isa()):
+    isa_name = "avx2" if request.param == "avx2_vnni" else request.param
+    if order.index(isa_name) > order.index(ts._C.best_isa()):
         pytest.skip(f"{request.param} not supported on this CPU")
-    saved = ts._C.active_isa()
-    ts._C.set_isa(request.param)
+    if request.param == "avx2_vnni" and not ts._C.avx2_vnni_available():
+        pytest.skip("neither AVX-VNNI nor AVX512-VNNI on this CPU")
+    saved, saved_vnni = ts._C.active_isa(), None
+    ts._C.set_isa(isa_name)
+    if isa_name == "avx2":
+        saved_vnni = ts._C.avx2_vnni() != "none"
+        ts._C.set_avx2_vnni(request.param == "avx2_vnni")
     yield request.param
+    if saved_vnni is not None:
+        ts._C.set_avx2_vnni(saved_vnni)
     ts._C.set_isa(saved)
 
 

@@ -90,7 +90,7 @@ def test_shapes_the_native_kernel_does_not_take_fall_back(isa):
     # Groups of 12 start off AVX2's 8-value step and AVX-512's 16: "auto" uses the scalar path,
     # "native" says why it cannot. Groups of 8 fit AVX2 only. (Any K fits with one group per
     # row or whole-step groups: the short tail is decoded by the scalar reference.)
-    step = {"avx2": 8, "avx512": 16}.get(isa)
+    step = {"avx2": 8, "avx512": 16}.get(ts._C.active_isa())
     for K, group in ((36, 12), (40, 8), (36, 36)):
         (q, s, z, t), deq = quantized_weight("fp8_e4m3", 8, K, group, seed=1)
         x = torch.randn(2, K)

@@ -159,6 +159,53 @@ def test_avx2_panels_take_every_row_count(routed):
     assert not routed and narrow._torch_packed == {}  # no third copy of the weight
 
 
+def test_avx2_vnni_panels_take_full_range_codes(routed):
+    """With 256-bit vpdpbusd on the AVX2 paths (AVX-VNNI CPUs; here AVX512-VNNI's EVEX form
+    stands in), layers pack our AVX2 panels whatever oneDNN's kernel, weights default to the
+    full code range (vpdpbusd takes any codes at one speed), and the panels run at every row
+    count with the reference's bits, never torch's matmul; with vpdpbusd turned off the layer
+    packs again (the copy follows kernel_isa) and keeps the same bits."""
+    if ts._C.best_isa() == "scalar" or not ts._C.avx2_vnni_available():
+        pytest.skip("neither AVX-VNNI nor AVX512-VNNI here")
+    saved = ts._C.active_isa()
+    ts._C.set_isa("avx2")
+    saved_vnni = ts._C.avx2_vnni() != "none"
+    ts._C.set_avx2_vnni(True)
+    try:
+        assert ts._C.kernel_isa() in ("avx2+avx_vnni", "avx2+evex_vnni")
+        assert ts.ops.int8.packed_layout(130, 200) == "avx2_panels"
+        assert ts.ops.torch_onednn.default_weight_qmax(130, 200) == 127
+        torch.manual_seed(8)
+        model = nn.Sequential(nn.Linear(130, 200))
+        ts.quantize(model, ts.Int8Dynamic())
+        assert int(model[0].qweight.abs().max()) == 127  # full range by default
+        for mode, signed in (("dynamic", False), ("static", False), ("static", True)):
+            w, b = torch.randn(200, 130), torch.randn(200)
+            mod = ts.Int8Linear.from_float(w, b, mode, None, 0.05 if mode == "static" else None,
+                                           (0 if signed else 100) if mode == "static" else 0, act_signed=signed)
+            ref = copy.deepcopy(mod)
+            ref.backend = "reference"
+            for rows in (1, 2, 3, 7, 64, 300, 2000):
+                x = 3 * torch.randn(rows, 130)
+                with torch.no_grad():
+                    assert torch.equal(mod(x), ref(x)), (mode, signed, rows)
+            assert bytes(mod._packed[:8].tolist()) == b"tsi8av21" and int(mod._packed[24]) == 0  # wide codes
+        assert not routed and mod._torch_packed == {}
+        panels = mod._packed
+        ts._C.set_avx2_vnni(False)
+        assert ts._C.kernel_isa() == "avx2" and ts._C.avx2_vnni() == "none"
+        with torch.no_grad():
+            if ts.ops.int8.packed_layout(130, 200) == "avx2_panels":  # oneDNN's kernel inexact (capped)
+                assert torch.equal(mod(x), ref(x))
+            else:  # oneDNN's own exact kernel and packed layout, its rescale in its order
+                torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert mod._packed is not panels
+    finally:
+        ts._C.set_isa("avx2")
+        ts._C.set_avx2_vnni(saved_vnni)
+        ts._C.set_isa(saved)
+
+
 @pytest.mark.parametrize("pays", [True, False])
 def test_module_packs_where_packing_pays(monkeypatch, pays):
     # A layer keeps the packed copy only where the CPU's kernels read it faster (not on AMX),
