@@ -119,8 +119,9 @@ struct MaddPairs {
 // uint8 codes (int8 ones flipped to q + 128 by kFlip), MR rows read in place (the last step's
 // bytes past K as 0: their weights are 0), Dot a vpdpbusd (vnni_dot.h) or MaddPairs. vpdpbusd
 // adds into its accumulator (4-5 cycles, 2 per cycle), so up to 3 rows (<= 6 chains) alternate
-// two sets of accumulators between steps (4096 x 4096 at 1 row, EVEX form on Zen 4: 0.184 ms
-// with one set against 0.161 for MaddPairs, whose chain is a 1-cycle add).
+// two sets of accumulators between steps (4096 x 4096 at 1 / 8 rows, EVEX form on Zen 4, one
+// set: 0.184 / 0.568 ms against MaddPairs' 0.161 / 0.757, whose chain is a 1-cycle add; two
+// sets: 0.142-0.158 / 0.386-0.475 against 0.156-0.178 / 0.677-0.818).
 template <int MR, int NP, bool kFlip, class Dot>
 void tile_u8(const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
              int32_t* acc_out /* [MR][16] */) {
