@@ -54,7 +54,7 @@ test: test-cpp test-python
 test-python-avx2: build
 	@if [ "$$($(PY) -c 'import tensorslim as ts; print(ts._C.best_isa())' 2>/dev/null | tail -n 1)" = avx2 ]; then \
 	  echo "test-python-avx2: this CPU's best ISA is AVX2; make test's pytest already ran these paths"; \
-	else TENSORSLIM_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q; fi
+	else TENSORSLIM_ISA=avx2 TENSORSLIM_AVX2_VNNI=0 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q; fi
 
 # Debian's clang and its sanitizer/libFuzzer runtimes, for the fuzz targets.
 $(VENV)/.clang-stamp:

@@ -16,13 +16,15 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 cmake --build "$BUILD" -j "$(nproc)" --target fuzz_formats fuzz_linear_args
 export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 TENSORSLIM_NUM_THREADS=1
 mkdir -p "$BUILD/crashes"
-# fuzz_linear_args twice: as this CPU runs it, then as an AVX2 CPU without VNNI does (our
-# kernels and oneDNN capped: the INT8 packed copy is then our AVX2 panels).
-for run in fuzz_formats: fuzz_linear_args: fuzz_linear_args:avx2; do
-  target=${run%%:*} caps=${run#*:}
+# fuzz_linear_args three times: as this CPU runs it, as an AVX2 CPU without VNNI does (our
+# kernels and oneDNN capped: the INT8 packed copy is then our AVX2 panels), and as one with
+# AVX-VNNI does (the AVX2 kernels on vpdpbusd, where this CPU has a form of it; else the same
+# as the pass before).
+for run in fuzz_formats: fuzz_linear_args: fuzz_linear_args:0 fuzz_linear_args:1; do
+  target=${run%%:*} vnni=${run#*:}
   mkdir -p "$BUILD/corpus/$target"
-  echo "== $target${caps:+ (AVX2 caps)}: $RUNS inputs"
-  env ${caps:+TENSORSLIM_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2} \
+  echo "== $target${vnni:+ (AVX2 caps, TENSORSLIM_AVX2_VNNI=$vnni)}: $RUNS inputs"
+  env ${vnni:+TENSORSLIM_ISA=avx2 TENSORSLIM_AVX2_VNNI=$vnni ONEDNN_MAX_CPU_ISA=AVX2} \
     "$BUILD/$target" -runs="$RUNS" -max_len=4096 -print_final_stats=1 \
     -artifact_prefix="$BUILD/crashes/$target-" "$BUILD/corpus/$target" 2>&1 |
     grep -E "^(#[0-9]+.*DONE|stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==ERROR|SUMMARY)|runtime error" || true
