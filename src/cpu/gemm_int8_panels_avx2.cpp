@@ -118,8 +118,8 @@ struct MaddPairs {
 // The product on the codes as they are: acc[r][h] = sum over k of q[r][k] x panel h, q the
 // uint8 codes (int8 ones flipped to q + 128 by kFlip), MR rows read in place (the last step's
 // bytes past K as 0: their weights are 0), Dot a vpdpbusd (vnni_dot.h) or MaddPairs. vpdpbusd
-// adds into its accumulator (4-5 cycles, 2 per cycle), so up to 3 rows (<= 6 chains) alternate
-// two sets of accumulators between steps (4096 x 4096 at 1 / 8 rows, EVEX form on Zen 4, one
+// waits on its accumulator for several cycles and two issue per cycle, so tiles of up to 3 rows
+// (<= 6 chains) alternate two sets of accumulators between steps (4096 x 4096 at 1 / 8 rows, EVEX form on Zen 4, one
 // set: 0.184 / 0.568 ms against MaddPairs' 0.161 / 0.757, whose chain is a 1-cycle add; two
 // sets: 0.142-0.158 / 0.386-0.475 against 0.156-0.178 / 0.677-0.818).
 template <int MR, int NP, bool kFlip, class Dot>

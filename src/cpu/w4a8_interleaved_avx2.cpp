@@ -39,8 +39,8 @@ struct MaddPairs {
     acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
 };
-// The same as two vpdpbusd (VnniVex256 / VnniEvex256). vpdpbusd waits on its accumulator (4-5
-// cycles), so passes of 1-2 tokens keep the low and high nibbles' sums in two chains; 4 tokens
+// The same as two vpdpbusd (VnniVex256 / VnniEvex256). vpdpbusd waits on its accumulator for
+// several cycles, so passes of 1-2 tokens keep the low and high nibbles' sums in two chains; 4 tokens
 // (8 chains, 4 halves, 2 broadcasts: 14 registers) chain both. A / B, 4096 x 4096, EVEX form on
 // Zen 4, against vpmaddubsw: 2 tokens in two chains per pass 1.14 / 1.34 / 1.45 / 1.28x at 1 /
 // 2 / 32 / 128 tokens; 4 tokens in one chain 0.95 / 1.16 / 1.63 / 1.64x.
