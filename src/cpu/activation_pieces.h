@@ -37,6 +37,7 @@ constexpr int64_t kPieceBlock = 128;  // activation values per block (64 INT4 / 
 // oneDNN (K = 2048-11008); at 64 rows 0.89-1.32x and 0.92-0.99x, so up to 32 rows.
 constexpr int64_t kPieceMaxRows = 32;
 constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches of 2 and more take them
+constexpr int64_t kPieceMaxRowsAvx2Vnni = 8;  // AVX2 with vpdpbusd: batches up to this (AVX2 without: 1)
 
 // Per activation row: blocks of kPieceBlock values, each stored as h, then l1, then l2; for
 // INT4 each piece holds the block's 64 even-k values, then its 64 odd-k values (the low and
@@ -62,8 +63,8 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize);
 
 // Whether linear_weight_only runs it: the kernels switched on (set_activation_pieces_enabled,
 // tensorslim/gemm.h), a kernel that takes the problem, and the rows where it gains: INT4 batch
-// 1 (AVX-512: up to kPieceMaxRows from K = kPieceMinKForRows), INT8 2..kPieceMaxRows rows
-// from K = kPieceMinKForRows.
+// 1 (from K = kPieceMinKForRows, AVX-512 up to kPieceMaxRows, AVX2 with vpdpbusd up to
+// kPieceMaxRowsAvx2Vnni), INT8 2..kPieceMaxRows rows from K = kPieceMinKForRows.
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize);
 
 // Splits x (float32 or bfloat16 rows) into pieces in the order fmt's kernel reads (INT4: each

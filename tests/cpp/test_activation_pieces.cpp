@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "half.h"
 #include "activation_pieces.h"
@@ -17,6 +18,7 @@
 namespace tensorslim {
 namespace {
 
+using testing::Avx2VnniScope;
 using testing::IsaScope;
 using testing::QuantizedWeight;
 using testing::quantized_weight;
@@ -113,6 +115,8 @@ TEST(ActivationPieces, SplitRebuildsTheActivations) {
     }
 }
 
+// On AVX2 the kernel also runs with vpdpbusd toggled (where the CPU has a form of it) and must
+// give the same bits: both sum the same integers exactly.
 TEST(ActivationPieces, MatchFloat64OnEveryShapeTheyTake) {
   const int64_t N = 37;  // four- and two-row steps plus single-row tails
   struct Shape { int64_t K, group; };
@@ -139,16 +143,30 @@ TEST(ActivationPieces, MatchFloat64OnEveryShapeTheyTake) {
         const cpu::WeightOnlyProblem p{w.qv, w.sv, zp, &bv, ov, K, gsize, K / gsize, nullptr};
         cpu::linear_pieces(p, a, fmt, M);
         expect_close(got, x, w, bias, M, N, K, what + " (kernel)");
+        if (isa == cpu::Isa::kAVX2 && cpu::avx2_vnni_available()) {  // its integer sums on vpdpbusd: the same bits
+          const bool was = cpu::avx2_vnni() != cpu::AvxVnni::kNone;
+          Avx2VnniScope dot(!was);
+          std::vector<float> other(M * N, NAN);
+          cpu::linear_pieces({w.qv, w.sv, zp, &bv, view2(other.data(), DType::kFloat32, M, N), K, gsize, K / gsize, nullptr},
+                             a, fmt, M);
+          EXPECT_EQ(other, got) << what << " vpdpbusd " << (was ? "off" : "on");
+        }
         // And through linear_weight_only, both with the pieces and with the float kernels (the
         // panel GEMM or oneDNN past 8 rows); "auto" takes the pieces wherever native does.
+        const std::vector<bool> vnni_settings =
+            isa == cpu::Isa::kAVX2 ? testing::avx2_vnni_settings() : std::vector<bool>{false};
         for (bool pieces : {true, false})
-          for (GemmBackend backend : {GemmBackend::kNative, GemmBackend::kAuto}) {
+          for (GemmBackend backend : {GemmBackend::kNative, GemmBackend::kAuto})
+          for (bool vnni : vnni_settings) {  // AVX2 with vpdpbusd takes the pieces at 2-8 rows too
+            std::optional<Avx2VnniScope> dot;
+            if (isa == cpu::Isa::kAVX2) dot.emplace(vnni);
             cpu::set_activation_pieces_enabled(pieces);
             std::vector<float> out(M * N, NAN);
             linear_weight_only(xv, w.qv, w.sv, zp, &bv, fmt, sh.group,
                                view2(out.data(), DType::kFloat32, M, N), backend);
             const std::string how = (pieces ? " (pieces, " : " (float, ") +
-                                    std::string(backend == GemmBackend::kAuto ? "auto)" : "native)");
+                                    std::string(backend == GemmBackend::kAuto ? "auto" : "native") +
+                                    (vnni ? ", vpdpbusd)" : ")");
             expect_close(out, x, w, bias, M, N, K, what + how);
             if (pieces && cpu::pieces_fit(fmt, M, K, gsize)) EXPECT_EQ(out, got) << what + how;
           }
