@@ -257,8 +257,8 @@ void pieces_rows(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
     switch (std::min<int64_t>(kRows, M - m0)) {
       case 1: pieces_tile<R, 1, kSigned, kHalves, Dot>(p, a, n, m0); break;
       case 2: pieces_tile<R, 2, kSigned, kHalves, Dot>(p, a, n, m0); break;
-      case 3: pieces_tile<R, 3, kSigned, kHalves, Dot>(p, a, n, m0); break;
-      default: pieces_tile<R, 4, kSigned, kHalves, Dot>(p, a, n, m0); break;
+      case 3: if constexpr (kRows >= 3) pieces_tile<R, 3, kSigned, kHalves, Dot>(p, a, n, m0); break;
+      default: if constexpr (kRows >= 4) pieces_tile<R, 4, kSigned, kHalves, Dot>(p, a, n, m0); break;
     }
   }
 }

@@ -1,14 +1,14 @@
 // AVX2 W4A8 on linear_w4a8_pack's copy (this file is compiled with -mavx2 -mfma): each
 // 16-row panel as two halves of 8 lanes (the first and second 32 bytes of every step),
 // vpmaddubsw + vpmaddwd, or vpdpbusd where the AVX2 kernels have it (cpu::avx2_vnni), up to 3
-// tokens per pass. Layout and driver: w4a8_interleaved.h.
+// (vpdpbusd: 4) tokens per pass. Layout and driver: w4a8_interleaved.h.
 #include <immintrin.h>
 
 #include "half.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
-#include "w4a8_interleaved.h"
 #include "vnni_dot.h"
+#include "w4a8_interleaved.h"
 #include "w4a8_relayout_avx2.h"
 
 namespace tensorslim {
@@ -40,10 +40,10 @@ struct MaddPairs {
   }
 };
 // The same as two vpdpbusd (VnniVex256 / VnniEvex256). vpdpbusd waits on its accumulator for
-// several cycles, so passes of 1-2 tokens keep the low and high nibbles' sums in two chains; 4 tokens
-// (8 chains, 4 halves, 2 broadcasts: 14 registers) chain both. A / B, 4096 x 4096, EVEX form on
-// Zen 4, against vpmaddubsw: 2 tokens in two chains per pass 1.14 / 1.34 / 1.45 / 1.28x at 1 /
-// 2 / 32 / 128 tokens; 4 tokens in one chain 0.95 / 1.16 / 1.63 / 1.64x.
+// several cycles, so passes of 1-2 tokens keep the low and high nibbles' sums in two chains;
+// 4 tokens (8 chains, 4 halves, 2 broadcasts: 14 registers) chain both. A / B, 4096 x 4096,
+// EVEX form on Zen 4, against vpmaddubsw: 2 tokens in two chains per pass 1.14 / 1.34 / 1.45 /
+// 1.28x at 1 / 2 / 32 / 128 tokens; 4 tokens in one chain 0.95 / 1.16 / 1.63 / 1.64x.
 template <class Vnni>
 struct Dots {
   static constexpr int kTokens = 4;
@@ -144,7 +144,9 @@ struct Packed256 {
                     int64_t n0, int64_t rows, int64_t m0, int64_t m1, bool first) {
     static_assert(kMaxTokens == 4 && Dot::kTokens <= kMaxTokens, "one case per token count");
     switch (m1 - m0) {
-      case 4: return pass256<4, Dot>(a, x, sh, p, n0, rows, m0, first);
+      case 4:
+        if constexpr (Dot::kTokens >= 4) pass256<4, Dot>(a, x, sh, p, n0, rows, m0, first);
+        return;
       case 3: return pass256<3, Dot>(a, x, sh, p, n0, rows, m0, first);
       case 2: return pass256<2, Dot>(a, x, sh, p, n0, rows, m0, first);
       case 1: return pass256<1, Dot>(a, x, sh, p, n0, rows, m0, first);
