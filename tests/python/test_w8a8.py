@@ -89,6 +89,20 @@ def routed(monkeypatch):
     return calls
 
 
+_ACT_KINDS = (("dynamic", False), ("static", False), ("static", True))  # (mode, act_signed)
+
+
+def _layer_and_reference(mode: str, signed: bool, **kwargs):
+    """A 130 -> 200 Int8Linear of that activation kind (random weights) and a copy of it on the
+    reference backend."""
+    w, b = torch.randn(200, 130), torch.randn(200)
+    mod = ts.Int8Linear.from_float(w, b, mode, None, 0.05 if mode == "static" else None,
+                                   (0 if signed else 100) if mode == "static" else 0, act_signed=signed, **kwargs)
+    ref = copy.deepcopy(mod)
+    ref.backend = "reference"
+    return mod, ref
+
+
 def test_vnni_panels_take_every_row_count(routed):
     """Where pack_int8_weight writes our VNNI panels (AVX-512 VNNI without AMX), a layer runs
     them at every row count, never torch's matmul, with the reference's bits; under another ISA
@@ -97,12 +111,8 @@ def test_vnni_panels_take_every_row_count(routed):
     if ts.ops.int8.packed_layout(130, 200) != "vnni_panels":
         pytest.skip("no VNNI panels here (no AVX-512 VNNI, or an AMX CPU)")
     torch.manual_seed(6)
-    for mode, signed in (("dynamic", False), ("static", False), ("static", True)):
-        w, b = torch.randn(200, 130), torch.randn(200)
-        mod = ts.Int8Linear.from_float(w, b, mode, None, 0.05 if mode == "static" else None,
-                                       (0 if signed else 100) if mode == "static" else 0, act_signed=signed)
-        ref = copy.deepcopy(mod)
-        ref.backend = "reference"
+    for mode, signed in _ACT_KINDS:
+        mod, ref = _layer_and_reference(mode, signed)
         for rows in (1, 5, 16, 17, 64, 300):
             x = 3 * torch.randn(rows, 130)
             with torch.no_grad():
@@ -135,13 +145,8 @@ def test_avx2_panels_take_every_row_count(routed):
         pytest.skip("no AVX2 panels here (run with TENSORSLIM_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2)")
     torch.manual_seed(7)
     for qmax in (64, 127):
-        for mode, signed in (("dynamic", False), ("static", False), ("static", True)):
-            w, b = torch.randn(200, 130), torch.randn(200)
-            mod = ts.Int8Linear.from_float(w, b, mode, None, 0.05 if mode == "static" else None,
-                                           (0 if signed else 100) if mode == "static" else 0, act_signed=signed,
-                                           weight_qmax=qmax)
-            ref = copy.deepcopy(mod)
-            ref.backend = "reference"
+        for mode, signed in _ACT_KINDS:
+            mod, ref = _layer_and_reference(mode, signed, weight_qmax=qmax)
             for rows in (1, 5, 6, 7, 16, 17, 64, 300):
                 x = 3 * torch.randn(rows, 130)
                 with torch.no_grad():
@@ -179,12 +184,8 @@ def test_avx2_vnni_panels_take_full_range_codes(routed):
         model = nn.Sequential(nn.Linear(130, 200))
         ts.quantize(model, ts.Int8Dynamic())
         assert int(model[0].qweight.abs().max()) == 127  # full range by default
-        for mode, signed in (("dynamic", False), ("static", False), ("static", True)):
-            w, b = torch.randn(200, 130), torch.randn(200)
-            mod = ts.Int8Linear.from_float(w, b, mode, None, 0.05 if mode == "static" else None,
-                                           (0 if signed else 100) if mode == "static" else 0, act_signed=signed)
-            ref = copy.deepcopy(mod)
-            ref.backend = "reference"
+        for mode, signed in _ACT_KINDS:
+            mod, ref = _layer_and_reference(mode, signed)
             for rows in (1, 2, 3, 7, 64, 300, 2000):
                 x = 3 * torch.randn(rows, 130)
                 with torch.no_grad():
