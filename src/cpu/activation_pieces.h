@@ -57,8 +57,8 @@ inline float piece_group_sum(int64_t h, int64_t l1, int64_t l2) {
 }
 
 // Whether the active ISA has a pieces kernel for fmt at this K and group (gsize = min(group,
-// K)): K a multiple of kPieceBlock; AVX-512 on a CPU with VNNI, INT4 or INT8; AVX2, INT4; groups
-// of whole blocks, and for INT4 also of 32 or 64.
+// K)): K a multiple of kPieceBlock and of gsize; AVX-512 on a CPU with VNNI, INT4 or INT8; AVX2,
+// INT4; groups of whole blocks, and for INT4 also of 32 or 64.
 bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize);
 
 // Whether linear_weight_only runs it: the kernels switched on (set_activation_pieces_enabled,
