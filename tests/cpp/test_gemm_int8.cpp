@@ -534,6 +534,24 @@ TEST(GemmInt8, Avx2VnniPanelsTakeAnyCodesBitForBit) {
   EXPECT_EQ(cpu::avx2_vnni(), cpu::AvxVnni::kNone);
 }
 
+// Without a packed copy, a weight of kInt8LargeWeight values and full-range codes: with
+// vpdpbusd the panels (packed per call, row sums made then) from 128 rows, below that the
+// GEMV; both the reference's bits.
+TEST(GemmInt8, Avx2VnniLargeWeightWithoutPackedCopyIsExact) {
+  if (!cpu::avx2_vnni_available()) GTEST_SKIP() << "neither AVX-VNNI nor AVX512-VNNI";
+  IsaScope scope(cpu::Isa::kAVX2);
+  Avx2VnniScope dot(true);
+  const int64_t K = 4096, N = cpu::kInt8LargeWeight / K;
+  for (int64_t M : {3, 130}) {
+    Data d = make_data({M, K, N, true, true, true}, 120 + M);
+    std::vector<float> ref(M * N), got(M * N, -1.0f);
+    linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, view2(ref.data(), DType::kFloat32, M, N),
+                GemmBackend::kReference);
+    ASSERT_TRUE(cpu::linear_int8_avx2(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, view2(got.data(), DType::kFloat32, M, N)));
+    ASSERT_EQ(got, ref) << "M=" << M;
+  }
+}
+
 // Where the CPU has no form of vpdpbusd, asking for it is refused and changes nothing.
 TEST(GemmInt8, Avx2VnniRefusedWithoutVnni) {
   if (cpu::avx2_vnni_available()) {
