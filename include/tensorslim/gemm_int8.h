@@ -95,7 +95,7 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
                       const TensorView* bias, const TensorView& out);
 // The same arithmetic for many activation rows (weight packed into 8-column panels per call,
 // 4 x 16 register tiles); linear_int8_avx2 hands it batches of kInt8PanelMinRows and more of
-// weights below kInt8LargeWeight values (with vpdpbusd, cpu::avx2_vnni, any weight from 128
+// weights below kInt8LargeWeight values (with vpdpbusd, cpu::avx2_vnni, any weight from 32
 // rows). prepacked: those
 // panels packed once (linear_int8_avx2_pack), read at every row count, with uint8 codes as
 // they are where the header says every weight code lies in [-64, 64].

@@ -95,10 +95,10 @@ bool linear_int8_avx2(const TensorView& qx, const TensorView& act_scales, int32_
                       const TensorView* bias, const TensorView& out) {
   if (active_isa() < Isa::kAVX2) return false;
   const int64_t M = qx.shape[0], K = qx.shape[1], N = qweight.shape[0];
-  // With vpdpbusd the panels, packed per call, also beat this GEMV on large weights from 128
-  // rows (4096 x 4096, 4096 x 11008, 11008 x 4096 at 64 / 96 / 128 / 512 rows, EVEX form on
-  // Zen 4: 0.84-1.52x / 0.97-1.48x / 1.25-2.44x / 2.51-3.38x this GEMV's speed).
-  const bool vnni_large = avx2_vnni() != AvxVnni::kNone && M >= 128;
+  // With vpdpbusd the panels, packed per call, also beat this GEMV on large weights from 32
+  // rows (4096 x 4096, 4096 x 11008, 11008 x 4096, EVEX form on Zen 4: 2.1-2.8x at 32 rows,
+  // 2.7-3.2x at 64; alike at 16).
+  const bool vnni_large = avx2_vnni() != AvxVnni::kNone && M >= 32;
   if ((K * N < kInt8LargeWeight || vnni_large) && M >= kInt8PanelMinRows)
     return linear_int8_panels_avx2(qx, act_scales, act_zero_point, qweight, w_scales, bias, out);
   const bool is_u8 = qx.dtype == DType::kUInt8;

@@ -535,15 +535,17 @@ TEST(GemmInt8, Avx2VnniPanelsTakeAnyCodesBitForBit) {
 }
 
 // Without a packed copy, a weight of kInt8LargeWeight values and full-range codes: with
-// vpdpbusd the panels (packed per call, row sums made then) from 128 rows, below that the
-// GEMV; both the reference's bits.
+// vpdpbusd the panels (packed per call, row sums made then) from 32 rows, below that the
+// GEMV; both the reference's bits, also on a second call (the reused per-call buffer).
 TEST(GemmInt8, Avx2VnniLargeWeightWithoutPackedCopyIsExact) {
   if (!cpu::avx2_vnni_available()) GTEST_SKIP() << "neither AVX-VNNI nor AVX512-VNNI";
   IsaScope scope(cpu::Isa::kAVX2);
   Avx2VnniScope dot(true);
   const int64_t K = 4096, N = cpu::kInt8LargeWeight / K;
-  for (int64_t M : {3, 130}) {
-    Data d = make_data({M, K, N, true, true, true}, 120 + M);
+  const struct { int64_t M; uint32_t seed; } calls[] = {{3, 121}, {33, 122}, {33, 123}, {70, 124}};
+  for (const auto& c : calls) {  // the two 33-row calls: other weights in the same buffer
+    const int64_t M = c.M;
+    Data d = make_data({M, K, N, true, true, true}, c.seed);
     std::vector<float> ref(M * N), got(M * N, -1.0f);
     linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, &d.bv, view2(ref.data(), DType::kFloat32, M, N),
                 GemmBackend::kReference);
