@@ -2,17 +2,20 @@
 // 8 rows per panel (an 8 x 8 dword transpose unpacks 8 rows x 64 k at a time) and tiles of
 // up to 4 tokens x 8 rows in registers. The u8 x s8 products go through vpmaddubsw, whose
 // int16 pair sums cannot saturate (2 * 15 * 128 < 2^15) and add up in int16 for a few steps
-// before vpmaddwd widens them (DotMadd), so the group dots are exact and the output bit-exact
-// with linear_w4a8_reference.
+// before vpmaddwd widens them (DotMadd), or where the AVX2 kernels have vpdpbusd
+// (cpu::avx2_vnni) go straight into int32 (DotVnni), so the group dots are exact and the output
+// bit-exact with linear_w4a8_reference.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "half.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
 #include "transpose8_avx2.h"
+#include "vnni_dot.h"
 #include "w4a8_panels.h"
 #include "w4a8_relayout_avx2.h"
 
@@ -88,6 +91,13 @@ struct DotMadd {
   }
 };
 
+// The products on vpdpbusd (VnniVex256 / VnniEvex256), straight into int32: the low and high
+// nibbles in a chain each per token, as vpdpbusd waits on its accumulator.
+template <class Vnni>
+struct DotVnni {
+  using V = Vnni;
+};
+
 // Tokens m0 .. m0+MB-1 x the panel's rows n0 .. n0+rows-1.
 template <int MB, class Dot>
 void tile256(const W4A8Args& a, const Acts& x, const Panel& p, const Shape& sh, int64_t n0,
@@ -105,19 +115,33 @@ void tile256(const W4A8Args& a, const Acts& x, const Panel& p, const Shape& sh, 
     const uint8_t* w = p.w.data() + g * sh.gsteps * 64;
     const int64_t k0 = g * sh.gsteps * 8;
     const int64_t steps = sh.steps(g);  // a short last group: fewer
-    for (int64_t j0 = 0; j0 < steps; j0 += Dot::kPairSteps) {
-      __m256i p16[MB];
-      for (int m = 0; m < MB; ++m) p16[m] = _mm256_setzero_si256();
-      for (int64_t j = j0; j < std::min(steps, j0 + Dot::kPairSteps); ++j) {
+    if constexpr (!std::is_same_v<Dot, DotMadd>) {
+      __m256i acc_hi[MB];
+      for (int m = 0; m < MB; ++m) acc_hi[m] = _mm256_setzero_si256();
+      for (int64_t j = 0; j < steps; ++j) {
         const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
         const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
         for (int m = 0; m < MB; ++m) {
-          const __m256i both = _mm256_add_epi16(Dot::pairs(lo, broadcast4(xr[m] + k0 + j * 8)),
-                                                Dot::pairs(hi, broadcast4(xr[m] + k0 + j * 8 + 4)));
-          p16[m] = _mm256_add_epi16(p16[m], both);
+          acc[m] = Dot::V::dpbusd(acc[m], lo, broadcast4(xr[m] + k0 + j * 8));
+          acc_hi[m] = Dot::V::dpbusd(acc_hi[m], hi, broadcast4(xr[m] + k0 + j * 8 + 4));
         }
       }
-      for (int m = 0; m < MB; ++m) acc[m] = Dot::widen(acc[m], p16[m]);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_add_epi32(acc[m], acc_hi[m]);
+    } else {
+      for (int64_t j0 = 0; j0 < steps; j0 += Dot::kPairSteps) {
+        __m256i p16[MB];
+        for (int m = 0; m < MB; ++m) p16[m] = _mm256_setzero_si256();
+        for (int64_t j = j0; j < std::min(steps, j0 + Dot::kPairSteps); ++j) {
+          const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+          const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+          for (int m = 0; m < MB; ++m) {
+            const __m256i both = _mm256_add_epi16(Dot::pairs(lo, broadcast4(xr[m] + k0 + j * 8)),
+                                                  Dot::pairs(hi, broadcast4(xr[m] + k0 + j * 8 + 4)));
+            p16[m] = _mm256_add_epi16(p16[m], both);
+          }
+        }
+        for (int m = 0; m < MB; ++m) acc[m] = Dot::widen(acc[m], p16[m]);
+      }
     }
     // d = sum(u * q) - o * sum(q), exact; then the reference's acc = acc + float(d) * scale.
     const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.o.data() + g * R));
@@ -168,8 +192,14 @@ struct Kernel256 {
 
 bool linear_w4a8_avx2(const W4A8Args& a) {
   if (!linear_w4a8_native_fits(a.K, a.group) || active_isa() < Isa::kAVX2) return false;
-  w4a8_drive<Kernel256>(a, [](const W4A8Args& args, const Acts& x, const Shape& sh, int64_t b,
-                              int64_t e) { run_panels<Kernel256, DotMadd>(args, x, sh, b, e); });
+  const AvxVnni vnni = avx2_vnni();
+  w4a8_drive<Kernel256>(a, [vnni](const W4A8Args& args, const Acts& x, const Shape& sh, int64_t b, int64_t e) {
+    switch (vnni) {
+      case AvxVnni::kVex: return run_panels<Kernel256, DotVnni<VnniVex256>>(args, x, sh, b, e);
+      case AvxVnni::kEvex: return run_panels<Kernel256, DotVnni<VnniEvex256>>(args, x, sh, b, e);
+      default: return run_panels<Kernel256, DotMadd>(args, x, sh, b, e);
+    }
+  });
   return true;
 }
 

@@ -1,6 +1,6 @@
 // AVX2 W4A8 for a few tokens (compiled with -mavx2 -mfma): 8 packed rows read side by side,
-// 64 codes (32 bytes) per step, u8 x s8 products through vpmaddubsw + vpmaddwd. Layout and
-// driver: w4a8_gemv.h. AVX-512 CPUs run it too for groups the AVX-512 file's 128-code chunks
+// 64 codes (32 bytes) per step, u8 x s8 products through vpmaddubsw + vpmaddwd, or vpdpbusd
+// where the AVX2 kernels have it (cpu::avx2_vnni). Layout and driver: w4a8_gemv.h. AVX-512 CPUs run it too for groups the AVX-512 file's 128-code chunks
 // do not fit (192, 320, ...).
 #include <immintrin.h>
 
@@ -11,6 +11,7 @@
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
 #include "transpose8_avx2.h"
+#include "vnni_dot.h"
 #include "w4a8_gemv.h"
 
 namespace tensorslim {
@@ -22,10 +23,19 @@ constexpr int64_t kChunk = 64;
 constexpr int64_t kBytes = kChunk / 2;
 
 // acc + the lane sums of lo * xe + hi * xo; both halves' pair sums fit int16 (2 * 2 * 15 * 128).
-inline __m256i pair_step(__m256i acc, __m256i lo, __m256i xe, __m256i hi, __m256i xo) {
-  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-}
+struct PairSums {
+  static __m256i step(__m256i acc, __m256i lo, __m256i xe, __m256i hi, __m256i xo) {
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  }
+};
+// The same as two vpdpbusd (VnniVex256 / VnniEvex256); the 8 accumulators keep them busy.
+template <class Vnni>
+struct Dots {
+  static __m256i step(__m256i acc, __m256i lo, __m256i xe, __m256i hi, __m256i xo) {
+    return Vnni::dpbusd(Vnni::dpbusd(acc, lo, xe), hi, xo);
+  }
+};
 
 // out[j] lane r = the sum of v[r]'s lanes of group j: all 8 (GPC 1) or lanes 4j .. 4j+3 (GPC 2:
 // groups of 32 codes, one 128-bit block each).
@@ -52,7 +62,7 @@ inline void row_sums(__m256i v[8], __m256i out[GPC]) {
 // T = 2 each chunk is loaded and unpacked once for both tokens. `line0`: the first of the next
 // block's lines (`next`) that these steps prefetch. scale_t: these rows' scales by group, RP of
 // them per kRows floats (block_scales).
-template <int T, int GPC>
+template <int T, int GPC, class Dot>
 inline void tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* const* w, const uint8_t (*tail)[kBytes],
                       int64_t whole, int64_t n0, int64_t rows, int64_t m, const char* next, int line0,
                       const float* scale_t) {
@@ -81,7 +91,7 @@ inline void tokens256(const W4A8Args& a, const GemvActs& x, const uint8_t* const
         const uint8_t* src = c < whole ? w[r] + c * kBytes : tail[r];
         const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), flip);
         const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        for (int t = 0; t < T; ++t) acc[t * RP + r] = pair_step(acc[t * RP + r], lo, xe[t], hi, xo[t]);
+        for (int t = 0; t < T; ++t) acc[t * RP + r] = Dot::step(acc[t * RP + r], lo, xe[t], hi, xo[t]);
       }
     }
     __m256i dots[GPC];
@@ -135,7 +145,7 @@ inline void block_scales(const W4A8Args& a, int64_t groups, int64_t n0, int64_t 
   }
 }
 
-template <int GPC>
+template <int GPC, class Dot>
 void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   const int64_t row_bytes = (a.K + 1) / 2, whole = row_bytes / kBytes;
   const uint8_t* w[kRows];  // rows past N read the last row again; their lanes are not stored
@@ -153,17 +163,18 @@ void block256(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
   for (; m + 2 <= a.M; m += 2)  // token pairs share each chunk's load and unpacking
     for (int h = 0; h < 2; ++h)
       if (rows > 4 * h)
-        tokens256<2, GPC>(a, x, w + 4 * h, tail + 4 * h, whole, n0 + 4 * h, std::min<int64_t>(4, rows - 4 * h), m,
+        tokens256<2, GPC, Dot>(a, x, w + 4 * h, tail + 4 * h, whole, n0 + 4 * h, std::min<int64_t>(4, rows - 4 * h), m,
                           next, 4 * h, scale_t.data() + 4 * h);
-  for (; m < a.M; ++m) tokens256<1, GPC>(a, x, w, tail, whole, n0, rows, m, next, 0, scale_t.data());
+  for (; m < a.M; ++m) tokens256<1, GPC, Dot>(a, x, w, tail, whole, n0, rows, m, next, 0, scale_t.data());
 }
 
+template <class Dot>
 struct Gemv256 {
   static constexpr int kRows = cpu::kRows;
   static constexpr int64_t kChunk = cpu::kChunk;
   static void block(const W4A8Args& a, const GemvActs& x, int64_t n0, int64_t rows) {
-    if (x.gpc == 1) block256<1>(a, x, n0, rows);
-    else block256<2>(a, x, n0, rows);  // groups of 32: two per chunk
+    if (x.gpc == 1) block256<1, Dot>(a, x, n0, rows);
+    else block256<2, Dot>(a, x, n0, rows);  // groups of 32: two per chunk
   }
 };
 
@@ -171,7 +182,11 @@ struct Gemv256 {
 
 bool linear_w4a8_gemv_avx2(const W4A8Args& a) {
   if (active_isa() < Isa::kAVX2 || !w4a8_gemv_fits(a.K, a.group, kChunk)) return false;
-  w4a8_gemv_drive<Gemv256>(a);
+  switch (avx2_vnni()) {
+    case AvxVnni::kVex: w4a8_gemv_drive<Gemv256<Dots<VnniVex256>>>(a); break;
+    case AvxVnni::kEvex: w4a8_gemv_drive<Gemv256<Dots<VnniEvex256>>>(a); break;
+    default: w4a8_gemv_drive<Gemv256<PairSums>>(a);
+  }
   return true;
 }
 

@@ -162,14 +162,18 @@ TEST(GemmW4A8, NativeMatchesReferenceBitForBit) {
   cpu::set_w4a8_vnni_enabled(true);
 }
 
-// The AVX2 kernel (8-row panels, 4-token tiles), forced on an AVX-512 machine too.
+// The AVX2 kernels (8-row panels, 4-token tiles; the few-token GEMV), forced on an AVX-512
+// machine too, with vpmaddubsw and (where the CPU has a form of it) vpdpbusd.
 TEST(GemmW4A8, Avx2MatchesReferenceBitForBit) {
   if (cpu::best_isa() < cpu::Isa::kAVX2) GTEST_SKIP() << "no AVX2";
   const cpu::Isa saved = cpu::active_isa();
   cpu::set_isa(cpu::Isa::kAVX2);
   EXPECT_STREQ(linear_w4a8_kernel(256, 32), "avx2");
   EXPECT_STREQ(linear_w4a8_kernel(96, 6), "reference");
-  expect_native_bit_exact("avx2");
+  for (bool vnni : avx2_vnni_settings()) {
+    Avx2VnniScope dot(vnni);
+    expect_native_bit_exact(vnni ? "avx2 vpdpbusd" : "avx2");
+  }
   cpu::set_isa(saved);
 }
 
@@ -262,9 +266,10 @@ TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
     bool (*fn)(const cpu::W4A8Args&);
     cpu::Isa isa;
     int64_t chunk;
-    bool vnni;
+    bool vnni;  // AVX-512: vpdpbusd on zmm; AVX2: on ymm (cpu::avx2_vnni)
   };
   std::vector<Gemv> kernels = {{"avx2", cpu::linear_w4a8_gemv_avx2, cpu::Isa::kAVX2, 64, false}};
+  if (cpu::avx2_vnni_available()) kernels.push_back({"avx2_vnni", cpu::linear_w4a8_gemv_avx2, cpu::Isa::kAVX2, 64, true});
   if (cpu::best_isa() >= cpu::Isa::kAVX512) {
     kernels.push_back({"avx512bw", cpu::linear_w4a8_gemv_avx512, cpu::Isa::kAVX512, 128, false});
     if (cpu::w4a8_uses_vnni())
@@ -279,6 +284,8 @@ TEST(GemmW4A8, FewTokenKernelsMatchReferenceBitForBit) {
   for (const Gemv& kern : kernels) {
     cpu::set_isa(kern.isa);
     cpu::set_w4a8_vnni_enabled(kern.vnni);
+    std::optional<Avx2VnniScope> dot;
+    if (kern.isa == cpu::Isa::kAVX2) dot.emplace(kern.vnni);
     for (const auto& sh : shapes)
       for (Format fmt : {Format::kInt4, Format::kUInt4})
         for (int64_t M : {1, 2, 5}) {
