@@ -1,7 +1,7 @@
 // AVX2 W4A8 for a few tokens (compiled with -mavx2 -mfma): 8 packed rows read side by side,
 // 64 codes (32 bytes) per step, u8 x s8 products through vpmaddubsw + vpmaddwd, or vpdpbusd
-// where the AVX2 kernels have it (cpu::avx2_vnni). Layout and driver: w4a8_gemv.h. AVX-512 CPUs run it too for groups the AVX-512 file's 128-code chunks
-// do not fit (192, 320, ...).
+// where the AVX2 kernels have it (cpu::avx2_vnni). Layout and driver: w4a8_gemv.h. AVX-512 CPUs
+// run it too for groups the AVX-512 file's 128-code chunks do not fit (192, 320, ...).
 #include <immintrin.h>
 
 #include <cstring>
