@@ -115,9 +115,6 @@ bool split_activation_pieces_avx2(const TensorView& x, int64_t gsize, Activation
 
 namespace {
 
-// No vpdpbusd: the pieces kernel's vpmaddubsw + vpmaddwd.
-struct NoVnni {};
-
 // Output rows n .. n+R-1 for activation rows m0 .. m0+MB-1 (see the AVX-512 kernel). A step
 // is one group of whole blocks, or (kHalves: groups of 32 or 64) one block whose two halves
 // (values 0-63 and 64-127) are summed apart: lane i of a half holds its values 8i .. 8i+7 (even
@@ -297,11 +294,7 @@ void pieces_run(const WeightOnlyProblem& p, const ActivationPieces& a, Format fm
 }  // namespace
 
 void linear_pieces_avx2(const WeightOnlyProblem& p, const ActivationPieces& a, Format fmt, int64_t M) {
-  switch (avx2_vnni()) {
-    case AvxVnni::kVex: return pieces_run<VnniVex256>(p, a, fmt, M);
-    case AvxVnni::kEvex: return pieces_run<VnniEvex256>(p, a, fmt, M);
-    default: return pieces_run<NoVnni>(p, a, fmt, M);
-  }
+  with_vnni256(avx2_vnni(), [&](auto dot) { pieces_run<decltype(dot)>(p, a, fmt, M); });
 }
 
 }  // namespace cpu

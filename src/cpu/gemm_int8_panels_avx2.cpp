@@ -107,25 +107,28 @@ void tile_rows(int mr, const int8_t* a, int64_t lda, const int8_t* b0, const int
 // 8 rows: 0.675 / 0.952 -> 0.441 / 0.781 ms; 512 / 1024 bytes ahead in between).
 constexpr int64_t kAhead = 2048;
 
-// vpmaddubsw + vpmaddwd as a vpdpbusd: exact where no pair of products passes int16 (codes in
-// [-64, 64] against uint8 codes).
-struct MaddPairs {
-  static __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+// acc + the 4-product sums of u's unsigned and s's signed bytes: Dot's vpdpbusd, or (NoVnni)
+// vpmaddubsw + vpmaddwd, exact where no pair of products passes int16 (codes in [-64, 64]
+// against uint8 codes).
+template <class Dot>
+inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+  if constexpr (std::is_same_v<Dot, NoVnni>)
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-  }
-};
+  else
+    return Dot::dpbusd(acc, u, s);
+}
 
 // The product on the codes as they are: acc[r][h] = sum over k of q[r][k] x panel h, q the
 // uint8 codes (int8 ones flipped to q + 128 by kFlip), MR rows read in place (the last step's
-// bytes past K as 0: their weights are 0), Dot a vpdpbusd (vnni_dot.h) or MaddPairs. vpdpbusd
+// bytes past K as 0: their weights are 0), Dot a vpdpbusd form or NoVnni (dot4). vpdpbusd
 // waits on its accumulator for several cycles and two issue per cycle, so tiles of up to 3 rows
 // (<= 6 chains) alternate two sets of accumulators between steps (4096 x 4096 at 1 / 8 rows, EVEX form on Zen 4, one
-// set: 0.184 / 0.568 ms against MaddPairs' 0.161 / 0.757, whose chain is a 1-cycle add; two
+// set: 0.184 / 0.568 ms against vpmaddubsw's 0.161 / 0.757, whose chain is a 1-cycle add; two
 // sets: 0.142-0.158 / 0.386-0.475 against 0.156-0.178 / 0.677-0.818).
 template <int MR, int NP, bool kFlip, class Dot>
 void tile_u8(const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, int64_t Kq,
              int32_t* acc_out /* [MR][16] */) {
-  constexpr int S = !std::is_same_v<Dot, MaddPairs> && MR <= 3 ? 2 : 1;
+  constexpr int S = !std::is_same_v<Dot, NoVnni> && MR <= 3 ? 2 : 1;
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256i acc[S][MR][NP];
   for (int i = 0; i < S; ++i)
@@ -139,7 +142,7 @@ void tile_u8(const uint8_t* a, int64_t K, const int8_t* b0, const int8_t* b1, in
     for (int r = 0; r < MR; ++r) {
       __m256i c = _mm256_set1_epi32(codes_of(a + r * K + q * 4));
       if (kFlip) c = _mm256_xor_si256(c, flip);
-      for (int h = 0; h < NP; ++h) set[r][h] = Dot::dpbusd(set[r][h], c, w[h]);
+      for (int h = 0; h < NP; ++h) set[r][h] = dot4<Dot>(set[r][h], c, w[h]);
     }
   };
   const auto whole_word = [](const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; };
@@ -189,11 +192,7 @@ void u8_tile_with(int mr, int np, bool flip, const uint8_t* a, int64_t K, const 
 
 void u8_tile(AvxVnni dot, int mr, int np, bool flip, const uint8_t* a, int64_t K, const int8_t* b0,
              const int8_t* b1, int64_t Kq, int32_t* acc) {
-  switch (dot) {
-    case AvxVnni::kVex: return u8_tile_with<VnniVex256>(mr, np, flip, a, K, b0, b1, Kq, acc);
-    case AvxVnni::kEvex: return u8_tile_with<VnniEvex256>(mr, np, flip, a, K, b0, b1, Kq, acc);
-    default: return u8_tile_with<MaddPairs>(mr, np, flip, a, K, b0, b1, Kq, acc);
-  }
+  with_vnni256(dot, [&](auto d) { u8_tile_with<decltype(d)>(mr, np, flip, a, K, b0, b1, Kq, acc); });
 }
 
 // y[j] = float(acc[j] + shift_back * sums[j]) * (a_s * ws[j]) (+ b[j]) for j < nr: the

@@ -3,8 +3,8 @@
 // up to 4 tokens x 8 rows in registers. The u8 x s8 products go through vpmaddubsw, whose
 // int16 pair sums cannot saturate (2 * 15 * 128 < 2^15) and add up in int16 for a few steps
 // before vpmaddwd widens them (DotMadd), or where the AVX2 kernels have vpdpbusd
-// (cpu::avx2_vnni) go straight into int32 (DotVnni), so the group dots are exact and the output
-// bit-exact with linear_w4a8_reference.
+// (cpu::avx2_vnni) go straight into int32 (Dot = that form), so the group dots are exact and the
+// output bit-exact with linear_w4a8_reference.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -91,14 +91,9 @@ struct DotMadd {
   }
 };
 
-// The products on vpdpbusd (VnniVex256 / VnniEvex256), straight into int32: the low and high
-// nibbles in a chain each per token, as vpdpbusd waits on its accumulator.
-template <class Vnni>
-struct DotVnni {
-  using V = Vnni;
-};
-
-// Tokens m0 .. m0+MB-1 x the panel's rows n0 .. n0+rows-1.
+// Tokens m0 .. m0+MB-1 x the panel's rows n0 .. n0+rows-1. Dot: DotMadd, or a vpdpbusd form
+// (VnniVex256 / VnniEvex256) that sums straight into int32, the low and high nibbles in a chain
+// each per token (vpdpbusd waits on its accumulator).
 template <int MB, class Dot>
 void tile256(const W4A8Args& a, const Acts& x, const Panel& p, const Shape& sh, int64_t n0,
              int64_t rows, int64_t m0) {
@@ -122,8 +117,8 @@ void tile256(const W4A8Args& a, const Acts& x, const Panel& p, const Shape& sh, 
         const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
         const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
         for (int m = 0; m < MB; ++m) {
-          acc[m] = Dot::V::dpbusd(acc[m], lo, broadcast4(xr[m] + k0 + j * 8));
-          acc_hi[m] = Dot::V::dpbusd(acc_hi[m], hi, broadcast4(xr[m] + k0 + j * 8 + 4));
+          acc[m] = Dot::dpbusd(acc[m], lo, broadcast4(xr[m] + k0 + j * 8));
+          acc_hi[m] = Dot::dpbusd(acc_hi[m], hi, broadcast4(xr[m] + k0 + j * 8 + 4));
         }
       }
       for (int m = 0; m < MB; ++m) acc[m] = _mm256_add_epi32(acc[m], acc_hi[m]);
@@ -194,11 +189,10 @@ bool linear_w4a8_avx2(const W4A8Args& a) {
   if (!linear_w4a8_native_fits(a.K, a.group) || active_isa() < Isa::kAVX2) return false;
   const AvxVnni vnni = avx2_vnni();
   w4a8_drive<Kernel256>(a, [vnni](const W4A8Args& args, const Acts& x, const Shape& sh, int64_t b, int64_t e) {
-    switch (vnni) {
-      case AvxVnni::kVex: return run_panels<Kernel256, DotVnni<VnniVex256>>(args, x, sh, b, e);
-      case AvxVnni::kEvex: return run_panels<Kernel256, DotVnni<VnniEvex256>>(args, x, sh, b, e);
-      default: return run_panels<Kernel256, DotMadd>(args, x, sh, b, e);
-    }
+    with_vnni256(vnni, [&](auto dot) {
+      using V = decltype(dot);
+      run_panels<Kernel256, std::conditional_t<std::is_same_v<V, NoVnni>, DotMadd, V>>(args, x, sh, b, e);
+    });
   });
   return true;
 }

@@ -9,6 +9,8 @@
 
 #include <immintrin.h>
 
+#include "tensorslim/quantize.h"
+
 namespace tensorslim {
 namespace cpu {
 
@@ -39,6 +41,19 @@ struct VnniVex256 {
     return acc;
   }
 };
+// No vpdpbusd: the kernel's own vpmaddubsw + vpmaddwd products.
+struct NoVnni {};
+
+// f(VnniVex256{}), f(VnniEvex256{}) or f(NoVnni{}) by the form the AVX2 kernels use
+// (cpu::avx2_vnni): each AVX2 kernel's dispatch, its body a template on that type.
+template <class F>
+void with_vnni256(AvxVnni form, F&& f) {
+  switch (form) {
+    case AvxVnni::kVex: return f(VnniVex256{});
+    case AvxVnni::kEvex: return f(VnniEvex256{});
+    default: return f(NoVnni{});
+  }
+}
 
 }  // namespace cpu
 }  // namespace tensorslim

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "aligned_buffer.h"
 #include "half.h"
@@ -182,11 +183,10 @@ struct Gemv256 {
 
 bool linear_w4a8_gemv_avx2(const W4A8Args& a) {
   if (active_isa() < Isa::kAVX2 || !w4a8_gemv_fits(a.K, a.group, kChunk)) return false;
-  switch (avx2_vnni()) {
-    case AvxVnni::kVex: w4a8_gemv_drive<Gemv256<Dots<VnniVex256>>>(a); break;
-    case AvxVnni::kEvex: w4a8_gemv_drive<Gemv256<Dots<VnniEvex256>>>(a); break;
-    default: w4a8_gemv_drive<Gemv256<PairSums>>(a);
-  }
+  with_vnni256(avx2_vnni(), [&](auto dot) {
+    using V = decltype(dot);
+    w4a8_gemv_drive<Gemv256<std::conditional_t<std::is_same_v<V, NoVnni>, PairSums, Dots<V>>>>(a);
+  });
   return true;
 }
 

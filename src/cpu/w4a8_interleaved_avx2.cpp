@@ -4,6 +4,8 @@
 // (vpdpbusd: 4) tokens per pass. Layout and driver: w4a8_interleaved.h.
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "half.h"
 #include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/quantize.h"
@@ -159,11 +161,10 @@ struct Packed256 {
 
 bool linear_w4a8_packed_avx2(const W4A8Args& a, const uint8_t* packed) {
   if (active_isa() < Isa::kAVX2) return false;
-  switch (avx2_vnni()) {
-    case AvxVnni::kVex: w4a8_packed_drive<Packed256<Dots<VnniVex256>>>(a, packed); break;
-    case AvxVnni::kEvex: w4a8_packed_drive<Packed256<Dots<VnniEvex256>>>(a, packed); break;
-    default: w4a8_packed_drive<Packed256<MaddPairs>>(a, packed);
-  }
+  with_vnni256(avx2_vnni(), [&](auto dot) {
+    using V = decltype(dot);
+    w4a8_packed_drive<Packed256<std::conditional_t<std::is_same_v<V, NoVnni>, MaddPairs, Dots<V>>>>(a, packed);
+  });
   return true;
 }
 
