@@ -134,7 +134,7 @@ bool linear_w4a8_native_fits(int64_t K, int64_t group) {
 const char* linear_w4a8_kernel(int64_t K, int64_t group_size) {
   if (!cpu::linear_w4a8_native_fits(K, group_size)) return "reference";
 #if defined(TENSORSLIM_HAVE_AVX512) && defined(TENSORSLIM_HAVE_AVX2)
-  if (cpu::active_isa() == cpu::Isa::kAVX2) return "avx2";
+  if (cpu::active_isa() == cpu::Isa::kAVX2) return cpu::avx2_vnni() == cpu::AvxVnni::kNone ? "avx2" : "avx2_vnni";
   return cpu::w4a8_uses_vnni() ? "avx512_vnni" : "avx512bw";
 #else
   return "reference";

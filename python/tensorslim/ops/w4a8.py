@@ -161,7 +161,8 @@ def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def kernel_name(in_features: int, group_size: int) -> str:
-    """The kernel backend="auto" runs: "avx512_vnni", "avx512bw", "avx2" or "reference" (scalar C++)."""
+    """The kernel backend="auto" runs: "avx512_vnni", "avx512bw", "avx2_vnni" (the AVX2 kernels on
+    256-bit vpdpbusd, _C.avx2_vnni()), "avx2" or "reference" (scalar C++)."""
     return _C.linear_w4a8_kernel(in_features, group_size)
 
 
