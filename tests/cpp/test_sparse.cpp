@@ -292,6 +292,79 @@ TEST(Sparse, CsrUnorderedColumnsEveryIsa) {
   }
 }
 
+// Batches 3..8 walk x in column panels (2048 columns at stride 4, 1024 at 8) over blocks of 64
+// rows: K = 4500 gives 3 and 5 panels, the last partial, N = 150 three row blocks. Rows that
+// are empty, in one panel only, run backwards across every panel, or repeat a column are summed
+// whole; a column >= K past the first panels of a row in the second block fails the call.
+TEST(Sparse, CsrPanelsAndRowBlocksEveryIsa) {
+  IsaScope guard;
+  const int64_t N = 150, K = 4500;
+  std::mt19937 gen(11);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<int64_t> rp(N + 1, 0);
+  std::vector<uint16_t> cols;
+  std::vector<float> vals, dense(N * K, 0.0f);
+  auto add = [&](int64_t r, int64_t c) {
+    cols.push_back(static_cast<uint16_t>(c));
+    vals.push_back(u(gen));
+    dense[r * K + c] += vals.back();
+  };
+  for (int64_t r = 0; r < N; ++r) {
+    if (r == 3 || r == 64 || r == N - 1) {
+      // empty
+    } else if (r == 5) {
+      for (int64_t c = K - 1; c >= 0; c -= 7) add(r, c);  // backwards through every panel
+    } else if (r == 70) {
+      for (int64_t c = 4100; c < K; c += 3) add(r, c);  // the last panel only
+    } else if (r == 71) {
+      for (int64_t c = 0; c < 900; c += 2) add(r, c);  // the first panel only
+    } else if (r == 72) {
+      for (int64_t e = 0; e < 40; ++e) add(r, 2047 + e % 3);  // one column block's edge, repeated
+    } else {
+      for (int64_t c = 0; c < K; ++c)
+        if (gen() % 10 == 0) add(r, c);
+    }
+    rp[r + 1] = static_cast<int64_t>(cols.size());
+  }
+  const int64_t nnz = rp[N];
+  std::vector<int8_t> codes(nnz);
+  std::vector<float> scales(N, 1.0f / 64), dense8(N * K, 0.0f);
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
+      codes[e] = static_cast<int8_t>(std::lround(vals[e] * 64));
+      dense8[r * K + cols[e]] += codes[e] / 64.0f;
+    }
+  uint32_t seed = 1300;
+  for (int64_t M = 3; M <= 8; ++M) {
+    std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
+    std::vector<float> ws(sparse_linear_workspace(M, K));
+    TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size()), bv = view1(bias.data(), DType::kFloat32, N);
+    TensorView cv = view1(cols.data(), DType::kUInt16, nnz), rv = view1(rp.data(), DType::kInt64, N + 1),
+               sv = view1(scales.data(), DType::kFloat32, N);
+    const Ref ref(dense, x, bias, M, N, K), ref8(dense8, x, bias, M, N, K);
+    for (cpu::Isa isa : machine_isas()) {
+      cpu::set_isa(isa);
+      std::vector<float> y(M * N, NAN);
+      csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(vals.data(), DType::kFloat32, nnz), cv, rv, nullptr,
+                 &bv, view2(y.data(), DType::kFloat32, M, N), &wsv);
+      expect_close(y, ref, std::string(cpu::isa_name(isa)) + " fp32 M=" + std::to_string(M));
+      std::fill(y.begin(), y.end(), NAN);
+      csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(codes.data(), DType::kInt8, nnz), cv, rv, &sv, &bv,
+                 view2(y.data(), DType::kFloat32, M, N), &wsv);
+      expect_close(y, ref8, std::string(cpu::isa_name(isa)) + " int8 M=" + std::to_string(M));
+      if (HasFatalFailure()) return;
+      const int64_t at = rp[100] + (rp[101] - rp[100]) * 3 / 4;  // row 100: in its fourth quarter
+      const uint16_t keep = cols[at];
+      cols[at] = static_cast<uint16_t>(K + 7);
+      EXPECT_THROW(csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(vals.data(), DType::kFloat32, nnz), cv,
+                              rv, nullptr, &bv, view2(y.data(), DType::kFloat32, M, N), &wsv),
+                   ValueError)
+          << cpu::isa_name(isa) << " M=" << M;
+      cols[at] = keep;
+    }
+  }
+}
+
 // A column >= K in a middle row fails the call at every batch size and ISA (never read).
 TEST(Sparse, CsrBadColumnEveryBatch) {
   IsaScope guard;
