@@ -8,7 +8,8 @@ import torch
 def tensor_identity(t: Optional[torch.Tensor]) -> tuple:
     """(storage address, in-place version); () for None. An inference tensor (made under
     torch.inference_mode) has no version counter and cannot change in place outside that
-    mode, so its address alone names it. Checked with is_inference(), not by catching
+    mode, so its address alone names it; inside the mode it can (load_state_dict there), which
+    the layers' forget_derived covers. Checked with is_inference(), not by catching
     _version's error: a C++ exception per tensor per call cost ~30 us."""
     if t is None:
         return ()

@@ -90,6 +90,17 @@ class CompressedLinear(KeepsPackedDtypes):
         if not x.is_floating_point():
             raise TypeError(f"{kind}: expected a float input, got {x.dtype}")
 
+    def forget_derived(self) -> None:
+        """Drops what the layer derived from its buffers (packed copies, prepared call
+        arguments); the next call rebuilds it. Those caches notice new buffer contents by
+        address and in-place version, but an inference tensor rewritten in place under
+        torch.inference_mode keeps both: loading a state dict (load_state_dict, ts.load) calls
+        this, and so must code that edits such buffers in place there."""
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.forget_derived()
+
     def packed_tensors(self, *names: str):
         """The named buffers, read from _buffers (nn.Module.__getattr__ costs ~2 us a tensor,
         paid per layer call); None if one is no longer a buffer (re-set as a parameter)."""

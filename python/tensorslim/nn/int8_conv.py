@@ -109,6 +109,11 @@ class _Int8ConvNd(nn.Module):
         static = mode == "static"
         self.register_buffer("act_scale", torch.ones(1, device=device) if static else None)
         self.register_buffer("act_zero_point", torch.zeros(1, dtype=torch.int32, device=device) if static else None)
+        self.forget_derived()
+
+    def forget_derived(self) -> None:
+        """Drops what the layer derived from its buffers (as CompressedLinear.forget_derived:
+        loading a state dict calls it)."""
         self._kernels: Dict[tuple, tuple] = {}  # (input shape, zero point != 0) -> (packed or None, 7-bit)
         self._kernels_key = None
         self._torch_kernels = torch_onednn.PackedCache()  # the same keys -> qweight packed for torch's kernel
@@ -117,6 +122,10 @@ class _Int8ConvNd(nn.Module):
         # forward's _signature of calls the static plan ran after every check (_checked_call)
         self._checked: Set[tuple] = set()
         self._pays_by_shape: Dict[torch.Size, bool] = {}  # input shape -> input_pays
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.forget_derived()
 
     # ------------------------------------------------------------ construction / io
 

@@ -45,6 +45,9 @@ class Int8Linear(CompressedLinear):
         self.register_buffer("act_scale", torch.ones(1, device=device) if static else None)
         self.register_buffer("act_zero_point",
                              torch.zeros(1, dtype=torch.int32, device=device) if static else None)
+        self.forget_derived()
+
+    def forget_derived(self) -> None:
         self._packed = None  # qweight in oneDNN's blocked layout: derived, never saved
         self._packed_key = None
         self._torch_packed = torch_onednn.PackedCache()  # qweight identity -> packed for torch's matmul

@@ -46,6 +46,9 @@ class W4A8Linear(PackedLinear):
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.backend = fmt, group_size, backend
         self._register_packed(spec, in_features, out_features, groups, bias, device)
+        self.forget_derived()
+
+    def forget_derived(self) -> None:
         # tensor identities -> (pack_w4a8_weight's copy, the native call's arguments around x and
         # out): derived, never saved, not copied with the module
         self._plans = PackedCache()
