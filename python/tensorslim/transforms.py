@@ -70,9 +70,15 @@ def _is_weight_matrix_layer(mod: nn.Module) -> bool:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Puts `new` at `name` and under every other name the module there is registered by (an
+    alias, as T5's shared / encoder.embed_tokens): replaced under one name only, the alias kept
+    the float module, which the forward went on using."""
+    old = model.get_submodule(name)
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    for n in names:
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
 
 
 def replace_modules(
