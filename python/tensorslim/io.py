@@ -31,6 +31,13 @@ FORMAT_VERSION = 2  # 2 adds tensorslim.pruning; files without it are still writ
 _SPEC_KEYS = ("kind", "format", "in_features", "out_features", "bias")
 
 
+def _tensor_place(t: torch.Tensor) -> tuple:
+    """Where a tensor's elements lie: two state tensors at the same place are one tied tensor
+    (strides included: a weight and its transposed view share storage, offset and a square
+    shape, yet hold other values at each index)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()
+
+
 def save(model: nn.Module, path: Union[str, Path]) -> None:
     from . import __version__
 
@@ -42,7 +49,7 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
     aliases: Dict[str, str] = {}
     seen: Dict[tuple, str] = {}
     for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        ident = _tensor_place(t) + (t.dtype,) if t.numel() else None
         if ident is not None and ident in seen:  # tied weights are stored once
             aliases[key] = seen[ident]
             continue
@@ -263,7 +270,7 @@ def _fill_tied(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     by_storage: Dict[tuple, list] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         if t.numel():
-            by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(key)
+            by_storage.setdefault(_tensor_place(t), []).append(key)
     for keys in by_storage.values():
         present = [k for k in keys if k in state]
         for k in keys:

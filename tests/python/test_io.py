@@ -63,6 +63,21 @@ def test_tied_weights_are_stored_once(tmp_path):
     assert torch.equal(fresh.out.weight, model.embed.weight)
 
 
+def test_a_transposed_view_is_not_taken_for_a_tied_tensor(tmp_path):
+    def model():
+        m = nn.Module()
+        m.w = nn.Parameter(torch.randn(8, 8))
+        m.register_buffer("wt", m.w.detach().t())  # same storage, offset and shape; other strides
+        return m
+
+    torch.manual_seed(0)
+    saved = model()
+    ts.save(saved, tmp_path / "m.safetensors")
+    fresh = model()
+    ts.load(fresh, tmp_path / "m.safetensors")
+    assert torch.equal(fresh.w, saved.w) and torch.equal(fresh.wt, saved.w.t())
+
+
 def test_mismatched_model_is_rejected_and_left_alone(tmp_path):
     model = _model()
     ts.quantize(model, "int4", progress=False)
