@@ -43,6 +43,12 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save: expected a torch.nn.Module, got {type(model).__name__}")
+    from .qat.prepare import QATLinear
+
+    prepared = next((n for n, m in model.named_modules() if isinstance(m, QATLinear)), None)
+    if prepared is not None:  # the file would load as a float model (or not at all)
+        raise ValueError(f"save: layer '{prepared}' is prepared for QAT (a QATLinear), which the file format does "
+                         f"not describe; call ts.convert(model) first (a training checkpoint: torch's state_dict)")
     _check_writable(Path(path))
     layers = layer_specs(model)
     tensors: Dict[str, torch.Tensor] = {}

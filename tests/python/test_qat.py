@@ -220,9 +220,12 @@ def test_convert_keeps_training_parameters_and_saves(tmp_path):
     assert isinstance(model.fc1.weight_fake_quant.scale, nn.Parameter)
     x = torch.randn(3, 64)
     _train_steps(model, x)
+    path = tmp_path / "qat.slim.safetensors"
+    with pytest.raises(ValueError, match="layer 'fc1' is prepared for QAT.*ts.convert"):
+        ts.save(model, path)  # the format has no QAT layers: it would load as a float model
+    assert not path.exists()
     report = ts.convert(model)
     assert [c.format for c in report.changed] == ["ternary w2 per-channel"] * 2
-    path = tmp_path / "qat.slim.safetensors"
     ts.save(model, path)
     fresh = _mlp(seed=3)
     ts.load(fresh, path)
