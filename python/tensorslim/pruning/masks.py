@@ -1,7 +1,8 @@
 """Keeping pruned weights at zero while a model trains.
 
 A pruned layer carries a bool buffer `weight_mask` (True = kept; in its state_dict, so masks
-survive state_dict save / load) and three guards, since no single one covers every path:
+survive state_dict save / load) and three guards, since no single one covers every path
+(the forward pre-hook, which a deep copy keeps, puts the other two on a copy's own weight):
   - a gradient hook zeroes the gradient of pruned weights (plain SGD, weight decay on a zero
     weight and Adam started after pruning then never move them);
   - a global optimizer step post-hook re-zeroes them after any optimizer's step (momentum or
@@ -17,10 +18,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
 
 MASK = "weight_mask"
-_HANDLES = "_tensorslim_prune_handles"
 # id(parameter) -> weak ref to its module, for the optimizer hook (pruning holds nothing alive;
 # the hook checks the module's weight is still that parameter, so a reused id is harmless).
 _MASKED: Dict[int, "weakref.ref"] = {}
+# module -> (weak ref to the parameter its gradient hook sits on, that hook's handle). Kept
+# outside the module: a deep copy of the module (or a layer that takes over its weight, as
+# QATLinear) has no entry, so its forward pre-hook hooks the weight it holds (_guard).
+_GRAD_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _optimizer_hook = None
 
 
@@ -40,13 +44,34 @@ def _ensure_optimizer_hook() -> None:
         _optimizer_hook = register_optimizer_step_post_hook(_reapply_after_step)
 
 
+def _masked_grad(mod_ref: "weakref.ref"):
+    def hook(g):
+        mod = mod_ref()
+        return g * getattr(mod, MASK) if mod is not None and hasattr(mod, MASK) else g
+    return hook
+
+
+def _guard(module: nn.Module) -> None:
+    """The gradient hook and the optimizer hook's entry on the weight the module holds now
+    (after a deep copy the copy's weight has neither: its Adam steps moved pruned weights)."""
+    weight = module.weight
+    hooked = _GRAD_HOOKS.get(module)
+    if hooked is None or hooked[0]() is not weight:
+        if hooked is not None:
+            hooked[1].remove()
+        _GRAD_HOOKS[module] = (weakref.ref(weight), weight.register_hook(_masked_grad(weakref.ref(module))))
+    _MASKED[id(weight)] = weakref.ref(module)
+
+
 def _forward_pre_hook(module: nn.Module, args) -> None:
+    _guard(module)
     with torch.no_grad():
         module.weight.mul_(getattr(module, MASK))
 
 
 def is_masked(module: nn.Module) -> bool:
-    return isinstance(getattr(module, MASK, None), torch.Tensor) and hasattr(module, _HANDLES)
+    return (isinstance(getattr(module, MASK, None), torch.Tensor)
+            and any(h is _forward_pre_hook for h in module._forward_pre_hooks.values()))
 
 
 def attach(module: nn.Module, keep: torch.Tensor, zero: bool = True) -> None:
@@ -57,13 +82,10 @@ def attach(module: nn.Module, keep: torch.Tensor, zero: bool = True) -> None:
             module.weight.mul_(keep)
     if is_masked(module):
         getattr(module, MASK).copy_(keep)
-        return
-    module.register_buffer(MASK, keep.clone(), persistent=True)
-    mod_ref = weakref.ref(module)
-    grad = module.weight.register_hook(lambda g: g * getattr(mod_ref(), MASK))
-    fwd = module.register_forward_pre_hook(_forward_pre_hook)
-    object.__setattr__(module, _HANDLES, (grad, fwd))
-    _MASKED[id(module.weight)] = mod_ref
+    else:
+        module.register_buffer(MASK, keep.clone(), persistent=True)
+        module.register_forward_pre_hook(_forward_pre_hook)
+    _guard(module)
     _ensure_optimizer_hook()
 
 
@@ -79,11 +101,15 @@ def detach(module: nn.Module, bake: bool = True) -> None:
     if bake:
         with torch.no_grad():
             module.weight.mul_(getattr(module, MASK))
-    for h in getattr(module, _HANDLES):
-        h.remove()
-    object.__delattr__(module, _HANDLES)
+    for key in [k for k, h in module._forward_pre_hooks.items() if h is _forward_pre_hook]:
+        del module._forward_pre_hooks[key]
+    hooked = _GRAD_HOOKS.pop(module, None)
+    if hooked is not None:
+        hooked[1].remove()
     del module._buffers[MASK]
-    _MASKED.pop(id(module.weight), None)
+    ref = _MASKED.get(id(module.weight))
+    if ref is not None and ref() is module:
+        del _MASKED[id(module.weight)]
 
 
 def masked_layers(model: nn.Module) -> Dict[str, nn.Module]:

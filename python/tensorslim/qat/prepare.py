@@ -11,6 +11,7 @@ from .. import config as cfgs
 from ..config import Config, resolve_config
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..formats import FORMATS, integer_format
+from ..pruning import masks
 from ..report import Report, compressed_layers, note_already_compressed
 from ..transforms import check_no_empty_layers, replace_modules
 from .fake_quant import (ActivationSignQuant, BinaryFakeQuant, FloatFakeQuant, IntFakeQuant,
@@ -132,6 +133,8 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
 
     def convert(name, mod):
         new = QATLinear(mod, layer_cfg, learnable_scales)
+        if masks.is_masked(mod):  # a pruned layer stays pruned while it trains (the same weight)
+            masks.attach(new, getattr(mod, masks.MASK), zero=False)
         return new, new.describe()
 
     with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
