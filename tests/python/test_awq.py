@@ -422,3 +422,34 @@ def test_bad_input_scale(scale, match):
     codes = torch.zeros(8, 128, dtype=torch.int32)
     with pytest.raises(ValueError, match=match):
         ts.WeightOnlyLinear.from_codes(codes, torch.ones(8, 1), None, "int4", 128, input_scale=scale)
+
+
+def test_a_layer_applied_twice_per_batch_counts_both_inputs(monkeypatch):
+    """Shared weights (one Linear called on two tensors in a forward): the scale search sees the
+    statistics of every row the layer multiplies, as GPTQ's and SparseGPT's Hessians do; only an
+    input shared by several layers of a group (q / k / v) counts once."""
+    seen = {}
+    search = C.awq_search_scale
+
+    def spy(w, gram, act, *args, **kwargs):
+        seen["gram"], seen["act"] = gram.double().clone(), act.double().clone()
+        return search(w, gram, act, *args, **kwargs)
+
+    monkeypatch.setattr(C, "awq_search_scale", spy)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.fc(x) + self.fc(3 * x.flip(-1) + 1)
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    ts.quantize(Shared(), ts.AWQ(bits=4, group_size=32, skip_output_head=False),
+                calib_data=[x[i:i + 64] for i in range(0, 256, 64)], progress=False)
+    rows = torch.cat([x, 3 * x.flip(-1) + 1]).double()
+    want_gram, want_act = rows.T @ rows / rows.shape[0], rows.abs().mean(0)
+    assert float((seen["gram"] - want_gram).norm() / want_gram.norm()) < 1e-6
+    assert float((seen["act"] - want_act).abs().max()) < 1e-5

@@ -30,7 +30,7 @@ def test_a_deep_copy_keeps_its_pruned_weights_at_zero():
     pruned = ~model[0].weight_mask
     twin = copy.deepcopy(model)
     _adam_steps(twin)
-    assert int(twin[0].weight[pruned].count_nonzero()) == 0  # before any forward re-applies the mask
+    assert int(twin[0].weight[pruned].count_nonzero()) == 0  # after the last step: no forward since
     assert twin[0].weight[~pruned].count_nonzero() > 0
     _adam_steps(model)  # the original is still guarded too
     assert int(model[0].weight[pruned].count_nonzero()) == 0

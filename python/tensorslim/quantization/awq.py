@@ -107,8 +107,9 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
         def fn(mod, args, out):
             x = args[0]
             idx = group_index(name, x)
-            if any(g == idx for _, g in batch_inputs):
-                return  # the group's statistics are gathered once per batch
+            if any(t is x and g == idx for t, g in batch_inputs):
+                return  # an input its group shares (q / k / v) counts once per batch; a layer
+                # applied again to another tensor (shared weights) adds those rows too
             batch_inputs.append((x, idx))
             g = groups[idx]
             x2 = x.detach().reshape(-1, mod.in_features).float()
