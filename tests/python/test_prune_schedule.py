@@ -109,3 +109,21 @@ def test_structured_schedule_masks_then_removes_channels():
         assert torch.allclose(model(xte[:32]), before, atol=1e-4, rtol=1e-4)
     assert not any(hasattr(m, "weight_mask") for m in model.modules())
     torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_first_steps_below_the_layer_floor_hold_every_layer_at_it(scope):
+    """A schedule's early targets sit below min_layer_sparsity: both scopes keep each layer at its
+    floor (global raised 'allow 806..2688 pruned weights, not 656' and stopped training), then
+    follow the curve to the final sparsity."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    cfg = ts.Magnitude(sparsity=0.9, scope=scope, min_layer_sparsity=0.3, skip_output_head=False)
+    sched = ts.pruning.Schedule(model, cfg, start_step=0, end_step=10, frequency=1)
+    sched.step()
+    first = [float((m.weight == 0).float().mean()) for m in (model[0], model[2])]
+    assert all(abs(f - 0.3) < 0.01 for f in first), first
+    for _ in range(10):
+        sched.step()
+    total = sum(int((m.weight == 0).sum()) for m in (model[0], model[2]))
+    assert total == round(0.9 * (32 * 64 + 64 * 10))

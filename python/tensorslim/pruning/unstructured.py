@@ -93,9 +93,12 @@ def compute_masks(layers: List[Tuple[str, nn.Module]], cfg: _Unstructured, spars
     weights = [mod.weight for _, mod in layers]  # counts below do not depend on the layout
     sizes = [w.numel() for w in weights]
     bounds = [_bounds(cfg, n) for n in sizes]
-    # sum_l k_l = round(sparsity * N) exactly; floors / ceilings bound each layer.
-    counts, t, on_t = global_counts(weights, p, round(sparsity * sum(sizes)),
-                                    [b[0] for b in bounds], [b[1] for b in bounds])
+    # sum_l k_l = round(sparsity * N) exactly; floors / ceilings bound each layer, and win where
+    # the total leaves their range, as in the layer scope (a schedule's first steps ask less
+    # than min_layer_sparsity: every layer then sits at its floor).
+    lo, hi = [b[0] for b in bounds], [b[1] for b in bounds]
+    total = min(max(round(sparsity * sum(sizes)), sum(lo)), sum(hi))
+    counts, t, on_t = global_counts(weights, p, total, lo, hi)
     for (name, mod), k, at_t in zip(layers, counts, on_t):
         w = out_in(mod, mod.weight)  # ties at t are taken in [out, in] index order
         keep = prune_ops.keep_mask(w, k, t, p) if at_t else _mask_for(w, k, p)
