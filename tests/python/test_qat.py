@@ -14,7 +14,7 @@ from torch import nn
 
 import tensorslim as ts
 import tensorslim.config as C
-from tensorslim.qat import BinaryFakeQuant, IntFakeQuant, QATLinear
+from tensorslim.qat import ActivationSignQuant, BinaryFakeQuant, IntFakeQuant, QATLinear
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,6 +131,14 @@ def test_binary_ste_clips_at_one_and_lsq_scale_gradient():
     assert fq.scale.grad.item() == pytest.approx(0 / 2)  # signs sum to 0, g = 1/sqrt(4)
     (fq(w) * torch.tensor([[1.0, 0, 0, 0]])).sum().backward()
     assert fq.scale.grad.item() == pytest.approx(1 / 2)
+
+
+def test_binary_activation_ste_holds_the_row_scale_constant():
+    x = torch.tensor([[0.5, -0.25, 1.5, -0.75], [2.0, 0.1, -0.3, 0.2]], requires_grad=True)
+    g = torch.tensor([[1.0, -2.0, 3.0, 0.5], [0.25, 1.0, -1.0, 2.0]])
+    (ActivationSignQuant()(x) * g).sum().backward()
+    scale = x.detach().abs().mean(1, keepdim=True)  # 0.75, 0.65
+    assert torch.allclose(x.grad, g * scale * (x.detach().abs() <= 1), atol=1e-7)
 
 
 def _load_example():

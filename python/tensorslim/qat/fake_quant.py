@@ -229,5 +229,7 @@ class ActivationSignQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()
-        a_scale = _row_mean(x2.abs())[:, None]  # the kernel's mean: float64, in index order
+        # the kernel's mean (float64, in index order), held constant in backward as the weight's
+        # scale is: the straight-through gradient mean |x| where |x| <= 1 (docs/binary_qat.md)
+        a_scale = _row_mean(x2.detach().abs())[:, None]
         return (sign_ste(x2) * a_scale).reshape(x.shape).to(x.dtype)
