@@ -1,7 +1,7 @@
 """What a transform changed and what it skipped, and `ts.summary(model)`."""
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -53,9 +53,20 @@ class Report:
     def skipped(self) -> List[LayerChange]:
         return [c for c in self.changes if c.action == "skipped"]
 
+    def totals(self) -> Tuple[int, int]:
+        """(bytes before, bytes after) of the changed layers. A row inside another changed row
+        (a factorized layer's quantized factors) is in that row's bytes already: left out."""
+        names = {c.name for c in self.changed}
+
+        def nested(name: str) -> bool:
+            parts = name.split(".")
+            return any(".".join(parts[:i]) in names for i in range(1, len(parts)))
+
+        outer = [c for c in self.changed if not nested(c.name)]
+        return sum(c.bytes_before for c in outer), sum(c.bytes_after for c in outer)
+
     def __str__(self) -> str:
-        before = sum(c.bytes_before for c in self.changed)
-        after = sum(c.bytes_after for c in self.changed)
+        before, after = self.totals()
         head = (f"{len(self.changed)} layers changed ({_fmt_bytes(before)} -> {_fmt_bytes(after)}), "
                 f"{len(self.skipped)} skipped")
         return "\n".join([head] + _table(self.changes))

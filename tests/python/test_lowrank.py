@@ -234,3 +234,18 @@ def test_randomized_solver_close_to_exact():
     ts.factorize(model, ts.SVD(rank=12, solver="randomized", include=("2",)), progress=False)
     ts.factorize(ref, ts.SVD(rank=12, solver="exact", include=("2",)), progress=False)
     assert model[2].stats["rel_error"] <= 1.05 * ref[2].stats["rel_error"] + 1e-6
+
+
+def test_summary_totals_count_quantized_factors_once():
+    """A factorized layer's row holds its factors' bytes; the factors' own rows (quantized after
+    factorizing) are shown but not added again."""
+    from tensorslim.report import module_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    dense = module_bytes(model)
+    ts.factorize(model, ts.SVD(ratio=0.5), progress=False)
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    s = ts.summary(model)
+    assert {c.name for c in s.changed} >= {"0", "0.down", "0.up", "2", "2.down", "2.up"}
+    assert s.totals() == (dense, module_bytes(model))
