@@ -11,14 +11,10 @@
 // Skylake-X. x_at* do not check columns: the caller checks them (< K) first, with
 // cols16_at_most / cols8_at_most or a 512-bit compare.
 
-// True when the 16 (8, 4) columns at c are all <= last (every lane K - 1).
+// True when the 16 (8) columns at c are all <= last (every lane K - 1).
 inline bool cols16_at_most(const uint16_t* c, __m256i last) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
   return _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(v, last), last)) == -1;
-}
-inline bool cols4_at_most(const uint16_t* c, __m256i last) {
-  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)), l = _mm256_castsi256_si128(last);
-  return (_mm_movemask_epi8(_mm_cmpeq_epi16(_mm_max_epu16(v, l), l)) & 0xff) == 0xff;
 }
 inline bool cols8_at_most(const uint16_t* c, __m256i last) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), l = _mm256_castsi256_si128(last);

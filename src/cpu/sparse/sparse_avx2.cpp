@@ -387,11 +387,23 @@ TS_TARGET bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int
   return t_all_widths<CsrRows<VT>>(w, a, r0, r1);
 }
 
-// CSR, small batches. A row's columns are checked before any x is read at them: per step of
-// entries (at batches 2..8 a step whose columns pass its column panel waits for a later panel,
-// so a column >= K is never reached), so no x is read out of bounds; a row with a column >= K
-// is reported (the call fails). Entries past the row's end that a full 8-lane load reads
-// (inside the buffer) are masked off; only the buffer's last entries are copied.
+// CSR, small batches. A row's columns are checked before any x is read at them (per step of
+// entries, and max_col for the last entries of a row at batches 2..8), so no x is read out of
+// bounds; a row with a column >= K is reported (the call fails). Entries past the row's end
+// that a full 8-lane load reads (inside the buffer) are masked off; only the buffer's last
+// entries are copied.
+
+// The largest of n columns at c (0 for none).
+TS_TARGET inline unsigned max_col(const uint16_t* c, int64_t n) {
+  __m256i mx = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) mx = _mm256_max_epu16(mx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i)));
+  const __m128i m = _mm_max_epu16(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+  // max(v) = ~min(~v), and minpos finds the min of 8 words.
+  unsigned best = ~static_cast<unsigned>(_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(m, _mm_set1_epi32(-1))))) & 0xffffu;
+  for (; i < n; ++i) best = c[i] > best ? c[i] : best;
+  return best;
+}
 
 #include "csr_x_at.h"
 

@@ -368,10 +368,22 @@ bool csr_rows_t_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, i
 }
 
 // CSR, small batches (the AVX2 file's structure). A row's columns are checked before any x is
-// read at them: per step of entries (at batches 2..8 a step whose columns pass its column panel
-// waits for a later panel, so a column >= K is never reached), so no x is read out of bounds;
-// a row with a column >= K is reported (the call fails). The row's last partial step uses
-// masked loads.
+// read at them (per step of entries, and max_col for the last entries of a row at batches
+// 2..8), so no x is read out of bounds; a row with a column >= K is reported (the call
+// fails). The row's last partial step uses masked loads.
+
+// The largest of n columns at c (0 for none).
+inline unsigned max_col(const uint16_t* c, int64_t n) {
+  __m512i mx = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) mx = _mm512_max_epu16(mx, _mm512_loadu_si512(c + i));
+  const __m256i m256 = _mm256_max_epu16(_mm512_castsi512_si256(mx), _mm512_extracti64x4_epi64(mx, 1));
+  const __m128i m = _mm_max_epu16(_mm256_castsi256_si128(m256), _mm256_extracti128_si256(m256, 1));
+  // max(v) = ~min(~v), and minpos finds the min of 8 words.
+  unsigned best = ~static_cast<unsigned>(_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(m, _mm_set1_epi32(-1))))) & 0xffffu;
+  for (; i < n; ++i) best = c[i] > best ? c[i] : best;
+  return best;
+}
 
 #include "csr_x_at.h"
 
