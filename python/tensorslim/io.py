@@ -203,11 +203,15 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: expected a torch.nn.Module, got {type(model).__name__}")
     header = read_header(path)
-    # Pruned models: the file's shapes and masks go onto the model first; undone on failure.
-    undo = (pruning_state.prepare_load(model, header["pruning"], tensor_shapes(path), path)
-            if header["pruning"] else None)
+    # Pruned models: the file's shapes and masks go onto the model first, those of layers inside
+    # a replacement (a factorized layer's factors, pruned after factorizing) once it is in;
+    # undone on failure.
+    now, inside = pruning_state.split_entry(header["pruning"] or {}, model)
+    shapes = tensor_shapes(path) if header["pruning"] else {}
+    undo = pruning_state.prepare_load(model, now, shapes, path) if now else None
     try:
-        _load_into(model, path, header)
+        _load_into(model, path, header,
+                   (lambda: pruning_state.prepare_load(model, inside, shapes, path)) if inside else None)
     except BaseException:
         if undo is not None:
             undo()
@@ -218,9 +222,10 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     return model
 
 
-def _load_into(model: nn.Module, path, header: dict) -> nn.Module:
+def _load_into(model: nn.Module, path, header: dict, after_swap=None) -> nn.Module:
     originals, replacements = plan_layers(model, header["layers"], path)
-    return load_layers_and_state(model, originals, replacements, _read_state(path, header["aliases"]), path)
+    return load_layers_and_state(model, originals, replacements, _read_state(path, header["aliases"]), path,
+                                 after_swap=after_swap)
 
 
 def plan_layers(model: nn.Module, layers: Dict[str, dict], path) -> Tuple[dict, dict]:
@@ -285,12 +290,16 @@ def _fill_tied(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 
 
 def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict, state: Dict[str, torch.Tensor],
-                          path, fill_tied: bool = False) -> nn.Module:
+                          path, fill_tied: bool = False, after_swap=None) -> nn.Module:
     """Swap the replacements in, then load `state` strictly; on a mismatch the originals go back.
-    fill_tied: tied weights stored once (save_pretrained) are filled from their twin first."""
+    fill_tied: tied weights stored once (save_pretrained) are filled from their twin first.
+    after_swap: run once the replacements are in, before the state; returns its undo."""
     for name, new in replacements.items():
         _set_submodule(model, name, new)
+    undo_after_swap = None
     try:
+        if after_swap is not None:
+            undo_after_swap = after_swap()
         if fill_tied:
             _fill_tied(model, state)
         problem = _mismatch(model, state)
@@ -298,6 +307,8 @@ def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict,
             raise ValueError(problem)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as e:
+        if undo_after_swap is not None:
+            undo_after_swap()
         for name, old in reversed(list(originals.items())):  # factors before their layer
             _set_submodule(model, name, old)
         raise ValueError(f"{path}: the file does not match the model: {e}") from None

@@ -103,3 +103,25 @@ def test_foreign_and_future_files_are_rejected(tmp_path):
         "tensorslim.format": "tensorslim", "tensorslim.format_version": "99", "tensorslim.layers": "{}"})
     with pytest.raises(ValueError, match="version 99"):
         ts.load(_model(), future)
+
+
+@pytest.mark.parametrize("prune_cfg", [ts.Magnitude(sparsity=0.5), ts.ChannelPrune(ratio=0.5)])
+def test_factorized_then_pruned_model_loads(prune_cfg, tmp_path):
+    """Pruning the factors of a factorized model: the file's masks / shapes name layers inside
+    the factorized ones, which the load puts in first (it raised 'pruned layer 0.down does not
+    exist')."""
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+
+    model = mlp()
+    ts.factorize(model, ts.SVD(ratio=0.5), progress=False)
+    ts.prune(model, prune_cfg, calib_data=[torch.randn(8, 64)], progress=False)
+    path = tmp_path / "m.safetensors"
+    ts.save(model, path)
+    fresh = mlp()
+    ts.load(fresh, path)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert {n for n, _ in fresh.named_modules()} == {n for n, _ in model.named_modules()}

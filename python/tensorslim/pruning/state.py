@@ -56,6 +56,26 @@ def _resize(model, modules, structured, shapes, path, undo_log) -> None:
             setattr(mod, attr, value)
 
 
+def split_entry(entry: dict, model: nn.Module) -> Tuple[dict, dict]:
+    """(the part of a header entry naming modules the model has now, the rest: layers inside a
+    replacement the load puts in first, such as a factorized layer's factors). A malformed
+    entry goes whole into the first part, where prepare_load reports it."""
+    names, structured = entry.get("masks", []), entry.get("structured", {})
+    if not isinstance(names, list) or not isinstance(structured, dict):
+        return dict(entry), {}
+    modules = dict(model.named_modules())
+    here = lambda n: not isinstance(n, str) or n in modules  # noqa: E731
+    now, inside = {}, {}
+    for part, keep in ((now, True), (inside, False)):
+        masked = [n for n in names if here(n) == keep]
+        resized = {n: a for n, a in structured.items() if here(n) == keep}
+        if masked:
+            part["masks"] = masked
+        if resized:
+            part["structured"] = resized
+    return now, inside
+
+
 def prepare_load(model: nn.Module, entry: dict, shapes: Dict[str, Tuple[str, Tuple[int, ...]]],
                  path) -> Callable[[], None]:
     """Give `model` the masks the file holds (filled by the load that follows); returns
