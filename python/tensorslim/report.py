@@ -113,7 +113,7 @@ def note_already_compressed(report: Report, layers: Dict[str, nn.Module]) -> Rep
 
     named = {c.name for c in report.changes}
     for name, mod in layers.items():
-        if name not in named:
+        if name not in named and not any(n.startswith(name + ".") for n in named):  # not its factors
             what = "prepared for QAT (call ts.convert)" if isinstance(mod, QATLinear) else "compressed"
             report.changes.append(LayerChange(name, type(mod).__name__, "skipped", mod.describe(), module_bytes(mod),
                                               reason=f"already {what}; start from the float model to change it"))

@@ -286,3 +286,13 @@ def test_ops_pass_opcheck_and_run_on_meta():
     meta = torch.empty(64, device="meta")
     assert torch.ops.tensorslim.prune_mask(meta, 1, 0.5, 3).shape == (64,)
     assert torch.ops.tensorslim.score_histogram(meta, 1, 21, 10, 0).shape == (1024,)
+
+
+def test_pruning_or_factorizing_a_quantized_model_says_why_nothing_changed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    for verb, cfg in ((ts.prune, ts.Magnitude(sparsity=0.5)), (ts.factorize, ts.SVD(rank=8))):
+        with pytest.warns(UserWarning, match="2 layers skipped: already compressed"):
+            report = verb(model, cfg, progress=False)
+        assert [c.name for c in report.skipped] == ["0", "2"]

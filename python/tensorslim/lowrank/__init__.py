@@ -11,7 +11,7 @@ from torch import nn
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..hf import record_layers
 from ..quantization.calibrate import make_forward_loop
-from ..report import Report, remember_skipped, warn_if_nothing_changed
+from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
 from ..transforms import replace_modules
 from .config import CP, SVD, Tucker
 from .conv import plan_convs
@@ -32,10 +32,12 @@ def factorize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *
     if not isinstance(config, (SVD, Tucker, CP)):
         raise TypeError(f"factorize takes ts.SVD, ts.Tucker or ts.CP, got {type(config).__name__}")
     loop = make_forward_loop(calib_data, forward_loop, progress)
+    before = compressed_layers(model)  # rows saying why they stayed as they were
     with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
         report = _factorize(model, config, loop, progress)
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
-    return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.factorize")
+    report = note_already_compressed(name_conv1d_rows(report, conv1d_names), before)
+    return warn_if_nothing_changed(report, "ts.factorize")
 
 
 def _factorize(model: nn.Module, config, loop, progress: bool) -> Report:

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from ..report import SUMMARY_SOURCES, Report, warn_if_nothing_changed
+from ..report import SUMMARY_SOURCES, Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
 from . import masks
 from .config import ChannelPrune, Magnitude, RandomPrune, _Unstructured
 from .masks import finalize
@@ -33,10 +33,12 @@ def prune(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     On any error the model is left exactly as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune: expected a torch.nn.Module, got {type(model).__name__}")
+    before = compressed_layers(model)  # rows saying why they stayed as they were
     if isinstance(config, _Unstructured):
         if kwargs:
             raise TypeError(f"prune: unexpected arguments {sorted(kwargs)} for {type(config).__name__}")
-        return warn_if_nothing_changed(prune_unstructured(model, config, progress=progress), "ts.prune")
+        report = prune_unstructured(model, config, progress=progress)
+        return warn_if_nothing_changed(note_already_compressed(report, before), "ts.prune")
     if isinstance(config, ChannelPrune):
         from .channels import prune_channels
 
@@ -44,7 +46,7 @@ def prune(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
         if kwargs:
             raise TypeError(f"prune: unexpected arguments {sorted(kwargs)}")
         report = prune_channels(model, config, calib_data, forward_loop, example_inputs, progress)
-        return warn_if_nothing_changed(report, "ts.prune")
+        return warn_if_nothing_changed(note_already_compressed(report, before), "ts.prune")
     raise TypeError(f"prune: expected a pruning config (Magnitude, RandomPrune, ChannelPrune), "
                     f"got {type(config).__name__}")
 
