@@ -249,3 +249,56 @@ def test_summary_totals_count_quantized_factors_once():
     s = ts.summary(model)
     assert {c.name for c in s.changed} >= {"0", "0.down", "0.up", "2", "2.down", "2.up"}
     assert s.totals() == (dense, module_bytes(model))
+
+
+def test_input_statistics_see_an_input_changed_in_place_between_layers():
+    """x += fc1(x); fc2(x): fc2's statistics are of x after the add (the same tensor object as
+    fc1's input, changed in place), not fc1's reused."""
+    from tensorslim.lowrank.stats import collect_input_stats
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            x += self.fc1(x)
+            x.mul_(torch.arange(1, 33, dtype=x.dtype))
+            return self.fc2(x)
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    calib = [torch.randn(64, 32) for _ in range(2)]
+    seen = {"fc1": [], "fc2": []}
+    for name in seen:
+        getattr(block, name).register_forward_pre_hook(lambda m, a, n=name: seen[n].append(a[0].detach().clone()))
+
+    def loop(model):
+        with torch.no_grad():
+            for c in calib:
+                model(c.clone())
+
+    stats = collect_input_stats(block, {"fc1": block.fc1, "fc2": block.fc2}, loop, with_gram=True)
+    for name in ("fc1", "fc2"):
+        x = torch.cat(seen[name]).double()
+        assert torch.allclose(stats[name].abs_sum, x.abs().sum(0), rtol=1e-6), name
+        gram = x.T @ x  # the stats' products are float32 (summed in float64)
+        assert float((stats[name].gram - gram).abs().max()) < 1e-5 * float(gram.abs().max()), name
+
+
+def test_calibration_leaves_a_training_mode_model_as_it_was():
+    """Calibration runs in eval mode: BatchNorm statistics do not move (even when factorize then
+    fails), and every module's own mode comes back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 64),
+                          nn.Linear(64, 8))
+    model[3].eval()  # a mixed-mode model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="out of reach"):
+        ts.factorize(model, ts.SVD(budget=0.01, method="svd_llm", skip_output_head=False),
+                     calib_data=[torch.randn(16, 32) + 3], progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [m.training for m in model] == [True, True, True, False, True, True]
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=[torch.randn(16, 32) + 3],
+                progress=False)
+    assert torch.equal(model[1].running_mean, before["1.running_mean"]) and model[1].training

@@ -6,6 +6,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .._identity import tensor_identity
+
 
 @dataclass
 class InputStats:
@@ -25,9 +27,9 @@ class InputStats:
 def collect_input_stats(model: nn.Module, layers: Dict[str, nn.Linear], forward_loop,
                         with_gram: bool) -> Dict[str, InputStats]:
     """Run forward_loop(model) once with hooks on `layers`; every input row counts once.
-    Layers fed the very same tensor in a row (attention's q, k, v) reuse its sums."""
+    Layers fed the very same tensor in a row (attention's q, k, v), unchanged, reuse its sums."""
     stats: Dict[str, InputStats] = {}
-    last = {"input": None, "sums": None}  # holding the tensor keeps the identity check sound
+    last = {"input": None, "key": None, "sums": None}  # holding the tensor keeps the identity check sound
 
     def sums(x: torch.Tensor, width: int):
         x = x.detach().reshape(-1, width)
@@ -39,8 +41,9 @@ def collect_input_stats(model: nn.Module, layers: Dict[str, nn.Linear], forward_
 
     def hook(name):
         def fn(mod, args, out):
-            if args[0] is not last["input"]:
-                last["input"], last["sums"] = args[0], sums(args[0], mod.in_features)
+            key = tensor_identity(args[0])  # changed in place in between (x += f(x)): new sums
+            if args[0] is not last["input"] or key != last["key"]:
+                last["input"], last["key"], last["sums"] = args[0], key, sums(args[0], mod.in_features)
             abs_sum, gram, rows = last["sums"]
             s = stats.get(name)
             if s is None:
@@ -56,7 +59,7 @@ def collect_input_stats(model: nn.Module, layers: Dict[str, nn.Linear], forward_
     try:
         forward_loop(model)
     finally:
-        last["input"] = last["sums"] = None
+        last["input"] = last["key"] = last["sums"] = None
         for h in handles:
             h.remove()
     missing = sorted(set(layers) - set(stats))

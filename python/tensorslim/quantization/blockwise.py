@@ -29,7 +29,7 @@ from ..formats import FORMATS
 from ..nn import WeightOnlyLinear
 from ..report import LayerChange, Report, module_bytes, remember_skipped
 from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, filter_reason
-from .calibrate import ForwardLoop, require_forward_loop
+from .calibrate import ForwardLoop, eval_mode, require_forward_loop
 
 Inputs = List[Tuple[tuple, dict]]  # one (args, kwargs) per calibration batch
 
@@ -401,6 +401,13 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     forward_loop = require_forward_loop(forward_loop, name.upper())
+    with eval_mode(model):  # the block runs too: no BatchNorm statistics moved, no dropout
+        return _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, name, feed_quantized,
+                                 progress, float_reference, outside, action, float_outputs)
+
+
+def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, name, feed_quantized, progress,
+                      float_reference, outside, action, float_outputs) -> Report:
     stacks = find_block_stacks(model)
     blocks = [b for stack in stacks for b in stack]
     report, per_block, outside_layers = _plan(model, cfg, blocks, check)

@@ -4,6 +4,7 @@ Every calibrating technique receives one normalized `forward_loop(model)`; it at
 own hooks (observers, block capture) and calls the loop.
 """
 import warnings
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -79,17 +80,37 @@ class _DataCheck:
                           "(or at least representative random) inputs", UserWarning, stacklevel=4)
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Calibration sees the model as inference does: no BatchNorm statistics moved, no dropout
+    (in training mode a calibration pass changed the model, even one that then failed). Each
+    module's own mode comes back after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def make_forward_loop(calib_data: Optional[Iterable] = None,
                       forward_loop: Optional[ForwardLoop] = None,
                       progress: bool = True, desc: str = "calibrating") -> Optional[ForwardLoop]:
-    """One callable that runs the calibration data through a model (None if there is none)."""
+    """One callable that runs the calibration data through a model (None if there is none), in
+    eval mode."""
     if calib_data is not None and forward_loop is not None:
         raise ValueError("pass calib_data or forward_loop, not both")
     if forward_loop is not None:
         if not callable(forward_loop):
             raise TypeError(f"forward_loop must be callable as forward_loop(model), "
                             f"got {type(forward_loop).__name__}")
-        return forward_loop
+
+        def user_loop(model: nn.Module) -> None:
+            with eval_mode(model):
+                forward_loop(model)
+
+        return user_loop
     if calib_data is None:
         return None
     if isinstance(calib_data, (torch.Tensor, dict)):
@@ -104,7 +125,7 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
         count = 0
         total = len(calib_data) if hasattr(calib_data, "__len__") else None
         check = _DataCheck()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             for batch in tqdm(calib_data, desc=desc, total=total, disable=not progress, leave=False):
                 check.batch(count, batch)
                 try:
