@@ -32,8 +32,8 @@ def linear_shape(mod: nn.Module) -> Optional[Tuple[int, int]]:
     """(in_features, out_features) of an nn.Linear or a Conv1D, else None."""
     if isinstance(mod, nn.Linear):
         return mod.in_features, mod.out_features
-    if is_conv1d(mod):
-        return int(mod.weight.shape[0]), int(mod.weight.shape[1])
+    if is_conv1d(mod):  # its size attributes, which a pruned model's load sets before any weight
+        return int(mod.nx), int(mod.nf)
     return None
 
 

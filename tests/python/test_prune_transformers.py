@@ -124,3 +124,23 @@ def test_pruned_then_quantized_saves_and_loads(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
     assert fresh.model.layers[1].mlp.down_proj.in_features == 128
+
+
+@pytest.mark.parametrize("then", ["factorize", "quantize"])
+def test_gpt2_pruned_then_compressed_loads(then, tmp_path):
+    """GPT-2's Conv1D layers pruned, then factorized or quantized: the load sets the pruned
+    sizes (nf / nx) before any weight, and the layer check reads those (it read the weight's
+    unpruned shape and refused the file)."""
+    from tiny_gpt2 import IDS, tiny_gpt2
+
+    model = tiny_gpt2()
+    ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), progress=False)
+    if then == "factorize":
+        ts.factorize(model, ts.SVD(rank=4), progress=False)
+    else:
+        ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    ts.save(model, tmp_path / "m.safetensors")
+    fresh = tiny_gpt2()
+    ts.load(fresh, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS).logits, model(IDS).logits)
