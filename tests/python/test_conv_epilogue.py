@@ -341,6 +341,61 @@ def test_a_forward_that_sets_attributes_keeps_its_code():
     assert model.calls == calls + 1
 
 
+def test_a_forward_that_writes_into_a_list_or_dict_keeps_its_code():
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.feats, self.cache = nn.Conv2d(4, 4, 3, 1, 1), [], {}
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            self.feats.append(y)
+            self.cache["last"] = y
+            return y
+
+    torch.manual_seed(6)
+    model = Recording()
+    x = torch.randn(2, 4, 6, 6)
+    _quantized(model, x)
+    assert "forward" not in model.__dict__ and model.conv.epilogue == ""
+    assert all(isinstance(f, torch.Tensor) for f in model.feats)  # no proxies left behind
+    model.feats.clear()
+    with torch.no_grad():
+        y = model(x)
+        model(x)
+    assert len(model.feats) == 2 and model.cache["last"] is model.feats[-1] and torch.equal(y, model.feats[0])
+
+
+def test_fused_forward_runs_the_class_code_in_the_other_mode():
+    """Tracing (in eval mode) fixed the module's own self.training: after model.train() its
+    dropout and train-only branches run again, through the class's forward."""
+    class Dropping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x)) + 5.0
+            if self.training:
+                y = y + 100.0
+            return F.dropout(y, 0.5, self.training)
+
+    torch.manual_seed(0)
+    model = Dropping().eval()
+    x = torch.randn(2, 8, 6, 6)
+    _quantized(model, x)
+    assert isinstance(model.__dict__.get("forward"), FusedForward)
+    unfused = _unfused_copy(model)
+    with torch.no_grad():
+        assert torch.allclose(model(x), unfused(x), rtol=1e-3, atol=1e-5)  # eval: the fused graph
+        model.train()
+        unfused.train()
+        torch.manual_seed(1)
+        y = model(x)
+        torch.manual_seed(1)
+        assert torch.equal(y, unfused(x)) and 0.3 < float((y == 0).float().mean()) < 0.7
+
+
 def test_fused_model_copies_pickles_saves_and_loads(tmp_path):
     torch.manual_seed(3)
     model = nn.Sequential(Block("torchvision"), Block("shortcut_first"))

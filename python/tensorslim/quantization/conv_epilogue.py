@@ -20,6 +20,7 @@ Forward hooks on a fused-away activation module no longer fire for that call. to
 tensor other code reads later sees that write no more (`shortcut.add_(conv(x))` is recorded as
 it is and not fused; with calibration data the check above catches the rest).
 """
+import copy
 import inspect
 import operator
 from typing import Callable, Dict, List, Optional, Tuple
@@ -30,6 +31,7 @@ from torch import fx, nn
 
 from ..nn.int8_conv import FoldedBatchNorm, Int8Conv2d, _Int8ConvNd
 from ..nn.int8_conv_chain import conv_chain, has_hooks
+from .calibrate import eval_mode
 from .smoothquant import outputs_match
 
 # activation callables / methods / modules -> the kernel's name for them
@@ -47,12 +49,16 @@ _TOLERANCE = (1e-3, 1e-5)
 class FusedForward:
     """`forward` of a module instance whose conv epilogues were fused: the traced and rewritten
     forward code, run on the module itself (so it sees the module's current submodules).
-    Plain attributes only, so the module still deep-copies and pickles."""
+    Traced in eval mode, which fixed the module's own `self.training` (dropout, `if
+    self.training:`) at False: in training mode the class's own forward runs. Plain attributes
+    only, so the module still deep-copies and pickles."""
 
     def __init__(self, module: nn.Module, graph_module: fx.GraphModule):
         self.module, self.graph_module = module, graph_module
 
     def __call__(self, *args, **kwargs):
+        if self.module.training:
+            return type(self.module).forward(self.module, *args, **kwargs)
         return type(self.graph_module).forward(self.module, *args, **kwargs)
 
 
@@ -83,23 +89,20 @@ def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], 
     (all at once, else module by module): a forward whose code torch.fx evaluated at trace
     time (a branch on an attribute, a global) would show here, not in users' results."""
     plans = []  # (module name, module, its fused forward, {conv: what})
-    for name, mod in model.named_modules():
-        if "forward" in mod.__dict__:  # fused already, or a forward the user set on the instance
-            continue
-        if _calls_convs(mod):
-            plan = _fused_forward(mod)
-            if plan is not None:
-                plans.append((name, mod) + plan)
-    if check is not None and plans:
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()  # the check must not move a training-mode BatchNorm's statistics
-        try:
+    # traced and checked in eval mode: the graphs are inference's (FusedForward), and the check
+    # must not move a training-mode BatchNorm's statistics
+    with eval_mode(model):
+        for name, mod in model.named_modules():
+            if "forward" in mod.__dict__:  # fused already, or a forward the user set on the instance
+                continue
+            if _calls_convs(mod):
+                plan = _fused_forward(mod)
+                if plan is not None:
+                    plans.append((name, mod) + plan)
+        if check is not None and plans:
             plans = _checked(plans, check, model)
-        finally:
-            for m, training in modes:
-                m.training = training
-    else:
-        _install(plans)
+        else:
+            _install(plans)
     fused = {}
     # parents last: a parent's forward that traced through a Sequential child runs instead of
     # that child's, so its account of the child's convs is the one that holds
@@ -154,13 +157,22 @@ def _fused_forward(mod: nn.Module) -> Optional[Tuple[FusedForward, Dict[str, str
     if not _plain_signature(mod):
         return None
     state = dict(mod.__dict__)
+    contents = {k: copy.copy(v) for k, v in state.items() if type(v) in (list, dict, set)}
     try:
         graph = _ChildrenAsLeaves().trace(mod)
     except Exception:  # untraceable forward (data-dependent control flow, ...): keep it
         graph = None
-    if mod.__dict__.keys() != state.keys() or any(mod.__dict__[k] is not v for k, v in state.items()):
-        # the forward sets attributes (a cache, a counter): a traced graph would drop that, and
-        # tracing left proxies there; restore and keep the forward
+    if (mod.__dict__.keys() != state.keys() or any(mod.__dict__[k] is not v for k, v in state.items())
+            or any(not _same_contents(state[k], v) for k, v in contents.items())):
+        # the forward sets attributes or writes into them (a cache, a counter, a list of
+        # features): a traced graph would drop that, and tracing left proxies there; restore
+        # and keep the forward
+        for k, v in contents.items():
+            if type(state[k]) is list:
+                state[k][:] = v
+            else:
+                state[k].clear()
+                state[k].update(v)
         mod.__dict__.clear()
         mod.__dict__.update(state)
         return None
@@ -179,6 +191,17 @@ def _fused_forward(mod: nn.Module) -> Optional[Tuple[FusedForward, Dict[str, str
         return None
     graph.lint()
     return FusedForward(mod, fx.GraphModule(mod, graph)), fused
+
+
+def _same_contents(now, before) -> bool:
+    """Whether a list / dict / set attribute holds the same objects as its copy from before."""
+    if len(now) != len(before):
+        return False
+    if type(now) is list:
+        return all(a is b for a, b in zip(now, before))
+    if type(now) is dict:
+        return now.keys() == before.keys() and all(now[k] is before[k] for k in now)
+    return {id(x) for x in now} == {id(x) for x in before}
 
 
 def _plain_signature(mod: nn.Module) -> bool:
