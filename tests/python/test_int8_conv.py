@@ -2,6 +2,7 @@
 against the float conv, and the W8A8 / Int8Dynamic transform (BatchNorm folding, report,
 save / load, bad input). Run also under TENSORSLIM_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2, where
 the kernel has no VNNI and the codes are 7-bit."""
+import copy
 import math
 
 import pytest
@@ -438,3 +439,29 @@ def test_same_padding_odd_kernel_runs_even_kernel_is_skipped():
     assert rows["1"].action == "skipped" and "even kernel" in rows["1"].reason
     with torch.no_grad():
         assert _sqnr(ref, model(x)) > 25
+
+
+def test_batchnorm_after_an_in_place_relu_is_not_folded_into_the_conv():
+    """bn(F.relu(conv(x), inplace=True)): the ReLU returns the conv's own output tensor, changed
+    in place, so the BatchNorm does not read the conv's output as the conv made it. Folded, the
+    model computed relu(bn(conv(x))), unnoticed on a calibration batch the ReLU leaves alone."""
+    class ReluThenBn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            with torch.no_grad():
+                self.conv.weight.abs_()
+                self.conv.bias.fill_(5.0)
+                self.bn.bias.fill_(1.0)
+
+        def forward(self, x):
+            return self.bn(F.relu(self.conv(x), inplace=True))
+
+    torch.manual_seed(0)
+    model = ReluThenBn().eval()
+    ref = copy.deepcopy(model)
+    ts.quantize(model, ts.Int8Dynamic(), calib_data=[torch.rand(2, 4, 6, 6) * 0.1], progress=False)
+    assert isinstance(model.bn, nn.BatchNorm2d)  # kept
+    x = -10 * torch.rand(2, 4, 6, 6)  # conv outputs below 0: the ReLU matters
+    with torch.no_grad():
+        assert float((model(x) - ref(x)).abs().max()) < 0.05

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._identity import tensor_identity
 from ..transforms import float_weight
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -144,7 +145,8 @@ class ProducerTrace:
         self.traced = traced
         self.order: List[str] = []
         self.input_of: Dict[str, int] = {}  # traced name -> id of its input tensor
-        self.producer_of_id: Dict[int, str] = {}
+        self.input_version: Dict[str, int] = {}  # traced name -> its input's in-place version then
+        self.producer_of_id: Dict[int, Tuple[str, int]] = {}  # output id -> (producer, version)
         self.batch: Optional[Tuple[tuple, dict]] = None
         self._keep: List[torch.Tensor] = []  # holds tensors so ids are not reused
         self._handles = []
@@ -179,7 +181,7 @@ class ProducerTrace:
     def _make_post(self, name):
         def hook(module, args, output):
             if not self.done and isinstance(output, torch.Tensor):
-                self.producer_of_id[id(output)] = name
+                self.producer_of_id[id(output)] = (name, tensor_identity(output)[1])
                 self._keep.append(output)
         return hook
 
@@ -187,6 +189,7 @@ class ProducerTrace:
         def hook(module, args):
             if not self.done and args and isinstance(args[0], torch.Tensor) and name not in self.input_of:
                 self.input_of[name] = id(args[0])
+                self.input_version[name] = tensor_identity(args[0])[1]
                 self._keep.append(args[0])
                 self.order.append(name)
         return hook
@@ -196,7 +199,15 @@ class ProducerTrace:
         by_id: Dict[int, List[str]] = {}
         for name in self.order:
             by_id.setdefault(self.input_of[name], []).append(name)
-        return [(names, self.producer_of_id.get(i)) for i, names in by_id.items()]
+        groups = []
+        for i, names in by_id.items():
+            producer, version = self.producer_of_id.get(i, (None, None))
+            # changed in place in between (bn(F.relu(conv(x), inplace=True))): not the
+            # producer's output as it made it, so nothing folds into the producer
+            if producer is not None and self.input_version[names[0]] != version:
+                producer = None
+            groups.append((names, producer))
+        return groups
 
 
 def _collect_tensors(out: Any, acc: List[torch.Tensor]) -> List[torch.Tensor]:
