@@ -144,3 +144,26 @@ def test_gpt2_pruned_then_compressed_loads(then, tmp_path):
     ts.load(fresh, tmp_path / "m.safetensors")
     with torch.no_grad():
         assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("compress", ["quantize", "factorize"])
+def test_channel_prune_leaves_compressed_transformer_layers_whole(compress):
+    """ChannelPrune after quantizing or factorizing: the spaces over those layers are skipped
+    with the reason (it sliced their read-only dequantized weights into new buffers and left a
+    model that no longer ran, or reported 'pruned' with nothing removed)."""
+    model = _gqa_llama()
+    if compress == "quantize":
+        ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    else:
+        ts.factorize(model, ts.SVD(rank=8), progress=False)
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        report = ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), progress=False)
+    assert not report.changed and any("prune before compressing" in c.reason for c in report.skipped)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)

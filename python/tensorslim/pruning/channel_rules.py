@@ -20,6 +20,7 @@ from typing import List
 from torch import nn
 
 from ..conv1d import feature_attrs, feature_dims, is_conv1d
+from ..transforms import float_weight
 from .channel_space import Slice, Spaces
 
 
@@ -28,6 +29,12 @@ def _linear_space(sp: Spaces, kind: str, size: int, producers, consumers, rep_in
     """producers: [(name, module, rep)], consumers: [(name, module, rep)]."""
     sid = sp.new(size, kind)
     s = sp.get(sid)
+    packed = [(name, m) for name, m, _ in [*producers, *consumers] if float_weight(m) is None]
+    if packed:  # a quantized or factorized layer has no float weight to slice: left whole
+        name, m = packed[0]
+        s.frozen.append(f"compressed layer '{name}' ({type(m).__name__}; prune before compressing)")
+        s.producers += [name for name, _, _ in producers]  # reported as skipped, with that reason
+        return sid
     for name, m, rep in producers:
         s.producers.append(name)
         s.slices.append(Slice(name, "weight", feature_dims(m)[0], 0, rep))
