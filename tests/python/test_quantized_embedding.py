@@ -1,6 +1,8 @@
 """Embedding tables in the weight-only recipes: lookups against the format's reference decode,
 EmbeddingBag reductions, tied heads, layer selection, save / load and bad input."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,3 +147,20 @@ def test_short_last_group_instead_of_per_row(tmp_path, fmt_sym):
     ts.save(model, path)
     fresh = ts.load(_Model(dim=72), path)
     assert torch.equal(fresh.embed(ids), table[ids]) and torch.equal(fresh.bag.weight, model.bag.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_tables_look_up_in_their_dtype(dtype):
+    """A half-precision model's tables come back computing in its dtype (they decoded to
+    float32, and the next half LayerNorm raised 'mixed dtype')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8)).to(dtype)
+    bag = nn.EmbeddingBag(10, 8, mode="sum").to(dtype)
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    holder = nn.Module()
+    holder.bag = bag
+    ts.quantize(holder, ts.Int8WeightOnly(), progress=False)
+    ids = torch.tensor([[1, 2, 3]])
+    assert isinstance(model[0], ts.nn.QuantizedEmbedding) and model(ids).dtype == dtype
+    assert isinstance(holder.bag, ts.nn.QuantizedEmbeddingBag) and holder.bag(ids).dtype == dtype
+    assert torch.equal(model[0](ids), copy.deepcopy(model[0]).float()(ids).to(dtype))  # the float32 rows, rounded
