@@ -33,6 +33,12 @@ def record_layers(model: nn.Module) -> None:
     if cfg is None:
         return
     layers = layer_specs(model)
+    if getattr(cfg, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        head, table = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is not None and table is not None and getattr(head, "weight", None) is not getattr(table, "weight", None):
+            # a compressed head (or table) is no longer the other's tensor: from_pretrained must
+            # not tie them (transformers' own route raised "`weight` is not an nn.Parameter")
+            cfg.tie_word_embeddings = False
     ours = _ours(getattr(cfg, "quantization_config", None)) is not None
     if layers:
         cfg.quantization_config = {"quant_method": QUANT_METHOD, "format_version": CONFIG_FORMAT_VERSION,

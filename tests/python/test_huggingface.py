@@ -189,3 +189,20 @@ def test_a_directory_that_does_not_fit_is_a_clear_error(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"does not match the model: missing \['transformer.h.1.mlp.c_fc.scales'\]"):
         ts.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
+
+
+def test_a_compressed_tied_head_loads_through_transformers(tmp_path):
+    """skip_output_head=False compresses GPT-2's head, tied to its float token table: the
+    config stops tying them, so transformers' own from_pretrained loads the directory (it raised
+    '`weight` is not an nn.Parameter' while tying)."""
+    model = _build("gpt2")
+    assert model.config.tie_word_embeddings
+    ts.quantize(model, ts.Int8WeightOnly(skip_output_head=False), progress=False)
+    assert isinstance(model.lm_head, ts.nn.CompressedLinear) and not model.config.tie_word_embeddings
+    x = _inputs("gpt2", 1)
+    out = _output(model, x)
+    model.save_pretrained(tmp_path / "hf")
+    for loaded in (ts.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "hf"),
+                   transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()):
+        assert isinstance(loaded.lm_head, ts.nn.CompressedLinear)
+        assert torch.equal(_output(loaded, x), out)
