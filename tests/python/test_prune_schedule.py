@@ -127,3 +127,21 @@ def test_first_steps_below_the_layer_floor_hold_every_layer_at_it(scope):
         sched.step()
     total = sum(int((m.weight == 0).sum()) for m in (model[0], model[2]))
     assert total == round(0.9 * (32 * 64 + 64 * 10))
+
+
+def test_heads_only_channel_schedule_prunes_the_heads():
+    """ChannelPrune(ratio=0, head_ratio=0.5) under a schedule runs up to its head ratio, as one
+    shot does (the schedule followed ratio = 0: it never fired and finalize removed nothing)."""
+    pytest.importorskip("transformers")
+    from tiny_gpt2 import tiny_gpt2
+
+    cfg = ts.ChannelPrune(ratio=0.0, head_ratio=0.5)
+    one_shot = tiny_gpt2()
+    ts.prune(one_shot, cfg, progress=False)
+    model = tiny_gpt2()
+    sched = ts.pruning.Schedule(model, cfg, start_step=0, end_step=4, frequency=1)
+    for _ in range(5):
+        sched.step()
+    sched.finalize()
+    heads = [b.attn.num_heads for b in model.transformer.h]
+    assert heads == [b.attn.num_heads for b in one_shot.transformer.h] and heads[0] < 4

@@ -194,14 +194,23 @@ def _gather(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
     return rows.reshape((len(keep),) + tuple(moved.shape[1:])).movedim(0, dim).contiguous()
 
 
+def scheduled_final(cfg: ChannelPrune) -> float:
+    """What a Schedule's ratio runs up to: the larger of the channel and head ratios (a
+    heads-only config, ratio=0, pruned nothing under a schedule that followed `ratio`)."""
+    return max(float(cfg.ratio), 0.0 if cfg.head_ratio == "same" else float(cfg.head_ratio))
+
+
 def soft_prune_channels(model: nn.Module, cfg: ChannelPrune, ratio: float, calib_data=None, forward_loop=None,
                         example_inputs=None, chosen: Optional[dict] = None) -> Report:
     """Mask (zero) the weight rows and columns of the channels a ChannelPrune at `ratio` would
     remove, leaving shapes alone, so an optimizer keeps training the same parameters
     (ts.pruning.Schedule). With the consumers' columns zeroed the model computes exactly what
     the physically pruned one will; Schedule.finalize removes them."""
-    head = ratio if cfg.head_ratio == "same" else cfg.head_ratio * ratio / max(cfg.ratio, 1e-12)
-    step_cfg = dataclasses.replace(cfg, ratio=min(ratio, cfg.ratio), head_ratio=head)
+    # `ratio` runs up to the larger of the two targets (Schedule._final), each taken that far
+    final = scheduled_final(cfg)
+    frac = min(1.0, ratio / final) if final > 0 else 0.0
+    head = frac * cfg.ratio if cfg.head_ratio == "same" else frac * cfg.head_ratio
+    step_cfg = dataclasses.replace(cfg, ratio=frac * cfg.ratio, head_ratio=head)
     spaces = build_spaces(model, step_cfg, calib_data, example_inputs)
     grads = taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" else None
     removed, _, report = plan(model, spaces, step_cfg, grads, chosen=chosen, allow_masked=True)

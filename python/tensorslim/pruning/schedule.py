@@ -58,10 +58,11 @@ class Schedule:
     def _final(config) -> float:
         if isinstance(config, _Unstructured):
             return float(config.sparsity)
-        ratio = getattr(config, "ratio", None)
-        if ratio is None:
+        if getattr(config, "ratio", None) is None:
             raise TypeError(f"Schedule: expected a pruning config, got {type(config).__name__}")
-        return float(ratio)
+        from .channels import scheduled_final
+
+        return scheduled_final(config)
 
     def target(self, step: int) -> float:
         """The scheduled sparsity at `step` (0 before start_step, final after end_step)."""
