@@ -302,3 +302,12 @@ def test_calibration_leaves_a_training_mode_model_as_it_was():
     ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=[torch.randn(16, 32) + 3],
                 progress=False)
     assert torch.equal(model[1].running_mean, before["1.running_mean"]) and model[1].training
+
+
+def test_ratio_rank_at_an_exact_budget():
+    """0.7 of 48 x 80 is exactly 2688 parameters, which rank 21 holds (21 x 128); the float
+    product 2687.99999... gave 20."""
+    from tensorslim.lowrank.rank import rank_for_ratio
+
+    assert rank_for_ratio(48, 80, 0.7) == 21
+    assert rank_for_ratio(48, 80, 0.69) == 20 and rank_for_ratio(64, 64, 0.3) == 9

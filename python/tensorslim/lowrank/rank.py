@@ -47,7 +47,9 @@ def rank_for_energy(sp: Spectrum, energy: float) -> int:
 
 def rank_for_ratio(rows: int, cols: int, ratio: float) -> int:
     """The largest rank (>= 1) whose factors hold at most `ratio` of rows * cols parameters."""
-    return max(1, int(ratio * rows * cols // (rows + cols)))
+    # the budget rounded to whole parameters first: 0.7 * 48 * 80 is 2687.99999... in binary
+    # floating point, which gave rank 20 where 21 factors hold exactly 2688
+    return max(1, int(round(ratio * rows * cols, 6)) // (rows + cols))
 
 
 def ranks_for_budget(spectra: Dict[str, Spectrum], budget: float) -> Dict[str, Optional[int]]:
