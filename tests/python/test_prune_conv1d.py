@@ -276,7 +276,7 @@ def test_scheduled_channel_masks_are_conv1d_columns():
 def test_channel_prune_error_leaves_the_model_as_it_was():
     model = tiny_gpt2()
     before = state_copy(model)
-    with pytest.raises(ValueError, match="leaves 0 of its 4 heads"):
+    with pytest.raises(ValueError, match="head_ratio 0.9 leaves 0 of its 4 heads.*head_ratio=0 keeps every head"):
         ts.prune(model, ts.ChannelPrune(ratio=0.25, head_ratio=0.9), progress=False)
     assert_state_unchanged(model, before)
     assert model.transformer.h[0].mlp.c_fc.nf == INNER and model.transformer.h[0].attn.num_heads == HEADS

@@ -116,8 +116,11 @@ def _keep_count(space: Space, cfg: ChannelPrune) -> int:
     ratio = cfg.ratio if space.kind != "heads" or cfg.head_ratio == "same" else cfg.head_ratio
     keep = round(space.size * (1.0 - ratio))
     if keep == 0:
-        raise ValueError(f"layer '{space.producers[0]}': ratio {ratio} leaves 0 of its {space.size} {space.kind}; "
-                         "use a smaller ratio")
+        which = ("head_ratio" if cfg.head_ratio != "same" else "head_ratio (\"same\": ratio)") \
+            if space.kind == "heads" else "ratio"
+        hint = "; head_ratio=0 keeps every head" if space.kind == "heads" else ""
+        raise ValueError(f"layer '{space.producers[0]}': {which} {ratio} leaves 0 of its {space.size} {space.kind}; "
+                         f"use a smaller one{hint}")
     if space.kind != "heads":
         step = math.lcm(cfg.round_to, space.groups)  # equal blocks stay equal
         keep = min(space.size, math.ceil(keep / step) * step)
