@@ -41,9 +41,27 @@ def _step_config(i: int, kind: str, spec: Any) -> Union[Config, str]:
         raise ValueError(f"recipe step {i} ({kind}): expected a config dict with a 'type' "
                          f"(e.g. {{type: SVD, energy: 0.95}}), got {spec!r}")
     try:
-        return Config.from_dict(spec)
+        cfg = Config.from_dict(spec)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"recipe step {i} ({kind}): {e}") from None
+    if _kind_of(cfg) != kind:
+        raise ValueError(f"recipe step {i} ({kind}): {type(cfg).__name__} is a {_kind_of(cfg)} config; "
+                         f"write it as a '{_kind_of(cfg)}' step")
+    return cfg
+
+
+def _kind_of(cfg: Config) -> str:
+    """The step (verb) a config belongs to."""
+    import tensorslim as ts
+    from .pruning.config import ChannelPrune, _Unstructured
+
+    if isinstance(cfg, (ChannelPrune, _Unstructured)):
+        return "prune"
+    if isinstance(cfg, (ts.NM, ts.Unstructured)):
+        return "sparsify"
+    if isinstance(cfg, (ts.SVD, ts.Tucker, ts.CP)):
+        return "factorize"
+    return "quantize"
 
 
 def parse_steps(steps: Any) -> List[Tuple[str, Union[Config, str]]]:
@@ -125,7 +143,10 @@ def build_model(recipe: Dict[str, Any]) -> nn.Module:
             state = load_file(str(recipe["weights"]))
         except Exception as e:
             raise ValueError(f"{recipe['weights']}: cannot read the weights: {e}") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            raise ValueError(f"{recipe['weights']}: does not match {recipe['model']}: {e}") from None
         if missing or unexpected:
             raise ValueError(f"{recipe['weights']}: does not match {recipe['model']}: missing "
                              f"{missing}, unexpected {unexpected}")
@@ -135,7 +156,12 @@ def build_model(recipe: Dict[str, Any]) -> nn.Module:
 def calibration_batches(recipe: Dict[str, Any]) -> Optional[List[Any]]:
     if not recipe.get("calib"):
         return None
-    batches = list(resolve(recipe["calib"], "calib")())
+    got = resolve(recipe["calib"], "calib")()
+    try:
+        batches = list(got)
+    except TypeError:
+        raise ValueError(f"calib: {recipe['calib']!r} returned {type(got).__name__}, not an iterable of "
+                         f"model inputs") from None
     if not batches:
         raise ValueError(f"calib: {recipe['calib']!r} gave no batches")
     return batches

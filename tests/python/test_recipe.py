@@ -91,6 +91,9 @@ def test_model_and_weights_from_the_command_line(tmp_path, fixture_module):
     ([{"prune": {"ratio": 0.5}}], "'type'"),
     ([], "non-empty list"),
     ([{"prune": {"type": "Magnitude"}, "quantize": "int8"}], "expected one of"),
+    ([{"quantize": "int8"}, {"quantize": {"type": "SVD", "rank": 4}}], "SVD is a factorize config"),
+    ([{"prune": {"type": "Int8WeightOnly"}}], "Int8WeightOnly is a quantize config"),
+    ([{"sparsify": {"type": "Magnitude", "sparsity": 0.5}}], "Magnitude is a prune config"),
 ])
 def test_bad_recipes_are_one_line_errors_and_write_nothing(tmp_path, fixture_module, capsys, steps, message):
     path = _write(tmp_path, {"model": "recipe_fixture:mlp", "steps": steps})
@@ -112,3 +115,18 @@ def test_bad_targets_and_files(tmp_path, fixture_module):
     (tmp_path / "broken.yaml").write_text("steps: [unclosed")
     with pytest.raises(ValueError, match="not a valid recipe file"):
         recipe.load_recipe(tmp_path / "broken.yaml")
+
+
+def test_weights_and_calibration_that_do_not_fit_are_one_line_errors(tmp_path, fixture_module):
+    from safetensors.torch import save_file
+
+    save_file({"0.weight": torch.zeros(3, 3)}, str(tmp_path / "w.safetensors"))
+    path = _write(tmp_path, {"model": "recipe_fixture:mlp", "weights": str(tmp_path / "w.safetensors"),
+                             "steps": [{"quantize": "int8"}]})
+    with pytest.raises(ValueError, match="does not match recipe_fixture:mlp"):
+        recipe.run(path, tmp_path / "o.safetensors")
+    (tmp_path / "calib_none.py").write_text("def batches():\n    return None\n")
+    path = _write(tmp_path, {"model": "recipe_fixture:mlp", "calib": "calib_none:batches",
+                             "steps": [{"quantize": "int8"}]})
+    with pytest.raises(ValueError, match="returned NoneType, not an iterable"):
+        recipe.run(path, tmp_path / "o.safetensors")
