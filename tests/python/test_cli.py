@@ -56,3 +56,14 @@ def test_bench_needs_a_checkout(tmp_path, capsys):
     from tensorslim import cli
     assert cli.main(["bench", "--dir", str(tmp_path)]) == 2
     assert "ship with the source tree" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_same_commands():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "tensorslim", "info"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("tensorslim ") and "CPU kernels" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "tensorslim", "inspect", "missing.safetensors"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
