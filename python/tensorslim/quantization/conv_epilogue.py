@@ -186,7 +186,8 @@ def _fused_forward(mod: nn.Module) -> Optional[Tuple[FusedForward, Dict[str, str
             if what:
                 fused[node.target] = what
     for conv, nxt in _chain_convs(graph, modules).items():
-        fused[conv] = " + ".join(filter(None, (fused.get(conv), f"requantize for {nxt}")))
+        if modules[conv].mode == "static" and modules[nxt].mode == "static":  # dynamic convs never hand codes on
+            fused[conv] = " + ".join(filter(None, (fused.get(conv), f"requantize for {nxt}")))
     if not fused:
         return None
     graph.lint()
