@@ -3,6 +3,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 _REPORT_ATTR = "_tensorslim_skipped"
@@ -120,6 +121,18 @@ def note_already_compressed(report: Report, layers: Dict[str, nn.Module]) -> Rep
     return report
 
 
+def _float_element_bytes(mod: nn.Module) -> int:
+    """Bytes per element of the float layer a compressed one replaced (its weight's dtype, which
+    the swap records: a bf16 model's layers were half the fp32 size), else of the dtype it
+    computes in, else 4."""
+    from .nn.compute_dtype import KeepsPackedDtypes
+
+    dtype = getattr(mod, "replaced_dtype", None)
+    if dtype is None and isinstance(mod, KeepsPackedDtypes):
+        dtype = mod.compute_dtype
+    return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+
+
 def summary(model: nn.Module) -> Report:
     """Every compressed layer (format, bytes before -> after) and every skipped one, with why."""
     from .nn import COMPRESSED_MODULES
@@ -132,8 +145,9 @@ def summary(model: nn.Module) -> Report:
                 fp32 = mod.dense_bytes()
             else:
                 fp32 = 4 * mod.in_features * mod.out_features + (4 * mod.out_features if mod.bias is not None else 0)
+            before = fp32 * _float_element_bytes(mod) // 4  # a half model's layers were half
             rows.append(LayerChange(name, type(mod).__name__, getattr(mod, "action", "quantized"),
-                                    mod.describe(), fp32, module_bytes(mod),
+                                    mod.describe(), before, module_bytes(mod),
                                     mod.note() if hasattr(mod, "note") else ""))
     for source in SUMMARY_SOURCES:
         rows.extend(source(model))

@@ -72,8 +72,12 @@ def _is_weight_matrix_layer(mod: nn.Module) -> bool:
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Puts `new` at `name` and under every other name the module there is registered by (an
     alias, as T5's shared / encoder.embed_tokens): replaced under one name only, the alias kept
-    the float module, which the forward went on using."""
+    the float module, which the forward went on using. A float layer's weight dtype goes onto
+    its replacement as `replaced_dtype`."""
     old = model.get_submodule(name)
+    weight = old._parameters.get("weight")
+    if weight is not None and weight.is_floating_point() and getattr(new, "replaced_dtype", None) is None:
+        object.__setattr__(new, "replaced_dtype", weight.dtype)  # what ts.summary's "before" counts
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
     for n in names:
         parent_name, _, child = n.rpartition(".")

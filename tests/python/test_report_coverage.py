@@ -59,3 +59,24 @@ def test_factorize_reports_them_too():
         report = ts.factorize(model, ts.Tucker(ranks=(2, 2)), progress=False)
     row = next(c for c in report.changes if c.name == "0")
     assert row.action == "skipped" and "Conv2dSame" in row.reason
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_summary_counts_a_half_model_in_its_own_dtype(dtype, tmp_path):
+    """ts.summary's 'before' is the replaced layers' bytes in the model's dtype (it assumed fp32:
+    a bf16 model's savings read twice as large), as the verbs' Reports give, after a load too."""
+    from tensorslim.report import module_bytes
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).to(dtype)
+
+    for verb, cfg in ((ts.quantize, ts.Int8WeightOnly(skip_output_head=False)), (ts.factorize, ts.SVD(rank=8))):
+        model = mlp()
+        dense = module_bytes(model)
+        report = verb(model, cfg, progress=False)
+        assert report.totals()[0] == dense and ts.summary(model).totals() == (dense, module_bytes(model))
+        ts.save(model, tmp_path / "m.safetensors")
+        fresh = mlp()
+        ts.load(fresh, tmp_path / "m.safetensors")
+        assert ts.summary(fresh).totals() == (dense, module_bytes(fresh))
