@@ -161,3 +161,34 @@ def test_distiller_with_pruned_or_factorized_student(compress):
                              feature_map={"body.3": "body.3"}, temperature=2.0,
                              example_inputs=(torch.randn(2, 20),))
     _assert_trains(d, x, y)
+
+
+def _hook_count(*modules):
+    return sum(len(m._forward_hooks) for model in modules for m in model.modules())
+
+
+def test_distiller_arguments_are_checked_before_anything_changes():
+    student, teacher = _pair()
+    for kwargs, match in [(dict(losses={"kd": float("nan")}), "finite number >= 0"),
+                          (dict(losses={}), "names no loss"),
+                          (dict(temperature=-1.0), "temperature must be"),
+                          (dict(alpha=7), "alpha must be"),
+                          (dict(losses={"hidden": 1.0}, feature_map={"body.0": "nope"}), "teacher has no module")]:
+        with pytest.raises(ValueError, match=match):
+            ts.distill.Distiller(student, teacher, **kwargs)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # untouched
+
+
+def test_a_distiller_that_fails_leaves_no_hooks_and_one_that_closes_removes_them():
+    student, teacher = _pair()
+    # widths the modules do not tell: the projection cannot be built without example inputs
+    with pytest.raises(ValueError, match="cannot tell the widths"):
+        ts.distill.Distiller(student, teacher, losses={"hidden": 1.0}, feature_map={"body": "body"})
+    assert _hook_count(student, teacher) == 0
+    with ts.distill.Distiller(student, teacher, losses={"kd": 1.0, "hidden": 1.0},
+                              feature_map={"body.0": "body.3"}) as d:
+        assert _hook_count(student, teacher) == 2
+        d(torch.randn(4, 20))
+    assert _hook_count(student, teacher) == 0
+    with pytest.raises(ValueError, match="'body.0' did not run in this forward"):
+        d(torch.randn(4, 20))

@@ -10,6 +10,7 @@ and run under torch.no_grad(), so no autograd graph of it is kept. Features are 
 forward hooks on modules named as in model.named_modules(). The teacher is not a registered
 submodule: d.parameters() and d.state_dict() are the student's and the projections' only.
 """
+import math
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
@@ -66,11 +67,18 @@ class Distiller(nn.Module):
         if student is teacher:
             raise ValueError("Distiller: student and teacher are the same module")
         losses = dict({"kd": 1.0} if losses is None else losses)
+        if not losses:
+            raise ValueError(f"Distiller: losses names no loss; expected some of {LOSS_NAMES}")
         for name, w in losses.items():
             if name not in LOSS_NAMES:
                 raise ValueError(f"Distiller: unknown loss {name!r}; expected some of {LOSS_NAMES}")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-                raise ValueError(f"Distiller: the weight of {name!r} must be a number >= 0, got {w!r}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"Distiller: the weight of {name!r} must be a finite number >= 0, got {w!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"Distiller: temperature must be a finite number > 0, got {temperature!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"Distiller: alpha must be a number in [0, 1], got {alpha!r}")
         feature_map = dict(feature_map or {})
         if ("hidden" in losses or "attention" in losses) and not feature_map:
             raise ValueError("Distiller: the 'hidden' / 'attention' losses need feature_map="
@@ -84,15 +92,15 @@ class Distiller(nn.Module):
                                ignore_index=ignore_index)
         self.hidden_kind, self.attention_kind, self.logits_fn = hidden_kind, attention_kind, logits_fn
 
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
         s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
         for s_name, t_name in feature_map.items():
             if s_name not in s_mods:
                 raise ValueError(f"Distiller: feature_map: the student has no module {s_name!r}")
             if t_name not in t_mods:
                 raise ValueError(f"Distiller: feature_map: the teacher has no module {t_name!r}")
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
         self._feats: Dict[str, torch.Tensor] = {}
         self._hooks = []
         for i, (s_name, t_name) in enumerate(feature_map.items()):
@@ -100,7 +108,11 @@ class Distiller(nn.Module):
             self._hooks.append(t_mods[t_name].register_forward_hook(self._saver(f"t{i}")))
         self.projections = nn.ModuleDict()
         if "hidden" in losses:
-            self._build_projections(s_mods, t_mods, example_inputs)
+            try:
+                self._build_projections(s_mods, t_mods, example_inputs)
+            except BaseException:  # no hooks left on the user's models by a Distiller that never was
+                self.remove_hooks()
+                raise
 
     def _saver(self, key: str):
         def hook(_module, _inputs, output):
@@ -137,9 +149,17 @@ class Distiller(nn.Module):
         return self
 
     def remove_hooks(self) -> None:
+        """Takes the feature hooks off the student and teacher (also on leaving a `with` block);
+        the hidden / attention terms cannot be computed after that."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def __enter__(self) -> "Distiller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     def forward(self, *args, labels: Optional[torch.Tensor] = None, **kwargs) -> DistillOutput:
         self._feats.clear()
@@ -151,7 +171,13 @@ class Distiller(nn.Module):
         terms: Dict[str, torch.Tensor] = {}
         if "kd" in self.losses:
             terms["kd"] = kd_loss(s_logits, t_logits, labels=labels, **self.kd_options)
-        for i in range(len(self.feature_map)):
+        for i, (s_name, t_name) in enumerate(self.feature_map.items()):
+            missing = [n for n, k in ((s_name, f"s{i}"), (t_name, f"t{i}")) if k not in self._feats]
+            if missing:
+                self._feats.clear()
+                raise ValueError(f"Distiller: feature_map module {missing[0]!r} did not run in this forward "
+                                 f"(replaced after the Distiller was built, or its hooks removed: build the "
+                                 f"Distiller after compressing the student)")
             s_f, t_f = self._feats[f"s{i}"], self._feats[f"t{i}"]
             if "hidden" in self.losses:
                 proj = self.projections[str(i)] if str(i) in self.projections else None
