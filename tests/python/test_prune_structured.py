@@ -245,3 +245,20 @@ def test_excluded_producer_keeps_its_group(trained, data):
     # block2.pw is in the stage-2 residual group: the whole group keeps its 64 channels
     assert model.block2.pw.out_channels == 64 and model.down.out_channels == 64
     assert model.block2.conv.out_channels == 32  # block-internal groups still pruned
+
+
+def test_taylor_gradients_of_frozen_parameters_count(trained, data):
+    """Frozen for training is not unimportant: with part or all of the model frozen the Taylor
+    gradients are those of the trainable model (they were zeros, or backward raised), and each
+    parameter's requires_grad comes back."""
+    xtr = data[0]
+    want = C.taylor_grads(copy.deepcopy(trained), [xtr[:64]], None)
+    for freeze in ("block2", ""):
+        m = copy.deepcopy(trained)
+        for n, p in m.named_parameters():
+            if n.startswith(freeze):
+                p.requires_grad_(False)
+        flags = {n: p.requires_grad for n, p in m.named_parameters()}
+        got = C.taylor_grads(m, [xtr[:64]], None)
+        assert all(torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-7) for n in want), freeze
+        assert {n: p.requires_grad for n, p in m.named_parameters()} == flags

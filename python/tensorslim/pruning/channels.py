@@ -73,10 +73,13 @@ def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.
         raise ValueError("ChannelPrune: importance='taylor' needs calib_data or forward_loop (gradients)")
     params = dict(model.named_parameters())
     saved = {n: p.grad for n, p in params.items()}
+    frozen = [p for p in params.values() if not p.requires_grad and p.is_floating_point()]
     training = model.training
     try:
         for p in params.values():
             p.grad = None
+        for p in frozen:  # frozen for training, not unimportant: their gradients count too
+            p.requires_grad_(True)
         model.eval()
         with torch.enable_grad():
             if forward_loop is not None:
@@ -87,6 +90,8 @@ def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.
                     _loss(call_model(model, batch)).backward()
         return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         for n, p in params.items():
             p.grad = saved[n]
         model.train(training)
