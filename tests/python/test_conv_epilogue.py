@@ -416,3 +416,26 @@ def test_fused_model_copies_pickles_saves_and_loads(tmp_path):
         assert fresh[1].conv2.epilogue == "residual add + ReLU"
         assert torch.equal(fresh(x), y)
     assert fuse_conv_epilogues(model) == {}  # idempotent: a fused forward is not fused again
+
+
+def test_a_conv_read_as_the_next_ones_input_and_residual_fuses_the_add_only():
+    """h = c1(x); c2(h) + h: h is c2's input and its residual, so no chain hands codes from c1 to
+    c2 (the rewrite raised 'still had 1 users' after the convs were swapped in, with no Report)."""
+    class ReadTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.c1(x)
+            return self.fc((self.c2(h) + h).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = ReadTwice()
+    x = torch.randn(2, 8, 6, 6)
+    ref, report = _quantized(model, x)
+    assert isinstance(model.c1, ts.nn.Int8Conv2d) and isinstance(model.fc, ts.nn.CompressedLinear)
+    assert model.c2.epilogue == "residual add" and "requantize" not in model.c1.epilogue
+    with torch.no_grad():
+        y, want = model(x), ref(x)
+    assert float((y - want).norm() / want.norm()) < 0.05

@@ -23,6 +23,7 @@ it is and not fused; with calibration data the check above catches the rest).
 import copy
 import inspect
 import operator
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -96,7 +97,11 @@ def fuse_conv_epilogues(model: nn.Module, check: Optional[Callable[[nn.Module], 
             if "forward" in mod.__dict__:  # fused already, or a forward the user set on the instance
                 continue
             if _calls_convs(mod):
-                plan = _fused_forward(mod)
+                try:
+                    plan = _fused_forward(mod)
+                except Exception as e:  # a rewrite this code cannot do: the forward stays as written
+                    warnings.warn(f"conv epilogues of '{name or type(mod).__name__}' not fused: {e}", RuntimeWarning)
+                    plan = None
                 if plan is not None:
                     plans.append((name, mod) + plan)
         if check is not None and plans:
@@ -266,7 +271,8 @@ def _chain_convs(graph: fx.Graph, modules: Dict[str, nn.Module]) -> Dict[str, st
         while "residual" not in run[-1].kwargs:
             nxt = _only_user(run[-1])
             if (nxt is None or not _conv_call(nxt, modules) or nxt.args[0] is not run[-1]
-                    or modules[nxt.target]._pick is not None):  # a strided 1 x 1 conv picks its input first
+                    or modules[nxt.target]._pick is not None  # a strided 1 x 1 conv picks its input first
+                    or nxt.kwargs.get("residual") is run[-1]):  # conv2(h) + h: h is read twice
                 break
             run.append(nxt)
         seen.update(run)
