@@ -76,7 +76,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     its replacement as `replaced_dtype`."""
     old = model.get_submodule(name)
     weight = old._parameters.get("weight")
-    if weight is not None and weight.is_floating_point() and getattr(new, "replaced_dtype", None) is None:
+    if (weight is not None and weight.is_floating_point() and float_weight(new) is None
+            and getattr(new, "replaced_dtype", None) is None):  # a compressed layer, not a float one put back
         object.__setattr__(new, "replaced_dtype", weight.dtype)  # what ts.summary's "before" counts
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
     for n in names:

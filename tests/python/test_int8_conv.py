@@ -465,3 +465,24 @@ def test_batchnorm_after_an_in_place_relu_is_not_folded_into_the_conv():
     x = -10 * torch.rand(2, 4, 6, 6)  # conv outputs below 0: the ReLU matters
     with torch.no_grad():
         assert float((model(x) - ref(x)).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_cnn_with_batchnorm_quantizes_with_calibration(dtype):
+    """The fold's trial conv takes the model's dtype (it raised 'Input type BFloat16 and bias
+    type float'), and a half model's fold matches to its own precision, so it folds as fp32 does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    x = torch.randn(2, 8, 10, 10).to(dtype)
+    with torch.no_grad():
+        ref = model(x).float()
+    report = ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+    assert any(c.name == "1" and c.reason == "folded into 0" for c in report.changes), report
+    with torch.no_grad():
+        y = model(x)
+    assert y.dtype == dtype and float((y.float() - ref).norm() / ref.norm()) < 0.03
