@@ -257,3 +257,22 @@ def test_quantizing_twice_says_so_in_the_report():
     _assert_unchanged(model, snap)
     report = ts.prepare_qat(model, "int8", progress=False)
     assert {c.name for c in report.skipped} == {"0", "2"} and report.changed == []
+
+
+def test_meta_device_layers_in_every_weight_verb():
+    """Layers with no data (the meta device): sparsify skips them with the reason, as quantize does;
+    prune and factorize name the layer (they raised torch's 'item() cannot be called on meta
+    tensors'); the model is left as it was."""
+    def meta_mlp():
+        with torch.device("meta"):
+            return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    model = meta_mlp()
+    with pytest.warns(UserWarning, match="meta device"):
+        report = ts.sparsify(model, ts.NM(2, 4), progress=False)
+    assert not report.changed and type(model[0]) is nn.Linear
+    for verb, cfg, word in ((ts.prune, ts.Magnitude(sparsity=0.5), "rank"), (ts.factorize, ts.SVD(rank=4), "factorize")):
+        model = meta_mlp()
+        with pytest.raises(ValueError, match=f"layer '0' \\(Linear\\): weight is on the meta device \\(no data to {word}\\)"):
+            verb(model, cfg, progress=False)
+        assert type(model[0]) is nn.Linear and not hasattr(model[0], "weight_mask")

@@ -29,6 +29,9 @@ def candidates(model: nn.Module, flt: LayerFilter, kind: type) -> Dict[str, nn.M
     out = {}
     for name, mod in model.named_modules():
         if name and type(mod) is kind and name not in factors and not filter_reason(name, mod, flt, tied):
+            if mod.weight.device.type == "meta":
+                raise ValueError(f"layer '{name}' ({kind.__name__}): weight is on the meta device (no data to "
+                                 f"factorize); load the weights first, or leave it out with exclude=[{name!r}]")
             if not torch.isfinite(mod.weight.detach()).all():
                 raise ValueError(f"layer '{name}' ({kind.__name__}): weight contains NaN or Inf; "
                                  f"it cannot be factorized")

@@ -44,6 +44,9 @@ def select_layers(model: nn.Module, cfg, supported=None) -> Tuple[List[Tuple[str
 
 
 def _check_finite(name: str, mod: nn.Module) -> None:
+    if mod.weight.device.type == "meta":
+        raise ValueError(f"layer '{name}' ({type(mod).__name__}): weight is on the meta device (no data to rank); "
+                         f"load the weights first, or leave it out with exclude=[{name!r}]")
     if not torch.isfinite(mod.weight).all():
         raise ValueError(f"layer '{name}' ({type(mod).__name__}): weight contains NaN or Inf; "
                          "pruning ranks weights by magnitude and cannot place them")

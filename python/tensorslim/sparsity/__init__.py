@@ -28,6 +28,8 @@ CSR_MAX_COLUMNS = 65536  # 16-bit column offsets
 
 def _check(cfg, conv1d_names: set):
     def check(name: str, mod: nn.Module) -> Optional[str]:
+        if mod.weight.device.type == "meta":
+            return "weight is on the meta device (no data to rank)"
         # Checked while layers are chosen, before any work: calibration would otherwise meet
         # the NaN deep in a block, where the error could no longer name the layer.
         if not torch.isfinite(mod.weight).all():
