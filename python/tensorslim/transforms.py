@@ -3,6 +3,7 @@ replacements first, then swap them in, so a failure leaves the model as it was."
 import fnmatch
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -69,16 +70,26 @@ def _is_weight_matrix_layer(mod: nn.Module) -> bool:
     return weight is not None and weight.dim() >= 2 and not isinstance(mod, QATLinear)
 
 
+def adopt_float_dtype(old: nn.Module, new: nn.Module) -> None:
+    """A compressed layer replacing a float one records that layer's weight dtype (what
+    ts.summary's "before" counts) and, for fp16 / bf16, computes in it, as the same layer
+    loaded from a file does (io._empty_like_saved)."""
+    weight = old._parameters.get("weight")
+    if weight is None or not weight.is_floating_point() or float_weight(new) is not None:
+        return  # not a float layer, or a float one put back
+    if getattr(new, "replaced_dtype", None) is None:
+        object.__setattr__(new, "replaced_dtype", weight.dtype)
+    if weight.dtype in (torch.float16, torch.bfloat16) and getattr(new, "compute_dtype", None) == torch.float32:
+        new.to(weight.dtype)
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Puts `new` at `name` and under every other name the module there is registered by (an
     alias, as T5's shared / encoder.embed_tokens): replaced under one name only, the alias kept
-    the float module, which the forward went on using. A float layer's weight dtype goes onto
-    its replacement as `replaced_dtype`."""
+    the float module, which the forward went on using. A compressed replacement of a float
+    layer adopts its dtype (adopt_float_dtype)."""
     old = model.get_submodule(name)
-    weight = old._parameters.get("weight")
-    if (weight is not None and weight.is_floating_point() and float_weight(new) is None
-            and getattr(new, "replaced_dtype", None) is None):  # a compressed layer, not a float one put back
-        object.__setattr__(new, "replaced_dtype", weight.dtype)  # what ts.summary's "before" counts
+    adopt_float_dtype(old, new)
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
     for n in names:
         parent_name, _, child = n.rpartition(".")

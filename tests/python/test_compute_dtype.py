@@ -92,3 +92,28 @@ def test_half_model_with_gradients_to_the_input():
     ref = torch.ones(3, OUT, dtype=torch.float64) @ layer.effective_weight().double()
     assert torch.allclose(x.grad.double(), ref, rtol=2e-3, atol=1e-3)
 
+
+
+@pytest.mark.parametrize("cfg", [ts.Int8WeightOnly(), ts.Int4WeightOnly(group_size=32, algorithm="gptq"), ts.W8A8()],
+                         ids=["int8", "gptq", "w8a8"])
+def test_a_half_model_compressed_in_memory_computes_as_its_loaded_copy(cfg, tmp_path):
+    """Compressed layers of a bf16 model compute in bf16 right after the verb, as the same model
+    loaded from its file does (they computed in float32 until saved and loaded)."""
+    torch.manual_seed(0)
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    model = mlp().to(torch.bfloat16)
+    calib = [torch.randn(16, 64).to(torch.bfloat16) for _ in range(2)]
+    ts.quantize(model, cfg, calib_data=calib, progress=False)
+    ts.save(model, tmp_path / "m.safetensors")
+    loaded = mlp().to(torch.bfloat16)
+    ts.load(loaded, tmp_path / "m.safetensors")
+    for a, b in zip(model, loaded):
+        if isinstance(a, ts.nn.CompressedLinear):
+            assert a.compute_dtype == b.compute_dtype == torch.bfloat16
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x)) and model(x).dtype == torch.bfloat16

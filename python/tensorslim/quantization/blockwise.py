@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..formats import FORMATS
 from ..nn import WeightOnlyLinear
 from ..report import LayerChange, Report, module_bytes, remember_skipped
-from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, filter_reason
+from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, adopt_float_dtype, filter_reason
 from .calibrate import ForwardLoop, eval_mode, require_forward_loop
 
 Inputs = List[Tuple[tuple, dict]]  # one (args, kwargs) per calibration batch
@@ -229,6 +229,7 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module, edits: Edits) -> N
         raise ValueError("calibration: cannot replace the model itself; wrap the layer in a module")
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
+    adopt_float_dtype(getattr(parent, child), new)
     edits.set(parent, child, new)
 
 
