@@ -47,7 +47,8 @@ class CompressedLinear(KeepsPackedDtypes):
     The nn.Linear surface: in_features, out_features and a read-only `.weight` (the effective
     weight [out, in], computed on each access, in the compute dtype, on the module's device).
 
-    Compute dtype: float32 until `.half()` / `.bfloat16()` / `.to(dtype)` changes it; then
+    Compute dtype: float32 until `.half()` / `.bfloat16()` / `.to(dtype)` changes it (a layer
+    that replaced an fp16 / bf16 one, by a verb or a load, computes in that dtype); then
     inputs are cast to it and outputs come in it, while the packed codes, scales and bias keep
     the dtypes the kernels need. Any other dtype (float64) raises a TypeError right there.
     """
