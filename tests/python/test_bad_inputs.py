@@ -276,3 +276,17 @@ def test_meta_device_layers_in_every_weight_verb():
         with pytest.raises(ValueError, match=f"layer '0' \\(Linear\\): weight is on the meta device \\(no data to {word}\\)"):
             verb(model, cfg, progress=False)
         assert type(model[0]) is nn.Linear and not hasattr(model[0], "weight_mask")
+
+
+@pytest.mark.parametrize("verb, cfg", [(ts.quantize, ts.GPTQ(bits=4, group_size=32)),
+                                       (ts.sparsify, ts.NM(2, 4, method="wanda"))], ids=["gptq", "wanda"])
+def test_calibration_batches_in_another_dtype_are_a_clear_error(verb, cfg):
+    """fp32 batches for a bf16 model: the block-by-block verbs say the data does not run through
+    the model, as the others do (torch's bare 'mat1 and mat2 must have the same dtype' before),
+    and leave the model as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(torch.bfloat16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="calib_data does not run through the model"):
+        verb(model, cfg, calib_data=[torch.randn(16, 64) for _ in range(2)], progress=False)
+    assert type(model[0]) is nn.Linear and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

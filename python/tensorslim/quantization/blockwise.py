@@ -137,7 +137,11 @@ def block_output(out: Any) -> torch.Tensor:
 def run_block(block: nn.Module, inp: Tuple[tuple, dict]) -> torch.Tensor:
     args, kwargs = inp
     with torch.no_grad():
-        return block_output(block(*args, **kwargs))
+        try:
+            out = block(*args, **kwargs)
+        except RuntimeError as e:  # e.g. batches in another dtype than the model: as make_forward_loop says it
+            raise ValueError(f"calib_data does not run through the model's block {type(block).__name__}: {e}") from e
+    return block_output(out)
 
 
 class _BatchDone(BaseException):
