@@ -137,6 +137,8 @@ class Config(LayerFilter):
 
     def __post_init__(self):
         check_field_types(self)
+        if self.version < 1:
+            raise ValueError(f"{type(self).__name__}: config version must be >= 1, got {self.version}")
         if self.version > CONFIG_VERSION:
             raise ValueError(f"{type(self).__name__}: config version {self.version} is newer than "
                              f"this tensorslim understands ({CONFIG_VERSION})")
@@ -150,22 +152,26 @@ class Config(LayerFilter):
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    @staticmethod
-    def from_dict(d: dict) -> "Config":
+    @classmethod
+    def from_dict(cls_, d: dict) -> "Config":
+        """The config a to_dict() wrote; called on a config class (Int8WeightOnly.from_dict), the
+        dict's type must be that class or a subclass of it."""
         d = dict(d)
         kind = d.pop("type", None)
         cls = _CONFIG_TYPES.get(kind)
         if cls is None:
             raise ValueError(f"unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
+        if not issubclass(cls, cls_):
+            raise ValueError(f"{cls_.__name__}.from_dict: the dict holds a {kind}, not a {cls_.__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"{kind}: unknown fields {sorted(unknown)}")
         return cls(**d)
 
-    @staticmethod
-    def from_json(text: str) -> "Config":
-        return Config.from_dict(json.loads(text))
+    @classmethod
+    def from_json(cls_, text: str) -> "Config":
+        return cls_.from_dict(json.loads(text))
 
 
 _GROUP_SIZES = (32, 64, 128, 256)

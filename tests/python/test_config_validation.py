@@ -151,3 +151,16 @@ def test_json_with_wrong_types_is_rejected():
         ts.Config.from_dict({"type": "Binary", "activations": "yes"})
     with pytest.raises(TypeError, match="NVFP4: include"):
         ts.Config.from_dict({"type": "NVFP4", "include": [1, 2]})
+
+
+def test_version_seed_and_from_dict_class_are_checked():
+    with pytest.raises(ValueError, match="config version must be >= 1"):
+        ts.Int8WeightOnly(version=0)
+    for cls in (ts.RandomPrune, ts.ChannelPrune):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+            cls(seed=2 ** 70)
+    d = ts.Int4WeightOnly(group_size=32).to_dict()
+    with pytest.raises(ValueError, match="holds a Int4WeightOnly, not a Int8WeightOnly"):
+        ts.Int8WeightOnly.from_dict(d)
+    assert ts.Int4WeightOnly.from_dict(d) == ts.config.Config.from_dict(d) == ts.Int4WeightOnly(group_size=32)
+    assert ts.config.Config.from_json(ts.NM(2, 4).to_json()) == ts.NM(2, 4)

@@ -62,6 +62,15 @@ class RandomPrune(_Unstructured):
 
     seed: int = 0
 
+    def __post_init__(self):
+        super().__post_init__()
+        _check_seed("RandomPrune", self.seed)
+
+
+def _check_seed(who: str, seed: int) -> None:
+    if not 0 <= seed < 2 ** 63:  # torch.Generator's range
+        raise ValueError(f"{who}: seed must be in [0, 2**63), got {seed!r}")
+
 
 @register_config
 @dataclass
@@ -92,3 +101,4 @@ class ChannelPrune(Config):
             _check_fraction("ChannelPrune", "head_ratio", self.head_ratio)
         if self.round_to < 1:
             raise ValueError(f"ChannelPrune: round_to must be >= 1, got {self.round_to}")
+        _check_seed("ChannelPrune", self.seed)
