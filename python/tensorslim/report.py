@@ -100,10 +100,10 @@ def remember_skipped(model: nn.Module, report: Report) -> None:
 
 def compressed_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """The layers a transform will not touch again: compressed ones and QAT-prepared ones."""
-    from .nn import CompressedLinear, Int8Conv1d, Int8Conv2d
+    from .nn import COMPRESSED_MODULES, CompressedLinear, FoldedBatchNorm
     from .qat.prepare import QATLinear
 
-    kinds = (CompressedLinear, QATLinear, Int8Conv1d, Int8Conv2d)
+    kinds = tuple(k for k in COMPRESSED_MODULES.values() if k is not FoldedBatchNorm) + (CompressedLinear, QATLinear)
     return {n: m for n, m in model.named_modules() if n and isinstance(m, kinds)}
 
 

@@ -164,3 +164,13 @@ def test_half_tables_look_up_in_their_dtype(dtype):
     assert isinstance(model[0], ts.nn.QuantizedEmbedding) and model(ids).dtype == dtype
     assert isinstance(holder.bag, ts.nn.QuantizedEmbeddingBag) and holder.bag(ids).dtype == dtype
     assert torch.equal(model[0](ids), copy.deepcopy(model[0]).float()(ids).to(dtype))  # the float32 rows, rounded
+
+
+def test_quantizing_again_reports_the_packed_table_as_already_compressed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 32))
+    ts.quantize(model, ts.Int8WeightOnly(skip_output_head=False), progress=False)
+    with pytest.warns(UserWarning, match="already compressed"):
+        report = ts.quantize(model, ts.Int8WeightOnly(skip_output_head=False), progress=False)
+    rows = {c.name: c.reason for c in report.skipped}
+    assert set(rows) == {"0", "1"} and all("already compressed" in r for r in rows.values())
