@@ -40,7 +40,7 @@ def main():
     ort = make_int4_chain([(m.qweight, m.scales) for m in ours], K, 4, torch.get_num_threads())
     mib = L * K * K / 2 / 2**20
     print(f"{cpu_name()}; torch {torch.__version__}, threads {torch.get_num_threads()}, tensorslim threads "
-          f"{ts._C.num_threads()}; {L} layers {K} x {K}, {mib:.0f} MiB of INT4 weights; W4A8 kernel "
+          f"{ts._C.num_threads()}; {L} layers {K} x {K}, {mib:.3g} MiB of INT4 weights; W4A8 kernel "
           f"{ts.ops.w4a8.kernel_name(K, 128)}; {isa_line}")
     if ort is None:
         print("onnxruntime / onnx not installed: its column shows nan")

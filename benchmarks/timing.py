@@ -44,7 +44,9 @@ def median_times(fns, min_time=1.0, warmup=3, min_rounds=9):
 
 
 def copy_bandwidth(nbytes=256 << 20):
-    """Bytes read + written per second by a large tensor copy."""
+    """Bytes read + written per second by a large tensor copy (256 MiB: memory, not cache). The
+    benchmarks' %bw divides by it, so weights small enough to stay in cache between calls (under
+    the L3, e.g. MiniLM-sized layers) read above 100%: %bw speaks for weights read from memory."""
     a = torch.empty(nbytes // 4)
     b = torch.empty_like(a)
     t = timeit(lambda: b.copy_(a), min_time=0.5)
