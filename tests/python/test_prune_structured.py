@@ -262,3 +262,17 @@ def test_taylor_gradients_of_frozen_parameters_count(trained, data):
         got = C.taylor_grads(m, [xtr[:64]], None)
         assert all(torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-7) for n in want), freeze
         assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+
+
+def test_summary_gives_the_size_before_channels_were_removed():
+    """ts.summary's rows for channel-pruned layers: the size before pruning (it printed the new
+    size twice), as the prune's own Report; pruning again keeps the first size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10))
+    x = torch.randn(32, 64)
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, importance="l2"), calib_data=[x], progress=False)
+    rows = {c.name: (c.bytes_before, c.bytes_after) for c in ts.summary(model).changed}
+    assert rows == {c.name: (c.bytes_before, c.bytes_after) for c in report.changed}
+    ts.prune(model, ts.ChannelPrune(ratio=0.5, importance="l2"), calib_data=[x], progress=False)
+    again = {c.name: c.bytes_before for c in ts.summary(model).changed}
+    assert again == {n: b for n, (b, _) in rows.items()} and model[0].out_features == 128

@@ -24,6 +24,7 @@ from .channel_space import Space, Spaces
 from .config import ChannelPrune
 
 STRUCTURED_ATTR = "_tensorslim_structured"  # {module name: {attribute: value}} for ts.save
+UNPRUNED_BYTES_ATTR = "_tensorslim_unpruned_bytes"  # {module name: bytes before any channel left}: summary
 
 
 def _example(calib_data, example_inputs) -> tuple:
@@ -277,6 +278,10 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
     for n in sorted(before):
         record.setdefault(n, {})
     object.__setattr__(model, STRUCTURED_ATTR, record)
+    unpruned = getattr(model, UNPRUNED_BYTES_ATTR, {})
+    for n, b in before.items():
+        unpruned.setdefault(n, b)  # pruned again: still the first size
+    object.__setattr__(model, UNPRUNED_BYTES_ATTR, unpruned)
     for n in sorted(before):
         m = mods[n]
         w = float_weight(m)
@@ -287,8 +292,10 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
 
 
 def summary_rows(model: nn.Module) -> List[LayerChange]:
-    """ts.summary's rows for structurally pruned layers: their new sizes."""
+    """ts.summary's rows for structurally pruned layers: their sizes before (known in the
+    process that pruned them; a loaded model shows its pruned size twice) and now."""
     record = getattr(model, STRUCTURED_ATTR, None) or {}
+    unpruned = getattr(model, UNPRUNED_BYTES_ATTR, None) or {}
     mods = dict(model.named_modules())
     rows = []
     for name in sorted(record):
@@ -297,5 +304,5 @@ def summary_rows(model: nn.Module) -> List[LayerChange]:
             continue
         attrs = ", ".join(f"{a}={v}" for a, v in sorted(record[name].items()))
         rows.append(LayerChange(name, type(m).__name__, "pruned", "channels removed",
-                                module_bytes(m), module_bytes(m), reason=attrs))
+                                unpruned.get(name, module_bytes(m)), module_bytes(m), reason=attrs))
     return rows
