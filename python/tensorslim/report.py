@@ -22,6 +22,12 @@ class LayerChange:
     reason: str = ""
 
 
+def _has_parent_in(name: str, names: set) -> bool:
+    """Whether a module enclosing `name` ("0" for "0.down") is among `names`."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts)))
+
+
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -58,12 +64,7 @@ class Report:
         """(bytes before, bytes after) of the changed layers. A row inside another changed row
         (a factorized layer's quantized factors) is in that row's bytes already: left out."""
         names = {c.name for c in self.changed}
-
-        def nested(name: str) -> bool:
-            parts = name.split(".")
-            return any(".".join(parts[:i]) in names for i in range(1, len(parts)))
-
-        outer = [c for c in self.changed if not nested(c.name)]
+        outer = [c for c in self.changed if not _has_parent_in(c.name, names)]
         return sum(c.bytes_before for c in outer), sum(c.bytes_after for c in outer)
 
     def __str__(self) -> str:
@@ -114,7 +115,7 @@ def note_already_compressed(report: Report, layers: Dict[str, nn.Module]) -> Rep
 
     named = {c.name for c in report.changes}
     for name, mod in layers.items():
-        if name not in named and not any(n.startswith(name + ".") for n in named):  # not its factors
+        if name not in named and not any(_has_parent_in(n, {name}) for n in named):  # nor its factors
             what = "prepared for QAT (call ts.convert)" if isinstance(mod, QATLinear) else "compressed"
             report.changes.append(LayerChange(name, type(mod).__name__, "skipped", mod.describe(), module_bytes(mod),
                                               reason=f"already {what}; start from the float model to change it"))
@@ -130,7 +131,7 @@ def _float_element_bytes(mod: nn.Module) -> int:
     dtype = getattr(mod, "replaced_dtype", None)
     if dtype is None and isinstance(mod, KeepsPackedDtypes):
         dtype = mod.compute_dtype
-    return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
 
 
 def summary(model: nn.Module) -> Report:

@@ -99,8 +99,6 @@ def test_half_model_with_gradients_to_the_input():
 def test_a_half_model_compressed_in_memory_computes_as_its_loaded_copy(cfg, tmp_path):
     """Compressed layers of a bf16 model compute in bf16 right after the verb, as the same model
     loaded from its file does (they computed in float32 until saved and loaded)."""
-    torch.manual_seed(0)
-
     def mlp():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8))

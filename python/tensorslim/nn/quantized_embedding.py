@@ -110,7 +110,7 @@ class QuantizedEmbedding(_PackedTable):
             raise ValueError("max_norm renormalizes the table in place at lookup; a packed table cannot")
         mod = cls(emb.num_embeddings, emb.embedding_dim, fmt, group_size, emb.padding_idx, device=emb.weight.device)
         mod._fill(emb.weight)
-        return mod.to(emb.weight.dtype) if emb.weight.dtype in (torch.float16, torch.bfloat16) else mod
+        return mod
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self._check_ids(ids)
@@ -149,7 +149,7 @@ class QuantizedEmbeddingBag(_PackedTable):
         mod = cls(bag.num_embeddings, bag.embedding_dim, fmt, group_size, bag.mode, bag.include_last_offset,
                   bag.padding_idx, device=bag.weight.device)
         mod._fill(bag.weight)
-        return mod.to(bag.weight.dtype) if bag.weight.dtype in (torch.float16, torch.bfloat16) else mod
+        return mod
 
     def forward(self, ids: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:

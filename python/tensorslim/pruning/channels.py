@@ -122,11 +122,10 @@ def _keep_count(space: Space, cfg: ChannelPrune) -> int:
     ratio = cfg.ratio if space.kind != "heads" or cfg.head_ratio == "same" else cfg.head_ratio
     keep = round(space.size * (1.0 - ratio))
     if keep == 0:
-        which = ("head_ratio" if cfg.head_ratio != "same" else "head_ratio (\"same\": ratio)") \
-            if space.kind == "heads" else "ratio"
-        hint = "; head_ratio=0 keeps every head" if space.kind == "heads" else ""
+        heads = space.kind == "heads"
+        which = ("head_ratio" + (' ("same": ratio)' if cfg.head_ratio == "same" else "")) if heads else "ratio"
         raise ValueError(f"layer '{space.producers[0]}': {which} {ratio} leaves 0 of its {space.size} {space.kind}; "
-                         f"use a smaller one{hint}")
+                         f"use a smaller one" + ("; head_ratio=0 keeps every head" if heads else ""))
     if space.kind != "heads":
         step = math.lcm(cfg.round_to, space.groups)  # equal blocks stay equal
         keep = min(space.size, math.ceil(keep / step) * step)
