@@ -81,6 +81,25 @@ def test_low_precision_values_sqnr(config):
         assert not (b[a == 0] != 0).any()  # nothing kept that float32 values prune
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_model_keeps_its_dtype_by_default(dtype):
+    """values="auto": n:m layers of a half model store half values (float32 ones would make a
+    2:4 layer larger than the dense half one); CSR stores float32, the only float it has."""
+    model, csr = _mlp().to(dtype), _mlp().to(dtype)
+    dense_bytes = model[0].weight.numel() * model[0].weight.element_size()
+    report = ts.sparsify(model, ts.NM(2, 4), progress=False)
+    ts.sparsify(csr, ts.Unstructured(0.9), progress=False)
+    expected = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    assert model[0].values_dtype == expected and model[0].values.dtype == dtype
+    assert model[0].values.numel() * model[0].values.element_size() == dense_bytes // 2
+    assert csr[0].values_dtype == "float32"
+    assert f"2:4 magnitude {expected}" in str(report)
+    assert model(torch.randn(3, 64, dtype=dtype)).dtype == dtype
+    fp = _mlp()
+    ts.sparsify(fp, ts.NM(2, 4), progress=False)
+    assert fp[0].values_dtype == "float32"
+
+
 def _with(config, **changes):
     d = config.to_dict()
     d.update(changes)
@@ -149,7 +168,8 @@ def test_save_load_round_trip_and_size(tmp_path, config):
     # csr = density * (value + 2); plus biases, scales, row pointers and the header
     expect = {"NM": {"float32": 2.125 / 4, "int8": 0.6875 / 4},
               "Unstructured": {"float32": (1 - getattr(config, "sparsity", 0)) * 6 / 4,
-                               "int8": (1 - getattr(config, "sparsity", 0)) * 3 / 4}}[type(config).__name__][config.values]
+                               "int8": (1 - getattr(config, "sparsity", 0)) * 3 / 4}}[type(config).__name__][
+        model.get_submodule("0").values_dtype]
     assert expect * 0.95 < ratio < expect + 0.03, (ratio, expect)
 
 

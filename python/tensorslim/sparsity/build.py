@@ -19,6 +19,7 @@ def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[
     measured again from the kept values."""
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf; it cannot be ranked or stored sparse")
+    values = stored_values(values, layout, weight.dtype)
     on_grid = scales is not None and values == "int8"
     store = "float32" if on_grid else values
     if layout == "nm":
@@ -33,6 +34,15 @@ def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[
     mod.values = codes
     mod.scales = scales.float().clone().to(weight.device)
     return mod
+
+
+def stored_values(values: str, layout: str, dtype: torch.dtype) -> str:
+    """The values dtype a config's "auto" means for this weight: its own float dtype where the
+    layout stores it (a half model sparsified in float32 would grow), else float32."""
+    if values != "auto":
+        return values
+    own = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+    return own if layout == "nm" else "float32"
 
 
 def _row_of(mod: nn.Module) -> torch.Tensor:

@@ -60,8 +60,8 @@ def wanda_block(cfg: _Sparse):
             w, bias = dense_linear(lin)
             score = w.abs().double().cpu() * norms[name][None, :]
             keep = nm_keep(score, n, m) if layout == "nm" else row_keep(score, cfg.sparsity)
-            new[name] = (build(layout, w, keep.to(w.device), bias, cfg.values, cfg.backend, n, m),
-                         f"{cfg.describe()} {cfg.values}")
+            mod = build(layout, w, keep.to(w.device), bias, cfg.values, cfg.backend, n, m)
+            new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}")
         return new
 
     return prune_block
@@ -81,9 +81,8 @@ def sparsegpt_block(cfg: _Sparse):
             if res.damp_used > cfg.damp:
                 warn_damping(name, cfg.damp, res.damp_used)
             weight = res.weight.to(device=w.device)
-            new[name] = (build(layout, weight, res.keep.to(w.device), bias, cfg.values, cfg.backend, n, m,
-                               scales=res.scales),
-                         f"{cfg.describe()} {cfg.values}" + (" joint" if bits else ""))
+            mod = build(layout, weight, res.keep.to(w.device), bias, cfg.values, cfg.backend, n, m, scales=res.scales)
+            new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}" + (" joint" if bits else ""))
         return new
 
     return prune_block
@@ -95,8 +94,8 @@ def sparsify_calibrated(model: nn.Module, cfg: _Sparse, forward_loop, check, pro
 
     def outside(lin: nn.Linear):  # a layer outside every block: magnitude, which needs no data
         w, bias = dense_linear(lin)
-        return build(layout, w, magnitude_keep(w, cfg), bias, cfg.values, cfg.backend, n, m), \
-            f"{cfg.describe().replace(cfg.method, 'magnitude')} {cfg.values}"
+        mod = build(layout, w, magnitude_keep(w, cfg), bias, cfg.values, cfg.backend, n, m)
+        return mod, f"{cfg.describe().replace(cfg.method, 'magnitude')} {mod.values_dtype}"
 
     return calibrate_blockwise(model, cfg, forward_loop, None, step, check, cfg.method, feed_quantized=True,
                                progress=progress, outside=outside, action="sparsified")

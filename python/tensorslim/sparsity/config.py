@@ -8,8 +8,8 @@ from typing import ClassVar, Tuple
 from ..config import Config, register_config
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-NM_VALUES = ("float32", "bfloat16", "float16", "int8")
-CSR_VALUES = ("float32", "int8")
+NM_VALUES = ("auto", "float32", "bfloat16", "float16", "int8")
+CSR_VALUES = ("auto", "float32", "int8")
 LAYOUTS = ("auto", "nm", "csr")
 BACKENDS = ("auto", "native", "reference")
 
@@ -34,11 +34,13 @@ class _Sparse(Config):
     the input's L2 norm per input feature, Sun et al. 2023) or "sparsegpt" (Hessian-based
     pruning with the OBS weight update, Frantar & Alistarh 2023); the last two need
     calib_data / forward_loop. values: how the kept weights are stored ("int8": symmetric
-    per output channel; with sparsegpt the rounding is compensated in the same sweep).
+    per output channel; with sparsegpt the rounding is compensated in the same sweep; "auto":
+    the weight's own float dtype where the layout stores it, so a half model stays half:
+    n:m keeps float32 / bfloat16 / float16, CSR float32).
     damp / block_size: SparseGPT's damping (fraction of mean diag H) and lazy-update block."""
 
     method: str = "magnitude"
-    values: str = "float32"
+    values: str = "auto"
     damp: float = 0.01
     block_size: int = 128
     backend: str = "auto"
@@ -97,12 +99,13 @@ class Unstructured(_Sparse):
 class SparseStorage(Config):
     """Store the zeros the weights already have (a ts.prune mask, or any) sparse, as they are:
     nothing is pruned. layout "auto" takes 2:4 (then 4:8) where every group fits it, else CSR;
-    "nm" needs the n:m pattern (n, m) in every group; "csr" always fits."""
+    "nm" needs the n:m pattern (n, m) in every group; "csr" always fits. values as NM's and
+    Unstructured's ("auto": the weight's own float dtype where the layout stores it)."""
 
     layout: str = "auto"
     n: int = 2
     m: int = 4
-    values: str = "float32"
+    values: str = "auto"
     backend: str = "auto"
 
     def __post_init__(self):

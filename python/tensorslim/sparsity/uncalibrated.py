@@ -24,7 +24,8 @@ def magnitude_keep(w: torch.Tensor, cfg: _Sparse) -> torch.Tensor:
 def magnitude_layer(name: str, lin: nn.Module, cfg: _Sparse) -> Tuple[nn.Module, str]:
     w, bias = dense_linear(lin)
     layout, n, m = ("nm", cfg.n, cfg.m) if isinstance(cfg, NM) else ("csr", 0, 0)
-    return build(layout, w, magnitude_keep(w, cfg), bias, cfg.values, cfg.backend, n, m), f"{cfg.describe()} {cfg.values}"
+    mod = build(layout, w, magnitude_keep(w, cfg), bias, cfg.values, cfg.backend, n, m)
+    return mod, f"{cfg.describe()} {mod.values_dtype}"
 
 
 def storage_layout(w: torch.Tensor, cfg: SparseStorage) -> Optional[Tuple[str, int, int]]:
@@ -46,8 +47,9 @@ def storage_layer(name: str, lin: nn.Module, cfg: SparseStorage) -> Tuple[nn.Mod
         raise ValueError(f"its zeros do not follow the {cfg.n}:{cfg.m} pattern (some group of {cfg.m} keeps "
                          f"more than {cfg.n}); use layout='csr' or 'auto'")
     layout, n, m = found
-    if layout == "csr" and cfg.values not in ("float32", "int8"):
+    if layout == "csr" and cfg.values not in ("auto", "float32", "int8"):
         raise ValueError(f"its zeros fit no n:m pattern, and CSR stores float32 or int8 values, not {cfg.values}")
     what = f"{n}:{m}" if layout == "nm" else "csr"
     zeros = float((w == 0).sum()) / max(1, w.numel())
-    return build(layout, w, w != 0, bias, cfg.values, cfg.backend, n, m), f"{what} {cfg.values} (as is, {zeros:.1%} zeros)"
+    mod = build(layout, w, w != 0, bias, cfg.values, cfg.backend, n, m)
+    return mod, f"{what} {mod.values_dtype} (as is, {zeros:.1%} zeros)"
