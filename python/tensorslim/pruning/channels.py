@@ -241,7 +241,7 @@ def soft_prune_channels(model: nn.Module, cfg: ChannelPrune, ratio: float, calib
         report.changes.append(LayerChange(name, type(mods[name]).__name__, "pruned",
                                           f"channels masked: {masks.sparsity(mods[name]):.1%} zeros",
                                           module_bytes(mods[name]), module_bytes(mods[name])))
-    return report
+    return _partly_kept(report)
 
 
 def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward_loop=None,
@@ -287,6 +287,21 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
         shape = "x".join(str(s) for s in w.shape) if w is not None else ""
         report.changes.append(LayerChange(n, type(m).__name__, "pruned", f"channels removed: weight {shape}",
                                           before[n], module_bytes(m)))
+    return _partly_kept(report)
+
+
+def _partly_kept(report: Report) -> Report:
+    """A layer pruned through one space (the output layer's inputs) but whose own space was
+    skipped (its outputs, coupled with the model output) is one pruned row, the skip its note."""
+    pruned = {c.name: c for c in report.changed}
+    kept = []
+    for c in report.changes:
+        if c.action == "skipped" and c.name in pruned:
+            row = pruned[c.name]
+            row.reason = "; ".join(r for r in (row.reason, f"kept {c.reason}") if r)
+        else:
+            kept.append(c)
+    report.changes = kept
     return report
 
 
