@@ -10,6 +10,9 @@ tensors, plus string metadata:
   tensorslim.aliases         JSON {state_dict key: key it shares storage with}
   tensorslim.pruning         (format version 2, pruned models only) JSON, see pruning/state.py:
                              masked layers; load gives a fresh model the pruned shapes first
+  tensorslim.skipped         (optional, any version) JSON {module name: {"type", "reason",
+                             "bytes"}}: layers a transform left as they were, and why, so that
+                             ts.summary of the loaded model still lists them
 """
 import json
 from pathlib import Path
@@ -23,9 +26,11 @@ from torch import nn
 from .conv1d import linear_shape
 from .nn import COMPRESSED_MODULES
 from .pruning import state as pruning_state
+from .report import LayerChange, Report, remember_skipped, skipped_rows
 from .transforms import _set_submodule
 
 FORMAT_NAME = "tensorslim"
+SKIPPED_KEY = "tensorslim.skipped"
 FORMAT_VERSION = 2  # 2 adds tensorslim.pruning; files without it are still written as 1
 # keys every layer spec has (each kind's from_spec may read more)
 _SPEC_KEYS = ("kind", "format", "in_features", "out_features", "bias")
@@ -69,6 +74,9 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
         "tensorslim.layers": json.dumps(layers, sort_keys=True),
         "tensorslim.aliases": json.dumps(aliases, sort_keys=True),
     }
+    skipped = skipped_entry(model)
+    if skipped:
+        metadata[SKIPPED_KEY] = json.dumps(skipped, sort_keys=True)
     pruning = pruning_state.header_entry(model)
     if pruning:
         metadata[pruning_state.HEADER_KEY] = json.dumps(pruning, sort_keys=True)
@@ -142,8 +150,14 @@ def read_header(path: Union[str, Path]) -> dict:
             raise ValueError(f"{path}: corrupt tensorslim header: layer '{name}' spec {spec!r} lacks {missing}")
     aliases = _json_field(path, meta, "tensorslim.aliases", "{}")
     pruning = _json_field(path, meta, pruning_state.HEADER_KEY, "{}")
+    skipped = _json_field(path, meta, SKIPPED_KEY, "{}")
+    for name, row in skipped.items():
+        if not (isinstance(row, dict) and isinstance(row.get("type"), str) and isinstance(row.get("reason"), str)
+                and isinstance(row.get("bytes"), int)):
+            raise ValueError(f"{path}: corrupt tensorslim header: {SKIPPED_KEY} row '{name}' is {row!r}, "
+                             f"expected {{'type': str, 'reason': str, 'bytes': int}}")
     return {"version": version, "written_by": meta.get("tensorslim.version"), "layers": layers,
-            "aliases": aliases, "pruning": pruning}
+            "aliases": aliases, "pruning": pruning, "skipped": skipped}
 
 
 def tensor_shapes(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
@@ -219,7 +233,16 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     from .hf import record_layers
 
     record_layers(model)  # a transformers model's config now describes its compressed layers
+    remember_skipped(model, Report([LayerChange(name, row["type"], "skipped", bytes_before=row["bytes"],
+                                                reason=row["reason"]) for name, row in header["skipped"].items()]))
     return model
+
+
+def skipped_entry(model: nn.Module) -> Dict[str, dict]:
+    """The header's record of the layers transforms skipped (what ts.summary lists of them)."""
+    names, kinds = dict(model.named_modules()), tuple(COMPRESSED_MODULES.values())
+    return {c.name: {"type": c.module_type, "reason": c.reason, "bytes": int(c.bytes_before)}
+            for c in skipped_rows(model) if c.name in names and not isinstance(names[c.name], kinds)}
 
 
 def _load_into(model: nn.Module, path, header: dict, after_swap=None) -> nn.Module:

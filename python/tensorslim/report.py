@@ -99,6 +99,11 @@ def remember_skipped(model: nn.Module, report: Report) -> None:
     object.__setattr__(model, _REPORT_ATTR, list(kept.values()))
 
 
+def skipped_rows(model: nn.Module) -> List[LayerChange]:
+    """The skipped rows transforms left on the model (ts.summary lists those still uncompressed)."""
+    return list(getattr(model, _REPORT_ATTR, []))
+
+
 def compressed_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """The layers a transform will not touch again: compressed ones and QAT-prepared ones."""
     from .nn import COMPRESSED_MODULES, CompressedLinear, FoldedBatchNorm
@@ -153,7 +158,7 @@ def summary(model: nn.Module) -> Report:
     for source in SUMMARY_SOURCES:
         rows.extend(source(model))
     names = dict(model.named_modules())
-    for c in getattr(model, _REPORT_ATTR, []):
+    for c in skipped_rows(model):
         if c.name in names and not isinstance(names[c.name], kinds):
             rows.append(c)
     return Report(rows)

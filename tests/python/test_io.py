@@ -93,6 +93,30 @@ def test_mismatched_model_is_rejected_and_left_alone(tmp_path):
     assert all(type(m) is not ts.WeightOnlyLinear for m in partial.modules())
 
 
+def test_skipped_layers_stay_in_the_summary_after_load(tmp_path):
+    model = _model()
+    ts.sparsify(model, ts.NM(2, 4, exclude=["2"]), progress=False)
+    path = tmp_path / "m.safetensors"
+    ts.save(model, path)
+    fresh = _model()
+    ts.load(fresh, path)
+    rows = [(c.name, c.module_type, c.bytes_before, c.reason) for c in ts.summary(fresh).skipped]
+    assert rows == [("2", "Linear", 256 * 128 * 4 + 128 * 4, "excluded by pattern '2'")]
+    assert [c.name for c in ts.summary(model).skipped] == ["2"]
+    meta = json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])["__metadata__"]
+    assert meta["tensorslim.format_version"] == "1"  # an optional key: older readers ignore it
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "tensorslim.skipped": json.dumps({"2": {"type": "Linear"}})})
+    untouched = _model()
+    with pytest.raises(ValueError, match="tensorslim.skipped row '2'"):
+        ts.load(untouched, bad)
+    assert type(untouched[0]) is nn.Linear
+
+
 def test_foreign_and_future_files_are_rejected(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))
