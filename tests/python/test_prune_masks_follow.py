@@ -55,3 +55,40 @@ def test_qat_on_a_pruned_model_keeps_the_pruned_weights_at_zero():
     assert int(model[0].weight[pruned].count_nonzero()) == 0
     ts.convert(model)
     assert int(model[0].dequantized_weight()[pruned].count_nonzero()) == 0
+
+
+def test_forwards_before_one_backward_still_backpropagate():
+    """The forward pre-hook re-masks without bumping the weight's version: two forwards (or a
+    shared layer, or a no_grad forward) before one backward must not break the first graph."""
+    model = _pruned()
+    x1, x2 = torch.randn(4, 32), torch.randn(4, 32)
+    (model(x1).sum() + model(x2).sum()).backward()
+    loss = model(x1).sum()
+    with torch.no_grad():
+        model(x2)
+    loss.backward()
+    dense = copy.deepcopy(model)
+    ts.pruning.finalize(dense)
+    for m in (model, dense):
+        m.zero_grad()
+        (m(x1).sum() + m(x2).sum()).backward()
+    assert torch.equal(model[0].weight.grad, dense[0].weight.grad * model[0].weight_mask)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)  # edited by hand: the next forward masks it again
+    model(x1)
+    assert int(model[0].weight[~model[0].weight_mask].count_nonzero()) == 0
+
+
+def test_frozen_weights_can_be_pruned_and_guarded_once_unfrozen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    model[0].weight.requires_grad_(False)
+    ts.prune(model, ts.Magnitude(sparsity=0.5), progress=False)  # raised, half pruned, before
+    pruned = ~model[0].weight_mask
+    assert int(model[0].weight[pruned].count_nonzero()) == 0 and model[2].weight_mask.sum() == 512
+    frozen_copy = copy.deepcopy(model).requires_grad_(False)  # an EMA / teacher copy
+    assert torch.equal(frozen_copy(torch.ones(2, 32)), model(torch.ones(2, 32)))
+    model[0].weight.requires_grad_(True)
+    _adam_steps(model)  # the first forward's pre-hook hooks the now trainable weight
+    assert int(model[0].weight[pruned].count_nonzero()) == 0
+    assert model[0].weight.grad[pruned].abs().max() == 0

@@ -56,7 +56,8 @@ def _guard(module: nn.Module) -> None:
     (after a deep copy the copy's weight has neither: its Adam steps moved pruned weights)."""
     weight = module.weight
     hooked = _GRAD_HOOKS.get(module)
-    if hooked is None or hooked[0]() is not weight:
+    # A frozen weight takes no hook (torch refuses one); the next forward hooks it once unfrozen.
+    if weight.requires_grad and (hooked is None or hooked[0]() is not weight):
         if hooked is not None:
             hooked[1].remove()
         _GRAD_HOOKS[module] = (weakref.ref(weight), weight.register_hook(_masked_grad(weakref.ref(module))))
@@ -65,8 +66,10 @@ def _guard(module: nn.Module) -> None:
 
 def _forward_pre_hook(module: nn.Module, args) -> None:
     _guard(module)
-    with torch.no_grad():
-        module.weight.mul_(getattr(module, MASK))
+    # Through .data: the weight's version counter stays, so a graph that saved the weight in
+    # an earlier forward (two forwards before one backward, a shared layer, a no_grad forward
+    # in between) still backpropagates. On an already masked weight this changes no value.
+    module.weight.data.mul_(getattr(module, MASK))
 
 
 def is_masked(module: nn.Module) -> bool:
