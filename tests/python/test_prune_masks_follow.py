@@ -53,6 +53,12 @@ def test_qat_on_a_pruned_model_keeps_the_pruned_weights_at_zero():
     assert masks.is_masked(model[0])
     _adam_steps(model)  # raised AttributeError from the old layer's hook
     assert int(model[0].weight[pruned].count_nonzero()) == 0
+    checkpoint = copy.deepcopy(model.state_dict())  # QAT's training checkpoint: torch's state_dict
+    torch.manual_seed(1)
+    fresh = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    ts.prepare_qat(fresh, ts.Int4WeightOnly(group_size=32), progress=False)
+    fresh.load_state_dict(checkpoint)  # refused its weight_mask keys before
+    assert masks.is_masked(fresh[0]) and torch.equal(fresh[0].weight_mask, ~pruned)
     ts.convert(model)
     assert int(model[0].dequantized_weight()[pruned].count_nonzero()) == 0
 

@@ -1,5 +1,7 @@
 """ts.pruning.Schedule: the Zhu & Gupta cubic curve against its formula, pruning only on
 due steps, exact final sparsity, zeros kept between updates while training."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -61,6 +63,65 @@ def test_state_dict_resumes():
     other = ts.pruning.Schedule(_model(), ts.Magnitude(sparsity=0.5), 0, 10, 2)
     other.load_state_dict(sched.state_dict())
     assert other.step_count == 4 and other.current == sched.current > 0
+
+
+def _train(model, opt, sched, steps):
+    for step in steps:
+        x = torch.randn(16, 16, generator=torch.Generator().manual_seed(step))
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def test_resume_from_torch_checkpoints_matches_the_uninterrupted_run():
+    """Model, optimizer and Schedule state_dicts (torch.save) loaded into fresh ones resume
+    exactly: the fresh model takes the checkpoint's masks (strict load refused them before;
+    strict=False dropped them and the pruned weights grew back)."""
+    def build():
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        return model, opt, ts.pruning.Schedule(model, ts.Magnitude(sparsity=0.8, scope="global"), 2, 12, 2)
+
+    full = build()
+    _train(*full, range(0, 20))
+    for stop in (7, 15):  # mid-schedule, and after its last update (masks only in the checkpoint)
+        first = build()
+        _train(*first, range(0, stop))
+        ckpt = {k: copy.deepcopy(o.state_dict()) for k, o in zip(("model", "opt", "sched"), first)}
+        resumed = build()
+        for key, obj in zip(("model", "opt", "sched"), resumed):
+            obj.load_state_dict(ckpt[key])
+        _train(*resumed, range(stop, 20))
+        for a, b in zip(full[0].state_dict().values(), resumed[0].state_dict().values()):
+            assert torch.equal(a, b)
+    assert abs(sum(int((m.weight == 0).sum()) for m in full[0] if isinstance(m, nn.Linear)) / 5376 - 0.8) < 1e-3
+
+
+def test_structured_resume_keeps_the_channels_finalize_removes():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(2, 16)
+    sched = ts.pruning.Schedule(model, ts.ChannelPrune(ratio=0.5), 0, 4, 2, example_inputs=x)
+    _train(model, opt, sched, range(0, 6))
+    fresh = _model()
+    resumed = ts.pruning.Schedule(fresh, ts.ChannelPrune(ratio=0.5), 0, 4, 2, example_inputs=x)
+    fresh.load_state_dict(model.state_dict())
+    resumed.load_state_dict(copy.deepcopy(sched.state_dict()))
+    assert resumed.chosen == sched.chosen and resumed.chosen
+    resumed.finalize()  # removed nothing before: the chosen channels were not in the state
+    sched.finalize()
+    assert fresh[0].out_features == model[0].out_features == 32 and torch.equal(fresh(x), model(x))
+
+
+def test_a_schedule_that_prunes_nothing_warns():
+    model = _model()
+    ts.prepare_qat(model, ts.Int4WeightOnly(group_size=32))
+    sched = ts.pruning.Schedule(model, ts.Magnitude(sparsity=0.5), 0, 4, 2)
+    sched.step()
+    with pytest.warns(UserWarning, match="Schedule.step .step 2.: nothing was compressed.*prepared for QAT"):
+        sched.step()
 
 
 @pytest.mark.parametrize("kwargs, err, match", [

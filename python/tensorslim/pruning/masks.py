@@ -97,6 +97,29 @@ def attach_without_zeroing(module: nn.Module) -> None:
     attach(module, torch.ones(module.weight.shape, dtype=torch.bool), zero=False)
 
 
+def accept_saved_masks(model: nn.Module) -> None:
+    """Let model.load_state_dict take a pruned checkpoint's masks: each `<layer>.weight_mask`
+    in the loaded state gets an empty mask attached first (strict loading refused them as
+    unexpected keys; non-strict dropped them, and the pruned weights grew back)."""
+    if not getattr(model, "_tensorslim_accepts_masks", False):
+        model.register_load_state_dict_pre_hook(_attach_incoming_masks)
+        object.__setattr__(model, "_tensorslim_accepts_masks", True)
+
+
+def _attach_incoming_masks(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    for key, value in state_dict.items():
+        if not (key.startswith(prefix) and key.endswith("." + MASK)):
+            continue
+        try:
+            layer = module.get_submodule(key[len(prefix):-len(MASK) - 1])
+        except AttributeError:
+            continue  # torch reports the key as unexpected
+        weight = getattr(layer, "weight", None)
+        if (isinstance(weight, torch.Tensor) and not is_masked(layer) and isinstance(value, torch.Tensor)
+                and value.shape == weight.shape):
+            attach_without_zeroing(layer)
+
+
 def detach(module: nn.Module, bake: bool = True) -> None:
     """Remove the machinery; bake=True leaves the zeros in the weight."""
     if not is_masked(module):

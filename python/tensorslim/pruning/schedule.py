@@ -20,8 +20,9 @@ from typing import Optional
 
 from torch import nn
 
-from ..report import Report
+from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
 from .config import _Unstructured
+from .masks import accept_saved_masks
 
 CURVES = {"cubic": 3, "linear": 1}
 
@@ -53,6 +54,8 @@ class Schedule:
         self.step_count = 0
         self.current: float = 0.0  # the sparsity (or channel ratio) applied last
         self.last_report: Optional[Report] = None
+        # resuming: a fresh model takes the checkpoint's masks in model.load_state_dict
+        accept_saved_masks(model)
 
     @staticmethod
     def _final(config) -> float:
@@ -89,6 +92,11 @@ class Schedule:
         return self.last_report
 
     def _apply(self, s: float) -> Report:
+        before = compressed_layers(self.model)  # rows saying why they stay as they are
+        report = note_already_compressed(self._prune(s), before)
+        return warn_if_nothing_changed(report, f"Schedule.step (step {self.step_count})")
+
+    def _prune(self, s: float) -> Report:
         if isinstance(self.config, _Unstructured):
             from .unstructured import prune_unstructured
 
@@ -115,7 +123,12 @@ class Schedule:
                               forced=self.chosen)
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "current": self.current}
+        """Where the run is. The masks are in the model's state_dict: resume by building the
+        model, optimizer and Schedule, then loading the three states (in any order)."""
+        return {"step_count": self.step_count, "current": self.current,
+                "chosen": {k: list(v) for k, v in self.chosen.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count, self.current = int(state["step_count"]), float(state["current"])
+        # the channels masked last, which finalize() removes (absent in older states)
+        self.chosen = {k: [int(i) for i in v] for k, v in state.get("chosen", {}).items()}

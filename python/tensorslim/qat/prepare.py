@@ -142,4 +142,5 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
         before = compressed_layers(model)
         report = replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check_layer(cfg, n, m),
                                  progress, desc="prepare QAT")
+    masks.accept_saved_masks(model)  # a pruned QAT checkpoint (torch's state_dict) loads into it
     return name_conv1d_rows(note_already_compressed(report, before), conv1d_names)
