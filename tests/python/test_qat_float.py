@@ -284,6 +284,27 @@ def test_scales_get_gradients_and_move(name):
         assert (stored_after != stored_before).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_learned_scales_stay_fp32_in_a_model_cast_to_half_after_prepare(name, dtype):
+    """model.to(half) after prepare_qat casts the clip parameters: the forward uses them in
+    fp32 as the format stores them, and convert packs them (FP8 / NVFP4 raised: bf16 scales)."""
+    model = _mlp()
+    ts.prepare_qat(model, CONFIGS[name](), learnable_scales=True, progress=False)
+    model.to(dtype)
+    x = torch.randn(5, 64, dtype=dtype)
+    model(x).float().square().sum().backward()
+    fq_weight = model[0].fake_quantized_weight().detach()
+    with torch.no_grad():
+        y_fake = model(x)
+    ts.convert(model)
+    assert model[0].scales.dtype in (torch.float32, torch.uint8)
+    assert torch.equal(model[0].dequantized_weight().to(dtype), fq_weight.to(dtype))
+    with torch.no_grad():
+        y = model(x)
+    assert y.dtype == dtype and (y - y_fake).abs().max() <= 2 ** -7 * y_fake.abs().max()
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_convert_after_training_packs_the_learned_scales(name, tmp_path):
     model = _mlp()

@@ -137,7 +137,9 @@ class _LearnedClip(LearnedFloatFakeQuant):
         self.g = _clip_g(group_size, spec)
 
     def _clip(self) -> torch.Tensor:
-        return effective_scale(self.clip, self.g)  # clamped positive, LSQ-scaled gradient
+        # clamped positive, LSQ-scaled gradient; in fp32 as the format stores its scales, also
+        # after the model was cast to half precision (the forward then uses what convert stores)
+        return effective_scale(self.clip, self.g).float()
 
 
 class FP8LSQFakeQuant(_LearnedClip):
