@@ -48,6 +48,27 @@ def test_attention_loss_kl_mse_and_head_groups():
         ts.distill.attention_loss(torch.rand(2, 5, 5), torch.rand(2, 4, 5, 5))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_masked_keys_of_a_grouped_teacher_add_nothing(backend):
+    """Scores masked with finfo.min (the documented way) on a teacher with more heads: the
+    loss is the one over the keys that exist (it was ~1e26: a 1e-12 probability floor on the
+    grouped teacher times the log-ratio to a masked student score)."""
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 2, 3, 6, generator=g), torch.randn(2, 4, 3, 6, generator=g)
+    masked = torch.zeros(3, 6, dtype=torch.bool)
+    masked[:, 4:] = True
+    fill = torch.finfo(torch.float32).min
+    sm = s.masked_fill(masked, fill).requires_grad_(True)
+    loss = ts.distill.attention_loss(sm, t.masked_fill(masked, fill), from_logits=True, backend=backend)
+    sk = s[..., :4].clone().requires_grad_(True)
+    want = ts.distill.attention_loss(sk, t[..., :4], from_logits=True, backend="reference")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(sm.grad[..., :4], sk.grad, rtol=1e-5, atol=1e-8)
+    assert not sm.grad[..., 4:].any()
+
+
 class Net(nn.Module):
     def __init__(self, width, depth=2, drop=0.0):
         super().__init__()

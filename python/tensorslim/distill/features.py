@@ -7,6 +7,7 @@ attention_loss: attention-map transfer (TinyBERT's MSE over heads; MiniLM's KL b
   attention distributions, Wang et al. 2020).
 The teacher side is a target: it is detached.
 """
+import math
 from typing import Optional
 
 import torch
@@ -118,6 +119,14 @@ def _group_heads(a: torch.Tensor, heads: int) -> torch.Tensor:
     return a.reshape(b, heads, h // heads, *a.shape[2:]).mean(2)
 
 
+def _group_log_heads(log_p: torch.Tensor, heads: int) -> torch.Tensor:
+    """log of _group_heads(log_p.exp(), heads), without flooring probabilities: a key masked
+    out of every head of a group keeps probability 0 (a 1e-12 floor times the log-ratio to
+    a masked student score, ~3e38, came to ~1e26 per key)."""
+    b, h = log_p.shape[:2]
+    return log_p.reshape(b, heads, h // heads, *log_p.shape[2:]).logsumexp(2) - math.log(h // heads)
+
+
 def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, kind: str = "kl",
                    from_logits: bool = False, backend: str = "auto") -> torch.Tensor:
     """Attention maps [batch, heads, queries, keys] (rows are distributions over keys, or
@@ -153,7 +162,8 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, kind:
         log_s = F.log_softmax(s, -1) if from_logits else s.clamp_min(PROB_FLOOR).log()
         log_t = F.log_softmax(t, -1) if from_logits else t.clamp_min(PROB_FLOOR).log()
         if ht != hs:  # average the teacher's distributions, then compare
-            log_t = _group_heads(log_t.exp(), hs).clamp_min(PROB_FLOOR).log()
+            log_t = (_group_log_heads(log_t, hs) if from_logits
+                     else _group_heads(log_t.exp(), hs).clamp_min(PROB_FLOOR).log())
         p_t = log_t.exp()
         return (p_t * (log_t - log_s)).sum(-1).mean()
     if from_logits:
@@ -171,9 +181,11 @@ def _attention_native(s: torch.Tensor, t: torch.Tensor, kind: str, from_logits: 
     if ht != hs:  # the grouped teacher is a target: averaged here as probabilities, no graph
         with torch.no_grad():
             p = t.to(dt)
-            p = p.softmax(-1) if from_logits else (p.clamp_min(PROB_FLOOR) if kind == "kl" else p)
-            t = _group_heads(p, hs)
-        teacher_logits = False
+            if from_logits and kind == "kl":  # log-probabilities are logits of the same rows
+                t = _group_log_heads(p.log_softmax(-1), hs)
+            else:
+                p = p.softmax(-1) if from_logits else (p.clamp_min(PROB_FLOOR) if kind == "kl" else p)
+                t, teacher_logits = _group_heads(p, hs), False
     rows = _ops.attention_rows(s, t, kind, from_logits, teacher_logits)
     n = rows.numel() * (s.shape[-1] if kind == "mse" else 1)
     return (rows.sum() / n).to(dt)
