@@ -50,7 +50,8 @@ inline void tile_start(const Linear& p, int64_t n, int64_t m0, const uint8_t* (&
 }
 
 // out = dot * scale + bias, where dot is the lane sum, or 2 * sum - rowsum[m] for binary
-// weights (the sum of x over the 1 bits, turned into the +-1 dot product).
+// weights (the sum of x over the 1 bits, turned into the +-1 dot product; where that is not
+// finite, the reference's sum: binary_out_exact).
 template <int R, int MB>
 inline void tile_store(const Linear& p, int64_t n, int64_t m0, const __m256 (&acc)[R][MB],
                        const float* rowsum) {
@@ -60,7 +61,8 @@ inline void tile_store(const Linear& p, int64_t n, int64_t m0, const __m256 (&ac
     for (int m = 0; m < MB; ++m) {
       const float sum = hsum_ps(acc[r][m]);
       const float dot = rowsum ? 2.0f * sum - rowsum[m0 + m] : sum;
-      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] = dot * s + b;
+      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] =
+          rowsum && !std::isfinite(dot) ? binary_out_exact(p, n + r, m0 + m) : dot * s + b;
     }
   }
 }

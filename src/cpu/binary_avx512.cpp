@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 
 #include "binary_tiles.h"
@@ -39,7 +40,8 @@ __attribute__((always_inline)) inline void tile_start(const Linear& p, int64_t n
 }
 
 // out = dot * scale + bias, where dot is the lane sum, or 2 * sum - rowsum[m] for binary
-// weights (the sum of x over the 1 bits, turned into the +-1 dot product).
+// weights (the sum of x over the 1 bits, turned into the +-1 dot product; where that is not
+// finite, the reference's sum: binary_out_exact).
 template <int R, int MB>
 __attribute__((always_inline)) inline void tile_store(const Linear& p, int64_t n, int64_t m0,
                                                       const __m512 (&acc)[R][MB], const float* rowsum) {
@@ -51,7 +53,8 @@ __attribute__((always_inline)) inline void tile_store(const Linear& p, int64_t n
     for (int m = 0; m < MB; ++m) {
       const float sum = _mm512_reduce_add_ps(acc[r][m]);
       const float dot = rowsum ? 2.0f * sum - rowsum[m0 + m] : sum;
-      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] = dot * s + b;
+      p.out.ptr<float>()[(m0 + m) * p.out.strides[0] + n + r] =
+          rowsum && !std::isfinite(dot) ? binary_out_exact(p, n + r, m0 + m) : dot * s + b;
     }
   }
 }
@@ -126,21 +129,14 @@ __attribute__((always_inline, target("bmi2"))) inline void ternary_step(
       std::memcpy(&codes, w[r] + k / 4, 4);
     __mmask16 pos, neg;
     trit_masks(codes, valid, pos, neg);
-    if constexpr (MB >= 3) {
-      // Decode the 16 trits once into a +1 / 0 / -1 register and FMA it with every
-      // activation row (2 + MB instructions instead of 2 * MB; x * t is exact, so the
-      // result rounds exactly as the add/sub form does).
-      const __m512 t = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(pos, _mm512_set1_ps(1.0f)), neg,
-                                          _mm512_set1_ps(-1.0f));
-      #pragma GCC unroll 16
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(t, xv[m], acc[r][m]);
-    } else {
-      #pragma GCC unroll 16
-      for (int m = 0; m < MB; ++m) {
-        acc[r][m] = _mm512_mask_add_ps(acc[r][m], pos, acc[r][m], xv[m]);
-        acc[r][m] = _mm512_mask_sub_ps(acc[r][m], neg, acc[r][m], xv[m]);
-      }
-    }
+    // Decode the 16 trits once into a +1 / 0 / -1 register and FMA it with every activation
+    // row (2 + MB instructions; x * t is exact, so the sum rounds as adds and subtracts
+    // would). At every batch, not only from 3 rows: masked adds skip the zero trits, so a
+    // NaN / Inf input there vanished at batch 1-2 only (the reference gives 0 * NaN = NaN).
+    const __m512 t = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(pos, _mm512_set1_ps(1.0f)), neg,
+                                        _mm512_set1_ps(-1.0f));
+    #pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(t, xv[m], acc[r][m]);
   }
 }
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -34,6 +35,17 @@ struct Linear {
   const TensorView& out;
   int64_t K;
 };
+
+// Output (m, n) of a binary linear as the reference computes it (+-x summed in double).
+// The tiles' 2 * P - S overflows, or is inf - inf, where the +-1 dot product need not (the
+// sum of |x| past FLT_MAX / 2); their non-finite results are computed again this way.
+inline float binary_out_exact(const Linear& p, int64_t n, int64_t m) {
+  const uint8_t* w = p.w.ptr<uint8_t>() + n * p.w.strides[0];
+  const float* x = p.x.ptr<float>() + m * p.x.strides[0];
+  double acc = 0.0;
+  for (int64_t k = 0; k < p.K; ++k) acc += ((w[k >> 3] >> (k & 7)) & 1) ? x[k] : -static_cast<double>(x[k]);
+  return static_cast<float>(acc * p.scales.ptr<float>()[n] + (p.bias ? p.bias->ptr<float>()[n] : 0.0f));
+}
 
 // a_bits / w_bits rows hold at least ceil(K/8) bytes; only the first K bits count.
 struct Xnor {

@@ -95,6 +95,35 @@ def test_kernels_match_references(kind, isa):
             assert ((ref.double() - want).abs() <= bound).all(), (K, M)
 
 
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_huge_and_non_finite_inputs_follow_the_reference(kind, isa):
+    """Float math at the range's edge, every batch below the panel path: binary's 2 * P - S
+    overflowed (inf, or inf - inf = NaN) where the +-1 sum is finite; AVX-512 ternary at
+    batch 1-2 skipped zero trits, so a NaN there vanished (0 * NaN = NaN in the reference)."""
+    torch.manual_seed(3)
+    K = 64
+    q, s = B.ternarize(torch.randn(37, K)) if kind == "ternary" else B.binarize(torch.randn(37, K))
+    fn = B.ternary_linear if kind == "ternary" else B.binary_linear
+    wdeq = (B.unpack_trits(q, K) if kind == "ternary" else B.unpack_signs(q, K)) * s[:, None]
+    special = torch.randn(4, K)
+    special[0, 5] = 2e38  # one value near FLT_MAX
+    special[1] = 6e36  # a whole row: S past FLT_MAX, every +-1 sum below it
+    special[2, 7], special[3, 9] = float("nan"), float("inf")
+    for M in (1, 2, 3, 5, 63):
+        for i in range(4):
+            x = torch.randn(M, K)
+            x[M // 2] = special[i]
+            got, ref = fn(x, q, s, None, K).double(), fn(x, q, s, None, K, backend="reference").double()
+            finite = torch.isfinite(ref)
+            assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[ref.isinf()], ref[ref.isinf()])
+            scale = x.double().abs().nan_to_num(posinf=0) @ (wdeq.abs().double().T)  # fp32 rounding's scale
+            assert ((got - ref).abs()[finite] <= 1e-6 * scale[finite]).all(), (M, i)
+            if i < 2:
+                assert torch.isfinite(got).all(), (M, i)
+            else:  # every output reads x[., 7] / x[., 9], if only times 0
+                assert not torch.isfinite(got[M // 2]).any(), (M, i)
+
+
 def test_xnor_reference_is_xnor_net():
     """The reference itself against XNOR-Net's definition: (sign(x) . sign(w)) * mean|x| * mean|w|."""
     torch.manual_seed(2)
