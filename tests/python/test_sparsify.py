@@ -195,6 +195,19 @@ def test_bad_configs(make, match):
         make()
 
 
+def test_float16_values_beyond_its_range_are_refused():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[3, 10] = 7e4  # kept by magnitude; float16 tops out at 65504
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="layer '2'.*7e\\+04 is beyond float16's range"):
+        ts.sparsify(model, ts.NM(2, 4, values="float16"), progress=False)  # stored inf before
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in ("0", "2", "4"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ts.sparsify(model, ts.NM(2, 4, values="bfloat16"), progress=False)
+    assert model[2].dequantized_weight()[3, 10] == torch.tensor(7e4).bfloat16().float()
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_calibrated_methods_need_data(method):
     model = _mlp()

@@ -167,6 +167,11 @@ def nm_pack(w: torch.Tensor, keep: torch.Tensor, n: int, m: int,
         raise TypeError(f"{fn}: value_dtype must be one of {NM_VALUE_DTYPES}, got {value_dtype!r}")
     wc = w.detach().to("cpu", torch.float32).contiguous()
     kc = keep.detach().to("cpu", torch.uint8).contiguous()
+    if value_dtype == torch.float16 and wc.numel():  # narrowing would store +-inf silently
+        big = float((wc * kc).abs().max())
+        if big > torch.finfo(torch.float16).max:
+            raise ValueError(f"{fn}: a kept weight of magnitude {big:.4g} is beyond float16's range "
+                             f"(65504); store bfloat16, float32 or int8 values")
     vshape, ishape = nm_shapes(w.shape[0], w.shape[1], n, m)
     values = torch.empty(vshape, dtype=value_dtype)
     indices = torch.empty(ishape, dtype=torch.uint8)
