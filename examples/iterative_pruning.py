@@ -41,7 +41,8 @@ def main():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if sched.step() is not None and step % 100 == 0:
+        pruned = sched.step() is not None
+        if step == sched.start_step or (pruned and step % 100 == 0):  # start_step: still dense
             print(f"step {step}: target sparsity {sched.current:.1%}, test accuracy {accuracy():.3f}")
     print(ts.summary(model))  # each pruned layer's sparsity
     ts.pruning.finalize(model)  # bake the zeros in, drop masks and hooks

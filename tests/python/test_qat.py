@@ -199,6 +199,10 @@ def test_error_paths():
     with pytest.raises(ValueError, match="layer 'fc2'.*NaN"):
         ts.convert(model)
     assert isinstance(model.fc1, QATLinear) and isinstance(model.fc2, QATLinear)
+    converted = _mlp()
+    ts.quantize(converted, ts.Int8WeightOnly(), progress=False)
+    with pytest.warns(UserWarning, match="ts.prepare_qat: nothing was compressed.*already compressed"):
+        ts.prepare_qat(converted, ts.Int8WeightOnly(), progress=False)  # silent before, as ts.prune warns
 
 
 def test_layers_qat_cannot_handle_are_skipped_with_reasons():

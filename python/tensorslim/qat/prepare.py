@@ -12,7 +12,7 @@ from ..config import Config, resolve_config
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..formats import FORMATS, integer_format
 from ..pruning import masks
-from ..report import Report, compressed_layers, note_already_compressed
+from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
 from ..transforms import check_no_empty_layers, replace_modules
 from .fake_quant import (ActivationSignQuant, BinaryFakeQuant, FloatFakeQuant, IntFakeQuant,
                          TernaryFakeQuant, WeightFakeQuant)
@@ -143,4 +143,5 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
         report = replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check_layer(cfg, n, m),
                                  progress, desc="prepare QAT")
     masks.accept_saved_masks(model)  # a pruned QAT checkpoint (torch's state_dict) loads into it
-    return name_conv1d_rows(note_already_compressed(report, before), conv1d_names)
+    return warn_if_nothing_changed(name_conv1d_rows(note_already_compressed(report, before), conv1d_names),
+                                   "ts.prepare_qat")
