@@ -15,6 +15,7 @@ tensors, plus string metadata:
                              ts.summary of the loaded model still lists them
 """
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -54,7 +55,7 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
     if prepared is not None:  # the file would load as a float model (or not at all)
         raise ValueError(f"save: layer '{prepared}' is prepared for QAT (a QATLinear), which the file format does "
                          f"not describe; call ts.convert(model) first (a training checkpoint: torch's state_dict)")
-    _check_writable(Path(path))
+    target = _check_writable(Path(path))
     layers = layer_specs(model)
     tensors: Dict[str, torch.Tensor] = {}
     aliases: Dict[str, str] = {}
@@ -82,7 +83,8 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
         metadata[pruning_state.HEADER_KEY] = json.dumps(pruning, sort_keys=True)
         metadata["tensorslim.format_version"] = "2"
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        save_file(tensors, str(target), metadata=metadata)
+        os.chmod(target, 0o666 & ~_umask())  # as open() would create it (the temporary file was 0600)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot write the file: {e}") from None
 
@@ -93,12 +95,27 @@ def layer_specs(model: nn.Module) -> Dict[str, dict]:
     return {name: mod.spec() for name, mod in model.named_modules() if isinstance(mod, kinds)}
 
 
-def _check_writable(path: Path) -> None:
+def _check_writable(path: Path) -> Path:
+    """The file to write: a symlink's target (safetensors renames a new file over the path,
+    which would replace the link itself); a device, pipe or socket there is refused (renaming
+    over /dev/null replaced it)."""
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; give a file name, e.g. {path / 'model.slim.safetensors'}")
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path}: exists and is not a regular file (a device, pipe or socket); "
+                         f"ts.save writes a new file there")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ValueError(f"{path}: the directory {parent} does not exist; create it first")
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read(path: Union[str, Path], fn: Callable[[Any], Any]) -> Any:
@@ -109,11 +126,15 @@ def _read(path: Union[str, Path], fn: Callable[[Any], Any]) -> Any:
         raise ValueError(f"{path}: is a directory, not a file written by ts.save")
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    if not p.is_file():  # a pipe would block the read forever
+        raise ValueError(f"{path}: is not a regular file (a device, pipe or socket), not a file written by ts.save")
     try:
         with safe_open(str(p), framework="pt") as f:
             return fn(f)
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file: {e}") from None
 
 
 def _json_field(path, meta: Dict[str, str], key: str, default: Optional[str] = None) -> dict:
@@ -175,6 +196,9 @@ def tensor_shapes(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple[int, ...
 def _read_state(path, aliases: Dict[str, str]) -> Dict[str, torch.Tensor]:
     state = _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
     for alias, key in aliases.items():
+        if not isinstance(key, str) or alias in state:
+            raise ValueError(f"{path}: corrupt tensorslim header: alias {alias!r} -> {key!r} must name another "
+                             f"stored tensor, and not one stored itself")
         if key not in state:
             raise ValueError(f"{path}: corrupt tensorslim header: alias {alias!r} points to missing tensor {key!r}")
         state[alias] = state[key]
@@ -216,6 +240,10 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: expected a torch.nn.Module, got {type(model).__name__}")
+    on_meta = next((k for k, t in model.state_dict().items() if t.device.type == "meta"), None)
+    if on_meta is not None:  # load copies into the model's tensors: a meta tensor keeps no data
+        raise ValueError(f"load: the model's '{on_meta}' is on the meta device; build the model with "
+                         f"real tensors (e.g. model.to_empty(device='cpu')) before ts.load")
     header = read_header(path)
     # Pruned models: the file's shapes and masks go onto the model first, those of layers inside
     # a replacement (a factorized layer's factors, pruned after factorizing) once it is in;
@@ -246,14 +274,19 @@ def skipped_entry(model: nn.Module) -> Dict[str, dict]:
 
 
 def _load_into(model: nn.Module, path, header: dict, after_swap=None) -> nn.Module:
-    originals, replacements = plan_layers(model, header["layers"], path)
+    resized = tuple(f"{n}." for n in (header["pruning"] or {}).get("structured", {}))
+    shapes = {k: v for k, v in tensor_shapes(path).items() if not k.startswith(resized)}
+    originals, replacements = plan_layers(model, header["layers"], path, shapes)
     return load_layers_and_state(model, originals, replacements, _read_state(path, header["aliases"]), path,
                                  after_swap=after_swap)
 
 
-def plan_layers(model: nn.Module, layers: Dict[str, dict], path) -> Tuple[dict, dict]:
+def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
+                shapes: Optional[Dict[str, Tuple[str, Tuple[int, ...]]]] = None) -> Tuple[dict, dict]:
     """({name: float layer}, {name: empty compressed module}) for the layers a file describes;
-    nothing in the model is changed yet."""
+    nothing in the model is changed yet. shapes (the file's tensors, tensor_shapes): each spec
+    is first built on the meta device and its tensors' shapes compared with the file's, so a
+    corrupt size (nnz = 2**40) is an error, not an allocation."""
     modules = dict(model.named_modules())
     originals, replacements = {}, {}
     # Sorted, a factorized layer comes before its (possibly quantized) factors, which are then
@@ -269,20 +302,41 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path) -> Tuple[dict, 
             raise ValueError(f"{path}: layer '{name}' does not exist in the model")
         if isinstance(mod, cls) and mod.spec() == spec:
             continue  # already in this form
-        if hasattr(cls, "replaces"):  # factorized layers replace convs as well as linears
-            if not cls.replaces(mod, spec):
-                raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
-                                 f"{spec['kind']} made from a different layer: {spec}")
-        elif linear_shape(mod) != (spec["in_features"], spec["out_features"]):  # nn.Linear or Conv1D
+        try:
+            fits = cls.replaces(mod, spec) if hasattr(cls, "replaces") else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: layer '{name}': the file's spec {spec} is not valid: {e!r}") from None
+        if fits is False:  # factorized layers replace convs as well as linears
+            raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
+                             f"{spec['kind']} made from a different layer: {spec}")
+        if fits is None and linear_shape(mod) != (spec["in_features"], spec["out_features"]):  # Linear, Conv1D
             raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
                              f"[{spec['out_features']}, {spec['in_features']}] {spec['format']} linear")
         device = mod.weight.device if mod.weight.device.type != "meta" else "cpu"
         originals[name] = mod
         try:
+            if shapes is not None:
+                _check_spec_shapes(cls, spec, name, shapes)
             replacements[name] = _empty_like_saved(cls, spec, device, mod.weight.dtype)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: layer '{name}': the file's spec {spec} is not valid: {e!r}") from None
     return originals, replacements
+
+
+def _check_spec_shapes(cls, spec: dict, name: str, shapes: Dict[str, Tuple[str, Tuple[int, ...]]]) -> None:
+    """The tensors the spec makes (built on meta: no memory) against the file's (those of
+    layers the file's pruning header resizes, a factor pruned after factorizing, are absent
+    from `shapes`: checked once resized)."""
+    meta = cls.from_spec(spec, device="meta")
+    made = meta.spec()
+    differ = sorted(k for k in made.keys() & spec.keys() if made[k] != spec[k])
+    if differ:  # a field the module ignored or read otherwise (format "int8" on a binary layer)
+        raise ValueError(f"the module it makes has {', '.join(f'{k}={made[k]!r}' for k in differ)}")
+    for key, t in meta.state_dict().items():
+        got = shapes.get(f"{name}.{key}")
+        if got is not None and tuple(got[1]) != tuple(t.shape):
+            raise ValueError(f"tensor '{name}.{key}' is {list(got[1])} in the file, the spec makes "
+                             f"{list(t.shape)}")
 
 
 def _empty_like_saved(cls, spec: dict, device, dtype: torch.dtype) -> nn.Module:

@@ -143,7 +143,7 @@ def test_file_of_another_model_leaves_every_tensor_alone(tmp_path, saved):
     save_file(raw, str(bad), metadata=_metadata(saved))
     model = _model(seed=2)
     snap = _snapshot(model)
-    with pytest.raises(ValueError, match=r"0\.scales: file has torch.float32 \(32, 1\), model torch.float32 \(32, 2\)"):
+    with pytest.raises(ValueError, match=r"layer '0'.*tensor '0\.scales' is \[32, 1\] in the file, the spec makes \[32, 2\]"):
         ts.load(model, bad)
     assert_unchanged(model, snap)
 
@@ -161,3 +161,94 @@ def test_save_into_a_missing_directory_or_onto_a_directory(tmp_path):
         ts.save({"w": torch.zeros(1)}, tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="nn.Module"):
         ts.load("model", tmp_path / "x.safetensors")
+
+
+def _rewritten(src, dst, edit):
+    """A copy of a saved file with its header edited: edit(layers dict, metadata dict)."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    layers = json.loads(meta["tensorslim.layers"])
+    edit(layers, meta)
+    meta["tensorslim.layers"] = json.dumps(layers)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _mlp_fresh():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
+
+
+@pytest.mark.parametrize("make, edit, match", [
+    # a size that would allocate before any check (2**28 values: 1.5 GB for a 16 KB file)
+    (ts.Unstructured(0.9), lambda L, m: L["0"].update(nnz=2 ** 28), r"tensor '0\.values' is \[819\] in the file"),
+    (ts.Unstructured(0.9), lambda L, m: L["0"].update(nnz=-1), "negative dimension"),
+    # fields a module accepted and failed on at the first forward, or ignored
+    (ts.NM(2, 4), lambda L, m: L["0"].update(m=5), r"need m in \(4, 8\)"),
+    (ts.IntWeightOnly(bits=3, group_size=32), lambda L, m: L["0"].update(group_size=33), "whole number of bytes"),
+    (ts.Binary(activations=True), lambda L, m: L["0"].update(format="int8"), "module it makes has format='binary'"),
+    (ts.Unstructured(0.9), lambda L, m: m.update({"tensorslim.aliases": '{"0.bias": ["x"]}'}), "alias '0.bias'"),
+])
+def test_header_values_are_checked_before_anything_is_built(tmp_path, make, edit, match):
+    model = _mlp_fresh()
+    (ts.sparsify if isinstance(make, (ts.NM, ts.Unstructured)) else ts.quantize)(model, make, progress=False)
+    src = tmp_path / "good.safetensors"
+    ts.save(model, src)
+    bad = _rewritten(src, tmp_path / "bad.safetensors", edit)
+    fresh = _mlp_fresh()
+    snap = _snapshot(fresh)
+    with pytest.raises(ValueError, match=match) as info:
+        ts.load(fresh, bad)
+    assert str(bad) in str(info.value)
+    assert_unchanged(fresh, snap)
+
+
+def test_pruning_header_sets_only_sizes_that_shrink(tmp_path):
+    model = _mlp_fresh()
+    ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=torch.randn(2, 64), progress=False)
+    src = tmp_path / "pruned.safetensors"
+    ts.save(model, src)
+    for attrs, match in (({"forward": 1}, "no size attribute 'forward'"), ({"out_features": 999}, "in 1..128"),
+                         ({"out_features": -3}, "in 1..128"), ({"out_features": True}, "in 1..128")):
+        def edit(layers, meta):
+            pruning = json.loads(meta["tensorslim.pruning"])
+            pruning["structured"]["0"] = attrs
+            meta["tensorslim.pruning"] = json.dumps(pruning)
+
+        bad = _rewritten(src, tmp_path / "bad.safetensors", edit)
+        fresh = _mlp_fresh()
+        snap = _snapshot(fresh)
+        with pytest.raises(ValueError, match=match):
+            ts.load(fresh, bad)
+        assert_unchanged(fresh, snap) and fresh[0].out_features == 128
+
+
+def test_special_files_symlinks_and_meta_models(tmp_path, saved):
+    import os
+
+    model = _model()
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(ValueError, match="not a regular file"):
+        ts.save(model, pipe)  # was renamed over (as root, /dev/null became a file)
+    assert pipe.is_fifo()
+    with pytest.raises(ValueError, match="is not a regular file"):
+        ts.load(_model(), pipe)  # blocked forever on the read before
+    target, link = tmp_path / "target.safetensors", tmp_path / "link.safetensors"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    ts.save(model, link)  # written through the link, as open() would; the link stays
+    assert link.is_symlink() and ts.io.read_header(target)["layers"]
+    mask = os.umask(0o022)
+    try:
+        ts.save(model, tmp_path / "perm.safetensors")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "perm.safetensors").stat().st_mode & 0o777 == 0o644  # 0600 before
+    with torch.device("meta"):
+        on_meta = _model()
+    with pytest.raises(ValueError, match="'0.weight' is on the meta device.*to_empty"):
+        ts.load(on_meta, saved)  # loaded "fine" before, every float tensor left on meta

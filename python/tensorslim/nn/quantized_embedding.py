@@ -19,6 +19,12 @@ def _lowbit():
     return lowbit
 
 
+def _check_padding_idx(padding_idx, num_embeddings: int, kind: str) -> None:
+    """None or a row index (torch stores a negative one as its positive twin)."""
+    if padding_idx is not None and (type(padding_idx) is not int or not 0 <= padding_idx < num_embeddings):
+        raise ValueError(f"{kind}: padding_idx must be None or a row in 0..{num_embeddings - 1}, got {padding_idx!r}")
+
+
 class _PackedTable(KeepsPackedDtypes):
     action = "quantized"
 
@@ -101,6 +107,7 @@ class QuantizedEmbedding(_PackedTable):
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str = "int8", group_size: Optional[int] = None,
                  padding_idx: Optional[int] = None, device=None):
         super().__init__()
+        _check_padding_idx(padding_idx, num_embeddings, "QuantizedEmbedding")
         self._init_table(num_embeddings, embedding_dim, fmt, group_size or embedding_dim, device)
         self.padding_idx = padding_idx
 
@@ -139,8 +146,11 @@ class QuantizedEmbeddingBag(_PackedTable):
                  mode: str = "mean", include_last_offset: bool = False, padding_idx: Optional[int] = None,
                  device=None):
         super().__init__()
+        if mode not in ("sum", "mean", "max"):
+            raise ValueError(f"QuantizedEmbeddingBag: mode must be 'sum', 'mean' or 'max', got {mode!r}")
+        _check_padding_idx(padding_idx, num_embeddings, "QuantizedEmbeddingBag")
         self._init_table(num_embeddings, embedding_dim, fmt, group_size or embedding_dim, device)
-        self.mode, self.include_last_offset, self.padding_idx = mode, include_last_offset, padding_idx
+        self.mode, self.include_last_offset, self.padding_idx = mode, bool(include_last_offset), padding_idx
 
     @classmethod
     def from_embedding(cls, bag: nn.EmbeddingBag, fmt: str, group_size: Optional[int] = None) -> "QuantizedEmbeddingBag":

@@ -50,6 +50,8 @@ class NMSparseLinear(_SparseLinear):
         super().__init__()
         if values not in VALUE_DTYPES:
             raise ValueError(f"NMSparseLinear: values must be one of {sorted(VALUE_DTYPES)}, got {values!r}")
+        if m not in (4, 8) or type(n) is not int or not 1 <= n < m:
+            raise ValueError(f"NMSparseLinear: need m in (4, 8) and 1 <= n < m, got {n}:{m}")
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         self.values_dtype, self.backend = values, backend
         slots = -(-in_features // m) * n

@@ -46,8 +46,9 @@ class WeightOnlyLinear(PackedLinear):
         if group_size <= 0:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         groups = num_groups(in_features, group_size)
-        if spec.bits == 4 and groups > 1 and group_size % 2:
-            raise ValueError(f"group_size {group_size} must be even for the packed format {fmt}")
+        if groups > 1 and group_size * spec.bits % 8:  # each group starts on a byte
+            raise ValueError(f"group_size {group_size} times {spec.bits} bits must be a whole number of bytes "
+                             f"for the packed format {fmt}")
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.backend = fmt, group_size, backend
         self._register_packed(spec, in_features, out_features, groups, bias, device)

@@ -50,8 +50,14 @@ def _resize(model, modules, structured, shapes, path, undo_log) -> None:
             else:
                 mod._buffers[pname] = empty
         for attr, value in attrs.items():
-            if not hasattr(mod, attr) or not isinstance(value, int):
+            # pruning only shrinks integer sizes: anything else (a method, a flag, a float
+            # hyper-parameter, a size that grows) is a corrupt header, refused before it is set
+            now = getattr(mod, attr, None)
+            if type(now) is not int or attr.startswith("_"):
                 raise ValueError(f"{path}: pruned layer '{name}' has no size attribute {attr!r}")
+            if type(value) is not int or not 0 < value <= now:
+                raise ValueError(f"{path}: corrupt tensorslim header: pruned layer '{name}' {attr} = {value!r}, "
+                                 f"expected an int in 1..{now} (the model's {attr} is {now})")
             undo_log.append((mod, attr, getattr(mod, attr)))
             setattr(mod, attr, value)
 
