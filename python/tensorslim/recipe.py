@@ -57,7 +57,7 @@ def _kind_of(cfg: Config) -> str:
 
     if isinstance(cfg, (ChannelPrune, _Unstructured)):
         return "prune"
-    if isinstance(cfg, (ts.NM, ts.Unstructured)):
+    if isinstance(cfg, (ts.NM, ts.Unstructured, ts.SparseStorage)):
         return "sparsify"
     if isinstance(cfg, (ts.SVD, ts.Tucker, ts.CP)):
         return "factorize"

@@ -65,6 +65,15 @@ def test_compress_runs_every_step_and_the_file_loads(tmp_path, fixture_module, s
     assert recipe.model_bytes(got) < 0.5 * recipe.model_bytes(fixture_module.mlp())
 
 
+def test_prune_then_store_sparse(tmp_path, fixture_module):
+    steps = [{"prune": {"type": "Magnitude", "sparsity": 0.9}}, {"sparsify": {"type": "SparseStorage"}}]
+    path = _write(tmp_path, {"model": "recipe_fixture:mlp", "steps": steps})
+    out = tmp_path / "sparse.safetensors"
+    assert cli.main(["compress", str(path), "--out", str(out)]) == 0  # "a quantize config" before
+    got = ts.load(fixture_module.mlp(), out)
+    assert isinstance(got[2], ts.CSRSparseLinear) and got[2].nnz == round(0.1 * 256 * 256)
+
+
 def test_model_and_weights_from_the_command_line(tmp_path, fixture_module):
     from safetensors.torch import save_file
     dense = fixture_module.mlp()
@@ -94,6 +103,7 @@ def test_model_and_weights_from_the_command_line(tmp_path, fixture_module):
     ([{"quantize": "int8"}, {"quantize": {"type": "SVD", "rank": 4}}], "SVD is a factorize config"),
     ([{"prune": {"type": "Int8WeightOnly"}}], "Int8WeightOnly is a quantize config"),
     ([{"sparsify": {"type": "Magnitude", "sparsity": 0.5}}], "Magnitude is a prune config"),
+    ([{"quantize": {"type": "SparseStorage"}}], "SparseStorage is a sparsify config"),  # ran the steps before
 ])
 def test_bad_recipes_are_one_line_errors_and_write_nothing(tmp_path, fixture_module, capsys, steps, message):
     path = _write(tmp_path, {"model": "recipe_fixture:mlp", "steps": steps})
