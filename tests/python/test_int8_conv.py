@@ -486,3 +486,50 @@ def test_half_cnn_with_batchnorm_quantizes_with_calibration(dtype):
     with torch.no_grad():
         y = model(x)
     assert y.dtype == dtype and float((y.float() - ref).norm() / ref.norm()) < 0.03
+
+
+def test_kernel_reads_strided_scales_and_bias_and_refuses_other_packings():
+    """oneDNN reads w_scales / bias / packed through their data pointers: strided or expanded
+    ones were read as if dense (wrong outputs; an expanded w_scales read past its storage)."""
+    g = torch.Generator().manual_seed(0)
+    qx = torch.randint(0, 256, (1, 8, 8, 3), generator=g, dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (4, 3, 3, 3), generator=g).to(torch.int8)
+    ws, bias = torch.rand(4, generator=g) * 0.01 + 0.001, torch.randn(4, generator=g)
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    packed = C.pack_weight(qx, qw, *geo, 3, True)
+    want = C.conv_int8_reference(qx, qw, ws, bias, 0.05, 3, *geo)
+    strided = lambda t: torch.stack([t, torch.zeros_like(t)], 1)[:, 0]  # noqa: E731
+    for s, b in ((strided(ws), bias), (ws, strided(bias)), (torch.tensor([0.004]).expand(4), bias)):
+        ref = C.conv_int8_reference(qx, qw, s, b, 0.05, 3, *geo)
+        torch.testing.assert_close(C.conv_int8(qx, qw, s, b, 0.05, 3, *geo, packed), ref, rtol=1e-5, atol=1e-4)
+        xc = (qx.float() - 3) * 0.05
+        torch.testing.assert_close(C.conv_int8_quantizing(xc, 0.05, 3, 255, qw, s, b, *geo, packed), ref,
+                                   rtol=1e-5, atol=1e-4)
+    assert torch.allclose(C.conv_int8(qx, qw, ws, bias, 0.05, 3, *geo, packed), want, atol=1e-4)
+    with pytest.raises(TypeError, match="packed: expected dtype uint8"):
+        C.conv_int8(qx, qw, ws, bias, 0.05, 3, *geo, packed.view(torch.int8))
+
+
+def test_fake_tensors_and_tracers_take_the_op():
+    """FakeTensorMode reached oneDNN with fake data pointers (the interpreter crashed); make_fx
+    and jit.trace recorded an uninitialized output or packed buffer in place of the conv."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    qx = torch.randint(0, 256, (1, 8, 8, 3), dtype=torch.uint8)
+    qw = torch.randint(-127, 128, (4, 3, 3, 3)).to(torch.int8)
+    ws = torch.full((4,), 0.01)
+    packed = C.pack_weight(qx, qw, [1, 1], [1, 1], [1, 1], 1, 3, False)
+    with FakeTensorMode() as mode:
+        f = mode.from_tensor
+        assert C.conv_int8(f(qx), f(qw), f(ws), None, 0.05, 3, [1, 1], [1, 1], [1, 1], 1, f(packed)).shape == (1, 8, 8, 4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
+    ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[torch.randn(2, 3, 8, 8)], progress=False)
+    x, x2 = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(copy.deepcopy(model), (x,), check_trace=False)  # packs inside the trace
+        graph = make_fx(copy.deepcopy(model))(x)
+        assert "tensorslim.conv_int8.default" in [str(n.target) for n in graph.graph.nodes]
+        for run in (traced, graph):
+            assert torch.equal(run(x2), model(x2))

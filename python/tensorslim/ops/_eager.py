@@ -7,6 +7,8 @@ Where none of that machinery has work to do (eager mode, plain CPU tensors, no g
 record, no dispatch or function mode, no functorch transform) the op's CPU function is called
 directly: the same function the dispatcher would reach, with the same arguments.
 """
+import contextlib
+
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -31,3 +33,24 @@ def call(op, impl, *args):
     """op(*args) through the dispatcher, or impl(*args) (op's CPU function) where that is the
     same computation without the dispatcher's cost."""
     return impl(*args) if direct_ok(args) else op(*args)
+
+
+@contextlib.contextmanager
+def untraced():
+    """Derived data (packed weights) built under torch.jit.trace or a dispatch mode (make_fx):
+    kept out of the trace, which then holds it as a constant (recorded, it replayed as the
+    uninitialized torch.empty the native packing had filled outside the trace)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def is_plain(t: torch.Tensor) -> bool:
+    """A real tensor whose data the core may read (not fake, meta or functorch-wrapped)."""
+    return type(t) in _PLAIN and not t.is_meta and not torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -52,14 +52,17 @@ def pack_weight(qx, qweight, stride, padding, dilation, groups: int, zero_point:
                 has_bias: bool) -> Optional[torch.Tensor]:
     """qweight in the layout oneDNN's kernel for this input shape reads (uint8 bytes), or None
     where there is no kernel. Derived data: kept by the module per input shape, never saved."""
-    out = _out(qx, qweight, stride, padding, dilation)
-    args = (_views.view(qx, "qx"), _views.view(qweight, "qweight"), _views.view(out, "out"), list(stride),
-            list(padding), list(dilation), int(groups), zero_point != 0, bool(has_bias))
-    n = _C.conv_int8_packed_bytes(*args)
-    if n <= 0:
+    if not _eager.is_plain(qweight):  # no data to pack (fake / meta weights): the reference runs
         return None
-    packed = torch.empty(n, dtype=torch.uint8)
-    _C.conv_int8_pack(*args, _views.view(packed, "packed"))
+    with _eager.untraced():
+        out = _out(qx, qweight, stride, padding, dilation)
+        args = (_views.view(qx, "qx"), _views.view(qweight, "qweight"), _views.view(out, "out"), list(stride),
+                list(padding), list(dilation), int(groups), zero_point != 0, bool(has_bias))
+        n = _C.conv_int8_packed_bytes(*args)
+        if n <= 0:
+            return None
+        packed = torch.empty(n, dtype=torch.uint8)
+        _C.conv_int8_pack(*args, _views.view(packed, "packed"))
     return packed
 
 
@@ -124,10 +127,13 @@ def conv_int8(qx: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, b
         return conv_int8_reference(qx, qweight, w_scales, bias, act_scale, zero_point, stride, padding,
                                    dilation, groups, residual, activation)
     # Eager CPU calls skip the custom-op dispatch (~60 us, more than a small conv takes);
-    # torch.compile and fake / meta tensors go through the op and its fake implementation.
-    run = _conv_int8 if torch.compiler.is_compiling() or qx.device.type != "cpu" else _conv_int8_impl
-    return run(qx.contiguous(), qweight.contiguous(), packed, w_scales, bias, float(act_scale), int(zero_point),
-               list(stride), list(padding), list(dilation), int(groups), residual, activation)
+    # torch.compile, tracing (make_fx, jit.trace) and fake / meta tensors go through the op and
+    # its fake implementation (a fake tensor's data pointer reached oneDNN and crashed).
+    args = (qx.contiguous(), qweight.contiguous(), packed, w_scales.contiguous(),
+            None if bias is None else bias.contiguous())
+    run = _conv_int8_impl if _eager.direct_ok(args + (residual,)) else _conv_int8
+    return run(*args, float(act_scale), int(zero_point), list(stride), list(padding), list(dilation), int(groups),
+               residual, activation)
 
 
 def _check_residual(residual, qx, qweight, stride, padding, dilation) -> Optional[torch.Tensor]:
@@ -150,6 +156,7 @@ def conv_int8_quantizing(xc: torch.Tensor, act_scale: float, zero_point: int, co
     code_max) of fp32 channels-last xc [N, *spatial, C]. Eager CPU calls quantize and convolve
     in one native call (codes in a reused scratch buffer); torch.compile, fake tensors, and a
     oneDNN that cannot run go through the two ops."""
+    w_scales, bias = w_scales.contiguous(), None if bias is None else bias.contiguous()  # read densely
     args = (xc, qweight, packed, w_scales, bias, residual)
     if _eager.direct_ok(args) and xc.dtype == torch.float32 and xc.dim() in (3, 4):
         xc = xc.contiguous()

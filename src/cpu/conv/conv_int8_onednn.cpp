@@ -198,11 +198,16 @@ bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const Tensor
                    int32_t zero_point, const TensorView& out, const ConvInt8Geometry& g,
                    const TensorView* residual) {
   const Shape s = check(qx, qweight, out, g);
+  // oneDNN reads these through their data pointers alone: each must be dense
+  check_dtype(packed, DType::kUInt8, "packed");
+  check_contiguous(packed, "packed");
   check_dtype(w_scales, DType::kFloat32, "w_scales");
+  check_contiguous(w_scales, "w_scales");
   TS_CHECK_VALUE(w_scales.numel() == s.OC, "conv_int8: w_scales must have one value per output channel");
   TS_CHECK_VALUE(g.has_bias == (bias != nullptr), "conv_int8: has_bias does not match the bias argument");
   if (bias) {
     check_dtype(*bias, DType::kFloat32, "bias");
+    check_contiguous(*bias, "bias");
     TS_CHECK_VALUE(bias->numel() == s.OC, "conv_int8: bias must have one value per output channel");
   }
   TS_CHECK_VALUE(g.has_zero_point || zero_point == 0, "conv_int8: zero_point given without has_zero_point");
