@@ -60,6 +60,24 @@ def test_fake_tensors_and_compile_take_the_op():
     assert torch.equal(compiled(x), layer(x))
 
 
+@pytest.mark.parametrize("config", [ts.Int4WeightOnly(group_size=32, skip_output_head=False),
+                                    ts.NM(2, 4, skip_output_head=False)])
+def test_export_with_a_dynamic_batch_past_the_decode_threshold(config):
+    """Batches from 64 rows decode the weight for torch's GEMM in eager; traced, the op covers
+    every batch: a dynamic batch across 64 failed to export, fullgraph=True failed from 64 rows
+    (the fork check inside the branch is a pybind call dynamo cannot trace)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    (ts.sparsify if isinstance(config, ts.NM) else ts.quantize)(model, config, progress=False)
+    batch = torch.export.Dim("b", min=2, max=200)
+    exported = torch.export.export(model, (torch.randn(3, 64),), dynamic_shapes={"input": {0: batch}})
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for rows in (2, 63, 64, 200):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_linears_call_directly_and_agree():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Linear(40, 24))

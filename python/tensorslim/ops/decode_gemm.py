@@ -29,6 +29,11 @@ SMALL_WEIGHT = 1 << 20  # values; the C++ dispatch (src/cpu/panel_gemm.h kPanelS
 
 
 def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
+    # Traced (torch.compile, export): the op, whose fake implementation covers every batch; a
+    # branch on the batch here split a dynamic batch at 64 rows, and the fork check is a pybind
+    # call dynamo cannot trace (fullgraph=True failed from 64 rows).
+    if torch.compiler.is_compiling():
+        return False
     return (backend == "auto" and x2.device.type == "cpu" and x2.dtype == torch.float32
             and x2.shape[0] >= DECODE_GEMM_MIN_ROWS and weight_values <= SMALL_WEIGHT
             and not _C.in_forked_child())
