@@ -288,6 +288,15 @@ def test_ops_pass_opcheck_and_run_on_meta():
     assert torch.ops.tensorslim.score_histogram(meta, 1, 21, 10, 0).shape == (1024,)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("shift, nbits", [(2 ** 31 - 1, 10), (23, 10), (-1, 8), (0, 0), (0, 40)])
+def test_histogram_bit_fields_outside_the_score_are_refused(backend, shift, nbits):
+    """shift + nbits overflowed int in the core's check (2^31 - 1 passed, then an undefined
+    shift gave a garbage histogram); nbits = 40 allocated 2^40 bins before any check."""
+    with pytest.raises(ValueError, match="nbits"):
+        P.score_histogram(torch.randn(100), shift, nbits, 0, 1, backend)
+
+
 def test_pruning_or_factorizing_a_quantized_model_says_why_nothing_changed():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))

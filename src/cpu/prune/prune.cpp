@@ -124,7 +124,7 @@ void score_histogram(const TensorView& w, int p, int shift, int nbits, uint32_t 
                      const TensorView& hist) {
   check_p(p, "score_histogram");
   check_flat_f32(w, "score_histogram", "w");
-  TS_CHECK_VALUE(nbits >= 1 && nbits <= 16 && shift >= 0 && shift + nbits <= 32,
+  TS_CHECK_VALUE(nbits >= 1 && nbits <= 16 && shift >= 0 && shift <= 32 - nbits,  // no int overflow
                  "score_histogram: need 1 <= nbits <= 16 and shift + nbits <= 32");
   TS_CHECK_TYPE(hist.dtype == DType::kInt32 && hist.device == DeviceType::kCPU && hist.is_contiguous(),
                 "score_histogram: hist must be a contiguous CPU int32 tensor");
