@@ -2,7 +2,8 @@
 
     loss = ts.distill.kd_loss(student_logits, teacher_logits, temperature=4.0, labels=y, alpha=0.5)
     d = ts.distill.Distiller(student, teacher, losses={"kd": 1.0, "hidden": 0.5},
-                             feature_map={"blocks.1": "blocks.3"}, temperature=4.0)
+                             feature_map={"blocks.1": "blocks.3"}, temperature=4.0,
+                             example_inputs=(x,))  # measures the widths of the mapped blocks
 
 See docs/distill.md for the formulas, gradients and tolerances.
 """
