@@ -309,9 +309,11 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
         if fits is False:  # factorized layers replace convs as well as linears
             raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
                              f"{spec['kind']} made from a different layer: {spec}")
-        if fits is None and linear_shape(mod) != (spec["in_features"], spec["out_features"]):  # Linear, Conv1D
+        if fits is None and (linear_shape(mod) != (spec["in_features"], spec["out_features"])  # Linear, Conv1D
+                             or spec["bias"] != (getattr(mod, "bias", None) is not None)):
             raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
-                             f"[{spec['out_features']}, {spec['in_features']}] {spec['format']} linear")
+                             f"[{spec['out_features']}, {spec['in_features']}] {spec['format']} linear "
+                             f"{'with' if spec['bias'] else 'without'} bias")
         device = mod.weight.device if mod.weight.device.type != "meta" else "cpu"
         originals[name] = mod
         try:

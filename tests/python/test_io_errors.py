@@ -252,3 +252,22 @@ def test_special_files_symlinks_and_meta_models(tmp_path, saved):
         on_meta = _model()
     with pytest.raises(ValueError, match="'0.weight' is on the meta device.*to_empty"):
         ts.load(on_meta, saved)  # loaded "fine" before, every float tensor left on meta
+
+
+def test_a_layer_without_bias_or_a_bag_of_another_mode_is_not_the_saved_one(tmp_path):
+    """Bias presence and an EmbeddingBag's reduction are part of the layer (a bias=False model
+    gained the file's biases; a mean bag loaded a sum bag's file and returned sums)."""
+    model = _model()
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    path = tmp_path / "m.safetensors"
+    ts.save(model, path)
+    torch.manual_seed(0)
+    no_bias = nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16))
+    with pytest.raises(ValueError, match="layer '0'.*with bias"):
+        ts.load(no_bias, path)
+    assert type(no_bias[0]) is nn.Linear and no_bias[0].bias is None
+    bags = nn.Sequential(nn.EmbeddingBag(50, 16, mode="sum"))
+    ts.quantize(bags, ts.Int8WeightOnly(skip_output_head=False), progress=False)
+    ts.save(bags, tmp_path / "bag.safetensors")
+    with pytest.raises(ValueError, match="layer '0'.*different layer"):
+        ts.load(nn.Sequential(nn.EmbeddingBag(50, 16, mode="mean")), tmp_path / "bag.safetensors")

@@ -79,8 +79,9 @@ class _PackedTable(KeepsPackedDtypes):
     @classmethod
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
         """Whether `mod` is the float table a saved spec was made from (io.load)."""
-        return type(mod) is cls.float_type and (mod.num_embeddings, mod.embedding_dim) == (
+        return (type(mod) is cls.float_type and (mod.num_embeddings, mod.embedding_dim) == (
             spec["num_embeddings"], spec["embedding_dim"])
+            and getattr(mod, "mode", None) == spec.get("mode"))  # a bag's reduction too
 
     def dense_bytes(self) -> int:
         return 4 * self.num_embeddings * self.embedding_dim
