@@ -74,6 +74,21 @@ def test_tied_head_stays_tied_and_is_reported():
     assert model.lm_head.weight is model.embed.weight
 
 
+def test_a_tied_table_is_packed_when_its_head_is():
+    """skip_output_head=False packs the head: the table kept float then added a float copy to
+    the packed head (more memory than the one tied tensor); it is packed too."""
+    model = _Model(tie=True)
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied tensor once
+    dense = sum(t.numel() * t.element_size() for t in unique.values())
+    report = ts.quantize(model, ts.Int8WeightOnly(skip_output_head=False), progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["embed"].action == "quantized" and rows["embed"].reason == "tied to 'lm_head', packed too"
+    assert isinstance(model.embed, ts.nn.QuantizedEmbedding) and isinstance(model.lm_head, ts.WeightOnlyLinear)
+    assert torch.equal(model.embed.qweight, model.lm_head.qweight)  # the same int8 rows, twice
+    packed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert packed < 0.6 * dense
+
+
 def test_exclude_keeps_tables_float():
     model = _Model()
     report = ts.quantize(model, ts.Int8WeightOnly(exclude=("embed", "bag")), progress=False)

@@ -18,7 +18,8 @@ from ..nn.quantized_embedding import QuantizedEmbedding, QuantizedEmbeddingBag
 from ..report import LayerChange, Report, module_bytes, remember_skipped
 from ..transforms import _set_submodule
 
-Plan = Tuple[Dict[str, nn.Module], List[LayerChange]]
+# (packed tables by name, report rows, {table tied to an output linear: that linear's name})
+Plan = Tuple[Dict[str, nn.Module], List[LayerChange], Dict[str, str]]
 
 # Tables default to INT8 per row whatever the linears' width: a lookup reads one row, so a
 # narrower table saves memory but no time, and token tables are sensitive (MiniLM with INT4
@@ -44,14 +45,14 @@ def plan(model: nn.Module, cfg) -> Plan:
     heads = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     new: Dict[str, nn.Module] = {}
     rows: List[LayerChange] = []
+    tied: Dict[str, str] = {}
     for name, mod in model.named_modules():
         if type(mod) not in (nn.Embedding, nn.EmbeddingBag):
             continue
         group = cfg.group_size if bits < 8 and cfg.group_size and cfg.group_size < mod.embedding_dim else None
         reason = _selected(name, mod, cfg)
-        if reason is None and id(mod.weight) in heads:
-            reason = (f"tied to the output layer '{heads[id(mod.weight)]}' (kept float so the two stay one "
-                      f"tensor)")
+        if reason is None and id(mod.weight) in heads:  # decided in swap, once the linears are done
+            tied[name] = heads[id(mod.weight)]
         if reason is None and mod.max_norm is not None:
             reason = "max_norm renormalizes the table at lookup"
         if reason is None and mod.weight.device.type == "meta":
@@ -66,13 +67,23 @@ def plan(model: nn.Module, cfg) -> Plan:
             raise type(e)(f"layer '{name}' ({type(mod).__name__}): {e}") from e
         new[name] = q
         rows.append(LayerChange(name, type(mod).__name__, "quantized", q.describe(), module_bytes(mod),
-                                module_bytes(q)))
-    return new, rows
+                                module_bytes(q), reason=f"tied to '{tied[name]}', packed too" if name in tied else ""))
+    return new, rows, tied
 
 
 def swap(model: nn.Module, planned: Plan, report: Report) -> Report:
-    """Put the planned tables in and replace the report's generic 'not supported' rows for them."""
-    new, rows = planned
+    """Put the planned tables in and replace the report's generic 'not supported' rows for them.
+    A table tied to an output linear that stayed float stays float with it (one tensor); one
+    whose linear was packed is packed too (kept float, it would add a float copy to the packed
+    linear's bytes: more memory than the one tied tensor before)."""
+    new, rows, tied = planned
+    for name, head in tied.items():
+        table, linear = model.get_submodule(name), model.get_submodule(head)
+        if isinstance(linear, nn.Linear) and linear.weight is table.weight:
+            del new[name]
+            rows = [r for r in rows if r.name != name] + [LayerChange(
+                name, type(table).__name__, "skipped", bytes_before=module_bytes(table),
+                reason=f"tied to the output layer '{head}', which stays float (one tensor for the two)")]
     for name, mod in new.items():
         _set_submodule(model, name, mod)
     names = {r.name for r in rows}
