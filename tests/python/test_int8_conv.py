@@ -508,6 +508,8 @@ def test_kernel_reads_strided_scales_and_bias_and_refuses_other_packings():
     assert torch.allclose(C.conv_int8(qx, qw, ws, bias, 0.05, 3, *geo, packed), want, atol=1e-4)
     with pytest.raises(TypeError, match="packed: expected dtype uint8"):
         C.conv_int8(qx, qw, ws, bias, 0.05, 3, *geo, packed.view(torch.int8))
+    with pytest.raises(ValueError, match="stride and dilation must be ints >= 1"):  # ZeroDivisionError before
+        C.conv_int8(qx, qw, ws, bias, 0.05, 3, [0, 0], [1, 1], [1, 1], 1, packed)
 
 
 def test_fake_tensors_and_tracers_take_the_op():

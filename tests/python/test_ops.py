@@ -105,6 +105,16 @@ def test_empty_tensors(backend):
         assert ops.dequantize(q, s, z, fmt, 32, 0, backend=backend).shape == (3, 0)
 
 
+def test_dequantize_cols_checked_before_allocating():
+    """cols = -1 raised torch's 'negative dimension'; 2^40 tried a 17 TB allocation."""
+    q, s, z = ops.quantize(torch.randn(3, 64), "uint4", 32)
+    for fn, args in ((ops.dequantize, (q, s, z, "uint4", 32)), (ops.dequantize_lowbit, (q, s, z, None, "uint4", 32))):
+        for cols in (-1, 2 ** 40, 63 * 2):
+            with pytest.raises(ValueError, match="cols|pack into"):
+                fn(*args, cols)
+        assert fn(*args, 64).shape == (3, 64)
+
+
 def test_bad_arguments_raise_clear_errors():
     x = torch.randn(4, 96)
     for bad in (0, -2):  # 64 (two groups, the last of 32) is fine; these are not

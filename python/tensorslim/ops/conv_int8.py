@@ -24,6 +24,8 @@ from .int8 import quantize_static
 def out_size(in_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
              dilation: Sequence[int]) -> List[int]:
     """The output's spatial size, as nn.Conv computes it."""
+    if any(not isinstance(s, int) or s < 1 for s in stride) or any(not isinstance(d, int) or d < 1 for d in dilation):
+        raise ValueError(f"conv_int8: stride and dilation must be ints >= 1, got {list(stride)}, {list(dilation)}")
     return [(i + 2 * p - d * (k - 1) - 1) // s + 1
             for i, k, s, p, d in zip(in_size, kernel, stride, padding, dilation)]
 

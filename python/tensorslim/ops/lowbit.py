@@ -405,6 +405,15 @@ def _needed(spec: FormatSpec, zero_points, tensor_scale, device):
     return zps, ts
 
 
+def check_cols(spec: FormatSpec, q, cols, fn: str) -> None:
+    """cols must be what q's packed rows hold (checked before [rows, cols] is allocated)."""
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 0:
+        raise ValueError(f"{fn}: cols must be an int >= 0, got {cols!r}")
+    if isinstance(q, torch.Tensor) and q.dim() == 2 and spec.packed_cols(cols) != q.shape[1]:
+        raise ValueError(f"{fn}: {spec.name} rows of {cols} values pack into {spec.packed_cols(cols)} columns, "
+                         f"q has {q.shape[1]}")
+
+
 def dequantize_lowbit(q, scales, zero_points, tensor_scale, fmt: str, group_size: int, cols: int,
                       dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
     """Decode back to a [rows, cols] float tensor."""
@@ -412,6 +421,7 @@ def dequantize_lowbit(q, scales, zero_points, tensor_scale, fmt: str, group_size
     _check_backend(backend)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dequantize_lowbit: dtype must be a float type, got {dtype}")
+    check_cols(spec, q, cols, "dequantize_lowbit")
     zps, ts = _needed(spec, zero_points, tensor_scale, q.device)
     if backend == "reference" or (q.device.type == "cuda" and short_last_group(group_size, cols)):
         return dequantize_lowbit_reference(q, scales, zps, ts, spec, group_size, cols).to(dtype)

@@ -238,6 +238,7 @@ def dequantize(q, scales, zero_points, fmt: str, group_size: int, cols: int,
     _check_backend(backend)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dequantize: dtype must be a float type, got {dtype}")
+    lowbit.check_cols(spec, q, cols, "dequantize")
     if spec.has_zero_point and zero_points is None:
         raise ValueError(f"format {fmt} needs zero_points")
     if fmt not in INTEGER_KERNEL_FORMATS:
