@@ -269,8 +269,10 @@ def test_bad_group_sizes_raise_clearly():
             ts.WeightOnlyLinear(100, 8, "int4", bad)
         with pytest.raises(ValueError, match="group_size"):
             ops.quantize(torch.randn(4, 100), "int8", bad)
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="33 times 4 bits must be a whole number of bytes"):
         ts.WeightOnlyLinear(100, 8, "int4", 33)
+    with pytest.raises(ValueError, match="33 times 3 bits must be a whole number of bytes"):
+        ts.WeightOnlyLinear(100, 8, "int3", 33)  # loaded from a file and failed at the first forward
     with pytest.raises(ValueError, match="even"):
         ops.quantize(torch.randn(4, 100), "uint4", 33)
     # a model left as it was when a config is refused
