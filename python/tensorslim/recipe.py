@@ -97,9 +97,11 @@ def load_recipe(path: Union[str, Path]) -> Dict[str, Any]:
     """A recipe file (YAML, or JSON) as a dict, its steps already checked."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the recipe is not UTF-8 text ({e})") from None
     try:
         if path.suffix == ".json":
             recipe = json.loads(text)
@@ -123,10 +125,12 @@ def resolve(target: str, what: str) -> Callable:
     if not isinstance(target, str) or ":" not in target:
         raise ValueError(f"{what}: expected 'module.path:callable', got {target!r}")
     module, _, attr = target.partition(":")
+    if not module or not attr:
+        raise ValueError(f"{what}: expected 'module.path:callable', got {target!r}")
     try:
         fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{what}: cannot find {target!r} ({e})") from None
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise ValueError(f"{what}: cannot find {target!r} ({type(e).__name__}: {e})") from None
     if not callable(fn):
         raise ValueError(f"{what}: {target!r} is not callable")
     return fn
@@ -134,7 +138,11 @@ def resolve(target: str, what: str) -> Callable:
 
 def build_model(recipe: Dict[str, Any]) -> nn.Module:
     """The recipe's model, with its float weights loaded when the recipe names a file."""
-    model = resolve(recipe.get("model"), "model")()
+    make = resolve(recipe.get("model"), "model")
+    try:
+        model = make()
+    except Exception as e:  # the user's code: any error, said in one line with where it came from
+        raise ValueError(f"model: {recipe['model']!r}() raised {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: {recipe['model']!r} returned {type(model).__name__}, not a torch.nn.Module")
     if recipe.get("weights"):
@@ -176,9 +184,10 @@ def run(recipe_path: Union[str, Path], out: Union[str, Path], model_target: Opti
         weights: Optional[str] = None) -> Dict[str, int]:
     """Loads a recipe, builds the model, applies the steps and writes `out` with ts.save.
     Returns the model's bytes before and after."""
-    from .io import save
+    from .io import _check_writable, save
 
     recipe = load_recipe(recipe_path)
+    _check_writable(Path(out))  # before the steps run, not after
     if model_target:
         recipe["model"] = model_target
     if weights:

@@ -125,6 +125,17 @@ def test_bad_targets_and_files(tmp_path, fixture_module):
     (tmp_path / "broken.yaml").write_text("steps: [unclosed")
     with pytest.raises(ValueError, match="not a valid recipe file"):
         recipe.load_recipe(tmp_path / "broken.yaml")
+    # tracebacks before: a callable that needs arguments, an empty module name, a non-UTF-8 file
+    with pytest.raises(ValueError, match=r"'torch.nn:Linear'\(\) raised TypeError"):
+        recipe.run(path, tmp_path / "o.safetensors", model_target="torch.nn:Linear")
+    with pytest.raises(ValueError, match="module.path:callable"):
+        recipe.run(path, tmp_path / "o.safetensors", model_target=":mlp")
+    (tmp_path / "latin.yaml").write_bytes(b"steps: [\xff]\n")
+    with pytest.raises(ValueError, match="latin.yaml: the recipe is not UTF-8"):
+        recipe.load_recipe(tmp_path / "latin.yaml")
+    ok = _write(tmp_path, {"model": "recipe_fixture:mlp", "steps": [{"quantize": "int8"}]})
+    with pytest.raises(ValueError, match="does not exist"):  # refused before the steps run
+        recipe.run(ok, tmp_path / "no" / "o.safetensors")
 
 
 def test_weights_and_calibration_that_do_not_fit_are_one_line_errors(tmp_path, fixture_module):
