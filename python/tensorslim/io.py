@@ -174,7 +174,7 @@ def read_header(path: Union[str, Path]) -> dict:
     skipped = _json_field(path, meta, SKIPPED_KEY, "{}")
     for name, row in skipped.items():
         if not (isinstance(row, dict) and isinstance(row.get("type"), str) and isinstance(row.get("reason"), str)
-                and isinstance(row.get("bytes"), int)):
+                and type(row.get("bytes")) is int and row["bytes"] >= 0):
             raise ValueError(f"{path}: corrupt tensorslim header: {SKIPPED_KEY} row '{name}' is {row!r}, "
                              f"expected {{'type': str, 'reason': str, 'bytes': int}}")
     return {"version": version, "written_by": meta.get("tensorslim.version"), "layers": layers,
