@@ -8,6 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import LayerFilter
+from .nn.layer_errors import name_layer
 from .report import LayerChange, Report, module_bytes, remember_skipped
 
 # Last name components that users mean by "the output head".
@@ -90,6 +91,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     layer adopts its dtype (adopt_float_dtype)."""
     old = model.get_submodule(name)
     adopt_float_dtype(old, new)
+    name_layer(new, name)  # for its forward's errors
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
     for n in names:
         parent_name, _, child = n.rpartition(".")

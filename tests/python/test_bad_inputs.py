@@ -116,6 +116,18 @@ def test_not_a_tensor_is_a_type_error(layers, kind):
 
 
 @pytest.mark.parametrize("kind", ALL)
+def test_errors_inside_a_model_name_the_layer(kind):
+    """The layer's name in the model goes into the exception as a note (message and type as
+    they are): with many layers alike the message alone did not say which one raised."""
+    model = nn.Sequential(nn.Linear(IN, IN), nn.ReLU())
+    model[0] = build(kind)
+    ts.transforms._set_submodule(model, "0", model[0])  # as a verb or ts.load puts a layer in
+    with pytest.raises(TypeError) as info:
+        model(torch.ones(2, IN, dtype=torch.int32))
+    assert f"in layer '0' ({type(model[0]).__name__})" in info.value.__notes__
+
+
+@pytest.mark.parametrize("kind", ALL)
 @pytest.mark.parametrize("shape", [(2, IN - 1), (2, IN + 1), (IN, 2), ()])
 def test_wrong_shape_names_kind_and_in_features(layers, kind, shape):
     layer = layers[kind]

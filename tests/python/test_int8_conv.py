@@ -535,3 +535,12 @@ def test_fake_tensors_and_tracers_take_the_op():
         assert "tensorslim.conv_int8.default" in [str(n.target) for n in graph.graph.nodes]
         for run in (traced, graph):
             assert torch.equal(run(x2), model(x2))
+
+
+def test_errors_name_the_conv_in_its_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    ts.quantize(model, ts.Int8Dynamic(skip_output_head=False), progress=False)
+    with pytest.raises(ValueError, match="NaN or Inf") as info:
+        model(torch.full((1, 3, 8, 8), float("nan")))
+    assert "in layer '0' (Int8Conv2d)" in info.value.__notes__

@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .compute_dtype import KeepsPackedDtypes
+from .layer_errors import note_layer
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
@@ -109,6 +110,13 @@ class CompressedLinear(KeepsPackedDtypes):
         return [b[n] for n in names] if all(n in b for n in names) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x)
+        except (ValueError, TypeError) as e:
+            note_layer(self, e)
+            raise
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         if self._compute_dtype is not None and x.dtype != self._compute_dtype:
             x = x.to(self._compute_dtype)

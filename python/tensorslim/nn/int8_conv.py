@@ -22,6 +22,7 @@ from .._native import _C
 from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
 from ..ops import torch_onednn
+from .layer_errors import note_layer
 
 MODES = ("static", "dynamic")
 _GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
@@ -223,6 +224,13 @@ class _Int8ConvNd(nn.Module):
         """conv(x), then `+ residual` and the activation ('relu', 'relu6', 'silu', 'gelu')
         where given: the epilogue a fused model (quantization/conv_epilogue.py) hands over,
         run inside the kernel where it can be."""
+        try:
+            return self._forward(x, residual, activation)
+        except (ValueError, TypeError) as e:
+            note_layer(self, e)
+            raise
+
+    def _forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
         sig = _signature(x, residual, activation)
         if sig is not None and sig in self._checked:
             y = self._checked_call(x, residual, activation)
