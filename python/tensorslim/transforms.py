@@ -92,6 +92,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     old = model.get_submodule(name)
     adopt_float_dtype(old, new)
     name_layer(new, name)  # for its forward's errors
+    new.train(old.training)  # a replacement in an eval model is in eval mode too
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
     for n in names:
         parent_name, _, child = n.rpartition(".")

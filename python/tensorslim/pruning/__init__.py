@@ -11,7 +11,7 @@ from ..report import SUMMARY_SOURCES, Report, compressed_layers, note_already_co
 from . import masks
 from .config import ChannelPrune, Magnitude, RandomPrune, _Unstructured
 from .masks import finalize
-from .schedule import Schedule
+from .schedule import Schedule, reusable
 from .unstructured import prune_unstructured
 
 SUMMARY_SOURCES.append(masks.summary_rows)  # ts.summary: each pruned layer's sparsity
@@ -45,6 +45,7 @@ def prune(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
         example_inputs = kwargs.pop("example_inputs", None)
         if kwargs:
             raise TypeError(f"prune: unexpected arguments {sorted(kwargs)}")
+        calib_data = reusable(calib_data)
         report = prune_channels(model, config, calib_data, forward_loop, example_inputs, progress)
         return warn_if_nothing_changed(note_already_compressed(report, before), "ts.prune")
     raise TypeError(f"prune: expected a pruning config (Magnitude, RandomPrune, ChannelPrune), "

@@ -33,44 +33,43 @@ def _meta(shape) -> TensorMetadata:
 
 def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     params = {id(p): n.rpartition(".")[0] for n, p in model.named_parameters()}
-    training = model.training
-    try:
-        model.eval()
-        inputs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point()
-                       else x for x in example_inputs)
-        with torch.enable_grad():
-            out = model(*inputs)
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-                if isinstance(o, torch.Tensor) and o.grad_fn is not None]
-        if not outs:
-            raise ValueError("the output does not depend on the inputs through differentiable operations")
-        order: List = []
-        seen = set()
-        stack = [(o.grad_fn, False) for o in outs]
-        while stack:  # iterative post-order: inputs before the operations that use them
-            fn, done = stack.pop()
-            if fn is None or (not done and fn in seen):
-                continue
-            if done:
-                order.append(fn)
-                continue
-            seen.add(fn)
-            stack.append((fn, True))
-            stack += [(f, False) for f, _ in fn.next_functions]
-        shapes: Dict = {}
-        hooks = [fn.register_prehook(lambda g, fn=fn: shapes.__setitem__(fn, tuple(g[0].shape)) if g[0] is not None else None)
-                 for fn in order if type(fn).__name__ != "AccumulateGrad"]
-        leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-        torch.autograd.grad(sum(o.float().sum() for o in outs), leaves, allow_unused=True)
-        for h in hooks:
-            h.remove()
-    except ValueError as e:
-        raise ValueError(f"the model traces neither with torch.fx nor through autograd: {e}") from None
-    except Exception as e:
-        raise ValueError(f"the model traces neither with torch.fx nor through autograd "
-                         f"({type(e).__name__}: {e})") from None
-    finally:
-        model.train(training)
+    from ..quantization.calibrate import eval_mode
+
+    with eval_mode(model):  # each module's own mode comes back (model.train(training) flattened them)
+        try:
+            inputs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                           else x for x in example_inputs)
+            with torch.enable_grad():
+                out = model(*inputs)
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+                    if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+            if not outs:
+                raise ValueError("the output does not depend on the inputs through differentiable operations")
+            order: List = []
+            seen = set()
+            stack = [(o.grad_fn, False) for o in outs]
+            while stack:  # iterative post-order: inputs before the operations that use them
+                fn, done = stack.pop()
+                if fn is None or (not done and fn in seen):
+                    continue
+                if done:
+                    order.append(fn)
+                    continue
+                seen.add(fn)
+                stack.append((fn, True))
+                stack += [(f, False) for f, _ in fn.next_functions]
+            shapes: Dict = {}
+            hooks = [fn.register_prehook(lambda g, fn=fn: shapes.__setitem__(fn, tuple(g[0].shape)) if g[0] is not None else None)
+                     for fn in order if type(fn).__name__ != "AccumulateGrad"]
+            leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+            torch.autograd.grad(sum(o.float().sum() for o in outs), leaves, allow_unused=True)
+            for h in hooks:
+                h.remove()
+        except ValueError as e:
+            raise ValueError(f"the model traces neither with torch.fx nor through autograd: {e}") from None
+        except Exception as e:
+            raise ValueError(f"the model traces neither with torch.fx nor through autograd "
+                             f"({type(e).__name__}: {e})") from None
     return _to_fx(model, order, shapes, params, inputs, outs)
 
 

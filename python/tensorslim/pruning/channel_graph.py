@@ -48,16 +48,14 @@ class _Tracer(fx.Tracer):
 
 def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """fx graph of `model` with shapes from one forward pass; a ValueError when it does not trace."""
-    training = model.training
+    from ..quantization.calibrate import eval_mode
+
     try:
         gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
-        model.eval()  # the shape pass must not move BatchNorm statistics
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # no BatchNorm statistics moved; modes restored
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...) for untraceable code
         raise ValueError(f"the model does not trace with torch.fx ({type(e).__name__}: {e})") from None
-    finally:
-        model.train(training)
     return gm
 
 

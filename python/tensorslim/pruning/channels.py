@@ -75,8 +75,8 @@ def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.
     params = dict(model.named_parameters())
     saved = {n: p.grad for n, p in params.items()}
     frozen = [p for p in params.values() if not p.requires_grad and p.is_floating_point()]
-    training = model.training
-    try:
+    modes = [(m, m.training) for m in model.modules()]  # each module's own, restored after
+    try:  # eval: no BatchNorm statistics moved, no dropout in the gradients
         for p in params.values():
             p.grad = None
         for p in frozen:  # frozen for training, not unimportant: their gradients count too
@@ -89,13 +89,17 @@ def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.
                 batches = [calib_data] if isinstance(calib_data, torch.Tensor) else calib_data
                 for batch in batches:
                     _loss(call_model(model, batch)).backward()
+        if all(p.grad is None for p in params.values()):  # else every channel scores 0: index order
+            raise ValueError("ChannelPrune: importance='taylor' got no gradients (empty calib_data, or a "
+                             "forward_loop that did not run the model and call backward)")
         return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
     finally:
         for p in frozen:
             p.requires_grad_(False)
         for n, p in params.items():
             p.grad = saved[n]
-        model.train(training)
+        for m, training in modes:
+            m.training = training
 
 
 def _channel_scores(space: Space, mods: Dict[str, nn.Module], cfg: ChannelPrune, grads, sid: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ physically. Pass example_inputs= (or calib_data=) for models traced with torch.f
 """
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
@@ -25,6 +26,17 @@ from .config import _Unstructured
 from .masks import accept_saved_masks
 
 CURVES = {"cubic": 3, "linear": 1}
+
+
+def reusable(calib_data):
+    """calib_data as an iterable that runs more than once: a generator becomes a list (the
+    first batch traces the channel graph, then every batch gives gradients)."""
+    if calib_data is None or isinstance(calib_data, torch.Tensor):
+        return calib_data
+    try:
+        return list(calib_data) if iter(calib_data) is calib_data else calib_data
+    except TypeError:
+        raise TypeError(f"calib_data must be iterable, got {type(calib_data).__name__}") from None
 
 
 class Schedule:
@@ -49,7 +61,7 @@ class Schedule:
         self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
         self.curve, self.initial_sparsity = curve, float(initial_sparsity)
         # structured configs: tracing inputs / taylor data, and the channels masked last
-        self.calib_data, self.forward_loop, self.example_inputs = calib_data, forward_loop, example_inputs
+        self.calib_data, self.forward_loop, self.example_inputs = reusable(calib_data), forward_loop, example_inputs
         self.chosen: dict = {}
         self.step_count = 0
         self.current: float = 0.0  # the sparsity (or channel ratio) applied last

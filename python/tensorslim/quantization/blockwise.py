@@ -84,6 +84,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
     """Run the calibration data up to `block` and return its inputs, one entry per batch."""
     captured: Inputs = []
     original_forward = model.forward
+    own = model.__dict__.get("forward")  # an instance forward (a fused epilogue, a wrapper) stays
 
     if block is model:
         def forward(*args, **kwargs):  # the whole model is the block: record its own inputs
@@ -113,7 +114,10 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
         with torch.no_grad():
             forward_loop(model)
     finally:
-        del model.forward
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
         if hook is not None:
             hook.remove()
         for c in configs.values():

@@ -117,9 +117,11 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
         raise TypeError("calib_data must be an iterable of batches (e.g. a list of tensors or a "
                         "DataLoader), not a single tensor/dict; wrap it in a list")
     try:
-        iter(calib_data)
+        one_shot = iter(calib_data) is calib_data
     except TypeError:
         raise TypeError(f"calib_data must be iterable, got {type(calib_data).__name__}") from None
+    if one_shot:  # a generator runs once; verbs run the data once per pass (an empty 2nd pass)
+        calib_data = list(calib_data)
 
     def loop(model: nn.Module) -> None:
         count = 0

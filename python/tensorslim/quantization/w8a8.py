@@ -21,7 +21,7 @@ from ..nn import Int8Linear
 from ..ops import torch_onednn
 from ..report import Report, remember_skipped
 from ..transforms import _tied_to_embedding, filter_reason, replace_modules
-from .calibrate import require_forward_loop
+from .calibrate import eval_mode, require_forward_loop
 from .conv_int8 import apply_conv_int8
 from .observers import Observer, qparams_from_range
 from .registry import register_transform
@@ -136,8 +136,9 @@ def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
         stats, trace = _calibrate(model, targets, loop, cfg.search_rows if search else 0,
                                   cfg.smoothquant and cfg.fold)
         if cfg.smoothquant:
-            _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates,
-                    mode, search, progress)
+            with eval_mode(model):  # its reference and fold checks run the model: as inference does
+                _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates,
+                        mode, search, progress)
 
     act = {}
     if static and targets:

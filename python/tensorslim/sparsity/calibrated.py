@@ -43,6 +43,10 @@ def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs
     finally:
         for h in handles:
             h.remove()
+    for n, s in sums.items():  # a NaN norm ranks nothing (kept or dropped by comparison order)
+        if not torch.isfinite(s).all():
+            raise ValueError(f"layer '{n}': its calibration inputs contain NaN or Inf; Wanda's scores need "
+                             f"finite activations")
     return {n: s.sqrt() for n, s in sums.items()}
 
 
