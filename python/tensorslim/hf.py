@@ -55,6 +55,23 @@ def _ours(qcfg) -> Optional[dict]:
     return qcfg if isinstance(qcfg, dict) and qcfg.get("quant_method") == QUANT_METHOD else None
 
 
+def check_config(qcfg: dict, where) -> None:
+    """A tensorslim quantization_config this version reads: an int version, and layer specs."""
+    version = qcfg.get("format_version", 0)
+    if type(version) is not int:
+        raise ValueError(f"{where}: corrupt tensorslim quantization_config: format_version {version!r} is not an int")
+    if version > CONFIG_FORMAT_VERSION:
+        raise ValueError(f"{where}: tensorslim quantization_config version {version} is newer than this tensorslim "
+                         f"reads ({CONFIG_FORMAT_VERSION}); upgrade tensorslim")
+    layers = qcfg.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{where}: corrupt tensorslim quantization_config: 'layers' must list the compressed "
+                         f"layers, got {layers!r}")
+    from .io import check_layer_specs
+
+    check_layer_specs(layers, where)
+
+
 def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
     """The tensors of a save_pretrained directory: model.safetensors, or its shards."""
     from safetensors.torch import load_file
@@ -109,9 +126,7 @@ def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Mod
     if qcfg is None:
         raise ValueError(f"{directory}: config.json has no tensorslim quantization_config: not saved from a "
                          f"model tensorslim compressed; load it with {getattr(cls, '__name__', cls)}.from_pretrained")
-    if qcfg.get("format_version", 0) > CONFIG_FORMAT_VERSION or not isinstance(qcfg.get("layers"), dict):
-        raise ValueError(f"{directory}: tensorslim quantization_config version {qcfg.get('format_version')} "
-                         f"(or its layers) is not readable by this tensorslim; upgrade tensorslim")
+    check_config(qcfg, directory)
     state = _read_weights(directory)
     model = _build(cls, config)
     dtype = getattr(config, "dtype", None)
@@ -119,7 +134,8 @@ def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Mod
         dtype = getattr(torch, dtype, None)
     if dtype in (torch.float16, torch.bfloat16):
         model.to(dtype)  # compressed layers: their compute dtype (see CompressedLinear)
-    originals, replacements = io.plan_layers(model, qcfg["layers"], directory)
+    shapes = {k: (str(t.dtype), tuple(t.shape)) for k, t in state.items()}
+    originals, replacements = io.plan_layers(model, qcfg["layers"], directory, shapes)
     io.load_layers_and_state(model, originals, replacements, state, directory, fill_tied=True)
     try:
         model.generation_config = GenerationConfig.from_pretrained(str(directory))

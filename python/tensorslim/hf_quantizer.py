@@ -26,7 +26,7 @@ def _make_classes():
 
         def __init__(self, layers=None, format_version=1, **kwargs):
             self.quant_method = QUANT_METHOD
-            self.layers = dict(layers or {})
+            self.layers = layers  # checked in validate_environment, with a message naming the problem
             self.format_version = format_version
 
     class TensorslimHfQuantizer(HfQuantizer):
@@ -35,18 +35,20 @@ def _make_classes():
         requires_calibration = True  # the checkpoint must already be compressed
 
         def validate_environment(self, *args, **kwargs):
-            from .hf import CONFIG_FORMAT_VERSION
+            from .hf import check_config
 
-            if self.quantization_config.format_version > CONFIG_FORMAT_VERSION:
-                raise ValueError(f"tensorslim quantization_config version {self.quantization_config.format_version} "
-                                 f"is newer than this tensorslim reads ({CONFIG_FORMAT_VERSION}); upgrade tensorslim")
+            check_config({"format_version": self.quantization_config.format_version,
+                          "layers": self.quantization_config.layers}, "config.json")
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             from . import io
 
-            _, replacements = io.plan_layers(model, self.quantization_config.layers, "config.json")
+            shapes = _checkpoint_shapes(checkpoint_files)
+            _, replacements = io.plan_layers(model, self.quantization_config.layers, "config.json", shapes)
             for name, new in replacements.items():
                 io._set_submodule(model, name, new)
+            if shapes is not None:  # transformers would fill a missing packed tensor with fresh memory
+                io.check_stored(model, replacements, shapes, "the checkpoint")
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -63,6 +65,24 @@ def _make_classes():
             return True  # gradients reach the inputs of compressed layers: adapters train
 
     return TensorslimConfig, TensorslimHfQuantizer
+
+
+def _checkpoint_shapes(files):
+    """{tensor name: (dtype, shape)} of the checkpoint's safetensors files (their headers only),
+    or None when transformers gave no files (the shape and presence checks are then skipped)."""
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in files:
+        if not str(f).endswith(".safetensors"):
+            return None
+        with safe_open(str(f), framework="pt") as handle:
+            for k in handle.keys():
+                s = handle.get_slice(k)
+                shapes[k] = (s.get_dtype(), tuple(s.get_shape()))
+    return shapes
 
 
 def register(auto=None) -> None:

@@ -165,10 +165,7 @@ def read_header(path: Union[str, Path]) -> dict:
         raise ValueError(f"{path}: format version {version} is not supported by this tensorslim "
                          f"(reads 1..{FORMAT_VERSION}); upgrade tensorslim")
     layers = _json_field(path, meta, "tensorslim.layers")
-    for name, spec in layers.items():
-        missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
-        if missing:
-            raise ValueError(f"{path}: corrupt tensorslim header: layer '{name}' spec {spec!r} lacks {missing}")
+    check_layer_specs(layers, path)
     aliases = _json_field(path, meta, "tensorslim.aliases", "{}")
     pruning = _json_field(path, meta, pruning_state.HEADER_KEY, "{}")
     skipped = _json_field(path, meta, SKIPPED_KEY, "{}")
@@ -179,6 +176,31 @@ def read_header(path: Union[str, Path]) -> dict:
                              f"expected {{'type': str, 'reason': str, 'bytes': int}}")
     return {"version": version, "written_by": meta.get("tensorslim.version"), "layers": layers,
             "aliases": aliases, "pruning": pruning, "skipped": skipped}
+
+
+def check_layer_specs(layers, path) -> None:
+    """Every spec an object with the keys each kind has (the kind's own fields are checked when
+    plan_layers builds it)."""
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: corrupt tensorslim header: layers must be an object, got {type(layers).__name__}")
+    for name, spec in layers.items():
+        missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
+        if missing:
+            raise ValueError(f"{path}: corrupt tensorslim header: layer '{name}' spec {spec!r} lacks {missing}")
+
+
+def check_stored(model: nn.Module, replacements: Dict[str, nn.Module], keys, path) -> None:
+    """Each replacement's tensors are among the stored `keys`, under one of the names the module
+    has in the model (one module under two names is stored once). A loader that fills what is
+    missing with fresh memory (transformers') would otherwise run on uninitialized scales."""
+    names: Dict[int, list] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    for name, new in replacements.items():
+        wanted = list(new.state_dict())
+        if not any(all(f"{alias}.{k}" in keys for k in wanted) for alias in names.get(id(new), [name])):
+            missing = [f"{name}.{k}" for k in wanted if f"{name}.{k}" not in keys]
+            raise ValueError(f"{path}: the tensors {missing} of compressed layer '{name}' are not stored")
 
 
 def tensor_shapes(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:

@@ -191,6 +191,46 @@ def test_a_directory_that_does_not_fit_is_a_clear_error(tmp_path):
         ts.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
 
 
+def test_both_routes_refuse_missing_tensors_and_corrupt_configs(tmp_path):
+    """transformers' route filled a compressed layer's missing tensors with fresh memory
+    (uninitialized scales, wrong or non-finite outputs); corrupt quantization_configs gave
+    TypeError / AttributeError / KeyError, and a huge CSR nnz was allocated before any check."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = _build("llama")
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    model.save_pretrained(tmp_path / "good")
+    routes = (lambda d: ts.from_pretrained(transformers.AutoModelForCausalLM, d),
+              lambda d: transformers.AutoModelForCausalLM.from_pretrained(d))
+
+    def variant(name, edit_config=None, drop=None):
+        d = tmp_path / name
+        d.mkdir()
+        config = json.loads((tmp_path / "good" / "config.json").read_text())
+        if edit_config:
+            edit_config(config["quantization_config"])
+        (d / "config.json").write_text(json.dumps(config))
+        state = load_file(tmp_path / "good" / "model.safetensors")
+        if drop:
+            del state[drop]
+        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+        return d
+
+    layer = "model.layers.1.mlp.down_proj"
+    cases = [(variant("no_scales", drop=f"{layer}.scales"), rf"{layer}.scales"),
+             (variant("str_version", lambda q: q.update(format_version="1")), "format_version '1' is not an int"),
+             (variant("no_layers", lambda q: q.update(layers={})), "'layers' must list"),
+             (variant("spec_str", lambda q: q["layers"].update({layer: "int4"})), "lacks"),
+             (variant("no_in", lambda q: q["layers"][layer].pop("in_features")), r"lacks \['in_features'\]"),
+             (variant("big_group", lambda q: q["layers"][layer].update(group_size=64)), "the spec makes")]
+    for directory, match in cases:
+        for load in routes:
+            with pytest.raises(ValueError, match=match):
+                load(directory)
+
+
 def test_a_compressed_tied_head_loads_through_transformers(tmp_path):
     """skip_output_head=False compresses GPT-2's head, tied to its float token table: the
     config stops tying them, so transformers' own from_pretrained loads the directory (it raised
