@@ -92,7 +92,9 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
 def layer_specs(model: nn.Module) -> Dict[str, dict]:
     """{module name: spec} of every compressed layer (what a saved file's header lists)."""
     kinds = tuple(COMPRESSED_MODULES.values())
-    return {name: mod.spec() for name, mod in model.named_modules() if isinstance(mod, kinds)}
+    # every name of a module held under several (tables of one tied weight): a fresh model may
+    # hold separate float modules there, each to be replaced
+    return {name: mod.spec() for name, mod in model.named_modules(remove_duplicate=False) if isinstance(mod, kinds)}
 
 
 def _check_writable(path: Path) -> Path:
