@@ -311,7 +311,7 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
     nothing in the model is changed yet. shapes (the file's tensors, tensor_shapes): each spec
     is first built on the meta device and its tensors' shapes compared with the file's, so a
     corrupt size (nnz = 2**40) is an error, not an allocation."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # an alias is listed under each name
     originals, replacements = {}, {}
     # Sorted, a factorized layer comes before its (possibly quantized) factors, which are then
     # found inside its replacement.
