@@ -1,5 +1,6 @@
 """The shared mechanics of every module transform: pick layers, build the
 replacements first, then swap them in, so a failure leaves the model as it was."""
+import contextlib
 import fnmatch
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -82,6 +83,28 @@ def adopt_float_dtype(old: nn.Module, new: nn.Module) -> None:
         object.__setattr__(new, "replaced_dtype", weight.dtype)
     if weight.dtype in (torch.float16, torch.bfloat16) and getattr(new, "compute_dtype", None) == torch.float32:
         new.to(weight.dtype)
+
+
+@contextlib.contextmanager
+def structure_restored_on_error(model: nn.Module):
+    """A transform of several passes (W8A8: convs, then linears) that fails in a later pass
+    leaves the model as it was: every module back under every name, each module's instance
+    attributes (a fused forward, the skipped-layer record) as they were. The passes build new
+    modules and leave the replaced ones' tensors alone, so the originals are intact."""
+    modules = list(model.named_modules(remove_duplicate=False))
+    children = [(parent, dict(parent._modules)) for parent in {id(m): m for _, m in modules}.values()]
+    attrs = [(m, dict(m.__dict__)) for _, m in modules]
+    try:
+        yield
+    except BaseException:
+        for parent, kids in children:
+            parent._modules.clear()
+            parent._modules.update(kids)
+        for m, state in attrs:
+            for key in [k for k in m.__dict__ if k not in state]:
+                del m.__dict__[key]
+            m.__dict__.update({k: v for k, v in state.items() if not k.startswith("_modules")})
+        raise
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

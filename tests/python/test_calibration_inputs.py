@@ -85,3 +85,24 @@ def test_replacements_take_the_replaced_layer_mode():
     model = _mlp().eval()
     ts.quantize(model, ts.W8A8(), calib_data=_batches(), progress=False)
     assert not any(m.training for m in model.modules())
+
+
+def test_a_failing_linear_pass_undoes_the_convs():
+    """W8A8 swaps the convs in (BatchNorm folded, a fused forward on the root) before it
+    calibrates the linears: a linear that fails left them swapped in."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc, self.unused = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before, out = dict(model.named_modules()), model(x)
+    with pytest.raises(ValueError, match="'unused'.*never reached"):
+        ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+    assert dict(model.named_modules()) == before and "forward" not in model.__dict__
+    assert torch.equal(model(x), out) and not hasattr(model, "_tensorslim_skipped")

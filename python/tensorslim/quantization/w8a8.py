@@ -20,7 +20,7 @@ from ..config import Int8Dynamic, W8A8
 from ..nn import Int8Linear
 from ..ops import torch_onednn
 from ..report import Report, remember_skipped
-from ..transforms import _tied_to_embedding, filter_reason, replace_modules
+from ..transforms import _tied_to_embedding, filter_reason, replace_modules, structure_restored_on_error
 from .calibrate import eval_mode, require_forward_loop
 from .conv_int8 import apply_conv_int8
 from .observers import Observer, qparams_from_range
@@ -118,6 +118,11 @@ def _observe_smoothed(model, targets, loop, inv: Dict[str, Optional[torch.Tensor
 def apply_w8a8(model: nn.Module, cfg, forward_loop=None, progress: bool = True):
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    with structure_restored_on_error(model):  # the convs go in first; a failing linear pass undoes them
+        return _apply_w8a8(model, cfg, forward_loop, progress)
+
+
+def _apply_w8a8(model: nn.Module, cfg, forward_loop, progress: bool):
     static = isinstance(cfg, W8A8)
     mode = "static" if static else "dynamic"
     technique = "W8A8" if static else "Int8Dynamic with smoothquant=True"
