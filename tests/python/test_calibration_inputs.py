@@ -106,3 +106,17 @@ def test_a_failing_linear_pass_undoes_the_convs():
         ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
     assert dict(model.named_modules()) == before and "forward" not in model.__dict__
     assert torch.equal(model(x), out) and not hasattr(model, "_tensorslim_skipped")
+
+
+@pytest.mark.parametrize("verb, config", [
+    (ts.quantize, ts.Int4WeightOnly(group_size=32, algorithm="awq")),
+    (ts.factorize, ts.SVD(ratio=0.5, method="svd_llm")),
+])
+def test_compressed_under_inference_mode_then_trained(verb, config):
+    """AWQ's folded weights and the factors were inference tensors when the verb ran under
+    torch.inference_mode: every later forward with gradients raised."""
+    model = _mlp()
+    with torch.inference_mode():
+        verb(model, config, calib_data=_batches(), progress=False)
+    assert not any(p.is_inference() for p in model.parameters())
+    model(torch.randn(2, 32, requires_grad=True)).sum().backward()

@@ -141,10 +141,13 @@ def _build(mod: nn.Linear, d: Decomposition, rank: int, method: str) -> LowRankL
     stats = {"energy": d.spectrum.kept_energy(rank), "rel_error": err if math.isfinite(err) else None,
              "flops_before": LowRankLinear.dense_flops(n, m), "flops_after": 2 * rank * (m + n)}
     dev, dt = mod.weight.device, mod.weight.dtype
-    new = LowRankLinear(n, m, rank, mod.bias is not None, method, stats, device=dev).to(dt)
-    new.down.weight.copy_(down.to(dev, dt))
-    new.up.weight.copy_(up.to(dev, dt))
-    if mod.bias is not None:
-        new.up.bias.copy_(mod.bias.detach())
+    # normal tensors even under torch.inference_mode (its parameters would fail any later
+    # forward with gradients)
+    with torch.inference_mode(False), torch.no_grad():
+        new = LowRankLinear(n, m, rank, mod.bias is not None, method, stats, device=dev).to(dt)
+        new.down.weight.copy_(down.to(dev, dt))
+        new.up.weight.copy_(up.to(dev, dt))
+        if mod.bias is not None:
+            new.up.bias.copy_(mod.bias.detach())
     new.train(mod.training)
     return new

@@ -149,6 +149,9 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
 def _fold(prev: nn.Module, layers: List[nn.Linear], s: torch.Tensor, edits: Edits) -> None:
     """prev's output channels / s, the layers' input channels * s (same function)."""
     def param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+        if t.is_inference():  # ts.quantize called under torch.inference_mode: a normal tensor, else
+            with torch.inference_mode(False):  # the model's later forwards with grad fail on it
+                t = t.clone()
         return nn.Parameter(t, requires_grad=like.requires_grad)
 
     with torch.no_grad():
