@@ -120,3 +120,13 @@ def test_compressed_under_inference_mode_then_trained(verb, config):
         verb(model, config, calib_data=_batches(), progress=False)
     assert not any(p.is_inference() for p in model.parameters())
     model(torch.randn(2, 32, requires_grad=True)).sum().backward()
+
+
+def test_blockwise_errors_name_the_block_and_layer():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"gptq: block '2': gptq_quantize: w contains NaN"):
+        ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=_batches(), progress=False)
+    with pytest.raises(ValueError, match=r"layer '2'"):
+        ts.sparsify(model, ts.NM(2, 4, method="sparsegpt"), calib_data=_batches(), progress=False)

@@ -291,7 +291,12 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
             s = in_scales.get(name)
             if s is not None:  # folded groups already hold W * s (an edit); these get it here
                 w = w * s.to(w.device)[None, :]
-            ratio, _ = C.awq_search_clip(w, grams[name], spec.bits, spec.symmetric, group, n_grid, max_shrink)
+            try:
+                ratio, _ = C.awq_search_clip(w, grams[name], spec.bits, spec.symmetric, group, n_grid, max_shrink)
+            except (ValueError, TypeError) as e:
+                if not name:  # the block itself (named by the caller)
+                    raise
+                raise type(e)(f"layer '{name}': {e}") from e
             codes, scales, zps = C.quantize_codes_reference(w.cpu(), spec.bits, spec.symmetric, group, ratio)
             new[name] = (make_layer(lin, codes, scales, zps, spec, None if s is None else 1.0 / s),
                          f"{spec.describe(lin.in_features)} {notes[name]}")

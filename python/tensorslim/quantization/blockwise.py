@@ -448,7 +448,10 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
             kw = {}
             if float_outputs and not feed_quantized and not last and targets:
                 outs = kw["outputs"] = []
-            new = quantize_block(block, targets, inputs, edits, *extra, **kw) if targets else {}
+            try:
+                new = quantize_block(block, targets, inputs, edits, *extra, **kw) if targets else {}
+            except (ValueError, TypeError) as e:  # which block (the algorithm may name the layer)
+                raise type(e)(f"block '{bname}': {e}") from e
             if outs is not None and len(outs) != len(inputs):
                 raise RuntimeError(f"{name}: quantize_block gave {len(outs)} block outputs for "
                                    f"{len(inputs)} inputs")

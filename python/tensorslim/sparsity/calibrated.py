@@ -80,8 +80,13 @@ def sparsegpt_block(cfg: _Sparse):
         new = {}
         for name, lin in targets.items():
             w, bias = dense_linear(lin)
-            res = S.sparsegpt_prune(w, stats.hessians.pop(name), n, m, getattr(cfg, "sparsity", 0.0), bits,
-                                    cfg.block_size, cfg.damp, cfg.backend if cfg.backend == "reference" else "auto")
+            try:
+                res = S.sparsegpt_prune(w, stats.hessians.pop(name), n, m, getattr(cfg, "sparsity", 0.0), bits,
+                                        cfg.block_size, cfg.damp, cfg.backend if cfg.backend == "reference" else "auto")
+            except (ValueError, TypeError) as e:
+                if not name:  # the block itself (named by the caller)
+                    raise
+                raise type(e)(f"layer '{name}': {e}") from e
             if res.damp_used > cfg.damp:
                 warn_damping(name, cfg.damp, res.damp_used)
             weight = res.weight.to(device=w.device)
