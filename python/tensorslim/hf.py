@@ -98,10 +98,14 @@ def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
 
 
 def _build(cls, config) -> nn.Module:
-    """An (uncompressed, randomly initialized) model of `config`: Auto classes have
-    from_config, model classes take the config."""
+    """An (uncompressed, randomly initialized) model of `config` in the config's dtype, built as
+    transformers builds it (buffers it keeps in float32, such as rotary inv_freq, stay so; a
+    whole-model .to(dtype) cast them and the outputs moved): Auto classes have from_config,
+    model classes _from_config."""
     if hasattr(cls, "from_config"):
         return cls.from_config(config)
+    if hasattr(cls, "_from_config"):
+        return cls._from_config(config)
     return cls(config)
 
 
@@ -128,12 +132,7 @@ def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Mod
                          f"model tensorslim compressed; load it with {getattr(cls, '__name__', cls)}.from_pretrained")
     check_config(qcfg, directory)
     state = _read_weights(directory)
-    model = _build(cls, config)
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if dtype in (torch.float16, torch.bfloat16):
-        model.to(dtype)  # compressed layers: their compute dtype (see CompressedLinear)
+    model = _build(cls, config)  # compressed layers then compute in the float layers' dtype
     shapes = {k: (str(t.dtype), tuple(t.shape)) for k, t in state.items()}
     originals, replacements = io.plan_layers(model, qcfg["layers"], directory, shapes)
     io.load_layers_and_state(model, originals, replacements, state, directory, fill_tied=True)

@@ -155,9 +155,11 @@ def test_config_describes_the_compressed_layers():
 
 @pytest.mark.parametrize("model_name", ["gpt2", "llama"])
 def test_half_model_round_trip(model_name, tmp_path):
-    """A model halved after quantization saves fp16 float layers and comes back in fp16.
-    (transformers' own loader keeps LLaMA's rotary inv_freq in fp32 where .half() made it fp16,
-    float models alike, so that route is compared on GPT-2 only.)"""
+    """A model halved after quantization saves fp16 float layers and comes back in fp16. Both
+    routes build the model as transformers does: LLaMA's rotary inv_freq stays fp32 (where
+    .half() made it fp16), so the LLaMA halved by hand is compared with the two routes' models,
+    and one loaded in bf16 the usual way comes back bit for bit (a cast of the whole model to
+    the config's dtype moved it)."""
     model = _build(model_name)
     ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
     model.half()
@@ -166,6 +168,18 @@ def test_half_model_round_trip(model_name, tmp_path):
     assert out.dtype == torch.float16
     model.save_pretrained(tmp_path)
     loaded = ts.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)
+    if model_name == "llama":
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(_output(loaded, x), _output(plain, x))
+        assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+        float_dir, bf16_dir = tmp_path / "float", tmp_path / "bf16"
+        _build(model_name).save_pretrained(float_dir)
+        usual = transformers.AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16).eval()
+        ts.quantize(usual, ts.Int4WeightOnly(group_size=32), progress=False)
+        usual.save_pretrained(bf16_dir)
+        again = ts.from_pretrained(transformers.AutoModelForCausalLM, bf16_dir)
+        assert torch.equal(_output(again, x), _output(usual, x))
+        return
     assert torch.equal(_output(loaded, x), out)
     if model_name == "gpt2":
         plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
