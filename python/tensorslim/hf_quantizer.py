@@ -49,6 +49,7 @@ def _make_classes():
                 io._set_submodule(model, name, new)
             if shapes is not None:  # transformers would fill a missing packed tensor with fresh memory
                 io.check_stored(model, replacements, shapes, "the checkpoint")
+            _untie_compressed(model)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -65,6 +66,24 @@ def _make_classes():
             return True  # gradients reach the inputs of compressed layers: adapters train
 
     return TensorslimConfig, TensorslimHfQuantizer
+
+
+def _untie_compressed(model) -> None:
+    """Drop transformers' tied-weight entries naming a weight a compressed layer replaced: tying
+    needs both to be Parameters (T5's config ties the head to the tables again whatever the
+    saved config said, and loading raised '`weight` is not an nn.Parameter')."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        return
+
+    def is_param(key: str) -> bool:
+        try:
+            model.get_parameter(key)
+            return True
+        except AttributeError:
+            return False
+
+    model.all_tied_weights_keys = {t: s for t, s in tied.items() if is_param(t) and is_param(s)}
 
 
 def _checkpoint_shapes(files):

@@ -245,6 +245,20 @@ def test_both_routes_refuse_missing_tensors_and_corrupt_configs(tmp_path):
                 load(directory)
 
 
+def test_t5_with_a_compressed_head_loads_through_transformers(tmp_path):
+    """T5's config ties the head to the token tables again on load whatever the saved config
+    says: transformers' from_pretrained raised '`weight` is not an nn.Parameter'."""
+    model = _build("t5")
+    ts.quantize(model, ts.Int8WeightOnly(skip_output_head=False), progress=False)
+    x = _inputs("t5", 1)
+    out = _output(model, x)
+    model.save_pretrained(tmp_path)
+    for loaded in (transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval(),
+                   ts.from_pretrained(transformers.AutoModelForSeq2SeqLM, tmp_path)):
+        assert isinstance(loaded.lm_head, ts.nn.CompressedLinear)
+        assert torch.equal(_output(loaded, x), out)
+
+
 def test_a_compressed_tied_head_loads_through_transformers(tmp_path):
     """skip_output_head=False compresses GPT-2's head, tied to its float token table: the
     config stops tying them, so transformers' own from_pretrained loads the directory (it raised

@@ -190,29 +190,3 @@ def test_quantizing_again_reports_the_packed_table_as_already_compressed():
     rows = {c.name: c.reason for c in report.skipped}
     assert set(rows) == {"0", "1"} and all("already compressed" in r for r in rows.values())
 
-
-def test_tables_sharing_one_weight_share_one_packed_table(tmp_path):
-    """T5's shared / encoder / decoder token tables hold one weight: packed as one module (each
-    was packed separately: three copies, more bytes than the one float tensor with the head)."""
-    class Seq2Seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.shared = nn.Embedding(40, 32)
-            self.enc, self.dec = nn.Embedding(40, 32), nn.Embedding(40, 32)
-            self.enc.weight = self.dec.weight = self.shared.weight
-            self.head = nn.Linear(32, 40, bias=False)
-            self.head.weight = self.shared.weight
-
-        def forward(self, ids):
-            return self.head(self.enc(ids) + self.dec(ids))
-
-    torch.manual_seed(0)
-    model, ids = Seq2Seq(), torch.randint(0, 40, (2, 5))
-    report = ts.quantize(model, ts.Int8WeightOnly(skip_output_head=False), progress=False)
-    assert model.enc is model.shared and model.dec is model.shared
-    rows = {c.name: c for c in report.changes}
-    assert rows["enc"].reason == "the packed table of 'shared' (one weight)" and rows["enc"].bytes_before == 0
-    ts.save(model, tmp_path / "m.safetensors")
-    fresh = Seq2Seq()
-    ts.load(fresh, tmp_path / "m.safetensors")
-    assert torch.equal(fresh(ids), model(ids))

@@ -46,9 +46,9 @@ def plan(model: nn.Module, cfg) -> Plan:
     new: Dict[str, nn.Module] = {}
     rows: List[LayerChange] = []
     tied: Dict[str, str] = {}
-    # tables sharing one weight (T5's shared / encoder / decoder embed_tokens): one packed
-    # module under every name, as the one tensor was (separately, 3 packed copies of it)
-    shared: Dict[tuple, str] = {}
+    # Tables sharing one weight (T5's shared / encoder / decoder embed_tokens) are packed one by
+    # one: held as one module under every name, transformers' save_pretrained refuses the
+    # shared tensors it does not declare tied.
     for name, mod in model.named_modules():
         if type(mod) not in (nn.Embedding, nn.EmbeddingBag):
             continue
@@ -63,14 +63,6 @@ def plan(model: nn.Module, cfg) -> Plan:
         if reason:
             rows.append(LayerChange(name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod), reason=reason))
             continue
-        same = (id(mod.weight), type(mod), mod.padding_idx, getattr(mod, "mode", None),
-                getattr(mod, "include_last_offset", None))
-        if same in shared and shared[same] in new:
-            new[name] = new[shared[same]]
-            rows.append(LayerChange(name, type(mod).__name__, "quantized", new[name].describe(), 0, 0,
-                                    reason=f"the packed table of '{shared[same]}' (one weight)"))
-            continue
-        shared[same] = name
         cls = QuantizedEmbedding if isinstance(mod, nn.Embedding) else QuantizedEmbeddingBag
         try:
             q = cls.from_embedding(mod, fmt, group)
