@@ -123,8 +123,9 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
         for c in configs.values():
             c.use_cache = True
     if not captured:
-        raise ValueError("calibration: the forward loop never reached the first block "
-                         "(is the calibration data empty?)")
+        raise ValueError(f"calibration: the forward loop never reached the first block ({type(block).__name__}): "
+                         f"is the calibration data empty, or is that block a container the model never "
+                         f"calls itself (a ModuleList of ModuleLists)?")
     return captured
 
 
