@@ -92,8 +92,8 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
 def layer_specs(model: nn.Module) -> Dict[str, dict]:
     """{module name: spec} of every compressed layer (what a saved file's header lists)."""
     kinds = tuple(COMPRESSED_MODULES.values())
-    # every name of a module held under several (tables of one tied weight): a fresh model may
-    # hold separate float modules there, each to be replaced
+    # every name of a module held under several (an alias): a fresh model may hold separate
+    # float modules there, each to be replaced
     return {name: mod.spec() for name, mod in model.named_modules(remove_duplicate=False) if isinstance(mod, kinds)}
 
 
