@@ -11,7 +11,8 @@ from ..report import SUMMARY_SOURCES, Report, compressed_layers, note_already_co
 from . import masks
 from .config import ChannelPrune, Magnitude, RandomPrune, _Unstructured
 from .masks import finalize
-from .schedule import Schedule, reusable
+from ..quantization.calibrate import reusable
+from .schedule import Schedule
 from .unstructured import prune_unstructured
 
 SUMMARY_SOURCES.append(masks.summary_rows)  # ts.summary: each pruned layer's sparsity

@@ -18,25 +18,15 @@ physically. Pass example_inputs= (or calib_data=) for models traced with torch.f
 """
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
 from .config import _Unstructured
+from ..quantization.calibrate import reusable
 from .masks import accept_saved_masks
 
 CURVES = {"cubic": 3, "linear": 1}
 
-
-def reusable(calib_data):
-    """calib_data as an iterable that runs more than once: a generator becomes a list (the
-    first batch traces the channel graph, then every batch gives gradients)."""
-    if calib_data is None or isinstance(calib_data, torch.Tensor):
-        return calib_data
-    try:
-        return list(calib_data) if iter(calib_data) is calib_data else calib_data
-    except TypeError:
-        raise TypeError(f"calib_data must be iterable, got {type(calib_data).__name__}") from None
 
 
 class Schedule:

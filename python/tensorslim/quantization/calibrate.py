@@ -116,12 +116,7 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
     if isinstance(calib_data, (torch.Tensor, dict)):
         raise TypeError("calib_data must be an iterable of batches (e.g. a list of tensors or a "
                         "DataLoader), not a single tensor/dict; wrap it in a list")
-    try:
-        one_shot = iter(calib_data) is calib_data
-    except TypeError:
-        raise TypeError(f"calib_data must be iterable, got {type(calib_data).__name__}") from None
-    if one_shot:  # a generator runs once; verbs run the data once per pass (an empty 2nd pass)
-        calib_data = list(calib_data)
+    calib_data = reusable(calib_data)
 
     def loop(model: nn.Module) -> None:
         count = 0
@@ -141,6 +136,17 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
         check.done()
 
     return loop
+
+
+def reusable(calib_data):
+    """calib_data as an iterable that runs more than once: a generator becomes a list (verbs
+    run the data once per pass, and a second pass over a spent generator saw nothing)."""
+    if calib_data is None or isinstance(calib_data, torch.Tensor):
+        return calib_data
+    try:
+        return list(calib_data) if iter(calib_data) is calib_data else calib_data
+    except TypeError:
+        raise TypeError(f"calib_data must be iterable, got {type(calib_data).__name__}") from None
 
 
 def require_forward_loop(loop: Optional[ForwardLoop], technique: str) -> ForwardLoop:
