@@ -20,9 +20,9 @@ from typing import Optional
 
 from torch import nn
 
+from ..quantization.calibrate import reusable
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
 from .config import _Unstructured
-from ..quantization.calibrate import reusable
 from .masks import accept_saved_masks
 
 CURVES = {"cubic": 3, "linear": 1}
