@@ -57,10 +57,19 @@ def _mask_fake(w, p, threshold, k):
     return torch.empty(w.shape, dtype=torch.uint8, device=w.device)
 
 
+def _check_bit_field(shift, nbits, prefix) -> None:
+    """The field (bits >> shift) & (2^nbits - 1) lies within a 32-bit score."""
+    for name, v in (("shift", shift), ("nbits", nbits), ("prefix", prefix)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"score_histogram: {name} must be an int, got {v!r}")
+    if not (1 <= nbits <= 16 and 0 <= shift <= 32 - nbits):
+        raise ValueError(f"score_histogram: need 1 <= nbits <= 16 and 0 <= shift <= 32 - nbits, got shift {shift}, "
+                         f"nbits {nbits}")
+
+
 @torch.library.custom_op("tensorslim::score_histogram", mutates_args=(), device_types="cpu")
 def _hist(w: torch.Tensor, p: int, shift: int, nbits: int, prefix: int) -> torch.Tensor:
-    if not 1 <= nbits <= 16:  # before 2^nbits bins are allocated (the core checks the rest)
-        raise ValueError(f"score_histogram: need 1 <= nbits <= 16, got {nbits}")
+    _check_bit_field(shift, nbits, prefix)  # before 2^nbits bins are allocated
     hist = torch.zeros(1 << nbits, dtype=torch.int32)
     _C.score_histogram(_views.view(w, "w"), p, shift, nbits, prefix, _views.view(hist, "hist"))
     return hist
@@ -113,12 +122,7 @@ def score_histogram(w: torch.Tensor, shift: int, nbits: int, prefix: int, p: int
     """int32 [2^nbits]: counts of the score bit fields (bits >> shift) & (2^nbits - 1) among
     the scores whose higher bits (>> shift + nbits) equal prefix."""
     _check(p, backend, "score_histogram")
-    for name, v in (("shift", shift), ("nbits", nbits), ("prefix", prefix)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"score_histogram: {name} must be an int, got {v!r}")
-    if not (1 <= nbits <= 16 and 0 <= shift <= 32 - nbits):
-        raise ValueError(f"score_histogram: need 1 <= nbits <= 16 and 0 <= shift <= 32 - nbits, got shift {shift}, "
-                         f"nbits {nbits}")
+    _check_bit_field(shift, nbits, prefix)
     flat = _f32(w)
     if backend == "reference" or flat.device.type != "cpu":
         bits = scores(flat, p, "reference").view(torch.int32).to(torch.int64)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..ops import calibration as C
 from .gram import add_gram_upper_, symmetric
-from .blockwise import Edits, Inputs, WeightSpec, calibrate_blockwise, make_layer, run_block
+from .blockwise import Edits, Inputs, WeightSpec, calibrate_blockwise, errors_named, make_layer, run_block
 from ..config import AWQ
 from ..transforms import float_weight
 from .registry import register_transform
@@ -291,12 +291,8 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
             s = in_scales.get(name)
             if s is not None:  # folded groups already hold W * s (an edit); these get it here
                 w = w * s.to(w.device)[None, :]
-            try:
+            with errors_named(f"layer '{name}'" if name else ""):
                 ratio, _ = C.awq_search_clip(w, grams[name], spec.bits, spec.symmetric, group, n_grid, max_shrink)
-            except (ValueError, TypeError) as e:
-                if not name:  # the block itself (named by the caller)
-                    raise
-                raise type(e)(f"layer '{name}': {e}") from e
             codes, scales, zps = C.quantize_codes_reference(w.cpu(), spec.bits, spec.symmetric, group, ratio)
             new[name] = (make_layer(lin, codes, scales, zps, spec, None if s is None else 1.0 / s),
                          f"{spec.describe(lin.in_features)} {notes[name]}")

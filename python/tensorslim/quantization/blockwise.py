@@ -16,6 +16,7 @@ error.
 A failure anywhere puts back every module and parameter the pipeline replaced, so the
 model is left as it was.
 """
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
@@ -127,6 +128,18 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
                          f"is the calibration data empty, or is that block a container the model never "
                          f"calls itself (a ModuleList of ModuleLists)?")
     return captured
+
+
+@contextlib.contextmanager
+def errors_named(where: str):
+    """A ValueError / TypeError raised inside says where (a block, a layer in it); '' adds
+    nothing (a block that is itself the layer)."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if not where:
+            raise
+        raise type(e)(f"{where}: {e}") from e
 
 
 def block_output(out: Any) -> torch.Tensor:
@@ -449,10 +462,8 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
             kw = {}
             if float_outputs and not feed_quantized and not last and targets:
                 outs = kw["outputs"] = []
-            try:
+            with errors_named(f"block '{bname}'"):  # which block (the algorithm may name the layer)
                 new = quantize_block(block, targets, inputs, edits, *extra, **kw) if targets else {}
-            except (ValueError, TypeError) as e:  # which block (the algorithm may name the layer)
-                raise type(e)(f"block '{bname}': {e}") from e
             if outs is not None and len(outs) != len(inputs):
                 raise RuntimeError(f"{name}: quantize_block gave {len(outs)} block outputs for "
                                    f"{len(inputs)} inputs")

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..ops import calibration as C
 from .gram import gram_upper, symmetric
-from .blockwise import (Edits, FloatReference, Inputs, StopAtLastCall, WeightSpec, calibrate_blockwise, make_layer,
-                        run_block, set_submodule, warn_damping)
+from .blockwise import (Edits, FloatReference, Inputs, StopAtLastCall, WeightSpec, calibrate_blockwise, errors_named,
+                        make_layer, run_block, set_submodule, warn_damping)
 from ..config import GPTQ
 from .registry import register_transform
 from .weight_only import apply_weight_only, check_linear, register_algorithm
@@ -210,13 +210,9 @@ def gptq_block(spec: WeightSpec, act_order: bool = False, damp: float = DAMP, bl
                     ws.append(fit_float_outputs(w, h, stats.crosses.pop(n)) if fitted[-1] else w)
                 # Layers with the same H share one solve (rows are independent given H): one
                 # damped inverse-Hessian factor instead of one per layer.
-                try:
+                with errors_named(f"layer {', '.join(repr(n) for n in names)}" if any(names) else ""):
                     res = C.gptq_quantize(ws[0] if len(ws) == 1 else torch.cat(ws), h, spec.bits, spec.symmetric,
                                           spec.group_for(lins[0].in_features), block_size, act_order, damp)
-                except (ValueError, TypeError) as e:  # the block is named by the caller; the layer here
-                    if not any(names):
-                        raise
-                    raise type(e)(f"layer {', '.join(repr(n) for n in names)}: {e}") from e
                 row = 0
                 for n, lin, fit in zip(names, lins, fitted):
                     rows = slice(row, row + lin.out_features)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import sparsegpt as S
-from ..quantization.blockwise import Edits, Inputs, StopAtLastCall, calibrate_blockwise, warn_damping
+from ..quantization.blockwise import Edits, Inputs, StopAtLastCall, calibrate_blockwise, errors_named, warn_damping
 from ..quantization.gptq import accumulate_hessians
 from .build import build, dense_linear
 from .config import NM, _Sparse
@@ -80,13 +80,9 @@ def sparsegpt_block(cfg: _Sparse):
         new = {}
         for name, lin in targets.items():
             w, bias = dense_linear(lin)
-            try:
+            with errors_named(f"layer '{name}'" if name else ""):
                 res = S.sparsegpt_prune(w, stats.hessians.pop(name), n, m, getattr(cfg, "sparsity", 0.0), bits,
                                         cfg.block_size, cfg.damp, cfg.backend if cfg.backend == "reference" else "auto")
-            except (ValueError, TypeError) as e:
-                if not name:  # the block itself (named by the caller)
-                    raise
-                raise type(e)(f"layer '{name}': {e}") from e
             if res.damp_used > cfg.damp:
                 warn_damping(name, cfg.damp, res.damp_used)
             weight = res.weight.to(device=w.device)
