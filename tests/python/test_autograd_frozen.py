@@ -87,3 +87,62 @@ def test_lora_on_a_quantized_base_trains(config):
     assert losses[-1] < 0.8 * losses[0]
     after = {k.replace(".base", ""): v for k, v in model.state_dict().items() if ".base." in k}
     assert after.keys() == frozen.keys() and all(torch.equal(after[k], frozen[k]) for k in frozen)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("as_parameter", [False, True], ids=["buffer", "parameter"])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x_plain", "x_grad"])
+def test_a_bias_made_trainable_gets_its_gradient(kind, as_parameter, x_grad):
+    """BitFit on a compressed model: a bias buffer set requires_grad (or re-set as a
+    Parameter) gets sum(grad_y) over the rows; it got None, silently, before."""
+    layer = build(kind)
+    if layer.bias is None:
+        pytest.skip("no bias")
+    if as_parameter:
+        layer.bias = nn.Parameter(layer.bias.detach().clone())
+    else:
+        layer.bias.requires_grad_(True)
+    x = torch.randn(3, 5, IN, requires_grad=x_grad)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert layer.bias.grad is not None
+    assert torch.allclose(layer.bias.grad.double(), grad_y.double().sum((0, 1)), rtol=1e-5, atol=1e-5)
+    if x_grad:
+        assert torch.allclose(x.grad.double(), grad_y.double() @ weight_in_original_domain(layer),
+                              rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no gradient wanted: the plain kernel, the same values
+        assert torch.equal(layer(x.detach()), y.detach())
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_int8_conv_trainable_bias_gets_its_gradient(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    ts.quantize(model, ts.W8A8() if mode == "static" else ts.Int8Dynamic(), calib_data=data, progress=False)
+    conv = model[0]
+    assert isinstance(conv, ts.nn.Int8Conv2d)
+    conv.bias.requires_grad_(True)
+    y = model(data[0])
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    relu_open = (y > 0).double()  # the ReLU after the conv passes the gradient where y > 0
+    want = (grad_y.double() * relu_open).sum((0, 2, 3))
+    assert conv.bias.grad is not None
+    assert torch.allclose(conv.bias.grad.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_torch_func_grad_through_a_compressed_layer(kind):
+    """torch.func.grad / jacrev take the layer (its autograd.Function has setup_context), and a
+    transform whose gradient does not cross it runs its kernel on unwrapped tensors."""
+    layer = build(kind)
+    x = torch.randn(IN)
+    g = torch.func.grad(lambda t: layer(t).sum())(x)
+    assert torch.allclose(g.double(), weight_in_original_domain(layer).sum(0), rtol=1e-5, atol=1e-5)
+    head = nn.Linear(OUT, 2)
+    params = {k: v.detach() for k, v in head.named_parameters()}
+    feats = layer(x.unsqueeze(0))
+    grads = torch.func.grad(lambda p: torch.func.functional_call(head, p, (layer(x.unsqueeze(0)),)).sum())(params)
+    assert torch.allclose(grads["weight"], feats.expand(2, -1), rtol=1e-6, atol=1e-6)

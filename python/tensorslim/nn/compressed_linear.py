@@ -1,7 +1,8 @@
 """What every compressed linear does around its kernel: check the input, and let a gradient
 flow through the frozen layer to its input.
 
-The packed buffers are frozen: they never receive a gradient. The input does, so an adapter
+The packed buffers are frozen: they never receive a gradient. The input does (and a bias the
+user makes trainable: requires_grad_ on the buffer, or re-set as a Parameter), so an adapter
 (LoRA) or any trainable layer before a quantized one trains as on a float base model:
     grad_x = grad_y @ W_eff
 with W_eff the layer's effective weight (`effective_weight()`, the dequantized weight with any
@@ -19,20 +20,37 @@ from .layer_errors import note_layer
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
-    """Forward: the layer's own kernel; backward: grad_y @ W_eff to the input only."""
+    """Forward: the layer's own kernel; backward: grad_y @ W_eff to the input, and grad_y
+    summed over the rows to a bias made trainable (BitFit-style tuning of a compressed model).
+    forward / setup_context apart, so torch.func's transforms (grad, jacrev) take it."""
 
     @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer, ctx.x_dtype = layer, x.dtype
+    def forward(x, bias, layer):
         return layer.kernel_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, layer = inputs
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        w = ctx.layer.effective_weight()
+        grad_x = grad_bias = None
         dtype = torch.promote_types(grad_y.dtype, torch.float32)  # bf16 / fp16 grads: fp32 product
-        grad_x = grad_y.to(dtype) @ w.to(device=grad_y.device, dtype=dtype)
-        return grad_x.to(ctx.x_dtype), None
+        if ctx.needs_input_grad[0]:
+            w = ctx.layer.effective_weight()
+            grad_x = (grad_y.to(dtype) @ w.to(device=grad_y.device, dtype=dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
+
+
+def trainable_bias(layer: torch.nn.Module):
+    """The layer's bias where a gradient must reach it (made trainable, grad mode on), else None."""
+    bias = layer._buffers.get("bias", layer._parameters.get("bias"))
+    return bias if bias is not None and bias.requires_grad and torch.is_grad_enabled() else None
 
 
 class CompressedLinear(KeepsPackedDtypes):
@@ -120,6 +138,7 @@ class CompressedLinear(KeepsPackedDtypes):
         self.check_input(x)
         if self._compute_dtype is not None and x.dtype != self._compute_dtype:
             x = x.to(self._compute_dtype)
-        if x.requires_grad and torch.is_grad_enabled():
-            return _FrozenLinearFunction.apply(x, self)
+        bias = trainable_bias(self)
+        if (x.requires_grad and torch.is_grad_enabled()) or bias is not None:
+            return _FrozenLinearFunction.apply(x, bias, self)
         return self.kernel_forward(x)

@@ -22,6 +22,7 @@ from .._native import _C
 from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
 from ..ops import torch_onednn
+from .compressed_linear import trainable_bias
 from .layer_errors import note_layer
 
 MODES = ("static", "dynamic")
@@ -54,20 +55,30 @@ def symmetric_padding(conv: nn.Module) -> Tuple[int, ...]:
 
 class _FrozenConvFunction(torch.autograd.Function):
     """Forward: the int8 kernel; backward: the input gradient through the dequantized weight
-    (activation rounding passed straight through, as for the compressed linears)."""
+    (activation rounding passed straight through, as for the compressed linears), and grad_y
+    summed per channel to a bias made trainable."""
 
     @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer, ctx.shape, ctx.x_dtype = layer, x.shape, x.dtype
+    def forward(x, bias, layer):
         return layer.kernel_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, layer = inputs
+        ctx.layer, ctx.shape, ctx.x_dtype = layer, x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        m = ctx.layer
-        grad = nn.grad.conv1d_input if m.sp == 1 else nn.grad.conv2d_input
-        gx = grad(ctx.shape, m.weight, grad_y.float(), m.stride, m.padding, m.dilation, m.groups)
-        return gx.to(ctx.x_dtype), None
+        m, grad_x, grad_bias = ctx.layer, None, None
+        if ctx.needs_input_grad[0]:
+            grad = nn.grad.conv1d_input if m.sp == 1 else nn.grad.conv2d_input
+            gx = grad(ctx.shape, m.weight, grad_y.float(), m.stride, m.padding, m.dilation, m.groups)
+            grad_x = gx.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.float().sum([d for d in range(grad_y.dim()) if d != 1]).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
 
 
 class _Int8ConvNd(nn.Module):
@@ -245,8 +256,9 @@ class _Int8ConvNd(nn.Module):
             return self.kernel_forward(x, residual, activation, sig)
         if x.dim() == self.sp + 1:
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        if x.requires_grad and torch.is_grad_enabled():
-            return _FrozenConvFunction.apply(x, self)
+        bias = trainable_bias(self)
+        if (x.requires_grad and torch.is_grad_enabled()) or bias is not None:
+            return _FrozenConvFunction.apply(x, bias, self)
         return self.kernel_forward(x, sig=sig)
 
     def _checked_call(self, x: torch.Tensor, residual: Optional[torch.Tensor], activation: str
@@ -259,6 +271,8 @@ class _Int8ConvNd(nn.Module):
         if self.backend == "reference" or (torch.is_grad_enabled() and (
                 x.requires_grad or (residual is not None and residual.requires_grad))):
             return None
+        if trainable_bias(self) is not None:
+            return None
         if not _eager.direct_ok((x, residual) + tuple(self._buffers.values())):
             return None
         y = self._static_call(self._channels_last(x), residual, activation)
@@ -268,6 +282,8 @@ class _Int8ConvNd(nn.Module):
         """Whether the epilogue can run in the kernel: a batched fp32 input without gradient,
         and a residual that is an fp32 tensor of exactly the output's shape (no broadcast)."""
         if x.dim() != self.sp + 2 or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        if trainable_bias(self) is not None:
             return False
         if residual is None:
             return True

@@ -101,7 +101,8 @@ class Int8Linear(CompressedLinear):
             return None
         key = (tensor_identity(qweight), _C.kernel_isa())  # the layout follows the ISA (and AVX2's VNNI)
         if key != self._packed_key:
-            self._packed = ops.int8.pack_int8_weight(qweight)
+            with _eager.untraced():
+                self._packed = ops.int8.pack_int8_weight(qweight)
             self._packed_key = key
         return self._packed
 

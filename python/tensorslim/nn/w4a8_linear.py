@@ -85,8 +85,9 @@ class W4A8Linear(PackedLinear):
         plan = self._plans.get(key)
         if plan is None:
             self._plans.clear()  # one set of tensors at a time: the old copy goes before the new one
-            packed = ops.w4a8.pack_w4a8_weight(qweight, scales, zero_points, self.fmt, self.group_size,
-                                               self.in_features)
+            with _eager.untraced():
+                packed = ops.w4a8.pack_w4a8_weight(qweight, scales, zero_points, self.fmt, self.group_size,
+                                                   self.in_features)
             plan = (packed,
                     (_views.view(qweight, "qweight"), _views.view(scales, "scales"),
                      _views.optional_view(zero_points, "zero_points"), _views.optional_view(bias, "bias"),

@@ -19,6 +19,8 @@ def direct_ok(args) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: ops return wrapped tensors
+        return False
     grad = torch.is_grad_enabled()
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for a in args:
@@ -39,13 +41,14 @@ def call(op, impl, *args):
 def untraced():
     """Derived data (packed weights) built under torch.jit.trace or a dispatch mode (make_fx):
     kept out of the trace, which then holds it as a constant (recorded, it replayed as the
-    uninitialized torch.empty the native packing had filled outside the trace)."""
+    uninitialized torch.empty the native packing had filled outside the trace), or under a
+    torch.func transform (whose tensors have no storage the core could write)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     state = torch._C._get_tracing_state()
     torch._C._set_tracing_state(None)
     try:
-        with _disable_current_modes():
+        with _disable_current_modes(), torch._C._DisableFuncTorch():
             yield
     finally:
         torch._C._set_tracing_state(state)
