@@ -98,3 +98,23 @@ def test_frozen_weights_can_be_pruned_and_guarded_once_unfrozen():
     _adam_steps(model)  # the first forward's pre-hook hooks the now trainable weight
     assert int(model[0].weight[pruned].count_nonzero()) == 0
     assert model[0].weight.grad[pruned].abs().max() == 0
+
+
+def test_functional_call_leaves_the_callers_tensors_alone():
+    """torch.func.functional_call with plain tensors: used as given; the pre-hook zeroed the
+    caller's tensors in place (EMA / meta-learning weights) before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    ts.prune(model, ts.Magnitude(sparsity=0.5, skip_output_head=False), progress=False)
+    dense = {k: v.detach() + 1.0 for k, v in model.named_parameters()}
+    before = {k: v.clone() for k, v in dense.items()}
+    x = torch.randn(3, 16)
+    out = torch.func.functional_call(model, dense, (x,))
+    assert all(torch.equal(dense[k], before[k]) for k in dense)
+    ref = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    ref.load_state_dict(before)
+    assert torch.allclose(out, ref(x), atol=1e-6)
+    # The model's own masked weights still apply outside the call.
+    assert int((model[0].weight == 0).sum()) == 256
+    masked = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert torch.allclose(torch.func.functional_call(model, masked, (x,)), model(x), atol=1e-6)

@@ -65,6 +65,11 @@ def _guard(module: nn.Module) -> None:
 
 
 def _forward_pre_hook(module: nn.Module, args) -> None:
+    weight = module._parameters.get("weight")
+    if weight is not None and not isinstance(weight, nn.Parameter):
+        # A plain tensor stands in for the weight (torch.func.functional_call's): the caller's
+        # tensor, used as given and never written (the mask was zeroing it in place).
+        return
     _guard(module)
     # Through .data: the weight's version counter stays, so a graph that saved the weight in
     # an earlier forward (two forwards before one backward, a shared layer, a no_grad forward
