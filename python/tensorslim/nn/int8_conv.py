@@ -183,12 +183,11 @@ class _Int8ConvNd(nn.Module):
     def _apply(self, fn, recurse=True):
         """model.half() / .to(dtype) change the compute dtype only: the scales and bias stay fp32
         (the kernel's epilogue is fp32) and the output takes the input's dtype."""
-        super()._apply(fn, recurse)
-        for name in ("w_scales", "bias", "act_scale"):
-            t = getattr(self, name)
-            if t is not None and t.dtype != torch.float32:
-                setattr(self, name, t.float())
-        return self
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:  # never through fp16 / bf16 and back (rounded)
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     # ------------------------------------------------------------ nn.Conv surface
 

@@ -222,12 +222,16 @@ bool conv_int8_run(const TensorView& qx, const TensorView& qweight, const Tensor
   if (!cpu::onednn_usable()) return false;
   cpu::OneDnn& eng = cpu::onednn();
   std::lock_guard<std::mutex> lock(eng.mu);
+  // The weights were packed for the kernel without the epilogue: this one must read that
+  // layout. Looked up first and copied: a lookup may clear the cache (entry_for), which
+  // would leave a reference taken before it dangling.
+  dnnl::memory::desc packed_layout;
+  if (has_epilogue(g)) packed_layout = entry_for(s, without_epilogue(g)).wei;
   const Entry& e = entry_for(s, g);
   if (!e.ok) return false;
   TS_CHECK_VALUE(packed.numel() == static_cast<int64_t>(e.wei.get_size()),
                  "conv_int8: packed weights do not match this shape (pack them for it)");
-  // The weights were packed for the kernel without the epilogue: this one must read that layout.
-  if (has_epilogue(g) && !(e.wei == entry_for(s, without_epilogue(g)).wei)) return false;
+  if (has_epilogue(g) && !(e.wei == packed_layout)) return false;
   float a_scale = act_scale;
   int32_t zp = zero_point;
   std::unordered_map<int, dnnl::memory> args = {
