@@ -10,6 +10,7 @@ from torch import nn
 
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..hf import record_layers
+from ..pruning import masks
 from ..quantization.calibrate import make_forward_loop
 from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
 from ..transforms import replace_modules
@@ -33,6 +34,7 @@ def factorize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *
         raise TypeError(f"factorize takes ts.SVD, ts.Tucker or ts.CP, got {type(config).__name__}")
     loop = make_forward_loop(calib_data, forward_loop, progress)
     before = compressed_layers(model)  # rows saying why they stayed as they were
+    masks.reapply(model)  # pruned layers compress as their forward computes
     with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
         report = _factorize(model, config, loop, progress)
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers

@@ -77,6 +77,15 @@ def _forward_pre_hook(module: nn.Module, args) -> None:
     module.weight.data.mul_(getattr(module, MASK))
 
 
+def reapply(model: nn.Module) -> None:
+    """Zero every masked layer's pruned weights, as its forward pre-hook does: the verbs that
+    replace layers read the weights directly (a weight loaded or edited after pruning, with
+    no forward since, was compressed dense: the mask was lost)."""
+    for module in model.modules():
+        if is_masked(module) and isinstance(module._parameters.get("weight"), nn.Parameter):
+            module.weight.data.mul_(getattr(module, MASK))
+
+
 def is_masked(module: nn.Module) -> bool:
     return (isinstance(getattr(module, MASK, None), torch.Tensor)
             and any(h is _forward_pre_hook for h in module._forward_pre_hooks.values()))

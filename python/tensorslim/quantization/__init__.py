@@ -6,6 +6,7 @@ from torch import nn
 from ..config import resolve_config
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..hf import record_layers
+from ..pruning import masks
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
 from ..transforms import check_no_empty_layers
 # Each technique module registers its transforms (or weight-only algorithms) on import.
@@ -32,6 +33,7 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     if transform is None:
         raise TypeError(f"{type(cfg).__name__} is not a quantization config")
     loop = make_forward_loop(calib_data, forward_loop, progress)
+    masks.reapply(model)  # pruned layers compress as their forward computes
     with conv1d_as_linear(model) as conv1d_names:
         check_no_empty_layers(model, cfg)
         before = compressed_layers(model)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..hf import record_layers
+from ..pruning import masks as pruning_masks
 from ..quantization.calibrate import make_forward_loop
 from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
 from ..transforms import check_no_empty_layers, replace_modules
@@ -57,6 +58,7 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
             raise ValueError(f"sparsify: method={config.method!r} needs calibration data: pass calib_data= "
                              f"(an iterable of model inputs) or forward_loop=")
         loop = make_forward_loop(calib_data, forward_loop, progress)
+    pruning_masks.reapply(model)  # pruned layers compress as their forward computes
     with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
         check_no_empty_layers(model, config)
         already = compressed_layers(model)
