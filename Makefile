@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find include src kernels python tests/cpp tests/cuda benchmarks -type f -not -name "*.pyc" 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all deps build test test-cpp test-python test-python-avx2 test-asan fuzz fuzz-smoke demo bench clean
+.PHONY: all deps build test test-cpp test-python test-python-avx2 test-asan test-portable fuzz fuzz-smoke demo bench clean
 
 all: build
 
@@ -72,6 +72,11 @@ fuzz-smoke: $(STAMP) $(VENV)/.clang-stamp
 # ASan + UBSan build in build-asan/: ctest and the kernel-calling pytest files (see the script).
 test-asan: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tests/sanitize/run.sh
+
+# The portable build (scalar kernels, no oneDNN: what ARM runs) in build-portable/, its ctest
+# and the kernel-calling pytest files; then the core cross-compiled for aarch64 under qemu.
+test-portable: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tests/portable/run.sh
 
 demo: build
 	HF_HUB_OFFLINE=1 $(PY) examples/compress_minilm.py

@@ -24,6 +24,13 @@ PYBIND11_MODULE(_C, m) {
     return tensorslim::cpu::use_host_openmp(path.c_str());
   }, "Run parallel regions on the host's already-loaded OpenMP runtime ('' = own pool).");
   m.def("threading_backend", &tensorslim::cpu::threading_backend);
+  m.def("built_with_onednn", [] {
+#ifdef TENSORSLIM_WITH_ONEDNN
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build links oneDNN (its wheels are x86-64 only: not on ARM builds).");
   m.def("in_forked_child", &tensorslim::cpu::in_forked_child,
         "Whether this process is a fork() child (where the host's OpenMP team cannot run).");
   tensorslim::bindings::register_quantize(m);

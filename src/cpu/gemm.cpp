@@ -177,6 +177,8 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
                      "INT4 group sizes a multiple of 32 unless one group spans the row)");
       return;
     case GemmBackend::kOneDNN:
+      TS_CHECK_VALUE(cpu::onednn_usable(), "linear_weight_only: backend 'onednn' is not available "
+                                           "(this build has no oneDNN, or the process forked after it started)");
       TS_CHECK_VALUE(cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt,
                                                     group_size, out),
                      "linear_weight_only: oneDNN has no implementation for this format/shape");

@@ -1,15 +1,13 @@
 // linear_lowbit on the CPU: argument checks, the scalar reference, and the choice
 // between the fused AVX-512 / AVX2 decode GEMV (small batch) and, above it, decode-once +
 // our panel GEMM (AVX2; AVX-512 for small weights) or oneDNN's sgemm (AVX-512).
-#include <oneapi/dnnl/dnnl.h>
-
 #include <algorithm>
 #include <string>
 #include <vector>
 
 #include "activation_pieces.h"
 #include "fp4_gemv.h"
-#include "onednn_engine.h"
+#include "onednn_usable.h"
 #include "panel_gemm.h"
 #include "parallel.h"
 #include "tensorslim/lowbit.h"
@@ -73,9 +71,7 @@ void decode_then_sgemm(const float* x, int64_t ldx, int64_t M, const cpu::Lowbit
     cpu::parallel_for(rows, 4, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) cpu::dequantize_row_reference(w, n0 + j, K, ws + j * K);
     });
-    const dnnl_status_t st =
-        dnnl_sgemm('N', 'T', M, rows, K, 1.0f, x, ldx, ws, K, 0.0f, out + n0, ldo);
-    if (st != dnnl_success) throw RuntimeError("linear_lowbit: oneDNN sgemm failed");
+    cpu::sgemm_nt_onednn(M, rows, K, x, ldx, ws, K, out + n0, ldo);
   }
   if (bias)
     for (int64_t m = 0; m < M; ++m)

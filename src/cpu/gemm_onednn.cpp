@@ -1,5 +1,6 @@
 // oneDNN weight-decompression matmul: int8/int4 weights (s8/u8/s4/u4) with grouped
-// fp32 scales and uint8 zero points, fp32 or bf16 activations and output.
+// fp32 scales and uint8 zero points, fp32 or bf16 activations and output; and oneDNN's
+// sgemm for the decoded tiles of linear_lowbit.
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <map>
@@ -157,6 +158,12 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
     for (int64_t n = 0; n < N; ++n)
       out.ptr<uint16_t>()[m * out.strides[0] + n] = float_to_bf16(of[m * N + n]);
   return true;
+}
+
+void sgemm_nt_onednn(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* w,
+                     int64_t ldw, float* out, int64_t ldo) {
+  const dnnl_status_t st = dnnl_sgemm('N', 'T', M, N, K, 1.0f, x, ldx, w, ldw, 0.0f, out, ldo);
+  if (st != dnnl_success) throw RuntimeError("linear_lowbit: oneDNN sgemm failed");
 }
 
 }  // namespace cpu

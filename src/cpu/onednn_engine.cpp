@@ -33,11 +33,5 @@ bool onednn_usable() {
   }
 }
 
-bool onednn_int8_is_exact(const std::string& impl) {
-  for (const char* isa : {"vnni", "amx", "avx10", "avx512_core_bf16", "avx512_core_fp16"})
-    if (impl.find(isa) != std::string::npos) return true;
-  return false;
-}
-
 }  // namespace cpu
 }  // namespace tensorslim

@@ -1,7 +1,9 @@
 // Whether oneDNN may be called in this process, without oneDNN's headers: the files that
-// only choose between oneDNN and our kernels include this (the standalone CUDA build
-// compiles them where oneDNN is absent).
+// only choose between oneDNN and our kernels include this. Builds without oneDNN (ARM, the
+// standalone CUDA build) link onednn_absent.cpp, where it is never usable.
 #pragma once
+
+#include <cstdint>
 
 namespace tensorslim {
 namespace cpu {
@@ -11,6 +13,11 @@ namespace cpu {
 // cannot create its CPU engine (its SYCL runtime finds no device). Every oneDNN-backed
 // path checks this first and lets our own kernels run instead.
 bool onednn_usable();
+
+// out[M, N] = x[M, K] * w[N, K]^T with oneDNN's sgemm (row-major, leading dimensions given).
+// Only called where onednn_usable().
+void sgemm_nt_onednn(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* w,
+                     int64_t ldw, float* out, int64_t ldo);
 
 }  // namespace cpu
 }  // namespace tensorslim

@@ -14,11 +14,22 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#endif
 
 namespace tensorslim {
 namespace cpu {
 namespace {
+
+// The spin-wait hint: PAUSE on x86-64, YIELD on ARM, nothing elsewhere.
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
 
 // Waiting threads poll this long before they block: a futex wake-up costs ~30 us on the
 // VMs we measured, more than many whole kernels, while a bounded poll cannot starve
@@ -30,7 +41,7 @@ bool poll(Ready ready) {
   const auto until = std::chrono::steady_clock::now() + kPollFor;
   for (int i = 1;; ++i) {
     if (ready()) return true;
-    _mm_pause();
+    spin_pause();
     if (i % 64 == 0 && std::chrono::steady_clock::now() > until) return false;
   }
 }

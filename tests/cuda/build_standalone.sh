@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds tensorslim_cuda_tests and tensorslim_cuda_bench with nothing but the CUDA
 # toolkit, a C++ compiler and GoogleTest: no Python, torch, CMake or oneDNN (the core is
-# compiled from the src/cpu files that need neither oneDNN nor Eigen; tests/cuda/onednn_absent.cpp
+# compiled from the src/cpu files that need neither oneDNN nor Eigen; src/cpu/onednn_absent.cpp
 # stands in). For GPU machines where `make build` cannot run. cuBLAS is used when its
 # header and library are found (the benchmark's baseline and the kernels' M > 8 path).
 #
@@ -88,9 +88,9 @@ while :; do
   [ "$next" = "$needs" ] && break
   needs=$next
 done
-core_sources=$(grep -L -E "$needs" src/cpu/*.cpp)
+core_sources=$(grep -L -E "$needs" src/cpu/*.cpp | grep -v x86_kernels_absent.cpp)  # the x86 kernels are compiled here
 sources=$(echo "$core_sources"; ls kernels/*.cu;
-          echo tests/cuda/onednn_absent.cpp tests/cuda/test_cuda_kernels.cpp benchmarks/cuda_bench.cpp)
+          echo tests/cuda/test_cuda_kernels.cpp benchmarks/cuda_bench.cpp)
 # Arrays do not cross into xargs' shells: pass them as strings and re-split there.
 export DEFS_S="${DEFS[*]}" CXXFLAGS_S="${CXXFLAGS[*]}" CUBLAS_FLAGS_S="${CUBLAS_FLAGS[*]}" \
        GTEST_FLAGS_S="${GTEST_FLAGS[*]}"
@@ -98,8 +98,7 @@ printf '%s\n' $sources | xargs -P "$JOBS" -I{} bash -c \
   'set -e; DEFS=($DEFS_S); CXXFLAGS=($CXXFLAGS_S); CUBLAS_FLAGS=($CUBLAS_FLAGS_S); GTEST_FLAGS=($GTEST_FLAGS_S); compile {} >/dev/null'
 
 o() { echo "$OUT/obj/$(echo "$1" | tr / _).o"; }
-core=$(for s in $core_sources kernels/*.cu \
-       tests/cuda/onednn_absent.cpp; do o "$s"; done)
+core=$(for s in $core_sources kernels/*.cu; do o "$s"; done)
 rm -f "$OUT/libts_standalone.a" && ar rcs "$OUT/libts_standalone.a" $core
 CUDA_LINK=("$CUDA_HOME/lib64/libcudart_static.a" -lpthread -ldl -lrt)
 g++ -o "$OUT/tensorslim_cuda_tests" "$(o tests/cuda/test_cuda_kernels.cpp)" \

@@ -21,6 +21,12 @@ def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float(20 * torch.log10(ref.norm() / (ref - got).norm()))
 
 
+def skip_without_onednn() -> None:
+    """Tests of oneDNN's own paths skip in builds without it (ARM; TENSORSLIM_ONEDNN=OFF)."""
+    if not ts._C.built_with_onednn():
+        pytest.skip("this build has no oneDNN")
+
+
 @pytest.fixture(params=["scalar", "avx2", "avx2_vnni", "avx512"])
 def isa(request):
     """Runs a test once per CPU code path this machine supports: "avx2_vnni" is the AVX2

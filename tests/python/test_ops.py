@@ -8,6 +8,7 @@ import torch
 
 import tensorslim as ts
 from tensorslim import ops
+from conftest import skip_without_onednn
 
 FORMATS = ["int8", "uint8", "int4", "uint4"]
 
@@ -157,6 +158,10 @@ def test_linear_weight_only_matches_float64(fmt, backend):
                 with pytest.raises(ValueError, match="no native kernel"):
                     ops.linear_weight_only(x, q, s, z, bias, fmt, group, K, backend=backend)
                 continue
+            if backend == "onednn" and not ts._C.built_with_onednn():
+                with pytest.raises(ValueError, match="'onednn' is not available"):
+                    ops.linear_weight_only(x, q, s, z, bias, fmt, group, K, backend=backend)
+                continue
             y = ops.linear_weight_only(x, q, s, z, bias, fmt, group, K, backend=backend)
             ref = _float64_linear(x, q, s, z, bias, fmt, group, K)
             err = float((y.double() - ref).abs().max() / ref.abs().max())
@@ -219,6 +224,7 @@ def test_ops_work_on_meta_tensors_and_pass_opcheck():
 
 def test_onednn_runs_an_optimized_implementation():
     """ONEDNN_VERBOSE names the implementation that ran: it must not be a `ref` one."""
+    skip_without_onednn()
     code = (
         "import torch, tensorslim as ts\n"
         "q, s, z = ts.ops.quantize(torch.randn(256, 512), 'int4', 128)\n"

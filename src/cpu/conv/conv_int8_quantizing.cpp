@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../onednn_engine.h"
+#include "../onednn_usable.h"
 #include "tensorslim/conv_int8.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/gemm_int8.h"
