@@ -26,6 +26,7 @@ def _info(_args) -> int:
     print(f"tensorslim {ts.__version__} (torch {torch.__version__})")
     print(f"CPU kernels: best ISA {_C.best_isa()}{' + AVX-VNNI' if _C.cpu_has_avx_vnni() else ''}, "
           f"active {_C.kernel_isa()}, {_C.num_threads()} threads")
+    print(f"oneDNN: {'linked' if _C.built_with_onednn() else 'not in this build (its fallbacks run)'}")
     print(f"CUDA kernels: {cuda}")
     print(_int8_line())
     print("formats: " + ", ".join(sorted(ts.FORMATS)))

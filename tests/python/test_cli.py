@@ -11,6 +11,7 @@ def test_info_lists_kernels_and_formats(capsys):
     out = capsys.readouterr().out
     assert f"tensorslim {ts.__version__}" in out
     assert "int4" in out and "best ISA" in out and "CUDA kernels" in out
+    assert ("oneDNN: linked" in out) == ts._C.built_with_onednn()
     from tensorslim.ops import torch_onednn
 
     narrow = torch_onednn.default_weight_qmax(4096, 4096) == 64  # the AVX2-capped run of this suite
