@@ -3,6 +3,7 @@ exact per-layer / global counts and thresholds, floors and ceilings, masks that 
 SGD / Adam / AdamW / weight decay and state_dict / ts.save round trips, finalize, summary,
 and bad input leaving the model unchanged."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -305,3 +306,16 @@ def test_pruning_or_factorizing_a_quantized_model_says_why_nothing_changed():
         with pytest.warns(UserWarning, match="2 layers skipped: already compressed"):
             report = verb(model, cfg, progress=False)
         assert [c.name for c in report.skipped] == ["0", "2"]
+
+
+def test_pruning_again_at_a_lower_sparsity_warns_that_weights_come_back():
+    """A 90% layer pruned to 60%: the new mask keeps 30% of weights that are zero now and train
+    again (the report still counted them as zeros): said; pruning further says nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    ts.prune(model, ts.Magnitude(sparsity=0.8, skip_output_head=False), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ts.prune(model, ts.Magnitude(sparsity=0.9, skip_output_head=False), progress=False)
+    with pytest.warns(UserWarning, match=r"keep weights that earlier pruning removed.*0 \(1228\)"):
+        ts.prune(model, ts.Magnitude(sparsity=0.6, skip_output_head=False), progress=False)

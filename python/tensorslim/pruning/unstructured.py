@@ -2,6 +2,7 @@
 Every mask is computed before any layer is touched, so an error leaves the model as it was.
 transformers' Conv1D (GPT-2) is masked on its own [in, out] weight and stays a Conv1D; its mask
 is ranked on the [out, in] view, so ties and random scores fall as on the nn.Linear it equals."""
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
@@ -117,12 +118,31 @@ def describe(cfg: _Unstructured) -> str:
     return f"magnitude L{cfg.norm} {cfg.scope}"
 
 
+def _warn_if_restoring(layers, new_masks) -> None:
+    """A new mask that keeps weights an earlier one pruned (a lower sparsity than before, or
+    another random draw): they are zero now but train again; the report's sparsity counts
+    them as zeros until they do."""
+    restored = []
+    for name, mod in layers:
+        if masks.is_masked(mod):
+            old = getattr(mod, masks.MASK).to(new_masks[name].device)
+            n = int((new_masks[name].reshape(old.shape) & ~old).sum())
+            if n:
+                restored.append(f"{name} ({n})")
+    if restored:
+        warnings.warn("ts.prune: the new masks keep weights that earlier pruning removed; they are zero "
+                      "now but will train again: " + ", ".join(restored[:8]) + (" ..." if len(restored) > 8 else "")
+                      + ". Prune at a sparsity at least the current one to keep them removed.",
+                      UserWarning, stacklevel=3)
+
+
 def prune_unstructured(model: nn.Module, cfg: _Unstructured, sparsity: float = None,
                        progress: bool = True) -> Report:
     sparsity = cfg.sparsity if sparsity is None else sparsity
     layers, report = select_layers(model, cfg)
     before = {name: module_bytes(mod) for name, mod in layers}
     new_masks = compute_masks(layers, cfg, sparsity, progress)  # may raise: nothing touched yet
+    _warn_if_restoring(layers, new_masks)
     for name, mod in layers:
         masks.attach(mod, new_masks[name])
         report.changes.append(LayerChange(name, type(mod).__name__, "pruned",
