@@ -15,7 +15,7 @@ inference and no_grad calls pay nothing for this.
 import torch
 from torch.autograd.function import once_differentiable
 
-from .compute_dtype import KeepsPackedDtypes
+from .compute_dtype import COMPUTE_DTYPES, KeepsPackedDtypes
 from .layer_errors import note_layer
 
 
@@ -107,8 +107,8 @@ class CompressedLinear(KeepsPackedDtypes):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{kind}: expected last dimension {self.in_features} (an input of shape "
                              f"[..., in_features={self.in_features}]), got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{kind}: expected a float input, got {x.dtype}")
+        if x.dtype not in COMPUTE_DTYPES:  # float64 too: computed in fp32 it fooled gradcheck
+            raise TypeError(f"{kind}: expected a float input (float32, bfloat16 or float16), got {x.dtype}")
 
     def forget_derived(self) -> None:
         """Drops what the layer derived from its buffers (packed copies, prepared call

@@ -23,6 +23,7 @@ from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
 from ..ops import torch_onednn
 from .compressed_linear import trainable_bias
+from .compute_dtype import COMPUTE_DTYPES
 from .layer_errors import note_layer
 
 MODES = ("static", "dynamic")
@@ -218,8 +219,8 @@ class _Int8ConvNd(nn.Module):
         kind = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{kind}: expected a torch.Tensor input, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{kind}: expected a float input, got {x.dtype}")
+        if x.dtype not in COMPUTE_DTYPES:  # float64 too: computed in fp32 it fooled gradcheck
+            raise TypeError(f"{kind}: expected a float input (float32, bfloat16 or float16), got {x.dtype}")
         if x.dim() not in (self.sp + 1, self.sp + 2):
             raise ValueError(f"{kind}: expected a {self.sp + 2}-D [N, C, *spatial] (or {self.sp + 1}-D unbatched) "
                              f"input, got shape {tuple(x.shape)}")
