@@ -190,3 +190,17 @@ def test_quantizing_again_reports_the_packed_table_as_already_compressed():
     rows = {c.name: c.reason for c in report.skipped}
     assert set(rows) == {"0", "1"} and all("already compressed" in r for r in rows.values())
 
+
+
+def test_lookup_errors_name_the_table():
+    """Out-of-range ids in a packed table said which index, not which of the model's tables."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 8))
+    bag = nn.Sequential(nn.EmbeddingBag(50, 32, mode="mean"), nn.Linear(32, 8))
+    for m in (model, bag):
+        ts.quantize(m, ts.Int8WeightOnly(), progress=False)
+        assert "Quantized" in type(m[0]).__name__
+        ids = torch.tensor([[1, 60]])
+        with pytest.raises(IndexError) as info:
+            m(ids)
+        assert f"in layer '0' ({type(m[0]).__name__})" in info.value.__notes__

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..formats import get_format, num_groups
 from .compute_dtype import KeepsPackedDtypes
+from .layer_errors import errors_name_layer
 
 
 def _lowbit():
@@ -121,8 +122,9 @@ class QuantizedEmbedding(_PackedTable):
         return mod
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = self._check_ids(ids)
-        return self._rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+        with errors_name_layer(self):
+            ids = self._check_ids(ids)
+            return self._rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
 
     @classmethod
     def from_spec(cls, spec: dict, device=None):
@@ -164,15 +166,16 @@ class QuantizedEmbeddingBag(_PackedTable):
 
     def forward(self, ids: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        ids = self._check_ids(ids)
-        used, local = torch.unique(ids, return_inverse=True)
-        padding = None
-        if self.padding_idx is not None:
-            hit = (used == self.padding_idx).nonzero()
-            padding = int(hit[0]) if hit.numel() else None
-        return F.embedding_bag(local, self._rows(used), offsets, mode=self.mode,
-                               per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
-                               padding_idx=padding)
+        with errors_name_layer(self):
+            ids = self._check_ids(ids)
+            used, local = torch.unique(ids, return_inverse=True)
+            padding = None
+            if self.padding_idx is not None:
+                hit = (used == self.padding_idx).nonzero()
+                padding = int(hit[0]) if hit.numel() else None
+            return F.embedding_bag(local, self._rows(used), offsets, mode=self.mode,
+                                   per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
+                                   padding_idx=padding)
 
     @classmethod
     def from_spec(cls, spec: dict, device=None):
