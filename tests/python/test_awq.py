@@ -453,3 +453,15 @@ def test_a_layer_applied_twice_per_batch_counts_both_inputs(monkeypatch):
     want_gram, want_act = rows.T @ rows / rows.shape[0], rows.abs().mean(0)
     assert float((seen["gram"] - want_gram).norm() / want_gram.norm()) < 1e-6
     assert float((seen["act"] - want_act).abs().max()) < 1e-5
+
+
+def test_nan_calibration_activations_are_named_as_such():
+    """A NaN in the calibration data reached the C++ search as "g contains NaN or Inf" (the
+    core's argument name); the error now says which activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    data = [torch.randn(4, 64) for _ in range(2)]
+    data[1][0, 3] = float("nan")
+    with pytest.raises(ValueError, match="calibration activations reaching .* contain NaN or Inf"):
+        ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="awq"), calib_data=data, progress=False)
+    assert type(model[0]) is nn.Linear

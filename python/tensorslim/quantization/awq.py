@@ -260,6 +260,10 @@ def awq_block(spec: WeightSpec, n_grid: int = N_GRID, max_shrink: float = MAX_SH
             width = layers[0].in_features
             gram = (g.gram / g.count).float().cpu()  # the searches run on the CPU core
             act = (g.abs_sum / g.count).float().cpu()
+            if not (torch.isfinite(gram).all() and torch.isfinite(act).all()):  # the core's message names "g"
+                where = ", ".join(f"'{n}'" for n in g.names) if any(g.names) else "its linear"
+                raise ValueError(f"the calibration activations reaching {where} contain NaN or Inf (or overflow "
+                                 f"float32 in their statistics)")
             w = torch.cat([lin.weight.detach().float() for lin in layers])
             k, _ = C.awq_search_scale(w, gram, act, spec.bits, spec.symmetric, spec.group_for(width), n_grid)
             s = C.awq_scales(act, k, n_grid) if k > 0 else torch.ones_like(act)
