@@ -5,6 +5,9 @@ which it must leave alone, and that the model still computes the same thing (cop
 ts.save / ts.load). Run also under the AVX2 caps (7-bit codes, other oneDNN kernels)."""
 import copy
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from tensorslim._native import _C
 from tensorslim import _views
 from tensorslim.ops import conv_int8 as C
 from tensorslim.quantization.conv_epilogue import FusedForward, fuse_conv_epilogues
+from conftest import skip_without_onednn
 
 # (N, C, spatial, OC, kernel, stride, padding, groups)
 SHAPES = [
@@ -439,3 +443,34 @@ def test_a_conv_read_as_the_next_ones_input_and_residual_fuses_the_add_only():
     with torch.no_grad():
         y, want = model(x), ref(x)
     assert float((y - want).norm() / want.norm()) < 0.05
+
+
+_CACHE_WRAP = """
+import sys, torch
+from tensorslim.ops import conv_int8 as C
+torch.manual_seed(0)
+qw = torch.randint(-127, 128, (16, 8, 3, 3), dtype=torch.int8)
+geo = ([1, 1], [1, 1], [1, 1], 1)
+xc = torch.randn(1, 8, 8, 8).abs()  # channels-last
+packed = C.pack_weight(torch.empty(xc.shape, dtype=torch.uint8), qw, *geo, 0, True)
+for n in range(2, 2 + int(sys.argv[1])):  # other shapes: the primitive cache wraps (257 entries)
+    C.impl_name(torch.empty(n, 8, 8, 8, dtype=torch.uint8), qw, *geo, 0, True)
+w_scales, bias, scale = torch.rand(16) * 0.01 + 0.001, torch.randn(16), float(xc.max()) / 255
+out = C.conv_int8_quantizing(xc, scale, 0, 255, qw, w_scales, bias, *geo, packed, None, "relu")
+q = torch.clamp(torch.round(xc / scale), 0, 255).to(torch.uint8)
+ref = C.conv_int8_reference(q, qw, w_scales, bias, scale, 0, *geo, None, "relu")
+assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fill", [512, 769])
+def test_fused_call_after_the_primitive_cache_wrapped(fill):
+    """conv_int8_run kept a reference into oneDNN's primitive cache across a second lookup that
+    could clear it: with freed memory scribbled over (MALLOC_PERTURB_) the fused call crashed
+    (rc 139) once the cache had wrapped at these fills."""
+    skip_without_onednn()
+    env = {**os.environ, "MALLOC_PERTURB_": "165"}
+    res = subprocess.run([sys.executable, "-c", _CACHE_WRAP, str(fill)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
