@@ -116,15 +116,22 @@ def test_a_bias_made_trainable_gets_its_gradient(kind, as_parameter, x_grad):
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_int8_conv_trainable_bias_gets_its_gradient(mode):
+@pytest.mark.parametrize("as_parameter", [False, True], ids=["buffer", "parameter"])
+def test_int8_conv_trainable_bias_gets_its_gradient(mode, as_parameter):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
     data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
     ts.quantize(model, ts.W8A8() if mode == "static" else ts.Int8Dynamic(), calib_data=data, progress=False)
     conv = model[0]
     assert isinstance(conv, ts.nn.Int8Conv2d)
-    conv.bias.requires_grad_(True)
+    if as_parameter:  # the static plan read the bias from the buffers (KeyError)
+        conv.bias = nn.Parameter(conv.bias.detach().clone())
+    else:
+        conv.bias.requires_grad_(True)
+    with torch.no_grad():
+        plain = model(data[0])
     y = model(data[0])
+    assert torch.equal(y.detach(), plain)
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
     relu_open = (y > 0).double()  # the ReLU after the conv passes the gradient where y > 0
@@ -138,11 +145,37 @@ def test_torch_func_grad_through_a_compressed_layer(kind):
     """torch.func.grad / jacrev take the layer (its autograd.Function has setup_context), and a
     transform whose gradient does not cross it runs its kernel on unwrapped tensors."""
     layer = build(kind)
+    w = weight_in_original_domain(layer)
     x = torch.randn(IN)
     g = torch.func.grad(lambda t: layer(t).sum())(x)
-    assert torch.allclose(g.double(), weight_in_original_domain(layer).sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(g.double(), w.sum(0), rtol=1e-5, atol=1e-5)
+    # Forward mode gave zero tangents silently (the kernel ran outside any autograd.Function).
+    assert torch.allclose(torch.func.jacfwd(layer)(x).double(), w, rtol=1e-5, atol=1e-5)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(torch.randn(3, IN), torch.ones(3, IN))
+        tangent = torch.autograd.forward_ad.unpack_dual(layer(dual)).tangent
+    assert tangent is not None and torch.allclose(tangent.double(), w.sum(1).expand(3, -1), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="batching rule"):  # per-sample gradients: torch's batching fallback
+        per_sample = torch.func.vmap(torch.func.grad(lambda t: layer(t).sum()))(torch.randn(4, IN))
+    assert torch.allclose(per_sample.double(), w.sum(0).expand(4, -1), rtol=1e-5, atol=1e-5)
     head = nn.Linear(OUT, 2)
     params = {k: v.detach() for k, v in head.named_parameters()}
     feats = layer(x.unsqueeze(0))
     grads = torch.func.grad(lambda p: torch.func.functional_call(head, p, (layer(x.unsqueeze(0)),)).sum())(params)
     assert torch.allclose(grads["weight"], feats.expand(2, -1), rtol=1e-6, atol=1e-6)
+
+
+def test_int8_conv_under_torch_func_and_forward_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    conv = model[0]
+    x = torch.randn(1, 3, 5, 5)
+    want = torch.nn.functional.conv2d(torch.ones_like(x), conv.weight, padding=1)  # a ones direction
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        tangent = torch.autograd.forward_ad.unpack_dual(conv(dual)).tangent
+    assert tangent is not None and torch.allclose(tangent, want, atol=1e-5)
+    g = torch.func.grad(lambda t: conv(t).sum())(x)
+    ref = torch.nn.grad.conv2d_input(x.shape, conv.weight, torch.ones(1, 4, 5, 5), padding=1)
+    assert torch.allclose(g, ref, atol=1e-5)

@@ -13,6 +13,7 @@ almost everywhere. W_eff is dequantized when backward runs (not kept from the fo
 inference and no_grad calls pay nothing for this.
 """
 import torch
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from .compute_dtype import COMPUTE_DTYPES, KeepsPackedDtypes
@@ -21,8 +22,11 @@ from .layer_errors import note_layer
 
 class _FrozenLinearFunction(torch.autograd.Function):
     """Forward: the layer's own kernel; backward: grad_y @ W_eff to the input, and grad_y
-    summed over the rows to a bias made trainable (BitFit-style tuning of a compressed model).
-    forward / setup_context apart, so torch.func's transforms (grad, jacrev) take it."""
+    summed over the rows to a bias made trainable (BitFit-style tuning of a compressed model);
+    forward mode (jvp): the same linear map on the tangents. forward / setup_context apart and
+    a generated vmap rule, so torch.func's transforms (grad, jacrev, jacfwd, vmap) take it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, bias, layer):
@@ -31,7 +35,7 @@ class _FrozenLinearFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, bias, layer = inputs
-        ctx.layer, ctx.x_dtype = layer, x.dtype
+        ctx.layer, ctx.x_dtype, ctx.out_dtype, ctx.out_shape = layer, x.dtype, output.dtype, output.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
@@ -46,11 +50,31 @@ class _FrozenLinearFunction(torch.autograd.Function):
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype).sum(0).to(ctx.bias_dtype)
         return grad_x, grad_bias, None
 
+    @staticmethod
+    def jvp(ctx, x_t, bias_t, _):
+        out_t = None
+        if x_t is not None:
+            w = ctx.layer.effective_weight()
+            dtype = torch.promote_types(x_t.dtype, torch.float32)
+            out_t = x_t.to(dtype) @ w.to(device=x_t.device, dtype=dtype).T
+        if bias_t is not None:
+            out_t = bias_t.float().expand(ctx.out_shape) if out_t is None else out_t + bias_t
+        return out_t.to(ctx.out_dtype)
+
+
+def needs_function(x: torch.Tensor, bias) -> bool:
+    """Whether a call must go through the layer's autograd.Function: a gradient to record (the
+    input's, or a trainable bias's), a forward-mode dual level, or a torch.func transform."""
+    return ((x.requires_grad and torch.is_grad_enabled()) or bias is not None
+            or forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None)
+
 
 def trainable_bias(layer: torch.nn.Module):
     """The layer's bias where a gradient must reach it (made trainable, grad mode on), else None."""
+    if not torch.is_grad_enabled():  # first: inference pays one call
+        return None
     bias = layer._buffers.get("bias", layer._parameters.get("bias"))
-    return bias if bias is not None and bias.requires_grad and torch.is_grad_enabled() else None
+    return bias if bias is not None and bias.requires_grad else None
 
 
 class CompressedLinear(KeepsPackedDtypes):
@@ -139,6 +163,6 @@ class CompressedLinear(KeepsPackedDtypes):
         if self._compute_dtype is not None and x.dtype != self._compute_dtype:
             x = x.to(self._compute_dtype)
         bias = trainable_bias(self)
-        if (x.requires_grad and torch.is_grad_enabled()) or bias is not None:
+        if needs_function(x, bias):
             return _FrozenLinearFunction.apply(x, bias, self)
         return self.kernel_forward(x)

@@ -13,6 +13,7 @@ import math
 from typing import Dict, Optional, Set, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -22,7 +23,7 @@ from .._native import _C
 from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
 from ..ops import torch_onednn
-from .compressed_linear import trainable_bias
+from .compressed_linear import needs_function, trainable_bias
 from .compute_dtype import COMPUTE_DTYPES
 from .layer_errors import note_layer
 
@@ -57,7 +58,10 @@ def symmetric_padding(conv: nn.Module) -> Tuple[int, ...]:
 class _FrozenConvFunction(torch.autograd.Function):
     """Forward: the int8 kernel; backward: the input gradient through the dequantized weight
     (activation rounding passed straight through, as for the compressed linears), and grad_y
-    summed per channel to a bias made trainable."""
+    summed per channel to a bias made trainable; forward mode: the same convolution of the
+    tangents. torch.func's transforms take it as they take the compressed linears'."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, bias, layer):
@@ -68,6 +72,7 @@ class _FrozenConvFunction(torch.autograd.Function):
         x, bias, layer = inputs
         ctx.layer, ctx.shape, ctx.x_dtype = layer, x.shape, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.out_strides = output.stride()  # channels last: the tangent must be laid out alike
 
     @staticmethod
     @once_differentiable
@@ -80,6 +85,18 @@ class _FrozenConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bias = grad_y.float().sum([d for d in range(grad_y.dim()) if d != 1]).to(ctx.bias_dtype)
         return grad_x, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, x_t, bias_t, _):
+        m = ctx.layer
+        if x_t is None:  # a tangent on the bias alone
+            x_t = torch.zeros(ctx.shape)
+        conv = F.conv1d if m.sp == 1 else F.conv2d
+        out_t = conv(x_t.float(), m.weight, None, m.stride, m.padding, m.dilation, m.groups)
+        if bias_t is not None:
+            out_t = out_t + bias_t.float().reshape((-1,) + (1,) * m.sp)
+        laid_out = torch.empty_strided(out_t.shape, ctx.out_strides, dtype=ctx.x_dtype, device=out_t.device)
+        return laid_out.copy_(out_t)
 
 
 class _Int8ConvNd(nn.Module):
@@ -257,7 +274,7 @@ class _Int8ConvNd(nn.Module):
         if x.dim() == self.sp + 1:
             return self.forward(x.unsqueeze(0)).squeeze(0)
         bias = trainable_bias(self)
-        if (x.requires_grad and torch.is_grad_enabled()) or bias is not None:
+        if needs_function(x, bias):
             return _FrozenConvFunction.apply(x, bias, self)
         return self.kernel_forward(x, sig=sig)
 
@@ -271,9 +288,9 @@ class _Int8ConvNd(nn.Module):
         if self.backend == "reference" or (torch.is_grad_enabled() and (
                 x.requires_grad or (residual is not None and residual.requires_grad))):
             return None
-        if trainable_bias(self) is not None:
+        if needs_function(x, trainable_bias(self)):
             return None
-        if not _eager.direct_ok((x, residual) + tuple(self._buffers.values())):
+        if not _eager.direct_ok((x, residual) + self._state_tensors()):
             return None
         y = self._static_call(self._channels_last(x), residual, activation)
         return y if y is None or x.dtype is torch.float32 else y.to(x.dtype)
@@ -283,7 +300,7 @@ class _Int8ConvNd(nn.Module):
         and a residual that is an fp32 tensor of exactly the output's shape (no broadcast)."""
         if x.dim() != self.sp + 2 or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
             return False
-        if trainable_bias(self) is not None:
+        if needs_function(x, trainable_bias(self)):
             return False
         if residual is None:
             return True
@@ -409,11 +426,15 @@ class _Int8ConvNd(nn.Module):
             self._plans[key] = plan
         return plan
 
+    def _state_tensors(self) -> tuple:
+        """Buffers and (a bias re-set as one) parameters: what the direct call reads."""
+        return tuple(self._buffers.values()) + tuple(self._parameters.values())
+
     def _current_plan(self, shape: torch.Size) -> tuple:
         """_static_plan for this shape and the module's present buffers."""
-        b = self._buffers
-        return self._static_plan(shape, (b["qweight"], b["w_scales"], b["bias"], b["act_scale"],
-                                         b["act_zero_point"]))
+        b, p = self._buffers, self._parameters  # a bias re-set as a Parameter (BitFit) is read too
+        return self._static_plan(shape, tuple(b[n] if n in b else p.get(n) for n in
+                                              ("qweight", "w_scales", "bias", "act_scale", "act_zero_point")))
 
     def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """x as the kernels read it: fp32, channels last, contiguous (a strided 1 x 1 conv's
@@ -449,7 +470,7 @@ class _Int8ConvNd(nn.Module):
         in `_checked` when the static plan ran it (later calls like it skip the checks)."""
         xc = self._channels_last(x)
         res = None if residual is None else residual.detach()
-        eager = _eager.direct_ok((xc, res) + tuple(self._buffers.values()))
+        eager = _eager.direct_ok((xc, res) + self._state_tensors())
         torch_route = eager and torch_onednn.takes(res is not None, activation)
         if self.mode == "static" and self.backend != "reference" and xc.numel() > 0 and eager:
             y = self._static_call(xc, res, activation)

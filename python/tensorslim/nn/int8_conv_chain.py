@@ -68,7 +68,7 @@ def _routes(convs, activations, x, residual) -> List[Optional[tuple]]:
         return routes  # a wrong channel count: the module call raises the error
     if residual is not None and not (type(residual) is torch.Tensor and residual.dtype == torch.float32):
         return routes
-    if not _eager.direct_ok((x, residual) + tuple(t for c in convs for t in c._buffers.values())):
+    if not _eager.direct_ok((x, residual) + tuple(t for c in convs for t in c._state_tensors())):
         return routes
     shape = torch.Size((x.shape[0], *first.picked_size(x.shape[2:]), x.shape[1]))
     for i, conv in enumerate(convs):

@@ -10,6 +10,7 @@ directly: the same function the dispatcher would reach, with the same arguments.
 import contextlib
 
 import torch
+from torch.autograd import forward_ad
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -20,6 +21,8 @@ def direct_ok(args) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: ops return wrapped tensors
+        return False
+    if forward_ad._current_level >= 0:  # dual tensors: the direct call would drop their tangents
         return False
     grad = torch.is_grad_enabled()
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
