@@ -10,6 +10,7 @@ survive state_dict save / load) and three guards, since no single one covers eve
   - a forward pre-hook re-applies the mask (weights edited or loaded by hand).
 finalize() bakes the zeros in and removes all of it.
 """
+import warnings
 import weakref
 from typing import Dict
 
@@ -68,7 +69,12 @@ def _forward_pre_hook(module: nn.Module, args) -> None:
     weight = module._parameters.get("weight")
     if weight is not None and not isinstance(weight, nn.Parameter):
         # A plain tensor stands in for the weight (torch.func.functional_call's): the caller's
-        # tensor, used as given and never written (the mask was zeroing it in place).
+        # tensor, used as given and never written (the mask was zeroing it in place). Masking
+        # it out of place would not do either: functional_call writes a replaced tensor back
+        # into the caller's dict, and torch.func.grad then differentiates that one.
+        warnings.warn("a pruned layer runs with a weight tensor passed in for it (torch.func.functional_call): "
+                      "used as given, its mask not applied; pass weight * layer.weight_mask to keep the layer "
+                      "pruned (functional training loops otherwise regrow pruned weights)", UserWarning, stacklevel=2)
         return
     _guard(module)
     # Through .data: the weight's version counter stays, so a graph that saved the weight in
