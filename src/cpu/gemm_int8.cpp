@@ -6,6 +6,7 @@
 #include <cmath>
 #include <string>
 
+#include "onednn_usable.h"
 #include "parallel.h"
 #include "tensorslim/quantize.h"
 
@@ -372,6 +373,8 @@ void linear_int8(const TensorView& qx, const TensorView& act_scales, int32_t act
       return cpu::linear_int8_reference(qx, act_scales, act_zero_point, qweight, w_scales, bias,
                                         out);
     case GemmBackend::kOneDNN:
+      TS_CHECK_VALUE(cpu::onednn_usable(), "linear_int8: backend 'onednn' is not available (this build has "
+                                           "no oneDNN, or the process forked after it started)");
       TS_CHECK_VALUE(cpu::linear_int8_onednn(qx, act_scales, act_zero_point, qweight, w_scales,
                                              bias, out, packed),
                      "linear_int8: oneDNN has no exact implementation for this shape on this "

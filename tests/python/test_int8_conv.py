@@ -568,3 +568,13 @@ def test_half_round_trip_keeps_the_fp32_scales_and_bias(dtype):
                for k, v in before.items())
     assert model(data[0].to(dtype)).dtype == dtype
     assert torch.equal(model.float()(data[0]), ref)
+
+
+def test_double_is_a_type_error_as_for_the_linears():
+    """.double() passed silently (the next forward then refused the float64 input)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    with pytest.raises(TypeError, match="Int8Conv2d: cannot compute in torch.float64"):
+        model[0].double()
+    with pytest.raises(TypeError, match=r"expected a float input \(float32, bfloat16 or float16\)"):
+        model(torch.randn(1, 3, 5, 5, dtype=torch.float64))

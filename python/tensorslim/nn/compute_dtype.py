@@ -10,6 +10,26 @@ from torch import nn
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def target_dtype(module: nn.Module, fn, current: torch.dtype) -> torch.dtype:
+    """The float dtype Module._apply's fn converts to (current where it converts none); a
+    TypeError naming the module where a packed layer cannot compute in it (float64)."""
+    device = next((b.device for b in module.buffers(recurse=False)), torch.device("cpu"))
+    target = fn(torch.empty(0, dtype=current, device=device)).dtype
+    if target != current and target not in COMPUTE_DTYPES:
+        raise TypeError(f"{type(module).__name__}: cannot compute in {target}; a compressed layer computes in "
+                        f"float32, bfloat16 or float16 (its packed weights keep their format)")
+    return target
+
+
+def keeping_dtypes(fn):
+    """fn for Module._apply that moves tensors but keeps every dtype (never through fp16 / bf16
+    and back: scales and biases would come back rounded)."""
+    def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        return out if out.dtype == t.dtype else t.to(device=out.device)
+    return keep_dtype
+
+
 class KeepsPackedDtypes(nn.Module):
     _compute_dtype: Optional[torch.dtype] = None  # None: float32, inputs' own float dtype kept
 
@@ -21,17 +41,8 @@ class KeepsPackedDtypes(nn.Module):
         """module.half() / .to(dtype) / .cuda() / ...: moves every buffer where fn says, but a
         dtype change only sets the compute dtype; codes, scales and bias keep their dtypes."""
         current = self.compute_dtype
-        device = next((b.device for b in self.buffers(recurse=False)), torch.device("cpu"))
-        target = fn(torch.empty(0, dtype=current, device=device)).dtype
-        if target != current and target not in COMPUTE_DTYPES:
-            raise TypeError(f"{type(self).__name__}: cannot compute in {target}; a compressed layer computes in "
-                            f"float32, bfloat16 or float16 (its packed weights keep their format)")
-
-        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
-            return out if out.dtype == t.dtype else t.to(device=out.device)
-
-        result = super()._apply(keep_dtype, recurse)
+        target = target_dtype(self, fn, current)
+        result = super()._apply(keeping_dtypes(fn), recurse)
         if target != current:
             object.__setattr__(self, "_compute_dtype", None if target == torch.float32 else target)
         return result

@@ -24,7 +24,7 @@ from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
 from ..ops import torch_onednn
 from .compressed_linear import needs_function, trainable_bias
-from .compute_dtype import COMPUTE_DTYPES
+from .compute_dtype import COMPUTE_DTYPES, keeping_dtypes, target_dtype
 from .layer_errors import note_layer
 
 MODES = ("static", "dynamic")
@@ -200,12 +200,10 @@ class _Int8ConvNd(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """model.half() / .to(dtype) change the compute dtype only: the scales and bias stay fp32
-        (the kernel's epilogue is fp32) and the output takes the input's dtype."""
-        def keep_dtype(t: torch.Tensor) -> torch.Tensor:  # never through fp16 / bf16 and back (rounded)
-            out = fn(t)
-            return out if out.dtype == t.dtype else t.to(device=out.device)
-
-        return super()._apply(keep_dtype, recurse)
+        (the kernel's epilogue is fp32) and the output takes the input's dtype; float64 is a
+        TypeError, as for the compressed linears."""
+        target_dtype(self, fn, torch.float32)
+        return super()._apply(keeping_dtypes(fn), recurse)
 
     # ------------------------------------------------------------ nn.Conv surface
 
