@@ -10,13 +10,14 @@ survive state_dict save / load) and three guards, since no single one covers eve
   - a forward pre-hook re-applies the mask (weights edited or loaded by hand).
 finalize() bakes the zeros in and removes all of it.
 """
-import warnings
 import weakref
 from typing import Dict
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
+
+from .._user_warning import warn_user
 
 MASK = "weight_mask"
 # id(parameter) -> weak ref to its module, for the optimizer hook (pruning holds nothing alive;
@@ -72,9 +73,9 @@ def _forward_pre_hook(module: nn.Module, args) -> None:
         # tensor, used as given and never written (the mask was zeroing it in place). Masking
         # it out of place would not do either: functional_call writes a replaced tensor back
         # into the caller's dict, and torch.func.grad then differentiates that one.
-        warnings.warn("a pruned layer runs with a weight tensor passed in for it (torch.func.functional_call): "
-                      "used as given, its mask not applied; pass weight * layer.weight_mask to keep the layer "
-                      "pruned (functional training loops otherwise regrow pruned weights)", UserWarning, stacklevel=2)
+        warn_user("a pruned layer runs with a weight tensor passed in for it (torch.func.functional_call): used "
+                  "as given, its mask not applied; pass weight * layer.weight_mask to keep the layer pruned "
+                  "(functional training loops otherwise regrow pruned weights)")
         return
     _guard(module)
     # Through .data: the weight's version counter stays, so a graph that saved the weight in

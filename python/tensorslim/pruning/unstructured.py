@@ -2,13 +2,13 @@
 Every mask is computed before any layer is touched, so an error leaves the model as it was.
 transformers' Conv1D (GPT-2) is masked on its own [in, out] weight and stays a Conv1D; its mask
 is ranked on the [out, in] view, so ties and random scores fall as on the nn.Linear it equals."""
-import warnings
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._user_warning import warn_user
 from ..conv1d import conv1d_types, out_in
 from ..ops import prune as prune_ops
 from ..report import LayerChange, Report, module_bytes, remember_skipped
@@ -130,10 +130,9 @@ def _warn_if_restoring(layers, new_masks) -> None:
             if n:
                 restored.append(f"{name} ({n})")
     if restored:
-        warnings.warn("ts.prune: the new masks keep weights that earlier pruning removed; they are zero "
-                      "now but will train again: " + ", ".join(restored[:8]) + (" ..." if len(restored) > 8 else "")
-                      + ". Prune at a sparsity at least the current one to keep them removed.",
-                      UserWarning, stacklevel=3)
+        listed = ", ".join(restored[:8]) + (" ..." if len(restored) > 8 else "")
+        warn_user(f"ts.prune: the new masks keep weights that earlier pruning removed; they are zero now but "
+                  f"will train again: {listed}. Prune at a sparsity at least the current one to keep them removed.")
 
 
 def prune_unstructured(model: nn.Module, cfg: _Unstructured, sparsity: float = None,
