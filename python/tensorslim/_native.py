@@ -41,7 +41,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(
         f"tensorslim's native core failed to load ({e}). Reinstall with "
-        "`pip install tensorslim` (it needs the onednn wheel beside it)."
+        "`pip install tensorslim` (on x86-64 it needs the onednn wheel beside it)."
     ) from e
 
 

@@ -88,7 +88,8 @@ while :; do
   [ "$next" = "$needs" ] && break
   needs=$next
 done
-core_sources=$(grep -L -E "$needs" src/cpu/*.cpp | grep -v x86_kernels_absent.cpp)  # the x86 kernels are compiled here
+# (x86_kernels_absent.cpp stands in for the x86 kernels, which this build compiles.)
+core_sources=$(grep -L -E "$needs" src/cpu/*.cpp | grep -v x86_kernels_absent.cpp)
 sources=$(echo "$core_sources"; ls kernels/*.cu;
           echo tests/cuda/test_cuda_kernels.cpp benchmarks/cuda_bench.cpp)
 # Arrays do not cross into xargs' shells: pass them as strings and re-split there.

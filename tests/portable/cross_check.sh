@@ -20,5 +20,5 @@ cmake -S . -B "$BUILD" "${CROSS[@]}" -DTENSORSLIM_PYTHON_MODULE=OFF -DTENSORSLIM
   -DTENSORSLIM_ONEDNN=OFF -DTENSORSLIM_CUDA=OFF -DGTest_DIR="$PWD/$BUILD/gtest-install/lib/cmake/GTest" \
   -DEigen3_DIR=/usr/share/eigen3/cmake >/dev/null
 cmake --build "$BUILD" -j "$(nproc)"
-file "$BUILD/tensorslim_tests" | grep -q aarch64
+readelf -h "$BUILD/tensorslim_tests" | grep -q AArch64  # built for the target, not this machine
 ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure

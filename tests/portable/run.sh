@@ -8,11 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
+case $PY in /*) ;; *) PY="$PWD/$PY" ;; esac
 BUILD=build-portable
 
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTENSORSLIM_BUILD_TESTS=ON \
   -DTENSORSLIM_CUDA=OFF -DTENSORSLIM_ONEDNN=OFF -DTENSORSLIM_X86_KERNELS=OFF \
-  -DPython_EXECUTABLE="$PWD/$PY" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
+  -DPython_EXECUTABLE="$PY" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
 cmake --build "$BUILD" -j "$(nproc)"
 .venv/bin/ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure
 

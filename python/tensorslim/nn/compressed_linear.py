@@ -81,8 +81,9 @@ class CompressedLinear(KeepsPackedDtypes):
     """Base of the compressed linears. A subclass keeps in_features / out_features and
     implements kernel_forward(x) (the packed kernel) and dequantized_weight().
 
-    Inputs: a float tensor of shape [..., in_features] (0 rows give an empty output); a
-    0-D tensor or another last dimension is a ValueError, an integer tensor a TypeError,
+    Inputs: a float32 / bfloat16 / float16 tensor of shape [..., in_features] (0 rows give an
+    empty output); a 0-D tensor or another last dimension is a ValueError, an integer or
+    float64 tensor a TypeError,
     each naming the layer kind and the expected shape. NaN / Inf inputs propagate to the
     rows holding them (as in F.linear) for weight-only kinds; kinds that quantize
     activations need finite values and raise a ValueError.

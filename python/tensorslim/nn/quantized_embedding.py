@@ -174,8 +174,8 @@ class QuantizedEmbeddingBag(_PackedTable):
                 hit = (used == self.padding_idx).nonzero()
                 padding = int(hit[0]) if hit.numel() else None
             return F.embedding_bag(local, self._rows(used), offsets, mode=self.mode,
-                                   per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
-                                   padding_idx=padding)
+                                   per_sample_weights=per_sample_weights,
+                                   include_last_offset=self.include_last_offset, padding_idx=padding)
 
     @classmethod
     def from_spec(cls, spec: dict, device=None):

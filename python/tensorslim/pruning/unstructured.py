@@ -131,8 +131,9 @@ def _warn_if_restoring(layers, new_masks) -> None:
                 restored.append(f"{name} ({n})")
     if restored:
         listed = ", ".join(restored[:8]) + (" ..." if len(restored) > 8 else "")
-        warn_user(f"ts.prune: the new masks keep weights that earlier pruning removed; they are zero now but "
-                  f"will train again: {listed}. Prune at a sparsity at least the current one to keep them removed.")
+        warn_user(f"ts.prune: the new masks keep weights that earlier pruning removed; they are zero now "
+                  f"but will train again: {listed}. Prune at a sparsity at least the current one to keep "
+                  f"them removed.")
 
 
 def prune_unstructured(model: nn.Module, cfg: _Unstructured, sparsity: float = None,
