@@ -7,12 +7,14 @@
 
 #include "activation_pieces.h"
 #include "awq_kernels.h"
+#include "fp4_gemv.h"
 #include "gptq_kernels.h"
 #include "int4_codes.h"
 #include "panel_gemm.h"
 #include "tensorslim/binary.h"
 #include "sparse/sparse_kernels.h"
 #include "tensorslim/gemm_int8.h"
+#include "tensorslim/gemm_w4a8.h"
 #include "tensorslim/prune.h"
 #include "tensorslim/status.h"
 #include "weight_only_native.h"
@@ -30,7 +32,9 @@ namespace {
 // Queries: no such CPU feature or packed layout in this build.
 bool int8_vnni_available() { return false; }
 bool has_vpopcntdq() { return false; }
-void set_vpopcntdq_enabled(bool) {}  // the switch tests use; nothing to switch here
+void set_vpopcntdq_enabled(bool) {}  // the switches tests use; nothing to switch here
+bool w4a8_uses_vnni() { return false; }
+void set_w4a8_vnni_enabled(bool) {}
 bool linear_int8_avx2_packed_matches(const uint8_t*, int64_t, int64_t) { return false; }
 bool linear_int8_vnni_packed_matches(const uint8_t*, int64_t, int64_t) { return false; }
 bool linear_int8_avx2_packed_narrow(const uint8_t*) { return false; }
@@ -61,6 +65,12 @@ bool linear_int8_vnni(const TensorView&, const TensorView&, int32_t, const Tenso
 bool linear_int8_vnni_panels(const TensorView&, const TensorView&, int32_t, const TensorView&, const TensorView&,
                              const TensorView*, const TensorView&, const uint8_t*) { return false; }
 
+// W4A8.
+bool linear_w4a8_gemv_avx2(const W4A8Args&) { return false; }
+bool linear_w4a8_gemv_avx512(const W4A8Args&) { return false; }
+bool linear_w4a8_packed_avx2(const W4A8Args&, const uint8_t*) { return false; }
+bool linear_w4a8_packed_avx512(const W4A8Args&, const uint8_t*) { return false; }
+
 // Weight-only and low-bit linears.
 void linear_weight_only_avx2(const WeightOnlyProblem&, Format, int64_t) { absent("linear_weight_only_avx2"); }
 void linear_weight_only_avx512(const WeightOnlyProblem&, Format, int64_t) { absent("linear_weight_only_avx512"); }
@@ -74,6 +84,15 @@ void linear_pieces_avx512(const WeightOnlyProblem&, const ActivationPieces&, For
 }
 void linear_fp4_pieces_avx512(const WeightOnlyProblem&, const ActivationPieces&, const Fp4Scales&, int64_t) {
   absent("linear_fp4_pieces_avx512");
+}
+void linear_fp4_avx2(const Fp4Acts&, const LowbitWeight&, const float*, float*, int64_t, int64_t, int64_t) {
+  absent("linear_fp4_avx2");
+}
+void linear_fp4_avx512(const Fp4Acts&, const LowbitWeight&, const float*, float*, int64_t, int64_t, int64_t) {
+  absent("linear_fp4_avx512");
+}
+void fp4_decode_scales_avx512(const uint8_t*, int64_t, const Fp4Scales&, float*) {
+  absent("fp4_decode_scales_avx512");
 }
 void decode_int4_panel_avx2(const Int4PanelRows&, int64_t, int64_t, int64_t, int64_t, float*) {
   absent("decode_int4_panel_avx2");
