@@ -254,7 +254,7 @@ TEST(GemmInt8, OneDnnMatchesReferenceAndIsOptimized) {
     linear_int8(d.qxv, d.asv, d.zp, d.wv, d.wsv, b, gv, GemmBackend::kOneDNN);
     for (int64_t i = 0; i < p.M * p.N; ++i)
       ASSERT_NEAR(got[i], ref[i], 2e-6 * (1.0 + std::fabs(ref[i]))) << "M=" << p.M << " i=" << i;
-    if (have_avx512() && __builtin_cpu_supports("avx512vnni"))
+    if (have_avx512() && cpu::cpu_has_avx512_vnni())
       EXPECT_TRUE(cpu::onednn_int8_is_exact(impl)) << impl;
   }
 }

@@ -467,7 +467,7 @@ TEST(GemmW4A8, RejectsBadArguments) {
 
 TEST(GemmW4A8, KernelNameReportsVnni) {
   if (!have_avx512()) GTEST_SKIP() << "no AVX-512";
-  if (__builtin_cpu_supports("avx512vnni")) {
+  if (cpu::cpu_has_avx512_vnni()) {
     EXPECT_STREQ(linear_w4a8_kernel(4096, 128), "avx512_vnni");
   }
   EXPECT_STREQ(linear_w4a8_kernel(4096, 4096), linear_w4a8_kernel(4096, 128));
