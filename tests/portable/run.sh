@@ -17,12 +17,9 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTENSORSLIM_BUILD_TE
 cmake --build "$BUILD" -j "$(nproc)"
 .venv/bin/ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure
 
-# A package directory whose _C is the portable one; the editable install steps aside.
-PKG="$BUILD/pkg"
-rm -rf "$PKG" && mkdir -p "$PKG/tensorslim"
-for f in python/tensorslim/*; do ln -s "$PWD/$f" "$PKG/tensorslim/"; done
-ln -sf "$PWD/$BUILD/"_C.*.so "$PKG/tensorslim/"
-export SKBUILD_EDITABLE_SKIP="$PWD/build/$(ls build | head -n 1)"
+# A package directory whose _C is the portable one.
+source tests/package_dir.sh
+package_dir "$BUILD"
 PYTHONPATH="$PWD/$PKG" "$PY" -c 'import tensorslim as ts
 assert ts._C.best_isa() == "scalar" and not ts._C.built_with_onednn(), "not the portable build"'
 PYTHONPATH="$PWD/$PKG" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \

@@ -22,12 +22,9 @@ export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 .venv/bin/ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure
 
-# A package directory whose _C is the instrumented one; the editable install steps aside.
-PKG="$BUILD/pkg"
-rm -rf "$PKG" && mkdir -p "$PKG/tensorslim"
-for f in python/tensorslim/*; do ln -s "$PWD/$f" "$PKG/tensorslim/"; done
-ln -sf "$PWD/$BUILD/"_C.*.so "$PKG/tensorslim/"
-export SKBUILD_EDITABLE_SKIP="$PWD/build/$(ls build | head -n 1)"
+# A package directory whose _C is the instrumented one.
+source tests/package_dir.sh
+package_dir "$BUILD"
 # ASan's dlopen interceptor makes dlopen's caller look like libasan, so the SYCL runtime's
 # dlopen("libOpenCL.so.1") no longer sees the RPATH that finds it: name the directory here.
 LD_LIBRARY_PATH="$PWD/.venv/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
