@@ -286,7 +286,7 @@ class _Int8ConvNd(nn.Module):
         if self.backend == "reference" or (torch.is_grad_enabled() and (
                 x.requires_grad or (residual is not None and residual.requires_grad))):
             return None
-        if needs_function(x, trainable_bias(self)):
+        if trainable_bias(self) is not None:  # direct_ok below refuses dual levels and torch.func
             return None
         if not _eager.direct_ok((x, residual) + self._state_tensors()):
             return None
