@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from .verify import output_tensors
+
 PASS = {"ReluBackward0", "GeluBackward0", "SiluBackward0", "SigmoidBackward0", "TanhBackward0",
         "HardswishBackward0", "LeakyReluBackward0", "HardtanhBackward0", "HardsigmoidBackward0",
         "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
@@ -41,8 +43,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
                            else x for x in example_inputs)
             with torch.enable_grad():
                 out = model(*inputs)
-            outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-                    if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+            outs = [o for o in output_tensors(out) if o.grad_fn is not None]
             if not outs:
                 raise ValueError("the output does not depend on the inputs through differentiable operations")
             order: List = []
@@ -102,7 +103,10 @@ def _to_fx(model, order, shapes, params, inputs, outs) -> fx.GraphModule:
         elif kind in PASS and tensor_ins:
             n = g.call_function(F.relu, (tensor_ins[0],))
         elif kind == "AddBackward0" and tensor_ins:
-            n = g.call_function(operator.add, tuple(tensor_ins))
+            # an operand the graph does not follow (a parameter, a buffer, a detached tensor)
+            # stays in the addition as an opaque value, so the addition keeps its channels
+            operands = [n if n is not None else g.call_function(_opaque, ()) for n in ins]
+            n = g.call_function(operator.add, tuple(operands))
         elif kind == "CatBackward0" and len(tensor_ins) == len(ins):
             n = g.call_function(torch.cat, (list(tensor_ins), fn._saved_dim))
         elif kind == "MeanBackward1" and tensor_ins:

@@ -7,8 +7,12 @@ weight columns) start a space (their outputs) and consume their input's spaces
 channels through; additions merge spaces (residual groups); concatenation along the channel
 dimension chains segments; flatten turns each channel into rep = H*W features. A value that
 reaches any other operation makes its spaces unsupported (an error if they are selected),
-and one that reaches the model input or output freezes them.
+and one that reaches the model input or output freezes them, as do a layer called more than
+once (shared weights) and an addition with a tensor the graph does not follow (a parameter,
+an embedding's output).
 """
+import collections
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -28,6 +32,11 @@ PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, to
                   F.leaky_relu, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                   F.adaptive_max_pool2d, torch.nn.functional.hardsigmoid}
 PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
+# Pass channels through only where the channels are dim 1 (N, C, ...): on a linear's (N, L, C)
+# output they would pool the features.
+POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 ADDS = {operator.add, operator.iadd, torch.add}
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -50,8 +59,12 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """fx graph of `model` with shapes from one forward pass; a ValueError when it does not trace."""
     from ..quantization.calibrate import eval_mode
 
+    # arguments given as None (or another non-tensor) are traced as the constants they are:
+    # `if mask is None` then takes the branch the example runs
+    names = list(inspect.signature(model.forward).parameters)
+    concrete = {n: v for n, v in zip(names, example_inputs) if not isinstance(v, torch.Tensor)}
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+        gm = fx.GraphModule(model, _Tracer().trace(model, concrete_args=concrete or None), type(model).__name__)
         with torch.no_grad(), eval_mode(model):  # no BatchNorm statistics moved; modes restored
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...) for untraceable code
@@ -96,8 +109,10 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             s.attrs.append((name, attr, rep))
             off += s.size * rep
 
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in gm.graph.nodes:
-        args = [a for a in node.args if isinstance(a, fx.Node)]
+        # keyword operands too: torch.add(x, other=y) is the same residual as x + y
+        args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
         shape = _shape(node)
         if node.op == "placeholder":
             if shape is not None and len(shape) >= 2:
@@ -116,6 +131,10 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         if node.op == "call_module":
             m = mods[node.target]
             name = node.target
+            if calls[name] > 1 and (isinstance(m, CONVS + NORMS + (nn.Linear,)) or is_conv1d(m)):
+                # one weight serving several calls: each call's channels would be removed from it
+                mark(x, f"layer '{name}' runs {calls[name]} times (shared weights)", frozen=True)
+                continue  # its output is not followed: what it reaches keeps its channels
             if isinstance(m, CONVS):
                 if m.groups == 1:
                     consume(name, x, "weight", 1, "in_channels")
@@ -151,6 +170,10 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 sid = new_space(name, linear_shape(m)[1], params, [(name, out_attr, 1)], weight_dim=out_dim)
                 info[node] = Info([(sid, 1)], len(shape) - 1)
             elif isinstance(m, NORMS) and xi is not None:
+                if xi.cdim != 1 or any(rep != 1 for _, rep in xi.segs):  # normalizes dim 1, per feature
+                    mark(x, f"BatchNorm '{name}' normalizes a dimension other than the channels "
+                            f"(after a flatten, or a (N, L, C) input)")
+                    continue
                 off = 0
                 for sid, _ in xi.segs:  # per-channel statistics follow each segment
                     s = sp.get(sid)
@@ -159,6 +182,8 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                     s.attrs.append((name, "num_features", 1))
                     off += s.size
                 info[node] = xi
+            elif isinstance(m, POOL_MODULES) and xi is not None and xi.cdim != 1:
+                mark(x, f"pooling '{name}' runs over the channel dimension of a (N, L, C) tensor")
             elif isinstance(m, PASS_MODULES):
                 if xi is not None:
                     info[node] = xi
@@ -168,25 +193,16 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 mark(x, f"module '{name}' ({type(m).__name__}) is not understood by the channel graph")
             continue
         target = node.target
-        if (node.op == "call_function" and target in PASS_FUNCTIONS) or \
+        if node.op == "call_function" and target in POOL_FUNCTIONS and xi is not None and xi.cdim != 1:
+            mark(x, f"'{node.name}' pools over the channel dimension of a (N, L, C) tensor")
+        elif (node.op == "call_function" and target in PASS_FUNCTIONS) or \
                 (node.op == "call_method" and target in PASS_METHODS):
             if xi is not None:
                 info[node] = xi
         elif (node.op == "call_function" and target in ADDS) or (node.op == "call_method" and target == "add"):
-            tensors = [a for a in args if a in info]
-            if tensors:
-                base = info[tensors[0]]
-                for other in tensors[1:]:
-                    oi = info[other]
-                    if [r for _, r in oi.segs] != [r for _, r in base.segs] or len(oi.segs) != len(base.segs):
-                        mark(other, f"'{node.name}' adds differently concatenated channels")
-                        mark(tensors[0], f"'{node.name}' adds differently concatenated channels")
-                        continue
-                    for (a, _), (b, _) in zip(base.segs, oi.segs):
-                        sp.union(a, b, f"'{node.name}'")
-                info[node] = base
+            _add(node, args, info, sp, mark)
         elif node.op == "call_function" and target in (torch.cat, torch.concat):
-            tensors = node.args[0]
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors", [])
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             parts = [info.get(t) for t in tensors]
             ndim = len(shape)
@@ -217,6 +233,39 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             for a in node.all_input_nodes:
                 mark(a, f"'{node.name}' ({what}) is not understood by the channel graph")
     return sp
+
+
+def _add(node, args, info, sp: Spaces, mark) -> None:
+    """A residual addition joins its operands' spaces channel for channel. Operands it cannot
+    line up (a tensor the graph does not follow, such as a learned bias or an embedding's
+    output; channels on another dimension; different sizes or concatenations) keep every
+    channel instead: removing one on one side only would add channel i to channel j."""
+    tensors = [a for a in args if a in info]
+    if not tensors:
+        return
+    base = info[tensors[0]]
+    untracked = [a for a in args if a not in info and not _is_scalar(a)]
+    why = None
+    if untracked:
+        why = f"'{node.name}' adds a tensor the channel graph does not follow ('{untracked[0].name}')"
+    for other in tensors[1:]:
+        oi = info[other]
+        if why is None and (oi.cdim != base.cdim or [r for _, r in oi.segs] != [r for _, r in base.segs]
+                            or [sp.get(s).size for s, _ in oi.segs] != [sp.get(s).size for s, _ in base.segs]):
+            why = f"'{node.name}' adds tensors whose channels do not line up"
+    if why is not None:
+        for t in tensors:
+            mark(t, why, frozen=True)
+    else:
+        for other in tensors[1:]:
+            for (a, _), (b, _) in zip(base.segs, info[other].segs):
+                sp.union(a, b, f"'{node.name}'")
+    info[node] = base
+
+
+def _is_scalar(node) -> bool:
+    shape = _shape(node)
+    return shape is not None and all(d == 1 for d in shape)
 
 
 def _flatten(node, x, xi: Optional[Info], info, start: int, mark) -> None:

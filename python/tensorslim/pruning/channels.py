@@ -7,19 +7,25 @@
    |w * grad|) or random; the kept count is round(size * (1 - ratio)), rounded up to round_to.
 3. Every smaller tensor is built (rows / columns gathered by the C++ core), then all are
    swapped in with the modules' size attributes, so any error leaves the model as it was.
+4. With an example batch (calib_data or example_inputs), the pruned model must give what the
+   original gives with the removed channels zeroed (verify.py); else everything is put back
+   and the error says so: a pattern the graph misread never leaves a broken or wrong model.
 """
+import collections
 import dataclasses
+import inspect
 import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..ops import prune as prune_ops
 from ..quantization.calibrate import call_model
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
-from . import channel_graph, channel_rules, masks
+from . import channel_graph, channel_rules, masks, verify
 from .channel_space import Space, Spaces
 from .config import ChannelPrune
 
@@ -27,21 +33,35 @@ STRUCTURED_ATTR = "_tensorslim_structured"  # {module name: {attribute: value}} 
 UNPRUNED_BYTES_ATTR = "_tensorslim_unpruned_bytes"  # {module name: bytes before any channel left}: summary
 
 
-def _example(calib_data, example_inputs) -> tuple:
+def _example_batch(calib_data, example_inputs):
+    """One batch to run the model on (call_model's forms: a tensor, a tuple, a dict), or None."""
     if example_inputs is not None:
-        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        return example_inputs
     if calib_data is not None:
-        first = calib_data if isinstance(calib_data, torch.Tensor) else next(iter(calib_data), None)
-        if first is not None:
-            return tuple(first) if isinstance(first, (tuple, list)) else (first,)
-    raise ValueError("ChannelPrune: tracing the channel graph needs example inputs: pass calib_data "
-                     "or example_inputs=")
+        return calib_data if isinstance(calib_data, torch.Tensor) else next(iter(calib_data), None)
+    return None
+
+
+def _example(model: nn.Module, calib_data, example_inputs) -> tuple:
+    """The example batch as positional arguments of model.forward (a dict batch bound by name)."""
+    batch = _example_batch(calib_data, example_inputs)
+    if batch is None:
+        raise ValueError("ChannelPrune: tracing the channel graph needs example inputs: pass calib_data "
+                         "or example_inputs=")
+    if isinstance(batch, dict):
+        try:
+            bound = inspect.signature(model.forward).bind(**batch)
+        except TypeError as e:
+            raise ValueError(f"ChannelPrune: the example batch does not match the model's forward: {e}") from None
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
 def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs) -> Spaces:
     if channel_rules.find_blocks(model):
         return channel_rules.build_spaces(model, heads=cfg.head_ratio != 0)
-    example = _example(calib_data, example_inputs)
+    example = _example(model, calib_data, example_inputs)
     try:
         gm = channel_graph.trace(model, example)
     except ValueError as fx_error:  # data-dependent control flow etc.: the operations actually run
@@ -63,9 +83,11 @@ def _loss(out) -> torch.Tensor:
     for key in ("logits", "last_hidden_state"):
         if isinstance(getattr(out, key, None), torch.Tensor):
             return getattr(out, key).float().pow(2).mean()
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return out.float().pow(2).mean()
+    main = next((t for t in verify.output_tensors(out) if t.is_floating_point()), None)
+    if main is None:
+        raise ValueError(f"ChannelPrune: importance='taylor' found no float tensor in the model's output "
+                         f"({type(out).__name__}) to differentiate")
+    return main.float().pow(2).mean()
 
 
 def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.Tensor]:
@@ -147,14 +169,27 @@ def _drop(scores: torch.Tensor, keep: int, groups: int) -> List[int]:
     return sorted(drop)
 
 
-def _skip_reason(space: Space, mods, cfg, tied) -> Optional[str]:
+def _skip_reason(space: Space, mods, cfg, tied, shared) -> Optional[str]:
     if space.frozen:
         return f"coupled with the {space.frozen[0]}"
     for name in space.producers:
         reason = filter_reason(name, mods[name], cfg, tied)
         if reason:
             return reason
+    for name in dict.fromkeys(sl.module for sl in space.slices):  # producers and consumers
+        m = mods[name]
+        if parametrize.is_parametrized(m) or any(type(h).__name__ in ("WeightNorm", "SpectralNorm")
+                                                 for h in m._forward_pre_hooks.values()):
+            return f"layer '{name}' computes its weight (weight_norm / spectral_norm); remove that first"
+        if any(id(p) in shared for p in m._parameters.values() if p is not None):
+            return f"layer '{name}' shares a weight with another module (tied)"
     return None
+
+
+def _shared_parameters(model: nn.Module) -> set:
+    """ids of parameters held by more than one module (tied weights)."""
+    held = collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    return {i for i, n in held.items() if n > 1}
 
 
 def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Optional[dict] = None,
@@ -163,14 +198,14 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
     of skipped spaces); raises on a selected space that cannot be pruned consistently.
     chosen (filled) / forced (used): {first producer: dropped channels} of each space."""
     mods = dict(model.named_modules())
-    tied = _tied_to_embedding(model)
+    tied, shared = _tied_to_embedding(model), _shared_parameters(model)
     removed: Dict[Tuple[str, str, int], List[int]] = {}
     dec: Dict[Tuple[str, str], int] = {}
     report = Report()
     for sid, space in spaces.roots().items():
         if not space.producers:
             continue
-        reason = _skip_reason(space, mods, cfg, tied)
+        reason = _skip_reason(space, mods, cfg, tied, shared)
         if reason:
             report.changes.append(LayerChange(space.producers[0], type(mods[space.producers[0]]).__name__, "skipped",
                                               bytes_before=module_bytes(mods[space.producers[0]]),
@@ -260,6 +295,10 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
         key = (name, param)
         t = new.get(key, getattr(mods[name], param))
         gone = set(idx)
+        if len(gone) != len(idx) or max(gone) >= t.shape[dim]:  # two spaces claiming one index
+            raise ValueError(f"layer '{name}': the channel graph removes indices {sorted(gone)[-1]} of "
+                             f"{param} dim {dim} (size {t.shape[dim]}) inconsistently; leave it out with "
+                             f"exclude=[{name!r}]")
         keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.int64)
         new[key] = _gather(t, dim, keep).to(t.dtype)
     attrs = {(n, a): getattr(mods[n], a) - d for (n, a), d in dec.items()}
@@ -267,6 +306,10 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
         if v <= 0:
             raise ValueError(f"layer '{n}': pruning would leave {a} = {v}")
     before = {n: module_bytes(mods[n]) for n in {k[0] for k in new}}
+    batch = _example_batch(calib_data, example_inputs)
+    expected = verify.without_channels(model, batch, removed) if batch is not None and removed else None
+    old_tensors = {key: getattr(mods[key[0]], key[1]) for key in new}
+    old_attrs = {key: getattr(mods[key[0]], key[1]) for key in attrs}
     for (name, param), t in new.items():
         m = mods[name]
         old = getattr(m, param)
@@ -274,9 +317,22 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
             setattr(m, param, nn.Parameter(t, requires_grad=old.requires_grad))
         else:
             m._buffers[param] = t
-    record = getattr(model, STRUCTURED_ATTR, {})
     for (n, a), v in attrs.items():
         setattr(mods[n], a, v)
+    if expected is not None:
+        try:
+            verify.same_outputs(model, batch, expected)
+        except BaseException:
+            for (name, param), old in old_tensors.items():
+                if isinstance(old, nn.Parameter):
+                    setattr(mods[name], param, old)
+                else:
+                    mods[name]._buffers[param] = old
+            for (n, a), v in old_attrs.items():
+                setattr(mods[n], a, v)
+            raise
+    record = getattr(model, STRUCTURED_ATTR, {})
+    for (n, a), v in attrs.items():
         record.setdefault(n, {})[a] = v
     for n in sorted(before):
         record.setdefault(n, {})

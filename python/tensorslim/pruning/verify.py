@@ -1,0 +1,89 @@
+"""ChannelPrune's check of its own result: on one example batch, the pruned model must compute
+what the original computes with the removed channels zeroed (every removed row, column and
+per-channel statistic set to 0, through torch.func.functional_call: the model is not touched).
+The removed channels then contribute nothing downstream, so the two agree to float rounding
+whenever the channel graph read the model right; a pattern it misread (channels of a residual
+addition lined up wrongly, a consumer it did not see) shows up as a different output or a
+forward that no longer runs."""
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..quantization.calibrate import _to_device, eval_mode, model_device
+
+# Relative to the largest |value| of each output tensor: float32 sums in another order differ
+# by ~1e-6 of that; a channel added to the wrong one differs by its whole size.
+_TOLERANCE = 1e-3
+
+
+def output_tensors(out: Any) -> List[torch.Tensor]:
+    """The tensors of a model output (a tensor, tuple / list, dict or Hugging Face ModelOutput), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    if isinstance(out, dict) or hasattr(out, "items"):
+        return [t for o in out.values() for t in output_tensors(o)]
+    return []
+
+
+def _call(model: nn.Module, batch: Any, params=None) -> List[torch.Tensor]:
+    batch = _to_device(batch, model_device(model))
+    args, kwargs = ((), batch) if isinstance(batch, dict) else \
+        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {})
+    with torch.no_grad(), eval_mode(model):
+        if params is None:
+            out = model(*args, **kwargs)
+        else:
+            out = torch.func.functional_call(model, params, args, kwargs, strict=False)
+    return [t.detach() for t in output_tensors(out)]
+
+
+def without_channels(model: nn.Module, batch: Any, removed: Dict[Tuple[str, str, int], List[int]]
+                     ) -> List[torch.Tensor]:
+    """The original model's outputs on `batch` with the removed indices of each (module, tensor,
+    dim) zeroed."""
+    mods = dict(model.named_modules())
+    zeroed: Dict[str, torch.Tensor] = {}
+    for (name, param, dim), idx in removed.items():
+        key = f"{name}.{param}" if name else param
+        t = zeroed.get(key)
+        if t is None:
+            t = getattr(mods[name], param).detach().clone()
+        t.index_fill_(dim, torch.tensor(sorted(set(idx)), dtype=torch.int64, device=t.device), 0)
+        zeroed[key] = t
+    try:
+        return _call(model, batch, zeroed)
+    except Exception as e:  # the original model ran this batch for the trace: say what failed
+        raise ValueError(f"ChannelPrune: the example batch does not run through the model with the "
+                         f"removed channels zeroed ({type(e).__name__}: {e})") from None
+
+
+def same_outputs(model: nn.Module, batch: Any, expected: List[torch.Tensor]) -> None:
+    """Raises a ValueError unless the (pruned) model's outputs on `batch` match `expected`."""
+    advice = ("the channel graph misread this model; leave the layers around it out with exclude=[...] "
+              "(the model is unchanged)")
+    try:
+        got = _call(model, batch)
+    except Exception as e:
+        raise ValueError(f"ChannelPrune: the pruned model no longer runs ({type(e).__name__}: {e}); "
+                         f"{advice}") from None
+    if len(got) != len(expected):
+        raise ValueError(f"ChannelPrune: the pruned model returns {len(got)} tensors instead of "
+                         f"{len(expected)}; {advice}")
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if g.shape != e.shape or g.dtype != e.dtype:
+            raise ValueError(f"ChannelPrune: output {i} of the pruned model has shape {tuple(g.shape)} "
+                             f"({g.dtype}) instead of {tuple(e.shape)} ({e.dtype}); {advice}")
+        if not e.is_floating_point():
+            if not torch.equal(g, e):
+                raise ValueError(f"ChannelPrune: output {i} of the pruned model differs; {advice}")
+            continue
+        scale = float(e.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if e.numel() else 0.0
+        diff = float((g.double() - e.double()).abs().nan_to_num(float("inf")).max()) if e.numel() else 0.0
+        both_nan = bool((g.isnan() & e.isnan()).all()) if e.numel() else True
+        if diff > _TOLERANCE * max(scale, 1e-30) and not both_nan:
+            raise ValueError(f"ChannelPrune: output {i} of the pruned model differs from the original "
+                             f"without the removed channels by {diff:.3g} (outputs up to {scale:.3g}); "
+                             f"{advice}")

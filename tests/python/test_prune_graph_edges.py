@@ -1,0 +1,249 @@
+"""ChannelPrune on graph patterns its channel graph must not misread: each either prunes
+correctly (the pruned model equals the original with the removed channels zeroed) or keeps
+the affected channels / raises a clear error with the model unchanged. Before these checks
+some gave a wrong model silently (a residual written torch.add(x, other=y), a head tied to
+the embedding untied) and others a model that no longer ran."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import tensorslim as ts
+from tensorslim.pruning import channels as C
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CFG = ts.ChannelPrune(ratio=0.5, round_to=1)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+def _zeroed_reference(model, cfg, example):
+    """The original model with every removed channel's input columns zeroed in its consumers."""
+    ref = copy.deepcopy(model)
+    removed, _, _ = C.plan(ref, C.build_spaces(ref, cfg, None, example), cfg, None)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for (name, param, dim), idx in removed.items():
+            if param == "weight" and dim == 1:
+                getattr(mods[name], param).index_fill_(1, torch.tensor(idx), 0.0)
+    return ref
+
+
+class KeywordAdd(nn.Module):
+    def __init__(self, method: bool):
+        super().__init__()
+        self.method = method
+        self.stem, self.a, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = x.add(other=self.a(x)) if self.method else torch.add(x, other=self.a(x))
+        return self.head(F.relu(input=y))
+
+
+@pytest.mark.parametrize("method", [False, True])
+def test_residual_written_with_keywords_keeps_channels_aligned(method):
+    torch.manual_seed(0)
+    model, x = KeywordAdd(method).eval(), torch.randn(2, 3, 8, 8)
+    ref = _zeroed_reference(model, CFG, (x,))
+    ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert model.stem.out_channels == model.a.out_channels == 8 and model.head.in_channels == 8
+    with torch.no_grad():  # before: the two branches kept different channels (0.31 off on outputs of 0.68)
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.fc2(F.relu(self.fc1(self.emb(ids)))))
+
+
+def test_head_tied_to_the_embedding_stays_tied():
+    torch.manual_seed(0)
+    model, ids = TiedHead().eval(), torch.randint(0, 50, (2, 6))
+    report = ts.prune(model, CFG, example_inputs=(ids,), progress=False)
+    assert model.head.weight is model.emb.weight and model.head.in_features == 16
+    assert model.fc1.out_features == 16 and model.fc2.in_features == 16  # the untied space still prunes
+    assert "shares a weight" in " ".join(c.reason for c in report.changes)
+
+
+class ParamAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+        self.b = nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x) + self.b))
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(F.relu(self.conv(F.relu(self.stem(x))))))
+
+
+class WeightNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 32), parametrizations.weight_norm(nn.Linear(32, 32)), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class ResidualInput(nn.Module):  # (B, T, D) input added back: a pre-norm transformer's MLP
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(x + self.fc2(F.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("make, x, kept", [
+    (ParamAdd, torch.randn(4, 8), ["fc1"]),         # a learned bias added to fc1's output
+    (Shared, torch.randn(2, 3, 8, 8), ["stem"]),    # one conv called twice
+    (WeightNormed, torch.randn(4, 8), ["fc1"]),      # fc2's weight is computed by a parametrization
+    (ResidualInput, torch.randn(2, 5, 16), ["fc2"]),  # the input's width, added to fc2's output
+])
+def test_patterns_that_keep_their_channels(make, x, kept):
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        before = model(x)
+    ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    mods = dict(model.named_modules())
+    for name in kept:  # outputs kept (before: pruned on one side only, and the model no longer ran)
+        assert mods[name].weight.shape[0] == make().get_submodule(name).weight.shape[0]
+    with torch.no_grad():
+        assert model(x).shape == before.shape
+
+
+class FlattenBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm1d(8 * 4 * 4), nn.Linear(8 * 4 * 4, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.c(x).flatten(1)))
+
+
+class PoolFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.pool, self.fc2 = nn.Linear(8, 32), nn.AvgPool1d(2), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.pool(F.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("importance", ["l1", "random"])
+@pytest.mark.parametrize("make, x, match", [
+    (FlattenBatchNorm, torch.randn(2, 3, 6, 6), "BatchNorm 'bn' normalizes a dimension other than the channels"),
+    (PoolFeatures, torch.randn(2, 5, 8), "pooling 'pool' runs over the channel dimension"),
+])
+def test_unsupported_patterns_raise_and_leave_the_model(make, x, match, importance):
+    model = make().eval()
+    state = _state(model)
+    with pytest.raises(ValueError, match=match):
+        ts.prune(model, ts.ChannelPrune(ratio=0.5, round_to=1, importance=importance), example_inputs=(x,),
+                 progress=False)
+    assert _unchanged(model, state)
+
+
+class DetachedConsumer(nn.Module):  # data-dependent flow: the autograd fallback traces it
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            h = F.relu(self.c1(x))
+        return self.c2(h) + self.c3(h.detach())  # c3 is not in the backward graph
+
+
+def test_a_misread_graph_is_caught_by_the_check_and_undone():
+    model, x = DetachedConsumer().eval(), torch.randn(2, 3, 8, 8)
+    state = _state(model)
+    with pytest.raises(ValueError, match="pruned model no longer runs.*the model is unchanged"):
+        ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert _unchanged(model, state) and model.c1.out_channels == 16
+    with torch.no_grad():
+        model(x)
+
+
+def test_the_check_catches_a_wrong_output(monkeypatch):
+    """A graph that lines a residual up wrongly (forced here: the space of `a` no longer joins
+    the stem's) gives a model that runs but computes something else: the check raises."""
+    from tensorslim.pruning import channel_graph
+
+    monkeypatch.setattr(channel_graph.Spaces, "union", lambda self, a, b, where: a)
+    model, x = KeywordAdd(False).eval(), torch.randn(2, 3, 8, 8)
+    state = _state(model)
+    with pytest.raises(ValueError, match="differs from the original without the removed channels"):
+        ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert _unchanged(model, state)
+
+
+class DictIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x, scale=None):
+        y = self.fc2(F.relu(self.fc1(x)))
+        return {"out": y if scale is None else y * scale}
+
+
+def test_dict_batches_and_dict_outputs():
+    torch.manual_seed(0)
+    model, x = DictIn().eval(), torch.randn(4, 8)
+    ref = _zeroed_reference(model, CFG, (x,))
+    for importance in ("l1", "taylor"):
+        m = copy.deepcopy(model)
+        ts.prune(m, ts.ChannelPrune(ratio=0.5, round_to=1, importance=importance), calib_data=[{"x": x}],
+                 progress=False)
+        assert m.fc1.out_features == 16
+    m = copy.deepcopy(model)
+    ts.prune(m, CFG, calib_data=[{"x": x}], progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)["out"], ref(x)["out"], atol=1e-5, rtol=1e-5)
+
+
+class CatKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(torch.cat(tensors=[self.a(x), self.b(x)], dim=1)))
+
+
+def test_concatenation_written_with_keywords():
+    torch.manual_seed(0)
+    model, x = CatKeyword().eval(), torch.randn(2, 3, 8, 8)
+    ref = _zeroed_reference(model, CFG, (x,))
+    ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert model.head.in_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
