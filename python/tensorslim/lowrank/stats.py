@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .._identity import tensor_identity
+from ..quantization import token_mask
 
 
 @dataclass
@@ -32,7 +33,7 @@ def collect_input_stats(model: nn.Module, layers: Dict[str, nn.Linear], forward_
     last = {"input": None, "key": None, "sums": None}  # holding the tensor keeps the identity check sound
 
     def sums(x: torch.Tensor, width: int):
-        x = x.detach().reshape(-1, width)
+        x = token_mask.rows(x.detach(), width)
         gram = None
         if with_gram:  # one fp32 product per batch, summed over batches in fp64
             xf = x.float()

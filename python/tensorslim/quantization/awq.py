@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..ops import calibration as C
+from . import token_mask
 from .gram import add_gram_upper_, symmetric
 from .blockwise import Edits, Inputs, WeightSpec, calibrate_blockwise, errors_named, make_layer, run_block
 from ..config import AWQ
@@ -112,7 +113,7 @@ def collect_groups(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inpu
                 # applied again to another tensor (shared weights) adds those rows too
             batch_inputs.append((x, idx))
             g = groups[idx]
-            x2 = x.detach().reshape(-1, mod.in_features).float()
+            x2 = token_mask.rows(x.detach(), mod.in_features).float()
             if g.gram is None:
                 g.gram = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64, device=x.device)
                 g.abs_sum = torch.zeros(mod.in_features, dtype=torch.float64, device=x.device)

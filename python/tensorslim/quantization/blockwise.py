@@ -30,9 +30,23 @@ from ..formats import FORMATS
 from ..nn import WeightOnlyLinear
 from ..report import LayerChange, Report, module_bytes, remember_skipped
 from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, adopt_float_dtype, filter_reason
+from . import token_mask
 from .calibrate import ForwardLoop, eval_mode, require_forward_loop
 
-Inputs = List[Tuple[tuple, dict]]  # one (args, kwargs) per calibration batch
+class BlockInput(tuple):
+    """(args, kwargs) of one captured block call, carrying its batch's padding mask
+    (token_mask: re-runs of the block leave those positions out of statistics too)."""
+
+    def __new__(cls, args: tuple, kwargs: dict, mask: Optional[torch.Tensor] = None):
+        obj = super().__new__(cls, (args, kwargs))
+        obj.mask = mask
+        return obj
+
+    def __getnewargs__(self):  # copy / pickle rebuild it with its mask
+        return (self[0], self[1], self.mask)
+
+
+Inputs = List[BlockInput]  # one per calibration batch
 
 
 class _StopForward(Exception):
@@ -89,12 +103,12 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
 
     if block is model:
         def forward(*args, **kwargs):  # the whole model is the block: record its own inputs
-            captured.append((_detach(args), _detach(kwargs)))
+            captured.append(BlockInput(_detach(args), _detach(kwargs), token_mask.current()))
             return None
         hook = None
     else:
         def pre_hook(mod, args, kwargs):
-            captured.append((_detach(args), _detach(kwargs)))
+            captured.append(BlockInput(_detach(args), _detach(kwargs), token_mask.current()))
             raise _StopForward
 
         def forward(*args, **kwargs):
@@ -154,7 +168,7 @@ def block_output(out: Any) -> torch.Tensor:
 
 def run_block(block: nn.Module, inp: Tuple[tuple, dict]) -> torch.Tensor:
     args, kwargs = inp
-    with torch.no_grad():
+    with torch.no_grad(), token_mask.padding(getattr(inp, "mask", None)):
         try:
             out = block(*args, **kwargs)
         except RuntimeError as e:  # e.g. batches in another dtype than the model: as make_forward_loop says it
@@ -204,10 +218,11 @@ class StopAtLastCall:
 def next_inputs(inp: Tuple[tuple, dict], out: torch.Tensor) -> Tuple[tuple, dict]:
     """The next block gets this block's output in place of its hidden states."""
     args, kwargs = inp
+    mask = getattr(inp, "mask", None)
     if args:
-        return (out,) + tuple(args[1:]), kwargs
+        return BlockInput((out,) + tuple(args[1:]), kwargs, mask)
     if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": out}
+        return BlockInput(args, {**kwargs, "hidden_states": out}, mask)
     raise ValueError("calibration: cannot tell which block input is the hidden state "
                      "(no positional argument and no 'hidden_states' keyword)")
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import token_mask
+
 ForwardLoop = Callable[[nn.Module], None]
 
 
@@ -119,6 +121,8 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
     calib_data = reusable(calib_data)
 
     def loop(model: nn.Module) -> None:
+        # an encoder-decoder's decoder positions are not the attention mask's (same length or not)
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         count = 0
         total = len(calib_data) if hasattr(calib_data, "__len__") else None
         check = _DataCheck()
@@ -126,7 +130,8 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
             for batch in tqdm(calib_data, desc=desc, total=total, disable=not progress, leave=False):
                 check.batch(count, batch)
                 try:
-                    call_model(model, batch)
+                    with token_mask.padding(None if encoder_decoder else token_mask.of_batch(batch)):
+                        call_model(model, batch)
                 except RuntimeError as e:  # e.g. a shape the model does not take
                     raise ValueError(f"calib_data batch {count} does not run through the model: "
                                      f"{e}") from e

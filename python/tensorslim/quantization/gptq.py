@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import calibration as C
+from . import token_mask
 from .gram import gram_upper, symmetric
 from .blockwise import (Edits, FloatReference, Inputs, StopAtLastCall, WeightSpec, calibrate_blockwise, errors_named,
                         make_layer, run_block, set_submodule, warn_damping)
@@ -62,7 +63,7 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
     def float_hook(name):
         def fn(mod, args, out):
             if wanted(name) and name not in unpaired:
-                float_x[name].append(args[0].detach().reshape(-1, mod.in_features).double())
+                float_x[name].append(token_mask.rows(args[0].detach(), mod.in_features).double())
         return fn
 
     def hook(name):
@@ -79,7 +80,7 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
         return fn
 
     def record(name, mod, args):
-        x = args[0].detach().reshape(-1, mod.in_features)
+        x = token_mask.rows(args[0].detach(), mod.in_features)
         # Layers reading the same tensor (q/k/v, gate/up) share one product per call.
         key = next((i for i, (t, _) in enumerate(products) if t is args[0]), None)
         if key is None:

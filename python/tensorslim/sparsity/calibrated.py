@@ -15,6 +15,7 @@ from torch import nn
 
 from ..ops import sparsegpt as S
 from ..quantization.blockwise import Edits, Inputs, StopAtLastCall, calibrate_blockwise, errors_named, warn_damping
+from ..quantization import token_mask
 from ..quantization.gptq import accumulate_hessians
 from .build import build, dense_linear
 from .config import NM, _Sparse
@@ -29,7 +30,7 @@ def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs
 
     def hook(name):
         def fn(mod, args):
-            x = args[0].detach().reshape(-1, mod.in_features).double()
+            x = token_mask.rows(args[0].detach(), mod.in_features).double()
             sums[name] += (x * x).sum(0).cpu()
             stop.ran(name)
         return fn
