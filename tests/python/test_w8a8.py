@@ -432,7 +432,7 @@ def test_minilm_w8a8_smoothquant_beats_plain_w8a8(minilm):
         ts.quantize(q, cfg, calib_data=calib, progress=False)
         assert sum(isinstance(m, ts.Int8Linear) for m in q.modules()) == 36  # every encoder linear
         cos[name] = embedding_cosine(embed(q, tok, sentences), ref)
-    # Measured on these sentences: plain 0.9933, SmoothQuant (auto alpha) 0.9979.
+    # Measured on these sentences: plain 0.9933, SmoothQuant (auto alpha) 0.9983 (0.9979 before padding was left out and rows sampled over all batches).
     assert cos["smoothquant"] >= 0.99, cos
     assert cos["smoothquant"] > cos["plain"] + 0.002, cos
 
