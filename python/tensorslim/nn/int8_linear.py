@@ -125,9 +125,11 @@ class Int8Linear(CompressedLinear):
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if x.dtype is torch.float32 else y.to(x.dtype)
         packed = self.packed_weight(qweight)
-        if self.mode == "static":
-            return ops.linear_w8a8(x, qweight, w_scales, bias, inv_smooth, float(act_scale), int(act_zero_point),
-                                   torch.int8 if self.act_signed else torch.uint8, self.backend, packed)
+        if self.mode == "static":  # scale and zero point stay tensors: traced graphs read no host value
+            x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+            y = ops.int8.linear_w8a8_static(x2, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point,
+                                            self.act_signed, self.backend, packed)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return ops.linear_w8a8(x, qweight, w_scales, bias, inv_smooth, backend=self.backend, packed=packed)
 
     def _call_plan(self, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point) -> tuple:

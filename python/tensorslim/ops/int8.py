@@ -304,3 +304,46 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
         scales, zp = torch.tensor([act_scale], dtype=torch.float32), act_zero_point
     y = linear_int8(qx, scales, zp, qweight, w_scales, bias, backend, packed)
     return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
+
+
+# ---------------------------------------------------------------- static W8A8, traced
+
+
+def _linear_w8a8_static_impl(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                             bias: Optional[torch.Tensor], inv_smooth: Optional[torch.Tensor],
+                             act_scale: torch.Tensor, act_zero_point: torch.Tensor, signed: bool, backend: str,
+                             packed: Optional[torch.Tensor]) -> torch.Tensor:
+    scale, zp = float(act_scale), int(act_zero_point)
+    dtype = torch.int8 if signed else torch.uint8
+    _check_x(x, inv_smooth)
+    if backend == "reference":
+        q = quantize_static_reference(x, _check_static(scale, zp, dtype), zp, inv_smooth, dtype)
+        return linear_int8_reference(q, torch.tensor([scale], dtype=torch.float32), zp, qweight, w_scales, bias)
+    before_x, after_out = w8a8_call_args(inv_smooth, qweight, w_scales, bias, backend, packed, scale, zp, dtype)
+    y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+    _C.linear_w8a8(_views.view(x, "x"), *before_x, _views.view(y, "out"), *after_out)
+    return y
+
+
+_linear_w8a8_static = torch.library.custom_op("tensorslim::linear_w8a8_static", mutates_args=(),
+                                              device_types="cpu")(_linear_w8a8_static_impl)
+
+
+@_linear_w8a8_static.register_fake
+def _linear_w8a8_static_fake(x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point, signed, backend,
+                             packed):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+def linear_w8a8_static(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                       bias: Optional[torch.Tensor], inv_smooth: Optional[torch.Tensor], act_scale: torch.Tensor,
+                       act_zero_point: torch.Tensor, signed: bool = False, backend: str = "auto",
+                       packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Static W8A8 (x [M, K] fp32, contiguous) with the calibrated scale and zero point as
+    0-dim tensors, read when the op runs: a traced graph (torch.export, torch.compile with
+    fullgraph=True, fake / meta tensors) then holds no data-dependent host read of them. Same
+    kernels and bits as linear_w8a8 with float arguments."""
+    _check_backend(backend)
+    return _linear_w8a8_static(x, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point, bool(signed),
+                               backend, packed)
+
