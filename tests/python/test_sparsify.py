@@ -294,3 +294,19 @@ def test_config_json_round_trip():
     for cfg in (ts.NM(4, 8, method="sparsegpt", values="int8"), ts.Unstructured(0.75, method="wanda"),
                 ts.SparseStorage(layout="csr")):
         assert ts.Config.from_json(cfg.to_json()) == cfg
+
+
+def test_csr_layers_pickle_round_trip():
+    """pickle.loads could not read back the uint16 column tensor pickle.dumps wrote (torch 2.13);
+    the columns travel as their int16 view."""
+    import pickle
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32))
+    with torch.no_grad():
+        m[0].weight.mul_(torch.rand(32, 64) > 0.8)
+    ts.sparsify(m, ts.SparseStorage(layout="csr"), progress=False)
+    x = torch.randn(3, 64)
+    back = pickle.loads(pickle.dumps(m))
+    assert back[0].cols.dtype == torch.uint16 and m[0].cols.dtype == torch.uint16
+    assert torch.equal(back(x), m(x)) and torch.equal(copy.deepcopy(m)(x), m(x))

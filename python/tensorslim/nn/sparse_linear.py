@@ -142,6 +142,21 @@ class CSRSparseLinear(_SparseLinear):
             mod.bias.copy_(bias.detach().float())
         return mod
 
+    def __getstate__(self):
+        # pickle.dumps writes a uint16 tensor that pickle.loads cannot read back (torch 2.13: its
+        # storage has no dtype), so the columns travel as the int16 view of the same bits
+        state = dict(super().__getstate__())
+        cols = state["_buffers"].get("cols")
+        if cols is not None and cols.dtype == torch.uint16:
+            state["_buffers"] = {**state["_buffers"], "cols": cols.view(torch.int16)}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        cols = self._buffers.get("cols")
+        if cols is not None and cols.dtype == torch.int16:
+            self._buffers["cols"] = cols.view(torch.uint16)
+
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, self._linear)
 
