@@ -296,8 +296,8 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
         t = new.get(key, getattr(mods[name], param))
         gone = set(idx)
         if len(gone) != len(idx) or max(gone) >= t.shape[dim]:  # two spaces claiming one index
-            raise ValueError(f"layer '{name}': the channel graph removes indices {sorted(gone)[-1]} of "
-                             f"{param} dim {dim} (size {t.shape[dim]}) inconsistently; leave it out with "
+            raise ValueError(f"layer '{name}': the channel graph removes {param} indices along dim {dim} "
+                             f"inconsistently (one twice, or past its size {t.shape[dim]}); leave it out with "
                              f"exclude=[{name!r}]")
         keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.int64)
         new[key] = _gather(t, dim, keep).to(t.dtype)
