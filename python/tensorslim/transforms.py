@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .config import LayerFilter
 from .nn.layer_errors import name_layer
-from .report import LayerChange, Report, module_bytes, remember_skipped
+from .report import LayerChange, Report, compressed_layers, module_bytes, remember_skipped
 
 # Last name components that users mean by "the output head".
 OUTPUT_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "head", "output_head", "pooler"}
@@ -123,6 +123,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, child, new)
 
 
+def _enclosing(name: str, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """The name of the module among `modules` that encloses `name` ("0" for "0.core"), if any."""
+    parts = name.split(".")
+    return next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules),
+                None)
+
+
 def replace_modules(
     model: nn.Module,
     flt: LayerFilter,
@@ -142,6 +149,7 @@ def replace_modules(
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     tied = _tied_to_embedding(model)
+    compressed = compressed_layers(model)  # their inner layers (a factorized conv's factors) are theirs
     todo: List[Tuple[str, nn.Module]] = []
     report = Report()
     for name, mod in model.named_modules():
@@ -155,9 +163,11 @@ def replace_modules(
             else:
                 todo.append((name, mod))
         elif _is_weight_matrix_layer(mod):
+            owner = _enclosing(name, compressed)
+            reason = (f"a factor of the already compressed layer '{owner}' ({type(compressed[owner]).__name__})"
+                      if owner else f"{type(mod).__name__} layers are not supported by this technique")
             report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
-                                              bytes_before=module_bytes(mod),
-                                              reason=f"{type(mod).__name__} layers are not supported by this technique"))
+                                              bytes_before=module_bytes(mod), reason=reason))
     new_modules: Dict[str, nn.Module] = {}
     for name, mod in tqdm(todo, desc=desc, disable=not progress or len(todo) < 2, leave=False):
         try:

@@ -145,3 +145,21 @@ def test_digits_resnet_tucker_keeps_accuracy_after_a_short_fine_tune():
     print(f"digits ResNet: accuracy {base:.4f} dense, {after:.4f} Tucker-2 (60% FLOPs), "
           f"{tuned:.4f} after 2 fine-tune epochs")
     assert tuned >= base - 0.02
+
+
+def test_a_second_factorize_names_the_factors_as_such():
+    """A factorized conv's inner convs, met by a later verb that does not take convs, are
+    reported as its factors (they were "Conv2d layers are not supported by this technique")."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32 * 6 * 6, 10))
+    ts.factorize(m, ts.Tucker(ratio=0.5), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = ts.factorize(m, ts.SVD(ratio=0.5, skip_output_head=False), progress=False)
+    rows = {c.name: c for c in report.changes}
+    for part in ("first", "core", "last"):
+        assert rows[f"0.{part}"].action == "skipped"
+        assert rows[f"0.{part}"].reason == "a factor of the already compressed layer '0' (TuckerConv2d)"
+    assert rows["2"].action == "factorized"
