@@ -247,3 +247,84 @@ def test_concatenation_written_with_keywords():
     assert model.head.in_channels == 8
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the self-check's false refusals
+
+
+class OutputTricks(nn.Module):
+    """Correct to prune, but its outputs carry infinities, noise drawn in eval mode, an argmax, an
+    operation after the output layer, and a counter buffer the forward moves."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 10)
+        self.register_buffer("mask", torch.tensor([0.0, float("-inf")] * 5))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        h = F.relu(self.c1(x))
+        logits = self.fc(F.relu(self.c2(h)).mean((2, 3))) + self.mask + 0.01 * torch.randn(x.shape[0], 10)
+        return logits / 2.0, h, logits.argmax(1)  # `/ 2.0` after the output layer (a temperature)
+
+
+def test_outputs_that_are_correct_but_not_plainly_comparable():
+    torch.manual_seed(0)
+    model, x = OutputTricks().eval(), torch.randn(2, 3, 8, 8)
+    rng = torch.get_rng_state()
+    report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert model.c1.out_channels == 16  # h is an output: its channels stay
+    assert model.c2.out_channels == 4 and model.fc.in_features == 4 and model.fc.out_features == 10
+    assert report.changed
+    assert float(model.calls) == 0 and torch.equal(torch.get_rng_state(), rng)  # the prune's forwards left no trace
+
+
+class Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return torch.log_softmax(self.fc2(F.relu(self.fc1(x))) / 2.0, -1)
+
+
+def test_operations_after_the_output_layer_keep_its_outputs():
+    """An operation the graph does not know that only leads to the model output (a temperature,
+    a log-softmax) keeps the output layer whole instead of failing the whole prune."""
+    torch.manual_seed(0)
+    model, x = Temperature().eval(), torch.randn(4, 8)
+    ref = _zeroed_reference(model, CFG, (x,))
+    report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert model.fc1.out_features == 16 and model.fc2.out_features == 4
+    assert "model output (through 'truediv'" in " ".join(c.reason for c in report.changes)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_schedule_finalize_once_and_undone_on_error(monkeypatch):
+    from tensorslim.pruning import verify
+
+    torch.manual_seed(0)
+    model, x = KeywordAdd(False), torch.randn(2, 3, 8, 8)
+    sched = ts.pruning.Schedule(model, CFG, start_step=0, end_step=2, frequency=1, example_inputs=x)
+    for _ in range(3):
+        sched.step()
+    masked = {n: m.weight_mask.clone() for n, m in model.named_modules() if hasattr(m, "weight_mask")}
+    state = _state(model)
+
+    def refuse(*args):
+        raise ValueError("refused for the test")
+
+    monkeypatch.setattr(verify, "same_outputs", refuse)
+    with pytest.raises(ValueError, match="refused for the test"):
+        sched.finalize()
+    # masks, their buffers and every weight as before (the masks were baked in and dropped)
+    assert _unchanged(model, state)
+    assert {n for n, m in model.named_modules() if hasattr(m, "weight_mask")} == set(masked)
+    monkeypatch.undo()
+    sched.finalize()
+    assert model.stem.out_channels == 8 and not any(hasattr(m, "weight_mask") for m in model.modules())
+    with pytest.raises(ValueError, match="already called"):  # it removed as many channels again
+        sched.finalize()
+    assert model.stem.out_channels == 8

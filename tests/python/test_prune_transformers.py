@@ -167,3 +167,32 @@ def test_channel_prune_leaves_compressed_transformer_layers_whole(compress):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
+
+
+def test_olmo2_heads_with_a_norm_over_all_heads_are_kept():
+    """OLMo-2 normalizes q and k over all heads at once (q_norm of num_heads x head_dim):
+    removing a head changes the others, so the head space is skipped with why; before, q/k/v/o
+    were sliced, q_norm kept its width, and the pruned model no longer ran."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Olmo2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Olmo2ForCausalLM(cfg).eval()
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), progress=False)
+    att = model.model.layers[0].self_attn
+    assert att.q_proj.out_features == 64 and model.model.layers[0].mlp.gate_proj.out_features == 64
+    assert any("self_attn.q_norm' spans the heads" in c.reason for c in report.changes)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 12)))
+
+
+def test_attention_maps_in_the_output_do_not_fail_the_check():
+    """output_attentions=True returns maps whose head count pruning changes: the check compares
+    the outputs whose shape stays (it refused the prune, calling the graph misread, before)."""
+    model = _gqa_llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ts.prune(model, ts.ChannelPrune(ratio=0.25, head_ratio=0.5), calib_data=[{"input_ids": ids,
+                                                                             "output_attentions": True}],
+             progress=False)
+    assert model.model.layers[0].self_attn.o_proj.in_features == 64  # 4 of 8 query heads (1 of 2 kv groups)

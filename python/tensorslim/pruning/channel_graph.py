@@ -110,6 +110,14 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             off += s.size * rep
 
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    # Whether a node's value reaches a weight layer: an operation the graph does not know
+    # that only leads to the model output (logits / T, masked_fill, a log) keeps its input's
+    # channels whole, as the output itself does, instead of failing the whole prune.
+    feeds_layer: Dict[fx.Node, bool] = {}
+    for node in reversed(gm.graph.nodes):
+        feeds_layer[node] = any(
+            (u.op == "call_module" and (isinstance(mods.get(u.target), CONVS + (nn.Linear,)) or is_conv1d(mods.get(u.target))))
+            or feeds_layer.get(u, False) for u in node.users)
     for node in gm.graph.nodes:
         # keyword operands too: torch.add(x, other=y) is the same residual as x + y
         args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
@@ -231,7 +239,10 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         else:
             what = node.meta.get("autograd_op") or (target if isinstance(target, str) else getattr(target, "__name__", target))
             for a in node.all_input_nodes:
-                mark(a, f"'{node.name}' ({what}) is not understood by the channel graph")
+                if feeds_layer[node]:
+                    mark(a, f"'{node.name}' ({what}) is not understood by the channel graph")
+                else:
+                    mark(a, f"model output (through '{node.name}' ({what}))", frozen=True)
     return sp
 
 

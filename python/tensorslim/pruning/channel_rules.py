@@ -106,6 +106,18 @@ def _gpt2_heads(sp: Spaces, name: str, att) -> None:
                 (name, "num_heads", 1), (name, "split_size", hd)]
 
 
+def _spanning_heads(att: nn.Module, hd: int, n_heads: int, n_kv: int) -> str:
+    """The first module in a LLaMA-style attention, other than q/k/v/o_proj, with a parameter
+    sized by the heads (a q_norm over num_heads x head_dim, or per head), or ""."""
+    sizes = {n_heads * hd, n_kv * hd, n_heads, n_kv} - {hd}
+    for name, mod in att.named_modules():
+        if name in ("q_proj", "k_proj", "v_proj", "o_proj") or name.startswith(("q_proj.", "k_proj.", "v_proj.", "o_proj.")):
+            continue
+        if any(d in sizes for t in mod.parameters(recurse=False) for d in t.shape):
+            return name
+    return ""
+
+
 def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
     sp = Spaces()
     for name, m in model.named_modules():
@@ -139,6 +151,9 @@ def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
                 for attr, per in (("num_heads", groups), ("num_key_value_heads", 1)):
                     if isinstance(getattr(att, attr, None), int):
                         s.attrs.append((p + "self_attn", attr, per))
+                spanning = _spanning_heads(att, hd, n_kv * groups, n_kv)
+                if spanning:  # OLMo-2's / Cohere's q_norm over all heads: removing one changes the rest
+                    s.frozen.append(f"'{p}self_attn.{spanning}' spans the heads (the rule slices q/k/v/o only)")
         elif _is_gpt2_block(m):
             mlp = m.mlp
             _linear_space(sp, "neurons", mlp.c_fc.nf, [(p + "mlp.c_fc", mlp.c_fc, 1)],

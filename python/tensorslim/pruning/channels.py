@@ -12,6 +12,7 @@
    and the error says so: a pattern the graph misread never leaves a broken or wrong model.
 """
 import collections
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -283,8 +284,32 @@ def soft_prune_channels(model: nn.Module, cfg: ChannelPrune, ratio: float, calib
     return _partly_kept(report)
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module):
+    """The forwards run inside (the trace, Taylor gradients, the check) leave the model's buffers
+    as they were: a counter or moving average a forward updates, on success or error alike.
+    Buffers pruning replaced (smaller now) are the new ones."""
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        mods = dict(model.named_modules())
+        with torch.no_grad():
+            for n, b in saved.items():
+                owner, _, attr = n.rpartition(".")
+                cur = mods[owner]._buffers.get(attr) if owner in mods else None
+                if cur is not None and cur.shape == b.shape and cur.dtype == b.dtype:
+                    cur.copy_(b)
+
+
 def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward_loop=None,
                    example_inputs=None, progress: bool = True, forced: Optional[dict] = None) -> Report:
+    with _buffers_kept(model), torch.random.fork_rng(devices=[]):  # nor the caller's random stream
+        return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
+
+
+def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
+                    forced: Optional[dict]) -> Report:
     spaces = build_spaces(model, cfg, calib_data, example_inputs)
     grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
              else None)

@@ -53,6 +53,7 @@ class Schedule:
         # structured configs: tracing inputs / taylor data, and the channels masked last
         self.calib_data, self.forward_loop, self.example_inputs = reusable(calib_data), forward_loop, example_inputs
         self.chosen: dict = {}
+        self.finalized = False
         self.step_count = 0
         self.current: float = 0.0  # the sparsity (or channel ratio) applied last
         self.last_report: Optional[Report] = None
@@ -114,23 +115,35 @@ class Schedule:
     def finalize(self) -> Report:
         """End of training: bake the masks in; for a structured config, physically remove the
         channels masked last (the model computes the same, with smaller layers)."""
-        from .masks import finalize
+        from .masks import MASK, attach, finalize, masked_layers
 
-        finalize(self.model)
         if isinstance(self.config, _Unstructured):
+            finalize(self.model)
             return Report()
+        if self.finalized:  # the same channel indices again would remove as many other channels
+            raise ValueError("Schedule.finalize: already called; the masked channels are removed")
         from .channels import prune_channels
 
-        return prune_channels(self.model, self.config, self.calib_data, None, self.example_inputs,
-                              forced=self.chosen)
+        masked = {n: (m, getattr(m, MASK).clone()) for n, m in masked_layers(self.model).items()}
+        finalize(self.model)
+        try:
+            report = prune_channels(self.model, self.config, self.calib_data, None, self.example_inputs,
+                                    forced=self.chosen)
+        except BaseException:  # the model is as it was: masked, and the masks keep training it so
+            for mod, keep in masked.values():
+                attach(mod, keep, zero=False)
+            raise
+        self.finalized = True
+        return report
 
     def state_dict(self) -> dict:
         """Where the run is. The masks are in the model's state_dict: resume by building the
         model, optimizer and Schedule, then loading the three states (in any order)."""
-        return {"step_count": self.step_count, "current": self.current,
+        return {"step_count": self.step_count, "current": self.current, "finalized": self.finalized,
                 "chosen": {k: list(v) for k, v in self.chosen.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count, self.current = int(state["step_count"]), float(state["current"])
+        self.finalized = bool(state.get("finalized", False))
         # the channels masked last, which finalize() removes (absent in older states)
         self.chosen = {k: [int(i) for i in v] for k, v in state.get("chosen", {}).items()}

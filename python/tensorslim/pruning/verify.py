@@ -29,14 +29,19 @@ def output_tensors(out: Any) -> List[torch.Tensor]:
 
 
 def _call(model: nn.Module, batch: Any, params=None) -> List[torch.Tensor]:
-    batch = _to_device(batch, model_device(model))
+    device = model_device(model)
+    batch = _to_device(batch, device)
     args, kwargs = ((), batch) if isinstance(batch, dict) else \
         (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {})
-    with torch.no_grad(), eval_mode(model):
-        if params is None:
-            out = model(*args, **kwargs)
-        else:
-            out = torch.func.functional_call(model, params, args, kwargs, strict=False)
+    # both runs draw the same random numbers (noise or dropout a forward applies in eval mode),
+    # and the caller's generator state is left as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        with torch.no_grad(), eval_mode(model):
+            if params is None:
+                out = model(*args, **kwargs)
+            else:
+                out = torch.func.functional_call(model, params, args, kwargs, strict=False)
     return [t.detach() for t in output_tensors(out)]
 
 
@@ -74,16 +79,16 @@ def same_outputs(model: nn.Module, batch: Any, expected: List[torch.Tensor]) -> 
                          f"{len(expected)}; {advice}")
     for i, (g, e) in enumerate(zip(got, expected)):
         if g.shape != e.shape or g.dtype != e.dtype:
-            raise ValueError(f"ChannelPrune: output {i} of the pruned model has shape {tuple(g.shape)} "
-                             f"({g.dtype}) instead of {tuple(e.shape)} ({e.dtype}); {advice}")
-        if not e.is_floating_point():
-            if not torch.equal(g, e):
-                raise ValueError(f"ChannelPrune: output {i} of the pruned model differs; {advice}")
-            continue
-        scale = float(e.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if e.numel() else 0.0
-        diff = float((g.double() - e.double()).abs().nan_to_num(float("inf")).max()) if e.numel() else 0.0
-        both_nan = bool((g.isnan() & e.isnan()).all()) if e.numel() else True
-        if diff > _TOLERANCE * max(scale, 1e-30) and not both_nan:
+            if i == 0:
+                raise ValueError(f"ChannelPrune: output {i} of the pruned model has shape {tuple(g.shape)} "
+                                 f"({g.dtype}) instead of {tuple(e.shape)} ({e.dtype}); {advice}")
+            continue  # a by-product whose shape follows the channels (attention maps lose heads)
+        if not e.is_floating_point() or not e.numel():
+            continue  # integers (an argmax) may flip on a near-tie between rounding-close scores
+        same = (g == e) | (g.isnan() & e.isnan())  # infinities / NaN where both have them
+        diff = float(torch.where(same, 0.0, (g.double() - e.double()).abs()).nan_to_num(float("inf")).max())
+        scale = float(e.double().abs().nan_to_num(0.0, 0.0, 0.0).max())
+        if diff > _TOLERANCE * max(scale, 1e-30):
             raise ValueError(f"ChannelPrune: output {i} of the pruned model differs from the original "
                              f"without the removed channels by {diff:.3g} (outputs up to {scale:.3g}); "
                              f"{advice}")
