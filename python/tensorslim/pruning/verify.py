@@ -5,6 +5,7 @@ The removed channels then contribute nothing downstream, so the two agree to flo
 whenever the channel graph read the model right; a pattern it misread (channels of a residual
 addition lined up wrongly, a consumer it did not see) shows up as a different output or a
 forward that no longer runs."""
+import dataclasses
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -25,6 +26,8 @@ def output_tensors(out: Any) -> List[torch.Tensor]:
         return [t for o in out for t in output_tensors(o)]
     if isinstance(out, dict) or hasattr(out, "items"):
         return [t for o in out.values() for t in output_tensors(o)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in output_tensors(getattr(out, f.name))]
     return []
 
 
