@@ -114,3 +114,66 @@ def test_mask_rules():
         assert torch.equal(token_mask.rows(x, 4), x.reshape(-1, 4)[[0, 1, 3]])
         assert token_mask.rows(x.transpose(0, 1), 4).shape == (6, 4)  # another layout: every row
     assert token_mask.rows(x, 4).shape == (6, 4)  # outside a batch
+
+
+def test_a_batch_of_padding_only_adds_no_rows():
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    padded, _ = _batches()
+    only_pad = {"input_ids": torch.full((2, 6), PAD), "attention_mask": torch.zeros(2, 6, dtype=torch.int64)}
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    RECIPES["gptq"](a, padded + [only_pad])  # before: that batch's mask meant "every row counts"
+    RECIPES["gptq"](b, padded)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_no_mask_where_positions_are_not_the_masks():
+    """A conv's [B, C, L] input (C may equal T by chance) and an encoder-decoder wrapped in the
+    user's module (its decoder positions are not the mask's) keep every row."""
+    from types import SimpleNamespace
+
+    from tensorslim.quantization import token_mask
+    from tensorslim.quantization.calibrate import make_forward_loop
+    from tensorslim.quantization.observers import Observer
+
+    mask = {"attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    x = torch.zeros(2, 4, 4)
+    x[1, 3, 0] = 9.0  # a real value at channel 3 of sample 1 (a padded position if read as [B, T, C])
+    obs = Observer("max", "tensor")
+    with token_mask.padding(token_mask.of_batch(mask)):
+        obs.update(x)
+    assert float(obs.max) == 9.0
+
+    seen = []
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(is_encoder_decoder=True)
+
+        def forward(self, input_ids, attention_mask):
+            seen.append(token_mask.current())
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Seq2Seq()
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    make_forward_loop([dict(mask, input_ids=torch.ones(2, 4, dtype=torch.int64))], progress=False)(Wrapper())
+    assert seen == [None]
+
+
+def test_taylor_importance_leaves_padding_out():
+    from tensorslim.pruning import channels as C
+
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    padded, real = _batches()
+    g_pad, g_real = C.taylor_grads(model, padded, None), C.taylor_grads(model, real, None)
+    g_all = C.taylor_grads(model, [{"input_ids": p["input_ids"]} for p in padded], None)
+    for k in g_real:
+        torch.testing.assert_close(g_pad[k], g_real[k], rtol=1e-4, atol=1e-6 * float(g_real[k].abs().max()))
+    assert any(not torch.allclose(g_all[k], g_real[k], rtol=1e-2) for k in g_real)

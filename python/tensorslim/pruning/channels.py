@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import prune as prune_ops
+from ..quantization import token_mask
 from ..quantization.calibrate import call_model
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
@@ -75,19 +76,22 @@ def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs
     return channel_graph.build_spaces(model, gm)
 
 
-def _loss(out) -> torch.Tensor:
+def _loss(out, real: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The scalar Taylor importance differentiates: the model's own loss when it returns one
-    (Hugging Face outputs with labels), else the mean square of its main output."""
+    (Hugging Face outputs with labels), else the mean square of its main output, over the real
+    tokens where the batch has padding (`real`, [B, T], from its attention_mask)."""
     loss = getattr(out, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
-    for key in ("logits", "last_hidden_state"):
-        if isinstance(getattr(out, key, None), torch.Tensor):
-            return getattr(out, key).float().pow(2).mean()
-    main = next((t for t in verify.output_tensors(out) if t.is_floating_point()), None)
+    main = next((getattr(out, k) for k in ("logits", "last_hidden_state")
+                 if isinstance(getattr(out, k, None), torch.Tensor)), None)
+    if main is None:
+        main = next((t for t in verify.output_tensors(out) if t.is_floating_point()), None)
     if main is None:
         raise ValueError(f"ChannelPrune: importance='taylor' found no float tensor in the model's output "
                          f"({type(out).__name__}) to differentiate")
+    if real is not None and main.dim() >= 2 and tuple(main.shape[:2]) == tuple(real.shape):
+        main = main[real.to(main.device)]
     return main.float().pow(2).mean()
 
 
@@ -111,7 +115,7 @@ def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.
             else:
                 batches = [calib_data] if isinstance(calib_data, torch.Tensor) else calib_data
                 for batch in batches:
-                    _loss(call_model(model, batch)).backward()
+                    _loss(call_model(model, batch), token_mask.of_batch(batch)).backward()
         if all(p.grad is None for p in params.values()):  # else every channel scores 0: index order
             raise ValueError("ChannelPrune: importance='taylor' got no gradients (empty calib_data, or a "
                              "forward_loop that did not run the model and call backward)")

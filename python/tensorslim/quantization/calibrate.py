@@ -121,8 +121,10 @@ def make_forward_loop(calib_data: Optional[Iterable] = None,
     calib_data = reusable(calib_data)
 
     def loop(model: nn.Module) -> None:
-        # an encoder-decoder's decoder positions are not the attention mask's (same length or not)
-        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        # an encoder-decoder's decoder positions are not the attention mask's (same length or not),
+        # also inside a wrapper of the user's
+        encoder_decoder = any(getattr(getattr(m, "config", None), "is_encoder_decoder", False)
+                              for m in model.modules())
         count = 0
         total = len(calib_data) if hasattr(calib_data, "__len__") else None
         check = _DataCheck()

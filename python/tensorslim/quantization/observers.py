@@ -22,8 +22,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import token_mask
-
 METHODS = ("max", "percentile", "mse", "kl")
 GRANULARITIES = ("tensor", "channel", "token")
 
@@ -89,7 +87,6 @@ class Observer:
             return
         if not torch.isfinite(x).all():
             raise ValueError("Observer.update: activations contain NaN or Inf")
-        x = token_mask.rows(x, x.shape[-1]) if x.dim() == 3 else x  # padded tokens left out
         if self.granularity == "token":
             rows = x.detach().float().reshape(-1, x.shape[-1])
             amax = rows.abs().amax(dim=1)

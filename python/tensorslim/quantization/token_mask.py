@@ -22,7 +22,7 @@ _current: ContextVar[Optional[torch.Tensor]] = ContextVar("tensorslim_padding_ma
 
 def of_batch(batch: Any) -> Optional[torch.Tensor]:
     """The [B, T] bool mask of real tokens of a calibration batch, or None (no attention_mask,
-    not a 0/1 matrix, or no padding in it)."""
+    not a 0/1 matrix, or no padding in it). A batch of padding only gives no rows."""
     if not (isinstance(batch, dict) or hasattr(batch, "items")):
         return None
     mask = batch.get("attention_mask") if hasattr(batch, "get") else None
@@ -31,7 +31,7 @@ def of_batch(batch: Any) -> Optional[torch.Tensor]:
     if not bool(((mask == 0) | (mask == 1)).all()):
         return None  # an additive or otherwise encoded mask: not padding flags
     real = mask.bool()
-    return None if bool(real.all()) or not bool(real.any()) else real
+    return None if bool(real.all()) else real
 
 
 @contextmanager

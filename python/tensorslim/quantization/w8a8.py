@@ -107,7 +107,7 @@ def _observe_smoothed(model, targets, loop, inv: Dict[str, Optional[torch.Tensor
 
     def hook(name):
         def fn(mod, args):
-            x = args[0].detach().float()
+            x = token_mask.rows(args[0].detach().float(), mod.in_features)  # padded tokens left out
             obs[name].update(x * inv[name] if inv[name] is not None else x)
         return fn
 
