@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import tensorslim as ts
-from tensorslim.pruning import channels as C
+from pruned_reference import zeroed_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,18 +26,6 @@ def _state(model):
 def _unchanged(model, state):
     now = model.state_dict()
     return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-
-
-def _zeroed_reference(model, cfg, example):
-    """The original model with every removed channel's input columns zeroed in its consumers."""
-    ref = copy.deepcopy(model)
-    removed, _, _ = C.plan(ref, C.build_spaces(ref, cfg, None, example), cfg, None)
-    mods = dict(ref.named_modules())
-    with torch.no_grad():
-        for (name, param, dim), idx in removed.items():
-            if param == "weight" and dim == 1:
-                getattr(mods[name], param).index_fill_(1, torch.tensor(idx), 0.0)
-    return ref
 
 
 class KeywordAdd(nn.Module):
@@ -56,7 +44,7 @@ class KeywordAdd(nn.Module):
 def test_residual_written_with_keywords_keeps_channels_aligned(method):
     torch.manual_seed(0)
     model, x = KeywordAdd(method).eval(), torch.randn(2, 3, 8, 8)
-    ref = _zeroed_reference(model, CFG, (x,))
+    ref, _ = zeroed_reference(model, CFG, (x,))
     ts.prune(model, CFG, example_inputs=(x,), progress=False)
     assert model.stem.out_channels == model.a.out_channels == 8 and model.head.in_channels == 8
     with torch.no_grad():  # before: the two branches kept different channels (0.31 off on outputs of 0.68)
@@ -218,7 +206,7 @@ class DictIn(nn.Module):
 def test_dict_batches_and_dict_outputs():
     torch.manual_seed(0)
     model, x = DictIn().eval(), torch.randn(4, 8)
-    ref = _zeroed_reference(model, CFG, (x,))
+    ref, _ = zeroed_reference(model, CFG, (x,))
     for importance in ("l1", "taylor"):
         m = copy.deepcopy(model)
         ts.prune(m, ts.ChannelPrune(ratio=0.5, round_to=1, importance=importance), calib_data=[{"x": x}],
@@ -242,7 +230,7 @@ class CatKeyword(nn.Module):
 def test_concatenation_written_with_keywords():
     torch.manual_seed(0)
     model, x = CatKeyword().eval(), torch.randn(2, 3, 8, 8)
-    ref = _zeroed_reference(model, CFG, (x,))
+    ref, _ = zeroed_reference(model, CFG, (x,))
     ts.prune(model, CFG, example_inputs=(x,), progress=False)
     assert model.head.in_channels == 8
     with torch.no_grad():
@@ -294,7 +282,7 @@ def test_operations_after_the_output_layer_keep_its_outputs():
     a log-softmax) keeps the output layer whole instead of failing the whole prune."""
     torch.manual_seed(0)
     model, x = Temperature().eval(), torch.randn(4, 8)
-    ref = _zeroed_reference(model, CFG, (x,))
+    ref, _ = zeroed_reference(model, CFG, (x,))
     report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
     assert model.fc1.out_features == 16 and model.fc2.out_features == 4
     assert "model output (through 'truediv'" in " ".join(c.reason for c in report.changes)

@@ -12,6 +12,7 @@ from torch import nn
 import tensorslim as ts
 from tensorslim.eval import digits_cnn as D
 from tensorslim.pruning import channels as C
+from pruned_reference import zeroed_reference
 
 pytest.importorskip("sklearn", reason="needs scikit-learn's digits")
 
@@ -41,25 +42,11 @@ def _same(model, state):
                                               for k in state)
 
 
-def _zeroed_reference(model, cfg, example):
-    """The original model with every removed channel's consumer input columns zeroed: what a
-    correct structural pruning must compute exactly."""
-    ref = copy.deepcopy(model)
-    spaces = C.build_spaces(ref, cfg, None, example)
-    removed, _, _ = C.plan(ref, spaces, cfg, None)
-    mods = dict(ref.named_modules())
-    with torch.no_grad():
-        for (name, param, dim), idx in removed.items():
-            if param == "weight" and dim == 1:
-                getattr(mods[name], param).index_fill_(1, torch.tensor(idx), 0.0)
-    return ref
-
-
 def test_cnn_channel_pruning_flops_equivalence_finetune(trained, data, tmp_path):
     xtr, ytr, xte, yte = data
     model = copy.deepcopy(trained)
     cfg = ts.ChannelPrune(ratio=0.5, importance="l1")
-    ref = _zeroed_reference(model, cfg, (xtr[:4],))
+    ref, _ = zeroed_reference(model, cfg, (xtr[:4],))
     report = ts.prune(model, cfg, calib_data=[xtr[:16]], progress=False)
     assert model.block2.conv.weight.shape == (32, 32, 3, 3) and model.block2.dw.groups == 32
     assert model.bn_cat.num_features == 32 and model.head.in_features == 32
@@ -155,7 +142,7 @@ def test_grouped_conv_filters_pruned_per_group(make):
     model = make().eval()
     x = torch.rand(2, 1, 8, 8)
     cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
-    ref = _zeroed_reference(model, cfg, (x,))
+    ref, _ = zeroed_reference(model, cfg, (x,))
     spaces = C.build_spaces(model, cfg, None, (x,))
     removed, _, _ = C.plan(model, spaces, cfg, None)
     dropped = removed[("g", "weight", 0)]
@@ -206,7 +193,7 @@ def test_autograd_fallback_prunes_a_model_fx_cannot_trace():
     cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
     with pytest.raises(ValueError, match="does not trace with torch.fx"):
         C.channel_graph.trace(model, (x,))
-    ref = _zeroed_reference(model, cfg, (x,))
+    ref, _ = zeroed_reference(model, cfg, (x,))
     ts.prune(model, cfg, example_inputs=x, progress=False)
     # a -> bn -> (+ b) residual group: 8 of 16 channels, flattened 36 features each into fc
     assert model.a.out_channels == 8 and model.b.out_channels == 8 and model.fc.in_features == 8 * 36

@@ -12,7 +12,7 @@ pytest.importorskip("transformers", reason="needs Hugging Face transformers")
 
 import tensorslim as ts  # noqa: E402
 from tensorslim.eval import perplexity, tiny_lm  # noqa: E402
-from tensorslim.pruning import channels as C  # noqa: E402
+from pruned_reference import zeroed_reference  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,21 +27,10 @@ def _gqa_llama():
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
-def _zeroed_reference(model, cfg):
-    ref = copy.deepcopy(model)
-    removed, _, _ = C.plan(ref, C.build_spaces(ref, cfg, None, None), cfg, None)
-    mods = dict(ref.named_modules())
-    with torch.no_grad():
-        for (name, param, dim), idx in removed.items():
-            if param == "weight" and dim == 1:
-                getattr(mods[name], param).index_fill_(1, torch.tensor(idx), 0.0)
-    return ref, removed
-
-
 def test_llama_gqa_heads_and_ffn(tmp_path):
     model = _gqa_llama()
     cfg = ts.ChannelPrune(ratio=0.25, head_ratio=0.5, importance="l2")
-    ref, removed = _zeroed_reference(model, cfg)
+    ref, removed = zeroed_reference(model, cfg)
     ts.prune(model, cfg, progress=False)
     att = model.model.layers[0].self_attn
     # 2 kv heads x 4 query heads each: one group leaves, with its 4 query heads
