@@ -123,6 +123,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, child, new)
 
 
+def factor_reason(owner: str, module: nn.Module) -> str:
+    """Why a layer inside a compressed one (a factorized layer's factor) is left as it is."""
+    return f"a factor of the already compressed layer '{owner}' ({type(module).__name__})"
+
+
 def _enclosing(name: str, modules: Dict[str, nn.Module]) -> Optional[str]:
     """The name of the module among `modules` that encloses `name` ("0" for "0.core"), if any."""
     parts = name.split(".")
@@ -155,7 +160,7 @@ def replace_modules(
     for name, mod in model.named_modules():
         if not name:
             continue
-        if type(mod) in supported:
+        if type(mod) in supported:  # a factor of a factorized layer may be quantized, not factorized again
             reason = filter_reason(name, mod, flt, tied) or check(name, mod)
             if reason:
                 report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
@@ -164,8 +169,8 @@ def replace_modules(
                 todo.append((name, mod))
         elif _is_weight_matrix_layer(mod):
             owner = _enclosing(name, compressed)
-            reason = (f"a factor of the already compressed layer '{owner}' ({type(compressed[owner]).__name__})"
-                      if owner else f"{type(mod).__name__} layers are not supported by this technique")
+            reason = factor_reason(owner, compressed[owner]) if owner else \
+                f"{type(mod).__name__} layers are not supported by this technique"
             report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
                                               bytes_before=module_bytes(mod), reason=reason))
     new_modules: Dict[str, nn.Module] = {}

@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from ..config import LayerFilter
-from ..transforms import _tied_to_embedding, filter_reason
+from ..transforms import _tied_to_embedding, factor_reason, filter_reason
 
 
-def factor_parents(model: nn.Module) -> Dict[str, nn.Module]:
-    """Names of the layers inside already factorized modules (their factors) -> that module."""
+def factor_parents(model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
+    """Names of the layers inside already factorized modules (their factors) -> (that module's
+    name, that module)."""
     from ..nn import CPConv2d, LowRankLinear, TuckerConv2d
 
     out = {}
@@ -17,7 +18,7 @@ def factor_parents(model: nn.Module) -> Dict[str, nn.Module]:
         if isinstance(mod, (LowRankLinear, TuckerConv2d, CPConv2d)):
             for child, _ in mod.named_modules():
                 if child:
-                    out[f"{name}.{child}"] = mod
+                    out[f"{name}.{child}"] = (name, mod)
     return out
 
 
@@ -39,11 +40,11 @@ def candidates(model: nn.Module, flt: LayerFilter, kind: type) -> Dict[str, nn.M
     return out
 
 
-def skip_check(plans: Dict[str, Tuple[Optional[str], object]], factors: Dict[str, nn.Module]):
+def skip_check(plans: Dict[str, Tuple[Optional[str], object]], factors: Dict[str, Tuple[str, nn.Module]]):
     """check(name, module) for transforms.replace_modules: the plan's skip reason."""
     def check(name: str, mod: nn.Module) -> Optional[str]:
         if name in factors:
-            return f"a factor of the already factorized layer ({type(factors[name]).__name__})"
+            return factor_reason(*factors[name])
         reason, _ = plans.get(name, ("not selected", None))
         return reason
     return check
