@@ -15,7 +15,7 @@ heads are the block-internal channels there is to remove).
                head_dim columns at the same place in each third, and head_dim rows of
                attn.c_proj, with num_heads / split_size updated.
 """
-from typing import List
+from typing import List, Optional
 
 from torch import nn
 
@@ -106,16 +106,14 @@ def _gpt2_heads(sp: Spaces, name: str, att) -> None:
                 (name, "num_heads", 1), (name, "split_size", hd)]
 
 
-def _spanning_heads(att: nn.Module, hd: int, n_heads: int, n_kv: int) -> str:
-    """The first module in a LLaMA-style attention, other than q/k/v/o_proj, with a parameter
-    sized by the heads (a q_norm over num_heads x head_dim, or per head), or ""."""
+def _spanning_heads(att: nn.Module, hd: int, n_heads: int, n_kv: int) -> Optional[str]:
+    """The first parameter of a LLaMA-style attention, outside q/k/v/o_proj, sized by the heads
+    (a q_norm over num_heads x head_dim or per head, attention sinks), or None."""
     sizes = {n_heads * hd, n_kv * hd, n_heads, n_kv} - {hd}
-    for name, mod in att.named_modules():
-        if name in ("q_proj", "k_proj", "v_proj", "o_proj") or name.startswith(("q_proj.", "k_proj.", "v_proj.", "o_proj.")):
-            continue
-        if any(d in sizes for t in mod.parameters(recurse=False) for d in t.shape):
+    for name, t in att.named_parameters():
+        if name.split(".")[0] not in ("q_proj", "k_proj", "v_proj", "o_proj") and any(d in sizes for d in t.shape):
             return name
-    return ""
+    return None
 
 
 def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
@@ -152,7 +150,7 @@ def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
                     if isinstance(getattr(att, attr, None), int):
                         s.attrs.append((p + "self_attn", attr, per))
                 spanning = _spanning_heads(att, hd, n_kv * groups, n_kv)
-                if spanning:  # OLMo-2's / Cohere's q_norm over all heads: removing one changes the rest
+                if spanning is not None:  # OLMo-2's / Cohere's q_norm over all heads: removing one changes the rest
                     s.frozen.append(f"'{p}self_attn.{spanning}' spans the heads (the rule slices q/k/v/o only)")
         elif _is_gpt2_block(m):
             mlp = m.mlp

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from ..ops import prune as prune_ops
 from ..quantization import token_mask
-from ..quantization.calibrate import call_model
+from ..quantization.calibrate import call_model, model_device
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
 from . import channel_graph, channel_rules, masks, verify
@@ -50,9 +50,9 @@ def _example(model: nn.Module, calib_data, example_inputs) -> tuple:
     if batch is None:
         raise ValueError("ChannelPrune: tracing the channel graph needs example inputs: pass calib_data "
                          "or example_inputs=")
-    if isinstance(batch, dict):
+    if isinstance(batch, dict) or hasattr(batch, "items"):  # a tokenizer's BatchEncoding too
         try:
-            bound = inspect.signature(model.forward).bind(**batch)
+            bound = inspect.signature(model.forward).bind(**dict(batch.items()))
         except TypeError as e:
             raise ValueError(f"ChannelPrune: the example batch does not match the model's forward: {e}") from None
         bound.apply_defaults()
@@ -90,7 +90,7 @@ def _loss(out, real: Optional[torch.Tensor] = None) -> torch.Tensor:
     if main is None:
         raise ValueError(f"ChannelPrune: importance='taylor' found no float tensor in the model's output "
                          f"({type(out).__name__}) to differentiate")
-    if real is not None and main.dim() >= 2 and tuple(main.shape[:2]) == tuple(real.shape):
+    if real is not None and main.dim() >= 3 and tuple(main.shape[:2]) == tuple(real.shape):  # [B, T, ...]
         main = main[real.to(main.device)]
     return main.float().pow(2).mean()
 
@@ -308,7 +308,8 @@ def _buffers_kept(model: nn.Module):
 
 def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward_loop=None,
                    example_inputs=None, progress: bool = True, forced: Optional[dict] = None) -> Report:
-    with _buffers_kept(model), torch.random.fork_rng(devices=[]):  # nor the caller's random stream
+    # nor the caller's random streams
+    with _buffers_kept(model), torch.random.fork_rng(devices=verify.rng_devices(model_device(model))):
         return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
 
 

@@ -14,8 +14,17 @@ from torch import nn
 from ..quantization.calibrate import _to_device, eval_mode, model_device
 
 # Relative to the largest |value| of each output tensor: float32 sums in another order differ
-# by ~1e-6 of that; a channel added to the wrong one differs by its whole size.
-_TOLERANCE = 1e-3
+# by ~1e-6 of that, bfloat16 ones by a step or two of its 2^-8 (a tiny bf16 LLaMA: 0.0014);
+# a channel added to the wrong one differs by its whole size.
+def _tolerance(dtype: torch.dtype) -> float:
+    return max(1e-3, 8 * torch.finfo(dtype).eps)
+
+
+def rng_devices(device: torch.device) -> List[int]:
+    """The CUDA devices whose generators a forward may draw from (for fork_rng)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def output_tensors(out: Any) -> List[torch.Tensor]:
@@ -38,7 +47,7 @@ def _call(model: nn.Module, batch: Any, params=None) -> List[torch.Tensor]:
         (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {})
     # both runs draw the same random numbers (noise or dropout a forward applies in eval mode),
     # and the caller's generator state is left as it was
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(0)
         with torch.no_grad(), eval_mode(model):
             if params is None:
@@ -91,7 +100,7 @@ def same_outputs(model: nn.Module, batch: Any, expected: List[torch.Tensor]) -> 
         same = (g == e) | (g.isnan() & e.isnan())  # infinities / NaN where both have them
         diff = float(torch.where(same, 0.0, (g.double() - e.double()).abs()).nan_to_num(float("inf")).max())
         scale = float(e.double().abs().nan_to_num(0.0, 0.0, 0.0).max())
-        if diff > _TOLERANCE * max(scale, 1e-30):
+        if diff > _tolerance(e.dtype) * max(scale, 1e-30):
             raise ValueError(f"ChannelPrune: output {i} of the pruned model differs from the original "
                              f"without the removed channels by {diff:.3g} (outputs up to {scale:.3g}); "
                              f"{advice}")

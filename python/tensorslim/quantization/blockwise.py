@@ -37,7 +37,9 @@ class BlockInput(tuple):
     """(args, kwargs) of one captured block call, carrying its batch's padding mask
     (token_mask: re-runs of the block leave those positions out of statistics too)."""
 
-    def __new__(cls, args: tuple, kwargs: dict, mask: Optional[torch.Tensor] = None):
+    def __new__(cls, args, kwargs: Optional[dict] = None, mask: Optional[torch.Tensor] = None):
+        if kwargs is None:  # type(x)(iterable), as generic helpers rebuild a sequence (mask not kept)
+            args, kwargs = tuple(args)
         obj = super().__new__(cls, (args, kwargs))
         obj.mask = mask
         return obj
