@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import __version__
+
 
 def _info(_args) -> int:
     import torch
@@ -120,6 +122,7 @@ def _dtype_bytes(name: str) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tensorslim", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tensorslim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, CPU/CUDA kernels, formats").set_defaults(run=_info)
     p = sub.add_parser("inspect", help="layers of a file written by ts.save")
@@ -143,8 +146,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.extra = extra
     try:
         return args.run(args)
-    except (ValueError, OSError) as e:  # io turns a missing / corrupt file into these: one line, no traceback
-        print(f"tensorslim {args.command}: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:  # bad input (io: a missing / corrupt file): one line, no traceback
+        msg = str(e)
+        if args.command == "compress" and "calib_data" in msg:
+            msg += " (in a recipe: calib: module.path:callable returning the batches)"
+        print(f"tensorslim {args.command}: {msg}", file=sys.stderr)
         return 2
 
 

@@ -6,7 +6,7 @@ applied to a model in order. `tensorslim compress RECIPE` runs one from a YAML o
     calib: mypkg.data:calibration_batches           # optional: module:callable -> model inputs
     steps:
       - prune: {type: ChannelPrune, ratio: 0.5}
-      - factorize: {type: SVD, energy: 0.95}
+      - factorize: {type: Tucker, ratio: 0.5}       # convs: Tucker / CP; linears: SVD
       - quantize: int8_dynamic                      # a preset name, or {type: ..., ...}
 
 A step's config is a dict as Config.to_dict() writes it (its "type" a config class name), or
@@ -15,6 +15,8 @@ changes nothing.
 """
 import importlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -127,6 +129,9 @@ def resolve(target: str, what: str) -> Callable:
     module, _, attr = target.partition(":")
     if not module or not attr:
         raise ValueError(f"{what}: expected 'module.path:callable', got {target!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # `python -m tensorslim` looks in the working directory first; the installed script did not
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, SyntaxError) as e:

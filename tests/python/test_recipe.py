@@ -151,3 +151,27 @@ def test_weights_and_calibration_that_do_not_fit_are_one_line_errors(tmp_path, f
                              "steps": [{"quantize": "int8"}]})
     with pytest.raises(ValueError, match="returned NoneType, not an iterable"):
         recipe.run(path, tmp_path / "o.safetensors")
+
+
+def test_type_errors_and_missing_calibration_are_one_line_cli_errors(tmp_path, fixture_module, capsys):
+    """A TypeError from a verb (integer calibration batches) printed a traceback; the missing
+    calibration message speaks of the recipe's `calib:` too."""
+    (tmp_path / "calib_long.py").write_text("import torch\ndef batches():\n    return [torch.ones(4, 64, dtype=torch.long)]\n")
+    path = _write(tmp_path, {"model": "recipe_fixture:mlp", "calib": "calib_long:batches", "steps": [{"quantize": "w8a8"}]})
+    assert cli.main(["compress", str(path), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "expected a float input tensor, got torch.int64" in capsys.readouterr().err
+    path = _write(tmp_path, {"model": "recipe_fixture:mlp", "steps": [{"quantize": "w8a8"}]})
+    assert cli.main(["compress", str(path), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "(in a recipe: calib: module.path:callable" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_models_resolve_from_the_working_directory(tmp_path, monkeypatch):
+    """The installed `tensorslim` script does not put the working directory on sys.path
+    (`python -m` does): a recipe's `model: mymodels:mlp` next to it was not found."""
+    import sys
+
+    (tmp_path / "cwd_models.py").write_text("import torch\ndef mlp():\n    return torch.nn.Linear(8, 8)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert isinstance(recipe.resolve("cwd_models:mlp", "model")(), torch.nn.Linear)

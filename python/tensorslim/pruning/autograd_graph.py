@@ -69,8 +69,10 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
         except ValueError as e:
             raise ValueError(f"the model traces neither with torch.fx nor through autograd: {e}") from None
         except Exception as e:
+            from .channel_graph import first_line
+
             raise ValueError(f"the model traces neither with torch.fx nor through autograd "
-                             f"({type(e).__name__}: {e})") from None
+                             f"({first_line(e)})") from None
     return _to_fx(model, order, shapes, params, inputs, outs)
 
 

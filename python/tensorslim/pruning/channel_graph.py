@@ -12,7 +12,9 @@ once (shared weights) and an addition with a tensor the graph does not follow (a
 an embedding's output).
 """
 import collections
+import contextlib
 import inspect
+import io
 import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -65,11 +67,22 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     concrete = {n: v for n, v in zip(names, example_inputs) if not isinstance(v, torch.Tensor)}
     try:
         gm = fx.GraphModule(model, _Tracer().trace(model, concrete_args=concrete or None), type(model).__name__)
-        with torch.no_grad(), eval_mode(model):  # no BatchNorm statistics moved; modes restored
+        # no BatchNorm statistics moved, modes restored; fx prints the traceback of a failing
+        # node itself, and the error below says what failed in one line
+        with torch.no_grad(), eval_mode(model), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...) for untraceable code
-        raise ValueError(f"the model does not trace with torch.fx ({type(e).__name__}: {e})") from None
+        raise ValueError(f"the model does not trace with torch.fx ({first_line(e)})") from None
     return gm
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: message` of the error that started it all, its first line (fx's ShapeProp wraps
+    the model's own error in a message that carries a whole traceback)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def _shape(node) -> Optional[Tuple[int, ...]]:
