@@ -316,3 +316,55 @@ def test_schedule_finalize_once_and_undone_on_error(monkeypatch):
     with pytest.raises(ValueError, match="already called"):  # it removed as many channels again
         sched.finalize()
     assert model.stem.out_channels == 8
+
+
+class SqueezeExcite(nn.Module):
+    """A conv block with squeeze-and-excitation (MobileNetV3 / EfficientNet): the scale's
+    channels are the block's, joined by the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.se_down, self.se_up = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.conv(F.relu(self.stem(x))))
+        s = torch.sigmoid(self.se_up(F.relu(self.se_down(F.adaptive_avg_pool2d(h, 1)))))
+        return self.head(h * s) * 0.5
+
+
+class SwiGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(16, 64), nn.Linear(16, 64), nn.Linear(64, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(x - self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+        self.gamma = nn.Parameter(torch.rand(32))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)) * self.gamma)
+
+
+@pytest.mark.parametrize("make, x, sizes", [
+    (SqueezeExcite, torch.randn(2, 3, 8, 8), {"stem": 8, "conv": 16, "se_down": 4, "se_up": 16}),
+    (SwiGLU, torch.randn(2, 5, 16), {"gate": 32, "up": 32}),
+    (LayerScale, torch.randn(4, 8), {"fc1": 32}),  # x * gamma: a tensor the graph does not follow
+])
+def test_products_join_channels(make, x, sizes):
+    torch.manual_seed(0)
+    model = make().eval()
+    ref, _ = zeroed_reference(model, CFG, (x,))
+    ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    mods = dict(model.named_modules())
+    assert {n: mods[n].weight.shape[0] for n in sizes} == sizes
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ PASS = {"ReluBackward0", "GeluBackward0", "SiluBackward0", "SigmoidBackward0", "
         "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
         "AdaptiveMaxPool2DBackward0", "MaxPool1DWithIndicesBackward0", "CloneBackward0",
         "NativeDropoutBackward0"}
+ELEMENTWISE = {"AddBackward0": operator.add, "SubBackward0": operator.sub, "MulBackward0": operator.mul}
 MODULE_OPS = {"ConvolutionBackward0": 1, "NativeBatchNormBackward0": 1, "AddmmBackward0": 2, "MmBackward0": 1}
 
 
@@ -104,11 +105,11 @@ def _to_fx(model, order, shapes, params, inputs, outs) -> fx.GraphModule:
             n = g.call_module(name, (src,) if src is not None else ())
         elif kind in PASS and tensor_ins:
             n = g.call_function(F.relu, (tensor_ins[0],))
-        elif kind == "AddBackward0" and tensor_ins:
+        elif kind in ELEMENTWISE and tensor_ins:
             # an operand the graph does not follow (a parameter, a buffer, a detached tensor)
-            # stays in the addition as an opaque value, so the addition keeps its channels
+            # stays in the operation as an opaque value, so it keeps its channels
             operands = [n if n is not None else g.call_function(_opaque, ()) for n in ins]
-            n = g.call_function(operator.add, tuple(operands))
+            n = g.call_function(ELEMENTWISE[kind], tuple(operands))
         elif kind == "CatBackward0" and len(tensor_ins) == len(ins):
             n = g.call_function(torch.cat, (list(tensor_ins), fn._saved_dim))
         elif kind == "MeanBackward1" and tensor_ins:

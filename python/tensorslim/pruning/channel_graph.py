@@ -4,7 +4,7 @@ Every value carrying channels is tracked as segments of spaces along its channel
 convolutions and linears (transformers' Conv1D too, traced as a leaf: its output channels are
 weight columns) start a space (their outputs) and consume their input's spaces
 (their input columns; a grouped conv keeps its inputs and prunes its filters group by group); BatchNorm, depthwise convs, activations, pooling and dropout pass
-channels through; additions merge spaces (residual groups); concatenation along the channel
+channels through; additions and products merge spaces (residual groups, gates); concatenation along the channel
 dimension chains segments; flatten turns each channel into rep = H*W features. A value that
 reaches any other operation makes its spaces unsupported (an error if they are selected),
 and one that reaches the model input or output freezes them, as do a layer called more than
@@ -39,7 +39,12 @@ PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-ADDS = {operator.add, operator.iadd, torch.add}
+# Channel for channel operations of two tensors: residual additions, differences, and products
+# (a squeeze-and-excitation scale, a SwiGLU gate). Not division: the check's zeroed channels
+# would divide by zero.
+ELEMENTWISE = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub,
+               operator.mul, operator.imul, torch.mul}
+ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -220,8 +225,9 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 (node.op == "call_method" and target in PASS_METHODS):
             if xi is not None:
                 info[node] = xi
-        elif (node.op == "call_function" and target in ADDS) or (node.op == "call_method" and target == "add"):
-            _add(node, args, info, sp, mark)
+        elif (node.op == "call_function" and target in ELEMENTWISE) or \
+                (node.op == "call_method" and target in ELEMENTWISE_METHODS):
+            _elementwise(node, args, info, sp, mark)
         elif node.op == "call_function" and target in (torch.cat, torch.concat):
             tensors = node.args[0] if node.args else node.kwargs.get("tensors", [])
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -259,11 +265,12 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
     return sp
 
 
-def _add(node, args, info, sp: Spaces, mark) -> None:
-    """A residual addition joins its operands' spaces channel for channel. Operands it cannot
-    line up (a tensor the graph does not follow, such as a learned bias or an embedding's
-    output; channels on another dimension; different sizes or concatenations) keep every
-    channel instead: removing one on one side only would add channel i to channel j."""
+def _elementwise(node, args, info, sp: Spaces, mark) -> None:
+    """An addition / product of tensors joins its operands' spaces channel for channel (a Python
+    number passes the channels through). Operands it cannot line up (a tensor the graph does
+    not follow, such as a learned bias, a layer scale or an embedding's output; channels on
+    another dimension; different sizes or concatenations) keep every channel instead: removing
+    one on one side only would combine channel i with channel j."""
     tensors = [a for a in args if a in info]
     if not tensors:
         return
@@ -271,12 +278,12 @@ def _add(node, args, info, sp: Spaces, mark) -> None:
     untracked = [a for a in args if a not in info and not _is_scalar(a)]
     why = None
     if untracked:
-        why = f"'{node.name}' adds a tensor the channel graph does not follow ('{untracked[0].name}')"
+        why = f"'{node.name}' combines a tensor the channel graph does not follow ('{untracked[0].name}')"
     for other in tensors[1:]:
         oi = info[other]
         if why is None and (oi.cdim != base.cdim or [r for _, r in oi.segs] != [r for _, r in base.segs]
                             or [sp.get(s).size for s, _ in oi.segs] != [sp.get(s).size for s, _ in base.segs]):
-            why = f"'{node.name}' adds tensors whose channels do not line up"
+            why = f"'{node.name}' combines tensors whose channels do not line up"
     if why is not None:
         for t in tensors:
             mark(t, why, frozen=True)
