@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import tensorslim as ts
+from tensorslim.pruning import channels as C
+
 from pruned_reference import zeroed_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -368,3 +370,42 @@ def test_products_join_channels(make, x, sizes):
     assert {n: mods[n].weight.shape[0] for n in sizes} == sizes
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+class TinyUNet(nn.Module):
+    """Encoder, a transposed-conv or interpolating decoder, and a skip concatenation."""
+
+    def __init__(self, transposed: bool):
+        super().__init__()
+        self.transposed = transposed
+        self.enc, self.mid = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2) if transposed else nn.Conv2d(32, 16, 1)
+        self.dec, self.head = nn.Conv2d(32, 16, 3, padding=1), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        e = F.relu(self.enc(x))
+        m = F.relu(self.mid(F.max_pool2d(e, 2)))
+        u = self.up(m) if self.transposed else F.interpolate(self.up(m), scale_factor=2.0, mode="nearest")
+        return self.head(F.relu(self.dec(torch.cat([e, F.relu(u)], 1))))
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_unet_decoders(transposed, tmp_path):
+    from tensorslim.pruning import verify
+
+    torch.manual_seed(0)
+    model, x = TinyUNet(transposed).eval(), torch.randn(2, 3, 8, 8)
+    original = copy.deepcopy(model)
+    report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert (model.enc.out_channels, model.mid.out_channels, model.up.out_channels, model.dec.in_channels) == (8, 16, 8, 16)
+    # the original with every removed row, column and statistic zeroed (the check's reference)
+    removed, _, _ = C.plan(original, C.build_spaces(original, CFG, None, (x,)), CFG, None)
+    want = verify.without_channels(original, x, removed)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+    assert {"enc", "mid", "up", "dec"} <= {c.name for c in report.changed}
+    ts.save(model, tmp_path / "unet.safetensors")
+    fresh = TinyUNet(transposed)
+    ts.load(fresh, tmp_path / "unet.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))

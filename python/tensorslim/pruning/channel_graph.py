@@ -29,16 +29,18 @@ from .channel_space import Slice, Spaces
 
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU,
                 nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
-                nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardsigmoid)
+                nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardsigmoid,
+                nn.Upsample)
 PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.hardswish,
                   F.leaky_relu, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                  F.adaptive_max_pool2d, torch.nn.functional.hardsigmoid}
+                  F.adaptive_max_pool2d, torch.nn.functional.hardsigmoid, F.interpolate}
 PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
-# Pass channels through only where the channels are dim 1 (N, C, ...): on a linear's (N, L, C)
-# output they would pool the features.
-POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+# Pooling and resizing pass channels through only where the channels are dim 1 (N, C, ...): on
+# a linear's (N, L, C) output they would pool the features.
+SPATIAL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Channel for channel operations of two tensors: residual additions, differences, and products
 # (a squeeze-and-excitation scale, a SwiGLU gate). Not division: the check's zeroed channels
 # would divide by zero.
@@ -134,7 +136,8 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
     feeds_layer: Dict[fx.Node, bool] = {}
     for node in reversed(gm.graph.nodes):
         feeds_layer[node] = any(
-            (u.op == "call_module" and (isinstance(mods.get(u.target), CONVS + (nn.Linear,)) or is_conv1d(mods.get(u.target))))
+            (u.op == "call_module" and (isinstance(mods.get(u.target), CONVS + TRANSPOSED_CONVS + (nn.Linear,))
+                                        or is_conv1d(mods.get(u.target))))
             or feeds_layer.get(u, False) for u in node.users)
     for node in gm.graph.nodes:
         # keyword operands too: torch.add(x, other=y) is the same residual as x + y
@@ -157,7 +160,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         if node.op == "call_module":
             m = mods[node.target]
             name = node.target
-            if calls[name] > 1 and (isinstance(m, CONVS + NORMS + (nn.Linear,)) or is_conv1d(m)):
+            if calls[name] > 1 and (isinstance(m, CONVS + TRANSPOSED_CONVS + NORMS + (nn.Linear,)) or is_conv1d(m)):
                 # one weight serving several calls: each call's channels would be removed from it
                 mark(x, f"layer '{name}' runs {calls[name]} times (shared weights)", frozen=True)
                 continue  # its output is not followed: what it reaches keeps its channels
@@ -186,6 +189,12 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                     sid = new_space(name, m.out_channels, params, [(name, "out_channels", 1)])
                     sp.get(sid).groups = m.groups
                     info[node] = Info([(sid, 1)], 1)
+            elif isinstance(m, TRANSPOSED_CONVS) and m.groups == 1:
+                # weight [in, out, k...]: input channels are rows, output channels columns
+                consume(name, x, "weight", 0, "in_channels")
+                params = ["weight"] + (["bias"] if m.bias is not None else [])
+                sid = new_space(name, m.out_channels, params, [(name, "out_channels", 1)], weight_dim=1)
+                info[node] = Info([(sid, 1)], 1)
             elif isinstance(m, nn.Linear) or is_conv1d(m):
                 (out_dim, in_dim), (out_attr, in_attr) = feature_dims(m), feature_attrs(m)
                 if xi is not None and (_shape(x) is None or xi.cdim != len(_shape(x)) - 1):
@@ -208,7 +217,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                     s.attrs.append((name, "num_features", 1))
                     off += s.size
                 info[node] = xi
-            elif isinstance(m, POOL_MODULES) and xi is not None and xi.cdim != 1:
+            elif isinstance(m, SPATIAL_MODULES) and xi is not None and xi.cdim != 1:
                 mark(x, f"pooling '{name}' runs over the channel dimension of a (N, L, C) tensor")
             elif isinstance(m, PASS_MODULES):
                 if xi is not None:
@@ -219,7 +228,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 mark(x, f"module '{name}' ({type(m).__name__}) is not understood by the channel graph")
             continue
         target = node.target
-        if node.op == "call_function" and target in POOL_FUNCTIONS and xi is not None and xi.cdim != 1:
+        if node.op == "call_function" and target in SPATIAL_FUNCTIONS and xi is not None and xi.cdim != 1:
             mark(x, f"'{node.name}' pools over the channel dimension of a (N, L, C) tensor")
         elif (node.op == "call_function" and target in PASS_FUNCTIONS) or \
                 (node.op == "call_method" and target in PASS_METHODS):
