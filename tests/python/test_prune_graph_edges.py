@@ -152,12 +152,13 @@ class PoolFeatures(nn.Module):
     (FlattenBatchNorm, torch.randn(2, 3, 6, 6), "BatchNorm 'bn' normalizes a dimension other than the channels"),
     (PoolFeatures, torch.randn(2, 5, 8), "pooling 'pool' runs over the channel dimension"),
 ])
-def test_unsupported_patterns_raise_and_leave_the_model(make, x, match, importance):
+def test_unsupported_patterns_keep_their_channels_with_why(make, x, match, importance):
     model = make().eval()
     state = _state(model)
-    with pytest.raises(ValueError, match=match):
-        ts.prune(model, ts.ChannelPrune(ratio=0.5, round_to=1, importance=importance), example_inputs=(x,),
-                 progress=False)
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        report = ts.prune(model, ts.ChannelPrune(ratio=0.5, round_to=1, importance=importance),
+                          example_inputs=(x,), progress=False)
+    assert any(c.reason.startswith("channels: cannot be pruned consistently: " + match) for c in report.skipped)
     assert _unchanged(model, state)
 
 
@@ -409,3 +410,42 @@ def test_unet_decoders(transposed, tmp_path):
     ts.load(fresh, tmp_path / "unet.safetensors")
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), model(x))
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 4, stride=4)
+        self.dw, self.ln = nn.Conv2d(d, d, 7, padding=3, groups=d), nn.LayerNorm(d)
+        self.pw1, self.pw2, self.head = nn.Linear(d, 4 * d), nn.Linear(4 * d, d), nn.Linear(d, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.pw2(F.gelu(self.pw1(self.ln(self.dw(x).permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return self.head((x + y).mean((2, 3)))
+
+
+class PatchTokens(nn.Module):  # a ViT's patch embedding, then an MLP on the tokens
+    def __init__(self):
+        super().__init__()
+        self.patch, self.fc1, self.fc2 = nn.Conv2d(3, 32, 4, stride=4), nn.Linear(32, 64), nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.patch(x).flatten(2).transpose(1, 2)))).mean(1)
+
+
+@pytest.mark.parametrize("make, sizes, kept", [
+    (ConvNeXtBlock, {"pw1": 32, "stem": 16}, "module 'ln' (LayerNorm)"),  # the residual stream keeps its width
+    (PatchTokens, {"patch": 16, "fc1": 32}, None),
+])
+def test_channels_follow_permute_and_transpose(make, sizes, kept):
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(2, 3, 16, 16)
+    ref, _ = zeroed_reference(model, CFG, (x,))
+    report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    mods = dict(model.named_modules())
+    assert {n: mods[n].weight.shape[0] for n in sizes} == sizes
+    if kept:
+        assert any(f"cannot be pruned consistently: {kept}" in c.reason for c in report.skipped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)

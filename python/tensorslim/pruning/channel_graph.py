@@ -247,6 +247,9 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             else:
                 for t in tensors:
                     mark(t, f"'{node.name}' concatenates along a non-channel dimension or with an unknown tensor")
+        elif (node.op == "call_method" and target in ("permute", "transpose")) or \
+                (node.op == "call_function" and target in (torch.permute, torch.transpose)):
+            _move(node, x, xi, info, mark)  # channels-last blocks (ConvNeXt), patch tokens (ViT)
         elif (node.op == "call_function" and target is torch.flatten) or \
                 (node.op == "call_method" and target == "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
@@ -306,6 +309,25 @@ def _elementwise(node, args, info, sp: Spaces, mark) -> None:
 def _is_scalar(node) -> bool:
     shape = _shape(node)
     return shape is not None and all(d == 1 for d in shape)
+
+
+def _move(node, x, xi: Optional[Info], info, mark) -> None:
+    """permute / transpose: the channels follow their dimension to its new place."""
+    shp = _shape(x)
+    if xi is None or shp is None:
+        return
+    nd, rest = len(shp), list(node.args[1:]) + list(node.kwargs.values())
+    if node.target in ("permute", torch.permute):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        order = [int(d) % nd for d in dims]
+        cdim = order.index(xi.cdim) if sorted(order) == list(range(nd)) else None
+    else:
+        a, b = (int(d) % nd for d in rest[:2]) if len(rest) >= 2 else (None, None)
+        cdim = None if a is None else b if xi.cdim == a else a if xi.cdim == b else xi.cdim
+    if cdim is None:
+        mark(x, f"'{node.name}' moves dimensions in a way the channel graph does not follow")
+    else:
+        info[node] = Info(xi.segs, cdim)
 
 
 def _flatten(node, x, xi: Optional[Info], info, start: int, mark) -> None:

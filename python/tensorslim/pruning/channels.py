@@ -177,6 +177,8 @@ def _drop(scores: torch.Tensor, keep: int, groups: int) -> List[int]:
 def _skip_reason(space: Space, mods, cfg, tied, shared) -> Optional[str]:
     if space.frozen:
         return f"coupled with the {space.frozen[0]}"
+    if space.unsupported:  # kept whole, with why: the rest of the model still prunes
+        return f"cannot be pruned consistently: {space.unsupported[0]}"
     for name in space.producers:
         reason = filter_reason(name, mods[name], cfg, tied)
         if reason:
@@ -216,9 +218,6 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
                                               bytes_before=module_bytes(mods[space.producers[0]]),
                                               reason=f"{space.kind}: {reason}"))
             continue
-        if space.unsupported:
-            raise ValueError(f"layer '{space.producers[0]}' cannot be pruned consistently: {space.unsupported[0]}; "
-                             f"leave it out with exclude=[{space.producers[0]!r}]")
         for name in {sl.module for sl in space.slices}:
             if masks.is_masked(mods[name]) and not allow_masked:
                 raise ValueError(f"layer '{name}' carries an unstructured mask; call ts.pruning.finalize first")
