@@ -288,7 +288,7 @@ def test_operations_after_the_output_layer_keep_its_outputs():
     ref, _ = zeroed_reference(model, CFG, (x,))
     report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
     assert model.fc1.out_features == 16 and model.fc2.out_features == 4
-    assert "model output (through 'truediv'" in " ".join(c.reason for c in report.changes)
+    assert "model output (through 'log_softmax'" in " ".join(c.reason for c in report.changes)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
 
@@ -449,3 +449,65 @@ def test_channels_follow_permute_and_transpose(make, sizes, kept):
         assert any(f"cannot be pruned consistently: {kept}" in c.reason for c in report.skipped)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+class Heads(nn.Module):
+    """What real CNN heads and blocks write: h_swish (x * relu6(x + 3) / 6), a classifier after
+    x.view(x.size(0), -1), a CRNN's flatten(1, 2) of channels x height into a sequence."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 if kind == "crnn" else 16 * 16, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = self.b(h * F.relu6(h + 3) / 6)
+        if self.kind == "crnn":  # [N, C, H=4, W=4] -> [N, W, C * H]
+            return self.fc(h.flatten(1, 2).permute(0, 2, 1))
+        return self.fc(h.view(h.size(0), -1))
+
+
+@pytest.mark.parametrize("kind", ["view", "crnn"])
+def test_common_heads(kind):
+    torch.manual_seed(0)
+    model, x = Heads(kind).eval(), torch.randn(2, 3, 4, 4)
+    ref, _ = zeroed_reference(model, CFG, (x,))
+    ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert model.a.out_channels == 8 and model.b.out_channels == 8  # before: the divide, the view kept them
+    assert model.fc.in_features == (8 * 4 if kind == "crnn" else 8 * 16)  # flatten(1, 2) ignored end_dim
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+class Odd(nn.Module):
+    """A dimension computed from the tensor, a conv over a linear's (N, L, C) output, and a head
+    that runs only in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+        self.lin, self.conv1d = nn.Linear(8, 16), nn.Conv1d(16, 4, 1)
+        self.aux = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        y = self.b(h).mean(dim=(h.ndim - 2, h.ndim - 1))[:, None, :]  # [N, 1, 8]
+        out = self.conv1d(self.lin(y).transpose(1, 2))  # lin's 16 features are the conv's channels
+        if self.training:
+            return out, self.aux(h.mean((2, 3)))
+        return out
+
+
+def test_odd_patterns_keep_channels_and_untraced_layers_warn():
+    torch.manual_seed(0)
+    model, x = Odd().eval(), torch.randn(2, 3, 8, 8)
+    state = _state(model)
+    with pytest.warns(UserWarning, match=r"layers 'aux' did not run on the example batch"):
+        report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    reasons = " ".join(c.reason for c in report.changes)
+    assert "takes a dimension or size computed at run time" in reasons  # was a bare TypeError
+    assert model.a.out_channels == 8 and model.b.out_channels == 8  # a pruned, b kept (its mean)
+    assert model.lin.out_features == 8 and model.conv1d.in_channels == 8  # transposed into the conv
+    assert state["aux.weight"].shape == model.aux.weight.shape  # never traced: its input stays 16 wide

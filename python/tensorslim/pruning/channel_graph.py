@@ -15,6 +15,7 @@ import collections
 import contextlib
 import inspect
 import io
+import math
 import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -34,7 +35,17 @@ PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Har
 PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.hardswish,
                   F.leaky_relu, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                   F.adaptive_max_pool2d, torch.nn.functional.hardsigmoid, F.interpolate}
-PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
+PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_", "tanh_", "clamp", "clamp_",
+                "abs", "neg", "float", "half", "bfloat16", "to", "detach", "exp", "square", "sqrt"}
+PASS_MODULES += (nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardtanh, nn.Dropout1d, nn.Dropout3d)
+PASS_FUNCTIONS |= {F.mish, F.elu, F.selu, F.celu, F.softplus, F.hardtanh, torch.clamp, torch.abs, torch.neg,
+                   operator.neg, torch.exp, torch.square, torch.sqrt, F.dropout1d,
+                   F.dropout2d, F.dropout3d}
+# Operations whose dimension arguments must be known when tracing (view / reshape / squeeze
+# are read from the shapes before and after instead).
+DIM_FUNCTIONS = {torch.cat, torch.concat, torch.mean, torch.flatten, torch.permute, torch.transpose}
+DIM_METHODS = {"mean", "flatten", "permute", "transpose"}
+DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide"}
 # Pooling and resizing pass channels through only where the channels are dim 1 (N, C, ...): on
 # a linear's (N, L, C) output they would pool the features.
 SPATIAL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
@@ -164,6 +175,11 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 # one weight serving several calls: each call's channels would be removed from it
                 mark(x, f"layer '{name}' runs {calls[name]} times (shared weights)", frozen=True)
                 continue  # its output is not followed: what it reaches keeps its channels
+            if isinstance(m, CONVS + TRANSPOSED_CONVS) and xi is not None and xi.cdim != 1:
+                # a conv reads dim 1 as its channels: here another dimension (a linear's (N, L, C)
+                # output) that it must keep whole; its own outputs are channels as usual
+                mark(x, f"conv '{name}' reads a dimension other than the channels")
+                x = xi = None
             if isinstance(m, CONVS):
                 if m.groups == 1:
                     consume(name, x, "weight", 1, "in_channels")
@@ -223,20 +239,40 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 if xi is not None:
                     info[node] = xi
             elif isinstance(m, nn.Flatten):
-                _flatten(node, x, xi, info, m.start_dim, mark)
+                _flatten(node, x, xi, info, m.start_dim, mark, m.end_dim)
             else:
                 mark(x, f"module '{name}' ({type(m).__name__}) is not understood by the channel graph")
             continue
         target = node.target
-        if node.op == "call_function" and target in SPATIAL_FUNCTIONS and xi is not None and xi.cdim != 1:
+        if (node.op == "call_function" and target is getattr) or \
+                (node.op == "call_method" and target in ("size", "dim")):
+            continue  # x.shape, x.size(0): read, not computed on
+        takes_dims = target in DIM_FUNCTIONS if node.op == "call_function" else target in DIM_METHODS
+        dim_args = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("input", "tensors")))
+        if takes_dims and not _const(dim_args):
+            for a in node.all_input_nodes:
+                mark(a, f"'{node.name}' takes a dimension or size computed at run time")
+        elif node.op == "call_function" and target in SPATIAL_FUNCTIONS and xi is not None and xi.cdim != 1:
             mark(x, f"'{node.name}' pools over the channel dimension of a (N, L, C) tensor")
         elif (node.op == "call_function" and target in PASS_FUNCTIONS) or \
                 (node.op == "call_method" and target in PASS_METHODS):
-            if xi is not None:
+            if len(args) > 1:  # another tensor in it (a clamp bound): channels it does not line up
+                for a in args:
+                    mark(a, f"'{node.name}' combines tensors the channel graph does not line up")
+            elif xi is not None:
                 info[node] = xi
         elif (node.op == "call_function" and target in ELEMENTWISE) or \
                 (node.op == "call_method" and target in ELEMENTWISE_METHODS):
             _elementwise(node, args, info, sp, mark)
+        elif target in DIVISIONS and node.op in ("call_function", "call_method"):
+            if len(args) == 1 and x is (node.args[0] if node.args else None) and xi is not None:
+                info[node] = xi  # by a number (h_swish's / 6): channel for channel
+            else:  # by a tensor: the check's zeroed channels would divide by zero
+                for a in args:
+                    mark(a, f"'{node.name}' divides by a tensor")
+        elif (node.op == "call_method" and target in ("view", "reshape", "squeeze", "unsqueeze")) or \
+                (node.op == "call_function" and target in (torch.reshape, torch.squeeze, torch.unsqueeze)):
+            _reshape(node, x, xi, info, mark)
         elif node.op == "call_function" and target in (torch.cat, torch.concat):
             tensors = node.args[0] if node.args else node.kwargs.get("tensors", [])
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -253,7 +289,8 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         elif (node.op == "call_function" and target is torch.flatten) or \
                 (node.op == "call_method" and target == "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            _flatten(node, x, xi, info, start, mark)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            _flatten(node, x, xi, info, start, mark, end)
         elif (node.op == "call_method" and target == "mean") or \
                 (node.op == "call_function" and target is torch.mean):
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -265,8 +302,6 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 info[node] = Info(xi.segs, xi.cdim if keep else xi.cdim - sum(d < xi.cdim for d in dims))
             else:
                 mark(x, f"'{node.name}' averages over channels")
-        elif node.op == "call_method" and target in ("size", "dim"):
-            continue
         else:
             what = node.meta.get("autograd_op") or (target if isinstance(target, str) else getattr(target, "__name__", target))
             for a in node.all_input_nodes:
@@ -274,6 +309,9 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                     mark(a, f"'{node.name}' ({what}) is not understood by the channel graph")
                 else:
                     mark(a, f"model output (through '{node.name}' ({what}))", frozen=True)
+    traced = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    sp.untraced = [n for n, m in mods.items() if n not in traced and n and
+                   (isinstance(m, CONVS + TRANSPOSED_CONVS + (nn.Linear,)) or is_conv1d(m))]
     return sp
 
 
@@ -311,6 +349,13 @@ def _is_scalar(node) -> bool:
     return shape is not None and all(d == 1 for d in shape)
 
 
+def _const(v) -> bool:
+    """Whether an argument is a value known when tracing (not computed from a tensor)."""
+    if isinstance(v, (list, tuple)):
+        return all(_const(a) for a in v)
+    return not isinstance(v, fx.Node)
+
+
 def _move(node, x, xi: Optional[Info], info, mark) -> None:
     """permute / transpose: the channels follow their dimension to its new place."""
     shp = _shape(x)
@@ -330,17 +375,36 @@ def _move(node, x, xi: Optional[Info], info, mark) -> None:
         info[node] = Info(xi.segs, cdim)
 
 
-def _flatten(node, x, xi: Optional[Info], info, start: int, mark) -> None:
+def _flatten(node, x, xi: Optional[Info], info, start: int, mark, end: int = -1) -> None:
     shp = _shape(x)
     if xi is None or shp is None:
         return
-    start = start % len(shp)
-    if start == xi.cdim:  # channels become blocks of prod(spatial) features
+    start, end = start % len(shp), end % len(shp)
+    if start == xi.cdim:  # channels become blocks of prod(flattened dims after them) features
         rep = 1
-        for d in shp[start + 1:]:
+        for d in shp[start + 1:end + 1]:
             rep *= d
         info[node] = Info([(sid, r * rep) for sid, r in xi.segs], start)
     elif start > xi.cdim:
         info[node] = xi
+    elif end < xi.cdim:  # dims before the channels merged: the channels move left
+        info[node] = Info(xi.segs, xi.cdim - (end - start))
     else:
-        mark(x, f"'{node.name}' flattens the channel dimension into the batch")
+        mark(x, f"'{node.name}' flattens the channel dimension into the dimensions before it")
+
+
+def _reshape(node, x, xi: Optional[Info], info, mark) -> None:
+    """view / reshape / squeeze / unsqueeze, read from the shapes before and after: size-1
+    dimensions added or removed (the channels keep their place among the others), or the
+    channels and everything after them flattened (`x.view(x.size(0), -1)`)."""
+    shp, out = _shape(x), _shape(node)
+    if xi is None or shp is None or out is None:
+        return
+    c = xi.cdim
+    if [d for d in shp if d != 1] == [d for d in out if d != 1] and shp[c] != 1:
+        rank = sum(1 for d in shp[:c] if d != 1)  # the channels' place among the dims other than 1
+        info[node] = Info(xi.segs, [i for i, d in enumerate(out) if d != 1][rank])
+    elif tuple(out) == tuple(shp[:c]) + (math.prod(shp[c:]),):
+        _flatten(node, x, xi, info, c, mark)
+    else:
+        mark(x, f"'{node.name}' reshapes the channels in a way the channel graph does not follow")

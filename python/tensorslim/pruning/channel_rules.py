@@ -65,7 +65,7 @@ def _is_bert_layer(m) -> bool:
 def _is_llama_layer(m) -> bool:
     att, mlp = getattr(m, "self_attn", None), getattr(m, "mlp", None)
     return (att is not None and mlp is not None and hasattr(att, "q_proj") and hasattr(att, "head_dim")
-            and hasattr(mlp, "gate_proj"))
+            and isinstance(getattr(att, "num_key_value_groups", None), int) and hasattr(mlp, "gate_proj"))
 
 
 def _is_gpt2_block(m) -> bool:

@@ -37,6 +37,7 @@ class Spaces:
     def __init__(self):
         self.spaces: List[Space] = []
         self.parent: List[int] = []
+        self.untraced: List[str] = []  # weight layers the traced example batch never ran
 
     def new(self, size: int, kind: str = "channels") -> int:
         self.spaces.append(Space(size, kind=kind))

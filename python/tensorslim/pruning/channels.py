@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 from ..ops import prune as prune_ops
 from ..quantization import token_mask
 from ..quantization.calibrate import call_model, model_device
+from .._user_warning import warn_user
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
 from . import channel_graph, channel_rules, masks, verify
@@ -318,6 +319,12 @@ def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loo
     grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
              else None)
     removed, dec, report = plan(model, spaces, cfg, grads, forced=forced)
+    if removed and spaces.untraced:
+        shown = ", ".join(repr(n) for n in spaces.untraced[:4]) + (", ..." if len(spaces.untraced) > 4 else "")
+        warn_user(f"ChannelPrune: layers {shown} did not run on the example batch (a training-only head, a "
+                  f"branch other inputs take): they keep their input widths, so where they read pruned "
+                  f"channels the model fails when they run. Prune with those paths running (model.train() "
+                  f"for training-only heads) or exclude the layers feeding them")
     mods = dict(model.named_modules())
     new: Dict[Tuple[str, str], torch.Tensor] = {}
     for (name, param, dim), idx in removed.items():  # build everything before touching the model
