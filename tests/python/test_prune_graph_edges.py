@@ -511,3 +511,21 @@ def test_odd_patterns_keep_channels_and_untraced_layers_warn():
     assert model.a.out_channels == 8 and model.b.out_channels == 8  # a pruned, b kept (its mean)
     assert model.lin.out_features == 8 and model.conv1d.in_channels == 8  # transposed into the conv
     assert state["aux.weight"].shape == model.aux.weight.shape  # never traced: its input stays 16 wide
+
+
+class MyConv(nn.Conv2d):  # a subclass that keeps nn.Conv2d's forward (a custom init)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        nn.init.kaiming_normal_(self.weight)
+
+
+def test_layer_subclasses_are_their_layer():
+    """fx traced into them (F.conv2d, which the graph does not know): nothing was pruned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MyConv(3, 16, 3, padding=1), nn.ReLU(), MyConv(16, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref, _ = zeroed_reference(model, CFG, (x,))
+    ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert model[0].out_channels == 8 and model[2].in_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)

@@ -60,6 +60,8 @@ ELEMENTWISE = {operator.add, operator.iadd, torch.add, operator.sub, operator.is
 ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+LAYER_CLASSES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
@@ -72,7 +74,10 @@ class _Tracer(fx.Tracer):
     """fx's tracer, keeping transformers' Conv1D whole (a call_module, as nn.Linear is)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_conv1d(m) or super().is_leaf_module(m, qualname)
+        # a subclass of a layer that keeps its forward (a custom init, extra attributes) is that layer
+        base = next((c for c in LAYER_CLASSES if isinstance(m, c)), None)
+        return (is_conv1d(m) or (base is not None and type(m).forward is base.forward)
+                or super().is_leaf_module(m, qualname))
 
 
 def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
