@@ -399,14 +399,17 @@ def _flatten(node, x, xi: Optional[Info], info, start: int, mark, end: int = -1)
 
 
 def _reshape(node, x, xi: Optional[Info], info, mark) -> None:
-    """view / reshape / squeeze / unsqueeze, read from the shapes before and after: size-1
-    dimensions added or removed (the channels keep their place among the others), or the
-    channels and everything after them flattened (`x.view(x.size(0), -1)`)."""
+    """view / reshape / squeeze / unsqueeze, read from the shapes before and after: only the
+    dimensions after the channels reshaped (`x.view(n, c, -1)`), size-1 dimensions added or
+    removed (the channels keep their place among the others), or the channels and everything
+    after them flattened (`x.view(x.size(0), -1)`)."""
     shp, out = _shape(x), _shape(node)
     if xi is None or shp is None or out is None:
         return
     c = xi.cdim
-    if [d for d in shp if d != 1] == [d for d in out if d != 1] and shp[c] != 1:
+    if len(out) > c and tuple(out[:c + 1]) == tuple(shp[:c + 1]):  # only the dims after the channels change
+        info[node] = xi
+    elif [d for d in shp if d != 1] == [d for d in out if d != 1] and shp[c] != 1:
         rank = sum(1 for d in shp[:c] if d != 1)  # the channels' place among the dims other than 1
         info[node] = Info(xi.segs, [i for i, d in enumerate(out) if d != 1][rank])
     elif tuple(out) == tuple(shp[:c]) + (math.prod(shp[c:]),):
