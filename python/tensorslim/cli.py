@@ -65,7 +65,26 @@ def _inspect(args) -> int:
               f"{str(spec.get('group_size', '-')):>6} {shape:>16}")
     if header["aliases"]:
         print(f"tied tensors stored once: {len(header['aliases'])}")
+    _print_pruning(args.file, header.get("pruning") or {})
     return 0
+
+
+def _print_pruning(path: str, pruning: dict) -> None:
+    """The pruning a file records (the layers stay float, so the table above has no rows for them)."""
+    masked = pruning.get("masks") or []
+    if masked:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys, rows = set(f.keys()), []
+            for name in sorted(masked):
+                key = f"{name}.weight_mask" if name else "weight_mask"
+                share = f" {1 - float(f.get_tensor(key).float().mean()):.1%}" if key in keys else ""
+                rows.append(f"{name}{share}")
+        print(f"pruning masks (dense weights, zeros kept by the masks): {', '.join(rows)}")
+    for name, attrs in sorted((pruning.get("structured") or {}).items()):
+        sizes = ", ".join(f"{a}={v}" for a, v in sorted(attrs.items()))
+        print(f"channels removed: {name} ({sizes or 'resized'})")
 
 
 def _compress(args) -> int:

@@ -33,6 +33,23 @@ def test_inspect_shows_saved_layers(tmp_path, capsys):
     assert f"{expected / 2**20:.2f} MiB" in out.splitlines()[0]
 
 
+def test_inspect_shows_pruning(tmp_path, capsys):
+    """Pruned layers stay float, so the layer table has no rows for them: the file's pruning
+    record is printed below it (before, a pruned file showed an empty table)."""
+    torch.manual_seed(0)
+    masked = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    ts.prune(masked, ts.Magnitude(sparsity=0.75), progress=False)
+    ts.save(masked, tmp_path / "masked.safetensors")
+    assert main(["inspect", str(tmp_path / "masked.safetensors")]) == 0
+    assert "pruning masks (dense weights, zeros kept by the masks): 0 75.0%, 2 75.0%" in capsys.readouterr().out
+    channels = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    ts.prune(channels, ts.ChannelPrune(ratio=0.5), example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+    ts.save(channels, tmp_path / "channels.safetensors")
+    assert main(["inspect", str(tmp_path / "channels.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "channels removed: 0 (out_channels=8)" in out and "channels removed: 2 (in_channels=8)" in out
+
+
 def test_inspect_rejects_foreign_file(tmp_path, capsys):
     path = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
