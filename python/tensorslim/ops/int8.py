@@ -274,6 +274,17 @@ def w8a8_call_args(inv_smooth: Optional[torch.Tensor], qweight: torch.Tensor, w_
              act_dtype == torch.uint8))
 
 
+def _w8a8_native(x2, qweight, w_scales, bias, inv_smooth, act_scale: Optional[float], act_zero_point: int,
+                 act_dtype: torch.dtype, backend: str, packed) -> torch.Tensor:
+    """The native W8A8 call on fp32 x2 [M, K]: quantize and GEMM in one crossing."""
+    _check_x(x2, inv_smooth)
+    before_x, after_out = w8a8_call_args(inv_smooth, qweight, w_scales, bias, backend, packed, act_scale,
+                                         act_zero_point, act_dtype)
+    y = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.float32)
+    _C.linear_w8a8(_views.view(x2.contiguous(), "x"), *before_x, _views.view(y, "out"), *after_out)
+    return y
+
+
 def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                 bias: Optional[torch.Tensor], inv_smooth: Optional[torch.Tensor] = None,
                 act_scale: Optional[float] = None, act_zero_point: int = 0,
@@ -290,11 +301,8 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
     x2 = x.reshape(-1, K).to(torch.float32)
     if backend != "reference" and _eager.direct_ok((x2, inv_smooth, qweight, w_scales, bias, packed)):
         # Eager CPU call: both kernels in one crossing (the same functions, same bits).
-        _check_x(x2, inv_smooth)
-        before_x, after_out = w8a8_call_args(inv_smooth, qweight, w_scales, bias, backend, packed, act_scale,
-                                             act_zero_point, act_dtype)
-        y = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.float32)
-        _C.linear_w8a8(_views.view(x2.contiguous(), "x"), *before_x, _views.view(y, "out"), *after_out)
+        y = _w8a8_native(x2, qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point, act_dtype, backend,
+                         packed)
         return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
     if act_scale is None:
         qx, scales = quantize_per_token(x2, inv_smooth, backend, unsigned=True)
@@ -315,14 +323,9 @@ def _linear_w8a8_static_impl(x: torch.Tensor, qweight: torch.Tensor, w_scales: t
                              packed: Optional[torch.Tensor]) -> torch.Tensor:
     scale, zp = float(act_scale), int(act_zero_point)
     dtype = torch.int8 if signed else torch.uint8
-    _check_x(x, inv_smooth)
-    if backend == "reference":
-        q = quantize_static_reference(x, _check_static(scale, zp, dtype), zp, inv_smooth, dtype)
-        return linear_int8_reference(q, torch.tensor([scale], dtype=torch.float32), zp, qweight, w_scales, bias)
-    before_x, after_out = w8a8_call_args(inv_smooth, qweight, w_scales, bias, backend, packed, scale, zp, dtype)
-    y = torch.empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
-    _C.linear_w8a8(_views.view(x, "x"), *before_x, _views.view(y, "out"), *after_out)
-    return y
+    if backend == "reference":  # linear_w8a8's path, which would be the same float reads
+        return linear_w8a8(x, qweight, w_scales, bias, inv_smooth, scale, zp, dtype, backend, packed)
+    return _w8a8_native(x, qweight, w_scales, bias, inv_smooth, scale, zp, dtype, backend, packed)
 
 
 _linear_w8a8_static = torch.library.custom_op("tensorslim::linear_w8a8_static", mutates_args=(),

@@ -31,16 +31,14 @@ from .channel_space import Slice, Spaces
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU,
                 nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
                 nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardsigmoid,
-                nn.Upsample)
+                nn.Upsample, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardtanh, nn.Dropout1d, nn.Dropout3d)
 PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.hardswish,
                   F.leaky_relu, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                  F.adaptive_max_pool2d, torch.nn.functional.hardsigmoid, F.interpolate}
+                  F.adaptive_max_pool2d, torch.nn.functional.hardsigmoid, F.interpolate, F.mish, F.elu, F.selu,
+                  F.celu, F.softplus, F.hardtanh, torch.clamp, torch.abs, torch.neg, operator.neg, torch.exp,
+                  torch.square, torch.sqrt, F.dropout1d, F.dropout2d, F.dropout3d}
 PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_", "tanh_", "clamp", "clamp_",
                 "abs", "neg", "float", "half", "bfloat16", "to", "detach", "exp", "square", "sqrt"}
-PASS_MODULES += (nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardtanh, nn.Dropout1d, nn.Dropout3d)
-PASS_FUNCTIONS |= {F.mish, F.elu, F.selu, F.celu, F.softplus, F.hardtanh, torch.clamp, torch.abs, torch.neg,
-                   operator.neg, torch.exp, torch.square, torch.sqrt, F.dropout1d,
-                   F.dropout2d, F.dropout3d}
 # Operations whose dimension arguments must be known when tracing (view / reshape / squeeze
 # are read from the shapes before and after instead).
 DIM_FUNCTIONS = {torch.cat, torch.concat, torch.mean, torch.flatten, torch.permute, torch.transpose}
@@ -60,8 +58,8 @@ ELEMENTWISE = {operator.add, operator.iadd, torch.add, operator.sub, operator.is
 ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-LAYER_CLASSES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                 nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+WEIGHT_LAYERS = CONVS + TRANSPOSED_CONVS + (nn.Linear,)  # with transformers' Conv1D (is_conv1d)
+LAYER_CLASSES = WEIGHT_LAYERS + NORMS  # traced whole, subclasses too
 
 
 @dataclass
@@ -152,9 +150,8 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
     feeds_layer: Dict[fx.Node, bool] = {}
     for node in reversed(gm.graph.nodes):
         feeds_layer[node] = any(
-            (u.op == "call_module" and (isinstance(mods.get(u.target), CONVS + TRANSPOSED_CONVS + (nn.Linear,))
-                                        or is_conv1d(mods.get(u.target))))
-            or feeds_layer.get(u, False) for u in node.users)
+            (u.op == "call_module" and _weight_layer(mods.get(u.target))) or feeds_layer.get(u, False)
+            for u in node.users)
     for node in gm.graph.nodes:
         # keyword operands too: torch.add(x, other=y) is the same residual as x + y
         args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
@@ -176,7 +173,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         if node.op == "call_module":
             m = mods[node.target]
             name = node.target
-            if calls[name] > 1 and (isinstance(m, CONVS + TRANSPOSED_CONVS + NORMS + (nn.Linear,)) or is_conv1d(m)):
+            if calls[name] > 1 and (_weight_layer(m) or isinstance(m, NORMS)):
                 # one weight serving several calls: each call's channels would be removed from it
                 mark(x, f"layer '{name}' runs {calls[name]} times (shared weights)", frozen=True)
                 continue  # its output is not followed: what it reaches keeps its channels
@@ -315,9 +312,12 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 else:
                     mark(a, f"model output (through '{node.name}' ({what}))", frozen=True)
     traced = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    sp.untraced = [n for n, m in mods.items() if n not in traced and n and
-                   (isinstance(m, CONVS + TRANSPOSED_CONVS + (nn.Linear,)) or is_conv1d(m))]
+    sp.untraced = [n for n, m in mods.items() if n and n not in traced and _weight_layer(m)]
     return sp
+
+
+def _weight_layer(m: Optional[nn.Module]) -> bool:
+    return isinstance(m, WEIGHT_LAYERS) or is_conv1d(m)
 
 
 def _elementwise(node, args, info, sp: Spaces, mark) -> None:

@@ -346,26 +346,24 @@ def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loo
     expected = verify.without_channels(model, batch, removed) if batch is not None and removed else None
     old_tensors = {key: getattr(mods[key[0]], key[1]) for key in new}
     old_attrs = {key: getattr(mods[key[0]], key[1]) for key in attrs}
-    for (name, param), t in new.items():
-        m = mods[name]
-        old = getattr(m, param)
-        if isinstance(old, nn.Parameter):
-            setattr(m, param, nn.Parameter(t, requires_grad=old.requires_grad))
-        else:
-            m._buffers[param] = t
-    for (n, a), v in attrs.items():
-        setattr(mods[n], a, v)
+    def put(tensors: dict, sizes: dict) -> None:
+        for (name, param), t in tensors.items():
+            old = getattr(mods[name], param)
+            if isinstance(old, nn.Parameter):
+                if not isinstance(t, nn.Parameter):
+                    t = nn.Parameter(t, requires_grad=old.requires_grad)
+                setattr(mods[name], param, t)
+            else:
+                mods[name]._buffers[param] = t
+        for (n, a), v in sizes.items():
+            setattr(mods[n], a, v)
+
+    put(new, attrs)
     if expected is not None:
         try:
             verify.same_outputs(model, batch, expected)
         except BaseException:
-            for (name, param), old in old_tensors.items():
-                if isinstance(old, nn.Parameter):
-                    setattr(mods[name], param, old)
-                else:
-                    mods[name]._buffers[param] = old
-            for (n, a), v in old_attrs.items():
-                setattr(mods[n], a, v)
+            put(old_tensors, old_attrs)
             raise
     record = getattr(model, STRUCTURED_ATTR, {})
     for (n, a), v in attrs.items():

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..quantization.calibrate import _to_device, eval_mode, model_device
+from ..quantization.calibrate import eval_mode, model_arguments, model_device
 
 # Relative to the largest |value| of each output tensor: float32 sums in another order differ
 # by ~1e-6 of that, bfloat16 ones by a step or two of its 2^-8 (a tiny bf16 LLaMA: 0.0014);
@@ -42,9 +42,7 @@ def output_tensors(out: Any) -> List[torch.Tensor]:
 
 def _call(model: nn.Module, batch: Any, params=None) -> List[torch.Tensor]:
     device = model_device(model)
-    batch = _to_device(batch, device)
-    args, kwargs = ((), batch) if isinstance(batch, dict) else \
-        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {})
+    args, kwargs = model_arguments(model, batch)
     # both runs draw the same random numbers (noise or dropout a forward applies in eval mode),
     # and the caller's generator state is left as it was
     with torch.random.fork_rng(devices=rng_devices(device)):

@@ -5,7 +5,7 @@ own hooks (observers, block capture) and calls the loop.
 """
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,17 +32,23 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """model(batch), model(*batch) or model(**batch), with tensors moved to the model's device."""
+def model_arguments(model: nn.Module, batch: Any) -> Tuple[tuple, dict]:
+    """(args, kwargs) of model(batch), model(*batch) or model(**batch), tensors on the model's device."""
     batch = _to_device(batch, model_device(model))
     if isinstance(batch, torch.Tensor):
-        return model(batch)
+        return (batch,), {}
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        return tuple(batch), {}
     if isinstance(batch, dict):
-        return model(**batch)
+        return (), batch
     raise TypeError(f"calib_data items must be tensors, tuples/lists or dicts of model inputs, "
                     f"got {type(batch).__name__}")
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """model(batch), model(*batch) or model(**batch), with tensors moved to the model's device."""
+    args, kwargs = model_arguments(model, batch)
+    return model(*args, **kwargs)
 
 
 def _tensors(batch: Any) -> Iterator[torch.Tensor]:
