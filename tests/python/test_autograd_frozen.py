@@ -179,3 +179,40 @@ def test_int8_conv_under_torch_func_and_forward_mode():
     g = torch.func.grad(lambda t: conv(t).sum())(x)
     ref = torch.nn.grad.conv2d_input(x.shape, conv.weight, torch.ones(1, 4, 5, 5), padding=1)
     assert torch.allclose(g, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("shape", [(16, IN), (2, 8, IN)], ids=["2d", "3d"])
+def test_in_place_ops_on_the_output_while_training(kind, shape):
+    """nn.ReLU(inplace=True) or a masked write on a compressed layer's output with autograd on:
+    the output was a view a custom Function returned, which autograd refuses to modify."""
+    layer = build(kind)
+    torch.manual_seed(2)
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        ref = layer(x.detach()).relu()
+    y[..., 0] = 0.0  # masked / indexed writes, as wav2vec2's feature masking does
+    torch.relu_(y)
+    ref[..., 0] = 0.0
+    assert torch.equal(y.detach(), ref)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    open_ = (ref > 0).double()
+    want = (grad_y.double() * open_) @ weight_in_original_domain(layer)
+    assert torch.allclose(x.grad.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_relu_after_an_int8_conv_while_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3))
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    ts.quantize(model, ts.Int8Dynamic(), calib_data=data, progress=False)
+    assert isinstance(model[0], ts.nn.Int8Conv2d)
+    x = data[0].clone().requires_grad_(True)
+    with torch.no_grad():
+        want = model(x.detach())
+    y = model(x)
+    assert torch.equal(y.detach(), want)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

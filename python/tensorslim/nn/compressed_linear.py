@@ -20,6 +20,13 @@ from .compute_dtype import COMPUTE_DTYPES, KeepsPackedDtypes
 from .layer_errors import note_layer
 
 
+def owned_output(y: torch.Tensor) -> torch.Tensor:
+    """A kernel's output as a tensor of its own: the kernels hand back a reshaped view of the
+    product they wrote, and autograd refuses in-place ops (nn.ReLU(inplace=True), masked
+    writes) on a view a custom Function returned. Only the autograd path pays for the copy."""
+    return y.clone() if y._base is not None else y
+
+
 class _FrozenLinearFunction(torch.autograd.Function):
     """Forward: the layer's own kernel; backward: grad_y @ W_eff to the input, and grad_y
     summed over the rows to a bias made trainable (BitFit-style tuning of a compressed model);
@@ -30,7 +37,7 @@ class _FrozenLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, bias, layer):
-        return layer.kernel_forward(x)
+        return owned_output(layer.kernel_forward(x))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

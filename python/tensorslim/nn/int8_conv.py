@@ -23,7 +23,7 @@ from .._native import _C
 from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
 from ..ops import torch_onednn
-from .compressed_linear import needs_function, trainable_bias
+from .compressed_linear import needs_function, owned_output, trainable_bias
 from .compute_dtype import COMPUTE_DTYPES, keeping_dtypes, target_dtype
 from .layer_errors import note_layer
 
@@ -65,7 +65,7 @@ class _FrozenConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, bias, layer):
-        return layer.kernel_forward(x)
+        return owned_output(layer.kernel_forward(x))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
