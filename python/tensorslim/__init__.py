@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from ._native import _C  # noqa: F401  (loads the native core first)
 from . import distill, eval, ops, pruning, sparsity  # noqa: F401  (ts.distill.kd_loss, ts.pruning.Schedule, ...)
+from .attention import unpack_attention
 from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Config,
                      FP8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightOnly,
                      Ternary)
@@ -17,8 +18,8 @@ from .hf import from_pretrained
 from .io import load, save
 from .lowrank import CP, SVD, Tucker, factorize
 from .nn import (BinaryLinear, CPConv2d, CSRSparseLinear, Int8Linear, LowBitLinear, LowRankLinear,
-                 NMSparseLinear, QuantizedEmbedding, QuantizedEmbeddingBag, TernaryLinear, TuckerConv2d,
-                 W4A8Linear, WeightOnlyLinear)
+                 NMSparseLinear, ProjectedMultiheadAttention, QuantizedEmbedding, QuantizedEmbeddingBag,
+                 TernaryLinear, TuckerConv2d, W4A8Linear, WeightOnlyLinear)
 from .pruning import ChannelPrune, Magnitude, RandomPrune, prune
 from .qat import QATLinear, convert, prepare_qat
 from .quantization import quantize
@@ -36,11 +37,11 @@ __all__ = [
     "SparseStorage",
     # verbs, reports, files
     "quantize", "prune", "sparsify", "factorize", "prepare_qat", "convert", "summary", "Report", "save", "load",
-    "from_pretrained",
+    "from_pretrained", "unpack_attention",
     # compressed modules
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
     "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d", "NMSparseLinear", "CSRSparseLinear",
-    "QuantizedEmbedding", "QuantizedEmbeddingBag",
+    "QuantizedEmbedding", "QuantizedEmbeddingBag", "ProjectedMultiheadAttention",
     # formats and kernels
     "FORMATS", "PER_TENSOR", "ops", "eval", "distill", "pruning", "sparsity",
 ]

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .conv1d import linear_shape
-from .nn import COMPRESSED_MODULES
+from .nn import COMPRESSED_MODULES, SAVED_MODULES
 from .pruning import state as pruning_state
 from .report import LayerChange, Report, remember_skipped, skipped_rows
 from .transforms import _set_submodule
@@ -90,8 +90,9 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
 
 
 def layer_specs(model: nn.Module) -> Dict[str, dict]:
-    """{module name: spec} of every compressed layer (what a saved file's header lists)."""
-    kinds = tuple(COMPRESSED_MODULES.values())
+    """{module name: spec} of every compressed layer and unpacked attention (what a saved file's
+    header lists)."""
+    kinds = tuple(SAVED_MODULES.values())
     # every name of a module held under several (an alias): a fresh model may hold separate
     # float modules there, each to be replaced
     return {name: mod.spec() for name, mod in model.named_modules(remove_duplicate=False) if isinstance(mod, kinds)}
@@ -316,7 +317,7 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
     # Sorted, a factorized layer comes before its (possibly quantized) factors, which are then
     # found inside its replacement.
     for name, spec in sorted(layers.items()):
-        cls = COMPRESSED_MODULES.get(spec.get("kind"))
+        cls = SAVED_MODULES.get(spec.get("kind"))
         if cls is None:
             raise ValueError(f"{path}: layer '{name}' has unknown kind {spec.get('kind')!r}")
         mod = modules.get(name)
@@ -338,15 +339,24 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
             raise ValueError(f"{path}: layer '{name}' is {mod}, but the file holds a "
                              f"[{spec['out_features']}, {spec['in_features']}] {spec['format']} linear "
                              f"{'with' if spec['bias'] else 'without'} bias")
-        device = mod.weight.device if mod.weight.device.type != "meta" else "cpu"
+        weight = _float_parameter(mod)
+        device = weight.device if weight.device.type != "meta" else "cpu"
         originals[name] = mod
         try:
             if shapes is not None:
                 _check_spec_shapes(cls, spec, name, shapes)
-            replacements[name] = _empty_like_saved(cls, spec, device, mod.weight.dtype)
+            replacements[name] = _empty_like_saved(cls, spec, device, weight.dtype)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: layer '{name}': the file's spec {spec} is not valid: {e!r}") from None
     return originals, replacements
+
+
+def _float_parameter(mod: nn.Module) -> torch.Tensor:
+    """The layer's weight (nn.MultiheadAttention has none: its first floating parameter)."""
+    weight = getattr(mod, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return next(p for p in mod.parameters() if p.is_floating_point())
 
 
 def _check_spec_shapes(cls, spec: dict, name: str, shapes: Dict[str, Tuple[str, Tuple[int, ...]]]) -> None:

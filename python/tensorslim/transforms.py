@@ -72,6 +72,29 @@ def _is_weight_matrix_layer(mod: nn.Module) -> bool:
     return weight is not None and weight.dim() >= 2 and not isinstance(mod, QATLinear)
 
 
+def held_weights_reason(mod: nn.Module, not_handled: str = "this technique does not compress") -> Optional[str]:
+    """Why a module with weight matrices but no `weight` layer rule stays float, or None: an
+    LSTM's weight_ih_l0, nn.MultiheadAttention's packed in_proj_weight, a mixture of experts'
+    stacked expert weights, a layer whose weight a parametrization computes. The Report lists
+    them, so nothing that holds weights is left out of it silently."""
+    from torch.nn.utils import parametrize
+
+    if isinstance(mod, parametrize.ParametrizationList):
+        return None  # reported as the layer it belongs to
+    if parametrize.is_parametrized(mod):
+        return (f"its weight is computed by a parametrization ({', '.join(mod.parametrizations)}: weight_norm, "
+                f"spectral_norm, ...); remove it first (torch.nn.utils.parametrize.remove_parametrizations)")
+    # `weight` itself: a layer the weight-layer rule reports (or a QAT one, note_already_compressed)
+    held = [n for n, p in mod.named_parameters(recurse=False)
+            if n != "weight" and p.is_floating_point() and p.dim() >= 2]
+    if not held:
+        return None
+    if isinstance(mod, nn.MultiheadAttention):
+        return ("MultiheadAttention multiplies by its packed in_proj_weight itself; torch's own class without "
+                "hooks is unpacked into four linears (ts.unpack_attention)")
+    return f"{type(mod).__name__} holds {', '.join(held)} as parameters of its own, which {not_handled}"
+
+
 def adopt_float_dtype(old: nn.Module, new: nn.Module) -> None:
     """A compressed layer replacing a float one records that layer's weight dtype (what
     ts.summary's "before" counts) and, for fp16 / bf16, computes in it, as the same layer
@@ -173,6 +196,9 @@ def replace_modules(
                 f"{type(mod).__name__} layers are not supported by this technique"
             report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
                                               bytes_before=module_bytes(mod), reason=reason))
+        elif held_weights_reason(mod):
+            report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
+                                              bytes_before=module_bytes(mod), reason=held_weights_reason(mod)))
     new_modules: Dict[str, nn.Module] = {}
     for name, mod in tqdm(todo, desc=desc, disable=not progress or len(todo) < 2, leave=False):
         try:

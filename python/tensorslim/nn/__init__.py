@@ -6,6 +6,7 @@ from .int8_linear import Int8Linear
 from .lowbit_linear import LowBitLinear
 from .lowrank_conv import CPConv2d, TuckerConv2d
 from .lowrank_linear import LowRankLinear
+from .projected_attention import ProjectedMultiheadAttention
 from .quantized_embedding import QuantizedEmbedding, QuantizedEmbeddingBag
 from .sparse_linear import CSRSparseLinear, NMSparseLinear
 from .w4a8_linear import W4A8Linear
@@ -18,7 +19,12 @@ COMPRESSED_MODULES = {cls.kind: cls for cls in (WeightOnlyLinear, LowBitLinear, 
                                                 CSRSparseLinear, QuantizedEmbedding, QuantizedEmbeddingBag,
                                                 Int8Conv1d, Int8Conv2d, FoldedBatchNorm)}
 
-__all__ = ["COMPRESSED_MODULES", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear",
+# kinds a saved file lists that restructure a layer without compressing it (its children may
+# be compressed): io saves and loads them with the compressed ones; summaries leave them out
+STRUCTURAL_MODULES = {ProjectedMultiheadAttention.kind: ProjectedMultiheadAttention}
+SAVED_MODULES = {**COMPRESSED_MODULES, **STRUCTURAL_MODULES}
+
+__all__ = ["COMPRESSED_MODULES", "STRUCTURAL_MODULES", "SAVED_MODULES", "ProjectedMultiheadAttention", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear",
            "BinaryLinear", "TernaryLinear", "W4A8Linear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
            "NMSparseLinear", "CSRSparseLinear", "QuantizedEmbedding", "QuantizedEmbeddingBag",
            "Int8Conv1d", "Int8Conv2d", "FoldedBatchNorm"]

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ..attention import attention_unpacked
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..hf import record_layers
 from ..pruning import masks as pruning_masks
@@ -59,10 +60,12 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
                              f"(an iterable of model inputs) or forward_loop=")
         loop = make_forward_loop(calib_data, forward_loop, progress)
     pruning_masks.reapply(model)  # pruned layers compress as their forward computes
-    with conv1d_as_linear(model) as conv1d_names:  # transformers' Conv1D: as the nn.Linear it is
+    # transformers' Conv1D as the nn.Linear it is, nn.MultiheadAttention as its four linears
+    with conv1d_as_linear(model) as conv1d_names, attention_unpacked(model) as attention:
         check_no_empty_layers(model, config)
         already = compressed_layers(model)
         report = note_already_compressed(_sparsify(model, config, loop, progress, conv1d_names), already)
+        report = attention.finish(report)  # nn.MultiheadAttention: unpacked where a projection changed
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
     return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.sparsify")
 

@@ -1,0 +1,122 @@
+"""torch's nn.MultiheadAttention shown to a technique as four linears (nn/projected_attention.py).
+
+`attention_unpacked(model)` swaps every nn.MultiheadAttention for a ProjectedMultiheadAttention
+(views of the same weights, nothing copied) while a transform runs. Afterwards one stays only
+where it is needed: a projection was compressed, or a layer of the nn.TransformerEncoderLayer
+around it was (whose fused fast path would otherwise read that layer's dequantized `.weight`
+and never run its kernel). The others go back, with any edit a fold made to their projections,
+and the Report names them once. On an error every one goes back.
+"""
+import contextlib
+from typing import Dict, List, Tuple
+
+from torch import nn
+
+from .nn.projected_attention import ProjectedMultiheadAttention
+from .report import LayerChange, Report, compressed_layers, module_bytes, remember_skipped
+from .transforms import _set_submodule
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _has_hooks(mod: nn.Module) -> bool:
+    return any(getattr(mod, a, None) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                              "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"))
+
+
+class UnpackedAttention:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.swapped: Dict[str, Tuple[nn.MultiheadAttention, ProjectedMultiheadAttention]] = {}
+        self.encoders: List[Tuple[nn.Module, bool]] = []  # (nn.TransformerEncoder, its use_nested_tensor)
+
+    def unpack(self) -> None:
+        for name, mod in list(self.model.named_modules()):
+            # exactly torch's class: a subclass may compute something else; hooks would be lost
+            if name and type(mod) is nn.MultiheadAttention and not _has_hooks(mod):
+                self.swapped[name] = (mod, unpacked(mod))
+        for name, (_, new) in self.swapped.items():
+            _set_submodule(self.model, name, new)
+        for enc in self.model.modules():  # its nested-tensor path needs the packed attention
+            if isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, ProjectedMultiheadAttention)
+                                                               for m in enc.modules()):
+                self.encoders.append((enc, getattr(enc, "use_nested_tensor", False)))
+                enc.use_nested_tensor = False
+
+    def restore_all(self) -> None:
+        for name, (old, _) in self.swapped.items():
+            _set_submodule(self.model, name, old)
+        for enc, nested in self.encoders:
+            enc.use_nested_tensor = nested
+
+    def finish(self, report: Report) -> Report:
+        """Put back the attentions the transform left alone; their projections' rows become one."""
+        compressed = list(compressed_layers(self.model))
+        rows: List[LayerChange] = []
+        back = {}
+        for name, (old, new) in self.swapped.items():
+            scope = _scope(self.model, name)
+            projections = [getattr(new, p) for p in PROJECTIONS]
+            if all(type(p) is nn.Linear for p in projections) and not any(n.startswith(scope) for n in compressed):
+                back[name] = (old, new)
+        for name, (old, new) in back.items():
+            new.write_back(old)
+            _set_submodule(self.model, name, old)
+            mine = [c for c in report.changes if c.name.startswith(f"{name}.")]
+            reasons = sorted({c.reason for c in mine if c.reason})
+            rows.append(LayerChange(name, "MultiheadAttention", "skipped", bytes_before=module_bytes(old),
+                                    reason="; ".join(reasons) or "its projections were left as they are"))
+        for enc, nested in self.encoders:
+            if not any(isinstance(m, ProjectedMultiheadAttention) for m in enc.modules()):
+                enc.use_nested_tensor = nested
+        gone = tuple(f"{n}." for n in back)
+        kept = [c for c in report.changes if not c.name.startswith(gone)] if gone else list(report.changes)
+        out = Report(kept + rows)
+        remember_skipped(self.model, Report(rows))
+        return out
+
+
+def unpacked(mha: nn.MultiheadAttention) -> ProjectedMultiheadAttention:
+    """ProjectedMultiheadAttention.from_float, keeping a pruning mask on out_proj (ts.prune
+    masks it, as the nn.Linear it is)."""
+    from .pruning import masks
+
+    new = ProjectedMultiheadAttention.from_float(mha)
+    if masks.is_masked(mha.out_proj):
+        masks.attach(new.out_proj, getattr(mha.out_proj, masks.MASK), zero=False)
+    return new
+
+
+def unpack_attention(model: nn.Module) -> List[str]:
+    """Replace every nn.MultiheadAttention in `model` (torch's class itself, without hooks) by a
+    ProjectedMultiheadAttention computing the same, its q / k / v / out projections nn.Linear
+    layers; returns their names. ts.quantize, ts.sparsify and ts.factorize do this by themselves
+    where it is needed. Before ts.prepare_qat or ts.prune (and before creating the optimizer:
+    the q / k / v weights become new parameters) it lets training compress the projections."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpack_attention: expected a torch.nn.Module, got {type(model).__name__}")
+    state = UnpackedAttention(model)
+    state.unpack()
+    return list(state.swapped)
+
+
+def _scope(model: nn.Module, name: str) -> str:
+    """The name prefix whose compressed layers keep the attention `name` unpacked: that of the
+    nn.TransformerEncoderLayer it is the self_attn of ("" when that is the model), else its own."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    if child == "self_attn" and isinstance(owner, nn.TransformerEncoderLayer):
+        return f"{parent}." if parent else ""
+    return f"{name}."
+
+
+@contextlib.contextmanager
+def attention_unpacked(model: nn.Module):
+    """Run a transform with every nn.MultiheadAttention unpacked; call .finish(report) inside."""
+    state = UnpackedAttention(model)
+    state.unpack()
+    try:
+        yield state
+    except BaseException:
+        state.restore_all()
+        raise

@@ -1,0 +1,208 @@
+"""nn.MultiheadAttention with its projections as layers, so techniques can compress them.
+
+torch's nn.MultiheadAttention keeps q / k / v in one packed `in_proj_weight` and hands it and
+`out_proj.weight` to F.multi_head_attention_forward, which multiplies by them itself: a
+compressed out_proj would never run, and the packed in_proj is no layer at all. Its eval fast
+path (and nn.TransformerEncoderLayer's, which reads `linear1.weight` / `linear2.weight` the
+same way) would run torch's fp32 kernels on dequantized weights, the "compressed" model no
+faster than fp32. ProjectedMultiheadAttention computes the same attention with q_proj, k_proj,
+v_proj and out_proj called as ordinary nn.Linear children (ts.quantize / sparsify / factorize /
+prepare_qat replace them like any other linear), and with no packed `in_proj_bias`, which makes
+nn.TransformerEncoderLayer decline its fused fast path.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _float_mask(mask: Optional[torch.Tensor], name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A boolean mask (True = may not attend) as an additive float mask, as torch's MHA reads it."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    if mask.dtype != torch.bool:
+        raise TypeError(f"ProjectedMultiheadAttention: {name} must be bool or floating point, got {mask.dtype}")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+class ProjectedMultiheadAttention(nn.Module):
+    """The attention nn.MultiheadAttention computes (same arguments, outputs and options:
+    batch_first, kdim / vdim, bias, add_bias_kv, add_zero_attn, dropout, key_padding_mask,
+    attn_mask, need_weights, average_attn_weights, is_causal, unbatched inputs), its four
+    projections as nn.Linear children named as in Hugging Face models."""
+
+    kind = "projected_mha"
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"ProjectedMultiheadAttention: embed_dim ({embed_dim}) must be a positive "
+                             f"multiple of num_heads ({num_heads})")
+        kw = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
+        self.has_bias = bias  # whether the projections have biases (they may become compressed layers)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+        else:
+            self.bias_k = self.bias_v = None
+        # What torch's transformer layers read to choose their fused path: no packed weights.
+        self._qkv_same_embed_dim = False
+        self.in_proj_weight = self.in_proj_bias = None
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention) -> "ProjectedMultiheadAttention":
+        """The same attention as `mha`. The q / k / v weights and biases are views of its packed
+        tensors and out_proj, bias_k and bias_v its own parameters, so nothing is copied."""
+        bias = mha.in_proj_bias is not None
+        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias, mha.bias_k is not None, mha.add_zero_attn,
+                  mha.kdim, mha.vdim, mha.batch_first, device="meta")
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.chunk(3)
+            grad = mha.in_proj_weight.requires_grad
+        else:
+            weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+            grad = mha.q_proj_weight.requires_grad
+        biases = mha.in_proj_bias.chunk(3) if bias else (None,) * 3
+        for lin, w, b in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases):
+            lin.weight = nn.Parameter(w.detach(), requires_grad=grad)
+            lin.bias = nn.Parameter(b.detach(), requires_grad=mha.in_proj_bias.requires_grad) if bias else None
+        new.out_proj.weight, new.out_proj.bias = mha.out_proj.weight, mha.out_proj.bias
+        new.bias_k, new.bias_v = mha.bias_k, mha.bias_v
+        new.train(mha.training)
+        return new
+
+    def write_back(self, mha: nn.MultiheadAttention) -> None:
+        """Copy the projections' values (a technique may have edited them, e.g. a fold) into the
+        nn.MultiheadAttention this was made from; every projection must still be an nn.Linear."""
+        with torch.no_grad():
+            packed = mha.in_proj_weight.chunk(3) if mha._qkv_same_embed_dim else \
+                (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+            biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+            for lin, w, b in zip((self.q_proj, self.k_proj, self.v_proj), packed, biases):
+                _copy_into(w, lin.weight)
+                if b is not None:
+                    _copy_into(b, lin.bias)
+            _copy_into(mha.out_proj.weight, self.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                _copy_into(mha.out_proj.bias, self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"ProjectedMultiheadAttention: query, key and value must all be 3-D (batched) or "
+                             f"2-D (unbatched), got {query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
+        if batched and not self.batch_first:  # work batch-first: [N, L, E]
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        elif not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        n, tgt, _ = query.shape
+        padding = _float_mask(key_padding_mask, "key_padding_mask", query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention); "
+                               "nn.Transformer.generate_square_subsequent_mask makes one")
+        if is_causal and padding is None and not need_weights:
+            attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
+        else:
+            attn_mask = _float_mask(attn_mask, "attn_mask", query.dtype)
+            is_causal = is_causal and padding is None
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        heads, d = self.num_heads, self.head_dim
+        if attn_mask is not None:
+            attn_mask = self._mask_per_head(attn_mask, n, tgt, k.shape[1])
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(n, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(n, 1, -1)], dim=1)
+            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+            padding = F.pad(padding, (0, 1)) if padding is not None else None
+        q = q.view(n, tgt, heads, d).transpose(1, 2)
+        k = k.view(n, k.shape[1], heads, d).transpose(1, 2)
+        v = v.view(n, v.shape[1], heads, d).transpose(1, 2)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(n, heads, 1, d)], dim=2)
+            v = torch.cat([v, v.new_zeros(n, heads, 1, d)], dim=2)
+            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+            padding = F.pad(padding, (0, 1)) if padding is not None else None
+        src = k.shape[2]
+        if padding is not None:
+            if padding.shape != (n, src):
+                raise ValueError(f"ProjectedMultiheadAttention: key_padding_mask must be [{n}, {src}] "
+                                 f"(batch, source length), got {list(padding.shape)}")
+            padding = padding.view(n, 1, 1, src)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q * math.sqrt(1.0 / d)) @ k.transpose(-2, -1)
+            weights = torch.softmax(scores if attn_mask is None else scores + attn_mask, dim=-1)
+            if p > 0.0:
+                weights = F.dropout(weights, p=p)
+            out = weights @ v
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask, p, is_causal), None
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, self.embed_dim))
+        if not batched:
+            return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _mask_per_head(self, mask: torch.Tensor, n: int, tgt: int, src: int) -> torch.Tensor:
+        """attn_mask [L, S] or [N * heads, L, S] as [1 or N, 1 or heads, L, S]."""
+        if mask.dim() == 2 and mask.shape == (tgt, src):
+            return mask.view(1, 1, tgt, src)
+        if mask.dim() == 3 and mask.shape == (n * self.num_heads, tgt, src):
+            return mask.view(n, self.num_heads, tgt, src)
+        raise ValueError(f"ProjectedMultiheadAttention: attn_mask must be [{tgt}, {src}] or "
+                         f"[{n * self.num_heads}, {tgt}, {src}] (batch * heads, target, source), "
+                         f"got {list(mask.shape)}")
+
+    # --- what a saved file records of it (io.layer_specs / plan_layers) ---
+    @classmethod
+    def replaces(cls, mod: nn.Module, spec: dict) -> bool:
+        """Whether `mod` is the nn.MultiheadAttention a saved spec was made from."""
+        return type(mod) is nn.MultiheadAttention and _spec(
+            mod.embed_dim, mod.num_heads, mod.dropout, mod.in_proj_bias is not None, mod.bias_k is not None,
+            mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first) == spec
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "ProjectedMultiheadAttention":
+        new = cls(spec["in_features"], spec["num_heads"], spec["dropout"], spec["bias"], spec["add_bias_kv"],
+                  spec["add_zero_attn"], spec["kdim"], spec["vdim"], spec["batch_first"], device=device)
+        if new.bias_k is not None:  # filled by the file's tensors
+            nn.init.zeros_(new.bias_k), nn.init.zeros_(new.bias_v)
+        return new
+
+    def spec(self) -> dict:
+        return _spec(self.embed_dim, self.num_heads, self.dropout, self.has_bias, self.bias_k is not None,
+                     self.add_zero_attn, self.kdim, self.vdim, self.batch_first)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if not (dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride()):  # a view of dst: nothing to do
+        dst.copy_(src)
+
+
+def _spec(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first) -> dict:
+    # kind / format / in_features / out_features / bias: the keys every saved layer has
+    return {"kind": ProjectedMultiheadAttention.kind, "format": "projections as layers", "in_features": embed_dim,
+            "out_features": embed_dim, "bias": bool(bias), "num_heads": num_heads, "dropout": float(dropout),
+            "add_bias_kv": bool(add_bias_kv), "add_zero_attn": bool(add_zero_attn), "kdim": kdim, "vdim": vdim,
+            "batch_first": bool(batch_first)}

@@ -1,0 +1,226 @@
+"""torch's nn.MultiheadAttention and nn.TransformerEncoderLayer under the verbs: the attention
+projections are compressed, torch's fused fast path (which read the compressed layers'
+dequantized `.weight` and never ran their kernels) is declined, the rest stays torch's."""
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.nn import CompressedLinear, ProjectedMultiheadAttention
+
+
+def _mha(batch_first=True, bias=True, add_bias_kv=False, add_zero_attn=False, kdim=None, seed=0):
+    torch.manual_seed(seed)
+    m = nn.MultiheadAttention(16, 4, bias=bias, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn,
+                              kdim=kdim, vdim=kdim, batch_first=batch_first).eval()
+    with torch.no_grad():  # torch initializes these biases to zero: make them count
+        for p in (m.bias_k, m.bias_v, m.in_proj_bias, m.out_proj.bias):
+            if p is not None:
+                p.normal_()
+    return m
+
+
+OPTIONS = list(itertools.product([False, True], [True, False], [False, True], [False, True], [None, 12]))
+
+
+@pytest.mark.parametrize("batch_first,bias,add_bias_kv,add_zero_attn,kdim", OPTIONS)
+def test_projected_attention_computes_what_multihead_attention_does(batch_first, bias, add_bias_kv,
+                                                                    add_zero_attn, kdim):
+    m = _mha(batch_first, bias, add_bias_kv, add_zero_attn, kdim)
+    p = ProjectedMultiheadAttention.from_float(m)
+    n, tgt, src, kd = 3, 5, 7, kdim or 16
+    g = torch.Generator().manual_seed(1)
+
+    def inp(length, width):
+        return torch.randn(*((n, length) if batch_first else (length, n)), width, generator=g)
+
+    q, k, v = inp(tgt, 16), inp(src, kd), inp(src, kd)
+    padding = torch.rand(n, src, generator=g) < 0.3
+    padding[:, 0] = False  # no fully masked row (NaN in both)
+    bool_mask = torch.rand(tgt, src, generator=g) < 0.2
+    bool_mask[:, 0] = False
+    causal = torch.triu(torch.full((tgt, src), float("-inf")), 1)
+    cases = [{}, {"key_padding_mask": padding}, {"attn_mask": bool_mask},
+             {"attn_mask": torch.randn(tgt, src, generator=g), "key_padding_mask": padding.float() * -1e4},
+             {"attn_mask": torch.randn(n * 4, tgt, src, generator=g), "average_attn_weights": False},
+             {"need_weights": False}, {"need_weights": False, "attn_mask": bool_mask, "key_padding_mask": padding},
+             {"need_weights": False, "attn_mask": causal, "is_causal": True}]
+    for kw in cases:
+        want, got = m(q, k, v, **kw), p(q, k, v, **kw)
+        assert got[0].shape == want[0].shape
+        assert torch.allclose(got[0], want[0], atol=1e-6, rtol=1e-5), kw
+        if want[1] is None:
+            assert got[1] is None
+        else:
+            assert torch.allclose(got[1], want[1], atol=1e-6, rtol=1e-5), kw
+    # unbatched inputs, as nn.MultiheadAttention takes them
+    want, got = m(q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0],
+                  v[0] if batch_first else v[:, 0]), None
+    got = p(q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0], v[0] if batch_first else v[:, 0])
+    assert got[0].shape == want[0].shape and torch.allclose(got[0], want[0], atol=1e-6, rtol=1e-5)
+
+
+def test_projected_attention_gradients_and_errors():
+    m = _mha()
+    p = ProjectedMultiheadAttention.from_float(m)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    gm = torch.autograd.grad(m(x, x, x)[0].sum(), [x, m.in_proj_weight])
+    gp = torch.autograd.grad(p(x, x, x)[0].sum(), [x, p.q_proj.weight])
+    assert torch.allclose(gm[0], gp[0], atol=1e-5)
+    assert torch.allclose(gm[1][:16], gp[1], atol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        p(x, x, x, attn_mask=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        p(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        p(x, x, x, is_causal=True)
+    with pytest.raises(TypeError, match="bool or floating"):
+        p(x, x, x, key_padding_mask=torch.zeros(2, 6, dtype=torch.int64))
+
+
+def _encoder(layers=2, width=64, heads=4, nested=True):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(width, heads, 2 * width, batch_first=True, dropout=0.0)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=nested).eval()
+
+
+def _count_kernel_calls(model):
+    calls = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, CompressedLinear):
+            inner = mod.kernel_forward
+            mod.kernel_forward = (lambda f, n: lambda x: (calls.append(n), f(x))[1])(inner, name)
+    return calls
+
+
+VERBS = {
+    "int8_dynamic": lambda m, data: ts.quantize(m, ts.Int8Dynamic(), progress=False),
+    "int4": lambda m, data: ts.quantize(m, ts.Int4WeightOnly(group_size=32), progress=False),
+    "gptq": lambda m, data: ts.quantize(m, ts.GPTQ(group_size=32), calib_data=data, progress=False),
+    "w8a8": lambda m, data: ts.quantize(m, ts.W8A8(), calib_data=data, progress=False),
+    "nm": lambda m, data: ts.sparsify(m, ts.NM(), progress=False),
+    "svd": lambda m, data: ts.factorize(m, ts.SVD(rank=16), progress=False),
+}
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_encoder_projections_compressed_and_their_kernels_run_in_inference(verb):
+    enc = _encoder()
+    data = [torch.randn(2, 10, 64) for _ in range(2)]
+    model = copy.deepcopy(enc)
+    report = VERBS[verb](model, data)
+    attn = model.layers[0].self_attn
+    assert isinstance(attn, ProjectedMultiheadAttention)
+    names = {c.name for c in report.changed}
+    for i in range(2):
+        assert {f"layers.{i}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")} <= names
+        assert {f"layers.{i}.linear1", f"layers.{i}.linear2"} <= names
+    x = torch.randn(3, 10, 64)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[1, 7:] = True
+    if verb != "svd":
+        calls = _count_kernel_calls(model)
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx():
+                calls.clear()
+                model(x)
+                assert len(calls) == 12  # 6 linears per layer: torch's fused path is declined
+                calls.clear()
+                model(x, src_key_padding_mask=padding)  # the nested-tensor path too
+                assert len(calls) == 12
+    # the compressed model against the float model computing with the layers' effective weights
+    ref = copy.deepcopy(enc)
+    with torch.no_grad():
+        for i in range(2):
+            got_attn, want_attn = model.layers[i].self_attn, ref.layers[i].self_attn
+            w = [_effective(getattr(got_attn, p)) for p in ("q_proj", "k_proj", "v_proj")]
+            want_attn.in_proj_weight.copy_(torch.cat(w))
+            want_attn.out_proj.weight.copy_(_effective(got_attn.out_proj))
+            for lin in ("linear1", "linear2"):
+                getattr(ref.layers[i], lin).weight.copy_(_effective(getattr(model.layers[i], lin)))
+        got, want = model(x, src_key_padding_mask=padding), ref(x, src_key_padding_mask=padding)
+    keep = ~padding  # torch's nested path leaves padded rows zero, ours computes them
+    # relative RMS error: activation rounding for the INT8 ones, float rounding for the rest
+    tol = {"int8_dynamic": 0.02, "w8a8": 0.05}.get(verb, 1e-5)
+    err = (got[keep] - want[keep]).pow(2).mean().sqrt() / want[keep].pow(2).mean().sqrt()
+    assert err <= tol, err
+
+
+def _effective(layer):
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    if hasattr(layer, "effective_weight"):
+        return layer.effective_weight()
+    return layer.weight  # LowRankLinear: the product of its factors
+
+
+def test_attention_left_alone_goes_back_and_is_named_once():
+    enc = _encoder()
+    ts.quantize(enc, ts.Int8Dynamic(exclude=["*self_attn*"]), progress=False)
+    # linear1 / linear2 were compressed: the layer's fast path must not read their .weight
+    assert all(isinstance(layer.self_attn, ProjectedMultiheadAttention) for layer in enc.layers)
+    assert all(type(getattr(layer.self_attn, p)) is nn.Linear for layer in enc.layers
+               for p in ("q_proj", "out_proj"))
+    enc = _encoder()
+    report = ts.quantize(enc, ts.Int8Dynamic(include=["layers.0.*"]), progress=False)
+    assert isinstance(enc.layers[0].self_attn, ProjectedMultiheadAttention)
+    assert type(enc.layers[1].self_attn) is nn.MultiheadAttention  # nothing changed in layer 1
+    row = next(c for c in report.changes if c.name == "layers.1.self_attn")
+    assert row.action == "skipped" and row.module_type == "MultiheadAttention" and "include" in row.reason
+    assert not any(c.name.startswith("layers.1.self_attn.") for c in report.changes)
+    assert enc.use_nested_tensor is False  # layer 0's attention is unpacked
+
+
+def test_a_failing_verb_puts_every_attention_back():
+    enc = _encoder()
+    originals = [layer.self_attn for layer in enc.layers]
+    state = {k: v.clone() for k, v in enc.state_dict().items()}
+    with pytest.raises(ValueError):
+        ts.quantize(enc, ts.GPTQ(group_size=32), calib_data=[torch.full((2, 10, 64), float("nan"))],
+                    progress=False)
+    assert [layer.self_attn for layer in enc.layers] == originals
+    assert enc.use_nested_tensor is True
+    assert all(torch.equal(v, state[k]) for k, v in enc.state_dict().items())
+
+
+def test_save_and_load_an_encoder_with_compressed_attention(tmp_path):
+    enc = _encoder()
+    x = torch.randn(2, 10, 64)
+    ts.quantize(enc, ts.Int4WeightOnly(group_size=32, include=["layers.0.*"]), progress=False)
+    ts.sparsify(enc, ts.NM(include=["layers.1.self_attn.*"]), progress=False)
+    with torch.no_grad():
+        want = enc(x)
+    path = tmp_path / "enc.safetensors"
+    ts.save(enc, path)
+    fresh = _encoder(nested=True)
+    with torch.no_grad():
+        ts.load(fresh, path)
+        got = fresh(x)
+    assert isinstance(fresh.layers[0].self_attn.q_proj, ts.WeightOnlyLinear)
+    assert isinstance(fresh.layers[1].self_attn.q_proj, ts.NMSparseLinear)
+    assert torch.equal(got, want)
+
+
+def test_multihead_attention_with_hooks_or_subclassed_stays_and_is_reported():
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.MultiheadAttention(16, 4), "b": MyAttention(16, 4), "fc": nn.Linear(16, 16)})
+    model["a"].register_forward_hook(lambda *args: None)
+    report = ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    assert type(model["a"]) is nn.MultiheadAttention and type(model["b"]) is MyAttention
+    rows = {c.name: c for c in report.skipped}
+    assert "a" in rows and "b" in rows and "in_proj_weight" in rows["a"].reason
+
+
+def test_unpack_attention_before_training_and_prune():
+    enc = _encoder()
+    assert ts.unpack_attention(enc) == ["layers.0.self_attn", "layers.1.self_attn"]
+    report = ts.prune(enc, ts.Magnitude(sparsity=0.5), progress=False)
+    assert "layers.0.self_attn.q_proj" in {c.name for c in report.changed}
+    q = enc.layers[0].self_attn.q_proj.weight
+    assert abs((q == 0).float().mean().item() - 0.5) < 0.01
