@@ -79,6 +79,8 @@ def decode_calls(monkeypatch):
 
     calls = []
     real = decode_gemm.linear
+    # the route from DECODE_GEMM_MIN_ROWS, as CPUs other than AMD take it (decode_min_rows)
+    monkeypatch.setattr(decode_gemm, "decode_min_rows", lambda: decode_gemm.DECODE_GEMM_MIN_ROWS)
 
     def spy(x2, decode, bias):
         calls.append(x2.shape[0])

@@ -13,10 +13,21 @@ Below 64 rows the C++ panel GEMM was faster (its rows-dot kernel, src/cpu/panel_
 where the activations are small): at 32-48 rows of MiniLM's 384 x 1536 and 1536 x 384 INT4,
 0.85-1.03x fp32 against 0.62-0.73x this way.
 
+On AMD Zen the panel GEMM wins up to a few thousand rows (decode_min_rows): 2-core Zen 4,
+median of interleaved rounds, x fp32 for decode + torch's GEMM / the panel GEMM, int4 g128 at
+64 / 256 / 1024 / 3072 rows: 384 x 384 0.67 / 0.90, 0.87 / 1.07, 0.90 / 1.08, 0.95 / 1.12;
+512 x 2048 0.86 / 1.21, 0.94 / 1.16, 0.96 / 1.12, 0.95 / 1.11 (six MiniLM-like shapes; int8,
+fp8, nvfp4 and int3 alike, fp8 and nvfp4 at 64 rows 0.41-0.78 against 1.02-1.31; capped at
+AVX2 int4 / int8 0.67-0.97 against 0.78-1.19); at 4096 / 8192 rows the route wins, 0.97-1.01
+against 0.86-0.95 / 0.69-0.89 (docs/benchmarks.md, twenty-sixth session). A 4-layer
+nn.TransformerEncoder (width 512) in int4 had run at 0.64x fp32 for 64 tokens on the route.
+The Sapphire Rapids figures above were not measured again, so other CPUs keep 64 rows.
+
 fp32 activations only: a bf16 GEMM would need a bf16 weight, rounding the decoded values.
 Not in a fork() child: torch's GEMM runs on GNU OpenMP, whose parent team is not there
 (an fp32 nn.Linear hangs in such a child too); our kernels start their own threads.
 """
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -25,18 +36,43 @@ import torch.nn.functional as F
 from .._native import _C
 
 DECODE_GEMM_MIN_ROWS = 64
+ZEN_DECODE_GEMM_MIN_ROWS = 4096
 SMALL_WEIGHT = 1 << 20  # values; the C++ dispatch (src/cpu/panel_gemm.h kPanelSmallWeight) uses the same
 
 
-def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux reports it ('AuthenticAMD', 'GenuineIntel'); '' elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def decode_min_rows() -> int:
+    """Rows from which small weight-only layers decode: ZEN_DECODE_GEMM_MIN_ROWS on AMD with our
+    vector kernels (measured above), else DECODE_GEMM_MIN_ROWS (scalar kernels, other CPUs)."""
+    zen = cpu_vendor() == "AuthenticAMD" and _C.active_isa() in ("avx2", "avx512")
+    return ZEN_DECODE_GEMM_MIN_ROWS if zen else DECODE_GEMM_MIN_ROWS
+
+
+def _fits(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
     # Traced (torch.compile, export): the op, whose fake implementation covers every batch; a
     # branch on the batch here split a dynamic batch at 64 rows, and the fork check is a pybind
     # call dynamo cannot trace (fullgraph=True failed from 64 rows).
     if torch.compiler.is_compiling():
         return False
     return (backend == "auto" and x2.device.type == "cpu" and x2.dtype == torch.float32
-            and x2.shape[0] >= DECODE_GEMM_MIN_ROWS and weight_values <= SMALL_WEIGHT
-            and not _C.in_forked_child())
+            and weight_values <= SMALL_WEIGHT and not _C.in_forked_child())
+
+
+def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
+    """Whether a weight-only layer of this many values decodes and runs torch's GEMM for x2."""
+    return x2.shape[0] >= decode_min_rows() and _fits(x2, backend, weight_values)
 
 
 # Sparse layers (ops/sparse.py) decode too where their kernels, which skip the zeros but run
@@ -57,7 +93,7 @@ def sparse_applies(x2: torch.Tensor, backend: str, weight_values: int, density: 
     """Whether a sparse layer of this many dense values, with this fraction kept, decodes and
     runs torch's GEMM for x2 (see SPARSE_MIN_DENSITY)."""
     rows = SPARSE_DENSE_MIN_ROWS if density >= SPARSE_DENSE_MIN_DENSITY else SPARSE_MIN_ROWS
-    return density >= SPARSE_MIN_DENSITY and x2.shape[0] >= rows and applies(x2, backend, weight_values)
+    return density >= SPARSE_MIN_DENSITY and x2.shape[0] >= rows and _fits(x2, backend, weight_values)
 
 
 def linear(x2: torch.Tensor, decode: Callable[[], torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
