@@ -97,3 +97,55 @@ def _check_t5(model, ids):
     assert any(c.name.endswith("DenseReluDense.wo") for c in report.changed)
     out = model(input_ids=ids, decoder_input_ids=ids).logits
     assert float((out - ref).norm() / ref.norm()) < 2e-2
+
+
+def _count_dequantizations(monkeypatch, cls, method):
+    calls = []
+    real = getattr(cls, method)
+
+    def spy(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(cls, method, spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["int4_g32", "int8_dynamic", "nvfp4", "sparse_csr_90"])
+def test_reading_the_weights_metadata_dequantizes_nothing(kind, monkeypatch):
+    """T5 compares `wo.weight.dtype` twice per layer and forward: each read used to dequantize
+    the whole matrix. The values are computed on first use, once per `.weight` object."""
+    layer = build(kind)
+    calls = _count_dequantizations(monkeypatch, type(layer), "effective_weight")
+    w = layer.weight
+    assert (w.dtype, tuple(w.shape), w.device.type, w.dim(), w.numel()) == (torch.float32, (OUT, IN), "cpu", 2,
+                                                                           OUT * IN)
+    assert calls == []
+    want = weight_in_original_domain(layer).float()
+    assert torch.equal(w * 1, want) and torch.equal(w.T, want.T) and type(w * 1) is torch.Tensor
+    assert torch.equal(torch.from_numpy(w.numpy()), want) and len(calls) == 1
+    assert type(w.detach()) is torch.Tensor and type(w.clone()) is torch.Tensor
+
+
+def test_embedding_and_conv_weights_are_lazy_too(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 32))
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    table = model[0]
+    calls = _count_dequantizations(monkeypatch, type(table), "_rows")
+    assert table.weight.shape[0] == 50 and calls == []
+    assert torch.equal(table.weight[torch.tensor([3, 7])], table(torch.tensor([3, 7])))
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3))
+    ts.quantize(conv, ts.Int8Dynamic(), calib_data=[torch.randn(1, 3, 8, 8)], progress=False)
+    w = conv[0].weight
+    assert w.dtype == torch.float32 and tuple(w.shape) == (8, 3, 3, 3)
+    assert torch.equal(w + 0, conv[0].qweight.float() * conv[0].w_scales.reshape(-1, 1, 1, 1))
+
+
+def test_compiled_code_reading_the_weight_gets_a_plain_tensor():
+    layer = build("int4_g32")
+
+    def f(x):
+        return F.linear(x, layer.weight.to(x.dtype)) + layer.weight.sum()
+    x = torch.randn(4, IN)
+    torch._dynamo.reset()
+    assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x), atol=1e-5)

@@ -17,7 +17,12 @@ from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from .compute_dtype import COMPUTE_DTYPES, KeepsPackedDtypes
+from .lazy_weight import lazy_weight
 from .layer_errors import note_layer
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next((b.device for b in module.buffers()), torch.device("cpu"))
 
 
 def owned_output(y: torch.Tensor) -> torch.Tensor:
@@ -118,8 +123,11 @@ class CompressedLinear(KeepsPackedDtypes):
     def weight(self) -> torch.Tensor:
         """The effective weight [out, in] (dequantized, input scaling or smoothing undone), a
         fresh tensor on each access: code that reads nn.Linear's weight (dtype, device, shape,
-        values) keeps working. Read-only: the packed buffers are the layer's state."""
-        return self.effective_weight().detach().to(self.compute_dtype)
+        values) keeps working; reading only its shape, dtype or device dequantizes nothing
+        (lazy_weight.py). Read-only: the packed buffers are the layer's state."""
+        dtype = self.compute_dtype
+        return lazy_weight(lambda: self.effective_weight().detach().to(dtype), (self.out_features, self.in_features),
+                           dtype, _device(self))
 
     def __setattr__(self, name: str, value) -> None:
         if name == "weight":

@@ -24,6 +24,7 @@ from ..ops import _eager
 from ..ops import conv_int8 as conv_ops
 from ..ops import torch_onednn
 from .compressed_linear import needs_function, owned_output, trainable_bias
+from .lazy_weight import lazy_weight
 from .compute_dtype import COMPUTE_DTYPES, keeping_dtypes, target_dtype
 from .layer_errors import note_layer
 
@@ -209,8 +210,11 @@ class _Int8ConvNd(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight [out, in / groups, *kernel] (read-only; computed on access)."""
-        return self.qweight.float() * self.w_scales.reshape((-1,) + (1,) * (self.sp + 1))
+        """The dequantized weight [out, in / groups, *kernel] (read-only; its values computed
+        when used, lazy_weight.py)."""
+        def compute():
+            return self.qweight.float() * self.w_scales.reshape((-1,) + (1,) * (self.sp + 1))
+        return lazy_weight(compute, self.qweight.shape, torch.float32, self.qweight.device)
 
     def dense_bytes(self) -> int:
         return 4 * self.qweight.numel() + (4 * self.out_channels if self.geometry["bias"] else 0)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..formats import get_format, num_groups
 from .compute_dtype import KeepsPackedDtypes
+from .lazy_weight import lazy_weight
 from .layer_errors import errors_name_layer
 
 
@@ -74,8 +75,10 @@ class _PackedTable(KeepsPackedDtypes):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized table [num_embeddings, embedding_dim] (computed on each access)."""
-        return self._rows(torch.arange(self.num_embeddings, device=self.qweight.device))
+        """The dequantized table [num_embeddings, embedding_dim] (a fresh tensor on each access,
+        its values computed when used, lazy_weight.py)."""
+        return lazy_weight(lambda: self._rows(torch.arange(self.num_embeddings, device=self.qweight.device)),
+                           (self.num_embeddings, self.embedding_dim), self.compute_dtype, self.qweight.device)
 
     @classmethod
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:

@@ -72,7 +72,7 @@ def _fits(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
 
 def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
     """Whether a weight-only layer of this many values decodes and runs torch's GEMM for x2."""
-    return x2.shape[0] >= decode_min_rows() and _fits(x2, backend, weight_values)
+    return _fits(x2, backend, weight_values) and x2.shape[0] >= decode_min_rows()  # not traced: _fits first
 
 
 # Sparse layers (ops/sparse.py) decode too where their kernels, which skip the zeros but run

@@ -1,0 +1,70 @@
+"""The `.weight` of a compressed layer, dequantized only when its values are used.
+
+Model code reads `layer.weight` for its metadata on every forward: transformers' T5 feed-forward
+compares `wo.weight.dtype` with its hidden states twice per layer, ViT and CLIP read the patch
+conv's `weight.dtype`, CLIP the position table's `weight.shape[0]`. Each read used to dequantize
+the whole matrix: a T5 3072 -> 768 INT8 layer spent 0.73 ms per read against 0.06 ms in its
+kernel. A LazyWeight knows its shape, dtype and device at once and computes its values on the
+first operation that needs them (any torch function, `.numpy()`, printing, pickling), once per
+object; what that operation returns is an ordinary tensor.
+"""
+from typing import Callable
+
+import torch
+from torch.utils._pytree import tree_map
+
+
+class LazyWeight(torch.Tensor):
+    @staticmethod
+    def __new__(cls, compute: Callable[[], torch.Tensor], shape, dtype: torch.dtype, device):
+        t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=device, requires_grad=False)
+        t._compute, t._value = compute, None
+        return t
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def materialize(self) -> torch.Tensor:
+        if self._value is None:
+            value = self._compute()
+            if value.shape != self.shape or value.dtype != self.dtype:
+                raise RuntimeError(f"LazyWeight: computed {value.dtype} {tuple(value.shape)}, announced "
+                                   f"{self.dtype} {tuple(self.shape)}")
+            self._value = value
+        return self._value
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def plain(a):
+            return a.materialize() if isinstance(a, LazyWeight) else a
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    # Tensor methods that do not reach the dispatcher.
+    def numpy(self, *args, **kwargs):
+        return self.materialize().numpy(*args, **kwargs)
+
+    def tolist(self):
+        return self.materialize().tolist()
+
+    def __repr__(self, *args, **kwargs):
+        return repr(self.materialize())
+
+    def __reduce_ex__(self, protocol):
+        return self.materialize().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        return self.materialize().clone()
+
+    def __array__(self, dtype=None):
+        value = self.materialize().numpy()
+        return value if dtype is None else value.astype(dtype)
+
+
+def lazy_weight(compute: Callable[[], torch.Tensor], shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """compute() as a LazyWeight in eager code; computed at once where a tracer reads it
+    (torch.compile, torch.export, torch.jit), which needs ordinary tensors."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return compute()
+    return LazyWeight(compute, shape, dtype, device)
