@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 from torch import nn
 
 from .nn.projected_attention import ProjectedMultiheadAttention
-from .report import LayerChange, Report, compressed_layers, module_bytes, remember_skipped
+from .report import LayerChange, Report, compressed_layers, forget_skipped, module_bytes, remember_skipped
 from .transforms import _set_submodule
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -34,14 +34,10 @@ class UnpackedAttention:
         for name, mod in list(self.model.named_modules()):
             # exactly torch's class: a subclass may compute something else; hooks would be lost
             if name and type(mod) is nn.MultiheadAttention and not _has_hooks(mod):
-                self.swapped[name] = (mod, unpacked(mod))
+                self.swapped[name] = (mod, ProjectedMultiheadAttention.from_float(mod))
         for name, (_, new) in self.swapped.items():
             _set_submodule(self.model, name, new)
-        for enc in self.model.modules():  # its nested-tensor path needs the packed attention
-            if isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, ProjectedMultiheadAttention)
-                                                               for m in enc.modules()):
-                self.encoders.append((enc, getattr(enc, "use_nested_tensor", False)))
-                enc.use_nested_tensor = False
+        self.encoders = settle_encoders(self.model)
 
     def restore_all(self) -> None:
         for name, (old, _) in self.swapped.items():
@@ -56,8 +52,9 @@ class UnpackedAttention:
         back = {}
         for name, (old, new) in self.swapped.items():
             scope = _scope(self.model, name)
-            projections = [getattr(new, p) for p in PROJECTIONS]
-            if all(type(p) is nn.Linear for p in projections) and not any(n.startswith(scope) for n in compressed):
+            plain = all(type(getattr(new, p)) is nn.Linear for p in PROJECTIONS[:3]) and (
+                new.out_proj is old.out_proj or type(new.out_proj) is nn.Linear)  # or its stand-in
+            if plain and not any(n.startswith(scope) for n in compressed):
                 back[name] = (old, new)
         for name, (old, new) in back.items():
             new.write_back(old)
@@ -70,21 +67,11 @@ class UnpackedAttention:
             if not any(isinstance(m, ProjectedMultiheadAttention) for m in enc.modules()):
                 enc.use_nested_tensor = nested
         gone = tuple(f"{n}." for n in back)
-        kept = [c for c in report.changes if not c.name.startswith(gone)] if gone else list(report.changes)
-        out = Report(kept + rows)
+        kept = [c for c in report.changes if c.name not in back and not (gone and c.name.startswith(gone))]
+        forget_skipped(self.model, back)  # their projections' rows: the attention's row says it
+        forget_skipped(self.model, [n for n in self.swapped if n not in back], inside=False)  # "packed" rows
         remember_skipped(self.model, Report(rows))
-        return out
-
-
-def unpacked(mha: nn.MultiheadAttention) -> ProjectedMultiheadAttention:
-    """ProjectedMultiheadAttention.from_float, keeping a pruning mask on out_proj (ts.prune
-    masks it, as the nn.Linear it is)."""
-    from .pruning import masks
-
-    new = ProjectedMultiheadAttention.from_float(mha)
-    if masks.is_masked(mha.out_proj):
-        masks.attach(new.out_proj, getattr(mha.out_proj, masks.MASK), zero=False)
-    return new
+        return Report(kept + rows)
 
 
 def unpack_attention(model: nn.Module) -> List[str]:
@@ -97,7 +84,21 @@ def unpack_attention(model: nn.Module) -> List[str]:
         raise TypeError(f"unpack_attention: expected a torch.nn.Module, got {type(model).__name__}")
     state = UnpackedAttention(model)
     state.unpack()
+    forget_skipped(model, state.swapped, inside=False)  # rows a verb left saying the attention is packed
     return list(state.swapped)
+
+
+def settle_encoders(model: nn.Module) -> List[Tuple[nn.Module, bool]]:
+    """nn.TransformerEncoders holding an unpacked attention stop converting padded batches to
+    nested tensors (their fast path needs torch's packed attention); returns (encoder, the
+    setting it had). ts.load calls it too."""
+    changed = []
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, ProjectedMultiheadAttention)
+                                                           for m in enc.modules()):
+            changed.append((enc, getattr(enc, "use_nested_tensor", False)))
+            enc.use_nested_tensor = False
+    return changed
 
 
 def _scope(model: nn.Module, name: str) -> str:

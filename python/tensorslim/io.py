@@ -247,7 +247,7 @@ def _mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> str:
 
 def _inside_replacement(replacements: Dict[str, nn.Module], name: str):
     """The submodule `name` of a layer already replaced in this load (a factor), or None."""
-    for parent, new in replacements.items():
+    for parent, new in sorted(replacements.items(), key=lambda kv: -len(kv[0])):  # the innermost first
         if name.startswith(parent + "."):
             try:
                 return new.get_submodule(name[len(parent) + 1:])
@@ -425,7 +425,9 @@ def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict,
         for name, old in reversed(list(originals.items())):  # factors before their layer
             _set_submodule(model, name, old)
         raise ValueError(f"{path}: the file does not match the model: {e}") from None
+    from .attention import settle_encoders
     from .quantization.conv_epilogue import fuse_conv_epilogues
 
     fuse_conv_epilogues(model)  # derived from the model's code, never saved: done again on load
+    settle_encoders(model)  # unpacked attentions: no nested-tensor fast path around them
     return model

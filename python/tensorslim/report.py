@@ -99,6 +99,16 @@ def remember_skipped(model: nn.Module, report: Report) -> None:
     object.__setattr__(model, _REPORT_ATTR, list(kept.values()))
 
 
+def forget_skipped(model: nn.Module, names, inside: bool = True) -> None:
+    """Drop the remembered skipped rows of these module names (and, inside=True, of modules inside
+    them): a layer a later step restructured, whose old rows would describe what it no longer is."""
+    names = tuple(names)
+    prefixes = tuple(f"{n}." for n in names) if inside else ()
+    kept = [c for c in getattr(model, _REPORT_ATTR, [])
+            if c.name not in names and not (prefixes and c.name.startswith(prefixes))]
+    object.__setattr__(model, _REPORT_ATTR, kept)
+
+
 def skipped_rows(model: nn.Module) -> List[LayerChange]:
     """The skipped rows transforms left on the model (ts.summary lists those still uncompressed)."""
     return list(getattr(model, _REPORT_ATTR, []))

@@ -85,8 +85,8 @@ def held_weights_reason(mod: nn.Module, not_handled: str = "this technique does 
         return (f"its weight is computed by a parametrization ({', '.join(mod.parametrizations)}: weight_norm, "
                 f"spectral_norm, ...); remove it first (torch.nn.utils.parametrize.remove_parametrizations)")
     # `weight` itself: a layer the weight-layer rule reports (or a QAT one, note_already_compressed)
-    held = [n for n, p in mod.named_parameters(recurse=False)
-            if n != "weight" and p.is_floating_point() and p.dim() >= 2]
+    held = [n for n, p in mod.named_parameters(recurse=False)  # matrices: two dimensions past 1
+            if n != "weight" and p.is_floating_point() and sum(d > 1 for d in p.shape) >= 2]
     if not held:
         return None
     if isinstance(mod, nn.MultiheadAttention):

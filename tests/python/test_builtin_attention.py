@@ -162,8 +162,9 @@ def test_attention_left_alone_goes_back_and_is_named_once():
     ts.quantize(enc, ts.Int8Dynamic(exclude=["*self_attn*"]), progress=False)
     # linear1 / linear2 were compressed: the layer's fast path must not read their .weight
     assert all(isinstance(layer.self_attn, ProjectedMultiheadAttention) for layer in enc.layers)
-    assert all(type(getattr(layer.self_attn, p)) is nn.Linear for layer in enc.layers
-               for p in ("q_proj", "out_proj"))
+    assert all(type(layer.self_attn.q_proj) is nn.Linear for layer in enc.layers)
+    assert all(type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+               for layer in enc.layers)  # the attention's own out_proj module, kept
     enc = _encoder()
     report = ts.quantize(enc, ts.Int8Dynamic(include=["layers.0.*"]), progress=False)
     assert isinstance(enc.layers[0].self_attn, ProjectedMultiheadAttention)
@@ -189,19 +190,82 @@ def test_a_failing_verb_puts_every_attention_back():
 def test_save_and_load_an_encoder_with_compressed_attention(tmp_path):
     enc = _encoder()
     x = torch.randn(2, 10, 64)
+    padding = torch.zeros(2, 10, dtype=torch.bool)
+    padding[0, 6:] = True
     ts.quantize(enc, ts.Int4WeightOnly(group_size=32, include=["layers.0.*"]), progress=False)
     ts.sparsify(enc, ts.NM(include=["layers.1.self_attn.*"]), progress=False)
     with torch.no_grad():
-        want = enc(x)
+        want, want_padded = enc(x), enc(x, src_key_padding_mask=padding)
     path = tmp_path / "enc.safetensors"
     ts.save(enc, path)
     fresh = _encoder(nested=True)
+    fresh.layers[0].self_attn.dropout = 0.1  # a training setting: does not stop the load
     with torch.no_grad():
         ts.load(fresh, path)
-        got = fresh(x)
+        got, got_padded = fresh(x), fresh(x, src_key_padding_mask=padding)  # no nested tensors
     assert isinstance(fresh.layers[0].self_attn.q_proj, ts.WeightOnlyLinear)
     assert isinstance(fresh.layers[1].self_attn.q_proj, ts.NMSparseLinear)
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and torch.equal(got_padded, want_padded)
+
+
+def test_factorized_then_quantized_attention_loads(tmp_path):
+    enc = _encoder(layers=1)
+    ts.factorize(enc, ts.SVD(rank=16), progress=False)
+    ts.quantize(enc, ts.Int8Dynamic(), progress=False)
+    assert isinstance(enc.layers[0].self_attn.k_proj.down, ts.Int8Linear)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        want = enc(x)
+    ts.save(enc, tmp_path / "f.safetensors")
+    fresh = _encoder(layers=1)
+    ts.load(fresh, tmp_path / "f.safetensors")  # the factors inside the unpacked attention's layers
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+
+
+def test_a_pruned_out_proj_stays_pruned_when_its_attention_goes_back():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(16, 4, batch_first=True), "fc": nn.Linear(16, 16)})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ts.prune(model, ts.Magnitude(sparsity=0.5, include=["attn.out_proj"]), progress=False)
+    ts.quantize(model, ts.Int8Dynamic(include=["fc"]), progress=False)  # the attention goes back
+    assert type(model["attn"]) is nn.MultiheadAttention
+    for _ in range(3):
+        x = torch.randn(2, 5, 16)
+        loss = model["attn"](x, x, x)[0].pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs((model["attn"].out_proj.weight == 0).float().mean().item() - 0.5) < 0.01
+
+
+def test_summary_rows_follow_the_attention():
+    enc = _encoder()
+    ts.quantize(enc, ts.Int8Dynamic(include=["layers.0.*"]), progress=False)
+    rows = {c.name for c in ts.summary(enc).skipped}
+    assert "layers.1.self_attn" in rows and not any(n.startswith("layers.1.self_attn.") for n in rows)
+    ts.quantize(enc, ts.Int8Dynamic(include=["layers.1.*"]), progress=False)
+    rows = {c.name for c in ts.summary(enc).skipped}
+    assert not any(n.startswith("layers.1.self_attn") for n in rows)  # the "not matched" row is gone
+    model = nn.ModuleDict({"a": nn.MultiheadAttention(16, 4, add_bias_kv=True), "fc": nn.Linear(16, 16)})
+    report = ts.quantize(model, ts.Int8Dynamic(exclude=["a.*"]), progress=False)
+    assert [c.name for c in report.changes if c.name.startswith("a")] == ["a"]  # bias_k / bias_v: no row
+
+
+def test_parametrized_out_proj_is_used_as_it_is():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    nn.utils.parametrizations.weight_norm(mha.out_proj)
+    model = nn.ModuleDict({"attn": mha})
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = mha(x, x, x)[0]
+    report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    attn = model["attn"]
+    assert isinstance(attn, ProjectedMultiheadAttention) and attn.out_proj is mha.out_proj
+    assert "parametrization" in next(c.reason for c in report.skipped if c.name == "attn.out_proj")
+    with torch.no_grad():
+        assert (attn(x, x, x)[0] - want).abs().max() < 0.02 * want.abs().max()
 
 
 def test_multihead_attention_with_hooks_or_subclassed_stays_and_is_reported():

@@ -63,7 +63,8 @@ class ProjectedMultiheadAttention(nn.Module):
     @classmethod
     def from_float(cls, mha: nn.MultiheadAttention) -> "ProjectedMultiheadAttention":
         """The same attention as `mha`. The q / k / v weights and biases are views of its packed
-        tensors and out_proj, bias_k and bias_v its own parameters, so nothing is copied."""
+        tensors, out_proj is its out_proj module (an nn.Linear subclass keeping nn.Linear's
+        forward) and bias_k / bias_v its parameters, so nothing is copied."""
         bias = mha.in_proj_bias is not None
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias, mha.bias_k is not None, mha.add_zero_attn,
                   mha.kdim, mha.vdim, mha.batch_first, device="meta")
@@ -77,14 +78,15 @@ class ProjectedMultiheadAttention(nn.Module):
         for lin, w, b in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases):
             lin.weight = nn.Parameter(w.detach(), requires_grad=grad)
             lin.bias = nn.Parameter(b.detach(), requires_grad=mha.in_proj_bias.requires_grad) if bias else None
-        new.out_proj.weight, new.out_proj.bias = mha.out_proj.weight, mha.out_proj.bias
+        new.out_proj = mha.out_proj  # the module itself: its pruning mask, parametrization, hooks stay
         new.bias_k, new.bias_v = mha.bias_k, mha.bias_v
         new.train(mha.training)
         return new
 
     def write_back(self, mha: nn.MultiheadAttention) -> None:
         """Copy the projections' values (a technique may have edited them, e.g. a fold) into the
-        nn.MultiheadAttention this was made from; every projection must still be an nn.Linear."""
+        nn.MultiheadAttention this was made from; q / k / v must still be nn.Linear layers, and
+        out_proj that one's own module or an nn.Linear standing in for it."""
         with torch.no_grad():
             packed = mha.in_proj_weight.chunk(3) if mha._qkv_same_embed_dim else \
                 (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
@@ -93,9 +95,10 @@ class ProjectedMultiheadAttention(nn.Module):
                 _copy_into(w, lin.weight)
                 if b is not None:
                     _copy_into(b, lin.bias)
-            _copy_into(mha.out_proj.weight, self.out_proj.weight)
-            if mha.out_proj.bias is not None:
-                _copy_into(mha.out_proj.bias, self.out_proj.bias)
+            if self.out_proj is not mha.out_proj:  # a stand-in (linear_subclasses.py) sharing or replacing its parameters
+                _copy_into(mha.out_proj.weight, self.out_proj.weight)
+                if mha.out_proj.bias is not None:
+                    _copy_into(mha.out_proj.bias, self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
@@ -112,6 +115,7 @@ class ProjectedMultiheadAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         n, tgt, _ = query.shape
+        self._check_shapes(query, key, value)
         padding = _float_mask(key_padding_mask, "key_padding_mask", query.dtype)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention); "
@@ -161,6 +165,16 @@ class ProjectedMultiheadAttention(nn.Module):
             return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
+    def _check_shapes(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Batch-first [N, L, E] query, [N, S, kdim] key, [N, S, vdim] value, as torch's MHA checks."""
+        if query.shape[-1] != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(f"ProjectedMultiheadAttention: expected query / key / value widths {self.embed_dim} / "
+                             f"{self.kdim} / {self.vdim}, got {query.shape[-1]} / {key.shape[-1]} / {value.shape[-1]}")
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+            raise ValueError(f"ProjectedMultiheadAttention: key and value must have the same batch and sequence "
+                             f"sizes as each other and the query's batch size (batch-first shapes query "
+                             f"{list(query.shape)}, key {list(key.shape)}, value {list(value.shape)})")
+
     def _mask_per_head(self, mask: torch.Tensor, n: int, tgt: int, src: int) -> torch.Tensor:
         """attn_mask [L, S] or [N * heads, L, S] as [1 or N, 1 or heads, L, S]."""
         if mask.dim() == 2 and mask.shape == (tgt, src):
@@ -174,10 +188,11 @@ class ProjectedMultiheadAttention(nn.Module):
     # --- what a saved file records of it (io.layer_specs / plan_layers) ---
     @classmethod
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
-        """Whether `mod` is the nn.MultiheadAttention a saved spec was made from."""
-        return type(mod) is nn.MultiheadAttention and _spec(
-            mod.embed_dim, mod.num_heads, mod.dropout, mod.in_proj_bias is not None, mod.bias_k is not None,
-            mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first) == spec
+        """Whether `mod` is the nn.MultiheadAttention a saved spec was made from (its dropout may
+        differ: a training setting, not a shape; the loaded attention takes the file's)."""
+        made = _spec(mod.embed_dim, mod.num_heads, spec.get("dropout"), mod.in_proj_bias is not None,
+                     mod.bias_k is not None, mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first)
+        return type(mod) is nn.MultiheadAttention and made == spec
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "ProjectedMultiheadAttention":
@@ -202,7 +217,7 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def _spec(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first) -> dict:
     # kind / format / in_features / out_features / bias: the keys every saved layer has
-    return {"kind": ProjectedMultiheadAttention.kind, "format": "projections as layers", "in_features": embed_dim,
-            "out_features": embed_dim, "bias": bool(bias), "num_heads": num_heads, "dropout": float(dropout),
+    return {"kind": ProjectedMultiheadAttention.kind, "format": "unpacked", "in_features": embed_dim,
+            "out_features": embed_dim, "bias": bool(bias), "num_heads": num_heads, "dropout": float(dropout or 0.0),
             "add_bias_kv": bool(add_bias_kv), "add_zero_attn": bool(add_zero_attn), "kdim": kdim, "vdim": vdim,
             "batch_first": bool(batch_first)}

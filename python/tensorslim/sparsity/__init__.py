@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..attention import attention_unpacked
+from ..linear_subclasses import name_subclass_rows, subclasses_as_linear
 from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..hf import record_layers
 from ..pruning import masks as pruning_masks
@@ -60,14 +61,17 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
                              f"(an iterable of model inputs) or forward_loop=")
         loop = make_forward_loop(calib_data, forward_loop, progress)
     pruning_masks.reapply(model)  # pruned layers compress as their forward computes
-    # transformers' Conv1D as the nn.Linear it is, nn.MultiheadAttention as its four linears
-    with conv1d_as_linear(model) as conv1d_names, attention_unpacked(model) as attention:
+    # transformers' Conv1D as the nn.Linear it is, nn.MultiheadAttention as its four linears,
+    # then nn.Linear's equivalent subclasses (such as that attention's out_proj) as nn.Linear
+    with conv1d_as_linear(model) as conv1d_names, attention_unpacked(model) as attention, \
+            subclasses_as_linear(model) as subclass_names:
         check_no_empty_layers(model, config)
         already = compressed_layers(model)
         report = note_already_compressed(_sparsify(model, config, loop, progress, conv1d_names), already)
         report = attention.finish(report)  # nn.MultiheadAttention: unpacked where a projection changed
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
-    return warn_if_nothing_changed(name_conv1d_rows(report, conv1d_names), "ts.sparsify")
+    report = name_subclass_rows(name_conv1d_rows(report, conv1d_names), subclass_names)
+    return warn_if_nothing_changed(report, "ts.sparsify")
 
 
 def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set) -> Report:
