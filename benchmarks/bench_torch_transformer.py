@@ -2,7 +2,7 @@
 recipe, eval under torch.inference_mode, median of interleaved rounds, one run.
 
 The "int8dyn via torch's fused path" row is what ts.quantize gave before nn.MultiheadAttention
-was unpacked (docs/attention.md): the feed-forward layers compressed, the attention left
+was unpacked (docs/layer_coverage.md): the feed-forward layers compressed, the attention left
 packed, so nn.TransformerEncoderLayer's fast path read the compressed layers' dequantized
 `.weight` on every call.
 
