@@ -95,6 +95,18 @@ def held_weights_reason(mod: nn.Module, not_handled: str = "this technique does 
     return f"{type(mod).__name__} holds {', '.join(held)} as parameters of its own, which {not_handled}"
 
 
+def check_not_a_single_layer(model: nn.Module, verb: str) -> None:
+    """A verb replaces layers inside a model and cannot replace the object it was given: a bare
+    nn.Linear (or conv, LSTM, nn.MultiheadAttention) passed as the model would come back
+    unchanged with an empty Report. Say so instead."""
+    if not isinstance(model, nn.Module):
+        return  # the verb's own TypeError
+    single = next(model.children(), None) is None and (_is_weight_matrix_layer(model) or held_weights_reason(model))
+    if single or type(model) is nn.MultiheadAttention:
+        raise ValueError(f"{verb}: the model is a single {type(model).__name__} layer, and {verb} replaces layers "
+                         f"inside a model; wrap it (model = nn.Sequential(layer)) and use model[0] afterwards")
+
+
 def adopt_float_dtype(old: nn.Module, new: nn.Module) -> None:
     """A compressed layer replacing a float one records that layer's weight dtype (what
     ts.summary's "before" counts) and, for fp16 / bf16, computes in it, as the same layer

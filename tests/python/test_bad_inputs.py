@@ -304,3 +304,22 @@ def test_calibration_batches_in_another_dtype_are_a_clear_error(verb, cfg):
     with pytest.raises(ValueError, match="calib_data does not run through the model"):
         verb(model, cfg, calib_data=[torch.randn(16, 64) for _ in range(2)], progress=False)
     assert type(model[0]) is nn.Linear and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("layer", [lambda: nn.Linear(64, 32), lambda: nn.Conv2d(3, 8, 3), lambda: nn.LSTM(8, 8),
+                                   lambda: nn.MultiheadAttention(16, 4)])
+@pytest.mark.parametrize("verb", ["quantize", "sparsify", "factorize", "prune", "prepare_qat"])
+def test_a_single_layer_as_the_model_is_a_clear_error(layer, verb):
+    """A verb replaces layers inside a model; given a bare layer it came back unchanged with an
+    empty Report and a warning that no layer was handled."""
+    mod = layer()
+    call = {"quantize": lambda: ts.quantize(mod, ts.Int8WeightOnly(), progress=False),
+            "sparsify": lambda: ts.sparsify(mod, ts.NM(), progress=False),
+            "factorize": lambda: ts.factorize(mod, ts.SVD(rank=4), progress=False),
+            "prune": lambda: ts.prune(mod, ts.Magnitude(sparsity=0.5), progress=False),
+            "prepare_qat": lambda: ts.prepare_qat(mod, ts.Int8WeightOnly(), progress=False)}[verb]
+    with pytest.raises(ValueError, match=f"single {type(mod).__name__} layer.*nn.Sequential"):
+        call()
+    wrapped = nn.Sequential(nn.Linear(64, 32))
+    ts.quantize(wrapped, ts.Int8WeightOnly(), progress=False)
+    assert isinstance(wrapped[0], ts.WeightOnlyLinear)

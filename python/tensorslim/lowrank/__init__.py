@@ -15,7 +15,7 @@ from ..hf import record_layers
 from ..pruning import masks
 from ..quantization.calibrate import make_forward_loop
 from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
-from ..transforms import replace_modules
+from ..transforms import check_not_a_single_layer, replace_modules
 from .config import CP, SVD, Tucker
 from .conv import plan_convs
 from .linear import plan_linears
@@ -32,6 +32,7 @@ def factorize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_not_a_single_layer(model, "ts.factorize")
     if not isinstance(config, (SVD, Tucker, CP)):
         raise TypeError(f"factorize takes ts.SVD, ts.Tucker or ts.CP, got {type(config).__name__}")
     loop = make_forward_loop(calib_data, forward_loop, progress)

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Optional
 from torch import nn
 
 from ..report import SUMMARY_SOURCES, Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
+from ..transforms import check_not_a_single_layer
 from . import masks
 from .config import ChannelPrune, Magnitude, RandomPrune, _Unstructured
 from .masks import finalize
@@ -34,6 +35,7 @@ def prune(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     On any error the model is left exactly as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune: expected a torch.nn.Module, got {type(model).__name__}")
+    check_not_a_single_layer(model, "ts.prune")
     before = compressed_layers(model)  # rows saying why they stayed as they were
     if isinstance(config, _Unstructured):
         if kwargs:

@@ -14,7 +14,7 @@ from ..linear_subclasses import name_subclass_rows, subclasses_as_linear
 from ..formats import FORMATS, integer_format
 from ..pruning import masks
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
-from ..transforms import check_no_empty_layers, replace_modules
+from ..transforms import check_no_empty_layers, check_not_a_single_layer, replace_modules
 from .fake_quant import (ActivationSignQuant, BinaryFakeQuant, FloatFakeQuant, IntFakeQuant,
                          TernaryFakeQuant, WeightFakeQuant)
 from .float_lsq import learned_float_fake_quant
@@ -122,6 +122,7 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat: expected a torch.nn.Module, got {type(model).__name__}")
+    check_not_a_single_layer(model, "ts.prepare_qat")
     cfg = resolve_config(config)
     check_config(cfg, learnable_scales)
     prepared = [n for n, m in model.named_modules() if isinstance(m, QATLinear)]

@@ -10,7 +10,7 @@ from ..conv1d import conv1d_as_linear, name_conv1d_rows
 from ..hf import record_layers
 from ..pruning import masks
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
-from ..transforms import check_no_empty_layers
+from ..transforms import check_no_empty_layers, check_not_a_single_layer
 # Each technique module registers its transforms (or weight-only algorithms) on import.
 from . import awq, binary, gptq, lowbit, w4a8, w8a8, weight_only  # noqa: F401
 from .calibrate import make_forward_loop
@@ -30,6 +30,7 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize: expected a torch.nn.Module, got {type(model).__name__}")
+    check_not_a_single_layer(model, "ts.quantize")
     cfg = resolve_config(config)
     transform = TRANSFORMS.get(type(cfg))
     if transform is None:

@@ -22,7 +22,7 @@ from ..hf import record_layers
 from ..pruning import masks as pruning_masks
 from ..quantization.calibrate import make_forward_loop
 from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
-from ..transforms import check_no_empty_layers, replace_modules
+from ..transforms import check_no_empty_layers, check_not_a_single_layer, replace_modules
 from .config import NM, SparseStorage, Unstructured, _Sparse
 from .uncalibrated import magnitude_layer, storage_layer
 
@@ -52,6 +52,7 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     iterable of model inputs) or forward_loop(model)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify: expected a torch.nn.Module, got {type(model).__name__}")
+    check_not_a_single_layer(model, "ts.sparsify")
     if not isinstance(config, (_Sparse, SparseStorage)):
         raise TypeError(f"sparsify takes ts.NM, ts.Unstructured or ts.SparseStorage, got {type(config).__name__}")
     loop = None
