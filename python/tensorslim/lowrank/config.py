@@ -32,7 +32,7 @@ class SVD(Config):
     """Truncated SVD of each nn.Linear, W ~ (U sqrt(S)) (sqrt(S) V^T), as two thinner linears.
 
     Give exactly one of:
-      rank:   the same rank for every layer (an int >= 1, at most min(in, out)).
+      rank:   the same rank for every layer (an int >= 1; a layer with min(in, out) below it is skipped).
       energy: per layer, the smallest rank keeping this fraction of sum(sigma^2), in (0, 1].
       ratio:  per layer, the largest rank whose factors hold at most this fraction of the
               layer's weight parameters, in (0, 1).

@@ -103,12 +103,13 @@ def skip_reason(cfg: SVD, sp: Spectrum, rank: Optional[int]) -> Optional[str]:
 def plan_linears(model: nn.Module, cfg: SVD, layers: Dict[str, nn.Linear], forward_loop,
                  progress: bool):
     """name -> (skip reason or None, LowRankLinear or None), every module built, none swapped."""
-    if cfg.rank is not None:
-        for name, mod in layers.items():
+    plans = {}
+    if cfg.rank is not None:  # such a layer keeps its weight, as one whose factors would not be smaller
+        for name, mod in list(layers.items()):
             k = min(mod.in_features, mod.out_features)
             if cfg.rank > k:
-                raise ValueError(f"SVD: rank {cfg.rank} is larger than min(in, out) = {k} of layer "
-                                 f"'{name}' ([{mod.out_features}, {mod.in_features}])")
+                plans[name] = (f"rank {cfg.rank} is larger than min(in, out) = {k}: nothing to factorize", None)
+                del layers[name]
     stats = {}
     if cfg.method != "svd" and layers:
         if forward_loop is None:
@@ -123,7 +124,6 @@ def plan_linears(model: nn.Module, cfg: SVD, layers: Dict[str, nn.Linear], forwa
         except (ValueError, TypeError) as e:
             raise type(e)(f"layer '{name}' (Linear): {e}") from e
     ranks = choose_ranks(cfg, decs)
-    plans = {}
     for name, mod in layers.items():
         d = decs[name]
         reason = skip_reason(cfg, d.spectrum, ranks[name])
