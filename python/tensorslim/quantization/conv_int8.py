@@ -135,7 +135,8 @@ def _calibrate(model, targets, loop, cfg, static: bool):
     if static:
         for n, o in obs.items():
             if o.max is None:
-                raise ValueError(f"layer '{n}': the calibration data never reached this layer; "
+                raise ValueError(f"layer '{n}': the calibration data never reached this layer (a branch it "
+                                 f"did not take, or model code using its .weight instead of calling it); "
                                  f"exclude it or use data that exercises it")
     return obs, trace
 

@@ -96,7 +96,8 @@ def _calibrate(model, targets, loop, sample_rows: int, trace_structure: bool):
             h.remove()
     for n, s in stats.items():
         if s.min is None:
-            raise ValueError(f"layer '{n}': the calibration data never reached this layer; "
+            raise ValueError(f"layer '{n}': the calibration data never reached this layer (a branch it "
+                             f"did not take, or model code using its .weight instead of calling it); "
                              f"exclude it or use data that exercises it")
     return stats, trace
 
