@@ -578,3 +578,30 @@ def test_double_is_a_type_error_as_for_the_linears():
         model[0].double()
     with pytest.raises(TypeError, match=r"expected a float input \(float32, bfloat16 or float16\)"):
         model(torch.randn(1, 3, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_reads_the_conv_weight_dtype_for_its_input(dtype):
+    """ViT / CLIP cast the pixels to the patch conv's `weight.dtype`; after model.half() it said
+    float32, the conv returned float32 and the half LayerNorm after it raised."""
+    class Patches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.norm = nn.Conv2d(3, 16, 4, stride=4), nn.LayerNorm(16)
+
+        def forward(self, px):
+            x = self.proj(px.to(self.proj.weight.dtype))
+            return self.norm(x.flatten(2).transpose(1, 2))
+
+    torch.manual_seed(0)
+    model = Patches().eval()
+    px = torch.randn(2, 3, 16, 16)
+    want = model(px)
+    ts.quantize(model, ts.Int8Dynamic(), calib_data=[px], progress=False)
+    model.to(dtype)
+    assert model.proj.weight.dtype == dtype
+    with torch.no_grad():
+        got = model(px)
+    assert got.dtype == dtype and (got.float() - want).abs().max() < 0.1 * want.abs().max()
+    model.float()
+    assert model.proj.weight.dtype == torch.float32 and model(px).dtype == torch.float32

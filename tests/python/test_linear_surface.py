@@ -123,7 +123,7 @@ def test_reading_the_weights_metadata_dequantizes_nothing(kind, monkeypatch):
     want = weight_in_original_domain(layer).float()
     assert torch.equal(w * 1, want) and torch.equal(w.T, want.T) and type(w * 1) is torch.Tensor
     assert torch.equal(torch.from_numpy(w.numpy()), want) and len(calls) == 1
-    assert type(w.detach()) is torch.Tensor and type(w.clone()) is torch.Tensor
+    assert type(w.clone()) is torch.Tensor
 
 
 def test_embedding_and_conv_weights_are_lazy_too(monkeypatch):
@@ -149,3 +149,34 @@ def test_compiled_code_reading_the_weight_gets_a_plain_tensor():
     x = torch.randn(4, IN)
     torch._dynamo.reset()
     assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x), atol=1e-5)
+
+
+def test_lazy_weight_where_code_reads_storage_or_wraps_it():
+    """What a plain `.weight` allowed keeps working: safetensors (reads data_ptr), shared memory,
+    DLPack, nn.Parameter(layer.weight) in a float layer that then trains, deepcopy."""
+    import copy
+
+    import safetensors.torch
+
+    layer = build("int8_weight_only")
+    want = weight_in_original_domain(layer).float()
+    stored = safetensors.torch.load(safetensors.torch.save({"w": layer.weight}))["w"]
+    assert torch.equal(stored, want)
+    w = layer.weight
+    assert w.data_ptr() != 0 and w.data_ptr() == w.data_ptr()  # its computed values, kept while held
+    assert torch.equal(layer.weight.share_memory_() + 0, want)
+    assert torch.equal(torch.from_dlpack(layer.weight), want)
+    lin = nn.Linear(IN, OUT)
+    lin.weight = nn.Parameter(layer.weight)
+    assert isinstance(lin.weight, nn.Parameter) and lin.weight.requires_grad
+    x = torch.randn(4, IN)
+    assert torch.allclose(lin(x), F.linear(x, want, lin.bias))
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    lin(x).pow(2).sum().backward()
+    opt.step()
+    moved = lin.weight + 0
+    assert not torch.equal(moved, want)  # the step reached the values the layer computes with
+    assert torch.equal(copy.deepcopy(lin).weight, moved) and isinstance(copy.deepcopy(lin).weight, nn.Parameter)
+    fresh = nn.Linear(IN, OUT)
+    fresh.load_state_dict(lin.state_dict())
+    assert torch.equal(fresh.weight, moved)

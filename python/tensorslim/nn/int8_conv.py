@@ -199,12 +199,18 @@ class _Int8ConvNd(nn.Module):
                 "mode": self.mode, "in_features": self.in_channels, "out_features": self.out_channels,
                 "bias": self.bias is not None, "geometry": self.geometry, "folded": self.folded}
 
+    _weight_dtype = None  # `.weight`'s dtype after model.half() / .to(dtype); None: float32
+
     def _apply(self, fn, recurse=True):
         """model.half() / .to(dtype) change the compute dtype only: the scales and bias stay fp32
         (the kernel's epilogue is fp32) and the output takes the input's dtype; float64 is a
-        TypeError, as for the compressed linears."""
-        target_dtype(self, fn, torch.float32)
-        return super()._apply(keeping_dtypes(fn), recurse)
+        TypeError, as for the compressed linears. `.weight` reports the new dtype: ViT and CLIP
+        cast their pixels to the patch conv's weight dtype, and a half model's LayerNorm after
+        it refused the float32 output."""
+        target = target_dtype(self, fn, self._weight_dtype or torch.float32)
+        result = super()._apply(keeping_dtypes(fn), recurse)
+        object.__setattr__(self, "_weight_dtype", None if target == torch.float32 else target)
+        return result
 
     # ------------------------------------------------------------ nn.Conv surface
 
@@ -212,9 +218,11 @@ class _Int8ConvNd(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized weight [out, in / groups, *kernel] (read-only; its values computed
         when used, lazy_weight.py)."""
+        dtype = self._weight_dtype or torch.float32
+
         def compute():
-            return self.qweight.float() * self.w_scales.reshape((-1,) + (1,) * (self.sp + 1))
-        return lazy_weight(compute, self.qweight.shape, torch.float32, self.qweight.device)
+            return (self.qweight.float() * self.w_scales.reshape((-1,) + (1,) * (self.sp + 1))).to(dtype)
+        return lazy_weight(compute, self.qweight.shape, dtype, self.qweight.device)
 
     def dense_bytes(self) -> int:
         return 4 * self.qweight.numel() + (4 * self.out_channels if self.geometry["bias"] else 0)

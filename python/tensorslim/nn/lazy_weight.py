@@ -5,8 +5,8 @@ compares `wo.weight.dtype` with its hidden states twice per layer, ViT and CLIP 
 conv's `weight.dtype`, CLIP the position table's `weight.shape[0]`. Each read used to dequantize
 the whole matrix: a T5 3072 -> 768 INT8 layer spent 0.73 ms per read against 0.06 ms in its
 kernel. A LazyWeight knows its shape, dtype and device at once and computes its values on the
-first operation that needs them (any torch function, `.numpy()`, printing, pickling), once per
-object; what that operation returns is an ordinary tensor.
+first operation that needs them (any torch function, `.numpy()`, printing, pickling, reading its
+storage), once per object; what that operation returns is an ordinary tensor.
 """
 from typing import Callable
 
@@ -41,7 +41,42 @@ class LazyWeight(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
-    # Tensor methods that do not reach the dispatcher.
+    # Tensor methods that do not reach the dispatcher, or read the storage a wrapper lacks: they
+    # act on the computed values (safetensors reads data_ptr; share_memory_ crashed on the wrapper).
+    def data_ptr(self):
+        return self.materialize().data_ptr()
+
+    def untyped_storage(self):
+        return self.materialize().untyped_storage()
+
+    def storage(self):
+        return self.materialize().storage()
+
+    def share_memory_(self):
+        self.materialize().share_memory_()
+        return self
+
+    def is_shared(self):
+        return self.materialize().is_shared()
+
+    def is_pinned(self, *args, **kwargs):
+        return self.materialize().is_pinned(*args, **kwargs)
+
+    def pin_memory(self, *args, **kwargs):
+        return self.materialize().pin_memory(*args, **kwargs)
+
+    def __dlpack__(self, *args, **kwargs):
+        return self.materialize().__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.materialize().__dlpack_device__()
+
+    def detach(self):
+        """A LazyWeight again (the same values, computed once for both): nn.Parameter(layer.weight)
+        takes a tensor subclass only if detach() keeps its type. Such a parameter trains (its
+        values live in the computed tensor) and saves as a plain tensor."""
+        return LazyWeight(self.materialize, self.shape, self.dtype, self.device)
+
     def numpy(self, *args, **kwargs):
         return self.materialize().numpy(*args, **kwargs)
 
@@ -55,7 +90,10 @@ class LazyWeight(torch.Tensor):
         return self.materialize().__reduce_ex__(protocol)
 
     def __deepcopy__(self, memo):
-        return self.materialize().clone()
+        value = self.materialize().clone()
+        if getattr(self, "_is_param", False):  # nn.Parameter(layer.weight) held by a module
+            return torch.nn.Parameter(value, requires_grad=self.requires_grad)
+        return value
 
     def __array__(self, dtype=None):
         value = self.materialize().numpy()
