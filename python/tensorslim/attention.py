@@ -12,16 +12,12 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
+from .nn.int8_conv_chain import has_hooks
 from .nn.projected_attention import ProjectedMultiheadAttention
 from .report import LayerChange, Report, compressed_layers, forget_skipped, module_bytes, remember_skipped
 from .transforms import _set_submodule
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
-def _has_hooks(mod: nn.Module) -> bool:
-    return any(getattr(mod, a, None) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                              "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"))
 
 
 class UnpackedAttention:
@@ -33,7 +29,7 @@ class UnpackedAttention:
     def unpack(self) -> None:
         for name, mod in list(self.model.named_modules()):
             # exactly torch's class: a subclass may compute something else; hooks would be lost
-            if name and type(mod) is nn.MultiheadAttention and not _has_hooks(mod):
+            if name and type(mod) is nn.MultiheadAttention and not has_hooks(mod):
                 self.swapped[name] = (mod, ProjectedMultiheadAttention.from_float(mod))
         for name, (_, new) in self.swapped.items():
             _set_submodule(self.model, name, new)
@@ -79,7 +75,8 @@ def unpack_attention(model: nn.Module) -> List[str]:
     ProjectedMultiheadAttention computing the same, its q / k / v / out projections nn.Linear
     layers; returns their names. ts.quantize, ts.sparsify and ts.factorize do this by themselves
     where it is needed. Before ts.prepare_qat or ts.prune (and before creating the optimizer:
-    the q / k / v weights become new parameters) it lets training compress the projections."""
+    the q / k / v weights become new parameters) it lets training compress the projections.
+    The state_dict keys change with it (q_proj.weight, not in_proj_weight)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpack_attention: expected a torch.nn.Module, got {type(model).__name__}")
     state = UnpackedAttention(model)

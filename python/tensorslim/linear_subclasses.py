@@ -15,6 +15,7 @@ from typing import Dict
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .nn.int8_conv_chain import has_hooks
 from .report import Report
 from .transforms import _set_submodule
 
@@ -23,9 +24,17 @@ EQUIVALENT = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
 
 
 def stands_for_linear(mod: nn.Module) -> bool:
+    """Whether `mod` is an nn.Linear subclass computing nn.Linear's product from its own weight and
+    bias parameters, with nothing a plain nn.Linear standing in would drop: no hooks (torch's
+    prune utility, ts.prune's masks), no buffers, no parametrization (its class is generated)."""
     cls = type(mod)
     if cls is nn.Linear or not isinstance(mod, nn.Linear) or parametrize.is_parametrized(mod):
-        return False  # (a parametrized layer's class is a generated subclass; its weight is computed)
+        return False
+    if has_hooks(mod) or next(mod.buffers(recurse=False), None) is not None:
+        return False
+    if not isinstance(mod._parameters.get("weight"), nn.Parameter) or \
+            (mod.bias is not None and not isinstance(mod._parameters.get("bias"), nn.Parameter)):
+        return False
     return cls.forward is nn.Linear.forward or f"{cls.__module__}.{cls.__qualname__}" in EQUIVALENT
 
 

@@ -84,9 +84,7 @@ def held_weights_reason(mod: nn.Module, not_handled: str = "this technique does 
     if parametrize.is_parametrized(mod):
         return (f"its weight is computed by a parametrization ({', '.join(mod.parametrizations)}: weight_norm, "
                 f"spectral_norm, ...); remove it first (torch.nn.utils.parametrize.remove_parametrizations)")
-    # `weight` itself: a layer the weight-layer rule reports (or a QAT one, note_already_compressed)
-    held = [n for n, p in mod.named_parameters(recurse=False)  # matrices: two dimensions past 1
-            if n != "weight" and p.is_floating_point() and sum(d > 1 for d in p.shape) >= 2]
+    held = _held_weights(mod)
     if not held:
         return None
     if isinstance(mod, nn.MultiheadAttention):
@@ -95,14 +93,37 @@ def held_weights_reason(mod: nn.Module, not_handled: str = "this technique does 
     return f"{type(mod).__name__} holds {', '.join(held)} as parameters of its own, which {not_handled}"
 
 
+def _held_weights(mod: nn.Module) -> List[str]:
+    """Names of a module's own weight matrices other than `weight` (a layer the weight-layer rule
+    reports, or a QAT one): named like weights or projections (not position tables or tokens),
+    two dimensions past 1."""
+    return [n for n, p in mod.named_parameters(recurse=False)
+            if n != "weight" and ("weight" in n or n.endswith("proj")) and p.is_floating_point()
+            and sum(d > 1 for d in p.shape) >= 2]
+
+
+def held_weights_row(name: str, mod: nn.Module, not_handled: str = "this technique does not compress"):
+    """The Report row of a module held_weights_reason explains, else None; its bytes are those
+    of the weights it names (a parametrized layer: the whole layer)."""
+    from torch.nn.utils import parametrize
+
+    reason = held_weights_reason(mod, not_handled)
+    if reason is None:
+        return None
+    held = set(_held_weights(mod))
+    size = module_bytes(mod) if parametrize.is_parametrized(mod) else sum(
+        p.numel() * p.element_size() for n, p in mod.named_parameters(recurse=False) if n in held)
+    return LayerChange(name, type(mod).__name__, "skipped", bytes_before=size, reason=reason)
+
+
 def check_not_a_single_layer(model: nn.Module, verb: str) -> None:
     """A verb replaces layers inside a model and cannot replace the object it was given: a bare
     nn.Linear (or conv, LSTM, nn.MultiheadAttention) passed as the model would come back
     unchanged with an empty Report. Say so instead."""
     if not isinstance(model, nn.Module):
         return  # the verb's own TypeError
-    single = next(model.children(), None) is None and (_is_weight_matrix_layer(model) or held_weights_reason(model))
-    if single or type(model) is nn.MultiheadAttention:
+    layer = _is_weight_matrix_layer(model) or isinstance(model, (nn.RNNBase, nn.MultiheadAttention))
+    if layer and (next(model.children(), None) is None or isinstance(model, nn.MultiheadAttention)):
         raise ValueError(f"{verb}: the model is a single {type(model).__name__} layer, and {verb} replaces layers "
                          f"inside a model; wrap it (model = nn.Sequential(layer)) and use model[0] afterwards")
 
@@ -208,9 +229,8 @@ def replace_modules(
                 f"{type(mod).__name__} layers are not supported by this technique"
             report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
                                               bytes_before=module_bytes(mod), reason=reason))
-        elif held_weights_reason(mod):
-            report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
-                                              bytes_before=module_bytes(mod), reason=held_weights_reason(mod)))
+        elif (row := held_weights_row(name, mod)) is not None:
+            report.changes.append(row)
     new_modules: Dict[str, nn.Module] = {}
     for name, mod in tqdm(todo, desc=desc, disable=not progress or len(todo) < 2, leave=False):
         try:

@@ -191,8 +191,8 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
       // inside a model: four 4096 x 4096 INT4 layers with GELU between (AVX-512, Zen 4) ran
       // on the panel GEMM 1.92 / 1.65 / 1.37 / 1.16 / 1.03x oneDNN's speed at 48 / 64 / 128 /
       // 256 / 512 rows (INT8 1.54x at 64, 1.14x at 256), on oneDNN 1.03-1.06x faster at
-      // 1024 and 2048. Small weights at 64+ fp32 rows (4096+ on AMD) are decoded once for
-      // torch's GEMM in Python (ops/decode_gemm.py).
+      // 1024 and 2048. Small weights at 64+ fp32 rows (4096+ on AMD with AVX2 / AVX-512
+      // kernels) are decoded once for torch's GEMM in Python (ops/decode_gemm.py).
       if ((x.shape[0] < kOneDnnMinRows || !cpu::onednn_usable() || cpu::active_isa() < cpu::Isa::kAVX512 ||
            out.shape[1] * x.shape[1] <= cpu::kPanelSmallWeight) &&
           cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))

@@ -320,6 +320,9 @@ def test_a_single_layer_as_the_model_is_a_clear_error(layer, verb):
             "prepare_qat": lambda: ts.prepare_qat(mod, ts.Int8WeightOnly(), progress=False)}[verb]
     with pytest.raises(ValueError, match=f"single {type(mod).__name__} layer.*nn.Sequential"):
         call()
+
+
+def test_the_advised_wrapping_compresses_the_layer():
     wrapped = nn.Sequential(nn.Linear(64, 32))
     ts.quantize(wrapped, ts.Int8WeightOnly(), progress=False)
     assert isinstance(wrapped[0], ts.WeightOnlyLinear)

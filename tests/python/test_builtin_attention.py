@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 import tensorslim as ts
 from tensorslim.nn import CompressedLinear, ProjectedMultiheadAttention
@@ -283,8 +284,58 @@ def test_multihead_attention_with_hooks_or_subclassed_stays_and_is_reported():
 
 def test_unpack_attention_before_training_and_prune():
     enc = _encoder()
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        want = enc(x)
     assert ts.unpack_attention(enc) == ["layers.0.self_attn", "layers.1.self_attn"]
+    with torch.no_grad():
+        assert torch.allclose(enc(x), want, atol=1e-5)
     report = ts.prune(enc, ts.Magnitude(sparsity=0.5), progress=False)
     assert "layers.0.self_attn.q_proj" in {c.name for c in report.changed}
-    q = enc.layers[0].self_attn.q_proj.weight
-    assert abs((q == 0).float().mean().item() - 0.5) < 0.01
+    q = enc.layers[0].self_attn.q_proj
+    assert abs((q.weight == 0).float().mean().item() - 0.5) < 0.01
+    enc.train()
+    opt = torch.optim.SGD(enc.parameters(), lr=0.1)  # created after the unpacking, as documented
+    before = q.weight.detach().clone()
+    (enc(x) * torch.randn(2, 10, 64)).sum().backward()  # (the squared output is LayerNorm's: flat)
+    opt.step()
+    moved = q.weight.detach() != before
+    assert moved.any() and not (moved & (before == 0)).any()  # it trains; pruned weights stay zero
+
+
+def test_projected_attention_in_training_and_its_gradients_with_masks():
+    m = _mha(batch_first=True)
+    m.train()
+    p = ProjectedMultiheadAttention.from_float(m)
+    p.train()
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    outs = []
+    for mod, w in ((m, m.in_proj_weight), (p, p.q_proj.weight)):
+        y, att = mod(x, x, x, key_padding_mask=padding, attn_mask=mask)
+        outs.append((y, att, torch.autograd.grad(y.sum() + att.sum(), [x, w])))
+    (ym, am, gm), (yp, ap, gp) = outs
+    assert torch.allclose(ym, yp, atol=1e-6) and torch.allclose(am, ap, atol=1e-6)
+    assert torch.allclose(gm[0], gp[0], atol=1e-5) and torch.allclose(gm[1][:16], gp[1], atol=1e-5)
+
+
+def test_a_torch_pruned_out_proj_stays_as_it_is():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(16, 4, batch_first=True), "fc": nn.Linear(16, 16)})
+    torch_prune.l1_unstructured(model["attn"].out_proj, "weight", amount=0.5)
+    report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    assert isinstance(model["fc"], ts.WeightOnlyLinear)
+    out_proj = next(c for c in report.changes if c.name == "attn.out_proj")
+    assert out_proj.action == "skipped"  # its weight is torch's prune product, not a parameter
+
+
+def test_loading_an_unpacked_attention_into_another_layer_is_a_clear_error(tmp_path):
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(16, 4), "fc": nn.Linear(16, 16)})
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    ts.save(model, tmp_path / "m.safetensors")
+    other = nn.ModuleDict({"attn": nn.Linear(16, 16), "fc": nn.Linear(16, 16)})
+    with pytest.raises(ValueError, match="'attn'"):
+        ts.load(other, tmp_path / "m.safetensors")
+    assert type(other["attn"]) is nn.Linear and type(other["fc"]) is nn.Linear

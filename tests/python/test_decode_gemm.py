@@ -85,8 +85,8 @@ def test_large_weights_stay_on_the_native_dispatch(decode_calls, monkeypatch):
     assert decode_calls == []
 
 
-@pytest.mark.parametrize("vendor,isa,rows", [("AuthenticAMD", "avx512", decode_gemm.ZEN_DECODE_GEMM_MIN_ROWS),
-                                             ("AuthenticAMD", "avx2", decode_gemm.ZEN_DECODE_GEMM_MIN_ROWS),
+@pytest.mark.parametrize("vendor,isa,rows", [("AuthenticAMD", "avx512", decode_gemm.AMD_DECODE_GEMM_MIN_ROWS),
+                                             ("AuthenticAMD", "avx2", decode_gemm.AMD_DECODE_GEMM_MIN_ROWS),
                                              ("AuthenticAMD", "scalar", decode_gemm.DECODE_GEMM_MIN_ROWS),
                                              ("GenuineIntel", "avx512", decode_gemm.DECODE_GEMM_MIN_ROWS),
                                              ("", "avx2", decode_gemm.DECODE_GEMM_MIN_ROWS)])

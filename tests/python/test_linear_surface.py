@@ -134,6 +134,11 @@ def test_embedding_and_conv_weights_are_lazy_too(monkeypatch):
     calls = _count_dequantizations(monkeypatch, type(table), "_rows")
     assert table.weight.shape[0] == 50 and calls == []
     assert torch.equal(table.weight[torch.tensor([3, 7])], table(torch.tensor([3, 7])))
+    held = table.weight
+    model.half()  # a weight read before a dtype change keeps the dtype it announced
+    assert held.dtype == torch.float32 and (held + 0).dtype == torch.float32
+    assert table.weight.dtype == torch.float16 and (table.weight + 0).dtype == torch.float16
+    model.float()
     conv = nn.Sequential(nn.Conv2d(3, 8, 3))
     ts.quantize(conv, ts.Int8Dynamic(), calib_data=[torch.randn(1, 3, 8, 8)], progress=False)
     w = conv[0].weight

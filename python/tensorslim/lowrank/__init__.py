@@ -8,9 +8,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from ..attention import attention_unpacked
-from ..linear_subclasses import name_subclass_rows, subclasses_as_linear
-from ..conv1d import conv1d_as_linear, name_conv1d_rows
+from ..layer_views import linear_views
 from ..hf import record_layers
 from ..pruning import masks
 from ..quantization.calibrate import make_forward_loop
@@ -38,14 +36,10 @@ def factorize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *
     loop = make_forward_loop(calib_data, forward_loop, progress)
     before = compressed_layers(model)  # rows saying why they stayed as they were
     masks.reapply(model)  # pruned layers compress as their forward computes
-    # transformers' Conv1D as the nn.Linear it is, nn.MultiheadAttention as its four linears,
-    # then nn.Linear's equivalent subclasses (such as that attention's out_proj) as nn.Linear
-    with conv1d_as_linear(model) as conv1d_names, attention_unpacked(model) as attention, \
-            subclasses_as_linear(model) as subclass_names:
-        report = attention.finish(_factorize(model, config, loop, progress))
+    with linear_views(model) as views:  # Conv1D, nn.MultiheadAttention, subclasses: as nn.Linear
+        report = views.finish(_factorize(model, config, loop, progress))
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
-    report = note_already_compressed(name_subclass_rows(name_conv1d_rows(report, conv1d_names), subclass_names),
-                                     before)
+    report = note_already_compressed(views.name_rows(report), before)
     return warn_if_nothing_changed(report, "ts.factorize")
 
 

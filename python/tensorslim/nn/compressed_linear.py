@@ -125,9 +125,9 @@ class CompressedLinear(KeepsPackedDtypes):
         fresh tensor on each access: code that reads nn.Linear's weight (dtype, device, shape,
         values) keeps working; reading only its shape, dtype or device dequantizes nothing
         (lazy_weight.py). Read-only: the packed buffers are the layer's state."""
-        dtype = self.compute_dtype
-        return lazy_weight(lambda: self.effective_weight().detach().to(dtype), (self.out_features, self.in_features),
-                           dtype, _device(self))
+        dtype, device = self.compute_dtype, _device(self)  # as of this read
+        return lazy_weight(lambda: self.effective_weight().detach().to(device=device, dtype=dtype),
+                           (self.out_features, self.in_features), dtype, device)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "weight":

@@ -218,11 +218,12 @@ class _Int8ConvNd(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized weight [out, in / groups, *kernel] (read-only; its values computed
         when used, lazy_weight.py)."""
-        dtype = self._weight_dtype or torch.float32
+        dtype, device = self._weight_dtype or torch.float32, self.qweight.device  # as of this read
 
         def compute():
-            return (self.qweight.float() * self.w_scales.reshape((-1,) + (1,) * (self.sp + 1))).to(dtype)
-        return lazy_weight(compute, self.qweight.shape, dtype, self.qweight.device)
+            w = self.qweight.float() * self.w_scales.reshape((-1,) + (1,) * (self.sp + 1))
+            return w.to(device=device, dtype=dtype)
+        return lazy_weight(compute, self.qweight.shape, dtype, device)
 
     def dense_bytes(self) -> int:
         return 4 * self.qweight.numel() + (4 * self.out_channels if self.geometry["bias"] else 0)

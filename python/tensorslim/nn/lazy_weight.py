@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_map
 
+from ..ops import _eager
+
 
 class LazyWeight(torch.Tensor):
     @staticmethod
@@ -27,10 +29,10 @@ class LazyWeight(torch.Tensor):
     def materialize(self) -> torch.Tensor:
         if self._value is None:
             value = self._compute()
-            if value.shape != self.shape or value.dtype != self.dtype:
-                raise RuntimeError(f"LazyWeight: computed {value.dtype} {tuple(value.shape)}, announced "
-                                   f"{self.dtype} {tuple(self.shape)}")
-            self._value = value
+            if value.shape != self.shape or value.dtype != self.dtype or value.device != self.device:
+                raise RuntimeError(f"LazyWeight: computed {value.dtype} {tuple(value.shape)} on {value.device}, "
+                                   f"announced {self.dtype} {tuple(self.shape)} on {self.device}")
+            self._value, self._compute = value, None  # the layer is no longer held
         return self._value
 
     @classmethod
@@ -95,14 +97,14 @@ class LazyWeight(torch.Tensor):
             return torch.nn.Parameter(value, requires_grad=self.requires_grad)
         return value
 
-    def __array__(self, dtype=None):
+    def __array__(self, dtype=None, copy=None):
         value = self.materialize().numpy()
-        return value if dtype is None else value.astype(dtype)
+        return value if dtype is None else value.astype(dtype, copy=bool(copy))
 
 
 def lazy_weight(compute: Callable[[], torch.Tensor], shape, dtype: torch.dtype, device) -> torch.Tensor:
     """compute() as a LazyWeight in eager code; computed at once where a tracer reads it
     (torch.compile, torch.export, torch.jit), which needs ordinary tensors."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if _eager.tracing():
         return compute()
     return LazyWeight(compute, shape, dtype, device)

@@ -68,13 +68,8 @@ class ProjectedMultiheadAttention(nn.Module):
         bias = mha.in_proj_bias is not None
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias, mha.bias_k is not None, mha.add_zero_attn,
                   mha.kdim, mha.vdim, mha.batch_first, device="meta")
-        if mha._qkv_same_embed_dim:
-            weights = mha.in_proj_weight.chunk(3)
-            grad = mha.in_proj_weight.requires_grad
-        else:
-            weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-            grad = mha.q_proj_weight.requires_grad
-        biases = mha.in_proj_bias.chunk(3) if bias else (None,) * 3
+        weights, biases = _packed_qkv(mha)
+        grad = weights[0].requires_grad
         for lin, w, b in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases):
             lin.weight = nn.Parameter(w.detach(), requires_grad=grad)
             lin.bias = nn.Parameter(b.detach(), requires_grad=mha.in_proj_bias.requires_grad) if bias else None
@@ -88,9 +83,7 @@ class ProjectedMultiheadAttention(nn.Module):
         nn.MultiheadAttention this was made from; q / k / v must still be nn.Linear layers, and
         out_proj that one's own module or an nn.Linear standing in for it."""
         with torch.no_grad():
-            packed = mha.in_proj_weight.chunk(3) if mha._qkv_same_embed_dim else \
-                (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-            biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+            packed, biases = _packed_qkv(mha)
             for lin, w, b in zip((self.q_proj, self.k_proj, self.v_proj), packed, biases):
                 _copy_into(w, lin.weight)
                 if b is not None:
@@ -190,9 +183,11 @@ class ProjectedMultiheadAttention(nn.Module):
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
         """Whether `mod` is the nn.MultiheadAttention a saved spec was made from (its dropout may
         differ: a training setting, not a shape; the loaded attention takes the file's)."""
+        if type(mod) is not nn.MultiheadAttention:
+            return False
         made = _spec(mod.embed_dim, mod.num_heads, spec.get("dropout"), mod.in_proj_bias is not None,
                      mod.bias_k is not None, mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first)
-        return type(mod) is nn.MultiheadAttention and made == spec
+        return made == spec
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "ProjectedMultiheadAttention":
@@ -208,6 +203,17 @@ class ProjectedMultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+def _packed_qkv(mha: nn.MultiheadAttention):
+    """(q, k, v weights), (q, k, v biases or None): views of the packed tensors, or its separate
+    q / k / v weights where kdim / vdim differ from embed_dim."""
+    if mha._qkv_same_embed_dim:
+        weights = tuple(mha.in_proj_weight.chunk(3))
+    else:
+        weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    biases = tuple(mha.in_proj_bias.chunk(3)) if mha.in_proj_bias is not None else (None,) * 3
+    return weights, biases
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:

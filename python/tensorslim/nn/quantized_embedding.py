@@ -77,8 +77,9 @@ class _PackedTable(KeepsPackedDtypes):
     def weight(self) -> torch.Tensor:
         """The dequantized table [num_embeddings, embedding_dim] (a fresh tensor on each access,
         its values computed when used, lazy_weight.py)."""
-        return lazy_weight(lambda: self._rows(torch.arange(self.num_embeddings, device=self.qweight.device)),
-                           (self.num_embeddings, self.embedding_dim), self.compute_dtype, self.qweight.device)
+        dtype, device = self.compute_dtype, self.qweight.device  # as of this read, as the linears' weight
+        return lazy_weight(lambda: self._rows(torch.arange(self.num_embeddings, device=device)).to(dtype),
+                           (self.num_embeddings, self.embedding_dim), dtype, device)
 
     @classmethod
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:

@@ -15,8 +15,13 @@ from torch.autograd import forward_ad
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def tracing() -> bool:
+    """torch.compile / torch.export / torch.jit is tracing the code that runs."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
 def direct_ok(args) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if tracing():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False

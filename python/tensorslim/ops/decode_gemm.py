@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .._native import _C
 
 DECODE_GEMM_MIN_ROWS = 64
-ZEN_DECODE_GEMM_MIN_ROWS = 4096
+AMD_DECODE_GEMM_MIN_ROWS = 4096
 SMALL_WEIGHT = 1 << 20  # values; the C++ dispatch (src/cpu/panel_gemm.h kPanelSmallWeight) uses the same
 
 
@@ -54,10 +54,11 @@ def cpu_vendor() -> str:
 
 
 def decode_min_rows() -> int:
-    """Rows from which small weight-only layers decode: ZEN_DECODE_GEMM_MIN_ROWS on AMD with our
-    vector kernels (measured above), else DECODE_GEMM_MIN_ROWS (scalar kernels, other CPUs)."""
-    zen = cpu_vendor() == "AuthenticAMD" and _C.active_isa() in ("avx2", "avx512")
-    return ZEN_DECODE_GEMM_MIN_ROWS if zen else DECODE_GEMM_MIN_ROWS
+    """Rows from which small weight-only layers decode: AMD_DECODE_GEMM_MIN_ROWS on AMD with our
+    vector kernels (measured on Zen 4, and Zen 4 capped at AVX2, which stands in for Zen 3; Zen 2
+    not measured), else DECODE_GEMM_MIN_ROWS (scalar kernels, other CPUs)."""
+    amd = cpu_vendor() == "AuthenticAMD" and _C.active_isa() in ("avx2", "avx512")
+    return AMD_DECODE_GEMM_MIN_ROWS if amd else DECODE_GEMM_MIN_ROWS
 
 
 def _fits(x2: torch.Tensor, backend: str, weight_values: int) -> bool:

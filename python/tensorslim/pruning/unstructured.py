@@ -12,7 +12,7 @@ from .._user_warning import warn_user
 from ..conv1d import conv1d_types, out_in
 from ..ops import prune as prune_ops
 from ..report import LayerChange, Report, module_bytes, remember_skipped
-from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, filter_reason, held_weights_reason
+from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, filter_reason, held_weights_row
 from . import masks
 from .config import Magnitude, RandomPrune, _Unstructured
 from .select import global_counts
@@ -41,9 +41,8 @@ def select_layers(model: nn.Module, cfg, supported=None) -> Tuple[List[Tuple[str
         elif _is_weight_matrix_layer(mod):
             report.changes.append(LayerChange(name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod),
                                               reason=f"{type(mod).__name__} layers are not pruned"))
-        elif held_weights_reason(mod, "are not pruned"):
-            report.changes.append(LayerChange(name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod),
-                                              reason=held_weights_reason(mod, "are not pruned")))
+        elif (row := held_weights_row(name, mod, "are not pruned")) is not None:
+            report.changes.append(row)
     return todo, report
 
 

@@ -9,8 +9,7 @@ from torch import nn
 
 from .. import config as cfgs
 from ..config import Config, resolve_config
-from ..conv1d import conv1d_as_linear, name_conv1d_rows
-from ..linear_subclasses import name_subclass_rows, subclasses_as_linear
+from ..layer_views import linear_views
 from ..formats import FORMATS, integer_format
 from ..pruning import masks
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
@@ -139,13 +138,12 @@ def prepare_qat(model: nn.Module, config, *, learnable_scales: bool = False, pro
             masks.attach(new, getattr(mod, masks.MASK), zero=False)
         return new, new.describe()
 
-    # transformers' Conv1D and nn.Linear's equivalent subclasses as the nn.Linear they are
-    with conv1d_as_linear(model) as conv1d_names, subclasses_as_linear(model) as subclass_names:
+    # Conv1D and nn.Linear's equivalent subclasses as nn.Linear; attention stays packed (the
+    # optimizer's parameters must stay the ones that train: ts.unpack_attention first)
+    with linear_views(model, attention=False) as views:
         check_no_empty_layers(model, cfg)
         before = compressed_layers(model)
         report = replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check_layer(cfg, n, m),
                                  progress, desc="prepare QAT")
     masks.accept_saved_masks(model)  # a pruned QAT checkpoint (torch's state_dict) loads into it
-    report = name_subclass_rows(name_conv1d_rows(note_already_compressed(report, before), conv1d_names),
-                                subclass_names)
-    return warn_if_nothing_changed(report, "ts.prepare_qat")
+    return warn_if_nothing_changed(views.name_rows(note_already_compressed(report, before)), "ts.prepare_qat")

@@ -3,10 +3,8 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from ..attention import attention_unpacked
-from ..linear_subclasses import name_subclass_rows, subclasses_as_linear
 from ..config import resolve_config
-from ..conv1d import conv1d_as_linear, name_conv1d_rows
+from ..layer_views import linear_views
 from ..hf import record_layers
 from ..pruning import masks
 from ..report import Report, compressed_layers, note_already_compressed, warn_if_nothing_changed
@@ -37,17 +35,13 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
         raise TypeError(f"{type(cfg).__name__} is not a quantization config")
     loop = make_forward_loop(calib_data, forward_loop, progress)
     masks.reapply(model)  # pruned layers compress as their forward computes
-    # transformers' Conv1D as the nn.Linear it is, nn.MultiheadAttention as its four linears,
-    # then nn.Linear's equivalent subclasses (such as that attention's out_proj) as nn.Linear
-    with conv1d_as_linear(model) as conv1d_names, attention_unpacked(model) as attention, \
-            subclasses_as_linear(model) as subclass_names:
+    with linear_views(model) as views:  # Conv1D, nn.MultiheadAttention, subclasses: as nn.Linear
         check_no_empty_layers(model, cfg)
         before = compressed_layers(model)
-        report = note_already_compressed(transform(model, cfg, forward_loop=loop, progress=progress), before)
-        report = attention.finish(report)  # nn.MultiheadAttention: unpacked where a projection changed
+        report = views.finish(note_already_compressed(transform(model, cfg, forward_loop=loop, progress=progress),
+                                                      before))
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
-    report = name_subclass_rows(name_conv1d_rows(report, conv1d_names), subclass_names)
-    return warn_if_nothing_changed(report, "ts.quantize")
+    return warn_if_nothing_changed(views.name_rows(report), "ts.quantize")
 
 
 __all__ = ["quantize"]

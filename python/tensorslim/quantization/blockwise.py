@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..formats import FORMATS
 from ..nn import WeightOnlyLinear
 from ..report import LayerChange, Report, module_bytes, remember_skipped
-from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, adopt_float_dtype, filter_reason, held_weights_reason
+from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, adopt_float_dtype, filter_reason, held_weights_row
 from . import token_mask
 from .calibrate import ForwardLoop, eval_mode, require_forward_loop
 
@@ -369,9 +369,8 @@ def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, 
             report.changes.append(LayerChange(
                 name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod),
                 reason=f"{type(mod).__name__} layers are not supported by this technique"))
-        elif held_weights_reason(mod):
-            report.changes.append(LayerChange(name, type(mod).__name__, "skipped", bytes_before=module_bytes(mod),
-                                              reason=held_weights_reason(mod)))
+        elif (row := held_weights_row(name, mod)) is not None:
+            report.changes.append(row)
     return report, per_block, outside
 
 

@@ -15,9 +15,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ..attention import attention_unpacked
-from ..linear_subclasses import name_subclass_rows, subclasses_as_linear
-from ..conv1d import conv1d_as_linear, name_conv1d_rows
+from ..layer_views import linear_views
 from ..hf import record_layers
 from ..pruning import masks as pruning_masks
 from ..quantization.calibrate import make_forward_loop
@@ -62,17 +60,13 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
                              f"(an iterable of model inputs) or forward_loop=")
         loop = make_forward_loop(calib_data, forward_loop, progress)
     pruning_masks.reapply(model)  # pruned layers compress as their forward computes
-    # transformers' Conv1D as the nn.Linear it is, nn.MultiheadAttention as its four linears,
-    # then nn.Linear's equivalent subclasses (such as that attention's out_proj) as nn.Linear
-    with conv1d_as_linear(model) as conv1d_names, attention_unpacked(model) as attention, \
-            subclasses_as_linear(model) as subclass_names:
+    with linear_views(model) as views:  # Conv1D, nn.MultiheadAttention, subclasses: as nn.Linear
         check_no_empty_layers(model, config)
         already = compressed_layers(model)
-        report = note_already_compressed(_sparsify(model, config, loop, progress, conv1d_names), already)
-        report = attention.finish(report)  # nn.MultiheadAttention: unpacked where a projection changed
+        report = views.finish(note_already_compressed(_sparsify(model, config, loop, progress, views.conv1d_names),
+                                                      already))
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
-    report = name_subclass_rows(name_conv1d_rows(report, conv1d_names), subclass_names)
-    return warn_if_nothing_changed(report, "ts.sparsify")
+    return warn_if_nothing_changed(views.name_rows(report), "ts.sparsify")
 
 
 def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set) -> Report:
