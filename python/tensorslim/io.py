@@ -273,7 +273,7 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     # Pruned models: the file's shapes and masks go onto the model first, those of layers inside
     # a replacement (a factorized layer's factors, pruned after factorizing) once it is in;
     # undone on failure.
-    now, inside = pruning_state.split_entry(header["pruning"] or {}, model)
+    now, inside = pruning_state.split_entry(header["pruning"] or {}, model, header["layers"])
     shapes = tensor_shapes(path) if header["pruning"] else {}
     undo = pruning_state.prepare_load(model, now, shapes, path) if now else None
     try:

@@ -339,3 +339,24 @@ def test_loading_an_unpacked_attention_into_another_layer_is_a_clear_error(tmp_p
     with pytest.raises(ValueError, match="'attn'"):
         ts.load(other, tmp_path / "m.safetensors")
     assert type(other["attn"]) is nn.Linear and type(other["fc"]) is nn.Linear
+
+
+def test_pruned_then_quantized_encoder_saves_and_loads(tmp_path):
+    # ts.prune masks the packed attention's out_proj in place; ts.quantize then unpacks the
+    # attention around it (the masked out_proj stays float): the load must put the mask on the
+    # out_proj of the rebuilt attention, not on the float model's
+    enc = _encoder()
+    ts.prune(enc, ts.Magnitude(sparsity=0.5), progress=False)
+    ts.quantize(enc, ts.Int8Dynamic(), progress=False)
+    attn = enc.layers[0].self_attn
+    assert isinstance(attn, ProjectedMultiheadAttention) and isinstance(attn.q_proj, ts.Int8Linear)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        want = enc(x)
+    ts.save(enc, tmp_path / "p.safetensors")
+    fresh = _encoder()
+    ts.load(fresh, tmp_path / "p.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+    out_proj = fresh.layers[0].self_attn.out_proj
+    assert abs((out_proj.weight == 0).float().mean().item() - 0.5) < 0.01

@@ -62,15 +62,17 @@ def _resize(model, modules, structured, shapes, path, undo_log) -> None:
             setattr(mod, attr, value)
 
 
-def split_entry(entry: dict, model: nn.Module) -> Tuple[dict, dict]:
+def split_entry(entry: dict, model: nn.Module, replaced=()) -> Tuple[dict, dict]:
     """(the part of a header entry naming modules the model has now, the rest: layers inside a
-    replacement the load puts in first, such as a factorized layer's factors). A malformed
-    entry goes whole into the first part, where prepare_load reports it."""
+    replacement the load puts in first, such as a factorized layer's factors, or a masked
+    out_proj of an attention the file holds unpacked; `replaced`: the names the load replaces).
+    A malformed entry goes whole into the first part, where prepare_load reports it."""
     names, structured = entry.get("masks", []), entry.get("structured", {})
     if not isinstance(names, list) or not isinstance(structured, dict):
         return dict(entry), {}
     modules = dict(model.named_modules())
-    here = lambda n: not isinstance(n, str) or n in modules  # noqa: E731
+    inside_replaced = tuple(f"{r}." for r in replaced)
+    here = lambda n: not isinstance(n, str) or (n in modules and not n.startswith(inside_replaced))  # noqa: E731
     now, inside = {}, {}
     for part, keep in ((now, True), (inside, False)):
         masked = [n for n in names if here(n) == keep]
