@@ -4,7 +4,7 @@ Every recipe selects layers of exactly nn.Linear (a subclass may compute somethi
 LoRA layer, a quantized one). Two kinds are known to compute x @ W.T + b: subclasses that keep
 nn.Linear's forward (torch's NonDynamicallyQuantizableLinear, a library's marker class), and
 the classes in EQUIVALENT, whose forward is that product written out (transformers' Falcon
-keeps every projection in a FalconLinear; before this, ts.quantize left a Falcon model float).
+keeps every projection in a FalconLinear).
 While a transform runs, each becomes an nn.Linear holding the same weight and bias parameters;
 afterwards a layer the transform left as that nn.Linear becomes its original again (with any
 parameter a fold replaced), so skipped layers keep their class. Report rows name the class.
