@@ -61,19 +61,21 @@ def decode_min_rows() -> int:
     return AMD_DECODE_GEMM_MIN_ROWS if amd else DECODE_GEMM_MIN_ROWS
 
 
-def _fits(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
+def _fits(x2: torch.Tensor, backend: str, weight_values: int, min_rows: Callable[[], int]) -> bool:
     # Traced (torch.compile, export): the op, whose fake implementation covers every batch; a
     # branch on the batch here split a dynamic batch at 64 rows, and the fork check is a pybind
-    # call dynamo cannot trace (fullgraph=True failed from 64 rows).
+    # call dynamo cannot trace (fullgraph=True failed from 64 rows). The row checks come before
+    # the pybind calls: batch-1 calls stop at the first (every threshold is >= 64 rows).
     if torch.compiler.is_compiling():
         return False
     return (backend == "auto" and x2.device.type == "cpu" and x2.dtype == torch.float32
-            and weight_values <= SMALL_WEIGHT and not _C.in_forked_child())
+            and weight_values <= SMALL_WEIGHT and x2.shape[0] >= DECODE_GEMM_MIN_ROWS
+            and x2.shape[0] >= min_rows() and not _C.in_forked_child())
 
 
 def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
     """Whether a weight-only layer of this many values decodes and runs torch's GEMM for x2."""
-    return _fits(x2, backend, weight_values) and x2.shape[0] >= decode_min_rows()  # not traced: _fits first
+    return _fits(x2, backend, weight_values, decode_min_rows)
 
 
 # Sparse layers (ops/sparse.py) decode too where their kernels, which skip the zeros but run
@@ -94,7 +96,7 @@ def sparse_applies(x2: torch.Tensor, backend: str, weight_values: int, density: 
     """Whether a sparse layer of this many dense values, with this fraction kept, decodes and
     runs torch's GEMM for x2 (see SPARSE_MIN_DENSITY)."""
     rows = SPARSE_DENSE_MIN_ROWS if density >= SPARSE_DENSE_MIN_DENSITY else SPARSE_MIN_ROWS
-    return density >= SPARSE_MIN_DENSITY and x2.shape[0] >= rows and _fits(x2, backend, weight_values)
+    return density >= SPARSE_MIN_DENSITY and _fits(x2, backend, weight_values, lambda: rows)
 
 
 def linear(x2: torch.Tensor, decode: Callable[[], torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
