@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tensorslim as ts  # noqa: E402
-from timing import cpu_name, median_times  # noqa: E402
+from timing import machine_line, median_times, recipe_names  # noqa: E402
 
 RECIPES = {
     "int8": lambda b: ts.Int8WeightOnly(backend=b),
@@ -53,18 +53,15 @@ def main():
     args = p.parse_args()
     isa_line = check_isa(args)
     torch.manual_seed(0)
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
-          f"tensorslim threads ({ts._C.threading_backend()}); {isa_line}")
+    print(machine_line(isa_line))
     dtype = getattr(torch, args.dtype)
     base = "fp32" if dtype == torch.float32 else "bf16"
     print(f"{args.layers} x (Linear {args.k} x {args.k} + GELU), {args.dtype} activations, "
           "median of interleaved rounds\n")
-    unknown = sorted(set(args.recipes.split(",")) - set(RECIPES))
-    if unknown:
-        p.error(f"--recipes: unknown {unknown}; choose from {sorted(RECIPES)}")
+    names = recipe_names(p, args.recipes, RECIPES)
     dense = stack(args.k, args.layers).eval()
     models = {}
-    for name in args.recipes.split(","):
+    for name in names:
         m = copy.deepcopy(dense)
         calib = [torch.randn(16, args.k) for _ in range(4)] if name in CALIBRATED else None
         ts.quantize(m, RECIPES[name](args.backend), calib, progress=False)

@@ -9,7 +9,6 @@ did before compressed layers' `.weight` became lazy (docs/layer_coverage.md).
         [--recipes int8dyn,int4,w8a8] [--isa avx2]
 """
 import argparse
-import copy
 
 from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
 
@@ -19,7 +18,8 @@ import torch  # noqa: E402
 
 import tensorslim as ts  # noqa: E402
 from tensorslim.nn.compressed_linear import CompressedLinear  # noqa: E402
-from timing import cpu_name, median_times  # noqa: E402
+from timing import (batch_tokens, compressed_copies, machine_line, median_times,  # noqa: E402
+                    print_header, recipe_names)
 
 RECIPES = {
     "int8dyn": lambda m, calib: ts.quantize(m, ts.Int8Dynamic(), progress=False),
@@ -52,31 +52,21 @@ def main():
     add_isa_argument(p)
     args = p.parse_args()
     isa_line = check_isa(args)
-    unknown = sorted(set(args.recipes.split(",")) - set(RECIPES))
-    if unknown:
-        p.error(f"--recipes: unknown {unknown}; choose from {sorted(RECIPES)}")
+    names = recipe_names(p, args.recipes, RECIPES)
     import transformers
 
     torch.manual_seed(0)
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
-          f"tensorslim threads ({ts._C.threading_backend()}); {isa_line}")
+    print(machine_line(isa_line))
     cfg = transformers.T5Config(vocab_size=512, d_model=args.d_model, d_kv=args.d_model // 8, d_ff=args.d_ff,
                                 num_layers=args.layers, num_heads=8, decoder_start_token_id=0)
     dense = transformers.T5EncoderModel(cfg).eval()
     print(f"T5 encoder: {args.layers} layers, d_model {args.d_model}, d_ff {args.d_ff}; eval, inference_mode\n")
     calib = [{"input_ids": torch.randint(0, 512, (4, 32))} for _ in range(4)]
-    models = {}
-    for name in args.recipes.split(","):
-        m = copy.deepcopy(dense)
-        RECIPES[name](m, calib)
-        models[name] = m
-    header = f"{'batch x tokens':>14} {'fp32 ms':>8} | " + " | ".join(
-        f"{n}: ms, x fp32 (as before: ms, x fp32)" for n in models)
-    print(header)
-    print("-" * len(header))
+    models = compressed_copies(dense, RECIPES, names, calib)
+    print_header(f"{'batch x tokens':>14} {'fp32 ms':>8} | " + " | ".join(
+        f"{n}: ms, x fp32 (as before: ms, x fp32)" for n in models))
     with torch.inference_mode():
-        for shape in args.shapes.split(","):
-            b, t = (int(v) for v in shape.split("x"))
+        for shape, b, t in batch_tokens(args.shapes):
             ids = torch.randint(0, 512, (b, t))
             fns = [lambda: dense(input_ids=ids)]
             for m in models.values():

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tensorslim as ts  # noqa: E402
-from timing import cpu_name, median_times  # noqa: E402
+from timing import (batch_tokens, compressed_copies, machine_line, median_times,  # noqa: E402
+                    print_header, recipe_names)
 
 RECIPES = {
     "int8dyn": lambda m, calib: ts.quantize(m, ts.Int8Dynamic(), progress=False),
@@ -51,28 +52,19 @@ def main():
     add_isa_argument(p)
     args = p.parse_args()
     isa_line = check_isa(args)
-    unknown = sorted(set(args.recipes.split(",")) - set(RECIPES))
-    if unknown:
-        p.error(f"--recipes: unknown {unknown}; choose from {sorted(RECIPES)}")
+    names = recipe_names(p, args.recipes, RECIPES)
     torch.manual_seed(0)
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
-          f"tensorslim threads ({ts._C.threading_backend()}); {isa_line}")
+    print(machine_line(isa_line))
     print(f"nn.TransformerEncoder: {args.layers} layers, width {args.width}, {args.heads} heads, "
           f"FFN {args.ffn}, batch_first, eval, torch.inference_mode\n")
     layer = nn.TransformerEncoderLayer(args.width, args.heads, args.ffn, batch_first=True, dropout=0.0)
     dense = nn.TransformerEncoder(layer, args.layers, enable_nested_tensor=False).eval()
     calib = [torch.randn(4, 64, args.width) for _ in range(4)]
-    models = {"int8dyn via torch's fused path": fused_path_int8dyn(dense)}
-    for name in args.recipes.split(","):
-        m = copy.deepcopy(dense)
-        RECIPES[name](m, calib)
-        models[name] = m
-    header = f"{'batch x tokens':>14} {'fp32 ms':>8} | " + " | ".join(f"{n}: ms, x fp32" for n in models)
-    print(header)
-    print("-" * len(header))
+    models = {"int8dyn via torch's fused path": fused_path_int8dyn(dense),
+              **compressed_copies(dense, RECIPES, names, calib)}
+    print_header(f"{'batch x tokens':>14} {'fp32 ms':>8} | " + " | ".join(f"{n}: ms, x fp32" for n in models))
     with torch.inference_mode():
-        for shape in args.shapes.split(","):
-            b, t = (int(v) for v in shape.split("x"))
+        for shape, b, t in batch_tokens(args.shapes):
             x = torch.randn(b, t, args.width)
             fns = [lambda m=m: m(x) for m in [dense, *models.values()]]
             times = median_times(fns, min_time=2.0, min_rounds=5)

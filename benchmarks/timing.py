@@ -62,3 +62,45 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def machine_line(isa_line: str) -> str:
+    """The CPU, both thread pools and the ISA line a benchmark's table is read against."""
+    import tensorslim as ts
+
+    return (f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, {ts._C.num_threads()} "
+            f"tensorslim threads ({ts._C.threading_backend()}); {isa_line}")
+
+
+def recipe_names(parser, text: str, known) -> list:
+    """The comma-separated --recipes, each one of `known` (else the parser's error)."""
+    names = text.split(",")
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"--recipes: unknown {unknown}; choose from {sorted(known)}")
+    return names
+
+
+def batch_tokens(text: str) -> list:
+    """'1x32,8x128' -> [('1x32', 1, 32), ('8x128', 8, 128)]."""
+    out = []
+    for shape in text.split(","):
+        b, t = (int(v) for v in shape.split("x"))
+        out.append((shape, b, t))
+    return out
+
+
+def compressed_copies(dense, recipes: dict, names: list, calib) -> dict:
+    """{name: a copy of `dense` compressed by recipes[name](model, calib)}."""
+    import copy
+
+    models = {}
+    for name in names:
+        models[name] = copy.deepcopy(dense)
+        recipes[name](models[name], calib)
+    return models
+
+
+def print_header(header: str) -> None:
+    print(header)
+    print("-" * len(header))
