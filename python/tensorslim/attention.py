@@ -44,7 +44,6 @@ class UnpackedAttention:
     def finish(self, report: Report) -> Report:
         """Put back the attentions the transform left alone; their projections' rows become one."""
         compressed = list(compressed_layers(self.model))
-        rows: List[LayerChange] = []
         back = {}
         for name, (old, new) in self.swapped.items():
             scope = _scope(self.model, name)
@@ -52,21 +51,29 @@ class UnpackedAttention:
                 new.out_proj is old.out_proj or type(new.out_proj) is nn.Linear)  # or its stand-in
             if plain and not any(n.startswith(scope) for n in compressed):
                 back[name] = (old, new)
-        for name, (old, new) in back.items():
+        report = self.put_back(back, report, "its projections were left as they are")
+        forget_skipped(self.model, back)  # their projections' rows: the attention's row says it
+        forget_skipped(self.model, [n for n in self.swapped if n not in back], inside=False)  # "packed" rows
+        remember_skipped(self.model, Report([c for c in report.changes if c.name in back]))
+        return report
+
+    def put_back(self, names, report: Report, default_reason: str) -> Report:
+        """Pack the attentions `names` again (their projections still nn.Linear layers of the
+        original shapes); the report's rows of their projections become one row each."""
+        rows: List[LayerChange] = []
+        for name in names:
+            old, new = self.swapped[name]
             new.write_back(old)
             _set_submodule(self.model, name, old)
             mine = [c for c in report.changes if c.name.startswith(f"{name}.")]
             reasons = sorted({c.reason for c in mine if c.reason})
             rows.append(LayerChange(name, "MultiheadAttention", "skipped", bytes_before=module_bytes(old),
-                                    reason="; ".join(reasons) or "its projections were left as they are"))
+                                    reason="; ".join(reasons) or default_reason))
         for enc, nested in self.encoders:
             if not any(isinstance(m, ProjectedMultiheadAttention) for m in enc.modules()):
                 enc.use_nested_tensor = nested
-        gone = tuple(f"{n}." for n in back)
-        kept = [c for c in report.changes if c.name not in back and not (gone and c.name.startswith(gone))]
-        forget_skipped(self.model, back)  # their projections' rows: the attention's row says it
-        forget_skipped(self.model, [n for n in self.swapped if n not in back], inside=False)  # "packed" rows
-        remember_skipped(self.model, Report(rows))
+        gone = tuple(f"{n}." for n in names)
+        kept = [c for c in report.changes if c.name not in names and not (gone and c.name.startswith(gone))]
         return Report(kept + rows)
 
 

@@ -320,9 +320,11 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
         cls = SAVED_MODULES.get(spec.get("kind"))
         if cls is None:
             raise ValueError(f"{path}: layer '{name}' has unknown kind {spec.get('kind')!r}")
-        mod = modules.get(name)
+        # inside a layer replaced above (a factor; an unpacked attention's projection, whose
+        # shape may differ from the packed original's child of the same name: pruned heads)
+        mod = _inside_replacement(replacements, name)
         if mod is None:
-            mod = _inside_replacement(replacements, name)
+            mod = modules.get(name)
         if mod is None:
             raise ValueError(f"{path}: layer '{name}' does not exist in the model")
         if isinstance(mod, cls) and mod.spec() == spec:

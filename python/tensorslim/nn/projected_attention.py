@@ -37,23 +37,30 @@ class ProjectedMultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
-                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None):
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None,
+                 head_dim: Optional[int] = None):
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+        if head_dim is None and (embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads):
             raise ValueError(f"ProjectedMultiheadAttention: embed_dim ({embed_dim}) must be a positive "
                              f"multiple of num_heads ({num_heads})")
+        if head_dim is not None and not (embed_dim > 0 and num_heads > 0 and head_dim > 0):
+            raise ValueError(f"ProjectedMultiheadAttention: embed_dim ({embed_dim}), num_heads ({num_heads}) "
+                             f"and head_dim ({head_dim}) must be positive")
         kw = {"device": device, "dtype": dtype}
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        # head_dim given: heads were pruned (ts.ChannelPrune), num_heads x head_dim < embed_dim
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = head_dim if head_dim is not None else embed_dim // num_heads
+        inner = num_heads * self.head_dim
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
         self.has_bias = bias  # whether the projections have biases (they may become compressed layers)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
-        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
-        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **kw)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias, **kw)
+        self.k_proj = nn.Linear(self.kdim, inner, bias=bias, **kw)
+        self.v_proj = nn.Linear(self.vdim, inner, bias=bias, **kw)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias, **kw)
         if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
-            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **kw))
+            self.bias_k = nn.Parameter(torch.empty(1, 1, inner, **kw))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, inner, **kw))
         else:
             self.bias_k = self.bias_v = None
         # What torch's transformer layers read to choose their fused path: no packed weights.
@@ -153,7 +160,7 @@ class ProjectedMultiheadAttention(nn.Module):
                 weights = weights.mean(dim=1)
         else:
             out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask, p, is_causal), None
-        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, self.embed_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, heads * d))
         if not batched:
             return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
         return (out if self.batch_first else out.transpose(0, 1)), weights
@@ -185,24 +192,29 @@ class ProjectedMultiheadAttention(nn.Module):
         differ: a training setting, not a shape; the loaded attention takes the file's)."""
         if type(mod) is not nn.MultiheadAttention:
             return False
+        # a head-pruned file: ts.load has set num_heads to the file's (pruning/state.py) first;
+        # the heads keep the width torch's class derived from the unpruned count
         made = _spec(mod.embed_dim, mod.num_heads, spec.get("dropout"), mod.in_proj_bias is not None,
-                     mod.bias_k is not None, mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first)
+                     mod.bias_k is not None, mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first,
+                     mod.head_dim)
         return made == spec
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "ProjectedMultiheadAttention":
         new = cls(spec["in_features"], spec["num_heads"], spec["dropout"], spec["bias"], spec["add_bias_kv"],
-                  spec["add_zero_attn"], spec["kdim"], spec["vdim"], spec["batch_first"], device=device)
+                  spec["add_zero_attn"], spec["kdim"], spec["vdim"], spec["batch_first"], device=device,
+                  head_dim=spec.get("head_dim"))
         if new.bias_k is not None:  # filled by the file's tensors
             nn.init.zeros_(new.bias_k), nn.init.zeros_(new.bias_v)
         return new
 
     def spec(self) -> dict:
         return _spec(self.embed_dim, self.num_heads, self.dropout, self.has_bias, self.bias_k is not None,
-                     self.add_zero_attn, self.kdim, self.vdim, self.batch_first)
+                     self.add_zero_attn, self.kdim, self.vdim, self.batch_first, self.head_dim)
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+        pruned = f", head_dim={self.head_dim}" if self.num_heads * self.head_dim != self.embed_dim else ""
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{pruned}, batch_first={self.batch_first}"
 
 
 def _packed_qkv(mha: nn.MultiheadAttention):
@@ -221,9 +233,13 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def _spec(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first) -> dict:
+def _spec(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+          head_dim) -> dict:
     # kind / format / in_features / out_features / bias: the keys every saved layer has
-    return {"kind": ProjectedMultiheadAttention.kind, "format": "unpacked", "in_features": embed_dim,
+    spec = {"kind": ProjectedMultiheadAttention.kind, "format": "unpacked", "in_features": embed_dim,
             "out_features": embed_dim, "bias": bool(bias), "num_heads": num_heads, "dropout": float(dropout or 0.0),
             "add_bias_kv": bool(add_bias_kv), "add_zero_attn": bool(add_zero_attn), "kdim": kdim, "vdim": vdim,
             "batch_first": bool(batch_first)}
+    if num_heads * head_dim != embed_dim:  # heads pruned (files without the key: all heads)
+        spec["head_dim"] = head_dim
+    return spec

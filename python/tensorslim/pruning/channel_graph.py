@@ -9,7 +9,9 @@ dimension chains segments; flatten turns each channel into rep = H*W features. A
 reaches any other operation makes its spaces unsupported (an error if they are selected),
 and one that reaches the model input or output freezes them, as do a layer called more than
 once (shared weights) and an addition with a tensor the graph does not follow (a parameter,
-an embedding's output).
+an embedding's output). Attentions (torch's nn.MultiheadAttention, unpacked or not) read and
+write their embed_dim whole: their inputs and outputs keep every channel, their heads are a
+space of their own (attention_heads.py).
 """
 import collections
 import contextlib
@@ -26,6 +28,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..conv1d import feature_attrs, feature_dims, is_conv1d, linear_shape
+from ..nn.projected_attention import ProjectedMultiheadAttention
+from .attention_heads import projection_owners
 from .channel_space import Slice, Spaces
 
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU,
@@ -60,6 +64,7 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 WEIGHT_LAYERS = CONVS + TRANSPOSED_CONVS + (nn.Linear,)  # with transformers' Conv1D (is_conv1d)
 LAYER_CLASSES = WEIGHT_LAYERS + NORMS  # traced whole, subclasses too
+ATTENTIONS = (nn.MultiheadAttention, ProjectedMultiheadAttention)
 
 
 @dataclass
@@ -75,7 +80,7 @@ class _Tracer(fx.Tracer):
         # a subclass of a layer that keeps its forward (a custom init, extra attributes) is that layer
         base = next((c for c in LAYER_CLASSES if isinstance(m, c)), None)
         return (is_conv1d(m) or (base is not None and type(m).forward is base.forward)
-                or super().is_leaf_module(m, qualname))
+                or isinstance(m, ATTENTIONS) or super().is_leaf_module(m, qualname))
 
 
 def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
@@ -144,6 +149,8 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             off += s.size * rep
 
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    owners = projection_owners(model)  # the autograd graph shows an attention's projections
+    attention_out: Dict[fx.Node, int] = {}  # an attention module's (output, weights) tuple: its space
     # Whether a node's value reaches a weight layer: an operation the graph does not know
     # that only leads to the model output (logits / T, masked_fill, a log) keeps its input's
     # channels whole, as the output itself does, instead of failing the whole prune.
@@ -173,6 +180,19 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         if node.op == "call_module":
             m = mods[node.target]
             name = node.target
+            if isinstance(m, ATTENTIONS) or name in owners:
+                att = owners.get(name, name)
+                for a in args:  # query / key / value: embed_dim (kdim / vdim) whole
+                    mark(a, f"input of attention '{att}'", frozen=True)
+                width = m.embed_dim if name == att else shape[-1] if name == f"{att}.out_proj" else None
+                if width is not None:  # its output (the module's: out[0]), whole as well
+                    sid = sp.new(width)
+                    sp.get(sid).frozen.append(f"output of attention '{att}'")
+                    if name == att:
+                        attention_out[node] = sid
+                    else:
+                        info[node] = Info([(sid, 1)], len(shape) - 1)
+                continue
             if calls[name] > 1 and (_weight_layer(m) or isinstance(m, NORMS)):
                 # one weight serving several calls: each call's channels would be removed from it
                 mark(x, f"layer '{name}' runs {calls[name]} times (shared weights)", frozen=True)
@@ -249,6 +269,9 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         if (node.op == "call_function" and target is getattr) or \
                 (node.op == "call_method" and target in ("size", "dim")):
             continue  # x.shape, x.size(0): read, not computed on
+        if target is operator.getitem and x in attention_out and node.args[1] == 0 and shape is not None:
+            info[node] = Info([(attention_out[x], 1)], len(shape) - 1)
+            continue
         takes_dims = target in DIM_FUNCTIONS if node.op == "call_function" else target in DIM_METHODS
         dim_args = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("input", "tensors")))
         if takes_dims and not _const(dim_args):
@@ -312,7 +335,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 else:
                     mark(a, f"model output (through '{node.name}' ({what}))", frozen=True)
     traced = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    sp.untraced = [n for n, m in mods.items() if n and n not in traced and _weight_layer(m)]
+    sp.untraced = [n for n, m in mods.items() if n and n not in traced and n not in owners and _weight_layer(m)]
     return sp
 
 

@@ -1,6 +1,7 @@
 """Channel spaces of transformer blocks, from their module structure (Hugging Face BERT,
-LLaMA-style and GPT-2 models: the residual stream stays whole, so FFN neurons and attention
-heads are the block-internal channels there is to remove).
+LLaMA-style and GPT-2 models, torch's nn.TransformerEncoderLayer / DecoderLayer: the residual
+stream stays whole, so FFN neurons and attention heads are the block-internal channels there
+is to remove).
 
   FFN neurons: BERT intermediate.dense rows -> output.dense columns;
                LLaMA gate_proj / up_proj rows -> down_proj columns.
@@ -14,6 +15,8 @@ heads are the block-internal channels there is to remove).
                heads: attn.c_attn packs q | k | v, split_size columns each, so a head is
                head_dim columns at the same place in each third, and head_dim rows of
                attn.c_proj, with num_heads / split_size updated.
+  torch:       FFN neurons: linear1 rows -> linear2 columns; heads of its attentions
+               (attention_heads.py, for every nn.MultiheadAttention of any model).
 """
 from typing import List, Optional
 
@@ -21,6 +24,7 @@ from torch import nn
 
 from ..conv1d import feature_attrs, feature_dims, is_conv1d
 from ..transforms import float_weight
+from .channel_graph import PASS_FUNCTIONS, PASS_MODULES
 from .channel_space import Slice, Spaces
 
 
@@ -51,7 +55,7 @@ def find_blocks(model: nn.Module) -> List[str]:
     """Names of the transformer blocks these rules handle (empty: not a transformer)."""
     out = []
     for name, m in model.named_modules():
-        if _is_bert_layer(m) or _is_llama_layer(m) or _is_gpt2_block(m):
+        if _is_bert_layer(m) or _is_llama_layer(m) or _is_gpt2_block(m) or _is_torch_layer(m):
             out.append(name)
     return out
 
@@ -73,6 +77,11 @@ def _is_gpt2_block(m) -> bool:
     return (att is not None and mlp is not None
             and all(is_conv1d(getattr(x, n, None)) for x, n in ((att, "c_attn"), (att, "c_proj"),
                                                                  (mlp, "c_fc"), (mlp, "c_proj"))))
+
+
+def _is_torch_layer(m) -> bool:
+    return (isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+            and isinstance(getattr(m, "linear1", None), nn.Linear) and isinstance(getattr(m, "linear2", None), nn.Linear))
 
 
 def _gpt2_layout_problem(att) -> str:
@@ -158,4 +167,11 @@ def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
                           [(p + "mlp.c_proj", mlp.c_proj, 1)])
             if heads:
                 _gpt2_heads(sp, p + "attn", m.attn)
+        elif _is_torch_layer(m):  # its attentions' heads: attention_heads.add_head_spaces
+            sid = _linear_space(sp, "neurons", m.linear1.out_features, [(p + "linear1", m.linear1, 1)],
+                                [(p + "linear2", m.linear2, 1)])
+            act = m.activation
+            if not (act in PASS_FUNCTIONS or isinstance(act, PASS_MODULES)):  # a GLU halves the neurons
+                sp.get(sid).frozen.append(f"activation {getattr(act, '__name__', type(act).__name__)} of "
+                                          f"'{name}', not known to act neuron by neuron")
     return sp

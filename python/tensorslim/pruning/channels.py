@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..attention import UnpackedAttention
 from ..ops import prune as prune_ops
 from ..quantization import token_mask
 from ..quantization.calibrate import call_model, model_device
@@ -29,6 +30,7 @@ from .._user_warning import warn_user
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
 from . import channel_graph, channel_rules, masks, verify
+from .attention_heads import add_head_spaces
 from .channel_space import Space, Spaces
 from .config import ChannelPrune
 
@@ -61,20 +63,31 @@ def _example(model: nn.Module, calib_data, example_inputs) -> tuple:
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs) -> Spaces:
-    if channel_rules.find_blocks(model):
-        return channel_rules.build_spaces(model, heads=cfg.head_ratio != 0)
-    example = _example(model, calib_data, example_inputs)
-    try:
-        gm = channel_graph.trace(model, example)
-    except ValueError as fx_error:  # data-dependent control flow etc.: the operations actually run
-        from . import autograd_graph
+# why an nn.MultiheadAttention a soft-masking Schedule meets keeps its heads
+SCHEDULE_PACKED = ("ts.pruning.Schedule masks the optimizer's parameters in place: call "
+                   "ts.unpack_attention(model) before creating the optimizer to prune its heads")
 
+
+def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs,
+                 packed_hint: str = "left packed") -> Spaces:
+    heads = cfg.head_ratio != 0
+    if channel_rules.find_blocks(model):
+        sp = channel_rules.build_spaces(model, heads=heads)
+    else:
+        example = _example(model, calib_data, example_inputs)
         try:
-            gm = autograd_graph.trace(model, example)
-        except ValueError as e:
-            raise ValueError(f"{fx_error}; {e}") from None
-    return channel_graph.build_spaces(model, gm)
+            gm = channel_graph.trace(model, example)
+        except ValueError as fx_error:  # data-dependent control flow etc.: the operations actually run
+            from . import autograd_graph
+
+            try:
+                gm = autograd_graph.trace(model, example)
+            except ValueError as e:
+                raise ValueError(f"{fx_error}; {e}") from None
+        sp = channel_graph.build_spaces(model, gm)
+    if heads:
+        add_head_spaces(sp, model, packed_hint)
+    return sp
 
 
 def _loss(out, real: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -263,7 +276,7 @@ def soft_prune_channels(model: nn.Module, cfg: ChannelPrune, ratio: float, calib
     frac = min(1.0, ratio / final) if final > 0 else 0.0
     head = frac * cfg.ratio if cfg.head_ratio == "same" else frac * cfg.head_ratio
     step_cfg = dataclasses.replace(cfg, ratio=frac * cfg.ratio, head_ratio=head)
-    spaces = build_spaces(model, step_cfg, calib_data, example_inputs)
+    spaces = build_spaces(model, step_cfg, calib_data, example_inputs, SCHEDULE_PACKED)
     grads = taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" else None
     removed, _, report = plan(model, spaces, step_cfg, grads, chosen=chosen, allow_masked=True)
     mods = dict(model.named_modules())
@@ -310,7 +323,19 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
                    example_inputs=None, progress: bool = True, forced: Optional[dict] = None) -> Report:
     # nor the caller's random streams
     with _buffers_kept(model), torch.random.fork_rng(devices=verify.rng_devices(model_device(model))):
-        return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
+        if cfg.head_ratio == 0:
+            return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
+        # torch's nn.MultiheadAttention holds no fewer heads than its width: unpacked while
+        # pruning (attention_heads.py), packed again where every head stayed
+        attention = UnpackedAttention(model)
+        attention.unpack()
+        try:
+            report = _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
+        except BaseException:
+            attention.restore_all()
+            raise
+        whole = [n for n, (old, new) in attention.swapped.items() if new.num_heads == old.num_heads]
+        return attention.put_back(whole, report, "every head kept")
 
 
 def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
