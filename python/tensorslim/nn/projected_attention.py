@@ -31,7 +31,9 @@ class ProjectedMultiheadAttention(nn.Module):
     """The attention nn.MultiheadAttention computes (same arguments, outputs and options:
     batch_first, kdim / vdim, bias, add_bias_kv, add_zero_attn, dropout, key_padding_mask,
     attn_mask, need_weights, average_attn_weights, is_causal, unbatched inputs), its four
-    projections as nn.Linear children named as in Hugging Face models."""
+    projections as nn.Linear children named as in Hugging Face models. head_dim is given where
+    ts.ChannelPrune removed heads: q / k / v then give num_heads x head_dim < embed_dim
+    features, and a 3-D attn_mask has a slice per remaining head."""
 
     kind = "projected_mha"
 
