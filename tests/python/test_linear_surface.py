@@ -45,7 +45,13 @@ def test_weight_is_read_only(kind):
             layer.weight = value
     with pytest.raises(AttributeError, match="read-only"):
         del layer.weight
-    layer.weight.zero_()  # a fresh tensor each time: the layer's state is untouched
+    for edit in (lambda w: w.zero_(), lambda w: w.copy_(torch.ones(OUT, IN)),
+                 lambda w: torch.mul(torch.ones(OUT, IN), 2, out=w)):
+        with pytest.raises(RuntimeError, match="read-only"):  # it would edit a copy only
+            edit(layer.weight)
+    layer.weight.clone().zero_()  # a copy of the values is the caller's own
+    trained = nn.Parameter(layer.weight)  # trains in its computed values (an optimizer's add_)
+    trained.data.add_(1.0)
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
 
 

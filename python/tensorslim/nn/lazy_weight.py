@@ -17,6 +17,11 @@ from ..ops import _eager
 
 
 class LazyWeight(torch.Tensor):
+    # transformers' from_pretrained re-initializes weights it did not load (T5's q / k / v) in
+    # place through transformers.initialization, which skips tensors carrying this flag: a
+    # value computed from loaded packed tensors needs no initialization (and refuses in-place writes)
+    _is_hf_initialized = True
+
     @staticmethod
     def __new__(cls, compute: Callable[[], torch.Tensor], shape, dtype: torch.dtype, device):
         t = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=device, requires_grad=False)
@@ -37,6 +42,11 @@ class LazyWeight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable and _writes_a_layer_weight(func, args, kwargs or {}):
+            raise RuntimeError(
+                f"{func.__name__.split('.')[0]}: the .weight of a compressed layer is read-only, computed from its "
+                f"packed tensors; an in-place change would edit only a copy and leave the layer as it was. "
+                f"Change the float model before compressing it, or train a copy: nn.Parameter(layer.weight.clone())")
         def plain(a):
             return a.materialize() if isinstance(a, LazyWeight) else a
         return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
@@ -100,6 +110,19 @@ class LazyWeight(torch.Tensor):
     def __array__(self, dtype=None, copy=None):
         value = self.materialize().numpy()
         return value if dtype is None else value.astype(dtype, copy=bool(copy))
+
+
+def _writes_a_layer_weight(func, args, kwargs) -> bool:
+    """Whether the op writes into a LazyWeight a layer handed out (not an nn.Parameter made
+    from one, which trains in its computed values)."""
+    for i, arg in enumerate(func._schema.arguments):
+        info = arg.alias_info
+        if info is None or not info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if isinstance(value, LazyWeight) and not getattr(value, "_is_param", False):
+            return True
+    return False
 
 
 def lazy_weight(compute: Callable[[], torch.Tensor], shape, dtype: torch.dtype, device) -> torch.Tensor:
