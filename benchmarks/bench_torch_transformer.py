@@ -7,7 +7,8 @@ packed, so nn.TransformerEncoderLayer's fast path read the compressed layers' de
 `.weight` on every call.
 
     python benchmarks/bench_torch_transformer.py [--width 512] [--heads 8] [--ffn 2048]
-        [--layers 4] [--shapes 1x64,8x64,32x128] [--recipes int8dyn,w8a8,int4,nm] [--isa avx2]
+        [--layers 4] [--shapes 1x64,8x64,32x128] [--recipes int8dyn,w8a8,int4,nm,prune25,prune25+int8dyn]
+        [--isa avx2]
 """
 import argparse
 import copy
@@ -28,6 +29,10 @@ RECIPES = {
     "w8a8": lambda m, calib: ts.quantize(m, ts.W8A8(), calib, progress=False),
     "int4": lambda m, calib: ts.quantize(m, ts.Int4WeightOnly(group_size=128), progress=False),
     "nm": lambda m, calib: ts.sparsify(m, ts.NM(2, 4), progress=False),
+    # a quarter of the heads and FFN neurons removed (ChannelPrune unpacks the attentions), then INT8
+    "prune25": lambda m, calib: ts.prune(m, ts.ChannelPrune(ratio=0.25), example_inputs=(calib[0],),
+                                         progress=False),
+    "prune25+int8dyn": lambda m, calib: (RECIPES["prune25"](m, calib), RECIPES["int8dyn"](m, calib)),
 }
 
 
@@ -48,7 +53,7 @@ def main():
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--shapes", default="1x64,8x64,32x128", help="batch x tokens, comma separated")
-    p.add_argument("--recipes", default="int8dyn,w8a8,int4,nm")
+    p.add_argument("--recipes", default="int8dyn,w8a8,int4,nm,prune25,prune25+int8dyn")
     add_isa_argument(p)
     args = p.parse_args()
     isa_line = check_isa(args)

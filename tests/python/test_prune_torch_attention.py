@@ -174,6 +174,29 @@ def test_hand_written_block_heads_and_mlp(mha, recwarn):
     assert not [w for w in recwarn if "did not run" in str(w.message)]
 
 
+class _CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(48, 6, kdim=20, vdim=24, add_bias_kv=True)  # sequence-first
+        self.out = nn.Linear(48, 3)
+
+    def forward(self, q, k, v):
+        return self.out(self.attn(q, k, v)[0])
+
+
+def test_kdim_vdim_sequence_first_attention():
+    model = _CrossAttention().eval()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(5, 2, 48, generator=g), torch.randn(7, 2, 20, generator=g), torch.randn(7, 2, 24, generator=g)
+    ref = _zeroed(model, 0.5, 0.0)
+    ts.prune(model, ts.ChannelPrune(ratio=0.0, head_ratio=0.5, importance="l2"), example_inputs=(q, k, v),
+             progress=False)
+    att = model.attn
+    assert (att.num_heads, att.k_proj.weight.shape, att.v_proj.weight.shape) == (3, (24, 20), (24, 24))
+    torch.testing.assert_close(model(q, k, v), ref(q, k, v), atol=2e-5, rtol=1e-5)
+
+
 def test_hand_written_block_mlp_neurons_through_the_graph():
     model = _Net().eval()
     x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2))
