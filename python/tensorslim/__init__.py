@@ -16,6 +16,7 @@ from .config import (AWQ, GPTQ, MXFP4, NVFP4, PRESETS, W4A8, W8A8, Binary, Confi
 from .formats import FORMATS, PER_TENSOR
 from .hf import from_pretrained
 from .io import load, save
+from .meta_parameters import empty_parameters
 from .lowrank import CP, SVD, Tucker, factorize
 from .nn import (BinaryLinear, CPConv2d, CSRSparseLinear, Int8Linear, LowBitLinear, LowRankLinear,
                  NMSparseLinear, ProjectedMultiheadAttention, QuantizedEmbedding, QuantizedEmbeddingBag,
@@ -37,7 +38,7 @@ __all__ = [
     "SparseStorage",
     # verbs, reports, files
     "quantize", "prune", "sparsify", "factorize", "prepare_qat", "convert", "summary", "Report", "save", "load",
-    "from_pretrained", "unpack_attention",
+    "from_pretrained", "unpack_attention", "empty_parameters",
     # compressed modules
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
     "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d", "NMSparseLinear", "CSRSparseLinear",

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .conv1d import linear_shape
+from .meta_parameters import take_meta_parameters
 from .nn import COMPRESSED_MODULES, SAVED_MODULES
 from .pruning import state as pruning_state
 from .report import LayerChange, Report, remember_skipped, skipped_rows
@@ -265,10 +266,12 @@ def load(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: expected a torch.nn.Module, got {type(model).__name__}")
-    on_meta = next((k for k, t in model.state_dict().items() if t.device.type == "meta"), None)
-    if on_meta is not None:  # load copies into the model's tensors: a meta tensor keeps no data
-        raise ValueError(f"load: the model's '{on_meta}' is on the meta device; build the model with "
-                         f"real tensors (e.g. model.to_empty(device='cpu')) before ts.load")
+    on_meta = next((k for k, t in model.named_buffers() if t.device.type == "meta"), None)
+    if on_meta is not None:  # a buffer the file need not hold (rotary inv_freq): its values are gone
+        raise ValueError(f"load: the model's buffer '{on_meta}' is on the meta device, its values lost; build "
+                         f"the model with `with ts.empty_parameters(): model = ...` (parameters on meta, "
+                         f"filled from the file; buffers computed) or on a real device. model.to_empty() "
+                         f"would leave buffers the file does not hold uninitialized")
     header = read_header(path)
     # Pruned models: the file's shapes and masks go onto the model first, those of layers inside
     # a replacement (a factorized layer's factors, pruned after factorizing) once it is in;
@@ -302,8 +305,19 @@ def _load_into(model: nn.Module, path, header: dict, after_swap=None) -> nn.Modu
     resized = tuple(f"{n}." for n in (header["pruning"] or {}).get("structured", {}))
     shapes = {k: v for k, v in tensor_shapes(path).items() if not k.startswith(resized)}
     originals, replacements = plan_layers(model, header["layers"], path, shapes)
-    return load_layers_and_state(model, originals, replacements, _read_state(path, header["aliases"]), path,
-                                 after_swap=after_swap)
+    state = _read_state(path, header["aliases"])
+
+    def swapped():  # the caller's step, then the float layers' meta parameters take the file's tensors
+        undo = after_swap() if after_swap is not None else None
+        try:
+            take = take_meta_parameters(model, state, path)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
+        return lambda: (take(), undo() if undo is not None else None)
+
+    return load_layers_and_state(model, originals, replacements, state, path, after_swap=swapped)
 
 
 def plan_layers(model: nn.Module, layers: Dict[str, dict], path,

@@ -87,6 +87,28 @@ def _build(model_name: str):
     return MODELS[model_name][0]().eval()
 
 
+def _tied_groups(model) -> set:
+    """Names of parameters held by several modules, grouped (tied weights)."""
+    by_id = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {frozenset(names) for names in by_id.values() if len(names) > 1}
+
+
+def test_from_pretrained_builds_parameters_on_meta_and_buffers_as_usual():
+    """ts.from_pretrained's skeleton: no float weights allocated (the file's tensors become the
+    float layers' parameters), buffers the file does not hold computed as in a normal build."""
+    from tensorslim.hf import _build
+
+    config = _llama().config
+    skeleton = _build(transformers.AutoModelForCausalLM, config)
+    normal = transformers.AutoModelForCausalLM.from_config(config)
+    assert all(p.is_meta for p in skeleton.parameters())
+    buffers = dict(normal.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in skeleton.named_buffers())
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch is gone afterwards
+
+
 @pytest.mark.parametrize("model_name,recipe", CASES)
 def test_quantize_save_load_generate(model_name, recipe, tmp_path):
     model = _build(model_name)
@@ -110,6 +132,9 @@ def test_quantize_save_load_generate(model_name, recipe, tmp_path):
     assert type(loaded) is type(model) and not loaded.training
     assert len(ts.summary(loaded).changed) == n_quantized
     assert torch.equal(_output(loaded, x), out)
+    # built with its parameters on meta, then given the file's tensors: none left behind, ties kept
+    assert not any(p.is_meta for p in loaded.parameters()) and not any(b.is_meta for b in loaded.buffers())
+    assert _tied_groups(loaded) == _tied_groups(model)
 
     # Route 1b: transformers' own from_pretrained, through the quantizer tensorslim registers
     plain = auto.from_pretrained(tmp_path / "hf").eval()

@@ -100,6 +100,7 @@ def is_masked(module: nn.Module) -> bool:
 
 def attach(module: nn.Module, keep: torch.Tensor, zero: bool = True) -> None:
     """Zero the weights where keep is False and keep them there (replaces an earlier mask)."""
+    given = keep
     keep = keep.to(device=module.weight.device, dtype=torch.bool).reshape(module.weight.shape)
     if zero:
         with torch.no_grad():
@@ -107,7 +108,9 @@ def attach(module: nn.Module, keep: torch.Tensor, zero: bool = True) -> None:
     if is_masked(module):
         getattr(module, MASK).copy_(keep)
     else:
-        module.register_buffer(MASK, keep.clone(), persistent=True)
+        # the caller's tensor is cloned, a converted one is already ours (a whole model's masks once)
+        module.register_buffer(MASK, keep.clone() if keep.data_ptr() == given.data_ptr() else keep,
+                               persistent=True)
         module.register_forward_pre_hook(_forward_pre_hook)
     _guard(module)
     _ensure_optimizer_hook()

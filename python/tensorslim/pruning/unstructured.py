@@ -146,7 +146,7 @@ def prune_unstructured(model: nn.Module, cfg: _Unstructured, sparsity: float = N
     new_masks = compute_masks(layers, cfg, sparsity, progress)  # may raise: nothing touched yet
     _warn_if_restoring(layers, new_masks)
     for name, mod in layers:
-        masks.attach(mod, new_masks[name])
+        masks.attach(mod, new_masks.pop(name))  # each layer's computed mask freed once attached
         report.changes.append(LayerChange(name, type(mod).__name__, "pruned",
                                           f"{describe(cfg)}: {masks.sparsity(mod):.1%} sparse",
                                           before[name], module_bytes(mod),

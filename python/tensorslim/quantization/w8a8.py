@@ -135,7 +135,9 @@ def _apply_w8a8(model: nn.Module, cfg, forward_loop, progress: bool):
     technique = "W8A8" if static else "Int8Dynamic with smoothquant=True"
     conv_report = apply_conv_int8(model, cfg, forward_loop, progress)  # convs first: see quantization/conv_int8.py
     targets = _targets(model, cfg)
-    weights = {n: m.weight.detach().float().clone() for n, m in targets.items()}
+    # the model's own fp32 tensors (no copy: a whole model's linears twice at once), so every
+    # smoothing / folding step below works out of place
+    weights = {n: m.weight.detach().float() for n, m in targets.items()}
     biases = {n: m.bias for n, m in targets.items()}
     inv: Dict[str, Optional[torch.Tensor]] = {n: None for n in targets}  # kept in the module
     seen: Dict[str, Optional[torch.Tensor]] = {n: None for n in targets}  # 1/s, folded or not
