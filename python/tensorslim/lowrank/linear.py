@@ -116,19 +116,40 @@ def plan_linears(model: nn.Module, cfg: SVD, layers: Dict[str, nn.Linear], forwa
             raise ValueError(f"SVD(method={cfg.method!r}) needs calibration data: pass "
                              f"calib_data=[batches...] or forward_loop=fn(model)")
         stats = collect_input_stats(model, layers, forward_loop, with_gram=cfg.method == "svd_llm")
+    # Each layer is built from its decomposition at once, which is then dropped: held for every
+    # layer until the end, full U / S / Vt took 1.5x the model's fp32 linears (a whole
+    # LLaMA-style model's). A budget compares all spectra first: only what a rank that still
+    # saves parameters can use is kept (at most the weight's own size).
     decs = {}
     for name, mod in tqdm(layers.items(), desc="factorizing", disable=not progress or len(layers) < 2,
                           leave=False):
         try:
-            decs[name] = decompose(mod.weight, cfg, stats.get(name))
+            d = decompose(mod.weight, cfg, stats.get(name))
         except (ValueError, TypeError) as e:
             raise type(e)(f"layer '{name}' (Linear): {e}") from e
-    ranks = choose_ranks(cfg, decs)
-    for name, mod in layers.items():
-        d = decs[name]
-        reason = skip_reason(cfg, d.spectrum, ranks[name])
-        plans[name] = (reason, None if reason else _build(mod, d, ranks[name], cfg.method))
+        if cfg.budget is not None:
+            decs[name] = _leading(d, d.spectrum.max_saving_rank)
+        else:
+            plans[name] = _plan(cfg, mod, d, choose_ranks(cfg, {name: d})[name])
+    if decs:
+        ranks = choose_ranks(cfg, decs)
+        for name, d in decs.items():
+            plans[name] = _plan(cfg, layers[name], d, ranks[name])
     return plans
+
+
+def _plan(cfg: SVD, mod: nn.Linear, d: Decomposition, rank: Optional[int]):
+    reason = skip_reason(cfg, d.spectrum, rank)
+    return reason, None if reason else _build(mod, d, rank, cfg.method)
+
+
+def _leading(d: Decomposition, rank: int) -> Decomposition:
+    """d with only its leading `rank` singular vectors (copies: the full factors are freed)."""
+    u, s, vt = d.svd
+    if rank >= s.numel():
+        return d
+    svd = ops.lowrank.Svd(u[:, :rank].clone(), s[:rank].clone(), vt[:rank].clone())
+    return Decomposition(svd, d.spectrum, d.col_scale, d.whitener)
 
 
 @torch.no_grad()
