@@ -7,6 +7,7 @@ around it was (whose fused fast path would otherwise read that layer's dequantiz
 and never run its kernel). The others go back, with any edit a fold made to their projections,
 and the Report names them once. On an error every one goes back.
 """
+import collections
 import contextlib
 from typing import Dict, List, Tuple
 
@@ -27,9 +28,11 @@ class UnpackedAttention:
         self.encoders: List[Tuple[nn.Module, bool]] = []  # (nn.TransformerEncoder, its use_nested_tensor)
 
     def unpack(self) -> None:
+        held = collections.Counter(id(m) for _, m in self.model.named_modules(remove_duplicate=False))
         for name, mod in list(self.model.named_modules()):
-            # exactly torch's class: a subclass may compute something else; hooks would be lost
-            if name and type(mod) is nn.MultiheadAttention and not has_hooks(mod):
+            # exactly torch's class: a subclass may compute something else; hooks would be lost;
+            # one held under two names would be swapped under one only
+            if name and type(mod) is nn.MultiheadAttention and not has_hooks(mod) and held[id(mod)] == 1:
                 self.swapped[name] = (mod, ProjectedMultiheadAttention.from_float(mod))
         for name, (_, new) in self.swapped.items():
             _set_submodule(self.model, name, new)
@@ -65,7 +68,7 @@ class UnpackedAttention:
             old, new = self.swapped[name]
             new.write_back(old)
             _set_submodule(self.model, name, old)
-            mine = [c for c in report.changes if c.name.startswith(f"{name}.")]
+            mine = [c for c in report.changes if c.name == name or c.name.startswith(f"{name}.")]
             reasons = sorted({c.reason for c in mine if c.reason})
             rows.append(LayerChange(name, "MultiheadAttention", "skipped", bytes_before=module_bytes(old),
                                     reason="; ".join(reasons) or default_reason))

@@ -140,7 +140,7 @@ def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Mod
     shapes = {k: (str(t.dtype), tuple(t.shape)) for k, t in state.items()}
     originals, replacements = io.plan_layers(model, qcfg["layers"], directory, shapes)
     io.load_layers_and_state(model, originals, replacements, state, directory, fill_tied=True,
-                             after_swap=lambda: take_meta_parameters(model, state, directory))
+                             after_swap=lambda: take_meta_parameters(model, state))
     try:
         model.generation_config = GenerationConfig.from_pretrained(str(directory))
     except (OSError, ValueError):

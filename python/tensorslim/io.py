@@ -26,7 +26,7 @@ from torch import nn
 
 from .conv1d import linear_shape
 from .meta_parameters import take_meta_parameters
-from .nn import COMPRESSED_MODULES, SAVED_MODULES
+from .nn import COMPRESSED_MODULES, SAVED_MODULES, ProjectedMultiheadAttention
 from .pruning import state as pruning_state
 from .report import LayerChange, Report, remember_skipped, skipped_rows
 from .transforms import _set_submodule
@@ -310,7 +310,7 @@ def _load_into(model: nn.Module, path, header: dict, after_swap=None) -> nn.Modu
     def swapped():  # the caller's step, then the float layers' meta parameters take the file's tensors
         undo = after_swap() if after_swap is not None else None
         try:
-            take = take_meta_parameters(model, state, path)
+            take = take_meta_parameters(model, state)
         except BaseException:
             if undo is not None:
                 undo()
@@ -341,8 +341,8 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
             mod = modules.get(name)
         if mod is None:
             raise ValueError(f"{path}: layer '{name}' does not exist in the model")
-        if isinstance(mod, cls) and mod.spec() == spec:
-            continue  # already in this form
+        if isinstance(mod, cls) and mod.spec() == spec and not isinstance(mod, ProjectedMultiheadAttention):
+            continue  # already in this form (an unpacked attention is rebuilt: its projections come after it)
         try:
             fits = cls.replaces(mod, spec) if hasattr(cls, "replaces") else None
         except (KeyError, TypeError, ValueError) as e:

@@ -51,7 +51,9 @@ def test_weight_is_read_only(kind):
             edit(layer.weight)
     layer.weight.clone().zero_()  # a copy of the values is the caller's own
     trained = nn.Parameter(layer.weight)  # trains in its computed values (an optimizer's add_)
-    trained.data.add_(1.0)
+    with torch.no_grad():
+        trained.add_(1.0)
+    assert torch.equal(trained, layer.weight + 1.0)
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
 
 

@@ -71,3 +71,34 @@ def test_meta_buffers_are_refused(tmp_path):
         model = _Net()
     with pytest.raises(ValueError, match="buffer 'table' is on the meta device"):
         ts.load(model, path)
+
+
+def test_masked_file_into_an_empty_parameters_model(tmp_path):
+    """Masks ts.load attaches before the weights are taken from the file live on the CPU."""
+    torch.manual_seed(0)
+    model = _Net().eval()
+    ts.prune(model, ts.Magnitude(sparsity=0.5, exclude=["back"]), progress=False)
+    path = tmp_path / "masked.safetensors"
+    ts.save(model, path)
+    with ts.empty_parameters():
+        skeleton = _Net().eval()
+    ts.load(skeleton, path)
+    assert not any(t.is_meta for t in skeleton.state_dict().values())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(skeleton(x), model(x))
+    skeleton.train()
+    skeleton(x).sum().backward()
+    ts.save(skeleton, tmp_path / "again.safetensors")
+
+
+def test_lazy_and_subclassed_parameters_stay_as_built():
+    class Tagged(nn.Parameter):
+        pass
+
+    with ts.empty_parameters():
+        lazy = nn.LazyLinear(4)
+        holder = nn.Module()
+        holder.p = Tagged(torch.ones(3))
+    assert isinstance(lazy.weight, nn.parameter.UninitializedParameter)
+    assert type(holder.p) is Tagged and not holder.p.is_meta

@@ -204,7 +204,7 @@ def test_hand_written_block_mlp_neurons_through_the_graph():
     assert model.blocks[1].mlp[0].out_features == 96 and model.blocks[1].attn.num_heads == 3
     assert model.embed.out_features == 48  # the residual stream reads into the attention whole
     skipped = {c.name: c.reason for c in report.changes if c.action == "skipped"}
-    assert "attention 'blocks.0.attn'" in skipped["embed"]
+    assert "'blocks.0.attn' (ProjectedMultiheadAttention)" in skipped["embed"]
 
 
 class _BranchyNet(_Net):
@@ -330,3 +330,109 @@ def test_digits_accuracy_after_pruning_half_the_heads_and_neurons():
     print(f"\ndigits transformer accuracy: dense {dense:.3f}, half the heads and neurons removed {pruned:.3f}, "
           f"after 10 epochs {tuned:.3f}")
     assert dense > 0.93 and tuned > dense - 0.03
+
+
+def test_layers_outside_torchs_blocks_are_pruned_through_the_graph():
+    """A stem and a head around nn.TransformerEncoder: the graph prunes them (the encoder reads
+    and writes its width whole), the layer rules prune the encoder's heads and neurons."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32),
+                          nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+                                                1, enable_nested_tensor=False),
+                          nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=(x,), progress=False)
+    assert model[0].out_features == 32 and model[4].out_features == 32  # stem and head hidden widths
+    assert model[2].out_features == 32 and model[3].layers[0].linear1.out_features == 32
+    assert model[3].layers[0].self_attn.num_heads == 2
+    notes = {c.name: c.reason for c in report.changes}
+    assert "coupled with the input of '3' (TransformerEncoder)" in notes["2"]  # its width stays
+
+
+class _TwoCalls(nn.Module):
+    """One attention under two names, a single-head attention, one whose weights are returned."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.again = self.shared
+        self.single = nn.MultiheadAttention(32, 1, batch_first=True)
+        self.weighted = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = x + self.shared(x, x, x)[0]
+        x = x + self.again(x, x, x)[0]
+        x = x + self.single(x, x, x)[0]
+        y, w = self.weighted(x, x, x)
+        return self.out(x + y), w
+
+
+def test_attentions_whose_heads_cannot_go_are_kept_with_a_row():
+    model = _TwoCalls().eval()
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5))
+    before = [t.clone() for t in model.state_dict().values()]
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        report = ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=(x,), progress=False)
+    rows = {c.name: c.reason for c in report.changes if c.action == "skipped"}
+    assert "held under 2 names" in rows["shared"]
+    assert "a single head" in rows["single"]
+    assert "its attention weights are used" in rows["weighted"]
+    for name in ("shared", "single", "weighted"):  # packed again, every weight as it was
+        assert type(getattr(model, name)) is nn.MultiheadAttention
+    assert model.again is model.shared
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+class _MaskedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = _encoder()[0]
+
+    def forward(self, x, mask):
+        return self.enc(x, mask=mask)
+
+
+def test_a_per_head_mask_keeps_the_heads():
+    model = _MaskedEncoder().eval()
+    mask = torch.zeros(3 * 8, 12, 12)
+    mask[:, :, -2:] = float("-inf")
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=(X, mask), progress=False)
+    assert type(model.enc.layers[0].self_attn) is nn.MultiheadAttention
+    assert model.enc.layers[0].linear1.out_features == 64
+    row = next(c for c in report.changes if c.name == "enc.layers.0.self_attn")
+    assert "3-D (per-head) attn_mask" in row.reason
+
+
+def test_exclude_names_the_attention_itself():
+    model = _encoder()
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, exclude=["0.layers.1.self_attn"]), example_inputs=(X,),
+                      progress=False)
+    assert type(model[0].layers[1].self_attn) is nn.MultiheadAttention
+    assert model[0].layers[0].self_attn.num_heads == 4
+    rows = [c for c in report.changes if c.name.startswith("0.layers.1.self_attn")]
+    assert len(rows) == 1 and "excluded by pattern '0.layers.1.self_attn'" in rows[0].reason
+
+
+def test_schedule_finalize_on_packed_attentions_says_why():
+    model = _encoder()
+    sched = ts.pruning.Schedule(model, ts.ChannelPrune(ratio=0.5), 0, 2, 1, example_inputs=(X,))
+    for _ in range(2):
+        sched.step()
+    report = sched.finalize()
+    assert model[0].layers[0].linear1.out_features == 64
+    row = next(c for c in report.changes if c.name == "0.layers.0.self_attn")
+    assert "ts.unpack_attention" in row.reason
+
+
+def test_head_pruned_quantized_file_loads_into_an_unpacked_model(tmp_path):
+    model = _encoder()
+    ts.prune(model, ts.ChannelPrune(ratio=0.25), example_inputs=(X,), progress=False)
+    ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    ts.save(model, tmp_path / "m.safetensors")
+    fresh = _encoder(seed=3)
+    ts.unpack_attention(fresh)
+    ts.load(fresh, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))

@@ -66,6 +66,8 @@ class ProjectedMultiheadAttention(nn.Module):
         else:
             self.bias_k = self.bias_v = None
         # What torch's transformer layers read to choose their fused path: no packed weights.
+        # (torch.jit.script of an nn.TransformerEncoderLayer holding this fails: it compiles that
+        # fused path, which needs torch's own attention; torch.compile / export / jit.trace run.)
         self._qkv_same_embed_dim = False
         self.in_proj_weight = self.in_proj_bias = None
 
@@ -192,6 +194,8 @@ class ProjectedMultiheadAttention(nn.Module):
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
         """Whether `mod` is the nn.MultiheadAttention a saved spec was made from (its dropout may
         differ: a training setting, not a shape; the loaded attention takes the file's)."""
+        if isinstance(mod, ProjectedMultiheadAttention):  # unpacked (ts.unpack_attention): rebuilt as saved
+            return dict(mod.spec(), dropout=spec.get("dropout")) == spec
         if type(mod) is not nn.MultiheadAttention:
             return False
         # a head-pruned file: ts.load has set num_heads to the file's (pruning/state.py) first;

@@ -9,9 +9,9 @@ dimension chains segments; flatten turns each channel into rep = H*W features. A
 reaches any other operation makes its spaces unsupported (an error if they are selected),
 and one that reaches the model input or output freezes them, as do a layer called more than
 once (shared weights) and an addition with a tensor the graph does not follow (a parameter,
-an embedding's output). Attentions (torch's nn.MultiheadAttention, unpacked or not) read and
-write their embed_dim whole: their inputs and outputs keep every channel, their heads are a
-space of their own (attention_heads.py).
+an embedding's output). torch's attentions and transformer layers (attention_heads.TORCH_BLOCKS)
+read and write their width whole: their inputs and outputs keep every channel; their heads and
+FFN neurons are spaces of their own (attention_heads.py, channel_rules.py).
 """
 import collections
 import contextlib
@@ -28,8 +28,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..conv1d import feature_attrs, feature_dims, is_conv1d, linear_shape
-from ..nn.projected_attention import ProjectedMultiheadAttention
-from .attention_heads import projection_owners
+from .attention_heads import ATTENTIONS, TORCH_BLOCKS, block_owners
 from .channel_space import Slice, Spaces
 
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.LeakyReLU,
@@ -64,7 +63,6 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 WEIGHT_LAYERS = CONVS + TRANSPOSED_CONVS + (nn.Linear,)  # with transformers' Conv1D (is_conv1d)
 LAYER_CLASSES = WEIGHT_LAYERS + NORMS  # traced whole, subclasses too
-ATTENTIONS = (nn.MultiheadAttention, ProjectedMultiheadAttention)
 
 
 @dataclass
@@ -80,7 +78,7 @@ class _Tracer(fx.Tracer):
         # a subclass of a layer that keeps its forward (a custom init, extra attributes) is that layer
         base = next((c for c in LAYER_CLASSES if isinstance(m, c)), None)
         return (is_conv1d(m) or (base is not None and type(m).forward is base.forward)
-                or isinstance(m, ATTENTIONS) or super().is_leaf_module(m, qualname))
+                or isinstance(m, TORCH_BLOCKS) or super().is_leaf_module(m, qualname))
 
 
 def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
@@ -149,7 +147,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             off += s.size * rep
 
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    owners = projection_owners(model)  # the autograd graph shows an attention's projections
+    owners = block_owners(model)  # the autograd graph shows the layers inside torch's blocks
     attention_out: Dict[fx.Node, int] = {}  # an attention module's (output, weights) tuple: its space
     # Whether a node's value reaches a weight layer: an operation the graph does not know
     # that only leads to the model output (logits / T, masked_fill, a log) keeps its input's
@@ -180,15 +178,15 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         if node.op == "call_module":
             m = mods[node.target]
             name = node.target
-            if isinstance(m, ATTENTIONS) or name in owners:
-                att = owners.get(name, name)
-                for a in args:  # query / key / value: embed_dim (kdim / vdim) whole
-                    mark(a, f"input of attention '{att}'", frozen=True)
-                width = m.embed_dim if name == att else shape[-1] if name == f"{att}.out_proj" else None
-                if width is not None:  # its output (the module's: out[0]), whole as well
+            if isinstance(m, TORCH_BLOCKS) or name in owners:
+                block = owners.get(name, name)
+                for a in args:  # query / key / value, src / tgt / memory: their width whole
+                    mark(a, f"input of '{block}' ({type(mods[block]).__name__})", frozen=True)
+                width = m.embed_dim if isinstance(m, ATTENTIONS) else shape[-1] if shape else None
+                if width is not None:  # its output (an attention's: out[0]), whole as well
                     sid = sp.new(width)
-                    sp.get(sid).frozen.append(f"output of attention '{att}'")
-                    if name == att:
+                    sp.get(sid).frozen.append(f"output of '{block}' ({type(mods[block]).__name__})")
+                    if isinstance(m, ATTENTIONS) and name == block:
                         attention_out[node] = sid
                     else:
                         info[node] = Info([(sid, 1)], len(shape) - 1)
@@ -269,8 +267,11 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         if (node.op == "call_function" and target is getattr) or \
                 (node.op == "call_method" and target in ("size", "dim")):
             continue  # x.shape, x.size(0): read, not computed on
-        if target is operator.getitem and x in attention_out and node.args[1] == 0 and shape is not None:
-            info[node] = Info([(attention_out[x], 1)], len(shape) - 1)
+        if target is operator.getitem and x in attention_out:
+            if node.args[1] == 0 and shape is not None:
+                info[node] = Info([(attention_out[x], 1)], len(shape) - 1)
+            elif node.args[1] == 1 and node.users:  # averaged over the heads: removing one changes them
+                sp.keep_heads[x.target] = "its attention weights are used"
             continue
         takes_dims = target in DIM_FUNCTIONS if node.op == "call_function" else target in DIM_METHODS
         dim_args = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("input", "tensors")))

@@ -22,40 +22,16 @@ from typing import List, Optional
 
 from torch import nn
 
-from ..conv1d import feature_attrs, feature_dims, is_conv1d
-from ..transforms import float_weight
+from ..conv1d import is_conv1d
 from .channel_graph import PASS_FUNCTIONS, PASS_MODULES
-from .channel_space import Slice, Spaces
-
-
-def _linear_space(sp: Spaces, kind: str, size: int, producers, consumers, rep_in: int = 1,
-                  rep_out=None) -> int:
-    """producers: [(name, module, rep)], consumers: [(name, module, rep)]."""
-    sid = sp.new(size, kind)
-    s = sp.get(sid)
-    packed = [(name, m) for name, m, _ in [*producers, *consumers] if float_weight(m) is None]
-    if packed:  # a quantized or factorized layer has no float weight to slice: left whole
-        name, m = packed[0]
-        s.frozen.append(f"compressed layer '{name}' ({type(m).__name__}; prune before compressing)")
-        s.producers += [name for name, _, _ in producers]  # reported as skipped, with that reason
-        return sid
-    for name, m, rep in producers:
-        s.producers.append(name)
-        s.slices.append(Slice(name, "weight", feature_dims(m)[0], 0, rep))
-        if m.bias is not None:
-            s.slices.append(Slice(name, "bias", 0, 0, rep))
-        s.attrs.append((name, feature_attrs(m)[0], rep))
-    for name, m, rep in consumers:
-        s.slices.append(Slice(name, "weight", feature_dims(m)[1], 0, rep))
-        s.attrs.append((name, feature_attrs(m)[1], rep))
-    return sid
+from .channel_space import Slice, Spaces, linear_space
 
 
 def find_blocks(model: nn.Module) -> List[str]:
     """Names of the transformer blocks these rules handle (empty: not a transformer)."""
     out = []
     for name, m in model.named_modules():
-        if _is_bert_layer(m) or _is_llama_layer(m) or _is_gpt2_block(m) or _is_torch_layer(m):
+        if _is_bert_layer(m) or _is_llama_layer(m) or _is_gpt2_block(m):
             out.append(name)
     return out
 
@@ -131,25 +107,25 @@ def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
         p = f"{name}." if name else ""
         if _is_bert_layer(m):
             inter, out = m.intermediate.dense, m.output.dense
-            _linear_space(sp, "neurons", inter.out_features, [(p + "intermediate.dense", inter, 1)],
+            linear_space(sp, "neurons", inter.out_features, [(p + "intermediate.dense", inter, 1)],
                           [(p + "output.dense", out, 1)])
             if heads:
                 att, o = m.attention.self, m.attention.output.dense
                 hs = att.attention_head_size
-                sid = _linear_space(sp, "heads", att.num_attention_heads,
+                sid = linear_space(sp, "heads", att.num_attention_heads,
                                     [(p + f"attention.self.{q}", getattr(att, q), hs) for q in ("query", "key", "value")],
                                     [(p + "attention.output.dense", o, hs)])
                 sp.get(sid).attrs += [(p + "attention.self", "num_attention_heads", 1),
                                       (p + "attention.self", "all_head_size", hs)]
         elif _is_llama_layer(m):
             mlp, att = m.mlp, m.self_attn
-            _linear_space(sp, "neurons", mlp.gate_proj.out_features,
+            linear_space(sp, "neurons", mlp.gate_proj.out_features,
                           [(p + "mlp.gate_proj", mlp.gate_proj, 1), (p + "mlp.up_proj", mlp.up_proj, 1)],
                           [(p + "mlp.down_proj", mlp.down_proj, 1)])
             if heads:
                 hd, groups = att.head_dim, att.num_key_value_groups
                 n_kv = att.k_proj.out_features // hd
-                sid = _linear_space(sp, "heads", n_kv,
+                sid = linear_space(sp, "heads", n_kv,
                                     [(p + "self_attn.q_proj", att.q_proj, groups * hd),
                                      (p + "self_attn.k_proj", att.k_proj, hd),
                                      (p + "self_attn.v_proj", att.v_proj, hd)],
@@ -163,15 +139,24 @@ def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
                     s.frozen.append(f"'{p}self_attn.{spanning}' spans the heads (the rule slices q/k/v/o only)")
         elif _is_gpt2_block(m):
             mlp = m.mlp
-            _linear_space(sp, "neurons", mlp.c_fc.nf, [(p + "mlp.c_fc", mlp.c_fc, 1)],
+            linear_space(sp, "neurons", mlp.c_fc.nf, [(p + "mlp.c_fc", mlp.c_fc, 1)],
                           [(p + "mlp.c_proj", mlp.c_proj, 1)])
             if heads:
                 _gpt2_heads(sp, p + "attn", m.attn)
-        elif _is_torch_layer(m):  # its attentions' heads: attention_heads.add_head_spaces
-            sid = _linear_space(sp, "neurons", m.linear1.out_features, [(p + "linear1", m.linear1, 1)],
-                                [(p + "linear2", m.linear2, 1)])
-            act = m.activation
-            if not (act in PASS_FUNCTIONS or isinstance(act, PASS_MODULES)):  # a GLU halves the neurons
-                sp.get(sid).frozen.append(f"activation {getattr(act, '__name__', type(act).__name__)} of "
-                                          f"'{name}', not known to act neuron by neuron")
     return sp
+
+
+def add_torch_layer_spaces(sp: Spaces, model: nn.Module) -> None:
+    """FFN neurons of torch's nn.TransformerEncoderLayer / DecoderLayer, whichever route built
+    the rest (the traced graph keeps these layers whole; their attentions' heads:
+    attention_heads.add_head_spaces)."""
+    for name, m in model.named_modules():
+        if not _is_torch_layer(m):
+            continue
+        p = f"{name}." if name else ""
+        sid = linear_space(sp, "neurons", m.linear1.out_features, [(p + "linear1", m.linear1, 1)],
+                           [(p + "linear2", m.linear2, 1)])
+        act = m.activation
+        if not (act in PASS_FUNCTIONS or isinstance(act, PASS_MODULES)):  # a GLU halves the neurons
+            sp.get(sid).frozen.append(f"activation {getattr(act, '__name__', type(act).__name__)} of "
+                                      f"'{name}', not known to act neuron by neuron")

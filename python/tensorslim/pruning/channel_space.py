@@ -9,6 +9,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+from ..conv1d import feature_attrs, feature_dims
+from ..transforms import float_weight
+
 
 @dataclass
 class Slice:
@@ -38,6 +41,7 @@ class Spaces:
         self.spaces: List[Space] = []
         self.parent: List[int] = []
         self.untraced: List[str] = []  # weight layers the traced example batch never ran
+        self.keep_heads: Dict[str, str] = {}  # attention -> why the trace says its heads stay
 
     def new(self, size: int, kind: str = "channels") -> int:
         self.spaces.append(Space(size, kind=kind))
@@ -74,3 +78,26 @@ class Spaces:
 
     def roots(self) -> Dict[int, Space]:
         return {i: self.spaces[i] for i in range(len(self.spaces)) if self.find(i) == i}
+
+
+def linear_space(sp: Spaces, kind: str, size: int, producers, consumers) -> int:
+    """A space of `size` units over linears: producers' output rows and consumers' input
+    columns, `rep` consecutive rows / columns per unit. producers, consumers: [(name, module, rep)]."""
+    sid = sp.new(size, kind)
+    s = sp.get(sid)
+    packed = [(name, m) for name, m, _ in [*producers, *consumers] if float_weight(m) is None]
+    if packed:  # a quantized or factorized layer has no float weight to slice: left whole
+        name, m = packed[0]
+        s.frozen.append(f"compressed layer '{name}' ({type(m).__name__}; prune before compressing)")
+        s.producers += [name for name, _, _ in producers]  # reported as skipped, with that reason
+        return sid
+    for name, m, rep in producers:
+        s.producers.append(name)
+        s.slices.append(Slice(name, "weight", feature_dims(m)[0], 0, rep))
+        if m.bias is not None:
+            s.slices.append(Slice(name, "bias", 0, 0, rep))
+        s.attrs.append((name, feature_attrs(m)[0], rep))
+    for name, m, rep in consumers:
+        s.slices.append(Slice(name, "weight", feature_dims(m)[1], 0, rep))
+        s.attrs.append((name, feature_attrs(m)[1], rep))
+    return sid

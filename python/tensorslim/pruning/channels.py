@@ -7,6 +7,8 @@
    |w * grad|) or random; the kept count is round(size * (1 - ratio)), rounded up to round_to.
 3. Every smaller tensor is built (rows / columns gathered by the C++ core), then all are
    swapped in with the modules' size attributes, so any error leaves the model as it was.
+   torch's nn.MultiheadAttention is unpacked first where heads may go (attention_heads.py) and
+   packed again where all of them stay.
 4. With an example batch (calib_data or example_inputs), the pruned model must give what the
    original gives with the removed channels zeroed (verify.py); else everything is put back
    and the error says so: a pattern the graph misread never leaves a broken or wrong model.
@@ -30,7 +32,7 @@ from .._user_warning import warn_user
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
 from . import channel_graph, channel_rules, masks, verify
-from .attention_heads import add_head_spaces
+from .attention_heads import add_head_spaces, per_head_masks
 from .channel_space import Space, Spaces
 from .config import ChannelPrune
 
@@ -69,24 +71,28 @@ SCHEDULE_PACKED = ("ts.pruning.Schedule masks the optimizer's parameters in plac
 
 
 def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs,
-                 packed_hint: str = "left packed") -> Spaces:
+                 packed_hint: Optional[str] = None) -> Spaces:
     heads = cfg.head_ratio != 0
-    if channel_rules.find_blocks(model):
+    if channel_rules.find_blocks(model):  # Hugging Face blocks
         sp = channel_rules.build_spaces(model, heads=heads)
     else:
         example = _example(model, calib_data, example_inputs)
-        try:
-            gm = channel_graph.trace(model, example)
-        except ValueError as fx_error:  # data-dependent control flow etc.: the operations actually run
-            from . import autograd_graph
-
+        keep_heads: Dict[str, str] = {}
+        with per_head_masks(model, keep_heads):  # the trace runs the example batch
             try:
-                gm = autograd_graph.trace(model, example)
-            except ValueError as e:
-                raise ValueError(f"{fx_error}; {e}") from None
+                gm = channel_graph.trace(model, example)
+            except ValueError as fx_error:  # data-dependent control flow etc.: the operations actually run
+                from . import autograd_graph
+
+                try:
+                    gm = autograd_graph.trace(model, example)
+                except ValueError as e:
+                    raise ValueError(f"{fx_error}; {e}") from None
         sp = channel_graph.build_spaces(model, gm)
+        sp.keep_heads.update(keep_heads)
+    channel_rules.add_torch_layer_spaces(sp, model)
     if heads:
-        add_head_spaces(sp, model, packed_hint)
+        add_head_spaces(sp, model, cfg.exclude, packed_hint)
     return sp
 
 
@@ -323,7 +329,7 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
                    example_inputs=None, progress: bool = True, forced: Optional[dict] = None) -> Report:
     # nor the caller's random streams
     with _buffers_kept(model), torch.random.fork_rng(devices=verify.rng_devices(model_device(model))):
-        if cfg.head_ratio == 0:
+        if cfg.head_ratio == 0 or forced is not None:  # Schedule.finalize: soft masks never unpacked
             return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
         # torch's nn.MultiheadAttention holds no fewer heads than its width: unpacked while
         # pruning (attention_heads.py), packed again where every head stayed
@@ -340,7 +346,7 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
 
 def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
                     forced: Optional[dict]) -> Report:
-    spaces = build_spaces(model, cfg, calib_data, example_inputs)
+    spaces = build_spaces(model, cfg, calib_data, example_inputs, SCHEDULE_PACKED if forced is not None else None)
     grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
              else None)
     removed, dec, report = plan(model, spaces, cfg, grads, forced=forced)
@@ -368,8 +374,8 @@ def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loo
             raise ValueError(f"layer '{n}': pruning would leave {a} = {v}")
     before = {n: module_bytes(mods[n]) for n in {k[0] for k in new}}
     batch = _example_batch(calib_data, example_inputs)
+    old_tensors = {key: getattr(mods[key[0]], key[1]) for key in new}  # before any forward runs
     expected = verify.without_channels(model, batch, removed) if batch is not None and removed else None
-    old_tensors = {key: getattr(mods[key[0]], key[1]) for key in new}
     old_attrs = {key: getattr(mods[key[0]], key[1]) for key in attrs}
     def put(tensors: dict, sizes: dict) -> None:
         for (name, param), t in tensors.items():

@@ -100,20 +100,25 @@ def is_masked(module: nn.Module) -> bool:
 
 def attach(module: nn.Module, keep: torch.Tensor, zero: bool = True) -> None:
     """Zero the weights where keep is False and keep them there (replaces an earlier mask)."""
-    given = keep
-    keep = keep.to(device=module.weight.device, dtype=torch.bool).reshape(module.weight.shape)
+    # one copy, the module's own (a caller's uint8 mask was converted, then cloned: twice)
+    keep = keep.to(device=_mask_device(module), dtype=torch.bool, copy=True).reshape(module.weight.shape)
     if zero:
         with torch.no_grad():
             module.weight.mul_(keep)
     if is_masked(module):
         getattr(module, MASK).copy_(keep)
     else:
-        # the caller's tensor is cloned, a converted one is already ours (a whole model's masks once)
-        module.register_buffer(MASK, keep.clone() if keep.data_ptr() == given.data_ptr() else keep,
-                               persistent=True)
+        module.register_buffer(MASK, keep, persistent=True)
         module.register_forward_pre_hook(_forward_pre_hook)
     _guard(module)
     _ensure_optimizer_hook()
+
+
+def _mask_device(module: nn.Module) -> torch.device:
+    """The weight's device; the CPU for a weight still on meta (a model built under
+    ts.empty_parameters, whose weight ts.load gives the file's tensor next)."""
+    device = module.weight.device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def attach_without_zeroing(module: nn.Module) -> None:

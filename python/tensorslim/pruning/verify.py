@@ -51,7 +51,9 @@ def _call(model: nn.Module, batch: Any, params=None) -> List[torch.Tensor]:
             if params is None:
                 out = model(*args, **kwargs)
             else:
-                out = torch.func.functional_call(model, params, args, kwargs, strict=False)
+                # tie_weights=False: a module under two names is one module (its params keyed by
+                # the first name); with ties "on", torch 2.13 left the zeroed tensor in place after the call
+                out = torch.func.functional_call(model, params, args, kwargs, strict=False, tie_weights=False)
     return [t.detach() for t in output_tensors(out)]
 
 
