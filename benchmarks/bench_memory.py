@@ -3,8 +3,8 @@
 A user compressing a 1-70B model on a CPU needs the peak near (float model + compressed copy),
 not multiples of it. Each case builds the model, resets the peak RSS (/proc/self/clear_refs),
 runs one step and prints the peak above what the process held before it, beside the float
-model's size. The baselines: transformers' own from_pretrained for loading, the float model
-for the verbs.
+model's size, and the process's whole peak (build included: what a load route costs). The
+baselines: transformers' own from_pretrained for loading, the float model for the verbs.
 
     python benchmarks/bench_memory.py [--layers 4] [--hidden 1024] [--cases all]
 """
@@ -70,7 +70,6 @@ def run_case(args) -> dict:
         step = lambda: ts.load(model, f"{work}/int4.safetensors")  # noqa: E731
     else:
         model = LlamaForCausalLM(_config(args)).eval()
-        out["fp32_GiB"] = sum(p.numel() * 4 for p in model.parameters()) / GiB
         if case == "save":
             ts.quantize(model, ts.Int4WeightOnly(group_size=128), progress=False)
             step = lambda: ts.save(model, f"{work}/again.safetensors")  # noqa: E731
@@ -79,10 +78,11 @@ def run_case(args) -> dict:
         else:
             step = lambda: verbs[case](model)  # noqa: E731
     gc.collect()
-    before = _rss("VmRSS")
+    before, build_peak = _rss("VmRSS"), _rss("VmHWM")
     _reset_peak()
     result = step()
     out["peak_above_GiB"] = (_rss("VmHWM") - before) / GiB
+    out["process_peak_GiB"] = max(build_peak, _rss("VmHWM")) / GiB
     held = model if model is not None else result
     out["model_after_GiB"] = sum(t.numel() * t.element_size() for t in held.state_dict().values()) / GiB
     return out
@@ -97,9 +97,11 @@ def prepare(args) -> None:
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(_config(args)).eval()
+    fp32 = sum(p.numel() * 4 for p in model.parameters()) / GiB
     ts.quantize(model, ts.Int4WeightOnly(group_size=128), progress=False)
     ts.save(model, f"{args.work}/int4.safetensors")
     model.save_pretrained(f"{args.work}/hf")
+    print(json.dumps({"fp32_GiB": fp32}))
 
 
 def main():
@@ -111,7 +113,8 @@ def main():
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case == "prepare":
-        return prepare(args)
+        prepare(args)
+        return
     if args.case:
         print(json.dumps(run_case(args)))
         return
@@ -123,18 +126,18 @@ def main():
     common = [sys.executable, __file__, "--layers", str(args.layers), "--hidden", str(args.hidden)]
     print(f"LLaMA-style model: {args.layers} layers, hidden {args.hidden}, vocab 32000; peak RSS above "
           f"the process's RSS before the step, one process per case\n")
-    print(f"{'case':>20} {'fp32 model GiB':>15} {'peak above GiB':>15} {'x fp32':>7} {'model after GiB':>16}")
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run(common + ["--case", "prepare", "--work", work], check=True, env=env, capture_output=True)
-        fp32 = None
+        made = subprocess.run(common + ["--case", "prepare", "--work", work], check=True, env=env,
+                              capture_output=True, text=True)
+        fp32 = json.loads(made.stdout.strip().splitlines()[-1])["fp32_GiB"]
+        print(f"fp32 parameters: {fp32:.3f} GiB\n")
+        print(f"{'case':>20} {'peak above GiB':>15} {'x fp32':>7} {'process peak GiB':>17} {'model after GiB':>16}")
         for case in cases:
             res = subprocess.run(common + ["--case", case, "--work", work], check=True, env=env,
                                  capture_output=True, text=True)
             row = json.loads(res.stdout.strip().splitlines()[-1])
-            fp32 = row.get("fp32_GiB", fp32)
-            ref = row.get("fp32_GiB", fp32)
-            ratio = f"{row['peak_above_GiB'] / ref:7.2f}" if ref else f"{'-':>7}"
-            print(f"{case:>20} {ref or 0:15.3f} {row['peak_above_GiB']:15.3f} {ratio} {row['model_after_GiB']:16.3f}")
+            print(f"{case:>20} {row['peak_above_GiB']:15.3f} {row['peak_above_GiB'] / fp32:7.2f} "
+                  f"{row['process_peak_GiB']:17.3f} {row['model_after_GiB']:16.3f}")
 
 
 if __name__ == "__main__":
