@@ -529,3 +529,32 @@ def test_layer_subclasses_are_their_layer():
     assert model[0].out_channels == 8 and model[2].in_channels == 8
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+class _TokenNet(nn.Module):
+    """Token ids in (no float input to differentiate), forward(**kwargs) as Hugging Face models
+    have, a branch fx cannot trace: the autograd graph is driven by the parameters."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 16)
+        self.fc1, self.fc2, self.out = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, input_ids, scale=None, **kwargs):
+        h = self.emb(input_ids).mean(1)
+        if h.sum() > -1e9:  # data-dependent: not traceable by fx
+            h = h * 1.0
+        return self.out(self.fc2(torch.relu(self.fc1(h))))
+
+
+def test_dict_example_for_a_forward_with_kwargs_and_token_ids():
+    model = _TokenNet().eval()
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+    ref = model(ids)
+    ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs={"input_ids": ids}, progress=False)
+    assert model.fc1.out_features == 16  # pruned through the autograd graph
+    assert model(ids).shape == ref.shape
+    with pytest.raises(ValueError, match=r"keys \['labels'\] are not named parameters of _TokenNet.forward"):
+        ts.prune(_TokenNet().eval(), ts.ChannelPrune(ratio=0.5), example_inputs={"input_ids": ids, "labels": ids},
+                 progress=False)

@@ -63,7 +63,9 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             shapes: Dict = {}
             hooks = [fn.register_prehook(lambda g, fn=fn: shapes.__setitem__(fn, tuple(g[0].shape)) if g[0] is not None else None)
                      for fn in order if type(fn).__name__ != "AccumulateGrad"]
-            leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+            # token ids carry no gradient: the parameters then drive the pass (only shapes are read)
+            leaves = ([x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+                      or [p for p in model.parameters() if p.requires_grad])
             torch.autograd.grad(sum(o.float().sum() for o in outs), leaves, allow_unused=True)
             for h in hooks:
                 h.remove()

@@ -61,7 +61,13 @@ def _example(model: nn.Module, calib_data, example_inputs) -> tuple:
         except TypeError as e:
             raise ValueError(f"ChannelPrune: the example batch does not match the model's forward: {e}") from None
         bound.apply_defaults()
-        return tuple(bound.arguments.values())
+        params = inspect.signature(model.forward).parameters
+        extra = bound.arguments.get(next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None))
+        if extra:  # the trace passes the batch positionally: a key only **kwargs takes has no place
+            raise ValueError(f"ChannelPrune: the example batch's keys {sorted(extra)} are not named parameters "
+                             f"of {type(model).__name__}.forward; leave them out of the example")
+        return tuple(v for n, v in bound.arguments.items()
+                     if params[n].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
