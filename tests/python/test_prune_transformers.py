@@ -210,3 +210,65 @@ def test_bfloat16_models_pass_the_check(seed):
     ids = torch.randint(0, 512, (4, 32))
     ts.prune(model, ts.ChannelPrune(ratio=0.25), calib_data=[{"input_ids": ids}], progress=False)
     assert model.model.layers[0].mlp.down_proj.in_features == 520  # 688 x 0.75, rounded up to 8
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, decoder_start_token_id=0)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return T5ForConditionalGeneration(cfg), {"input_ids": ids, "decoder_input_ids": ids[:, :3]}, "logits"
+
+
+def _vit():
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
+                    patch_size=8)
+    return ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}, \
+        "last_hidden_state"
+
+
+def _clip_text():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    ids = torch.randint(2, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return CLIPTextModel(cfg), {"input_ids": ids}, "last_hidden_state"
+
+
+def _whisper():
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                        max_source_positions=8, max_target_positions=16, pad_token_id=0, bos_token_id=0,
+                        eos_token_id=1, decoder_start_token_id=0)
+    ids = torch.randint(2, 64, (2, 3), generator=torch.Generator().manual_seed(1))
+    return WhisperModel(cfg), {"input_features": torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2)),
+                               "decoder_input_ids": ids}, "last_hidden_state"
+
+
+@pytest.mark.parametrize("build,layers", [(_t5, {"encoder.block.0.layer.1.DenseReluDense.wi": 32}),
+                                          (_vit, {"layers.0.mlp.fc1": 32}),
+                                          (_clip_text, {"encoder.layers.0.mlp.fc1": 32}),
+                                          (_whisper, {"encoder.layers.0.fc1": 32, "encoder.conv1": 16})],
+                         ids=["t5", "vit", "clip_text", "whisper"])
+def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
+    """T5, ViT, CLIP, Whisper have no block rule: fx does not trace them, the autograd graph
+    does, reading a linear on [B, T, C] tokens (the token dims folded and unfolded around the
+    matmul), CLIP's quick_gelu (`1.702 * x`) and token-id inputs. Their FFN neurons go (and
+    Whisper's conv stem channels); the attention heads stay (reported)."""
+    torch.manual_seed(0)
+    model, batch, field = build()
+    model.eval()
+    cfg = ts.ChannelPrune(ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, batch)
+    ts.prune(model, cfg, example_inputs=batch, progress=False)
+    for name, width in layers.items():  # half of 64 FFN neurons; Whisper's stem conv 32 -> 16
+        m = model.get_submodule(name)
+        assert (m.out_features if hasattr(m, "out_features") else m.out_channels) == width, name
+    with torch.no_grad():
+        got, want = getattr(model(**batch), field), getattr(ref(**batch), field)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

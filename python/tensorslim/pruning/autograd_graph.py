@@ -21,7 +21,10 @@ PASS = {"ReluBackward0", "GeluBackward0", "SiluBackward0", "SigmoidBackward0", "
         "HardswishBackward0", "LeakyReluBackward0", "HardtanhBackward0", "HardsigmoidBackward0",
         "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
         "AdaptiveMaxPool2DBackward0", "MaxPool1DWithIndicesBackward0", "CloneBackward0",
-        "NativeDropoutBackward0"}
+        "NativeDropoutBackward0",
+        # with a Python number (the *Backward1 overloads: CLIP's quick_gelu `1.702 * x`), x ** p, exp
+        "MulBackward1", "AddBackward1", "SubBackward1", "RsubBackward1", "DivBackward1", "PowBackward0",
+        "ExpBackward0", "NegBackward0"}
 ELEMENTWISE = {"AddBackward0": operator.add, "SubBackward0": operator.sub, "MulBackward0": operator.mul}
 MODULE_OPS = {"ConvolutionBackward0": 1, "NativeBatchNormBackward0": 1, "AddmmBackward0": 2, "MmBackward0": 1}
 
@@ -66,7 +69,8 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             # token ids carry no gradient: the parameters then drive the pass (only shapes are read)
             leaves = ([x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
                       or [p for p in model.parameters() if p.requires_grad])
-            torch.autograd.grad(sum(o.float().sum() for o in outs), leaves, allow_unused=True)
+            # the graph kept: _to_fx reads saved values (a product's scalar operand)
+            torch.autograd.grad(sum(o.float().sum() for o in outs), leaves, allow_unused=True, retain_graph=True)
             for h in hooks:
                 h.remove()
         except ValueError as e:
@@ -77,6 +81,15 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             raise ValueError(f"the model traces neither with torch.fx nor through autograd "
                              f"({first_line(e)})") from None
     return _to_fx(model, order, shapes, params, inputs, outs)
+
+
+def _times_a_number(fn, kind: str, ins) -> bool:
+    """A product with a one-element tensor the graph does not follow (a Python number wrapped as
+    a tensor: `1.702 * x` in CLIP's quick_gelu): channel for channel."""
+    if kind != "MulBackward0" or len(ins) != 2 or (ins[0] is None) == (ins[1] is None):
+        return False
+    other = getattr(fn, "_saved_other" if ins[1] is None else "_saved_self", None)
+    return isinstance(other, torch.Tensor) and other.numel() == 1
 
 
 def _weight_module(fn, index: int, params) -> str:
@@ -105,7 +118,7 @@ def _to_fx(model, order, shapes, params, inputs, outs) -> fx.GraphModule:
         if name is not None:
             src = ins[1] if kind == "AddmmBackward0" else ins[0]
             n = g.call_module(name, (src,) if src is not None else ())
-        elif kind in PASS and tensor_ins:
+        elif (kind in PASS or _times_a_number(fn, kind, ins)) and tensor_ins:
             n = g.call_function(F.relu, (tensor_ins[0],))
         elif kind in ELEMENTWISE and tensor_ins:
             # an operand the graph does not follow (a parameter, a buffer, a detached tensor)
@@ -116,13 +129,18 @@ def _to_fx(model, order, shapes, params, inputs, outs) -> fx.GraphModule:
             n = g.call_function(torch.cat, (list(tensor_ins), fn._saved_dim))
         elif kind == "MeanBackward1" and tensor_ins:
             n = g.call_method("mean", (tensor_ins[0], list(fn._saved_dim)), {"keepdim": fn._saved_keepdim})
-        elif kind in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0") and tensor_ins:
+        elif (kind in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0") and tensor_ins
+              and "tensor_meta" in tensor_ins[0].meta):  # (no shape where no gradient reached it)
             src_shape = tuple(tensor_ins[0].meta["tensor_meta"].shape)
             dst = shapes.get(fn)
             start = next((i for i in range(len(src_shape)) if dst is not None and i < len(dst)
                           and dst[:i] == src_shape[:i] and len(dst) == i + 1), None)
-            n = (g.call_function(torch.flatten, (tensor_ins[0], start)) if start is not None
-                 else g.call_function(_opaque, tuple(tensor_ins)))
+            if start is not None:
+                n = g.call_function(torch.flatten, (tensor_ins[0], start))
+            elif dst is not None and src_shape and dst[-1] == src_shape[-1]:  # a 3-D linear's token folding
+                n = g.call_method("reshape", (tensor_ins[0], *dst))
+            else:
+                n = g.call_function(_opaque, tuple(tensor_ins))
         else:
             n = g.call_function(_opaque, tuple(tensor_ins))
             n.meta["autograd_op"] = kind

@@ -239,7 +239,10 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                     consume(name, x, "weight", in_dim, in_attr)
                 params = ["weight"] + (["bias"] if m.bias is not None else [])
                 sid = new_space(name, linear_shape(m)[1], params, [(name, out_attr, 1)], weight_dim=out_dim)
-                info[node] = Info([(sid, 1)], len(shape) - 1)
+                if shape is None:  # the autograd pass recorded none (no gradient reached it)
+                    sp.get(sid).unsupported.append(f"no output shape recorded for '{name}'")
+                else:
+                    info[node] = Info([(sid, 1)], len(shape) - 1)
             elif isinstance(m, NORMS) and xi is not None:
                 if xi.cdim != 1 or any(rep != 1 for _, rep in xi.segs):  # normalizes dim 1, per feature
                     mark(x, f"BatchNorm '{name}' normalizes a dimension other than the channels "
@@ -424,15 +427,18 @@ def _flatten(node, x, xi: Optional[Info], info, start: int, mark, end: int = -1)
 
 def _reshape(node, x, xi: Optional[Info], info, mark) -> None:
     """view / reshape / squeeze / unsqueeze, read from the shapes before and after: only the
-    dimensions after the channels reshaped (`x.view(n, c, -1)`), size-1 dimensions added or
-    removed (the channels keep their place among the others), or the channels and everything
-    after them flattened (`x.view(x.size(0), -1)`)."""
+    dimensions after the channels reshaped (`x.view(n, c, -1)`), only those before channels
+    that are last (`x.view(-1, c)`: a linear on [B, T, C] tokens folds them), size-1 dimensions
+    added or removed (the channels keep their place among the others), or the channels and
+    everything after them flattened (`x.view(x.size(0), -1)`)."""
     shp, out = _shape(x), _shape(node)
     if xi is None or shp is None or out is None:
         return
     c = xi.cdim
     if len(out) > c and tuple(out[:c + 1]) == tuple(shp[:c + 1]):  # only the dims after the channels change
         info[node] = xi
+    elif c == len(shp) - 1 and out and out[-1] == shp[c]:  # channels last, only the dims before them change
+        info[node] = Info(xi.segs, len(out) - 1)
     elif [d for d in shp if d != 1] == [d for d in out if d != 1] and shp[c] != 1:
         rank = sum(1 for d in shp[:c] if d != 1)  # the channels' place among the dims other than 1
         info[node] = Info(xi.segs, [i for i, d in enumerate(out) if d != 1][rank])
