@@ -7,9 +7,9 @@
 A 7B-parameter float model is 28 GB in fp32; its INT4 file is under 4 GB. Built the usual way,
 the float weights are allocated and initialized only to be replaced. Built inside
 `empty_parameters()`, each parameter moves to the meta device as it is registered (allocated
-once, uninitialized, then freed; its initialization runs on meta); buffers (rotary position tables, BatchNorm statistics) are computed as in a
-normal build, since a file need not hold them. ts.load then gives each remaining meta parameter
-the file's tensor itself. (`torch.device("meta")` puts buffers there too: their values would be
+once, uninitialized, then freed; its initialization runs on meta); buffers (rotary position
+tables, BatchNorm statistics) are computed as in a normal build, since a file need not hold
+them. ts.load then gives each remaining meta parameter the file's tensor itself. (`torch.device("meta")` puts buffers there too: their values would be
 lost, so ts.load refuses such a model.)
 """
 import contextlib
