@@ -558,3 +558,56 @@ def test_dict_example_for_a_forward_with_kwargs_and_token_ids():
     with pytest.raises(ValueError, match=r"keys \['labels'\] are not named parameters of _TokenNet.forward"):
         ts.prune(_TokenNet().eval(), ts.ChannelPrune(ratio=0.5), example_inputs={"input_ids": ids, "labels": ids},
                  progress=False)
+
+
+class _WidthInCode(nn.Module):
+    """`h.reshape(-1, 32)` names the width as a number: it stays 32 however many channels
+    remain, so the channels before it are kept (those after it prune)."""
+
+    def __init__(self, branchy=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.branchy = branchy
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 32), nn.Linear(32, 64), nn.Linear(64, 3)
+
+    def forward(self, x):  # [B, T, 8]
+        h = torch.relu(self.fc1(x))
+        if self.branchy and h.sum() > -1e9:  # fx cannot trace this: the autograd graph is read
+            h = h * 1.0
+        return self.fc3(torch.relu(self.fc2(h.reshape(-1, 32))))
+
+
+class _HeadsFromWidth(nn.Module):
+    """Heads split by hand, their size read from the residual stream's width (`c // 4`): read as
+    keeping channels, the token folds let the residual stream prune and the split fail the
+    check; the autograd route is retried without them (then nothing prunes, nothing raises)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.q, self.o, self.head = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if h.sum() > -1e9:  # fx cannot trace this: the autograd graph is read
+            h = h * 1.0
+        b, t, c = h.shape
+        a = torch.softmax(self.q(h).view(b, t, 4, c // 4), -1).reshape(b, t, c)
+        return self.head((h + self.o(a)).mean(1))
+
+
+@pytest.mark.parametrize("branchy", [False, True], ids=["fx", "autograd"])
+def test_a_width_written_in_the_code_keeps_its_channels(branchy):
+    model = _WidthInCode(branchy).eval()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=(x,), progress=False)
+    assert model.fc1.out_features == 32 and model.fc2.out_features == 32
+
+
+def test_a_width_read_for_a_head_split_is_retried_without_token_folds():
+    model = _HeadsFromWidth().eval()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    ref = model(x)
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=(x,), progress=False)
+    assert model.inp.out_features == 32 and torch.equal(model(x), ref)

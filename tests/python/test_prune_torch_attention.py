@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
@@ -436,3 +437,51 @@ def test_head_pruned_quantized_file_loads_into_an_unpacked_model(tmp_path):
     ts.load(fresh, tmp_path / "m.safetensors")
     with torch.no_grad():
         assert torch.equal(fresh(X), model(X))
+
+
+class _ReadsPackedWeights(nn.Module):
+    """Model code handing an attention's packed parameters to F.multi_head_attention_forward
+    itself: unpacked, it fails; ChannelPrune prunes again with the attention packed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.inp2 = nn.Linear(8, 64), nn.Linear(64, 32)
+        self.attn, self.head = nn.MultiheadAttention(32, 4), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.inp2(torch.relu(self.inp(x))).transpose(0, 1)
+        a = self.attn
+        o, _ = F.multi_head_attention_forward(h, h, h, a.embed_dim, a.num_heads, a.in_proj_weight, a.in_proj_bias,
+                                              None, None, False, 0.0, a.out_proj.weight, a.out_proj.bias,
+                                              training=False, need_weights=False)
+        return self.head(o.mean(0))
+
+
+def test_model_reading_packed_weights_prunes_with_the_attention_packed():
+    model = _ReadsPackedWeights().eval()
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1))
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=(x,), progress=False)
+    assert type(model.attn) is nn.MultiheadAttention and model.inp.out_features == 32
+    row = next(c for c in report.changes if c.name == "attn")
+    assert "did not prune with it unpacked" in row.reason
+
+
+class _GluLayer(nn.TransformerEncoderLayer):
+    """A feed-forward of its own (a GLU over a doubled linear1): the FFN rule leaves it alone."""
+
+    def __init__(self):
+        super().__init__(32, 4, 64, dropout=0.0, batch_first=True)
+        self.linear1 = nn.Linear(32, 128)
+
+    def _ff_block(self, x):
+        a, b = self.linear1(x).chunk(2, dim=-1)
+        return self.linear2(a * torch.sigmoid(b))
+
+
+def test_a_layer_with_its_own_feed_forward_keeps_its_neurons():
+    torch.manual_seed(0)
+    model = nn.Sequential(_GluLayer(), nn.Linear(32, 3)).eval()
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=(x,), progress=False)
+    assert model[0].linear1.out_features == 128 and model[0].self_attn.num_heads == 2

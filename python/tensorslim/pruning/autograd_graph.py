@@ -37,8 +37,19 @@ def _meta(shape) -> TensorMetadata:
     return TensorMetadata(torch.Size(shape), torch.float32, False, (), torch.contiguous_format, False, {})
 
 
-def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    params = {id(p): n.rpartition(".")[0] for n, p in model.named_parameters()}
+def trace(model: nn.Module, example_inputs: tuple, fold_tokens: bool = True) -> fx.GraphModule:
+    """fold_tokens: read a view keeping the last dimension (a linear on [B, T, C] folds the
+    token dims around its matmul) as keeping the channels; gm.meta["token_folds"] counts them.
+    Model code that sizes a reshape from the channel count itself (`C // heads`) fails the
+    check with it: channels.py then traces again without."""
+    # a weight held by several modules (an output head tied to the embedding) is credited to
+    # the one that multiplies by it (a linear / conv), not to the first name listed
+    mods = dict(model.named_modules(remove_duplicate=False))
+    params: Dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owner = n.rpartition(".")[0]
+        if id(p) not in params or isinstance(mods.get(owner), (nn.Linear, nn.modules.conv._ConvNd)):
+            params[id(p)] = owner
     from ..quantization.calibrate import eval_mode
 
     with eval_mode(model):  # each module's own mode comes back (model.train(training) flattened them)
@@ -66,8 +77,10 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             shapes: Dict = {}
             hooks = [fn.register_prehook(lambda g, fn=fn: shapes.__setitem__(fn, tuple(g[0].shape)) if g[0] is not None else None)
                      for fn in order if type(fn).__name__ != "AccumulateGrad"]
-            # token ids carry no gradient: the parameters then drive the pass (only shapes are read)
-            leaves = ([x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+            # token ids carry no gradient: embedding tables drive the pass where they enter (only
+            # shapes are read; all parameters as leaves took a gradient of each)
+            tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+            leaves = ([x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad] + tables
                       or [p for p in model.parameters() if p.requires_grad])
             # the graph kept: _to_fx reads saved values (a product's scalar operand)
             torch.autograd.grad(sum(o.float().sum() for o in outs), leaves, allow_unused=True, retain_graph=True)
@@ -80,7 +93,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
 
             raise ValueError(f"the model traces neither with torch.fx nor through autograd "
                              f"({first_line(e)})") from None
-    return _to_fx(model, order, shapes, params, inputs, outs)
+    return _to_fx(model, order, shapes, params, inputs, outs, fold_tokens)
 
 
 def _times_a_number(fn, kind: str, ins) -> bool:
@@ -100,9 +113,10 @@ def _weight_module(fn, index: int, params) -> str:
     return params.get(id(var)) if var is not None else None
 
 
-def _to_fx(model, order, shapes, params, inputs, outs) -> fx.GraphModule:
+def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.GraphModule:
     g = fx.Graph()
     node_of: Dict = {}
+    folds = 0
     input_ids = {id(x): i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)}
     for fn in order:
         kind = type(fn).__name__
@@ -137,8 +151,10 @@ def _to_fx(model, order, shapes, params, inputs, outs) -> fx.GraphModule:
                           and dst[:i] == src_shape[:i] and len(dst) == i + 1), None)
             if start is not None:
                 n = g.call_function(torch.flatten, (tensor_ins[0], start))
-            elif dst is not None and src_shape and dst[-1] == src_shape[-1]:  # a 3-D linear's token folding
-                n = g.call_method("reshape", (tensor_ins[0], *dst))
+            elif fold_tokens and dst is not None and src_shape and dst[-1] == src_shape[-1]:
+                n = g.call_method("reshape", (tensor_ins[0], *dst))  # a linear's token folding
+                n.meta["token_fold"] = True  # its sizes are the recorded ones, not numbers in the code
+                folds += 1
             else:
                 n = g.call_function(_opaque, tuple(tensor_ins))
         else:
@@ -148,4 +164,6 @@ def _to_fx(model, order, shapes, params, inputs, outs) -> fx.GraphModule:
             n.meta["tensor_meta"] = _meta(shapes[fn])
         node_of[fn] = n
     g.output(tuple(node_of[o.grad_fn] for o in outs if o.grad_fn in node_of))
-    return fx.GraphModule(model, g)
+    gm = fx.GraphModule(model, g)
+    gm.meta["token_folds"] = folds
+    return gm

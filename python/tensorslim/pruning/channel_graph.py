@@ -425,6 +425,19 @@ def _flatten(node, x, xi: Optional[Info], info, start: int, mark, end: int = -1)
         mark(x, f"'{node.name}' flattens the channel dimension into the dimensions before it")
 
 
+def _literal_sizes(node) -> set:
+    """The sizes a reshape node names as numbers (`h.reshape(-1, 32)`: a width written into the
+    code stays 32 however many channels remain; one read from `h.shape` follows them)."""
+    sizes = set()
+    if node.meta.get("token_fold"):  # autograd_graph's: sizes as recorded
+        return sizes
+    for a in (*node.args[1:], *node.kwargs.values()):
+        for v in (a if isinstance(a, (tuple, list)) else (a,)):
+            if type(v) is int:
+                sizes.add(v)
+    return sizes
+
+
 def _reshape(node, x, xi: Optional[Info], info, mark) -> None:
     """view / reshape / squeeze / unsqueeze, read from the shapes before and after: only the
     dimensions after the channels reshaped (`x.view(n, c, -1)`), only those before channels
@@ -437,8 +450,8 @@ def _reshape(node, x, xi: Optional[Info], info, mark) -> None:
     c = xi.cdim
     if len(out) > c and tuple(out[:c + 1]) == tuple(shp[:c + 1]):  # only the dims after the channels change
         info[node] = xi
-    elif c == len(shp) - 1 and out and out[-1] == shp[c]:  # channels last, only the dims before them change
-        info[node] = Info(xi.segs, len(out) - 1)
+    elif c == len(shp) - 1 and out and out[-1] == shp[c] and shp[c] not in _literal_sizes(node):
+        info[node] = Info(xi.segs, len(out) - 1)  # channels last, only the dims before them change
     elif [d for d in shp if d != 1] == [d for d in out if d != 1] and shp[c] != 1:
         rank = sum(1 for d in shp[:c] if d != 1)  # the channels' place among the dims other than 1
         info[node] = Info(xi.segs, [i for i, d in enumerate(out) if d != 1][rank])

@@ -56,8 +56,12 @@ def _is_gpt2_block(m) -> bool:
 
 
 def _is_torch_layer(m) -> bool:
-    return (isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
-            and isinstance(getattr(m, "linear1", None), nn.Linear) and isinstance(getattr(m, "linear2", None), nn.Linear))
+    """torch's layer computing its own feed-forward (a subclass overriding forward / _ff_block,
+    a GLU with a doubled linear1, may route the neurons otherwise)."""
+    base = next((c for c in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer) if isinstance(m, c)), None)
+    return (base is not None and type(m).forward is base.forward and type(m)._ff_block is base._ff_block
+            and isinstance(getattr(m, "linear1", None), nn.Linear) and isinstance(getattr(m, "linear2", None), nn.Linear)
+            and m.linear1.out_features == m.linear2.in_features)
 
 
 def _gpt2_layout_problem(att) -> str:

@@ -42,6 +42,7 @@ class Spaces:
         self.parent: List[int] = []
         self.untraced: List[str] = []  # weight layers the traced example batch never ran
         self.keep_heads: Dict[str, str] = {}  # attention -> why the trace says its heads stay
+        self.token_folds = 0  # views the autograd graph read as keeping channels (autograd_graph.trace)
 
     def new(self, size: int, kind: str = "channels") -> int:
         self.spaces.append(Space(size, kind=kind))

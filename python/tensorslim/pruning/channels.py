@@ -77,7 +77,7 @@ SCHEDULE_PACKED = ("ts.pruning.Schedule masks the optimizer's parameters in plac
 
 
 def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs,
-                 packed_hint: Optional[str] = None) -> Spaces:
+                 packed_hint: Optional[str] = None, fold_tokens: bool = True) -> Spaces:
     heads = cfg.head_ratio != 0
     if channel_rules.find_blocks(model):  # Hugging Face blocks
         sp = channel_rules.build_spaces(model, heads=heads)
@@ -91,11 +91,12 @@ def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs
                 from . import autograd_graph
 
                 try:
-                    gm = autograd_graph.trace(model, example)
+                    gm = autograd_graph.trace(model, example, fold_tokens)
                 except ValueError as e:
-                    raise ValueError(f"{fx_error}; {e}") from None
+                    raise verify.ModelRunError(f"{fx_error}; {e}") from None
         sp = channel_graph.build_spaces(model, gm)
         sp.keep_heads.update(keep_heads)
+        sp.token_folds = gm.meta.get("token_folds", 0)
     channel_rules.add_torch_layer_spaces(sp, model)
     if heads:
         add_head_spaces(sp, model, cfg.exclude, packed_hint)
@@ -343,6 +344,14 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
         attention.unpack()
         try:
             report = _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
+        except verify.ModelRunError as e:
+            attention.restore_all()
+            if not attention.swapped:
+                raise
+            # model code reading the packed weights, attention weights used where the trace
+            # cannot see it: once more with every attention packed, its heads kept (with why)
+            why = f"the model did not prune with it unpacked: {str(e).splitlines()[0][:200]}"
+            return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced, why)
         except BaseException:
             attention.restore_all()
             raise
@@ -351,8 +360,21 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
 
 
 def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
-                    forced: Optional[dict]) -> Report:
-    spaces = build_spaces(model, cfg, calib_data, example_inputs, SCHEDULE_PACKED if forced is not None else None)
+                    forced: Optional[dict], packed_hint: Optional[str] = None) -> Report:
+    hint = SCHEDULE_PACKED if forced is not None else packed_hint
+    try:
+        return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, True)
+    except verify.ModelRunError as e:
+        if not getattr(e, "token_folds", 0):
+            raise
+        # the autograd graph read token folds as keeping channels, and the check failed: model
+        # code that sizes a reshape from the channel count (`C // heads`); those stay opaque now
+        return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, False)
+
+
+def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
+                  forced: Optional[dict], hint: Optional[str], fold_tokens: bool) -> Report:
+    spaces = build_spaces(model, cfg, calib_data, example_inputs, hint, fold_tokens)
     grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
              else None)
     removed, dec, report = plan(model, spaces, cfg, grads, forced=forced)
@@ -399,8 +421,9 @@ def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loo
     if expected is not None:
         try:
             verify.same_outputs(model, batch, expected)
-        except BaseException:
+        except BaseException as e:
             put(old_tensors, old_attrs)
+            e.token_folds = spaces.token_folds  # read by _prune_channels
             raise
     record = getattr(model, STRUCTURED_ATTR, {})
     for (n, a), v in attrs.items():

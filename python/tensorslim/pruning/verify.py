@@ -20,6 +20,11 @@ def _tolerance(dtype: torch.dtype) -> float:
     return max(1e-3, 8 * torch.finfo(dtype).eps)
 
 
+class ModelRunError(ValueError):
+    """The model did not trace, or the pruned model did not give what the original gives with
+    the removed channels zeroed: something in the model's code, not a bad argument."""
+
+
 def rng_devices(device: torch.device) -> List[int]:
     """The CUDA devices whose generators a forward may draw from (for fork_rng)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -73,7 +78,7 @@ def without_channels(model: nn.Module, batch: Any, removed: Dict[Tuple[str, str,
     try:
         return _call(model, batch, zeroed)
     except Exception as e:  # the original model ran this batch for the trace: say what failed
-        raise ValueError(f"ChannelPrune: the example batch does not run through the model with the "
+        raise ModelRunError(f"ChannelPrune: the example batch does not run through the model with the "
                          f"removed channels zeroed ({type(e).__name__}: {e})") from None
 
 
@@ -84,15 +89,15 @@ def same_outputs(model: nn.Module, batch: Any, expected: List[torch.Tensor]) -> 
     try:
         got = _call(model, batch)
     except Exception as e:
-        raise ValueError(f"ChannelPrune: the pruned model no longer runs ({type(e).__name__}: {e}); "
+        raise ModelRunError(f"ChannelPrune: the pruned model no longer runs ({type(e).__name__}: {e}); "
                          f"{advice}") from None
     if len(got) != len(expected):
-        raise ValueError(f"ChannelPrune: the pruned model returns {len(got)} tensors instead of "
+        raise ModelRunError(f"ChannelPrune: the pruned model returns {len(got)} tensors instead of "
                          f"{len(expected)}; {advice}")
     for i, (g, e) in enumerate(zip(got, expected)):
         if g.shape != e.shape or g.dtype != e.dtype:
             if i == 0:
-                raise ValueError(f"ChannelPrune: output {i} of the pruned model has shape {tuple(g.shape)} "
+                raise ModelRunError(f"ChannelPrune: output {i} of the pruned model has shape {tuple(g.shape)} "
                                  f"({g.dtype}) instead of {tuple(e.shape)} ({e.dtype}); {advice}")
             continue  # a by-product whose shape follows the channels (attention maps lose heads)
         if not e.is_floating_point() or not e.numel():
@@ -101,6 +106,6 @@ def same_outputs(model: nn.Module, batch: Any, expected: List[torch.Tensor]) -> 
         diff = float(torch.where(same, 0.0, (g.double() - e.double()).abs()).nan_to_num(float("inf")).max())
         scale = float(e.double().abs().nan_to_num(0.0, 0.0, 0.0).max())
         if diff > _tolerance(e.dtype) * max(scale, 1e-30):
-            raise ValueError(f"ChannelPrune: output {i} of the pruned model differs from the original "
+            raise ModelRunError(f"ChannelPrune: output {i} of the pruned model differs from the original "
                              f"without the removed channels by {diff:.3g} (outputs up to {scale:.3g}); "
                              f"{advice}")
