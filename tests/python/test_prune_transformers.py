@@ -250,15 +250,26 @@ def _whisper():
                                "decoder_input_ids": ids}, "last_hidden_state"
 
 
+def _falcon():
+    from transformers import FalconConfig, FalconModel
+
+    cfg = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       new_decoder_architecture=True, num_kv_heads=2, bias=True)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    return FalconModel(cfg), {"input_ids": ids}, "last_hidden_state"
+
+
 @pytest.mark.parametrize("build,layers", [(_t5, {"encoder.block.0.layer.1.DenseReluDense.wi": 32}),
+                                          (_falcon, {"h.0.mlp.dense_h_to_4h": 64}),
                                           (_vit, {"layers.0.mlp.fc1": 32}),
                                           (_clip_text, {"encoder.layers.0.mlp.fc1": 32}),
                                           (_whisper, {"encoder.layers.0.fc1": 32, "encoder.conv1": 16})],
-                         ids=["t5", "vit", "clip_text", "whisper"])
+                         ids=["t5", "falcon", "vit", "clip_text", "whisper"])
 def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     """T5, ViT, CLIP, Whisper have no block rule: fx does not trace them, the autograd graph
     does, reading a linear on [B, T, C] tokens (the token dims folded and unfolded around the
-    matmul), CLIP's quick_gelu (`1.702 * x`) and token-id inputs. Their FFN neurons go (and
+    matmul), CLIP's quick_gelu (`1.702 * x`), Falcon's `x @ W.T + bias` and token-id inputs.
+    Their FFN neurons go (and
     Whisper's conv stem channels); the attention heads stay (reported)."""
     torch.manual_seed(0)
     model, batch, field = build()
@@ -266,7 +277,7 @@ def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     cfg = ts.ChannelPrune(ratio=0.5)
     ref, _ = zeroed_reference(model, cfg, batch)
     ts.prune(model, cfg, example_inputs=batch, progress=False)
-    for name, width in layers.items():  # half of 64 FFN neurons; Whisper's stem conv 32 -> 16
+    for name, width in layers.items():  # half the FFN neurons (Falcon: 4 x 32); Whisper's stem conv 32 -> 16
         m = model.get_submodule(name)
         assert (m.out_features if hasattr(m, "out_features") else m.out_channels) == width, name
     with torch.no_grad():

@@ -105,9 +105,29 @@ def _times_a_number(fn, kind: str, ins) -> bool:
     return isinstance(other, torch.Tensor) and other.numel() == 1
 
 
+def _adds_own_bias(fn, kind: str, ins, model: nn.Module, params) -> bool:
+    """`x @ W.T + self.bias` (transformers' FalconLinear): the bias of the layer whose product
+    is the other operand, sliced with its rows: channel for channel."""
+    if kind != "AddBackward0" or len(ins) != 2 or (ins[0] is None) == (ins[1] is None):
+        return False
+    i = 0 if ins[0] is None else 1
+    bias = getattr(fn.next_functions[i][0], "variable", None)
+    owner = params.get(id(bias)) if bias is not None else None
+    node = ins[1 - i]
+    while node.op == "call_method" and node.meta.get("token_fold"):  # the fold back to [B, T, C]
+        node = node.args[0]
+    return (owner is not None and node.op == "call_module" and node.target == owner
+            and getattr(model.get_submodule(owner), "bias", None) is bias)
+
+
+def _is_transpose_2d(f) -> bool:
+    """`W.T` of a matrix (transformers' FalconLinear: x @ self.weight.T) records a permute."""
+    return type(f).__name__ == "PermuteBackward0" and tuple(getattr(f, "_saved_dims", ())) == (1, 0)
+
+
 def _weight_module(fn, index: int, params) -> str:
     f = fn.next_functions[index][0]
-    while f is not None and type(f).__name__ == "TBackward0":
+    while f is not None and (type(f).__name__ == "TBackward0" or _is_transpose_2d(f)):  # W.t(), x @ W.T
         f = f.next_functions[0][0]
     var = getattr(f, "variable", None)
     return params.get(id(var)) if var is not None else None
@@ -132,7 +152,7 @@ def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.
         if name is not None:
             src = ins[1] if kind == "AddmmBackward0" else ins[0]
             n = g.call_module(name, (src,) if src is not None else ())
-        elif (kind in PASS or _times_a_number(fn, kind, ins)) and tensor_ins:
+        elif (kind in PASS or _times_a_number(fn, kind, ins) or _adds_own_bias(fn, kind, ins, model, params)) and tensor_ins:
             n = g.call_function(F.relu, (tensor_ins[0],))
         elif kind in ELEMENTWISE and tensor_ins:
             # an operand the graph does not follow (a parameter, a buffer, a detached tensor)
