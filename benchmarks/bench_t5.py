@@ -10,7 +10,7 @@ did before compressed layers' `.weight` became lazy (docs/layer_coverage.md).
 """
 import argparse
 
-from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
+from isa_option import cap_from_argv
 
 cap_from_argv()  # before torch / tensorslim load: they read the ISA caps at start
 
@@ -18,8 +18,8 @@ import torch  # noqa: E402
 
 import tensorslim as ts  # noqa: E402
 from tensorslim.nn.compressed_linear import CompressedLinear  # noqa: E402
-from timing import (batch_tokens, compressed_copies, machine_line, median_times,  # noqa: E402
-                    print_header, recipe_names)
+from timing import (batch_tokens, compressed_copies, median_times, parse_shapes_and_recipes,  # noqa: E402
+                    print_header)
 
 RECIPES = {
     "int8dyn": lambda m, calib: ts.quantize(m, ts.Int8Dynamic(), progress=False),
@@ -47,16 +47,10 @@ def main():
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=2048)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--shapes", default="1x32,8x128", help="batch x tokens, comma separated")
-    p.add_argument("--recipes", default="int8dyn,int4,w8a8")
-    add_isa_argument(p)
-    args = p.parse_args()
-    isa_line = check_isa(args)
-    names = recipe_names(p, args.recipes, RECIPES)
+    args, names = parse_shapes_and_recipes(p, "1x32,8x128", RECIPES, "int8dyn,int4,w8a8")
     import transformers
 
     torch.manual_seed(0)
-    print(machine_line(isa_line))
     cfg = transformers.T5Config(vocab_size=512, d_model=args.d_model, d_kv=args.d_model // 8, d_ff=args.d_ff,
                                 num_layers=args.layers, num_heads=8, decoder_start_token_id=0)
     dense = transformers.T5EncoderModel(cfg).eval()

@@ -13,7 +13,7 @@ packed, so nn.TransformerEncoderLayer's fast path read the compressed layers' de
 import argparse
 import copy
 
-from isa_option import add_argument as add_isa_argument, cap_from_argv, check as check_isa
+from isa_option import cap_from_argv
 
 cap_from_argv()  # before torch / tensorslim load: they read the ISA caps at start
 
@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tensorslim as ts  # noqa: E402
-from timing import (batch_tokens, compressed_copies, machine_line, median_times,  # noqa: E402
-                    print_header, recipe_names)
+from timing import (batch_tokens, compressed_copies, median_times, parse_shapes_and_recipes,  # noqa: E402
+                    print_header)
 
 RECIPES = {
     "int8dyn": lambda m, calib: ts.quantize(m, ts.Int8Dynamic(), progress=False),
@@ -52,14 +52,9 @@ def main():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--shapes", default="1x64,8x64,32x128", help="batch x tokens, comma separated")
-    p.add_argument("--recipes", default="int8dyn,w8a8,int4,nm,prune25,prune25+int8dyn")
-    add_isa_argument(p)
-    args = p.parse_args()
-    isa_line = check_isa(args)
-    names = recipe_names(p, args.recipes, RECIPES)
+    args, names = parse_shapes_and_recipes(p, "1x64,8x64,32x128", RECIPES,
+                                           "int8dyn,w8a8,int4,nm,prune25,prune25+int8dyn")
     torch.manual_seed(0)
-    print(machine_line(isa_line))
     print(f"nn.TransformerEncoder: {args.layers} layers, width {args.width}, {args.heads} heads, "
           f"FFN {args.ffn}, batch_first, eval, torch.inference_mode\n")
     layer = nn.TransformerEncoderLayer(args.width, args.heads, args.ffn, batch_first=True, dropout=0.0)

@@ -72,6 +72,22 @@ def machine_line(isa_line: str) -> str:
             f"tensorslim threads ({ts._C.threading_backend()}); {isa_line}")
 
 
+def parse_shapes_and_recipes(parser, shapes: str, recipes: dict, default_recipes: str):
+    """(args, recipe names) of a model benchmark timed over batch x tokens shapes: adds --shapes,
+    --recipes and --isa to `parser`, parses, checks the ISA cap and the recipe names, and prints
+    the machine line."""
+    from isa_option import add_argument, check
+
+    parser.add_argument("--shapes", default=shapes, help="batch x tokens, comma separated")
+    parser.add_argument("--recipes", default=default_recipes)
+    add_argument(parser)
+    args = parser.parse_args()
+    isa_line = check(args)
+    names = recipe_names(parser, args.recipes, recipes)
+    print(machine_line(isa_line))
+    return args, names
+
+
 def recipe_names(parser, text: str, known) -> list:
     """The comma-separated --recipes, each one of `known` (else the parser's error)."""
     names = text.split(",")

@@ -72,15 +72,16 @@ def _kept_whole(name: str, m: nn.Module, n_names: int, sp: Spaces, exclude, pack
 
 
 def block_owners(model: nn.Module) -> Dict[str, str]:
-    """{weight layer inside a torch block (TORCH_BLOCKS): the outermost such block}; the channel
-    graph keeps them whole (the autograd graph shows them one by one)."""
-    out = {}
+    """{module inside a torch block (TORCH_BLOCKS): the outermost such block}; the channel graph
+    keeps them whole (the autograd graph shows their layers one by one)."""
+    out: Dict[str, str] = {}
     for name, m in model.named_modules():
-        if isinstance(m, TORCH_BLOCKS) and not any(name.startswith(f"{o}.") for o in set(out.values())):
-            p = f"{name}." if name else ""
-            for sub, _ in m.named_modules():
-                if sub and any(True for _ in m.get_submodule(sub).parameters(recurse=False)):
-                    out[p + sub] = name
+        if not isinstance(m, TORCH_BLOCKS) or name in out:  # a block inside one already listed
+            continue
+        p = f"{name}." if name else ""
+        for sub, _ in m.named_modules():
+            if sub:
+                out[p + sub] = name
     return out
 
 
