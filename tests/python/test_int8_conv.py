@@ -605,3 +605,22 @@ def test_half_model_reads_the_conv_weight_dtype_for_its_input(dtype):
     assert got.dtype == dtype and (got.float() - want).abs().max() < 0.1 * want.abs().max()
     model.float()
     assert model.proj.weight.dtype == torch.float32 and model(px).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_code_calling_f_conv1d_with_the_conv_bias(dtype):
+    """Mamba's slow path computes F.conv1d(x, conv1d.weight, conv1d.bias) itself; after
+    model.half() the INT8 conv's bias stayed float32 ("Input type Half and bias type float")."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(8, 8, 4, groups=8, padding=3)
+    model = nn.Sequential(conv)
+    x = torch.randn(2, 8, 12)
+    ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    stored = model[0].bias.clone()
+    model.to(dtype)
+    q = model[0]
+    assert q.bias.dtype == dtype
+    got = F.conv1d(x.to(dtype), q.weight, q.bias, padding=3, groups=8)
+    want = F.conv1d(x, q.float().weight, stored, padding=3, groups=8)
+    assert got.dtype == dtype and float((got.float() - want).norm() / want.norm()) < 2e-2
+    assert torch.equal(q.bias, stored)  # back to float32: the stored bias was never rounded

@@ -65,6 +65,36 @@ def test_weight_follows_device_dtype_and_meta():
     assert meta.weight.device.type == "meta" and tuple(meta.weight.shape) == (OUT, IN)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_model_code_calling_f_linear_on_a_half_layer(kind, dtype):
+    """Code computing F.linear(x, layer.weight, layer.bias) itself after model.half() got a
+    float32 bias beside half tensors ("self and mat2 must have the same dtype"): `.bias` is in
+    the compute dtype too, while the stored float32 bias the kernels read is unchanged."""
+    layer = build(kind)
+    if layer.bias is None:
+        pytest.skip("no bias")
+    stored = layer.bias.clone()
+    layer.to(dtype)
+    assert layer.bias.dtype == dtype and torch.equal(layer.bias.float(), stored.to(dtype).float())
+    x = torch.randn(3, IN, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    want = F.linear(x.float(), layer.weight.float(), stored)
+    got = F.linear(x, layer.weight, layer.bias)
+    assert got.dtype == dtype and float((got.float() - want).norm() / want.norm()) < 2e-2
+    assert layer.float().bias.dtype == torch.float32 and torch.equal(layer.bias, stored)  # not rounded
+
+
+def test_a_trainable_bias_of_a_half_layer_is_itself():
+    """A bias re-set as a Parameter is returned itself in a bf16 layer (a cast copy would
+    take the gradient and the optimizer step away from it)."""
+    layer = build("int8_dynamic").to(torch.bfloat16)
+    layer.bias = nn.Parameter(layer.float().bias.detach().clone())
+    layer.to(torch.bfloat16)
+    assert isinstance(layer.bias, nn.Parameter) and layer.bias.dtype == torch.float32
+    layer(torch.randn(2, IN, dtype=torch.bfloat16)).float().sum().backward()
+    assert layer.bias.grad is not None and torch.allclose(layer.bias.grad, torch.full((OUT,), 2.0))
+
+
 def test_compressed_layers_are_not_float_layers():
     """Code asking "is this a float layer with a weight to edit" does not take a compressed
     layer for one (its `.weight` is computed, not a parameter)."""

@@ -270,7 +270,7 @@ def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     does, reading a linear on [B, T, C] tokens (the token dims folded and unfolded around the
     matmul), CLIP's quick_gelu (`1.702 * x`), Falcon's `x @ W.T + bias` and token-id inputs.
     Their FFN neurons go (and
-    Whisper's conv stem channels); the attention heads stay (reported)."""
+    Whisper's conv stem channels); heads: test_prune_hf_heads.py."""
     torch.manual_seed(0)
     model, batch, field = build()
     model.eval()

@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import ops
 from .compressed_linear import CompressedLinear
+from .compute_dtype import stored_bias
 
 
 class _PackedSignLinear(CompressedLinear):
@@ -85,7 +86,7 @@ class BinaryLinear(_PackedSignLinear):
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = ops.xnor_linear if self.binarize_activations else ops.binary_linear
-        return fn(x, self.qweight, self.scales, self.bias, self.in_features, self.backend)
+        return fn(x, self.qweight, self.scales, stored_bias(self), self.in_features, self.backend)
 
     def dequantized_weight(self) -> torch.Tensor:
         return ops.unpack_signs(self.qweight, self.in_features) * self.scales[:, None]
@@ -118,7 +119,8 @@ class TernaryLinear(_PackedSignLinear):
         return cls(spec["in_features"], spec["out_features"], spec["bias"], device=device)
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.ternary_linear(x, self.qweight, self.scales, self.bias, self.in_features, self.backend)
+        return ops.ternary_linear(x, self.qweight, self.scales, stored_bias(self), self.in_features,
+                                  self.backend)
 
     def dequantized_weight(self) -> torch.Tensor:
         return ops.unpack_trits(self.qweight, self.in_features) * self.scales[:, None]

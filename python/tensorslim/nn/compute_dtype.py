@@ -30,8 +30,42 @@ def keeping_dtypes(fn):
     return keep_dtype
 
 
+_ABSENT = object()
+
+
+def stored_bias(module: nn.Module) -> Optional[torch.Tensor]:
+    """The bias a packed layer's kernels take: its float32 buffer (or the parameter it was made
+    into for training), whatever the compute dtype."""
+    held = module.__dict__
+    return held["_parameters"]["bias"] if "bias" in held["_parameters"] else held["_buffers"].get("bias")
+
+
+class BiasInComputeDtype:
+    """`.bias` as model code reads it, in the dtype of `.weight`: a half model's code calling
+    F.linear(x, layer.weight, layer.bias) or F.conv1d(x, conv.weight, conv.bias) itself (Mamba's
+    causal conv) got a float32 bias beside half tensors ("Input type Half and bias type float").
+    The stored bias stays float32 (stored_bias); in a half / bf16 layer this is a cast copy, so
+    writes into it change nothing (as for `.weight`), except where the bias trains (re-set as a
+    Parameter, or requires_grad): that one is returned itself. AttributeError where no bias was
+    registered, so nn.Module's own checks (bias made a Parameter) still pass."""
+
+    def __init__(self, dtype_attribute: str):
+        self.dtype_attribute = dtype_attribute
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        held = module.__dict__
+        bias = held["_parameters"]["bias"] if "bias" in held["_parameters"] else held["_buffers"].get("bias", _ABSENT)
+        if bias is _ABSENT:
+            raise AttributeError("bias")
+        dtype = held.get(self.dtype_attribute)
+        return bias if bias is None or dtype is None or bias.requires_grad else bias.to(dtype)
+
+
 class KeepsPackedDtypes(nn.Module):
     _compute_dtype: Optional[torch.dtype] = None  # None: float32, inputs' own float dtype kept
+    bias = BiasInComputeDtype("_compute_dtype")
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -25,7 +25,7 @@ from ..ops import conv_int8 as conv_ops
 from ..ops import torch_onednn
 from .compressed_linear import needs_function, owned_output, trainable_bias
 from .lazy_weight import lazy_weight
-from .compute_dtype import COMPUTE_DTYPES, keeping_dtypes, target_dtype
+from .compute_dtype import COMPUTE_DTYPES, BiasInComputeDtype, keeping_dtypes, stored_bias, target_dtype
 from .layer_errors import note_layer
 
 MODES = ("static", "dynamic")
@@ -200,6 +200,7 @@ class _Int8ConvNd(nn.Module):
                 "bias": self.bias is not None, "geometry": self.geometry, "folded": self.folded}
 
     _weight_dtype = None  # `.weight`'s dtype after model.half() / .to(dtype); None: float32
+    bias = BiasInComputeDtype("_weight_dtype")
 
     def _apply(self, fn, recurse=True):
         """model.half() / .to(dtype) change the compute dtype only: the scales and bias stay fp32
@@ -426,12 +427,13 @@ class _Int8ConvNd(nn.Module):
             sp = conv_ops.out_size(shape[1:-1], self.kernel_size, self._run_stride, self.padding, self.dilation)
             geometry = (list(self._run_stride), list(self.padding), list(self.dilation), self.groups)
             tpacked = None if packed is None else self._torch_kernel(shape, scale, zp)
+            bias = stored_bias(self)
             plan = () if packed is None else (
                 (shape[0], *sp, self.out_channels),
                 (scale, zp, qmax, _views.view(self.qweight, "qweight"), _views.view(packed, "packed"),
-                 _views.view(self.w_scales, "w_scales"), _views.optional_view(self.bias, "bias")),
+                 _views.view(self.w_scales, "w_scales"), _views.optional_view(bias, "bias")),
                 geometry,
-                None if tpacked is None else (scale, zp, qmax, tpacked, self.w_scales, self.bias, *geometry))
+                None if tpacked is None else (scale, zp, qmax, tpacked, self.w_scales, bias, *geometry))
             if len(self._plans) >= _MAX_SHAPES:
                 self._plans.clear()
             self._plans[key] = plan
@@ -500,20 +502,21 @@ class _Int8ConvNd(nn.Module):
                 scale, zp = self._params(xc, qmax)
                 packed, _ = self._kernel(xc.shape, zp)
         tpacked = self._torch_kernel(xc.shape, scale, zp) if packed is not None and torch_route else None
+        bias = stored_bias(self)
         if tpacked is not None:
-            out = torch_onednn.conv2d_quantizing(xc, scale, zp, qmax, tpacked, self.w_scales, self.bias,
+            out = torch_onednn.conv2d_quantizing(xc, scale, zp, qmax, tpacked, self.w_scales, bias,
                                                  self._run_stride, self.padding, self.dilation, self.groups, res,
                                                  activation)
             return out.to(x.dtype)
         rc = None if res is None else res.movedim(1, -1).contiguous()
         if packed is not None:
-            out = conv_ops.conv_int8_quantizing(xc, scale, zp, qmax, self.qweight, self.w_scales, self.bias,
+            out = conv_ops.conv_int8_quantizing(xc, scale, zp, qmax, self.qweight, self.w_scales, bias,
                                                 self._run_stride, self.padding, self.dilation, self.groups, packed,
                                                 rc, activation)
         else:  # the exact reference
             backend = "reference" if self.backend == "reference" else "auto"
             q = ops.quantize_static(xc.reshape(-1, self.in_channels), scale, zp, dtype=torch.uint8, backend=backend)
-            out = conv_ops.conv_int8_reference(q.reshape(xc.shape), self.qweight, self.w_scales, self.bias, scale, zp,
+            out = conv_ops.conv_int8_reference(q.reshape(xc.shape), self.qweight, self.w_scales, bias, scale, zp,
                                                self._run_stride, self.padding, self.dilation, self.groups, rc,
                                                activation)
         return out.movedim(-1, 1).to(x.dtype)

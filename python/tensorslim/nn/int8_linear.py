@@ -14,6 +14,7 @@ from .._native import _C
 from .._identity import tensor_identity
 from ..ops import _eager, torch_onednn
 from .compressed_linear import CompressedLinear
+from .compute_dtype import stored_bias
 
 MODES = ("static", "dynamic")
 
@@ -109,7 +110,8 @@ class Int8Linear(CompressedLinear):
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.packed_tensors("qweight", "w_scales", "bias", "inv_smooth", "act_scale", "act_zero_point")
         if t is None:
-            t = [self.qweight, self.w_scales, self.bias, self.inv_smooth, self.act_scale, self.act_zero_point]
+            t = [self.qweight, self.w_scales, stored_bias(self), self.inv_smooth, self.act_scale,
+                 self.act_zero_point]
         qweight, w_scales, bias, inv_smooth, act_scale, act_zero_point = t
         eager = _eager.direct_ok((x, qweight, w_scales, bias, inv_smooth))  # first: no probe while compiling
         if (eager and self.backend == "auto" and not self.act_signed

@@ -8,6 +8,7 @@ from torch import nn
 from .. import ops
 from ..formats import get_format
 from .packed_linear import PackedLinear
+from .compute_dtype import stored_bias
 
 
 class LowBitLinear(PackedLinear):
@@ -62,7 +63,8 @@ class LowBitLinear(PackedLinear):
             if y is not None:
                 return y
         return ops.linear_lowbit(x, self.qweight, self.scales, self.zero_points, self.tensor_scale,
-                                 self.bias, self.fmt, self.group_size, self.in_features, self.backend)
+                                 stored_bias(self), self.fmt, self.group_size, self.in_features,
+                                 self.backend)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return ops.dequantize_lowbit(self.qweight, self.scales, self.zero_points, self.tensor_scale,

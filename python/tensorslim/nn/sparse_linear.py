@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .compressed_linear import CompressedLinear
+from .compute_dtype import stored_bias
 
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 
@@ -84,7 +85,7 @@ class NMSparseLinear(_SparseLinear):
 
     def _linear(self, x2: torch.Tensor) -> torch.Tensor:
         ops = _ops()
-        t = (self.values, self.indices, self.scales, self.bias)
+        t = (self.values, self.indices, self.scales, stored_bias(self))
         y = ops.nm_linear_direct(x2, *t, self.n, self.m, self.backend)
         return y if y is not None else ops.nm_linear(x2, *t, self.n, self.m, self.in_features, self.backend)
 
@@ -162,7 +163,7 @@ class CSRSparseLinear(_SparseLinear):
 
     def _linear(self, x2: torch.Tensor) -> torch.Tensor:
         ops = _ops()
-        t = (self.values, self.cols, self.row_ptr, self.scales, self.bias)
+        t = (self.values, self.cols, self.row_ptr, self.scales, stored_bias(self))
         y = ops.csr_linear_direct(x2, *t, self.backend)
         return y if y is not None else ops.csr_linear(x2, *t, self.in_features, self.backend)
 

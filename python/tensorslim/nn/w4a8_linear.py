@@ -14,6 +14,7 @@ from ..ops.torch_onednn import PackedCache
 from ..ops.w4a8 import W4A8_BACKENDS, W4A8_FORMATS, check_group_size
 from .packed_linear import PackedLinear
 from .weight_only_linear import fill_from_linear
+from .compute_dtype import stored_bias
 
 
 class W4A8Linear(PackedLinear):
@@ -75,7 +76,9 @@ class W4A8Linear(PackedLinear):
                       zero_points: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """pack_w4a8_weight of these tensors, made again when one of them changes (load_state_dict,
         to(), in place); None where no kernel reads such a copy (see _packs) or the shape has none."""
-        return self._call_plan(qweight, scales, zero_points, self.bias)[0] if self._packs(qweight) else None
+        if not self._packs(qweight):
+            return None
+        return self._call_plan(qweight, scales, zero_points, stored_bias(self))[0]
 
     def _call_plan(self, qweight, scales, zero_points, bias) -> tuple:
         """(packed copy, native call arguments) for these tensors, cached while they are the same
@@ -99,7 +102,7 @@ class W4A8Linear(PackedLinear):
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.packed_tensors("qweight", "scales", "zero_points", "bias")
         if t is None:  # a buffer re-set as a parameter: the op with all its checks
-            t = [self.qweight, self.scales, self.zero_points, self.bias]
+            t = [self.qweight, self.scales, self.zero_points, stored_bias(self)]
             return ops.linear_w4a8(x, *t, self.fmt, self.group_size, self.in_features, self.backend,
                                    self.packed_weight(*t[:3]))
         packed = None

@@ -7,6 +7,7 @@ from torch import nn
 from .. import ops
 from ..formats import get_format, num_groups
 from .packed_linear import PackedLinear
+from .compute_dtype import stored_bias
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ class WeightOnlyLinear(PackedLinear):
                 return y
         if self.input_scale is not None:
             x = x * self.input_scale.to(device=x.device, dtype=x.dtype)  # meta inputs too
-        return ops.linear_weight_only(x, self.qweight, self.scales, self.zero_points, self.bias,
+        return ops.linear_weight_only(x, self.qweight, self.scales, self.zero_points, stored_bias(self),
                                       self.fmt, self.group_size, self.in_features, self.backend)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

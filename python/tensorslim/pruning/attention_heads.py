@@ -1,15 +1,22 @@
-"""Heads of torch's nn.MultiheadAttention as channel spaces, for ts.ChannelPrune.
+"""Attention heads as channel spaces, for ts.ChannelPrune, in models no block rule covers.
 
-torch's class keeps q / k / v packed and derives head_dim from embed_dim / num_heads, so it
-cannot hold fewer heads than its width. ChannelPrune unpacks each one into a
+torch's nn.MultiheadAttention keeps q / k / v packed and derives head_dim from embed_dim /
+num_heads, so it cannot hold fewer heads than its width. ChannelPrune unpacks each one into a
 ProjectedMultiheadAttention (nn/projected_attention.py, q_proj / k_proj / v_proj / out_proj as
 nn.Linear layers); a head is head_dim rows of q_proj, k_proj and v_proj (and of bias_k /
 bias_v) and head_dim columns of out_proj, with num_heads updated; embed_dim, the width of its
 inputs and output, stays. Attentions whose heads all stay are packed again afterwards.
+
+Hugging Face attentions built the same way (transformers 5's ViT, CLIP, SigLIP, Whisper, BART,
+OPT: q_proj / k_proj / v_proj and out_proj or o_proj, `head_dim`, and `num_heads` or
+`num_attention_heads`, every projection num_heads x head_dim wide) lose heads in place: their
+code views the projections as (-1 or num_heads, head_dim), so the count attribute is updated.
+The check against the original catches code that sizes them otherwise; the heads then stay.
+T5 (relative position biases computed once per stack, one column per head) is not matched.
 """
 import contextlib
 import fnmatch
-from typing import Dict, Iterator
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence
 
 from torch import nn
 
@@ -23,48 +30,101 @@ QKV = ("q_proj", "k_proj", "v_proj")
 ATTENTIONS = (nn.MultiheadAttention, ProjectedMultiheadAttention)
 TORCH_BLOCKS = ATTENTIONS + (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
                              nn.TransformerDecoder, nn.Transformer)
+OUTPUTS = ("out_proj", "o_proj")
+COUNTS = ("num_heads", "num_attention_heads")
 
 
-def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None) -> None:
+class Layout(NamedTuple):
+    heads: int
+    head_dim: int
+    out: str     # the output projection's attribute
+    count: str   # the head-count attribute
+
+
+def hf_layout(m: nn.Module) -> Optional[Layout]:
+    """The heads of a Hugging Face style attention (see the module doc), or None: another
+    module, a packed or grouped-query (fewer k / v heads) attention, or sizes that disagree."""
+    if isinstance(m, ATTENTIONS) or not all(isinstance(getattr(m, q, None), nn.Module) for q in QKV):
+        return None
+    out = next((o for o in OUTPUTS if isinstance(getattr(m, o, None), nn.Module)), None)
+    count = next((c for c in COUNTS if type(getattr(m, c, None)) is int), None)
+    hd = getattr(m, "head_dim", None)
+    if out is None or count is None or type(hd) is not int or hd <= 0:
+        return None
+    width = getattr(m, count) * hd
+    if any(getattr(getattr(m, q), "out_features", None) != width for q in QKV) or \
+            getattr(getattr(m, out), "in_features", None) != width:
+        return None
+    return Layout(getattr(m, count), hd, out, count)
+
+
+def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str]) -> Optional[str]:
+    """The first parameter of an attention, outside its projections `own`, with a dimension
+    sized by the heads (a q_norm over num_heads x head_dim, attention sinks: one per head), or
+    None. counts: the head counts (query heads, and kv heads where they differ)."""
+    sizes = {n * hd for n in counts} | set(counts)
+    sizes.discard(hd)
+    for name, t in att.named_parameters():
+        if name.split(".")[0] not in own and any(d in sizes for d in t.shape):
+            return name
+    return None
+
+
+def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, kept_hint=None) -> None:
     """One "heads" space per attention, kept whole (a Report row says why) where it holds one
     head, is held under several names, was called with a per-head mask or had its attention
     weights used (sp.keep_heads, from the trace), or matches an `exclude` pattern by its own
-    name; a packed one (hooks, a subclass, or a Schedule's soft masks: `packed_hint`) too."""
+    name; a packed one (hooks, a subclass, or a Schedule's soft masks: `packed_hint`) too; every
+    one with `kept_hint` (the model failed the check with its heads removed). Hugging Face
+    attentions that a block rule already covers are left to it."""
     names: Dict[int, list] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
+    covered = {p for s in sp.roots().values() for p in s.producers}
     for name, m in model.named_modules():
-        if not isinstance(m, ATTENTIONS):
+        p = f"{name}." if name else ""
+        hf = hf_layout(m)
+        if hf is not None and p + "q_proj" in covered:
             continue
-        why = _kept_whole(name, m, len(names[id(m)]), sp, exclude, packed_hint)
+        if not isinstance(m, ATTENTIONS) and hf is None:
+            continue
+        heads, hd, out = (m.num_heads, m.head_dim, "out_proj") if hf is None else hf[:3]
+        why = _kept_whole(name, m, heads, len(names[id(m)]), sp, exclude, packed_hint,
+                          kept_hint if hf is not None else None)
+        if why is None and hf is not None:
+            spanning = head_sized_parameter(m, hd, [heads], QKV + (out,))
+            why = None if spanning is None else f"attention '{name}': '{spanning}' spans the heads"
         if why is not None:
-            s = sp.get(sp.new(m.num_heads, "heads"))
+            s = sp.get(sp.new(heads, "heads"))
             s.producers.append(name)
             s.frozen.append(why)
             continue
-        p = f"{name}." if name else ""
-        hd = m.head_dim
-        sid = linear_space(sp, "heads", m.num_heads, [(p + q, getattr(m, q), hd) for q in QKV],
-                           [(p + "out_proj", m.out_proj, hd)])
+        sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), hd) for q in QKV],
+                           [(p + out, getattr(m, out), hd)])
         s = sp.get(sid)
         if s.frozen:  # a compressed projection: nothing sliced
+            continue
+        if hf is not None:
+            s.attrs.append((name, hf.count, 1))
             continue
         s.slices += [Slice(name, b, 2, 0, hd) for b in ("bias_k", "bias_v") if getattr(m, b) is not None]
         s.attrs.append((name, "num_heads", 1))
 
 
-def _kept_whole(name: str, m: nn.Module, n_names: int, sp: Spaces, exclude, packed_hint):
+def _kept_whole(name: str, m: nn.Module, heads: int, n_names: int, sp: Spaces, exclude, packed_hint, kept_hint):
     what = f"attention '{name}'"
     pattern = next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None)
     if pattern is not None:
         return f"{what}, excluded by pattern {pattern!r}"
+    if kept_hint is not None:
+        return f"{what}, {kept_hint}"
     if n_names > 1:
         return f"{what}, held under {n_names} names (each call's heads would come off one module)"
-    if m.num_heads == 1:
+    if heads == 1:
         return f"{what}, a single head"
     if name in sp.keep_heads:
         return f"{what}, {sp.keep_heads[name]}"
-    if isinstance(m, ProjectedMultiheadAttention):
+    if not isinstance(m, nn.MultiheadAttention):  # ProjectedMultiheadAttention, Hugging Face's
         return None
     why = ("forward hooks, which an unpacked copy would lose" if has_hooks(m) else
            "a subclass of it" if type(m) is not nn.MultiheadAttention else packed_hint or "left packed")
@@ -72,11 +132,12 @@ def _kept_whole(name: str, m: nn.Module, n_names: int, sp: Spaces, exclude, pack
 
 
 def block_owners(model: nn.Module) -> Dict[str, str]:
-    """{module inside a torch block (TORCH_BLOCKS): the outermost such block}; the channel graph
-    keeps them whole (the autograd graph shows their layers one by one)."""
+    """{module inside a torch block (TORCH_BLOCKS) or a Hugging Face attention (hf_layout): the
+    outermost such block}; the channel graph keeps their inputs and outputs whole (the autograd
+    graph shows their layers one by one; their heads are spaces of their own)."""
     out: Dict[str, str] = {}
     for name, m in model.named_modules():
-        if not isinstance(m, TORCH_BLOCKS) or name in out:  # a block inside one already listed
+        if not (isinstance(m, TORCH_BLOCKS) or hf_layout(m) is not None) or name in out:  # inside one
             continue
         p = f"{name}." if name else ""
         for sub, _ in m.named_modules():

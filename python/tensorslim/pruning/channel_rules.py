@@ -23,8 +23,12 @@ from typing import List, Optional
 from torch import nn
 
 from ..conv1d import is_conv1d
+from .attention_heads import head_sized_parameter
 from .channel_graph import PASS_FUNCTIONS, PASS_MODULES
 from .channel_space import Slice, Spaces, linear_space
+
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def find_blocks(model: nn.Module) -> List[str]:
@@ -95,16 +99,6 @@ def _gpt2_heads(sp: Spaces, name: str, att) -> None:
                 (name, "num_heads", 1), (name, "split_size", hd)]
 
 
-def _spanning_heads(att: nn.Module, hd: int, n_heads: int, n_kv: int) -> Optional[str]:
-    """The first parameter of a LLaMA-style attention, outside q/k/v/o_proj, sized by the heads
-    (a q_norm over num_heads x head_dim or per head, attention sinks), or None."""
-    sizes = {n_heads * hd, n_kv * hd, n_heads, n_kv} - {hd}
-    for name, t in att.named_parameters():
-        if name.split(".")[0] not in ("q_proj", "k_proj", "v_proj", "o_proj") and any(d in sizes for d in t.shape):
-            return name
-    return None
-
-
 def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
     sp = Spaces()
     for name, m in model.named_modules():
@@ -138,7 +132,7 @@ def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
                 for attr, per in (("num_heads", groups), ("num_key_value_heads", 1)):
                     if isinstance(getattr(att, attr, None), int):
                         s.attrs.append((p + "self_attn", attr, per))
-                spanning = _spanning_heads(att, hd, n_kv * groups, n_kv)
+                spanning = head_sized_parameter(att, hd, [n_kv * groups, n_kv], LLAMA_PROJECTIONS)
                 if spanning is not None:  # OLMo-2's / Cohere's q_norm over all heads: removing one changes the rest
                     s.frozen.append(f"'{p}self_attn.{spanning}' spans the heads (the rule slices q/k/v/o only)")
         elif _is_gpt2_block(m):

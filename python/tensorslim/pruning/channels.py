@@ -32,7 +32,7 @@ from .._user_warning import warn_user
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
 from . import channel_graph, channel_rules, masks, verify
-from .attention_heads import add_head_spaces, per_head_masks
+from .attention_heads import add_head_spaces, hf_layout, per_head_masks
 from .channel_space import Space, Spaces
 from .config import ChannelPrune
 
@@ -77,7 +77,7 @@ SCHEDULE_PACKED = ("ts.pruning.Schedule masks the optimizer's parameters in plac
 
 
 def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs,
-                 packed_hint: Optional[str] = None, fold_tokens: bool = True) -> Spaces:
+                 packed_hint: Optional[str] = None, fold_tokens: bool = True, kept_hint: Optional[str] = None) -> Spaces:
     heads = cfg.head_ratio != 0
     if channel_rules.find_blocks(model):  # Hugging Face blocks
         sp = channel_rules.build_spaces(model, heads=heads)
@@ -99,7 +99,7 @@ def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs
         sp.token_folds = gm.meta.get("token_folds", 0)
     channel_rules.add_torch_layer_spaces(sp, model)
     if heads:
-        add_head_spaces(sp, model, cfg.exclude, packed_hint)
+        add_head_spaces(sp, model, cfg.exclude, packed_hint, kept_hint)
     return sp
 
 
@@ -346,12 +346,14 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
             report = _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
         except verify.ModelRunError as e:
             attention.restore_all()
-            if not attention.swapped:
+            if not attention.swapped and not any(hf_layout(m) is not None for m in model.modules()):
                 raise
-            # model code reading the packed weights, attention weights used where the trace
-            # cannot see it: once more with every attention packed, its heads kept (with why)
-            why = f"the model did not prune with it unpacked: {str(e).splitlines()[0][:200]}"
-            return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced, why)
+            # model code reading the packed weights or sizing heads its own way, attention weights
+            # used where the trace cannot see it: once more with every attention's heads kept (why)
+            first = str(e).splitlines()[0][:200]
+            return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced,
+                                   f"the model did not prune with it unpacked: {first}",
+                                   f"the model did not prune with its heads removed: {first}")
         except BaseException:
             attention.restore_all()
             raise
@@ -360,21 +362,21 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
 
 
 def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
-                    forced: Optional[dict], packed_hint: Optional[str] = None) -> Report:
+                    forced: Optional[dict], packed_hint: Optional[str] = None, kept_hint: Optional[str] = None) -> Report:
     hint = SCHEDULE_PACKED if forced is not None else packed_hint
     try:
-        return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, True)
+        return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, True, kept_hint)
     except verify.ModelRunError as e:
         if not getattr(e, "token_folds", 0):
             raise
         # the autograd graph read token folds as keeping channels, and the check failed: model
         # code that sizes a reshape from the channel count (`C // heads`); those stay opaque now
-        return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, False)
+        return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, False, kept_hint)
 
 
 def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
-                  forced: Optional[dict], hint: Optional[str], fold_tokens: bool) -> Report:
-    spaces = build_spaces(model, cfg, calib_data, example_inputs, hint, fold_tokens)
+                  forced: Optional[dict], hint: Optional[str], fold_tokens: bool, kept_hint: Optional[str]) -> Report:
+    spaces = build_spaces(model, cfg, calib_data, example_inputs, hint, fold_tokens, kept_hint)
     grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
              else None)
     removed, dec, report = plan(model, spaces, cfg, grads, forced=forced)

@@ -1,0 +1,216 @@
+"""ChannelPrune removes attention heads of Hugging Face models no block rule covers (ViT,
+CLIP, SigLIP, Whisper, BART, OPT in transformers 5: q_proj / k_proj / v_proj, out_proj or
+o_proj, head_dim, num_heads): each pruned model equals the original with the removed heads'
+output-projection columns zeroed; saved / loaded into a fresh model; model code that sizes
+its heads otherwise fails the check, and the heads then stay (reported) while the rest prunes."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("transformers", reason="needs Hugging Face transformers")
+
+import tensorslim as ts  # noqa: E402
+from pruned_reference import zeroed_reference  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _ids(n=6, vocab=64):
+    return torch.randint(2, vocab, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+def _pixels():
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _vit():
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+                    patch_size=8)
+    return ViTModel(cfg), {"pixel_values": _pixels()}, "last_hidden_state", ["layers.0.attention", "layers.1.attention"]
+
+
+def _clip_text():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=0, bos_token_id=0,
+                         eos_token_id=1)
+    return CLIPTextModel(cfg), {"input_ids": _ids()}, "last_hidden_state", ["encoder.layers.0.self_attn"]
+
+
+def _siglip_vision():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             image_size=16, patch_size=8)
+    return SiglipVisionModel(cfg), {"pixel_values": _pixels()}, "last_hidden_state", ["encoder.layers.0.self_attn"]
+
+
+def _whisper():
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                        max_source_positions=8, max_target_positions=16, pad_token_id=0, bos_token_id=0,
+                        eos_token_id=1, decoder_start_token_id=0)
+    batch = {"input_features": torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2)),
+             "decoder_input_ids": _ids(3)}
+    return WhisperModel(cfg), batch, "last_hidden_state", ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn",
+                                                           "decoder.layers.0.encoder_attn"]
+
+
+def _bart():
+    from transformers import BartConfig, BartModel
+
+    cfg = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)
+    ids = _ids()
+    return BartModel(cfg), {"input_ids": ids, "decoder_input_ids": ids[:, :4]}, "last_hidden_state", \
+        ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn", "decoder.layers.0.encoder_attn"]
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                    max_position_embeddings=32, word_embed_proj_dim=32)
+    return OPTForCausalLM(cfg), {"input_ids": _ids()}, "logits", ["model.decoder.layers.0.self_attn",
+                                                                  "model.decoder.layers.1.self_attn"]
+
+
+BUILDS = {"vit": _vit, "clip_text": _clip_text, "siglip_vision": _siglip_vision, "whisper": _whisper, "bart": _bart,
+          "opt": _opt}
+
+
+def _count(att) -> int:
+    return att.num_heads if hasattr(att, "num_heads") else att.num_attention_heads
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDS))
+def test_heads_of_hugging_face_attentions(kind):
+    """Half of each attention's 4 heads go (q / k / v rows, out_proj columns, the count
+    attribute), with half the FFN neurons; the model equals the zeroed original on the batch."""
+    torch.manual_seed(0)
+    model, batch, field, attentions = BUILDS[kind]()
+    model.eval()
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, removed = zeroed_reference(model, cfg, batch)
+    ts.prune(model, cfg, example_inputs=batch, progress=False)
+    for name in attentions:
+        att = model.get_submodule(name)
+        out = att.out_proj if hasattr(att, "out_proj") else att.o_proj
+        assert _count(att) == 2 and att.q_proj.out_features == att.v_proj.out_features == 2 * att.head_dim, name
+        assert out.in_features == 2 * att.head_dim and out.out_features == 32, name
+        # the removed heads are whole head_dim blocks of out_proj's columns, chosen from the weights
+        gone = removed[(f"{name}.{'out_proj' if hasattr(att, 'out_proj') else 'o_proj'}", "weight", 1)]
+        blocks = {i // att.head_dim for i in gone}
+        assert len(blocks) == 2 and len(gone) == 2 * att.head_dim, (name, gone)
+    with torch.no_grad():
+        got, want = getattr(model(**batch), field), getattr(ref(**batch), field)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_opt_saves_loads_and_generates(tmp_path):
+    torch.manual_seed(0)
+    model, batch, _, _ = _opt()
+    model.eval()
+    ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), example_inputs=batch, progress=False)
+    ids = batch["input_ids"]
+    tokens = model.generate(ids, max_new_tokens=5, do_sample=False)  # the KV cache holds 2 heads a layer
+    ts.save(model, tmp_path / "opt.safetensors")
+    torch.manual_seed(1)
+    fresh = _opt()[0].eval()
+    ts.load(fresh, tmp_path / "opt.safetensors")
+    assert fresh.model.decoder.layers[1].self_attn.num_heads == 2
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    assert torch.equal(fresh.generate(ids, max_new_tokens=5, do_sample=False), tokens)
+
+
+class _Attention(nn.Module):
+    """Hugging Face's attribute names in a hand-written attention; `sized`: how its code shapes
+    the heads: from head_dim (prunable), or from its full width (not)."""
+
+    def __init__(self, width=32, heads=4, sized="head_dim"):
+        super().__init__()
+        self.num_heads, self.head_dim, self.embed_dim, self.sized = heads, width // heads, width, sized
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.out_proj(a.reshape(b, t, self.embed_dim if self.sized == "embed_dim" else -1))
+
+
+class _Block(nn.Module):
+    def __init__(self, sized="head_dim"):
+        super().__init__()
+        self.attn, self.norm = _Attention(sized=sized), nn.LayerNorm(32)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_hand_written_attention_with_the_same_attributes():
+    """A model of its own (traced by torch.fx) with Hugging Face's attribute names: heads go
+    where its code views them through head_dim."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block()).eval()
+    x = torch.randn(2, 5, 32)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, (x,))
+    ts.prune(model, cfg, example_inputs=(x,), progress=False)
+    assert model[0].attn.num_heads == 2 and model[0].attn.out_proj.in_features == 16
+    assert model[1].fc1.out_features == 32
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_code_sizing_heads_from_the_width_keeps_them():
+    """`reshape(b, t, self.embed_dim)` cannot take fewer heads: the check fails with them removed,
+    so the prune runs again with every such attention whole (its row says why); FFN neurons go."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(sized="embed_dim")).eval()
+    x = torch.randn(2, 5, 32)
+    want = model(x)
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), example_inputs=(x,), progress=False)
+    assert model[0].attn.num_heads == 4 and model[0].attn.q_proj.out_features == 32
+    assert model[0].fc1.out_features == 32
+    assert any("did not prune with its heads removed" in c.reason for c in report.changes), report
+    assert model(x).shape == want.shape
+
+
+def test_excluded_or_head_sized_parameters_keep_the_heads():
+    torch.manual_seed(0)
+    model, batch, field, attentions = _vit()
+    model.eval()
+    model.layers[1].attention.sinks = nn.Parameter(torch.zeros(4))  # one learned value per head
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5, exclude=["layers.0.attention"]),
+                      example_inputs=batch, progress=False)
+    assert [_count(model.get_submodule(n)) for n in attentions] == [4, 4]
+    reasons = " | ".join(c.reason for c in report.changes)
+    assert "excluded by pattern 'layers.0.attention'" in reasons
+    assert "'sinks' spans the heads" in reasons
+    assert model.layers[0].mlp.fc1.out_features == 32  # neurons still go
+
+
+def test_t5_heads_stay():
+    """T5's relative position bias is computed once per stack with one column per head, so its
+    attentions (q / k / v / o, n_heads) are not matched; FFN neurons still go."""
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, decoder_start_token_id=0)
+    model = T5Model(cfg).eval()
+    ids = _ids()
+    ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5),
+             example_inputs={"input_ids": ids, "decoder_input_ids": ids[:, :3]}, progress=False)
+    att = model.encoder.block[0].layer[0].SelfAttention
+    assert att.n_heads == 4 and att.q.out_features == 32
+    assert model.encoder.block[0].layer[1].DenseReluDense.wi.out_features == 32
