@@ -18,7 +18,7 @@ is to remove).
   torch:       FFN neurons: linear1 rows -> linear2 columns; heads of its attentions
                (attention_heads.py, for every nn.MultiheadAttention of any model).
 """
-from typing import List, Optional
+from typing import List
 
 from torch import nn
 
