@@ -214,3 +214,38 @@ def test_t5_heads_stay():
     att = model.encoder.block[0].layer[0].SelfAttention
     assert att.n_heads == 4 and att.q.out_features == 32
     assert model.encoder.block[0].layer[1].DenseReluDense.wi.out_features == 32
+
+
+class _DigitsViT(nn.Module):
+    """transformers' ViTForImageClassification on scikit-learn's 8x8 digits (2x2 patches)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        torch.manual_seed(0)
+        cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=8,
+                        patch_size=2, num_channels=1, num_labels=10, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+        self.vit = ViTForImageClassification(cfg)
+
+    def forward(self, x):
+        return self.vit(pixel_values=x).logits
+
+
+def test_digits_vit_accuracy_after_pruning_half_the_heads_and_neurons():
+    pytest.importorskip("sklearn")
+    from tensorslim.eval.digits_basic_resnet import accuracy, digits_images, train
+
+    xtr, ytr, xte, yte = digits_images()
+    model = train(_DigitsViT(), xtr, ytr, epochs=40)
+    dense = accuracy(model, xte, yte)
+    ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5, importance="l2"), example_inputs=(xtr[:8],),
+             progress=False)
+    heads = [m.num_attention_heads for m in model.modules() if hasattr(m, "q_proj")]
+    assert heads == [2, 2]
+    pruned = accuracy(model, xte, yte)
+    tuned = accuracy(train(model, xtr, ytr, epochs=10, lr=1e-3), xte, yte)  # a new optimizer on the smaller model
+    print(f"\ndigits ViT accuracy: dense {dense:.3f}, half the heads and neurons removed {pruned:.3f}, "
+          f"after 10 epochs {tuned:.3f}")
+    assert dense > 0.9 and pruned > 0.5 and tuned > dense - 0.05
