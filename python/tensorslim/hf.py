@@ -139,7 +139,7 @@ def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Mod
     state = _read_weights(directory)
     model = _build(cls, config)  # compressed layers then compute in the float layers' dtype
     shapes = {k: (str(t.dtype), tuple(t.shape)) for k, t in state.items()}
-    originals, replacements = io.plan_layers(model, qcfg["layers"], directory, shapes)
+    originals, replacements = io.plan_layers(model, qcfg["layers"], directory, shapes, on_meta=True)
     io.load_layers_and_state(model, originals, replacements, state, directory, fill_tied=True,
                              after_swap=lambda: take_meta_parameters(model, state))
     try:

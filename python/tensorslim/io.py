@@ -304,7 +304,7 @@ def skipped_entry(model: nn.Module) -> Dict[str, dict]:
 def _load_into(model: nn.Module, path, header: dict, after_swap=None) -> nn.Module:
     resized = tuple(f"{n}." for n in (header["pruning"] or {}).get("structured", {}))
     shapes = {k: v for k, v in tensor_shapes(path).items() if not k.startswith(resized)}
-    originals, replacements = plan_layers(model, header["layers"], path, shapes)
+    originals, replacements = plan_layers(model, header["layers"], path, shapes, on_meta=True)
     state = _read_state(path, header["aliases"])
 
     def swapped():  # the caller's step, then the float layers' meta parameters take the file's tensors
@@ -321,11 +321,13 @@ def _load_into(model: nn.Module, path, header: dict, after_swap=None) -> nn.Modu
 
 
 def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
-                shapes: Optional[Dict[str, Tuple[str, Tuple[int, ...]]]] = None) -> Tuple[dict, dict]:
+                shapes: Optional[Dict[str, Tuple[str, Tuple[int, ...]]]] = None,
+                on_meta: bool = False) -> Tuple[dict, dict]:
     """({name: float layer}, {name: empty compressed module}) for the layers a file describes;
     nothing in the model is changed yet. shapes (the file's tensors, tensor_shapes): each spec
     is first built on the meta device and its tensors' shapes compared with the file's, so a
-    corrupt size (nnz = 2**40) is an error, not an allocation."""
+    corrupt size (nnz = 2**40) is an error, not an allocation. on_meta: the modules stay on the
+    meta device; load_layers_and_state gives them the file's tensors themselves."""
     modules = dict(model.named_modules(remove_duplicate=False))  # an alias is listed under each name
     originals, replacements = {}, {}
     # Sorted, a factorized layer comes before its (possibly quantized) factors, which are then
@@ -361,7 +363,7 @@ def plan_layers(model: nn.Module, layers: Dict[str, dict], path,
         try:
             if shapes is not None:
                 _check_spec_shapes(cls, spec, name, shapes)
-            replacements[name] = _empty_like_saved(cls, spec, device, weight.dtype)
+            replacements[name] = _empty_like_saved(cls, spec, "meta" if on_meta else device, weight.dtype)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: layer '{name}': the file's spec {spec} is not valid: {e!r}") from None
     return originals, replacements
@@ -418,6 +420,26 @@ def _fill_tied(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
                 state[k] = state[present[0]]
 
 
+def _fill_meta_replacements(originals: dict, replacements: dict, state: Dict[str, torch.Tensor]) -> None:
+    """Replacements built on the meta device (plan_layers(on_meta=True)) take the file's tensors
+    themselves, on their float layer's device, in their own dtypes: the compressed tensors are
+    held once (read, then copied into empty modules, they were held twice). A tensor the file
+    lacks or holds in another shape stays on meta for _mismatch to report."""
+    for name, new in replacements.items():
+        weight = _float_parameter(originals[name])
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        for sub, m in new.named_modules():
+            prefix = f"{name}.{sub}." if sub else f"{name}."
+            for table in (m._parameters, m._buffers):
+                for attr, t in table.items():
+                    got = state.get(prefix + attr) if t is not None and t.device.type == "meta" else None
+                    if got is None or got.shape != t.shape:
+                        continue
+                    value = got.to(device=device, dtype=t.dtype)
+                    table[attr] = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                        else value
+
+
 def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict, state: Dict[str, torch.Tensor],
                           path, fill_tied: bool = False, after_swap=None) -> nn.Module:
     """Swap the replacements in, then load `state` strictly; on a mismatch the originals go back.
@@ -427,6 +449,7 @@ def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict,
         _set_submodule(model, name, new)
     undo_after_swap = None
     try:
+        _fill_meta_replacements(originals, replacements, state)
         if after_swap is not None:
             undo_after_swap = after_swap()
         if fill_tied:
