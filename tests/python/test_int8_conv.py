@@ -624,3 +624,16 @@ def test_half_model_code_calling_f_conv1d_with_the_conv_bias(dtype):
     want = F.conv1d(x, q.float().weight, stored, padding=3, groups=8)
     assert got.dtype == dtype and float((got.float() - want).norm() / want.norm()) < 2e-2
     assert torch.equal(q.bias, stored)  # back to float32: the stored bias was never rounded
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv_quantized_after_model_half_computes_in_that_dtype(dtype):
+    """Compressed after model.half(), an INT8 conv kept float32 `.weight` / `.bias` while the
+    linears took the half dtype (ViT / CLIP cast pixels to the patch conv's weight dtype and
+    failed; Mamba's loaded model differed from the quantized one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(32, 8)).to(dtype)
+    ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    conv = model[0]
+    assert conv.weight.dtype == dtype and conv.bias.dtype == dtype and conv.compute_dtype == dtype
+    assert model(torch.randn(2, 4, 8, dtype=dtype)).dtype == dtype

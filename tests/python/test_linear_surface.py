@@ -84,6 +84,30 @@ def test_model_code_calling_f_linear_on_a_half_layer(kind, dtype):
     assert layer.float().bias.dtype == torch.float32 and torch.equal(layer.bias, stored)  # not rounded
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_half_bias_copy_is_read_only_and_trains_the_stored_bias(kind):
+    """In a bf16 layer `.bias` is a computed copy: an in-place edit raises (it changed nothing
+    before), requires_grad_ makes the stored float32 bias train (BitFit), and a bias set back
+    in bf16 (layer.bias = nn.Parameter(layer.bias.detach())) runs, added in float32."""
+    layer = build(kind)
+    if layer.bias is None:
+        pytest.skip("no bias")
+    stored = layer.bias
+    layer.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="read-only"):
+        with torch.no_grad():
+            layer.bias.zero_()
+    x = torch.randn(2, IN, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
+    want = layer(x)
+    layer.bias.requires_grad_(True)
+    assert layer.bias is stored and stored.dtype == torch.float32 and stored.requires_grad
+    layer(x).float().sum().backward()
+    assert stored.grad is not None and torch.allclose(stored.grad, torch.full((OUT,), 2.0))
+    stored.requires_grad_(False)
+    layer.bias = nn.Parameter(stored.detach().to(torch.bfloat16))
+    torch.testing.assert_close(layer(x).float(), want.float(), atol=0.05, rtol=0.02)
+
+
 def test_a_trainable_bias_of_a_half_layer_is_itself():
     """A bias re-set as a Parameter is returned itself in a bf16 layer (a cast copy would
     take the gradient and the optimizer step away from it)."""

@@ -165,7 +165,13 @@ class CompressedLinear(KeepsPackedDtypes):
         """The named buffers, read from _buffers (nn.Module.__getattr__ costs ~2 us a tensor,
         paid per layer call); None if one is no longer a buffer (re-set as a parameter)."""
         b = self._buffers
-        return [b[n] for n in names] if all(n in b for n in names) else None
+        if not all(n in b for n in names):
+            return None
+        t = [b[n] for n in names]
+        bias = b.get("bias")
+        if bias is not None and bias.dtype != torch.float32:  # set in a half dtype: the kernels add float32
+            t[names.index("bias")] = bias.float()
+        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:

@@ -35,18 +35,21 @@ _ABSENT = object()
 
 def stored_bias(module: nn.Module) -> Optional[torch.Tensor]:
     """The bias a packed layer's kernels take: its float32 buffer (or the parameter it was made
-    into for training), whatever the compute dtype."""
+    into for training), whatever the compute dtype; one set in a half dtype (`layer.bias =
+    nn.Parameter(layer.bias)` in a half model) as a float32 value (gradients flow back to it)."""
     held = module.__dict__
-    return held["_parameters"]["bias"] if "bias" in held["_parameters"] else held["_buffers"].get("bias")
+    bias = held["_parameters"]["bias"] if "bias" in held["_parameters"] else held["_buffers"].get("bias")
+    return bias if bias is None or bias.dtype == torch.float32 else bias.float()
 
 
 class BiasInComputeDtype:
     """`.bias` as model code reads it, in the dtype of `.weight`: a half model's code calling
     F.linear(x, layer.weight, layer.bias) or F.conv1d(x, conv.weight, conv.bias) itself (Mamba's
     causal conv) got a float32 bias beside half tensors ("Input type Half and bias type float").
-    The stored bias stays float32 (stored_bias); in a half / bf16 layer this is a cast copy, so
-    writes into it change nothing (as for `.weight`), except where the bias trains (re-set as a
-    Parameter, or requires_grad): that one is returned itself. AttributeError where no bias was
+    The stored bias stays float32 (stored_bias); in a half / bf16 layer this is a read-only
+    copy in that dtype (a LazyWeight: in-place writes raise, as for `.weight`, instead of
+    changing a copy; its requires_grad_ acts on the stored bias), except where the bias trains
+    (re-set as a Parameter, or requires_grad): that one is returned itself. AttributeError where no bias was
     registered, so nn.Module's own checks (bias made a Parameter) still pass."""
 
     def __init__(self, dtype_attribute: str):
@@ -60,7 +63,11 @@ class BiasInComputeDtype:
         if bias is _ABSENT:
             raise AttributeError("bias")
         dtype = held.get(self.dtype_attribute)
-        return bias if bias is None or dtype is None or bias.requires_grad else bias.to(dtype)
+        if bias is None or dtype is None or bias.dtype == dtype or bias.requires_grad:
+            return bias
+        from .lazy_weight import lazy_weight
+
+        return lazy_weight(lambda: bias.to(dtype), bias.shape, dtype, bias.device, source=bias)
 
 
 class KeepsPackedDtypes(nn.Module):

@@ -202,6 +202,12 @@ class _Int8ConvNd(nn.Module):
     _weight_dtype = None  # `.weight`'s dtype after model.half() / .to(dtype); None: float32
     bias = BiasInComputeDtype("_weight_dtype")
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype `.weight` / `.bias` report and outputs default to (a conv replacing a half
+        one computes in it: transforms.adopt_float_dtype)."""
+        return self._weight_dtype or torch.float32
+
     def _apply(self, fn, recurse=True):
         """model.half() / .to(dtype) change the compute dtype only: the scales and bias stay fp32
         (the kernel's epilogue is fp32) and the output takes the input's dtype; float64 is a

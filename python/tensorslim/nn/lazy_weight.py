@@ -8,7 +8,7 @@ kernel. A LazyWeight knows its shape, dtype and device at once and computes its 
 first operation that needs them (any torch function, `.numpy()`, printing, pickling, reading its
 storage), once per object; what that operation returns is an ordinary tensor.
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.utils._pytree import tree_map
@@ -44,14 +44,28 @@ class LazyWeight(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func._schema.is_mutable and _writes_a_layer_weight(func, args, kwargs or {}):
             raise RuntimeError(
-                f"{func.__name__.split('.')[0]}: the .weight of a compressed layer is read-only, computed from its "
-                f"packed tensors; an in-place change would edit only a copy and leave the layer as it was. "
-                f"Change the float model before compressing it, or train a copy: nn.Parameter(layer.weight.clone())")
+                f"{func.__name__.split('.')[0]}: the .weight of a compressed layer (or the .bias of a half one) is "
+                f"read-only, computed from its stored tensors; an in-place change would edit only a copy and "
+                f"leave the layer as it was. Change the float model before compressing it, or train a copy: "
+                f"nn.Parameter(layer.weight.clone()); a bias trains as layer.bias = nn.Parameter(layer.bias.float())")
         def plain(a):
             return a.materialize() if isinstance(a, LazyWeight) else a
         return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
 
     __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """A half layer's `.bias` passes this on to the stored float32 bias (which the layer then
+        hands out itself: BitFit trains it in float32); on a `.weight` a gradient would reach
+        only this copy, never the layer."""
+        source = getattr(self, "_source", None)
+        if source is not None:
+            source.requires_grad_(requires_grad)
+            return self
+        if requires_grad and not (getattr(self, "_is_param", False) or getattr(self, "_detached", False)):
+            raise RuntimeError("requires_grad_: the .weight of a compressed layer is a computed copy; a gradient "
+                               "would never reach the layer. Train a copy: nn.Parameter(layer.weight.clone())")
+        return super().requires_grad_(requires_grad)
 
     # Tensor methods that do not reach the dispatcher, or read the storage a wrapper lacks: they
     # act on the computed values (safetensors reads data_ptr; share_memory_ crashed on the wrapper).
@@ -87,7 +101,9 @@ class LazyWeight(torch.Tensor):
         """A LazyWeight again (the same values, computed once for both): nn.Parameter(layer.weight)
         takes a tensor subclass only if detach() keeps its type. Such a parameter trains (its
         values live in the computed tensor) and saves as a plain tensor."""
-        return LazyWeight(self.materialize, self.shape, self.dtype, self.device)
+        t = LazyWeight(self.materialize, self.shape, self.dtype, self.device)
+        t._detached = True  # its own values (nn.Parameter(layer.weight) calls detach().requires_grad_())
+        return t
 
     def numpy(self, *args, **kwargs):
         return self.materialize().numpy(*args, **kwargs)
@@ -125,9 +141,13 @@ def _writes_a_layer_weight(func, args, kwargs) -> bool:
     return False
 
 
-def lazy_weight(compute: Callable[[], torch.Tensor], shape, dtype: torch.dtype, device) -> torch.Tensor:
+def lazy_weight(compute: Callable[[], torch.Tensor], shape, dtype: torch.dtype, device,
+                source: Optional[torch.Tensor] = None) -> torch.Tensor:
     """compute() as a LazyWeight in eager code; computed at once where a tracer reads it
-    (torch.compile, torch.export, torch.jit), which needs ordinary tensors."""
+    (torch.compile, torch.export, torch.jit), which needs ordinary tensors. source: the stored
+    tensor requires_grad_ acts on (a half layer's bias)."""
     if _eager.tracing():
         return compute()
-    return LazyWeight(compute, shape, dtype, device)
+    t = LazyWeight(compute, shape, dtype, device)
+    t._source = source
+    return t
