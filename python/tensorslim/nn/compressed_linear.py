@@ -100,8 +100,10 @@ class CompressedLinear(KeepsPackedDtypes):
     rows holding them (as in F.linear) for weight-only kinds; kinds that quantize
     activations need finite values and raise a ValueError.
 
-    The nn.Linear surface: in_features, out_features and a read-only `.weight` (the effective
-    weight [out, in], computed on each access, in the compute dtype, on the module's device).
+    The nn.Linear surface: in_features, out_features, a read-only `.weight` (the effective
+    weight [out, in], computed on each access, in the compute dtype, on the module's device)
+    and `.bias` in the compute dtype (compute_dtype.BiasInComputeDtype: F.linear(x, layer.weight,
+    layer.bias) in model code runs in a half model too).
 
     Compute dtype: float32 until `.half()` / `.bfloat16()` / `.to(dtype)` changes it (a layer
     that replaced an fp16 / bf16 one, by a verb or a load, computes in that dtype); then
