@@ -436,6 +436,9 @@ def _fill_meta_replacements(originals: dict, replacements: dict, state: Dict[str
                     if got is None or got.shape != t.shape:
                         continue
                     value = got.to(device=device, dtype=t.dtype)
+                    if value.data_ptr() % 64:  # safetensors' own allocations: torch's are 64-byte aligned
+                        value = value.clone()
+                    state[prefix + attr] = value  # the file's copy freed now, not at the end of the load
                     table[attr] = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
                         else value
 

@@ -99,7 +99,7 @@ def test_the_half_bias_copy_is_read_only_and_trains_the_stored_bias(kind):
             layer.bias.zero_()
     x = torch.randn(2, IN, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
     want = layer(x)
-    layer.bias.requires_grad_(True)
+    assert layer.bias.requires_grad_(True) is stored  # SGD([layer.bias.requires_grad_()]) trains it
     assert layer.bias is stored and stored.dtype == torch.float32 and stored.requires_grad
     layer(x).float().sum().backward()
     assert stored.grad is not None and torch.allclose(stored.grad, torch.full((OUT,), 2.0))

@@ -249,3 +249,44 @@ def test_digits_vit_accuracy_after_pruning_half_the_heads_and_neurons():
     print(f"\ndigits ViT accuracy: dense {dense:.3f}, half the heads and neurons removed {pruned:.3f}, "
           f"after 10 epochs {tuned:.3f}")
     assert dense > 0.9 and pruned > 0.5 and tuned > dense - 0.05
+
+
+def test_schedule_finalize_keeps_heads_the_code_cannot_lose():
+    """Under ts.pruning.Schedule the heads are masked (shapes kept) and only finalize removes
+    them: where the code sizes heads from the width, finalize prunes again with them whole
+    (it raised, losing the schedule's pruning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(sized="embed_dim"))
+    x = torch.randn(2, 5, 32)
+    sched = ts.pruning.Schedule(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), 0, 2, 1, example_inputs=(x,))
+    for _ in range(3):
+        sched.step()
+    report = sched.finalize()
+    assert model[0].attn.num_heads == 4 and model[0].fc1.out_features == 32
+    assert any("did not prune with its heads removed" in c.reason for c in report.changes)
+
+
+class _Mixed(nn.Module):
+    """torch's own encoder layer beside a hand-written attention that sizes heads by its width."""
+
+    def __init__(self):
+        super().__init__()
+        self.torch_layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.block = _Block(sized="embed_dim")
+
+    def forward(self, x):
+        return self.block(self.torch_layer(x))
+
+
+def test_a_failing_hugging_face_style_attention_leaves_torchs_heads_pruned():
+    """Only the attentions of the failing kind keep their heads: torch's attention, unpacked,
+    still loses half of its (one retry with the Hugging Face style heads whole)."""
+    torch.manual_seed(0)
+    model = _Mixed().eval()
+    x = torch.randn(2, 5, 32)
+    want_shape = model(x).shape
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), example_inputs=(x,), progress=False)
+    assert model.torch_layer.self_attn.num_heads == 2 and model.block.attn.num_heads == 4
+    assert any("did not prune with its heads removed" in c.reason for c in report.changes)
+    assert not any("did not prune with it unpacked" in c.reason for c in report.changes)
+    assert model(x).shape == want_shape

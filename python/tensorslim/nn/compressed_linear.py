@@ -170,7 +170,7 @@ class CompressedLinear(KeepsPackedDtypes):
         if not all(n in b for n in names):
             return None
         t = [b[n] for n in names]
-        bias = b.get("bias")
+        bias = b.get("bias") if "bias" in names else None
         if bias is not None and bias.dtype != torch.float32:  # set in a half dtype: the kernels add float32
             t[names.index("bias")] = bias.float()
         return t

@@ -59,9 +59,8 @@ class LazyWeight(torch.Tensor):
         hands out itself: BitFit trains it in float32); on a `.weight` a gradient would reach
         only this copy, never the layer."""
         source = getattr(self, "_source", None)
-        if source is not None:
-            source.requires_grad_(requires_grad)
-            return self
+        if source is not None:  # returned, so `SGD([layer.bias.requires_grad_()])` trains it
+            return source.requires_grad_(requires_grad)
         if requires_grad and not (getattr(self, "_is_param", False) or getattr(self, "_detached", False)):
             raise RuntimeError("requires_grad_: the .weight of a compressed layer is a computed copy; a gradient "
                                "would never reach the layer. Train a copy: nn.Parameter(layer.weight.clone())")

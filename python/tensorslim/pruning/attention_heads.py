@@ -59,12 +59,13 @@ def hf_layout(m: nn.Module) -> Optional[Layout]:
 
 
 def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str]) -> Optional[str]:
-    """The first parameter of an attention, outside its projections `own`, with a dimension
-    sized by the heads (a q_norm over num_heads x head_dim, attention sinks: one per head), or
-    None. counts: the head counts (query heads, and kv heads where they differ)."""
+    """The first parameter or buffer of an attention, outside its projections `own`, with a
+    dimension sized by the heads (a q_norm over num_heads x head_dim, attention sinks, ALiBi
+    slopes: one per head), or None. counts: the head counts (query heads, and kv heads where
+    they differ)."""
     sizes = {n * hd for n in counts} | set(counts)
     sizes.discard(hd)
-    for name, t in att.named_parameters():
+    for name, t in [*att.named_parameters(), *att.named_buffers()]:
         if name.split(".")[0] not in own and any(d in sizes for d in t.shape):
             return name
     return None

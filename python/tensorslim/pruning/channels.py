@@ -337,20 +337,20 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
     # nor the caller's random streams
     with _buffers_kept(model), torch.random.fork_rng(devices=verify.rng_devices(model_device(model))):
         if cfg.head_ratio == 0 or forced is not None:  # Schedule.finalize: soft masks never unpacked
-            return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
+            return _with_hf_heads_kept_on_failure(model, cfg, calib_data, forward_loop, example_inputs, forced)
         # torch's nn.MultiheadAttention holds no fewer heads than its width: unpacked while
         # pruning (attention_heads.py), packed again where every head stayed
         attention = UnpackedAttention(model)
         attention.unpack()
         try:
-            report = _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
+            report = _with_hf_heads_kept_on_failure(model, cfg, calib_data, forward_loop, example_inputs, forced)
         except verify.ModelRunError as e:
             attention.restore_all()
-            if not attention.swapped and not any(hf_layout(m) is not None for m in model.modules()):
+            if not attention.swapped:
                 raise
-            # model code reading the packed weights or sizing heads its own way, attention weights
-            # used where the trace cannot see it: once more with every attention's heads kept (why)
-            first = str(e).splitlines()[0][:200]
+            # model code reading the packed weights, attention weights used where the trace
+            # cannot see it: once more with every attention packed, its heads kept (with why)
+            first = _first_line(e)
             return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced,
                                    f"the model did not prune with it unpacked: {first}",
                                    f"the model did not prune with its heads removed: {first}")
@@ -359,6 +359,24 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
             raise
         whole = [n for n, (old, new) in attention.swapped.items() if new.num_heads == old.num_heads]
         return attention.put_back(whole, report, "every head kept")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def _with_hf_heads_kept_on_failure(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
+                                   forced: Optional[dict]) -> Report:
+    """_prune_channels, once more with the heads of every Hugging Face attention kept (its row
+    says why) where the check fails and the model has such attentions: model code sizing its
+    heads from the full width (`reshape(b, t, self.embed_dim)`)."""
+    try:
+        return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
+    except verify.ModelRunError as e:
+        if not any(hf_layout(m) is not None for m in model.modules()):
+            raise
+        return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced, None,
+                               f"the model did not prune with its heads removed: {_first_line(e)}")
 
 
 def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
