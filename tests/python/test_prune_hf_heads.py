@@ -200,20 +200,43 @@ def test_excluded_or_head_sized_parameters_keep_the_heads():
     assert model.layers[0].mlp.fc1.out_features == 32  # neurons still go
 
 
-def test_t5_heads_stay():
-    """T5's relative position bias is computed once per stack with one column per head, so its
-    attentions (q / k / v / o, n_heads) are not matched; FFN neurons still go."""
-    from transformers import T5Config, T5Model
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
 
+    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg)
+
+
+def test_t5_heads_go_alike_in_every_block_of_a_stack(tmp_path):
+    """T5 computes its relative position bias (one column per head) in a stack's first block and
+    adds it in every later one (cross-attentions: a zero bias of the first one's head count), so
+    the attentions of one stack and kind lose the same heads: q / k / v rows, o columns, the bias
+    table's columns, n_heads and inner_dim. The model equals the zeroed original, generates the
+    same tokens, and loads into a fresh model."""
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, decoder_start_token_id=0)
-    model = T5Model(cfg).eval()
+    model = _t5().eval()
     ids = _ids()
-    ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5),
-             example_inputs={"input_ids": ids, "decoder_input_ids": ids[:, :3]}, progress=False)
-    att = model.encoder.block[0].layer[0].SelfAttention
-    assert att.n_heads == 4 and att.q.out_features == 32
+    batch = {"input_ids": ids, "decoder_input_ids": ids[:, :3]}
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, removed = zeroed_reference(model, cfg, batch)
+    ts.prune(model, cfg, example_inputs=batch, progress=False)
+    for where in ("encoder.block.{}.layer.0.SelfAttention", "decoder.block.{}.layer.0.SelfAttention",
+                  "decoder.block.{}.layer.1.EncDecAttention"):
+        atts = [model.get_submodule(where.format(i)) for i in range(2)]
+        assert [(a.n_heads, a.inner_dim, a.q.out_features, a.o.in_features) for a in atts] == [(2, 16, 16, 16)] * 2
+        heads = [sorted({c // 8 for c in removed[(where.format(i) + ".o", "weight", 1)]}) for i in range(2)]
+        assert heads[0] == heads[1], (where, heads)  # the same heads in both blocks
+    assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape == (32, 2)
     assert model.encoder.block[0].layer[1].DenseReluDense.wi.out_features == 32
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=1e-5)
+    tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, ref.generate(ids, max_new_tokens=4, do_sample=False))
+    ts.save(model, tmp_path / "t5.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(_t5().eval(), tmp_path / "t5.safetensors")
+    assert torch.equal(fresh.generate(ids, max_new_tokens=4, do_sample=False), tokens)
 
 
 class _DigitsViT(nn.Module):

@@ -84,7 +84,9 @@ class W4A8Linear(PackedLinear):
         """(packed copy, native call arguments) for these tensors, cached while they are the same
         and unmodified: a call then pays no views, format lookups or packing checks (at 384 x 384
         and 1 token ~3 of the call's ~20 us)."""
-        key = tuple(tensor_identity(t) for t in (qweight, scales, zero_points, bias))
+        # the bias as stored: a half one set by the user reaches here as a new float32 copy per call
+        held = self._buffers["bias"] if "bias" in self._buffers else self._parameters.get("bias")
+        key = tuple(tensor_identity(t) for t in (qweight, scales, zero_points, held))
         plan = self._plans.get(key)
         if plan is None:
             self._plans.clear()  # one set of tensors at a time: the old copy goes before the new one

@@ -12,11 +12,14 @@ OPT: q_proj / k_proj / v_proj and out_proj or o_proj, `head_dim`, and `num_heads
 `num_attention_heads`, every projection num_heads x head_dim wide) lose heads in place: their
 code views the projections as (-1 or num_heads, head_dim), so the count attribute is updated.
 The check against the original catches code that sizes them otherwise; the heads then stay.
-T5 (relative position biases computed once per stack, one column per head) is not matched.
+T5's attentions (q / k / v / o, n_heads, key_value_proj_dim) too, all those of one stack and
+kind losing the same heads: the stack's first block computes the position bias (one column of
+relative_attention_bias per head) that every later block adds.
 """
 import contextlib
 import fnmatch
-from typing import Dict, Iterator, NamedTuple, Optional, Sequence
+import re
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -32,30 +35,44 @@ TORCH_BLOCKS = ATTENTIONS + (nn.TransformerEncoderLayer, nn.TransformerDecoderLa
                              nn.TransformerDecoder, nn.Transformer)
 OUTPUTS = ("out_proj", "o_proj")
 COUNTS = ("num_heads", "num_attention_heads")
+T5_QKVO = ("q", "k", "v", "o")
 
 
 class Layout(NamedTuple):
     heads: int
     head_dim: int
-    out: str     # the output projection's attribute
-    count: str   # the head-count attribute
+    qkv: Tuple[str, str, str]
+    out: str                           # the output projection's attribute
+    attrs: Tuple[Tuple[str, int], ...]  # (size attribute, its size per head)
+    shared_bias: bool = False           # T5: one position bias per stack (see add_head_spaces)
 
 
 def hf_layout(m: nn.Module) -> Optional[Layout]:
     """The heads of a Hugging Face style attention (see the module doc), or None: another
     module, a packed or grouped-query (fewer k / v heads) attention, or sizes that disagree."""
-    if isinstance(m, ATTENTIONS) or not all(isinstance(getattr(m, q, None), nn.Module) for q in QKV):
+    if isinstance(m, ATTENTIONS):
         return None
-    out = next((o for o in OUTPUTS if isinstance(getattr(m, o, None), nn.Module)), None)
-    count = next((c for c in COUNTS if type(getattr(m, c, None)) is int), None)
-    hd = getattr(m, "head_dim", None)
-    if out is None or count is None or type(hd) is not int or hd <= 0:
+    if all(isinstance(getattr(m, q, None), nn.Module) for q in QKV):
+        out = next((o for o in OUTPUTS if isinstance(getattr(m, o, None), nn.Module)), None)
+        count = next((c for c in COUNTS if type(getattr(m, c, None)) is int), None)
+        hd = getattr(m, "head_dim", None)
+        if out is None or count is None:
+            return None
+        layout = Layout(getattr(m, count), hd, QKV, out, ((count, 1),))
+    elif all(isinstance(getattr(m, q, None), nn.Module) for q in T5_QKVO) and hasattr(m, "has_relative_attention_bias"):
+        hd, heads = getattr(m, "key_value_proj_dim", None), getattr(m, "n_heads", None)
+        if type(heads) is not int or type(getattr(m, "inner_dim", None)) is not int:
+            return None
+        layout = Layout(heads, hd, T5_QKVO[:3], "o", (("n_heads", 1), ("inner_dim", hd)), shared_bias=True)
+    else:
         return None
-    width = getattr(m, count) * hd
-    if any(getattr(getattr(m, q), "out_features", None) != width for q in QKV) or \
-            getattr(getattr(m, out), "in_features", None) != width:
+    if type(layout.head_dim) is not int or layout.head_dim <= 0:
         return None
-    return Layout(getattr(m, count), hd, out, count)
+    width = layout.heads * layout.head_dim
+    if any(getattr(getattr(m, q), "out_features", None) != width for q in layout.qkv) or \
+            getattr(getattr(m, layout.out), "in_features", None) != width:
+        return None
+    return layout
 
 
 def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str]) -> Optional[str]:
@@ -82,34 +99,44 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
     covered = {p for s in sp.roots().values() for p in s.producers}
+    stacks: Dict[str, int] = {}  # T5: the space every attention of one stack and kind joins
     for name, m in model.named_modules():
         p = f"{name}." if name else ""
         hf = hf_layout(m)
-        if hf is not None and p + "q_proj" in covered:
+        if hf is not None and p + hf.qkv[0] in covered:
             continue
         if not isinstance(m, ATTENTIONS) and hf is None:
             continue
-        heads, hd, out = (m.num_heads, m.head_dim, "out_proj") if hf is None else hf[:3]
+        heads, hd, qkv, out = (m.num_heads, m.head_dim, QKV, "out_proj") if hf is None else hf[:4]
         why = _kept_whole(name, m, heads, len(names[id(m)]), sp, exclude, packed_hint,
                           kept_hint if hf is not None else None)
         if why is None and hf is not None:
-            spanning = head_sized_parameter(m, hd, [heads], QKV + (out,))
+            spanning = head_sized_parameter(m, hd, [heads], (*qkv, out, "relative_attention_bias"))
             why = None if spanning is None else f"attention '{name}': '{spanning}' spans the heads"
         if why is not None:
-            s = sp.get(sp.new(heads, "heads"))
+            sid = sp.new(heads, "heads")
+            s = sp.get(sid)
             s.producers.append(name)
             s.frozen.append(why)
-            continue
-        sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), hd) for q in QKV],
-                           [(p + out, getattr(m, out), hd)])
-        s = sp.get(sid)
-        if s.frozen:  # a compressed projection: nothing sliced
-            continue
-        if hf is not None:
-            s.attrs.append((name, hf.count, 1))
-            continue
-        s.slices += [Slice(name, b, 2, 0, hd) for b in ("bias_k", "bias_v") if getattr(m, b) is not None]
-        s.attrs.append((name, "num_heads", 1))
+        else:
+            sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), hd) for q in qkv],
+                               [(p + out, getattr(m, out), hd)])
+            s = sp.get(sid)
+            if s.frozen:  # a compressed projection: nothing sliced
+                pass
+            elif hf is None:
+                s.slices += [Slice(name, b, 2, 0, hd) for b in ("bias_k", "bias_v") if getattr(m, b) is not None]
+                s.attrs.append((name, "num_heads", 1))
+            else:
+                s.attrs += [(name, attr, per) for attr, per in hf.attrs]
+                if hf.shared_bias and getattr(m, "has_relative_attention_bias", False):
+                    s.slices.append(Slice(p + "relative_attention_bias", "weight", 1))
+        if hf is not None and hf.shared_bias:
+            # T5 computes its position bias (one column per head) in a stack's first block and adds
+            # it in every later one, cross-attentions a zero bias of the first one's head count:
+            # all attentions of one stack and kind lose the same heads
+            stack = re.sub(r"\.block\.\d+\.", ".block.*.", name)
+            stacks[stack] = sp.union(stacks[stack], sid, f"attention '{name}'") if stack in stacks else sid
 
 
 def _kept_whole(name: str, m: nn.Module, heads: int, n_names: int, sp: Spaces, exclude, packed_hint, kept_hint):
