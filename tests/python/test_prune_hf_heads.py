@@ -113,6 +113,48 @@ def test_heads_of_hugging_face_attentions(kind):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _starcoder2():
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    return Starcoder2ForCausalLM(Starcoder2Config(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                                  max_position_embeddings=64))
+
+
+def _phi():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    return PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+                                    qk_layernorm=True))
+
+
+@pytest.mark.parametrize("build", [_starcoder2, _phi], ids=["starcoder2", "phi"])
+def test_grouped_query_heads_outside_the_llama_rule(build):
+    """StarCoder2 and Phi (an MLP without gate_proj, so no block rule; Phi's output projection
+    is `dense`, with a per-head q / k LayerNorm) keep no head count of their own: one of the 2
+    kv heads goes with its 4 query heads (q / o: 4 x head_dim, k / v: head_dim), and the model
+    equals the zeroed original on two batches and in generation."""
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    for layer in model.model.layers:
+        att = layer.self_attn
+        out = att.o_proj if hasattr(att, "o_proj") else att.dense
+        assert (att.q_proj.out_features, att.k_proj.out_features, att.v_proj.out_features, out.in_features) == \
+            (32, 8, 8, 32)
+    other = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for x in (ids, other):
+            torch.testing.assert_close(model(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
+    mask = torch.ones_like(ids)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+                       ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+
+
 def test_pruned_opt_saves_loads_and_generates(tmp_path):
     torch.manual_seed(0)
     model, batch, _, _ = _opt()

@@ -8,9 +8,10 @@ bias_v) and head_dim columns of out_proj, with num_heads updated; embed_dim, the
 inputs and output, stays. Attentions whose heads all stay are packed again afterwards.
 
 Hugging Face attentions built the same way (transformers 5's ViT, CLIP, SigLIP, Whisper, BART,
-OPT: q_proj / k_proj / v_proj and out_proj or o_proj, `head_dim`, and `num_heads` or
-`num_attention_heads`, every projection num_heads x head_dim wide) lose heads in place: their
-code views the projections as (-1 or num_heads, head_dim), so the count attribute is updated.
+OPT, StarCoder2, Phi: q_proj / k_proj / v_proj and out_proj, o_proj or dense, `head_dim`, a
+head count of num_heads or num_attention_heads where kept; grouped-query with
+num_key_value_groups) lose heads in place: their code views the projections as (-1 or
+num_heads, head_dim), so the count attribute is updated.
 The check against the original catches code that sizes them otherwise; the heads then stay.
 T5's attentions (q / k / v / o, n_heads, key_value_proj_dim) too, all those of one stack and
 kind losing the same heads: the stack's first block computes the position bias (one column of
@@ -33,46 +34,64 @@ QKV = ("q_proj", "k_proj", "v_proj")
 ATTENTIONS = (nn.MultiheadAttention, ProjectedMultiheadAttention)
 TORCH_BLOCKS = ATTENTIONS + (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
                              nn.TransformerDecoder, nn.Transformer)
-OUTPUTS = ("out_proj", "o_proj")
+OUTPUTS = ("out_proj", "o_proj", "dense")
 COUNTS = ("num_heads", "num_attention_heads")
 T5_QKVO = ("q", "k", "v", "o")
 
 
 class Layout(NamedTuple):
-    heads: int
+    units: int                          # heads; kv heads (each with its query heads) under GQA
     head_dim: int
     qkv: Tuple[str, str, str]
-    out: str                           # the output projection's attribute
-    attrs: Tuple[Tuple[str, int], ...]  # (size attribute, its size per head)
+    out: str                            # the output projection's attribute
+    attrs: Tuple[Tuple[str, int], ...]  # (size attribute, its size per unit)
     shared_bias: bool = False           # T5: one position bias per stack (see add_head_spaces)
+    groups: int = 1                     # query heads per unit (num_key_value_groups)
 
 
 def hf_layout(m: nn.Module) -> Optional[Layout]:
     """The heads of a Hugging Face style attention (see the module doc), or None: another
-    module, a packed or grouped-query (fewer k / v heads) attention, or sizes that disagree."""
+    module, a packed attention, or sizes that disagree."""
     if isinstance(m, ATTENTIONS):
         return None
     if all(isinstance(getattr(m, q, None), nn.Module) for q in QKV):
-        out = next((o for o in OUTPUTS if isinstance(getattr(m, o, None), nn.Module)), None)
-        count = next((c for c in COUNTS if type(getattr(m, c, None)) is int), None)
-        hd = getattr(m, "head_dim", None)
-        if out is None or count is None:
-            return None
-        layout = Layout(getattr(m, count), hd, QKV, out, ((count, 1),))
-    elif all(isinstance(getattr(m, q, None), nn.Module) for q in T5_QKVO) and hasattr(m, "has_relative_attention_bias"):
+        return _projected_layout(m)
+    if all(isinstance(getattr(m, q, None), nn.Module) for q in T5_QKVO) and hasattr(m, "has_relative_attention_bias"):
         hd, heads = getattr(m, "key_value_proj_dim", None), getattr(m, "n_heads", None)
-        if type(heads) is not int or type(getattr(m, "inner_dim", None)) is not int:
+        if type(heads) is not int or type(hd) is not int or hd <= 0 or type(getattr(m, "inner_dim", None)) is not int:
             return None
-        layout = Layout(heads, hd, T5_QKVO[:3], "o", (("n_heads", 1), ("inner_dim", hd)), shared_bias=True)
-    else:
+        width = heads * hd
+        if any(getattr(getattr(m, q), "out_features", None) != width for q in T5_QKVO[:3]) or \
+                getattr(m.o, "in_features", None) != width:
+            return None
+        return Layout(heads, hd, T5_QKVO[:3], "o", (("n_heads", 1), ("inner_dim", hd)), shared_bias=True)
+    return None
+
+
+def _projected_layout(m: nn.Module) -> Optional[Layout]:
+    """q_proj / k_proj / v_proj and out_proj / o_proj / dense, an int head_dim; the head count
+    from q_proj's width (agreeing with num_heads / num_attention_heads where the module keeps
+    one); fewer k / v heads (grouped-query) with an int num_key_value_groups: a unit is one kv
+    head with its group of query heads (their code repeats each kv head that many times)."""
+    out = next((o for o in OUTPUTS if isinstance(getattr(m, o, None), nn.Module)), None)
+    hd = getattr(m, "head_dim", None)
+    if out is None or type(hd) is not int or hd <= 0:
         return None
-    if type(layout.head_dim) is not int or layout.head_dim <= 0:
+    q, k, v = (getattr(getattr(m, n), "out_features", None) for n in QKV)
+    if not all(type(w) is int and w > 0 and w % hd == 0 for w in (q, k, v)) or k != v or \
+            getattr(getattr(m, out), "in_features", None) != q:
         return None
-    width = layout.heads * layout.head_dim
-    if any(getattr(getattr(m, q), "out_features", None) != width for q in layout.qkv) or \
-            getattr(getattr(m, layout.out), "in_features", None) != width:
+    heads, kv = q // hd, k // hd
+    count = next((c for c in COUNTS if type(getattr(m, c, None)) is int), None)
+    if count is not None and getattr(m, count) != heads:
         return None
-    return layout
+    groups = heads // kv
+    if heads != kv and (heads % kv or getattr(m, "num_key_value_groups", None) != groups):
+        return None
+    attrs = ((count, groups),) if count is not None else ()
+    if heads != kv and type(getattr(m, "num_key_value_heads", None)) is int:
+        attrs += (("num_key_value_heads", 1),)
+    return Layout(kv, hd, QKV, out, attrs, groups=groups)
 
 
 def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str]) -> Optional[str]:
@@ -108,19 +127,23 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
         if not isinstance(m, ATTENTIONS) and hf is None:
             continue
         heads, hd, qkv, out = (m.num_heads, m.head_dim, QKV, "out_proj") if hf is None else hf[:4]
-        why = _kept_whole(name, m, heads, len(names[id(m)]), sp, exclude, packed_hint,
+        groups = 1 if hf is None else hf.groups
+        why = _kept_whole(name, m, heads * groups, len(names[id(m)]), sp, exclude, packed_hint,
                           kept_hint if hf is not None else None)
         if why is None and hf is not None:
-            spanning = head_sized_parameter(m, hd, [heads], (*qkv, out, "relative_attention_bias"))
+            spanning = head_sized_parameter(m, hd, sorted({heads, heads * groups}), (*qkv, out, "relative_attention_bias"))
             why = None if spanning is None else f"attention '{name}': '{spanning}' spans the heads"
+        if why is None and heads == 1:
+            why = f"attention '{name}', a single kv head (its {groups} query heads share it)"
         if why is not None:
             sid = sp.new(heads, "heads")
             s = sp.get(sid)
             s.producers.append(name)
             s.frozen.append(why)
         else:
-            sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), hd) for q in qkv],
-                               [(p + out, getattr(m, out), hd)])
+            reps = (groups * hd, hd, hd)  # per unit: the query heads of one kv head, that kv head
+            sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), r) for q, r in zip(qkv, reps)],
+                               [(p + out, getattr(m, out), groups * hd)])
             s = sp.get(sid)
             if s.frozen:  # a compressed projection: nothing sliced
                 pass
