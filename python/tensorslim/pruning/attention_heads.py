@@ -131,7 +131,8 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
         why = _kept_whole(name, m, heads * groups, len(names[id(m)]), sp, exclude, packed_hint,
                           kept_hint if hf is not None else None)
         if why is None and hf is not None:
-            spanning = head_sized_parameter(m, hd, sorted({heads, heads * groups}), (*qkv, out, "relative_attention_bias"))
+            own = (*qkv, out, "relative_attention_bias")
+            spanning = head_sized_parameter(m, hd, sorted({heads, heads * groups}), own)
             why = None if spanning is None else f"attention '{name}': '{spanning}' spans the heads"
         if why is None and heads == 1:
             why = f"attention '{name}', a single kv head (its {groups} query heads share it)"
