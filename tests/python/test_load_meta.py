@@ -102,3 +102,24 @@ def test_lazy_and_subclassed_parameters_stay_as_built():
         holder.p = Tagged(torch.ones(3))
     assert isinstance(lazy.weight, nn.parameter.UninitializedParameter)
     assert type(holder.p) is Tagged and not holder.p.is_meta
+
+
+@pytest.mark.parametrize("config", [ts.Int4WeightOnly(group_size=32), ts.Int8Dynamic(), ts.NM(2, 4)],
+                         ids=["int4", "int8dyn", "2:4"])
+def test_loaded_compressed_modules_hold_the_files_tensors_aligned(tmp_path, config):
+    """ts.load builds the compressed modules on the meta device and hands them the file's
+    tensors (no empty copies filled): every tensor ends on the CPU, 64-byte aligned (safetensors'
+    own allocations are not always; the kernels' packing assumes torch's), equal to the saved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 40))
+    verb = ts.sparsify if isinstance(config, ts.NM) else ts.quantize
+    verb(model, config, progress=False)
+    ts.save(model, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 40)), tmp_path / "m.safetensors")
+    saved = model.state_dict()
+    for key, t in fresh.state_dict().items():
+        assert t.device.type == "cpu" and t.data_ptr() % 64 == 0, key
+        assert t.dtype == saved[key].dtype and torch.equal(t, saved[key]), key
+    x = torch.randn(3, 48)
+    assert torch.equal(fresh(x), model(x))
