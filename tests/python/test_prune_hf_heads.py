@@ -281,6 +281,69 @@ def test_t5_heads_go_alike_in_every_block_of_a_stack(tmp_path):
     assert torch.equal(fresh.generate(ids, max_new_tokens=4, do_sample=False), tokens)
 
 
+def test_a_t5_stack_pruned_on_its_own():
+    """Block names without a prefix ("block.0.layer.0.SelfAttention") form one stack too (each
+    block chose its own heads, the check failed and every head stayed)."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5Stack
+
+    class Stack(T5Stack):
+        def forward(self, input_ids):
+            return super().forward(input_ids=input_ids).last_hidden_state
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, is_decoder=False,
+                   use_cache=False)
+    model = Stack(cfg).eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, (ids,))
+    ts.prune(model, cfg, example_inputs=(ids,), progress=False)
+    assert [blk.layer[0].SelfAttention.n_heads for blk in model.block] == [2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_boolean_causal_mask_sized_like_the_heads_does_not_keep_them():
+    """GPT-Neo keeps a boolean causal mask buffer `bias` [1, 1, max_positions, max_positions];
+    with max_positions equal to the width (GPT-Neo 1.3B: 2048 both) it read as a tensor
+    spanning the heads, and none were pruned."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                           intermediate_size=64, attention_types=[[["global"], 2]],
+                                           max_position_embeddings=32)).eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    assert [h.attn.attention.num_heads for h in model.transformer.h] == [2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dict_example_passes_no_parameter_after_its_last_key():
+    """M2M100's forward is wrapped by decorators that pass use_cache by keyword: the example bound
+    to every parameter (defaults included) met it twice ("got multiple values for argument
+    'use_cache'") and the model could not be traced at all."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = M2M100Config(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                       pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    model = M2M100ForConditionalGeneration(cfg).eval()
+    ids = _ids(7)
+    batch = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    prune = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, prune, batch)
+    ts.prune(model, prune, example_inputs=batch, progress=False)
+    assert model.model.encoder.layers[0].self_attn.num_heads == 2 and model.model.encoder.layers[0].fc1.out_features == 32
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
 class _DigitsViT(nn.Module):
     """transformers' ViTForImageClassification on scikit-learn's 8x8 digits (2x2 patches)."""
 

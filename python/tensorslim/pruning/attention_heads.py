@@ -101,7 +101,10 @@ def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Se
     they differ)."""
     sizes = {n * hd for n in counts} | set(counts)
     sizes.discard(hd)
-    for name, t in [*att.named_parameters(), *att.named_buffers()]:
+    # float buffers only: a boolean causal mask (GPT-Neo's `bias`, max_positions square) has
+    # nothing per head, whatever its size
+    held = [*att.named_parameters(), *((n, b) for n, b in att.named_buffers() if b.is_floating_point())]
+    for name, t in held:
         if name.split(".")[0] not in own and any(d in sizes for d in t.shape):
             return name
     return None
@@ -159,7 +162,7 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
             # T5 computes its position bias (one column per head) in a stack's first block and adds
             # it in every later one, cross-attentions a zero bias of the first one's head count:
             # all attentions of one stack and kind lose the same heads
-            stack = re.sub(r"\.block\.\d+\.", ".block.*.", name)
+            stack = re.sub(r"(^|\.)block\.\d+\.", r"\1block.*.", name)
             stacks[stack] = sp.union(stacks[stack], sid, f"attention '{name}'") if stack in stacks else sid
 
 

@@ -306,8 +306,8 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             tensors = node.args[0] if node.args else node.kwargs.get("tensors", [])
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             parts = [info.get(t) for t in tensors]
-            ndim = len(shape)
-            if all(p is not None for p in parts) and all(p.cdim == dim % ndim for p in parts):
+            ndim = len(shape) if shape is not None else None  # no shape: no gradient reached it
+            if ndim and all(p is not None for p in parts) and all(p.cdim == dim % ndim for p in parts):
                 info[node] = Info([s for p in parts for s in p.segs], dim % ndim)
             else:
                 for t in tensors:

@@ -60,14 +60,18 @@ def _example(model: nn.Module, calib_data, example_inputs) -> tuple:
             bound = inspect.signature(model.forward).bind(**dict(batch.items()))
         except TypeError as e:
             raise ValueError(f"ChannelPrune: the example batch does not match the model's forward: {e}") from None
-        bound.apply_defaults()
         params = inspect.signature(model.forward).parameters
         extra = bound.arguments.get(next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None))
         if extra:  # the trace passes the batch positionally: a key only **kwargs takes has no place
             raise ValueError(f"ChannelPrune: the example batch's keys {sorted(extra)} are not named parameters "
                              f"of {type(model).__name__}.forward; leave them out of the example")
-        return tuple(v for n, v in bound.arguments.items()
-                     if params[n].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
+        # up to the last parameter the batch names, defaults between: the parameters after it are
+        # not passed at all (a decorator filling one by keyword, transformers' use_cache, then
+        # met it twice: "got multiple values for argument")
+        positional = [n for n, p in params.items()
+                      if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+        last = max(positional.index(n) for n in bound.arguments if n in positional)
+        return tuple(bound.arguments[n] if n in bound.arguments else params[n].default for n in positional[:last + 1])
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
@@ -373,7 +377,7 @@ def _with_hf_heads_kept_on_failure(model: nn.Module, cfg: ChannelPrune, calib_da
     try:
         return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
     except verify.ModelRunError as e:
-        if not any(hf_layout(m) is not None for m in model.modules()):
+        if cfg.head_ratio == 0 or not any(hf_layout(m) is not None for m in model.modules()):
             raise
         return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced, None,
                                f"the model did not prune with its heads removed: {_first_line(e)}")
