@@ -9,6 +9,13 @@ of size, latency and accuracy after each step, on scikit-learn's 8x8 digits (2x2
 3. Recover: fine-tune on the labels alone, and distill from the dense teacher
    (ts.distill.kd_loss with labels) from the same pruned start, same batches.
 4. ts.quantize the distilled model: INT8 weights, per-token INT8 activations.
+
+Measured (2026-12-06, Zen 4, 2 threads, AVX-512; defaults): accuracy 0.960 dense, 0.611 with
+2 of 4 heads and half the FFN neurons removed (0.522 of the bytes; 1.30x and 2.01x faster at
+batch 64 in two runs, dense 2.4 and 4.3 ms: this VM's spread), 0.898 after 20 epochs on the
+labels, 0.891 distilled (one seed: within each other's spread on this small task;
+examples/distill_digits.py averages seeds), 0.893 and 0.17 of the bytes after INT8. At width
+64 the INT8 layers are too small to pay for quantizing activations per call (0.7-1.0x dense).
 """
 import argparse
 import copy
@@ -80,7 +87,7 @@ def latency_ms(model, x, rounds: int = 30) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def run(ratio: float = 0.5, epochs: int = 40, recover: int = 10):
+def run(ratio: float = 0.5, epochs: int = 40, recover: int = 20):
     """[(step, model)] of the pipeline, and the data."""
     xtr, ytr, xte, yte = digits_images()
     teacher = train(DigitsViT(), xtr, ytr, epochs, 3e-3)
@@ -102,7 +109,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.5, help="share of heads and FFN neurons pruned")
     ap.add_argument("--epochs", type=int, default=40, help="teacher training epochs")
-    ap.add_argument("--recover", type=int, default=10, help="fine-tune / distillation epochs")
+    ap.add_argument("--recover", type=int, default=20, help="fine-tune / distillation epochs")
     args = ap.parse_args()
     rows, (_, _, xte, yte) = run(args.ratio, args.epochs, args.recover)
     teacher = rows[0][1]

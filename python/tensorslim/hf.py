@@ -76,7 +76,9 @@ def check_config(qcfg: dict, where) -> None:
 
 def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
     """The tensors of a save_pretrained directory: model.safetensors, or its shards."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    from .safetensors_read import read_tensors
 
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
@@ -93,7 +95,9 @@ def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
     state: Dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt"):  # validates the header against the file's size
+                pass
+            state.update(read_tensors(f))
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{f}: not a readable safetensors file: {e}") from None
     return state

@@ -26,6 +26,7 @@ from torch import nn
 
 from .conv1d import linear_shape
 from .meta_parameters import take_meta_parameters
+from .safetensors_read import read_tensors
 from .nn import COMPRESSED_MODULES, SAVED_MODULES, ProjectedMultiheadAttention
 from .pruning import state as pruning_state
 from .report import LayerChange, Report, remember_skipped, skipped_rows
@@ -220,7 +221,10 @@ def tensor_shapes(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple[int, ...
 
 
 def _read_state(path, aliases: Dict[str, str]) -> Dict[str, torch.Tensor]:
-    state = _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    try:  # safe_open validates the file first; then each tensor is read into memory of its own
+        state = _read(path, lambda f: read_tensors(path))
+    except ValueError as e:
+        raise ValueError(e if str(e).startswith(f"{path}:") else f"{path}: {e}") from None
     for alias, key in aliases.items():
         if not isinstance(key, str) or alias in state:
             raise ValueError(f"{path}: corrupt tensorslim header: alias {alias!r} -> {key!r} must name another "
@@ -422,9 +426,10 @@ def _fill_tied(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 
 def _fill_meta_replacements(originals: dict, replacements: dict, state: Dict[str, torch.Tensor]) -> None:
     """Replacements built on the meta device (plan_layers(on_meta=True)) take the file's tensors
-    themselves, on their float layer's device, in their own dtypes: the compressed tensors are
-    held once (read, then copied into empty modules, they were held twice). A tensor the file
-    lacks or holds in another shape stays on meta for _mismatch to report."""
+    themselves (read into memory of their own: safetensors_read.py), on their float layer's
+    device, in their own dtypes: the compressed tensors are held once (read, then copied into
+    empty modules, they were held twice). A tensor the file lacks or holds in another shape
+    stays on meta for _mismatch to report."""
     for name, new in replacements.items():
         weight = _float_parameter(originals[name])
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
@@ -436,9 +441,6 @@ def _fill_meta_replacements(originals: dict, replacements: dict, state: Dict[str
                     if got is None or got.shape != t.shape:
                         continue
                     value = got.to(device=device, dtype=t.dtype)
-                    if value.data_ptr() % 64:  # safetensors' own allocations: torch's are 64-byte aligned
-                        value = value.clone()
-                    state[prefix + attr] = value  # the file's copy freed now, not at the end of the load
                     table[attr] = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
                         else value
 
