@@ -339,7 +339,8 @@ def test_a_dict_example_passes_no_parameter_after_its_last_key():
     prune = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
     ref, _ = zeroed_reference(model, prune, batch)
     ts.prune(model, prune, example_inputs=batch, progress=False)
-    assert model.model.encoder.layers[0].self_attn.num_heads == 2 and model.model.encoder.layers[0].fc1.out_features == 32
+    layer = model.model.encoder.layers[0]
+    assert layer.self_attn.num_heads == 2 and layer.fc1.out_features == 32
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=1e-5)
 

@@ -49,8 +49,9 @@ class BiasInComputeDtype:
     The stored bias stays float32 (stored_bias); in a half / bf16 layer this is a read-only
     copy in that dtype (a LazyWeight: in-place writes raise, as for `.weight`, instead of
     changing a copy; its requires_grad_ acts on the stored bias), except where the bias trains
-    (re-set as a Parameter, or requires_grad): that one is returned itself. AttributeError where no bias was
-    registered, so nn.Module's own checks (bias made a Parameter) still pass."""
+    (re-set as a Parameter, or requires_grad): that one is returned itself, in its own dtype
+    (model code adding a float32 trained bias to half tensors fails as before). AttributeError
+    where no bias was registered, so nn.Module's own checks (bias made a Parameter) still pass."""
 
     def __init__(self, dtype_attribute: str):
         self.dtype_attribute = dtype_attribute

@@ -70,8 +70,9 @@ def _example(model: nn.Module, calib_data, example_inputs) -> tuple:
         # met it twice: "got multiple values for argument")
         positional = [n for n, p in params.items()
                       if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-        last = max(positional.index(n) for n in bound.arguments if n in positional)
-        return tuple(bound.arguments[n] if n in bound.arguments else params[n].default for n in positional[:last + 1])
+        last = max((positional.index(n) for n in bound.arguments if n in positional), default=-1)
+        return tuple(bound.arguments[n] if n in bound.arguments else params[n].default
+                     for n in positional[:last + 1])
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
@@ -80,8 +81,8 @@ SCHEDULE_PACKED = ("ts.pruning.Schedule masks the optimizer's parameters in plac
                    "ts.unpack_attention(model) before creating the optimizer to prune its heads")
 
 
-def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs,
-                 packed_hint: Optional[str] = None, fold_tokens: bool = True, kept_hint: Optional[str] = None) -> Spaces:
+def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs, packed_hint: Optional[str] = None,
+                 fold_tokens: bool = True, kept_hint: Optional[str] = None) -> Spaces:
     heads = cfg.head_ratio != 0
     if channel_rules.find_blocks(model):  # Hugging Face blocks
         sp = channel_rules.build_spaces(model, heads=heads)
@@ -384,7 +385,8 @@ def _with_hf_heads_kept_on_failure(model: nn.Module, cfg: ChannelPrune, calib_da
 
 
 def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
-                    forced: Optional[dict], packed_hint: Optional[str] = None, kept_hint: Optional[str] = None) -> Report:
+                    forced: Optional[dict], packed_hint: Optional[str] = None,
+                    kept_hint: Optional[str] = None) -> Report:
     hint = SCHEDULE_PACKED if forced is not None else packed_hint
     try:
         return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, True, kept_hint)
