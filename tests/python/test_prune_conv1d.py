@@ -210,7 +210,7 @@ def test_channel_prune_gpt2_neurons_and_heads(tmp_path):
     torch.testing.assert_close(logits(model), logits(zeroed_reference(orig, drops)), rtol=1e-5, atol=1e-5)
     summary = {c.name: c for c in ts.summary(model).changes if c.action == "pruned"}
     assert set(summary) == CONV1D_NAMES and all(c.module_type == "Conv1D" for c in summary.values())
-    assert summary["transformer.h.0.attn.c_attn"].reason == "nf=144"
+    assert summary["transformer.h.0.attn.c_attn"].reason == "nf=144; 'transformer.h.0.attn': num_heads 3, split_size 48"
     assert summary["transformer.h.1.mlp.c_proj"].reason == "nx=192"
 
     path = tmp_path / "gpt2.slim.safetensors"

@@ -155,6 +155,16 @@ def test_grouped_query_heads_outside_the_llama_rule(build):
                        ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
 
 
+def test_the_report_and_summary_name_the_head_counts(tmp_path):
+    torch.manual_seed(0)
+    model, batch, _, attentions = _vit()
+    report = ts.prune(model.eval(), ts.ChannelPrune(ratio=0.5, head_ratio=0.5), example_inputs=batch, progress=False)
+    notes = " | ".join(c.reason for c in report.changes)
+    for name in attentions:
+        assert f"'{name}': num_attention_heads 4 -> 2" in notes
+        assert f"'{name}': num_attention_heads 2" in str(ts.summary(model))
+
+
 def test_pruned_opt_saves_loads_and_generates(tmp_path):
     torch.manual_seed(0)
     model, batch, _, _ = _opt()

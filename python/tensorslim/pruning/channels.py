@@ -467,7 +467,25 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
         shape = "x".join(str(s) for s in w.shape) if w is not None else ""
         report.changes.append(LayerChange(n, type(m).__name__, "pruned", f"channels removed: weight {shape}",
                                           before[n], module_bytes(m)))
+    sizes: Dict[str, Dict[str, str]] = {}
+    for (n, a), v in attrs.items():
+        sizes.setdefault(n, {})[a] = f"{old_attrs[(n, a)]} -> {v}"
+    _note_holder_sizes(report.changes, sizes, mods)
     return _partly_kept(report)
+
+
+def _note_holder_sizes(rows: List[LayerChange], sizes: Dict[str, Dict[str, str]], mods) -> None:
+    """Size attributes of a module without a weight of its own (an attention's num_heads) in
+    the note of the first row (by name) of a layer inside it, which the Report and ts.summary
+    list."""
+    for holder, changed in sorted(sizes.items()):
+        if holder not in mods or float_weight(mods[holder]) is not None:
+            continue
+        prefix = f"{holder}." if holder else ""
+        row = next((r for r in rows if r.name.startswith(prefix) and r.action == "pruned"), None)
+        if row is not None:
+            text = ", ".join(f"{a} {v}" for a, v in sorted(changed.items()))
+            row.reason = "; ".join(t for t in (row.reason, f"'{holder}': {text}") if t)
 
 
 def _partly_kept(report: Report) -> Report:
@@ -499,4 +517,6 @@ def summary_rows(model: nn.Module) -> List[LayerChange]:
         attrs = ", ".join(f"{a}={v}" for a, v in sorted(record[name].items()))
         rows.append(LayerChange(name, type(m).__name__, "pruned", "channels removed",
                                 unpruned.get(name, module_bytes(m)), module_bytes(m), reason=attrs))
+    _note_holder_sizes(rows, {n: {a: str(v) for a, v in attrs.items()} for n, attrs in record.items() if attrs},
+                       mods)
     return rows
