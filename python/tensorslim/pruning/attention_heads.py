@@ -158,6 +158,7 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
                 s.attrs += [(name, attr, per) for attr, per in hf.attrs]
                 if hf.shared_bias and getattr(m, "has_relative_attention_bias", False):
                     s.slices.append(Slice(p + "relative_attention_bias", "weight", 1))
+                    s.attrs.append((p + "relative_attention_bias", "embedding_dim", 1))
         if hf is not None and hf.shared_bias:
             # T5 computes its position bias (one column per head) in a stack's first block and adds
             # it in every later one, cross-attentions a zero bias of the first one's head count:
