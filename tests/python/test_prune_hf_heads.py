@@ -167,6 +167,38 @@ def test_the_report_and_summary_name_the_head_counts(tmp_path):
         assert f"'{name}': num_attention_heads 2" in str(ts.summary(model))
 
 
+def test_gpt_neox_fused_query_key_value(tmp_path):
+    """GPT-NeoX (Pythia) views query_key_value as (-1 heads, 3 x head_size): a head is 3 x
+    head_size consecutive rows of it and head_size columns of dense."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    def build():
+        return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                max_position_embeddings=64)).eval()
+
+    torch.manual_seed(0)
+    model = build()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, removed = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    for i, layer in enumerate(model.gpt_neox.layers):
+        att = layer.attention
+        assert att.query_key_value.weight.shape == (96, 64) and att.dense.weight.shape == (64, 32)
+        rows = removed[(f"gpt_neox.layers.{i}.attention.query_key_value", "weight", 0)]
+        cols = removed[(f"gpt_neox.layers.{i}.attention.dense", "weight", 1)]
+        assert len(rows) == 96 and sorted({r // 48 for r in rows}) == sorted({c // 16 for c in cols})  # whole heads
+    with torch.no_grad():
+        for x in (ids, torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))):
+            torch.testing.assert_close(model(x).logits, ref(x).logits, atol=1e-5, rtol=1e-5)
+    ts.save(model, tmp_path / "neox.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(build(), tmp_path / "neox.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
 def test_pruned_opt_saves_loads_and_generates(tmp_path):
     torch.manual_seed(0)
     model, batch, _, _ = _opt()

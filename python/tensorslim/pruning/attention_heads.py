@@ -13,7 +13,8 @@ head count of num_heads or num_attention_heads where kept; grouped-query with
 num_key_value_groups) lose heads in place: their code views the projections as (-1 or
 num_heads, head_dim), so the count attribute is updated.
 The check against the original catches code that sizes them otherwise; the heads then stay.
-T5's attentions (q / k / v / o, n_heads, key_value_proj_dim) too, all those of one stack and
+GPT-NeoX's fused query_key_value (3 x head_size rows per head) and T5's attentions (q / k / v /
+o, n_heads, key_value_proj_dim) too, all those of one T5 stack and
 kind losing the same heads: the stack's first block computes the position bias (one column of
 relative_attention_bias per head) that every later block adds.
 """
@@ -42,7 +43,8 @@ T5_QKVO = ("q", "k", "v", "o")
 class Layout(NamedTuple):
     units: int                          # heads; kv heads (each with its query heads) under GQA
     head_dim: int
-    qkv: Tuple[str, str, str]
+    qkv: Tuple[str, ...]                # the projections producing the heads (one where fused)
+    rows: Tuple[int, ...]               # each one's consecutive output rows per unit
     out: str                            # the output projection's attribute
     attrs: Tuple[Tuple[str, int], ...]  # (size attribute, its size per unit)
     shared_bias: bool = False           # T5: one position bias per stack (see add_head_spaces)
@@ -64,8 +66,23 @@ def hf_layout(m: nn.Module) -> Optional[Layout]:
         if any(getattr(getattr(m, q), "out_features", None) != width for q in T5_QKVO[:3]) or \
                 getattr(m.o, "in_features", None) != width:
             return None
-        return Layout(heads, hd, T5_QKVO[:3], "o", (("n_heads", 1), ("inner_dim", hd)), shared_bias=True)
+        return Layout(heads, hd, T5_QKVO[:3], (hd,) * 3, "o", (("n_heads", 1), ("inner_dim", hd)), shared_bias=True)
+    if isinstance(getattr(m, "query_key_value", None), nn.Module) and isinstance(getattr(m, "dense", None), nn.Module):
+        return _fused_layout(m)
     return None
+
+
+def _fused_layout(m: nn.Module) -> Optional[Layout]:
+    """GPT-NeoX (Pythia): query_key_value viewed as (-1 heads, 3 x head_size), so a head is 3 x
+    head_size consecutive rows of it (its q, k and v) and head_size columns of dense; no head
+    count is kept. Falcon and Bloom (a num_heads attribute: a grouped or ALiBi layout) are not
+    matched."""
+    hs = getattr(m, "head_size", None)
+    width = getattr(m.dense, "in_features", None)
+    if type(hs) is not int or hs <= 0 or type(width) is not int or width % hs or hasattr(m, "num_heads") \
+            or getattr(m.query_key_value, "out_features", None) != 3 * width:
+        return None
+    return Layout(width // hs, hs, ("query_key_value",), (3 * hs,), "dense", ())
 
 
 def _projected_layout(m: nn.Module) -> Optional[Layout]:
@@ -91,7 +108,7 @@ def _projected_layout(m: nn.Module) -> Optional[Layout]:
     attrs = ((count, groups),) if count is not None else ()
     if heads != kv and type(getattr(m, "num_key_value_heads", None)) is int:
         attrs += (("num_key_value_heads", 1),)
-    return Layout(kv, hd, QKV, out, attrs, groups=groups)
+    return Layout(kv, hd, QKV, (groups * hd, hd, hd), out, attrs, groups=groups)
 
 
 def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str]) -> Optional[str]:
@@ -129,11 +146,15 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
             continue
         if not isinstance(m, ATTENTIONS) and hf is None:
             continue
-        heads, hd, qkv, out = (m.num_heads, m.head_dim, QKV, "out_proj") if hf is None else hf[:4]
-        groups = 1 if hf is None else hf.groups
+        if hf is None:  # torch's attention (unpacked)
+            hf = Layout(m.num_heads, m.head_dim, QKV, (m.head_dim,) * 3, "out_proj", (("num_heads", 1),))
+            torch_attention = True
+        else:
+            torch_attention = False
+        heads, hd, qkv, out, groups = hf.units, hf.head_dim, hf.qkv, hf.out, hf.groups
         why = _kept_whole(name, m, heads * groups, len(names[id(m)]), sp, exclude, packed_hint,
-                          kept_hint if hf is not None else None)
-        if why is None and hf is not None:
+                          None if torch_attention else kept_hint)
+        if why is None and not torch_attention:
             own = (*qkv, out, "relative_attention_bias")
             spanning = head_sized_parameter(m, hd, sorted({heads, heads * groups}), own)
             why = None if spanning is None else f"attention '{name}': '{spanning}' spans the heads"
@@ -145,21 +166,17 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
             s.producers.append(name)
             s.frozen.append(why)
         else:
-            reps = (groups * hd, hd, hd)  # per unit: the query heads of one kv head, that kv head
-            sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), r) for q, r in zip(qkv, reps)],
+            sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), r) for q, r in zip(qkv, hf.rows)],
                                [(p + out, getattr(m, out), groups * hd)])
             s = sp.get(sid)
-            if s.frozen:  # a compressed projection: nothing sliced
-                pass
-            elif hf is None:
-                s.slices += [Slice(name, b, 2, 0, hd) for b in ("bias_k", "bias_v") if getattr(m, b) is not None]
-                s.attrs.append((name, "num_heads", 1))
-            else:
+            if not s.frozen:  # (frozen: a compressed projection, nothing sliced)
                 s.attrs += [(name, attr, per) for attr, per in hf.attrs]
+                if torch_attention:
+                    s.slices += [Slice(name, b, 2, 0, hd) for b in ("bias_k", "bias_v") if getattr(m, b) is not None]
                 if hf.shared_bias and getattr(m, "has_relative_attention_bias", False):
                     s.slices.append(Slice(p + "relative_attention_bias", "weight", 1))
                     s.attrs.append((p + "relative_attention_bias", "embedding_dim", 1))
-        if hf is not None and hf.shared_bias:
+        if hf.shared_bias:
             # T5 computes its position bias (one column per head) in a stack's first block and adds
             # it in every later one, cross-attentions a zero bias of the first one's head count:
             # all attentions of one stack and kind lose the same heads
