@@ -378,10 +378,17 @@ def _with_hf_heads_kept_on_failure(model: nn.Module, cfg: ChannelPrune, calib_da
     try:
         return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
     except verify.ModelRunError as e:
-        if cfg.head_ratio == 0 or not any(hf_layout(m) is not None for m in model.modules()):
+        if cfg.head_ratio == 0 or not _rule_free_hf_attentions(model):
             raise
         return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced, None,
                                f"the model did not prune with its heads removed: {_first_line(e)}")
+
+
+def _rule_free_hf_attentions(model: nn.Module) -> bool:
+    """Whether the model has a Hugging Face style attention outside the blocks a rule covers
+    (those heads come from attention_heads.py, the rest from the block rules)."""
+    inside = tuple(f"{b}." for b in channel_rules.find_blocks(model))
+    return any(hf_layout(m) is not None and not (name + ".").startswith(inside) for name, m in model.named_modules())
 
 
 def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
