@@ -11,8 +11,8 @@ of size, latency and accuracy after each step, on scikit-learn's 8x8 digits (2x2
 4. ts.quantize the distilled model: INT8 weights, per-token INT8 activations.
 
 Measured (2026-12-06, Zen 4, 2 threads, AVX-512; defaults): accuracy 0.960 dense, 0.611 with
-2 of 4 heads and half the FFN neurons removed (0.522 of the bytes; 1.30x and 2.01x faster at
-batch 64 in two runs, dense 2.4 and 4.3 ms: this VM's spread), 0.898 after 20 epochs on the
+2 of 4 heads and half the FFN neurons removed (0.522 of the bytes; 1.30x, 1.57x and 2.01x
+faster at batch 64 in three runs, dense 2.4-4.3 ms: this VM's spread), 0.898 after 20 epochs on the
 labels, 0.891 distilled (one seed: within each other's spread on this small task;
 examples/distill_digits.py averages seeds), 0.893 and 0.17 of the bytes after INT8. At width
 64 the INT8 layers are too small to pay for quantizing activations per call (0.7-1.0x dense).
@@ -22,10 +22,10 @@ import copy
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
+from tensorslim.eval import digits_basic_resnet
 from tensorslim.eval.digits_basic_resnet import digits_images
 from tensorslim.recipe import model_bytes
 
@@ -47,27 +47,15 @@ class DigitsViT(nn.Module):
         return self.vit(pixel_values=x).logits
 
 
-def train(model, x, y, epochs, lr, teacher=None, temperature=4.0, alpha=0.7, seed=0):
-    """Adam with a cosine schedule, batches of 64; with a teacher the loss is kd_loss with labels."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((len(x) + 63) // 64)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(64):
-            logits = model(x[idx])
-            if teacher is None:
-                loss = F.cross_entropy(logits, y[idx])
-            else:
-                with torch.no_grad():
-                    t = teacher(x[idx])
-                loss = ts.distill.kd_loss(logits, t, temperature=temperature, labels=y[idx], alpha=alpha)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+def train(model, x, y, epochs, lr, teacher=None, temperature=4.0, alpha=0.7):
+    """The library's digits training loop (Adam, cosine schedule, batches of 64); with a teacher
+    the loss is ts.distill.kd_loss mixed with the labels."""
+    def kd(logits, idx):
+        with torch.no_grad():
+            t = teacher(x[idx])
+        return ts.distill.kd_loss(logits, t, temperature=temperature, labels=y[idx], alpha=alpha)
+
+    return digits_basic_resnet.train(model, x, y, epochs, lr, loss_fn=None if teacher is None else kd)
 
 
 @torch.no_grad()

@@ -59,8 +59,10 @@ def digits_images(seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
             (xte - mean).div(std).reshape(shape), torch.tensor(yte))
 
 
-def train(model: nn.Module, x, y, epochs: int, lr: float = 3e-3, seed: int = 0, batch: int = 64) -> nn.Module:
-    """Adam with a cosine schedule; leaves the model in eval mode."""
+def train(model: nn.Module, x, y, epochs: int, lr: float = 3e-3, seed: int = 0, batch: int = 64,
+          loss_fn=None) -> nn.Module:
+    """Adam with a cosine schedule; leaves the model in eval mode. loss_fn(logits, idx): the
+    loss of the batch x[idx] (default: cross-entropy with y[idx]; a distillation loss)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(x) + batch - 1) // batch)
@@ -68,7 +70,8 @@ def train(model: nn.Module, x, y, epochs: int, lr: float = 3e-3, seed: int = 0, 
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits, y[idx]) if loss_fn is None else loss_fn(logits, idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
