@@ -7,16 +7,16 @@ nn.Linear layers); a head is head_dim rows of q_proj, k_proj and v_proj (and of 
 bias_v) and head_dim columns of out_proj, with num_heads updated; embed_dim, the width of its
 inputs and output, stays. Attentions whose heads all stay are packed again afterwards.
 
-Hugging Face attentions built the same way (transformers 5's ViT, CLIP, SigLIP, Whisper, BART,
-OPT, StarCoder2, Phi: q_proj / k_proj / v_proj and out_proj, o_proj or dense, `head_dim`, a
-head count of num_heads or num_attention_heads where kept; grouped-query with
-num_key_value_groups) lose heads in place: their code views the projections as (-1 or
-num_heads, head_dim), so the count attribute is updated.
-The check against the original catches code that sizes them otherwise; the heads then stay.
-GPT-NeoX's fused query_key_value (3 x head_size rows per head) and T5's attentions (q / k / v /
-o, n_heads, key_value_proj_dim) too, all those of one T5 stack and
-kind losing the same heads: the stack's first block computes the position bias (one column of
-relative_attention_bias per head) that every later block adds.
+Hugging Face attentions (hf_layout) lose heads in place, their code viewing the projections as
+(-1 or num_heads, head_dim), so only the count attribute changes:
+  - q_proj / k_proj / v_proj and out_proj, o_proj or dense, an int head_dim (transformers 5's
+    ViT, CLIP, SigLIP, Whisper, BART, OPT, StarCoder2, Phi); grouped-query with an int
+    num_key_value_groups: a unit is one kv head with its query heads;
+  - GPT-NeoX's fused query_key_value: 3 x head_size consecutive rows per head;
+  - T5's q / k / v / o (n_heads, key_value_proj_dim): every attention of one stack and kind
+    loses the same heads, since the stack's first block computes the position bias (one
+    column of relative_attention_bias per head) that every later block adds.
+The check against the original catches code that sizes heads otherwise; they then stay.
 """
 import contextlib
 import fnmatch
