@@ -31,15 +31,16 @@ from tensorslim.recipe import model_bytes
 
 
 class DigitsViT(nn.Module):
-    """ViTForImageClassification returning its logits (2 layers, width 64, 4 heads, FFN 128)."""
+    """ViTForImageClassification returning its logits (2 layers, 4 heads, FFN twice the width;
+    tests/python/test_prune_hf_heads.py trains one of width 32)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, width: int = 64, seed: int = 0):
         super().__init__()
         from transformers import ViTConfig, ViTForImageClassification
 
         torch.manual_seed(seed)
-        cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=8,
-                        patch_size=2, num_channels=1, num_labels=10, hidden_dropout_prob=0.0,
+        cfg = ViTConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * width,
+                        image_size=8, patch_size=2, num_channels=1, num_labels=10, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
         self.vit = ViTForImageClassification(cfg)
 

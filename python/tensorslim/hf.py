@@ -76,9 +76,7 @@ def check_config(qcfg: dict, where) -> None:
 
 def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
     """The tensors of a save_pretrained directory: model.safetensors, or its shards."""
-    from safetensors import safe_open
-
-    from .safetensors_read import read_tensors
+    from .io import read_file_tensors
 
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
@@ -94,12 +92,7 @@ def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
                          f"model.save_pretrained(dir) (safetensors, the default)")
     state: Dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt"):  # validates the header against the file's size
-                pass
-            state.update(read_tensors(f))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{f}: not a readable safetensors file: {e}") from None
+        state.update(read_file_tensors(f))  # a ValueError naming the file where it is not readable
     return state
 
 

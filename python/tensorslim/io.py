@@ -220,11 +220,19 @@ def tensor_shapes(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple[int, ...
     return _read(path, shapes)
 
 
+def read_file_tensors(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file in memory of its own (safetensors_read.py), once
+    safe_open has validated the file; errors name it."""
+    def read(_):
+        try:
+            return read_tensors(path)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return _read(path, read)
+
+
 def _read_state(path, aliases: Dict[str, str]) -> Dict[str, torch.Tensor]:
-    try:  # safe_open validates the file first; then each tensor is read into memory of its own
-        state = _read(path, lambda f: read_tensors(path))
-    except ValueError as e:
-        raise ValueError(e if str(e).startswith(f"{path}:") else f"{path}: {e}") from None
+    state = read_file_tensors(path)
     for alias, key in aliases.items():
         if not isinstance(key, str) or alias in state:
             raise ValueError(f"{path}: corrupt tensorslim header: alias {alias!r} -> {key!r} must name another "

@@ -299,3 +299,13 @@ def test_a_compressed_tied_head_loads_through_transformers(tmp_path):
                    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()):
         assert isinstance(loaded.lm_head, ts.nn.CompressedLinear)
         assert torch.equal(_output(loaded, x), out)
+
+
+def test_from_pretrained_names_a_truncated_weights_file(tmp_path):
+    model = _gpt2()
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
+        ts.from_pretrained(transformers.GPT2LMHeadModel, tmp_path)

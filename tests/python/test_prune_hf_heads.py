@@ -4,6 +4,8 @@ o_proj, head_dim, num_heads): each pruned model equals the original with the rem
 output-projection columns zeroed; saved / loaded into a fresh model; model code that sizes
 its heads otherwise fails the check, and the heads then stay (reported) while the rest prunes."""
 import copy
+import importlib.util
+import pathlib
 
 import pytest
 import torch
@@ -395,21 +397,13 @@ def test_a_dict_example_passes_no_parameter_after_its_last_key():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
-class _DigitsViT(nn.Module):
-    """transformers' ViTForImageClassification on scikit-learn's 8x8 digits (2x2 patches)."""
-
-    def __init__(self):
-        super().__init__()
-        from transformers import ViTConfig, ViTForImageClassification
-
-        torch.manual_seed(0)
-        cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=8,
-                        patch_size=2, num_channels=1, num_labels=10, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-        self.vit = ViTForImageClassification(cfg)
-
-    def forward(self, x):
-        return self.vit(pixel_values=x).logits
+def _digits_vit():
+    """examples/prune_vit_digits.py's model at width 32 (FFN 64)."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "prune_vit_digits.py"
+    spec = importlib.util.spec_from_file_location("prune_vit_digits", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.DigitsViT(width=32)
 
 
 def test_digits_vit_accuracy_after_pruning_half_the_heads_and_neurons():
@@ -417,7 +411,7 @@ def test_digits_vit_accuracy_after_pruning_half_the_heads_and_neurons():
     from tensorslim.eval.digits_basic_resnet import accuracy, digits_images, train
 
     xtr, ytr, xte, yte = digits_images()
-    model = train(_DigitsViT(), xtr, ytr, epochs=40)
+    model = train(_digits_vit(), xtr, ytr, epochs=40)
     dense = accuracy(model, xte, yte)
     ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5, importance="l2"), example_inputs=(xtr[:8],),
              progress=False)

@@ -16,7 +16,7 @@ import torch
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from .compute_dtype import COMPUTE_DTYPES, KeepsPackedDtypes
+from .compute_dtype import COMPUTE_DTYPES, KeepsPackedDtypes, held_bias, kernel_bias
 from .lazy_weight import lazy_weight
 from .layer_errors import note_layer
 
@@ -85,7 +85,7 @@ def trainable_bias(layer: torch.nn.Module):
     """The layer's bias where a gradient must reach it (made trainable, grad mode on), else None."""
     if not torch.is_grad_enabled():  # first: inference pays one call
         return None
-    bias = layer._buffers.get("bias", layer._parameters.get("bias"))
+    bias = held_bias(layer)
     return bias if bias is not None and bias.requires_grad else None
 
 
@@ -169,11 +169,7 @@ class CompressedLinear(KeepsPackedDtypes):
         b = self._buffers
         if not all(n in b for n in names):
             return None
-        t = [b[n] for n in names]
-        bias = b.get("bias") if "bias" in names else None
-        if bias is not None and bias.dtype != torch.float32:  # set in a half dtype: the kernels add float32
-            t[names.index("bias")] = bias.float()
-        return t
+        return [b[n] if n != "bias" else kernel_bias(b[n]) for n in names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:

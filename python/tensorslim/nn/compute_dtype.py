@@ -30,16 +30,25 @@ def keeping_dtypes(fn):
     return keep_dtype
 
 
-_ABSENT = object()
+ABSENT = object()  # held_bias of a module that registered no bias
+
+
+def held_bias(module: nn.Module, absent=None):
+    """The bias as the module holds it: the parameter it was made into for training, else its
+    buffer (None where the layer has no bias; `absent` where none was registered)."""
+    held = module.__dict__
+    return held["_parameters"]["bias"] if "bias" in held["_parameters"] else held["_buffers"].get("bias", absent)
+
+
+def kernel_bias(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The float32 bias the kernels add: one set in a half dtype (`layer.bias =
+    nn.Parameter(layer.bias)` in a half model) as a float32 value (gradients flow back to it)."""
+    return bias if bias is None or bias.dtype == torch.float32 else bias.float()
 
 
 def stored_bias(module: nn.Module) -> Optional[torch.Tensor]:
-    """The bias a packed layer's kernels take: its float32 buffer (or the parameter it was made
-    into for training), whatever the compute dtype; one set in a half dtype (`layer.bias =
-    nn.Parameter(layer.bias)` in a half model) as a float32 value (gradients flow back to it)."""
-    held = module.__dict__
-    bias = held["_parameters"]["bias"] if "bias" in held["_parameters"] else held["_buffers"].get("bias")
-    return bias if bias is None or bias.dtype == torch.float32 else bias.float()
+    """The bias a packed layer's kernels take, whatever the compute dtype."""
+    return kernel_bias(held_bias(module))
 
 
 class BiasInComputeDtype:
@@ -59,11 +68,10 @@ class BiasInComputeDtype:
     def __get__(self, module, owner=None):
         if module is None:
             return self
-        held = module.__dict__
-        bias = held["_parameters"]["bias"] if "bias" in held["_parameters"] else held["_buffers"].get("bias", _ABSENT)
-        if bias is _ABSENT:
+        bias = held_bias(module, ABSENT)
+        if bias is ABSENT:
             raise AttributeError("bias")
-        dtype = held.get(self.dtype_attribute)
+        dtype = module.__dict__.get(self.dtype_attribute)
         if bias is None or dtype is None or bias.dtype == dtype or bias.requires_grad:
             return bias
         from .lazy_weight import lazy_weight

@@ -14,7 +14,7 @@ from ..ops.torch_onednn import PackedCache
 from ..ops.w4a8 import W4A8_BACKENDS, W4A8_FORMATS, check_group_size
 from .packed_linear import PackedLinear
 from .weight_only_linear import fill_from_linear
-from .compute_dtype import stored_bias
+from .compute_dtype import held_bias, stored_bias
 
 
 class W4A8Linear(PackedLinear):
@@ -85,8 +85,7 @@ class W4A8Linear(PackedLinear):
         and unmodified: a call then pays no views, format lookups or packing checks (at 384 x 384
         and 1 token ~3 of the call's ~20 us)."""
         # the bias as stored: a half one set by the user reaches here as a new float32 copy per call
-        held = self._buffers["bias"] if "bias" in self._buffers else self._parameters.get("bias")
-        key = tuple(tensor_identity(t) for t in (qweight, scales, zero_points, held))
+        key = tuple(tensor_identity(t) for t in (qweight, scales, zero_points, held_bias(self)))
         plan = self._plans.get(key)
         if plan is None:
             self._plans.clear()  # one set of tensors at a time: the old copy goes before the new one
