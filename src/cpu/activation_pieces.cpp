@@ -18,6 +18,19 @@ bool use_avx512() { return active_isa() == Isa::kAVX512 && cpu_has_avx512_vnni()
 
 }  // namespace
 
+int64_t pieces_max_rows(Format fmt) {
+  if (use_avx512()) {
+    if (!cpu_has_avx_vnni()) return kPieceMaxRows;
+    return format_info(fmt).bits == 4 && fmt != Format::kNVFP4 && fmt != Format::kMXFP4 ? kPieceMaxRowsWideInt4
+                                                                                        : kPieceMaxRowsWide;
+  }
+  switch (avx2_vnni()) {
+    case AvxVnni::kVex: return kPieceMaxRowsAvxVnni;
+    case AvxVnni::kEvex: return kPieceMaxRowsEvexVnni;
+    default: return 1;
+  }
+}
+
 void set_activation_pieces_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
 
 bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
@@ -35,18 +48,17 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
 
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
   if (!g_enabled.load(std::memory_order_relaxed) || !pieces_kernel_takes(fmt, K, gsize)) return false;
-  if (format_info(fmt).bits == 8) return M >= 2 && M <= kPieceMaxRows && K >= kPieceMinKForRows;
-  if (use_avx512()) return M == 1 || (M >= 1 && M <= kPieceMaxRows && K >= kPieceMinKForRows);
-  // AVX2 with vpdpbusd (avx2_vnni) from 2 to 8 rows too (4096 x 4096 / 11008, EVEX form on
-  // Zen 4: 1.03-1.55x the float kernels; vpmaddubsw's pieces were 0.76-0.98x at 2 rows).
-  if (avx2_vnni() != AvxVnni::kNone) return M == 1 || (M <= kPieceMaxRowsAvx2Vnni && K >= kPieceMinKForRows);
-  return M == 1;
+  if (M < 1) return false;
+  // INT8 at one row reads as many bytes either way (both at memory speed).
+  if (format_info(fmt).bits == 8) return M >= 2 && M <= pieces_max_rows(fmt) && K >= kPieceMinKForRows;
+  // AVX2 without vpdpbusd: batch 1 only (vpmaddubsw's pieces were 0.76-0.98x at 2 rows).
+  return M == 1 || (M <= pieces_max_rows(fmt) && K >= kPieceMinKForRows);
 }
 
 bool fp4_pieces_fit(Format fmt, int64_t M, int64_t K, int64_t group) {
   const bool fp4 = (fmt == Format::kNVFP4 && group == 16) || (fmt == Format::kMXFP4 && group == 32);
   return g_enabled.load(std::memory_order_relaxed) && fp4 && use_avx512() && K % kPieceBlock == 0 &&
-         (M == 1 || (M >= 1 && M <= kPieceMaxRows && K >= kFp4PieceMinKForRows));
+         (M == 1 || (M >= 1 && M <= pieces_max_rows(fmt) && K >= kFp4PieceMinKForRows));
 }
 
 bool split_activation_pieces(const TensorView& x, int64_t gsize, Format fmt, ActivationPieces& out) {

@@ -35,9 +35,25 @@ constexpr int64_t kPieceBlock = 128;  // activation values per block (64 INT4 / 
 // 0.84-0.91x at 384, and batch 1 equal (both at memory speed). Past 8 rows they replace the
 // panel GEMM and oneDNN: INT4 / INT8 at 12-32 rows 1.08-3.1x the panel GEMM and 1.09-1.56x
 // oneDNN (K = 2048-11008); at 64 rows 0.89-1.32x and 0.92-0.99x, so up to 32 rows.
+// Zen 5 runs 512-bit FMAs at full width, so its float kernels gained more than the pieces'
+// vpdpbusd (A / B, N x K = 4096 / 11008 x 4096 and 4096 x 11008, docs/benchmarks.md): INT4 g128
+// 1.02-1.38x at 1-3 rows, 0.88-1.06x at 4-8, 0.65-0.83x at 12-32; INT8 0.76-1.61x at 2-16,
+// 0.82-1.01x at 24-32; NVFP4 / MXFP4 1.04-1.49x at 1-16, 0.81-0.90x at 32 (pieces_max_rows).
 constexpr int64_t kPieceMaxRows = 32;
+constexpr int64_t kPieceMaxRowsWide = 16;      // INT8 and FP4 on Zen 5
+constexpr int64_t kPieceMaxRowsWideInt4 = 8;   // INT4 on Zen 5
 constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches of 2 and more take them
-constexpr int64_t kPieceMaxRowsAvx2Vnni = 8;  // AVX2 with vpdpbusd: batches up to this (AVX2 without: 1)
+// AVX2 with vpdpbusd: INT4 batches up to this (AVX2 without: 1). AVX512-VNNI's EVEX form
+// standing in on Zen 4: 1.03-1.55x the float kernel at 2-8 rows; AVX-VNNI (VEX) on Zen 5:
+// 1.16-2.02x at 1-4 rows (g128), 0.81-0.87x at 6-8 on weights beyond its L3.
+constexpr int64_t kPieceMaxRowsEvexVnni = 8;
+constexpr int64_t kPieceMaxRowsAvxVnni = 4;
+
+// The most rows the active ISA's pieces kernel takes fmt at (from K = kPieceMinKForRows, FP4
+// from kFp4PieceMinKForRows). CPUID does not tell a full-width 512-bit CPU from a split one; of
+// the two measured, Zen 5 has AVX-VNNI beside AVX-512 and Zen 4 does not, so a CPU with both
+// (Zen 5, Intel from Sapphire Rapids) takes Zen 5's limits.
+int64_t pieces_max_rows(Format fmt);
 
 // Per activation row: blocks of kPieceBlock values, each stored as h, then l1, then l2; for
 // INT4 each piece holds the block's 64 even-k values, then its 64 odd-k values (the low and
@@ -63,8 +79,8 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize);
 
 // Whether linear_weight_only runs it: the kernels switched on (set_activation_pieces_enabled,
 // tensorslim/gemm.h), a kernel that takes the problem, and the rows where it gains: INT4 batch
-// 1 (from K = kPieceMinKForRows, AVX-512 up to kPieceMaxRows, AVX2 with vpdpbusd up to
-// kPieceMaxRowsAvx2Vnni), INT8 2..kPieceMaxRows rows from K = kPieceMinKForRows.
+// 1 (and from K = kPieceMinKForRows up to pieces_max_rows), INT8 2..pieces_max_rows rows from
+// K = kPieceMinKForRows.
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize);
 
 // Splits x (float32 or bfloat16 rows) into pieces in the order fmt's kernel reads (INT4: each
@@ -84,7 +100,7 @@ struct Fp4Scales {
   float factor;  // times every decoded scale: 1/2, and NVFP4's tensor scale
 };
 // Whether linear_lowbit runs them: the switch on, AVX-512 VNNI, K a multiple of 128, the
-// format's own group (16 / 32), batch 1, or up to kPieceMaxRows rows from K = 1024. Against the
+// format's own group (16 / 32), batch 1, or up to pieces_max_rows rows from K = 1024. Against the
 // E2M1 float GEMV (Zen 4, random-order rounds): batch 1 1.40-1.48x at 4096-11008 wide weights,
 // 1.0-1.26x at 384-2048; 2-32 rows at K = 1024-4096 1.08-1.25x (NVFP4), 1.18-1.39x (MXFP4); at
 // K = 384-768 0.76-1.18x. An AVX2 version (vpmaddubsw, groups as half-block lanes) ran batch 1
