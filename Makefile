@@ -50,11 +50,12 @@ test: test-cpp test-python
 
 # pytest as an AVX2 CPU without VNNI runs it (our kernels and oneDNN capped at AVX2); ctest
 # already runs both passes. CI runs this too. On a CPU whose best ISA is AVX2 the capped run
-# is the run `make test` just did, so it is not repeated.
+# is the run `make test` just did, so it is not repeated. Then the kernel files with vpdpbusd.
 test-python-avx2: build
 	@if [ "$$($(PY) -c 'import tensorslim as ts; print(ts._C.best_isa())' 2>/dev/null | tail -n 1)" = avx2 ]; then \
 	  echo "test-python-avx2: this CPU's best ISA is AVX2; make test's pytest already ran these paths"; \
 	else TENSORSLIM_ISA=avx2 TENSORSLIM_AVX2_VNNI=0 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q; fi
+	PY=$(PY) bash tests/avx2_vnni_pass.sh
 
 # Debian's clang and its sanitizer/libFuzzer runtimes, for the fuzz targets.
 $(VENV)/.clang-stamp:

@@ -24,18 +24,11 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 # A package directory whose _C is the instrumented one.
 source tests/package_dir.sh
+source tests/kernel_pytest_files.sh
 package_dir "$BUILD"
 # ASan's dlopen interceptor makes dlopen's caller look like libasan, so the SYCL runtime's
 # dlopen("libOpenCL.so.1") no longer sees the RPATH that finds it: name the directory here.
 LD_LIBRARY_PATH="$PWD/.venv/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
 PYTHONPATH="$PWD/$PKG" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
-  tests/python/test_ops.py tests/python/test_weight_only.py tests/python/test_w8a8.py \
-  tests/python/test_lowbit_linear.py tests/python/test_formats_lowbit.py tests/python/test_binary.py \
-  tests/python/test_w4a8.py tests/python/test_isa_exact.py tests/python/test_views_lifetime.py \
-  tests/python/test_huge_values.py tests/python/test_gptq.py tests/python/test_awq.py \
-  tests/python/test_sanitized_import.py tests/python/test_distill_kd.py \
-  tests/python/test_sparse_ops.py tests/python/test_sparsegpt.py tests/python/test_int8_conv.py \
-  tests/python/test_conv_epilogue.py tests/python/test_torch_onednn_route.py \
-  tests/python/test_distill_features_native.py tests/python/test_quantized_embedding.py \
-  tests/python/test_decode_gemm.py
+  "${KERNEL_PYTEST_FILES[@]}" tests/python/test_sanitized_import.py
