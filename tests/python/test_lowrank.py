@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
@@ -315,3 +316,36 @@ def test_ratio_rank_at_an_exact_budget():
 
     assert rank_for_ratio(48, 80, 0.7) == 21
     assert rank_for_ratio(48, 80, 0.69) == 20 and rank_for_ratio(64, 64, 0.3) == 9
+
+
+def test_bias_can_be_set_and_removed_as_on_nn_linear(tmp_path):
+    # Code that resets or swaps a layer's bias (BitFit, re-initialization) reaches up.bias;
+    # before, `layer.bias = nn.Parameter(...)` raised KeyError and `= None` AttributeError.
+    model = mlp()
+    ts.factorize(model, ts.SVD(rank=16), progress=False)
+    x = torch.randn(5, 48)
+    new = nn.Parameter(torch.linspace(-1, 1, 96))
+    model[0].bias = new
+    assert model[0].bias is new and model[0].up.bias is new
+    assert torch.allclose(model[0](x), F.linear(x, model[0].weight, new), atol=1e-5)
+    model[2].bias = None
+    assert model[2].bias is None and model[2].up.bias is None
+    assert torch.equal(model[2](torch.zeros(1, 96)), torch.zeros(1, 64))  # no bias left to add
+    kept = model[0].bias
+    for bad, err, what in ((torch.zeros(96), TypeError, "parameter 'bias'"),
+                           (nn.Parameter(torch.zeros(95)), ValueError, r"LowRankLinear.bias: expected shape \(96,\)"),
+                           (3.0, TypeError, "LowRankLinear.bias: expected an nn.Parameter or None")):
+        with pytest.raises(err, match=what):
+            model[0].bias = bad
+        assert model[0].bias is kept
+    path = tmp_path / "b.slim.safetensors"
+    ts.save(model, path)
+    fresh = ts.load(mlp(seed=5), path)
+    assert fresh[2].bias is None and same_params(fresh, model)
+    assert torch.equal(fresh(x), model(x))
+    # on quantized factors the bias goes to the compressed layer, which adds it in float32
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    before = model[0](x)
+    model[0].bias = nn.Parameter(model[0].bias.detach() + 2.0)
+    assert isinstance(model[0].up, ts.WeightOnlyLinear)
+    assert torch.allclose(model[0](x), before + 2.0, atol=1e-5)

@@ -163,3 +163,21 @@ def test_a_second_factorize_names_the_factors_as_such():
         assert rows[f"0.{part}"].action == "skipped"
         assert rows[f"0.{part}"].reason == "a factor of the already compressed layer '0' (TuckerConv2d)"
     assert rows["2"].action == "factorized"
+
+
+@pytest.mark.parametrize("config", [ts.Tucker(ranks=(8, 6)), ts.CP(rank=6, iters=5)], ids=["tucker", "cp"])
+def test_bias_can_be_set_and_removed_and_the_file_loads_into_the_original(tmp_path, config):
+    model = conv_net(padding=1)
+    ts.factorize(model, config, progress=False)
+    x = torch.randn(2, 24, 10, 10)
+    no_bias = model[0](x) - model[0].bias.view(1, -1, 1, 1)
+    model[0].bias = None
+    assert model[0].bias is None and model[0].last.bias is None
+    assert torch.allclose(model[0](x), no_bias, atol=1e-5)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(16,\)"):
+        model[2].bias = nn.Parameter(torch.zeros(32))
+    path = tmp_path / "conv.slim.safetensors"
+    ts.save(model, path)
+    fresh = ts.load(conv_net(seed=3, padding=1), path)  # its conv still has a bias
+    assert fresh[0].bias is None and same_params(fresh, model)
+    assert torch.equal(fresh(x), model(x))

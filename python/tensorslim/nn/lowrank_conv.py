@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .lowrank_linear import _stats_note
+from .lowrank_linear import _stats_note, set_factor_bias
 
 _CONV_FIELDS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                 "padding_mode")
@@ -41,7 +41,10 @@ class _FactorizedConv2d(nn.Module):
 
     @classmethod
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
-        return isinstance(mod, nn.Conv2d) and mod.groups == 1 and conv_geometry(mod) == spec["geometry"]
+        # the bias may have been set or removed since (`layer.bias = ...`): the spec's own holds
+        def shape(g):
+            return {k: v for k, v in g.items() if k != "bias"}
+        return isinstance(mod, nn.Conv2d) and mod.groups == 1 and shape(conv_geometry(mod)) == shape(spec["geometry"])
 
     def _spec(self, **shape) -> dict:
         # kind / format / in_features / out_features / bias: the keys every saved layer has
@@ -59,6 +62,14 @@ class _FactorizedConv2d(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         return self.last.bias
+
+    def __setattr__(self, name, value):
+        # the bias lives on the last 1x1 conv; the saved geometry says whether there is one
+        if name == "bias" and "last" in self._modules:
+            set_factor_bias(self, self.last, value, self.out_channels)
+            self.geometry["bias"] = value is not None
+            return
+        super().__setattr__(name, value)
 
 
 class TuckerConv2d(_FactorizedConv2d):

@@ -31,10 +31,24 @@ def _dense_weight(linear: nn.Module) -> torch.Tensor:
     return deq() if callable(deq) else linear.weight
 
 
+def set_factor_bias(owner: nn.Module, factor: nn.Module, value, out: int) -> None:
+    """`owner.bias = value` for a factorized layer: the bias lives on its last factor, so code
+    that resets or replaces a layer's bias (BitFit, re-initialization) reaches it there. value:
+    a Parameter of shape [out] or None, as for nn.Linear / nn.Conv2d."""
+    name = type(owner).__name__
+    if value is not None:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}.bias: expected an nn.Parameter or None, got {type(value).__name__}")
+        if tuple(value.shape) != (out,):
+            raise ValueError(f"{name}.bias: expected shape ({out},), got {tuple(value.shape)}")
+    factor.bias = value  # nn.Module's own rules from here (a plain tensor is a TypeError)
+
+
 class LowRankLinear(nn.Module):
     """A rank-r stand-in for nn.Linear(in_features, out_features): down = nn.Linear(in, r,
     bias=False), up = nn.Linear(r, out). Keeps in_features / out_features, a read-only
-    reconstructed `.weight` and `.bias`, so code written for nn.Linear keeps working; the two
+    reconstructed `.weight` and `.bias` (up's; assigning one sets up's), so code written for
+    nn.Linear keeps working; the two
     factors are ordinary nn.Linear children, so ts.quantize finds and quantizes them.
 
     stats (saved with the model): method, kept energy, relative reconstruction error of the
@@ -65,6 +79,12 @@ class LowRankLinear(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         return self.up.bias
+
+    def __setattr__(self, name, value):
+        # nn.Module's __setattr__ registers a Parameter before a property setter could run
+        if name == "bias" and "up" in self._modules:
+            return set_factor_bias(self, self.up, value, self.out_features)
+        super().__setattr__(name, value)
 
     @staticmethod
     def dense_flops(in_features: int, out_features: int) -> int:
