@@ -152,6 +152,9 @@ void pieces_tile(const WeightOnlyProblem& p, const ActivationPieces& a, int64_t 
   // One row at a time through the step: its 3 * H * MB accumulators and 4 decoded vectors stay
   // in the 16 registers (all R rows' at once spilled).
   for (int64_t step = 0; step < K / span; ++step) {
+    // Groups of 32 / 64: the next R rows' scales as one stream (as on AVX-512).
+    if (per_step > 1)
+      _mm_prefetch(reinterpret_cast<const char*>(sc[R - 1] + groups) + step * per_step * 4 * R, _MM_HINT_T1);
     for (int r = 0; r < R; ++r) {
       __m256i part[MB][H][3];
       for (int m = 0; m < MB; ++m)

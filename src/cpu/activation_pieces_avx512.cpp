@@ -157,6 +157,11 @@ __attribute__((target("avx512vnni"), noinline)) void pieces_tile(const WeightOnl
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t k = (step * blocks + b) * kPieceBlock;
       for (int i = 0; i < R * kBits / 4; ++i) _mm_prefetch(next + k * kBits / 8 * R + 64 * i, _MM_HINT_T1);
+      // Groups of 32 / 64: the next R rows' scales (1/4 or 1/8 of the weight bytes) as one
+      // stream too; without it R short scale streams went unprefetched (weights from memory,
+      // Zen 5, 11008 x 4096 g32 batch 1: 1.70 -> 0.64 ms).
+      if (kPerStep > 1 && !kFp4)
+        _mm_prefetch(reinterpret_cast<const char*>(sc[R - 1] + groups) + step * kPerStep * 4 * R, _MM_HINT_T1);
       for (int r = 0; r < R; ++r) {
         // lo, hi: the block's codes as u8 (signed ones + 8 or + 128), in the pieces' order.
         __m512i lo, hi;
