@@ -48,8 +48,8 @@ class LowRankLinear(nn.Module):
     """A rank-r stand-in for nn.Linear(in_features, out_features): down = nn.Linear(in, r,
     bias=False), up = nn.Linear(r, out). Keeps in_features / out_features, a read-only
     reconstructed `.weight` and `.bias` (up's; assigning one sets up's), so code written for
-    nn.Linear keeps working; the two
-    factors are ordinary nn.Linear children, so ts.quantize finds and quantizes them.
+    nn.Linear keeps working; the two factors are ordinary nn.Linear children, so ts.quantize
+    finds and quantizes them.
 
     stats (saved with the model): method, kept energy, relative reconstruction error of the
     weight, and FLOPs per input row before and after.
