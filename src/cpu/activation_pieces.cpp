@@ -19,11 +19,14 @@ bool use_avx512() { return active_isa() == Isa::kAVX512 && cpu_has_avx512_vnni()
 }  // namespace
 
 int64_t pieces_max_rows(Format fmt) {
+  const bool fp4 = fmt == Format::kNVFP4 || fmt == Format::kMXFP4;
+  const int bits = format_info(fmt).bits;
   if (use_avx512()) {
+    if (!fp4 && bits != 4 && bits != 8) return 0;
     if (!cpu_has_avx_vnni()) return kPieceMaxRows;
-    return format_info(fmt).bits == 4 && fmt != Format::kNVFP4 && fmt != Format::kMXFP4 ? kPieceMaxRowsWideInt4
-                                                                                        : kPieceMaxRowsWide;
+    return bits == 4 && !fp4 ? kPieceMaxRowsWideInt4 : kPieceMaxRowsWide;
   }
+  if (active_isa() != Isa::kAVX2 || fp4 || bits != 4) return 0;  // AVX2: INT4 only
   switch (avx2_vnni()) {
     case AvxVnni::kVex: return kPieceMaxRowsAvxVnni;
     case AvxVnni::kEvex: return kPieceMaxRowsEvexVnni;

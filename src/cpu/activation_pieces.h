@@ -20,6 +20,7 @@
 
 #include "aligned_buffer.h"
 #include "tensorslim/formats.h"
+#include "tensorslim/gemm.h"
 #include "tensorslim/tensor_view.h"
 #include "weight_only_native.h"
 
@@ -49,11 +50,10 @@ constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches of 2 and mo
 constexpr int64_t kPieceMaxRowsEvexVnni = 8;
 constexpr int64_t kPieceMaxRowsAvxVnni = 4;
 
-// The most rows the active ISA's pieces kernel takes fmt at (from K = kPieceMinKForRows, FP4
-// from kFp4PieceMinKForRows). CPUID does not tell a full-width 512-bit CPU from a split one; of
-// the two measured, Zen 5 has AVX-VNNI beside AVX-512 and Zen 4 does not, so a CPU with both
-// (Zen 5, Intel from Sapphire Rapids) takes Zen 5's limits.
-int64_t pieces_max_rows(Format fmt);
+// pieces_max_rows (tensorslim/gemm.h): the most rows the active ISA's pieces kernel takes fmt at
+// (from K = kPieceMinKForRows, FP4 from kFp4PieceMinKForRows). CPUID does not tell a full-width
+// 512-bit CPU from a split one; of the two measured, Zen 5 has AVX-VNNI beside AVX-512 and Zen 4
+// does not, so a CPU with both (Zen 5, Intel from Sapphire Rapids) takes Zen 5's limits.
 
 // Per activation row: blocks of kPieceBlock values, each stored as h, then l1, then l2; for
 // INT4 each piece holds the block's 64 even-k values, then its 64 odd-k values (the low and
