@@ -39,9 +39,11 @@ void register_quantize(py::module_& m) {
   m.def("set_activation_pieces_enabled", &cpu::set_activation_pieces_enabled,
         "Tests and benchmarks run integer weight-only at a few rows on the float kernels "
         "instead of the activation-pieces kernels (AVX-512 VNNI, AVX2).");
-  m.def("pieces_max_rows", [](int fmt) { return cpu::pieces_max_rows(to_format(fmt)); },
-        "The most activation rows the active ISA's pieces kernel takes this format at on this "
-        "CPU (from K = 2048; 0: none). It differs by CPU kind: docs/benchmarks.md.");
+  m.def("pieces_rows", [](int fmt) {
+    const Format f = to_format(fmt);
+    return py::make_tuple(cpu::pieces_min_rows(f), cpu::pieces_max_rows(f));
+  }, "(fewest, most) activation rows the active ISA's pieces kernel takes this format at on this "
+     "CPU (more than one from K = 2048; (0, 0): none). They differ by CPU kind: docs/benchmarks.md.");
   m.def("linear_weight_only", [](py::handle x, py::handle qw, py::handle scales, py::handle zps,
                                  py::handle bias, int fmt, int64_t group, py::handle out,
                                  int backend) {

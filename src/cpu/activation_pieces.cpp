@@ -34,6 +34,14 @@ int64_t pieces_max_rows(Format fmt) {
   }
 }
 
+int64_t pieces_min_rows(Format fmt) {
+  if (pieces_max_rows(fmt) == 0) return 0;
+  if (format_info(fmt).bits != 8 || fmt == Format::kNVFP4 || fmt == Format::kMXFP4) return 1;
+  // INT8 at one row reads as many bytes either way (both at memory speed); on Zen 5 the float
+  // kernels stream large weights faster up to 8 rows (kPieceMinRowsWideInt8).
+  return cpu_has_avx_vnni() ? kPieceMinRowsWideInt8 : 2;
+}
+
 void set_activation_pieces_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
 
 bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
@@ -51,11 +59,9 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
 
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
   if (!g_enabled.load(std::memory_order_relaxed) || !pieces_kernel_takes(fmt, K, gsize)) return false;
-  if (M < 1) return false;
-  // INT8 at one row reads as many bytes either way (both at memory speed).
-  if (format_info(fmt).bits == 8) return M >= 2 && M <= pieces_max_rows(fmt) && K >= kPieceMinKForRows;
-  // AVX2 without vpdpbusd: batch 1 only (vpmaddubsw's pieces were 0.76-0.98x at 2 rows).
-  return M == 1 || (M <= pieces_max_rows(fmt) && K >= kPieceMinKForRows);
+  // AVX2 without vpdpbusd: INT4 at batch 1 only (vpmaddubsw's pieces were 0.76-0.98x at 2 rows).
+  if (M < pieces_min_rows(fmt) || M > pieces_max_rows(fmt)) return false;
+  return M == 1 || K >= kPieceMinKForRows;
 }
 
 bool fp4_pieces_fit(Format fmt, int64_t M, int64_t K, int64_t group) {

@@ -43,6 +43,9 @@ constexpr int64_t kPieceBlock = 128;  // activation values per block (64 INT4 / 
 constexpr int64_t kPieceMaxRows = 32;
 constexpr int64_t kPieceMaxRowsWide = 16;      // INT8 and FP4 on Zen 5
 constexpr int64_t kPieceMaxRowsWideInt4 = 8;   // INT4 on Zen 5
+// INT8 on Zen 5 with the weights read from memory (layers in turn), float / pieces at 2 / 4 /
+// 8 / 12 / 16 rows: 0.75-0.87 / 0.80-0.98 / 0.87-1.01 / 1.14-1.25 / 1.02-1.04x.
+constexpr int64_t kPieceMinRowsWideInt8 = 9;
 constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches of 2 and more take them
 // AVX2 with vpdpbusd: INT4 batches up to this (AVX2 without: 1). AVX512-VNNI's EVEX form
 // standing in on Zen 4: 1.03-1.55x the float kernel at 2-8 rows; AVX-VNNI (VEX) on Zen 5:
@@ -50,7 +53,7 @@ constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches of 2 and mo
 constexpr int64_t kPieceMaxRowsEvexVnni = 8;
 constexpr int64_t kPieceMaxRowsAvxVnni = 4;
 
-// pieces_max_rows (tensorslim/gemm.h): the most rows the active ISA's pieces kernel takes fmt at
+// pieces_min_rows / pieces_max_rows (tensorslim/gemm.h): the fewest / most rows the active ISA's pieces kernel takes fmt at
 // (from K = kPieceMinKForRows, FP4 from kFp4PieceMinKForRows). CPUID does not tell a full-width
 // 512-bit CPU from a split one; of the two measured, Zen 5 has AVX-VNNI beside AVX-512 and Zen 4
 // does not, so a CPU with both (Zen 5, Intel from Sapphire Rapids) takes Zen 5's limits.
@@ -79,8 +82,7 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize);
 
 // Whether linear_weight_only runs it: the kernels switched on (set_activation_pieces_enabled,
 // tensorslim/gemm.h), a kernel that takes the problem, and the rows where it gains: INT4 batch
-// 1 (and from K = kPieceMinKForRows up to pieces_max_rows), INT8 2..pieces_max_rows rows from
-// K = kPieceMinKForRows.
+// 1, and pieces_min_rows..pieces_max_rows rows from K = kPieceMinKForRows.
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize);
 
 // Splits x (float32 or bfloat16 rows) into pieces in the order fmt's kernel reads (INT4: each

@@ -193,14 +193,14 @@ def test_activation_pieces_and_float_kernels_both_match_float64(fmt, M):
             outs.append(y)
     finally:
         ts._C.set_activation_pieces_enabled(True)
-    # Where the pieces take M rows on this CPU (INT8 from 2), they are a different kernel; the
-    # limits differ by CPU kind (32 rows on Zen 4's AVX-512, INT4 8 / INT8 16 on Zen 5's).
-    rows = ts._C.pieces_max_rows(get_format(fmt).id)
+    # Where the pieces take M rows on this CPU they are a different kernel; the rows differ by
+    # CPU kind (Zen 4's AVX-512: INT4 1-32, INT8 2-32; Zen 5's: INT4 1-8, INT8 9-16).
+    lo, hi = ts._C.pieces_rows(get_format(fmt).id)
     if ts._C.active_isa() == "avx512" and ops.w4a8.kernel_name(K, 128) == "avx512_vnni":
-        assert rows in (8, 16, 32) if fmt.endswith("int4") else rows in (16, 32)
+        assert (lo, hi) in (((1, 32), (1, 8)) if fmt.endswith("int4") else ((2, 32), (9, 16)))
     elif fmt.endswith("int4") and ts._C.active_isa() == "avx2":
-        assert rows >= 1
-    if (2 if fmt.endswith("int8") else 1) <= M <= rows:
+        assert lo == 1 and hi >= 1
+    if lo <= M <= hi:
         assert not torch.equal(outs[0], outs[1])
 
 
