@@ -328,11 +328,11 @@ def test_bias_can_be_set_and_removed_as_on_nn_linear(tmp_path):
     model[0].bias = new
     assert model[0].bias is new and model[0].up.bias is new
     assert torch.allclose(model[0](x), F.linear(x, model[0].weight, new), atol=1e-5)
-    model[2].bias = None
+    del model[2].bias  # as on nn.Linear: no bias after
     assert model[2].bias is None and model[2].up.bias is None
     assert torch.equal(model[2](torch.zeros(1, 96)), torch.zeros(1, 64))  # no bias left to add
     kept = model[0].bias
-    for bad, err, what in ((torch.zeros(96), TypeError, "parameter 'bias'"),
+    for bad, err, what in ((torch.zeros(96), TypeError, "LowRankLinear.bias: expected an nn.Parameter or None"),
                            (nn.Parameter(torch.zeros(95)), ValueError, r"LowRankLinear.bias: expected shape \(96,\)"),
                            (3.0, TypeError, "LowRankLinear.bias: expected an nn.Parameter or None")):
         with pytest.raises(err, match=what):
@@ -349,3 +349,10 @@ def test_bias_can_be_set_and_removed_as_on_nn_linear(tmp_path):
     model[0].bias = nn.Parameter(model[0].bias.detach() + 2.0)
     assert isinstance(model[0].up, ts.WeightOnlyLinear)
     assert torch.allclose(model[0](x), before + 2.0, atol=1e-5)
+    with pytest.raises(TypeError, match="expected an nn.Parameter"):  # its buffer would take it
+        model[0].bias = torch.zeros(96, dtype=torch.float64)
+    # in half, .bias reads as a half copy of the held float32 one: putting it back changes nothing
+    model.half()
+    out = model(x.half())
+    model[0].bias = model[0].bias
+    assert torch.equal(model(x.half()), out) and model[0].state_dict()["up.bias"].dtype == torch.float32

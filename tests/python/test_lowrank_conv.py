@@ -181,3 +181,10 @@ def test_bias_can_be_set_and_removed_and_the_file_loads_into_the_original(tmp_pa
     fresh = ts.load(conv_net(seed=3, padding=1), path)  # its conv still has a bias
     assert fresh[0].bias is None and same_params(fresh, model)
     assert torch.equal(fresh(x), model(x))
+    # quantized factors keep their own geometry, which must follow too (the file did not load)
+    ts.quantize(model, ts.Int8Dynamic(), progress=False)
+    assert type(model[2].last).__name__ == "Int8Conv2d"
+    del model[2].bias
+    ts.save(model, path)
+    fresh = ts.load(conv_net(seed=3, padding=1), path)
+    assert fresh[2].bias is None and torch.equal(fresh(x), model(x))

@@ -64,12 +64,21 @@ class _FactorizedConv2d(nn.Module):
         return self.last.bias
 
     def __setattr__(self, name, value):
-        # the bias lives on the last 1x1 conv; the saved geometry says whether there is one
+        # the bias lives on the last 1x1 conv; the saved geometries (this layer's, and a
+        # quantized last conv's own) say whether there is one
         if name == "bias" and "last" in self._modules:
-            set_factor_bias(self, self.last, value, self.out_channels)
-            self.geometry["bias"] = value is not None
+            if set_factor_bias(self, self.last, value, self.out_channels):
+                for holder in (self, self.last):
+                    if isinstance(getattr(holder, "geometry", None), dict):
+                        holder.geometry["bias"] = value is not None
             return
         super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name == "bias" and "last" in self._modules:
+            self.__setattr__("bias", None)
+            return
+        super().__delattr__(name)
 
 
 class TuckerConv2d(_FactorizedConv2d):

@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .compute_dtype import held_bias
+
 
 def _si(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -31,17 +33,23 @@ def _dense_weight(linear: nn.Module) -> torch.Tensor:
     return deq() if callable(deq) else linear.weight
 
 
-def set_factor_bias(owner: nn.Module, factor: nn.Module, value, out: int) -> None:
+def set_factor_bias(owner: nn.Module, factor: nn.Module, value, out: int) -> bool:
     """`owner.bias = value` for a factorized layer: the bias lives on its last factor, so code
     that resets or replaces a layer's bias (BitFit, re-initialization) reaches it there. value:
-    a Parameter of shape [out] or None, as for nn.Linear / nn.Conv2d."""
+    an nn.Parameter of shape [out] or None, as nn.Linear / nn.Conv2d take (a quantized factor
+    holds its bias as a buffer, which would take any tensor). False where nothing changed:
+    `layer.bias = layer.bias` in a half model hands back the read-only copy of the held bias."""
     name = type(owner).__name__
+    source = getattr(value, "_source", None)
+    if source is not None and source is held_bias(factor):
+        return False
     if value is not None:
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, nn.Parameter):
             raise TypeError(f"{name}.bias: expected an nn.Parameter or None, got {type(value).__name__}")
         if tuple(value.shape) != (out,):
             raise ValueError(f"{name}.bias: expected shape ({out},), got {tuple(value.shape)}")
-    factor.bias = value  # nn.Module's own rules from here (a plain tensor is a TypeError)
+    factor.bias = value
+    return True
 
 
 class LowRankLinear(nn.Module):
@@ -83,8 +91,15 @@ class LowRankLinear(nn.Module):
     def __setattr__(self, name, value):
         # nn.Module's __setattr__ registers a Parameter before a property setter could run
         if name == "bias" and "up" in self._modules:
-            return set_factor_bias(self, self.up, value, self.out_features)
+            set_factor_bias(self, self.up, value, self.out_features)
+            return
         super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name == "bias" and "up" in self._modules:  # as `del linear.bias`: no bias after
+            set_factor_bias(self, self.up, None, self.out_features)
+            return
+        super().__delattr__(name)
 
     @staticmethod
     def dense_flops(in_features: int, out_features: int) -> int:
