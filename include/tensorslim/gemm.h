@@ -46,9 +46,11 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
 // kernels.
 void set_activation_pieces_enabled(bool enabled);
 // The fewest / most activation rows the active ISA's pieces kernel takes fmt at on this CPU (by
-// CPU kind: src/cpu/activation_pieces.h); 0 where it has none for fmt.
-int64_t pieces_min_rows(Format fmt);
-int64_t pieces_max_rows(Format fmt);
+// CPU kind: src/cpu/activation_pieces.h); {0, 0} where it has none for fmt.
+struct PiecesRows {
+  int64_t fewest = 0, most = 0;
+};
+PiecesRows pieces_rows(Format fmt);
 }  // namespace cpu
 
 }  // namespace tensorslim

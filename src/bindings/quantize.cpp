@@ -40,8 +40,8 @@ void register_quantize(py::module_& m) {
         "Tests and benchmarks run integer weight-only at a few rows on the float kernels "
         "instead of the activation-pieces kernels (AVX-512 VNNI, AVX2).");
   m.def("pieces_rows", [](int fmt) {
-    const Format f = to_format(fmt);
-    return py::make_tuple(cpu::pieces_min_rows(f), cpu::pieces_max_rows(f));
+    const cpu::PiecesRows rows = cpu::pieces_rows(to_format(fmt));
+    return py::make_tuple(rows.fewest, rows.most);
   }, "(fewest, most) activation rows the active ISA's pieces kernel takes this format at on this "
      "CPU (more than one from K = 2048; (0, 0): none). They differ by CPU kind: docs/benchmarks.md.");
   m.def("linear_weight_only", [](py::handle x, py::handle qw, py::handle scales, py::handle zps,

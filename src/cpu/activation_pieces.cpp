@@ -18,28 +18,23 @@ bool use_avx512() { return active_isa() == Isa::kAVX512 && cpu_has_avx512_vnni()
 
 }  // namespace
 
-int64_t pieces_max_rows(Format fmt) {
+PiecesRows pieces_rows(Format fmt) {
   const bool fp4 = fmt == Format::kNVFP4 || fmt == Format::kMXFP4;
   const int bits = format_info(fmt).bits;
   if (use_avx512()) {
-    if (!fp4 && bits != 4 && bits != 8) return 0;
-    if (!cpu_has_avx_vnni()) return kPieceMaxRows;
-    return bits == 4 && !fp4 ? kPieceMaxRowsWideInt4 : kPieceMaxRowsWide;
+    if (!fp4 && bits != 4 && bits != 8) return {};
+    const bool wide = cpu_has_avx_vnni();  // Zen 5 (activation_pieces.h)
+    if (fp4 || bits == 4) return {1, !wide ? kPieceMaxRows : fp4 ? kPieceMaxRowsWide : kPieceMaxRowsWideInt4};
+    // INT8 at one row reads as many bytes either way (both at memory speed); on Zen 5 the
+    // float kernels stream large weights faster up to 8 rows (kPieceMinRowsWideInt8).
+    return wide ? PiecesRows{kPieceMinRowsWideInt8, kPieceMaxRowsWide} : PiecesRows{2, kPieceMaxRows};
   }
-  if (active_isa() != Isa::kAVX2 || fp4 || bits != 4) return 0;  // AVX2: INT4 only
+  if (active_isa() != Isa::kAVX2 || fp4 || bits != 4) return {};  // AVX2: INT4 only
   switch (avx2_vnni()) {
-    case AvxVnni::kVex: return kPieceMaxRowsAvxVnni;
-    case AvxVnni::kEvex: return kPieceMaxRowsEvexVnni;
-    default: return 1;
+    case AvxVnni::kVex: return {1, kPieceMaxRowsAvxVnni};
+    case AvxVnni::kEvex: return {1, kPieceMaxRowsEvexVnni};
+    default: return {1, 1};
   }
-}
-
-int64_t pieces_min_rows(Format fmt) {
-  if (pieces_max_rows(fmt) == 0) return 0;
-  if (format_info(fmt).bits != 8 || fmt == Format::kNVFP4 || fmt == Format::kMXFP4) return 1;
-  // INT8 at one row reads as many bytes either way (both at memory speed); on Zen 5 the float
-  // kernels stream large weights faster up to 8 rows (kPieceMinRowsWideInt8).
-  return cpu_has_avx_vnni() ? kPieceMinRowsWideInt8 : 2;
 }
 
 void set_activation_pieces_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
@@ -60,14 +55,15 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize) {
   if (!g_enabled.load(std::memory_order_relaxed) || !pieces_kernel_takes(fmt, K, gsize)) return false;
   // AVX2 without vpdpbusd: INT4 at batch 1 only (vpmaddubsw's pieces were 0.76-0.98x at 2 rows).
-  if (M < pieces_min_rows(fmt) || M > pieces_max_rows(fmt)) return false;
+  const PiecesRows rows = pieces_rows(fmt);
+  if (M < rows.fewest || M > rows.most) return false;
   return M == 1 || K >= kPieceMinKForRows;
 }
 
 bool fp4_pieces_fit(Format fmt, int64_t M, int64_t K, int64_t group) {
   const bool fp4 = (fmt == Format::kNVFP4 && group == 16) || (fmt == Format::kMXFP4 && group == 32);
   return g_enabled.load(std::memory_order_relaxed) && fp4 && use_avx512() && K % kPieceBlock == 0 &&
-         (M == 1 || (M >= 1 && M <= pieces_max_rows(fmt) && K >= kFp4PieceMinKForRows));
+         (M == 1 || (M >= 1 && M <= pieces_rows(fmt).most && K >= kFp4PieceMinKForRows));
 }
 
 bool split_activation_pieces(const TensorView& x, int64_t gsize, Format fmt, ActivationPieces& out) {

@@ -39,7 +39,7 @@ constexpr int64_t kPieceBlock = 128;  // activation values per block (64 INT4 / 
 // Zen 5 runs 512-bit FMAs at full width, so its float kernels gained more than the pieces'
 // vpdpbusd (A / B, N x K = 4096 / 11008 x 4096 and 4096 x 11008, docs/benchmarks.md): INT4 g128
 // 1.02-1.38x at 1-3 rows, 0.88-1.06x at 4-8, 0.65-0.83x at 12-32; INT8 0.76-1.61x at 2-16,
-// 0.82-1.01x at 24-32; NVFP4 / MXFP4 1.04-1.49x at 1-16, 0.81-0.90x at 32 (pieces_max_rows).
+// 0.82-1.01x at 24-32; NVFP4 / MXFP4 1.04-1.49x at 1-16, 0.81-0.90x at 32 (pieces_rows).
 constexpr int64_t kPieceMaxRows = 32;
 constexpr int64_t kPieceMaxRowsWide = 16;      // INT8 and FP4 on Zen 5
 constexpr int64_t kPieceMaxRowsWideInt4 = 8;   // INT4 on Zen 5
@@ -53,10 +53,11 @@ constexpr int64_t kPieceMinKForRows = 2048;  // K from which batches of 2 and mo
 constexpr int64_t kPieceMaxRowsEvexVnni = 8;
 constexpr int64_t kPieceMaxRowsAvxVnni = 4;
 
-// pieces_min_rows / pieces_max_rows (tensorslim/gemm.h): the fewest / most rows the active ISA's pieces kernel takes fmt at
-// (from K = kPieceMinKForRows, FP4 from kFp4PieceMinKForRows). CPUID does not tell a full-width
-// 512-bit CPU from a split one; of the two measured, Zen 5 has AVX-VNNI beside AVX-512 and Zen 4
-// does not, so a CPU with both (Zen 5, Intel from Sapphire Rapids) takes Zen 5's limits.
+// pieces_rows (tensorslim/gemm.h): the fewest / most rows the active ISA's pieces kernel takes
+// fmt at (more than one from K = kPieceMinKForRows, FP4 from kFp4PieceMinKForRows). CPUID does
+// not tell a full-width 512-bit CPU from a split one; of the two measured, Zen 5 has AVX-VNNI
+// beside AVX-512 and Zen 4 does not, so a CPU with both (Zen 5, Intel from Sapphire Rapids)
+// takes Zen 5's limits.
 
 // Per activation row: blocks of kPieceBlock values, each stored as h, then l1, then l2; for
 // INT4 each piece holds the block's 64 even-k values, then its 64 odd-k values (the low and
@@ -82,7 +83,7 @@ bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize);
 
 // Whether linear_weight_only runs it: the kernels switched on (set_activation_pieces_enabled,
 // tensorslim/gemm.h), a kernel that takes the problem, and the rows where it gains: INT4 batch
-// 1, and pieces_min_rows..pieces_max_rows rows from K = kPieceMinKForRows.
+// 1, and pieces_rows(fmt) rows from K = kPieceMinKForRows.
 bool pieces_fit(Format fmt, int64_t M, int64_t K, int64_t gsize);
 
 // Splits x (float32 or bfloat16 rows) into pieces in the order fmt's kernel reads (INT4: each
@@ -102,7 +103,7 @@ struct Fp4Scales {
   float factor;  // times every decoded scale: 1/2, and NVFP4's tensor scale
 };
 // Whether linear_lowbit runs them: the switch on, AVX-512 VNNI, K a multiple of 128, the
-// format's own group (16 / 32), batch 1, or up to pieces_max_rows rows from K = 1024. Against the
+// format's own group (16 / 32), batch 1, or up to pieces_rows(fmt).most rows from K = 1024. Against the
 // E2M1 float GEMV (Zen 4, random-order rounds): batch 1 1.40-1.48x at 4096-11008 wide weights,
 // 1.0-1.26x at 384-2048; 2-32 rows at K = 1024-4096 1.08-1.25x (NVFP4), 1.18-1.39x (MXFP4); at
 // K = 384-768 0.76-1.18x. An AVX2 version (vpmaddubsw, groups as half-block lanes) ran batch 1

@@ -389,7 +389,7 @@ TEST(Fp4Pieces, OddScalesAndInputsTheyLeave) {
   }
   IsaScope isa(cpu::Isa::kAVX512);
   EXPECT_TRUE(cpu::fp4_pieces_fit(Format::kNVFP4, 1, 4096, 16));
-  const int64_t rows = cpu::pieces_max_rows(Format::kNVFP4);  // 32 on Zen 4, 16 on Zen 5
+  const int64_t rows = cpu::pieces_rows(Format::kNVFP4).most;  // 32 on Zen 4, 16 on Zen 5
   EXPECT_EQ(rows, cpu::cpu_has_avx_vnni() ? cpu::kPieceMaxRowsWide : cpu::kPieceMaxRows);
   EXPECT_TRUE(cpu::fp4_pieces_fit(Format::kNVFP4, rows, 1024, 16));
   EXPECT_FALSE(cpu::fp4_pieces_fit(Format::kNVFP4, rows + 1, 4096, 16));
