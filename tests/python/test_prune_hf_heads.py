@@ -397,6 +397,61 @@ def test_a_dict_example_passes_no_parameter_after_its_last_key():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
+def _distilbert():
+    from transformers import DistilBertConfig, DistilBertModel
+
+    return DistilBertModel(DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                            max_position_embeddings=32))
+
+
+def _mpnet():
+    from transformers import MPNetConfig, MPNetModel
+
+    return MPNetModel(MPNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32))
+
+
+@pytest.mark.parametrize("build,qkvo,count", [
+    (_distilbert, ("transformer.layer.{}.attention", "q_lin", "v_lin", "out_lin"), "n_heads"),
+    (_mpnet, ("encoder.layer.{}.attention.attn", "q", "v", "o"), "num_attention_heads")], ids=["distilbert", "mpnet"])
+def test_heads_under_other_projection_names(build, qkvo, count, tmp_path):
+    """DistilBERT (q_lin / k_lin / v_lin / out_lin, n_heads) and MPNet (q / k / v / o,
+    all_head_size, which its output view reads) lose heads as the q_proj family does, with
+    attention_head_size as the head size. MPNet's encoder computes one position bias (a column
+    of relative_attention_bias per head) for every layer, so both layers lose the same heads and
+    the table those columns. The model equals the zeroed original, and loads into a fresh one."""
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, removed = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    where, q, v, o = qkvo
+    heads = []
+    for i in range(2):
+        att = model.get_submodule(where.format(i))
+        assert getattr(att, count) == 2 and att.attention_head_size == 8
+        assert getattr(att, q).out_features == getattr(att, v).out_features == getattr(att, o).in_features == 16
+        heads.append(sorted({c // 8 for c in removed[(f"{where.format(i)}.{o}", "weight", 1)]}))
+        assert len(heads[-1]) == 2
+    if build is _mpnet:
+        assert heads[0] == heads[1] and model.encoder.layer[0].attention.attn.all_head_size == 16
+        table = model.encoder.relative_attention_bias
+        assert table.weight.shape == (32, 2) and table.embedding_dim == 2 and model.encoder.n_heads == 2
+        kept = [h for h in range(4) if h not in heads[0]]
+        torch.testing.assert_close(table.weight, ref.encoder.relative_attention_bias.weight[:, kept])
+    other = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for x in (ids, other):
+            torch.testing.assert_close(model(x).last_hidden_state, ref(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+    ts.save(model, tmp_path / "heads.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(build().eval(), tmp_path / "heads.safetensors")
+    assert getattr(fresh.get_submodule(where.format(1)), count) == 2
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
 def _digits_vit():
     """examples/prune_vit_digits.py's model at width 32 (FFN 64)."""
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "prune_vit_digits.py"

@@ -11,7 +11,11 @@ Hugging Face attentions (hf_layout) lose heads in place, their code viewing the 
 (-1 or num_heads, head_dim), so only the count attribute changes:
   - q_proj / k_proj / v_proj and out_proj, o_proj or dense, an int head_dim (transformers 5's
     ViT, CLIP, SigLIP, Whisper, BART, OPT, StarCoder2, Phi); grouped-query with an int
-    num_key_value_groups: a unit is one kv head with its query heads;
+    num_key_value_groups: a unit is one kv head with its query heads; the same with
+    attention_head_size for DistilBERT's q_lin / k_lin / v_lin / out_lin and MPNet's q / k / v / o
+    (all_head_size updated where kept);
+  - MPNet's position bias: one column per head of its encoder's relative_attention_bias, added
+    in every layer, so all the attentions under that table lose the same heads (as T5's below);
   - GPT-NeoX's fused query_key_value: 3 x head_size consecutive rows per head;
   - T5's q / k / v / o (n_heads, key_value_proj_dim): every attention of one stack and kind
     loses the same heads, since the stack's first block computes the position bias (one
@@ -30,13 +34,16 @@ from ..nn.projected_attention import ProjectedMultiheadAttention
 from .channel_space import Slice, Spaces, linear_space
 
 QKV = ("q_proj", "k_proj", "v_proj")
+# the separate-projection attentions: (q / k / v, output projections, head-size attribute)
+PROJECTED = ((QKV, ("out_proj", "o_proj", "dense"), "head_dim"),
+             (("q_lin", "k_lin", "v_lin"), ("out_lin",), "attention_head_size"),  # DistilBERT
+             (("q", "k", "v"), ("o",), "attention_head_size"))                    # MPNet
 # torch modules that read and write their width whole (the traced graph keeps it): their
 # insides are pruned by rules of their own (heads here, FFN neurons in channel_rules)
 ATTENTIONS = (nn.MultiheadAttention, ProjectedMultiheadAttention)
 TORCH_BLOCKS = ATTENTIONS + (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
                              nn.TransformerDecoder, nn.Transformer)
-OUTPUTS = ("out_proj", "o_proj", "dense")
-COUNTS = ("num_heads", "num_attention_heads")
+COUNTS = ("num_heads", "num_attention_heads", "n_heads")
 T5_QKVO = ("q", "k", "v", "o")
 
 
@@ -56,8 +63,6 @@ def hf_layout(m: nn.Module) -> Optional[Layout]:
     module, a packed attention, or sizes that disagree."""
     if isinstance(m, ATTENTIONS):
         return None
-    if all(isinstance(getattr(m, q, None), nn.Module) for q in QKV):
-        return _projected_layout(m)
     if all(isinstance(getattr(m, q, None), nn.Module) for q in T5_QKVO) and hasattr(m, "has_relative_attention_bias"):
         hd, heads = getattr(m, "key_value_proj_dim", None), getattr(m, "n_heads", None)
         if type(heads) is not int or type(hd) is not int or hd <= 0 or type(getattr(m, "inner_dim", None)) is not int:
@@ -69,6 +74,9 @@ def hf_layout(m: nn.Module) -> Optional[Layout]:
         return Layout(heads, hd, T5_QKVO[:3], (hd,) * 3, "o", (("n_heads", 1), ("inner_dim", hd)), shared_bias=True)
     if isinstance(getattr(m, "query_key_value", None), nn.Module) and isinstance(getattr(m, "dense", None), nn.Module):
         return _fused_layout(m)
+    for qkv, outputs, size in PROJECTED:
+        if all(isinstance(getattr(m, q, None), nn.Module) for q in qkv):
+            return _projected_layout(m, qkv, outputs, size)
     return None
 
 
@@ -85,16 +93,16 @@ def _fused_layout(m: nn.Module) -> Optional[Layout]:
     return Layout(width // hs, hs, ("query_key_value",), (3 * hs,), "dense", ())
 
 
-def _projected_layout(m: nn.Module) -> Optional[Layout]:
-    """q_proj / k_proj / v_proj and out_proj / o_proj / dense, an int head_dim; the head count
-    from q_proj's width (agreeing with num_heads / num_attention_heads where the module keeps
-    one); fewer k / v heads (grouped-query) with an int num_key_value_groups: a unit is one kv
-    head with its group of query heads (their code repeats each kv head that many times)."""
-    out = next((o for o in OUTPUTS if isinstance(getattr(m, o, None), nn.Module)), None)
-    hd = getattr(m, "head_dim", None)
+def _projected_layout(m: nn.Module, qkv: Tuple[str, ...], outputs: Tuple[str, ...], size: str) -> Optional[Layout]:
+    """q / k / v projections `qkv`, one of `outputs`, an int head size `size`; the head count
+    from q's width (agreeing with num_heads / num_attention_heads / n_heads where the module
+    keeps one); fewer k / v heads (grouped-query) with an int num_key_value_groups: a unit is one
+    kv head with its group of query heads (their code repeats each kv head that many times)."""
+    out = next((o for o in outputs if isinstance(getattr(m, o, None), nn.Module)), None)
+    hd = getattr(m, size, None)
     if out is None or type(hd) is not int or hd <= 0:
         return None
-    q, k, v = (getattr(getattr(m, n), "out_features", None) for n in QKV)
+    q, k, v = (getattr(getattr(m, n), "out_features", None) for n in qkv)
     if not all(type(w) is int and w > 0 and w % hd == 0 for w in (q, k, v)) or k != v or \
             getattr(getattr(m, out), "in_features", None) != q:
         return None
@@ -108,7 +116,9 @@ def _projected_layout(m: nn.Module) -> Optional[Layout]:
     attrs = ((count, groups),) if count is not None else ()
     if heads != kv and type(getattr(m, "num_key_value_heads", None)) is int:
         attrs += (("num_key_value_heads", 1),)
-    return Layout(kv, hd, QKV, (groups * hd, hd, hd), out, attrs, groups=groups)
+    if getattr(m, "all_head_size", None) == q:  # MPNet's output view reads it
+        attrs += (("all_head_size", groups * hd),)
+    return Layout(kv, hd, qkv, (groups * hd, hd, hd), out, attrs, groups=groups)
 
 
 def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str]) -> Optional[str]:
@@ -152,6 +162,7 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
         else:
             torch_attention = False
         heads, hd, qkv, out, groups = hf.units, hf.head_dim, hf.qkv, hf.out, hf.groups
+        owner = None if torch_attention or hf.shared_bias or groups != 1 else _bias_table_owner(model, name, heads)
         why = _kept_whole(name, m, heads * groups, len(names[id(m)]), sp, exclude, packed_hint,
                           None if torch_attention else kept_hint)
         if why is None and not torch_attention:
@@ -176,12 +187,33 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
                 if hf.shared_bias and getattr(m, "has_relative_attention_bias", False):
                     s.slices.append(Slice(p + "relative_attention_bias", "weight", 1))
                     s.attrs.append((p + "relative_attention_bias", "embedding_dim", 1))
+                if owner is not None and owner not in stacks:  # the table once per space
+                    o = f"{owner}." if owner else ""
+                    s.slices.append(Slice(o + "relative_attention_bias", "weight", 1))
+                    s.attrs.append((o + "relative_attention_bias", "embedding_dim", 1))
+                    if getattr(model.get_submodule(owner), "n_heads", None) == heads:
+                        s.attrs.append((owner, "n_heads", 1))
+        if owner is not None:  # MPNet: the attentions under one table lose the same heads
+            stacks[owner] = sp.union(stacks[owner], sid, f"attention '{name}'") if owner in stacks else sid
         if hf.shared_bias:
             # T5 computes its position bias (one column per head) in a stack's first block and adds
             # it in every later one, cross-attentions a zero bias of the first one's head count:
             # all attentions of one stack and kind lose the same heads
-            stack = re.sub(r"(^|\.)block\.\d+\.", r"\1block.*.", name)
+            stack = "T5 " + re.sub(r"(^|\.)block\.\d+\.", r"\1block.*.", name)
             stacks[stack] = sp.union(stacks[stack], sid, f"attention '{name}'") if stack in stacks else sid
+
+
+def _bias_table_owner(model: nn.Module, name: str, heads: int) -> Optional[str]:
+    """The nearest module above attention `name` holding a relative_attention_bias table with
+    one column per head, which it computes once and hands to every layer (MPNet's encoder), or
+    None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        owner = ".".join(parts[:i])
+        table = getattr(model.get_submodule(owner), "relative_attention_bias", None)
+        if isinstance(table, nn.Embedding) and table.embedding_dim == heads:
+            return owner
+    return None
 
 
 def _kept_whole(name: str, m: nn.Module, heads: int, n_names: int, sp: Spaces, exclude, packed_hint, kept_hint):
