@@ -62,7 +62,7 @@ def main():
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--sparsities", default="0.5,0.75,0.9,0.95")
     p.add_argument("--isa", choices=("avx2", "avx512", "scalar"), help="force a tensorslim code path")
-    p.add_argument("--patterns", default="2:4", help="N:M patterns, e.g. 2:4,4:8,1:4,2:8,1:8")
+    p.add_argument("--patterns", default="2:4", help="N:M patterns, e.g. 2:4,4:8,1:4,2:8,1:8 (\"\" for none)")
     p.add_argument("--quick", action="store_true", help="4096x4096, 90%% and 2:4, batches 1 and 8")
     args = p.parse_args()
     if args.quick:
@@ -93,7 +93,7 @@ def main():
                 label = f"{int(sp * 100)}% {'fp32' if dt == torch.float32 else 'int8'}"
                 fn = lambda x, v=v, c=c, rp=rp, sc=sc: S.csr_linear_direct(x, v, c, rp, sc, None, "auto")  # noqa: E731
                 packs.append((label, fn, nbytes(v, c, rp, sc), (w * keep) if dt == torch.float32 else None))
-        for pattern in args.patterns.split(","):
+        for pattern in filter(None, args.patterns.split(",")):  # "" for none
             n, m = (int(a) for a in pattern.split(":"))
             keep_nm = nm_keep(w, n, m)
             for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.int8, "int8")):
