@@ -452,6 +452,63 @@ def test_heads_under_other_projection_names(build, qkvo, count, tmp_path):
         assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
+def _deberta_v3(share_att_key):
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    return DebertaV2Model(DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, max_position_embeddings=64, relative_attention=True,
+                                          pos_att_type=["p2c", "c2p"], share_att_key=share_att_key,
+                                          position_buckets=16, norm_rel_ebd="layer_norm", max_relative_positions=-1))
+
+
+@pytest.mark.parametrize("share_att_key", [True, False])
+def test_deberta_v3_heads(share_att_key, tmp_path):
+    """DeBERTa-v2 / v3 layers have BERT's structure around query_proj / key_proj / value_proj
+    (the BERT rule read `query` and raised AttributeError): a head is attention_head_size rows of
+    each, and of pos_key_proj / pos_query_proj where the position projections are not shared,
+    and columns of attention.output.dense. The model equals the zeroed original on two batches
+    (relative positions and all) and loads into a fresh one."""
+    torch.manual_seed(0)
+    model = _deberta_v3(share_att_key).eval()
+    ids = _ids(9)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    for layer in model.encoder.layer:
+        att = layer.attention.self
+        names = ["query_proj", "key_proj", "value_proj"] + ([] if share_att_key else ["pos_key_proj", "pos_query_proj"])
+        assert [getattr(att, n).out_features for n in names] == [16] * len(names)
+        assert (att.num_attention_heads, att.all_head_size, layer.attention.output.dense.in_features) == (2, 16, 16)
+        assert layer.intermediate.dense.out_features == 32
+    other = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for x in (ids, other):
+            torch.testing.assert_close(model(x).last_hidden_state, ref(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+    ts.save(model, tmp_path / "deberta.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(_deberta_v3(share_att_key).eval(), tmp_path / "deberta.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_deberta_v1_keeps_its_packed_heads_and_prunes_neurons():
+    """DeBERTa v1 packs q / k / v into in_proj: its heads stay (not matched) and its FFN neurons go;
+    before, the BERT rule raised AttributeError on it."""
+    from transformers import DebertaConfig, DebertaModel
+
+    torch.manual_seed(0)
+    model = DebertaModel(DebertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=64)).eval()
+    ids = _ids(9)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    layer = model.encoder.layer[0]
+    assert layer.attention.self.in_proj.out_features == 96 and layer.intermediate.dense.out_features == 32
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, ref(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
 def _digits_vit():
     """examples/prune_vit_digits.py's model at width 32 (FFN 64)."""
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "prune_vit_digits.py"

@@ -18,7 +18,7 @@ is to remove).
   torch:       FFN neurons: linear1 rows -> linear2 columns; heads of its attentions
                (attention_heads.py, for every nn.MultiheadAttention of any model).
 """
-from typing import List
+from typing import List, Tuple
 
 from torch import nn
 
@@ -44,6 +44,29 @@ def _is_bert_layer(m) -> bool:
     att = getattr(getattr(m, "attention", None), "self", None)
     return (att is not None and hasattr(att, "attention_head_size") and hasattr(m, "intermediate")
             and hasattr(getattr(m, "output", None), "dense"))
+
+
+# a head's rows in each: BERT's, DeBERTa-v2 / v3's (with its position projections where
+# share_att_key is off; its code views every one as (num_attention_heads, -1))
+BERT_QKV = (("query", "key", "value"), ("query_proj", "key_proj", "value_proj"))
+DEBERTA_POSITION = ("pos_key_proj", "pos_query_proj")
+
+
+def _bert_head_projections(attention) -> Tuple[str, ...]:
+    """The linears of a BERT-style layer's self-attention whose rows are its heads, where
+    output.dense is a linear and the sizes agree, else (): DeBERTa v1's packed in_proj, for
+    one, is not matched (its heads stay)."""
+    att = attention.self
+    hs, heads = getattr(att, "attention_head_size", None), getattr(att, "num_attention_heads", None)
+    o = getattr(getattr(attention, "output", None), "dense", None)
+    if type(hs) is not int or type(heads) is not int or not isinstance(o, nn.Linear) or o.in_features != hs * heads:
+        return ()
+    for qkv in BERT_QKV:
+        names = qkv + tuple(n for n in DEBERTA_POSITION if qkv[0] == "query_proj" and hasattr(att, n))
+        if all(isinstance(getattr(att, n, None), nn.Linear) and getattr(att, n).out_features == hs * heads
+               for n in names):
+            return names
+    return ()
 
 
 def _is_llama_layer(m) -> bool:
@@ -107,11 +130,12 @@ def build_spaces(model: nn.Module, heads: bool = True) -> Spaces:
             inter, out = m.intermediate.dense, m.output.dense
             linear_space(sp, "neurons", inter.out_features, [(p + "intermediate.dense", inter, 1)],
                           [(p + "output.dense", out, 1)])
-            if heads:
+            projections = _bert_head_projections(m.attention) if heads else None
+            if projections:
                 att, o = m.attention.self, m.attention.output.dense
                 hs = att.attention_head_size
                 sid = linear_space(sp, "heads", att.num_attention_heads,
-                                    [(p + f"attention.self.{q}", getattr(att, q), hs) for q in ("query", "key", "value")],
+                                    [(p + f"attention.self.{q}", getattr(att, q), hs) for q in projections],
                                     [(p + "attention.output.dense", o, hs)])
                 sp.get(sid).attrs += [(p + "attention.self", "num_attention_heads", 1),
                                       (p + "attention.self", "all_head_size", hs)]
