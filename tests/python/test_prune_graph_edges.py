@@ -347,6 +347,44 @@ class SwiGLU(nn.Module):
         return self.head(x - self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
+class FusedGLU(nn.Module):
+    """A GLU in one linear: gate and up are the two halves of w12's outputs (`how`: chunk,
+    chunk after data-dependent flow, which the autograd graph reads, or splits whose sizes the
+    code writes as numbers, which cannot take fewer channels)."""
+
+    def __init__(self, how="chunk"):
+        super().__init__()
+        self.how = how
+        self.w12, self.down, self.head = nn.Linear(16, 128), nn.Linear(64, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.w12(x)
+        if self.how == "chunk":
+            gate, up = h.chunk(2, dim=-1)
+        elif self.how == "sizes":
+            gate, up = torch.split(h, [64, 64], -1)
+        elif self.how == "size":
+            gate, up = h.split(64, dim=-1)
+        elif x.sum() > -1e9:  # fx cannot trace this
+            if self.how == "autograd":
+                gate, up = h.chunk(2, dim=2)
+            else:
+                gate, up = h.split(64, dim=2)
+        return self.head(x - self.down(F.silu(gate) * up))
+
+
+class SplitAcrossLayers(nn.Module):
+    """A split whose parts cut across the two layers concatenated before it: kept whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 8), nn.Linear(24, 8)
+
+    def forward(self, x):
+        first, second = torch.cat([self.a(x), self.b(x)], -1).split([8, 24], -1)
+        return self.d(second) + self.c(x) * first
+
+
 class LayerScale(nn.Module):
     def __init__(self):
         super().__init__()
@@ -360,17 +398,49 @@ class LayerScale(nn.Module):
 @pytest.mark.parametrize("make, x, sizes", [
     (SqueezeExcite, torch.randn(2, 3, 8, 8), {"stem": 8, "conv": 16, "se_down": 4, "se_up": 16}),
     (SwiGLU, torch.randn(2, 5, 16), {"gate": 32, "up": 32}),
+    (lambda: FusedGLU("chunk"), torch.randn(2, 5, 16), {"w12": 64}),  # a gate and its up go together
+    (lambda: FusedGLU("autograd"), torch.randn(2, 5, 16), {"w12": 64}),
     (LayerScale, torch.randn(4, 8), {"fc1": 32}),  # x * gamma: a tensor the graph does not follow
 ])
 def test_products_join_channels(make, x, sizes):
     torch.manual_seed(0)
     model = make().eval()
-    ref, _ = zeroed_reference(model, CFG, (x,))
+    ref, removed = zeroed_reference(model, CFG, (x,))
     ts.prune(model, CFG, example_inputs=(x,), progress=False)
     mods = dict(model.named_modules())
     assert {n: mods[n].weight.shape[0] for n in sizes} == sizes
+    if "w12" in sizes:  # gate row i and up row 64 + i leave together, with down's column i
+        rows, cols = removed[("w12", "weight", 0)], removed[("down", "weight", 1)]
+        assert sorted(rows) == sorted(cols + [64 + c for c in cols]) and model.down.in_features == 32
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["sizes", "size", "autograd size"])
+def test_a_split_of_sizes_written_in_the_code_keeps_its_channels(how):
+    """`split([64, 64])` / `split(64)` cannot take fewer channels: the check fails with the
+    split followed (the pruned model no longer runs), and the model is read again without it."""
+    torch.manual_seed(0)
+    model, x = FusedGLU(how).eval(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.warns(UserWarning, match="nothing was compressed"):
+        ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert model.w12.out_features == 128 and model.down.in_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+
+
+def test_a_split_across_segments_keeps_their_channels():
+    torch.manual_seed(0)
+    model, x = SplitAcrossLayers().eval(), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        want = model(x)
+    report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert (model.a.out_features, model.b.out_features) == (16, 16)
+    assert any("is not understood by the channel graph" in c.reason for c in report.skipped if c.name in ("a", "b"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
 
 
 class TinyUNet(nn.Module):

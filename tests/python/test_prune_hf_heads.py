@@ -509,6 +509,77 @@ def test_deberta_v1_keeps_its_packed_heads_and_prunes_neurons():
         torch.testing.assert_close(model(ids).last_hidden_state, ref(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
+def _modernbert():
+    from transformers import ModernBertConfig, ModernBertModel
+
+    return ModernBertModel(ModernBertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                                            bos_token_id=0, eos_token_id=1, cls_token_id=0, sep_token_id=1,
+                                            global_attn_every_n_layers=1))
+
+
+def test_modernbert_fused_heads_and_glu(tmp_path):
+    """ModernBERT views Wqkv as (3, -1 heads, head_dim): a head is head_dim rows in each of the q,
+    k and v blocks and head_dim columns of Wo. Its MLP is a GLU in one layer (Wi's output
+    chunked in two: input and gate): neuron i is Wi's rows i and 64 + i and Wo's column i."""
+    torch.manual_seed(0)
+    model = _modernbert().eval()
+    ids = _ids(9)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, removed = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    for i, layer in enumerate(model.layers):
+        assert (layer.attn.Wqkv.out_features, layer.attn.Wo.in_features) == (48, 16)
+        assert (layer.mlp.Wi.out_features, layer.mlp.Wo.in_features) == (64, 32)
+        heads = sorted({c // 8 for c in removed[(f"layers.{i}.attn.Wo", "weight", 1)]})
+        rows = removed[(f"layers.{i}.attn.Wqkv", "weight", 0)]
+        assert sorted(rows) == sorted(b * 32 + h * 8 + j for b in range(3) for h in heads for j in range(8))
+        cols = removed[(f"layers.{i}.mlp.Wo", "weight", 1)]
+        assert sorted(removed[(f"layers.{i}.mlp.Wi", "weight", 0)]) == sorted(cols + [64 + c for c in cols])
+    other = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for x in (ids, other):
+            torch.testing.assert_close(model(x).last_hidden_state, ref(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+    ts.save(model, tmp_path / "modernbert.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(_modernbert().eval(), tmp_path / "modernbert.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=0, eos_token_id=1))
+
+
+def test_phi3_glu_in_one_layer(tmp_path):
+    """Phi-3's gate_up_proj holds gate and up (its output chunked in two): a neuron is rows i and
+    64 + i of it and column i of down_proj. Its attention slices the fused qkv_proj by the
+    config's head count, so its heads stay. Equal to the zeroed original in generation too."""
+    torch.manual_seed(0)
+    model = _phi3().eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    for layer in model.model.layers:
+        assert (layer.mlp.gate_up_proj.out_features, layer.mlp.down_proj.in_features) == (64, 32)
+        assert layer.self_attn.qkv_proj.out_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    mask = torch.ones_like(ids)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+    ts.save(model, tmp_path / "phi3.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(_phi3().eval(), tmp_path / "phi3.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
 def _digits_vit():
     """examples/prune_vit_digits.py's model at width 32 (FFN 64)."""
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "prune_vit_digits.py"

@@ -16,13 +16,15 @@ Hugging Face attentions (hf_layout) lose heads in place, their code viewing the 
     (all_head_size updated where kept);
   - MPNet's position bias: one column per head of its encoder's relative_attention_bias, added
     in every layer, so all the attentions under that table lose the same heads (as T5's below);
-  - GPT-NeoX's fused query_key_value: 3 x head_size consecutive rows per head;
+  - GPT-NeoX's fused query_key_value: 3 x head_size consecutive rows per head; ModernBERT's
+    Wqkv (q | k | v blocks): head_dim rows in each block, Wo's columns;
   - T5's q / k / v / o (n_heads, key_value_proj_dim): every attention of one stack and kind
     loses the same heads, since the stack's first block computes the position bias (one
     column of relative_attention_bias per head) that every later block adds.
 The check against the original catches code that sizes heads otherwise; they then stay.
 """
 import contextlib
+import dataclasses
 import fnmatch
 import re
 from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
@@ -56,6 +58,7 @@ class Layout(NamedTuple):
     attrs: Tuple[Tuple[str, int], ...]  # (size attribute, its size per unit)
     shared_bias: bool = False           # T5: one position bias per stack (see add_head_spaces)
     groups: int = 1                     # query heads per unit (num_key_value_groups)
+    parts: int = 1                      # q | k | v blocks in the one fused projection (ModernBERT's 3)
 
 
 def hf_layout(m: nn.Module) -> Optional[Layout]:
@@ -74,6 +77,8 @@ def hf_layout(m: nn.Module) -> Optional[Layout]:
         return Layout(heads, hd, T5_QKVO[:3], (hd,) * 3, "o", (("n_heads", 1), ("inner_dim", hd)), shared_bias=True)
     if isinstance(getattr(m, "query_key_value", None), nn.Module) and isinstance(getattr(m, "dense", None), nn.Module):
         return _fused_layout(m)
+    if isinstance(getattr(m, "Wqkv", None), nn.Module) and isinstance(getattr(m, "Wo", None), nn.Module):
+        return _blocked_layout(m)
     for qkv, outputs, size in PROJECTED:
         if all(isinstance(getattr(m, q, None), nn.Module) for q in qkv):
             return _projected_layout(m, qkv, outputs, size)
@@ -91,6 +96,16 @@ def _fused_layout(m: nn.Module) -> Optional[Layout]:
             or getattr(m.query_key_value, "out_features", None) != 3 * width:
         return None
     return Layout(width // hs, hs, ("query_key_value",), (3 * hs,), "dense", ())
+
+
+def _blocked_layout(m: nn.Module) -> Optional[Layout]:
+    """ModernBERT: Wqkv viewed as (3, -1 heads, head_dim), so a head is head_dim rows in each of
+    its q, k and v blocks, and head_dim columns of Wo; no head count is kept."""
+    hd, width = getattr(m, "head_dim", None), getattr(m.Wo, "in_features", None)
+    if type(hd) is not int or hd <= 0 or type(width) is not int or width % hd or hasattr(m, "num_heads") \
+            or getattr(m.Wqkv, "out_features", None) != 3 * width:
+        return None
+    return Layout(width // hd, hd, ("Wqkv",), (hd,), "Wo", (), parts=3)
 
 
 def _projected_layout(m: nn.Module, qkv: Tuple[str, ...], outputs: Tuple[str, ...], size: str) -> Optional[Layout]:
@@ -180,6 +195,11 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
             sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), r) for q, r in zip(qkv, hf.rows)],
                                [(p + out, getattr(m, out), groups * hd)])
             s = sp.get(sid)
+            if hf.parts > 1 and not s.frozen:  # the same rows in each block of the fused projection
+                fused, block = p + qkv[0], heads * hf.rows[0]
+                s.slices += [dataclasses.replace(sl, offset=k * block) for sl in s.slices if sl.module == fused
+                             for k in range(1, hf.parts)]
+                s.attrs = [(n, a, per * hf.parts if n == fused else per) for n, a, per in s.attrs]
             if not s.frozen:  # (frozen: a compressed projection, nothing sliced)
                 s.attrs += [(name, attr, per) for attr, per in hf.attrs]
                 if torch_attention:

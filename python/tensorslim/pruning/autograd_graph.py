@@ -2,13 +2,13 @@
 control flow, unsupported Python): one forward pass on the example inputs records the
 operations actually run; they are rewritten as an fx graph of the same vocabulary
 (call_module for convs / linears / BatchNorms found by their weights, channel-preserving
-functions, add, cat, mean, flatten) so channel_graph.build_spaces reads either alike.
+functions, add, cat, split, mean, flatten) so channel_graph.build_spaces reads either alike.
 Output shapes come from a backward pre-hook on every node (torch.autograd.grad: no
 .grad field is touched). An operation outside that vocabulary stays an opaque call, so
 its channels are reported as unsupported, never guessed.
 """
 import operator
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ PASS = {"ReluBackward0", "GeluBackward0", "SiluBackward0", "SigmoidBackward0", "
         "ExpBackward0", "NegBackward0"}
 ELEMENTWISE = {"AddBackward0": operator.add, "SubBackward0": operator.sub, "MulBackward0": operator.mul}
 MODULE_OPS = {"ConvolutionBackward0": 1, "NativeBatchNormBackward0": 1, "AddmmBackward0": 2, "MmBackward0": 1}
+SPLITS = ("SplitBackward0", "SplitWithSizesBackward0")  # tensor.split / chunk, one node for all parts
 
 
 def _opaque(*args):  # stands for an operation the channel graph does not know
@@ -133,11 +134,37 @@ def _weight_module(fn, index: int, params) -> str:
     return params.get(id(var)) if var is not None else None
 
 
+def _split_sizes(fn) -> Optional[Tuple[List[int], int]]:
+    """(part sizes, dim) of a split or chunk the autograd graph recorded (SplitBackward0: equal
+    parts, the last one shorter; SplitWithSizesBackward0: the sizes given)."""
+    full = tuple(int(d) for d in fn._saved_self_sym_sizes)
+    dim = int(fn._saved_dim)
+    dim = (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(full)  # -1 comes back unsigned
+    if type(fn).__name__ == "SplitWithSizesBackward0":
+        return [int(v) for v in fn._saved_split_sizes], dim
+    step = int(fn._saved_split_size)
+    return [min(step, full[dim] - o) for o in range(0, full[dim], step)], dim
+
+
 def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.GraphModule:
     g = fx.Graph()
     node_of: Dict = {}
+    parts: Dict = {}  # (split function, output index): its getitem node
     folds = 0
     input_ids = {id(x): i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)}
+
+    def operand(f, nr):
+        """The node of output `nr` of f: the function's own, or its part where f splits."""
+        n = node_of.get(f)
+        if n is None or n.target is not torch.split:
+            return n
+        if (f, nr) not in parts:
+            sizes, dim = n.args[1], n.args[2]
+            parts[(f, nr)] = p = g.call_function(operator.getitem, (n, nr))
+            whole = list(n.args[0].meta["tensor_meta"].shape)
+            p.meta["tensor_meta"] = _meta(whole[:dim] + [sizes[nr]] + whole[dim + 1:])
+        return parts[(f, nr)]
+
     for fn in order:
         kind = type(fn).__name__
         if kind == "AccumulateGrad":
@@ -146,7 +173,7 @@ def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.
                 n.meta["tensor_meta"] = _meta(fn.variable.shape)
                 node_of[fn] = n
             continue
-        ins = [node_of.get(f) for f, _ in fn.next_functions]
+        ins = [operand(f, nr) for f, nr in fn.next_functions]
         tensor_ins = [n for n in ins if n is not None]
         name = _weight_module(fn, MODULE_OPS[kind], params) if kind in MODULE_OPS else None
         if name is not None:
@@ -161,6 +188,9 @@ def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.
             n = g.call_function(ELEMENTWISE[kind], tuple(operands))
         elif kind == "CatBackward0" and len(tensor_ins) == len(ins):
             n = g.call_function(torch.cat, (list(tensor_ins), fn._saved_dim))
+        elif kind in SPLITS and tensor_ins and "tensor_meta" in tensor_ins[0].meta:
+            sizes, dim = _split_sizes(fn)  # a fused GLU's chunk(2): its parts through operand()
+            n = g.call_function(torch.split, (tensor_ins[0], sizes, dim))
         elif kind == "MeanBackward1" and tensor_ins:
             n = g.call_method("mean", (tensor_ins[0], list(fn._saved_dim)), {"keepdim": fn._saved_keepdim})
         elif (kind in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0") and tensor_ins
@@ -180,7 +210,7 @@ def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.
         else:
             n = g.call_function(_opaque, tuple(tensor_ins))
             n.meta["autograd_op"] = kind
-        if fn in shapes:
+        if fn in shapes and n.target is not torch.split:  # (a split's shape: its first part's)
             n.meta["tensor_meta"] = _meta(shapes[fn])
         node_of[fn] = n
     g.output(tuple(node_of[o.grad_fn] for o in outs if o.grad_fn in node_of))

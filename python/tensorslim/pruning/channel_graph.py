@@ -5,7 +5,8 @@ convolutions and linears (transformers' Conv1D too, traced as a leaf: its output
 weight columns) start a space (their outputs) and consume their input's spaces
 (their input columns; a grouped conv keeps its inputs and prunes its filters group by group); BatchNorm, depthwise convs, activations, pooling and dropout pass
 channels through; additions and products merge spaces (residual groups, gates); concatenation along the channel
-dimension chains segments; flatten turns each channel into rep = H*W features. A value that
+dimension chains segments, and a split along it (a GLU in one linear, `.chunk(2, dim=-1)`) hands
+each part its segments (the linear's output starts as one space per part); flatten turns each channel into rep = H*W features. A value that
 reaches any other operation makes its spaces unsupported (an error if they are selected),
 and one that reaches the model input or output freezes them, as do a layer called more than
 once (shared weights) and an addition with a tensor the graph does not follow (a parameter,
@@ -114,7 +115,9 @@ def _shape(node) -> Optional[Tuple[int, ...]]:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
+def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = True) -> Spaces:
+    """follow_splits: hand a split along the channels (`chunk(2, dim=-1)`) each part's channels;
+    False where the check failed with them (code sizing a split from the width, `split(64)`)."""
     sp = Spaces()
     info: Dict[fx.Node, Info] = {}
     mods = dict(model.named_modules())
@@ -147,6 +150,8 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             off += s.size * rep
 
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    split_outputs = _split_layers(gm, mods) if follow_splits else {}  # linear node: its parts' sizes
+    split_parts: Dict[fx.Node, List[Info]] = {}
     owners = block_owners(model)  # the autograd graph shows the layers inside torch's blocks
     attention_out: Dict[fx.Node, int] = {}  # an attention module's (output, weights) tuple: its space
     # Whether a node's value reaches a weight layer: an operation the graph does not know
@@ -238,11 +243,17 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 else:
                     consume(name, x, "weight", in_dim, in_attr)
                 params = ["weight"] + (["bias"] if m.bias is not None else [])
-                sid = new_space(name, linear_shape(m)[1], params, [(name, out_attr, 1)], weight_dim=out_dim)
+                sizes = split_outputs.get(node, [linear_shape(m)[1]])
+                sids, off = [], 0
+                for size in sizes:  # a space per part of a split output: the parts line up as they are used
+                    sids.append(new_space(name, size, params, [(name, out_attr, 1)], weight_dim=out_dim))
+                    for sl in sp.get(sids[-1]).slices:
+                        sl.offset = off
+                    off += size
                 if shape is None:  # the autograd pass recorded none (no gradient reached it)
-                    sp.get(sid).unsupported.append(f"no output shape recorded for '{name}'")
+                    sp.get(sids[0]).unsupported.append(f"no output shape recorded for '{name}'")
                 else:
-                    info[node] = Info([(sid, 1)], len(shape) - 1)
+                    info[node] = Info([(sid, 1) for sid in sids], len(shape) - 1)
             elif isinstance(m, NORMS) and xi is not None:
                 if xi.cdim != 1 or any(rep != 1 for _, rep in xi.segs):  # normalizes dim 1, per feature
                     mark(x, f"BatchNorm '{name}' normalizes a dimension other than the channels "
@@ -270,6 +281,9 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
         if (node.op == "call_function" and target is getattr) or \
                 (node.op == "call_method" and target in ("size", "dim")):
             continue  # x.shape, x.size(0): read, not computed on
+        if target is operator.getitem and x in split_parts:
+            info[node] = split_parts[x][node.args[1]]
+            continue
         if target is operator.getitem and x in attention_out:
             if node.args[1] == 0 and shape is not None:
                 info[node] = Info([(attention_out[x], 1)], len(shape) - 1)
@@ -277,6 +291,8 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
                 sp.keep_heads[x.target] = "its attention weights are used"
             continue
         takes_dims = target in DIM_FUNCTIONS if node.op == "call_function" else target in DIM_METHODS
+        split = _split_args(node) if follow_splits else None  # any other split: not understood (below)
+        parts = _parts(xi, sp, split[0]) if split is not None and xi is not None and split[1] == xi.cdim else None
         dim_args = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("input", "tensors")))
         if takes_dims and not _const(dim_args):
             for a in node.all_input_nodes:
@@ -312,6 +328,9 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
             else:
                 for t in tensors:
                     mark(t, f"'{node.name}' concatenates along a non-channel dimension or with an unknown tensor")
+        elif parts is not None:  # a split along the channels, at boundaries of its segments
+            split_parts[node] = [Info(segs, xi.cdim) for segs in parts]
+            sp.guesses += 1
         elif (node.op == "call_method" and target in ("permute", "transpose")) or \
                 (node.op == "call_function" and target in (torch.permute, torch.transpose)):
             _move(node, x, xi, info, mark)  # channels-last blocks (ConvNeXt), patch tokens (ViT)
@@ -345,6 +364,65 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule) -> Spaces:
 
 def _weight_layer(m: Optional[nn.Module]) -> bool:
     return isinstance(m, WEIGHT_LAYERS) or is_conv1d(m)
+
+
+def _split_args(node) -> Optional[Tuple[List[int], int]]:
+    """(part sizes, dim >= 0) of a split or chunk node with sizes known when tracing
+    (torch.split / chunk, Tensor.split / chunk; the autograd graph's are torch.split), else None."""
+    if not ((node.op == "call_function" and node.target in (torch.split, torch.chunk)) or
+            (node.op == "call_method" and node.target in ("split", "chunk"))):
+        return None
+    x, shp = (node.args[0] if node.args else None), None
+    shp = _shape(x) if isinstance(x, fx.Node) else None
+    how = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get(
+        "split_size_or_sections", node.kwargs.get("split_size")))
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if shp is None or not _const(how) or not isinstance(dim, int) or how is None:
+        return None
+    dim %= len(shp)
+    n = shp[dim]
+    if isinstance(how, (list, tuple)):
+        return [int(v) for v in how], dim
+    if node.target in (torch.chunk, "chunk"):
+        how = -(-n // int(how))  # chunks of ceil(n / k), the last one shorter
+    return [min(int(how), n - o) for o in range(0, n, int(how))], dim
+
+
+def _parts(xi: Info, sp: Spaces, sizes: List[int]) -> Optional[List[List[Tuple[int, int]]]]:
+    """xi's segments grouped into consecutive parts of `sizes` channels, or None where a part
+    would cut a segment."""
+    parts, segs = [], list(xi.segs)
+    for size in sizes:
+        part, width = [], 0
+        while segs and width < size:
+            sid, rep = segs.pop(0)
+            part.append((sid, rep))
+            width += sp.get(sid).size * rep
+        if width != size:
+            return None
+        parts.append(part)
+    return parts if not segs else None
+
+
+def _split_layers(gm: fx.GraphModule, mods) -> Dict[fx.Node, List[int]]:
+    """{linear node: part sizes} for linears whose output is split along its features (through
+    a token fold, as the autograd graph records a linear on [B, T, C]): `gate, up =
+    self.w(x).chunk(2, dim=-1)`, a GLU in one layer (Phi-3's gate_up_proj, ModernBERT's Wi).
+    The layer's output then starts as one space per part, which the product joins unit for
+    unit."""
+    out: Dict[fx.Node, List[int]] = {}
+    for node in gm.graph.nodes:
+        args = _split_args(node)
+        src = node.args[0] if args is not None else None
+        if src is None or _shape(src) is None or args[1] != len(_shape(src)) - 1:
+            continue
+        while (src.op == "call_method" and src.target in ("view", "reshape") and _shape(src.args[0])
+               and _shape(src.args[0])[-1] == _shape(src)[-1]):
+            src = src.args[0]
+        m = mods.get(src.target) if src.op == "call_module" else None
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and sum(args[0]) == linear_shape(m)[1] and len(args[0]) > 1:
+            out[src] = args[0]
+    return out
 
 
 def _elementwise(node, args, info, sp: Spaces, mark) -> None:

@@ -42,7 +42,9 @@ class Spaces:
         self.parent: List[int] = []
         self.untraced: List[str] = []  # weight layers the traced example batch never ran
         self.keep_heads: Dict[str, str] = {}  # attention -> why the trace says its heads stay
-        self.token_folds = 0  # views the autograd graph read as keeping channels (autograd_graph.trace)
+        # token folds (autograd_graph.trace) and feature splits (channel_graph) read as keeping
+        # channels: where the check then fails, the model is read again without them
+        self.guesses = 0
 
     def new(self, size: int, kind: str = "channels") -> int:
         self.spaces.append(Space(size, kind=kind))

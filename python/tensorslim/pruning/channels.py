@@ -82,7 +82,10 @@ SCHEDULE_PACKED = ("ts.pruning.Schedule masks the optimizer's parameters in plac
 
 
 def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs, packed_hint: Optional[str] = None,
-                 fold_tokens: bool = True, kept_hint: Optional[str] = None) -> Spaces:
+                 guess: bool = True, kept_hint: Optional[str] = None) -> Spaces:
+    """guess: read the autograd graph's token folds and feature splits as keeping channels (a
+    model whose code sizes them from the channel count fails the check, and is read again
+    without: see _prune_channels)."""
     heads = cfg.head_ratio != 0
     if channel_rules.find_blocks(model):  # Hugging Face blocks
         sp = channel_rules.build_spaces(model, heads=heads)
@@ -96,12 +99,12 @@ def build_spaces(model: nn.Module, cfg: ChannelPrune, calib_data, example_inputs
                 from . import autograd_graph
 
                 try:
-                    gm = autograd_graph.trace(model, example, fold_tokens)
+                    gm = autograd_graph.trace(model, example, guess)
                 except ValueError as e:
                     raise verify.ModelRunError(f"{fx_error}; {e}") from None
-        sp = channel_graph.build_spaces(model, gm)
+        sp = channel_graph.build_spaces(model, gm, follow_splits=guess)
         sp.keep_heads.update(keep_heads)
-        sp.token_folds = gm.meta.get("token_folds", 0)
+        sp.guesses += gm.meta.get("token_folds", 0)
     channel_rules.add_torch_layer_spaces(sp, model)
     if heads:
         add_head_spaces(sp, model, cfg.exclude, packed_hint, kept_hint)
@@ -398,16 +401,17 @@ def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loo
     try:
         return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, True, kept_hint)
     except verify.ModelRunError as e:
-        if not getattr(e, "token_folds", 0):
+        if not getattr(e, "guesses", 0):
             raise
-        # the autograd graph read token folds as keeping channels, and the check failed: model
-        # code that sizes a reshape from the channel count (`C // heads`); those stay opaque now
+        # token folds or feature splits were read as keeping channels, and the check failed:
+        # model code that sizes a reshape (`C // heads`) or a split (`split(64)`) from the
+        # channel count; those stay opaque now
         return _prune_traced(model, cfg, calib_data, forward_loop, example_inputs, forced, hint, False, kept_hint)
 
 
 def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
-                  forced: Optional[dict], hint: Optional[str], fold_tokens: bool, kept_hint: Optional[str]) -> Report:
-    spaces = build_spaces(model, cfg, calib_data, example_inputs, hint, fold_tokens, kept_hint)
+                  forced: Optional[dict], hint: Optional[str], guess: bool, kept_hint: Optional[str]) -> Report:
+    spaces = build_spaces(model, cfg, calib_data, example_inputs, hint, guess, kept_hint)
     grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
              else None)
     removed, dec, report = plan(model, spaces, cfg, grads, forced=forced)
@@ -456,7 +460,7 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
             verify.same_outputs(model, batch, expected)
         except BaseException as e:
             put(old_tensors, old_attrs)
-            e.token_folds = spaces.token_folds  # read by _prune_channels
+            e.guesses = spaces.guesses  # read by _prune_channels
             raise
     record = getattr(model, STRUCTURED_ATTR, {})
     for (n, a), v in attrs.items():
