@@ -580,6 +580,61 @@ def test_phi3_glu_in_one_layer(tmp_path):
         assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
+FALCON_LAYOUTS = {"multi_query": dict(multi_query=True), "per_head": dict(multi_query=False),
+                  "grouped": dict(new_decoder_architecture=True, num_kv_heads=2)}
+
+
+def _falcon(kind, **extra):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          bias=True, **FALCON_LAYOUTS[kind], **extra))
+
+
+@pytest.mark.parametrize("kind,counts,rows", [("multi_query", (2, 1, 2), 32), ("per_head", (2, 2, 1), 48),
+                                              ("grouped", (2, 1, 2), 32)])
+def test_falcon_heads_in_each_layout(kind, counts, rows, tmp_path):
+    """Falcon's query_key_value in its three layouts: multi-query (7B: query heads, then one key
+    and one value; a query head goes, the key and value stay, num_key_value_groups follows),
+    per head (q, k, v consecutive) and grouped (40B / 180B: per kv head its query heads, its key
+    and value; the group goes whole). (num_heads, num_kv_heads, num_key_value_groups) after
+    half the heads go; equal to the zeroed original, in generation too; loads into a fresh one."""
+    torch.manual_seed(0)
+    model = _falcon(kind).eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    for block in model.transformer.h:
+        att = block.self_attention
+        assert (att.num_heads, att.num_kv_heads, att.num_key_value_groups) == counts
+        assert att.query_key_value.out_features == rows and att.dense.in_features == 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    mask = torch.ones_like(ids)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+    ts.save(model, tmp_path / "falcon.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(_falcon(kind).eval(), tmp_path / "falcon.safetensors")
+    assert torch.equal(fresh.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
+
+
+def test_falcon_with_alibi_keeps_its_heads():
+    """ALiBi slopes follow the model's head count and each head's index: not matched."""
+    torch.manual_seed(0)
+    model = _falcon("per_head", alibi=True).eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    att = model.transformer.h[0].self_attention
+    assert att.num_heads == 4 and att.query_key_value.out_features == 96
+    assert model.transformer.h[0].mlp.dense_h_to_4h.out_features == 64  # the FFN's 128 neurons halved
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def _digits_vit():
     """examples/prune_vit_digits.py's model at width 32 (FFN 64)."""
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "prune_vit_digits.py"

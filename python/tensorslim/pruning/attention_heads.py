@@ -16,8 +16,9 @@ Hugging Face attentions (hf_layout) lose heads in place, their code viewing the 
     (all_head_size updated where kept);
   - MPNet's position bias: one column per head of its encoder's relative_attention_bias, added
     in every layer, so all the attentions under that table lose the same heads (as T5's below);
-  - GPT-NeoX's fused query_key_value: 3 x head_size consecutive rows per head; ModernBERT's
-    Wqkv (q | k | v blocks): head_dim rows in each block, Wo's columns;
+  - GPT-NeoX's fused query_key_value: 3 x head_size consecutive rows per head; Falcon's three
+    layouts of it (grouped, multi-query, per head); ModernBERT's Wqkv (q | k | v blocks):
+    head_dim rows in each block, Wo's columns;
   - T5's q / k / v / o (n_heads, key_value_proj_dim): every attention of one stack and kind
     loses the same heads, since the stack's first block computes the position bias (one
     column of relative_attention_bias per head) that every later block adds.
@@ -88,14 +89,41 @@ def hf_layout(m: nn.Module) -> Optional[Layout]:
 def _fused_layout(m: nn.Module) -> Optional[Layout]:
     """GPT-NeoX (Pythia): query_key_value viewed as (-1 heads, 3 x head_size), so a head is 3 x
     head_size consecutive rows of it (its q, k and v) and head_size columns of dense; no head
-    count is kept. Falcon and Bloom (a num_heads attribute: a grouped or ALiBi layout) are not
-    matched."""
+    count is kept. Falcon: _falcon_layout. Bloom (ALiBi) is not matched."""
+    if all(hasattr(m, a) for a in ("num_heads", "num_kv_heads", "new_decoder_architecture", "multi_query")):
+        return _falcon_layout(m)
     hs = getattr(m, "head_size", None)
     width = getattr(m.dense, "in_features", None)
     if type(hs) is not int or hs <= 0 or type(width) is not int or width % hs or hasattr(m, "num_heads") \
             or getattr(m.query_key_value, "out_features", None) != 3 * width:
         return None
     return Layout(width // hs, hs, ("query_key_value",), (3 * hs,), "dense", ())
+
+
+def _falcon_layout(m: nn.Module) -> Optional[Layout]:
+    """Falcon's query_key_value, viewed by its three layouts: grouped (new_decoder_architecture,
+    40B / 180B: per kv head its query heads, its key and its value, consecutive: a unit is the
+    group), multi-query (7B: all query heads, then one key and one value: a unit is a query
+    head, the key and value stay) and per head (q, k, v consecutive). ALiBi models (slopes by
+    the model's head count and index) are not matched."""
+    heads, kv, hd = m.num_heads, m.num_kv_heads, getattr(m, "head_dim", None)
+    groups = getattr(m, "num_key_value_groups", None)
+    if any(type(v) is not int or v <= 0 for v in (heads, kv, hd, groups)) or heads != kv * groups or \
+            getattr(getattr(m, "config", None), "alibi", True) or getattr(m.dense, "in_features", None) != heads * hd:
+        return None
+    width = getattr(m.query_key_value, "out_features", None)
+    if m.new_decoder_architecture:
+        if width != (heads + 2 * kv) * hd:
+            return None
+        attrs = (("num_heads", groups), ("num_kv_heads", 1))
+        return Layout(kv, hd, ("query_key_value",), ((groups + 2) * hd,), "dense", attrs, groups=groups)
+    if m.multi_query:
+        if kv != 1 or width != (heads + 2) * hd:
+            return None
+        return Layout(heads, hd, ("query_key_value",), (hd,), "dense", (("num_heads", 1), ("num_key_value_groups", 1)))
+    if kv != heads or width != 3 * heads * hd:
+        return None
+    return Layout(heads, hd, ("query_key_value",), (3 * hd,), "dense", (("num_heads", 1), ("num_kv_heads", 1)))
 
 
 def _blocked_layout(m: nn.Module) -> Optional[Layout]:
