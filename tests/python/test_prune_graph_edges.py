@@ -373,6 +373,58 @@ class FusedGLU(nn.Module):
         return self.head(x - self.down(F.silu(gate) * up))
 
 
+class ConvGLU(nn.Module):
+    """A Conformer's convolution module: pointwise conv, GLU over the channels (nn.GLU, F.glu, or
+    F.glu after data-dependent flow: the autograd graph), depthwise conv, BatchNorm, pointwise."""
+
+    def __init__(self, how="module"):
+        super().__init__()
+        self.how = how
+        self.pw1, self.glu = nn.Conv1d(16, 64, 1), nn.GLU(dim=1)
+        self.dw, self.bn = nn.Conv1d(32, 32, 3, padding=1, groups=32), nn.BatchNorm1d(32)
+        self.pw2, self.head = nn.Conv1d(32, 16, 1), nn.Conv1d(16, 3, 1)
+
+    def forward(self, x):
+        h = self.pw1(x)
+        if self.how == "module":
+            h = self.glu(h)
+        elif self.how == "function":
+            h = F.glu(h, dim=1)
+        elif x.sum() > -1e9:
+            h = F.glu(h, dim=1)
+        return self.head(x + self.pw2(F.silu(self.bn(self.dw(h)))))
+
+
+class LinearGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.o, self.head = nn.Linear(16, 64), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(x - self.o(F.glu(self.w(x), dim=-1)))
+
+
+@pytest.mark.parametrize("make, layer, consumer", [
+    (lambda: ConvGLU("module"), "pw1", "dw"), (lambda: ConvGLU("function"), "pw1", "dw"),
+    (lambda: ConvGLU("autograd"), "pw1", "dw"), (LinearGLU, "w", "o")], ids=["module", "function", "autograd", "linear"])
+def test_glu_halves_go_together(make, layer, consumer):
+    """A GLU multiplies channel i of its input's first half by the sigmoid of channel i of the
+    second: the layer before it loses rows i and 32 + i together, the layer after it input i."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 16, 10) if isinstance(model, ConvGLU) else torch.randn(2, 5, 16)
+    ref, removed = zeroed_reference(model, CFG, (x,))
+    ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    rows = removed[(layer, "weight", 0)]
+    kept_half = sorted(i for i in rows if i < 32)
+    assert len(rows) == 32 and sorted(rows) == kept_half + [32 + i for i in kept_half]
+    after = getattr(model, consumer)  # a depthwise conv (its channels) or a linear (its inputs)
+    assert getattr(model, layer).weight.shape[0] == 32
+    assert (after.out_channels if isinstance(after, nn.Conv1d) else after.in_features) == 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
 class SplitAcrossLayers(nn.Module):
     """A split whose parts cut across the two layers concatenated before it: kept whole."""
 

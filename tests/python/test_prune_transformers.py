@@ -259,18 +259,33 @@ def _falcon():
     return FalconModel(cfg), {"input_ids": ids}, "last_hidden_state"
 
 
+def _conformer():
+    from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerModel
+
+    cfg = Wav2Vec2ConformerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                  conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                                  conv_depthwise_kernel_size=7, position_embeddings_type="rotary", vocab_size=32)
+    return Wav2Vec2ConformerModel(cfg), {"input_values": torch.randn(2, 800, generator=torch.Generator().manual_seed(1))}, \
+        "last_hidden_state"
+
+
 @pytest.mark.parametrize("build,layers", [(_t5, {"encoder.block.0.layer.1.DenseReluDense.wi": 32}),
                                           (_falcon, {"h.0.mlp.dense_h_to_4h": 64}),
                                           (_vit, {"layers.0.mlp.fc1": 32}),
                                           (_clip_text, {"encoder.layers.0.mlp.fc1": 32}),
-                                          (_whisper, {"encoder.layers.0.fc1": 32, "encoder.conv1": 16})],
-                         ids=["t5", "falcon", "vit", "clip_text", "whisper"])
+                                          (_whisper, {"encoder.layers.0.fc1": 32, "encoder.conv1": 16}),
+                                          (_conformer, {"encoder.layers.0.ffn1.intermediate_dense": 32,
+                                                        "encoder.layers.0.conv_module.pointwise_conv1": 32,
+                                                        "encoder.layers.0.conv_module.depthwise_conv": 16})],
+                         ids=["t5", "falcon", "vit", "clip_text", "whisper", "conformer"])
 def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     """T5, ViT, CLIP, Whisper have no block rule: fx does not trace them, the autograd graph
     does, reading a linear on [B, T, C] tokens (the token dims folded and unfolded around the
     matmul), CLIP's quick_gelu (`1.702 * x`), Falcon's `x @ W.T + bias` and token-id inputs.
-    Their FFN neurons go (and
-    Whisper's conv stem channels); heads: test_prune_hf_heads.py."""
+    Their FFN neurons go (and Whisper's conv stem channels; wav2vec2-Conformer's convolution
+    module: pointwise conv -> GLU over the channels -> depthwise conv, whose channel i the
+    pointwise conv's rows i and 32 + i feed); heads: test_prune_hf_heads.py."""
     torch.manual_seed(0)
     model, batch, field = build()
     model.eval()

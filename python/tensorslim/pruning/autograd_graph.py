@@ -2,7 +2,7 @@
 control flow, unsupported Python): one forward pass on the example inputs records the
 operations actually run; they are rewritten as an fx graph of the same vocabulary
 (call_module for convs / linears / BatchNorms found by their weights, channel-preserving
-functions, add, cat, split, mean, flatten) so channel_graph.build_spaces reads either alike.
+functions, add, cat, split, GLU, mean, flatten) so channel_graph.build_spaces reads either alike.
 Output shapes come from a backward pre-hook on every node (torch.autograd.grad: no
 .grad field is touched). An operation outside that vocabulary stays an opaque call, so
 its channels are reported as unsupported, never guessed.
@@ -134,12 +134,17 @@ def _weight_module(fn, index: int, params) -> str:
     return params.get(id(var)) if var is not None else None
 
 
+def _signed(dim) -> int:
+    """A saved dimension: -1 comes back from some backward nodes as 2**64 - 1."""
+    dim = int(dim)
+    return dim - (1 << 64) if dim >= 1 << 63 else dim
+
+
 def _split_sizes(fn) -> Optional[Tuple[List[int], int]]:
     """(part sizes, dim) of a split or chunk the autograd graph recorded (SplitBackward0: equal
     parts, the last one shorter; SplitWithSizesBackward0: the sizes given)."""
     full = tuple(int(d) for d in fn._saved_self_sym_sizes)
-    dim = int(fn._saved_dim)
-    dim = (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(full)  # -1 comes back unsigned
+    dim = _signed(fn._saved_dim) % len(full)
     if type(fn).__name__ == "SplitWithSizesBackward0":
         return [int(v) for v in fn._saved_split_sizes], dim
     step = int(fn._saved_split_size)
@@ -188,6 +193,8 @@ def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.
             n = g.call_function(ELEMENTWISE[kind], tuple(operands))
         elif kind == "CatBackward0" and len(tensor_ins) == len(ins):
             n = g.call_function(torch.cat, (list(tensor_ins), fn._saved_dim))
+        elif kind == "GluBackward0" and tensor_ins:
+            n = g.call_function(F.glu, (tensor_ins[0], _signed(fn._saved_dim)))
         elif kind in SPLITS and tensor_ins and "tensor_meta" in tensor_ins[0].meta:
             sizes, dim = _split_sizes(fn)  # a fused GLU's chunk(2): its parts through operand()
             n = g.call_function(torch.split, (tensor_ins[0], sizes, dim))

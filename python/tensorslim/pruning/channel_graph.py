@@ -130,6 +130,17 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
         s.attrs += attrs
         return sid
 
+    def output_spaces(node, name: str, size: int, params, attr: str, weight_dim: int) -> List[Tuple[int, int]]:
+        """A layer's output channels: one space, or one per part where its output is split."""
+        segs, off = [], 0
+        for part in split_outputs.get(node, [size]):
+            sid = new_space(name, part, params, [(name, attr, 1)], weight_dim)
+            for sl in sp.get(sid).slices:
+                sl.offset = off
+            segs.append((sid, 1))
+            off += part
+        return segs
+
     def spaces_of(x) -> List[int]:
         i = info.get(x) if isinstance(x, fx.Node) else None
         return [sid for sid, _ in i.segs] if i else []
@@ -209,7 +220,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                 if m.groups == 1:
                     consume(name, x, "weight", 1, "in_channels")
                     params = ["weight"] + (["bias"] if m.bias is not None else [])
-                    info[node] = Info([(new_space(name, m.out_channels, params, [(name, "out_channels", 1)]), 1)], 1)
+                    info[node] = Info(output_spaces(node, name, m.out_channels, params, "out_channels", 0), 1)
                 elif m.groups == m.in_channels == m.out_channels and xi is not None:
                     for sid, rep in xi.segs:  # depthwise: filter c follows input channel c
                         if rep != 1:
@@ -243,17 +254,11 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                 else:
                     consume(name, x, "weight", in_dim, in_attr)
                 params = ["weight"] + (["bias"] if m.bias is not None else [])
-                sizes = split_outputs.get(node, [linear_shape(m)[1]])
-                sids, off = [], 0
-                for size in sizes:  # a space per part of a split output: the parts line up as they are used
-                    sids.append(new_space(name, size, params, [(name, out_attr, 1)], weight_dim=out_dim))
-                    for sl in sp.get(sids[-1]).slices:
-                        sl.offset = off
-                    off += size
+                segs = output_spaces(node, name, linear_shape(m)[1], params, out_attr, out_dim)
                 if shape is None:  # the autograd pass recorded none (no gradient reached it)
-                    sp.get(sids[0]).unsupported.append(f"no output shape recorded for '{name}'")
+                    sp.get(segs[0][0]).unsupported.append(f"no output shape recorded for '{name}'")
                 else:
-                    info[node] = Info([(sid, 1) for sid in sids], len(shape) - 1)
+                    info[node] = Info(segs, len(shape) - 1)
             elif isinstance(m, NORMS) and xi is not None:
                 if xi.cdim != 1 or any(rep != 1 for _, rep in xi.segs):  # normalizes dim 1, per feature
                     mark(x, f"BatchNorm '{name}' normalizes a dimension other than the channels "
@@ -274,6 +279,12 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                     info[node] = xi
             elif isinstance(m, nn.Flatten):
                 _flatten(node, x, xi, info, m.start_dim, mark, m.end_dim)
+            elif isinstance(m, nn.GLU) and follow_splits and _glu_halves(node, xi, sp, mods) is not None:
+                halves = _glu_halves(node, xi, sp, mods)
+                if _join(halves[0], halves[1], sp, f"'{name}'"):
+                    info[node] = Info(halves[0], xi.cdim)
+                else:
+                    mark(x, f"GLU '{name}' multiplies halves whose channels do not line up", frozen=True)
             else:
                 mark(x, f"module '{name}' ({type(m).__name__}) is not understood by the channel graph")
             continue
@@ -291,7 +302,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                 sp.keep_heads[x.target] = "its attention weights are used"
             continue
         takes_dims = target in DIM_FUNCTIONS if node.op == "call_function" else target in DIM_METHODS
-        split = _split_args(node) if follow_splits else None  # any other split: not understood (below)
+        split = _split_args(node, mods) if follow_splits else None  # any other split: not understood (below)
         parts = _parts(xi, sp, split[0]) if split is not None and xi is not None and split[1] == xi.cdim else None
         dim_args = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("input", "tensors")))
         if takes_dims and not _const(dim_args):
@@ -328,6 +339,11 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
             else:
                 for t in tensors:
                     mark(t, f"'{node.name}' concatenates along a non-channel dimension or with an unknown tensor")
+        elif parts is not None and _is_glu(node, mods):  # a * sigmoid(b) of its halves: unit for unit
+            if _join(parts[0], parts[1], sp, f"'{node.name}'"):
+                info[node] = Info(parts[0], xi.cdim)
+            else:
+                mark(x, f"'{node.name}' multiplies halves whose channels do not line up", frozen=True)
         elif parts is not None:  # a split along the channels, at boundaries of its segments
             split_parts[node] = [Info(segs, xi.cdim) for segs in parts]
             sp.guesses += 1
@@ -366,14 +382,26 @@ def _weight_layer(m: Optional[nn.Module]) -> bool:
     return isinstance(m, WEIGHT_LAYERS) or is_conv1d(m)
 
 
-def _split_args(node) -> Optional[Tuple[List[int], int]]:
+def _is_glu(node, mods) -> bool:
+    return (node.op == "call_function" and node.target is F.glu) or \
+        (node.op == "call_module" and isinstance(mods.get(node.target), nn.GLU))
+
+
+def _split_args(node, mods) -> Optional[Tuple[List[int], int]]:
     """(part sizes, dim >= 0) of a split or chunk node with sizes known when tracing
-    (torch.split / chunk, Tensor.split / chunk; the autograd graph's are torch.split), else None."""
+    (torch.split / chunk, Tensor.split / chunk; the autograd graph's are torch.split), or of a
+    GLU's two halves (F.glu, nn.GLU), else None."""
+    x = node.args[0] if node.args else None
+    shp = _shape(x) if isinstance(x, fx.Node) else None
+    if _is_glu(node, mods):
+        dim = mods[node.target].dim if node.op == "call_module" else \
+            node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+        if shp is None or not isinstance(dim, int) or shp[dim % len(shp)] % 2:
+            return None
+        return [shp[dim % len(shp)] // 2] * 2, dim % len(shp)
     if not ((node.op == "call_function" and node.target in (torch.split, torch.chunk)) or
             (node.op == "call_method" and node.target in ("split", "chunk"))):
         return None
-    x, shp = (node.args[0] if node.args else None), None
-    shp = _shape(x) if isinstance(x, fx.Node) else None
     how = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get(
         "split_size_or_sections", node.kwargs.get("split_size")))
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -404,23 +432,41 @@ def _parts(xi: Info, sp: Spaces, sizes: List[int]) -> Optional[List[List[Tuple[i
     return parts if not segs else None
 
 
+def _join(a: List[Tuple[int, int]], b: List[Tuple[int, int]], sp: Spaces, where: str) -> bool:
+    """Channel i of segments a with channel i of segments b (a product of two parts), where
+    their segments line up; False (nothing joined) where not."""
+    if [(sp.get(s).size, r) for s, r in a] != [(sp.get(s).size, r) for s, r in b]:
+        return False
+    for (sa, _), (sb, _) in zip(a, b):
+        sp.union(sa, sb, where)
+    return True
+
+
+def _glu_halves(node, xi: Optional[Info], sp: Spaces, mods):
+    split = _split_args(node, mods)
+    return _parts(xi, sp, split[0]) if split is not None and xi is not None and split[1] == xi.cdim else None
+
+
 def _split_layers(gm: fx.GraphModule, mods) -> Dict[fx.Node, List[int]]:
-    """{linear node: part sizes} for linears whose output is split along its features (through
-    a token fold, as the autograd graph records a linear on [B, T, C]): `gate, up =
-    self.w(x).chunk(2, dim=-1)`, a GLU in one layer (Phi-3's gate_up_proj, ModernBERT's Wi).
-    The layer's output then starts as one space per part, which the product joins unit for
-    unit."""
+    """{layer node: part sizes} for linears and convs whose output is split along its channels
+    (a linear's through a token fold, as the autograd graph records one on [B, T, C]): `gate,
+    up = self.w(x).chunk(2, dim=-1)`, a GLU in one layer (Phi-3's gate_up_proj, ModernBERT's
+    Wi), and a conv before nn.GLU(dim=1) (a Conformer's pointwise conv). The layer's output
+    then starts as one space per part, which the product joins unit for unit."""
     out: Dict[fx.Node, List[int]] = {}
     for node in gm.graph.nodes:
-        args = _split_args(node)
-        src = node.args[0] if args is not None else None
-        if src is None or _shape(src) is None or args[1] != len(_shape(src)) - 1:
+        args = _split_args(node, mods)
+        src = node.args[0] if args is not None and node.args else None
+        if not isinstance(src, fx.Node) or _shape(src) is None or len(args[0]) < 2:
             continue
-        while (src.op == "call_method" and src.target in ("view", "reshape") and _shape(src.args[0])
+        last = args[1] == len(_shape(src)) - 1
+        while (last and src.op == "call_method" and src.target in ("view", "reshape") and _shape(src.args[0])
                and _shape(src.args[0])[-1] == _shape(src)[-1]):
             src = src.args[0]
         m = mods.get(src.target) if src.op == "call_module" else None
-        if (isinstance(m, nn.Linear) or is_conv1d(m)) and sum(args[0]) == linear_shape(m)[1] and len(args[0]) > 1:
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and last and sum(args[0]) == linear_shape(m)[1]:
+            out[src] = args[0]
+        elif isinstance(m, CONVS) and m.groups == 1 and args[1] == 1 and sum(args[0]) == m.out_channels:
             out[src] = args[0]
     return out
 
