@@ -425,6 +425,103 @@ def test_glu_halves_go_together(make, layer, consumer):
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+class GroupNormBlock(nn.Module):
+    """A diffusion U-Net's residual block, shortened: GroupNorm -> SiLU -> conv, twice, and the
+    block's input added back (`dynamic`: data-dependent flow, so the autograd graph reads it;
+    `clash`: the stem's output normalized by a second GroupNorm of another group size too)."""
+
+    def __init__(self, groups=8, dynamic=False, clash=False):
+        super().__init__()
+        self.dynamic, self.clash = dynamic, clash
+        self.stem, self.n1 = nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(groups, 32)
+        self.c1, self.n2 = nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(groups, 64)
+        self.c2, self.head = nn.Conv2d(64, 32, 3, padding=1), nn.Conv2d(32, 4, 1)
+        self.other = nn.GroupNorm(2, 32)
+        with torch.no_grad():
+            for n in (self.n1, self.n2, self.other):
+                n.weight.uniform_(0.5, 1.5)
+                n.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.dynamic and x.sum() < -1e9:
+            h = h * 2
+        out = h + self.c2(F.silu(self.n2(self.c1(F.silu(self.n1(h))))))
+        return self.head(out + self.other(h) if self.clash else out)
+
+
+@pytest.mark.parametrize("groups, dynamic", [(8, False), (8, True), (32, False)])
+def test_group_norm_loses_whole_groups(groups, dynamic, tmp_path):
+    """A GroupNorm's statistics are per group, so its channels go in whole groups: the conv
+    before it loses blocks of 64 / groups consecutive filters, the GroupNorm as many groups,
+    and the residual stream (the stem, summed with c2's output, normalized by n1) likewise.
+    32 groups of 32 channels: one channel each. Equal to the zeroed original."""
+    torch.manual_seed(0)
+    model, x = GroupNormBlock(groups, dynamic).eval(), torch.randn(2, 3, 8, 8)
+    cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
+    ref, removed = zeroed_reference(model, cfg, (x,))
+    ts.prune(model, cfg, example_inputs=(x,), progress=False)
+    per = 64 // groups
+    rows = removed[("c1", "weight", 0)]
+    assert len(rows) == 32 and all(all(r + i in rows for i in range(per)) for r in rows if r % per == 0)
+    assert len({r // per for r in rows}) == 32 // per  # whole groups only
+    assert (model.c1.out_channels, model.n2.num_channels, model.n2.num_groups) == (32, 32, groups // 2)
+    assert (model.stem.out_channels, model.n1.num_channels, model.n1.num_groups) == (16, 16, groups // 2)
+    assert model.c2.out_channels == 16 and model.head.in_channels == 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    ts.save(model, tmp_path / "gn.safetensors")
+    fresh = ts.load(GroupNormBlock(groups, dynamic).eval(), tmp_path / "gn.safetensors")
+    assert fresh.n2.num_groups == groups // 2
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_group_norm_round_to_counts_channels():
+    """round_to=8 with groups of 4 channels: the kept counts are multiples of 8 channels (2
+    groups), not of 8 groups (which would have kept every channel here)."""
+    torch.manual_seed(0)
+    model, x = GroupNormBlock(16).eval(), torch.randn(2, 3, 8, 8)
+    ts.prune(model, ts.ChannelPrune(ratio=0.75, round_to=8), example_inputs=(x,), progress=False)
+    assert (model.c1.out_channels, model.n2.num_groups) == (16, 4)
+    assert (model.stem.out_channels, model.n1.num_groups) == (8, 4)
+
+
+class OneGroup(nn.Module):  # PoolFormer normalizes with GroupNorm(1, C): statistics over every channel
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16)
+        self.fc1, self.fc2, self.head = nn.Conv2d(16, 32, 1), nn.Conv2d(32, 16, 1), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h + self.fc2(F.gelu(self.fc1(self.norm(h)))))
+
+
+def test_group_norm_with_one_group_keeps_its_channels():
+    torch.manual_seed(0)
+    model, x = OneGroup().eval(), torch.randn(2, 3, 8, 8)
+    cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
+    ref, _ = zeroed_reference(model, cfg, (x,))
+    report = ts.prune(model, cfg, example_inputs=(x,), progress=False)
+    assert model.stem.out_channels == 16 and model.norm.num_groups == 1 and model.fc1.out_channels == 16
+    assert any("GroupNorm 'norm' would lose channels out of whole groups of 16" in c.reason for c in report.skipped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_group_norms_of_two_sizes_on_one_stream_keep_it():
+    torch.manual_seed(0)
+    model, x = GroupNormBlock(8, clash=True).eval(), torch.randn(2, 3, 8, 8)
+    cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
+    ref, _ = zeroed_reference(model, cfg, (x,))
+    ts.prune(model, cfg, example_inputs=(x,), progress=False)
+    assert model.stem.out_channels == 32 and model.n1.num_groups == 8 and model.other.num_groups == 2
+    assert model.c1.out_channels == 32  # inside the block, one group size: pruned
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
 class SplitAcrossLayers(nn.Module):
     """A split whose parts cut across the two layers concatenated before it: kept whole."""
 

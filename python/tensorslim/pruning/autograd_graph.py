@@ -26,7 +26,8 @@ PASS = {"ReluBackward0", "GeluBackward0", "SiluBackward0", "SigmoidBackward0", "
         "MulBackward1", "AddBackward1", "SubBackward1", "RsubBackward1", "DivBackward1", "PowBackward0",
         "ExpBackward0", "NegBackward0"}
 ELEMENTWISE = {"AddBackward0": operator.add, "SubBackward0": operator.sub, "MulBackward0": operator.mul}
-MODULE_OPS = {"ConvolutionBackward0": 1, "NativeBatchNormBackward0": 1, "AddmmBackward0": 2, "MmBackward0": 1}
+MODULE_OPS = {"ConvolutionBackward0": 1, "NativeBatchNormBackward0": 1, "NativeGroupNormBackward0": 1,
+              "AddmmBackward0": 2, "MmBackward0": 1}
 SPLITS = ("SplitBackward0", "SplitWithSizesBackward0")  # tensor.split / chunk, one node for all parts
 
 

@@ -4,7 +4,8 @@ Every value carrying channels is tracked as segments of spaces along its channel
 convolutions and linears (transformers' Conv1D too, traced as a leaf: its output channels are
 weight columns) start a space (their outputs) and consume their input's spaces
 (their input columns; a grouped conv keeps its inputs and prunes its filters group by group); BatchNorm, depthwise convs, activations, pooling and dropout pass
-channels through; additions and products merge spaces (residual groups, gates); concatenation along the channel
+channels through, and GroupNorm too where its input's units are its groups (a conv a
+GroupNorm normalizes starts a space of whole groups, and so do those summed with it); additions and products merge spaces (residual groups, gates); concatenation along the channel
 dimension chains segments, and a split along it (a GLU in one linear, `.chunk(2, dim=-1)`) hands
 each part its segments (the linear's output starts as one space per part); flatten turns each channel into rep = H*W features. A value that
 reaches any other operation makes its spaces unsupported (an error if they are selected),
@@ -131,13 +132,15 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
         return sid
 
     def output_spaces(node, name: str, size: int, params, attr: str, weight_dim: int) -> List[Tuple[int, int]]:
-        """A layer's output channels: one space, or one per part where its output is split."""
-        segs, off = [], 0
+        """A layer's output channels: one space, or one per part where its output is split; units
+        of `rep` consecutive channels where a GroupNorm takes them (its groups go whole)."""
+        segs, off, rep = [], 0, group_reps.get(node, 1)
         for part in split_outputs.get(node, [size]):
-            sid = new_space(name, part, params, [(name, attr, 1)], weight_dim)
+            sid = new_space(name, part // rep, params, [(name, attr, rep)], weight_dim)
+            sp.get(sid).width = rep
             for sl in sp.get(sid).slices:
-                sl.offset = off
-            segs.append((sid, 1))
+                sl.offset, sl.rep = off, rep
+            segs.append((sid, rep))
             off += part
         return segs
 
@@ -162,6 +165,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
 
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     split_outputs = _split_layers(gm, mods) if follow_splits else {}  # linear node: its parts' sizes
+    group_reps = _group_norm_reps(gm, mods)  # conv node: channels per unit (a GroupNorm's groups)
     split_parts: Dict[fx.Node, List[Info]] = {}
     owners = block_owners(model)  # the autograd graph shows the layers inside torch's blocks
     attention_out: Dict[fx.Node, int] = {}  # an attention module's (output, weights) tuple: its space
@@ -271,6 +275,18 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                                  if getattr(m, p, None) is not None]
                     s.attrs.append((name, "num_features", 1))
                     off += s.size
+                info[node] = xi
+            elif isinstance(m, nn.GroupNorm) and xi is not None and m.affine:
+                per = m.num_channels // m.num_groups  # statistics per group: groups go whole
+                if xi.cdim != 1 or any(rep != per for _, rep in xi.segs):
+                    mark(x, f"GroupNorm '{name}' would lose channels out of whole groups of {per}", frozen=True)
+                    continue
+                off = 0
+                for sid, rep in xi.segs:
+                    s = sp.get(sid)
+                    s.slices += [Slice(name, p, 0, off, rep) for p in ("weight", "bias")]
+                    s.attrs += [(name, "num_channels", rep), (name, "num_groups", 1)]
+                    off += s.size * rep
                 info[node] = xi
             elif isinstance(m, SPATIAL_MODULES) and xi is not None and xi.cdim != 1:
                 mark(x, f"pooling '{name}' runs over the channel dimension of a (N, L, C) tensor")
@@ -430,6 +446,57 @@ def _parts(xi: Info, sp: Spaces, sizes: List[int]) -> Optional[List[List[Tuple[i
             return None
         parts.append(part)
     return parts if not segs else None
+
+
+def _group_norm_reps(gm: fx.GraphModule, mods) -> Dict[fx.Node, int]:
+    """{conv node: channels per GroupNorm group} for convs whose output a GroupNorm normalizes
+    (through element-wise activations and residual sums; then every conv summed with them too):
+    their output space counts whole groups, each unit `rep` consecutive channels (a diffusion
+    U-Net's or a GN-ResNet's blocks; a group of one channel where num_groups is the channel
+    count). A conv claimed by two group sizes keeps single channels (the graph then keeps what
+    does not line up)."""
+    sums = (operator.add, operator.iadd, torch.add, operator.sub, torch.sub, "add", "sub")
+
+    def producers(start) -> set:
+        found, todo, seen = set(), [start], set()
+        while todo:  # back through activations, GroupNorms and sums to the convs producing the channels
+            src = todo.pop()
+            if not isinstance(src, fx.Node) or src in seen:
+                continue
+            seen.add(src)
+            layer = mods.get(src.target) if src.op == "call_module" else None
+            if isinstance(layer, (PASS_MODULES, nn.GroupNorm)) or (src.op == "call_function" and src.target in
+                                                                   PASS_FUNCTIONS) or (src.op == "call_method" and
+                                                                                        src.target in PASS_METHODS):
+                todo.append(src.args[0])
+            elif src.op in ("call_function", "call_method") and src.target in sums:
+                todo += [a for a in src.args if isinstance(a, fx.Node)]
+            elif isinstance(layer, CONVS) and layer.groups == 1:
+                found.add(src)
+        return found
+
+    out: Dict[fx.Node, int] = {}
+    clash = set()
+
+    def claim(nodes, per):
+        for n in nodes:
+            if out.get(n, per) != per:
+                clash.add(n)
+            out.setdefault(n, per)
+
+    for node in gm.graph.nodes:
+        m = mods.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, nn.GroupNorm) and m.affine and m.num_groups > 1 and node.args:  # (one group: no unit goes)
+            convs = producers(node.args[0])
+            if all(mods[n.target].out_channels == m.num_channels for n in convs):
+                claim(convs, m.num_channels // m.num_groups)
+    for node in gm.graph.nodes:  # a residual sum: what is added to grouped channels is grouped alike
+        if node.op in ("call_function", "call_method") and node.target in sums:
+            convs = producers(node)
+            pers = {out[n] for n in convs if n in out}
+            if len(pers) == 1:
+                claim(convs, pers.pop())
+    return {n: r for n, r in out.items() if n not in clash}
 
 
 def _join(a: List[Tuple[int, int]], b: List[Tuple[int, int]], sp: Spaces, where: str) -> bool:

@@ -32,6 +32,7 @@ class Space:
     unsupported: List[str] = field(default_factory=list)  # why it cannot be pruned consistently
     kind: str = "channels"                                 # channels / neurons / heads
     groups: int = 1  # channels form this many equal blocks (a grouped conv's filters): each loses as many
+    width: int = 1   # channels per unit (a GroupNorm's group, removed whole)
 
 
 class Spaces:
@@ -73,6 +74,8 @@ class Spaces:
         sa.frozen += sb.frozen
         sa.unsupported += sb.unsupported
         sa.groups = math.lcm(sa.groups, sb.groups)
+        if sa.width != sb.width:  # (the channel graph joins segments of equal reps only)
+            sa.unsupported.append(f"{where}: joins units of {sa.width} and {sb.width} channels")
         if sa.size % sa.groups:
             sa.unsupported.append(f"{where}: joins channels grouped in {sa.groups} blocks, which {sa.size} "
                                   f"does not divide")

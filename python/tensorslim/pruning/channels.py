@@ -193,7 +193,8 @@ def _keep_count(space: Space, cfg: ChannelPrune) -> int:
         raise ValueError(f"layer '{space.producers[0]}': {which} {ratio} leaves 0 of its {space.size} {space.kind}; "
                          f"use a smaller one" + ("; head_ratio=0 keeps every head" if heads else ""))
     if space.kind != "heads":
-        step = math.lcm(cfg.round_to, space.groups)  # equal blocks stay equal
+        # equal blocks stay equal; round_to counts channels, a unit may hold several (GroupNorm)
+        step = math.lcm(cfg.round_to // math.gcd(cfg.round_to, space.width), space.groups)
         keep = min(space.size, math.ceil(keep / step) * step)
     return keep
 
