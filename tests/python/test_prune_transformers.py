@@ -270,6 +270,23 @@ def _conformer():
         "last_hidden_state"
 
 
+def _gptj():
+    from transformers import GPTJConfig, GPTJModel
+
+    cfg = GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=64, n_inner=64)
+    return GPTJModel(cfg), {"input_ids": torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))}, \
+        "last_hidden_state"
+
+
+def _phi():
+    from transformers import PhiConfig, PhiModel
+
+    cfg = PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                    max_position_embeddings=64)
+    return PhiModel(cfg), {"input_ids": torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))}, \
+        "last_hidden_state"
+
+
 @pytest.mark.parametrize("build,layers", [(_t5, {"encoder.block.0.layer.1.DenseReluDense.wi": 32}),
                                           (_falcon, {"h.0.mlp.dense_h_to_4h": 64}),
                                           (_vit, {"layers.0.mlp.fc1": 32}),
@@ -277,15 +294,18 @@ def _conformer():
                                           (_whisper, {"encoder.layers.0.fc1": 32, "encoder.conv1": 16}),
                                           (_conformer, {"encoder.layers.0.ffn1.intermediate_dense": 32,
                                                         "encoder.layers.0.conv_module.pointwise_conv1": 32,
-                                                        "encoder.layers.0.conv_module.depthwise_conv": 16})],
-                         ids=["t5", "falcon", "vit", "clip_text", "whisper", "conformer"])
+                                                        "encoder.layers.0.conv_module.depthwise_conv": 16}),
+                                          (_gptj, {"h.0.mlp.fc_in": 32}), (_phi, {"layers.0.mlp.fc1": 32})],
+                         ids=["t5", "falcon", "vit", "clip_text", "whisper", "conformer", "gptj", "phi"])
 def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     """T5, ViT, CLIP, Whisper have no block rule: fx does not trace them, the autograd graph
     does, reading a linear on [B, T, C] tokens (the token dims folded and unfolded around the
     matmul), CLIP's quick_gelu (`1.702 * x`), Falcon's `x @ W.T + bias` and token-id inputs.
     Their FFN neurons go (and Whisper's conv stem channels; wav2vec2-Conformer's convolution
     module: pointwise conv -> GLU over the channels -> depthwise conv, whose channel i the
-    pointwise conv's rows i and 32 + i feed); heads: test_prune_hf_heads.py."""
+    pointwise conv's rows i and 32 + i feed). GPT-J's and Phi's NewGELU (`1.0 + tanh(...)`:
+    autograd records the 1.0 as it would a buffer) is read as one element-wise module.
+    Heads: test_prune_hf_heads.py."""
     torch.manual_seed(0)
     model, batch, field = build()
     model.eval()

@@ -8,6 +8,7 @@ Output shapes come from a backward pre-hook on every node (torch.autograd.grad: 
 its channels are reported as unsupported, never guessed.
 """
 import operator
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -58,8 +59,16 @@ def trace(model: nn.Module, example_inputs: tuple, fold_tokens: bool = True) -> 
         try:
             inputs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point()
                            else x for x in example_inputs)
-            with torch.enable_grad():
-                out = model(*inputs)
+            calls: List = []  # (input, output) grad_fns of activation modules (see _activations)
+            act_hooks = [m.register_forward_hook(lambda mod, args, out: calls.append(
+                (getattr(args[0], "grad_fn", None) if args else None, getattr(args[0], "output_nr", 0) if args else 0,
+                 getattr(out, "grad_fn", None)))) for m in _activations(model)]
+            try:
+                with torch.enable_grad():
+                    out = model(*inputs)
+            finally:
+                for h in act_hooks:
+                    h.remove()
             outs = [o for o in output_tensors(out) if o.grad_fn is not None]
             if not outs:
                 raise ValueError("the output does not depend on the inputs through differentiable operations")
@@ -95,7 +104,39 @@ def trace(model: nn.Module, example_inputs: tuple, fold_tokens: bool = True) -> 
 
             raise ValueError(f"the model traces neither with torch.fx nor through autograd "
                              f"({first_line(e)})") from None
-    return _to_fx(model, order, shapes, params, inputs, outs, fold_tokens)
+    return _to_fx(model, order, shapes, params, inputs, outs, fold_tokens, _passes(calls))
+
+
+def _activations(model: nn.Module) -> List[nn.Module]:
+    """Modules of transformers' activation registry without parameters or buffers (all act
+    element by element: NewGELU's `0.5 * x * (1.0 + tanh(...))` records `1.0 +` with an
+    operand autograd cannot tell from a buffer's, so it is read whole instead of op by op)."""
+    acts = sys.modules.get("transformers.activations")
+    classes = tuple({v[0] if isinstance(v, tuple) else v for v in getattr(acts, "ACT2CLS", {}).values()})
+    return [m for m in model.modules() if classes and type(m) in classes and type(m).__module__ == acts.__name__
+            and not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())]
+
+
+def _passes(calls) -> Tuple[Dict, set]:
+    """({activation output fn: (input fn, its output index)}, the fns inside those calls): each
+    call's recorded operations between its input and output, where they reach nothing else (a
+    parameter, a tensor from outside) and number at most 64; other calls are read op by op."""
+    passes, inside = {}, set()
+    for fin, nr, fout in calls:
+        if fin is None or fout is None or fin is fout:
+            continue
+        seen, todo, ok = set(), [fout], True
+        while todo and ok:
+            f = todo.pop()
+            if f is None or f is fin or f in seen:
+                continue
+            seen.add(f)
+            ok = type(f).__name__ != "AccumulateGrad" and len(seen) <= 64
+            todo += [g for g, _ in f.next_functions]
+        if ok:
+            passes[fout] = (fin, nr)
+            inside |= seen - {fout}
+    return passes, inside
 
 
 def _times_a_number(fn, kind: str, ins) -> bool:
@@ -152,7 +193,7 @@ def _split_sizes(fn) -> Optional[Tuple[List[int], int]]:
     return [min(step, full[dim] - o) for o in range(0, full[dim], step)], dim
 
 
-def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.GraphModule:
+def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool, activations=({}, set())) -> fx.GraphModule:
     g = fx.Graph()
     node_of: Dict = {}
     parts: Dict = {}  # (split function, output index): its getitem node
@@ -171,8 +212,11 @@ def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.
             p.meta["tensor_meta"] = _meta(whole[:dim] + [sizes[nr]] + whole[dim + 1:])
         return parts[(f, nr)]
 
+    passes, inside = activations
     for fn in order:
         kind = type(fn).__name__
+        if fn in inside:  # an activation's own operations: read whole below
+            continue
         if kind == "AccumulateGrad":
             if id(fn.variable) in input_ids:
                 n = g.placeholder(f"input_{input_ids[id(fn.variable)]}")
@@ -182,7 +226,10 @@ def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool) -> fx.
         ins = [operand(f, nr) for f, nr in fn.next_functions]
         tensor_ins = [n for n in ins if n is not None]
         name = _weight_module(fn, MODULE_OPS[kind], params) if kind in MODULE_OPS else None
-        if name is not None:
+        if fn in passes:  # an element-wise activation module, whole
+            src = operand(*passes[fn])
+            n = g.call_function(F.relu, (src,)) if src is not None else g.call_function(_opaque, ())
+        elif name is not None:
             src = ins[1] if kind == "AddmmBackward0" else ins[0]
             n = g.call_module(name, (src,) if src is not None else ())
         elif (kind in PASS or _times_a_number(fn, kind, ins) or _adds_own_bias(fn, kind, ins, model, params)) and tensor_ins:
