@@ -107,13 +107,20 @@ def trace(model: nn.Module, example_inputs: tuple, fold_tokens: bool = True) -> 
     return _to_fx(model, order, shapes, params, inputs, outs, fold_tokens, _passes(calls))
 
 
+# element-wise activations outside transformers' registry (Bloom's: a custom autograd Function)
+ELEMENTWISE_CLASSES = {"transformers.models.bloom.modeling_bloom.BloomGelu"}
+
+
 def _activations(model: nn.Module) -> List[nn.Module]:
-    """Modules of transformers' activation registry without parameters or buffers (all act
-    element by element: NewGELU's `0.5 * x * (1.0 + tanh(...))` records `1.0 +` with an
-    operand autograd cannot tell from a buffer's, so it is read whole instead of op by op)."""
+    """Modules of transformers' activation registry (and ELEMENTWISE_CLASSES) without
+    parameters or buffers (all act element by element: NewGELU's `0.5 * x * (1.0 + tanh(...))`
+    records `1.0 +` with an operand autograd cannot tell from a buffer's, Bloom's GELU is a
+    custom Function; each is read whole instead of op by op)."""
     acts = sys.modules.get("transformers.activations")
     classes = tuple({v[0] if isinstance(v, tuple) else v for v in getattr(acts, "ACT2CLS", {}).values()})
-    return [m for m in model.modules() if classes and type(m) in classes and type(m).__module__ == acts.__name__
+    return [m for m in model.modules()
+            if ((classes and type(m) in classes and type(m).__module__ == acts.__name__)
+                or f"{type(m).__module__}.{type(m).__qualname__}" in ELEMENTWISE_CLASSES)
             and not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())]
 
 
