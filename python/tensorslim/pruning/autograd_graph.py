@@ -9,7 +9,7 @@ its channels are reported as unsupported, never guessed.
 """
 import operator
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -189,7 +189,7 @@ def _signed(dim) -> int:
     return dim - (1 << 64) if dim >= 1 << 63 else dim
 
 
-def _split_sizes(fn) -> Optional[Tuple[List[int], int]]:
+def _split_sizes(fn) -> Tuple[List[int], int]:
     """(part sizes, dim) of a split or chunk the autograd graph recorded (SplitBackward0: equal
     parts, the last one shorter; SplitWithSizesBackward0: the sizes given)."""
     full = tuple(int(d) for d in fn._saved_self_sym_sizes)

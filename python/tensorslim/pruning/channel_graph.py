@@ -2,16 +2,18 @@
 
 Every value carrying channels is tracked as segments of spaces along its channel dimension:
 convolutions and linears (transformers' Conv1D too, traced as a leaf: its output channels are
-weight columns) start a space (their outputs) and consume their input's spaces
-(their input columns; a grouped conv keeps its inputs and prunes its filters group by group); BatchNorm, depthwise convs, activations, pooling and dropout pass
-channels through, and GroupNorm too where its input's units are its groups (a conv a
-GroupNorm normalizes starts a space of whole groups, and so do those summed with it); additions and products merge spaces (residual groups, gates); concatenation along the channel
-dimension chains segments, and a split along it (a GLU in one linear, `.chunk(2, dim=-1)`) hands
-each part its segments (the linear's output starts as one space per part); flatten turns each channel into rep = H*W features. A value that
-reaches any other operation makes its spaces unsupported (an error if they are selected),
-and one that reaches the model input or output freezes them, as do a layer called more than
-once (shared weights) and an addition with a tensor the graph does not follow (a parameter,
-an embedding's output). torch's attentions and transformer layers (attention_heads.TORCH_BLOCKS)
+weight columns) start a space (their outputs) and consume their input's spaces (their input
+columns; a grouped conv keeps its inputs and prunes its filters group by group); BatchNorm,
+depthwise convs, activations, pooling and dropout pass channels through, and GroupNorm too
+where its input's units are its groups (a conv a GroupNorm normalizes starts a space of
+whole groups, and so do those summed with it); additions and products merge spaces
+(residual groups, gates); concatenation along the channel dimension chains segments, and a
+split along it (`.chunk(2, dim=-1)`, a GLU: a gate and its values from one layer) hands each
+part its segments (the layer's output starts as one space per part); flatten turns each
+channel into rep = H*W features. A value that reaches any other operation makes its spaces
+unsupported (an error if they are selected), and one that reaches the model input or output
+freezes them, as do a layer called more than once (shared weights) and an addition with a
+tensor the graph does not follow (a parameter, an embedding's output). torch's attentions and transformer layers (attention_heads.TORCH_BLOCKS)
 read and write their width whole: their inputs and outputs keep every channel; their heads and
 FFN neurons are spaces of their own (attention_heads.py, channel_rules.py).
 """
@@ -295,8 +297,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                     info[node] = xi
             elif isinstance(m, nn.Flatten):
                 _flatten(node, x, xi, info, m.start_dim, mark, m.end_dim)
-            elif isinstance(m, nn.GLU) and follow_splits and _glu_halves(node, xi, sp, mods) is not None:
-                halves = _glu_halves(node, xi, sp, mods)
+            elif isinstance(m, nn.GLU) and follow_splits and (halves := _glu_halves(node, xi, sp, mods)) is not None:
                 if _join(halves[0], halves[1], sp, f"'{name}'"):
                     info[node] = Info(halves[0], xi.cdim)
                 else:
