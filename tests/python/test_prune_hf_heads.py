@@ -635,6 +635,39 @@ def test_falcon_with_alibi_keeps_its_heads():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def _bigcode(multi_query):
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    return GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                  multi_query=multi_query))
+
+
+@pytest.mark.parametrize("multi_query, rows, note", [(True, 32, "embed_dim 32 -> 16, num_heads 4 -> 2"),
+                                                     (False, 48, "kv_dim 32 -> 16, kv_heads 4 -> 2, num_heads 4 -> 2")])
+def test_gpt_bigcode_heads(multi_query, rows, note, tmp_path):
+    """GPT-BigCode (StarCoder) keeps q / k / v in one nn.Linear c_attn: multi-query (every query
+    head, one key, one value; split by embed_dim, which shrinks with the query heads) or per head
+    (q, k, v consecutive). Equal to the zeroed original, in generation too; loads into a fresh one."""
+    torch.manual_seed(0)
+    model = _bigcode(multi_query).eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    report = ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    assert f"'transformer.h.1.attn': {note}" in " | ".join(c.reason for c in report.changes)
+    for block in model.transformer.h:
+        assert (block.attn.c_attn.out_features, block.attn.c_proj.in_features, block.attn.num_heads) == (rows, 16, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    mask = torch.ones_like(ids)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+    ts.save(model, tmp_path / "bigcode.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(_bigcode(multi_query).eval(), tmp_path / "bigcode.safetensors")
+    assert torch.equal(fresh.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
+
+
 def _digits_vit():
     """examples/prune_vit_digits.py's model at width 32 (FFN 64)."""
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "prune_vit_digits.py"

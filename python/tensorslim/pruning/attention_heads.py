@@ -17,8 +17,8 @@ Hugging Face attentions (hf_layout) lose heads in place, their code viewing the 
   - MPNet's position bias: one column per head of its encoder's relative_attention_bias, added
     in every layer, so all the attentions under that table lose the same heads (as T5's below);
   - GPT-NeoX's fused query_key_value: 3 x head_size consecutive rows per head; Falcon's three
-    layouts of it (grouped, multi-query, per head); ModernBERT's Wqkv (q | k | v blocks):
-    head_dim rows in each block, Wo's columns;
+    layouts of it (grouped, multi-query, per head); GPT-BigCode's c_attn (multi-query or per
+    head); ModernBERT's Wqkv (q | k | v blocks): head_dim rows in each block, Wo's columns;
   - T5's q / k / v / o (n_heads, key_value_proj_dim): every attention of one stack and kind
     loses the same heads, since the stack's first block computes the position bias (one
     column of relative_attention_bias per head) that every later block adds.
@@ -80,6 +80,9 @@ def hf_layout(m: nn.Module) -> Optional[Layout]:
         return _fused_layout(m)
     if isinstance(getattr(m, "Wqkv", None), nn.Module) and isinstance(getattr(m, "Wo", None), nn.Module):
         return _blocked_layout(m)
+    if isinstance(getattr(m, "c_attn", None), nn.Linear) and isinstance(getattr(m, "c_proj", None), nn.Linear) \
+            and hasattr(m, "multi_query"):
+        return _bigcode_layout(m)
     for qkv, outputs, size in PROJECTED:
         if all(isinstance(getattr(m, q, None), nn.Module) for q in qkv):
             return _projected_layout(m, qkv, outputs, size)
@@ -124,6 +127,25 @@ def _falcon_layout(m: nn.Module) -> Optional[Layout]:
     if kv != heads or width != 3 * heads * hd:
         return None
     return Layout(heads, hd, ("query_key_value",), (3 * hd,), "dense", (("num_heads", 1), ("num_kv_heads", 1)))
+
+
+def _bigcode_layout(m: nn.Module) -> Optional[Layout]:
+    """GPT-BigCode (StarCoder, SantaCoder): c_attn (an nn.Linear, unlike GPT-2's Conv1D) holds
+    every query head, then one key and one value (multi_query: a unit is a query head, split by
+    embed_dim, which shrinks with it), or per head q, k, v consecutive (viewed as (num_heads,
+    3 x head_dim)). Cross-attentions are not matched."""
+    heads, hd = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    if type(heads) is not int or type(hd) is not int or heads <= 0 or hd <= 0 or getattr(m, "is_cross_attention", True) \
+            or getattr(m, "embed_dim", None) != heads * hd or m.c_proj.in_features != heads * hd:
+        return None
+    if m.multi_query:
+        if getattr(m, "kv_dim", None) != hd or m.c_attn.out_features != (heads + 2) * hd:
+            return None
+        attrs = (("num_heads", 1), ("embed_dim", hd), ("num_key_value_groups", 1))
+        return Layout(heads, hd, ("c_attn",), (hd,), "c_proj", attrs)
+    if m.c_attn.out_features != 3 * heads * hd or getattr(m, "kv_heads", None) != heads:
+        return None
+    return Layout(heads, hd, ("c_attn",), (3 * hd,), "c_proj", (("num_heads", 1), ("kv_heads", 1), ("kv_dim", hd)))
 
 
 def _blocked_layout(m: nn.Module) -> Optional[Layout]:
