@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
@@ -401,6 +402,35 @@ def test_layer_never_reached_is_named():
     model.forward = lambda x: model["used"](x)
     with pytest.raises(ValueError, match="'unused'.*never reached"):
         ts.quantize(model, ts.W8A8(), calib_data=[torch.randn(4, 16)], progress=False)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_every_layer_never_reached_is_named_at_once(kind):
+    """Model code reading .weight instead of calling the layer (transformers 5's Mamba does, for
+    its conv1d and dt_proj in every block): one error names them all, with the exclude list that
+    skips them; with it the model quantizes."""
+    make = (lambda: nn.Linear(16, 16)) if kind == "linear" else (lambda: nn.Conv1d(16, 16, 1))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.a, self.b = make(), make(), make()
+
+        def forward(self, x):
+            y = self.used(x)
+            if kind == "linear":
+                return y @ self.a.weight.t() @ self.b.weight.t()
+            return F.conv1d(F.conv1d(y, self.a.weight), self.b.weight)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(4, 16) if kind == "linear" else torch.randn(2, 16, 5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers 'a', 'b': the calibration data never reached them.*"
+                                         r"exclude=\['a', 'b'\]"):
+        ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    ts.quantize(model, ts.W8A8(skip_output_head=False, exclude=["a", "b"]), calib_data=[x], progress=False)
+    assert type(model.used) is not type(make()) and type(model.a) is type(make())
 
 
 # ---------------------------------------------------------------- MiniLM (real model, real text)

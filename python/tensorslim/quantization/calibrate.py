@@ -162,6 +162,19 @@ def reusable(calib_data):
         raise TypeError(f"calib_data must be iterable, got {type(calib_data).__name__}") from None
 
 
+def check_reached(unreached) -> None:
+    """A ValueError naming every layer (of one pass) the calibration data never reached, with the
+    exclude list that skips them, so that one error gives the whole fix."""
+    names = list(unreached)
+    if not names:
+        return
+    shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    raise ValueError(f"layer{'s' if len(names) > 1 else ''} {shown}: the calibration data never reached "
+                     f"{'them' if len(names) > 1 else 'this layer'} (a branch not taken, or model code using the "
+                     f".weight instead of calling the layer); exclude {'them' if len(names) > 1 else 'it'} "
+                     f"(exclude={names!r}) or use data that exercises {'them' if len(names) > 1 else 'it'}")
+
+
 def require_forward_loop(loop: Optional[ForwardLoop], technique: str) -> ForwardLoop:
     if loop is None:
         raise ValueError(f"{technique} needs calibration data: pass calib_data=[batches...] "

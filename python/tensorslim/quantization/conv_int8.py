@@ -20,7 +20,7 @@ from ..config import W8A8
 from ..nn.int8_conv import FoldedBatchNorm, Int8Conv1d, Int8Conv2d, symmetric_padding
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _set_submodule, _tied_to_embedding, filter_reason, replace_modules
-from .calibrate import require_forward_loop
+from .calibrate import check_reached, require_forward_loop
 from .conv_epilogue import fuse_conv_epilogues
 from .observers import Observer
 from .smoothquant import ProducerTrace, _run, outputs_match
@@ -133,11 +133,7 @@ def _calibrate(model, targets, loop, cfg, static: bool):
         for h in handles:
             h.remove()
     if static:
-        for n, o in obs.items():
-            if o.max is None:
-                raise ValueError(f"layer '{n}': the calibration data never reached this layer (a branch it "
-                                 f"did not take, or model code using its .weight instead of calling it); "
-                                 f"exclude it or use data that exercises it")
+        check_reached(n for n, o in obs.items() if o.max is None)
     return obs, trace
 
 

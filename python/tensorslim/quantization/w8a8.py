@@ -21,7 +21,7 @@ from ..nn import Int8Linear
 from ..ops import torch_onednn
 from ..report import Report, remember_skipped
 from ..transforms import _tied_to_embedding, filter_reason, replace_modules, structure_restored_on_error
-from .calibrate import eval_mode, require_forward_loop
+from .calibrate import check_reached, eval_mode, require_forward_loop
 from .conv_int8 import apply_conv_int8
 from .observers import Observer, qparams_from_range
 from . import token_mask
@@ -94,11 +94,7 @@ def _calibrate(model, targets, loop, sample_rows: int, trace_structure: bool):
     finally:
         for h in handles:
             h.remove()
-    for n, s in stats.items():
-        if s.min is None:
-            raise ValueError(f"layer '{n}': the calibration data never reached this layer (a branch it "
-                             f"did not take, or model code using its .weight instead of calling it); "
-                             f"exclude it or use data that exercises it")
+    check_reached(n for n, s in stats.items() if s.min is None)
     return stats, trace
 
 
