@@ -397,6 +397,46 @@ def test_a_dict_example_passes_no_parameter_after_its_last_key():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
+HALF = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
+
+
+def _prune_half(model, ids):
+    """Half the heads and FFN neurons off `model`, in place: (the zeroed original, the removed
+    indices, the Report)."""
+    ref, removed = zeroed_reference(model, HALF, {"input_ids": ids})
+    report = ts.prune(model, HALF, example_inputs={"input_ids": ids}, progress=False)
+    return ref, removed, report
+
+
+def _encodes_as_reference_and_reloads(model, ref, build, ids, tmp_path):
+    """The pruned encoder equals the zeroed original on two batches, and a fresh build() loaded
+    from its saved file equals it."""
+    other = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for x in (ids, other):
+            torch.testing.assert_close(model(x).last_hidden_state, ref(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+    ts.save(model, tmp_path / "pruned.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(build().eval(), tmp_path / "pruned.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+    return fresh
+
+
+def _generates_as_reference_and_reloads(model, ref, build, ids, tmp_path):
+    """The pruned decoder's logits and greedy tokens equal the zeroed original's, and a fresh
+    build() loaded from its saved file generates the same tokens."""
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    mask = torch.ones_like(ids)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+    ts.save(model, tmp_path / "pruned.safetensors")
+    torch.manual_seed(1)
+    fresh = ts.load(build().eval(), tmp_path / "pruned.safetensors")
+    assert torch.equal(fresh.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
+
+
 def _distilbert():
     from transformers import DistilBertConfig, DistilBertModel
 
@@ -423,9 +463,7 @@ def test_heads_under_other_projection_names(build, qkvo, count, tmp_path):
     torch.manual_seed(0)
     model = build().eval()
     ids = _ids(7)
-    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
-    ref, removed = zeroed_reference(model, cfg, {"input_ids": ids})
-    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    ref, removed, _ = _prune_half(model, ids)
     where, q, v, o = qkvo
     heads = []
     for i in range(2):
@@ -440,16 +478,8 @@ def test_heads_under_other_projection_names(build, qkvo, count, tmp_path):
         assert table.weight.shape == (32, 2) and table.embedding_dim == 2 and model.encoder.n_heads == 2
         kept = [h for h in range(4) if h not in heads[0]]
         torch.testing.assert_close(table.weight, ref.encoder.relative_attention_bias.weight[:, kept])
-    other = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        for x in (ids, other):
-            torch.testing.assert_close(model(x).last_hidden_state, ref(x).last_hidden_state, atol=1e-5, rtol=1e-5)
-    ts.save(model, tmp_path / "heads.safetensors")
-    torch.manual_seed(1)
-    fresh = ts.load(build().eval(), tmp_path / "heads.safetensors")
+    fresh = _encodes_as_reference_and_reloads(model, ref, build, ids, tmp_path)
     assert getattr(fresh.get_submodule(where.format(1)), count) == 2
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
 def _deberta_v3(share_att_key):
@@ -471,24 +501,14 @@ def test_deberta_v3_heads(share_att_key, tmp_path):
     torch.manual_seed(0)
     model = _deberta_v3(share_att_key).eval()
     ids = _ids(9)
-    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
-    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
-    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    ref, _, _ = _prune_half(model, ids)
     for layer in model.encoder.layer:
         att = layer.attention.self
         names = ["query_proj", "key_proj", "value_proj"] + ([] if share_att_key else ["pos_key_proj", "pos_query_proj"])
         assert [getattr(att, n).out_features for n in names] == [16] * len(names)
         assert (att.num_attention_heads, att.all_head_size, layer.attention.output.dense.in_features) == (2, 16, 16)
         assert layer.intermediate.dense.out_features == 32
-    other = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        for x in (ids, other):
-            torch.testing.assert_close(model(x).last_hidden_state, ref(x).last_hidden_state, atol=1e-5, rtol=1e-5)
-    ts.save(model, tmp_path / "deberta.safetensors")
-    torch.manual_seed(1)
-    fresh = ts.load(_deberta_v3(share_att_key).eval(), tmp_path / "deberta.safetensors")
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+    _encodes_as_reference_and_reloads(model, ref, lambda: _deberta_v3(share_att_key), ids, tmp_path)
 
 
 def test_deberta_v1_keeps_its_packed_heads_and_prunes_neurons():
@@ -500,9 +520,7 @@ def test_deberta_v1_keeps_its_packed_heads_and_prunes_neurons():
     model = DebertaModel(DebertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        intermediate_size=64, max_position_embeddings=64)).eval()
     ids = _ids(9)
-    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
-    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
-    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    ref, _, _ = _prune_half(model, ids)
     layer = model.encoder.layer[0]
     assert layer.attention.self.in_proj.out_features == 96 and layer.intermediate.dense.out_features == 32
     with torch.no_grad():
@@ -525,9 +543,7 @@ def test_modernbert_fused_heads_and_glu(tmp_path):
     torch.manual_seed(0)
     model = _modernbert().eval()
     ids = _ids(9)
-    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
-    ref, removed = zeroed_reference(model, cfg, {"input_ids": ids})
-    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    ref, removed, _ = _prune_half(model, ids)
     for i, layer in enumerate(model.layers):
         assert (layer.attn.Wqkv.out_features, layer.attn.Wo.in_features) == (48, 16)
         assert (layer.mlp.Wi.out_features, layer.mlp.Wo.in_features) == (64, 32)
@@ -536,15 +552,7 @@ def test_modernbert_fused_heads_and_glu(tmp_path):
         assert sorted(rows) == sorted(b * 32 + h * 8 + j for b in range(3) for h in heads for j in range(8))
         cols = removed[(f"layers.{i}.mlp.Wo", "weight", 1)]
         assert sorted(removed[(f"layers.{i}.mlp.Wi", "weight", 0)]) == sorted(cols + [64 + c for c in cols])
-    other = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        for x in (ids, other):
-            torch.testing.assert_close(model(x).last_hidden_state, ref(x).last_hidden_state, atol=1e-5, rtol=1e-5)
-    ts.save(model, tmp_path / "modernbert.safetensors")
-    torch.manual_seed(1)
-    fresh = ts.load(_modernbert().eval(), tmp_path / "modernbert.safetensors")
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+    _encodes_as_reference_and_reloads(model, ref, _modernbert, ids, tmp_path)
 
 
 def _phi3():
@@ -562,22 +570,11 @@ def test_phi3_glu_in_one_layer(tmp_path):
     torch.manual_seed(0)
     model = _phi3().eval()
     ids = _ids(7)
-    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
-    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
-    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    ref, _, _ = _prune_half(model, ids)
     for layer in model.model.layers:
         assert (layer.mlp.gate_up_proj.out_features, layer.mlp.down_proj.in_features) == (64, 32)
         assert layer.self_attn.qkv_proj.out_features == 64
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
-    mask = torch.ones_like(ids)
-    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(tokens, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
-    ts.save(model, tmp_path / "phi3.safetensors")
-    torch.manual_seed(1)
-    fresh = ts.load(_phi3().eval(), tmp_path / "phi3.safetensors")
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    _generates_as_reference_and_reloads(model, ref, _phi3, ids, tmp_path)
 
 
 FALCON_LAYOUTS = {"multi_query": dict(multi_query=True), "per_head": dict(multi_query=False),
@@ -602,22 +599,12 @@ def test_falcon_heads_in_each_layout(kind, counts, rows, tmp_path):
     torch.manual_seed(0)
     model = _falcon(kind).eval()
     ids = _ids(7)
-    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
-    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
-    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    ref, _, _ = _prune_half(model, ids)
     for block in model.transformer.h:
         att = block.self_attention
         assert (att.num_heads, att.num_kv_heads, att.num_key_value_groups) == counts
         assert att.query_key_value.out_features == rows and att.dense.in_features == 16
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
-    mask = torch.ones_like(ids)
-    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(tokens, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
-    ts.save(model, tmp_path / "falcon.safetensors")
-    torch.manual_seed(1)
-    fresh = ts.load(_falcon(kind).eval(), tmp_path / "falcon.safetensors")
-    assert torch.equal(fresh.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
+    _generates_as_reference_and_reloads(model, ref, lambda: _falcon(kind), ids, tmp_path)
 
 
 def test_falcon_with_alibi_keeps_its_heads():
@@ -625,9 +612,7 @@ def test_falcon_with_alibi_keeps_its_heads():
     torch.manual_seed(0)
     model = _falcon("per_head", alibi=True).eval()
     ids = _ids(7)
-    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
-    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
-    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    ref, _, _ = _prune_half(model, ids)
     att = model.transformer.h[0].self_attention
     assert att.num_heads == 4 and att.query_key_value.out_features == 96
     assert model.transformer.h[0].mlp.dense_h_to_4h.out_features == 64  # the FFN's 128 neurons halved
@@ -651,21 +636,11 @@ def test_gpt_bigcode_heads(multi_query, rows, note, tmp_path):
     torch.manual_seed(0)
     model = _bigcode(multi_query).eval()
     ids = _ids(7)
-    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
-    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
-    report = ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    ref, _, report = _prune_half(model, ids)
     assert f"'transformer.h.1.attn': {note}" in " | ".join(c.reason for c in report.changes)
     for block in model.transformer.h:
         assert (block.attn.c_attn.out_features, block.attn.c_proj.in_features, block.attn.num_heads) == (rows, 16, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
-    mask = torch.ones_like(ids)
-    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(tokens, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
-    ts.save(model, tmp_path / "bigcode.safetensors")
-    torch.manual_seed(1)
-    fresh = ts.load(_bigcode(multi_query).eval(), tmp_path / "bigcode.safetensors")
-    assert torch.equal(fresh.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
+    _generates_as_reference_and_reloads(model, ref, lambda: _bigcode(multi_query), ids, tmp_path)
 
 
 def _digits_vit():
