@@ -455,7 +455,7 @@ def test_group_norm_loses_whole_groups(groups, dynamic, tmp_path):
     """A GroupNorm's statistics are per group, so its channels go in whole groups: the conv
     before it loses blocks of 64 / groups consecutive filters, the GroupNorm as many groups,
     and the residual stream (the stem, summed with c2's output, normalized by n1) likewise.
-    32 groups of 32 channels: one channel each. Equal to the zeroed original."""
+    32 groups: n1's of one channel each, n2's of two. Equal to the zeroed original."""
     torch.manual_seed(0)
     model, x = GroupNormBlock(groups, dynamic).eval(), torch.randn(2, 3, 8, 8)
     cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
@@ -478,8 +478,8 @@ def test_group_norm_loses_whole_groups(groups, dynamic, tmp_path):
 
 
 def test_group_norm_round_to_counts_channels():
-    """round_to=8 with groups of 4 channels: the kept counts are multiples of 8 channels (2
-    groups), not of 8 groups (which would have kept every channel here)."""
+    """round_to=8 with 16 groups of 4 (c1) and of 2 channels (the stem): the kept counts are
+    multiples of 8 channels (2 and 4 groups), not of 8 groups (which would keep 32 and 16)."""
     torch.manual_seed(0)
     model, x = GroupNormBlock(16).eval(), torch.randn(2, 3, 8, 8)
     ts.prune(model, ts.ChannelPrune(ratio=0.75, round_to=8), example_inputs=(x,), progress=False)
