@@ -112,7 +112,6 @@ class ResidualInput(nn.Module):  # (B, T, D) input added back: a pre-norm transf
 
 @pytest.mark.parametrize("make, x, kept", [
     (ParamAdd, torch.randn(4, 8), ["fc1"]),         # a learned bias added to fc1's output
-    (Shared, torch.randn(2, 3, 8, 8), ["stem"]),    # one conv called twice
     (WeightNormed, torch.randn(4, 8), ["fc1"]),      # fc2's weight is computed by a parametrization
     (ResidualInput, torch.randn(2, 5, 16), ["fc2"]),  # the input's width, added to fc2's output
 ])
@@ -127,6 +126,78 @@ def test_patterns_that_keep_their_channels(make, x, kept):
         assert mods[name].weight.shape[0] == make().get_submodule(name).weight.shape[0]
     with torch.no_grad():
         assert model(x).shape == before.shape
+
+
+class Siamese(nn.Module):
+    """One tower (conv, BatchNorm, conv) run on two images, its outputs compared: the tower's
+    layers are called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32, 2)
+
+    def tower(self, x):
+        return F.relu(self.c2(F.relu(self.bn(self.c1(x))))).mean((2, 3))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return self.head(self.tower(a) - self.tower(b))
+
+
+class SharedOnTwoWidths(nn.Module):  # one conv reads a 16-channel stem, then a 16-wide other layer
+    def __init__(self):
+        super().__init__()
+        self.stem, self.side = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 1)
+        self.conv, self.head = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.conv(F.relu(self.stem(x))), self.conv(self.side(x) * x.mean())], 1))
+
+
+@pytest.mark.parametrize("make, x, sizes", [
+    (Shared, torch.randn(2, 3, 8, 8), {"stem": 8, "conv": 8}),  # conv(conv(stem)): one space throughout
+    (Siamese, torch.randn(2, 6, 8, 8), {"c1": 8, "bn": 8, "c2": 16}),
+    (SharedOnTwoWidths, torch.randn(2, 3, 8, 8), {"stem": 8, "side": 8, "conv": 8}),
+])
+def test_shared_layers_lose_the_same_channels_in_every_call(make, x, sizes):
+    """A layer called several times has one weight: every call's inputs are its columns (the
+    producers of each call's input lose the same channels) and every call's output its rows.
+    Before, the calls' channels were kept whole."""
+    torch.manual_seed(0)
+    model = make().eval()
+    if hasattr(model, "bn"):
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-1, 1)
+            model.bn.running_var.uniform_(0.5, 2)
+    ref, _ = zeroed_reference(model, CFG, (x,))
+    ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    mods = dict(model.named_modules())
+    assert {n: mods[n].weight.shape[0] for n in sizes} == sizes
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+class SharedOnUnknown(nn.Module):  # the second call reads a tensor the graph does not follow
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(32, 4, 1)
+        self.table = nn.Parameter(torch.randn(1, 16, 8, 8))
+
+    def forward(self, x):
+        return self.head(torch.cat([self.conv(F.relu(self.stem(x))), self.conv(self.table.expand(len(x), -1, -1, -1))], 1))
+
+
+def test_a_shared_layer_on_an_unknown_input_keeps_its_channels():
+    torch.manual_seed(0)
+    model, x = SharedOnUnknown().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    report = ts.prune(model, CFG, example_inputs=(x,), progress=False)
+    assert model.stem.out_channels == 16 and model.conv.weight.shape == (16, 16, 1, 1)
+    assert any("runs 2 times (shared weights) on inputs that do not line up" in c.reason for c in report.skipped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
 
 
 class FlattenBatchNorm(nn.Module):

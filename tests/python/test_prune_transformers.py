@@ -295,6 +295,15 @@ def _bloom():
         "last_hidden_state"
 
 
+def _albert():
+    from transformers import AlbertConfig, AlbertModel
+
+    cfg = AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=32)
+    return AlbertModel(cfg), {"input_ids": torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))}, \
+        "last_hidden_state"
+
+
 @pytest.mark.parametrize("build,layers", [(_t5, {"encoder.block.0.layer.1.DenseReluDense.wi": 32}),
                                           (_falcon, {"h.0.mlp.dense_h_to_4h": 64}),
                                           (_vit, {"layers.0.mlp.fc1": 32}),
@@ -304,8 +313,10 @@ def _bloom():
                                                         "encoder.layers.0.conv_module.pointwise_conv1": 32,
                                                         "encoder.layers.0.conv_module.depthwise_conv": 16}),
                                           (_gptj, {"h.0.mlp.fc_in": 32}), (_phi, {"layers.0.mlp.fc1": 32}),
-                                          (_bloom, {"h.0.mlp.dense_h_to_4h": 64})],
-                         ids=["t5", "falcon", "vit", "clip_text", "whisper", "conformer", "gptj", "phi", "bloom"])
+                                          (_bloom, {"h.0.mlp.dense_h_to_4h": 64}),
+                                          (_albert, {"encoder.albert_layer_groups.0.albert_layers.0.ffn": 32})],
+                         ids=["t5", "falcon", "vit", "clip_text", "whisper", "conformer", "gptj", "phi", "bloom",
+                              "albert"])
 def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     """T5, ViT, CLIP, Whisper have no block rule: fx does not trace them, the autograd graph
     does, reading a linear on [B, T, C] tokens (the token dims folded and unfolded around the
@@ -314,7 +325,8 @@ def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     module: pointwise conv -> GLU over the channels -> depthwise conv, whose channel i the
     pointwise conv's rows i and 32 + i feed). GPT-J's and Phi's NewGELU (`1.0 + tanh(...)`:
     autograd records the 1.0 as it would a buffer) and Bloom's GELU (a custom autograd
-    Function) are read as element-wise modules.
+    Function) are read as element-wise modules. ALBERT runs its one layer three times: the
+    calls share its FFN neurons.
     Heads: test_prune_hf_heads.py."""
     torch.manual_seed(0)
     model, batch, field = build()

@@ -12,9 +12,11 @@ split along it (`.chunk(2, dim=-1)`, a GLU: a gate and its values from one layer
 part its segments (the layer's output starts as one space per part); flatten turns each
 channel into rep = H*W features. A value that reaches any other operation makes its spaces
 unsupported (an error if they are selected), and one that reaches the model input or output
-freezes them, as do a layer called more than once (shared weights) and an addition with a
-tensor the graph does not follow (a parameter, an embedding's output). torch's attentions and transformer layers (attention_heads.TORCH_BLOCKS)
-read and write their width whole: their inputs and outputs keep every channel; their heads and
+freezes them, as does an addition with a tensor the graph does not follow (a parameter, an
+embedding's output). A layer called more than once (shared weights) joins its calls' inputs
+and gives every call the first call's output spaces; calls whose inputs do not line up
+freeze them. torch's attentions and transformer layers (attention_heads.TORCH_BLOCKS) read
+and write their width whole: their inputs and outputs keep every channel; their heads and
 FFN neurons are spaces of their own (attention_heads.py, channel_rules.py).
 """
 import collections
@@ -169,6 +171,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
     split_outputs = _split_layers(gm, mods) if follow_splits else {}  # linear node: its parts' sizes
     group_reps = _group_norm_reps(gm, mods)  # conv node: channels per unit (a GroupNorm's groups)
     split_parts: Dict[fx.Node, List[Info]] = {}
+    first_call: Dict[str, Tuple[Optional[Info], fx.Node]] = {}  # shared layers: the first call's input, node
     owners = block_owners(model)  # the autograd graph shows the layers inside torch's blocks
     attention_out: Dict[fx.Node, int] = {}  # an attention module's (output, weights) tuple: its space
     # Whether a node's value reaches a weight layer: an operation the graph does not know
@@ -214,9 +217,26 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                         info[node] = Info([(sid, 1)], len(shape) - 1)
                 continue
             if calls[name] > 1 and (_weight_layer(m) or isinstance(m, NORMS)):
-                # one weight serving several calls: each call's channels would be removed from it
-                mark(x, f"layer '{name}' runs {calls[name]} times (shared weights)", frozen=True)
-                continue  # its output is not followed: what it reaches keeps its channels
+                # one weight serving several calls (a Siamese tower, ALBERT's one layer at every
+                # depth, a conv applied twice): every call's input channels are the same weight
+                # columns, so they are joined, and every call's output is the first call's space
+                if name not in first_call:
+                    first_call[name] = (xi, node)  # read as any layer below
+                else:
+                    fin, fnode = first_call[name]
+                    fout = info.get(fnode)
+                    lined = fout is not None and shape is not None and (
+                        (fin is None and xi is None) or (fin is not None and xi is not None and fin.cdim == xi.cdim
+                                                         and _join(fin.segs, xi.segs, sp, f"layer '{name}'")))
+                    if lined:
+                        info[node] = Info(fout.segs, len(shape) - 1 if isinstance(m, nn.Linear) or is_conv1d(m)
+                                          else fout.cdim)
+                    else:
+                        why = f"layer '{name}' runs {calls[name]} times (shared weights) on inputs that do not line up"
+                        for i in (fin, xi, fout):
+                            for sid, _ in (i.segs if i is not None else []):
+                                sp.get(sid).frozen.append(why)
+                    continue
             if isinstance(m, CONVS + TRANSPOSED_CONVS) and xi is not None and xi.cdim != 1:
                 # a conv reads dim 1 as its channels: here another dimension (a linear's (N, L, C)
                 # output) that it must keep whole; its own outputs are channels as usual
