@@ -295,6 +295,21 @@ def _bloom():
         "last_hidden_state"
 
 
+def _wav2vec2():
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                         conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=4, feat_extract_norm="group")
+    model = Wav2Vec2Model(cfg)
+    with torch.no_grad():  # GroupNorm's affine away from its 1 / 0 start, so a mix-up would show
+        norm = model.feature_extractor.conv_layers[0].layer_norm
+        norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+        norm.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    return model, {"input_values": torch.randn(2, 800, generator=torch.Generator().manual_seed(1))}, \
+        "last_hidden_state"
+
+
 def _albert():
     from transformers import AlbertConfig, AlbertModel
 
@@ -314,9 +329,11 @@ def _albert():
                                                         "encoder.layers.0.conv_module.depthwise_conv": 16}),
                                           (_gptj, {"h.0.mlp.fc_in": 32}), (_phi, {"layers.0.mlp.fc1": 32}),
                                           (_bloom, {"h.0.mlp.dense_h_to_4h": 64}),
-                                          (_albert, {"encoder.albert_layer_groups.0.albert_layers.0.ffn": 32})],
+                                          (_albert, {"encoder.albert_layer_groups.0.albert_layers.0.ffn": 32}),
+                                          (_wav2vec2, {"feature_extractor.conv_layers.0.conv": 8,
+                                                       "encoder.layers.0.feed_forward.intermediate_dense": 32})],
                          ids=["t5", "falcon", "vit", "clip_text", "whisper", "conformer", "gptj", "phi", "bloom",
-                              "albert"])
+                              "albert", "wav2vec2"])
 def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     """T5, ViT, CLIP, Whisper have no block rule: fx does not trace them, the autograd graph
     does, reading a linear on [B, T, C] tokens (the token dims folded and unfolded around the
@@ -326,8 +343,9 @@ def test_ffn_neurons_of_models_without_a_block_rule(build, layers):
     pointwise conv's rows i and 32 + i feed). GPT-J's and Phi's NewGELU (`1.0 + tanh(...)`:
     autograd records the 1.0 as it would a buffer) and Bloom's GELU (a custom autograd
     Function) are read as element-wise modules. ALBERT runs its one layer three times: the
-    calls share its FFN neurons.
-    Heads: test_prune_hf_heads.py."""
+    calls share its FFN neurons. wav2vec2's first feature-extractor conv is normalized by a
+    GroupNorm of one channel per group: its channels go with the GroupNorm's. Heads:
+    test_prune_hf_heads.py."""
     torch.manual_seed(0)
     model, batch, field = build()
     model.eval()
