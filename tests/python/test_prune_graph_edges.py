@@ -558,6 +558,32 @@ def test_group_norm_round_to_counts_channels():
     assert (model.stem.out_channels, model.n1.num_groups) == (8, 4)
 
 
+class GatedGroupNorm(nn.Module):  # a conv gated by another, then normalized: both lose whole groups
+    def __init__(self):
+        super().__init__()
+        self.value, self.gate = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(3, 32, 1)
+        self.norm, self.head = nn.GroupNorm(8, 32), nn.Conv2d(32, 2, 1)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.head(F.silu(self.norm(self.value(x) * torch.sigmoid(self.gate(x)))))
+
+
+def test_group_norm_after_a_gate_groups_both_convs():
+    torch.manual_seed(0)
+    model, x = GatedGroupNorm().eval(), torch.randn(2, 3, 8, 8)
+    cfg = ts.ChannelPrune(ratio=0.5, round_to=1)
+    ref, removed = zeroed_reference(model, cfg, (x,))
+    ts.prune(model, cfg, example_inputs=(x,), progress=False)
+    assert (model.value.out_channels, model.gate.out_channels, model.norm.num_groups) == (16, 16, 4)
+    assert removed[("value", "weight", 0)] == removed[("gate", "weight", 0)]
+    assert len({r // 4 for r in removed[("value", "weight", 0)]}) == 4  # whole groups of 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
 class OneGroup(nn.Module):  # PoolFormer normalizes with GroupNorm(1, C): statistics over every channel
     def __init__(self):
         super().__init__()

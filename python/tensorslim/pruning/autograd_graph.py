@@ -30,6 +30,8 @@ ELEMENTWISE = {"AddBackward0": operator.add, "SubBackward0": operator.sub, "MulB
 MODULE_OPS = {"ConvolutionBackward0": 1, "NativeBatchNormBackward0": 1, "NativeGroupNormBackward0": 1,
               "AddmmBackward0": 2, "MmBackward0": 1}
 SPLITS = ("SplitBackward0", "SplitWithSizesBackward0")  # tensor.split / chunk, one node for all parts
+# element-wise activations outside transformers' registry (Bloom's: a custom autograd Function)
+ELEMENTWISE_CLASSES = {"transformers.models.bloom.modeling_bloom.BloomGelu"}
 
 
 def _opaque(*args):  # stands for an operation the channel graph does not know
@@ -106,9 +108,6 @@ def trace(model: nn.Module, example_inputs: tuple, fold_tokens: bool = True) -> 
                              f"({first_line(e)})") from None
     return _to_fx(model, order, shapes, params, inputs, outs, fold_tokens, _passes(calls))
 
-
-# element-wise activations outside transformers' registry (Bloom's: a custom autograd Function)
-ELEMENTWISE_CLASSES = {"transformers.models.bloom.modeling_bloom.BloomGelu"}
 
 
 def _activations(model: nn.Module) -> List[nn.Module]:
@@ -200,7 +199,7 @@ def _split_sizes(fn) -> Tuple[List[int], int]:
     return [min(step, full[dim] - o) for o in range(0, full[dim], step)], dim
 
 
-def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool, activations=({}, set())) -> fx.GraphModule:
+def _to_fx(model, order, shapes, params, inputs, outs, fold_tokens: bool, activations) -> fx.GraphModule:
     g = fx.Graph()
     node_of: Dict = {}
     parts: Dict = {}  # (split function, output index): its getitem node

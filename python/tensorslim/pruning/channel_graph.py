@@ -127,12 +127,13 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
     info: Dict[fx.Node, Info] = {}
     mods = dict(model.named_modules())
 
-    def new_space(name: str, size: int, params, attrs, weight_dim: int = 0) -> int:
+    def new_space(name: str, size: int, params, attrs, weight_dim: int = 0, offset: int = 0, rep: int = 1) -> int:
         sid = sp.new(size)
         s = sp.get(sid)
         s.producers.append(name)
-        s.slices += [Slice(name, p, weight_dim if p == "weight" else 0) for p in params]
+        s.slices += [Slice(name, p, weight_dim if p == "weight" else 0, offset, rep) for p in params]
         s.attrs += attrs
+        s.width = rep
         return sid
 
     def output_spaces(node, name: str, size: int, params, attr: str, weight_dim: int) -> List[Tuple[int, int]]:
@@ -140,11 +141,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
         of `rep` consecutive channels where a GroupNorm takes them (its groups go whole)."""
         segs, off, rep = [], 0, group_reps.get(node, 1)
         for part in split_outputs.get(node, [size]):
-            sid = new_space(name, part // rep, params, [(name, attr, rep)], weight_dim)
-            sp.get(sid).width = rep
-            for sl in sp.get(sid).slices:
-                sl.offset, sl.rep = off, rep
-            segs.append((sid, rep))
+            segs.append((new_space(name, part // rep, params, [(name, attr, rep)], weight_dim, off, rep), rep))
             off += part
         return segs
 
@@ -317,7 +314,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                     info[node] = xi
             elif isinstance(m, nn.Flatten):
                 _flatten(node, x, xi, info, m.start_dim, mark, m.end_dim)
-            elif isinstance(m, nn.GLU) and follow_splits and (halves := _glu_halves(node, xi, sp, mods)) is not None:
+            elif isinstance(m, nn.GLU) and follow_splits and (halves := _split_parts(node, xi, sp, mods)) is not None:
                 if _join(halves[0], halves[1], sp, f"'{name}'"):
                     info[node] = Info(halves[0], xi.cdim)
                 else:
@@ -339,8 +336,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                 sp.keep_heads[x.target] = "its attention weights are used"
             continue
         takes_dims = target in DIM_FUNCTIONS if node.op == "call_function" else target in DIM_METHODS
-        split = _split_args(node, mods) if follow_splits else None  # any other split: not understood (below)
-        parts = _parts(xi, sp, split[0]) if split is not None and xi is not None and split[1] == xi.cdim else None
+        parts = _split_parts(node, xi, sp, mods) if follow_splits else None  # other splits: not understood (below)
         dim_args = (*node.args[1:], *(v for k, v in node.kwargs.items() if k not in ("input", "tensors")))
         if takes_dims and not _const(dim_args):
             for a in node.all_input_nodes:
@@ -354,8 +350,7 @@ def build_spaces(model: nn.Module, gm: fx.GraphModule, follow_splits: bool = Tru
                     mark(a, f"'{node.name}' combines tensors the channel graph does not line up")
             elif xi is not None:
                 info[node] = xi
-        elif (node.op == "call_function" and target in ELEMENTWISE) or \
-                (node.op == "call_method" and target in ELEMENTWISE_METHODS):
+        elif _is_elementwise(node):
             _elementwise(node, args, info, sp, mark)
         elif target in DIVISIONS and node.op in ("call_function", "call_method"):
             if len(args) == 1 and x is (node.args[0] if node.args else None) and xi is not None:
@@ -419,6 +414,12 @@ def _weight_layer(m: Optional[nn.Module]) -> bool:
     return isinstance(m, WEIGHT_LAYERS) or is_conv1d(m)
 
 
+def _is_elementwise(node) -> bool:
+    """A sum, difference or product of tensors (_elementwise joins its operands' spaces)."""
+    return (node.op == "call_function" and node.target in ELEMENTWISE) or \
+        (node.op == "call_method" and node.target in ELEMENTWISE_METHODS)
+
+
 def _is_glu(node, mods) -> bool:
     return (node.op == "call_function" and node.target is F.glu) or \
         (node.op == "call_module" and isinstance(mods.get(node.target), nn.GLU))
@@ -471,16 +472,15 @@ def _parts(xi: Info, sp: Spaces, sizes: List[int]) -> Optional[List[List[Tuple[i
 
 def _group_norm_reps(gm: fx.GraphModule, mods) -> Dict[fx.Node, int]:
     """{conv node: channels per GroupNorm group} for convs whose output a GroupNorm normalizes
-    (through element-wise activations and residual sums; then every conv summed with them too):
+    (through element-wise activations, residual sums and products; then every conv summed with
+    or multiplied by them too):
     their output space counts whole groups, each unit `rep` consecutive channels (a diffusion
     U-Net's or a GN-ResNet's blocks; a group of one channel where num_groups is the channel
     count). A conv claimed by two group sizes keeps single channels (the graph then keeps what
     does not line up)."""
-    sums = (operator.add, operator.iadd, torch.add, operator.sub, torch.sub, "add", "sub")
-
     def producers(start) -> set:
         found, todo, seen = set(), [start], set()
-        while todo:  # back through activations, GroupNorms and sums to the convs producing the channels
+        while todo:  # back through activations, GroupNorms, sums and products to the convs producing them
             src = todo.pop()
             if not isinstance(src, fx.Node) or src in seen:
                 continue
@@ -490,7 +490,7 @@ def _group_norm_reps(gm: fx.GraphModule, mods) -> Dict[fx.Node, int]:
                                                                    PASS_FUNCTIONS) or (src.op == "call_method" and
                                                                                         src.target in PASS_METHODS):
                 todo.append(src.args[0])
-            elif src.op in ("call_function", "call_method") and src.target in sums:
+            elif _is_elementwise(src):
                 todo += [a for a in src.args if isinstance(a, fx.Node)]
             elif isinstance(layer, CONVS) and layer.groups == 1:
                 found.add(src)
@@ -511,8 +511,8 @@ def _group_norm_reps(gm: fx.GraphModule, mods) -> Dict[fx.Node, int]:
             convs = producers(node.args[0])
             if all(mods[n.target].out_channels == m.num_channels for n in convs):
                 claim(convs, m.num_channels // m.num_groups)
-    for node in gm.graph.nodes:  # a residual sum: what is added to grouped channels is grouped alike
-        if node.op in ("call_function", "call_method") and node.target in sums:
+    for node in gm.graph.nodes:  # a residual sum or a gate: what meets grouped channels is grouped alike
+        if _is_elementwise(node):
             convs = producers(node)
             pers = {out[n] for n in convs if n in out}
             if len(pers) == 1:
@@ -530,7 +530,8 @@ def _join(a: List[Tuple[int, int]], b: List[Tuple[int, int]], sp: Spaces, where:
     return True
 
 
-def _glu_halves(node, xi: Optional[Info], sp: Spaces, mods):
+def _split_parts(node, xi: Optional[Info], sp: Spaces, mods) -> Optional[List[List[Tuple[int, int]]]]:
+    """The segments of each part of a split (or a GLU's halves) along xi's channels, else None."""
     split = _split_args(node, mods)
     return _parts(xi, sp, split[0]) if split is not None and xi is not None and split[1] == xi.cdim else None
 

@@ -169,10 +169,10 @@ def check_reached(unreached) -> None:
     if not names:
         return
     shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    raise ValueError(f"layer{'s' if len(names) > 1 else ''} {shown}: the calibration data never reached "
-                     f"{'them' if len(names) > 1 else 'this layer'} (a branch not taken, or model code using the "
-                     f".weight instead of calling the layer); exclude {'them' if len(names) > 1 else 'it'} "
-                     f"(exclude={names!r}) or use data that exercises {'them' if len(names) > 1 else 'it'}")
+    layers, them = ("layers", "them") if len(names) > 1 else ("layer", "it")
+    raise ValueError(f"{layers} {shown}: the calibration data never reached {them} (a branch not taken, or "
+                     f"model code using the .weight instead of calling the layer); exclude {them} "
+                     f"(exclude={names!r}) or use data that exercises {them}")
 
 
 def require_forward_loop(loop: Optional[ForwardLoop], technique: str) -> ForwardLoop:
