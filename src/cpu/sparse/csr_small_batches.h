@@ -57,6 +57,32 @@ inline bool step16_ready(const SparseWeight& w, int64_t e, __m256i last_col) {
   return true;
 }
 
+// 8 (4) entries' values as float, in lanes 0..7 (0..3).
+template <DType VT>
+inline __m256 values8(const void* values, int64_t e) {
+  if constexpr (VT == DType::kFloat32) return _mm256_loadu_ps(static_cast<const float*>(values) + e);
+  else return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+      reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + e))));
+}
+template <DType VT>
+inline __m256 values4(const void* values, int64_t e) {  // lanes 0..3
+  if constexpr (VT == DType::kFloat32) {
+    return _mm256_castps128_ps256(_mm_loadu_ps(static_cast<const float*>(values) + e));
+  } else {
+    int32_t four;
+    std::memcpy(&four, static_cast<const int8_t*>(values) + e, 4);
+    return _mm256_castps128_ps256(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four))));
+  }
+}
+
+// Lane i of v in every batch lane.
+template <int ST>
+inline typename Lanes<ST>::V lane_bcast(__m256 v, int i) {
+  const __m256 b = _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(i));
+  if constexpr (ST == 4) return _mm256_castps256_ps128(b);
+  else return b;
+}
+
 // Entries e .. e + 3 into the four chains.
 template <DType VT, int ST>
 inline void csr_step4(const SparseWeight& w, const float* xt, int64_t e, typename Lanes<ST>::V acc[4]) {
@@ -67,6 +93,26 @@ inline void csr_step4(const SparseWeight& w, const float* xt, int64_t e, typenam
   acc[1] = L::fma(value_bcast<VT, ST>(w.values, e + 1), L::load(xt + ((c4 >> 16) & 0xffff) * ST), acc[1]);
   acc[2] = L::fma(value_bcast<VT, ST>(w.values, e + 2), L::load(xt + ((c4 >> 32) & 0xffff) * ST), acc[2]);
   acc[3] = L::fma(value_bcast<VT, ST>(w.values, e + 3), L::load(xt + (c4 >> 48) * ST), acc[3]);
+}
+
+// Entries e .. e + 15 of int8 values: the 16 codes converted in two vectors, each spread to the
+// batch lanes by vpermps, rather than a movsx + cvtsi2ss + broadcast per entry (csr_step4's
+// value_bcast). A / B, 90% int8, 3-8 rows: 4096 x 4096 1.10-1.25x, 4096 x 11008 1.07-1.14x
+// (Zen 5, AVX-512 and AVX2, weights in and out of cache). Float32 values keep their broadcast
+// loads: spread this way they ran 1.12-1.17x at 3-4 rows on 4096 x 4096 (in cache) but
+// 0.93-0.96x on 4096 x 11008 out of cache, and ~1.0x at 6-8 rows.
+template <int ST>
+inline void csr_step16_int8(const SparseWeight& w, const float* xt, int64_t e, typename Lanes<ST>::V acc[4]) {
+  using L = Lanes<ST>;
+  uint64_t q[4];  // sixteen columns
+  std::memcpy(q, w.cols + e, sizeof(q));
+  for (int h = 0; h < 2; ++h) {
+    const __m256 v = values8<DType::kInt8>(w.values, e + 8 * h);
+    for (int i = 0; i < 8; ++i) {
+      const uint64_t c = (q[2 * h + i / 4] >> (16 * (i % 4))) & 0xffff;
+      acc[i % 4] = L::fma(lane_bcast<ST>(v, i), L::load(xt + c * ST), acc[i % 4]);
+    }
+  }
 }
 
 // Columns are checked per 16-entry step (step16_ready), the last < 16 entries with max_col.
@@ -85,7 +131,8 @@ bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
     bool row_ok = true;
     for (; e + 16 <= e1; e += 16) {
       if (!(row_ok = step16_ready<VT>(w, e, last_col))) break;
-      for (int i = 0; i < 16; i += 4) csr_step4<VT, ST>(w, xt, e + i, acc);
+      if constexpr (VT == DType::kInt8) csr_step16_int8<ST>(w, xt, e, acc);
+      else for (int i = 0; i < 16; i += 4) csr_step4<VT, ST>(w, xt, e + i, acc);
     }
     if (!row_ok || (e < e1 && max_col(w.cols + e, e1 - e) >= w.K)) {
       bad = true;
@@ -106,23 +153,6 @@ bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
 // standalone: 0.86 -> 0.50 ms). Strides 4 and 8 the same way (128-bit loads put together
 // with vinsertf32x4 / vinsertf32x8) were slower than the broadcasts: 0.85 -> 1.08 ms at 4
 // rows, 0.95 -> 1.53 at 8.
-template <DType VT>
-inline __m256 values8(const void* values, int64_t e) {
-  if constexpr (VT == DType::kFloat32) return _mm256_loadu_ps(static_cast<const float*>(values) + e);
-  else return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-      reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + e))));
-}
-template <DType VT>
-inline __m256 values4(const void* values, int64_t e) {  // lanes 0..3
-  if constexpr (VT == DType::kFloat32) {
-    return _mm256_castps128_ps256(_mm_loadu_ps(static_cast<const float*>(values) + e));
-  } else {
-    int32_t four;
-    std::memcpy(&four, static_cast<const int8_t*>(values) + e, 4);
-    return _mm256_castps128_ps256(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four))));
-  }
-}
-
 template <DType VT>
 bool csr_rows_pair(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   const __m256i lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
