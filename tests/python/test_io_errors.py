@@ -222,7 +222,45 @@ def test_pruning_header_sets_only_sizes_that_shrink(tmp_path):
         snap = _snapshot(fresh)
         with pytest.raises(ValueError, match=match):
             ts.load(fresh, bad)
-        assert_unchanged(fresh, snap) and fresh[0].out_features == 128
+        assert_unchanged(fresh, snap)
+        assert fresh[0].out_features == 128
+
+
+def _phi3(prune=False):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                       pad_token_id=0, bos_token_id=0, eos_token_id=1)).eval()
+    if prune:
+        ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+        ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), example_inputs={"input_ids": ids}, progress=False)
+    return model
+
+
+def test_pruning_header_config_sizes(tmp_path):
+    """A size the layer reads from the config every layer shares (Phi-3's
+    config.num_attention_heads) follows the same rules, and a refused file leaves every
+    attention on the model's own config, even where the bad entry came after a good one."""
+    src = tmp_path / "pruned.safetensors"
+    ts.save(_phi3(prune=True), src)
+    for attrs, match in (({"config.num_attention_heads": 9}, "in 1..4"), ({"config.forward": 1}, "no size attribute"),
+                         ({"config._attn_implementation": 1}, "no size attribute"),
+                         ({"config.num_attention_heads": True}, "in 1..4"),
+                         ({"config.num_attention_heads": 2, "num_key_value_heads": 99}, "in 1..4")):
+        def edit(layers, meta):
+            pruning = json.loads(meta["tensorslim.pruning"])
+            pruning["structured"]["model.layers.1.self_attn"] = attrs
+            meta["tensorslim.pruning"] = json.dumps(pruning)
+
+        bad = _rewritten(src, tmp_path / "bad.safetensors", edit)
+        fresh = _phi3()
+        snap = _snapshot(fresh)
+        with pytest.raises(ValueError, match=match):
+            ts.load(fresh, bad)
+        assert_unchanged(fresh, snap)
+        assert all(layer.self_attn.config is fresh.config for layer in fresh.model.layers)
 
 
 def test_special_files_symlinks_and_meta_models(tmp_path, saved):

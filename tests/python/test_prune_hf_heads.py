@@ -220,7 +220,8 @@ def test_pruned_opt_saves_loads_and_generates(tmp_path):
 
 class _Attention(nn.Module):
     """Hugging Face's attribute names in a hand-written attention; `sized`: how its code shapes
-    the heads: from head_dim (prunable), or from its full width (not)."""
+    the heads: from head_dim or embed_dim (prunable: embed_dim shrinks with them), or from its
+    input's width (not)."""
 
     def __init__(self, width=32, heads=4, sized="head_dim"):
         super().__init__()
@@ -232,7 +233,8 @@ class _Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        return self.out_proj(a.reshape(b, t, self.embed_dim if self.sized == "embed_dim" else -1))
+        width = {"head_dim": -1, "embed_dim": self.embed_dim, "input": x.shape[-1]}[self.sized]
+        return self.out_proj(a.reshape(b, t, width))
 
 
 class _Block(nn.Module):
@@ -246,11 +248,12 @@ class _Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(x)))
 
 
-def test_hand_written_attention_with_the_same_attributes():
+@pytest.mark.parametrize("sized", ["head_dim", "embed_dim"])
+def test_hand_written_attention_with_the_same_attributes(sized):
     """A model of its own (traced by torch.fx) with Hugging Face's attribute names: heads go
-    where its code views them through head_dim."""
+    where its code views them through head_dim or embed_dim."""
     torch.manual_seed(0)
-    model = nn.Sequential(_Block(), _Block()).eval()
+    model = nn.Sequential(_Block(sized), _Block(sized)).eval()
     x = torch.randn(2, 5, 32)
     cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5)
     ref, _ = zeroed_reference(model, cfg, (x,))
@@ -261,10 +264,10 @@ def test_hand_written_attention_with_the_same_attributes():
 
 
 def test_code_sizing_heads_from_the_width_keeps_them():
-    """`reshape(b, t, self.embed_dim)` cannot take fewer heads: the check fails with them removed,
+    """`reshape(b, t, x.shape[-1])` cannot take fewer heads: the check fails with them removed,
     so the prune runs again with every such attention whole (its row says why); FFN neurons go."""
     torch.manual_seed(0)
-    model = nn.Sequential(_Block(sized="embed_dim")).eval()
+    model = nn.Sequential(_Block(sized="input")).eval()
     x = torch.randn(2, 5, 32)
     want = model(x)
     report = ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), example_inputs=(x,), progress=False)
@@ -555,26 +558,72 @@ def test_modernbert_fused_heads_and_glu(tmp_path):
     _encodes_as_reference_and_reloads(model, ref, _modernbert, ids, tmp_path)
 
 
-def _phi3():
+def _phi3(kv_heads=2):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     return Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                                       pad_token_id=0, bos_token_id=0, eos_token_id=1))
 
 
-def test_phi3_glu_in_one_layer(tmp_path):
+def test_phi3_heads_and_glu_in_one_layer(tmp_path):
     """Phi-3's gate_up_proj holds gate and up (its output chunked in two): a neuron is rows i and
-    64 + i of it and column i of down_proj. Its attention slices the fused qkv_proj by the
-    config's head count, so its heads stay. Equal to the zeroed original in generation too."""
+    64 + i of it and column i of down_proj. Its qkv_proj holds 4 query heads, then 2 kv heads'
+    keys and values: a unit is a kv head with its 2 query heads. The layer slices qkv_proj at
+    its config's head count, which every layer shares: each attention gets a view of the config
+    with its own count, the model's config stays. Equal to the zeroed original in generation,
+    after a deepcopy and after reloading."""
     torch.manual_seed(0)
     model = _phi3().eval()
+    shared = model.config
     ids = _ids(7)
     ref, _, _ = _prune_half(model, ids)
     for layer in model.model.layers:
         assert (layer.mlp.gate_up_proj.out_features, layer.mlp.down_proj.in_features) == (64, 32)
-        assert layer.self_attn.qkv_proj.out_features == 64
+        att = layer.self_attn
+        assert (att.qkv_proj.out_features, att.o_proj.in_features, att.num_key_value_heads) == (32, 16, 1)
+        assert att.config.num_attention_heads == 2 and att.config.vocab_size == 64
+    assert model.config is shared and shared.num_attention_heads == 4
     _generates_as_reference_and_reloads(model, ref, _phi3, ids, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model)(ids).logits, model(ids).logits)
+
+
+def test_phi3_heads_differ_by_layer(tmp_path):
+    """Without grouped-query (a unit is one head), with layer 1's attention excluded: layer 0
+    runs 2 heads and layer 1 its 4, which one shared count could not express."""
+    torch.manual_seed(0)
+    model = _phi3(kv_heads=4).eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0.5, exclude=["model.layers.1.self_attn"])
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    first, second = (layer.self_attn for layer in model.model.layers)
+    assert (first.qkv_proj.out_features, first.config.num_attention_heads, first.num_key_value_heads) == (48, 2, 2)
+    assert (second.qkv_proj.out_features, second.config.num_attention_heads) == (96, 4)
+    assert second.config is model.config
+    _generates_as_reference_and_reloads(model, ref, lambda: _phi3(kv_heads=4), ids, tmp_path)
+
+
+def _xglm():
+    from transformers import XGLMConfig, XGLMForCausalLM
+
+    return XGLMForCausalLM(XGLMConfig(vocab_size=64, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64,
+                                      max_position_embeddings=64))
+
+
+def test_xglm_heads_with_its_embed_dim(tmp_path):
+    """XGLM reshapes its attention output to (batch, tokens, self.embed_dim): embed_dim shrinks
+    with the heads (the heads stayed before: the check failed)."""
+    torch.manual_seed(0)
+    model = _xglm().eval()
+    ids = _ids(7)
+    ref, _, _ = _prune_half(model, ids)
+    for layer in model.model.layers:
+        att = layer.self_attn
+        assert (att.num_heads, att.embed_dim, att.q_proj.out_features, att.out_proj.in_features) == (2, 16, 16, 16)
+        assert layer.fc1.out_features == 32
+    _generates_as_reference_and_reloads(model, ref, _xglm, ids, tmp_path)
 
 
 FALCON_LAYOUTS = {"multi_query": dict(multi_query=True), "per_head": dict(multi_query=False),
@@ -677,7 +726,7 @@ def test_schedule_finalize_keeps_heads_the_code_cannot_lose():
     them: where the code sizes heads from the width, finalize prunes again with them whole
     (it raised, losing the schedule's pruning)."""
     torch.manual_seed(0)
-    model = nn.Sequential(_Block(sized="embed_dim"))
+    model = nn.Sequential(_Block(sized="input"))
     x = torch.randn(2, 5, 32)
     sched = ts.pruning.Schedule(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5), 0, 2, 1, example_inputs=(x,))
     for _ in range(3):
@@ -693,7 +742,7 @@ class _Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         self.torch_layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.block = _Block(sized="embed_dim")
+        self.block = _Block(sized="input")
 
     def forward(self, x):
         return self.block(self.torch_layer(x))

@@ -13,12 +13,15 @@ Hugging Face attentions (hf_layout) lose heads in place, their code viewing the 
     ViT, CLIP, SigLIP, Whisper, BART, OPT, StarCoder2, Phi); grouped-query with an int
     num_key_value_groups: a unit is one kv head with its query heads; the same with
     attention_head_size for DistilBERT's q_lin / k_lin / v_lin / out_lin and MPNet's q / k / v / o
-    (all_head_size updated where kept);
+    (all_head_size updated where kept, embed_dim where it is the heads' width: XGLM's output
+    reshape reads it);
   - MPNet's position bias: one column per head of its encoder's relative_attention_bias, added
     in every layer, so all the attentions under that table lose the same heads (as T5's below);
   - GPT-NeoX's fused query_key_value: 3 x head_size consecutive rows per head; Falcon's three
     layouts of it (grouped, multi-query, per head); GPT-BigCode's c_attn (multi-query or per
     head); ModernBERT's Wqkv (q | k | v blocks): head_dim rows in each block, Wo's columns;
+    Phi-3's qkv_proj (q | k | v blocks under grouped-query, its query count read from the
+    shared config: config.num_attention_heads in size_attrs);
   - T5's q / k / v / o (n_heads, key_value_proj_dim): every attention of one stack and kind
     loses the same heads, since the stack's first block computes the position bias (one
     column of relative_attention_bias per head) that every later block adds.
@@ -59,7 +62,8 @@ class Layout(NamedTuple):
     attrs: Tuple[Tuple[str, int], ...]  # (size attribute, its size per unit)
     shared_bias: bool = False           # T5: one position bias per stack (see add_head_spaces)
     groups: int = 1                     # query heads per unit (num_key_value_groups)
-    parts: int = 1                      # q | k | v blocks in the one fused projection (ModernBERT's 3)
+    # the fused projection's later blocks (its k and v): (first row, rows per unit) of each
+    blocks: Tuple[Tuple[int, int], ...] = ()
 
 
 def hf_layout(m: nn.Module) -> Optional[Layout]:
@@ -80,6 +84,8 @@ def hf_layout(m: nn.Module) -> Optional[Layout]:
         return _fused_layout(m)
     if isinstance(getattr(m, "Wqkv", None), nn.Module) and isinstance(getattr(m, "Wo", None), nn.Module):
         return _blocked_layout(m)
+    if isinstance(getattr(m, "qkv_proj", None), nn.Linear) and isinstance(getattr(m, "o_proj", None), nn.Linear):
+        return _qkv_proj_layout(m)
     if isinstance(getattr(m, "c_attn", None), nn.Linear) and isinstance(getattr(m, "c_proj", None), nn.Linear) \
             and hasattr(m, "multi_query"):
         return _bigcode_layout(m)
@@ -155,7 +161,23 @@ def _blocked_layout(m: nn.Module) -> Optional[Layout]:
     if type(hd) is not int or hd <= 0 or type(width) is not int or width % hd or hasattr(m, "num_heads") \
             or getattr(m.Wqkv, "out_features", None) != 3 * width:
         return None
-    return Layout(width // hd, hd, ("Wqkv",), (hd,), "Wo", (), parts=3)
+    return Layout(width // hd, hd, ("Wqkv",), (hd,), "Wo", (), blocks=((width, hd), (2 * width, hd)))
+
+
+def _qkv_proj_layout(m: nn.Module) -> Optional[Layout]:
+    """Phi-3 (Phi-3.5, Phi-4-mini): qkv_proj holds every query head, then the kv heads' keys,
+    then their values; a unit is a kv head with its query heads (num_key_value_groups of them:
+    head_dim rows each in the q block, head_dim rows in the k and v blocks). The layer slices
+    qkv_proj at `self.config.num_attention_heads`, a count every layer shares: each pruned
+    attention gets its own (size_attrs.ConfigView)."""
+    hd, kv, groups = (getattr(m, a, None) for a in ("head_dim", "num_key_value_heads", "num_key_value_groups"))
+    heads = getattr(getattr(m, "config", None), "num_attention_heads", None)
+    if any(type(v) is not int or v <= 0 for v in (hd, kv, groups, heads)) or heads != kv * groups or \
+            m.qkv_proj.out_features != (heads + 2 * kv) * hd or m.o_proj.in_features != heads * hd:
+        return None
+    attrs = (("num_key_value_heads", 1), ("config.num_attention_heads", groups))
+    return Layout(kv, hd, ("qkv_proj",), (groups * hd,), "o_proj", attrs, groups=groups,
+                  blocks=((heads * hd, hd), ((heads + kv) * hd, hd)))
 
 
 def _projected_layout(m: nn.Module, qkv: Tuple[str, ...], outputs: Tuple[str, ...], size: str) -> Optional[Layout]:
@@ -183,6 +205,8 @@ def _projected_layout(m: nn.Module, qkv: Tuple[str, ...], outputs: Tuple[str, ..
         attrs += (("num_key_value_heads", 1),)
     if getattr(m, "all_head_size", None) == q:  # MPNet's output view reads it
         attrs += (("all_head_size", groups * hd),)
+    if type(getattr(m, "embed_dim", None)) is int and m.embed_dim == q:  # XGLM's output reshape reads it
+        attrs += (("embed_dim", groups * hd),)
     return Layout(kv, hd, qkv, (groups * hd, hd, hd), out, attrs, groups=groups)
 
 
@@ -245,11 +269,11 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
             sid = linear_space(sp, "heads", heads, [(p + q, getattr(m, q), r) for q, r in zip(qkv, hf.rows)],
                                [(p + out, getattr(m, out), groups * hd)])
             s = sp.get(sid)
-            if hf.parts > 1 and not s.frozen:  # the same rows in each block of the fused projection
-                fused, block = p + qkv[0], heads * hf.rows[0]
-                s.slices += [dataclasses.replace(sl, offset=k * block) for sl in s.slices if sl.module == fused
-                             for k in range(1, hf.parts)]
-                s.attrs = [(n, a, per * hf.parts if n == fused else per) for n, a, per in s.attrs]
+            if hf.blocks and not s.frozen:  # the unit's rows in each later block of the fused projection
+                fused, per_unit = p + qkv[0], hf.rows[0] + sum(rows for _, rows in hf.blocks)
+                s.slices += [dataclasses.replace(sl, offset=first, rep=rows) for sl in s.slices if sl.module == fused
+                             for first, rows in hf.blocks]
+                s.attrs = [(n, a, per_unit if n == fused else per) for n, a, per in s.attrs]
             if not s.frozen:  # (frozen: a compressed projection, nothing sliced)
                 s.attrs += [(name, attr, per) for attr, per in hf.attrs]
                 if torch_attention:

@@ -35,6 +35,7 @@ from . import channel_graph, channel_rules, masks, verify
 from .attention_heads import add_head_spaces, hf_layout, per_head_masks
 from .channel_space import Space, Spaces
 from .config import ChannelPrune
+from .size_attrs import get_size, set_size
 
 STRUCTURED_ATTR = "_tensorslim_structured"  # {module name: {attribute: value}} for ts.save
 UNPRUNED_BYTES_ATTR = "_tensorslim_unpruned_bytes"  # {module name: bytes before any channel left}: summary
@@ -378,7 +379,7 @@ def _with_hf_heads_kept_on_failure(model: nn.Module, cfg: ChannelPrune, calib_da
                                    forced: Optional[dict]) -> Report:
     """_prune_channels, once more with the heads of every Hugging Face attention kept (its row
     says why) where the check fails and the model has such attentions: model code sizing its
-    heads from the full width (`reshape(b, t, self.embed_dim)`)."""
+    heads from the full width (`reshape(b, t, x.shape[-1])`, `self.hidden_size`)."""
     try:
         return _prune_channels(model, cfg, calib_data, forward_loop, example_inputs, forced)
     except verify.ModelRunError as e:
@@ -434,7 +435,7 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
                              f"exclude=[{name!r}]")
         keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.int64)
         new[key] = _gather(t, dim, keep).to(t.dtype)
-    attrs = {(n, a): getattr(mods[n], a) - d for (n, a), d in dec.items()}
+    attrs = {(n, a): get_size(mods[n], a) - d for (n, a), d in dec.items()}
     for (n, a), v in attrs.items():
         if v <= 0:
             raise ValueError(f"layer '{n}': pruning would leave {a} = {v}")
@@ -442,7 +443,7 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
     batch = _example_batch(calib_data, example_inputs)
     old_tensors = {key: getattr(mods[key[0]], key[1]) for key in new}  # before any forward runs
     expected = verify.without_channels(model, batch, removed) if batch is not None and removed else None
-    old_attrs = {key: getattr(mods[key[0]], key[1]) for key in attrs}
+    old_attrs = {key: get_size(mods[key[0]], key[1]) for key in attrs}
     def put(tensors: dict, sizes: dict) -> None:
         for (name, param), t in tensors.items():
             old = getattr(mods[name], param)
@@ -453,7 +454,7 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
             else:
                 mods[name]._buffers[param] = t
         for (n, a), v in sizes.items():
-            setattr(mods[n], a, v)
+            set_size(mods[n], a, v)
 
     put(new, attrs)
     if expected is not None:

@@ -2,7 +2,7 @@
 back into a fresh copy of the original architecture before the tensors are loaded.
 
   {"masks": [layer names carrying a weight_mask],
-   "structured": {module name: {size attribute: value}}}   (ChannelPrune)
+   "structured": {module name: {size attribute: value}}}   (ChannelPrune; size_attrs names them)
 Structurally pruned tensors take their shapes from the file itself.
 """
 from typing import Callable, Dict, Tuple
@@ -12,6 +12,7 @@ from torch import nn
 
 from . import masks
 from ..transforms import float_weight
+from .size_attrs import check_name, get_size, set_size
 
 HEADER_KEY = "tensorslim.pruning"
 
@@ -52,14 +53,14 @@ def _resize(model, modules, structured, shapes, path, undo_log) -> None:
         for attr, value in attrs.items():
             # pruning only shrinks integer sizes: anything else (a method, a flag, a float
             # hyper-parameter, a size that grows) is a corrupt header, refused before it is set
-            now = getattr(mod, attr, None)
-            if type(now) is not int or attr.startswith("_"):
+            now = get_size(mod, attr) if isinstance(attr, str) and check_name(attr) else None
+            if type(now) is not int:
                 raise ValueError(f"{path}: pruned layer '{name}' has no size attribute {attr!r}")
             if type(value) is not int or not 0 < value <= now:
                 raise ValueError(f"{path}: corrupt tensorslim header: pruned layer '{name}' {attr} = {value!r}, "
                                  f"expected an int in 1..{now} (the model's {attr} is {now})")
-            undo_log.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, value)
+            undo_log.append((mod, attr, now))
+            set_size(mod, attr, value)
 
 
 def split_entry(entry: dict, model: nn.Module, replaced=()) -> Tuple[dict, dict]:
@@ -100,8 +101,10 @@ def prepare_load(model: nn.Module, entry: dict, shapes: Dict[str, Tuple[str, Tup
         for mod, attr, old in reversed(undo_log):
             if isinstance(old, torch.Tensor) and not isinstance(old, nn.Parameter) and attr in mod._buffers:
                 mod._buffers[attr] = old
-            else:
+            elif isinstance(old, torch.Tensor):
                 setattr(mod, attr, old)
+            else:
+                set_size(mod, attr, old)
         if structured:
             from .channels import STRUCTURED_ATTR
 
