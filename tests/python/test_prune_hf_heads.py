@@ -626,6 +626,28 @@ def test_xglm_heads_with_its_embed_dim(tmp_path):
     _generates_as_reference_and_reloads(model, ref, _xglm, ids, tmp_path)
 
 
+def _albert():
+    from transformers import AlbertConfig, AlbertModel
+
+    return AlbertModel(AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=32))
+
+
+def test_albert_heads_of_its_one_layer(tmp_path):
+    """ALBERT runs one layer's weights at all three depths: its attention (query / key / value /
+    dense, and a LayerNorm over the residual sum, as wide as its 4 heads: not read as spanning
+    them) loses half its heads once for every call, its FFN half its neurons."""
+    torch.manual_seed(0)
+    model = _albert().eval()
+    ids = _ids(7)
+    ref, _, _ = _prune_half(model, ids)
+    layer = model.encoder.albert_layer_groups[0].albert_layers[0]
+    att = layer.attention
+    assert (att.num_attention_heads, att.all_head_size, att.query.out_features, att.dense.in_features) == (2, 16, 16, 16)
+    assert att.LayerNorm.normalized_shape == (32,) and layer.ffn.out_features == 32
+    _encodes_as_reference_and_reloads(model, ref, _albert, ids, tmp_path)
+
+
 FALCON_LAYOUTS = {"multi_query": dict(multi_query=True), "per_head": dict(multi_query=False),
                   "grouped": dict(new_decoder_architecture=True, num_kv_heads=2)}
 

@@ -12,7 +12,8 @@ Hugging Face attentions (hf_layout) lose heads in place, their code viewing the 
   - q_proj / k_proj / v_proj and out_proj, o_proj or dense, an int head_dim (transformers 5's
     ViT, CLIP, SigLIP, Whisper, BART, OPT, StarCoder2, Phi); grouped-query with an int
     num_key_value_groups: a unit is one kv head with its query heads; the same with
-    attention_head_size for DistilBERT's q_lin / k_lin / v_lin / out_lin and MPNet's q / k / v / o
+    attention_head_size for DistilBERT's q_lin / k_lin / v_lin / out_lin, MPNet's q / k / v / o
+    and ALBERT's query / key / value / dense (BERT's own keeps dense outside: a block rule's)
     (all_head_size updated where kept, embed_dim where it is the heads' width: XGLM's output
     reshape reads it);
   - MPNet's position bias: one column per head of its encoder's relative_attention_bias, added
@@ -43,7 +44,8 @@ QKV = ("q_proj", "k_proj", "v_proj")
 # the separate-projection attentions: (q / k / v, output projections, head-size attribute)
 PROJECTED = ((QKV, ("out_proj", "o_proj", "dense"), "head_dim"),
              (("q_lin", "k_lin", "v_lin"), ("out_lin",), "attention_head_size"),  # DistilBERT
-             (("q", "k", "v"), ("o",), "attention_head_size"))                    # MPNet
+             (("q", "k", "v"), ("o",), "attention_head_size"),                    # MPNet
+             (("query", "key", "value"), ("dense",), "attention_head_size"))      # ALBERT
 # torch modules that read and write their width whole (the traced graph keeps it): their
 # insides are pruned by rules of their own (heads here, FFN neurons in channel_rules)
 ATTENTIONS = (nn.MultiheadAttention, ProjectedMultiheadAttention)
@@ -210,18 +212,25 @@ def _projected_layout(m: nn.Module, qkv: Tuple[str, ...], outputs: Tuple[str, ..
     return Layout(kv, hd, qkv, (groups * hd, hd, hd), out, attrs, groups=groups)
 
 
-def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str]) -> Optional[str]:
+def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str],
+                         stream: Optional[int] = None) -> Optional[str]:
     """The first parameter or buffer of an attention, outside its projections `own`, with a
     dimension sized by the heads (a q_norm over num_heads x head_dim, attention sinks, ALiBi
     slopes: one per head), or None. counts: the head counts (query heads, and kv heads where
-    they differ)."""
+    they differ). stream: the width of the attention's output; an nn.LayerNorm over it
+    (ALBERT's, on the residual sum after its output projection) normalizes the stream, not the
+    heads, even where heads x head_dim equals it (the check against the original catches a
+    model where it does not)."""
     sizes = {n * hd for n in counts} | set(counts)
     sizes.discard(hd)
+    stream_norms = {n for n, m in att.named_modules()
+                    if isinstance(m, nn.LayerNorm) and stream is not None and tuple(m.normalized_shape) == (stream,)}
     # float buffers only: a boolean causal mask (GPT-Neo's `bias`, max_positions square) has
     # nothing per head, whatever its size
     held = [*att.named_parameters(), *((n, b) for n, b in att.named_buffers() if b.is_floating_point())]
     for name, t in held:
-        if name.split(".")[0] not in own and any(d in sizes for d in t.shape):
+        if name.split(".")[0] not in own and name.rpartition(".")[0] not in stream_norms and \
+                any(d in sizes for d in t.shape):
             return name
     return None
 
@@ -256,7 +265,8 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
                           None if torch_attention else kept_hint)
         if why is None and not torch_attention:
             own = (*qkv, out, "relative_attention_bias")
-            spanning = head_sized_parameter(m, hd, sorted({heads, heads * groups}), own)
+            spanning = head_sized_parameter(m, hd, sorted({heads, heads * groups}), own,
+                                            getattr(getattr(m, out), "out_features", None))
             why = None if spanning is None else f"attention '{name}': '{spanning}' spans the heads"
         if why is None and heads == 1:
             why = f"attention '{name}', a single kv head (its {groups} query heads share it)"
