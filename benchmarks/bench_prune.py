@@ -123,6 +123,10 @@ def main():
     p.add_argument("--parts", default="cnn,minilm,lm,select")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
+    parts = {"cnn": part_cnn, "minilm": part_minilm, "lm": part_lm, "select": part_select}
+    unknown = [part for part in args.parts.split(",") if part not in parts]
+    if unknown:
+        p.error(f"--parts: unknown {', '.join(unknown)} (choose from {','.join(parts)})")
     if args.threads:
         torch.set_num_threads(args.threads)
         ts._C.set_num_threads(args.threads)
@@ -131,7 +135,7 @@ def main():
           f"({torch.get_num_threads()} threads), load average {load:.2f}"
           + ("  <- NOT idle: timings unreliable" if load >= 0.5 else ""))
     for part in args.parts.split(","):
-        {"cnn": part_cnn, "minilm": part_minilm, "lm": part_lm, "select": part_select}[part]()
+        parts[part]()
 
 
 if __name__ == "__main__":
