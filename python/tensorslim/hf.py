@@ -10,7 +10,7 @@ the weights.
 """
 import json
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -96,6 +96,46 @@ def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _conversions(model: nn.Module):
+    """(renames, merges): the transforms transformers' conversion mapping lists for the model
+    (empty where this transformers has none)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return [], []
+    transforms = get_model_conversion_mapping(model)
+    renames = [t for t in transforms if isinstance(t, WeightRenaming)]
+    return renames, [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+
+def checkpoint_renames(model: nn.Module) -> Callable[[str], str]:
+    """A saved tensor's name -> the model's name for it. transformers renames some models'
+    tensors on save_pretrained (Mixtral's `mlp.` is `block_sparse_moe.` in its checkpoints) and
+    back on from_pretrained; the renames its conversion mapping lists are applied here."""
+    renames = _conversions(model)[0]
+
+    def rename(key: str) -> str:
+        for t in renames:
+            key, _ = t.rename_source_key(key)
+        return key
+
+    return rename
+
+
+def _refuse_merged(model: nn.Module, keys, directory) -> None:
+    """ts.from_pretrained does not merge what transformers merges on load (fused experts left
+    uncompressed, saved one expert at a time): a clear error instead of a missing tensor."""
+    merges = _conversions(model)[1]
+    merged = [k for k in keys if any(t.rename_source_key(k)[1] is not None for t in merges)]
+    if merged:
+        raise ValueError(f"{directory}: the checkpoint holds {merged[:2]}{' ...' if len(merged) > 2 else ''}, "
+                         f"which transformers merges into the model's tensors on load (experts left fused, "
+                         f"saved one expert at a time); ts.from_pretrained does not: load it with the model "
+                         f"class's own from_pretrained(dir) (tensorslim's quantizer takes the compressed "
+                         f"layers), or save with ts.save and load with ts.load")
+
+
 def _build(cls, config) -> nn.Module:
     """A model of `config` in the config's dtype with its parameters on the meta device, built
     as transformers builds it (buffers it keeps in float32, such as rotary inv_freq, stay so; a
@@ -133,8 +173,10 @@ def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Mod
         raise ValueError(f"{directory}: config.json has no tensorslim quantization_config: not saved from a "
                          f"model tensorslim compressed; load it with {getattr(cls, '__name__', cls)}.from_pretrained")
     check_config(qcfg, directory)
-    state = _read_weights(directory)
     model = _build(cls, config)  # compressed layers then compute in the float layers' dtype
+    rename = checkpoint_renames(model)
+    state = {rename(k): t for k, t in _read_weights(directory).items()}
+    _refuse_merged(model, state, directory)
     shapes = {k: (str(t.dtype), tuple(t.shape)) for k, t in state.items()}
     originals, replacements = io.plan_layers(model, qcfg["layers"], directory, shapes, on_meta=True)
     io.load_layers_and_state(model, originals, replacements, state, directory, fill_tied=True,

@@ -12,7 +12,7 @@ import importlib.util
 import sys
 import warnings
 
-from .hf import QUANT_METHOD
+from .hf import QUANT_METHOD, checkpoint_renames
 
 _REGISTRY = "transformers.quantizers.auto"
 
@@ -44,6 +44,9 @@ def _make_classes():
             from . import io
 
             shapes = _checkpoint_shapes(checkpoint_files)
+            if shapes is not None:  # the model's names for the saved tensors
+                rename = checkpoint_renames(model)
+                shapes = {rename(k): v for k, v in shapes.items()}
             _, replacements = io.plan_layers(model, self.quantization_config.layers, "config.json", shapes)
             for name, new in replacements.items():
                 io._set_submodule(model, name, new)

@@ -4,6 +4,7 @@ from .compressed_linear import CompressedLinear
 from .int8_conv import FoldedBatchNorm, Int8Conv1d, Int8Conv2d
 from .int8_linear import Int8Linear
 from .lowbit_linear import LowBitLinear
+from .expert_linears import ExpertLinears
 from .lowrank_conv import CPConv2d, TuckerConv2d
 from .lowrank_linear import LowRankLinear
 from .projected_attention import ProjectedMultiheadAttention
@@ -21,10 +22,10 @@ COMPRESSED_MODULES = {cls.kind: cls for cls in (WeightOnlyLinear, LowBitLinear, 
 
 # kinds a saved file lists that restructure a layer without compressing it (its children may
 # be compressed): io saves and loads them with the compressed ones; summaries leave them out
-STRUCTURAL_MODULES = {ProjectedMultiheadAttention.kind: ProjectedMultiheadAttention}
+STRUCTURAL_MODULES = {cls.kind: cls for cls in (ProjectedMultiheadAttention, ExpertLinears)}
 SAVED_MODULES = {**COMPRESSED_MODULES, **STRUCTURAL_MODULES}
 
-__all__ = ["COMPRESSED_MODULES", "STRUCTURAL_MODULES", "SAVED_MODULES", "ProjectedMultiheadAttention", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear",
+__all__ = ["COMPRESSED_MODULES", "STRUCTURAL_MODULES", "SAVED_MODULES", "ProjectedMultiheadAttention", "ExpertLinears", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear",
            "BinaryLinear", "TernaryLinear", "W4A8Linear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
            "NMSparseLinear", "CSRSparseLinear", "QuantizedEmbedding", "QuantizedEmbeddingBag",
            "Int8Conv1d", "Int8Conv2d", "FoldedBatchNorm"]

@@ -170,8 +170,9 @@ def check_reached(unreached) -> None:
         return
     shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     layers, them = ("layers", "them") if len(names) > 1 else ("layer", "it")
-    raise ValueError(f"{layers} {shown}: the calibration data never reached {them} (a branch not taken, or "
-                     f"model code using the .weight instead of calling the layer); exclude {them} "
+    raise ValueError(f"{layers} {shown}: the calibration data never reached {them} (a branch not taken, an "
+                     f"expert no calibration token was routed to, or model code using the .weight instead of "
+                     f"calling the layer); exclude {them} "
                      f"(exclude={names!r}) or use data that exercises {them}")
 
 

@@ -1,0 +1,71 @@
+"""Mixture-of-experts blocks shown to a technique as one nn.Linear per expert (nn/expert_linears.py).
+
+`experts_unfused(model)` swaps every fused experts module ExpertLinears can stand in for while a
+transform runs (views of the same weights, nothing copied). Afterwards one stays only where one
+of its linears was compressed; the others go back, with any edit a fold made to their weights,
+and the Report gives them one row each. On an error every one goes back.
+"""
+import collections
+import contextlib
+from typing import Dict, List, Tuple
+
+from torch import nn
+
+from .nn.expert_linears import ExpertLinears
+from .nn.int8_conv_chain import has_hooks
+from .report import LayerChange, Report, compressed_layers, forget_skipped, module_bytes, remember_skipped
+from .transforms import _set_submodule
+
+
+class UnfusedExperts:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.swapped: Dict[str, Tuple[nn.Module, ExpertLinears]] = {}
+
+    def unfuse(self) -> None:
+        held = collections.Counter(id(m) for _, m in self.model.named_modules(remove_duplicate=False))
+        for name, mod in list(self.model.named_modules()):
+            # hooks would be lost; one held under two names would be swapped under one only
+            if name and held[id(mod)] == 1 and not has_hooks(mod) and ExpertLinears.why_not(mod) is None:
+                self.swapped[name] = (mod, ExpertLinears.from_experts(mod))
+        for name, (_, new) in self.swapped.items():
+            _set_submodule(self.model, name, new)
+
+    def restore_all(self) -> None:
+        for name, (old, _) in self.swapped.items():
+            _set_submodule(self.model, name, old)
+
+    def finish(self, report: Report) -> Report:
+        """Put back the experts the transform left alone; their linears' rows become one."""
+        compressed = list(compressed_layers(self.model))
+        back: List[str] = []
+        for name, (_, new) in self.swapped.items():
+            plain = all(type(lin) is nn.Linear for lins in (new.first, new.down) for lin in lins)
+            if plain and not any(n.startswith(f"{name}.") for n in compressed):
+                back.append(name)
+        rows: List[LayerChange] = []
+        for name in back:
+            old, new = self.swapped[name]
+            new.write_back(old)
+            _set_submodule(self.model, name, old)
+            mine = [c for c in report.changes if c.name.startswith(f"{name}.")]
+            reasons = sorted({c.reason for c in mine if c.reason})
+            rows.append(LayerChange(name, type(old).__name__, "skipped", bytes_before=module_bytes(old),
+                                    reason="; ".join(reasons) or "its expert linears were left as they are"))
+        prefixes = tuple(f"{n}." for n in back)
+        report = Report([c for c in report.changes if not (prefixes and c.name.startswith(prefixes))] + rows)
+        forget_skipped(self.model, back)  # their linears' rows: the experts' row says it
+        remember_skipped(self.model, Report(rows))
+        return report
+
+
+@contextlib.contextmanager
+def experts_unfused(model: nn.Module):
+    """Run a transform with every fused experts module unfused; call .finish(report) inside."""
+    state = UnfusedExperts(model)
+    state.unfuse()
+    try:
+        yield state
+    except BaseException:
+        state.restore_all()
+        raise

@@ -1,0 +1,235 @@
+"""Mixture-of-experts blocks whose experts transformers 5 keeps fused in 3-D parameters
+(nn/expert_linears.py, experts.py): compressed per expert, equal to the fused module with each
+expert's dequantized weights, saved and loaded into a fresh model; experts left alone go back."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.nn import ExpertLinears
+
+transformers = pytest.importorskip("transformers")
+from transformers.integrations.moe import use_experts_implementation  # noqa: E402
+
+
+def _mixtral(seed=0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def _ids(n=9):
+    return torch.randint(2, 64, (2, n), generator=torch.Generator().manual_seed(3))
+
+
+def _routing(tokens, experts, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    return index, torch.rand(tokens, k, generator=g)
+
+
+class _Config:
+    hidden_act = "gelu"
+    _experts_implementation = "eager"
+
+
+@use_experts_implementation(is_transposed=True)
+class _TransposedExperts(nn.Module):
+    """Weights stored [experts, in, out] (Aria's layout), with biases."""
+
+    def __init__(self, config, experts=3, hidden=16, inter=24):
+        super().__init__()
+        self.num_experts = experts
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, hidden, 2 * inter))
+        self.down_proj = nn.Parameter(torch.randn(experts, inter, hidden))
+        self.act_fn = transformers.activations.ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # the eager loop, transposed weights
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            for j in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, j])
+                gate, up = (hidden_states[t] @ self.gate_up_proj[e]).chunk(2, dim=-1)
+                out[t] += (self.act_fn(gate) * up) @ self.down_proj[e] * top_k_weights[t, j]
+        return out
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class _UngatedExperts(nn.Module):
+    def __init__(self, config, experts=3, hidden=16, inter=24):
+        super().__init__()
+        self.num_experts = experts
+        self.up_proj = nn.Parameter(torch.randn(experts, inter, hidden))
+        self.up_proj_bias = nn.Parameter(torch.randn(experts, inter))
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter))
+        self.down_proj_bias = nn.Parameter(torch.randn(experts, hidden))
+        self.act_fn = transformers.activations.ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            for j in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, j])
+                h = self.act_fn(hidden_states[t] @ self.up_proj[e].t() + self.up_proj_bias[e])
+                out[t] += (h @ self.down_proj[e].t() + self.down_proj_bias[e]) * top_k_weights[t, j]
+        return out
+
+
+@pytest.mark.parametrize("make", [lambda: _mixtral().model.layers[0].mlp.experts,
+                                  lambda: _TransposedExperts(_Config()), lambda: _UngatedExperts(_Config())],
+                         ids=["mixtral", "transposed", "ungated_bias"])
+def test_unfused_experts_compute_the_fused_module(make):
+    torch.manual_seed(1)
+    fused = make()
+    unfused = ExpertLinears.from_experts(fused)
+    x = torch.randn(7, unfused.hidden_dim)
+    index, weights = _routing(7, unfused.num_experts, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(unfused(x, index, weights), fused(x, index, weights), atol=1e-5, rtol=1e-5)
+    lin = unfused.first[1]
+    assert lin.weight.data_ptr() == fused.__dict__["_parameters"][
+        "gate_up_proj" if unfused.has_gate else "up_proj"][1].data_ptr()  # a view, nothing copied
+
+
+def _dequantized_reference(original, quantized):
+    """The original model with each expert's fused weights replaced by its compressed linears'
+    dequantized weights (and every other quantized layer's too)."""
+    ref = copy.deepcopy(original)
+    mods = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            q = mods.get(name)
+            if isinstance(q, ExpertLinears):
+                for i in range(q.num_experts):
+                    m.gate_up_proj[i].copy_(q.gate_up[i].weight)
+                    m.down_proj[i].copy_(q.down[i].weight)
+            elif isinstance(m, (nn.Linear, nn.Embedding)) and q is not None and type(q) is not type(m):
+                m.weight.copy_(q.weight)  # a compressed layer's read-only dequantized weight
+    return ref
+
+
+@pytest.mark.parametrize("config", [ts.Int8WeightOnly(), ts.Int4WeightOnly(group_size=32)], ids=["int8", "int4"])
+def test_quantized_experts_equal_their_dequantized_weights_and_reload(config, tmp_path):
+    model, ids = _mixtral(), _ids()
+    original = copy.deepcopy(model)
+    report = ts.quantize(model, config, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, ExpertLinears)
+    compressed = [c.name for c in report.changed]
+    for i in range(4):
+        assert f"model.layers.1.mlp.experts.gate_up.{i}" in compressed
+        assert f"model.layers.1.mlp.experts.down.{i}" in compressed
+    ref = _dequantized_reference(original, model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+    ts.save(model, tmp_path / "moe.safetensors")
+    fresh = ts.load(_mixtral(seed=5), tmp_path / "moe.safetensors")
+    assert isinstance(fresh.model.layers[1].mlp.experts, ExpertLinears)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    mask = torch.ones_like(ids)
+    assert torch.equal(fresh.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False),
+                       model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False))
+
+
+def test_experts_left_alone_go_back_fused():
+    model, ids = _mixtral(), _ids()
+    before = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        want = model(ids).logits
+    report = ts.quantize(model, ts.Int8WeightOnly(exclude=["*experts*"]), progress=False)
+    assert model.model.layers[0].mlp.experts is before
+    rows = {c.name: c for c in report.skipped}
+    assert "model.layers.0.mlp.experts" in rows and rows["model.layers.0.mlp.experts"].module_type == "MixtralExperts"
+    assert not any(".experts." in c.name for c in report.changes)
+    assert model.model.layers[0].self_attn.q_proj.__class__ is not nn.Linear  # the rest was quantized
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, want, atol=0.1)
+
+
+def test_sparsified_experts():
+    model, ids = _mixtral(), _ids()
+    ts.sparsify(model, ts.NM(2, 4), progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, ExpertLinears) and type(experts.gate_up[0]).__name__ == "NMSparseLinear"
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_experts_with_their_own_gate_stay_fused_and_say_why():
+    """GPT-OSS's experts clamp and scale their gate (a gate of their own): left fused, reported."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           num_local_experts=4, num_experts_per_tok=2,
+                                           max_position_embeddings=64, layer_types=["full_attention"])).eval()
+    assert "gate of its own" in ExpertLinears.why_not(model.model.layers[0].mlp.experts)
+    report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    assert type(model.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
+    assert any(c.name == "model.layers.0.mlp.experts" for c in report.skipped)
+
+
+def _many_experts():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2,
+                        max_position_embeddings=64)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def test_calibration_that_misses_experts():
+    """Two tokens reach at most 4 of 16 experts. W8A8 needs every one: the error names them and
+    the exclude list, the model stays as it was (experts fused again); GPTQ compresses the
+    experts it saw and leaves the others with a Report row."""
+    two = [{"input_ids": torch.tensor([[5, 9]])}]
+    model = _many_experts()
+    before = model.model.layers[0].mlp.experts
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"experts\.gate_up\.\d+'.*expert no calibration token was routed to"):
+        ts.quantize(model, ts.W8A8(), calib_data=two, progress=False)
+    assert model.model.layers[0].mlp.experts is before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    model = _many_experts()
+    report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=two, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    done = [i for i in range(16) if type(experts.gate_up[i]) is not nn.Linear]
+    assert 0 < len(done) <= 4
+    missed = {c.name: c.reason for c in report.skipped if ".experts.gate_up." in c.name}
+    assert len(missed) == 16 - len(done) and all("never ran on the calibration data" in r for r in missed.values())
+
+
+def test_save_pretrained_routes(tmp_path):
+    """transformers saves Mixtral's `mlp.` as `block_sparse_moe.` (and fused experts one expert
+    at a time, w1 / w2 / w3): compressed experts load back through both from_pretrained routes;
+    experts left fused load through transformers' own, and ts.from_pretrained says to use it."""
+    from transformers import MixtralForCausalLM
+
+    ids = _ids()
+    for exclude in ((), ("*experts*",)):
+        model = _mixtral()
+        ts.quantize(model, ts.Int4WeightOnly(group_size=32, exclude=list(exclude)), progress=False)
+        with torch.no_grad():
+            want = model(ids).logits
+        where = tmp_path / f"hf{len(exclude)}"
+        model.save_pretrained(where)
+        plain = MixtralForCausalLM.from_pretrained(where).eval()
+        with torch.no_grad():
+            assert torch.equal(plain(ids).logits, want)
+        if exclude:
+            with pytest.raises(ValueError, match=r"experts\.0\.w1\.weight.*own from_pretrained"):
+                ts.from_pretrained(MixtralForCausalLM, where)
+        else:
+            loaded = ts.from_pretrained(MixtralForCausalLM, where)
+            assert isinstance(loaded.model.layers[0].mlp.experts, ExpertLinears)
+            with torch.no_grad():
+                assert torch.equal(loaded(ids).logits, want)
