@@ -8,7 +8,6 @@ and never run its kernel). The others go back, with any edit a fold made to thei
 and the Report names them once. On an error every one goes back.
 """
 import collections
-import contextlib
 from typing import Dict, List, Tuple
 
 from torch import nn
@@ -16,7 +15,7 @@ from torch import nn
 from .nn.int8_conv_chain import has_hooks
 from .nn.projected_attention import ProjectedMultiheadAttention
 from .report import LayerChange, Report, compressed_layers, forget_skipped, module_bytes, remember_skipped
-from .transforms import _set_submodule
+from .transforms import _set_submodule, swapped_while_running
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -118,13 +117,8 @@ def _scope(model: nn.Module, name: str) -> str:
     return f"{name}."
 
 
-@contextlib.contextmanager
 def attention_unpacked(model: nn.Module):
     """Run a transform with every nn.MultiheadAttention unpacked; call .finish(report) inside."""
     state = UnpackedAttention(model)
     state.unpack()
-    try:
-        yield state
-    except BaseException:
-        state.restore_all()
-        raise
+    return swapped_while_running(state)

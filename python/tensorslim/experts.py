@@ -6,7 +6,6 @@ of its linears was compressed; the others go back, with any edit a fold made to 
 and the Report gives them one row each. On an error every one goes back.
 """
 import collections
-import contextlib
 from typing import Dict, List, Tuple
 
 from torch import nn
@@ -14,7 +13,7 @@ from torch import nn
 from .nn.expert_linears import ExpertLinears
 from .nn.int8_conv_chain import has_hooks
 from .report import LayerChange, Report, compressed_layers, forget_skipped, module_bytes, remember_skipped
-from .transforms import _set_submodule
+from .transforms import _set_submodule, swapped_while_running
 
 
 class UnfusedExperts:
@@ -59,13 +58,8 @@ class UnfusedExperts:
         return report
 
 
-@contextlib.contextmanager
 def experts_unfused(model: nn.Module):
     """Run a transform with every fused experts module unfused; call .finish(report) inside."""
     state = UnfusedExperts(model)
     state.unfuse()
-    try:
-        yield state
-    except BaseException:
-        state.restore_all()
-        raise
+    return swapped_while_running(state)

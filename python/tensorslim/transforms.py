@@ -163,6 +163,17 @@ def structure_restored_on_error(model: nn.Module):
         raise
 
 
+@contextlib.contextmanager
+def swapped_while_running(state):
+    """Yields `state` (attention.py's unpacked attentions, experts.py's unfused experts), whose
+    swaps were made; on an error every one goes back (`state.restore_all()`)."""
+    try:
+        yield state
+    except BaseException:
+        state.restore_all()
+        raise
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Puts `new` at `name` and under every other name the module there is registered by (an
     alias, as T5's shared / encoder.embed_tokens): replaced under one name only, the alias kept

@@ -210,20 +210,28 @@ def test_pruning_header_sets_only_sizes_that_shrink(tmp_path):
     ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs=torch.randn(2, 64), progress=False)
     src = tmp_path / "pruned.safetensors"
     ts.save(model, src)
-    for attrs, match in (({"forward": 1}, "no size attribute 'forward'"), ({"out_features": 999}, "in 1..128"),
-                         ({"out_features": -3}, "in 1..128"), ({"out_features": True}, "in 1..128")):
+    cases = (({"forward": 1}, "no size attribute 'forward'"), ({"out_features": 999}, "in 1..128"),
+             ({"out_features": -3}, "in 1..128"), ({"out_features": True}, "in 1..128"))
+    for fresh in _refused_pruning_headers(src, tmp_path, "0", cases, _mlp_fresh):
+        assert fresh[0].out_features == 128
+
+
+def _refused_pruning_headers(src, tmp_path, name, cases, build):
+    """For each (structured attrs of module `name`, error pattern): the file at src with that
+    entry, refused by ts.load into a fresh build(), which is yielded unchanged."""
+    for attrs, match in cases:
         def edit(layers, meta):
             pruning = json.loads(meta["tensorslim.pruning"])
-            pruning["structured"]["0"] = attrs
+            pruning["structured"][name] = attrs
             meta["tensorslim.pruning"] = json.dumps(pruning)
 
         bad = _rewritten(src, tmp_path / "bad.safetensors", edit)
-        fresh = _mlp_fresh()
+        fresh = build()
         snap = _snapshot(fresh)
         with pytest.raises(ValueError, match=match):
             ts.load(fresh, bad)
         assert_unchanged(fresh, snap)
-        assert fresh[0].out_features == 128
+        yield fresh
 
 
 def _phi3(prune=False):
@@ -245,21 +253,11 @@ def test_pruning_header_config_sizes(tmp_path):
     attention on the model's own config, even where the bad entry came after a good one."""
     src = tmp_path / "pruned.safetensors"
     ts.save(_phi3(prune=True), src)
-    for attrs, match in (({"config.num_attention_heads": 9}, "in 1..4"), ({"config.forward": 1}, "no size attribute"),
-                         ({"config._attn_implementation": 1}, "no size attribute"),
-                         ({"config.num_attention_heads": True}, "in 1..4"),
-                         ({"config.num_attention_heads": 2, "num_key_value_heads": 99}, "in 1..4")):
-        def edit(layers, meta):
-            pruning = json.loads(meta["tensorslim.pruning"])
-            pruning["structured"]["model.layers.1.self_attn"] = attrs
-            meta["tensorslim.pruning"] = json.dumps(pruning)
-
-        bad = _rewritten(src, tmp_path / "bad.safetensors", edit)
-        fresh = _phi3()
-        snap = _snapshot(fresh)
-        with pytest.raises(ValueError, match=match):
-            ts.load(fresh, bad)
-        assert_unchanged(fresh, snap)
+    cases = (({"config.num_attention_heads": 9}, "in 1..4"), ({"config.forward": 1}, "no size attribute"),
+             ({"config._attn_implementation": 1}, "no size attribute"),
+             ({"config.num_attention_heads": True}, "in 1..4"),
+             ({"config.num_attention_heads": 2, "num_key_value_heads": 99}, "in 1..4"))
+    for fresh in _refused_pruning_headers(src, tmp_path, "model.layers.1.self_attn", cases, _phi3):
         assert all(layer.self_attn.config is fresh.config for layer in fresh.model.layers)
 
 
