@@ -1,5 +1,6 @@
 """What a transform changed and what it skipped, and `ts.summary(model)`."""
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,13 +37,50 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+# Runs of at least this many rows alike but for a trailing index (a MoE block's experts,
+# `experts.gate_up.0` .. `experts.gate_up.127`) print as one row, `experts.gate_up.{0..127}`.
+COLLAPSE_RUN = 8
+
+
+def _indexed(name: str) -> Optional[Tuple[str, int]]:
+    stem, _, last = name.rpartition(".")
+    return (stem, int(last)) if last.isdigit() else None
+
+
+def _collapsed(rows: List[LayerChange]) -> List[Tuple[str, LayerChange, int]]:
+    """(printed name, row, how many rows it stands for): consecutive rows whose names differ
+    only in a trailing index counting up by one, with the same type, action, format and note."""
+    out: List[Tuple[str, LayerChange, int]] = []
+    i = 0
+    while i < len(rows):
+        j, first = i + 1, _indexed(rows[i].name)
+        while first is not None and j < len(rows):
+            r, nxt = rows[j], _indexed(rows[j].name)
+            same = (r.module_type, r.action, r.format, r.reason) == (rows[i].module_type, rows[i].action,
+                                                                     rows[i].format, rows[i].reason)
+            if not same or nxt != (first[0], first[1] + j - i):
+                break
+            j += 1
+        if first is not None and j - i >= COLLAPSE_RUN:
+            run = rows[i:j]
+            total = dataclasses.replace(rows[i], bytes_before=sum(r.bytes_before for r in run),
+                                        bytes_after=sum(r.bytes_after for r in run))
+            out.append((f"{first[0]}.{{{first[1]}..{first[1] + j - i - 1}}}", total, j - i))
+            i = j
+        else:
+            out.append((rows[i].name, rows[i], 1))
+            i += 1
+    return out
+
+
 def _table(rows: List[LayerChange]) -> List[str]:
     lines = [f"{'layer':<48} {'type':<18} {'format':<22} {'before':>11} {'after':>11}  note"]
-    for r in rows:
+    for name, r, n in _collapsed(rows):
         fmt = r.format or "-"
         after = _fmt_bytes(r.bytes_after) if r.action != "skipped" else "-"
-        lines.append(f"{r.name:<48} {r.module_type:<18} {fmt:<22} {_fmt_bytes(r.bytes_before):>11} "
-                     f"{after:>11}  {r.reason}")
+        note = f"{n} layers" + (f"; {r.reason}" if r.reason else "") if n > 1 else r.reason
+        lines.append(f"{name:<48} {r.module_type:<18} {fmt:<22} {_fmt_bytes(r.bytes_before):>11} "
+                     f"{after:>11}  {note}")
     return lines
 
 

@@ -232,3 +232,16 @@ def test_save_pretrained_routes(tmp_path):
             assert isinstance(loaded.model.layers[0].mlp.experts, ExpertLinears)
             with torch.no_grad():
                 assert torch.equal(loaded(ids).logits, want)
+
+
+def test_printed_report_collapses_expert_runs():
+    """16 experts' rows print as one row per projection and layer (the Report keeps them all)."""
+    model = _many_experts()
+    report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    assert sum(".experts." in c.name for c in report.changed) == 32
+    text = str(report)
+    up = next(line for line in text.splitlines() if "experts.gate_up.{0..15}" in line)
+    assert "16 layers" in up and "experts.gate_up.3 " not in text
+    expected = sum(c.bytes_after for c in report.changed if ".experts.gate_up." in c.name)
+    assert ts.report._fmt_bytes(expected) in up
+    assert "experts.down.{0..15}" in str(ts.summary(model))
