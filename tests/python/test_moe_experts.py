@@ -245,3 +245,93 @@ def test_printed_report_collapses_expert_runs():
     expected = sum(c.bytes_after for c in report.changed if ".experts.gate_up." in c.name)
     assert ts.report._fmt_bytes(expected) in up
     assert "experts.down.{0..15}" in str(ts.summary(model))
+
+
+class _MoeBlock(nn.Module):
+    """A router (top-2 of a linear's scores) in front of an experts module, with a residual."""
+
+    def __init__(self, experts: nn.Module, hidden=16):
+        super().__init__()
+        self.router, self.experts = nn.Linear(hidden, experts.num_experts), experts
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, index = torch.softmax(self.router(flat), dim=-1).topk(2, dim=-1)
+        return x + self.experts(flat, index, weights).reshape(x.shape)
+
+
+def _zeroed_like_pruned(original: nn.Module, pruned: nn.Module) -> nn.Module:
+    """`original` with each expert's neurons that `pruned` no longer has zeroed (found by their
+    down-projection weights)."""
+    ref = copy.deepcopy(original)
+    pruned_mods = dict(pruned.named_modules())
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if not name or ExpertLinears.why_not(m) is not None:
+                continue
+            new = pruned_mods[name]
+            down_o, down_n = (m.down_proj, new.down_proj) if not m.is_transposed else \
+                (m.down_proj.transpose(1, 2), new.down_proj.transpose(1, 2))
+            inter = down_o.shape[2]
+            first = m.gate_up_proj if m.has_gate else m.up_proj
+            for e in range(down_o.shape[0]):
+                kept = {i for i in range(inter) if any(torch.equal(down_o[e][:, i], down_n[e][:, j])
+                                                       for j in range(down_n.shape[2]))}
+                assert len(kept) == down_n.shape[2]
+                for i in set(range(inter)) - kept:
+                    down_o[e][:, i] = 0
+                    rows = (i, inter + i) if m.has_gate else (i,)
+                    for r in rows:
+                        if m.is_transposed:
+                            first[e][:, r] = 0
+                        else:
+                            first[e][r] = 0
+                        if m.has_bias:
+                            getattr(m, "gate_up_proj_bias" if m.has_gate else "up_proj_bias")[e][r] = 0
+    return ref
+
+
+@pytest.mark.parametrize("build", [lambda: _mixtral(), lambda: nn.Sequential(_MoeBlock(_TransposedExperts(_Config()))),
+                                   lambda: nn.Sequential(_MoeBlock(_UngatedExperts(_Config())))],
+                         ids=["mixtral", "transposed", "ungated_bias"])
+@pytest.mark.parametrize("importance", ["l1", "taylor"])
+def test_channel_prune_expert_neurons(build, importance, tmp_path):
+    """Each expert loses half its neurons (its own lowest), the fused tensors stay fused, and the
+    model equals its original with those neurons zeroed; a Mixtral reloads into a fresh one."""
+    torch.manual_seed(0)
+    model = build().eval()
+    mixtral = hasattr(model, "model")
+    batch = {"input_ids": _ids()} if mixtral else torch.randn(2, 5, 16)
+    original = copy.deepcopy(model)
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0, round_to=4, importance=importance)
+    kw = {"calib_data": [batch]} if importance == "taylor" else {}
+    report = ts.prune(model, cfg, example_inputs=batch, progress=False, **kw)
+    experts = {n: m for n, m in model.named_modules() if n.endswith("experts")}
+    assert experts and set(experts) <= {c.name for c in report.changed}
+    for m in experts.values():
+        inter = m.down_proj.shape[1] if m.is_transposed else m.down_proj.shape[2]
+        assert inter in (12, 32)  # 24 -> 12, Mixtral's 64 -> 32
+    ref = _zeroed_like_pruned(original, model)
+    with torch.no_grad():
+        got = model(**batch).logits if mixtral else model(batch)
+        want = ref(**batch).logits if mixtral else ref(batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if mixtral:
+        ts.save(model, tmp_path / "pruned.safetensors")
+        fresh = ts.load(_mixtral(seed=3), tmp_path / "pruned.safetensors")
+        assert fresh.model.layers[0].mlp.experts.intermediate_dim == 32
+        with torch.no_grad():
+            assert torch.equal(fresh(**batch).logits, got)
+
+
+def test_channel_prune_experts_excluded_or_emptied():
+    model = _mixtral()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.experts': ratio 0.995 leaves 0 of an expert's 64"):
+        ts.prune(model, ts.ChannelPrune(ratio=0.995, head_ratio=0, round_to=1), example_inputs={"input_ids": _ids()},
+                 progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, exclude=["*experts"]), example_inputs={"input_ids": _ids()},
+                      progress=False)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 128, 32)
+    assert any(c.name == "model.layers.0.mlp.experts" and "excluded" in c.reason for c in report.skipped)

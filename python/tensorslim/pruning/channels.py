@@ -31,7 +31,7 @@ from ..quantization.calibrate import call_model, model_device
 from .._user_warning import warn_user
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
-from . import channel_graph, channel_rules, masks, verify
+from . import channel_graph, channel_rules, expert_neurons, masks, verify
 from .attention_heads import add_head_spaces, hf_layout, per_head_masks
 from .channel_space import Space, Spaces
 from .config import ChannelPrune
@@ -344,6 +344,27 @@ def _buffers_kept(model: nn.Module):
 
 def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward_loop=None,
                    example_inputs=None, progress: bool = True, forced: Optional[dict] = None) -> Report:
+    if forced is not None:  # Schedule.finalize: what the soft masks chose (experts are not masked)
+        return _channels_and_heads(model, cfg, calib_data, forward_loop, example_inputs, forced)
+    experts = expert_neurons.fused_experts(model)
+    for name, m in experts.items():  # a ratio leaving none: refused before anything changes
+        if filter_reason(name, m, cfg, set()) is None:
+            try:
+                expert_neurons.kept_count(m, cfg)
+            except ValueError as e:
+                raise ValueError(f"layer '{name}': {e}") from None
+    report = _channels_and_heads(model, cfg, calib_data, forward_loop, example_inputs, forced)
+    if experts:
+        record, unpruned = getattr(model, STRUCTURED_ATTR, {}), getattr(model, UNPRUNED_BYTES_ATTR, {})
+        report.changes += expert_neurons.prune_expert_neurons(
+            model, cfg, lambda: taylor_grads(model, calib_data, forward_loop), record, unpruned)
+        object.__setattr__(model, STRUCTURED_ATTR, record)
+        object.__setattr__(model, UNPRUNED_BYTES_ATTR, unpruned)
+    return report
+
+
+def _channels_and_heads(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
+                        forced: Optional[dict]) -> Report:
     # nor the caller's random streams
     with _buffers_kept(model), torch.random.fork_rng(devices=verify.rng_devices(model_device(model))):
         if cfg.head_ratio == 0 or forced is not None:  # Schedule.finalize: soft masks never unpacked
@@ -522,10 +543,11 @@ def summary_rows(model: nn.Module) -> List[LayerChange]:
     record = getattr(model, STRUCTURED_ATTR, None) or {}
     unpruned = getattr(model, UNPRUNED_BYTES_ATTR, None) or {}
     mods = dict(model.named_modules())
+    experts = expert_neurons.fused_experts(model) if record else {}
     rows = []
     for name in sorted(record):
         m = mods.get(name)
-        if m is None or float_weight(m) is None or masks.is_masked(m):
+        if m is None or masks.is_masked(m) or (float_weight(m) is None and name not in experts):
             continue
         attrs = ", ".join(f"{a}={v}" for a, v in sorted(record[name].items()))
         rows.append(LayerChange(name, type(m).__name__, "pruned", "channels removed",
