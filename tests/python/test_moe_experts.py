@@ -335,3 +335,17 @@ def test_channel_prune_experts_excluded_or_emptied():
                       progress=False)
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 128, 32)
     assert any(c.name == "model.layers.0.mlp.experts" and "excluded" in c.reason for c in report.skipped)
+
+
+def test_pruned_then_quantized_experts_reload(tmp_path):
+    """Experts pruned (fused, smaller), then quantized (unfused): the file holds no fused
+    tensors, so ts.load takes the pruned count from the header before rebuilding them."""
+    model, ids = _mixtral(), _ids()
+    ts.prune(model, ts.ChannelPrune(ratio=0.5), example_inputs={"input_ids": ids}, progress=False)
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    assert model.model.layers[0].mlp.experts.intermediate_dim == 32
+    ts.save(model, tmp_path / "pruned_int4.safetensors")
+    fresh = ts.load(_mixtral(seed=4), tmp_path / "pruned_int4.safetensors")
+    assert isinstance(fresh.model.layers[0].mlp.experts, ExpertLinears)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
