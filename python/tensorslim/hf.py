@@ -109,11 +109,12 @@ def _conversions(model: nn.Module):
     return renames, [t for t in transforms if not isinstance(t, WeightRenaming)]
 
 
-def checkpoint_renames(model: nn.Module) -> Callable[[str], str]:
+def checkpoint_renames(model: nn.Module, renames=None) -> Callable[[str], str]:
     """A saved tensor's name -> the model's name for it. transformers renames some models'
     tensors on save_pretrained (Mixtral's `mlp.` is `block_sparse_moe.` in its checkpoints) and
-    back on from_pretrained; the renames its conversion mapping lists are applied here."""
-    renames = _conversions(model)[0]
+    back on from_pretrained; the renames its conversion mapping lists (or `renames`, those
+    _conversions gave) are applied here."""
+    renames = _conversions(model)[0] if renames is None else renames
 
     def rename(key: str) -> str:
         for t in renames:
@@ -123,10 +124,10 @@ def checkpoint_renames(model: nn.Module) -> Callable[[str], str]:
     return rename
 
 
-def _refuse_merged(model: nn.Module, keys, directory) -> None:
-    """ts.from_pretrained does not merge what transformers merges on load (fused experts left
-    uncompressed, saved one expert at a time): a clear error instead of a missing tensor."""
-    merges = _conversions(model)[1]
+def _refuse_merged(merges, keys, directory) -> None:
+    """ts.from_pretrained does not merge what transformers merges on load (`merges`, from
+    _conversions: fused experts left uncompressed, saved one expert at a time): a clear error
+    instead of a missing tensor."""
     merged = [k for k in keys if any(t.rename_source_key(k)[1] is not None for t in merges)]
     if merged:
         raise ValueError(f"{directory}: the checkpoint holds {merged[:2]}{' ...' if len(merged) > 2 else ''}, "
@@ -174,9 +175,10 @@ def from_pretrained(cls, directory: Union[str, Path], **config_kwargs) -> nn.Mod
                          f"model tensorslim compressed; load it with {getattr(cls, '__name__', cls)}.from_pretrained")
     check_config(qcfg, directory)
     model = _build(cls, config)  # compressed layers then compute in the float layers' dtype
-    rename = checkpoint_renames(model)
+    renames, merges = _conversions(model)
+    rename = checkpoint_renames(model, renames)
     state = {rename(k): t for k, t in _read_weights(directory).items()}
-    _refuse_merged(model, state, directory)
+    _refuse_merged(merges, state, directory)
     shapes = {k: (str(t.dtype), tuple(t.shape)) for k, t in state.items()}
     originals, replacements = io.plan_layers(model, qcfg["layers"], directory, shapes, on_meta=True)
     io.load_layers_and_state(model, originals, replacements, state, directory, fill_tied=True,

@@ -349,3 +349,14 @@ def test_pruned_then_quantized_experts_reload(tmp_path):
     assert isinstance(fresh.model.layers[0].mlp.experts, ExpertLinears)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_channel_prune_bfloat16_experts():
+    """A half model's experts prune too: the zeroed-original check runs in float32, where the
+    pruned and zeroed sums cannot round apart."""
+    model, ids = _mixtral().to(torch.bfloat16), _ids()
+    report = ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0), example_inputs={"input_ids": ids},
+                      progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 64, 32) and experts.gate_up_proj.dtype == torch.bfloat16
+    assert "model.layers.1.mlp.experts" in {c.name for c in report.changed}

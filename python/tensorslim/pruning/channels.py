@@ -346,18 +346,15 @@ def prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data=None, forward
                    example_inputs=None, progress: bool = True, forced: Optional[dict] = None) -> Report:
     if forced is not None:  # Schedule.finalize: what the soft masks chose (experts are not masked)
         return _channels_and_heads(model, cfg, calib_data, forward_loop, example_inputs, forced)
-    experts = expert_neurons.fused_experts(model)
-    for name, m in experts.items():  # a ratio leaving none: refused before anything changes
-        if filter_reason(name, m, cfg, set()) is None:
-            try:
-                expert_neurons.kept_count(m, cfg)
-            except ValueError as e:
-                raise ValueError(f"layer '{name}': {e}") from None
+    # fused MoE experts: chosen (a ratio leaving an expert none refused) before anything changes
+    chosen, rows = expert_neurons.selected(expert_neurons.fused_experts(model), cfg)
     report = _channels_and_heads(model, cfg, calib_data, forward_loop, example_inputs, forced)
-    if experts:
+    report.changes += rows
+    if chosen:
         record, unpruned = getattr(model, STRUCTURED_ATTR, {}), getattr(model, UNPRUNED_BYTES_ATTR, {})
-        report.changes += expert_neurons.prune_expert_neurons(
-            model, cfg, lambda: taylor_grads(model, calib_data, forward_loop), record, unpruned)
+        with _buffers_kept(model), torch.random.fork_rng(devices=verify.rng_devices(model_device(model))):
+            grads = taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" else None
+            report.changes += expert_neurons.prune_expert_neurons(chosen, cfg, grads, record, unpruned)
         object.__setattr__(model, STRUCTURED_ATTR, record)
         object.__setattr__(model, UNPRUNED_BYTES_ATTR, unpruned)
     return report

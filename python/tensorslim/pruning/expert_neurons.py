@@ -10,7 +10,7 @@ pruned module is checked so against its zeroed original on a random routing, and
 where it is not.
 """
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,27 +26,42 @@ def fused_experts(model: nn.Module) -> Dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n and ExpertLinears.why_not(m) is None}
 
 
-def _params(m: nn.Module) -> Tuple[str, Optional[str]]:
+def _params(m: nn.Module) -> Tuple[str, str]:
+    """(the first projection's parameter, its bias's name)."""
     return ("gate_up_proj" if m.has_gate else "up_proj"), ("gate_up_proj_bias" if m.has_gate else "up_proj_bias")
 
 
-def kept_count(m: nn.Module, cfg) -> Tuple[int, int]:
-    """(neurons per expert, kept per expert) under cfg.ratio and round_to; a ValueError where
-    none would stay."""
-    inter = _shape(m.down_proj, m.is_transposed)[2]
-    keep = round(inter * (1.0 - cfg.ratio))
-    if keep == 0:
-        raise ValueError(f"ratio {cfg.ratio} leaves 0 of an expert's {inter} neurons; use a smaller one")
-    return inter, min(inter, math.ceil(keep / cfg.round_to) * cfg.round_to)
+def _dims(m: nn.Module) -> Tuple[int, int]:
+    """The dims of the first projection and of down_proj that index the neurons."""
+    return (2, 1) if m.is_transposed else (1, 2)
 
 
-def _neuron_rows(m: nn.Module, inter: int) -> List[Tuple[torch.Tensor, int, int]]:
-    """(tensor [experts, ...], dim, offset): where each neuron's weights sit along `dim`."""
+def selected(experts: Dict[str, nn.Module], cfg) -> Tuple[Dict[str, Tuple[nn.Module, int, int]], List[LayerChange]]:
+    """({name: (module, neurons per expert, kept per expert)} of the experts cfg prunes, rows of
+    those it leaves). A ValueError naming the layer where a ratio would leave none (raised
+    before anything changes: the caller asks first)."""
+    chosen, rows = {}, []
+    for name, m in experts.items():
+        reason = filter_reason(name, m, cfg, set())
+        if reason is not None:
+            rows.append(LayerChange(name, type(m).__name__, "skipped", bytes_before=module_bytes(m), reason=reason))
+            continue
+        inter = _shape(m.down_proj, m.is_transposed)[2]
+        keep = round(inter * (1.0 - cfg.ratio))
+        if keep == 0:
+            raise ValueError(f"layer '{name}': ratio {cfg.ratio} leaves 0 of an expert's {inter} neurons; "
+                             f"use a smaller one")
+        kept = min(inter, math.ceil(keep / cfg.round_to) * cfg.round_to)
+        if kept < inter:
+            chosen[name] = (m, inter, kept)
+    return chosen, rows
+
+
+def _neuron_rows(m: nn.Module, inter: int) -> List[Tuple[str, int, int]]:
+    """(parameter name, dim, offset): where each neuron's weights sit along `dim`."""
     first, _ = _params(m)
-    w1, w2 = getattr(m, first), m.down_proj
-    d1, d2 = (2, 1) if m.is_transposed else (1, 2)
-    out = [(w1, d1, 0)] + ([(w1, d1, inter)] if m.has_gate else []) + [(w2, d2, 0)]
-    return out
+    d1, d2 = _dims(m)
+    return [(first, d1, 0)] + ([(first, d1, inter)] if m.has_gate else []) + [("down_proj", d2, 0)]
 
 
 def _scores(m: nn.Module, name: str, inter: int, cfg, grads: Optional[Dict[str, torch.Tensor]], seed: int):
@@ -57,12 +72,10 @@ def _scores(m: nn.Module, name: str, inter: int, cfg, grads: Optional[Dict[str, 
         g = torch.Generator().manual_seed(cfg.seed * 100003 + seed)
         return torch.rand(experts, inter, generator=g, dtype=torch.float64)
     p = 2 if cfg.importance == "l2" else 1
-    first, _ = _params(m)
     score = torch.zeros(experts, inter, dtype=torch.float64)
-    for t, dim, offset in _neuron_rows(m, inter):
-        x = t.detach().float()
+    for pname, dim, offset in _neuron_rows(m, inter):
+        x = getattr(m, pname).detach().float()
         if cfg.importance == "taylor":
-            pname = first if t is getattr(m, first) else "down_proj"
             x = x * grads[f"{name}.{pname}"].float()
         x = x.narrow(dim, offset, inter).movedim(dim, 1).contiguous()  # [experts, inter, ...]
         score += prune_ops.scores(x.reshape(experts * inter, -1), p).double().reshape(experts, inter, -1).sum(2)
@@ -73,7 +86,7 @@ def _pruned(m: nn.Module, keep: torch.Tensor, inter: int) -> Dict[str, torch.Ten
     """The module's new tensors for keep [experts, kept] neuron indices."""
     first, first_bias = _params(m)
     idx = torch.cat([keep, keep + inter], dim=1) if m.has_gate else keep  # [experts, rows]
-    d1, d2 = (2, 1) if m.is_transposed else (1, 2)
+    d1, d2 = _dims(m)
 
     def take(t: torch.Tensor, dim: int, rows: torch.Tensor) -> torch.Tensor:
         shape = [1] * t.dim()
@@ -91,25 +104,26 @@ def _zeroed(m: nn.Module, keep: torch.Tensor, inter: int) -> Dict[str, torch.Ten
     """The module's tensors with every neuron outside keep zeroed (the check's reference)."""
     out = {}
     gone = torch.ones(keep.shape[0], inter, dtype=torch.bool).scatter_(1, keep, False)
-    for t, dim, offset in _neuron_rows(m, inter):
-        name = next(n for n, p in m.named_parameters(recurse=False) if p is t)
-        z = out.get(name, t.detach().clone())
-        shape = [1] * t.dim()
+    for pname, dim, offset in _neuron_rows(m, inter):
+        z = out.get(pname, getattr(m, pname).detach().clone())
+        shape = [1] * z.dim()
         shape[0], shape[dim] = gone.shape
         z.narrow(dim, offset, inter).masked_fill_(gone.view(shape), 0.0)
-        out[name] = z
-    first, first_bias = _params(m)
+        out[pname] = z
+    _, first_bias = _params(m)
     if m.has_bias:
         rows = torch.cat([gone, gone], dim=1) if m.has_gate else gone
-        out[first_bias] = m.state_dict()[first_bias].clone().masked_fill_(rows, 0.0)
+        out[first_bias] = getattr(m, first_bias).detach().clone().masked_fill_(rows, 0.0)
     return out
 
 
 def _run(m: nn.Module, tensors: Dict[str, torch.Tensor], x, index, weights) -> torch.Tensor:
-    saved = {n: getattr(m, n) for n in tensors}
+    """m's forward with `tensors` (and every other parameter) in float32, so that a half
+    model's roundings cannot tell the pruned module from its zeroed original."""
+    saved = dict(m.named_parameters(recurse=False))
     try:
-        for n, t in tensors.items():
-            setattr(m, n, nn.Parameter(t, requires_grad=False))
+        for n, p in saved.items():
+            setattr(m, n, nn.Parameter(tensors.get(n, p.detach()).float(), requires_grad=False))
         with torch.no_grad():
             return m(x, index, weights)
     finally:
@@ -117,30 +131,20 @@ def _run(m: nn.Module, tensors: Dict[str, torch.Tensor], x, index, weights) -> t
             setattr(m, n, p)
 
 
-def prune_expert_neurons(model: nn.Module, cfg, grads: Callable[[], Dict[str, torch.Tensor]], record: dict,
-                         unpruned: dict) -> List[LayerChange]:
-    """Prune every fused experts module cfg selects (see the module doc); `grads()` gives the
-    taylor gradients. record / unpruned: the model's structured-size record and sizes before."""
+def prune_expert_neurons(chosen: Dict[str, Tuple[nn.Module, int, int]], cfg,
+                         grads: Optional[Dict[str, torch.Tensor]], record: dict, unpruned: dict) -> List[LayerChange]:
+    """Prune the experts `selected` chose (see the module doc); grads: the taylor gradients.
+    record / unpruned: the model's structured-size record and sizes before, updated."""
     rows: List[LayerChange] = []
-    found = fused_experts(model)
-    taylor = grads() if cfg.importance == "taylor" and found else None
-    for k, (name, m) in enumerate(found.items()):
-        reason = filter_reason(name, m, cfg, set())
-        if reason is not None:
-            rows.append(LayerChange(name, type(m).__name__, "skipped", bytes_before=module_bytes(m), reason=reason))
-            continue
-        inter, kept = kept_count(m, cfg)
-        if kept == inter:
-            continue
-        scores = _scores(m, name, inter, cfg, taylor, k)
+    for k, (name, (m, inter, kept)) in enumerate(chosen.items()):
+        scores = _scores(m, name, inter, cfg, grads, k)
         keep = torch.sort(torch.argsort(scores, dim=1, descending=True, stable=True)[:, :kept], dim=1).values
         new, zeroed = _pruned(m, keep, inter), _zeroed(m, keep, inter)
         experts, hidden = m.down_proj.shape[0], _shape(m.down_proj, m.is_transposed)[1]
         g = torch.Generator().manual_seed(k)
-        dtype = m.down_proj.dtype
-        x = torch.randn(16, hidden, generator=g).to(dtype)
+        x = torch.randn(16, hidden, generator=g)
         index = torch.stack([torch.randperm(experts, generator=g)[:min(2, experts)] for _ in range(16)])
-        weights = torch.rand(16, index.shape[1], generator=g).to(dtype)
+        weights = torch.rand(16, index.shape[1], generator=g)
         got, want = _run(m, new, x, index, weights), _run(m, zeroed, x, index, weights)
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6):
             rows.append(LayerChange(name, type(m).__name__, "skipped", bytes_before=module_bytes(m),
