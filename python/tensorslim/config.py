@@ -174,6 +174,22 @@ class Config(LayerFilter):
         return cls_.from_dict(json.loads(text))
 
 
+# What becomes of a selected layer the calibration data never runs: see check_unreached.
+UNREACHED = ("fallback", "skip", "error")
+
+
+def check_unreached(cfg: "Config") -> None:
+    """unreached, a field of every config that calibrates: a layer the calibration data never
+    runs (a branch not taken, an expert no calibration token was routed to) gets the
+    technique's data-free version with "fallback" (round to nearest for AWQ / GPTQ, magnitude
+    for Wanda / SparseGPT, per-token activation scales for static W8A8, no smoothing for
+    SmoothQuant, plain SVD for ASVD / SVD-LLM), stays float with "skip", or makes the call
+    raise a ValueError naming it, the model unchanged, with "error". fallback and skip name
+    the layers in a RuntimeWarning and in the Report. Without calibration it does nothing."""
+    if cfg.unreached not in UNREACHED:
+        raise ValueError(f"{type(cfg).__name__}: unreached must be one of {UNREACHED}, got {cfg.unreached!r}")
+
+
 _GROUP_SIZES = (32, 64, 128, 256)
 # Weight-only rounding algorithms; calibrating ones (awq, gptq) register themselves on import.
 WEIGHT_ONLY_ALGORITHMS = {"rtn": "round to nearest"}
@@ -210,13 +226,15 @@ class Int8WeightOnly(Config):
 @dataclass
 class Int4WeightOnly(Config):
     """INT4 weights in groups along the input dimension (128 by default), float activations.
-    Embedding tables are quantized too (see embedding_bits)."""
+    Embedding tables are quantized too (see embedding_bits). unreached: with algorithm "awq" /
+    "gptq", a layer the calibration data never runs (check_unreached)."""
 
     group_size: Optional[int] = 128
     symmetric: bool = True
     algorithm: str = "rtn"
     backend: str = "auto"
     embedding_bits: Optional[int] = None
+    unreached: str = "fallback"
     bits: ClassVar[int] = 4
 
     def __post_init__(self):
@@ -224,6 +242,7 @@ class Int4WeightOnly(Config):
         _check_common(type(self).__name__, self.group_size, self.backend)
         _check_algorithm(type(self).__name__, self.algorithm)
         _check_embedding_bits(self)
+        check_unreached(self)
 
 
 def _check_embedding_bits(cfg) -> None:
@@ -251,7 +270,8 @@ def _check_algorithm(name: str, algorithm: str) -> None:
 class IntWeightOnly(Config):
     """N-bit integer weights (2..8 bits, as the format table provides) in groups along the
     input dimension, float activations. Int8WeightOnly / Int4WeightOnly are the common cases.
-    Embedding tables are quantized too (see embedding_bits)."""
+    Embedding tables are quantized too (see embedding_bits). unreached: with algorithm "awq" /
+    "gptq", a layer the calibration data never runs (check_unreached)."""
 
     bits: int = 4
     group_size: Optional[int] = 128
@@ -259,12 +279,14 @@ class IntWeightOnly(Config):
     algorithm: str = "rtn"
     backend: str = "auto"
     embedding_bits: Optional[int] = None
+    unreached: str = "fallback"
 
     def __post_init__(self):
         super().__post_init__()
         _check_common("IntWeightOnly", self.group_size, self.backend)
         _check_algorithm("IntWeightOnly", self.algorithm)
         _check_embedding_bits(self)
+        check_unreached(self)
         from .formats import integer_format  # the table lives in the native core
 
         try:
@@ -444,6 +466,7 @@ class _Int8Activations(Config):
         as torch.ao's x86 defaults narrow the range on CPUs without VNNI. Pass 127 for the same
         codes on every machine. Convolutions keep 127: on such CPUs their activations go 7-bit
         instead, which measured better there (docs/conv.md).
+    unreached: a layer the calibration data never runs (check_unreached).
     """
 
     smoothquant: bool = True
@@ -453,10 +476,12 @@ class _Int8Activations(Config):
     alpha_grid_step: float = 0.05
     backend: str = "auto"
     weight_qmax: Optional[int] = None
+    unreached: str = "fallback"
 
     def __post_init__(self):
         super().__post_init__()
         _check_smoothquant(type(self).__name__, self)
+        check_unreached(self)
         if self.weight_qmax is not None:
             check_weight_qmax(self.weight_qmax, type(self).__name__)
 

@@ -171,8 +171,9 @@ def test_layers_never_reached_are_skipped_with_a_warning(algorithm, thresholds, 
     model = nn.Sequential(*(Gated(t) for t in thresholds))
     before = copy.deepcopy(model.state_dict())
     calib = [torch.randn(4, 128) for _ in range(3)]
-    with pytest.warns(RuntimeWarning, match="never ran on the calibration data") as caught:
-        report = ts.quantize(model, ts.Int4WeightOnly(algorithm=algorithm), calib_data=calib, progress=False)
+    cfg = ts.Int4WeightOnly(algorithm=algorithm, unreached="skip")
+    with pytest.warns(RuntimeWarning, match="never ran on the calibration data and stay float") as caught:
+        report = ts.quantize(model, cfg, calib_data=calib, progress=False)
     message = next(str(w.message) for w in caught if "never ran" in str(w.message))
     assert all(repr(n) in message for n in unreached) and algorithm.upper() in message
     everything = {"0.fc", "0.rare", "1.fc", "1.rare"}
@@ -187,6 +188,51 @@ def test_layers_never_reached_are_skipped_with_a_warning(algorithm, thresholds, 
     assert {c.name for c in summary.skipped} == unreached
     assert {c.name for c in summary.changed} == everything - unreached
     assert model(calib[0]).isfinite().all()
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+@pytest.mark.parametrize("thresholds,unreached", [((NEVER, ALWAYS), {"0.rare"}), ((NEVER, NEVER), {"0.rare", "1.rare"})])
+def test_layers_never_reached_fall_back_to_round_to_nearest(algorithm, thresholds, unreached):
+    """The default unreached="fallback": a layer no batch runs is quantized as round to nearest
+    would (the same codes and scales as an RTN call on the float model), noted in its row; the
+    layers that ran are calibrated as before (the same codes as with unreached="skip")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(Gated(t) for t in thresholds))
+    rtn, skip = copy.deepcopy(model), copy.deepcopy(model)
+    calib = [torch.randn(4, 128) for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match=f"{algorithm.upper()}: .*got the data-free fallback") as caught:
+        report = ts.quantize(model, ts.Int4WeightOnly(algorithm=algorithm), calib_data=calib, progress=False)
+    assert all(repr(n) in str(caught[0].message) for n in unreached)
+    ts.quantize(rtn, ts.Int4WeightOnly(), progress=False)
+    with pytest.warns(RuntimeWarning):
+        ts.quantize(skip, ts.Int4WeightOnly(algorithm=algorithm, unreached="skip"), calib_data=calib, progress=False)
+    rows = {c.name: c.format for c in report.changes}
+    assert not report.skipped and len(rows) == 4
+    for name, fmt in rows.items():
+        layer = model.get_submodule(name)
+        twin = (rtn if name in unreached else skip).get_submodule(name)
+        assert fmt.endswith("rtn (never ran on the calibration data)") == (name in unreached), fmt
+        assert torch.equal(layer.qweight, twin.qweight) and torch.equal(layer.scales, twin.scales)
+    assert {c.name for c in ts.summary(model).changed} == set(rows)
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_layers_never_reached_raise_before_anything_changes(algorithm):
+    """unreached="error": one float pass finds every layer no batch runs, in any block, and the
+    error names them all with the exclude list; nothing was quantized. Excluding them works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Gated(NEVER), Gated(ALWAYS), Gated(NEVER))
+    before = copy.deepcopy(model.state_dict())
+    calib = [torch.randn(4, 128) for _ in range(2)]
+    cfg = ts.Int4WeightOnly(algorithm=algorithm, unreached="error")
+    with pytest.raises(ValueError, match=rf"{algorithm}: layers '0.rare', '2.rare': the calibration data "
+                                         r"never reached them.*exclude=\['0.rare', '2.rare'\]"):
+        ts.quantize(model, cfg, calib_data=calib, progress=False)
+    assert all(type(model.get_submodule(f"{i}.{n}")) is nn.Linear for i in range(3) for n in ("fc", "rare"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    cfg = ts.Int4WeightOnly(algorithm=algorithm, unreached="error", exclude=["0.rare", "2.rare"])
+    report = ts.quantize(model, cfg, calib_data=calib, progress=False)
+    assert {c.name for c in report.changed} == {"0.fc", "1.fc", "1.rare", "2.fc"}
 
 
 @pytest.mark.parametrize("algorithm", ["gptq", "awq"])

@@ -103,7 +103,7 @@ def test_a_failing_linear_pass_undoes_the_convs():
     x = torch.randn(2, 3, 8, 8)
     before, out = dict(model.named_modules()), model(x)
     with pytest.raises(ValueError, match="'unused'.*never reached"):
-        ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+        ts.quantize(model, ts.W8A8(skip_output_head=False, unreached="error"), calib_data=[x], progress=False)
     assert dict(model.named_modules()) == before and "forward" not in model.__dict__
     assert torch.equal(model(x), out) and not hasattr(model, "_tensorslim_skipped")
 

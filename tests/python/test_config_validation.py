@@ -128,6 +128,23 @@ def test_range_checks_stay_with_each_config():
         assert type(cls.from_dict(cls().to_dict())) is cls
 
 
+UNREACHED_CLASSES = [c for c in CLASSES if "unreached" in {f.name for f in dataclasses.fields(c)}]
+
+
+def test_unreached_on_every_calibrating_config():
+    """Every config whose technique calibrates says what becomes of a layer its data never runs."""
+    assert {c.__name__ for c in UNREACHED_CLASSES} == {"AWQ", "GPTQ", "Int4WeightOnly", "IntWeightOnly", "W8A8",
+                                                       "Int8Dynamic", "NM", "Unstructured", "SVD"}
+    for cls in UNREACHED_CLASSES:
+        extra = REQUIRED.get(cls.__name__, {})
+        assert cls(**extra).unreached == "fallback"
+        for mode in C.UNREACHED:
+            assert ts.Config.from_json(cls(unreached=mode, **extra).to_json()).unreached == mode
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: unreached must be one of \('fallback', 'skip', "
+                                             rf"'error'\), got 'raise'"):
+            cls(unreached="raise", **extra)
+
+
 def test_gptq_block_size_is_bounded_at_construction():
     assert ts.GPTQ(block_size=C.GPTQ_MAX_BLOCK_SIZE).block_size == 1 << 16
     for bad in (0, -1, C.GPTQ_MAX_BLOCK_SIZE + 1, 1 << 40):

@@ -118,6 +118,48 @@ def test_activation_aware_needs_calibration_data():
         ts.factorize(mlp(), ts.SVD(rank=4, method="asvd"), progress=False)
 
 
+class _SideBranch(nn.Module):
+    """mlp() plus a layer the calibration never runs (a branch its data does not take)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.side = mlp(), nn.Linear(48, 48)
+        with torch.no_grad():
+            self.side.weight.copy_(mlp(seed=2)[0].weight[:48])
+
+    def forward(self, x, side=False):
+        return self.body(self.side(x) if side else x)
+
+
+@pytest.mark.parametrize("method", ["asvd", "svd_llm"])
+def test_layers_calibration_never_reaches(method):
+    """unreached="fallback" (default): plain SVD for that layer, the same factors as a plain
+    call, with a note; "skip": it stays dense; "error": a ValueError, the model unchanged."""
+    xs = calib_batches()
+    model, plain = _SideBranch(), _SideBranch()
+    with pytest.warns(RuntimeWarning, match=rf"SVD\(method='{method}'\): 1 layer\(s\) .* fallback.*'side'"):
+        report = ts.factorize(model, ts.SVD(rank=6, method=method, damp=1e-6), calib_data=xs, progress=False)
+    ts.factorize(plain, ts.SVD(rank=6, include=("side",)), progress=False)
+    rows = {c.name: c.reason for c in report.changes}
+    assert model.side.method == "svd" and model.body[0].method == method
+    assert rows["side"].endswith("never ran on the calibration data: plain SVD") and "never" not in rows["body.0"]
+    assert torch.equal(model.side.up.weight, plain.side.up.weight)
+    assert torch.equal(model.side.down.weight, plain.side.down.weight)
+
+    model = _SideBranch()
+    with pytest.warns(RuntimeWarning, match="stay float"):
+        report = ts.factorize(model, ts.SVD(rank=6, method=method, unreached="skip"), calib_data=xs, progress=False)
+    assert type(model.side) is nn.Linear and model.body[0].method == method
+    assert {c.name: c.reason for c in report.skipped} == {"side": "never ran on the calibration data: nothing to "
+                                                                   "calibrate on"}
+    model = _SideBranch()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"layer 'side': the calibration data never reached it"):
+        ts.factorize(model, ts.SVD(rank=6, method=method, unreached="error"), calib_data=xs, progress=False)
+    assert type(model.side) is nn.Linear and all(type(model.body[i]) is nn.Linear for i in (0, 2, 4))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 def test_module_surface_and_summary():
     model = mlp()
     ts.factorize(model, ts.SVD(rank=8, exclude=("4",)), progress=False)

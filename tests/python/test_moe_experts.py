@@ -187,19 +187,37 @@ def _many_experts():
 
 
 def test_calibration_that_misses_experts():
-    """Two tokens reach at most 4 of 16 experts. W8A8 needs every one: the error names them and
-    the exclude list, the model stays as it was (experts fused again); GPTQ compresses the
-    experts it saw and leaves the others with a Report row."""
+    """Two tokens reach at most 4 of 16 experts. W8A8 with unreached="error": the error names
+    them and the exclude list, the model stays as it was (experts fused again). GPTQ by default
+    quantizes the experts it saw with GPTQ and the others by round to nearest, bit for bit as an
+    RTN call gives them; with unreached="skip" the others stay float with a Report row."""
     two = [{"input_ids": torch.tensor([[5, 9]])}]
     model = _many_experts()
     before = model.model.layers[0].mlp.experts
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"experts\.gate_up\.\d+'.*expert no calibration token was routed to"):
-        ts.quantize(model, ts.W8A8(), calib_data=two, progress=False)
+        ts.quantize(model, ts.W8A8(unreached="error"), calib_data=two, progress=False)
     assert model.model.layers[0].mlp.experts is before
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    model, rtn = _many_experts(), _many_experts()
+    with pytest.warns(RuntimeWarning, match="GPTQ: .* never ran on the calibration data and got the data-free"):
+        report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=two,
+                             progress=False)
+    ts.quantize(rtn, ts.Int4WeightOnly(group_size=32), progress=False)
+    experts, plain = model.model.layers[0].mlp.experts, rtn.model.layers[0].mlp.experts
+    rows = {int(c.name.rsplit(".", 1)[1]): c.format for c in report.changes if ".experts.gate_up." in c.name}
+    fallen = [i for i in range(16) if "rtn (never ran on the calibration data)" in rows[i]]
+    assert len(rows) == 16 and 12 <= len(fallen) < 16
+    assert not [c for c in report.skipped if ".experts." in c.name]
+    for i in range(16):
+        same = torch.equal(experts.gate_up[i].qweight, plain.gate_up[i].qweight)
+        assert same == (i in fallen), i  # GPTQ's codes differ from RTN's where it calibrated
+        assert torch.equal(experts.down[i].qweight, plain.down[i].qweight) == (i in fallen)
+
     model = _many_experts()
-    report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=two, progress=False)
+    report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq", unreached="skip"),
+                         calib_data=two, progress=False)
     experts = model.model.layers[0].mlp.experts
     done = [i for i in range(16) if type(experts.gate_up[i]) is not nn.Linear]
     assert 0 < len(done) <= 4

@@ -1,6 +1,7 @@
 """ts.sparsify: which weights each config keeps, the sparse modules it builds, their outputs
 against the dense masked reference, the report, save / load and file sizes, and bad input."""
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -249,12 +250,43 @@ class _Branchy(nn.Module):
 
 def test_layers_calibration_never_reaches_are_skipped():
     model = _Branchy()
-    with pytest.warns(RuntimeWarning, match="never ran"):
-        report = ts.sparsify(model, ts.NM(2, 4, method="wanda"), calib_data=_batches(), progress=False)
+    with pytest.warns(RuntimeWarning, match="never ran.*stay float"):
+        report = ts.sparsify(model, ts.NM(2, 4, method="wanda", unreached="skip"), calib_data=_batches(),
+                             progress=False)
     rows = {c.name: c for c in report.changes}
     assert rows["layers.0.b"].action == "skipped" and "never ran" in rows["layers.0.b"].reason
     assert rows["layers.1.a"].action == "sparsified"
     assert type(model.layers[0].b) is nn.Linear
+
+
+@pytest.mark.parametrize("cfg", [ts.NM(2, 4, method="wanda"), ts.Unstructured(0.75, method="sparsegpt"),
+                                 ts.NM(2, 4, method="sparsegpt", values="int8")], ids=lambda c: c.describe())
+def test_layers_calibration_never_reaches_fall_back_to_magnitude(cfg):
+    """The default unreached="fallback": the layers the data never runs are pruned by magnitude,
+    the same modules a magnitude call builds; the calibrated ones as with unreached="skip"."""
+    model, magnitude, skip = _Branchy(), _Branchy(), _Branchy()
+    for other in (magnitude, skip):
+        other.load_state_dict(model.state_dict())
+    with pytest.warns(RuntimeWarning, match="got the data-free fallback"):
+        report = ts.sparsify(model, cfg, calib_data=_batches(), progress=False)
+    ts.sparsify(magnitude, dataclasses.replace(cfg, method="magnitude"), progress=False)
+    with pytest.warns(RuntimeWarning):
+        ts.sparsify(skip, dataclasses.replace(cfg, unreached="skip"), calib_data=_batches(), progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert all(rows[f"layers.{i}.b"].format.endswith("(never ran on the calibration data)") for i in (0, 1))
+    assert "magnitude" in rows["layers.0.b"].format and cfg.method in rows["layers.0.a"].format
+    for name, row in rows.items():
+        twin = (magnitude if name.endswith(".b") else skip).get_submodule(name)
+        assert row.action == "sparsified" and torch.equal(_dense(model.get_submodule(name)), _dense(twin))
+
+
+def test_layers_calibration_never_reaches_raise_under_error():
+    model = _Branchy()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"wanda: layers 'layers.0.b', 'layers.1.b'.*never reached"):
+        ts.sparsify(model, ts.NM(2, 4, method="wanda", unreached="error"), calib_data=_batches(), progress=False)
+    assert all(type(m) is nn.Linear for blk in model.layers for m in (blk.a, blk.b))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_calibration_that_never_reaches_any_layer():

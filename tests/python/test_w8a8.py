@@ -1,6 +1,7 @@
 """W8A8 / Int8Dynamic: the Int8Linear path against plain-PyTorch references, configs and
 errors, save/load, and MiniLM sentence embeddings vs fp32."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -401,7 +402,55 @@ def test_layer_never_reached_is_named():
     model = nn.ModuleDict({"used": nn.Linear(16, 16), "unused": nn.Linear(16, 16)})
     model.forward = lambda x: model["used"](x)
     with pytest.raises(ValueError, match="'unused'.*never reached"):
-        ts.quantize(model, ts.W8A8(), calib_data=[torch.randn(4, 16)], progress=False)
+        ts.quantize(model, ts.W8A8(unreached="error"), calib_data=[torch.randn(4, 16)], progress=False)
+
+
+def test_calibration_that_reaches_nothing_raises_under_every_unreached():
+    """A forward loop that never runs the model is a mistake, not a model of fallbacks."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Conv1d(16, 16, 1))
+    for mode in ("fallback", "skip"):
+        with pytest.raises(ValueError, match=r"layers '1', '0': the calibration data never reached them"):
+            ts.quantize(model, ts.W8A8(skip_output_head=False, unreached=mode), forward_loop=lambda m: None,
+                        progress=False)
+        assert type(model[0]) is nn.Linear and type(model[1]) is nn.Conv1d
+
+
+class _Unreached(nn.Module):
+    """used runs; lin and conv never do (model code that skips them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.lin, self.conv = nn.Linear(16, 16), nn.Linear(16, 16), nn.Conv1d(16, 16, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("smoothquant", [False, True])
+def test_layers_never_reached_fall_back_to_per_token_scales(smoothquant):
+    """The default unreached="fallback": a static W8A8 layer (linear or conv) the data never runs
+    gets per-call activation scales and no smoothing: the same module and outputs as
+    Int8Dynamic gives it; the layer that ran keeps its static scales. "skip" keeps them float."""
+    torch.manual_seed(0)
+    model = _Unreached().eval()
+    dynamic, skip = copy.deepcopy(model), copy.deepcopy(model)
+    calib = [torch.randn(4, 16)]
+    cfg = ts.W8A8(skip_output_head=False, smoothquant=smoothquant)
+    with pytest.warns(RuntimeWarning, match=r"W8A8: 2 layer\(s\) never ran .*data-free fallback.*'conv', 'lin'"):
+        report = ts.quantize(model, cfg, calib_data=calib, progress=False)
+    ts.quantize(dynamic, ts.Int8Dynamic(skip_output_head=False, smoothquant=False), progress=False)
+    rows = {c.name: c.format for c in report.changes}
+    assert rows["lin"].startswith("int8 dyn/token") and rows["conv"].startswith("int8 dyn/call")
+    assert all(rows[n].endswith("(never ran on the calibration data)") for n in ("lin", "conv"))
+    assert rows["used"].startswith("w8a8") and model.used.mode == "static" and model.lin.mode == "dynamic"
+    x, xc = torch.randn(3, 16), torch.randn(2, 16, 5)
+    assert torch.equal(model.lin(x), dynamic.lin(x)) and torch.equal(model.conv(xc), dynamic.conv(xc))
+    with pytest.warns(RuntimeWarning, match="stay float"):
+        report = ts.quantize(skip, dataclasses.replace(cfg, unreached="skip"), calib_data=calib, progress=False)
+    assert type(skip.lin) is nn.Linear and type(skip.conv) is nn.Conv1d
+    assert {c.name: c.reason for c in report.skipped if c.name in ("lin", "conv")} == {
+        "lin": "never ran on the calibration data: nothing to calibrate on",
+        "conv": "never ran on the calibration data: nothing to calibrate on"}
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -427,7 +476,7 @@ def test_every_layer_never_reached_is_named_at_once(kind):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"layers 'a', 'b': the calibration data never reached them.*"
                                          r"exclude=\['a', 'b'\]"):
-        ts.quantize(model, ts.W8A8(skip_output_head=False), calib_data=[x], progress=False)
+        ts.quantize(model, ts.W8A8(skip_output_head=False, unreached="error"), calib_data=[x], progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     ts.quantize(model, ts.W8A8(skip_output_head=False, exclude=["a", "b"]), calib_data=[x], progress=False)
     assert type(model.used) is not type(make()) and type(model.a) is type(make())

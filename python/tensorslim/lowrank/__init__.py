@@ -11,7 +11,7 @@ from torch import nn
 from ..layer_views import linear_views
 from ..hf import record_layers
 from ..pruning import masks
-from ..quantization.calibrate import make_forward_loop
+from ..quantization.calibrate import UNREACHED_NOTE, make_forward_loop
 from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
 from ..transforms import check_not_a_single_layer, replace_modules
 from .config import CP, SVD, Tucker
@@ -61,6 +61,8 @@ def _factorize(model: nn.Module, config, loop, progress: bool) -> Report:
         if row.action != "skipped":
             new = plans[row.name][1]
             row.action, row.reason = new.action, new.note()
+            if isinstance(config, SVD) and new.method != config.method:  # unreached="fallback"
+                row.reason += f"; {UNREACHED_NOTE}: plain SVD"
     remember_skipped(model, report)
     return report
 

@@ -16,6 +16,7 @@ from .. import ops
 from ..nn import LowRankLinear
 from .config import SVD
 from .rank import Spectrum, rank_for_energy, rank_for_ratio, ranks_for_budget
+from ..quantization.calibrate import NEVER_RAN, Reach, settle_unreached
 from .stats import collect_input_stats
 
 RANDOMIZED_MIN_DIM = 1024  # solver="auto" sketches layers this large when the rank is known
@@ -28,6 +29,10 @@ class Decomposition:
     col_scale: Optional[torch.Tensor] = None   # ASVD: right factor divided by s per column
     whitener: Optional[torch.Tensor] = None    # SVD-LLM: right factor times L^-1
 
+    @property
+    def method(self) -> str:
+        return "asvd" if self.col_scale is not None else "svd_llm" if self.whitener is not None else "svd"
+
 
 def _known_rank(cfg: SVD, rows: int, cols: int) -> Optional[int]:
     if cfg.rank is not None:
@@ -38,20 +43,20 @@ def _known_rank(cfg: SVD, rows: int, cols: int) -> Optional[int]:
 
 
 def decompose(w: torch.Tensor, cfg: SVD, stats=None) -> Decomposition:
-    """The (possibly activation-aware) SVD of one weight [out, in]."""
+    """The (possibly activation-aware) SVD of one weight [out, in]; without its input `stats`
+    (plain SVD, or a layer the calibration never ran under unreached="fallback") plain."""
     w = w.detach().float().cpu()
     col_scale = whitener = None
-    if cfg.method == "asvd":
+    if stats is None:
+        target = w
+    elif cfg.method == "asvd":
         act = stats.mean_abs.float().cpu()
         # Channels that never fire get the smallest non-zero scale instead of a zero divisor.
         floor = act[act > 0].min() if (act > 0).any() else torch.tensor(1.0)
         col_scale = act.clamp(min=float(floor)).pow(cfg.alpha)
         target = w * col_scale[None, :]
-    elif cfg.method == "svd_llm":
-        wl, whitener, _ = ops.lowrank.whiten(w, stats.mean_gram.float().cpu(), cfg.damp)
-        target = wl
     else:
-        target = w
+        target, whitener, _ = ops.lowrank.whiten(w, stats.mean_gram.float().cpu(), cfg.damp)
     rows, cols = target.shape
     k = _known_rank(cfg, rows, cols)
     randomized = k is not None and (cfg.solver == "randomized" or (
@@ -116,6 +121,12 @@ def plan_linears(model: nn.Module, cfg: SVD, layers: Dict[str, nn.Linear], forwa
             raise ValueError(f"SVD(method={cfg.method!r}) needs calibration data: pass "
                              f"calib_data=[batches...] or forward_loop=fn(model)")
         stats = collect_input_stats(model, layers, forward_loop, with_gram=cfg.method == "svd_llm")
+        missed = [n for n in layers if n not in stats]
+        settle_unreached(cfg, f"SVD(method={cfg.method!r})", Reach(len(layers), missed))
+        if cfg.unreached == "skip":
+            for name in missed:
+                plans[name] = (NEVER_RAN, None)
+                del layers[name]
     # Each layer is built from its decomposition at once, which is then dropped: held for every
     # layer until the end, full U / S / Vt took 1.5x the model's fp32 linears (a whole
     # LLaMA-style model's). A budget compares all spectra first: only what a rank that still
@@ -140,7 +151,7 @@ def plan_linears(model: nn.Module, cfg: SVD, layers: Dict[str, nn.Linear], forwa
 
 def _plan(cfg: SVD, mod: nn.Linear, d: Decomposition, rank: Optional[int]):
     reason = skip_reason(cfg, d.spectrum, rank)
-    return reason, None if reason else _build(mod, d, rank, cfg.method)
+    return reason, None if reason else _build(mod, d, rank, d.method)
 
 
 def _leading(d: Decomposition, rank: int) -> Decomposition:

@@ -9,9 +9,11 @@ produce the next block's inputs, so at any time the working set is one block plu
 activations, and the model is never copied.
 
 Target layers a block never runs on any calibration batch (a branch the data does not
-take, an expert no token is routed to) have nothing to calibrate on: they stay float, with a
-RuntimeWarning, and the report lists them as skipped. If no target runs at all, that is an
-error.
+take, an expert no token is routed to) have nothing to calibrate on: the config's `unreached`
+says what becomes of them (tensorslim.config.check_unreached): the data-free version the layers
+outside every block get ("fallback"), float ("skip"), both with a RuntimeWarning and their
+Report rows, or a ValueError naming them all, found by one float pass before anything changes
+("error"). If no target runs at all, that is an error.
 
 A failure anywhere puts back every module and parameter the pipeline replaced, so the
 model is left as it was.
@@ -31,7 +33,8 @@ from ..nn import WeightOnlyLinear
 from ..report import LayerChange, Report, module_bytes, remember_skipped
 from ..transforms import _is_weight_matrix_layer, _tied_to_embedding, adopt_float_dtype, filter_reason, held_weights_row
 from . import token_mask
-from .calibrate import ForwardLoop, eval_mode, require_forward_loop
+from .calibrate import (NEVER_RAN, UNREACHED_NOTE, ForwardLoop, check_reached, eval_mode, require_forward_loop,
+                        warn_unreached)
 
 class BlockInput(tuple):
     """(args, kwargs) of one captured block call, carrying its batch's padding mask
@@ -97,6 +100,21 @@ def _detach(x: Any) -> Any:
     return x
 
 
+@contextlib.contextmanager
+def no_cache(model: nn.Module):
+    """A KV cache would grow every time a block is re-run (and a cross-attention cache would
+    skip its key / value layers): off in every config (an encoder-decoder's stacks have their own)."""
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if getattr(c, "use_cache", None)}
+    try:
+        for c in configs.values():
+            c.use_cache = False
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True
+
+
 def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: ForwardLoop) -> Inputs:
     """Run the calibration data up to `block` and return its inputs, one entry per batch."""
     captured: Inputs = []
@@ -120,15 +138,9 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
                 return None
         hook = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-    # A KV cache would grow every time a block is re-run (and a cross-attention cache would
-    # skip its key / value layers): off in every config (an encoder-decoder's stacks have their own).
-    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
-               if getattr(c, "use_cache", None)}
     model.forward = forward  # instance attribute: nn.Module.__call__ finds it first
     try:
-        for c in configs.values():
-            c.use_cache = False
-        with torch.no_grad():
+        with torch.no_grad(), no_cache(model):
             forward_loop(model)
     finally:
         if own is None:
@@ -137,8 +149,6 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
             model.forward = own
         if hook is not None:
             hook.remove()
-        for c in configs.values():
-            c.use_cache = True
     if not captured:
         raise ValueError(f"calibration: the forward loop never reached the first block ({type(block).__name__}): "
                          f"is the calibration data empty, or is that block a container the model never "
@@ -374,9 +384,6 @@ def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, 
     return report, per_block, outside
 
 
-NEVER_RAN = "never ran on the calibration data: nothing to calibrate on"
-
-
 def reached_targets(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Set[str]:
     """The targets that run on at least one calibration batch. Stops at the call by which every
     target has run, so it usually costs part of one batch's forward pass."""
@@ -402,22 +409,34 @@ def reached_targets(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inp
     return ran
 
 
+def _full(block_name: str, local: str) -> str:
+    return ".".join(p for p in (block_name, local) if p)
+
+
 def _drop_unreached(block: nn.Module, bname: str, targets: Dict[str, nn.Linear], inputs: Inputs
                     ) -> Tuple[Dict[str, nn.Linear], List[LayerChange]]:
     """The targets the calibration data reaches, and a skip row for every other one."""
     if not targets:
         return targets, []
     ran = reached_targets(block, targets, inputs)
-    skipped = [LayerChange(".".join(p for p in (bname, n) if p), "Linear", "skipped",
+    skipped = [LayerChange(_full(bname, n), "Linear", "skipped",
                            bytes_before=module_bytes(m), reason=NEVER_RAN)
                for n, m in targets.items() if n not in ran]
     return {n: m for n, m in targets.items() if n in ran}, skipped
 
 
-def _warn_unreached(name: str, skipped: List[LayerChange]) -> None:
-    if skipped:
-        warnings.warn(f"{name.upper()}: {len(skipped)} layer(s) never ran on the calibration data and "
-                      f"stay unquantized: {[c.name for c in skipped]}", RuntimeWarning, stacklevel=3)
+def check_all_reached(model: nn.Module, targets: Dict[str, nn.Linear], forward_loop: ForwardLoop) -> None:
+    """unreached="error": one float pass with every target hooked, raising check_reached's
+    error naming every layer it never ran, before anything changes."""
+    ran: Set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: ran.add(n)) for n, m in targets.items()]
+    try:
+        with torch.no_grad(), no_cache(model):
+            forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    check_reached(n for n in targets if n not in ran)
 
 
 def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoop], spec: Optional[WeightSpec],
@@ -438,7 +457,7 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     float_outputs (without feed_quantized): quantize_block takes a keyword `outputs`, a list it
     fills with the float block's output on every input (from a pass it makes anyway), so the
     pipeline does not run the block once more for the next block's inputs.
-    Target layers no calibration batch reaches are skipped (see the module's docstring).
+    Target layers no calibration batch reaches: cfg.unreached (see the module's docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -453,6 +472,8 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
     stacks = find_block_stacks(model)
     blocks = [b for stack in stacks for b in stack]
     report, per_block, outside_layers = _plan(model, cfg, blocks, check)
+    mode = getattr(cfg, "unreached", "skip")
+    fallback = outside or _round_to_nearest(spec)  # what needs no data
     edits = Edits()
     changes: List[LayerChange] = []
     unreached: List[LayerChange] = []
@@ -468,6 +489,8 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
         bar = tqdm(blocks[first:hi], desc=f"{name} blocks", disable=not progress, leave=False)
         for bi, (bname, block) in enumerate(bar, start=first):
             targets, skipped = _drop_unreached(block, bname, per_block[bi], inputs)
+            if mode == "error":  # the float pass reached them: the calibrated blocks before did not
+                check_reached(c.name for c in skipped)
             unreached.extend(skipped)
             last = bi == hi - 1 or not any(per_block[bi + 1:hi])
             outs = None
@@ -487,7 +510,7 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
                 raise RuntimeError(f"{name}: quantize_block gave {len(outs)} block outputs for "
                                    f"{len(inputs)} inputs")
             for local, (mod, note) in new.items():
-                full = ".".join(p for p in (bname, local) if p)
+                full = _full(bname, local)
                 set_submodule(model, full, mod, edits)
                 changes.append(LayerChange(full, "Linear", action, note, before[local],
                                            module_bytes(mod)))
@@ -503,6 +526,9 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
             inputs = [next_inputs(inp, out) for inp, out in zip(inputs, outs)]
 
     try:
+        if mode == "error" and any(per_block):
+            check_all_reached(model, {_full(bname, n): m for (bname, _), targets in zip(blocks, per_block)
+                                      for n, m in targets.items()}, forward_loop)
         if any(per_block):
             lo = 0
             for stack in stacks:
@@ -511,18 +537,20 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
             if not changes:
                 raise ValueError(f"none of the {len(unreached)} layers to calibrate ran on the calibration "
                                  f"data (e.g. '{unreached[0].name}'); does the forward loop run the model?")
-        for full, lin in outside_layers.items():
-            mod, note = (outside or _round_to_nearest(spec))(lin)
+        fallen = [(c.name, UNREACHED_NOTE) for c in unreached] if mode == "fallback" else []
+        for full, why in [(n, "outside the calibrated blocks") for n in outside_layers] + fallen:
+            lin = model.get_submodule(full)  # with whatever a block's edits (AWQ's folds) gave it
+            mod, note = fallback(lin)
             set_submodule(model, full, mod, edits)
-            changes.append(LayerChange(full, "Linear", action, f"{note} (outside the calibrated blocks)",
-                                       module_bytes(lin), module_bytes(mod)))
+            changes.append(LayerChange(full, "Linear", action, f"{note} ({why})", module_bytes(lin),
+                                       module_bytes(mod)))
     except BaseException as e:
         edits.undo()
         if isinstance(e, (ValueError, TypeError)):
             raise type(e)(f"{name}: {e}") from e
         raise
-    _warn_unreached(name, unreached)
-    report.changes.extend(unreached + changes)
+    warn_unreached(name.upper(), [c.name for c in unreached], mode)
+    report.changes.extend(([] if mode == "fallback" else unreached) + changes)
     remember_skipped(model, report)
     return report
 

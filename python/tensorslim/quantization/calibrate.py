@@ -5,7 +5,8 @@ own hooks (observers, block capture) and calls the loop.
 """
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -160,6 +161,37 @@ def reusable(calib_data):
         return list(calib_data) if iter(calib_data) is calib_data else calib_data
     except TypeError:
         raise TypeError(f"calib_data must be iterable, got {type(calib_data).__name__}") from None
+
+
+UNREACHED_NOTE = "never ran on the calibration data"  # a fallback's Report note, in brackets
+NEVER_RAN = f"{UNREACHED_NOTE}: nothing to calibrate on"  # a skipped layer's Report reason
+
+
+@dataclass
+class Reach:
+    """How many layers a calibration pass hooked, and the ones it never ran."""
+
+    targets: int = 0
+    missed: List[str] = field(default_factory=list)
+
+
+def settle_unreached(cfg, technique: str, *reaches: Reach) -> None:
+    """After the calibration passes of one call: raise naming the layers they never ran under
+    cfg.unreached == "error", or where they ran none at all (a forward loop that does not run
+    the model); else warn about them."""
+    missed = [n for r in reaches for n in r.missed]
+    if cfg.unreached == "error" or (missed and len(missed) == sum(r.targets for r in reaches)):
+        check_reached(missed)
+    warn_unreached(technique, missed, cfg.unreached)
+
+
+def warn_unreached(technique: str, names: List[str], mode: str) -> None:
+    """The RuntimeWarning naming the layers the calibration data never ran, under the config's
+    `unreached` "fallback" or "skip" (tensorslim.config.check_unreached)."""
+    if names:
+        fate = "got the data-free fallback (see the Report)" if mode == "fallback" else "stay float"
+        warnings.warn(f"{technique}: {len(names)} layer(s) never ran on the calibration data and {fate}: "
+                      f"{names}", RuntimeWarning, stacklevel=3)
 
 
 def check_reached(unreached) -> None:

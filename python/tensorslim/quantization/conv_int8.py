@@ -20,7 +20,7 @@ from ..config import W8A8
 from ..nn.int8_conv import FoldedBatchNorm, Int8Conv1d, Int8Conv2d, symmetric_padding
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _set_submodule, _tied_to_embedding, filter_reason, replace_modules
-from .calibrate import check_reached, require_forward_loop
+from .calibrate import NEVER_RAN, UNREACHED_NOTE, Reach, check_reached, require_forward_loop
 from .conv_epilogue import fuse_conv_epilogues
 from .observers import Observer
 from .smoothquant import ProducerTrace, _run, outputs_match
@@ -132,38 +132,47 @@ def _calibrate(model, targets, loop, cfg, static: bool):
     finally:
         for h in handles:
             h.remove()
-    if static:
-        check_reached(n for n, o in obs.items() if o.max is None)
     return obs, trace
 
 
-def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = True) -> Report:
+def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = True) -> Tuple[Report, Reach]:
     """Quantize the convs `cfg` (W8A8 or Int8Dynamic) selects; returns their rows of the Report
-    (convs quantized or skipped, BatchNorms folded or not)."""
+    (convs quantized or skipped, BatchNorms folded or not) and which of them a static
+    calibration never ran (the linear pass warns, or raises where nothing at all ran)."""
     static = isinstance(cfg, W8A8)
-    mode = "static" if static else "dynamic"
     targets = _targets(model, cfg)
-    obs, trace, folds, cands = {}, None, {}, {}
+    obs, trace, folds, cands, missed = {}, None, {}, {}, []
     if targets and (static or forward_loop is not None):
         loop = require_forward_loop(forward_loop, "W8A8") if static else forward_loop
         obs, trace = _calibrate(model, targets, loop, cfg, static)
+        if static:
+            missed = [n for n, o in obs.items() if o.max is None]
+            if cfg.unreached == "error":
+                check_reached(missed)
         if trace.batch is not None and not model.training:
             cands = _bn_candidates(model, targets, trace)
             folds = _check_folds(model, trace, targets, cands)
     modules = dict(model.named_modules())
-    built = {}
+    built, fallback = {}, cfg.unreached == "fallback"
     for n, m in targets.items():
+        if n in missed and not fallback:
+            continue
         w, b = _folded(m, modules[folds[n]]) if n in folds else (m.weight, m.bias)
-        scale, zp = obs[n].qparams(symmetric=False) if static else (None, 0)
+        layer_static = static and n not in missed  # an unreached conv's fallback: per-call scales
+        scale, zp = obs[n].qparams(symmetric=False) if layer_static else (None, 0)
         try:
-            built[n] = CONVS[type(m)].from_float(m, w, b, mode, scale, zp, folds.get(n, ""))
+            built[n] = CONVS[type(m)].from_float(m, w, b, "static" if layer_static else "dynamic", scale, zp,
+                                                 folds.get(n, ""))
         except (ValueError, TypeError) as e:
             raise type(e)(f"layer '{n}' ({type(m).__name__}): {e}") from e
 
     def convert(name, mod):
-        return built[name], built[name].describe()
+        return built[name], built[name].describe() + (f" ({UNREACHED_NOTE})" if name in missed else "")
 
-    report = replace_modules(model, cfg, tuple(CONVS), convert, check_conv, progress, desc="int8 conv")
+    def check(name, mod):
+        return check_conv(name, mod) or (NEVER_RAN if name in missed and not fallback else None)
+
+    report = replace_modules(model, cfg, tuple(CONVS), convert, check, progress, desc="int8 conv")
     report.changes = [c for c in report.changes if c.action != "skipped" or c.module_type in ("Conv1d", "Conv2d")]
     for c in report.changes:
         if c.name in folds:
@@ -190,7 +199,7 @@ def apply_conv_int8(model: nn.Module, cfg, forward_loop=None, progress: bool = T
         for n, m in modules.items():
             if isinstance(m, _NORMS) and why:
                 report.changes.append(LayerChange(n, type(m).__name__, "skipped", None, module_bytes(m), reason=why))
-    return report
+    return report, Reach(len(targets) if static else 0, missed)
 
 
 def _why_not_folded(model, static, forward_loop) -> str:

@@ -21,7 +21,7 @@ from ..nn import Int8Linear
 from ..ops import torch_onednn
 from ..report import Report, remember_skipped
 from ..transforms import _tied_to_embedding, filter_reason, replace_modules, structure_restored_on_error
-from .calibrate import check_reached, eval_mode, require_forward_loop
+from .calibrate import NEVER_RAN, UNREACHED_NOTE, Reach, eval_mode, require_forward_loop, settle_unreached
 from .conv_int8 import apply_conv_int8
 from .observers import Observer, qparams_from_range
 from . import token_mask
@@ -94,7 +94,6 @@ def _calibrate(model, targets, loop, sample_rows: int, trace_structure: bool):
     finally:
         for h in handles:
             h.remove()
-    check_reached(n for n, s in stats.items() if s.min is None)
     return stats, trace
 
 
@@ -129,7 +128,7 @@ def _apply_w8a8(model: nn.Module, cfg, forward_loop, progress: bool):
     static = isinstance(cfg, W8A8)
     mode = "static" if static else "dynamic"
     technique = "W8A8" if static else "Int8Dynamic with smoothquant=True"
-    conv_report = apply_conv_int8(model, cfg, forward_loop, progress)  # convs first: see quantization/conv_int8.py
+    conv_report, conv_reach = apply_conv_int8(model, cfg, forward_loop, progress)  # convs first: see conv_int8.py
     targets = _targets(model, cfg)
     # the model's own fp32 tensors (no copy: a whole model's linears twice at once), so every
     # smoothing / folding step below works out of place
@@ -139,46 +138,55 @@ def _apply_w8a8(model: nn.Module, cfg, forward_loop, progress: bool):
     seen: Dict[str, Optional[torch.Tensor]] = {n: None for n in targets}  # 1/s, folded or not
     smooth_desc = {n: "none" for n in targets}
     norm_updates: Dict[str, Dict[str, torch.Tensor]] = {}  # producer name -> new weight / bias
-    stats = None
+    stats, missed, reached = None, [], targets
     if targets and (static or cfg.smoothquant):
         loop = require_forward_loop(forward_loop, technique)
         search = cfg.smoothquant and cfg.smoothquant_alpha == "auto"
         stats, trace = _calibrate(model, targets, loop, cfg.search_rows if search else 0,
                                   cfg.smoothquant and cfg.fold)
+        missed = [n for n, s in stats.items() if s.min is None]
+        reached = {n: m for n, m in targets.items() if n not in missed}
         if cfg.smoothquant:
             with eval_mode(model):  # its reference and fold checks run the model: as inference does
-                _smooth(model, cfg, targets, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates,
+                _smooth(model, cfg, reached, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates,
                         mode, search, progress)
 
+    settle_unreached(cfg, technique, conv_reach, Reach(len(targets) if stats is not None else 0, missed))
     act = {}
     if static and targets:
         if cfg.observer == "max":  # exact from the per-channel statistics: min_j(x_j / s_j) etc.
-            for n in targets:
+            for n in reached:
                 lo, hi = stats[n].min, stats[n].max
                 if seen[n] is not None:  # the input the quantized layer will see: x / s
                     lo, hi = lo * seen[n], hi * seen[n]
                 act[n] = tuple(int(v) if i else float(v) for i, v in enumerate(
                     qparams_from_range(lo.min(), hi.max(), cfg.act_symmetric)))
         else:
-            obs = _observe_smoothed(model, targets, loop, seen, cfg)
-            act = {n: obs[n].qparams() for n in targets}
+            obs = _observe_smoothed(model, reached, loop, seen, cfg)
+            act = {n: obs[n].qparams() for n in reached}
 
-    built = {}
+    built, fallback = {}, cfg.unreached == "fallback"
     for n, m in targets.items():
+        if n in missed and not fallback:
+            continue
         scale, zp = act.get(n, (None, 0))
+        layer_static = static and n not in missed  # an unreached layer's fallback: per-token scales
         try:
-            built[n] = Int8Linear.from_float(weights[n], biases[n], mode, inv[n], scale, zp,
-                                             act_signed=static and cfg.act_symmetric,
+            built[n] = Int8Linear.from_float(weights[n], biases[n], "static" if layer_static else "dynamic",
+                                             inv[n], scale, zp, act_signed=layer_static and cfg.act_symmetric,
                                              smooth=smooth_desc[n], backend=cfg.backend,
-                                             weight_qmax=_weight_qmax(cfg, weights[n], static))
+                                             weight_qmax=_weight_qmax(cfg, weights[n], layer_static))
         except (ValueError, TypeError) as e:  # e.g. a NaN weight: say which layer
             raise type(e)(f"layer '{n}' ({type(m).__name__}): {e}") from e
 
     def convert(name, mod):
         new = built[name]
-        return new, new.describe()
+        return new, new.describe() + (f" ({UNREACHED_NOTE})" if name in missed else "")
 
-    report = replace_modules(model, cfg, (nn.Linear,), convert, lambda n, m: _check(n, m), progress,
+    def check(name, mod):
+        return _check(name, mod) or (NEVER_RAN if name in missed and not fallback else None)
+
+    report = replace_modules(model, cfg, (nn.Linear,), convert, check, progress,
                              desc="w8a8" if static else "int8 dynamic")
     with torch.no_grad():  # the swap succeeded: now the folded producers take their share of s
         modules = dict(model.named_modules())
