@@ -1,10 +1,11 @@
-"""transformers' Mixtral (a mixture-of-experts decoder) compressed, fp32 against each recipe
-(its fused experts unfused into a linear per expert, docs/layer_coverage.md), eval under
+"""transformers' Mixtral or GPT-OSS (mixture-of-experts decoders) compressed, fp32 against each
+recipe (their fused experts unfused into a linear per expert, docs/layer_coverage.md), eval under
 torch.inference_mode, median of interleaved rounds, one run (random weights: speed only).
 Also prints each model's weight bytes.
 
-    python benchmarks/bench_moe.py [--hidden 1024] [--intermediate 2816] [--experts 8] [--top-k 2]
-        [--layers 2] [--shapes 1x1,1x32,4x128] [--recipes int8,int4,int8dyn] [--isa avx2]
+    python benchmarks/bench_moe.py [--arch mixtral|gpt_oss] [--hidden 1024] [--intermediate 2816]
+        [--experts 8] [--top-k 2] [--layers 2] [--shapes 1x1,1x32,4x128] [--recipes int8,int4,int8dyn]
+        [--isa avx2]
 """
 import argparse
 
@@ -35,17 +36,23 @@ def main():
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--arch", choices=("mixtral", "gpt_oss"), default="mixtral")
     args, names = parse_shapes_and_recipes(p, "1x1,1x32,4x128", RECIPES, "int8,int4,int8dyn")
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=512, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                     num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
-                                     num_local_experts=args.experts, num_experts_per_tok=args.top_k,
-                                     max_position_embeddings=512)
-    dense = transformers.MixtralModel(cfg).eval()
-    print(f"Mixtral: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of {args.intermediate}, "
-          f"top-{args.top_k}; eval, inference_mode")
+    common = dict(vocab_size=512, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                  num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
+                  num_local_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=512)
+    if args.arch == "mixtral":
+        dense = transformers.MixtralModel(transformers.MixtralConfig(**common)).eval()
+    else:  # gate and up interleaved, biases, a clamped SwiGLU; plain RoPE (YaRN's factor needs 128K positions)
+        cfg = transformers.GptOssConfig(**common, head_dim=args.hidden // 16,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
+        dense = transformers.GptOssModel(cfg).eval()
+    print(f"{type(dense).__name__}: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of "
+          f"{args.intermediate}, top-{args.top_k}, experts implementation "
+          f"{dense.config._experts_implementation!r}; eval, inference_mode")
     models = compressed_copies(dense, RECIPES, names, None)
     print("weights: " + ", ".join(f"{n} {weight_bytes(m) / 2**20:.1f}" for n, m in
                                        {"fp32": dense, **models}.items()) + " MiB\n")

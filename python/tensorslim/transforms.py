@@ -90,7 +90,13 @@ def held_weights_reason(mod: nn.Module, not_handled: str = "this technique does 
     if isinstance(mod, nn.MultiheadAttention):
         return ("MultiheadAttention multiplies by its packed in_proj_weight itself; torch's own class without "
                 "hooks is unpacked into four linears (ts.unpack_attention)")
-    return f"{type(mod).__name__} holds {', '.join(held)} as parameters of its own, which {not_handled}"
+    reason = f"{type(mod).__name__} holds {', '.join(held)} as parameters of its own, which {not_handled}"
+    if type(getattr(mod, "has_gate", None)) is bool:  # transformers' fused experts: why they stay so
+        from .nn.expert_linears import ExpertLinears
+
+        why = ExpertLinears.why_not(mod)
+        reason += f" (fused experts kept fused: {why})" if why else ""
+    return reason
 
 
 def _held_weights(mod: nn.Module) -> List[str]:

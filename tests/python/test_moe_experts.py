@@ -24,6 +24,23 @@ def _mixtral(seed=0):
     return MixtralForCausalLM(cfg).eval()
 
 
+def _gpt_oss(seed=0, experts=4):
+    """A tiny GPT-OSS: gate and up interleaved, transposed weights with biases, a clamped SwiGLU
+    (its biases, zero at init, drawn too so that they count)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, num_local_experts=experts, num_experts_per_tok=2,
+                       max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0.0, 0.5 if "bias" in name else 0.3)  # past the clamp at 7 now and then
+    return model
+
+
 def _ids(n=9):
     return torch.randint(2, 64, (2, n), generator=torch.Generator().manual_seed(3))
 
@@ -82,8 +99,9 @@ class _UngatedExperts(nn.Module):
 
 
 @pytest.mark.parametrize("make", [lambda: _mixtral().model.layers[0].mlp.experts,
-                                  lambda: _TransposedExperts(_Config()), lambda: _UngatedExperts(_Config())],
-                         ids=["mixtral", "transposed", "ungated_bias"])
+                                  lambda: _TransposedExperts(_Config()), lambda: _UngatedExperts(_Config()),
+                                  lambda: _gpt_oss().model.layers[0].mlp.experts],
+                         ids=["mixtral", "transposed", "ungated_bias", "gpt_oss"])
 def test_unfused_experts_compute_the_fused_module(make):
     torch.manual_seed(1)
     fused = make()
@@ -106,16 +124,17 @@ def _dequantized_reference(original, quantized):
             q = mods.get(name)
             if isinstance(q, ExpertLinears):
                 for i in range(q.num_experts):
-                    m.gate_up_proj[i].copy_(q.gate_up[i].weight)
-                    m.down_proj[i].copy_(q.down[i].weight)
+                    for fused, lin in ((m.gate_up_proj[i], q.gate_up[i]), (m.down_proj[i], q.down[i])):
+                        (fused.t() if m.is_transposed else fused).copy_(lin.weight)
             elif isinstance(m, (nn.Linear, nn.Embedding)) and q is not None and type(q) is not type(m):
                 m.weight.copy_(q.weight)  # a compressed layer's read-only dequantized weight
     return ref
 
 
+@pytest.mark.parametrize("build", [_mixtral, _gpt_oss], ids=["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("config", [ts.Int8WeightOnly(), ts.Int4WeightOnly(group_size=32)], ids=["int8", "int4"])
-def test_quantized_experts_equal_their_dequantized_weights_and_reload(config, tmp_path):
-    model, ids = _mixtral(), _ids()
+def test_quantized_experts_equal_their_dequantized_weights_and_reload(config, build, tmp_path):
+    model, ids = build(), _ids()
     original = copy.deepcopy(model)
     report = ts.quantize(model, config, progress=False)
     experts = model.model.layers[0].mlp.experts
@@ -128,7 +147,7 @@ def test_quantized_experts_equal_their_dequantized_weights_and_reload(config, tm
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
     ts.save(model, tmp_path / "moe.safetensors")
-    fresh = ts.load(_mixtral(seed=5), tmp_path / "moe.safetensors")
+    fresh = ts.load(build(seed=5), tmp_path / "moe.safetensors")
     assert isinstance(fresh.model.layers[1].mlp.experts, ExpertLinears)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
@@ -161,19 +180,27 @@ def test_sparsified_experts():
         assert torch.isfinite(model(ids).logits).all()
 
 
-def test_experts_with_their_own_gate_stay_fused_and_say_why():
-    """GPT-OSS's experts clamp and scale their gate (a gate of their own): left fused, reported."""
-    from transformers import GptOssConfig, GptOssForCausalLM
+class _OwnGateExperts(_TransposedExperts):
+    """Halves concatenated, but a gate of its own: act(up) * gate."""
 
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                           num_local_experts=4, num_experts_per_tok=2,
-                                           max_position_embeddings=64, layer_types=["full_attention"])).eval()
-    assert "gate of its own" in ExpertLinears.why_not(model.model.layers[0].mlp.experts)
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(up) * gate
+
+
+def test_experts_with_a_gate_of_their_own_stay_fused_and_say_why():
+    """A gate tensorslim does not compute (told by running the module's own _apply_gate on a
+    probe, so GPT-OSS's with another limit semantics would be refused too): left fused, reported."""
+    fused = use_experts_implementation(is_transposed=True)(_OwnGateExperts)(_Config())
+    assert "a gate of its own" in ExpertLinears.why_not(fused)
+    gpt = _gpt_oss().model.layers[0].mlp.experts
+    assert ExpertLinears.why_not(gpt) is None
+    gpt.limit = "7"  # not a number: not the gate ExpertLinears computes
+    assert "a gate of its own" in ExpertLinears.why_not(gpt)
+    model = nn.Sequential(_MoeBlock(fused))
     report = ts.quantize(model, ts.Int8WeightOnly(), progress=False)
-    assert type(model.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
-    assert any(c.name == "model.layers.0.mlp.experts" for c in report.skipped)
+    assert model[0].experts is fused
+    assert any(c.name == "0.experts" and "gate of its own" in c.reason for c in report.skipped)
 
 
 def _many_experts():
@@ -298,7 +325,7 @@ def _zeroed_like_pruned(original: nn.Module, pruned: nn.Module) -> nn.Module:
                 assert len(kept) == down_n.shape[2]
                 for i in set(range(inter)) - kept:
                     down_o[e][:, i] = 0
-                    rows = (i, inter + i) if m.has_gate else (i,)
+                    rows = ((i, inter + i) if m.is_concatenated else (2 * i, 2 * i + 1)) if m.has_gate else (i,)
                     for r in rows:
                         if m.is_transposed:
                             first[e][:, r] = 0
@@ -309,17 +336,17 @@ def _zeroed_like_pruned(original: nn.Module, pruned: nn.Module) -> nn.Module:
     return ref
 
 
-@pytest.mark.parametrize("build", [lambda: _mixtral(), lambda: nn.Sequential(_MoeBlock(_TransposedExperts(_Config()))),
-                                   lambda: nn.Sequential(_MoeBlock(_UngatedExperts(_Config())))],
-                         ids=["mixtral", "transposed", "ungated_bias"])
+@pytest.mark.parametrize("build", [_mixtral, lambda: nn.Sequential(_MoeBlock(_TransposedExperts(_Config()))),
+                                   lambda: nn.Sequential(_MoeBlock(_UngatedExperts(_Config()))), _gpt_oss],
+                         ids=["mixtral", "transposed", "ungated_bias", "gpt_oss"])
 @pytest.mark.parametrize("importance", ["l1", "taylor"])
 def test_channel_prune_expert_neurons(build, importance, tmp_path):
     """Each expert loses half its neurons (its own lowest), the fused tensors stay fused, and the
     model equals its original with those neurons zeroed; a Mixtral reloads into a fresh one."""
     torch.manual_seed(0)
     model = build().eval()
-    mixtral = hasattr(model, "model")
-    batch = {"input_ids": _ids()} if mixtral else torch.randn(2, 5, 16)
+    hf = hasattr(model, "model")
+    batch = {"input_ids": _ids()} if hf else torch.randn(2, 5, 16)
     original = copy.deepcopy(model)
     cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0, round_to=4, importance=importance)
     kw = {"calib_data": [batch]} if importance == "taylor" else {}
@@ -328,16 +355,17 @@ def test_channel_prune_expert_neurons(build, importance, tmp_path):
     assert experts and set(experts) <= {c.name for c in report.changed}
     for m in experts.values():
         inter = m.down_proj.shape[1] if m.is_transposed else m.down_proj.shape[2]
-        assert inter in (12, 32)  # 24 -> 12, Mixtral's 64 -> 32
+        assert inter in (12, 32, 24)  # 24 -> 12, Mixtral's 64 -> 32, GPT-OSS's 48 -> 24
     ref = _zeroed_like_pruned(original, model)
     with torch.no_grad():
-        got = model(**batch).logits if mixtral else model(batch)
-        want = ref(**batch).logits if mixtral else ref(batch)
+        got = model(**batch).logits if hf else model(batch)
+        want = ref(**batch).logits if hf else ref(batch)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    if mixtral:
+    if hf:
         ts.save(model, tmp_path / "pruned.safetensors")
-        fresh = ts.load(_mixtral(seed=3), tmp_path / "pruned.safetensors")
-        assert fresh.model.layers[0].mlp.experts.intermediate_dim == 32
+        fresh = ts.load(build(seed=3), tmp_path / "pruned.safetensors")
+        count = "intermediate_dim" if build is _mixtral else "intermediate_size"
+        assert getattr(fresh.model.layers[0].mlp.experts, count) == inter
         with torch.no_grad():
             assert torch.equal(fresh(**batch).logits, got)
 

@@ -1,8 +1,9 @@
 """ts.ChannelPrune on transformers' fused mixture-of-experts weights (nn/expert_linears.py).
 
 Each expert's intermediate neurons are its own: neuron i of expert e is gate row i and up row
-I + i of `gate_up_proj[e]` (row i of `up_proj[e]` without a gate), with their biases, and
-column i of `down_proj[e]`. Every expert loses the same number (its own lowest by
+I + i of `gate_up_proj[e]` (rows 2i and 2i + 1 where gate and up are interleaved, as in
+GPT-OSS; row i of `up_proj[e]` without a gate), with their biases, and column i of
+`down_proj[e]`. Every expert loses the same number (its own lowest by
 importance), so the fused tensors stay fused, [experts, 2 x kept, hidden] and [experts,
 hidden, kept] (transposed layouts alike), and the module's forward runs as before. Removing a
 neuron equals zeroing it (its up / gate rows give 0, or its down column reads nothing); each
@@ -15,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn.expert_linears import ExpertLinears, _shape
+from ..nn.expert_linears import ExpertLinears, _shape, intermediate_attr
 from ..ops import prune as prune_ops
 from ..report import LayerChange, module_bytes
 from ..transforms import filter_reason
@@ -57,11 +58,24 @@ def selected(experts: Dict[str, nn.Module], cfg) -> Tuple[Dict[str, Tuple[nn.Mod
     return chosen, rows
 
 
-def _neuron_rows(m: nn.Module, inter: int) -> List[Tuple[str, int, int]]:
-    """(parameter name, dim, offset): where each neuron's weights sit along `dim`."""
+def _first_rows(m: nn.Module, inter: int) -> torch.Tensor:
+    """[rows per neuron, inter]: where neuron i's rows sit along the first projection's neuron dim."""
+    i = torch.arange(inter)
+    if not m.has_gate:
+        return i[None]
+    return torch.stack([i, i + inter]) if m.is_concatenated else torch.stack([2 * i, 2 * i + 1])
+
+
+def _neuron_rows(m: nn.Module, inter: int) -> List[Tuple[str, int, torch.Tensor]]:
+    """(parameter name, dim, positions [inter]): where each neuron's weights sit along `dim`."""
     first, _ = _params(m)
     d1, d2 = _dims(m)
-    return [(first, d1, 0)] + ([(first, d1, inter)] if m.has_gate else []) + [("down_proj", d2, 0)]
+    return [(first, d1, rows) for rows in _first_rows(m, inter)] + [("down_proj", d2, torch.arange(inter))]
+
+
+def _mask(gone: torch.Tensor, positions: torch.Tensor, size: int) -> torch.Tensor:
+    """[experts, size] bool: True at each expert's gone neurons' positions (positions [inter])."""
+    return torch.zeros(gone.shape[0], size, dtype=torch.bool).scatter_(1, positions.expand_as(gone), gone)
 
 
 def _scores(m: nn.Module, name: str, inter: int, cfg, grads: Optional[Dict[str, torch.Tensor]], seed: int):
@@ -73,11 +87,11 @@ def _scores(m: nn.Module, name: str, inter: int, cfg, grads: Optional[Dict[str, 
         return torch.rand(experts, inter, generator=g, dtype=torch.float64)
     p = 2 if cfg.importance == "l2" else 1
     score = torch.zeros(experts, inter, dtype=torch.float64)
-    for pname, dim, offset in _neuron_rows(m, inter):
+    for pname, dim, positions in _neuron_rows(m, inter):
         x = getattr(m, pname).detach().float()
         if cfg.importance == "taylor":
             x = x * grads[f"{name}.{pname}"].float()
-        x = x.narrow(dim, offset, inter).movedim(dim, 1).contiguous()  # [experts, inter, ...]
+        x = x.index_select(dim, positions).movedim(dim, 1).contiguous()  # [experts, inter, ...]
         score += prune_ops.scores(x.reshape(experts * inter, -1), p).double().reshape(experts, inter, -1).sum(2)
     return score
 
@@ -85,7 +99,10 @@ def _scores(m: nn.Module, name: str, inter: int, cfg, grads: Optional[Dict[str, 
 def _pruned(m: nn.Module, keep: torch.Tensor, inter: int) -> Dict[str, torch.Tensor]:
     """The module's new tensors for keep [experts, kept] neuron indices."""
     first, first_bias = _params(m)
-    idx = torch.cat([keep, keep + inter], dim=1) if m.has_gate else keep  # [experts, rows]
+    rows = _first_rows(m, inter)[:, keep]  # [rows per neuron, experts, kept]
+    # in the layout's order: gates then ups (concatenated), or each gate beside its up
+    idx = (rows.permute(1, 0, 2) if m.has_gate and m.is_concatenated else rows.permute(1, 2, 0))
+    idx = idx.reshape(keep.shape[0], -1)  # [experts, rows]
     d1, d2 = _dims(m)
 
     def take(t: torch.Tensor, dim: int, rows: torch.Tensor) -> torch.Tensor:
@@ -104,15 +121,16 @@ def _zeroed(m: nn.Module, keep: torch.Tensor, inter: int) -> Dict[str, torch.Ten
     """The module's tensors with every neuron outside keep zeroed (the check's reference)."""
     out = {}
     gone = torch.ones(keep.shape[0], inter, dtype=torch.bool).scatter_(1, keep, False)
-    for pname, dim, offset in _neuron_rows(m, inter):
+    for pname, dim, positions in _neuron_rows(m, inter):
         z = out.get(pname, getattr(m, pname).detach().clone())
         shape = [1] * z.dim()
-        shape[0], shape[dim] = gone.shape
-        z.narrow(dim, offset, inter).masked_fill_(gone.view(shape), 0.0)
+        shape[0], shape[dim] = z.shape[0], z.shape[dim]
+        z.masked_fill_(_mask(gone, positions, z.shape[dim]).view(shape), 0.0)
         out[pname] = z
-    _, first_bias = _params(m)
+    first, first_bias = _params(m)
     if m.has_bias:
-        rows = torch.cat([gone, gone], dim=1) if m.has_gate else gone
+        size = getattr(m, first_bias).shape[1]
+        rows = torch.stack([_mask(gone, r, size) for r in _first_rows(m, inter)]).any(0)
         out[first_bias] = getattr(m, first_bias).detach().clone().masked_fill_(rows, 0.0)
     return out
 
@@ -156,9 +174,10 @@ def prune_expert_neurons(chosen: Dict[str, Tuple[nn.Module, int, int]], cfg,
             old = getattr(m, n)
             setattr(m, n, nn.Parameter(t, requires_grad=old.requires_grad))
         sizes = {}
-        if type(getattr(m, "intermediate_dim", None)) is int:
-            m.intermediate_dim = kept
-            sizes["intermediate_dim"] = kept
+        count = intermediate_attr(m)
+        if count is not None:
+            setattr(m, count, kept)
+            sizes[count] = kept
         record.setdefault(name, {}).update(sizes)
         unpruned.setdefault(name, before)
         rows.append(LayerChange(name, type(m).__name__, "pruned",
