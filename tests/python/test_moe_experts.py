@@ -5,10 +5,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
 from tensorslim.nn import ExpertLinears
+from tensorslim.nn.expert_linears import GateSpec
 
 transformers = pytest.importorskip("transformers")
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
@@ -98,10 +100,86 @@ class _UngatedExperts(nn.Module):
         return out
 
 
+class _Eager(nn.Module):
+    """transformers' eager experts loop over [experts, out, in] weights, its gate from _apply_gate."""
+
+    def __init__(self, config, experts=3, hidden=16, inter=24):
+        super().__init__()
+        self.num_experts = experts
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 2)  # values past the clamps
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            for j in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, j])
+                h = self._apply_gate(hidden_states[t] @ self.gate_up_proj[e].t())
+                out[t] += h @ self.down_proj[e].t() * top_k_weights[t, j]
+        return out
+
+
+@use_experts_implementation
+class _ClampedSiluExperts(_Eager):
+    """DeepSeek-V4 / GLM-5's gate: halves clamped at a limit, F.silu called directly (no act_fn)."""
+
+    swiglu_limit = 3.0
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate.clamp(max=self.swiglu_limit)) * up.clamp(-self.swiglu_limit, self.swiglu_limit)
+
+
+@use_experts_implementation
+class _HalvesOaiExperts(_Eager):
+    """GPT-OSS's formula over concatenated halves (MiniMax-M3's, OpenAI's privacy filter's)."""
+
+    alpha, limit = 1.5, 4.0
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+
+@use_experts_implementation
+class _UnitRouteExperts(_Eager):
+    """Each route weighs one (Ergo's projections): what the flags say, not what it computes."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.act_fn = transformers.activations.ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return super().forward(hidden_states, top_k_index, torch.ones_like(top_k_weights))
+
+
+@use_experts_implementation
+class _NormedExperts(_UnitRouteExperts):
+    """A norm after the experts that no flag records."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return F.normalize(_Eager.forward(self, hidden_states, top_k_index, top_k_weights), dim=-1)
+
+
+def test_gates_are_found_by_what_they_compute():
+    clamped = _ClampedSiluExperts(_Config())
+    assert ExpertLinears.from_experts(clamped).gate == GateSpec("halves", "act", 3.0)
+    assert ExpertLinears.from_experts(clamped).hidden_act == "silu"  # F.silu, though the config says gelu
+    assert ExpertLinears.from_experts(_HalvesOaiExperts(_Config())).gate == GateSpec("halves", "gpt_oss", 4.0, 1.5)
+    assert ExpertLinears.from_experts(_gpt_oss().model.layers[0].mlp.experts).gate == GateSpec(
+        "interleaved", "gpt_oss", 7.0, 1.702)
+    for cls in (_UnitRouteExperts, _NormedExperts):
+        assert "computes more than its weights say" in ExpertLinears.why_not(cls(_Config()))
+    with pytest.raises(ValueError, match="GateSpec: layout must be one of"):
+        ExpertLinears.from_spec({**ExpertLinears.from_experts(clamped).spec(), "gate": {"layout": "diagonal"}})
+
+
 @pytest.mark.parametrize("make", [lambda: _mixtral().model.layers[0].mlp.experts,
                                   lambda: _TransposedExperts(_Config()), lambda: _UngatedExperts(_Config()),
-                                  lambda: _gpt_oss().model.layers[0].mlp.experts],
-                         ids=["mixtral", "transposed", "ungated_bias", "gpt_oss"])
+                                  lambda: _gpt_oss().model.layers[0].mlp.experts,
+                                  lambda: _ClampedSiluExperts(_Config()), lambda: _HalvesOaiExperts(_Config())],
+                         ids=["mixtral", "transposed", "ungated_bias", "gpt_oss", "clamped_silu", "halves_oai"])
 def test_unfused_experts_compute_the_fused_module(make):
     torch.manual_seed(1)
     fused = make()

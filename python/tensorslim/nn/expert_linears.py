@@ -8,21 +8,51 @@ the model's weights. ExpertLinears computes what that module's eager forward com
 token through its top-k experts, outputs weighted and summed) with `gate_up[e]` / `up[e]` and
 `down[e]` as ordinary nn.Linear children, so ts.quantize / sparsify / factorize replace them
 like any other linear. Made from a module of transformers' `use_experts_implementation`
-classes without a post-expert norm whose gate is one of GATES: the default act(gate) * up over
-concatenated halves, or GPT-OSS's clamped SwiGLU over interleaved gate / up rows (recognized by
-computing the module's own `_apply_gate` on a probe); other experts modules are left as they are.
+classes without a post-expert norm whose activation and gate it can name (a GateSpec), found
+by computing the module's own `act_fn` and `_apply_gate` on a probe; other experts modules
+are left as they are.
 """
 import numbers
-from typing import Optional, Tuple
+import weakref
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-# "halves": act(gate) * up, gate and up the first and second half of the first projection's
-# output. "gpt_oss": gate and up interleaved (even / odd outputs), gate clamped above at
-# `limit`, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate) (OpenAI's
-# gpt-oss model card, 2025).
-GATES = ("halves", "gpt_oss")
+GATE_LAYOUTS = ("halves", "interleaved")
+GATE_FORMULAS = ("act", "gpt_oss")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How the first projection's output becomes the down projection's input, for gated experts.
+    layout: gate and up as the output's first and second half ("halves", transformers' default)
+    or its even and odd features ("interleaved", GPT-OSS). limit: gate clamped above at it, up to
+    [-limit, limit] (GPT-OSS, DeepSeek-V4, GLM-5, Hunyuan-V4). formula: act(gate) * up ("act"), or
+    (up + 1) * gate * sigmoid(alpha * gate) ("gpt_oss", OpenAI's gpt-oss model card, 2025)."""
+
+    layout: str = "halves"
+    formula: str = "act"
+    limit: Optional[float] = None
+    alpha: Optional[float] = None
+
+    def __post_init__(self):
+        if self.layout not in GATE_LAYOUTS or self.formula not in GATE_FORMULAS:
+            raise ValueError(f"GateSpec: layout must be one of {GATE_LAYOUTS} and formula one of {GATE_FORMULAS}, "
+                             f"got {self.layout!r}, {self.formula!r}")
+        if not all(v is None or _is_real(v) for v in (self.limit, self.alpha)) or \
+                (self.alpha is None) != (self.formula == "act"):
+            raise ValueError(f"GateSpec: limit must be None or a number, alpha a number exactly for the gpt_oss "
+                             f"formula, got limit={self.limit!r}, alpha={self.alpha!r}")
+
+    def __call__(self, h: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        gate, up = (h[..., ::2], h[..., 1::2]) if self.layout == "interleaved" else h.chunk(2, dim=-1)
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(min=-self.limit, max=self.limit)
+        if self.formula == "gpt_oss":
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return act(gate) * up
 
 
 def _act(name: str) -> nn.Module:
@@ -35,22 +65,15 @@ class ExpertLinears(nn.Module):
     kind = "expert_linears"
 
     def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, has_gate: bool, has_bias: bool,
-                 hidden_act: str, device=None, dtype=None, gate: str = "halves", gate_alpha: Optional[float] = None,
-                 gate_limit: Optional[float] = None):
+                 hidden_act: str, device=None, dtype=None, gate: Optional[GateSpec] = None):
         super().__init__()
         if min(num_experts, hidden_dim, intermediate_dim) <= 0:
             raise ValueError(f"ExpertLinears: num_experts ({num_experts}), hidden_dim ({hidden_dim}) and "
                              f"intermediate_dim ({intermediate_dim}) must be positive")
-        if gate not in GATES or (gate == "gpt_oss" and not has_gate):
-            raise ValueError(f"ExpertLinears: gate must be one of {GATES} (gpt_oss with a gate), got {gate!r}")
-        if gate == "gpt_oss" and not all(_is_real(v) for v in (gate_alpha, gate_limit)):
-            raise ValueError(f"ExpertLinears: the gpt_oss gate needs numbers gate_alpha and gate_limit, got "
-                             f"{gate_alpha!r}, {gate_limit!r}")
         kw = {"device": device, "dtype": dtype}
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
         self.has_gate, self.has_bias, self.hidden_act = has_gate, has_bias, hidden_act
-        self.gate = gate
-        self.gate_alpha, self.gate_limit = (float(gate_alpha), float(gate_limit)) if gate == "gpt_oss" else (None, None)
+        self.gate = (gate or GateSpec()) if has_gate else None
         first = 2 * intermediate_dim if has_gate else intermediate_dim
         ups = nn.ModuleList(nn.Linear(hidden_dim, first, bias=has_bias, **kw) for _ in range(num_experts))
         if has_gate:
@@ -65,38 +88,42 @@ class ExpertLinears(nn.Module):
     def first(self) -> nn.ModuleList:
         return self.gate_up if self.has_gate else self.up
 
-    @staticmethod
-    def why_not(experts: nn.Module) -> Optional[str]:
-        """None where `experts` is a fused experts module this class can stand in for, else why not."""
-        try:
-            from transformers.integrations import moe
-        except ImportError:
-            return "transformers' experts integration is not importable"
+    @classmethod
+    def why_not(cls, experts: nn.Module) -> Optional[str]:
+        """None where `experts` is a fused experts module this class can stand in for, else why
+        not (remembered while the module's type, tensors, plain attributes and act_fn stay the
+        same: the check runs its forward)."""
+        plain = tuple(sorted((k, v) for k, v in vars(experts).items() if isinstance(v, (bool, int, float, str))))
+        key = (type(experts), plain, id(getattr(experts, "act_fn", None)),
+               tuple((p.data_ptr(), p._version, p.shape, p.dtype, p.device) for p in experts.parameters(recurse=False)))
+        seen = _CHECKED.get(experts)
+        if seen is None or seen[0] != key:
+            seen = _CHECKED[experts] = (key, cls._why_not(experts))
+        return seen[1]
+
+    @classmethod
+    def _why_not(cls, experts: nn.Module) -> Optional[str]:
         flags = {a: getattr(experts, a, None) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
                                                           "has_post_expert_norm")}
         if any(type(v) is not bool for v in flags.values()):
             return "not a transformers use_experts_implementation module"
         if flags["has_post_expert_norm"]:
             return "a norm after each expert"
-        gate, why = _gate_of(experts, flags, moe._default_apply_gate) if flags["has_gate"] else ("halves", None)
-        if why is not None:
-            return why
         first = getattr(experts, "gate_up_proj" if flags["has_gate"] else "up_proj", None)
         down = getattr(experts, "down_proj", None)
         if not (isinstance(first, nn.Parameter) and isinstance(down, nn.Parameter) and first.dim() == 3
                 and down.dim() == 3 and first.is_floating_point()):
             return "no 3-D gate_up_proj / up_proj and down_proj parameters"
-        act = getattr(getattr(experts, "config", None), "hidden_act", None)
-        if not isinstance(act, str) or (gate == "halves" and  # GPT-OSS's gate has its own activation
-                                        type(_safe_act(act)) is not type(getattr(experts, "act_fn", None))):
-            return "an activation other than its config's hidden_act"
+        why = _described(experts, flags["has_gate"], flags["is_concatenated"])[1]
+        if why is not None:
+            return why
         e, first_out, hidden = _shape(first, flags["is_transposed"])
         _, hidden2, inter = _shape(down, flags["is_transposed"])
         if e != down.shape[0] or hidden != hidden2 or first_out != (2 * inter if flags["has_gate"] else inter):
             return f"expert weight shapes that disagree ({list(first.shape)}, {list(down.shape)})"
         if getattr(experts, "num_experts", e) != e:
             return f"num_experts {experts.num_experts} for {e} experts' weights"
-        return None
+        return _forward_differs(experts, cls._made_from(experts))
 
     @classmethod
     def from_experts(cls, experts: nn.Module) -> "ExpertLinears":
@@ -105,13 +132,16 @@ class ExpertLinears(nn.Module):
         why = cls.why_not(experts)
         if why is not None:
             raise ValueError(f"ExpertLinears: {type(experts).__name__} cannot be unfused: {why}")
+        return cls._made_from(experts)
+
+    @classmethod
+    def _made_from(cls, experts: nn.Module) -> "ExpertLinears":
         gate = experts.has_gate
         first = experts.gate_up_proj if gate else experts.up_proj
         e, _, hidden = _shape(first, experts.is_transposed)
         inter = _shape(experts.down_proj, experts.is_transposed)[2]
-        kind = "gpt_oss" if gate and not experts.is_concatenated else "halves"  # why_not checked which
-        new = cls(e, hidden, inter, gate, experts.has_bias, experts.config.hidden_act, device="meta", gate=kind,
-                  gate_alpha=getattr(experts, "alpha", None), gate_limit=getattr(experts, "limit", None))
+        (act, gate_spec), _ = _described(experts, gate, experts.is_concatenated)
+        new = cls(e, hidden, inter, gate, experts.has_bias, act, device="meta", gate=gate_spec)
         names = ("gate_up_proj" if gate else "up_proj", "down_proj")
         for lins, name in zip((new.first, new.down), names):
             w = getattr(experts, name)
@@ -120,7 +150,6 @@ class ExpertLinears(nn.Module):
                 wi = w[i].t() if experts.is_transposed else w[i]
                 lin.weight = nn.Parameter(wi.detach(), requires_grad=w.requires_grad)
                 lin.bias = nn.Parameter(b[i].detach(), requires_grad=b.requires_grad) if b is not None else None
-        new.act_fn = getattr(experts, "act_fn", new.act_fn)
         new.train(experts.training)
         return new
 
@@ -158,10 +187,7 @@ class ExpertLinears(nn.Module):
         return out
 
     def _gated(self, h: torch.Tensor) -> torch.Tensor:
-        if self.gate == "gpt_oss":
-            return _gpt_oss_gate(h, self.gate_alpha, self.gate_limit)
-        gate, up = h.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+        return self.gate(h, self.act_fn)
 
     # --- what a saved file records of it (io.layer_specs / plan_layers) ---
     @classmethod
@@ -180,9 +206,11 @@ class ExpertLinears(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "ExpertLinears":
+        gate = spec.get("gate")
+        if gate is not None and not isinstance(gate, dict):
+            raise ValueError(f"gate must be a dict of GateSpec's fields, got {gate!r}")
         return cls(spec["num_experts"], spec["in_features"], spec["intermediate"], spec["has_gate"], spec["bias"],
-                   spec["hidden_act"], device=device, gate=spec.get("gate", "halves"),
-                   gate_alpha=spec.get("gate_alpha"), gate_limit=spec.get("gate_limit"))
+                   spec["hidden_act"], device=device, gate=GateSpec(**gate) if gate else None)
 
     def spec(self) -> dict:
         # kind / format / in_features / out_features / bias: the keys every saved layer has
@@ -190,14 +218,13 @@ class ExpertLinears(nn.Module):
                 "out_features": self.hidden_dim, "bias": bool(self.has_bias), "num_experts": self.num_experts,
                 "intermediate": self.intermediate_dim, "has_gate": bool(self.has_gate),
                 "hidden_act": self.hidden_act}
-        if self.gate != "halves":  # files written before other gates existed have none
-            spec.update(gate=self.gate, gate_alpha=self.gate_alpha, gate_limit=self.gate_limit)
+        if self.has_gate and self.gate != GateSpec():  # files written before other gates existed have none
+            spec["gate"] = asdict(self.gate)
         return spec
 
     def extra_repr(self) -> str:
-        gate = {"halves": self.has_gate, "gpt_oss": f"gpt_oss(alpha={self.gate_alpha}, limit={self.gate_limit})"}
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-                f"intermediate_dim={self.intermediate_dim}, gate={gate[self.gate]}, act={self.hidden_act}")
+                f"intermediate_dim={self.intermediate_dim}, gate={self.gate}, act={self.hidden_act}")
 
 
 def intermediate_attr(experts: nn.Module) -> Optional[str]:
@@ -211,42 +238,111 @@ def _shape(w: torch.Tensor, transposed: bool):
     return (w.shape[0], w.shape[2], w.shape[1]) if transposed else tuple(w.shape)
 
 
-def _gpt_oss_gate(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    gate, up = h[..., ::2].clamp(max=limit), h[..., 1::2].clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+# experts module -> (its tensors and type when checked, why_not's answer)
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _forward_differs(experts: nn.Module, new: ExpertLinears) -> Optional[str]:
+    """Why `new` does not compute what `experts`' own forward computes on a probe routing
+    (tokens sent to its first and last expert with random weights), or None. The flags and the
+    gate say how transformers' other implementations read the weights; the module's forward
+    may still do more (a norm after its experts, routes of weight one) that no flag records.
+    Not run on meta tensors (a model being built to load a file made after this check)."""
+    params = list(experts.parameters(recurse=False))
+    if any(p.is_meta for p in params):
+        return None
+    w = params[0]
+    e, tokens, k = new.num_experts, 6, min(2, new.num_experts)
+    g = torch.Generator().manual_seed(0)
+    index = torch.tensor([[0, e - 1], [e - 1, 0]] * (tokens // 2))[:, :k].to(w.device)
+    weights = torch.rand(tokens, k, generator=g).to(w.device, w.dtype)
+    x = torch.randn(tokens, new.hidden_dim, generator=g).to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            want = experts(x, index, weights)
+            got = new(x, index, weights)
+    except Exception as err:
+        return (f"a forward that does not take (hidden states, top-k indices, top-k weights) as transformers' "
+                f"eager experts do ({type(err).__name__})")
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return "a forward whose output is not the experts' weighted sum per token"
+    tol = 1e-4 if w.dtype == torch.float32 else 2e-2  # half dtypes: other summation orders
+    if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().max()) + 1e-6):
+        return ("a forward that computes more than its weights say (a norm after its experts, weights of its "
+                "own: checked on a probe routing)")
+    return None
 
 
 def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _gate_of(experts: nn.Module, flags: dict, default_gate) -> Tuple[Optional[str], Optional[str]]:
-    """(which of GATES the gated experts module computes, None) or (None, why it is none);
-    default_gate: transformers' act(gate) * up."""
+def _probe(cols: int, scale: float) -> torch.Tensor:
+    # on the CPU by name: transformers builds models under a meta device context
+    return torch.randn(4, cols, generator=torch.Generator().manual_seed(0), device="cpu") * scale
+
+
+def _same(fn, args, want: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            got = fn(*args)
+    except Exception:  # a function that needs more than its input: not one we name
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(
+        got.float(), want, rtol=1e-5, atol=1e-5)
+
+
+def _activation(experts: nn.Module) -> Optional[str]:
+    """The name (transformers' ACT2FN) of the function the module's act_fn computes, the
+    config's hidden_act first; None where none computes it on a probe."""
+    try:
+        from transformers.activations import ACT2FN
+    except ImportError:
+        return None
+    fn = getattr(experts, "act_fn", None)
+    if not callable(fn):
+        return None
+    x = _probe(16, 6.0)
+    cfg = getattr(experts, "config", None)
+    names = [getattr(cfg, "hidden_act", None)] + sorted(ACT2FN)
+    for name in dict.fromkeys(n for n in names if isinstance(n, str)):
+        act = _safe_act(name)
+        if act is not None and not any(True for _ in act.parameters()) and _same(fn, (x,), act(x).float()):
+            return name
+    return None
+
+
+def _described(experts: nn.Module, has_gate: bool, concatenated: bool
+               ) -> Tuple[Tuple[Optional[str], Optional[GateSpec]], Optional[str]]:
+    """((activation name, GateSpec or None), None) for an experts module whose activation and
+    gate ExpertLinears computes, else ((None, None), why not). The gate: each GateSpec its
+    attributes suggest, tried against the module's own `_apply_gate` on a probe spanning past
+    any clamp."""
+    act = _activation(experts)
+    cfg_act = getattr(getattr(experts, "config", None), "hidden_act", None)
+    if not has_gate:
+        return ((act, None), None) if act else ((None, None), "an activation tensorslim cannot name")
     own = getattr(type(experts), "_apply_gate", None)
-    if flags["is_concatenated"]:
-        if own is default_gate:
-            return "halves", None
-    else:
-        alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
-        if _is_real(alpha) and _is_real(limit) and own is not None:
-            # the module's own gate against ours on values inside and past the clamp
-            # (on the CPU by name: transformers builds models under a meta device context)
-            probe = torch.randn(4, 16, generator=torch.Generator().manual_seed(0), device="cpu")
-            probe = probe * (2.0 * float(limit) + 1.0)
-            try:
-                with torch.no_grad():
-                    theirs = own(experts, probe)
-            except Exception:  # a gate that needs more than its input: not one of ours
-                theirs = None
-            if isinstance(theirs, torch.Tensor) and theirs.shape == (4, 8) and torch.allclose(
-                    theirs.float(), _gpt_oss_gate(probe, float(alpha), float(limit)), rtol=1e-5, atol=1e-5):
-                return "gpt_oss", None
-    return None, "a gate of its own (neither act(gate) * up over concatenated halves nor GPT-OSS's)"
+    numbers_of = lambda names: [float(v) for v in (getattr(experts, n, None) for n in names) if _is_real(v)]
+    limits, alphas = numbers_of(("limit", "swiglu_limit")), numbers_of(("alpha", "swiglu_alpha"))
+    layout = "halves" if concatenated else "interleaved"
+    candidates: List[Tuple[Optional[str], GateSpec]] = []
+    # without an act_fn the gate calls its function itself (F.silu): the names it likely is, checked below
+    acts = [act] if act else [n for n in dict.fromkeys((cfg_act, "silu", "gelu")) if isinstance(n, str)]
+    for limit in [None] + limits:
+        candidates += [(a, GateSpec(layout, "act", limit)) for a in acts]
+        # the gpt_oss formula uses no act_fn: the config's name is kept for the record
+        candidates += [(act or cfg_act or "silu", GateSpec(layout, "gpt_oss", limit, a)) for a in alphas]
+    h = _probe(16, 2.0 * max(limits, default=3.0) + 1.0)
+    for name, spec in candidates:
+        if isinstance(name, str) and own is not None and \
+                _same(own, (experts, h), spec(h, _safe_act(name) or nn.Identity()).float()):
+            return (name, spec), None
+    return (None, None), "a gate of its own (its _apply_gate computes none that tensorslim can name)"
 
 
 def _safe_act(name: str):
     try:
         return _act(name)
-    except (KeyError, ImportError):
+    except Exception:  # an unknown name, or an activation that needs more than its name to build
         return None
