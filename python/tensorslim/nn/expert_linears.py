@@ -93,20 +93,23 @@ class ExpertLinears(nn.Module):
         """None where `experts` is a fused experts module this class can stand in for, else why
         not (remembered while the module's type, tensors, plain attributes and act_fn stay the
         same: the check runs its forward)."""
-        plain = tuple(sorted((k, v) for k, v in vars(experts).items() if isinstance(v, (bool, int, float, str))))
-        key = (type(experts), plain, id(getattr(experts, "act_fn", None)),
-               tuple((p.data_ptr(), p._version, p.shape, p.dtype, p.device) for p in experts.parameters(recurse=False)))
+        flags = _flags(experts)
+        if any(type(v) is not bool for v in flags.values()):
+            return "not a transformers use_experts_implementation module"
+        try:
+            plain = tuple(sorted((k, v) for k, v in vars(experts).items() if isinstance(v, (bool, int, float, str))))
+            key = (type(experts), plain, id(getattr(experts, "act_fn", None)),
+                   tuple((p.data_ptr(), p._version, p.shape, p.dtype, p.device)
+                         for p in experts.parameters(recurse=False)))
+        except RuntimeError:  # inference tensors keep no version counter: checked afresh
+            return cls._why_not(experts, flags)
         seen = _CHECKED.get(experts)
         if seen is None or seen[0] != key:
-            seen = _CHECKED[experts] = (key, cls._why_not(experts))
+            seen = _CHECKED[experts] = (key, cls._why_not(experts, flags))
         return seen[1]
 
     @classmethod
-    def _why_not(cls, experts: nn.Module) -> Optional[str]:
-        flags = {a: getattr(experts, a, None) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
-                                                          "has_post_expert_norm")}
-        if any(type(v) is not bool for v in flags.values()):
-            return "not a transformers use_experts_implementation module"
+    def _why_not(cls, experts: nn.Module, flags: dict) -> Optional[str]:
         if flags["has_post_expert_norm"]:
             return "a norm after each expert"
         first = getattr(experts, "gate_up_proj" if flags["has_gate"] else "up_proj", None)
@@ -238,6 +241,12 @@ def _shape(w: torch.Tensor, transposed: bool):
     return (w.shape[0], w.shape[2], w.shape[1]) if transposed else tuple(w.shape)
 
 
+def _flags(experts: nn.Module) -> dict:
+    """The layout flags transformers' use_experts_implementation gives a module (None where absent)."""
+    return {a: getattr(experts, a, None) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
+                                                     "has_post_expert_norm")}
+
+
 # experts module -> (its tensors and type when checked, why_not's answer)
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -258,8 +267,8 @@ def _forward_differs(experts: nn.Module, new: ExpertLinears) -> Optional[str]:
     weights = torch.rand(tokens, k, generator=g).to(w.device, w.dtype)
     x = torch.randn(tokens, new.hidden_dim, generator=g).to(w.device, w.dtype)
     try:
-        with torch.no_grad():
-            want = experts(x, index, weights)
+        with torch.no_grad():  # the class's forward itself: a user's hooks on the module see nothing
+            want = type(experts).forward(experts, x, index, weights)
             got = new(x, index, weights)
     except Exception as err:
         return (f"a forward that does not take (hidden states, top-k indices, top-k weights) as transformers' "
