@@ -184,13 +184,10 @@ class ExpertLinears(nn.Module):
                 continue
             pos, tokens = torch.where(mask[e])
             h = self.first[e](hidden_states[tokens])
-            h = self._gated(h) if self.has_gate else self.act_fn(h)
+            h = self.gate(h, self.act_fn) if self.has_gate else self.act_fn(h)
             h = self.down[e](h) * top_k_weights[tokens, pos, None]
             out.index_add_(0, tokens, h.to(out.dtype))
         return out
-
-    def _gated(self, h: torch.Tensor) -> torch.Tensor:
-        return self.gate(h, self.act_fn)
 
     # --- what a saved file records of it (io.layer_specs / plan_layers) ---
     @classmethod
@@ -301,20 +298,21 @@ def _same(fn, args, want: torch.Tensor) -> bool:
         got.float(), want, rtol=1e-5, atol=1e-5)
 
 
+# Parameter-free activations an experts module's act_fn may be besides its config's hidden_act
+# (LFM2-MoE passes F.silu, Nemotron-H relu2 from another config field), by transformers' names.
+_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "relu2",
+                "relu6", "leaky_relu", "sigmoid", "tanh", "mish")
+
+
 def _activation(experts: nn.Module) -> Optional[str]:
     """The name (transformers' ACT2FN) of the function the module's act_fn computes, the
     config's hidden_act first; None where none computes it on a probe."""
-    try:
-        from transformers.activations import ACT2FN
-    except ImportError:
-        return None
     fn = getattr(experts, "act_fn", None)
     if not callable(fn):
         return None
     x = _probe(16, 6.0)
     cfg = getattr(experts, "config", None)
-    names = [getattr(cfg, "hidden_act", None)] + sorted(ACT2FN)
-    for name in dict.fromkeys(n for n in names if isinstance(n, str)):
+    for name in dict.fromkeys(n for n in (getattr(cfg, "hidden_act", None),) + _ACTIVATIONS if isinstance(n, str)):
         act = _safe_act(name)
         if act is not None and not any(True for _ in act.parameters()) and _same(fn, (x,), act(x).float()):
             return name

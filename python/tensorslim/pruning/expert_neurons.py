@@ -127,7 +127,7 @@ def _zeroed(m: nn.Module, keep: torch.Tensor, inter: int) -> Dict[str, torch.Ten
         shape[0], shape[dim] = z.shape[0], z.shape[dim]
         z.masked_fill_(_mask(gone, positions, z.shape[dim]).view(shape), 0.0)
         out[pname] = z
-    first, first_bias = _params(m)
+    _, first_bias = _params(m)
     if m.has_bias:
         size = getattr(m, first_bias).shape[1]
         rows = torch.stack([_mask(gone, r, size) for r in _first_rows(m, inter)]).any(0)
