@@ -2,6 +2,7 @@
 (nn/expert_linears.py, experts.py): compressed per expert, equal to the fused module with each
 expert's dequantized weights, saved and loaded into a fresh model; experts left alone go back."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -473,6 +474,28 @@ def test_pruned_then_quantized_experts_reload(tmp_path):
     assert isinstance(fresh.model.layers[0].mlp.experts, ExpertLinears)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_channel_prune_taylor_ranks_experts_without_gradient_by_l1():
+    """Two tokens reach at most 4 of 16 experts: the others have no gradient, so taylor
+    importance is zero for all their neurons (index order). They are ranked by l1 instead,
+    keeping what an l1 prune keeps, and the row says how many."""
+    ids = {"input_ids": torch.tensor([[5, 9]])}
+    routed = set()
+    model, by_l1 = _many_experts(), _many_experts()
+    hook = model.model.layers[0].mlp.experts.register_forward_hook(
+        lambda mod, args, out: routed.update(args[1].flatten().tolist()))
+    with torch.no_grad():
+        model(**ids)
+    hook.remove()
+    cfg = ts.ChannelPrune(ratio=0.5, head_ratio=0, importance="taylor", include=["*experts"])
+    report = ts.prune(model, cfg, example_inputs=ids, calib_data=[ids], progress=False)
+    ts.prune(by_l1, dataclasses.replace(cfg, importance="l1"), example_inputs=ids, progress=False)
+    row = next(c for c in report.changed if c.name == "model.layers.0.mlp.experts")
+    assert 0 < len(routed) <= 4 and row.reason == f"{16 - len(routed)} experts without a gradient ranked by l1"
+    taylor, l1 = model.model.layers[0].mlp.experts.down_proj, by_l1.model.layers[0].mlp.experts.down_proj
+    for e in range(16):
+        assert torch.equal(taylor[e], l1[e]) == (e not in routed), e  # taylor chose otherwise where it saw tokens
 
 
 def test_channel_prune_bfloat16_experts():

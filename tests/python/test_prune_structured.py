@@ -234,6 +234,34 @@ def test_excluded_producer_keeps_its_group(trained, data):
     assert model.block2.conv.out_channels == 32  # block-internal groups still pruned
 
 
+def test_taylor_ranks_channels_no_gradient_reaches_by_l1():
+    """A branch the calibration data never takes has no gradient: its channels (zero taylor
+    importance, else pruned in index order) are ranked by l1 instead, with a warning; the
+    branch that ran keeps taylor's choice."""
+    class Branchy(nn.Module):
+        """b's path is traced but weighs zero on inputs this small (a gate no calibration batch opens)."""
+
+        def __init__(self):
+            super().__init__()
+            self.a1, self.a2 = nn.Linear(16, 32), nn.Linear(32, 16)
+            self.b1, self.b2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            gate = (x.abs().amax() > 100).to(x.dtype)
+            return self.a2(torch.relu(self.a1(x))) + gate * self.b2(torch.relu(self.b1(x)))
+
+    torch.manual_seed(0)
+    model, x = Branchy(), torch.randn(8, 16)
+    by_l1 = copy.deepcopy(model)
+    cfg = ts.ChannelPrune(ratio=0.5, importance="taylor", skip_output_head=False)
+    with pytest.warns(UserWarning, match=r"gradients never reached the channels of \['b1'\].*l1"):
+        ts.prune(model, cfg, example_inputs=x, calib_data=[x], progress=False)
+    ts.prune(by_l1, ts.ChannelPrune(ratio=0.5, importance="l1", skip_output_head=False), example_inputs=x,
+             progress=False)
+    assert model.b1.out_features == 16 and torch.equal(model.b1.weight, by_l1.b1.weight)
+    assert not torch.equal(model.a1.weight, by_l1.a1.weight)
+
+
 def test_taylor_gradients_of_frozen_parameters_count(trained, data):
     """Frozen for training is not unimportant: with part or all of the model frozen the Taylor
     gradients are those of the trainable model (they were zeros, or backward raised), and each

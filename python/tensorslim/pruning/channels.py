@@ -246,6 +246,7 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
     removed: Dict[Tuple[str, str, int], List[int]] = {}
     dec: Dict[Tuple[str, str], int] = {}
     report = Report()
+    no_grad: List[str] = []  # spaces the taylor gradients never reached
     for sid, space in spaces.roots().items():
         if not space.producers:
             continue
@@ -262,7 +263,11 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
             drop = sorted(forced.get(space.producers[0], []))
         else:
             keep = _keep_count(space, cfg)
-            drop = _drop(_channel_scores(space, mods, cfg, grads, sid), keep, space.groups)
+            score = _channel_scores(space, mods, cfg, grads, sid)
+            if cfg.importance == "taylor" and not score.any():  # no gradient reached it: index order else
+                score = _channel_scores(space, mods, dataclasses.replace(cfg, importance="l1"), None, sid)
+                no_grad.append(space.producers[0])
+            drop = _drop(score, keep, space.groups)
         if chosen is not None:
             chosen[space.producers[0]] = drop
         if not drop:
@@ -272,6 +277,9 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
             removed.setdefault((sl.module, sl.param, sl.dim), []).extend(idx)
         for name, attr, per in space.attrs:
             dec[(name, attr)] = dec.get((name, attr), 0) + len(drop) * per
+    if no_grad:
+        warn_user(f"ChannelPrune: the calibration data's gradients never reached the channels of {no_grad} (a "
+                  f"branch it does not take): those are ranked by their l1 norms instead of taylor importance")
     return removed, dec, report
 
 

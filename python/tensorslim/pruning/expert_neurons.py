@@ -78,22 +78,34 @@ def _mask(gone: torch.Tensor, positions: torch.Tensor, size: int) -> torch.Tenso
     return torch.zeros(gone.shape[0], size, dtype=torch.bool).scatter_(1, positions.expand_as(gone), gone)
 
 
-def _scores(m: nn.Module, name: str, inter: int, cfg, grads: Optional[Dict[str, torch.Tensor]], seed: int):
-    """[experts, inter] float64 importance: the l1 / l2 norms of each neuron's weights (taylor:
-    of w * dL/dw), or random."""
+def _scores(m: nn.Module, name: str, inter: int, cfg, grads: Optional[Dict[str, torch.Tensor]], seed: int
+            ) -> Tuple[torch.Tensor, int]:
+    """([experts, inter] float64 importance, how many experts no gradient reached): the l1 / l2
+    norms of each neuron's weights (taylor: of w * dL/dw; an expert no calibration token was
+    routed to has no gradient, and its neurons are ranked by l1 instead), or random."""
     experts = m.down_proj.shape[0]
     if cfg.importance == "random":
         g = torch.Generator().manual_seed(cfg.seed * 100003 + seed)
-        return torch.rand(experts, inter, generator=g, dtype=torch.float64)
+        return torch.rand(experts, inter, generator=g, dtype=torch.float64), 0
     p = 2 if cfg.importance == "l2" else 1
-    score = torch.zeros(experts, inter, dtype=torch.float64)
-    for pname, dim, positions in _neuron_rows(m, inter):
-        x = getattr(m, pname).detach().float()
-        if cfg.importance == "taylor":
-            x = x * grads[f"{name}.{pname}"].float()
-        x = x.index_select(dim, positions).movedim(dim, 1).contiguous()  # [experts, inter, ...]
-        score += prune_ops.scores(x.reshape(experts * inter, -1), p).double().reshape(experts, inter, -1).sum(2)
-    return score
+
+    def norms(taylor: bool) -> torch.Tensor:
+        score = torch.zeros(experts, inter, dtype=torch.float64)
+        for pname, dim, positions in _neuron_rows(m, inter):
+            x = getattr(m, pname).detach().float()
+            if taylor:
+                x = x * grads[f"{name}.{pname}"].float()
+            x = x.index_select(dim, positions).movedim(dim, 1).contiguous()  # [experts, inter, ...]
+            score += prune_ops.scores(x.reshape(experts * inter, -1), p).double().reshape(experts, inter, -1).sum(2)
+        return score
+
+    score = norms(cfg.importance == "taylor")
+    if cfg.importance != "taylor":
+        return score, 0
+    unreached = ~score.any(dim=1)
+    if unreached.any():
+        score[unreached] = norms(False)[unreached]
+    return score, int(unreached.sum())
 
 
 def _pruned(m: nn.Module, keep: torch.Tensor, inter: int) -> Dict[str, torch.Tensor]:
@@ -155,7 +167,7 @@ def prune_expert_neurons(chosen: Dict[str, Tuple[nn.Module, int, int]], cfg,
     record / unpruned: the model's structured-size record and sizes before, updated."""
     rows: List[LayerChange] = []
     for k, (name, (m, inter, kept)) in enumerate(chosen.items()):
-        scores = _scores(m, name, inter, cfg, grads, k)
+        scores, unreached = _scores(m, name, inter, cfg, grads, k)
         keep = torch.sort(torch.argsort(scores, dim=1, descending=True, stable=True)[:, :kept], dim=1).values
         new, zeroed = _pruned(m, keep, inter), _zeroed(m, keep, inter)
         experts, hidden = m.down_proj.shape[0], _shape(m.down_proj, m.is_transposed)[1]
@@ -182,5 +194,6 @@ def prune_expert_neurons(chosen: Dict[str, Tuple[nn.Module, int, int]], cfg,
         unpruned.setdefault(name, before)
         rows.append(LayerChange(name, type(m).__name__, "pruned",
                                 f"expert neurons removed: {experts} experts x {inter} -> {kept}", before,
-                                module_bytes(m)))
+                                module_bytes(m), f"{unreached} experts without a gradient ranked by l1"
+                                if unreached else ""))
     return rows

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._user_warning import warn_user
 from . import token_mask
 
 ForwardLoop = Callable[[nn.Module], None]
@@ -190,8 +191,8 @@ def warn_unreached(technique: str, names: List[str], mode: str) -> None:
     `unreached` "fallback" or "skip" (tensorslim.config.check_unreached)."""
     if names:
         fate = "got the data-free fallback (see the Report)" if mode == "fallback" else "stay float"
-        warnings.warn(f"{technique}: {len(names)} layer(s) never ran on the calibration data and {fate}: "
-                      f"{names}", RuntimeWarning, stacklevel=3)
+        warn_user(f"{technique}: {len(names)} layer(s) never ran on the calibration data and {fate}: {names}",
+                  RuntimeWarning)
 
 
 def check_reached(unreached) -> None:
