@@ -48,8 +48,9 @@ def _make_classes():
                 rename = checkpoint_renames(model)
                 shapes = {rename(k): v for k, v in shapes.items()}
             _, replacements = io.plan_layers(model, self.quantization_config.layers, "config.json", shapes)
+            aliases = io.module_aliases(model)
             for name, new in replacements.items():
-                io._set_submodule(model, name, new)
+                io._set_submodule(model, name, new, aliases)
             if shapes is not None:  # transformers would fill a missing packed tensor with fresh memory
                 io.check_stored(model, replacements, shapes, "the checkpoint")
             _untie_compressed(model)

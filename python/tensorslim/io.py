@@ -30,7 +30,7 @@ from .safetensors_read import read_tensors
 from .nn import COMPRESSED_MODULES, SAVED_MODULES, ProjectedMultiheadAttention
 from .pruning import state as pruning_state
 from .report import LayerChange, Report, remember_skipped, skipped_rows
-from .transforms import _set_submodule
+from .transforms import _set_submodule, module_aliases
 
 FORMAT_NAME = "tensorslim"
 SKIPPED_KEY = "tensorslim.skipped"
@@ -260,10 +260,12 @@ def _mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> str:
 
 def _inside_replacement(replacements: Dict[str, nn.Module], name: str):
     """The submodule `name` of a layer already replaced in this load (a factor), or None."""
-    for parent, new in sorted(replacements.items(), key=lambda kv: -len(kv[0])):  # the innermost first
-        if name.startswith(parent + "."):
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the innermost replaced parent first
+        new = replacements.get(".".join(parts[:cut]))
+        if new is not None:
             try:
-                return new.get_submodule(name[len(parent) + 1:])
+                return new.get_submodule(".".join(parts[cut:]))
             except AttributeError:
                 return None
     return None
@@ -458,8 +460,9 @@ def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict,
     """Swap the replacements in, then load `state` strictly; on a mismatch the originals go back.
     fill_tied: tied weights stored once (save_pretrained) are filled from their twin first.
     after_swap: run once the replacements are in, before the state; returns its undo."""
+    aliases = module_aliases(model)
     for name, new in replacements.items():
-        _set_submodule(model, name, new)
+        _set_submodule(model, name, new, aliases)
     undo_after_swap = None
     try:
         _fill_meta_replacements(originals, replacements, state)
@@ -474,8 +477,9 @@ def load_layers_and_state(model: nn.Module, originals: dict, replacements: dict,
     except (RuntimeError, ValueError) as e:
         if undo_after_swap is not None:
             undo_after_swap()
+        aliases = module_aliases(model)
         for name, old in reversed(list(originals.items())):  # factors before their layer
-            _set_submodule(model, name, old)
+            _set_submodule(model, name, old, aliases)
         raise ValueError(f"{path}: the file does not match the model: {e}") from None
     from .attention import settle_encoders
     from .quantization.conv_epilogue import fuse_conv_epilogues

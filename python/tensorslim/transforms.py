@@ -1,5 +1,6 @@
 """The shared mechanics of every module transform: pick layers, build the
 replacements first, then swap them in, so a failure leaves the model as it was."""
+import collections
 import contextlib
 import fnmatch
 from typing import Callable, Dict, List, Optional, Tuple
@@ -180,16 +181,34 @@ def swapped_while_running(state):
         raise
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def module_aliases(model: nn.Module) -> Dict[int, List[str]]:
+    """{id(module): its names} of every module registered under more than one name, for a loop
+    of _set_submodule calls (one scan of the model instead of one per call: a mixture-of-experts
+    model has thousands of layers)."""
+    names: Dict[int, List[str]] = collections.defaultdict(list)
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n:
+            names[id(m)].append(n)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module, aliases: Optional[Dict[int, List[str]]] = None
+                   ) -> None:
     """Puts `new` at `name` and under every other name the module there is registered by (an
     alias, as T5's shared / encoder.embed_tokens): replaced under one name only, the alias kept
     the float module, which the forward went on using. A compressed replacement of a float
-    layer adopts its dtype (adopt_float_dtype)."""
+    layer adopts its dtype (adopt_float_dtype). aliases: module_aliases(model) made before a
+    loop of these calls (kept up to date here), else the model is scanned for them."""
     old = model.get_submodule(name)
     adopt_float_dtype(old, new)
     name_layer(new, name)  # for its forward's errors
     new.train(old.training)  # a replacement in an eval model is in eval mode too
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    if aliases is None:
+        names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    else:
+        names = aliases.pop(id(old), [name])
+        if len(names) > 1:
+            aliases[id(new)] = names
     for n in names:
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -257,7 +276,8 @@ def replace_modules(
         new_modules[name] = new
         report.changes.append(LayerChange(name, type(mod).__name__, "quantized", fmt,
                                           module_bytes(mod), module_bytes(new)))
+    aliases = module_aliases(model)
     for name, new in new_modules.items():  # nothing above touched the model
-        _set_submodule(model, name, new)
+        _set_submodule(model, name, new, aliases)
     remember_skipped(model, report)
     return report

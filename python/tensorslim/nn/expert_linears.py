@@ -70,18 +70,17 @@ class ExpertLinears(nn.Module):
         if min(num_experts, hidden_dim, intermediate_dim) <= 0:
             raise ValueError(f"ExpertLinears: num_experts ({num_experts}), hidden_dim ({hidden_dim}) and "
                              f"intermediate_dim ({intermediate_dim}) must be positive")
-        kw = {"device": device, "dtype": dtype}
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
         self.has_gate, self.has_bias, self.hidden_act = has_gate, has_bias, hidden_act
         self.gate = (gate or GateSpec()) if has_gate else None
         first = 2 * intermediate_dim if has_gate else intermediate_dim
-        ups = nn.ModuleList(nn.Linear(hidden_dim, first, bias=has_bias, **kw) for _ in range(num_experts))
+        kw = {"bias": has_bias, "device": device, "dtype": dtype}
+        ups = nn.ModuleList(_uninitialized_linear(hidden_dim, first, **kw) for _ in range(num_experts))
         if has_gate:
             self.gate_up = ups
         else:
             self.up = ups
-        self.down = nn.ModuleList(nn.Linear(intermediate_dim, hidden_dim, bias=has_bias, **kw)
-                                  for _ in range(num_experts))
+        self.down = nn.ModuleList(_uninitialized_linear(intermediate_dim, hidden_dim, **kw) for _ in range(num_experts))
         self.act_fn = _act(hidden_act)
 
     @property
@@ -126,6 +125,8 @@ class ExpertLinears(nn.Module):
             return f"expert weight shapes that disagree ({list(first.shape)}, {list(down.shape)})"
         if getattr(experts, "num_experts", e) != e:
             return f"num_experts {experts.num_experts} for {e} experts' weights"
+        if any(p.is_meta for p in experts.parameters(recurse=False)):
+            return None  # a model built to load a file made after the forward check below
         return _forward_differs(experts, cls._made_from(experts))
 
     @classmethod
@@ -137,14 +138,21 @@ class ExpertLinears(nn.Module):
             raise ValueError(f"ExpertLinears: {type(experts).__name__} cannot be unfused: {why}")
         return cls._made_from(experts)
 
-    @classmethod
-    def _made_from(cls, experts: nn.Module) -> "ExpertLinears":
+    @staticmethod
+    def _args(experts: nn.Module) -> tuple:
+        """(num_experts, hidden, intermediate, has_gate, has_bias, activation, GateSpec) of a
+        module why_not accepts."""
         gate = experts.has_gate
-        first = experts.gate_up_proj if gate else experts.up_proj
-        e, _, hidden = _shape(first, experts.is_transposed)
+        e, _, hidden = _shape(experts.gate_up_proj if gate else experts.up_proj, experts.is_transposed)
         inter = _shape(experts.down_proj, experts.is_transposed)[2]
         (act, gate_spec), _ = _described(experts, gate, experts.is_concatenated)
-        new = cls(e, hidden, inter, gate, experts.has_bias, act, device="meta", gate=gate_spec)
+        return e, hidden, inter, gate, experts.has_bias, act, gate_spec
+
+    @classmethod
+    def _made_from(cls, experts: nn.Module) -> "ExpertLinears":
+        *args, gate_spec = cls._args(experts)
+        new = cls(*args, device="meta", gate=gate_spec)
+        gate = experts.has_gate
         names = ("gate_up_proj" if gate else "up_proj", "down_proj")
         for lins, name in zip((new.first, new.down), names):
             w = getattr(experts, name)
@@ -196,7 +204,8 @@ class ExpertLinears(nn.Module):
             return mod.spec() == spec
         if cls.why_not(mod) is not None:
             return False
-        made = cls.from_experts(mod).spec()
+        *args, gate_spec = cls._args(mod)
+        made = _spec(*args, gate_spec)
         count = intermediate_attr(mod)
         if count is not None:
             # a file pruned before compressing: ts.load has set the file's count (pruning/state.py),
@@ -213,18 +222,35 @@ class ExpertLinears(nn.Module):
                    spec["hidden_act"], device=device, gate=GateSpec(**gate) if gate else None)
 
     def spec(self) -> dict:
-        # kind / format / in_features / out_features / bias: the keys every saved layer has
-        spec = {"kind": self.kind, "format": "unfused", "in_features": self.hidden_dim,
-                "out_features": self.hidden_dim, "bias": bool(self.has_bias), "num_experts": self.num_experts,
-                "intermediate": self.intermediate_dim, "has_gate": bool(self.has_gate),
-                "hidden_act": self.hidden_act}
-        if self.has_gate and self.gate != GateSpec():  # files written before other gates existed have none
-            spec["gate"] = asdict(self.gate)
-        return spec
+        return _spec(self.num_experts, self.hidden_dim, self.intermediate_dim, self.has_gate, self.has_bias,
+                     self.hidden_act, self.gate)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
                 f"intermediate_dim={self.intermediate_dim}, gate={self.gate}, act={self.hidden_act}")
+
+
+def _uninitialized_linear(n_in: int, n_out: int, bias: bool, device, dtype) -> nn.Linear:
+    """An nn.Linear as its constructor makes it, less the random init: the experts' linears take
+    the fused tensors' views or a file's values, and initializing thousands of them (on the meta
+    device too) took most of a MoE model's load."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = n_in, n_out
+    lin.weight = nn.Parameter(torch.empty(n_out, n_in, device=device, dtype=dtype))
+    lin.bias = nn.Parameter(torch.empty(n_out, device=device, dtype=dtype)) if bias else None
+    return lin
+
+
+def _spec(num_experts: int, hidden: int, inter: int, has_gate: bool, has_bias: bool, act: str,
+          gate: Optional[GateSpec]) -> dict:
+    # kind / format / in_features / out_features / bias: the keys every saved layer has
+    spec = {"kind": ExpertLinears.kind, "format": "unfused", "in_features": hidden, "out_features": hidden,
+            "bias": bool(has_bias), "num_experts": num_experts, "intermediate": inter, "has_gate": bool(has_gate),
+            "hidden_act": act}
+    if has_gate and gate != GateSpec():  # files written before other gates existed have none
+        spec["gate"] = asdict(gate)
+    return spec
 
 
 def intermediate_attr(experts: nn.Module) -> Optional[str]:
