@@ -176,6 +176,21 @@ def test_gates_are_found_by_what_they_compute():
         ExpertLinears.from_spec({**ExpertLinears.from_experts(clamped).spec(), "gate": {"layout": "diagonal"}})
 
 
+def test_forward_check_is_inconclusive_without_weights():
+    """On meta tensors (a model built to load a file into) and on weights not set yet (NaN from
+    torch.empty) the probe says nothing: the flags and the gate decide, as the file's spec will."""
+    with torch.device("meta"):
+        on_meta = _TransposedExperts(_Config())
+    unset = _TransposedExperts(_Config())
+    with torch.no_grad():
+        unset.gate_up_proj.fill_(float("nan"))
+    normed = _NormedExperts(_Config())
+    assert ExpertLinears.why_not(on_meta) is None and ExpertLinears.why_not(unset) is None
+    with torch.no_grad():
+        normed.gate_up_proj.fill_(float("nan"))
+    assert ExpertLinears.why_not(normed) is None  # what the check cannot see without weights
+
+
 @pytest.mark.parametrize("make", [lambda: _mixtral().model.layers[0].mlp.experts,
                                   lambda: _TransposedExperts(_Config()), lambda: _UngatedExperts(_Config()),
                                   lambda: _gpt_oss().model.layers[0].mlp.experts,

@@ -2,7 +2,7 @@
 built from its model's default config shrunk to a few experts of a few neurons: where
 ExpertLinears stands in for it, the unfused module computes what the class's own eager forward
 computes on a random top-2 routing over all its experts (the unfusing check itself probes only
-the first and last expert)."""
+the first and last expert), and its INT8 experts reload into a fresh module of the class."""
 import importlib
 import inspect
 import os
@@ -10,7 +10,9 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
+import tensorslim as ts
 from tensorslim.nn import ExpertLinears
 
 transformers = pytest.importorskip("transformers")
@@ -67,8 +69,8 @@ def _build(module, name):
     return None
 
 
-def test_every_unfused_experts_class_computes_its_own_forward():
-    unfused, left = [], {}
+def _zoo():
+    """(class name, a built module with random weights, why_not) of every experts class built."""
     for family, file, names in _experts_classes():
         try:
             module = importlib.import_module(f"transformers.models.{family}.{file}")
@@ -81,19 +83,57 @@ def test_every_unfused_experts_class_computes_its_own_forward():
             with torch.no_grad():
                 for p in fused.parameters():
                     p.normal_(0.0, 0.3)
-            why = ExpertLinears.why_not(fused)
-            if why is not None:
-                left[name] = why
-                continue
-            new = ExpertLinears.from_experts(fused)
-            g = torch.Generator().manual_seed(1)
-            index = torch.stack([torch.randperm(new.num_experts, generator=g)[:2] for _ in range(9)])
-            x, weights = torch.randn(9, new.hidden_dim, generator=g), torch.rand(9, 2, generator=g)
-            with torch.no_grad():
-                want = fused(x, index, weights)
-                torch.testing.assert_close(new(x, index, weights), want, rtol=1e-5,
-                                           atol=1e-5 * float(want.abs().max()), msg=name)
-            unfused.append(name)
+            yield name, fused, ExpertLinears.why_not(fused), lambda m=module, n=name: _build(m, n)
+
+
+class _Routed(nn.Module):
+    """A top-2 router in front of an experts module."""
+
+    def __init__(self, experts: nn.Module, hidden: int, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.router, self.experts = nn.Linear(hidden, experts.num_experts), experts
+
+    def forward(self, x):
+        weights, index = torch.softmax(self.router(x), dim=-1).topk(2, dim=-1)
+        return self.experts(x, index, weights)
+
+
+def test_every_unfused_experts_class_reloads_quantized(tmp_path):
+    """INT8 experts of every class that unfuses, saved and loaded into a fresh module of the
+    class (the file's activation and gate against what the fresh module's own compute)."""
+    done = 0
+    for name, fused, why, build in _zoo():
+        if why is not None:
+            continue
+        hidden = ExpertLinears.from_experts(fused).hidden_dim
+        model = _Routed(fused, hidden)
+        ts.quantize(model, ts.Int8WeightOnly(skip_output_head=False), progress=False)
+        assert isinstance(model.experts, ExpertLinears), name
+        ts.save(model, tmp_path / "zoo.safetensors")
+        fresh = ts.load(_Routed(build(), hidden, seed=1), tmp_path / "zoo.safetensors")
+        x = torch.randn(5, hidden)
+        with torch.no_grad():
+            assert torch.equal(fresh(x), model(x)), name
+        done += 1
+    assert done >= 40
+
+
+def test_every_unfused_experts_class_computes_its_own_forward():
+    unfused, left = [], {}
+    for name, fused, why, _ in _zoo():
+        if why is not None:
+            left[name] = why
+            continue
+        new = ExpertLinears.from_experts(fused)
+        g = torch.Generator().manual_seed(1)
+        index = torch.stack([torch.randperm(new.num_experts, generator=g)[:2] for _ in range(9)])
+        x, weights = torch.randn(9, new.hidden_dim, generator=g), torch.rand(9, 2, generator=g)
+        with torch.no_grad():
+            want = fused(x, index, weights)
+            torch.testing.assert_close(new(x, index, weights), want, rtol=1e-5,
+                                       atol=1e-5 * float(want.abs().max()), msg=name)
+        unfused.append(name)
     # transformers 5.25: 63 of 73 classes (67 built); the families tensorslim's other tests use
     assert len(unfused) >= 40, (unfused, left)
     assert {"MixtralExperts", "GptOssExperts", "Qwen3MoeExperts", "DeepseekV3Experts"} <= set(unfused)

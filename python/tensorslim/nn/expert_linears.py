@@ -279,7 +279,8 @@ def _forward_differs(experts: nn.Module, new: ExpertLinears) -> Optional[str]:
     (tokens sent to its first and last expert with random weights), or None. The flags and the
     gate say how transformers' other implementations read the weights; the module's forward
     may still do more (a norm after its experts, routes of weight one) that no flag records.
-    Not run on meta tensors (a model being built to load a file made after this check)."""
+    Inconclusive, so None, on meta tensors (a model being built to load a file made after this
+    check) and where the module's output is not finite (uninitialized weights)."""
     params = list(experts.parameters(recurse=False))
     if any(p.is_meta for p in params):
         return None
@@ -298,6 +299,8 @@ def _forward_differs(experts: nn.Module, new: ExpertLinears) -> Optional[str]:
                 f"eager experts do ({type(err).__name__})")
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         return "a forward whose output is not the experts' weighted sum per token"
+    if not (torch.isfinite(want).all() and torch.isfinite(got).all()):
+        return None  # weights not set yet (torch.empty's): nothing to compare, as on meta tensors
     tol = 1e-4 if w.dtype == torch.float32 else 2e-2  # half dtypes: other summation orders
     if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().max()) + 1e-6):
         return ("a forward that computes more than its weights say (a norm after its experts, weights of its "
