@@ -373,6 +373,23 @@ def test_save_pretrained_routes(tmp_path):
                 assert torch.equal(loaded(ids).logits, want)
 
 
+def test_save_pretrained_gpt_oss(tmp_path):
+    """GPT-OSS's gate travels in config.json's layer specs: both from_pretrained routes rebuild
+    the unfused, quantized experts with it."""
+    from transformers import GptOssForCausalLM
+
+    model, ids = _gpt_oss(), _ids()
+    ts.quantize(model, ts.Int4WeightOnly(group_size=32), progress=False)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    for loaded in (GptOssForCausalLM.from_pretrained(tmp_path).eval(), ts.from_pretrained(GptOssForCausalLM, tmp_path)):
+        experts = loaded.model.layers[1].mlp.experts
+        assert isinstance(experts, ExpertLinears) and experts.gate == GateSpec("interleaved", "gpt_oss", 7.0, 1.702)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, want)
+
+
 def test_printed_report_collapses_expert_runs():
     """16 experts' rows print as one row per projection and layer (the Report keeps them all)."""
     model = _many_experts()
