@@ -235,6 +235,49 @@ def test_layers_never_reached_raise_before_anything_changes(algorithm):
     assert {c.name for c in report.changed} == {"0.fc", "1.fc", "1.rare", "2.fc"}
 
 
+class _TwoTowers(nn.Module):
+    """A vision stack the calibration data never enters (text-only batches) and a text stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(2))
+        self.text = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(2))
+
+    def forward(self, x, image=None):
+        if image is not None:
+            for blk in self.vision:
+                image = blk(image)
+            x = x + image
+        for blk in self.text:
+            x = blk(x)
+        return x
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_a_stack_the_data_never_enters(algorithm):
+    """Text-only calibration of a model with a vision stack: fallback rounds the vision layers
+    to nearest, skip leaves them float, error names them; the text stack is calibrated."""
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 64) for _ in range(2)]
+    model, rtn = _TwoTowers(), _TwoTowers()
+    rtn.load_state_dict(model.state_dict())
+    with pytest.warns(RuntimeWarning, match=r"2 layer\(s\) never ran.*'vision.0.0', 'vision.1.0'"):
+        report = ts.quantize(model, ts.Int4WeightOnly(algorithm=algorithm), calib_data=calib, progress=False)
+    ts.quantize(rtn, ts.Int4WeightOnly(), progress=False)
+    rows = {c.name: c.format for c in report.changes}
+    for i in range(2):
+        assert rows[f"vision.{i}.0"].endswith("rtn (never ran on the calibration data)")
+        assert torch.equal(model.vision[i][0].qweight, rtn.vision[i][0].qweight)
+        assert algorithm in rows[f"text.{i}.0"]
+    skip = _TwoTowers()
+    with pytest.warns(RuntimeWarning, match="stay float"):
+        ts.quantize(skip, ts.Int4WeightOnly(algorithm=algorithm, unreached="skip"), calib_data=calib, progress=False)
+    assert type(skip.vision[0][0]) is nn.Linear and type(skip.text[0][0]) is not nn.Linear
+    with pytest.raises(ValueError, match=r"layers 'vision.0.0', 'vision.1.0': the calibration data never reached"):
+        ts.quantize(_TwoTowers(), ts.Int4WeightOnly(algorithm=algorithm, unreached="error"), calib_data=calib,
+                    progress=False)
+
+
 @pytest.mark.parametrize("algorithm", ["gptq", "awq"])
 def test_layer_reached_on_some_batches_is_calibrated_on_those(algorithm):
     """rare runs on the second batch only: it is quantized exactly as if that batch were the

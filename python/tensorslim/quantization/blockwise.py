@@ -115,8 +115,10 @@ def no_cache(model: nn.Module):
             c.use_cache = True
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: ForwardLoop) -> Inputs:
-    """Run the calibration data up to `block` and return its inputs, one entry per batch."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: ForwardLoop,
+                         allow_none: bool = False) -> Inputs:
+    """Run the calibration data up to `block` and return its inputs, one entry per batch
+    (allow_none: an empty list where the data never reaches it, else an error)."""
     captured: Inputs = []
     original_forward = model.forward
     own = model.__dict__.get("forward")  # an instance forward (a fused epilogue, a wrapper) stays
@@ -149,7 +151,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Forwa
             model.forward = own
         if hook is not None:
             hook.remove()
-    if not captured:
+    if not captured and not allow_none:
         raise ValueError(f"calibration: the forward loop never reached the first block ({type(block).__name__}): "
                          f"is the calibration data empty, or is that block a container the model never "
                          f"calls itself (a ModuleList of ModuleLists)?")
@@ -484,7 +486,13 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
         first = next((i for i in range(lo, hi) if per_block[i]), None)
         if first is None:
             return
-        inputs = capture_block_inputs(model, blocks[first][1], forward_loop)
+        inputs = capture_block_inputs(model, blocks[first][1], forward_loop, allow_none=mode != "error")
+        if not inputs:  # a stack the data never enters (a vision tower under text-only data): unreached
+            unreached.extend(LayerChange(_full(bname, n), "Linear", "skipped", bytes_before=module_bytes(m),
+                                         reason=NEVER_RAN)
+                             for bname, targets in ((blocks[i][0], per_block[i]) for i in range(first, hi))
+                             for n, m in targets.items())
+            return
         float_inputs: Optional[Inputs] = None  # None: still equal to inputs
         bar = tqdm(blocks[first:hi], desc=f"{name} blocks", disable=not progress, leave=False)
         for bi, (bname, block) in enumerate(bar, start=first):
@@ -536,7 +544,9 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
                 lo += len(stack)
             if not changes:
                 raise ValueError(f"none of the {len(unreached)} layers to calibrate ran on the calibration "
-                                 f"data (e.g. '{unreached[0].name}'); does the forward loop run the model?")
+                                 f"data (e.g. '{unreached[0].name}'): is the calibration data empty, does the "
+                                 f"forward loop run the model, or are its blocks containers the model never "
+                                 f"calls itself (a ModuleList of ModuleLists)?")
         fallen = [(c.name, UNREACHED_NOTE) for c in unreached] if mode == "fallback" else []
         for full, why in [(n, "outside the calibrated blocks") for n in outside_layers] + fallen:
             lin = model.get_submodule(full)  # with whatever a block's edits (AWQ's folds) gave it
