@@ -118,6 +118,25 @@ def test_sparse_storage_keeps_pruned_zeros():
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_sparse_storage_keeps_layers_it_would_enlarge_dense():
+    """A layer ts.prune left out (no zeros), or one whose CSR form would outweigh its half
+    weights, stays dense with why; the others are stored sparse."""
+    model = _mlp()
+    ts.prune(model, ts.Magnitude(0.8, exclude=["2"]), progress=False)
+    report = ts.sparsify(model, ts.SparseStorage(), progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert type(model[2]) is nn.Linear and rows["2"].action == "skipped"
+    assert rows["2"].reason.startswith("0.0% zeros: stored sparse (csr float32) it would take")
+    assert isinstance(model[0], ts.CSRSparseLinear) and rows["0"].action == "sparsified"
+    half = _mlp().to(torch.bfloat16)
+    with torch.no_grad():
+        half[0].weight.mul_(torch.rand(96, 64) > 0.5)  # 50% zeros: 3 bytes a weight in CSR, 2 dense
+        half[2].weight.mul_(torch.rand(96, 96) > 0.9)  # 90%: 0.6
+    report = ts.sparsify(half, ts.SparseStorage(include=["0", "2"]), progress=False)
+    assert type(half[0]) is nn.Linear and isinstance(half[2], ts.CSRSparseLinear)
+    assert "not fewer than the dense layer's" in next(c.reason for c in report.skipped if c.name == "0")
+
+
 def test_sparse_storage_auto_finds_nm():
     model = _mlp()
     ts.sparsify(model, ts.NM(2, 4), progress=False)

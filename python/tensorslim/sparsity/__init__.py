@@ -19,7 +19,8 @@ from ..layer_views import linear_views
 from ..hf import record_layers
 from ..pruning import masks as pruning_masks
 from ..quantization.calibrate import make_forward_loop
-from ..report import Report, compressed_layers, note_already_compressed, remember_skipped, warn_if_nothing_changed
+from ..report import (Report, compressed_layers, module_bytes, note_already_compressed, remember_skipped,
+                      warn_if_nothing_changed)
 from ..transforms import check_no_empty_layers, check_not_a_single_layer, replace_modules
 from .config import NM, SparseStorage, Unstructured, _Sparse
 from .uncalibrated import magnitude_layer, storage_layer
@@ -76,14 +77,41 @@ def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set)
 
         return sparsify_calibrated(model, config, loop, lambda c, n, m: check(n, m), progress)
     # data-free: calib_data is accepted and unused, as ts.prune does (recipes pass it to every step)
-    layer = storage_layer if isinstance(config, SparseStorage) else magnitude_layer
-    report = replace_modules(model, config, (nn.Linear,), lambda n, m: layer(n, m, config), check,
-                             progress=progress, desc="sparsifying")
+    if isinstance(config, SparseStorage):
+        check, convert = _storage_steps(config, check)
+    else:
+        convert = lambda n, m: magnitude_layer(n, m, config)  # noqa: E731
+    report = replace_modules(model, config, (nn.Linear,), convert, check, progress=progress, desc="sparsifying")
     for row in report.changes:
         if row.action != "skipped":
             row.action = "sparsified"
     remember_skipped(model, report)
     return report
+
+
+def _storage_steps(config: SparseStorage, check):
+    """SparseStorage's (check, convert): each layer is built while layers are chosen, and one whose
+    zeros are too few for its sparse form to be smaller than its dense weight (a layer ts.prune
+    left out, or a half model's layer stored with float32 CSR values) stays dense, with why."""
+    built = {}
+
+    def storage_check(name: str, mod: nn.Module) -> Optional[str]:
+        reason = check(name, mod)
+        if reason:
+            return reason
+        try:
+            new, fmt = storage_layer(name, mod, config)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"layer '{name}' ({type(mod).__name__}): {e}") from e
+        dense, sparse = module_bytes(mod), module_bytes(new)
+        if sparse >= dense:
+            zeros = float((mod.weight == 0).sum()) / max(1, mod.weight.numel())
+            return (f"{zeros:.1%} zeros: stored sparse ({fmt.split(' (')[0]}) it would take {sparse} bytes, "
+                    f"not fewer than the dense layer's {dense}")
+        built[name] = (new, fmt)
+        return None
+
+    return storage_check, lambda name, mod: built.pop(name)
 
 
 __all__ = ["sparsify", "NM", "Unstructured", "SparseStorage"]
