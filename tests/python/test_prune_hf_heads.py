@@ -281,13 +281,13 @@ def test_excluded_or_head_sized_parameters_keep_the_heads():
     torch.manual_seed(0)
     model, batch, field, attentions = _vit()
     model.eval()
-    model.layers[1].attention.sinks = nn.Parameter(torch.zeros(4))  # one learned value per head
+    model.layers[1].attention.head_scale = nn.Parameter(torch.zeros(4))  # one learned value per head
     report = ts.prune(model, ts.ChannelPrune(ratio=0.5, head_ratio=0.5, exclude=["layers.0.attention"]),
                       example_inputs=batch, progress=False)
     assert [_count(model.get_submodule(n)) for n in attentions] == [4, 4]
     reasons = " | ".join(c.reason for c in report.changes)
     assert "excluded by pattern 'layers.0.attention'" in reasons
-    assert "'sinks' spans the heads" in reasons
+    assert "'head_scale' spans the heads" in reasons
     assert model.layers[0].mlp.fc1.out_features == 32  # neurons still go
 
 
@@ -603,6 +603,38 @@ def test_phi3_heads_differ_by_layer(tmp_path):
     assert (second.qkv_proj.out_features, second.config.num_attention_heads) == (96, 4)
     assert second.config is model.config
     _generates_as_reference_and_reloads(model, ref, lambda: _phi3(kv_heads=4), ids, tmp_path)
+
+
+def _gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    model = GptOssForCausalLM(GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_()  # zero at init: drawn so that they count
+    return model
+
+
+def test_gpt_oss_heads_with_their_sinks(tmp_path):
+    """GPT-OSS's attention holds a learned sink logit per query head (`sinks`, a softmax column
+    of its own): a unit (a kv head with its 2 query heads) takes its 2 sinks along; before, the
+    parameter kept every head. Equal to the zeroed original in generation and after reloading
+    (the experts, whose neurons test_moe_experts.py prunes, are left whole here)."""
+    torch.manual_seed(0)
+    model = _gpt_oss().eval()
+    ids = _ids(7)
+    cfg = ts.ChannelPrune(ratio=0, head_ratio=0.5)
+    ref, _ = zeroed_reference(model, cfg, {"input_ids": ids})
+    report = ts.prune(model, cfg, example_inputs={"input_ids": ids}, progress=False)
+    for layer in model.model.layers:
+        att = layer.self_attn
+        assert (att.q_proj.out_features, att.k_proj.out_features, att.o_proj.in_features) == (16, 8, 16)
+        assert att.sinks.shape == (2,) and layer.mlp.experts.down_proj.shape == (4, 32, 32)
+    assert {c.name: c.format for c in report.changes}["model.layers.0.self_attn"] == "channels removed: sinks 2"
+    _generates_as_reference_and_reloads(model, ref, _gpt_oss, ids, tmp_path)
 
 
 def _xglm():

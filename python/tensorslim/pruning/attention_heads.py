@@ -212,6 +212,13 @@ def _projected_layout(m: nn.Module, qkv: Tuple[str, ...], outputs: Tuple[str, ..
     return Layout(kv, hd, qkv, (groups * hd, hd, hd), out, attrs, groups=groups)
 
 
+def _sinks(att: nn.Module, query_heads: int) -> bool:
+    """Whether the attention holds one learned sink logit per query head (GPT-OSS's `sinks`,
+    a softmax column of its own per head), which pruning slices with the heads."""
+    sinks = att._parameters.get("sinks")
+    return isinstance(sinks, nn.Parameter) and sinks.dim() == 1 and sinks.numel() == query_heads
+
+
 def head_sized_parameter(att: nn.Module, hd: int, counts: Sequence[int], own: Sequence[str],
                          stream: Optional[int] = None) -> Optional[str]:
     """The first parameter or buffer of an attention, outside its projections `own`, with a
@@ -263,8 +270,9 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
         owner = None if torch_attention or hf.shared_bias or groups != 1 else _bias_table_owner(model, name, heads)
         why = _kept_whole(name, m, heads * groups, len(names[id(m)]), sp, exclude, packed_hint,
                           None if torch_attention else kept_hint)
+        sinks = _sinks(m, heads * groups) if not torch_attention else None
         if why is None and not torch_attention:
-            own = (*qkv, out, "relative_attention_bias")
+            own = (*qkv, out, "relative_attention_bias") + (("sinks",) if sinks else ())
             spanning = head_sized_parameter(m, hd, sorted({heads, heads * groups}), own,
                                             getattr(getattr(m, out), "out_features", None))
             why = None if spanning is None else f"attention '{name}': '{spanning}' spans the heads"
@@ -286,6 +294,8 @@ def add_head_spaces(sp: Spaces, model: nn.Module, exclude=(), packed_hint=None, 
                 s.attrs = [(n, a, per_unit if n == fused else per) for n, a, per in s.attrs]
             if not s.frozen:  # (frozen: a compressed projection, nothing sliced)
                 s.attrs += [(name, attr, per) for attr, per in hf.attrs]
+                if sinks:  # a unit's query heads are consecutive: its `groups` sinks go with it
+                    s.slices.append(Slice(name, "sinks", 0, 0, groups))
                 if torch_attention:
                     s.slices += [Slice(name, b, 2, 0, hd) for b in ("bias_k", "bias_v") if getattr(m, b) is not None]
                 if hf.shared_bias and getattr(m, "has_relative_attention_bias", False):

@@ -503,8 +503,9 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
     for n in sorted(before):
         m = mods[n]
         w = float_weight(m)
-        shape = "x".join(str(s) for s in w.shape) if w is not None else ""
-        report.changes.append(LayerChange(n, type(m).__name__, "pruned", f"channels removed: weight {shape}",
+        shapes = {"weight": w} if w is not None else dict(m.named_parameters(recurse=False))  # GPT-OSS's sinks
+        what = ", ".join(f"{pn} {'x'.join(str(d) for d in t.shape)}" for pn, t in shapes.items())
+        report.changes.append(LayerChange(n, type(m).__name__, "pruned", f"channels removed: {what}",
                                           before[n], module_bytes(m)))
     sizes: Dict[str, Dict[str, str]] = {}
     for (n, a), v in attrs.items():
