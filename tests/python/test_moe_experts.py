@@ -309,7 +309,8 @@ def _many_experts():
 
 def test_calibration_that_misses_experts():
     """Two tokens reach at most 4 of 16 experts. W8A8 with unreached="error": the error names
-    them and the exclude list, the model stays as it was (experts fused again). GPTQ by default
+    them and the exclude list, the model stays as it was (experts fused again); by default the
+    experts it saw get static scales, the others per-token ones. GPTQ by default
     quantizes the experts it saw with GPTQ and the others by round to nearest, bit for bit as an
     RTN call gives them; with unreached="skip" the others stay float with a Report row."""
     two = [{"input_ids": torch.tensor([[5, 9]])}]
@@ -320,6 +321,13 @@ def test_calibration_that_misses_experts():
         ts.quantize(model, ts.W8A8(unreached="error"), calib_data=two, progress=False)
     assert model.model.layers[0].mlp.experts is before
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    with pytest.warns(RuntimeWarning, match="W8A8: .* never ran on the calibration data and got the data-free"):
+        ts.quantize(model, ts.W8A8(), calib_data=two, progress=False)  # the default: per-token scales for them
+    modes = [model.model.layers[0].mlp.experts.gate_up[i].mode for i in range(16)]
+    assert 0 < modes.count("static") <= 4 and modes.count("dynamic") == 16 - modes.count("static")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=_ids()).logits).all()
 
     model, rtn = _many_experts(), _many_experts()
     with pytest.warns(RuntimeWarning, match="GPTQ: .* never ran on the calibration data and got the data-free"):
