@@ -178,6 +178,15 @@ class Config(LayerFilter):
 UNREACHED = ("fallback", "skip", "error")
 
 
+def check_calibration_fields(cfg: "Config") -> None:
+    """The fields every config that calibrates has: unreached (check_unreached) and
+    calibrate_all_experts: while calibrating, every expert of a mixture-of-experts block takes
+    every token (its output still sums only the routed experts'), so each expert is calibrated
+    on as many rows as the data has, as LLM Compressor does by default; False: each expert only
+    on the tokens routed to it."""
+    check_unreached(cfg)
+
+
 def check_unreached(cfg: "Config") -> None:
     """unreached, a field of every config that calibrates: a layer the calibration data never
     runs (a branch not taken, an expert no calibration token was routed to) gets the
@@ -226,8 +235,8 @@ class Int8WeightOnly(Config):
 @dataclass
 class Int4WeightOnly(Config):
     """INT4 weights in groups along the input dimension (128 by default), float activations.
-    Embedding tables are quantized too (see embedding_bits). unreached: with algorithm "awq" /
-    "gptq", a layer the calibration data never runs (check_unreached)."""
+    Embedding tables are quantized too (see embedding_bits). unreached / calibrate_all_experts:
+    with algorithm "awq" / "gptq", see check_calibration_fields."""
 
     group_size: Optional[int] = 128
     symmetric: bool = True
@@ -235,6 +244,7 @@ class Int4WeightOnly(Config):
     backend: str = "auto"
     embedding_bits: Optional[int] = None
     unreached: str = "fallback"
+    calibrate_all_experts: bool = True
     bits: ClassVar[int] = 4
 
     def __post_init__(self):
@@ -242,7 +252,7 @@ class Int4WeightOnly(Config):
         _check_common(type(self).__name__, self.group_size, self.backend)
         _check_algorithm(type(self).__name__, self.algorithm)
         _check_embedding_bits(self)
-        check_unreached(self)
+        check_calibration_fields(self)
 
 
 def _check_embedding_bits(cfg) -> None:
@@ -270,8 +280,8 @@ def _check_algorithm(name: str, algorithm: str) -> None:
 class IntWeightOnly(Config):
     """N-bit integer weights (2..8 bits, as the format table provides) in groups along the
     input dimension, float activations. Int8WeightOnly / Int4WeightOnly are the common cases.
-    Embedding tables are quantized too (see embedding_bits). unreached: with algorithm "awq" /
-    "gptq", a layer the calibration data never runs (check_unreached)."""
+    Embedding tables are quantized too (see embedding_bits). unreached / calibrate_all_experts:
+    with algorithm "awq" / "gptq", see check_calibration_fields."""
 
     bits: int = 4
     group_size: Optional[int] = 128
@@ -280,13 +290,14 @@ class IntWeightOnly(Config):
     backend: str = "auto"
     embedding_bits: Optional[int] = None
     unreached: str = "fallback"
+    calibrate_all_experts: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         _check_common("IntWeightOnly", self.group_size, self.backend)
         _check_algorithm("IntWeightOnly", self.algorithm)
         _check_embedding_bits(self)
-        check_unreached(self)
+        check_calibration_fields(self)
         from .formats import integer_format  # the table lives in the native core
 
         try:
@@ -466,7 +477,7 @@ class _Int8Activations(Config):
         as torch.ao's x86 defaults narrow the range on CPUs without VNNI. Pass 127 for the same
         codes on every machine. Convolutions keep 127: on such CPUs their activations go 7-bit
         instead, which measured better there (docs/conv.md).
-    unreached: a layer the calibration data never runs (check_unreached).
+    unreached / calibrate_all_experts: see check_calibration_fields.
     """
 
     smoothquant: bool = True
@@ -477,11 +488,12 @@ class _Int8Activations(Config):
     backend: str = "auto"
     weight_qmax: Optional[int] = None
     unreached: str = "fallback"
+    calibrate_all_experts: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         _check_smoothquant(type(self).__name__, self)
-        check_unreached(self)
+        check_calibration_fields(self)
         if self.weight_qmax is not None:
             check_weight_qmax(self.weight_qmax, type(self).__name__)
 

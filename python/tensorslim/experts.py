@@ -17,8 +17,8 @@ from .transforms import _set_submodule, swapped_while_running
 
 
 class UnfusedExperts:
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, every_token: bool = False):
+        self.model, self.every_token = model, every_token
         self.swapped: Dict[str, Tuple[nn.Module, ExpertLinears]] = {}
 
     def unfuse(self) -> None:
@@ -28,6 +28,7 @@ class UnfusedExperts:
             if name and held[id(mod)] == 1 and not has_hooks(mod) and ExpertLinears.why_not(mod) is None:
                 self.swapped[name] = (mod, ExpertLinears.from_experts(mod))
         for name, (_, new) in self.swapped.items():
+            new.every_token = self.every_token
             _set_submodule(self.model, name, new)
 
     def restore_all(self) -> None:
@@ -36,6 +37,8 @@ class UnfusedExperts:
 
     def finish(self, report: Report) -> Report:
         """Put back the experts the transform left alone; their linears' rows become one."""
+        for _, new in self.swapped.values():
+            new.every_token = False  # the compressed model routes as the original did
         compressed = list(compressed_layers(self.model))
         back: List[str] = []
         for name, (_, new) in self.swapped.items():
@@ -58,8 +61,9 @@ class UnfusedExperts:
         return report
 
 
-def experts_unfused(model: nn.Module):
-    """Run a transform with every fused experts module unfused; call .finish(report) inside."""
-    state = UnfusedExperts(model)
+def experts_unfused(model: nn.Module, every_token: bool = False):
+    """Run a transform with every fused experts module unfused; call .finish(report) inside.
+    every_token: each expert sees every token until finish (ExpertLinears.every_token)."""
+    state = UnfusedExperts(model, every_token)
     state.unfuse()
     return swapped_while_running(state)

@@ -34,12 +34,14 @@ class LinearViews:
 
 
 @contextmanager
-def linear_views(model: nn.Module, attention: bool = True):
+def linear_views(model: nn.Module, attention: bool = True, every_token: bool = False):
     """attention=False keeps nn.MultiheadAttention packed and experts fused (ts.prepare_qat:
-    training must keep the parameters an optimizer already holds)."""
+    training must keep the parameters an optimizer already holds). every_token: the unfused
+    experts run every token through every expert while the transform calibrates
+    (calibrate_all_experts)."""
     with conv1d_as_linear(model) as conv1d_names, \
             (attention_unpacked(model) if attention else nullcontext()) as unpacked, \
-            (experts_unfused(model) if attention else nullcontext()) as unfused, \
+            (experts_unfused(model, every_token) if attention else nullcontext()) as unfused, \
             subclasses_as_linear(model) as subclass_names:
         views = LinearViews(conv1d_names, unpacked, unfused, subclass_names)
         yield views

@@ -132,12 +132,14 @@ UNREACHED_CLASSES = [c for c in CLASSES if "unreached" in {f.name for f in datac
 
 
 def test_unreached_on_every_calibrating_config():
-    """Every config whose technique calibrates says what becomes of a layer its data never runs."""
+    """Every config whose technique calibrates says what becomes of a layer its data never runs,
+    and whether a mixture-of-experts block's experts each calibrate on every token."""
     assert {c.__name__ for c in UNREACHED_CLASSES} == {"AWQ", "GPTQ", "Int4WeightOnly", "IntWeightOnly", "W8A8",
                                                        "Int8Dynamic", "NM", "Unstructured", "SVD"}
+    assert UNREACHED_CLASSES == [c for c in CLASSES if "calibrate_all_experts" in {f.name for f in dataclasses.fields(c)}]
     for cls in UNREACHED_CLASSES:
         extra = REQUIRED.get(cls.__name__, {})
-        assert cls(**extra).unreached == "fallback"
+        assert cls(**extra).unreached == "fallback" and cls(**extra).calibrate_all_experts is True
         for mode in C.UNREACHED:
             assert ts.Config.from_json(cls(unreached=mode, **extra).to_json()).unreached == mode
         with pytest.raises(ValueError, match=rf"{cls.__name__}: unreached must be one of \('fallback', 'skip', "

@@ -3,6 +3,7 @@
 expert's dequantized weights, saved and loaded into a fresh model; experts left alone go back."""
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -308,22 +309,24 @@ def _many_experts():
 
 
 def test_calibration_that_misses_experts():
-    """Two tokens reach at most 4 of 16 experts. W8A8 with unreached="error": the error names
-    them and the exclude list, the model stays as it was (experts fused again); by default the
-    experts it saw get static scales, the others per-token ones. GPTQ by default
-    quantizes the experts it saw with GPTQ and the others by round to nearest, bit for bit as an
-    RTN call gives them; with unreached="skip" the others stay float with a Report row."""
+    """Two tokens reach at most 4 of 16 experts. Routed only (calibrate_all_experts=False):
+    W8A8 with unreached="error" names the others and the exclude list, the model stays as it was
+    (experts fused again); by default the experts it saw get static scales, the others per-token
+    ones. GPTQ by default quantizes the experts it saw with GPTQ and the others by round to
+    nearest, bit for bit as an RTN call gives them; with unreached="skip" the others stay float
+    with a Report row."""
     two = [{"input_ids": torch.tensor([[5, 9]])}]
+    routed = {"calibrate_all_experts": False}
     model = _many_experts()
     before = model.model.layers[0].mlp.experts
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"experts\.gate_up\.\d+'.*expert no calibration token was routed to"):
-        ts.quantize(model, ts.W8A8(unreached="error"), calib_data=two, progress=False)
+        ts.quantize(model, ts.W8A8(unreached="error", **routed), calib_data=two, progress=False)
     assert model.model.layers[0].mlp.experts is before
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
     with pytest.warns(RuntimeWarning, match="W8A8: .* never ran on the calibration data and got the data-free"):
-        ts.quantize(model, ts.W8A8(), calib_data=two, progress=False)  # the default: per-token scales for them
+        ts.quantize(model, ts.W8A8(**routed), calib_data=two, progress=False)  # per-token scales for them
     modes = [model.model.layers[0].mlp.experts.gate_up[i].mode for i in range(16)]
     assert 0 < modes.count("static") <= 4 and modes.count("dynamic") == 16 - modes.count("static")
     with torch.no_grad():
@@ -331,7 +334,7 @@ def test_calibration_that_misses_experts():
 
     model, rtn = _many_experts(), _many_experts()
     with pytest.warns(RuntimeWarning, match="GPTQ: .* never ran on the calibration data and got the data-free"):
-        report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=two,
+        report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq", **routed), calib_data=two,
                              progress=False)
     ts.quantize(rtn, ts.Int4WeightOnly(group_size=32), progress=False)
     experts, plain = model.model.layers[0].mlp.experts, rtn.model.layers[0].mlp.experts
@@ -345,13 +348,53 @@ def test_calibration_that_misses_experts():
         assert torch.equal(experts.down[i].qweight, plain.down[i].qweight) == (i in fallen)
 
     model = _many_experts()
-    report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq", unreached="skip"),
+    report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq", unreached="skip", **routed),
                          calib_data=two, progress=False)
     experts = model.model.layers[0].mlp.experts
     done = [i for i in range(16) if type(experts.gate_up[i]) is not nn.Linear]
     assert 0 < len(done) <= 4
     missed = {c.name: c.reason for c in report.skipped if ".experts.gate_up." in c.name}
     assert len(missed) == 16 - len(done) and all("never ran on the calibration data" in r for r in missed.values())
+
+
+def test_every_expert_calibrated_on_every_token():
+    """The default calibrate_all_experts: while calibrating, every expert takes every token (the
+    block's output still sums the routed ones), so the same two tokens calibrate all 16: GPTQ
+    on each (no RTN fallback), and W8A8's static input scales of a layer's experts' first
+    projections all equal (they read the same rows). The quantized model routes as before."""
+    two = [{"input_ids": torch.tensor([[5, 9]])}]
+    model = _many_experts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "never ran" warning
+        report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=two,
+                             progress=False)
+    formats = {c.format for c in report.changes if ".experts." in c.name}
+    assert all(f.endswith(" gptq") for f in formats) and not model.model.layers[0].mlp.experts.every_token
+    assert sum(".experts." in c.name for c in report.changed) == 32
+    w8a8 = _many_experts()
+    ts.quantize(w8a8, ts.W8A8(smoothquant=False), calib_data=two, progress=False)
+    experts = w8a8.model.layers[0].mlp.experts
+    scales = {float(experts.gate_up[i].act_scale) for i in range(16)}
+    assert len(scales) == 1 and all(experts.gate_up[i].mode == "static" for i in range(16))
+    downs = {float(experts.down[i].act_scale) for i in range(16)}
+    assert len(downs) > 1  # each expert's own intermediate activations
+    with torch.no_grad():
+        assert torch.isfinite(w8a8(input_ids=_ids()).logits).all()
+
+
+def test_every_token_forward_sums_the_routed_experts_only():
+    fused = _mixtral().model.layers[0].mlp.experts
+    unfused = ExpertLinears.from_experts(fused)
+    x = torch.randn(7, unfused.hidden_dim)
+    index, weights = _routing(7, unfused.num_experts, 2)
+    seen = []
+    unfused.gate_up[3].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        want = unfused(x, index, weights)
+        unfused.every_token = True
+        got = unfused(x, index, weights)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert seen[-1] == 7 and (len(seen) == 1 or seen[0] < 7)
 
 
 def test_save_pretrained_routes(tmp_path):

@@ -6,7 +6,7 @@ round trip as every config (see tensorslim.config.Config).
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-from ..config import Config, check_unreached, register_config
+from ..config import Config, check_calibration_fields, register_config
 
 SVD_METHODS = ("svd", "asvd", "svd_llm")
 SVD_SOLVERS = ("auto", "exact", "randomized")
@@ -46,8 +46,8 @@ class SVD(Config):
     solver: "exact" (divide-and-conquer SVD), "randomized" (for large layers; needs rank or
         ratio, since energy and budgets need the whole spectrum) or "auto" (randomized when
         the rank is known up front and min(in, out) >= 1024).
-    unreached: with asvd / svd_llm, a layer the calibration data never runs
-        (tensorslim.config.check_unreached; its fallback is plain SVD).
+    unreached / calibrate_all_experts: with asvd / svd_llm, see
+        tensorslim.config.check_calibration_fields (unreached's fallback is plain SVD).
     A layer whose rank would not save parameters is skipped, with the reason in the report.
     """
 
@@ -62,10 +62,11 @@ class SVD(Config):
     power_iters: int = 2
     oversample: int = 10
     unreached: str = "fallback"
+    calibrate_all_experts: bool = True
 
     def __post_init__(self):
         super().__post_init__()
-        check_unreached(self)
+        check_calibration_fields(self)
         given = [f for f in ("rank", "energy", "ratio", "budget") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError(f"SVD: give exactly one of rank, energy, ratio or budget, got "

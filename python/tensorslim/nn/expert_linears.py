@@ -63,6 +63,10 @@ def _act(name: str) -> nn.Module:
 
 class ExpertLinears(nn.Module):
     kind = "expert_linears"
+    # While a calibrating transform runs (experts.py, a config's calibrate_all_experts): every
+    # expert's linears take every token, so each is calibrated whatever the router picks; the
+    # output still sums only the routed experts' rows.
+    every_token = False
 
     def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, has_gate: bool, has_bias: bool,
                  hidden_act: str, device=None, dtype=None, gate: Optional[GateSpec] = None):
@@ -186,15 +190,17 @@ class ExpertLinears(nn.Module):
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for e in hit[:, 0].tolist():
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        for e in range(self.num_experts) if self.every_token else hit:
             if e == self.num_experts:
                 continue
             pos, tokens = torch.where(mask[e])
-            h = self.first[e](hidden_states[tokens])
-            h = self.gate(h, self.act_fn) if self.has_gate else self.act_fn(h)
-            h = self.down[e](h) * top_k_weights[tokens, pos, None]
-            out.index_add_(0, tokens, h.to(out.dtype))
+            x = hidden_states if self.every_token else hidden_states[tokens]
+            h = self.first[e](x)
+            h = self.down[e](self.gate(h, self.act_fn) if self.has_gate else self.act_fn(h))
+            if self.every_token:
+                h = h[tokens]
+            out.index_add_(0, tokens, (h * top_k_weights[tokens, pos, None]).to(out.dtype))
         return out
 
     # --- what a saved file records of it (io.layer_specs / plan_layers) ---

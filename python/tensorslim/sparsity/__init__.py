@@ -61,7 +61,9 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
                              f"(an iterable of model inputs) or forward_loop=")
         loop = make_forward_loop(calib_data, forward_loop, progress)
     pruning_masks.reapply(model)  # pruned layers compress as their forward computes
-    with linear_views(model) as views:  # Conv1D, nn.MultiheadAttention, subclasses: as nn.Linear
+    every_token = loop is not None and getattr(config, "calibrate_all_experts", False)  # experts: calibrated on all
+    # Conv1D, nn.MultiheadAttention, subclasses, fused experts: as nn.Linear
+    with linear_views(model, every_token=every_token) as views:
         check_no_empty_layers(model, config)
         already = compressed_layers(model)
         report = views.finish(note_already_compressed(_sparsify(model, config, loop, progress, views.conv1d_names),

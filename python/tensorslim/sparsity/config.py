@@ -5,7 +5,7 @@ skip_output_head) with every other family."""
 from dataclasses import dataclass
 from typing import ClassVar, Tuple
 
-from ..config import Config, check_unreached, register_config
+from ..config import Config, check_calibration_fields, register_config
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 NM_VALUES = ("auto", "float32", "bfloat16", "float16", "int8")
@@ -26,7 +26,7 @@ def _check_common(cfg, values: Tuple[str, ...]) -> None:
         raise ValueError(f"{name}: damp must be >= 0, got {cfg.damp!r}")
     if cfg.block_size < 1:
         raise ValueError(f"{name}: block_size must be >= 1, got {cfg.block_size!r}")
-    check_unreached(cfg)
+    check_calibration_fields(cfg)
 
 
 @dataclass(kw_only=True)  # so NM(2, 4) and Unstructured(0.9) read as n, m and sparsity
@@ -39,8 +39,8 @@ class _Sparse(Config):
     the weight's own float dtype where the layout stores it, so a half model stays half:
     n:m keeps float32 / bfloat16 / float16, CSR float32).
     damp / block_size: SparseGPT's damping (fraction of mean diag H) and lazy-update block.
-    unreached: with wanda / sparsegpt, a layer the calibration data never runs
-    (tensorslim.config.check_unreached; its fallback is magnitude)."""
+    unreached / calibrate_all_experts: with wanda / sparsegpt, see
+    tensorslim.config.check_calibration_fields (unreached's fallback is magnitude)."""
 
     method: str = "magnitude"
     values: str = "auto"
@@ -48,6 +48,7 @@ class _Sparse(Config):
     block_size: int = 128
     backend: str = "auto"
     unreached: str = "fallback"
+    calibrate_all_experts: bool = True
     layout: ClassVar[str] = ""
 
     @property
