@@ -180,10 +180,10 @@ UNREACHED = ("fallback", "skip", "error")
 
 def check_calibration_fields(cfg: "Config") -> None:
     """The fields every config that calibrates has: unreached (check_unreached) and
-    calibrate_all_experts: while calibrating, every expert of a mixture-of-experts block takes
-    every token (its output still sums only the routed experts'), so each expert is calibrated
-    on as many rows as the data has, as LLM Compressor does by default; False: each expert only
-    on the tokens routed to it."""
+    calibrate_all_experts: True, every expert of a mixture-of-experts block takes every token
+    while calibrating (its output still sums only the routed experts'), so each is calibrated on
+    all the data's rows, as LLM Compressor does by default; False (the default), each expert on
+    the tokens routed to it, the rows it will see, and one no token reached by `unreached`."""
     check_unreached(cfg)
 
 
@@ -244,7 +244,7 @@ class Int4WeightOnly(Config):
     backend: str = "auto"
     embedding_bits: Optional[int] = None
     unreached: str = "fallback"
-    calibrate_all_experts: bool = True
+    calibrate_all_experts: bool = False
     bits: ClassVar[int] = 4
 
     def __post_init__(self):
@@ -290,7 +290,7 @@ class IntWeightOnly(Config):
     backend: str = "auto"
     embedding_bits: Optional[int] = None
     unreached: str = "fallback"
-    calibrate_all_experts: bool = True
+    calibrate_all_experts: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -488,7 +488,7 @@ class _Int8Activations(Config):
     backend: str = "auto"
     weight_qmax: Optional[int] = None
     unreached: str = "fallback"
-    calibrate_all_experts: bool = True
+    calibrate_all_experts: bool = False
 
     def __post_init__(self):
         super().__post_init__()

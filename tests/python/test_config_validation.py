@@ -139,7 +139,7 @@ def test_unreached_on_every_calibrating_config():
     assert UNREACHED_CLASSES == [c for c in CLASSES if "calibrate_all_experts" in {f.name for f in dataclasses.fields(c)}]
     for cls in UNREACHED_CLASSES:
         extra = REQUIRED.get(cls.__name__, {})
-        assert cls(**extra).unreached == "fallback" and cls(**extra).calibrate_all_experts is True
+        assert cls(**extra).unreached == "fallback" and cls(**extra).calibrate_all_experts is False
         for mode in C.UNREACHED:
             assert ts.Config.from_json(cls(unreached=mode, **extra).to_json()).unreached == mode
         with pytest.raises(ValueError, match=rf"{cls.__name__}: unreached must be one of \('fallback', 'skip', "

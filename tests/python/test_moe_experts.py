@@ -309,14 +309,14 @@ def _many_experts():
 
 
 def test_calibration_that_misses_experts():
-    """Two tokens reach at most 4 of 16 experts. Routed only (calibrate_all_experts=False):
-    W8A8 with unreached="error" names the others and the exclude list, the model stays as it was
+    """Two tokens reach at most 4 of 16 experts, each expert calibrated on its routed tokens (the
+    default): W8A8 with unreached="error" names the others and the exclude list, the model stays as it was
     (experts fused again); by default the experts it saw get static scales, the others per-token
     ones. GPTQ by default quantizes the experts it saw with GPTQ and the others by round to
     nearest, bit for bit as an RTN call gives them; with unreached="skip" the others stay float
     with a Report row."""
     two = [{"input_ids": torch.tensor([[5, 9]])}]
-    routed = {"calibrate_all_experts": False}
+    routed = {"calibrate_all_experts": False}  # the default, said
     model = _many_experts()
     before = model.model.layers[0].mlp.experts
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -358,7 +358,7 @@ def test_calibration_that_misses_experts():
 
 
 def test_every_expert_calibrated_on_every_token():
-    """The default calibrate_all_experts: while calibrating, every expert takes every token (the
+    """calibrate_all_experts=True: while calibrating, every expert takes every token (the
     block's output still sums the routed ones), so the same two tokens calibrate all 16: GPTQ
     on each (no RTN fallback), and W8A8's static input scales of a layer's experts' first
     projections all equal (they read the same rows). The quantized model routes as before."""
@@ -366,13 +366,13 @@ def test_every_expert_calibrated_on_every_token():
     model = _many_experts()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "never ran" warning
-        report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq"), calib_data=two,
-                             progress=False)
+        report = ts.quantize(model, ts.Int4WeightOnly(group_size=32, algorithm="gptq", calibrate_all_experts=True),
+                             calib_data=two, progress=False)
     formats = {c.format for c in report.changes if ".experts." in c.name}
     assert all(f.endswith(" gptq") for f in formats) and not model.model.layers[0].mlp.experts.every_token
     assert sum(".experts." in c.name for c in report.changed) == 32
     w8a8 = _many_experts()
-    ts.quantize(w8a8, ts.W8A8(smoothquant=False), calib_data=two, progress=False)
+    ts.quantize(w8a8, ts.W8A8(smoothquant=False, calibrate_all_experts=True), calib_data=two, progress=False)
     experts = w8a8.model.layers[0].mlp.experts
     scales = {float(experts.gate_up[i].act_scale) for i in range(16)}
     assert len(scales) == 1 and all(experts.gate_up[i].mode == "static" for i in range(16))

@@ -62,7 +62,7 @@ class SVD(Config):
     power_iters: int = 2
     oversample: int = 10
     unreached: str = "fallback"
-    calibrate_all_experts: bool = True
+    calibrate_all_experts: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -48,7 +48,7 @@ class _Sparse(Config):
     block_size: int = 128
     backend: str = "auto"
     unreached: str = "fallback"
-    calibrate_all_experts: bool = True
+    calibrate_all_experts: bool = False
     layout: ClassVar[str] = ""
 
     @property
