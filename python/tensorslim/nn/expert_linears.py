@@ -127,6 +127,8 @@ class ExpertLinears(nn.Module):
         _, hidden2, inter = _shape(down, flags["is_transposed"])
         if e != down.shape[0] or hidden != hidden2 or first_out != (2 * inter if flags["has_gate"] else inter):
             return f"expert weight shapes that disagree ({list(first.shape)}, {list(down.shape)})"
+        if min(e, hidden, inter) <= 0:
+            return f"empty expert weights ({list(first.shape)}, {list(down.shape)})"
         if getattr(experts, "num_experts", e) != e:
             return f"num_experts {experts.num_experts} for {e} experts' weights"
         if any(p.is_meta for p in experts.parameters(recurse=False)):
