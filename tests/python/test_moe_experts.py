@@ -173,6 +173,7 @@ def test_gates_are_found_by_what_they_compute():
         "interleaved", "gpt_oss", 7.0, 1.702)
     for cls in (_UnitRouteExperts, _NormedExperts):
         assert "computes more than its weights say" in ExpertLinears.why_not(cls(_Config()))
+    assert "empty expert weights" in ExpertLinears.why_not(_TransposedExperts(_Config(), inter=0))
     with pytest.raises(ValueError, match="GateSpec: layout must be one of"):
         ExpertLinears.from_spec({**ExpertLinears.from_experts(clamped).spec(), "gate": {"layout": "diagonal"}})
 

@@ -137,4 +137,5 @@ def test_every_unfused_experts_class_computes_its_own_forward():
         unfused.append(name)
     # transformers 5.25: 68 of 73 classes; the families tensorslim's other tests use
     assert len(unfused) >= 40, (unfused, left)
-    assert {"MixtralExperts", "GptOssExperts", "Qwen3MoeExperts", "DeepseekV3Experts", "Gemma4TextExperts"} <= set(unfused)
+    assert {"MixtralExperts", "GptOssExperts", "Qwen3MoeExperts", "DeepseekV3Experts",
+            "Gemma4TextExperts"} <= set(unfused)
