@@ -36,8 +36,9 @@ def factorize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *
     loop = make_forward_loop(calib_data, forward_loop, progress)
     before = compressed_layers(model)  # rows saying why they stayed as they were
     masks.reapply(model)  # pruned layers compress as their forward computes
-    every_token = loop is not None and getattr(config, "calibrate_all_experts", False)  # experts: calibrated on all
-    # Conv1D, nn.MultiheadAttention, subclasses, fused experts: as nn.Linear
+    every_token = loop is not None and getattr(config, "calibrate_all_experts", False)
+    # Conv1D, nn.MultiheadAttention, subclasses, fused experts: as nn.Linear (the experts on every
+    # token while calibrating where the config asks)
     with linear_views(model, every_token=every_token) as views:
         report = views.finish(_factorize(model, config, loop, progress))
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers

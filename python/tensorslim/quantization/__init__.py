@@ -35,8 +35,9 @@ def quantize(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
         raise TypeError(f"{type(cfg).__name__} is not a quantization config")
     loop = make_forward_loop(calib_data, forward_loop, progress)
     masks.reapply(model)  # pruned layers compress as their forward computes
-    every_token = loop is not None and getattr(cfg, "calibrate_all_experts", False)  # experts: calibrated on all
-    # Conv1D, nn.MultiheadAttention, subclasses, fused experts: as nn.Linear
+    every_token = loop is not None and getattr(cfg, "calibrate_all_experts", False)
+    # Conv1D, nn.MultiheadAttention, subclasses, fused experts: as nn.Linear (the experts on every
+    # token while calibrating where the config asks)
     with linear_views(model, every_token=every_token) as views:
         check_no_empty_layers(model, cfg)
         before = compressed_layers(model)

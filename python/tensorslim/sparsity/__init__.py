@@ -61,8 +61,9 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
                              f"(an iterable of model inputs) or forward_loop=")
         loop = make_forward_loop(calib_data, forward_loop, progress)
     pruning_masks.reapply(model)  # pruned layers compress as their forward computes
-    every_token = loop is not None and getattr(config, "calibrate_all_experts", False)  # experts: calibrated on all
-    # Conv1D, nn.MultiheadAttention, subclasses, fused experts: as nn.Linear
+    every_token = loop is not None and getattr(config, "calibrate_all_experts", False)
+    # Conv1D, nn.MultiheadAttention, subclasses, fused experts: as nn.Linear (the experts on every
+    # token while calibrating where the config asks)
     with linear_views(model, every_token=every_token) as views:
         check_no_empty_layers(model, config)
         already = compressed_layers(model)
@@ -82,7 +83,8 @@ def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set)
     if isinstance(config, SparseStorage):
         check, convert = _storage_steps(config, check)
     else:
-        convert = lambda n, m: magnitude_layer(n, m, config)  # noqa: E731
+        def convert(name, mod):
+            return magnitude_layer(name, mod, config)
     report = replace_modules(model, config, (nn.Linear,), convert, check, progress=progress, desc="sparsifying")
     for row in report.changes:
         if row.action != "skipped":
