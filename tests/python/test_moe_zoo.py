@@ -71,7 +71,8 @@ def _build(module, name):
 
 
 def _zoo():
-    """(class name, a built module with random weights, why_not) of every experts class built."""
+    """(class name, a built module with random weights, why_not, a builder of a fresh one) of every
+    experts class built."""
     for family, file, names in _experts_classes():
         try:
             module = importlib.import_module(f"transformers.models.{family}.{file}")
