@@ -174,27 +174,23 @@ class Config(LayerFilter):
         return cls_.from_dict(json.loads(text))
 
 
-# What becomes of a selected layer the calibration data never runs: see check_unreached.
+# What becomes of a selected layer the calibration data never runs: see check_calibration_fields.
 UNREACHED = ("fallback", "skip", "error")
 
 
 def check_calibration_fields(cfg: "Config") -> None:
-    """The fields every config that calibrates has: unreached (check_unreached) and
+    """The fields every config that calibrates has (ignored without calibration data).
+
+    unreached: a layer the calibration data never runs (a branch not taken, an expert no
+    calibration token was routed to) gets the technique's data-free version with "fallback"
+    (round to nearest for AWQ / GPTQ, magnitude for Wanda / SparseGPT, per-token activation
+    scales for static W8A8, no smoothing for SmoothQuant, plain SVD for ASVD / SVD-LLM), stays
+    float with "skip", or makes the call raise a ValueError naming it, the model unchanged, with
+    "error". fallback and skip name the layers in a RuntimeWarning and in the Report.
     calibrate_all_experts: True, every expert of a mixture-of-experts block takes every token
     while calibrating (its output still sums only the routed experts'), so each is calibrated on
     all the data's rows, as LLM Compressor does by default; False (the default), each expert on
     the tokens routed to it, the rows it will see, and one no token reached by `unreached`."""
-    check_unreached(cfg)
-
-
-def check_unreached(cfg: "Config") -> None:
-    """unreached, a field of every config that calibrates: a layer the calibration data never
-    runs (a branch not taken, an expert no calibration token was routed to) gets the
-    technique's data-free version with "fallback" (round to nearest for AWQ / GPTQ, magnitude
-    for Wanda / SparseGPT, per-token activation scales for static W8A8, no smoothing for
-    SmoothQuant, plain SVD for ASVD / SVD-LLM), stays float with "skip", or makes the call
-    raise a ValueError naming it, the model unchanged, with "error". fallback and skip name
-    the layers in a RuntimeWarning and in the Report. Without calibration it does nothing."""
     if cfg.unreached not in UNREACHED:
         raise ValueError(f"{type(cfg).__name__}: unreached must be one of {UNREACHED}, got {cfg.unreached!r}")
 

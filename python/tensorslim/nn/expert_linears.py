@@ -96,67 +96,71 @@ class ExpertLinears(nn.Module):
         """None where `experts` is a fused experts module this class can stand in for, else why
         not (remembered while the module's type, tensors, plain attributes and act_fn stay the
         same: the check runs its forward)."""
+        return cls._checked(experts)[0]
+
+    @classmethod
+    def _checked(cls, experts: nn.Module) -> Tuple[Optional[str], tuple]:
+        """(why_not's answer, (activation name, GateSpec) where it is None), remembered."""
         flags = _flags(experts)
         if any(type(v) is not bool for v in flags.values()):
-            return "not a transformers use_experts_implementation module"
+            return "not a transformers use_experts_implementation module", (None, None)
         try:
             plain = tuple(sorted((k, v) for k, v in vars(experts).items() if isinstance(v, (bool, int, float, str))))
             key = (type(experts), plain, id(getattr(experts, "act_fn", None)),
                    tuple((p.data_ptr(), p._version, p.shape, p.dtype, p.device)
                          for p in experts.parameters(recurse=False)))
         except RuntimeError:  # inference tensors keep no version counter: checked afresh
-            return cls._why_not(experts, flags)
+            return cls._check(experts, flags)
         seen = _CHECKED.get(experts)
         if seen is None or seen[0] != key:
-            seen = _CHECKED[experts] = (key, cls._why_not(experts, flags))
+            seen = _CHECKED[experts] = (key, cls._check(experts, flags))
         return seen[1]
 
     @classmethod
-    def _why_not(cls, experts: nn.Module, flags: dict) -> Optional[str]:
+    def _check(cls, experts: nn.Module, flags: dict) -> Tuple[Optional[str], tuple]:
         if flags["has_post_expert_norm"]:
-            return "a norm after each expert"
+            return "a norm after each expert", (None, None)
         first = getattr(experts, "gate_up_proj" if flags["has_gate"] else "up_proj", None)
         down = getattr(experts, "down_proj", None)
         if not (isinstance(first, nn.Parameter) and isinstance(down, nn.Parameter) and first.dim() == 3
                 and down.dim() == 3 and first.is_floating_point()):
-            return "no 3-D gate_up_proj / up_proj and down_proj parameters"
-        why = _described(experts, flags["has_gate"], flags["is_concatenated"])[1]
-        if why is not None:
-            return why
-        e, first_out, hidden = _shape(first, flags["is_transposed"])
-        _, hidden2, inter = _shape(down, flags["is_transposed"])
-        if e != down.shape[0] or hidden != hidden2 or first_out != (2 * inter if flags["has_gate"] else inter):
-            return f"expert weight shapes that disagree ({list(first.shape)}, {list(down.shape)})"
-        if min(e, hidden, inter) <= 0:
-            return f"empty expert weights ({list(first.shape)}, {list(down.shape)})"
-        if getattr(experts, "num_experts", e) != e:
-            return f"num_experts {experts.num_experts} for {e} experts' weights"
-        if any(p.is_meta for p in experts.parameters(recurse=False)):
-            return None  # a model built to load a file made after the forward check below
-        return _forward_differs(experts, cls._made_from(experts))
+            return "no 3-D gate_up_proj / up_proj and down_proj parameters", (None, None)
+        described, why = _described(experts, flags["has_gate"], flags["is_concatenated"])
+        if why is None:
+            e, first_out, hidden = _shape(first, flags["is_transposed"])
+            _, hidden2, inter = _shape(down, flags["is_transposed"])
+            if e != down.shape[0] or hidden != hidden2 or first_out != (2 * inter if flags["has_gate"] else inter):
+                why = f"expert weight shapes that disagree ({list(first.shape)}, {list(down.shape)})"
+            elif min(e, hidden, inter) <= 0:
+                why = f"empty expert weights ({list(first.shape)}, {list(down.shape)})"
+            elif getattr(experts, "num_experts", e) != e:
+                why = f"num_experts {experts.num_experts} for {e} experts' weights"
+            # on meta tensors: a model built to load a file made after the forward check
+            elif not any(p.is_meta for p in experts.parameters(recurse=False)):
+                why = _forward_differs(experts, cls._made_from(experts, described))
+        return why, described if why is None else (None, None)
 
     @classmethod
     def from_experts(cls, experts: nn.Module) -> "ExpertLinears":
         """The same experts; each nn.Linear's weight (and bias) is a view of the fused tensors
         (nothing copied; a transposed layout gives transposed views)."""
-        why = cls.why_not(experts)
+        why, described = cls._checked(experts)
         if why is not None:
             raise ValueError(f"ExpertLinears: {type(experts).__name__} cannot be unfused: {why}")
-        return cls._made_from(experts)
+        return cls._made_from(experts, described)
 
     @staticmethod
-    def _args(experts: nn.Module) -> tuple:
+    def _args(experts: nn.Module, described: tuple) -> tuple:
         """(num_experts, hidden, intermediate, has_gate, has_bias, activation, GateSpec) of a
-        module why_not accepts."""
+        module why_not accepts, `described` its (activation, GateSpec)."""
         gate = experts.has_gate
         e, _, hidden = _shape(experts.gate_up_proj if gate else experts.up_proj, experts.is_transposed)
         inter = _shape(experts.down_proj, experts.is_transposed)[2]
-        (act, gate_spec), _ = _described(experts, gate, experts.is_concatenated)
-        return e, hidden, inter, gate, experts.has_bias, act, gate_spec
+        return (e, hidden, inter, gate, experts.has_bias) + tuple(described)
 
     @classmethod
-    def _made_from(cls, experts: nn.Module) -> "ExpertLinears":
-        *args, gate_spec = cls._args(experts)
+    def _made_from(cls, experts: nn.Module, described: tuple) -> "ExpertLinears":
+        *args, gate_spec = cls._args(experts, described)
         new = cls(*args, device="meta", gate=gate_spec)
         gate = experts.has_gate
         names = ("gate_up_proj" if gate else "up_proj", "down_proj")
@@ -210,9 +214,10 @@ class ExpertLinears(nn.Module):
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
         if isinstance(mod, ExpertLinears):
             return mod.spec() == spec
-        if cls.why_not(mod) is not None:
+        why, described = cls._checked(mod)
+        if why is not None:
             return False
-        *args, gate_spec = cls._args(mod)
+        *args, gate_spec = cls._args(mod, described)
         made = _spec(*args, gate_spec)
         count = intermediate_attr(mod)
         if count is not None:
@@ -278,7 +283,7 @@ def _flags(experts: nn.Module) -> dict:
                                                      "has_post_expert_norm")}
 
 
-# experts module -> (its tensors and type when checked, why_not's answer)
+# experts module -> (its type, tensors and attributes when checked, (why_not's answer, (activation, GateSpec)))
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

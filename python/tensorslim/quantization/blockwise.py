@@ -10,7 +10,7 @@ activations, and the model is never copied.
 
 Target layers a block never runs on any calibration batch (a branch the data does not
 take, an expert no token is routed to) have nothing to calibrate on: the config's `unreached`
-says what becomes of them (tensorslim.config.check_unreached): the data-free version the layers
+says what becomes of them (tensorslim.config.check_calibration_fields): the data-free version the layers
 outside every block get ("fallback"), float ("skip"), both with a RuntimeWarning and their
 Report rows, or a ValueError naming them all, found by one float pass before anything changes
 ("error"). If no target runs at all, that is an error.
@@ -415,15 +415,19 @@ def _full(block_name: str, local: str) -> str:
     return ".".join(p for p in (block_name, local) if p)
 
 
+def _never_ran(block_name: str, targets: Dict[str, nn.Linear]) -> List[LayerChange]:
+    """The skip rows of targets no calibration batch ran."""
+    return [LayerChange(_full(block_name, n), "Linear", "skipped", bytes_before=module_bytes(m), reason=NEVER_RAN)
+            for n, m in targets.items()]
+
+
 def _drop_unreached(block: nn.Module, bname: str, targets: Dict[str, nn.Linear], inputs: Inputs
                     ) -> Tuple[Dict[str, nn.Linear], List[LayerChange]]:
     """The targets the calibration data reaches, and a skip row for every other one."""
     if not targets:
         return targets, []
     ran = reached_targets(block, targets, inputs)
-    skipped = [LayerChange(_full(bname, n), "Linear", "skipped",
-                           bytes_before=module_bytes(m), reason=NEVER_RAN)
-               for n, m in targets.items() if n not in ran]
+    skipped = _never_ran(bname, {n: m for n, m in targets.items() if n not in ran})
     return {n: m for n, m in targets.items() if n in ran}, skipped
 
 
@@ -488,10 +492,8 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
             return
         inputs = capture_block_inputs(model, blocks[first][1], forward_loop, allow_none=mode != "error")
         if not inputs:  # a stack the data never enters (a vision tower under text-only data): unreached
-            unreached.extend(LayerChange(_full(bname, n), "Linear", "skipped", bytes_before=module_bytes(m),
-                                         reason=NEVER_RAN)
-                             for bname, targets in ((blocks[i][0], per_block[i]) for i in range(first, hi))
-                             for n, m in targets.items())
+            for i in range(first, hi):
+                unreached.extend(_never_ran(blocks[i][0], per_block[i]))
             return
         float_inputs: Optional[Inputs] = None  # None: still equal to inputs
         bar = tqdm(blocks[first:hi], desc=f"{name} blocks", disable=not progress, leave=False)

@@ -188,7 +188,7 @@ def settle_unreached(cfg, technique: str, *reaches: Reach) -> None:
 
 def warn_unreached(technique: str, names: List[str], mode: str) -> None:
     """The RuntimeWarning naming the layers the calibration data never ran, under the config's
-    `unreached` "fallback" or "skip" (tensorslim.config.check_unreached)."""
+    `unreached` "fallback" or "skip" (tensorslim.config.check_calibration_fields)."""
     if names:
         fate = "got the data-free fallback (see the Report)" if mode == "fallback" else "stay float"
         warn_user(f"{technique}: {len(names)} layer(s) never ran on the calibration data and {fate}: {names}",

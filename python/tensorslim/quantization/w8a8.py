@@ -146,12 +146,13 @@ def _apply_w8a8(model: nn.Module, cfg, forward_loop, progress: bool):
                                   cfg.smoothquant and cfg.fold)
         missed = [n for n, s in stats.items() if s.min is None]
         reached = {n: m for n, m in targets.items() if n not in missed}
-        if cfg.smoothquant:
-            with eval_mode(model):  # its reference and fold checks run the model: as inference does
-                _smooth(model, cfg, reached, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates,
-                        mode, search, progress)
-
+    # before any smoothing: unreached="error", or nothing reached at all, raises with no work wasted
     settle_unreached(cfg, technique, conv_reach, Reach(len(targets) if stats is not None else 0, missed))
+    if stats is not None and cfg.smoothquant:
+        with eval_mode(model):  # its reference and fold checks run the model: as inference does
+            _smooth(model, cfg, reached, stats, trace, weights, biases, inv, seen, smooth_desc, norm_updates,
+                    mode, search, progress)
+
     act = {}
     if static and targets:
         if cfg.observer == "max":  # exact from the per-channel statistics: min_j(x_j / s_j) etc.
