@@ -7,6 +7,19 @@ namespace py = pybind11;
 namespace tensorslim {
 namespace bindings {
 
+namespace {
+
+// (kh, kw, sh, sw, ph, pw, dh, dw)
+ConvGeometry conv_geometry(py::sequence s) {
+  if (py::len(s) != 8) throw py::value_error("geometry must be (kh, kw, sh, sw, ph, pw, dh, dw)");
+  ConvGeometry g;
+  int64_t* f[8] = {&g.kh, &g.kw, &g.sh, &g.sw, &g.ph, &g.pw, &g.dh, &g.dw};
+  for (int i = 0; i < 8; ++i) *f[i] = s[i].cast<int64_t>();
+  return g;
+}
+
+}  // namespace
+
 void register_sparse(py::module_& m) {
   m.def("nm_pack", [](py::handle w, py::handle keep, int n, int mm, py::handle values, py::handle indices,
                       py::handle scales) {
@@ -56,6 +69,27 @@ void register_sparse(py::module_& m) {
     py::gil_scoped_release release;
     csr_linear(xv, vv, cv, rv, sv.get(), bv.get(), ov, wv.get());
   }, "out = x @ W^T (+ bias) for a CSR W.");
+  m.def("nm_conv2d", [](py::handle x, py::handle values, py::handle indices, py::handle scales, py::handle bias,
+                        int n, int mm, py::sequence geometry, py::handle out, py::handle workspace) {
+    TensorView xv = to_view(x, "x"), vv = to_view(values, "values"), iv = to_view(indices, "indices"),
+               ov = to_view(out, "out"), wv = to_view(workspace, "workspace");
+    OptionalView sv = to_optional_view(scales, "scales"), bv = to_optional_view(bias, "bias");
+    const ConvGeometry g = conv_geometry(geometry);
+    py::gil_scoped_release release;
+    nm_conv2d(xv, vv, iv, sv.get(), bv.get(), n, mm, g, ov, wv);
+  }, "out = conv2d(x, W) (+ bias) for an N:M packed W [N, C*kh*kw]; geometry (kh, kw, sh, sw, ph, pw, dh, dw).");
+  m.def("csr_conv2d", [](py::handle x, py::handle values, py::handle cols, py::handle row_ptr, py::handle scales,
+                         py::handle bias, py::sequence geometry, py::handle out, py::handle workspace) {
+    TensorView xv = to_view(x, "x"), vv = to_view(values, "values"), cv = to_view(cols, "cols"),
+               rv = to_view(row_ptr, "row_ptr"), ov = to_view(out, "out"), wv = to_view(workspace, "workspace");
+    OptionalView sv = to_optional_view(scales, "scales"), bv = to_optional_view(bias, "bias");
+    const ConvGeometry g = conv_geometry(geometry);
+    py::gil_scoped_release release;
+    csr_conv2d(xv, vv, cv, rv, sv.get(), bv.get(), g, ov, wv);
+  }, "out = conv2d(x, W) (+ bias) for a CSR W [N, C*kh*kw]; geometry (kh, kw, sh, sw, ph, pw, dh, dw).");
+  m.def("sparse_conv2d_workspace", [](int64_t B, int64_t C, int64_t H, int64_t W, py::sequence geometry) {
+    return sparse_conv2d_workspace(B, C, H, W, conv_geometry(geometry));
+  }, "float32 elements of workspace the sparse convolutions need for x [B, C, H, W].");
   m.def("sparse_linear_workspace", &sparse_linear_workspace,
         "float32 elements of workspace the sparse linears need for a batch of M rows of width K.");
 }

@@ -7,7 +7,9 @@ kernel that skips the zeros.
     ts.sparsify(model, ts.SparseStorage())                            # zeros from ts.prune, as they are
 
 Linear layers, and transformers' Conv1D (GPT-2) as the nn.Linear it is, become NMSparseLinear /
-CSRSparseLinear; any other layer holding a weight matrix is reported as skipped. On any error
+CSRSparseLinear; nn.Conv2d (one group, zero padding) becomes NMSparseConv2d / CSRSparseConv2d
+with the data-free configs (magnitude, SparseStorage); any other layer holding a weight matrix
+is reported as skipped. On any error
 the model is left exactly as it was.
 """
 from typing import Callable, Iterable, Optional
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from ..layer_views import linear_views
+from ..nn.sparse_conv import conv_supported
 from ..hf import record_layers
 from ..pruning import masks as pruning_masks
 from ..quantization.calibrate import make_forward_loop
@@ -38,6 +41,15 @@ def _check(cfg, conv1d_names: set):
             kind = "Conv1D" if name in conv1d_names else type(mod).__name__
             raise ValueError(f"layer '{name}' ({kind}): weight contains NaN or Inf; it cannot be ranked or "
                              "stored sparse")
+        if isinstance(mod, nn.Conv2d):
+            why = conv_supported(mod)
+            if why:
+                return why
+            columns = mod.weight[0].numel()
+            if not isinstance(cfg, NM) and getattr(cfg, "layout", "csr") != "nm" and columns > CSR_MAX_COLUMNS:
+                return (f"in_channels * kh * kw = {columns} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column "
+                        "offsets")
+            return None
         if getattr(cfg, "layout", "") == "csr" and mod.in_features > CSR_MAX_COLUMNS:
             return f"in_features {mod.in_features} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column offsets"
         return None
@@ -85,7 +97,8 @@ def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set)
     else:
         def convert(name, mod):
             return magnitude_layer(name, mod, config)
-    report = replace_modules(model, config, (nn.Linear,), convert, check, progress=progress, desc="sparsifying")
+    report = replace_modules(model, config, (nn.Linear, nn.Conv2d), convert, check, progress=progress,
+                             desc="sparsifying")
     for row in report.changes:
         if row.action != "skipped":
             row.action = "sparsified"

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "../half.h"
 #include "../parallel.h"
@@ -222,6 +223,34 @@ int64_t unpack_row_grain(int64_t K) { return std::max<int64_t>(1, (int64_t{1} <<
   throw ValueError(std::string(fn) + ": row " + to_string(r) + " is malformed");  // not reached
 }
 
+// Output rows [r0, r1) of batch a on isa's kernels (the transposed ones, on t_isa, when
+// transposed); true when a column >= K was met.
+bool run_rows(const cpu::SparseWeight& w, const cpu::SparseBatch& a, cpu::Isa isa, cpu::Isa t_isa, bool transposed,
+              int64_t r0, int64_t r1) {
+  if (transposed && t_isa == cpu::Isa::kAVX2) {
+    if (w.csr) return cpu::csr_rows_t_avx2(w, a, r0, r1);
+    cpu::nm_rows_t_avx2(w, a, r0, r1);
+  } else if (isa == cpu::Isa::kAVX512) {
+    if (w.csr) return transposed ? cpu::csr_rows_t_avx512(w, a, r0, r1) : cpu::csr_rows_avx512(w, a, r0, r1);
+    if (transposed) cpu::nm_rows_t_avx512(w, a, r0, r1);
+    else cpu::nm_rows_avx512(w, a, r0, r1);
+  } else if (isa == cpu::Isa::kAVX2) {
+    if (w.csr) return transposed ? cpu::csr_rows_t_avx2(w, a, r0, r1) : cpu::csr_rows_avx2(w, a, r0, r1);
+    if (transposed) cpu::nm_rows_t_avx2(w, a, r0, r1);
+    else cpu::nm_rows_avx2(w, a, r0, r1);
+  } else {
+    return cpu::sparse_rows_scalar(w, a, r0, r1);
+  }
+  return false;
+}
+
+void check_bias(const TensorView* bias, int64_t N, const char* fn) {
+  if (!bias) return;
+  check_tensor(*bias, DType::kFloat32, 1, fn, "bias");
+  TS_CHECK_VALUE(bias->shape[0] == N, std::string(fn) + ": bias must have " + to_string(N) + " elements, got " +
+                                          shape_str(*bias));
+}
+
 // Checks x / out / bias / workspace and runs the kernels of the active ISA over all rows.
 void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorView* bias, const TensorView& out,
                 const TensorView* workspace, const char* fn) {
@@ -233,11 +262,7 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   check_tensor(out, DType::kFloat32, 2, fn, "out");
   TS_CHECK_VALUE(out.shape[0] == M && out.shape[1] == w.N, std::string(fn) + ": out must be [" + to_string(M) +
                                                                ", " + to_string(w.N) + "], got " + shape_str(out));
-  if (bias) {
-    check_tensor(*bias, DType::kFloat32, 1, fn, "bias");
-    TS_CHECK_VALUE(bias->shape[0] == w.N, std::string(fn) + ": bias must have " + to_string(w.N) +
-                                              " elements, got " + shape_str(*bias));
-  }
+  check_bias(bias, w.N, fn);
   if (M == 0 || w.N == 0) return;
   cpu::SparseBatch a;
   a.x = x.ptr<float>();
@@ -267,22 +292,7 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   }
   std::atomic<bool> bad{false};
   auto rows = [&](int64_t r0, int64_t r1) {
-    bool b = false;
-    if (transposed && t_isa == cpu::Isa::kAVX2) {
-      if (w.csr) b = cpu::csr_rows_t_avx2(w, a, r0, r1);
-      else cpu::nm_rows_t_avx2(w, a, r0, r1);
-    } else if (isa == cpu::Isa::kAVX512) {
-      if (w.csr) b = transposed ? cpu::csr_rows_t_avx512(w, a, r0, r1) : cpu::csr_rows_avx512(w, a, r0, r1);
-      else if (transposed) cpu::nm_rows_t_avx512(w, a, r0, r1);
-      else cpu::nm_rows_avx512(w, a, r0, r1);
-    } else if (isa == cpu::Isa::kAVX2) {
-      if (w.csr) b = transposed ? cpu::csr_rows_t_avx2(w, a, r0, r1) : cpu::csr_rows_avx2(w, a, r0, r1);
-      else if (transposed) cpu::nm_rows_t_avx2(w, a, r0, r1);
-      else cpu::nm_rows_avx2(w, a, r0, r1);
-    } else {
-      b = cpu::sparse_rows_scalar(w, a, r0, r1);
-    }
-    if (b) bad.store(true);
+    if (run_rows(w, a, isa, t_isa, transposed, r0, r1)) bad.store(true);
   };
   // Rows are independent. Threads take blocks of rows from a shared counter rather than one
   // fixed share each, so rows with uneven nonzero counts, or a core busy with other work,
@@ -307,6 +317,144 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   TS_CHECK_VALUE(!bad.load(), std::string(fn) + ": cols holds a column >= in_features = " + to_string(w.K));
 }
 
+// A convolution's input planes for one image (docs/formats.md, "Sparse convolutions"). Plane
+// (g, kx, c) holds, for plane rows yr and output columns xo, the zero-padded input at row
+// yr * sh + g * dh and column xo * sw + kx * dw. With sh = 1 one row group (g = 0) serves every
+// ky: output row yo reads plane row yo + ky * dh, so a weight column's inputs for the output
+// positions yo * Wo + xo are one contiguous run starting ky * dh * Wo into its plane (kw copies
+// of x); otherwise each ky has its own group of Ho rows (kh * kw copies).
+struct ConvPlanes {
+  int64_t C, H, W, Ho, Wo, groups, rows, size;  // size: floats per image
+  ConvGeometry g;
+  ConvPlanes(int64_t C_, int64_t H_, int64_t W_, const ConvGeometry& g_, const char* fn)
+      : C(C_), H(H_), W(W_), g(g_) {
+    TS_CHECK_VALUE(g.kh >= 1 && g.kw >= 1 && g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 &&
+                       g.pw >= 0,
+                   std::string(fn) + ": kernel size, stride and dilation must be >= 1 and padding >= 0");
+    const int64_t span_h = g.dh * (g.kh - 1) + 1, span_w = g.dw * (g.kw - 1) + 1;
+    TS_CHECK_VALUE(H + 2 * g.ph >= span_h && W + 2 * g.pw >= span_w,
+                   std::string(fn) + ": the padded input " + to_string(H + 2 * g.ph) + " x " +
+                       to_string(W + 2 * g.pw) + " is smaller than the dilated kernel " + to_string(span_h) +
+                       " x " + to_string(span_w));
+    Ho = (H + 2 * g.ph - span_h) / g.sh + 1;
+    Wo = (W + 2 * g.pw - span_w) / g.sw + 1;
+    groups = g.sh == 1 ? 1 : g.kh;
+    rows = g.sh == 1 ? Ho + (g.kh - 1) * g.dh : Ho;
+    size = groups * g.kw * C * rows * Wo;
+    // Kernel offsets are int32; tiles read up to kTileM floats past the last position.
+    TS_CHECK_VALUE(size + cpu::kTileM < (int64_t{1} << 31),
+                   std::string(fn) + ": one image's input planes (" + to_string(size) +
+                       " floats) exceed 2^31; split the batch or the image");
+  }
+  // Offset of weight column (c, ky, kx) in an image's planes.
+  int32_t column_offset(int64_t c, int64_t ky, int64_t kx) const {
+    const int64_t grp = g.sh == 1 ? 0 : ky;
+    const int64_t plane = (grp * g.kw + kx) * C + c;
+    return static_cast<int32_t>(plane * rows * Wo + (g.sh == 1 ? ky * g.dh * Wo : 0));
+  }
+  // Fills plane p (of groups * kw * C) of one image from x (that image's [C, H, W]).
+  void fill(const float* x, int64_t p, float* planes) const {
+    const int64_t c = p % C, kx = (p / C) % g.kw, grp = p / (C * g.kw);
+    const float* src = x + c * H * W;
+    float* dst = planes + p * rows * Wo;
+    // Output columns whose input column xo * sw + kx * dw - pw lies inside [0, W).
+    const int64_t first_in = g.pw - kx * g.dw;  // xo * sw >= first_in
+    const int64_t lo = first_in <= 0 ? 0 : (first_in + g.sw - 1) / g.sw;
+    const int64_t past = W + g.pw - kx * g.dw;  // xo * sw < past
+    const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(Wo, past <= 0 ? 0 : (past + g.sw - 1) / g.sw));
+    for (int64_t yr = 0; yr < rows; ++yr) {
+      float* d = dst + yr * Wo;
+      const int64_t yi = yr * g.sh + grp * g.dh - g.ph;
+      if (yi < 0 || yi >= H || lo >= hi) {
+        std::fill(d, d + Wo, 0.0f);
+        continue;
+      }
+      const float* s = src + yi * W + (lo * g.sw + kx * g.dw - g.pw);
+      std::fill(d, d + lo, 0.0f);
+      if (g.sw == 1) std::memcpy(d + lo, s, (hi - lo) * sizeof(float));
+      else for (int64_t xo = lo; xo < hi; ++xo) d[xo] = s[(xo - lo) * g.sw];
+      std::fill(d + hi, d + Wo, 0.0f);
+    }
+  }
+};
+
+// Images per pass of a convolution: planes of up to ~4 MiB together (at least one image).
+int64_t conv_images_per_pass(int64_t plane_floats, int64_t B) {
+  return std::max<int64_t>(1, std::min<int64_t>(B, (int64_t{1} << 20) / std::max<int64_t>(1, plane_floats)));
+}
+
+void run_conv2d(const cpu::SparseWeight& w, const TensorView& x, const TensorView* bias, const ConvGeometry& g,
+                const TensorView& out, const TensorView& workspace, const char* fn) {
+  check_tensor(x, DType::kFloat32, 4, fn, "x");
+  const int64_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
+  TS_CHECK_VALUE(C * g.kh * g.kw == w.K, std::string(fn) + ": x has " + to_string(C) + " channels, so " +
+                                             to_string(C * g.kh * g.kw) + " weight columns for a " +
+                                             to_string(g.kh) + " x " + to_string(g.kw) +
+                                             " kernel; the weight has " + to_string(w.K));
+  const ConvPlanes P(C, H, W, g, fn);
+  check_tensor(out, DType::kFloat32, 4, fn, "out");
+  TS_CHECK_VALUE(out.shape[0] == B && out.shape[1] == w.N && out.shape[2] == P.Ho && out.shape[3] == P.Wo,
+                 std::string(fn) + ": out must be [" + to_string(B) + ", " + to_string(w.N) + ", " +
+                     to_string(P.Ho) + ", " + to_string(P.Wo) + "], got " + shape_str(out));
+  check_bias(bias, w.N, fn);
+  check_tensor(workspace, DType::kFloat32, 1, fn, "workspace");
+  const int64_t need = sparse_conv2d_workspace(B, C, H, W, g);
+  TS_CHECK_VALUE(workspace.shape[0] >= need, std::string(fn) + ": workspace must hold " + to_string(need) +
+                                                 " float32 elements, got " + shape_str(workspace));
+  if (B == 0 || w.N == 0) return;
+  std::vector<int32_t> col_off(w.K);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx) col_off[(c * g.kh + ky) * g.kw + kx] = P.column_offset(c, ky, kx);
+  float* planes = workspace.ptr<float>();
+  const float* xp = x.ptr<float>();
+  const int64_t per_image = P.groups * g.kw * C, M = P.Ho * P.Wo;
+  const cpu::Isa isa = cpu::active_isa();
+  // Every output position count runs the transposed kernels (as a linear's batch of M rows),
+  // on AVX2's 8-wide tiles up to 8 positions.
+  const cpu::Isa t_isa = isa == cpu::Isa::kAVX512 && M <= 8 ? cpu::Isa::kAVX2 : isa;
+  const bool transposed = isa != cpu::Isa::kScalar;
+  const int64_t blocks = (w.N + cpu::kRowBlock - 1) / cpu::kRowBlock;
+  const int64_t chunk = conv_images_per_pass(P.size, B);
+  std::atomic<bool> bad{false};
+  // Images in passes whose planes stay in cache between being written and read: fill the
+  // pass's planes, then its tasks (image, block of output channels) from a shared counter,
+  // as run_linear's row blocks.
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t nb = std::min(chunk, B - b0);
+    cpu::parallel_for(nb * per_image, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, P.rows * P.Wo)),
+                      [&](int64_t p0, int64_t p1) {
+                        for (int64_t p = p0; p < p1; ++p)
+                          P.fill(xp + (b0 + p / per_image) * C * H * W, p % per_image,
+                                 planes + (p / per_image) * P.size);
+                      });
+    std::fill(planes + nb * P.size, planes + nb * P.size + cpu::kTileM, 0.0f);  // the last tile's padding reads these
+    const int64_t tasks = nb * blocks;
+    auto task = [&](int64_t t) {
+      const int64_t b = t / blocks, r0 = (t % blocks) * cpu::kRowBlock;
+      cpu::SparseBatch a;
+      a.xt = a.x = planes + b * P.size;
+      a.col_off = col_off.data();
+      a.M = M;
+      a.y = out.ptr<float>() + (b0 + b) * w.N * M;
+      a.ldy = 1;
+      a.ldr = M;
+      a.bias = bias ? bias->ptr<float>() : nullptr;
+      if (run_rows(w, a, isa, t_isa, transposed, r0, std::min(w.N, r0 + cpu::kRowBlock))) bad.store(true);
+    };
+    const int threads = static_cast<int>(std::min<int64_t>(cpu::num_threads(), tasks));
+    if (threads <= 1) {
+      for (int64_t t = 0; t < tasks; ++t) task(t);
+    } else {
+      std::atomic<int64_t> next{0};
+      cpu::parallel_for(threads, 1, [&](int64_t, int64_t) {
+        for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) task(t);
+      });
+    }
+  }
+  TS_CHECK_VALUE(!bad.load(), std::string(fn) + ": cols holds a column >= in_features = " + to_string(w.K));
+}
+
 }  // namespace
 
 namespace cpu {
@@ -321,6 +469,8 @@ bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0,
     const float bias = a.bias ? a.bias[r] : 0.0f;
     for (int64_t i = 0; i < a.M; ++i) {
       const float* x = a.x + i * a.ldx;
+      // x at column c (a convolution reads its planes)
+      auto x_at = [&](int64_t c) { return a.col_off ? a.xt[a.col_off[c] + i] : x[c]; };
       float acc = 0.0f;
       if (w.csr) {
         for (int64_t e = w.row_ptr[r]; e < w.row_ptr[r + 1]; ++e) {
@@ -329,16 +479,16 @@ bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0,
             bad = true;
             continue;
           }
-          acc += value_at(w, e) * x[c];
+          acc += value_at(w, e) * x_at(c);
         }
       } else {
         const uint8_t* idx = w.indices + r * w.idx_row_bytes;
         for (int64_t j = 0; j < w.slots; ++j) {
           const int64_t c = (j / w.n) * w.m + nm_pos(idx, j, w.b);
-          if (c < w.K) acc += value_at(w, r * w.slots + j) * x[c];
+          if (c < w.K) acc += value_at(w, r * w.slots + j) * x_at(c);
         }
       }
-      a.y[i * a.ldy + r] = acc * scale + bias;
+      a.y[i * a.ldy + r * a.ldr] = acc * scale + bias;
     }
   }
   return bad;
@@ -357,6 +507,11 @@ int64_t sparse_linear_workspace(int64_t M, int64_t K) {
   // Full tiles of kTileM rows, then the last one at its width rounded up to 16.
   const int64_t tiles = (M + cpu::kTileM - 1) / cpu::kTileM;
   return ((tiles - 1) * cpu::kTileM + cpu::tile_stride(M - (tiles - 1) * cpu::kTileM, 16)) * K;
+}
+
+int64_t sparse_conv2d_workspace(int64_t B, int64_t C, int64_t H, int64_t W, const ConvGeometry& g) {
+  const int64_t size = ConvPlanes(C, H, W, g, "sparse_conv2d_workspace").size;
+  return conv_images_per_pass(size, B) * size + cpu::kTileM;
 }
 
 void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const TensorView& values,
@@ -574,6 +729,29 @@ void csr_linear(const TensorView& x, const TensorView& values, const TensorView&
   TS_CHECK_VALUE(x.ndim == 2, std::string(fn) + ": x must be 2-D [M, K], got " + shape_str(x));
   const cpu::SparseWeight w = csr_weight(values, cols, row_ptr, scales, x.shape[1], fn);
   run_linear(w, x, bias, out, workspace, fn);
+}
+
+}  // namespace tensorslim
+
+namespace tensorslim {
+
+void nm_conv2d(const TensorView& x, const TensorView& values, const TensorView& indices, const TensorView* scales,
+               const TensorView* bias, int n, int m, const ConvGeometry& g, const TensorView& out,
+               const TensorView& workspace) {
+  const char* fn = "nm_conv2d";
+  check_tensor(out, DType::kFloat32, 4, fn, "out");
+  TS_CHECK_VALUE(x.ndim == 4, std::string(fn) + ": x must be 4-D [B, C, H, W], got " + shape_str(x));
+  const cpu::SparseWeight w = nm_weight(values, indices, scales, n, m, out.shape[1], x.shape[1] * g.kh * g.kw, fn);
+  run_conv2d(w, x, bias, g, out, workspace, fn);
+}
+
+void csr_conv2d(const TensorView& x, const TensorView& values, const TensorView& cols, const TensorView& row_ptr,
+                const TensorView* scales, const TensorView* bias, const ConvGeometry& g, const TensorView& out,
+                const TensorView& workspace) {
+  const char* fn = "csr_conv2d";
+  TS_CHECK_VALUE(x.ndim == 4, std::string(fn) + ": x must be 4-D [B, C, H, W], got " + shape_str(x));
+  const cpu::SparseWeight w = csr_weight(values, cols, row_ptr, scales, x.shape[1] * g.kh * g.kw, fn);
+  run_conv2d(w, x, bias, g, out, workspace, fn);
 }
 
 }  // namespace tensorslim

@@ -118,7 +118,22 @@ struct CsrChunk {
 };
 
 TS_TARGET inline void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i, float acc) {
-  a.y[i * a.ldy + r] = acc * (w.scales ? w.scales[r] : 1.0f) + (a.bias ? a.bias[r] : 0.0f);
+  a.y[i * a.ldy + r * a.ldr] = acc * (w.scales ? w.scales[r] : 1.0f) + (a.bias ? a.bias[r] : 0.0f);
+}
+
+// Stages the tile offsets ci[0, 8) of the columns in col (lanes in k; the others 0), as the
+// AVX-512 file does.
+TS_TARGET inline void stage_offsets(int32_t* ci, __m256i col, __m256 k, int64_t st, const int32_t* col_off) {
+  if (!col_off) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ci),
+                       _mm256_and_si256(_mm256_mullo_epi32(col, _mm256_set1_epi32(static_cast<int>(st))),
+                                        _mm256_castps_si256(k)));
+    return;
+  }
+  alignas(32) int32_t c[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(c), col);
+  const int use = _mm256_movemask_ps(k);
+  for (int j = 0; j < 8; ++j) ci[j] = (use >> j) & 1 ? col_off[c[j]] : 0;
 }
 
 // The slot layout of one N:M row (see the AVX-512 file): periods of lcm(n, 8) slots.
@@ -286,7 +301,9 @@ struct NmRows {
   const SparseWeight& w;
   NmLayout L;
   __m256i kv;
-  TS_TARGET explicit NmRows(const SparseWeight& w_) : w(w_), L(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))) {}
+  const int32_t* col_off;
+  TS_TARGET NmRows(const SparseWeight& w_, const int32_t* off)
+      : w(w_), L(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))), col_off(off) {}
   void begin(int64_t, int64_t) {}
   // At most kMaxKBlock + 8 slots per block (sparse_kernels.h): never `more`.
   TS_TARGET int64_t stage(int64_t r, int64_t kb0, int64_t kb1, bool last, int64_t st, int32_t* ci, float* vf,
@@ -296,7 +313,6 @@ struct NmRows {
     const int64_t vb = r * w.slots;
     const int64_t P = static_cast<int64_t>(L.nper) * W;
     const int64_t j1 = last ? w.slots : kb1 / L.period_cols * P;
-    const __m256i stv = _mm256_set1_epi32(static_cast<int>(st));
     int64_t col0 = kb0, n = 0;
     int v = 0;
     for (int64_t j0 = kb0 / L.period_cols * P; j0 < j1; j0 += W, n += W) {
@@ -305,8 +321,7 @@ struct NmRows {
       const int64_t count = w.slots - j0 < W ? w.slots - j0 : W;
       const __m256 k = _mm256_and_ps(lanes_below(count), _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col)));
       // Skipped lanes: offset 0, value 0.
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ci + n),
-                         _mm256_and_si256(_mm256_mullo_epi32(col, stv), _mm256_castps_si256(k)));
+      stage_offsets(ci + n, col, k, st, col_off);
       _mm256_store_ps(vf + n, _mm256_and_ps(load_vals<VT>(w.values, vb + j0, count), k));
       if (++v == L.nper) {
         v = 0;
@@ -327,7 +342,9 @@ struct CsrRows {
   __m256i kv;
   int64_t base = 0;
   int64_t cur[kRowBlock];
-  TS_TARGET explicit CsrRows(const SparseWeight& w_) : w(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))) {}
+  const int32_t* col_off;
+  TS_TARGET CsrRows(const SparseWeight& w_, const int32_t* off)
+      : w(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))), col_off(off) {}
   void begin(int64_t rb, int64_t re) {
     base = rb;
     for (int64_t r = rb; r < re; ++r) cur[r - rb] = w.row_ptr[r];
@@ -337,7 +354,7 @@ struct CsrRows {
   TS_TARGET int64_t stage(int64_t r, int64_t, int64_t kb1, bool last, int64_t st, int32_t* ci, float* vf,
                           bool& more, bool& bad) {
     const int64_t row_end = w.row_ptr[r + 1];
-    const __m256i stv = _mm256_set1_epi32(static_cast<int>(st)), kb1v = _mm256_set1_epi32(static_cast<int>(kb1));
+    const __m256i kb1v = _mm256_set1_epi32(static_cast<int>(kb1));
     int bad_lanes = 0;
     int64_t e = cur[r - base], n = 0;
     more = false;
@@ -347,8 +364,7 @@ struct CsrRows {
         break;
       }
       const CsrChunk c(w, e, row_end, kv, &bad_lanes);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ci + n),
-                         _mm256_and_si256(_mm256_mullo_epi32(c.col, stv), _mm256_castps_si256(c.use)));
+      stage_offsets(ci + n, c.col, c.use, st, col_off);
       _mm256_store_ps(vf + n, _mm256_and_ps(load_vals<VT>(w.values, e, c.count), c.use));
       n += W;
       e += c.count;
@@ -365,7 +381,7 @@ struct CsrRows {
 
 template <typename Rows>
 TS_TARGET bool t_all_widths(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  Rows rows(w);
+  Rows rows(w, a.col_off);
   bool bad = t_tiles<1>(w, a, r0, r1, rows);
   bad |= t_tiles<2>(w, a, r0, r1, rows);
   bad |= t_tiles<3>(w, a, r0, r1, rows);

@@ -36,6 +36,13 @@ struct SparseBatch {
   // xt + t * K * kTileM as [K, st] with st = the tile's width rounded up to the vector width
   // (zeros in the padding).
   const float* xt = nullptr;
+  // Convolutions (sparse_conv2d, one image): column k of batch rows (output positions) i is at
+  // xt[col_off[k] + i], contiguous in i (the image's input planes, docs/formats.md), so the
+  // transposed kernels read tile t's column k at xt + t * kTileM + col_off[k]; and output
+  // row r of batch row i is y[i * ldy + r * ldr] (y [N, M]: ldy = 1, ldr = M). A linear has
+  // no col_off and ldr = 1.
+  const int32_t* col_off = nullptr;
+  int64_t ldr = 1;
 };
 
 constexpr int64_t kTileM = 64;  // rows of x per transposed tile

@@ -4,7 +4,8 @@
 // in `#pragma GCC target` so this gets its ISA, as its TS_TARGET functions do. No include
 // guard: each file takes its own copy.
 
-// Row blocks x column blocks of one tile; `Rows::stage(r, kb0, kb1, last, st, ci, vf, more, bad)`
+// Row blocks x column blocks of one tile (`rows` stages tile offsets: col * st, or
+// SparseBatch::col_off for a convolution's planes); `Rows::stage(r, kb0, kb1, last, st, ci, vf, more, bad)`
 // writes the row's entries at columns [kb0, kb1) (N:M; CSR: whole chunks up to the first
 // past kb1) or all remaining ones when last, to ci / vf as whole vectors (skipped lanes:
 // offset 0, value 0), and returns their count; `more` says it stopped at the staging
@@ -22,7 +23,7 @@ bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1
     const int64_t mt = a.M - m0 < kTileM ? a.M - m0 : kTileM;
     if ((mt + W - 1) / W != V) continue;  // this instantiation runs tiles of its width only
     const int64_t st = tile_stride(mt, W), kb = k_block(st);
-    const float* xt = a.xt + (m0 / kTileM) * w.K * kTileM;
+    const float* xt = a.col_off ? a.xt + m0 : a.xt + (m0 / kTileM) * w.K * kTileM;
     for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
       const int64_t re = rb + kRowBlock < r1 ? rb + kRowBlock : r1;
       std::memset(part, 0, sizeof(part));
@@ -45,10 +46,15 @@ bool t_tiles(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1
           }
         }
       }
-      // Batch row by batch row: contiguous stores into y (row by row, each store was to
-      // another line of y).
-      for (int64_t i = 0; i < mt; ++i)
-        for (int64_t r = rb; r < re; ++r) store_out(w, a, r, m0 + i, part[(r - rb) * kTileM + i]);
+      // In the order y is laid out: a linear's batch row by batch row (row by row, each store
+      // was to another line of y), a convolution's output channel by channel.
+      if (a.ldr == 1) {
+        for (int64_t i = 0; i < mt; ++i)
+          for (int64_t r = rb; r < re; ++r) store_out(w, a, r, m0 + i, part[(r - rb) * kTileM + i]);
+      } else {
+        for (int64_t r = rb; r < re; ++r)
+          for (int64_t i = 0; i < mt; ++i) store_out(w, a, r, m0 + i, part[(r - rb) * kTileM + i]);
+      }
     }
   }
   return bad;

@@ -1,0 +1,190 @@
+"""Sparse convolutions: an nn.Conv2d (one group, zero padding) whose weight, viewed as the
+[out_channels, in_channels * kh * kw] matrix torch's im2col order gives, is stored as the
+sparse linears store theirs (NMSparseConv2d: n of every m; CSRSparseConv2d: any pattern), and
+runs the sparse kernels on per-image input planes (ops/sparse_conv.py, docs/formats.md
+"Sparse convolutions"). The nn.Conv2d surface: in_channels, out_channels, kernel_size,
+stride, padding, dilation, groups, padding_mode, a read-only `.weight` [out, in, kh, kw]
+(the dense weight, rebuilt on each access) and `.bias`.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compute_dtype import COMPUTE_DTYPES, stored_bias
+from .int8_conv import float_geometry
+from .layer_errors import note_layer
+from .sparse_linear import CSRSparseLinear, NMSparseLinear
+
+
+def _sparse_conv_ops():
+    from ..ops import sparse_conv  # the ops package imports nn: load on first use
+
+    return sparse_conv
+
+
+def conv_supported(conv: nn.Module) -> Optional[str]:
+    """Why `conv` cannot become a sparse conv, or None."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__}: only nn.Conv2d has sparse kernels"
+    if conv.groups != 1:
+        return f"groups={conv.groups}: sparse convolutions take one group"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}: sparse convolutions pad with zeros"
+    try:
+        float_geometry(conv)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+class _SparseConv2d:
+    """What both sparse convs add to their linear storage (mixed in before it)."""
+
+    kind = ""
+    groups = 1
+    padding_mode = "zeros"
+
+    def _set_geometry(self, geometry: dict) -> None:
+        self.geometry = dict(geometry)
+        self.in_channels, self.out_channels = geometry["in_channels"], geometry["out_channels"]
+        for f in ("kernel_size", "stride", "padding", "dilation"):
+            setattr(self, f, tuple(geometry[f]))
+
+    @staticmethod
+    def _linear_shape(geometry: dict):
+        kh, kw = geometry["kernel_size"]
+        return geometry["in_channels"] * kh * kw, geometry["out_channels"]
+
+    @classmethod
+    def _from(cls, conv: nn.Conv2d, linear) -> "_SparseConv2d":
+        """The conv module holding `linear`'s packed buffers (made from conv's weight matrix)."""
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        for k, v in vars(linear).items():  # in_features, n, m, values_dtype, backend, ...
+            if not k.startswith("_") and k != "training":
+                object.__setattr__(mod, k, v)
+        for k, v in linear._buffers.items():
+            mod.register_buffer(k, v)
+        mod._set_geometry(float_geometry(conv))
+        return mod
+
+    def kernel_geometry(self) -> tuple:
+        """(kh, kw, sh, sw, ph, pw, dh, dw) for the ops."""
+        return (*self.kernel_size, *self.stride, *self.padding, *self.dilation)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense [out, in, kh, kw] weight (a fresh tensor; read-only)."""
+        w = self.dense_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        return w.to(self.compute_dtype)
+
+    def dense_bytes(self) -> int:
+        kh, kw = self.kernel_size
+        return 4 * self.out_channels * (self.in_channels * kh * kw + (1 if self.bias is not None else 0))
+
+    @classmethod
+    def replaces(cls, mod: nn.Module, spec: dict) -> bool:
+        """Whether `mod` is the float conv a saved spec was made from (io.load)."""
+        if conv_supported(mod) is not None:
+            return False
+        def shape(g):
+            return {k: v for k, v in g.items() if k != "bias"}
+        return shape(float_geometry(mod)) == shape(spec["geometry"])
+
+    def check_input(self, x) -> None:
+        kind = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{kind}: expected a torch.Tensor input, got {type(x).__name__}")
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"{kind}: expected an input [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W], "
+                             f"got shape {tuple(x.shape)}")
+        if x.dtype not in COMPUTE_DTYPES:
+            raise TypeError(f"{kind}: expected a float input (float32, bfloat16 or float16), got {x.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x)
+        except (ValueError, TypeError) as e:
+            note_layer(self, e)
+            raise
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        dtype = self._compute_dtype or x.dtype
+        batched = x.unsqueeze(0) if x.dim() == 3 else x
+        bias = self._buffers.get("bias")
+        if x.device.type == "meta":
+            y = batched.new_empty(_sparse_conv_ops().output_shape(batched.shape, self.out_channels,
+                                                                   self.kernel_geometry()))
+        elif (x.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled():
+            # gradients flow through the dense weight (the stored one is frozen, as the
+            # compressed linears' is)
+            w = self.weight.detach().float()
+            y = F.conv2d(batched.float(), w, None if bias is None else bias.float(), self.stride, self.padding,
+                         self.dilation)
+        else:
+            y = self._sparse_conv(batched.float())
+        y = y.to(dtype)
+        return y.squeeze(0) if x.dim() == 3 else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, {self.describe()}, bias={self.bias is not None}")
+
+
+class NMSparseConv2d(_SparseConv2d, NMSparseLinear):
+    kind = "sparse_nm_conv2d"
+
+    def __init__(self, geometry: dict, n: int = 2, m: int = 4, values: str = "float32", backend: str = "auto",
+                 device=None):
+        NMSparseLinear.__init__(self, *self._linear_shape(geometry), n, m, values, geometry["bias"], backend,
+                                device=device)
+        self._set_geometry(geometry)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, keep: torch.Tensor, n: int, m: int, values: str = "float32",
+                  backend: str = "auto") -> "NMSparseConv2d":
+        w = conv.weight.detach().reshape(conv.out_channels, -1)
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return cls._from(conv, NMSparseLinear.from_dense(w, keep.reshape(w.shape), n, m, values, bias, backend))
+
+    def _sparse_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return _sparse_conv_ops().nm_conv2d(x, self.values, self.indices, self.scales, stored_bias(self), self.n,
+                                            self.m, self.in_channels, self.kernel_geometry(), self.backend)
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None):
+        return cls(spec["geometry"], spec["n"], spec["m"], spec["values"], device=device)
+
+    def spec(self) -> dict:
+        return {**NMSparseLinear.spec(self), "kind": self.kind, "geometry": self.geometry}
+
+
+class CSRSparseConv2d(_SparseConv2d, CSRSparseLinear):
+    kind = "sparse_csr_conv2d"
+
+    def __init__(self, geometry: dict, nnz: int, values: str = "float32", backend: str = "auto", device=None):
+        CSRSparseLinear.__init__(self, *self._linear_shape(geometry), nnz, values, geometry["bias"], backend,
+                                 device=device)
+        self._set_geometry(geometry)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, keep: torch.Tensor, values: str = "float32",
+                  backend: str = "auto") -> "CSRSparseConv2d":
+        w = conv.weight.detach().reshape(conv.out_channels, -1)
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return cls._from(conv, CSRSparseLinear.from_dense(w, keep.reshape(w.shape), values, bias, backend))
+
+    def _sparse_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return _sparse_conv_ops().csr_conv2d(x, self.values, self.cols, self.row_ptr, self.scales,
+                                             stored_bias(self), self.in_channels, self.kernel_geometry(),
+                                             self.backend)
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None):
+        return cls(spec["geometry"], spec["nnz"], spec["values"], device=device)
+
+    def spec(self) -> dict:
+        return {**CSRSparseLinear.spec(self), "kind": self.kind, "geometry": self.geometry}

@@ -1,0 +1,121 @@
+"""Sparse 2-D convolutions: out = conv2d(x, W) (+ bias) for a W [N, C*kh*kw] stored as N:M or
+CSR (ops/sparse.py's layouts, columns in torch's (c, ky, kx) order), one group, zero padding.
+
+The native core copies x into per-image input planes in which each weight column's inputs for
+consecutive output positions lie contiguous, then runs the sparse linears' transposed kernels
+on them (docs/formats.md, "Sparse convolutions"). torch.library ops `tensorslim::nm_conv2d` and
+`tensorslim::csr_conv2d` with fake impls; the reference (backend="reference", tensors not on
+the CPU) unpacks the weight and calls F.conv2d.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _views
+from .._native import _C
+from . import sparse as S
+
+# (kh, kw, sh, sw, ph, pw, dh, dw)
+Geometry = Sequence[int]
+
+
+def output_shape(x_shape, rows: int, geometry: Geometry):
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    B, _, H, W = x_shape
+    return (B, rows, (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _workspace(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    B, C, H, W = x.shape
+    return torch.empty(_C.sparse_conv2d_workspace(B, C, H, W, list(geometry)), dtype=torch.float32)
+
+
+def _nm_conv2d_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], n: int, m: int, geometry: Sequence[int]) -> torch.Tensor:
+    out = torch.empty(output_shape(x.shape, values.shape[0], geometry), dtype=torch.float32)
+    _C.nm_conv2d(_views.view(x, "x"), _views.view(values, "values"), _views.view(indices, "indices"),
+                 _views.optional_view(scales, "scales"), _views.optional_view(bias, "bias"), n, m, list(geometry),
+                 _views.view(out, "out"), _views.view(_workspace(x, geometry), "workspace"))
+    return out
+
+
+def _csr_conv2d_impl(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
+                     scales: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     geometry: Sequence[int]) -> torch.Tensor:
+    out = torch.empty(output_shape(x.shape, row_ptr.shape[0] - 1, geometry), dtype=torch.float32)
+    _C.csr_conv2d(_views.view(x, "x"), _views.view(values, "values"), _views.view(cols, "cols"),
+                  _views.view(row_ptr, "row_ptr"), _views.optional_view(scales, "scales"),
+                  _views.optional_view(bias, "bias"), list(geometry), _views.view(out, "out"),
+                  _views.view(_workspace(x, geometry), "workspace"))
+    return out
+
+
+_nm_conv2d = torch.library.custom_op("tensorslim::nm_conv2d", mutates_args=(), device_types="cpu")(_nm_conv2d_impl)
+_csr_conv2d = torch.library.custom_op("tensorslim::csr_conv2d", mutates_args=(),
+                                      device_types="cpu")(_csr_conv2d_impl)
+
+
+@_nm_conv2d.register_fake
+def _nm_conv2d_fake(x, values, indices, scales, bias, n, m, geometry):
+    return x.new_empty(output_shape(x.shape, values.shape[0], geometry), dtype=torch.float32)
+
+
+@_csr_conv2d.register_fake
+def _csr_conv2d_fake(x, values, cols, row_ptr, scales, bias, geometry):
+    return x.new_empty(output_shape(x.shape, row_ptr.shape[0] - 1, geometry), dtype=torch.float32)
+
+
+def _check(x: torch.Tensor, in_channels: int, geometry: Geometry, fn: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{fn}: x must be a 4-D tensor [B, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{fn}: x has {x.shape[1]} channels, the weight expects {in_channels}")
+    if len(geometry) != 8 or min(geometry[:4]) < 1 or min(geometry[6:]) < 1 or min(geometry[4:6]) < 0:
+        raise ValueError(f"{fn}: geometry must be (kh, kw, sh, sw, ph, pw, dh, dw) with kernel, stride and "
+                         f"dilation >= 1 and padding >= 0, got {tuple(geometry)}")
+    kh, kw, _, _, ph, pw, dh, dw = geometry
+    if x.shape[2] + 2 * ph < dh * (kh - 1) + 1 or x.shape[3] + 2 * pw < dw * (kw - 1) + 1:
+        raise ValueError(f"{fn}: the padded input {x.shape[2] + 2 * ph} x {x.shape[3] + 2 * pw} is smaller than "
+                         f"the dilated kernel {dh * (kh - 1) + 1} x {dw * (kw - 1) + 1}")
+
+
+def _reference(x, dense: torch.Tensor, bias, in_channels: int, geometry: Geometry) -> torch.Tensor:
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    w = dense.reshape(dense.shape[0], in_channels, kh, kw)
+    return F.conv2d(x, w.to(x.device), bias, (sh, sw), (ph, pw), (dh, dw))
+
+
+def nm_conv2d(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], n: int, m: int, in_channels: int, geometry: Geometry,
+              backend: str = "auto") -> torch.Tensor:
+    """conv2d(x, W) (+ bias) for an N:M packed W [out_channels, in_channels * kh * kw]; float32 out."""
+    fn = "nm_conv2d"
+    kh, kw = geometry[0], geometry[1]
+    rows = S._check_nm(values, indices, scales, n, m, in_channels * kh * kw, fn)
+    _check(x, in_channels, geometry, fn)
+    S._check_bias(bias, rows, fn)
+    xf = x.float()
+    if not S._pick(backend, (x, values, indices, scales, bias), fn):
+        dense = S.nm_unpack_reference(values, indices, scales, n, m, in_channels * kh * kw)
+        return _reference(xf, dense, bias, in_channels, geometry)
+    return _nm_conv2d(xf.contiguous(), values.contiguous(), indices.contiguous(), S._c(scales), S._c(bias), n, m,
+                      [int(v) for v in geometry])
+
+
+def csr_conv2d(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
+               scales: Optional[torch.Tensor], bias: Optional[torch.Tensor], in_channels: int, geometry: Geometry,
+               backend: str = "auto") -> torch.Tensor:
+    """conv2d(x, W) (+ bias) for a CSR W [out_channels, in_channels * kh * kw]; float32 out."""
+    fn = "csr_conv2d"
+    kh, kw = geometry[0], geometry[1]
+    rows = S._check_csr(values, cols, row_ptr, scales, in_channels * kh * kw, fn)
+    _check(x, in_channels, geometry, fn)
+    S._check_bias(bias, rows, fn)
+    xf = x.float()
+    if not S._pick(backend, (x, values, cols, row_ptr, scales, bias), fn):
+        dense = S.csr_unpack_reference(values, cols, row_ptr, scales, in_channels * kh * kw)
+        return _reference(xf, dense, bias, in_channels, geometry)
+    return _csr_conv2d(xf.contiguous(), values.contiguous(), cols.contiguous(), row_ptr.contiguous(), S._c(scales),
+                       S._c(bias), [int(v) for v in geometry])
