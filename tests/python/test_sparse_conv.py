@@ -1,0 +1,231 @@
+"""Sparse convolutions (NMSparseConv2d / CSRSparseConv2d): the ops against a float64
+F.conv2d of the unpacked weight on every ISA, ts.sparsify on a CNN trained here on
+scikit-learn's digits (equal to the masked dense model, accuracy kept), save / load, the
+nn.Conv2d surface (gradients, unbatched, half inputs, torch.compile) and bad input."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.nn import CSRSparseConv2d, NMSparseConv2d
+from tensorslim.ops import sparse_conv
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+GEOMETRIES = [  # (C, N, H, W, kernel, stride, padding, dilation)
+    (3, 5, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (4, 33, 12, 7, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (5, 8, 13, 11, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (2, 6, 10, 14, (3, 2), (1, 3), (2, 0), (2, 1)),
+    (6, 4, 5, 5, (5, 5), (1, 1), (2, 2), (1, 1)),
+    (3, 40, 20, 9, (3, 3), (1, 1), (1, 1), (1, 1)),
+]
+
+
+def _conv(C, N, kernel, stride, padding, dilation, bias=True):
+    torch.manual_seed(C * 100 + N)
+    return nn.Conv2d(C, N, kernel, stride, padding, dilation, bias=bias)
+
+
+def _masked_reference(conv, mod, x):
+    w = mod.dense_weight().double().reshape(conv.weight.shape)
+    b = None if conv.bias is None else conv.bias.double()
+    return F.conv2d(x.double(), w, b, conv.stride, conv.padding, conv.dilation)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("layout", ["csr float32", "csr int8", "2:4 float32", "2:4 bfloat16", "1:8 int8"])
+def test_ops_match_float64_every_isa(isa, geometry, layout):
+    C, N, H, W, kernel, stride, padding, dilation = geometry
+    conv = _conv(C, N, kernel, stride, padding, dilation)
+    w2 = conv.weight.detach().reshape(N, -1)
+    fmt, values = layout.split()
+    if fmt == "csr":
+        keep = torch.rand(w2.shape, generator=torch.Generator().manual_seed(N)) > 0.7
+        mod = CSRSparseConv2d.from_conv(conv, keep, values)
+    else:
+        n, m = map(int, fmt.split(":"))
+        keep = ts.sparsity.masks.nm_keep(w2.abs(), n, m)
+        mod = NMSparseConv2d.from_conv(conv, keep, n, m, values)
+    x = torch.randn(2, C, H, W)
+    got = mod(x)
+    ref = _masked_reference(conv, mod, x)
+    mag = F.conv2d(x.double().abs(), mod.dense_weight().double().abs().reshape(conv.weight.shape), None,
+                   conv.stride, conv.padding, conv.dilation) + conv.bias.double().abs()[:, None, None]
+    assert got.shape == ref.shape
+    assert ((got.double() - ref).abs() <= 1e-5 * mag + 1e-30).all(), (got.double() - ref).abs().max()
+
+
+def test_native_equals_scalar_reference_bit_for_bit_where_sums_agree():
+    """The AVX2 / AVX-512 paths sum in other orders than the scalar one; on integer-valued
+    inputs and weights every order gives the same float32 sums, so the outputs are equal."""
+    conv = _conv(7, 18, (3, 3), (1, 1), (1, 1), (1, 1))
+    with torch.no_grad():
+        conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape).float())
+        conv.bias.copy_(torch.randint(-3, 4, conv.bias.shape).float())
+    mod = ts.nn.CSRSparseConv2d.from_conv(conv, conv.weight.reshape(18, -1) != 0)
+    x = torch.randint(-4, 5, (3, 7, 11, 13)).float()
+    saved = ts._C.active_isa()
+    outs = {}
+    try:
+        for name in ("scalar", "avx2", "avx512"):
+            if ["scalar", "avx2", "avx512"].index(name) <= ["scalar", "avx2", "avx512"].index(ts._C.best_isa()):
+                ts._C.set_isa(name)
+                outs[name] = mod(x)
+    finally:
+        ts._C.set_isa(saved)
+    for name, y in outs.items():
+        assert torch.equal(y, outs["scalar"]), name
+    assert torch.equal(outs["scalar"], conv(x))
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    return x, torch.tensor(d.target)
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10))
+
+
+@pytest.fixture(scope="module")
+def trained_cnn():
+    torch.manual_seed(0)
+    x, y = _digits()
+    model = _cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(6):
+        for i in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+    return model.eval(), x, y
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize("config", [ts.NM(2, 4), ts.Unstructured(0.75), ts.NM(2, 4, values="int8")],
+                         ids=["2:4", "75%", "2:4 int8"])
+def test_sparsified_cnn_equals_masked_dense(trained_cnn, config, tmp_path):
+    model, x, y = trained_cnn
+    sparse = _cnn()
+    sparse.load_state_dict(model.state_dict())
+    report = ts.sparsify(sparse.eval(), config, progress=False)
+    kinds = {c.name: c.action for c in report.changes}
+    assert kinds == {"0": "sparsified", "2": "sparsified", "4": "sparsified", "7": "sparsified"}, kinds
+    masked = _cnn()
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name in ("0", "2", "4", "7"):
+            layer = sparse.get_submodule(name)
+            masked.get_submodule(name).weight.copy_(layer.dense_weight().reshape(masked.get_submodule(name).weight.shape))
+    with torch.no_grad():
+        got, want = sparse(x), masked(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert _accuracy(sparse, x, y) > 0.7  # one shot, no fine-tuning: 0.74-0.93 here (the fine-tuned case below)
+    path = tmp_path / "cnn.safetensors"
+    ts.save(sparse, path)
+    fresh = _cnn().eval()
+    ts.load(fresh, path)
+    assert isinstance(fresh.get_submodule("2"), (NMSparseConv2d, CSRSparseConv2d))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), got)
+
+
+def test_pruned_and_fine_tuned_cnn_keeps_accuracy_stored_sparse(trained_cnn):
+    """The workflow for convolutions: ts.prune's masks held while training goes on, then the
+    zeros stored as they are; the sparse model computes what the pruned one did."""
+    model, x, y = trained_cnn
+    dense_acc = _accuracy(model, x, y)
+    torch.manual_seed(0)
+    pruned = _cnn()
+    pruned.load_state_dict(model.state_dict())
+    ts.prune(pruned, ts.Magnitude(0.75), progress=False)
+    opt = torch.optim.Adam(pruned.parameters(), lr=1e-3)
+    for _ in range(3):
+        for i in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(pruned(x[i]), y[i]).backward()
+            opt.step()
+    pruned.eval()
+    with torch.no_grad():
+        want = pruned(x)
+    report = ts.sparsify(pruned, ts.SparseStorage(), progress=False)
+    assert sum(isinstance(m, (CSRSparseConv2d, NMSparseConv2d)) for m in pruned.modules()) == 3, report
+    with torch.no_grad():
+        got = pruned(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    acc = _accuracy(pruned, x, y)
+    assert acc > dense_acc - 0.02, (dense_acc, acc)
+
+
+def test_storage_file_smaller_by_the_expected_ratio(tmp_path):
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False))
+    ts.save(model, tmp_path / "dense.safetensors")
+    ts.sparsify(model, ts.Unstructured(0.9), progress=False)
+    ts.save(model, tmp_path / "sparse.safetensors")
+    ratio = os.path.getsize(tmp_path / "sparse.safetensors") / os.path.getsize(tmp_path / "dense.safetensors")
+    assert 0.1 * 6 / 4 * 0.95 < ratio < 0.1 * 6 / 4 + 0.03, ratio  # 6 bytes per kept fp32 weight, 4 dense
+
+
+def test_pruned_conv_stored_as_is():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    x = torch.randn(2, 8, 6, 6)
+    ts.prune(model, ts.Magnitude(0.8), progress=False)
+    want = model(x)
+    report = ts.sparsify(model, ts.SparseStorage(), progress=False)
+    assert all(c.action == "sparsified" for c in report.changes), report
+    assert isinstance(model[0], CSRSparseConv2d)
+    assert torch.allclose(model(x), want, atol=1e-5)
+
+
+def test_conv2d_surface():
+    conv = _conv(4, 6, (3, 3), (1, 1), (1, 1), (1, 1))
+    mod = CSRSparseConv2d.from_conv(conv, conv.weight.reshape(6, -1).abs() > 0.1)
+    assert (mod.in_channels, mod.out_channels, mod.kernel_size, mod.groups) == (4, 6, (3, 3), 1)
+    assert mod.weight.shape == conv.weight.shape
+    x = torch.randn(4, 7, 7)
+    assert torch.allclose(mod(x), mod(x[None])[0])  # unbatched
+    xb = torch.randn(2, 4, 7, 7, dtype=torch.bfloat16)
+    assert mod(xb).dtype == torch.bfloat16
+    xg = torch.randn(2, 4, 7, 7, requires_grad=True)
+    mod(xg).sum().backward()
+    w = mod.weight.detach()
+    xr = xg.detach().clone().requires_grad_()
+    F.conv2d(xr, w, mod.bias, padding=1).sum().backward()
+    assert torch.allclose(xg.grad, xr.grad, atol=1e-5)
+    x4 = torch.randn(2, 4, 7, 7)
+    assert torch.allclose(torch.compile(mod)(x4), mod(x4))
+    assert mod(torch.empty(2, 4, 7, 7, device="meta")).shape == (2, 6, 7, 7)
+
+
+def test_bad_input_and_unsupported_convs():
+    conv = _conv(4, 6, (3, 3), (1, 1), (1, 1), (1, 1))
+    mod = CSRSparseConv2d.from_conv(conv, conv.weight.reshape(6, -1) != 0)
+    with pytest.raises(ValueError, match=r"\[B, 4, H, W\]"):
+        mod(torch.randn(2, 3, 7, 7))
+    with pytest.raises(TypeError, match="float input"):
+        mod(torch.randn(2, 4, 7, 7).double())
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        sparse_conv.csr_conv2d(torch.randn(1, 4, 1, 1), mod.values, mod.cols, mod.row_ptr, None, None, 4,
+                               (3, 3, 1, 1, 0, 0, 1, 1))
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                          nn.Conv2d(4, 4, 2, padding="same"), nn.Conv3d(4, 4, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning):
+        report = ts.sparsify(model, ts.NM(2, 4), progress=False)
+    reasons = {c.name: c.reason for c in report.changes}
+    assert "groups=2" in reasons["0"] and "reflect" in reasons["1"] and "same" in reasons["2"]
+    assert "Conv3d" in reasons["3"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
