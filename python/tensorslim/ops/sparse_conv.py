@@ -7,6 +7,7 @@ on them (docs/formats.md, "Sparse convolutions"). torch.library ops `tensorslim:
 `tensorslim::csr_conv2d` with fake impls; the reference (backend="reference", tensors not on
 the CPU) unpacks the weight and calls F.conv2d.
 """
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -26,9 +27,19 @@ def output_shape(x_shape, rows: int, geometry: Geometry):
     return (B, rows, (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
+_scratch = threading.local()
+
+
 def _workspace(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """The input planes' buffer, kept per thread and grown as needed: a fresh multi-MiB
+    allocation per call is fresh pages, and their first-touch faults cost as much as the
+    convolution (64 -> 64 3 x 3 at 56 x 56, 90%: 0.80 ms per call against 0.32 reused)."""
     B, C, H, W = x.shape
-    return torch.empty(_C.sparse_conv2d_workspace(B, C, H, W, list(geometry)), dtype=torch.float32)
+    need = _C.sparse_conv2d_workspace(B, C, H, W, list(geometry))
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < need:
+        buf = _scratch.buf = torch.empty(need, dtype=torch.float32)
+    return buf[:need]
 
 
 def _nm_conv2d_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
