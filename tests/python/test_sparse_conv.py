@@ -45,11 +45,11 @@ def test_ops_match_float64_every_isa(isa, geometry, layout):
     fmt, values = layout.split()
     if fmt == "csr":
         keep = torch.rand(w2.shape, generator=torch.Generator().manual_seed(N)) > 0.7
-        mod = CSRSparseConv2d.from_conv(conv, keep, values)
+        mod = CSRSparseConv2d.from_conv(conv, keep, values, backend="native")
     else:
         n, m = map(int, fmt.split(":"))
         keep = ts.sparsity.masks.nm_keep(w2.abs(), n, m)
-        mod = NMSparseConv2d.from_conv(conv, keep, n, m, values)
+        mod = NMSparseConv2d.from_conv(conv, keep, n, m, values, backend="native")
     x = torch.randn(2, C, H, W)
     got = mod(x)
     ref = _masked_reference(conv, mod, x)
@@ -66,7 +66,7 @@ def test_native_equals_scalar_reference_bit_for_bit_where_sums_agree():
     with torch.no_grad():
         conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape).float())
         conv.bias.copy_(torch.randint(-3, 4, conv.bias.shape).float())
-    mod = ts.nn.CSRSparseConv2d.from_conv(conv, conv.weight.reshape(18, -1) != 0)
+    mod = ts.nn.CSRSparseConv2d.from_conv(conv, conv.weight.reshape(18, -1) != 0, backend="native")
     x = torch.randint(-4, 5, (3, 7, 11, 13)).float()
     saved = ts._C.active_isa()
     outs = {}
@@ -80,6 +80,25 @@ def test_native_equals_scalar_reference_bit_for_bit_where_sums_agree():
     for name, y in outs.items():
         assert torch.equal(y, outs["scalar"]), name
     assert torch.equal(outs["scalar"], conv(x))
+
+
+def test_half_kept_decodes_for_torchs_conv(monkeypatch):
+    """backend="auto" with about half the weights kept and enough output positions runs
+    torch's conv on the decoded weight (faster there); fewer positions, or 75% zeros, the
+    kernels. Both give the masked conv."""
+    conv = _conv(8, 16, (3, 3), (1, 1), (1, 1), (1, 1))
+    w2 = conv.weight.detach().reshape(16, -1)
+    half = NMSparseConv2d.from_conv(conv, ts.sparsity.masks.nm_keep(w2.abs(), 2, 4), 2, 4)
+    sparse = CSRSparseConv2d.from_conv(conv, w2.abs() > w2.abs().quantile(0.75))
+    calls = []
+    for name in ("nm_conv2d", "csr_conv2d"):
+        real = getattr(sparse_conv, "_" + name)
+        monkeypatch.setattr(sparse_conv, "_" + name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    big, small = torch.randn(2, 8, 8, 8), torch.randn(1, 8, 5, 5)  # 128 / 25 output positions
+    for mod in (half, sparse):
+        for x in (big, small):
+            assert torch.allclose(mod(x).double(), _masked_reference(conv, mod, x), atol=1e-4)
+    assert calls == ["nm_conv2d", "csr_conv2d", "csr_conv2d"]
 
 
 def _digits():

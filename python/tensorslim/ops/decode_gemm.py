@@ -99,6 +99,26 @@ def sparse_applies(x2: torch.Tensor, backend: str, weight_values: int, density: 
     return density >= SPARSE_MIN_DENSITY and _fits(x2, backend, weight_values, lambda: rows)
 
 
+# Sparse convolutions (ops/sparse_conv.py) decode from the same density: their kernels run on
+# the linears' transposed tiles, and oneDNN's dense conv does ~2.5x their multiply-adds per
+# cycle. ResNet-shaped layers at batch 1 / 8, 2:4 and 50% (2-core Zen 5, AVX-512, x dense fp32,
+# sparse kernel / decode + F.conv2d): 128 -> 128 3x3 28^2 0.57-0.71 / 0.84-0.99, 256 -> 256 14^2
+# 0.49-0.59 / 0.67-0.95, 1x1 256 -> 64 56^2 0.57-0.86 / 0.86-1.05, stride 2 0.58-0.66 /
+# 0.85-1.01; 64 -> 64 56^2 lost a little at batch 8 (1.14-1.18 / 1.00-1.03). 75% zeros stays on
+# the kernels (0.72-1.63 against 0.89-1.00). Up to SMALL_WEIGHT values: decoding 512 x 4608
+# took 0.9-1.7 ms, more than the conv.
+SPARSE_CONV_MIN_POSITIONS = 64
+
+
+def sparse_conv_applies(x: torch.Tensor, backend: str, weight_values: int, density: float, positions: int) -> bool:
+    """Whether a sparse conv of this many dense weight values, with this fraction kept, decodes
+    and runs torch's F.conv2d for x (B * Ho * Wo = positions)."""
+    if torch.compiler.is_compiling() or density < SPARSE_MIN_DENSITY:
+        return False
+    return (backend == "auto" and x.device.type == "cpu" and x.dtype == torch.float32 and weight_values <= SMALL_WEIGHT
+            and positions >= SPARSE_CONV_MIN_POSITIONS and not _C.in_forked_child())
+
+
 def linear(x2: torch.Tensor, decode: Callable[[], torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x2 [M, K] @ W.T + bias, W given by decode() as fp32 [N, K]."""
     return F.linear(x2, decode(), None if bias is None else bias.float())

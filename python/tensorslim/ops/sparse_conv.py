@@ -5,7 +5,8 @@ The native core copies x into per-image input planes in which each weight column
 consecutive output positions lie contiguous, then runs the sparse linears' transposed kernels
 on them (docs/formats.md, "Sparse convolutions"). torch.library ops `tensorslim::nm_conv2d` and
 `tensorslim::csr_conv2d` with fake impls; the reference (backend="reference", tensors not on
-the CPU) unpacks the weight and calls F.conv2d.
+the CPU) unpacks the weight and calls F.conv2d, as backend="auto" does on the CPU for weights
+of about half kept or more (decode_gemm.sparse_conv_applies: faster than the kernels there).
 """
 import threading
 from typing import Optional, Sequence
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import _views
 from .._native import _C
+from . import decode_gemm
 from . import sparse as S
 
 # (kh, kw, sh, sw, ph, pw, dh, dw)
@@ -92,6 +94,14 @@ def _check(x: torch.Tensor, in_channels: int, geometry: Geometry, fn: str) -> No
                          f"the dilated kernel {dh * (kh - 1) + 1} x {dw * (kw - 1) + 1}")
 
 
+def _decodes(x: torch.Tensor, backend: str, rows: int, in_channels: int, geometry: Geometry, density: float) -> bool:
+    """Whether the weight is decoded for torch's dense conv (decode_gemm.sparse_conv_applies):
+    about half the weights kept or more, where oneDNN's conv is faster than the kernels."""
+    kh, kw = geometry[0], geometry[1]
+    _, _, ho, wo = output_shape(x.shape, rows, geometry)
+    return decode_gemm.sparse_conv_applies(x, backend, rows * in_channels * kh * kw, density, x.shape[0] * ho * wo)
+
+
 def _reference(x, dense: torch.Tensor, bias, in_channels: int, geometry: Geometry) -> torch.Tensor:
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     w = dense.reshape(dense.shape[0], in_channels, kh, kw)
@@ -111,6 +121,9 @@ def nm_conv2d(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scal
     if not S._pick(backend, (x, values, indices, scales, bias), fn):
         dense = S.nm_unpack_reference(values, indices, scales, n, m, in_channels * kh * kw)
         return _reference(xf, dense, bias, in_channels, geometry)
+    if _decodes(xf, backend, rows, in_channels, geometry, n / m):
+        return _reference(xf, S.nm_unpack(values, indices, scales, n, m, in_channels * kh * kw), bias, in_channels,
+                          geometry)
     return _nm_conv2d(xf.contiguous(), values.contiguous(), indices.contiguous(), S._c(scales), S._c(bias), n, m,
                       [int(v) for v in geometry])
 
@@ -128,5 +141,8 @@ def csr_conv2d(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_pt
     if not S._pick(backend, (x, values, cols, row_ptr, scales, bias), fn):
         dense = S.csr_unpack_reference(values, cols, row_ptr, scales, in_channels * kh * kw)
         return _reference(xf, dense, bias, in_channels, geometry)
+    if _decodes(xf, backend, rows, in_channels, geometry, values.numel() / max(1, rows * in_channels * kh * kw)):
+        return _reference(xf, S.csr_unpack(values, cols, row_ptr, scales, in_channels * kh * kw), bias, in_channels,
+                          geometry)
     return _csr_conv2d(xf.contiguous(), values.contiguous(), cols.contiguous(), row_ptr.contiguous(), S._c(scales),
                        S._c(bias), [int(v) for v in geometry])
