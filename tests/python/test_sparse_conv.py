@@ -91,9 +91,10 @@ def test_half_kept_decodes_for_torchs_conv(monkeypatch):
     half = NMSparseConv2d.from_conv(conv, ts.sparsity.masks.nm_keep(w2.abs(), 2, 4), 2, 4)
     sparse = CSRSparseConv2d.from_conv(conv, w2.abs() > w2.abs().quantile(0.75))
     calls = []
-    for name in ("nm_conv2d", "csr_conv2d"):
-        real = getattr(sparse_conv, "_" + name)
-        monkeypatch.setattr(sparse_conv, "_" + name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    for name in ("nm_conv2d", "csr_conv2d"):  # the kernels' CPU functions (direct or through the op)
+        real = getattr(sparse_conv, f"_{name}_impl")
+        monkeypatch.setattr(sparse_conv, f"_{name}_impl",
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
     big, small = torch.randn(2, 8, 8, 8), torch.randn(1, 8, 5, 5)  # 128 / 25 output positions
     for mod in (half, sparse):
         for x in (big, small):

@@ -125,7 +125,7 @@ class _SparseConv2d:
             y = F.conv2d(batched.float(), w, None if bias is None else bias.float(), self.stride, self.padding,
                          self.dilation)
         else:
-            y = self._sparse_conv(batched.float())
+            y = self._sparse_conv(batched.float().contiguous())
         y = y.to(dtype)
         return y.squeeze(0) if x.dim() == 3 else y
 
@@ -151,8 +151,11 @@ class NMSparseConv2d(_SparseConv2d, NMSparseLinear):
         return cls._from(conv, NMSparseLinear.from_dense(w, keep.reshape(w.shape), n, m, values, bias, backend))
 
     def _sparse_conv(self, x: torch.Tensor) -> torch.Tensor:
-        return _sparse_conv_ops().nm_conv2d(x, self.values, self.indices, self.scales, stored_bias(self), self.n,
-                                            self.m, self.in_channels, self.kernel_geometry(), self.backend)
+        ops = _sparse_conv_ops()
+        t = (self.values, self.indices, self.scales, stored_bias(self))
+        y = ops.nm_conv2d_direct(x, *t, self.n, self.m, self.kernel_geometry(), self.backend)
+        return y if y is not None else ops.nm_conv2d(x, *t, self.n, self.m, self.in_channels, self.kernel_geometry(),
+                                                     self.backend)
 
     @classmethod
     def from_spec(cls, spec: dict, device=None):
@@ -178,9 +181,10 @@ class CSRSparseConv2d(_SparseConv2d, CSRSparseLinear):
         return cls._from(conv, CSRSparseLinear.from_dense(w, keep.reshape(w.shape), values, bias, backend))
 
     def _sparse_conv(self, x: torch.Tensor) -> torch.Tensor:
-        return _sparse_conv_ops().csr_conv2d(x, self.values, self.cols, self.row_ptr, self.scales,
-                                             stored_bias(self), self.in_channels, self.kernel_geometry(),
-                                             self.backend)
+        ops = _sparse_conv_ops()
+        t = (self.values, self.cols, self.row_ptr, self.scales, stored_bias(self))
+        y = ops.csr_conv2d_direct(x, *t, self.kernel_geometry(), self.backend)
+        return y if y is not None else ops.csr_conv2d(x, *t, self.in_channels, self.kernel_geometry(), self.backend)
 
     @classmethod
     def from_spec(cls, spec: dict, device=None):
