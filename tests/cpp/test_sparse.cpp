@@ -585,7 +585,8 @@ Ref conv_ref(const std::vector<float>& dense, const std::vector<float>& x, const
 }
 
 // Geometries: 1x1, 3x3 same, strided, dilated, non-square, kernels as large as the padded
-// input, output widths around the 8 / 16 lanes and past a 64-position tile; CSR float32 /
+// input, output widths around the 8 / 16 lanes and past a 64-position tile, strides with one
+// to three row phases; CSR float32 /
 // int8 and N:M 2:4 / 1:8 float32 / int8, against every ISA the machine runs.
 TEST(Sparse, ConvEveryIsaMatchesFloat64) {
   IsaScope guard;
@@ -598,6 +599,9 @@ TEST(Sparse, ConvEveryIsaMatchesFloat64) {
       {1, 4, 13, 10, 33, {3, 3, 2, 2, 1, 1, 1, 1}}, {3, 2, 12, 17, 5, {3, 2, 1, 3, 2, 0, 2, 1}},
       {1, 6, 7, 7, 9, {5, 5, 1, 1, 2, 2, 1, 1}},  {2, 3, 4, 4, 3, {3, 3, 1, 1, 0, 0, 1, 1}},
       {1, 7, 18, 9, 40, {3, 3, 1, 1, 1, 1, 1, 1}}, {2, 3, 6, 6, 2, {7, 7, 1, 1, 3, 3, 1, 1}},
+      // row phases: ky * dh % sh = 0, 2, 1 (three plane groups); all 0 (one group, q = ky)
+      {1, 3, 16, 12, 6, {3, 3, 3, 2, 1, 1, 2, 1}}, {2, 2, 15, 9, 5, {3, 3, 2, 1, 2, 1, 2, 1}},
+      {1, 3, 23, 23, 8, {7, 7, 2, 2, 3, 3, 1, 1}},  // a ResNet stem
   };
   uint32_t seed = 900;
   for (const Case& cs : cases) {

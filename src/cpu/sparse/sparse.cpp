@@ -317,15 +317,18 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   TS_CHECK_VALUE(!bad.load(), std::string(fn) + ": cols holds a column >= in_features = " + to_string(w.K));
 }
 
-// A convolution's input planes for one image (docs/formats.md, "Sparse convolutions"). Plane
-// (g, kx, c) holds, for plane rows yr and output columns xo, the zero-padded input at row
-// yr * sh + g * dh and column xo * sw + kx * dw. With sh = 1 one row group (g = 0) serves every
-// ky: output row yo reads plane row yo + ky * dh, so a weight column's inputs for the output
-// positions yo * Wo + xo are one contiguous run starting ky * dh * Wo into its plane (kw copies
-// of x); otherwise each ky has its own group of Ho rows (kh * kw copies).
+// A convolution's input planes for one image (docs/formats.md, "Sparse convolutions"). Kernel
+// row ky reads input row yo * sh + ky * dh - ph = (yo + q) * sh + phase - ph for output row yo,
+// with q = ky * dh / sh and phase = ky * dh % sh. Plane (group, kx, c) holds, for plane rows yr
+// and output columns xo, the zero-padded input at row yr * sh + phase(group) and column
+// xo * sw + kx * dw, one group per phase some ky has (one for stride 1: kw copies of x); so
+// weight column (c, ky, kx)'s inputs for the output positions yo * Wo + xo are one contiguous
+// run starting q * Wo into its plane.
 struct ConvPlanes {
-  int64_t C, H, W, Ho, Wo, groups, rows, size;  // size: floats per image
+  int64_t C, H, W, Ho, Wo, rows, size;  // size: floats per image
   ConvGeometry g;
+  std::vector<int64_t> phases;          // phase of each group
+  std::vector<int64_t> group_of_phase;  // -1 for a phase no ky has
   ConvPlanes(int64_t C_, int64_t H_, int64_t W_, const ConvGeometry& g_, const char* fn)
       : C(C_), H(H_), W(W_), g(g_) {
     TS_CHECK_VALUE(g.kh >= 1 && g.kw >= 1 && g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 &&
@@ -338,25 +341,32 @@ struct ConvPlanes {
                        " x " + to_string(span_w));
     Ho = (H + 2 * g.ph - span_h) / g.sh + 1;
     Wo = (W + 2 * g.pw - span_w) / g.sw + 1;
-    groups = g.sh == 1 ? 1 : g.kh;
-    rows = g.sh == 1 ? Ho + (g.kh - 1) * g.dh : Ho;
-    size = groups * g.kw * C * rows * Wo;
+    group_of_phase.assign(std::min(g.sh, g.kh * g.dh), -1);  // phases are < min(sh, kh * dh)
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t phase = ky * g.dh % g.sh;
+      if (group_of_phase[phase] < 0) {
+        group_of_phase[phase] = static_cast<int64_t>(phases.size());
+        phases.push_back(phase);
+      }
+    }
+    rows = Ho + (g.kh - 1) * g.dh / g.sh;
+    size = static_cast<int64_t>(phases.size()) * g.kw * C * rows * Wo;
     // Kernel offsets are int32; tiles read up to kTileM floats past the last position.
     TS_CHECK_VALUE(size + cpu::kTileM < (int64_t{1} << 31),
                    std::string(fn) + ": one image's input planes (" + to_string(size) +
-                       " floats) exceed 2^31; split the batch or the image");
+                       " floats) exceed 2^31; split the image");
   }
+  int64_t planes() const { return static_cast<int64_t>(phases.size()) * g.kw * C; }
   // Offset of weight column (c, ky, kx) in an image's planes.
   int32_t column_offset(int64_t c, int64_t ky, int64_t kx) const {
-    const int64_t grp = g.sh == 1 ? 0 : ky;
-    const int64_t plane = (grp * g.kw + kx) * C + c;
-    return static_cast<int32_t>(plane * rows * Wo + (g.sh == 1 ? ky * g.dh * Wo : 0));
+    const int64_t plane = (group_of_phase[ky * g.dh % g.sh] * g.kw + kx) * C + c;
+    return static_cast<int32_t>(plane * rows * Wo + ky * g.dh / g.sh * Wo);
   }
-  // Fills plane p (of groups * kw * C) of one image from x (that image's [C, H, W]).
-  void fill(const float* x, int64_t p, float* planes) const {
-    const int64_t c = p % C, kx = (p / C) % g.kw, grp = p / (C * g.kw);
+  // Fills plane p (of planes()) of one image from x (that image's [C, H, W]).
+  void fill(const float* x, int64_t p, float* out) const {
+    const int64_t c = p % C, kx = (p / C) % g.kw, phase = phases[p / (C * g.kw)];
     const float* src = x + c * H * W;
-    float* dst = planes + p * rows * Wo;
+    float* dst = out + p * rows * Wo;
     // Output columns whose input column xo * sw + kx * dw - pw lies inside [0, W).
     const int64_t first_in = g.pw - kx * g.dw;  // xo * sw >= first_in
     const int64_t lo = first_in <= 0 ? 0 : (first_in + g.sw - 1) / g.sw;
@@ -364,7 +374,7 @@ struct ConvPlanes {
     const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(Wo, past <= 0 ? 0 : (past + g.sw - 1) / g.sw));
     for (int64_t yr = 0; yr < rows; ++yr) {
       float* d = dst + yr * Wo;
-      const int64_t yi = yr * g.sh + grp * g.dh - g.ph;
+      const int64_t yi = yr * g.sh + phase - g.ph;
       if (yi < 0 || yi >= H || lo >= hi) {
         std::fill(d, d + Wo, 0.0f);
         continue;
@@ -408,7 +418,7 @@ void run_conv2d(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
       for (int64_t kx = 0; kx < g.kw; ++kx) col_off[(c * g.kh + ky) * g.kw + kx] = P.column_offset(c, ky, kx);
   float* planes = workspace.ptr<float>();
   const float* xp = x.ptr<float>();
-  const int64_t per_image = P.groups * g.kw * C, M = P.Ho * P.Wo;
+  const int64_t per_image = P.planes(), M = P.Ho * P.Wo;
   const cpu::Isa isa = cpu::active_isa();
   // Every output position count runs the transposed kernels (as a linear's batch of M rows),
   // on AVX2's 8-wide tiles up to 8 positions.
