@@ -602,6 +602,7 @@ TEST(Sparse, ConvEveryIsaMatchesFloat64) {
       // row phases: ky * dh % sh = 0, 2, 1 (three plane groups); all 0 (one group, q = ky)
       {1, 3, 16, 12, 6, {3, 3, 3, 2, 1, 1, 2, 1}}, {2, 2, 15, 9, 5, {3, 3, 2, 1, 2, 1, 2, 1}},
       {1, 3, 23, 23, 8, {7, 7, 2, 2, 3, 3, 1, 1}},  // a ResNet stem
+      {2, 4, 10, 12, 6, {3, 3, 1, 1, 2, 2, 2, 2}},  // dilated "same": planes copied as shifted blocks
   };
   uint32_t seed = 900;
   for (const Case& cs : cases) {
