@@ -18,8 +18,9 @@ from .hf import from_pretrained
 from .io import load, save
 from .meta_parameters import empty_parameters
 from .lowrank import CP, SVD, Tucker, factorize
-from .nn import (BinaryLinear, CPConv2d, CSRSparseLinear, Int8Linear, LowBitLinear, LowRankLinear,
-                 NMSparseLinear, ProjectedMultiheadAttention, QuantizedEmbedding, QuantizedEmbeddingBag,
+from .nn import (BinaryLinear, CPConv2d, CSRSparseConv1d, CSRSparseConv2d, CSRSparseLinear, Int8Linear,
+                 LowBitLinear, LowRankLinear, NMSparseConv1d, NMSparseConv2d, NMSparseLinear,
+                 ProjectedMultiheadAttention, QuantizedEmbedding, QuantizedEmbeddingBag,
                  TernaryLinear, TuckerConv2d, W4A8Linear, WeightOnlyLinear)
 from .pruning import ChannelPrune, Magnitude, RandomPrune, prune
 from .qat import QATLinear, convert, prepare_qat
@@ -42,7 +43,7 @@ __all__ = [
     # compressed modules
     "WeightOnlyLinear", "LowBitLinear", "Int8Linear", "BinaryLinear", "TernaryLinear", "W4A8Linear",
     "QATLinear", "LowRankLinear", "TuckerConv2d", "CPConv2d", "NMSparseLinear", "CSRSparseLinear",
-    "QuantizedEmbedding", "QuantizedEmbeddingBag", "ProjectedMultiheadAttention",
+    "NMSparseConv2d", "CSRSparseConv2d", "NMSparseConv1d", "CSRSparseConv1d", "QuantizedEmbedding", "QuantizedEmbeddingBag", "ProjectedMultiheadAttention",
     # formats and kernels
     "FORMATS", "PER_TENSOR", "ops", "eval", "distill", "pruning", "sparsity",
 ]

@@ -1,4 +1,4 @@
-"""Sparse convolutions (NMSparseConv2d / CSRSparseConv2d): the ops against a float64
+"""Sparse convolutions (NMSparseConv2d / CSRSparseConv2d, and their Conv1d forms): the ops against a float64
 F.conv2d of the unpacked weight on every ISA, ts.sparsify on a CNN trained here on
 scikit-learn's digits (equal to the masked dense model, accuracy kept), save / load, the
 nn.Conv2d surface (gradients, unbatched, half inputs, torch.compile) and bad input."""
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
-from tensorslim.nn import CSRSparseConv2d, NMSparseConv2d
+from tensorslim.nn import CSRSparseConv1d, CSRSparseConv2d, NMSparseConv1d, NMSparseConv2d
 from tensorslim.ops import sparse_conv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -244,11 +244,59 @@ def test_bad_input_and_unsupported_convs():
         sparse_conv.csr_conv2d(torch.randn(1, 4, 1, 1), mod.values, mod.cols, mod.row_ptr, None, None, 4,
                                (3, 3, 1, 1, 0, 0, 1, 1))
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-                          nn.Conv2d(4, 4, 2, padding="same"), nn.Conv3d(4, 4, 1))
+                          nn.Conv2d(4, 4, 2, padding="same"), nn.Conv3d(4, 4, 1), nn.Conv1d(4, 4, 3, groups=4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(UserWarning):
         report = ts.sparsify(model, ts.NM(2, 4), progress=False)
     reasons = {c.name: c.reason for c in report.changes}
     assert "groups=2" in reasons["0"] and "reflect" in reasons["1"] and "same" in reasons["2"]
-    assert "Conv3d" in reasons["3"]
+    assert "Conv3d" in reasons["3"] and "groups=4" in reasons["4"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("layout", ["csr float32", "2:4 int8"])
+def test_conv1d_matches_float64_every_isa(isa, layout):
+    torch.manual_seed(3)
+    conv = nn.Conv1d(6, 10, 5, stride=2, padding=3, dilation=2)
+    w2 = conv.weight.detach().reshape(10, -1)
+    fmt, values = layout.split()
+    if fmt == "csr":
+        mod = CSRSparseConv1d.from_conv(conv, w2.abs() > w2.abs().quantile(0.6), values, backend="native")
+    else:
+        mod = NMSparseConv1d.from_conv(conv, ts.sparsity.masks.nm_keep(w2.abs(), 2, 4), 2, 4, values,
+                                       backend="native")
+    x = torch.randn(3, 6, 41)
+    want = F.conv1d(x.double(), mod.dense_weight().double().reshape(conv.weight.shape), conv.bias.double(),
+                    conv.stride, conv.padding, conv.dilation)
+    got = mod(x)
+    assert got.shape == want.shape and mod.weight.shape == conv.weight.shape
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+    assert torch.allclose(mod(x[0]), got[0], atol=1e-6)  # unbatched [C, L]
+
+
+def test_sparsify_conv1d_model_and_reload(tmp_path):
+    torch.manual_seed(4)
+
+    def net():
+        return nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 8, 5, stride=2),
+                             nn.Flatten(), nn.Linear(8 * 14, 3))
+
+    model = net().eval()
+    x = torch.randn(2, 4, 32)
+    report = ts.sparsify(model, ts.Unstructured(0.8), progress=False)
+    assert {c.name: c.action for c in report.changes} == {"0": "sparsified", "2": "sparsified", "4": "sparsified"}
+    assert isinstance(model[0], CSRSparseConv1d) and model[0].spec()["kind"] == "sparse_csr_conv1d"
+    ref = net().eval()
+    with torch.no_grad():
+        for name in ("0", "2"):
+            ref.get_submodule(name).weight.copy_(model.get_submodule(name).weight)
+            ref.get_submodule(name).bias.copy_(model.get_submodule(name).bias)
+        ref.get_submodule("4").weight.copy_(model.get_submodule("4").dense_weight())
+        ref.get_submodule("4").bias.copy_(model.get_submodule("4").bias)
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+    ts.save(model, tmp_path / "c1.safetensors")
+    fresh = net().eval()
+    ts.load(fresh, tmp_path / "c1.safetensors")
+    assert isinstance(fresh[2], CSRSparseConv1d)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

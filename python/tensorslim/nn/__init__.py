@@ -9,7 +9,7 @@ from .lowrank_conv import CPConv2d, TuckerConv2d
 from .lowrank_linear import LowRankLinear
 from .projected_attention import ProjectedMultiheadAttention
 from .quantized_embedding import QuantizedEmbedding, QuantizedEmbeddingBag
-from .sparse_conv import CSRSparseConv2d, NMSparseConv2d
+from .sparse_conv import CSRSparseConv1d, CSRSparseConv2d, NMSparseConv1d, NMSparseConv2d
 from .sparse_linear import CSRSparseLinear, NMSparseLinear
 from .w4a8_linear import W4A8Linear
 from .weight_only_linear import WeightOnlyLinear
@@ -18,7 +18,8 @@ from .weight_only_linear import WeightOnlyLinear
 COMPRESSED_MODULES = {cls.kind: cls for cls in (WeightOnlyLinear, LowBitLinear, Int8Linear,
                                                 BinaryLinear, TernaryLinear, W4A8Linear,
                                                 LowRankLinear, TuckerConv2d, CPConv2d, NMSparseLinear,
-                                                CSRSparseLinear, NMSparseConv2d, CSRSparseConv2d, QuantizedEmbedding, QuantizedEmbeddingBag,
+                                                CSRSparseLinear, NMSparseConv2d, CSRSparseConv2d, NMSparseConv1d,
+                                                CSRSparseConv1d, QuantizedEmbedding, QuantizedEmbeddingBag,
                                                 Int8Conv1d, Int8Conv2d, FoldedBatchNorm)}
 
 # kinds a saved file lists that restructure a layer without compressing it (its children may
@@ -28,5 +29,6 @@ SAVED_MODULES = {**COMPRESSED_MODULES, **STRUCTURAL_MODULES}
 
 __all__ = ["COMPRESSED_MODULES", "STRUCTURAL_MODULES", "SAVED_MODULES", "ProjectedMultiheadAttention", "ExpertLinears", "CompressedLinear", "WeightOnlyLinear", "LowBitLinear", "Int8Linear",
            "BinaryLinear", "TernaryLinear", "W4A8Linear", "LowRankLinear", "TuckerConv2d", "CPConv2d",
-           "NMSparseLinear", "CSRSparseLinear", "NMSparseConv2d", "CSRSparseConv2d", "QuantizedEmbedding", "QuantizedEmbeddingBag",
+           "NMSparseLinear", "CSRSparseLinear", "NMSparseConv2d", "CSRSparseConv2d", "NMSparseConv1d",
+           "CSRSparseConv1d", "QuantizedEmbedding", "QuantizedEmbeddingBag",
            "Int8Conv1d", "Int8Conv2d", "FoldedBatchNorm"]

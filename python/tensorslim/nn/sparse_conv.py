@@ -1,11 +1,13 @@
-"""Sparse convolutions: an nn.Conv2d (one group, zero padding) whose weight, viewed as the
-[out_channels, in_channels * kh * kw] matrix torch's im2col order gives, is stored as the
-sparse linears store theirs (NMSparseConv2d: n of every m; CSRSparseConv2d: any pattern), and
-runs the sparse kernels on per-image input planes (ops/sparse_conv.py, docs/formats.md
-"Sparse convolutions"). The nn.Conv2d surface: in_channels, out_channels, kernel_size,
-stride, padding, dilation, groups, padding_mode, a read-only `.weight` [out, in, kh, kw]
-(the dense weight, rebuilt on each access) and `.bias`.
+"""Sparse convolutions: an nn.Conv2d / nn.Conv1d (one group, zero padding) whose weight, viewed
+as the [out_channels, in_channels * kernel elements] matrix torch's im2col order gives, is stored
+as the sparse linears store theirs (NMSparseConv2d / NMSparseConv1d: n of every m;
+CSRSparseConv2d / CSRSparseConv1d: any pattern), and runs the sparse kernels on per-image input
+planes (ops/sparse_conv.py, docs/formats.md "Sparse convolutions"; a Conv1d is the Conv2d of
+height 1). The conv's surface: in_channels, out_channels, kernel_size, stride, padding,
+dilation, groups, padding_mode, a read-only `.weight` [out, in, *kernel_size] (the dense
+weight, rebuilt on each access) and `.bias`.
 """
+import math
 from typing import Optional
 
 import torch
@@ -26,8 +28,8 @@ def _sparse_conv_ops():
 
 def conv_supported(conv: nn.Module) -> Optional[str]:
     """Why `conv` cannot become a sparse conv, or None."""
-    if type(conv) is not nn.Conv2d:
-        return f"{type(conv).__name__}: only nn.Conv2d has sparse kernels"
+    if type(conv) not in (nn.Conv1d, nn.Conv2d):
+        return f"{type(conv).__name__}: only nn.Conv1d and nn.Conv2d have sparse kernels"
     if conv.groups != 1:
         return f"groups={conv.groups}: sparse convolutions take one group"
     if conv.padding_mode != "zeros":
@@ -39,10 +41,11 @@ def conv_supported(conv: nn.Module) -> Optional[str]:
     return None
 
 
-class _SparseConv2d:
-    """What both sparse convs add to their linear storage (mixed in before it)."""
+class _SparseConv:
+    """What the sparse convs add to their linear storage (mixed in before it)."""
 
     kind = ""
+    float_type = nn.Conv2d
     groups = 1
     padding_mode = "zeros"
 
@@ -54,11 +57,10 @@ class _SparseConv2d:
 
     @staticmethod
     def _linear_shape(geometry: dict):
-        kh, kw = geometry["kernel_size"]
-        return geometry["in_channels"] * kh * kw, geometry["out_channels"]
+        return geometry["in_channels"] * math.prod(geometry["kernel_size"]), geometry["out_channels"]
 
     @classmethod
-    def _from(cls, conv: nn.Conv2d, linear) -> "_SparseConv2d":
+    def _from(cls, conv: nn.Module, linear) -> "_SparseConv":
         """The conv module holding `linear`'s packed buffers (made from conv's weight matrix)."""
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
@@ -71,7 +73,9 @@ class _SparseConv2d:
         return mod
 
     def kernel_geometry(self) -> tuple:
-        """(kh, kw, sh, sw, ph, pw, dh, dw) for the ops."""
+        """(kh, kw, sh, sw, ph, pw, dh, dw) for the ops (a Conv1d: height 1)."""
+        if len(self.kernel_size) == 1:
+            return (1, *self.kernel_size, 1, *self.stride, 0, *self.padding, 1, *self.dilation)
         return (*self.kernel_size, *self.stride, *self.padding, *self.dilation)
 
     @property
@@ -81,13 +85,12 @@ class _SparseConv2d:
         return w.to(self.compute_dtype)
 
     def dense_bytes(self) -> int:
-        kh, kw = self.kernel_size
-        return 4 * self.out_channels * (self.in_channels * kh * kw + (1 if self.bias is not None else 0))
+        return 4 * self.out_channels * (self.in_features + (1 if self.bias is not None else 0))
 
     @classmethod
     def replaces(cls, mod: nn.Module, spec: dict) -> bool:
         """Whether `mod` is the float conv a saved spec was made from (io.load)."""
-        if conv_supported(mod) is not None:
+        if type(mod) is not cls.float_type or conv_supported(mod) is not None:
             return False
         def shape(g):
             return {k: v for k, v in g.items() if k != "bias"}
@@ -97,9 +100,11 @@ class _SparseConv2d:
         kind = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{kind}: expected a torch.Tensor input, got {type(x).__name__}")
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(f"{kind}: expected an input [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W], "
-                             f"got shape {tuple(x.shape)}")
+        dims = len(self.kernel_size)
+        if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != self.in_channels:
+            spatial = ", ".join("HW"[2 - dims:]) if dims == 2 else "L"
+            raise ValueError(f"{kind}: expected an input [B, {self.in_channels}, {spatial}] or "
+                             f"[{self.in_channels}, {spatial}], got shape {tuple(x.shape)}")
         if x.dtype not in COMPUTE_DTYPES:
             raise TypeError(f"{kind}: expected a float input (float32, bfloat16 or float16), got {x.dtype}")
 
@@ -113,7 +118,11 @@ class _SparseConv2d:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         dtype = self._compute_dtype or x.dtype
-        batched = x.unsqueeze(0) if x.dim() == 3 else x
+        dims = len(self.kernel_size)
+        unbatched = x.dim() == dims + 1
+        batched = x.unsqueeze(0) if unbatched else x
+        if dims == 1:  # the conv of height 1
+            batched = batched.unsqueeze(2)
         bias = self._buffers.get("bias")
         if x.device.type == "meta":
             y = batched.new_empty(_sparse_conv_ops().output_shape(batched.shape, self.out_channels,
@@ -121,20 +130,22 @@ class _SparseConv2d:
         elif (x.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled():
             # gradients flow through the dense weight (the stored one is frozen, as the
             # compressed linears' is)
-            w = self.weight.detach().float()
-            y = F.conv2d(batched.float(), w, None if bias is None else bias.float(), self.stride, self.padding,
-                         self.dilation)
+            kh, kw, sh, sw, ph, pw, dh, dw = self.kernel_geometry()
+            w = self.dense_weight().detach().reshape(self.out_channels, self.in_channels, kh, kw)
+            y = F.conv2d(batched.float(), w, None if bias is None else bias.float(), (sh, sw), (ph, pw), (dh, dw))
         else:
             y = self._sparse_conv(batched.float().contiguous())
         y = y.to(dtype)
-        return y.squeeze(0) if x.dim() == 3 else y
+        if dims == 1:
+            y = y.squeeze(2)
+        return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, {self.describe()}, bias={self.bias is not None}")
 
 
-class NMSparseConv2d(_SparseConv2d, NMSparseLinear):
+class NMSparseConv2d(_SparseConv, NMSparseLinear):
     kind = "sparse_nm_conv2d"
 
     def __init__(self, geometry: dict, n: int = 2, m: int = 4, values: str = "float32", backend: str = "auto",
@@ -144,7 +155,7 @@ class NMSparseConv2d(_SparseConv2d, NMSparseLinear):
         self._set_geometry(geometry)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, keep: torch.Tensor, n: int, m: int, values: str = "float32",
+    def from_conv(cls, conv: nn.Module, keep: torch.Tensor, n: int, m: int, values: str = "float32",
                   backend: str = "auto") -> "NMSparseConv2d":
         w = conv.weight.detach().reshape(conv.out_channels, -1)
         bias = conv.bias.detach() if conv.bias is not None else None
@@ -165,7 +176,7 @@ class NMSparseConv2d(_SparseConv2d, NMSparseLinear):
         return {**NMSparseLinear.spec(self), "kind": self.kind, "geometry": self.geometry}
 
 
-class CSRSparseConv2d(_SparseConv2d, CSRSparseLinear):
+class CSRSparseConv2d(_SparseConv, CSRSparseLinear):
     kind = "sparse_csr_conv2d"
 
     def __init__(self, geometry: dict, nnz: int, values: str = "float32", backend: str = "auto", device=None):
@@ -174,7 +185,7 @@ class CSRSparseConv2d(_SparseConv2d, CSRSparseLinear):
         self._set_geometry(geometry)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, keep: torch.Tensor, values: str = "float32",
+    def from_conv(cls, conv: nn.Module, keep: torch.Tensor, values: str = "float32",
                   backend: str = "auto") -> "CSRSparseConv2d":
         w = conv.weight.detach().reshape(conv.out_channels, -1)
         bias = conv.bias.detach() if conv.bias is not None else None
@@ -192,3 +203,13 @@ class CSRSparseConv2d(_SparseConv2d, CSRSparseLinear):
 
     def spec(self) -> dict:
         return {**CSRSparseLinear.spec(self), "kind": self.kind, "geometry": self.geometry}
+
+
+class NMSparseConv1d(NMSparseConv2d):
+    kind = "sparse_nm_conv1d"
+    float_type = nn.Conv1d
+
+
+class CSRSparseConv1d(CSRSparseConv2d):
+    kind = "sparse_csr_conv1d"
+    float_type = nn.Conv1d

@@ -7,8 +7,9 @@ kernel that skips the zeros.
     ts.sparsify(model, ts.SparseStorage())                            # zeros from ts.prune, as they are
 
 Linear layers, and transformers' Conv1D (GPT-2) as the nn.Linear it is, become NMSparseLinear /
-CSRSparseLinear; nn.Conv2d (one group, zero padding) becomes NMSparseConv2d / CSRSparseConv2d
-with the data-free configs (magnitude, SparseStorage); any other layer holding a weight matrix
+CSRSparseLinear; nn.Conv2d / nn.Conv1d (one group, zero padding) become NMSparseConv2d /
+CSRSparseConv2d (NMSparseConv1d / CSRSparseConv1d) with the data-free configs (magnitude,
+SparseStorage); any other layer holding a weight matrix
 is reported as skipped. On any error
 the model is left exactly as it was.
 """
@@ -41,14 +42,14 @@ def _check(cfg, conv1d_names: set):
             kind = "Conv1D" if name in conv1d_names else type(mod).__name__
             raise ValueError(f"layer '{name}' ({kind}): weight contains NaN or Inf; it cannot be ranked or "
                              "stored sparse")
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             why = conv_supported(mod)
             if why:
                 return why
             columns = mod.weight[0].numel()
             if not isinstance(cfg, NM) and getattr(cfg, "layout", "csr") != "nm" and columns > CSR_MAX_COLUMNS:
-                return (f"in_channels * kh * kw = {columns} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column "
-                        "offsets")
+                return (f"in_channels * kernel size = {columns} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit "
+                        "column offsets")
             return None
         if getattr(cfg, "layout", "") == "csr" and mod.in_features > CSR_MAX_COLUMNS:
             return f"in_features {mod.in_features} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column offsets"
@@ -97,7 +98,7 @@ def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set)
     else:
         def convert(name, mod):
             return magnitude_layer(name, mod, config)
-    report = replace_modules(model, config, (nn.Linear, nn.Conv2d), convert, check, progress=progress,
+    report = replace_modules(model, config, (nn.Linear, nn.Conv1d, nn.Conv2d), convert, check, progress=progress,
                              desc="sparsifying")
     for row in report.changes:
         if row.action != "skipped":

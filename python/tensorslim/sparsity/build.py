@@ -4,26 +4,27 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn.sparse_conv import CSRSparseConv2d, NMSparseConv2d
+from ..nn.sparse_conv import CSRSparseConv1d, CSRSparseConv2d, NMSparseConv1d, NMSparseConv2d
 from ..nn.sparse_linear import CSRSparseLinear, NMSparseLinear
 
 
 def dense_linear(mod: nn.Module):
-    """(weight [out, in] float, bias or None) of a Linear; a Conv2d's weight as the [out, in * kh * kw]
+    """(weight [out, in] float, bias or None) of a Linear; a conv's weight as the [out, in * kernel]
     matrix its sparse form stores."""
     w = mod.weight.detach()
     return w.reshape(w.shape[0], -1), (mod.bias.detach() if mod.bias is not None else None)
 
 
-def build_conv(layout: str, conv: nn.Conv2d, keep: torch.Tensor, values: str, backend: str, n: int = 0,
+def build_conv(layout: str, conv: nn.Module, keep: torch.Tensor, values: str, backend: str, n: int = 0,
                m: int = 0) -> nn.Module:
-    """The sparse conv storing conv.weight * keep (keep shaped as the [out, in * kh * kw] matrix)."""
+    """The sparse conv storing conv.weight * keep (keep shaped as the [out, in * kernel] matrix)."""
     if not torch.isfinite(conv.weight).all():
         raise ValueError("weight contains NaN or Inf; it cannot be ranked or stored sparse")
     values = stored_values(values, layout, conv.weight.dtype)
+    one_d = type(conv) is nn.Conv1d
     if layout == "nm":
-        return NMSparseConv2d.from_conv(conv, keep, n, m, values, backend)
-    return CSRSparseConv2d.from_conv(conv, keep, values, backend)
+        return (NMSparseConv1d if one_d else NMSparseConv2d).from_conv(conv, keep, n, m, values, backend)
+    return (CSRSparseConv1d if one_d else CSRSparseConv2d).from_conv(conv, keep, values, backend)
 
 
 def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[torch.Tensor], values: str,

@@ -25,7 +25,7 @@ def magnitude_layer(name: str, lin: nn.Module, cfg: _Sparse) -> Tuple[nn.Module,
     w, bias = dense_linear(lin)
     layout, n, m = ("nm", cfg.n, cfg.m) if isinstance(cfg, NM) else ("csr", 0, 0)
     keep = magnitude_keep(w, cfg)
-    if isinstance(lin, nn.Conv2d):
+    if isinstance(lin, (nn.Conv1d, nn.Conv2d)):
         mod = build_conv(layout, lin, keep, cfg.values, cfg.backend, n, m)
     else:
         mod = build(layout, w, keep, bias, cfg.values, cfg.backend, n, m)
@@ -55,7 +55,7 @@ def storage_layer(name: str, lin: nn.Module, cfg: SparseStorage) -> Tuple[nn.Mod
         raise ValueError(f"its zeros fit no n:m pattern, and CSR stores float32 or int8 values, not {cfg.values}")
     what = f"{n}:{m}" if layout == "nm" else "csr"
     zeros = float((w == 0).sum()) / max(1, w.numel())
-    if isinstance(lin, nn.Conv2d):
+    if isinstance(lin, (nn.Conv1d, nn.Conv2d)):
         mod = build_conv(layout, lin, w != 0, cfg.values, cfg.backend, n, m)
     else:
         mod = build(layout, w, w != 0, bias, cfg.values, cfg.backend, n, m)
