@@ -300,3 +300,56 @@ def test_sparsify_conv1d_model_and_reload(tmp_path):
     assert isinstance(fresh[2], CSRSparseConv1d)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_wanda_conv_scores_are_unfolded_input_norms():
+    """Wanda on a conv ranks |W| times the L2 norm of each input-patch entry over the
+    calibration data (the conv's weight columns): the stored mask is the one those scores pick."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    w = model[0].weight.detach().reshape(8, -1).clone()
+    data = [torch.randn(4, 3, 8, 8) * torch.tensor([1.0, 5.0, 0.2])[:, None, None] for _ in range(3)]
+    patches = torch.cat([F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27) for x in data])
+    want = ts.sparsity.masks.nm_keep(w.abs().double() * patches.double().norm(dim=0), 2, 4)
+    report = ts.sparsify(model, ts.NM(2, 4, method="wanda"), calib_data=data, progress=False)
+    assert {c.name: c.format for c in report.changes}["0"] == "2:4 wanda float32"
+    assert torch.equal(model[0].dense_weight() != 0, want)
+    assert not torch.equal(want, ts.sparsity.masks.nm_keep(w.abs(), 2, 4))  # the norms changed the choice
+
+
+def test_sparsegpt_on_convs_beats_magnitude(trained_cnn):
+    """One shot, no fine-tuning, 256 calibration digits: SparseGPT's weight update keeps the CNN
+    (measured: 2:4 accuracy 0.979 against magnitude's 0.927, 75% 0.971 against 0.744; Wanda
+    0.961 / 0.459, below magnitude at 75% on this small CNN)."""
+    model, x, y = trained_cnn
+    calib, rest = [x[i:i + 64] for i in range(0, 256, 64)], slice(256, None)
+    with torch.no_grad():
+        want = model(x[rest])
+    results = {}
+    for method in ("magnitude", "sparsegpt"):
+        for cfg in (ts.NM(2, 4, method=method), ts.Unstructured(0.75, method=method)):
+            m = _cnn()
+            m.load_state_dict(model.state_dict())
+            ts.sparsify(m.eval(), cfg, calib_data=calib, progress=False)
+            with torch.no_grad():
+                got = m(x[rest])
+            results[cfg.describe()] = (float((got.argmax(1) == y[rest]).float().mean()),
+                                       float((got - want).norm() / want.norm()))
+    for pattern in ("2:4", "75%"):
+        acc_m, err_m = results[f"{pattern} magnitude"]
+        acc_s, err_s = results[f"{pattern} sparsegpt"]
+        assert acc_s > acc_m + 0.03 and err_s < 0.6 * err_m, results
+
+
+def test_sparsegpt_conv1d_joint_int8():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 8, 5, stride=2))
+    data = [torch.randn(4, 4, 32) for _ in range(3)]
+    ref = nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 8, 5, stride=2))
+    ref.load_state_dict(model.state_dict())
+    report = ts.sparsify(model, ts.NM(2, 4, method="sparsegpt", values="int8"), calib_data=data, progress=False)
+    assert [c.format for c in report.changes] == ["2:4 sparsegpt int8 joint"] * 2, report
+    assert isinstance(model[2], NMSparseConv1d) and model[2].values.dtype == torch.int8
+    x = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        assert (model(x) - ref(x)).norm() < 0.5 * ref(x).norm()

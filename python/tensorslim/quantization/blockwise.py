@@ -355,8 +355,9 @@ class FloatReference:
 BlockFn = Callable[..., Dict[str, Tuple[nn.Module, str]]]
 
 
-def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, nn.Linear]], Dict[str, nn.Linear]]:
-    """Which Linear layers each block quantizes, the ones outside every block, and the skips."""
+def _plan(model: nn.Module, cfg, blocks, check, layer_types: Tuple[type, ...] = (nn.Linear,)
+          ) -> Tuple[Report, List[Dict[str, nn.Linear]], Dict[str, nn.Linear]]:
+    """Which layers (of layer_types) each block calibrates, the ones outside every block, and the skips."""
     tied = _tied_to_embedding(model)
     report = Report()
     per_block: List[Dict[str, nn.Linear]] = [dict() for _ in blocks]
@@ -365,10 +366,10 @@ def _plan(model: nn.Module, cfg, blocks, check) -> Tuple[Report, List[Dict[str, 
     for name, mod in model.named_modules():
         if not name:
             continue
-        if type(mod) is nn.Linear:
+        if type(mod) in layer_types:
             reason = filter_reason(name, mod, cfg, tied) or check(cfg, name, mod)
             if reason:
-                report.changes.append(LayerChange(name, "Linear", "skipped",
+                report.changes.append(LayerChange(name, type(mod).__name__, "skipped",
                                                   bytes_before=module_bytes(mod), reason=reason))
                 continue
             for i, prefix in prefixes:
@@ -417,8 +418,8 @@ def _full(block_name: str, local: str) -> str:
 
 def _never_ran(block_name: str, targets: Dict[str, nn.Linear]) -> List[LayerChange]:
     """The skip rows of targets no calibration batch ran."""
-    return [LayerChange(_full(block_name, n), "Linear", "skipped", bytes_before=module_bytes(m), reason=NEVER_RAN)
-            for n, m in targets.items()]
+    return [LayerChange(_full(block_name, n), type(m).__name__, "skipped", bytes_before=module_bytes(m),
+                        reason=NEVER_RAN) for n, m in targets.items()]
 
 
 def _drop_unreached(block: nn.Module, bname: str, targets: Dict[str, nn.Linear], inputs: Inputs
@@ -449,7 +450,8 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
                         quantize_block: BlockFn, check: Callable, name: str,
                         feed_quantized: bool, progress: bool = True, float_reference: bool = False,
                         outside: Optional[Callable[[nn.Linear], Tuple[nn.Module, str]]] = None,
-                        action: str = "quantized", float_outputs: bool = False) -> Report:
+                        action: str = "quantized", float_outputs: bool = False,
+                        layer_types: Tuple[type, ...] = (nn.Linear,)) -> Report:
     """Quantize every selected Linear of `model` block by block with `quantize_block`.
 
     feed_quantized: the next block sees the quantized block's outputs (GPTQ, so later blocks
@@ -464,20 +466,22 @@ def calibrate_blockwise(model: nn.Module, cfg, forward_loop: Optional[ForwardLoo
     fills with the float block's output on every input (from a pass it makes anyway), so the
     pipeline does not run the block once more for the next block's inputs.
     Target layers no calibration batch reaches: cfg.unreached (see the module's docstring).
+    layer_types: the layers calibrated (ts.sparsify adds nn.Conv1d / nn.Conv2d; the hooks'
+    statistics take their rows from token_mask.layer_rows).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     forward_loop = require_forward_loop(forward_loop, name.upper())
     with eval_mode(model):  # the block runs too: no BatchNorm statistics moved, no dropout
         return _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, name, feed_quantized,
-                                 progress, float_reference, outside, action, float_outputs)
+                                 progress, float_reference, outside, action, float_outputs, layer_types)
 
 
 def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, name, feed_quantized, progress,
-                      float_reference, outside, action, float_outputs) -> Report:
+                      float_reference, outside, action, float_outputs, layer_types) -> Report:
     stacks = find_block_stacks(model)
     blocks = [b for stack in stacks for b in stack]
-    report, per_block, outside_layers = _plan(model, cfg, blocks, check)
+    report, per_block, outside_layers = _plan(model, cfg, blocks, check, layer_types)
     mode = getattr(cfg, "unreached", "skip")
     fallback = outside or _round_to_nearest(spec)  # what needs no data
     edits = Edits()
@@ -506,7 +510,7 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
             outs = None
             if not feed_quantized and not last and not (float_outputs and targets):
                 outs = [run_block(block, inp) for inp in inputs]
-            before = {n: module_bytes(m) for n, m in targets.items()}
+            before = {n: (type(m).__name__, module_bytes(m)) for n, m in targets.items()}
             reference = None
             if float_reference and targets:
                 reference = FloatReference(copy.deepcopy(block), float_inputs or inputs)
@@ -522,7 +526,7 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
             for local, (mod, note) in new.items():
                 full = _full(bname, local)
                 set_submodule(model, full, mod, edits)
-                changes.append(LayerChange(full, "Linear", action, note, before[local],
+                changes.append(LayerChange(full, before[local][0], action, note, before[local][1],
                                            module_bytes(mod)))
             block = model.get_submodule(bname) if bname else model  # it may have been replaced
             if last:
@@ -550,11 +554,12 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
                                  f"forward loop run the model, or are its blocks containers the model never "
                                  f"calls itself (a ModuleList of ModuleLists)?")
         fallen = [(c.name, UNREACHED_NOTE) for c in unreached] if mode == "fallback" else []
+        kinds = {**{c.name: c.module_type for c in unreached}, **{n: type(m).__name__ for n, m in outside_layers.items()}}
         for full, why in [(n, "outside the calibrated blocks") for n in outside_layers] + fallen:
             lin = model.get_submodule(full)  # with whatever a block's edits (AWQ's folds) gave it
             mod, note = fallback(lin)
             set_submodule(model, full, mod, edits)
-            changes.append(LayerChange(full, "Linear", action, f"{note} ({why})", module_bytes(lin),
+            changes.append(LayerChange(full, kinds[full], action, f"{note} ({why})", module_bytes(lin),
                                        module_bytes(mod)))
     except BaseException as e:
         edits.undo()

@@ -63,7 +63,7 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
     def float_hook(name):
         def fn(mod, args, out):
             if wanted(name) and name not in unpaired:
-                float_x[name].append(token_mask.rows(args[0].detach(), mod.in_features).double())
+                float_x[name].append(token_mask.layer_rows(mod, args[0].detach()).double())
         return fn
 
     def hook(name):
@@ -80,15 +80,16 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
         return fn
 
     def record(name, mod, args):
-        x = token_mask.rows(args[0].detach(), mod.in_features)
-        # Layers reading the same tensor (q/k/v, gate/up) share one product per call.
-        key = next((i for i, (t, _) in enumerate(products) if t is args[0]), None)
+        x = token_mask.layer_rows(mod, args[0].detach())
+        # Layers reading the same tensor the same way (q/k/v, gate/up) share one product per call.
+        rk = token_mask.rows_key(mod)
+        key = next((i for i, (t, k, _) in enumerate(products) if t is args[0] and k == rk), None)
         if key is None:
-            products.append((args[0], gram_upper(x)))
+            products.append((args[0], rk, gram_upper(x)))
             key = len(products) - 1
         if name not in sums:
-            sums[name] = torch.zeros_like(products[key][1])
-        sums[name] += products[key][1]
+            sums[name] = torch.zeros_like(products[key][2])
+        sums[name] += products[key][2]
         sources[name].append((batch[0], key))
         counts[name] += x.shape[0]
         if reference is None or name in unpaired:
@@ -104,7 +105,7 @@ def accumulate_hessians(block: nn.Module, targets: Dict[str, nn.Linear], inputs:
             crosses[name].addmm_(xf.T, x)
 
     sums_seen = [False]
-    products: List[Tuple[torch.Tensor, torch.Tensor]] = []  # this call's inputs and x^T x
+    products: List[Tuple[torch.Tensor, tuple, torch.Tensor]] = []  # this call's inputs, rows_key and x^T x
     sources: Dict[str, List[Tuple[int, int]]] = {n: [] for n in targets}  # (batch, product) added
     batch = [0]
     stop = StopAtLastCall()

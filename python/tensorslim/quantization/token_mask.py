@@ -9,13 +9,16 @@ was 0.9706 instead of 0.9767, after Wanda 50% 0.8485 instead of 0.8613 (docs/awq
 While a calibration batch that is a dict with a 2-D 0/1 `attention_mask` runs, that mask is
 current (`padding`); `rows(x, width)` gives a statistics hook the rows of a [B, T, width]
 activation whose first two dimensions match it, without the padded positions. Other shapes
-(convolutions, a model that transposes to [T, B, width]) keep every row.
+(a model that transposes to [T, B, width]) keep every row. `layer_rows(layer, x)` gives a
+convolution's unfolded input patches instead (its weight's columns), every one.
 """
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 _current: ContextVar[Optional[torch.Tensor]] = ContextVar("tensorslim_padding_mask", default=None)
 
@@ -55,3 +58,29 @@ def rows(x: torch.Tensor, width: int) -> torch.Tensor:
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape) and x.shape[2] == width:
         return x[mask.to(x.device)]
     return x.reshape(-1, width)
+
+
+def layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows `layer`'s weight matrix multiplies, [rows, columns] for statistics: a linear's input
+    rows (rows()), or an nn.Conv1d / nn.Conv2d's input patches in its weight's column order
+    (channel, then kernel row and column: F.unfold's), one row per output position."""
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return rows(x, layer.in_features)
+    from ..nn.int8_conv import symmetric_padding
+
+    one_d = isinstance(layer, nn.Conv1d)
+    if x.dim() == len(layer.kernel_size) + 1:  # unbatched
+        x = x.unsqueeze(0)
+    kernel, stride, pad, dil = layer.kernel_size, layer.stride, symmetric_padding(layer), layer.dilation
+    if one_d:
+        x, kernel, stride, pad, dil = x.unsqueeze(2), (1, *kernel), (1, *stride), (0, *pad), (1, *dil)
+    cols = F.unfold(x, kernel, dil, pad, stride)  # [B, C * kernel, positions]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def rows_key(layer: nn.Module) -> tuple:
+    """Layers reading one tensor with equal keys see the same layer_rows (a linear's: its
+    width; a conv's: its patch geometry)."""
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return (type(layer), layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    return (nn.Linear, layer.in_features)

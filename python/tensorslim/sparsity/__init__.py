@@ -8,8 +8,8 @@ kernel that skips the zeros.
 
 Linear layers, and transformers' Conv1D (GPT-2) as the nn.Linear it is, become NMSparseLinear /
 CSRSparseLinear; nn.Conv2d / nn.Conv1d (one group, zero padding) become NMSparseConv2d /
-CSRSparseConv2d (NMSparseConv1d / CSRSparseConv1d) with the data-free configs (magnitude,
-SparseStorage); any other layer holding a weight matrix
+CSRSparseConv2d (NMSparseConv1d / CSRSparseConv1d), Wanda and SparseGPT calibrating them on
+their input patches; any other layer holding a weight matrix
 is reported as skipped. On any error
 the model is left exactly as it was.
 """

@@ -16,15 +16,15 @@ def dense_linear(mod: nn.Module):
 
 
 def build_conv(layout: str, conv: nn.Module, keep: torch.Tensor, values: str, backend: str, n: int = 0,
-               m: int = 0) -> nn.Module:
-    """The sparse conv storing conv.weight * keep (keep shaped as the [out, in * kernel] matrix)."""
-    if not torch.isfinite(conv.weight).all():
-        raise ValueError("weight contains NaN or Inf; it cannot be ranked or stored sparse")
-    values = stored_values(values, layout, conv.weight.dtype)
+               m: int = 0, weight: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None) -> nn.Module:
+    """The sparse conv storing conv's weight (or `weight`, SparseGPT's updated one) * keep, both
+    shaped as the [out, in * kernel] matrix; scales as build's."""
+    w, bias = dense_linear(conv)
+    linear = build(layout, w if weight is None else weight, keep, bias, values, backend, n, m, scales)
     one_d = type(conv) is nn.Conv1d
-    if layout == "nm":
-        return (NMSparseConv1d if one_d else NMSparseConv2d).from_conv(conv, keep, n, m, values, backend)
-    return (CSRSparseConv1d if one_d else CSRSparseConv2d).from_conv(conv, keep, values, backend)
+    cls = {("nm", False): NMSparseConv2d, ("nm", True): NMSparseConv1d,
+           ("csr", False): CSRSparseConv2d, ("csr", True): CSRSparseConv1d}[(layout, one_d)]
+    return cls._from(conv, linear)
 
 
 def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[torch.Tensor], values: str,

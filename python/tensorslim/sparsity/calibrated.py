@@ -4,7 +4,8 @@ and the next block is calibrated on the pruned block's outputs.
 
 Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2 (the input feature's L2 norm over the
 calibration tokens), compared within each output row (unstructured) or each group of m (n:m);
-no weight update.
+no weight update. A convolution's input features are its input patches' entries (channel,
+kernel row, kernel column: token_mask.layer_rows), one row per output position.
 SparseGPT (Frantar & Alistarh, 2023): H = 2/n * sum x x^T per layer, then the C++ column
 sweep (ops.sparsegpt) chooses the mask and updates the kept weights to compensate.
 """
@@ -17,7 +18,7 @@ from ..ops import sparsegpt as S
 from ..quantization.blockwise import Edits, Inputs, StopAtLastCall, calibrate_blockwise, errors_named, warn_damping
 from ..quantization import token_mask
 from ..quantization.gptq import accumulate_hessians
-from .build import build, dense_linear
+from .build import build, build_conv, dense_linear
 from .config import NM, _Sparse
 from .masks import nm_keep, row_keep
 from .uncalibrated import magnitude_keep
@@ -25,12 +26,12 @@ from .uncalibrated import magnitude_keep
 
 def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Dict[str, torch.Tensor]:
     """||X_j||_2 per input feature of each target over the block's calibration tokens (float64)."""
-    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in targets.items()}
+    sums = {n: torch.zeros(m.weight[0].numel(), dtype=torch.float64) for n, m in targets.items()}
     stop = StopAtLastCall()  # the block's output is not used
 
     def hook(name):
         def fn(mod, args):
-            x = token_mask.rows(args[0].detach(), mod.in_features).double()
+            x = token_mask.layer_rows(mod, args[0].detach()).double()
             sums[name] += (x * x).sum(0).cpu()
             stop.ran(name)
         return fn
@@ -65,7 +66,7 @@ def wanda_block(cfg: _Sparse):
             w, bias = dense_linear(lin)
             score = w.abs().double().cpu() * norms[name][None, :]
             keep = nm_keep(score, n, m) if layout == "nm" else row_keep(score, cfg.sparsity)
-            mod = build(layout, w, keep.to(w.device), bias, cfg.values, cfg.backend, n, m)
+            mod = _build(layout, lin, w, keep.to(w.device), bias, cfg, n, m)
             new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}")
         return new
 
@@ -87,7 +88,7 @@ def sparsegpt_block(cfg: _Sparse):
             if res.damp_used > cfg.damp:
                 warn_damping(name, cfg.damp, res.damp_used)
             weight = res.weight.to(device=w.device)
-            mod = build(layout, weight, res.keep.to(w.device), bias, cfg.values, cfg.backend, n, m, scales=res.scales)
+            mod = _build(layout, lin, weight, res.keep.to(w.device), bias, cfg, n, m, res.scales)
             new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}" + (" joint" if bits else ""))
         return new
 
@@ -98,10 +99,20 @@ def sparsify_calibrated(model: nn.Module, cfg: _Sparse, forward_loop, check, pro
     step = wanda_block(cfg) if cfg.method == "wanda" else sparsegpt_block(cfg)
     layout, n, m = _layout(cfg)
 
-    def outside(lin: nn.Linear):  # a layer outside every block: magnitude, which needs no data
+    def outside(lin: nn.Module):  # a layer outside every block: magnitude, which needs no data
         w, bias = dense_linear(lin)
-        mod = build(layout, w, magnitude_keep(w, cfg), bias, cfg.values, cfg.backend, n, m)
+        mod = _build(layout, lin, w, magnitude_keep(w, cfg), bias, cfg, n, m)
         return mod, f"{cfg.describe().replace(cfg.method, 'magnitude')} {mod.values_dtype}"
 
     return calibrate_blockwise(model, cfg, forward_loop, None, step, check, cfg.method, feed_quantized=True,
-                               progress=progress, outside=outside, action="sparsified")
+                               progress=progress, outside=outside, action="sparsified", layer_types=LAYER_TYPES)
+
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # convs: statistics over their input patches
+
+
+def _build(layout: str, layer: nn.Module, weight, keep, bias, cfg: _Sparse, n: int, m: int, scales=None):
+    """The sparse module for `layer` (a linear or a conv; weight and keep as [out, columns])."""
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return build_conv(layout, layer, keep, cfg.values, cfg.backend, n, m, weight, scales)
+    return build(layout, weight, keep, bias, cfg.values, cfg.backend, n, m, scales=scales)
