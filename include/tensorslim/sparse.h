@@ -57,15 +57,16 @@ void csr_linear(const TensorView& x, const TensorView& values, const TensorView&
 // float32 elements of workspace the linears need for a batch of M rows of width K.
 int64_t sparse_linear_workspace(int64_t M, int64_t K);
 
-// Convolutions: out[B, N, Ho, Wo] = conv2d(x[B, C, H, W], W) (+ bias[N]) with one group and
-// zero padding, W [N, C*kh*kw] stored in either layout with its columns in torch's (c, ky, kx)
-// order, x and out float32 contiguous. x is first copied into per-image input planes (a
+// Convolutions: out[B, N, Ho, Wo] = conv2d(x[B, C, H, W], W, groups) (+ bias[N]) with zero
+// padding, W [N, C/groups*kh*kw] stored in either layout with its columns in torch's (c, ky, kx)
+// order (output channels [q*N/groups, (q+1)*N/groups) read input group q), x and out float32
+// contiguous. x is first copied into per-image input planes (a
 // float32 workspace of sparse_conv2d_workspace elements, allocated by the caller) in which
 // each weight column's inputs for consecutive output positions are contiguous, and the
 // transposed kernels run on them as on a linear's tiles (docs/formats.md, "Sparse
 // convolutions").
 struct ConvGeometry {
-  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, groups = 1;
 };
 int64_t sparse_conv2d_workspace(int64_t B, int64_t C, int64_t H, int64_t W, const ConvGeometry& g);
 void nm_conv2d(const TensorView& x, const TensorView& values, const TensorView& indices, const TensorView* scales,

@@ -9,12 +9,13 @@ namespace bindings {
 
 namespace {
 
-// (kh, kw, sh, sw, ph, pw, dh, dw)
+// (kh, kw, sh, sw, ph, pw, dh, dw[, groups])
 ConvGeometry conv_geometry(py::sequence s) {
-  if (py::len(s) != 8) throw py::value_error("geometry must be (kh, kw, sh, sw, ph, pw, dh, dw)");
+  const size_t n = py::len(s);
+  if (n != 8 && n != 9) throw py::value_error("geometry must be (kh, kw, sh, sw, ph, pw, dh, dw[, groups])");
   ConvGeometry g;
-  int64_t* f[8] = {&g.kh, &g.kw, &g.sh, &g.sw, &g.ph, &g.pw, &g.dh, &g.dw};
-  for (int i = 0; i < 8; ++i) *f[i] = s[i].cast<int64_t>();
+  int64_t* f[9] = {&g.kh, &g.kw, &g.sh, &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.groups};
+  for (size_t i = 0; i < n; ++i) *f[i] = s[i].cast<int64_t>();
   return g;
 }
 
@@ -77,7 +78,7 @@ void register_sparse(py::module_& m) {
     const ConvGeometry g = conv_geometry(geometry);
     py::gil_scoped_release release;
     nm_conv2d(xv, vv, iv, sv.get(), bv.get(), n, mm, g, ov, wv);
-  }, "out = conv2d(x, W) (+ bias) for an N:M packed W [N, C*kh*kw]; geometry (kh, kw, sh, sw, ph, pw, dh, dw).");
+  }, "out = conv2d(x, W) (+ bias) for an N:M packed W [N, C*kh*kw]; geometry (kh, kw, sh, sw, ph, pw, dh, dw[, groups]).");
   m.def("csr_conv2d", [](py::handle x, py::handle values, py::handle cols, py::handle row_ptr, py::handle scales,
                          py::handle bias, py::sequence geometry, py::handle out, py::handle workspace) {
     TensorView xv = to_view(x, "x"), vv = to_view(values, "values"), cv = to_view(cols, "cols"),
@@ -86,7 +87,7 @@ void register_sparse(py::module_& m) {
     const ConvGeometry g = conv_geometry(geometry);
     py::gil_scoped_release release;
     csr_conv2d(xv, vv, cv, rv, sv.get(), bv.get(), g, ov, wv);
-  }, "out = conv2d(x, W) (+ bias) for a CSR W [N, C*kh*kw]; geometry (kh, kw, sh, sw, ph, pw, dh, dw).");
+  }, "out = conv2d(x, W) (+ bias) for a CSR W [N, C*kh*kw]; geometry (kh, kw, sh, sw, ph, pw, dh, dw[, groups]).");
   m.def("sparse_conv2d_workspace", [](int64_t B, int64_t C, int64_t H, int64_t W, py::sequence geometry) {
     return sparse_conv2d_workspace(B, C, H, W, conv_geometry(geometry));
   }, "float32 elements of workspace the sparse convolutions need for x [B, C, H, W].");

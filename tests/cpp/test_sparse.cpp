@@ -567,13 +567,14 @@ Ref conv_ref(const std::vector<float>& dense, const std::vector<float>& x, const
       for (int64_t yo = 0; yo < Ho; ++yo)
         for (int64_t xo = 0; xo < Wo; ++xo) {
           double acc = bias[r], mag = std::fabs(bias[r]);
-          for (int64_t c = 0; c < C; ++c)
+          const int64_t Cg = C / g.groups, c0 = r / (N / g.groups) * Cg;  // the group's input channels
+          for (int64_t c = 0; c < Cg; ++c)
             for (int64_t ky = 0; ky < g.kh; ++ky)
               for (int64_t kx = 0; kx < g.kw; ++kx) {
                 const int64_t yi = yo * g.sh + ky * g.dh - g.ph, xi = xo * g.sw + kx * g.dw - g.pw;
                 if (yi < 0 || yi >= H || xi < 0 || xi >= W) continue;
-                const double p = static_cast<double>(dense[r * C * g.kh * g.kw + (c * g.kh + ky) * g.kw + kx]) *
-                                 x[((b * C + c) * H + yi) * W + xi];
+                const double p = static_cast<double>(dense[r * Cg * g.kh * g.kw + (c * g.kh + ky) * g.kw + kx]) *
+                                 x[((b * C + c0 + c) * H + yi) * W + xi];
                 acc += p;
                 mag += std::fabs(p);
               }
@@ -603,11 +604,14 @@ TEST(Sparse, ConvEveryIsaMatchesFloat64) {
       {1, 3, 16, 12, 6, {3, 3, 3, 2, 1, 1, 2, 1}}, {2, 2, 15, 9, 5, {3, 3, 2, 1, 2, 1, 2, 1}},
       {1, 3, 23, 23, 8, {7, 7, 2, 2, 3, 3, 1, 1}},  // a ResNet stem
       {2, 4, 10, 12, 6, {3, 3, 1, 1, 2, 2, 2, 2}},  // dilated "same": planes copied as shifted blocks
+      // groups: 2 of 3 -> 35 channels (row blocks cut at each group's end), depthwise, strided
+      {2, 6, 9, 9, 70, {3, 3, 1, 1, 1, 1, 1, 1, 2}}, {1, 8, 11, 7, 8, {3, 3, 1, 1, 1, 1, 1, 1, 8}},
+      {2, 12, 10, 10, 8, {3, 3, 2, 2, 1, 1, 1, 1, 4}},
   };
   uint32_t seed = 900;
   for (const Case& cs : cases) {
     const ConvGeometry& g = cs.g;
-    const int64_t K = cs.C * g.kh * g.kw, N = cs.N;
+    const int64_t K = cs.C / g.groups * g.kh * g.kw, N = cs.N;
     const int64_t Ho = (cs.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
     const int64_t Wo = (cs.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
     std::vector<float> w = random_weights(N * K, ++seed), x = random_weights(cs.B * cs.C * cs.H * cs.W, ++seed),
@@ -689,6 +693,8 @@ TEST(Sparse, ConvBadArgumentsRaise) {
   EXPECT_THROW(conv(view4(x.data(), 1, 2, 5, 5), view4(y.data(), 1, 3, 1, 1), too_big, 4096), ValueError);
   const ConvGeometry zero_stride{3, 3, 0, 1, 1, 1, 1, 1};
   EXPECT_THROW(conv(view4(x.data(), 1, 2, 5, 5), view4(y.data(), 1, 3, 5, 5), zero_stride, 4096), ValueError);
+  const ConvGeometry three_groups{3, 3, 1, 1, 1, 1, 1, 1, 3};  // 3 does not divide the 2 input channels
+  EXPECT_THROW(conv(view4(x.data(), 1, 2, 5, 5), view4(y.data(), 1, 3, 5, 5), three_groups, 4096), ValueError);
   c[2] = 18;  // a column >= C * kh * kw = 18, on every ISA
   IsaScope guard;
   for (cpu::Isa isa : machine_isas()) {

@@ -243,15 +243,59 @@ def test_bad_input_and_unsupported_convs():
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         sparse_conv.csr_conv2d(torch.randn(1, 4, 1, 1), mod.values, mod.cols, mod.row_ptr, None, None, 4,
                                (3, 3, 1, 1, 0, 0, 1, 1))
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-                          nn.Conv2d(4, 4, 2, padding="same"), nn.Conv3d(4, 4, 1), nn.Conv1d(4, 4, 3, groups=4))
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 2, padding="same"),
+                          nn.Conv3d(4, 4, 1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(UserWarning):
         report = ts.sparsify(model, ts.NM(2, 4), progress=False)
     reasons = {c.name: c.reason for c in report.changes}
-    assert "groups=2" in reasons["0"] and "reflect" in reasons["1"] and "same" in reasons["2"]
-    assert "Conv3d" in reasons["3"] and "groups=4" in reasons["4"]
+    assert "reflect" in reasons["0"] and "same" in reasons["1"] and "Conv3d" in reasons["2"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    report = ts.sparsify(grouped, ts.NM(2, 4, method="wanda"), calib_data=[torch.randn(2, 4, 9, 9)],
+                         progress=False)
+    rows = {c.name: c for c in report.changes}
+    assert rows["0"].action == "skipped" and "groups=2" in rows["0"].reason and "magnitude" in rows["0"].reason
+    assert rows["2"].action == "sparsified"
+
+
+@pytest.mark.parametrize("groups, C, N", [(2, 6, 70), (8, 8, 8), (4, 12, 8)], ids=["2 groups", "depthwise", "4 groups"])
+@pytest.mark.parametrize("layout", ["csr float32", "2:4 int8"])
+def test_grouped_convs_every_isa(isa, groups, C, N, layout):
+    torch.manual_seed(groups)
+    conv = nn.Conv2d(C, N, 3, stride=2 if groups == 4 else 1, padding=1, groups=groups)
+    w2 = conv.weight.detach().reshape(N, -1)
+    fmt, values = layout.split()
+    if fmt == "csr":
+        mod = CSRSparseConv2d.from_conv(conv, w2.abs() > w2.abs().quantile(0.6), values, backend="native")
+    else:
+        mod = NMSparseConv2d.from_conv(conv, ts.sparsity.masks.nm_keep(w2.abs(), 2, 4), 2, 4, values,
+                                       backend="native")
+    x = torch.randn(2, C, 11, 9)
+    want = F.conv2d(x.double(), mod.weight.double(), conv.bias.double(), conv.stride, conv.padding, 1, groups)
+    got = mod(x)
+    assert mod.weight.shape == conv.weight.shape and mod.groups == groups
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_grouped_conv_sparsified_and_reloaded(tmp_path):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16))
+    x = torch.randn(2, 8, 10, 10)
+    report = ts.sparsify(model, ts.Unstructured(0.6), progress=False)
+    assert [c.action for c in report.changes] == ["sparsified"] * 2
+    ref = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16))
+    with torch.no_grad():
+        for i in (0, 2):
+            ref[i].weight.copy_(model[i].weight)
+            ref[i].bias.copy_(model[i].bias)
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+    ts.save(model, tmp_path / "g.safetensors")
+    fresh = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16))
+    ts.load(fresh, tmp_path / "g.safetensors")
+    assert fresh[0].groups == 4
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
 
 
 @pytest.mark.parametrize("layout", ["csr float32", "2:4 int8"])

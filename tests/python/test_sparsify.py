@@ -194,10 +194,11 @@ def test_save_load_round_trip_and_size(tmp_path, config):
 
 
 def test_summary_and_report_rows():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.Linear(16, 4))
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding_mode="reflect"), nn.Flatten(), nn.Linear(4 * 6 * 6, 16),
+                          nn.Linear(16, 4))
     report = ts.sparsify(model, ts.NM(2, 4, skip_output_head=False), progress=False)
     rows = {c.name: c for c in report.changes}
-    assert rows["0"].action == "skipped" and "groups=2" in rows["0"].reason
+    assert rows["0"].action == "skipped" and "reflect" in rows["0"].reason
     assert rows["2"].action == rows["3"].action == "sparsified"
     assert rows["2"].bytes_after < rows["2"].bytes_before
     text = str(ts.summary(model))

@@ -1,5 +1,5 @@
-"""Sparse convolutions: an nn.Conv2d / nn.Conv1d (one group, zero padding) whose weight, viewed
-as the [out_channels, in_channels * kernel elements] matrix torch's im2col order gives, is stored
+"""Sparse convolutions: an nn.Conv2d / nn.Conv1d (zero padding, any groups) whose weight, viewed
+as the [out_channels, in_channels / groups * kernel elements] matrix torch's im2col order gives, is stored
 as the sparse linears store theirs (NMSparseConv2d / NMSparseConv1d: n of every m;
 CSRSparseConv2d / CSRSparseConv1d: any pattern), and runs the sparse kernels on per-image input
 planes (ops/sparse_conv.py, docs/formats.md "Sparse convolutions"; a Conv1d is the Conv2d of
@@ -30,8 +30,6 @@ def conv_supported(conv: nn.Module) -> Optional[str]:
     """Why `conv` cannot become a sparse conv, or None."""
     if type(conv) not in (nn.Conv1d, nn.Conv2d):
         return f"{type(conv).__name__}: only nn.Conv1d and nn.Conv2d have sparse kernels"
-    if conv.groups != 1:
-        return f"groups={conv.groups}: sparse convolutions take one group"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r}: sparse convolutions pad with zeros"
     try:
@@ -46,18 +44,19 @@ class _SparseConv:
 
     kind = ""
     float_type = nn.Conv2d
-    groups = 1
     padding_mode = "zeros"
 
     def _set_geometry(self, geometry: dict) -> None:
         self.geometry = dict(geometry)
         self.in_channels, self.out_channels = geometry["in_channels"], geometry["out_channels"]
+        self.groups = geometry.get("groups", 1)
         for f in ("kernel_size", "stride", "padding", "dilation"):
             setattr(self, f, tuple(geometry[f]))
 
     @staticmethod
     def _linear_shape(geometry: dict):
-        return geometry["in_channels"] * math.prod(geometry["kernel_size"]), geometry["out_channels"]
+        columns = geometry["in_channels"] // geometry.get("groups", 1) * math.prod(geometry["kernel_size"])
+        return columns, geometry["out_channels"]
 
     @classmethod
     def _from(cls, conv: nn.Module, linear) -> "_SparseConv":
@@ -73,15 +72,15 @@ class _SparseConv:
         return mod
 
     def kernel_geometry(self) -> tuple:
-        """(kh, kw, sh, sw, ph, pw, dh, dw) for the ops (a Conv1d: height 1)."""
+        """(kh, kw, sh, sw, ph, pw, dh, dw, groups) for the ops (a Conv1d: height 1)."""
         if len(self.kernel_size) == 1:
-            return (1, *self.kernel_size, 1, *self.stride, 0, *self.padding, 1, *self.dilation)
-        return (*self.kernel_size, *self.stride, *self.padding, *self.dilation)
+            return (1, *self.kernel_size, 1, *self.stride, 0, *self.padding, 1, *self.dilation, self.groups)
+        return (*self.kernel_size, *self.stride, *self.padding, *self.dilation, self.groups)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense [out, in, kh, kw] weight (a fresh tensor; read-only)."""
-        w = self.dense_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        w = self.dense_weight().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         return w.to(self.compute_dtype)
 
     def dense_bytes(self) -> int:
@@ -130,9 +129,10 @@ class _SparseConv:
         elif (x.requires_grad or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled():
             # gradients flow through the dense weight (the stored one is frozen, as the
             # compressed linears' is)
-            kh, kw, sh, sw, ph, pw, dh, dw = self.kernel_geometry()
-            w = self.dense_weight().detach().reshape(self.out_channels, self.in_channels, kh, kw)
-            y = F.conv2d(batched.float(), w, None if bias is None else bias.float(), (sh, sw), (ph, pw), (dh, dw))
+            kh, kw, sh, sw, ph, pw, dh, dw, groups = self.kernel_geometry()
+            w = self.dense_weight().detach().reshape(self.out_channels, self.in_channels // groups, kh, kw)
+            y = F.conv2d(batched.float(), w, None if bias is None else bias.float(), (sh, sw), (ph, pw), (dh, dw),
+                         groups)
         else:
             y = self._sparse_conv(batched.float().contiguous())
         y = y.to(dtype)
@@ -141,8 +141,10 @@ class _SparseConv:
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
+        groups = f", groups={self.groups}" if self.groups != 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, {self.describe()}, bias={self.bias is not None}")
+                f"padding={self.padding}, dilation={self.dilation}{groups}, {self.describe()}, "
+                f"bias={self.bias is not None}")
 
 
 class NMSparseConv2d(_SparseConv, NMSparseLinear):

@@ -1,5 +1,5 @@
-"""Sparse 2-D convolutions: out = conv2d(x, W) (+ bias) for a W [N, C*kh*kw] stored as N:M or
-CSR (ops/sparse.py's layouts, columns in torch's (c, ky, kx) order), one group, zero padding.
+"""Sparse 2-D convolutions: out = conv2d(x, W, groups) (+ bias) for a W [N, C/groups*kh*kw] stored as
+N:M or CSR (ops/sparse.py's layouts, columns in torch's (c, ky, kx) order), zero padding.
 
 The native core copies x into per-image input planes in which each weight column's inputs for
 consecutive output positions lie contiguous, then runs the sparse linears' transposed kernels
@@ -19,12 +19,21 @@ from .._native import _C
 from . import _eager, decode_gemm
 from . import sparse as S
 
-# (kh, kw, sh, sw, ph, pw, dh, dw)
+# (kh, kw, sh, sw, ph, pw, dh, dw[, groups])
 Geometry = Sequence[int]
 
 
+def groups_of(geometry: Geometry) -> int:
+    return int(geometry[8]) if len(geometry) > 8 else 1
+
+
+def columns(in_channels: int, geometry: Geometry) -> int:
+    """The weight matrix's columns: in_channels / groups * kh * kw."""
+    return in_channels // groups_of(geometry) * geometry[0] * geometry[1]
+
+
 def output_shape(x_shape, rows: int, geometry: Geometry):
-    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry[:8]
     B, _, H, W = x_shape
     return (B, rows, (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
@@ -85,10 +94,12 @@ def _check(x: torch.Tensor, in_channels: int, geometry: Geometry, fn: str) -> No
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.shape[1] != in_channels:
         raise ValueError(f"{fn}: x has {x.shape[1]} channels, the weight expects {in_channels}")
-    if len(geometry) != 8 or min(geometry[:4]) < 1 or min(geometry[6:]) < 1 or min(geometry[4:6]) < 0:
-        raise ValueError(f"{fn}: geometry must be (kh, kw, sh, sw, ph, pw, dh, dw) with kernel, stride and "
-                         f"dilation >= 1 and padding >= 0, got {tuple(geometry)}")
-    kh, kw, _, _, ph, pw, dh, dw = geometry
+    if len(geometry) not in (8, 9) or min(geometry[:4]) < 1 or min(geometry[6:]) < 1 or min(geometry[4:6]) < 0:
+        raise ValueError(f"{fn}: geometry must be (kh, kw, sh, sw, ph, pw, dh, dw[, groups]) with kernel, stride, "
+                         f"dilation and groups >= 1 and padding >= 0, got {tuple(geometry)}")
+    if in_channels % groups_of(geometry):
+        raise ValueError(f"{fn}: groups = {groups_of(geometry)} does not divide the {in_channels} input channels")
+    kh, kw, _, _, ph, pw, dh, dw = geometry[:8]
     if x.shape[2] + 2 * ph < dh * (kh - 1) + 1 or x.shape[3] + 2 * pw < dw * (kw - 1) + 1:
         raise ValueError(f"{fn}: the padded input {x.shape[2] + 2 * ph} x {x.shape[3] + 2 * pw} is smaller than "
                          f"the dilated kernel {dh * (kh - 1) + 1} x {dw * (kw - 1) + 1}")
@@ -97,32 +108,32 @@ def _check(x: torch.Tensor, in_channels: int, geometry: Geometry, fn: str) -> No
 def _decodes(x: torch.Tensor, backend: str, rows: int, in_channels: int, geometry: Geometry, density: float) -> bool:
     """Whether the weight is decoded for torch's dense conv (decode_gemm.sparse_conv_applies):
     about half the weights kept or more, where oneDNN's conv is faster than the kernels."""
-    kh, kw = geometry[0], geometry[1]
     _, _, ho, wo = output_shape(x.shape, rows, geometry)
-    return decode_gemm.sparse_conv_applies(x, backend, rows * in_channels * kh * kw, density, x.shape[0] * ho * wo)
+    return decode_gemm.sparse_conv_applies(x, backend, rows * columns(in_channels, geometry), density,
+                                           x.shape[0] * ho * wo)
 
 
 def _reference(x, dense: torch.Tensor, bias, in_channels: int, geometry: Geometry) -> torch.Tensor:
-    kh, kw, sh, sw, ph, pw, dh, dw = geometry
-    w = dense.reshape(dense.shape[0], in_channels, kh, kw)
-    return F.conv2d(x, w.to(x.device), bias, (sh, sw), (ph, pw), (dh, dw))
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry[:8]
+    groups = groups_of(geometry)
+    w = dense.reshape(dense.shape[0], in_channels // groups, kh, kw)
+    return F.conv2d(x, w.to(x.device), bias, (sh, sw), (ph, pw), (dh, dw), groups)
 
 
 def nm_conv2d(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
               bias: Optional[torch.Tensor], n: int, m: int, in_channels: int, geometry: Geometry,
               backend: str = "auto") -> torch.Tensor:
-    """conv2d(x, W) (+ bias) for an N:M packed W [out_channels, in_channels * kh * kw]; float32 out."""
+    """conv2d(x, W) (+ bias) for an N:M packed W [out_channels, in_channels / groups * kh * kw]; float32 out."""
     fn = "nm_conv2d"
-    kh, kw = geometry[0], geometry[1]
-    rows = S._check_nm(values, indices, scales, n, m, in_channels * kh * kw, fn)
+    rows = S._check_nm(values, indices, scales, n, m, columns(in_channels, geometry), fn)
     _check(x, in_channels, geometry, fn)
     S._check_bias(bias, rows, fn)
     xf = x.float()
     if not S._pick(backend, (x, values, indices, scales, bias), fn):
-        dense = S.nm_unpack_reference(values, indices, scales, n, m, in_channels * kh * kw)
+        dense = S.nm_unpack_reference(values, indices, scales, n, m, columns(in_channels, geometry))
         return _reference(xf, dense, bias, in_channels, geometry)
     if _decodes(xf, backend, rows, in_channels, geometry, n / m):
-        return _reference(xf, S.nm_unpack(values, indices, scales, n, m, in_channels * kh * kw), bias, in_channels,
+        return _reference(xf, S.nm_unpack(values, indices, scales, n, m, columns(in_channels, geometry)), bias, in_channels,
                           geometry)
     return _eager.call(_nm_conv2d, _nm_conv2d_impl, xf.contiguous(), values.contiguous(), indices.contiguous(),
                        S._c(scales), S._c(bias), n, m, [int(v) for v in geometry])
@@ -131,18 +142,17 @@ def nm_conv2d(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scal
 def csr_conv2d(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
                scales: Optional[torch.Tensor], bias: Optional[torch.Tensor], in_channels: int, geometry: Geometry,
                backend: str = "auto") -> torch.Tensor:
-    """conv2d(x, W) (+ bias) for a CSR W [out_channels, in_channels * kh * kw]; float32 out."""
+    """conv2d(x, W) (+ bias) for a CSR W [out_channels, in_channels / groups * kh * kw]; float32 out."""
     fn = "csr_conv2d"
-    kh, kw = geometry[0], geometry[1]
-    rows = S._check_csr(values, cols, row_ptr, scales, in_channels * kh * kw, fn)
+    rows = S._check_csr(values, cols, row_ptr, scales, columns(in_channels, geometry), fn)
     _check(x, in_channels, geometry, fn)
     S._check_bias(bias, rows, fn)
     xf = x.float()
     if not S._pick(backend, (x, values, cols, row_ptr, scales, bias), fn):
-        dense = S.csr_unpack_reference(values, cols, row_ptr, scales, in_channels * kh * kw)
+        dense = S.csr_unpack_reference(values, cols, row_ptr, scales, columns(in_channels, geometry))
         return _reference(xf, dense, bias, in_channels, geometry)
-    if _decodes(xf, backend, rows, in_channels, geometry, values.numel() / max(1, rows * in_channels * kh * kw)):
-        return _reference(xf, S.csr_unpack(values, cols, row_ptr, scales, in_channels * kh * kw), bias, in_channels,
+    if _decodes(xf, backend, rows, in_channels, geometry, values.numel() / max(1, rows * columns(in_channels, geometry))):
+        return _reference(xf, S.csr_unpack(values, cols, row_ptr, scales, columns(in_channels, geometry)), bias, in_channels,
                           geometry)
     return _eager.call(_csr_conv2d, _csr_conv2d_impl, xf.contiguous(), values.contiguous(), cols.contiguous(),
                        row_ptr.contiguous(), S._c(scales), S._c(bias), [int(v) for v in geometry])
@@ -162,9 +172,9 @@ def nm_conv2d_direct(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     the case does not hold: the caller then calls nm_conv2d."""
     if not _direct_ok(x, backend, (values, indices, scales, bias)):
         return None
-    rows, in_channels, kh, kw = values.shape[0], x.shape[1], geometry[0], geometry[1]
+    rows, in_channels = values.shape[0], x.shape[1]
     if _decodes(x, backend, rows, in_channels, geometry, n / m):
-        return _reference(x, S.nm_unpack(values, indices, scales, n, m, in_channels * kh * kw), bias, in_channels,
+        return _reference(x, S.nm_unpack(values, indices, scales, n, m, columns(in_channels, geometry)), bias, in_channels,
                           geometry)
     return _nm_conv2d_impl(x, values, indices, scales, bias, n, m, geometry)
 
@@ -175,8 +185,8 @@ def csr_conv2d_direct(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
     """csr_conv2d's direct call, as nm_conv2d_direct."""
     if not _direct_ok(x, backend, (values, cols, row_ptr, scales, bias)):
         return None
-    rows, in_channels, kh, kw = row_ptr.shape[0] - 1, x.shape[1], geometry[0], geometry[1]
-    if _decodes(x, backend, rows, in_channels, geometry, values.numel() / max(1, rows * in_channels * kh * kw)):
-        return _reference(x, S.csr_unpack(values, cols, row_ptr, scales, in_channels * kh * kw), bias, in_channels,
+    rows, in_channels = row_ptr.shape[0] - 1, x.shape[1]
+    if _decodes(x, backend, rows, in_channels, geometry, values.numel() / max(1, rows * columns(in_channels, geometry))):
+        return _reference(x, S.csr_unpack(values, cols, row_ptr, scales, columns(in_channels, geometry)), bias, in_channels,
                           geometry)
     return _csr_conv2d_impl(x, values, cols, row_ptr, scales, bias, geometry)

@@ -413,6 +413,15 @@ struct ConvPlanes {
   }
 };
 
+// The weight columns a conv of x's channels has: C / groups * kh * kw.
+int64_t conv_columns(const TensorView& x, const ConvGeometry& g, const char* fn) {
+  TS_CHECK_VALUE(x.ndim == 4, std::string(fn) + ": x must be 4-D [B, C, H, W], got " + shape_str(x));
+  TS_CHECK_VALUE(g.groups >= 1 && x.shape[1] % g.groups == 0,
+                 std::string(fn) + ": groups = " + to_string(g.groups) + " must divide the " + to_string(x.shape[1]) +
+                     " input channels");
+  return x.shape[1] / g.groups * g.kh * g.kw;
+}
+
 // Images per pass of a convolution: planes of up to ~4 MiB together (at least one image).
 int64_t conv_images_per_pass(int64_t plane_floats, int64_t B) {
   return std::max<int64_t>(1, std::min<int64_t>(B, (int64_t{1} << 20) / std::max<int64_t>(1, plane_floats)));
@@ -422,10 +431,14 @@ void run_conv2d(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
                 const TensorView& out, const TensorView& workspace, const char* fn) {
   check_tensor(x, DType::kFloat32, 4, fn, "x");
   const int64_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
-  TS_CHECK_VALUE(C * g.kh * g.kw == w.K, std::string(fn) + ": x has " + to_string(C) + " channels, so " +
-                                             to_string(C * g.kh * g.kw) + " weight columns for a " +
-                                             to_string(g.kh) + " x " + to_string(g.kw) +
-                                             " kernel; the weight has " + to_string(w.K));
+  TS_CHECK_VALUE(g.groups >= 1 && C % g.groups == 0 && w.N % g.groups == 0,
+                 std::string(fn) + ": groups = " + to_string(g.groups) + " must divide the " + to_string(C) +
+                     " input and " + to_string(w.N) + " output channels");
+  const int64_t Cg = C / g.groups, Ng = w.N / g.groups;  // per group
+  TS_CHECK_VALUE(Cg * g.kh * g.kw == w.K, std::string(fn) + ": x has " + to_string(C) + " channels in " +
+                                              to_string(g.groups) + " group(s), so " + to_string(Cg * g.kh * g.kw) +
+                                              " weight columns for a " + to_string(g.kh) + " x " + to_string(g.kw) +
+                                              " kernel; the weight has " + to_string(w.K));
   const ConvPlanes P(C, H, W, g, fn);
   check_tensor(out, DType::kFloat32, 4, fn, "out");
   TS_CHECK_VALUE(out.shape[0] == B && out.shape[1] == w.N && out.shape[2] == P.Ho && out.shape[3] == P.Wo,
@@ -437,8 +450,9 @@ void run_conv2d(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   TS_CHECK_VALUE(workspace.shape[0] >= need, std::string(fn) + ": workspace must hold " + to_string(need) +
                                                  " float32 elements, got " + shape_str(workspace));
   if (B == 0 || w.N == 0) return;
+  // Group 0's offsets; group q reads the same columns q * Cg channels on, one plane each.
   std::vector<int32_t> col_off(w.K);
-  for (int64_t c = 0; c < C; ++c)
+  for (int64_t c = 0; c < Cg; ++c)
     for (int64_t ky = 0; ky < g.kh; ++ky)
       for (int64_t kx = 0; kx < g.kw; ++kx) col_off[(c * g.kh + ky) * g.kw + kx] = P.column_offset(c, ky, kx);
   float* planes = workspace.ptr<float>();
@@ -449,7 +463,7 @@ void run_conv2d(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   // on AVX2's 8-wide tiles up to 8 positions.
   const cpu::Isa t_isa = isa == cpu::Isa::kAVX512 && M <= 8 ? cpu::Isa::kAVX2 : isa;
   const bool transposed = isa != cpu::Isa::kScalar;
-  const int64_t blocks = (w.N + cpu::kRowBlock - 1) / cpu::kRowBlock;
+  const int64_t group_blocks = (Ng + cpu::kRowBlock - 1) / cpu::kRowBlock, blocks = g.groups * group_blocks;
   const int64_t chunk = conv_images_per_pass(P.size, B);
   std::atomic<bool> bad{false};
   // Images in passes whose planes stay in cache between being written and read: fill the
@@ -466,16 +480,18 @@ void run_conv2d(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
     std::fill(planes + nb * P.size, planes + nb * P.size + cpu::kTileM, 0.0f);  // the last tile's padding reads these
     const int64_t tasks = nb * blocks;
     auto task = [&](int64_t t) {
-      const int64_t b = t / blocks, r0 = (t % blocks) * cpu::kRowBlock;
+      // (image, group, block of the group's output channels)
+      const int64_t b = t / blocks, q = t % blocks / group_blocks;
+      const int64_t r0 = q * Ng + t % group_blocks * cpu::kRowBlock, r1 = std::min((q + 1) * Ng, r0 + cpu::kRowBlock);
       cpu::SparseBatch a;
-      a.xt = a.x = planes + b * P.size;
+      a.xt = a.x = planes + b * P.size + q * Cg * P.rows * P.Wo;
       a.col_off = col_off.data();
       a.M = M;
       a.y = out.ptr<float>() + (b0 + b) * w.N * M;
       a.ldy = 1;
       a.ldr = M;
       a.bias = bias ? bias->ptr<float>() : nullptr;
-      if (run_rows(w, a, isa, t_isa, transposed, r0, std::min(w.N, r0 + cpu::kRowBlock))) bad.store(true);
+      if (run_rows(w, a, isa, t_isa, transposed, r0, r1)) bad.store(true);
     };
     const int threads = static_cast<int>(std::min<int64_t>(cpu::num_threads(), tasks));
     if (threads <= 1) {
@@ -775,8 +791,7 @@ void nm_conv2d(const TensorView& x, const TensorView& values, const TensorView& 
                const TensorView& workspace) {
   const char* fn = "nm_conv2d";
   check_tensor(out, DType::kFloat32, 4, fn, "out");
-  TS_CHECK_VALUE(x.ndim == 4, std::string(fn) + ": x must be 4-D [B, C, H, W], got " + shape_str(x));
-  const cpu::SparseWeight w = nm_weight(values, indices, scales, n, m, out.shape[1], x.shape[1] * g.kh * g.kw, fn);
+  const cpu::SparseWeight w = nm_weight(values, indices, scales, n, m, out.shape[1], conv_columns(x, g, fn), fn);
   run_conv2d(w, x, bias, g, out, workspace, fn);
 }
 
@@ -784,8 +799,7 @@ void csr_conv2d(const TensorView& x, const TensorView& values, const TensorView&
                 const TensorView* scales, const TensorView* bias, const ConvGeometry& g, const TensorView& out,
                 const TensorView& workspace) {
   const char* fn = "csr_conv2d";
-  TS_CHECK_VALUE(x.ndim == 4, std::string(fn) + ": x must be 4-D [B, C, H, W], got " + shape_str(x));
-  const cpu::SparseWeight w = csr_weight(values, cols, row_ptr, scales, x.shape[1] * g.kh * g.kw, fn);
+  const cpu::SparseWeight w = csr_weight(values, cols, row_ptr, scales, conv_columns(x, g, fn), fn);
   run_conv2d(w, x, bias, g, out, workspace, fn);
 }
 
