@@ -57,7 +57,8 @@ def bench_model(formats, batches):
         m.load_state_dict(dense.state_dict())
         ts.sparsify(m, config_for(fmt), progress=False)
         models.append(m)
-    print(f"{'ResNet-18 224x224':>18} {'B':>2} | {'dense ms':>8} | " + " | ".join(f"{f:>5} ms  x dense" for f in formats))
+    cells = " | ".join(f"{f:>5} ms  x dense" for f in formats)
+    print(f"{'ResNet-18 224x224':>18} {'B':>2} | {'dense ms':>8} | {cells}")
     for B in batches:
         x = torch.randn(B, 3, 224, 224)
         with torch.inference_mode():

@@ -150,8 +150,8 @@ def test_sparsified_cnn_equals_masked_dense(trained_cnn, config, tmp_path):
     masked.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name in ("0", "2", "4", "7"):
-            layer = sparse.get_submodule(name)
-            masked.get_submodule(name).weight.copy_(layer.dense_weight().reshape(masked.get_submodule(name).weight.shape))
+            target = masked.get_submodule(name).weight
+            target.copy_(sparse.get_submodule(name).dense_weight().reshape(target.shape))
     with torch.no_grad():
         got, want = sparse(x), masked(x)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()

@@ -1,6 +1,6 @@
 """Sparse convolutions: an nn.Conv2d / nn.Conv1d (zero padding, any groups) whose weight, viewed
-as the [out_channels, in_channels / groups * kernel elements] matrix torch's im2col order gives, is stored
-as the sparse linears store theirs (NMSparseConv2d / NMSparseConv1d: n of every m;
+as the [out_channels, in_channels / groups * kernel elements] matrix torch's im2col order
+gives, is stored as the sparse linears store theirs (NMSparseConv2d / NMSparseConv1d: n of every m;
 CSRSparseConv2d / CSRSparseConv1d: any pattern), and runs the sparse kernels on per-image input
 planes (ops/sparse_conv.py, docs/formats.md "Sparse convolutions"; a Conv1d is the Conv2d of
 height 1). The conv's surface: in_channels, out_channels, kernel_size, stride, padding,
@@ -79,7 +79,7 @@ class _SparseConv:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense [out, in, kh, kw] weight (a fresh tensor; read-only)."""
+        """The dense [out, in / groups, *kernel_size] weight (a fresh tensor; read-only)."""
         w = self.dense_weight().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         return w.to(self.compute_dtype)
 

@@ -120,10 +120,29 @@ def _reference(x, dense: torch.Tensor, bias, in_channels: int, geometry: Geometr
     return F.conv2d(x, w.to(x.device), bias, (sh, sw), (ph, pw), (dh, dw), groups)
 
 
+def _nm_decoded(x, values, indices, scales, bias, n: int, m: int, in_channels: int, geometry: Geometry,
+                backend: str) -> Optional[torch.Tensor]:
+    """torch's conv on the decoded weight where _decodes says it is the faster one, else None."""
+    if not _decodes(x, backend, values.shape[0], in_channels, geometry, n / m):
+        return None
+    dense = S.nm_unpack(values, indices, scales, n, m, columns(in_channels, geometry))
+    return _reference(x, dense, bias, in_channels, geometry)
+
+
+def _csr_decoded(x, values, cols, row_ptr, scales, bias, in_channels: int, geometry: Geometry,
+                 backend: str) -> Optional[torch.Tensor]:
+    """As _nm_decoded, for a CSR weight."""
+    rows, k = row_ptr.shape[0] - 1, columns(in_channels, geometry)
+    if not _decodes(x, backend, rows, in_channels, geometry, values.numel() / max(1, rows * k)):
+        return None
+    return _reference(x, S.csr_unpack(values, cols, row_ptr, scales, k), bias, in_channels, geometry)
+
+
 def nm_conv2d(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scales: Optional[torch.Tensor],
               bias: Optional[torch.Tensor], n: int, m: int, in_channels: int, geometry: Geometry,
               backend: str = "auto") -> torch.Tensor:
-    """conv2d(x, W) (+ bias) for an N:M packed W [out_channels, in_channels / groups * kh * kw]; float32 out."""
+    """conv2d(x, W) (+ bias) for an N:M packed W [out_channels, in_channels / groups * kh * kw];
+    float32 out."""
     fn = "nm_conv2d"
     rows = S._check_nm(values, indices, scales, n, m, columns(in_channels, geometry), fn)
     _check(x, in_channels, geometry, fn)
@@ -132,9 +151,9 @@ def nm_conv2d(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scal
     if not S._pick(backend, (x, values, indices, scales, bias), fn):
         dense = S.nm_unpack_reference(values, indices, scales, n, m, columns(in_channels, geometry))
         return _reference(xf, dense, bias, in_channels, geometry)
-    if _decodes(xf, backend, rows, in_channels, geometry, n / m):
-        return _reference(xf, S.nm_unpack(values, indices, scales, n, m, columns(in_channels, geometry)), bias, in_channels,
-                          geometry)
+    y = _nm_decoded(xf, values, indices, scales, bias, n, m, in_channels, geometry, backend)
+    if y is not None:
+        return y
     return _eager.call(_nm_conv2d, _nm_conv2d_impl, xf.contiguous(), values.contiguous(), indices.contiguous(),
                        S._c(scales), S._c(bias), n, m, [int(v) for v in geometry])
 
@@ -151,9 +170,9 @@ def csr_conv2d(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_pt
     if not S._pick(backend, (x, values, cols, row_ptr, scales, bias), fn):
         dense = S.csr_unpack_reference(values, cols, row_ptr, scales, columns(in_channels, geometry))
         return _reference(xf, dense, bias, in_channels, geometry)
-    if _decodes(xf, backend, rows, in_channels, geometry, values.numel() / max(1, rows * columns(in_channels, geometry))):
-        return _reference(xf, S.csr_unpack(values, cols, row_ptr, scales, columns(in_channels, geometry)), bias, in_channels,
-                          geometry)
+    y = _csr_decoded(xf, values, cols, row_ptr, scales, bias, in_channels, geometry, backend)
+    if y is not None:
+        return y
     return _eager.call(_csr_conv2d, _csr_conv2d_impl, xf.contiguous(), values.contiguous(), cols.contiguous(),
                        row_ptr.contiguous(), S._c(scales), S._c(bias), [int(v) for v in geometry])
 
@@ -172,11 +191,8 @@ def nm_conv2d_direct(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     the case does not hold: the caller then calls nm_conv2d."""
     if not _direct_ok(x, backend, (values, indices, scales, bias)):
         return None
-    rows, in_channels = values.shape[0], x.shape[1]
-    if _decodes(x, backend, rows, in_channels, geometry, n / m):
-        return _reference(x, S.nm_unpack(values, indices, scales, n, m, columns(in_channels, geometry)), bias, in_channels,
-                          geometry)
-    return _nm_conv2d_impl(x, values, indices, scales, bias, n, m, geometry)
+    y = _nm_decoded(x, values, indices, scales, bias, n, m, x.shape[1], geometry, backend)
+    return y if y is not None else _nm_conv2d_impl(x, values, indices, scales, bias, n, m, geometry)
 
 
 def csr_conv2d_direct(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
@@ -185,8 +201,5 @@ def csr_conv2d_direct(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
     """csr_conv2d's direct call, as nm_conv2d_direct."""
     if not _direct_ok(x, backend, (values, cols, row_ptr, scales, bias)):
         return None
-    rows, in_channels = row_ptr.shape[0] - 1, x.shape[1]
-    if _decodes(x, backend, rows, in_channels, geometry, values.numel() / max(1, rows * columns(in_channels, geometry))):
-        return _reference(x, S.csr_unpack(values, cols, row_ptr, scales, columns(in_channels, geometry)), bias, in_channels,
-                          geometry)
-    return _csr_conv2d_impl(x, values, cols, row_ptr, scales, bias, geometry)
+    y = _csr_decoded(x, values, cols, row_ptr, scales, bias, x.shape[1], geometry, backend)
+    return y if y is not None else _csr_conv2d_impl(x, values, cols, row_ptr, scales, bias, geometry)

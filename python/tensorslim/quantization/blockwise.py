@@ -554,7 +554,8 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
                                  f"forward loop run the model, or are its blocks containers the model never "
                                  f"calls itself (a ModuleList of ModuleLists)?")
         fallen = [(c.name, UNREACHED_NOTE) for c in unreached] if mode == "fallback" else []
-        kinds = {**{c.name: c.module_type for c in unreached}, **{n: type(m).__name__ for n, m in outside_layers.items()}}
+        kinds = {c.name: c.module_type for c in unreached}
+        kinds.update((n, type(m).__name__) for n, m in outside_layers.items())
         for full, why in [(n, "outside the calibrated blocks") for n in outside_layers] + fallen:
             lin = model.get_submodule(full)  # with whatever a block's edits (AWQ's folds) gave it
             mod, note = fallback(lin)
