@@ -53,6 +53,22 @@ inline TensorView view2(void* data, DType dt, int64_t rows, int64_t cols, int64_
   return v;
 }
 
+// A contiguous float32 [a, b, c, d] view.
+inline TensorView view4(void* data, int64_t a, int64_t b, int64_t c, int64_t d) {
+  TensorView v;
+  v.data = data;
+  v.dtype = DType::kFloat32;
+  v.ndim = 4;
+  const int64_t shape[4] = {a, b, c, d};
+  int64_t stride = 1;
+  for (int i = 3; i >= 0; --i) {
+    v.shape[i] = shape[i];
+    v.strides[i] = stride;
+    stride *= shape[i];
+  }
+  return v;
+}
+
 inline TensorView view1(void* data, DType dt, int64_t n) {
   TensorView v;
   v.data = data;

@@ -18,22 +18,9 @@ namespace {
 
 using testing::view1;
 using testing::view2;
+using testing::view4;
 using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using MatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-TensorView view4(float* data, int64_t a, int64_t b, int64_t c, int64_t d) {
-  TensorView v;
-  v.data = data;
-  v.ndim = 4;
-  const int64_t shape[4] = {a, b, c, d};
-  int64_t stride = 1;
-  for (int i = 3; i >= 0; --i) {
-    v.shape[i] = shape[i];
-    v.strides[i] = stride;
-    stride *= shape[i];
-  }
-  return v;
-}
 
 // A [m, n] matrix with singular values decaying like 1 / (1 + j)^decay.
 MatF decaying(int64_t m, int64_t n, double decay, uint32_t seed) {

@@ -25,6 +25,7 @@ using testing::IsaScope;
 using testing::machine_isas;
 using testing::view1;
 using testing::view2;
+using testing::view4;
 
 int vsize(DType dt) { return dtype_size(dt); }
 
@@ -47,6 +48,16 @@ std::vector<uint8_t> nm_keep(const std::vector<float>& w, int64_t N, int64_t K, 
     }
   }
   return keep;
+}
+
+// CSR row pointers of a [N, K] keep mask.
+std::vector<int64_t> row_ptr_of(const std::vector<uint8_t>& keep, int64_t N, int64_t K) {
+  std::vector<int64_t> rp(N + 1, 0);
+  for (int64_t r = 0; r < N; ++r) {
+    rp[r + 1] = rp[r];
+    for (int64_t c = 0; c < K; ++c) rp[r + 1] += keep[r * K + c];
+  }
+  return rp;
 }
 
 std::vector<uint8_t> random_keep(int64_t numel, double sparsity, uint32_t seed) {
@@ -157,11 +168,7 @@ TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
       std::vector<float> w = random_weights(N * K, ++seed);
       std::vector<uint8_t> keep = random_keep(N * K, sp, ++seed);
       Packed p;
-      p.row_ptr.assign(N + 1, 0);
-      for (int64_t r = 0; r < N; ++r) {
-        p.row_ptr[r + 1] = p.row_ptr[r];
-        for (int64_t c = 0; c < K; ++c) p.row_ptr[r + 1] += keep[r * K + c];
-      }
+      p.row_ptr = row_ptr_of(keep, N, K);
       const int64_t nnz = p.row_ptr[N];
       for (DType dt : {DType::kFloat32, DType::kInt8}) {
         p.values.assign(nnz * vsize(dt) + 1, 0);
@@ -540,21 +547,6 @@ TEST(Sparse, BadArgumentsRaise) {
   }
 }
 
-TensorView view4(void* data, int64_t a, int64_t b, int64_t c, int64_t d) {
-  TensorView v;
-  v.data = data;
-  v.dtype = DType::kFloat32;
-  v.ndim = 4;
-  const int64_t shape[4] = {a, b, c, d};
-  int64_t stride = 1;
-  for (int i = 3; i >= 0; --i) {
-    v.shape[i] = shape[i];
-    v.strides[i] = stride;
-    stride *= shape[i];
-  }
-  return v;
-}
-
 // Direct float64 convolution (one group, zero padding) of the dense [N, C*kh*kw] weight, and
 // its magnitude sum per output, laid out as out [B, N, Ho, Wo].
 Ref conv_ref(const std::vector<float>& dense, const std::vector<float>& x, const std::vector<float>& bias, int64_t B,
@@ -638,11 +630,7 @@ TEST(Sparse, ConvEveryIsaMatchesFloat64) {
       // CSR at 70% zeros
       std::vector<uint8_t> keep = random_keep(N * K, 0.7, ++seed);
       Packed p;
-      p.row_ptr.assign(N + 1, 0);
-      for (int64_t r = 0; r < N; ++r) {
-        p.row_ptr[r + 1] = p.row_ptr[r];
-        for (int64_t c = 0; c < K; ++c) p.row_ptr[r + 1] += keep[r * K + c];
-      }
+      p.row_ptr = row_ptr_of(keep, N, K);
       const int64_t nnz = p.row_ptr[N];
       p.values.assign(nnz * vsize(dt) + 1, 0);
       p.cols.assign(nnz + 1, 0);

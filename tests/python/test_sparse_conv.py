@@ -118,17 +118,21 @@ def _cnn():
                          nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10))
 
 
+def _train(model, x, y, epochs: int, lr: float) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for i in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+
+
 @pytest.fixture(scope="module")
 def trained_cnn():
     torch.manual_seed(0)
     x, y = _digits()
     model = _cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(6):
-        for i in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[i]), y[i]).backward()
-            opt.step()
+    _train(model, x, y, 6, 3e-3)
     return model.eval(), x, y
 
 
@@ -174,12 +178,7 @@ def test_pruned_and_fine_tuned_cnn_keeps_accuracy_stored_sparse(trained_cnn):
     pruned = _cnn()
     pruned.load_state_dict(model.state_dict())
     ts.prune(pruned, ts.Magnitude(0.75), progress=False)
-    opt = torch.optim.Adam(pruned.parameters(), lr=1e-3)
-    for _ in range(3):
-        for i in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(pruned(x[i]), y[i]).backward()
-            opt.step()
+    _train(pruned, x, y, 3, 1e-3)
     pruned.eval()
     with torch.no_grad():
         want = pruned(x)

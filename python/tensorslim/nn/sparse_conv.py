@@ -16,7 +16,6 @@ from torch import nn
 
 from .compute_dtype import COMPUTE_DTYPES, stored_bias
 from .int8_conv import float_geometry
-from .layer_errors import note_layer
 from .sparse_linear import CSRSparseLinear, NMSparseLinear
 
 
@@ -107,14 +106,7 @@ class _SparseConv:
         if x.dtype not in COMPUTE_DTYPES:
             raise TypeError(f"{kind}: expected a float input (float32, bfloat16 or float16), got {x.dtype}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            return self._forward(x)
-        except (ValueError, TypeError) as e:
-            note_layer(self, e)
-            raise
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # CompressedLinear.forward calls it
         self.check_input(x)
         dtype = self._compute_dtype or x.dtype
         dims = len(self.kernel_size)
