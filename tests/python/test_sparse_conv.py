@@ -250,12 +250,6 @@ def test_bad_input_and_unsupported_convs():
     reasons = {c.name: c.reason for c in report.changes}
     assert "reflect" in reasons["0"] and "same" in reasons["1"] and "Conv3d" in reasons["2"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 3))
-    report = ts.sparsify(grouped, ts.NM(2, 4, method="wanda"), calib_data=[torch.randn(2, 4, 9, 9)],
-                         progress=False)
-    rows = {c.name: c for c in report.changes}
-    assert rows["0"].action == "skipped" and "groups=2" in rows["0"].reason and "magnitude" in rows["0"].reason
-    assert rows["2"].action == "sparsified"
 
 
 @pytest.mark.parametrize("groups, C, N", [(2, 6, 70), (8, 8, 8), (4, 12, 8)], ids=["2 groups", "depthwise", "4 groups"])
@@ -396,3 +390,31 @@ def test_sparsegpt_conv1d_joint_int8():
     x = torch.randn(2, 4, 32)
     with torch.no_grad():
         assert (model(x) - ref(x)).norm() < 0.5 * ref(x).norm()
+
+
+def test_wanda_grouped_conv_scores_each_group_on_its_channels():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    w = model[0].weight.detach().reshape(6, -1).clone()  # [6, 2 * 9]: rows 0-2 read channels 0-1
+    data = [torch.randn(3, 4, 7, 7) * torch.tensor([1.0, 0.1, 4.0, 0.5])[:, None, None] for _ in range(2)]
+    norms = torch.cat([F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 36) for x in data]).double().norm(dim=0)
+    score = torch.cat([w[:3].abs().double() * norms[:18], w[3:].abs().double() * norms[18:]])
+    ts.sparsify(model, ts.NM(2, 4, method="wanda"), calib_data=data, progress=False)
+    assert torch.equal(model[0].dense_weight() != 0, ts.sparsity.masks.nm_keep(score, 2, 4))
+
+
+def test_sparsegpt_grouped_conv_equals_per_group_prune():
+    """SparseGPT on a grouped conv prunes each group's rows against its own channels' block of H:
+    the same as pruning each group as a conv of its own."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    halves = [nn.Sequential(nn.Conv2d(2, 3, 3, padding=1)) for _ in range(2)]
+    for q, half in enumerate(halves):
+        half[0].weight.data.copy_(model[0].weight[3 * q:3 * q + 3])
+        half[0].bias.data.copy_(model[0].bias[3 * q:3 * q + 3])
+    data = [torch.randn(3, 4, 7, 7) for _ in range(2)]
+    cfg = ts.Unstructured(0.5, method="sparsegpt")
+    ts.sparsify(model, cfg, calib_data=data, progress=False)
+    for q, half in enumerate(halves):
+        ts.sparsify(half, cfg, calib_data=[x[:, 2 * q:2 * q + 2] for x in data], progress=False)
+        assert torch.allclose(model[0].dense_weight()[3 * q:3 * q + 3], half[0].dense_weight(), atol=1e-6)

@@ -9,7 +9,7 @@ kernel that skips the zeros.
 Linear layers, and transformers' Conv1D (GPT-2) as the nn.Linear it is, become NMSparseLinear /
 CSRSparseLinear; nn.Conv2d / nn.Conv1d (zero padding) become NMSparseConv2d /
 CSRSparseConv2d (NMSparseConv1d / CSRSparseConv1d), Wanda and SparseGPT calibrating them on
-their input patches; any other layer holding a weight matrix
+their input patches (grouped convs group by group); any other layer holding a weight matrix
 is reported as skipped. On any error
 the model is left exactly as it was.
 """
@@ -46,9 +46,6 @@ def _check(cfg, conv1d_names: set):
             why = conv_supported(mod)
             if why:
                 return why
-            if mod.groups > 1 and getattr(cfg, "needs_data", False):
-                return (f"groups={mod.groups}: {cfg.method} takes its statistics per layer, not per group; "
-                        "method='magnitude' sparsifies grouped convs")
             columns = mod.weight[0].numel()
             if not isinstance(cfg, NM) and getattr(cfg, "layout", "csr") != "nm" and columns > CSR_MAX_COLUMNS:
                 return (f"in_channels * kernel size = {columns} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit "

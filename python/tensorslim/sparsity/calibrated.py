@@ -5,7 +5,9 @@ and the next block is calibrated on the pruned block's outputs.
 Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2 (the input feature's L2 norm over the
 calibration tokens), compared within each output row (unstructured) or each group of m (n:m);
 no weight update. A convolution's input features are its input patches' entries (channel,
-kernel row, kernel column: token_mask.layer_rows), one row per output position.
+kernel row, kernel column: token_mask.layer_rows), one row per output position; a grouped
+conv's output channels are scored (Wanda) or pruned (SparseGPT, against H's diagonal block)
+group by group, each on its own channels' entries.
 SparseGPT (Frantar & Alistarh, 2023): H = 2/n * sum x x^T per layer, then the C++ column
 sweep (ops.sparsegpt) chooses the mask and updates the kept weights to compensate.
 """
@@ -26,7 +28,7 @@ from .uncalibrated import magnitude_keep
 
 def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Dict[str, torch.Tensor]:
     """||X_j||_2 per input feature of each target over the block's calibration tokens (float64)."""
-    sums = {n: torch.zeros(m.weight[0].numel(), dtype=torch.float64) for n, m in targets.items()}
+    sums = {n: torch.zeros(_patch_width(m), dtype=torch.float64) for n, m in targets.items()}
     stop = StopAtLastCall()  # the block's output is not used
 
     def hook(name):
@@ -52,6 +54,19 @@ def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs
     return {n: s.sqrt() for n, s in sums.items()}
 
 
+def _patch_width(layer: nn.Module) -> int:
+    """Columns of token_mask.layer_rows for the layer: a grouped conv's patches span every group."""
+    return layer.weight[0].numel() * getattr(layer, "groups", 1)
+
+
+def _groups(layer: nn.Module):
+    """(rows, columns of the layer's statistics) per group of a grouped conv: output channels
+    [q * N/g, (q+1) * N/g) read only group q's patch entries. One group for the others."""
+    g = getattr(layer, "groups", 1)
+    rows, cols = layer.weight.shape[0] // g, layer.weight[0].numel()
+    return [(slice(q * rows, (q + 1) * rows), slice(q * cols, (q + 1) * cols)) for q in range(g)]
+
+
 def _layout(cfg: _Sparse):
     return ("nm", cfg.n, cfg.m) if isinstance(cfg, NM) else ("csr", 0, 0)
 
@@ -64,7 +79,7 @@ def wanda_block(cfg: _Sparse):
         new = {}
         for name, lin in targets.items():
             w, bias = dense_linear(lin)
-            score = w.abs().double().cpu() * norms[name][None, :]
+            score = torch.cat([w[r].abs().double().cpu() * norms[name][None, c] for r, c in _groups(lin)])
             keep = nm_keep(score, n, m) if layout == "nm" else row_keep(score, cfg.sparsity)
             mod = _build(layout, lin, w, keep.to(w.device), bias, cfg, n, m)
             new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}")
@@ -82,13 +97,19 @@ def sparsegpt_block(cfg: _Sparse):
         new = {}
         for name, lin in targets.items():
             w, bias = dense_linear(lin)
+            h = stats.hessians.pop(name)
             with errors_named(f"layer '{name}'" if name else ""):
-                res = S.sparsegpt_prune(w, stats.hessians.pop(name), n, m, getattr(cfg, "sparsity", 0.0), bits,
-                                        cfg.block_size, cfg.damp, cfg.backend if cfg.backend == "reference" else "auto")
-            if res.damp_used > cfg.damp:
-                warn_damping(name, cfg.damp, res.damp_used)
-            weight = res.weight.to(device=w.device)
-            mod = _build(layout, lin, weight, res.keep.to(w.device), bias, cfg, n, m, res.scales)
+                # a grouped conv: each group's rows against its own block of H
+                parts = [S.sparsegpt_prune(w[r], h[c, c], n, m, getattr(cfg, "sparsity", 0.0), bits, cfg.block_size,
+                                           cfg.damp, cfg.backend if cfg.backend == "reference" else "auto")
+                         for r, c in _groups(lin)]
+            damp_used = max(p.damp_used for p in parts)
+            if damp_used > cfg.damp:
+                warn_damping(name, cfg.damp, damp_used)
+            weight = torch.cat([p.weight for p in parts]).to(device=w.device)
+            keep = torch.cat([p.keep for p in parts]).to(w.device)
+            scales = torch.cat([p.scales for p in parts]) if bits else None
+            mod = _build(layout, lin, weight, keep, bias, cfg, n, m, scales)
             new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}" + (" joint" if bits else ""))
         return new
 
