@@ -683,6 +683,8 @@ TEST(Sparse, ConvBadArgumentsRaise) {
   EXPECT_THROW(conv(view4(x.data(), 1, 2, 5, 5), view4(y.data(), 1, 3, 5, 5), zero_stride, 4096), ValueError);
   const ConvGeometry three_groups{3, 3, 1, 1, 1, 1, 1, 1, 3};  // 3 does not divide the 2 input channels
   EXPECT_THROW(conv(view4(x.data(), 1, 2, 5, 5), view4(y.data(), 1, 3, 5, 5), three_groups, 4096), ValueError);
+  const ConvGeometry two_groups{3, 3, 1, 1, 1, 1, 1, 1, 2};  // divides the 2 input channels, not the 3 outputs
+  EXPECT_THROW(conv(view4(x.data(), 1, 2, 5, 5), view4(y.data(), 1, 3, 5, 5), two_groups, 4096), ValueError);
   c[2] = 18;  // a column >= C * kh * kw = 18, on every ISA
   IsaScope guard;
   for (cpu::Isa isa : machine_isas()) {

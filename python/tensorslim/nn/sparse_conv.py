@@ -60,14 +60,9 @@ class _SparseConv:
     @classmethod
     def _from(cls, conv: nn.Module, linear) -> "_SparseConv":
         """The conv module holding `linear`'s packed buffers (made from conv's weight matrix)."""
-        mod = cls.__new__(cls)
-        nn.Module.__init__(mod)
-        for k, v in vars(linear).items():  # in_features, n, m, values_dtype, backend, ...
-            if not k.startswith("_") and k != "training":
-                object.__setattr__(mod, k, v)
-        for k, v in linear._buffers.items():
-            mod.register_buffer(k, v)
-        mod._set_geometry(float_geometry(conv))
+        mod = cls.from_spec({**linear.spec(), "geometry": float_geometry(conv)}, device="meta")
+        mod.backend = linear.backend
+        mod._buffers.update(linear._buffers)
         return mod
 
     def kernel_geometry(self) -> tuple:

@@ -42,17 +42,14 @@ def _check(cfg, conv1d_names: set):
             kind = "Conv1D" if name in conv1d_names else type(mod).__name__
             raise ValueError(f"layer '{name}' ({kind}): weight contains NaN or Inf; it cannot be ranked or "
                              "stored sparse")
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            why = conv_supported(mod)
-            if why:
-                return why
-            columns = mod.weight[0].numel()
-            if not isinstance(cfg, NM) and getattr(cfg, "layout", "csr") != "nm" and columns > CSR_MAX_COLUMNS:
-                return (f"in_channels * kernel size = {columns} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit "
-                        "column offsets")
-            return None
-        if getattr(cfg, "layout", "") == "csr" and mod.in_features > CSR_MAX_COLUMNS:
-            return f"in_features {mod.in_features} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column offsets"
+        conv = isinstance(mod, (nn.Conv1d, nn.Conv2d))
+        if conv and (why := conv_supported(mod)):
+            return why
+        # the stored matrix's columns: in_features, or a conv's in_channels / groups * kernel size
+        width, what = (mod.weight[0].numel(), "in_channels / groups * kernel size") if conv else \
+            (mod.in_features, "in_features")
+        if getattr(cfg, "layout", "") == "csr" and width > CSR_MAX_COLUMNS:
+            return f"{what} {width} > {CSR_MAX_COLUMNS} does not fit CSR's 16-bit column offsets"
         return None
     return check
 

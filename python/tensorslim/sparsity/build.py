@@ -15,16 +15,19 @@ def dense_linear(mod: nn.Module):
     return w.reshape(w.shape[0], -1), (mod.bias.detach() if mod.bias is not None else None)
 
 
-def build_conv(layout: str, conv: nn.Module, keep: torch.Tensor, values: str, backend: str, n: int = 0,
-               m: int = 0, weight: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None) -> nn.Module:
-    """The sparse conv storing conv's weight (or `weight`, SparseGPT's updated one) * keep, both
-    shaped as the [out, in * kernel] matrix; scales as build's."""
-    w, bias = dense_linear(conv)
+def build_layer(layout: str, layer: nn.Module, keep: torch.Tensor, values: str, backend: str, n: int = 0,
+                m: int = 0, weight: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None) -> nn.Module:
+    """The sparse module storing layer's weight (or `weight`, SparseGPT's updated one) * keep, both
+    as the [out, columns] matrix dense_linear gives; scales as build's. A Conv1d / Conv2d becomes
+    the sparse conv holding that matrix, a linear the sparse linear."""
+    w, bias = dense_linear(layer)
     linear = build(layout, w if weight is None else weight, keep, bias, values, backend, n, m, scales)
-    one_d = type(conv) is nn.Conv1d
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return linear
+    one_d = type(layer) is nn.Conv1d
     cls = {("nm", False): NMSparseConv2d, ("nm", True): NMSparseConv1d,
            ("csr", False): CSRSparseConv2d, ("csr", True): CSRSparseConv1d}[(layout, one_d)]
-    return cls._from(conv, linear)
+    return cls._from(layer, linear)
 
 
 def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[torch.Tensor], values: str,

@@ -20,7 +20,7 @@ from ..ops import sparsegpt as S
 from ..quantization.blockwise import Edits, Inputs, StopAtLastCall, calibrate_blockwise, errors_named, warn_damping
 from ..quantization import token_mask
 from ..quantization.gptq import accumulate_hessians
-from .build import build, build_conv, dense_linear
+from .build import build_layer, dense_linear
 from .config import NM, _Sparse
 from .masks import nm_keep, row_keep
 from .uncalibrated import magnitude_keep
@@ -78,10 +78,10 @@ def wanda_block(cfg: _Sparse):
         norms = _input_norms(block, targets, inputs)
         new = {}
         for name, lin in targets.items():
-            w, bias = dense_linear(lin)
+            w, _ = dense_linear(lin)
             score = torch.cat([w[r].abs().double().cpu() * norms[name][None, c] for r, c in _groups(lin)])
             keep = nm_keep(score, n, m) if layout == "nm" else row_keep(score, cfg.sparsity)
-            mod = _build(layout, lin, w, keep.to(w.device), bias, cfg, n, m)
+            mod = build_layer(layout, lin, keep.to(w.device), cfg.values, cfg.backend, n, m)
             new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}")
         return new
 
@@ -96,7 +96,7 @@ def sparsegpt_block(cfg: _Sparse):
         stats = accumulate_hessians(block, targets, inputs)
         new = {}
         for name, lin in targets.items():
-            w, bias = dense_linear(lin)
+            w, _ = dense_linear(lin)
             h = stats.hessians.pop(name)
             with errors_named(f"layer '{name}'" if name else ""):
                 # a grouped conv: each group's rows against its own block of H
@@ -109,7 +109,7 @@ def sparsegpt_block(cfg: _Sparse):
             weight = torch.cat([p.weight for p in parts]).to(device=w.device)
             keep = torch.cat([p.keep for p in parts]).to(w.device)
             scales = torch.cat([p.scales for p in parts]) if bits else None
-            mod = _build(layout, lin, weight, keep, bias, cfg, n, m, scales)
+            mod = build_layer(layout, lin, keep, cfg.values, cfg.backend, n, m, weight, scales)
             new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}" + (" joint" if bits else ""))
         return new
 
@@ -121,8 +121,8 @@ def sparsify_calibrated(model: nn.Module, cfg: _Sparse, forward_loop, check, pro
     layout, n, m = _layout(cfg)
 
     def outside(lin: nn.Module):  # a layer outside every block: magnitude, which needs no data
-        w, bias = dense_linear(lin)
-        mod = _build(layout, lin, w, magnitude_keep(w, cfg), bias, cfg, n, m)
+        w, _ = dense_linear(lin)
+        mod = build_layer(layout, lin, magnitude_keep(w, cfg), cfg.values, cfg.backend, n, m)
         return mod, f"{cfg.describe().replace(cfg.method, 'magnitude')} {mod.values_dtype}"
 
     return calibrate_blockwise(model, cfg, forward_loop, None, step, check, cfg.method, feed_quantized=True,
@@ -131,9 +131,3 @@ def sparsify_calibrated(model: nn.Module, cfg: _Sparse, forward_loop, check, pro
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # convs: statistics over their input patches
 
-
-def _build(layout: str, layer: nn.Module, weight, keep, bias, cfg: _Sparse, n: int, m: int, scales=None):
-    """The sparse module for `layer` (a linear or a conv; weight and keep as [out, columns])."""
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        return build_conv(layout, layer, keep, cfg.values, cfg.backend, n, m, weight, scales)
-    return build(layout, weight, keep, bias, cfg.values, cfg.backend, n, m, scales=scales)

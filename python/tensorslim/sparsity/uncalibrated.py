@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..pruning.unstructured import _mask_for
-from .build import build, build_conv, dense_linear
+from .build import build_layer, dense_linear
 from .config import NM, SparseStorage, _Sparse
 from .masks import fits_nm, nm_keep
 
@@ -22,13 +22,9 @@ def magnitude_keep(w: torch.Tensor, cfg: _Sparse) -> torch.Tensor:
 
 
 def magnitude_layer(name: str, lin: nn.Module, cfg: _Sparse) -> Tuple[nn.Module, str]:
-    w, bias = dense_linear(lin)
+    w, _ = dense_linear(lin)
     layout, n, m = ("nm", cfg.n, cfg.m) if isinstance(cfg, NM) else ("csr", 0, 0)
-    keep = magnitude_keep(w, cfg)
-    if isinstance(lin, (nn.Conv1d, nn.Conv2d)):
-        mod = build_conv(layout, lin, keep, cfg.values, cfg.backend, n, m)
-    else:
-        mod = build(layout, w, keep, bias, cfg.values, cfg.backend, n, m)
+    mod = build_layer(layout, lin, magnitude_keep(w, cfg), cfg.values, cfg.backend, n, m)
     return mod, f"{cfg.describe()} {mod.values_dtype}"
 
 
@@ -45,7 +41,7 @@ def storage_layout(w: torch.Tensor, cfg: SparseStorage) -> Optional[Tuple[str, i
 
 
 def storage_layer(name: str, lin: nn.Module, cfg: SparseStorage) -> Tuple[nn.Module, str]:
-    w, bias = dense_linear(lin)
+    w, _ = dense_linear(lin)
     found = storage_layout(w, cfg)
     if found is None:
         raise ValueError(f"its zeros do not follow the {cfg.n}:{cfg.m} pattern (some group of {cfg.m} keeps "
@@ -55,8 +51,5 @@ def storage_layer(name: str, lin: nn.Module, cfg: SparseStorage) -> Tuple[nn.Mod
         raise ValueError(f"its zeros fit no n:m pattern, and CSR stores float32 or int8 values, not {cfg.values}")
     what = f"{n}:{m}" if layout == "nm" else "csr"
     zeros = float((w == 0).sum()) / max(1, w.numel())
-    if isinstance(lin, (nn.Conv1d, nn.Conv2d)):
-        mod = build_conv(layout, lin, w != 0, cfg.values, cfg.backend, n, m)
-    else:
-        mod = build(layout, w, w != 0, bias, cfg.values, cfg.backend, n, m)
+    mod = build_layer(layout, lin, w != 0, cfg.values, cfg.backend, n, m)
     return mod, f"{what} {mod.values_dtype} (as is, {zeros:.1%} zeros)"

@@ -431,9 +431,9 @@ void run_conv2d(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
                 const TensorView& out, const TensorView& workspace, const char* fn) {
   check_tensor(x, DType::kFloat32, 4, fn, "x");
   const int64_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
-  TS_CHECK_VALUE(g.groups >= 1 && C % g.groups == 0 && w.N % g.groups == 0,
-                 std::string(fn) + ": groups = " + to_string(g.groups) + " must divide the " + to_string(C) +
-                     " input and " + to_string(w.N) + " output channels");
+  // conv_columns checked that groups divides C
+  TS_CHECK_VALUE(w.N % g.groups == 0, std::string(fn) + ": groups = " + to_string(g.groups) +
+                                          " must divide the " + to_string(w.N) + " output channels");
   const int64_t Cg = C / g.groups, Ng = w.N / g.groups;  // per group
   TS_CHECK_VALUE(Cg * g.kh * g.kw == w.K, std::string(fn) + ": x has " + to_string(C) + " channels in " +
                                               to_string(g.groups) + " group(s), so " + to_string(Cg * g.kh * g.kw) +
