@@ -4,7 +4,10 @@
 //
 // N:M ("nm"), m in {4, 8}, 1 <= n < m: G = ceil(K / m) groups of m columns per row, each
 // storing exactly n slots.
-//   values  [N, G*n]  float32 / bfloat16 / float16 / int8 (int8: w ~= code * scales[row])
+//   values  [N, G*n]  float32 / bfloat16 / float16 / int8 (int8: w ~= code * scales[row]), or
+//           uint8 [N, ceil(G*n / 2)]: int4 codes in [-7, 7], two's complement, slot j in the
+//           low nibble of byte j / 2 when j is even, the high one when odd (w ~= code * scales[row]);
+//           a row with an odd slot count leaves its last high nibble 0
 //   indices [N, ceil(G*n*b / 8)] uint8, b = 2 (m = 4) or 3 (m = 8): per row a little-endian
 //           bit stream (LSB first) of the in-group positions, slot after slot, strictly
 //           increasing within a group; unused bits 0.
@@ -15,9 +18,9 @@
 // CSR ("csr"): values [nnz] float32 / int8 (+ scales [N]), cols uint16 [nnz] (K <= 65536),
 // row_ptr int64 [N+1]; row r is entries row_ptr[r] .. row_ptr[r+1]-1, columns increasing.
 //
-// Packing takes the dense float32 weight and a uint8 keep mask (nonzero = keep). int8 values
-// are symmetric per row: scale = max|kept| / 127 (1 for a row with nothing nonzero kept),
-// code = clamp(round_half_even(w / scale), -127, 127), all in float32.
+// Packing takes the dense float32 weight and a uint8 keep mask (nonzero = keep). int8 / int4
+// values are symmetric per row: scale = max|kept| / qmax (qmax 127 / 7; 1 for a row with
+// nothing nonzero kept), code = clamp(round_half_even(w / scale), -qmax, qmax), all in float32.
 //
 // Linears: y[M, N] = x[M, K] @ W^T (+ bias[N]), x float32 with contiguous rows, y float32.
 // Batches over 1 row may run on transposed activations and need a float32 workspace of
@@ -34,7 +37,7 @@ int nm_index_bits(int m);                             // 2 for m = 4, 3 for m = 
 int64_t nm_slots(int64_t K, int n, int m);            // G * n, slots per row
 int64_t nm_index_bytes(int64_t K, int n, int m);      // indices bytes per row
 
-// scales: float32 [N] output for int8 values, else nullptr.
+// scales: float32 [N] output for int8 / int4 values, else nullptr.
 void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const TensorView& values,
              const TensorView& indices, const TensorView* scales);
 // out: float32 [N, K]; the dense weight the packed form stands for.

@@ -112,7 +112,8 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
   IsaScope guard;
   const std::pair<int, int> nms[] = {{2, 4}, {1, 4}, {3, 4}, {4, 8}, {2, 8}, {1, 8}, {3, 8}, {5, 8}, {6, 8}, {7, 8}};
   const int64_t shapes[][2] = {{1, 7}, {5, 33}, {17, 64}, {9, 101}, {3, 4}, {33, 257}};
-  const DType dts[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kInt8};
+  // uint8: int4 codes, two per byte
+  const DType dts[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kInt8, DType::kUInt8};
   uint32_t seed = 1;
   for (auto [n, m] : nms) {
     for (auto& s : shapes) {
@@ -122,16 +123,17 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
         std::vector<uint8_t> keep = nm_keep(w, N, K, n, m, sp, ++seed);
         for (DType dt : dts) {
           const int64_t S = nm_slots(K, n, m), B = nm_index_bytes(K, n, m);
+          const int64_t VC = dt == DType::kUInt8 ? (S + 1) / 2 : S;  // value columns
           Packed p;
-          p.values.resize(N * S * vsize(dt));
+          p.values.resize(N * VC * vsize(dt));
           p.indices.resize(N * B);
           p.scales.resize(N);
           TensorView sv = view1(p.scales.data(), DType::kFloat32, N);
-          const TensorView* sc = dt == DType::kInt8 ? &sv : nullptr;
+          const TensorView* sc = dt == DType::kInt8 || dt == DType::kUInt8 ? &sv : nullptr;
           nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), n, m,
-                  values_view(p, dt, N, S), view2(p.indices.data(), DType::kUInt8, N, B), sc);
+                  values_view(p, dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), sc);
           std::vector<float> dense(N * K);
-          nm_unpack(values_view(p, dt, N, S), view2(p.indices.data(), DType::kUInt8, N, B), sc, n, m,
+          nm_unpack(values_view(p, dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), sc, n, m,
                     view2(dense.data(), DType::kFloat32, N, K));
           for (int64_t M : {0, 1, 3, 5, 8, 17, 64}) {
             std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
@@ -142,7 +144,7 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
               cpu::set_isa(isa);
               std::vector<float> y(M * N, NAN);
               TensorView bv = view1(bias.data(), DType::kFloat32, N);
-              nm_linear(view2(x.data(), DType::kFloat32, M, K), values_view(p, dt, N, S),
+              nm_linear(view2(x.data(), DType::kFloat32, M, K), values_view(p, dt, N, VC),
                         view2(p.indices.data(), DType::kUInt8, N, B), sc, &bv, n, m,
                         view2(y.data(), DType::kFloat32, M, N), &wsv);
               expect_close(y, ref,
@@ -485,6 +487,47 @@ TEST(Sparse, Int8ValuesFollowTheRule) {
   for (int j = 0; j < 8; ++j) EXPECT_EQ(codes[2 * 8 + j], 0);
 }
 
+TEST(Sparse, Int4ValuesFollowTheRule) {
+  // 1:4 over K = 19: 5 slots per row (odd), so each row is 3 bytes with its last high nibble 0.
+  const int64_t N = 3, K = 19, S = 5, VC = 3;
+  std::vector<float> w = random_weights(N * K, 7);
+  std::vector<uint8_t> keep = nm_keep(w, N, K, 1, 4, 0.0, 8);
+  for (int64_t c = 0; c < K; ++c) keep[2 * K + c] = 0;  // an empty row: scale 1, codes 0
+  std::vector<uint8_t> codes(N * VC, 0xff), idx(N * nm_index_bytes(K, 1, 4));
+  std::vector<float> scales(N);
+  TensorView sv = view1(scales.data(), DType::kFloat32, N);
+  TensorView cv = view2(codes.data(), DType::kUInt8, N, VC), iv = view2(idx.data(), DType::kUInt8, N, 2);
+  nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), 1, 4, cv, iv, &sv);
+  auto code_at = [&](int64_t r, int64_t j) {
+    const int u = (codes[r * VC + j / 2] >> (4 * (j % 2))) & 15;
+    return u >= 8 ? u - 16 : u;
+  };
+  for (int64_t r = 0; r < N; ++r) {
+    float amax = 0.0f;
+    for (int64_t c = 0; c < K; ++c) amax = keep[r * K + c] ? std::max(amax, std::fabs(w[r * K + c])) : amax;
+    const float scale = amax > 0 ? amax / 7.0f : 1.0f;
+    EXPECT_EQ(scales[r], scale);
+    int64_t j = 0;
+    for (int64_t c = 0; c < K; ++c) {
+      if (!keep[r * K + c]) continue;
+      const float want = std::min(7.0f, std::max(-7.0f, std::nearbyint(w[r * K + c] / scale)));
+      EXPECT_EQ(code_at(r, j++), static_cast<int>(want)) << "row " << r << " column " << c;
+    }
+    EXPECT_EQ(j, r < 2 ? S : 0);
+    EXPECT_EQ(codes[r * VC + VC - 1] >> 4, 0) << "row " << r << ": the pad nibble";
+  }
+  EXPECT_EQ(scales[2], 1.0f);
+  for (int64_t j = 0; j < S; ++j) EXPECT_EQ(code_at(2, j), 0);
+  // values of the int8 shape are refused for int4 codes
+  std::vector<uint8_t> wide(N * S);
+  EXPECT_THROW(nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), 1, 4,
+                       view2(wide.data(), DType::kUInt8, N, S), iv, &sv),
+               ValueError);
+  EXPECT_THROW(nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), 1, 4, cv, iv,
+                       nullptr),
+               ValueError);
+}
+
 TEST(Sparse, BadArgumentsRaise) {
   std::vector<float> w(2 * 8, 1.0f), values(16);
   std::vector<uint8_t> keep(16, 1), idx(16);
@@ -623,10 +666,27 @@ TEST(Sparse, ConvEveryIsaMatchesFloat64) {
         if (::testing::Test::HasFatalFailure()) return;
       }
     };
-    for (DType dt : {DType::kFloat32, DType::kInt8}) {
+    for (DType dt : {DType::kFloat32, DType::kInt8, DType::kUInt8}) {  // uint8: int4 codes (n:m only)
       std::vector<float> scales(N);
       TensorView sv = view1(scales.data(), DType::kFloat32, N);
-      const TensorView* sc = dt == DType::kInt8 ? &sv : nullptr;
+      const TensorView* sc = dt == DType::kFloat32 ? nullptr : &sv;
+      for (auto nm : {std::pair<int, int>{2, 4}, std::pair<int, int>{1, 8}}) {
+        const int n = nm.first, m = nm.second;
+        const int64_t S = nm_slots(K, n, m), VC = dt == DType::kUInt8 ? (S + 1) / 2 : S;
+        std::vector<uint8_t> nkeep = nm_keep(w, N, K, n, m, 0.0, ++seed);
+        Packed q;
+        q.values.assign(N * VC * vsize(dt), 0);
+        q.indices.assign(N * nm_index_bytes(K, n, m), 0);
+        TensorView qv = values_view(q, dt, N, VC),
+                   iv = view2(q.indices.data(), DType::kUInt8, N, nm_index_bytes(K, n, m));
+        nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(nkeep.data(), DType::kUInt8, N, K), n, m, qv, iv, sc);
+        std::vector<float> ndense(N * K);
+        nm_unpack(qv, iv, sc, n, m, view2(ndense.data(), DType::kFloat32, N, K));
+        check(ndense, std::to_string(n) + ":" + std::to_string(m) + " " + dtype_name(dt),
+              [&](TensorView out) { nm_conv2d(xv, qv, iv, sc, &bv, n, m, g, out, wsv); });
+        if (HasFatalFailure()) return;
+      }
+      if (dt == DType::kUInt8) continue;
       // CSR at 70% zeros
       std::vector<uint8_t> keep = random_keep(N * K, 0.7, ++seed);
       Packed p;
@@ -642,21 +702,6 @@ TEST(Sparse, ConvEveryIsaMatchesFloat64) {
       check(dense, std::string("csr ") + dtype_name(dt),
             [&](TensorView out) { csr_conv2d(xv, vv, cv, rv, sc, &bv, g, out, wsv); });
       if (HasFatalFailure()) return;
-      for (auto nm : {std::pair<int, int>{2, 4}, std::pair<int, int>{1, 8}}) {
-        const int n = nm.first, m = nm.second;
-        std::vector<uint8_t> nkeep = nm_keep(w, N, K, n, m, 0.0, ++seed);
-        Packed q;
-        q.values.assign(N * nm_slots(K, n, m) * vsize(dt), 0);
-        q.indices.assign(N * nm_index_bytes(K, n, m), 0);
-        TensorView qv = values_view(q, dt, N, nm_slots(K, n, m)),
-                   iv = view2(q.indices.data(), DType::kUInt8, N, nm_index_bytes(K, n, m));
-        nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(nkeep.data(), DType::kUInt8, N, K), n, m, qv, iv, sc);
-        std::vector<float> ndense(N * K);
-        nm_unpack(qv, iv, sc, n, m, view2(ndense.data(), DType::kFloat32, N, K));
-        check(ndense, std::to_string(n) + ":" + std::to_string(m) + " " + dtype_name(dt),
-              [&](TensorView out) { nm_conv2d(xv, qv, iv, sc, &bv, n, m, g, out, wsv); });
-        if (HasFatalFailure()) return;
-      }
     }
   }
 }

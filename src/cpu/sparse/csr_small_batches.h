@@ -52,7 +52,7 @@ inline typename Lanes<ST>::V value_bcast(const void* values, int64_t e) {
 template <DType VT>
 inline bool step16_ready(const SparseWeight& w, int64_t e, __m256i last_col) {
   if (!cols16_at_most(w.cols + e, last_col)) return false;
-  prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 16 * kValueBytes<VT>);
+  prefetch_ahead(static_cast<const char*>(w.values) + value_bytes<VT>(e), value_bytes<VT>(16));
   if (e % 32 < 16) prefetch_ahead(w.cols + e, 64);  // a line of columns per 32 entries
   return true;
 }

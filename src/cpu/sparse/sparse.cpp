@@ -42,23 +42,34 @@ bool float_values(DType dt) {
   return dt == DType::kFloat32 || dt == DType::kBFloat16 || dt == DType::kFloat16;
 }
 
-// values dtype (nm: float32/bf16/f16/int8, csr: float32/int8) and the scales that go with it.
+using cpu::kInt4Values;
+
+bool code_values(DType dt) { return dt == DType::kInt8 || dt == kInt4Values; }
+
+// values dtype (nm: float32/bf16/f16/int8/uint8 = int4 codes, csr: float32/int8) and the
+// scales that go with it.
 void check_values_scales(const TensorView& values, const TensorView* scales, int64_t N, bool csr,
                          const char* fn) {
   const bool ok = csr ? (values.dtype == DType::kFloat32 || values.dtype == DType::kInt8)
-                      : (float_values(values.dtype) || values.dtype == DType::kInt8);
+                      : (float_values(values.dtype) || code_values(values.dtype));
   TS_CHECK_TYPE(ok, std::string(fn) + ": values must be " +
-                        (csr ? "float32 or int8" : "float32, bfloat16, float16 or int8") + ", got " +
-                        dtype_name(values.dtype));
-  if (values.dtype == DType::kInt8) {
-    TS_CHECK_VALUE(scales != nullptr, std::string(fn) + ": int8 values need per-row float32 scales");
+                        (csr ? "float32 or int8" : "float32, bfloat16, float16, int8 or uint8 (int4 codes)") +
+                        ", got " + dtype_name(values.dtype));
+  if (code_values(values.dtype)) {
+    TS_CHECK_VALUE(scales != nullptr, std::string(fn) + ": integer values need per-row float32 scales");
     check_tensor(*scales, DType::kFloat32, 1, fn, "scales");
     TS_CHECK_VALUE(scales->shape[0] == N, std::string(fn) + ": scales must have " + to_string(N) +
                                               " elements, got " + shape_str(*scales));
   } else {
-    TS_CHECK_VALUE(scales == nullptr, std::string(fn) + ": scales are only for int8 values, got " +
+    TS_CHECK_VALUE(scales == nullptr, std::string(fn) + ": scales are only for int8 / int4 values, got " +
                                           dtype_name(values.dtype) + " values");
   }
+}
+
+// The signed int4 code of slot i: the low nibble of byte i / 2 for even i, the high one for odd.
+int int4_at(const uint8_t* p, int64_t i) {
+  const int u = (p[i >> 1] >> (4 * (i & 1))) & 0x0f;
+  return u >= 8 ? u - 16 : u;
 }
 
 float value_at(const cpu::SparseWeight& w, int64_t i) {
@@ -66,6 +77,7 @@ float value_at(const cpu::SparseWeight& w, int64_t i) {
     case DType::kFloat32: return static_cast<const float*>(w.values)[i];
     case DType::kBFloat16: return cpu::bf16_to_float(static_cast<const uint16_t*>(w.values)[i]);
     case DType::kFloat16: return cpu::f16_to_float(static_cast<const uint16_t*>(w.values)[i]);
+    case kInt4Values: return static_cast<float>(int4_at(static_cast<const uint8_t*>(w.values), i));
     default: return static_cast<float>(static_cast<const int8_t*>(w.values)[i]);
   }
 }
@@ -75,17 +87,27 @@ void store_value(const TensorView& values, int64_t i, float v) {
     case DType::kFloat32: values.ptr<float>()[i] = v; break;
     case DType::kBFloat16: values.ptr<uint16_t>()[i] = cpu::float_to_bf16(v); break;
     case DType::kFloat16: values.ptr<uint16_t>()[i] = cpu::float_to_f16(v); break;
+    case kInt4Values: {  // v is a code in [-7, 7]; the byte was zeroed first
+      values.ptr<uint8_t>()[i >> 1] |= static_cast<uint8_t>((static_cast<int>(v) & 0x0f) << (4 * (i & 1)));
+      break;
+    }
     default: values.ptr<int8_t>()[i] = static_cast<int8_t>(v);  // v is an integer code already
   }
 }
 
-// The int8 code of w under scale (the packing spec, in float32).
-float int8_code(float w, float scale) {
+// The largest code of integer values: 127 (int8) or 7 (int4).
+float code_max(DType dt) { return dt == kInt4Values ? 7.0f : 127.0f; }
+
+// The integer code of w under scale (the packing spec, in float32).
+float int_code(float w, float scale, float qmax) {
   const float q = std::nearbyint(w / scale);  // default rounding mode: half to even
-  return std::min(127.0f, std::max(-127.0f, q));
+  return std::min(qmax, std::max(-qmax, q));
 }
 
-float row_scale(float amax) { return amax > 0.0f ? amax / 127.0f : 1.0f; }
+float row_scale(float amax, float qmax) { return amax > 0.0f ? amax / qmax : 1.0f; }
+
+// Values per row of N:M storage: int4 rows start on a byte.
+int64_t nm_value_stride(int64_t slots, DType dt) { return dt == kInt4Values ? (slots + 1) / 2 * 2 : slots; }
 
 int nm_pos(const uint8_t* row, int64_t j, int b) {
   const int64_t bit = j * b;
@@ -114,10 +136,12 @@ cpu::SparseWeight nm_weight(const TensorView& values, const TensorView& indices,
   check_cpu(values, fn, "values");
   check_values_scales(values, scales, N, false, fn);
   const int64_t S = nm_slots(K, n, m), B = nm_index_bytes(K, n, m);
-  TS_CHECK_VALUE(values.ndim == 2 && values.shape[0] == N && values.shape[1] == S,
-                 std::string(fn) + ": values must be [" + to_string(N) + ", " + to_string(S) +
+  const int64_t VS = nm_value_stride(S, values.dtype), VC = values.dtype == kInt4Values ? VS / 2 : S;
+  TS_CHECK_VALUE(values.ndim == 2 && values.shape[0] == N && values.shape[1] == VC,
+                 std::string(fn) + ": values must be [" + to_string(N) + ", " + to_string(VC) +
                      "] for " + to_string(n) + ":" + to_string(m) + " with in_features " + to_string(K) +
-                     ", got " + shape_str(values));
+                     (values.dtype == kInt4Values ? " (two int4 codes per byte)" : "") + ", got " +
+                     shape_str(values));
   check_tensor(indices, DType::kUInt8, 2, fn, "indices");
   TS_CHECK_VALUE(indices.shape[0] == N && indices.shape[1] == B,
                  std::string(fn) + ": indices must be [" + to_string(N) + ", " + to_string(B) + "], got " +
@@ -132,6 +156,7 @@ cpu::SparseWeight nm_weight(const TensorView& values, const TensorView& indices,
   w.m = m;
   w.b = nm_index_bits(m);
   w.slots = S;
+  w.val_stride = VS;
   w.idx_row_bytes = B;
   w.indices = indices.ptr<uint8_t>();
   w.idx_end = w.indices + N * B;
@@ -215,7 +240,7 @@ int64_t unpack_row_grain(int64_t K) { return std::max<int64_t>(1, (int64_t{1} <<
                                    ", group " + to_string(g) + " has " + to_string(p) + " after " + to_string(prev));
       prev = p;
       const int64_t c = g * w.m + p;
-      TS_CHECK_VALUE(c < w.K || value_at(w, r * w.slots + j) == 0.0f,
+      TS_CHECK_VALUE(c < w.K || value_at(w, r * w.val_stride + j) == 0.0f,
                      std::string(fn) + ": row " + to_string(r) + " stores a nonzero value at virtual column " +
                          to_string(c) + " >= in_features " + to_string(w.K));
     }
@@ -512,7 +537,7 @@ namespace cpu {
 
 // The specification: per output, the sum over stored entries in storage order of
 // value * x[col] in float32 (entries at columns >= K are skipped), times the row's scale for
-// int8 values, plus bias.
+// int8 / int4 values, plus bias.
 bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   bool bad = false;
   for (int64_t r = r0; r < r1; ++r) {
@@ -536,7 +561,7 @@ bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0,
         const uint8_t* idx = w.indices + r * w.idx_row_bytes;
         for (int64_t j = 0; j < w.slots; ++j) {
           const int64_t c = (j / w.n) * w.m + nm_pos(idx, j, w.b);
-          if (c < w.K) acc += value_at(w, r * w.slots + j) * x_at(c);
+          if (c < w.K) acc += value_at(w, r * w.val_stride + j) * x_at(c);
         }
       }
       a.y[i * a.ldy + r * a.ldr] = acc * scale + bias;
@@ -571,20 +596,14 @@ void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const Te
   check_nm(n, m, fn);
   check_w_keep(w, keep, fn);
   const int64_t N = w.shape[0], K = w.shape[1];
-  check_cpu(values, fn, "values");
-  check_values_scales(values, scales, N, false, fn);
-  const int64_t S = nm_slots(K, n, m), B = nm_index_bytes(K, n, m), G = S / n;
-  TS_CHECK_VALUE(values.ndim == 2 && values.shape[0] == N && values.shape[1] == S,
-                 std::string(fn) + ": values must be [" + to_string(N) + ", " + to_string(S) + "], got " +
-                     shape_str(values));
-  check_tensor(indices, DType::kUInt8, 2, fn, "indices");
-  TS_CHECK_VALUE(indices.shape[0] == N && indices.shape[1] == B, std::string(fn) + ": indices must be [" +
-                                                                     to_string(N) + ", " + to_string(B) + "], got " +
-                                                                     shape_str(indices));
+  const cpu::SparseWeight sw = nm_weight(values, indices, scales, n, m, N, K, fn);
+  const int64_t S = sw.slots, B = sw.idx_row_bytes, G = S / n;
   const float* wp = w.ptr<float>();
   const uint8_t* kp = keep.ptr<uint8_t>();
-  const int b = nm_index_bits(m);
-  const bool int8 = values.dtype == DType::kInt8;
+  const int b = sw.b;
+  const bool coded = code_values(values.dtype);
+  const float qmax = code_max(values.dtype);
+  if (values.dtype == kInt4Values) std::memset(values.data, 0, N * sw.val_stride / 2);  // codes are or-ed in
   for (int64_t r = 0; r < N; ++r) {
     const float* wr = wp + r * K;
     const uint8_t* kr = kp + r * K;
@@ -604,8 +623,8 @@ void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const Te
                                      "); " + to_string(n) + ":" + to_string(m) + " allows at most " +
                                      to_string(n));
     }
-    const float scale = int8 ? row_scale(amax) : 1.0f;
-    if (int8) scales->ptr<float>()[r] = scale;
+    const float scale = coded ? row_scale(amax, qmax) : 1.0f;
+    if (coded) scales->ptr<float>()[r] = scale;
     uint8_t* ir = indices.ptr<uint8_t>() + r * B;
     std::memset(ir, 0, B);
     for (int64_t g = 0; g < G; ++g) {
@@ -626,7 +645,7 @@ void nm_pack(const TensorView& w, const TensorView& keep, int n, int m, const Te
         const int64_t slot = g * n + j++;
         put_pos(ir, slot, b, p);
         const float v = kept ? wr[c] : 0.0f;
-        store_value(values, r * S + slot, int8 ? int8_code(v, scale) : v);
+        store_value(values, r * sw.val_stride + slot, coded ? int_code(v, scale, qmax) : v);
       }
     }
   }
@@ -646,13 +665,13 @@ void nm_unpack(const TensorView& values, const TensorView& indices, const Tensor
     // Locals, not w's fields: through references GCC reloaded them after every store.
     const int b = w.b;
     const unsigned mask = (1u << b) - 1u;
-    const int64_t slots = w.slots, row_bytes = w.idx_row_bytes;
+    const int64_t stride = w.val_stride, row_bytes = w.idx_row_bytes;
     for (int64_t r = r0; r < r1; ++r) {
       float* orow = o + r * K;
       std::fill(orow, orow + K, 0.0f);
       const uint8_t* idx = w.indices + r * row_bytes;
       const float scale = w.scales ? w.scales[r] : 1.0f;
-      const int64_t first = r * slots;
+      const int64_t first = r * stride;
       // The row's positions come from a bit buffer refilled a byte at a time.
       uint64_t bits = 0;
       int have = 0;
@@ -686,6 +705,9 @@ void nm_unpack(const TensorView& values, const TensorView& indices, const Tensor
         return rows([&](int64_t i) { return cpu::bf16_to_float(static_cast<const uint16_t*>(w.values)[i]); }, r0, r1);
       case DType::kFloat16:
         return rows([&](int64_t i) { return cpu::f16_to_float(static_cast<const uint16_t*>(w.values)[i]); }, r0, r1);
+      case kInt4Values:
+        return rows([&](int64_t i) { return static_cast<float>(int4_at(static_cast<const uint8_t*>(w.values), i)); },
+                    r0, r1);
       default:
         return rows([&](int64_t i) { return static_cast<float>(static_cast<const int8_t*>(w.values)[i]); }, r0, r1);
     }
@@ -727,13 +749,13 @@ void csr_pack(const TensorView& w, const TensorView& keep, const TensorView& row
     TS_CHECK_VALUE(count == sw.row_ptr[r + 1] - sw.row_ptr[r],
                    std::string(fn) + ": row_ptr gives row " + to_string(r) + " " +
                        to_string(sw.row_ptr[r + 1] - sw.row_ptr[r]) + " entries, keep has " + to_string(count));
-    const float scale = int8 ? row_scale(amax) : 1.0f;
+    const float scale = int8 ? row_scale(amax, 127.0f) : 1.0f;
     if (int8) scales->ptr<float>()[r] = scale;
     int64_t e = sw.row_ptr[r];
     for (int64_t c = 0; c < K; ++c) {
       if (!kp[r * K + c]) continue;
       const float v = wp[r * K + c];
-      store_value(values, e, int8 ? int8_code(v, scale) : v);
+      store_value(values, e, int8 ? int_code(v, scale, 127.0f) : v);
       cols.ptr<uint16_t>()[e++] = static_cast<uint16_t>(c);
     }
   }

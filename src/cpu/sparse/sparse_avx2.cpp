@@ -58,21 +58,35 @@ inline int64_t fast_end(const uint8_t* row, const uint8_t* end, int64_t full) {
   return lim < full ? lim : full;
 }
 
+// The signed int4 codes of the low 4 bytes of b (slot 2t in byte t's low nibble, 2t+1 in its
+// high one) as 8 int8 lanes.
+TS_TARGET inline __m128i int4_codes(__m128i b) {
+  const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, nib));
+  const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+  return _mm_unpacklo_epi8(lo, hi);
+}
+
 // 8 stored values from index i as float32; `count` < 8 reads only that many (rest 0).
 template <DType VT>
 TS_TARGET inline __m256 load_vals(const void* base, int64_t i, int64_t count) {
-  constexpr int size = VT == DType::kFloat32 ? 4 : VT == DType::kInt8 ? 1 : 2;
   alignas(32) unsigned char buf[32];
-  const unsigned char* p = static_cast<const unsigned char*>(base) + i * size;
+  const unsigned char* p = static_cast<const unsigned char*>(base) + value_bytes<VT>(i);  // i even for int4
   if (count < W) {
     std::memset(buf, 0, sizeof(buf));
-    std::memcpy(buf, p, count * size);
+    std::memcpy(buf, p, VT == kInt4Values ? (count + 1) / 2 : value_bytes<VT>(count));
+    if (VT == kInt4Values && count % 2) buf[count / 2] &= 0x0f;  // the lane past count reads 0
     p = buf;
   }
   if constexpr (VT == DType::kFloat32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
   } else if constexpr (VT == DType::kInt8) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  } else if constexpr (VT == kInt4Values) {
+    int32_t b;
+    std::memcpy(&b, p, 4);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(int4_codes(_mm_cvtsi32_si128(b))));
   } else {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     if constexpr (VT == DType::kFloat16) return _mm256_cvtph_ps(h);
@@ -169,7 +183,7 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
   __m256 acc[R];
   for (int q = 0; q < R; ++q) acc[q] = _mm256_setzero_ps();
   const uint8_t* idx = w.indices + r * w.idx_row_bytes;
-  const int64_t vb = r * w.slots;
+  const int64_t vb = r * w.val_stride;
   const float* x = a.x + i0 * a.ldx;
   int64_t j0 = 0, col0 = 0;
   int v = 0;
@@ -209,7 +223,7 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
   if (L.nper == 1) {  // n divides 8: every vector starts a group, one offset pattern
     const __m256i off = L.offs[0];
     for (; j0 + 2 * W <= lim; j0 += 2 * W, col0 += 2 * L.period_cols) {
-      prefetch_ahead(static_cast<const char*>(w.values) + (vb + j0) * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
+      prefetch_ahead(static_cast<const char*>(w.values) + value_bytes<VT>(vb + j0), value_bytes<VT>(2 * W));
       uint64_t bits0, bits1;
       std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
       std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
@@ -310,7 +324,7 @@ struct NmRows {
                           bool& more, bool&) {
     more = false;
     const uint8_t* idx = w.indices + r * w.idx_row_bytes;
-    const int64_t vb = r * w.slots;
+    const int64_t vb = r * w.val_stride;
     const int64_t P = static_cast<int64_t>(L.nper) * W;
     const int64_t j1 = last ? w.slots : kb1 / L.period_cols * P;
     int64_t col0 = kb0, n = 0;
@@ -330,8 +344,8 @@ struct NmRows {
     }
     // The row's next block, ahead of its staging (rows are a block's slots apart in memory, so
     // the hardware prefetchers do not follow them).
-    if (!last) prefetch_block(static_cast<const char*>(w.values) + (vb + j1) * kValueBytes<VT>,
-                              (j1 - kb0 / L.period_cols * P) * kValueBytes<VT>, idx + j1 * B / 8);
+    if (!last) prefetch_block(static_cast<const char*>(w.values) + value_bytes<VT>(vb + j1),
+                              value_bytes<VT>(j1 - kb0 / L.period_cols * P), idx + j1 * B / 8);
     return n;
   }
 };
@@ -371,8 +385,8 @@ struct CsrRows {
       const __m256 past = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(kb1v, c.col)), c.use);
       if (!last && _mm256_movemask_ps(past)) break;
     }
-    if (!last) prefetch_block(static_cast<const char*>(w.values) + e * kValueBytes<VT>,
-                              (e - cur[r - base]) * kValueBytes<VT>, w.cols + e);
+    if (!last) prefetch_block(static_cast<const char*>(w.values) + value_bytes<VT>(e),
+                              value_bytes<VT>(e - cur[r - base]), w.cols + e);
     cur[r - base] = e;
     bad |= bad_lanes != 0;
     return n;
@@ -443,7 +457,7 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
   };
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (; e + 2 * W <= e1; e += 2 * W) {
-    prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
+    prefetch_ahead(static_cast<const char*>(w.values) + value_bytes<VT>(e), value_bytes<VT>(2 * W));
     prefetch_ahead(w.cols + e, 2 * W * static_cast<int64_t>(sizeof(*w.cols)));
     __m256 x0, x1;
     if (cols16_at_most(w.cols + e, last_col)) {
@@ -528,6 +542,7 @@ TS_TARGET void nm_rows_avx2(const SparseWeight& w, const SparseBatch& a, int64_t
     case DType::kFloat32: nm_rows_dispatch<DType::kFloat32>(w, a, r0, r1); break;
     case DType::kBFloat16: nm_rows_dispatch<DType::kBFloat16>(w, a, r0, r1); break;
     case DType::kFloat16: nm_rows_dispatch<DType::kFloat16>(w, a, r0, r1); break;
+    case kInt4Values: nm_rows_dispatch<kInt4Values>(w, a, r0, r1); break;
     default: nm_rows_dispatch<DType::kInt8>(w, a, r0, r1);
   }
 }
@@ -537,6 +552,7 @@ TS_TARGET void nm_rows_t_avx2(const SparseWeight& w, const SparseBatch& a, int64
     case DType::kFloat32: nm_rows_t_dispatch<DType::kFloat32>(w, a, r0, r1); break;
     case DType::kBFloat16: nm_rows_t_dispatch<DType::kBFloat16>(w, a, r0, r1); break;
     case DType::kFloat16: nm_rows_t_dispatch<DType::kFloat16>(w, a, r0, r1); break;
+    case kInt4Values: nm_rows_t_dispatch<kInt4Values>(w, a, r0, r1); break;
     default: nm_rows_t_dispatch<DType::kInt8>(w, a, r0, r1);
   }
 }

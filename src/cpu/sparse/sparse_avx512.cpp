@@ -59,6 +59,16 @@ inline int64_t fast_end(const uint8_t* row, const uint8_t* end, int64_t full) {
   return lim < full ? lim : full;
 }
 
+// The 16 signed int4 codes of 8 bytes (slot 2t in byte t's low nibble, 2t+1 in its high one)
+// as 16 int8 lanes.
+inline __m128i int4_codes(__m128i b) {
+  const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, nib));
+  const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+  return _mm_unpacklo_epi8(lo, hi);
+}
+
 // 16 stored values from index i as float32 (masked lanes read nothing and give 0).
 template <DType VT, bool MASKED>
 inline __m512 load_vals(const void* base, int64_t i, __mmask16 k) {
@@ -69,6 +79,12 @@ inline __m512 load_vals(const void* base, int64_t i, __mmask16 k) {
     const int8_t* p = static_cast<const int8_t*>(base) + i;
     const __m128i c = MASKED ? _mm_maskz_loadu_epi8(k, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
+  } else if constexpr (VT == kInt4Values) {  // i even; k is the first lanes, so bytes = ceil(lanes / 2)
+    const uint8_t* p = static_cast<const uint8_t*>(base) + i / 2;
+    const int bytes = (__builtin_popcount(k) + 1) / 2;
+    const __m128i b = MASKED ? _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << bytes) - 1u), p)
+                             : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm512_maskz_cvtepi32_ps(MASKED ? k : static_cast<__mmask16>(0xffff), _mm512_cvtepi8_epi32(int4_codes(b)));
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(base) + i;
     const __m256i h = MASKED ? _mm256_maskz_loadu_epi16(k, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -154,7 +170,7 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   __m512 acc[R];
   for (int q = 0; q < R; ++q) acc[q] = _mm512_setzero_ps();
   const uint8_t* idx = w.indices + r * w.idx_row_bytes;
-  const int64_t vb = r * w.slots;
+  const int64_t vb = r * w.val_stride;
   const float* x = a.x + i0 * a.ldx;
   int64_t j0 = 0, col0 = 0;
   int v = 0;
@@ -190,7 +206,7 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   if (L.nper == 1) {  // n divides 16: every vector starts a group, one offset pattern
     const __m512i off = L.offs[0];
     for (; j0 + 2 * W <= lim; j0 += 2 * W, col0 += 2 * L.period_cols) {
-      prefetch_ahead(static_cast<const char*>(w.values) + (vb + j0) * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
+      prefetch_ahead(static_cast<const char*>(w.values) + value_bytes<VT>(vb + j0), value_bytes<VT>(2 * W));
       uint64_t bits0, bits1;
       std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
       std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
@@ -290,7 +306,7 @@ struct NmRows {
                 bool&) {
     more = false;
     const uint8_t* idx = w.indices + r * w.idx_row_bytes;
-    const int64_t vb = r * w.slots;
+    const int64_t vb = r * w.val_stride;
     const int64_t P = static_cast<int64_t>(L.nper) * W;
     const int64_t j1 = last ? w.slots : kb1 / L.period_cols * P;
     int64_t col0 = kb0, n = 0;
@@ -311,8 +327,8 @@ struct NmRows {
     }
     // The row's next block, ahead of its staging (rows are a block's slots apart in memory, so
     // the hardware prefetchers do not follow them).
-    if (!last) prefetch_block(static_cast<const char*>(w.values) + (vb + j1) * kValueBytes<VT>,
-                              (j1 - kb0 / L.period_cols * P) * kValueBytes<VT>, idx + j1 * B / 8);
+    if (!last) prefetch_block(static_cast<const char*>(w.values) + value_bytes<VT>(vb + j1),
+                              value_bytes<VT>(j1 - kb0 / L.period_cols * P), idx + j1 * B / 8);
     return n;
   }
 };
@@ -356,8 +372,8 @@ struct CsrRows {
       e = e + W < row_end ? e + W : row_end;
       if (!last && _mm512_mask_cmpge_epi32_mask(c.use, c.col, kb1v)) break;
     }
-    if (!last) prefetch_block(static_cast<const char*>(w.values) + e * kValueBytes<VT>,
-                              (e - cur[r - base]) * kValueBytes<VT>, w.cols + e);
+    if (!last) prefetch_block(static_cast<const char*>(w.values) + value_bytes<VT>(e),
+                              value_bytes<VT>(e - cur[r - base]), w.cols + e);
     cur[r - base] = e;
     bad |= bad_lanes != 0;
     return n;
@@ -425,7 +441,7 @@ float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __m
     return _mm512_insertf32x8(_mm512_castps256_ps512(x_at8(x, w.cols + i)), x_at8(x, w.cols + i + 8), 1);
   };
   for (; e + 2 * W <= e1; e += 2 * W) {
-    prefetch_ahead(static_cast<const char*>(w.values) + e * kValueBytes<VT>, 2 * W * kValueBytes<VT>);
+    prefetch_ahead(static_cast<const char*>(w.values) + value_bytes<VT>(e), value_bytes<VT>(2 * W));
     prefetch_ahead(w.cols + e, 2 * W * static_cast<int64_t>(sizeof(*w.cols)));
     __m512 x0, x1;
     if (_mm512_cmpgt_epu16_mask(_mm512_loadu_si512(w.cols + e), last_col) == 0) {
@@ -496,6 +512,7 @@ void nm_rows_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
     case DType::kFloat32: nm_rows_dispatch<DType::kFloat32>(w, a, r0, r1); break;
     case DType::kBFloat16: nm_rows_dispatch<DType::kBFloat16>(w, a, r0, r1); break;
     case DType::kFloat16: nm_rows_dispatch<DType::kFloat16>(w, a, r0, r1); break;
+    case kInt4Values: nm_rows_dispatch<kInt4Values>(w, a, r0, r1); break;
     default: nm_rows_dispatch<DType::kInt8>(w, a, r0, r1);
   }
 }
@@ -505,6 +522,7 @@ void nm_rows_t_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, i
     case DType::kFloat32: nm_rows_t_dispatch<DType::kFloat32>(w, a, r0, r1); break;
     case DType::kBFloat16: nm_rows_t_dispatch<DType::kBFloat16>(w, a, r0, r1); break;
     case DType::kFloat16: nm_rows_t_dispatch<DType::kFloat16>(w, a, r0, r1); break;
+    case kInt4Values: nm_rows_t_dispatch<kInt4Values>(w, a, r0, r1); break;
     default: nm_rows_t_dispatch<DType::kInt8>(w, a, r0, r1);
   }
 }

@@ -11,13 +11,14 @@ namespace cpu {
 
 struct SparseWeight {
   bool csr = false;
-  DType vdtype = DType::kFloat32;  // float32, bfloat16, float16 or int8
+  DType vdtype = DType::kFloat32;  // float32, bfloat16, float16, int8 or kInt4Values (N:M only)
   const void* values = nullptr;
-  const float* scales = nullptr;   // int8 only
+  const float* scales = nullptr;   // int8 and int4 only
   int64_t N = 0, K = 0;
   // N:M
   int n = 0, m = 0, b = 0;         // b = index bits
   int64_t slots = 0;               // G * n per row
+  int64_t val_stride = 0;          // values per row in storage: slots, rounded up to even for int4
   int64_t idx_row_bytes = 0;
   const uint8_t* indices = nullptr;
   const uint8_t* idx_end = nullptr;  // one past the whole indices buffer (for safe 8-byte loads)
@@ -55,9 +56,14 @@ constexpr int64_t kTileM = 64;  // rows of x per transposed tile
 // 1 to 8 KB ahead measured alike, 512 bytes too short).
 constexpr int64_t kPrefetchAhead = 2048;
 
-// Bytes per stored value.
+// N:M values stored as int4 codes, two per byte (a uint8 tensor; include/tensorslim/sparse.h).
+constexpr DType kInt4Values = DType::kUInt8;
+
+// Bytes of `count` stored values (count even for int4: every offset the kernels take is).
 template <DType VT>
-constexpr int64_t kValueBytes = VT == DType::kFloat32 ? 4 : VT == DType::kInt8 ? 1 : 2;
+constexpr int64_t value_bytes(int64_t count) {
+  return VT == DType::kFloat32 ? 4 * count : VT == DType::kInt8 ? count : VT == kInt4Values ? count / 2 : 2 * count;
+}
 
 // Prefetches the `bytes` bytes (one hint per cache line) kPrefetchAhead past p.
 inline void prefetch_ahead(const void* p, int64_t bytes) {
