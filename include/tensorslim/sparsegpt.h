@@ -14,7 +14,10 @@
 //       columns keep their min(n, r) largest scores; ties keep the lower column.
 //   column c: q = kept ? w : 0; with bits > 0 kept values are rounded to the symmetric grid
 //     code = clamp(rne(q / scale_row), -qmax, qmax), qmax = 2^(bits-1) - 1, q = code * scale_row,
-//     scale_row = max_c |w_rc| / qmax of the original row (1 for an all-zero row);
+//     scale_row = max_c |w_rc| / qmax of the original row (1 for an all-zero row), or the
+//     caller's (given_scales): the updates push kept weights past the original row's largest
+//     (2:4 of nn.Linear-initialized rows: ~1.5x), which that grid then clips, so ts.sparsify
+//     takes the grid of a float sweep's kept weights instead;
 //     e = (w - q) / U_cc; the later columns of the block get w -= e * U_c,later; at the block
 //     end the later blocks get W -= E * U_block,later (one matrix product).
 // Inputs that never fire (H_cc == 0) are zeroed first and pruned like any zero weight.
@@ -31,6 +34,7 @@ struct SparseGptOptions {
   int m = 0;
   double sparsity = 0.5;     // unstructured: fraction pruned, in [0, 1)
   int bits = 0;              // 0: float values; 2..8: kept values quantized per row
+  bool given_scales = false;  // bits > 0: `scales` holds each row's grid step (read, not written)
   int64_t block_size = 128;  // lazy-update block
   double damp = 0.01;        // added to H's diagonal, as a fraction of its mean
 };
@@ -42,7 +46,8 @@ struct SparseGptResult {
 
 // w: [rows, cols] f32.  h: [cols, cols] f32, symmetric.  out: [rows, cols] f32, the pruned
 // (and compensated, and with bits > 0 on-grid) weights.  keep: [rows, cols] uint8, 1 = kept.
-// scales: [rows] f32, written when bits > 0 (may be empty otherwise).  Caller allocates.
+// scales: [rows] f32, written when bits > 0 (read instead with given_scales; may be empty when
+// bits = 0).  Caller allocates.
 SparseGptResult sparsegpt_prune(const TensorView& w, const TensorView& h, const SparseGptOptions& opt,
                                 const TensorView& out, const TensorView& keep, const TensorView& scales);
 

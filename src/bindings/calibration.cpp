@@ -33,7 +33,8 @@ void register_calibration(py::module_& m) {
   }, "GPTQ: codes, scales, zero points of w given H; returns (damp used, loss).");
 
   m.def("sparsegpt_prune", [](py::handle w, py::handle h, int n, int m_, double sparsity, int bits,
-                              int64_t block, double damp, py::handle out, py::handle keep, py::handle scales) {
+                              int64_t block, double damp, py::handle out, py::handle keep, py::handle scales,
+                              bool given_scales) {
     TensorView wv = to_view(w, "w"), hv = to_view(h, "h"), ov = to_view(out, "out"),
                kv = to_view(keep, "keep"), sv = to_view(scales, "scales");
     SparseGptOptions opt;
@@ -43,6 +44,7 @@ void register_calibration(py::module_& m) {
     opt.bits = bits;
     opt.block_size = block;
     opt.damp = damp;
+    opt.given_scales = given_scales;
     SparseGptResult r;
     {
       py::gil_scoped_release release;

@@ -45,6 +45,7 @@ void check_args(const TensorView& w, const TensorView& h, const SparseGptOptions
   check_shape2(out, rows, cols, "out");
   check_dtype(keep, DType::kUInt8, "keep");
   check_shape2(keep, rows, cols, "keep");
+  TS_CHECK_VALUE(!opt.given_scales || opt.bits > 0, "sparsegpt_prune: given scales need bits > 0");
   if (opt.bits > 0) {
     check_dtype(scales, DType::kFloat32, "scales");
     TS_CHECK_VALUE(scales.ndim == 1 && scales.shape[0] == rows,
@@ -105,7 +106,10 @@ SparseGptResult sparsegpt_prune(const TensorView& w, const TensorView& h, const 
   std::vector<float> scale(rows, 1.0f);
   if (opt.bits > 0)
     for (int64_t r = 0; r < rows; ++r) {
-      const float s = static_cast<float>(W.row(r).cwiseAbs().maxCoeff() / qmax);
+      const float s = opt.given_scales ? scales.ptr<float>()[r * scales.stride(0)]
+                                       : static_cast<float>(W.row(r).cwiseAbs().maxCoeff() / qmax);
+      TS_CHECK_VALUE(std::isfinite(s) && s >= 0.0f, "sparsegpt_prune: scales[" + std::to_string(r) +
+                                                        "] must be finite and >= 0, got " + std::to_string(s));
       scale[r] = s > 0.0f ? s : 1.0f;
     }
 
@@ -157,7 +161,7 @@ SparseGptResult sparsegpt_prune(const TensorView& w, const TensorView& h, const 
     });
   }
 
-  if (opt.bits > 0) {
+  if (opt.bits > 0 && !opt.given_scales) {
     float* sp = scales.ptr<float>();
     for (int64_t r = 0; r < rows; ++r) sp[r * scales.stride(0)] = scale[r];
   }

@@ -40,7 +40,8 @@ def _masked_reference(conv, mod, x):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("layout", ["csr float32", "csr int8", "2:4 float32", "2:4 bfloat16", "1:8 int8"])
+@pytest.mark.parametrize("layout", ["csr float32", "csr int8", "2:4 float32", "2:4 bfloat16", "1:8 int8",
+                                    "2:4 int4", "1:4 int4"])
 def test_ops_match_float64_every_isa(isa, geometry, layout):
     C, N, H, W, kernel, stride, padding, dilation = geometry
     conv = _conv(C, N, kernel, stride, padding, dilation)
@@ -141,8 +142,8 @@ def _accuracy(model, x, y):
         return float((model(x).argmax(1) == y).float().mean())
 
 
-@pytest.mark.parametrize("config", [ts.NM(2, 4), ts.Unstructured(0.75), ts.NM(2, 4, values="int8")],
-                         ids=["2:4", "75%", "2:4 int8"])
+@pytest.mark.parametrize("config", [ts.NM(2, 4), ts.Unstructured(0.75), ts.NM(2, 4, values="int8"),
+                                    ts.NM(2, 4, values="int4")], ids=["2:4", "75%", "2:4 int8", "2:4 int4"])
 def test_sparsified_cnn_equals_masked_dense(trained_cnn, config, tmp_path):
     model, x, y = trained_cnn
     sparse = _cnn()

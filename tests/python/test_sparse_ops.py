@@ -1,5 +1,5 @@
 """Sparse storage ops: pack / unpack round trips (bit-exact for float32 values, the stated
-int8 rule), the native N:M and CSR linears against the plain-PyTorch reference on every ISA
+int8 and int4 rules, int4's nibble layout), the native N:M and CSR linears against the plain-PyTorch reference on every ISA
 (tolerance from the float64 product: summation orders differ), tail groups, bad arguments,
 fake tensors and torch.compile."""
 import pytest
@@ -32,7 +32,7 @@ def close_to_float64(y, w_dense, x, bias, what=""):
 
 
 NM = [(2, 4), (1, 4), (3, 4), (4, 8), (1, 8), (6, 8)]
-NM_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
+NM_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, S.INT4_VALUES]
 
 
 @pytest.mark.parametrize("n,m", NM)
@@ -67,6 +67,38 @@ def test_int8_values_follow_the_rule():
     cv, cols, row_ptr, cscales = S.csr_pack(w, keep, torch.int8)
     assert torch.equal(cscales, want_scales)
     assert torch.equal(S.csr_unpack(cv, cols, row_ptr, cscales, 40), codes * want_scales[:, None])
+
+
+@pytest.mark.parametrize("n,m,k", [(2, 4, 40), (1, 4, 19), (3, 8, 45)])  # 20, 5 (odd), 18 slots per row
+def test_int4_values_follow_the_rule(n, m, k):
+    w = torch.randn(6, k, generator=torch.Generator().manual_seed(k))
+    w[3] = 0.0  # an all-zero row: scale 1
+    keep = nm_keep(w, n, m)
+    values, indices, scales = S.nm_pack(w, keep, n, m, S.INT4_VALUES)
+    slots = (k + m - 1) // m * n
+    assert values.dtype == torch.uint8 and values.shape == (6, (slots + 1) // 2)
+    codes, want_scales = S.int8_values_reference(w * keep, qmax=7)
+    assert torch.equal(scales, want_scales) and float(scales[3]) == 1.0
+    assert int(codes.abs().max()) == 7  # each row's largest kept weight is a full-scale code
+    want = codes * want_scales[:, None]
+    assert torch.equal(S.nm_unpack(values, indices, scales, n, m, k), want)
+    assert torch.equal(S.nm_unpack_reference(values, indices, scales, n, m, k), want)
+    # the codes in slot order, two per byte, low nibble first; the pad nibble of an odd row is 0
+    f32, _, _ = S.nm_pack(w * keep, keep, n, m)
+    slot_codes = torch.round(f32 / want_scales[:, None]).clamp(-7, 7).to(torch.int8)
+    assert torch.equal(values, S.pack_int4(slot_codes))
+    assert torch.equal(S.unpack_int4(values, slots), slot_codes)
+    if slots % 2:
+        assert int((values[:, -1] >> 4).max()) == 0
+
+
+def test_int4_nibble_layout():
+    # 2:4 over K = 8 keeping columns 0, 3 | 5, 6 with weights 7, -1 | -7, 3 (scale 1): codes 7, -1,
+    # -7, 3 as nibbles 0x7, 0xF | 0x9, 0x3.
+    w = torch.tensor([[7.0, 0, 0, -1, 0, -7, 3, 0]])
+    values, _, scales = S.nm_pack(w, w != 0, 2, 4, S.INT4_VALUES)
+    assert float(scales[0]) == 1.0
+    assert values.tolist() == [[0x7 | 0xF << 4, 0x9 | 0x3 << 4]]
 
 
 def test_nm_layout_and_tail_rule():
@@ -189,6 +221,13 @@ def test_bad_arguments():
         S.csr_linear(torch.randn(2, 8), cv, cols.to(torch.int32), row_ptr, None, None, 8)
     with pytest.raises(TypeError, match="value_dtype must be float32 or int8"):
         S.csr_pack(w, keep, torch.bfloat16)
+    with pytest.raises(TypeError, match="value_dtype must be float32 or int8"):
+        S.csr_pack(w, keep, S.INT4_VALUES)  # CSR stores no int4
+    v4, i4, s4 = S.nm_pack(w, keep, 2, 4, S.INT4_VALUES)
+    with pytest.raises(ValueError, match="int4 values need float32 scales"):
+        S.nm_linear(torch.randn(3, 8), v4, i4, None, None, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"values must be \[4, 2\]"):  # int8's shape: one code per byte
+        S.nm_linear(torch.randn(3, 8), v4.repeat(1, 2), i4, s4, None, 2, 4, 8)
 
 
 def test_fake_tensors_and_compile():

@@ -23,6 +23,7 @@ CASES = [  # (n, m, sparsity, bits, cols, block)
     (1, 4, 0.0, 8, 32, 128),
     (0, 0, 0.5, 0, 40, 16),
     (0, 0, 0.9, 8, 33, 8),
+    (2, 4, 0.0, 4, 45, 16),
 ]
 
 
@@ -38,7 +39,32 @@ def test_native_matches_reference(n, m, sparsity, bits, cols, block):
     if bits:
         assert torch.equal(got.scales, ref.scales)
         codes = got.weight / got.scales[:, None]
-        assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 127 + 1e-3
+        qmax = 2 ** (bits - 1) - 1
+        assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= qmax + 1e-3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_given_scales_set_the_grid(bits):
+    """scales given: the sweep rounds to them (native as the reference); the grid of the float
+    sweep's kept weights (what ts.sparsify passes) leaves less output error than the original
+    row's largest weight, whose grid clips the weights the updates grew, and at 4 bits than
+    rounding the float sweep's weights afterwards (at 8 the rounding is too small to tell)."""
+    w, h, x = _layer(24, 64)
+    w = w * torch.rand(64, generator=torch.Generator().manual_seed(1)) * 0.2 + w.sign() * 0.1  # flat rows
+    qmax = 2 ** (bits - 1) - 1
+    flt = sparsegpt_prune(w, h, 2, 4)
+    grid = flt.weight.abs().amax(1) / qmax
+    got = sparsegpt_prune(w, h, 2, 4, bits=bits, scales=grid)
+    ref = sparsegpt_reference(w, h, 2, 4, 0.0, bits, scales=grid)
+    assert torch.equal(got.keep, ref.keep) and torch.equal(got.scales, grid)
+    assert torch.allclose(got.weight, ref.weight, rtol=1e-5, atol=1e-5)
+    codes = got.weight / grid[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= qmax + 1e-3
+    own = sparsegpt_prune(w, h, 2, 4, bits=bits)
+    later = torch.round(flt.weight / grid[:, None]).clamp(-qmax, qmax) * grid[:, None]
+    err = {k: float((x @ (v - w).T).norm()) for k, v in
+           (("given", got.weight), ("own", own.weight), ("later", later))}
+    assert err["given"] < err["own"] and (bits == 8 or err["given"] < err["later"]), err
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
@@ -94,6 +120,8 @@ def test_dead_inputs_are_pruned_first():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(n=4, m=4), "n < m"), (dict(n=0, m=4), "n < m"), (dict(sparsity=1.0), "sparsity"),
     (dict(bits=1), "bits"), (dict(block_size=0), "block_size"), (dict(damp=float("nan")), "damp"),
+    (dict(scales=torch.ones(4)), "need bits"), (dict(bits=4, scales=torch.ones(5)), "shape"),
+    (dict(bits=4, scales=-torch.ones(4)), "finite and >= 0"),
 ])
 def test_bad_arguments(kwargs, match):
     w, h, _ = _layer(4, 8)

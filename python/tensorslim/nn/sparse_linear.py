@@ -2,7 +2,8 @@
 
 NMSparseLinear: n of every m weights per row (2:4, 1:4, 4:8): values plus in-group positions.
 CSRSparseLinear: any pattern: values plus 16-bit column offsets per row.
-Values are float32 (also bfloat16 / float16 for n:m) or int8 with a per-output-channel scale.
+Values are float32 (also bfloat16 / float16 for n:m) or int8 (also int4 for n:m, two codes per
+byte) with a per-output-channel scale.
 The formats are specified in docs/formats.md ("Sparse storage"); the kernels in
 src/cpu/sparse/. Inputs of any float dtype are computed in float32 and returned in their dtype.
 """
@@ -13,7 +14,9 @@ import torch
 from .compressed_linear import CompressedLinear
 from .compute_dtype import stored_bias
 
-VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8,
+                "int4": torch.uint8}  # int4: two codes per byte (ops.sparse.INT4_VALUES)
+CODED_VALUES = ("int8", "int4")  # stored as integer codes with one float32 scale per output channel
 
 
 def _ops():
@@ -55,12 +58,10 @@ class NMSparseLinear(_SparseLinear):
             raise ValueError(f"NMSparseLinear: need m in (4, 8) and 1 <= n < m, got {n}:{m}")
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         self.values_dtype, self.backend = values, backend
-        slots = -(-in_features // m) * n
-        bits = 2 if m == 4 else 3
-        self.register_buffer("values", torch.zeros(out_features, slots, dtype=VALUE_DTYPES[values], device=device))
-        self.register_buffer("indices", torch.zeros(out_features, -(-slots * bits // 8), dtype=torch.uint8,
-                                                    device=device))
-        self.register_buffer("scales", torch.ones(out_features, device=device) if values == "int8" else None)
+        vshape, ishape = _ops().nm_shapes(out_features, in_features, n, m, VALUE_DTYPES[values])
+        self.register_buffer("values", torch.zeros(vshape, dtype=VALUE_DTYPES[values], device=device))
+        self.register_buffer("indices", torch.zeros(ishape, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, device=device) if values in CODED_VALUES else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod

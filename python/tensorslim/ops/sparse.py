@@ -1,14 +1,16 @@
 """Sparse weight storage and sparse x dense linears (docs/formats.md, "Sparse storage").
 
 N:M ("nm"), m in {4, 8}, 1 <= n < m: per row G = ceil(K / m) groups of m columns, n slots each.
-  values  [N, G*n] float32 / bfloat16 / float16 / int8 (int8: w ~= code * scales[row])
+  values  [N, G*n] float32 / bfloat16 / float16 / int8 (int8: w ~= code * scales[row]), or
+          uint8 [N, ceil(G*n / 2)]: int4 codes in [-7, 7], two per byte (slot j in the low
+          nibble of byte j // 2 when j is even, the high one when odd), w ~= code * scales[row]
   indices [N, ceil(G*n*b / 8)] uint8, b = 2 (m = 4) or 3 (m = 8): the in-group positions as a
           little-endian bit stream per row, slot after slot, increasing within a group.
   Free slots of a group hold its smallest unused positions with value 0; in the last group,
   positions >= K - (G-1)*m are virtual zero columns.
 CSR ("csr"): values [nnz] float32 / int8, cols uint16 [nnz] (K <= 65536), row_ptr int64 [N+1].
-int8 values: scale = max|kept| / 127 per row (1.0 when nothing nonzero is kept),
-code = clamp(round_half_even(w / scale), -127, 127), in float32.
+int8 / int4 values: scale = max|kept| / qmax per row (qmax 127 / 7; 1.0 when nothing nonzero
+is kept), code = clamp(round_half_even(w / scale), -qmax, qmax), in float32.
 
 Packing runs once, in the native core (on a CPU copy). The linears are torch.library ops
 (`tensorslim::nm_linear`, `tensorslim::csr_linear`, and the unpacks) with fake impls; the
@@ -25,7 +27,9 @@ from . import _eager, decode_gemm
 from .._native import _C
 
 SPARSE_BACKENDS = ("auto", "native", "reference")
-NM_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+INT4_VALUES = torch.uint8  # N:M values stored as int4 codes, two per byte
+NM_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, INT4_VALUES)
+CODE_MAX = {torch.int8: 127, INT4_VALUES: 7}  # values stored as integer codes with per-row scales
 CSR_VALUE_DTYPES = (torch.float32, torch.int8)
 CSR_MAX_IN_FEATURES = 65536  # 16-bit column indices
 
@@ -64,14 +68,18 @@ def _check_w_keep(w, keep, fn: str) -> None:
 
 
 def _check_scales(values, scales, rows: int, fn: str) -> None:
-    if values.dtype == torch.int8:
+    if values.dtype in CODE_MAX:
         if scales is None:
-            raise ValueError(f"{fn}: int8 values need float32 scales [{rows}]")
+            raise ValueError(f"{fn}: {_value_name(values.dtype)} values need float32 scales [{rows}]")
         _check_tensor(scales, "scales", fn)
         if scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
             raise ValueError(f"{fn}: scales must be float32 [{rows}], got {scales.dtype} {tuple(scales.shape)}")
     elif scales is not None:
-        raise ValueError(f"{fn}: scales are only for int8 values, got {values.dtype} values")
+        raise ValueError(f"{fn}: scales are only for int8 / int4 values, got {values.dtype} values")
+
+
+def _value_name(dtype: torch.dtype) -> str:
+    return "int4" if dtype == INT4_VALUES else str(dtype).replace("torch.", "")
 
 
 def _check_bias(bias, rows: int, fn: str) -> None:
@@ -82,11 +90,14 @@ def _check_bias(bias, rows: int, fn: str) -> None:
         raise ValueError(f"{fn}: bias must be float32 [{rows}], got {bias.dtype} {tuple(bias.shape)}")
 
 
-def nm_shapes(out_features: int, in_features: int, n: int, m: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """(values shape, indices shape) of an N:M packed [out_features, in_features] weight."""
+def nm_shapes(out_features: int, in_features: int, n: int, m: int,
+              value_dtype: torch.dtype = torch.float32) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(values shape, indices shape) of an N:M packed [out_features, in_features] weight
+    (int4 values, uint8: two slots per byte)."""
     slots = (in_features + m - 1) // m * n
     bits = 2 if m == 4 else 3
-    return (out_features, slots), (out_features, (slots * bits + 7) // 8)
+    vcols = (slots + 1) // 2 if value_dtype == INT4_VALUES else slots
+    return (out_features, vcols), (out_features, (slots * bits + 7) // 8)
 
 
 def _check_nm(values, indices, scales, n, m, in_features, fn: str) -> int:
@@ -100,7 +111,7 @@ def _check_nm(values, indices, scales, n, m, in_features, fn: str) -> int:
     if values.dim() != 2:
         raise ValueError(f"{fn}: values must be 2-D [out_features, slots], got shape {tuple(values.shape)}")
     rows = values.shape[0]
-    vshape, ishape = nm_shapes(rows, in_features, n, m)
+    vshape, ishape = nm_shapes(rows, in_features, n, m, values.dtype)
     if tuple(values.shape) != vshape:
         raise ValueError(f"{fn}: values must be {list(vshape)} for {n}:{m} with in_features {in_features}, "
                          f"got {list(values.shape)}")
@@ -147,18 +158,35 @@ def _c(t):
 # ---------------------------------------------------------------- packing
 
 
-def int8_values_reference(kept: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The int8 rule in plain PyTorch (float32 throughout): codes and per-row scales."""
+def int8_values_reference(kept: torch.Tensor, qmax: int = 127) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The int8 rule (qmax = 7: int4) in plain PyTorch (float32 throughout): codes and per-row
+    scales."""
     amax = kept.abs().amax(dim=1) if kept.shape[1] else kept.new_zeros(kept.shape[0])
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    codes = torch.round(kept / scales[:, None]).clamp(-127, 127)
+    scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    codes = torch.round(kept / scales[:, None]).clamp(-qmax, qmax)
     return codes, scales
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes [rows, slots] (integers in [-8, 7]) as the uint8 [rows, ceil(slots / 2)] values
+    of N:M storage: slot 2t in byte t's low nibble, 2t + 1 in its high one."""
+    c = codes.to(torch.int32) & 0x0F
+    if c.shape[1] % 2:
+        c = torch.cat([c, c.new_zeros(c.shape[0], 1)], dim=1)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(values: torch.Tensor, slots: int) -> torch.Tensor:
+    """The int4 codes [rows, slots] (int8) of uint8 N:M values; pack_int4's inverse."""
+    v = values.to(torch.int32)
+    c = torch.stack([v & 0x0F, v >> 4], dim=2).reshape(values.shape[0], -1)[:, :slots]
+    return torch.where(c >= 8, c - 16, c).to(torch.int8)
 
 
 def nm_pack(w: torch.Tensor, keep: torch.Tensor, n: int, m: int,
             value_dtype: torch.dtype = torch.float32):
-    """Packs w * keep as N:M: (values, indices, scales or None), on w's device.
-    keep must have at most n nonzeros in every group of m columns (ValueError naming the row
+    """Packs w * keep as N:M: (values, indices, scales or None), on w's device. value_dtype
+    uint8 stores int4 codes (INT4_VALUES). keep must have at most n nonzeros in every group of m columns (ValueError naming the row
     and group otherwise)."""
     fn = "nm_pack"
     _check_nm_args(n, m, fn)
@@ -172,10 +200,10 @@ def nm_pack(w: torch.Tensor, keep: torch.Tensor, n: int, m: int,
         if big > torch.finfo(torch.float16).max:
             raise ValueError(f"{fn}: a kept weight of magnitude {big:.4g} is beyond float16's range "
                              f"(65504); store bfloat16, float32 or int8 values")
-    vshape, ishape = nm_shapes(w.shape[0], w.shape[1], n, m)
+    vshape, ishape = nm_shapes(w.shape[0], w.shape[1], n, m, value_dtype)
     values = torch.empty(vshape, dtype=value_dtype)
     indices = torch.empty(ishape, dtype=torch.uint8)
-    scales = torch.empty(w.shape[0], dtype=torch.float32) if value_dtype == torch.int8 else None
+    scales = torch.empty(w.shape[0], dtype=torch.float32) if value_dtype in CODE_MAX else None
     _C.nm_pack(_views.view(wc, "w"), _views.view(kc, "keep"), n, m, _views.view(values, "values"),
                _views.view(indices, "indices"), _views.optional_view(scales, "scales"))
     dev = w.device
@@ -285,7 +313,10 @@ def _csr_linear_fake(x, values, cols, row_ptr, scales, bias):
 
 
 def nm_unpack_reference(values, indices, scales, n: int, m: int, in_features: int) -> torch.Tensor:
-    rows, slots = values.shape
+    rows = values.shape[0]
+    slots = (in_features + m - 1) // m * n
+    if values.dtype == INT4_VALUES:
+        values = unpack_int4(values, slots)
     bits = 2 if m == 4 else 3
     dev = values.device
     stream = (indices.to(torch.int32).unsqueeze(-1) >> torch.arange(8, device=dev, dtype=torch.int32)) & 1

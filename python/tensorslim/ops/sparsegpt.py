@@ -22,17 +22,20 @@ class SparseGptResult(NamedTuple):
 
 @torch.library.custom_op("tensorslim::sparsegpt_prune", mutates_args=(), device_types="cpu")
 def _sparsegpt(w: torch.Tensor, h: torch.Tensor, n: int, m: int, sparsity: float, bits: int,
-               block_size: int, damp: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, keep, scales, stats = _sparsegpt_fake(w, h, n, m, sparsity, bits, block_size, damp)
+               block_size: int, damp: float,
+               given: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, keep, scales, stats = _sparsegpt_fake(w, h, n, m, sparsity, bits, block_size, damp, given)
+    if given is not None:
+        scales.copy_(given)  # the grid the sweep rounds to (read by the core)
     damp_used, loss = _C.sparsegpt_prune(_views.view(w, "w"), _views.view(h, "h"), n, m, sparsity, bits,
                                          block_size, damp, _views.view(out, "out"), _views.view(keep, "keep"),
-                                         _views.view(scales, "scales"))
+                                         _views.view(scales, "scales"), given is not None)
     stats[0], stats[1] = damp_used, loss
     return out, keep, scales, stats
 
 
 @_sparsegpt.register_fake
-def _sparsegpt_fake(w, h, n, m, sparsity, bits, block_size, damp):
+def _sparsegpt_fake(w, h, n, m, sparsity, bits, block_size, damp, given):
     rows, cols = w.shape
     return (torch.empty(rows, cols, dtype=torch.float32, device=w.device),
             torch.empty(rows, cols, dtype=torch.uint8, device=w.device),
@@ -40,7 +43,7 @@ def _sparsegpt_fake(w, h, n, m, sparsity, bits, block_size, damp):
             torch.empty(2, dtype=torch.float64, device=w.device))
 
 
-def _check(w, h, n, m, sparsity, bits, block_size, damp, backend):
+def _check(w, h, n, m, sparsity, bits, block_size, damp, backend, scales):
     fn = "sparsegpt_prune"
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0:
         raise ValueError(f"{fn}: w must be a non-empty 2-D tensor, got "
@@ -57,6 +60,14 @@ def _check(w, h, n, m, sparsity, bits, block_size, damp, backend):
         raise ValueError(f"{fn}: sparsity must be in [0, 1), got {sparsity}")
     if bits != 0 and not 2 <= bits <= 8:
         raise ValueError(f"{fn}: bits must be 0 (float values) or 2..8, got {bits}")
+    if scales is not None:
+        if not bits:
+            raise ValueError(f"{fn}: scales (the grid to round to) need bits > 0")
+        if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (w.shape[0],):
+            raise ValueError(f"{fn}: scales must be a tensor of shape ({w.shape[0]},), got "
+                             f"{tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__}")
+        if not (torch.isfinite(scales).all() and (scales >= 0).all()):
+            raise ValueError(f"{fn}: scales must be finite and >= 0")
     if block_size <= 0:
         raise ValueError(f"{fn}: block_size must be positive, got {block_size}")
     if not (damp >= 0 and math.isfinite(damp)):
@@ -66,13 +77,16 @@ def _check(w, h, n, m, sparsity, bits, block_size, damp, backend):
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, n: int = 0, m: int = 0, sparsity: float = 0.5,
                     bits: int = 0, block_size: int = 128, damp: float = 0.01,
-                    backend: str = "auto") -> SparseGptResult:
+                    backend: str = "auto", scales: Optional[torch.Tensor] = None) -> SparseGptResult:
     """Prune `w` [rows, cols] given H = 2/n * sum x x^T [cols, cols]: n:m (n > 0) or unstructured
-    to `sparsity`; bits > 0 also quantizes the kept weights (symmetric, per row) in the same sweep."""
-    _check(w, h, n, m, sparsity, bits, block_size, damp, backend)
+    to `sparsity`; bits > 0 also quantizes the kept weights (symmetric, per row) in the same sweep,
+    on each row's grid `scales` [rows] when given (else max |w| of the row / qmax; 0 means 1)."""
+    _check(w, h, n, m, sparsity, bits, block_size, damp, backend, scales)
     if backend == "reference":
-        return sparsegpt_reference(w, h, n, m, sparsity, bits, block_size, damp)
-    out, keep, scales, stats = _sparsegpt(_f32(w), _f32(h), n, m, float(sparsity), bits, block_size, float(damp))
+        return sparsegpt_reference(w, h, n, m, sparsity, bits, block_size, damp, scales)
+    given = None if scales is None else _f32(scales.reshape(-1))
+    out, keep, scales, stats = _sparsegpt(_f32(w), _f32(h), n, m, float(sparsity), bits, block_size, float(damp),
+                                          given)
     return SparseGptResult(out, keep.bool(), scales if bits else None, float(stats[0]), float(stats[1]))
 
 
@@ -93,7 +107,8 @@ def _upper_inverse_factor(H: torch.Tensor, damp: float):
 
 
 def sparsegpt_reference(w: torch.Tensor, h: torch.Tensor, n: int, m: int, sparsity: float, bits: int,
-                        block_size: int = 128, damp: float = 0.01) -> SparseGptResult:
+                        block_size: int = 128, damp: float = 0.01,
+                        scales: Optional[torch.Tensor] = None) -> SparseGptResult:
     """The same algorithm, step for step, in float64 PyTorch (the specification)."""
     W = w.detach().double().cpu().clone()
     H = h.detach().double().cpu().clone()
@@ -104,7 +119,7 @@ def sparsegpt_reference(w: torch.Tensor, h: torch.Tensor, n: int, m: int, sparsi
     qmax = 2 ** (bits - 1) - 1 if bits else 0
     scale = None
     if bits:
-        scale = (W.abs().amax(1) / qmax).float()
+        scale = (W.abs().amax(1) / qmax).float() if scales is None else scales.detach().float().cpu()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).double()
     U, frac = _upper_inverse_factor(H, damp)
     d = torch.diag(U)

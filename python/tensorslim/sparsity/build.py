@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ..nn.sparse_conv import CSRSparseConv1d, CSRSparseConv2d, NMSparseConv1d, NMSparseConv2d
-from ..nn.sparse_linear import CSRSparseLinear, NMSparseLinear
+from ..nn.sparse_linear import CODED_VALUES, CSRSparseLinear, NMSparseLinear
+from ..ops.sparse import pack_int4
 
 
 def dense_linear(mod: nn.Module):
@@ -32,13 +33,13 @@ def build_layer(layout: str, layer: nn.Module, keep: torch.Tensor, values: str, 
 
 def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[torch.Tensor], values: str,
           backend: str, n: int = 0, m: int = 0, scales: Optional[torch.Tensor] = None) -> nn.Module:
-    """The sparse module storing weight * keep. scales (int8 values only): the per-row grid the
-    weights already sit on (SparseGPT's joint quantization), kept as they are instead of being
-    measured again from the kept values."""
+    """The sparse module storing weight * keep. scales (int8 / int4 values only): the per-row
+    grid the weights already sit on (SparseGPT's joint quantization), kept as they are instead of
+    being measured again from the kept values."""
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf; it cannot be ranked or stored sparse")
     values = stored_values(values, layout, weight.dtype)
-    on_grid = scales is not None and values == "int8"
+    on_grid = scales is not None and values in CODED_VALUES
     store = "float32" if on_grid else values
     if layout == "nm":
         mod = NMSparseLinear.from_dense(weight, keep, n, m, store, bias, backend)
@@ -47,9 +48,10 @@ def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[
     if not on_grid:
         return mod
     # codes = the grid points the weights sit on (exact up to fp32 rounding of code * scale)
-    codes = torch.round(mod.values / scales.to(mod.values)[_row_of(mod)]).clamp(-127, 127).to(torch.int8)
-    mod.values_dtype = "int8"
-    mod.values = codes
+    qmax = 127 if values == "int8" else 7
+    codes = torch.round(mod.values / scales.to(mod.values)[_row_of(mod)]).clamp(-qmax, qmax).to(torch.int8)
+    mod.values_dtype = values
+    mod.values = codes if values == "int8" else pack_int4(codes)
     mod.scales = scales.float().clone().to(weight.device)
     return mod
 

@@ -8,7 +8,7 @@ from typing import ClassVar, Tuple
 from ..config import Config, check_calibration_fields, register_config
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-NM_VALUES = ("auto", "float32", "bfloat16", "float16", "int8")
+NM_VALUES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 CSR_VALUES = ("auto", "float32", "int8")
 LAYOUTS = ("auto", "nm", "csr")
 BACKENDS = ("auto", "native", "reference")
@@ -34,8 +34,9 @@ class _Sparse(Config):
     """What every sparsity config has. method: "magnitude" (|w|, no data), "wanda" (|w| times
     the input's L2 norm per input feature, Sun et al. 2023) or "sparsegpt" (Hessian-based
     pruning with the OBS weight update, Frantar & Alistarh 2023); the last two need
-    calib_data / forward_loop. values: how the kept weights are stored ("int8": symmetric
-    per output channel; with sparsegpt the rounding is compensated in the same sweep; "auto":
+    calib_data / forward_loop. values: how the kept weights are stored ("int8", and "int4"
+    for n:m: symmetric per output channel; with sparsegpt the rounding is compensated in the
+    same sweep, the paper's joint sparse + quantized mode; "auto":
     the weight's own float dtype where the layout stores it, so a half model stays half:
     n:m keeps float32 / bfloat16 / float16, CSR float32).
     damp / block_size: SparseGPT's damping (fraction of mean diag H) and lazy-update block.
