@@ -60,7 +60,7 @@ def main():
     p.add_argument("--shapes", default="4096x4096,4096x11008",
                    help="NxK list (out x in); add 11008x4096 for the other order")
     p.add_argument("--batches", default="1,8,64")
-    p.add_argument("--sparsities", default="0.5,0.75,0.9,0.95")
+    p.add_argument("--sparsities", default="0.5,0.75,0.9,0.95", help="unstructured sparsities (\"\" for none)")
     p.add_argument("--isa", choices=("avx2", "avx512", "scalar"), help="force a tensorslim code path")
     p.add_argument("--patterns", default="2:4", help="N:M patterns, e.g. 2:4,4:8,1:4,2:8,1:8 (\"\" for none)")
     p.add_argument("--quick", action="store_true", help="4096x4096, 90%% and 2:4, batches 1 and 8")
@@ -86,7 +86,7 @@ def main():
         N, K = (int(v) for v in shape.split("x"))
         w = torch.randn(N, K)
         packs = []  # (label, linear(x), packed bytes, torch-csr weight or None)
-        for sp in (float(s) for s in args.sparsities.split(",")):
+        for sp in (float(s) for s in filter(None, args.sparsities.split(","))):  # "" for none
             keep = torch.rand(N, K) >= sp
             for dt in (torch.float32, torch.int8):
                 v, c, rp, sc = S.csr_pack(w, keep, dt)
@@ -96,7 +96,8 @@ def main():
         for pattern in filter(None, args.patterns.split(",")):  # "" for none
             n, m = (int(a) for a in pattern.split(":"))
             keep_nm = nm_keep(w, n, m)
-            for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.int8, "int8")):
+            for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.int8, "int8"),
+                             (S.INT4_VALUES, "int4")):
                 v, i, sc = S.nm_pack(w, keep_nm, n, m, dt)
                 fn = lambda x, v=v, i=i, sc=sc, n=n, m=m: S.nm_linear_direct(  # noqa: E731
                     x, v, i, sc, None, n, m, "auto")

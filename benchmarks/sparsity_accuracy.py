@@ -3,8 +3,10 @@
     sentences, calibrated on 128 others;
   - the tiny LLaMA-style byte LM (tensorslim.eval.tiny_lm): perplexity on its held-out text,
     calibrated on 16 windows of its training text.
-Patterns: 50% unstructured, 2:4, 4:8, and 2:4 with int8 values; methods magnitude, Wanda and
-SparseGPT (with int8 values SparseGPT quantizes in the same sweep).
+Patterns: 50% unstructured, 2:4, 4:8, and 2:4 with int8 / int4 values; methods magnitude, Wanda
+and SparseGPT (with int8 / int4 values SparseGPT quantizes in the same sweep). Under each table,
+2:4 SparseGPT with float values whose weights are then rounded to int4 (ts.SparseStorage): what
+the joint sweep is measured against.
 
     python benchmarks/sparsity_accuracy.py [--quick]
 """
@@ -20,6 +22,7 @@ PATTERNS = {
     "2:4": lambda method: ts.NM(2, 4, method=method),
     "4:8": lambda method: ts.NM(4, 8, method=method),
     "2:4 + int8 values": lambda method: ts.NM(2, 4, method=method, values="int8"),
+    "2:4 + int4 values": lambda method: ts.NM(2, 4, method=method, values="int4"),
 }
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -28,6 +31,23 @@ def _table(title, metric, score):
     print(f"\n{title}\n| pattern | " + " | ".join(METHODS) + " |\n|---|" + "---|" * len(METHODS))
     for pattern, make in PATTERNS.items():
         print(f"| {pattern} | " + " | ".join(f"{score(make(m)):.4f}" for m in METHODS) + " |", flush=True)
+    later = score(ts.NM(2, 4, method="sparsegpt"), then=ts.SparseStorage(layout="nm", values="int4"))
+    print(f"2:4 SparseGPT float values, rounded to int4 afterwards: {later:.4f}", flush=True)
+
+
+def _sparsified(model, cfg, calib, then=None):
+    """A copy of model sparsified by cfg; with `then`, its sparse layers' weights put back into
+    dense copies of the layers and stored again by `then` (a SparseStorage)."""
+    m = copy.deepcopy(model)
+    ts.sparsify(m, cfg, calib_data=calib if cfg.needs_data else None, progress=False)
+    if then is None:
+        return m
+    dense = copy.deepcopy(model)
+    for name, mod in m.named_modules():
+        if isinstance(mod, ts.NMSparseLinear):
+            dense.get_submodule(name).weight.data = mod.dequantized_weight().to(dense.get_submodule(name).weight)
+    ts.sparsify(dense, then, progress=False)
+    return dense
 
 
 def minilm(n_eval: int, n_calib: int):
@@ -41,10 +61,8 @@ def minilm(n_eval: int, n_calib: int):
              for i in range(0, n_calib, 16)]
     ref = embed(model, tok, held)
 
-    def score(cfg):
-        m = copy.deepcopy(model)
-        ts.sparsify(m, cfg, calib_data=calib if cfg.needs_data else None, progress=False)
-        return embedding_cosine(embed(m, tok, held), ref)
+    def score(cfg, then=None):
+        return embedding_cosine(embed(_sparsified(model, cfg, calib, then), tok, held), ref)
 
     _table(f"MiniLM embedding cosine vs fp32 ({n_eval} held-out sentences, {n_calib} calibration)", "cosine", score)
 
@@ -59,10 +77,8 @@ def tiny_lm(n_windows: int):
     calib = [train[i * T.SEQ_LEN:(i + 1) * T.SEQ_LEN][None] for i in range(n_windows)]
     print(f"\ntiny LM dense perplexity {perplexity(lm, ids, seq_len=T.SEQ_LEN):.3f}")
 
-    def score(cfg):
-        m = copy.deepcopy(lm)
-        ts.sparsify(m, cfg, calib_data=calib if cfg.needs_data else None, progress=False)
-        return perplexity(m, ids, seq_len=T.SEQ_LEN)
+    def score(cfg, then=None):
+        return perplexity(_sparsified(lm, cfg, calib, then), ids, seq_len=T.SEQ_LEN)
 
     _table(f"tiny LM perplexity ({len(ids)} held-out bytes, {n_windows} calibration windows)", "perplexity", score)
 

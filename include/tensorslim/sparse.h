@@ -5,9 +5,11 @@
 // N:M ("nm"), m in {4, 8}, 1 <= n < m: G = ceil(K / m) groups of m columns per row, each
 // storing exactly n slots.
 //   values  [N, G*n]  float32 / bfloat16 / float16 / int8 (int8: w ~= code * scales[row]), or
-//           uint8 [N, ceil(G*n / 2)]: int4 codes in [-7, 7], two's complement, slot j in the
-//           low nibble of byte j / 2 when j is even, the high one when odd (w ~= code * scales[row]);
-//           a row with an odd slot count leaves its last high nibble 0
+//           uint8 [N, 8 * ceil(G*n / 16)]: int4 codes in [-7, 7] (two's complement nibbles,
+//           w ~= code * scales[row]), each row a run of little-endian 64-bit words, word c holding
+//           slots 16c .. 16c+15: slot 16c + k at nibble (k % 2) * 8 + k / 2 (bits 4*that ..
+//           4*that+3), i.e. the even slots in the low 32 bits, the odd ones in the high 32, each
+//           in order (one broadcast and two shifts put 16 codes in 32-bit lanes); unused nibbles 0
 //   indices [N, ceil(G*n*b / 8)] uint8, b = 2 (m = 4) or 3 (m = 8): per row a little-endian
 //           bit stream (LSB first) of the in-group positions, slot after slot, strictly
 //           increasing within a group; unused bits 0.

@@ -123,7 +123,7 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
         std::vector<uint8_t> keep = nm_keep(w, N, K, n, m, sp, ++seed);
         for (DType dt : dts) {
           const int64_t S = nm_slots(K, n, m), B = nm_index_bytes(K, n, m);
-          const int64_t VC = dt == DType::kUInt8 ? (S + 1) / 2 : S;  // value columns
+          const int64_t VC = dt == DType::kUInt8 ? (S + 15) / 16 * 8 : S;  // value columns
           Packed p;
           p.values.resize(N * VC * vsize(dt));
           p.indices.resize(N * B);
@@ -488,18 +488,22 @@ TEST(Sparse, Int8ValuesFollowTheRule) {
 }
 
 TEST(Sparse, Int4ValuesFollowTheRule) {
-  // 1:4 over K = 19: 5 slots per row (odd), so each row is 3 bytes with its last high nibble 0.
-  const int64_t N = 3, K = 19, S = 5, VC = 3;
+  // 1:4 over K = 75: 19 slots per row, so each row is two 64-bit words, 13 nibbles of the
+  // second one unused (0).
+  const int64_t N = 3, K = 75, S = 19, VC = 16;
   std::vector<float> w = random_weights(N * K, 7);
   std::vector<uint8_t> keep = nm_keep(w, N, K, 1, 4, 0.0, 8);
   for (int64_t c = 0; c < K; ++c) keep[2 * K + c] = 0;  // an empty row: scale 1, codes 0
   std::vector<uint8_t> codes(N * VC, 0xff), idx(N * nm_index_bytes(K, 1, 4));
+  const int64_t B = nm_index_bytes(K, 1, 4);
   std::vector<float> scales(N);
   TensorView sv = view1(scales.data(), DType::kFloat32, N);
-  TensorView cv = view2(codes.data(), DType::kUInt8, N, VC), iv = view2(idx.data(), DType::kUInt8, N, 2);
+  TensorView cv = view2(codes.data(), DType::kUInt8, N, VC), iv = view2(idx.data(), DType::kUInt8, N, B);
   nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), 1, 4, cv, iv, &sv);
-  auto code_at = [&](int64_t r, int64_t j) {
-    const int u = (codes[r * VC + j / 2] >> (4 * (j % 2))) & 15;
+  auto nibble = [&](int64_t r, int64_t t) { return (codes[r * VC + t / 2] >> (4 * (t % 2))) & 15; };
+  auto code_at = [&](int64_t r, int64_t j) {  // word j / 16, nibble (k % 2) * 8 + k / 2
+    const int64_t k = j % 16;
+    const int u = nibble(r, j / 16 * 16 + k % 2 * 8 + k / 2);
     return u >= 8 ? u - 16 : u;
   };
   for (int64_t r = 0; r < N; ++r) {
@@ -514,7 +518,10 @@ TEST(Sparse, Int4ValuesFollowTheRule) {
       EXPECT_EQ(code_at(r, j++), static_cast<int>(want)) << "row " << r << " column " << c;
     }
     EXPECT_EQ(j, r < 2 ? S : 0);
-    EXPECT_EQ(codes[r * VC + VC - 1] >> 4, 0) << "row " << r << ": the pad nibble";
+    // word 1 holds slots 16..18: even ones at nibbles 16, 17, the odd one at 24; the rest 0
+    for (int64_t t = 16; t < 32; ++t) {
+      if (t != 16 && t != 17 && t != 24) EXPECT_EQ(nibble(r, t), 0) << "row " << r << ": unused nibble " << t;
+    }
   }
   EXPECT_EQ(scales[2], 1.0f);
   for (int64_t j = 0; j < S; ++j) EXPECT_EQ(code_at(2, j), 0);
@@ -672,7 +679,7 @@ TEST(Sparse, ConvEveryIsaMatchesFloat64) {
       const TensorView* sc = dt == DType::kFloat32 ? nullptr : &sv;
       for (auto nm : {std::pair<int, int>{2, 4}, std::pair<int, int>{1, 8}}) {
         const int n = nm.first, m = nm.second;
-        const int64_t S = nm_slots(K, n, m), VC = dt == DType::kUInt8 ? (S + 1) / 2 : S;
+        const int64_t S = nm_slots(K, n, m), VC = dt == DType::kUInt8 ? (S + 15) / 16 * 8 : S;
         std::vector<uint8_t> nkeep = nm_keep(w, N, K, n, m, 0.0, ++seed);
         Packed q;
         q.values.assign(N * VC * vsize(dt), 0);

@@ -40,6 +40,7 @@ def _csr(sparsity, values="float32"):
 
 
 DECODED = [pytest.param(lambda: _nm(2, 4), id="2:4"), pytest.param(lambda: _nm(2, 4, "int8"), id="2:4-int8"),
+           pytest.param(lambda: _nm(2, 4, "int4"), id="2:4-int4"),
            pytest.param(lambda: _nm(2, 4, "bfloat16"), id="2:4-bf16"), pytest.param(lambda: _nm(3, 4), id="3:4"),
            pytest.param(lambda: _nm(4, 8), id="4:8"), pytest.param(lambda: _csr(0.5), id="csr-50%"),
            pytest.param(lambda: _csr(0.3, "int8"), id="csr-30%-int8")]

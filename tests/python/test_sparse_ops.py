@@ -76,29 +76,34 @@ def test_int4_values_follow_the_rule(n, m, k):
     keep = nm_keep(w, n, m)
     values, indices, scales = S.nm_pack(w, keep, n, m, S.INT4_VALUES)
     slots = (k + m - 1) // m * n
-    assert values.dtype == torch.uint8 and values.shape == (6, (slots + 1) // 2)
+    assert values.dtype == torch.uint8 and values.shape == (6, (slots + 15) // 16 * 8)
     codes, want_scales = S.int8_values_reference(w * keep, qmax=7)
     assert torch.equal(scales, want_scales) and float(scales[3]) == 1.0
     assert int(codes.abs().max()) == 7  # each row's largest kept weight is a full-scale code
     want = codes * want_scales[:, None]
     assert torch.equal(S.nm_unpack(values, indices, scales, n, m, k), want)
     assert torch.equal(S.nm_unpack_reference(values, indices, scales, n, m, k), want)
-    # the codes in slot order, two per byte, low nibble first; the pad nibble of an odd row is 0
+    # the codes in the layout pack_int4 writes (test_int4_word_layout); unused nibbles 0
     f32, _, _ = S.nm_pack(w * keep, keep, n, m)
     slot_codes = torch.round(f32 / want_scales[:, None]).clamp(-7, 7).to(torch.int8)
     assert torch.equal(values, S.pack_int4(slot_codes))
     assert torch.equal(S.unpack_int4(values, slots), slot_codes)
-    if slots % 2:
-        assert int((values[:, -1] >> 4).max()) == 0
+    padded = torch.nn.functional.pad(slot_codes, (0, -slots % 16))
+    assert torch.equal(S.unpack_int4(values, padded.shape[1]), padded)
 
 
-def test_int4_nibble_layout():
-    # 2:4 over K = 8 keeping columns 0, 3 | 5, 6 with weights 7, -1 | -7, 3 (scale 1): codes 7, -1,
-    # -7, 3 as nibbles 0x7, 0xF | 0x9, 0x3.
+def test_int4_word_layout():
+    # 2:4 over K = 8 keeping columns 0, 3 | 5, 6 with weights 7, -1 | -7, 3 (scale 1): slots 0..3
+    # hold codes 7, -1, -7, 3. Even slots 0, 2 are nibbles 0, 1 (byte 0: 0x7, 0x9); odd slots 1, 3
+    # are nibbles 8, 9 (byte 4: 0xF, 0x3); the rest of the 64-bit word is 0.
     w = torch.tensor([[7.0, 0, 0, -1, 0, -7, 3, 0]])
     values, _, scales = S.nm_pack(w, w != 0, 2, 4, S.INT4_VALUES)
     assert float(scales[0]) == 1.0
-    assert values.tolist() == [[0x7 | 0xF << 4, 0x9 | 0x3 << 4]]
+    assert values.tolist() == [[0x7 | 0x9 << 4, 0, 0, 0, 0xF | 0x3 << 4, 0, 0, 0]]
+    # 16 slots: slot k at nibble (k % 2) * 8 + k // 2 of the word
+    codes = torch.arange(-7, 9)[None].clamp(max=7)
+    word = int.from_bytes(bytes(S.pack_int4(codes)[0].tolist()), "little")
+    assert [((word >> 4 * ((k % 2) * 8 + k // 2)) + 8) % 16 - 8 for k in range(16)] == codes[0].tolist()
 
 
 def test_nm_layout_and_tail_rule():
@@ -226,8 +231,8 @@ def test_bad_arguments():
     v4, i4, s4 = S.nm_pack(w, keep, 2, 4, S.INT4_VALUES)
     with pytest.raises(ValueError, match="int4 values need float32 scales"):
         S.nm_linear(torch.randn(3, 8), v4, i4, None, None, 2, 4, 8)
-    with pytest.raises(ValueError, match=r"values must be \[4, 2\]"):  # int8's shape: one code per byte
-        S.nm_linear(torch.randn(3, 8), v4.repeat(1, 2), i4, s4, None, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"values must be \[4, 8\]"):  # whole 64-bit words
+        S.nm_linear(torch.randn(3, 8), v4[:, :4], i4, s4, None, 2, 4, 8)
 
 
 def test_fake_tensors_and_compile():

@@ -211,7 +211,7 @@ def test_summary_and_report_rows():
     (lambda: ts.NM(5, 4), "n must be"), (lambda: ts.NM(2, 3), "m must be"), (lambda: ts.NM(0, 4), "n must be"),
     (lambda: ts.Unstructured(1.0), "sparsity"), (lambda: ts.Unstructured(-0.1), "sparsity"),
     (lambda: ts.Unstructured(0.5, values="bfloat16"), "values"), (lambda: ts.NM(2, 4, method="obs"), "method"),
-    (lambda: ts.NM(2, 4, values="int4"), "values"),
+    (lambda: ts.NM(2, 4, values="int2"), "values"), (lambda: ts.Unstructured(0.5, values="int4"), "values"),
 ])
 def test_bad_configs(make, match):
     with pytest.raises(ValueError, match=match):

@@ -2,8 +2,9 @@
 
 N:M ("nm"), m in {4, 8}, 1 <= n < m: per row G = ceil(K / m) groups of m columns, n slots each.
   values  [N, G*n] float32 / bfloat16 / float16 / int8 (int8: w ~= code * scales[row]), or
-          uint8 [N, ceil(G*n / 2)]: int4 codes in [-7, 7], two per byte (slot j in the low
-          nibble of byte j // 2 when j is even, the high one when odd), w ~= code * scales[row]
+          uint8 [N, 8 * ceil(G*n / 16)]: int4 codes in [-7, 7], w ~= code * scales[row], each
+          row a run of little-endian 64-bit words of 16 slots: the even slots' nibbles in the
+          low 32 bits, the odd ones' in the high 32, each in order (pack_int4)
   indices [N, ceil(G*n*b / 8)] uint8, b = 2 (m = 4) or 3 (m = 8): the in-group positions as a
           little-endian bit stream per row, slot after slot, increasing within a group.
   Free slots of a group hold its smallest unused positions with value 0; in the last group,
@@ -96,7 +97,7 @@ def nm_shapes(out_features: int, in_features: int, n: int, m: int,
     (int4 values, uint8: two slots per byte)."""
     slots = (in_features + m - 1) // m * n
     bits = 2 if m == 4 else 3
-    vcols = (slots + 1) // 2 if value_dtype == INT4_VALUES else slots
+    vcols = (slots + 15) // 16 * 8 if value_dtype == INT4_VALUES else slots
     return (out_features, vcols), (out_features, (slots * bits + 7) // 8)
 
 
@@ -168,18 +169,20 @@ def int8_values_reference(kept: torch.Tensor, qmax: int = 127) -> Tuple[torch.Te
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes [rows, slots] (integers in [-8, 7]) as the uint8 [rows, ceil(slots / 2)] values
-    of N:M storage: slot 2t in byte t's low nibble, 2t + 1 in its high one."""
-    c = codes.to(torch.int32) & 0x0F
-    if c.shape[1] % 2:
-        c = torch.cat([c, c.new_zeros(c.shape[0], 1)], dim=1)
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).to(torch.uint8)
+    """int4 codes [rows, slots] (integers in [-8, 7]) as the uint8 [rows, 8 * ceil(slots / 16)]
+    values of N:M storage: per 16 slots one little-endian 64-bit word whose nibble (k % 2) * 8 +
+    k // 2 holds slot k (nibble t: bits 4 (t % 2) .. of byte t // 2); unused nibbles 0."""
+    rows, slots = codes.shape
+    c = torch.nn.functional.pad(codes.to(torch.int32) & 0x0F, (0, -slots % 16)).reshape(rows, -1, 16)
+    nib = torch.cat([c[..., 0::2], c[..., 1::2]], dim=2)  # nibble order: even slots, then odd
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(torch.uint8).reshape(rows, -1)
 
 
 def unpack_int4(values: torch.Tensor, slots: int) -> torch.Tensor:
     """The int4 codes [rows, slots] (int8) of uint8 N:M values; pack_int4's inverse."""
-    v = values.to(torch.int32)
-    c = torch.stack([v & 0x0F, v >> 4], dim=2).reshape(values.shape[0], -1)[:, :slots]
+    v = values.to(torch.int32).reshape(values.shape[0], -1, 8)
+    nib = torch.stack([v & 0x0F, v >> 4], dim=3).reshape(values.shape[0], -1, 16)
+    c = torch.stack([nib[..., :8], nib[..., 8:]], dim=3).reshape(values.shape[0], -1)[:, :slots]
     return torch.where(c >= 8, c - 16, c).to(torch.int8)
 
 

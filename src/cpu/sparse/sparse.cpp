@@ -66,9 +66,14 @@ void check_values_scales(const TensorView& values, const TensorView* scales, int
   }
 }
 
-// The signed int4 code of slot i: the low nibble of byte i / 2 for even i, the high one for odd.
+// The nibble of a row's int4 values holding slot i: word i / 16, nibble (k % 2) * 8 + k / 2 of
+// it (k = i % 16); nibble t is bits 4 (t % 2) .. of byte t / 2.
+inline int64_t int4_nibble(int64_t i) { return (i >> 4) * 16 + (i & 1) * 8 + ((i & 15) >> 1); }
+
+// The signed int4 code of slot i.
 int int4_at(const uint8_t* p, int64_t i) {
-  const int u = (p[i >> 1] >> (4 * (i & 1))) & 0x0f;
+  const int64_t t = int4_nibble(i);
+  const int u = (p[t >> 1] >> (4 * (t & 1))) & 0x0f;
   return u >= 8 ? u - 16 : u;
 }
 
@@ -88,7 +93,8 @@ void store_value(const TensorView& values, int64_t i, float v) {
     case DType::kBFloat16: values.ptr<uint16_t>()[i] = cpu::float_to_bf16(v); break;
     case DType::kFloat16: values.ptr<uint16_t>()[i] = cpu::float_to_f16(v); break;
     case kInt4Values: {  // v is a code in [-7, 7]; the byte was zeroed first
-      values.ptr<uint8_t>()[i >> 1] |= static_cast<uint8_t>((static_cast<int>(v) & 0x0f) << (4 * (i & 1)));
+      const int64_t t = int4_nibble(i);
+      values.ptr<uint8_t>()[t >> 1] |= static_cast<uint8_t>((static_cast<int>(v) & 0x0f) << (4 * (t & 1)));
       break;
     }
     default: values.ptr<int8_t>()[i] = static_cast<int8_t>(v);  // v is an integer code already
@@ -106,8 +112,8 @@ float int_code(float w, float scale, float qmax) {
 
 float row_scale(float amax, float qmax) { return amax > 0.0f ? amax / qmax : 1.0f; }
 
-// Values per row of N:M storage: int4 rows start on a byte.
-int64_t nm_value_stride(int64_t slots, DType dt) { return dt == kInt4Values ? (slots + 1) / 2 * 2 : slots; }
+// Values per row of N:M storage: int4 rows are whole 16-slot words.
+int64_t nm_value_stride(int64_t slots, DType dt) { return dt == kInt4Values ? (slots + 15) / 16 * 16 : slots; }
 
 int nm_pos(const uint8_t* row, int64_t j, int b) {
   const int64_t bit = j * b;
@@ -140,7 +146,7 @@ cpu::SparseWeight nm_weight(const TensorView& values, const TensorView& indices,
   TS_CHECK_VALUE(values.ndim == 2 && values.shape[0] == N && values.shape[1] == VC,
                  std::string(fn) + ": values must be [" + to_string(N) + ", " + to_string(VC) +
                      "] for " + to_string(n) + ":" + to_string(m) + " with in_features " + to_string(K) +
-                     (values.dtype == kInt4Values ? " (two int4 codes per byte)" : "") + ", got " +
+                     (values.dtype == kInt4Values ? " (int4 codes in 64-bit words of 16)" : "") + ", got " +
                      shape_str(values));
   check_tensor(indices, DType::kUInt8, 2, fn, "indices");
   TS_CHECK_VALUE(indices.shape[0] == N && indices.shape[1] == B,

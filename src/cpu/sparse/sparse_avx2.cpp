@@ -58,45 +58,41 @@ inline int64_t fast_end(const uint8_t* row, const uint8_t* end, int64_t full) {
   return lim < full ? lim : full;
 }
 
-// The signed int4 codes of the low 4 bytes of b (slot 2t in byte t's low nibble, 2t+1 in its
-// high one) as 8 int8 lanes.
-TS_TARGET inline __m128i int4_codes(__m128i b) {
-  const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
-  const __m128i nib = _mm_set1_epi8(0x0f);
-  const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, nib));
-  const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), nib));
-  return _mm_unpacklo_epi8(lo, hi);
+TS_TARGET inline __m256 lanes_below(int64_t count) {  // all-ones in the first `count` lanes
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count < W ? count : W)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
 // 8 stored values from index i as float32; `count` < 8 reads only that many (rest 0).
 template <DType VT>
 TS_TARGET inline __m256 load_vals(const void* base, int64_t i, int64_t count) {
+  if constexpr (VT == kInt4Values) {
+    // i a multiple of 8: half of one 64-bit word of the row (include/tensorslim/sparse.h). Lane
+    // j of the broadcast word sees its low 32 bits (j even) or high 32 (j odd), where slot
+    // 8 * half + j is nibble 4 * half + j / 2: shifted to the top, then arithmetically back down.
+    long long word;
+    std::memcpy(&word, static_cast<const unsigned char*>(base) + (i >> 4) * 8, 8);
+    const __m256i up = (i & 8) ? _mm256_setr_epi32(12, 12, 8, 8, 4, 4, 0, 0)
+                               : _mm256_setr_epi32(28, 28, 24, 24, 20, 20, 16, 16);
+    const __m256 v = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_sllv_epi32(_mm256_set1_epi64x(word), up), 28));
+    return count < W ? _mm256_and_ps(v, lanes_below(count)) : v;
+  }
   alignas(32) unsigned char buf[32];
-  const unsigned char* p = static_cast<const unsigned char*>(base) + value_bytes<VT>(i);  // i even for int4
+  const unsigned char* p = static_cast<const unsigned char*>(base) + value_bytes<VT>(i);
   if (count < W) {
     std::memset(buf, 0, sizeof(buf));
-    std::memcpy(buf, p, VT == kInt4Values ? (count + 1) / 2 : value_bytes<VT>(count));
-    if (VT == kInt4Values && count % 2) buf[count / 2] &= 0x0f;  // the lane past count reads 0
+    std::memcpy(buf, p, value_bytes<VT>(count));
     p = buf;
   }
   if constexpr (VT == DType::kFloat32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
   } else if constexpr (VT == DType::kInt8) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  } else if constexpr (VT == kInt4Values) {
-    int32_t b;
-    std::memcpy(&b, p, 4);
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(int4_codes(_mm_cvtsi32_si128(b))));
   } else {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     if constexpr (VT == DType::kFloat16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
-}
-
-TS_TARGET inline __m256 lanes_below(int64_t count) {  // all-ones in the first `count` lanes
-  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count < W ? count : W)),
-                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
 TS_TARGET inline float hsum(__m256 v) {

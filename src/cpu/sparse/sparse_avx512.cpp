@@ -59,16 +59,6 @@ inline int64_t fast_end(const uint8_t* row, const uint8_t* end, int64_t full) {
   return lim < full ? lim : full;
 }
 
-// The 16 signed int4 codes of 8 bytes (slot 2t in byte t's low nibble, 2t+1 in its high one)
-// as 16 int8 lanes.
-inline __m128i int4_codes(__m128i b) {
-  const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
-  const __m128i nib = _mm_set1_epi8(0x0f);
-  const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, nib));
-  const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), nib));
-  return _mm_unpacklo_epi8(lo, hi);
-}
-
 // 16 stored values from index i as float32 (masked lanes read nothing and give 0).
 template <DType VT, bool MASKED>
 inline __m512 load_vals(const void* base, int64_t i, __mmask16 k) {
@@ -79,12 +69,17 @@ inline __m512 load_vals(const void* base, int64_t i, __mmask16 k) {
     const int8_t* p = static_cast<const int8_t*>(base) + i;
     const __m128i c = MASKED ? _mm_maskz_loadu_epi8(k, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
-  } else if constexpr (VT == kInt4Values) {  // i even; k is the first lanes, so bytes = ceil(lanes / 2)
-    const uint8_t* p = static_cast<const uint8_t*>(base) + i / 2;
-    const int bytes = (__builtin_popcount(k) + 1) / 2;
-    const __m128i b = MASKED ? _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << bytes) - 1u), p)
-                             : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return _mm512_maskz_cvtepi32_ps(MASKED ? k : static_cast<__mmask16>(0xffff), _mm512_cvtepi8_epi32(int4_codes(b)));
+  } else if constexpr (VT == kInt4Values) {
+    // i a multiple of 16: one whole 64-bit word of the row (include/tensorslim/sparse.h). Lane j
+    // of the broadcast word sees its low 32 bits (j even) or high 32 (j odd), where slot j is
+    // nibble j / 2: shifted down to bits 0..3, which is all vpermps reads of an index, and
+    // looked up as the float code.
+    long long word;
+    std::memcpy(&word, static_cast<const uint8_t*>(base) + i / 2, 8);
+    const __m512i down = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    const __m512 code = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512i nib = _mm512_srlv_epi32(_mm512_set1_epi64(word), down);
+    return MASKED ? _mm512_maskz_permutexvar_ps(k, nib, code) : _mm512_permutexvar_ps(nib, code);
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(base) + i;
     const __m256i h = MASKED ? _mm256_maskz_loadu_epi16(k, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
