@@ -1,5 +1,8 @@
 """Compress a real sentence-embedding model (all-MiniLM-L6-v2) with every recipe tensorslim has.
 
+Quantization recipes (ts.quantize) and 2:4 sparsity with SparseGPT (ts.sparsify; with int8 /
+int4 values the rounding is compensated in the same sweep).
+
 For each recipe: size of the linear layers and of the whole model, latency of embedding
 sentences at batch 32 and batch 1, and accuracy against fp32 (mean cosine of the sentence
 embeddings, and how often each sentence's nearest neighbour stays the same). Calibrated
@@ -49,7 +52,11 @@ RECIPES = [
     ("w8a8 sq w±127", ts.W8A8(smoothquant_alpha="auto", weight_qmax=127), True),
     ("int8 dynamic w±127", ts.Int8Dynamic(weight_qmax=127), False),
     ("w4a8 g128", "w4a8", False),
+    ("2:4 sparsegpt", ts.NM(2, 4, method="sparsegpt"), True),
+    ("2:4+int8 sparsegpt", ts.NM(2, 4, method="sparsegpt", values="int8"), True),
+    ("2:4+int4 sparsegpt", ts.NM(2, 4, method="sparsegpt", values="int4"), True),
 ]
+SPARSITY_CONFIGS = (ts.NM, ts.Unstructured, ts.SparseStorage)  # applied by ts.sparsify
 N_CALIB = 256
 MiB = 1024 * 1024
 
@@ -120,7 +127,8 @@ def main() -> None:
     for name, cfg, calibrated in RECIPES:
         q = copy.deepcopy(model)
         if cfg is not None:
-            ts.quantize(q, cfg, calib_data=calib if calibrated else None, progress=False)
+            compress = ts.sparsify if isinstance(cfg, SPARSITY_CONFIGS) else ts.quantize
+            compress(q, cfg, calib_data=calib if calibrated else None, progress=False)
         models[name] = q
         emb = embed(q, tokenizer, sentences)
         rows.append(dict(name=name, lin=linear_bytes(q), total=state_bytes(q), t32=[], t1=[],
