@@ -9,20 +9,22 @@
 // AVX-512 and 16.0-17.7 -> 9.5-10.8 with AVX2 ymm. ARM-software/astc-encoder#511 measured the
 // same trade: scalar loads faster on Zen 2 / Zen 4 and Intel's newest cores, ~6% slower on
 // Skylake-X. x_at* do not check columns: the caller checks them (< K) first, with
-// cols16_at_most / cols8_at_most or a 512-bit compare.
+// cols16_at_most / cols8_at_most or a 512-bit compare. They are forced inline: GCC left x2_at4
+// a call per 8 entries in the AVX2 file.
+#define TS_X_AT __attribute__((always_inline)) inline
 
 // True when the 16 (8) columns at c are all <= last (every lane K - 1).
-inline bool cols16_at_most(const uint16_t* c, __m256i last) {
+TS_X_AT bool cols16_at_most(const uint16_t* c, __m256i last) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
   return _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_max_epu16(v, last), last)) == -1;
 }
-inline bool cols8_at_most(const uint16_t* c, __m256i last) {
+TS_X_AT bool cols8_at_most(const uint16_t* c, __m256i last) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), l = _mm256_castsi256_si128(last);
   return _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_max_epu16(v, l), l)) == 0xffff;
 }
 
 // x at the 4 columns packed little-endian in q.
-inline __m128 x_at4(const float* x, uint64_t q) {
+TS_X_AT __m128 x_at4(const float* x, uint64_t q) {
   __m128 v = _mm_load_ss(x + (q & 0xffff));
   v = _mm_insert_ps(v, _mm_load_ss(x + ((q >> 16) & 0xffff)), 0x10);
   v = _mm_insert_ps(v, _mm_load_ss(x + ((q >> 32) & 0xffff)), 0x20);
@@ -31,7 +33,7 @@ inline __m128 x_at4(const float* x, uint64_t q) {
 
 // x at the 8 columns c[0..7]: two 64-bit loads of columns (fewer load-port slots than one
 // 16-bit load per column), eight scalar loads of x.
-inline __m256 x_at8(const float* x, const uint16_t* c) {
+TS_X_AT __m256 x_at8(const float* x, const uint16_t* c) {
   uint64_t q[2];
   std::memcpy(q, c, sizeof(q));
   return _mm256_insertf128_ps(_mm256_castps128_ps256(x_at4(x, q[0])), x_at4(x, q[1]), 1);
@@ -39,10 +41,12 @@ inline __m256 x_at8(const float* x, const uint16_t* c) {
 
 // Rows 0 and 1 of x at 4 columns packed little-endian in q, from x transposed to [K, 2]
 // (SparseBatch::xt at batch 2): lanes (column j, row b) at 2j + b, one 64-bit load per column.
-inline __m128 x2_at2(const float* xt, uint64_t q) {
+TS_X_AT __m128 x2_at2(const float* xt, uint64_t q) {
   const __m128d lo = _mm_load_sd(reinterpret_cast<const double*>(xt + (q & 0xffff) * 2));
   return _mm_castpd_ps(_mm_loadh_pd(lo, reinterpret_cast<const double*>(xt + ((q >> 16) & 0xffff) * 2)));
 }
-inline __m256 x2_at4(const float* xt, uint64_t q) {
+TS_X_AT __m256 x2_at4(const float* xt, uint64_t q) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(x2_at2(xt, q)), x2_at2(xt, q >> 32), 1);
 }
+
+#undef TS_X_AT
