@@ -154,6 +154,10 @@ TS_TARGET inline void stage_offsets(int32_t* ci, __m256i col, __m256 k, int64_t 
 struct NmLayout {
   __m256i offs[8];
   __m256i rel[8];        // offs[v] - base[v]: offsets from the vector's first group
+  // Bits 3, 4 and 5 of rel[v] in the sign bit, as blendv reads them: which 8-column part of
+  // the window a lane's x comes from. A slot's window offset is rel[v] (a multiple of m) plus
+  // its position (< m <= 8), so those bits are rel[v]'s: set once, not per vector.
+  __m256 part_bit[8][3];
   int64_t base[8] = {};  // offs[v]'s first lane
   int nper = 1;
   int64_t period_cols = 0;
@@ -169,6 +173,7 @@ struct NmLayout {
       offs[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
       base[v] = o[0];
       rel[v] = _mm256_sub_epi32(offs[v], _mm256_set1_epi32(o[0]));
+      for (int b = 0; b < 3; ++b) part_bit[v][b] = _mm256_castsi256_ps(_mm256_sllv_epi32(rel[v], _mm256_set1_epi32(28 - b)));
     }
     full = w.K / w.m * w.n;
   }
@@ -190,11 +195,9 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
   const int64_t lim = fast_end<B>(idx, w.idx_end, L.full);
   __m256 acc2[R];  // a second set for the unrolled loop: two FMA chains per batch row
   for (int q = 0; q < R; ++q) acc2[q] = _mm256_setzero_ps();
-  auto body = [&](const __m256i rel, int64_t j, int64_t c0, __m256* A) TS_TARGET __attribute__((always_inline)) {
+  auto body = [&](const __m256i rel, int v, int64_t j, int64_t c0, __m256* A) TS_TARGET __attribute__((always_inline)) {
     const __m256 vals = load_vals<VT>(w.values, vb + j, W);
-    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 28));  // blendv reads the sign bit
-    const __m256 bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 27));  // WIN 32, 64
-    const __m256 bit5 = _mm256_castsi256_ps(_mm256_slli_epi32(rel, 26));  // WIN 64
+    const __m256 bit3 = L.part_bit[v][0], bit4 = L.part_bit[v][1], bit5 = L.part_bit[v][2];  // WIN 16 / 32 / 64
     const bool window = c0 + WIN <= w.K;
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
@@ -227,19 +230,19 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
       uint64_t bits0, bits1;
       std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
       std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
-      body(_mm256_add_epi32(off, positions<B>(bits0)), j0, col0, acc);
-      body(_mm256_add_epi32(off, positions<B>(bits1)), j0 + W, col0 + L.period_cols, acc2);
+      body(_mm256_add_epi32(off, positions<B>(bits0)), 0, j0, col0, acc);
+      body(_mm256_add_epi32(off, positions<B>(bits1)), 0, j0 + W, col0 + L.period_cols, acc2);
     }
     for (; j0 + W <= lim; j0 += W, col0 += L.period_cols) {
       uint64_t bits;
       std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
-      body(_mm256_add_epi32(off, positions<B>(bits)), j0, col0, acc);
+      body(_mm256_add_epi32(off, positions<B>(bits)), 0, j0, col0, acc);
     }
   } else {
     for (; j0 + W <= lim; j0 += W) {
       uint64_t bits;
       std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
-      body(_mm256_add_epi32(L.rel[v], positions<B>(bits)), j0, col0 + L.base[v], acc);
+      body(_mm256_add_epi32(L.rel[v], positions<B>(bits)), v, j0, col0 + L.base[v], acc);
       if (++v == L.nper) {
         v = 0;
         col0 += L.period_cols;
