@@ -137,6 +137,10 @@ inline void stage_offsets(int32_t* ci, __m512i col, __mmask16 k, int64_t st, con
 struct NmLayout {
   __m512i offs[8];
   __m512i rel[8];      // offs[v] - base[v]: offsets from the vector's first group
+  // Bits 5 and 6 of rel[v] per lane: which 32-column part of a 64- or 128-column window a
+  // lane's x comes from. A slot's window offset is rel[v] (a multiple of m) plus its position
+  // (< m <= 8), so those bits are rel[v]'s: set once, not tested per vector.
+  __mmask16 part_bit[8][2] = {};
   int64_t base[8] = {};  // offs[v]'s first lane
   int nper = 1;
   int64_t period_cols = 0;
@@ -152,6 +156,8 @@ struct NmLayout {
       offs[v] = _mm512_load_si512(o);
       base[v] = o[0];
       rel[v] = _mm512_sub_epi32(offs[v], _mm512_set1_epi32(o[0]));
+      part_bit[v][0] = _mm512_test_epi32_mask(rel[v], _mm512_set1_epi32(32));
+      part_bit[v][1] = _mm512_test_epi32_mask(rel[v], _mm512_set1_epi32(64));
     }
     full = w.K / w.m * w.n;
   }
@@ -172,10 +178,9 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
   const int64_t lim = fast_end<B>(idx, w.idx_end, L.full);
   __m512 acc2[R];  // a second set for the unrolled loop: two FMA chains per batch row
   for (int q = 0; q < R; ++q) acc2[q] = _mm512_setzero_ps();
-  auto body = [&](const __m512i rel, int64_t j, int64_t c0, __m512* A) __attribute__((always_inline)) {
+  auto body = [&](const __m512i rel, int v, int64_t j, int64_t c0, __m512* A) __attribute__((always_inline)) {
     const __m512 vals = load_vals<VT, false>(w.values, vb + j, 0);
-    const __mmask16 upper = _mm512_test_epi32_mask(rel, _mm512_set1_epi32(32));  // WIN 64, 128
-    const __mmask16 bit6 = _mm512_test_epi32_mask(rel, _mm512_set1_epi32(64));   // WIN 128
+    const __mmask16 upper = L.part_bit[v][0], bit6 = L.part_bit[v][1];  // WIN 64, 128
     const bool window = c0 + WIN <= w.K;
     for (int q = 0; q < R; ++q) {
       const float* xq = x + q * a.ldx;
@@ -205,19 +210,19 @@ void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayout& L, int6
       uint64_t bits0, bits1;
       std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
       std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
-      body(_mm512_add_epi32(off, positions<B>(bits0)), j0, col0, acc);
-      body(_mm512_add_epi32(off, positions<B>(bits1)), j0 + W, col0 + L.period_cols, acc2);
+      body(_mm512_add_epi32(off, positions<B>(bits0)), 0, j0, col0, acc);
+      body(_mm512_add_epi32(off, positions<B>(bits1)), 0, j0 + W, col0 + L.period_cols, acc2);
     }
     for (; j0 + W <= lim; j0 += W, col0 += L.period_cols) {
       uint64_t bits;
       std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
-      body(_mm512_add_epi32(off, positions<B>(bits)), j0, col0, acc);
+      body(_mm512_add_epi32(off, positions<B>(bits)), 0, j0, col0, acc);
     }
   } else {
     for (; j0 + W <= lim; j0 += W) {
       uint64_t bits;
       std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
-      body(_mm512_add_epi32(L.rel[v], positions<B>(bits)), j0, col0 + L.base[v], acc);
+      body(_mm512_add_epi32(L.rel[v], positions<B>(bits)), v, j0, col0 + L.base[v], acc);
       if (++v == L.nper) {
         v = 0;
         col0 += L.period_cols;
