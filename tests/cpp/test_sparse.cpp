@@ -461,6 +461,14 @@ TEST(Sparse, NmPackRoundTripAndLayout) {
   EXPECT_EQ(back, (std::vector<float>{0, 2, 0, 4, 0, 6}));
 }
 
+// The packing rule's scale of integer values for row r: max |kept| / qmax (1 when nothing
+// nonzero is kept).
+float rule_scale(const std::vector<float>& w, const std::vector<uint8_t>& keep, int64_t r, int64_t K, float qmax) {
+  float amax = 0.0f;
+  for (int64_t c = 0; c < K; ++c) amax = keep[r * K + c] ? std::max(amax, std::fabs(w[r * K + c])) : amax;
+  return amax > 0 ? amax / qmax : 1.0f;
+}
+
 TEST(Sparse, Int8ValuesFollowTheRule) {
   const int64_t N = 3, K = 16;
   std::vector<float> w = random_weights(N * K, 5);
@@ -473,9 +481,7 @@ TEST(Sparse, Int8ValuesFollowTheRule) {
   nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), 2, 4,
           view2(codes.data(), DType::kInt8, N, 8), view2(idx.data(), DType::kUInt8, N, 2), &sv);
   for (int64_t r = 0; r < N; ++r) {
-    float amax = 0.0f;
-    for (int64_t c = 0; c < K; ++c) amax = keep[r * K + c] ? std::max(amax, std::fabs(w[r * K + c])) : amax;
-    const float scale = amax > 0 ? amax / 127.0f : 1.0f;
+    const float scale = rule_scale(w, keep, r, K, 127.0f);
     EXPECT_EQ(scales[r], scale);
     int j = 0;
     for (int64_t c = 0; c < K; ++c) {
@@ -507,9 +513,7 @@ TEST(Sparse, Int4ValuesFollowTheRule) {
     return u >= 8 ? u - 16 : u;
   };
   for (int64_t r = 0; r < N; ++r) {
-    float amax = 0.0f;
-    for (int64_t c = 0; c < K; ++c) amax = keep[r * K + c] ? std::max(amax, std::fabs(w[r * K + c])) : amax;
-    const float scale = amax > 0 ? amax / 7.0f : 1.0f;
+    const float scale = rule_scale(w, keep, r, K, 7.0f);
     EXPECT_EQ(scales[r], scale);
     int64_t j = 0;
     for (int64_t c = 0; c < K; ++c) {

@@ -1,5 +1,6 @@
 """Sparse storage ops: pack / unpack round trips (bit-exact for float32 values, the stated
-int8 and int4 rules, int4's nibble layout), the native N:M and CSR linears against the plain-PyTorch reference on every ISA
+int8 and int4 rules, int4's nibble layout), the native N:M and CSR linears against the
+plain-PyTorch reference on every ISA
 (tolerance from the float64 product: summation orders differ), tail groups, bad arguments,
 fake tensors and torch.compile."""
 import pytest

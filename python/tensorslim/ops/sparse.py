@@ -93,8 +93,8 @@ def _check_bias(bias, rows: int, fn: str) -> None:
 
 def nm_shapes(out_features: int, in_features: int, n: int, m: int,
               value_dtype: torch.dtype = torch.float32) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """(values shape, indices shape) of an N:M packed [out_features, in_features] weight
-    (int4 values, uint8: two slots per byte)."""
+    """(values shape, indices shape) of an N:M packed [out_features, in_features] weight (int4
+    values, uint8: whole 8-byte words of 16 slots per row)."""
     slots = (in_features + m - 1) // m * n
     bits = 2 if m == 4 else 3
     vcols = (slots + 15) // 16 * 8 if value_dtype == INT4_VALUES else slots
@@ -188,9 +188,9 @@ def unpack_int4(values: torch.Tensor, slots: int) -> torch.Tensor:
 
 def nm_pack(w: torch.Tensor, keep: torch.Tensor, n: int, m: int,
             value_dtype: torch.dtype = torch.float32):
-    """Packs w * keep as N:M: (values, indices, scales or None), on w's device. value_dtype
-    uint8 stores int4 codes (INT4_VALUES). keep must have at most n nonzeros in every group of m columns (ValueError naming the row
-    and group otherwise)."""
+    """Packs w * keep as N:M: (values, indices, scales or None), on w's device; value_dtype
+    uint8 (INT4_VALUES) stores int4 codes. keep must have at most n nonzeros in every group of m
+    columns (ValueError naming the row and group otherwise)."""
     fn = "nm_pack"
     _check_nm_args(n, m, fn)
     _check_w_keep(w, keep, fn)

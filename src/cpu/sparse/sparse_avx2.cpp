@@ -131,7 +131,10 @@ struct CsrChunk {
   }
 };
 
-TS_VECTOR_HELPER void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r, int64_t i, float acc) {
+// Scalar code: no target attribute, so that the shared t_tiles (transposed_tiles.h) may inline it
+// under clang too.
+__attribute__((always_inline)) inline void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r,
+                                                     int64_t i, float acc) {
   a.y[i * a.ldy + r * a.ldr] = acc * (w.scales ? w.scales[r] : 1.0f) + (a.bias ? a.bias[r] : 0.0f);
 }
 
@@ -173,7 +176,8 @@ struct NmLayout {
       offs[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
       base[v] = o[0];
       rel[v] = _mm256_sub_epi32(offs[v], _mm256_set1_epi32(o[0]));
-      for (int b = 0; b < 3; ++b) part_bit[v][b] = _mm256_castsi256_ps(_mm256_sllv_epi32(rel[v], _mm256_set1_epi32(28 - b)));
+      for (int b = 0; b < 3; ++b)
+        part_bit[v][b] = _mm256_castsi256_ps(_mm256_sllv_epi32(rel[v], _mm256_set1_epi32(28 - b)));
     }
     full = w.K / w.m * w.n;
   }
