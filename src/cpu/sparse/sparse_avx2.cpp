@@ -13,9 +13,9 @@
 #include "sparse_kernels.h"
 
 #define TS_TARGET __attribute__((target("avx2,fma,f16c")))
-// The per-vector (and per-output) helpers: GCC left load_vals out of line (a call, and a stack buffer, per 8
-// slots: 2:4 int8 at batch 1 took 1.63 ns per vector against 1.19 for int4, whose path it
-// did inline).
+// The per-vector helpers, forced inline: GCC left load_vals out of line (a call, and a stack
+// buffer, per 8 slots: 2:4 int8 at batch 1 took 1.63 ns per vector against 1.19 for int4,
+// whose path it did inline).
 #define TS_VECTOR_HELPER TS_TARGET __attribute__((always_inline)) inline
 
 namespace tensorslim {
