@@ -13,14 +13,14 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DTENSORSLIM_BUILD_FUZZERS=ON -DCMAKE_CXX_FLAGS="$SAN" \
   -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
   -DPython_EXECUTABLE="$PWD/$PY" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
-cmake --build "$BUILD" -j "$(nproc)" --target fuzz_formats fuzz_linear_args
+cmake --build "$BUILD" -j "$(nproc)" --target fuzz_formats fuzz_linear_args fuzz_sparse_args
 export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 TENSORSLIM_NUM_THREADS=1
 mkdir -p "$BUILD/crashes"
 # fuzz_linear_args three times: as this CPU runs it, as an AVX2 CPU without VNNI does (our
 # kernels and oneDNN capped: the INT8 packed copy is then our AVX2 panels), and as one with
 # AVX-VNNI does (the AVX2 kernels on vpdpbusd, where this CPU has a form of it; else the same
-# as the pass before).
-for run in fuzz_formats: fuzz_linear_args: fuzz_linear_args:0 fuzz_linear_args:1; do
+# as the pass before). fuzz_sparse_args as this CPU runs it and with AVX2 caps.
+for run in fuzz_formats: fuzz_linear_args: fuzz_linear_args:0 fuzz_linear_args:1 fuzz_sparse_args: fuzz_sparse_args:0; do
   target=${run%%:*} vnni=${run#*:}
   mkdir -p "$BUILD/corpus/$target"
   echo "== $target${vnni:+ (AVX2 caps, TENSORSLIM_AVX2_VNNI=$vnni)}: $RUNS inputs"
