@@ -72,7 +72,8 @@ def test_unstructured_magnitude_exact_count_and_output():
                                     ts.NM(2, 4, values="int4")])
 def test_low_precision_values_sqnr(config):
     """Same kept positions as float32 values; the stored values within the value type's error
-    (int8 / int4 round to a per-row grid of max|kept| / 127 or / 7: 38 / 14 dB on these rows)."""
+    (int8 / int4 round to a per-row grid of max|kept| / 127 or / 7; int4 measured 25.1-25.2 dB on
+    these rows, floor 23)."""
     model = _mlp()
     fp = copy.deepcopy(model)
     ts.sparsify(fp, _with(config, values="float32"), progress=False)
@@ -80,7 +81,7 @@ def test_low_precision_values_sqnr(config):
     for name in ("0", "2", "4"):
         a, b = _dense(fp.get_submodule(name)), _dense(model.get_submodule(name))
         sqnr = 20 * torch.log10(a.norm() / (a - b).norm())
-        assert sqnr > {"int8": 38, "int4": 14}.get(config.values, 45), float(sqnr)
+        assert sqnr > {"int8": 38, "int4": 23}.get(config.values, 45), float(sqnr)
         assert not (b[a == 0] != 0).any()  # nothing kept that float32 values prune
 
 
