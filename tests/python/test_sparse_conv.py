@@ -33,6 +33,23 @@ def _conv(C, N, kernel, stride, padding, dilation, bias=True):
     return nn.Conv2d(C, N, kernel, stride, padding, dilation, bias=bias)
 
 
+def _sparse(conv, layout, csr_keep):
+    """conv as the sparse conv a layout string names ("csr int8", "2:4 float32", ...): CSR keeps
+    csr_keep(weight matrix), n:m the largest |w| per group; native kernels."""
+    w2 = conv.weight.detach().reshape(conv.out_channels, -1)
+    fmt, values = layout.split()
+    one_d = isinstance(conv, nn.Conv1d)
+    if fmt == "csr":
+        return (CSRSparseConv1d if one_d else CSRSparseConv2d).from_conv(conv, csr_keep(w2), values, backend="native")
+    n, m = map(int, fmt.split(":"))
+    return (NMSparseConv1d if one_d else NMSparseConv2d).from_conv(conv, ts.sparsity.masks.nm_keep(w2.abs(), n, m),
+                                                                    n, m, values, backend="native")
+
+
+def _above_quantile(w2):
+    return w2.abs() > w2.abs().quantile(0.6)
+
+
 def _masked_reference(conv, mod, x):
     w = mod.dense_weight().double().reshape(conv.weight.shape)
     b = None if conv.bias is None else conv.bias.double()
@@ -45,15 +62,7 @@ def _masked_reference(conv, mod, x):
 def test_ops_match_float64_every_isa(isa, geometry, layout):
     C, N, H, W, kernel, stride, padding, dilation = geometry
     conv = _conv(C, N, kernel, stride, padding, dilation)
-    w2 = conv.weight.detach().reshape(N, -1)
-    fmt, values = layout.split()
-    if fmt == "csr":
-        keep = torch.rand(w2.shape, generator=torch.Generator().manual_seed(N)) > 0.7
-        mod = CSRSparseConv2d.from_conv(conv, keep, values, backend="native")
-    else:
-        n, m = map(int, fmt.split(":"))
-        keep = ts.sparsity.masks.nm_keep(w2.abs(), n, m)
-        mod = NMSparseConv2d.from_conv(conv, keep, n, m, values, backend="native")
+    mod = _sparse(conv, layout, lambda w2: torch.rand(w2.shape, generator=torch.Generator().manual_seed(N)) > 0.7)
     x = torch.randn(2, C, H, W)
     got = mod(x)
     ref = _masked_reference(conv, mod, x)
@@ -258,13 +267,7 @@ def test_bad_input_and_unsupported_convs():
 def test_grouped_convs_every_isa(isa, groups, C, N, layout):
     torch.manual_seed(groups)
     conv = nn.Conv2d(C, N, 3, stride=2 if groups == 4 else 1, padding=1, groups=groups)
-    w2 = conv.weight.detach().reshape(N, -1)
-    fmt, values = layout.split()
-    if fmt == "csr":
-        mod = CSRSparseConv2d.from_conv(conv, w2.abs() > w2.abs().quantile(0.6), values, backend="native")
-    else:
-        mod = NMSparseConv2d.from_conv(conv, ts.sparsity.masks.nm_keep(w2.abs(), 2, 4), 2, 4, values,
-                                       backend="native")
+    mod = _sparse(conv, layout, _above_quantile)
     x = torch.randn(2, C, 11, 9)
     want = F.conv2d(x.double(), mod.weight.double(), conv.bias.double(), conv.stride, conv.padding, 1, groups)
     got = mod(x)
@@ -296,13 +299,7 @@ def test_grouped_conv_sparsified_and_reloaded(tmp_path):
 def test_conv1d_matches_float64_every_isa(isa, layout):
     torch.manual_seed(3)
     conv = nn.Conv1d(6, 10, 5, stride=2, padding=3, dilation=2)
-    w2 = conv.weight.detach().reshape(10, -1)
-    fmt, values = layout.split()
-    if fmt == "csr":
-        mod = CSRSparseConv1d.from_conv(conv, w2.abs() > w2.abs().quantile(0.6), values, backend="native")
-    else:
-        mod = NMSparseConv1d.from_conv(conv, ts.sparsity.masks.nm_keep(w2.abs(), 2, 4), 2, 4, values,
-                                       backend="native")
+    mod = _sparse(conv, layout, _above_quantile)
     x = torch.randn(3, 6, 41)
     want = F.conv1d(x.double(), mod.dense_weight().double().reshape(conv.weight.shape), conv.bias.double(),
                     conv.stride, conv.padding, conv.dilation)

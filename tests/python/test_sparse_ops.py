@@ -62,7 +62,7 @@ def test_int8_values_follow_the_rule():
     w[3] = 0.0  # an all-zero row: scale 1
     keep = nm_keep(w, 2, 4)
     values, indices, scales = S.nm_pack(w, keep, 2, 4, torch.int8)
-    codes, want_scales = S.int8_values_reference(w * keep)
+    codes, want_scales = S.coded_values_reference(w * keep)
     assert torch.equal(scales, want_scales) and float(scales[3]) == 1.0
     assert torch.equal(S.nm_unpack(values, indices, scales, 2, 4, 40), codes * want_scales[:, None])
     cv, cols, row_ptr, cscales = S.csr_pack(w, keep, torch.int8)
@@ -78,7 +78,7 @@ def test_int4_values_follow_the_rule(n, m, k):
     values, indices, scales = S.nm_pack(w, keep, n, m, S.INT4_VALUES)
     slots = (k + m - 1) // m * n
     assert values.dtype == torch.uint8 and values.shape == (6, (slots + 15) // 16 * 8)
-    codes, want_scales = S.int8_values_reference(w * keep, qmax=7)
+    codes, want_scales = S.coded_values_reference(w * keep, qmax=7)
     assert torch.equal(scales, want_scales) and float(scales[3]) == 1.0
     assert int(codes.abs().max()) == 7  # each row's largest kept weight is a full-scale code
     want = codes * want_scales[:, None]

@@ -159,9 +159,9 @@ def _c(t):
 # ---------------------------------------------------------------- packing
 
 
-def int8_values_reference(kept: torch.Tensor, qmax: int = 127) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The int8 rule (qmax = 7: int4) in plain PyTorch (float32 throughout): codes and per-row
-    scales."""
+def coded_values_reference(kept: torch.Tensor, qmax: int = 127) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The int8 (qmax 127) / int4 (qmax 7) rule in plain PyTorch (float32 throughout): codes and
+    per-row scales."""
     amax = kept.abs().amax(dim=1) if kept.shape[1] else kept.new_zeros(kept.shape[0])
     scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     codes = torch.round(kept / scales[:, None]).clamp(-qmax, qmax)

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from ..nn.sparse_conv import CSRSparseConv1d, CSRSparseConv2d, NMSparseConv1d, NMSparseConv2d
-from ..nn.sparse_linear import CODED_VALUES, CSRSparseLinear, NMSparseLinear
-from ..ops.sparse import pack_int4
+from ..nn.sparse_linear import CODED_VALUES, VALUE_DTYPES, CSRSparseLinear, NMSparseLinear
+from ..ops.sparse import CODE_MAX, pack_int4
 
 
 def dense_linear(mod: nn.Module):
@@ -48,7 +48,7 @@ def build(layout: str, weight: torch.Tensor, keep: torch.Tensor, bias: Optional[
     if not on_grid:
         return mod
     # codes = the grid points the weights sit on (exact up to fp32 rounding of code * scale)
-    qmax = 127 if values == "int8" else 7
+    qmax = CODE_MAX[VALUE_DTYPES[values]]
     codes = torch.round(mod.values / scales.to(mod.values)[_row_of(mod)]).clamp(-qmax, qmax).to(torch.int8)
     mod.values_dtype = values
     mod.values = codes if values == "int8" else pack_int4(codes)
