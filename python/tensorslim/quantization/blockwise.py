@@ -355,7 +355,7 @@ class FloatReference:
 BlockFn = Callable[..., Dict[str, Tuple[nn.Module, str]]]
 
 
-def _plan(model: nn.Module, cfg, blocks, check, layer_types: Tuple[type, ...] = (nn.Linear,)
+def plan_layers(model: nn.Module, cfg, blocks, check, layer_types: Tuple[type, ...] = (nn.Linear,)
           ) -> Tuple[Report, List[Dict[str, nn.Linear]], Dict[str, nn.Linear]]:
     """Which layers (of layer_types) each block calibrates, the ones outside every block, and the skips."""
     tied = _tied_to_embedding(model)
@@ -481,7 +481,7 @@ def _calibrate_blocks(model, cfg, forward_loop, spec, quantize_block, check, nam
                       float_reference, outside, action, float_outputs, layer_types) -> Report:
     stacks = find_block_stacks(model)
     blocks = [b for stack in stacks for b in stack]
-    report, per_block, outside_layers = _plan(model, cfg, blocks, check, layer_types)
+    report, per_block, outside_layers = plan_layers(model, cfg, blocks, check, layer_types)
     mode = getattr(cfg, "unreached", "skip")
     fallback = outside or _round_to_nearest(spec)  # what needs no data
     edits = Edits()

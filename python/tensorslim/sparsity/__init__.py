@@ -85,16 +85,23 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
 
 def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set) -> Report:
     check = _check(config, conv1d_names)
-    if loop is not None:
+    owl = None
+    if loop is not None and getattr(config, "profile", "uniform") == "owl":
+        from .calibrated import LAYER_TYPES
+        from .owl import layer_sparsities
+
+        owl = layer_sparsities(model, config, loop, lambda c, n, m: check(n, m), LAYER_TYPES)
+    if loop is not None and config.method != "magnitude":
         from .calibrated import sparsify_calibrated
 
-        return sparsify_calibrated(model, config, loop, lambda c, n, m: check(n, m), progress)
-    # data-free: calib_data is accepted and unused, as ts.prune does (recipes pass it to every step)
+        return sparsify_calibrated(model, config, loop, lambda c, n, m: check(n, m), progress, owl)
+    # data-free (magnitude under OWL too, once the data gave each layer its sparsity): calib_data
+    # is otherwise accepted and unused, as ts.prune does (recipes pass it to every step)
     if isinstance(config, SparseStorage):
         check, convert = _storage_steps(config, check)
     else:
         def convert(name, mod):
-            return magnitude_layer(name, mod, config)
+            return magnitude_layer(name, mod, config, None if owl is None else owl[mod])
     report = replace_modules(model, config, (nn.Linear, nn.Conv1d, nn.Conv2d), convert, check, progress=progress,
                              desc="sparsifying")
     for row in report.changes:

@@ -16,7 +16,7 @@ covers the rounding. The grid of the original row's largest weight clipped the k
 updates had grown (2:4 of nn.Linear-initialized layers: ~1.5x past it), and that sweep came out
 worse than the float sweep rounded afterwards (tests/python/test_sparsify.py).
 """
-from typing import Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,20 +30,38 @@ from .config import NM, _Sparse
 from .masks import nm_keep, row_keep
 from .uncalibrated import magnitude_keep
 
+LayerSparsity = Optional[Dict[nn.Module, float]]  # profile "owl": each layer's own sparsity
+
+
+def square_sum_hook(sums: Dict[str, torch.Tensor], name: str, after: Callable[[str], None] = lambda name: None):
+    """A forward pre-hook adding the squares of the layer's input rows (token_mask.layer_rows:
+    a conv's patches) per column into sums[name] (float64), then calling after(name)."""
+    def fn(mod, args):
+        x = token_mask.layer_rows(mod, args[0].detach()).double()
+        sums[name] += (x * x).sum(0).cpu()
+        after(name)
+    return fn
+
+
+def zero_sums(layers: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
+    return {n: torch.zeros(_patch_width(m), dtype=torch.float64) for n, m in layers.items()}
+
+
+def norms_from_sums(sums: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """||X_j||_2 per column from the square sums; a NaN norm would rank nothing (kept or dropped
+    by comparison order), so non-finite activations raise naming the layer."""
+    for n, s in sums.items():
+        if not torch.isfinite(s).all():
+            raise ValueError(f"layer '{n}': its calibration inputs contain NaN or Inf; Wanda's scores need "
+                             f"finite activations")
+    return {n: s.sqrt() for n, s in sums.items()}
+
 
 def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Dict[str, torch.Tensor]:
     """||X_j||_2 per input feature of each target over the block's calibration tokens (float64)."""
-    sums = {n: torch.zeros(_patch_width(m), dtype=torch.float64) for n, m in targets.items()}
+    sums = zero_sums(targets)
     stop = StopAtLastCall()  # the block's output is not used
-
-    def hook(name):
-        def fn(mod, args):
-            x = token_mask.layer_rows(mod, args[0].detach()).double()
-            sums[name] += (x * x).sum(0).cpu()
-            stop.ran(name)
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    handles = [m.register_forward_pre_hook(square_sum_hook(sums, n, stop.ran)) for n, m in targets.items()]
     try:
         for i, inp in enumerate(inputs):
             stop.run(block, inp)
@@ -52,11 +70,13 @@ def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs
     finally:
         for h in handles:
             h.remove()
-    for n, s in sums.items():  # a NaN norm ranks nothing (kept or dropped by comparison order)
-        if not torch.isfinite(s).all():
-            raise ValueError(f"layer '{n}': its calibration inputs contain NaN or Inf; Wanda's scores need "
-                             f"finite activations")
-    return {n: s.sqrt() for n, s in sums.items()}
+    return norms_from_sums(sums)
+
+
+def wanda_score(layer: nn.Module, w: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2 (float64, on the CPU) of the layer's [out, columns] weight w; a grouped
+    conv's rows against their own group's columns."""
+    return torch.cat([w[r].abs().double().cpu() * norms[None, c] for r, c in _groups(layer)])
 
 
 def _patch_width(layer: nn.Module) -> int:
@@ -76,7 +96,14 @@ def _layout(cfg: _Sparse):
     return ("nm", cfg.n, cfg.m) if isinstance(cfg, NM) else ("csr", 0, 0)
 
 
-def wanda_block(cfg: _Sparse):
+def _sparsity(cfg: _Sparse, owl: LayerSparsity, layer: nn.Module) -> Tuple[float, str]:
+    """(sparsity, description) of the layer: its OWL sparsity where the profile gave one."""
+    if owl is None:
+        return getattr(cfg, "sparsity", 0.0), cfg.describe()
+    return owl[layer], cfg.describe(owl[layer])
+
+
+def wanda_block(cfg: _Sparse, owl: LayerSparsity):
     layout, n, m = _layout(cfg)
 
     def prune_block(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, edits: Edits):
@@ -84,16 +111,17 @@ def wanda_block(cfg: _Sparse):
         new = {}
         for name, lin in targets.items():
             w, _ = dense_linear(lin)
-            score = torch.cat([w[r].abs().double().cpu() * norms[name][None, c] for r, c in _groups(lin)])
-            keep = nm_keep(score, n, m) if layout == "nm" else row_keep(score, cfg.sparsity)
+            score = wanda_score(lin, w, norms[name])
+            sparsity, what = _sparsity(cfg, owl, lin)
+            keep = nm_keep(score, n, m) if layout == "nm" else row_keep(score, sparsity)
             mod = build_layer(layout, lin, keep.to(w.device), cfg.values, cfg.backend, n, m)
-            new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}")
+            new[name] = (mod, f"{what} {mod.values_dtype}")
         return new
 
     return prune_block
 
 
-def sparsegpt_block(cfg: _Sparse):
+def sparsegpt_block(cfg: _Sparse, owl: LayerSparsity):
     layout, n, m = _layout(cfg)
     bits = {"int8": 8, "int4": 4}.get(cfg.values, 0)  # joint: kept weights rounded inside the sweep
 
@@ -103,9 +131,10 @@ def sparsegpt_block(cfg: _Sparse):
         for name, lin in targets.items():
             w, _ = dense_linear(lin)
             h = stats.hessians.pop(name)
+            sparsity, what = _sparsity(cfg, owl, lin)
             with errors_named(f"layer '{name}'" if name else ""):
                 # a grouped conv: each group's rows against its own block of H
-                parts = [_sweep(cfg, w[r], h[c, c], n, m, bits) for r, c in _groups(lin)]
+                parts = [_sweep(cfg, w[r], h[c, c], n, m, bits, sparsity) for r, c in _groups(lin)]
             damp_used = max(p.damp_used for p in parts)
             if damp_used > cfg.damp:
                 warn_damping(name, cfg.damp, damp_used)
@@ -113,16 +142,17 @@ def sparsegpt_block(cfg: _Sparse):
             keep = torch.cat([p.keep for p in parts]).to(w.device)
             scales = torch.cat([p.scales for p in parts]) if bits else None
             mod = build_layer(layout, lin, keep, cfg.values, cfg.backend, n, m, weight, scales)
-            new[name] = (mod, f"{cfg.describe()} {mod.values_dtype}" + (" joint" if bits else ""))
+            new[name] = (mod, f"{what} {mod.values_dtype}" + (" joint" if bits else ""))
         return new
 
     return prune_block
 
 
-def _sweep(cfg: _Sparse, w: torch.Tensor, h: torch.Tensor, n: int, m: int, bits: int) -> S.SparseGptResult:
+def _sweep(cfg: _Sparse, w: torch.Tensor, h: torch.Tensor, n: int, m: int, bits: int,
+           sparsity: float) -> S.SparseGptResult:
     """SparseGPT on one weight; with bits, rounded to the grid of a float sweep's kept weights."""
     run = lambda b, scales=None: S.sparsegpt_prune(  # noqa: E731
-        w, h, n, m, getattr(cfg, "sparsity", 0.0), b, cfg.block_size, cfg.damp,
+        w, h, n, m, sparsity, b, cfg.block_size, cfg.damp,
         cfg.backend if cfg.backend == "reference" else "auto", scales)
     if not bits:
         return run(0)
@@ -130,14 +160,17 @@ def _sweep(cfg: _Sparse, w: torch.Tensor, h: torch.Tensor, n: int, m: int, bits:
     return run(bits, kept.abs().amax(1) / (2 ** (bits - 1) - 1))
 
 
-def sparsify_calibrated(model: nn.Module, cfg: _Sparse, forward_loop, check, progress: bool):
-    step = wanda_block(cfg) if cfg.method == "wanda" else sparsegpt_block(cfg)
+def sparsify_calibrated(model: nn.Module, cfg: _Sparse, forward_loop, check, progress: bool,
+                        owl: LayerSparsity = None):
+    """Wanda or SparseGPT block by block; owl: each layer's sparsity (profile "owl"), else cfg's."""
+    step = wanda_block(cfg, owl) if cfg.method == "wanda" else sparsegpt_block(cfg, owl)
     layout, n, m = _layout(cfg)
 
     def outside(lin: nn.Module):  # a layer outside every block: magnitude, which needs no data
         w, _ = dense_linear(lin)
-        mod = build_layer(layout, lin, magnitude_keep(w, cfg), cfg.values, cfg.backend, n, m)
-        return mod, f"{cfg.describe().replace(cfg.method, 'magnitude')} {mod.values_dtype}"
+        sparsity, what = _sparsity(cfg, owl, lin)
+        mod = build_layer(layout, lin, magnitude_keep(w, cfg, sparsity), cfg.values, cfg.backend, n, m)
+        return mod, f"{what.replace(cfg.method, 'magnitude')} {mod.values_dtype}"
 
     return calibrate_blockwise(model, cfg, forward_loop, None, step, check, cfg.method, feed_quantized=True,
                                progress=progress, outside=outside, action="sparsified", layer_types=LAYER_TYPES)

@@ -3,7 +3,7 @@ and SparseStorage (the zeros a model already has, e.g. from ts.prune, stored spa
 They share the config base (version, JSON round trip, include / exclude / filter_fn /
 skip_output_head) with every other family."""
 from dataclasses import dataclass
-from typing import ClassVar, Tuple
+from typing import ClassVar, Optional, Tuple
 
 from ..config import Config, check_calibration_fields, register_config
 
@@ -11,6 +11,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 NM_VALUES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 CSR_VALUES = ("auto", "float32", "int8")
 LAYOUTS = ("auto", "nm", "csr")
+PROFILES = ("uniform", "owl")
 BACKENDS = ("auto", "native", "reference")
 
 
@@ -85,9 +86,19 @@ class NM(_Sparse):
 class Unstructured(_Sparse):
     """Prune `sparsity` of each layer's weights anywhere (magnitude: per layer; wanda: per
     output row; sparsegpt: per block of columns), stored as CSR rows (values + 16-bit columns),
-    so in_features must be at most 65536."""
+    so in_features must be at most 65536.
+
+    profile: "uniform", every layer at `sparsity`; "owl", Outlier Weighed Layerwise sparsity (Yin
+    et al., ICML 2024): each block's sparsity set from its share of outlier weights (a Wanda
+    score |W_ij| * ||X_j||_2 above owl_m times the block's mean score), blocks with more
+    outliers pruned less, within `sparsity` +- 2 * owl_lambda (the paper's +- owl_lambda for
+    blocks of equal size) and `sparsity` overall. Needs calibration data with every method
+    (sparsity.owl)."""
 
     sparsity: float = 0.5
+    profile: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
     layout: ClassVar[str] = "csr"
 
     def __post_init__(self):
@@ -95,9 +106,27 @@ class Unstructured(_Sparse):
         if not 0.0 < self.sparsity < 1.0:
             raise ValueError(f"Unstructured: sparsity must be in (0, 1), got {self.sparsity!r}")
         _check_common(self, CSR_VALUES)
+        if self.profile not in PROFILES:
+            raise ValueError(f"Unstructured: profile must be one of {PROFILES}, got {self.profile!r}")
+        if not self.owl_m > 0.0:
+            raise ValueError(f"Unstructured: owl_m (outlier threshold, times the mean score) must be > 0, "
+                             f"got {self.owl_m!r}")
+        # a block's sparsity moves up to 2 * owl_lambda from `sparsity`: it must stay in (0, 1)
+        most = min(self.sparsity, 1.0 - self.sparsity) / 2
+        if not 0.0 <= self.owl_lambda < most:
+            raise ValueError(f"Unstructured: owl_lambda must be in [0, {most:g}) at sparsity {self.sparsity:g} "
+                             f"(each block's sparsity moves up to 2 * owl_lambda and must stay in (0, 1)), "
+                             f"got {self.owl_lambda!r}")
 
-    def describe(self) -> str:
-        return f"{self.sparsity:.0%} {self.method}"
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "magnitude" or self.profile == "owl"
+
+    def describe(self, sparsity: Optional[float] = None) -> str:
+        """`sparsity` (a layer's own, under profile "owl") or the config's, and the method."""
+        if sparsity is None:
+            return f"{self.sparsity:.0%} {self.method}"
+        return f"{sparsity:.1%} {self.method} (owl)"
 
 
 @register_config

@@ -10,22 +10,25 @@ from .config import NM, SparseStorage, _Sparse
 from .masks import fits_nm, nm_keep
 
 
-def magnitude_keep(w: torch.Tensor, cfg: _Sparse) -> torch.Tensor:
+def magnitude_keep(w: torch.Tensor, cfg: _Sparse, sparsity: Optional[float] = None) -> torch.Tensor:
     """n:m: the n largest |w| of each group; unstructured: the layer's round(sparsity * numel)
-    smallest |w| pruned (ties in index order, as ts.Magnitude)."""
+    smallest |w| pruned (ties in index order, as ts.Magnitude); sparsity: the layer's own (OWL),
+    else the config's."""
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf; it cannot be ranked or stored sparse")
     if isinstance(cfg, NM):
         return nm_keep(w.detach().abs().cpu(), cfg.n, cfg.m).to(w.device)
-    k = round(cfg.sparsity * w.numel())
+    k = round((cfg.sparsity if sparsity is None else sparsity) * w.numel())
     return _mask_for(w.detach().cpu(), k, 1).reshape(w.shape).bool().to(w.device)
 
 
-def magnitude_layer(name: str, lin: nn.Module, cfg: _Sparse) -> Tuple[nn.Module, str]:
+def magnitude_layer(name: str, lin: nn.Module, cfg: _Sparse, sparsity: Optional[float] = None
+                    ) -> Tuple[nn.Module, str]:
+    """The layer pruned by magnitude; sparsity: its own (OWL), else the config's."""
     w, _ = dense_linear(lin)
     layout, n, m = ("nm", cfg.n, cfg.m) if isinstance(cfg, NM) else ("csr", 0, 0)
-    mod = build_layer(layout, lin, magnitude_keep(w, cfg), cfg.values, cfg.backend, n, m)
-    return mod, f"{cfg.describe()} {mod.values_dtype}"
+    mod = build_layer(layout, lin, magnitude_keep(w, cfg, sparsity), cfg.values, cfg.backend, n, m)
+    return mod, f"{cfg.describe() if sparsity is None else cfg.describe(sparsity)} {mod.values_dtype}"
 
 
 def storage_layout(w: torch.Tensor, cfg: SparseStorage) -> Optional[Tuple[str, int, int]]:
