@@ -74,7 +74,8 @@ class NM(_Sparse):
         if self.m not in (4, 8):
             raise ValueError(f"NM: m must be 4 or 8, got {self.m!r}")
         if not 1 <= self.n < self.m:
-            raise ValueError(f"NM: n must be in 1..{self.m - 1} (n < m keeps fewer than all), got n={self.n}, m={self.m}")
+            raise ValueError(f"NM: n must be in 1..{self.m - 1} (n < m keeps fewer than all), "
+                             f"got n={self.n}, m={self.m}")
         _check_common(self, NM_VALUES)
 
     def describe(self) -> str:
@@ -113,7 +114,7 @@ class Unstructured(_Sparse):
                              f"got {self.owl_m!r}")
         # a block's sparsity moves up to 2 * owl_lambda from `sparsity`: it must stay in (0, 1)
         most = min(self.sparsity, 1.0 - self.sparsity) / 2
-        if not 0.0 <= self.owl_lambda < most:
+        if self.profile == "owl" and not 0.0 <= self.owl_lambda < most:
             raise ValueError(f"Unstructured: owl_lambda must be in [0, {most:g}) at sparsity {self.sparsity:g} "
                              f"(each block's sparsity moves up to 2 * owl_lambda and must stay in (0, 1)), "
                              f"got {self.owl_lambda!r}")
