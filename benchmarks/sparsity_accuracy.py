@@ -6,9 +6,11 @@
 Patterns: 50% unstructured, 2:4, 4:8, and 2:4 with int8 / int4 values; methods magnitude, Wanda
 and SparseGPT (with int8 / int4 values SparseGPT quantizes in the same sweep). Under each table,
 2:4 SparseGPT with float values whose weights are then rounded to int4 (ts.SparseStorage): what
-the joint sweep is measured against.
+the joint sweep is measured against. Then a table of layerwise profiles at 60% and 70%
+unstructured: every layer at the sparsity ("uniform") against OWL's per-block sparsities
+(profile="owl", owl_m 5, owl_lambda 0.04 and 0.08).
 
-    python benchmarks/sparsity_accuracy.py [--quick]
+    python benchmarks/sparsity_accuracy.py [--quick] [--only patterns|owl]
 """
 import argparse
 import copy
@@ -27,12 +29,27 @@ PATTERNS = {
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
-def _table(title, metric, score):
-    print(f"\n{title}\n| pattern | " + " | ".join(METHODS) + " |\n|---|" + "---|" * len(METHODS))
-    for pattern, make in PATTERNS.items():
-        print(f"| {pattern} | " + " | ".join(f"{score(make(m)):.4f}" for m in METHODS) + " |", flush=True)
-    later = score(ts.NM(2, 4, method="sparsegpt"), then=ts.SparseStorage(layout="nm", values="int4"))
-    print(f"2:4 SparseGPT float values, rounded to int4 afterwards: {later:.4f}", flush=True)
+PROFILES = {
+    "uniform": lambda s, method: ts.Unstructured(s, method=method),
+    "owl, lambda 0.04": lambda s, method: ts.Unstructured(s, method=method, profile="owl", owl_lambda=0.04),
+    "owl, lambda 0.08": lambda s, method: ts.Unstructured(s, method=method, profile="owl", owl_lambda=0.08),
+}
+
+
+def _table(title, metric, score, only):
+    if only in (None, "patterns"):
+        print(f"\n{title}\n| pattern | " + " | ".join(METHODS) + " |\n|---|" + "---|" * len(METHODS))
+        for pattern, make in PATTERNS.items():
+            print(f"| {pattern} | " + " | ".join(f"{score(make(m)):.4f}" for m in METHODS) + " |", flush=True)
+        later = score(ts.NM(2, 4, method="sparsegpt"), then=ts.SparseStorage(layout="nm", values="int4"))
+        print(f"2:4 SparseGPT float values, rounded to int4 afterwards: {later:.4f}", flush=True)
+    if only in (None, "owl"):
+        print(f"\n{title}, layerwise profiles\n| sparsity, profile | " + " | ".join(METHODS) + " |\n|---|"
+              + "---|" * len(METHODS))
+        for sparsity in (0.6, 0.7):
+            for profile, make in PROFILES.items():
+                print(f"| {sparsity:.0%} {profile} | " + " | ".join(f"{score(make(sparsity, m)):.4f}" for m in METHODS)
+                      + " |", flush=True)
 
 
 def _sparsified(model, cfg, calib, then=None):
@@ -50,7 +67,7 @@ def _sparsified(model, cfg, calib, then=None):
     return dense
 
 
-def minilm(n_eval: int, n_calib: int):
+def minilm(n_eval: int, n_calib: int, only):
     from tensorslim.eval import embed, embedding_cosine, load_minilm, pydoc_sentences
 
     model, tok = load_minilm()
@@ -64,10 +81,11 @@ def minilm(n_eval: int, n_calib: int):
     def score(cfg, then=None):
         return embedding_cosine(embed(_sparsified(model, cfg, calib, then), tok, held), ref)
 
-    _table(f"MiniLM embedding cosine vs fp32 ({n_eval} held-out sentences, {n_calib} calibration)", "cosine", score)
+    _table(f"MiniLM embedding cosine vs fp32 ({n_eval} held-out sentences, {n_calib} calibration)", "cosine", score,
+           only)
 
 
-def tiny_lm(n_windows: int):
+def tiny_lm(n_windows: int, only):
     from tensorslim.eval import perplexity
     from tensorslim.eval import tiny_lm as T
 
@@ -80,16 +98,18 @@ def tiny_lm(n_windows: int):
     def score(cfg, then=None):
         return perplexity(_sparsified(lm, cfg, calib, then), ids, seq_len=T.SEQ_LEN)
 
-    _table(f"tiny LM perplexity ({len(ids)} held-out bytes, {n_windows} calibration windows)", "perplexity", score)
+    _table(f"tiny LM perplexity ({len(ids)} held-out bytes, {n_windows} calibration windows)", "perplexity", score,
+           only)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sentences and windows")
+    ap.add_argument("--only", choices=("patterns", "owl"), help="one kind of table (default: both)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    minilm(32 if args.quick else 96, 32 if args.quick else 128)
-    tiny_lm(4 if args.quick else 16)
+    minilm(32 if args.quick else 96, 32 if args.quick else 128, args.only)
+    tiny_lm(4 if args.quick else 16, args.only)
 
 
 if __name__ == "__main__":
