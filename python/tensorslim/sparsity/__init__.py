@@ -67,7 +67,8 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     loop = None
     if isinstance(config, _Sparse) and config.needs_data:
         if calib_data is None and forward_loop is None:
-            raise ValueError(f"sparsify: method={config.method!r} needs calibration data: pass calib_data= "
+            why = f"method={config.method!r}" if config.method != "magnitude" else "profile='owl'"
+            raise ValueError(f"sparsify: {why} needs calibration data: pass calib_data= "
                              f"(an iterable of model inputs) or forward_loop=")
         loop = make_forward_loop(calib_data, forward_loop, progress)
     pruning_masks.reapply(model)  # pruned layers compress as their forward computes

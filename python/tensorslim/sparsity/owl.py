@@ -13,7 +13,7 @@ block's weight count, so blocks of unequal size still prune `sparsity` of the we
 Blocks are the calibration pipeline's (a decoder's layers, an nn.Sequential's children); a layer
 outside every block is a block of its own, and a model that is one block has one per layer
 (one group would leave OWL nothing to compare). A block no calibration batch reaches keeps
-`sparsity` and is left out of the comparison.
+`sparsity` and is left out of the comparison; if none is reached, that is an error.
 """
 from typing import Callable, Dict, List, Tuple
 
@@ -45,6 +45,9 @@ def layer_sparsities(model: nn.Module, cfg: Unstructured, forward_loop: Callable
             shares.append(outlier_share(ran, cfg.owl_m))
             sizes.append(float(sum(m.weight.numel() for m in g.values())))
             reached.append(i)
+    if groups and not reached:
+        raise ValueError(f"profile 'owl': none of the {sum(map(len, groups))} layers to prune ran on the "
+                         f"calibration data: is it empty, or does the forward loop not run the model?")
     sparsity = [cfg.sparsity] * len(groups)
     for i, s in zip(reached, block_sparsities(shares, sizes, cfg.sparsity, cfg.owl_lambda)):
         sparsity[i] = s
