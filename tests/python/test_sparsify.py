@@ -312,7 +312,13 @@ def test_layers_calibration_never_reaches_raise_under_error():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_calibration_that_never_reaches_any_layer():
+@pytest.mark.parametrize("cfg,match", [
+    (ts.Unstructured(0.5, method="sparsegpt"), "none of the 2 layers to calibrate ran on the calibration data"),
+    # OWL's float pass finds it first, for magnitude (no pipeline after it) too
+    (ts.Unstructured(0.6, method="wanda", profile="owl"), "owl': none of the 2 layers to prune ran on the calibration"),
+    (ts.Unstructured(0.6, profile="owl"), "owl': none of the 2 layers to prune ran on the calibration"),
+], ids=["sparsegpt", "wanda-owl", "magnitude-owl"])
+def test_calibration_that_never_reaches_any_layer(cfg, match):
     class Bypass(nn.Module):
         def __init__(self):
             super().__init__()
@@ -323,8 +329,8 @@ def test_calibration_that_never_reaches_any_layer():
 
     model = Bypass()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="none of the 2 layers to calibrate ran on the calibration data"):
-        ts.sparsify(model, ts.Unstructured(0.5, method="sparsegpt"), calib_data=_batches(), progress=False)
+    with pytest.raises(ValueError, match=match):
+        ts.sparsify(model, cfg, calib_data=_batches(), progress=False)
     assert all(type(m) is nn.Linear for m in model.layers)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
