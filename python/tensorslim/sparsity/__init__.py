@@ -5,6 +5,8 @@ kernel that skips the zeros.
     ts.sparsify(model, ts.NM(2, 4, method="wanda"), calib_data=batches)
     ts.sparsify(model, ts.Unstructured(0.9, method="sparsegpt", values="int8"), calib_data=batches)
     ts.sparsify(model, ts.SparseStorage())                            # zeros from ts.prune, as they are
+    ts.sparsify(model, ts.NM(2, 4, method="sparsegpt", store="masks"), calib_data=batches)  # fine-tune, then
+    ts.sparsify(model, ts.SparseStorage())                            # ... store the n:m zeros sparse
 
 Linear layers, and transformers' Conv1D (GPT-2) as the nn.Linear it is, become NMSparseLinear /
 CSRSparseLinear; nn.Conv2d / nn.Conv1d (zero padding) become NMSparseConv2d /
@@ -27,6 +29,7 @@ from ..report import (Report, compressed_layers, module_bytes, note_already_comp
                       warn_if_nothing_changed)
 from ..transforms import check_no_empty_layers, check_not_a_single_layer, replace_modules
 from .config import NM, SparseStorage, Unstructured, _Sparse
+from .as_masks import restore_masked
 from .uncalibrated import magnitude_layer, storage_layer
 
 CSR_MAX_COLUMNS = 65536  # 16-bit column offsets
@@ -73,13 +76,18 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
         loop = make_forward_loop(calib_data, forward_loop, progress)
     pruning_masks.reapply(model)  # pruned layers compress as their forward computes
     every_token = loop is not None and getattr(config, "calibrate_all_experts", False)
+    masks = getattr(config, "store", "sparse") == "masks"
+    originals = dict(model.named_modules()) if masks else {}
     # Conv1D, nn.MultiheadAttention, subclasses, fused experts: as nn.Linear (the experts on every
-    # token while calibrating where the config asks)
-    with linear_views(model, every_token=every_token) as views:
+    # token while calibrating where the config asks). Masks hold a module's `weight`: with
+    # store="masks" attention's packed projections and fused experts stay as they are (skipped).
+    with linear_views(model, attention=not masks, every_token=every_token) as views:
         check_no_empty_layers(model, config)
         already = compressed_layers(model)
         report = views.finish(note_already_compressed(_sparsify(model, config, loop, progress, views.conv1d_names),
                                                       already))
+    if masks:
+        report = restore_masked(model, report, originals)
     record_layers(model)  # transformers models: save_pretrained's config.json describes the layers
     return warn_if_nothing_changed(views.name_rows(report), "ts.sparsify")
 

@@ -12,6 +12,7 @@ NM_VALUES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 CSR_VALUES = ("auto", "float32", "int8")
 LAYOUTS = ("auto", "nm", "csr")
 PROFILES = ("uniform", "owl")
+STORES = ("sparse", "masks")
 BACKENDS = ("auto", "native", "reference")
 
 
@@ -28,6 +29,12 @@ def _check_common(cfg, values: Tuple[str, ...]) -> None:
     if cfg.block_size < 1:
         raise ValueError(f"{name}: block_size must be >= 1, got {cfg.block_size!r}")
     check_calibration_fields(cfg)
+    if cfg.store not in STORES:
+        raise ValueError(f"{name}: store must be one of {STORES}, got {cfg.store!r}")
+    if cfg.store == "masks" and cfg.values != "auto":
+        raise ValueError(f"{name}: store='masks' keeps each layer's own dense weights for fine-tuning, so values "
+                         f"does not apply (got {cfg.values!r}); choose it when storing them sparse afterwards: "
+                         f"ts.sparsify(model, ts.SparseStorage(values=...))")
 
 
 @dataclass(kw_only=True)  # so NM(2, 4) and Unstructured(0.9) read as n, m and sparsity
@@ -40,12 +47,17 @@ class _Sparse(Config):
     same sweep, the paper's joint sparse + quantized mode; "auto":
     the weight's own float dtype where the layout stores it, so a half model stays half:
     n:m keeps float32 / bfloat16 / float16, CSR float32).
+    store: "sparse" (sparse modules, frozen) or "masks": the layers stay dense, their pruned
+    weights zero and held there while the model trains (ts.prune's masks; SparseGPT's updated
+    weights written in), for fine-tuning before ts.sparsify(model, ts.SparseStorage()) stores
+    them sparse (sparsity.as_masks).
     damp / block_size: SparseGPT's damping (fraction of mean diag H) and lazy-update block.
     unreached / calibrate_all_experts: with wanda / sparsegpt, see
     tensorslim.config.check_calibration_fields (unreached's fallback is magnitude)."""
 
     method: str = "magnitude"
     values: str = "auto"
+    store: str = "sparse"
     damp: float = 0.01
     block_size: int = 128
     backend: str = "auto"
