@@ -73,6 +73,21 @@ def test_zeros_and_groups_hold_through_training_then_store_sparse():
     assert torch.allclose(model(x), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(66, 32), (32, 66)), (nn.Conv2d(1, 16, 3), (16, 9)),
+                                         (nn.Linear(67, 8), (8, 67))], ids=["66 wide", "9 wide", "67 wide"])
+def test_nm_partial_last_group_keeps_its_rule(layer, shape):
+    """The last group of r < m columns keeps min(n, r): its padding slots are no kept positions."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layer)
+    data = _batches(shape=(16, 1, 6, 6) if isinstance(layer, nn.Conv2d) else (16, layer.in_features))
+    model, sparse, _ = _twins(model, ts.NM(2, 4, method="wanda"), data)
+    keep = model[0].weight_mask.reshape(shape)
+    assert torch.equal(keep, sparse[0].dense_weight() != 0)
+    tail = shape[1] % 4
+    assert (keep[:, shape[1] - tail:].sum(1) == min(2, tail)).all()
+    assert (keep[:, :shape[1] - tail].reshape(shape[0], -1, 4).sum(2) == 2).all()
+
+
 def test_convs_keep_their_weight_layout():
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=2),

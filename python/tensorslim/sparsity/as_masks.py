@@ -28,10 +28,14 @@ def kept_mask(mod: nn.Module) -> torch.Tensor:
         keep = torch.zeros(mod.out_features, mod.in_features, dtype=torch.bool)
         keep[rows, mod.cols.cpu().long()] = True
         return keep
-    if isinstance(mod, NMSparseLinear):  # float values; each group holds exactly min(n, r) kept slots here
+    if isinstance(mod, NMSparseLinear):
         from ..ops import sparse as S
 
-        return S.nm_unpack(torch.ones_like(mod.values), mod.indices, None, mod.n, mod.m, mod.in_features) != 0
+        # every slot set to 1 (float values), unpacked over the whole last group: its padding
+        # slots (a partial group of r < m columns keeps min(n, r)) land past in_features
+        width = -(-mod.in_features // mod.m) * mod.m
+        ones = S.nm_unpack(torch.ones_like(mod.values), mod.indices, None, mod.n, mod.m, width)
+        return ones[:, :mod.in_features] != 0
     raise TypeError(f"{type(mod).__name__} is not a sparse layer")
 
 
