@@ -88,6 +88,27 @@ def test_nm_partial_last_group_keeps_its_rule(layer, shape):
     assert (keep[:, :shape[1] - tail].reshape(shape[0], -1, 4).sum(2) == 2).all()
 
 
+def test_saved_masks_load_back(tmp_path):
+    model, _, _ = _twins(_mlp(), ts.Unstructured(0.8, method="sparsegpt"), _batches())
+    ts.save(model, tmp_path / "pruned.safetensors")
+    fresh = ts.load(_mlp(seed=5), tmp_path / "pruned.safetensors")
+    x = torch.randn(4, 64)
+    assert torch.equal(fresh(x), model(x)) and torch.equal(fresh[2].weight_mask, model[2].weight_mask)
+
+
+def test_a_failure_while_masking_leaves_the_model_as_it_was(monkeypatch):
+    from tensorslim.sparsity import as_masks
+
+    model = _mlp()
+    before = {n: m for n, m in model.named_modules()}
+    state = copy.deepcopy(model.state_dict())
+    monkeypatch.setattr(as_masks, "kept_mask", lambda mod: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        ts.sparsify(model, ts.NM(2, 4, store="masks"), progress=False)
+    assert all(model.get_submodule(n) is m for n, m in before.items() if n)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_convs_keep_their_weight_layout():
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=2),

@@ -48,11 +48,16 @@ def restore_masked(model: nn.Module, report: Report, originals: Dict[str, nn.Mod
     """Put each layer the report sparsified back as its original module, pruned by a mask."""
     rows = [c for c in report.changes if c.action == "sparsified"]
     staged = []
-    for row in rows:  # everything that can fail, before the model changes
-        sparse, original = model.get_submodule(row.name), originals[row.name]
-        weight = _in_layout(original, sparse.dense_weight()).to(original.weight.dtype)
-        fmt = row.format.replace(f" {sparse.values_dtype}", " masks", 1)  # its pattern and method, masked
-        staged.append((row, original, weight, _in_layout(original, kept_mask(sparse)), fmt))
+    try:
+        for row in rows:  # everything that can fail, before the originals change
+            sparse, original = model.get_submodule(row.name), originals[row.name]
+            weight = _in_layout(original, sparse.dense_weight()).to(original.weight.dtype)
+            fmt = row.format.replace(f" {sparse.values_dtype}", " masks", 1)  # its pattern and method, masked
+            staged.append((row, original, weight, _in_layout(original, kept_mask(sparse)), fmt))
+    except BaseException:
+        for row in rows:  # the untouched originals back: the model as it was
+            _set_submodule(model, row.name, originals[row.name])
+        raise
     for row, original, weight, keep, fmt in staged:
         with torch.no_grad():
             original.weight.copy_(weight)
