@@ -4,7 +4,7 @@
    (channel_rules), anything else from a torch.fx trace on example inputs (channel_graph),
    or, where fx cannot trace, from the autograd graph of one forward pass (autograd_graph).
 2. Per space, an importance per channel summed over every coupled slice (l1 / l2 / taylor
-   |w * grad|) or random; the kept count is round(size * (1 - ratio)), rounded up to round_to.
+   |w * grad|; wanda |w| * ||x|| over the consumers' columns) or random; the kept count is round(size * (1 - ratio)), rounded up to round_to.
 3. Every smaller tensor is built (rows / columns gathered by the C++ core), then all are
    swapped in with the modules' size attributes, so any error leaves the model as it was.
    torch's nn.MultiheadAttention is unpacked first where heads may go (attention_heads.py) and
@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from ..attention import UnpackedAttention
 from ..ops import prune as prune_ops
 from ..quantization import token_mask
-from ..quantization.calibrate import call_model, model_device
+from ..quantization.calibrate import call_model, make_forward_loop, model_device
 from .._user_warning import warn_user
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
@@ -165,11 +165,78 @@ def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.
             m.training = training
 
 
+def input_norms(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.Tensor]:
+    """||X_j||_2 per input feature (a conv's: per input channel, over every position) of each
+    nn.Linear and ungrouped conv the calibration data runs, by module name (float64)."""
+    if calib_data is None and forward_loop is None:
+        raise ValueError("ChannelPrune: importance='wanda' needs calib_data or forward_loop (activations)")
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1)}
+    sums: Dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach()
+            if isinstance(mod, nn.Linear):
+                rows = token_mask.rows(x, mod.in_features).double()
+            else:  # [B, C, *spatial] (or unbatched): channels first after the batch
+                rows = (x if x.dim() == mod.weight.dim() else x.unsqueeze(0)).movedim(1, -1)
+                rows = rows.reshape(-1, mod.in_channels).double()
+            sq = (rows * rows).sum(0).cpu()
+            sums[name] = sums[name] + sq if name in sums else sq
+        return fn
+
+    loop = make_forward_loop([calib_data] if isinstance(calib_data, torch.Tensor) else calib_data, forward_loop,
+                             progress=False)
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    if not sums:
+        raise ValueError("ChannelPrune: importance='wanda' saw no layer run (empty calib_data, or a forward_loop "
+                         "that did not run the model)")
+    for n, s in sums.items():
+        if not torch.isfinite(s).all():
+            raise ValueError(f"ChannelPrune: layer '{n}': its calibration inputs contain NaN or Inf")
+    return {n: s.sqrt() for n, s in sums.items()}
+
+
+def importance_data(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop):
+    """What the data-driven importances need: taylor's gradients, wanda's input norms, else None."""
+    if cfg.importance == "taylor":
+        return taylor_grads(model, calib_data, forward_loop)
+    if cfg.importance == "wanda":
+        return input_norms(model, calib_data, forward_loop)
+    return None
+
+
+def _wanda_columns(sl, mods: Dict[str, nn.Module], norms: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """|W_ij| * ||X_j||_2 of a consumer slice (the columns of a linear / ungrouped conv weight that
+    read the channel), in the weight's shape; None for the other slices (a producer's rows)."""
+    m = mods[sl.module]
+    if sl.param != "weight" or sl.dim != 1 or sl.module not in norms:
+        return None
+    if not (isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1)):
+        return None
+    w = m.weight.detach().double().abs()
+    return w * norms[sl.module].reshape((1, -1) + (1,) * (w.dim() - 2))
+
+
 def _channel_scores(space: Space, mods: Dict[str, nn.Module], cfg: ChannelPrune, grads, sid: int) -> torch.Tensor:
+    """grads: importance_data's (taylor's gradients, wanda's input norms)."""
     if cfg.importance == "random":
         return torch.rand(space.size, generator=torch.Generator().manual_seed(cfg.seed * 100003 + sid),
                           dtype=torch.float64)
     score = torch.zeros(space.size, dtype=torch.float64)
+    if cfg.importance == "wanda":
+        for sl in space.slices:
+            x = _wanda_columns(sl, mods, grads)
+            if x is not None:
+                x = x.movedim(1, 0)[sl.offset:sl.offset + space.size * sl.rep]
+                score += x.reshape(space.size, -1).sum(1)
+        return score
     p = 2 if cfg.importance == "l2" else 1
     for sl in space.slices:
         t = getattr(mods[sl.module], sl.param)
@@ -246,7 +313,7 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
     removed: Dict[Tuple[str, str, int], List[int]] = {}
     dec: Dict[Tuple[str, str], int] = {}
     report = Report()
-    no_grad: List[str] = []  # spaces the taylor gradients never reached
+    no_grad: List[str] = []  # spaces the taylor gradients / wanda activations never reached
     for sid, space in spaces.roots().items():
         if not space.producers:
             continue
@@ -264,7 +331,7 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
         else:
             keep = _keep_count(space, cfg)
             score = _channel_scores(space, mods, cfg, grads, sid)
-            if cfg.importance == "taylor" and not score.any():  # no gradient reached it: index order else
+            if cfg.importance in ("taylor", "wanda") and not score.any():  # no data reached it: index order else
                 score = _channel_scores(space, mods, dataclasses.replace(cfg, importance="l1"), None, sid)
                 no_grad.append(space.producers[0])
             drop = _drop(score, keep, space.groups)
@@ -278,8 +345,10 @@ def plan(model: nn.Module, spaces: Spaces, cfg: ChannelPrune, grads, chosen: Opt
         for name, attr, per in space.attrs:
             dec[(name, attr)] = dec.get((name, attr), 0) + len(drop) * per
     if no_grad:
-        warn_user(f"ChannelPrune: the calibration data's gradients never reached the channels of {no_grad} (a "
-                  f"branch it does not take): those are ranked by their l1 norms instead of taylor importance")
+        what = ("gradients never reached" if cfg.importance == "taylor" else
+                "activations never reached a linear / ungrouped conv reading")
+        warn_user(f"ChannelPrune: the calibration data's {what} the channels of {no_grad} (a branch it does not "
+                  f"take): those are ranked by their l1 norms instead of {cfg.importance} importance")
     return removed, dec, report
 
 
@@ -308,7 +377,7 @@ def soft_prune_channels(model: nn.Module, cfg: ChannelPrune, ratio: float, calib
     head = frac * cfg.ratio if cfg.head_ratio == "same" else frac * cfg.head_ratio
     step_cfg = dataclasses.replace(cfg, ratio=frac * cfg.ratio, head_ratio=head)
     spaces = build_spaces(model, step_cfg, calib_data, example_inputs, SCHEDULE_PACKED)
-    grads = taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" else None
+    grads = importance_data(model, cfg, calib_data, forward_loop)
     removed, _, report = plan(model, spaces, step_cfg, grads, chosen=chosen, allow_masked=True)
     mods = dict(model.named_modules())
     new_masks = {}
@@ -440,8 +509,7 @@ def _prune_channels(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loo
 def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop, example_inputs,
                   forced: Optional[dict], hint: Optional[str], guess: bool, kept_hint: Optional[str]) -> Report:
     spaces = build_spaces(model, cfg, calib_data, example_inputs, hint, guess, kept_hint)
-    grads = (taylor_grads(model, calib_data, forward_loop) if cfg.importance == "taylor" and forced is None
-             else None)
+    grads = importance_data(model, cfg, calib_data, forward_loop) if forced is None else None
     removed, dec, report = plan(model, spaces, cfg, grads, forced=forced)
     if removed and spaces.untraced:
         shown = ", ".join(repr(n) for n in spaces.untraced[:4]) + (", ..." if len(spaces.untraced) > 4 else "")

@@ -7,7 +7,7 @@ from typing import Union
 from ..config import Config, register_config
 
 SCOPES = ("layer", "global")
-IMPORTANCES = ("l1", "l2", "random", "taylor")
+IMPORTANCES = ("l1", "l2", "random", "taylor", "wanda")
 
 
 def _check_fraction(name: str, field: str, value: float) -> None:
@@ -77,8 +77,10 @@ def _check_seed(who: str, seed: int) -> None:
 class ChannelPrune(Config):
     """Remove `ratio` of the output channels / filters / FFN neurons / attention heads of each
     prunable group, physically (the layers get smaller). importance: l1 / l2 norm of a
-    channel's weights summed over its coupled layers, random, or taylor (|w * dL/dw| from
-    calib_data / forward_loop). round_to keeps the kept count of channels / neurons a multiple
+    channel's weights summed over its coupled layers, random, taylor (|w * dL/dw| from
+    calib_data / forward_loop), or wanda (Wanda's |W_ij| * ||X_j||_2 summed over the columns
+    that read the channel in its consumer layers, X their calibration inputs: structured Wanda,
+    "Wanda-sp"; no backward pass). round_to keeps the kept count of channels / neurons a multiple
     of it (heads are whole units). head_ratio: the fraction of attention heads (kv groups under
     GQA) removed, "same" (default) for ratio; 0 keeps every head. Tracing uses the first
     calib_data batch or ts.prune(..., example_inputs=...)."""
