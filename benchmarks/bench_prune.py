@@ -67,10 +67,13 @@ def part_minilm():
             ts.prune(m, cfg, progress=False)
             row.append(embedding_cosine(embed(m, tok, sentences), ref))
         print(f"| {s:.0%} | " + " | ".join(f"{c:.4f}" for c in row) + " |")
-    calib = [dict(tok(sentences[i:i + 8], padding=True, return_tensors="pt")) for i in range(0, 32, 8)]
-    print("\n## MiniLM ChannelPrune: 25% FFN neurons + 2 of 12 heads per layer")
+    # calibration (taylor, wanda): 64 other sentences, not the 96 the cosine is measured on
+    others = pydoc_sentences(96 + 64)[96:]
+    calib = [dict(tok(others[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+             for i in range(0, 64, 16)]
+    print("\n## MiniLM ChannelPrune: 25% FFN neurons + 2 of 12 heads per layer (64 calibration sentences)")
     print("| importance | cosine vs fp32 | parameters |\n|---|---|---|")
-    for imp in ("l1", "l2", "random", "taylor"):
+    for imp in ("l1", "l2", "random", "taylor", "wanda"):
         m = copy.deepcopy(model)
         ts.prune(m, ts.ChannelPrune(ratio=0.25, head_ratio=2 / 12, importance=imp), calib_data=calib, progress=False)
         n = sum(p.numel() for p in m.parameters())
@@ -82,15 +85,17 @@ def part_lm():
     from tensorslim.eval import perplexity, tiny_lm
 
     lm = tiny_lm.load_tiny_lm()
-    _, held = tiny_lm.train_eval_split()
+    train, held = tiny_lm.train_eval_split()
     ids = held[:4096]
-    print("\n## tiny LLaMA-style LM (4096 held-out pydoc bytes, seq 128)")
+    calib = [train[i * 128:(i + 1) * 128][None] for i in range(16)]  # taylor, wanda
+    print("\n## tiny LLaMA-style LM (4096 held-out pydoc bytes, seq 128; 16 training windows to calibrate)")
     print(f"dense perplexity {perplexity(lm, ids, seq_len=128):.3f}")
     print("| pruned | importance | perplexity |\n|---|---|---|")
     for ratio, heads in ((0.25, 0.25), (0.5, 0.5)):
-        for imp in ("l1", "random"):
+        for imp in ("l1", "random", "taylor", "wanda"):
             m = copy.deepcopy(lm)
-            ts.prune(m, ts.ChannelPrune(ratio=ratio, head_ratio=heads, importance=imp), progress=False)
+            ts.prune(m, ts.ChannelPrune(ratio=ratio, head_ratio=heads, importance=imp), calib_data=calib,
+                     progress=False)
             print(f"| {ratio:.0%} FFN neurons, {heads:.0%} heads | {imp} | {perplexity(m, ids, seq_len=128):.3f} |")
 
 
