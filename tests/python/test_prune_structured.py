@@ -73,7 +73,7 @@ def test_cnn_channel_pruning_flops_equivalence_finetune(trained, data, tmp_path)
     assert fresh.block3.dw.groups == 32 and fresh.head.in_features == 32
 
 
-@pytest.mark.parametrize("importance", ["l2", "random", "taylor"])
+@pytest.mark.parametrize("importance", ["l2", "random", "taylor", "wanda"])
 def test_other_importances(trained, data, importance):
     xtr, ytr, _, _ = data
     model = copy.deepcopy(trained)

@@ -111,3 +111,24 @@ def test_non_finite_activations_name_the_layer():
     with pytest.raises(ValueError, match="layer '0'.*NaN or Inf"):
         ts.prune(model, ts.ChannelPrune(importance="wanda"), calib_data=data, progress=False)
     assert model[0].out_features == 32
+
+
+def test_gradual_schedule_ranks_by_wanda_at_each_step():
+    """Schedule's soft steps take the calibration data's activations each time they prune."""
+    model, data = _mlp(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = ts.pruning.Schedule(model, ts.ChannelPrune(ratio=0.5, importance="wanda", round_to=1,
+                                                       skip_output_head=False),
+                                start_step=0, end_step=4, frequency=2, calib_data=data)
+    for step in range(6):
+        loss = model(data[step % 4]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert int((model[0].weight.detach().abs().sum(1) == 0).sum()) == 16  # masked, not yet removed
+    masked = copy.deepcopy(model.state_dict())
+    sched.finalize()
+    assert model[0].out_features == 16 and model[2].in_features == 16
+    kept = [i for i in range(32) if masked["0.weight"][i].abs().sum() > 0]
+    assert torch.equal(model[0].weight.detach(), masked["0.weight"][kept])
