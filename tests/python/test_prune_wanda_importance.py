@@ -47,8 +47,8 @@ def test_scores_match_the_reference():
     model, data = _mlp(), _data()
     spaces = C.build_spaces(model, ts.ChannelPrune(), data, None)
     space = next(s for s in spaces.roots().values() if "0" in s.producers)
-    norms = C.input_norms(model, data, None)
-    got = C._channel_scores(space, dict(model.named_modules()), ts.ChannelPrune(importance="wanda"), norms, 0)
+    stats = C.input_stats(model, data, None, "importance='wanda'")
+    got = C._channel_scores(space, dict(model.named_modules()), ts.ChannelPrune(importance="wanda"), stats, 0)
     assert torch.allclose(got, _reference_scores(model, data), rtol=1e-10)
 
 

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from ..attention import UnpackedAttention
 from ..ops import prune as prune_ops
 from ..quantization import token_mask
-from ..quantization.calibrate import call_model, make_forward_loop, model_device
+from ..quantization.calibrate import call_model, model_device
 from .._user_warning import warn_user
 from ..report import LayerChange, Report, module_bytes
 from ..transforms import _tied_to_embedding, filter_reason, float_weight
@@ -35,10 +35,12 @@ from . import channel_graph, channel_rules, expert_neurons, masks, verify
 from .attention_heads import add_head_spaces, hf_layout, per_head_masks
 from .channel_space import Space, Spaces
 from .config import ChannelPrune
+from .input_stats import InputStats, bias_shifts, input_stats, wanda_columns
 from .size_attrs import get_size, set_size
 
 STRUCTURED_ATTR = "_tensorslim_structured"  # {module name: {attribute: value}} for ts.save
 UNPRUNED_BYTES_ATTR = "_tensorslim_unpruned_bytes"  # {module name: bytes before any channel left}: summary
+ADDED_BIASES_ATTR = "_tensorslim_added_biases"  # [names of linears compensate gave a bias]: ts.save
 
 
 def _example_batch(calib_data, example_inputs):
@@ -165,63 +167,14 @@ def taylor_grads(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.
             m.training = training
 
 
-def input_norms(model: nn.Module, calib_data, forward_loop) -> Dict[str, torch.Tensor]:
-    """||X_j||_2 per input feature (a conv's: per input channel, over every position) of each
-    nn.Linear and ungrouped conv the calibration data runs, by module name (float64)."""
-    if calib_data is None and forward_loop is None:
-        raise ValueError("ChannelPrune: importance='wanda' needs calib_data or forward_loop (activations)")
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1)}
-    sums: Dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(mod, args):
-            x = args[0].detach()
-            if isinstance(mod, nn.Linear):
-                rows = token_mask.rows(x, mod.in_features).double()
-            else:  # [B, C, *spatial] (or unbatched): channels first after the batch
-                rows = (x if x.dim() == mod.weight.dim() else x.unsqueeze(0)).movedim(1, -1)
-                rows = rows.reshape(-1, mod.in_channels).double()
-            sq = (rows * rows).sum(0).cpu()
-            sums[name] = sums[name] + sq if name in sums else sq
-        return fn
-
-    loop = make_forward_loop([calib_data] if isinstance(calib_data, torch.Tensor) else calib_data, forward_loop,
-                             progress=False)
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        loop(model)
-    finally:
-        for h in handles:
-            h.remove()
-    if not sums:
-        raise ValueError("ChannelPrune: importance='wanda' saw no layer run (empty calib_data, or a forward_loop "
-                         "that did not run the model)")
-    for n, s in sums.items():
-        if not torch.isfinite(s).all():
-            raise ValueError(f"ChannelPrune: layer '{n}': its calibration inputs contain NaN or Inf")
-    return {n: s.sqrt() for n, s in sums.items()}
-
-
 def importance_data(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop):
-    """What the data-driven importances need: taylor's gradients, wanda's input norms, else None."""
+    """What the data-driven importances need: taylor's gradients, wanda's input statistics
+    (InputStats), else None."""
     if cfg.importance == "taylor":
         return taylor_grads(model, calib_data, forward_loop)
     if cfg.importance == "wanda":
-        return input_norms(model, calib_data, forward_loop)
+        return input_stats(model, calib_data, forward_loop, "importance='wanda'")
     return None
-
-
-def _wanda_columns(sl, mods: Dict[str, nn.Module], norms: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """|W_ij| * ||X_j||_2 of a consumer slice (the columns of a linear / ungrouped conv weight that
-    read the channel), in the weight's shape; None for the other slices (a producer's rows)."""
-    m = mods[sl.module]
-    if sl.param != "weight" or sl.dim != 1 or sl.module not in norms:
-        return None
-    if not (isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1)):
-        return None
-    w = m.weight.detach().double().abs()
-    return w * norms[sl.module].reshape((1, -1) + (1,) * (w.dim() - 2))
 
 
 def _channel_scores(space: Space, mods: Dict[str, nn.Module], cfg: ChannelPrune, grads, sid: int) -> torch.Tensor:
@@ -232,7 +185,7 @@ def _channel_scores(space: Space, mods: Dict[str, nn.Module], cfg: ChannelPrune,
     score = torch.zeros(space.size, dtype=torch.float64)
     if cfg.importance == "wanda":
         for sl in space.slices:
-            x = _wanda_columns(sl, mods, grads)
+            x = wanda_columns(sl, mods, grads.norms)
             if x is not None:
                 x = x.movedim(1, 0)[sl.offset:sl.offset + space.size * sl.rep]
                 score += x.reshape(space.size, -1).sum(1)
@@ -518,10 +471,13 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
                   f"channels the model fails when they run. Prune with those paths running (model.train() "
                   f"for training-only heads) or exclude the layers feeding them")
     mods = dict(model.named_modules())
+    # compensate: consumers' biases (full length) with the removed channels' mean contribution
+    shifted = _compensated_biases(model, mods, removed, grads, calib_data, forward_loop) \
+        if cfg.compensate and removed else {}
     new: Dict[Tuple[str, str], torch.Tensor] = {}
     for (name, param, dim), idx in removed.items():  # build everything before touching the model
         key = (name, param)
-        t = new.get(key, getattr(mods[name], param))
+        t = new.get(key, shifted[name] if param == "bias" and name in shifted else getattr(mods[name], param))
         gone = set(idx)
         if len(gone) != len(idx) or max(gone) >= t.shape[dim]:  # two spaces claiming one index
             raise ValueError(f"layer '{name}': the channel graph removes {param} indices along dim {dim} "
@@ -529,6 +485,8 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
                              f"exclude=[{name!r}]")
         keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.int64)
         new[key] = _gather(t, dim, keep).to(t.dtype)
+    for name, bias in shifted.items():  # a consumer whose own outputs stay: its whole bias
+        new.setdefault((name, "bias"), bias)
     attrs = {(n, a): get_size(mods[n], a) - d for (n, a), d in dec.items()}
     for (n, a), v in attrs.items():
         if v <= 0:
@@ -536,14 +494,17 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
     before = {n: module_bytes(mods[n]) for n in {k[0] for k in new}}
     batch = _example_batch(calib_data, example_inputs)
     old_tensors = {key: getattr(mods[key[0]], key[1]) for key in new}  # before any forward runs
-    expected = verify.without_channels(model, batch, removed) if batch is not None and removed else None
+    expected = verify.without_channels(model, batch, removed, {f"{n}.bias": b for n, b in shifted.items()}) \
+        if batch is not None and removed else None
     old_attrs = {key: get_size(mods[key[0]], key[1]) for key in attrs}
     def put(tensors: dict, sizes: dict) -> None:
         for (name, param), t in tensors.items():
             old = getattr(mods[name], param)
-            if isinstance(old, nn.Parameter):
+            if t is None:  # putting back a linear's missing bias, one compensate added
+                setattr(mods[name], param, None)
+            elif isinstance(old, nn.Parameter) or old is None:
                 if not isinstance(t, nn.Parameter):
-                    t = nn.Parameter(t, requires_grad=old.requires_grad)
+                    t = nn.Parameter(t, requires_grad=(mods[name].weight if old is None else old).requires_grad)
                 setattr(mods[name], param, t)
             else:
                 mods[name]._buffers[param] = t
@@ -558,6 +519,9 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
             put(old_tensors, old_attrs)
             e.guesses = spaces.guesses  # read by _prune_channels
             raise
+    added = [n for n in shifted if old_tensors[(n, "bias")] is None]
+    if added:  # ts.save names them, so that ts.load gives a fresh model those biases
+        object.__setattr__(model, ADDED_BIASES_ATTR, sorted(set(getattr(model, ADDED_BIASES_ATTR, [])) | set(added)))
     record = getattr(model, STRUCTURED_ATTR, {})
     for (n, a), v in attrs.items():
         record.setdefault(n, {})[a] = v
@@ -575,11 +539,30 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
         what = ", ".join(f"{pn} {'x'.join(str(d) for d in t.shape)}" for pn, t in shapes.items())
         report.changes.append(LayerChange(n, type(m).__name__, "pruned", f"channels removed: {what}",
                                           before[n], module_bytes(m)))
+    for row in report.changes:
+        if row.name in shifted:
+            what = "a bias added: " if row.name in added else "bias += "
+            row.reason = "; ".join(t for t in (row.reason, f"{what}the removed channels' mean contribution") if t)
     sizes: Dict[str, Dict[str, str]] = {}
     for (n, a), v in attrs.items():
         sizes.setdefault(n, {})[a] = f"{old_attrs[(n, a)]} -> {v}"
     _note_holder_sizes(report.changes, sizes, mods)
     return _partly_kept(report)
+
+
+def _compensated_biases(model: nn.Module, mods: Dict[str, nn.Module], removed, grads, calib_data, forward_loop
+                        ) -> Dict[str, torch.Tensor]:
+    """{consumer name: its bias (zeros for a linear without one) + the mean contribution of the
+    input features it loses}, full length, in the weight's dtype and device (ChannelPrune
+    compensate); the input means come from wanda's pass when it ran, else from one of their own."""
+    stats = grads if isinstance(grads, InputStats) else input_stats(model, calib_data, forward_loop,
+                                                                     "compensate=True")
+    out = {}
+    for name, shift in bias_shifts(mods, removed, stats.means).items():
+        m = mods[name]
+        base = shift if m.bias is None else m.bias.detach().double().cpu() + shift
+        out[name] = base.to(device=m.weight.device, dtype=m.weight.dtype)
+    return out
 
 
 def _note_holder_sizes(rows: List[LayerChange], sizes: Dict[str, Dict[str, str]], mods) -> None:

@@ -82,7 +82,10 @@ class ChannelPrune(Config):
     that read the channel in its consumer layers, X their calibration inputs: structured Wanda,
     "Wanda-sp"; no backward pass). round_to keeps the kept count of channels / neurons a multiple
     of it (heads are whole units). head_ratio: the fraction of attention heads (kv groups under
-    GQA) removed, "same" (default) for ratio; 0 keeps every head. Tracing uses the first
+    GQA) removed, "same" (default) for ratio; 0 keeps every head. compensate (needs calib_data
+    / forward_loop): each consumer's bias takes what the removed channels contributed on
+    average, W[:, removed] @ mean(x[removed]) over the calibration tokens (FLAP, An et al.
+    2024), a linear without a bias gets one; convs are not compensated. Tracing uses the first
     calib_data batch or ts.prune(..., example_inputs=...)."""
 
     ratio: float = 0.5
@@ -90,6 +93,7 @@ class ChannelPrune(Config):
     round_to: int = 8
     head_ratio: Union[float, str] = "same"  # or a fraction
     seed: int = 0
+    compensate: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -44,6 +44,9 @@ class Schedule:
             raise ValueError(f"Schedule: frequency must be >= 1, got {frequency}")
         if curve not in CURVES:
             raise ValueError(f"Schedule: curve must be one of {sorted(CURVES)}, got {curve!r}")
+        if getattr(config, "compensate", False):
+            raise ValueError("Schedule: ChannelPrune(compensate=True) is for one-shot ts.prune; under a schedule "
+                             "the training between steps adapts the biases itself")
         self.final = self._final(config)
         if not 0.0 <= initial_sparsity <= self.final:
             raise ValueError(f"Schedule: initial_sparsity must be in [0, {self.final}], got {initial_sparsity}")

@@ -2,7 +2,8 @@
 back into a fresh copy of the original architecture before the tensors are loaded.
 
   {"masks": [layer names carrying a weight_mask],
-   "structured": {module name: {size attribute: value}}}   (ChannelPrune; size_attrs names them)
+   "structured": {module name: {size attribute: value}},   (ChannelPrune; size_attrs names them)
+   "biases": [linears ChannelPrune(compensate=True) gave a bias they did not have]}
 Structurally pruned tensors take their shapes from the file itself.
 """
 from typing import Callable, Dict, Tuple
@@ -19,7 +20,7 @@ HEADER_KEY = "tensorslim.pruning"
 
 def header_entry(model: nn.Module) -> dict:
     """The header object of a pruned model, {} when nothing is pruned."""
-    from .channels import STRUCTURED_ATTR
+    from .channels import ADDED_BIASES_ATTR, STRUCTURED_ATTR
 
     out = {}
     names = sorted(masks.masked_layers(model))
@@ -28,6 +29,9 @@ def header_entry(model: nn.Module) -> dict:
     structured = getattr(model, STRUCTURED_ATTR, None)
     if structured:
         out["structured"] = structured
+    biases = getattr(model, ADDED_BIASES_ATTR, None)
+    if biases:
+        out["biases"] = list(biases)
     return out
 
 
@@ -63,13 +67,31 @@ def _resize(model, modules, structured, shapes, path, undo_log) -> None:
             set_size(mod, attr, value)
 
 
+def _add_biases(modules, names, shapes, path, biased: list) -> None:
+    """Give each linear the file names (compensate gave it a bias) an empty bias of the file's
+    shape for the load to fill; `biased` collects them for the undo."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: corrupt tensorslim header: {HEADER_KEY} biases must be a list of names")
+    for name in names:
+        mod = modules.get(name)
+        got = shapes.get(f"{name}.bias" if name else "bias")
+        if not isinstance(mod, nn.Linear) or got is None:
+            raise ValueError(f"{path}: layer '{name}' with a compensating bias is not a linear of the model, or the "
+                             f"file holds no bias for it")
+        if mod.bias is None:
+            w = mod.weight
+            mod.bias = nn.Parameter(torch.zeros(got[1], dtype=w.dtype, device=w.device if w.device.type != "meta"
+                                                else "cpu"), requires_grad=w.requires_grad)
+            biased.append(mod)
+
+
 def split_entry(entry: dict, model: nn.Module, replaced=()) -> Tuple[dict, dict]:
     """(the part of a header entry naming modules the model has now, the rest: layers inside a
     replacement the load puts in first, such as a factorized layer's factors, or a masked
     out_proj of an attention the file holds unpacked; `replaced`: the names the load replaces).
     A malformed entry goes whole into the first part, where prepare_load reports it."""
-    names, structured = entry.get("masks", []), entry.get("structured", {})
-    if not isinstance(names, list) or not isinstance(structured, dict):
+    names, structured, biases = entry.get("masks", []), entry.get("structured", {}), entry.get("biases", [])
+    if not isinstance(names, list) or not isinstance(structured, dict) or not isinstance(biases, list):
         return dict(entry), {}
     modules = dict(model.named_modules())
     inside_replaced = tuple(f"{r}." for r in replaced)
@@ -78,10 +100,13 @@ def split_entry(entry: dict, model: nn.Module, replaced=()) -> Tuple[dict, dict]
     for part, keep in ((now, True), (inside, False)):
         masked = [n for n in names if here(n) == keep]
         resized = {n: a for n, a in structured.items() if here(n) == keep}
+        biased = [n for n in biases if here(n) == keep]
         if masked:
             part["masks"] = masked
         if resized:
             part["structured"] = resized
+        if biased:
+            part["biases"] = biased
     return now, inside
 
 
@@ -93,11 +118,17 @@ def prepare_load(model: nn.Module, entry: dict, shapes: Dict[str, Tuple[str, Tup
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{path}: corrupt tensorslim header: {HEADER_KEY} masks must be a list of names")
     modules = dict(model.named_modules())
-    added, undo_log = [], []
+    added, biased, undo_log = [], [], []
 
     def undo():
         for mod in added:
             masks.detach(mod, bake=False)
+        for mod in biased:
+            mod.bias = None
+        if biased:
+            from .channels import ADDED_BIASES_ATTR
+
+            object.__setattr__(model, ADDED_BIASES_ATTR, had_biases)
         for mod, attr, old in reversed(undo_log):
             if isinstance(old, torch.Tensor) and not isinstance(old, nn.Parameter) and attr in mod._buffers:
                 mod._buffers[attr] = old
@@ -121,6 +152,12 @@ def prepare_load(model: nn.Module, entry: dict, shapes: Dict[str, Tuple[str, Tup
             had_record = getattr(model, STRUCTURED_ATTR, None)
             _resize(model, modules, structured, shapes, path, undo_log)
             object.__setattr__(model, STRUCTURED_ATTR, dict(structured))
+        from .channels import ADDED_BIASES_ATTR
+
+        had_biases = list(getattr(model, ADDED_BIASES_ATTR, []))
+        _add_biases(modules, entry.get("biases", []), shapes, path, biased)
+        if biased:  # a later ts.save names them again
+            object.__setattr__(model, ADDED_BIASES_ATTR, sorted(set(had_biases) | set(entry["biases"])))
         for name in names:
             mod = modules.get(name)
             if mod is None or float_weight(mod) is None:

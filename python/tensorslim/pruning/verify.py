@@ -6,7 +6,7 @@ whenever the channel graph read the model right; a pattern it misread (channels 
 addition lined up wrongly, a consumer it did not see) shows up as a different output or a
 forward that no longer runs."""
 import dataclasses
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,12 +62,13 @@ def _call(model: nn.Module, batch: Any, params=None) -> List[torch.Tensor]:
     return [t.detach() for t in output_tensors(out)]
 
 
-def without_channels(model: nn.Module, batch: Any, removed: Dict[Tuple[str, str, int], List[int]]
-                     ) -> List[torch.Tensor]:
+def without_channels(model: nn.Module, batch: Any, removed: Dict[Tuple[str, str, int], List[int]],
+                     start: Optional[Dict[str, torch.Tensor]] = None) -> List[torch.Tensor]:
     """The original model's outputs on `batch` with the removed indices of each (module, tensor,
-    dim) zeroed."""
+    dim) zeroed; start: tensors (by parameter name) that replace the model's before the zeroing
+    (compensated biases, also where a linear had none)."""
     mods = dict(model.named_modules())
-    zeroed: Dict[str, torch.Tensor] = {}
+    zeroed: Dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in (start or {}).items()}
     for (name, param, dim), idx in removed.items():
         key = f"{name}.{param}" if name else param
         t = zeroed.get(key)
