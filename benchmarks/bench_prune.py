@@ -5,7 +5,8 @@
           accuracy dense / pruned / pruned + short fine-tune.
   minilm  all-MiniLM-L6-v2 embedding cosine vs fp32 on 96 pydoc sentences:
           Magnitude vs RandomPrune at 50 / 80 / 90% unstructured, and ChannelPrune
-          (25% FFN neurons + 2 of 12 heads per layer) per importance criterion.
+          (25% FFN neurons + 2 of 12 heads per layer) per importance criterion, with and
+          without bias compensation.
   lm      the tiny LLaMA-style LM: perplexity after ChannelPrune of heads and FFN neurons.
   select  global threshold over many layers: our radix selection (no copy of the scores)
           vs torch (concatenate all |w|, kthvalue), time and the extra bytes each holds.
@@ -73,11 +74,13 @@ def part_minilm():
              for i in range(0, 64, 16)]
     print("\n## MiniLM ChannelPrune: 25% FFN neurons + 2 of 12 heads per layer (64 calibration sentences)")
     print("| importance | cosine vs fp32 | parameters |\n|---|---|---|")
-    for imp in ("l1", "l2", "random", "taylor", "wanda"):
+    for imp, comp in [(i, False) for i in ("l1", "l2", "random", "taylor", "wanda")] + [("l2", True), ("wanda", True)]:
         m = copy.deepcopy(model)
-        ts.prune(m, ts.ChannelPrune(ratio=0.25, head_ratio=2 / 12, importance=imp), calib_data=calib, progress=False)
+        ts.prune(m, ts.ChannelPrune(ratio=0.25, head_ratio=2 / 12, importance=imp, compensate=comp), calib_data=calib,
+                 progress=False)
         n = sum(p.numel() for p in m.parameters())
-        print(f"| {imp} | {embedding_cosine(embed(m, tok, sentences), ref):.4f} | {n} |")
+        what = f"{imp}{' + compensate' if comp else ''}"
+        print(f"| {what} | {embedding_cosine(embed(m, tok, sentences), ref):.4f} | {n} |")
     print(f"(dense parameters: {sum(p.numel() for p in model.parameters())})")
 
 
@@ -92,11 +95,12 @@ def part_lm():
     print(f"dense perplexity {perplexity(lm, ids, seq_len=128):.3f}")
     print("| pruned | importance | perplexity |\n|---|---|---|")
     for ratio, heads in ((0.25, 0.25), (0.5, 0.5)):
-        for imp in ("l1", "random", "taylor", "wanda"):
+        for imp, comp in [(i, False) for i in ("l1", "random", "taylor", "wanda")] + [("wanda", True)]:
             m = copy.deepcopy(lm)
-            ts.prune(m, ts.ChannelPrune(ratio=ratio, head_ratio=heads, importance=imp), calib_data=calib,
-                     progress=False)
-            print(f"| {ratio:.0%} FFN neurons, {heads:.0%} heads | {imp} | {perplexity(m, ids, seq_len=128):.3f} |")
+            ts.prune(m, ts.ChannelPrune(ratio=ratio, head_ratio=heads, importance=imp, compensate=comp),
+                     calib_data=calib, progress=False)
+            what = f"{imp}{' + compensate' if comp else ''}"
+            print(f"| {ratio:.0%} FFN neurons, {heads:.0%} heads | {what} | {perplexity(m, ids, seq_len=128):.3f} |")
 
 
 def part_select():
