@@ -4,7 +4,9 @@
    (channel_rules), anything else from a torch.fx trace on example inputs (channel_graph),
    or, where fx cannot trace, from the autograd graph of one forward pass (autograd_graph).
 2. Per space, an importance per channel summed over every coupled slice (l1 / l2 / taylor
-   |w * grad|; wanda |w| * ||x|| over the consumers' columns) or random; the kept count is round(size * (1 - ratio)), rounded up to round_to.
+   |w * grad|; wanda |w| * ||x|| over the consumers' columns only) or random; the kept count
+   is round(size * (1 - ratio)), rounded up to round_to. compensate: the consumers' biases
+   take the removed channels' mean contribution (input_stats.py).
 3. Every smaller tensor is built (rows / columns gathered by the C++ core), then all are
    swapped in with the modules' size attributes, so any error leaves the model as it was.
    torch's nn.MultiheadAttention is unpacked first where heads may go (attention_heads.py) and
@@ -178,7 +180,7 @@ def importance_data(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loo
 
 
 def _channel_scores(space: Space, mods: Dict[str, nn.Module], cfg: ChannelPrune, grads, sid: int) -> torch.Tensor:
-    """grads: importance_data's (taylor's gradients, wanda's input norms)."""
+    """grads: importance_data's (taylor's gradients, wanda's InputStats)."""
     if cfg.importance == "random":
         return torch.rand(space.size, generator=torch.Generator().manual_seed(cfg.seed * 100003 + sid),
                           dtype=torch.float64)
