@@ -3,7 +3,8 @@ back into a fresh copy of the original architecture before the tensors are loade
 
   {"masks": [layer names carrying a weight_mask],
    "structured": {module name: {size attribute: value}},   (ChannelPrune; size_attrs names them)
-   "biases": [linears ChannelPrune(compensate=True) gave a bias they did not have]}
+   "biases": [layers given a bias they did not have: ChannelPrune(compensate=True),
+              ts.sparsify(bias_correction=True, store="masks")]}
 Structurally pruned tensors take their shapes from the file itself.
 """
 from typing import Callable, Dict, Tuple
@@ -68,16 +69,17 @@ def _resize(model, modules, structured, shapes, path, undo_log) -> None:
 
 
 def _add_biases(modules, names, shapes, path, biased: list) -> None:
-    """Give each linear the file names (compensate gave it a bias) an empty bias of the file's
-    shape for the load to fill; `biased` collects them for the undo."""
+    """Give each layer the file names (ChannelPrune's compensate or ts.sparsify's bias correction
+    gave it a bias) an empty bias of the file's shape for the load to fill; `biased` collects
+    them for the undo."""
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{path}: corrupt tensorslim header: {HEADER_KEY} biases must be a list of names")
     for name in names:
         mod = modules.get(name)
         got = shapes.get(f"{name}.bias" if name else "bias")
-        if not isinstance(mod, nn.Linear) or got is None:
-            raise ValueError(f"{path}: layer '{name}' with a compensating bias is not a linear of the model, or the "
-                             f"file holds no bias for it")
+        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or got is None:
+            raise ValueError(f"{path}: layer '{name}' with an added bias is not a linear or conv of the model, or "
+                             f"the file holds no bias for it")
         if mod.bias is None:
             w = mod.weight
             mod.bias = nn.Parameter(torch.zeros(got[1], dtype=w.dtype, device=w.device if w.device.type != "meta"

@@ -70,7 +70,8 @@ def sparsify(model: nn.Module, config, calib_data: Optional[Iterable] = None, *,
     loop = None
     if isinstance(config, _Sparse) and config.needs_data:
         if calib_data is None and forward_loop is None:
-            why = f"method={config.method!r}" if config.method != "magnitude" else "profile='owl'"
+            why = f"method={config.method!r}" if config.method != "magnitude" else \
+                "bias_correction=True" if config.bias_correction else "profile='owl'"
             raise ValueError(f"sparsify: {why} needs calibration data: pass calib_data= "
                              f"(an iterable of model inputs) or forward_loop=")
         loop = make_forward_loop(calib_data, forward_loop, progress)
@@ -100,7 +101,7 @@ def _sparsify(model: nn.Module, config, loop, progress: bool, conv1d_names: set)
         from .owl import layer_sparsities
 
         owl = layer_sparsities(model, config, loop, lambda c, n, m: check(n, m), LAYER_TYPES)
-    if loop is not None and config.method != "magnitude":
+    if loop is not None and (config.method != "magnitude" or config.bias_correction):
         from .calibrated import sparsify_calibrated
 
         return sparsify_calibrated(model, config, loop, lambda c, n, m: check(n, m), progress, owl)

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from ..conv1d import is_conv1d
+from ..nn.compute_dtype import held_bias
 from ..nn.sparse_linear import CSRSparseLinear, NMSparseLinear
 from ..pruning import masks as pruning_masks
+from ..pruning.channels import ADDED_BIASES_ATTR
 from ..report import Report, module_bytes
 from ..transforms import _set_submodule
 
@@ -52,16 +54,26 @@ def restore_masked(model: nn.Module, report: Report, originals: Dict[str, nn.Mod
         for row in rows:  # everything that can fail, before the originals change
             sparse, original = model.get_submodule(row.name), originals[row.name]
             weight = _in_layout(original, sparse.dense_weight()).to(original.weight.dtype)
+            bias = held_bias(sparse)  # bias correction changed it
+            bias = bias.detach().to(original.weight.dtype) if bias is not None else None
             fmt = row.format.replace(f" {sparse.values_dtype}", " masks", 1)  # its pattern and method, masked
-            staged.append((row, original, weight, _in_layout(original, kept_mask(sparse)), fmt))
+            staged.append((row, original, weight, bias, _in_layout(original, kept_mask(sparse)), fmt))
     except BaseException:
         for row in rows:  # the untouched originals back: the model as it was
             _set_submodule(model, row.name, originals[row.name])
         raise
-    for row, original, weight, keep, fmt in staged:
+    added = []
+    for row, original, weight, bias, keep, fmt in staged:
         with torch.no_grad():
             original.weight.copy_(weight)
+            if bias is not None and original.bias is None:
+                original.bias = nn.Parameter(bias, requires_grad=original.weight.requires_grad)
+                added.append(row.name)
+            elif bias is not None:
+                original.bias.copy_(bias)
         pruning_masks.attach(original, keep)
         _set_submodule(model, row.name, original)
         row.action, row.format, row.bytes_after = "pruned", fmt, module_bytes(original)
+    if added:  # ts.save names them, so that ts.load gives a fresh model those biases
+        object.__setattr__(model, ADDED_BIASES_ATTR, sorted(set(getattr(model, ADDED_BIASES_ATTR, [])) | set(added)))
     return report

@@ -17,12 +17,15 @@ def dense_linear(mod: nn.Module):
 
 
 def build_layer(layout: str, layer: nn.Module, keep: torch.Tensor, values: str, backend: str, n: int = 0,
-                m: int = 0, weight: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None) -> nn.Module:
+                m: int = 0, weight: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> nn.Module:
     """The sparse module storing layer's weight (or `weight`, SparseGPT's updated one) * keep, both
-    as the [out, columns] matrix dense_linear gives; scales as build's. A Conv1d / Conv2d becomes
-    the sparse conv holding that matrix, a linear the sparse linear."""
-    w, bias = dense_linear(layer)
-    linear = build(layout, w if weight is None else weight, keep, bias, values, backend, n, m, scales)
+    as the [out, columns] matrix dense_linear gives; scales as build's; bias: instead of the
+    layer's (bias correction). A Conv1d / Conv2d becomes the sparse conv holding that matrix, a
+    linear the sparse linear."""
+    w, own_bias = dense_linear(layer)
+    linear = build(layout, w if weight is None else weight, keep, own_bias if bias is None else bias, values,
+                   backend, n, m, scales)
     if not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         return linear
     one_d = type(layer) is nn.Conv1d

@@ -33,12 +33,17 @@ from .uncalibrated import magnitude_keep
 LayerSparsity = Optional[Dict[nn.Module, float]]  # profile "owl": each layer's own sparsity
 
 
-def square_sum_hook(sums: Dict[str, torch.Tensor], name: str, after: Callable[[str], None] = lambda name: None):
+def square_sum_hook(sums: Dict[str, torch.Tensor], name: str, after: Callable[[str], None] = lambda name: None,
+                    plain: Optional[Dict[str, list]] = None):
     """A forward pre-hook adding the squares of the layer's input rows (token_mask.layer_rows:
-    a conv's patches) per column into sums[name] (float64), then calling after(name)."""
+    a conv's patches) per column into sums[name] (float64), then calling after(name); plain:
+    also [sum of the rows, their count] into plain[name] (for means)."""
     def fn(mod, args):
         x = token_mask.layer_rows(mod, args[0].detach()).double()
         sums[name] += (x * x).sum(0).cpu()
+        if plain is not None:
+            plain[name][0] += x.sum(0).cpu()
+            plain[name][1] += x.shape[0]
         after(name)
     return fn
 
@@ -57,11 +62,14 @@ def norms_from_sums(sums: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {n: s.sqrt() for n, s in sums.items()}
 
 
-def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs) -> Dict[str, torch.Tensor]:
-    """||X_j||_2 per input feature of each target over the block's calibration tokens (float64)."""
+def _input_stats(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, with_means: bool
+                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(||X_j||_2, and with_means the mean of X_j) per input feature of each target over the
+    block's calibration tokens (float64)."""
     sums = zero_sums(targets)
+    plain = {n: [0.0, 0] for n in targets} if with_means else None
     stop = StopAtLastCall()  # the block's output is not used
-    handles = [m.register_forward_pre_hook(square_sum_hook(sums, n, stop.ran)) for n, m in targets.items()]
+    handles = [m.register_forward_pre_hook(square_sum_hook(sums, n, stop.ran, plain)) for n, m in targets.items()]
     try:
         for i, inp in enumerate(inputs):
             stop.run(block, inp)
@@ -70,7 +78,17 @@ def _input_norms(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs
     finally:
         for h in handles:
             h.remove()
-    return norms_from_sums(sums)
+    means = {n: total / max(count, 1) for n, (total, count) in plain.items()} if with_means else {}
+    return norms_from_sums(sums), means
+
+
+def corrected_bias(layer: nn.Module, w: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The layer's bias (zeros without one) plus what its pruned weights contributed on average,
+    (W * ~keep) @ mean(x) (a grouped conv's rows against their group's columns), float32."""
+    dropped = w.detach().double().cpu() * (~keep.cpu())
+    delta = torch.cat([dropped[r] @ mean[c] for r, c in _groups(layer)])
+    own = layer.bias.detach().double().cpu() if layer.bias is not None else torch.zeros_like(delta)
+    return (own + delta).float().to(w.device)
 
 
 def wanda_score(layer: nn.Module, w: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -103,19 +121,24 @@ def _sparsity(cfg: _Sparse, owl: LayerSparsity, layer: nn.Module) -> Tuple[float
     return owl[layer], cfg.describe(owl[layer])
 
 
-def wanda_block(cfg: _Sparse, owl: LayerSparsity):
+def scored_block(cfg: _Sparse, owl: LayerSparsity):
+    """Wanda (or magnitude, with bias correction: the pruned block's inputs give its means)."""
     layout, n, m = _layout(cfg)
 
     def prune_block(block: nn.Module, targets: Dict[str, nn.Linear], inputs: Inputs, edits: Edits):
-        norms = _input_norms(block, targets, inputs)
+        norms, means = _input_stats(block, targets, inputs, cfg.bias_correction)
         new = {}
         for name, lin in targets.items():
             w, _ = dense_linear(lin)
-            score = wanda_score(lin, w, norms[name])
             sparsity, what = _sparsity(cfg, owl, lin)
-            keep = nm_keep(score, n, m) if layout == "nm" else row_keep(score, sparsity)
-            mod = build_layer(layout, lin, keep.to(w.device), cfg.values, cfg.backend, n, m)
-            new[name] = (mod, f"{what} {mod.values_dtype}")
+            if cfg.method == "wanda":
+                score = wanda_score(lin, w, norms[name])
+                keep = (nm_keep(score, n, m) if layout == "nm" else row_keep(score, sparsity)).to(w.device)
+            else:
+                keep = magnitude_keep(w, cfg, sparsity)
+            bias = corrected_bias(lin, w, keep, means[name]) if cfg.bias_correction else None
+            mod = build_layer(layout, lin, keep, cfg.values, cfg.backend, n, m, bias=bias)
+            new[name] = (mod, f"{what} {mod.values_dtype}" + (" bias-corrected" if bias is not None else ""))
         return new
 
     return prune_block
@@ -162,8 +185,9 @@ def _sweep(cfg: _Sparse, w: torch.Tensor, h: torch.Tensor, n: int, m: int, bits:
 
 def sparsify_calibrated(model: nn.Module, cfg: _Sparse, forward_loop, check, progress: bool,
                         owl: LayerSparsity = None):
-    """Wanda or SparseGPT block by block; owl: each layer's sparsity (profile "owl"), else cfg's."""
-    step = wanda_block(cfg, owl) if cfg.method == "wanda" else sparsegpt_block(cfg, owl)
+    """Wanda, SparseGPT, or magnitude with bias correction, block by block; owl: each layer's
+    sparsity (profile "owl"), else cfg's."""
+    step = sparsegpt_block(cfg, owl) if cfg.method == "sparsegpt" else scored_block(cfg, owl)
     layout, n, m = _layout(cfg)
 
     def outside(lin: nn.Module):  # a layer outside every block: magnitude, which needs no data
