@@ -11,12 +11,14 @@ unstructured: every layer at the sparsity ("uniform") against OWL's per-block sp
 (profile="owl", owl_m 5, owl_lambda 0.04 and 0.08). Then, on the tiny LM, fine-tuning after
 pruning: 70% Wanda and 2:4 SparseGPT kept as masks (store="masks"), 60 AdamW steps of 8 windows
 of its training text at lr 1e-3 and 3e-4, then stored sparse, beside the dense model fine-tuned
-alike (the control).
+alike (the control). And bias correction (bias_correction=True) against none, for magnitude and
+Wanda at 50% and 2:4.
 
-    python benchmarks/sparsity_accuracy.py [--quick] [--only patterns|owl|masks]
+    python benchmarks/sparsity_accuracy.py [--quick] [--only patterns|owl|masks|bias]
 """
 import argparse
 import copy
+import dataclasses
 
 import torch
 
@@ -46,6 +48,14 @@ def _table(title, metric, score, only):
             print(f"| {pattern} | " + " | ".join(f"{score(make(m)):.4f}" for m in METHODS) + " |", flush=True)
         later = score(ts.NM(2, 4, method="sparsegpt"), then=ts.SparseStorage(layout="nm", values="int4"))
         print(f"2:4 SparseGPT float values, rounded to int4 afterwards: {later:.4f}", flush=True)
+    if only in (None, "bias"):
+        print(f"\n{title}, bias correction\n| pattern | magnitude | + bias correction | Wanda | + bias correction |\n"
+              f"|---|---|---|---|---|")
+        for pattern in ("50% unstructured", "2:4"):
+            make = PATTERNS[pattern]
+            cells = [score(dataclasses.replace(make(m), bias_correction=bc)) for m in ("magnitude", "wanda")
+                     for bc in (False, True)]
+            print(f"| {pattern} | " + " | ".join(f"{c:.4f}" for c in cells) + " |", flush=True)
     if only in (None, "owl"):
         print(f"\n{title}, layerwise profiles\n| sparsity, profile | " + " | ".join(METHODS) + " |\n|---|"
               + "---|" * len(METHODS))
@@ -148,7 +158,7 @@ def tiny_lm_recovery(n_windows: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sentences and windows")
-    ap.add_argument("--only", choices=("patterns", "owl", "masks"), help="one kind of table (default: all)")
+    ap.add_argument("--only", choices=("patterns", "owl", "masks", "bias"), help="one kind of table (default: all)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.only != "masks":
