@@ -129,9 +129,10 @@ def test_wanda_norms_stop_after_the_last_target():
     ref = reference_inputs(block, inputs)
     block.tail.calls = 0
     targets = {n: getattr(block, n) for n in ("q", "o", "rare")}
-    norms = calibrated._input_norms(block, targets, inputs)
+    norms, means = calibrated._input_stats(block, targets, inputs, with_means=True)  # bias correction's too
     for n in targets:
         assert torch.allclose(norms[n], ref[n].pow(2).sum(0).sqrt(), rtol=1e-6), n
+        assert torch.allclose(means[n], ref[n].mean(0), rtol=1e-6, atol=1e-9), n
     assert block.tail.calls == 1
 
 
