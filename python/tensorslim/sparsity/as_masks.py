@@ -5,7 +5,8 @@ followed by: SparseGPT's and Wanda's papers, LLM Compressor's constant-mask fine
 The calibration pipeline runs as for sparse storage (each block calibrated on the pruned blocks
 before it); then every sparse module it built gives its weights back to the layer it replaced:
 the original module object (an nn.Linear, a Conv1d / Conv2d, a transformers Conv1D, an
-nn.Linear subclass) with the kept weights (SparseGPT's updated ones) written in and a mask of
+nn.Linear subclass) with the kept weights (SparseGPT's updated ones) written in, the bias
+bias correction gave (a layer without one gets it; ts.save / ts.load recreate it) and a mask of
 exactly the kept positions attached. Training keeps the pruned weights at zero (n:m groups stay
 n:m); ts.sparsify(model, ts.SparseStorage()) then stores them sparse.
 """
