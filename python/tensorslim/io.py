@@ -34,7 +34,9 @@ from .transforms import _set_submodule, module_aliases
 
 FORMAT_NAME = "tensorslim"
 SKIPPED_KEY = "tensorslim.skipped"
-FORMAT_VERSION = 2  # 2 adds tensorslim.pruning; files without it are still written as 1
+# 2 adds tensorslim.pruning, 3 its "biases" (layers pruning gave a bias: a reader without them
+# would fail on the unexpected tensors); files write the lowest version they need
+FORMAT_VERSION = 3
 # keys every layer spec has (each kind's from_spec may read more)
 _SPEC_KEYS = ("kind", "format", "in_features", "out_features", "bias")
 
@@ -72,7 +74,7 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
         tensors[key] = t.detach().contiguous().cpu()
     metadata = {
         "tensorslim.format": FORMAT_NAME,
-        "tensorslim.format_version": "1",  # 2 only when the file needs it (pruning below)
+        "tensorslim.format_version": "1",  # 2 or 3 only when the file needs it (pruning below)
         "tensorslim.version": __version__,
         "tensorslim.layers": json.dumps(layers, sort_keys=True),
         "tensorslim.aliases": json.dumps(aliases, sort_keys=True),
@@ -83,7 +85,7 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
     pruning = pruning_state.header_entry(model)
     if pruning:
         metadata[pruning_state.HEADER_KEY] = json.dumps(pruning, sort_keys=True)
-        metadata["tensorslim.format_version"] = "2"
+        metadata["tensorslim.format_version"] = "3" if "biases" in pruning else "2"
     try:
         save_file(tensors, str(target), metadata=metadata)
         os.chmod(target, 0o666 & ~_umask())  # as open() would create it (the temporary file was 0600)

@@ -61,6 +61,11 @@ def test_a_linear_without_bias_gets_one_that_saves_and_loads(tmp_path):
     row = next(c for c in report.changes if c.name == "2")
     assert "a bias added" in row.reason
     ts.save(model, tmp_path / "pruned.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "pruned.safetensors"), "pt") as f:  # readers without biases refuse it
+        meta = f.metadata()
+    assert meta["tensorslim.format_version"] == "3" and '"biases": ["2"]' in meta["tensorslim.pruning"]
     fresh = ts.load(_mlp(bias=False, seed=7), tmp_path / "pruned.safetensors")
     assert fresh[0].out_features == 16 and fresh[2].bias is not None
     x = torch.randn(5, 16)
