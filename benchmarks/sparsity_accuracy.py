@@ -115,19 +115,6 @@ def tiny_lm(n_windows: int, only):
            only)
 
 
-def _fine_tune(lm, train, seq_len: int, lr: float, steps: int = 60, batch: int = 8):
-    lm.train()
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        starts = torch.randint(0, len(train) - seq_len - 1, (batch,), generator=g)
-        x = torch.stack([train[i:i + seq_len] for i in starts])
-        opt.zero_grad()
-        lm(input_ids=x, labels=x).loss.backward()
-        opt.step()
-    return lm.eval()
-
-
 def tiny_lm_recovery(n_windows: int):
     """Perplexity one shot, after fine-tuning with the masks held (two learning rates), and once
     stored sparse; the dense model fine-tuned alike as the control."""
@@ -146,12 +133,12 @@ def tiny_lm_recovery(n_windows: int):
                       ("2:4 SparseGPT", ts.NM(2, 4, method="sparsegpt", store="masks"))):
         pruned = copy.deepcopy(lm)
         ts.sparsify(pruned, cfg, calib_data=calib, progress=False)
-        tuned = {lr: _fine_tune(copy.deepcopy(pruned), train, T.SEQ_LEN, lr) for lr in (1e-3, 3e-4)}
+        tuned = {lr: T.fine_tune(copy.deepcopy(pruned), lr=lr) for lr in (1e-3, 3e-4)}
         before = ppl(tuned[1e-3])
         ts.sparsify(tuned[1e-3], ts.SparseStorage(), progress=False)
         print(f"| {name} | {ppl(pruned):.3f} | {before:.3f} | {ppl(tuned[3e-4]):.3f} | {ppl(tuned[1e-3]):.3f} |",
               flush=True)
-    dense = {lr: ppl(_fine_tune(copy.deepcopy(lm), train, T.SEQ_LEN, lr)) for lr in (1e-3, 3e-4)}
+    dense = {lr: ppl(T.fine_tune(copy.deepcopy(lm), lr=lr)) for lr in (1e-3, 3e-4)}
     print(f"| dense, the same fine-tune | {ppl(lm):.3f} | {dense[1e-3]:.3f} | {dense[3e-4]:.3f} | |")
 
 

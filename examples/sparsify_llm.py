@@ -23,20 +23,6 @@ from tensorslim.eval import perplexity
 from tensorslim.eval import tiny_lm as T
 
 
-def fine_tune(lm, train: torch.Tensor, steps: int = 60, lr: float = 1e-3) -> None:
-    """AdamW on random windows of the training text; the pruned weights stay zero (their masks)."""
-    lm.train()
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        starts = torch.randint(0, len(train) - T.SEQ_LEN - 1, (8,), generator=g)
-        x = torch.stack([train[i:i + T.SEQ_LEN] for i in starts])
-        opt.zero_grad()
-        lm(input_ids=x, labels=x).loss.backward()
-        opt.step()
-    lm.eval()
-
-
 def linear_bytes(model) -> int:
     """Bytes of the (possibly sparse) linear layers inside the decoder blocks."""
     return sum(t.numel() * t.element_size() for n, m in model.named_modules() if ".layers." in n
@@ -60,7 +46,7 @@ def main(sparsity: float = 0.7, steps: int = 60) -> dict:
     print(f"{sparsity:.0%} Wanda + OWL, one shot: perplexity {out['one_shot']:.3f}; blocks' sparsity "
           + ", ".join(f"{b}: {s}" for b, s in per_block))
 
-    fine_tune(lm, train, steps)
+    T.fine_tune(lm, steps)  # AdamW on the training text, lr 1e-3: the masks keep the zeros
     out["fine_tuned"] = ppl(lm)
     print(f"fine-tuned {steps} steps with the masks held: perplexity {out['fine_tuned']:.3f}")
 

@@ -154,17 +154,7 @@ def test_tiny_lm_recovers_by_fine_tuning_with_masks():
     calib = [train[i * T.SEQ_LEN:(i + 1) * T.SEQ_LEN][None] for i in range(16)]
     ts.sparsify(lm, ts.Unstructured(0.7, method="wanda", store="masks"), calib_data=calib, progress=False)
     one_shot = perplexity(lm, ids, seq_len=T.SEQ_LEN)
-    lm.train()
-    opt = torch.optim.AdamW(lm.parameters(), lr=1e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(60):
-        starts = torch.randint(0, len(train) - T.SEQ_LEN - 1, (8,), generator=g)
-        x = torch.stack([train[i:i + T.SEQ_LEN] for i in starts])
-        opt.zero_grad()
-        lm(input_ids=x, labels=x).loss.backward()
-        opt.step()
-    lm.eval()
-    tuned = perplexity(lm, ids, seq_len=T.SEQ_LEN)
+    tuned = perplexity(T.fine_tune(lm, steps=60, lr=1e-3), ids, seq_len=T.SEQ_LEN)
     report = ts.sparsify(lm, ts.SparseStorage(), progress=False)
     assert {type(lm.get_submodule(c.name)) for c in report.changed} == {ts.CSRSparseLinear}
     stored = perplexity(lm, ids, seq_len=T.SEQ_LEN)

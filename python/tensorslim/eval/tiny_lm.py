@@ -70,6 +70,23 @@ def train(steps: int = 500, batch: int = 16, lr: float = 3e-3, seed: int = 0,
     return model.eval()
 
 
+def fine_tune(model: torch.nn.Module, steps: int = 60, lr: float = 1e-3, batch: int = 8, seed: int = 1
+              ) -> torch.nn.Module:
+    """Continue training `model` (a pruned one, say: ts.prune's masks keep its zeros) with AdamW
+    on random windows of the training text, constant lr, no weight decay; returns it in eval mode."""
+    data, _ = train_eval_split()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data) - SEQ_LEN - 1, (batch,), generator=gen)
+        x = torch.stack([data[i:i + SEQ_LEN] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def save_tiny_lm(model: torch.nn.Module, path: str) -> None:
     from safetensors.torch import save_file
 
