@@ -1,6 +1,6 @@
 """store="masks": ts.sparsify's pruning left in dense layers held by ts.prune's masks, for
 fine-tuning before the weights are stored sparse (the recovery step one-shot pruning is usually
-followed by: SparseGPT's and Wanda's papers, LLM Compressor's constant-mask fine-tuning).
+followed by: Wanda's paper fine-tunes its pruned models, LLM Compressor holds masks constant).
 
 The calibration pipeline runs as for sparse storage (each block calibrated on the pruned blocks
 before it); then every sparse module it built gives its weights back to the layer it replaced:
