@@ -72,6 +72,31 @@ def test_a_linear_without_bias_gets_one_that_saves_and_loads(tmp_path):
     assert torch.equal(fresh(x), model(x))
 
 
+def test_a_biasless_layer_that_loses_inputs_and_outputs_then_is_quantized(tmp_path):
+    """The middle linear reads pruned channels and has its own pruned too: the bias compensate
+    gives it keeps only its kept outputs (it was made full length before: the model failed to
+    run); quantized afterwards, the file still loads back."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(16, 32, bias=False), nn.ReLU(), nn.Linear(32, 24, bias=False),  # noqa: E731
+                                 nn.ReLU(), nn.Linear(24, 8))
+    model, data = make(), _data()
+    dense = copy.deepcopy(model)
+    _prune(model, data)
+    assert model[2].weight.shape == (12, 16) and model[2].bias.shape == (12,)
+    removed_in = _removed(dense, model)
+    kept_out = sorted(int((dense[2].weight[:, [i for i in range(32) if i not in set(removed_in.tolist())]] == row)
+                          .all(1).nonzero()) for row in model[2].weight)
+    with torch.no_grad():
+        h = torch.cat([torch.relu(dense[0](x)) for x in data]).double()
+    want = dense[2].weight.double()[:, removed_in] @ h[:, removed_in].mean(0)
+    assert torch.allclose(model[2].bias.double(), want[kept_out].detach(), atol=1e-6)
+    ts.quantize(model, ts.Int8WeightOnly(), progress=False)
+    ts.save(model, tmp_path / "pq.safetensors")
+    fresh = ts.load(make(), tmp_path / "pq.safetensors")
+    x = torch.randn(5, 16)
+    assert torch.equal(fresh(x), model(x))
+
+
 def test_conv_consumers_are_not_compensated():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(),

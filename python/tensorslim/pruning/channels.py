@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..attention import UnpackedAttention
+from ..conv1d import feature_dims
 from ..ops import prune as prune_ops
 from ..quantization import token_mask
 from ..quantization.calibrate import call_model, model_device
@@ -487,8 +488,11 @@ def _prune_traced(model: nn.Module, cfg: ChannelPrune, calib_data, forward_loop,
                              f"exclude=[{name!r}]")
         keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.int64)
         new[key] = _gather(t, dim, keep).to(t.dtype)
-    for name, bias in shifted.items():  # a consumer whose own outputs stay: its whole bias
-        new.setdefault((name, "bias"), bias)
+    for name, bias in shifted.items():  # a consumer that had no bias: its output rows as its weight's
+        if (name, "bias") not in new:
+            gone = set(removed.get((name, "weight", feature_dims(mods[name])[0]), []))
+            kept = torch.tensor([i for i in range(bias.shape[0]) if i not in gone], dtype=torch.int64)
+            new[(name, "bias")] = _gather(bias, 0, kept).to(bias.dtype) if gone else bias
     attrs = {(n, a): get_size(mods[n], a) - d for (n, a), d in dec.items()}
     for (n, a), v in attrs.items():
         if v <= 0:
