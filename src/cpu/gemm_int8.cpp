@@ -197,8 +197,9 @@ namespace {
 // panels on AVX-512 VNNI CPUs, except where oneDNN runs AMX tiles (faster than VNNI from ~40
 // rows, and reading the plain weight: see linear_int8_packing_pays_onednn); our AVX2 panels
 // where the AVX2 kernels have vpdpbusd (AVX-VNNI: as on AVX-512 VNNI, our panels rather than
-// oneDNN's, whose VNNI kernel is exact there too); elsewhere oneDNN's own where its kernel is
-// exact; else, on AVX2, our AVX2 panels (none below AVX2).
+// oneDNN's, whose VNNI kernel is exact there too; also on an AMX CPU capped at AVX2 by set_isa,
+// which is there to run the AVX2 paths); elsewhere oneDNN's own where its kernel is exact;
+// else, on AVX2, our AVX2 panels (none below AVX2).
 enum class PackedLayout { kNone, kVnniPanels, kOneDnn, kAvx2Panels };
 
 struct Packing {
@@ -210,7 +211,7 @@ bool packs_vnni_panels() { return cpu::int8_vnni_available() && !cpu::onednn_int
 
 Packing packing_for(int64_t K, int64_t N) {
   if (packs_vnni_panels()) return {PackedLayout::kVnniPanels, cpu::linear_int8_vnni_packed_bytes(K, N)};
-  if (cpu::avx2_vnni() != cpu::AvxVnni::kNone && !cpu::onednn_int8_uses_amx())
+  if (cpu::avx2_vnni() != cpu::AvxVnni::kNone)
     return {PackedLayout::kAvx2Panels, cpu::linear_int8_avx2_packed_bytes(K, N)};
   const int64_t bytes = cpu::linear_int8_packed_bytes_onednn(K, N);
   if (bytes > 0) return {PackedLayout::kOneDnn, bytes};
@@ -255,9 +256,11 @@ int64_t linear_int8_packed_bytes(int64_t K, int64_t N) {
 }
 
 bool linear_int8_packing_pays() {
-  // On AVX2 our panels wherever oneDNN's kernel is inexact; an AMX oneDNN is exact, its layout
-  // the one packed, and that one does not pay.
-  const bool avx2_panels = cpu::active_isa() == cpu::Isa::kAVX2 && !cpu::onednn_int8_uses_amx();
+  // On AVX2 our panels wherever oneDNN's kernel is inexact or the AVX2 kernels have vpdpbusd
+  // (packing_for); otherwise an AMX oneDNN is exact, its layout the one packed, and that one
+  // does not pay.
+  const bool avx2_panels = cpu::active_isa() == cpu::Isa::kAVX2 &&
+                           (cpu::avx2_vnni() != cpu::AvxVnni::kNone || !cpu::onednn_int8_uses_amx());
   return packs_vnni_panels() || avx2_panels || cpu::linear_int8_packing_pays_onednn();
 }
 

@@ -205,7 +205,11 @@ def test_unfused_experts_compute_the_fused_module(make):
     x = torch.randn(7, unfused.hidden_dim)
     index, weights = _routing(7, unfused.num_experts, 2)
     with torch.no_grad():
-        torch.testing.assert_close(unfused(x, index, weights), fused(x, index, weights), atol=1e-5, rtol=1e-5)
+        ref = fused(x, index, weights)
+        # the same products summed in another order (per-expert F.linear vs the fused bmm / matmul, whose
+        # MKL kernels differ by CPU): a few ulps of the largest output (outputs reach ~100 here)
+        atol = 32 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+        torch.testing.assert_close(unfused(x, index, weights), ref, atol=atol, rtol=1e-5)
     fused_first = getattr(fused, "gate_up_proj" if unfused.has_gate else "up_proj")
     assert unfused.first[1].weight.data_ptr() == fused_first[1].data_ptr()  # a view, nothing copied
 

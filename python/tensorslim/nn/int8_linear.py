@@ -99,6 +99,7 @@ class Int8Linear(CompressedLinear):
         if torch.compiler.is_compiling():  # a traced graph reads the plain weight (no native query, no cache)
             return None
         if self.backend == "reference" or qweight.device.type != "cpu" or not ops.int8.packing_pays():
+            self._packed = self._packed_key = None  # a copy packed under another ISA setting is dead weight
             return None
         key = (tensor_identity(qweight), _C.kernel_isa())  # the layout follows the ISA (and AVX2's VNNI)
         if key != self._packed_key:
