@@ -1,6 +1,7 @@
 // CPU quantize / dequantize / weight-only linear, and the format table.
 #include <pybind11/stl.h>
 
+#include "../cpu/onednn_usable.h"
 #include "tensorslim/formats.h"
 #include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
@@ -54,6 +55,10 @@ void register_quantize(py::module_& m) {
     py::gil_scoped_release release;
     linear_weight_only(xv, wv, sv, zv.get(), bv.get(), to_format(fmt), group, ov, be);
   });
+
+  m.def("onednn_weight_only_uses_amx", &cpu::onednn_weight_only_uses_amx,
+        "Whether oneDNN's weight-decompression matmul runs AMX tiles on this CPU: there `auto` "
+        "weight-only linears take it from 16 rows of bf16 activations and 128 of fp32 (large weights).");
 
   m.def("best_isa", [] { return cpu::isa_name(cpu::best_isa()); });
   m.def("active_isa", [] { return cpu::isa_name(cpu::active_isa()); });

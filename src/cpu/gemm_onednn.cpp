@@ -5,6 +5,7 @@
 
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -36,6 +37,7 @@ struct Entry {
   bool ok = false;
   dnnl::matmul prim;
   dnnl::memory::desc src, wei, dst, bias, scales, zps;
+  std::string impl;  // oneDNN's name for the kernel it chose
 };
 
 Entry make_entry(const Key& key) {
@@ -62,6 +64,7 @@ Entry make_entry(const Key& key) {
   try {
     dnnl::matmul::primitive_desc pd(onednn().engine, e.src, e.wei, e.bias, e.dst, attr);
     e.prim = dnnl::matmul(pd);
+    e.impl = pd.impl_info_str();
     e.ok = true;
   } catch (const dnnl::error&) {
     e.ok = false;  // no implementation: the caller falls back
@@ -133,6 +136,18 @@ TensorView f32_view(std::vector<float>& buf, int64_t rows, int64_t cols) {
 }
 
 }  // namespace
+
+bool onednn_weight_only_uses_amx() {
+  static const bool amx = [] {
+    if (!onednn_usable()) return false;
+    std::lock_guard<std::mutex> lock(onednn().mu);
+    // A bf16 decompression matmul of a 4096 x 4096 INT8 weight at 64 rows, per-row scales.
+    const Entry e = make_entry(Key{64, 4096, 4096, static_cast<int>(DType::kBFloat16), static_cast<int>(Format::kInt8),
+                                   4096, false, false, 4096, 4096});
+    return e.ok && e.impl.find("amx") != std::string::npos;
+  }();
+  return amx;
+}
 
 bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
                                const TensorView& scales, const TensorView* zero_points,

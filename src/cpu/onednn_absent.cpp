@@ -43,6 +43,8 @@ bool linear_int8_packing_pays_onednn() { return false; }
 
 bool onednn_int8_uses_amx() { return false; }
 
+bool onednn_weight_only_uses_amx() { return false; }
+
 void linear_int8_pack_onednn(const TensorView&, const TensorView&) {
   throw ValueError("linear_int8_pack: this build has no oneDNN");
 }

@@ -14,6 +14,10 @@ namespace cpu {
 // path checks this first and lets our own kernels run instead.
 bool onednn_usable();
 
+// Whether oneDNN's weight-decompression matmul runs AMX tiles here (bf16 activations; Sapphire
+// Rapids and later), asked once. False where !onednn_usable().
+bool onednn_weight_only_uses_amx();
+
 // out[M, N] = x[M, K] * w[N, K]^T with oneDNN's sgemm (row-major, leading dimensions given).
 // Only called where onednn_usable().
 void sgemm_nt_onednn(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* w,
