@@ -8,8 +8,7 @@ DECODE_GEMM_MIN_ROWS rows the GEMM sets the speed: MiniLM at batch 32 ran at 0.6
 on our panel GEMM and on oneDNN's weight-decompression matmul (Sapphire Rapids, AVX-512), at
 ~0.9x this way. Larger weights stay on the C++ dispatch (our panel GEMM, decoding one K block
 at a time; on AVX-512 oneDNN from 1024 rows, from 128 where it runs AMX): decoding 4096 x 4096
-whole for 32 rows wrote and
-re-read 64 MiB, 26 ms against 9 ms for fp32.
+whole for 32 rows wrote and re-read 64 MiB, 26 ms against 9 ms for fp32.
 Below 64 rows the C++ panel GEMM was faster (its rows-dot kernel, src/cpu/panel_gemm_tiles.h,
 where the activations are small): at 32-48 rows of MiniLM's 384 x 1536 and 1536 x 384 INT4,
 0.85-1.03x fp32 against 0.62-0.73x this way.
