@@ -58,7 +58,8 @@ void register_quantize(py::module_& m) {
 
   m.def("onednn_weight_only_uses_amx", &cpu::onednn_weight_only_uses_amx,
         "Whether oneDNN's weight-decompression matmul runs AMX tiles on this CPU: there `auto` "
-        "weight-only linears take it from 16 rows of bf16 activations and 128 of fp32 (large weights).");
+        "weight-only linears take it from 16 rows of bf16 activations and 128 / 256 of fp32 (8- / 4-bit "
+        "codes, large weights).");
 
   m.def("best_isa", [] { return cpu::isa_name(cpu::best_isa()); });
   m.def("active_isa", [] { return cpu::isa_name(cpu::active_isa()); });

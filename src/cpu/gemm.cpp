@@ -34,22 +34,23 @@ int64_t gemv_max_rows(int bits, int64_t weight_values) {
 constexpr int64_t kOneDnnMinRows = 1024;
 // Where oneDNN's weight-decompression matmul runs AMX tiles (Sapphire Rapids and later), bf16
 // activations take it from 16 rows, any weight, and fp32 activations of large weights from 128
-// rows: its fp32 kernels outran our panel GEMM on those cores (two 512-bit FMA units). 2-core
-// Intel Xeon with AMX, one layer, ours / oneDNN ms: 4096 x 4096 bf16 INT8 at 8 / 16 / 32 / 256
-// rows 2.30 / 2.55, 3.07 / 2.96, 9.41 / 4.37, 49.2 / 9.9, INT4 at 12 / 16 2.77 / 4.17, 4.89 /
-// 4.47; 384 x 1536 bf16 INT8 at 16 / 256 0.273 / 0.225, 1.86 / 0.62; 4096 x 4096 fp32 INT8 at
-// 96 / 128 / 256 16.5 / 14.9, 22.2 / 18.5, 41.9 / 32.1, INT4 at 96 / 128 / 256 14.5 / 15.3,
-// 20.4 / 19.2, 39.0 / 32.9 (docs/benchmarks.md, thirty-sixth session).
+// rows (8-bit codes) / 256 (4-bit). 2-core Intel Xeon with AMX, one layer, ours / oneDNN ms:
+// 4096 x 4096 bf16 INT8 at 8 / 16 / 32 / 256 rows 2.30 / 2.55, 3.07 / 2.96, 9.41 / 4.37, 49.2 /
+// 9.9, INT4 at 12 / 16 2.77 / 4.17, 4.89 / 4.47; 384 x 1536 bf16 INT8 at 16 / 256 0.273 / 0.225,
+// 1.86 / 0.62. fp32, four 4096 x 4096 layers + GELU (bench_layer_stack.py), x fp32, ours /
+// oneDNN, INT8 at 128 / 256 / 512 rows 0.95 / 0.99, 0.91 / 0.96, 0.86 / 0.99; INT4 1.04 / 0.98,
+// 0.93 / 0.92, 0.87 / 0.97 (docs/benchmarks.md, thirty-sixth session).
 constexpr int64_t kAmxBf16OneDnnMinRows = 16;
-constexpr int64_t kAmxFp32OneDnnMinRows = 128;
+constexpr int64_t kAmxFp32OneDnnMinRows8 = 128, kAmxFp32OneDnnMinRows4 = 256;
 
 // Whether `auto` tries oneDNN before our kernels for x on a weight of this many values.
-bool onednn_first(const TensorView& x, int64_t weight_values) {
+bool onednn_first(const TensorView& x, int64_t weight_values, int bits) {
   const int64_t M = x.shape[0];  // first: decode-sized calls stop here
   if (M < kAmxBf16OneDnnMinRows || cpu::active_isa() < cpu::Isa::kAVX512 || !cpu::onednn_usable()) return false;
   const bool large = weight_values > cpu::kPanelSmallWeight;
   if (cpu::onednn_weight_only_uses_amx())
-    return x.dtype == DType::kBFloat16 || (large && M >= kAmxFp32OneDnnMinRows);
+    return x.dtype == DType::kBFloat16 ||
+           (large && M >= (bits == 4 ? kAmxFp32OneDnnMinRows4 : kAmxFp32OneDnnMinRows8));
   return large && M >= kOneDnnMinRows;
 }
 
@@ -214,7 +215,7 @@ void linear_weight_only(const TensorView& x, const TensorView& qweight, const Te
       // 1024 and 2048. Small weights at 64+ fp32 rows (4096+ on AMD with AVX2 / AVX-512
       // kernels) are decoded once for torch's GEMM in Python (ops/decode_gemm.py). CPUs whose
       // oneDNN runs AMX take it sooner (onednn_first).
-      if (!onednn_first(x, out.shape[1] * x.shape[1]) &&
+      if (!onednn_first(x, out.shape[1] * x.shape[1], format_info(fmt).bits) &&
           cpu::linear_weight_only_native(x, qweight, scales, zero_points, bias, fmt, group_size, out))
         return;
       if (cpu::linear_weight_only_onednn(x, qweight, scales, zero_points, bias, fmt, group_size,

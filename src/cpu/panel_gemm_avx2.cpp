@@ -11,6 +11,7 @@ namespace {
 struct Vector {
   using Vec = __m256;
   static constexpr int kLanes = 8;
+  static constexpr int kPanelRows = 6;  // broadcast micro-tiles: 2 x kPanelRows accumulators
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }

@@ -13,6 +13,7 @@ namespace {
 struct Vector {
   using Vec = __m512;
   static constexpr int kLanes = 16;
+  static constexpr int kPanelRows = 12;  // broadcast micro-tiles: 2 x kPanelRows accumulators
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }

@@ -87,17 +87,14 @@ constexpr int kPanelCols = 64;
 template <class V>
 constexpr int64_t panel_k_block() { return 2048 / V::kLanes; }
 
-template <class V>
+// mb (1 .. V::kPanelRows) rows through the micro-kernel instantiated for it.
+template <class V, int MB = 1>
 void panel_micro_any(int mb, const float* x, int64_t ldx, const float* b, int64_t kc, float* c,
                      bool accumulate) {
-  switch (mb) {
-    case 1: return panel_micro<V, 1>(x, ldx, b, kc, c, accumulate);
-    case 2: return panel_micro<V, 2>(x, ldx, b, kc, c, accumulate);
-    case 3: return panel_micro<V, 3>(x, ldx, b, kc, c, accumulate);
-    case 4: return panel_micro<V, 4>(x, ldx, b, kc, c, accumulate);
-    case 5: return panel_micro<V, 5>(x, ldx, b, kc, c, accumulate);
-    default: return panel_micro<V, kPanelRows>(x, ldx, b, kc, c, accumulate);
+  if constexpr (MB < V::kPanelRows) {
+    if (mb != MB) return panel_micro_any<V, MB + 1>(mb, x, ldx, b, kc, c, accumulate);
   }
+  panel_micro<V, MB>(x, ldx, b, kc, c, accumulate);
 }
 
 // Rows-dot micro-kernel for a few activation rows: sums[m][n] = x[m] . w[n] for MB activation
@@ -225,7 +222,7 @@ inline int64_t decoded_row_stride(const PanelGemmProblem& p, int64_t KC) {
 template <class V>
 void panel_gemm_run(const PanelGemmProblem& p) {
   if (p.M <= kDotMaxRows && p.M * p.K <= kDotMaxValues && p.K <= kDotMaxK) return dot_gemm_run<V>(p);
-  constexpr int NR = 2 * V::kLanes, MR = kPanelRows, kMicro = kPanelCols / NR;
+  constexpr int NR = 2 * V::kLanes, MR = V::kPanelRows, kMicro = kPanelCols / NR;
   constexpr int64_t KC = panel_k_block<V>();
   const int64_t K = p.K, M = p.M;
   const int64_t panels = (p.N + kPanelCols - 1) / kPanelCols;

@@ -72,7 +72,9 @@ TEST(PanelGemm, EveryIsaMatchesFloat64) {
                        Shape{576, 96}}) {  // groups across the K blocks' edges (128 / 256 k)
         for (int64_t N : {48, 37, 1, 70}) {
           const QuantizedWeight w = quantized_weight(fmt, N, s.K, s.group, 7);
-          for (int64_t M : {5, 7, 9, 13, 31, 64, 65}) {  // 5 and 7: 4-bit on AVX2 (gemv_max_rows)
+          // 5 and 7: 4-bit on AVX2 (gemv_max_rows); tiles of 5 to 12 rows (AVX-512's 12-row tiles:
+          // 16 as 8 + 8, 24 as 12 + 12, 65 as 11 x 5 + 10)
+          for (int64_t M : {5, 7, 9, 12, 13, 16, 24, 31, 64, 65}) {
             EXPECT_LT(panel_error(w, fmt, s.group, M, N, s.K, s.K, false), 1e-5)
                 << cpu::isa_name(isa) << " " << format_info(fmt).name << " K=" << s.K
                 << " g=" << s.group << " N=" << N << " M=" << M;

@@ -232,21 +232,21 @@ def test_ops_work_on_meta_tensors_and_pass_opcheck():
 @pytest.mark.parametrize("fmt", ["int8", "uint4"])
 def test_auto_takes_onednn_sooner_where_it_runs_amx(fmt):
     """Where oneDNN's weight-decompression matmul runs AMX tiles, `auto` takes it from 16 rows of
-    bf16 activations (any weight) and from 128 rows of fp32 ones on a weight of more than 2^20
-    values; elsewhere (and capped at AVX2) our kernels up to 1024 rows. Bit-for-bit the backend
-    chosen, within bf16 / fp32 rounding of the float64 product."""
+    bf16 activations (any weight) and from 128 (8-bit) / 256 (4-bit) rows of fp32 ones on a weight
+    of more than 2^20 values; elsewhere (and capped at AVX2) our kernels up to 1024 rows.
+    Bit-for-bit the backend chosen, within bf16 / fp32 rounding of the float64 product."""
     skip_without_onednn()
     amx = ts._C.onednn_weight_only_uses_amx() and ts._C.active_isa() == "avx512"
     if ts._C.active_isa() == "scalar":
         pytest.skip("no native kernels")
     torch.manual_seed(3)
     for K, N, dtype, rows in ((384, 256, torch.bfloat16, (8, 15, 16, 40)),
-                              (1152, 1024, torch.float32, (64, 127, 128))):
+                              (1152, 1024, torch.float32, (64, 127, 128, 255, 256))):
         q, s, z = ops.quantize(torch.randn(N, K), fmt, 128)
         for M in rows:
             x = torch.randn(M, K).to(dtype)
             auto = ops.linear_weight_only(x, q, s, z, None, fmt, 128, K, backend="auto")
-            oned = M >= (16 if dtype == torch.bfloat16 else 128) and amx
+            oned = M >= (16 if dtype == torch.bfloat16 else 256 if fmt == "uint4" else 128) and amx
             want = ops.linear_weight_only(x, q, s, z, None, fmt, 128, K, backend="onednn" if oned else "native")
             assert auto.dtype == dtype and torch.equal(auto, want), (K, N, M, oned)
             ref = _float64_linear(x.float(), q, s, z, None, fmt, 128, K)
