@@ -47,6 +47,18 @@ TS_VECTOR_HELPER __m256i positions(uint64_t bits) {
   }
 }
 
+// off + positions<B> of the 8 slots whose index bits start at p (8 readable bytes): the bits
+// broadcast straight from memory (a load-port vpbroadcastd, not a port-5 one from a general
+// register, as in the AVX-512 file's slots_at; the bits above the 8 fields are masked off).
+template <int B>
+TS_VECTOR_HELPER __m256i slots_at(const uint8_t* p, __m256i off) {
+  int32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i sh = B == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14) : _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  return _mm256_add_epi32(off, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), sh),
+                                                _mm256_set1_epi32((1 << B) - 1)));
+}
+
 // The positions of the 8 slots from j0 (a multiple of 8, so byte aligned).
 template <int B>
 TS_VECTOR_HELPER __m256i decode_pos(const uint8_t* row, int64_t j0, const uint8_t* end) {
@@ -231,22 +243,14 @@ TS_TARGET void nm_row(const SparseWeight& w, const SparseBatch& a, const NmLayou
     const __m256i off = L.offs[0];
     for (; j0 + 2 * W <= lim; j0 += 2 * W, col0 += 2 * L.period_cols) {
       prefetch_ahead(static_cast<const char*>(w.values) + value_bytes<VT>(vb + j0), value_bytes<VT>(2 * W));
-      uint64_t bits0, bits1;
-      std::memcpy(&bits0, idx + ((j0 * B) >> 3), 8);
-      std::memcpy(&bits1, idx + (((j0 + W) * B) >> 3), 8);
-      body(_mm256_add_epi32(off, positions<B>(bits0)), 0, j0, col0, acc);
-      body(_mm256_add_epi32(off, positions<B>(bits1)), 0, j0 + W, col0 + L.period_cols, acc2);
+      body(slots_at<B>(idx + ((j0 * B) >> 3), off), 0, j0, col0, acc);
+      body(slots_at<B>(idx + (((j0 + W) * B) >> 3), off), 0, j0 + W, col0 + L.period_cols, acc2);
     }
-    for (; j0 + W <= lim; j0 += W, col0 += L.period_cols) {
-      uint64_t bits;
-      std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
-      body(_mm256_add_epi32(off, positions<B>(bits)), 0, j0, col0, acc);
-    }
+    for (; j0 + W <= lim; j0 += W, col0 += L.period_cols)
+      body(slots_at<B>(idx + ((j0 * B) >> 3), off), 0, j0, col0, acc);
   } else {
     for (; j0 + W <= lim; j0 += W) {
-      uint64_t bits;
-      std::memcpy(&bits, idx + ((j0 * B) >> 3), 8);
-      body(_mm256_add_epi32(L.rel[v], positions<B>(bits)), v, j0, col0 + L.base[v], acc);
+      body(slots_at<B>(idx + ((j0 * B) >> 3), L.rel[v]), v, j0, col0 + L.base[v], acc);
       if (++v == L.nper) {
         v = 0;
         col0 += L.period_cols;
