@@ -78,6 +78,24 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
+bool cpu_is_intel() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool intel = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    char v[13];
+    std::memcpy(v, &b, 4);
+    std::memcpy(v + 4, &d, 4);
+    std::memcpy(v + 8, &c, 4);
+    v[12] = 0;
+    return std::strcmp(v, "GenuineIntel") == 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx_vnni() {
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(TENSORSLIM_HAVE_AVX2)
   // CPUID leaf 7, sub-leaf 1, EAX bit 4 (clang 14's __builtin_cpu_supports has no "avxvnni");

@@ -11,7 +11,10 @@ namespace {
 struct Vector {
   using Vec = __m256;
   static constexpr int kLanes = 8;
-  static constexpr int kPanelRows = 6;  // broadcast micro-tiles: 2 x kPanelRows accumulators
+  // Broadcast micro-tiles of 6 rows: 12 accumulators + 2 weight vectors + 1 broadcast fit the
+  // 16 registers.
+  static constexpr int kPanelRows = 6;
+  static int panel_rows() { return kPanelRows; }
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }

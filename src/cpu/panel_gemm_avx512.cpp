@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "panel_gemm_tiles.h"
+#include "tensorslim/quantize.h"
 
 namespace tensorslim {
 namespace cpu {
@@ -13,7 +14,16 @@ namespace {
 struct Vector {
   using Vec = __m512;
   static constexpr int kLanes = 16;
-  static constexpr int kPanelRows = 12;  // broadcast micro-tiles: 2 x kPanelRows accumulators
+  // Broadcast micro-tiles of up to 12 rows: 24 accumulators + 2 weight vectors + 1 broadcast of
+  // the 32 registers. On Intel 12 (6, as on AVX2, ran INT8 4096 x 4096 at 256 rows 1.31x
+  // oneDNN's time against 1.11x; Intel Xeon with AMX, docs/benchmarks.md thirty-sixth session);
+  // elsewhere 6, as measured on Zen 4 / 5 (12-row bf16 tiles ran slower on Zen 4; 12-row fp32
+  // ones not measured on AMD).
+  static constexpr int kPanelRows = 12;
+  static int panel_rows() {
+    static const int rows = cpu_is_intel() ? 12 : 6;
+    return rows;
+  }
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
@@ -36,6 +46,9 @@ struct Vector {
 };
 
 #define TS_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// Rows of the bf16 micro-tiles (12 tried on Zen 4: slower, see below).
+constexpr int kBf16PanelRows = 6;
 
 // fp32 micro-panel [kc][32] -> bf16 pairs [ceil(kc / 2)][32][2]: dword j of pair i holds
 // column j's values k = 2i (low half) and 2i + 1 (high; 0 past kc), rounded to nearest even.
@@ -83,7 +96,7 @@ TS_BF16 void bf16_micro_any(int mb, const uint16_t* x, int64_t ldx, const uint16
     case 3: return bf16_micro<3>(x, ldx, b, kc, c, accumulate);
     case 4: return bf16_micro<4>(x, ldx, b, kc, c, accumulate);
     case 5: return bf16_micro<5>(x, ldx, b, kc, c, accumulate);
-    default: return bf16_micro<kPanelRows>(x, ldx, b, kc, c, accumulate);
+    default: return bf16_micro<kBf16PanelRows>(x, ldx, b, kc, c, accumulate);
   }
 }
 
@@ -94,7 +107,7 @@ void panel_gemm_avx512(const PanelGemmProblem& p) { panel_gemm_run<Vector>(p); }
 // panel_gemm_run's loop for bf16 activations: each K block's fp32 micro-panels (pack_block)
 // rounded to bf16 pairs, then the bf16 micro-tiles.
 void panel_gemm_bf16_avx512(const PanelGemmProblem& p) {
-  constexpr int NR = 32, MR = kPanelRows, kMicro = kPanelCols / NR;
+  constexpr int NR = 32, MR = kBf16PanelRows, kMicro = kPanelCols / NR;
   constexpr int64_t KC = panel_k_block<Vector>();
   const int64_t K = p.K, M = p.M;
   const int64_t panels = (p.N + kPanelCols - 1) / kPanelCols;

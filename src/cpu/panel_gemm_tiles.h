@@ -1,6 +1,7 @@
 // The loops of panel_gemm shared by panel_gemm_avx2.cpp and panel_gemm_avx512.cpp (included
 // by those files only, so each instantiation gets its ISA's flags). A vector type V provides
-// Vec, kLanes, zero(), load(p), broadcast(p), fma(a, b, c) = a * b + c and store(p, v).
+// Vec, kLanes, zero(), load(p), broadcast(p), fma(a, b, c) = a * b + c, store(p, v), and the
+// broadcast micro-tiles' rows: panel_rows(), at most kPanelRows.
 #pragma once
 
 #include <immintrin.h>
@@ -76,9 +77,6 @@ void panel_micro(const float* x, int64_t ldx, const float* b, int64_t kc, float*
   }
 }
 
-// Six activation rows per micro-tile: 12 accumulators + 2 weight vectors + 1 broadcast
-// fit AVX2's 16 registers.
-constexpr int kPanelRows = 6;
 // Output columns decoded together: the activation tile read for one micro-panel is reused
 // by the others from L1, so x streams from memory once per 64 columns, not once per 16.
 constexpr int kPanelCols = 64;
@@ -222,7 +220,8 @@ inline int64_t decoded_row_stride(const PanelGemmProblem& p, int64_t KC) {
 template <class V>
 void panel_gemm_run(const PanelGemmProblem& p) {
   if (p.M <= kDotMaxRows && p.M * p.K <= kDotMaxValues && p.K <= kDotMaxK) return dot_gemm_run<V>(p);
-  constexpr int NR = 2 * V::kLanes, MR = V::kPanelRows, kMicro = kPanelCols / NR;
+  constexpr int NR = 2 * V::kLanes, kMicro = kPanelCols / NR;
+  const int64_t MR = V::panel_rows();  // at most V::kPanelRows
   constexpr int64_t KC = panel_k_block<V>();
   const int64_t K = p.K, M = p.M;
   const int64_t panels = (p.N + kPanelCols - 1) / kPanelCols;
