@@ -84,10 +84,7 @@ bool run_onednn(const TensorView& x, const TensorView& qweight, const TensorView
                 const TensorView* zero_points, const TensorView* bias, Format fmt,
                 int64_t group_size, const TensorView& out) {
   const int64_t M = x.shape[0], K = x.shape[1], N = qweight.shape[0];
-  const FormatInfo& info = format_info(fmt);
-  // oneDNN addresses 4-bit weights with element strides: a row of odd K is not expressible.
-  if (info.bits == 4 && K % 2) return false;
-  if (qweight.strides[0] != (K * info.bits) / 8) return false;
+  if (qweight.strides[0] != (K * format_info(fmt).bits) / 8) return false;
   const Key key{M, K, N, static_cast<int>(x.dtype), static_cast<int>(fmt), group_size,
                 zero_points != nullptr, bias != nullptr, x.strides[0], out.strides[0]};
   OneDnn& eng = onednn();
@@ -158,6 +155,9 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
   const int64_t K = x.shape[1];
   if (group_size >= K) group_size = K;  // one group spans the row: per-row scales
   if (K % group_size) return false;
+  // oneDNN addresses 4-bit weights with element strides: a row of odd K is not expressible (on
+  // any ISA, so the bf16 retry below would widen x for nothing).
+  if (format_info(fmt).bits == 4 && K % 2) return false;
   if (run_onednn(x, qweight, scales, zero_points, bias, fmt, group_size, out)) return true;
   if (x.dtype != DType::kBFloat16) return false;
   // oneDNN has bf16 weight decompression only from AVX-512 (avx512_core) on: elsewhere run
