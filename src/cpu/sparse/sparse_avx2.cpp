@@ -34,29 +34,28 @@ TS_VECTOR_HELPER uint64_t load_bits(const uint8_t* p, const uint8_t* end) {
   return v;
 }
 
+// In-group positions of 8 slots from their index bits broadcast to every lane of v (the bits
+// past the 8 fields are masked off).
+template <int B>
+TS_VECTOR_HELPER __m256i positions_of(__m256i v) {
+  const __m256i sh = B == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14) : _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  return _mm256_and_si256(_mm256_srlv_epi32(v, sh), _mm256_set1_epi32((1 << B) - 1));
+}
+
 // In-group positions of 8 slots from their index bits (the low 8*B bits of `bits`).
 template <int B>
 TS_VECTOR_HELPER __m256i positions(uint64_t bits) {
-  const __m256i v = _mm256_set1_epi32(static_cast<int>(bits & 0xffffffu));
-  if constexpr (B == 2) {
-    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-                            _mm256_set1_epi32(3));
-  } else {
-    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)),
-                            _mm256_set1_epi32(7));
-  }
+  return positions_of<B>(_mm256_set1_epi32(static_cast<int>(bits & 0xffffffu)));
 }
 
 // off + positions<B> of the 8 slots whose index bits start at p (8 readable bytes): the bits
 // broadcast straight from memory (a load-port vpbroadcastd, not a port-5 one from a general
-// register, as in the AVX-512 file's slots_at; the bits above the 8 fields are masked off).
+// register, as in the AVX-512 file's slots_at).
 template <int B>
 TS_VECTOR_HELPER __m256i slots_at(const uint8_t* p, __m256i off) {
   int32_t bits;
   std::memcpy(&bits, p, 4);
-  const __m256i sh = B == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14) : _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
-  return _mm256_add_epi32(off, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), sh),
-                                                _mm256_set1_epi32((1 << B) - 1)));
+  return _mm256_add_epi32(off, positions_of<B>(_mm256_set1_epi32(bits)));
 }
 
 // The positions of the 8 slots from j0 (a multiple of 8, so byte aligned).

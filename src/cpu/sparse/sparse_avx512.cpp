@@ -27,21 +27,24 @@ inline uint64_t load_bits(const uint8_t* p, const uint8_t* end) {
   return v;
 }
 
+// The 16 B-bit index fields of one vector, field j shifted down to lane j's low bits (the bits
+// above it hold later fields), from the bits broadcast: to 32-bit lanes at B = 2, 64-bit at B = 3.
+template <int B>
+inline __m512i fields(__m512i v) {
+  if constexpr (B == 2) {
+    return _mm512_srlv_epi32(v, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+  } else {
+    const __m512i lo = _mm512_srlv_epi64(v, _mm512_setr_epi64(0, 3, 6, 9, 12, 15, 18, 21));
+    const __m512i hi = _mm512_srlv_epi64(v, _mm512_setr_epi64(24, 27, 30, 33, 36, 39, 42, 45));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+  }
+}
+
 // In-group positions of 16 slots from their index bits (the low 16*B bits of `bits`).
 template <int B>
 inline __m512i positions(uint64_t bits) {
-  if constexpr (B == 2) {
-    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(bits)), sh),
-                            _mm512_set1_epi32(3));
-  } else {
-    const __m512i v = _mm512_set1_epi64(static_cast<long long>(bits));
-    const __m512i lo = _mm512_srlv_epi64(v, _mm512_setr_epi64(0, 3, 6, 9, 12, 15, 18, 21));
-    const __m512i hi = _mm512_srlv_epi64(v, _mm512_setr_epi64(24, 27, 30, 33, 36, 39, 42, 45));
-    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
-                                            _mm512_cvtepi64_epi32(hi), 1);
-    return _mm512_and_si512(both, _mm512_set1_epi32(7));
-  }
+  const __m512i v = B == 2 ? _mm512_set1_epi32(static_cast<int>(bits)) : _mm512_set1_epi64(static_cast<long long>(bits));
+  return _mm512_and_si512(fields<B>(v), _mm512_set1_epi32((1 << B) - 1));
 }
 
 // off + positions<B> of the 16 slots whose index bits start at p (8 readable bytes), where off's
@@ -52,22 +55,17 @@ inline __m512i positions(uint64_t bits) {
 // broadcast) on a 2-core Intel Xeon with AMX.
 template <int B>
 inline __m512i slots_at(const uint8_t* p, __m512i off) {
-  constexpr int kOr = 0xEA;  // (a & b) | c
+  __m512i v;
   if constexpr (B == 2) {
     int32_t bits;
     std::memcpy(&bits, p, 4);
-    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    return _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(bits), sh), _mm512_set1_epi32(3), off, kOr);
+    v = _mm512_set1_epi32(bits);
   } else {
     uint64_t bits;
     std::memcpy(&bits, p, 8);
-    const __m512i v = _mm512_set1_epi64(static_cast<long long>(bits));
-    const __m512i lo = _mm512_srlv_epi64(v, _mm512_setr_epi64(0, 3, 6, 9, 12, 15, 18, 21));
-    const __m512i hi = _mm512_srlv_epi64(v, _mm512_setr_epi64(24, 27, 30, 33, 36, 39, 42, 45));
-    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
-                                            _mm512_cvtepi64_epi32(hi), 1);
-    return _mm512_ternarylogic_epi32(both, _mm512_set1_epi32(7), off, kOr);
+    v = _mm512_set1_epi64(static_cast<long long>(bits));
   }
+  return _mm512_ternarylogic_epi32(fields<B>(v), _mm512_set1_epi32((1 << B) - 1), off, 0xEA);  // (a & b) | c
 }
 
 // The positions of the 16 slots from j0 (a multiple of 16, so byte aligned).
