@@ -62,6 +62,14 @@ void csr_linear(const TensorView& x, const TensorView& values, const TensorView&
 // float32 elements of workspace the linears need for a batch of M rows of width K.
 int64_t sparse_linear_workspace(int64_t M, int64_t K);
 
+namespace cpu {
+// How CSR batches 1 and 2 read x at a row's columns (x86): vgatherdps / vgatherdpd (true) or
+// scalar loads put together with inserts (false). Gathers by default on Intel CPUs, scalar
+// loads elsewhere (AMD's gathers are microcoded); the same sums either way. Tests run both.
+bool csr_gathers();
+void set_csr_gathers(bool on);
+}  // namespace cpu
+
 // Convolutions: out[B, N, Ho, Wo] = conv2d(x[B, C, H, W], W, groups) (+ bias[N]) with zero
 // padding, W [N, C/groups*kh*kw] stored in either layout with its columns in torch's (c, ky, kx)
 // order (output channels [q*N/groups, (q+1)*N/groups) read input group q), x and out float32

@@ -160,6 +160,17 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
   }
 }
 
+// CSR batches 1 and 2 read x with gathers or with scalar loads (cpu::csr_gathers, by CPU
+// vendor): the tests run both on every CPU.
+struct CsrGathersScope {
+  explicit CsrGathersScope(bool on) : saved(cpu::csr_gathers()) { cpu::set_csr_gathers(on); }
+  ~CsrGathersScope() { cpu::set_csr_gathers(saved); }
+  bool saved;
+};
+std::string csr_variant(cpu::Isa isa) {
+  return std::string(cpu::isa_name(isa)) + (cpu::csr_gathers() ? " gathers" : " scalar loads");
+}
+
 TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
   IsaScope guard;
   const int64_t shapes[][2] = {{1, 7}, {5, 33}, {17, 64}, {9, 101}, {40, 300}};
@@ -191,14 +202,15 @@ TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
           std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
           TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
           const Ref ref(dense, x, bias, M, N, K);
-          for (cpu::Isa isa : machine_isas()) {
+          for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
             cpu::set_isa(isa);
+            const CsrGathersScope gs(gathers);
             std::vector<float> y(M * N, NAN);
             TensorView bv = view1(bias.data(), DType::kFloat32, N);
             csr_linear(view2(x.data(), DType::kFloat32, M, K), vv, cv, rv, sc, &bv,
                        view2(y.data(), DType::kFloat32, M, N), &wsv);
             expect_close(y, ref,
-                         std::string(cpu::isa_name(isa)) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
+                         csr_variant(isa) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
                              " K=" + std::to_string(K) + " M=" + std::to_string(M) + " sparsity=" +
                              std::to_string(sp));
             if (HasFatalFailure()) return;
@@ -245,14 +257,15 @@ TEST(Sparse, CsrSmallBatchesEveryIsa) {
         std::vector<float> ws(sparse_linear_workspace(M, K));
         TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
         const Ref ref(dense, x, bias, M, N, K);
-        for (cpu::Isa isa : machine_isas()) {
+        for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
           cpu::set_isa(isa);
+          const CsrGathersScope gs(gathers);
           std::vector<float> y(M * N, NAN);
           TensorView bv = view1(bias.data(), DType::kFloat32, N);
           csr_linear(view2(x.data(), DType::kFloat32, M, K), vv, cv, rv, sc, &bv,
                      view2(y.data(), DType::kFloat32, M, N), M > 1 ? &wsv : nullptr);
           expect_close(y, ref,
-                       std::string(cpu::isa_name(isa)) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
+                       csr_variant(isa) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
                            " K=" + std::to_string(K) + " M=" + std::to_string(M));
           if (HasFatalFailure()) return;
         }
@@ -289,14 +302,15 @@ TEST(Sparse, CsrUnorderedColumnsEveryIsa) {
     std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
     TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
     const Ref ref(dense, x, bias, M, N, K);
-    for (cpu::Isa isa : machine_isas()) {
+    for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
       cpu::set_isa(isa);
+      const CsrGathersScope gs(gathers);
       std::vector<float> y(M * N, NAN);
       TensorView bv = view1(bias.data(), DType::kFloat32, N);
       csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(vals.data(), DType::kFloat32, nnz),
                  view1(cols.data(), DType::kUInt16, nnz), view1(rp.data(), DType::kInt64, N + 1), nullptr, &bv,
                  view2(y.data(), DType::kFloat32, M, N), &wsv);
-      expect_close(y, ref, std::string(cpu::isa_name(isa)) + " M=" + std::to_string(M));
+      expect_close(y, ref, csr_variant(isa) + " M=" + std::to_string(M));
       if (HasFatalFailure()) return;
     }
   }
@@ -390,13 +404,14 @@ TEST(Sparse, CsrBadColumnEveryBatch) {
     std::vector<float> x(M * K, 1.0f), y(M * N);
     std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
     TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
-    for (cpu::Isa isa : machine_isas()) {
+    for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
       cpu::set_isa(isa);
+      const CsrGathersScope gs(gathers);
       EXPECT_THROW(csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(v.data(), DType::kFloat32, 3 * N),
                               view1(c.data(), DType::kUInt16, 3 * N), view1(rp.data(), DType::kInt64, N + 1),
                               nullptr, nullptr, view2(y.data(), DType::kFloat32, M, N), &wsv),
                    ValueError)
-          << cpu::isa_name(isa) << " M=" << M;
+          << csr_variant(isa) << " M=" << M;
     }
   }
 }
@@ -426,16 +441,17 @@ TEST(Sparse, CsrColumnCheckEveryStep) {
       };
       float expect = 0.0f;  // every row holds columns K - 1 .. K - 57: exact small integers
       for (int64_t i = 0; i < per_row; ++i) expect += x[K - 1 - i];
-      for (cpu::Isa isa : machine_isas()) {
+      for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
         cpu::set_isa(isa);
+        const CsrGathersScope gs(gathers);
         run();
         for (int64_t i = 0; i < M * N; ++i)
-          EXPECT_EQ(y[i], expect) << cpu::isa_name(isa) << " K=" << K << " M=" << M << " output " << i;
+          EXPECT_EQ(y[i], expect) << csr_variant(isa) << " K=" << K << " M=" << M << " output " << i;
         if (K == 65536) continue;  // no 16-bit column is out of range
         for (int64_t pos : {0, 5, 15, 16, 31, 32, 40, 47, 48, 50, 55, 56}) {
           const uint16_t keep = c[per_row + pos];
           c[per_row + pos] = static_cast<uint16_t>(K);
-          EXPECT_THROW(run(), ValueError) << cpu::isa_name(isa) << " M=" << M << " column K at entry " << pos;
+          EXPECT_THROW(run(), ValueError) << csr_variant(isa) << " M=" << M << " column K at entry " << pos;
           c[per_row + pos] = keep;
         }
       }

@@ -152,8 +152,10 @@ bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
 // core cycles per entry; this ~1.1, like batch 1 (Zen 4, one thread, 4096 x 4096 90%,
 // standalone: 0.86 -> 0.50 ms). Strides 4 and 8 the same way (128-bit loads put together
 // with vinsertf32x4 / vinsertf32x8) were slower than the broadcasts: 0.85 -> 1.08 ms at 4
-// rows, 0.95 -> 1.53 at 8.
-template <DType VT>
+// rows, 0.95 -> 1.53 at 8. Where cpu::csr_gathers() (Intel) one vgatherdpd fetches the four
+// columns' pairs (x2_gather4): 4096 x 4096 90% 0.39 -> 0.33-0.34 ms hot, 4096 x 11008 0.99 ->
+// 0.95 (float32) / 1.08 -> 0.94 (int8), AVX-512, 2 threads, thirty-seventh session's Xeon.
+template <DType VT, bool Gathers>
 bool csr_rows_pair(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   const __m256i lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
   const __m256i last_col = _mm256_set1_epi16(static_cast<int16_t>(w.K - 1));  // K <= 65536
@@ -169,10 +171,10 @@ bool csr_rows_pair(const SparseWeight& w, const SparseBatch& a, int64_t r0, int6
       uint64_t q[4];
       std::memcpy(q, w.cols + e, sizeof(q));
       const __m256 v0 = values8<VT>(w.values, e), v1 = values8<VT>(w.values, e + 8);
-      acc[0] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(v0, lo), x2_at4(xt, q[0]), acc[0]);
-      acc[1] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(v0, hi), x2_at4(xt, q[1]), acc[1]);
-      acc[2] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(v1, lo), x2_at4(xt, q[2]), acc[2]);
-      acc[3] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(v1, hi), x2_at4(xt, q[3]), acc[3]);
+      acc[0] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(v0, lo), x2_at<Gathers>(xt, q[0]), acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(v0, hi), x2_at<Gathers>(xt, q[1]), acc[1]);
+      acc[2] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(v1, lo), x2_at<Gathers>(xt, q[2]), acc[2]);
+      acc[3] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(v1, hi), x2_at<Gathers>(xt, q[3]), acc[3]);
     }
     if (!row_ok || (e < e1 && max_col(w.cols + e, e1 - e) >= w.K)) {
       bad = true;

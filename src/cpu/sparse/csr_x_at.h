@@ -1,16 +1,19 @@
-// x at CSR columns, assembled from scalar loads; shared by the AVX-512 and AVX2 sparse files.
+// x at CSR columns, assembled from scalar loads or gathered; shared by the AVX-512 and AVX2
+// sparse files.
 // Included inside each file's anonymous namespace, after <immintrin.h> and <cstring> (AVX2 is
 // all it needs, and both files are compiled with it). No include guard: each file takes its
 // own copy.
 //
-// Why not vgatherdps: on AMD Zen 2-4 a gather is microcoded (uops.info, Zen 3: vpgatherdd ymm
-// 39 uops, one per 8 cycles), and batch-1 CSR is gather-bound. On this project's Zen 4 VM a
+// Gathers or scalar loads: on AMD Zen 2-4 a gather is microcoded (uops.info, Zen 3: vpgatherdd
+// ymm 39 uops, one per 8 cycles), and batch-1 CSR is gather-bound. On this project's Zen 4 VM a
 // standalone 90%-sparse 4096 x 4096 row loop took 17.0 -> 11.0 TSC ticks per 16 entries with
 // AVX-512 and 16.0-17.7 -> 9.5-10.8 with AVX2 ymm. ARM-software/astc-encoder#511 measured the
-// same trade: scalar loads faster on Zen 2 / Zen 4 and Intel's newest cores, ~6% slower on
-// Skylake-X. x_at* do not check columns: the caller checks them (< K) first, with
-// cols16_at_most / cols8_at_most or a 512-bit compare. They are forced inline: GCC left x2_at4
-// a call per 8 entries in the AVX2 file.
+// same trade on Zen 2 / Zen 4. On the thirty-seventh session's Intel Xeon (AMX; 2 threads, the
+// same row loop) gathers won: scalar loads 0.28-0.35 ms (zmm) / 0.25 (ymm), vgatherdps 0.23-0.24
+// (zmm) / 0.22 (ymm); every vinsertps is a port-5 uop there, and Intel's 512-bit FMAs share
+// that port. So batches 1 and 2 gather on Intel (cpu::csr_gathers()). x_at* do not check
+// columns: the caller checks them (< K) first, with cols16_at_most / cols8_at_most or a 512-bit
+// compare. They are forced inline: GCC left x2_at4 a call per 8 entries in the AVX2 file.
 #define TS_X_AT __attribute__((always_inline)) inline
 
 // True when the 16 (8) columns at c are all <= last (every lane K - 1).
@@ -47,6 +50,17 @@ TS_X_AT __m128 x2_at2(const float* xt, uint64_t q) {
 }
 TS_X_AT __m256 x2_at4(const float* xt, uint64_t q) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(x2_at2(xt, q)), x2_at2(xt, q >> 32), 1);
+}
+
+// x2_at4 as one gather of the four columns' 64-bit pairs.
+TS_X_AT __m256 x2_gather4(const float* xt, uint64_t q) {
+  const __m128i cols = _mm_cvtepu16_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(q)));
+  return _mm256_castpd_ps(_mm256_i32gather_pd(reinterpret_cast<const double*>(xt), cols, 8));
+}
+template <bool Gathers>
+TS_X_AT __m256 x2_at(const float* xt, uint64_t q) {
+  if constexpr (Gathers) return x2_gather4(xt, q);
+  else return x2_at4(xt, q);
 }
 
 #undef TS_X_AT

@@ -576,6 +576,16 @@ bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0,
   return bad;
 }
 
+namespace {
+std::atomic<bool>& csr_gathers_on() {
+  static std::atomic<bool> on{cpu_is_intel()};
+  return on;
+}
+}  // namespace
+
+bool csr_gathers() { return csr_gathers_on().load(std::memory_order_relaxed); }
+void set_csr_gathers(bool on) { csr_gathers_on().store(on); }
+
 }  // namespace cpu
 
 int nm_index_bits(int m) { return m == 8 ? 3 : 2; }

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "sparse_kernels.h"
+#include "tensorslim/sparse.h"  // csr_gathers
 
 #define TS_TARGET __attribute__((target("avx2,fma,f16c")))
 // The per-vector helpers, forced inline: GCC left load_vals out of line (a call, and a stack
@@ -447,11 +448,12 @@ TS_TARGET inline unsigned max_col(const uint16_t* c, int64_t n) {
 
 #include "csr_x_at.h"
 
-// Batch 1: x at 16 columns per step from scalar loads (csr_x_at.h), two FMA chains. Each
+// Batch 1: x at 16 columns per step from scalar loads (csr_x_at.h) or, where gathers pay,
+// two gathers (csr_gathers); two FMA chains. Each
 // step's columns are checked against K first (one compare of 16 words); a step with a column
 // >= K, and the row's last partial step, gather instead, masked by column < K, and *bad
 // collects the lanes that failed.
-template <DType VT>
+template <DType VT, bool Gathers>
 TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, int64_t nnz,
                          __m256i& bad) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -465,14 +467,18 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
   auto cols8 = [&](int64_t i) TS_TARGET {
     return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + i)));
   };
+  auto x_at = [&](int64_t i) TS_TARGET {  // columns checked
+    if constexpr (Gathers) return _mm256_i32gather_ps(x, cols8(i), 4);
+    else return x_at8(x, w.cols + i);
+  };
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (; e + 2 * W <= e1; e += 2 * W) {
     prefetch_ahead(static_cast<const char*>(w.values) + value_bytes<VT>(e), value_bytes<VT>(2 * W));
     prefetch_ahead(w.cols + e, 2 * W * static_cast<int64_t>(sizeof(*w.cols)));
     __m256 x0, x1;
     if (cols16_at_most(w.cols + e, last_col)) {
-      x0 = x_at8(x, w.cols + e);
-      x1 = x_at8(x, w.cols + e + W);
+      x0 = x_at(e);
+      x1 = x_at(e + W);
     } else {
       x0 = gather(cols8(e), all);
       x1 = gather(cols8(e + W), all);
@@ -481,7 +487,7 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
     acc1 = _mm256_fmadd_ps(load_vals<VT>(w.values, e + W, W), x1, acc1);
   }
   if (e + W <= e1) {
-    const __m256 x0 = cols8_at_most(w.cols + e, last_col) ? x_at8(x, w.cols + e) : gather(cols8(e), all);
+    const __m256 x0 = cols8_at_most(w.cols + e, last_col) ? x_at(e) : gather(cols8(e), all);
     acc0 = _mm256_fmadd_ps(load_vals<VT>(w.values, e, W), x0, acc0);
     e += W;
   }
@@ -504,12 +510,12 @@ TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
-template <DType VT>
+template <DType VT, bool Gathers>
 TS_TARGET bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   const int64_t nnz = w.row_ptr[w.N];
   __m256i bad = _mm256_setzero_si256();
   for (int64_t r = r0; r < r1; ++r)
-    store_out(w, a, r, 0, csr_dot1<VT>(w, a.x, w.row_ptr[r], w.row_ptr[r + 1], nnz, bad));
+    store_out(w, a, r, 0, csr_dot1<VT, Gathers>(w, a.x, w.row_ptr[r], w.row_ptr[r + 1], nnz, bad));
   return !_mm256_testz_si256(bad, bad);
 }
 
@@ -520,8 +526,9 @@ TS_TARGET bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0
 
 template <DType VT>
 TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  if (a.M == 1) return csr_rows1<VT>(w, a, r0, r1);
-  if (a.M == 2) return csr_rows_pair<VT>(w, a, r0, r1);
+  const bool gathers = csr_gathers();
+  if (a.M == 1) return gathers ? csr_rows1<VT, true>(w, a, r0, r1) : csr_rows1<VT, false>(w, a, r0, r1);
+  if (a.M == 2) return gathers ? csr_rows_pair<VT, true>(w, a, r0, r1) : csr_rows_pair<VT, false>(w, a, r0, r1);
   if (csr_small_stride(a.M) == 4) return csr_rows_small<VT, 4>(w, a, r0, r1);
   return csr_rows_small<VT, 8>(w, a, r0, r1);
 }

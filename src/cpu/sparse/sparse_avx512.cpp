@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "sparse_kernels.h"
+#include "tensorslim/sparse.h"  // csr_gathers
 
 namespace tensorslim {
 namespace cpu {
@@ -436,11 +437,12 @@ inline unsigned max_col(const uint16_t* c, int64_t n) {
 
 #include "csr_x_at.h"
 
-// Batch 1: x at 32 columns per step from scalar loads (csr_x_at.h), two FMA chains. Each
+// Batch 1: x at 32 columns per step from scalar loads (csr_x_at.h) or, where gathers pay,
+// two gathers (csr_gathers); two FMA chains. Each
 // step's columns are checked against K first (one compare of 32 words); a step with a column
 // >= K, and the row's last partial step, gather instead, masked by column < K, and *bad
 // collects the lanes that failed.
-template <DType VT>
+template <DType VT, bool Gathers>
 float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __mmask16& bad) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const __m512i kv = _mm512_set1_epi32(static_cast<int>(w.K));
@@ -453,8 +455,9 @@ float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __m
   auto cols16 = [&](int64_t i) {
     return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.cols + i)));
   };
-  auto x_at16 = [&](int64_t i) {
-    return _mm512_insertf32x8(_mm512_castps256_ps512(x_at8(x, w.cols + i)), x_at8(x, w.cols + i + 8), 1);
+  auto x_at16 = [&](int64_t i) {  // columns checked
+    if constexpr (Gathers) return _mm512_i32gather_ps(cols16(i), x, 4);
+    else return _mm512_insertf32x8(_mm512_castps256_ps512(x_at8(x, w.cols + i)), x_at8(x, w.cols + i + 8), 1);
   };
   for (; e + 2 * W <= e1; e += 2 * W) {
     prefetch_ahead(static_cast<const char*>(w.values) + value_bytes<VT>(e), value_bytes<VT>(2 * W));
@@ -484,11 +487,11 @@ float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __m
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-template <DType VT>
+template <DType VT, bool Gathers>
 bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   __mmask16 bad = 0;
   for (int64_t r = r0; r < r1; ++r)
-    store_out(w, a, r, 0, csr_dot1<VT>(w, a.x, w.row_ptr[r], w.row_ptr[r + 1], bad));
+    store_out(w, a, r, 0, csr_dot1<VT, Gathers>(w, a.x, w.row_ptr[r], w.row_ptr[r + 1], bad));
   return bad != 0;
 }
 
@@ -496,8 +499,9 @@ bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t 
 
 template <DType VT>
 bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  if (a.M == 1) return csr_rows1<VT>(w, a, r0, r1);
-  if (a.M == 2) return csr_rows_pair<VT>(w, a, r0, r1);
+  const bool gathers = csr_gathers();
+  if (a.M == 1) return gathers ? csr_rows1<VT, true>(w, a, r0, r1) : csr_rows1<VT, false>(w, a, r0, r1);
+  if (a.M == 2) return gathers ? csr_rows_pair<VT, true>(w, a, r0, r1) : csr_rows_pair<VT, false>(w, a, r0, r1);
   if (csr_small_stride(a.M) == 4) return csr_rows_small<VT, 4>(w, a, r0, r1);
   return csr_rows_small<VT, 8>(w, a, r0, r1);
 }
