@@ -221,15 +221,6 @@ void transpose_tiles(const float* x, int64_t M, int64_t K, int64_t ldx, int W, f
   });
 }
 
-// x transposed to [K, st] (zeros in columns M .. st-1) for the small-batch CSR kernels.
-void transpose_small(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt) {
-  for (int64_t k = 0; k < K; ++k) {
-    float* d = xt + k * st;
-    for (int64_t i = 0; i < M; ++i) d[i] = x[i * ldx + k];
-    for (int64_t i = M; i < st; ++i) d[i] = 0.0f;
-  }
-}
-
 // Rows per task of the unpackers: about 256 K values each (one task for small weights, where
 // waking a second thread costs more than it saves).
 int64_t unpack_row_grain(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1)); }
@@ -318,7 +309,7 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
     TS_CHECK_VALUE(workspace->shape[0] >= need, std::string(fn) + ": workspace must hold " + to_string(need) +
                                                     " float32 elements, got " + shape_str(*workspace));
     if (transposed) transpose_tiles(a.x, M, w.K, a.ldx, t_isa == cpu::Isa::kAVX512 ? 16 : 8, workspace->ptr<float>());
-    else transpose_small(a.x, M, w.K, a.ldx, cpu::csr_small_stride(M), workspace->ptr<float>());
+    else cpu::transpose_small_avx2(a.x, M, w.K, a.ldx, cpu::csr_small_stride(M), workspace->ptr<float>());
     a.xt = workspace->ptr<float>();
   }
   std::atomic<bool> bad{false};

@@ -524,6 +524,60 @@ TS_TARGET bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0
 #include "csr_small_batches.h"
 #pragma GCC pop_options
 
+// 8 rows of 8 floats (r[i]: x row i, columns k .. k + 7) transposed in registers and stored as
+// xt rows k .. k + 7, 8 floats each.
+TS_TARGET inline void store_transposed8(__m256 r[8], float* d) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(d + 8 * j, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+    _mm256_storeu_ps(d + 8 * (j + 4), _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+  }
+}
+
+}  // namespace
+
+// 8 (st = 8) or 4 (st = 2, 4) columns per step, rows past M read as zeros; the last K % 8
+// (K % 4) columns one element at a time. Scalar, batch 8 of 4096 columns took ~17 us of a
+// 4096 x 4096 90% product's ~0.5 ms (2-core Intel Xeon, thirty-seventh session).
+TS_TARGET void transpose_small_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt) {
+  int64_t k = 0;
+  if (st == 8) {
+    for (; k + 8 <= K; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = i < M ? _mm256_loadu_ps(x + i * ldx + k) : _mm256_setzero_ps();
+      store_transposed8(r, xt + k * 8);
+    }
+  } else if (st == 4) {
+    for (; k + 4 <= K; k += 4) {
+      __m128 r[4];
+      for (int i = 0; i < 4; ++i) r[i] = i < M ? _mm_loadu_ps(x + i * ldx + k) : _mm_setzero_ps();
+      _MM_TRANSPOSE4_PS(r[0], r[1], r[2], r[3]);
+      for (int j = 0; j < 4; ++j) _mm_storeu_ps(xt + (k + j) * 4, r[j]);
+    }
+  } else {  // st == 2, M == 2
+    for (; k + 4 <= K; k += 4) {
+      const __m128 a = _mm_loadu_ps(x + k), b = _mm_loadu_ps(x + ldx + k);
+      _mm_storeu_ps(xt + k * 2, _mm_unpacklo_ps(a, b));
+      _mm_storeu_ps(xt + k * 2 + 4, _mm_unpackhi_ps(a, b));
+    }
+  }
+  for (; k < K; ++k) {
+    for (int64_t i = 0; i < st; ++i) xt[k * st + i] = i < M ? x[i * ldx + k] : 0.0f;
+  }
+}
+
+namespace {
+
 template <DType VT>
 TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
   const bool gathers = csr_gathers();

@@ -119,6 +119,10 @@ bool csr_rows_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, in
 bool csr_rows_t_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
 bool csr_rows_t_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
 
+// x [M, K] (row stride ldx, M <= st) transposed to [K, st] with zeros in columns M .. st - 1 for
+// the small-batch CSR kernels (st = csr_small_stride(M)), which run on AVX2 and AVX-512 CPUs.
+void transpose_small_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt);
+
 // The scalar reference (the specification of the linear), both formats.
 bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
 
