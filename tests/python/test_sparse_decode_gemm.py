@@ -22,9 +22,24 @@ ROWS, DENSE_ROWS = 80, 64  # the fixture's thresholds: half kept or more / 70% k
 def decode_calls(decode_calls, monkeypatch):
     """conftest's record of decoded products, with the thresholds lowered so small layers
     reach them."""
-    monkeypatch.setattr(decode_gemm, "SPARSE_MIN_ROWS", ROWS)
-    monkeypatch.setattr(decode_gemm, "SPARSE_DENSE_MIN_ROWS", DENSE_ROWS)
+    monkeypatch.setattr(decode_gemm, "sparse_min_rows",
+                        lambda density: DENSE_ROWS if density >= decode_gemm.SPARSE_DENSE_MIN_DENSITY else ROWS)
     return decode_calls
+
+
+@pytest.mark.parametrize("vendor,density,rows", [
+    ("AuthenticAMD", 0.5, decode_gemm.SPARSE_MIN_ROWS), ("AuthenticAMD", 0.75, decode_gemm.SPARSE_DENSE_MIN_ROWS),
+    ("", 0.5, decode_gemm.SPARSE_MIN_ROWS), ("GenuineIntel", 0.5, decode_gemm.INTEL_SPARSE_MIN_ROWS),
+    ("GenuineIntel", 0.75, decode_gemm.INTEL_SPARSE_DENSE_MIN_ROWS)])
+def test_intel_cpus_decode_sparse_layers_sooner(vendor, density, rows, monkeypatch):
+    # Measured on an Intel Xeon (MKL's sgemm there is Intel's own): the route won from 384-512
+    # rows, where on Zen 4 the kernels held it to 512-1024.
+    monkeypatch.setattr(decode_gemm, "cpu_vendor", lambda: vendor)
+    assert decode_gemm.sparse_min_rows(density) == rows
+    x = torch.randn(rows, K)
+    assert decode_gemm.sparse_applies(x, "auto", N * K, density)
+    assert not decode_gemm.sparse_applies(x[:-1], "auto", N * K, density)
+    assert not decode_gemm.sparse_applies(x, "auto", N * K, decode_gemm.SPARSE_MIN_DENSITY - 0.01)
 
 
 def _nm(n, m, values="float32"):

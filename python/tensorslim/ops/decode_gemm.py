@@ -86,17 +86,31 @@ def applies(x2: torch.Tensor, backend: str, weight_values: int) -> bool:
 # 1.06; 50% unstructured 0.81 / 1.02 / 0.84, 0.91 / 1.08 / 1.02, 0.93 / 1.13 / 1.13; 3:4 (75%
 # kept) 0.99 / 1.20 / 0.93 at 512 rows, 1.20 / 1.39 / 1.32 at 1792. Below half kept the
 # kernels stay ahead (90% zeros ~0.6 at 1792 rows).
+# On Intel, whose MKL sgemm is Intel's own, the route wins sooner (2-core Xeon with AMX,
+# AVX-512, thirty-seventh session; MiniLM's three shapes, x dense fp32, kernel / route): 2:4 at
+# 384 rows 0.67-0.79 / 0.61-0.81, at 512 0.63-0.75 / 0.65-0.83; 50% CSR at 384 rows 0.64-0.73 /
+# 0.68-0.87; 3:4 at 256 rows 0.56-0.61 / 0.52-0.72, at 384 0.52-0.57 / 0.60-0.76.
 SPARSE_MIN_DENSITY = 0.45
 SPARSE_MIN_ROWS = 1024
 SPARSE_DENSE_MIN_DENSITY = 0.7  # from here, SPARSE_DENSE_MIN_ROWS
 SPARSE_DENSE_MIN_ROWS = 512
+INTEL_SPARSE_MIN_ROWS = 512
+INTEL_SPARSE_DENSE_MIN_ROWS = 384
+
+
+def sparse_min_rows(density: float) -> int:
+    """Rows from which a sparse layer keeping this fraction of its weights decodes (on Intel
+    CPUs sooner than elsewhere, see above)."""
+    intel = cpu_vendor() == "GenuineIntel"
+    if density >= SPARSE_DENSE_MIN_DENSITY:
+        return INTEL_SPARSE_DENSE_MIN_ROWS if intel else SPARSE_DENSE_MIN_ROWS
+    return INTEL_SPARSE_MIN_ROWS if intel else SPARSE_MIN_ROWS
 
 
 def sparse_applies(x2: torch.Tensor, backend: str, weight_values: int, density: float) -> bool:
     """Whether a sparse layer of this many dense values, with this fraction kept, decodes and
     runs torch's GEMM for x2 (see SPARSE_MIN_DENSITY)."""
-    rows = SPARSE_DENSE_MIN_ROWS if density >= SPARSE_DENSE_MIN_DENSITY else SPARSE_MIN_ROWS
-    return density >= SPARSE_MIN_DENSITY and _fits(x2, backend, weight_values, lambda: rows)
+    return density >= SPARSE_MIN_DENSITY and _fits(x2, backend, weight_values, lambda: sparse_min_rows(density))
 
 
 # Sparse convolutions (ops/sparse_conv.py) decode from the same density: their kernels run on
