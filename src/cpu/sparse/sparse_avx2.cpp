@@ -4,8 +4,8 @@
 // two vpermps and a blend on the window half, 1:4, 2:8, 3:8, 5:8 and 6:8 out of a 32-column
 // one with four and three blends, 1:8 out of 64 columns with eight. Transposed (larger
 // batches, and AVX-512 batches of up to 8 rows): every stored entry does one FMA per 8 batch
-// rows. CSR at batch 1 reads x with scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x
-// transposed to [K, 4|8] (one broadcast value per entry).
+// rows. CSR at batch 1 reads x with scalar loads or, on Intel, gathers (csr_x_at.h); CSR at
+// batches 2..8 runs on x transposed to [K, 2|4|8] (transpose_small_avx2, also AVX-512's).
 #include <immintrin.h>
 
 #include <cstring>
@@ -448,11 +448,10 @@ TS_TARGET inline unsigned max_col(const uint16_t* c, int64_t n) {
 
 #include "csr_x_at.h"
 
-// Batch 1: x at 16 columns per step from scalar loads (csr_x_at.h) or, where gathers pay,
-// two gathers (csr_gathers); two FMA chains. Each
-// step's columns are checked against K first (one compare of 16 words); a step with a column
-// >= K, and the row's last partial step, gather instead, masked by column < K, and *bad
-// collects the lanes that failed.
+// Batch 1: x at 16 columns per step from scalar loads (csr_x_at.h) or, on Intel, two gathers
+// (cpu::csr_gathers); two FMA chains. Each step's columns are checked against K first (one
+// compare of 16 words); a step with a column >= K, and the row's last partial step, gather
+// masked by column < K instead, and *bad collects the lanes that failed.
 template <DType VT, bool Gathers>
 TS_TARGET float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, int64_t nnz,
                          __m256i& bad) {
@@ -547,8 +546,9 @@ TS_TARGET inline void store_transposed8(__m256 r[8], float* d) {
 }  // namespace
 
 // 8 (st = 8) or 4 (st = 2, 4) columns per step, rows past M read as zeros; the last K % 8
-// (K % 4) columns one element at a time. Scalar, batch 8 of 4096 columns took ~17 us of a
-// 4096 x 4096 90% product's ~0.5 ms (2-core Intel Xeon, thirty-seventh session).
+// (K % 4) columns one element at a time. All of it one element at a time, batch 8 of 4096
+// columns took ~17 us of a 4096 x 4096 90% product's ~0.5 ms (2-core Intel Xeon, thirty-seventh
+// session); this ~5 us.
 TS_TARGET void transpose_small_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt) {
   int64_t k = 0;
   if (st == 8) {

@@ -3,8 +3,8 @@
 // with one vpermt2ps (also 3:4, 5:8, 6:8, 7:8), 1:4, 2:8 and 3:8 out of a 64-column one with
 // two, 1:8 out of 128 columns with four. Transposed (larger batches): every stored entry does
 // one FMA per 16 batch rows against the transposed activations. CSR at batch 1 reads x with
-// scalar loads (csr_x_at.h); CSR at batches 2..8 runs on x transposed to [K, 4|8] (one
-// broadcast value per entry).
+// scalar loads or, on Intel, gathers (csr_x_at.h); CSR at batches 2..8 runs on x transposed to
+// [K, 2|4|8] (one broadcast value per entry at 3..8).
 #include <immintrin.h>
 
 #include <cstring>
@@ -437,11 +437,10 @@ inline unsigned max_col(const uint16_t* c, int64_t n) {
 
 #include "csr_x_at.h"
 
-// Batch 1: x at 32 columns per step from scalar loads (csr_x_at.h) or, where gathers pay,
-// two gathers (csr_gathers); two FMA chains. Each
-// step's columns are checked against K first (one compare of 32 words); a step with a column
-// >= K, and the row's last partial step, gather instead, masked by column < K, and *bad
-// collects the lanes that failed.
+// Batch 1: x at 32 columns per step from scalar loads (csr_x_at.h) or, on Intel, two gathers
+// (cpu::csr_gathers); two FMA chains. Each step's columns are checked against K first (one
+// compare of 32 words); a step with a column >= K, and the row's last partial step, gather
+// masked by column < K instead, and *bad collects the lanes that failed.
 template <DType VT, bool Gathers>
 float csr_dot1(const SparseWeight& w, const float* x, int64_t e, int64_t e1, __mmask16& bad) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
