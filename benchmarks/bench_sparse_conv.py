@@ -4,7 +4,8 @@ NMSparseConv2d (ts.sparsify by magnitude), ResNet-shaped layers, one run.
 For each layer and batch it prints the dense time and, per format, ours and the speed-up, timed
 in interleaved rounds (timing.median_times) so that load falls on both alike.
 
-    python benchmarks/bench_sparse_conv.py [--isa avx2] [--batches 1,8] [--formats 50%,75%,90%,2:4] [--model]
+    python benchmarks/bench_sparse_conv.py [--isa avx2] [--gathers on|off] [--batches 1,8]
+        [--formats 50%,75%,90%,2:4] [--model]
 
 --model times a whole ResNet-18 (written here; BatchNorm in eval mode, 224 x 224) instead:
 dense against each format applied to every conv and the classifier.
@@ -79,12 +80,17 @@ def main():
     p.add_argument("--batches", default="1,8")
     p.add_argument("--formats", default="50%,75%,90%,2:4")
     p.add_argument("--isa", choices=("avx2", "avx512", "scalar"), help="force a tensorslim code path")
+    p.add_argument("--gathers", choices=("on", "off"),
+                   help="input offsets per weight column: gathers or scalar loads (default: gathers on Intel)")
     p.add_argument("--model", action="store_true", help="a whole ResNet-18 instead of single layers")
     args = p.parse_args()
     if args.isa:
         ts._C.set_isa(args.isa)
+    if args.gathers:
+        ts._C.set_sparse_gathers(args.gathers == "on")
     torch.manual_seed(0)
-    print(machine_line(f"tensorslim ISA {ts._C.kernel_isa()} (best {ts._C.best_isa()})"
+    print(machine_line(f"tensorslim ISA {ts._C.kernel_isa()} (best {ts._C.best_isa()}), scattered reads by "
+                       f"{'gathers' if ts._C.sparse_gathers() else 'scalar loads'}"
                        + ("; --isa caps tensorslim only, torch keeps its own ISA" if args.isa else "")))
     if args.model:
         bench_model(args.formats.split(","), [int(b) for b in args.batches.split(",")])

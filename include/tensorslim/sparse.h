@@ -63,11 +63,12 @@ void csr_linear(const TensorView& x, const TensorView& values, const TensorView&
 int64_t sparse_linear_workspace(int64_t M, int64_t K);
 
 namespace cpu {
-// How CSR batches 1 and 2 read x at a row's columns (x86): vgatherdps / vgatherdpd (true) or
-// scalar loads put together with inserts (false). Gathers by default on Intel CPUs, scalar
-// loads elsewhere (AMD's gathers are microcoded); the same sums either way. Tests run both.
-bool csr_gathers();
-void set_csr_gathers(bool on);
+// How the x86 sparse kernels read values at scattered indices (x at a CSR row's columns at
+// batches 1 and 2, a convolution's input offset per weight column): gathers (true) or scalar
+// loads (false). Gathers by default on Intel CPUs, scalar loads elsewhere (AMD's gathers are
+// microcoded); the same sums either way. Tests run both.
+bool sparse_gathers();
+void set_sparse_gathers(bool on);
 }  // namespace cpu
 
 // Convolutions: out[B, N, Ho, Wo] = conv2d(x[B, C, H, W], W, groups) (+ bias[N]) with zero

@@ -45,10 +45,12 @@ void register_sparse(py::module_& m) {
     py::gil_scoped_release release;
     nm_linear(xv, vv, iv, sv.get(), bv.get(), n, mm, ov, wv.get());
   }, "out = x @ W^T (+ bias) for an N:M packed W.");
-  m.def("csr_gathers", &cpu::csr_gathers,
-        "Whether CSR batches 1 and 2 read x with gathers (default on Intel) rather than scalar loads.");
-  m.def("set_csr_gathers", &cpu::set_csr_gathers, py::arg("on"),
-        "CSR batches 1 and 2: gathers (True) or scalar loads (False); the same sums either way.");
+  m.def("sparse_gathers", &cpu::sparse_gathers,
+        "Whether the sparse kernels read scattered values (x at CSR columns at batches 1-2, convolution "
+        "input offsets) with gathers (default on Intel) rather than scalar loads.");
+  m.def("set_sparse_gathers", &cpu::set_sparse_gathers, py::arg("on"),
+        "Scattered reads in the sparse kernels: gathers (True) or scalar loads (False); the same sums "
+        "either way.");
   m.def("csr_pack", [](py::handle w, py::handle keep, py::handle row_ptr, py::handle values, py::handle cols,
                        py::handle scales) {
     TensorView wv = to_view(w, "w"), kv = to_view(keep, "keep"), rv = to_view(row_ptr, "row_ptr"),

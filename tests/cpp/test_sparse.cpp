@@ -160,15 +160,16 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
   }
 }
 
-// CSR batches 1 and 2 read x with gathers or with scalar loads (cpu::csr_gathers, by CPU
-// vendor): the tests run both on every CPU.
-struct CsrGathersScope {
-  explicit CsrGathersScope(bool on) : saved(cpu::csr_gathers()) { cpu::set_csr_gathers(on); }
-  ~CsrGathersScope() { cpu::set_csr_gathers(saved); }
+// The sparse kernels read scattered values (x at CSR columns at batches 1 and 2, convolution
+// input offsets) with gathers or with scalar loads (cpu::sparse_gathers, by CPU vendor): the
+// tests run both on every CPU.
+struct GathersScope {
+  explicit GathersScope(bool on) : saved(cpu::sparse_gathers()) { cpu::set_sparse_gathers(on); }
+  ~GathersScope() { cpu::set_sparse_gathers(saved); }
   bool saved;
 };
-std::string csr_variant(cpu::Isa isa) {
-  return std::string(cpu::isa_name(isa)) + (cpu::csr_gathers() ? " gathers" : " scalar loads");
+std::string isa_variant(cpu::Isa isa) {
+  return std::string(cpu::isa_name(isa)) + (cpu::sparse_gathers() ? " gathers" : " scalar loads");
 }
 
 TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
@@ -204,13 +205,13 @@ TEST(Sparse, CsrLinearEveryIsaMatchesFloat64) {
           const Ref ref(dense, x, bias, M, N, K);
           for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
             cpu::set_isa(isa);
-            const CsrGathersScope gs(gathers);
+            const GathersScope gs(gathers);
             std::vector<float> y(M * N, NAN);
             TensorView bv = view1(bias.data(), DType::kFloat32, N);
             csr_linear(view2(x.data(), DType::kFloat32, M, K), vv, cv, rv, sc, &bv,
                        view2(y.data(), DType::kFloat32, M, N), &wsv);
             expect_close(y, ref,
-                         csr_variant(isa) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
+                         isa_variant(isa) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
                              " K=" + std::to_string(K) + " M=" + std::to_string(M) + " sparsity=" +
                              std::to_string(sp));
             if (HasFatalFailure()) return;
@@ -259,13 +260,13 @@ TEST(Sparse, CsrSmallBatchesEveryIsa) {
         const Ref ref(dense, x, bias, M, N, K);
         for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
           cpu::set_isa(isa);
-          const CsrGathersScope gs(gathers);
+          const GathersScope gs(gathers);
           std::vector<float> y(M * N, NAN);
           TensorView bv = view1(bias.data(), DType::kFloat32, N);
           csr_linear(view2(x.data(), DType::kFloat32, M, K), vv, cv, rv, sc, &bv,
                      view2(y.data(), DType::kFloat32, M, N), M > 1 ? &wsv : nullptr);
           expect_close(y, ref,
-                       csr_variant(isa) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
+                       isa_variant(isa) + " csr " + dtype_name(dt) + " N=" + std::to_string(N) +
                            " K=" + std::to_string(K) + " M=" + std::to_string(M));
           if (HasFatalFailure()) return;
         }
@@ -304,13 +305,13 @@ TEST(Sparse, CsrUnorderedColumnsEveryIsa) {
     const Ref ref(dense, x, bias, M, N, K);
     for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
       cpu::set_isa(isa);
-      const CsrGathersScope gs(gathers);
+      const GathersScope gs(gathers);
       std::vector<float> y(M * N, NAN);
       TensorView bv = view1(bias.data(), DType::kFloat32, N);
       csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(vals.data(), DType::kFloat32, nnz),
                  view1(cols.data(), DType::kUInt16, nnz), view1(rp.data(), DType::kInt64, N + 1), nullptr, &bv,
                  view2(y.data(), DType::kFloat32, M, N), &wsv);
-      expect_close(y, ref, csr_variant(isa) + " M=" + std::to_string(M));
+      expect_close(y, ref, isa_variant(isa) + " M=" + std::to_string(M));
       if (HasFatalFailure()) return;
     }
   }
@@ -406,12 +407,12 @@ TEST(Sparse, CsrBadColumnEveryBatch) {
     TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
     for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
       cpu::set_isa(isa);
-      const CsrGathersScope gs(gathers);
+      const GathersScope gs(gathers);
       EXPECT_THROW(csr_linear(view2(x.data(), DType::kFloat32, M, K), view1(v.data(), DType::kFloat32, 3 * N),
                               view1(c.data(), DType::kUInt16, 3 * N), view1(rp.data(), DType::kInt64, N + 1),
                               nullptr, nullptr, view2(y.data(), DType::kFloat32, M, N), &wsv),
                    ValueError)
-          << csr_variant(isa) << " M=" << M;
+          << isa_variant(isa) << " M=" << M;
     }
   }
 }
@@ -443,15 +444,15 @@ TEST(Sparse, CsrColumnCheckEveryStep) {
       for (int64_t i = 0; i < per_row; ++i) expect += x[K - 1 - i];
       for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
         cpu::set_isa(isa);
-        const CsrGathersScope gs(gathers);
+        const GathersScope gs(gathers);
         run();
         for (int64_t i = 0; i < M * N; ++i)
-          EXPECT_EQ(y[i], expect) << csr_variant(isa) << " K=" << K << " M=" << M << " output " << i;
+          EXPECT_EQ(y[i], expect) << isa_variant(isa) << " K=" << K << " M=" << M << " output " << i;
         if (K == 65536) continue;  // no 16-bit column is out of range
         for (int64_t pos : {0, 5, 15, 16, 31, 32, 40, 47, 48, 50, 55, 56}) {
           const uint16_t keep = c[per_row + pos];
           c[per_row + pos] = static_cast<uint16_t>(K);
-          EXPECT_THROW(run(), ValueError) << csr_variant(isa) << " M=" << M << " column K at entry " << pos;
+          EXPECT_THROW(run(), ValueError) << isa_variant(isa) << " M=" << M << " column K at entry " << pos;
           c[per_row + pos] = keep;
         }
       }
@@ -683,11 +684,12 @@ TEST(Sparse, ConvEveryIsaMatchesFloat64) {
     TensorView xv = view4(x.data(), cs.B, cs.C, cs.H, cs.W);
     auto check = [&](const std::vector<float>& dense, const std::string& what, auto&& run) {
       const Ref ref = conv_ref(dense, x, bias, cs.B, cs.C, cs.H, cs.W, N, g, Ho, Wo);
-      for (cpu::Isa isa : machine_isas()) {
+      for (cpu::Isa isa : machine_isas()) for (bool gathers : {false, true}) {
         cpu::set_isa(isa);
+        const GathersScope gs(gathers);
         std::vector<float> y(cs.B * N * Ho * Wo, NAN);
         run(view4(y.data(), cs.B, N, Ho, Wo));
-        expect_close(y, ref, std::string(cpu::isa_name(isa)) + " " + what + " C=" + std::to_string(cs.C) +
+        expect_close(y, ref, isa_variant(isa) + " " + what + " C=" + std::to_string(cs.C) +
                                  " H=" + std::to_string(cs.H) + " W=" + std::to_string(cs.W) + " k=" +
                                  std::to_string(g.kh) + "x" + std::to_string(g.kw));
         if (::testing::Test::HasFatalFailure()) return;

@@ -174,7 +174,7 @@ def test_csr_linear_native_vs_reference(isa, dtype, sparsity):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
-def test_csr_gathers_and_scalar_loads_agree_bit_for_bit(isa, dtype):
+def test_sparse_gathers_and_scalar_loads_agree_bit_for_bit(isa, dtype):
     # Batches 1 and 2 read x with gathers (Intel's default) or scalar loads (AMD's): the same
     # x values in the same lanes, so the same sums. Rows long enough for every step kind.
     if isa == "scalar":
@@ -182,17 +182,17 @@ def test_csr_gathers_and_scalar_loads_agree_bit_for_bit(isa, dtype):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(29, 531, generator=g)
     values, cols, row_ptr, scales = S.csr_pack(w, torch.rand(29, 531, generator=g) >= 0.7, dtype)
-    saved = ts._C.csr_gathers()
+    saved = ts._C.sparse_gathers()
     try:
         for batch in (1, 2):
             x = torch.randn(batch, 531, generator=g)
             ys = []
             for on in (False, True):
-                ts._C.set_csr_gathers(on)
+                ts._C.set_sparse_gathers(on)
                 ys.append(S.csr_linear(x, values, cols, row_ptr, scales, None, 531, backend="native"))
             assert torch.equal(ys[0], ys[1]), f"{isa} {dtype} batch={batch}"
     finally:
-        ts._C.set_csr_gathers(saved)
+        ts._C.set_sparse_gathers(saved)
 
 
 def test_leading_dims_and_dtype():

@@ -152,7 +152,7 @@ bool csr_rows_small(const SparseWeight& w, const SparseBatch& a, int64_t r0, int
 // core cycles per entry; this ~1.1, like batch 1 (Zen 4, one thread, 4096 x 4096 90%,
 // standalone: 0.86 -> 0.50 ms). Strides 4 and 8 the same way (128-bit loads put together
 // with vinsertf32x4 / vinsertf32x8) were slower than the broadcasts: 0.85 -> 1.08 ms at 4
-// rows, 0.95 -> 1.53 at 8. Where cpu::csr_gathers() (Intel) one vgatherdpd fetches the four
+// rows, 0.95 -> 1.53 at 8. Where cpu::sparse_gathers() (Intel) one vgatherdpd fetches the four
 // columns' pairs (x2_gather4): 4096 x 4096 90% 0.39 -> 0.33-0.34 ms hot, 4096 x 11008 0.99 ->
 // 0.95 (float32) / 1.08 -> 0.94 (int8), AVX-512, 2 threads, thirty-seventh session's Xeon.
 template <DType VT, bool Gathers>

@@ -11,7 +11,7 @@
 // same trade on Zen 2 / Zen 4. On the thirty-seventh session's Intel Xeon (AMX; 2 threads, the
 // same row loop) gathers won: scalar loads 0.28-0.35 ms (zmm) / 0.25 (ymm), vgatherdps 0.23-0.24
 // (zmm) / 0.22 (ymm); every vinsertps is a port-5 uop there, and Intel's 512-bit FMAs share
-// that port. So batches 1 and 2 gather on Intel (cpu::csr_gathers()). x_at* do not check
+// that port. So batches 1 and 2 gather on Intel (cpu::sparse_gathers()). x_at* do not check
 // columns: the caller checks them (< K) first, with cols16_at_most / cols8_at_most or a 512-bit
 // compare. They are forced inline: GCC left x2_at4 a call per 8 entries in the AVX2 file.
 #define TS_X_AT __attribute__((always_inline)) inline

@@ -568,14 +568,14 @@ bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0,
 }
 
 namespace {
-std::atomic<bool>& csr_gathers_on() {
+std::atomic<bool>& sparse_gathers_on() {
   static std::atomic<bool> on{cpu_is_intel()};
   return on;
 }
 }  // namespace
 
-bool csr_gathers() { return csr_gathers_on().load(std::memory_order_relaxed); }
-void set_csr_gathers(bool on) { csr_gathers_on().store(on); }
+bool sparse_gathers() { return sparse_gathers_on().load(std::memory_order_relaxed); }
+void set_sparse_gathers(bool on) { sparse_gathers_on().store(on); }
 
 }  // namespace cpu
 

@@ -11,7 +11,7 @@
 #include <cstring>
 
 #include "sparse_kernels.h"
-#include "tensorslim/sparse.h"  // csr_gathers
+#include "tensorslim/sparse.h"  // sparse_gathers
 
 #define TS_TARGET __attribute__((target("avx2,fma,f16c")))
 // The per-vector helpers, forced inline: GCC left load_vals out of line (a call, and a stack
@@ -152,11 +152,18 @@ __attribute__((always_inline)) inline void store_out(const SparseWeight& w, cons
 
 // Stages the tile offsets ci[0, 8) of the columns in col (lanes in k; the others 0), as the
 // AVX-512 file does.
-TS_TARGET inline void stage_offsets(int32_t* ci, __m256i col, __m256 k, int64_t st, const int32_t* col_off) {
+TS_TARGET inline void stage_offsets(int32_t* ci, __m256i col, __m256 k, int64_t st, const int32_t* col_off,
+                                    bool gathers) {
   if (!col_off) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(ci),
                        _mm256_and_si256(_mm256_mullo_epi32(col, _mm256_set1_epi32(static_cast<int>(st))),
                                         _mm256_castps_si256(k)));
+    return;
+  }
+  if (gathers) {
+    const __m256i use = _mm256_castps_si256(k);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ci),
+                       _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), col_off, col, use, 4));
     return;
   }
   alignas(32) int32_t c[8];
@@ -327,6 +334,7 @@ struct NmRows {
   NmLayout L;
   __m256i kv;
   const int32_t* col_off;
+  const bool gathers = sparse_gathers();
   TS_TARGET NmRows(const SparseWeight& w_, const int32_t* off)
       : w(w_), L(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))), col_off(off) {}
   void begin(int64_t, int64_t) {}
@@ -346,7 +354,7 @@ struct NmRows {
       const int64_t count = w.slots - j0 < W ? w.slots - j0 : W;
       const __m256 k = _mm256_and_ps(lanes_below(count), _mm256_castsi256_ps(_mm256_cmpgt_epi32(kv, col)));
       // Skipped lanes: offset 0, value 0.
-      stage_offsets(ci + n, col, k, st, col_off);
+      stage_offsets(ci + n, col, k, st, col_off, gathers);
       _mm256_store_ps(vf + n, _mm256_and_ps(load_vals<VT>(w.values, vb + j0, count), k));
       if (++v == L.nper) {
         v = 0;
@@ -368,6 +376,7 @@ struct CsrRows {
   int64_t base = 0;
   int64_t cur[kRowBlock];
   const int32_t* col_off;
+  const bool gathers = sparse_gathers();
   TS_TARGET CsrRows(const SparseWeight& w_, const int32_t* off)
       : w(w_), kv(_mm256_set1_epi32(static_cast<int>(w_.K))), col_off(off) {}
   void begin(int64_t rb, int64_t re) {
@@ -389,7 +398,7 @@ struct CsrRows {
         break;
       }
       const CsrChunk c(w, e, row_end, kv, &bad_lanes);
-      stage_offsets(ci + n, c.col, c.use, st, col_off);
+      stage_offsets(ci + n, c.col, c.use, st, col_off, gathers);
       _mm256_store_ps(vf + n, _mm256_and_ps(load_vals<VT>(w.values, e, c.count), c.use));
       n += W;
       e += c.count;
@@ -449,7 +458,7 @@ TS_TARGET inline unsigned max_col(const uint16_t* c, int64_t n) {
 #include "csr_x_at.h"
 
 // Batch 1: x at 16 columns per step from scalar loads (csr_x_at.h) or, on Intel, two gathers
-// (cpu::csr_gathers); two FMA chains. Each step's columns are checked against K first (one
+// (cpu::sparse_gathers); two FMA chains. Each step's columns are checked against K first (one
 // compare of 16 words); a step with a column >= K, and the row's last partial step, gather
 // masked by column < K instead, and *bad collects the lanes that failed.
 template <DType VT, bool Gathers>
@@ -580,7 +589,7 @@ namespace {
 
 template <DType VT>
 TS_TARGET bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  const bool gathers = csr_gathers();
+  const bool gathers = sparse_gathers();
   if (a.M == 1) return gathers ? csr_rows1<VT, true>(w, a, r0, r1) : csr_rows1<VT, false>(w, a, r0, r1);
   if (a.M == 2) return gathers ? csr_rows_pair<VT, true>(w, a, r0, r1) : csr_rows_pair<VT, false>(w, a, r0, r1);
   if (csr_small_stride(a.M) == 4) return csr_rows_small<VT, 4>(w, a, r0, r1);

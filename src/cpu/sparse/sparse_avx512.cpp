@@ -10,7 +10,7 @@
 #include <cstring>
 
 #include "sparse_kernels.h"
-#include "tensorslim/sparse.h"  // csr_gathers
+#include "tensorslim/sparse.h"  // sparse_gathers
 
 namespace tensorslim {
 namespace cpu {
@@ -145,11 +145,17 @@ inline void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r, in
 
 // Stages the tile offsets ci[0, 16) of the columns in col (lanes in k; the others 0): col * st
 // into a transposed tile, or a convolution's per-column offsets into its input planes
-// (col_off), looked up one by one: vpgatherdd (microcoded on AMD) made a 90% 64 -> 64 3 x 3
-// convolution at 56 x 56 ~1.6x slower than the same kernel without the lookup (Zen 5).
-inline void stage_offsets(int32_t* ci, __m512i col, __mmask16 k, int64_t st, const int32_t* col_off) {
+// (col_off), looked up one by one or, where `gathers` (cpu::sparse_gathers: Intel), with one
+// vpgatherdd: microcoded on AMD, it made a 90% 64 -> 64 3 x 3 convolution at 56 x 56 ~1.6x
+// slower than the same kernel without the lookup (Zen 5); on an Intel Xeon 90% 3 x 3 layers ran
+// 2-7% faster with it than with the loop.
+inline void stage_offsets(int32_t* ci, __m512i col, __mmask16 k, int64_t st, const int32_t* col_off, bool gathers) {
   if (!col_off) {
     _mm512_store_si512(ci, _mm512_maskz_mullo_epi32(k, col, _mm512_set1_epi32(static_cast<int>(st))));
+    return;
+  }
+  if (gathers) {
+    _mm512_store_si512(ci, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, col, col_off, 4));
     return;
   }
   alignas(64) int32_t c[16];
@@ -315,6 +321,7 @@ struct NmRows {
   NmLayout L;
   __m512i kv;
   const int32_t* col_off;
+  const bool gathers = sparse_gathers();
   NmRows(const SparseWeight& w_, const int32_t* off)
       : w(w_), L(w_), kv(_mm512_set1_epi32(static_cast<int>(w_.K))), col_off(off) {}
   void begin(int64_t, int64_t) {}
@@ -335,7 +342,7 @@ struct NmRows {
       const __mmask16 k = act & _mm512_cmplt_epi32_mask(col, kv);
       const __m512 vals = act == 0xffff ? load_vals<VT, false>(w.values, vb + j0, 0)
                                         : load_vals<VT, true>(w.values, vb + j0, act);
-      stage_offsets(ci + n, col, k, st, col_off);
+      stage_offsets(ci + n, col, k, st, col_off, gathers);
       _mm512_store_ps(vf + n, _mm512_maskz_mov_ps(k, vals));
       if (++v == L.nper) {
         v = 0;
@@ -357,6 +364,7 @@ struct CsrRows {
   int64_t base = 0;
   int64_t cur[kRowBlock];
   const int32_t* col_off;
+  const bool gathers = sparse_gathers();
   CsrRows(const SparseWeight& w_, const int32_t* off)
       : w(w_), kv(_mm512_set1_epi32(static_cast<int>(w_.K))), col_off(off) {}
   void begin(int64_t rb, int64_t re) {
@@ -383,7 +391,7 @@ struct CsrRows {
         break;
       }
       const CsrChunk<VT> c(w, e, row_end, kv, &bad_lanes);
-      stage_offsets(ci + n, c.col, c.use, st, col_off);
+      stage_offsets(ci + n, c.col, c.use, st, col_off, gathers);
       _mm512_store_ps(vf + n, _mm512_maskz_mov_ps(c.use, c.vals));
       n += W;
       e = e + W < row_end ? e + W : row_end;
@@ -438,7 +446,7 @@ inline unsigned max_col(const uint16_t* c, int64_t n) {
 #include "csr_x_at.h"
 
 // Batch 1: x at 32 columns per step from scalar loads (csr_x_at.h) or, on Intel, two gathers
-// (cpu::csr_gathers); two FMA chains. Each step's columns are checked against K first (one
+// (cpu::sparse_gathers); two FMA chains. Each step's columns are checked against K first (one
 // compare of 32 words); a step with a column >= K, and the row's last partial step, gather
 // masked by column < K instead, and *bad collects the lanes that failed.
 template <DType VT, bool Gathers>
@@ -498,7 +506,7 @@ bool csr_rows1(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t 
 
 template <DType VT>
 bool csr_rows_typed(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1) {
-  const bool gathers = csr_gathers();
+  const bool gathers = sparse_gathers();
   if (a.M == 1) return gathers ? csr_rows1<VT, true>(w, a, r0, r1) : csr_rows1<VT, false>(w, a, r0, r1);
   if (a.M == 2) return gathers ? csr_rows_pair<VT, true>(w, a, r0, r1) : csr_rows_pair<VT, false>(w, a, r0, r1);
   if (csr_small_stride(a.M) == 4) return csr_rows_small<VT, 4>(w, a, r0, r1);
