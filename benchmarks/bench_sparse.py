@@ -77,7 +77,8 @@ def main():
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
-          f"tensorslim ISA {ts._C.kernel_isa()} (best {ts._C.best_isa()}), {ts._C.num_threads()} tensorslim threads ({ts._C.threading_backend()}), "
+          f"tensorslim ISA {ts._C.kernel_isa()} (best {ts._C.best_isa()}), "
+          f"{ts._C.num_threads()} tensorslim threads ({ts._C.threading_backend()}), "
           f"scattered reads by {'gathers' if ts._C.sparse_gathers() else 'scalar loads'}")
     print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s")
     if args.isa:

@@ -147,8 +147,8 @@ inline void store_out(const SparseWeight& w, const SparseBatch& a, int64_t r, in
 // into a transposed tile, or a convolution's per-column offsets into its input planes
 // (col_off), looked up one by one or, where `gathers` (cpu::sparse_gathers: Intel), with one
 // vpgatherdd: microcoded on AMD, it made a 90% 64 -> 64 3 x 3 convolution at 56 x 56 ~1.6x
-// slower than the same kernel without the lookup (Zen 5); on an Intel Xeon 90% 3 x 3 layers ran
-// 2-7% faster with it than with the loop.
+// slower than the same kernel without the lookup (Zen 5); on an Intel Xeon it made 90% and 75%
+// 3 x 3 layers 7-16% faster than the loop (bench_sparse_conv.py --gathers).
 inline void stage_offsets(int32_t* ci, __m512i col, __mmask16 k, int64_t st, const int32_t* col_off, bool gathers) {
   if (!col_off) {
     _mm512_store_si512(ci, _mm512_maskz_mullo_epi32(k, col, _mm512_set1_epi32(static_cast<int>(st))));
