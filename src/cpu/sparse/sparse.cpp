@@ -204,19 +204,15 @@ cpu::SparseWeight csr_weight(const TensorView& values, const TensorView& cols, c
   return w;
 }
 
-// Transposes x into the tiles the large-batch kernels read (see SparseBatch::xt).
+// Transposes x into the tiles the large-batch kernels read (see SparseBatch::xt); only the
+// x86 kernels run transposed.
 void transpose_tiles(const float* x, int64_t M, int64_t K, int64_t ldx, int W, float* xt) {
   const int64_t tiles = (M + cpu::kTileM - 1) / cpu::kTileM;
   cpu::parallel_for(K, 256, [&](int64_t k0, int64_t k1) {
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t m0 = t * cpu::kTileM, mt = std::min(cpu::kTileM, M - m0);
       const int64_t st = cpu::tile_stride(mt, W);
-      float* dst = xt + t * K * cpu::kTileM;
-      for (int64_t k = k0; k < k1; ++k) {
-        float* d = dst + k * st;
-        for (int64_t i = 0; i < mt; ++i) d[i] = x[(m0 + i) * ldx + k];
-        for (int64_t i = mt; i < st; ++i) d[i] = 0.0f;
-      }
+      cpu::transpose_tile_avx2(x + m0 * ldx, mt, ldx, k0, k1, xt + t * K * cpu::kTileM, st);
     }
   });
 }

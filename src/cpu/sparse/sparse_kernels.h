@@ -122,6 +122,9 @@ bool csr_rows_t_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, 
 // x [M, K] (row stride ldx, M <= st) transposed to [K, st] with zeros in columns M .. st - 1 for
 // the small-batch CSR kernels (st = csr_small_stride(M)), which run on AVX2 and AVX-512 CPUs.
 void transpose_small_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt);
+// Columns [k0, k1) of x [M, K] (M <= st) into a transposed tile [K, st] (zeros in columns
+// M .. st - 1; st a multiple of 8), for the transposed kernels (SparseBatch::xt).
+void transpose_tile_avx2(const float* x, int64_t M, int64_t ldx, int64_t k0, int64_t k1, float* xt, int64_t st);
 
 // The scalar reference (the specification of the linear), both formats.
 bool sparse_rows_scalar(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
