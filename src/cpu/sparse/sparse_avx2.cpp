@@ -560,6 +560,7 @@ TS_TARGET inline void transpose_block8(const float* x, int64_t M, int64_t ldx, i
   for (int i = 0; i < 8; ++i) r[i] = i0 + i < M ? _mm256_loadu_ps(x + (i0 + i) * ldx + k) : _mm256_setzero_ps();
   store_transposed8(r, xt + k * st + i0, st);
 }
+
 }  // namespace
 
 // 8 (st = 8) or 4 (st = 2, 4) columns per step, rows past M read as zeros; the last K % 8
