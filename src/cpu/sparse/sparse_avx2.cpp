@@ -563,17 +563,18 @@ TS_TARGET inline void transpose_block8(const float* x, int64_t M, int64_t ldx, i
 
 }  // namespace
 
-// 8 (st = 8) or 4 (st = 2, 4) columns per step, rows past M read as zeros; the last K % 8
-// (K % 4) columns one element at a time. All of it one element at a time, batch 8 of 4096
+// st = 8 is one tile of the larger batches' kind (transpose_tile_avx2); st = 2 and 4 take 4
+// columns per step, rows past M read as zeros, the last K % 4 one element at a time. All of it
+// one element at a time, batch 8 of 4096
 // columns took ~17 us of a 4096 x 4096 90% product's ~0.5 ms (2-core Intel Xeon, thirty-seventh
 // session); this ~5 us.
 TS_TARGET void transpose_small_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt) {
+  if (st == 8) {  // one tile of 8 columns
+    transpose_tile_avx2(x, M, ldx, 0, K, xt, 8);
+    return;
+  }
   int64_t k = 0;
-  if (st == 8) {
-    for (; k + 8 <= K; k += 8) {
-      transpose_block8(x, M, ldx, 0, k, xt, 8);
-    }
-  } else if (st == 4) {
+  if (st == 4) {
     for (; k + 4 <= K; k += 4) {
       __m128 r[4];
       for (int i = 0; i < 4; ++i) r[i] = i < M ? _mm_loadu_ps(x + i * ldx + k) : _mm_setzero_ps();
