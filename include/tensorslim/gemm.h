@@ -45,6 +45,7 @@ bool linear_weight_only_onednn(const TensorView& x, const TensorView& qweight,
 // AVX2; src/cpu/activation_pieces.h); tests and benchmarks switch that off to run the float
 // kernels.
 void set_activation_pieces_enabled(bool enabled);
+bool activation_pieces_enabled();
 // The fewest / most activation rows the active ISA's pieces kernel takes fmt at on this CPU (by
 // CPU kind: src/cpu/activation_pieces.h); {0, 0} where it has none for fmt.
 struct PiecesRows {

@@ -49,6 +49,7 @@ Isa best_isa();                // what this CPU supports
 Isa active_isa();              // what kernels use now (best, or a forced lower one)
 bool cpu_has_avx512_vnni();    // vpdpbusd on zmm (AVX512_VNNI), whatever the active ISA
 bool cpu_has_avx512_bf16();    // vdpbf16ps on zmm (AVX512_BF16), whatever the active ISA
+bool cpu_has_avx512_vbmi();    // vpermt2b / vpmultishiftqb on zmm (AVX512_VBMI), whatever the active ISA
 bool cpu_is_intel();           // CPUID vendor "GenuineIntel" (where a kernel's shape was measured per vendor)
 void set_isa(Isa isa);         // force a path (tests compare each one with the reference)
 

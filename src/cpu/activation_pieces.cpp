@@ -38,6 +38,7 @@ PiecesRows pieces_rows(Format fmt) {
 }
 
 void set_activation_pieces_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
+bool activation_pieces_enabled() { return g_enabled.load(std::memory_order_relaxed); }
 
 bool pieces_kernel_takes(Format fmt, int64_t K, int64_t gsize) {
   const int bits = format_info(fmt).bits;

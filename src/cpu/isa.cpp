@@ -73,6 +73,11 @@ bool cpu_has_avx512_vnni() {
   return has;
 }
 
+bool cpu_has_avx512_vbmi() {
+  static const bool has = TS_AVX512_EXTENSION("avx512vbmi");
+  return has;
+}
+
 bool cpu_has_avx512_bf16() {
   static const bool has = TS_AVX512_EXTENSION("avx512bf16");
   return has;

@@ -113,6 +113,9 @@ bool csr_rows_avx2(const SparseWeight&, const SparseBatch&, int64_t, int64_t) { 
 bool csr_rows_avx512(const SparseWeight&, const SparseBatch&, int64_t, int64_t) { return false; }
 bool csr_rows_t_avx2(const SparseWeight&, const SparseBatch&, int64_t, int64_t) { return false; }
 bool csr_rows_t_avx512(const SparseWeight&, const SparseBatch&, int64_t, int64_t) { return false; }
+void nm_rows_pieces_avx512(const SparseWeight&, const SparseBatch&, const uint8_t*, const float*, int64_t, int64_t) {
+  absent("nm_rows_pieces_avx512");
+}
 void transpose_small_avx2(const float*, int64_t, int64_t, int64_t, int, float*) { absent("transpose_small_avx2"); }
 void transpose_tile_avx2(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {
   absent("transpose_tile_avx2");

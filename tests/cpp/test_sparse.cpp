@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "half.h"
+#include "tensorslim/gemm.h"
 #include "tensorslim/quantize.h"
 #include "tensorslim/sparse.h"
 #include "test_helpers.h"
@@ -154,6 +155,116 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
               if (HasFatalFailure()) return;
             }
           }
+        }
+      }
+    }
+  }
+}
+
+// N:M INT8 with m = 2n and K a multiple of 128 runs on integer units at up to 8 batch rows on
+// AVX-512 VNNI + VBMI CPUs (x as activation pieces, nm_pieces_avx512.cpp): every ISA with the
+// pieces switched on and off, on the shapes that kernel takes (and 1:4, 3:4, which it does not).
+struct PiecesScope {
+  explicit PiecesScope(bool on) : saved(cpu::activation_pieces_enabled()) { cpu::set_activation_pieces_enabled(on); }
+  ~PiecesScope() { cpu::set_activation_pieces_enabled(saved); }
+  bool saved;
+};
+
+// y = x @ W^T + bias for W = w * keep packed as n:m with int8 values (dense: the unpacked W).
+struct NmInt8Layer {
+  int64_t N, K, S, B;
+  int n, m;
+  Packed p;
+  std::vector<float> dense;
+  NmInt8Layer(std::vector<float> w, std::vector<uint8_t> keep, int64_t N_, int64_t K_, int n_, int m_)
+      : N(N_), K(K_), S(nm_slots(K_, n_, m_)), B(nm_index_bytes(K_, n_, m_)), n(n_), m(m_), dense(N_ * K_) {
+    p.values.resize(N * S);
+    p.indices.resize(N * B);
+    p.scales.resize(N);
+    TensorView sv = view1(p.scales.data(), DType::kFloat32, N);
+    nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), n, m,
+            view2(p.values.data(), DType::kInt8, N, S), view2(p.indices.data(), DType::kUInt8, N, B), &sv);
+    nm_unpack(view2(p.values.data(), DType::kInt8, N, S), view2(p.indices.data(), DType::kUInt8, N, B), &sv, n, m,
+              view2(dense.data(), DType::kFloat32, N, K));
+  }
+  std::vector<float> run(std::vector<float>& x, int64_t M, std::vector<float>& bias) {
+    std::vector<float> y(M * N, NAN), ws(sparse_linear_workspace(M, K) + 1);
+    TensorView sv = view1(p.scales.data(), DType::kFloat32, N), bv = view1(bias.data(), DType::kFloat32, N);
+    TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
+    nm_linear(view2(x.data(), DType::kFloat32, M, K), view2(p.values.data(), DType::kInt8, N, S),
+              view2(p.indices.data(), DType::kUInt8, N, B), &sv, &bv, n, m, view2(y.data(), DType::kFloat32, M, N),
+              &wsv);
+    return y;
+  }
+};
+
+TEST(Sparse, NmInt8PiecesEveryIsaMatchesFloat64) {
+  IsaScope guard;
+  const std::pair<int, int> nms[] = {{2, 4}, {4, 8}, {1, 4}, {3, 4}};
+  const int64_t shapes[][2] = {{1, 128}, {17, 384}, {33, 1024}, {5, 256}};
+  uint32_t seed = 500;
+  for (auto [n, m] : nms) {
+    for (auto& s : shapes) {
+      const int64_t N = s[0], K = s[1];
+      for (double sp : {0.0, 0.5, 1.0}) {
+        const std::vector<float> w = random_weights(N * K, ++seed);
+        NmInt8Layer layer(w, nm_keep(w, N, K, n, m, sp, ++seed), N, K, n, m);
+        for (int64_t M : {1, 2, 3, 4, 5, 8, 9}) {
+          std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
+          const Ref ref(layer.dense, x, bias, M, N, K);
+          for (cpu::Isa isa : machine_isas()) {
+            for (bool pieces : {true, false}) {
+              cpu::set_isa(isa);
+              const PiecesScope ps(pieces);
+              expect_close(layer.run(x, M, bias), ref,
+                           std::string(cpu::isa_name(isa)) + (pieces ? " pieces " : " floats ") + std::to_string(n) +
+                               ":" + std::to_string(m) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                               " M=" + std::to_string(M) + " sparsity=" + std::to_string(sp));
+              if (HasFatalFailure()) return;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Where the pieces run, x is kept to within ~6e-8 * max|x| of each row (activation_pieces.h):
+// a value below that vanishes, as in the dense pieces kernels. That tells which kernel ran: the
+// pieces on AVX-512 VNNI + VBMI for 2:4 and 4:8 INT8 at K = 128 and 1..8 rows, the float
+// kernels at 9 rows, K = 132, other patterns, or with the pieces off. A row holding Inf falls
+// back to the float kernels for the whole batch (Inf or NaN in its outputs, as they give them).
+TEST(Sparse, NmInt8PiecesRunWhereDocumented) {
+  IsaScope guard(cpu::best_isa());
+  const bool has_pieces = cpu::best_isa() == cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni() &&
+                          cpu::cpu_has_avx512_vbmi();
+  for (auto [n, m] : {std::pair<int, int>{2, 4}, {4, 8}, {1, 4}}) {
+    for (int64_t K : {128, 132}) {
+      const int64_t N = 3;
+      // Row 1 keeps column 0 (weight 1) only; x is 1 at column 8 and 3e-8 at column 0.
+      std::vector<float> w(N * K, 0.0f);
+      std::vector<uint8_t> keep(N * K, 0);
+      w[1 * K + 0] = 1.0f;
+      keep[1 * K + 0] = 1;
+      NmInt8Layer layer(w, keep, N, K, n, m);
+      for (int64_t M : {1, 8, 9}) {
+        for (bool on : {true, false}) {
+          const PiecesScope ps(on);
+          std::vector<float> x(M * K, 0.0f), bias(N, 0.0f);
+          for (int64_t i = 0; i < M; ++i) {
+            x[i * K + 8] = 1.0f;
+            x[i * K + 0] = 3e-8f;
+          }
+          const bool pieces_run = has_pieces && on && n * 2 == m && K % 128 == 0 && M <= 8;
+          std::vector<float> y = layer.run(x, M, bias);
+          for (int64_t i = 0; i < M; ++i)
+            EXPECT_NEAR(y[i * N + 1], pieces_run ? 0.0 : 3e-8, pieces_run ? 0.0 : 1e-13)
+                << n << ":" << m << " K=" << K << " M=" << M << " pieces " << on;
+          x[0] = INFINITY;  // row 0: Inf * weight 1 at column 0; the whole batch takes the floats
+          y = layer.run(x, M, bias);
+          EXPECT_FALSE(std::isfinite(y[1])) << n << ":" << m << " K=" << K << " M=" << M;
+          for (int64_t i = 1; i < M; ++i)
+            EXPECT_NEAR(y[i * N + 1], 3e-8, 1e-13) << n << ":" << m << " K=" << K << " M=" << M;
         }
       }
     }

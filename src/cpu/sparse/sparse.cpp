@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../activation_pieces.h"
 #include "../half.h"
 #include "../parallel.h"
 #include "sparse_kernels.h"
@@ -262,6 +263,19 @@ bool run_rows(const cpu::SparseWeight& w, const cpu::SparseBatch& a, cpu::Isa is
   return false;
 }
 
+// N:M INT8 values on the integer units (nm_rows_pieces_avx512) where that kernel takes the
+// problem and x splits into pieces (no NaN / Inf, no subnormal step): out holds them as
+// unsigned bytes. False: the float kernels run.
+bool nm_pieces_split(const cpu::SparseWeight& w, const TensorView& x, cpu::ActivationPieces& out) {
+  const bool takes = !w.csr && w.vdtype == DType::kInt8 && w.m == 2 * w.n && w.K % cpu::kPieceBlock == 0 &&
+                     w.K <= cpu::kNmPiecesMaxK && x.shape[0] <= cpu::kNmPiecesMaxRows;
+  const bool cpu_has = cpu::active_isa() == cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni() &&
+                       cpu::cpu_has_avx512_vbmi() && cpu::activation_pieces_enabled();
+  if (!takes || !cpu_has || !cpu::split_activation_pieces_avx512(x, w.K, false, out)) return false;
+  for (int8_t& q : out.q) q = static_cast<int8_t>(static_cast<uint8_t>(q) ^ 0x80u);
+  return true;
+}
+
 void check_bias(const TensorView* bias, int64_t N, const char* fn) {
   if (!bias) return;
   check_tensor(*bias, DType::kFloat32, 1, fn, "bias");
@@ -290,8 +304,10 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   a.ldy = w.N;
   a.bias = bias ? bias->ptr<float>() : nullptr;
   const cpu::Isa isa = cpu::active_isa();
-  const bool transposed =
-      isa != cpu::Isa::kScalar && M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512, w.n, w.m);
+  cpu::ActivationPieces pieces;
+  const bool on_pieces = nm_pieces_split(w, x, pieces);
+  const bool transposed = !on_pieces && isa != cpu::Isa::kScalar &&
+                          M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512, w.n, w.m);
   const bool csr_small = isa != cpu::Isa::kScalar && w.csr && !transposed && M > 1;
   // The transposed kernels do one FMA per entry per 16 (AVX-512) or 8 (AVX2) batch rows: a
   // batch of up to 8 runs the AVX2 kernel on 8-row tiles instead of half-empty 16-row ones
@@ -310,7 +326,10 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   }
   std::atomic<bool> bad{false};
   auto rows = [&](int64_t r0, int64_t r1) {
-    if (run_rows(w, a, isa, t_isa, transposed, r0, r1)) bad.store(true);
+    if (on_pieces)
+      cpu::nm_rows_pieces_avx512(w, a, reinterpret_cast<const uint8_t*>(pieces.q.data()), pieces.step.data(), r0, r1);
+    else if (run_rows(w, a, isa, t_isa, transposed, r0, r1))
+      bad.store(true);
   };
   // Rows are independent. Threads take blocks of rows from a shared counter rather than one
   // fixed share each, so rows with uneven nonzero counts, or a core busy with other work,

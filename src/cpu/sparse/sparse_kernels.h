@@ -119,6 +119,16 @@ bool csr_rows_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, in
 bool csr_rows_t_avx2(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
 bool csr_rows_t_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, int64_t r1);
 
+// N:M INT8 values with m = 2n (2:4, 4:8), K a multiple of 128 and at most kNmPiecesMaxK, on
+// AVX-512 VNNI + VBMI (nm_pieces_avx512.cpp): output rows [r0, r1) for all a.M batch rows, whose
+// activations are xq, per batch row and 128-column block the pieces h, l1, l2 as unsigned bytes
+// (ActivationPieces::q + 128), with steps the rows' steps.
+void nm_rows_pieces_avx512(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps,
+                           int64_t r0, int64_t r1);
+// vpdpbusd sums 255 * 127 per slot into int32: K / 2 slots of 65536 columns stay below 2^31.
+constexpr int64_t kNmPiecesMaxK = 65536;
+constexpr int64_t kNmPiecesMaxRows = 8;
+
 // x [M, K] (row stride ldx, M <= st) transposed to [K, st] with zeros in columns M .. st - 1 for
 // the small-batch CSR kernels (st = csr_small_stride(M)), which run on AVX2 and AVX-512 CPUs.
 void transpose_small_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt);

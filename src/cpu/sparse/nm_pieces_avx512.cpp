@@ -1,0 +1,116 @@
+// N:M INT8 values at small batches with integer products (AVX-512 VNNI + VBMI), for the
+// patterns whose 64 slots cover one 128-column block (m = 2n: 2:4, 4:8) and K a multiple of 128.
+// The float row kernel spends six port-0/5 vector uops per 16 slots (index decode, int8
+// widening, permute, FMA): 2:4 INT8 at batch 1 ran compute-bound at ~6 cycles per 16 slots
+// (Intel Xeon with AMX, 4096 x 4096). Here x is split into three int8 pieces per value
+// (activation_pieces.h: x = s * (h + l1 / 254 + l2 / 254^2), within ~6e-8 * max|x| of x),
+// stored as unsigned bytes (+128); per 64 slots one decode (vpermb, vpmultishiftqb, vpternlogd)
+// gives each slot's column in the block, one vpermt2b per piece and batch row picks those
+// columns' bytes out of the block's 128, and vpdpbusd multiplies them with the codes as stored.
+// The +128 comes off with the row's code sum.
+#include <immintrin.h>
+
+#include "sparse_kernels.h"
+
+#define TS_NM_PIECES_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int kMaxRowsPerPass = 4;  // 3 accumulators per batch row: 12 of the 32 zmm
+
+struct Decode {
+  __m512i spread, shifts, base, field_mask;
+};
+
+// B-bit fields (B = 2: 16 bytes per 64 slots; B = 3: 24) of slots 8q .. 8q+7 sit in bytes
+// B*q .. B*q+B-1 of the block's index bytes. `spread` copies them to the low bytes of qword q,
+// `shifts` moves slot 8q+t's field (bit B*t of that qword) to the low bits of byte t, and
+// `base` is the column of the slot's group in the block (m * (slot / n)).
+template <int B>
+TS_NM_PIECES_TARGET Decode make_decode(int n, int m) {
+  alignas(64) uint8_t spread[64], shifts[64], base[64];
+  for (int s = 0; s < 64; ++s) {
+    const int q = s / 8, t = s % 8;
+    spread[s] = static_cast<uint8_t>(B * q + (t < B ? t : 0));
+    shifts[s] = static_cast<uint8_t>(B * t);
+    base[s] = static_cast<uint8_t>(m * (s / n));
+  }
+  return {_mm512_load_si512(spread), _mm512_load_si512(shifts), _mm512_load_si512(base),
+          _mm512_set1_epi8(static_cast<char>((1 << B) - 1))};
+}
+
+// Each lane's column (0..127) in the block, for vpermt2b over the block's two 64-byte halves.
+template <int B>
+TS_NM_PIECES_TARGET inline __m512i slot_columns(const uint8_t* idx, const Decode& d) {
+  const __m512i bits = B == 2 ? _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx)))
+                              : _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(0xFFFFFF, idx));
+  const __m512i fields = _mm512_multishift_epi64_epi8(d.shifts, _mm512_permutexvar_epi8(d.spread, bits));
+  return _mm512_ternarylogic_epi32(fields, d.field_mask, d.base, 0xEA);  // (fields & mask) | base
+}
+
+// Output row r for batch rows m0 .. m0+MB-1. xq: per batch row, per 128-column block, the
+// pieces h, l1, l2 (128 unsigned bytes each).
+template <int MB, int B>
+TS_NM_PIECES_TARGET void pieces_row(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq,
+                                    const float* steps, const Decode& d, int64_t r, int64_t m0) {
+  const int64_t K = w.K, blocks = K / 128;
+  const int8_t* v = static_cast<const int8_t*>(w.values) + r * w.val_stride;
+  const uint8_t* idx = w.indices + r * w.idx_row_bytes;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[MB][3], code_sum = _mm512_setzero_si512();
+  for (auto& row : acc)
+    for (auto& p : row) p = _mm512_setzero_si512();
+  const uint8_t* x = xq + m0 * 3 * K;
+  for (int64_t c = 0; c < blocks; ++c, v += 64, idx += 8 * B, x += 3 * 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchAhead, _MM_HINT_T0);
+    if (c % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(idx) + kPrefetchAhead / 4, _MM_HINT_T0);
+    const __m512i cols = slot_columns<B>(idx, d);
+    const __m512i codes = _mm512_loadu_si512(v);
+    code_sum = _mm512_dpbusd_epi32(code_sum, ones, codes);
+    for (int mb = 0; mb < MB; ++mb) {
+      for (int j = 0; j < 3; ++j) {
+        const uint8_t* p = x + mb * 3 * K + j * 128;
+        const __m512i picked = _mm512_permutex2var_epi8(_mm512_loadu_si512(p), cols, _mm512_loadu_si512(p + 64));
+        acc[mb][j] = _mm512_dpbusd_epi32(acc[mb][j], picked, codes);
+      }
+    }
+  }
+  const int64_t offset = 128 * static_cast<int64_t>(_mm512_reduce_add_epi32(code_sum));
+  const float scale = w.scales[r], bias = a.bias ? a.bias[r] : 0.0f;
+  for (int mb = 0; mb < MB; ++mb) {
+    const int64_t h = _mm512_reduce_add_epi32(acc[mb][0]) - offset;
+    const int64_t l1 = _mm512_reduce_add_epi32(acc[mb][1]) - offset;
+    const int64_t l2 = _mm512_reduce_add_epi32(acc[mb][2]) - offset;
+    const double dot = static_cast<double>(h) + static_cast<double>(l1) / 254.0 + static_cast<double>(l2) / (254.0 * 254.0);
+    a.y[(m0 + mb) * a.ldy + r] = static_cast<float>(dot * steps[m0 + mb]) * scale + bias;
+  }
+}
+
+template <int B>
+TS_NM_PIECES_TARGET void pieces_rows(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq,
+                                     const float* steps, int64_t r0, int64_t r1) {
+  const Decode d = make_decode<B>(w.n, w.m);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowsPerPass) {
+      switch (std::min<int64_t>(a.M - m0, kMaxRowsPerPass)) {
+        case 1: pieces_row<1, B>(w, a, xq, steps, d, r, m0); break;
+        case 2: pieces_row<2, B>(w, a, xq, steps, d, r, m0); break;
+        case 3: pieces_row<3, B>(w, a, xq, steps, d, r, m0); break;
+        default: pieces_row<4, B>(w, a, xq, steps, d, r, m0); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void nm_rows_pieces_avx512(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps,
+                           int64_t r0, int64_t r1) {
+  if (w.b == 2) pieces_rows<2>(w, a, xq, steps, r0, r1);
+  else pieces_rows<3>(w, a, xq, steps, r0, r1);
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
