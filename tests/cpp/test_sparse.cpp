@@ -161,66 +161,73 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
   }
 }
 
-// N:M INT8 with m = 2n and K a multiple of 128 runs on integer units at up to 8 batch rows on
-// AVX-512 VNNI + VBMI CPUs (x as activation pieces, nm_pieces_avx512.cpp): every ISA with the
-// pieces switched on and off, on the shapes that kernel takes (and 1:4, 3:4, which it does not).
+// N:M INT8 and INT4 values with m = 2n and K a multiple of 128 run on integer units at up to 8
+// batch rows on AVX-512 VNNI + VBMI CPUs (x as activation pieces, nm_pieces_avx512.cpp): every
+// ISA with the pieces switched on and off, on the shapes that kernel takes (and 1:4, 3:4, which
+// it does not).
 struct PiecesScope {
   explicit PiecesScope(bool on) : saved(cpu::activation_pieces_enabled()) { cpu::set_activation_pieces_enabled(on); }
   ~PiecesScope() { cpu::set_activation_pieces_enabled(saved); }
   bool saved;
 };
 
-// y = x @ W^T + bias for W = w * keep packed as n:m with int8 values (dense: the unpacked W).
-struct NmInt8Layer {
-  int64_t N, K, S, B;
+// y = x @ W^T + bias for W = w * keep packed as n:m with int8 or int4 (dt uint8) codes; dense:
+// the unpacked W.
+struct NmCodedLayer {
+  int64_t N, K, S, B, VC;
   int n, m;
+  DType dt;
   Packed p;
   std::vector<float> dense;
-  NmInt8Layer(std::vector<float> w, std::vector<uint8_t> keep, int64_t N_, int64_t K_, int n_, int m_)
-      : N(N_), K(K_), S(nm_slots(K_, n_, m_)), B(nm_index_bytes(K_, n_, m_)), n(n_), m(m_), dense(N_ * K_) {
-    p.values.resize(N * S);
+  NmCodedLayer(std::vector<float> w, std::vector<uint8_t> keep, int64_t N_, int64_t K_, int n_, int m_, DType dt_)
+      : N(N_), K(K_), S(nm_slots(K_, n_, m_)), B(nm_index_bytes(K_, n_, m_)),
+        VC(dt_ == DType::kUInt8 ? (S + 15) / 16 * 8 : S), n(n_), m(m_), dt(dt_), dense(N_ * K_) {
+    p.values.resize(N * VC);
     p.indices.resize(N * B);
     p.scales.resize(N);
     TensorView sv = view1(p.scales.data(), DType::kFloat32, N);
     nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), n, m,
-            view2(p.values.data(), DType::kInt8, N, S), view2(p.indices.data(), DType::kUInt8, N, B), &sv);
-    nm_unpack(view2(p.values.data(), DType::kInt8, N, S), view2(p.indices.data(), DType::kUInt8, N, B), &sv, n, m,
+            view2(p.values.data(), dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), &sv);
+    nm_unpack(view2(p.values.data(), dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), &sv, n, m,
               view2(dense.data(), DType::kFloat32, N, K));
   }
   std::vector<float> run(std::vector<float>& x, int64_t M, std::vector<float>& bias) {
     std::vector<float> y(M * N, NAN), ws(sparse_linear_workspace(M, K) + 1);
     TensorView sv = view1(p.scales.data(), DType::kFloat32, N), bv = view1(bias.data(), DType::kFloat32, N);
     TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
-    nm_linear(view2(x.data(), DType::kFloat32, M, K), view2(p.values.data(), DType::kInt8, N, S),
+    nm_linear(view2(x.data(), DType::kFloat32, M, K), view2(p.values.data(), dt, N, VC),
               view2(p.indices.data(), DType::kUInt8, N, B), &sv, &bv, n, m, view2(y.data(), DType::kFloat32, M, N),
               &wsv);
     return y;
   }
 };
 
-TEST(Sparse, NmInt8PiecesEveryIsaMatchesFloat64) {
+TEST(Sparse, NmCodedPiecesEveryIsaMatchesFloat64) {
   IsaScope guard;
   const std::pair<int, int> nms[] = {{2, 4}, {4, 8}, {1, 4}, {3, 4}};
-  const int64_t shapes[][2] = {{1, 128}, {17, 384}, {33, 1024}, {5, 256}};
+  const int64_t shapes[][2] = {{1, 512}, {17, 2048}, {5, 2560}, {9, 1024}};
   uint32_t seed = 500;
   for (auto [n, m] : nms) {
     for (auto& s : shapes) {
       const int64_t N = s[0], K = s[1];
       for (double sp : {0.0, 0.5, 1.0}) {
         const std::vector<float> w = random_weights(N * K, ++seed);
-        NmInt8Layer layer(w, nm_keep(w, N, K, n, m, sp, ++seed), N, K, n, m);
-        for (int64_t M : {1, 2, 3, 4, 5, 8, 9}) {
-          std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
-          const Ref ref(layer.dense, x, bias, M, N, K);
-          for (cpu::Isa isa : machine_isas()) {
-            for (bool pieces : {true, false}) {
-              cpu::set_isa(isa);
-              const PiecesScope ps(pieces);
-              expect_close(layer.run(x, M, bias), ref,
-                           std::string(cpu::isa_name(isa)) + (pieces ? " pieces " : " floats ") + std::to_string(n) +
-                               ":" + std::to_string(m) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
-                               " M=" + std::to_string(M) + " sparsity=" + std::to_string(sp));
-              if (HasFatalFailure()) return;
+        for (DType dt : {DType::kInt8, DType::kUInt8}) {
+          NmCodedLayer layer(w, nm_keep(w, N, K, n, m, sp, ++seed), N, K, n, m, dt);
+          for (int64_t M : {1, 2, 3, 4, 5, 8, 9}) {
+            std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
+            const Ref ref(layer.dense, x, bias, M, N, K);
+            for (cpu::Isa isa : machine_isas()) {
+              for (bool pieces : {true, false}) {
+                cpu::set_isa(isa);
+                const PiecesScope ps(pieces);
+                expect_close(layer.run(x, M, bias), ref,
+                             std::string(cpu::isa_name(isa)) + (pieces ? " pieces " : " floats ") + dtype_name(dt) +
+                                 " " + std::to_string(n) + ":" + std::to_string(m) + " N=" + std::to_string(N) +
+                                 " K=" + std::to_string(K) + " M=" + std::to_string(M) +
+                                 " sparsity=" + std::to_string(sp));
+                if (HasFatalFailure()) return;
+              }
             }
           }
         }
@@ -231,40 +238,44 @@ TEST(Sparse, NmInt8PiecesEveryIsaMatchesFloat64) {
 
 // Where the pieces run, x is kept to within ~6e-8 * max|x| of each row (activation_pieces.h):
 // a value below that vanishes, as in the dense pieces kernels. That tells which kernel ran: the
-// pieces on AVX-512 VNNI + VBMI for 2:4 and 4:8 INT8 at K = 128 and 1..8 rows, the float
-// kernels at 9 rows, K = 132, other patterns, or with the pieces off. A row holding Inf falls
-// back to the float kernels for the whole batch (Inf or NaN in its outputs, as they give them).
-TEST(Sparse, NmInt8PiecesRunWhereDocumented) {
+// pieces on AVX-512 VNNI + VBMI for 2:4 and 4:8 INT8 / INT4 at batch 1 from K = 512 and at 2..8
+// rows from K = 2048 (cpu::nm_pieces_pay), the float kernels at 9 rows, K = 2052 (not a
+// multiple of 128), other patterns, or with the pieces off. A row holding Inf falls back to the
+// float kernels for the whole batch (Inf or NaN in its outputs, as they give them).
+TEST(Sparse, NmCodedPiecesRunWhereDocumented) {
   IsaScope guard(cpu::best_isa());
   const bool has_pieces = cpu::best_isa() == cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni() &&
                           cpu::cpu_has_avx512_vbmi();
   for (auto [n, m] : {std::pair<int, int>{2, 4}, {4, 8}, {1, 4}}) {
-    for (int64_t K : {128, 132}) {
+    for (int64_t K : {512, 2048, 2052}) {
       const int64_t N = 3;
       // Row 1 keeps column 0 (weight 1) only; x is 1 at column 8 and 3e-8 at column 0.
       std::vector<float> w(N * K, 0.0f);
       std::vector<uint8_t> keep(N * K, 0);
       w[1 * K + 0] = 1.0f;
       keep[1 * K + 0] = 1;
-      NmInt8Layer layer(w, keep, N, K, n, m);
-      for (int64_t M : {1, 8, 9}) {
-        for (bool on : {true, false}) {
-          const PiecesScope ps(on);
-          std::vector<float> x(M * K, 0.0f), bias(N, 0.0f);
-          for (int64_t i = 0; i < M; ++i) {
-            x[i * K + 8] = 1.0f;
-            x[i * K + 0] = 3e-8f;
+      for (DType dt : {DType::kInt8, DType::kUInt8}) {
+        NmCodedLayer layer(w, keep, N, K, n, m, dt);
+        for (int64_t M : {1, 2, 8, 9}) {
+          for (bool on : {true, false}) {
+            const PiecesScope ps(on);
+            std::vector<float> x(M * K, 0.0f), bias(N, 0.0f);
+            for (int64_t i = 0; i < M; ++i) {
+              x[i * K + 8] = 1.0f;
+              x[i * K + 0] = 3e-8f;
+            }
+            const bool pieces_run =
+                has_pieces && on && n * 2 == m && K % 128 == 0 && (M == 1 || (M <= 8 && K >= 2048));
+            std::vector<float> y = layer.run(x, M, bias);
+            for (int64_t i = 0; i < M; ++i)
+              EXPECT_NEAR(y[i * N + 1], pieces_run ? 0.0 : 3e-8, pieces_run ? 0.0 : 1e-13)
+                  << dtype_name(dt) << " " << n << ":" << m << " K=" << K << " M=" << M << " pieces " << on;
+            x[0] = INFINITY;  // row 0: Inf * weight 1 at column 0; the whole batch takes the floats
+            y = layer.run(x, M, bias);
+            EXPECT_FALSE(std::isfinite(y[1])) << n << ":" << m << " K=" << K << " M=" << M;
+            for (int64_t i = 1; i < M; ++i)
+              EXPECT_NEAR(y[i * N + 1], 3e-8, 1e-13) << n << ":" << m << " K=" << K << " M=" << M;
           }
-          const bool pieces_run = has_pieces && on && n * 2 == m && K % 128 == 0 && M <= 8;
-          std::vector<float> y = layer.run(x, M, bias);
-          for (int64_t i = 0; i < M; ++i)
-            EXPECT_NEAR(y[i * N + 1], pieces_run ? 0.0 : 3e-8, pieces_run ? 0.0 : 1e-13)
-                << n << ":" << m << " K=" << K << " M=" << M << " pieces " << on;
-          x[0] = INFINITY;  // row 0: Inf * weight 1 at column 0; the whole batch takes the floats
-          y = layer.run(x, M, bias);
-          EXPECT_FALSE(std::isfinite(y[1])) << n << ":" << m << " K=" << K << " M=" << M;
-          for (int64_t i = 1; i < M; ++i)
-            EXPECT_NEAR(y[i * N + 1], 3e-8, 1e-13) << n << ":" << m << " K=" << K << " M=" << M;
         }
       }
     }
