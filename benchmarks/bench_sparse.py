@@ -9,7 +9,7 @@ product must move (packed weight + x + y) / the copy bandwidth measured in this 
 by the time. Ours is the call CSRSparseLinear / NMSparseLinear make (ops.sparse.csr_linear_direct
 and nm_linear_direct: the kernel without the checked op's Python argument checks).
 
-    python benchmarks/bench_sparse.py [--isa avx2] [--gathers on|off] [--quick]
+    python benchmarks/bench_sparse.py [--isa avx2] [--gathers on|off] [--pieces on|off] [--quick]
         [--shapes 4096x4096,4096x11008,11008x4096] [--patterns 2:4,4:8,1:4,2:8,1:8]
 """
 import argparse
@@ -65,6 +65,8 @@ def main():
     p.add_argument("--patterns", default="2:4", help="N:M patterns, e.g. 2:4,4:8,1:4,2:8,1:8 (\"\" for none)")
     p.add_argument("--gathers", choices=("on", "off"),
                    help="scattered reads (CSR batches 1-2): gathers or scalar loads (default: gathers on Intel)")
+    p.add_argument("--pieces", choices=("on", "off"), default="on",
+                   help="N:M int8 / int4 at batches 1-8 on integer units (AVX-512 VNNI + VBMI) or the float kernels")
     p.add_argument("--quick", action="store_true", help="4096x4096, 90%% and 2:4, batches 1 and 8")
     args = p.parse_args()
     if args.quick:
@@ -73,13 +75,15 @@ def main():
         ts._C.set_isa(args.isa)
     if args.gathers:
         ts._C.set_sparse_gathers(args.gathers == "on")
+    ts._C.set_activation_pieces_enabled(args.pieces == "on")
     min_time = 0.2
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, "
           f"tensorslim ISA {ts._C.kernel_isa()} (best {ts._C.best_isa()}), "
           f"{ts._C.num_threads()} tensorslim threads ({ts._C.threading_backend()}), "
-          f"scattered reads by {'gathers' if ts._C.sparse_gathers() else 'scalar loads'}")
+          f"scattered reads by {'gathers' if ts._C.sparse_gathers() else 'scalar loads'}, "
+          f"activation pieces {args.pieces}")
     print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s")
     if args.isa:
         print(f"--isa {args.isa} caps tensorslim only; torch's dense and CSR kernels keep their own ISA")
