@@ -39,7 +39,9 @@ void register_quantize(py::module_& m) {
   });
   m.def("set_activation_pieces_enabled", &cpu::set_activation_pieces_enabled,
         "Tests and benchmarks run integer weight-only at a few rows on the float kernels "
-        "instead of the activation-pieces kernels (AVX-512 VNNI, AVX2).");
+        "instead of the activation-pieces kernels (AVX-512 VNNI, AVX2; also N:M int8 / int4 sparse linears).");
+  m.def("activation_pieces_enabled", &cpu::activation_pieces_enabled,
+        "Whether the activation-pieces kernels run where they take the problem (set_activation_pieces_enabled).");
   m.def("pieces_rows", [](int fmt) {
     const cpu::PiecesRows rows = cpu::pieces_rows(to_format(fmt));
     return py::make_tuple(rows.fewest, rows.most);

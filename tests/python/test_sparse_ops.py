@@ -195,6 +195,30 @@ def test_sparse_gathers_and_scalar_loads_agree_bit_for_bit(isa, dtype):
         ts._C.set_sparse_gathers(saved)
 
 
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+@pytest.mark.parametrize("dtype", [torch.int8, S.INT4_VALUES])
+def test_nm_codes_on_activation_pieces(isa, n, m, dtype):
+    # Where the CPU has AVX-512 VNNI + VBMI, 2:4 / 4:8 int8 / int4 layers with in_features a
+    # multiple of 128 run batches 1-8 (2-8 from 2048 columns) on integer units with x as int8
+    # pieces (docs/sparsity.md); elsewhere and with the pieces off, the float kernels. Both
+    # within the float64 bound, whichever runs.
+    g = torch.Generator().manual_seed(n * 10 + m)
+    w = torch.randn(23, 2048, generator=g)
+    values, indices, scales = S.nm_pack(w, nm_keep(w, n, m, drop=0.2, seed=5), n, m, dtype)
+    dense = S.nm_unpack(values, indices, scales, n, m, 2048)
+    saved = ts._C.activation_pieces_enabled()
+    try:
+        for batch in (1, 2, 8, 9):
+            x = torch.randn(batch, 2048, generator=g)
+            bias = torch.randn(23, generator=g)
+            for on in (True, False):
+                ts._C.set_activation_pieces_enabled(on)
+                y = S.nm_linear(x, values, indices, scales, bias, n, m, 2048, backend="native")
+                close_to_float64(y, dense, x, bias, f"{isa} {n}:{m} {dtype} batch={batch} pieces={on}")
+    finally:
+        ts._C.set_activation_pieces_enabled(saved)
+
+
 def test_leading_dims_and_dtype():
     w = torch.randn(8, 12)
     values, indices, _ = S.nm_pack(w, nm_keep(w, 2, 4), 2, 4)

@@ -267,7 +267,8 @@ bool run_rows(const cpu::SparseWeight& w, const cpu::SparseBatch& a, cpu::Isa is
 // problem and x splits into pieces (no NaN / Inf, no subnormal step): out holds them as
 // unsigned bytes. False: the float kernels run.
 bool nm_pieces_split(const cpu::SparseWeight& w, const TensorView& x, cpu::ActivationPieces& out) {
-  const bool takes = !w.csr && (w.vdtype == DType::kInt8 || w.vdtype == cpu::kInt4Values) && w.m == 2 * w.n && w.K % cpu::kPieceBlock == 0 &&
+  const bool codes = w.vdtype == DType::kInt8 || w.vdtype == cpu::kInt4Values;
+  const bool takes = !w.csr && codes && w.m == 2 * w.n && w.K % cpu::kPieceBlock == 0 &&
                      w.K <= cpu::kNmPiecesMaxK && cpu::nm_pieces_pay(x.shape[0], w.K);
   const bool cpu_has = cpu::active_isa() == cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni() &&
                        cpu::cpu_has_avx512_vbmi() && cpu::activation_pieces_enabled();
