@@ -66,7 +66,7 @@ def main():
     p.add_argument("--gathers", choices=("on", "off"),
                    help="scattered reads (CSR batches 1-2): gathers or scalar loads (default: gathers on Intel)")
     p.add_argument("--pieces", choices=("on", "off"), default="on",
-                   help="N:M int8 / int4 at batches 1-8 on integer units (AVX-512 VNNI + VBMI) or the float kernels")
+                   help="N:M int8 / int4 at batches 1-12 on integer units (AVX-512 VNNI + VBMI) or the float kernels")
     p.add_argument("--quick", action="store_true", help="4096x4096, 90%% and 2:4, batches 1 and 8")
     args = p.parse_args()
     if args.quick:

@@ -161,7 +161,7 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
   }
 }
 
-// N:M INT8 and INT4 values with m = 2n and K a multiple of 128 run on integer units at up to 8
+// N:M INT8 and INT4 values with m = 2n and K a multiple of 128 run on integer units at up to 12
 // batch rows on AVX-512 VNNI + VBMI CPUs (x as activation pieces, nm_pieces_avx512.cpp): every
 // ISA with the pieces switched on and off, on the shapes that kernel takes (and 1:4, 3:4, which
 // it does not).
@@ -214,7 +214,7 @@ TEST(Sparse, NmCodedPiecesEveryIsaMatchesFloat64) {
         const std::vector<float> w = random_weights(N * K, ++seed);
         for (DType dt : {DType::kInt8, DType::kUInt8}) {
           NmCodedLayer layer(w, nm_keep(w, N, K, n, m, sp, ++seed), N, K, n, m, dt);
-          for (int64_t M : {1, 2, 3, 4, 5, 8, 9}) {
+          for (int64_t M : {1, 2, 3, 4, 5, 8, 9, 12, 13}) {
             std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
             const Ref ref(layer.dense, x, bias, M, N, K);
             for (cpu::Isa isa : machine_isas()) {
@@ -238,8 +238,8 @@ TEST(Sparse, NmCodedPiecesEveryIsaMatchesFloat64) {
 
 // Where the pieces run, x is kept to within ~6e-8 * max|x| of each row (activation_pieces.h):
 // a value below that vanishes, as in the dense pieces kernels. That tells which kernel ran: the
-// pieces on AVX-512 VNNI + VBMI for 2:4 and 4:8 INT8 / INT4 at batch 1 from K = 512 and at 2..8
-// rows from K = 2048 (cpu::nm_pieces_pay), the float kernels at 9 rows, K = 2052 (not a
+// pieces on AVX-512 VNNI + VBMI for 2:4 and 4:8 INT8 / INT4 at batch 1 from K = 512 and at 2..12
+// rows from K = 2048 (cpu::nm_pieces_pay), the float kernels at 13 rows, K = 2052 (not a
 // multiple of 128), other patterns, or with the pieces off. A row holding Inf falls back to the
 // float kernels for the whole batch (Inf or NaN in its outputs, as they give them).
 TEST(Sparse, NmCodedPiecesRunWhereDocumented) {
@@ -256,7 +256,7 @@ TEST(Sparse, NmCodedPiecesRunWhereDocumented) {
       keep[1 * K + 0] = 1;
       for (DType dt : {DType::kInt8, DType::kUInt8}) {
         NmCodedLayer layer(w, keep, N, K, n, m, dt);
-        for (int64_t M : {1, 2, 8, 9}) {
+        for (int64_t M : {1, 2, 8, 12, 13}) {
           for (bool on : {true, false}) {
             const PiecesScope ps(on);
             std::vector<float> x(M * K, 0.0f), bias(N, 0.0f);
@@ -265,7 +265,7 @@ TEST(Sparse, NmCodedPiecesRunWhereDocumented) {
               x[i * K + 0] = 3e-8f;
             }
             const bool pieces_run =
-                has_pieces && on && n * 2 == m && K % 128 == 0 && (M == 1 || (M <= 8 && K >= 2048));
+                has_pieces && on && n * 2 == m && K % 128 == 0 && (M == 1 || (M <= 12 && K >= 2048));
             std::vector<float> y = layer.run(x, M, bias);
             for (int64_t i = 0; i < M; ++i)
               EXPECT_NEAR(y[i * N + 1], pieces_run ? 0.0 : 3e-8, pieces_run ? 0.0 : 1e-13)

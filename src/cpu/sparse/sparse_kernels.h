@@ -127,11 +127,12 @@ void nm_rows_pieces_avx512(const SparseWeight& w, const SparseBatch& a, const ui
                            int64_t r0, int64_t r1);
 // vpdpbusd sums 255 * 127 per slot into int32: K / 2 slots of 65536 columns stay below 2^31.
 constexpr int64_t kNmPiecesMaxK = 65536;
-// Where the pieces beat the float row kernel (Intel Xeon with AMX, 2:4 INT8, docs/benchmarks.md):
+// Where the pieces beat the float kernels (Intel Xeon with AMX, 2:4 INT8, docs/benchmarks.md):
 // each row ends in 3 reductions per batch row, which short rows do not repay. Batch 1 at K = 384
 // even (0.012 / 0.011 ms), from 768 on 1.1-1.6x faster; 2-8 rows at K = 2048 1.2-1.35x, 4096
-// 1.15-1.65x, 11008 1.15-1.4x, but at K = 1024 0.85-1.15x and at 384 0.6-0.9x.
-inline bool nm_pieces_pay(int64_t M, int64_t K) { return M == 1 ? K >= 512 : M <= 8 && K >= 2048; }
+// 1.15-1.65x, 11008 1.15-1.4x, but at K = 1024 0.85-1.15x and at 384 0.6-0.9x. Past 8 rows
+// against the transposed kernels (K = 4096, 11008): 9-12 rows 1.2-1.8x, 16 even, 24-32 0.7-0.95x.
+inline bool nm_pieces_pay(int64_t M, int64_t K) { return M == 1 ? K >= 512 : M <= 12 && K >= 2048; }
 
 // x [M, K] (row stride ldx, M <= st) transposed to [K, st] with zeros in columns M .. st - 1 for
 // the small-batch CSR kernels (st = csr_small_stride(M)), which run on AVX2 and AVX-512 CPUs.
