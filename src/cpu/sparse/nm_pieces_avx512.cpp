@@ -97,7 +97,8 @@ TS_NM_PIECES_TARGET void pieces_row(const SparseWeight& w, const SparseBatch& a,
   const uint8_t* x = xq + m0 * 3 * K;
   for (int64_t c = 0; c < blocks; ++c, v += kBlockBytes, idx += 8 * B, x += 3 * 128) {
     _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchAhead, _MM_HINT_T0);
-    if (c % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(idx) + kPrefetchAhead / 4, _MM_HINT_T0);
+    if (c * 8 * B % 64 < 8 * B)  // once per line of indices: the block that starts in its first 8B bytes
+      _mm_prefetch(reinterpret_cast<const char*>(idx) + kPrefetchAhead / 4, _MM_HINT_T0);
     const __m512i cols = slot_columns<B>(idx, d);
     const __m512i codes = block_codes<kInt4>(v);
     code_sum = _mm512_dpbusd_epi32(code_sum, ones, codes);
