@@ -109,6 +109,38 @@ TensorView values_view(Packed& p, DType dt, int64_t rows, int64_t cols) {
   return cols < 0 ? view1(p.values.data(), dt, rows) : view2(p.values.data(), dt, rows, cols);
 }
 
+// y = x @ W^T + bias for W = w * keep packed as n:m with values of dtype dt (uint8: int4 codes,
+// two per byte); dense: the unpacked W.
+struct NmLayer {
+  int64_t N, K, S, B, VC;
+  int n, m;
+  DType dt;
+  Packed p;
+  std::vector<float> dense;
+  NmLayer(std::vector<float> w, std::vector<uint8_t> keep, int64_t N_, int64_t K_, int n_, int m_, DType dt_)
+      : N(N_), K(K_), S(nm_slots(K_, n_, m_)), B(nm_index_bytes(K_, n_, m_)),
+        VC(dt_ == DType::kUInt8 ? (S + 15) / 16 * 8 : S), n(n_), m(m_), dt(dt_), dense(N_ * K_) {
+    p.values.resize(N * VC * vsize(dt));
+    p.indices.resize(N * B);
+    p.scales.resize(N);
+    TensorView sv = view1(p.scales.data(), DType::kFloat32, N);
+    nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), n, m,
+            values_view(p, dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), coded() ? &sv : nullptr);
+    nm_unpack(values_view(p, dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), coded() ? &sv : nullptr, n,
+              m, view2(dense.data(), DType::kFloat32, N, K));
+  }
+  bool coded() const { return dt == DType::kInt8 || dt == DType::kUInt8; }
+  std::vector<float> run(std::vector<float>& x, int64_t M, std::vector<float>& bias) {
+    std::vector<float> y(M * N, NAN), ws(sparse_linear_workspace(M, K) + 1);
+    TensorView sv = view1(p.scales.data(), DType::kFloat32, N), bv = view1(bias.data(), DType::kFloat32, N);
+    TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
+    nm_linear(view2(x.data(), DType::kFloat32, M, K), values_view(p, dt, N, VC),
+              view2(p.indices.data(), DType::kUInt8, N, B), coded() ? &sv : nullptr, &bv, n, m,
+              view2(y.data(), DType::kFloat32, M, N), &wsv);
+    return y;
+  }
+};
+
 TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
   IsaScope guard;
   const std::pair<int, int> nms[] = {{2, 4}, {1, 4}, {3, 4}, {4, 8}, {2, 8}, {1, 8}, {3, 8}, {5, 8}, {6, 8}, {7, 8}};
@@ -123,32 +155,13 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
         std::vector<float> w = random_weights(N * K, ++seed);
         std::vector<uint8_t> keep = nm_keep(w, N, K, n, m, sp, ++seed);
         for (DType dt : dts) {
-          const int64_t S = nm_slots(K, n, m), B = nm_index_bytes(K, n, m);
-          const int64_t VC = dt == DType::kUInt8 ? (S + 15) / 16 * 8 : S;  // value columns
-          Packed p;
-          p.values.resize(N * VC * vsize(dt));
-          p.indices.resize(N * B);
-          p.scales.resize(N);
-          TensorView sv = view1(p.scales.data(), DType::kFloat32, N);
-          const TensorView* sc = dt == DType::kInt8 || dt == DType::kUInt8 ? &sv : nullptr;
-          nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), n, m,
-                  values_view(p, dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), sc);
-          std::vector<float> dense(N * K);
-          nm_unpack(values_view(p, dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), sc, n, m,
-                    view2(dense.data(), DType::kFloat32, N, K));
+          NmLayer layer(w, keep, N, K, n, m, dt);
           for (int64_t M : {0, 1, 3, 5, 8, 17, 64}) {
             std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
-            std::vector<float> ws(sparse_linear_workspace(M, K) + 1);
-            TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
-            const Ref ref(dense, x, bias, M, N, K);
+            const Ref ref(layer.dense, x, bias, M, N, K);
             for (cpu::Isa isa : machine_isas()) {
               cpu::set_isa(isa);
-              std::vector<float> y(M * N, NAN);
-              TensorView bv = view1(bias.data(), DType::kFloat32, N);
-              nm_linear(view2(x.data(), DType::kFloat32, M, K), values_view(p, dt, N, VC),
-                        view2(p.indices.data(), DType::kUInt8, N, B), sc, &bv, n, m,
-                        view2(y.data(), DType::kFloat32, M, N), &wsv);
-              expect_close(y, ref,
+              expect_close(layer.run(x, M, bias), ref,
                            std::string(cpu::isa_name(isa)) + " " + std::to_string(n) + ":" + std::to_string(m) +
                                " " + dtype_name(dt) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
                                " M=" + std::to_string(M) + " sparsity=" + std::to_string(sp));
@@ -171,37 +184,6 @@ struct PiecesScope {
   bool saved;
 };
 
-// y = x @ W^T + bias for W = w * keep packed as n:m with int8 or int4 (dt uint8) codes; dense:
-// the unpacked W.
-struct NmCodedLayer {
-  int64_t N, K, S, B, VC;
-  int n, m;
-  DType dt;
-  Packed p;
-  std::vector<float> dense;
-  NmCodedLayer(std::vector<float> w, std::vector<uint8_t> keep, int64_t N_, int64_t K_, int n_, int m_, DType dt_)
-      : N(N_), K(K_), S(nm_slots(K_, n_, m_)), B(nm_index_bytes(K_, n_, m_)),
-        VC(dt_ == DType::kUInt8 ? (S + 15) / 16 * 8 : S), n(n_), m(m_), dt(dt_), dense(N_ * K_) {
-    p.values.resize(N * VC);
-    p.indices.resize(N * B);
-    p.scales.resize(N);
-    TensorView sv = view1(p.scales.data(), DType::kFloat32, N);
-    nm_pack(view2(w.data(), DType::kFloat32, N, K), view2(keep.data(), DType::kUInt8, N, K), n, m,
-            view2(p.values.data(), dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), &sv);
-    nm_unpack(view2(p.values.data(), dt, N, VC), view2(p.indices.data(), DType::kUInt8, N, B), &sv, n, m,
-              view2(dense.data(), DType::kFloat32, N, K));
-  }
-  std::vector<float> run(std::vector<float>& x, int64_t M, std::vector<float>& bias) {
-    std::vector<float> y(M * N, NAN), ws(sparse_linear_workspace(M, K) + 1);
-    TensorView sv = view1(p.scales.data(), DType::kFloat32, N), bv = view1(bias.data(), DType::kFloat32, N);
-    TensorView wsv = view1(ws.data(), DType::kFloat32, ws.size());
-    nm_linear(view2(x.data(), DType::kFloat32, M, K), view2(p.values.data(), dt, N, VC),
-              view2(p.indices.data(), DType::kUInt8, N, B), &sv, &bv, n, m, view2(y.data(), DType::kFloat32, M, N),
-              &wsv);
-    return y;
-  }
-};
-
 TEST(Sparse, NmCodedPiecesEveryIsaMatchesFloat64) {
   IsaScope guard;
   const std::pair<int, int> nms[] = {{2, 4}, {4, 8}, {1, 4}, {3, 4}};
@@ -213,7 +195,7 @@ TEST(Sparse, NmCodedPiecesEveryIsaMatchesFloat64) {
       for (double sp : {0.0, 0.5, 1.0}) {
         const std::vector<float> w = random_weights(N * K, ++seed);
         for (DType dt : {DType::kInt8, DType::kUInt8}) {
-          NmCodedLayer layer(w, nm_keep(w, N, K, n, m, sp, ++seed), N, K, n, m, dt);
+          NmLayer layer(w, nm_keep(w, N, K, n, m, sp, ++seed), N, K, n, m, dt);
           for (int64_t M : {1, 2, 3, 4, 5, 8, 9, 12, 13}) {
             std::vector<float> x = random_weights(M * K, ++seed), bias = random_weights(N, ++seed);
             const Ref ref(layer.dense, x, bias, M, N, K);
@@ -255,7 +237,7 @@ TEST(Sparse, NmCodedPiecesRunWhereDocumented) {
       w[1 * K + 0] = 1.0f;
       keep[1 * K + 0] = 1;
       for (DType dt : {DType::kInt8, DType::kUInt8}) {
-        NmCodedLayer layer(w, keep, N, K, n, m, dt);
+        NmLayer layer(w, keep, N, K, n, m, dt);
         for (int64_t M : {1, 2, 8, 12, 13}) {
           for (bool on : {true, false}) {
             const PiecesScope ps(on);

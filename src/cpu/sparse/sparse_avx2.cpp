@@ -565,9 +565,8 @@ TS_TARGET inline void transpose_block8(const float* x, int64_t M, int64_t ldx, i
 
 // st = 8 is one tile of the larger batches' kind (transpose_tile_avx2); st = 2 and 4 take 4
 // columns per step, rows past M read as zeros, the last K % 4 one element at a time. All of it
-// one element at a time, batch 8 of 4096
-// columns took ~17 us of a 4096 x 4096 90% product's ~0.5 ms (2-core Intel Xeon, thirty-seventh
-// session); this ~5 us.
+// one element at a time, batch 8 of 4096 columns took ~17 us of a 4096 x 4096 90% product's
+// ~0.5 ms (2-core Intel Xeon, thirty-seventh session); this ~5 us.
 TS_TARGET void transpose_small_avx2(const float* x, int64_t M, int64_t K, int64_t ldx, int st, float* xt) {
   if (st == 8) {  // one tile of 8 columns
     transpose_tile_avx2(x, M, ldx, 0, K, xt, 8);
