@@ -263,18 +263,28 @@ bool run_rows(const cpu::SparseWeight& w, const cpu::SparseBatch& a, cpu::Isa is
   return false;
 }
 
-// N:M INT8 / INT4 values on the integer units (nm_rows_pieces_avx512) where that kernel takes the
-// problem and x splits into pieces (no NaN / Inf, no subnormal step): out holds them as
-// unsigned bytes. False: the float kernels run.
-bool nm_pieces_split(const cpu::SparseWeight& w, const TensorView& x, cpu::ActivationPieces& out) {
+// N:M INT8 / INT4 values on the integer units (nm_rows_pieces_avx512, or nm_rows_pieces_avx2 for
+// 2:4) where a pieces kernel takes the problem and x splits into pieces (no NaN / Inf, no
+// subnormal step): out holds them as unsigned bytes in that kernel's order. kNone: the float
+// kernels run.
+enum class PiecesKernel { kNone, kAvx512, kAvx2 };
+PiecesKernel nm_pieces_split(const cpu::SparseWeight& w, const TensorView& x, cpu::ActivationPieces& out) {
   const bool codes = w.vdtype == DType::kInt8 || w.vdtype == cpu::kInt4Values;
   const bool takes = !w.csr && codes && w.m == 2 * w.n && w.K % cpu::kPieceBlock == 0 &&
-                     w.K <= cpu::kNmPiecesMaxK && cpu::nm_pieces_pay(x.shape[0], w.K);
-  const bool cpu_has = cpu::active_isa() == cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni() &&
-                       cpu::cpu_has_avx512_vbmi() && cpu::activation_pieces_enabled();
-  if (!takes || !cpu_has || !cpu::split_activation_pieces_avx512(x, w.K, false, out)) return false;
-  for (int8_t& q : out.q) q = static_cast<int8_t>(static_cast<uint8_t>(q) ^ 0x80u);
-  return true;
+                     w.K <= cpu::kNmPiecesMaxK && cpu::nm_pieces_pay(x.shape[0], w.K) &&
+                     cpu::activation_pieces_enabled();
+  if (!takes) return PiecesKernel::kNone;
+  if (cpu::active_isa() == cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni() && cpu::cpu_has_avx512_vbmi()) {
+    if (!cpu::split_activation_pieces_avx512(x, w.K, false, out)) return PiecesKernel::kNone;
+    for (int8_t& q : out.q) q = static_cast<int8_t>(static_cast<uint8_t>(q) ^ 0x80u);
+    return PiecesKernel::kAvx512;
+  }
+  if (cpu::active_isa() == cpu::Isa::kAVX2 && cpu::avx2_vnni() != cpu::AvxVnni::kNone && w.m == 4) {
+    if (!cpu::split_activation_pieces_avx2(x, w.K, out)) return PiecesKernel::kNone;
+    cpu::order_pieces_for_avx2(reinterpret_cast<uint8_t*>(out.q.data()), static_cast<int64_t>(out.q.size()));
+    return PiecesKernel::kAvx2;
+  }
+  return PiecesKernel::kNone;
 }
 
 void check_bias(const TensorView* bias, int64_t N, const char* fn) {
@@ -306,7 +316,8 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   a.bias = bias ? bias->ptr<float>() : nullptr;
   const cpu::Isa isa = cpu::active_isa();
   cpu::ActivationPieces pieces;
-  const bool on_pieces = nm_pieces_split(w, x, pieces);
+  const PiecesKernel pieces_kernel = nm_pieces_split(w, x, pieces);
+  const bool on_pieces = pieces_kernel != PiecesKernel::kNone;
   const bool transposed = !on_pieces && isa != cpu::Isa::kScalar &&
                           M > cpu::rowwise_max_m(w.csr, isa == cpu::Isa::kAVX512, w.n, w.m);
   const bool csr_small = isa != cpu::Isa::kScalar && w.csr && !transposed && M > 1;
@@ -327,8 +338,11 @@ void run_linear(const cpu::SparseWeight& w, const TensorView& x, const TensorVie
   }
   std::atomic<bool> bad{false};
   auto rows = [&](int64_t r0, int64_t r1) {
-    if (on_pieces)
-      cpu::nm_rows_pieces_avx512(w, a, reinterpret_cast<const uint8_t*>(pieces.q.data()), pieces.step.data(), r0, r1);
+    const uint8_t* xq = reinterpret_cast<const uint8_t*>(pieces.q.data());
+    if (pieces_kernel == PiecesKernel::kAvx512)
+      cpu::nm_rows_pieces_avx512(w, a, xq, pieces.step.data(), r0, r1);
+    else if (pieces_kernel == PiecesKernel::kAvx2)
+      cpu::nm_rows_pieces_avx2(w, a, xq, pieces.step.data(), r0, r1);
     else if (run_rows(w, a, isa, t_isa, transposed, r0, r1))
       bad.store(true);
   };

@@ -125,6 +125,14 @@ bool csr_rows_t_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, 
 // (ActivationPieces::q + 128), with steps the rows' steps.
 void nm_rows_pieces_avx512(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps,
                            int64_t r0, int64_t r1);
+// 2:4 only, on AVX2 with a 256-bit vpdpbusd (cpu::avx2_vnni; nm_pieces_avx2.cpp): xq as above
+// with each piece's 64-column halves ordered by order_pieces_for_avx2.
+void nm_rows_pieces_avx2(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps,
+                         int64_t r0, int64_t r1);
+// Pieces as split_activation_pieces_avx2 writes them (per 128-column block and piece, the 64 even
+// columns, then the 64 odd ones; bytes a multiple of 128) in place into nm_rows_pieces_avx2's
+// order, + 128: per 64 columns c0-15, c32-47, c16-31, c48-63.
+void order_pieces_for_avx2(uint8_t* q, int64_t bytes);
 // vpdpbusd sums 255 * 127 per slot into int32: K / 2 slots of 65536 columns stay below 2^31.
 constexpr int64_t kNmPiecesMaxK = 65536;
 // Where the pieces beat the float kernels (Intel Xeon with AMX, 2:4 INT8, docs/benchmarks.md):

@@ -1,0 +1,176 @@
+// 2:4 INT8 / INT4 values at small batches with integer products on AVX2 CPUs with a 256-bit
+// vpdpbusd (cpu::avx2_vnni: AVX-VNNI, as Intel's client cores from Alder Lake and its E-core
+// Xeons have without AVX-512, or AVX512-VNNI's EVEX form standing in), K a multiple of 128:
+// nm_pieces_avx512.cpp's scheme without its cross-lane byte permute. x is split into three int8
+// pieces per value (activation_pieces.h), stored +128 as unsigned bytes, each 64 columns of a
+// piece ordered c0-15, c32-47, c16-31, c48-63 (order_for_avx2), so that the 32 slots of a vector
+// (lane 0: columns 0-31, lane 1: 32-63) find their columns in the same 128-bit lane of two
+// loads: per slot one vpshufb on each (an index with bit 7 set reads 0) and an or pick the byte,
+// and vpdpbusd multiplies it with the code. Per 32 slots the 2-bit positions become byte
+// indices in ~9 uops (two nibbles per index byte, one vpshufb to spread them, a 16-bit multiply
+// by 65 to put a nibble's two fields in its word's two bytes). vpmaddubsw would saturate u8 x s8
+// pairs (no VNNI: the float kernels run, as for the dense pieces).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "../vnni_dot.h"
+#include "sparse_kernels.h"
+
+namespace tensorslim {
+namespace cpu {
+namespace {
+
+constexpr int kMaxRowsPerPass = 2;  // 3 accumulators per batch row: VEX vpdpbusd reaches ymm0-15 only
+
+// Constants of one 32-slot vector: `spread` picks, for word w of each lane (slots 2w, 2w + 1 of
+// the lane), the nibble holding both fields (index bytes' low nibbles in bytes 0-7 of the
+// source, high ones in 8-15); base0 / base1: the column of the slot's group within its lane's
+// 32, + 0x70 (reads X0 while < 16) or - 16 (reads X1 from 16).
+struct Decode {
+  __m256i spread, base0, base1, to_slots;
+};
+
+Decode make_decode() {
+  alignas(32) uint8_t spread[32], base0[32], base1[32], to_slots[32];
+  for (int lane = 0; lane < 2; ++lane) {
+    for (int b = 0; b < 16; ++b) {
+      const int slot = 16 * lane + b, i = 16 * lane + b;
+      if (b % 2 == 0) spread[i] = static_cast<uint8_t>((slot % 4 == 0 ? 0 : 8) + slot / 4);
+      else spread[i] = 0x80;
+      const int col = 4 * (b / 2);  // 2:4: slot pairs share a group of 4 columns
+      base0[i] = static_cast<uint8_t>(col + 0x70);
+      base1[i] = static_cast<uint8_t>(col - 16);
+      // INT4: bytes 0-7 of a lane hold the word's low nibbles (slots 0, 4, 8, 12, 1, 5, 9, 13),
+      // bytes 8-15 its high ones (2, 6, 10, 14, 3, 7, 11, 15); slot s sits at 4 (s % 4) + s / 4
+      to_slots[i] = static_cast<uint8_t>(4 * (b % 4) + b / 4);
+    }
+  }
+  auto load = [](const uint8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); };
+  return {load(spread), load(base0), load(base1), load(to_slots)};
+}
+
+// The 32 slots' byte indices into X0 (idx0) and X1 (idx1) from their 8 index bytes.
+inline void slot_indices(const uint8_t* idx, const Decode& d, __m256i& idx0, __m256i& idx1) {
+  long long bits;
+  std::memcpy(&bits, idx, 8);
+  const __m256i v = _mm256_set1_epi64x(bits), low4 = _mm256_set1_epi8(0x0F);
+  const __m256i nibbles = _mm256_unpacklo_epi64(_mm256_and_si256(v, low4),
+                                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+  // word = nibble * 65: the first field in bits 0-1, the second (nibble bits 2-3) in bits 8-9
+  const __m256i words = _mm256_mullo_epi16(_mm256_shuffle_epi8(nibbles, d.spread), _mm256_set1_epi16(65));
+  const __m256i pos = _mm256_and_si256(words, _mm256_set1_epi8(3));
+  idx0 = _mm256_add_epi8(pos, d.base0);
+  idx1 = _mm256_add_epi8(pos, d.base1);
+}
+
+// The 32 codes of a half block in slot order (INT4: 16 x the code, nibble moved to the top).
+template <bool kInt4>
+inline __m256i half_codes(const uint8_t* v, const Decode& d) {
+  if constexpr (!kInt4) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  } else {
+    long long q[2];
+    std::memcpy(q, v, 16);
+    const __m256i words = _mm256_setr_epi64x(q[0], q[0], q[1], q[1]);  // lane i: word i, twice
+    const __m256i high = _mm256_set1_epi8(static_cast<char>(0xF0));
+    const __m256i lo = _mm256_and_si256(_mm256_slli_epi16(words, 4), high), hi = _mm256_and_si256(words, high);
+    return _mm256_shuffle_epi8(_mm256_blend_epi32(lo, hi, 0xCC), d.to_slots);  // bytes 8-15: high nibbles
+  }
+}
+
+inline int64_t hsum_epi32(__m256i v) {
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+  int64_t s = 0;
+  for (int32_t e : t) s += e;
+  return s;
+}
+
+template <class Dot, int MB, bool kInt4>
+void pieces_row(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps, const Decode& d,
+                int64_t r, int64_t m0) {
+  const int64_t K = w.K, blocks = K / 128;
+  constexpr int kHalfBytes = kInt4 ? 16 : 32;
+  const uint8_t* v = static_cast<const uint8_t*>(w.values) + r * w.val_stride / (kInt4 ? 2 : 1);
+  const uint8_t* idx = w.indices + r * w.idx_row_bytes;
+  const __m256i ones = _mm256_set1_epi8(1);
+  __m256i acc[MB][3], code_sum = _mm256_setzero_si256();
+  for (auto& row : acc)
+    for (auto& p : row) p = _mm256_setzero_si256();
+  const uint8_t* x = xq + m0 * 3 * K;
+  for (int64_t c = 0; c < blocks; ++c, x += 3 * 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchAhead, _MM_HINT_T0);
+    if (c % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(idx) + kPrefetchAhead / 4, _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h, v += kHalfBytes, idx += 8) {
+      __m256i idx0, idx1;
+      slot_indices(idx, d, idx0, idx1);
+      const __m256i codes = half_codes<kInt4>(v, d);
+      code_sum = Dot::dpbusd(code_sum, ones, codes);
+      for (int mb = 0; mb < MB; ++mb) {
+        for (int j = 0; j < 3; ++j) {
+          const uint8_t* p = x + mb * 3 * K + j * 128 + 64 * h;
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+          const __m256i picked = _mm256_or_si256(_mm256_shuffle_epi8(x0, idx0), _mm256_shuffle_epi8(x1, idx1));
+          acc[mb][j] = Dot::dpbusd(acc[mb][j], picked, codes);
+        }
+      }
+    }
+  }
+  const int64_t offset = 128 * hsum_epi32(code_sum);
+  const float scale = w.scales[r], bias = a.bias ? a.bias[r] : 0.0f;
+  for (int mb = 0; mb < MB; ++mb) {
+    const int64_t h = hsum_epi32(acc[mb][0]) - offset;
+    const int64_t l1 = hsum_epi32(acc[mb][1]) - offset;
+    const int64_t l2 = hsum_epi32(acc[mb][2]) - offset;
+    const double dot = (static_cast<double>(h) + static_cast<double>(l1) / 254.0 +
+                        static_cast<double>(l2) / (254.0 * 254.0)) / (kInt4 ? 16.0 : 1.0);
+    a.y[(m0 + mb) * a.ldy + r] = static_cast<float>(dot * steps[m0 + mb]) * scale + bias;
+  }
+}
+
+template <class Dot, bool kInt4>
+void pieces_rows(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps, int64_t r0,
+                 int64_t r1) {
+  const Decode d = make_decode();
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t m0 = 0;
+    for (; m0 + 2 <= a.M; m0 += 2) pieces_row<Dot, 2, kInt4>(w, a, xq, steps, d, r, m0);
+    if (m0 < a.M) pieces_row<Dot, 1, kInt4>(w, a, xq, steps, d, r, m0);
+  }
+}
+
+}  // namespace
+
+void order_pieces_for_avx2(uint8_t* q, int64_t bytes) {
+  for (int64_t o = 0; o + 128 <= bytes; o += 128) {  // one piece of one block: 64 even k, 64 odd k
+    __m128i out[8];
+    for (int i = 0; i < 4; ++i) {
+      const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + o + 16 * i));
+      const __m128i od = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + o + 64 + 16 * i));
+      out[2 * i] = _mm_unpacklo_epi8(e, od);      // columns 32i .. 32i + 15
+      out[2 * i + 1] = _mm_unpackhi_epi8(e, od);  // 32i + 16 .. 32i + 31
+    }
+    static constexpr int kChunk[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // c0-15, c32-47, c16-31, c48-63 per 64
+    for (int i = 0; i < 8; ++i)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + o + 16 * i), _mm_xor_si128(out[kChunk[i]], _mm_set1_epi8(-128)));
+  }
+}
+
+void nm_rows_pieces_avx2(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps,
+                         int64_t r0, int64_t r1) {
+  const bool int4 = w.vdtype == kInt4Values;
+  with_vnni256(avx2_vnni(), [&](auto dot) {
+    using Dot = decltype(dot);
+    if constexpr (!std::is_same_v<Dot, NoVnni>) {
+      if (int4) pieces_rows<Dot, true>(w, a, xq, steps, r0, r1);
+      else pieces_rows<Dot, false>(w, a, xq, steps, r0, r1);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace tensorslim
