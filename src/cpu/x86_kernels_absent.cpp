@@ -116,6 +116,10 @@ bool csr_rows_t_avx512(const SparseWeight&, const SparseBatch&, int64_t, int64_t
 void nm_rows_pieces_avx512(const SparseWeight&, const SparseBatch&, const uint8_t*, const float*, int64_t, int64_t) {
   absent("nm_rows_pieces_avx512");
 }
+void nm_rows_pieces_avx2(const SparseWeight&, const SparseBatch&, const uint8_t*, const float*, int64_t, int64_t) {
+  absent("nm_rows_pieces_avx2");
+}
+void order_pieces_for_avx2(uint8_t*, int64_t) { absent("order_pieces_for_avx2"); }
 void transpose_small_avx2(const float*, int64_t, int64_t, int64_t, int, float*) { absent("transpose_small_avx2"); }
 void transpose_tile_avx2(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {
   absent("transpose_tile_avx2");

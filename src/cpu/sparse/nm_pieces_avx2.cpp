@@ -54,9 +54,9 @@ Decode make_decode() {
 
 // The 32 slots' byte indices into X0 (idx0) and X1 (idx1) from their 8 index bytes.
 inline void slot_indices(const uint8_t* idx, const Decode& d, __m256i& idx0, __m256i& idx1) {
-  long long bits;
-  std::memcpy(&bits, idx, 8);
-  const __m256i v = _mm256_set1_epi64x(bits), low4 = _mm256_set1_epi8(0x0F);
+  // broadcast from memory: a load-port uop, where set1 from a register took two port-5 ones
+  const __m256i v = _mm256_castpd_si256(_mm256_broadcast_sd(reinterpret_cast<const double*>(idx)));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i nibbles = _mm256_unpacklo_epi64(_mm256_and_si256(v, low4),
                                                 _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
   // word = nibble * 65: the first field in bits 0-1, the second (nibble bits 2-3) in bits 8-9
