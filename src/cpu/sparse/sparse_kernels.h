@@ -140,6 +140,9 @@ constexpr int64_t kNmPiecesMaxK = 65536;
 // even (0.012 / 0.011 ms), from 768 on 1.1-1.6x faster; 2-8 rows at K = 2048 1.2-1.35x, 4096
 // 1.15-1.65x, 11008 1.15-1.4x, but at K = 1024 0.85-1.15x and at 384 0.6-0.9x. Past 8 rows
 // against the transposed kernels (K = 4096, 11008): 9-12 rows 1.2-1.8x, 16 even, 24-32 0.7-0.95x.
+// The AVX2 kernel (2:4, the same Xeon on its AVX2 paths) by the same rule: batch 1 1.3x at
+// 384 x 1536, 1.4-1.9x at K = 1024-4096; 2-12 rows at K = 2048-4096 1.15-1.65x; where the rule
+// says no (K = 384, 1024-1536 past 1 row, 13-16 rows) 0.93-1.03x.
 inline bool nm_pieces_pay(int64_t M, int64_t K) { return M == 1 ? K >= 512 : M <= 12 && K >= 2048; }
 
 // x [M, K] (row stride ldx, M <= st) transposed to [K, st] with zeros in columns M .. st - 1 for
