@@ -3,7 +3,7 @@
 // Xeons have without AVX-512, or AVX512-VNNI's EVEX form standing in), K a multiple of 128:
 // nm_pieces_avx512.cpp's scheme without its cross-lane byte permute. x is split into three int8
 // pieces per value (activation_pieces.h), stored +128 as unsigned bytes, each 64 columns of a
-// piece ordered c0-15, c32-47, c16-31, c48-63 (order_for_avx2), so that the 32 slots of a vector
+// piece ordered c0-15, c32-47, c16-31, c48-63 (order_pieces_for_avx2), so that the 32 slots of a vector
 // (lane 0: columns 0-31, lane 1: 32-63) find their columns in the same 128-bit lane of two
 // loads: per slot one vpshufb on each (an index with bit 7 set reads 0) and an or pick the byte,
 // and vpdpbusd multiplies it with the code. Per 32 slots the 2-bit positions become byte
@@ -24,6 +24,7 @@ namespace cpu {
 namespace {
 
 constexpr int kMaxRowsPerPass = 2;  // 3 accumulators per batch row: VEX vpdpbusd reaches ymm0-15 only
+static_assert(kMaxRowsPerPass == 2, "pieces_rows runs the last odd batch row alone");
 
 // Constants of one 32-slot vector: `spread` picks, for word w of each lane (slots 2w, 2w + 1 of
 // the lane), the nibble holding both fields (index bytes' low nibbles in bytes 0-7 of the
@@ -138,7 +139,8 @@ void pieces_rows(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq,
   const Decode d = make_decode();
   for (int64_t r = r0; r < r1; ++r) {
     int64_t m0 = 0;
-    for (; m0 + 2 <= a.M; m0 += 2) pieces_row<Dot, 2, kInt4>(w, a, xq, steps, d, r, m0);
+    for (; m0 + kMaxRowsPerPass <= a.M; m0 += kMaxRowsPerPass)
+      pieces_row<Dot, kMaxRowsPerPass, kInt4>(w, a, xq, steps, d, r, m0);
     if (m0 < a.M) pieces_row<Dot, 1, kInt4>(w, a, xq, steps, d, r, m0);
   }
 }
@@ -165,7 +167,7 @@ void nm_rows_pieces_avx2(const SparseWeight& w, const SparseBatch& a, const uint
   const bool int4 = w.vdtype == kInt4Values;
   with_vnni256(avx2_vnni(), [&](auto dot) {
     using Dot = decltype(dot);
-    if constexpr (!std::is_same_v<Dot, NoVnni>) {
+    if constexpr (!std::is_same_v<Dot, NoVnni>) {  // nm_pieces_split takes this kernel only with one
       if (int4) pieces_rows<Dot, true>(w, a, xq, steps, r0, r1);
       else pieces_rows<Dot, false>(w, a, xq, steps, r0, r1);
     }
