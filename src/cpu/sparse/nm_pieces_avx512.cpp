@@ -115,12 +115,10 @@ TS_NM_PIECES_TARGET void pieces_row(const SparseWeight& w, const SparseBatch& a,
   const int64_t offset = 128 * static_cast<int64_t>(_mm512_reduce_add_epi32(code_sum));
   const float scale = w.scales[r], bias = a.bias ? a.bias[r] : 0.0f;
   for (int mb = 0; mb < MB; ++mb) {
-    const int64_t h = _mm512_reduce_add_epi32(acc[mb][0]) - offset;
-    const int64_t l1 = _mm512_reduce_add_epi32(acc[mb][1]) - offset;
-    const int64_t l2 = _mm512_reduce_add_epi32(acc[mb][2]) - offset;
-    const double dot = (static_cast<double>(h) + static_cast<double>(l1) / 254.0 +
-                        static_cast<double>(l2) / (254.0 * 254.0)) / (kInt4 ? 16.0 : 1.0);
-    a.y[(m0 + mb) * a.ldy + r] = static_cast<float>(dot * steps[m0 + mb]) * scale + bias;
+    const int64_t h = _mm512_reduce_add_epi32(acc[mb][0]), l1 = _mm512_reduce_add_epi32(acc[mb][1]),
+                  l2 = _mm512_reduce_add_epi32(acc[mb][2]);
+    a.y[(m0 + mb) * a.ldy + r] =
+        pieces_output(h - offset, l1 - offset, l2 - offset, kInt4, steps[m0 + mb], scale, bias);
   }
 }
 

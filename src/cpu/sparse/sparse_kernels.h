@@ -133,6 +133,13 @@ void nm_rows_pieces_avx2(const SparseWeight& w, const SparseBatch& a, const uint
 // columns, then the 64 odd ones; bytes a multiple of 128) in place into nm_rows_pieces_avx2's
 // order, + 128: per 64 columns c0-15, c32-47, c16-31, c48-63.
 void order_pieces_for_avx2(uint8_t* q, int64_t bytes);
+// A pieces kernel's output for one batch row from the three pieces' integer dot products (their
+// +128 offsets taken off): h + l1 / 254 + l2 / 254^2 in double, / 16 for INT4's shifted codes.
+inline float pieces_output(int64_t h, int64_t l1, int64_t l2, bool int4, float step, float scale, float bias) {
+  const double dot = (static_cast<double>(h) + static_cast<double>(l1) / 254.0 +
+                      static_cast<double>(l2) / (254.0 * 254.0)) / (int4 ? 16.0 : 1.0);
+  return static_cast<float>(dot * step) * scale + bias;
+}
 // vpdpbusd sums 255 * 127 per slot into int32: K / 2 slots of 65536 columns stay below 2^31.
 constexpr int64_t kNmPiecesMaxK = 65536;
 // Where the pieces beat the float kernels (Intel Xeon with AMX, 2:4 INT8, docs/benchmarks.md):
