@@ -178,8 +178,8 @@ TEST(Sparse, NmLinearEveryIsaMatchesFloat64) {
 }
 
 // N:M INT8 and INT4 values with m = 2n and K a multiple of 128 run on integer units at up to 12
-// batch rows on AVX-512 VNNI + VBMI CPUs (x as activation pieces, nm_pieces_avx512.cpp), and 2:4
-// on the AVX2 kernels with vpdpbusd (nm_pieces_avx2.cpp): every ISA (AVX2 with and without
+// batch rows on AVX-512 VNNI + VBMI CPUs (x as activation pieces, nm_pieces_avx512.cpp) and on
+// the AVX2 kernels with vpdpbusd (nm_pieces_avx2.cpp): every ISA (AVX2 with and without
 // vpdpbusd) with the pieces switched on and off, on the shapes those kernels take (and 1:4, 3:4,
 // which they do not).
 struct PiecesScope {
@@ -229,12 +229,12 @@ TEST(Sparse, NmCodedPiecesEveryIsaMatchesFloat64) {
 
 // Where the pieces run, x is kept to within ~6e-8 * max|x| of each row (activation_pieces.h):
 // a value below that vanishes, as in the dense pieces kernels. That tells which kernel ran: the
-// pieces on AVX-512 VNNI + VBMI for 2:4 and 4:8 INT8 / INT4 (on AVX2 with vpdpbusd for 2:4) at
+// pieces on AVX-512 VNNI + VBMI and on AVX2 with vpdpbusd for 2:4 and 4:8 INT8 / INT4 at
 // batch 1 from K = 512 and at 2..12 rows from K = 2048 (cpu::nm_pieces_pay), the float kernels
 // at 13 rows, K = 2052 (not a multiple of 128), other patterns, AVX2 without vpdpbusd, or with
 // the pieces off. A row holding Inf falls back to the float kernels for the whole batch (Inf or
-// NaN in its outputs, as they give them). only_2_4: the AVX2 kernel's patterns.
-void expect_pieces_where_documented(bool has_pieces, bool only_2_4) {
+// NaN in its outputs, as they give them).
+void expect_pieces_where_documented(bool has_pieces) {
   for (auto [n, m] : {std::pair<int, int>{2, 4}, {4, 8}, {1, 4}}) {
     for (int64_t K : {512, 2048, 2052}) {
       const int64_t N = 3;
@@ -253,8 +253,8 @@ void expect_pieces_where_documented(bool has_pieces, bool only_2_4) {
               x[i * K + 8] = 1.0f;
               x[i * K + 0] = 3e-8f;
             }
-            const bool pieces_run = has_pieces && on && n * 2 == m && (!only_2_4 || m == 4) && K % 128 == 0 &&
-                                    (M == 1 || (M <= 12 && K >= 2048));
+            const bool pieces_run =
+                has_pieces && on && n * 2 == m && K % 128 == 0 && (M == 1 || (M <= 12 && K >= 2048));
             std::vector<float> y = layer.run(x, M, bias);
             for (int64_t i = 0; i < M; ++i)
               EXPECT_NEAR(y[i * N + 1], pieces_run ? 0.0 : 3e-8, pieces_run ? 0.0 : 1e-13)
@@ -275,15 +275,14 @@ TEST(Sparse, NmCodedPiecesRunWhereDocumented) {
   {
     IsaScope guard(cpu::best_isa());
     expect_pieces_where_documented(cpu::best_isa() == cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni() &&
-                                       cpu::cpu_has_avx512_vbmi(),
-                                   false);
+                                   cpu::cpu_has_avx512_vbmi());
   }
   if (cpu::best_isa() < cpu::Isa::kAVX2) return;
-  IsaScope guard(cpu::Isa::kAVX2);  // 2:4 only, and only with vpdpbusd
+  IsaScope guard(cpu::Isa::kAVX2);  // only with vpdpbusd
   for (bool dot : avx2_vnni_settings()) {
     Avx2VnniScope dot_scope(dot);
     SCOPED_TRACE(dot ? "AVX2 with vpdpbusd" : "AVX2 without vpdpbusd");
-    expect_pieces_where_documented(dot, true);
+    expect_pieces_where_documented(dot);
   }
 }
 

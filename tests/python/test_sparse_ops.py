@@ -200,8 +200,8 @@ def test_sparse_gathers_and_scalar_loads_agree_bit_for_bit(isa, dtype):
 def test_nm_codes_on_activation_pieces(isa, n, m, dtype):
     # Where the CPU has AVX-512 VNNI + VBMI, 2:4 / 4:8 int8 / int4 layers with in_features a
     # multiple of 128 run batches 1-12 (2-12 from 2048 columns) on integer units with x as int8
-    # pieces (docs/sparsity.md), and 2:4 ones on the AVX2 kernels with vpdpbusd (the AVX2 pass
-    # with TENSORSLIM_AVX2_VNNI=1); elsewhere and with the pieces off, the float kernels. Both
+    # pieces (docs/sparsity.md), as on the AVX2 kernels with vpdpbusd (the AVX2 pass with
+    # TENSORSLIM_AVX2_VNNI=1); elsewhere and with the pieces off, the float kernels. Both
     # within the float64 bound, whichever runs.
     g = torch.Generator().manual_seed(n * 10 + m)
     w = torch.randn(23, 2048, generator=g)

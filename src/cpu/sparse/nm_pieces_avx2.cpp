@@ -1,4 +1,4 @@
-// 2:4 INT8 / INT4 values at small batches with integer products on AVX2 CPUs with a 256-bit
+// 2:4 and 4:8 INT8 / INT4 values at small batches with integer products on AVX2 CPUs with a 256-bit
 // vpdpbusd (cpu::avx2_vnni: AVX-VNNI, as Intel's client cores from Alder Lake and its E-core
 // Xeons have without AVX-512, or AVX512-VNNI's EVEX form standing in), K a multiple of 128:
 // nm_pieces_avx512.cpp's scheme without its cross-lane byte permute. x is split into three int8
@@ -6,10 +6,12 @@
 // piece ordered c0-15, c32-47, c16-31, c48-63 (order_pieces_for_avx2), so that the 32 slots of a vector
 // (lane 0: columns 0-31, lane 1: 32-63) find their columns in the same 128-bit lane of two
 // loads: per slot one vpshufb on each (an index with bit 7 set reads 0) and an or pick the byte,
-// and vpdpbusd multiplies it with the code. Per 32 slots the 2-bit positions become byte
-// indices in ~9 uops (two nibbles per index byte, one vpshufb to spread them, a 16-bit multiply
-// by 65 to put a nibble's two fields in its word's two bytes). vpmaddubsw would saturate u8 x s8
-// pairs (no VNNI: the float kernels run, as for the dense pieces).
+// and vpdpbusd multiplies it with the code. Per 32 slots the positions become byte indices in
+// 9-11 uops: 2:4's two nibbles per index byte, one vpshufb to spread them and a 16-bit multiply
+// by 65 to put a nibble's two fields in its word's two bytes; 4:8's 6-bit field pairs, one
+// vpshufb to put the two bytes holding a pair in its word and one vpmulhuw to shift it down.
+// vpmaddubsw would saturate u8 x s8 pairs (no VNNI: the float kernels run, as for the dense
+// pieces).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -26,22 +28,33 @@ namespace {
 constexpr int kMaxRowsPerPass = 2;  // 3 accumulators per batch row: VEX vpdpbusd reaches ymm0-15 only
 static_assert(kMaxRowsPerPass == 2, "pieces_rows runs the last odd batch row alone");
 
-// Constants of one 32-slot vector: `spread` picks, for word w of each lane (slots 2w, 2w + 1 of
-// the lane), the nibble holding both fields (index bytes' low nibbles in bytes 0-7 of the
-// source, high ones in 8-15); base0 / base1: the column of the slot's group within its lane's
-// 32, + 0x70 (reads X0 while < 16) or - 16 (reads X1 from 16).
+// Constants of one 32-slot vector. 2:4 (B = 2): `spread` picks, for word w of each lane (slots
+// 2w, 2w + 1 of the lane), the nibble holding both fields (index bytes' low nibbles in bytes 0-7
+// of the source, high ones in 8-15). 4:8 (B = 3): the two index bytes holding the pair's 6 bits
+// (the byte before them where the pair starts a byte, so every shift is 2-8 bits), and
+// `shift_mul` the vpmulhuw factor 2^(16 - shift) that moves them to bits 0-5. base0 / base1: the
+// column of the slot's group within its lane's 32, + 0x70 (reads X0 while < 16) or - 16 (reads X1
+// from 16).
 struct Decode {
-  __m256i spread, base0, base1, to_slots;
+  __m256i spread, shift_mul, base0, base1, to_slots;
 };
 
-Decode make_decode() {
+Decode make_decode(int B) {
   alignas(32) uint8_t spread[32], base0[32], base1[32], to_slots[32];
+  alignas(32) uint16_t shift_mul[16] = {};
   for (int lane = 0; lane < 2; ++lane) {
     for (int b = 0; b < 16; ++b) {
       const int slot = 16 * lane + b, i = 16 * lane + b;
-      if (b % 2 == 0) spread[i] = static_cast<uint8_t>((slot % 4 == 0 ? 0 : 8) + slot / 4);
-      else spread[i] = 0x80;
-      const int col = 4 * (b / 2);  // 2:4: slot pairs share a group of 4 columns
+      if (B == 2) {
+        if (b % 2 == 0) spread[i] = static_cast<uint8_t>((slot % 4 == 0 ? 0 : 8) + slot / 4);
+        else spread[i] = 0x80;
+      } else {
+        const int bit = 3 * (slot - slot % 2), first = bit / 8 - (bit % 8 == 0 ? 1 : 0);
+        const int byte = first + b % 2;  // the word's low byte, then its high one
+        spread[i] = byte < 0 ? 0x80 : static_cast<uint8_t>(byte);
+        shift_mul[i / 2] = static_cast<uint16_t>(1u << (16 - (bit - 8 * first)));
+      }
+      const int col = B == 2 ? 4 * (b / 2) : 8 * (b / 4);  // the slot's group: 2 of 4, 4 of 8 columns
       base0[i] = static_cast<uint8_t>(col + 0x70);
       base1[i] = static_cast<uint8_t>(col - 16);
       // INT4: bytes 0-7 of a lane hold the word's low nibbles (slots 0, 4, 8, 12, 1, 5, 9, 13),
@@ -50,11 +63,23 @@ Decode make_decode() {
     }
   }
   auto load = [](const uint8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); };
-  return {load(spread), load(base0), load(base1), load(to_slots)};
+  return {load(spread), load(reinterpret_cast<const uint8_t*>(shift_mul)), load(base0), load(base1), load(to_slots)};
 }
 
-// The 32 slots' byte indices into X0 (idx0) and X1 (idx1) from their 8 index bytes.
+// The 32 slots' byte indices into X0 (idx0) and X1 (idx1) from their 4 B index bytes.
+template <int B>
 inline void slot_indices(const uint8_t* idx, const Decode& d, __m256i& idx0, __m256i& idx1) {
+  if constexpr (B == 3) {
+    // 12 bytes, the masked dword not read (the row's last ones end its buffer)
+    const __m128i raw = _mm_maskload_epi32(reinterpret_cast<const int*>(idx), _mm_setr_epi32(-1, -1, -1, 0));
+    const __m256i pair = _mm256_mulhi_epu16(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), d.spread),
+                                            d.shift_mul);  // bits 0-2: the first field, 3-5: the second
+    const __m256i pos = _mm256_or_si256(_mm256_and_si256(pair, _mm256_set1_epi16(7)),
+                                        _mm256_and_si256(_mm256_slli_epi16(pair, 5), _mm256_set1_epi16(0x700)));
+    idx0 = _mm256_add_epi8(pos, d.base0);
+    idx1 = _mm256_add_epi8(pos, d.base1);
+    return;
+  }
   // broadcast from memory: a load-port uop, where set1 from a register took two port-5 ones
   const __m256i v = _mm256_castpd_si256(_mm256_broadcast_sd(reinterpret_cast<const double*>(idx)));
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -90,7 +115,7 @@ inline int64_t hsum_epi32(__m256i v) {
   return s;
 }
 
-template <class Dot, int MB, bool kInt4>
+template <class Dot, int B, int MB, bool kInt4>
 void pieces_row(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps, const Decode& d,
                 int64_t r, int64_t m0) {
   const int64_t K = w.K, blocks = K / 128;
@@ -104,10 +129,11 @@ void pieces_row(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, 
   const uint8_t* x = xq + m0 * 3 * K;
   for (int64_t c = 0; c < blocks; ++c, x += 3 * 128) {
     _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchAhead, _MM_HINT_T0);
-    if (c % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(idx) + kPrefetchAhead / 4, _MM_HINT_T0);
-    for (int h = 0; h < 2; ++h, v += kHalfBytes, idx += 8) {
+    if (c * 8 * B % 64 < 8 * B)  // once per line of indices, as the AVX-512 kernel
+      _mm_prefetch(reinterpret_cast<const char*>(idx) + kPrefetchAhead / 4, _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h, v += kHalfBytes, idx += 4 * B) {
       __m256i idx0, idx1;
-      slot_indices(idx, d, idx0, idx1);
+      slot_indices<B>(idx, d, idx0, idx1);
       const __m256i codes = half_codes<kInt4>(v, d);
       code_sum = Dot::dpbusd(code_sum, ones, codes);
       for (int mb = 0; mb < MB; ++mb) {
@@ -130,15 +156,15 @@ void pieces_row(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, 
   }
 }
 
-template <class Dot, bool kInt4>
+template <class Dot, int B, bool kInt4>
 void pieces_rows(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps, int64_t r0,
                  int64_t r1) {
-  const Decode d = make_decode();
+  const Decode d = make_decode(B);
   for (int64_t r = r0; r < r1; ++r) {
     int64_t m0 = 0;
     for (; m0 + kMaxRowsPerPass <= a.M; m0 += kMaxRowsPerPass)
-      pieces_row<Dot, kMaxRowsPerPass, kInt4>(w, a, xq, steps, d, r, m0);
-    if (m0 < a.M) pieces_row<Dot, 1, kInt4>(w, a, xq, steps, d, r, m0);
+      pieces_row<Dot, B, kMaxRowsPerPass, kInt4>(w, a, xq, steps, d, r, m0);
+    if (m0 < a.M) pieces_row<Dot, B, 1, kInt4>(w, a, xq, steps, d, r, m0);
   }
 }
 
@@ -165,8 +191,10 @@ void nm_rows_pieces_avx2(const SparseWeight& w, const SparseBatch& a, const uint
   with_vnni256(avx2_vnni(), [&](auto dot) {
     using Dot = decltype(dot);
     if constexpr (!std::is_same_v<Dot, NoVnni>) {  // nm_pieces_split takes this kernel only with one
-      if (int4) pieces_rows<Dot, true>(w, a, xq, steps, r0, r1);
-      else pieces_rows<Dot, false>(w, a, xq, steps, r0, r1);
+      if (w.b == 2) int4 ? pieces_rows<Dot, 2, true>(w, a, xq, steps, r0, r1)
+                         : pieces_rows<Dot, 2, false>(w, a, xq, steps, r0, r1);
+      else int4 ? pieces_rows<Dot, 3, true>(w, a, xq, steps, r0, r1)
+                : pieces_rows<Dot, 3, false>(w, a, xq, steps, r0, r1);
     }
   });
 }

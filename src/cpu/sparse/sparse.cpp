@@ -263,8 +263,7 @@ bool run_rows(const cpu::SparseWeight& w, const cpu::SparseBatch& a, cpu::Isa is
   return false;
 }
 
-// N:M INT8 / INT4 values on the integer units (nm_rows_pieces_avx512, or nm_rows_pieces_avx2 for
-// 2:4) where a pieces kernel takes the problem and x splits into pieces (no NaN / Inf, no
+// N:M INT8 / INT4 values on the integer units (nm_rows_pieces_avx512 or nm_rows_pieces_avx2) where a pieces kernel takes the problem and x splits into pieces (no NaN / Inf, no
 // subnormal step): out holds them as unsigned bytes in that kernel's order. kNone: the float
 // kernels run.
 enum class PiecesKernel { kNone, kAvx512, kAvx2 };
@@ -279,7 +278,7 @@ PiecesKernel nm_pieces_split(const cpu::SparseWeight& w, const TensorView& x, cp
     for (int8_t& q : out.q) q = static_cast<int8_t>(static_cast<uint8_t>(q) ^ 0x80u);
     return PiecesKernel::kAvx512;
   }
-  if (cpu::active_isa() == cpu::Isa::kAVX2 && cpu::avx2_vnni() != cpu::AvxVnni::kNone && w.m == 4) {
+  if (cpu::active_isa() == cpu::Isa::kAVX2 && cpu::avx2_vnni() != cpu::AvxVnni::kNone) {
     if (!cpu::split_activation_pieces_avx2(x, w.K, out)) return PiecesKernel::kNone;
     cpu::order_pieces_for_avx2(reinterpret_cast<uint8_t*>(out.q.data()), static_cast<int64_t>(out.q.size()));
     return PiecesKernel::kAvx2;

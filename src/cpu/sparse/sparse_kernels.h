@@ -125,7 +125,7 @@ bool csr_rows_t_avx512(const SparseWeight& w, const SparseBatch& a, int64_t r0, 
 // (ActivationPieces::q + 128), with steps the rows' steps.
 void nm_rows_pieces_avx512(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps,
                            int64_t r0, int64_t r1);
-// 2:4 only, on AVX2 with a 256-bit vpdpbusd (cpu::avx2_vnni; nm_pieces_avx2.cpp): xq as above
+// The same on AVX2 with a 256-bit vpdpbusd (cpu::avx2_vnni; nm_pieces_avx2.cpp): xq as above
 // with each piece's 64-column halves ordered by order_pieces_for_avx2.
 void nm_rows_pieces_avx2(const SparseWeight& w, const SparseBatch& a, const uint8_t* xq, const float* steps,
                          int64_t r0, int64_t r1);
@@ -147,9 +147,10 @@ constexpr int64_t kNmPiecesMaxK = 65536;
 // even (0.012 / 0.011 ms), from 768 on 1.1-1.6x faster; 2-8 rows at K = 2048 1.2-1.35x, 4096
 // 1.15-1.65x, 11008 1.15-1.4x, but at K = 1024 0.85-1.15x and at 384 0.6-0.9x. Past 8 rows
 // against the transposed kernels (K = 4096, 11008): 9-12 rows 1.2-1.8x, 16 even, 24-32 0.7-0.95x.
-// The AVX2 kernel (2:4, the same Xeon on its AVX2 paths) by the same rule: batch 1 1.3x at
+// The AVX2 kernel (the same Xeon on its AVX2 paths) by the same rule, 2:4: batch 1 1.3x at
 // 384 x 1536, 1.4-1.9x at K = 1024-4096; 2-12 rows at K = 2048-4096 1.15-1.65x; where the rule
-// says no (K = 384, 1024-1536 past 1 row, 13-16 rows) 0.93-1.03x.
+// says no (K = 384, 1024-1536 past 1 row, 13-16 rows) 0.93-1.03x. 4:8: 1.5-1.56x at batch 1
+// (K = 1024, 2048), 1.08-1.4x at 2-12 rows (K = 2048), 0.99-1.01x where the rule says no.
 inline bool nm_pieces_pay(int64_t M, int64_t K) { return M == 1 ? K >= 512 : M <= 12 && K >= 2048; }
 
 // x [M, K] (row stride ldx, M <= st) transposed to [K, st] with zeros in columns M .. st - 1 for
