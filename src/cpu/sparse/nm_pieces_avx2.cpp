@@ -14,7 +14,6 @@
 // pieces).
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -69,25 +68,24 @@ Decode make_decode(int B) {
 // The 32 slots' byte indices into X0 (idx0) and X1 (idx1) from their 4 B index bytes.
 template <int B>
 inline void slot_indices(const uint8_t* idx, const Decode& d, __m256i& idx0, __m256i& idx1) {
+  __m256i pos;
   if constexpr (B == 3) {
     // 12 bytes, the masked dword not read (the row's last ones end its buffer)
     const __m128i raw = _mm_maskload_epi32(reinterpret_cast<const int*>(idx), _mm_setr_epi32(-1, -1, -1, 0));
     const __m256i pair = _mm256_mulhi_epu16(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), d.spread),
                                             d.shift_mul);  // bits 0-2: the first field, 3-5: the second
-    const __m256i pos = _mm256_or_si256(_mm256_and_si256(pair, _mm256_set1_epi16(7)),
-                                        _mm256_and_si256(_mm256_slli_epi16(pair, 5), _mm256_set1_epi16(0x700)));
-    idx0 = _mm256_add_epi8(pos, d.base0);
-    idx1 = _mm256_add_epi8(pos, d.base1);
-    return;
+    pos = _mm256_or_si256(_mm256_and_si256(pair, _mm256_set1_epi16(7)),
+                          _mm256_and_si256(_mm256_slli_epi16(pair, 5), _mm256_set1_epi16(0x700)));
+  } else {
+    // broadcast from memory: a load-port uop, where set1 from a register took two port-5 ones
+    const __m256i v = _mm256_castpd_si256(_mm256_broadcast_sd(reinterpret_cast<const double*>(idx)));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i nibbles = _mm256_unpacklo_epi64(_mm256_and_si256(v, low4),
+                                                  _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+    // word = nibble * 65: the first field in bits 0-1, the second (nibble bits 2-3) in bits 8-9
+    const __m256i words = _mm256_mullo_epi16(_mm256_shuffle_epi8(nibbles, d.spread), _mm256_set1_epi16(65));
+    pos = _mm256_and_si256(words, _mm256_set1_epi8(3));
   }
-  // broadcast from memory: a load-port uop, where set1 from a register took two port-5 ones
-  const __m256i v = _mm256_castpd_si256(_mm256_broadcast_sd(reinterpret_cast<const double*>(idx)));
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i nibbles = _mm256_unpacklo_epi64(_mm256_and_si256(v, low4),
-                                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
-  // word = nibble * 65: the first field in bits 0-1, the second (nibble bits 2-3) in bits 8-9
-  const __m256i words = _mm256_mullo_epi16(_mm256_shuffle_epi8(nibbles, d.spread), _mm256_set1_epi16(65));
-  const __m256i pos = _mm256_and_si256(words, _mm256_set1_epi8(3));
   idx0 = _mm256_add_epi8(pos, d.base0);
   idx1 = _mm256_add_epi8(pos, d.base1);
 }
@@ -181,7 +179,7 @@ void order_pieces_for_avx2(uint8_t* q, int64_t bytes) {
     }
     static constexpr int kChunk[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // c0-15, c32-47, c16-31, c48-63 per 64
     for (int i = 0; i < 8; ++i)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + o + 16 * i), _mm_xor_si128(out[kChunk[i]], _mm_set1_epi8(-128)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + o + 16 * i), out[kChunk[i]]);
   }
 }
 

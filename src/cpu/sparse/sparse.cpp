@@ -263,9 +263,9 @@ bool run_rows(const cpu::SparseWeight& w, const cpu::SparseBatch& a, cpu::Isa is
   return false;
 }
 
-// N:M INT8 / INT4 values on the integer units (nm_rows_pieces_avx512 or nm_rows_pieces_avx2) where a pieces kernel takes the problem and x splits into pieces (no NaN / Inf, no
-// subnormal step): out holds them as unsigned bytes in that kernel's order. kNone: the float
-// kernels run.
+// N:M INT8 / INT4 values on the integer units (nm_rows_pieces_avx512 or nm_rows_pieces_avx2)
+// where a pieces kernel takes the problem and x splits into pieces (no NaN / Inf, no subnormal
+// step): out holds them as unsigned bytes in that kernel's order. kNone: the float kernels run.
 enum class PiecesKernel { kNone, kAvx512, kAvx2 };
 PiecesKernel nm_pieces_split(const cpu::SparseWeight& w, const TensorView& x, cpu::ActivationPieces& out) {
   const bool codes = w.vdtype == DType::kInt8 || w.vdtype == cpu::kInt4Values;
@@ -273,17 +273,19 @@ PiecesKernel nm_pieces_split(const cpu::SparseWeight& w, const TensorView& x, cp
                      w.K <= cpu::kNmPiecesMaxK && cpu::nm_pieces_pay(x.shape[0], w.K) &&
                      cpu::activation_pieces_enabled();
   if (!takes) return PiecesKernel::kNone;
+  PiecesKernel kernel = PiecesKernel::kNone;
   if (cpu::active_isa() == cpu::Isa::kAVX512 && cpu::cpu_has_avx512_vnni() && cpu::cpu_has_avx512_vbmi()) {
     if (!cpu::split_activation_pieces_avx512(x, w.K, false, out)) return PiecesKernel::kNone;
-    for (int8_t& q : out.q) q = static_cast<int8_t>(static_cast<uint8_t>(q) ^ 0x80u);
-    return PiecesKernel::kAvx512;
-  }
-  if (cpu::active_isa() == cpu::Isa::kAVX2 && cpu::avx2_vnni() != cpu::AvxVnni::kNone) {
+    kernel = PiecesKernel::kAvx512;
+  } else if (cpu::active_isa() == cpu::Isa::kAVX2 && cpu::avx2_vnni() != cpu::AvxVnni::kNone) {
     if (!cpu::split_activation_pieces_avx2(x, w.K, out)) return PiecesKernel::kNone;
     cpu::order_pieces_for_avx2(reinterpret_cast<uint8_t*>(out.q.data()), static_cast<int64_t>(out.q.size()));
-    return PiecesKernel::kAvx2;
+    kernel = PiecesKernel::kAvx2;
+  } else {
+    return PiecesKernel::kNone;
   }
-  return PiecesKernel::kNone;
+  for (int8_t& q : out.q) q = static_cast<int8_t>(static_cast<uint8_t>(q) ^ 0x80u);  // + 128, unsigned
+  return kernel;
 }
 
 void check_bias(const TensorView* bias, int64_t N, const char* fn) {

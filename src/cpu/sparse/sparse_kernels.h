@@ -131,7 +131,7 @@ void nm_rows_pieces_avx2(const SparseWeight& w, const SparseBatch& a, const uint
                          int64_t r0, int64_t r1);
 // Pieces as split_activation_pieces_avx2 writes them (per 128-column block and piece, the 64 even
 // columns, then the 64 odd ones; bytes a multiple of 128) in place into nm_rows_pieces_avx2's
-// order, + 128: per 64 columns c0-15, c32-47, c16-31, c48-63.
+// order: per 64 columns c0-15, c32-47, c16-31, c48-63.
 void order_pieces_for_avx2(uint8_t* q, int64_t bytes);
 // A pieces kernel's output for one batch row from the three pieces' integer dot products (their
 // +128 offsets taken off): h + l1 / 254 + l2 / 254^2 in double, / 16 for INT4's shifted codes.
